@@ -1,0 +1,79 @@
+"""Pure-torch paged attention over the token-level KV pool: the reference every kernel is checked
+against, and the backend that runs on the CPU.
+
+Layout (shared with the Triton kernels):
+  q            [T, Hq, D]   queries of the new tokens (extend) or [B, Hq, D] (decode)
+  k_buffer     [S, Hkv, D]  one layer of the pool (slot 0 is scratch)
+  req_to_token [R, L] int32 slot of each (request row, position)
+  seq_lens     [B]          KV length of each request *including* the new tokens,
+                            whose K/V are already stored in the pool.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """One new token per request attends to all `seq_lens[b]` tokens of its request."""
+    bsz, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    group = num_q_heads // num_kv_heads
+    max_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+    slots = req_to_token[req_pool_indices, :max_len].long()  # [B, L]
+    k = k_buffer[slots].to(q.dtype)  # [B, L, Hkv, D]
+    v = v_buffer[slots].to(q.dtype)
+    qg = q.view(bsz, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * sm_scale
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(bsz, num_q_heads, head_dim)
+
+
+def extend_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: list[int],
+    seq_lens: list[int],
+    extend_seq_lens: list[int],
+    sm_scale: float,
+) -> torch.Tensor:
+    """New tokens of each request attend causally to its cached prefix plus themselves (varlen).
+
+    Host lists: the reference loops over requests, one SDPA call each.
+    """
+    num_q_heads = q.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for row, seq_len, ext_len in zip(req_pool_indices, seq_lens, extend_seq_lens):
+        prefix_len = seq_len - ext_len
+        slots = req_to_token[row, :seq_len].long()
+        qi = q[start : start + ext_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        ki = k_buffer[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+        vi = v_buffer[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        if ki.shape[1] != num_q_heads:
+            rep = num_q_heads // ki.shape[1]
+            ki = ki.repeat_interleave(rep, dim=1)
+            vi = vi.repeat_interleave(rep, dim=1)
+        if prefix_len == 0:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=sm_scale)
+        else:
+            qpos = torch.arange(prefix_len, seq_len, device=q.device)[:, None]
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=sm_scale)
+        out[start : start + ext_len] = oi[0].transpose(0, 1)
+        start += ext_len
+    return out

@@ -1,0 +1,49 @@
+"""Pure-torch elementwise ops of the decoder: the CPU path and the reference for the Triton ones."""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    summed = x + residual
+    return rms_norm_ref(summed, weight, eps), summed
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] on the last dim -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate halves) rotary embedding.
+
+    q [T, Hq, D], k [T, Hkv, D], positions [T], cos_sin_cache [max_pos, D] = [cos(D/2) | sin(D/2)].
+    """
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def store_kv_ref(
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    k_buffer[slots] = k.to(k_buffer.dtype)
+    v_buffer[slots] = v.to(v_buffer.dtype)

@@ -1,0 +1,99 @@
+"""Token-level KV memory: one slot per token, K and V per layer, plus the request->token map.
+
+Slot 0 is reserved as a scratch slot: padded positions write there, so kernels never need a branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ReqToTokenPool:
+    """Maps (request row, token position) -> KV slot index."""
+
+    def __init__(self, max_reqs: int, max_context_len: int, device: torch.device | str) -> None:
+        self.size = max_reqs
+        self.max_context_len = max_context_len
+        self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int32, device=device)
+        self._free_rows: list[int] = list(range(max_reqs))
+
+    def available(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)
+
+
+@dataclass(frozen=True)
+class KVPoolUsage:
+    total: int
+    free: int
+    in_use: int
+
+
+class TokenToKVPool:
+    """K/V buffers `[num_slots + 1, num_kv_heads, head_dim]` per layer and a free-slot allocator."""
+
+    def __init__(
+        self,
+        size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.size = size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (size + 1, num_kv_heads, head_dim)
+        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Free list lives on the host: allocation sizes are decided by the scheduler anyway.
+        self._free = torch.arange(1, size + 1, dtype=torch.int64)
+        self._num_free = size
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def available(self) -> int:
+        return self._num_free
+
+    def usage(self) -> KVPoolUsage:
+        return KVPoolUsage(total=self.size, free=self._num_free, in_use=self.size - self._num_free)
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Return `n` free slot indices (int64, host), or None if the pool is short."""
+        if n > self._num_free:
+            return None
+        start = self._num_free - n
+        out = self._free[start : self._num_free].clone()
+        self._num_free = start
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        n = int(slots.numel())
+        if n == 0:
+            return
+        if self._num_free + n > self.size:
+            raise RuntimeError("KV pool double free")
+        self._free[self._num_free : self._num_free + n] = slots.to("cpu", torch.int64)
+        self._num_free += n
+
+    def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffer[layer][slots] = k.to(self.dtype)
+        self.v_buffer[layer][slots] = v.to(self.dtype)
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Duplicate KV of `src` slots into `dst` slots in every layer (for n>1 sampling)."""
+        for layer in range(self.num_layers):
+            self.k_buffer[layer][dst] = self.k_buffer[layer][src]
+            self.v_buffer[layer][dst] = self.v_buffer[layer][src]
