@@ -1,0 +1,153 @@
+"""`radixlm.Engine`: the offline API. The scheduler runs in its own process, exactly as behind the
+HTTP server; this object is the tokenizer side, on a private event loop thread."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from radixlm.runtime.generate_request import parse_generate_request
+from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.tokenizer_manager import TokenizerManager
+
+
+def build_generate_body(
+    prompt: str | list[str] | None,
+    sampling_params: dict | list[dict] | None,
+    input_ids: list[int] | list[list[int]] | None,
+    return_logprob: bool | list[bool],
+    logprob_start_len: int | list[int] | None,
+    top_logprobs_num: int | list[int] | None,
+    stream: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"sampling_params": sampling_params, "stream": stream, "return_logprob": return_logprob}
+    if prompt is not None:
+        body["text"] = prompt
+    if input_ids is not None:
+        body["input_ids"] = input_ids
+    if logprob_start_len is not None:
+        body["logprob_start_len"] = logprob_start_len
+    if top_logprobs_num is not None:
+        body["top_logprobs_num"] = top_logprobs_num
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **options: Any) -> None:
+        self.server_args = ServerArgs(model_path=model_path, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="radixlm-engine-loop", daemon=True)
+        self._thread.start()
+        self.tokenizer_manager = TokenizerManager(self.server_args)
+        self.tokenizer_manager.start(self._loop)
+        self.tokenizer = self.tokenizer_manager.tokenizer
+        self.model_path = str(self.tokenizer_manager.model_dir)
+        self._closed = False
+
+    # ---------------------------------------------------------------- generation
+    def _request(self, body: dict[str, Any]):
+        return parse_generate_request(body, self.tokenizer_manager.info.vocab_size)
+
+    @staticmethod
+    def _shape(outputs: list[dict[str, Any]], is_batch: bool) -> Any:
+        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        stream: bool = False,
+        **extra: Any,
+    ) -> Any:
+        """SGLang-shaped result dict (a list for batches or n > 1); an iterator of them when streaming."""
+        req = self._request(build_generate_body(prompt, sampling_params, input_ids, return_logprob,
+                                                logprob_start_len, top_logprobs_num, stream, **extra))
+        if stream:
+            return self._stream_sync(req)
+        fut = asyncio.run_coroutine_threadsafe(self._collect(req), self._loop)
+        return fut.result()
+
+    async def _collect(self, req) -> Any:
+        async for outputs in self.tokenizer_manager.generate(req):
+            return self._shape(outputs, req.is_batch)
+
+    def _stream_sync(self, req) -> Iterator[Any]:
+        agen = self.tokenizer_manager.generate(req)
+        try:
+            while True:
+                try:
+                    chunk = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop).result()
+                except StopAsyncIteration:
+                    return
+                for out in chunk:
+                    yield out
+        finally:
+            asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        stream: bool = False,
+        **extra: Any,
+    ) -> Any:
+        req = self._request(build_generate_body(prompt, sampling_params, input_ids, return_logprob,
+                                                logprob_start_len, top_logprobs_num, stream, **extra))
+        if stream:
+            return self._stream_async(req)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._collect(req), self._loop))
+
+    async def _stream_async(self, req) -> AsyncIterator[Any]:
+        agen = self.tokenizer_manager.generate(req)
+        try:
+            while True:
+                fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+                try:
+                    chunk = await asyncio.wrap_future(fut)
+                except StopAsyncIteration:
+                    return
+                for out in chunk:
+                    yield out
+        finally:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop))
+
+    # ---------------------------------------------------------------- control
+    def _control(self, kind: str) -> Any:
+        return asyncio.run_coroutine_threadsafe(self.tokenizer_manager.control(kind), self._loop).result()
+
+    def get_server_info(self) -> dict[str, Any]:
+        return self._control("get_info").payload
+
+    def flush_cache(self) -> bool:
+        return self._control("flush_cache").ok
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.tokenizer_manager.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass

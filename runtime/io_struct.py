@@ -1,0 +1,78 @@
+"""Messages between the tokenizer/HTTP process and the scheduler process (pickled over a pipe)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.runtime.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenizedGenerateReq:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: output logprobs only
+    top_logprobs_num: int = 0
+    stream: bool = False
+    extra_key: str | None = None  # radix cache namespace (cache_salt, LoRA)
+
+
+@dataclass(frozen=True)
+class AbortReq:
+    rid: str
+    message: str = "aborted by client"
+
+
+@dataclass(frozen=True)
+class ControlReq:
+    """flush_cache | get_info | health | shutdown; answered with a ControlResp of the same id."""
+
+    kind: str
+    request_id: int
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ControlResp:
+    request_id: int
+    ok: bool
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReqOutput:
+    """One step's news about one request; token lists are deltas since the last ReqOutput."""
+
+    rid: str
+    output_ids: list[int]
+    finished_reason: dict[str, Any] | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    input_token_logprobs: list[tuple[float | None, int]] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    output_token_logprobs: list[tuple[float, int]] | None = None
+    output_top_logprobs: list[list[tuple[float, int]]] | None = None
+    forced_tokens: int = 0
+    num_retractions: int = 0
+
+
+@dataclass(frozen=True)
+class SchedulerReady:
+    """Sent once after the model is loaded: the limits the front process validates requests against."""
+
+    model_path: str
+    max_total_tokens: int
+    max_running_requests: int
+    context_len: int
+    vocab_size: int
+    device: str
+    dtype: str
+    architecture: str
+
+
+@dataclass(frozen=True)
+class SchedulerFailed:
+    error: str

@@ -1,0 +1,106 @@
+"""Owns the model weights, the KV pools and the attention backend; runs one forward pass."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from radixlm.runtime.attention import AttentionBackend, TorchAttentionBackend
+from radixlm.runtime.forward_batch import ForwardBatch
+from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
+from radixlm.runtime.model_config import ModelConfig, resolve_dtype
+from radixlm.runtime.models.llama import MODEL_CLASSES, LlamaForCausalLM
+from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.weight_loader import init_dummy_weights, iter_safetensors
+
+logger = logging.getLogger(__name__)
+
+_CPU_MAX_TOTAL_TOKENS = 65536
+_GPU_DEFAULT_MEM_FRACTION = 0.85
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, model_dir: Path) -> None:
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and args.cpu_threads:
+            torch.set_num_threads(args.cpu_threads)
+        self.model_config = ModelConfig.from_pretrained(model_dir)
+        mc = self.model_config
+        self.dtype = resolve_dtype(args.dtype, mc, self.device)
+        self.context_len = args.context_length or mc.max_position_embeddings
+        self.vocab_size = mc.vocab_size
+        torch.manual_seed(args.random_seed)
+        self.model = self._load_model(model_dir)
+
+        self.max_total_tokens = self._kv_capacity()
+        self.max_running_requests = args.max_running_requests or min(
+            1024 if self.device.type == "cuda" else 256, max(self.max_total_tokens // 16, 8)
+        )
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, self.context_len + 8, self.device)
+        self.kv_pool = TokenToKVPool(
+            self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        )
+        self.attn_backend: AttentionBackend = self._make_attention_backend()
+        logger.info(
+            "model %s on %s (%s): KV pool %d tokens, %d running requests max, context %d",
+            mc.architecture, self.device, self.dtype, self.max_total_tokens, self.max_running_requests, self.context_len,
+        )
+
+    def _load_model(self, model_dir: Path) -> LlamaForCausalLM:
+        cls = MODEL_CLASSES[self.model_config.architecture]
+        with torch.device(self.device):
+            model = cls(self.model_config, self.context_len + 8)
+        model.to(self.dtype)
+        model.cos_sin_cache = model.cos_sin_cache.float()  # angles stay in float32
+        if self.args.load_format == "dummy":
+            init_dummy_weights(model, self.args.random_seed)
+        else:
+            model.load_weights(iter_safetensors(model_dir))
+        model.eval()
+        return model
+
+    def _kv_capacity(self) -> int:
+        mc = self.model_config
+        per_token = TokenToKVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if self.args.max_total_tokens:
+            return self.args.max_total_tokens
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = self.args.mem_fraction_static or _GPU_DEFAULT_MEM_FRACTION
+            budget = total * fraction - (total - free)
+            if budget < per_token * 1024:
+                raise RuntimeError("mem_fraction_static: too little GPU memory left for the KV cache")
+            return int(budget // per_token)
+        budget = _available_ram_bytes() * 0.25
+        return int(max(min(budget // per_token, _CPU_MAX_TOTAL_TOKENS), 1024))
+
+    def _make_attention_backend(self) -> AttentionBackend:
+        head_dim = self.model_config.head_dim
+        sm_scale = head_dim**-0.5
+        name = self.args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
+        if name == "triton":
+            from radixlm.runtime.triton_backend import TritonAttentionBackend
+
+            return TritonAttentionBackend(self.req_to_token_pool, self.kv_pool, sm_scale)
+        if name != "torch":
+            raise ValueError(f"attention_backend: {name!r} is not one of torch, triton")
+        return TorchAttentionBackend(self.req_to_token_pool, self.kv_pool, sm_scale)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] in float32."""
+        hidden = self.model(batch, self.attn_backend)
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,197 @@
+"""Llama-family decoder, shared by Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 (qkv bias) and Qwen3 (q/k norm).
+
+Weights are fused at load time (qkv, gate_up) so each layer runs four matmuls.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from radixlm.kernels.ops_ref import fused_add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
+from radixlm.runtime.attention import AttentionBackend
+from radixlm.runtime.forward_batch import ForwardBatch
+from radixlm.runtime.model_config import ModelConfig, RopeScaling
+
+
+class TorchOps:
+    """The elementwise ops the decoder calls; the GPU path swaps in fused kernels."""
+
+    rms_norm = staticmethod(rms_norm_ref)
+    fused_add_rms_norm = staticmethod(fused_add_rms_norm_ref)
+    silu_and_mul = staticmethod(silu_and_mul_ref)
+    rotary = staticmethod(rotary_ref)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin_cache(cfg: ModelConfig, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim] = [cos | sin] of each position's angles, in float32."""
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class RMSNormWeight(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNormWeight(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = RMSNormWeight(cfg.head_dim) if cfg.qk_norm else None
+        self.eps = cfg.rms_norm_eps
+
+    def forward(
+        self, hidden: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
+        cos_sin: torch.Tensor, ops: type[TorchOps],
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = ops.rms_norm(q, self.q_norm.weight, self.eps)
+            k = ops.rms_norm(k, self.k_norm.weight, self.eps)
+        q, k = ops.rotary(q, k, batch.positions, cos_sin)
+        out = attn.forward(q, k, v, self.layer_id, batch)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: type[TorchOps]) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer_id)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNormWeight(cfg.hidden_size)
+        self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
+        self.eps = cfg.rms_norm_eps
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNormWeight(cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_positions), persistent=False)
+        self.ops: type[TorchOps] = TorchOps
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        """Hidden states (after the final norm) of the rows in `batch.logits_indices`."""
+        ops = self.ops
+        hidden = self.embed_tokens(batch.input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            if residual is None:
+                residual = hidden
+                normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
+            else:
+                normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
+            hidden = layer.self_attn(normed, batch, attn, self.cos_sin_cache, ops)
+            normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
+            hidden = layer.mlp(normed, ops)
+        assert residual is not None
+        hidden = hidden + residual
+        hidden = hidden[batch.logits_indices]
+        return ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        cfg = self.cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        inter = cfg.intermediate_size
+        fused = {  # HF suffix -> (our suffix, row offset, rows)
+            "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
+            "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
+            "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv),
+            "mlp.gate_proj": ("mlp.gate_up_proj", 0, inter),
+            "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
+        }
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            target, rows = name, None
+            for hf, (ours, offset, count) in fused.items():
+                if f".{hf}." in f".{name}":
+                    target = name.replace(hf, ours)
+                    rows = (offset, count)
+                    break
+            if target not in params:
+                raise ValueError(f"model_path: unexpected weight {name!r} in checkpoint")
+            param = params[target]
+            dst = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
+            if dst.shape != tensor.shape:
+                raise ValueError(f"model_path: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(f"{target}:{rows}")
+        expected = 0
+        for pname, p in params.items():
+            if "qkv_proj.weight" in pname or "qkv_proj.bias" in pname:
+                expected += 3
+            elif "gate_up_proj" in pname:
+                expected += 2
+            else:
+                expected += 1
+        if len(loaded) != expected:
+            got = {s.split(":")[0] for s in loaded}
+            missing = sorted(n for n in params if n not in got)[:5]
+            raise ValueError(f"model_path: checkpoint is missing weights, e.g. {missing}")
+
+
+MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}

@@ -1,0 +1,87 @@
+"""A request's life inside the scheduler: tokens, KV ownership, logprobs, finish state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    seed: int
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+    extra_key: str | None = None
+    group_rid: str | None = None  # the client's rid when n > 1 splits it into "<rid>-<i>"
+    output_ids: list[int] = field(default_factory=list)
+
+    # KV state: req_to_token[req_pool_idx, :kv_len] are this request's slots; the first
+    # `cache_protected_len` belong to the prefix cache (locked through `last_node`).
+    req_pool_idx: int | None = None
+    kv_len: int = 0
+    cache_protected_len: int = 0
+    last_node: Any = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    admitted_once: bool = False
+    num_retractions: int = 0
+
+    # n > 1: followers sample from the leader's prefill and share its prompt KV.
+    followers: list["Req"] = field(default_factory=list)
+
+    # Grammar-constrained decoding (radixlm.constrained Matcher), set when compiled.
+    grammar: Any = None
+    grammar_pending: bool = False
+    forced_tokens: int = 0
+
+    finished_reason: dict[str, Any] | None = None
+    # Logprobs not yet sent to the front process.
+    input_logprobs_done: bool = False
+    pending_input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    pending_input_top: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    pending_output_logprobs: list[tuple[float, int]] = field(default_factory=list)
+    pending_output_top: list[list[tuple[float, int]]] = field(default_factory=list)
+    sent_output_len: int = 0
+
+    @classmethod
+    def from_wire(cls, msg: TokenizedGenerateReq, seed: int) -> "Req":
+        return cls(
+            rid=msg.rid, input_ids=list(msg.input_ids), params=msg.params, seed=seed,
+            return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num, stream=msg.stream, extra_key=msg.extra_key,
+        )
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV must exist before the next decode: prompt + generated."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_done
+
+    @property
+    def max_prefix_len(self) -> int:
+        """How much of fill_ids may come from the cache: the last token is always computed (its
+        logits pick the next token), and input logprobs need logits from logprob_start_len - 1 on."""
+        cap = len(self.fill_ids) - 1
+        if self.wants_input_logprobs:
+            cap = min(cap, max(self.logprob_start_len - 1, 0))
+        return max(cap, 0)
+
+    def remaining_new_tokens(self) -> int:
+        return max(self.params.max_new_tokens - len(self.output_ids), 0)

@@ -1,0 +1,196 @@
+"""After a forward pass: logprobs, sampling, grammar advance, stop checks, and output deltas."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.io_struct import ReqOutput
+from radixlm.runtime.prefix_cache import share_prompt_kv
+from radixlm.runtime.request import Req
+from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, token_logprobs
+from radixlm.runtime.schedule_batch import ScheduledBatch
+
+if TYPE_CHECKING:
+    from radixlm.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class ResultProcessor:
+    def __init__(self, sched: "Scheduler", tokenizer: Any) -> None:
+        self.sched = sched
+        self.tokenizer = tokenizer
+        eos = set(sched.runner.model_config.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+        self.vocab_size = sched.runner.vocab_size
+        self.grammars: Any = None  # GrammarRuntime, created on the first constrained request
+
+    # ---------------------------------------------------------------- grammars
+    def _grammar_runtime(self) -> Any:
+        if self.grammars is None:
+            from radixlm.runtime.grammar_runtime import GrammarRuntime
+
+            self.grammars = GrammarRuntime(self.sched.args, self.tokenizer, self.vocab_size)
+        return self.grammars
+
+    def prepare_grammar(self, req: Req) -> None:
+        if req.params.constraint is not None:
+            self._grammar_runtime().submit(req)
+
+    def poll_grammars(self) -> None:
+        if self.grammars is None:
+            return
+        for req, error in self.grammars.poll():
+            if error is not None and req in self.sched.waiting:
+                self.sched.waiting.remove(req)
+                self.sched._finish(req, {"type": "abort", "message": str(error), "status_code": 400})
+
+    # ---------------------------------------------------------------- results
+    def process(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
+        sched = self.sched
+        to_sample: list[tuple[Req, int]] = []
+        for i, req in enumerate(batch.reqs):
+            if batch.logprob_rows[i]:
+                self._input_logprobs(req, logits, batch.logprob_rows[i], batch.logprob_first_pos[i])
+            row = batch.sample_rows[i]
+            if row is None:
+                sched.cache.cache_unfinished(req)  # a chunk of a long prompt is already shareable
+                continue
+            if batch.mode is ForwardMode.EXTEND:
+                req.input_logprobs_done = True
+                if req.params.max_new_tokens == 0:
+                    sched._finish(req, {"type": "length", "length": 0})
+                    continue
+                for follower in req.followers:
+                    self._start_follower(req, follower)
+                    to_sample.append((follower, row))
+                req.followers = []
+            to_sample.append((req, row))
+        if to_sample:
+            self._sample_and_advance(batch, to_sample, logits)
+
+    def _start_follower(self, leader: Req, follower: Req) -> None:
+        sched = self.sched
+        follower.req_pool_idx = sched.req_to_token_pool.alloc()
+        follower.cached_tokens = leader.cached_tokens
+        follower.admitted_once = True
+        follower.input_logprobs_done = True
+        follower.pending_input_logprobs = list(leader.pending_input_logprobs)
+        follower.pending_input_top = list(leader.pending_input_top)
+        if follower.grammar is None and leader.grammar is not None:
+            follower.grammar = leader.grammar.copy()
+        if follower.req_pool_idx is None or not share_prompt_kv(
+            sched.cache, sched.kv_pool, sched.req_to_token, leader, follower
+        ):
+            raise RuntimeError("n > 1: no room to share the prompt KV (admission should have reserved it)")
+
+    def _input_logprobs(self, req: Req, logits: torch.Tensor, rows: list[int], first_pos: int) -> None:
+        if first_pos == 1 and req.logprob_start_len == 0 and not req.pending_input_logprobs:
+            req.pending_input_logprobs.append((None, req.input_ids[0]))
+            req.pending_input_top.append(None)
+        targets = torch.tensor(req.input_ids[first_pos : first_pos + len(rows)], device=logits.device)
+        chosen, top_vals, top_ids = token_logprobs(logits[rows], targets, req.top_logprobs_num)
+        req.pending_input_logprobs.extend(zip(chosen.tolist(), targets.tolist()))
+        if top_vals is not None and top_ids is not None:
+            req.pending_input_top.extend([list(zip(v, t)) for v, t in zip(top_vals.tolist(), top_ids.tolist())])
+        else:
+            req.pending_input_top.extend([None] * len(rows))
+
+    def _sample_and_advance(self, batch: ScheduledBatch, items: list[tuple[Req, int]], logits: torch.Tensor) -> None:
+        sched = self.sched
+        reqs = [r for r, _ in items]
+        rows_logits = logits[[row for _, row in items]]
+        sample_rows = [
+            SampleRow(
+                params=r.params, seed=r.seed, step=len(r.output_ids), output_ids=r.output_ids,
+                prompt_ids=r.input_ids,
+                banned_ids=tuple(self.eos_ids | set(r.params.stop_token_ids))
+                if len(r.output_ids) < r.params.min_new_tokens else (),
+            )
+            for r in reqs
+        ]
+        sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
+        adjusted = rows_logits
+        if any(r.params.has_penalties or r.params.logit_bias or sr.banned_ids for r, sr in zip(reqs, sample_rows)):
+            adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch)
+        vocab_mask = None
+        if any(r.grammar is not None for r in reqs):
+            vocab_mask = self._grammar_runtime().vocab_mask(reqs, rows_logits.shape[1], rows_logits.device)
+        next_ids = sample(adjusted, sbatch, vocab_mask)
+        want_lp = [i for i, r in enumerate(reqs) if r.return_logprob]
+        lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]] = {}
+        if want_lp:
+            k = max(reqs[i].top_logprobs_num for i in want_lp)
+            chosen, top_vals, top_ids = token_logprobs(rows_logits[want_lp], next_ids[want_lp], k)
+            chosen_l = chosen.tolist()
+            tv = top_vals.tolist() if top_vals is not None else None
+            ti = top_ids.tolist() if top_ids is not None else None
+            for j, i in enumerate(want_lp):
+                n = reqs[i].top_logprobs_num
+                top = list(zip(tv[j][:n], ti[j][:n])) if tv is not None and ti is not None and n > 0 else None
+                lp_map[i] = (chosen_l[j], top)
+        ids = next_ids.tolist()
+        sched.record_generated(len(ids))
+        for i, (req, tok) in enumerate(zip(reqs, ids)):
+            req.output_ids.append(tok)
+            if i in lp_map:
+                lp, top = lp_map[i]
+                req.pending_output_logprobs.append((lp, tok))
+                if req.top_logprobs_num > 0:
+                    req.pending_output_top.append(top or [])
+            if req.grammar is not None:
+                self._grammar_runtime().advance(req, tok)
+            reason = self._check_finish(req, tok)
+            if batch.mode is ForwardMode.DECODE:
+                if reason is not None:
+                    sched.running.remove(req)
+            if reason is not None:
+                sched._finish(req, reason)
+            elif batch.mode is ForwardMode.EXTEND:
+                sched.running.append(req)
+            if reason is None and req.stream and len(req.output_ids) - req.sent_output_len >= sched.args.stream_interval:
+                sched.outputs.append(self.make_output(req))
+
+    def _check_finish(self, req: Req, tok: int) -> dict[str, Any] | None:
+        p = req.params
+        if tok in p.stop_token_ids:
+            return {"type": "stop", "matched": tok}
+        if not p.ignore_eos and tok in self.eos_ids:
+            return {"type": "stop", "matched": tok}
+        if req.grammar is not None and self._grammar_runtime().is_terminated(req):
+            return {"type": "stop", "matched": None}
+        if p.stop and self.tokenizer is not None:
+            window = max(len(s) for s in p.stop) + 3
+            tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=p.skip_special_tokens)
+            for s in p.stop:
+                if s in tail:
+                    return {"type": "stop", "matched": s}
+        if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.sched.runner.context_len:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def make_output(self, req: Req) -> ReqOutput:
+        new_ids = req.output_ids[req.sent_output_len :]
+        req.sent_output_len = len(req.output_ids)
+        out = ReqOutput(
+            rid=req.rid,
+            output_ids=new_ids,
+            finished_reason=req.finished_reason,
+            prompt_tokens=len(req.input_ids),
+            cached_tokens=req.cached_tokens,
+            completion_tokens=len(req.output_ids),
+            forced_tokens=req.forced_tokens,
+            num_retractions=req.num_retractions,
+        )
+        if req.return_logprob:
+            if req.pending_input_logprobs or req.input_logprobs_done:
+                out.input_token_logprobs, req.pending_input_logprobs = req.pending_input_logprobs, []
+                out.input_top_logprobs, req.pending_input_top = req.pending_input_top, []
+            out.output_token_logprobs, req.pending_output_logprobs = req.pending_output_logprobs, []
+            out.output_top_logprobs, req.pending_output_top = req.pending_output_top, []
+        return out

@@ -1,0 +1,151 @@
+"""Batched sampling on the device: penalties, bias, masks, temperature, top-k/top-p/min-p, seeded draws.
+
+Every draw is a deterministic function of (request seed, decode step, token id), so a request samples
+the same tokens alone or inside any batch, and `seed` reproduces a completion exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from radixlm.runtime.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """What the sampler needs to know about one request at this step."""
+
+    params: SamplingParams
+    seed: int
+    step: int  # number of tokens this request has already generated
+    output_ids: list[int]
+    prompt_ids: list[int]
+    banned_ids: tuple[int, ...] = ()  # e.g. EOS while below min_new_tokens
+
+
+@dataclass
+class SamplingBatch:
+    temperatures: torch.Tensor  # [B, 1] float
+    top_ps: torch.Tensor  # [B]
+    top_ks: torch.Tensor  # [B] int64, vocab size when disabled
+    min_ps: torch.Tensor  # [B]
+    seeds: torch.Tensor  # [B] int64
+    steps: torch.Tensor  # [B] int64
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    need_top_k: bool
+    need_top_p: bool
+    need_min_p: bool
+    rows: list[SampleRow]
+
+    @classmethod
+    def build(cls, rows: list[SampleRow], vocab_size: int, device: torch.device) -> "SamplingBatch":
+        ps = [r.params for r in rows]
+
+        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in ps]
+        greedy = [p.is_greedy for p in ps]
+        return cls(
+            temperatures=t([[max(p.temperature, 1e-6)] for p in ps], torch.float32),
+            top_ps=t([p.top_p for p in ps], torch.float32),
+            top_ks=t(top_ks, torch.int64),
+            min_ps=t([p.min_p for p in ps], torch.float32),
+            seeds=t([r.seed & _MASK32 for r in rows], torch.int64),
+            steps=t([r.step for r in rows], torch.int64),
+            greedy=t(greedy, torch.bool),
+            all_greedy=all(greedy),
+            need_top_k=any(k < vocab_size for k, g in zip(top_ks, greedy) if not g),
+            need_top_p=any(p.top_p < 1.0 for p, g in zip(ps, greedy) if not g),
+            need_min_p=any(p.min_p > 0.0 for p, g in zip(ps, greedy) if not g),
+            rows=rows,
+        )
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors (values stay below 2**63, so no overflow)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token id)."""
+    base = _mix32(seeds ^ _mix32((steps * 0x9E3779B9 + 0x7F4A7C15) & _MASK32))
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _mix32(base[:, None] ^ _mix32(token * 0x27D4EB2F & _MASK32)[None, :])
+    return (bits.double() + 0.5).div_(2.0**32).float()
+
+
+def apply_logit_adjustments(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Penalties, logit_bias and banned tokens, in place on a float32 copy; rows with none are untouched."""
+    device = logits.device
+    vocab = logits.shape[1]
+    for i, row in enumerate(batch.rows):
+        p = row.params
+        if p.has_penalties:
+            out_ids = torch.tensor(row.output_ids, dtype=torch.int64, device=device)
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(row.prompt_ids + row.output_ids, dtype=torch.int64, device=device).unique()
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if out_ids.numel() and (p.frequency_penalty or p.presence_penalty):
+                counts = torch.zeros(vocab, device=device).index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if p.logit_bias:
+            ids = torch.tensor([tid for tid, _ in p.logit_bias], device=device)
+            logits[i, ids] += torch.tensor([b for _, b in p.logit_bias], device=device)
+        if row.banned_ids:
+            logits[i, list(row.banned_ids)] = float("-inf")
+    return logits
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, vocab_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (already adjusted) -> next token ids [B] int64. `vocab_mask`: bool [B, V], True = banned."""
+    if vocab_mask is not None:
+        logits = logits.masked_fill(vocab_mask, float("-inf"))
+    greedy_ids = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_ids
+    probs = torch.softmax(logits / batch.temperatures, dim=-1)
+    if batch.need_top_k or batch.need_top_p or batch.need_min_p:
+        probs = _filter_probs(probs, batch)
+    u = seeded_uniform(batch.seeds, batch.steps, probs.shape[1])
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws token i with probability p_i.
+    sampled = (probs / (-torch.log(u))).argmax(dim=-1)
+    return torch.where(batch.greedy, greedy_ids, sampled)
+
+
+def _filter_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    vocab = probs.shape[1]
+    ranks = torch.arange(vocab, device=probs.device)[None, :]
+    keep = ranks < batch.top_ks[:, None]
+    if batch.need_top_p:
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep &= mass_before < batch.top_ps[:, None]
+    if batch.need_min_p:
+        keep &= sorted_probs >= batch.min_ps[:, None] * sorted_probs[:, :1]
+    keep[:, 0] = True
+    filtered = torch.zeros_like(probs).scatter_(1, order, sorted_probs * keep)
+    return filtered
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probabilities under the model's own distribution (before sampling adjustments).
+
+    Returns (logprob of token_ids [N], top-k values [N, k] or None, top-k ids [N, k] or None).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    if top_k <= 0:
+        return chosen, None, None
+    vals, ids = logprobs.topk(min(top_k, logprobs.shape[1]), dim=-1)
+    return chosen, vals, ids

@@ -1,0 +1,184 @@
+"""Per-request sampling parameters: parsed from the wire dict and validated, naming the bad field."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_GREEDY_EPS = 1e-6
+
+
+class InvalidRequestError(ValueError):
+    """A client error: becomes an HTTP 400 naming `field`."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        for kind in ("regex", "json_schema", "ebnf"):
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, value
+        return None
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, vocab_size: int | None = None) -> "SamplingParams":
+        raw = dict(raw or {})
+        prefix = "sampling_params"
+        # Accepted for SGLang compatibility, no effect here.
+        for ignored in ("stream_interval", "custom_params", "structural_tag_ignored"):
+            raw.pop(ignored, None)
+        if "sampling_seed" in raw and "seed" not in raw:
+            raw["seed"] = raw.pop("sampling_seed")
+        if raw.get("structural_tag") is not None:
+            raise InvalidRequestError(f"{prefix}.structural_tag", "structural tags are not supported; use json_schema, regex or ebnf")
+        raw.pop("structural_tag", None)
+        if raw.get("stop_regex"):
+            raise InvalidRequestError(f"{prefix}.stop_regex", "stop_regex is not supported; use stop strings")
+        raw.pop("stop_regex", None)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in raw:
+            if key not in known:
+                raise InvalidRequestError(f"{prefix}.{key}", "unknown sampling parameter")
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for key, value in raw.items():
+            if value is None:
+                continue  # None means "default", as SGLang's frontend sends nulls
+            values[key] = value
+        p = _coerce(values, defaults, prefix)
+        p._validate(prefix, vocab_size)
+        return p
+
+    def _validate(self, prefix: str, vocab_size: int | None) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise InvalidRequestError(f"{prefix}.{name}", msg)
+
+        if self.max_new_tokens < 0:
+            bad("max_new_tokens", "must be >= 0")
+        if self.min_new_tokens < 0 or self.min_new_tokens > max(self.max_new_tokens, 0):
+            bad("min_new_tokens", "must be between 0 and max_new_tokens")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            bad("top_k", "must be -1 (disabled) or >= 1")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 2:
+            bad("repetition_penalty", "must be in (0, 2]")
+        if not 1 <= self.n <= 128:
+            bad("n", "must be in [1, 128]")
+        if sum(x is not None for x in (self.regex, self.json_schema, self.ebnf)) > 1:
+            bad("regex", "regex, json_schema and ebnf are mutually exclusive")
+        if vocab_size is not None:
+            for tid in self.stop_token_ids:
+                if not 0 <= tid < vocab_size:
+                    bad("stop_token_ids", f"token id {tid} is outside the vocabulary [0, {vocab_size})")
+            for tid, _ in self.logit_bias:
+                if not 0 <= tid < vocab_size:
+                    bad("logit_bias", f"token id {tid} is outside the vocabulary [0, {vocab_size})")
+        for s in self.stop:
+            if not s:
+                bad("stop", "stop strings must be non-empty")
+
+
+def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> SamplingParams:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        default = getattr(defaults, key)
+        try:
+            if key == "stop":
+                out[key] = (value,) if isinstance(value, str) else tuple(_require_str(v, name) for v in value)
+            elif key == "stop_token_ids":
+                out[key] = tuple(_require_int(v, name) for v in value)
+            elif key == "logit_bias":
+                if not isinstance(value, dict):
+                    raise InvalidRequestError(name, "must be an object mapping token id to bias")
+                out[key] = tuple(sorted((int(k), float(v)) for k, v in value.items()))
+                for _, b in out[key]:
+                    if not -100 <= b <= 100:
+                        raise InvalidRequestError(name, "biases must be in [-100, 100]")
+            elif key == "json_schema" and isinstance(value, dict):
+                import json
+
+                out[key] = json.dumps(value)
+            elif key in ("regex", "json_schema", "ebnf"):
+                out[key] = _require_str(value, name)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise InvalidRequestError(name, "must be a boolean")
+                out[key] = value
+            elif isinstance(default, int) or key == "seed":
+                out[key] = _require_int(value, name)
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InvalidRequestError(name, "must be a number")
+                if value != value:
+                    raise InvalidRequestError(name, "must not be NaN")
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidRequestError):
+                raise
+            raise InvalidRequestError(name, f"invalid value {value!r}") from None
+    return dataclasses.replace(defaults, **out)
+
+
+def _require_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise InvalidRequestError(name, "must be an integer")
+    return value
+
+
+def _require_str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, "must be a string")
+    return value

@@ -1,0 +1,78 @@
+"""Turns the scheduler's choice of requests into the ForwardBatch tensors of one step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.request import Req
+
+
+@dataclass
+class ScheduledBatch:
+    mode: ForwardMode
+    reqs: list[Req]
+    extend_lens: list[int]  # new tokens per request this step
+    prefix_lens: list[int]  # KV already present per request before this step
+    # Per request: rows of the logits matrix holding its input-logprob positions, and the row to
+    # sample from (None while a chunked prefill is unfinished or for prefill-only requests).
+    logprob_rows: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int | None] = field(default_factory=list)
+    logprob_first_pos: list[int] = field(default_factory=list)  # prompt position of the first logprob row + 1
+
+    def to_forward_batch(self, req_to_token: torch.Tensor, device: torch.device) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logits_indices: list[int] = []
+        self.logprob_rows, self.sample_rows, self.logprob_first_pos = [], [], []
+        offset = 0
+        for req, prefix, ext in zip(self.reqs, self.prefix_lens, self.extend_lens):
+            fill = req.fill_ids
+            input_ids.extend(fill[prefix : prefix + ext])
+            positions.extend(range(prefix, prefix + ext))
+            rows: list[int] = []
+            first_pos = 0
+            if self.mode is ForwardMode.EXTEND and req.wants_input_logprobs:
+                # Row p predicts prompt token p+1; positions >= logprob_start_len get an entry.
+                lo = max(req.logprob_start_len - 1, prefix)
+                hi = min(prefix + ext, len(req.input_ids) - 1)
+                rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
+                logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
+                first_pos = lo + 1
+            done = prefix + ext == len(fill)
+            sample_row: int | None = None
+            if done:
+                sample_row = len(logits_indices)
+                logits_indices.append(offset + ext - 1)
+            self.logprob_rows.append(rows)
+            self.sample_rows.append(sample_row)
+            self.logprob_first_pos.append(first_pos)
+            offset += ext
+        seq_lens = [p + e for p, e in zip(self.prefix_lens, self.extend_lens)]
+        starts = [0]
+        for e in self.extend_lens[:-1]:
+            starts.append(starts[-1] + e)
+        rows_cpu = [r.req_pool_idx for r in self.reqs]
+        row_t = torch.tensor(rows_cpu, dtype=torch.int64)
+        out_cache_loc = torch.cat(
+            [req_to_token[r, p : p + e] for r, p, e in zip(rows_cpu, self.prefix_lens, self.extend_lens)]
+        ).to(torch.int64)
+
+        def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return ForwardBatch(
+            mode=self.mode,
+            input_ids=dev(input_ids, torch.int64),
+            positions=dev(positions, torch.int64),
+            out_cache_loc=out_cache_loc.to(device, non_blocking=True),
+            req_pool_indices=row_t.to(device, non_blocking=True),
+            seq_lens=dev(seq_lens, torch.int32),
+            req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
+            seq_lens_cpu=seq_lens,
+            extend_seq_lens_cpu=list(self.extend_lens),
+            extend_seq_lens=dev(self.extend_lens, torch.int32),
+            extend_start_loc=dev(starts, torch.int32),
+            logits_indices=dev(logits_indices, torch.int64),
+        )

@@ -1,0 +1,286 @@
+"""The scheduler: continuous batching with chunked prefill, prefix reuse, retraction and abort.
+
+Each step: take in new messages -> schedule a batch -> launch it -> process its results. Outputs go
+back to the tokenizer process as ReqOutput deltas.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.model_runner import ModelRunner
+from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
+from radixlm.runtime.request import Req
+from radixlm.runtime.result_processor import ResultProcessor
+from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.schedule_policy import DecodeReserve, order_waiting
+from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, model_dir: Path, tokenizer: object) -> None:
+        self.args = args
+        self.runner = ModelRunner(args, model_dir)
+        self.kv_pool = self.runner.kv_pool
+        self.req_to_token_pool = self.runner.req_to_token_pool
+        self.req_to_token = self.req_to_token_pool.req_to_token
+        cache_cls = NoPrefixCache if args.disable_radix_cache else RadixPrefixCache
+        self.cache: PrefixCache = cache_cls(self.req_to_token_pool, self.kv_pool)
+        self.device = self.runner.device
+        default_chunk = 8192 if self.device.type == "cuda" else 2048
+        chunk = args.chunked_prefill_size if args.chunked_prefill_size is not None else default_chunk
+        self.chunk_size = chunk if chunk > 0 else 1 << 30
+        self.max_prefill_tokens = max(args.max_prefill_tokens, min(self.chunk_size, 1 << 20))
+        self.max_running = self.runner.max_running_requests
+        self.reserve = DecodeReserve(args.schedule_conservativeness)
+        self.rng = random.Random(args.random_seed)
+        self.results = ResultProcessor(self, tokenizer)
+
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.outputs: list[ReqOutput] = []
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
+                      "forward_steps": 0, "last_gen_throughput": 0.0}
+        self._gen_window: list[tuple[float, int]] = []
+
+    # ---------------------------------------------------------------- messages
+    def handle(self, msg: object) -> ControlResp | None:
+        if isinstance(msg, TokenizedGenerateReq):
+            self._add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self.abort(msg.rid, msg.message)
+        elif isinstance(msg, ControlReq):
+            return self._control(msg)
+        return None
+
+    def _add_request(self, msg: TokenizedGenerateReq) -> None:
+        params = msg.params
+        # Never grow past the context: the front process already rejected prompts that don't fit.
+        room = self.runner.context_len - len(msg.input_ids)
+        if params.max_new_tokens > room:
+            params = params.replace(max_new_tokens=max(room, 0), min_new_tokens=min(params.min_new_tokens, max(room, 0)))
+        base_seed = params.seed if params.seed is not None else self.rng.getrandbits(32)
+        leader = Req.from_wire(msg, base_seed)
+        leader.params = params
+        for i in range(1, params.n):
+            follower = Req.from_wire(msg, base_seed + i if params.seed is not None else self.rng.getrandbits(32))
+            follower.rid = f"{msg.rid}-{i}"
+            follower.group_rid = msg.rid
+            follower.params = params
+            leader.followers.append(follower)
+        if params.n > 1:
+            leader.rid, leader.group_rid = f"{msg.rid}-0", msg.rid
+        self.results.prepare_grammar(leader)
+        self.waiting.append(leader)
+
+    def _control(self, msg: ControlReq) -> ControlResp:
+        if msg.kind == "flush_cache":
+            if self.running or self.waiting or self.chunked_req:
+                return ControlResp(msg.request_id, False, {"message": "Cache not flushed: requests are running"})
+            self.cache.flush()
+            return ControlResp(msg.request_id, True, {"message": "Cache flushed."})
+        if msg.kind == "get_info":
+            return ControlResp(msg.request_id, True, self.info())
+        return ControlResp(msg.request_id, False, {"message": f"unknown control {msg.kind!r}"})
+
+    def info(self) -> dict:
+        usage = self.kv_pool.usage()
+        prompt = max(self.stats["prompt_tokens"], 1)
+        return {
+            "max_total_num_tokens": usage.total,
+            "kv_free_tokens": usage.free,
+            "kv_used_tokens": usage.in_use,
+            "kv_cached_tokens": self.cache.cached_size(),
+            "kv_evictable_tokens": self.cache.evictable_size(),
+            "kv_locked_tokens": self.cache.protected_size(),
+            "num_running_reqs": len(self.running) + (1 if self.chunked_req else 0),
+            "num_waiting_reqs": len(self.waiting),
+            "cache_hit_rate": self.stats["cached_tokens"] / prompt,
+            "radix_cache_enabled": not self.args.disable_radix_cache,
+            **self.stats,
+        }
+
+    def abort(self, rid: str, message: str) -> None:
+        for queue in (self.waiting, self.running):
+            for req in [r for r in queue if rid in (r.rid, r.group_rid)]:
+                queue.remove(req)
+                self._finish(req, {"type": "abort", "message": message})
+        if self.chunked_req is not None and rid in (self.chunked_req.rid, self.chunked_req.group_rid):
+            req, self.chunked_req = self.chunked_req, None
+            self._finish(req, {"type": "abort", "message": message})
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.running or self.chunked_req)
+
+    # ---------------------------------------------------------------- main step
+    def step(self) -> bool:
+        """Run one batch if there is work. Returns False when idle."""
+        self.results.poll_grammars()
+        batch = self._schedule_prefill() or self._schedule_decode()
+        if batch is None:
+            return False
+        fb = batch.to_forward_batch(self.req_to_token, self.device)
+        logits = self.runner.forward(fb)
+        self.stats["forward_steps"] += 1
+        self.results.process(batch, logits)
+        return True
+
+    def pop_outputs(self) -> list[ReqOutput]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    # ---------------------------------------------------------------- prefill
+    def _free_tokens(self) -> int:
+        return self.kv_pool.available() + self.cache.evictable_size()
+
+    def _alloc_slots(self, n: int) -> torch.Tensor | None:
+        short = n - self.kv_pool.available()
+        if short > 0:
+            self.cache.evict(short)
+        return self.kv_pool.alloc(n)
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        reqs: list[Req] = []
+        budget = min(self.max_prefill_tokens, self.chunk_size)
+        free = self._free_tokens() - self.reserve.reserve_for(self.running)
+        batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            ext = min(len(req.fill_ids) - req.kv_len, budget)
+            if not self._extend(batch, req, ext):
+                return None
+            budget -= ext
+            free -= ext
+            reqs.append(req)
+        candidates = [r for r in self.waiting if not r.grammar_pending]
+        if candidates and budget > 0:
+            ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
+            for req in ordered:
+                if len(self.running) + len(reqs) + 1 + len(req.followers) > self.max_running or budget <= 0:
+                    break
+                if self.req_to_token_pool.available() < 1 + len(req.followers):
+                    break
+                prefix = self.cache.match(req)
+                ext_total = len(req.fill_ids) - len(prefix)
+                need = min(ext_total, budget) + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)
+                need += len(req.followers) * len(req.fill_ids)
+                if need > free and (reqs or self.running):
+                    self.cache.unlock(req)
+                    break
+                req.req_pool_idx = self.req_to_token_pool.alloc()
+                n_prefix = len(prefix)
+                if n_prefix:
+                    self.req_to_token[req.req_pool_idx, :n_prefix] = prefix.to(self.device, torch.int32)
+                req.kv_len = req.cache_protected_len = n_prefix
+                if not req.admitted_once:
+                    req.cached_tokens = n_prefix
+                    req.admitted_once = True
+                    self.stats["prompt_tokens"] += len(req.input_ids) * (1 + len(req.followers))
+                    self.stats["cached_tokens"] += n_prefix
+                ext = min(ext_total, budget)
+                if not self._extend(batch, req, ext):
+                    self.cache.unlock(req)
+                    self.req_to_token_pool.free(req.req_pool_idx)
+                    req.req_pool_idx = None
+                    req.kv_len = req.cache_protected_len = 0
+                    break
+                self.waiting.remove(req)
+                reqs.append(req)
+                budget -= ext
+                free -= need
+                if req.kv_len < len(req.fill_ids):
+                    self.chunked_req = req
+                    break
+        if not batch.reqs:
+            return None
+        if self.chunked_req is not None and self.chunked_req.kv_len >= len(self.chunked_req.fill_ids):
+            self.chunked_req = None
+        return batch
+
+    def _peek_prefix_len(self, req: Req) -> int:
+        return self.cache.peek(req.fill_ids[: req.max_prefix_len], req.extra_key)
+
+    def _extend(self, batch: ScheduledBatch, req: Req, ext: int) -> bool:
+        slots = self._alloc_slots(ext)
+        if slots is None:
+            return False
+        assert req.req_pool_idx is not None
+        start = req.kv_len
+        self.req_to_token[req.req_pool_idx, start : start + ext] = slots.to(self.device, torch.int32)
+        batch.reqs.append(req)
+        batch.prefix_lens.append(start)
+        batch.extend_lens.append(ext)
+        req.kv_len = start + ext
+        return True
+
+    # ---------------------------------------------------------------- decode
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        if not self.running:
+            return None
+        while self.kv_pool.available() + self.cache.evictable_size() < len(self.running):
+            if len(self.running) == 1:
+                break
+            self._retract_one()
+        batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+        for req in list(self.running):
+            if self._extend(batch, req, 1):
+                continue
+            self.running.remove(req)
+            if self.running or batch.reqs:
+                self._retract(req)  # still short: retry once others finish
+            else:
+                self._finish(req, {"type": "abort", "message": "KV cache is too small for this request; "
+                                   "raise --max-total-tokens or lower max_new_tokens"})
+        self.reserve.on_decode_step()
+        return batch if batch.reqs else None
+
+    def _retract_one(self) -> None:
+        victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+        self.running.remove(victim)
+        self._retract(victim)
+
+    def _retract(self, req: Req) -> None:
+        """Preempt: give the KV back (to the prefix cache, so recompute is cheap) and requeue."""
+        self._release_kv(req)
+        req.num_retractions += 1
+        self.stats["retractions"] += 1
+        self.reserve.on_retract()
+        self.waiting.insert(0, req)
+        logger.info("retracted request %s after %d tokens (KV pool exhausted)", req.rid, len(req.output_ids))
+
+    # ---------------------------------------------------------------- finishing
+    def _release_kv(self, req: Req) -> None:
+        if req.req_pool_idx is None:
+            return
+        self.cache.release(req)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx = None
+
+    def _finish(self, req: Req, reason: dict) -> None:
+        req.finished_reason = reason
+        self._release_kv(req)
+        for follower in req.followers:  # followers that never started finish with their leader
+            if not follower.finished:
+                self._finish(follower, reason)
+        req.followers = []
+        self.outputs.append(self.results.make_output(req))
+
+    def record_generated(self, n: int) -> None:
+        now = time.monotonic()
+        self.stats["generated_tokens"] += n
+        self._gen_window.append((now, n))
+        while self._gen_window and now - self._gen_window[0][0] > 5.0:
+            self._gen_window.pop(0)
+        span = now - self._gen_window[0][0] if len(self._gen_window) > 1 else 0.0
+        if span > 0:
+            self.stats["last_gen_throughput"] = sum(k for _, k in self._gen_window[1:]) / span

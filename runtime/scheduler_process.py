@@ -1,0 +1,57 @@
+"""Entry point of the scheduler process: load the model, then loop receive -> step -> send."""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from radixlm.runtime.io_struct import ControlReq, SchedulerFailed, SchedulerReady
+from radixlm.runtime.server_args import ServerArgs
+
+
+def load_tokenizer(path: str | Path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, send: Connection) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="[scheduler] %(levelname)s %(message)s")
+    parent = os.getppid()
+    try:
+        from radixlm.runtime.scheduler import Scheduler
+
+        tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or model_dir)
+        sched = Scheduler(args, Path(model_dir), tokenizer)
+        runner = sched.runner
+        send.send(SchedulerReady(
+            model_path=model_dir, max_total_tokens=runner.max_total_tokens,
+            max_running_requests=runner.max_running_requests, context_len=runner.context_len,
+            vocab_size=runner.vocab_size, device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
+            architecture=runner.model_config.architecture,
+        ))
+    except Exception:  # noqa: BLE001 - report any startup failure to the parent verbatim
+        send.send(SchedulerFailed(traceback.format_exc()))
+        return
+    try:
+        while True:
+            # Block only when idle; otherwise just drain what has arrived.
+            if sched.idle and not recv.poll(0.5):
+                if os.getppid() != parent:
+                    return
+                continue
+            while recv.poll():
+                msg = recv.recv()
+                if isinstance(msg, ControlReq) and msg.kind == "shutdown":
+                    return
+                resp = sched.handle(msg)
+                if resp is not None:
+                    send.send(resp)
+            sched.step()
+            outputs = sched.pop_outputs()
+            if outputs:
+                send.send(outputs)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return

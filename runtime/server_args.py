@@ -1,0 +1,85 @@
+"""All engine/server options in one frozen dataclass, passed explicitly; CLI flags use SGLang's names."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"  # auto | dummy
+    device: str | None = None  # None: cuda if available else cpu
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    # Memory
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    max_running_requests: int | None = None
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int | None = None
+    context_length: int | None = None
+    # Scheduling
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    schedule_conservativeness: float = 1.0
+    # Constrained decoding
+    grammar_backend: str | None = None
+    # GPU fast path
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 160
+    enable_torch_compile: bool = False
+    disable_overlap_schedule: bool = False
+    attention_backend: str | None = None  # torch | triton; None: triton on CUDA
+    # Parallelism
+    tp_size: int = 1
+    dp_size: int = 1
+    # Misc
+    random_seed: int = 0
+    log_level: str = "info"
+    enable_metrics: bool = False
+    stream_interval: int = 1
+    skip_tokenizer_init: bool = False
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    cpu_threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schedule_policy not in ("lpm", "fcfs", "dfs-weight"):
+            raise ValueError(f"schedule_policy: {self.schedule_policy!r} is not one of lpm, fcfs, dfs-weight")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError("mem_fraction_static: must be in (0, 1)")
+        for name in ("max_total_tokens", "max_running_requests", "context_length"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be positive")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: {self.load_format!r} is not one of auto, dummy")
+
+    def replace(self, **changes: object) -> "ServerArgs":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(ServerArgs):
+            if f.name == "extra":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            aliases = {"model_path": ["--model"], "tp_size": ["--tensor-parallel-size"], "dp_size": ["--data-parallel-size"]}
+            names = [flag, *aliases.get(f.name, [])]
+            if f.type in ("bool", bool):
+                parser.add_argument(*names, dest=f.name, action="store_true", default=f.default)
+                continue
+            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(*names, dest=f.name, type=typ, default=f.default)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,307 @@
+"""The front half of the runtime (HTTP/tokenizer process): tokenize, send to the scheduler,
+detokenize its deltas, and hand results to callers as SGLang-shaped dicts."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.runtime.detokenizer import IncrementalDetokenizer, stop_holdback, trim_at_stop
+from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
+from radixlm.runtime.io_struct import (
+    AbortReq, ControlReq, ControlResp, ReqOutput, SchedulerFailed, SchedulerReady, TokenizedGenerateReq,
+)
+from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.scheduler_process import load_tokenizer, run_scheduler_process
+from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerDiedError(RuntimeError):
+    pass
+
+
+@dataclass
+class ReqState:
+    item: GenerateItem
+    rid: str
+    index: int
+    prompt_ids: list[int]
+    detok: IncrementalDetokenizer
+    created: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    last: ReqOutput | None = None
+    finished: bool = False
+    input_token_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    output_token_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class TokenizerManager:
+    def __init__(self, args: ServerArgs) -> None:
+        from radixlm.runtime.model_source import resolve_model_path
+
+        self.args = args
+        self.model_dir = resolve_model_path(args.model_path)
+        self.tokenizer: Any = load_tokenizer(args.tokenizer_path or self.model_dir)
+        ctx = mp.get_context("spawn")
+        to_sched_r, self._to_sched = ctx.Pipe(duplex=False)
+        self._from_sched, from_sched_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(
+            target=run_scheduler_process, args=(args, str(self.model_dir), to_sched_r, from_sched_w),
+            name="radixlm-scheduler", daemon=True,
+        )
+        self.proc.start()
+        to_sched_r.close()
+        from_sched_w.close()
+        self.info = self._wait_ready()
+        self.states: dict[str, ReqState] = {}
+        self._control: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.dead: str | None = None
+        self._closing = False
+
+    def _wait_ready(self) -> SchedulerReady:
+        while not self._from_sched.poll(0.5):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"scheduler process exited during startup (code {self.proc.exitcode})")
+        msg = self._from_sched.recv()
+        if isinstance(msg, SchedulerFailed):
+            self.proc.join(5)
+            raise RuntimeError(f"scheduler failed to start:\n{msg.error}")
+        assert isinstance(msg, SchedulerReady)
+        return msg
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the event loop that will await results; a thread feeds it scheduler messages."""
+        self.loop = loop
+        threading.Thread(target=self._reader, name="radixlm-recv", daemon=True).start()
+
+    def _reader(self) -> None:
+        assert self.loop is not None
+        while True:
+            try:
+                msg = self._from_sched.recv()
+            except (EOFError, OSError):
+                self.loop.call_soon_threadsafe(self._on_scheduler_death)
+                return
+            self.loop.call_soon_threadsafe(self._dispatch, msg)
+
+    def _send(self, msg: object) -> None:
+        if self.dead:
+            raise SchedulerDiedError(self.dead)
+        with self._send_lock:
+            self._to_sched.send(msg)
+
+    # ---------------------------------------------------------------- scheduler -> here
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, ControlResp):
+            fut = self._control.pop(msg.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        for out in msg:  # type: ignore[union-attr]
+            state = self.states.get(out.rid)
+            if state is None:
+                continue
+            self._apply(state, out)
+            state.event.set()
+
+    def _apply(self, state: ReqState, out: ReqOutput) -> None:
+        state.output_ids.extend(out.output_ids)
+        finished = out.finished_reason is not None
+        state.detok.add(out.output_ids, final=finished)
+        state.last = out
+        for name in ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs", "output_top_logprobs"):
+            delta = getattr(out, name)
+            if delta:
+                getattr(state, name).extend(delta)
+        state.finished = finished
+
+    def _on_scheduler_death(self) -> None:
+        if self._closing:
+            return
+        self.proc.join(1)
+        code = self.proc.exitcode
+        self.dead = f"the scheduler process died (exit code {code}); restart the server"
+        logger.error(self.dead)
+        for state in self.states.values():
+            state.event.set()
+        for fut in self._control.values():
+            if not fut.done():
+                fut.set_exception(SchedulerDiedError(self.dead))
+
+    # ---------------------------------------------------------------- caller API
+    def tokenize(self, item: GenerateItem) -> list[int]:
+        if item.input_ids is not None:
+            return list(item.input_ids)
+        assert item.text is not None
+        return self.tokenizer.encode(item.text, add_special_tokens=False)
+
+    def validate_length(self, prompt_ids: list[int], item: GenerateItem) -> None:
+        ctx = self.info.context_len
+        if len(prompt_ids) >= ctx:
+            raise InvalidRequestError("text" if item.text is not None else "input_ids",
+                                      f"the prompt has {len(prompt_ids)} tokens; this model's context is {ctx}")
+        if len(prompt_ids) + item.params.max_new_tokens > ctx:
+            raise InvalidRequestError("max_new_tokens",
+                                      f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({item.params.max_new_tokens}) "
+                                      f"exceeds the context length {ctx}")
+        need = (len(prompt_ids) + 1) * (1 if self.args.disable_radix_cache is False else item.params.n)
+        if need > self.info.max_total_tokens:
+            raise InvalidRequestError("text" if item.text is not None else "input_ids",
+                                      f"the prompt needs {need} KV slots; the pool has {self.info.max_total_tokens}")
+
+    def submit(self, req: GenerateRequest) -> list[ReqState]:
+        """Tokenize and send every item; returns one state per output (n per item)."""
+        prepared = []
+        for item in req.items:
+            ids = self.tokenize(item)
+            self.validate_length(ids, item)
+            prepared.append((item, ids))
+        states: list[ReqState] = []
+        for item, ids in prepared:
+            n = item.params.n
+            rids = [item.rid] if n == 1 else [f"{item.rid}-{i}" for i in range(n)]
+            for rid in rids:
+                if rid in self.states:
+                    raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+            for rid in rids:
+                detok = IncrementalDetokenizer(self.tokenizer, item.params.skip_special_tokens,
+                                               item.params.spaces_between_special_tokens)
+                state = ReqState(item=item, rid=rid, index=len(states), prompt_ids=ids, detok=detok)
+                self.states[rid] = state
+                states.append(state)
+            self._send(TokenizedGenerateReq(
+                rid=item.rid, input_ids=ids, params=item.params, return_logprob=item.return_logprob,
+                logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num,
+                stream=req.stream, extra_key=item.extra_key,
+            ))
+        return states
+
+    def abort(self, states: list[ReqState]) -> None:
+        for item_rid in {s.item.rid for s in states if not s.finished}:
+            try:
+                self._send(AbortReq(item_rid))
+            except SchedulerDiedError:
+                pass
+        for s in states:
+            self.states.pop(s.rid, None)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yields, per update, the outputs that changed (streaming) or, once, all outputs."""
+        states = self.submit(req)
+        try:
+            if not req.stream:
+                for s in states:
+                    await self._wait(s, until_finished=True)
+                yield [self.build_output(s) for s in states]
+                return
+            pending = set(range(len(states)))
+            while pending:
+                waiters = [asyncio.ensure_future(self._wait(states[i], until_finished=False)) for i in pending]
+                done, rest = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in rest:
+                    w.cancel()
+                changed = []
+                for i in sorted(pending):
+                    s = states[i]
+                    if s.event.is_set():
+                        s.event.clear()
+                        changed.append(self.build_output(s))
+                        if s.finished or self.dead:
+                            pending.discard(i)
+                if changed:
+                    yield changed
+        finally:
+            self.abort(states)
+
+    async def _wait(self, state: ReqState, until_finished: bool) -> None:
+        while True:
+            if self.dead:
+                raise SchedulerDiedError(self.dead)
+            if state.finished or (not until_finished and state.event.is_set()):
+                return
+            state.event.clear()
+            await state.event.wait()
+
+    def build_output(self, s: ReqState) -> dict[str, Any]:
+        if self.dead and not s.finished:
+            raise SchedulerDiedError(self.dead)
+        out = s.last
+        reason = out.finished_reason if out else None
+        params = s.item.params
+        text = s.detok.text
+        ids = s.output_ids
+        if reason is not None and not params.no_stop_trim and reason.get("type") == "stop":
+            matched = reason.get("matched")
+            if isinstance(matched, str):
+                text = trim_at_stop(text, matched)
+            elif isinstance(matched, int) and ids and ids[-1] == matched and matched in params.stop_token_ids:
+                text = s.detok._decode(ids[:-1])
+        elif reason is None and params.stop:
+            text = text[: len(text) - stop_holdback(text, params.stop)]
+        meta: dict[str, Any] = {
+            "id": s.rid,
+            "finish_reason": {k: v for k, v in reason.items() if k != "status_code"} if reason else None,
+            "prompt_tokens": len(s.prompt_ids),
+            "completion_tokens": len(ids),
+            "cached_tokens": out.cached_tokens if out else 0,
+        }
+        if out and out.forced_tokens:
+            meta["forced_tokens"] = out.forced_tokens
+        if reason is not None:
+            meta["e2e_latency"] = time.monotonic() - s.created
+            if out and out.num_retractions:
+                meta["num_retractions"] = out.num_retractions
+        if s.item.return_logprob:
+            self._logprob_meta(s, meta)
+        result: dict[str, Any] = {"text": text, "output_ids": list(ids), "meta_info": meta}
+        if reason is not None and reason.get("status_code"):
+            result["error_status"] = reason["status_code"]
+        return result
+
+    def _logprob_meta(self, s: ReqState, meta: dict[str, Any]) -> None:
+        with_text = s.item.return_text_in_logprobs
+        dec = self.tokenizer.decode if with_text else None
+
+        def triple(lp: float | None, tid: int) -> list:
+            return [lp, tid, dec([tid]) if dec else None]
+
+        meta["input_token_logprobs"] = [triple(lp, t) for lp, t in s.input_token_logprobs]
+        meta["output_token_logprobs"] = [triple(lp, t) for lp, t in s.output_token_logprobs]
+        if s.item.top_logprobs_num > 0:
+            meta["input_top_logprobs"] = [None if e is None else [triple(lp, t) for lp, t in e] for e in s.input_top_logprobs]
+            meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in e] for e in s.output_top_logprobs]
+
+    async def control(self, kind: str, timeout: float = 30.0) -> ControlResp:
+        assert self.loop is not None
+        rid = next(self._ids)
+        fut = self.loop.create_future()
+        self._control[rid] = fut
+        self._send(ControlReq(kind, rid))
+        return await asyncio.wait_for(fut, timeout)
+
+    def shutdown(self) -> None:
+        self._closing = True
+        try:
+            self._send(ControlReq("shutdown", -1))
+        except (SchedulerDiedError, OSError, BrokenPipeError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()

@@ -1,0 +1,30 @@
+"""Stream tensors out of a Hugging Face folder's (possibly sharded) safetensors files."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model_path: no *.safetensors files in {model_dir}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights for `--load-format dummy`: speed does not depend on values."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+            continue
+        std = 1.0 / max(p.shape[-1], 1) ** 0.5
+        cpu = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+        p.data.copy_(cpu.to(p.dtype))
