@@ -1,0 +1,31 @@
+"""Shared fixtures: the default model (converted once, cached) and tiny random models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from radixlm.runtime.model_source import resolve_model_path
+
+    return resolve_model_path(None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: tiny_model_dir("llama") -> folder with config, safetensors and tokenizer."""
+    from tests.fixtures.tiny_models import build_tiny_model
+
+    cache: dict[str, Path] = {}
+
+    def make(kind: str = "llama") -> Path:
+        if kind not in cache:
+            cache[kind] = build_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return cache[kind]
+
+    return make

@@ -1,0 +1,63 @@
+"""Drive a Scheduler in-process (no subprocess): fast, deterministic engine tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from radixlm.runtime.io_struct import ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.scheduler import Scheduler
+from radixlm.runtime.server_args import ServerArgs
+
+
+def make_scheduler(model_dir: Path, **options) -> Scheduler:
+    from transformers import AutoTokenizer
+
+    options.setdefault("max_total_tokens", 4096)
+    options.setdefault("device", "cpu")
+    args = ServerArgs(model_path=str(model_dir), **options)
+    return Scheduler(args, model_dir, AutoTokenizer.from_pretrained(str(model_dir)))
+
+
+def run_to_completion(sched: Scheduler, reqs: list[TokenizedGenerateReq], max_steps: int = 100000) -> dict[str, dict]:
+    """Submit all, step until idle; returns rid -> {output_ids, finished_reason, ...} merged from deltas."""
+    for r in reqs:
+        sched.handle(r)
+    results: dict[str, dict] = {}
+    steps = 0
+    while not sched.idle:
+        sched.step()
+        steps += 1
+        assert steps < max_steps, "scheduler did not finish"
+        for out in sched.pop_outputs():
+            merge(results, out)
+    for out in sched.pop_outputs():
+        merge(results, out)
+    return results
+
+
+def merge(results: dict[str, dict], out: ReqOutput) -> None:
+    r = results.setdefault(out.rid, {"output_ids": [], "output_token_logprobs": [], "input_token_logprobs": [],
+                                     "output_top_logprobs": [], "input_top_logprobs": []})
+    r["output_ids"].extend(out.output_ids)
+    r["finished_reason"] = out.finished_reason
+    r["cached_tokens"] = out.cached_tokens
+    r["prompt_tokens"] = out.prompt_tokens
+    r["num_retractions"] = out.num_retractions
+    for k in ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs", "input_top_logprobs"):
+        if getattr(out, k):
+            r[k].extend(getattr(out, k))
+
+
+def greedy_req(rid: str, ids: list[int], max_new: int, **params) -> TokenizedGenerateReq:
+    return TokenizedGenerateReq(rid=rid, input_ids=ids, params=SamplingParams(temperature=0.0, max_new_tokens=max_new,
+                                                                              ignore_eos=True, **params))
+
+
+def assert_pool_idle(sched: Scheduler) -> None:
+    """Nothing in use but what the prefix cache holds, nothing locked, every request row free."""
+    usage = sched.kv_pool.usage()
+    assert usage.in_use == sched.cache.cached_size(), (usage, sched.cache.cached_size())
+    assert sched.cache.protected_size() == 0
+    assert sched.req_to_token_pool.available() == sched.req_to_token_pool.size
+    sched.cache.flush()
+    assert sched.kv_pool.usage().free == usage.total

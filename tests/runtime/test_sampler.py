@@ -1,0 +1,130 @@
+"""Every sampling parameter changes what the batched sampler does, as specified."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, seeded_uniform, token_logprobs
+from radixlm.runtime.sampling_params import InvalidRequestError, SamplingParams
+
+V = 50
+
+
+def batch_of(params: list[SamplingParams], seeds: list[int] | None = None, steps: list[int] | None = None,
+             outputs: list[list[int]] | None = None, prompts: list[list[int]] | None = None,
+             banned: list[tuple[int, ...]] | None = None) -> SamplingBatch:
+    n = len(params)
+    rows = [SampleRow(params=p, seed=(seeds or [0] * n)[i], step=(steps or [0] * n)[i],
+                      output_ids=(outputs or [[]] * n)[i], prompt_ids=(prompts or [[]] * n)[i],
+                      banned_ids=(banned or [()] * n)[i]) for i, p in enumerate(params)]
+    return SamplingBatch.build(rows, V, torch.device("cpu"))
+
+
+def logits_row(seed: int = 0) -> torch.Tensor:
+    return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def draw_many(logits: torch.Tensor, params: SamplingParams, n: int = 4000) -> torch.Tensor:
+    b = batch_of([params] * n, seeds=list(range(n)))
+    return sample(logits.expand(n, V).clone(), b)
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy() -> None:
+    logits = torch.stack([logits_row(i) for i in range(4)])
+    b = batch_of([SamplingParams(temperature=0.0), SamplingParams(top_k=1), SamplingParams(temperature=0.0),
+                  SamplingParams(top_k=1, temperature=5.0)], seeds=[1, 2, 3, 4])
+    assert sample(logits.clone(), b).tolist() == logits.argmax(-1).tolist()
+
+
+def test_temperature_matches_softmax_distribution() -> None:
+    logits = logits_row(1)
+    for temp in (0.5, 1.0, 2.0):
+        draws = draw_many(logits, SamplingParams(temperature=temp))
+        empirical = torch.bincount(draws, minlength=V).float() / len(draws)
+        expected = torch.softmax(logits / temp, -1)
+        assert (empirical - expected).abs().max() < 0.03, temp
+
+
+def test_top_k_top_p_min_p_restrict_support() -> None:
+    logits = logits_row(2)
+    order = logits.argsort(descending=True)
+    draws = set(draw_many(logits, SamplingParams(top_k=3)).tolist())
+    assert draws <= set(order[:3].tolist()) and len(draws) > 1
+    probs = torch.softmax(logits, -1)[order]
+    p = 0.7
+    allowed = int((probs.cumsum(0) - probs < p).sum())
+    draws = set(draw_many(logits, SamplingParams(top_p=p)).tolist())
+    assert draws <= set(order[:allowed].tolist())
+    min_p = 0.2
+    allowed_minp = set(order[probs >= min_p * probs[0]].tolist())
+    assert set(draw_many(logits, SamplingParams(min_p=min_p)).tolist()) <= allowed_minp
+
+
+def test_seed_reproducible_and_batch_independent() -> None:
+    logits = torch.stack([logits_row(i) for i in range(3)])
+    p = SamplingParams(temperature=1.0)
+    a = sample(logits.clone(), batch_of([p] * 3, seeds=[7, 8, 9], steps=[0, 5, 9]))
+    alone = [sample(logits[i : i + 1].clone(), batch_of([p], seeds=[s], steps=[st])).item()
+             for i, (s, st) in enumerate([(7, 0), (8, 5), (9, 9)])]
+    assert a.tolist() == alone
+    u1 = seeded_uniform(torch.tensor([1, 2]), torch.tensor([0, 0]), V)
+    assert not torch.equal(u1[0], u1[1]) and (u1 > 0).all() and (u1 < 1).all()
+
+
+def test_penalties_and_bias_and_banned() -> None:
+    logits = torch.ones(4, V)
+    params = [
+        SamplingParams(frequency_penalty=0.5),
+        SamplingParams(presence_penalty=0.5),
+        SamplingParams(repetition_penalty=2.0),
+        SamplingParams(logit_bias=((3, 10.0),)),
+    ]
+    b = batch_of(params, outputs=[[5, 5, 6], [5, 5, 6], [5], []], prompts=[[], [], [7], []], banned=[(), (), (), (9,)])
+    out = apply_logit_adjustments(logits.clone(), b)
+    assert out[0, 5] == pytest.approx(0.0) and out[0, 6] == pytest.approx(0.5) and out[0, 1] == 1.0
+    assert out[1, 5] == pytest.approx(0.5) and out[1, 6] == pytest.approx(0.5)
+    assert out[2, 5] == pytest.approx(0.5) and out[2, 7] == pytest.approx(0.5) and out[2, 1] == 1.0
+    assert out[3, 3] == pytest.approx(11.0) and out[3, 9] == -math.inf
+    neg = apply_logit_adjustments(-torch.ones(1, V), batch_of([SamplingParams(repetition_penalty=2.0)], outputs=[[1]]))
+    assert neg[0, 1] == pytest.approx(-2.0)
+
+
+def test_vocab_mask_is_respected() -> None:
+    logits = logits_row(3).expand(8, V).clone()
+    mask = torch.ones(8, V, dtype=torch.bool)
+    mask[:, [4, 11]] = False
+    out = sample(logits, batch_of([SamplingParams(temperature=1.5)] * 8, seeds=list(range(8))), mask)
+    assert set(out.tolist()) <= {4, 11}
+
+
+def test_token_logprobs_are_log_softmax() -> None:
+    logits = torch.stack([logits_row(i) for i in range(2)])
+    chosen, vals, ids = token_logprobs(logits, torch.tensor([3, 4]), 2)
+    ref = torch.log_softmax(logits, -1)
+    assert torch.allclose(chosen, ref[[0, 1], [3, 4]])
+    assert torch.allclose(vals, ref.topk(2).values) and torch.equal(ids, ref.topk(2).indices)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
+    ({"min_p": 2}, "min_p"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"n": 0}, "n"),
+    ({"frequency_penalty": 3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"stop": [1]}, "stop"), ({"bogus": 1}, "bogus"), ({"regex": "a", "json_schema": "{}"}, "regex"),
+    ({"stop_token_ids": [10**9]}, "stop_token_ids"), ({"temperature": "hot"}, "temperature"),
+    ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
+])
+def test_invalid_sampling_params_name_the_field(bad: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.from_dict(bad, vocab_size=1000)
+    assert err.value.field == f"sampling_params.{field}"
+
+
+def test_sampling_params_accept_sglang_frontend_body() -> None:
+    body = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "max_new_tokens": 16,
+            "min_new_tokens": 0, "n": 1, "stop": "\n", "stop_token_ids": [], "temperature": 0, "top_p": 1.0,
+            "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "ignore_eos": False,
+            "regex": None, "json_schema": None}
+    p = SamplingParams.from_dict(body)
+    assert p.is_greedy and p.stop == ("\n",) and p.max_new_tokens == 16
