@@ -15,6 +15,7 @@ class ScheduledBatch:
     reqs: list[Req]
     extend_lens: list[int]  # new tokens per request this step
     prefix_lens: list[int]  # KV already present per request before this step
+    new_slots: list[torch.Tensor] = field(default_factory=list)  # host slots for each request's new tokens
     # Per request: rows of the logits matrix holding its input-logprob positions, and the row to
     # sample from (None while a chunked prefill is unfinished or for prefill-only requests).
     logprob_rows: list[list[int]] = field(default_factory=list)
@@ -55,18 +56,20 @@ class ScheduledBatch:
             starts.append(starts[-1] + e)
         rows_cpu = [r.req_pool_idx for r in self.reqs]
         row_t = torch.tensor(rows_cpu, dtype=torch.int64)
-        out_cache_loc = torch.cat(
-            [req_to_token[r, p : p + e] for r, p, e in zip(rows_cpu, self.prefix_lens, self.extend_lens)]
-        ).to(torch.int64)
 
         def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        # One scatter records every new token's slot in req_to_token (not one copy per request).
+        out_cache_loc = torch.cat(self.new_slots).to(device, non_blocking=True)
+        positions_t = dev(positions, torch.int64)
+        token_rows = row_t.repeat_interleave(torch.tensor(self.extend_lens)).to(device, non_blocking=True)
+        req_to_token[token_rows, positions_t] = out_cache_loc.to(torch.int32)
         return ForwardBatch(
             mode=self.mode,
             input_ids=dev(input_ids, torch.int64),
-            positions=dev(positions, torch.int64),
-            out_cache_loc=out_cache_loc.to(device, non_blocking=True),
+            positions=positions_t,
+            out_cache_loc=out_cache_loc,
             req_pool_indices=row_t.to(device, non_blocking=True),
             seq_lens=dev(seq_lens, torch.int32),
             req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]

@@ -216,7 +216,7 @@ class Scheduler:
             return False
         assert req.req_pool_idx is not None
         start = req.kv_len
-        self.req_to_token[req.req_pool_idx, start : start + ext] = slots.to(self.device, torch.int32)
+        batch.new_slots.append(slots)
         batch.reqs.append(req)
         batch.prefix_lens.append(start)
         batch.extend_lens.append(ext)

@@ -199,6 +199,16 @@ class TokenizerManager:
         for s in states:
             self.states.pop(s.rid, None)
 
+    def abort_request(self, rid: str | None, message: str = "aborted by client") -> int:
+        """Ask the scheduler to abort a request by id (a request's rid or one of its n sequences'),
+        or every unfinished one for None; their generators then finish with an abort reason.
+        Returns the number of unfinished sequences targeted."""
+        targets = [s for s in self.states.values() if not s.finished and (rid is None or rid in (s.rid, s.item.rid))]
+        for target in ({rid} if rid is not None else {s.item.rid for s in targets}):
+            if targets:
+                self._send(AbortReq(target, message))
+        return len(targets)
+
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
         """Yields, per update, the outputs that changed (streaming) or, once, all outputs."""
         states = self.submit(req)

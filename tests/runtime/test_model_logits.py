@@ -22,8 +22,7 @@ def _forward_all_positions(runner: ModelRunner, prompts: list[list[int]], chunks
     for i, ids in enumerate(prompts):
         req = Req(str(i), list(ids), SamplingParams(), 0)
         req.req_pool_idx = runner.req_to_token_pool.alloc()
-        slots = runner.kv_pool.alloc(len(ids) + 1)
-        runner.req_to_token_pool.req_to_token[req.req_pool_idx, : len(ids) + 1] = slots.int()
+        req.slots = runner.kv_pool.alloc(len(ids) + 1)
         reqs.append(req)
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     done = [0] * len(prompts)
@@ -35,6 +34,7 @@ def _forward_all_positions(runner: ModelRunner, prompts: list[list[int]], chunks
                 batch.reqs.append(req)
                 batch.prefix_lens.append(done[i])
                 batch.extend_lens.append(n)
+                batch.new_slots.append(req.slots[done[i] : done[i] + n])
         if not batch.reqs:
             break
         fb = batch.to_forward_batch(runner.req_to_token_pool.req_to_token, runner.device)
@@ -49,7 +49,8 @@ def _forward_all_positions(runner: ModelRunner, prompts: list[list[int]], chunks
     # one decode step: re-feed the first token at position len (checks the decode path)
     for req in reqs:
         req.output_ids = [req.input_ids[0]]
-    batch = ScheduledBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), [len(r.input_ids) for r in reqs])
+    batch = ScheduledBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), [len(r.input_ids) for r in reqs],
+                           new_slots=[r.slots[len(r.input_ids) :] for r in reqs])
     fb = batch.to_forward_batch(runner.req_to_token_pool.req_to_token, runner.device)
     dec = runner.forward(fb)
     return [torch.cat(logits[i] + [dec[i : i + 1]]) for i in range(len(prompts))]

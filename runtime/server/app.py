@@ -1,0 +1,167 @@
+"""The HTTP server: aiohttp app + TokenizerManager in this process (one asyncio loop), the scheduler in
+its own process. Middleware: API key, errors as JSON, metrics of failures. Lifecycle: start, print
+the URL, serve until SIGINT/SIGTERM (or the scheduler dies), then stop everything.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.server import native_api, openai_api
+from radixlm.runtime.server.chat import ChatTemplate, load_chat_template
+from radixlm.runtime.server.errors import ApiError, error_response
+from radixlm.runtime.server.generation import Admission, ServerContext
+from radixlm.runtime.server.metrics import ServerMetrics
+from radixlm.runtime.server.native_api import CTX
+from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger("radixlm.server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = {"/health", "/health_generate"}  # liveness probes need no key (as in SGLang)
+
+
+def make_context(args: ServerArgs, tm: object, chat_template: str | None = None) -> ServerContext:
+    info = tm.info  # type: ignore[attr-defined]
+    limit = args.extra.get("max_inflight_requests") or max(4 * info.max_running_requests, 64)
+    ctx = ServerContext(
+        args=args, tm=tm,  # type: ignore[arg-type]
+        model_name=args.served_model_name or args.model_path or str(tm.model_dir),  # type: ignore[attr-defined]
+        admission=Admission(int(limit)),
+    )
+    ctx.chat = ChatTemplate(tm.tokenizer, chat_template)  # type: ignore[attr-defined]
+    if args.enable_metrics:
+        ctx.metrics = ServerMetrics(ctx.model_name)
+    return ctx
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    try:
+        if ctx.args.api_key and request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {ctx.args.api_key}".encode()):
+                raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')")
+        return await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.message, exc.param, exc.headers)
+    except InvalidRequestError as exc:
+        response = error_response(400, str(exc), exc.field)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(413, f"the request body is larger than {ctx.args.max_request_body_bytes} bytes",
+                                  "body")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, f"{exc.reason}: {request.method} {request.path}", None,
+                                  {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a server bug must not take the server down
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+    if ctx.metrics is not None:
+        ctx.metrics.http_errors.inc()
+        if response.status == 503:
+            ctx.metrics.rejected.inc()
+    return response
+
+
+def build_app(ctx: ServerContext) -> web.Application:
+    # aiohttp enforces the body limit itself when the handler reads; read_json also checks Content-Length.
+    app = web.Application(middlewares=[_errors], client_max_size=ctx.args.max_request_body_bytes)
+    app[CTX] = ctx
+    native_api.add_routes(app, ctx.args.enable_metrics)
+    openai_api.add_routes(app)
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if level.lower() != "debug":
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def run_server(args: ServerArgs) -> int:
+    """Blocking: start, serve until a signal, shut down. Returns the process exit code."""
+    configure_logging(args.log_level)
+    try:
+        template = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as exc:
+        print(f"radixlm: error: {exc}", file=sys.stderr)
+        return 2
+    from radixlm.runtime.tokenizer_manager import TokenizerManager
+
+    try:
+        tm = TokenizerManager(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"radixlm: error: could not start the model: {exc}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            ctx = make_context(args, tm, template)
+        except ValueError as exc:
+            print(f"radixlm: error: {exc}", file=sys.stderr)
+            return 2
+        return asyncio.run(_serve(ctx))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        tm.shutdown()
+
+
+async def _serve(ctx: ServerContext) -> int:
+    args, tm = ctx.args, ctx.tm
+    loop = asyncio.get_running_loop()
+    tm.start(loop)
+    runner = web.AppRunner(build_app(ctx), handler_cancellation=True, shutdown_timeout=3.0,
+                           access_log=logging.getLogger("aiohttp.access"))
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(f"radixlm: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    port = runner.addresses[0][1] if runner.addresses else args.port
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"radixlm server ready at http://{host}:{port} (model {ctx.model_name}, "
+          f"context {ctx.context_len}, KV pool {tm.info.max_total_tokens} tokens)", flush=True)
+
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        logger.info("received %s: shutting down", sig.name)
+        ctx.shutting_down = True
+        tm._closing = True  # a scheduler that exits on the same Ctrl-C is not a crash  # noqa: SLF001
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            if tm.dead and not stop.is_set():
+                logger.error("%s; shutting down the server", tm.dead)
+                exit_code = 1
+                break
+    finally:
+        ctx.shutting_down = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()  # closes connections; in-flight handlers are cancelled, which aborts their requests
+        await asyncio.sleep(0)  # let the aborts reach the scheduler before it is asked to stop
+    return exit_code

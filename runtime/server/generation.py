@@ -1,0 +1,151 @@
+"""The server's side of one generation call, shared by the native and the OpenAI API.
+
+* admission: a cap on sequences in flight in this process (503 beyond it: back-pressure);
+* index mapping: every output dict gets its position (prompt-major, then n);
+* metrics: TTFT / ITL / E2E per sequence (the runtime is asked to stream internally when metrics
+  are on, so non-streaming requests are timed too);
+* abort: the TokenizerManager generator is always closed, which aborts unfinished requests
+  (client disconnects arrive here as task cancellation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.runtime.generate_request import GenerateRequest
+from radixlm.runtime.server.errors import ApiError
+from radixlm.runtime.server.metrics import SequenceTimer, ServerMetrics
+from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.tokenizer_manager import SchedulerDiedError, TokenizerManager
+
+Update = list[tuple[int, dict[str, Any]]]
+
+
+class Admission:
+    """Counts sequences (prompts x n) accepted and not finished; refuses beyond `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+
+    def acquire(self, k: int) -> None:
+        if self.inflight + k > self.limit:
+            raise ApiError(503, f"the server is at capacity ({self.inflight} of {self.limit} sequences in flight, "
+                                f"this request needs {k}); retry later", headers={"Retry-After": "1"})
+        self.inflight += k
+
+    def release(self, k: int) -> None:
+        self.inflight = max(self.inflight - k, 0)
+
+
+@dataclass
+class ServerContext:
+    args: ServerArgs
+    tm: TokenizerManager
+    model_name: str
+    admission: Admission
+    metrics: ServerMetrics | None = None
+    chat: Any = None  # chat.ChatTemplate
+    created: int = field(default_factory=lambda: int(time.time()))
+    shutting_down: bool = False
+    _grammar_available: bool | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tm.info.vocab_size
+
+    @property
+    def context_len(self) -> int:
+        return self.tm.info.context_len
+
+    def check_alive(self) -> None:
+        if self.tm.dead:
+            raise ApiError(503, self.tm.dead)
+        if self.shutting_down:
+            raise ApiError(503, "the server is shutting down")
+
+    def check_constraints(self, req: GenerateRequest, param: str | None = None) -> None:
+        """A clear 400 when constrained decoding is requested but this build has no grammar runtime
+        (the scheduler would otherwise fail on it)."""
+        kinds = [item.params.constraint[0] for item in req.items if item.params.constraint is not None]
+        if not kinds:
+            return
+        if self._grammar_available is None or not self._grammar_available:
+            self._grammar_available = importlib.util.find_spec("radixlm.runtime.grammar_runtime") is not None
+        if not self._grammar_available:
+            raise ApiError(400, f"{param or kinds[0]}: constrained decoding (regex / json_schema / ebnf) is not "
+                                "available in this build of radixlm", param or kinds[0])
+
+
+def sequence_count(req: GenerateRequest) -> int:
+    return sum(item.params.n for item in req.items)
+
+
+def output_indices(req: GenerateRequest) -> dict[str, int]:
+    """rid of each output -> its index, in the TokenizerManager's order (prompt-major, then n)."""
+    indices: dict[str, int] = {}
+    for item in req.items:
+        n = item.params.n
+        for rid in ([item.rid] if n == 1 else [f"{item.rid}-{j}" for j in range(n)]):
+            indices[rid] = len(indices)
+    return indices
+
+
+async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = True,
+                   timed: bool = True) -> AsyncIterator[Update]:
+    """Yields lists of (index, output) as the runtime reports them; the last one for each index is
+    final. Use it inside `contextlib.aclosing` so an early exit aborts the requests at once."""
+    ctx.check_alive()
+    k = sequence_count(req)
+    if admit:
+        ctx.admission.acquire(k)
+    try:
+        metrics = ctx.metrics if timed else None
+        internal = req if req.stream or metrics is None else dataclasses.replace(req, stream=True)
+        indices = output_indices(req)
+        start = time.monotonic()
+        timers = [SequenceTimer(metrics, start) for _ in range(k)]
+        try:
+            async with aclosing(ctx.tm.generate(internal)) as outputs:
+                async for chunk in outputs:
+                    update = []
+                    for out in chunk:
+                        i = indices[out["meta_info"]["id"]]
+                        timers[i].update(out)
+                        update.append((i, out))
+                    yield update
+        except SchedulerDiedError as exc:
+            raise ApiError(503, str(exc)) from None
+    finally:
+        if admit:
+            ctx.admission.release(k)
+
+
+def raise_for_error(out: dict[str, Any]) -> None:
+    """A result the scheduler failed with a status (e.g. 400: a grammar that does not compile)."""
+    status = out.get("error_status")
+    if status:
+        reason = out["meta_info"].get("finish_reason") or {}
+        raise ApiError(int(status), str(reason.get("message") or "request failed"))
+
+
+async def collect(ctx: ServerContext, req: GenerateRequest, **kw: Any) -> list[dict[str, Any]]:
+    """Run to completion; the final output of every sequence, by index."""
+    final: dict[int, dict[str, Any]] = {}
+    async with aclosing(generate(ctx, req, **kw)) as updates:
+        async for update in updates:
+            for i, out in update:
+                final[i] = out
+    outs = [final[i] for i in sorted(final)]
+    for out in outs:
+        raise_for_error(out)
+    return outs
+
+
+def strip_internal(out: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in out.items() if k != "error_status"}

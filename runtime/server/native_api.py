@@ -1,0 +1,242 @@
+"""SGLang's native HTTP API: /generate, model/server info, health, cache and abort control, metrics."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import uuid
+from contextlib import aclosing
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from aiohttp import web
+
+from radixlm.runtime.generate_request import parse_generate_request
+from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.server.errors import ApiError, json_response
+from radixlm.runtime.server.generation import ServerContext, collect, generate, raise_for_error, strip_internal
+from radixlm.runtime.server.sse import ClientGone, EventStream
+
+logger = logging.getLogger(__name__)
+
+CTX = web.AppKey("radixlm_ctx", ServerContext)
+HEALTH_TIMEOUT_S = 20.0
+FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. "
+           "(When there are running or waiting requests, the operation will not be performed.)\n")
+
+
+def radixlm_version() -> str:
+    try:
+        return version("radixlm")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The body as a JSON object, or a 400/413 naming what is wrong."""
+    limit = request.app[CTX].args.max_request_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"the request body has {request.content_length} bytes; the limit is {limit}", "body")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"the request body is larger than the limit of {limit} bytes", "body") from None
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise ApiError(400, "body: empty; expected a JSON object", "body")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"body: malformed JSON ({exc})", "body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: must be a JSON object", "body")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# ------------------------------------------------------------------------------------ /generate
+async def generate_handler(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    body = await read_json(request)
+    try:
+        req = parse_generate_request(body, ctx.vocab_size)
+    except InvalidRequestError as exc:
+        raise ApiError.from_invalid(exc) from None
+    ctx.check_constraints(req)
+    many = req.is_batch or sum(item.params.n for item in req.items) > 1
+    try:
+        if not req.stream:
+            outs = [strip_internal(o) for o in await collect(ctx, req)]
+            return json_response(outs if many else outs[0])
+        return await _stream(request, ctx, req, many)
+    except InvalidRequestError as exc:  # raised while submitting: prompt too long, rid in use, ...
+        raise ApiError.from_invalid(exc) from None
+
+
+async def _stream(request: web.Request, ctx: ServerContext, req: Any, many: bool) -> web.StreamResponse:
+    sse = EventStream(request)
+    async with aclosing(generate(ctx, req)) as updates:
+        # The first update comes before the headers, so that a failure up to then is a plain HTTP error.
+        first = await anext(updates, [])
+        for _, out in first:
+            raise_for_error(out)
+        try:
+            update = first
+            while True:
+                for i, out in update:
+                    if out.get("error_status"):
+                        reason = out["meta_info"].get("finish_reason") or {}
+                        await sse.send_error(int(out["error_status"]), str(reason.get("message", "request failed")))
+                        continue
+                    event = dict(out)
+                    if many:
+                        event["index"] = i
+                    await sse.send(event)
+                update = await anext(updates, None)
+                if update is None:
+                    break
+        except ClientGone:
+            return sse.response  # leaving the `async with` aborts the request and frees its KV
+        except ApiError as exc:
+            await sse.send_error(exc.status, exc.message, exc.param)
+        except Exception as exc:  # noqa: BLE001 - report in-stream, the headers are gone
+            logger.exception("error while streaming")
+            await sse.send_error(500, f"internal error: {exc}")
+    return await sse.done()
+
+
+# ------------------------------------------------------------------------------------ info
+async def model_info(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    info = ctx.tm.info
+    return json_response({
+        "model_path": ctx.args.model_path or str(ctx.tm.model_dir),
+        "tokenizer_path": ctx.args.tokenizer_path or str(ctx.tm.model_dir),
+        "is_generation": True,
+        "preferred_sampling_params": None,
+        "weight_version": "default",
+        "served_model_name": ctx.model_name,
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+        "architectures": [info.architecture],
+        "context_length": info.context_len,
+    })
+
+
+async def server_info(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    ctx.check_alive()
+    try:
+        sched = (await ctx.tm.control("get_info", timeout=10.0)).payload
+    except asyncio.TimeoutError:
+        raise ApiError(503, "the scheduler did not answer get_info within 10 s") from None
+    args = dataclasses.asdict(ctx.args)
+    extra = args.pop("extra", {}) or {}
+    args.update(extra)
+    if args.get("api_key"):
+        args["api_key"] = "<set>"
+    info = ctx.tm.info
+    out: dict[str, Any] = {
+        **args,
+        "model_path": ctx.args.model_path or str(ctx.tm.model_dir),
+        "served_model_name": ctx.model_name,
+        "context_length": info.context_len,
+        "max_running_requests": info.max_running_requests,
+        "device": info.device,
+        "dtype": info.dtype,
+        "vocab_size": info.vocab_size,
+        **sched,
+        "http_inflight_sequences": ctx.admission.inflight,
+        "http_max_inflight_sequences": ctx.admission.limit,
+    }
+    out["internal_states"] = [{
+        "last_gen_throughput": sched.get("last_gen_throughput", 0.0),
+        "avg_spec_accept_length": None,
+        "num_running_reqs": sched.get("num_running_reqs", 0),
+        "num_waiting_reqs": sched.get("num_waiting_reqs", 0),
+    }]
+    out["version"] = radixlm_version()
+    return json_response(out)
+
+
+# ------------------------------------------------------------------------------------ health
+async def health(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    if ctx.tm.dead or ctx.shutting_down:
+        return web.Response(status=503, text=ctx.tm.dead or "shutting down")
+    return web.Response(status=200)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    """A 1-token generation through the scheduler; 200 if it answers within the timeout."""
+    ctx = request.app[CTX]
+    if ctx.tm.dead or ctx.shutting_down:
+        return web.Response(status=503, text=ctx.tm.dead or "shutting down")
+    req = parse_generate_request({"input_ids": [0], "rid": f"HEALTH_CHECK_{uuid.uuid4().hex}",
+                                  "sampling_params": {"max_new_tokens": 1, "temperature": 0}}, ctx.vocab_size)
+    try:
+        await asyncio.wait_for(collect(ctx, req, admit=False, timed=False), HEALTH_TIMEOUT_S)
+    except (asyncio.TimeoutError, ApiError) as exc:
+        return web.Response(status=503, text=f"health check failed: {str(exc) or 'timeout'}")
+    return web.Response(status=200)
+
+
+# ------------------------------------------------------------------------------------ control
+async def flush_cache(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    ctx.check_alive()
+    resp = await ctx.tm.control("flush_cache", timeout=30.0)
+    if resp.ok:
+        return web.Response(status=200, text=FLUSHED)
+    return web.Response(status=400, text=str(resp.payload.get("message", "Cache not flushed")) + "\n")
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    body = await read_json(request, allow_empty=True)
+    rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
+    if not isinstance(rid, str):
+        raise ApiError.bad_request("rid", "must be a string")
+    if not isinstance(abort_all, bool):
+        raise ApiError.bad_request("abort_all", "must be a boolean")
+    unknown = set(body) - {"rid", "abort_all", "finished_reason", "abort_message"}
+    if unknown:
+        raise ApiError.bad_request(sorted(unknown)[0], "unknown field")
+    if not rid and not abort_all:
+        raise ApiError.bad_request("rid", "give a request id, or abort_all: true")
+    aborted = ctx.tm.abort_request(None if abort_all else rid, "aborted by /abort_request")
+    return json_response({"success": True, "aborted": aborted})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    assert ctx.metrics is not None
+    if not ctx.tm.dead:
+        try:
+            info = (await ctx.tm.control("get_info", timeout=5.0)).payload
+            ctx.metrics.update_from_scheduler(info, ctx.admission.inflight)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - serve the counters anyway
+            logger.warning("metrics: scheduler info unavailable")
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": ctx.metrics.content_type})
+
+
+def add_routes(app: web.Application, enable_metrics: bool) -> None:
+    r = app.router
+    r.add_post("/generate", generate_handler)
+    r.add_put("/generate", generate_handler)
+    for path in ("/get_model_info", "/model_info"):
+        r.add_get(path, model_info)
+    for path in ("/get_server_info", "/server_info"):
+        r.add_get(path, server_info)
+    r.add_get("/health", health)
+    r.add_get("/health_generate", health_generate)
+    r.add_get("/flush_cache", flush_cache)
+    r.add_post("/flush_cache", flush_cache)
+    r.add_post("/abort_request", abort_request)
+    if enable_metrics:
+        r.add_get("/metrics", metrics)

@@ -1,0 +1,245 @@
+"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (plain and SSE)."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.server.errors import ApiError, json_response
+from radixlm.runtime.server.generation import ServerContext, collect, generate, raise_for_error
+from radixlm.runtime.server.native_api import CTX, read_json
+from radixlm.runtime.server.openai_protocol import OpenAIRequest, parse_chat, parse_completion
+from radixlm.runtime.server.sse import ClientGone, EventStream
+
+logger = logging.getLogger(__name__)
+_RENAME = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "text": "prompt"}
+
+
+# ------------------------------------------------------------------------------------ models
+def _model_card(ctx: ServerContext) -> dict[str, Any]:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "radixlm",
+            "root": ctx.args.model_path or str(ctx.tm.model_dir), "max_model_len": ctx.context_len}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [_model_card(request.app[CTX])]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    name = request.match_info["model"]
+    if name != ctx.model_name:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {ctx.model_name!r}", "model")
+    return json_response(_model_card(ctx))
+
+
+# ------------------------------------------------------------------------------------ pieces
+def _finish(out: dict[str, Any]) -> tuple[str | None, Any]:
+    reason = out["meta_info"].get("finish_reason")
+    if not reason:
+        return None, None
+    kind = reason.get("type")
+    return (kind if kind in ("stop", "length", "abort") else "stop"), reason.get("matched")
+
+
+def _usage(req: OpenAIRequest, outs: list[dict[str, Any]]) -> dict[str, Any]:
+    firsts = outs[:: req.n]  # the prompt counts once for its n samples
+    prompt = sum(o["meta_info"]["prompt_tokens"] for o in firsts)
+    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    cached = sum(o["meta_info"].get("cached_tokens", 0) for o in firsts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _completion_logprobs(entries: list, tops: list | None, offset: int) -> dict[str, Any]:
+    tokens, lps, top_out, offsets = [], [], [], []
+    for j, (lp, _tid, text) in enumerate(entries):
+        text = text or ""
+        tokens.append(text)
+        lps.append(lp)
+        offsets.append(offset)
+        offset += len(text)
+        top = tops[j] if tops is not None and j < len(tops) else None
+        top_out.append(None if top is None else {t or "": v for v, _i, t in top})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out if tops is not None else None,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(entries: list, tops: list | None) -> dict[str, Any]:
+    content = []
+    for j, (lp, _tid, text) in enumerate(entries):
+        text = text or ""
+        top = tops[j] if tops is not None and j < len(tops) else None
+        content.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
+                        "top_logprobs": [{"token": t or "", "logprob": v, "bytes": list((t or "").encode("utf-8"))}
+                                         for v, _i, t in (top or [])]})
+    return {"content": content}
+
+
+class _Choice:
+    """What one sequence has emitted so far (for stream deltas)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.n_logprobs = 0
+        self.n_input_logprobs = 0
+        self.started = False
+        self.finished = False
+
+
+def _logprob_delta(req: OpenAIRequest, st: _Choice, meta: dict[str, Any]) -> dict[str, Any] | None:
+    if not req.logprobs:
+        return None
+    out_lp = meta.get("output_token_logprobs") or []
+    out_top = meta.get("output_top_logprobs") if req.top_logprobs > 0 else None
+    new, new_top = out_lp[st.n_logprobs:], (out_top[st.n_logprobs:] if out_top is not None else None)
+    offset = len(st.text)
+    if req.kind == "completion" and req.echo and not st.started:
+        inp = meta.get("input_token_logprobs") or []
+        inp_top = meta.get("input_top_logprobs") if req.top_logprobs > 0 else None
+        new, new_top = inp + new, ((inp_top or []) + (new_top or []) if new_top is not None else None)
+        offset = 0
+    st.n_logprobs = len(out_lp)
+    if req.kind == "chat":
+        return _chat_logprobs(new, new_top)
+    return _completion_logprobs(new, new_top if req.top_logprobs > 0 else ([None] * len(new)), offset)
+
+
+# ------------------------------------------------------------------------------------ handlers
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    body = await read_json(request)
+    return await _serve(request, ctx, parse_completion(ctx, body))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    body = await read_json(request)
+    return await _serve(request, ctx, parse_chat(ctx, body))
+
+
+async def _serve(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -> web.StreamResponse:
+    ctx.check_constraints(req.generate, "response_format" if req.kind == "chat" else None)
+    try:
+        if req.stream:
+            return await _stream(request, ctx, req)
+        outs = await collect(ctx, req.generate)
+    except InvalidRequestError as exc:
+        raise ApiError.from_invalid(exc, _RENAME) from None
+    return json_response(_full_response(req, outs))
+
+
+def _full_response(req: OpenAIRequest, outs: list[dict[str, Any]]) -> dict[str, Any]:
+    choices = []
+    for i, out in enumerate(outs):
+        reason, matched = _finish(out)
+        st = _Choice()
+        lp = _logprob_delta(req, st, out["meta_info"])
+        if req.kind == "chat":
+            choices.append({"index": i, "message": {"role": "assistant", "content": out["text"],
+                                                    "reasoning_content": None, "tool_calls": None},
+                            "logprobs": lp, "finish_reason": reason, "matched_stop": matched})
+        else:
+            text = (req.prompts[i // req.n] + out["text"]) if req.echo else out["text"]
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason,
+                            "matched_stop": matched})
+    return {"id": req.rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": req.model, "choices": choices, "usage": _usage(req, outs)}
+
+
+async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -> web.StreamResponse:
+    chat = req.kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    created = int(time.time())
+    states: dict[int, _Choice] = {}
+    finals: dict[int, dict[str, Any]] = {}
+    sse = EventStream(request)
+
+    def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"id": req.rid, "object": obj, "created": created, "model": req.model, "choices": [choice],
+                "usage": usage}
+
+    async def emit(i: int, out: dict[str, Any]) -> None:
+        st = states.setdefault(i, _Choice())
+        if st.finished:
+            return
+        meta = out["meta_info"]
+        reason, matched = _finish(out)
+        text = out["text"]
+        delta = text[len(st.text):] if text.startswith(st.text) else text[len(_common_prefix(st.text, text)):]
+        if req.echo and not st.started:
+            delta = req.prompts[i // req.n] + delta
+        lp = _logprob_delta(req, st, meta)
+        usage = None
+        if req.continuous_usage:
+            usage = {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
+                     "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]}
+        if chat and not st.started:
+            await sse.send(chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}, usage))
+        st.started = True
+        st.text = text
+        if delta or lp is not None and (lp.get("content") or lp.get("tokens")):
+            if chat:
+                piece = {"index": i, "delta": {"content": delta}, "logprobs": lp, "finish_reason": None}
+            else:
+                piece = {"index": i, "text": delta, "logprobs": lp, "finish_reason": None}
+            if reason is not None and not chat:
+                piece.update(finish_reason=reason, matched_stop=matched)
+                st.finished = True
+            await sse.send(chunk(piece, usage))
+        if reason is not None and not st.finished:
+            st.finished = True
+            piece = {"index": i, "delta": {}, "logprobs": None} if chat else {"index": i, "text": "", "logprobs": None}
+            piece.update(finish_reason=reason, matched_stop=matched)
+            await sse.send(chunk(piece, usage))
+
+    async with aclosing(generate(ctx, req.generate)) as updates:
+        first = await anext(updates, [])  # failures up to the first token are plain HTTP errors
+        for _, out in first:
+            raise_for_error(out)
+        try:
+            update = first
+            while update is not None:
+                for i, out in update:
+                    if out.get("error_status"):
+                        reason = out["meta_info"].get("finish_reason") or {}
+                        await sse.send_error(int(out["error_status"]), str(reason.get("message", "request failed")))
+                        states.setdefault(i, _Choice()).finished = True
+                        continue
+                    finals[i] = out
+                    await emit(i, out)
+                update = await anext(updates, None)
+            if req.include_usage and finals:
+                outs = [finals[i] for i in sorted(finals)]
+                await sse.send({"id": req.rid, "object": obj, "created": created, "model": req.model,
+                                "choices": [], "usage": _usage(req, outs)})
+        except ClientGone:
+            return sse.response  # leaving the `async with` aborts the request and frees its KV
+        except ApiError as exc:
+            await sse.send_error(exc.status, exc.message, exc.param)
+        except Exception as exc:  # noqa: BLE001 - the headers are gone: report in-stream
+            logger.exception("error while streaming")
+            await sse.send_error(500, f"internal error: {exc}")
+    return await sse.done()
+
+
+def _common_prefix(a: str, b: str) -> str:
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return a[:k]
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/models", list_models)
+    r.add_get("/v1/models/{model:.+}", get_model)
+    r.add_post("/v1/completions", completions)
+    r.add_post("/v1/chat/completions", chat_completions)
