@@ -1,44 +1,52 @@
-"""Attention backends over the token-level KV pool: store the new K/V, then extend or decode."""
-from __future__ import annotations
+"""Paged attention over the token-level KV pool: store the new K/V, then extend or decode.
 
-from typing import Protocol
+One backend class for every device: the kernels bundle decides whether that is the torch
+reference (CPU) or the Triton kernels (GPU). Metadata is built once per forward pass.
+"""
+from __future__ import annotations
 
 import torch
 
-from radixlm.kernels.attention_ref import decode_attention_ref, extend_attention_ref
+from radixlm.kernels import AttentionMetadata, KernelOps
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
 
 
-class AttentionBackend(Protocol):
+class PagedAttentionBackend:
+    def __init__(self, ops: KernelOps, req_to_token_pool: ReqToTokenPool, kv_pool: TokenToKVPool, sm_scale: float) -> None:
+        self.ops = ops
+        self.req_to_token = req_to_token_pool.req_to_token
+        self.kv_pool = kv_pool
+        self.sm_scale = sm_scale
+        self.meta: AttentionMetadata | None = None
+
+    def begin_forward(self, batch: ForwardBatch) -> None:
+        if batch.mode is ForwardMode.DECODE:
+            self.meta = AttentionMetadata.for_decode(
+                self.req_to_token, batch.req_pool_indices, batch.seq_lens, max_seq_len=batch.max_seq_len
+            )
+            return
+        self.meta = AttentionMetadata(
+            req_to_token=self.req_to_token,
+            req_pool_indices=batch.req_pool_indices,
+            seq_lens=batch.seq_lens,
+            extend_seq_lens=batch.extend_seq_lens,
+            extend_start_loc=batch.extend_start_loc,
+            max_extend_len=batch.max_extend_len,
+            req_pool_indices_host=tuple(batch.req_pool_indices_cpu),
+            seq_lens_host=tuple(batch.seq_lens_cpu),
+            extend_seq_lens_host=tuple(batch.extend_seq_lens_cpu),
+            max_seq_len=batch.max_seq_len,
+        )
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch
     ) -> torch.Tensor:
         """q [T,Hq,D], k/v [T,Hkv,D] of the new tokens -> attention output [T,Hq,D]."""
-        ...
-
-
-class TorchAttentionBackend:
-    """Reference backend: runs anywhere torch runs (the CPU path)."""
-
-    def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: TokenToKVPool, sm_scale: float) -> None:
-        self.req_to_token = req_to_token_pool.req_to_token
-        self.kv_pool = kv_pool
-        self.sm_scale = sm_scale
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch
-    ) -> torch.Tensor:
+        assert self.meta is not None, "begin_forward() must run before the layers"
         k_buf = self.kv_pool.k_buffer[layer_id]
         v_buf = self.kv_pool.v_buffer[layer_id]
-        k_buf[batch.out_cache_loc] = k.to(k_buf.dtype)
-        v_buf[batch.out_cache_loc] = v.to(v_buf.dtype)
+        self.ops.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         if batch.mode is ForwardMode.DECODE:
-            return decode_attention_ref(
-                q, k_buf, v_buf, self.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                self.sm_scale, max_seq_len=batch.max_seq_len,
-            )
-        return extend_attention_ref(
-            q, k_buf, v_buf, self.req_to_token, batch.req_pool_indices_cpu, batch.seq_lens_cpu,
-            batch.extend_seq_lens_cpu, self.sm_scale,
-        )
+            return self.ops.decode_attention(q, k_buf, v_buf, self.meta, self.sm_scale)
+        return self.ops.extend_attention(q, k_buf, v_buf, self.meta, self.sm_scale)

@@ -20,6 +20,8 @@ class IncrementalDetokenizer:
         self._read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # --skip-tokenizer-init
+            return ""
         try:
             return self.tokenizer.decode(ids, **self.kwargs)
         except TypeError:  # tokenizers without spaces_between_special_tokens

@@ -10,13 +10,20 @@ import torch
 
 
 class ReqToTokenPool:
-    """Maps (request row, token position) -> KV slot index."""
+    """Maps (request row, token position) -> KV slot index.
+
+    Row 0 is never handed out: it stays all zeros (the scratch slot), so padded batch entries
+    (CUDA-graph buckets) can point at it.
+    """
+
+    pad_row = 0
 
     def __init__(self, max_reqs: int, max_context_len: int, device: torch.device | str) -> None:
         self.size = max_reqs
+        self.capacity = max_reqs - 1
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int32, device=device)
-        self._free_rows: list[int] = list(range(max_reqs))
+        self._free_rows: list[int] = list(range(max_reqs - 1, 0, -1))
 
     def available(self) -> int:
         return len(self._free_rows)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from radixlm.runtime.attention import AttentionBackend, TorchAttentionBackend
+from radixlm.kernels import get_kernel_ops
+from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
 from radixlm.runtime.model_config import ModelConfig, resolve_dtype
-from radixlm.runtime.models.llama import MODEL_CLASSES, LlamaForCausalLM
+from radixlm.runtime.models.llama import MODEL_CLASSES, LlamaForCausalLM, rope_cos_sin_cache
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.weight_loader import init_dummy_weights, iter_safetensors
 
@@ -53,7 +54,12 @@ class ModelRunner:
         self.kv_pool = TokenToKVPool(
             self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
         )
-        self.attn_backend: AttentionBackend = self._make_attention_backend()
+        self.attn_backend = self._make_attention_backend()
+        self.graph_runner = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph and self.model.ops.name == "triton":
+            from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
+
+            self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs, self.max_running_requests), self.req_to_token_pool.pad_row)
         logger.info(
             "model %s on %s (%s): KV pool %d tokens, %d running requests max, context %d",
             mc.architecture, self.device, self.dtype, self.max_total_tokens, self.max_running_requests, self.context_len,
@@ -61,10 +67,10 @@ class ModelRunner:
 
     def _load_model(self, model_dir: Path) -> LlamaForCausalLM:
         cls = MODEL_CLASSES[self.model_config.architecture]
-        with torch.device(self.device):
+        with torch.device("meta"):  # no host-side init of weights that are overwritten anyway
             model = cls(self.model_config, self.context_len + 8)
-        model.to(self.dtype)
-        model.cos_sin_cache = model.cos_sin_cache.float()  # angles stay in float32
+        model = model.to(self.dtype).to_empty(device=self.device)
+        model.cos_sin_cache = rope_cos_sin_cache(self.model_config, self.context_len + 8).to(self.device)
         if self.args.load_format == "dummy":
             init_dummy_weights(model, self.args.random_seed)
         else:
@@ -87,20 +93,19 @@ class ModelRunner:
         budget = _available_ram_bytes() * 0.25
         return int(max(min(budget // per_token, _CPU_MAX_TOTAL_TOKENS), 1024))
 
-    def _make_attention_backend(self) -> AttentionBackend:
-        head_dim = self.model_config.head_dim
-        sm_scale = head_dim**-0.5
+    def _make_attention_backend(self) -> PagedAttentionBackend:
         name = self.args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
-        if name == "triton":
-            from radixlm.runtime.triton_backend import TritonAttentionBackend
-
-            return TritonAttentionBackend(self.req_to_token_pool, self.kv_pool, sm_scale)
-        if name != "torch":
+        if name not in ("torch", "triton"):
             raise ValueError(f"attention_backend: {name!r} is not one of torch, triton")
-        return TorchAttentionBackend(self.req_to_token_pool, self.kv_pool, sm_scale)
+        ops = get_kernel_ops(name == "triton")
+        self.model.ops = ops
+        return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, self.model_config.head_dim**-0.5)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [len(batch.logits_indices), vocab] in float32."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
+        self.attn_backend.begin_forward(batch)
         hidden = self.model(batch, self.attn_backend)
         return self.model.compute_logits(hidden)

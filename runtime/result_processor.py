@@ -104,7 +104,8 @@ class ResultProcessor:
     def _sample_and_advance(self, batch: ScheduledBatch, items: list[tuple[Req, int]], logits: torch.Tensor) -> None:
         sched = self.sched
         reqs = [r for r, _ in items]
-        rows_logits = logits[[row for _, row in items]]
+        rows = [row for _, row in items]
+        rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
         sample_rows = [
             SampleRow(
                 params=r.params, seed=r.seed, step=len(r.output_ids), output_ids=r.output_ids,
@@ -114,14 +115,18 @@ class ResultProcessor:
             )
             for r in reqs
         ]
-        sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
-        adjusted = rows_logits
-        if any(r.params.has_penalties or r.params.logit_bias or sr.banned_ids for r, sr in zip(reqs, sample_rows)):
-            adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch)
-        vocab_mask = None
-        if any(r.grammar is not None for r in reqs):
-            vocab_mask = self._grammar_runtime().vocab_mask(reqs, rows_logits.shape[1], rows_logits.device)
-        next_ids = sample(adjusted, sbatch, vocab_mask)
+        needs_adjust = any(r.params.has_penalties or r.params.logit_bias or sr.banned_ids
+                           for r, sr in zip(reqs, sample_rows))
+        constrained = any(r.grammar is not None for r in reqs)
+        if not needs_adjust and not constrained and all(r.params.is_greedy for r in reqs):
+            next_ids = rows_logits.argmax(dim=-1)  # the common greedy case: no per-row tensors to build
+        else:
+            sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
+            adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
+            vocab_mask = None
+            if constrained:
+                vocab_mask = self._grammar_runtime().vocab_mask(reqs, rows_logits.shape[1], rows_logits.device)
+            next_ids = sample(adjusted, sbatch, vocab_mask)
         want_lp = [i for i, r in enumerate(reqs) if r.return_logprob]
         lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]] = {}
         if want_lp:

@@ -52,7 +52,8 @@ class TokenizerManager:
 
         self.args = args
         self.model_dir = resolve_model_path(args.model_path)
-        self.tokenizer: Any = load_tokenizer(args.tokenizer_path or self.model_dir)
+        # --skip-tokenizer-init: clients send input_ids and read output_ids (random-weight benchmarks).
+        self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or self.model_dir)
         ctx = mp.get_context("spawn")
         to_sched_r, self._to_sched = ctx.Pipe(duplex=False)
         self._from_sched, from_sched_w = ctx.Pipe(duplex=False)
@@ -94,9 +95,15 @@ class TokenizerManager:
             try:
                 msg = self._from_sched.recv()
             except (EOFError, OSError):
-                self.loop.call_soon_threadsafe(self._on_scheduler_death)
+                try:
+                    self.loop.call_soon_threadsafe(self._on_scheduler_death)
+                except RuntimeError:  # the event loop is already closed: we are shutting down
+                    pass
                 return
-            self.loop.call_soon_threadsafe(self._dispatch, msg)
+            try:
+                self.loop.call_soon_threadsafe(self._dispatch, msg)
+            except RuntimeError:
+                return
 
     def _send(self, msg: object) -> None:
         if self.dead:
@@ -147,6 +154,8 @@ class TokenizerManager:
         if item.input_ids is not None:
             return list(item.input_ids)
         assert item.text is not None
+        if self.tokenizer is None:
+            raise InvalidRequestError("text", "this server runs with --skip-tokenizer-init; send input_ids")
         return self.tokenizer.encode(item.text, add_special_tokens=False)
 
     def validate_length(self, prompt_ids: list[int], item: GenerateItem) -> None:
@@ -284,7 +293,7 @@ class TokenizerManager:
 
     def _logprob_meta(self, s: ReqState, meta: dict[str, Any]) -> None:
         with_text = s.item.return_text_in_logprobs
-        dec = self.tokenizer.decode if with_text else None
+        dec = self.tokenizer.decode if with_text and self.tokenizer is not None else None
 
         def triple(lp: float | None, tid: int) -> list:
             return [lp, tid, dec([tid]) if dec else None]

@@ -20,11 +20,12 @@ def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights for `--load-format dummy`: speed does not depend on values."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen: torch.Generator | None = None
     for name, p in model.named_parameters():
+        if gen is None:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
             continue
         std = 1.0 / max(p.shape[-1], 1) ** 0.5
-        cpu = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
-        p.data.copy_(cpu.to(p.dtype))
+        p.data.normal_(0.0, std, generator=gen)  # on the parameter's own device: fast for 8B models

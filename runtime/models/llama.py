@@ -10,19 +10,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from radixlm.kernels.ops_ref import fused_add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
-from radixlm.runtime.attention import AttentionBackend
+from radixlm.kernels import KernelOps, get_kernel_ops
+from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
-
-
-class TorchOps:
-    """The elementwise ops the decoder calls; the GPU path swaps in fused kernels."""
-
-    rms_norm = staticmethod(rms_norm_ref)
-    fused_add_rms_norm = staticmethod(fused_add_rms_norm_ref)
-    silu_and_mul = staticmethod(silu_and_mul_ref)
-    rotary = staticmethod(rotary_ref)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -70,8 +61,8 @@ class LlamaAttention(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(
-        self, hidden: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
-        cos_sin: torch.Tensor, ops: type[TorchOps],
+        self, hidden: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend,
+        cos_sin: torch.Tensor, ops: KernelOps,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -92,7 +83,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ops: type[TorchOps]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -115,10 +106,10 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNormWeight(cfg.hidden_size)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_positions), persistent=False)
-        self.ops: type[TorchOps] = TorchOps
+        self.ops: KernelOps = get_kernel_ops(False)  # the runner swaps in Triton kernels on a GPU
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, attn: PagedAttentionBackend) -> torch.Tensor:
         """Hidden states (after the final norm) of the rows in `batch.logits_indices`."""
         ops = self.ops
         hidden = self.embed_tokens(batch.input_ids)

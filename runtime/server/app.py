@@ -164,4 +164,6 @@ async def _serve(ctx: ServerContext) -> int:
             loop.remove_signal_handler(sig)
         await runner.cleanup()  # closes connections; in-flight handlers are cancelled, which aborts their requests
         await asyncio.sleep(0)  # let the aborts reach the scheduler before it is asked to stop
+        await loop.run_in_executor(None, tm.shutdown)  # while the loop still runs the receiver's callbacks
+        await asyncio.sleep(0.05)
     return exit_code

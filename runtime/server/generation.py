@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixlm.runtime.generate_request import GenerateRequest
+from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.metrics import SequenceTimer, ServerMetrics
 from radixlm.runtime.server_args import ServerArgs
@@ -121,6 +122,12 @@ async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = Tr
                     yield update
         except SchedulerDiedError as exc:
             raise ApiError(503, str(exc)) from None
+        except InvalidRequestError:
+            timers = []  # refused before it ran: not an abort
+            raise
+        finally:
+            for timer in timers:
+                timer.cancel()
     finally:
         if admit:
             ctx.admission.release(k)

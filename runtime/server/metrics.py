@@ -107,3 +107,9 @@ class SequenceTimer:
             m.cached_tokens.inc(int(meta.get("cached_tokens", 0)))
             if reason.get("type") == "abort":
                 m.num_aborted.inc()
+
+    def cancel(self) -> None:
+        """The sequence ended without a final output (client gone, server error): count it as aborted."""
+        if self.metrics is not None and not self.done:
+            self.done = True
+            self.metrics.num_aborted.inc()

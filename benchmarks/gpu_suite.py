@@ -1,0 +1,229 @@
+"""The H200 suite (issue: GPU fast path), one command, one table, one JSON:
+
+  check  engine (Triton kernels + CUDA graphs) vs transformers on the same random weights, GPU
+  (a)    batch-1 decode tok/s of a Llama-3.1-8B-shaped model vs the bandwidth floor, and transformers
+  (c)    TTFT of one 1,024-token prompt on an idle engine
+  (d)    prefill tok/s for 4 x 2,048 tokens vs the measured bf16 matmul rate
+
+    python benchmarks/gpu_suite.py --out $OUT/gpu_suite.json
+Random bf16 weights (`--load-format dummy`) and random token ids: speed does not depend on values.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+}
+
+
+def measure_ceilings() -> dict[str, float]:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()  # 1 GiB, random
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(10):
+        ev[0].record(); y.copy_(x); ev[1].record(); torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
+    copy_bw = 2 * x.numel() / statistics.median(times)
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        ev[0].record(); a @ b; ev[1].record(); torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
+    flops = 2 * 8192**3 / statistics.median(times)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": copy_bw, "bf16_matmul_flops": flops}
+
+
+def model_dir_for(cfg: dict, root: Path, name: str) -> Path:
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def rand_ids(n: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
+
+
+def gen(engine, ids, new: int) -> float:
+    t = time.perf_counter()
+    out = engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": new, "ignore_eos": True})
+    dt = time.perf_counter() - t
+    outs = out if isinstance(out, list) else [out]
+    assert all(o["meta_info"]["completion_tokens"] == new for o in outs), outs[0]["meta_info"]
+    return dt
+
+
+def check_correctness(root: Path) -> dict:
+    """Small random Llama in float32 and bf16: engine on GPU (Triton + graphs) vs transformers."""
+    import radixlm
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+    d = root / "small"
+    hf.save_pretrained(str(d))
+    hf = hf.cuda().eval()
+    rng = random.Random(0)
+    prompts = [rand_ids(rng.randint(5, 700), 4096, rng) for _ in range(40)]
+    new = 24
+    refs = []
+    with torch.no_grad():
+        for p in prompts[:8]:
+            g = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            refs.append((g.sequences[0, len(p):].tolist(), [l[0].float() for l in g.logits]))
+    result: dict = {}
+    with radixlm.Engine(str(d), dtype="float32", skip_tokenizer_init=True, mem_fraction_static=0.3,
+                        chunked_prefill_size=512) as eng:
+        params = {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}
+        batch = eng.generate(input_ids=prompts, sampling_params=params)
+        alone = [eng.generate(input_ids=p, sampling_params=params) for p in prompts[:8]]
+        mismatches = 0
+        for (ref_ids, ref_logits), a, b in zip(refs, alone, batch[:8]):
+            for ours in (a["output_ids"], b["output_ids"]):
+                for i, (x, y) in enumerate(zip(ours, ref_ids)):
+                    if x != y:
+                        top2 = torch.log_softmax(ref_logits[i], -1).topk(2).values
+                        if (top2[0] - top2[1]).item() >= 1e-3:
+                            mismatches += 1
+                        break
+        result["float32_greedy_vs_transformers_mismatches"] = mismatches
+        result["batch_vs_alone_equal"] = all(a["output_ids"] == b["output_ids"] for a, b in zip(alone, batch[:8]))
+        info = eng.get_server_info()
+        result["kv_locked_after"] = info["kv_locked_tokens"]
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_engine_suite(model_dir: Path, vocab: int) -> dict:
+    import radixlm
+
+    rng = random.Random(1)
+    res: dict = {}
+    t = time.perf_counter()
+    with radixlm.Engine(str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+                        mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=256) as eng:
+        res["startup_s"] = time.perf_counter() - t
+        gen(eng, rand_ids(64, vocab, rng), 8)  # warm-up
+        # (a) batch-1 decode: extra time of 257 vs 1 new tokens
+        t1 = statistics.median(gen(eng, rand_ids(128, vocab, rng), 1) for _ in range(3))
+        tn = statistics.median(gen(eng, rand_ids(128, vocab, rng), 257) for _ in range(2))
+        res["a_decode_ms_per_step"] = (tn - t1) / 256 * 1000
+        res["a_decode_tok_s"] = 256 / (tn - t1)
+        # (c) TTFT of a 1,024-token prompt (fresh ids: no cache hit), whole Engine round trip
+        ttft = [gen(eng, rand_ids(1024, vocab, rng), 1) for _ in range(7)]
+        res["c_ttft_ms_p50"] = statistics.median(ttft) * 1000
+        res["c_ttft_ms_min"] = min(ttft) * 1000
+        # (d) prefill 4 x 2,048
+        times = [gen(eng, [rand_ids(2048, vocab, rng) for _ in range(4)], 1) for _ in range(3)]
+        res["d_prefill_s"] = statistics.median(times)
+        res["d_prefill_tok_s"] = 4 * 2048 / res["d_prefill_s"]
+    return res
+
+
+def transformers_decode(cfg: dict, vocab: int) -> dict:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    rng = random.Random(2)
+
+    def run(new: int) -> float:
+        ids = torch.tensor([rand_ids(128, vocab, rng)], device="cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(4)
+    t1 = statistics.median(run(1) for _ in range(3))
+    tn = run(65)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"decode_tok_s": 64 / (tn - t1), "decode_ms_per_step": (tn - t1) / 64 * 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gpu_suite.json")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    report["ceilings"] = ceil = measure_ceilings()
+    print("ceilings", ceil, flush=True)
+    if not args.skip_check:
+        report["check"] = check_correctness(root)
+        print("check", report["check"], flush=True)
+    cfg = LLAMA_8B
+    d = model_dir_for(cfg, root, "llama8b")
+    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    weight_bytes = 2 * (layers * per_layer + v * h)  # lm_head read every step; embedding table is not
+    flops_per_token = 2 * (layers * per_layer + v * h)
+    report["model"] = {"weight_bytes_per_step": weight_bytes, "flops_per_token": flops_per_token}
+    report["engine"] = eng = run_engine_suite(d, v)
+    print("engine", eng, flush=True)
+    if not args.skip_transformers:
+        report["transformers"] = tf = transformers_decode(cfg, v)
+        print("transformers", tf, flush=True)
+    floor_tok_s = ceil["copy_bytes_per_s"] / weight_bytes
+    prefill_flops = 4 * 2048 * flops_per_token
+    rows = [
+        ("(a) batch-1 decode tok/s", eng["a_decode_tok_s"], f"floor {floor_tok_s:.0f} tok/s ({eng['a_decode_tok_s'] / floor_tok_s:.0%})"),
+        ("(a) transformers batch-1 tok/s", report.get("transformers", {}).get("decode_tok_s", float("nan")),
+         f"radixlm/transformers {eng['a_decode_tok_s'] / report.get('transformers', {}).get('decode_tok_s', float('nan')):.1f}x"),
+        ("(c) TTFT 1,024 tokens ms (p50)", eng["c_ttft_ms_p50"], f"min {eng['c_ttft_ms_min']:.1f} ms; target <= 30"),
+        ("(d) prefill 4x2,048 tok/s", eng["d_prefill_tok_s"],
+         f"{prefill_flops / eng['d_prefill_s'] / 1e12:.0f} TFLOP/s = {prefill_flops / eng['d_prefill_s'] / ceil['bf16_matmul_flops']:.0%} of matmul rate"),
+    ]
+    report["table"] = [{"item": a, "value": b, "note": c} for a, b, c in rows]
+    print(f"\n{'item':<34}{'value':>12}  note")
+    for a, b, c in rows:
+        print(f"{a:<34}{b:>12.1f}  {c}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""CUDA-graph capture of the decode step for a set of batch-size buckets.
+
+A decode step of a small model is dozens of tiny kernels per layer; launching them one by one is
+CPU-bound. Each bucket's whole forward (embedding to logits) is captured once and replayed with
+the batch copied into static buffers; padded rows point at a reserved request row whose slots are
+the scratch slot 0.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixlm.kernels import AttentionMetadata
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from radixlm.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_buckets(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 12, 16, 24] + list(range(32, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s <= max_bs] or [1]
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: "ModelRunner", max_bs: int, pad_row: int) -> None:
+        self.runner = runner
+        self.buckets = batch_size_buckets(max_bs)
+        self.max_bs = self.buckets[-1]
+        self.pad_row = pad_row
+        dev = runner.device
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.req_pool_indices = torch.full((n,), pad_row, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.metas: dict[int, AttentionMetadata] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self._capture_all()
+
+    def _batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.input_ids[:bs], positions=self.positions[:bs], out_cache_loc=self.out_cache_loc[:bs],
+            req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
+            req_pool_indices_cpu=[self.pad_row] * bs, seq_lens_cpu=[1] * bs, extend_seq_lens_cpu=[1] * bs,
+            extend_seq_lens=self.seq_lens[:bs], extend_start_loc=self.logits_indices[:bs],
+            logits_indices=self.logits_indices[:bs],
+        )
+
+    def _run(self, bs: int) -> torch.Tensor:
+        model = self.runner.model
+        attn = self.runner.attn_backend
+        attn.meta = self.metas[bs]
+        return model.compute_logits(model(self._batch(bs), attn))
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        attn = self.runner.attn_backend
+        for bs in reversed(self.buckets):
+            self.metas[bs] = AttentionMetadata.for_decode(
+                attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs]
+            )
+            for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
+                self._run(bs)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bs] = self._run(bs)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
+
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+        bs = batch.batch_size
+        padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
+        self.input_ids[:bs].copy_(batch.input_ids)
+        self.positions[:bs].copy_(batch.positions)
+        self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
+        self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
+        self.seq_lens[:bs].copy_(batch.seq_lens)
+        if padded > bs:
+            self.input_ids[bs:padded].zero_()
+            self.positions[bs:padded].zero_()
+            self.out_cache_loc[bs:padded].zero_()
+            self.req_pool_indices[bs:padded].fill_(self.pad_row)
+            self.seq_lens[bs:padded].fill_(1)
+        self.graphs[padded].replay()
+        return self.outputs[padded][:bs]
