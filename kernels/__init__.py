@@ -1,0 +1,99 @@
+"""Compute kernels of the decoder: Triton on the GPU, torch references on the CPU.
+
+The model takes its ops from one `KernelOps` bundle so the backend is a single switch:
+
+    ops = get_kernel_ops(use_triton=triton_available())
+    h = ops.rms_norm(x, w, eps)
+    meta = AttentionMetadata.for_decode(req_to_token, req_pool_indices, seq_lens)
+    o = ops.decode_attention(q, k_buffer, v_buffer, meta, sm_scale)
+
+Triton modules are imported lazily: importing this package never imports triton, so
+TRITON_INTERPRET may be set afterwards and CPU-only installs work without it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from . import ops_ref
+from .api import AttentionMetadata, decode_attention_torch, extend_attention_torch
+
+
+class AttentionFn(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        meta: AttentionMetadata,
+        sm_scale: float,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The decoder's ops for one backend; elementwise ones have exactly the ops_ref signatures."""
+
+    name: str
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    fused_add_rms_norm: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+    ]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    rotary: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    ]
+    store_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    decode_attention: AttentionFn
+    extend_attention: AttentionFn
+
+
+def triton_available() -> bool:
+    """True when triton imports and can run: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        return True
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def get_kernel_ops(use_triton: bool) -> KernelOps:
+    """The Triton bundle if `use_triton`, else the torch references (the CPU path)."""
+    if not use_triton:
+        return KernelOps(
+            name="torch",
+            rms_norm=ops_ref.rms_norm_ref,
+            fused_add_rms_norm=ops_ref.fused_add_rms_norm_ref,
+            silu_and_mul=ops_ref.silu_and_mul_ref,
+            rotary=ops_ref.rotary_ref,
+            store_kv=ops_ref.store_kv_ref,
+            decode_attention=decode_attention_torch,
+            extend_attention=extend_attention_torch,
+        )
+    if not triton_available():
+        raise RuntimeError("Triton kernels requested but triton is missing or no CUDA device is present")
+    from . import ops
+    from .api import decode_attention_triton, extend_attention_triton
+
+    return KernelOps(
+        name="triton",
+        rms_norm=ops.rms_norm,
+        fused_add_rms_norm=ops.fused_add_rms_norm,
+        silu_and_mul=ops.silu_and_mul,
+        rotary=ops.rotary,
+        store_kv=ops.store_kv,
+        decode_attention=decode_attention_triton,
+        extend_attention=extend_attention_triton,
+    )
+
+
+__all__ = ["AttentionMetadata", "KernelOps", "get_kernel_ops", "triton_available"]

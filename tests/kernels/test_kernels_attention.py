@@ -1,0 +1,90 @@
+"""Triton paged attention against the torch references (small shapes: the CPU interpreter is slow)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.kernels.attention_ref import decode_attention_ref, extend_attention_ref
+
+HEAD_DIM = 64
+NUM_KV_HEADS = 2
+
+
+def _poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize(
+    ("group", "dtype", "splits", "seq_lens"),
+    [
+        (1, torch.float32, 1, [37, 1, 16]),
+        (3, torch.float32, 3, [37, 1, 16]),
+        (3, torch.float32, 4, [40, 9]),  # one split of the long request is empty
+        (3, torch.float32, None, [33]),  # default split count
+        (4, torch.float32, 2, [1, 40, 25]),  # Llama's group size
+        (3, torch.bfloat16, 2, [29, 40, 3]),
+        (3, torch.bfloat16, 1, [12, 40]),  # one split: stage 1 writes the output itself
+    ],
+)
+def test_decode_matches_ref(device, make_pool, assert_close, group, dtype, splits, seq_lens):
+    from radixlm.kernels.decode_attention import decode_attention
+
+    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, dtype, device)
+    bsz = len(seq_lens)
+    q = torch.randn(bsz, NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=device)
+    idx = torch.tensor(pool.rows, device=device)
+    lens = torch.tensor(seq_lens, device=device)
+    scale = HEAD_DIM**-0.5
+    out = _poisoned(tuple(q.shape), dtype, device)
+    got = decode_attention(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, scale, num_kv_splits=splits, out=out
+    )
+    assert got is out
+    ref = decode_attention_ref(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, scale)
+    assert_close(out, ref, dtype)
+
+
+def test_decode_head_dim_80_masked(device, make_pool, assert_close):
+    """A head_dim that is not a power of two runs through masked 128-wide tiles."""
+    from radixlm.kernels.decode_attention import decode_attention
+
+    seq_lens, d = [21, 6], 80
+    pool = make_pool(seq_lens, 1, d, torch.float32, device)
+    q = torch.randn(2, 3, d, device=device)
+    idx = torch.tensor(pool.rows, device=device)
+    lens = torch.tensor(seq_lens, device=device)
+    got = decode_attention(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, 0.1, num_kv_splits=2)
+    ref = decode_attention_ref(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, 0.1)
+    assert_close(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("group", "dtype", "prefix_lens", "extend_lens"),
+    [
+        (1, torch.float32, [0, 0], [33, 7]),  # plain causal prefill
+        (3, torch.float32, [0, 23, 5], [20, 17, 1]),  # cached prefixes, uneven, one single-token extend
+        (4, torch.float32, [8, 31], [32, 1]),  # Llama's group size; decode-like single token
+        (3, torch.bfloat16, [16, 0], [24, 9]),
+    ],
+)
+def test_extend_matches_ref(device, make_pool, assert_close, group, dtype, prefix_lens, extend_lens):
+    from radixlm.kernels.extend_attention import extend_attention
+
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, dtype, device)
+    num_tokens = sum(extend_lens)
+    q = torch.randn(num_tokens, NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=device)
+    starts = torch.tensor([sum(extend_lens[:i]) for i in range(len(extend_lens))], device=device)
+    scale = HEAD_DIM**-0.5
+    out = _poisoned(tuple(q.shape), dtype, device)
+    extend_attention(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+        torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device),
+        torch.tensor(extend_lens, device=device), starts, scale,
+        max_extend_len=max(extend_lens) + 16,  # a loose bound: surplus query blocks must do nothing
+        out=out,
+    )
+    ref = extend_attention_ref(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.rows, seq_lens, extend_lens, scale
+    )
+    assert_close(out, ref, dtype)
