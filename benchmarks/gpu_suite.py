@@ -192,7 +192,13 @@ def main() -> None:
     report["ceilings"] = ceil = measure_ceilings()
     print("ceilings", ceil, flush=True)
     if not args.skip_check:
-        report["check"] = check_correctness(root)
+        try:
+            report["check"] = check_correctness(root)
+        except Exception as exc:  # keep going: the timings are still worth having
+            import traceback
+
+            traceback.print_exc()
+            report["check"] = {"error": repr(exc)}
         print("check", report["check"], flush=True)
     cfg = LLAMA_8B
     d = model_dir_for(cfg, root, "llama8b")
