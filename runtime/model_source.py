@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
-from radixlm.runtime.gguf_convert import convert_gguf
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -92,6 +91,8 @@ def _converted(gguf_path: Path, progress: bool) -> Path:
     with _locked(out_dir.parent / f".{out_dir.name}.lock"):
         if (out_dir / "config.json").is_file():
             return out_dir
+        from radixlm.runtime.gguf_convert import convert_gguf  # lazy: gguf is needed only to convert
+
         return convert_gguf(gguf_path, out_dir, progress=progress)
 
 
