@@ -35,7 +35,7 @@ class ResultProcessor:
         if self.grammars is None:
             from radixlm.runtime.grammar_runtime import GrammarRuntime
 
-            self.grammars = GrammarRuntime(self.sched.args, self.tokenizer, self.vocab_size)
+            self.grammars = GrammarRuntime(self.sched.args, self.tokenizer, str(self.sched.model_dir), self.vocab_size)
         return self.grammars
 
     def prepare_grammar(self, req: Req) -> None:
@@ -66,15 +66,16 @@ class ResultProcessor:
                 if req.params.max_new_tokens == 0:
                     sched._finish(req, {"type": "length", "length": 0})
                     continue
+                sched.cache.cache_unfinished(req)  # shareable now, not only once the request finishes
                 for follower in req.followers:
-                    self._start_follower(req, follower)
-                    to_sample.append((follower, row))
+                    if self._start_follower(req, follower):
+                        to_sample.append((follower, row))
                 req.followers = []
             to_sample.append((req, row))
         if to_sample:
             self._sample_and_advance(batch, to_sample, logits)
 
-    def _start_follower(self, leader: Req, follower: Req) -> None:
+    def _start_follower(self, leader: Req, follower: Req) -> bool:
         sched = self.sched
         follower.req_pool_idx = sched.req_to_token_pool.alloc()
         follower.cached_tokens = leader.cached_tokens
@@ -87,7 +88,14 @@ class ResultProcessor:
         if follower.req_pool_idx is None or not share_prompt_kv(
             sched.cache, sched.kv_pool, sched.req_to_token, leader, follower
         ):
-            raise RuntimeError("n > 1: no room to share the prompt KV (admission should have reserved it)")
+            # No room to copy the prompt KV (cache off: admission's reservation does not outlast a
+            # chunked prefill): the follower prefills on its own instead.
+            if follower.req_pool_idx is not None:
+                sched.req_to_token_pool.free(follower.req_pool_idx)
+                follower.req_pool_idx = None
+            sched.waiting.insert(0, follower)
+            return False
+        return True
 
     def _input_logprobs(self, req: Req, logits: torch.Tensor, rows: list[int], first_pos: int) -> None:
         if first_pos == 1 and req.logprob_start_len == 0 and not req.pending_input_logprobs:
@@ -123,10 +131,13 @@ class ResultProcessor:
         else:
             sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
             adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
-            vocab_mask = None
             if constrained:
-                vocab_mask = self._grammar_runtime().vocab_mask(reqs, rows_logits.shape[1], rows_logits.device)
-            next_ids = sample(adjusted, sbatch, vocab_mask)
+                from radixlm.constrained import apply_token_bitmask_
+
+                if adjusted is rows_logits:
+                    adjusted = rows_logits.clone()
+                apply_token_bitmask_(adjusted, self._grammar_runtime().bitmask(reqs, adjusted.device))
+            next_ids = sample(adjusted, sbatch)
         want_lp = [i for i, r in enumerate(reqs) if r.return_logprob]
         lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]] = {}
         if want_lp:
@@ -151,15 +162,23 @@ class ResultProcessor:
             if req.grammar is not None:
                 self._grammar_runtime().advance(req, tok)
             reason = self._check_finish(req, tok)
-            if batch.mode is ForwardMode.DECODE:
-                if reason is not None:
-                    sched.running.remove(req)
+            jumped = reason is None and self._jump_forward(req)
+            if batch.mode is ForwardMode.DECODE and (reason is not None or jumped):
+                sched.running.remove(req)
             if reason is not None:
                 sched._finish(req, reason)
+            elif jumped:
+                sched.partial.append(req)  # its forced tokens need an extend step
             elif batch.mode is ForwardMode.EXTEND:
                 sched.running.append(req)
             if reason is None and req.stream and len(req.output_ids) - req.sent_output_len >= sched.args.stream_interval:
                 sched.outputs.append(self.make_output(req))
+
+    def _jump_forward(self, req: Req) -> bool:
+        """Grammar-forced text is appended without decode steps (not with logprobs: they would have holes)."""
+        if req.grammar is None or req.return_logprob or self.sched.args.disable_jump_forward:
+            return False
+        return self._grammar_runtime().jump_forward(req, allow_retokenize=True) > 0
 
     def _check_finish(self, req: Req, tok: int) -> dict[str, Any] | None:
         p = req.params

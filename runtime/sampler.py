@@ -74,11 +74,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token id)."""
+    """[B, V] float64 uniforms in (0, 1), a pure function of (seed, step, token id).
+
+    float64: in float32 the largest draws round to exactly 1.0, whose -log is 0, and 0/0 = NaN
+    would win the argmax for a masked token."""
     base = _mix32(seeds ^ _mix32((steps * 0x9E3779B9 + 0x7F4A7C15) & _MASK32))
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _mix32(base[:, None] ^ _mix32(token * 0x27D4EB2F & _MASK32)[None, :])
-    return (bits.double() + 0.5).div_(2.0**32).float()
+    return (bits.double() + 0.5).div_(2.0**32)
 
 
 def apply_logit_adjustments(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -114,9 +117,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, vocab_mask: torch.Tensor 
     probs = torch.softmax(logits / batch.temperatures, dim=-1)
     if batch.need_top_k or batch.need_top_p or batch.need_min_p:
         probs = _filter_probs(probs, batch)
-    u = seeded_uniform(batch.seeds, batch.steps, probs.shape[1])
-    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws token i with probability p_i.
-    sampled = (probs / (-torch.log(u))).argmax(dim=-1)
+    exp_draws = (-torch.log(seeded_uniform(batch.seeds, batch.steps, probs.shape[1]))).float()
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws token i with probability p_i
+    # (E_i >= 1.2e-10 > 0, so a zero-probability token scores exactly 0 and is never drawn).
+    sampled = (probs / exp_draws).argmax(dim=-1)
     return torch.where(batch.greedy, greedy_ids, sampled)
 
 

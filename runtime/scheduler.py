@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, args: ServerArgs, model_dir: Path, tokenizer: object) -> None:
         self.args = args
+        self.model_dir = model_dir
         self.runner = ModelRunner(args, model_dir)
         self.kv_pool = self.runner.kv_pool
         self.req_to_token_pool = self.runner.req_to_token_pool
@@ -46,7 +47,9 @@ class Scheduler:
 
         self.waiting: list[Req] = []
         self.running: list[Req] = []
-        self.chunked_req: Req | None = None
+        # Requests holding KV for only part of their fill_ids: a chunked prefill in progress, or
+        # grammar-forced tokens appended by jump-forward. Extended before new admissions.
+        self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
                       "forward_steps": 0, "last_gen_throughput": 0.0}
@@ -84,7 +87,7 @@ class Scheduler:
 
     def _control(self, msg: ControlReq) -> ControlResp:
         if msg.kind == "flush_cache":
-            if self.running or self.waiting or self.chunked_req:
+            if not self.idle:
                 return ControlResp(msg.request_id, False, {"message": "Cache not flushed: requests are running"})
             self.cache.flush()
             return ControlResp(msg.request_id, True, {"message": "Cache flushed."})
@@ -102,7 +105,7 @@ class Scheduler:
             "kv_cached_tokens": self.cache.cached_size(),
             "kv_evictable_tokens": self.cache.evictable_size(),
             "kv_locked_tokens": self.cache.protected_size(),
-            "num_running_reqs": len(self.running) + (1 if self.chunked_req else 0),
+            "num_running_reqs": len(self.running) + len(self.partial),
             "num_waiting_reqs": len(self.waiting),
             "cache_hit_rate": self.stats["cached_tokens"] / prompt,
             "radix_cache_enabled": not self.args.disable_radix_cache,
@@ -110,17 +113,16 @@ class Scheduler:
         }
 
     def abort(self, rid: str, message: str) -> None:
-        for queue in (self.waiting, self.running):
+        for queue in (self.waiting, self.running, self.partial):
             for req in [r for r in queue if rid in (r.rid, r.group_rid)]:
                 queue.remove(req)
+                if self.results.grammars is not None:
+                    self.results.grammars.forget(req)
                 self._finish(req, {"type": "abort", "message": message})
-        if self.chunked_req is not None and rid in (self.chunked_req.rid, self.chunked_req.group_rid):
-            req, self.chunked_req = self.chunked_req, None
-            self._finish(req, {"type": "abort", "message": message})
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.running or self.chunked_req)
+        return not (self.waiting or self.running or self.partial)
 
     # ---------------------------------------------------------------- main step
     def step(self) -> bool:
@@ -154,19 +156,20 @@ class Scheduler:
         budget = min(self.max_prefill_tokens, self.chunk_size)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
-        if self.chunked_req is not None:
-            req = self.chunked_req
+        for req in list(self.partial):
             ext = min(len(req.fill_ids) - req.kv_len, budget)
-            if not self._extend(batch, req, ext):
-                return None
+            if ext <= 0 or not self._extend(batch, req, ext):
+                continue
             budget -= ext
             free -= ext
             reqs.append(req)
+            if req.kv_len == len(req.fill_ids):
+                self.partial.remove(req)
         candidates = [r for r in self.waiting if not r.grammar_pending]
         if candidates and budget > 0:
             ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
             for req in ordered:
-                if len(self.running) + len(reqs) + 1 + len(req.followers) > self.max_running or budget <= 0:
+                if len(self.running) + len(self.partial) + len(reqs) + 1 + len(req.followers) > self.max_running or budget <= 0:
                     break
                 if self.req_to_token_pool.available() < 1 + len(req.followers):
                     break
@@ -199,13 +202,9 @@ class Scheduler:
                 budget -= ext
                 free -= need
                 if req.kv_len < len(req.fill_ids):
-                    self.chunked_req = req
+                    self.partial.append(req)
                     break
-        if not batch.reqs:
-            return None
-        if self.chunked_req is not None and self.chunked_req.kv_len >= len(self.chunked_req.fill_ids):
-            self.chunked_req = None
-        return batch
+        return batch if batch.reqs else None
 
     def _peek_prefix_len(self, req: Req) -> int:
         return self.cache.peek(req.fill_ids[: req.max_prefix_len], req.extra_key)

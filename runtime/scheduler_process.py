@@ -49,9 +49,11 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                 resp = sched.handle(msg)
                 if resp is not None:
                     send.send(resp)
-            sched.step()
+            ran = sched.step()
             outputs = sched.pop_outputs()
             if outputs:
                 send.send(outputs)
+            if not ran and not outputs:
+                recv.poll(0.002)  # only waiting on grammar compiles: don't spin
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return

@@ -31,6 +31,8 @@ class ServerArgs:
     schedule_conservativeness: float = 1.0
     # Constrained decoding
     grammar_backend: str | None = None
+    grammar_compile_timeout: float = 10.0
+    disable_jump_forward: bool = False
     # GPU fast path
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160

@@ -3,6 +3,7 @@ detokenize its deltas, and hand results to callers as SGLang-shaped dicts."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing as mp
@@ -51,6 +52,7 @@ class TokenizerManager:
         from radixlm.runtime.model_source import resolve_model_path
 
         self.args = args
+        self._closing = False
         self.model_dir = resolve_model_path(args.model_path)
         # --skip-tokenizer-init: clients send input_ids and read output_ids (random-weight benchmarks).
         self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or self.model_dir)
@@ -59,11 +61,12 @@ class TokenizerManager:
         self._from_sched, from_sched_w = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(
             target=run_scheduler_process, args=(args, str(self.model_dir), to_sched_r, from_sched_w),
-            name="radixlm-scheduler", daemon=True,
+            name="radixlm-scheduler", daemon=False,  # it starts a grammar worker of its own
         )
         self.proc.start()
         to_sched_r.close()
         from_sched_w.close()
+        atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the child
         self.info = self._wait_ready()
         self.states: dict[str, ReqState] = {}
         self._control: dict[int, asyncio.Future] = {}
@@ -71,7 +74,6 @@ class TokenizerManager:
         self._send_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dead: str | None = None
-        self._closing = False
 
     def _wait_ready(self) -> SchedulerReady:
         while not self._from_sched.poll(0.5):
@@ -313,6 +315,8 @@ class TokenizerManager:
         return await asyncio.wait_for(fut, timeout)
 
     def shutdown(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         try:
             self._send(ControlReq("shutdown", -1))

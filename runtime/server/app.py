@@ -143,7 +143,6 @@ async def _serve(ctx: ServerContext) -> int:
     def on_signal(sig: signal.Signals) -> None:
         logger.info("received %s: shutting down", sig.name)
         ctx.shutting_down = True
-        tm._closing = True  # a scheduler that exits on the same Ctrl-C is not a crash  # noqa: SLF001
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,6 +1,7 @@
 """Drive a Scheduler in-process (no subprocess): fast, deterministic engine tests."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from radixlm.runtime.io_struct import ReqOutput, TokenizedGenerateReq
@@ -18,16 +19,19 @@ def make_scheduler(model_dir: Path, **options) -> Scheduler:
     return Scheduler(args, model_dir, AutoTokenizer.from_pretrained(str(model_dir)))
 
 
-def run_to_completion(sched: Scheduler, reqs: list[TokenizedGenerateReq], max_steps: int = 100000) -> dict[str, dict]:
+def run_to_completion(sched: Scheduler, reqs: list[TokenizedGenerateReq], max_steps: int = 100000,
+                      timeout_s: float = 300.0) -> dict[str, dict]:
     """Submit all, step until idle; returns rid -> {output_ids, finished_reason, ...} merged from deltas."""
     for r in reqs:
         sched.handle(r)
     results: dict[str, dict] = {}
     steps = 0
+    deadline = time.monotonic() + timeout_s
     while not sched.idle:
-        sched.step()
+        if not sched.step():
+            time.sleep(0.002)  # waiting for grammar compiles
         steps += 1
-        assert steps < max_steps, "scheduler did not finish"
+        assert steps < max_steps and time.monotonic() < deadline, "scheduler did not finish"
         for out in sched.pop_outputs():
             merge(results, out)
     for out in sched.pop_outputs():
@@ -43,6 +47,7 @@ def merge(results: dict[str, dict], out: ReqOutput) -> None:
     r["cached_tokens"] = out.cached_tokens
     r["prompt_tokens"] = out.prompt_tokens
     r["num_retractions"] = out.num_retractions
+    r["forced_tokens"] = out.forced_tokens
     for k in ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs", "input_top_logprobs"):
         if getattr(out, k):
             r[k].extend(getattr(out, k))
@@ -58,6 +63,6 @@ def assert_pool_idle(sched: Scheduler) -> None:
     usage = sched.kv_pool.usage()
     assert usage.in_use == sched.cache.cached_size(), (usage, sched.cache.cached_size())
     assert sched.cache.protected_size() == 0
-    assert sched.req_to_token_pool.available() == sched.req_to_token_pool.size
+    assert sched.req_to_token_pool.available() == sched.req_to_token_pool.capacity
     sched.cache.flush()
     assert sched.kv_pool.usage().free == usage.total
