@@ -32,6 +32,11 @@ class Req:
     admitted_once: bool = False
     num_retractions: int = 0
 
+    # Overlap scheduling: tokens sampled on the device but not yet appended to output_ids, and
+    # this request's row in that in-flight batch (its next input token lives there).
+    num_inflight: int = 0
+    inflight_row: int = 0
+
     # n > 1: followers sample from the leader's prefill and share its prompt KV.
     followers: list["Req"] = field(default_factory=list)
 
@@ -64,7 +69,7 @@ class Req:
 
     @property
     def seq_len(self) -> int:
-        return len(self.input_ids) + len(self.output_ids)
+        return len(self.input_ids) + len(self.output_ids) + self.num_inflight
 
     @property
     def finished(self) -> bool:
@@ -84,4 +89,4 @@ class Req:
         return max(cap, 0)
 
     def remaining_new_tokens(self) -> int:
-        return max(self.params.max_new_tokens - len(self.output_ids), 0)
+        return max(self.params.max_new_tokens - len(self.output_ids) - self.num_inflight, 0)

@@ -11,7 +11,7 @@ from radixlm.runtime.io_struct import ReqOutput
 from radixlm.runtime.prefix_cache import share_prompt_kv
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, token_logprobs
-from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.schedule_batch import InflightBatch, ScheduledBatch
 
 if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
@@ -110,13 +110,18 @@ class ResultProcessor:
             req.pending_input_top.extend([None] * len(rows))
 
     def _sample_and_advance(self, batch: ScheduledBatch, items: list[tuple[Req, int]], logits: torch.Tensor) -> None:
-        sched = self.sched
         reqs = [r for r, _ in items]
         rows = [row for _, row in items]
         rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        next_ids = self._sample(reqs, rows_logits)
+        lp_map = self._output_logprobs(reqs, rows_logits, next_ids)
+        self._commit(batch.mode, reqs, next_ids.tolist(), lp_map)
+
+    def _sample(self, reqs: list[Req], rows_logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row, on the device. `step` counts tokens still in flight (overlap)."""
         sample_rows = [
             SampleRow(
-                params=r.params, seed=r.seed, step=len(r.output_ids), output_ids=r.output_ids,
+                params=r.params, seed=r.seed, step=len(r.output_ids) + r.num_inflight, output_ids=r.output_ids,
                 prompt_ids=r.input_ids,
                 banned_ids=tuple(self.eos_ids | set(r.params.stop_token_ids))
                 if len(r.output_ids) < r.params.min_new_tokens else (),
@@ -127,30 +132,38 @@ class ResultProcessor:
                            for r, sr in zip(reqs, sample_rows))
         constrained = any(r.grammar is not None for r in reqs)
         if not needs_adjust and not constrained and all(r.params.is_greedy for r in reqs):
-            next_ids = rows_logits.argmax(dim=-1)  # the common greedy case: no per-row tensors to build
-        else:
-            sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
-            adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
-            if constrained:
-                from radixlm.constrained import apply_token_bitmask_
+            return rows_logits.argmax(dim=-1)  # the common greedy case: no per-row tensors to build
+        sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
+        adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
+        if constrained:
+            from radixlm.constrained import apply_token_bitmask_
 
-                if adjusted is rows_logits:
-                    adjusted = rows_logits.clone()
-                apply_token_bitmask_(adjusted, self._grammar_runtime().bitmask(reqs, adjusted.device))
-            next_ids = sample(adjusted, sbatch)
+            if adjusted is rows_logits:
+                adjusted = rows_logits.clone()
+            apply_token_bitmask_(adjusted, self._grammar_runtime().bitmask(reqs, adjusted.device))
+        return sample(adjusted, sbatch)
+
+    def _output_logprobs(self, reqs: list[Req], rows_logits: torch.Tensor, next_ids: torch.Tensor
+                         ) -> dict[int, tuple[float, list[tuple[float, int]] | None]]:
         want_lp = [i for i, r in enumerate(reqs) if r.return_logprob]
         lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]] = {}
-        if want_lp:
-            k = max(reqs[i].top_logprobs_num for i in want_lp)
-            chosen, top_vals, top_ids = token_logprobs(rows_logits[want_lp], next_ids[want_lp], k)
-            chosen_l = chosen.tolist()
-            tv = top_vals.tolist() if top_vals is not None else None
-            ti = top_ids.tolist() if top_ids is not None else None
-            for j, i in enumerate(want_lp):
-                n = reqs[i].top_logprobs_num
-                top = list(zip(tv[j][:n], ti[j][:n])) if tv is not None and ti is not None and n > 0 else None
-                lp_map[i] = (chosen_l[j], top)
-        ids = next_ids.tolist()
+        if not want_lp:
+            return lp_map
+        k = max(reqs[i].top_logprobs_num for i in want_lp)
+        chosen, top_vals, top_ids = token_logprobs(rows_logits[want_lp], next_ids[want_lp], k)
+        chosen_l = chosen.tolist()
+        tv = top_vals.tolist() if top_vals is not None else None
+        ti = top_ids.tolist() if top_ids is not None else None
+        for j, i in enumerate(want_lp):
+            n = reqs[i].top_logprobs_num
+            top = list(zip(tv[j][:n], ti[j][:n])) if tv is not None and ti is not None and n > 0 else None
+            lp_map[i] = (chosen_l[j], top)
+        return lp_map
+
+    def _commit(self, mode: ForwardMode, reqs: list[Req], ids: list[int],
+                lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]]) -> None:
+        """Append sampled tokens on the host, then finish / jump forward / keep decoding."""
+        sched = self.sched
         sched.record_generated(len(ids))
         for i, (req, tok) in enumerate(zip(reqs, ids)):
             req.output_ids.append(tok)
@@ -163,16 +176,43 @@ class ResultProcessor:
                 self._grammar_runtime().advance(req, tok)
             reason = self._check_finish(req, tok)
             jumped = reason is None and self._jump_forward(req)
-            if batch.mode is ForwardMode.DECODE and (reason is not None or jumped):
+            if mode is ForwardMode.DECODE and (reason is not None or jumped):
                 sched.running.remove(req)
             if reason is not None:
                 sched._finish(req, reason)
             elif jumped:
                 sched.partial.append(req)  # its forced tokens need an extend step
-            elif batch.mode is ForwardMode.EXTEND:
+            elif mode is ForwardMode.EXTEND:
                 sched.running.append(req)
             if reason is None and req.stream and len(req.output_ids) - req.sent_output_len >= sched.args.stream_interval:
                 sched.outputs.append(self.make_output(req))
+
+    # ---------------------------------------------------------------- overlap
+    def can_defer(self, batch: ScheduledBatch) -> bool:
+        """Whether this decode batch can be sampled on the device and committed a step later:
+        nothing in its sampling may depend on host state that the pending step would change."""
+        return batch.mode is ForwardMode.DECODE and all(
+            r.grammar is None and not r.params.has_penalties and not r.params.logit_bias and not r.return_logprob
+            and len(r.output_ids) + r.num_inflight >= r.params.min_new_tokens
+            for r in batch.reqs
+        )
+
+    def launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> InflightBatch:
+        next_ids = self._sample(batch.reqs, logits)
+        for i, req in enumerate(batch.reqs):
+            req.num_inflight += 1
+            req.inflight_row = i
+        return InflightBatch.start(batch.reqs, next_ids)
+
+    def commit_inflight(self, inflight: InflightBatch) -> None:
+        ids = inflight.wait()
+        live_reqs, live_ids = [], []
+        for req, tok in zip(inflight.reqs, ids):
+            req.num_inflight -= 1
+            if not req.finished:  # finished meanwhile: this token was computed past the end, drop it
+                live_reqs.append(req)
+                live_ids.append(tok)
+        self._commit(ForwardMode.DECODE, live_reqs, live_ids, {})
 
     def _jump_forward(self, req: Req) -> bool:
         """Grammar-forced text is appended without decode steps (not with logprobs: they would have holes)."""

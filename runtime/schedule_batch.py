@@ -10,6 +10,31 @@ from radixlm.runtime.request import Req
 
 
 @dataclass
+class InflightBatch:
+    """A decode step whose sampled tokens are still on the device (overlap scheduling)."""
+
+    reqs: list[Req]
+    next_ids: torch.Tensor  # [B] device
+    host_ids: torch.Tensor  # [B] host copy, valid once `event` completes
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> "InflightBatch":
+        if next_ids.is_cuda:
+            host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+            host.copy_(next_ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return cls(reqs, next_ids, host, event)
+        return cls(reqs, next_ids, next_ids, None)
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host_ids.tolist()
+
+
+@dataclass
 class ScheduledBatch:
     mode: ForwardMode
     reqs: list[Req]
@@ -22,7 +47,8 @@ class ScheduledBatch:
     sample_rows: list[int | None] = field(default_factory=list)
     logprob_first_pos: list[int] = field(default_factory=list)  # prompt position of the first logprob row + 1
 
-    def to_forward_batch(self, req_to_token: torch.Tensor, device: torch.device) -> ForwardBatch:
+    def to_forward_batch(self, req_to_token: torch.Tensor, device: torch.device,
+                         inflight: InflightBatch | None = None) -> ForwardBatch:
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
@@ -30,7 +56,10 @@ class ScheduledBatch:
         offset = 0
         for req, prefix, ext in zip(self.reqs, self.prefix_lens, self.extend_lens):
             fill = req.fill_ids
-            input_ids.extend(fill[prefix : prefix + ext])
+            if req.num_inflight:  # decode input is the token still on the device: filled in below
+                input_ids.append(0)
+            else:
+                input_ids.extend(fill[prefix : prefix + ext])
             positions.extend(range(prefix, prefix + ext))
             rows: list[int] = []
             first_pos = 0
@@ -41,7 +70,7 @@ class ScheduledBatch:
                 rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
                 logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
                 first_pos = lo + 1
-            done = prefix + ext == len(fill)
+            done = prefix + ext == len(fill) + req.num_inflight
             sample_row: int | None = None
             if done:
                 sample_row = len(logits_indices)
@@ -65,9 +94,15 @@ class ScheduledBatch:
         positions_t = dev(positions, torch.int64)
         token_rows = row_t.repeat_interleave(torch.tensor(self.extend_lens)).to(device, non_blocking=True)
         req_to_token[token_rows, positions_t] = out_cache_loc.to(torch.int32)
+        input_ids_t = dev(input_ids, torch.int64)
+        pending = [i for i, r in enumerate(self.reqs) if r.num_inflight]
+        if pending:
+            assert inflight is not None and self.mode is ForwardMode.DECODE
+            src = torch.tensor([self.reqs[i].inflight_row for i in pending]).to(device, non_blocking=True)
+            input_ids_t[torch.tensor(pending).to(device, non_blocking=True)] = inflight.next_ids[src]
         return ForwardBatch(
             mode=self.mode,
-            input_ids=dev(input_ids, torch.int64),
+            input_ids=input_ids_t,
             positions=positions_t,
             out_cache_loc=out_cache_loc,
             req_pool_indices=row_t.to(device, non_blocking=True),

@@ -18,7 +18,7 @@ from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
 from radixlm.runtime.result_processor import ResultProcessor
-from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.schedule_batch import InflightBatch, ScheduledBatch
 from radixlm.runtime.schedule_policy import DecodeReserve, order_waiting
 from radixlm.runtime.server_args import ServerArgs
 
@@ -51,6 +51,9 @@ class Scheduler:
         # grammar-forced tokens appended by jump-forward. Extended before new admissions.
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
+        self.overlap = not args.disable_overlap_schedule and (
+            self.device.type == "cuda" or args.enable_overlap_schedule_on_cpu)
+        self.inflight: InflightBatch | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
                       "forward_steps": 0, "last_gen_throughput": 0.0}
         self._gen_window: list[tuple[float, int]] = []
@@ -122,20 +125,45 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.running or self.partial)
+        return not (self.waiting or self.running or self.partial or self.inflight)
 
     # ---------------------------------------------------------------- main step
     def step(self) -> bool:
-        """Run one batch if there is work. Returns False when idle."""
+        """Run one batch if there is work. Returns False when idle.
+
+        With overlap scheduling a plain decode step is launched before the previous one is
+        committed: the host appends step k's tokens while the device already runs step k+1."""
         self.results.poll_grammars()
+        if self.inflight is not None and not self._decode_only_next():
+            self._commit_inflight()
         batch = self._schedule_prefill() or self._schedule_decode()
         if batch is None:
-            return False
-        fb = batch.to_forward_batch(self.req_to_token, self.device)
+            return self._commit_inflight()
+        fb = batch.to_forward_batch(self.req_to_token, self.device, self.inflight)
         logits = self.runner.forward(fb)
         self.stats["forward_steps"] += 1
+        if self.overlap and self.results.can_defer(batch):
+            previous, self.inflight = self.inflight, self.results.launch(batch, logits)
+            if previous is not None:
+                self.results.commit_inflight(previous)
+            return True
+        self._commit_inflight()
         self.results.process(batch, logits)
         return True
+
+    def _commit_inflight(self) -> bool:
+        if self.inflight is None:
+            return False
+        inflight, self.inflight = self.inflight, None
+        self.results.commit_inflight(inflight)
+        return True
+
+    def _decode_only_next(self) -> bool:
+        """The next step can go ahead before the pending one is committed: nothing to admit or
+        extend, no retraction needed, and every running request can be sampled on the device."""
+        if self.waiting or self.partial:
+            return False
+        return self.kv_pool.available() >= len(self.running)
 
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []
@@ -232,6 +260,8 @@ class Scheduler:
             self._retract_one()
         batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
         for req in list(self.running):
+            if req.remaining_new_tokens() == 0:
+                continue  # its last token is in flight; it finishes when that is committed
             if self._extend(batch, req, 1):
                 continue
             self.running.remove(req)

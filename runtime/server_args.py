@@ -38,6 +38,7 @@ class ServerArgs:
     cuda_graph_max_bs: int = 160
     enable_torch_compile: bool = False
     disable_overlap_schedule: bool = False
+    enable_overlap_schedule_on_cpu: bool = False  # on by default only on CUDA, where it pays
     attention_backend: str | None = None  # torch | triton; None: triton on CUDA
     # Parallelism
     tp_size: int = 1
