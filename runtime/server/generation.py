@@ -122,6 +122,8 @@ async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = Tr
                     yield update
         except SchedulerDiedError as exc:
             raise ApiError(503, str(exc)) from None
+        except (BrokenPipeError, EOFError, ConnectionResetError) as exc:  # the scheduler's pipe, while stopping
+            raise ApiError(503, f"the scheduler is gone ({type(exc).__name__}); the server is shutting down") from None
         except InvalidRequestError:
             timers = []  # refused before it ran: not an abort
             raise
