@@ -180,11 +180,39 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
     return {"decode_tok_s": 64 / (tn - t1), "decode_ms_per_step": (tn - t1) / 64 * 1000}
 
 
+def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
+                     flops_per_token: float, ceil: dict, tokenizer_dir: str) -> None:
+    """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
+    import gpu_throughput as tp
+
+    jobs = {
+        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg),
+        "e": lambda: tp.item_e(d, v),
+        "f": lambda: tp.item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir)),
+        "g": lambda: tp.item_g(d, v),
+    }
+    for name, job in jobs.items():
+        if name not in items:
+            continue
+        t = time.perf_counter()
+        try:
+            report[name] = job()
+        except Exception as exc:  # noqa: BLE001 - record and go on to the next item
+            import traceback
+
+            traceback.print_exc()
+            report[name] = {"error": repr(exc)}
+        report[name]["wall_s"] = time.perf_counter() - t
+        print(name, report[name], flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_suite.json")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--items", default="a,c,d", help="which of a,b,c,d,e,f,g to run (a,c,d share one engine)")
+    ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok", help="real tokenizer for (f)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -208,6 +236,12 @@ def main() -> None:
     weight_bytes = 2 * (layers * per_layer + v * h)  # lm_head read every step; embedding table is not
     flops_per_token = 2 * (layers * per_layer + v * h)
     report["model"] = {"weight_bytes_per_step": weight_bytes, "flops_per_token": flops_per_token}
+    items = set(args.items.split(","))
+    throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir)
+    if not items & {"a", "c", "d"}:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        return
     report["engine"] = eng = run_engine_suite(d, v)
     print("engine", eng, flush=True)
     if not args.skip_transformers:

@@ -1,0 +1,202 @@
+"""Throughput items of the H200 suite (issue: GPU throughput), run from benchmarks/gpu_suite.py:
+
+  (b) offline: 1,000 requests, input U[128,1024], output U[64,512], random ids, vs the compute roofline,
+      transformers on a 64-request sample in the same run
+  (e) shared prefix (16 groups x 32, 1,024-token prefix, 64-token question, 64 out): radix cache on vs off
+  (f) JSON-schema constrained vs unconstrained decode at batch 64 (real tokenizer for the grammar)
+  (g) the HTTP server against the offline Engine on a slice of workload (b)
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ENGINE_ARGS = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, context_length=4096,
+                   cuda_graph_max_bs=256)
+
+
+def workload_b(n: int, vocab: int, seed: int = 3) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    lo, hi = min(1000, vocab // 4), max(vocab - 1000, vocab // 2)
+    prompts = [[rng.randrange(lo, hi) for _ in range(rng.randint(128, 1024))] for _ in range(n)]
+    return prompts, [rng.randint(64, 512) for _ in range(n)]
+
+
+def params_for(outs: list[int]) -> list[dict]:
+    return [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for o in outs]
+
+
+def item_b(model_dir: Path, vocab: int, flops_per_token: float, matmul_flops: float, hf_cfg: dict) -> dict:
+    import radixlm
+
+    prompts, outs = workload_b(1000, vocab)
+    with radixlm.Engine(str(model_dir), mem_fraction_static=0.85, **ENGINE_ARGS) as eng:
+        eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
+        t = time.perf_counter()
+        res = eng.generate(input_ids=prompts, sampling_params=params_for(outs))
+        dt = time.perf_counter() - t
+        retractions = eng.get_server_info().get("retractions", 0)
+    total = sum(map(len, prompts)) + sum(outs)
+    assert sum(r["meta_info"]["completion_tokens"] for r in res) == sum(outs)
+    roofline = matmul_flops / flops_per_token
+    out = {"seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt, "roofline_tok_s": roofline,
+           "fraction_of_roofline": total / dt / roofline, "retractions": retractions}
+    out["transformers_sample64"] = transformers_sample(hf_cfg, prompts[:64], outs[:64])
+    return out
+
+
+def transformers_sample(cfg: dict, prompts: list[list[int]], outs: list[int]) -> dict:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max(outs), min_new_tokens=max(outs),
+                       do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    useful = sum(map(len, prompts)) + sum(outs)
+    return {"seconds": dt, "useful_total_tok_s": useful / dt, "note": "one padded batch of 64, run to the longest output"}
+
+
+def item_e(model_dir: Path, vocab: int) -> dict:
+    import radixlm
+
+    rng = random.Random(5)
+    prompts = []
+    for _ in range(16):
+        prefix = [rng.randrange(1000, vocab - 1000) for _ in range(1024)]
+        prompts += [prefix + [rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(32)]
+    rng.shuffle(prompts)
+    optimal_cached = 15 * 0 + (512 - 16) * 1024  # every prompt but each group's first reuses its prefix
+    out: dict = {}
+    for label, disable in (("cache_on", False), ("cache_off", True)):
+        with radixlm.Engine(str(model_dir), mem_fraction_static=0.8, disable_radix_cache=disable, **ENGINE_ARGS) as eng:
+            eng.generate(input_ids=[[5] * 16], sampling_params=params_for([4]))
+            eng.flush_cache()
+            t = time.perf_counter()
+            res = eng.generate(input_ids=prompts, sampling_params=params_for([64] * len(prompts)))
+            dt = time.perf_counter() - t
+        cached = sum(r["meta_info"]["cached_tokens"] for r in res)
+        out[label] = {"seconds": dt, "req_s": len(prompts) / dt, "cached_tokens": cached,
+                      "hit_rate_vs_optimal": cached / optimal_cached}
+    out["speedup_on_vs_off"] = out["cache_off"]["seconds"] / out["cache_on"]["seconds"]
+    return out
+
+
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
+
+
+def item_f(model_dir: Path, tokenizer_dir: Path) -> dict:
+    import radixlm
+
+    args = {**ENGINE_ARGS, "skip_tokenizer_init": False, "tokenizer_path": str(tokenizer_dir)}
+    rng = random.Random(7)
+    prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(int(os.environ.get("F_BATCH", 64)))]
+    out: dict = {}
+    with radixlm.Engine(str(model_dir), mem_fraction_static=0.5, **args) as eng:
+        for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)})):
+            sp = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "ignore_eos": not extra, **extra} for i in range(len(prompts))]
+            eng.generate(input_ids=prompts[:2], sampling_params=sp[:2])  # compiles the grammar, warms up
+            t = time.perf_counter()
+            res = eng.generate(input_ids=prompts, sampling_params=sp)
+            dt = time.perf_counter() - t
+            decoded = sum(r["meta_info"]["completion_tokens"] for r in res)
+            forced = sum(r["meta_info"].get("forced_tokens", 0) for r in res)
+            stops = sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res)
+            valid = 0
+            for r in res:
+                try:
+                    json.loads(r["text"])
+                    valid += 1
+                except ValueError:
+                    pass
+            out[label] = {"seconds": dt, "tokens": decoded, "tok_s": decoded / dt, "forced_tokens": forced,
+                          "finished_by_stop": stops, "valid_json": valid}
+    out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _drive_server(url: str, prompts: list[list[int]], outs: list[int]) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async def one(p: list[int], o: int) -> None:
+            body = {"input_ids": p, "sampling_params": {"temperature": 0, "max_new_tokens": o, "ignore_eos": True}}
+            async with session.post(f"{url}/generate", json=body) as resp:
+                data = await resp.json()
+                assert resp.status == 200 and data["meta_info"]["completion_tokens"] == o, data
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(p, o) for p, o in zip(prompts, outs)))
+        return time.perf_counter() - t
+
+
+def item_g(model_dir: Path, vocab: int, n: int = 300) -> dict:
+    import radixlm
+    import urllib.request
+
+    prompts, outs = workload_b(n, vocab, seed=11)
+    total = sum(map(len, prompts)) + sum(outs)
+    with radixlm.Engine(str(model_dir), mem_fraction_static=0.6, **ENGINE_ARGS) as eng:
+        eng.generate(input_ids=prompts[:4], sampling_params=params_for([4] * 4))
+        eng.flush_cache()
+        t = time.perf_counter()
+        eng.generate(input_ids=prompts, sampling_params=params_for(outs))
+        engine_s = time.perf_counter() - t
+    port = _free_port()
+    cmd = [sys.executable, "-m", "radixlm.launch_server", "--model-path", str(model_dir), "--port", str(port),
+           "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init", "--context-length", "4096",
+           "--mem-fraction-static", "0.6", "--cuda-graph-max-bs", "256", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not come up")
+            time.sleep(1)
+        asyncio.run(_drive_server(url, prompts[:4], [4] * 4))
+        server_s = asyncio.run(_drive_server(url, prompts, outs))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"requests": n, "engine_tok_s": total / engine_s, "server_tok_s": total / server_s,
+            "server_vs_engine": engine_s / server_s}
