@@ -136,8 +136,10 @@ def item_f(model_dir: Path, tokenizer_dir: Path) -> dict:
                     valid += 1
                 except ValueError:
                     pass
+            aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
+                      if r["meta_info"]["finish_reason"]["type"] == "abort"}
             out[label] = {"seconds": dt, "tokens": decoded, "tok_s": decoded / dt, "forced_tokens": forced,
-                          "finished_by_stop": stops, "valid_json": valid}
+                          "finished_by_stop": stops, "valid_json": valid, "abort_messages": sorted(map(str, aborts))}
     out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
     return out
 

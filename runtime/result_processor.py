@@ -35,7 +35,8 @@ class ResultProcessor:
         if self.grammars is None:
             from radixlm.runtime.grammar_runtime import GrammarRuntime
 
-            self.grammars = GrammarRuntime(self.sched.args, self.tokenizer, str(self.sched.model_dir), self.vocab_size)
+            path = self.sched.args.tokenizer_path or str(self.sched.model_dir)
+            self.grammars = GrammarRuntime(self.sched.args, self.tokenizer, path, self.vocab_size)
         return self.grammars
 
     def prepare_grammar(self, req: Req) -> None:
