@@ -65,12 +65,8 @@ def make_req(rid: str, ids: list[int], max_new: int, *, extra_key: str | None = 
 
 
 def partial_reqs(sched: Scheduler) -> list[Req]:
-    """Requests whose KV covers only part of their tokens (mid chunked prefill)."""
-    partial = getattr(sched, "partial", None)  # a list since jump-forward; before it, one chunked_req
-    if partial is None:
-        chunked = getattr(sched, "chunked_req", None)
-        partial = [chunked] if chunked is not None else []
-    return list(partial)
+    """Requests whose KV covers only part of their tokens (mid chunked prefill, or jump-forward)."""
+    return list(sched.partial)
 
 
 def active_reqs(sched: Scheduler) -> list[Req]:
@@ -186,16 +182,17 @@ def test_outputs_same_with_and_without_cache_across_chunk_boundaries_and_n(model
 
 
 @pytest.mark.parametrize(
-    "seed,policy,disable",
-    [(0, "lpm", False), (1, "fcfs", False), (2, "dfs-weight", False), (3, "lpm", True), (4, "fcfs", True),
-     (5, "lpm", False)],
+    "seed,policy,disable,overlap",
+    [(0, "lpm", False, False), (1, "fcfs", False, False), (2, "dfs-weight", False, False), (3, "lpm", True, False),
+     (4, "fcfs", True, False), (5, "lpm", False, True), (6, "dfs-weight", False, True), (7, "lpm", True, True)],
 )
-def test_kv_accounting_after_every_step_of_a_random_workload(model_dir, vocab, seed, policy, disable) -> None:
+def test_kv_accounting_after_every_step_of_a_random_workload(model_dir, vocab, seed, policy, disable, overlap) -> None:
     rng = random.Random(seed)
     pool = 320
     sched = make_scheduler(model_dir, max_total_tokens=pool, chunked_prefill_size=40, schedule_policy=policy,
                            disable_radix_cache=disable, max_running_requests=10,
-                           schedule_conservativeness=0.3)  # admit eagerly: decode runs short and retracts
+                           schedule_conservativeness=0.3,  # admit eagerly: decode runs short and retracts
+                           disable_overlap_schedule=not overlap, enable_overlap_schedule_on_cpu=overlap)
     evicted: list[int] = []
     real_evict = sched.cache.evict
 
@@ -279,6 +276,25 @@ def test_kv_accounting_after_every_step_of_a_random_workload(model_dir, vocab, s
 
 
 # ------------------------------------------------------------------------------------------ reuse
+
+
+def test_a_prompt_is_shared_as_soon_as_it_is_prefilled(model_dir, vocab) -> None:
+    """Not only once its request finishes: a system prompt serves requests that arrive while the
+    first one still decodes."""
+    rng = random.Random(9)
+    system = shared_ids(rng, 60)
+    sched = make_scheduler(model_dir)  # no chunking: the whole prompt in one prefill
+    sched.handle(make_req("first", system + fresh_ids(rng, 8, vocab), 20))
+    sched.step()
+    assert [r.rid for r in sched.running] == ["first"]
+    assert sched.info()["kv_locked_tokens"] == 68
+    sched.handle(make_req("second", system + fresh_ids(rng, 8, vocab), 4))
+    sched.step()
+    assert [r.rid for r in sched.running] == ["first", "second"]
+    got = run_to_completion(sched, [])
+    assert got["second"]["cached_tokens"] == 60
+    assert got["first"]["finished_reason"] == {"type": "length", "length": 20}
+    flush_and_assert_all_free(sched)
 
 
 def test_multi_turn_reuses_the_previous_answer(model_dir, vocab) -> None:
