@@ -1,0 +1,1 @@
+"""Grammar backends; each module is imported only when selected (optional dependencies)."""

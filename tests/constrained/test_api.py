@@ -1,0 +1,189 @@
+"""Public API contract: arguments, errors, EOS, rollback/copy, jump-forward, bitmasks, cache."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from radixlm import constrained as C
+
+from .conftest import encode, run_tokens
+
+BACKENDS = C.available_backends()
+JSON_BACKENDS = [b for b in BACKENDS if b != "xgrammar"]  # xgrammar's JSON path is off (README)
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "kind": {"enum": ["cat", "dog"]}},
+          "required": ["name", "kind"], "additionalProperties": False}
+
+
+def test_exactly_one_spec(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        C.compile(tokenizer)
+    with pytest.raises(ValueError, match="exactly one"):
+        C.compile(tokenizer, regex="a", choices=["a"])
+    with pytest.raises(ValueError, match="unknown grammar backend"):
+        C.compile(tokenizer, regex="a", backend="nope")
+
+
+def test_errors_are_typed_and_positioned(tokenizer: Any) -> None:
+    assert issubclass(C.UnsupportedSchemaError, ValueError) and issubclass(C.GrammarCompileError, ValueError)
+    with pytest.raises(C.UnsupportedSchemaError) as info:
+        C.compile(tokenizer, json_schema={"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}})
+    assert info.value.keyword == "uniqueItems" and info.value.path == "/properties/tags"
+    with pytest.raises(C.UnsupportedSchemaError, match="maxLenght"):  # typo: never silently ignored
+        C.compile(tokenizer, json_schema={"type": "string", "maxLenght": 3})
+    with pytest.raises(C.GrammarCompileError, match="char 9"):
+        C.compile(tokenizer, json_schema='{"type": }')
+    with pytest.raises(C.GrammarCompileError):
+        C.compile(tokenizer, regex="(ab")
+    with pytest.raises(C.GrammarCompileError, match="position 2"):
+        C.compile(tokenizer, regex="ab(", backend="outlines")
+    with pytest.raises(C.UnsupportedSchemaError, match="format"):
+        C.compile(tokenizer, json_schema={"type": "string", "format": "iri"})
+    with pytest.raises(C.UnsupportedSchemaError, match="https"):
+        C.compile(tokenizer, json_schema={"$ref": "https://example.com/s.json"})
+
+
+def test_lenient_drops_unsupported_keywords(tokenizer: Any) -> None:
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True, "maxItems": 3}
+    grammar = C.compile(tokenizer, json_schema=schema, lenient=True)
+    assert run_tokens(grammar.matcher(), encode(tokenizer, "[1, 1]"))  # uniqueness not enforced
+    assert not run_tokens(grammar.matcher(), encode(tokenizer, "[1, 2, 3, 4]"))  # the rest still is
+
+
+def test_json_string_and_dict_share_cache(tokenizer: Any) -> None:
+    a = C.compile(tokenizer, json_schema=SCHEMA)
+    b = C.compile(tokenizer, json_schema=json.dumps(SCHEMA))
+    assert a is b
+    cache = C.GrammarCache(capacity=2)
+    g1 = C.compile(tokenizer, regex="a+", cache=cache)
+    C.compile(tokenizer, regex="b+", cache=cache)
+    C.compile(tokenizer, regex="c+", cache=cache)
+    assert len(cache) == 2 and C.compile(tokenizer, regex="a+", cache=cache) is not g1
+
+
+@pytest.mark.parametrize("backend", JSON_BACKENDS)
+def test_eos_only_in_accepting_states(tokenizer: Any, backend: str) -> None:
+    grammar = C.compile(tokenizer, json_schema=SCHEMA, backend=backend)
+    ends = grammar.info.end_token_ids
+    assert tokenizer.eos_token_id in ends
+    m = grammar.matcher()
+    ids = encode(tokenizer, '{"name": "Rex", "kind": "dog"}')
+    for tid in ids:
+        allowed = set(m.allowed_token_ids())
+        assert not allowed & set(ends) and not m.is_accepting()
+        assert not m.advance(tokenizer.eos_token_id)
+        assert tid in allowed and m.advance(tid)
+    assert m.is_accepting() and m.is_terminated()
+    assert set(m.allowed_token_ids()) == set(ends)  # only end tokens after the closing brace
+    specials = {t for t in range(grammar.info.vocab_size) if grammar.info.token_bytes[t] is None} - set(ends)
+    assert specials and not specials & set(grammar.matcher().allowed_token_ids())
+    assert m.advance(ends[-1]) and m.allowed_token_ids() == [] and not m.advance(ids[0])
+    m.rollback(1)
+    assert m.is_accepting() and set(m.allowed_token_ids()) == set(ends)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_advance_rejects_without_changing_state(tokenizer: Any, backend: str) -> None:
+    grammar = C.compile(tokenizer, regex=r"[0-9]{2}-[a-z]+", backend=backend)
+    m = grammar.matcher()
+    assert m.advance(encode(tokenizer, "4")[0])
+    before = m.allowed_token_ids()
+    assert not m.advance(encode(tokenizer, "x")[0])
+    assert m.allowed_token_ids() == before and m.num_tokens == 1
+
+
+@pytest.mark.parametrize("backend", JSON_BACKENDS)
+def test_rollback_and_copy(tokenizer: Any, backend: str) -> None:
+    grammar = C.compile(tokenizer, json_schema=SCHEMA, backend=backend)
+    ids = encode(tokenizer, '{"name": "Rex", "kind": "cat"}')
+    m = grammar.matcher()
+    masks = []
+    for tid in ids:
+        masks.append(m.allowed_token_ids())
+        assert m.advance(tid)
+    fork = m.copy()
+    m.rollback(4)
+    assert m.num_tokens == len(ids) - 4 and m.allowed_token_ids() == masks[-4]
+    assert fork.is_accepting() and fork.num_tokens == len(ids)  # the copy is independent
+    for tid in ids[-4:]:
+        assert m.advance(tid)
+    assert m.is_accepting()
+    m.rollback(m.num_tokens)
+    assert m.allowed_token_ids() == masks[0]
+    with pytest.raises(ValueError):
+        m.rollback(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forced_prefix_for_jump_forward(tokenizer: Any, backend: str) -> None:
+    grammar = C.compile(tokenizer, regex=r'\{"id": [0-9]+, "status": "(active|archived)"\}', backend=backend)
+    m = grammar.matcher()
+    assert m.forced_prefix() == '{"id": '
+    for tid in encode(tokenizer, '{"id": 42'):
+        assert m.advance(tid)
+    assert m.forced_prefix() == ""  # more digits or the comma
+    assert m.advance(encode(tokenizer, ",")[0])
+    assert m.forced_prefix() == ' "status": "a'  # both enum values start with "a"
+    for tid in encode(tokenizer, ' "status": "ar'):
+        assert m.advance(tid)
+    assert m.forced_prefix() == 'chived"}'
+    for tid in encode(tokenizer, 'chived"}'):
+        assert m.advance(tid)
+    assert m.forced_prefix() == "" and m.is_terminated()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forced_prefix_utf8_boundaries(tokenizer: Any, backend: str) -> None:
+    grammar = C.compile(tokenizer, choices=["é-x", "è-y"], backend=backend)
+    m = grammar.matcher()
+    assert m.forced_prefix() == ""  # only the shared first byte of é/è is forced: not a character
+    assert all(m.advance(t) for t in encode(tokenizer, "é"))
+    assert m.forced_prefix() == "-x"
+
+
+def test_bitmask_fill_wider_model_vocab(tokenizer: Any) -> None:
+    grammar = C.compile(tokenizer, choices=["yes", "no"])
+    model_vocab = grammar.info.vocab_size + 100  # padded embedding
+    bitmask = C.allocate_token_bitmask(3, model_vocab)
+    m = grammar.matcher()
+    m.fill_next_token_bitmask(bitmask, 1)
+    logits = torch.zeros(3, model_vocab)
+    C.apply_token_bitmask_(logits, bitmask)
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed == m.allowed_token_ids() and all(t < grammar.info.vocab_size for t in allowed)
+    assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()  # untouched rows
+
+
+def test_apply_token_bitmask_matches_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch, vocab = 4, 1000
+    allowed = torch.rand(batch, vocab, generator=gen) < 0.3
+    bitmask = torch.zeros(batch, (vocab + 31) // 32, dtype=torch.int32)
+    for b in range(batch):
+        bitmask[b] = C.bitmask.ids_to_row(allowed[b].nonzero().flatten().tolist(), bitmask.shape[1])
+    logits = torch.randn(batch, vocab + 40, generator=gen)  # model vocab wider than the bitmask
+    expected = logits.clone()
+    expected[:, :vocab][~allowed] = float("-inf")
+    expected[:, vocab:] = float("-inf")  # zero bits up to 32*W, then past the bitmask
+    C.apply_token_bitmask_(logits, bitmask)
+    assert torch.equal(logits, expected)
+    half = torch.randn(batch, vocab, dtype=torch.float16)
+    C.apply_token_bitmask_(half, bitmask)
+    assert torch.equal(torch.isfinite(half), allowed)
+    with pytest.raises(ValueError):
+        C.apply_token_bitmask_(torch.zeros(2, vocab), bitmask)
+
+
+def test_xgrammar_json_schema_is_refused(tokenizer: Any) -> None:
+    if "xgrammar" not in BACKENDS:
+        pytest.skip("xgrammar not installed")
+    with pytest.raises(C.UnsupportedSchemaError, match="not sound"):
+        C.compile(tokenizer, json_schema={"type": "string"}, backend="xgrammar")
+
+
+def test_available_backends_and_default() -> None:
+    assert C.default_backend() in C.available_backends()
+    assert C.DEFAULT_BACKEND == "llguidance" and "outlines" in C.available_backends()

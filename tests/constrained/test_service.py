@@ -1,0 +1,67 @@
+"""GrammarService: compiles in a killable worker process; the caller only polls."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from radixlm import constrained as C
+from radixlm.constrained.service import GrammarService
+
+from .conftest import encode, run_tokens
+
+SLOW_REGEX = "[a-z]{0,6000}!"  # outlines-core: ~6000 DFA states x 49k tokens, tens of seconds
+
+
+@pytest.fixture(scope="module")
+def service(tokenizer: Any, tokenizer_dir: Path) -> Any:
+    svc = GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=3.0, cache=C.GrammarCache())
+    yield svc
+    svc.close()
+
+
+def test_service_compiles_and_reports_errors(service: GrammarService, tokenizer: Any) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}
+    service.submit("ok", {"json_schema": schema})
+    service.submit("same", {"json_schema": schema})  # deduplicated with "ok"
+    service.submit("regex", {"regex": "(yes|no)", "backend": "outlines"})
+    service.submit("ebnf", {"ebnf": 'root ::= "a"+'})
+    service.submit("bad", {"json_schema": {"type": "string", "uniqueItems": True}})
+    service.submit("broken", {"regex": "(unclosed"})
+    service.submit("two", {"regex": "a", "choices": ["a"]})
+    start = time.monotonic()
+    results = dict(service.wait(timeout_s=120))
+    assert time.monotonic() - start < 120
+    assert set(results) == {"ok", "same", "regex", "ebnf", "bad", "broken", "two"}
+    assert results["ok"] is results["same"]
+    assert run_tokens(results["ok"].matcher(), encode(tokenizer, '{"n": 7}'))
+    assert not run_tokens(results["ok"].matcher(), encode(tokenizer, '{"n": 10}'))
+    assert run_tokens(results["regex"].matcher(), encode(tokenizer, "no"))
+    assert run_tokens(results["ebnf"].matcher(), encode(tokenizer, "aaa"))
+    assert isinstance(results["bad"], C.UnsupportedSchemaError)
+    assert isinstance(results["broken"], C.GrammarCompileError)
+    assert isinstance(results["two"], ValueError)
+    service.submit("again", {"json_schema": schema})  # now a cache hit: answered without the worker
+    assert service.poll() == [("again", results["ok"])]
+
+
+def test_service_timeout_restarts_worker(service: GrammarService, tokenizer: Any) -> None:
+    service.submit("slow", {"regex": SLOW_REGEX, "backend": "outlines"})
+    service.submit("after", {"regex": "[0-9]+x"})
+    polls = 0
+    results: dict[Any, Any] = {}
+    deadline = time.monotonic() + 60
+    while service.pending() and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        for key, value in service.poll():
+            results[key] = value
+        assert time.perf_counter() - t0 < 0.5  # poll never blocks on the compile
+        polls += 1
+        time.sleep(0.01)
+    assert isinstance(results["slow"], C.GrammarCompileError)
+    assert "timed out after 3 s" in str(results["slow"])
+    assert service.restarts >= 1
+    assert run_tokens(results["after"].matcher(), encode(tokenizer, "123x"))
