@@ -25,20 +25,16 @@ def decode_attention_ref(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """One new token per request attends to all `seq_lens[b]` tokens of its request."""
-    bsz, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buffer.shape[1]
-    group = num_q_heads // num_kv_heads
     max_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
     slots = req_to_token[req_pool_indices, :max_len].long()  # [B, L]
-    k = k_buffer[slots].to(q.dtype)  # [B, L, Hkv, D]
-    v = v_buffer[slots].to(q.dtype)
-    qg = q.view(bsz, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * sm_scale
+    k = k_buffer[slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D] (a view: SDPA takes strides)
+    v = v_buffer[slots].to(q.dtype).transpose(1, 2)
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
-    return out.reshape(bsz, num_q_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=sm_scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.squeeze(2)
 
 
 def extend_attention_ref(
