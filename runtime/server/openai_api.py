@@ -14,6 +14,7 @@ from radixlm.runtime.server.generation import ServerContext, collect, generate, 
 from radixlm.runtime.server.native_api import CTX, read_json
 from radixlm.runtime.server.openai_protocol import OpenAIRequest, parse_chat, parse_completion
 from radixlm.runtime.server.sse import ClientGone, EventStream
+from radixlm.runtime.server.tools import could_be_call, openai_tool_calls, parse_calls
 
 logger = logging.getLogger(__name__)
 _RENAME = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "text": "prompt"}
@@ -89,6 +90,7 @@ class _Choice:
         self.n_input_logprobs = 0
         self.started = False
         self.finished = False
+        self.holding = False  # output held back: it may be a tool call (sent whole at the end)
 
 
 def _logprob_delta(req: OpenAIRequest, st: _Choice, meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -123,7 +125,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -> web.StreamResponse:
-    ctx.check_constraints(req.generate, "response_format" if req.kind == "chat" else None)
+    param = None
+    if req.kind == "chat":
+        param = "tool_choice" if req.tools is not None and req.tools.constrained else "response_format"
+    ctx.check_constraints(req.generate, param)
     try:
         if req.stream:
             return await _stream(request, ctx, req)
@@ -140,15 +145,27 @@ def _full_response(req: OpenAIRequest, outs: list[dict[str, Any]]) -> dict[str, 
         st = _Choice()
         lp = _logprob_delta(req, st, out["meta_info"])
         if req.kind == "chat":
-            choices.append({"index": i, "message": {"role": "assistant", "content": out["text"],
-                                                    "reasoning_content": None, "tool_calls": None},
-                            "logprobs": lp, "finish_reason": reason, "matched_stop": matched})
+            message = {"role": "assistant", "content": out["text"], "reasoning_content": None, "tool_calls": None}
+            calls = _tool_calls(req, out)
+            if calls:
+                message.update(content=None, tool_calls=calls)
+                reason = "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason,
+                            "matched_stop": matched})
         else:
             text = (req.prompts[i // req.n] + out["text"]) if req.echo else out["text"]
             choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason,
                             "matched_stop": matched})
     return {"id": req.rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": int(time.time()), "model": req.model, "choices": choices, "usage": _usage(req, outs)}
+
+
+def _tool_calls(req: OpenAIRequest, out: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The calls in a finished chat output (OpenAI shape), when tools are in play and it is made of calls."""
+    if req.tools is None or not req.tools.parses:
+        return None
+    calls = parse_calls(out["text"], req.tools)
+    return openai_tool_calls(calls) if calls else None
 
 
 async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -> web.StreamResponse:
@@ -173,14 +190,31 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
         delta = text[len(st.text):] if text.startswith(st.text) else text[len(_common_prefix(st.text, text)):]
         if req.echo and not st.started:
             delta = req.prompts[i // req.n] + delta
-        lp = _logprob_delta(req, st, meta)
         usage = None
         if req.continuous_usage:
             usage = {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
                      "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]}
         if chat and not st.started:
-            await sse.send(chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}, usage))
+            forced = req.tools is not None and req.tools.constrained
+            await sse.send(chunk({"index": i, "delta": {"role": "assistant", "content": None if forced else ""},
+                                  "logprobs": None, "finish_reason": None}, usage))
+            st.holding = req.tools is not None and req.tools.parses
+        if st.holding:
+            st.started = True
+            if reason is None and (req.tools.constrained or could_be_call(text)):
+                return  # still possibly a call: hold the text (and its logprobs) back
+            calls = _tool_calls(req, out) if reason is not None else None
+            if calls:
+                st.finished = True
+                lp = _logprob_delta(req, st, meta)
+                deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                await sse.send(chunk({"index": i, "delta": {"tool_calls": deltas}, "logprobs": lp,
+                                      "finish_reason": None}, usage))
+                await sse.send(chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls",
+                                      "matched_stop": matched}, usage))
+                return
+            st.holding = False  # not a call: what was held goes out as content below
+        lp = _logprob_delta(req, st, meta)  # (before `started`: echoed prompt logprobs come first)
         st.started = True
         st.text = text
         if delta or lp is not None and (lp.get("content") or lp.get("tokens")):

@@ -16,6 +16,7 @@ from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.chat import normalize_messages, template_kwargs
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.generation import ServerContext
+from radixlm.runtime.server.tools import ToolSpec, parse_tool_spec
 
 # Accepted and without effect here (OpenAI bookkeeping fields).
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
@@ -54,6 +55,7 @@ class OpenAIRequest:
     top_logprobs: int
     prompts: list[str]
     generate: GenerateRequest
+    tools: ToolSpec | None = None  # chat with tools: calls are parsed from (or forced on) the output
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -87,12 +89,6 @@ def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
     for key in body:
         if key not in allowed:
             raise _bad(key, "unknown field")
-    if body.get("tools") or body.get("functions"):
-        raise _bad("tools" if body.get("tools") else "functions",
-                   "tool calling is not supported by this server yet")
-    choice = body.get("tool_choice", body.get("function_call"))
-    if choice not in (None, "none"):
-        raise _bad("tool_choice", "tool calling is not supported by this server yet")
 
 
 def _stop(body: dict[str, Any]) -> list[str] | None:
@@ -318,10 +314,16 @@ def parse_chat(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
     for name in ("separate_reasoning", "stream_reasoning"):
         _typed(body, name, "bool")
     kwargs = template_kwargs(body.get("chat_template_kwargs"))
+    tools = parse_tool_spec(body, _check_schema)
     sp = _sampling(body, ctx.vocab_size)
+    if tools is not None and tools.constrained:
+        if any(sp.get(k) is not None for k in ("regex", "ebnf", "json_schema")):
+            raise _bad("tool_choice", "a required or named tool call constrains the output and cannot be combined "
+                                      "with response_format, regex, ebnf or json_schema")
+        sp["json_schema"] = json.dumps(tools.schema(), ensure_ascii=False)
     if ctx.chat is None:
         raise ApiError(400, "messages: this server has no chat template", "messages")
-    prompt = ctx.chat.render(messages, continue_final=continue_final, template_kwargs=kwargs)
+    prompt = ctx.chat.render(messages, continue_final=continue_final, template_kwargs=kwargs, tools=tools)
     ids = ctx.tm.tokenizer.encode(prompt, add_special_tokens=False)
     if max_tokens is None:  # OpenAI's default: up to the end of the context
         _check_length(ctx, ids, 1, "messages", max_param)
@@ -335,4 +337,4 @@ def parse_chat(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
     req = _build(ctx, native, {"max_new_tokens": max_param, "min_new_tokens": "min_tokens", "input_ids": "messages",
                                "top_logprobs_num": "top_logprobs"})
     return OpenAIRequest("chat", model, rid, stream, include_usage, continuous, sp.get("n", 1), False, want_lp,
-                         top or 0, [prompt], req)
+                         top or 0, [prompt], req, tools)
