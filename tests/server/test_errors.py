@@ -29,8 +29,8 @@ CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content[0].type"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "tools"),
+    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function", "function": {}}]}, 400,
+     "tools[0].function.name"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": 5}}}}, 400, "response_format.json_schema.schema"),
