@@ -34,6 +34,10 @@ def serve(argv: list[str] | None, prog: str) -> int:
         args = server_args_from(ns)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.node_rank > 0:  # another node of a multi-node replica: its ranks only, no HTTP
+        from radixlm.runtime.parallel.launch import run_worker_node
+
+        return run_worker_node(args)
     from radixlm.runtime.server.app import run_server
 
     return run_server(args)

@@ -1,4 +1,7 @@
-"""Owns the model weights, the KV pools and the attention backend; runs one forward pass."""
+"""Owns the model weights, the KV pools and the attention backend; runs one forward pass.
+
+With several ranks per replica (TP / PP) every rank has a ModelRunner holding its shard and its own
+KV pool (its KV heads, its layers); rank 0's forward first sends the batch to the others."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +15,7 @@ from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
 from radixlm.runtime.model_config import ModelConfig, resolve_dtype
 from radixlm.runtime.models.llama import MODEL_CLASSES, LlamaForCausalLM, rope_cos_sin_cache
+from radixlm.runtime.parallel.state import agree_min, get_parallel_state
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.weight_loader import init_dummy_weights, iter_safetensors
 
@@ -35,7 +39,8 @@ def _available_ram_bytes() -> int:
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_dir: Path) -> None:
         self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        parallel = get_parallel_state()
+        self.device = parallel.device if parallel else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu" and args.cpu_threads:
             torch.set_num_threads(args.cpu_threads)
         self.model_config = ModelConfig.from_pretrained(model_dir)
@@ -46,20 +51,26 @@ class ModelRunner:
         torch.manual_seed(args.random_seed)
         self.model = self._load_model(model_dir)
 
-        self.max_total_tokens = self._kv_capacity()
+        self.max_total_tokens = agree_min(self._kv_capacity())  # every rank holds the same slots
         self.max_running_requests = args.max_running_requests or min(
             1024 if self.device.type == "cuda" else 256, max(self.max_total_tokens // 16, 8)
         )
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, self.context_len + 8, self.device)
-        self.kv_pool = TokenToKVPool(
-            self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        self.kv_pool = TokenToKVPool(  # this rank's layers and KV heads
+            self.max_total_tokens, len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype, self.device
         )
         self.attn_backend = self._make_attention_backend()
         self.graph_runner = None
-        if self.device.type == "cuda" and not args.disable_cuda_graph and self.model.ops.name == "triton":
+        if (self.device.type == "cuda" and not args.disable_cuda_graph and self.model.ops.name == "triton"
+                and self.model.stage.size == 1):  # stages exchange tensors between graphs: not captured
             from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs, self.max_running_requests), self.req_to_token_pool.pad_row)
+        self.channel = None
+        if parallel is not None:
+            from radixlm.runtime.parallel.worker import StepChannel
+
+            self.channel = StepChannel(self, parallel)
         logger.info(
             "model %s on %s (%s): KV pool %d tokens, %d running requests max, context %d",
             mc.architecture, self.device, self.dtype, self.max_total_tokens, self.max_running_requests, self.context_len,
@@ -74,13 +85,14 @@ class ModelRunner:
         if self.args.load_format == "dummy":
             init_dummy_weights(model, self.args.random_seed)
         else:
-            model.load_weights(iter_safetensors(model_dir))
+            # Several ranks: each reads only its share of the checkpoint.
+            model.load_weights(iter_safetensors(model_dir, lazy=get_parallel_state() is not None))
         model.eval()
         return model
 
     def _kv_capacity(self) -> int:
         mc = self.model_config
-        per_token = TokenToKVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        per_token = TokenToKVPool.bytes_per_token(len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype)
         if self.args.max_total_tokens:
             return self.args.max_total_tokens
         if self.device.type == "cuda":
@@ -104,6 +116,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [len(batch.logits_indices), vocab] in float32."""
+        if self.channel is not None:  # rank 0 of several: the other ranks run the batch with this one
+            return self.channel.drive(batch)
+        return self.forward_local(batch)
+
+    @torch.inference_mode()
+    def forward_local(self, batch: ForwardBatch) -> torch.Tensor:
+        """The forward of a rank holding every layer (TP collectives run inside the model)."""
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch)
         self.attn_backend.begin_forward(batch)

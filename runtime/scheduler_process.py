@@ -8,6 +8,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from radixlm.runtime.io_struct import ControlReq, SchedulerFailed, SchedulerReady
+from radixlm.runtime.parallel.state import RankInfo
 from radixlm.runtime.server_args import ServerArgs
 
 
@@ -17,12 +18,22 @@ def load_tokenizer(path: str | Path) -> object:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, send: Connection) -> None:
+def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, send: Connection,
+                          rank: RankInfo | None = None) -> None:
+    """`rank`: this is rank 0 of a replica with several ranks (TP / PP); it drives the others."""
     logging.basicConfig(level=args.log_level.upper(), format="[scheduler] %(levelname)s %(message)s")
     parent = os.getppid()
     try:
         from radixlm.runtime.scheduler import Scheduler
 
+        if rank is not None:
+            from radixlm.runtime.parallel.state import init_parallel
+
+            init_parallel(rank, args.device)  # joins the replica's other ranks; picks this rank's GPU
+        elif args.device and args.device.startswith("cuda:"):
+            import torch
+
+            torch.cuda.set_device(args.device)  # e.g. one GPU per data-parallel replica
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or model_dir)
         sched = Scheduler(args, Path(model_dir), tokenizer)
         runner = sched.runner
@@ -57,3 +68,9 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                 recv.poll(0.002)  # only waiting on grammar compiles: don't spin
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
+    finally:
+        if runner.channel is not None:
+            from radixlm.runtime.parallel.state import destroy_parallel
+
+            runner.channel.stop()  # the other ranks exit too
+            destroy_parallel()

@@ -40,9 +40,14 @@ class ServerArgs:
     disable_overlap_schedule: bool = False
     enable_overlap_schedule_on_cpu: bool = False  # on by default only on CUDA, where it pays
     attention_backend: str | None = None  # torch | triton; None: triton on CUDA
-    # Parallelism
+    # Parallelism (runtime/parallel/): TP x PP ranks per replica, dp_size replicas behind one front
     tp_size: int = 1
+    pp_size: int = 1
     dp_size: int = 1
+    load_balance_method: str = "cache_aware"  # how the front picks a replica: cache_aware | round_robin | shortest_queue
+    nnodes: int = 1  # the ranks of one replica spread over this many nodes
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host:port of node 0's torch.distributed rendezvous
     # Misc
     random_seed: int = 0
     log_level: str = "info"
@@ -64,6 +69,29 @@ class ServerArgs:
                 raise ValueError(f"{name}: must be positive")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not one of auto, dummy")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if self.load_balance_method not in ("cache_aware", "round_robin", "shortest_queue"):
+            raise ValueError(f"load_balance_method: {self.load_balance_method!r} is not one of "
+                             "cache_aware, round_robin, shortest_queue")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank: must be in [0, nnodes={self.nnodes})")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"dist_init_addr: {self.dist_init_addr!r} is not host:port")
+        if self.nnodes > 1:
+            if self.dist_init_addr is None:
+                raise ValueError("dist_init_addr: required with nnodes > 1 (host:port reachable from every node)")
+            if (self.tp_size * self.pp_size) % self.nnodes:
+                raise ValueError(f"nnodes: {self.nnodes} does not divide the {self.tp_size * self.pp_size} ranks "
+                                 "(tp_size x pp_size)")
+            if self.dp_size > 1:
+                raise ValueError("dp_size: data parallelism runs on one node; with nnodes > 1 use dp_size 1")
 
     def replace(self, **changes: object) -> "ServerArgs":
         return dataclasses.replace(self, **changes)
@@ -74,7 +102,8 @@ class ServerArgs:
             if f.name == "extra":
                 continue
             flag = "--" + f.name.replace("_", "-")
-            aliases = {"model_path": ["--model"], "tp_size": ["--tensor-parallel-size"], "dp_size": ["--data-parallel-size"]}
+            aliases = {"model_path": ["--model"], "tp_size": ["--tensor-parallel-size"], "dp_size": ["--data-parallel-size"],
+                       "pp_size": ["--pipeline-parallel-size"]}
             names = [flag, *aliases.get(f.name, [])]
             if f.type in ("bool", bool):
                 parser.add_argument(*names, dest=f.name, action="store_true", default=f.default)

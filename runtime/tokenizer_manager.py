@@ -1,12 +1,16 @@
 """The front half of the runtime (HTTP/tokenizer process): tokenize, send to the scheduler,
-detokenize its deltas, and hand results to callers as SGLang-shaped dicts."""
+detokenize its deltas, and hand results to callers as SGLang-shaped dicts.
+
+With --dp-size N it fronts N scheduler processes (replicas, each possibly TP x PP ranks): a router
+picks the replica of each request, outputs from all of them merge here, and a replica that dies
+fails only its own requests (runtime/parallel/)."""
 from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import itertools
 import logging
-import multiprocessing as mp
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,11 +19,11 @@ from typing import Any
 
 from radixlm.runtime.detokenizer import IncrementalDetokenizer, stop_holdback, trim_at_stop
 from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
-from radixlm.runtime.io_struct import (
-    AbortReq, ControlReq, ControlResp, ReqOutput, SchedulerFailed, SchedulerReady, TokenizedGenerateReq,
-)
+from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.parallel.launch import Replica, merge_infos, start_replicas, stop_replica, watch_replicas
+from radixlm.runtime.parallel.router import Router
 from radixlm.runtime.sampling_params import InvalidRequestError
-from radixlm.runtime.scheduler_process import load_tokenizer, run_scheduler_process
+from radixlm.runtime.scheduler_process import load_tokenizer
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class ReqState:
     output_token_logprobs: list = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    replica: int = 0  # the data-parallel replica serving it
+    error: str | None = None  # set when that replica died before it finished
 
 
 class TokenizerManager:
@@ -56,49 +62,44 @@ class TokenizerManager:
         self.model_dir = resolve_model_path(args.model_path)
         # --skip-tokenizer-init: clients send input_ids and read output_ids (random-weight benchmarks).
         self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or self.model_dir)
-        ctx = mp.get_context("spawn")
-        to_sched_r, self._to_sched = ctx.Pipe(duplex=False)
-        self._from_sched, from_sched_w = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(
-            target=run_scheduler_process, args=(args, str(self.model_dir), to_sched_r, from_sched_w),
-            name="radixlm-scheduler", daemon=False,  # it starts a grammar worker of its own
-        )
-        self.proc.start()
-        to_sched_r.close()
-        from_sched_w.close()
-        atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the child
-        self.info = self._wait_ready()
+        # Every replica's scheduler (and its other ranks) started and ready; one unless --dp-size.
+        self.replicas: list[Replica] = start_replicas(args, self.model_dir)
+        atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the children
+        first = self.replicas[0].info
+        assert first is not None
+        # Requests are validated against the smallest replica.
+        self.info = first if len(self.replicas) == 1 else dataclasses.replace(
+            first, max_total_tokens=min(r.info.max_total_tokens for r in self.replicas if r.info))
+        self.router = Router(args.load_balance_method, [r.info.max_total_tokens for r in self.replicas if r.info])
+        self._watch_stop = threading.Event()
+        watch_replicas(self.replicas, self._watch_stop)
         self.states: dict[str, ReqState] = {}
         self._control: dict[int, asyncio.Future] = {}
+        self._control_replica: dict[int, int] = {}  # request id -> the replica asked
         self._ids = itertools.count()
-        self._send_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.dead: str | None = None
+        self.dead: str | None = None  # every replica is gone
 
-    def _wait_ready(self) -> SchedulerReady:
-        while not self._from_sched.poll(0.5):
-            if not self.proc.is_alive():
-                raise RuntimeError(f"scheduler process exited during startup (code {self.proc.exitcode})")
-        msg = self._from_sched.recv()
-        if isinstance(msg, SchedulerFailed):
-            self.proc.join(5)
-            raise RuntimeError(f"scheduler failed to start:\n{msg.error}")
-        assert isinstance(msg, SchedulerReady)
-        return msg
+    @property
+    def proc(self) -> Any:
+        """The (first) scheduler process."""
+        return self.replicas[0].procs[0]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Attach to the event loop that will await results; a thread feeds it scheduler messages."""
+        """Attach to the event loop that will await results; a thread per replica feeds it scheduler messages."""
         self.loop = loop
-        threading.Thread(target=self._reader, name="radixlm-recv", daemon=True).start()
+        for replica in self.replicas:
+            threading.Thread(target=self._reader, args=(replica,), name=f"radixlm-recv-{replica.index}",
+                             daemon=True).start()
 
-    def _reader(self) -> None:
+    def _reader(self, replica: Replica) -> None:
         assert self.loop is not None
         while True:
             try:
-                msg = self._from_sched.recv()
+                msg = replica.from_sched.recv()
             except (EOFError, OSError):
                 try:
-                    self.loop.call_soon_threadsafe(self._on_scheduler_death)
+                    self.loop.call_soon_threadsafe(self._on_scheduler_death, replica)
                 except RuntimeError:  # the event loop is already closed: we are shutting down
                     pass
                 return
@@ -107,11 +108,10 @@ class TokenizerManager:
             except RuntimeError:
                 return
 
-    def _send(self, msg: object) -> None:
-        if self.dead:
-            raise SchedulerDiedError(self.dead)
-        with self._send_lock:
-            self._to_sched.send(msg)
+    def _send(self, msg: object, replica: Replica) -> None:
+        if replica.dead:
+            raise SchedulerDiedError(replica.dead)
+        replica.send(msg)
 
     # ---------------------------------------------------------------- scheduler -> here
     def _dispatch(self, msg: object) -> None:
@@ -125,6 +125,8 @@ class TokenizerManager:
             if state is None:
                 continue
             self._apply(state, out)
+            if state.finished:
+                self.replicas[state.replica].inflight -= 1
             state.event.set()
 
     def _apply(self, state: ReqState, out: ReqOutput) -> None:
@@ -138,18 +140,23 @@ class TokenizerManager:
                 getattr(state, name).extend(delta)
         state.finished = finished
 
-    def _on_scheduler_death(self) -> None:
-        if self._closing:
+    def _on_scheduler_death(self, replica: Replica) -> None:
+        """Fail the requests of a replica whose scheduler is gone; the others keep serving."""
+        if self._closing or replica.dead:
             return
-        self.proc.join(1)
-        code = self.proc.exitcode
-        self.dead = f"the scheduler process died (exit code {code}); restart the server"
-        logger.error(self.dead)
+        replica.dead = replica.describe_death(len(self.replicas))
+        logger.error(replica.dead)
+        stop_replica(replica, graceful=False)  # its other ranks too
+        self.router.forget(replica.index)
+        if all(r.dead for r in self.replicas):
+            self.dead = replica.dead
         for state in self.states.values():
-            state.event.set()
-        for fut in self._control.values():
-            if not fut.done():
-                fut.set_exception(SchedulerDiedError(self.dead))
+            if state.replica == replica.index and not state.finished:
+                state.error = replica.dead
+                state.event.set()
+        for rid, fut in self._control.items():
+            if self._control_replica.get(rid) == replica.index and not fut.done():
+                fut.set_exception(SchedulerDiedError(replica.dead))
 
     # ---------------------------------------------------------------- caller API
     def tokenize(self, item: GenerateItem) -> list[int]:
@@ -188,36 +195,52 @@ class TokenizerManager:
             for rid in rids:
                 if rid in self.states:
                     raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+            replica = self._route(ids, item.extra_key)
             for rid in rids:
                 detok = IncrementalDetokenizer(self.tokenizer, item.params.skip_special_tokens,
                                                item.params.spaces_between_special_tokens)
-                state = ReqState(item=item, rid=rid, index=len(states), prompt_ids=ids, detok=detok)
+                state = ReqState(item=item, rid=rid, index=len(states), prompt_ids=ids, detok=detok,
+                                 replica=replica.index)
                 self.states[rid] = state
                 states.append(state)
+            replica.inflight += n
             self._send(TokenizedGenerateReq(
                 rid=item.rid, input_ids=ids, params=item.params, return_logprob=item.return_logprob,
                 logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num,
                 stream=req.stream, extra_key=item.extra_key,
-            ))
+            ), replica)
         return states
 
+    def _route(self, ids: list[int], extra_key: str | None) -> Replica:
+        if len(self.replicas) == 1:
+            replica = self.replicas[0]
+        else:
+            loads = [None if r.dead else r.inflight for r in self.replicas]
+            if all(load is None for load in loads):
+                raise SchedulerDiedError(self.dead or "every data-parallel replica died")
+            replica = self.replicas[self.router.select(ids, extra_key, loads)]
+        if replica.dead:
+            raise SchedulerDiedError(replica.dead)
+        return replica
+
     def abort(self, states: list[ReqState]) -> None:
-        for item_rid in {s.item.rid for s in states if not s.finished}:
+        for item_rid, replica in {(s.item.rid, s.replica) for s in states if not s.finished and not s.error}:
             try:
-                self._send(AbortReq(item_rid))
-            except SchedulerDiedError:
+                self._send(AbortReq(item_rid), self.replicas[replica])
+            except (SchedulerDiedError, OSError):
                 pass
         for s in states:
-            self.states.pop(s.rid, None)
+            if self.states.pop(s.rid, None) is not None and not s.finished and not s.error:
+                self.replicas[s.replica].inflight -= 1
 
     def abort_request(self, rid: str | None, message: str = "aborted by client") -> int:
         """Ask the scheduler to abort a request by id (a request's rid or one of its n sequences'),
         or every unfinished one for None; their generators then finish with an abort reason.
         Returns the number of unfinished sequences targeted."""
-        targets = [s for s in self.states.values() if not s.finished and (rid is None or rid in (s.rid, s.item.rid))]
-        for target in ({rid} if rid is not None else {s.item.rid for s in targets}):
-            if targets:
-                self._send(AbortReq(target, message))
+        targets = [s for s in self.states.values() if not s.finished and not s.error
+                   and (rid is None or rid in (s.rid, s.item.rid))]
+        for target, replica in {(rid if rid is not None else s.item.rid, s.replica) for s in targets}:
+            self._send(AbortReq(target, message), self.replicas[replica])
         return len(targets)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
@@ -241,7 +264,7 @@ class TokenizerManager:
                     if s.event.is_set():
                         s.event.clear()
                         changed.append(self.build_output(s))
-                        if s.finished or self.dead:
+                        if s.finished or s.error or self.dead:
                             pending.discard(i)
                 if changed:
                     yield changed
@@ -250,16 +273,16 @@ class TokenizerManager:
 
     async def _wait(self, state: ReqState, until_finished: bool) -> None:
         while True:
-            if self.dead:
-                raise SchedulerDiedError(self.dead)
+            if state.error or self.dead:
+                raise SchedulerDiedError(state.error or self.dead)
             if state.finished or (not until_finished and state.event.is_set()):
                 return
             state.event.clear()
             await state.event.wait()
 
     def build_output(self, s: ReqState) -> dict[str, Any]:
-        if self.dead and not s.finished:
-            raise SchedulerDiedError(self.dead)
+        if (s.error or self.dead) and not s.finished:
+            raise SchedulerDiedError(s.error or self.dead)
         out = s.last
         reason = out.finished_reason if out else None
         params = s.item.params
@@ -307,24 +330,43 @@ class TokenizerManager:
             meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in e] for e in s.output_top_logprobs]
 
     async def control(self, kind: str, timeout: float = 30.0) -> ControlResp:
+        """Ask every live replica; with several, one answer merged from theirs."""
+        live = [r for r in self.replicas if not r.dead]
+        if not live:
+            raise SchedulerDiedError(self.dead or "no live replica")
+        resps = await asyncio.wait_for(asyncio.gather(*(self._control_one(kind, r) for r in live)), timeout)
+        if len(self.replicas) == 1:
+            return resps[0]
+        if kind == "get_info":
+            payload = merge_infos([{**r.payload, "dp_rank": rep.index} for r, rep in zip(resps, live)])
+            payload["dp_dead_replicas"] = [r.index for r in self.replicas if r.dead]
+            return ControlResp(resps[0].request_id, all(r.ok for r in resps), payload)
+        failed = [r for r in resps if not r.ok]
+        return failed[0] if failed else resps[0]
+
+    async def _control_one(self, kind: str, replica: Replica) -> ControlResp:
         assert self.loop is not None
         rid = next(self._ids)
         fut = self.loop.create_future()
         self._control[rid] = fut
-        self._send(ControlReq(kind, rid))
-        return await asyncio.wait_for(fut, timeout)
+        self._control_replica[rid] = replica.index  # failed if that replica dies
+        try:
+            self._send(ControlReq(kind, rid), replica)
+            return await fut
+        finally:
+            self._control.pop(rid, None)
+            self._control_replica.pop(rid, None)
 
     def shutdown(self) -> None:
         if self._closing:
             return
         self._closing = True
-        try:
-            self._send(ControlReq("shutdown", -1))
-        except (SchedulerDiedError, OSError, BrokenPipeError):
-            pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
+        self._watch_stop.set()
+        for replica in self.replicas:  # all at once: each then stops its own other ranks
+            if not replica.dead:
+                try:
+                    replica.send(ControlReq("shutdown", -1))
+                except (OSError, ValueError):
+                    pass
+        for replica in self.replicas:
+            stop_replica(replica, graceful=not replica.dead)

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 
-def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(model_dir: str | Path, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every checkpoint tensor. `lazy`: a safetensors slice instead, read only when
+    indexed (`s[a:b]`, `s[:, a:b]`, `s[:]`): a tensor-parallel rank reads just its share of each
+    tensor, a pipeline stage skips the other stages' layers."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"model_path: no *.safetensors files in {model_dir}")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:

@@ -1,6 +1,8 @@
 """Llama-family decoder, shared by Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 (qkv bias) and Qwen3 (q/k norm).
 
-Weights are fused at load time (qkv, gate_up) so each layer runs four matmuls.
+Weights are fused at load time (qkv, gate_up) so each layer runs four matmuls. Under tensor
+parallelism each rank builds its share (runtime/parallel/layers.py) and slices the full checkpoint
+tensors as they load; under pipeline parallelism it builds only its stage's layers.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from radixlm.kernels import KernelOps, get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
+from radixlm.runtime.parallel.layers import (
+    ColumnParallelLinear, PipelineStage, RowParallelLinear, TPLayout, VocabParallelEmbedding, gather_vocab_logits,
+)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -46,16 +51,16 @@ class RMSNormWeight(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPLayout) -> None:
         super().__init__()
-        self.layer_id = layer_id
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        self.layer_id = layer_id  # index into this rank's KV pool
+        self.num_heads = tp.heads
+        self.num_kv_heads = tp.kv_heads
         self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_size = tp.heads * cfg.head_dim
+        self.kv_size = tp.kv_heads * cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size)
         self.q_norm = RMSNormWeight(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = RMSNormWeight(cfg.head_dim) if cfg.qk_norm else None
         self.eps = cfg.rms_norm_eps
@@ -78,20 +83,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPLayout) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * tp.intermediate, bias=False)
+        self.down_proj = RowParallelLinear(tp.intermediate, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPLayout) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_id)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, layer_id, tp)
+        self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNormWeight(cfg.hidden_size)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
         self.eps = cfg.rms_norm_eps
@@ -101,19 +106,30 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
-        self.norm = RMSNormWeight(cfg.hidden_size)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = TPLayout.for_rank(cfg)  # this rank's heads, MLP columns and vocabulary rows (all at TP=1)
+        self.stage = PipelineStage.for_rank(cfg)  # this rank's layers (all at PP=1)
+        stage = self.stage
+        self.embed_tokens = VocabParallelEmbedding(self.tp, cfg.hidden_size) if stage.has_embedding else None
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, self.tp) for i in range(stage.end - stage.start)])
+        self.norm = RMSNormWeight(cfg.hidden_size) if stage.last else None
+        self.lm_head = (nn.Linear(cfg.hidden_size, self.tp.vocab_shard, bias=False)
+                        if stage.last and not cfg.tie_word_embeddings else None)
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_positions), persistent=False)
         self.ops: KernelOps = get_kernel_ops(False)  # the runner swaps in Triton kernels on a GPU
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, attn: PagedAttentionBackend) -> torch.Tensor:
-        """Hidden states (after the final norm) of the rows in `batch.logits_indices`."""
+    def forward(self, batch: ForwardBatch, attn: PagedAttentionBackend,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states (after the final norm) of the rows in `batch.logits_indices`.
+
+        Pipeline parallelism: a stage after the first starts from the previous stage's
+        `intermediate` (hidden, residual), and a stage before the last returns its own instead."""
         ops = self.ops
-        hidden = self.embed_tokens(batch.input_ids)
         residual: torch.Tensor | None = None
+        if intermediate is None:
+            hidden = self.embed_tokens(batch.input_ids)
+        else:
+            hidden, residual = intermediate
         for layer in self.layers:
             if residual is None:
                 residual = hidden
@@ -124,21 +140,23 @@ class LlamaForCausalLM(nn.Module):
             normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
             hidden = layer.mlp(normed, ops)
         assert residual is not None
+        if not self.stage.last:
+            return hidden, residual  # type: ignore[return-value]
         hidden = hidden + residual
         hidden = hidden[batch.logits_indices]
         return ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        return gather_vocab_logits(torch.matmul(hidden, weight.t()), self.cfg.vocab_size).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         cfg = self.cfg
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        inter = cfg.intermediate_size
+        q, kv = self.tp.heads * cfg.head_dim, self.tp.kv_heads * cfg.head_dim
+        inter = self.tp.intermediate
         fused = {  # HF suffix -> (our suffix, row offset, rows)
             "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
             "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
@@ -149,9 +167,11 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            name = name.removeprefix("model.")
-            if name == "lm_head.weight" and self.lm_head is None:
+            hf_name = name.removeprefix("model.")
+            name = self.stage.local_name(hf_name)  # None: a weight of another pipeline stage
+            if name is None or (name == "lm_head.weight" and self.lm_head is None):
                 continue
+            tensor = self.tp.shard(hf_name, tensor)  # this rank's rows / columns of it
             target, rows = name, None
             for hf, (ours, offset, count) in fused.items():
                 if f".{hf}." in f".{name}":

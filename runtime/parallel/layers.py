@@ -1,0 +1,207 @@
+"""Tensor-parallel layers, the slicing of full checkpoint tensors per rank, and pipeline stages.
+
+TP splits each decoder layer Megatron-style: qkv_proj and gate_up_proj are column-parallel (a rank
+computes its own heads / MLP columns, no communication), o_proj and down_proj are row-parallel (each
+rank's partial product, summed by one all-reduce). The embedding and the LM head are split by
+vocabulary rows (the vocabulary padded to a multiple of tp_size); logits are all-gathered for the
+sampler. KV heads are split like the query heads; with fewer KV heads than ranks, each rank keeps
+a copy of the one KV head its query heads read. At tp_size 1 every layer here is a plain nn.Linear /
+nn.Embedding and every slice is the whole tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from radixlm.runtime.model_config import ModelConfig
+from radixlm.runtime.parallel.state import get_parallel_state, pp_rank_size, tp_rank_size
+
+# torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def check_model_parallel(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
+    """Refuse a TP / PP size this model's shape cannot be split by, with a clear message."""
+    if cfg.num_heads % tp_size:
+        raise ValueError(f"tp_size: {tp_size} does not divide this model's {cfg.num_heads} attention heads")
+    if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
+        raise ValueError(f"tp_size: {tp_size} neither divides nor is a multiple of this model's "
+                         f"{cfg.num_kv_heads} KV heads")
+    if cfg.intermediate_size % tp_size:
+        raise ValueError(f"tp_size: {tp_size} does not divide this model's MLP size {cfg.intermediate_size}")
+    if pp_size > cfg.num_layers:
+        raise ValueError(f"pp_size: {pp_size} is more stages than this model's {cfg.num_layers} layers")
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """One rank's share of a model: its query heads, KV heads, MLP columns and vocabulary rows."""
+
+    rank: int
+    size: int
+    head_dim: int
+    heads: int
+    kv_heads: int
+    kv_head_start: int  # first (global) KV head held here
+    intermediate: int
+    vocab_shard: int  # embedding / LM head rows per rank
+    vocab_size: int
+
+    @classmethod
+    def for_rank(cls, cfg: ModelConfig) -> "TPLayout":
+        rank, size = tp_rank_size()
+        check_model_parallel(cfg, size, 1)
+        if cfg.num_kv_heads >= size:
+            kv_heads = cfg.num_kv_heads // size
+            kv_start = rank * kv_heads
+        else:  # replicated: rank r's query heads all read KV head r * kv / tp
+            kv_heads, kv_start = 1, rank * cfg.num_kv_heads // size
+        return cls(rank=rank, size=size, head_dim=cfg.head_dim, heads=cfg.num_heads // size, kv_heads=kv_heads,
+                   kv_head_start=kv_start, intermediate=cfg.intermediate_size // size,
+                   vocab_shard=-(-cfg.vocab_size // size), vocab_size=cfg.vocab_size)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.vocab_shard
+
+    def shard(self, name: str, tensor: Any) -> torch.Tensor:
+        """This rank's part of the full checkpoint tensor `name` (HF naming, without `model.`).
+        `tensor` may be a lazy safetensors slice: only the part is read."""
+        part = self._part(name, tensor) if self.size > 1 else tensor
+        return part if isinstance(part, torch.Tensor) else part[:]
+
+    def _part(self, name: str, tensor: Any) -> Any:
+        module, kind = name.rsplit(".", 1)
+        d = self.head_dim
+        splits = {  # module suffix -> (dimension, start, length)
+            "self_attn.q_proj": (0, self.rank * self.heads * d, self.heads * d),
+            "self_attn.k_proj": (0, self.kv_head_start * d, self.kv_heads * d),
+            "self_attn.v_proj": (0, self.kv_head_start * d, self.kv_heads * d),
+            "mlp.gate_proj": (0, self.rank * self.intermediate, self.intermediate),
+            "mlp.up_proj": (0, self.rank * self.intermediate, self.intermediate),
+            "self_attn.o_proj": (1, self.rank * self.heads * d, self.heads * d),
+            "mlp.down_proj": (1, self.rank * self.intermediate, self.intermediate),
+        }
+        for suffix, (dim, start, length) in splits.items():
+            if module.endswith(suffix):
+                if dim == 1 and kind != "weight":
+                    raise ValueError(f"model_path: {name!r}: a bias on a row-parallel layer is not supported with TP")
+                return tensor[start : start + length] if dim == 0 else tensor[:, start : start + length]
+        if module in ("embed_tokens", "lm_head"):
+            rows = tensor[min(self.vocab_start, self.vocab_size) : min(self.vocab_start + self.vocab_shard, self.vocab_size)]
+            if rows.shape[0] < self.vocab_shard:  # the last rank's share of a padded vocabulary
+                rows = torch.cat([rows, rows.new_zeros(self.vocab_shard - rows.shape[0], *rows.shape[1:])])
+            return rows
+        return tensor
+
+
+def _tp_group() -> dist.ProcessGroup | None:
+    state = get_parallel_state()
+    return None if state is None else state.tp_group
+
+
+class ColumnParallelLinear(nn.Linear):
+    """Holds this rank's output features only (its heads, its MLP columns). No communication:
+    the output stays split across ranks until a row-parallel layer sums it."""
+
+
+class RowParallelLinear(nn.Linear):
+    """Holds this rank's input features only; the partial products are summed over the TP group
+    by one all-reduce. No bias (Llama-family o_proj / down_proj have none)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.tp_group = _tp_group()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Holds vocabulary rows [vocab_start, vocab_start + vocab_shard); a token's vector comes from
+    the rank holding it (the others contribute zeros to an all-reduce)."""
+
+    def __init__(self, layout: TPLayout, hidden_size: int) -> None:
+        super().__init__(layout.vocab_shard, hidden_size)
+        self.vocab_start = layout.vocab_start
+        self.tp_group = _tp_group()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return super().forward(ids)
+        local = ids - self.vocab_start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        out = F.embedding(local.masked_fill(~inside, 0), self.weight)
+        out = out * inside.unsqueeze(-1).to(out.dtype)
+        dist.all_reduce(out, group=self.tp_group)
+        return out
+
+
+def gather_vocab_logits(local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, vocab_shard] logits of this rank's rows -> [N, vocab_size] on every rank."""
+    group = _tp_group()
+    if group is None:
+        return local
+    size = dist.get_world_size(group)
+    rows, shard = local.shape
+    parts = local.new_empty(size * rows, shard)
+    _all_gather_single(parts, local.contiguous(), group=group)
+    return parts.view(size, rows, shard).permute(1, 0, 2).reshape(rows, size * shard)[:, :vocab_size]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """The decoder layers [start, end) one pipeline stage holds; the first embeds, the last
+    normalizes and computes logits (and also holds the embedding when the LM head is tied to it)."""
+
+    rank: int
+    size: int
+    start: int
+    end: int
+    tied_head: bool
+
+    @classmethod
+    def for_rank(cls, cfg: ModelConfig) -> "PipelineStage":
+        rank, size = pp_rank_size()
+        start, end = stage_layers(cfg.num_layers, rank, size)
+        return cls(rank, size, start, end, cfg.tie_word_embeddings)
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.first or (self.last and self.tied_head)
+
+    def local_name(self, name: str) -> str | None:
+        """The name checkpoint tensor `name` has in this stage's model; None if another stage holds it."""
+        if name.startswith("layers."):
+            index, rest = name.removeprefix("layers.").split(".", 1)
+            if not self.start <= int(index) < self.end:
+                return None
+            return f"layers.{int(index) - self.start}.{rest}"
+        if name.startswith("embed_tokens."):
+            return name if self.has_embedding else None
+        if name.startswith(("norm.", "lm_head.")):
+            return name if self.last else None
+        return name
+
+
+def stage_layers(num_layers: int, stage: int, stages: int) -> tuple[int, int]:
+    """Contiguous, near-equal layer ranges; the earlier stages take the remainder."""
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
