@@ -38,11 +38,11 @@ def _worker_main(conn: Any, tokenizer_path: str) -> None:
     """Worker loop: load the tokenizer once, then compile one job at a time."""
     try:
         tokenizer = _load_tokenizer(tokenizer_path)
-        TokenizerInfo.from_tokenizer(tokenizer)
+        fingerprint = TokenizerInfo.from_tokenizer(tokenizer).fingerprint
     except Exception as exc:  # reported to the caller, which fails pending jobs
         conn.send(("dead", None, repr(exc)))
         return
-    conn.send(("ready", None, None))
+    conn.send(("ready", None, fingerprint))
     while True:
         try:
             job = conn.recv()
@@ -212,6 +212,9 @@ class GrammarService:
             while self._conn is not None and self._conn.poll(0):
                 tag, job_id, body = self._conn.recv()
                 if tag == "ready":
+                    if body != self._info.fingerprint:  # grammars would index the wrong vocabulary
+                        self._fail_all(f"tokenizer at {self.tokenizer_path} differs from the caller's")
+                        return
                     self._ready = True
                 elif tag == "dead":
                     self._fail_all(f"grammar worker failed to start: {body}")

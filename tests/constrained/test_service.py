@@ -65,3 +65,17 @@ def test_service_timeout_restarts_worker(service: GrammarService, tokenizer: Any
     assert "timed out after 3 s" in str(results["slow"])
     assert service.restarts >= 1
     assert run_tokens(results["after"].matcher(), encode(tokenizer, "123x"))
+
+
+def test_service_rejects_a_different_tokenizer(tokenizer: Any, tmp_path: Path) -> None:
+    """The worker's vocabulary must be the caller's, or token ids would be misread."""
+    import transformers
+
+    other = tmp_path / "other"
+    clone = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    clone.add_tokens(["<zz_extra_token>"])
+    clone.save_pretrained(other)
+    with GrammarService(str(other), tokenizer=tokenizer, timeout_s=30, cache=C.GrammarCache()) as svc:
+        svc.submit("k", {"regex": "a+"})
+        (key, result), = svc.wait(timeout_s=120)
+    assert key == "k" and isinstance(result, C.GrammarCompileError) and "differs" in str(result)
