@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -22,6 +23,9 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                           rank: RankInfo | None = None) -> None:
     """`rank`: this is rank 0 of a replica with several ranks (TP / PP); it drives the others."""
     logging.basicConfig(level=args.log_level.upper(), format="[scheduler] %(levelname)s %(message)s")
+    # A terminal's Ctrl-C reaches the whole process group: the front process handles it and stops
+    # us through the pipe, so our exit is an orderly one rather than a crash it must report.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     try:
         from radixlm.runtime.scheduler import Scheduler

@@ -258,6 +258,8 @@ class TokenizerManager:
                 done, rest = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for w in rest:
                     w.cancel()
+                for w in done:
+                    w.exception()  # mark retrieved: a dead scheduler is reported by build_output below
                 changed = []
                 for i in sorted(pending):
                     s = states[i]
