@@ -247,6 +247,10 @@ def main() -> None:
     if args.cpu_threads:
         kwargs["cpu_threads"] = args.cpu_threads
 
+    # The code measured is the code at the start (the tree may change while this runs).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
     on, env = run_mode(kwargs, cfg, disable=False, with_grouped=not args.skip_grouped_order)
     off, _ = run_mode(kwargs, cfg, disable=True, with_grouped=False)
 
@@ -277,10 +281,7 @@ def main() -> None:
         for v in r.values():
             v.pop("_outputs")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
-    record = {"preset": preset, "config": cfg, **env, "machine": platform.node(), "torch_threads": torch.get_num_threads(),
+    record = {"preset": preset, "config": cfg, **env, "machine": platform.node(), "scheduler_cpu_threads": args.cpu_threads or torch.get_num_threads(),
               "torch": torch.__version__, "commit": commit + ("-dirty" if dirty else ""),
               "date": time.strftime("%Y-%m-%d"), "results": report}
     if args.gpu and torch.cuda.is_available():
