@@ -67,6 +67,9 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: must be positive")
+        if self.enable_torch_compile:
+            raise ValueError("enable_torch_compile: not supported; decode already runs as CUDA graphs of fused "
+                             "Triton kernels (--disable-cuda-graph for eager)")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not one of auto, dummy")
         self._check_parallel()
