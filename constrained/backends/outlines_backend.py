@@ -230,8 +230,13 @@ def _search_to_match(pattern: str) -> str:
 
 
 def _walk_patterns(node: Any, path: str) -> None:
-    """Check and rewrite every string `pattern` in place (the vetted schema is our own copy)."""
+    """Check and rewrite every string `pattern` in place (the vetted schema is our own copy),
+    and refuse the shapes outlines-core 0.2.14 silently loosens (found by the official suite)."""
     if isinstance(node, dict):
+        if "$ref" in node and set(node) - {"$ref", "$defs", "definitions"}:
+            raise UnsupportedSchemaError("$ref", path, "outlines-core ignores keywords next to $ref")
+        if isinstance(node.get("items"), bool):
+            raise UnsupportedSchemaError("items", path, "outlines-core ignores boolean items")
         for key, value in node.items():
             if key == "pattern" and isinstance(value, str):
                 _check_pattern(value, path)

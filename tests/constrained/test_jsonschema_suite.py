@@ -84,3 +84,18 @@ def test_suite_overall_completeness(tokenizer: Any) -> None:
         total += stats["valid_total"]
         ok += stats["valid_ok"]
     assert ok / total >= 0.9, f"{ok}/{total}"
+
+
+@pytest.mark.parametrize("name", ["items", "prefixItems", "ref", "enum", "const", "anyOf", "boolean_schema"])
+def test_suite_outlines_soundness(tokenizer: Any, name: str) -> None:
+    """outlines-core JSON path: the groups it compiles quickly must stay sound (it once ignored
+    `items: false` and keywords next to `$ref`; both are refused now)."""
+    for group in load(name):
+        try:
+            grammar = C.compile(tokenizer, json_schema=group["schema"], backend="outlines")
+        except C.GrammarCompileError:
+            continue
+        for case in group["tests"]:
+            if not case["valid"]:
+                text = json.dumps(case["data"], ensure_ascii=False)
+                assert not run_tokens(grammar.matcher(), encode(tokenizer, text)), (group["description"], text)
