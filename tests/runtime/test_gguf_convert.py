@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from radixlm.runtime import model_source
+from radixlm.runtime import gguf_convert, model_source
 from radixlm.runtime.gguf_convert import UnsupportedGGUFError, convert_gguf, unpermute_qk
 from radixlm.runtime.model_source import (
     CONVERTER_VERSION,
@@ -208,7 +208,7 @@ def _fail_convert(*args: object, **kwargs: object) -> Path:
 def test_second_resolve_is_a_fast_cache_hit(converted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = converted / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    monkeypatch.setattr(model_source, "convert_gguf", _fail_convert)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", _fail_convert)  # model_source imports it lazily
     start = time.perf_counter()
     assert resolve_model_path(None) == converted
     assert time.perf_counter() - start < 1.0
@@ -220,7 +220,7 @@ def test_cache_is_keyed_by_content_not_path(
 ) -> None:
     copy = tmp_path / DEFAULT_GGUF_FILE
     copy.write_bytes(gguf_file.read_bytes())
-    monkeypatch.setattr(model_source, "convert_gguf", _fail_convert)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", _fail_convert)  # model_source imports it lazily
     assert resolve_model_path(str(copy)) == converted
 
 
