@@ -81,7 +81,7 @@ class RadixPrefixCache:
 
     def match(self, req: Req) -> torch.Tensor:
         """Matched slots for the request's leading tokens; locks them until release()."""
-        result = self.tree.match_prefix(req.fill_ids[: req.max_prefix_len], extra_key=req.extra_key)
+        result = self.tree.match_prefix(req.fill_slice(0, req.max_prefix_len), extra_key=req.extra_key)
         self.lock(req, result.last_node)
         return result.indices
 
@@ -99,7 +99,7 @@ class RadixPrefixCache:
 
     def _insert(self, req: Req) -> None:
         assert req.req_pool_idx is not None
-        key = req.fill_ids[: req.kv_len]
+        key = req.fill_slice(0, req.kv_len)
         slots = self.req_to_token[req.req_pool_idx, : req.kv_len].to(torch.int64)
         already = self.tree.insert(key, slots, extra_key=req.extra_key)
         if already > req.cache_protected_len:
@@ -109,7 +109,7 @@ class RadixPrefixCache:
     def cache_unfinished(self, req: Req) -> None:
         """Make a partly prefilled (or retracted) request's KV shareable, and re-point it at the tree."""
         self._insert(req)
-        result = self.tree.match_prefix(req.fill_ids[: req.kv_len], extra_key=req.extra_key)
+        result = self.tree.match_prefix(req.fill_slice(0, req.kv_len), extra_key=req.extra_key)
         assert req.req_pool_idx is not None and len(result.indices) == req.kv_len
         self.req_to_token[req.req_pool_idx, : req.kv_len] = result.indices.to(torch.int32)
         self.tree.inc_lock_ref(result.last_node)

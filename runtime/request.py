@@ -68,6 +68,19 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
+    def fill_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    def fill_slice(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end] without building the whole list (hot path: every step)."""
+        n_in = len(self.input_ids)
+        if end <= n_in:
+            return self.input_ids[start:end]
+        if start >= n_in:
+            return self.output_ids[start - n_in : end - n_in]
+        return self.input_ids[start:] + self.output_ids[: end - n_in]
+
+    @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids) + self.num_inflight
 
@@ -83,7 +96,7 @@ class Req:
     def max_prefix_len(self) -> int:
         """How much of fill_ids may come from the cache: the last token is always computed (its
         logits pick the next token), and input logprobs need logits from logprob_start_len - 1 on."""
-        cap = len(self.fill_ids) - 1
+        cap = self.fill_len - 1
         if self.wants_input_logprobs:
             cap = min(cap, max(self.logprob_start_len - 1, 0))
         return max(cap, 0)

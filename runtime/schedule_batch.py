@@ -55,11 +55,10 @@ class ScheduledBatch:
         self.logprob_rows, self.sample_rows, self.logprob_first_pos = [], [], []
         offset = 0
         for req, prefix, ext in zip(self.reqs, self.prefix_lens, self.extend_lens):
-            fill = req.fill_ids
             if req.num_inflight:  # decode input is the token still on the device: filled in below
                 input_ids.append(0)
             else:
-                input_ids.extend(fill[prefix : prefix + ext])
+                input_ids.extend(req.fill_slice(prefix, prefix + ext))
             positions.extend(range(prefix, prefix + ext))
             rows: list[int] = []
             first_pos = 0
@@ -70,7 +69,7 @@ class ScheduledBatch:
                 rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
                 logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
                 first_pos = lo + 1
-            done = prefix + ext == len(fill) + req.num_inflight
+            done = prefix + ext == req.fill_len + req.num_inflight
             sample_row: int | None = None
             if done:
                 sample_row = len(logits_indices)

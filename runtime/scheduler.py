@@ -185,13 +185,13 @@ class Scheduler:
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
         for req in list(self.partial):
-            ext = min(len(req.fill_ids) - req.kv_len, budget)
+            ext = min(req.fill_len - req.kv_len, budget)
             if ext <= 0 or not self._extend(batch, req, ext):
                 continue
             budget -= ext
             free -= ext
             reqs.append(req)
-            if req.kv_len == len(req.fill_ids):
+            if req.kv_len == req.fill_len:
                 self.partial.remove(req)
         candidates = [r for r in self.waiting if not r.grammar_pending]
         if candidates and budget > 0:
@@ -202,9 +202,9 @@ class Scheduler:
                 if self.req_to_token_pool.available() < 1 + len(req.followers):
                     break
                 prefix = self.cache.match(req)
-                ext_total = len(req.fill_ids) - len(prefix)
+                ext_total = req.fill_len - len(prefix)
                 need = min(ext_total, budget) + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)
-                need += len(req.followers) * len(req.fill_ids)
+                need += len(req.followers) * req.fill_len
                 if need > free and (reqs or self.running):
                     self.cache.unlock(req)
                     break
@@ -229,13 +229,13 @@ class Scheduler:
                 reqs.append(req)
                 budget -= ext
                 free -= need
-                if req.kv_len < len(req.fill_ids):
+                if req.kv_len < req.fill_len:
                     self.partial.append(req)
                     break
         return batch if batch.reqs else None
 
     def _peek_prefix_len(self, req: Req) -> int:
-        return self.cache.peek(req.fill_ids[: req.max_prefix_len], req.extra_key)
+        return self.cache.peek(req.fill_slice(0, req.max_prefix_len), req.extra_key)
 
     def _extend(self, batch: ScheduledBatch, req: Req, ext: int) -> bool:
         slots = self._alloc_slots(ext)
