@@ -43,3 +43,29 @@ class DecodeReserve:
 
     def on_retract(self) -> None:
         self.ratio = min(self.ratio + 0.1, 1.0)
+
+
+class InBatchPrefixes:
+    """Requests admitted into the prefill batch being built, as a token tree (no KV).
+
+    Two waiting requests that share a long uncached prefix would both compute it when admitted in
+    the same step; deferring the second by one step lets it hit the cache instead (the first one's
+    prompt is inserted right after its prefill)."""
+
+    DEFER_MIN_TOKENS = 32
+
+    def __init__(self) -> None:
+        from radixlm.radix.radix_cache import RadixCache
+
+        self.tree = RadixCache(free_slots=lambda slots: None)
+
+    def should_defer(self, req: Req, cached_len: int) -> bool:
+        key = req.fill_slice(0, req.max_prefix_len)
+        shared = len(self.tree.match_prefix(key, extra_key=req.extra_key).indices)
+        return shared - cached_len >= self.DEFER_MIN_TOKENS
+
+    def add(self, req: Req) -> None:
+        import torch
+
+        key = req.fill_slice(0, req.fill_len)
+        self.tree.insert(key, torch.zeros(len(key), dtype=torch.int64), extra_key=req.extra_key)

@@ -19,7 +19,7 @@ from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefix
 from radixlm.runtime.request import Req
 from radixlm.runtime.result_processor import ResultProcessor
 from radixlm.runtime.schedule_batch import InflightBatch, ScheduledBatch
-from radixlm.runtime.schedule_policy import DecodeReserve, order_waiting
+from radixlm.runtime.schedule_policy import DecodeReserve, InBatchPrefixes, order_waiting
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -196,12 +196,16 @@ class Scheduler:
         candidates = [r for r in self.waiting if not r.grammar_pending]
         if candidates and budget > 0:
             ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
+            in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
             for req in ordered:
                 if len(self.running) + len(self.partial) + len(reqs) + 1 + len(req.followers) > self.max_running or budget <= 0:
                     break
                 if self.req_to_token_pool.available() < 1 + len(req.followers):
                     break
                 prefix = self.cache.match(req)
+                if in_batch is not None and in_batch.should_defer(req, len(prefix)):
+                    self.cache.unlock(req)  # next step its prefix is cached by a request admitted now
+                    continue
                 ext_total = req.fill_len - len(prefix)
                 need = min(ext_total, budget) + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)
                 need += len(req.followers) * req.fill_len
@@ -227,6 +231,8 @@ class Scheduler:
                     break
                 self.waiting.remove(req)
                 reqs.append(req)
+                if in_batch is not None:
+                    in_batch.add(req)
                 budget -= ext
                 free -= need
                 if req.kv_len < req.fill_len:

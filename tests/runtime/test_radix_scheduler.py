@@ -18,7 +18,7 @@ from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.schedule_policy import order_waiting
 from radixlm.runtime.scheduler import Scheduler
-from tests.runtime.helpers import greedy_req, make_scheduler, merge, run_to_completion
+from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, merge, run_to_completion
 
 # Token ranges: prefixes meant to be shared come from SHARED, the rest from FRESH, so two
 # prompts never share a token by accident where a test expects no hit.
@@ -439,3 +439,17 @@ def test_lpm_orders_longest_cached_prefix_first(model_dir, vocab) -> None:
         assert [r.rid for r in active_reqs(s)] == [first]
         run_to_completion(s, [])
         flush_and_assert_all_free(s)
+
+
+def test_requests_arriving_together_share_a_prefix_computed_once(tiny_model_dir) -> None:
+    """Same-step admissions with a shared uncached prefix: the later ones wait one step and hit."""
+    model_dir = tiny_model_dir("llama")
+    rng = random.Random(11)
+    head = [rng.randrange(3, 300) for _ in range(200)]
+    reqs = [greedy_req(f"g{i}", head + [rng.randrange(3, 300) for _ in range(10)], 4) for i in range(8)]
+    cached = make_scheduler(model_dir, chunked_prefill_size=4096)
+    got = run_to_completion(cached, reqs)
+    assert sum(r["cached_tokens"] for r in got.values()) >= 7 * len(head)
+    plain = run_to_completion(make_scheduler(model_dir, disable_radix_cache=True), reqs)
+    assert all(got[k]["output_ids"] == plain[k]["output_ids"] for k in plain)
+    assert_pool_idle(cached)
