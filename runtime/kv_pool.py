@@ -95,10 +95,6 @@ class TokenToKVPool:
         self._free[self._num_free : self._num_free + n] = slots.to("cpu", torch.int64)
         self._num_free += n
 
-    def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffer[layer][slots] = k.to(self.dtype)
-        self.v_buffer[layer][slots] = v.to(self.dtype)
-
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Duplicate KV of `src` slots into `dst` slots in every layer (for n>1 sampling)."""
         for layer in range(self.num_layers):

@@ -120,20 +120,17 @@ class ResultProcessor:
 
     def _sample(self, reqs: list[Req], rows_logits: torch.Tensor) -> torch.Tensor:
         """Next token per row, on the device. `step` counts tokens still in flight (overlap)."""
-        sample_rows = [
-            SampleRow(
-                params=r.params, seed=r.seed, step=len(r.output_ids) + r.num_inflight, output_ids=r.output_ids,
-                prompt_ids=r.input_ids,
-                banned_ids=tuple(self.eos_ids | set(r.params.stop_token_ids))
-                if len(r.output_ids) < r.params.min_new_tokens else (),
-            )
-            for r in reqs
-        ]
-        needs_adjust = any(r.params.has_penalties or r.params.logit_bias or sr.banned_ids
-                           for r, sr in zip(reqs, sample_rows))
+        banned = [tuple(self.eos_ids | set(r.params.stop_token_ids)) if len(r.output_ids) < r.params.min_new_tokens
+                  else () for r in reqs]
+        needs_adjust = any(r.params.has_penalties or r.params.logit_bias or b for r, b in zip(reqs, banned))
         constrained = any(r.grammar is not None for r in reqs)
         if not needs_adjust and not constrained and all(r.params.is_greedy for r in reqs):
             return rows_logits.argmax(dim=-1)  # the common greedy case: no per-row tensors to build
+        sample_rows = [
+            SampleRow(params=r.params, seed=r.seed, step=len(r.output_ids) + r.num_inflight,
+                      output_ids=r.output_ids, prompt_ids=r.input_ids, banned_ids=b)
+            for r, b in zip(reqs, banned)
+        ]
         sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
         adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
         if constrained:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _GREEDY_EPS = 1e-6
@@ -39,7 +39,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def is_greedy(self) -> bool:
@@ -65,7 +64,7 @@ class SamplingParams:
         raw = dict(raw or {})
         prefix = "sampling_params"
         # Accepted for SGLang compatibility, no effect here.
-        for ignored in ("stream_interval", "custom_params", "structural_tag_ignored"):
+        for ignored in ("stream_interval", "custom_params"):
             raw.pop(ignored, None)
         if "sampling_seed" in raw and "seed" not in raw:
             raw["seed"] = raw.pop("sampling_seed")
@@ -75,7 +74,7 @@ class SamplingParams:
         if raw.get("stop_regex"):
             raise InvalidRequestError(f"{prefix}.stop_regex", "stop_regex is not supported; use stop strings")
         raw.pop("stop_regex", None)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         for key in raw:
             if key not in known:
                 raise InvalidRequestError(f"{prefix}.{key}", "unknown sampling parameter")
