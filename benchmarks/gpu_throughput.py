@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-ENGINE_ARGS = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, context_length=4096,
-                   cuda_graph_max_bs=256)
+ENGINE_ARGS = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, context_length=4096)
 
 
 def workload_b(n: int, vocab: int, seed: int = 3) -> tuple[list[list[int]], list[int]]:
@@ -180,7 +179,7 @@ def item_g(model_dir: Path, vocab: int, n: int = 300) -> dict:
     port = _free_port()
     cmd = [sys.executable, "-m", "radixlm.launch_server", "--model-path", str(model_dir), "--port", str(port),
            "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init", "--context-length", "4096",
-           "--mem-fraction-static", "0.6", "--cuda-graph-max-bs", "256", "--log-level", "warning"]
+           "--mem-fraction-static", "0.6", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:

@@ -6,7 +6,7 @@
     m.advance(sampled_id); m.forced_prefix(); m.rollback(n)
 """
 
-from .base import Grammar, Matcher
+from .base import Grammar, Matcher, fill_next_token_bitmasks
 from .bitmask import allocate_token_bitmask, apply_token_bitmask_
 from .compiler import (BACKENDS, CACHE, DEFAULT_BACKEND, GrammarCache, available_backends,
                        compile, default_backend)
@@ -16,5 +16,5 @@ from .vocab import TokenizerInfo
 __all__ = [
     "BACKENDS", "CACHE", "DEFAULT_BACKEND", "Grammar", "GrammarCache", "GrammarCompileError",
     "Matcher", "TokenizerInfo", "UnsupportedSchemaError", "allocate_token_bitmask",
-    "apply_token_bitmask_", "available_backends", "compile", "default_backend",
+    "apply_token_bitmask_", "available_backends", "compile", "default_backend", "fill_next_token_bitmasks",
 ]

@@ -29,6 +29,13 @@ class Matcher(ABC):
         Columns past the tokenizer vocabulary (model vocab padding) are cleared.
         """
 
+    @classmethod
+    def fill_next_token_bitmasks(cls, items: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+        """Fill the rows of several matchers of this class; backends that can fill them in
+        parallel (llguidance, off the GIL) override this."""
+        for matcher, index in items:
+            matcher.fill_next_token_bitmask(bitmask, index)
+
     @abstractmethod
     def advance(self, token_id: int) -> bool:
         """Consume one token; False (state unchanged) if the grammar does not allow it."""
@@ -100,6 +107,15 @@ class Matcher(ABC):
             return True
         finally:
             self.rollback(done)
+
+
+def fill_next_token_bitmasks(items: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+    """Fill row `index` of `bitmask` for each (matcher, index): one batched call per backend."""
+    groups: dict[type, list[tuple[Matcher, int]]] = {}
+    for matcher, index in items:
+        groups.setdefault(type(matcher), []).append((matcher, index))
+    for cls, group in groups.items():
+        cls.fill_next_token_bitmasks(group, bitmask)
 
 
 class Grammar(ABC):

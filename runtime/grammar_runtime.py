@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from radixlm.runtime.device_transfer import to_device
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 
@@ -54,13 +55,11 @@ class GrammarRuntime:
 
     def bitmask(self, reqs: list[Req], device: torch.device) -> torch.Tensor:
         """[B, W] int32 on `device`: each constrained row filled by its matcher, others all-allowed."""
-        from radixlm.constrained import allocate_token_bitmask
+        from radixlm.constrained import allocate_token_bitmask, fill_next_token_bitmasks
 
         mask = allocate_token_bitmask(len(reqs), self.vocab_size)
-        for i, req in enumerate(reqs):
-            if req.grammar is not None:
-                req.grammar.fill_next_token_bitmask(mask, i)
-        return mask.to(device, non_blocking=True)
+        fill_next_token_bitmasks([(r.grammar, i) for i, r in enumerate(reqs) if r.grammar is not None], mask)
+        return to_device(mask, device)
 
     def advance(self, req: Req, token: int) -> None:
         if not req.grammar.advance(token):
@@ -71,12 +70,12 @@ class GrammarRuntime:
     def is_terminated(self, req: Req) -> bool:
         return bool(getattr(req, "grammar_failed", False)) or req.grammar.is_terminated()
 
-    def jump_forward(self, req: Req, allow_retokenize: bool) -> int:
+    def jump_forward(self, req: Req, allow_retokenize: bool, min_tokens: int = 1) -> int:
         """Append the text the grammar forces (e.g. `", "name": "` in a JSON object) without a model
         step per token. The boundary is re-tokenized with the last output token when that token was
         not sent to the client yet, so the model sees natural tokens. Returns tokens added (net)."""
         forced = req.grammar.forced_prefix()
-        if not forced:
+        if not forced or len(forced.encode()) < min_tokens:  # a token holds at least one byte
             return 0
         room = req.params.max_new_tokens - len(req.output_ids) - 1
         if room <= 0:
@@ -86,7 +85,7 @@ class GrammarRuntime:
         new_ids = self.tokenizer.encode(tail + forced, add_special_tokens=False)
         if k and (not new_ids or self.tokenizer.decode(new_ids) != tail + forced):
             return 0
-        if len(new_ids) - k <= 0 or len(new_ids) - k > room:
+        if len(new_ids) - k < max(min_tokens, 1) or len(new_ids) - k > room:
             return 0
         grammar = req.grammar
         if k:

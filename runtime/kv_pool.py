@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from radixlm.runtime.device_transfer import to_device
+
 
 class ReqToTokenPool:
     """Maps (request row, token position) -> KV slot index.
@@ -23,7 +25,23 @@ class ReqToTokenPool:
         self.capacity = max_reqs - 1
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int32, device=device)
+        # The scheduler reads slots on the host (to free or cache them); reading them back from the
+        # device would wait for the forward pass in flight. So every write also goes to this mirror.
+        cpu = self.req_to_token.device.type == "cpu"
+        self.host = self.req_to_token if cpu else torch.zeros((max_reqs, max_context_len), dtype=torch.int32)
         self._free_rows: list[int] = list(range(max_reqs - 1, 0, -1))
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """req_to_token[row, start:start+len(slots)] = slots (host tensor), mirror included."""
+        vals = slots.to(torch.int32)
+        end = start + int(vals.numel())
+        self.host[row, start:end] = vals
+        if self.host is not self.req_to_token:
+            self.req_to_token[row, start:end] = to_device(vals, self.req_to_token.device)
+
+    def slots(self, row: int, start: int, end: int) -> torch.Tensor:
+        """The request row's slots [start, end) as an int64 host tensor (no device sync)."""
+        return self.host[row, start:end].to(torch.int64)
 
     def available(self) -> int:
         return len(self._free_rows)

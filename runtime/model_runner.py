@@ -65,7 +65,8 @@ class ModelRunner:
                 and self.model.stage.size == 1):  # stages exchange tensors between graphs: not captured
             from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
 
-            self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs, self.max_running_requests), self.req_to_token_pool.pad_row)
+            max_bs = min(args.cuda_graph_max_bs or self.max_running_requests, self.max_running_requests)
+            self.graph_runner = CudaGraphRunner(self, max_bs, self.req_to_token_pool.pad_row)
         self.channel = None
         if parallel is not None:
             from radixlm.runtime.parallel.worker import StepChannel

@@ -28,7 +28,7 @@ class NoPrefixCache:
     """Every request owns all its KV and frees it at finish."""
 
     def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: TokenToKVPool) -> None:
-        self.req_to_token = req_to_token_pool.req_to_token
+        self.req_to_token_pool = req_to_token_pool
         self.kv_pool = kv_pool
 
     def match(self, req: Req) -> torch.Tensor:
@@ -49,8 +49,7 @@ class NoPrefixCache:
 
     def release(self, req: Req) -> None:
         assert req.req_pool_idx is not None
-        own = self.req_to_token[req.req_pool_idx, req.cache_protected_len : req.kv_len]
-        self.kv_pool.free(own.to(torch.int64))
+        self.kv_pool.free(self.req_to_token_pool.slots(req.req_pool_idx, req.cache_protected_len, req.kv_len))
         req.kv_len = req.cache_protected_len = 0
 
     def evict(self, num_tokens: int) -> int:
@@ -75,7 +74,7 @@ class RadixPrefixCache:
     def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: TokenToKVPool) -> None:
         from radixlm.radix.radix_cache import RadixCache
 
-        self.req_to_token = req_to_token_pool.req_to_token
+        self.req_to_token_pool = req_to_token_pool
         self.kv_pool = kv_pool
         self.tree = RadixCache(free_slots=kv_pool.free)
 
@@ -100,7 +99,7 @@ class RadixPrefixCache:
     def _insert(self, req: Req) -> None:
         assert req.req_pool_idx is not None
         key = req.fill_slice(0, req.kv_len)
-        slots = self.req_to_token[req.req_pool_idx, : req.kv_len].to(torch.int64)
+        slots = self.req_to_token_pool.slots(req.req_pool_idx, 0, req.kv_len)
         already = self.tree.insert(key, slots, extra_key=req.extra_key)
         if already > req.cache_protected_len:
             # Someone else cached these tokens meanwhile: drop our duplicate copies.
@@ -111,7 +110,7 @@ class RadixPrefixCache:
         self._insert(req)
         result = self.tree.match_prefix(req.fill_slice(0, req.kv_len), extra_key=req.extra_key)
         assert req.req_pool_idx is not None and len(result.indices) == req.kv_len
-        self.req_to_token[req.req_pool_idx, : req.kv_len] = result.indices.to(torch.int32)
+        self.req_to_token_pool.write(req.req_pool_idx, 0, result.indices)
         self.tree.inc_lock_ref(result.last_node)
         self.tree.dec_lock_ref(req.last_node)
         req.last_node = result.last_node
@@ -140,7 +139,7 @@ class RadixPrefixCache:
         self.tree.reset()
 
 
-def share_prompt_kv(cache: PrefixCache, kv_pool: TokenToKVPool, req_to_token: torch.Tensor, leader: Req, follower: Req) -> bool:
+def share_prompt_kv(cache: PrefixCache, kv_pool: TokenToKVPool, pool: ReqToTokenPool, leader: Req, follower: Req) -> bool:
     """n > 1: give `follower` the leader's just-prefilled prompt KV instead of computing it again.
 
     With the radix cache both lock the same tree nodes; without it the KV is copied slot by slot.
@@ -148,18 +147,17 @@ def share_prompt_kv(cache: PrefixCache, kv_pool: TokenToKVPool, req_to_token: to
     """
     assert leader.req_pool_idx is not None and follower.req_pool_idx is not None
     n = leader.kv_len
-    src = req_to_token[leader.req_pool_idx, :n]
     if isinstance(cache, RadixPrefixCache):
         cache.cache_unfinished(leader)
-        req_to_token[follower.req_pool_idx, :n] = req_to_token[leader.req_pool_idx, :n]
+        pool.write(follower.req_pool_idx, 0, pool.slots(leader.req_pool_idx, 0, n))
         cache.lock(follower, leader.last_node)
         follower.kv_len = follower.cache_protected_len = n
         return True
     dst = kv_pool.alloc(n)
     if dst is None:
         return False
-    kv_pool.copy_slots(src.to(torch.int64), dst.to(src.device))
-    req_to_token[follower.req_pool_idx, :n] = dst.to(req_to_token.device, torch.int32)
+    kv_pool.copy_slots(pool.slots(leader.req_pool_idx, 0, n), dst)
+    pool.write(follower.req_pool_idx, 0, dst)
     follower.kv_len = n
     follower.cache_protected_len = 0
     return True

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Measured on an H200 (8B shape, batch 64): an eager mixed step ~15.7 ms vs a graph decode step
+# ~5.5 ms, i.e. about two extra decode steps (benchmarks/profile_steps.py, item f).
+JUMP_EAGER_EXTRA_STEPS = 2.0
+JUMP_MAX_USEFUL_TOKENS = 64
+
 
 class ResultProcessor:
     def __init__(self, sched: "Scheduler", tokenizer: Any) -> None:
@@ -54,7 +59,7 @@ class ResultProcessor:
     # ---------------------------------------------------------------- results
     def process(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         sched = self.sched
-        to_sample: list[tuple[Req, int]] = []
+        to_sample: list[tuple[Req, int, bool]] = []
         for i, req in enumerate(batch.reqs):
             if batch.logprob_rows[i]:
                 self._input_logprobs(req, logits, batch.logprob_rows[i], batch.logprob_first_pos[i])
@@ -62,7 +67,7 @@ class ResultProcessor:
             if row is None:
                 sched.cache.cache_unfinished(req)  # a chunk of a long prompt is already shareable
                 continue
-            if batch.mode is ForwardMode.EXTEND:
+            if not batch.decoding[i]:  # its prompt (or forced tokens) is now all in the KV cache
                 req.input_logprobs_done = True
                 if req.params.max_new_tokens == 0:
                     sched._finish(req, {"type": "length", "length": 0})
@@ -70,9 +75,9 @@ class ResultProcessor:
                 sched.cache.cache_unfinished(req)  # shareable now, not only once the request finishes
                 for follower in req.followers:
                     if self._start_follower(req, follower):
-                        to_sample.append((follower, row))
+                        to_sample.append((follower, row, False))
                 req.followers = []
-            to_sample.append((req, row))
+            to_sample.append((req, row, batch.decoding[i]))
         if to_sample:
             self._sample_and_advance(batch, to_sample, logits)
 
@@ -87,7 +92,7 @@ class ResultProcessor:
         if follower.grammar is None and leader.grammar is not None:
             follower.grammar = leader.grammar.copy()
         if follower.req_pool_idx is None or not share_prompt_kv(
-            sched.cache, sched.kv_pool, sched.req_to_token, leader, follower
+            sched.cache, sched.kv_pool, sched.req_to_token_pool, leader, follower
         ):
             # No room to copy the prompt KV (cache off: admission's reservation does not outlast a
             # chunked prefill): the follower prefills on its own instead.
@@ -110,13 +115,13 @@ class ResultProcessor:
         else:
             req.pending_input_top.extend([None] * len(rows))
 
-    def _sample_and_advance(self, batch: ScheduledBatch, items: list[tuple[Req, int]], logits: torch.Tensor) -> None:
-        reqs = [r for r, _ in items]
-        rows = [row for _, row in items]
+    def _sample_and_advance(self, batch: ScheduledBatch, items: list[tuple[Req, int, bool]], logits: torch.Tensor) -> None:
+        reqs = [r for r, _, _ in items]
+        rows = [row for _, row, _ in items]
         rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
         next_ids = self._sample(reqs, rows_logits)
         lp_map = self._output_logprobs(reqs, rows_logits, next_ids)
-        self._commit(batch.mode, reqs, next_ids.tolist(), lp_map)
+        self._commit(reqs, next_ids.tolist(), lp_map, [d for _, _, d in items])
 
     def _sample(self, reqs: list[Req], rows_logits: torch.Tensor) -> torch.Tensor:
         """Next token per row, on the device. `step` counts tokens still in flight (overlap)."""
@@ -158,12 +163,13 @@ class ResultProcessor:
             lp_map[i] = (chosen_l[j], top)
         return lp_map
 
-    def _commit(self, mode: ForwardMode, reqs: list[Req], ids: list[int],
-                lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]]) -> None:
-        """Append sampled tokens on the host, then finish / jump forward / keep decoding."""
+    def _commit(self, reqs: list[Req], ids: list[int], lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]],
+                decoding: list[bool]) -> None:
+        """Append sampled tokens on the host, then finish / jump forward / keep decoding.
+        `decoding[i]`: the request was already running (else it just finished a prefill)."""
         sched = self.sched
         sched.record_generated(len(ids))
-        for i, (req, tok) in enumerate(zip(reqs, ids)):
+        for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             req.output_ids.append(tok)
             if i in lp_map:
                 lp, top = lp_map[i]
@@ -174,13 +180,13 @@ class ResultProcessor:
                 self._grammar_runtime().advance(req, tok)
             reason = self._check_finish(req, tok)
             jumped = reason is None and self._jump_forward(req)
-            if mode is ForwardMode.DECODE and (reason is not None or jumped):
+            if was_running and (reason is not None or jumped):
                 sched.running.remove(req)
             if reason is not None:
                 sched._finish(req, reason)
             elif jumped:
                 sched.partial.append(req)  # its forced tokens need an extend step
-            elif mode is ForwardMode.EXTEND:
+            elif not was_running:
                 sched.running.append(req)
             if reason is None and req.stream and len(req.output_ids) - req.sent_output_len >= sched.args.stream_interval:
                 sched.outputs.append(self.make_output(req))
@@ -190,7 +196,7 @@ class ResultProcessor:
         """Whether this decode batch can be sampled on the device and committed a step later:
         nothing in its sampling may depend on host state that the pending step would change."""
         return batch.mode is ForwardMode.DECODE and all(
-            r.grammar is None and not r.params.has_penalties and not r.params.logit_bias and not r.return_logprob
+            r.grammar is None and not r.return_logprob and not r.params.needs_output_history
             and len(r.output_ids) + r.num_inflight >= r.params.min_new_tokens
             for r in batch.reqs
         )
@@ -210,13 +216,26 @@ class ResultProcessor:
             if not req.finished:  # finished meanwhile: this token was computed past the end, drop it
                 live_reqs.append(req)
                 live_ids.append(tok)
-        self._commit(ForwardMode.DECODE, live_reqs, live_ids, {})
+        self._commit(live_reqs, live_ids, {}, [True] * len(live_reqs))
 
     def _jump_forward(self, req: Req) -> bool:
         """Grammar-forced text is appended without decode steps (not with logprobs: they would have holes)."""
         if req.grammar is None or req.return_logprob or self.sched.args.disable_jump_forward:
             return False
-        return self._grammar_runtime().jump_forward(req, allow_retokenize=True) > 0
+        min_tokens = self._jump_min_tokens()
+        if min_tokens > JUMP_MAX_USEFUL_TOKENS:
+            return False  # forced runs that long are rare: not worth computing the forced prefix
+        return self._grammar_runtime().jump_forward(req, allow_retokenize=True, min_tokens=min_tokens) > 0
+
+    def _jump_min_tokens(self) -> int:
+        """The shortest forced run worth a jump. Its forced tokens need an extend step, which takes
+        the whole batch off the CUDA-graph decode path for one eager (mixed) forward pass, costing
+        about JUMP_EAGER_EXTRA_STEPS decode steps for every running row; decoding the run instead
+        costs this row one step per token (the mask leaves one choice) and the others nothing. On
+        the CPU (no graphs) an extension costs what a decode step costs: every jump pays."""
+        if self.sched.runner.graph_runner is None:
+            return 1
+        return 1 + int(JUMP_EAGER_EXTRA_STEPS * len(self.sched.running))
 
     def _check_finish(self, req: Req, tok: int) -> dict[str, Any] | None:
         p = req.params

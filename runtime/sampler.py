@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixlm.runtime.device_transfer import tensor_on
 from radixlm.runtime.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -46,7 +47,7 @@ class SamplingBatch:
         ps = [r.params for r in rows]
 
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return tensor_on(values, dtype, device)
 
         top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in ps]
         greedy = [p.is_greedy for p in ps]

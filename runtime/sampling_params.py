@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,14 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS or self.top_k == 1
 
-    @property
-    def has_penalties(self) -> bool:
+    @functools.cached_property
+    def has_penalties(self) -> bool:  # cached: read for every running request each step
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @functools.cached_property
+    def needs_output_history(self) -> bool:
+        """Sampling reads the tokens generated so far (so it cannot run ahead on the device)."""
+        return self.has_penalties or bool(self.logit_bias)
 
     @property
     def constraint(self) -> tuple[str, str] | None:

@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.kv_pool import ReqToTokenPool
 from radixlm.runtime.request import Req
 
 
@@ -40,14 +42,25 @@ class ScheduledBatch:
     reqs: list[Req]
     extend_lens: list[int]  # new tokens per request this step
     prefix_lens: list[int]  # KV already present per request before this step
-    new_slots: list[torch.Tensor] = field(default_factory=list)  # host slots for each request's new tokens
+    new_slots: list[torch.Tensor] = field(default_factory=list)  # host slots of the new tokens, in request order
+    # Per request: True for a running request taking its next decode token (in an EXTEND batch
+    # when decode rows ride along with a prefill: a mixed batch), False for a prefill/extension.
+    decoding: list[bool] = field(default_factory=list)
     # Per request: rows of the logits matrix holding its input-logprob positions, and the row to
     # sample from (None while a chunked prefill is unfinished or for prefill-only requests).
     logprob_rows: list[list[int]] = field(default_factory=list)
     sample_rows: list[int | None] = field(default_factory=list)
     logprob_first_pos: list[int] = field(default_factory=list)  # prompt position of the first logprob row + 1
 
-    def to_forward_batch(self, req_to_token: torch.Tensor, device: torch.device,
+    def absorb(self, decode: "ScheduledBatch") -> None:
+        """Fold a decode batch into this prefill batch: one forward pass instead of two."""
+        self.reqs += decode.reqs
+        self.extend_lens += decode.extend_lens
+        self.prefix_lens += decode.prefix_lens
+        self.new_slots += decode.new_slots
+        self.decoding += decode.decoding
+
+    def to_forward_batch(self, req_to_token_pool: ReqToTokenPool, device: torch.device,
                          inflight: InflightBatch | None = None) -> ForwardBatch:
         input_ids: list[int] = []
         positions: list[int] = []
@@ -84,32 +97,37 @@ class ScheduledBatch:
             starts.append(starts[-1] + e)
         rows_cpu = [r.req_pool_idx for r in self.reqs]
         row_t = torch.tensor(rows_cpu, dtype=torch.int64)
-
-        def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        # One scatter records every new token's slot in req_to_token (not one copy per request).
-        out_cache_loc = torch.cat(self.new_slots).to(device, non_blocking=True)
-        positions_t = dev(positions, torch.int64)
-        token_rows = row_t.repeat_interleave(torch.tensor(self.extend_lens)).to(device, non_blocking=True)
-        req_to_token[token_rows, positions_t] = out_cache_loc.to(torch.int32)
-        input_ids_t = dev(input_ids, torch.int64)
         pending = [i for i, r in enumerate(self.reqs) if r.num_inflight]
         if pending:
             assert inflight is not None and self.mode is ForwardMode.DECODE
-            src = torch.tensor([self.reqs[i].inflight_row for i in pending]).to(device, non_blocking=True)
-            input_ids_t[torch.tensor(pending).to(device, non_blocking=True)] = inflight.next_ids[src]
+        host = [
+            torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+            torch.cat(self.new_slots).to(torch.int64), row_t, torch.tensor(seq_lens, dtype=torch.int64),
+            torch.tensor(self.extend_lens, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64),
+            torch.tensor(logits_indices, dtype=torch.int64), torch.tensor(pending, dtype=torch.int64),
+            torch.tensor([self.reqs[i].inflight_row for i in pending], dtype=torch.int64),
+        ]
+        host.append(row_t.repeat_interleave(host[5]))  # each new token's request row
+        # Every new token's slot, recorded on the host mirror and (one scatter) on the device.
+        req_to_token_pool.host[host[-1], host[1]] = host[2].to(torch.int32)
+        (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
+         src_t, token_rows_t) = pack_on(host, device)
+        req_to_token = req_to_token_pool.req_to_token
+        if req_to_token is not req_to_token_pool.host:
+            req_to_token[token_rows_t, positions_t] = out_cache_loc.to(torch.int32)
+        if pending:
+            input_ids_t[pending_t] = inflight.next_ids[src_t]
         return ForwardBatch(
             mode=self.mode,
             input_ids=input_ids_t,
             positions=positions_t,
             out_cache_loc=out_cache_loc,
-            req_pool_indices=row_t.to(device, non_blocking=True),
-            seq_lens=dev(seq_lens, torch.int32),
+            req_pool_indices=rows_t,
+            seq_lens=seq_lens_t.to(torch.int32),
             req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
             seq_lens_cpu=seq_lens,
             extend_seq_lens_cpu=list(self.extend_lens),
-            extend_seq_lens=dev(self.extend_lens, torch.int32),
-            extend_start_loc=dev(starts, torch.int32),
-            logits_indices=dev(logits_indices, torch.int64),
+            extend_seq_lens=ext_t.to(torch.int32),
+            extend_start_loc=starts_t.to(torch.int32),
+            logits_indices=logits_t,
         )

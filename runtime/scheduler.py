@@ -24,6 +24,9 @@ from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
+# A prefill batch this small always carries the running requests' decode rows (see _should_mix).
+MIX_ALWAYS_MAX_TOKENS = 256
+
 
 class Scheduler:
     def __init__(self, args: ServerArgs, model_dir: Path, tokenizer: object) -> None:
@@ -134,12 +137,18 @@ class Scheduler:
         With overlap scheduling a plain decode step is launched before the previous one is
         committed: the host appends step k's tokens while the device already runs step k+1."""
         self.results.poll_grammars()
-        if self.inflight is not None and not self._decode_only_next():
+        if self.inflight is not None and not self._can_schedule_before_commit():
             self._commit_inflight()
-        batch = self._schedule_prefill() or self._schedule_decode()
+        batch = self._schedule_prefill()
+        if batch is not None and self.running and self._should_mix(batch):
+            self._commit_inflight()  # the decode rows' inputs must be on the host
+            decode = self._schedule_decode()
+            if decode is not None:
+                batch.absorb(decode)
+        batch = batch or self._schedule_decode()
         if batch is None:
             return self._commit_inflight()
-        fb = batch.to_forward_batch(self.req_to_token, self.device, self.inflight)
+        fb = batch.to_forward_batch(self.req_to_token_pool, self.device, self.inflight)
         logits = self.runner.forward(fb)
         self.stats["forward_steps"] += 1
         if self.overlap and self.results.can_defer(batch):
@@ -151,6 +160,12 @@ class Scheduler:
         self.results.process(batch, logits)
         return True
 
+    def _should_mix(self, batch: ScheduledBatch) -> bool:
+        """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
+        tokens, the tail of a chunked prompt) costs about what a separate decode step would, so
+        it always rides along; a large prefill only with --enable-mixed-chunk."""
+        return self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+
     def _commit_inflight(self) -> bool:
         if self.inflight is None:
             return False
@@ -158,11 +173,12 @@ class Scheduler:
         self.results.commit_inflight(inflight)
         return True
 
-    def _decode_only_next(self) -> bool:
-        """The next step can go ahead before the pending one is committed: nothing to admit or
-        extend, no retraction needed, and every running request can be sampled on the device."""
-        if self.waiting or self.partial:
-            return False
+    def _can_schedule_before_commit(self) -> bool:
+        """The next batch can be chosen while the pending decode step is still on the device.
+
+        A prefill batch never depends on it (its requests have no token in flight, and the pending
+        step is committed right after the prefill is launched); a decode batch does only when KV
+        is short, since retracting a request whose token is in flight would free its slots."""
         return self.kv_pool.available() >= len(self.running)
 
     def pop_outputs(self) -> list[ReqOutput]:
@@ -215,7 +231,7 @@ class Scheduler:
                 req.req_pool_idx = self.req_to_token_pool.alloc()
                 n_prefix = len(prefix)
                 if n_prefix:
-                    self.req_to_token[req.req_pool_idx, :n_prefix] = prefix.to(self.device, torch.int32)
+                    self.req_to_token_pool.write(req.req_pool_idx, 0, prefix)
                 req.kv_len = req.cache_protected_len = n_prefix
                 if not req.admitted_once:
                     req.cached_tokens = n_prefix
@@ -243,7 +259,7 @@ class Scheduler:
     def _peek_prefix_len(self, req: Req) -> int:
         return self.cache.peek(req.fill_slice(0, req.max_prefix_len), req.extra_key)
 
-    def _extend(self, batch: ScheduledBatch, req: Req, ext: int) -> bool:
+    def _extend(self, batch: ScheduledBatch, req: Req, ext: int, decoding: bool = False) -> bool:
         slots = self._alloc_slots(ext)
         if slots is None:
             return False
@@ -253,6 +269,7 @@ class Scheduler:
         batch.reqs.append(req)
         batch.prefix_lens.append(start)
         batch.extend_lens.append(ext)
+        batch.decoding.append(decoding)
         req.kv_len = start + ext
         return True
 
@@ -265,10 +282,21 @@ class Scheduler:
                 break
             self._retract_one()
         batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
-        for req in list(self.running):
-            if req.remaining_new_tokens() == 0:
-                continue  # its last token is in flight; it finishes when that is committed
-            if self._extend(batch, req, 1):
+        # A request whose last token is in flight finishes when that is committed: nothing to run.
+        todo = [r for r in self.running if r.remaining_new_tokens() > 0]
+        slots = self._alloc_slots(len(todo))
+        if slots is not None:  # the common case: one allocation for the whole batch
+            batch.new_slots.append(slots)
+            batch.reqs = todo
+            batch.prefix_lens = [r.kv_len for r in todo]
+            batch.extend_lens = [1] * len(todo)
+            batch.decoding = [True] * len(todo)
+            for req in todo:
+                req.kv_len += 1
+            self.reserve.on_decode_step()
+            return batch if todo else None
+        for req in todo:
+            if self._extend(batch, req, 1, decoding=True):
                 continue
             self.running.remove(req)
             if self.running or batch.reqs:

@@ -35,9 +35,10 @@ class ServerArgs:
     disable_jump_forward: bool = False
     # GPU fast path
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int | None = None  # default: every decode batch the scheduler can form (<= 1024)
     enable_torch_compile: bool = False
     disable_overlap_schedule: bool = False
+    enable_mixed_chunk: bool = False  # decode rows ride along with every prefill chunk, not only small ones
     enable_overlap_schedule_on_cpu: bool = False  # on by default only on CUDA, where it pays
     attention_backend: str | None = None  # torch | triton; None: triton on CUDA
     # Parallelism (runtime/parallel/): TP x PP ranks per replica, dp_size replicas behind one front

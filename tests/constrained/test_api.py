@@ -157,6 +157,32 @@ def test_bitmask_fill_wider_model_vocab(tokenizer: Any) -> None:
     assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()  # untouched rows
 
 
+@pytest.mark.parametrize("backend", JSON_BACKENDS)
+@pytest.mark.parametrize("extra_vocab", [0, 100])
+def test_batched_fill_equals_row_by_row(tokenizer: Any, backend: str, extra_vocab: int) -> None:
+    """The batched fill (parallel in llguidance) writes exactly what per-row fills write, leaves
+    other rows alone, and clears rows of matchers that consumed an end token."""
+    grammar = C.compile(tokenizer, json_schema=SCHEMA, backend=backend)
+    texts = ['{"name": "a', '{', '{"name": "ab", "kind": "', '{"name": "x", "kind": "cat"}', '{"name": "x", "kind": "dog"}']
+    matchers = []
+    for text in texts:
+        m = grammar.matcher()
+        for tid in encode(tokenizer, text):
+            assert m.advance(tid)
+        matchers.append(m)
+    eos = next(iter(grammar.info.end_token_ids))
+    assert matchers[-1].advance(eos)  # ended: its row must be all-zero
+    width = grammar.info.vocab_size + extra_vocab
+    rows = [0, 2, 3, 5, 6]  # rows 1 and 4 belong to unconstrained requests
+    expected = C.allocate_token_bitmask(7, width)
+    for m, row in zip(matchers, rows):
+        m.fill_next_token_bitmask(expected, row)
+    got = C.allocate_token_bitmask(7, width)
+    C.fill_next_token_bitmasks(list(zip(matchers, rows)), got)
+    assert torch.equal(got, expected)
+    assert (got[6] == 0).all() and (got[1] == -1).all() and (got[4] == -1).all()
+
+
 def test_apply_token_bitmask_matches_reference() -> None:
     gen = torch.Generator().manual_seed(0)
     batch, vocab = 4, 1000

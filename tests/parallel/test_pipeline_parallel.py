@@ -34,7 +34,7 @@ def test_split_batch_computes_the_same_logits(tiny_model_dir) -> None:
         sched.handle(greedy_req(f"r{i}", ids + [7] * 5, 4))
     batch = sched._schedule_prefill()
     assert batch is not None and len(batch.reqs) == 3
-    fb = batch.to_forward_batch(sched.req_to_token, sched.device)
+    fb = batch.to_forward_batch(sched.req_to_token_pool, sched.device)
     # Parts first: the later parts must read the KV the earlier ones stored (requests cut in two).
     parts = split_batch(fb, 3)
     assert sum(p.num_tokens for p in parts) == fb.num_tokens and len(parts) == 3
@@ -44,7 +44,7 @@ def test_split_batch_computes_the_same_logits(tiny_model_dir) -> None:
     sched.results.process(batch, whole)
     decode = sched._schedule_decode()
     assert decode is not None and decode.mode is ForwardMode.DECODE
-    dfb = decode.to_forward_batch(sched.req_to_token, sched.device)
+    dfb = decode.to_forward_batch(sched.req_to_token_pool, sched.device)
     split_logits = torch.cat([runner.forward_local(p) for p in split_batch(dfb, 2)])
     torch.testing.assert_close(split_logits, runner.forward_local(dfb), rtol=1e-4, atol=1e-4)
 

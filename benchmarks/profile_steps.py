@@ -1,0 +1,252 @@
+"""Where a GPU workload's time goes, step by step: the scheduler runs in-process and every forward
+pass is timed with CUDA events (no syncs added, so overlap scheduling behaves as in production).
+
+    python benchmarks/profile_steps.py --items b,f,kernels --out $OUT/profile_steps.json
+
+  b        workload (b) of the throughput suite (offline, random ids): per step mode, batch size, tokens,
+           device time of the forward and wall time of the whole step, summed by kind of step
+  f        batch-64 JSON-schema decode (real tokenizer): the same, plus host time in mask filling,
+           grammar advance and jump-forward
+  kernels  torch.profiler over decode steps at a few batch sizes: the top kernels by device time
+Llama-3.1-8B shape, random bf16 weights. Prints tables and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
+from gpu_throughput import SCHEMA, workload_b  # noqa: E402
+
+from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
+from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
+from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
+from radixlm.runtime.scheduler import Scheduler  # noqa: E402
+from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+
+
+def make_scheduler(model_dir: Path, tokenizer: Any = None, **options: Any) -> Scheduler:
+    opts = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
+                skip_tokenizer_init=tokenizer is None)
+    opts.update(options)
+    return Scheduler(ServerArgs(model_path=str(model_dir), **opts), model_dir, tokenizer)
+
+
+class StepRecorder:
+    """Wraps the runner's forward (CUDA events) and any host methods (perf_counter totals)."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.steps: list[dict] = []
+        self.host: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        runner = sched.runner
+        inner = runner.forward
+
+        def forward(fb: Any) -> torch.Tensor:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph = runner.graph_runner is not None and runner.graph_runner.can_run(fb)
+            start.record()
+            out = inner(fb)
+            end.record()
+            self.steps.append({"mode": fb.mode.value, "bs": fb.batch_size, "tokens": len(fb.extend_seq_lens_cpu) and sum(fb.extend_seq_lens_cpu),
+                               "graph": graph, "events": (start, end)})
+            return out
+
+        runner.forward = forward
+
+    def wrap(self, obj: Any, name: str, label: str) -> None:
+        fn: Callable = getattr(obj, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.host[label] += time.perf_counter() - t
+                self.calls[label] += 1
+
+        setattr(obj, name, timed)
+
+    def run(self, reqs: list[TokenizedGenerateReq]) -> float:
+        for r in reqs:
+            self.sched.handle(r)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while not self.sched.idle:
+            t = time.perf_counter()
+            n = len(self.steps)
+            if not self.sched.step():
+                time.sleep(0.0005)
+            if len(self.steps) > n:
+                self.steps[-1]["wall"] = time.perf_counter() - t
+            self.sched.pop_outputs()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def summary(self) -> dict:
+        groups: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+        for s in self.steps:
+            if s["mode"] == "extend":
+                key = "extend"
+            else:
+                lo = 1 << (s["bs"].bit_length() - 1)
+                key = f"decode bs {lo}-{2 * lo - 1} {'graph' if s['graph'] else 'eager'}"
+            g = groups[key]
+            g["steps"] += 1
+            g["tokens"] += s["tokens"]
+            g["device_ms"] += s["events"][0].elapsed_time(s["events"][1])
+            g["wall_ms"] += s.get("wall", 0.0) * 1e3
+        out = {k: dict(v) for k, v in sorted(groups.items())}
+        for v in out.values():
+            v["device_ms_per_step"] = v["device_ms"] / v["steps"]
+            v["wall_ms_per_step"] = v["wall_ms"] / v["steps"]
+        return {"groups": out, "host_s": dict(self.host), "host_calls": dict(self.calls)}
+
+
+def print_groups(title: str, summ: dict) -> None:
+    print(f"\n{title}\n{'kind of step':<32}{'steps':>7}{'tokens':>10}{'device s':>10}{'wall s':>9}{'dev ms/st':>11}{'wall ms/st':>11}")
+    for k, v in summ["groups"].items():
+        print(f"{k:<32}{v['steps']:>7.0f}{v['tokens']:>10.0f}{v['device_ms'] / 1e3:>10.2f}{v['wall_ms'] / 1e3:>9.2f}"
+              f"{v['device_ms_per_step']:>11.2f}{v['wall_ms_per_step']:>11.2f}")
+    for k, v in summ["host_s"].items():
+        print(f"  host {k}: {v:.3f} s over {summ['host_calls'][k]} calls")
+
+
+def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool) -> dict:
+    t = time.perf_counter()
+    sched = make_scheduler(d, cuda_graph_max_bs=max_bs, enable_mixed_chunk=mixed)
+    startup = time.perf_counter() - t
+    rec = StepRecorder(sched)
+    prompts, outs = workload_b(n, vocab)
+    warm = [TokenizedGenerateReq(rid=f"w{i}", input_ids=prompts[i], params=SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+            for i in range(4)]
+    rec.run(warm)
+    sched.cache.flush()
+    rec.steps.clear()
+    reqs = [TokenizedGenerateReq(rid=str(i), input_ids=p, params=SamplingParams(temperature=0, max_new_tokens=o, ignore_eos=True))
+            for i, (p, o) in enumerate(zip(prompts, outs))]
+    wall = rec.run(reqs)
+    total = sum(map(len, prompts)) + sum(outs)
+    res = {"requests": n, "cuda_graph_max_bs": sched.runner.graph_runner and sched.runner.graph_runner.max_bs,
+           "enable_mixed_chunk": mixed, "startup_s": startup, "seconds": wall, "total_tok_s": total / wall,
+           "retractions": sched.stats["retractions"], **rec.summary()}
+    print_groups(f"(b) {n} requests, graphs up to bs {res['cuda_graph_max_bs']}, mixed chunks {mixed}: {wall:.1f} s, "
+                 f"{total / wall:.0f} total tok/s", res)
+    return res
+
+
+def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    sched = make_scheduler(d, tokenizer=tok, tokenizer_path=str(tokenizer_dir), mem_fraction_static=0.5)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
+    res: dict = {}
+    for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)})):
+        rec = StepRecorder(sched)
+        mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(
+            temperature=1.0, seed=i, max_new_tokens=128, ignore_eos=not extra, **extra))
+        rec.run([mk(i, "w") for i in range(2)])
+        if extra:
+            gr = sched.results.grammars
+            rec.wrap(gr, "bitmask", "bitmask")
+            rec.wrap(gr, "advance", "advance")
+            rec.wrap(gr, "jump_forward", "jump_forward")
+            rec.wrap(sched.results, "_sample", "sample (incl. bitmask)")
+            rec.wrap(sched.results, "_commit", "commit")
+        rec.steps.clear()
+        wall = rec.run([mk(i, "") for i in range(batch)])
+        summ = rec.summary()
+        decoded = sched.stats["generated_tokens"]
+        res[label] = {"seconds": wall, **summ}
+        print_groups(f"(f) {label}: {wall:.2f} s", summ)
+    res["wall_ratio_unconstrained_over_constrained"] = res["unconstrained"]["seconds"] / res["json_schema"]["seconds"]
+    return res
+
+
+def item_kernels(d: Path, vocab: int, sizes: list[int]) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = make_scheduler(d, cuda_graph_max_bs=1, disable_overlap_schedule=True)  # eager: kernels visible
+    rng = random.Random(1)
+    out: dict = {}
+    for bs in sizes:
+        reqs = [TokenizedGenerateReq(rid=f"k{bs}-{i}", input_ids=[rng.randrange(1000, vocab - 1000) for _ in range(800)],
+                                     params=SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)) for i in range(bs)]
+        for r in reqs:
+            sched.handle(r)
+        while sched.waiting or sched.partial:
+            sched.step()
+        sched.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                sched.step()
+            torch.cuda.synchronize()
+        while not sched.idle:
+            sched.step()
+        rows = []
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:18]:
+            rows.append({"name": e.key[:70], "calls": e.count, "device_ms": e.device_time_total / 1e3 / 4})
+        out[str(bs)] = rows
+        print(f"\nkernels, eager decode bs {bs}, ctx ~800 (per step):")
+        for r in rows:
+            print(f"  {r['device_ms']:8.3f} ms  {r['calls'] // 4:5d}x  {r['name']}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", default="b,f,kernels")
+    ap.add_argument("--out", default="benchmarks/results/profile_steps.json")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--graph-max-bs", default="auto", help="comma list; auto = the engine's default")
+    ap.add_argument("--mixed-chunk", default="off", help="comma list of off/on (--enable-mixed-chunk)")
+    ap.add_argument("--kernel-sizes", default="64,256,512")
+    ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="radixlm-prof-"))
+    d = model_dir_for(LLAMA_8B, root, "llama8b")
+    items = args.items.split(",")
+    report: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    for item in items:
+        t = time.perf_counter()
+        try:
+            if item == "b":
+                report["b"] = []
+                for m in args.graph_max_bs.split(","):
+                    for x in args.mixed_chunk.split(","):
+                        report["b"].append(item_b(d, LLAMA_8B["vocab_size"], args.num_requests, None if m == "auto" else int(m), x == "on"))
+                        gc.collect()  # free this scheduler's KV pool before the next one sizes its own
+                        torch.cuda.empty_cache()
+            elif item == "f":
+                report["f"] = item_f(model_dir_for({**LLAMA_8B, "vocab_size": 49152}, root, "smolvocab"), Path(args.tokenizer_dir), 64)
+            elif item == "kernels":
+                report["kernels"] = item_kernels(d, LLAMA_8B["vocab_size"], [int(s) for s in args.kernel_sizes.split(",")])
+        except Exception as exc:  # noqa: BLE001 - keep the other items
+            import traceback
+
+            traceback.print_exc()
+            report[item] = {"error": repr(exc)}
+        print(f"[{item} took {time.perf_counter() - t:.0f} s]", flush=True)
+        gc.collect()  # the scheduler and its runner reference each other
+        torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
