@@ -124,10 +124,13 @@ def print_groups(title: str, summ: dict) -> None:
         print(f"  host {k}: {v:.3f} s over {summ['host_calls'][k]} calls")
 
 
-def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool) -> dict:
+def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool, commit_first: bool = False) -> dict:
     t = time.perf_counter()
     sched = make_scheduler(d, cuda_graph_max_bs=max_bs, enable_mixed_chunk=mixed)
     startup = time.perf_counter() - t
+    if commit_first:  # the earlier policy: no overlap while any request waits
+        sched._can_schedule_before_commit = lambda: (  # type: ignore[method-assign]
+            not sched.waiting and not sched.partial and sched.kv_pool.available() >= len(sched.running))
     rec = StepRecorder(sched)
     prompts, outs = workload_b(n, vocab)
     warm = [TokenizedGenerateReq(rid=f"w{i}", input_ids=prompts[i], params=SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
@@ -140,9 +143,9 @@ def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool) -> dict
     wall = rec.run(reqs)
     total = sum(map(len, prompts)) + sum(outs)
     res = {"requests": n, "cuda_graph_max_bs": sched.runner.graph_runner and sched.runner.graph_runner.max_bs,
-           "enable_mixed_chunk": mixed, "startup_s": startup, "seconds": wall, "total_tok_s": total / wall,
+           "enable_mixed_chunk": mixed, "commit_first": commit_first, "startup_s": startup, "seconds": wall, "total_tok_s": total / wall,
            "retractions": sched.stats["retractions"], **rec.summary()}
-    print_groups(f"(b) {n} requests, graphs up to bs {res['cuda_graph_max_bs']}, mixed chunks {mixed}: {wall:.1f} s, "
+    print_groups(f"(b) {n} requests, graphs up to bs {res['cuda_graph_max_bs']}, mixed chunks {mixed}, commit first {commit_first}: {wall:.1f} s, "
                  f"{total / wall:.0f} total tok/s", res)
     return res
 
@@ -208,6 +211,39 @@ def item_kernels(d: Path, vocab: int, sizes: list[int]) -> dict:
     return out
 
 
+def item_extend(d: Path, vocab: int) -> dict:
+    """torch.profiler over prefill steps of one 8,192-token chunk: host vs device time per op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = make_scheduler(d, disable_overlap_schedule=True)
+    rng = random.Random(2)
+    mk = lambda i: TokenizedGenerateReq(rid=f"x{i}", input_ids=[rng.randrange(1000, vocab - 1000) for _ in range(1024)],  # noqa: E731
+                                        params=SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
+    for i in range(8):
+        sched.handle(mk(i))
+    sched.step()  # warm-up chunk
+    while not sched.idle:
+        sched.step()
+    for i in range(24):
+        sched.handle(mk(100 + i))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            sched.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 3
+    while not sched.idle:
+        sched.step()
+    ev = prof.key_averages()
+    rows = [{"name": e.key[:70], "calls": e.count // 3, "device_ms": e.device_time_total / 3e3, "cpu_self_ms": e.self_cpu_time_total / 3e3}
+            for e in sorted(ev, key=lambda e: -(e.device_time_total + e.self_cpu_time_total))[:24]]
+    print(f"\nprefill step of 8 x 1,024 tokens: {wall * 1e3:.1f} ms wall (profiled)")
+    for r in rows:
+        print(f"  dev {r['device_ms']:8.3f} ms  cpu {r['cpu_self_ms']:8.3f} ms  {r['calls']:5d}x  {r['name']}")
+    return {"wall_ms": wall * 1e3, "ops": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", default="b,f,kernels")
@@ -217,6 +253,7 @@ def main() -> None:
     ap.add_argument("--mixed-chunk", default="off", help="comma list of off/on (--enable-mixed-chunk)")
     ap.add_argument("--kernel-sizes", default="64,256,512")
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok")
+    ap.add_argument("--commit-first", action="store_true", help="(b) with the old overlap policy, for comparison")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-prof-"))
     d = model_dir_for(LLAMA_8B, root, "llama8b")
@@ -229,11 +266,14 @@ def main() -> None:
                 report["b"] = []
                 for m in args.graph_max_bs.split(","):
                     for x in args.mixed_chunk.split(","):
-                        report["b"].append(item_b(d, LLAMA_8B["vocab_size"], args.num_requests, None if m == "auto" else int(m), x == "on"))
+                        report["b"].append(item_b(d, LLAMA_8B["vocab_size"], args.num_requests, None if m == "auto" else int(m),
+                                                  x == "on", args.commit_first))
                         gc.collect()  # free this scheduler's KV pool before the next one sizes its own
                         torch.cuda.empty_cache()
             elif item == "f":
                 report["f"] = item_f(model_dir_for({**LLAMA_8B, "vocab_size": 49152}, root, "smolvocab"), Path(args.tokenizer_dir), 64)
+            elif item == "extend":
+                report["extend"] = item_extend(d, LLAMA_8B["vocab_size"])
             elif item == "kernels":
                 report["kernels"] = item_kernels(d, LLAMA_8B["vocab_size"], [int(s) for s in args.kernel_sizes.split(",")])
         except Exception as exc:  # noqa: BLE001 - keep the other items

@@ -31,8 +31,9 @@ class Matcher(ABC):
 
     @classmethod
     def fill_next_token_bitmasks(cls, items: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
-        """Fill the rows of several matchers of this class; backends that can fill them in
-        parallel (llguidance, off the GIL) override this."""
+        """Fill the rows of several matchers of this class (one call per backend per step).
+        Row by row: llguidance's parallel executor measured slower than its per-matcher fill with
+        cached masks (batch 64: 6.4 vs 3.6 ms on 2 cores, 12.7 ms on a 32-core H200 host)."""
         for matcher, index in items:
             matcher.fill_next_token_bitmask(bitmask, index)
 

@@ -54,11 +54,13 @@ class GrammarRuntime:
         self.pending.pop(id(req), None)
 
     def bitmask(self, reqs: list[Req], device: torch.device) -> torch.Tensor:
-        """[B, W] int32 on `device`: each constrained row filled by its matcher, others all-allowed."""
+        """[B, W] int32 on `device`: each constrained row filled by its matcher, others all-allowed.
+        Filled on the host while the step's forward pass runs on the device."""
         from radixlm.constrained import allocate_token_bitmask, fill_next_token_bitmasks
 
         mask = allocate_token_bitmask(len(reqs), self.vocab_size)
-        fill_next_token_bitmasks([(r.grammar, i) for i, r in enumerate(reqs) if r.grammar is not None], mask)
+        # A request finished meanwhile (overlap) keeps an all-allowed row: its token is dropped.
+        fill_next_token_bitmasks([(r.grammar, i) for i, r in enumerate(reqs) if r.grammar is not None and not r.finished], mask)
         return to_device(mask, device)
 
     def advance(self, req: Req, token: int) -> None:

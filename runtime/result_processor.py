@@ -164,7 +164,7 @@ class ResultProcessor:
         return lp_map
 
     def _commit(self, reqs: list[Req], ids: list[int], lp_map: dict[int, tuple[float, list[tuple[float, int]] | None]],
-                decoding: list[bool]) -> None:
+                decoding: list[bool], allow_jump: bool = True) -> None:
         """Append sampled tokens on the host, then finish / jump forward / keep decoding.
         `decoding[i]`: the request was already running (else it just finished a prefill)."""
         sched = self.sched
@@ -179,7 +179,7 @@ class ResultProcessor:
             if req.grammar is not None:
                 self._grammar_runtime().advance(req, tok)
             reason = self._check_finish(req, tok)
-            jumped = reason is None and self._jump_forward(req)
+            jumped = reason is None and allow_jump and self._jump_forward(req)
             if was_running and (reason is not None or jumped):
                 sched.running.remove(req)
             if reason is not None:
@@ -195,8 +195,13 @@ class ResultProcessor:
     def can_defer(self, batch: ScheduledBatch) -> bool:
         """Whether this decode batch can be sampled on the device and committed a step later:
         nothing in its sampling may depend on host state that the pending step would change."""
-        return batch.mode is ForwardMode.DECODE and all(
-            r.grammar is None and not r.return_logprob and not r.params.needs_output_history
+        if batch.mode is not ForwardMode.DECODE:
+            return False
+        # Constrained rows too, once jump-forward would not be used (a jump rewrites the tokens
+        # the next step already consumes): their step-k tokens are committed before sampling.
+        grammar_ok = self.sched.args.disable_jump_forward or self._jump_min_tokens() > JUMP_MAX_USEFUL_TOKENS
+        return all(
+            (r.grammar is None or grammar_ok) and not r.return_logprob and not r.params.needs_output_history
             and len(r.output_ids) + r.num_inflight >= r.params.min_new_tokens
             for r in batch.reqs
         )
@@ -208,7 +213,8 @@ class ResultProcessor:
             req.inflight_row = i
         return InflightBatch.start(batch.reqs, next_ids)
 
-    def commit_inflight(self, inflight: InflightBatch) -> None:
+    def commit_inflight(self, inflight: InflightBatch, allow_jump: bool = True) -> None:
+        """`allow_jump=False` while a step that consumes these tokens is already launched."""
         ids = inflight.wait()
         live_reqs, live_ids = [], []
         for req, tok in zip(inflight.reqs, ids):
@@ -216,7 +222,7 @@ class ResultProcessor:
             if not req.finished:  # finished meanwhile: this token was computed past the end, drop it
                 live_reqs.append(req)
                 live_ids.append(tok)
-        self._commit(live_reqs, live_ids, {}, [True] * len(live_reqs))
+        self._commit(live_reqs, live_ids, {}, [True] * len(live_reqs), allow_jump)
 
     def _jump_forward(self, req: Req) -> bool:
         """Grammar-forced text is appended without decode steps (not with logprobs: they would have holes)."""

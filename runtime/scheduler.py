@@ -152,9 +152,15 @@ class Scheduler:
         logits = self.runner.forward(fb)
         self.stats["forward_steps"] += 1
         if self.overlap and self.results.can_defer(batch):
-            previous, self.inflight = self.inflight, self.results.launch(batch, logits)
+            previous, self.inflight = self.inflight, None
+            if previous is not None and any(r.grammar is not None for r in batch.reqs):
+                # Grammar masks need step k's tokens in the matchers: commit them now, while this
+                # step's forward pass runs, then fill the masks and sample on the device.
+                self.results.commit_inflight(previous, allow_jump=False)
+                previous = None
+            self.inflight = self.results.launch(batch, logits)
             if previous is not None:
-                self.results.commit_inflight(previous)
+                self.results.commit_inflight(previous, allow_jump=False)
             return True
         self._commit_inflight()
         self.results.process(batch, logits)

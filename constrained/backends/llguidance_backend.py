@@ -6,7 +6,6 @@ large repetition bounds and context-free grammars, and computes a mask in tens o
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from typing import Any
@@ -43,12 +42,6 @@ def _lltokenizer(info: TokenizerInfo) -> Any:
             )
             _TOKENIZERS[info.fingerprint] = tok
         return tok
-
-
-@functools.lru_cache(maxsize=1)
-def _executor() -> Any:
-    """llguidance's thread pool: computes a batch's masks in parallel with the GIL released."""
-    return llguidance.LLExecutor()
 
 
 def json_options(whitespace_max: int) -> dict[str, Any]:
@@ -106,29 +99,6 @@ class LLGuidanceMatcher(Matcher):
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
         if row.shape[0] > words:
             row[words:] = 0
-
-    @classmethod
-    def fill_next_token_bitmasks(cls, items: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
-        live: list[tuple[LLGuidanceMatcher, int]] = []
-        for m, index in items:
-            assert isinstance(m, LLGuidanceMatcher)
-            if m._ended:
-                bitmask[index].zero_()
-            else:
-                live.append((m, index))
-        if not live:
-            return
-        words = live[0][0].grammar._words
-        if any(m.grammar._words != words for m, _ in live) or bitmask.dtype != torch.int32 or bitmask.shape[1] < words:
-            super().fill_next_token_bitmasks(live, bitmask)  # mixed tokenizers or a bad mask: row by row
-            return
-        # llguidance writes rows exactly `words` wide: fill a tight buffer, then place its rows.
-        tight = torch.empty(len(live), words, dtype=torch.int32)
-        _executor().unsafe_compute_mask_ptr([(m._m, j) for j, (m, _) in enumerate(live)], tight.data_ptr(), words * 4, len(live))
-        rows = torch.tensor([index for _, index in live])
-        bitmask[rows, :words] = tight
-        if bitmask.shape[1] > words:
-            bitmask[rows, words:] = 0
 
     def advance(self, token_id: int) -> bool:
         if self._ended:

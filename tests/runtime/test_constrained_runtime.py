@@ -84,3 +84,32 @@ def test_bad_schema_fails_request_with_400_and_nothing_else(sched, prompt_ids) -
     assert out["bad"]["finished_reason"]["status_code"] == 400
     assert out["ok"]["finished_reason"]["type"] == "length"
     assert_pool_idle(sched)
+
+
+def test_overlapped_constrained_decode_matches_synchronous(default_model_dir, prompt_ids) -> None:
+    """With overlap, constrained rows are sampled one step later on the host's schedule: step k's
+    tokens are committed (matchers advanced) while step k+1's forward runs, then masks are filled.
+    Seeded outputs must equal the synchronous path's, and stay valid."""
+    reqs = lambda: [_req(f"o{i}", prompt_ids, temperature=1.0, max_new_tokens=40, seed=i,  # noqa: E731
+                         json_schema=json.dumps(PERSON)) for i in range(4)]
+    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True)
+    expected = run_to_completion(plain, reqs())
+    overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
+                                enable_overlap_schedule_on_cpu=True)
+    deferred = 0
+    launch = overlapped.results.launch
+
+    def counting_launch(batch, logits):
+        nonlocal deferred
+        deferred += any(r.grammar is not None for r in batch.reqs)
+        return launch(batch, logits)
+
+    overlapped.results.launch = counting_launch
+    got = run_to_completion(overlapped, reqs())
+    assert deferred > 15
+    for rid, res in expected.items():
+        assert got[rid]["output_ids"] == res["output_ids"], rid
+        assert got[rid]["finished_reason"] == res["finished_reason"], rid
+    assert_pool_idle(overlapped)
+    for s in (plain, overlapped):
+        s.results.grammars.close()
