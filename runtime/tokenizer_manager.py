@@ -20,6 +20,7 @@ from typing import Any
 from radixlm.runtime.detokenizer import IncrementalDetokenizer, stop_holdback, trim_at_stop
 from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.outbox import Outbox
 from radixlm.runtime.parallel.launch import Replica, merge_infos, start_replicas, stop_replica, watch_replicas
 from radixlm.runtime.parallel.router import Router
 from radixlm.runtime.sampling_params import InvalidRequestError
@@ -64,6 +65,8 @@ class TokenizerManager:
         self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or self.model_dir)
         # Every replica's scheduler (and its other ranks) started and ready; one unless --dp-size.
         self.replicas: list[Replica] = start_replicas(args, self.model_dir)
+        # The event loop never writes to a scheduler's pipe itself (it may be full): see outbox.py.
+        self._outboxes = [Outbox(r.send, f"radixlm-send-{r.index}") for r in self.replicas]
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the children
         first = self.replicas[0].info
         assert first is not None
@@ -111,7 +114,9 @@ class TokenizerManager:
     def _send(self, msg: object, replica: Replica) -> None:
         if replica.dead:
             raise SchedulerDiedError(replica.dead)
-        replica.send(msg)
+        if self._closing:
+            raise SchedulerDiedError("the runtime is shut down")
+        self._outboxes[replica.index].put(msg)
 
     # ---------------------------------------------------------------- scheduler -> here
     def _dispatch(self, msg: object) -> None:
@@ -146,6 +151,7 @@ class TokenizerManager:
             return
         replica.dead = replica.describe_death(len(self.replicas))
         logger.error(replica.dead)
+        self._outboxes[replica.index].close()
         stop_replica(replica, graceful=False)  # its other ranks too
         self.router.forget(replica.index)
         if all(r.dead for r in self.replicas):
@@ -364,11 +370,10 @@ class TokenizerManager:
             return
         self._closing = True
         self._watch_stop.set()
-        for replica in self.replicas:  # all at once: each then stops its own other ranks
+        for replica, outbox in zip(self.replicas, self._outboxes):  # all at once: each then stops its own other ranks
             if not replica.dead:
-                try:
-                    replica.send(ControlReq("shutdown", -1))
-                except (OSError, ValueError):
-                    pass
-        for replica in self.replicas:
+                outbox.put(ControlReq("shutdown", -1))  # behind the aborts already queued
+            outbox.close()
+        for replica, outbox in zip(self.replicas, self._outboxes):
+            outbox.join(2.0)
             stop_replica(replica, graceful=not replica.dead)

@@ -1,0 +1,83 @@
+"""The front never writes to a scheduler's pipe from its event loop: a pipe nobody reads fills at
+64 KiB, and the old direct send then blocked the whole front until the scheduler's next step."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from radixlm.runtime.io_struct import AbortReq
+from radixlm.runtime.outbox import Outbox
+from radixlm.runtime.tokenizer_manager import SchedulerDiedError, TokenizerManager
+
+BIG = list(range(4000))  # ~12 KiB pickled: a few fill a pipe
+
+
+def _unread_pipe():
+    recv, send = mp.Pipe(duplex=False)
+    return recv, send
+
+
+def test_put_returns_while_the_pipe_is_full_and_order_is_kept() -> None:
+    recv, send = _unread_pipe()
+    box = Outbox(send.send, "test-outbox")
+    t = time.monotonic()
+    for i in range(40):  # ~480 KiB: the pipe is full long before the last put
+        box.put((i, BIG))
+    assert time.monotonic() - t < 1.0
+    got = [recv.recv()[0] for _ in range(40)]
+    assert got == list(range(40))
+    box.close()
+    box.join(5)
+    assert not box._thread.is_alive()
+
+
+def test_a_closed_pipe_ends_the_thread_quietly() -> None:
+    recv, send = _unread_pipe()
+    recv.close()
+    box = Outbox(send.send, "test-outbox")
+    box.put("lost")  # BrokenPipeError in the thread: the reader thread reports a dead scheduler
+    box.join(5)
+    assert not box._thread.is_alive()
+    box.put("after")  # never raises
+
+
+def _front(send) -> tuple[TokenizerManager, SimpleNamespace]:
+    """A TokenizerManager with one fake replica whose pipe is `send`; no scheduler process."""
+    tm = TokenizerManager.__new__(TokenizerManager)
+    replica = SimpleNamespace(index=0, dead=None, send=send)
+    tm.replicas = [replica]
+    tm._closing = False
+    tm._outboxes = [Outbox(replica.send, "test-outbox")]
+    return tm, replica
+
+
+def test_tokenizer_manager_send_does_not_block_on_a_full_pipe() -> None:
+    recv, send = _unread_pipe()
+    tm, replica = _front(send.send)
+    done = threading.Event()
+
+    def burst() -> None:
+        for i in range(40):
+            tm._send(AbortReq(f"r{i}", str(BIG)), replica)
+        done.set()
+
+    threading.Thread(target=burst, daemon=True).start()
+    assert done.wait(5), "the caller blocked on the scheduler's pipe"
+    assert [recv.recv().rid for _ in range(40)] == [f"r{i}" for i in range(40)]
+
+
+def test_send_refuses_after_death_or_shutdown() -> None:
+    recv, send = _unread_pipe()
+    tm, replica = _front(send.send)
+    replica.dead = "the scheduler process died"
+    with pytest.raises(SchedulerDiedError, match="died"):
+        tm._send(AbortReq("x"), replica)
+    replica.dead = None
+    tm._closing = True
+    with pytest.raises(SchedulerDiedError, match="shut down"):
+        tm._send(AbortReq("x"), replica)
+    assert not recv.poll(0.2)
