@@ -61,6 +61,8 @@ class ResultProcessor:
         sched = self.sched
         to_sample: list[tuple[Req, int, bool]] = []
         for i, req in enumerate(batch.reqs):
+            if req.finished:
+                continue  # its pending token (overlap), committed after this step launched, ended it
             if batch.logprob_rows[i]:
                 self._input_logprobs(req, logits, batch.logprob_rows[i], batch.logprob_first_pos[i])
             row = batch.sample_rows[i]

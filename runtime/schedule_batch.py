@@ -107,9 +107,15 @@ class ScheduledBatch:
             torch.tensor(logits_indices, dtype=torch.int64), torch.tensor(pending, dtype=torch.int64),
             torch.tensor([self.reqs[i].inflight_row for i in pending], dtype=torch.int64),
         ]
-        host.append(row_t.repeat_interleave(host[5]))  # each new token's request row
+        decode = self.mode is ForwardMode.DECODE
+        host.append(row_t if decode else row_t.repeat_interleave(host[5]))  # each new token's request row
         # Every new token's slot, recorded on the host mirror and (one scatter) on the device.
-        req_to_token_pool.host[host[-1], host[1]] = host[2].to(torch.int32)
+        slots32 = host[2].to(torch.int32)
+        if decode:
+            req_to_token_pool.host[row_t, host[1]] = slots32
+        else:  # few requests, long runs: slice copies beat a scatter of every token
+            for row, prefix, ext, start in zip(rows_cpu, self.prefix_lens, self.extend_lens, starts):
+                req_to_token_pool.host[row, prefix : prefix + ext] = slots32[start : start + ext]
         (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
          src_t, token_rows_t) = pack_on(host, device)
         req_to_token = req_to_token_pool.req_to_token

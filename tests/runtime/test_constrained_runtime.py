@@ -113,3 +113,38 @@ def test_overlapped_constrained_decode_matches_synchronous(default_model_dir, pr
     assert_pool_idle(overlapped)
     for s in (plain, overlapped):
         s.results.grammars.close()
+
+
+def test_overlap_hands_over_to_jump_forward_as_the_batch_shrinks(default_model_dir, prompt_ids) -> None:
+    """On the GPU constrained rows are overlapped only while the batch is large (jump-forward would
+    not pay); as requests finish the next batch is processed synchronously while the previous
+    step is still pending, and requests that step finishes must be skipped, not committed twice."""
+    sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True)
+    sched.results._jump_min_tokens = lambda: 100 if len(sched.running) > 3 else 1  # GPU-like rule, small batch
+    reqs = [_req(f"h{i}", prompt_ids, temperature=1.0, max_new_tokens=24 + 4 * i, seed=i,
+                 json_schema=json.dumps(PERSON)) for i in range(8)]
+    handovers = 0
+    pending_at_launch = False
+    forward, process = sched.runner.forward, sched.results.process
+
+    def noting_forward(batch):
+        nonlocal pending_at_launch
+        pending_at_launch = sched.inflight is not None
+        return forward(batch)
+
+    def counting_process(batch, logits):  # a synchronous step launched before the pending one's commit
+        nonlocal handovers
+        handovers += pending_at_launch
+        return process(batch, logits)
+
+    sched.runner.forward, sched.results.process = noting_forward, counting_process
+    out = run_to_completion(sched, reqs)
+    assert handovers >= 1
+    tok = sched.results.tokenizer
+    for r in reqs:
+        res = out[r.rid]
+        assert res["finished_reason"]["type"] in ("stop", "length"), res["finished_reason"]
+        if res["finished_reason"]["type"] == "stop":
+            jsonschema.validate(json.loads(tok.decode(res["output_ids"], skip_special_tokens=True)), PERSON)
+    assert_pool_idle(sched)
+    sched.results.grammars.close()
