@@ -152,7 +152,10 @@ def _free_port() -> int:
 async def _drive_server(url: str, prompts: list[list[int]], outs: list[int]) -> float:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    # limit=0: aiohttp's default pool holds 100 connections, which would cap the server at 100
+    # concurrent requests while the Engine gets all of them at once.
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=connector) as session:
         async def one(p: list[int], o: int) -> None:
             body = {"input_ids": p, "sampling_params": {"temperature": 0, "max_new_tokens": o, "ignore_eos": True}}
             async with session.post(f"{url}/generate", json=body) as resp:
