@@ -198,6 +198,8 @@ def item_g(model_dir: Path, vocab: int, n: int = 300) -> dict:
                 raise RuntimeError("server did not come up")
             time.sleep(1)
         asyncio.run(_drive_server(url, prompts[:4], [4] * 4))
+        with urllib.request.urlopen(f"{url}/flush_cache", timeout=30) as r:  # as the Engine run: no warm-up hits
+            assert r.status == 200
         server_s = asyncio.run(_drive_server(url, prompts, outs))
     finally:
         proc.terminate()
