@@ -58,12 +58,13 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                     return
                 continue
             while recv.poll():
-                msg = recv.recv()
-                if isinstance(msg, ControlReq) and msg.kind == "shutdown":
-                    return
-                resp = sched.handle(msg)
-                if resp is not None:
-                    send.send(resp)
+                received = recv.recv()  # one message, or a list of them (the front coalesces bursts)
+                for msg in received if isinstance(received, list) else [received]:
+                    if isinstance(msg, ControlReq) and msg.kind == "shutdown":
+                        return
+                    resp = sched.handle(msg)
+                    if resp is not None:
+                        send.send(resp)
             ran = sched.step()
             outputs = sched.pop_outputs()
             if outputs:

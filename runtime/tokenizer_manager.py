@@ -195,6 +195,7 @@ class TokenizerManager:
             self.validate_length(ids, item)
             prepared.append((item, ids))
         states: list[ReqState] = []
+        outgoing: dict[int, list[TokenizedGenerateReq]] = {}  # per replica: one message for the batch
         for item, ids in prepared:
             n = item.params.n
             rids = [item.rid] if n == 1 else [f"{item.rid}-{i}" for i in range(n)]
@@ -210,11 +211,13 @@ class TokenizerManager:
                 self.states[rid] = state
                 states.append(state)
             replica.inflight += n
-            self._send(TokenizedGenerateReq(
+            outgoing.setdefault(replica.index, []).append(TokenizedGenerateReq(
                 rid=item.rid, input_ids=ids, params=item.params, return_logprob=item.return_logprob,
                 logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num,
                 stream=req.stream, extra_key=item.extra_key,
-            ), replica)
+            ))
+        for index, msgs in outgoing.items():
+            self._send(msgs, self.replicas[index])
         return states
 
     def _route(self, ids: list[int], extra_key: str | None) -> Replica:
