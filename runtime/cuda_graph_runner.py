@@ -3,10 +3,9 @@
 A decode step of a small model is dozens of tiny kernels per layer; launching them one by one is
 CPU-bound. Each bucket's forward (embedding to the final norm) is captured once and replayed with
 the batch copied into static buffers; padded rows point at a reserved request row whose slots are
-the scratch slot 0. Above LOGITS_IN_GRAPH_MAX_BS the LM head runs after the replay, outside the
-graph: a graph's output stays allocated for its lifetime, and [bs, vocab] float32 logits for every
-bucket up to 1,024 would hold gigabytes, while the hidden states are 30x smaller. Small buckets keep
-the head inside (~100 MB in all), where the extra launches would show in per-token latency.
+the scratch slot 0. The LM head runs after the replay, outside the graph: a graph's output stays
+allocated for its lifetime, and [bs, vocab] float32 logits for every bucket up to 1,024 would hold
+gigabytes, while the hidden states are 30x smaller and the head is one matmul launch.
 """
 from __future__ import annotations
 
@@ -23,9 +22,6 @@ if TYPE_CHECKING:
     from radixlm.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-
-LOGITS_IN_GRAPH_MAX_BS = 64
 
 
 def batch_size_buckets(max_bs: int) -> list[int]:
@@ -66,8 +62,7 @@ class CudaGraphRunner:
     def _run(self, bs: int) -> torch.Tensor:
         attn = self.runner.attn_backend
         attn.meta = self.metas[bs]
-        hidden = self.runner.model(self._batch(bs), attn)
-        return self.runner.model.compute_logits(hidden) if bs <= LOGITS_IN_GRAPH_MAX_BS else hidden
+        return self.runner.model(self._batch(bs), attn)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -104,5 +99,4 @@ class CudaGraphRunner:
             self.req_pool_indices[bs:padded].fill_(self.pad_row)
             self.seq_lens[bs:padded].fill_(1)
         self.graphs[padded].replay()
-        out = self.outputs[padded][:bs]
-        return out if padded <= LOGITS_IN_GRAPH_MAX_BS else self.runner.model.compute_logits(out)
+        return self.runner.model.compute_logits(self.outputs[padded][:bs])
