@@ -195,6 +195,15 @@ class TokenizerManager:
             self.validate_length(ids, item)
             prepared.append((item, ids))
         states: list[ReqState] = []
+        try:
+            self._register_and_send(req, prepared, states)
+        except Exception:  # e.g. a duplicate rid in a later item, a dead replica: forget what was registered
+            self.abort(states)
+            raise
+        return states
+
+    def _register_and_send(self, req: GenerateRequest, prepared: list[tuple[GenerateItem, list[int]]],
+                           states: list[ReqState]) -> None:
         outgoing: dict[int, list[TokenizedGenerateReq]] = {}  # per replica: one message for the batch
         for item, ids in prepared:
             n = item.params.n
@@ -218,7 +227,6 @@ class TokenizerManager:
             ))
         for index, msgs in outgoing.items():
             self._send(msgs, self.replicas[index])
-        return states
 
     def _route(self, ids: list[int], extra_key: str | None) -> Replica:
         if len(self.replicas) == 1:

@@ -130,3 +130,14 @@ def test_bad_input_names_field_and_pool_returns_to_free(engine, prompt) -> None:
     assert info["kv_used_tokens"] == info["kv_cached_tokens"]
     assert engine.flush_cache()
     assert engine.get_server_info()["kv_free_tokens"] == info["max_total_num_tokens"]
+
+
+def test_rejected_batch_leaves_no_request_state(engine, prompt) -> None:
+    """A batch refused part-way through (a duplicate rid in its second item) forgets the first item too."""
+    from radixlm.runtime.sampling_params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="^rid"):
+        engine.generate([prompt, prompt], {"max_new_tokens": 4}, rid=["dup", "dup"])
+    tm = engine.tokenizer_manager
+    assert not tm.states and all(r.inflight == 0 for r in tm.replicas)
+    assert engine.generate(prompt, {"max_new_tokens": 2}, rid="dup")["meta_info"]["completion_tokens"] == 2
