@@ -149,13 +149,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _drive_server(url: str, prompts: list[list[int]], outs: list[int]) -> float:
+async def drive_server(url: str, prompts: list[list[int]], outs: list[int], limit: int = 0) -> float:
+    """All requests at once on one session. limit=0 (unlimited pool): aiohttp's default of 100
+    connections would cap the server at 100 concurrent requests while the Engine gets all at once."""
     import aiohttp
 
-    # limit=0: aiohttp's default pool holds 100 connections, which would cap the server at 100
-    # concurrent requests while the Engine gets all of them at once.
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=connector) as session:
+    connector = aiohttp.TCPConnector(limit=limit)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600), connector=connector) as session:
         async def one(p: list[int], o: int) -> None:
             body = {"input_ids": p, "sampling_params": {"temperature": 0, "max_new_tokens": o, "ignore_eos": True}}
             async with session.post(f"{url}/generate", json=body) as resp:
@@ -197,10 +197,10 @@ def item_g(model_dir: Path, vocab: int, n: int = 300) -> dict:
             if time.time() > deadline or proc.poll() is not None:
                 raise RuntimeError("server did not come up")
             time.sleep(1)
-        asyncio.run(_drive_server(url, prompts[:4], [4] * 4))
+        asyncio.run(drive_server(url, prompts[:4], [4] * 4))
         with urllib.request.urlopen(f"{url}/flush_cache", timeout=30) as r:  # as the Engine run: no warm-up hits
             assert r.status == 200
-        server_s = asyncio.run(_drive_server(url, prompts, outs))
+        server_s = asyncio.run(drive_server(url, prompts, outs))
     finally:
         proc.terminate()
         proc.wait(30)

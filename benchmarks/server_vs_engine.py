@@ -32,8 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from gpu_throughput import params_for, workload_b  # item (g)'s workload (this folder is on sys.path)
+from gpu_throughput import drive_server, params_for, workload_b  # item (g)'s workload and client (this folder is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,21 +97,6 @@ def _get(url: str) -> Any:
         return json.loads(r.read() or b"null")
 
 
-async def drive(url: str, prompts: list[list[int]], outs: list[int], limit: int) -> float:
-    """gpu_throughput._drive_server, with the session's connection pool size as a parameter."""
-    conn = aiohttp.TCPConnector(limit=limit)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600), connector=conn) as session:
-        async def one(p: list[int], o: int) -> None:
-            body = {"input_ids": p, "sampling_params": {"temperature": 0, "max_new_tokens": o, "ignore_eos": True}}
-            async with session.post(f"{url}/generate", json=body) as resp:
-                data = await resp.json()
-                assert resp.status == 200 and data["meta_info"]["completion_tokens"] == o, data
-
-        t = time.perf_counter()
-        await asyncio.gather(*(one(p, o) for p, o in zip(prompts, outs)))
-        return time.perf_counter() - t
-
-
 class HealthProbe:
     """GET /health every 10 ms on its own thread; the slowest answer is the event loop's worst stall."""
 
@@ -141,11 +125,11 @@ def run_server(model: str, prompts: list[list[int]], outs: list[int], args: argp
     was 8-20% slower on the CPU."""
     proc, url = start_server(model, args)
     try:
-        asyncio.run(drive(url, prompts[:4], [4] * 4, limit))
+        asyncio.run(drive_server(url, prompts[:4], [4] * 4, limit))
         urllib.request.urlopen(f"{url}/flush_cache", timeout=30).read()
         steps = _get(f"{url}/server_info")["forward_steps"]
         with HealthProbe(url) as probe:
-            seconds = asyncio.run(drive(url, prompts, outs, limit))
+            seconds = asyncio.run(drive_server(url, prompts, outs, limit))
         steps = _get(f"{url}/server_info")["forward_steps"] - steps
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -87,7 +87,7 @@ class GrammarRuntime:
         new_ids = self.tokenizer.encode(tail + forced, add_special_tokens=False)
         if k and (not new_ids or self.tokenizer.decode(new_ids) != tail + forced):
             return 0
-        if len(new_ids) - k < max(min_tokens, 1) or len(new_ids) - k > room:
+        if len(new_ids) - k < min_tokens or len(new_ids) - k > room:
             return 0
         grammar = req.grammar
         if k:

@@ -4,9 +4,10 @@ A pipe holds 64 KiB (about 25 prompts of 576 tokens) and the scheduler reads it 
 forward steps, so a burst of requests fills it within one step. A send from the event loop then
 blocks the whole front (accepts, parsing, replies, streams) until the scheduler has read its way
 through the burst: with 300 concurrent requests on a 2-core CPU the loop stood still for 0.9 s of a
-6.2 s run and /health took up to 1.05 s. `put` never blocks; messages leave in the order put. What has queued up meanwhile leaves as one
-list (one pipe message), so the scheduler sees a burst, e.g. an Engine batch, in one drain and
-admits it together instead of starting a step with its first request.
+6.2 s run and /health took up to 1.05 s. `put` never blocks; messages leave in the order put.
+What has queued up meanwhile leaves as one list (one pipe message), so the scheduler sees a burst,
+e.g. an Engine batch, in one drain and admits it together instead of starting a step with its
+first request.
 """
 from __future__ import annotations
 

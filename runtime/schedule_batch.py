@@ -95,29 +95,30 @@ class ScheduledBatch:
         starts = [0]
         for e in self.extend_lens[:-1]:
             starts.append(starts[-1] + e)
-        rows_cpu = [r.req_pool_idx for r in self.reqs]
-        row_t = torch.tensor(rows_cpu, dtype=torch.int64)
+        decode = self.mode is ForwardMode.DECODE
         pending = [i for i, r in enumerate(self.reqs) if r.num_inflight]
         if pending:
-            assert inflight is not None and self.mode is ForwardMode.DECODE
-        host = [
-            torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-            torch.cat(self.new_slots).to(torch.int64), row_t, torch.tensor(seq_lens, dtype=torch.int64),
-            torch.tensor(self.extend_lens, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64),
-            torch.tensor(logits_indices, dtype=torch.int64), torch.tensor(pending, dtype=torch.int64),
-            torch.tensor([self.reqs[i].inflight_row for i in pending], dtype=torch.int64),
-        ]
-        decode = self.mode is ForwardMode.DECODE
-        host.append(row_t if decode else row_t.repeat_interleave(host[5]))  # each new token's request row
+            assert inflight is not None and decode
+
+        def ints(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)
+
+        rows_cpu = [r.req_pool_idx for r in self.reqs]
+        row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(self.extend_lens)  # type: ignore[arg-type]
+        slots = torch.cat(self.new_slots).to(torch.int64)
+        token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
         # Every new token's slot, recorded on the host mirror and (one scatter) on the device.
-        slots32 = host[2].to(torch.int32)
+        slots32 = slots.to(torch.int32)
         if decode:
-            req_to_token_pool.host[row_t, host[1]] = slots32
+            req_to_token_pool.host[row_t, positions_cpu] = slots32
         else:  # few requests, long runs: slice copies beat a scatter of every token
             for row, prefix, ext, start in zip(rows_cpu, self.prefix_lens, self.extend_lens, starts):
                 req_to_token_pool.host[row, prefix : prefix + ext] = slots32[start : start + ext]
         (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
-         src_t, token_rows_t) = pack_on(host, device)
+         src_t, token_rows_t) = pack_on([
+            ints(input_ids), positions_cpu, slots, row_t, ints(seq_lens), ext_cpu, ints(starts),
+            ints(logits_indices), ints(pending), ints([self.reqs[i].inflight_row for i in pending]), token_rows,
+        ], device)
         req_to_token = req_to_token_pool.req_to_token
         if req_to_token is not req_to_token_pool.host:
             req_to_token[token_rows_t, positions_t] = out_cache_loc.to(torch.int32)
