@@ -73,11 +73,15 @@ def get_chat_template(name: str) -> ChatTemplate:
 
 
 def get_chat_template_by_model_path(model_path: str) -> ChatTemplate:
+    return get_chat_template(_matched_name(model_path) or "default")
+
+
+def _matched_name(model_path: str) -> str | None:
     for matcher in matching_function_registry:
         name = matcher(model_path)
         if name is not None:
-            return get_chat_template(name)
-    return get_chat_template("default")
+            return name
+    return None
 
 
 def _chatml(name: str, system_prompt: str | None) -> ChatTemplate:
@@ -168,3 +172,58 @@ def _match_by_path(model_path: str) -> str | None:
         if re.search(pattern, path):
             return name
     return None
+
+
+# The server's built-in --chat-template names (runtime/server/builtin_chat_templates.py) -> ours.
+_SERVER_TEMPLATE_NAMES = {"chatml": "chatml", "qwen2": "qwen", "smollm2": "smollm2", "llama-3": "llama-3-instruct",
+                          "llama-2": "llama-2-chat", "mistral": "mistral"}
+
+
+def match_by_jinja(source: str) -> str | None:
+    """Our template for a server's Jinja chat template, recognised by its markers (None if unsure)."""
+    if "<|im_start|>" in source:
+        if "named SmolLM" in source:
+            return "smollm2"
+        return "qwen" if "You are a helpful assistant." in source else "chatml"
+    if "<|start_header_id|>" in source:
+        return "llama-3-instruct"
+    if "<start_of_turn>" in source:
+        return "gemma-it"
+    if "[INST]" in source:
+        return "llama-2-chat" if "<<SYS>>" in source else "mistral"
+    return None
+
+
+def get_chat_template_for_server(model_info: dict) -> ChatTemplate:
+    """The template for a server from its /get_model_info: the built-in it was started with, else by its
+    served name or model path, else by the markers of the Jinja template it renders chats with."""
+    server_name = model_info.get("chat_template_name")
+    if isinstance(server_name, str) and server_name in _SERVER_TEMPLATE_NAMES:
+        return get_chat_template(_SERVER_TEMPLATE_NAMES[server_name])
+    for key in ("served_model_name", "model_path"):
+        name = model_info.get(key)
+        found = _matched_name(name) if isinstance(name, str) else None
+        if found is not None:
+            return get_chat_template(found)
+    source = model_info.get("chat_template")
+    found = match_by_jinja(source) if isinstance(source, str) else None
+    return get_chat_template(found or "default")
+
+
+def register_with_sglang() -> None:
+    """Teach SGLang's frontend (sglang.lang, if installed) our templates and name patterns, so its
+    RuntimeEndpoint picks the right template for models it has no pattern for (SmolLM2, the default).
+    SGLang's frontend chooses by /get_model_info's model_path alone; call this once before creating it."""
+    from sglang.lang import chat_template as theirs
+
+    for name in ("smollm2",):
+        ours = chat_template_registry[name]
+        theirs.register_chat_template(theirs.ChatTemplate(
+            name=ours.name, default_system_prompt=ours.default_system_prompt,
+            role_prefix_and_suffix=dict(ours.role_prefix_and_suffix), stop_str=ours.stop_str))
+    if _match_smollm_for_sglang not in theirs.matching_function_registry:
+        theirs.register_chat_template_matching_function(_match_smollm_for_sglang)
+
+
+def _match_smollm_for_sglang(model_path: str) -> str | None:
+    return "smollm2" if re.search(r"smollm.*instruct", model_path.lower()) else None

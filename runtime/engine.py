@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from radixlm.runtime.generate_request import parse_generate_request
+from radixlm.runtime.served_name import served_model_name
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.tokenizer_manager import TokenizerManager
 
@@ -45,6 +46,7 @@ class Engine:
         self.tokenizer_manager.start(self._loop)
         self.tokenizer = self.tokenizer_manager.tokenizer
         self.model_path = str(self.tokenizer_manager.model_dir)
+        self.served_model_name = served_model_name(model_path, self.server_args.served_model_name)
         self._closed = False
 
     # ---------------------------------------------------------------- generation

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from radixlm.lang.backend.native import NativeBackend
-from radixlm.lang.chat_template import get_chat_template, get_chat_template_by_model_path
+from radixlm.lang.chat_template import get_chat_template, get_chat_template_for_server
 
 _ENGINE_ARGS = ("text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
                 "top_logprobs_num", "stream")
@@ -26,7 +26,9 @@ class EngineBackend(NativeBackend):
         if chat_template_name:
             self.chat_template = get_chat_template(chat_template_name)
         else:
-            self.chat_template = get_chat_template_by_model_path(str(engine.model_path))
+            self.chat_template = get_chat_template_for_server({
+                "served_model_name": getattr(engine, "served_model_name", None), "model_path": str(engine.model_path),
+                "chat_template": getattr(engine.tokenizer, "chat_template", None)})
 
     def __repr__(self) -> str:
         return f"EngineBackend({self.engine.model_path!r})"

@@ -11,7 +11,7 @@ from typing import Any
 
 from radixlm.lang.backend.base import BackendError, BackendUnreachableError
 from radixlm.lang.backend.native import NativeBackend
-from radixlm.lang.chat_template import get_chat_template, get_chat_template_by_model_path
+from radixlm.lang.chat_template import get_chat_template, get_chat_template_for_server
 
 
 class HttpClient:
@@ -107,7 +107,7 @@ class RuntimeEndpoint(NativeBackend):
         if chat_template_name:
             self.chat_template = get_chat_template(chat_template_name)
         else:
-            self.chat_template = get_chat_template_by_model_path(self.model_info["model_path"])
+            self.chat_template = get_chat_template_for_server(self.model_info)
 
     def __repr__(self) -> str:
         return f"RuntimeEndpoint({self.base_url!r})"

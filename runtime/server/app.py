@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from radixlm.runtime.sampling_params import InvalidRequestError
-from radixlm.runtime.server import native_api, openai_api
+from radixlm.runtime.served_name import served_model_name
+from radixlm.runtime.server import native_api, openai_api, playground, tokenize_api
 from radixlm.runtime.server.chat import ChatTemplate, load_chat_template
 from radixlm.runtime.server.errors import ApiError, error_response
 from radixlm.runtime.server.generation import Admission, ServerContext
@@ -24,7 +25,9 @@ from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = {"/health", "/health_generate"}  # liveness probes need no key (as in SGLang)
+# Liveness probes and the Prometheus scrape need no key (as in SGLang); nor do the playground page
+# and /version, which carry no model output (the page asks for the key to call the API).
+_OPEN_PATHS = {"/health", "/health_generate", "/metrics", "/version", "/", "/playground"}
 # The listen queue. aiohttp's default of 128 drops the SYNs of a burst beyond it, and each dropped
 # client retries only after 1 s (then 3 s): 300 connections opened at once waited 1 s at the median.
 # 2048 is uvicorn's default, i.e. SGLang's (the kernel caps it at net.core.somaxconn).
@@ -36,7 +39,7 @@ def make_context(args: ServerArgs, tm: object, chat_template: str | None = None)
     limit = args.extra.get("max_inflight_requests") or max(4 * info.max_running_requests, 64)
     ctx = ServerContext(
         args=args, tm=tm,  # type: ignore[arg-type]
-        model_name=args.served_model_name or args.model_path or str(tm.model_dir),  # type: ignore[attr-defined]
+        model_name=served_model_name(args.model_path, args.served_model_name),
         admission=Admission(int(limit)),
     )
     ctx.chat = ChatTemplate(tm.tokenizer, chat_template)  # type: ignore[attr-defined]
@@ -84,6 +87,8 @@ def build_app(ctx: ServerContext) -> web.Application:
     app[CTX] = ctx
     native_api.add_routes(app, ctx.args.enable_metrics)
     openai_api.add_routes(app)
+    tokenize_api.add_routes(app)
+    playground.add_routes(app)
     return app
 
 

@@ -1,5 +1,6 @@
 """Chat messages -> prompt text, with the tokenizer's chat template or the one given by --chat-template
-(a file: Jinja text, or a tokenizer_config.json-style JSON holding "chat_template"; or a Jinja string)."""
+(a file: Jinja text, or a tokenizer_config.json-style JSON holding "chat_template"; a built-in name
+such as chatml or llama-3; or a Jinja string)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radixlm.runtime.server.builtin_chat_templates import (BUILTIN_CHAT_TEMPLATES, builtin_chat_template_name,
+                                                           known_names)
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.tools import ToolSpec, arguments_value, call_text
 
@@ -31,9 +34,13 @@ def load_chat_template(value: str | None) -> str | None:
                 raise ValueError(f"--chat-template: {value} has no string 'chat_template' entry")
             return template
         return text
+    builtin = builtin_chat_template_name(value)
+    if builtin is not None:
+        return BUILTIN_CHAT_TEMPLATES[builtin]
     if "{%" in value or "{{" in value:
         return value
-    raise ValueError(f"--chat-template: {value!r} is neither an existing file nor a Jinja template string")
+    raise ValueError(f"--chat-template: {value!r} is neither an existing file, a built-in template name "
+                     f"({', '.join(known_names())}) nor a Jinja template string")
 
 
 class ChatTemplate:
@@ -85,8 +92,8 @@ class ChatTemplate:
         return text
 
     def _apply(self, messages: list[dict[str, Any]], continue_final: bool, kwargs: dict[str, Any]) -> Any:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not continue_final,
-                                                  chat_template=self.template, **kwargs)
+        kwargs = {"add_generation_prompt": not continue_final, **kwargs}  # /tokenize may turn it off
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template, **kwargs)
 
     def tool_support(self) -> ToolSupport:
         """What the template renders, found once by rendering probe conversations: the tool list

@@ -8,12 +8,15 @@ import logging
 import uuid
 from contextlib import aclosing
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from radixlm.runtime.generate_request import parse_generate_request
+from radixlm.runtime.served_name import DEFAULT_MODEL_ID
 from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.server.builtin_chat_templates import builtin_chat_template_name
 from radixlm.runtime.server.errors import ApiError, json_response
 from radixlm.runtime.server.generation import ServerContext, collect, generate, raise_for_error, strip_internal
 from radixlm.runtime.server.sse import ClientGone, EventStream
@@ -24,6 +27,13 @@ CTX = web.AppKey("radixlm_ctx", ServerContext)
 HEALTH_TIMEOUT_S = 20.0
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. "
            "(When there are running or waiting requests, the operation will not be performed.)\n")
+
+
+def builtin_template_name(value: str | None) -> str | None:
+    """The built-in template --chat-template names (None for a file, a Jinja string or no flag)."""
+    if not value or Path(value).expanduser().is_file():
+        return None
+    return builtin_chat_template_name(value)
 
 
 def radixlm_version() -> str:
@@ -114,9 +124,15 @@ async def _stream(request: web.Request, ctx: ServerContext, req: Any, many: bool
 async def model_info(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     info = ctx.tm.info
+    chat = ctx.chat
     return json_response({
-        "model_path": ctx.args.model_path or str(ctx.tm.model_dir),
+        # As given (the default model by its hub id), so that clients matching names see a name.
+        "model_path": ctx.args.model_path or DEFAULT_MODEL_ID,
+        # What this server loaded its tokenizer from: a local folder a client on this machine can load.
         "tokenizer_path": ctx.args.tokenizer_path or str(ctx.tm.model_dir),
+        # The template /v1/chat/completions renders with, so clients can render prompts the same way.
+        "chat_template": (chat.template or getattr(chat.tokenizer, "chat_template", None)) if chat else None,
+        "chat_template_name": builtin_template_name(ctx.args.chat_template),
         "is_generation": True,
         "preferred_sampling_params": None,
         "weight_version": "default",
@@ -143,7 +159,7 @@ async def server_info(request: web.Request) -> web.Response:
     info = ctx.tm.info
     out: dict[str, Any] = {
         **args,
-        "model_path": ctx.args.model_path or str(ctx.tm.model_dir),
+        "model_path": ctx.args.model_path or DEFAULT_MODEL_ID,
         "served_model_name": ctx.model_name,
         "context_length": info.context_len,
         "max_running_requests": info.max_running_requests,

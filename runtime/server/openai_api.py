@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.served_name import DEFAULT_MODEL_ID
 from radixlm.runtime.server.errors import ApiError, json_response
 from radixlm.runtime.server.generation import ServerContext, collect, generate, raise_for_error
 from radixlm.runtime.server.native_api import CTX, read_json
@@ -23,7 +24,7 @@ _RENAME = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "text": "promp
 # ------------------------------------------------------------------------------------ models
 def _model_card(ctx: ServerContext) -> dict[str, Any]:
     return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "radixlm",
-            "root": ctx.args.model_path or str(ctx.tm.model_dir), "max_model_len": ctx.context_len}
+            "root": ctx.args.model_path or DEFAULT_MODEL_ID, "max_model_len": ctx.context_len}
 
 
 async def list_models(request: web.Request) -> web.Response:
