@@ -40,7 +40,9 @@ def backend(request) -> Any:
 def tokenizer(backend):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(backend.get_model_name())
+    # The server names the model by its hub id; its tokenizer_path is the local folder it loaded.
+    info = getattr(backend, "model_info", None)
+    return AutoTokenizer.from_pretrained(info["tokenizer_path"] if info else backend.get_model_name())
 
 
 def require_constrained_decoding(backend: Any) -> None:

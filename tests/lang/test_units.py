@@ -184,3 +184,19 @@ def test_function_signature_and_bind():
     with pytest.raises(TypeError, match="unknown arguments"):
         prog.bind(c=1)
     assert prog.bind(a="x").bind_arguments == {"a": "x"}
+
+
+def test_chat_template_for_server():
+    from radixlm.lang.chat_template import get_chat_template_for_server
+    from radixlm.runtime.server.builtin_chat_templates import BUILTIN_CHAT_TEMPLATES
+
+    pick = lambda **info: get_chat_template_for_server(info).name  # noqa: E731
+    assert pick(served_model_name="HuggingFaceTB/SmolLM2-135M-Instruct", model_path=None) == "smollm2"
+    assert pick(served_model_name="my-model", model_path="meta-llama/Llama-3.2-1B-Instruct") == "llama-3-instruct"
+    # A folder named like nothing known: the server's own Jinja template decides.
+    for server, ours in (("smollm2", "smollm2"), ("qwen2", "qwen"), ("chatml", "chatml"),
+                         ("llama-3", "llama-3-instruct"), ("llama-2", "llama-2-chat"), ("mistral", "mistral")):
+        assert pick(served_model_name="finetune-7", chat_template=BUILTIN_CHAT_TEMPLATES[server]) == ours
+        # Started with --chat-template NAME: that name wins over the model's name.
+        assert pick(served_model_name="Qwen2-7B-Instruct", chat_template_name=server) == ours
+    assert pick(served_model_name="finetune-7", chat_template="{{ messages }}") == "default"

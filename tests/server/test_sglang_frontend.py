@@ -55,3 +55,28 @@ def test_batch_roles_and_control(backend):
     assert sgl.flush_cache() is None
     info = sgl.get_server_info()
     assert "version" in info and "internal_states" in info
+
+
+def test_chat_template_by_served_name(server):
+    """SGLang's frontend picks a template by /get_model_info's model_path: the default model's hub id.
+    It has no SmolLM pattern of its own (so it falls back to its plain 'default'); after
+    radixlm.lang.chat_template.register_with_sglang() it renders SmolLM2's chat format."""
+    from sglang.lang import chat_template as theirs
+
+    from radixlm.lang.chat_template import register_with_sglang
+
+    assert sgl.RuntimeEndpoint(server.url, api_key=API_KEY).chat_template.name == "default"
+    register_with_sglang()
+    register_with_sglang()  # idempotent
+    be = sgl.RuntimeEndpoint(server.url, api_key=API_KEY)
+    assert be.chat_template.name == "smollm2"
+    assert theirs.matching_function_registry.count(theirs.matching_function_registry[-1]) == 1
+
+    @sgl.function
+    def chat(s):
+        s += sgl.user("Say hi.")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=4, temperature=0))
+
+    state = chat.run(backend=be)
+    assert state.text().startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n" in state.text()
