@@ -42,7 +42,7 @@ async def _send_and_watch(browser: Browser, prompt: str) -> list[str]:
     while asyncio.get_running_loop().time() < deadline:
         text, done = await browser.evaluate(f"(() => {{ const m = {LAST_REPLY}; "
                                             "return m ? [m.firstChild ? m.firstChild.textContent : '', "
-                                            "m.dataset.done === 'true'] : ['', false]; }})()")
+                                            "m.dataset.done === 'true'] : ['', false]; })()")
         if text and (not seen or seen[-1] != text):
             seen.append(text)
         if done:
