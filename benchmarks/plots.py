@@ -85,6 +85,27 @@ def h200_throughput(results: Path) -> plt.Figure:
     return fig
 
 
+def batch_sweep(results: Path, preset: str) -> plt.Figure:
+    """Decode throughput and step time against batch size (benchmarks/batch_sweep.py)."""
+    data = _load(results, f"batch_sweep-{preset}.json")
+    batches = [p["batch"] for p in data["points"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(batches, [p["decode_tok_s"] for p in data["points"]], "o-", color=BLUE, label="decode tok/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("requests decoding together (batch)")
+    ax.set_ylabel("decode tokens / s", color=BLUE)
+    ax.set_ylim(bottom=0)
+    step = ax.twinx()
+    step.plot(batches, [p["decode_ms_per_step"] for p in data["points"]], "s--", color=ORANGE, label="ms per step")
+    step.set_ylabel("ms per decode step", color=ORANGE)
+    step.set_ylim(bottom=0)
+    cfg = data["config"]
+    ax.set_title(f"Throughput vs batch, {data['device']} ({preset} preset: {cfg['input_len']}-token prompts, "
+                 f"{cfg['output_len']} new), {data['date']} {data['commit']}", fontsize=9)
+    return fig
+
+
 def serving_latency(results: Path) -> plt.Figure:
     """Latency percentiles of the serving benchmark (CPU, default model)."""
     data = _load(results, "serving.json")
@@ -137,6 +158,8 @@ FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "h200_speedups.png": h200_speedups,
     "h200_throughput.png": h200_throughput,
     "serving_latency_cpu.png": serving_latency,
+    "batch_sweep_cpu.png": lambda results: batch_sweep(results, "cpu"),
+    "batch_sweep_gpu.png": lambda results: batch_sweep(results, "gpu"),
     "constrained_backends.png": constrained_backends,
 }
 

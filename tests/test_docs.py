@@ -24,3 +24,15 @@ def test_server_flags_reference_is_up_to_date():
         for flag in action.option_strings:
             if flag not in ("-h", "--help"):
                 assert f"`{flag}`" in text, flag
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    root = DOCS.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = [block.split("\n", 1)[1].strip() for block in setup.split("```bash")[1:]]
+    commands = [c.split("```", 1)[0].strip() for c in commands]
+    assert len(commands) == 2, commands  # exactly two set-up commands: serve, and test
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci[-1] == commands[1]
+    assert any(line.startswith("apt-get") and "chromium" in line for line in ci[:-1])
