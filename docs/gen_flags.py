@@ -14,8 +14,12 @@ OUT = Path(__file__).with_name("server-flags.md")
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    """The parser `radixlm serve` itself uses."""
     from radixlm.runtime import cli
 
+    build = getattr(cli, "build_serve_parser", None)
+    if build is not None:
+        return build("radixlm serve")
     parser = argparse.ArgumentParser(prog="radixlm serve")
     cli.add_server_arguments(parser)
     return parser
@@ -35,9 +39,11 @@ def _value(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
+    if action.default == argparse.SUPPRESS:
+        return "—"
     if action.nargs == 0:
         return "off" if not action.default else "on"
-    if action.default is None or action.default == argparse.SUPPRESS:
+    if action.default is None:
         return "—"
     return f"`{action.default}`"
 
