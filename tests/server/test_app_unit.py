@@ -96,3 +96,24 @@ def test_hang_up_closes_the_runtime_generator():
         finally:
             await client.close()
     asyncio.run(go())
+
+
+def test_playground_page_is_self_contained():
+    """The page is served without the API key, and names no other origin: no CDN, no fonts, no
+    scripts from elsewhere (its CSP forbids them too). The browser test drives it for real."""
+    import re
+
+    async def go():
+        client, _ = await _client(api_key="k")
+        try:
+            for path in ("/", "/playground"):
+                r = await client.get(path)
+                assert r.status == 200 and r.content_type == "text/html"
+                page = await r.text()
+                assert "<title>radixlm playground</title>" in page
+                assert "connect-src 'self'" in r.headers["Content-Security-Policy"]
+            assert not re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page), "the page references another origin"
+            assert (await client.get("/v1/models")).status == 401
+        finally:
+            await client.close()
+    asyncio.run(go())
