@@ -39,18 +39,13 @@ def _help_text(spec: FlagSpec) -> str:
     return text.replace("%", "%%")  # argparse %-formats help strings
 
 
-def build_serve_parser(prog: str) -> OneLineErrorParser:
-    parser = OneLineErrorParser(
-        prog=prog, description="Start the radixlm HTTP server: SGLang's native API and the OpenAI-compatible API.",
-        epilog="Options can also come from --config FILE (YAML keys are the option names, e.g. "
-               "'max_total_tokens: 16384'); flags on the command line override the file.")
-    parser.add_argument("--version", action="version", version=f"radixlm {package_version()}")
-    parser.add_argument("--config", metavar="FILE", help="read options from a YAML (or JSON) file")
-    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
+def add_server_flags(parser: argparse.ArgumentParser, title_prefix: str = "") -> None:
+    """Every ServerArgs option as a flag, in its group. Only flags actually given appear in the
+    parsed namespace (default=SUPPRESS), so they can override a config file."""
+    groups = {name: parser.add_argument_group(title_prefix + title) for name, title in GROUPS.items()}
     for spec in flag_specs():
         group = groups[spec.group]
         names = [spec.flag, *spec.aliases]
-        # default=SUPPRESS: only flags actually given appear in the namespace, so they can override the file.
         if spec.type is bool:
             group.add_argument(*names, dest=spec.name, action="store_true", default=argparse.SUPPRESS,
                                help=_help_text(spec))
@@ -58,6 +53,16 @@ def build_serve_parser(prog: str) -> OneLineErrorParser:
         convert = str.lower if spec.name == "log_level" else spec.type
         group.add_argument(*names, dest=spec.name, type=convert, choices=spec.choices, default=argparse.SUPPRESS,
                            metavar=None if spec.choices else spec.name.upper(), help=_help_text(spec))
+
+
+def build_serve_parser(prog: str) -> OneLineErrorParser:
+    parser = OneLineErrorParser(
+        prog=prog, description="Start the radixlm HTTP server: SGLang's native API and the OpenAI-compatible API.",
+        epilog="Options can also come from --config FILE (YAML keys are the option names, e.g. "
+               "'max_total_tokens: 16384'); flags on the command line override the file.")
+    parser.add_argument("--version", action="version", version=f"radixlm {package_version()}")
+    parser.add_argument("--config", metavar="FILE", help="read options from a YAML (or JSON) file")
+    add_server_flags(parser)
     return parser
 
 
@@ -97,7 +102,11 @@ def parse_server_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
         options.update(given)
         return ServerArgs(**options)
     except ValueError as exc:
-        parser.error(_flag_message(str(exc)))
+        flag_error(parser, exc)
+
+
+def flag_error(parser: argparse.ArgumentParser, exc: ValueError) -> NoReturn:
+    parser.error(_flag_message(str(exc)))
 
 
 def _flag_message(message: str) -> str:
@@ -114,9 +123,12 @@ def serve(argv: list[str] | None, prog: str) -> int:
     try:
         args = args.resolve()  # device, kernels, grammar backend: checked before the model loads
     except ValueError as exc:
-        parser.error(_flag_message(str(exc)))
+        flag_error(parser, exc)
     if args.node_rank > 0:  # another node of a multi-node replica: its ranks only, no HTTP
+        from radixlm.runtime.log_setup import configure_logging
         from radixlm.runtime.parallel.launch import run_worker_node
+
+        configure_logging(args.log_level, f"node {args.node_rank}")
 
         return run_worker_node(args)
     from radixlm.runtime.server.app import run_server

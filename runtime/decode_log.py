@@ -28,7 +28,9 @@ class DecodeLog:
         if not self.interval or mode != ForwardMode.DECODE:
             return
         self.decode_steps += 1
-        if self.decode_steps % self.interval == 0 and logger.isEnabledFor(logging.INFO):
+        if self._last is None:  # the first decode step: the baseline of the first line's throughput
+            self._last = (time.monotonic(), int(info().get("generated_tokens", 0)))
+        elif self.decode_steps % self.interval == 0 and logger.isEnabledFor(logging.INFO):
             logger.info("%s", self.line(info(), time.monotonic()))
 
     def line(self, info: dict[str, Any], now: float) -> str:

@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 from radixlm.runtime.decode_log import DecodeLog
+from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.request_log import RequestLog
 from radixlm.runtime.sampling_params import SamplingParams
 
@@ -50,6 +51,25 @@ def test_server_log_lines(server):
     assert SECRET not in server.log.read_text()
 
 
+def test_metrics_use_sglang_names(server):
+    status, out = server.run(server.post("/generate", {
+        "text": "Hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}))
+    assert status == 200, out
+    status, text = server.run(server.get("/metrics"))
+    assert status == 200
+    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("sglang:") and " " in line}
+    names = {key.split("{")[0] for key in values}
+    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:gen_throughput", "sglang:cache_hit_rate",
+                 "sglang:token_usage", "sglang:num_used_tokens", "sglang:num_retracted_reqs",
+                 "sglang:time_to_first_token_seconds_count", "sglang:time_per_output_token_seconds_count",
+                 "sglang:inter_token_latency_seconds_count", "sglang:e2e_request_latency_seconds_count",
+                 "sglang:prompt_tokens_total", "sglang:generation_tokens_total", "sglang:num_requests_total"):
+        assert name in names, name
+    tpot = [v for k, v in values.items() if k.startswith("sglang:time_per_output_token_seconds_count")]
+    assert tpot and tpot[0] > 0
+
+
 def test_request_log_levels(caplog):
     params = SamplingParams(max_new_tokens=4, temperature=0.5)
     state = SimpleNamespace(
@@ -67,7 +87,15 @@ def test_request_log_levels(caplog):
     assert lines[2]["prompt"] == "the prompt" and lines[2]["output"] == "the output"
 
 
-def test_decode_line_throughput_is_over_the_interval():
+def test_decode_line_throughput_is_over_the_interval(caplog):
+    caplog.set_level("INFO", logger="radixlm.scheduler")
+    log = DecodeLog(interval=10)
+    calls = []
+    for _ in range(25):  # info() is read at the first decode step and then every 10th only
+        log.on_step(ForwardMode.DECODE, lambda: calls.append(1) or {})
+        log.on_step(ForwardMode.EXTEND, lambda: calls.append(1) or {})
+    assert len(calls) == 3 and log.decode_steps == 25
+    assert [r.getMessage().startswith("Decode batch. #running-req: 0") for r in caplog.records] == [True, True]
     log = DecodeLog(interval=10)
     info = {"generated_tokens": 100, "max_total_num_tokens": 1000, "kv_used_tokens": 300, "kv_evictable_tokens": 100,
             "num_running_reqs": 4, "num_waiting_reqs": 1, "cache_hit_rate": 0.25}
