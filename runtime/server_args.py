@@ -172,6 +172,8 @@ class ServerArgs:
     resolved: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.log_level, str):  # INFO and info alike, as logging itself takes them
+            object.__setattr__(self, "log_level", self.log_level.lower())
         for spec in flag_specs():
             _check_value(spec, getattr(self, spec.name))
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:

@@ -177,6 +177,7 @@ def test_resolve_fills_device_defaults_in_one_place():
     assert cpu.resolve() is cpu  # idempotent
     assert ServerArgs(enable_overlap_schedule_on_cpu=True).resolve("cpu").disable_overlap_schedule is False
     assert ServerArgs(chunked_prefill_size=-1).resolve("cpu").chunked_prefill_size == -1
+    assert ServerArgs(log_level="WARNING").log_level == "warning"
     assert cpu.replace(port=1).resolved  # still resolved after a plain replace
     assert ServerArgs().inflight_limit(256) == 1024 and ServerArgs(max_inflight_requests=5).inflight_limit(256) == 5
     assert "api_key" in ServerArgs(api_key="secret").public_dict()
