@@ -10,26 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
-
-
-def time_radixlm(engine, prompts: list[list[int]], new_tokens: int) -> float:
-    params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
-    start = time.perf_counter()
-    outs = engine.generate(input_ids=prompts, sampling_params=params)
-    elapsed = time.perf_counter() - start
-    assert all(o["meta_info"]["completion_tokens"] == new_tokens for o in outs)
-    return elapsed
+from radixlm.runtime.bench.offline import random_prompts, timed_batch as time_radixlm
 
 
 def time_transformers(model, prompts: list[list[int]], new_tokens: int) -> float:

@@ -40,7 +40,7 @@ def make_scheduler(model_dir: Path, tokenizer: Any = None, **options: Any) -> Sc
     opts = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
                 skip_tokenizer_init=tokenizer is None)
     opts.update(options)
-    return Scheduler(ServerArgs(model_path=str(model_dir), **opts), model_dir, tokenizer)
+    return Scheduler(ServerArgs(model_path=str(model_dir), **opts).resolve(), model_dir, tokenizer)
 
 
 class StepRecorder:

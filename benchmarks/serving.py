@@ -17,54 +17,16 @@ import asyncio
 import json
 import os
 import platform
-import random
-import re
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from radixlm.runtime.bench.serving import make_workload, run_load, start_server, stop_server
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-# ------------------------------------------------------------------------------------ workload
-def make_workload(n: int, input_len: int, output_len: int, seed: int, vocab: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    hi = min(vocab, 32000)
-    return [{"prompt_ids": [rng.randrange(256, hi) for _ in range(input_len)], "output_len": output_len}
-            for _ in range(n)]
-
-
-def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
-    if rate == float("inf"):
-        return [0.0] * n
-    rng = random.Random(seed + 1)
-    return [rng.expovariate(rate) for _ in range(n)]
-
-
-# ------------------------------------------------------------------------------------ server side
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, Path]:
-    log = Path(tempfile.mkdtemp(prefix="radixlm-bench-")) / "server.log"
-    cmd = [sys.executable, "-m", "radixlm.launch_server", "--host", "127.0.0.1", "--port", "0",
-           "--log-level", "warning", *server_flags(args)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        m = re.search(r"ready at (http://\S+)", log.read_text())
-        if m:
-            return proc, m.group(1), log
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server not ready within {args.startup_timeout}s")
 
 
 def server_flags(args: argparse.Namespace) -> list[str]:
@@ -74,111 +36,6 @@ def server_flags(args: argparse.Namespace) -> list[str]:
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
     return flags
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-async def one_request(session: aiohttp.ClientSession, url: str, item: dict[str, Any]) -> dict[str, Any]:
-    body = {"model": "bench", "prompt": item["prompt_ids"], "max_tokens": item["output_len"], "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft, last, itl, usage, error = None, start, [], None, None
-    try:
-        async with session.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                return {"ok": False, "error": f"HTTP {r.status}: {(await r.text())[:200]}"}
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"]["message"]
-                    continue
-                if event.get("usage"):
-                    usage = event["usage"]
-                if event.get("choices") and event["choices"][0].get("text"):
-                    now = time.perf_counter()
-                    if ttft is None:
-                        ttft = now - start
-                    else:
-                        itl.append(now - last)
-                    last = now
-    except aiohttp.ClientError as exc:
-        return {"ok": False, "error": repr(exc)}
-    e2e = time.perf_counter() - start
-    out = usage["completion_tokens"] if usage else 0
-    if error or ttft is None:
-        return {"ok": False, "error": error or "no output"}
-    return {"ok": True, "ttft": ttft, "itl": itl, "e2e": e2e, "output_tokens": out,
-            "input_tokens": usage["prompt_tokens"] if usage else len(item["prompt_ids"]),
-            "tpot": (e2e - ttft) / (out - 1) if out > 1 else None}
-
-
-async def run_load(url: str, workload: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    timeout = aiohttp.ClientTimeout(total=args.request_timeout)
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=conn) as session:
-        for _ in range(args.warmup):
-            await one_request(session, url, {**workload[0], "output_len": 4})
-
-        async def limited(item: dict[str, Any]) -> dict[str, Any]:
-            if sem is None:
-                return await one_request(session, url, item)
-            async with sem:
-                return await one_request(session, url, item)
-
-        tasks = []
-        start = time.perf_counter()
-        for item, gap in zip(workload, arrival_gaps(len(workload), args.request_rate, args.seed)):
-            if gap:
-                await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(limited(item)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        async with session.get(url + "/get_server_info") as r:
-            info = await r.json() if r.status == 200 else {}
-    return summarize(results, duration, info)
-
-
-def _stats(values: list[float], scale: float = 1000.0) -> dict[str, float]:
-    if not values:
-        return {}
-    v = sorted(x * scale for x in values)
-
-    def pct(p: float) -> float:
-        return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))]
-
-    return {"mean": statistics.fmean(v), "median": statistics.median(v), "std": statistics.pstdev(v),
-            "p90": pct(90), "p99": pct(99), "max": v[-1]}
-
-
-def summarize(results: list[dict[str, Any]], duration: float, info: dict[str, Any]) -> dict[str, Any]:
-    ok = [r for r in results if r["ok"]]
-    out_tokens = sum(r["output_tokens"] for r in ok)
-    in_tokens = sum(r["input_tokens"] for r in ok)
-    return {
-        "completed": len(ok), "failed": len(results) - len(ok),
-        "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
-        "duration_s": duration, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration, "input_throughput": in_tokens / duration,
-        "output_throughput": out_tokens / duration, "total_throughput": (in_tokens + out_tokens) / duration,
-        "concurrency": sum(r["e2e"] for r in ok) / duration,
-        "ttft_ms": _stats([r["ttft"] for r in ok]),
-        "tpot_ms": _stats([r["tpot"] for r in ok if r["tpot"] is not None]),
-        "itl_ms": _stats([x for r in ok for x in r["itl"]]),
-        "e2e_ms": _stats([r["e2e"] for r in ok]),
-        "server_cache_hit_rate": info.get("cache_hit_rate"),
-        "server_last_gen_throughput": info.get("last_gen_throughput"),
-    }
 
 
 # ------------------------------------------------------------------------------------ engine side
@@ -257,14 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.base_url
     if url is None:
-        proc, url, _log = start_server(args)
+        proc, url, _log = start_server(server_flags(args), args.startup_timeout)
     try:
         vocab = args.vocab_size
         if vocab is None:
             info = asyncio.run(_get_json(url + "/get_server_info"))
             vocab = int(info.get("vocab_size", 32000))
         workload = make_workload(args.num_requests, args.input_len, args.output_len, args.seed, vocab)
-        server = asyncio.run(run_load(url, workload, args))
+        server = asyncio.run(run_load(url, workload, request_rate=args.request_rate,
+                                      max_concurrency=args.max_concurrency, warmup=args.warmup, seed=args.seed,
+                                      request_timeout=args.request_timeout))
     finally:
         if proc is not None:
             stop_server(proc)

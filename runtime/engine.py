@@ -38,7 +38,7 @@ def build_generate_body(
 
 class Engine:
     def __init__(self, model_path: str | None = None, **options: Any) -> None:
-        self.server_args = ServerArgs(model_path=model_path, **options)
+        self.server_args = ServerArgs(model_path=model_path, **options).resolve()  # every option checked here
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="radixlm-engine-loop", daemon=True)
         self._thread.start()

@@ -21,6 +21,8 @@ class GrammarRuntime:
             raise ValueError("constrained decoding needs a tokenizer (not available with --skip-tokenizer-init)")
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        logger.info("first constrained request: preparing the %s grammar backend's view of the tokenizer",
+                    args.grammar_backend)
         self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
                                       timeout_s=args.grammar_compile_timeout)
         self.pending: dict[int, Req] = {}

@@ -71,6 +71,10 @@ class SchedulerReady:
     device: str
     dtype: str
     architecture: str
+    weights_bytes: int = 0  # rank 0's share of the weights
+    kv_bytes: int = 0  # rank 0's KV pool
+    cuda_graph_batch_sizes: tuple[int, ...] = ()  # empty: decode runs eagerly
+    load_seconds: float = 0.0  # process start -> ready
 
 
 @dataclass(frozen=True)

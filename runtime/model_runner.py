@@ -22,7 +22,6 @@ from radixlm.runtime.weight_loader import init_dummy_weights, iter_safetensors
 logger = logging.getLogger(__name__)
 
 _CPU_MAX_TOTAL_TOKENS = 65536
-_GPU_DEFAULT_MEM_FRACTION = 0.85
 
 
 def _available_ram_bytes() -> int:
@@ -38,9 +37,11 @@ def _available_ram_bytes() -> int:
 
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_dir: Path) -> None:
+        if not args.resolved:
+            raise ValueError("ModelRunner needs resolved options: ServerArgs(...).resolve()")
         self.args = args
         parallel = get_parallel_state()
-        self.device = parallel.device if parallel else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = parallel.device if parallel else torch.device(args.device)
         if self.device.type == "cpu" and args.cpu_threads:
             torch.set_num_threads(args.cpu_threads)
         self.model_config = ModelConfig.from_pretrained(model_dir)
@@ -59,10 +60,12 @@ class ModelRunner:
         self.kv_pool = TokenToKVPool(  # this rank's layers and KV heads
             self.max_total_tokens, len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype, self.device
         )
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.kv_pool_bytes = self.max_total_tokens * TokenToKVPool.bytes_per_token(
+            len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype)
         self.attn_backend = self._make_attention_backend()
         self.graph_runner = None
-        if (self.device.type == "cuda" and not args.disable_cuda_graph and self.model.ops.name == "triton"
-                and self.model.stage.size == 1):  # stages exchange tensors between graphs: not captured
+        if not args.disable_cuda_graph and self.model.stage.size == 1:  # stages exchange tensors between graphs: not captured
             from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
 
             max_bs = min(args.cuda_graph_max_bs or self.max_running_requests, self.max_running_requests)
@@ -73,8 +76,9 @@ class ModelRunner:
 
             self.channel = StepChannel(self, parallel)
         logger.info(
-            "model %s on %s (%s): KV pool %d tokens, %d running requests max, context %d",
-            mc.architecture, self.device, self.dtype, self.max_total_tokens, self.max_running_requests, self.context_len,
+            "model %s on %s (%s): weights %.2f GB, KV pool %d tokens (%.2f GB), %d running requests max, context %d",
+            mc.architecture, self.device, self.dtype, self.weights_bytes / 1e9, self.max_total_tokens,
+            self.kv_pool_bytes / 1e9, self.max_running_requests, self.context_len,
         )
 
     def _load_model(self, model_dir: Path) -> LlamaForCausalLM:
@@ -98,8 +102,7 @@ class ModelRunner:
             return self.args.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            fraction = self.args.mem_fraction_static or _GPU_DEFAULT_MEM_FRACTION
-            budget = total * fraction - (total - free)
+            budget = total * self.args.mem_fraction_static - (total - free)
             if budget < per_token * 1024:
                 raise RuntimeError("mem_fraction_static: too little GPU memory left for the KV cache")
             return int(budget // per_token)
@@ -107,10 +110,7 @@ class ModelRunner:
         return int(max(min(budget // per_token, _CPU_MAX_TOTAL_TOKENS), 1024))
 
     def _make_attention_backend(self) -> PagedAttentionBackend:
-        name = self.args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
-        if name not in ("torch", "triton"):
-            raise ValueError(f"attention_backend: {name!r} is not one of torch, triton")
-        ops = get_kernel_ops(name == "triton")
+        ops = get_kernel_ops(self.args.attention_backend == "triton")
         self.model.ops = ops
         return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, self.model_config.head_dim**-0.5)
 

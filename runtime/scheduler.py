@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
 from radixlm.runtime.model_runner import ModelRunner
@@ -39,9 +40,8 @@ class Scheduler:
         cache_cls = NoPrefixCache if args.disable_radix_cache else RadixPrefixCache
         self.cache: PrefixCache = cache_cls(self.req_to_token_pool, self.kv_pool)
         self.device = self.runner.device
-        default_chunk = 8192 if self.device.type == "cuda" else 2048
-        chunk = args.chunked_prefill_size if args.chunked_prefill_size is not None else default_chunk
-        self.chunk_size = chunk if chunk > 0 else 1 << 30
+        chunk = args.chunked_prefill_size
+        self.chunk_size = chunk if chunk > 0 else 1 << 30  # -1: no chunking
         self.max_prefill_tokens = max(args.max_prefill_tokens, min(self.chunk_size, 1 << 20))
         self.max_running = self.runner.max_running_requests
         self.reserve = DecodeReserve(args.schedule_conservativeness)
@@ -54,12 +54,12 @@ class Scheduler:
         # grammar-forced tokens appended by jump-forward. Extended before new admissions.
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
-        self.overlap = not args.disable_overlap_schedule and (
-            self.device.type == "cuda" or args.enable_overlap_schedule_on_cpu)
+        self.overlap = not args.disable_overlap_schedule
         self.inflight: InflightBatch | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
                       "forward_steps": 0, "last_gen_throughput": 0.0}
         self._gen_window: list[tuple[float, int]] = []
+        self.decode_log = DecodeLog(args.decode_log_interval)
 
     # ---------------------------------------------------------------- messages
     def handle(self, msg: object) -> ControlResp | None:
@@ -148,6 +148,7 @@ class Scheduler:
         batch = batch or self._schedule_decode()
         if batch is None:
             return self._commit_inflight()
+        self.decode_log.on_step(batch.mode, self.info)
         fb = batch.to_forward_batch(self.req_to_token_pool, self.device, self.inflight)
         logits = self.runner.forward(fb)
         self.stats["forward_steps"] += 1

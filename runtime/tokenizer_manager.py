@@ -23,6 +23,7 @@ from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutp
 from radixlm.runtime.outbox import Outbox
 from radixlm.runtime.parallel.launch import Replica, merge_infos, start_replicas, stop_replica, watch_replicas
 from radixlm.runtime.parallel.router import Router
+from radixlm.runtime.request_log import RequestLog
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.scheduler_process import load_tokenizer
 from radixlm.runtime.server_args import ServerArgs
@@ -60,7 +61,7 @@ class TokenizerManager:
 
         self.args = args
         self._closing = False
-        self.model_dir = resolve_model_path(args.model_path)
+        self.model_dir = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir)
         # --skip-tokenizer-init: clients send input_ids and read output_ids (random-weight benchmarks).
         self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or self.model_dir)
         # Every replica's scheduler (and its other ranks) started and ready; one unless --dp-size.
@@ -82,6 +83,7 @@ class TokenizerManager:
         self._ids = itertools.count()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dead: str | None = None  # every replica is gone
+        self.request_log = RequestLog(args.log_requests_level) if args.log_requests else None
 
     @property
     def proc(self) -> Any:
@@ -132,6 +134,8 @@ class TokenizerManager:
             self._apply(state, out)
             if state.finished:
                 self.replicas[state.replica].inflight -= 1
+                if self.request_log is not None:
+                    self.request_log.finished(state)
             state.event.set()
 
     def _apply(self, state: ReqState, out: ReqOutput) -> None:

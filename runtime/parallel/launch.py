@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import socket
 import threading
 import time
@@ -87,19 +86,8 @@ def node_ranks(args: ServerArgs, replica: int, method: str) -> list[RankInfo]:
                      gpu=replica * per_node + i, replica=replica) for i in range(per_node)]
 
 
-def per_process_args(args: ServerArgs, processes: int) -> ServerArgs:
-    """Several processes on one CPU: split the cores instead of each taking all of them."""
-    if not _on_cuda(args) and processes > 1 and not args.cpu_threads:
-        return args.replace(cpu_threads=max(1, (os.cpu_count() or 1) // processes))
-    return args
-
-
 def _on_cuda(args: ServerArgs) -> bool:
-    if args.device is not None:
-        return args.device.startswith("cuda")
-    import torch
-
-    return torch.cuda.is_available()
+    return args.device.startswith("cuda")  # resolved: never None
 
 
 def check_layout(args: ServerArgs, model_dir: Path) -> None:
@@ -122,14 +110,14 @@ def start_replicas(args: ServerArgs, model_dir: Path) -> list[Replica]:
     from radixlm.runtime.parallel.worker import run_worker_process
     from radixlm.runtime.scheduler_process import run_scheduler_process
 
+    if not args.resolved:
+        raise ValueError("start_replicas needs resolved options: ServerArgs(...).resolve()")
     if args.node_rank != 0:
         raise ValueError("node_rank: the front (Engine / HTTP server) runs on node 0; start the other nodes "
                          "with `radixlm serve --node-rank N ...`")
     check_layout(args, model_dir)
     ctx = mp.get_context("spawn")
     world = args.tp_size * args.pp_size
-    local = world // args.nnodes
-    proc_args = per_process_args(args, args.dp_size * local)
     replicas: list[Replica] = []
     try:
         for index in range(args.dp_size):
@@ -137,14 +125,14 @@ def start_replicas(args: ServerArgs, model_dir: Path) -> list[Replica]:
             to_sched_r, to_sched = ctx.Pipe(duplex=False)
             from_sched, from_sched_w = ctx.Pipe(duplex=False)
             suffix = "" if args.dp_size == 1 else f"-{index}"
-            sched_args = proc_args
+            sched_args = args
             if not ranks and args.dp_size > 1 and _on_cuda(args):  # one GPU per single-rank replica
-                sched_args = proc_args.replace(device=f"cuda:{index}")
+                sched_args = args.replace(device=f"cuda:{index}")
             scheduler = ctx.Process(  # non-daemon: it starts a grammar worker of its own
                 target=run_scheduler_process, name=f"radixlm-scheduler{suffix}", daemon=False,
                 args=(sched_args, str(model_dir), to_sched_r, from_sched_w, ranks[0] if ranks else None))
             procs = [scheduler] + [
-                ctx.Process(target=run_worker_process, args=(proc_args, str(model_dir), info),
+                ctx.Process(target=run_worker_process, args=(args, str(model_dir), info),
                             name=f"radixlm-rank{suffix}-{info.rank}", daemon=True)
                 for info in ranks[1:]
             ]
@@ -247,12 +235,12 @@ def run_worker_node(args: ServerArgs) -> int:
     from radixlm.runtime.model_source import resolve_model_path
     from radixlm.runtime.parallel.worker import run_worker_process
 
-    model_dir = resolve_model_path(args.model_path)
+    args = args.resolve()
+    model_dir = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir)
     check_layout(args, model_dir)
     ranks = node_ranks(args, 0, init_method(args, 0))
     ctx = mp.get_context("spawn")
-    proc_args = per_process_args(args, len(ranks))
-    procs = [ctx.Process(target=run_worker_process, args=(proc_args, str(model_dir), info),
+    procs = [ctx.Process(target=run_worker_process, args=(args, str(model_dir), info),
                          name=f"radixlm-rank-{info.rank}") for info in ranks]
     for p in procs:
         p.start()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import (
     LOST_PEERS_EXIT_CODE, ParallelState, RankInfo, destroy_parallel, init_parallel,
 )
@@ -27,11 +28,6 @@ if TYPE_CHECKING:
     from radixlm.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-# Pipeline micro-batching splits a step only when every part keeps at least this many tokens:
-# below that a decode step is bound by reading the weights, and splitting would read them twice.
-DEFAULT_MICRO_BATCH_TOKENS = 512
-
 
 def make_forward_batch(mode: ForwardMode, input_ids: torch.Tensor, positions: torch.Tensor, out_cache_loc: torch.Tensor,
                        logits_indices: torch.Tensor, rows: list[int], seq_lens: list[int], ext_lens: list[int],
@@ -85,7 +81,9 @@ class StepChannel:
         self.state = state
         self.info: RankInfo = state.info
         self.device = runner.device
-        self.micro_batch_tokens = int(runner.args.extra.get("pp_micro_batch_tokens", DEFAULT_MICRO_BATCH_TOKENS))
+        # Pipeline micro-batching splits a step only when every part keeps at least this many tokens:
+        # below that a decode step is bound by reading the weights, and splitting would read them twice.
+        self.micro_batch_tokens = runner.args.pp_micro_batch_tokens
         self.pending_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.info.rank == 0:
             # KV copies rank 0 makes between steps (n > 1 without the radix cache) are replayed by the others.
@@ -202,8 +200,7 @@ class StepChannel:
 
 def run_worker_process(args: ServerArgs, model_dir: str, info: RankInfo) -> None:
     """Entry point of a rank other than 0: load this rank's shard, then run rank 0's batches until told to stop."""
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"[replica {info.replica} rank {info.rank}] %(levelname)s %(message)s")
+    configure_logging(args.log_level, f"replica {info.replica} rank {info.rank}")
     from radixlm.runtime.model_runner import ModelRunner
 
     init_parallel(info, args.device)

@@ -8,11 +8,14 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from radixlm.runtime.log_setup import configure_logging, startup_summary
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.served_name import served_model_name
 from radixlm.runtime.server import native_api, openai_api, playground, tokenize_api
@@ -36,7 +39,7 @@ LISTEN_BACKLOG = 2048
 
 def make_context(args: ServerArgs, tm: object, chat_template: str | None = None) -> ServerContext:
     info = tm.info  # type: ignore[attr-defined]
-    limit = args.extra.get("max_inflight_requests") or max(4 * info.max_running_requests, 64)
+    limit = args.inflight_limit(info.max_running_requests)
     ctx = ServerContext(
         args=args, tm=tm,  # type: ignore[arg-type]
         model_name=served_model_name(args.model_path, args.served_model_name),
@@ -92,56 +95,70 @@ def build_app(ctx: ServerContext) -> web.Application:
     return app
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if level.lower() != "debug":
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the server's address before the model loads, so a port in use fails in a second, not
+    after minutes of loading. Not listening yet: until the app runs, connections are refused."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def run_server(args: ServerArgs) -> int:
     """Blocking: start, serve until a signal, shut down. Returns the process exit code."""
-    configure_logging(args.log_level)
+    started = time.monotonic()
+    args = args.resolve()
+    configure_logging(args.log_level, "server")
     try:
         template = load_chat_template(args.chat_template)
     except (OSError, ValueError) as exc:
         print(f"radixlm: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        sock = bind_listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"radixlm: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     from radixlm.runtime.tokenizer_manager import TokenizerManager
 
     try:
         tm = TokenizerManager(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        sock.close()
         print(f"radixlm: error: could not start the model: {exc}", file=sys.stderr)
         return 1
     try:
-        try:
-            ctx = make_context(args, tm, template)
-        except ValueError as exc:
-            print(f"radixlm: error: {exc}", file=sys.stderr)
-            return 2
-        return asyncio.run(_serve(ctx))
+        ctx = make_context(args, tm, template)
+        logger.info("%s", startup_summary(ctx.model_name, tm.info, args, time.monotonic() - started))
+        return asyncio.run(_serve(ctx, sock))
     except KeyboardInterrupt:
         return 130
     finally:
+        sock.close()
         tm.shutdown()
 
 
-async def _serve(ctx: ServerContext) -> int:
+async def _serve(ctx: ServerContext, sock: socket.socket) -> int:
     args, tm = ctx.args, ctx.tm
     loop = asyncio.get_running_loop()
     tm.start(loop)
     runner = web.AppRunner(build_app(ctx), handler_cancellation=True, shutdown_timeout=3.0,
                            access_log=logging.getLogger("aiohttp.access"))
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, backlog=LISTEN_BACKLOG)
+    site = web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
     try:
         await site.start()
     except OSError as exc:
         print(f"radixlm: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         await runner.cleanup()
         return 1
-    port = runner.addresses[0][1] if runner.addresses else args.port
+    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"radixlm server ready at http://{host}:{port} (model {ctx.model_name}, "
           f"context {ctx.context_len}, KV pool {tm.info.max_total_tokens} tokens)", flush=True)

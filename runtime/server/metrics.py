@@ -42,10 +42,14 @@ class ServerMetrics:
         self.ttft = hist("sglang:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
         self.itl = hist("sglang:inter_token_latency_seconds", "Time between streamed tokens.", _ITL_BUCKETS)
         self.e2e = hist("sglang:e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
+        self.tpot = hist("sglang:time_per_output_token_seconds", "Per sequence: (E2E - TTFT) / (tokens - 1).",
+                         _ITL_BUCKETS)
         self.running = gauge("sglang:num_running_reqs", "Requests running in the scheduler.")
         self.queued = gauge("sglang:num_queue_reqs", "Requests waiting in the scheduler.")
         self.inflight = gauge("sglang:num_inflight_sequences", "Sequences accepted by the HTTP server, not finished.")
         self.token_usage = gauge("sglang:token_usage", "KV pool fraction held by requests (cache excluded).")
+        self.num_used_tokens = gauge("sglang:num_used_tokens", "KV slots held by requests (cache excluded).")
+        self.retractions = gauge("sglang:num_retracted_reqs", "Requests retracted (KV full) since start.")
         self.kv_used = gauge("sglang:kv_used_tokens", "KV slots in use, cache included.")
         self.kv_cached = gauge("sglang:kv_cached_tokens", "KV slots held by the prefix cache.")
         self.kv_total = gauge("sglang:max_total_num_tokens", "KV pool size in tokens.")
@@ -60,6 +64,8 @@ class ServerMetrics:
         self.queued.set(info.get("num_waiting_reqs", 0))
         self.inflight.set(inflight)
         self.token_usage.set(max(used - evictable, 0) / total)
+        self.num_used_tokens.set(max(used - evictable, 0))
+        self.retractions.set(info.get("retractions", 0))
         self.kv_used.set(used)
         self.kv_cached.set(info.get("kv_cached_tokens", 0))
         self.kv_total.set(total)
@@ -73,7 +79,7 @@ class ServerMetrics:
 class SequenceTimer:
     """Per-sequence timing: TTFT at the first streamed token, ITL per later token, E2E at the end."""
 
-    __slots__ = ("metrics", "start", "last", "tokens", "done")
+    __slots__ = ("metrics", "start", "last", "tokens", "done", "first")
 
     def __init__(self, metrics: ServerMetrics | None, start: float) -> None:
         self.metrics = metrics
@@ -81,6 +87,7 @@ class SequenceTimer:
         self.last: float | None = None
         self.tokens = 0
         self.done = False
+        self.first: float | None = None  # when the first token arrived
 
     def update(self, out: dict[str, Any]) -> None:
         m = self.metrics
@@ -91,6 +98,7 @@ class SequenceTimer:
         n = int(meta.get("completion_tokens", 0))
         if n > self.tokens:
             if self.last is None:
+                self.first = now
                 m.ttft.observe(now - self.start)
             else:
                 k = n - self.tokens  # a chunk of k tokens counts as k gaps of equal share
@@ -101,6 +109,8 @@ class SequenceTimer:
         if reason is not None:
             self.done = True
             m.e2e.observe(now - self.start)
+            if n > 1 and self.first is not None:
+                m.tpot.observe((now - self.first) / (n - 1))
             m.num_requests.inc()
             m.prompt_tokens.inc(int(meta.get("prompt_tokens", 0)))
             m.generation_tokens.inc(n)

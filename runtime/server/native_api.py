@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import uuid
@@ -151,11 +150,7 @@ async def server_info(request: web.Request) -> web.Response:
         sched = (await ctx.tm.control("get_info", timeout=10.0)).payload
     except asyncio.TimeoutError:
         raise ApiError(503, "the scheduler did not answer get_info within 10 s") from None
-    args = dataclasses.asdict(ctx.args)
-    extra = args.pop("extra", {}) or {}
-    args.update(extra)
-    if args.get("api_key"):
-        args["api_key"] = "<set>"
+    args = ctx.args.public_dict()
     info = ctx.tm.info
     out: dict[str, Any] = {
         **args,

@@ -19,7 +19,7 @@ def test_pp2_matches_pp1_with_micro_batches(tiny_model_dir) -> None:
     prompts = random_prompts(6, 390, seed=3)
     refs = reference(model_dir, prompts, MAX_NEW)
     # Parts of >= 2 tokens: every prefill and every decode step of 4+ requests runs as 2 micro-batches.
-    with radixlm.Engine(str(model_dir), pp_size=2, chunked_prefill_size=48, extra={"pp_micro_batch_tokens": 2},
+    with radixlm.Engine(str(model_dir), pp_size=2, chunked_prefill_size=48, pp_micro_batch_tokens=2,
                         **ENGINE_OPTIONS) as e:
         assert_same_or_near_tie(greedy(e, prompts, MAX_NEW), refs)
         assert_same_or_near_tie([greedy(e, [prompts[1]], MAX_NEW)[0]], [refs[1]])  # one request: no split

@@ -15,7 +15,7 @@ def make_scheduler(model_dir: Path, **options) -> Scheduler:
 
     options.setdefault("max_total_tokens", 4096)
     options.setdefault("device", "cpu")
-    args = ServerArgs(model_path=str(model_dir), **options)
+    args = ServerArgs(model_path=str(model_dir), **options).resolve()
     return Scheduler(args, model_dir, AutoTokenizer.from_pretrained(str(model_dir)))
 
 

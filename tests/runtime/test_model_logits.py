@@ -71,7 +71,7 @@ def _reference_logits(model_dir: Path, prompts: list[list[int]], hf_model=None) 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2", "qwen3", "tied"])
 def test_logits_match_transformers(tiny_model_dir, kind: str) -> None:
     model_dir = tiny_model_dir(kind)
-    runner = ModelRunner(ServerArgs(model_path=str(model_dir), max_total_tokens=2048, device="cpu"), model_dir)
+    runner = ModelRunner(ServerArgs(model_path=str(model_dir), max_total_tokens=2048, device="cpu").resolve(), model_dir)
     g = torch.Generator().manual_seed(1)
     vocab = runner.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 17, 40, 300)]
@@ -91,7 +91,7 @@ def test_default_model_logits_match_transformers_gguf(default_model_dir: Path) -
 
     gguf = default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    runner = ModelRunner(ServerArgs(max_total_tokens=2048, device="cpu"), default_model_dir)
+    runner = ModelRunner(ServerArgs(max_total_tokens=2048, device="cpu").resolve(), default_model_dir)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(default_model_dir))

@@ -114,7 +114,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
     cmd = [sys.executable, "-m", "radixlm.launch_server", "--host", "127.0.0.1", "--port", "0",
            "--max-total-tokens", "16384", "--enable-metrics", "--api-key", API_KEY,
            "--max-inflight-requests", str(MAX_INFLIGHT), "--max-request-body-bytes", str(MAX_BODY),
-           "--log-level", "warning",
+           # Info logs with a request log and a short decode-line interval: test_logging reads them.
+           "--log-level", "info", "--log-requests", "--decode-log-interval", "4",
            # One intra-op thread: on a small shared CPU, two OpenMP threads per process spin against
            # each other and every other process (decode measured ~6x slower under load).
            "--cpu-threads", "1"]
