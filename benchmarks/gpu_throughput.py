@@ -3,7 +3,7 @@
   (b) offline: 1,000 requests, input U[128,1024], output U[64,512], random ids, vs the compute roofline,
       transformers on a 64-request sample in the same run
   (e) shared prefix (16 groups x 32, 1,024-token prefix, 64-token question, 64 out): radix cache on vs off
-  (f) JSON-schema constrained vs unconstrained decode at batch 64 (real tokenizer for the grammar)
+  (f) JSON-schema constrained vs unconstrained decode at batch 64 / 256 (real tokenizer for the grammar)
   (g) the HTTP server against the offline Engine on a slice of workload (b)
 """
 from __future__ import annotations
@@ -111,13 +111,13 @@ SCHEMA = {"type": "object", "properties": {
     "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
 
 
-def item_f(model_dir: Path, tokenizer_dir: Path) -> dict:
+def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64) -> dict:
     import radixlm
 
     args = {**ENGINE_ARGS, "skip_tokenizer_init": False, "tokenizer_path": str(tokenizer_dir)}
     rng = random.Random(7)
-    prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(int(os.environ.get("F_BATCH", 64)))]
-    out: dict = {}
+    prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
+    out: dict = {"batch": batch}
     with radixlm.Engine(str(model_dir), mem_fraction_static=0.5, **args) as eng:
         for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)})):
             sp = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "ignore_eos": not extra, **extra} for i in range(len(prompts))]

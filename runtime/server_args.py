@@ -33,6 +33,7 @@ class ServerArgs:
     grammar_backend: str | None = None
     grammar_compile_timeout: float = 10.0
     disable_jump_forward: bool = False
+    grammar_mask_threads: int | None = None  # threads computing a batch's masks; None: cores - 1 (<= 16), 0: inline
     # GPU fast path
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None  # default: every decode batch the scheduler can form (<= 1024)
@@ -64,6 +65,8 @@ class ServerArgs:
             raise ValueError(f"schedule_policy: {self.schedule_policy!r} is not one of lpm, fcfs, dfs-weight")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
+        if self.grammar_mask_threads is not None and self.grammar_mask_threads < 0:
+            raise ValueError("grammar_mask_threads: must be >= 0")
         for name in ("max_total_tokens", "max_running_requests", "context_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
