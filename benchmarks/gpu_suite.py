@@ -199,8 +199,10 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
                                                             "decode_device_ms_per_step", "host_s", "mask_threads")}
                            for k in ("unconstrained", "json_schema")}
         out[f"batch_{batch}"] = res
-        print(f"(f) batch {batch}: json_schema/unconstrained tok/s = {res['constrained_vs_unconstrained_tok_s']:.2f}x, "
-              f"{res['json_schema']['valid_json']}/{batch} valid; per decode step (in-process): "
+        print(f"(f) batch {batch}: json_schema/unconstrained tok/s = {res['constrained_vs_unconstrained_tok_s']:.2f}x "
+              f"(vs unconstrained to the same lengths: {res['constrained_vs_same_lengths_tok_s']:.2f}x), "
+              f"{res['json_schema']['valid_json']}/{batch} valid, JSON outputs {res['json_schema']['mean_tokens']:.0f} tokens on "
+              f"average, {res['json_schema']['max_tokens']} at most; per decode step (in-process): "
               + "; ".join(f"{k} {v['decode_wall_ms_per_step']:.2f} ms wall vs {v['decode_device_ms_per_step']:.2f} ms device "
                           f"over {v['decode_steps']} steps" for k, v in res["per_step"].items()), flush=True)
     return out

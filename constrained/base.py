@@ -2,7 +2,7 @@
 
 One `Grammar` per distinct spec (compiled once, cached, shared); one `Matcher` per request
 (cheap, mutable). Per decode step the scheduler fills each constrained row's mask, samples, then
-`advance`s, for the whole batch at once (`fill_rows` / `advance_rows` through MaskWorkers);
+`advance`s, for the whole batch at once (`prepare_fill` / `advance_rows` through MaskWorkers);
 `forced_prefix` feeds jump-forward and `rollback` undoes speculative or jump-forward tokens that
 were not kept.
 """
@@ -10,7 +10,7 @@ were not kept.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,14 +64,16 @@ class Matcher(ABC):
         """Tokens accepted so far (the rollback horizon)."""
 
     @classmethod
-    def fill_rows(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor, workers: MaskWorkers) -> None:
-        """Many rows of this backend at once. Here: per-row fills split over the workers' threads
-        (parallel where the backend releases the GIL); a backend with a batch call overrides."""
+    def prepare_fill(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor,
+                     workers: MaskWorkers) -> Callable[[], None]:
+        """Many rows of this backend at once: checks and set-up now, on the caller's thread; the
+        returned function does the filling (on a background thread, as little Python as possible).
+        Here: per-row fills split over the workers' threads; a backend with a batch call overrides."""
         def fill(chunk: Sequence[tuple[Matcher, int]]) -> None:
             for matcher, index in chunk:
                 matcher.fill_next_token_bitmask(bitmask, index)
 
-        workers.run_chunks(fill, items)
+        return lambda: workers.run_chunks(fill, items)
 
     @classmethod
     def advance_rows(cls, matchers: Sequence[Matcher], tokens: Sequence[int], workers: MaskWorkers) -> list[bool]:

@@ -71,20 +71,23 @@ class MaskWorkers:
 
     def fill(self, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
         """Row `index` of `bitmask` for each (matcher, index); rows not named are left alone."""
-        for cls, group in _by_type(items).items():
-            cls.fill_rows(group, bitmask, self)
+        for job in self._prepare(items, bitmask):
+            job()
 
     def start_fill(self, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor) -> Future[None]:
-        """`fill` in the background; nothing may touch these matchers until the future is done."""
+        """`fill` in the background; nothing may touch these matchers until the future is done.
+        Checks run now (errors raise here); the background thread only enters the backend."""
+        jobs = self._prepare(items, bitmask)
         if self._background is None:
             done: Future[None] = Future()
-            try:
-                self.fill(items, bitmask)
-                done.set_result(None)
-            except Exception as exc:  # noqa: BLE001 - delivered through the future, like the threaded path
-                done.set_exception(exc)
+            for job in jobs:
+                job()
+            done.set_result(None)
             return done
-        return self._background.submit(self.fill, list(items), bitmask)
+        return self._background.submit(_run_all, jobs)
+
+    def _prepare(self, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor) -> list[Callable[[], None]]:
+        return [cls.prepare_fill(group, bitmask, self) for cls, group in _by_type(items).items()]
 
     def advance(self, matchers: Sequence[Matcher], tokens: Sequence[int]) -> list[bool]:
         """Commit one token per matcher. A refused token may leave its matcher unusable (the
@@ -103,6 +106,11 @@ class MaskWorkers:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._native.clear()
+
+
+def _run_all(jobs: list[Callable[[], None]]) -> None:
+    for job in jobs:
+        job()
 
 
 def _by_type(items: Sequence[tuple[Matcher, int]]) -> dict[type[Matcher], list[tuple[Matcher, int]]]:

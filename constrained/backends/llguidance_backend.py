@@ -105,7 +105,8 @@ class LLGuidanceMatcher(Matcher):
             row[words:] = 0
 
     @classmethod
-    def fill_rows(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor, workers: MaskWorkers) -> None:
+    def prepare_fill(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor,
+                     workers: MaskWorkers) -> Callable[[], None]:
         """Every row in Rust with the GIL released: one LLExecutor call ("native"), or slices of
         per-matcher calls on our threads ("threads"); inline and serial with 0 threads."""
         if bitmask.dim() != 2 or bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous():
@@ -117,16 +118,16 @@ class LLGuidanceMatcher(Matcher):
         for m, index in items:
             if not 0 <= index < rows:
                 raise IndexError(f"bitmask row {index} out of range for {rows} rows")
-            if m._ended:
+            if m._ended:  # type: ignore[attr-defined]
                 ended.append(index)
             else:
-                live.append((m._m, index))
-                words = m.grammar._words
+                live.append((m._m, index))  # type: ignore[attr-defined]
+                words = m.grammar._words  # type: ignore[attr-defined]
         if ended:
             bitmask[ended] = 0
         if not live:
-            return
-        if any(m.grammar._words != words for m, _ in items):
+            return lambda: None
+        if any(m.grammar._words != words for m, _ in items):  # type: ignore[attr-defined]
             raise ValueError("matchers of different tokenizers in one bitmask")
         if bitmask.shape[1] < words:
             raise ValueError(f"bitmask rows must hold >= {words} words")
@@ -136,20 +137,27 @@ class LLGuidanceMatcher(Matcher):
         nbytes = words * 4
         if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
             executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
-            executor.unsafe_compute_mask_ptr(live, target.data_ptr(), nbytes, rows)
+            address = target.data_ptr()
+            compute = lambda: executor.unsafe_compute_mask_ptr(live, address, nbytes, rows)  # noqa: E731
         else:
             base = target.data_ptr()
             calls = [(m.unsafe_compute_mask_ptr, base + index * nbytes) for m, index in live]
 
             def fill(chunk: Sequence[tuple[Callable[[int, int], None], int]]) -> None:
-                for compute, address in chunk:
-                    compute(address, nbytes)
+                for compute_row, address in chunk:
+                    compute_row(address, nbytes)
 
-            workers.run_chunks(fill, calls)
-        if target is not bitmask:
-            index_t = torch.tensor([i for _, i in live])
+            compute = lambda: workers.run_chunks(fill, calls)  # noqa: E731
+        if target is bitmask:
+            return compute
+        index_t = torch.tensor([i for _, i in live])
+
+        def fill_padded() -> None:
+            compute()
             bitmask[index_t, :words] = target[index_t]
             bitmask[index_t, words:] = 0
+
+        return fill_padded
 
     @classmethod
     def advance_rows(cls, matchers: Sequence[Matcher], tokens: Sequence[int], workers: MaskWorkers) -> list[bool]:
