@@ -209,7 +209,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
             torch.cuda.empty_cache()
         res["per_step"] = {k: {key: prof[k][key] for key in ("tokens", "decode_steps", "decode_wall_ms_per_step",
                                                             "decode_device_ms_per_step", "host_s", "mask_threads")}
-                           for k in ("unconstrained", "json_schema")}
+                           for k in ("unconstrained", "json_schema", "json_schema_inline")}
         print(f"(f) batch {batch}, per decode step in-process: " + "; ".join(
             f"{k} {v['decode_wall_ms_per_step']:.2f} ms wall vs {v['decode_device_ms_per_step']:.2f} ms device over "
             f"{v['decode_steps']} steps" for k, v in res["per_step"].items()), flush=True)

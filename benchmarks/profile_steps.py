@@ -160,13 +160,21 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
     res: dict = {"batch": batch}
-    for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)})):
+    schema = {"json_schema": json.dumps(SCHEMA)}
+    # json_schema_inline: the same again with masks and commits one row at a time on the scheduler's
+    # thread (--grammar-mask-threads 0, the earlier behaviour), side by side in this run.
+    for label, extra in (("unconstrained", {}), ("json_schema", schema), ("json_schema_inline", schema)):
         rec = StepRecorder(sched)
         mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(  # noqa: E731
             temperature=1.0, seed=i, max_new_tokens=128, ignore_eos=not extra, **extra))
         rec.run([mk(i, "w") for i in range(2)])
         if extra:
             gr = sched.results.grammars
+            if label == "json_schema_inline":
+                from radixlm.constrained.mask_workers import MaskWorkers
+
+                gr.workers.close()
+                gr.workers = MaskWorkers(0)
             rec.wrap(gr, "bitmask", "masks taken (wait + missing rows + copy)")
             rec.wrap(gr, "advance_many", "grammar commit (batched) + mask start")
             rec.wrap(gr, "jump_forward", "jump_forward")
