@@ -82,3 +82,14 @@ def test_masks_taken_after_a_batched_commit_equal_row_by_row(tokenizer, default_
         assert runtime.is_terminated(ended) and runtime.is_terminated(bad) and bad.grammar_failed
     finally:
         runtime.close()
+
+
+def test_mask_threads_option() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    assert ServerArgs.from_cli_args(parser.parse_args(["--grammar-mask-threads", "4"])).grammar_mask_threads == 4
+    assert ServerArgs.from_cli_args(parser.parse_args([])).grammar_mask_threads is None  # cores - 1, at most 16
+    with pytest.raises(ValueError, match="grammar_mask_threads"):
+        ServerArgs(grammar_mask_threads=-1)
