@@ -180,15 +180,51 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
     return {"decode_tok_s": 64 / (tn - t1), "decode_ms_per_step": (tn - t1) / 64 * 1000}
 
 
+def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
+    """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
+    same workload in-process with every decode step timed (host wall vs device), for where the
+    time goes."""
+    import gpu_throughput as tp
+    import profile_steps
+
+    out: dict = {}
+    for batch in batches:
+        res = out[f"batch_{batch}"] = tp.item_f(model_dir, tokenizer_dir, batch)
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"(f) batch {batch}: json_schema/unconstrained tok/s = {res['constrained_vs_unconstrained_tok_s']:.2f}x "
+              f"(vs unconstrained to the same lengths: {res['constrained_vs_same_lengths_tok_s']:.2f}x), "
+              f"{res['json_schema']['valid_json']}/{batch} valid JSON, {res['json_schema']['mean_tokens']:.1f} tokens on "
+              f"average, {res['json_schema']['max_tokens']} at most", flush=True)
+        try:  # the profile is for diagnosis: its failure must not cost the ratio above
+            prof = profile_steps.item_f(model_dir, tokenizer_dir, batch)
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            res["per_step"] = {"error": repr(exc)}
+            continue
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        res["per_step"] = {k: {key: prof[k][key] for key in ("tokens", "decode_steps", "decode_wall_ms_per_step",
+                                                            "decode_device_ms_per_step", "host_s", "mask_threads")}
+                           for k in ("unconstrained", "json_schema", "json_schema_inline")}
+        print(f"(f) batch {batch}, per decode step in-process: " + "; ".join(
+            f"{k} {v['decode_wall_ms_per_step']:.2f} ms wall vs {v['decode_device_ms_per_step']:.2f} ms device over "
+            f"{v['decode_steps']} steps" for k, v in res["per_step"].items()), flush=True)
+    return out
+
+
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
-                     flops_per_token: float, ceil: dict, tokenizer_dir: str) -> None:
+                     flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int]) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
 
     jobs = {
         "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg),
         "e": lambda: tp.item_e(d, v),
-        "f": lambda: tp.item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir)),
+        "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir), f_batches),
         "g": lambda: tp.item_g(d, v),
     }
     for name, job in jobs.items():
@@ -213,6 +249,7 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--items", default="a,c,d", help="which of a,b,c,d,e,f,g to run (a,c,d share one engine)")
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok", help="real tokenizer for (f)")
+    ap.add_argument("--f-batch", default="64,256", help="comma list of batch sizes for (f)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -237,7 +274,8 @@ def main() -> None:
     flops_per_token = 2 * (layers * per_layer + v * h)
     report["model"] = {"weight_bytes_per_step": weight_bytes, "flops_per_token": flops_per_token}
     items = set(args.items.split(","))
-    throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir)
+    throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir,
+                     [int(b) for b in args.f_batch.split(",")])
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

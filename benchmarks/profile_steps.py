@@ -5,8 +5,8 @@ pass is timed with CUDA events (no syncs added, so overlap scheduling behaves as
 
   b        workload (b) of the throughput suite (offline, random ids): per step mode, batch size, tokens,
            device time of the forward and wall time of the whole step, summed by kind of step
-  f        batch-64 JSON-schema decode (real tokenizer): the same, plus host time in mask filling,
-           grammar advance and jump-forward
+  f        JSON-schema decode at --f-batch (real tokenizer): the same, plus host time in the batched
+           grammar commit, taking the masks, and jump-forward
   kernels  torch.profiler over decode steps at a few batch sizes: the top kernels by device time
 Llama-3.1-8B shape, random bf16 weights. Prints tables and writes JSON.
 """
@@ -151,32 +151,50 @@ def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool, commit_
 
 
 def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
+    """JSON-schema vs unconstrained at `batch`, in-process: device vs wall time per decode step,
+    and the host's time inside the grammar runtime (batched commit, masks taken for sampling)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     sched = make_scheduler(d, tokenizer=tok, tokenizer_path=str(tokenizer_dir), mem_fraction_static=0.5)
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
-    res: dict = {}
-    for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)})):
+    res: dict = {"batch": batch}
+    schema = {"json_schema": json.dumps(SCHEMA)}
+    # json_schema_inline: the same again with masks and commits one row at a time on the scheduler's
+    # thread (--grammar-mask-threads 0, the earlier behaviour), side by side in this run.
+    for label, extra in (("unconstrained", {}), ("json_schema", schema), ("json_schema_inline", schema)):
         rec = StepRecorder(sched)
-        mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(
+        mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(  # noqa: E731
             temperature=1.0, seed=i, max_new_tokens=128, ignore_eos=not extra, **extra))
         rec.run([mk(i, "w") for i in range(2)])
         if extra:
             gr = sched.results.grammars
-            rec.wrap(gr, "bitmask", "bitmask")
-            rec.wrap(gr, "advance", "advance")
+            if label == "json_schema_inline":
+                from radixlm.constrained.mask_workers import MaskWorkers
+
+                gr.workers.close()
+                gr.workers = MaskWorkers(0)
+            rec.wrap(gr, "bitmask", "masks taken (wait + missing rows + copy)")
+            rec.wrap(gr, "advance_many", "grammar commit (batched) + mask start")
             rec.wrap(gr, "jump_forward", "jump_forward")
-            rec.wrap(sched.results, "_sample", "sample (incl. bitmask)")
-            rec.wrap(sched.results, "_commit", "commit")
+        rec.wrap(sched.results, "_sample", "sample (incl. masks)")
+        rec.wrap(sched.results, "_commit", "commit (all rows)")
         rec.steps.clear()
+        generated = sched.stats["generated_tokens"]
         wall = rec.run([mk(i, "") for i in range(batch)])
         summ = rec.summary()
-        decoded = sched.stats["generated_tokens"]
-        res[label] = {"seconds": wall, **summ}
-        print_groups(f"(f) {label}: {wall:.2f} s", summ)
+        decode = [s for s in rec.steps if s["mode"] != "extend"]
+        dev = sum(s["events"][0].elapsed_time(s["events"][1]) for s in decode)
+        host = sum(s.get("wall", 0.0) for s in decode) * 1e3
+        res[label] = {"seconds": wall, "tokens": sched.stats["generated_tokens"] - generated, "decode_steps": len(decode),
+                      "decode_device_ms_per_step": dev / max(1, len(decode)), "decode_wall_ms_per_step": host / max(1, len(decode)),
+                      "mask_threads": gr.workers.threads if extra else None, **summ}
+        print_groups(f"(f) batch {batch} {label}: {wall:.2f} s, {res[label]['tokens']} tokens, {len(decode)} decode steps, "
+                     f"per decode step {res[label]['decode_wall_ms_per_step']:.2f} ms wall vs {res[label]['decode_device_ms_per_step']:.2f} ms device", summ)
     res["wall_ratio_unconstrained_over_constrained"] = res["unconstrained"]["seconds"] / res["json_schema"]["seconds"]
+    if sched.results.grammars is not None:
+        sched.results.grammars.close()
     return res
 
 
@@ -253,6 +271,7 @@ def main() -> None:
     ap.add_argument("--mixed-chunk", default="off", help="comma list of off/on (--enable-mixed-chunk)")
     ap.add_argument("--kernel-sizes", default="64,256,512")
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok")
+    ap.add_argument("--f-batch", default="64", help="comma list of batch sizes for item f")
     ap.add_argument("--commit-first", action="store_true", help="(b) with the old overlap policy, for comparison")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-prof-"))
@@ -271,7 +290,8 @@ def main() -> None:
                         gc.collect()  # free this scheduler's KV pool before the next one sizes its own
                         torch.cuda.empty_cache()
             elif item == "f":
-                report["f"] = item_f(model_dir_for({**LLAMA_8B, "vocab_size": 49152}, root, "smolvocab"), Path(args.tokenizer_dir), 64)
+                report["f"] = [item_f(model_dir_for({**LLAMA_8B, "vocab_size": 49152}, root, "smolvocab"), Path(args.tokenizer_dir), int(b))
+                               for b in args.f_batch.split(",")]
             elif item == "extend":
                 report["extend"] = item_extend(d, LLAMA_8B["vocab_size"])
             elif item == "kernels":

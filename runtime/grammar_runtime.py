@@ -1,7 +1,18 @@
-"""The scheduler's side of constrained decoding: compile off the loop, mask, advance, jump forward."""
+"""The scheduler's side of constrained decoding: compile off the loop, mask, advance, jump forward.
+
+Per decode step the host commits every constrained row's sampled token and fills every row's next
+mask. Both run for the whole batch at once on worker threads with the GIL released
+(constrained/mask_workers.py), and the masks are started right after the commit, in the
+background: the step that samples next almost always samples exactly these requests, and the
+scheduler's thread meanwhile does its own per-request work (finish checks, outputs, sampling
+parameters). A request whose state changed since (jump-forward) or that was not committed (just
+prefilled) gets its row computed when the masks are taken.
+"""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,6 +22,15 @@ from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MaskPrefetch:
+    """Masks being computed in the background for the requests of the last commit."""
+
+    rows: dict[int, tuple[Req, Any, int]]  # id(req) -> (req, its matcher then, row of `buffer`)
+    buffer: torch.Tensor
+    done: Future[None]
 
 
 class GrammarRuntime:
@@ -26,6 +46,14 @@ class GrammarRuntime:
         self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
                                       timeout_s=args.grammar_compile_timeout)
         self.pending: dict[int, Req] = {}
+        from radixlm.constrained.mask_workers import MaskWorkers, default_mask_threads
+
+        threads = args.grammar_mask_threads if args.grammar_mask_threads is not None else default_mask_threads()
+        self.workers = MaskWorkers(threads)
+        self.width = (vocab_size + 31) // 32
+        self.pin = torch.cuda.is_available()  # masks go to the device from pinned memory, asynchronously
+        self._prefetch: MaskPrefetch | None = None
+        self._terminated: dict[int, tuple[Req, bool]] = {}  # after the last commit, per request
 
     def submit(self, req: Req) -> None:
         constraint = req.params.constraint
@@ -56,28 +84,80 @@ class GrammarRuntime:
         self.pending.pop(id(req), None)
 
     def bitmask(self, reqs: list[Req], device: torch.device) -> torch.Tensor:
-        """[B, W] int32 on `device`: each constrained row filled by its matcher, others all-allowed.
-        Filled on the host while the step's forward pass runs on the device."""
-        from radixlm.constrained import allocate_token_bitmask, fill_next_token_bitmasks
+        """[B, W] int32 on `device`: each constrained row its matcher's mask, others all-allowed.
+        Rows prefetched after the last commit are taken as they are; the rest are filled now."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            prefetch.done.result()
+        src: list[int] = []
+        dst: list[int] = []
+        allowed: list[int] = []
+        missing: list[tuple[Any, int]] = []
+        hits = prefetch.rows if prefetch is not None else {}
+        for i, req in enumerate(reqs):
+            if req.grammar is None or req.finished:  # finished meanwhile (overlap): its token is dropped
+                allowed.append(i)
+                continue
+            hit = hits.get(id(req))
+            if hit is not None and hit[0] is req and hit[1] is req.grammar:
+                src.append(hit[2])
+                dst.append(i)
+            else:
+                missing.append((req.grammar, i))
+        if prefetch is not None and len(dst) == len(reqs) == prefetch.buffer.shape[0] and src == dst:
+            mask = prefetch.buffer  # the usual decode step: the same requests, in the same order
+        else:
+            mask = torch.empty((len(reqs), self.width), dtype=torch.int32, pin_memory=self.pin)
+            if dst:
+                mask[dst] = prefetch.buffer[src]  # type: ignore[union-attr]
+            if allowed:
+                mask[allowed] = -1
+            if missing:
+                self.workers.fill(missing, mask)
+        return mask.to(device, non_blocking=True) if device.type == "cuda" else mask
 
-        mask = allocate_token_bitmask(len(reqs), self.vocab_size)
-        # A request finished meanwhile (overlap) keeps an all-allowed row: its token is dropped.
-        fill_next_token_bitmasks([(r.grammar, i) for i, r in enumerate(reqs) if r.grammar is not None and not r.finished], mask)
-        return to_device(mask, device)
+    def advance_many(self, reqs: list[Req], tokens: list[int]) -> None:
+        """Commit one sampled token per request (all matchers at once), then start their next
+        masks in the background. Until those are taken (`bitmask`) or awaited, nothing else may
+        touch these matchers: `is_terminated` answers from what was recorded here."""
+        self._settle()
+        ok = self.workers.advance([r.grammar for r in reqs], tokens)
+        self._terminated.clear()
+        live: list[Req] = []
+        for req, token, good in zip(reqs, tokens, ok):
+            if not good:
+                # The mask forbids this, so it means a bug (or an EOS the grammar refuses): stop cleanly.
+                logger.error("grammar rejected sampled token %d for request %s", token, req.rid)
+                req.grammar_failed = True
+            done = not good or req.grammar.is_terminated()
+            self._terminated[id(req)] = (req, done)
+            if not done:
+                live.append(req)
+        if live and self.workers.threads > 0:
+            buffer = torch.empty((len(live), self.width), dtype=torch.int32, pin_memory=self.pin)
+            items = [(r.grammar, i) for i, r in enumerate(live)]
+            self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
+                                          self.workers.start_fill(items, buffer))
 
-    def advance(self, req: Req, token: int) -> None:
-        if not req.grammar.advance(token):
-            # The mask forbids this, so it means a bug (or an EOS the grammar refuses): stop cleanly.
-            logger.error("grammar rejected sampled token %d for request %s", token, req.rid)
-            req.grammar_failed = True
+    def _settle(self) -> None:
+        """Wait for background mask work: after this the matchers are the caller's again."""
+        if self._prefetch is not None:
+            self._prefetch.done.result()
 
     def is_terminated(self, req: Req) -> bool:
-        return bool(getattr(req, "grammar_failed", False)) or req.grammar.is_terminated()
+        if getattr(req, "grammar_failed", False):
+            return True
+        recorded = self._terminated.get(id(req))
+        if recorded is not None and recorded[0] is req:
+            return recorded[1]
+        self._settle()
+        return req.grammar.is_terminated()
 
     def jump_forward(self, req: Req, allow_retokenize: bool, min_tokens: int = 1) -> int:
         """Append the text the grammar forces (e.g. `", "name": "` in a JSON object) without a model
         step per token. The boundary is re-tokenized with the last output token when that token was
         not sent to the client yet, so the model sees natural tokens. Returns tokens added (net)."""
+        self._settle()
         forced = req.grammar.forced_prefix()
         if not forced or len(forced.encode()) < min_tokens:  # a token holds at least one byte
             return 0
@@ -107,9 +187,16 @@ class GrammarRuntime:
         if k:
             del req.output_ids[-k:]
         req.output_ids.extend(new_ids)
+        self._terminated.pop(id(req), None)  # its recorded state and prefetched mask are stale now
+        if self._prefetch is not None:
+            self._prefetch.rows.pop(id(req), None)
         added = len(new_ids) - k
         req.forced_tokens += added
         return added
 
     def close(self) -> None:
-        self.service.close()
+        try:
+            self._settle()
+        finally:
+            self.workers.close()
+            self.service.close()

@@ -171,6 +171,9 @@ class ResultProcessor:
         `decoding[i]`: the request was already running (else it just finished a prefill)."""
         sched = self.sched
         sched.record_generated(len(ids))
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if constrained:  # all matchers at once, then their next masks start in the background
+            self._grammar_runtime().advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained])
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             req.output_ids.append(tok)
             if i in lp_map:
@@ -178,8 +181,6 @@ class ResultProcessor:
                 req.pending_output_logprobs.append((lp, tok))
                 if req.top_logprobs_num > 0:
                     req.pending_output_top.append(top or [])
-            if req.grammar is not None:
-                self._grammar_runtime().advance(req, tok)
             reason = self._check_finish(req, tok)
             jumped = reason is None and allow_jump and self._jump_forward(req)
             if was_running and (reason is not None or jumped):

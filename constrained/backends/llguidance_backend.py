@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -17,6 +18,9 @@ import torch
 from ..base import Grammar, Matcher
 from ..errors import GrammarCompileError
 from ..vocab import TokenizerInfo
+
+if TYPE_CHECKING:
+    from ..mask_workers import MaskWorkers
 
 NAME = "llguidance"
 
@@ -99,6 +103,85 @@ class LLGuidanceMatcher(Matcher):
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
         if row.shape[0] > words:
             row[words:] = 0
+
+    @classmethod
+    def prepare_fill(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor,
+                     workers: MaskWorkers) -> Callable[[], None]:
+        """Every row in Rust with the GIL released: one LLExecutor call ("native"), or slices of
+        per-matcher calls on our threads ("threads"); inline and serial with 0 threads."""
+        if bitmask.dim() != 2 or bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous():
+            raise ValueError("bitmask must be a contiguous 2-D int32 CPU tensor")
+        rows = bitmask.shape[0]
+        live: list[tuple[Any, int]] = []
+        ended: list[int] = []
+        words = 0
+        for m, index in items:
+            if not 0 <= index < rows:
+                raise IndexError(f"bitmask row {index} out of range for {rows} rows")
+            if m._ended:  # type: ignore[attr-defined]
+                ended.append(index)
+            else:
+                live.append((m._m, index))  # type: ignore[attr-defined]
+                words = m.grammar._words  # type: ignore[attr-defined]
+        if ended:
+            bitmask[ended] = 0
+        if not live:
+            return lambda: None
+        if any(m.grammar._words != words for m, _ in items):  # type: ignore[attr-defined]
+            raise ValueError("matchers of different tokenizers in one bitmask")
+        if bitmask.shape[1] < words:
+            raise ValueError(f"bitmask rows must hold >= {words} words")
+        # llguidance writes exactly `words` per row: a wider row (model vocab padding) is filled
+        # through a scratch of the exact width, then its padding columns cleared.
+        target = bitmask if bitmask.shape[1] == words else torch.empty((rows, words), dtype=torch.int32)
+        nbytes = words * 4
+        if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
+            executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
+            address = target.data_ptr()
+            compute = lambda: executor.unsafe_compute_mask_ptr(live, address, nbytes, rows)  # noqa: E731
+        else:
+            base = target.data_ptr()
+            calls = [(m.unsafe_compute_mask_ptr, base + index * nbytes) for m, index in live]
+
+            def fill(chunk: Sequence[tuple[Callable[[int, int], None], int]]) -> None:
+                for compute_row, address in chunk:
+                    compute_row(address, nbytes)
+
+            compute = lambda: workers.run_chunks(fill, calls)  # noqa: E731
+        if target is bitmask:
+            return compute
+        index_t = torch.tensor([i for _, i in live])
+
+        def fill_padded() -> None:
+            compute()
+            bitmask[index_t, :words] = target[index_t]
+            bitmask[index_t, words:] = 0
+
+        return fill_padded
+
+    @classmethod
+    def advance_rows(cls, matchers: Sequence[Matcher], tokens: Sequence[int], workers: MaskWorkers) -> list[bool]:
+        """End tokens on this thread (they stay out of llguidance's history), the rest in one
+        parallel llguidance call when the workers are parallel."""
+        ok = [False] * len(matchers)
+        batch: list[int] = []
+        for j, (m, tok) in enumerate(zip(matchers, tokens)):
+            if tok in m.grammar.info.end_token_ids or m._ended:
+                ok[j] = m.advance(tok)
+            else:
+                batch.append(j)
+        if not batch:
+            return ok
+        if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
+            executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
+            results = executor.consume_token_par([(matchers[j]._m, tokens[j]) for j in batch])
+        else:
+            results = [matchers[j]._m.try_consume_tokens([tokens[j]]) == 1 for j in batch]
+        for j, good in zip(batch, results):
+            if good:
+                matchers[j]._n += 1
+                ok[j] = True
+        return ok
 
     def advance(self, token_id: int) -> bool:
         if self._ended:

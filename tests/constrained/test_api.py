@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from radixlm import constrained as C
+from radixlm.constrained.mask_workers import MaskWorkers
 
 from .conftest import encode, run_tokens
 
@@ -157,11 +158,16 @@ def test_bitmask_fill_wider_model_vocab(tokenizer: Any) -> None:
     assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()  # untouched rows
 
 
+WORKERS = [None, (0, "native"), (1, "native"), (3, "native"), (3, "threads")]  # None: one by one
+
+
 @pytest.mark.parametrize("backend", JSON_BACKENDS)
 @pytest.mark.parametrize("extra_vocab", [0, 100])
-def test_batched_fill_equals_row_by_row(tokenizer: Any, backend: str, extra_vocab: int) -> None:
-    """The batched fill (parallel in llguidance) writes exactly what per-row fills write, leaves
-    other rows alone, and clears rows of matchers that consumed an end token."""
+@pytest.mark.parametrize("workers", WORKERS)
+def test_batched_fill_equals_row_by_row(tokenizer: Any, backend: str, extra_vocab: int,
+                                        workers: tuple[int, str] | None) -> None:
+    """The batched fill (serial, or parallel over threads / llguidance's executor) writes exactly
+    what per-row fills write, leaves other rows alone, and clears rows of ended matchers."""
     grammar = C.compile(tokenizer, json_schema=SCHEMA, backend=backend)
     texts = ['{"name": "a', '{', '{"name": "ab", "kind": "', '{"name": "x", "kind": "cat"}', '{"name": "x", "kind": "dog"}']
     matchers = []
@@ -178,9 +184,53 @@ def test_batched_fill_equals_row_by_row(tokenizer: Any, backend: str, extra_voca
     for m, row in zip(matchers, rows):
         m.fill_next_token_bitmask(expected, row)
     got = C.allocate_token_bitmask(7, width)
-    C.fill_next_token_bitmasks(list(zip(matchers, rows)), got)
-    assert torch.equal(got, expected)
-    assert (got[6] == 0).all() and (got[1] == -1).all() and (got[4] == -1).all()
+    pool = MaskWorkers(*workers) if workers is not None else None
+    try:
+        C.fill_next_token_bitmasks(list(zip(matchers, rows)), got, pool)
+        assert torch.equal(got, expected)
+        assert (got[6] == 0).all() and (got[1] == -1).all() and (got[4] == -1).all()
+        if pool is not None:  # in the background: the same rows once the future is done
+            again = C.allocate_token_bitmask(7, width)
+            pool.start_fill(list(zip(matchers, rows)), again).result()
+            assert torch.equal(again, expected)
+            with pytest.raises(IndexError):
+                pool.fill([(matchers[0], 7)], got)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+@pytest.mark.parametrize("backend", JSON_BACKENDS)
+@pytest.mark.parametrize("workers", WORKERS[1:])
+def test_batched_advance_equals_one_by_one(tokenizer: Any, backend: str, workers: tuple[int, str]) -> None:
+    """Committing a batch of tokens at once (llguidance: in parallel) leaves every matcher where
+    one-by-one advances leave it: same verdicts, token counts, end state and next masks."""
+    grammar = C.compile(tokenizer, json_schema=SCHEMA, backend=backend)
+    doc = encode(tokenizer, '{"name": "ab", "kind": "cat"}')
+    eos = next(iter(grammar.info.end_token_ids))
+    walks = [doc + [eos], doc[:3] + [eos], doc[1:] + [eos]]  # valid, an end token too early, invalid start
+    one = [grammar.matcher() for _ in walks]
+    many = [grammar.matcher() for _ in walks]
+    pool = MaskWorkers(*workers)
+    try:
+        refused: set[int] = set()  # a refused token may leave the batched matcher unusable
+        for step in range(len(walks[0])):
+            live = [i for i, w in enumerate(walks) if step < len(w) and i not in refused]
+            tokens = [walks[i][step] for i in live]
+            expected = [one[i].advance(t) for i, t in zip(live, tokens)]
+            got = pool.advance([many[i] for i in live], tokens)
+            assert got == expected, step
+            for i, ok in zip(live, got):
+                if not ok:
+                    refused.add(i)
+                else:
+                    assert many[i].num_tokens == one[i].num_tokens
+                    assert many[i].is_accepting() == one[i].is_accepting()
+                    assert many[i].allowed_token_ids() == one[i].allowed_token_ids()
+        assert many[0].is_terminated() and many[0].num_tokens == len(walks[0])
+        assert refused == {1, 2}
+    finally:
+        pool.close()
 
 
 def test_apply_token_bitmask_matches_reference() -> None:

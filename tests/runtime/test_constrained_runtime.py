@@ -89,13 +89,14 @@ def test_bad_schema_fails_request_with_400_and_nothing_else(sched, prompt_ids) -
 def test_overlapped_constrained_decode_matches_synchronous(default_model_dir, prompt_ids) -> None:
     """With overlap, constrained rows are sampled one step later on the host's schedule: step k's
     tokens are committed (matchers advanced) while step k+1's forward runs, then masks are filled.
-    Seeded outputs must equal the synchronous path's, and stay valid."""
+    Seeded outputs must equal the synchronous path's, and stay valid; the synchronous run fills
+    masks row by row on the scheduler's thread, the overlapped one on 3 threads in the background."""
     reqs = lambda: [_req(f"o{i}", prompt_ids, temperature=1.0, max_new_tokens=40, seed=i,  # noqa: E731
                          json_schema=json.dumps(PERSON)) for i in range(4)]
-    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True)
+    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True, grammar_mask_threads=0)
     expected = run_to_completion(plain, reqs())
     overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
-                                enable_overlap_schedule_on_cpu=True)
+                                enable_overlap_schedule_on_cpu=True, grammar_mask_threads=3)
     deferred = 0
     launch = overlapped.results.launch
 

@@ -1,0 +1,95 @@
+"""GrammarRuntime's batched path: the commit advances every matcher at once, the next masks are
+computed in the background, and the masks sampling takes equal row-by-row fills in every case
+(same requests, a reordered batch, unconstrained / finished / never-committed rows, a request
+whose state jump-forward changed after its mask was started)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from radixlm import constrained as C
+from radixlm.runtime.grammar_runtime import GrammarRuntime
+from radixlm.runtime.server_args import ServerArgs
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "kind": {"enum": ["cat", "dog"]}},
+          "required": ["name", "kind"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
+
+
+def _req(rid: str, grammar, prefix: list[int]) -> SimpleNamespace:
+    m = grammar.matcher() if grammar is not None else None
+    for t in prefix:
+        assert m.advance(t)
+    return SimpleNamespace(rid=rid, grammar=m, finished=False, output_ids=list(prefix), sent_output_len=len(prefix),
+                           forced_tokens=0, params=SimpleNamespace(max_new_tokens=64))
+
+
+def _expected(reqs: list[SimpleNamespace], width: int) -> torch.Tensor:
+    rows = torch.full((len(reqs), width), -1, dtype=torch.int32)
+    for i, r in enumerate(reqs):
+        if r.grammar is not None and not r.finished:
+            r.grammar.fill_next_token_bitmask(rows, i)
+    return rows
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_masks_taken_after_a_batched_commit_equal_row_by_row(tokenizer, default_model_dir, threads: int) -> None:
+    runtime = GrammarRuntime(ServerArgs(grammar_mask_threads=threads), tokenizer, str(default_model_dir),
+                             len(tokenizer))
+    try:
+        grammar = C.compile(tokenizer, json_schema=json.dumps(SCHEMA))
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        doc = enc('{"name": "ab", "kind": "cat"}')
+        reqs = [_req(f"r{i}", grammar, doc[:i]) for i in range(1, 6)]
+        tokens = [doc[i] for i in range(1, 6)]
+        runtime.advance_many(reqs, tokens)
+        for r, t in zip(reqs, tokens):
+            r.output_ids.append(t)
+        assert not any(runtime.is_terminated(r) for r in reqs)
+        # The same batch in the same order: the prefetched rows as they are.
+        got = runtime.bitmask(reqs, torch.device("cpu"))
+        runtime._settle()
+        assert torch.equal(got, _expected(reqs, runtime.width))
+        # Committed again, then a different batch: reordered, one finished, one unconstrained, one
+        # never committed (just prefilled), one whose state jump-forward changed meanwhile.
+        tokens = [doc[i] for i in range(2, 7)]
+        runtime.advance_many(reqs, tokens)
+        for r, t in zip(reqs, tokens):
+            r.output_ids.append(t)
+        reqs[1].finished = True
+        jumped = reqs[4]  # after '{"name": "ab"': ', "kind": "' is forced
+        assert runtime.jump_forward(jumped, allow_retokenize=False) > 0
+        fresh = _req("fresh", grammar, doc[:3])
+        plain = _req("plain", None, [])
+        batch = [reqs[3], plain, reqs[1], fresh, reqs[0], jumped, reqs[2]]
+        got = runtime.bitmask(batch, torch.device("cpu"))
+        runtime._settle()
+        assert torch.equal(got, _expected(batch, runtime.width))
+        assert (got[1] == -1).all() and (got[2] == -1).all()
+        # An end token ends a request; a refused token marks it failed; both count as terminated.
+        ended = _req("ended", grammar, doc)
+        bad = _req("bad", grammar, doc[:2])
+        runtime.advance_many([ended, bad], [next(iter(grammar.info.end_token_ids)), enc("}")[0]])
+        assert runtime.is_terminated(ended) and runtime.is_terminated(bad) and bad.grammar_failed
+    finally:
+        runtime.close()
+
+
+def test_mask_threads_option() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    assert ServerArgs.from_cli_args(parser.parse_args(["--grammar-mask-threads", "4"])).grammar_mask_threads == 4
+    assert ServerArgs.from_cli_args(parser.parse_args([])).grammar_mask_threads is None  # cores - 1, at most 16
+    with pytest.raises(ValueError, match="grammar_mask_threads"):
+        ServerArgs(grammar_mask_threads=-1)
