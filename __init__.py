@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Engine": ("radixlm.runtime.engine", "Engine"),
     "ServerArgs": ("radixlm.runtime.server_args", "ServerArgs"),
+    # The Hugging Face tokenizer of a model folder (e.g. a server's /get_model_info tokenizer_path).
+    "get_tokenizer": ("radixlm.runtime.scheduler_process", "load_tokenizer"),
 }
 
 

@@ -83,10 +83,16 @@ class CheckedSchema:
     dropped: list[str] = field(default_factory=list)  # "path: keyword" dropped under lenient
 
 
+# SGLang's json_schema value for "any JSON document" (no schema to follow); the `true` schema here.
+ANY_JSON = "$$ANY$$"
+
+
 def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
     """JSON text or dict -> dict, with the JSON error position on bad text."""
     if isinstance(spec, (dict, bool)):
         return spec
+    if spec == ANY_JSON:
+        return True
     try:
         parsed = json.loads(spec)
     except json.JSONDecodeError as exc:

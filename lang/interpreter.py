@@ -9,6 +9,7 @@ import traceback
 import uuid
 from typing import Any
 
+from radixlm.lang.api_speculation import ChatSpeculation, CompletionSpeculation
 from radixlm.lang.backend.base import BaseBackend
 from radixlm.lang.chat_template import ChatTemplate
 from radixlm.lang.ir import (
@@ -44,6 +45,10 @@ class StreamExecutor:
         self.num_api_spec_tokens = num_api_spec_tokens
         self.chat_template = chat_template or backend.get_chat_template()
         self.use_thread = use_thread
+        self.speculation: ChatSpeculation | CompletionSpeculation | None = None
+        if num_api_spec_tokens and not stream:  # streaming sends every gen as it comes (as SGLang)
+            chat = getattr(backend, "is_chat_model", False)
+            self.speculation = (ChatSpeculation if chat else CompletionSpeculation)(num_api_spec_tokens)
 
         self.text_ = ""
         self.messages_: list[dict[str, Any]] = []
@@ -163,7 +168,7 @@ class StreamExecutor:
     # ------------------------------------------------------------------------------ execution
     def _execute(self, node: SglExpr) -> None:
         if isinstance(node, SglConstantText):
-            self._fill(node.value)
+            self._fill_content(node.value)
         elif isinstance(node, SglGen):
             self._execute_gen(node)
         elif isinstance(node, SglSelect):
@@ -182,25 +187,53 @@ class StreamExecutor:
         elif isinstance(node, (SglImage, SglVideo)):
             self._execute_image(node)
         elif isinstance(node, SglVariable):
-            self._fill(str(self.get_var(node.name)))
+            self._fill_content(str(self.get_var(node.name)))
         else:
             raise TypeError(f"cannot execute {node!r} in a program")
 
+    def _defers_to_chat_speculation(self) -> bool:
+        return isinstance(self.speculation, ChatSpeculation) and self.cur_role == "assistant"
+
+    def _fill_content(self, text: str) -> None:
+        """Text the program appends (not a role's prefix or suffix)."""
+        if self._defers_to_chat_speculation():
+            assert isinstance(self.speculation, ChatSpeculation)
+            self.speculation.defer_text(text)
+            return
+        self._fill(text)
+
     def _fill(self, text: str) -> None:
+        if isinstance(self.speculation, CompletionSpeculation):
+            self.speculation.on_fill(text)
+        self._append(text)
+
+    def _append(self, text: str) -> None:
         with self.cond:
             self.text_ += text
             self.cond.notify_all()
 
     def resolve_sampling_params(self, node: SglGen) -> SglSamplingParams:
-        """Run-level defaults, then every value the gen sets; the template's stop strings are added."""
+        """Run-level defaults, then every value the gen sets. Inside a role block the template's
+        stop strings are added (they end the turn). Outside roles the text is no chat turn and the
+        gen's own stops are sent as given: SGLang adds the template's stops to every gen, but picks
+        its `default` template (no stop strings) for models it does not know, this one included, so
+        its frontend sends exactly these bodies (docs/sglang_compat.md)."""
         params = node.resolve(self.default_sampling_para)
-        params.add_stop(self.chat_template.stop_str)
+        if self.cur_role is not None:
+            params.add_stop(self.chat_template.stop_str)
         return params
 
     def _execute_gen(self, node: SglGen) -> None:
         params = self.resolve_sampling_params(node)
         name = node.name
-        if not self.stream:
+        if self._defers_to_chat_speculation():
+            assert isinstance(self.speculation, ChatSpeculation)
+            self.speculation.defer_gen(name, params)  # generated when the assistant block ends
+            return
+        if isinstance(self.speculation, CompletionSpeculation):
+            value, meta = self.speculation.generate(self, params)
+            self._append(value[0] if isinstance(value, list) else value)  # not _fill: it came from the speculation
+        elif not self.stream:
             value, meta = self.backend.generate(self, params)
             self._fill(value[0] if isinstance(value, list) else value)
         else:
@@ -247,6 +280,8 @@ class StreamExecutor:
         if self.cur_role != node.role:
             raise AssertionError(f"role end {node.role!r} does not match the open role {self.cur_role!r}")
         assert self.cur_role_begin_pos is not None
+        if self._defers_to_chat_speculation():
+            self._flush_chat_speculation()
         content: Any = self.text_[self.cur_role_begin_pos:].lstrip()
         _, suffix = self.chat_template.get_prefix_and_suffix(node.role, self.messages_)
         self._fill(suffix)
@@ -258,6 +293,17 @@ class StreamExecutor:
         self.messages_.append({"role": node.role, "content": content})
         self.cur_role = None
         self.cur_role_begin_pos = None
+
+    def _flush_chat_speculation(self) -> None:
+        assert isinstance(self.speculation, ChatSpeculation)
+        terms = self.speculation.flush(self)  # on failure the program fails (and releases every variable)
+        for term in terms:
+            self._fill(term.text)
+            if term.name is not None:
+                self.variables[term.name] = term.text
+                self.meta_info[term.name] = {"speculative": True}
+                self.variable_event[term.name].set()
+        self._notify()
 
     def _execute_image(self, node: SglImage | SglVideo) -> None:
         if not self.backend.supports_images:

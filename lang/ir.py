@@ -13,6 +13,9 @@ REGEX_INT = r"[-+]?[0-9]+[ \n]*"
 REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?[ \n]*"
 REGEX_STR = r"\"[\w\d\s]*\""
 REGEX_BOOL = r"(True|False)"
+# json_schema value for "any JSON document" in SGLang's wire protocol (the server's constrained.schema
+# has its own copy: the DSL must not import the server's packages, which load torch).
+ANY_JSON = "$$ANY$$"
 
 _DTYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool"}
 
@@ -90,6 +93,7 @@ class SglSamplingParams:
             "n": self.n,
             "stop": self.stop if isinstance(self.stop, str) else list(self.stop),
             "stop_token_ids": list(self.stop_token_ids),
+            "stop_regex": self.stop_regex if isinstance(self.stop_regex, str) else list(self.stop_regex),
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
@@ -100,8 +104,6 @@ class SglSamplingParams:
             "regex": self.regex,
             "json_schema": self.json_schema,
         }
-        if self.stop_regex:
-            out["stop_regex"] = self.stop_regex if isinstance(self.stop_regex, str) else list(self.stop_regex)
         if self.ebnf is not None:
             out["ebnf"] = self.ebnf
         return out

@@ -180,6 +180,11 @@ class ProgramStateGroup:
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
 
+    def __setitem__(self, i: int, value: ProgramState) -> None:
+        """`forks[i] += expr` appends in place, then Python stores the result back: accept exactly that."""
+        if value is not self.states[i]:
+            raise TypeError("fork states cannot be replaced; append to them with `forks[i] += ...`")
+
     def __len__(self) -> int:
         return len(self.states)
 

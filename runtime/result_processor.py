@@ -12,6 +12,7 @@ from radixlm.runtime.prefix_cache import share_prompt_kv
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, token_logprobs
 from radixlm.runtime.schedule_batch import InflightBatch, ScheduledBatch
+from radixlm.runtime.stop_regex import compile_stop_regexes
 
 if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
@@ -260,6 +261,12 @@ class ResultProcessor:
             for s in p.stop:
                 if s in tail:
                     return {"type": "stop", "matched": s}
+        if p.stop_regex and self.tokenizer is not None:
+            regexes = compile_stop_regexes(p.stop_regex)
+            ids = req.output_ids if regexes.window_tokens is None else req.output_ids[-regexes.window_tokens:]
+            matched = regexes.search(self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens))
+            if matched is not None:
+                return {"type": "stop", "matched": matched, "regex": True}
         if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.sched.runner.context_len:
             return {"type": "length", "length": len(req.output_ids)}
         return None

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+from radixlm.runtime.stop_regex import validate as validate_stop_regex
+
+logger = logging.getLogger(__name__)
 
 _GREEDY_EPS = 1e-6
 
@@ -23,6 +28,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    stop_regex: tuple[str, ...] = ()  # runtime/stop_regex.py
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -77,9 +83,6 @@ class SamplingParams:
         if raw.get("structural_tag") is not None:
             raise InvalidRequestError(f"{prefix}.structural_tag", "structural tags are not supported; use json_schema, regex or ebnf")
         raw.pop("structural_tag", None)
-        if raw.get("stop_regex"):
-            raise InvalidRequestError(f"{prefix}.stop_regex", "stop_regex is not supported; use stop strings")
-        raw.pop("stop_regex", None)
         known = {f.name for f in dataclasses.fields(cls)}
         for key in raw:
             if key not in known:
@@ -92,6 +95,11 @@ class SamplingParams:
             values[key] = value
         p = _coerce(values, defaults, prefix)
         p._validate(prefix, vocab_size)
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in p.stop_token_ids):
+            # SGLang accepts them (its kits send a Llama-3 id to every model): they can never match.
+            outside = [t for t in p.stop_token_ids if not 0 <= t < vocab_size]
+            logger.debug("%s.stop_token_ids: ignoring %s, outside the vocabulary [0, %d)", prefix, outside, vocab_size)
+            p = p.replace(stop_token_ids=tuple(t for t in p.stop_token_ids if 0 <= t < vocab_size))
         return p
 
     def _validate(self, prefix: str, vocab_size: int | None) -> None:
@@ -120,15 +128,16 @@ class SamplingParams:
         if sum(x is not None for x in (self.regex, self.json_schema, self.ebnf)) > 1:
             bad("regex", "regex, json_schema and ebnf are mutually exclusive")
         if vocab_size is not None:
-            for tid in self.stop_token_ids:
-                if not 0 <= tid < vocab_size:
-                    bad("stop_token_ids", f"token id {tid} is outside the vocabulary [0, {vocab_size})")
             for tid, _ in self.logit_bias:
                 if not 0 <= tid < vocab_size:
                     bad("logit_bias", f"token id {tid} is outside the vocabulary [0, {vocab_size})")
         for s in self.stop:
             if not s:
                 bad("stop", "stop strings must be non-empty")
+        for pattern in self.stop_regex:
+            why = validate_stop_regex(pattern)
+            if why is not None:
+                bad("stop_regex", why)
 
 
 def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> SamplingParams:
@@ -137,7 +146,7 @@ def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> Sa
         name = f"{prefix}.{key}"
         default = getattr(defaults, key)
         try:
-            if key == "stop":
+            if key in ("stop", "stop_regex"):
                 out[key] = (value,) if isinstance(value, str) else tuple(_require_str(v, name) for v in value)
             elif key == "stop_token_ids":
                 out[key] = tuple(_require_int(v, name) for v in value)

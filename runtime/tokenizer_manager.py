@@ -27,6 +27,7 @@ from radixlm.runtime.request_log import RequestLog
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.scheduler_process import load_tokenizer
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.stop_regex import regex_holdback, trim_at_first_match
 
 logger = logging.getLogger(__name__)
 
@@ -313,15 +314,18 @@ class TokenizerManager:
         ids = s.output_ids
         if reason is not None and not params.no_stop_trim and reason.get("type") == "stop":
             matched = reason.get("matched")
-            if isinstance(matched, str):
+            if reason.get("regex"):
+                text = trim_at_first_match(text, params.stop_regex)
+            elif isinstance(matched, str):
                 text = trim_at_stop(text, matched)
             elif isinstance(matched, int) and ids and ids[-1] == matched and matched in params.stop_token_ids:
                 text = s.detok._decode(ids[:-1])
-        elif reason is None and params.stop:
-            text = text[: len(text) - stop_holdback(text, params.stop)]
+        elif reason is None and (params.stop or params.stop_regex):
+            held = max(stop_holdback(text, params.stop), regex_holdback(text, params.stop_regex) if params.stop_regex else 0)
+            text = text[: len(text) - held]
         meta: dict[str, Any] = {
             "id": s.rid,
-            "finish_reason": {k: v for k, v in reason.items() if k != "status_code"} if reason else None,
+            "finish_reason": {k: v for k, v in reason.items() if k not in ("status_code", "regex")} if reason else None,
             "prompt_tokens": len(s.prompt_ids),
             "completion_tokens": len(ids),
             "cached_tokens": out.cached_tokens if out else 0,

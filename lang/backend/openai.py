@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from radixlm.lang.backend.base import BaseBackend
 from radixlm.lang.backend.native import apply_dtype
 from radixlm.lang.chat_template import get_chat_template, get_chat_template_by_model_path
-from radixlm.lang.ir import ChoicesDecision, SglSamplingParams
+from radixlm.lang.ir import ANY_JSON, ChoicesDecision, SglSamplingParams
 
 if TYPE_CHECKING:
     from radixlm.lang.interpreter import StreamExecutor
@@ -90,7 +90,13 @@ class OpenAI(BaseBackend):
         if params.stop_list():
             kw["stop"] = params.stop_list()
         extra: dict[str, Any] = {}
-        if params.json_schema is not None:
+        if params.json_schema == ANY_JSON:
+            # SGLang's "any JSON": its own servers take it as is; elsewhere the closest standard is json_object.
+            if self.supports_structured_extras():
+                extra["json_schema"] = ANY_JSON
+            else:
+                kw["response_format"] = {"type": "json_object"}
+        elif params.json_schema is not None:
             kw["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "output", "schema": json.loads(params.json_schema)}}
         if params.regex is not None:
@@ -140,8 +146,6 @@ class OpenAI(BaseBackend):
         return (choice.message.content or "") if self.is_chat_model else choice.text
 
     def generate(self, s: "StreamExecutor", sampling_params: SglSamplingParams) -> tuple[Any, Any]:
-        if s.num_api_spec_tokens:
-            raise NotImplementedError("API speculative execution (num_api_spec_tokens) is not implemented")
         kw = self._request_kwargs(sampling_params)
         resp = self._call(self._endpoint(), **self._prompt(s), **kw)
         self._count(resp.usage)

@@ -11,8 +11,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from radixlm.constrained.schema import ANY_JSON
 from radixlm.runtime.generate_request import GenerateRequest, parse_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.stop_regex import validate as validate_stop_regex
 from radixlm.runtime.server.chat import normalize_messages, template_kwargs
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.generation import ServerContext
@@ -25,7 +27,7 @@ _COMMON = {"model", "stream", "stream_options", "n", "stop", "temperature", "top
            "presence_penalty", "frequency_penalty", "response_format", "logprobs",
            # SGLang's extras
            "top_k", "min_p", "min_tokens", "regex", "ebnf", "json_schema", "repetition_penalty",
-           "stop_token_ids", "no_stop_trim", "ignore_eos", "skip_special_tokens",
+           "stop_token_ids", "stop_regex", "no_stop_trim", "ignore_eos", "skip_special_tokens",
            "spaces_between_special_tokens", "rid", "lora_path", "session_params"}
 _COMPLETION = _COMMON | _IGNORED | {"prompt", "max_tokens", "echo", "suffix", "best_of"}
 _CHAT = _COMMON | _IGNORED | {"messages", "max_tokens", "max_completion_tokens", "top_logprobs", "tools",
@@ -34,7 +36,7 @@ _CHAT = _COMMON | _IGNORED | {"messages", "max_tokens", "max_completion_tokens",
 # Sampling fields passed through under the runtime's names.
 _PASS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "presence_penalty": "presence_penalty",
          "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p", "min_tokens": "min_new_tokens",
-         "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+         "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop_token_ids", "stop_regex": "stop_regex", "ignore_eos": "ignore_eos",
          "no_stop_trim": "no_stop_trim", "skip_special_tokens": "skip_special_tokens",
          "spaces_between_special_tokens": "spaces_between_special_tokens", "regex": "regex", "ebnf": "ebnf",
          "json_schema": "json_schema"}
@@ -99,6 +101,19 @@ def _stop(body: dict[str, Any]) -> list[str] | None:
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
         raise _bad("stop", "must be a non-empty string or a list of non-empty strings")
     return items
+
+
+def _stop_regex(body: dict[str, Any]) -> None:
+    value = body.get("stop_regex")
+    if value is None:
+        return
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+        raise _bad("stop_regex", "must be a regular expression or a list of them")
+    for pattern in items:
+        why = validate_stop_regex(pattern)
+        if why is not None:
+            raise _bad("stop_regex", why)
 
 
 def _logit_bias(body: dict[str, Any], vocab: int) -> dict[str, float] | None:
@@ -179,7 +194,7 @@ def _sampling(body: dict[str, Any], vocab: int) -> dict[str, Any]:
         except re.error as exc:
             raise _bad("regex", f"not a valid regular expression: {exc}") from None
     sp: dict[str, Any] = {wire: body[name] for name, wire in _PASS.items() if body.get(name) is not None}
-    if isinstance(sp.get("json_schema"), str):
+    if isinstance(sp.get("json_schema"), str) and sp["json_schema"] != ANY_JSON:
         try:
             _check_schema(json.loads(sp["json_schema"]), "json_schema")
         except ValueError:
@@ -191,6 +206,7 @@ def _sampling(body: dict[str, Any], vocab: int) -> dict[str, Any]:
         if any(sp.get(k) is not None for k in ("regex", "ebnf", "json_schema")):
             raise _bad("response_format", "cannot be combined with regex, ebnf or json_schema")
         sp["json_schema"] = fmt_schema
+    _stop_regex(body)
     stop = _stop(body)
     if stop is not None:
         sp["stop"] = stop

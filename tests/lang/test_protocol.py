@@ -12,7 +12,7 @@ from tests.lang.mock_server import MockServer
 
 BASE_SAMPLING = {
     "skip_special_tokens": True, "spaces_between_special_tokens": True, "max_new_tokens": 16, "min_new_tokens": 0,
-    "n": 1, "stop": "\n", "stop_token_ids": [], "temperature": 0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+    "n": 1, "stop": "\n", "stop_token_ids": [], "stop_regex": [], "temperature": 0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
     "frequency_penalty": 0.0, "presence_penalty": 0.0, "ignore_eos": False, "regex": None, "json_schema": None,
 }
 

@@ -73,7 +73,7 @@ def test_sampling_precedence_and_wire_fields():
     params.add_stop(("<|im_end|>",))
     wire = params.to_srt_kwargs()
     assert wire["stop"] == ["\n", "<|im_end|>"]
-    assert "dtype" not in wire and "ebnf" not in wire and "stop_regex" not in wire
+    assert "dtype" not in wire and "ebnf" not in wire and wire["stop_regex"] == []  # sent always, as SGLang
     assert list(wire)[:3] == ["max_new_tokens", "min_new_tokens", "n"]
     assert defaults.stop == "\n"  # resolution never mutates the run-level defaults
 
