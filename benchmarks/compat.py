@@ -1,0 +1,129 @@
+"""SGLang parity: all of tests/compat (SGLang's test programs through both frontends, and its HTTP kits)
+against a live server with the default model, as a table (test x frontend x pass/fail/cause); and
+the evidence behind known model failures (transformers' greedy output on the same weights and prompt).
+
+    python benchmarks/compat.py                       # runs pytest tests/compat with RADIXLM_COMPAT_ALL=1
+    radixlm serve --port 30000 &                      # then, for the evidence:
+    python benchmarks/compat.py --evidence --url http://127.0.0.1:30000 --programs test_few_shot_qa
+
+CI runs only the subset in tests/compat/catalog.py (CI_PROGRAMS, CI_KITS).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.compat: the catalog and runner the test suite uses
+
+
+def run_suite(out_json: Path) -> list[dict]:
+    xml_path = out_json.with_suffix(".xml")
+    env = {**os.environ, "RADIXLM_COMPAT_ALL": "1"}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/compat",
+                    f"--junitxml={xml_path}"], cwd=ROOT, env=env, check=False)
+    rows = []
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        rows.append(_row(case))
+    out_json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                    "machine": platform.node(), "seconds": round(time.monotonic() - started),
+                                    "rows": rows}, indent=1))
+    xml_path.unlink()
+    return rows
+
+
+def _row(case: ET.Element) -> dict:
+    name = case.get("name", "")
+    m = re.fullmatch(r"test_program\[(\w+)-(\w+)\]", name)
+    test, frontend = (m.group(1), m.group(2)) if m else (f"{case.get('classname', '').split('.')[-1]}.{name}", "http")
+    outcome, cause = "pass", ""
+    for tag, label in (("failure", "FAIL"), ("error", "ERROR"), ("skipped", "skip")):
+        el = case.find(tag)
+        if el is not None:
+            msg = el.get("message", "") or (el.text or "")
+            outcome = "known model failure" if tag == "skipped" and "xfail" in (el.get("type", "") + msg) else label
+            cause = " ".join(msg.split())[:300]
+    return {"test": test, "frontend": frontend, "outcome": outcome, "cause": cause,
+            "seconds": round(float(case.get("time", 0)), 1)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| test | frontend | result | cause |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['test']} | {r['frontend']} | {r['outcome']} ({r['seconds']} s) | {r['cause'].replace('|', '/')} |")
+
+
+# ------------------------------------------------------------------------------ evidence
+def evidence(url: str, programs: list[str], max_tokens: int) -> list[dict]:
+    """Each unconstrained gen of the programs (radixlm's frontend, recorded through a proxy): the
+    server's greedy answer and transformers' greedy answer on the same weights and prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.compat.recording_proxy import RecordingProxy
+    from tests.compat.runner import model_path, run_program
+
+    path = model_path(url)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    proxy = RecordingProxy(url).start()
+    out = []
+    for name in programs:
+        try:
+            run_program("radixlm", name, proxy.url)
+            result = "pass"
+        except AssertionError as exc:
+            result = f"AssertionError: {' '.join(str(exc).split())[:200]}"
+        for _, route, body in proxy.take():
+            sp = (body or {}).get("sampling_params") or {}
+            if route != "/generate" or sp.get("max_new_tokens") == 0 or sp.get("regex") or sp.get("json_schema") \
+                    or not isinstance(body.get("text"), str) or body.get("return_logprob"):
+                continue
+            n = min(sp.get("max_new_tokens", 128), max_tokens)
+            stops = [sp["stop"]] if isinstance(sp.get("stop"), str) else list(sp.get("stop") or [])
+            greedy = {"text": body["text"], "sampling_params": {**sp, "temperature": 0, "max_new_tokens": n}}
+            req = urllib.request.Request(url + "/generate", json.dumps(greedy).encode(), {"Content-Type": "application/json"})
+            ours = json.loads(urllib.request.urlopen(req, timeout=600).read())["text"]
+            ids = tok(body["text"], return_tensors="pt").input_ids
+            with torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+            theirs = tok.decode(gen, skip_special_tokens=True)
+            for s in stops:
+                theirs = theirs.split(s)[0] if s in theirs else theirs
+            out.append({"program": name, "program_result": result, "prompt_tail": body["text"][-80:],
+                        "radixlm_greedy": ours, "transformers_greedy": theirs, "same": ours == theirs})
+    proxy.stop()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--evidence", action="store_true")
+    ap.add_argument("--url", default="http://127.0.0.1:30000")
+    ap.add_argument("--programs", nargs="*", default=None)
+    ap.add_argument("--max-tokens", type=int, default=48, help="evidence: tokens per gen compared")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compat.json")
+    args = ap.parse_args()
+    if args.evidence:
+        from tests.compat.catalog import KNOWN_MODEL_FAILURES
+
+        rows = evidence(args.url, args.programs or list(KNOWN_MODEL_FAILURES), args.max_tokens)
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        args.out.with_name("compat_evidence.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    print_table(run_suite(args.out))
+
+
+if __name__ == "__main__":
+    main()

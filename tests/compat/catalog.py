@@ -1,0 +1,76 @@
+"""What of SGLang's own tests runs here, with what, and what is known to fail on content.
+
+Shared by tests/compat (CI: the fixed subset) and benchmarks/compat.py (all of it, and the table in
+benchmarks/RESULTS.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Functions of sglang/test/test_programs.py, in file order, with the arguments they are run with
+# (check_answer=True where a function takes it: the strict form).
+PROGRAMS: dict[str, dict[str, Any]] = {
+    "test_few_shot_qa": {}, "test_mt_bench": {}, "test_select": {"check_answer": True}, "test_decode_int": {},
+    "test_decode_json_regex": {}, "test_decode_json": {}, "test_expert_answer": {"check_answer": True},
+    "test_tool_use": {}, "test_react": {}, "test_parallel_decoding": {},
+    "test_parallel_encoding": {"check_answer": True}, "test_stream": {}, "test_regex": {}, "test_dtype_gen": {},
+    "test_completion_speculative": {}, "test_chat_completion_speculative": {}, "test_gen_min_new_tokens": {},
+}
+# The two API-speculative programs need an OpenAI backend: they get one on our server's /v1.
+OPENAI_PROGRAMS = {"test_completion_speculative": False, "test_chat_completion_speculative": True}  # is_chat_model
+
+NOT_RUNNABLE = {
+    "test_image_qa": "needs an image (example_image.png) and a vision model; the default model is text-only",
+    "test_hellaswag_select": "downloads HellaSwag from GitHub (network)",
+}
+# Runnable through one frontend only.
+FRONTEND_LIMITS = {
+    ("sglang", "test_completion_speculative"): "SGLang's OpenAI backend loads tiktoken's cl100k_base encoding in its "
+                                               "constructor (a network download; tiktoken is not installed)",
+    ("sglang", "test_chat_completion_speculative"): "as test_completion_speculative",
+}
+
+
+@dataclass(frozen=True)
+class KnownModelFailure:
+    """An answer-content assertion the default model fails with both frontends. `evidence`: what
+    transformers generates greedily on the same weights and prompt (benchmarks/compat.py --evidence)."""
+    assertion: str
+    evidence: str
+    frontends: tuple[str, ...] = ("sglang", "radixlm")
+
+
+KNOWN_MODEL_FAILURES: dict[str, KnownModelFailure] = {}
+
+# CI: cheap programs that cover the issue-17 fixes and each DSL feature class once.
+CI_PROGRAMS = ("test_tool_use", "test_parallel_decoding", "test_regex", "test_decode_json_regex",
+               "test_completion_speculative", "test_chat_completion_speculative")
+
+
+@dataclass(frozen=True)
+class Kit:
+    module: str
+    mixin: str
+    attrs: dict[str, Any] = field(default_factory=dict)  # class attributes the mixin expects
+    note: str = ""
+
+
+KITS: dict[str, Kit] = {
+    "json_constrained": Kit("json_constrained_kit", "JSONConstrainedMixin"),
+    "regex_constrained": Kit("regex_constrained_kit", "RegexConstrainedMixin"),
+    "ebnf_constrained": Kit("ebnf_constrained_kit", "EBNFConstrainedMixin"),
+    "matched_stop": Kit("matched_stop_kit", "MatchedStopMixin"),
+    "abort_all": Kit("abort_timeout_kit", "AbortAllMixin", {"abort_all_max_new_tokens": 4000},
+                     "shrunk: 16,000 new tokens assume a context over 8k; the default model's is 8,192"),
+}
+NOT_APPLICABLE_KITS = {
+    "abort_timeout_kit.WaitingTimeoutMixin / RunningTimeoutTwoWaveMixin":
+        "need SGLang's SGLANG_REQ_WAITING_TIMEOUT / running-timeout server settings, which radixlm does not have",
+    "cache_hit_kit": "imports sglang.bench_serving and SGLang's benchmark datasets (SGLang's server dependencies)",
+    "prefix_cache_branching_kit": "asserts a cache miss on a shared prefix: SGLang's chunk cache for hybrid "
+                                  "(Mamba) models; a radix cache hits it by design",
+    "radix_cache_server_kit": "a helper (run_radix_attention_test), no test class; run in benchmarks/compat.py",
+    "eval_accuracy_kit / lm_eval_kit / kl_divergence_kit": "download GSM8K / MMLU / HumanEval / LongBench (network)",
+    "mmmu_vlm_kit": "vision model", "spec_decoding_kit": "speculative decoding with a draft model",
+}
+CI_KITS = ("matched_stop", "json_constrained")
