@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import types
 import urllib.request
 from typing import Any
@@ -32,8 +33,32 @@ def make_backend(frontend: str, name: str, url: str) -> Any:
     return backend
 
 
+class ProgramStepFailed(RuntimeError):
+    """A step of a program failed inside radixlm's interpreter. SGLang's test functions do not look
+    (`state.sync()` swallows it, in both frontends), so the harness does, for our frontend."""
+
+
+class _StepFailures(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("program step"):
+            self.messages.append(record.getMessage())
+
+
 def run_program(frontend: str, name: str, url: str) -> None:
-    """Raises what the program raises (AssertionError: a content check failed)."""
+    """Raises what the program raises (AssertionError: a content check failed), or
+    ProgramStepFailed when a step failed inside radixlm's interpreter."""
     sgl = frontend_module(frontend)
     sgl.set_default_backend(make_backend(frontend, name, url))
-    getattr(programs(frontend), name)(**PROGRAMS[name])
+    failures = _StepFailures()
+    logger = logging.getLogger("radixlm.lang.interpreter")
+    logger.addHandler(failures)
+    try:
+        getattr(programs(frontend), name)(**PROGRAMS[name])
+    finally:
+        logger.removeHandler(failures)
+    if failures.messages:
+        raise ProgramStepFailed(" | ".join(" ".join(m.split())[-400:] for m in failures.messages))

@@ -112,7 +112,7 @@ def test_token_logprobs_are_log_softmax() -> None:
     ({"min_p": 2}, "min_p"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"n": 0}, "n"),
     ({"frequency_penalty": 3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"stop": [1]}, "stop"), ({"bogus": 1}, "bogus"), ({"regex": "a", "json_schema": "{}"}, "regex"),
-    ({"stop_token_ids": [10**9]}, "stop_token_ids"), ({"temperature": "hot"}, "temperature"),
+    ({"stop_token_ids": ["x"]}, "stop_token_ids"), ({"stop_regex": "("}, "stop_regex"), ({"temperature": "hot"}, "temperature"),
     ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
 ])
 def test_invalid_sampling_params_name_the_field(bad: dict, field: str) -> None:
@@ -123,7 +123,7 @@ def test_invalid_sampling_params_name_the_field(bad: dict, field: str) -> None:
 
 def test_sampling_params_accept_sglang_frontend_body() -> None:
     body = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "max_new_tokens": 16,
-            "min_new_tokens": 0, "n": 1, "stop": "\n", "stop_token_ids": [], "temperature": 0, "top_p": 1.0,
+            "min_new_tokens": 0, "n": 1, "stop": "\n", "stop_token_ids": [], "stop_regex": [], "temperature": 0, "top_p": 1.0,
             "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "ignore_eos": False,
             "regex": None, "json_schema": None}
     p = SamplingParams.from_dict(body)
