@@ -86,6 +86,9 @@ def evidence(url: str, programs: list[str], max_tokens: int) -> list[dict]:
             result = f"AssertionError: {' '.join(str(exc).split())[:200]}"
         for _, route, body in proxy.take():
             sp = (body or {}).get("sampling_params") or {}
+            if route == "/generate" and isinstance(body.get("text"), list) and body.get("return_logprob"):
+                out.append({"program": name, "program_result": result, **_select_scores(tok, model, body["text"])})
+                continue
             if route != "/generate" or sp.get("max_new_tokens") == 0 or sp.get("regex") or sp.get("json_schema") \
                     or not isinstance(body.get("text"), str) or body.get("return_logprob"):
                 continue
@@ -104,6 +107,26 @@ def evidence(url: str, programs: list[str], max_tokens: int) -> list[dict]:
                         "radixlm_greedy": ours, "transformers_greedy": theirs, "same": ours == theirs})
     proxy.stop()
     return out
+
+
+def _select_scores(tok, model, texts: list[str]) -> dict:
+    """A select's options (the texts share the program's prefix) scored by transformers as radixlm's
+    token_length_normalized does: the mean logprob of each option's tokens after the prefix."""
+    import os.path
+
+    import torch
+
+    prefix = os.path.commonprefix(texts)
+    n_prefix = len(tok(prefix).input_ids)
+    scores = {}
+    for text in texts:
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        picked = logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]][max(n_prefix - 1, 0):]
+        scores[text[len(prefix):]] = round(float(picked.mean()), 4)
+    return {"prompt_tail": prefix[-80:], "transformers_option_scores": scores,
+            "transformers_choice": max(scores, key=scores.get)}
 
 
 def main() -> None:

@@ -40,11 +40,21 @@ class KnownModelFailure:
     frontends: tuple[str, ...] = ("sglang", "radixlm")
 
 
-KNOWN_MODEL_FAILURES: dict[str, KnownModelFailure] = {}
+KNOWN_MODEL_FAILURES: dict[str, KnownModelFailure] = {
+    # transformers 5.x, float32, the converted default model folder, greedy (2026-12-02, /tmp script
+    # equivalent to `benchmarks/compat.py --evidence`).
+    "test_few_shot_qa": KnownModelFailure(
+        "'washington' in the capital of the United States",
+        "transformers' greedy answer to the same few-shot prompt is ' New York', as ours"),
+    "test_select": KnownModelFailure(
+        "'The capital of Germany is Berlin.' -> True",
+        "transformers scores the options (mean token logprob) True -9.604, False -6.601, Unknown -14.844: "
+        "it picks False, as ours"),
+}
 
-# CI: cheap programs that cover the issue-17 fixes and each DSL feature class once.
-CI_PROGRAMS = ("test_tool_use", "test_parallel_decoding", "test_regex", "test_decode_json_regex",
-               "test_completion_speculative", "test_chat_completion_speculative")
+# CI: programs that cover the issue-17 fixes (forks[i] +=, API speculation), cheap on a CPU and
+# passing on content with the default model (benchmarks/RESULTS.md has all of them).
+CI_PROGRAMS = ("test_tool_use", "test_parallel_decoding", "test_completion_speculative")
 
 
 @dataclass(frozen=True)
@@ -73,4 +83,4 @@ NOT_APPLICABLE_KITS = {
     "eval_accuracy_kit / lm_eval_kit / kl_divergence_kit": "download GSM8K / MMLU / HumanEval / LongBench (network)",
     "mmmu_vlm_kit": "vision model", "spec_decoding_kit": "speculative decoding with a draft model",
 }
-CI_KITS = ("matched_stop", "json_constrained")
+CI_KITS = ("regex_constrained", "abort_all")  # ~30 s together on a loaded 2-core CPU; json/matched_stop take minutes

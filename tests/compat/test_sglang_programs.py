@@ -36,7 +36,7 @@ def test_program(compat_server, frontend: str, name: str) -> None:
 
 # Greedy programs without roles: SGLang's frontend and ours must send the same /generate bodies
 # (docs/sglang_compat.md; radixlm's fork prefill, `max_new_tokens: 0`, is the one documented extra).
-SAME_BODIES = ("test_tool_use", "test_regex", "test_parallel_encoding")
+SAME_BODIES = ("test_tool_use", "test_regex")
 
 
 @pytest.mark.parametrize("name", SAME_BODIES)
