@@ -13,7 +13,6 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.generate_request import parse_generate_request
-from radixlm.runtime.served_name import DEFAULT_MODEL_ID
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.builtin_chat_templates import builtin_chat_template_name
 from radixlm.runtime.server.errors import ApiError, json_response
@@ -125,8 +124,9 @@ async def model_info(request: web.Request) -> web.Response:
     info = ctx.tm.info
     chat = ctx.chat
     return json_response({
-        # As given (the default model by its hub id), so that clients matching names see a name.
-        "model_path": ctx.args.model_path or DEFAULT_MODEL_ID,
+        # As given, else the folder loaded: SGLang's programs load a tokenizer from it (get_model_name()).
+        # Clients choosing a template by name should read served_model_name.
+        "model_path": ctx.args.model_path or str(ctx.tm.model_dir),
         # What this server loaded its tokenizer from: a local folder a client on this machine can load.
         "tokenizer_path": ctx.args.tokenizer_path or str(ctx.tm.model_dir),
         # The template /v1/chat/completions renders with, so clients can render prompts the same way.
@@ -154,7 +154,7 @@ async def server_info(request: web.Request) -> web.Response:
     info = ctx.tm.info
     out: dict[str, Any] = {
         **args,
-        "model_path": ctx.args.model_path or DEFAULT_MODEL_ID,
+        "model_path": ctx.args.model_path or str(ctx.tm.model_dir),
         "served_model_name": ctx.model_name,
         "context_length": info.context_len,
         "max_running_requests": info.max_running_requests,

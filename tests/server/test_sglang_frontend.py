@@ -58,8 +58,8 @@ def test_batch_roles_and_control(backend):
 
 
 def test_chat_template_by_served_name(server):
-    """SGLang's frontend picks a template by /get_model_info's model_path: the default model's hub id.
-    It has no SmolLM pattern of its own (so it falls back to its plain 'default'); after
+    """SGLang's frontend picks a template by /get_model_info's model_path (for the default model, the
+    folder its GGUF was converted into). It has no SmolLM pattern of its own (so it falls back to its plain 'default'); after
     radixlm.lang.chat_template.register_with_sglang() it renders SmolLM2's chat format."""
     from sglang.lang import chat_template as theirs
 
