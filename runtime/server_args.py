@@ -79,8 +79,9 @@ class ServerArgs:
     skip_tokenizer_init: bool = _flag(False, "model", "no tokenizer: clients send input_ids and read output_ids",
                                       bool)
     served_model_name: str | None = _flag(None, "model", "the model name the API reports", str,
-                                          default_text="the model path")
-    chat_template: str | None = _flag(None, "model", "a Jinja chat template file (or template text)", str,
+                                          default_text="the hub id, or the folder / .gguf file name")
+    chat_template: str | None = _flag(None, "model", "a built-in name (chatml, qwen2, smollm2, llama-3, llama-2, "
+                                      "mistral), a Jinja file or template text", str,
                                       default_text="the tokenizer's")
     dtype: str = _flag("auto", "model", "weights and activations dtype; auto: the checkpoint's on a GPU "
                        "(float32 becomes bfloat16), float32 on a CPU", str, choices=DTYPES)
