@@ -17,7 +17,7 @@ from typing import Any
 
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
-from .schema import check_schema
+from .schema import CheckedSchema, check_schema
 from .vocab import TokenizerInfo
 
 # Measured on our corpus (see README.md): llguidance compiles ~100x faster than the
@@ -112,7 +112,7 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         return checked.canonical, lambda info: _map_errors(
-            lambda: mod.compile_json_schema(info, checked.schema, checked.canonical, whitespace_max))
+            lambda: mod.compile_json_schema(info, checked.schema, checked.canonical, whitespace_max), checked)
     if kind == "regex":
         if not isinstance(spec, str):
             raise GrammarCompileError("regex must be a string")
@@ -132,12 +132,16 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
     raise ValueError(f"unknown spec kind {kind!r}")
 
 
-def _map_errors(build: Callable[[], Grammar]) -> Grammar:
-    """Backend messages about unimplemented features become UnsupportedSchemaError."""
+def _map_errors(build: Callable[[], Grammar], checked: CheckedSchema) -> Grammar:
+    """Backend messages about unimplemented features become UnsupportedSchemaError; a `oneOf`
+    we could not prove disjoint (and the backend could not either) is named with its pointer."""
     try:
         return build()
     except GrammarCompileError as exc:
         text = str(exc)
+        if "oneOf" in text and checked.unproven_one_of:
+            path, why = checked.unproven_one_of[0]
+            raise UnsupportedSchemaError("oneOf", path, why) from exc
         if "not supported" in text or "Unimplemented" in text or "Unknown format" in text:
             raise UnsupportedSchemaError("schema", "#", text) from exc
         raise

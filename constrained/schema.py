@@ -1,10 +1,13 @@
-"""Our own pass over a JSON schema before any backend sees it.
+"""Our own pass over a JSON schema before any backend sees it: vet, resolve, rewrite.
 
-Backends differ in what they enforce and some drop keywords silently (outlines-core ignores
-`minimum`, xgrammar ignores `propertyNames`). So every keyword is checked here against the
-set the chosen backend is known (and tested, see tests/constrained) to enforce: an unknown or
-unenforceable keyword raises UnsupportedSchemaError with its JSON pointer, or is dropped when
-lenient. Annotations are dropped too, so backends only ever see vetted keywords.
+The rule (JSON Schema 2020-12 §6.5 and every earlier draft): keywords outside the vocabulary
+are annotations and are ignored (`x-...`, draft-04 `id` in later drafts, typos, `readonly`...).
+Each validation keyword of the vocabulary is enforced exactly, by the backend (only keywords it
+is known, and tested in tests/constrained, to enforce) or by our rewriting into keywords it does
+enforce (`not`, `if`/`then`/`else`, `dependentRequired`/`dependencies`, small `uniqueItems`,
+draft-04 bounds and tuples, formats as patterns), or the schema is refused with
+UnsupportedSchemaError naming keyword and JSON pointer. `lenient=True` drops refused keywords.
+Every `$ref` is resolved here (base URIs, anchors, pointers) and handed on as `#/$defs/rN`.
 """
 
 from __future__ import annotations
@@ -14,37 +17,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GrammarCompileError, UnsupportedSchemaError
+from .schema_disjoint import disjoint, first_overlap
+from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
+from .schema_negation import Unsupported, negate
+from .schema_property_names import property_names
+from .schema_refs import RefIndex, get, pointer_text
+from .schema_unique import unique_items
 
-# Keywords that never constrain an instance (JSON Schema annotations + common extensions).
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "example", "$comment", "deprecated",
-    "readOnly", "writeOnly", "$schema", "$id", "$anchor", "contentMediaType",
-    "contentEncoding", "discriminator", "externalDocs", "xml", "$vocabulary",
+# The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
+VALIDATION = frozenset({
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
+    "exclusiveMinimum", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
+    "uniqueItems", "maxContains", "minContains", "maxProperties", "minProperties", "required",
+    "dependentRequired", "dependencies", "allOf", "anyOf", "oneOf", "not", "if", "then", "else",
+    "dependentSchemas", "prefixItems", "items", "additionalItems", "contains", "properties",
+    "patternProperties", "additionalProperties", "propertyNames", "unevaluatedItems",
+    "unevaluatedProperties", "$ref", "$dynamicRef", "$recursiveRef",
 })
-_SUB_ONE = ("additionalProperties", "items", "contains", "not", "if", "then", "else",
-            "propertyNames", "unevaluatedProperties", "unevaluatedItems", "additionalItems",
-            "contentSchema")
-_SUB_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUB_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+TYPES = frozenset({"null", "boolean", "object", "array", "number", "integer", "string"})
 
 _CORE = frozenset({
     "type", "enum", "const", "properties", "required", "additionalProperties", "items",
     "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
-    "anyOf", "$ref", "$defs", "definitions",
+    "anyOf", "$ref",
 })
 _FORMATS_LLG = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
-                          "ipv6", "uuid", "uri"})
-
-
-# Calendar-exact RFC 3339 formats. Backends' own regexes accept 2021-02-30 or any ':60'; we
-# substitute these (Feb 29 only in leap years; no leap seconds: rejecting a rare valid time
-# keeps every output valid, accepting an invalid one would not).
-_Y = "[0-9]{4}"
-_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
-_DATE = (f"(?:{_Y}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
-         f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")
-_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$"}
+                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer",
+                          "relative-json-pointer"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,9 @@ SUPPORT: dict[str, Support] = {
         frozenset({"date-time", "date", "time", "email", "uuid"}), recursion=False,
         max_bound=64),
 }
+# Rewritten keywords come out as allOf/anyOf; a backend without allOf gets them refused.
+_REWRITTEN = frozenset({"not", "if", "propertyNames", "oneOf", "dependentRequired", "dependencies", "dependentSchemas",
+                        "uniqueItems"})
 
 
 @dataclass
@@ -81,6 +83,7 @@ class CheckedSchema:
     canonical: str                 # cache-key text of the *original* schema
     recursive: bool = False
     dropped: list[str] = field(default_factory=list)  # "path: keyword" dropped under lenient
+    unproven_one_of: list[tuple[str, str]] = field(default_factory=list)  # (pointer, why) left to the backend
 
 
 # SGLang's json_schema value for "any JSON document" (no schema to follow); the `true` schema here.
@@ -103,123 +106,238 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
     return parsed
 
 
-def _esc(token: str) -> str:
-    return token.replace("~", "~0").replace("/", "~1")
+class _Vetter:
+    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema) -> None:
+        self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
+        self.support = SUPPORT[backend]
+        self.index = RefIndex(root)
+        self.defs: dict[str, Any] = {}
+        self.names: dict[tuple[str, ...], str] = {}
+
+    def refuse(self, key: str, ptr: tuple[str, ...], reason: str) -> None:
+        if not self.lenient:
+            raise UnsupportedSchemaError(key, pointer_text(ptr), reason)
+        self.out.dropped.append(f"{pointer_text(ptr) or '#'}: {key}")
+
+    def deref(self, ref: str) -> Any:
+        target = self.defs.get(ref.rsplit("/", 1)[-1])
+        if target is None:  # still being vetted: the reference is recursive
+            raise Unsupported("$ref", "the complement of a recursive schema")
+        return target
+
+    def deref_or_any(self, ref: str) -> Any:
+        """For proofs: a reference still being vetted (recursive) counts as `true`."""
+        target = self.defs.get(ref.rsplit("/", 1)[-1])
+        return True if target is None else target
+
+    def ref(self, value: Any, ptr: tuple[str, ...]) -> str | None:
+        if not isinstance(value, str):
+            raise GrammarCompileError(f"$ref at {pointer_text(ptr) or '#'} must be a string")
+        target = self.index.resolve(value, self.index.base_of(ptr))
+        if target is None:
+            self.refuse("$ref", ptr, f"{value!r} is not a schema inside this document (remote or missing)")
+            return None
+        name = self.names.get(target)
+        if name is None:
+            name = self.names[target] = f"r{len(self.names)}"
+            self.defs[name] = self.vet(get(self.root, target), target)
+        return f"#/$defs/{name}"
+
+    def vet(self, node: Any, ptr: tuple[str, ...]) -> Any:
+        if isinstance(node, bool):
+            return node
+        if not isinstance(node, dict):
+            raise GrammarCompileError(f"schema at {pointer_text(ptr) or '#'} must be an object or boolean")
+        if "$ref" in node:
+            ref = self.ref(node["$ref"], ptr)
+            if self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
+                return {"$ref": ref} if ref else {}
+        clean: dict[str, Any] = {"$ref": ref} if "$ref" in node and ref else {}
+        extra: list[Any] = []  # rewritten keywords, intersected through allOf
+        for key, value in node.items():
+            if key not in VALIDATION:
+                continue  # annotation, identifier or unknown keyword: no constraint
+            sub = ptr + (key,)
+            try:
+                self.keyword(key, value, node, sub, clean, extra)
+            except Unsupported as exc:  # named by the schema object holding the keyword
+                self.refuse(exc.keyword, ptr, exc.reason)
+        for part in extra:  # a lone anyOf can sit in the node itself; the rest intersect via allOf
+            if isinstance(part, dict) and list(part) == ["anyOf"] and "anyOf" not in clean:
+                clean["anyOf"] = part["anyOf"]
+            else:
+                clean["allOf"] = clean.get("allOf", []) + [part]
+        return clean
+
+    def keyword(self, key: str, value: Any, node: dict[str, Any], sub: tuple[str, ...],
+                clean: dict[str, Any], extra: list[Any]) -> None:
+        support = self.support
+        if key in _REWRITTEN and "allOf" not in support.keywords:
+            raise Unsupported(key, f"not enforced by the {self.backend} backend")
+        if key == "$ref":
+            pass  # resolved in vet()
+        elif key in ("properties", "patternProperties"):
+            self.expect(isinstance(value, dict), key, sub, "an object")
+            clean[key] = {k: self.vet(v, sub + (k,)) for k, v in value.items()}
+        elif key == "oneOf":
+            self.expect(isinstance(value, list) and value, key, sub, "a non-empty list")
+            branches = [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
+            overlap = first_overlap(branches, self.deref_or_any)
+            if overlap is None:  # pairwise disjoint: exactly one == at least one
+                extra.append({"anyOf": branches})
+                return
+            try:  # exactly one: branch i and the complement of every branch that may overlap it
+                extra.append({"anyOf": [self.exclusive(i, branches) for i in range(len(branches))]})
+            except Unsupported as exc:  # the backend may still prove it; if not, this says why
+                clean["oneOf"] = branches
+                self.out.unproven_one_of.append(
+                    (pointer_text(sub[:-1]) or "#", f"branches {overlap[0]} and {overlap[1]} are not provably "
+                                        f"disjoint and {exc.reason}"))
+        elif key in ("anyOf", "allOf", "prefixItems"):
+            self.expect(isinstance(value, list) and (value or key == "prefixItems"), key, sub, "a non-empty list")
+            clean[key] = clean.get(key, []) + [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
+        elif key == "items":
+            if isinstance(value, list):  # draft-04..2019-09 tuple form -> prefixItems
+                clean["prefixItems"] = [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
+                if "additionalItems" in node:
+                    clean["items"] = self.vet(node["additionalItems"], sub[:-1] + ("additionalItems",))
+            else:
+                clean["items"] = self.vet(value, sub)
+        elif key in ("additionalItems", "then", "else", "minContains", "maxContains"):
+            pass  # handled with items / if / contains; alone they constrain nothing
+        elif key == "additionalProperties":
+            clean[key] = self.vet(value, sub)
+        elif key == "not":
+            clean.setdefault("allOf", []).append(self.negate(self.vet(value, sub), "not"))
+        elif key == "if":
+            self.if_then_else(node, sub, extra)
+        elif key in ("dependentRequired", "dependentSchemas", "dependencies"):
+            self.dependencies(key, value, sub, extra)
+        elif key == "propertyNames":
+            try:
+                extra.extend(property_names(self.vet(value, sub), self.deref))
+            except Unsupported as exc:
+                raise Unsupported("propertyNames", exc.reason) from exc
+        elif key == "uniqueItems":
+            if value is True:
+                extra.extend(unique_items(node, lambda s: self.vet(s, sub[:-1] + ("items",))))
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and isinstance(value, bool):
+            bound = node.get("minimum" if key == "exclusiveMinimum" else "maximum")
+            if value and isinstance(bound, (int, float)):  # draft-04: a flag on minimum/maximum
+                clean[key] = bound
+        elif key in ("minimum", "maximum") and node.get("exclusive" + key.title()) is True:
+            pass  # became exclusiveMinimum/Maximum above
+        elif key == "format":
+            self.format(value, node, sub, clean)
+        elif key == "type":
+            names = [value] if isinstance(value, str) else value
+            self.expect(isinstance(names, list) and all(t in TYPES for t in names), key, sub, "JSON type names")
+            clean[key] = value
+        elif key not in support.keywords:
+            raise Unsupported(key, f"not enforced by the {self.backend} backend")
+        elif key in ("minLength", "maxLength", "minItems", "maxItems") and support.max_bound \
+                and isinstance(value, int) and value > support.max_bound:
+            raise Unsupported(key, f"bound {value} > {support.max_bound} for a regex backend")
+        else:
+            clean[key] = value
+
+    @staticmethod
+    def expect(ok: bool, key: str, sub: tuple[str, ...], what: str) -> None:
+        if not ok:
+            raise GrammarCompileError(f"{key} at {pointer_text(sub[:-1]) or '#'} must be {what}")
+
+    def format(self, value: Any, node: dict[str, Any], sub: tuple[str, ...], clean: dict[str, Any]) -> None:
+        if value not in STANDARD_FORMATS:
+            return  # custom format: an annotation (2020-12 §7.2.3: must not fail on unknown formats)
+        if value in FORMAT_PATTERNS and value in self.support.formats:
+            if "pattern" in node:
+                clean.setdefault("allOf", []).append({"pattern": FORMAT_PATTERNS[value]})
+            else:
+                clean["pattern"] = FORMAT_PATTERNS[value]
+        elif value in self.support.formats:
+            clean["format"] = value
+        else:
+            raise Unsupported("format", f"format {value!r} is not enforced by {self.backend}")
+
+    def negate(self, schema: Any, keyword: str) -> Any:
+        try:
+            return negate(schema, self.deref)
+        except Unsupported as exc:
+            raise Unsupported(keyword, f"{keyword} needs {exc.reason}") from exc
+
+    def exclusive(self, i: int, branches: list[Any]) -> Any:
+        others = [negate(b, self.deref) for j, b in enumerate(branches)
+                  if j != i and not disjoint(branches[i], b, self.deref_or_any)]
+        return {"allOf": [branches[i], *others]} if others else branches[i]
+
+    def if_then_else(self, node: dict[str, Any], sub: tuple[str, ...], extra: list[Any]) -> None:
+        base = sub[:-1]
+        then = self.vet(node.get("then", True), base + ("then",))
+        other = self.vet(node.get("else", True), base + ("else",))
+        if then is True and other is True:
+            return
+        cond = self.vet(node["if"], sub)
+        extra.append({"anyOf": [{"allOf": [cond, then]}, {"allOf": [self.negate(cond, "if"), other]}]})
+
+    def dependencies(self, key: str, value: Any, sub: tuple[str, ...], extra: list[Any]) -> None:
+        self.expect(isinstance(value, dict), key, sub, "an object")
+        for name, dep in value.items():
+            absent = {"properties": {name: False}}  # `name` listed first: backends order properties
+            if isinstance(dep, list):  # dependentRequired form
+                if dep:
+                    extra.append({"anyOf": [absent, {"required": [name, *dep]}]})
+            else:
+                extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, self.vet(dep, sub + (name,))]}]})
 
 
 def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False) -> CheckedSchema:
     """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient."""
     root = parse_schema(spec)
-    support = SUPPORT[backend]
     canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
     out = CheckedSchema(schema=True, canonical=canonical)
-
-    def unsupported(key: str, path: str, reason: str = "") -> None:
-        if not lenient:
-            raise UnsupportedSchemaError(key, path, reason)
-        out.dropped.append(f"{path or '#'}: {key}")
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, bool):
-            return node
-        if not isinstance(node, dict):
-            raise GrammarCompileError(f"schema at {path or '#'} must be an object or boolean")
-        clean: dict[str, Any] = {}
-        for key, value in node.items():
-            sub = f"{path}/{_esc(key)}"
-            if key in ANNOTATIONS or key.startswith("x-"):
-                continue
-            if key == "uniqueItems" and value is False:
-                continue  # no constraint
-            if key not in support.keywords:
-                unsupported(key, path, "not enforced by the " + backend + " backend")
-                continue
-            if key in _SUB_ONE:
-                if key == "items" and isinstance(value, list):
-                    unsupported(key, path, "array-form items (use prefixItems)")
-                    continue
-                clean[key] = walk(value, sub)
-            elif key in _SUB_LIST:
-                if not isinstance(value, list) or not value:
-                    raise GrammarCompileError(f"{key} at {path or '#'} must be a non-empty list")
-                clean[key] = [walk(v, f"{sub}/{i}") for i, v in enumerate(value)]
-            elif key in _SUB_MAP:
-                if not isinstance(value, dict):
-                    raise GrammarCompileError(f"{key} at {path or '#'} must be an object")
-                clean[key] = {k: walk(v, f"{sub}/{_esc(k)}") for k, v in value.items()}
-            elif key == "format" and value not in support.formats:
-                unsupported("format", path, f"format {value!r} is not enforced by {backend}")
-            elif key == "format" and value in FORMAT_PATTERNS:
-                if "pattern" in node:
-                    unsupported("format", path, f"format {value!r} together with pattern")
-                else:
-                    clean["pattern"] = FORMAT_PATTERNS[value]
-            elif key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
-                unsupported("$ref", path, f"only local references ('#/...'), got {value!r}")
-            elif key in ("minLength", "maxLength", "minItems", "maxItems") and support.max_bound \
-                    and isinstance(value, int) and value > support.max_bound:
-                unsupported(key, path, f"bound {value} > {support.max_bound} for a regex backend")
-            else:
-                clean[key] = value
-        return clean
-
     if root is False:
         raise GrammarCompileError("json_schema `false` accepts no document")
-    out.schema = walk({} if root is True else root, "")
-    out.recursive = _has_recursion(out.schema)
-    if out.recursive and not support.recursion:
-        unsupported("$ref", "", "recursive references need a context-free backend")
+    vetter = _Vetter({} if root is True else root, backend, lenient, out)
+    schema = vetter.vet(vetter.root, ())
+    if vetter.defs:
+        schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
+        schema["$defs"] = vetter.defs
+    out.schema = schema
+    out.recursive = _has_recursion(vetter.defs)
+    if out.recursive and not SUPPORT[backend].recursion:
+        vetter.refuse("$ref", (), "recursive references need a context-free backend")
     return out
 
 
-def resolve_pointer(root: Any, ref: str) -> Any:
-    node = root
-    for part in ref.lstrip("#").split("/")[1:] if ref not in ("#", "") else []:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, list):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            raise GrammarCompileError(f"$ref {ref!r} does not resolve")
-    return node
-
-
-def _has_recursion(root: Any) -> bool:
-    """True if some $ref can reach itself (depth-first over references only)."""
-    refs_in: dict[str, set[str]] = {}
+def _has_recursion(defs: dict[str, Any]) -> bool:
+    """True if some `#/$defs/rN` can reach itself."""
+    edges: dict[str, set[str]] = {}
 
     def collect(node: Any, acc: set[str]) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
                 if k == "$ref" and isinstance(v, str):
-                    acc.add(v)
-                elif k not in ("$defs", "definitions"):
+                    acc.add(v.rsplit("/", 1)[-1])
+                else:
                     collect(v, acc)
         elif isinstance(node, list):
             for v in node:
                 collect(v, acc)
 
-    def edges(ref: str) -> set[str]:
-        if ref not in refs_in:
-            acc: set[str] = set()
-            refs_in[ref] = acc
-            collect(resolve_pointer(root, ref), acc)
-        return refs_in[ref]
-
-    start: set[str] = set()
-    collect(root, start)
+    for name, target in defs.items():
+        edges[name] = set()
+        collect(target, edges[name])
     state: dict[str, int] = {}
 
-    def cyclic(ref: str) -> bool:
-        if state.get(ref) == 1:
+    def cyclic(name: str) -> bool:
+        if state.get(name) == 1:
             return True
-        if state.get(ref) == 2:
+        if state.get(name) == 2:
             return False
-        state[ref] = 1
-        if any(cyclic(r) for r in edges(ref)):
+        state[name] = 1
+        if any(cyclic(r) for r in edges.get(name, ())):
             return True
-        state[ref] = 2
+        state[name] = 2
         return False
 
-    return any(cyclic(r) for r in start)
+    return any(cyclic(n) for n in edges)

@@ -1,0 +1,150 @@
+"""Proofs that two vetted schemas share no instance, so that `oneOf` can be enforced as `anyOf`.
+
+`oneOf` means "exactly one branch": with pairwise disjoint branches that is the same as "at
+least one". We prove disjointness from instance types, const/enum values and required
+discriminator properties (required on both sides with disjoint values, or required on one side
+and forbidden on the other), looking through `$ref`, `allOf` and `anyOf`. A pair we cannot prove
+disjoint is reported, never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+# Instance kinds: "number" splits into integers and the other numbers.
+_KINDS = {"null": {"null"}, "boolean": {"boolean"}, "object": {"object"}, "array": {"array"},
+          "string": {"string"}, "integer": {"integer"}, "number": {"integer", "fraction"}}
+_ALL = frozenset({"null", "boolean", "object", "array", "string", "integer", "fraction"})
+_MAX_DEPTH = 12
+Deref = Callable[[str], Any]
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
+        return "integer"
+    if isinstance(v, float):
+        return "fraction"
+    return {str: "string", dict: "object", list: "array"}[type(v)]
+
+
+def _canon(v: Any) -> str:
+    """JSON equality (1 == 1.0, key order irrelevant) as a string key."""
+    def norm(x: Any) -> Any:
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        if isinstance(x, dict):
+            return {k: norm(y) for k, y in x.items()}
+        if isinstance(x, list):
+            return [norm(y) for y in x]
+        return x
+    return json.dumps(norm(v), sort_keys=True)
+
+
+def _values(s: dict[str, Any]) -> list[Any] | None:
+    if "const" in s:
+        return [s["const"]]
+    if isinstance(s.get("enum"), list):
+        return s["enum"]
+    return None
+
+
+def _kinds(s: dict[str, Any]) -> frozenset[str]:
+    kinds = set(_ALL)
+    t = s.get("type")
+    if t is not None:
+        names = [t] if isinstance(t, str) else t
+        kinds &= set().union(*(_KINDS.get(n, set()) for n in names))
+    values = _values(s)
+    if values is not None:
+        kinds &= {_kind(v) for v in values}
+    return frozenset(kinds)
+
+
+def _prop(s: dict[str, Any], key: str) -> Any:
+    """The schema `s` applies to property `key`, or None when patternProperties may apply."""
+    props = s.get("properties", {})
+    if key in props:
+        return props[key]
+    if s.get("patternProperties"):
+        return None
+    return s.get("additionalProperties", True)
+
+
+def rejects(s: Any, value: Any, deref: Deref, depth: int = 0) -> bool:
+    """True only when `s` surely rejects `value` (type, const/enum, required, properties)."""
+    if s is True or s is False or depth > _MAX_DEPTH:
+        return s is False
+    if "$ref" in s and rejects(deref(s["$ref"]), value, deref, depth + 1):
+        return True
+    if _kind(value) not in _kinds(s):
+        return True
+    values = _values(s)
+    if values is not None and _canon(value) not in {_canon(v) for v in values}:
+        return True
+    if any(rejects(m, value, deref, depth + 1) for m in s.get("allOf", ())):
+        return True
+    if s.get("anyOf") and all(rejects(m, value, deref, depth + 1) for m in s["anyOf"]):
+        return True
+    if isinstance(value, dict):
+        if any(k not in value for k in s.get("required", ())):
+            return True
+        for k, v in value.items():
+            sub = _prop(s, k)
+            if sub is not None and rejects(sub, v, deref, depth + 1):
+                return True
+    return False
+
+
+def disjoint(a: Any, b: Any, deref: Deref, depth: int = 0) -> bool:
+    """True only when no instance satisfies both `a` and `b`."""
+    if a is False or b is False:
+        return True
+    if a is True or b is True or depth > _MAX_DEPTH:
+        return False
+    d = depth + 1
+    for x, y in ((a, b), (b, a)):
+        if "$ref" in x and disjoint(deref(x["$ref"]), y, deref, d):
+            return True
+        if any(disjoint(m, y, deref, d) for m in x.get("allOf", ())):
+            return True
+        for key in ("anyOf", "oneOf"):
+            if x.get(key) and all(disjoint(m, y, deref, d) for m in x[key]):
+                return True
+    common = _kinds(a) & _kinds(b)
+    if not common:
+        return True
+    va, vb = _values(a), _values(b)
+    if va is not None and all(rejects(b, v, deref, d) for v in va):
+        return True
+    if vb is not None and all(rejects(a, v, deref, d) for v in vb):
+        return True
+    return common == {"object"} and _objects_disjoint(a, b, deref, d)
+
+
+def _objects_disjoint(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int) -> bool:
+    """A discriminator: a property both require with disjoint values, or one requires and the
+    other forbids."""
+    req_a, req_b = set(a.get("required", ())), set(b.get("required", ()))
+    for key in req_a | req_b:
+        pa, pb = _prop(a, key), _prop(b, key)
+        if key in req_a and key in req_b and pa is not None and pb is not None \
+                and disjoint(pa, pb, deref, depth):
+            return True
+        if (key in req_a and pb is False) or (key in req_b and pa is False):
+            return True
+    return False
+
+
+def first_overlap(branches: list[Any], deref: Deref) -> tuple[int, int] | None:
+    """The first pair of branches not proven disjoint, or None when all pairs are."""
+    for i in range(len(branches)):
+        for j in range(i + 1, len(branches)):
+            if not disjoint(branches[i], branches[j], deref):
+                return i, j
+    return None

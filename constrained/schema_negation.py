@@ -1,0 +1,150 @@
+"""Exact complements of vetted schemas: what `not` and `if`/`else` need, without a `not` keyword.
+
+A schema is a conjunction of keywords, so its complement is the union of each keyword's
+complement. A keyword that applies to one instance type (minLength to strings, required to
+objects) is true for every other type, so its complement stays inside that type. Complements
+with no exact positive form (a pattern, a multipleOf, an item somewhere in an array) raise
+`Unsupported`; the caller refuses the schema with the keyword's pointer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+TYPES = ("null", "boolean", "object", "array", "number", "string")  # "number" includes integers
+_SCALAR_BOUND = {  # keyword -> (instance type, complement keyword, offset)
+    "minLength": ("string", "maxLength", -1), "maxLength": ("string", "minLength", 1),
+    "minItems": ("array", "maxItems", -1), "maxItems": ("array", "minItems", 1),
+    "minProperties": ("object", "maxProperties", -1), "maxProperties": ("object", "minProperties", 1),
+    "minimum": ("number", "exclusiveMaximum", 0), "maximum": ("number", "exclusiveMinimum", 0),
+    "exclusiveMinimum": ("number", "maximum", 0), "exclusiveMaximum": ("number", "minimum", 0),
+}
+
+
+class Unsupported(Exception):
+    """The complement of `keyword` has no exact form here."""
+
+    def __init__(self, keyword: str, reason: str) -> None:
+        super().__init__(reason)
+        self.keyword, self.reason = keyword, reason
+
+
+def _char(c: str) -> str:
+    if c.isascii() and c.isalnum():
+        return c
+    code = ord(c)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def not_in_pattern(words: list[str]) -> str:
+    """An anchored regex for every string except `words` (built over their trie)."""
+    trie: dict[str, Any] = {}
+    for w in words:
+        node = trie
+        for c in w:
+            node = node.setdefault(c, {})
+        node[""] = True  # end marker
+
+    def rx(node: dict[str, Any]) -> str:
+        chars = sorted(c for c in node if c)
+        alts = [] if "" in node else [""]  # this prefix itself is not a word: allowed
+        alts += [_char(c) + rx(node[c]) for c in chars]
+        other = f"[^{''.join(_char(c) for c in chars)}]" if chars else "[\\s\\S]"
+        alts.append(other + "[\\s\\S]*")
+        return "(?:" + "|".join(alts) + ")"
+
+    return "^" + rx(trie) + "$"
+
+
+def _value_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", dict: "object", list: "array"}[type(v)]
+
+
+def negate_values(values: list[Any]) -> list[Any]:
+    """Branches whose union is every JSON value except `values`."""
+    by_type: dict[str, list[Any]] = {}
+    for v in values:
+        by_type.setdefault(_value_type(v), []).append(v)
+    branches: list[Any] = []
+    free = [t for t in TYPES if t not in by_type]
+    if free:
+        branches.append({"type": free if len(free) > 1 else free[0]})
+    if "boolean" in by_type and len({bool(v) for v in by_type["boolean"]}) == 1:
+        branches.append({"const": not by_type["boolean"][0]})
+    if "number" in by_type:
+        nums = sorted(set(by_type["number"]))
+        branches.append({"type": "number", "exclusiveMaximum": nums[0]})
+        branches += [{"type": "number", "exclusiveMinimum": a, "exclusiveMaximum": b}
+                     for a, b in zip(nums, nums[1:]) if a != b]
+        branches.append({"type": "number", "exclusiveMinimum": nums[-1]})
+    if "string" in by_type:
+        branches.append({"type": "string", "pattern": not_in_pattern(by_type["string"])})
+    if "object" in by_type or "array" in by_type:
+        raise Unsupported("enum", "the complement of an object or array value")
+    return branches
+
+
+def negate(schema: Any, deref: Callable[[str], Any], depth: int = 0) -> Any:
+    """A vetted schema (backend form) accepting exactly the instances `schema` rejects."""
+    if schema is True or schema is False:
+        return not schema
+    if depth > 32:
+        raise Unsupported("$ref", "the complement of a recursive schema")
+    branches: list[Any] = []
+    for key, value in schema.items():
+        branches += _negate_keyword(key, value, deref, depth)
+    seen: set[str] = set()
+    unique = []
+    for b in branches:
+        text = json.dumps(b, sort_keys=True)
+        if b is not False and text not in seen:
+            seen.add(text)
+            unique.append(b)
+    if any(b is True for b in unique):
+        return True
+    if not unique:
+        return False
+    return unique[0] if len(unique) == 1 else {"anyOf": unique}
+
+
+def _negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int) -> list[Any]:
+    if key == "type":
+        named = {value} if isinstance(value, str) else set(value)
+        if "integer" in named and "number" not in named:
+            raise Unsupported("type", "the complement of 'integer' (non-integer numbers)")
+        rest = [t for t in TYPES if t not in named]
+        return [{"type": rest if len(rest) > 1 else rest[0]}] if rest else []
+    if key == "const":
+        return negate_values([value])
+    if key == "enum":
+        return negate_values(list(value))
+    if key == "required":
+        return [{"type": "object", "properties": {k: False}} for k in value]
+    if key in _SCALAR_BOUND:
+        kind, other, offset = _SCALAR_BOUND[key]
+        bound = value + offset
+        if offset and bound < 0:
+            return []  # minLength 0 and the like: nothing violates it
+        return [{"type": kind, other: bound}]
+    if key == "properties":
+        out = []
+        for name, sub in value.items():
+            neg = negate(sub, deref, depth + 1)
+            if neg is not False:
+                out.append({"type": "object", "required": [name], "properties": {name: neg}})
+        return out
+    if key == "anyOf":
+        return [{"allOf": [negate(s, deref, depth + 1) for s in value]}]
+    if key == "allOf":
+        return [negate(s, deref, depth + 1) for s in value]
+    if key == "$ref":
+        return [negate(deref(value), deref, depth + 1)]
+    raise Unsupported(key, f"the complement of {key!r} (it has no exact positive form)")
