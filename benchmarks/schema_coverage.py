@@ -116,8 +116,6 @@ def _compile(engine: str, schema: Any) -> Any:
 
 def _score(engine: str, path: str) -> dict[str, Any]:
     """Runs in the worker: compile, then every instance token by token."""
-    import torch
-
     from radixlm.constrained import allocate_token_bitmask
 
     case = json.loads(Path(path).read_text())
@@ -142,7 +140,6 @@ def _score(engine: str, path: str) -> dict[str, Any]:
         else:
             invalid_total += 1
             invalid_accepted += accepted
-    del torch
     row.update(valid_ok=valid_ok, valid_total=valid_total, invalid_accepted=invalid_accepted,
                invalid_total=invalid_total, masks=masks,
                status="pass" if valid_ok == valid_total and not invalid_accepted else "fail")

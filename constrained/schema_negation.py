@@ -31,7 +31,7 @@ class Unsupported(Exception):
         self.keyword, self.reason = keyword, reason
 
 
-def _char(c: str) -> str:
+def regex_char(c: str) -> str:
     if c.isascii() and c.isalnum():
         return c
     code = ord(c)
@@ -50,8 +50,8 @@ def not_in_pattern(words: list[str]) -> str:
     def rx(node: dict[str, Any]) -> str:
         chars = sorted(c for c in node if c)
         alts = [] if "" in node else [""]  # this prefix itself is not a word: allowed
-        alts += [_char(c) + rx(node[c]) for c in chars]
-        other = f"[^{''.join(_char(c) for c in chars)}]" if chars else "[\\s\\S]"
+        alts += [regex_char(c) + rx(node[c]) for c in chars]
+        other = f"[^{''.join(regex_char(c) for c in chars)}]" if chars else "[\\s\\S]"
         alts.append(other + "[\\s\\S]*")
         return "(?:" + "|".join(alts) + ")"
 

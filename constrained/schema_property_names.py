@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .schema_negation import Unsupported, _char
+from .schema_negation import Unsupported, regex_char
 
 
 def _literal(words: list[str]) -> str:
-    return "^(?:" + "|".join("".join(_char(c) for c in w) for w in words) + ")$"
+    return "^(?:" + "|".join("".join(regex_char(c) for c in w) for w in words) + ")$"
 
 
 def name_regexes(schema: Any, deref: Callable[[str], Any], depth: int = 0) -> list[str] | None:

@@ -164,10 +164,11 @@ def _check_schema(schema: Any, param: str) -> None:
     try:
         from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
+        from jsonschema.validators import validator_for
     except ImportError:  # the grammar compiler still rejects a bad schema later (400)
         return
-    try:
-        Draft202012Validator.check_schema(schema)
+    try:  # against the metaschema of the draft the schema declares ($schema), else 2020-12
+        validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except SchemaError as exc:
         raise _bad(param, f"not a valid JSON schema: {exc.message}") from None
 

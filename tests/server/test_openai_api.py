@@ -142,3 +142,26 @@ def test_response_format(client):
         assert r.choices[0].message.content.lstrip().startswith("{")
     r = client.chat.completions.create(response_format={"type": "json_object"}, max_tokens=16, **kw)
     assert r.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_response_format_real_world_schema_keywords(client):
+    """Draft-04 flags, annotations and vendor keys, oneOf and not pass through unchanged; a
+    validation keyword we cannot enforce is a 400 naming keyword and pointer."""
+    if not grammar_available():
+        pytest.skip("no grammar backend")
+    kw = dict(model="m", messages=[{"role": "user", "content": "Give a JSON object."}], temperature=0)
+    schema = {"$schema": "http://json-schema.org/draft-04/schema#", "id": "person", "type": "object",
+              "properties": {"age": {"type": "integer", "minimum": 0, "exclusiveMinimum": True, "readonly": True},
+                             "name": {"oneOf": [{"type": "string", "maxLength": 8}, {"type": "null"}],
+                                      "not": {"const": ""}}},
+              "required": ["age", "name"], "additionalProperties": False, "x-owner": "team"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    r = client.chat.completions.create(response_format=fmt, max_tokens=48, **kw)
+    if r.choices[0].finish_reason == "stop":
+        doc = json.loads(r.choices[0].message.content)
+        assert doc["age"] > 0 and (doc["name"] is None or 0 < len(doc["name"]) <= 8)
+    bad = {"type": "object", "properties": {"tags": {"type": "array", "contains": {"const": "x"}}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": bad}},
+                                       max_tokens=8, **kw)
+    assert "'contains'" in err.value.body["message"] and "/properties/tags" in err.value.body["message"]
