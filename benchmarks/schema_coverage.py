@@ -189,6 +189,8 @@ class _Pool:
                 elif job is not None and conn.poll():
                     rows.append(conn.recv())
                     slot[2] = None
+                    if len(rows) % 250 == 0:
+                        print(f"{len(rows)}/{len(jobs)} done", file=sys.stderr, flush=True)
                 elif job is not None and time.perf_counter() - started > self.timeout:
                     proc.kill()
                     proc.join()
