@@ -26,10 +26,13 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 __all__ = [
+    "PERMUTED_ARCHITECTURES",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_QUANT_TYPES",
     "UnsupportedGGUFError",
+    "GGUF_BLOCKS_FILE",
     "convert_gguf",
+    "hf_tensor_name",
     "unpermute_qk",
 ]
 
@@ -43,7 +46,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
 
 # llama.cpp's converter interleaves Q/K rows (for its rotary kernel) only for the
 # llama family; Qwen models keep HF's row order.
-_PERMUTED_ARCHITECTURES = frozenset({"llama", "mistral"})
+PERMUTED_ARCHITECTURES = frozenset({"llama", "mistral"})
 
 # Types `gguf.quants.dequantize` handles with plain numpy at a usable speed.
 SUPPORTED_QUANT_TYPES: frozenset[QType] = frozenset(
@@ -74,6 +77,11 @@ _GLOBAL_TENSORS: dict[str, str] = {
     "output.weight": "lm_head.weight",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+# Raw blocks of the tensors `runtime/quantization` can keep packed (uint8 [rows, bytes per row], HF
+# names and row order; the GGUF type name of each in the metadata): read by gguf_weights.py, so a
+# quantized load never re-parses the GGUF file (the gguf package takes seconds on its metadata).
+GGUF_BLOCKS_FILE = "gguf-blocks.st"  # safetensors format; not *.safetensors, which loaders glob
 
 # Bound peak memory for large models: tensors are flushed to a new shard past this.
 _SHARD_BYTES = 4 << 30
@@ -116,6 +124,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
     tmp.mkdir()
     try:
         _write_weights(reader, arch, config, tmp, gguf_path.name, progress)
+        _write_blocks(reader, arch, config, tmp)
         del reader  # release the memory map before the tokenizer re-reads the file
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation)
@@ -165,14 +174,14 @@ def _check_tensors(reader: gguf.GGUFReader, gguf_path: Path) -> None:
                 f"{gguf_path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3 style "
                 "rope scaling) are not supported"
             )
-        if _hf_name(tensor.name) is None:
+        if hf_tensor_name(tensor.name) is None:
             raise UnsupportedGGUFError(f"{gguf_path}: unexpected tensor {tensor.name}")
     missing = {"token_embd.weight", "output_norm.weight"} - {t.name for t in reader.tensors}
     if missing:
         raise UnsupportedGGUFError(f"{gguf_path}: missing tensors {', '.join(sorted(missing))}")
 
 
-def _hf_name(name: str) -> str | None:
+def hf_tensor_name(name: str) -> str | None:
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
     match = _LAYER_RE.match(name)
@@ -269,14 +278,37 @@ def _dequantized(
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        if arch in _PERMUTED_ARCHITECTURES:
+        if arch in PERMUTED_ARCHITECTURES:
             if ".attn_q." in tensor.name:
                 array = unpermute_qk(array, heads)
             elif ".attn_k." in tensor.name:
                 array = unpermute_qk(array, kv_heads)
-        name = _hf_name(tensor.name)
+        name = hf_tensor_name(tensor.name)
         assert name is not None  # guaranteed by _check_tensors
         yield name, np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _write_blocks(reader: gguf.GGUFReader, arch: str, config: dict[str, Any], folder: Path) -> None:
+    from radixlm.runtime.quantization.gguf_blocks import PARSERS  # numpy only: no cycle, no torch op
+
+    tensors: dict[str, np.ndarray] = {}
+    types: dict[str, str] = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if tensor.tensor_type not in PARSERS or len(shape) != 2:
+            continue
+        raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
+        if arch in PERMUTED_ARCHITECTURES and ".attn_q." in tensor.name:
+            raw = unpermute_qk(raw, config["num_attention_heads"])
+        elif arch in PERMUTED_ARCHITECTURES and ".attn_k." in tensor.name:
+            raw = unpermute_qk(raw, config["num_key_value_heads"])
+        name = hf_tensor_name(tensor.name)
+        assert name is not None  # guaranteed by _check_tensors
+        tensors[name] = np.ascontiguousarray(raw)
+        types[name] = f"{tensor.tensor_type.name}:{shape[1]}"
+    if tensors:
+        save_file(tensors, str(folder / GGUF_BLOCKS_FILE), metadata=types)
+        (folder / GGUF_BLOCKS_FILE).chmod(0o644)
 
 
 def _write_weights(

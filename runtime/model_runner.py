@@ -24,6 +24,19 @@ logger = logging.getLogger(__name__)
 _CPU_MAX_TOTAL_TOKENS = 65536
 
 
+def quantized_summary(model: torch.nn.Module) -> str:
+    """'N layers int4x1[Q4_1], ... (X MiB)' for the log line."""
+    formats: dict[str, int] = {}
+    nbytes = 0
+    for module in model.modules():
+        quantized = getattr(module, "quantized", None)
+        if quantized is not None:
+            formats[quantized.format] = formats.get(quantized.format, 0) + 1
+            nbytes += quantized.nbytes
+    listed = ", ".join(f"{count} x {name}" for name, count in sorted(formats.items()))
+    return f"{listed or 'no layer'} ({nbytes / 2**20:.0f} MiB)"
+
+
 def _available_ram_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -50,6 +63,12 @@ class ModelRunner:
         self.context_len = args.context_length or mc.max_position_embeddings
         self.vocab_size = mc.vocab_size
         torch.manual_seed(args.random_seed)
+        from radixlm.runtime.gguf_weights import has_gguf_blocks  # imports gguf
+        from radixlm.runtime.quantization.select import resolve_quantization
+
+        gguf_blocks = args.load_format != "dummy" and has_gguf_blocks(model_dir)
+        self.quantization = resolve_quantization(args.quantization, args.dtype, self.device, gguf_blocks,
+                                                 parallel is not None)
         self.model = self._load_model(model_dir)
 
         self.max_total_tokens = agree_min(self._kv_capacity())  # every rank holds the same slots
@@ -89,6 +108,11 @@ class ModelRunner:
         model.cos_sin_cache = rope_cos_sin_cache(self.model_config, self.context_len + 8).to(self.device)
         if self.args.load_format == "dummy":
             init_dummy_weights(model, self.args.random_seed)
+        elif self.quantization == "gguf":
+            from radixlm.runtime.gguf_weights import iter_gguf_weights
+
+            model.load_weights(iter_gguf_weights(model_dir))
+            logger.info("GGUF weights kept quantized: %s", quantized_summary(model))
         else:
             # Several ranks: each reads only its share of the checkpoint.
             model.load_weights(iter_safetensors(model_dir, lazy=get_parallel_state() is not None))

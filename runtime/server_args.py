@@ -85,6 +85,10 @@ class ServerArgs:
                                       default_text="the tokenizer's")
     dtype: str = _flag("auto", "model", "weights and activations dtype; auto: the checkpoint's on a GPU "
                        "(float32 becomes bfloat16), float32 on a CPU", str, choices=DTYPES)
+    quantization: str = _flag("none", "model", "gguf: a GGUF file's weights stay 4-bit on a CPU (packed int4 "
+                              "matmuls); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU unless "
+                              "--dtype is given. The default stays none until benchmarks/cpu.py shows gguf faster "
+                              "with >= 97% greedy agreement (not yet measured)", str, choices=("auto", "none", "gguf"))
     load_format: str = _flag("auto", "model", "auto: read the weights; dummy: random weights (benchmarks)", str,
                              choices=("auto", "dummy"))
     context_length: int | None = _flag(None, "model", "the longest prompt + output in tokens", int, minimum=1,

@@ -19,6 +19,8 @@ from radixlm.runtime.model_config import ModelConfig, RopeScaling
 from radixlm.runtime.parallel.layers import (
     ColumnParallelLinear, PipelineStage, RowParallelLinear, TPLayout, VocabParallelEmbedding, gather_vocab_logits,
 )
+from radixlm.runtime.quantization.base import linear_forward
+from radixlm.runtime.quantization.select import GGUFTensor, build_quantized_weight
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -112,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(self.tp, cfg.hidden_size) if stage.has_embedding else None
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, self.tp) for i in range(stage.end - stage.start)])
         self.norm = RMSNormWeight(cfg.hidden_size) if stage.last else None
-        self.lm_head = (nn.Linear(cfg.hidden_size, self.tp.vocab_shard, bias=False)
+        self.lm_head = (ColumnParallelLinear(cfg.hidden_size, self.tp.vocab_shard, bias=False)
                         if stage.last and not cfg.tie_word_embeddings else None)
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_positions), persistent=False)
         self.ops: KernelOps = get_kernel_ops(False)  # the runner swaps in Triton kernels on a GPU
@@ -147,12 +149,17 @@ class LlamaForCausalLM(nn.Module):
         return ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return gather_vocab_logits(torch.matmul(hidden, weight.t()), self.cfg.vocab_size).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return gather_vocab_logits(linear_forward(head.weight, head.quantized, hidden), self.cfg.vocab_size).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]]) -> None:
+        """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors.
+
+        A `GGUFTensor` (raw GGUF blocks) is collected with the other parts of its fused weight;
+        once all are read the layer gets a packed `QuantizedWeight` (its float weight is dropped)
+        or, where no kernel takes those types, the parts are dequantized into the weight."""
         params = dict(self.named_parameters())
+        blocks: dict[str, list[tuple[int, GGUFTensor]]] = {}
         loaded: set[str] = set()
         cfg = self.cfg
         q, kv = self.tp.heads * cfg.head_dim, self.tp.kv_heads * cfg.head_dim
@@ -171,7 +178,8 @@ class LlamaForCausalLM(nn.Module):
             name = self.stage.local_name(hf_name)  # None: a weight of another pipeline stage
             if name is None or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            tensor = self.tp.shard(hf_name, tensor)  # this rank's rows / columns of it
+            if not isinstance(tensor, GGUFTensor):
+                tensor = self.tp.shard(hf_name, tensor)  # this rank's rows / columns of it
             target, rows = name, None
             for hf, (ours, offset, count) in fused.items():
                 if f".{hf}." in f".{name}":
@@ -184,8 +192,13 @@ class LlamaForCausalLM(nn.Module):
             dst = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
             if dst.shape != tensor.shape:
                 raise ValueError(f"model_path: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(tensor)
+            if isinstance(tensor, GGUFTensor):
+                blocks.setdefault(target, []).append((0 if rows is None else rows[0], tensor))
+            else:
+                dst.copy_(tensor)
             loaded.add(f"{target}:{rows}")
+        for target, parts in blocks.items():
+            self._load_blocks(target, params[target], sorted(parts, key=lambda p: p[0]))
         expected = 0
         for pname, p in params.items():
             if "qkv_proj.weight" in pname or "qkv_proj.bias" in pname:
@@ -198,6 +211,18 @@ class LlamaForCausalLM(nn.Module):
             got = {s.split(":")[0] for s in loaded}
             missing = sorted(n for n in params if n not in got)[:5]
             raise ValueError(f"model_path: checkpoint is missing weights, e.g. {missing}")
+
+    def _load_blocks(self, target: str, param: nn.Parameter, parts: list[tuple[int, GGUFTensor]]) -> None:
+        """Packed weight for a layer that takes one, else the parts dequantized into their rows."""
+        module = self.get_submodule(target.rsplit(".", 1)[0])
+        complete = sum(p.shape[0] for _, p in parts) == param.shape[0]
+        quantized = build_quantized_weight([p for _, p in parts]) if complete and hasattr(module, "quantized") else None
+        if quantized is not None:
+            module.quantized = quantized
+            param.data = param.data.new_empty(0)  # the float copy is never read again
+            return
+        for offset, part in parts:
+            param.data.narrow(0, offset, part.shape[0]).copy_(part.dequantize())
 
 
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.runtime.model_config import ModelConfig
+from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
 from radixlm.runtime.parallel.state import get_parallel_state, pp_rank_size, tp_rank_size
 
 # torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
@@ -107,19 +108,27 @@ def _tp_group() -> dist.ProcessGroup | None:
 
 class ColumnParallelLinear(nn.Linear):
     """Holds this rank's output features only (its heads, its MLP columns). No communication:
-    the output stays split across ranks until a row-parallel layer sums it."""
+    the output stays split across ranks until a row-parallel layer sums it.
+    `quantized`: the weight's packed form when the loader chose one (then `weight` is empty)."""
+
+    quantized: QuantizedWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_forward(self.weight, self.quantized, x, self.bias)
 
 
 class RowParallelLinear(nn.Linear):
     """Holds this rank's input features only; the partial products are summed over the TP group
     by one all-reduce. No bias (Llama-family o_proj / down_proj have none)."""
 
+    quantized: QuantizedWeight | None = None
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.tp_group = _tp_group()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+        out = linear_forward(self.weight, self.quantized, x)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -127,7 +136,10 @@ class RowParallelLinear(nn.Linear):
 
 class VocabParallelEmbedding(nn.Embedding):
     """Holds vocabulary rows [vocab_start, vocab_start + vocab_shard); a token's vector comes from
-    the rank holding it (the others contribute zeros to an all-reduce)."""
+    the rank holding it (the others contribute zeros to an all-reduce). `quantized`: the packed
+    weight (rows dequantized per lookup), also the tied LM head's."""
+
+    quantized: QuantizedWeight | None = None
 
     def __init__(self, layout: TPLayout, hidden_size: int) -> None:
         super().__init__(layout.vocab_shard, hidden_size)
@@ -135,6 +147,8 @@ class VocabParallelEmbedding(nn.Embedding):
         self.tp_group = _tp_group()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:  # never under TP (the selector refuses it)
+            return self.quantized.rows(ids).to(self.weight.dtype)
         if self.tp_group is None:
             return super().forward(ids)
         local = ids - self.vocab_start

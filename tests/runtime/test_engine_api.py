@@ -13,7 +13,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    with radixlm.Engine(max_total_tokens=8192, chunked_prefill_size=256) as e:
+    # float32 weights: exact parity with transformers (the quantized default: test_model_logits.py)
+    with radixlm.Engine(dtype="float32", max_total_tokens=8192, chunked_prefill_size=256) as e:
         yield e
 
 

@@ -1,0 +1,51 @@
+"""The seam between the model's linear layers and however their weights are stored.
+
+A linear layer (qkv, o, gate_up, down, the LM head, and the embedding that may share the LM head's
+weight) holds either a plain `weight` parameter or a `QuantizedWeight` chosen for it at load time
+(`runtime/quantization/select.py`). The model code is the same either way: it calls `linear` /
+`rows` and never looks at the storage. New formats (the GPU's FP8, AWQ/GPTQ, GGUF on a GPU) are
+new subclasses plus a rule in the selector.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class QuantizedWeight(ABC):
+    """A [out_features, in_features] weight kept in a compressed form."""
+
+    out_features: int
+    in_features: int
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> x @ W^T [..., out_features], in x's dtype."""
+
+    @abstractmethod
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] as float32 [len(ids), in_features] (the embedding lookup of a shared weight)."""
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight as float32 [out_features, in_features]."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held for this weight (all representations together)."""
+
+    @property
+    @abstractmethod
+    def format(self) -> str:
+        """Short name of the storage, for logs and /get_server_info (e.g. 'int4x1[Q4_1]')."""
+
+
+def linear_forward(weight: torch.Tensor, quantized: QuantizedWeight | None, x: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) through the quantized form when the layer has one."""
+    if quantized is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = quantized.linear(x)
+    return out if bias is None else out + bias

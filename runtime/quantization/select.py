@@ -1,0 +1,80 @@
+"""Which storage each linear layer gets, decided once at load time.
+
+`resolve_quantization` turns the user's `--quantization` (and `--dtype`) into a mode for the whole
+model; `build_quantized_weight` then picks a `QuantizedWeight` per layer from the tensors that
+checkpoint gives it, or None where no kernel takes them (the layer then loads dequantized). A GPU
+format (issue 19) adds a mode here and a subclass of `QuantizedWeight`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from radixlm.runtime.quantization.base import QuantizedWeight
+from radixlm.runtime.quantization.gguf_blocks import PARSERS, AffinePlanes, parse_blocks
+from radixlm.runtime.quantization.int4_cpu import Int4PackedWeight, int4_cpu_kernel_available, merge_planes
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_CHOICES = ("auto", "none", "gguf")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One GGUF tensor's raw blocks, rows in HF order (Q/K permutation undone), not yet unpacked."""
+
+    qtype: QType
+    raw: np.ndarray  # uint8 [rows, bytes per row]
+    shape: tuple[int, int]  # (rows, columns) of the weight
+
+    def planes(self) -> AffinePlanes:
+        return parse_blocks(self.qtype, self.raw, self.shape[0])
+
+    def dequantize(self) -> torch.Tensor:
+        import gguf
+
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(self.raw, self.qtype), np.float32)).view(self.shape)
+
+    def rows(self, start: int, count: int) -> "GGUFTensor":
+        return GGUFTensor(self.qtype, self.raw[start : start + count], (count, self.shape[1]))
+
+
+def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blocks: bool,
+                         parallel: bool) -> str:
+    """'gguf' (GGUF blocks kept 4-bit on the CPU) or 'none' (weights in the model dtype).
+
+    auto picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the
+    replica is split over ranks (the packed layout is not sliced per rank yet)."""
+    if choice not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization: {choice!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
+    if choice == "none":
+        return "none"
+    reasons = []
+    if not gguf_blocks:
+        reasons.append("the checkpoint is not a converted GGUF file")
+    if device.type != "cpu":
+        reasons.append(f"quantized GGUF matmuls run on the CPU only (device {device.type})")
+    if parallel:
+        reasons.append("tensor/pipeline parallel ranks load dequantized weights")
+    if not int4_cpu_kernel_available():
+        reasons.append(f"torch {torch.__version__} has no packed int4 CPU matmul")
+    if choice == "auto" and dtype != "auto":
+        reasons.append(f"--dtype {dtype} asks for unquantized weights")
+    if not reasons:
+        return "gguf"
+    if choice == "gguf":
+        raise ValueError(f"quantization: gguf is not possible here: {'; '.join(reasons)}")
+    return "none"
+
+
+def build_quantized_weight(parts: list[GGUFTensor]) -> QuantizedWeight | None:
+    """The packed form of a layer whose checkpoint parts (stacked along the output rows: q, k, v /
+    gate, up) are `parts`; None if some part's type has no plane layout (it loads dequantized)."""
+    if not parts or any(p.qtype not in PARSERS for p in parts):
+        return None
+    source = "+".join(sorted({p.qtype.name for p in parts}))
+    return Int4PackedWeight(merge_planes([p.planes() for p in parts]), source)
