@@ -104,12 +104,12 @@ def test_default_model_logits_match_transformers_gguf(default_model_dir: Path) -
 
 
 def test_quantized_default_model_close_to_float32(default_model_dir: Path) -> None:
-    """The default (GGUF blocks kept 4-bit, bfloat16 matmul inputs) against the same weights in
+    """--quantization gguf (GGUF blocks kept 4-bit, bfloat16 matmul inputs) against the same weights in
     float32: logits within 3% of their range on average per position, and the same argmax at
     >= 90% of positions (random-ish text has near ties; the benchmark reports chat-prompt agreement)."""
     from transformers import AutoTokenizer
 
-    quant = ModelRunner(ServerArgs(max_total_tokens=2048, device="cpu").resolve(), default_model_dir)
+    quant = ModelRunner(ServerArgs(quantization="auto", max_total_tokens=2048, device="cpu").resolve(), default_model_dir)
     if quant.quantization != "gguf":
         pytest.skip("no packed int4 CPU matmul in this torch")
     fp32 = ModelRunner(ServerArgs(dtype="float32", max_total_tokens=2048, device="cpu").resolve(), default_model_dir)
