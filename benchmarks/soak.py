@@ -284,7 +284,9 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             code = None
-    tracebacks = log.read_text(errors="replace").count("Traceback")
+    log_text = log.read_text(errors="replace")
+    tracebacks = log_text.count("Traceback")
+    log_errors = len(re.findall(r"\] (?:ERROR|CRITICAL) ", log_text))
     kinds = Counter(k.split(":")[0] for k in soak.statuses.elements())
     five = sum(v for k, v in soak.statuses.items() if int(k.split(":")[1]) >= 500)
     summary = {
@@ -292,7 +294,7 @@ def main() -> int:
         "concurrency": args.concurrency, "seconds": round(seconds, 1),
         "requests_per_s": round((soak.done - args.warmup) / seconds, 2), "by_kind": dict(kinds),
         "statuses": dict(sorted(soak.statuses.items())), "5xx": five, "failures": soak.server_errors,
-        "kv": kv, "server_tracebacks_in_log": tracebacks, "server_exit_code": code,
+        "kv": kv, "server_tracebacks_in_log": tracebacks, "server_error_lines_in_log": log_errors, "server_exit_code": code,
         "rss_mb": {"front": [round(rss0[0], 1), round(rss1[0], 1)],
                    "scheduler": [round(rss0[1], 1), round(rss1[1], 1)] if rss0[1] else None},
         "shape": args.shape or "default", "server_log": str(log),
@@ -301,7 +303,7 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1))
     ok = (five == 0 and not soak.server_errors and kv["leaked_tokens"] == 0 and kv["idle_locked_tokens"] == 0
-          and kv["idle_used_minus_cached"] == 0 and code == 0)
+          and kv["idle_used_minus_cached"] == 0 and code == 0 and tracebacks == 0 and log_errors == 0)
     print("SOAK PASSED" if ok else "SOAK FAILED")
     return 0 if ok else 1
 

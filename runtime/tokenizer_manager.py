@@ -288,9 +288,12 @@ class TokenizerManager:
             pending = set(range(len(states)))
             while pending:
                 waiters = [asyncio.ensure_future(self._wait(states[i], until_finished=False)) for i in pending]
-                done, rest = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for w in rest:
-                    w.cancel()
+                try:
+                    done, rest = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (also when the client is gone: pending waiters were logged as destroyed tasks)
+                    for w in waiters:
+                        if not w.done():
+                            w.cancel()
                 for w in done:
                     w.exception()  # mark retrieved: a dead scheduler is reported by build_output below
                 changed = []
