@@ -266,6 +266,11 @@ class RadixCache:
         """Tokens in locked nodes."""
         return self._protected
 
+    def cached_slots(self) -> torch.Tensor:
+        """Every KV slot the tree holds (for audits of the pool's accounting, not the hot path)."""
+        values = [n.value for n in self._iter_nodes() if n.parent is not None]
+        return torch.cat(values) if values else _empty_slots()
+
     def _iter_nodes(self) -> Iterator[TreeNode]:
         """Every node, roots included, depth first."""
         stack = [self.root, *self._namespace_roots.values()]

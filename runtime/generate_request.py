@@ -1,22 +1,32 @@
-"""The native /generate request (SGLang's GenerateReqInput): parse, validate, split into items."""
+"""The native /generate request (SGLang's GenerateReqInput): parse, validate, split into items.
+
+Every field is checked and a failure names it (`input_ids[1][3]`, `logprob_start_len[2]`,
+`sampling_params[0].top_p`). Per-prompt fields take one value for all prompts or, for a batch
+only, a list with one entry per prompt. Unknown fields are ignored with a log warning."""
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from radixlm.runtime.field_checks import (check_encodable, field_path, ignore_unknown, is_int, require_bool,
+                                          require_int, require_str)
 from radixlm.runtime.sampling_params import InvalidRequestError, SamplingParams
 
-_TOP_LEVEL = {
-    "text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
-    "top_logprobs_num", "return_text_in_logprobs", "lora_path", "extra_key", "cache_salt",
-    "image_data", "video_data", "audio_data", "input_embeds", "custom_logit_processor",
-    "log_metrics", "priority", "session_params", "return_hidden_states", "modalities",
-    "token_ids_logprob", "bootstrap_host", "bootstrap_port", "bootstrap_room", "data_parallel_rank",
-    "no_logs", "background", "conversation_id",
+# Accepted, checked for type, without effect here (SGLang's scheduling / disaggregation knobs).
+_NO_EFFECT: dict[str, tuple[type, ...]] = {
+    "log_metrics": (bool,), "priority": (int,), "bootstrap_host": (str, list), "bootstrap_port": (int, list),
+    "bootstrap_room": (int, list), "data_parallel_rank": (int,), "no_logs": (bool,), "background": (bool,),
+    "conversation_id": (str,), "modalities": (list,),
 }
+# Known, and refused when set: this server cannot honour them.
 _UNSUPPORTED = ("image_data", "video_data", "audio_data", "input_embeds", "custom_logit_processor",
                 "lora_path", "session_params", "return_hidden_states", "token_ids_logprob")
+# Read per prompt: one value, or (batch only) a list with an entry per prompt.
+_PER_PROMPT = ("sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num", "extra_key",
+               "cache_salt")
+KNOWN_FIELDS = frozenset({"text", "input_ids", "stream", "return_text_in_logprobs", *_PER_PROMPT, *_NO_EFFECT,
+                          *_UNSUPPORTED})
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,9 @@ class GenerateItem:
     top_logprobs_num: int
     return_text_in_logprobs: bool
     extra_key: str | None
+    prompt_field: str = "text"  # where the prompt came from, for errors: text, text[1], input_ids[0], ...
+    # max_new_tokens was given (else the default, which the scheduler trims to what the context leaves)
+    max_new_tokens_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -41,79 +54,94 @@ class GenerateRequest:
     stream: bool
 
 
-def _pick(value: Any, i: int, is_list: bool) -> Any:
-    return value[i] if is_list and isinstance(value, list) else value
+def _per_prompt(body: dict[str, Any], name: str, n: int, is_batch: bool) -> list[tuple[Any, str]]:
+    """(value, field path) for each prompt."""
+    value = body.get(name)
+    if isinstance(value, list):
+        if not is_batch:
+            raise InvalidRequestError(name, "a list is only allowed with a batch of prompts; give one value")
+        if len(value) != n:
+            raise InvalidRequestError(name, f"must have one entry per prompt ({n}), got {len(value)}")
+        return [(v, field_path(name, i)) for i, v in enumerate(value)]
+    return [(value, name)] * n
 
 
-def parse_generate_request(body: Any, vocab_size: int | None = None) -> GenerateRequest:
-    if not isinstance(body, dict):
-        raise InvalidRequestError("body", "must be a JSON object")
-    for key in body:
-        if key not in _TOP_LEVEL:
-            raise InvalidRequestError(key, "unknown field")
-    for key in _UNSUPPORTED:
-        if body.get(key) not in (None, [], ""):
-            raise InvalidRequestError(key, "is not supported by this server")
+def _prompts(body: dict[str, Any], vocab_size: int | None) -> tuple[list[str | None], list[list[int] | None], bool]:
     text, input_ids = body.get("text"), body.get("input_ids")
     if (text is None) == (input_ids is None):
         raise InvalidRequestError("text", "exactly one of text and input_ids is required")
     if text is not None:
         if isinstance(text, str):
-            prompts, is_batch = [text], False
-        elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-            prompts, is_batch = list(text), True
-        else:
-            raise InvalidRequestError("text", "must be a string or a non-empty list of strings")
-        ids_list: list[list[int] | None] = [None] * len(prompts)
-        texts: list[str | None] = list(prompts)
-    else:
-        if isinstance(input_ids, list) and input_ids and all(isinstance(t, list) for t in input_ids):
-            ids_list, is_batch = [list(x) for x in input_ids], True
-        elif isinstance(input_ids, list) and input_ids:
-            ids_list, is_batch = [list(input_ids)], False
-        else:
-            raise InvalidRequestError("input_ids", "must be a non-empty list of token ids or a list of such lists")
-        for ids in ids_list:
-            if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise InvalidRequestError("input_ids", "each prompt must be a non-empty list of integers")
-            if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
-                raise InvalidRequestError("input_ids", f"token ids must be in [0, {vocab_size})")
-        texts = [None] * len(ids_list)
+            return [text], [None], False
+        if isinstance(text, list) and text:
+            for i, t in enumerate(text):
+                require_str(t, field_path("text", i))
+            return list(text), [None] * len(text), True
+        raise InvalidRequestError("text", "must be a string or a non-empty list of strings")
+    if not isinstance(input_ids, list):
+        raise InvalidRequestError("input_ids", "must be a list of token ids or a list of such lists")
+    is_batch = bool(input_ids) and all(isinstance(t, list) for t in input_ids)
+    ids_list = [list(x) for x in input_ids] if is_batch else [list(input_ids)]
+    for i, ids in enumerate(ids_list):
+        where = field_path("input_ids", i) if is_batch else "input_ids"
+        for j, t in enumerate(ids):  # (the prompt is named, the position said: `input_ids: ...`)
+            if not is_int(t):
+                raise InvalidRequestError(where, f"[{j}] must be an integer token id, got {type(t).__name__}")
+            if vocab_size is not None and not 0 <= t < vocab_size:
+                raise InvalidRequestError(where, f"token id {t} at [{j}] is outside the vocabulary [0, {vocab_size})")
+    return [None] * len(ids_list), ids_list, is_batch
+
+
+def parse_generate_request(body: Any, vocab_size: int | None = None) -> GenerateRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "must be a JSON object")
+    check_encodable(body)
+    ignore_unknown("", body, KNOWN_FIELDS)
+    for key in _UNSUPPORTED:
+        if body.get(key) not in (None, [], ""):
+            raise InvalidRequestError(key, "is not supported by this server")
+    for key, types in _NO_EFFECT.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise InvalidRequestError(key, f"must be of type {' or '.join(t.__name__ for t in types)}")
+    texts, ids_list, is_batch = _prompts(body, vocab_size)
     n = len(texts)
-    sp = body.get("sampling_params")
-    if isinstance(sp, list) and (not is_batch or len(sp) != n):
-        raise InvalidRequestError("sampling_params", f"a list of sampling_params must have one entry per prompt ({n})")
-    if sp is not None and not isinstance(sp, (dict, list)):
-        raise InvalidRequestError("sampling_params", "must be an object or a list of objects")
-    rid = body.get("rid")
-    if rid is not None and not isinstance(rid, (str, list)):
-        raise InvalidRequestError("rid", "must be a string or a list of strings")
-    if isinstance(rid, list) and len(rid) != n:
-        raise InvalidRequestError("rid", f"a list of rids must have one entry per prompt ({n})")
-    extra_key = body.get("extra_key") or body.get("cache_salt")
-    items = []
-    for i in range(n):
-        params = SamplingParams.from_dict(_pick(sp, i, True), vocab_size)
-        r = _pick(rid, i, True)
-        if r is None:
-            r = uuid.uuid4().hex
-        elif is_batch and isinstance(rid, str):
-            r = f"{rid}_{i}"
-        start = _pick(body.get("logprob_start_len"), i, True)
-        start = -1 if start is None else start
-        top = _pick(body.get("top_logprobs_num"), i, True) or 0
-        if not isinstance(start, int) or start < -1:
-            raise InvalidRequestError("logprob_start_len", "must be an integer >= -1")
-        if not isinstance(top, int) or not 0 <= top <= 100:
-            raise InvalidRequestError("top_logprobs_num", "must be an integer in [0, 100]")
-        items.append(GenerateItem(
-            rid=str(r), text=texts[i], input_ids=ids_list[i], params=params,
-            return_logprob=bool(_pick(body.get("return_logprob"), i, True) or False),
-            logprob_start_len=start, top_logprobs_num=top,
-            return_text_in_logprobs=bool(body.get("return_text_in_logprobs") or False),
-            extra_key=_pick(extra_key, i, True),
-        ))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequestError("stream", "must be a boolean")
+    with_text = body.get("return_text_in_logprobs")
+    if with_text is not None:
+        require_bool(with_text, "return_text_in_logprobs")
+    per = {name: _per_prompt(body, name, n, is_batch) for name in _PER_PROMPT}
+    rid_value = body.get("rid")
+    items = []
+    for i in range(n):
+        sp, sp_name = per["sampling_params"][i]
+        if sp is not None and not isinstance(sp, dict):
+            raise InvalidRequestError(sp_name, "must be an object")
+        params = SamplingParams.from_dict(sp, vocab_size, prefix=sp_name)
+        r, r_name = per["rid"][i]
+        if r is None:
+            r = uuid.uuid4().hex
+        else:
+            r = require_str(r, r_name)
+            if not r:
+                raise InvalidRequestError(r_name, "must be a non-empty string")
+            if is_batch and isinstance(rid_value, str):
+                r = f"{r}_{i}"
+        lp, lp_name = per["return_logprob"][i]
+        start, start_name = per["logprob_start_len"][i]
+        top, top_name = per["top_logprobs_num"][i]
+        key, key_name = per["extra_key"][i] if per["extra_key"][i][0] is not None else per["cache_salt"][i]
+        items.append(GenerateItem(
+            rid=r, text=texts[i], input_ids=ids_list[i], params=params,
+            return_logprob=False if lp is None else require_bool(lp, lp_name),
+            logprob_start_len=-1 if start is None else require_int(start, start_name, -1),
+            top_logprobs_num=0 if top is None else require_int(top, top_name, 0, 100),
+            return_text_in_logprobs=bool(with_text),
+            extra_key=None if key in (None, "") else require_str(key, key_name),
+            prompt_field=field_path("text" if texts[i] is not None else "input_ids", i) if is_batch else
+            ("text" if texts[i] is not None else "input_ids"),
+            max_new_tokens_given=isinstance(sp, dict) and sp.get("max_new_tokens") is not None,
+        ))
     return GenerateRequest(items=items, is_batch=is_batch, stream=stream)

@@ -72,9 +72,12 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, vocab_size: int | None = None) -> "SamplingParams":
+    def from_dict(cls, raw: dict[str, Any] | None, vocab_size: int | None = None,
+                  prefix: str = "sampling_params") -> "SamplingParams":
+        """Unknown keys are ignored with a log warning; every known one is type- and range-checked."""
+        from radixlm.runtime.field_checks import ignore_unknown
+
         raw = dict(raw or {})
-        prefix = "sampling_params"
         # Accepted for SGLang compatibility, no effect here.
         for ignored in ("stream_interval", "custom_params"):
             raw.pop(ignored, None)
@@ -84,9 +87,8 @@ class SamplingParams:
             raise InvalidRequestError(f"{prefix}.structural_tag", "structural tags are not supported; use json_schema, regex or ebnf")
         raw.pop("structural_tag", None)
         known = {f.name for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise InvalidRequestError(f"{prefix}.{key}", "unknown sampling parameter")
+        for key in ignore_unknown(prefix, raw, known):
+            del raw[key]
         values: dict[str, Any] = {}
         defaults = cls()
         for key, value in raw.items():
@@ -141,22 +143,27 @@ class SamplingParams:
 
 
 def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> SamplingParams:
+    from radixlm.runtime.field_checks import MAX_INT, require_int, require_number
+
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}.{key}"
         default = getattr(defaults, key)
         try:
             if key in ("stop", "stop_regex"):
-                out[key] = (value,) if isinstance(value, str) else tuple(_require_str(v, name) for v in value)
+                if not isinstance(value, (str, list)):
+                    raise InvalidRequestError(name, "must be a string or a list of strings")
+                out[key] = (value,) if isinstance(value, str) else tuple(
+                    _require_str(v, f"{name}[{i}]") for i, v in enumerate(value))
             elif key == "stop_token_ids":
-                out[key] = tuple(_require_int(v, name) for v in value)
+                if not isinstance(value, list):
+                    raise InvalidRequestError(name, "must be a list of token ids")
+                out[key] = tuple(require_int(v, f"{name}[{i}]", 0) for i, v in enumerate(value))
             elif key == "logit_bias":
                 if not isinstance(value, dict):
                     raise InvalidRequestError(name, "must be an object mapping token id to bias")
-                out[key] = tuple(sorted((int(k), float(v)) for k, v in value.items()))
-                for _, b in out[key]:
-                    if not -100 <= b <= 100:
-                        raise InvalidRequestError(name, "biases must be in [-100, 100]")
+                out[key] = tuple(sorted((int(k), require_number(v, f"{name}.{k}", -100, 100))
+                                        for k, v in value.items()))
             elif key == "json_schema" and isinstance(value, dict):
                 import json
 
@@ -168,13 +175,9 @@ def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> Sa
                     raise InvalidRequestError(name, "must be a boolean")
                 out[key] = value
             elif isinstance(default, int) or key == "seed":
-                out[key] = _require_int(value, name)
+                out[key] = require_int(value, name, -MAX_INT - 1)
             elif isinstance(default, float):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise InvalidRequestError(name, "must be a number")
-                if value != value:
-                    raise InvalidRequestError(name, "must not be NaN")
-                out[key] = float(value)
+                out[key] = require_number(value, name)
             else:
                 out[key] = value
         except (TypeError, ValueError) as exc:
@@ -182,14 +185,6 @@ def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> Sa
                 raise
             raise InvalidRequestError(name, f"invalid value {value!r}") from None
     return dataclasses.replace(defaults, **out)
-
-
-def _require_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise InvalidRequestError(name, "must be an integer")
-    return value
 
 
 def _require_str(value: Any, name: str) -> str:

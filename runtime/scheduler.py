@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from radixlm.runtime.decode_log import DecodeLog
+from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
 from radixlm.runtime.model_runner import ModelRunner
@@ -56,6 +57,10 @@ class Scheduler:
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
         self.inflight: InflightBatch | None = None
+        # What the current step has touched, for fault isolation (fault_isolation.py): the batches
+        # it built and the overlap batch in flight when it began.
+        self.step_batches: list[ScheduledBatch] = []
+        self.step_inflight: InflightBatch | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
                       "forward_steps": 0, "last_gen_throughput": 0.0}
         self._gen_window: list[tuple[float, int]] = []
@@ -135,7 +140,19 @@ class Scheduler:
         """Run one batch if there is work. Returns False when idle.
 
         With overlap scheduling a plain decode step is launched before the previous one is
-        committed: the host appends step k's tokens while the device already runs step k+1."""
+        committed: the host appends step k's tokens while the device already runs step k+1.
+        An exception fails only the requests the step touched (fault_isolation.py); it raises
+        SchedulerFatalError only when the device or the pools can no longer be trusted."""
+        self.step_batches, self.step_inflight = [], self.inflight
+        try:
+            return self._step()
+        except Exception as exc:  # noqa: BLE001 - isolate the fault to this step's requests
+            failed = recover_from_step_error(self, exc)
+            logger.error("a scheduler step failed; failed its %d request(s) %s and continued",
+                         len(failed), failed[:8], exc_info=exc)
+            return True
+
+    def _step(self) -> bool:
         self.results.poll_grammars()
         if self.inflight is not None and not self._can_schedule_before_commit():
             self._commit_inflight()
@@ -209,6 +226,7 @@ class Scheduler:
         budget = min(self.max_prefill_tokens, self.chunk_size)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
+        self.step_batches.append(batch)
         for req in list(self.partial):
             ext = min(req.fill_len - req.kv_len, budget)
             if ext <= 0 or not self._extend(batch, req, ext):
@@ -291,6 +309,7 @@ class Scheduler:
                 break
             self._retract_one()
         batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+        self.step_batches.append(batch)
         # A request whose last token is in flight finishes when that is committed: nothing to run.
         todo = [r for r in self.running if r.remaining_new_tokens() > 0]
         slots = self._alloc_slots(len(todo))

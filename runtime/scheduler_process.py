@@ -10,12 +10,14 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from radixlm.runtime.fault_isolation import SchedulerFatalError, reject_message
 from radixlm.runtime.io_struct import ControlReq, SchedulerFailed, SchedulerReady
 from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import RankInfo
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+FATAL_EXIT_CODE = 3  # the scheduler stopped itself (SchedulerFatalError), after telling the front why
 
 
 def load_tokenizer(path: str | Path) -> object:
@@ -76,7 +78,10 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                 for msg in received if isinstance(received, list) else [received]:
                     if isinstance(msg, ControlReq) and msg.kind == "shutdown":
                         return
-                    resp = sched.handle(msg)
+                    try:
+                        resp = sched.handle(msg)
+                    except Exception as exc:  # noqa: BLE001 - fail that request alone
+                        resp = reject_message(sched, msg, exc)
                     if resp is not None:
                         send.send(resp)
             ran = sched.step()
@@ -87,6 +92,15 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                 recv.poll(0.002)  # only waiting on grammar compiles: don't spin
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
+    except SchedulerFatalError as exc:
+        # The device or the pools are in an unknown state: stop; the front fails every request
+        # with this reason (503) and /health reports it.
+        logging.getLogger(__name__).critical("%s; the scheduler stops", exc, exc_info=exc)
+        try:
+            send.send(SchedulerFailed(str(exc)))
+        except (OSError, ValueError):
+            pass
+        os._exit(FATAL_EXIT_CODE)  # (skips the finally below: a collective may hang on a broken device)
     finally:
         if runner.channel is not None:
             from radixlm.runtime.parallel.state import destroy_parallel

@@ -19,7 +19,8 @@ from typing import Any
 
 from radixlm.runtime.detokenizer import IncrementalDetokenizer, stop_holdback, trim_at_stop
 from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
-from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.io_struct import (AbortReq, ControlReq, ControlResp, ReqOutput, SchedulerFailed,
+                                      TokenizedGenerateReq)
 from radixlm.runtime.outbox import Outbox
 from radixlm.runtime.parallel.launch import Replica, merge_infos, start_replicas, stop_replica, watch_replicas
 from radixlm.runtime.parallel.router import Router
@@ -109,6 +110,9 @@ class TokenizerManager:
                 except RuntimeError:  # the event loop is already closed: we are shutting down
                     pass
                 return
+            if isinstance(msg, SchedulerFailed):  # it stops itself (fault_isolation.py): this is why
+                replica.cause = msg.error
+                continue
             try:
                 self.loop.call_soon_threadsafe(self._dispatch, msg)
             except RuntimeError:
@@ -178,25 +182,37 @@ class TokenizerManager:
             raise InvalidRequestError("text", "this server runs with --skip-tokenizer-init; send input_ids")
         return self.tokenizer.encode(item.text, add_special_tokens=False)
 
+    def nonempty_prompt(self, prompt_ids: list[int], item: GenerateItem) -> list[int]:
+        """Zero prompt tokens is a 400, as in vLLM and OpenAI: there is no position to predict from.
+        The exception: max_new_tokens 0 with a BOS token, which then is the (scored) prompt."""
+        if prompt_ids:
+            return prompt_ids
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if item.params.max_new_tokens == 0 and isinstance(bos, int):
+            return [bos]
+        raise InvalidRequestError(item.prompt_field, "prompt is empty")
+
     def validate_length(self, prompt_ids: list[int], item: GenerateItem) -> None:
+        """SGLang's rule: a prompt must leave room for a token; an explicit max_new_tokens beyond
+        what the context leaves is a 400, the default one is trimmed to fit by the scheduler."""
         ctx = self.info.context_len
         if len(prompt_ids) >= ctx:
-            raise InvalidRequestError("text" if item.text is not None else "input_ids",
+            raise InvalidRequestError(item.prompt_field,
                                       f"the prompt has {len(prompt_ids)} tokens; this model's context is {ctx}")
-        if len(prompt_ids) + item.params.max_new_tokens > ctx:
+        if item.max_new_tokens_given and len(prompt_ids) + item.params.max_new_tokens > ctx:
             raise InvalidRequestError("max_new_tokens",
                                       f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({item.params.max_new_tokens}) "
                                       f"exceeds the context length {ctx}")
         need = (len(prompt_ids) + 1) * (1 if self.args.disable_radix_cache is False else item.params.n)
         if need > self.info.max_total_tokens:
-            raise InvalidRequestError("text" if item.text is not None else "input_ids",
+            raise InvalidRequestError(item.prompt_field,
                                       f"the prompt needs {need} KV slots; the pool has {self.info.max_total_tokens}")
 
     def submit(self, req: GenerateRequest) -> list[ReqState]:
         """Tokenize and send every item; returns one state per output (n per item)."""
         prepared = []
         for item in req.items:
-            ids = self.tokenize(item)
+            ids = self.nonempty_prompt(self.tokenize(item), item)
             self.validate_length(ids, item)
             prepared.append((item, ids))
         states: list[ReqState] = []
@@ -277,9 +293,12 @@ class TokenizerManager:
             pending = set(range(len(states)))
             while pending:
                 waiters = [asyncio.ensure_future(self._wait(states[i], until_finished=False)) for i in pending]
-                done, rest = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for w in rest:
-                    w.cancel()
+                try:
+                    done, rest = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (also when the client is gone: pending waiters were logged as destroyed tasks)
+                    for w in waiters:
+                        if not w.done():
+                            w.cancel()
                 for w in done:
                     w.exception()  # mark retrieved: a dead scheduler is reported by build_output below
                 changed = []

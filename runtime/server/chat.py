@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radixlm.runtime.field_checks import ignore_unknown
 from radixlm.runtime.server.builtin_chat_templates import (BUILTIN_CHAT_TEMPLATES, builtin_chat_template_name,
                                                            known_names)
 from radixlm.runtime.server.errors import ApiError
@@ -188,9 +189,7 @@ def normalize_messages(raw: Any) -> list[dict[str, Any]]:
         if role not in _ROLES:
             raise ApiError.bad_request(f"{where}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
         allowed = _KEYS | ({"tool_calls"} if role == "assistant" else {"tool_call_id"} if role == "tool" else set())
-        for key in msg:
-            if key not in allowed:
-                raise ApiError.bad_request(f"{where}.{key}", "unknown field")
+        ignore_unknown(where, msg, allowed)
         tool_calls = _tool_calls(msg.get("tool_calls"), where) if role == "assistant" else None
         content = _text_content(msg.get("content"), role, where)
         entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
@@ -226,9 +225,7 @@ def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]] | None:
         w = f"{where}[{j}]"
         if not isinstance(call, dict):
             raise ApiError.bad_request(w, "must be an object")
-        for key in call:
-            if key not in ("id", "type", "function"):
-                raise ApiError.bad_request(f"{w}.{key}", "unknown field")
+        ignore_unknown(w, call, ("id", "type", "function"))
         if not isinstance(call.get("id"), str) or not call["id"]:
             raise ApiError.bad_request(f"{w}.id", "must be a non-empty string")
         if call.get("type", "function") != "function":

@@ -72,10 +72,19 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 def dumps(payload: Any) -> str:
+    """Compact JSON that always encodes as UTF-8: non-finite numbers are clamped, and text holding
+    a lone surrogate (never from a validated request, but possibly from a model's bytes) is sent
+    with \\u escapes instead of failing the response."""
     try:
-        return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default)
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default)
     except ValueError:  # an inf/nan somewhere (e.g. a -inf logprob): JSON has no such numbers
-        return json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"), default=_default)
+        payload = _finite(payload)
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_default)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), default=_default)
+    return text
 
 
 def _finite(value: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from radixlm.runtime.field_checks import find_unencodable, ignore_unknown
 from radixlm.runtime.generate_request import parse_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.builtin_chat_templates import builtin_chat_template_name
@@ -60,6 +61,9 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[
         raise ApiError(400, f"body: malformed JSON ({exc})", "body") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body: must be a JSON object", "body")
+    where = find_unencodable(body)
+    if where is not None:  # e.g. "\ud800" in a message: no tokenizer or response can carry it
+        raise ApiError.bad_request(where, "contains a lone surrogate (invalid Unicode); send valid UTF-8 text")
     return body
 
 
@@ -215,9 +219,7 @@ async def abort_request(request: web.Request) -> web.Response:
         raise ApiError.bad_request("rid", "must be a string")
     if not isinstance(abort_all, bool):
         raise ApiError.bad_request("abort_all", "must be a boolean")
-    unknown = set(body) - {"rid", "abort_all", "finished_reason", "abort_message"}
-    if unknown:
-        raise ApiError.bad_request(sorted(unknown)[0], "unknown field")
+    ignore_unknown("", body, ("rid", "abort_all", "finished_reason", "abort_message"))
     if not rid and not abort_all:
         raise ApiError.bad_request("rid", "give a request id, or abort_all: true")
     aborted = ctx.tm.abort_request(None if abort_all else rid, "aborted by /abort_request")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixlm.constrained.schema import ANY_JSON
+from radixlm.runtime.field_checks import MAX_INT, ignore_unknown, require_bool, require_int, require_number, require_str
 from radixlm.runtime.generate_request import GenerateRequest, parse_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.stop_regex import validate as validate_stop_regex
@@ -65,32 +66,20 @@ def _bad(param: str, message: str) -> ApiError:
 
 
 def _typed(body: dict[str, Any], name: str, kind: str, lo: float | None = None, hi: float | None = None) -> Any:
+    """body[name] checked as a bool / int / finite number / str within [lo, hi]; None if absent."""
     value = body.get(name)
     if value is None:
         return None
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise _bad(name, "must be a boolean")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(name, "must be an integer")
-    elif kind == "num":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise _bad(name, "must be a number")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise _bad(name, "must be a string")
-    if lo is not None and value < lo:
-        raise _bad(name, f"must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise _bad(name, f"must be <= {hi}, got {value}")
-    return value
+    if kind == "int":
+        return require_int(value, name, None if lo is None else int(lo), MAX_INT if hi is None else int(hi))
+    if kind == "num":
+        return require_number(value, name, lo, hi)
+    return require_bool(value, name) if kind == "bool" else require_str(value, name)
 
 
 def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
-    for key in body:
-        if key not in allowed:
-            raise _bad(key, "unknown field")
+    """Unknown fields are ignored (logged); known ones are all checked below."""
+    ignore_unknown("", body, allowed)
 
 
 def _stop(body: dict[str, Any]) -> list[str] | None:
@@ -228,9 +217,7 @@ def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
         raise _bad("stream_options", "is only allowed when stream is true")
     if not isinstance(opts, dict):
         raise _bad("stream_options", "must be an object")
-    for key in opts:
-        if key not in ("include_usage", "continuous_usage_stats"):
-            raise _bad(f"stream_options.{key}", "unknown field")
+    ignore_unknown("stream_options", opts, ("include_usage", "continuous_usage_stats"))
     inc = _typed(opts, "include_usage", "bool") or False
     cont = _typed(opts, "continuous_usage_stats", "bool") or False
     return inc, cont
@@ -252,7 +239,7 @@ def _common(ctx: ServerContext, body: dict[str, Any]) -> tuple[str, bool, bool, 
 def _check_length(ctx: ServerContext, ids: list[int], max_tokens: int, prompt_param: str, max_param: str) -> None:
     limit = ctx.context_len
     if not ids:
-        raise _bad(prompt_param, "the prompt is empty")
+        raise _bad(prompt_param, "prompt is empty")
     if len(ids) >= limit:
         raise _bad(prompt_param, f"the prompt has {len(ids)} tokens; this model's context length is {limit}")
     if len(ids) + max_tokens > limit:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from radixlm.runtime.field_checks import ignore_unknown
 from radixlm.runtime.server.errors import ApiError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -107,17 +108,13 @@ def parse_tool_spec(body: dict[str, Any], check_schema: Callable[[Any, str], Non
         where = f"tools[{i}]"
         if not isinstance(item, dict):
             raise _bad(where, "must be an object")
-        for key in item:
-            if key not in ("type", "function"):
-                raise _bad(f"{where}.{key}", "unknown field")
+        ignore_unknown(where, item, ("type", "function"))
         if item.get("type") != "function":
             raise _bad(f"{where}.type", f"must be 'function', got {item.get('type')!r}")
         fn = item.get("function")
         if not isinstance(fn, dict):
             raise _bad(f"{where}.function", "must be an object with a 'name'")
-        for key in fn:
-            if key not in _FUNCTION_KEYS:
-                raise _bad(f"{where}.function.{key}", "unknown field")
+        ignore_unknown(f"{where}.function", fn, _FUNCTION_KEYS)
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise _bad(f"{where}.function.name", "must be a string of 1 to 64 letters, digits, '_' or '-', "
@@ -157,9 +154,7 @@ def _choice(choice: Any, names: set[str]) -> tuple[str, str | None]:
         return choice, None
     if not isinstance(choice, dict):
         raise _bad("tool_choice", "must be a string or an object")
-    for key in choice:
-        if key not in ("type", "function"):
-            raise _bad(f"tool_choice.{key}", "unknown field")
+    ignore_unknown("tool_choice", choice, ("type", "function"))
     if choice.get("type") != "function":
         raise _bad("tool_choice.type", f"must be 'function', got {choice.get('type')!r}")
     fn = choice.get("function")

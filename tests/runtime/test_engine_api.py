@@ -142,3 +142,17 @@ def test_rejected_batch_leaves_no_request_state(engine, prompt) -> None:
     tm = engine.tokenizer_manager
     assert not tm.states and all(r.inflight == 0 for r in tm.replicas)
     assert engine.generate(prompt, {"max_new_tokens": 2}, rid="dup")["meta_info"]["completion_tokens"] == 2
+
+
+def test_empty_prompt_is_refused_and_the_engine_keeps_serving(engine, prompt) -> None:
+    """An empty prompt reached the model and killed the scheduler (issue 13): now refused up front,
+    except with max_new_tokens 0, where the BOS token is the prompt (SmolLM2's is <|im_start|>)."""
+    from radixlm.runtime.sampling_params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="^text: prompt is empty"):
+        engine.generate("", {"max_new_tokens": 4})
+    with pytest.raises(InvalidRequestError, match=r"^input_ids\[1\]: prompt is empty"):
+        engine.generate(input_ids=[[5, 6], []], sampling_params={"max_new_tokens": 1})
+    out = engine.generate("", {"max_new_tokens": 0})
+    assert out["meta_info"]["prompt_tokens"] == 1 and out["output_ids"] == []
+    assert engine.generate(prompt, {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2

@@ -22,7 +22,6 @@ CASES = [
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "stop": [""]}, 400, "stop"),
     ("/v1/chat/completions", {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ("/v1/chat/completions", {"messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
@@ -48,14 +47,40 @@ CASES = [
     ("/v1/completions", {"prompt": "x", "min_tokens": 50, "max_tokens": 10}, 400, "min_tokens"),
     ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}, 400, "sampling_params.temperature"),
     ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": -1}}, 400, "sampling_params.max_new_tokens"),
-    ("/generate", {"text": "x", "sampling_params": {"bogus": 1}}, 400, "sampling_params.bogus"),
     ("/generate", {"text": "x", "input_ids": [1]}, 400, "text"),
     ("/generate", {"input_ids": [10**9]}, 400, "input_ids"),
     ("/generate", {"text": LONG}, 400, "text"),
     ("/generate", {"text": "x", "stream": "yes"}, 400, "stream"),
-    ("/generate", {"text": "x", "nonsense": 1}, 400, "nonsense"),
     ("/generate", {"text": "x", "sampling_params": {"regex": "a", "json_schema": "{}"}}, 400, "sampling_params.regex"),
     ("/abort_request", {"rid": 5}, 400, "rid"),
+    # issue 13: empty prompts (they crashed the scheduler), batch-length lists, lone surrogates, huge numbers
+    ("/generate", {"text": "", "sampling_params": {"max_new_tokens": 4}}, 400, "text"),
+    ("/generate", {"input_ids": []}, 400, "input_ids"),
+    ("/generate", {"text": ["a", ""]}, 400, "text[1]"),
+    ("/generate", {"input_ids": [[5, 6], []]}, 400, "input_ids[1]"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),
+    ("/generate", {"text": "x", "logprob_start_len": [0]}, 400, "logprob_start_len"),
+    ("/generate", {"text": ["x", "y", "z"], "logprob_start_len": [0, 1]}, 400, "logprob_start_len"),
+    ("/generate", {"text": ["x", "y"], "top_logprobs_num": [1, "2"]}, 400, "top_logprobs_num[1]"),
+    ("/generate", {"text": ["x", "y"], "sampling_params": [{}, {"top_p": 2}]}, 400, "sampling_params[1].top_p"),
+    ("/generate", {"text": "x", "return_logprob": "yes"}, 400, "return_logprob"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2**63}}, 400, "sampling_params.max_new_tokens"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 9000}}, 400, "max_new_tokens"),
+    ("/generate", {"text": "x", "sampling_params": {"stop_token_ids": {"1": 2}}}, 400, "sampling_params.stop_token_ids"),
+    ("/generate", {"input_ids": [1, [2]]}, 400, "input_ids"),
+    ("/generate", {"input_ids": [[1], [2**63]]}, 400, "input_ids[1]"),
+    ("/generate", {"text": "\ud800"}, 400, "text"),
+    ("/v1/chat/completions", {"messages": [*MSG, {"role": "assistant", "content": "x"},
+                                           {"role": "user", "content": "a\udc00b"}]}, 400, "messages[2].content"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": 2**63}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2**70}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": 10**400}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": [[]]}}}}}]}, 400,
+     "tools[0].function.parameters"),
+    ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"properties": 5}}}}, 400, "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {"messages": MSG, "response_format": [1]}, 400, "response_format"),
 ]
 
 
@@ -109,6 +134,32 @@ def test_unknown_route_and_method(server):
     assert st == 405 and out["error"]["code"] == 405
     st, out = server.run(server.get("/v1/models/other-model"))
     assert st == 404 and out["error"]["param"] == "model"
+
+
+def test_non_finite_numbers(server):
+    """1e400 is valid JSON and parses as infinity: a 400 naming the field, not an infinite temperature."""
+    for path, raw, param in (
+            ("/generate", b'{"text": "x", "sampling_params": {"temperature": 1e400}}', "sampling_params.temperature"),
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": -1e999}', "top_p"),
+            ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 1e400}}', "logit_bias")):
+        st, out = server.run(server.post(path, None, raw=raw, headers={**server.headers,
+                                                                        "Content-Type": "application/json"}))
+        assert st == 400, (raw, out)
+        _check_shape(out, 400, param)
+
+
+def test_unknown_fields_are_ignored_with_a_warning(server):
+    """As in SGLang and vLLM: an unknown field is logged and ignored; a known one is validated."""
+    st, out = server.run(server.post("/generate", {"text": "x", "nonsense_field_7": 1,
+                                                   "sampling_params": {"max_new_tokens": 1, "bogus_param_7": 1}}))
+    assert st == 200, out
+    st, out = server.run(server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi", "frobnicate_msg_7": True}], "max_tokens": 1,
+        "frobnicate_7": 1, "stream_options_x": 1}))
+    assert st == 200, out
+    log = server.log.read_text()
+    for name in ("nonsense_field_7", "sampling_params.bogus_param_7", "frobnicate_7", "messages[0].frobnicate_msg_7"):
+        assert name in log, name
 
 
 def test_still_serving_after_errors(server):
