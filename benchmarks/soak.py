@@ -209,11 +209,12 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def model_dir_for_shape(shape: str, root: Path) -> Path:
-    """A random-weight model of `shape` with the default model's tokenizer (files copied)."""
+def model_dir_for_shape(shape: str, root: Path, tokenizer_dir: Path | None = None) -> Path:
+    """A random-weight model of `shape` with the default model's tokenizer (files copied; from
+    `tokenizer_dir` on a machine without the default model's package, e.g. the H200)."""
     from radixlm.runtime.model_source import resolve_model_path
 
-    small = resolve_model_path(None)
+    small = tokenizer_dir if tokenizer_dir is not None else resolve_model_path(None)
     small_cfg = json.loads((small / "config.json").read_text())
     cfg = {**LLAMA_8B, "vocab_size": small_cfg["vocab_size"], "bos_token_id": small_cfg.get("bos_token_id"),
            "eos_token_id": small_cfg.get("eos_token_id")}
@@ -259,13 +260,15 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=float("inf"),
                     help="stop sending new requests after this many seconds (the summary counts what ran)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-dir", type=Path, default=None,
+                    help="with --shape: a folder with the default model's tokenizer and config.json")
     ap.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("server_args", nargs="*", help="extra server flags after --, e.g. -- --cpu-threads 1")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server too (the finally below)
     tmp = Path(tempfile.mkdtemp(prefix="radixlm-soak-"))
-    model_dir = model_dir_for_shape(args.shape, tmp) if args.shape else None
+    model_dir = model_dir_for_shape(args.shape, tmp, args.tokenizer_dir) if args.shape else None
     log = tmp / "server.log"
     proc, url = start_server(args, model_dir, log)
     try:
