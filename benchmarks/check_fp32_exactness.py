@@ -54,8 +54,10 @@ def load_hf(path: Path, dtype: torch.dtype, attn: str):
 
 @torch.no_grad()
 def greedy(model, prompt: list[int], new: int) -> list[int]:
-    g = model.generate(torch.tensor([prompt], device=DEV), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=0)
+    # No EOS for generate: `min_new_tokens` would mask EOS's logit to -inf, while the engine's
+    # `ignore_eos` only keeps going after it (the cause of gpu_suite's "divergences", issue 22.4).
+    model.generation_config.eos_token_id = None
+    g = model.generate(torch.tensor([prompt], device=DEV), max_new_tokens=new, do_sample=False, pad_token_id=0)
     return g[0, len(prompt):].tolist()
 
 

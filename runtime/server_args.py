@@ -131,9 +131,10 @@ class ServerArgs:
                                            "its request fails", float, minimum=0.001)
     disable_jump_forward: bool = _flag(False, "constrained", "never append grammar-forced tokens without "
                                        "sampling them", bool)
-    grammar_mask_threads: int | None = _flag(
-        None, "constrained", "threads that advance a batch's matchers and fill its token masks off the GIL; "
-        "0: inline on the scheduler thread", int, minimum=0, default_text="cores - 1, at most 16")
+    grammar_mask_threads: int = _flag(
+        0, "constrained", "threads that advance a batch's matchers and fill its token masks off the GIL; "
+        "0: inline on the scheduler thread (measured faster than 1-16 threads on the H200 host, "
+        "benchmarks/RESULTS.md)", int, minimum=0)
     # ---------------------------------------------------------------- parallelism
     tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
                          aliases=("--tensor-parallel-size",))
