@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
 
 if TYPE_CHECKING:
@@ -87,8 +88,8 @@ def reject_message(sched: "Scheduler", msg: object, exc: Exception) -> object | 
     if isinstance(msg, TokenizedGenerateReq):
         for req in [r for r in sched.waiting if msg.rid in (r.rid, r.group_rid)]:
             sched.waiting.remove(req)
-            if sched.results.grammars is not None:
-                sched.results.grammars.forget(req)
+            if sched.grammars is not None:
+                sched.grammars.forget(req)
         n = msg.params.n
         reason = {"type": "abort", "message": f"internal error while admitting this request: {describe(exc)}",
                   "status_code": 500}
@@ -106,27 +107,27 @@ def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
     touched: dict[int, Req] = {}
     for batch in batches:
         _collect_new_slots(batch, new_slots, touched)
-    for inflight in (sched.step_inflight, sched.inflight):
-        for req in inflight.reqs if inflight is not None else ():
+    for step in (sched.step_uncommitted, sched.uncommitted):
+        for req in step.reqs if step is not None else ():
             touched.setdefault(id(req), req)
-    sched.inflight = sched.step_inflight = None
+    sched.uncommitted = sched.step_uncommitted = None
     for queue in (sched.running, sched.partial, sched.waiting):
         for req in queue:
             # Tokens in flight with no in-flight batch left, or a waiting request holding a row
             # (admission stopped half-way): both were part of the failed step.
-            if req.num_inflight or (queue is sched.waiting and req.req_pool_idx is not None):
+            if req.tokens_on_device or (queue is sched.waiting and req.req_pool_idx is not None):
                 touched.setdefault(id(req), req)
     message = f"internal error while running this request's batch: {reason}"
     for key, req in touched.items():
         for queue in (sched.running, sched.partial, sched.waiting):
             if req in queue:
                 queue.remove(req)
-        if sched.results.grammars is not None:
-            sched.results.grammars.forget(req)
+        if sched.grammars is not None:
+            sched.grammars.forget(req)
         _free_unchecked(sched, req, new_slots.get(key))
-        req.num_inflight = 0
+        req.tokens_on_device = 0
         if not req.finished:
-            sched._finish(req, {"type": "abort", "message": message, "status_code": 500})
+            sched._finish(req, FinishReason.abort(message, status_code=500))
     return [r.rid for r in touched.values()]
 
 
