@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixlm.runtime.io_struct import FinishReason
+from radixlm.runtime.io_struct import FinishReason, sequence_rids
 from radixlm.runtime.request import Req
 
 if TYPE_CHECKING:
@@ -90,10 +90,8 @@ def reject_message(sched: "Scheduler", msg: object, exc: Exception) -> object | 
             sched.waiting.remove(req)
             if sched.grammars is not None:
                 sched.grammars.forget(req)
-        n = msg.params.n
-        reason = {"type": "abort", "message": f"internal error while admitting this request: {describe(exc)}",
-                  "status_code": 500}
-        for rid in [msg.rid] if n == 1 else [f"{msg.rid}-{i}" for i in range(n)]:
+        reason = FinishReason.abort(f"internal error while admitting this request: {describe(exc)}", status_code=500)
+        for rid in sequence_rids(msg.rid, msg.params.n):
             sched.outputs.append(ReqOutput(rid=rid, output_ids=[], finished_reason=reason,
                                            prompt_tokens=len(msg.input_ids), cached_tokens=0, completion_tokens=0))
     return None

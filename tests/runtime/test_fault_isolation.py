@@ -93,14 +93,14 @@ def drive_one(sched, rid: str, ids: list[int], max_new: int) -> list[int]:
 
 def test_error_in_result_processing_fails_batch(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
-    real = sched.results._check_finish
+    real = sched.results.check_finish
 
-    def flaky(req, tok):
+    def flaky(req, tok, grammars):
         if req.rid == "bad" and len(req.output_ids) == 3:
             raise Boom("injected fault in result processing")
-        return real(req, tok)
+        return real(req, tok, grammars)
 
-    monkeypatch.setattr(sched.results, "_check_finish", flaky)
+    monkeypatch.setattr(sched.results, "check_finish", flaky)
     sched.handle(greedy_req("bad", prompt(3), 8))
     results = drive(sched)
     assert results["bad"]["finished_reason"]["status_code"] == 500
@@ -143,7 +143,7 @@ def test_inconsistent_pool_after_an_error_is_fatal(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
     real = sched.results.process
 
-    def leak_then_fail(batch, logits):
+    def leak_then_fail(*args):
         sched.kv_pool.alloc(3)  # slots owned by nobody: the accounting cannot add up any more
         raise Boom("injected fault after a leak")
 
