@@ -142,7 +142,10 @@ def _collect_new_slots(batch: "ScheduledBatch", out: dict[int, tuple[int, torch.
 def _free_unchecked(sched: "Scheduler", req: Req, added: tuple[int, torch.Tensor] | None) -> None:
     """Give back the request's own KV slots without inserting them into the prefix cache (their
     contents may never have been computed), unlock its cached prefix and free its row."""
-    if req.req_pool_idx is None:
+    if req.req_pool_idx is None:  # admission stopped before it took its row: only the step's slots
+        if added is not None:
+            sched.kv_pool.free(added[1])
+        sched.cache.unlock(req)
         return
     lo, hi = req.cache_protected_len, req.kv_len
     host = sched.req_to_token_pool.host[req.req_pool_idx]

@@ -64,11 +64,12 @@ class ScheduledBatch:
     sample_rows: list[int | None] = field(default_factory=list)
     logprob_first_pos: list[int] = field(default_factory=list)  # prompt position of the first logprob row + 1
 
-    def add(self, req: Req, slots: torch.Tensor, decoding: bool = False) -> None:
-        """`req` computes len(slots) more tokens this step, on top of the KV it holds."""
+    def add(self, req: Req, slots: torch.Tensor, decoding: bool = False, prefix_len: int | None = None) -> None:
+        """`req` computes len(slots) more tokens this step, on top of the KV it holds (`prefix_len`,
+        by default its kv_len)."""
         self.new_slots.append(slots)
         self.reqs.append(req)
-        self.prefix_lens.append(req.kv_len)
+        self.prefix_lens.append(req.kv_len if prefix_len is None else prefix_len)
         self.extend_lens.append(int(slots.numel()))
         self.decoding.append(decoding)
 

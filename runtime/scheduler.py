@@ -343,9 +343,10 @@ class Scheduler:
             if slots is None:
                 self.cache.unlock(req)
                 break
-            # Commit: the request takes its row, its cached prefix and the new slots.
-            self._admit(req, prefix)
-            self._add(batch, req, slots)
+            # Commit: the step owns the new slots (fault isolation frees them), then the request
+            # takes its row, its cached prefix and those slots.
+            batch.add(req, slots, prefix_len=len(prefix))
+            self._admit(req, prefix, ext)
             self.waiting.remove(req)
             if in_batch is not None:
                 in_batch.add(req)
@@ -356,12 +357,13 @@ class Scheduler:
                 break
         return batch if batch.reqs else None
 
-    def _admit(self, req: Req, prefix: torch.Tensor) -> None:
+    def _admit(self, req: Req, prefix: torch.Tensor, ext: int) -> None:
         req.req_pool_idx = self.req_to_token_pool.alloc()
         assert req.req_pool_idx is not None
         if len(prefix):
             self.req_to_token_pool.write(req.req_pool_idx, 0, prefix)
-        req.kv_len = req.cache_protected_len = len(prefix)
+        req.cache_protected_len = len(prefix)
+        req.kv_len = len(prefix) + ext
         if not req.admitted_once:
             req.cached_tokens = len(prefix)
             req.admitted_once = True

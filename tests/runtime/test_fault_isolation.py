@@ -110,16 +110,16 @@ def test_error_in_result_processing_fails_batch(model_dir, monkeypatch):
 
 def test_error_while_scheduling_fails_the_admitted_request(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
-    real = sched._extend
+    real = sched._admit
     fired = {"done": False}
 
-    def flaky(batch, req, ext, decoding=False):
+    def flaky(req, prefix, ext):
         if not fired["done"]:
             fired["done"] = True
             raise Boom("injected fault while scheduling")
-        return real(batch, req, ext, decoding)
+        return real(req, prefix, ext)
 
-    monkeypatch.setattr(sched, "_extend", flaky)
+    monkeypatch.setattr(sched, "_admit", flaky)
     sched.handle(greedy_req("x", prompt(5), 4))
     results = drive(sched)
     assert results["x"]["finished_reason"]["status_code"] == 500
@@ -160,15 +160,15 @@ def test_message_that_fails_to_admit_fails_alone(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
     msg = greedy_req("g", prompt(8), 4)
 
-    def broken(req):
+    def broken(msg):
         raise Boom("injected fault while admitting")
 
-    monkeypatch.setattr(sched.results, "prepare_grammar", broken)
+    monkeypatch.setattr(sched, "_add_request", broken)
     with pytest.raises(Boom) as info:
         sched.handle(msg)
     assert reject_message(sched, msg, info.value) is None
     out = sched.pop_outputs()
-    assert [o.rid for o in out] == ["g"] and out[0].finished_reason["status_code"] == 500
+    assert [o.rid for o in out] == ["g"] and out[0].finished_reason.status_code == 500
     assert sched.idle
     resp = reject_message(sched, ControlReq("get_info", 7), Boom("x"))
     assert resp is not None and not resp.ok
