@@ -169,7 +169,7 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
             temperature=1.0, seed=i, max_new_tokens=128, ignore_eos=not extra, **extra))
         rec.run([mk(i, "w") for i in range(2)])
         if extra:
-            gr = sched.results.grammars
+            gr = sched.grammars
             if label == "json_schema_inline":
                 from radixlm.constrained.mask_workers import MaskWorkers
 
@@ -178,8 +178,8 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
             rec.wrap(gr, "bitmask", "masks taken (wait + missing rows + copy)")
             rec.wrap(gr, "advance_many", "grammar commit (batched) + mask start")
             rec.wrap(gr, "jump_forward", "jump_forward")
-        rec.wrap(sched.results, "_sample", "sample (incl. masks)")
-        rec.wrap(sched.results, "_commit", "commit (all rows)")
+        rec.wrap(sched.results, "sample", "sample (incl. masks)")
+        rec.wrap(sched.results, "_append", "commit (all rows)")
         rec.steps.clear()
         generated = sched.stats["generated_tokens"]
         wall = rec.run([mk(i, "") for i in range(batch)])
@@ -193,8 +193,8 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
         print_groups(f"(f) batch {batch} {label}: {wall:.2f} s, {res[label]['tokens']} tokens, {len(decode)} decode steps, "
                      f"per decode step {res[label]['decode_wall_ms_per_step']:.2f} ms wall vs {res[label]['decode_device_ms_per_step']:.2f} ms device", summ)
     res["wall_ratio_unconstrained_over_constrained"] = res["unconstrained"]["seconds"] / res["json_schema"]["seconds"]
-    if sched.results.grammars is not None:
-        sched.results.grammars.close()
+    if sched.grammars is not None:
+        sched.grammars.close()
     return res
 
 

@@ -159,7 +159,7 @@ def dp_routing(model_dir: Path, vocab: int, notes: list[str]) -> dict:
     z = SIZES
     prompts = shared_prefix_workload(vocab, seed=3)
     with start_engine(model_dir, notes, dp_size=2, load_balance_method="round_robin", **BIG) as eng:
-        router = eng.tokenizer_manager.router
+        router = eng.tokenizer_manager.replicas.router
         asyncio.run(run_concurrent(eng, shared_prefix_workload(vocab, seed=99)[:32], 8, 32))  # warm-up
         for method in ("round_robin", "cache_aware"):  # round_robin first: it leaves the router's trees empty
             assert eng.flush_cache(), "flush_cache refused: requests still running"

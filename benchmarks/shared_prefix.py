@@ -124,7 +124,7 @@ class Tally:
 def scheduler_cpu_s(engine) -> float:
     """CPU seconds (user + system, all threads) the scheduler process has used so far. On shared
     cores this moves less with other jobs' load than wall time does."""
-    pid = engine.tokenizer_manager.proc.pid
+    pid = engine.tokenizer_manager.replicas[0].procs[0].pid
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixlm.runtime.io_struct import FinishReason, sequence_rids
 from radixlm.runtime.request import Req
 
 if TYPE_CHECKING:
@@ -87,12 +88,10 @@ def reject_message(sched: "Scheduler", msg: object, exc: Exception) -> object | 
     if isinstance(msg, TokenizedGenerateReq):
         for req in [r for r in sched.waiting if msg.rid in (r.rid, r.group_rid)]:
             sched.waiting.remove(req)
-            if sched.results.grammars is not None:
-                sched.results.grammars.forget(req)
-        n = msg.params.n
-        reason = {"type": "abort", "message": f"internal error while admitting this request: {describe(exc)}",
-                  "status_code": 500}
-        for rid in [msg.rid] if n == 1 else [f"{msg.rid}-{i}" for i in range(n)]:
+            if sched.grammars is not None:
+                sched.grammars.forget(req)
+        reason = FinishReason.abort(f"internal error while admitting this request: {describe(exc)}", status_code=500)
+        for rid in sequence_rids(msg.rid, msg.params.n):
             sched.outputs.append(ReqOutput(rid=rid, output_ids=[], finished_reason=reason,
                                            prompt_tokens=len(msg.input_ids), cached_tokens=0, completion_tokens=0))
     return None
@@ -106,27 +105,27 @@ def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
     touched: dict[int, Req] = {}
     for batch in batches:
         _collect_new_slots(batch, new_slots, touched)
-    for inflight in (sched.step_inflight, sched.inflight):
-        for req in inflight.reqs if inflight is not None else ():
+    for step in (sched.step_uncommitted, sched.uncommitted):
+        for req in step.reqs if step is not None else ():
             touched.setdefault(id(req), req)
-    sched.inflight = sched.step_inflight = None
+    sched.uncommitted = sched.step_uncommitted = None
     for queue in (sched.running, sched.partial, sched.waiting):
         for req in queue:
             # Tokens in flight with no in-flight batch left, or a waiting request holding a row
             # (admission stopped half-way): both were part of the failed step.
-            if req.num_inflight or (queue is sched.waiting and req.req_pool_idx is not None):
+            if req.tokens_on_device or (queue is sched.waiting and req.req_pool_idx is not None):
                 touched.setdefault(id(req), req)
     message = f"internal error while running this request's batch: {reason}"
     for key, req in touched.items():
         for queue in (sched.running, sched.partial, sched.waiting):
             if req in queue:
                 queue.remove(req)
-        if sched.results.grammars is not None:
-            sched.results.grammars.forget(req)
+        if sched.grammars is not None:
+            sched.grammars.forget(req)
         _free_unchecked(sched, req, new_slots.get(key))
-        req.num_inflight = 0
+        req.tokens_on_device = 0
         if not req.finished:
-            sched._finish(req, {"type": "abort", "message": message, "status_code": 500})
+            sched._finish(req, FinishReason.abort(message, status_code=500))
     return [r.rid for r in touched.values()]
 
 
@@ -143,7 +142,10 @@ def _collect_new_slots(batch: "ScheduledBatch", out: dict[int, tuple[int, torch.
 def _free_unchecked(sched: "Scheduler", req: Req, added: tuple[int, torch.Tensor] | None) -> None:
     """Give back the request's own KV slots without inserting them into the prefix cache (their
     contents may never have been computed), unlock its cached prefix and free its row."""
-    if req.req_pool_idx is None:
+    if req.req_pool_idx is None:  # admission stopped before it took its row: only the step's slots
+        if added is not None:
+            sched.kv_pool.free(added[1])
+        sched.cache.unlock(req)
         return
     lo, hi = req.cache_protected_len, req.kv_len
     host = sched.req_to_token_pool.host[req.req_pool_idx]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from radixlm.runtime.sampling_params import SamplingParams
 
@@ -19,6 +19,48 @@ class TokenizedGenerateReq:
     extra_key: str | None = None  # radix cache namespace (cache_salt, LoRA)
 
 
+def sequence_rids(rid: str, n: int) -> list[str]:
+    """The ids of a request's n sequences: its own rid when n == 1, else "<rid>-0" ... "<rid>-{n-1}".
+    The front and the scheduler both name sequences with this, and nothing else."""
+    return [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    """Why a sequence ended. stop: an EOS / stop token id, a stop string or the grammar's end
+    (`matched`: the id or string, None for the grammar); length: `max_new_tokens` or the context
+    (`length`: tokens generated); abort: `message`, with `status_code` when the request itself was
+    at fault (400: its grammar does not compile), else a server-side abort. `regex`: `matched` is
+    the text a stop_regex matched (the front trims at the regex, not at that text)."""
+
+    kind: Literal["stop", "length", "abort"]
+    matched: int | str | None = None
+    length: int = 0
+    message: str = ""
+    status_code: int | None = None
+    regex: bool = False
+
+    @classmethod
+    def stop(cls, matched: int | str | None, regex: bool = False) -> "FinishReason":
+        return cls("stop", matched=matched, regex=regex)
+
+    @classmethod
+    def of_length(cls, length: int) -> "FinishReason":
+        return cls("length", length=length)
+
+    @classmethod
+    def abort(cls, message: str, status_code: int | None = None) -> "FinishReason":
+        return cls("abort", message=message, status_code=status_code)
+
+    def to_json(self) -> dict[str, Any]:
+        """SGLang's public `finish_reason` object."""
+        if self.kind == "stop":
+            return {"type": "stop", "matched": self.matched}
+        if self.kind == "length":
+            return {"type": "length", "length": self.length}
+        return {"type": "abort", "message": self.message}
+
+
 @dataclass(frozen=True)
 class AbortReq:
     rid: str
@@ -27,7 +69,7 @@ class AbortReq:
 
 @dataclass(frozen=True)
 class ControlReq:
-    """flush_cache | get_info | health | shutdown; answered with a ControlResp of the same id."""
+    """flush_cache | get_info | shutdown; answered with a ControlResp of the same id."""
 
     kind: str
     request_id: int
@@ -47,7 +89,7 @@ class ReqOutput:
 
     rid: str
     output_ids: list[int]
-    finished_reason: dict[str, Any] | None
+    finished_reason: FinishReason | None
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int

@@ -52,6 +52,35 @@ class ReqToTokenPool:
     def free(self, row: int) -> None:
         self._free_rows.append(row)
 
+    def commit(self, writes: "SlotWrites") -> None:
+        """Record a step's new KV slots in their requests' rows, before the forward pass reads them:
+        on the host mirror, and (one scatter of tensors already on the device) in req_to_token."""
+        if writes.decode:
+            self.host[writes.rows, writes.positions] = writes.slots
+        else:  # few requests, long runs: slice copies beat a scatter of every token
+            start = 0
+            for row, prefix, ext in zip(writes.rows.tolist(), writes.prefix_lens, writes.extend_lens):
+                self.host[row, prefix : prefix + ext] = writes.slots[start : start + ext]
+                start += ext
+        if self.req_to_token is not self.host:
+            self.req_to_token[writes.device_token_rows, writes.device_positions] = writes.device_slots.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class SlotWrites:
+    """Where a step's new KV slots go in req_to_token: host tensors for the mirror, device tensors
+    (from the step's one packed copy) for req_to_token itself."""
+
+    decode: bool  # one token per request: `positions` has one entry per row
+    rows: torch.Tensor  # [B] host: each request's row
+    positions: torch.Tensor  # [T] host: each new token's position
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    slots: torch.Tensor  # [T] int32 host
+    device_token_rows: torch.Tensor  # [T] device: each new token's request row
+    device_positions: torch.Tensor  # [T] device
+    device_slots: torch.Tensor  # [T] int64 device
+
 
 @dataclass(frozen=True)
 class KVPoolUsage:

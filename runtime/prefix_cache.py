@@ -17,6 +17,7 @@ class PrefixCache(Protocol):
     def peek(self, key: list[int], extra_key: str | None) -> int: ...
     def cache_unfinished(self, req: Req) -> None: ...
     def release(self, req: Req) -> None: ...
+    def share_prefix(self, leader: Req, follower: Req) -> bool: ...
     def evict(self, num_tokens: int) -> int: ...
     def evictable_size(self) -> int: ...
     def cached_size(self) -> int: ...
@@ -51,6 +52,20 @@ class NoPrefixCache:
         assert req.req_pool_idx is not None
         self.kv_pool.free(self.req_to_token_pool.slots(req.req_pool_idx, req.cache_protected_len, req.kv_len))
         req.kv_len = req.cache_protected_len = 0
+
+    def share_prefix(self, leader: Req, follower: Req) -> bool:
+        """n > 1: the follower gets a copy of the leader's prompt KV, slot by slot (nothing is shared
+        without a tree to count references). False if the pool has no room for the copy."""
+        assert leader.req_pool_idx is not None and follower.req_pool_idx is not None
+        n = leader.kv_len
+        dst = self.kv_pool.alloc(n)
+        if dst is None:
+            return False
+        self.kv_pool.copy_slots(self.req_to_token_pool.slots(leader.req_pool_idx, 0, n), dst)
+        self.req_to_token_pool.write(follower.req_pool_idx, 0, dst)
+        follower.kv_len = n
+        follower.cache_protected_len = 0
+        return True
 
     def evict(self, num_tokens: int) -> int:
         return 0
@@ -123,6 +138,17 @@ class RadixPrefixCache:
         req.last_node = None
         req.kv_len = req.cache_protected_len = 0
 
+    def share_prefix(self, leader: Req, follower: Req) -> bool:
+        """n > 1: the follower points at the leader's just-prefilled prompt KV, both locking the
+        same tree nodes. Never fails: nothing is allocated."""
+        assert leader.req_pool_idx is not None and follower.req_pool_idx is not None
+        n = leader.kv_len
+        self.cache_unfinished(leader)
+        self.req_to_token_pool.write(follower.req_pool_idx, 0, self.req_to_token_pool.slots(leader.req_pool_idx, 0, n))
+        self.lock(follower, leader.last_node)
+        follower.kv_len = follower.cache_protected_len = n
+        return True
+
     def evict(self, num_tokens: int) -> int:
         return self.tree.evict(num_tokens)
 
@@ -138,26 +164,3 @@ class RadixPrefixCache:
     def flush(self) -> None:
         self.tree.reset()
 
-
-def share_prompt_kv(cache: PrefixCache, kv_pool: TokenToKVPool, pool: ReqToTokenPool, leader: Req, follower: Req) -> bool:
-    """n > 1: give `follower` the leader's just-prefilled prompt KV instead of computing it again.
-
-    With the radix cache both lock the same tree nodes; without it the KV is copied slot by slot.
-    Returns False if the pool has no room for the copy (the follower then prefills on its own).
-    """
-    assert leader.req_pool_idx is not None and follower.req_pool_idx is not None
-    n = leader.kv_len
-    if isinstance(cache, RadixPrefixCache):
-        cache.cache_unfinished(leader)
-        pool.write(follower.req_pool_idx, 0, pool.slots(leader.req_pool_idx, 0, n))
-        cache.lock(follower, leader.last_node)
-        follower.kv_len = follower.cache_protected_len = n
-        return True
-    dst = kv_pool.alloc(n)
-    if dst is None:
-        return False
-    kv_pool.copy_slots(pool.slots(leader.req_pool_idx, 0, n), dst)
-    pool.write(follower.req_pool_idx, 0, dst)
-    follower.kv_len = n
-    follower.cache_protected_len = 0
-    return True

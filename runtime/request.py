@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.io_struct import FinishReason, ReqOutput, TokenizedGenerateReq, sequence_rids
 from radixlm.runtime.sampling_params import SamplingParams
 
 
@@ -33,9 +33,9 @@ class Req:
     num_retractions: int = 0
 
     # Overlap scheduling: tokens sampled on the device but not yet appended to output_ids, and
-    # this request's row in that in-flight batch (its next input token lives there).
-    num_inflight: int = 0
-    inflight_row: int = 0
+    # this request's row in the uncommitted step that sampled them (its next input token lives there).
+    tokens_on_device: int = 0
+    uncommitted_row: int = 0
 
     # n > 1: followers sample from the leader's prefill and share its prompt KV.
     followers: list["Req"] = field(default_factory=list)
@@ -45,7 +45,7 @@ class Req:
     grammar_pending: bool = False
     forced_tokens: int = 0
 
-    finished_reason: dict[str, Any] | None = None
+    finished_reason: FinishReason | None = None
     # Logprobs not yet sent to the front process.
     input_logprobs_done: bool = False
     pending_input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
@@ -61,6 +61,35 @@ class Req:
             return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num, stream=msg.stream, extra_key=msg.extra_key,
         )
+
+    @classmethod
+    def group_from_wire(cls, msg: TokenizedGenerateReq, seeds: list[int]) -> "Req":
+        """The request's first sequence; with n > 1 the others are its followers (one seed each)."""
+        rids = sequence_rids(msg.rid, len(seeds))
+        seqs = [cls.from_wire(msg, seed) for seed in seeds]
+        for seq, rid in zip(seqs, rids):
+            seq.rid = rid
+            seq.group_rid = msg.rid if len(seqs) > 1 else None
+        seqs[0].followers = seqs[1:]
+        return seqs[0]
+
+    def take_output(self) -> ReqOutput:
+        """What the front has not seen yet (tokens, logprobs), as one delta; marks it sent."""
+        new_ids = self.output_ids[self.sent_output_len :]
+        self.sent_output_len = len(self.output_ids)
+        out = ReqOutput(
+            rid=self.rid, output_ids=new_ids, finished_reason=self.finished_reason,
+            prompt_tokens=len(self.input_ids), cached_tokens=self.cached_tokens,
+            completion_tokens=len(self.output_ids), forced_tokens=self.forced_tokens,
+            num_retractions=self.num_retractions,
+        )
+        if self.return_logprob:
+            if self.pending_input_logprobs or self.input_logprobs_done:
+                out.input_token_logprobs, self.pending_input_logprobs = self.pending_input_logprobs, []
+                out.input_top_logprobs, self.pending_input_top = self.pending_input_top, []
+            out.output_token_logprobs, self.pending_output_logprobs = self.pending_output_logprobs, []
+            out.output_top_logprobs, self.pending_output_top = self.pending_output_top, []
+        return out
 
     @property
     def fill_ids(self) -> list[int]:
@@ -82,7 +111,7 @@ class Req:
 
     @property
     def seq_len(self) -> int:
-        return len(self.input_ids) + len(self.output_ids) + self.num_inflight
+        return len(self.input_ids) + len(self.output_ids) + self.tokens_on_device
 
     @property
     def finished(self) -> bool:
@@ -102,4 +131,4 @@ class Req:
         return max(cap, 0)
 
     def remaining_new_tokens(self) -> int:
-        return max(self.params.max_new_tokens - len(self.output_ids) - self.num_inflight, 0)
+        return max(self.params.max_new_tokens - len(self.output_ids) - self.tokens_on_device, 0)

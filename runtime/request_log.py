@@ -23,14 +23,14 @@ class RequestLog:
     def finished(self, state: Any) -> None:
         """`state`: the front's ReqState of a sequence that just finished."""
         out = state.last
-        reason = (out.finished_reason or {}) if out is not None else {}
+        reason = out.finished_reason if out is not None else None
         fields: dict[str, Any] = {
             "rid": state.rid,
             "prompt_tokens": len(state.prompt_ids),
             "completion_tokens": len(state.output_ids),
             "cached_tokens": out.cached_tokens if out is not None else 0,
             "latency_s": round(time.monotonic() - state.created, 4),
-            "finish_reason": reason.get("type"),
+            "finish_reason": reason.kind if reason is not None else None,
         }
         if self.level >= 1:
             fields["sampling_params"] = {k: v for k, v in dataclasses.asdict(state.item.params).items()

@@ -7,13 +7,14 @@ import torch
 
 from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixlm.runtime.kv_pool import ReqToTokenPool
+from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
 
 
 @dataclass
-class InflightBatch:
-    """A decode step whose sampled tokens are still on the device (overlap scheduling)."""
+class UncommittedStep:
+    """A decode step sampled on the device whose tokens the host has not appended yet (overlap
+    scheduling): each of its requests counts one token on the device until `take_tokens`."""
 
     reqs: list[Req]
     next_ids: torch.Tensor  # [B] device
@@ -21,7 +22,10 @@ class InflightBatch:
     event: torch.cuda.Event | None
 
     @classmethod
-    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> "InflightBatch":
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> "UncommittedStep":
+        for i, req in enumerate(reqs):
+            req.tokens_on_device += 1
+            req.uncommitted_row = i
         if next_ids.is_cuda:
             host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
             host.copy_(next_ids, non_blocking=True)
@@ -30,10 +34,18 @@ class InflightBatch:
             return cls(reqs, next_ids, host, event)
         return cls(reqs, next_ids, next_ids, None)
 
-    def wait(self) -> list[int]:
+    def take_tokens(self) -> tuple[list[Req], list[int]]:
+        """Wait for the host copy; the requests still live and their tokens (one finished meanwhile
+        was computed past its end: its token is dropped)."""
         if self.event is not None:
             self.event.synchronize()
-        return self.host_ids.tolist()
+        live_reqs, live_ids = [], []
+        for req, tok in zip(self.reqs, self.host_ids.tolist()):
+            req.tokens_on_device -= 1
+            if not req.finished:
+                live_reqs.append(req)
+                live_ids.append(tok)
+        return live_reqs, live_ids
 
 
 @dataclass
@@ -52,6 +64,15 @@ class ScheduledBatch:
     sample_rows: list[int | None] = field(default_factory=list)
     logprob_first_pos: list[int] = field(default_factory=list)  # prompt position of the first logprob row + 1
 
+    def add(self, req: Req, slots: torch.Tensor, decoding: bool = False, prefix_len: int | None = None) -> None:
+        """`req` computes len(slots) more tokens this step, on top of the KV it holds (`prefix_len`,
+        by default its kv_len)."""
+        self.new_slots.append(slots)
+        self.reqs.append(req)
+        self.prefix_lens.append(req.kv_len if prefix_len is None else prefix_len)
+        self.extend_lens.append(int(slots.numel()))
+        self.decoding.append(decoding)
+
     def absorb(self, decode: "ScheduledBatch") -> None:
         """Fold a decode batch into this prefill batch: one forward pass instead of two."""
         self.reqs += decode.reqs
@@ -60,15 +81,17 @@ class ScheduledBatch:
         self.new_slots += decode.new_slots
         self.decoding += decode.decoding
 
-    def to_forward_batch(self, req_to_token_pool: ReqToTokenPool, device: torch.device,
-                         inflight: InflightBatch | None = None) -> ForwardBatch:
+    def to_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None = None
+                         ) -> tuple[ForwardBatch, SlotWrites]:
+        """The step's tensors on `device` (one packed copy), and the slot writes that the scheduler
+        commits to req_to_token before running it."""
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
         self.logprob_rows, self.sample_rows, self.logprob_first_pos = [], [], []
         offset = 0
         for req, prefix, ext in zip(self.reqs, self.prefix_lens, self.extend_lens):
-            if req.num_inflight:  # decode input is the token still on the device: filled in below
+            if req.tokens_on_device:  # decode input is the token still on the device: filled in below
                 input_ids.append(0)
             else:
                 input_ids.extend(req.fill_slice(prefix, prefix + ext))
@@ -82,7 +105,7 @@ class ScheduledBatch:
                 rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
                 logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
                 first_pos = lo + 1
-            done = prefix + ext == req.fill_len + req.num_inflight
+            done = prefix + ext == req.fill_len + req.tokens_on_device
             sample_row: int | None = None
             if done:
                 sample_row = len(logits_indices)
@@ -96,9 +119,9 @@ class ScheduledBatch:
         for e in self.extend_lens[:-1]:
             starts.append(starts[-1] + e)
         decode = self.mode is ForwardMode.DECODE
-        pending = [i for i, r in enumerate(self.reqs) if r.num_inflight]
+        pending = [i for i, r in enumerate(self.reqs) if r.tokens_on_device]
         if pending:
-            assert inflight is not None and decode
+            assert uncommitted is not None and decode
 
         def ints(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64)
@@ -107,24 +130,17 @@ class ScheduledBatch:
         row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(self.extend_lens)  # type: ignore[arg-type]
         slots = torch.cat(self.new_slots).to(torch.int64)
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
-        # Every new token's slot, recorded on the host mirror and (one scatter) on the device.
-        slots32 = slots.to(torch.int32)
-        if decode:
-            req_to_token_pool.host[row_t, positions_cpu] = slots32
-        else:  # few requests, long runs: slice copies beat a scatter of every token
-            for row, prefix, ext, start in zip(rows_cpu, self.prefix_lens, self.extend_lens, starts):
-                req_to_token_pool.host[row, prefix : prefix + ext] = slots32[start : start + ext]
         (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
          src_t, token_rows_t) = pack_on([
             ints(input_ids), positions_cpu, slots, row_t, ints(seq_lens), ext_cpu, ints(starts),
-            ints(logits_indices), ints(pending), ints([self.reqs[i].inflight_row for i in pending]), token_rows,
+            ints(logits_indices), ints(pending), ints([self.reqs[i].uncommitted_row for i in pending]), token_rows,
         ], device)
-        req_to_token = req_to_token_pool.req_to_token
-        if req_to_token is not req_to_token_pool.host:
-            req_to_token[token_rows_t, positions_t] = out_cache_loc.to(torch.int32)
         if pending:
-            input_ids_t[pending_t] = inflight.next_ids[src_t]
-        return ForwardBatch(
+            input_ids_t[pending_t] = uncommitted.next_ids[src_t]
+        writes = SlotWrites(decode=decode, rows=row_t, positions=positions_cpu, prefix_lens=self.prefix_lens,
+                            extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=token_rows_t,
+                            device_positions=positions_t, device_slots=out_cache_loc)
+        fb = ForwardBatch(
             mode=self.mode,
             input_ids=input_ids_t,
             positions=positions_t,
@@ -138,3 +154,4 @@ class ScheduledBatch:
             extend_start_loc=starts_t.to(torch.int32),
             logits_indices=logits_t,
         )
+        return fb, writes

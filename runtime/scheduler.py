@@ -5,22 +5,24 @@ back to the tokenizer process as ReqOutput deltas.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
-from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
-from radixlm.runtime.result_processor import ResultProcessor
-from radixlm.runtime.schedule_batch import InflightBatch, ScheduledBatch
+from radixlm.runtime.result_processor import ResultProcessor, SeqEvent
+from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
 from radixlm.runtime.schedule_policy import DecodeReserve, InBatchPrefixes, order_waiting
 from radixlm.runtime.server_args import ServerArgs
 
@@ -47,7 +49,14 @@ class Scheduler:
         self.max_running = self.runner.max_running_requests
         self.reserve = DecodeReserve(args.schedule_conservativeness)
         self.rng = random.Random(args.random_seed)
-        self.results = ResultProcessor(self, tokenizer)
+        self.tokenizer = tokenizer
+        eos = set(self.runner.model_config.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.results = ResultProcessor(tokenizer, eos, self.runner.context_len,
+                                       jump_forward=not args.disable_jump_forward,
+                                       decode_graphs=self.runner.graph_runner is not None)
+        self.grammars: Any = None  # GrammarRuntime, created on the first constrained request
 
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -56,11 +65,12 @@ class Scheduler:
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
-        self.inflight: InflightBatch | None = None
+        # Overlap scheduling: the decode step sampled on the device and not yet appended.
+        self.uncommitted: UncommittedStep | None = None
         # What the current step has touched, for fault isolation (fault_isolation.py): the batches
-        # it built and the overlap batch in flight when it began.
+        # it built and the uncommitted step there was when it began.
         self.step_batches: list[ScheduledBatch] = []
-        self.step_inflight: InflightBatch | None = None
+        self.step_uncommitted: UncommittedStep | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
                       "forward_steps": 0, "last_gen_throughput": 0.0}
         self._gen_window: list[tuple[float, int]] = []
@@ -83,18 +93,28 @@ class Scheduler:
         if params.max_new_tokens > room:
             params = params.replace(max_new_tokens=max(room, 0), min_new_tokens=min(params.min_new_tokens, max(room, 0)))
         base_seed = params.seed if params.seed is not None else self.rng.getrandbits(32)
-        leader = Req.from_wire(msg, base_seed)
-        leader.params = params
-        for i in range(1, params.n):
-            follower = Req.from_wire(msg, base_seed + i if params.seed is not None else self.rng.getrandbits(32))
-            follower.rid = f"{msg.rid}-{i}"
-            follower.group_rid = msg.rid
-            follower.params = params
-            leader.followers.append(follower)
-        if params.n > 1:
-            leader.rid, leader.group_rid = f"{msg.rid}-0", msg.rid
-        self.results.prepare_grammar(leader)
+        seeds = [base_seed] + [base_seed + i if params.seed is not None else self.rng.getrandbits(32)
+                               for i in range(1, params.n)]
+        leader = Req.group_from_wire(dataclasses.replace(msg, params=params), seeds)
+        if params.constraint is not None:
+            self._grammar_runtime().submit(leader)
         self.waiting.append(leader)
+
+    def _grammar_runtime(self) -> Any:
+        if self.grammars is None:
+            from radixlm.runtime.grammar_runtime import GrammarRuntime
+
+            path = self.args.tokenizer_path or str(self.model_dir)
+            self.grammars = GrammarRuntime(self.args, self.tokenizer, path, self.runner.vocab_size)
+        return self.grammars
+
+    def _poll_grammars(self) -> None:
+        if self.grammars is None:
+            return
+        for req, error in self.grammars.poll():
+            if error is not None and req in self.waiting:
+                self.waiting.remove(req)
+                self._finish(req, FinishReason.abort(str(error), status_code=400))
 
     def _control(self, msg: ControlReq) -> ControlResp:
         if msg.kind == "flush_cache":
@@ -127,13 +147,13 @@ class Scheduler:
         for queue in (self.waiting, self.running, self.partial):
             for req in [r for r in queue if rid in (r.rid, r.group_rid)]:
                 queue.remove(req)
-                if self.results.grammars is not None:
-                    self.results.grammars.forget(req)
-                self._finish(req, {"type": "abort", "message": message})
+                if self.grammars is not None:
+                    self.grammars.forget(req)
+                self._finish(req, FinishReason.abort(message))
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.running or self.partial or self.inflight)
+        return not (self.waiting or self.running or self.partial or self.uncommitted)
 
     # ---------------------------------------------------------------- main step
     def step(self) -> bool:
@@ -143,7 +163,7 @@ class Scheduler:
         committed: the host appends step k's tokens while the device already runs step k+1.
         An exception fails only the requests the step touched (fault_isolation.py); it raises
         SchedulerFatalError only when the device or the pools can no longer be trusted."""
-        self.step_batches, self.step_inflight = [], self.inflight
+        self.step_batches, self.step_uncommitted = [], self.uncommitted
         try:
             return self._step()
         except Exception as exc:  # noqa: BLE001 - isolate the fault to this step's requests
@@ -153,36 +173,46 @@ class Scheduler:
             return True
 
     def _step(self) -> bool:
-        self.results.poll_grammars()
-        if self.inflight is not None and not self._can_schedule_before_commit():
-            self._commit_inflight()
+        self._poll_grammars()
+        if self.uncommitted is not None and not self._can_schedule_before_commit():
+            self._commit_step()
         batch = self._schedule_prefill()
         if batch is not None and self.running and self._should_mix(batch):
-            self._commit_inflight()  # the decode rows' inputs must be on the host
+            self._commit_step()  # the decode rows' inputs must be on the host
             decode = self._schedule_decode()
             if decode is not None:
                 batch.absorb(decode)
         batch = batch or self._schedule_decode()
         if batch is None:
-            return self._commit_inflight()
+            return self._commit_step()
         self.decode_log.on_step(batch.mode, self.info)
-        fb = batch.to_forward_batch(self.req_to_token_pool, self.device, self.inflight)
+        fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted)
+        self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
         self.stats["forward_steps"] += 1
-        if self.overlap and self.results.can_defer(batch):
-            previous, self.inflight = self.inflight, None
+        if self.overlap and self.results.can_defer(batch, len(self.running)):
+            previous, self.uncommitted = self.uncommitted, None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):
                 # Grammar masks need step k's tokens in the matchers: commit them now, while this
                 # step's forward pass runs, then fill the masks and sample on the device.
-                self.results.commit_inflight(previous, allow_jump=False)
+                self._commit_step(previous, allow_jump=False)
                 previous = None
-            self.inflight = self.results.launch(batch, logits)
+            self.uncommitted = self._launch(batch, logits)
             if previous is not None:
-                self.results.commit_inflight(previous, allow_jump=False)
+                self._commit_step(previous, allow_jump=False)
             return True
-        self._commit_inflight()
-        self.results.process(batch, logits)
+        self._commit_step()
+        self.process_results(batch, logits)
         return True
+
+    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep:
+        """Sample on the device; the host appends these tokens a step later (`_commit_step`)."""
+        return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars))
+
+    def process_results(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
+        """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events."""
+        forks = self._after_prefill(batch)
+        self._apply(self.results.process(batch, logits, forks, self.grammars, len(self.running)))
 
     def _should_mix(self, batch: ScheduledBatch) -> bool:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
@@ -190,16 +220,20 @@ class Scheduler:
         it always rides along; a large prefill only with --enable-mixed-chunk."""
         return self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
 
-    def _commit_inflight(self) -> bool:
-        if self.inflight is None:
+    def _commit_step(self, step: UncommittedStep | None = None, allow_jump: bool = True) -> bool:
+        """Append the tokens of an uncommitted step (by default the scheduler's own). `allow_jump=False`
+        while a step that consumes these tokens is already launched."""
+        if step is None:
+            step, self.uncommitted = self.uncommitted, None
+        if step is None:
             return False
-        inflight, self.inflight = self.inflight, None
-        self.results.commit_inflight(inflight)
+        reqs, ids = step.take_tokens()
+        self._apply(self.results.commit(reqs, ids, self.grammars, len(self.running), allow_jump))
         return True
 
     def _can_schedule_before_commit(self) -> bool:
-        """The next step can go ahead before the pending one is committed: nothing to admit or
-        extend, and no retraction needed (it would free the slots of a token in flight).
+        """The next step can go ahead before the uncommitted one is committed: nothing to admit or
+        extend, and no retraction needed (it would free the slots of a token on the device).
 
         Scheduling a prefill ahead of the commit was tried (benchmarks/RESULTS.md, issue 8): on
         workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower."""
@@ -210,6 +244,56 @@ class Scheduler:
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []
         return out
+
+    # ---------------------------------------------------------------- results
+    def _after_prefill(self, batch: ScheduledBatch) -> dict[Req, list[Req]]:
+        """KV bookkeeping once a synchronous step ran: a prefilled chunk, or a whole prompt, goes into
+        the prefix cache (shareable now, not only once the request finishes); a completed prompt's
+        followers (n > 1) get its KV. Returns the followers that sample from their leader's row;
+        one that finds no room for a copy (cache off) is queued to prefill on its own."""
+        forks: dict[Req, list[Req]] = {}
+        for req, decoding, row in zip(batch.reqs, batch.decoding, batch.sample_rows):
+            if decoding or req.finished:
+                continue
+            if row is None or req.params.max_new_tokens > 0:
+                self.cache.cache_unfinished(req)
+            if row is None or not req.followers or req.params.max_new_tokens == 0:
+                continue
+            forks[req] = [f for f in req.followers if self._fork(req, f)]
+            req.followers = []
+        return forks
+
+    def _fork(self, leader: Req, follower: Req) -> bool:
+        follower.cached_tokens = leader.cached_tokens
+        follower.admitted_once = True  # its prompt was counted with its leader's
+        if follower.grammar is None and leader.grammar is not None:
+            follower.grammar = leader.grammar.copy()
+        follower.req_pool_idx = self.req_to_token_pool.alloc()
+        if follower.req_pool_idx is not None and self.cache.share_prefix(leader, follower):
+            return True
+        if follower.req_pool_idx is not None:
+            self.req_to_token_pool.free(follower.req_pool_idx)
+            follower.req_pool_idx = None
+        self.waiting.insert(0, follower)
+        return False
+
+    def _apply(self, events: list[SeqEvent]) -> None:
+        """Move each request where its step left it: finished (KV released, final output), forced
+        tokens to extend (partial), decoding (running); stream what a client may see."""
+        self.record_generated(sum(e.sampled for e in events))
+        for ev in events:
+            req = ev.req
+            if ev.was_running and (ev.finished is not None or ev.jumped):
+                self.running.remove(req)
+            if ev.finished is not None:
+                self._finish(req, ev.finished)
+                continue
+            if ev.jumped:
+                self.partial.append(req)  # its forced tokens need an extend step
+            elif not ev.was_running:
+                self.running.append(req)
+            if req.stream and len(req.output_ids) - req.sent_output_len >= self.args.stream_interval:
+                self.outputs.append(req.take_output())
 
     # ---------------------------------------------------------------- prefill
     def _free_tokens(self) -> int:
@@ -222,83 +306,77 @@ class Scheduler:
         return self.kv_pool.alloc(n)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        reqs: list[Req] = []
         budget = min(self.max_prefill_tokens, self.chunk_size)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
         self.step_batches.append(batch)
         for req in list(self.partial):
             ext = min(req.fill_len - req.kv_len, budget)
-            if ext <= 0 or not self._extend(batch, req, ext):
+            slots = self._alloc_slots(ext) if ext > 0 else None
+            if slots is None:
                 continue
+            self._add(batch, req, slots)
             budget -= ext
             free -= ext
-            reqs.append(req)
             if req.kv_len == req.fill_len:
                 self.partial.remove(req)
         candidates = [r for r in self.waiting if not r.grammar_pending]
-        if candidates and budget > 0:
-            ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
-            in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
-            for req in ordered:
-                if len(self.running) + len(self.partial) + len(reqs) + 1 + len(req.followers) > self.max_running or budget <= 0:
-                    break
-                if self.req_to_token_pool.available() < 1 + len(req.followers):
-                    break
-                prefix = self.cache.match(req)
-                if in_batch is not None and in_batch.should_defer(req, len(prefix)):
-                    self.cache.unlock(req)  # next step its prefix is cached by a request admitted now
-                    continue
-                ext_total = req.fill_len - len(prefix)
-                need = min(ext_total, budget) + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)
-                need += len(req.followers) * req.fill_len
-                if need > free and (reqs or self.running):
-                    self.cache.unlock(req)
-                    break
-                req.req_pool_idx = self.req_to_token_pool.alloc()
-                n_prefix = len(prefix)
-                if n_prefix:
-                    self.req_to_token_pool.write(req.req_pool_idx, 0, prefix)
-                req.kv_len = req.cache_protected_len = n_prefix
-                if not req.admitted_once:
-                    req.cached_tokens = n_prefix
-                    req.admitted_once = True
-                    self.stats["prompt_tokens"] += len(req.input_ids) * (1 + len(req.followers))
-                    self.stats["cached_tokens"] += n_prefix
-                ext = min(ext_total, budget)
-                if not self._extend(batch, req, ext):
-                    self.cache.unlock(req)
-                    self.req_to_token_pool.free(req.req_pool_idx)
-                    req.req_pool_idx = None
-                    req.kv_len = req.cache_protected_len = 0
-                    break
-                self.waiting.remove(req)
-                reqs.append(req)
-                if in_batch is not None:
-                    in_batch.add(req)
-                budget -= ext
-                free -= need
-                if req.kv_len < req.fill_len:
-                    self.partial.append(req)
-                    break
+        if not candidates or budget <= 0:
+            return batch if batch.reqs else None
+        ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
+        in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
+        for req in ordered:
+            # Check: room for the request's rows, its token budget, its KV slots.
+            seqs = 1 + len(req.followers)
+            if len(self.running) + len(self.partial) + len(batch.reqs) + seqs > self.max_running or budget <= 0:
+                break
+            if self.req_to_token_pool.available() < seqs:
+                break
+            prefix = self.cache.match(req)
+            if in_batch is not None and in_batch.should_defer(req, len(prefix)):
+                self.cache.unlock(req)  # next step its prefix is cached by a request admitted now
+                continue
+            ext = min(req.fill_len - len(prefix), budget)
+            need = ext + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)
+            need += len(req.followers) * req.fill_len
+            slots = None if need > free and (batch.reqs or self.running) else self._alloc_slots(ext)
+            if slots is None:
+                self.cache.unlock(req)
+                break
+            # Commit: the step owns the new slots (fault isolation frees them), then the request
+            # takes its row, its cached prefix and those slots.
+            batch.add(req, slots, prefix_len=len(prefix))
+            self._admit(req, prefix, ext)
+            self.waiting.remove(req)
+            if in_batch is not None:
+                in_batch.add(req)
+            budget -= ext
+            free -= need
+            if req.kv_len < req.fill_len:
+                self.partial.append(req)
+                break
         return batch if batch.reqs else None
+
+    def _admit(self, req: Req, prefix: torch.Tensor, ext: int) -> None:
+        req.req_pool_idx = self.req_to_token_pool.alloc()
+        assert req.req_pool_idx is not None
+        if len(prefix):
+            self.req_to_token_pool.write(req.req_pool_idx, 0, prefix)
+        req.cache_protected_len = len(prefix)
+        req.kv_len = len(prefix) + ext
+        if not req.admitted_once:
+            req.cached_tokens = len(prefix)
+            req.admitted_once = True
+            self.stats["prompt_tokens"] += len(req.input_ids) * (1 + len(req.followers))
+            self.stats["cached_tokens"] += len(prefix)
 
     def _peek_prefix_len(self, req: Req) -> int:
         return self.cache.peek(req.fill_slice(0, req.max_prefix_len), req.extra_key)
 
-    def _extend(self, batch: ScheduledBatch, req: Req, ext: int, decoding: bool = False) -> bool:
-        slots = self._alloc_slots(ext)
-        if slots is None:
-            return False
+    def _add(self, batch: ScheduledBatch, req: Req, slots: torch.Tensor, decoding: bool = False) -> None:
         assert req.req_pool_idx is not None
-        start = req.kv_len
-        batch.new_slots.append(slots)
-        batch.reqs.append(req)
-        batch.prefix_lens.append(start)
-        batch.extend_lens.append(ext)
-        batch.decoding.append(decoding)
-        req.kv_len = start + ext
-        return True
+        batch.add(req, slots, decoding)
+        req.kv_len += int(slots.numel())
 
     # ---------------------------------------------------------------- decode
     def _schedule_decode(self) -> ScheduledBatch | None:
@@ -310,7 +388,7 @@ class Scheduler:
             self._retract_one()
         batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
         self.step_batches.append(batch)
-        # A request whose last token is in flight finishes when that is committed: nothing to run.
+        # A request whose last token is on the device finishes when that is committed: nothing to run.
         todo = [r for r in self.running if r.remaining_new_tokens() > 0]
         slots = self._alloc_slots(len(todo))
         if slots is not None:  # the common case: one allocation for the whole batch
@@ -324,14 +402,16 @@ class Scheduler:
             self.reserve.on_decode_step()
             return batch if todo else None
         for req in todo:
-            if self._extend(batch, req, 1, decoding=True):
+            slot = self._alloc_slots(1)
+            if slot is not None:
+                self._add(batch, req, slot, decoding=True)
                 continue
             self.running.remove(req)
             if self.running or batch.reqs:
                 self._retract(req)  # still short: retry once others finish
             else:
-                self._finish(req, {"type": "abort", "message": "KV cache is too small for this request; "
-                                   "raise --max-total-tokens or lower max_new_tokens"})
+                self._finish(req, FinishReason.abort("KV cache is too small for this request; "
+                                                     "raise --max-total-tokens or lower max_new_tokens"))
         self.reserve.on_decode_step()
         return batch if batch.reqs else None
 
@@ -357,14 +437,14 @@ class Scheduler:
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx = None
 
-    def _finish(self, req: Req, reason: dict) -> None:
+    def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finished_reason = reason
         self._release_kv(req)
         for follower in req.followers:  # followers that never started finish with their leader
             if not follower.finished:
                 self._finish(follower, reason)
         req.followers = []
-        self.outputs.append(self.results.make_output(req))
+        self.outputs.append(req.take_output())
 
     def record_generated(self, n: int) -> None:
         now = time.monotonic()

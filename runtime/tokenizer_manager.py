@@ -1,17 +1,14 @@
 """The front half of the runtime (HTTP/tokenizer process): tokenize, send to the scheduler,
 detokenize its deltas, and hand results to callers as SGLang-shaped dicts.
 
-With --dp-size N it fronts N scheduler processes (replicas, each possibly TP x PP ranks): a router
-picks the replica of each request, outputs from all of them merge here, and a replica that dies
-fails only its own requests (runtime/parallel/)."""
+The scheduler processes behind it (one, or N data-parallel replicas of TP x PP ranks each) are a
+`ReplicaSet` (runtime/parallel/): it starts, watches and stops them, routes each request and fans
+out control messages. This object keeps tokenization and the state of every request."""
 from __future__ import annotations
 
 import asyncio
 import atexit
-import dataclasses
-import itertools
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,11 +16,9 @@ from typing import Any
 
 from radixlm.runtime.detokenizer import IncrementalDetokenizer, stop_holdback, trim_at_stop
 from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
-from radixlm.runtime.io_struct import (AbortReq, ControlReq, ControlResp, ReqOutput, SchedulerFailed,
-                                      TokenizedGenerateReq)
-from radixlm.runtime.outbox import Outbox
-from radixlm.runtime.parallel.launch import Replica, merge_infos, start_replicas, stop_replica, watch_replicas
-from radixlm.runtime.parallel.router import Router
+from radixlm.runtime.io_struct import AbortReq, ControlResp, ReqOutput, SchedulerReady, TokenizedGenerateReq, sequence_rids
+from radixlm.runtime.parallel.launch import Replica
+from radixlm.runtime.parallel.replica_set import ReplicaSet, SchedulerDiedError
 from radixlm.runtime.request_log import RequestLog
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.scheduler_process import load_tokenizer
@@ -32,9 +27,7 @@ from radixlm.runtime.stop_regex import regex_holdback, trim_at_first_match
 
 logger = logging.getLogger(__name__)
 
-
-class SchedulerDiedError(RuntimeError):
-    pass
+__all__ = ["ReqState", "SchedulerDiedError", "TokenizerManager"]
 
 
 @dataclass
@@ -62,83 +55,37 @@ class TokenizerManager:
         from radixlm.runtime.model_source import resolve_model_path
 
         self.args = args
-        self._closing = False
         self.model_dir = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir)
         # --skip-tokenizer-init: clients send input_ids and read output_ids (random-weight benchmarks).
         self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or self.model_dir)
-        # Every replica's scheduler (and its other ranks) started and ready; one unless --dp-size.
-        self.replicas: list[Replica] = start_replicas(args, self.model_dir)
-        # The event loop never writes to a scheduler's pipe itself (it may be full): see outbox.py.
-        self._outboxes = [Outbox(r.send, f"radixlm-send-{r.index}") for r in self.replicas]
+        self.replicas = ReplicaSet(args, self.model_dir)
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the children
-        first = self.replicas[0].info
-        assert first is not None
-        # Requests are validated against the smallest replica.
-        self.info = first if len(self.replicas) == 1 else dataclasses.replace(
-            first, max_total_tokens=min(r.info.max_total_tokens for r in self.replicas if r.info))
-        self.router = Router(args.load_balance_method, [r.info.max_total_tokens for r in self.replicas if r.info])
-        self._watch_stop = threading.Event()
-        watch_replicas(self.replicas, self._watch_stop)
         self.states: dict[str, ReqState] = {}
-        self._control: dict[int, asyncio.Future] = {}
-        self._control_replica: dict[int, int] = {}  # request id -> the replica asked
-        self._ids = itertools.count()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.dead: str | None = None  # every replica is gone
         self.request_log = RequestLog(args.log_requests_level) if args.log_requests else None
 
     @property
-    def proc(self) -> Any:
-        """The (first) scheduler process."""
-        return self.replicas[0].procs[0]
+    def info(self) -> SchedulerReady:
+        """The limits requests are validated against (the smallest replica's)."""
+        return self.replicas.info
+
+    @property
+    def dead(self) -> str | None:
+        """Why nothing serves any more (every replica is gone), or None."""
+        return self.replicas.dead
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Attach to the event loop that will await results; a thread per replica feeds it scheduler messages."""
-        self.loop = loop
-        for replica in self.replicas:
-            threading.Thread(target=self._reader, args=(replica,), name=f"radixlm-recv-{replica.index}",
-                             daemon=True).start()
-
-    def _reader(self, replica: Replica) -> None:
-        assert self.loop is not None
-        while True:
-            try:
-                msg = replica.from_sched.recv()
-            except (EOFError, OSError):
-                try:
-                    self.loop.call_soon_threadsafe(self._on_scheduler_death, replica)
-                except RuntimeError:  # the event loop is already closed: we are shutting down
-                    pass
-                return
-            if isinstance(msg, SchedulerFailed):  # it stops itself (fault_isolation.py): this is why
-                replica.cause = msg.error
-                continue
-            try:
-                self.loop.call_soon_threadsafe(self._dispatch, msg)
-            except RuntimeError:
-                return
-
-    def _send(self, msg: object, replica: Replica) -> None:
-        if replica.dead:
-            raise SchedulerDiedError(replica.dead)
-        if self._closing:
-            raise SchedulerDiedError("the runtime is shut down")
-        self._outboxes[replica.index].put(msg)
+        """Attach to the event loop that will await results (the replicas' outputs arrive on it)."""
+        self.replicas.start(loop, self._on_outputs, self._on_replica_death)
 
     # ---------------------------------------------------------------- scheduler -> here
-    def _dispatch(self, msg: object) -> None:
-        if isinstance(msg, ControlResp):
-            fut = self._control.pop(msg.request_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            return
-        for out in msg:  # type: ignore[union-attr]
+    def _on_outputs(self, outputs: list[ReqOutput]) -> None:
+        for out in outputs:
             state = self.states.get(out.rid)
             if state is None:
                 continue
             self._apply(state, out)
             if state.finished:
-                self.replicas[state.replica].inflight -= 1
+                self.replicas[state.replica].open_sequences -= 1
                 if self.request_log is not None:
                     self.request_log.finished(state)
             state.event.set()
@@ -154,24 +101,12 @@ class TokenizerManager:
                 getattr(state, name).extend(delta)
         state.finished = finished
 
-    def _on_scheduler_death(self, replica: Replica) -> None:
-        """Fail the requests of a replica whose scheduler is gone; the others keep serving."""
-        if self._closing or replica.dead:
-            return
-        replica.dead = replica.describe_death(len(self.replicas))
-        logger.error(replica.dead)
-        self._outboxes[replica.index].close()
-        stop_replica(replica, graceful=False)  # its other ranks too
-        self.router.forget(replica.index)
-        if all(r.dead for r in self.replicas):
-            self.dead = replica.dead
+    def _on_replica_death(self, replica: Replica) -> None:
+        """Fail the unfinished requests of a replica whose scheduler is gone."""
         for state in self.states.values():
             if state.replica == replica.index and not state.finished:
                 state.error = replica.dead
                 state.event.set()
-        for rid, fut in self._control.items():
-            if self._control_replica.get(rid) == replica.index and not fut.done():
-                fut.set_exception(SchedulerDiedError(replica.dead))
 
     # ---------------------------------------------------------------- caller API
     def tokenize(self, item: GenerateItem) -> list[int]:
@@ -228,11 +163,11 @@ class TokenizerManager:
         outgoing: dict[int, list[TokenizedGenerateReq]] = {}  # per replica: one message for the batch
         for item, ids in prepared:
             n = item.params.n
-            rids = [item.rid] if n == 1 else [f"{item.rid}-{i}" for i in range(n)]
+            rids = sequence_rids(item.rid, n)
             for rid in rids:
                 if rid in self.states:
                     raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
-            replica = self._route(ids, item.extra_key)
+            replica = self.replicas.route(ids, item.extra_key)
             for rid in rids:
                 detok = IncrementalDetokenizer(self.tokenizer, item.params.skip_special_tokens,
                                                item.params.spaces_between_special_tokens)
@@ -240,36 +175,24 @@ class TokenizerManager:
                                  replica=replica.index)
                 self.states[rid] = state
                 states.append(state)
-            replica.inflight += n
+            replica.open_sequences += n
             outgoing.setdefault(replica.index, []).append(TokenizedGenerateReq(
                 rid=item.rid, input_ids=ids, params=item.params, return_logprob=item.return_logprob,
                 logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num,
                 stream=req.stream, extra_key=item.extra_key,
             ))
         for index, msgs in outgoing.items():
-            self._send(msgs, self.replicas[index])
-
-    def _route(self, ids: list[int], extra_key: str | None) -> Replica:
-        if len(self.replicas) == 1:
-            replica = self.replicas[0]
-        else:
-            loads = [None if r.dead else r.inflight for r in self.replicas]
-            if all(load is None for load in loads):
-                raise SchedulerDiedError(self.dead or "every data-parallel replica died")
-            replica = self.replicas[self.router.select(ids, extra_key, loads)]
-        if replica.dead:
-            raise SchedulerDiedError(replica.dead)
-        return replica
+            self.replicas.send(msgs, self.replicas[index])
 
     def abort(self, states: list[ReqState]) -> None:
         for item_rid, replica in {(s.item.rid, s.replica) for s in states if not s.finished and not s.error}:
             try:
-                self._send(AbortReq(item_rid), self.replicas[replica])
+                self.replicas.send(AbortReq(item_rid), self.replicas[replica])
             except (SchedulerDiedError, OSError):
                 pass
         for s in states:
             if self.states.pop(s.rid, None) is not None and not s.finished and not s.error:
-                self.replicas[s.replica].inflight -= 1
+                self.replicas[s.replica].open_sequences -= 1
 
     def abort_request(self, rid: str | None, message: str = "aborted by client") -> int:
         """Ask the scheduler to abort a request by id (a request's rid or one of its n sequences'),
@@ -278,7 +201,7 @@ class TokenizerManager:
         targets = [s for s in self.states.values() if not s.finished and not s.error
                    and (rid is None or rid in (s.rid, s.item.rid))]
         for target, replica in {(rid if rid is not None else s.item.rid, s.replica) for s in targets}:
-            self._send(AbortReq(target, message), self.replicas[replica])
+            self.replicas.send(AbortReq(target, message), self.replicas[replica])
         return len(targets)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
@@ -331,9 +254,9 @@ class TokenizerManager:
         params = s.item.params
         text = s.detok.text
         ids = s.output_ids
-        if reason is not None and not params.no_stop_trim and reason.get("type") == "stop":
-            matched = reason.get("matched")
-            if reason.get("regex"):
+        if reason is not None and not params.no_stop_trim and reason.kind == "stop":
+            matched = reason.matched
+            if reason.regex:
                 text = trim_at_first_match(text, params.stop_regex)
             elif isinstance(matched, str):
                 text = trim_at_stop(text, matched)
@@ -344,7 +267,7 @@ class TokenizerManager:
             text = text[: len(text) - held]
         meta: dict[str, Any] = {
             "id": s.rid,
-            "finish_reason": {k: v for k, v in reason.items() if k not in ("status_code", "regex")} if reason else None,
+            "finish_reason": reason.to_json() if reason else None,
             "prompt_tokens": len(s.prompt_ids),
             "completion_tokens": len(ids),
             "cached_tokens": out.cached_tokens if out else 0,
@@ -358,8 +281,8 @@ class TokenizerManager:
         if s.item.return_logprob:
             self._logprob_meta(s, meta)
         result: dict[str, Any] = {"text": text, "output_ids": list(ids), "meta_info": meta}
-        if reason is not None and reason.get("status_code"):
-            result["error_status"] = reason["status_code"]
+        if reason is not None and reason.status_code:
+            result["error_status"] = reason.status_code
         return result
 
     def _logprob_meta(self, s: ReqState, meta: dict[str, Any]) -> None:
@@ -376,42 +299,7 @@ class TokenizerManager:
             meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in e] for e in s.output_top_logprobs]
 
     async def control(self, kind: str, timeout: float = 30.0) -> ControlResp:
-        """Ask every live replica; with several, one answer merged from theirs."""
-        live = [r for r in self.replicas if not r.dead]
-        if not live:
-            raise SchedulerDiedError(self.dead or "no live replica")
-        resps = await asyncio.wait_for(asyncio.gather(*(self._control_one(kind, r) for r in live)), timeout)
-        if len(self.replicas) == 1:
-            return resps[0]
-        if kind == "get_info":
-            payload = merge_infos([{**r.payload, "dp_rank": rep.index} for r, rep in zip(resps, live)])
-            payload["dp_dead_replicas"] = [r.index for r in self.replicas if r.dead]
-            return ControlResp(resps[0].request_id, all(r.ok for r in resps), payload)
-        failed = [r for r in resps if not r.ok]
-        return failed[0] if failed else resps[0]
-
-    async def _control_one(self, kind: str, replica: Replica) -> ControlResp:
-        assert self.loop is not None
-        rid = next(self._ids)
-        fut = self.loop.create_future()
-        self._control[rid] = fut
-        self._control_replica[rid] = replica.index  # failed if that replica dies
-        try:
-            self._send(ControlReq(kind, rid), replica)
-            return await fut
-        finally:
-            self._control.pop(rid, None)
-            self._control_replica.pop(rid, None)
+        return await self.replicas.control(kind, timeout)
 
     def shutdown(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._watch_stop.set()
-        for replica, outbox in zip(self.replicas, self._outboxes):  # all at once: each then stops its own other ranks
-            if not replica.dead:
-                outbox.put(ControlReq("shutdown", -1))  # behind the aborts already queued
-            outbox.close()
-        for replica, outbox in zip(self.replicas, self._outboxes):
-            outbox.join(2.0)
-            stop_replica(replica, graceful=not replica.dead)
+        self.replicas.shutdown()

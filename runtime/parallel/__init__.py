@@ -3,6 +3,7 @@
 - `state`: this process's place in its replica (TP x PP ranks) and the process groups.
 - `layers`: tensor-parallel linear / embedding layers, checkpoint slicing per rank, pipeline stages.
 - `worker`: the per-step broadcast from rank 0, the pipeline forward, the loop of the other ranks.
-- `launch`: the front's view of the data-parallel replicas (spawn, ready, watch, stop), other nodes.
+- `launch`: the processes of a data-parallel replica (spawn, ready, watch, stop), other nodes.
+- `replica_set`: the front's replicas as one object (start, watch, route, send, control fan-out, stop).
 - `router`: cache-aware routing of requests across data-parallel replicas.
 """

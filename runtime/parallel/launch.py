@@ -1,6 +1,6 @@
 """Starting, watching and stopping the processes of the data-parallel replicas (each TP x PP ranks).
 
-The front (TokenizerManager) starts every replica: rank 0 of each runs the scheduler and talks to the
+The front's ReplicaSet starts every replica: rank 0 of each runs the scheduler and talks to the
 front over a pipe pair; this node's other ranks run `run_worker_process`. With nnodes > 1 the other
 nodes start their ranks with `run_worker_node` (`radixlm serve --node-rank N ...`), and all meet at
 `--dist-init-addr` through torch.distributed's TCP rendezvous.
@@ -38,7 +38,7 @@ class Replica:
     info: SchedulerReady | None = None
     dead: str | None = None  # why it no longer serves
     cause: str | None = None  # set by the watcher when a rank other than 0 died
-    inflight: int = 0  # unfinished sequences routed here
+    open_sequences: int = 0  # unfinished sequences routed here (its load, for the router)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     # Held around every wait on / signal to the processes: two threads reaping one child would
     # leave multiprocessing believing it is alive forever.

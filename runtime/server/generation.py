@@ -10,38 +10,44 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+
 from radixlm.runtime.generate_request import GenerateRequest
+from radixlm.runtime.io_struct import sequence_rids
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.metrics import SequenceTimer, ServerMetrics
+from radixlm.runtime.server.sse import ClientGone, EventStream
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.tokenizer_manager import SchedulerDiedError, TokenizerManager
 
 Update = list[tuple[int, dict[str, Any]]]
+logger = logging.getLogger(__name__)
 
 
 class Admission:
-    """Counts sequences (prompts x n) accepted and not finished; refuses beyond `limit`."""
+    """Counts the sequences (prompts x n) this HTTP server admitted and that have not finished;
+    refuses beyond `limit` (back-pressure before any work reaches the scheduler)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.inflight = 0
+        self.admitted = 0
 
     def acquire(self, k: int) -> None:
-        if self.inflight + k > self.limit:
-            raise ApiError(503, f"the server is at capacity ({self.inflight} of {self.limit} sequences in flight, "
+        if self.admitted + k > self.limit:
+            raise ApiError(503, f"the server is at capacity ({self.admitted} of {self.limit} sequences in flight, "
                                 f"this request needs {k}); retry later", headers={"Retry-After": "1"})
-        self.inflight += k
+        self.admitted += k
 
     def release(self, k: int) -> None:
-        self.inflight = max(self.inflight - k, 0)
+        self.admitted = max(self.admitted - k, 0)
 
 
 @dataclass
@@ -54,7 +60,6 @@ class ServerContext:
     chat: Any = None  # chat.ChatTemplate
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
-    _grammar_available: bool | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -70,18 +75,6 @@ class ServerContext:
         if self.shutting_down:
             raise ApiError(503, "the server is shutting down")
 
-    def check_constraints(self, req: GenerateRequest, param: str | None = None) -> None:
-        """A clear 400 when constrained decoding is requested but this build has no grammar runtime
-        (the scheduler would otherwise fail on it)."""
-        kinds = [item.params.constraint[0] for item in req.items if item.params.constraint is not None]
-        if not kinds:
-            return
-        if self._grammar_available is None or not self._grammar_available:
-            self._grammar_available = importlib.util.find_spec("radixlm.runtime.grammar_runtime") is not None
-        if not self._grammar_available:
-            raise ApiError(400, f"{param or kinds[0]}: constrained decoding (regex / json_schema / ebnf) is not "
-                                "available in this build of radixlm", param or kinds[0])
-
 
 def sequence_count(req: GenerateRequest) -> int:
     return sum(item.params.n for item in req.items)
@@ -91,8 +84,7 @@ def output_indices(req: GenerateRequest) -> dict[str, int]:
     """rid of each output -> its index, in the TokenizerManager's order (prompt-major, then n)."""
     indices: dict[str, int] = {}
     for item in req.items:
-        n = item.params.n
-        for rid in ([item.rid] if n == 1 else [f"{item.rid}-{j}" for j in range(n)]):
+        for rid in sequence_rids(item.rid, item.params.n):
             indices[rid] = len(indices)
     return indices
 
@@ -158,3 +150,42 @@ async def collect(ctx: ServerContext, req: GenerateRequest, **kw: Any) -> list[d
 
 def strip_internal(out: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k != "error_status"}
+
+
+async def stream_sse(request: web.Request, ctx: ServerContext, req: GenerateRequest,
+                     emit: Callable[[EventStream, int, dict[str, Any]], Awaitable[None]],
+                     on_failed: Callable[[int], None] | None = None,
+                     on_end: Callable[[EventStream], Awaitable[None]] | None = None) -> web.StreamResponse:
+    """The one SSE driver of the native and OpenAI APIs; `emit` renders one sequence's output.
+
+    The first update comes before the headers, so that a failure up to then is a plain HTTP error.
+    After it, a sequence failed by the scheduler (e.g. its grammar) is an error event (`on_failed`
+    hears of it), and a client that goes away ends the loop: leaving `aclosing` aborts the
+    requests and frees their KV. `on_end` writes whatever closes a complete stream (usage)."""
+    sse = EventStream(request)
+    async with aclosing(generate(ctx, req)) as updates:
+        first = await anext(updates, [])
+        for _, out in first:
+            raise_for_error(out)
+        try:
+            update: Update | None = first
+            while update is not None:
+                for i, out in update:
+                    if out.get("error_status"):
+                        reason = out["meta_info"].get("finish_reason") or {}
+                        await sse.send_error(int(out["error_status"]), str(reason.get("message", "request failed")))
+                        if on_failed is not None:
+                            on_failed(i)
+                        continue
+                    await emit(sse, i, out)
+                update = await anext(updates, None)
+            if on_end is not None:
+                await on_end(sse)
+        except ClientGone:
+            return sse.response
+        except ApiError as exc:
+            await sse.send_error(exc.status, exc.message, exc.param)
+        except Exception as exc:  # noqa: BLE001 - the headers are gone: report in-stream
+            logger.exception("error while streaming")
+            await sse.send_error(500, f"internal error: {exc}")
+    return await sse.done()

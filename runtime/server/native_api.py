@@ -5,7 +5,6 @@ import asyncio
 import json
 import logging
 import uuid
-from contextlib import aclosing
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from radixlm.runtime.generate_request import parse_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.builtin_chat_templates import builtin_chat_template_name
 from radixlm.runtime.server.errors import ApiError, json_response
-from radixlm.runtime.server.generation import ServerContext, collect, generate, raise_for_error, strip_internal
-from radixlm.runtime.server.sse import ClientGone, EventStream
+from radixlm.runtime.server.generation import ServerContext, collect, stream_sse, strip_internal
+from radixlm.runtime.server.sse import EventStream
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,6 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
         req = parse_generate_request(body, ctx.vocab_size)
     except InvalidRequestError as exc:
         raise ApiError.from_invalid(exc) from None
-    ctx.check_constraints(req)
     many = req.is_batch or sum(item.params.n for item in req.items) > 1
     try:
         if not req.stream:
@@ -91,35 +89,10 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, ctx: ServerContext, req: Any, many: bool) -> web.StreamResponse:
-    sse = EventStream(request)
-    async with aclosing(generate(ctx, req)) as updates:
-        # The first update comes before the headers, so that a failure up to then is a plain HTTP error.
-        first = await anext(updates, [])
-        for _, out in first:
-            raise_for_error(out)
-        try:
-            update = first
-            while True:
-                for i, out in update:
-                    if out.get("error_status"):
-                        reason = out["meta_info"].get("finish_reason") or {}
-                        await sse.send_error(int(out["error_status"]), str(reason.get("message", "request failed")))
-                        continue
-                    event = dict(out)
-                    if many:
-                        event["index"] = i
-                    await sse.send(event)
-                update = await anext(updates, None)
-                if update is None:
-                    break
-        except ClientGone:
-            return sse.response  # leaving the `async with` aborts the request and frees its KV
-        except ApiError as exc:
-            await sse.send_error(exc.status, exc.message, exc.param)
-        except Exception as exc:  # noqa: BLE001 - report in-stream, the headers are gone
-            logger.exception("error while streaming")
-            await sse.send_error(500, f"internal error: {exc}")
-    return await sse.done()
+    async def emit(sse: EventStream, i: int, out: dict[str, Any]) -> None:
+        await sse.send({**out, "index": i} if many else out)
+
+    return await stream_sse(request, ctx, req, emit)
 
 
 # ------------------------------------------------------------------------------------ info
@@ -166,7 +139,7 @@ async def server_info(request: web.Request) -> web.Response:
         "dtype": info.dtype,
         "vocab_size": info.vocab_size,
         **sched,
-        "http_inflight_sequences": ctx.admission.inflight,
+        "http_inflight_sequences": ctx.admission.admitted,
         "http_max_inflight_sequences": ctx.admission.limit,
     }
     out["internal_states"] = [{
@@ -232,7 +205,7 @@ async def metrics(request: web.Request) -> web.Response:
     if not ctx.tm.dead:
         try:
             info = (await ctx.tm.control("get_info", timeout=5.0)).payload
-            ctx.metrics.update_from_scheduler(info, ctx.admission.inflight)
+            ctx.metrics.update_from_scheduler(info, ctx.admission.admitted)
         except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - serve the counters anyway
             logger.warning("metrics: scheduler info unavailable")
     return web.Response(body=ctx.metrics.render(), headers={"Content-Type": ctx.metrics.content_type})

@@ -1,9 +1,7 @@
 """OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (plain and SSE)."""
 from __future__ import annotations
 
-import logging
 import time
-from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
@@ -11,13 +9,12 @@ from aiohttp import web
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.served_name import DEFAULT_MODEL_ID
 from radixlm.runtime.server.errors import ApiError, json_response
-from radixlm.runtime.server.generation import ServerContext, collect, generate, raise_for_error
+from radixlm.runtime.server.generation import ServerContext, collect, stream_sse
 from radixlm.runtime.server.native_api import CTX, read_json
 from radixlm.runtime.server.openai_protocol import OpenAIRequest, parse_chat, parse_completion
-from radixlm.runtime.server.sse import ClientGone, EventStream
+from radixlm.runtime.server.sse import EventStream
 from radixlm.runtime.server.tools import could_be_call, openai_tool_calls, parse_calls
 
-logger = logging.getLogger(__name__)
 _RENAME = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "text": "prompt"}
 
 
@@ -126,10 +123,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -> web.StreamResponse:
-    param = None
-    if req.kind == "chat":
-        param = "tool_choice" if req.tools is not None and req.tools.constrained else "response_format"
-    ctx.check_constraints(req.generate, param)
     try:
         if req.stream:
             return await _stream(request, ctx, req)
@@ -175,13 +168,13 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
     created = int(time.time())
     states: dict[int, _Choice] = {}
     finals: dict[int, dict[str, Any]] = {}
-    sse = EventStream(request)
 
     def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": req.rid, "object": obj, "created": created, "model": req.model, "choices": [choice],
                 "usage": usage}
 
-    async def emit(i: int, out: dict[str, Any]) -> None:
+    async def emit(sse: EventStream, i: int, out: dict[str, Any]) -> None:
+        finals[i] = out
         st = states.setdefault(i, _Choice())
         if st.finished:
             return
@@ -233,34 +226,16 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
             piece.update(finish_reason=reason, matched_stop=matched)
             await sse.send(chunk(piece, usage))
 
-    async with aclosing(generate(ctx, req.generate)) as updates:
-        first = await anext(updates, [])  # failures up to the first token are plain HTTP errors
-        for _, out in first:
-            raise_for_error(out)
-        try:
-            update = first
-            while update is not None:
-                for i, out in update:
-                    if out.get("error_status"):
-                        reason = out["meta_info"].get("finish_reason") or {}
-                        await sse.send_error(int(out["error_status"]), str(reason.get("message", "request failed")))
-                        states.setdefault(i, _Choice()).finished = True
-                        continue
-                    finals[i] = out
-                    await emit(i, out)
-                update = await anext(updates, None)
-            if req.include_usage and finals:
-                outs = [finals[i] for i in sorted(finals)]
-                await sse.send({"id": req.rid, "object": obj, "created": created, "model": req.model,
-                                "choices": [], "usage": _usage(req, outs)})
-        except ClientGone:
-            return sse.response  # leaving the `async with` aborts the request and frees its KV
-        except ApiError as exc:
-            await sse.send_error(exc.status, exc.message, exc.param)
-        except Exception as exc:  # noqa: BLE001 - the headers are gone: report in-stream
-            logger.exception("error while streaming")
-            await sse.send_error(500, f"internal error: {exc}")
-    return await sse.done()
+    def on_failed(i: int) -> None:
+        states.setdefault(i, _Choice()).finished = True
+
+    async def on_end(sse: EventStream) -> None:
+        if req.include_usage and finals:
+            outs = [finals[i] for i in sorted(finals)]
+            await sse.send({"id": req.rid, "object": obj, "created": created, "model": req.model,
+                            "choices": [], "usage": _usage(req, outs)})
+
+    return await stream_sse(request, ctx, req.generate, emit, on_failed, on_end)
 
 
 def _common_prefix(a: str, b: str) -> str:

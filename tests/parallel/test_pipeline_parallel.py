@@ -34,17 +34,19 @@ def test_split_batch_computes_the_same_logits(tiny_model_dir) -> None:
         sched.handle(greedy_req(f"r{i}", ids + [7] * 5, 4))
     batch = sched._schedule_prefill()
     assert batch is not None and len(batch.reqs) == 3
-    fb = batch.to_forward_batch(sched.req_to_token_pool, sched.device)
+    fb, slot_writes = batch.to_forward_batch(sched.device)
+    sched.req_to_token_pool.commit(slot_writes)
     # Parts first: the later parts must read the KV the earlier ones stored (requests cut in two).
     parts = split_batch(fb, 3)
     assert sum(p.num_tokens for p in parts) == fb.num_tokens and len(parts) == 3
     split_logits = torch.cat([runner.forward_local(p) for p in parts])
     whole = runner.forward_local(fb)
     torch.testing.assert_close(split_logits, whole, rtol=1e-4, atol=1e-4)
-    sched.results.process(batch, whole)
+    sched.process_results(batch, whole)
     decode = sched._schedule_decode()
     assert decode is not None and decode.mode is ForwardMode.DECODE
-    dfb = decode.to_forward_batch(sched.req_to_token_pool, sched.device)
+    dfb, slot_writes = decode.to_forward_batch(sched.device)
+    sched.req_to_token_pool.commit(slot_writes)
     split_logits = torch.cat([runner.forward_local(p) for p in split_batch(dfb, 2)])
     torch.testing.assert_close(split_logits, runner.forward_local(dfb), rtol=1e-4, atol=1e-4)
 

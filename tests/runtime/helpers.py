@@ -43,7 +43,9 @@ def merge(results: dict[str, dict], out: ReqOutput) -> None:
     r = results.setdefault(out.rid, {"output_ids": [], "output_token_logprobs": [], "input_token_logprobs": [],
                                      "output_top_logprobs": [], "input_top_logprobs": []})
     r["output_ids"].extend(out.output_ids)
-    r["finished_reason"] = out.finished_reason
+    reason = out.finished_reason  # as the public dict, plus the status of a request failed for its own fault
+    r["finished_reason"] = None if reason is None else {
+        **reason.to_json(), **({"status_code": reason.status_code} if reason.status_code else {})}
     r["cached_tokens"] = out.cached_tokens
     r["prompt_tokens"] = out.prompt_tokens
     r["num_retractions"] = out.num_retractions

@@ -29,13 +29,13 @@ IPV4 = r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9
 def sched(default_model_dir):
     s = make_scheduler(default_model_dir, max_total_tokens=8192)
     yield s
-    if s.results.grammars is not None:
-        s.results.grammars.close()
+    if s.grammars is not None:
+        s.grammars.close()
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(sched) -> list[int]:
-    tok = sched.results.tokenizer
+    tok = sched.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}],
                                    add_generation_prompt=True, tokenize=False)
     return tok.encode(text)
@@ -49,7 +49,7 @@ def test_json_schema_outputs_validate_under_random_sampling(sched, prompt_ids) -
     reqs = [_req(f"j{i}", prompt_ids, temperature=1.0, max_new_tokens=80, seed=i, json_schema=json.dumps(PERSON))
             for i in range(8)]
     out = run_to_completion(sched, reqs)
-    tok = sched.results.tokenizer
+    tok = sched.tokenizer
     stopped = 0
     for r in reqs:
         res = out[r.rid]
@@ -62,7 +62,7 @@ def test_json_schema_outputs_validate_under_random_sampling(sched, prompt_ids) -
 
 
 def test_regex_and_jump_forward(sched, prompt_ids) -> None:
-    tok = sched.results.tokenizer
+    tok = sched.tokenizer
     out = run_to_completion(sched, [_req("ip", prompt_ids, temperature=0.0, max_new_tokens=30, regex=IPV4)])
     assert re.fullmatch(IPV4, tok.decode(out["ip"]["output_ids"], skip_special_tokens=True))
     # A schema with long forced runs ("{"key": ...) is jumped over instead of decoded token by token.
@@ -98,14 +98,14 @@ def test_overlapped_constrained_decode_matches_synchronous(default_model_dir, pr
     overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
                                 enable_overlap_schedule_on_cpu=True, grammar_mask_threads=3)
     deferred = 0
-    launch = overlapped.results.launch
+    launch = overlapped._launch
 
     def counting_launch(batch, logits):
         nonlocal deferred
         deferred += any(r.grammar is not None for r in batch.reqs)
         return launch(batch, logits)
 
-    overlapped.results.launch = counting_launch
+    overlapped._launch = counting_launch
     got = run_to_completion(overlapped, reqs())
     assert deferred > 15
     for rid, res in expected.items():
@@ -113,7 +113,7 @@ def test_overlapped_constrained_decode_matches_synchronous(default_model_dir, pr
         assert got[rid]["finished_reason"] == res["finished_reason"], rid
     assert_pool_idle(overlapped)
     for s in (plain, overlapped):
-        s.results.grammars.close()
+        s.grammars.close()
 
 
 def test_overlap_hands_over_to_jump_forward_as_the_batch_shrinks(default_model_dir, prompt_ids) -> None:
@@ -121,16 +121,16 @@ def test_overlap_hands_over_to_jump_forward_as_the_batch_shrinks(default_model_d
     not pay); as requests finish the next batch is processed synchronously while the previous
     step is still pending, and requests that step finishes must be skipped, not committed twice."""
     sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True)
-    sched.results._jump_min_tokens = lambda: 100 if len(sched.running) > 3 else 1  # GPU-like rule, small batch
+    sched.results.jump_min_tokens = lambda running: 100 if running > 3 else 1  # GPU-like rule, small batch
     reqs = [_req(f"h{i}", prompt_ids, temperature=1.0, max_new_tokens=24 + 4 * i, seed=i,
                  json_schema=json.dumps(PERSON)) for i in range(8)]
     handovers = 0
     pending_at_launch = False
-    forward, process = sched.runner.forward, sched.results.process
+    forward, process = sched.runner.forward, sched.process_results
 
     def noting_forward(batch):
         nonlocal pending_at_launch
-        pending_at_launch = sched.inflight is not None
+        pending_at_launch = sched.uncommitted is not None
         return forward(batch)
 
     def counting_process(batch, logits):  # a synchronous step launched before the pending one's commit
@@ -138,14 +138,14 @@ def test_overlap_hands_over_to_jump_forward_as_the_batch_shrinks(default_model_d
         handovers += pending_at_launch
         return process(batch, logits)
 
-    sched.runner.forward, sched.results.process = noting_forward, counting_process
+    sched.runner.forward, sched.process_results = noting_forward, counting_process
     out = run_to_completion(sched, reqs)
     assert handovers >= 1
-    tok = sched.results.tokenizer
+    tok = sched.tokenizer
     for r in reqs:
         res = out[r.rid]
         assert res["finished_reason"]["type"] in ("stop", "length"), res["finished_reason"]
         if res["finished_reason"]["type"] == "stop":
             jsonschema.validate(json.loads(tok.decode(res["output_ids"], skip_special_tokens=True)), PERSON)
     assert_pool_idle(sched)
-    sched.results.grammars.close()
+    sched.grammars.close()

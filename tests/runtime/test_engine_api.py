@@ -140,7 +140,7 @@ def test_rejected_batch_leaves_no_request_state(engine, prompt) -> None:
     with pytest.raises(InvalidRequestError, match="^rid"):
         engine.generate([prompt, prompt], {"max_new_tokens": 4}, rid=["dup", "dup"])
     tm = engine.tokenizer_manager
-    assert not tm.states and all(r.inflight == 0 for r in tm.replicas)
+    assert not tm.states and all(r.open_sequences == 0 for r in tm.replicas)
     assert engine.generate(prompt, {"max_new_tokens": 2}, rid="dup")["meta_info"]["completion_tokens"] == 2
 
 

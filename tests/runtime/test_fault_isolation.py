@@ -93,14 +93,14 @@ def drive_one(sched, rid: str, ids: list[int], max_new: int) -> list[int]:
 
 def test_error_in_result_processing_fails_batch(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
-    real = sched.results._check_finish
+    real = sched.results.check_finish
 
-    def flaky(req, tok):
+    def flaky(req, tok, grammars):
         if req.rid == "bad" and len(req.output_ids) == 3:
             raise Boom("injected fault in result processing")
-        return real(req, tok)
+        return real(req, tok, grammars)
 
-    monkeypatch.setattr(sched.results, "_check_finish", flaky)
+    monkeypatch.setattr(sched.results, "check_finish", flaky)
     sched.handle(greedy_req("bad", prompt(3), 8))
     results = drive(sched)
     assert results["bad"]["finished_reason"]["status_code"] == 500
@@ -110,16 +110,16 @@ def test_error_in_result_processing_fails_batch(model_dir, monkeypatch):
 
 def test_error_while_scheduling_fails_the_admitted_request(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
-    real = sched._extend
+    real = sched._admit
     fired = {"done": False}
 
-    def flaky(batch, req, ext, decoding=False):
+    def flaky(req, prefix, ext):
         if not fired["done"]:
             fired["done"] = True
             raise Boom("injected fault while scheduling")
-        return real(batch, req, ext, decoding)
+        return real(req, prefix, ext)
 
-    monkeypatch.setattr(sched, "_extend", flaky)
+    monkeypatch.setattr(sched, "_admit", flaky)
     sched.handle(greedy_req("x", prompt(5), 4))
     results = drive(sched)
     assert results["x"]["finished_reason"]["status_code"] == 500
@@ -143,7 +143,7 @@ def test_inconsistent_pool_after_an_error_is_fatal(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
     real = sched.results.process
 
-    def leak_then_fail(batch, logits):
+    def leak_then_fail(*args):
         sched.kv_pool.alloc(3)  # slots owned by nobody: the accounting cannot add up any more
         raise Boom("injected fault after a leak")
 
@@ -160,15 +160,15 @@ def test_message_that_fails_to_admit_fails_alone(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
     msg = greedy_req("g", prompt(8), 4)
 
-    def broken(req):
+    def broken(msg):
         raise Boom("injected fault while admitting")
 
-    monkeypatch.setattr(sched.results, "prepare_grammar", broken)
+    monkeypatch.setattr(sched, "_add_request", broken)
     with pytest.raises(Boom) as info:
         sched.handle(msg)
     assert reject_message(sched, msg, info.value) is None
     out = sched.pop_outputs()
-    assert [o.rid for o in out] == ["g"] and out[0].finished_reason["status_code"] == 500
+    assert [o.rid for o in out] == ["g"] and out[0].finished_reason.status_code == 500
     assert sched.idle
     resp = reject_message(sched, ControlReq("get_info", 7), Boom("x"))
     assert resp is not None and not resp.ok

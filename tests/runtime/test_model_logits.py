@@ -37,7 +37,8 @@ def _forward_all_positions(runner: ModelRunner, prompts: list[list[int]], chunks
                 batch.new_slots.append(req.slots[done[i] : done[i] + n])
         if not batch.reqs:
             break
-        fb = batch.to_forward_batch(runner.req_to_token_pool, runner.device)
+        fb, slot_writes = batch.to_forward_batch(runner.device)
+        runner.req_to_token_pool.commit(slot_writes)
         fb.logits_indices = torch.arange(fb.num_tokens)
         out = runner.forward(fb)
         start = 0
@@ -51,7 +52,8 @@ def _forward_all_positions(runner: ModelRunner, prompts: list[list[int]], chunks
         req.output_ids = [req.input_ids[0]]
     batch = ScheduledBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), [len(r.input_ids) for r in reqs],
                            new_slots=[r.slots[len(r.input_ids) :] for r in reqs])
-    fb = batch.to_forward_batch(runner.req_to_token_pool, runner.device)
+    fb, slot_writes = batch.to_forward_batch(runner.device)
+    runner.req_to_token_pool.commit(slot_writes)
     dec = runner.forward(fb)
     return [torch.cat(logits[i] + [dec[i : i + 1]]) for i in range(len(prompts))]
 

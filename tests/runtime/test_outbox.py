@@ -11,7 +11,7 @@ import pytest
 
 from radixlm.runtime.io_struct import AbortReq
 from radixlm.runtime.outbox import Outbox
-from radixlm.runtime.tokenizer_manager import SchedulerDiedError, TokenizerManager
+from radixlm.runtime.parallel.replica_set import ReplicaSet, SchedulerDiedError
 
 BIG = list(range(4000))  # ~12 KiB pickled: a few fill a pipe
 
@@ -51,24 +51,24 @@ def test_a_closed_pipe_ends_the_thread_quietly() -> None:
     box.put("after")  # never raises
 
 
-def _front(send) -> tuple[TokenizerManager, SimpleNamespace]:
-    """A TokenizerManager with one fake replica whose pipe is `send`; no scheduler process."""
-    tm = TokenizerManager.__new__(TokenizerManager)
+def _front(send) -> tuple[ReplicaSet, SimpleNamespace]:
+    """The front's ReplicaSet with one fake replica whose pipe is `send`; no scheduler process."""
+    replicas = ReplicaSet.__new__(ReplicaSet)
     replica = SimpleNamespace(index=0, dead=None, send=send)
-    tm.replicas = [replica]
-    tm._closing = False
-    tm._outboxes = [Outbox(replica.send, "test-outbox")]
-    return tm, replica
+    replicas.replicas = [replica]
+    replicas.closing = False
+    replicas.outboxes = [Outbox(replica.send, "test-outbox")]
+    return replicas, replica
 
 
 def test_tokenizer_manager_send_does_not_block_on_a_full_pipe() -> None:
     recv, send = _unread_pipe()
-    tm, replica = _front(send.send)
+    replicas, replica = _front(send.send)
     done = threading.Event()
 
     def burst() -> None:
         for i in range(40):
-            tm._send(AbortReq(f"r{i}", str(BIG)), replica)
+            replicas.send(AbortReq(f"r{i}", str(BIG)), replica)
         done.set()
 
     threading.Thread(target=burst, daemon=True).start()
@@ -82,14 +82,14 @@ def test_tokenizer_manager_send_does_not_block_on_a_full_pipe() -> None:
 
 def test_send_refuses_after_death_or_shutdown() -> None:
     recv, send = _unread_pipe()
-    tm, replica = _front(send.send)
+    replicas, replica = _front(send.send)
     replica.dead = "the scheduler process died"
     with pytest.raises(SchedulerDiedError, match="died"):
-        tm._send(AbortReq("x"), replica)
+        replicas.send(AbortReq("x"), replica)
     replica.dead = None
-    tm._closing = True
+    replicas.closing = True
     with pytest.raises(SchedulerDiedError, match="shut down"):
-        tm._send(AbortReq("x"), replica)
+        replicas.send(AbortReq("x"), replica)
     assert not recv.poll(0.2)
 
 

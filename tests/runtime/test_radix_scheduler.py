@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from radixlm.runtime.io_struct import AbortReq, ControlReq, TokenizedGenerateReq
+from radixlm.runtime.io_struct import AbortReq, ControlReq, FinishReason, TokenizedGenerateReq
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.schedule_policy import order_waiting
@@ -389,7 +389,7 @@ def test_flush_refused_while_a_request_runs_then_frees_everything(model_dir, voc
     while not sched.idle:
         sched.step()
     out = sched.pop_outputs()[-1]
-    assert out.finished_reason == {"type": "length", "length": 8}
+    assert out.finished_reason == FinishReason.of_length(8)
 
     info = sched.info()
     assert info["kv_cached_tokens"] == len(prompt) + 8 - 1 and info["kv_locked_tokens"] == 0
