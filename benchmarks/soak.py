@@ -222,7 +222,7 @@ def model_dir_for_shape(shape: str, root: Path, tokenizer_dir: Path | None = Non
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
     for f in small.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config", "chat_template")):
             shutil.copy(f, d / f.name)
     return d
 
