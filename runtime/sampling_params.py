@@ -158,7 +158,7 @@ def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> Sa
             elif key == "stop_token_ids":
                 if not isinstance(value, list):
                     raise InvalidRequestError(name, "must be a list of token ids")
-                out[key] = tuple(require_int(v, f"{name}[{i}]", 0) for i, v in enumerate(value))
+                out[key] = tuple(require_int(v, f"{name}[{i}]") for i, v in enumerate(value))  # outside the vocabulary: ignored below
             elif key == "logit_bias":
                 if not isinstance(value, dict):
                     raise InvalidRequestError(name, "must be an object mapping token id to bias")

@@ -85,11 +85,10 @@ def test_masks_taken_after_a_batched_commit_equal_row_by_row(tokenizer, default_
 
 
 def test_mask_threads_option() -> None:
-    import argparse
+    from radixlm.runtime.cli import build_serve_parser, parse_server_args
 
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    assert ServerArgs.from_cli_args(parser.parse_args(["--grammar-mask-threads", "4"])).grammar_mask_threads == 4
-    assert ServerArgs.from_cli_args(parser.parse_args([])).grammar_mask_threads == 0  # inline: measured faster on the H200
+    parser = build_serve_parser("radixlm serve")
+    assert parse_server_args(parser, ["--grammar-mask-threads", "4"]).grammar_mask_threads == 4
+    assert parse_server_args(parser, []).grammar_mask_threads == 0  # inline: measured faster on the H200
     with pytest.raises(ValueError, match="grammar_mask_threads"):
         ServerArgs(grammar_mask_threads=-1)

@@ -111,14 +111,19 @@ def test_token_logprobs_are_log_softmax() -> None:
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
     ({"min_p": 2}, "min_p"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"n": 0}, "n"),
     ({"frequency_penalty": 3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"stop": [1]}, "stop"), ({"bogus": 1}, "bogus"), ({"regex": "a", "json_schema": "{}"}, "regex"),
-    ({"stop_token_ids": ["x"]}, "stop_token_ids"), ({"stop_regex": "("}, "stop_regex"), ({"temperature": "hot"}, "temperature"),
+    ({"stop": [1]}, "stop[0]"), ({"stop": 1}, "stop"), ({"regex": "a", "json_schema": "{}"}, "regex"),
+    ({"stop_token_ids": ["x"]}, "stop_token_ids[0]"), ({"stop_token_ids": 3}, "stop_token_ids"), ({"stop_regex": "("}, "stop_regex"), ({"temperature": "hot"}, "temperature"),
     ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
 ])
 def test_invalid_sampling_params_name_the_field(bad: dict, field: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams.from_dict(bad, vocab_size=1000)
     assert err.value.field == f"sampling_params.{field}"
+
+
+def test_unknown_sampling_params_are_ignored() -> None:
+    """Unknown fields are ignored with a log warning (SGLang / vLLM behaviour), not a 400."""
+    assert SamplingParams.from_dict({"bogus": 1, "max_new_tokens": 3}, vocab_size=1000).max_new_tokens == 3
 
 
 def test_sampling_params_accept_sglang_frontend_body() -> None:

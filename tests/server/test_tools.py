@@ -155,7 +155,7 @@ BAD = [
      "tools[0].function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "params": {}}}]}, "tools[0].function.params"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters"),
     ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name"),
@@ -167,7 +167,7 @@ BAD = [
     ({"messages": [*HISTORY[:2], {"role": "tool", "content": "1"}]}, "messages[2].tool_call_id"),
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"arguments": "{}"}}]}]},
      "messages[1].tool_calls[0].function.name"),
-    ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages[1].tool_calls"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": "x"}]}, "messages[1].tool_calls"),
 ]
 
 
