@@ -191,7 +191,7 @@ def test_fatal_error_stops_the_process_and_says_why(model_dir):
     ctx = multiprocessing.get_context("fork")
     to_child, child_in = ctx.Pipe(duplex=False)
     child_out, from_child = ctx.Pipe(duplex=False)
-    args = ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=4096, log_level="error")
+    args = ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=4096, log_level="error").resolve()
     proc = ctx.Process(target=_child, args=(args, str(model_dir), to_child, from_child), daemon=True)
     proc.start()
     try:
