@@ -56,6 +56,8 @@ def recover_from_step_error(sched: "Scheduler", exc: Exception) -> list[str]:
     """Fail the requests touched by the failed step and free their KV; returns their ids.
     Raises SchedulerFatalError when the state cannot be trusted afterwards."""
     reason = describe(exc)
+    if isinstance(exc, SchedulerFatalError):  # e.g. the parallel ranks fell out of step (worker.py)
+        raise exc
     if is_device_error(exc):
         raise SchedulerFatalError(f"device error in the scheduler: {reason}") from exc
     try:

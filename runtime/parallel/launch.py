@@ -38,6 +38,7 @@ class Replica:
     info: SchedulerReady | None = None
     dead: str | None = None  # why it no longer serves
     cause: str | None = None  # set by the watcher when a rank other than 0 died
+    reported: str | None = None  # the scheduler's own reason when it stopped itself (SchedulerFailed)
     open_sequences: int = 0  # unfinished sequences routed here (its load, for the router)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     # Held around every wait on / signal to the processes: two threads reaping one child would
@@ -57,7 +58,8 @@ class Replica:
                     if p.exitcode not in (None, LOST_PEERS_EXIT_CODE):
                         self.cause = f"rank {rank} of {self.world_size} exited (code {p.exitcode})"
                         break
-            what = self.cause or f"the scheduler process died (exit code {self.procs[0].exitcode})"
+            # A peer rank's death comes first: rank 0 then only reports that the group broke.
+            what = self.cause or self.reported or f"the scheduler process died (exit code {self.procs[0].exitcode})"
         if dp_size == 1:
             return f"{what}; restart the server"
         return (f"data-parallel replica {self.index} failed: {what}; its requests failed, "

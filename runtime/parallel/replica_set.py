@@ -80,7 +80,7 @@ class ReplicaSet:
                     pass
                 return
             if isinstance(msg, SchedulerFailed):  # it stops itself (fault_isolation.py): this is why
-                replica.cause = msg.error
+                replica.reported = msg.error
                 continue
             try:
                 if isinstance(msg, ControlResp):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from radixlm.runtime.fault_isolation import SchedulerFatalError, describe
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import (
@@ -98,8 +99,14 @@ class StepChannel:
 
     # ---------------------------------------------------------------- rank 0
     def drive(self, batch: ForwardBatch) -> torch.Tensor:
-        self._send(batch)
-        logits = self.run(batch)
+        """Rank 0's step. A failure here is fatal, not one step's fault: the other ranks are left in
+        a collective rank 0 will never finish (or one of them is gone), so the group is out of step."""
+        try:
+            self._send(batch)
+            logits = self.run(batch)
+        except Exception as exc:  # noqa: BLE001 - any failure mid-step breaks the group's lock-step
+            raise SchedulerFatalError(f"the {self.info.world_size} parallel ranks fell out of step: "
+                                      f"{describe(exc)}") from exc
         assert logits is not None
         return logits
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request_log import RequestLog
 from radixlm.runtime.sampling_params import SamplingParams
 
@@ -74,7 +75,7 @@ def test_request_log_levels(caplog):
     params = SamplingParams(max_new_tokens=4, temperature=0.5)
     state = SimpleNamespace(
         rid="r1", prompt_ids=[1, 2, 3], output_ids=[4, 5], created=time.monotonic() - 0.5,
-        last=SimpleNamespace(finished_reason={"type": "stop"}, cached_tokens=2),
+        last=SimpleNamespace(finished_reason=FinishReason.stop(None), cached_tokens=2),
         item=SimpleNamespace(params=params, text="the prompt"), detok=SimpleNamespace(text="the output"))
     caplog.set_level("INFO", logger="radixlm.requests")
     for level in (0, 1, 2):
