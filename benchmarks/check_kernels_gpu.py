@@ -209,7 +209,7 @@ def measure_ceilings() -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read+write, dense bf16 matmul rate in flop/s)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
-    bw = 2 * a.numel() / (do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3)
+    bw = 2 * a.numel() / (do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3)  # noqa: F821 (deleted after use)
     del a, b
     n = 8192
     x = torch.randn(n, n, dtype=torch.bfloat16, device=DEV)
@@ -271,7 +271,8 @@ def build_cases(quick: bool) -> list[Callable[[], Case | list[Case]]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    hdr = f"{'kernel':<19} {'shape':<44} {'rel_err':>9} {'ok':>4} {'ms':>8} {'graph_ms':>8} {'floor':>8} {'%floor':>6} {'GB/s':>6} {'TF/s':>6} {'ref_ms':>8} {'base_ms':>8}"
+    hdr = (f"{'kernel':<19} {'shape':<44} {'rel_err':>9} {'ok':>4} {'ms':>8} {'graph_ms':>8} {'floor':>8} {'%floor':>6} "
+           f"{'GB/s':>6} {'TF/s':>6} {'ref_ms':>8} {'base_ms':>8}")
     print("ms: do_bench median (with launch overhead); graph_ms: CUDA-graph replay, cold L2 (kernel time);")
     print("floor: max(bytes/copy BW, flops/matmul rate); %floor, GB/s, TF/s use graph_ms")
     print(hdr)
@@ -280,7 +281,8 @@ def print_table(rows: list[dict]) -> None:
         def f(key: str, fmt: str) -> str:
             return format(r[key], fmt) if key in r else "-"
         print(f"{r['kernel']:<19} {r['shape'][:44]:<44} {f('rel_err', '.2e'):>9} {'yes' if r.get('ok') else 'NO':>4} "
-              f"{f('ms', '.4f'):>8} {f('graph_ms', '.4f'):>8} {f('floor_ms', '.4f'):>8} {format(100 * r['frac_of_floor'], '.0f') if 'frac_of_floor' in r else '-':>6} "
+              f"{f('ms', '.4f'):>8} {f('graph_ms', '.4f'):>8} {f('floor_ms', '.4f'):>8} "
+              f"{format(100 * r['frac_of_floor'], '.0f') if 'frac_of_floor' in r else '-':>6} "
               f"{f('gbps', '.0f'):>6} {f('tflops', '.0f'):>6} {f('ref_ms', '.4f'):>8} {f('baseline_ms', '.4f'):>8}")
         if "error" in r:
             print(f"    ERROR: {r['error'][:300]}")

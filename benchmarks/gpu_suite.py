@@ -41,7 +41,10 @@ def measure_ceilings() -> dict[str, float]:
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     times = []
     for _ in range(10):
-        ev[0].record(); y.copy_(x); ev[1].record(); torch.cuda.synchronize()
+        ev[0].record()
+        y.copy_(x)
+        ev[1].record()
+        torch.cuda.synchronize()
         times.append(ev[0].elapsed_time(ev[1]) / 1e3)
     copy_bw = 2 * x.numel() / statistics.median(times)
     del x, y
@@ -52,7 +55,10 @@ def measure_ceilings() -> dict[str, float]:
     torch.cuda.synchronize()
     times = []
     for _ in range(10):
-        ev[0].record(); a @ b; ev[1].record(); torch.cuda.synchronize()
+        ev[0].record()
+        a @ b
+        ev[1].record()
+        torch.cuda.synchronize()
         times.append(ev[0].elapsed_time(ev[1]) / 1e3)
     flops = 2 * 8192**3 / statistics.median(times)
     del a, b
@@ -82,8 +88,9 @@ def gen(engine, ids, new: int) -> float:
 
 def check_correctness(root: Path) -> dict:
     """Small random Llama in float32 and bf16: engine on GPU (Triton + graphs) vs transformers."""
-    import radixlm
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import radixlm
 
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -105,7 +112,7 @@ def check_correctness(root: Path) -> dict:
         for p in prompts[:8]:
             g = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=new, do_sample=False,
                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-            refs.append((g.sequences[0, len(p):].tolist(), [l[0].float() for l in g.logits]))
+            refs.append((g.sequences[0, len(p):].tolist(), [step[0].float() for step in g.logits]))
     result: dict = {}
     with radixlm.Engine(str(d), dtype="float32", skip_tokenizer_init=True, mem_fraction_static=0.3,
                         chunked_prefill_size=512) as eng:
@@ -170,7 +177,7 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)  # noqa: F821 (deleted after use)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -296,7 +303,8 @@ def main() -> None:
          f"radixlm/transformers {eng['a_decode_tok_s'] / report.get('transformers', {}).get('decode_tok_s', float('nan')):.1f}x"),
         ("(c) TTFT 1,024 tokens ms (p50)", eng["c_ttft_ms_p50"], f"min {eng['c_ttft_ms_min']:.1f} ms; target <= 30"),
         ("(d) prefill 4x2,048 tok/s", eng["d_prefill_tok_s"],
-         f"{prefill_flops / eng['d_prefill_s'] / 1e12:.0f} TFLOP/s = {prefill_flops / eng['d_prefill_s'] / ceil['bf16_matmul_flops']:.0%} of matmul rate"),
+         f"{prefill_flops / eng['d_prefill_s'] / 1e12:.0f} TFLOP/s = "
+         f"{prefill_flops / eng['d_prefill_s'] / ceil['bf16_matmul_flops']:.0%} of matmul rate"),
     ]
     report["table"] = [{"item": a, "value": b, "note": c} for a, b, c in rows]
     print(f"\n{'item':<34}{'value':>12}  note")

@@ -179,8 +179,9 @@ async def drive_server(url: str, prompts: list[list[int]], outs: list[int], limi
 
 
 def item_g(model_dir: Path, vocab: int, n: int = 300) -> dict:
-    import radixlm
     import urllib.request
+
+    import radixlm
 
     prompts, outs = workload_b(n, vocab, seed=11)
     total = sum(map(len, prompts)) + sum(outs)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from radixlm.runtime.bench.offline import random_prompts, timed_batch as time_radixlm
+from radixlm.runtime.bench.offline import random_prompts
+from radixlm.runtime.bench.offline import timed_batch as time_radixlm
 
 
 def time_transformers(model, prompts: list[list[int]], new_tokens: int) -> float:
@@ -56,8 +57,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/offline_throughput.json")
     args = ap.parse_args()
 
-    import radixlm
     from transformers import AutoModelForCausalLM
+
+    import radixlm
 
     n, inp, out = args.num_prompts, args.input_len, args.output_len
     rows: dict[str, dict[str, float]] = {}

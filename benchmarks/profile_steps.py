@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import SCHEMA, workload_b  # noqa: E402
 
-from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
@@ -191,7 +190,8 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
                       "decode_device_ms_per_step": dev / max(1, len(decode)), "decode_wall_ms_per_step": host / max(1, len(decode)),
                       "mask_threads": gr.workers.threads if extra else None, **summ}
         print_groups(f"(f) batch {batch} {label}: {wall:.2f} s, {res[label]['tokens']} tokens, {len(decode)} decode steps, "
-                     f"per decode step {res[label]['decode_wall_ms_per_step']:.2f} ms wall vs {res[label]['decode_device_ms_per_step']:.2f} ms device", summ)
+                     f"per decode step {res[label]['decode_wall_ms_per_step']:.2f} ms wall vs "
+                     f"{res[label]['decode_device_ms_per_step']:.2f} ms device", summ)
     res["wall_ratio_unconstrained_over_constrained"] = res["unconstrained"]["seconds"] / res["json_schema"]["seconds"]
     if sched.grammars is not None:
         sched.grammars.close()

@@ -281,7 +281,8 @@ def main() -> None:
         for v in r.values():
             v.pop("_outputs")
 
-    record = {"preset": preset, "config": cfg, **env, "machine": platform.node(), "scheduler_cpu_threads": args.cpu_threads or torch.get_num_threads(),
+    record = {"preset": preset, "config": cfg, **env, "machine": platform.node(),
+              "scheduler_cpu_threads": args.cpu_threads or torch.get_num_threads(),
               "torch": torch.__version__, "commit": commit + ("-dirty" if dirty else ""),
               "date": time.strftime("%Y-%m-%d"), "results": report}
     if args.gpu and torch.cuda.is_available():

@@ -8,8 +8,7 @@
 
 from .base import Grammar, Matcher, fill_next_token_bitmasks
 from .bitmask import allocate_token_bitmask, apply_token_bitmask_
-from .compiler import (BACKENDS, CACHE, DEFAULT_BACKEND, GrammarCache, available_backends,
-                       compile, default_backend)
+from .compiler import BACKENDS, CACHE, DEFAULT_BACKEND, GrammarCache, available_backends, compile, default_backend
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .vocab import TokenizerInfo
 

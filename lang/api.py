@@ -8,8 +8,18 @@ from radixlm.lang.choices import token_length_normalized
 from radixlm.lang.function import SglFunction, function, resolve_backend
 from radixlm.lang.global_config import global_config
 from radixlm.lang.ir import (
-    SglExpr, SglExprList, SglGen, SglImage, SglRoleBegin, SglRoleEnd, SglSelect, SglVideo, as_expr, check_regex,
-    normalize_dtype, schema_to_str,
+    SglExpr,
+    SglExprList,
+    SglGen,
+    SglImage,
+    SglRoleBegin,
+    SglRoleEnd,
+    SglSelect,
+    SglVideo,
+    as_expr,
+    check_regex,
+    normalize_dtype,
+    schema_to_str,
 )
 
 

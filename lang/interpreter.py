@@ -13,8 +13,20 @@ from radixlm.lang.api_speculation import ChatSpeculation, CompletionSpeculation
 from radixlm.lang.backend.base import BaseBackend
 from radixlm.lang.chat_template import ChatTemplate
 from radixlm.lang.ir import (
-    SglCommitLazy, SglConstantText, SglExpr, SglGen, SglImage, SglRoleBegin, SglRoleEnd, SglSamplingParams,
-    SglSelect, SglVariable, SglVarScopeBegin, SglVarScopeEnd, SglVideo, as_expr,
+    SglCommitLazy,
+    SglConstantText,
+    SglExpr,
+    SglGen,
+    SglImage,
+    SglRoleBegin,
+    SglRoleEnd,
+    SglSamplingParams,
+    SglSelect,
+    SglVariable,
+    SglVarScopeBegin,
+    SglVarScopeEnd,
+    SglVideo,
+    as_expr,
 )
 
 logger = logging.getLogger(__name__)

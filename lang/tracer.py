@@ -10,8 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 from radixlm.lang.chat_template import ChatTemplate, get_chat_template
 from radixlm.lang.ir import (
-    SglArgument, SglConstantText, SglExpr, SglExprList, SglFork, SglGen, SglGetForkItem, SglRoleBegin,
-    SglRoleEnd, SglSelect, SglVariable, SglVarScopeBegin, SglVarScopeEnd, as_expr,
+    SglArgument,
+    SglConstantText,
+    SglExpr,
+    SglExprList,
+    SglFork,
+    SglGen,
+    SglGetForkItem,
+    SglRoleBegin,
+    SglRoleEnd,
+    SglSelect,
+    SglVariable,
+    SglVarScopeBegin,
+    SglVarScopeEnd,
+    as_expr,
 )
 
 if TYPE_CHECKING:

@@ -9,8 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from radixlm.runtime.field_checks import (check_encodable, field_path, ignore_unknown, is_int, require_bool,
-                                          require_int, require_str)
+from radixlm.runtime.field_checks import check_encodable, field_path, ignore_unknown, is_int, require_bool, require_int, require_str
 from radixlm.runtime.sampling_params import InvalidRequestError, SamplingParams
 
 # Accepted, checked for type, without effect here (SGLang's scheduling / disaggregation knobs).

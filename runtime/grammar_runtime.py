@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from radixlm.runtime.device_transfer import to_device
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
-
 __all__ = [
     "CONVERTER_VERSION",
     "DEFAULT_GGUF_FILE",

@@ -17,7 +17,12 @@ from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
 from radixlm.runtime.parallel.layers import (
-    ColumnParallelLinear, PipelineStage, RowParallelLinear, TPLayout, VocabParallelEmbedding, gather_vocab_logits,
+    ColumnParallelLinear,
+    PipelineStage,
+    RowParallelLinear,
+    TPLayout,
+    VocabParallelEmbedding,
+    gather_vocab_logits,
 )
 from radixlm.runtime.quantization.base import linear_forward
 from radixlm.runtime.quantization.select import GGUFTensor, build_quantized_weight

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.runtime.model_config import ModelConfig
-from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
 from radixlm.runtime.parallel.state import get_parallel_state, pp_rank_size, tp_rank_size
+from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
 
 # torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -21,7 +21,11 @@ from radixlm.runtime.fault_isolation import SchedulerFatalError, describe
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import (
-    LOST_PEERS_EXIT_CODE, ParallelState, RankInfo, destroy_parallel, init_parallel,
+    LOST_PEERS_EXIT_CODE,
+    ParallelState,
+    RankInfo,
+    destroy_parallel,
+    init_parallel,
 )
 from radixlm.runtime.server_args import ServerArgs
 

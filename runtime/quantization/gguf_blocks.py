@@ -6,7 +6,8 @@ torch's packed int4 matmul computes, so a 4-bit GGUF type is one plane, exactly;
 bits splits each code into a high and a low nibble (two planes, still exact): Q8_0's q + 128 =
 16 hi + lo, Q5's q = 16 h + lo. A high plane stores its digit h as the code h + 8 with zero 0, so
 (c - 8) * s = 16 d h and the whole offset sits on the low plane, where it is small: rounding the
-scales and zeros to bfloat16 (the kernel's) then costs at most 2^-8 (8 |s| + |z|) per plane. Scales and zeros are float32 here (exact for the fp16 GGUF
+scales and zeros to bfloat16 (the kernel's) then costs at most 2^-8 (8 |s| + |z|) per plane. Scales and zeros
+are float32 here (exact for the fp16 GGUF
 scales up to the one rounding of m + 8 d); kernels may round them further and say by how much.
 Types without a parser here (the K-quants for now) load dequantized through the gguf package.
 """

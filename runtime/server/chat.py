@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from radixlm.runtime.field_checks import ignore_unknown
-from radixlm.runtime.server.builtin_chat_templates import (BUILTIN_CHAT_TEMPLATES, builtin_chat_template_name,
-                                                           known_names)
+from radixlm.runtime.server.builtin_chat_templates import BUILTIN_CHAT_TEMPLATES, builtin_chat_template_name, known_names
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.tools import ToolSpec, arguments_value, call_text
 

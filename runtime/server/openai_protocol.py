@@ -19,11 +19,11 @@ from radixlm.constrained.schema import ANY_JSON
 from radixlm.runtime.field_checks import MAX_INT, ignore_unknown, require_bool, require_int, require_number, require_str
 from radixlm.runtime.generate_request import GenerateRequest, parse_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
-from radixlm.runtime.stop_regex import validate as validate_stop_regex
 from radixlm.runtime.server.chat import normalize_messages, template_kwargs
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.generation import ServerContext
 from radixlm.runtime.server.tools import ToolSpec, parse_tool_spec
+from radixlm.runtime.stop_regex import validate as validate_stop_regex
 
 # Accepted and without effect here (OpenAI bookkeeping fields).
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",

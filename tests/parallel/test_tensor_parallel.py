@@ -10,8 +10,8 @@ import time
 import pytest
 
 import radixlm
-from radixlm.runtime.parallel.layers import TPLayout, check_model_parallel
 from radixlm.runtime.model_config import ModelConfig
+from radixlm.runtime.parallel.layers import TPLayout, check_model_parallel
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.tokenizer_manager import SchedulerDiedError
 from tests.parallel.helpers import ENGINE_OPTIONS, assert_same_or_near_tie, greedy, random_prompts, reference

@@ -112,7 +112,8 @@ def test_token_logprobs_are_log_softmax() -> None:
     ({"min_p": 2}, "min_p"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"n": 0}, "n"),
     ({"frequency_penalty": 3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"stop": [1]}, "stop[0]"), ({"stop": 1}, "stop"), ({"regex": "a", "json_schema": "{}"}, "regex"),
-    ({"stop_token_ids": ["x"]}, "stop_token_ids[0]"), ({"stop_token_ids": 3}, "stop_token_ids"), ({"stop_regex": "("}, "stop_regex"), ({"temperature": "hot"}, "temperature"),
+    ({"stop_token_ids": ["x"]}, "stop_token_ids[0]"), ({"stop_token_ids": 3}, "stop_token_ids"),
+    ({"stop_regex": "("}, "stop_regex"), ({"temperature": "hot"}, "temperature"),
     ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
 ])
 def test_invalid_sampling_params_name_the_field(bad: dict, field: str) -> None:

@@ -22,7 +22,7 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new: int) -> list[tuple[l
         for ids in prompts:
             gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-            outs.append((gen.sequences[0, len(ids):].tolist(), [l[0] for l in gen.logits]))
+            outs.append((gen.sequences[0, len(ids):].tolist(), [step[0] for step in gen.logits]))
     return outs
 
 
