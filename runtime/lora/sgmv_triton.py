@@ -21,7 +21,8 @@ BLOCK_M = 16
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
                    K, N, stride_xm, stride_as, stride_an, stride_ym,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -43,7 +44,10 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
                          mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += tl.dot(xt, tl.trans(at))
+            if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
         tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
@@ -51,7 +55,8 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
 @triton.jit
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
                    R, blocks_per_slice, stride_ym, stride_bs, stride_bn, stride_om,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_sn = tl.program_id(2)
@@ -73,11 +78,19 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        delta = tl.dot(yt, tl.trans(bt))
+        if DOT_FP32:
+            yt = yt.to(tl.float32)
+            bt = bt.to(tl.float32)
+        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
         mask = m_mask[:, None] & n_mask[None, :]
         o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
         old = tl.load(o_ptrs, mask=mask, other=0.0)
         tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dot_options(x: torch.Tensor) -> dict:
+    """fp32 operands off the GPU (the interpreter's bf16 dot is wrong); exact fp32 dots, not tf32."""
+    return {"DOT_FP32": not x.is_cuda, "DOT_PRECISION": "ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32"}
 
 
 def _row_blocks(seg: LoRASegments) -> int:
@@ -93,7 +106,7 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Te
     grid = (seg.slot.numel(), _row_blocks(seg), triton.cdiv(n, block_n))
     _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, k, n,
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=128)
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=128, **_dot_options(x))
     return y
 
 
@@ -107,4 +120,5 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
     grid = (seg.slot.numel(), _row_blocks(seg), pieces * blocks)
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
                          rank, blocks, y.stride(0), b.stride(0), b.stride(1), out.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)))
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+                         **_dot_options(y))
