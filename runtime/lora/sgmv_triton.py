@@ -20,12 +20,13 @@ BLOCK_M = 16
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
-                   K, N, stride_xm, stride_as, stride_an, stride_ym,
+                   K, N, K_PER_SPLIT, SPLIT_K, stride_xm, stride_as, stride_an, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    pid_n = tl.program_id(2) // SPLIT_K
+    k_lo = (tl.program_id(2) % SPLIT_K) * K_PER_SPLIT
     slot = tl.load(slot_ptr + seg)
     length = tl.load(len_ptr + seg)
     if slot >= 0 and pid_m * BLOCK_M < length:
@@ -38,8 +39,9 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         a_base = a_ptr + slot.to(tl.int64) * stride_as
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = k0 + rk < K
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_mask = k0 + rk < k_hi
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
@@ -48,8 +50,9 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
             acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
-        tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        # Split-K: each program adds its part of the reduction (fp32 y, zeroed by the caller), so a
+        # decode step of one adapter still spreads the reading of A over many SMs.
+        tl.atomic_add(y_ptr + rows[:, None] * stride_ym + rn[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -81,6 +84,8 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
         if DOT_FP32:
             yt = yt.to(tl.float32)
             bt = bt.to(tl.float32)
+        else:
+            yt = yt.to(bt.dtype)
         delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
         mask = m_mask[:, None] & n_mask[None, :]
         o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
@@ -98,15 +103,17 @@ def _row_blocks(seg: LoRASegments) -> int:
 
 
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Tensor:
-    """y [T, n·R] = x·A[slot]ᵀ per segment (rows of no segment are left unset: never read)."""
+    """y [T, n·R] float32 = x·A[slot]ᵀ per segment (rows of no segment stay zero)."""
     t, k = x.shape
     n = a.shape[1]
-    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    block_n = max(16, min(64, triton.next_power_of_2(n)))
-    grid = (seg.slot.numel(), _row_blocks(seg), triton.cdiv(n, block_n))
-    _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, k, n,
+    y = torch.zeros(t, n, dtype=torch.float32, device=x.device)
+    block_n, block_k = 16, 128
+    split_k = max(1, min(16, k // 256))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (seg.slot.numel(), _row_blocks(seg), triton.cdiv(n, block_n) * split_k)
+    _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, k, n, k_per_split, split_k,
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=128, **_dot_options(x))
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_options(x))
     return y
 
 
@@ -121,4 +128,4 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
                          rank, blocks, y.stride(0), b.stride(0), b.stride(1), out.stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                         **_dot_options(y))
+                         **_dot_options(b))
