@@ -52,7 +52,8 @@ def add_server_flags(parser: argparse.ArgumentParser, title_prefix: str = "") ->
             continue
         convert = str.lower if spec.name == "log_level" else spec.type
         group.add_argument(*names, dest=spec.name, type=convert, choices=spec.choices, default=argparse.SUPPRESS,
-                           metavar=None if spec.choices else spec.name.upper(), help=_help_text(spec))
+                           metavar=None if spec.choices else spec.name.upper(), help=_help_text(spec),
+                           nargs="+" if spec.multiple else None)
 
 
 def build_serve_parser(prog: str) -> OneLineErrorParser:

@@ -62,6 +62,8 @@ class CudaGraphRunner:
     def _run(self, bs: int) -> torch.Tensor:
         attn = self.runner.attn_backend
         attn.meta = self.metas[bs]
+        if self.runner.lora is not None:  # the LoRA kernels read the segments from fixed buffers
+            self.runner.lora.use_graph_segments(bs)
         return self.runner.model(self._batch(bs), attn)
 
     @torch.inference_mode()

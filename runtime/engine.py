@@ -134,6 +134,16 @@ class Engine:
     def flush_cache(self) -> bool:
         return self._control("flush_cache").ok
 
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> dict[str, Any]:
+        """SGLang's Engine.load_lora_adapter: {"success", "error_message", "loaded_adapters"}."""
+        coro = self.tokenizer_manager.load_lora_adapter(lora_name, lora_path)
+        return _lora_result(asyncio.run_coroutine_threadsafe(coro, self._loop).result())
+
+    def unload_lora_adapter(self, lora_name: str) -> dict[str, Any]:
+        """Refused (success False, saying why) while requests use the adapter."""
+        coro = self.tokenizer_manager.unload_lora_adapter(lora_name)
+        return _lora_result(asyncio.run_coroutine_threadsafe(coro, self._loop).result())
+
     def shutdown(self) -> None:
         if self._closed:
             return
@@ -153,3 +163,8 @@ class Engine:
             self.shutdown()
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
+
+
+def _lora_result(resp: Any) -> dict[str, Any]:
+    return {"success": resp.ok, "error_message": None if resp.ok else resp.payload.get("message"),
+            "loaded_adapters": resp.payload.get("loaded_adapters", {})}

@@ -29,6 +29,8 @@ class ForwardBatch:
     # Rows of the hidden states whose logits are needed, e.g. each request's last token,
     # or every position from logprob_start_len for input logprobs.
     logits_indices: torch.Tensor  # [N] int64, device
+    # Per request: the LoRA adapter it runs with (None: the base model); None when no request has one.
+    lora_names: list[str | None] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -20,10 +20,10 @@ _NO_EFFECT: dict[str, tuple[type, ...]] = {
 }
 # Known, and refused when set: this server cannot honour them.
 _UNSUPPORTED = ("image_data", "video_data", "audio_data", "input_embeds", "custom_logit_processor",
-                "lora_path", "session_params", "return_hidden_states", "token_ids_logprob")
+                "session_params", "return_hidden_states", "token_ids_logprob")
 # Read per prompt: one value, or (batch only) a list with an entry per prompt.
 _PER_PROMPT = ("sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num", "extra_key",
-               "cache_salt")
+               "cache_salt", "lora_path")
 KNOWN_FIELDS = frozenset({"text", "input_ids", "stream", "return_text_in_logprobs", *_PER_PROMPT, *_NO_EFFECT,
                           *_UNSUPPORTED})
 
@@ -41,6 +41,8 @@ class GenerateItem:
     top_logprobs_num: int
     return_text_in_logprobs: bool
     extra_key: str | None
+    lora_path: str | None = None  # the LoRA adapter's name (None: the base model); checked by the TokenizerManager
+    lora_field: str = "lora_path"  # where it came from, for errors: lora_path, lora_path[2]
     prompt_field: str = "text"  # where the prompt came from, for errors: text, text[1], input_ids[0], ...
     # max_new_tokens was given (else the default, which the scheduler trims to what the context leaves)
     max_new_tokens_given: bool = True
@@ -132,6 +134,7 @@ def parse_generate_request(body: Any, vocab_size: int | None = None) -> Generate
         start, start_name = per["logprob_start_len"][i]
         top, top_name = per["top_logprobs_num"][i]
         key, key_name = per["extra_key"][i] if per["extra_key"][i][0] is not None else per["cache_salt"][i]
+        lora, lora_name = per["lora_path"][i]
         items.append(GenerateItem(
             rid=r, text=texts[i], input_ids=ids_list[i], params=params,
             return_logprob=False if lp is None else require_bool(lp, lp_name),
@@ -139,6 +142,7 @@ def parse_generate_request(body: Any, vocab_size: int | None = None) -> Generate
             top_logprobs_num=0 if top is None else require_int(top, top_name, 0, 100),
             return_text_in_logprobs=bool(with_text),
             extra_key=None if key in (None, "") else require_str(key, key_name),
+            lora_path=None if lora in (None, "") else require_str(lora, lora_name), lora_field=lora_name,
             prompt_field=field_path("text" if texts[i] is not None else "input_ids", i) if is_batch else
             ("text" if texts[i] is not None else "input_ids"),
             max_new_tokens_given=isinstance(sp, dict) and sp.get("max_new_tokens") is not None,

@@ -16,7 +16,8 @@ class TokenizedGenerateReq:
     logprob_start_len: int = -1  # -1: output logprobs only
     top_logprobs_num: int = 0
     stream: bool = False
-    extra_key: str | None = None  # radix cache namespace (cache_salt, LoRA)
+    extra_key: str | None = None  # radix cache namespace (cache_salt)
+    lora_path: str | None = None  # the LoRA adapter's name (SGLang's field name); None: the base model
 
 
 def sequence_rids(rid: str, n: int) -> list[str]:

@@ -70,6 +70,11 @@ class ModelRunner:
         self.quantization = resolve_quantization(args.quantization, args.dtype, self.device, gguf_blocks,
                                                  parallel is not None)
         self.model = self._load_model(model_dir)
+        self.lora = None  # LoRAManager with --enable-lora: its device slots are allocated before the KV pool
+        if args.enable_lora:
+            from radixlm.runtime.lora.manager import build_lora_manager
+
+            self.lora = build_lora_manager(args, self.model, mc.hidden_size, mc.head_dim, self.dtype, self.device)
 
         self.max_total_tokens = agree_min(self._kv_capacity())  # every rank holds the same slots
         self.max_running_requests = args.max_running_requests or min(
@@ -88,6 +93,8 @@ class ModelRunner:
             from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
 
             max_bs = min(args.cuda_graph_max_bs or self.max_running_requests, self.max_running_requests)
+            if self.lora is not None:
+                self.lora.enable_graphs(max_bs)
             self.graph_runner = CudaGraphRunner(self, max_bs, self.req_to_token_pool.pad_row)
         self.channel = None
         if parallel is not None:
@@ -148,7 +155,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_local(self, batch: ForwardBatch) -> torch.Tensor:
         """The forward of a rank holding every layer (TP collectives run inside the model)."""
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+        graph = self.graph_runner is not None and self.graph_runner.can_run(batch)
+        if self.lora is not None:
+            self.lora.prepare(batch, graph)
+        if graph:
             return self.graph_runner.replay(batch)
         self.attn_backend.begin_forward(batch)
         hidden = self.model(batch, self.attn_backend)

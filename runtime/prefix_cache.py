@@ -95,7 +95,7 @@ class RadixPrefixCache:
 
     def match(self, req: Req) -> torch.Tensor:
         """Matched slots for the request's leading tokens; locks them until release()."""
-        result = self.tree.match_prefix(req.fill_slice(0, req.max_prefix_len), extra_key=req.extra_key)
+        result = self.tree.match_prefix(req.fill_slice(0, req.max_prefix_len), extra_key=req.cache_namespace)
         self.lock(req, result.last_node)
         return result.indices
 
@@ -115,7 +115,7 @@ class RadixPrefixCache:
         assert req.req_pool_idx is not None
         key = req.fill_slice(0, req.kv_len)
         slots = self.req_to_token_pool.slots(req.req_pool_idx, 0, req.kv_len)
-        already = self.tree.insert(key, slots, extra_key=req.extra_key)
+        already = self.tree.insert(key, slots, extra_key=req.cache_namespace)
         if already > req.cache_protected_len:
             # Someone else cached these tokens meanwhile: drop our duplicate copies.
             self.kv_pool.free(slots[req.cache_protected_len : already])
@@ -123,7 +123,7 @@ class RadixPrefixCache:
     def cache_unfinished(self, req: Req) -> None:
         """Make a partly prefilled (or retracted) request's KV shareable, and re-point it at the tree."""
         self._insert(req)
-        result = self.tree.match_prefix(req.fill_slice(0, req.kv_len), extra_key=req.extra_key)
+        result = self.tree.match_prefix(req.fill_slice(0, req.kv_len), extra_key=req.cache_namespace)
         assert req.req_pool_idx is not None and len(result.indices) == req.kv_len
         self.req_to_token_pool.write(req.req_pool_idx, 0, result.indices)
         self.tree.inc_lock_ref(result.last_node)

@@ -20,6 +20,8 @@ class Req:
     stream: bool = False
     extra_key: str | None = None
     group_rid: str | None = None  # the client's rid when n > 1 splits it into "<rid>-<i>"
+    lora_name: str | None = None  # LoRA adapter (None: the base model)
+    lora_uid: str | None = None  # that adapter's load generation, set by the scheduler: part of the cache key
     output_ids: list[int] = field(default_factory=list)
 
     # KV state: req_to_token[req_pool_idx, :kv_len] are this request's slots; the first
@@ -60,6 +62,7 @@ class Req:
             rid=msg.rid, input_ids=list(msg.input_ids), params=msg.params, seed=seed,
             return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num, stream=msg.stream, extra_key=msg.extra_key,
+            lora_name=msg.lora_path,
         )
 
     @classmethod
@@ -108,6 +111,14 @@ class Req:
         if start >= n_in:
             return self.output_ids[start - n_in : end - n_in]
         return self.input_ids[start:] + self.output_ids[: end - n_in]
+
+    @property
+    def cache_namespace(self) -> str | None:
+        """The prefix-cache namespace: KV computed under one adapter (or the base model, or another
+        cache salt) is never reused under another."""
+        if self.lora_uid is None:
+            return self.extra_key
+        return f"lora:{self.lora_uid}" + ("" if self.extra_key is None else f"\x00{self.extra_key}")
 
     @property
     def seq_len(self) -> int:

@@ -153,5 +153,6 @@ class ScheduledBatch:
             extend_seq_lens=ext_t.to(torch.int32),
             extend_start_loc=starts_t.to(torch.int32),
             logits_indices=logits_t,
+            lora_names=[r.lora_name for r in self.reqs] if any(r.lora_name for r in self.reqs) else None,
         )
         return fb, writes

@@ -61,11 +61,11 @@ class InBatchPrefixes:
 
     def should_defer(self, req: Req, cached_len: int) -> bool:
         key = req.fill_slice(0, req.max_prefix_len)
-        shared = len(self.tree.match_prefix(key, extra_key=req.extra_key).indices)
+        shared = len(self.tree.match_prefix(key, extra_key=req.cache_namespace).indices)
         return shared - cached_len >= self.DEFER_MIN_TOKENS
 
     def add(self, req: Req) -> None:
         import torch
 
         key = req.fill_slice(0, req.fill_len)
-        self.tree.insert(key, torch.zeros(len(key), dtype=torch.int64), extra_key=req.extra_key)
+        self.tree.insert(key, torch.zeros(len(key), dtype=torch.int64), extra_key=req.cache_namespace)

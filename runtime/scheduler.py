@@ -18,6 +18,7 @@ from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.lora.admission import SlotBudget
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -96,9 +97,24 @@ class Scheduler:
         seeds = [base_seed] + [base_seed + i if params.seed is not None else self.rng.getrandbits(32)
                                for i in range(1, params.n)]
         leader = Req.group_from_wire(dataclasses.replace(msg, params=params), seeds)
+        if leader.lora_name is not None and not self._bind_adapter(leader):
+            return
         if params.constraint is not None:
             self._grammar_runtime().submit(leader)
         self.waiting.append(leader)
+
+    def _bind_adapter(self, leader: Req) -> bool:
+        """Give a request naming a LoRA adapter that adapter's cache key; an adapter unloaded since
+        the front checked it fails the request (400) instead."""
+        lora = self.runner.lora
+        uid = None if lora is None else lora.uid(leader.lora_name)
+        if uid is None:
+            self._finish(leader, FinishReason.abort(f"lora_path: unknown LoRA adapter {leader.lora_name!r}",
+                                                    status_code=400))
+            return False
+        for seq in [leader, *leader.followers]:
+            seq.lora_uid = uid
+        return True
 
     def _grammar_runtime(self) -> Any:
         if self.grammars is None:
@@ -124,6 +140,10 @@ class Scheduler:
             return ControlResp(msg.request_id, True, {"message": "Cache flushed."})
         if msg.kind == "get_info":
             return ControlResp(msg.request_id, True, self.info())
+        if msg.kind in ("load_lora_adapter", "unload_lora_adapter"):
+            from radixlm.runtime.lora.control import handle_lora_control
+
+            return handle_lora_control(self, msg)
         return ControlResp(msg.request_id, False, {"message": f"unknown control {msg.kind!r}"})
 
     def info(self) -> dict:
@@ -141,6 +161,7 @@ class Scheduler:
             "cache_hit_rate": self.stats["cached_tokens"] / prompt,
             "radix_cache_enabled": not self.args.disable_radix_cache,
             **self.stats,
+            **({"lora": self.runner.lora.info()} if self.runner.lora is not None else {}),
         }
 
     def abort(self, rid: str, message: str) -> None:
@@ -325,7 +346,11 @@ class Scheduler:
             return batch if batch.reqs else None
         ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
         in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
+        adapters = None if self.runner.lora is None else SlotBudget(
+            self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs])
         for req in ordered:
+            if adapters is not None and not adapters.admits(req):
+                continue  # its adapter would not fit this batch's device slots
             # Check: room for the request's rows, its token budget, its KV slots.
             seqs = 1 + len(req.followers)
             if len(self.running) + len(self.partial) + len(batch.reqs) + seqs > self.max_running or budget <= 0:
@@ -347,6 +372,8 @@ class Scheduler:
             # takes its row, its cached prefix and those slots.
             batch.add(req, slots, prefix_len=len(prefix))
             self._admit(req, prefix, ext)
+            if adapters is not None:
+                adapters.add(req)
             self.waiting.remove(req)
             if in_batch is not None:
                 in_batch.add(req)
@@ -371,7 +398,7 @@ class Scheduler:
             self.stats["cached_tokens"] += len(prefix)
 
     def _peek_prefix_len(self, req: Req) -> int:
-        return self.cache.peek(req.fill_slice(0, req.max_prefix_len), req.extra_key)
+        return self.cache.peek(req.fill_slice(0, req.max_prefix_len), req.cache_namespace)
 
     def _add(self, batch: ScheduledBatch, req: Req, slots: torch.Tensor, decoding: bool = False) -> None:
         assert req.req_pool_idx is not None

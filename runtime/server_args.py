@@ -23,6 +23,7 @@ GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping
     "scheduling": "Scheduling",
     "constrained": "Constrained decoding",
     "parallel": "Parallelism",
+    "lora": "LoRA adapters",
     "runtime": "Device and kernels",
     "server": "HTTP server",
     "logging": "Logging and metrics",
@@ -46,6 +47,7 @@ class FlagSpec:
     aliases: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive lower bound of a number
     default_text: str | None = None  # how the docs show a default computed at start-up
+    multiple: bool = False  # a list of values of `type` (--flag A B C; a list in the config file)
 
     @property
     def flag(self) -> str:
@@ -150,6 +152,22 @@ class ServerArgs:
     node_rank: int = _flag(0, "parallel", "this node's index (0 runs the HTTP server)", int, minimum=0)
     dist_init_addr: str | None = _flag(None, "parallel", "host:port of node 0's torch.distributed rendezvous",
                                        str, default_text="a free local port")
+    # ---------------------------------------------------------------- LoRA
+    enable_lora: bool = _flag(False, "lora", "serve LoRA adapters (PEFT format) on top of the base model; "
+                              "implied by --lora-paths", bool)
+    lora_paths: tuple[str, ...] | None = _flag(
+        None, "lora", "adapters loaded at start-up: name=folder (or a folder, named by its path), each a PEFT "
+        "adapter_config.json + adapter_model.safetensors", str, multiple=True, default_text="none")
+    max_loras_per_batch: int = _flag(8, "lora", "at most this many different adapters in one batch (device "
+                                     "slots; the base model takes none)", int, minimum=1)
+    max_loaded_loras: int | None = _flag(
+        None, "lora", "at most this many adapters in host memory (>= --max-loras-per-batch); others are read "
+        "again from their folder when a request needs them", int, minimum=1, default_text="no limit")
+    max_lora_rank: int | None = _flag(None, "lora", "the largest adapter rank accepted (sizes the device slots)",
+                                      int, minimum=1, default_text="the largest rank in --lora-paths, else 64")
+    lora_eviction_policy: str = _flag("lru", "lora", "which adapter leaves a device slot or host memory first: "
+                                      "lru (least recently used) or fifo (first loaded)", str,
+                                      choices=("lru", "fifo"))
     # ---------------------------------------------------------------- device and kernels
     device: str | None = _flag(None, "runtime", "cpu, cuda or cuda:N", str, default_text="cuda if available")
     attention_backend: str | None = _flag(None, "runtime", "attention and decoder kernels", str,
@@ -192,6 +210,35 @@ class ServerArgs:
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise ValueError("chunked_prefill_size: must be positive, or -1 to disable chunking")
         self._check_parallel()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if isinstance(self.lora_paths, list):
+            object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
+        if self.lora_paths:
+            object.__setattr__(self, "enable_lora", True)
+            self.lora_adapters()  # each entry well-formed, names unique
+        if not self.enable_lora:
+            return
+        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
+            raise ValueError(f"max_loaded_loras: {self.max_loaded_loras} is below max_loras_per_batch "
+                             f"({self.max_loras_per_batch})")
+        if self.tp_size > 1 or self.pp_size > 1:
+            raise ValueError("enable_lora: LoRA adapters are served with tp_size 1 and pp_size 1 only (for now)")
+
+    def lora_adapters(self) -> dict[str, str]:
+        """--lora-paths as name -> folder."""
+        out: dict[str, str] = {}
+        for entry in self.lora_paths or ():
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name = path = entry
+            if not name or not path:
+                raise ValueError(f"lora_paths: {entry!r} is not name=folder")
+            if name in out:
+                raise ValueError(f"lora_paths: the name {name!r} is given twice")
+            out[name] = path
+        return out
 
     def _check_parallel(self) -> None:
         if not 0 <= self.node_rank < self.nnodes:
@@ -284,6 +331,12 @@ def _check_value(spec: FlagSpec, value: Any) -> None:
     if value is None:
         if spec.default is not None:
             raise ValueError(f"{spec.name}: must be set (default {spec.default!r})")
+        return
+    if spec.multiple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{spec.name}: {value!r} is not a list")
+        for item in value:
+            _check_value(dataclasses.replace(spec, multiple=False), item)
         return
     expected = (int, float) if spec.type is float else spec.type
     if not isinstance(value, expected) or (spec.type is not bool and isinstance(value, bool)):

@@ -62,6 +62,8 @@ class TokenizerManager:
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the children
         self.states: dict[str, ReqState] = {}
         self.request_log = RequestLog(args.log_requests_level) if args.log_requests else None
+        # LoRA adapters requests may name -> their folder (--lora-paths, then /load_lora_adapter)
+        self.lora_adapters: dict[str, str] = args.lora_adapters() if args.enable_lora else {}
 
     @property
     def info(self) -> SchedulerReady:
@@ -147,6 +149,7 @@ class TokenizerManager:
         """Tokenize and send every item; returns one state per output (n per item)."""
         prepared = []
         for item in req.items:
+            self.check_adapter(item.lora_path, item.lora_field)
             ids = self.nonempty_prompt(self.tokenize(item), item)
             self.validate_length(ids, item)
             prepared.append((item, ids))
@@ -167,7 +170,8 @@ class TokenizerManager:
             for rid in rids:
                 if rid in self.states:
                     raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
-            replica = self.replicas.route(ids, item.extra_key)
+            replica = self.replicas.route(ids, item.extra_key if item.lora_path is None else
+                                          f"lora:{item.lora_path}\x00{item.extra_key or ''}")
             for rid in rids:
                 detok = IncrementalDetokenizer(self.tokenizer, item.params.skip_special_tokens,
                                                item.params.spaces_between_special_tokens)
@@ -179,7 +183,7 @@ class TokenizerManager:
             outgoing.setdefault(replica.index, []).append(TokenizedGenerateReq(
                 rid=item.rid, input_ids=ids, params=item.params, return_logprob=item.return_logprob,
                 logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num,
-                stream=req.stream, extra_key=item.extra_key,
+                stream=req.stream, extra_key=item.extra_key, lora_path=item.lora_path,
             ))
         for index, msgs in outgoing.items():
             self.replicas.send(msgs, self.replicas[index])
@@ -298,8 +302,32 @@ class TokenizerManager:
             meta["input_top_logprobs"] = [None if e is None else [triple(lp, t) for lp, t in e] for e in s.input_top_logprobs]
             meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in e] for e in s.output_top_logprobs]
 
-    async def control(self, kind: str, timeout: float = 30.0) -> ControlResp:
-        return await self.replicas.control(kind, timeout)
+    async def control(self, kind: str, timeout: float = 30.0, payload: dict | None = None) -> ControlResp:
+        return await self.replicas.control(kind, timeout, payload)
+
+    # ---------------------------------------------------------------- LoRA adapters
+    def check_adapter(self, name: str | None, where: str = "lora_path") -> None:
+        """A request may name only a loaded adapter (400 naming the field and the adapter otherwise)."""
+        if name is None:
+            return
+        if not self.args.enable_lora:
+            raise InvalidRequestError(where, f"LoRA adapter {name!r} requested, but this server runs without "
+                                             "LoRA (start it with --enable-lora or --lora-paths)")
+        if name not in self.lora_adapters:
+            loaded = ", ".join(sorted(self.lora_adapters)) or "none"
+            raise InvalidRequestError(where, f"unknown LoRA adapter {name!r} (loaded: {loaded})")
+
+    async def load_lora_adapter(self, name: str, path: str) -> ControlResp:
+        resp = await self.control("load_lora_adapter", 120.0, {"lora_name": name, "lora_path": path})
+        if resp.ok:
+            self.lora_adapters[name] = path
+        return resp
+
+    async def unload_lora_adapter(self, name: str) -> ControlResp:
+        resp = await self.control("unload_lora_adapter", 30.0, {"lora_name": name})
+        if resp.ok:
+            self.lora_adapters.pop(name, None)
+        return resp
 
     def shutdown(self) -> None:
         self.replicas.shutdown()

@@ -11,7 +11,7 @@ nn.Embedding and every slice is the whole tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,9 @@ from torch import nn
 from radixlm.runtime.model_config import ModelConfig
 from radixlm.runtime.parallel.state import get_parallel_state, pp_rank_size, tp_rank_size
 from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
+
+if TYPE_CHECKING:
+    from radixlm.runtime.lora.pool import LoRAProjection
 
 # torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -109,12 +112,15 @@ def _tp_group() -> dist.ProcessGroup | None:
 class ColumnParallelLinear(nn.Linear):
     """Holds this rank's output features only (its heads, its MLP columns). No communication:
     the output stays split across ranks until a row-parallel layer sums it.
-    `quantized`: the weight's packed form when the loader chose one (then `weight` is empty)."""
+    `quantized`: the weight's packed form when the loader chose one (then `weight` is empty).
+    `lora`: the batch's LoRA adapters' update, added to the output (--enable-lora)."""
 
     quantized: QuantizedWeight | None = None
+    lora: LoRAProjection | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_forward(self.weight, self.quantized, x, self.bias)
+        out = linear_forward(self.weight, self.quantized, x, self.bias)
+        return out if self.lora is None else self.lora.apply(x, out)
 
 
 class RowParallelLinear(nn.Linear):
@@ -122,6 +128,7 @@ class RowParallelLinear(nn.Linear):
     by one all-reduce. No bias (Llama-family o_proj / down_proj have none)."""
 
     quantized: QuantizedWeight | None = None
+    lora: LoRAProjection | None = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -129,6 +136,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear_forward(self.weight, self.quantized, x)
+        if self.lora is not None:
+            out = self.lora.apply(x, out)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out

@@ -133,12 +133,12 @@ class ReplicaSet:
         return replica
 
     # ---------------------------------------------------------------- control
-    async def control(self, kind: str, timeout: float = 30.0) -> ControlResp:
+    async def control(self, kind: str, timeout: float = 30.0, payload: dict | None = None) -> ControlResp:
         """Ask every live replica; with several, one answer merged from theirs."""
         live = [r for r in self.replicas if not r.dead]
         if not live:
             raise SchedulerDiedError(self.dead or "no live replica")
-        resps = await asyncio.wait_for(asyncio.gather(*(self._control_one(kind, r) for r in live)), timeout)
+        resps = await asyncio.wait_for(asyncio.gather(*(self._control_one(kind, r, payload) for r in live)), timeout)
         if len(self.replicas) == 1:
             return resps[0]
         if kind == "get_info":
@@ -148,13 +148,13 @@ class ReplicaSet:
         failed = [r for r in resps if not r.ok]
         return failed[0] if failed else resps[0]
 
-    async def _control_one(self, kind: str, replica: Replica) -> ControlResp:
+    async def _control_one(self, kind: str, replica: Replica, payload: dict | None = None) -> ControlResp:
         assert self.loop is not None
         rid = next(self._ids)
         fut = self.loop.create_future()
         self._control[rid] = (fut, replica.index)  # failed if that replica dies
         try:
-            self.send(ControlReq(kind, rid), replica)
+            self.send(ControlReq(kind, rid, payload or {}), replica)
             return await fut
         finally:
             self._control.pop(rid, None)

@@ -18,7 +18,7 @@ from aiohttp import web
 from radixlm.runtime.log_setup import configure_logging, startup_summary
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.served_name import served_model_name
-from radixlm.runtime.server import native_api, openai_api, playground, tokenize_api
+from radixlm.runtime.server import lora_api, native_api, openai_api, playground, tokenize_api
 from radixlm.runtime.server.chat import ChatTemplate, load_chat_template
 from radixlm.runtime.server.errors import ApiError, error_response
 from radixlm.runtime.server.generation import Admission, ServerContext
@@ -91,6 +91,7 @@ def build_app(ctx: ServerContext) -> web.Application:
     native_api.add_routes(app, ctx.args.enable_metrics)
     openai_api.add_routes(app)
     tokenize_api.add_routes(app)
+    lora_api.add_routes(app)
     playground.add_routes(app)
     return app
 

@@ -139,6 +139,8 @@ async def server_info(request: web.Request) -> web.Response:
         "dtype": info.dtype,
         "vocab_size": info.vocab_size,
         **sched,
+        "lora_adapters": dict(ctx.tm.lora_adapters),  # name -> folder; what /load_lora_adapter added included
+        "lora_routes": ["/load_lora_adapter", "/unload_lora_adapter"] if ctx.args.enable_lora else [],
         "http_inflight_sequences": ctx.admission.admitted,
         "http_max_inflight_sequences": ctx.admission.limit,
     }

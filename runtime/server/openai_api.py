@@ -24,13 +24,23 @@ def _model_card(ctx: ServerContext) -> dict[str, Any]:
             "root": ctx.args.model_path or DEFAULT_MODEL_ID, "max_model_len": ctx.context_len}
 
 
+def _adapter_card(ctx: ServerContext, name: str, path: str) -> dict[str, Any]:
+    """A LoRA adapter as vLLM lists it: its own id, the base model as parent."""
+    return {"id": name, "object": "model", "created": ctx.created, "owned_by": "radixlm", "root": path,
+            "parent": ctx.model_name, "max_model_len": ctx.context_len}
+
+
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": [_model_card(request.app[CTX])]})
+    ctx = request.app[CTX]
+    adapters = [_adapter_card(ctx, n, p) for n, p in sorted(ctx.tm.lora_adapters.items())]
+    return json_response({"object": "list", "data": [_model_card(ctx), *adapters]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     name = request.match_info["model"]
+    if name in ctx.tm.lora_adapters:
+        return json_response(_adapter_card(ctx, name, ctx.tm.lora_adapters[name]))
     if name != ctx.model_name:
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {ctx.model_name!r}", "model")
     return json_response(_model_card(ctx))

@@ -231,10 +231,33 @@ def _common(ctx: ServerContext, body: dict[str, Any]) -> tuple[str, bool, bool, 
     rid = body.get("rid")
     if rid is not None and (not isinstance(rid, str) or not rid):
         raise _bad("rid", "must be a non-empty string")
-    for name in ("lora_path", "session_params"):
-        if body.get(name) is not None:
-            raise _bad(name, "is not supported by this server")
+    if body.get("session_params") is not None:
+        raise _bad("session_params", "is not supported by this server")
     return model, stream, include_usage, continuous, rid
+
+
+def adapter_of(ctx: ServerContext, body: dict[str, Any], model: str) -> str | None:
+    """The LoRA adapter a request runs with: SGLang's `lora_path` field, else `model` naming an
+    adapter as "base:adapter" (SGLang) or "adapter" (vLLM); None for the base model."""
+    explicit = _typed(body, "lora_path", "str")
+    if explicit:
+        try:
+            ctx.tm.check_adapter(explicit, "lora_path")
+        except InvalidRequestError as exc:
+            raise ApiError.from_invalid(exc) from None
+        return explicit
+    adapters = ctx.tm.lora_adapters
+    if not ctx.args.enable_lora or model == ctx.model_name:
+        return None
+    if model in adapters:
+        return model
+    base, sep, name = model.rpartition(":")
+    if sep:
+        if name not in adapters:
+            loaded = ", ".join(sorted(adapters)) or "none"
+            raise _bad("model", f"unknown LoRA adapter {name!r} in {model!r} (loaded: {loaded})")
+        return name
+    return None
 
 
 def _check_length(ctx: ServerContext, ids: list[int], max_tokens: int, prompt_param: str, max_param: str) -> None:
@@ -292,7 +315,7 @@ def parse_completion(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
         texts = [tok.decode(p) for p in ids] if echo else [""] * len(ids)
     rid = rid or f"cmpl-{uuid.uuid4().hex}"
     native: dict[str, Any] = {
-        "input_ids": ids if batch else ids[0], "rid": rid, "stream": stream,
+        "input_ids": ids if batch else ids[0], "rid": rid, "stream": stream, "lora_path": adapter_of(ctx, body, model),
         "sampling_params": {**sp, "max_new_tokens": max_tokens},
         "return_logprob": top is not None, "top_logprobs_num": top or 0,
         "logprob_start_len": 0 if (echo and top is not None) else -1, "return_text_in_logprobs": True,
@@ -336,7 +359,8 @@ def parse_chat(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
     _check_length(ctx, ids, max_tokens, "messages", max_param)
     rid = rid or f"chatcmpl-{uuid.uuid4().hex}"
     native: dict[str, Any] = {
-        "input_ids": ids, "rid": rid, "stream": stream, "sampling_params": {**sp, "max_new_tokens": max_tokens},
+        "input_ids": ids, "rid": rid, "stream": stream, "lora_path": adapter_of(ctx, body, model),
+        "sampling_params": {**sp, "max_new_tokens": max_tokens},
         "return_logprob": want_lp, "top_logprobs_num": top or 0, "return_text_in_logprobs": True,
     }
     req = _build(ctx, native, {"max_new_tokens": max_param, "min_new_tokens": "min_tokens", "input_ids": "messages",

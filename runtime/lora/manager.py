@@ -1,0 +1,224 @@
+"""Which adapters exist, which are in host memory, which sit in device slots; one batch's setup.
+
+Three tiers, each with its own bound: registered adapters (every name a request may use: from
+--lora-paths and /load_lora_adapter), host copies (at most --max-loaded-loras; an evicted one is
+read again from its folder when a request needs it) and device slots (--max-loras-per-batch,
+the adapters one forward can mix). Host copies and slots are evicted by --lora-eviction-policy
+(lru: least recently used first; fifo: first loaded first), never one the current batch uses.
+The scheduler keeps every batch within the slot count (`SlotBudget`), so a batch always fits.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.lora.adapter import AdapterError, LoRAAdapter, ModelShape, read_adapter
+from radixlm.runtime.lora.pool import LoRAPool
+from radixlm.runtime.lora.sgmv import LoRASegments, segment_host
+
+if TYPE_CHECKING:
+    from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Registered:
+    name: str
+    path: str
+    uid: str  # name + load generation: the prefix-cache namespace (a reload never reuses old KV)
+    host: LoRAAdapter | None = None
+    loaded_at: float = 0.0  # when the host copy was read (fifo)
+    used_at: float = 0.0  # last batch that used it (lru)
+
+
+@dataclass
+class _Slot:
+    name: str | None = None
+    loaded_at: float = 0.0
+    used_at: float = 0.0
+
+
+@dataclass
+class LoRAOptions:
+    max_loras_per_batch: int
+    max_loaded_loras: int | None
+    max_lora_rank: int
+    eviction_policy: str  # lru | fifo
+    initial: dict[str, str] = field(default_factory=dict)  # name -> folder, from --lora-paths
+
+
+class LoRAManager:
+    def __init__(self, model: torch.nn.Module, shape: ModelShape, options: LoRAOptions, dtype: torch.dtype,
+                 device: torch.device, use_triton: bool) -> None:
+        self.options = options
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        self.pool = LoRAPool(model, shape, options.max_loras_per_batch, options.max_lora_rank, dtype, device,
+                             use_triton)
+        self.slots = [_Slot() for _ in range(options.max_loras_per_batch)]
+        self.adapters: dict[str, Registered] = {}
+        self._generation = itertools.count()
+        self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
+        # Decode under CUDA graphs reads its segments from fixed buffers (order | start | length | slot).
+        self._graph_buf = torch.zeros(0, dtype=torch.int32, device=device)
+        self._graph_max_bs = 0
+        for name, path in options.initial.items():
+            self.load(name, path)
+
+    # ---------------------------------------------------------------- registry
+    def load(self, name: str, path: str) -> Registered:
+        """Read, check and register an adapter (AdapterError: nothing changes)."""
+        if name in self.adapters:
+            raise AdapterError(f"LoRA adapter {name!r} is already loaded (from {self.adapters[name].path}); "
+                               "unload it first")
+        adapter = self._read(name, path)
+        entry = Registered(name, str(path), f"{name}#{next(self._generation)}")
+        self.adapters[name] = entry
+        self._keep_host(entry, adapter, busy=set())
+        logger.info("LoRA adapter %r loaded from %s (rank %d, %s, %.1f MB)", name, path, adapter.max_rank,
+                    ",".join(adapter.config.target_modules), adapter.nbytes / 1e6)
+        return entry
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter; the caller checked that no request uses it."""
+        self.adapters.pop(name)
+        for slot in self.slots:
+            if slot.name == name:
+                slot.name = None
+
+    def _read(self, name: str, path: str) -> LoRAAdapter:
+        adapter = read_adapter(name, path, self.shape, self.options.max_lora_rank, self.dtype)
+        if self.device.type == "cuda":
+            adapter.pin()
+        return adapter
+
+    def _keep_host(self, entry: Registered, adapter: LoRAAdapter, busy: set[str]) -> None:
+        cap = self.options.max_loaded_loras
+        held = [e for e in self.adapters.values() if e.host is not None and e is not entry]
+        while cap is not None and len(held) >= cap:
+            victims = [e for e in held if e.name not in busy] or held
+            victim = min(victims, key=self._age)
+            logger.info("LoRA adapter %r leaves host memory (--max-loaded-loras %d)", victim.name, cap)
+            victim.host = None
+            held.remove(victim)
+        entry.host = adapter
+        entry.loaded_at = next(self._clock)
+
+    def _age(self, item: Registered | _Slot) -> float:
+        return item.used_at if self.options.eviction_policy == "lru" else item.loaded_at
+
+    def uid(self, name: str) -> str | None:
+        entry = self.adapters.get(name)
+        return None if entry is None else entry.uid
+
+    def info(self) -> dict:
+        return {
+            "adapters": {n: e.path for n, e in self.adapters.items()},
+            "in_host_memory": sorted(n for n, e in self.adapters.items() if e.host is not None),
+            "in_device_slots": [s.name for s in self.slots],
+            "pool_bytes": self.pool.nbytes,
+        }
+
+    # ---------------------------------------------------------------- one batch
+    def slot_of(self, name: str, busy: set[str]) -> int:
+        """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed."""
+        now = next(self._clock)
+        for i, slot in enumerate(self.slots):
+            if slot.name == name:
+                slot.used_at = now
+                self.adapters[name].used_at = now
+                return i
+        free = [i for i, s in enumerate(self.slots) if s.name is None]
+        if free:
+            index = free[0]
+        else:
+            candidates = [i for i, s in enumerate(self.slots) if s.name not in busy]
+            if not candidates:
+                raise RuntimeError(f"more than {len(self.slots)} LoRA adapters in one batch (--max-loras-per-batch)")
+            index = min(candidates, key=lambda i: self._age(self.slots[i]))
+        entry = self.adapters[name]
+        if entry.host is None:
+            self._keep_host(entry, self._read(name, entry.path), busy)
+        assert entry.host is not None
+        self.pool.write(index, entry.host)
+        self.slots[index] = _Slot(name, now, now)
+        entry.used_at = now
+        return index
+
+    def prepare(self, batch: ForwardBatch, graph: bool) -> None:
+        """Set the segments every LoRA projection reads in this forward. `graph`: the decode
+        replays a CUDA graph (its segments go into the graph's buffers)."""
+        names = batch.lora_names or []
+        wanted = {n for n in names if n is not None}
+        if not wanted and not graph:
+            self.pool.batch.segments = None
+            return
+        unknown = wanted - set(self.adapters)
+        if unknown:
+            raise AdapterError(f"LoRA adapter(s) {sorted(unknown)} are not loaded")
+        slots = {n: self.slot_of(n, wanted) for n in sorted(wanted)}
+        per_req = torch.tensor([-1 if n is None else slots[n] for n in names] or [-1] * batch.batch_size,
+                               dtype=torch.int32)
+        if graph:
+            self._fill_graph(per_req)
+            return
+        token_slots = per_req if batch.mode is ForwardMode.DECODE else per_req.repeat_interleave(
+            torch.tensor(batch.extend_seq_lens_cpu))
+        self.pool.batch.segments = LoRASegments.build(token_slots, len(self.slots), self.device)
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def enable_graphs(self, max_bs: int) -> None:
+        self._graph_max_bs = max_bs
+        self._graph_buf = torch.zeros(max_bs + 3 * len(self.slots), dtype=torch.int32, device=self.device)
+
+    def graph_segments(self, bs: int) -> LoRASegments:
+        """The fixed segments a decode graph of batch size `bs` is captured with."""
+        s, m = len(self.slots), self._graph_max_bs
+        buf = self._graph_buf
+        return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:], bs, [])
+
+    def use_graph_segments(self, bs: int) -> None:
+        """Capture: the projections read the graph's buffers (all slots -1 meanwhile: nothing runs)."""
+        self._graph_buf[self._graph_max_bs + 2 * len(self.slots):].fill_(-1)
+        self.pool.batch.segments = self.graph_segments(bs)
+
+    def _fill_graph(self, per_req: torch.Tensor) -> None:
+        order, start, length, slot, _ = segment_host(per_req, len(self.slots))
+        s, m = len(self.slots), self._graph_max_bs
+        host = torch.cat([start, length, slot])
+        if order.numel():
+            self._graph_buf[:order.numel()].copy_(order, non_blocking=True)
+        self._graph_buf[m:m + 3 * s].copy_(host, non_blocking=True)
+
+
+def model_shape(model: torch.nn.Module, hidden: int, head_dim: int) -> ModelShape:
+    """Full (unsharded) in/out features of each LoRA target of a Llama-family model."""
+    attn = model.layers[0].self_attn
+    q, kv = attn.num_heads * head_dim, attn.num_kv_heads * head_dim
+    inter = model.layers[0].mlp.down_proj.in_features
+    return ModelShape(num_layers=len(model.layers), features={
+        "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+        "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)})
+
+
+
+def build_lora_manager(args: "ServerArgs", model: torch.nn.Module, hidden: int, head_dim: int, dtype: torch.dtype,
+                       device: torch.device) -> LoRAManager:
+    """The manager for --enable-lora, with the --lora-paths adapters read and checked."""
+    from radixlm.runtime.lora.adapter import declared_max_rank
+
+    initial = args.lora_adapters()
+    rank = args.max_lora_rank or max((declared_max_rank(name, path) for name, path in initial.items()), default=64)
+    options = LoRAOptions(args.max_loras_per_batch, args.max_loaded_loras, rank, args.lora_eviction_policy, initial)
+    manager = LoRAManager(model, model_shape(model, hidden, head_dim), options, dtype, device,
+                          use_triton=args.attention_backend == "triton")
+    logger.info("LoRA: %d adapter(s), %d device slots of rank %d (%.0f MB)", len(initial),
+                options.max_loras_per_batch, rank, manager.pool.nbytes / 1e6)
+    return manager

@@ -1,0 +1,82 @@
+"""Segmented LoRA matmuls (SGMV, as in Punica / S-LoRA): the batch's tokens grouped by adapter.
+
+A batch mixing adapters is described by `LoRASegments`: `order` lists the token rows sorted by
+adapter slot, and segment i covers order[start[i] : start[i] + length[i]], all using the weights
+in slot `slot[i]` (rows of the base model are in no segment). Per projection two launches run for
+the whole batch: shrink y = x·Aᵀ (rank columns of every slice at once) and expand
+out[:, slice] += y[:, slice ranks]·Bᵀ. This module holds the torch reference of both (the CPU
+path, and what the Triton kernels in `sgmv_triton.py` are tested against).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoRASegments:
+    """One forward's token -> adapter mapping, on the device, plus its host copy."""
+
+    order: torch.Tensor  # [T'] int32 token rows sorted by slot (base rows left out; T' <= T)
+    start: torch.Tensor  # [S] int32 offset of each segment in `order`
+    length: torch.Tensor  # [S] int32 (0: an unused segment)
+    slot: torch.Tensor  # [S] int32 pool slot of each segment (-1: unused)
+    max_length: int  # longest segment (sizes the kernels' grid; the graph's batch size in decode)
+    host: list[tuple[int, int, int]]  # (slot, start, length) of the used segments
+
+    @classmethod
+    def build(cls, token_slots: torch.Tensor, num_segments: int, device: torch.device) -> "LoRASegments":
+        """From each token's slot (host int tensor, -1 = base model); `num_segments` fixes the
+        segment tensors' size (the adapters a batch may hold)."""
+        order, start, length, slot, host = segment_host(token_slots, num_segments)
+        max_len = max((n for _, _, n in host), default=0)
+        packed = torch.cat([order, start, length, slot]).to(device, non_blocking=True)
+        t, s = order.numel(), num_segments
+        return cls(packed[:t], packed[t:t + s], packed[t + s:t + 2 * s], packed[t + 2 * s:], max_len, host)
+
+
+def segment_host(token_slots: torch.Tensor, num_segments: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """(order, start, length, slot, host segments) as int32 host tensors of fixed segment count."""
+    slots = token_slots.to(torch.int64)
+    order = torch.argsort(slots, stable=True)
+    used = slots[order] >= 0
+    order = order[used]
+    values, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    if values.numel() > num_segments:
+        raise ValueError(f"{values.numel()} adapters in one batch; at most {num_segments} (--max-loras-per-batch)")
+    start = torch.zeros(num_segments, dtype=torch.int64)
+    length = torch.zeros(num_segments, dtype=torch.int64)
+    slot = torch.full((num_segments,), -1, dtype=torch.int64)
+    n = values.numel()
+    length[:n] = counts
+    start[:n] = torch.cumsum(counts, 0) - counts
+    slot[:n] = values
+    host = [(int(v), int(s), int(c)) for v, s, c in zip(values, start[:n], counts)]
+    i32 = torch.int32
+    return order.to(i32), start.to(i32), length.to(i32), slot.to(i32), host
+
+
+def shrink_ref(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Tensor:
+    """y [T, n·R] = x·A[slot]ᵀ for each segment's rows; rows of no segment are zero.
+    `a`: the pool's [slots, n·R, in] buffer."""
+    y = x.new_zeros(x.shape[0], a.shape[1])
+    order = seg.order.to(torch.int64)
+    for slot, start, length in seg.host:
+        rows = order[start:start + length]
+        y[rows] = (x[rows].float() @ a[slot].float().t()).to(y.dtype)
+    return y
+
+
+def expand_ref(y: torch.Tensor, b: torch.Tensor, slice_offsets: list[int], rank: int, out: torch.Tensor,
+               seg: LoRASegments) -> None:
+    """out[:, off[s]:off[s+1]] += y[:, s·R:(s+1)·R]·B[slot, off[s]:off[s+1]]ᵀ, in place, per segment.
+    `b`: the pool's [slots, out, R] buffer."""
+    order = seg.order.to(torch.int64)
+    for slot, start, length in seg.host:
+        rows = order[start:start + length]
+        for s in range(len(slice_offsets) - 1):
+            lo, hi = slice_offsets[s], slice_offsets[s + 1]
+            delta = y[rows, s * rank:(s + 1) * rank].float() @ b[slot, lo:hi].float().t()
+            out[rows, lo:hi] += delta.to(out.dtype)

@@ -1,0 +1,153 @@
+"""LoRA adapters (made by peft) in our model against transformers + PEFT, and batches mixing them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.model_runner import ModelRunner
+from radixlm.runtime.request import Req
+from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.server_args import ServerArgs
+from tests.fixtures.lora_adapters import make_peft_adapter, peft_model
+
+
+def _runner(model_dir: Path, adapters: dict[str, Path], **options) -> ModelRunner:
+    paths = tuple(f"{n}={p}" for n, p in adapters.items())
+    args = ServerArgs(model_path=str(model_dir), max_total_tokens=4096, device="cpu", lora_paths=paths or None,
+                      enable_lora=True, **options).resolve()
+    return ModelRunner(args, model_dir)
+
+
+def _forward(runner: ModelRunner, prompts: list[list[int]], names: list[str | None]) -> list[torch.Tensor]:
+    """Logits at every prompt position, all prompts in one extend batch, then one decode step for all
+    (the first token re-fed); returns per prompt [len + 1, vocab]."""
+    batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
+    reqs = []
+    for i, (ids, name) in enumerate(zip(prompts, names)):
+        req = Req(str(i), list(ids), SamplingParams(), 0, lora_name=name)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        req.slots = runner.kv_pool.alloc(len(ids) + 1)
+        batch.add(req, req.slots[: len(ids)], prefix_len=0)
+        reqs.append(req)
+    fb, writes = batch.to_forward_batch(runner.device)
+    runner.req_to_token_pool.commit(writes)
+    fb.logits_indices = torch.arange(fb.num_tokens)
+    out = runner.forward(fb)
+    for req in reqs:
+        req.output_ids = [req.input_ids[0]]
+    dec = ScheduledBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), [len(r.input_ids) for r in reqs],
+                         new_slots=[r.slots[len(r.input_ids):] for r in reqs])
+    fb, writes = dec.to_forward_batch(runner.device)
+    runner.req_to_token_pool.commit(writes)
+    last = runner.forward(fb)
+    result, start = [], 0
+    for i, ids in enumerate(prompts):
+        result.append(torch.cat([out[start:start + len(ids)], last[i:i + 1]]))
+        start += len(ids)
+    for req in reqs:
+        runner.kv_pool.free(req.slots)
+        runner.req_to_token_pool.free(req.req_pool_idx)
+    return result
+
+
+def _reference(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids + [ids[0]]])).logits[0].float()
+
+
+def _prompts(vocab: int, lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_adapter_logits_match_peft_merged_and_unmerged(tiny_model_dir, tmp_path, kind: str) -> None:
+    model_dir = tiny_model_dir(kind)
+    adapter = make_peft_adapter(model_dir, tmp_path / "a", seed=3, r=8, alpha=16,
+                                rank_pattern={"q_proj": 4}, alpha_pattern={"down_proj": 3.0})
+    runner = _runner(model_dir, {"a": adapter})
+    prompts = _prompts(runner.vocab_size, (5, 23))
+    ours = _forward(runner, prompts, ["a", "a"])
+    base = _forward(runner, prompts, [None, None])
+    for merged in (False, True):
+        ref_model = peft_model(model_dir, adapter, merged)
+        for ids, got, plain in zip(prompts, ours, base):
+            ref = _reference(ref_model, ids)
+            assert (ref - plain).abs().max() > 0.5, "the adapter must change the logits"
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_rslora_and_partial_targets(tiny_model_dir, tmp_path) -> None:
+    model_dir = tiny_model_dir("llama")
+    adapter = make_peft_adapter(model_dir, tmp_path / "rs", seed=5, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
+                                use_rslora=True)
+    runner = _runner(model_dir, {"rs": adapter})
+    prompts = _prompts(runner.vocab_size, (11,))
+    got = _forward(runner, prompts, ["rs"])[0]
+    ref = _reference(peft_model(model_dir, adapter, merged=False), prompts[0])
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_batch_mixing_four_adapters_and_base_equals_each_alone(tiny_model_dir, tmp_path) -> None:
+    model_dir = tiny_model_dir("llama")
+    adapters = {f"a{i}": make_peft_adapter(model_dir, tmp_path / f"a{i}", seed=10 + i, r=4 + 4 * (i % 2))
+                for i in range(4)}
+    runner = _runner(model_dir, adapters, max_loras_per_batch=4)
+    names = ["a0", None, "a1", "a2", None, "a3", "a1"]
+    prompts = _prompts(runner.vocab_size, (7, 3, 12, 5, 9, 4, 6), seed=2)
+    mixed = _forward(runner, prompts, names)
+    for ids, name, got in zip(prompts, names, mixed):
+        alone = _forward(runner, [ids], [name])[0]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def _adapter_with(tmp_path: Path, base: Path, edit) -> Path:
+    """A copy of adapter folder `base` with its config and/or tensors changed by `edit`."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    config = json.loads((base / "adapter_config.json").read_text())
+    tensors = load_file(str(base / "adapter_model.safetensors"))
+    edit(config, tensors)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_bad_adapters_fail_at_load_with_a_clear_error(tiny_model_dir, tmp_path) -> None:
+    model_dir = tiny_model_dir("llama")
+    good = make_peft_adapter(model_dir, tmp_path / "good", seed=1, r=4)
+    bad = tmp_path / "bads"
+    bad.mkdir()
+
+    def wrong_rank(cfg, t):
+        cfg["r"] = 8
+
+    def missing_module(cfg, t):
+        for k in [k for k in t if "down_proj" in k]:
+            del t[k]
+
+    def wrong_shape(cfg, t):
+        key = next(k for k in t if "layers.0.mlp.up_proj.lora_A" in k)
+        t[key] = torch.zeros(4, 65)
+
+    def embedding_target(cfg, t):
+        cfg["target_modules"] = ["q_proj", "embed_tokens"]
+
+    cases = {wrong_rank: "adapter_config.json says r=8", missing_module: "target module 'down_proj'",
+             wrong_shape: "do not fit this model's up_proj", embedding_target: "embed_tokens"}
+    for edit, message in cases.items():
+        folder = _adapter_with(bad, good, edit)
+        with pytest.raises(ValueError, match=message) as err:
+            _runner(model_dir, {"x": folder})
+        assert str(folder) in str(err.value)
+    with pytest.raises(ValueError, match="above --max-lora-rank 2"):
+        _runner(model_dir, {"x": good}, max_lora_rank=2)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        _runner(model_dir, {"x": tmp_path})

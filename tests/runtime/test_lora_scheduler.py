@@ -1,0 +1,98 @@
+"""LoRA through the scheduler: mixed batches, device-slot and host-memory eviction, the prefix cache
+per adapter, loading and unloading while requests run, unknown adapters."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from radixlm.runtime.io_struct import ControlReq
+from tests.fixtures.lora_adapters import make_peft_adapter
+from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, merge, run_to_completion
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    model_dir = tiny_model_dir("llama")
+    root = tmp_path_factory.mktemp("adapters")
+    adapters = {f"a{i}": make_peft_adapter(model_dir, root / f"a{i}", seed=20 + i, r=4 * (1 + i % 2)) for i in range(5)}
+    return model_dir, adapters
+
+
+def _sched(model_dir: Path, adapters: dict[str, Path], **options):
+    paths = tuple(f"{n}={p}" for n, p in adapters.items())
+    options.setdefault("cpu_threads", 1)
+    return make_scheduler(model_dir, lora_paths=paths, **options)
+
+
+def _req(rid: str, ids: list[int], lora: str | None, max_new: int = 6):
+    return dataclasses.replace(greedy_req(rid, ids, max_new), lora_path=lora)
+
+
+PROMPT = [5, 17, 33, 8, 90, 41, 7, 66, 12, 3, 150, 200, 31, 9, 44, 18, 72, 11, 60, 2, 80, 101, 13, 6] * 2
+
+
+def test_mixed_batch_equals_each_request_alone_and_evicts_beyond_limits(setup) -> None:
+    model_dir, adapters = setup
+    names = [None, "a0", "a1", "a2", "a3", "a4", "a0", None]
+    reqs = [_req(f"r{i}", PROMPT[i:i + 20], n) for i, n in enumerate(names)]
+    # 5 adapters, 2 device slots and host room for 2: admission holds requests back, slots and host
+    # copies are evicted and read again from their folders.
+    sched = _sched(model_dir, adapters, max_loras_per_batch=2, max_loaded_loras=2, lora_eviction_policy="fifo")
+    mixed = run_to_completion(sched, reqs)
+    info = sched.info()["lora"]
+    assert len(info["in_host_memory"]) == 2 and sorted(info["adapters"]) == sorted(adapters)
+    assert_pool_idle(sched)
+    alone_sched = _sched(model_dir, adapters, disable_radix_cache=True)
+    outs = {}
+    for r in reqs:
+        outs.update(run_to_completion(alone_sched, [r]))
+    for r in reqs:
+        assert mixed[r.rid]["output_ids"] == outs[r.rid]["output_ids"], r.rid
+    base = outs["r0"]["output_ids"]
+    plain = run_to_completion(alone_sched, [_req("p", PROMPT[1:21], None)])["p"]["output_ids"]
+    assert plain != outs["r1"]["output_ids"] or base != outs["r1"]["output_ids"], "adapters must change outputs"
+
+
+def test_prefix_cache_is_per_adapter(setup) -> None:
+    model_dir, adapters = setup
+    sched = _sched(model_dir, adapters)
+    first = run_to_completion(sched, [_req("x1", PROMPT, "a0")])["x1"]
+    again = run_to_completion(sched, [_req("x2", PROMPT, "a0")])["x2"]
+    other = run_to_completion(sched, [_req("x3", PROMPT, "a1")])["x3"]
+    base = run_to_completion(sched, [_req("x4", PROMPT, None)])["x4"]
+    assert first["cached_tokens"] == 0 and again["cached_tokens"] >= len(PROMPT) - 1
+    assert other["cached_tokens"] == 0 and base["cached_tokens"] == 0
+    assert again["output_ids"] == first["output_ids"]
+    fresh = run_to_completion(_sched(model_dir, adapters), [_req("y", PROMPT, "a1")])["y"]
+    assert other["output_ids"] == fresh["output_ids"]
+
+
+def test_load_and_unload_while_serving(setup, tmp_path) -> None:
+    model_dir, adapters = setup
+    sched = _sched(model_dir, {"a0": adapters["a0"]}, max_lora_rank=8)
+    resp = sched.handle(ControlReq("load_lora_adapter", 1, {"lora_name": "new", "lora_path": str(adapters["a3"])}))
+    assert resp.ok and "new" in resp.payload["loaded_adapters"]
+    bad = sched.handle(ControlReq("load_lora_adapter", 2, {"lora_name": "bad", "lora_path": str(tmp_path)}))
+    assert not bad.ok and "no adapter_config.json" in bad.payload["message"]
+    sched.handle(_req("long", PROMPT[:10], "new", max_new=30))
+    for _ in range(3):
+        sched.step()
+    busy = sched.handle(ControlReq("unload_lora_adapter", 3, {"lora_name": "new"}))
+    assert not busy.ok and busy.payload["status"] == 409 and "1 request(s)" in busy.payload["message"]
+    results: dict = {}
+    while not sched.idle:
+        sched.step()
+        for out in sched.pop_outputs():
+            merge(results, out)
+    assert len(results["long"]["output_ids"]) == 30
+    done = sched.handle(ControlReq("unload_lora_adapter", 4, {"lora_name": "new"}))
+    assert done.ok and "new" not in done.payload["loaded_adapters"]
+    late = run_to_completion(sched, [_req("late", PROMPT[:10], "new")])["late"]
+    assert late["finished_reason"]["status_code"] == 400 and "'new'" in late["finished_reason"]["message"]
+    # The same name again, from another folder: a new cache namespace, so no stale prefix is reused.
+    assert sched.handle(ControlReq("load_lora_adapter", 5, {"lora_name": "new", "lora_path": str(adapters["a1"])})).ok
+    again = run_to_completion(sched, [_req("again", PROMPT[:10], "new")])["again"]
+    assert again["cached_tokens"] == 0
+    assert_pool_idle(sched)
