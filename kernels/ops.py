@@ -172,7 +172,8 @@ def _store_kv_kernel(
     KBuf, VBuf, Slots, K, V, n_heads,
     stride_kbt, stride_kbh, stride_vbt, stride_vbh,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_inv_scale, v_inv_scale,  # an FP8 pool stores x * (1 / scale), saturated to +-FP8_MAX
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
@@ -180,15 +181,20 @@ def _store_kv_kernel(
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (offs < HEAD_DIM)
     k = tl.load(K + t * stride_kt + heads * stride_kh + offs, mask=mask)
-    tl.store(KBuf + slot * stride_kbt + heads * stride_kbh + offs, k.to(KBuf.dtype.element_ty), mask=mask)
     v = tl.load(V + t * stride_vt + heads * stride_vh + offs, mask=mask)
+    if FP8_MAX > 0:
+        k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -FP8_MAX), FP8_MAX)
+    tl.store(KBuf + slot * stride_kbt + heads * stride_kbh + offs, k.to(KBuf.dtype.element_ty), mask=mask)
     tl.store(VBuf + slot * stride_vbt + heads * stride_vbh + offs, v.to(VBuf.dtype.element_ty), mask=mask)
 
 
 def store_kv(
-    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    """k_buffer[slots] = k, v_buffer[slots] = v (cast to the pool dtype) in one launch.
+    """k_buffer[slots] = k, v_buffer[slots] = v (cast to the pool dtype) in one launch; an FP8 pool
+    stores k / k_scale and v / v_scale saturated, as `ops_ref.quantize_kv_ref`.
 
     Slots must be distinct (as the allocator guarantees); k/v may be strided views of a fused qkv.
     """
@@ -207,5 +213,8 @@ def store_kv(
         k_buffer, v_buffer, slots, k, v, n_heads,
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=_warps(block_h * block_d),
+        1.0 / k_scale, 1.0 / v_scale,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        FP8_MAX=float(torch.finfo(k_buffer.dtype).max) if k_buffer.dtype.itemsize == 1 else 0.0,
+        num_warps=_warps(block_h * block_d),
     )
