@@ -5,9 +5,10 @@ quantized per token when the layer runs (dynamic) or with one checkpoint scale (
     x ~ codes_x * s_x[m]         (s_x = max|x[m]| / 448 per token, or the static input_scale)
     y = (codes_x @ codes_w^T) * s_x[m] * s_w[n]
 
-On a Hopper GPU the product is `torch._scaled_mm` (row-wise scales, FP8 tensor cores). Everywhere
-else (the CPU, tests) the same codes and scales are multiplied out in float32: the reference path has
-exactly the quantization numerics of the GPU one and differs only in summation order. A checkpoint's
+On a Hopper (or Ada) GPU with bf16 activations the product is `torch._scaled_mm` (row-wise scales,
+FP8 tensor cores, bf16 output). Everywhere else (the CPU, tests, fp16 / fp32 activations) the same
+codes and scales are multiplied out in float32: the reference path has exactly the quantization
+numerics of the GPU one and differs only in summation order (and the GPU's bf16 output rounding). A checkpoint's
 per-tensor weight scales become per-row ones (exact: the same value on each of the tensor's rows), so
 fused qkv / gate_up keep each part's scale; a static input scale of a fused layer is the largest of
 its parts' (vLLM's rule: no part's activations overflow).
@@ -102,7 +103,7 @@ class Fp8Weight(QuantizedWeight):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         xq, sx = quantize_rows(x2, self.input_scale)
-        if self.use_scaled_mm and x.dtype in (torch.bfloat16, torch.float16):
+        if self.use_scaled_mm and x.dtype == torch.bfloat16:  # row-wise scales take a bf16 output only
             out = torch._scaled_mm(xq, self.codes.t(), scale_a=sx, scale_b=self.scales, out_dtype=x.dtype)
         else:
             out = self.reference_matmul(xq, sx).to(x.dtype)
