@@ -142,6 +142,8 @@ class ModelRunner:
             from radixlm.runtime.quantization.fp8 import quantize_layers_online
 
             quantize_layers_online(model.layers)
+            if self.device.type == "cuda":  # hand the float weights' memory back before the KV pool is sized
+                torch.cuda.empty_cache()
         model.eval()
         return model
 
