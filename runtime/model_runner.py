@@ -142,8 +142,8 @@ class ModelRunner:
             from radixlm.runtime.quantization.fp8 import quantize_layers_online
 
             quantize_layers_online(model.layers)
-            if self.device.type == "cuda":  # hand the float weights' memory back before the KV pool is sized
-                torch.cuda.empty_cache()
+        if self.device.type == "cuda":  # quantized layers dropped their float weights: hand that memory back
+            torch.cuda.empty_cache()  # before the KV pool is sized from what is free
         model.eval()
         return model
 
