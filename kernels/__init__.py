@@ -35,6 +35,8 @@ class AttentionFn(Protocol):
         sm_scale: float,
         *,
         out: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor: ...
 
 
@@ -51,7 +53,7 @@ class KernelOps:
     rotary: Callable[
         [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
     ]
-    store_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    store_kv: Callable[..., None]  # (k_buffer, v_buffer, slots, k, v, k_scale=1.0, v_scale=1.0)
     decode_attention: AttentionFn
     extend_attention: AttentionFn
 

@@ -103,10 +103,12 @@ def decode_attention_torch(
     sm_scale: float,
     *,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     result = decode_attention_ref(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
-        max_seq_len=meta.max_seq_len,
+        max_seq_len=meta.max_seq_len, k_scale=k_scale, v_scale=v_scale,
     )
     return _fill(out, result)
 
@@ -119,6 +121,8 @@ def extend_attention_torch(
     sm_scale: float,
     *,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     if meta.extend_seq_lens is None and meta.extend_seq_lens_host is None:
         raise ValueError("extend attention needs extend_seq_lens in the metadata")
@@ -132,7 +136,7 @@ def extend_attention_torch(
         host(meta.req_pool_indices_host, meta.req_pool_indices),
         host(meta.seq_lens_host, meta.seq_lens),
         host(meta.extend_seq_lens_host, meta.extend_seq_lens),
-        sm_scale,
+        sm_scale, k_scale=k_scale, v_scale=v_scale,
     )
     return _fill(out, result)
 
@@ -145,12 +149,14 @@ def decode_attention_triton(
     sm_scale: float,
     *,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     from .decode_attention import decode_attention
 
     return decode_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
-        num_kv_splits=meta.num_kv_splits, out=out,
+        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale,
     )
 
 
@@ -162,6 +168,8 @@ def extend_attention_triton(
     sm_scale: float,
     *,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     from .extend_attention import extend_attention
 
@@ -175,4 +183,5 @@ def extend_attention_triton(
     return extend_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens,
         meta.extend_seq_lens, meta.extend_start_loc, sm_scale, max_extend_len=max_ext, out=out,
+        k_scale=k_scale, v_scale=v_scale,
     )

@@ -7,11 +7,19 @@ Layout (shared with the Triton kernels):
   req_to_token [R, L] int32 slot of each (request row, position)
   seq_lens     [B]          KV length of each request *including* the new tokens,
                             whose K/V are already stored in the pool.
+  k_scale, v_scale          an FP8 pool's per-layer scales: K = k_buffer * k_scale (1.0: a float pool)
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def gather_kv_ref(buffer: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """buffer[slots] in `dtype` (FP8 rows are gathered as bytes: exact, and on every device)."""
+    if buffer.dtype.itemsize == 1:
+        return buffer.view(torch.uint8)[slots].view(buffer.dtype).to(dtype)
+    return buffer[slots].to(dtype)
 
 
 def decode_attention_ref(
@@ -23,18 +31,23 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     sm_scale: float,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One new token per request attends to all `seq_lens[b]` tokens of its request."""
+    """One new token per request attends to all `seq_lens[b]` tokens of its request.
+
+    FP8 scales fold into the math exactly as the kernels do: q.K = k_scale (q.k_stored), out = v_scale
+    (softmax . v_stored)."""
     max_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
     slots = req_to_token[req_pool_indices, :max_len].long()  # [B, L]
-    k = k_buffer[slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D] (a view: SDPA takes strides)
-    v = v_buffer[slots].to(q.dtype).transpose(1, 2)
+    k = gather_kv_ref(k_buffer, slots, q.dtype).transpose(1, 2)  # [B, Hkv, L, D] (a view: SDPA takes strides)
+    v = gather_kv_ref(v_buffer, slots, q.dtype).transpose(1, 2)
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=sm_scale,
+        q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=sm_scale * k_scale,
         enable_gqa=k.shape[1] != q.shape[1],
     )
-    return out.squeeze(2)
+    return out.squeeze(2) if v_scale == 1.0 else (out.squeeze(2) * v_scale).to(q.dtype)
 
 
 def extend_attention_ref(
@@ -46,6 +59,8 @@ def extend_attention_ref(
     seq_lens: list[int],
     extend_seq_lens: list[int],
     sm_scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """New tokens of each request attend causally to its cached prefix plus themselves (varlen).
 
@@ -58,18 +73,20 @@ def extend_attention_ref(
         prefix_len = seq_len - ext_len
         slots = req_to_token[row, :seq_len].long()
         qi = q[start : start + ext_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        ki = k_buffer[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-        vi = v_buffer[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        ki = gather_kv_ref(k_buffer, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+        vi = gather_kv_ref(v_buffer, slots, q.dtype).transpose(0, 1).unsqueeze(0)
         if ki.shape[1] != num_q_heads:
             rep = num_q_heads // ki.shape[1]
             ki = ki.repeat_interleave(rep, dim=1)
             vi = vi.repeat_interleave(rep, dim=1)
         if prefix_len == 0:
-            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=sm_scale)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=sm_scale * k_scale)
         else:
             qpos = torch.arange(prefix_len, seq_len, device=q.device)[:, None]
             mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=sm_scale)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=sm_scale * k_scale)
+        if v_scale != 1.0:
+            oi = oi * v_scale
         out[start : start + ext_len] = oi[0].transpose(0, 1)
         start += ext_len
     return out

@@ -28,7 +28,8 @@ GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 @triton.jit
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqIdx, SeqLens, MidO, MidLse,
-    qk_scale,  # sm_scale * log2(e): softmax runs in base 2
+    qk_scale,  # sm_scale * k_scale * log2(e): softmax runs in base 2 (k_scale: an FP8 pool's)
+    v_scale,  # an FP8 pool's V scale (1.0 otherwise): the output is linear in V
     num_splits,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -83,7 +84,7 @@ def _decode_stage1(
         k, v = gather_kv(K, V, r2t, pos, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh)
         acc, m_i, l_i = online_softmax_step(q, k, v, mask_n[None, :], acc, m_i, l_i, qk_scale, DOT_PRECISION)
 
-    out = acc / l_i[:, None]
+    out = acc / l_i[:, None] * v_scale
     # FINAL (a single split): MidO is the output itself and stage 2 does not run.
     tl.store(
         MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
@@ -149,11 +150,13 @@ def decode_attention(
     *,
     num_kv_splits: int | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
     `num_kv_splits` defaults to `default_num_kv_splits` (shapes only, no host sync); with one split
-    stage 1 writes `out` directly.
+    stage 1 writes `out` directly. An FP8 pool's `k_scale` / `v_scale` multiply scores and output.
     """
     bsz, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -187,7 +190,7 @@ def decode_attention(
 
     _decode_stage1[(bsz, num_kv_heads, splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
-        sm_scale * LOG2E, splits,
+        sm_scale * k_scale * LOG2E, v_scale, splits,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),

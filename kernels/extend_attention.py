@@ -17,7 +17,8 @@ from .attention_common import LOG2E, gather_kv, online_softmax_step
 @triton.jit
 def _extend_kernel(
     Q, K, V, Out, ReqToToken, ReqIdx, SeqLens, ExtLens, ExtStart,
-    qk_scale,  # sm_scale * log2(e)
+    qk_scale,  # sm_scale * k_scale * log2(e) (k_scale: an FP8 pool's, else 1)
+    v_scale,  # an FP8 pool's V scale (1.0 otherwise)
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -82,7 +83,7 @@ def _extend_kernel(
         visible = mask_n[None, :] & (pos[None, :] <= q_pos[:, None])
         acc, m_i, l_i = online_softmax_step(q, k, v, visible, acc, m_i, l_i, qk_scale, DOT_PRECISION)
 
-    out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+    out = acc / tl.maximum(l_i, 1.0e-30)[:, None] * v_scale
     tl.store(
         Out + (q_start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
@@ -116,6 +117,8 @@ def extend_attention(
     *,
     max_extend_len: int,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Same result as `extend_attention_ref`, with the per-request metadata as device tensors.
 
@@ -141,7 +144,7 @@ def extend_attention(
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens,
         extend_seq_lens, extend_start_loc,
-        sm_scale * LOG2E,
+        sm_scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),

@@ -168,11 +168,31 @@ def rotary(
 
 
 @triton.jit
+def _round_to_fp8(x, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """float32 x (already within the format's range) rounded to nearest-even on the FP8 grid, still
+    float32, so the cast that follows is exact: the result does not hang on the backend's conversion
+    rounding (the CPU interpreter rounds ties away and drops mantissa carries). Normal values keep
+    MANT_BITS of mantissa (the bf16 rounding trick on the bits); below 2^MIN_EXP the grid is uniform,
+    2^(MIN_EXP - MANT_BITS), and adding 2^(MIN_EXP + 23 - MANT_BITS) rounds to it."""
+    SHIFT: tl.constexpr = 23 - MANT_BITS
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + ((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1)
+    normal = ((bits >> SHIFT) << SHIFT).to(tl.float32, bitcast=True)
+    magic = tl.exp2((MIN_EXP + 23 - MANT_BITS) * 1.0)
+    ax = tl.abs(x)
+    tiny = (ax + magic) - magic
+    tiny = tl.where(x < 0, -tiny, tiny)
+    return tl.where(ax < tl.exp2(MIN_EXP * 1.0), tiny, normal)
+
+
+@triton.jit
 def _store_kv_kernel(
     KBuf, VBuf, Slots, K, V, n_heads,
     stride_kbt, stride_kbh, stride_vbt, stride_vbh,
     stride_kt, stride_kh, stride_vt, stride_vh,
+    k_inv_scale, v_inv_scale,  # an FP8 pool stores x * (1 / scale), saturated to +-FP8_MAX
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,  # FP8_MAX 0: a float pool
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
@@ -180,15 +200,20 @@ def _store_kv_kernel(
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (offs < HEAD_DIM)
     k = tl.load(K + t * stride_kt + heads * stride_kh + offs, mask=mask)
-    tl.store(KBuf + slot * stride_kbt + heads * stride_kbh + offs, k.to(KBuf.dtype.element_ty), mask=mask)
     v = tl.load(V + t * stride_vt + heads * stride_vh + offs, mask=mask)
+    if FP8_MAX > 0:
+        k = _round_to_fp8(tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -FP8_MAX), FP8_MAX), MANT_BITS, MIN_EXP)
+        v = _round_to_fp8(tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -FP8_MAX), FP8_MAX), MANT_BITS, MIN_EXP)
+    tl.store(KBuf + slot * stride_kbt + heads * stride_kbh + offs, k.to(KBuf.dtype.element_ty), mask=mask)
     tl.store(VBuf + slot * stride_vbt + heads * stride_vbh + offs, v.to(VBuf.dtype.element_ty), mask=mask)
 
 
 def store_kv(
-    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    """k_buffer[slots] = k, v_buffer[slots] = v (cast to the pool dtype) in one launch.
+    """k_buffer[slots] = k, v_buffer[slots] = v (cast to the pool dtype) in one launch; an FP8 pool
+    stores k / k_scale and v / v_scale saturated, as `ops_ref.quantize_kv_ref`.
 
     Slots must be distinct (as the allocator guarantees); k/v may be strided views of a fused qkv.
     """
@@ -201,11 +226,19 @@ def store_kv(
     num_tokens, n_heads, head_dim = k.shape
     if num_tokens == 0:
         return
+    fp8 = k_buffer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if k_buffer.dtype.itemsize == 1 and not fp8:
+        raise ValueError(f"store_kv: a one-byte pool must be float8_e4m3fn or float8_e5m2, not {k_buffer.dtype}")
     block_h = triton.next_power_of_2(n_heads)
     block_d = triton.next_power_of_2(head_dim)
     _store_kv_kernel[(num_tokens,)](
         k_buffer, v_buffer, slots, k, v, n_heads,
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=_warps(block_h * block_d),
+        1.0 / k_scale, 1.0 / v_scale,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        FP8_MAX=float(torch.finfo(k_buffer.dtype).max) if fp8 else 0.0,
+        MANT_BITS=3 if k_buffer.dtype == torch.float8_e4m3fn else 2,  # e4m3 / e5m2
+        MIN_EXP=-6 if k_buffer.dtype == torch.float8_e4m3fn else -14,  # smallest normal exponent
+        num_warps=_warps(block_h * block_d),
     )

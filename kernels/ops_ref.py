@@ -42,8 +42,21 @@ def rotary_ref(
     return rotate(q), rotate(k)
 
 
+def quantize_kv_ref(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x in the pool's dtype: an FP8 pool stores x * (1 / scale) rounded to nearest, saturated to
+    the format's range (a plain cast would make NaN / inf of an outlier); a float pool just casts."""
+    if dtype.itemsize > 1:
+        return x.to(dtype)
+    limit = torch.finfo(dtype).max
+    return (x.float() * (1.0 / scale)).clamp(-limit, limit).to(dtype)
+
+
 def store_kv_ref(
-    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    k_buffer[slots] = k.to(k_buffer.dtype)
-    v_buffer[slots] = v.to(v_buffer.dtype)
+    for buf, x, scale in ((k_buffer, k, k_scale), (v_buffer, v, v_scale)):
+        vals = quantize_kv_ref(x, buf.dtype, scale)
+        if buf.dtype.itemsize == 1:  # FP8 is written as bytes (index_put has no float8 kernel everywhere)
+            buf, vals = buf.view(torch.uint8), vals.view(torch.uint8)
+        buf[slots] = vals

@@ -44,9 +44,9 @@ class PagedAttentionBackend:
     ) -> torch.Tensor:
         """q [T,Hq,D], k/v [T,Hkv,D] of the new tokens -> attention output [T,Hq,D]."""
         assert self.meta is not None, "begin_forward() must run before the layers"
-        k_buf = self.kv_pool.k_buffer[layer_id]
-        v_buf = self.kv_pool.v_buffer[layer_id]
-        self.ops.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
-        if batch.mode is ForwardMode.DECODE:
-            return self.ops.decode_attention(q, k_buf, v_buf, self.meta, self.sm_scale)
-        return self.ops.extend_attention(q, k_buf, v_buf, self.meta, self.sm_scale)
+        pool = self.kv_pool
+        k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
+        k_scale, v_scale = pool.k_scales[layer_id], pool.v_scales[layer_id]  # 1.0 unless an FP8 pool
+        self.ops.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, k_scale, v_scale)
+        attend = self.ops.decode_attention if batch.mode is ForwardMode.DECODE else self.ops.extend_attention
+        return attend(q, k_buf, v_buf, self.meta, self.sm_scale, k_scale=k_scale, v_scale=v_scale)

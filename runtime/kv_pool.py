@@ -1,6 +1,9 @@
 """Token-level KV memory: one slot per token, K and V per layer, plus the request->token map.
 
 Slot 0 is reserved as a scratch slot: padded positions write there, so kernels never need a branch.
+An FP8 pool (`--kv-cache-dtype fp8_e4m3 | fp8_e5m2`) stores K / scale and V / scale per layer (the
+checkpoint's k_scale / v_scale, else 1.0) in one byte per value: twice the tokens for the same memory.
+The store kernels divide by the scale and saturate; the attention kernels multiply it back.
 """
 from __future__ import annotations
 
@@ -82,6 +85,18 @@ class SlotWrites:
     device_slots: torch.Tensor  # [T] int64 device
 
 
+KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def resolve_kv_cache_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: auto is the model's dtype."""
+    if choice == "auto":
+        return model_dtype
+    if choice not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: {choice!r} is not one of auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[choice]
+
+
 @dataclass(frozen=True)
 class KVPoolUsage:
     total: int
@@ -100,6 +115,8 @@ class TokenToKVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        k_scales: list[float] | None = None,
+        v_scales: list[float] | None = None,
     ) -> None:
         self.size = size
         self.num_layers = num_layers
@@ -110,6 +127,13 @@ class TokenToKVPool:
         shape = (size + 1, num_kv_heads, head_dim)
         self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Per-layer dequantization scales of an FP8 pool (1.0 everywhere for a float one: never applied).
+        self.k_scales = list(k_scales) if k_scales is not None else [1.0] * num_layers
+        self.v_scales = list(v_scales) if v_scales is not None else [1.0] * num_layers
+        if len(self.k_scales) != num_layers or len(self.v_scales) != num_layers:
+            raise ValueError(f"KV scales for {len(self.k_scales)}/{len(self.v_scales)} layers, pool has {num_layers}")
+        if self.dtype.itemsize > 1:
+            self.k_scales, self.v_scales = [1.0] * num_layers, [1.0] * num_layers
         # Free list lives on the host: allocation sizes are decided by the scheduler anyway.
         self._free = torch.arange(1, size + 1, dtype=torch.int64)
         self._num_free = size
@@ -145,5 +169,6 @@ class TokenToKVPool:
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Duplicate KV of `src` slots into `dst` slots in every layer (for n>1 sampling)."""
         for layer in range(self.num_layers):
-            self.k_buffer[layer][dst] = self.k_buffer[layer][src]
-            self.v_buffer[layer][dst] = self.v_buffer[layer][src]
+            for buf in (self.k_buffer[layer], self.v_buffer[layer]):
+                raw = buf.view(torch.uint8) if buf.dtype.itemsize == 1 else buf  # FP8 copies as bytes
+                raw[dst] = raw[src]

@@ -32,7 +32,7 @@ def startup_summary(model_name: str, ready: "SchedulerReady", args: "ServerArgs"
     layout = "" if args.tp_size * args.pp_size * args.dp_size == 1 else (
         f", TP {args.tp_size} x PP {args.pp_size} x DP {args.dp_size}")
     return (f"started {model_name} ({ready.architecture}) on {ready.device}, {ready.dtype}: weights "
-            f"{ready.weights_bytes / 1e9:.2f} GB, KV pool {ready.max_total_tokens} tokens "
-            f"({ready.kv_bytes / 1e9:.2f} GB), context {ready.context_len}, {ready.max_running_requests} "
+            f"{ready.weights_bytes / 1e9:.2f} GB (quantization {ready.quantization}), KV pool {ready.max_total_tokens} "
+            f"tokens ({ready.kv_bytes / 1e9:.2f} GB, {ready.kv_cache_dtype}), context {ready.context_len}, {ready.max_running_requests} "
             f"running requests max, {graphs}{layout}, grammar backend {args.grammar_backend}; "
             f"ready in {seconds:.1f} s")

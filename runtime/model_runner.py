@@ -12,10 +12,10 @@ import torch
 from radixlm.kernels import get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch
-from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
+from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool, resolve_kv_cache_dtype
 from radixlm.runtime.model_config import ModelConfig, resolve_dtype
 from radixlm.runtime.models.llama import MODEL_CLASSES, LlamaForCausalLM, rope_cos_sin_cache
-from radixlm.runtime.parallel.state import agree_min, get_parallel_state
+from radixlm.runtime.parallel.state import agree_min, get_parallel_state, tp_rank_size
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.weight_loader import init_dummy_weights, iter_safetensors
 
@@ -35,6 +35,13 @@ def quantized_summary(model: torch.nn.Module) -> str:
             nbytes += quantized.nbytes
     listed = ", ".join(f"{count} x {name}" for name, count in sorted(formats.items()))
     return f"{listed or 'no layer'} ({nbytes / 2**20:.0f} MiB)"
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter plus every quantized weight (whose float parameter is empty)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantized = {id(q): q.nbytes for m in model.modules() if (q := getattr(m, "quantized", None)) is not None}
+    return params + sum(quantized.values())
 
 
 def _available_ram_bytes() -> int:
@@ -64,12 +71,15 @@ class ModelRunner:
         self.vocab_size = mc.vocab_size
         torch.manual_seed(args.random_seed)
         from radixlm.runtime.gguf_weights import has_gguf_blocks  # imports gguf
+        from radixlm.runtime.quantization.checkpoint import read_checkpoint_quantization
         from radixlm.runtime.quantization.select import resolve_quantization
 
         gguf_blocks = args.load_format != "dummy" and has_gguf_blocks(model_dir)
+        self.checkpoint_quantization = None if args.load_format == "dummy" else read_checkpoint_quantization(model_dir)
         self.quantization = resolve_quantization(args.quantization, args.dtype, self.device, gguf_blocks,
-                                                 parallel is not None)
+                                                 parallel is not None, self.checkpoint_quantization, tp_rank_size()[1])
         self.model = self._load_model(model_dir)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.lora = None  # LoRAManager with --enable-lora: its device slots are allocated before the KV pool
         if args.enable_lora:
             from radixlm.runtime.lora.manager import build_lora_manager
@@ -81,12 +91,14 @@ class ModelRunner:
             1024 if self.device.type == "cuda" else 256, max(self.max_total_tokens // 16, 8)
         )
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, self.context_len + 8, self.device)
+        k_scales, v_scales = self._kv_scales()
         self.kv_pool = TokenToKVPool(  # this rank's layers and KV heads
-            self.max_total_tokens, len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype, self.device
+            self.max_total_tokens, len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.kv_cache_dtype,
+            self.device, k_scales=k_scales, v_scales=v_scales,
         )
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weights_bytes = model_weight_bytes(self.model)
         self.kv_pool_bytes = self.max_total_tokens * TokenToKVPool.bytes_per_token(
-            len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype)
+            len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.kv_cache_dtype)
         self.attn_backend = self._make_attention_backend()
         self.graph_runner = None
         if not args.disable_cuda_graph and self.model.stage.size == 1:  # stages exchange tensors between graphs: not captured
@@ -102,9 +114,12 @@ class ModelRunner:
 
             self.channel = StepChannel(self, parallel)
         logger.info(
-            "model %s on %s (%s): weights %.2f GB, KV pool %d tokens (%.2f GB), %d running requests max, context %d",
-            mc.architecture, self.device, self.dtype, self.weights_bytes / 1e9, self.max_total_tokens,
-            self.kv_pool_bytes / 1e9, self.max_running_requests, self.context_len,
+            "model %s on %s (%s): weights %.2f GB (quantization %s: %s), KV pool %d tokens (%.2f GB, %s, %d B/token), "
+            "%d running requests max, context %d%s",
+            mc.architecture, self.device, self.dtype, self.weights_bytes / 1e9, self.quantization,
+            quantized_summary(self.model), self.max_total_tokens, self.kv_pool_bytes / 1e9,
+            str(self.kv_cache_dtype).removeprefix("torch."), self.kv_pool_bytes // max(self.max_total_tokens, 1),
+            self.max_running_requests, self.context_len, self._device_memory_note(),
         )
 
     def _load_model(self, model_dir: Path) -> LlamaForCausalLM:
@@ -123,12 +138,30 @@ class ModelRunner:
         else:
             # Several ranks: each reads only its share of the checkpoint.
             model.load_weights(iter_safetensors(model_dir, lazy=get_parallel_state() is not None))
+        if self.quantization == "fp8" and self.checkpoint_quantization is None:
+            from radixlm.runtime.quantization.fp8 import quantize_layers_online
+
+            quantize_layers_online(model.layers)
+        if self.device.type == "cuda":  # quantized layers dropped their float weights: hand that memory back
+            torch.cuda.empty_cache()  # before the KV pool is sized from what is free
         model.eval()
         return model
 
+    def _kv_scales(self) -> tuple[list[float], list[float]]:
+        """Per-layer FP8 KV scales: the checkpoint's where it has them, else 1.0 (unused for a float pool)."""
+        attn = [layer.self_attn for layer in self.model.layers]
+        return [a.kv_scales.get("k", 1.0) for a in attn], [a.kv_scales.get("v", 1.0) for a in attn]
+
+    def _device_memory_note(self) -> str:
+        if self.device.type != "cuda":
+            return ""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return f"; GPU memory {(total - free) / 1e9:.1f} of {total / 1e9:.1f} GB in use"
+
     def _kv_capacity(self) -> int:
         mc = self.model_config
-        per_token = TokenToKVPool.bytes_per_token(len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.dtype)
+        per_token = TokenToKVPool.bytes_per_token(len(self.model.layers), self.model.tp.kv_heads, mc.head_dim,
+                                                  self.kv_cache_dtype)
         if self.args.max_total_tokens:
             return self.args.max_total_tokens
         if self.device.type == "cuda":

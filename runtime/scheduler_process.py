@@ -61,6 +61,7 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
             vocab_size=runner.vocab_size, device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
             architecture=runner.model_config.architecture, weights_bytes=runner.weights_bytes,
             kv_bytes=runner.kv_pool_bytes, cuda_graph_batch_sizes=tuple(graphs.buckets) if graphs else (),
+            quantization=runner.quantization, kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
             load_seconds=time.monotonic() - started,
         ))
     except Exception:  # noqa: BLE001 - report any startup failure to the parent verbatim

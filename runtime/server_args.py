@@ -87,10 +87,15 @@ class ServerArgs:
                                       default_text="the tokenizer's")
     dtype: str = _flag("auto", "model", "weights and activations dtype; auto: the checkpoint's on a GPU "
                        "(float32 becomes bfloat16), float32 on a CPU", str, choices=DTYPES)
-    quantization: str = _flag("none", "model", "gguf: a GGUF file's weights stay 4-bit on a CPU (packed int4 "
-                              "matmuls); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU unless "
-                              "--dtype is given. The default stays none until benchmarks/cpu.py shows gguf faster "
-                              "with >= 97% greedy agreement (not yet measured)", str, choices=("auto", "none", "gguf"))
+    quantization: str = _flag(
+        "none", "model", "fp8: FP8 W8A8 (weights quantized at load, one scale per output channel, activations per "
+        "token; torch._scaled_mm on Hopper / Ada GPUs, a float32 reference of the same numerics elsewhere); "
+        "compressed-tensors: the checkpoint's own (also read without the flag); gguf: a GGUF file's weights stay "
+        "4-bit on a CPU (packed int4 matmuls); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU "
+        "unless --dtype is given. A checkpoint whose quantization_config is FP8 (quant_method fp8 or "
+        "compressed-tensors) always loads as published. The default stays none until benchmarks/cpu.py shows gguf "
+        "faster with >= 97% greedy agreement (not yet measured)", str,
+        choices=("auto", "none", "gguf", "fp8", "compressed-tensors"))
     load_format: str = _flag("auto", "model", "auto: read the weights; dummy: random weights (benchmarks)", str,
                              choices=("auto", "dummy"))
     context_length: int | None = _flag(None, "model", "the longest prompt + output in tokens", int, minimum=1,
@@ -101,6 +106,10 @@ class ServerArgs:
     mem_fraction_static: float | None = _flag(
         None, "memory", "GPU memory fraction for weights + KV pool (0-1)", float,
         default_text="0.85 on a GPU; a CPU uses 25% of free RAM, at most 65536 tokens")
+    kv_cache_dtype: str = _flag(
+        "auto", "memory", "KV cache storage: auto (the model dtype), fp8_e4m3 or fp8_e5m2 (one byte per value: "
+        "twice the tokens for the same memory; per-layer scales from the checkpoint's k_scale / v_scale, else "
+        "1.0)", str, choices=("auto", "fp8_e4m3", "fp8_e5m2"))
     max_total_tokens: int | None = _flag(None, "memory", "the KV pool size in tokens (overrides the fraction)",
                                          int, minimum=1, default_text="sized from free memory")
     max_running_requests: int | None = _flag(

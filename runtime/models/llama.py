@@ -25,6 +25,8 @@ from radixlm.runtime.parallel.layers import (
     gather_vocab_logits,
 )
 from radixlm.runtime.quantization.base import linear_forward
+from radixlm.runtime.quantization.fp8 import FP8
+from radixlm.runtime.quantization.fp8_checkpoint import FP8_SCALE_KINDS, KV_SCALE_NAME, Fp8Checkpoint, fp8_scalar
 from radixlm.runtime.quantization.select import GGUFTensor, build_quantized_weight
 
 
@@ -71,6 +73,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNormWeight(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = RMSNormWeight(cfg.head_dim) if cfg.qk_norm else None
         self.eps = cfg.rms_norm_eps
+        # The checkpoint's FP8 KV-cache scales (k_scale / v_scale), when it has them.
+        self.kv_scales: dict[str, float] = {}
 
     def forward(
         self, hidden: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend,
@@ -165,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
         or, where no kernel takes those types, the parts are dequantized into the weight."""
         params = dict(self.named_parameters())
         blocks: dict[str, list[tuple[int, GGUFTensor]]] = {}
+        fp8 = Fp8Checkpoint()
         loaded: set[str] = set()
         cfg = self.cfg
         q, kv = self.tp.heads * cfg.head_dim, self.tp.kv_heads * cfg.head_dim
@@ -183,6 +188,11 @@ class LlamaForCausalLM(nn.Module):
             name = self.stage.local_name(hf_name)  # None: a weight of another pipeline stage
             if name is None or (name == "lm_head.weight" and self.lm_head is None):
                 continue
+            kv_scale = KV_SCALE_NAME.match(name)
+            if kv_scale:  # the checkpoint's FP8 KV-cache scale of one layer
+                layer, key = int(kv_scale.group(1)), kv_scale.group(2) or kv_scale.group(3)
+                self.layers[layer].self_attn.kv_scales[key] = float(fp8_scalar(tensor))
+                continue
             if not isinstance(tensor, GGUFTensor):
                 tensor = self.tp.shard(hf_name, tensor)  # this rank's rows / columns of it
             target, rows = name, None
@@ -191,6 +201,10 @@ class LlamaForCausalLM(nn.Module):
                     target = name.replace(hf, ours)
                     rows = (offset, count)
                     break
+            module_name, kind = target.rsplit(".", 1)
+            if kind in FP8_SCALE_KINDS:  # an FP8 layer's weight_scale / input_scale
+                fp8.add(module_name, 0 if rows is None else rows[0], kind, tensor)
+                continue
             if target not in params:
                 raise ValueError(f"model_path: unexpected weight {name!r} in checkpoint")
             param = params[target]
@@ -199,11 +213,17 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"model_path: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
             if isinstance(tensor, GGUFTensor):
                 blocks.setdefault(target, []).append((0 if rows is None else rows[0], tensor))
+            elif tensor.dtype == FP8:
+                fp8.add(module_name, 0 if rows is None else rows[0], kind, tensor)
             else:
                 dst.copy_(tensor)
             loaded.add(f"{target}:{rows}")
         for target, parts in blocks.items():
             self._load_blocks(target, params[target], sorted(parts, key=lambda p: p[0]))
+        for module_name in fp8.modules():
+            module = self.get_submodule(module_name)
+            module.quantized = fp8.build(module_name, module.weight.shape[0], module.weight.device)
+            module.weight.data = module.weight.data.new_empty(0)  # the float copy is never read
         expected = 0
         for pname, p in params.items():
             if "qkv_proj.weight" in pname or "qkv_proj.bias" in pname:

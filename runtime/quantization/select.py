@@ -15,12 +15,13 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from radixlm.runtime.quantization.base import QuantizedWeight
+from radixlm.runtime.quantization.checkpoint import CheckpointQuantization
 from radixlm.runtime.quantization.gguf_blocks import PARSERS, AffinePlanes, parse_blocks
 from radixlm.runtime.quantization.int4_cpu import Int4PackedWeight, int4_cpu_kernel_available, merge_planes
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("auto", "none", "gguf")
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "fp8", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,27 @@ class GGUFTensor:
 
 
 def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blocks: bool,
-                         parallel: bool) -> str:
-    """'gguf' (GGUF blocks kept 4-bit on the CPU) or 'none' (weights in the model dtype).
+                         parallel: bool, checkpoint: CheckpointQuantization | None = None, tp_size: int = 1) -> str:
+    """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gguf' (GGUF blocks kept
+    4-bit on the CPU) or 'none' (weights in the model dtype).
 
-    auto picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the
-    replica is split over ranks (the packed layout is not sliced per rank yet)."""
+    An FP8 checkpoint always loads as published (under none / auto too: its weights are FP8); auto
+    picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the replica is
+    split over ranks (the packed layout is not sliced per rank yet)."""
     if choice not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization: {choice!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
+    if checkpoint is not None:
+        if choice == "gguf" or (choice == "compressed-tensors" != checkpoint.method):
+            raise ValueError(f"quantization: {choice!r} does not match the checkpoint's quant_method {checkpoint.method!r}")
+        if tp_size > 1:
+            raise ValueError("quantization: FP8 checkpoints load on one rank per replica for now (tp_size 1); "
+                             "--quantization fp8 on an unquantized checkpoint works with TP")
+        return "fp8"
+    if choice == "compressed-tensors":
+        raise ValueError("quantization: 'compressed-tensors' needs a checkpoint with a compressed-tensors "
+                         "quantization_config; use fp8 to quantize this one at load")
+    if choice == "fp8":
+        return "fp8"
     if choice == "none":
         return "none"
     reasons = []

@@ -117,6 +117,10 @@ async def model_info(request: web.Request) -> web.Response:
         "has_audio_understanding": False,
         "architectures": [info.architecture],
         "context_length": info.context_len,
+        # As loaded (a checkpoint's own FP8 scheme shows even without the flag): none | gguf | fp8.
+        "quantization": info.quantization,
+        "kv_cache_dtype": ctx.args.kv_cache_dtype,  # the flag: auto | fp8_e4m3 | fp8_e5m2
+        "kv_cache_storage_dtype": info.kv_cache_dtype,  # what the pool holds (bfloat16, float8_e4m3fn, ...)
     })
 
 
@@ -138,6 +142,8 @@ async def server_info(request: web.Request) -> web.Response:
         "device": info.device,
         "dtype": info.dtype,
         "vocab_size": info.vocab_size,
+        "quantization": info.quantization,  # as loaded (none | gguf | fp8), not the flag as given
+        "kv_cache_storage_dtype": info.kv_cache_dtype,
         **sched,
         "lora_adapters": dict(ctx.tm.lora_adapters),  # name -> folder; what /load_lora_adapter added included
         "lora_routes": ["/load_lora_adapter", "/unload_lora_adapter"] if ctx.args.enable_lora else [],

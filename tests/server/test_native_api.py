@@ -71,12 +71,16 @@ def test_info_endpoints(server):
     async def go():
         st, mi = await server.get("/get_model_info")
         assert st == 200 and mi["is_generation"] is True and mi["model_path"]
+        assert (mi["quantization"], mi["kv_cache_dtype"]) == ("none", "auto")  # as loaded / the flag
+        assert mi["kv_cache_storage_dtype"] in ("float32", "bfloat16", "float16")
         for path in ("/get_server_info", "/server_info"):
             st, si = await server.get(path)
             assert st == 200
             for key in ("max_total_num_tokens", "kv_used_tokens", "kv_cached_tokens", "kv_locked_tokens",
-                        "cache_hit_rate", "context_length", "max_total_tokens", "schedule_policy", "version"):
+                        "cache_hit_rate", "context_length", "max_total_tokens", "schedule_policy", "version",
+                        "quantization", "kv_cache_dtype", "kv_cache_storage_dtype"):
                 assert key in si, key
+            assert si["kv_cache_storage_dtype"] == si["dtype"]  # auto: the model's dtype
             assert si["api_key"] == "<set>"
             assert "last_gen_throughput" in si["internal_states"][0]
         st, _ = await server.get("/health", headers={})  # no key needed

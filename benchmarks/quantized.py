@@ -1,0 +1,225 @@
+"""Issue 19 on the H200: bf16 vs FP8 W8A8 vs FP8 W8A8 + FP8 KV, side by side in one run.
+
+  check  on cuda, a small random Llama: FP8 linear (torch._scaled_mm) against its float32 reference
+         of the same codes and scales, and the FP8 engines' input logprobs / greedy tokens vs bf16
+  gemm   FP8 linear (activation quantization + _scaled_mm) and _scaled_mm alone vs bf16 matmul, on the
+         8B layer shapes at M = 1, 16, 64, 256, against their bytes floor (weights read at the measured
+         copy bandwidth) and FLOP floor (the measured bf16 / FP8 8192^3 matmul rate)
+  (a)    batch-1 decode tok/s of the Llama-3.1-8B shape (random weights, --load-format dummy)
+  (b)    offline throughput, gpu_suite's workload (b): 1,000 requests, input U[128,1024], output U[64,512]
+  (c)    TTFT of one 1,024-token prompt
+  kv     the KV pool size in tokens at the same --mem-fraction-static
+
+    python benchmarks/quantized.py --out $OUT/quantized.json      (about 6 minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_suite import LLAMA_8B, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
+from gpu_throughput import params_for, workload_b  # noqa: E402
+
+CONFIGS = {  # label -> engine options
+    "bf16": {},
+    "fp8": {"quantization": "fp8"},
+    "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"},
+}
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
+
+
+def _graph_time(fn, inner: int = 20, reps: int = 15) -> float:
+    """Seconds per call: `inner` calls captured in one CUDA graph (no launch gaps), median of replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(reps):
+        ev[0].record()
+        graph.replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def fp8_matmul_flops() -> float:
+    from radixlm.runtime.quantization.fp8 import FP8
+
+    a = torch.randn(8192, 8192, device="cuda").to(FP8)
+    b = torch.randn(8192, 8192, device="cuda").to(FP8)
+    one = torch.ones(1, device="cuda")
+    t = _graph_time(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), inner=5, reps=5)
+    return 2 * 8192**3 / t
+
+
+def gemm_table(ceil: dict) -> list[dict]:
+    from radixlm.runtime.quantization.fp8 import Fp8Weight, quantize_rows
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        fp8 = Fp8Weight.from_float(w)
+        assert fp8.use_scaled_mm, fp8.format
+        for m in (1, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, sx = quantize_rows(x)
+            t_bf16 = _graph_time(lambda: torch.matmul(x, w.t()))
+            t_fp8 = _graph_time(lambda: fp8.linear(x))
+            t_mm = _graph_time(lambda: torch._scaled_mm(xq, fp8.codes.t(), scale_a=sx, scale_b=fp8.scales,
+                                                        out_dtype=torch.bfloat16))
+            flops = 2 * m * n * k
+            floor_bf16 = max((2 * n * k + 2 * m * (k + n)) / ceil["copy_bytes_per_s"], flops / ceil["bf16_matmul_flops"])
+            floor_fp8 = max((n * k + m * k + 2 * m * n) / ceil["copy_bytes_per_s"], flops / ceil["fp8_matmul_flops"])
+            rows.append({"layer": name, "M": m, "K": k, "N": n, "bf16_us": t_bf16 * 1e6, "fp8_linear_us": t_fp8 * 1e6,
+                         "scaled_mm_us": t_mm * 1e6, "bf16_floor_us": floor_bf16 * 1e6, "fp8_floor_us": floor_fp8 * 1e6,
+                         "fp8_speedup": t_bf16 / t_fp8, "scaled_mm_of_floor": floor_fp8 / t_mm})
+    torch.cuda.empty_cache()
+    return rows
+
+
+def check_on_cuda(root: Path) -> dict:
+    """FP8 numerics on the GPU path, and FP8 engines against bf16 on a small random Llama."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import radixlm
+    from radixlm.runtime.quantization.fp8 import Fp8Weight, quantize_rows
+
+    out: dict = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(768, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+    x = torch.randn(37, 512, device="cuda", generator=g, dtype=torch.bfloat16) * 3
+    fp8 = Fp8Weight.from_float(w)
+    ref = fp8.reference_matmul(*quantize_rows(x))
+    got = fp8.linear(x).float()
+    out["scaled_mm_used"] = fp8.use_scaled_mm
+    out["scaled_mm_vs_reference_max_rel"] = ((got - ref).abs().max() / ref.abs().max()).item()  # bf16 output rounding
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+    d = root / "small"
+    hf.save_pretrained(str(d))
+    del hf
+    rng = random.Random(0)
+    prompts = [rand_ids(rng.randint(16, 400), 4096, rng) for _ in range(16)]
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    runs = {}
+    for label, opts in CONFIGS.items():
+        with radixlm.Engine(str(d), dtype="bfloat16", skip_tokenizer_init=True, mem_fraction_static=0.3, **opts) as eng:
+            res = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=0)
+            runs[label] = ([r["output_ids"] for r in res],
+                           [torch.tensor([lp for lp, _tok, *_ in r["meta_info"]["input_token_logprobs"][1:]]) for r in res])
+    base_ids, base_lp = runs["bf16"]
+    for label in ("fp8", "fp8+fp8kv"):
+        ids, lp = runs[label]
+        same = sum(a == b for x, y in zip(ids, base_ids) for a, b in zip(x, y))
+        out[f"{label}_greedy_tokens_equal_to_bf16"] = same / sum(map(len, base_ids))
+        out[f"{label}_input_logprob_mean_abs_diff"] = float(torch.cat([(a - b).abs() for a, b in zip(lp, base_lp)]).mean())
+    return out
+
+
+def engine_items(model_dir: Path, vocab: int, opts: dict) -> dict:
+    import radixlm
+
+    rng = random.Random(1)
+    res: dict = {}
+    t = time.perf_counter()
+    with radixlm.Engine(str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+                        mem_fraction_static=0.85, context_length=4096, cuda_graph_max_bs=256, **opts) as eng:
+        res["startup_s"] = time.perf_counter() - t
+        info = eng.tokenizer_manager.info
+        res.update(kv_pool_tokens=info.max_total_tokens, kv_pool_gb=info.kv_bytes / 1e9, weights_gb=info.weights_bytes / 1e9,
+                   quantization=info.quantization, kv_cache_dtype=info.kv_cache_dtype)
+        gen(eng, rand_ids(64, vocab, rng), 8)  # warm-up
+        t1 = statistics.median(gen(eng, rand_ids(128, vocab, rng), 1) for _ in range(3))
+        tn = statistics.median(gen(eng, rand_ids(128, vocab, rng), 257) for _ in range(2))
+        res["a_decode_tok_s"] = 256 / (tn - t1)
+        ttft = [gen(eng, rand_ids(1024, vocab, rng), 1) for _ in range(5)]
+        res["c_ttft_ms_p50"] = statistics.median(ttft) * 1000
+        prompts, outs = workload_b(1000, vocab)
+        eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
+        t = time.perf_counter()
+        done = eng.generate(input_ids=prompts, sampling_params=params_for(outs))
+        dt = time.perf_counter() - t
+        assert sum(r["meta_info"]["completion_tokens"] for r in done) == sum(outs)
+        res["b_total_tok_s"] = (sum(map(len, prompts)) + sum(outs)) / dt
+        res["b_output_tok_s"] = sum(outs) / dt
+        res["b_retractions"] = eng.get_server_info().get("retractions", 0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="quantized.json")
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, engines")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.perf_counter()
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    ceil = measure_ceilings()
+    ceil["fp8_matmul_flops"] = fp8_matmul_flops()
+    report["ceilings"] = ceil
+    print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceil['bf16_matmul_flops'] / 1e12:.0f} "
+          f"TFLOP/s, fp8 {ceil['fp8_matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+
+    def section(name: str, job) -> None:
+        if name in skip:
+            return
+        t = time.perf_counter()
+        try:
+            report[name] = job()
+        except Exception as exc:  # noqa: BLE001 - record it and go on: one run, every figure it can give
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[{name}] {time.perf_counter() - t:.0f} s: {json.dumps(report[name])[:1500]}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        section("check", lambda: check_on_cuda(root))
+        section("gemm", lambda: gemm_table(ceil))
+        d = model_dir_for(LLAMA_8B, root, "llama8b")
+        for label, opts in CONFIGS.items():
+            section(f"engine_{label}", lambda opts=opts: engine_items(d, LLAMA_8B["vocab_size"], opts))
+    report["wall_s"] = time.perf_counter() - started
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    _print_tables(report)
+
+
+def _print_tables(report: dict) -> None:
+    if isinstance(report.get("gemm"), list):
+        print(f"\n{'layer':<8}{'M':>5}{'bf16 us':>10}{'fp8 us':>10}{'mm us':>9}{'fp8 floor':>11}{'speedup':>9}{'mm/floor':>10}")
+        for r in report["gemm"]:
+            print(f"{r['layer']:<8}{r['M']:>5}{r['bf16_us']:>10.1f}{r['fp8_linear_us']:>10.1f}{r['scaled_mm_us']:>9.1f}"
+                  f"{r['fp8_floor_us']:>11.1f}{r['fp8_speedup']:>8.2f}x{r['scaled_mm_of_floor']:>9.0%}")
+    keys = [("a_decode_tok_s", "(a) batch-1 decode tok/s"), ("b_total_tok_s", "(b) offline total tok/s"),
+            ("b_output_tok_s", "(b) offline output tok/s"), ("c_ttft_ms_p50", "(c) TTFT 1,024 ms"),
+            ("kv_pool_tokens", "KV pool tokens"), ("weights_gb", "weights GB")]
+    labels = [lbl for lbl in CONFIGS if isinstance(report.get(f"engine_{lbl}"), dict)]
+    print(f"\n{'item':<28}" + "".join(f"{lbl:>14}" for lbl in labels))
+    for key, title in keys:
+        vals = [report[f"engine_{lbl}"].get(key) for lbl in labels]
+        print(f"{title:<28}" + "".join(f"{v:>14.1f}" if isinstance(v, (int, float)) else f"{'-':>14}" for v in vals))
+    print(f"\ncheck: {json.dumps(report.get('check'))}\nwall {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
