@@ -1,7 +1,8 @@
 """JSON-schema coverage on real-world schemas (MaskBench dev slice), engines side by side.
 
     python benchmarks/schema_coverage.py [--data ../shared/data/maskbench-dev] [--engines radixlm,llguidance,outlines]
-                                         [--timeout 10] [--workers 2] [--limit N] [--out benchmarks/results/schema_coverage.json]
+                                         [--timeout 10] [--workers 2] [--limit N] [--files names.txt]
+                                         [--out benchmarks/results/schema_coverage.json]
 
 Engines: `radixlm` (our compile(): keyword policy + rewriting + llguidance, cache off),
 `llguidance` as-is (LLMatcher.grammar_from_json_schema with its default options) and
@@ -153,6 +154,8 @@ def _score(engine: str, path: str) -> dict[str, Any]:
 def _worker(conn: Any) -> None:
     from radixlm.constrained.vocab import TokenizerInfo
 
+    import jsonschema  # noqa: F401  (imported at server start too: request validation)
+
     tok, _ = load_tokenizer()
     _STATE.update(tok=tok, info=TokenizerInfo.from_tokenizer(tok))
     conn.send("ready")
@@ -231,9 +234,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per schema (compile + instances)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="first N files only (0: all)")
+    ap.add_argument("--files", type=Path, help="a text file of data file names, one a line: only these")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "schema_coverage.json")
     args = ap.parse_args()
     files = sorted(str(p) for p in args.data.glob("*.json"))
+    if args.files:
+        wanted = set(args.files.read_text().split())
+        files = [f for f in files if Path(f).name in wanted]
     files = files[: args.limit] if args.limit else files
     engines = args.engines.split(",")
     pool = _Pool(args.workers, args.timeout)

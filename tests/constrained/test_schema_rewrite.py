@@ -85,6 +85,14 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                              ["http://a.b/c?d#e", "../x/y", "#frag", "", "a b", "http://[::1]:80/", "%zz", "//host",
                               "http://[::1:80/", "a:b:c", "ht tp://x", "mailto:x@y.z", "urn:isbn:0451", "/a%2Fb"]),
     "format_json_pointer": ({"type": "string", "format": "json-pointer"}, ["", "/a/b", "/a~1b", "a", "/~2"]),
+    # listed values decided by the reference validator (schema_finite.py)
+    "listed_not_object_values": ({"allOf": [{"enum": [{"a": 0}, {"a": 1}, [1]]}, {"not": {"enum": [{"a": False}, {"a": 1}]}}]},
+                                 [{"a": 0}, {"a": 1}, [1], {"a": False}, {"a": 2}]),
+    "listed_oneOf_multipleOf": ({"enum": [15, 6, 10, 30, 7], "oneOf": [{"multipleOf": 3}, {"multipleOf": 5}]},
+                                [15, 6, 10, 30, 7, 9]),
+    "listed_uniqueItems_arrays": ({"const": [1, 2], "uniqueItems": True, "contains": {"const": 2}}, [[1, 2], [1], [2, 2]]),
+    "listed_through_ref": ({"$defs": {"n": {"not": {"pattern": "^b"}}}, "enum": ["a", "bc"], "$ref": "#/$defs/n"},
+                           ["a", "bc", "b", "c"]),
     "format_ipv4": ({"type": "string", "format": "ipv4"}, ["1.2.3.4", "256.1.1.1", "1.2.3"]),
 }
 
