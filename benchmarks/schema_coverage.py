@@ -152,9 +152,9 @@ def _score(engine: str, path: str) -> dict[str, Any]:
 
 
 def _worker(conn: Any) -> None:
-    from radixlm.constrained.vocab import TokenizerInfo
-
     import jsonschema  # noqa: F401  (imported at server start too: request validation)
+
+    from radixlm.constrained.vocab import TokenizerInfo
 
     tok, _ = load_tokenizer()
     _STATE.update(tok=tok, info=TokenizerInfo.from_tokenizer(tok))
