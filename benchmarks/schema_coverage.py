@@ -167,32 +167,38 @@ def _worker(conn: Any) -> None:
 
 
 class _Pool:
-    """Worker processes, each killed and replaced when a job runs past the limit."""
+    """Worker processes, each killed and replaced when a job runs past the limit. A replacement
+    starts in the background (loading the tokenizer takes seconds): the other workers keep going."""
 
     def __init__(self, n: int, timeout: float) -> None:
         self.ctx, self.timeout = mp.get_context("spawn"), timeout
         self.slots = [self._start() for _ in range(n)]
 
-    def _start(self) -> Any:
+    def _start(self) -> list[Any]:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
         proc.start()
-        if parent.recv() != "ready":
-            raise RuntimeError("worker failed to start")
-        return [proc, parent, None, 0.0]  # process, pipe, job, started
+        return [proc, parent, None, 0.0, False]  # process, pipe, job, started, ready
 
     def run(self, jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         pending, rows = list(reversed(jobs)), []
         while pending or any(s[2] for s in self.slots):
             for i, slot in enumerate(self.slots):
-                proc, conn, job, started = slot
-                if job is None and pending:
+                proc, conn, job, started, ready = slot
+                if not ready:
+                    if conn.poll():
+                        if conn.recv() != "ready":
+                            raise RuntimeError("worker failed to start")
+                        slot[4] = True
+                    elif not proc.is_alive():
+                        raise RuntimeError(f"worker exited with {proc.exitcode} while starting")
+                elif job is None and pending:
                     slot[2], slot[3] = pending.pop(), time.perf_counter()
                     conn.send(slot[2])
                 elif job is not None and conn.poll():
                     rows.append(conn.recv())
                     slot[2] = None
-                    if len(rows) % 250 == 0:
+                    if len(rows) % 100 == 0:
                         print(f"{len(rows)}/{len(jobs)} done", file=sys.stderr, flush=True)
                 elif job is not None and time.perf_counter() - started > self.timeout:
                     proc.kill()
@@ -204,9 +210,12 @@ class _Pool:
         return rows
 
     def close(self) -> None:
-        for proc, conn, _, _ in self.slots:
-            conn.send(None)
-            proc.join(timeout=5)
+        for proc, conn, _, _, ready in self.slots:
+            if ready:
+                conn.send(None)
+                proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
 
 
 def summarize(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
