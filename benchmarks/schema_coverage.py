@@ -1,7 +1,8 @@
 """JSON-schema coverage on real-world schemas (MaskBench dev slice), engines side by side.
 
     python benchmarks/schema_coverage.py [--data ../shared/data/maskbench-dev] [--engines radixlm,llguidance,outlines]
-                                         [--timeout 10] [--workers 2] [--limit N] [--out benchmarks/results/schema_coverage.json]
+                                         [--timeout 10] [--workers 2] [--limit N] [--files names.txt]
+                                         [--out benchmarks/results/schema_coverage.json]
 
 Engines: `radixlm` (our compile(): keyword policy + rewriting + llguidance, cache off),
 `llguidance` as-is (LLMatcher.grammar_from_json_schema with its default options) and
@@ -151,6 +152,8 @@ def _score(engine: str, path: str) -> dict[str, Any]:
 
 
 def _worker(conn: Any) -> None:
+    import jsonschema  # noqa: F401  (imported at server start too: request validation)
+
     from radixlm.constrained.vocab import TokenizerInfo
 
     tok, _ = load_tokenizer()
@@ -164,32 +167,38 @@ def _worker(conn: Any) -> None:
 
 
 class _Pool:
-    """Worker processes, each killed and replaced when a job runs past the limit."""
+    """Worker processes, each killed and replaced when a job runs past the limit. A replacement
+    starts in the background (loading the tokenizer takes seconds): the other workers keep going."""
 
     def __init__(self, n: int, timeout: float) -> None:
         self.ctx, self.timeout = mp.get_context("spawn"), timeout
         self.slots = [self._start() for _ in range(n)]
 
-    def _start(self) -> Any:
+    def _start(self) -> list[Any]:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
         proc.start()
-        if parent.recv() != "ready":
-            raise RuntimeError("worker failed to start")
-        return [proc, parent, None, 0.0]  # process, pipe, job, started
+        return [proc, parent, None, 0.0, False]  # process, pipe, job, started, ready
 
     def run(self, jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         pending, rows = list(reversed(jobs)), []
         while pending or any(s[2] for s in self.slots):
             for i, slot in enumerate(self.slots):
-                proc, conn, job, started = slot
-                if job is None and pending:
+                proc, conn, job, started, ready = slot
+                if not ready:
+                    if conn.poll():
+                        if conn.recv() != "ready":
+                            raise RuntimeError("worker failed to start")
+                        slot[4] = True
+                    elif not proc.is_alive():
+                        raise RuntimeError(f"worker exited with {proc.exitcode} while starting")
+                elif job is None and pending:
                     slot[2], slot[3] = pending.pop(), time.perf_counter()
                     conn.send(slot[2])
                 elif job is not None and conn.poll():
                     rows.append(conn.recv())
                     slot[2] = None
-                    if len(rows) % 250 == 0:
+                    if len(rows) % 100 == 0:
                         print(f"{len(rows)}/{len(jobs)} done", file=sys.stderr, flush=True)
                 elif job is not None and time.perf_counter() - started > self.timeout:
                     proc.kill()
@@ -201,9 +210,12 @@ class _Pool:
         return rows
 
     def close(self) -> None:
-        for proc, conn, _, _ in self.slots:
-            conn.send(None)
-            proc.join(timeout=5)
+        for proc, conn, _, _, ready in self.slots:
+            if ready:
+                conn.send(None)
+                proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
 
 
 def summarize(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
@@ -231,9 +243,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per schema (compile + instances)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="first N files only (0: all)")
+    ap.add_argument("--files", type=Path, help="a text file of data file names, one a line: only these")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "schema_coverage.json")
     args = ap.parse_args()
     files = sorted(str(p) for p in args.data.glob("*.json"))
+    if args.files:
+        wanted = set(args.files.read_text().split())
+        files = [f for f in files if Path(f).name in wanted]
     files = files[: args.limit] if args.limit else files
     engines = args.engines.split(",")
     pool = _Pool(args.workers, args.timeout)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema_disjoint import disjoint, first_overlap
+from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_negation import Unsupported, negate
 from .schema_property_names import property_names
@@ -111,6 +112,7 @@ class _Vetter:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
         self.support = SUPPORT[backend]
         self.index = RefIndex(root)
+        self.finite = FiniteDecider(root)
         self.defs: dict[str, Any] = {}
         self.names: dict[tuple[str, ...], str] = {}
 
@@ -148,6 +150,10 @@ class _Vetter:
             return node
         if not isinstance(node, dict):
             raise GrammarCompileError(f"schema at {pointer_text(ptr) or '#'} must be an object or boolean")
+        if "$ref" not in node or self.index.draft_at(ptr) > 7:  # drafts 04-07: keywords next to $ref are ignored
+            decided = self.decide_listed(node, ptr)
+            if decided is not None:
+                return decided
         if "$ref" in node:
             ref = self.ref(node["$ref"], ptr)
             if self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
@@ -168,6 +174,21 @@ class _Vetter:
             else:
                 clean["allOf"] = clean.get("allOf", []) + [part]
         return clean
+
+    def decide_listed(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
+        """A listed (enum/const) node next to other validation keywords becomes the enum of
+        the values the reference validator accepts (schema_finite.py), where that is exact."""
+        values = listed_values(node)
+        if values is None or not any(k in VALIDATION for k in node if k not in ("enum", "const", "type")):
+            return None
+        if self.index.base_of(ptr) != self.index.base_of(()) or self.index.draft_at(ptr) != self.index.draft_at(()):
+            return None
+        if not self.finite.usable():
+            return None
+        try:
+            return self.finite.decide(node, values)
+        except Exception:  # a schema the reference validator cannot run (bad regex...): vet as usual
+            return None
 
     def keyword(self, key: str, value: Any, node: dict[str, Any], sub: tuple[str, ...],
                 clean: dict[str, Any], extra: list[Any]) -> None:

@@ -3,7 +3,7 @@
 A schema is a conjunction of keywords, so its complement is the union of each keyword's
 complement. A keyword that applies to one instance type (minLength to strings, required to
 objects) is true for every other type, so its complement stays inside that type. Complements
-with no exact positive form (a pattern, a multipleOf, an item somewhere in an array) raise
+with no exact positive form (a multipleOf, an item somewhere in an array) raise
 `Unsupported`; the caller refuses the schema with the keyword's pointer.
 """
 
@@ -134,6 +134,11 @@ def _negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: in
         if offset and bound < 0:
             return []  # minLength 0 and the like: nothing violates it
         return [{"type": kind, other: bound}]
+    if key == "pattern":
+        from .schema_pattern_complement import complement_pattern  # it builds on this module
+
+        other = complement_pattern(value)
+        return [] if other is None else [{"type": "string", "pattern": other}]
     if key == "properties":
         out = []
         for name, sub in value.items():

@@ -85,6 +85,21 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                              ["http://a.b/c?d#e", "../x/y", "#frag", "", "a b", "http://[::1]:80/", "%zz", "//host",
                               "http://[::1:80/", "a:b:c", "ht tp://x", "mailto:x@y.z", "urn:isbn:0451", "/a%2Fb"]),
     "format_json_pointer": ({"type": "string", "format": "json-pointer"}, ["", "/a/b", "/a~1b", "a", "/~2"]),
+    # pattern complements (schema_pattern_complement.py)
+    "not_pattern_anchored": ({"type": "string", "not": {"pattern": "^[A-Fa-f\\d]{4}$"}},
+                             ["abcd", "AB12", "abc", "abcde", "abcg", "", "x1234"]),
+    "not_pattern_search": ({"not": {"pattern": "a.b|^x"}}, ["a-b", "zza b", "ab", "a\nb", "xy", "yx", 3]),
+    "not_pattern_whitespace": ({"type": "string", "not": {"pattern": "^\\s*$"}}, ["", "  ", "\u2028", "\u00a0 ", " a"]),
+    "oneOf_pattern_overlap": ({"oneOf": [{"type": "string", "pattern": "^[a-f\\d]{3}$"}, {"type": "string"}]},
+                              ["abc", "ab1", "abz", "", 5]),
+    # listed values decided by the reference validator (schema_finite.py)
+    "listed_not_object_values": ({"allOf": [{"enum": [{"a": 0}, {"a": 1}, [1]]}, {"not": {"enum": [{"a": False}, {"a": 1}]}}]},
+                                 [{"a": 0}, {"a": 1}, [1], {"a": False}, {"a": 2}]),
+    "listed_oneOf_multipleOf": ({"enum": [15, 6, 10, 30, 7], "oneOf": [{"multipleOf": 3}, {"multipleOf": 5}]},
+                                [15, 6, 10, 30, 7, 9]),
+    "listed_uniqueItems_arrays": ({"const": [1, 2], "uniqueItems": True, "contains": {"const": 2}}, [[1, 2], [1], [2, 2]]),
+    "listed_through_ref": ({"$defs": {"n": {"not": {"pattern": "^b"}}}, "enum": ["a", "bc"], "$ref": "#/$defs/n"},
+                           ["a", "bc", "b", "c"]),
     "format_ipv4": ({"type": "string", "format": "ipv4"}, ["1.2.3.4", "256.1.1.1", "1.2.3"]),
 }
 
@@ -107,3 +122,11 @@ def test_rewrite_matches_reference_validator(tokenizer: Any, name: str) -> None:
         text = json.dumps(instance, ensure_ascii=False)
         accepted = run_tokens(grammar.matcher(), encode(tokenizer, text))
         assert accepted == _valid(schema, instance), f"{name}: {text} accepted={accepted}"
+
+
+@pytest.mark.parametrize("pattern", ["(?=a)b", "a\\bc", "a$b", "(a)\\1"])
+def test_pattern_complement_refused_where_not_exact(tokenizer: Any, pattern: str) -> None:
+    """Lookarounds, word boundaries, inner anchors, backreferences: refused, keyword and pointer named."""
+    with pytest.raises(C.UnsupportedSchemaError) as err:
+        C.compile(tokenizer, json_schema={"properties": {"k": {"not": {"pattern": pattern}}}}, cache=None)
+    assert err.value.keyword == "not" and err.value.path == "/properties/k"

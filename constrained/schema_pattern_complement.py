@@ -1,0 +1,184 @@
+"""The complement of a JSON-schema `pattern` as a positive regex: what `not: {pattern}` needs.
+
+A `pattern` holds when the ECMA-262 regex matches anywhere in the string. Its complement is a
+regular language too: we build the pattern's automaton (interegular), take its complement over
+every character, and turn the automaton back into an anchored regex by state elimination.
+Only patterns whose meaning we reproduce exactly are taken: ECMA's `.` and `\\s`/`\\S` are
+spelled out (interegular's differ), `^`/`$` only at the ends of top-level alternatives;
+lookarounds, backreferences, word boundaries, flags and unicode property classes raise
+`Unsupported`, as does a result past MAX_REGEX characters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import interegular
+from interegular.fsm import anything_else
+
+from .schema_negation import Unsupported, regex_char
+
+MAX_REGEX = 20_000
+# ECMA-262 WhiteSpace and LineTerminator: what \s matches.
+_WS = "\t\n\x0b\x0c\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+      "\u2028\u2029\u202f\u205f\u3000\ufeff"
+_WS_CLASS = _WS  # literal characters: interegular reads no \\u escapes
+_DOT = "[^\n\r\u2028\u2029]"
+_UNSUPPORTED_ESCAPES = set("bBpPkcu0123456789")
+
+
+def _refuse(why: str) -> Unsupported:
+    return Unsupported("pattern", f"the complement of pattern: {why}")
+
+
+def _literal(c: str) -> str:
+    """`c` as an interegular literal (escaped when special)."""
+    return c if c.isascii() and c.isalnum() else "\\" + c if c in "\\^$.|?*+()[]{}-/" else c
+
+
+def _translate(p: str) -> list[tuple[bool, str, bool]]:
+    """Split `p` into top-level alternatives, each (anchored at start, body, anchored at end),
+    with ECMA's `.`, `\\s`, `\\S` and `\\uXXXX` spelled out for interegular."""
+    alts: list[tuple[bool, str, bool]] = []
+    body, depth, in_class, i = "", 0, False, 0
+    start = end = False
+
+    def close() -> None:
+        alts.append((start, body, end))
+
+    while i < len(p):
+        c = p[i]
+        if end and c != "|":
+            raise _refuse("'$' before the end of an alternative")
+        if c == "\\":
+            if i + 1 >= len(p):
+                raise _refuse("a trailing backslash")
+            e = p[i + 1]
+            if e == "u" and len(p) >= i + 6 and all(h in "0123456789abcdefABCDEF" for h in p[i + 2:i + 6]):
+                body += _literal(chr(int(p[i + 2:i + 6], 16)))
+                i += 6
+                continue
+            if e in _UNSUPPORTED_ESCAPES:
+                raise _refuse(f"the escape \\{e}")
+            if e == "s":
+                body += _WS_CLASS if in_class else f"[{_WS_CLASS}]"
+            elif e == "S":
+                if in_class:
+                    raise _refuse("\\S inside a character class")
+                body += f"[^{_WS_CLASS}]"
+            else:
+                body += c + e
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+            body += c
+        elif c == "[":
+            in_class = True
+            body += c
+            if p[i + 1:i + 2] == "^":
+                body += "^"
+                i += 1
+        elif c == "(":
+            if p[i + 1:i + 2] == "?" and p[i + 2:i + 3] != ":":
+                raise _refuse("a lookaround, named group or flag")
+            depth += 1
+            body += c
+        elif c == ")":
+            depth -= 1
+            body += c
+        elif c == "|" and depth == 0:
+            close()
+            body, start, end = "", False, False
+        elif c == "^":
+            if body or depth:
+                raise _refuse("'^' inside the pattern")
+            start = True
+        elif c == "$":
+            if depth or (i + 1 < len(p) and p[i + 1] not in "|"):
+                raise _refuse("'$' inside the pattern")
+            end = True
+        elif c == ".":
+            body += _DOT
+        else:
+            body += c
+        i += 1
+    close()
+    return alts
+
+
+def _fsm(p: str) -> Any:
+    """The automaton of the strings in which `p` matches somewhere (ECMA search semantics)."""
+    anywhere = interegular.parse_pattern("[\\s\\S]*").to_fsm()
+    total = None
+    for start, body, end in _translate(p):
+        try:
+            core = interegular.parse_pattern(body).to_fsm() if body else interegular.parse_pattern("").to_fsm()
+        except Exception as exc:  # interegular raises several private types
+            raise _refuse(f"{exc}") from exc
+        parts = ([] if start else [anywhere]) + [core] + ([] if end else [anywhere])
+        fsm = parts[0].concatenate(*parts[1:]) if len(parts) > 1 else core
+        total = fsm if total is None else total.union(fsm)
+    return total.intersection(anywhere)  # the same strings over an alphabet with every character
+
+
+def _label(fsm: Any, symbols: set[Any]) -> str:
+    """A character class for a set of interegular symbols."""
+    chars: dict[Any, list[str]] = {}
+    for ch, sym in fsm.alphabet._symbol_mapping.items():
+        if ch is not anything_else:
+            chars.setdefault(sym, []).append(ch)
+    other = fsm.alphabet._symbol_mapping.get(anything_else)
+    if other in symbols:
+        excluded = sorted(c for sym, cs in chars.items() if sym not in symbols for c in cs)
+        return "[^" + "".join(regex_char(c) for c in excluded) + "]" if excluded else "[\\s\\S]"
+    included = sorted(c for sym in symbols for c in chars.get(sym, ()))
+    return "[" + "".join(regex_char(c) for c in included) + "]"
+
+
+def _to_regex(fsm: Any) -> str | None:
+    """State elimination over the (reduced) automaton; None edges are absent."""
+    fsm = fsm.reduce()
+    states = sorted(fsm.states)
+    edge: dict[tuple[Any, Any], str] = {}
+    grouped: dict[tuple[Any, Any], set[Any]] = {}
+    for src, moves in fsm.map.items():
+        for sym, dst in moves.items():
+            grouped.setdefault((src, dst), set()).add(sym)
+    live = {s for s in states if fsm.islive(s)}
+    for (src, dst), syms in grouped.items():
+        if src in live and dst in live:
+            edge[(src, dst)] = _label(fsm, syms)
+    start, final = "S", "F"
+    edge[(start, fsm.initial)] = ""
+    for f in fsm.finals:
+        edge[(f, final)] = ""
+    nodes = [s for s in states if s in live]
+    for k in nodes:
+        loop = edge.pop((k, k), None)
+        star = f"(?:{loop})*" if loop else ""
+        ins = [(a, r) for (a, b), r in edge.items() if b == k]
+        outs = [(b, r) for (a, b), r in edge.items() if a == k]
+        for a, _ in ins:
+            del edge[(a, k)]
+        for b, _ in outs:
+            del edge[(k, b)]
+        for a, r1 in ins:
+            for b, r2 in outs:
+                new = r1 + star + r2
+                old = edge.get((a, b))
+                edge[(a, b)] = new if old is None else f"(?:{old}|{new})"
+                if len(edge[(a, b)]) > MAX_REGEX:
+                    raise _refuse(f"its complement needs a regex over {MAX_REGEX} characters")
+    body = edge.get((start, final))
+    return None if body is None else f"(?:{body})"
+
+
+def complement_pattern(p: str) -> str | None:
+    """An anchored regex matching exactly the strings in which `p` matches nowhere (None when
+    `p` matches in every string)."""
+    if not isinstance(p, str):
+        raise _refuse("not a string")
+    body = _to_regex(_fsm(p).everythingbut())
+    return None if body is None else f"^{body}$"
