@@ -162,6 +162,8 @@ class Scheduler:
             "radix_cache_enabled": not self.args.disable_radix_cache,
             **self.stats,
             **({"lora": self.runner.lora.info()} if self.runner.lora is not None else {}),
+            **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}
+               if self.runner.graph_runner is not None else {}),
         }
 
     def abort(self, rid: str, message: str) -> None:
