@@ -6,7 +6,11 @@
   (b)     workload (b) (1,000 requests, in U[128,1024], out U[64,512]) on a Llama-3.1-8B-shaped model:
           the base engine, then one --enable-lora engine serving the base model, 1, 8 and 64 rank-16
           adapters (q,k,v,o,gate,up,down; 8 per batch, the rest swapped from host memory)
-  decode  batch-1 decode ms/step: base engine vs a rank-16 adapter
+  decode  batch-1 decode ms/step: base engine vs a rank-16 adapter, and a base request on the LoRA
+          engine (its base-only CUDA graph); graph capture seconds per variant
+  rows    per (b) run, generated tokens per forward step (the mean batch) and, with adapters, the most
+          rows the 8 device slots can hold (the 8 adapters with most requests): with 64 adapters
+          uniform over --requests 600, ~9 requests each, so the batch is bounded near 8 x 9-12
 
     python benchmarks/lora.py --out $OUT/lora.json
 Random bf16 weights (--load-format dummy); the adapters are PEFT-format folders written here with
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -97,7 +102,7 @@ def check_kernels(cfg: dict) -> dict:
             token_slots = torch.randint(-1, 8, (t,), generator=g, device="cuda").cpu()
             seg = LoRASegments.build(token_slots, 8, torch.device("cuda"))
             used = (token_slots >= 0).cuda()
-            y_ref, y = shrink_ref(x, a, seg), sgmv_shrink(x, a, seg)
+            y_ref, y = shrink_ref(x, a, seg), sgmv_shrink(x, a, seg).sum(0)
             base = torch.randn(t, offsets[-1], generator=g, device="cuda").to(dtype)
             o_ref, o = base.clone(), base.clone()
             expand_ref(y_ref, b, offsets, RANK, o_ref, seg)
@@ -176,13 +181,23 @@ def kernel_times(cfg: dict, bw: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ (b) and decode
-def run_b(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None]) -> dict:
+def run_b(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None], slots: int = 8) -> dict:
+    """Throughput, plus generated tokens per forward step (the mean batch) and, with adapters, the
+    most rows `slots` device slots can hold at once: the rows of the `slots` adapters with most requests."""
+    before = eng.get_server_info()
     t = time.perf_counter()
     res = eng.generate(input_ids=prompts, sampling_params=params_for(outs), lora_path=loras)
     dt = time.perf_counter() - t
+    after = eng.get_server_info()
     assert sum(r["meta_info"]["completion_tokens"] for r in res) == sum(outs)
     total = sum(map(len, prompts)) + sum(outs)
-    return {"seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt}
+    steps = max(after["forward_steps"] - before["forward_steps"], 1)
+    row = {"seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt,
+           "tokens_per_forward_step": (after["generated_tokens"] - before["generated_tokens"]) / steps}
+    per_adapter = sorted(Counter(n for n in loras if n is not None).values(), reverse=True)
+    if per_adapter:
+        row["max_rows_in_slots"] = sum(per_adapter[:slots]) + sum(n is None for n in loras)
+    return row
 
 
 def decode_ms(eng, vocab: int, lora: str | None) -> float:
@@ -232,6 +247,7 @@ def main() -> None:
         eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
         report["base_decode_ms"] = decode_ms(eng, vocab, None)
         report["b_base"] = run_b(eng, prompts, outs, [None] * len(prompts))
+        report["base_graph_capture_s"] = eng.get_server_info().get("cuda_graph_capture_s")
     print("base", report["b_base"], "decode ms", report["base_decode_ms"], flush=True)
     save()
     t = time.perf_counter()
@@ -255,8 +271,11 @@ def main() -> None:
             report[label]["vs_base"] = report[label]["total_tok_s"] / report["b_base"]["total_tok_s"]
             print(label, report[label], flush=True)
             save()
-        report["lora_info"] = {k: v for k, v in eng.get_server_info().get("lora", {}).items() if k != "adapters"}
+        info = eng.get_server_info()
+        report["lora_info"] = {k: v for k, v in info.get("lora", {}).items() if k != "adapters"}
+        report["lora_graph_capture_s"] = info.get("cuda_graph_capture_s")
     report["batch1_decode_overhead"] = report["lora_decode_ms"] / report["base_decode_ms"] - 1
+    report["batch1_base_request_on_lora_engine_overhead"] = report["lora_engine_base_decode_ms"] / report["base_decode_ms"] - 1
     save()
     print(f"\n{'item':<34}{'result':>40}")
     print(f"{'kernels vs reference (cuda)':<34}{str(report['check_kernels']['all_ok']):>40}")
@@ -265,9 +284,16 @@ def main() -> None:
     print(f"{'(b) base engine':<34}{base:>34.0f} tok/s")
     for label in ("b_lora_engine_base", "b_1_adapter", "b_8_adapters", "b_64_adapters"):
         r = report[label]
-        print(f"{label:<34}{r['total_tok_s']:>28.0f} tok/s {r['vs_base']:>5.2f}x")
+        bound = f" (rows <= {r['max_rows_in_slots']})" if "max_rows_in_slots" in r else ""
+        print(f"{label:<34}{r['total_tok_s']:>28.0f} tok/s {r['vs_base']:>5.2f}x  "
+              f"{r['tokens_per_forward_step']:.0f} tok/step{bound}")
+    print(f"{'(b) base engine tok/step':<34}{report['b_base']['tokens_per_forward_step']:>34.0f}")
     print(f"{'batch-1 decode ms/step base/lora':<34}{report['base_decode_ms']:>20.2f} / {report['lora_decode_ms']:.2f} "
           f"(+{100 * report['batch1_decode_overhead']:.1f}%)")
+    print(f"{'batch-1 base request, LoRA engine':<34}{report['lora_engine_base_decode_ms']:>20.2f} ms "
+          f"(+{100 * report['batch1_base_request_on_lora_engine_overhead']:.1f}%)")
+    print(f"{'graph capture s base / lora eng.':<34}{str(report['base_graph_capture_s']):>40}")
+    print(f"{'':<34}{str(report['lora_graph_capture_s']):>40}")
     print(f"wall {report['wall_s']:.0f} s -> {args.out}")
 
 

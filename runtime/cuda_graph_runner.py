@@ -6,11 +6,16 @@ the batch copied into static buffers; padded rows point at a reserved request ro
 the scratch slot 0. The LM head runs after the replay, outside the graph: a graph's output stays
 allocated for its lifetime, and [bs, vocab] float32 logits for every bucket up to 1,024 would hold
 gigabytes, while the hidden states are 30x smaller and the head is one matmul launch.
+
+With --enable-lora each bucket has two graphs: one with the LoRA kernels (reading the segments
+from fixed buffers) and one without, replayed when no row of the step uses an adapter, so base-model
+traffic on a LoRA server runs the base model's graph. Both share one memory pool.
 """
 from __future__ import annotations
 
 import bisect
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,8 +48,11 @@ class CudaGraphRunner:
         self.req_pool_indices = torch.full((n,), pad_row, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # (bucket, with LoRA kernels) -> graph; without --enable-lora only the base-only variant
+        self.variants = (False, True) if runner.lora is not None else (False,)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.capture_s: dict[str, float] = {}  # seconds spent capturing each variant (all buckets)
         self.metas: dict[int, AttentionMetadata] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self._capture_all()
@@ -59,11 +67,11 @@ class CudaGraphRunner:
             logits_indices=self.logits_indices[:bs],
         )
 
-    def _run(self, bs: int) -> torch.Tensor:
+    def _run(self, bs: int, lora: bool) -> torch.Tensor:
         attn = self.runner.attn_backend
         attn.meta = self.metas[bs]
         if self.runner.lora is not None:  # the LoRA kernels read the segments from fixed buffers
-            self.runner.lora.use_graph_segments(bs)
+            self.runner.lora.use_graph_segments(bs if lora else None)
         return self.runner.model(self._batch(bs), attn)
 
     @torch.inference_mode()
@@ -73,20 +81,26 @@ class CudaGraphRunner:
             self.metas[bs] = AttentionMetadata.for_decode(
                 attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs]
             )
-            for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
-                self._run(bs)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs] = self._run(bs)
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+            for lora in self.variants:
+                started = time.perf_counter()
+                for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
+                    self._run(bs, lora)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[bs, lora] = self._run(bs, lora)
+                self.graphs[bs, lora] = graph
+                torch.cuda.synchronize()
+                key = "lora" if lora else "base"
+                self.capture_s[key] = self.capture_s.get(key, 0.0) + time.perf_counter() - started
+        logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
 
-    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+    def replay(self, batch: ForwardBatch, lora: bool = False) -> torch.Tensor:
+        """`lora`: some row uses an adapter (the manager has filled the segment buffers)."""
         bs = batch.batch_size
         padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
         self.input_ids[:bs].copy_(batch.input_ids)
@@ -100,5 +114,5 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:padded].zero_()
             self.req_pool_indices[bs:padded].fill_(self.pad_row)
             self.seq_lens[bs:padded].fill_(1)
-        self.graphs[padded].replay()
-        return self.runner.model.compute_logits(self.outputs[padded][:bs])
+        self.graphs[padded, lora].replay()
+        return self.runner.model.compute_logits(self.outputs[padded, lora][:bs])

@@ -189,10 +189,9 @@ class ModelRunner:
     def forward_local(self, batch: ForwardBatch) -> torch.Tensor:
         """The forward of a rank holding every layer (TP collectives run inside the model)."""
         graph = self.graph_runner is not None and self.graph_runner.can_run(batch)
-        if self.lora is not None:
-            self.lora.prepare(batch, graph)
+        adapters = self.lora is not None and self.lora.prepare(batch, graph)
         if graph:
-            return self.graph_runner.replay(batch)
+            return self.graph_runner.replay(batch, lora=adapters)
         self.attn_backend.begin_forward(batch)
         hidden = self.model(batch, self.attn_backend)
         return self.model.compute_logits(hidden)

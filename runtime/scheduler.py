@@ -18,7 +18,7 @@ from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import SlotBudget
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -60,6 +60,7 @@ class Scheduler:
         self.grammars: Any = None  # GrammarRuntime, created on the first constrained request
 
         self.waiting: list[Req] = []
+        self.adapter_demand = AdapterDemand()  # --enable-lora: aging of adapters waiting for a device slot
         self.running: list[Req] = []
         # Requests holding KV for only part of their fill_ids: a chunked prefill in progress, or
         # grammar-forced tokens appended by jump-forward. Extended before new admissions.
@@ -162,6 +163,8 @@ class Scheduler:
             "radix_cache_enabled": not self.args.disable_radix_cache,
             **self.stats,
             **({"lora": self.runner.lora.info()} if self.runner.lora is not None else {}),
+            **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}
+               if self.runner.graph_runner is not None else {}),
         }
 
     def abort(self, rid: str, message: str) -> None:
@@ -347,7 +350,8 @@ class Scheduler:
         ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
         in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         adapters = None if self.runner.lora is None else SlotBudget(
-            self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs])
+            self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs], candidates,
+            self.adapter_demand)
         for req in ordered:
             if adapters is not None and not adapters.admits(req):
                 continue  # its adapter would not fit this batch's device slots

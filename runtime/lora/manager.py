@@ -152,26 +152,28 @@ class LoRAManager:
         entry.used_at = now
         return index
 
-    def prepare(self, batch: ForwardBatch, graph: bool) -> None:
-        """Set the segments every LoRA projection reads in this forward. `graph`: the decode
-        replays a CUDA graph (its segments go into the graph's buffers)."""
+    def prepare(self, batch: ForwardBatch, graph: bool) -> bool:
+        """Set the segments every LoRA projection reads in this forward; True when a row uses an
+        adapter. False: the projections add nothing, and a decode under CUDA graphs replays the
+        base-only graph (no LoRA launches at all). `graph`: the decode replays a CUDA graph (its
+        segments go into the graph's buffers)."""
         names = batch.lora_names or []
         wanted = {n for n in names if n is not None}
-        if not wanted and not graph:
+        if not wanted:
             self.pool.batch.segments = None
-            return
+            return False
         unknown = wanted - set(self.adapters)
         if unknown:
             raise AdapterError(f"LoRA adapter(s) {sorted(unknown)} are not loaded")
         slots = {n: self.slot_of(n, wanted) for n in sorted(wanted)}
-        per_req = torch.tensor([-1 if n is None else slots[n] for n in names] or [-1] * batch.batch_size,
-                               dtype=torch.int32)
+        per_req = torch.tensor([-1 if n is None else slots[n] for n in names], dtype=torch.int32)
         if graph:
             self._fill_graph(per_req)
-            return
+            return True
         token_slots = per_req if batch.mode is ForwardMode.DECODE else per_req.repeat_interleave(
             torch.tensor(batch.extend_seq_lens_cpu))
         self.pool.batch.segments = LoRASegments.build(token_slots, len(self.slots), self.device)
+        return True
 
     # ---------------------------------------------------------------- CUDA graphs
     def enable_graphs(self, max_bs: int) -> None:
@@ -184,8 +186,12 @@ class LoRAManager:
         buf = self._graph_buf
         return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:], bs, [])
 
-    def use_graph_segments(self, bs: int) -> None:
-        """Capture: the projections read the graph's buffers (all slots -1 meanwhile: nothing runs)."""
+    def use_graph_segments(self, bs: int | None) -> None:
+        """Capture: the projections read the graph's buffers (all slots -1 meanwhile: nothing runs);
+        None: the base-only graph, captured without any LoRA launch."""
+        if bs is None:
+            self.pool.batch.segments = None
+            return
         self._graph_buf[self._graph_max_bs + 2 * len(self.slots):].fill_(-1)
         self.pool.batch.segments = self.graph_segments(bs)
 

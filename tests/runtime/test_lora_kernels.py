@@ -44,15 +44,27 @@ def test_triton_shrink_expand_match_reference(dtype, rank: int, offsets: list[in
     token_slots[:20] = 1  # one segment longer than a row block
     seg = LoRASegments.build(token_slots, 5, dev)
     y_ref = shrink_ref(x.to(dev), a.to(dev), seg)
-    y = sgmv_shrink(x.to(dev), a.to(dev), seg)
+    parts = sgmv_shrink(x.to(dev), a.to(dev), seg)
+    assert parts.shape == (2, t, pieces * rank), "k = 520: two partial sums over K, no atomics"
     used = (token_slots >= 0).to(dev)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
-    torch.testing.assert_close(y[used].float(), y_ref[used].float(), **tol)
+    torch.testing.assert_close(parts.sum(0)[used].float(), y_ref[used].float(), **tol)
     out0 = torch.randn(t, offsets[-1], generator=g).to(dtype).to(dev)
     out_ref, out = out0.clone(), out0.clone()
     expand_ref(y_ref, b.to(dev), offsets, rank, out_ref, seg)
     widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
-    sgmv_expand(y_ref, b.to(dev), torch.tensor(offsets, dtype=torch.int32, device=dev), widest, rank, out, seg)
+    offsets_dev = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    sgmv_expand(y_ref, b.to(dev), offsets_dev, widest, rank, out, seg)
     torch.testing.assert_close(out, out_ref, **tol)
     assert torch.equal(out[~used], out0[~used]), "base-model rows are untouched"
+    # The shrink's partial sums straight into the expand (the serving path; y stays float32, so the
+    # reference is the float32 one): same result, and the same bits on a second run (fixed
+    # reduction order, no atomics).
+    exact = out0.float().clone()
+    expand_ref(shrink_ref(x.float().to(dev), a.float().to(dev), seg), b.float().to(dev), offsets, rank, exact, seg)
+    fused, again = out0.clone(), out0.clone()
+    for o in (fused, again):
+        sgmv_expand(sgmv_shrink(x.to(dev), a.to(dev), seg), b.to(dev), offsets_dev, widest, rank, o, seg)
+    torch.testing.assert_close(fused, exact.to(dtype), **tol)
+    assert torch.equal(fused, again)
     assert (out_ref[used] - out0[used]).abs().max() > 1.0, "the update is not empty"

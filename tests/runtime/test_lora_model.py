@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
@@ -151,3 +151,32 @@ def test_bad_adapters_fail_at_load_with_a_clear_error(tiny_model_dir, tmp_path) 
         _runner(model_dir, {"x": good}, max_lora_rank=2)
     with pytest.raises(ValueError, match="no adapter_config.json"):
         _runner(model_dir, {"x": tmp_path})
+
+
+def _decode_batch(names: list[str | None]) -> ForwardBatch:
+    n = len(names)
+    ones = torch.ones(n, dtype=torch.int64)
+    return ForwardBatch(ForwardMode.DECODE, ones, ones, ones, ones, ones.int(), [0] * n, [1] * n, [1] * n,
+                        ones.int(), torch.arange(n, dtype=torch.int32), torch.arange(n),
+                        lora_names=names if any(names) else None)
+
+
+def test_base_only_batches_skip_the_lora_path(tiny_model_dir, tmp_path) -> None:
+    """No row with an adapter: no segments (eager projections return at once) and, under CUDA
+    graphs, the manager says so (the runner replays the base-only graph) without touching the
+    graph's segment buffers or any device slot."""
+    model_dir = tiny_model_dir("llama")
+    runner = _runner(model_dir, {"a": make_peft_adapter(model_dir, tmp_path / "a", seed=3, r=4)})
+    lora = runner.lora
+    lora.enable_graphs(4)
+    lora._graph_buf.fill_(7)
+    assert lora.prepare(_decode_batch([None, None]), graph=True) is False
+    assert lora.pool.batch.segments is None
+    assert bool((lora._graph_buf == 7).all()), "a base-only step writes no segment buffer"
+    assert lora.info()["in_device_slots"] == [None] * 8
+    assert lora.prepare(_decode_batch([None, None, None]), graph=False) is False
+    assert lora.pool.batch.segments is None
+    assert lora.prepare(_decode_batch([None, "a"]), graph=True) is True
+    assert lora._graph_buf[:1].tolist() == [1] and lora.info()["in_device_slots"][0] == "a"
+    assert lora.prepare(_decode_batch(["a", None]), graph=False) is True
+    assert lora.pool.batch.segments is not None and lora.pool.batch.segments.host == [(0, 0, 1)]

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from radixlm.runtime.io_struct import ControlReq
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget
+from radixlm.runtime.request import Req
+from radixlm.runtime.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import make_peft_adapter
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, merge, run_to_completion
 
@@ -95,4 +98,57 @@ def test_load_and_unload_while_serving(setup, tmp_path) -> None:
     assert sched.handle(ControlReq("load_lora_adapter", 5, {"lora_name": "new", "lora_path": str(adapters["a1"])})).ok
     again = run_to_completion(sched, [_req("again", PROMPT[:10], "new")])["again"]
     assert again["cached_tokens"] == 0
+    assert_pool_idle(sched)
+
+
+def _waiting(*names: str | None) -> list[Req]:
+    return [Req(f"w{i}", [1, 2, 3], SamplingParams(), 0, lora_name=n) for i, n in enumerate(names)]
+
+
+def test_free_slots_go_to_the_most_demanded_adapters_and_none_starves() -> None:
+    demand = AdapterDemand()
+    running = _waiting("a0")
+    # 3 slots, a0 in flight: the 2 free ones go to the adapters with most waiting rows (not to
+    # the first in the queue); base rows and a0's own requests always pass.
+    waiting = _waiting("x", None, "b", "c", "b", "c", "b", "a0", "c")
+    budget = SlotBudget(3, running, waiting, demand)
+    assert budget.chosen == {"b", "c"}
+    assert [budget.admits(r) for r in waiting] == [False, True, True, True, True, True, True, True, True]
+    for r in waiting[2:4]:
+        budget.add(r)
+    assert demand.passed == {"x": 2}, "x waited while two slots went to others"
+    # One slot; x (1 request, oldest) against a busy adapter with 3 waiting each round: x gains a
+    # point per slot it misses and wins the third round (tie on score, older request).
+    demand = AdapterDemand()
+    rounds = []
+    for _ in range(5):
+        waiting = _waiting("x", "busy", "busy", "busy")
+        budget = SlotBudget(1, [], waiting, demand)
+        rounds.append(sorted(budget.chosen)[0])
+        budget.add(next(r for r in waiting if r.lora_name == rounds[-1]))
+        if rounds[-1] == "x":
+            break
+    assert rounds == ["busy", "busy", "x"], rounds
+    assert "x" not in demand.passed and demand.passed == {"busy": 1}
+    SlotBudget(1, [], _waiting(None), demand)
+    assert demand.passed == {}, "adapters no longer waiting keep no aging"
+
+
+def test_admission_by_demand_through_the_scheduler(setup) -> None:
+    model_dir, adapters = setup
+    sched = _sched(model_dir, adapters, max_loras_per_batch=2)
+    # a0 is first in the queue with one request; a1 and a2 have three each: they take the 2 slots.
+    names = ["a0", "a1", "a2", "a1", "a2", "a1", "a2", None]
+    reqs = [_req(f"q{i}", PROMPT[i:i + 12], n, max_new=4) for i, n in enumerate(names)]
+    for r in reqs:
+        sched.handle(r)
+    sched.step()
+    admitted = {r.lora_name for r in [*sched.running, *sched.partial]}
+    assert admitted == {"a1", "a2", None}, admitted
+    results: dict = {}
+    while not sched.idle:
+        sched.step()
+        for out in sched.pop_outputs():
+            merge(results, out)
+    assert sorted(results) == sorted(r.rid for r in reqs) and all(len(v["output_ids"]) == 4 for v in results.values())
     assert_pool_idle(sched)
