@@ -342,4 +342,3 @@ class TokenizerManager:
 
     def shutdown(self) -> None:
         self.replicas.shutdown()
-
