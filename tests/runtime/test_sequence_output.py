@@ -67,11 +67,12 @@ def test_no_logprob_keys_unless_asked_and_abort_status_stays_internal() -> None:
 def test_python_arguments_and_a_json_body_build_the_same_request() -> None:
     body = {"text": ["a", "b"], "rid": "x", "sampling_params": [{"max_new_tokens": 3}, {"temperature": 0}],
             "return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True, "stream": True,
-            "extra_key": "k"}
+            "extra_key": "k", "lora_path": ["a", None]}
     from_body = parse_generate_request(json.loads(json.dumps(body)), 100)
     from_args = build_generate_request(100, **body)
     assert from_body == from_args
     assert [i.rid for i in from_args.items] == ["x_0", "x_1"] and from_args.is_batch and from_args.stream
+    assert [(i.lora_path, i.lora_field) for i in from_args.items] == [("a", "lora_path[0]"), (None, "lora_path[1]")]
 
 
 @pytest.mark.parametrize("fields,error", [
