@@ -7,33 +7,12 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from radixlm.runtime.generate_request import parse_generate_request
+from radixlm.runtime.generate_request import GenerateRequest, build_generate_request
+from radixlm.runtime.native_output import native_output
+from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult
 from radixlm.runtime.served_name import served_model_name
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.tokenizer_manager import TokenizerManager
-
-
-def build_generate_body(
-    prompt: str | list[str] | None,
-    sampling_params: dict | list[dict] | None,
-    input_ids: list[int] | list[list[int]] | None,
-    return_logprob: bool | list[bool],
-    logprob_start_len: int | list[int] | None,
-    top_logprobs_num: int | list[int] | None,
-    stream: bool,
-    **extra: Any,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"sampling_params": sampling_params, "stream": stream, "return_logprob": return_logprob}
-    if prompt is not None:
-        body["text"] = prompt
-    if input_ids is not None:
-        body["input_ids"] = input_ids
-    if logprob_start_len is not None:
-        body["logprob_start_len"] = logprob_start_len
-    if top_logprobs_num is not None:
-        body["top_logprobs_num"] = top_logprobs_num
-    body.update({k: v for k, v in extra.items() if v is not None})
-    return body
 
 
 class Engine:
@@ -50,12 +29,16 @@ class Engine:
         self._closed = False
 
     # ---------------------------------------------------------------- generation
-    def _request(self, body: dict[str, Any]):
-        return parse_generate_request(body, self.tokenizer_manager.info.vocab_size)
-
-    @staticmethod
-    def _shape(outputs: list[dict[str, Any]], is_batch: bool) -> Any:
-        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+    def _request(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: Any,
+                 logprob_start_len: Any, top_logprobs_num: Any, stream: bool, extra: dict[str, Any]) -> GenerateRequest:
+        """The HTTP server's request builder, on these arguments; `extra`: /generate's other fields
+        (rid, return_text_in_logprobs, extra_key, ...), None meaning not given."""
+        given = {k: v for k, v in extra.items() if v is not None}
+        text = given.pop("text", prompt)
+        return build_generate_request(
+            self.tokenizer_manager.info.vocab_size, text=text, input_ids=input_ids, sampling_params=sampling_params,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+            stream=stream, **given)
 
     def generate(
         self,
@@ -69,27 +52,29 @@ class Engine:
         **extra: Any,
     ) -> Any:
         """SGLang-shaped result dict (a list for batches or n > 1); an iterator of them when streaming."""
-        req = self._request(build_generate_body(prompt, sampling_params, input_ids, return_logprob,
-                                                logprob_start_len, top_logprobs_num, stream, **extra))
+        req = self._request(prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
+                            stream, extra)
         if stream:
             return self._stream_sync(req)
         fut = asyncio.run_coroutine_threadsafe(self._collect(req), self._loop)
         return fut.result()
 
-    async def _collect(self, req) -> Any:
-        async for outputs in self.tokenizer_manager.generate(req):
-            return self._shape(outputs, req.is_batch)
+    async def _collect(self, req: GenerateRequest) -> Any:
+        async for update in self.tokenizer_manager.generate(req):  # (not streaming: one update, every sequence whole)
+            outputs = [native_output(SequenceResult(d.index).add(d)) for d in update]
+            return outputs if req.is_batch or len(outputs) > 1 else outputs[0]
 
-    def _stream_sync(self, req) -> Iterator[Any]:
+    def _stream_sync(self, req: GenerateRequest) -> Iterator[Any]:
         agen = self.tokenizer_manager.generate(req)
+        render = _NativeStream()
         try:
             while True:
                 try:
-                    chunk = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop).result()
+                    update = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop).result()
                 except StopAsyncIteration:
                     return
-                for out in chunk:
-                    yield out
+                for d in update:
+                    yield render(d)
         finally:
             asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
 
@@ -104,23 +89,24 @@ class Engine:
         stream: bool = False,
         **extra: Any,
     ) -> Any:
-        req = self._request(build_generate_body(prompt, sampling_params, input_ids, return_logprob,
-                                                logprob_start_len, top_logprobs_num, stream, **extra))
+        req = self._request(prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
+                            stream, extra)
         if stream:
             return self._stream_async(req)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._collect(req), self._loop))
 
-    async def _stream_async(self, req) -> AsyncIterator[Any]:
+    async def _stream_async(self, req: GenerateRequest) -> AsyncIterator[Any]:
         agen = self.tokenizer_manager.generate(req)
+        render = _NativeStream()
         try:
             while True:
                 fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
                 try:
-                    chunk = await asyncio.wrap_future(fut)
+                    update = await asyncio.wrap_future(fut)
                 except StopAsyncIteration:
                     return
-                for out in chunk:
-                    yield out
+                for d in update:
+                    yield render(d)
         finally:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop))
 
@@ -168,3 +154,13 @@ class Engine:
 def _lora_result(resp: Any) -> dict[str, Any]:
     return {"success": resp.ok, "error_message": None if resp.ok else resp.payload.get("message"),
             "loaded_adapters": resp.payload.get("loaded_adapters", {})}
+
+
+class _NativeStream:
+    """A stream's deltas as SGLang's native stream events: each sequence's whole output so far."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, SequenceResult] = {}
+
+    def __call__(self, d: SequenceDelta) -> dict[str, Any]:
+        return native_output(self.results.setdefault(d.index, SequenceResult(d.index)).add(d))

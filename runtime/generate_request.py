@@ -55,9 +55,8 @@ class GenerateRequest:
     stream: bool
 
 
-def _per_prompt(body: dict[str, Any], name: str, n: int, is_batch: bool) -> list[tuple[Any, str]]:
+def _per_prompt(value: Any, name: str, n: int, is_batch: bool) -> list[tuple[Any, str]]:
     """(value, field path) for each prompt."""
-    value = body.get(name)
     if isinstance(value, list):
         if not is_batch:
             raise InvalidRequestError(name, "a list is only allowed with a batch of prompts; give one value")
@@ -67,8 +66,7 @@ def _per_prompt(body: dict[str, Any], name: str, n: int, is_batch: bool) -> list
     return [(value, name)] * n
 
 
-def _prompts(body: dict[str, Any], vocab_size: int | None) -> tuple[list[str | None], list[list[int] | None], bool]:
-    text, input_ids = body.get("text"), body.get("input_ids")
+def _prompts(text: Any, input_ids: Any, vocab_size: int | None) -> tuple[list[str | None], list[list[int] | None], bool]:
     if (text is None) == (input_ids is None):
         raise InvalidRequestError("text", "exactly one of text and input_ids is required")
     if text is not None:
@@ -94,27 +92,53 @@ def _prompts(body: dict[str, Any], vocab_size: int | None) -> tuple[list[str | N
 
 
 def parse_generate_request(body: Any, vocab_size: int | None = None) -> GenerateRequest:
+    """A /generate JSON body: its fields are the keyword arguments of `build_generate_request`."""
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
-    check_encodable(body)
-    ignore_unknown("", body, KNOWN_FIELDS)
+    check_encodable(body)  # the whole body, unknown fields too
+    return build_generate_request(vocab_size, False, **body)
+
+
+def build_generate_request(
+    vocab_size: int | None, check_strings: bool = True, /, *,
+    text: Any = None,
+    input_ids: Any = None,
+    sampling_params: Any = None,
+    rid: Any = None,
+    return_logprob: Any = None,
+    logprob_start_len: Any = None,
+    top_logprobs_num: Any = None,
+    return_text_in_logprobs: Any = None,
+    extra_key: Any = None,
+    cache_salt: Any = None,
+    lora_path: Any = None,
+    stream: Any = False,
+    **other: Any,
+) -> GenerateRequest:
+    """The one request builder of /generate and `Engine.generate`: every field checked, as sent in
+    JSON or given in Python (`other`: the no-effect and refused fields; anything else is ignored
+    with a warning). `check_strings` False: the caller has already looked for lone surrogates."""
+    fields = {"text": text, "input_ids": input_ids, "sampling_params": sampling_params, "rid": rid,
+              "return_logprob": return_logprob, "logprob_start_len": logprob_start_len,
+              "top_logprobs_num": top_logprobs_num, "extra_key": extra_key, "cache_salt": cache_salt,
+              "lora_path": lora_path}
+    if check_strings:
+        check_encodable({**fields, **other})
+    ignore_unknown("", other, KNOWN_FIELDS)
     for key in _UNSUPPORTED:
-        if body.get(key) not in (None, [], ""):
+        if other.get(key) not in (None, [], ""):
             raise InvalidRequestError(key, "is not supported by this server")
     for key, types in _NO_EFFECT.items():
-        value = body.get(key)
+        value = other.get(key)
         if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
             raise InvalidRequestError(key, f"must be of type {' or '.join(t.__name__ for t in types)}")
-    texts, ids_list, is_batch = _prompts(body, vocab_size)
+    texts, ids_list, is_batch = _prompts(text, input_ids, vocab_size)
     n = len(texts)
-    stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequestError("stream", "must be a boolean")
-    with_text = body.get("return_text_in_logprobs")
-    if with_text is not None:
-        require_bool(with_text, "return_text_in_logprobs")
-    per = {name: _per_prompt(body, name, n, is_batch) for name in _PER_PROMPT}
-    rid_value = body.get("rid")
+    if return_text_in_logprobs is not None:
+        require_bool(return_text_in_logprobs, "return_text_in_logprobs")
+    per = {name: _per_prompt(fields[name], name, n, is_batch) for name in _PER_PROMPT}
     items = []
     for i in range(n):
         sp, sp_name = per["sampling_params"][i]
@@ -128,7 +152,7 @@ def parse_generate_request(body: Any, vocab_size: int | None = None) -> Generate
             r = require_str(r, r_name)
             if not r:
                 raise InvalidRequestError(r_name, "must be a non-empty string")
-            if is_batch and isinstance(rid_value, str):
+            if is_batch and isinstance(rid, str):
                 r = f"{r}_{i}"
         lp, lp_name = per["return_logprob"][i]
         start, start_name = per["logprob_start_len"][i]
@@ -140,7 +164,7 @@ def parse_generate_request(body: Any, vocab_size: int | None = None) -> Generate
             return_logprob=False if lp is None else require_bool(lp, lp_name),
             logprob_start_len=-1 if start is None else require_int(start, start_name, -1),
             top_logprobs_num=0 if top is None else require_int(top, top_name, 0, 100),
-            return_text_in_logprobs=bool(with_text),
+            return_text_in_logprobs=bool(return_text_in_logprobs),
             extra_key=None if key in (None, "") else require_str(key, key_name),
             lora_path=None if lora in (None, "") else require_str(lora, lora_name), lora_field=lora_name,
             prompt_field=field_path("text" if texts[i] is not None else "input_ids", i) if is_batch else

@@ -1,5 +1,6 @@
 """The front half of the runtime (HTTP/tokenizer process): tokenize, send to the scheduler,
-detokenize its deltas, and hand results to callers as SGLang-shaped dicts.
+detokenize its deltas, and hand callers one typed `SequenceDelta` per sequence and update, which
+each edge (native API, OpenAI API, `Engine`) renders in its own shape.
 
 The scheduler processes behind it (one, or N data-parallel replicas of TP x PP ranks each) are a
 `ReplicaSet` (runtime/parallel/): it starts, watches and stops them, routes each request and fans
@@ -22,6 +23,7 @@ from radixlm.runtime.parallel.replica_set import ReplicaSet, SchedulerDiedError
 from radixlm.runtime.request_log import RequestLog
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.scheduler_process import load_tokenizer
+from radixlm.runtime.sequence_output import LogprobDelta, SequenceDelta, TokenLogprob, common_prefix_len
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.stop_regex import regex_holdback, trim_at_first_match
 
@@ -48,6 +50,10 @@ class ReqState:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     replica: int = 0  # the data-parallel replica serving it
     error: str | None = None  # set when that replica died before it finished
+    # what the caller has been handed: the visible text, token ids, entries of the four logprob lists
+    shown: str = ""
+    ids_sent: int = 0
+    logprobs_sent: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
 
 class TokenizerManager:
@@ -208,14 +214,14 @@ class TokenizerManager:
             self.replicas.send(AbortReq(target, message), self.replicas[replica])
         return len(targets)
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yields, per update, the outputs that changed (streaming) or, once, all outputs."""
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[SequenceDelta]]:
+        """Yields, per update, a delta of each sequence that changed (streaming) or, once, of all."""
         states = self.submit(req)
         try:
             if not req.stream:
                 for s in states:
                     await self._wait(s, until_finished=True)
-                yield [self.build_output(s) for s in states]
+                yield [self.delta(s) for s in states]
                 return
             pending = set(range(len(states)))
             while pending:
@@ -227,13 +233,13 @@ class TokenizerManager:
                         if not w.done():
                             w.cancel()
                 for w in done:
-                    w.exception()  # mark retrieved: a dead scheduler is reported by build_output below
+                    w.exception()  # mark retrieved: a dead scheduler is reported by delta() below
                 changed = []
                 for i in sorted(pending):
                     s = states[i]
                     if s.event.is_set():
                         s.event.clear()
-                        changed.append(self.build_output(s))
+                        changed.append(self.delta(s))
                         if s.finished or s.error or self.dead:
                             pending.discard(i)
                 if changed:
@@ -250,11 +256,30 @@ class TokenizerManager:
             state.event.clear()
             await state.event.wait()
 
-    def build_output(self, s: ReqState) -> dict[str, Any]:
+    def delta(self, s: ReqState) -> SequenceDelta:
+        """What `s` has to tell since its previous delta."""
         if (s.error or self.dead) and not s.finished:
             raise SchedulerDiedError(s.error or self.dead)
         out = s.last
         reason = out.finished_reason if out else None
+        visible = self._visible_text(s)
+        start = common_prefix_len(s.shown, visible)
+        s.shown = visible
+        new_ids = s.output_ids[s.ids_sent:]
+        s.ids_sent = len(s.output_ids)
+        return SequenceDelta(
+            index=s.index, rid=s.rid, text=visible[start:], text_start=start, output_ids=new_ids,
+            prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids),
+            cached_tokens=out.cached_tokens if out else 0,
+            forced_tokens=out.forced_tokens if out else 0, num_retractions=out.num_retractions if out else 0,
+            logprobs=self._logprob_delta(s) if s.item.return_logprob else None,
+            finish=reason, e2e_latency=time.monotonic() - s.created if reason is not None else None,
+        )
+
+    def _visible_text(self, s: ReqState) -> str:
+        """The output text a caller may see now: trimmed at the stop that finished it (unless
+        no_stop_trim), and while unfinished without what could still grow into a stop string or regex."""
+        reason = s.last.finished_reason if s.last else None
         params = s.item.params
         text = s.detok.text
         ids = s.output_ids
@@ -269,38 +294,24 @@ class TokenizerManager:
         elif reason is None and (params.stop or params.stop_regex):
             held = max(stop_holdback(text, params.stop), regex_holdback(text, params.stop_regex) if params.stop_regex else 0)
             text = text[: len(text) - held]
-        meta: dict[str, Any] = {
-            "id": s.rid,
-            "finish_reason": reason.to_json() if reason else None,
-            "prompt_tokens": len(s.prompt_ids),
-            "completion_tokens": len(ids),
-            "cached_tokens": out.cached_tokens if out else 0,
-        }
-        if out and out.forced_tokens:
-            meta["forced_tokens"] = out.forced_tokens
-        if reason is not None:
-            meta["e2e_latency"] = time.monotonic() - s.created
-            if out and out.num_retractions:
-                meta["num_retractions"] = out.num_retractions
-        if s.item.return_logprob:
-            self._logprob_meta(s, meta)
-        result: dict[str, Any] = {"text": text, "output_ids": list(ids), "meta_info": meta}
-        if reason is not None and reason.status_code:
-            result["error_status"] = reason.status_code
-        return result
+        return text
 
-    def _logprob_meta(self, s: ReqState, meta: dict[str, Any]) -> None:
-        with_text = s.item.return_text_in_logprobs
-        dec = self.tokenizer.decode if with_text and self.tokenizer is not None else None
+    def _logprob_delta(self, s: ReqState) -> LogprobDelta:
+        dec = self.tokenizer.decode if s.item.return_text_in_logprobs and self.tokenizer is not None else None
 
-        def triple(lp: float | None, tid: int) -> list:
-            return [lp, tid, dec([tid]) if dec else None]
+        def entry(lp: float | None, tid: int) -> TokenLogprob:
+            return TokenLogprob(lp, tid, dec([tid]) if dec else None)
 
-        meta["input_token_logprobs"] = [triple(lp, t) for lp, t in s.input_token_logprobs]
-        meta["output_token_logprobs"] = [triple(lp, t) for lp, t in s.output_token_logprobs]
-        if s.item.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = [None if e is None else [triple(lp, t) for lp, t in e] for e in s.input_top_logprobs]
-            meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in e] for e in s.output_top_logprobs]
+        lists = (s.input_token_logprobs, s.output_token_logprobs, s.input_top_logprobs, s.output_top_logprobs)
+        new = [lst[sent:] for lst, sent in zip(lists, s.logprobs_sent)]
+        s.logprobs_sent = [len(lst) for lst in lists]
+        tops = s.item.top_logprobs_num > 0
+        return LogprobDelta(
+            input_tokens=[entry(lp, t) for lp, t in new[0]],
+            output_tokens=[entry(lp, t) for lp, t in new[1]],
+            input_top=[None if e is None else [entry(lp, t) for lp, t in e] for e in new[2]] if tops else None,
+            output_top=[[entry(lp, t) for lp, t in e] for e in new[3]] if tops else None,
+        )
 
     async def control(self, kind: str, timeout: float = 30.0, payload: dict | None = None) -> ControlResp:
         return await self.replicas.control(kind, timeout, payload)

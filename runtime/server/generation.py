@@ -1,7 +1,7 @@
 """The server's side of one generation call, shared by the native and the OpenAI API.
 
 * admission: a cap on sequences in flight in this process (503 beyond it: back-pressure);
-* index mapping: every output dict gets its position (prompt-major, then n);
+* results: the runtime's typed `SequenceDelta`s, summed per sequence by `collect`; the APIs render them;
 * metrics: TTFT / ITL / E2E per sequence (the runtime is asked to stream internally when metrics
   are on, so non-streaming requests are timed too);
 * abort: the TokenizerManager generator is always closed, which aborts unfinished requests
@@ -20,15 +20,15 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.generate_request import GenerateRequest
-from radixlm.runtime.io_struct import sequence_rids
 from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.metrics import SequenceTimer, ServerMetrics
 from radixlm.runtime.server.sse import ClientGone, EventStream
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.tokenizer_manager import SchedulerDiedError, TokenizerManager
 
-Update = list[tuple[int, dict[str, Any]]]
+Update = list[SequenceDelta]
 logger = logging.getLogger(__name__)
 
 
@@ -80,19 +80,11 @@ def sequence_count(req: GenerateRequest) -> int:
     return sum(item.params.n for item in req.items)
 
 
-def output_indices(req: GenerateRequest) -> dict[str, int]:
-    """rid of each output -> its index, in the TokenizerManager's order (prompt-major, then n)."""
-    indices: dict[str, int] = {}
-    for item in req.items:
-        for rid in sequence_rids(item.rid, item.params.n):
-            indices[rid] = len(indices)
-    return indices
-
-
 async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = True,
                    timed: bool = True) -> AsyncIterator[Update]:
-    """Yields lists of (index, output) as the runtime reports them; the last one for each index is
-    final. Use it inside `contextlib.aclosing` so an early exit aborts the requests at once."""
+    """Yields the runtime's updates: one `SequenceDelta` per sequence that changed (`.index`: its
+    position, prompt-major then n); a sequence's last delta carries its finish. Use it inside
+    `contextlib.aclosing` so an early exit aborts the requests at once."""
     ctx.check_alive()
     k = sequence_count(req)
     if admit:
@@ -100,17 +92,13 @@ async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = Tr
     try:
         metrics = ctx.metrics if timed else None
         internal = req if req.stream or metrics is None else dataclasses.replace(req, stream=True)
-        indices = output_indices(req)
         start = time.monotonic()
         timers = [SequenceTimer(metrics, start) for _ in range(k)]
         try:
-            async with aclosing(ctx.tm.generate(internal)) as outputs:
-                async for chunk in outputs:
-                    update = []
-                    for out in chunk:
-                        i = indices[out["meta_info"]["id"]]
-                        timers[i].update(out)
-                        update.append((i, out))
+            async with aclosing(ctx.tm.generate(internal)) as updates:
+                async for update in updates:
+                    for delta in update:
+                        timers[delta.index].update(delta)
                     yield update
         except SchedulerDiedError as exc:
             raise ApiError(503, str(exc)) from None
@@ -127,36 +115,30 @@ async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = Tr
             ctx.admission.release(k)
 
 
-def raise_for_error(out: dict[str, Any]) -> None:
-    """A result the scheduler failed with a status (e.g. 400: a grammar that does not compile)."""
-    status = out.get("error_status")
-    if status:
-        reason = out["meta_info"].get("finish_reason") or {}
-        raise ApiError(int(status), str(reason.get("message") or "request failed"))
+def raise_for_error(d: SequenceDelta | SequenceResult) -> None:
+    """A sequence the scheduler failed with a status (e.g. 400: a grammar that does not compile)."""
+    if d.finish is not None and d.finish.status_code:
+        raise ApiError(d.finish.status_code, d.finish.message or "request failed")
 
 
-async def collect(ctx: ServerContext, req: GenerateRequest, **kw: Any) -> list[dict[str, Any]]:
-    """Run to completion; the final output of every sequence, by index."""
-    final: dict[int, dict[str, Any]] = {}
+async def collect(ctx: ServerContext, req: GenerateRequest, **kw: Any) -> list[SequenceResult]:
+    """Run to completion; every sequence's result, by index."""
+    results: dict[int, SequenceResult] = {}
     async with aclosing(generate(ctx, req, **kw)) as updates:
         async for update in updates:
-            for i, out in update:
-                final[i] = out
-    outs = [final[i] for i in sorted(final)]
+            for delta in update:
+                results.setdefault(delta.index, SequenceResult(delta.index)).add(delta)
+    outs = [results[i] for i in sorted(results)]
     for out in outs:
         raise_for_error(out)
     return outs
 
 
-def strip_internal(out: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in out.items() if k != "error_status"}
-
-
 async def stream_sse(request: web.Request, ctx: ServerContext, req: GenerateRequest,
-                     emit: Callable[[EventStream, int, dict[str, Any]], Awaitable[None]],
+                     emit: Callable[[EventStream, SequenceDelta], Awaitable[None]],
                      on_failed: Callable[[int], None] | None = None,
                      on_end: Callable[[EventStream], Awaitable[None]] | None = None) -> web.StreamResponse:
-    """The one SSE driver of the native and OpenAI APIs; `emit` renders one sequence's output.
+    """The one SSE driver of the native and OpenAI APIs; `emit` renders one sequence's delta.
 
     The first update comes before the headers, so that a failure up to then is a plain HTTP error.
     After it, a sequence failed by the scheduler (e.g. its grammar) is an error event (`on_failed`
@@ -165,19 +147,18 @@ async def stream_sse(request: web.Request, ctx: ServerContext, req: GenerateRequ
     sse = EventStream(request)
     async with aclosing(generate(ctx, req)) as updates:
         first = await anext(updates, [])
-        for _, out in first:
-            raise_for_error(out)
+        for delta in first:
+            raise_for_error(delta)
         try:
             update: Update | None = first
             while update is not None:
-                for i, out in update:
-                    if out.get("error_status"):
-                        reason = out["meta_info"].get("finish_reason") or {}
-                        await sse.send_error(int(out["error_status"]), str(reason.get("message", "request failed")))
+                for delta in update:
+                    if delta.failed_status is not None:
+                        await sse.send_error(delta.failed_status, str(delta.finish.message))
                         if on_failed is not None:
-                            on_failed(i)
+                            on_failed(delta.index)
                         continue
-                    await emit(sse, i, out)
+                    await emit(sse, delta)
                 update = await anext(updates, None)
             if on_end is not None:
                 await on_end(sse)

@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from radixlm.runtime.sequence_output import SequenceDelta
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 
@@ -89,13 +91,12 @@ class SequenceTimer:
         self.done = False
         self.first: float | None = None  # when the first token arrived
 
-    def update(self, out: dict[str, Any]) -> None:
+    def update(self, d: SequenceDelta) -> None:
         m = self.metrics
         if m is None or self.done:
             return
         now = time.monotonic()
-        meta = out["meta_info"]
-        n = int(meta.get("completion_tokens", 0))
+        n = d.completion_tokens
         if n > self.tokens:
             if self.last is None:
                 self.first = now
@@ -105,17 +106,17 @@ class SequenceTimer:
                 for _ in range(k):
                     m.itl.observe((now - self.last) / k)
             self.tokens, self.last = n, now
-        reason = meta.get("finish_reason")
+        reason = d.finish
         if reason is not None:
             self.done = True
             m.e2e.observe(now - self.start)
             if n > 1 and self.first is not None:
                 m.tpot.observe((now - self.first) / (n - 1))
             m.num_requests.inc()
-            m.prompt_tokens.inc(int(meta.get("prompt_tokens", 0)))
+            m.prompt_tokens.inc(d.prompt_tokens)
             m.generation_tokens.inc(n)
-            m.cached_tokens.inc(int(meta.get("cached_tokens", 0)))
-            if reason.get("type") == "abort":
+            m.cached_tokens.inc(d.cached_tokens)
+            if reason.kind == "abort":
                 m.num_aborted.inc()
 
     def cancel(self) -> None:

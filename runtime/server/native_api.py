@@ -12,11 +12,13 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.field_checks import find_unencodable, ignore_unknown
-from radixlm.runtime.generate_request import parse_generate_request
+from radixlm.runtime.generate_request import GenerateRequest, build_generate_request, parse_generate_request
+from radixlm.runtime.native_output import native_output
 from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult
 from radixlm.runtime.server.builtin_chat_templates import builtin_chat_template_name
 from radixlm.runtime.server.errors import ApiError, json_response
-from radixlm.runtime.server.generation import ServerContext, collect, stream_sse, strip_internal
+from radixlm.runtime.server.generation import ServerContext, collect, stream_sse
 from radixlm.runtime.server.sse import EventStream
 
 logger = logging.getLogger(__name__)
@@ -81,16 +83,20 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
     many = req.is_batch or sum(item.params.n for item in req.items) > 1
     try:
         if not req.stream:
-            outs = [strip_internal(o) for o in await collect(ctx, req)]
+            outs = [native_output(r) for r in await collect(ctx, req)]
             return json_response(outs if many else outs[0])
         return await _stream(request, ctx, req, many)
     except InvalidRequestError as exc:  # raised while submitting: prompt too long, rid in use, ...
         raise ApiError.from_invalid(exc) from None
 
 
-async def _stream(request: web.Request, ctx: ServerContext, req: Any, many: bool) -> web.StreamResponse:
-    async def emit(sse: EventStream, i: int, out: dict[str, Any]) -> None:
-        await sse.send({**out, "index": i} if many else out)
+async def _stream(request: web.Request, ctx: ServerContext, req: GenerateRequest, many: bool) -> web.StreamResponse:
+    """SGLang's native stream: every event carries the sequence's whole output so far."""
+    results: dict[int, SequenceResult] = {}
+
+    async def emit(sse: EventStream, d: SequenceDelta) -> None:
+        out = native_output(results.setdefault(d.index, SequenceResult(d.index)).add(d))
+        await sse.send({**out, "index": d.index} if many else out)
 
     return await stream_sse(request, ctx, req, emit)
 
@@ -173,8 +179,8 @@ async def health_generate(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     if ctx.tm.dead or ctx.shutting_down:
         return web.Response(status=503, text=ctx.tm.dead or "shutting down")
-    req = parse_generate_request({"input_ids": [0], "rid": f"HEALTH_CHECK_{uuid.uuid4().hex}",
-                                  "sampling_params": {"max_new_tokens": 1, "temperature": 0}}, ctx.vocab_size)
+    req = build_generate_request(ctx.vocab_size, input_ids=[0], rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
+                                 sampling_params={"max_new_tokens": 1, "temperature": 0})
     try:
         await asyncio.wait_for(collect(ctx, req, admit=False, timed=False), HEALTH_TIMEOUT_S)
     except (asyncio.TimeoutError, ApiError) as exc:

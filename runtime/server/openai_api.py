@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.sampling_params import InvalidRequestError
+from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult, TokenLogprob, common_prefix_len
 from radixlm.runtime.served_name import DEFAULT_MODEL_ID
 from radixlm.runtime.server.errors import ApiError, json_response
 from radixlm.runtime.server.generation import ServerContext, collect, stream_sse
@@ -47,24 +48,24 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------------------ pieces
-def _finish(out: dict[str, Any]) -> tuple[str | None, Any]:
-    reason = out["meta_info"].get("finish_reason")
-    if not reason:
+def _finish(out: SequenceResult) -> tuple[str | None, Any]:
+    """OpenAI's finish_reason and SGLang's matched_stop (the stop token id or string, else None)."""
+    reason = out.finish
+    if reason is None:
         return None, None
-    kind = reason.get("type")
-    return (kind if kind in ("stop", "length", "abort") else "stop"), reason.get("matched")
+    return reason.kind, reason.matched if reason.kind == "stop" else None
 
 
-def _usage(req: OpenAIRequest, outs: list[dict[str, Any]]) -> dict[str, Any]:
+def _usage(req: OpenAIRequest, outs: list[SequenceResult]) -> dict[str, Any]:
     firsts = outs[:: req.n]  # the prompt counts once for its n samples
-    prompt = sum(o["meta_info"]["prompt_tokens"] for o in firsts)
-    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    cached = sum(o["meta_info"].get("cached_tokens", 0) for o in firsts)
+    prompt = sum(o.prompt_tokens for o in firsts)
+    completion = sum(o.completion_tokens for o in outs)
+    cached = sum(o.cached_tokens for o in firsts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _completion_logprobs(entries: list, tops: list | None, offset: int) -> dict[str, Any]:
+def _completion_logprobs(entries: list[TokenLogprob], tops: list | None, offset: int) -> dict[str, Any]:
     tokens, lps, top_out, offsets = [], [], [], []
     for j, (lp, _tid, text) in enumerate(entries):
         text = text or ""
@@ -78,7 +79,7 @@ def _completion_logprobs(entries: list, tops: list | None, offset: int) -> dict[
             "text_offset": offsets}
 
 
-def _chat_logprobs(entries: list, tops: list | None) -> dict[str, Any]:
+def _chat_logprobs(entries: list[TokenLogprob], tops: list | None) -> dict[str, Any]:
     content = []
     for j, (lp, _tid, text) in enumerate(entries):
         text = text or ""
@@ -101,16 +102,18 @@ class _Choice:
         self.holding = False  # output held back: it may be a tool call (sent whole at the end)
 
 
-def _logprob_delta(req: OpenAIRequest, st: _Choice, meta: dict[str, Any]) -> dict[str, Any] | None:
+def _logprob_delta(req: OpenAIRequest, st: _Choice, out: SequenceResult) -> dict[str, Any] | None:
+    """The logprobs of what `st` has not sent yet (with echo, the prompt's first)."""
     if not req.logprobs:
         return None
-    out_lp = meta.get("output_token_logprobs") or []
-    out_top = meta.get("output_top_logprobs") if req.top_logprobs > 0 else None
+    lp = out.logprobs
+    out_lp = lp.output_tokens if lp is not None else []
+    out_top = lp.output_top if lp is not None and req.top_logprobs > 0 else None
     new, new_top = out_lp[st.n_logprobs:], (out_top[st.n_logprobs:] if out_top is not None else None)
     offset = len(st.text)
     if req.kind == "completion" and req.echo and not st.started:
-        inp = meta.get("input_token_logprobs") or []
-        inp_top = meta.get("input_top_logprobs") if req.top_logprobs > 0 else None
+        inp = lp.input_tokens if lp is not None else []
+        inp_top = lp.input_top if lp is not None and req.top_logprobs > 0 else None
         new, new_top = inp + new, ((inp_top or []) + (new_top or []) if new_top is not None else None)
         offset = 0
     st.n_logprobs = len(out_lp)
@@ -142,14 +145,14 @@ async def _serve(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -
     return json_response(_full_response(req, outs))
 
 
-def _full_response(req: OpenAIRequest, outs: list[dict[str, Any]]) -> dict[str, Any]:
+def _full_response(req: OpenAIRequest, outs: list[SequenceResult]) -> dict[str, Any]:
     choices = []
     for i, out in enumerate(outs):
         reason, matched = _finish(out)
         st = _Choice()
-        lp = _logprob_delta(req, st, out["meta_info"])
+        lp = _logprob_delta(req, st, out)
         if req.kind == "chat":
-            message = {"role": "assistant", "content": out["text"], "reasoning_content": None, "tool_calls": None}
+            message = {"role": "assistant", "content": out.text, "reasoning_content": None, "tool_calls": None}
             calls = _tool_calls(req, out)
             if calls:
                 message.update(content=None, tool_calls=calls)
@@ -157,18 +160,18 @@ def _full_response(req: OpenAIRequest, outs: list[dict[str, Any]]) -> dict[str, 
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason,
                             "matched_stop": matched})
         else:
-            text = (req.prompts[i // req.n] + out["text"]) if req.echo else out["text"]
+            text = (req.prompts[i // req.n] + out.text) if req.echo else out.text
             choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason,
                             "matched_stop": matched})
     return {"id": req.rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": int(time.time()), "model": req.model, "choices": choices, "usage": _usage(req, outs)}
 
 
-def _tool_calls(req: OpenAIRequest, out: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _tool_calls(req: OpenAIRequest, out: SequenceResult) -> list[dict[str, Any]] | None:
     """The calls in a finished chat output (OpenAI shape), when tools are in play and it is made of calls."""
     if req.tools is None or not req.tools.parses:
         return None
-    calls = parse_calls(out["text"], req.tools)
+    calls = parse_calls(out.text, req.tools)
     return openai_tool_calls(calls) if calls else None
 
 
@@ -177,27 +180,27 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
     obj = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
     states: dict[int, _Choice] = {}
-    finals: dict[int, dict[str, Any]] = {}
+    finals: dict[int, SequenceResult] = {}  # each sequence so far
 
     def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": req.rid, "object": obj, "created": created, "model": req.model, "choices": [choice],
                 "usage": usage}
 
-    async def emit(sse: EventStream, i: int, out: dict[str, Any]) -> None:
-        finals[i] = out
+    async def emit(sse: EventStream, d: SequenceDelta) -> None:
+        i = d.index
+        out = finals.setdefault(i, SequenceResult(i)).add(d)
         st = states.setdefault(i, _Choice())
         if st.finished:
             return
-        meta = out["meta_info"]
         reason, matched = _finish(out)
-        text = out["text"]
-        delta = text[len(st.text):] if text.startswith(st.text) else text[len(_common_prefix(st.text, text)):]
+        text = out.text
+        delta = text[common_prefix_len(st.text, text):]
         if req.echo and not st.started:
             delta = req.prompts[i // req.n] + delta
         usage = None
         if req.continuous_usage:
-            usage = {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
-                     "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]}
+            usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                     "total_tokens": out.prompt_tokens + out.completion_tokens}
         if chat and not st.started:
             forced = req.tools is not None and req.tools.constrained
             await sse.send(chunk({"index": i, "delta": {"role": "assistant", "content": None if forced else ""},
@@ -210,7 +213,7 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
             calls = _tool_calls(req, out) if reason is not None else None
             if calls:
                 st.finished = True
-                lp = _logprob_delta(req, st, meta)
+                lp = _logprob_delta(req, st, out)
                 deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                 await sse.send(chunk({"index": i, "delta": {"tool_calls": deltas}, "logprobs": lp,
                                       "finish_reason": None}, usage))
@@ -218,7 +221,7 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
                                       "matched_stop": matched}, usage))
                 return
             st.holding = False  # not a call: what was held goes out as content below
-        lp = _logprob_delta(req, st, meta)  # (before `started`: echoed prompt logprobs come first)
+        lp = _logprob_delta(req, st, out)  # (before `started`: echoed prompt logprobs come first)
         st.started = True
         st.text = text
         if delta or lp is not None and (lp.get("content") or lp.get("tokens")):
@@ -246,15 +249,6 @@ async def _stream(request: web.Request, ctx: ServerContext, req: OpenAIRequest) 
                             "choices": [], "usage": _usage(req, outs)})
 
     return await stream_sse(request, ctx, req.generate, emit, on_failed, on_end)
-
-
-def _common_prefix(a: str, b: str) -> str:
-    k = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        k += 1
-    return a[:k]
 
 
 def add_routes(app: web.Application) -> None:

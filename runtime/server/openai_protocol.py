@@ -17,7 +17,7 @@ from jsonschema.validators import validator_for
 
 from radixlm.constrained.schema import ANY_JSON
 from radixlm.runtime.field_checks import MAX_INT, ignore_unknown, require_bool, require_int, require_number, require_str
-from radixlm.runtime.generate_request import GenerateRequest, parse_generate_request
+from radixlm.runtime.generate_request import GenerateRequest, build_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.chat import normalize_messages, template_kwargs
 from radixlm.runtime.server.errors import ApiError
@@ -271,9 +271,10 @@ def _check_length(ctx: ServerContext, ids: list[int], max_tokens: int, prompt_pa
                               f"context length {limit}")
 
 
-def _build(ctx: ServerContext, native: dict[str, Any], rename: dict[str, str]) -> GenerateRequest:
+def _build(ctx: ServerContext, rename: dict[str, str], **fields: Any) -> GenerateRequest:
+    """The native request builder on the translated fields; its errors name the OpenAI fields (`rename`)."""
     try:
-        return parse_generate_request(native, ctx.vocab_size)
+        return build_generate_request(ctx.vocab_size, False, **fields)  # (read_json checked the body's strings)
     except InvalidRequestError as exc:
         raise ApiError.from_invalid(exc, rename) from None
 
@@ -314,14 +315,12 @@ def parse_completion(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
     if not texts:
         texts = [tok.decode(p) for p in ids] if echo else [""] * len(ids)
     rid = rid or f"cmpl-{uuid.uuid4().hex}"
-    native: dict[str, Any] = {
-        "input_ids": ids if batch else ids[0], "rid": rid, "stream": stream, "lora_path": adapter_of(ctx, body, model),
-        "sampling_params": {**sp, "max_new_tokens": max_tokens},
-        "return_logprob": top is not None, "top_logprobs_num": top or 0,
-        "logprob_start_len": 0 if (echo and top is not None) else -1, "return_text_in_logprobs": True,
-    }
-    req = _build(ctx, native, {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-                               "input_ids": "prompt", "top_logprobs_num": "logprobs"})
+    req = _build(ctx, {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
+                       "top_logprobs_num": "logprobs"},
+                 input_ids=ids if batch else ids[0], rid=rid, stream=stream, lora_path=adapter_of(ctx, body, model),
+                 sampling_params={**sp, "max_new_tokens": max_tokens},
+                 return_logprob=top is not None, top_logprobs_num=top or 0,
+                 logprob_start_len=0 if (echo and top is not None) else -1, return_text_in_logprobs=True)
     return OpenAIRequest("completion", model, rid, stream, include_usage, continuous, n, echo, top is not None,
                          top or 0, texts, req)
 
@@ -358,12 +357,10 @@ def parse_chat(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
         max_tokens = ctx.context_len - len(ids)
     _check_length(ctx, ids, max_tokens, "messages", max_param)
     rid = rid or f"chatcmpl-{uuid.uuid4().hex}"
-    native: dict[str, Any] = {
-        "input_ids": ids, "rid": rid, "stream": stream, "lora_path": adapter_of(ctx, body, model),
-        "sampling_params": {**sp, "max_new_tokens": max_tokens},
-        "return_logprob": want_lp, "top_logprobs_num": top or 0, "return_text_in_logprobs": True,
-    }
-    req = _build(ctx, native, {"max_new_tokens": max_param, "min_new_tokens": "min_tokens", "input_ids": "messages",
-                               "top_logprobs_num": "top_logprobs"})
+    req = _build(ctx, {"max_new_tokens": max_param, "min_new_tokens": "min_tokens", "input_ids": "messages",
+                       "top_logprobs_num": "top_logprobs"},
+                 input_ids=ids, rid=rid, stream=stream, lora_path=adapter_of(ctx, body, model),
+                 sampling_params={**sp, "max_new_tokens": max_tokens},
+                 return_logprob=want_lp, top_logprobs_num=top or 0, return_text_in_logprobs=True)
     return OpenAIRequest("chat", model, rid, stream, include_usage, continuous, sp.get("n", 1), False, want_lp,
                          top or 0, [prompt], req, tools)

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
+from radixlm.runtime.io_struct import FinishReason
+from radixlm.runtime.sequence_output import SequenceDelta
 from radixlm.runtime.server.app import build_app, make_context
 from radixlm.runtime.server_args import ServerArgs
 
@@ -24,14 +26,14 @@ class FakeTM:
     async def generate(self, req):
         item = req.items[0]
 
-        def out(i, reason=None, **extra):
-            return {"text": "x" * i, "output_ids": [7] * i, **extra, "meta_info": {
-                "id": item.rid, "finish_reason": reason, "prompt_tokens": 3, "completion_tokens": i,
-                "cached_tokens": 0}}
+        def out(i, reason=None):
+            return SequenceDelta(index=0, rid=item.rid, text="x" if i else "", text_start=max(i - 1, 0),
+                                 output_ids=[7] if i else [], prompt_tokens=3, completion_tokens=i, cached_tokens=0,
+                                 finish=reason)
 
         try:
             if item.text == "bad grammar":
-                yield [out(0, {"type": "abort", "message": "the grammar does not compile"}, error_status=400)]
+                yield [out(0, FinishReason.abort("the grammar does not compile", status_code=400))]
                 return
             for i in range(1, 10_000):
                 await asyncio.sleep(0.005)
