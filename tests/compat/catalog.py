@@ -30,6 +30,17 @@ FRONTEND_LIMITS = {
     ("sglang", "test_chat_completion_speculative"): "as test_completion_speculative",
 }
 
+# SGLang frontend settings (sglang.global_config) a program runs with, and why.
+SGLANG_SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
+    "test_parallel_encoding": (
+        {"enable_parallel_encoding": False},
+        "SGLang's RuntimeEndpoint sends join(mode='concate_and_append') to POST /concate_and_append_request, a "
+        "route SGLang 0.5.10's own server no longer has (absent from sglang/srt/entrypoints/http_server.py): with "
+        "the default the program's stream executor dies on the 404 and the program hangs. With it off the "
+        "frontend concatenates the branches' text (SGLang's 'srt-no-parallel' backend in its test_utils); "
+        "radixlm's frontend always does that"),
+}
+
 
 @dataclass(frozen=True)
 class KnownModelFailure:
