@@ -85,7 +85,7 @@ def evidence(url: str, programs: list[str], max_tokens: int) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.compat.recording_proxy import RecordingProxy
-    from tests.compat.runner import model_path, run_program
+    from tests.compat.runner import ProgramStepFailed, model_path, run_program
 
     path = model_path(url)
     tok = AutoTokenizer.from_pretrained(path)
@@ -96,9 +96,12 @@ def evidence(url: str, programs: list[str], max_tokens: int) -> list[dict]:
         try:
             run_program("radixlm", name, proxy.url)
             result = "pass"
-        except AssertionError as exc:
-            result = f"AssertionError: {' '.join(str(exc).split())[:200]}"
+        except (AssertionError, ProgramStepFailed) as exc:
+            result = f"{type(exc).__name__}: {' '.join(str(exc).split())[-300:]}"
         for _, route, body in proxy.take():
+            if route == "/v1/chat/completions":
+                out.append({"program": name, "program_result": result, **_chat_greedy(url, tok, model, body, max_tokens)})
+                continue
             sp = (body or {}).get("sampling_params") or {}
             if route == "/generate" and isinstance(body.get("text"), list) and body.get("return_logprob"):
                 out.append({"program": name, "program_result": result, **_select_scores(tok, model, body["text"])})
@@ -125,6 +128,55 @@ def evidence(url: str, programs: list[str], max_tokens: int) -> list[dict]:
                         "radixlm_greedy": ours, "transformers_greedy": theirs, "same": ours == theirs})
     proxy.stop()
     return out
+
+
+def stop_str_evidence(url: str, max_tokens: int = 1000) -> list[dict]:
+    """The matched_stop kit's test_finish_stop_str: its story prompt, greedy, `stop: "\\n"`, through
+    /v1/chat/completions (the part that fails; its /v1/completions part passes), and transformers'
+    greedy continuation of the chat template's rendering: does a newline come within `max_tokens`?"""
+    import torch
+    from sglang.test.kits.matched_stop_kit import MANY_NEW_TOKENS_PROMPT
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.compat.runner import model_path
+
+    path = model_path(url)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    messages = [{"role": "system", "content": "You are a helpful AI assistant"},
+                {"role": "user", "content": MANY_NEW_TOKENS_PROMPT}]
+    cases = {"/v1/chat/completions": ({"messages": messages}, tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False))}
+    out = []
+    for route, (body, ids) in cases.items():
+        req = {**body, "model": "default", "temperature": 0, "top_p": 1, "max_tokens": max_tokens, "stop": "\n"}
+        http = urllib.request.Request(url + route, json.dumps(req).encode(), {"Content-Type": "application/json"})
+        choice = json.loads(urllib.request.urlopen(http, timeout=1800).read())["choices"][0]
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids):].tolist()
+        text = tok.decode(gen, skip_special_tokens=False)
+        out.append({"route": route, "radixlm_finish_reason": choice["finish_reason"],
+                    "radixlm_matched_stop": choice.get("matched_stop"),
+                    "transformers_tokens": len(gen), "transformers_has_newline": "\n" in text,
+                    "transformers_tail": text[-120:]})
+    return out
+
+
+def _chat_greedy(url: str, tok, model, body: dict, max_tokens: int) -> dict:
+    """A chat request (API speculation sends whole assistant turns) greedy on our server and greedy
+    through transformers on the chat template's rendering of the same messages."""
+    import torch
+
+    n = min(body.get("max_tokens") or 128, max_tokens)
+    req = {**body, "temperature": 0, "max_tokens": n}
+    http = urllib.request.Request(url + "/v1/chat/completions", json.dumps(req).encode(), {"Content-Type": "application/json"})
+    ours = json.loads(urllib.request.urlopen(http, timeout=600).read())["choices"][0]["message"]["content"]
+    ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([list(ids)]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    theirs = tok.decode(gen, skip_special_tokens=True)
+    return {"prompt_tail": body["messages"][-1]["content"][-80:], "radixlm_greedy": ours, "transformers_greedy": theirs,
+            "same": ours == theirs}
 
 
 def _regex_greedy(tok, model, ids, pattern: str, max_tokens: int) -> str:
@@ -164,10 +216,13 @@ def _select_scores(tok, model, texts: list[str]) -> dict:
     import torch
 
     prefix = os.path.commonprefix(texts)
-    n_prefix = len(tok(prefix).input_ids)
+    all_ids = [tok(text).input_ids for text in texts]
+    # The options' tokens: after the ids all texts share (an option's first token may absorb the
+    # prefix's trailing space, so tokenizing the prefix alone would over-count it).
+    n_prefix = len(os.path.commonprefix(all_ids))
     scores = {}
-    for text in texts:
-        ids = tok(text, return_tensors="pt").input_ids
+    for text, ids_list in zip(texts, all_ids):
+        ids = torch.tensor([ids_list])
         with torch.no_grad():
             logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
         picked = logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]][max(n_prefix - 1, 0):]
@@ -179,6 +234,7 @@ def _select_scores(tok, model, texts: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--evidence", action="store_true")
+    ap.add_argument("--stop-str-evidence", action="store_true", help="evidence for the matched_stop kit's test_finish_stop_str")
     ap.add_argument("--url", default=None, help="a running server (default for --evidence: http://127.0.0.1:30000; "
                                                 "for the suite: start one)")
     ap.add_argument("-k", dest="select", default=None, help="pytest -k expression: run this piece only")
@@ -187,6 +243,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48, help="evidence: tokens per gen compared")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compat.json")
     args = ap.parse_args()
+    if args.stop_str_evidence:
+        rows = stop_str_evidence(args.url or "http://127.0.0.1:30000")
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        args.out.with_name("compat_evidence_stop_str.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
     if args.evidence:
         from tests.compat.catalog import KNOWN_MODEL_FAILURES
 

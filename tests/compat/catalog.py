@@ -61,6 +61,16 @@ KNOWN_MODEL_FAILURES: dict[str, KnownModelFailure] = {
         "'The capital of Germany is Berlin.' -> True",
         "transformers scores the options (mean token logprob) True -9.604, False -6.601, Unknown -14.844: "
         "it picks False, as ours"),
+    # 2026-12-02 evening: `python benchmarks/compat.py --evidence` (transformers 5.x, float32, greedy, the
+    # converted default model folder; benchmarks/results/compat_evidence.json).
+    "test_parallel_encoding": KnownModelFailure(
+        "'Noah' in the answer to 'Who is the father of Julian?'",
+        "transformers' greedy continuation of the same prompt after 'ASSISTANT:' is empty (it ends at once), as ours"),
+    "test_chat_completion_speculative": KnownModelFailure(
+        "the assistant's reply fits 'Name: …\\nBirthday: …\\nJob: …' (radixlm fails the program after 3 replies that "
+        "do not; SGLang's frontend would leave the variables empty)",
+        "transformers' greedy reply to the same messages is 'Steve Jobs.\\nSteve Jobs.\\nSteve Jobs.', as ours: no "
+        "'Birthday:' field", frontends=("radixlm",)),
 }
 
 # CI: programs that cover the issue-17 fixes (forks[i] +=, API speculation), cheap on a CPU and
@@ -74,6 +84,8 @@ class Kit:
     mixin: str
     attrs: dict[str, Any] = field(default_factory=dict)  # class attributes the mixin expects
     note: str = ""
+    # test method -> KnownModelFailure: its AssertionError is an xfail carrying the evidence
+    known_model_failures: dict[str, KnownModelFailure] = field(default_factory=dict)
 
 
 KITS: dict[str, Kit] = {
