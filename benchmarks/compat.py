@@ -41,7 +41,7 @@ def run_suite(out_json: Path, url: str | None, select: str | None) -> list[dict]
     new = [_row(case) for case in ET.parse(xml_path).getroot().iter("testcase")]
     xml_path.unlink()
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
-             "commit": _commit(), "seconds": round(time.monotonic() - started)}
+             "commit": _commit(), "piece_seconds": round(time.monotonic() - started)}
     old = json.loads(out_json.read_text()).get("rows", []) if out_json.exists() else []
     keys = {(r["test"], r["frontend"]) for r in new}
     rows = [r for r in old if (r["test"], r["frontend"]) not in keys] + [{**r, **stamp} for r in new]
@@ -187,7 +187,8 @@ def _regex_greedy(tok, model, ids, pattern: str, max_tokens: int) -> str:
     import torch
 
     compiled = regex.compile(pattern)
-    eos = {tok.eos_token_id, *(getattr(model.generation_config, "eos_token_id", None) or [])} - {None}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
     out_ids: list[int] = []
     text = ""
     for _ in range(max_tokens):

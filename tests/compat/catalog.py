@@ -63,6 +63,20 @@ KNOWN_MODEL_FAILURES: dict[str, KnownModelFailure] = {
         "it picks False, as ours"),
     # 2026-12-02 evening: `python benchmarks/compat.py --evidence` (transformers 5.x, float32, greedy, the
     # converted default model folder; benchmarks/results/compat_evidence.json).
+    "test_decode_int": KnownModelFailure(
+        "int(hours) == 24 (gen_int: REGEX_INT, [-+]?[0-9]+[ \\n]*)",
+        "transformers' greedy decoding under the same regex (its logits, the regex package's partial matching) gives "
+        "'240000000000…' as ours: after '24' no allowed token (digits, space, newline) beats '0'; unconstrained it "
+        "says '24 hours'"),
+    "test_expert_answer": KnownModelFailure(
+        "'paris' in the text (check_answer=True)",
+        "transformers' greedy gens on the same prompts: expert ' a Frenchman', answer '1000 is the capital of "
+        "France', as ours (greedy and at the program's temperature 0.1)"),
+    "test_react": KnownModelFailure(
+        "'finland' or 'states' in the answer to 'What country does the creator of Linux live in?'",
+        "transformers' greedy path through the same program: every thought, search and observation the same text "
+        "as ours, the same Search, Search, Finish choices (option scores Search -0.61 / Finish -3.43, -0.10 / -4.91, "
+        "-8.48 / -0.24), and the answer 'Creator of Linux'"),
     "test_parallel_encoding": KnownModelFailure(
         "'Noah' in the answer to 'Who is the father of Julian?'",
         "transformers' greedy continuation of the same prompt after 'ASSISTANT:' is empty (it ends at once), as ours"),
