@@ -106,7 +106,10 @@ KITS: dict[str, Kit] = {
     "json_constrained": Kit("json_constrained_kit", "JSONConstrainedMixin"),
     "regex_constrained": Kit("regex_constrained_kit", "RegexConstrainedMixin"),
     "ebnf_constrained": Kit("ebnf_constrained_kit", "EBNFConstrainedMixin"),
-    "matched_stop": Kit("matched_stop_kit", "MatchedStopMixin"),
+    "matched_stop": Kit("matched_stop_kit", "MatchedStopMixin", known_model_failures={"test_finish_stop_str": KnownModelFailure(
+        "the chat story (stop '\\n', max_tokens 1000) stops at a newline",
+        "transformers' greedy 1,000 tokens of the same chat rendering hold no newline, as ours (finish 'length'); "
+        "benchmarks/compat.py --stop-str-evidence")}),
     "abort_all": Kit("abort_timeout_kit", "AbortAllMixin", {"abort_all_max_new_tokens": 4000},
                      "shrunk: 16,000 new tokens assume a context over 8k; the default model's is 8,192"),
 }
