@@ -8,7 +8,7 @@ import types
 import urllib.request
 from typing import Any
 
-from tests.compat.catalog import OPENAI_PROGRAMS, PROGRAMS
+from tests.compat.catalog import OPENAI_PROGRAMS, PROGRAMS, SGLANG_SETTINGS
 from tests.compat.program_source import frontend_module, load_programs
 
 
@@ -56,9 +56,16 @@ def run_program(frontend: str, name: str, url: str) -> None:
     failures = _StepFailures()
     logger = logging.getLogger("radixlm.lang.interpreter")
     logger.addHandler(failures)
+    settings = SGLANG_SETTINGS.get(name, ({}, ""))[0] if frontend == "sglang" else {}
+    config = sgl.global_config
+    saved = {key: getattr(config, key) for key in settings}
     try:
+        for key, value in settings.items():
+            setattr(config, key, value)
         getattr(programs(frontend), name)(**PROGRAMS[name])
     finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
         logger.removeHandler(failures)
     if failures.messages:
         raise ProgramStepFailed(" | ".join(" ".join(m.split())[-400:] for m in failures.messages))

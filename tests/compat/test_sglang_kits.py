@@ -19,7 +19,22 @@ pytest.importorskip("requests")
 def _kit_class(key: str) -> type:
     kit = KITS[key]
     mixin = getattr(importlib.import_module(f"sglang.test.kits.{kit.module}"), kit.mixin)
-    return type(f"Test_{key}", (mixin, unittest.TestCase), {"__doc__": kit.note or None, **kit.attrs})
+    known = {name: _expected_failure(getattr(mixin, name), failure) for name, failure in kit.known_model_failures.items()}
+    return type(f"Test_{key}", (mixin, unittest.TestCase), {"__doc__": kit.note or None, **kit.attrs, **known})
+
+
+def _expected_failure(method, failure):
+    """A kit test the default model fails on content: xfail with the transformers evidence as the reason
+    when it raises AssertionError; anything else (or a pass) is reported as it is."""
+    def run(self):
+        try:
+            method(self)
+        except AssertionError as exc:
+            pytest.xfail(f"known model failure ({failure.assertion}): {exc}; transformers on the same weights and "
+                         f"prompt: {failure.evidence}")
+
+    run.__name__ = method.__name__
+    return run
 
 
 @pytest.fixture(autouse=True, scope="class")
