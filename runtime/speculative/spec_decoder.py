@@ -96,6 +96,7 @@ class SpecDecoder:
     def info(self) -> dict[str, float | int | None]:
         return {
             "spec_verify_steps": self.verify_steps,
+            "spec_verify_tokens": self.verify_tokens,
             "spec_draft_tokens": self.draft_tokens,
             "spec_accepted_tokens": self.accepted_tokens,
             "avg_spec_accept_length": self.verify_tokens / self.verify_steps if self.verify_steps else None,
