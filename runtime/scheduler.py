@@ -26,7 +26,7 @@ from radixlm.runtime.result_processor import ResultProcessor, SeqEvent
 from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
 from radixlm.runtime.schedule_policy import DecodeReserve, InBatchPrefixes, order_waiting
 from radixlm.runtime.server_args import ServerArgs
-from radixlm.runtime.speculative.spec_decoder import Drafts, SpecDecoder
+from radixlm.runtime.speculative.spec_decoder import Drafts, SpecDecoder, prepare_draft_model
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Scheduler:
     def __init__(self, args: ServerArgs, model_dir: Path, tokenizer: object) -> None:
         self.args = args
         self.model_dir = model_dir
-        self.runner = ModelRunner(args, model_dir)
+        draft_dir, draft_reserve = prepare_draft_model(args)
+        self.runner = ModelRunner(args, model_dir, draft_reserve)
         self.kv_pool = self.runner.kv_pool
         self.req_to_token_pool = self.runner.req_to_token_pool
         self.req_to_token = self.req_to_token_pool.req_to_token
@@ -61,8 +62,7 @@ class Scheduler:
         self.grammars: Any = None  # GrammarRuntime, created on the first constrained request
         self.spec: SpecDecoder | None = None
         if args.speculative_algorithm is not None:
-            self.spec = SpecDecoder(args.speculative_algorithm, args.speculative_max_drafts, self.device.type,
-                                    self.runner.context_len)
+            self.spec = SpecDecoder(args, self.runner, draft_dir)
 
         self.waiting: list[Req] = []
         self.adapter_demand = AdapterDemand()  # --enable-lora: aging of adapters waiting for a device slot
@@ -485,6 +485,8 @@ class Scheduler:
     def _retract(self, req: Req) -> None:
         """Preempt: give the KV back (to the prefix cache, so recompute is cheap) and requeue."""
         self._release_kv(req)
+        if self.spec is not None:
+            self.spec.forget(req)
         req.num_retractions += 1
         self.stats["retractions"] += 1
         self.reserve.on_retract()

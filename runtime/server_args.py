@@ -32,7 +32,7 @@ GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 GRAMMAR_BACKENDS = ("llguidance", "outlines", "xgrammar")
-SPEC_ALGORITHMS = ("NGRAM",)
+SPEC_ALGORITHMS = ("NGRAM", "STANDALONE")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -153,6 +153,9 @@ class ServerArgs:
         None, "speculative", "propose tokens cheaply, verify them all in one target pass (greedy output "
         "unchanged, sampling exact); NGRAM: prompt lookup over the request's prompt and output, no extra model",
         str, choices=SPEC_ALGORITHMS, default_text="off")
+    speculative_draft_model_path: str | None = _flag(
+        None, "speculative", "STANDALONE: a smaller model of the same families and tokenizer (folder, .gguf or hub "
+        "id) that drafts greedily from its own KV pool", str, default_text="none")
     speculative_num_steps: int | None = _flag(
         None, "speculative", "draft depth: at most this many tokens proposed per request and step (fewer "
         "while acceptance is too low to pay)", int, minimum=1, default_text="4 with an algorithm")
@@ -267,12 +270,16 @@ class ServerArgs:
         return out
 
     def _check_speculative(self) -> None:
-        given = [name for name in ("speculative_num_steps", "speculative_num_draft_tokens", "speculative_eagle_topk")
-                 if getattr(self, name) is not None]
+        given = [name for name in ("speculative_num_steps", "speculative_num_draft_tokens", "speculative_eagle_topk",
+                                   "speculative_draft_model_path") if getattr(self, name) is not None]
         if self.speculative_algorithm is None:
             if given:
                 raise ValueError(f"{given[0]}: needs --speculative-algorithm")
             return
+        if (self.speculative_algorithm == "STANDALONE") != (self.speculative_draft_model_path is not None):
+            raise ValueError("speculative_draft_model_path: required with STANDALONE, and only with it")
+        if self.speculative_algorithm == "STANDALONE" and self.tp_size * self.pp_size > 1:
+            raise ValueError("speculative_algorithm: STANDALONE runs on one rank (tp_size = pp_size = 1) for now")
         steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
         if steps is not None and tokens is not None and tokens != steps + 1:
             raise ValueError(f"speculative_num_draft_tokens: {tokens} is not speculative_num_steps + 1 = {steps + 1} "

@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Relative cost of one more token in a decode-shaped step, per device (against the step's fixed
-# weight-streaming cost). CPU: the default model's decode step grows ~15% per extra token at
-# batch 1 (benchmarks/speculative.py); H200 (8B shape): ~0.5% per row up to batch 64 (RESULTS.md).
-BETA = {"cpu": 0.15, "cuda": 0.005}
+# weight-streaming cost). CPU: the default model's step grows ~20% per extra token at batch 1, one
+# thread (benchmarks/speculative.py, a loaded shared machine: indicative); CUDA: an estimate for the
+# 8B shape on an H200 (decode ~4.7 ms at batch 1, ~5.5 ms at 64), to be replaced by the GPU run.
+BETA = {"cpu": 0.2, "cuda": 0.005}
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 2.0
 DECAY = 0.9  # per verify: recent steps count most
