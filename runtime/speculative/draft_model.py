@@ -91,6 +91,7 @@ class DraftModelDrafter:
     def propose(self, reqs: list[Req], limits: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in reqs]
         active: list[tuple[int, Req, DraftRow, int]] = []
+        free = self.pool.available()
         for i, (req, k) in enumerate(zip(reqs, limits)):
             if k <= 0:
                 continue
@@ -102,8 +103,10 @@ class DraftModelDrafter:
                 state = self.rows[id(req)] = DraftRow(row)
             fill = req.fill_ids
             self._sync(state, fill)
-            if self.pool.available() < len(fill) - len(state.tokens) + k - 1:
+            need = len(fill) - len(state.tokens) + k - 1
+            if need > free:
                 continue  # the draft pool is short: this request decodes plainly this step
+            free -= need
             active.append((i, req, state, k))
         if not active:
             return out
