@@ -3,7 +3,8 @@
     python benchmarks/speculative.py --mode cpu --out benchmarks/results/speculative_cpu.json
     python benchmarks/speculative.py --mode gpu --out $OUT/speculative_gpu.json
 
-cpu  the default model (real tokenizer and chat template), greedy, in-process scheduler: NGRAM on
+cpu  the default model (real tokenizer and chat template), greedy, in-process scheduler, timed in
+     process CPU time with one thread (see `run`): NGRAM on
      copy-heavy tasks (JSON extraction from a given text, editing a code snippet, summarising with
      quotes) and on free chat, at batch 1 (one request at a time) and batch 8; per cell: tokens/s off
      and on, speed-up, mean tokens per verify step, forward steps, outputs identical. Also the cost
@@ -18,6 +19,7 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -73,10 +75,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(sched: Scheduler, reqs: list[TokenizedGenerateReq]) -> tuple[float, dict[str, list[int]]]:
-    """Wall time to finish every request, and their outputs."""
+def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter
+        ) -> tuple[float, dict[str, list[int]]]:
+    """Time to finish every request (wall clock, or this process's CPU time: on a shared, loaded
+    CPU machine wall time swings 10x with the neighbours' load, CPU time of one thread far less),
+    and their outputs."""
     outs: dict[str, list[int]] = {r.rid: [] for r in reqs}
-    start = time.perf_counter()
+    start = clock()
     for r in reqs:
         sched.handle(r)
     while not sched.idle:
@@ -84,11 +89,11 @@ def run(sched: Scheduler, reqs: list[TokenizedGenerateReq]) -> tuple[float, dict
         for o in sched.pop_outputs():
             outs[o.rid] += o.output_ids
     sync(sched.device)
-    return time.perf_counter() - start, outs
+    return clock() - start, outs
 
 
 def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt_len: int, repeats: int,
-                 vocab: int) -> list[dict]:
+                 vocab: int, clock: Any = time.perf_counter) -> list[dict]:
     """Median forward time of a decode step whose rows each carry k random drafts, through the
     scheduler's own batch building (ScheduledBatch.set_decode_rows -> to_forward_batch -> forward)."""
     rng = random.Random(0)
@@ -115,11 +120,11 @@ def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt
                 fb, writes = batch.to_forward_batch(sched.device)
                 sched.req_to_token_pool.commit(writes)
                 sync(sched.device)
-                t = time.perf_counter()
+                t = clock()
                 sched.runner.forward(fb)
                 sync(sched.device)
                 if rep >= 2:  # warm-up (graph capture of a new bucket, allocator)
-                    times.append(time.perf_counter() - t)
+                    times.append(clock() - t)
                 sched.kv_pool.free(slots)
             ms = statistics.median(times) * 1e3
             base = ms if k == 0 else base
@@ -132,28 +137,44 @@ def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt
 
 
 def compare(model_dir: Path, tokenizer: Any, prompts: list[list[int]], batch: int, new_tokens: int,
-            options: dict, ignore_eos: bool, repeats: int) -> dict:
-    """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
-    alternating so the machine's load hits both alike."""
-    scheds = {False: make_scheduler(model_dir, tokenizer, False, **options),
-              True: make_scheduler(model_dir, tokenizer, True, **options)}
+            options: dict, ignore_eos: bool, repeats: int, together: bool, clock: Any = time.perf_counter) -> dict:
+    """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`.
+    `together`: both schedulers live at once and alternate, so a loaded machine's noise hits both
+    alike (CPU); else one after the other (a GPU holds one 8B KV pool at a time)."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
     outs: dict[bool, dict[str, list[int]]] = {}
-    for rep in range(repeats):
-        for spec, sched in scheds.items():
-            sched.cache.flush()
-            groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-            total, merged = 0.0, {}
-            for g, group in enumerate(groups):
-                reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
-                    temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
-                dt, o = run(sched, reqs)
-                total += dt
-                merged.update(o)
-            best[spec] = min(best[spec], total)
-            outs[spec] = merged
+    info: dict = {}
+
+    def one(spec: bool, sched: Scheduler) -> None:
+        sched.cache.flush()
+        groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+        total, merged = 0.0, {}
+        for g, group in enumerate(groups):
+            reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
+                temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
+            dt, o = run(sched, reqs, clock)
+            total += dt
+            merged.update(o)
+        best[spec] = min(best[spec], total)
+        outs[spec] = merged
+
+    if together:
+        scheds = {spec: make_scheduler(model_dir, tokenizer, spec, **options) for spec in (False, True)}
+        for _ in range(repeats):
+            for spec, sched in scheds.items():
+                one(spec, sched)
+        info = scheds[True].info()
+    else:
+        for spec in (False, True):
+            sched = make_scheduler(model_dir, tokenizer, spec, **options)
+            for _ in range(repeats):
+                one(spec, sched)
+            info = sched.info()
+            del sched
+            gc.collect()  # the scheduler and its runner reference each other: free the KV pool now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     tokens = sum(len(v) for v in outs[False].values())
-    info = scheds[True].info()
     return {
         "batch": batch, "requests": len(prompts), "tokens": tokens,
         "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
@@ -179,17 +200,21 @@ def cpu_mode(args: argparse.Namespace) -> dict:
                                                   tokenize=False))
 
     options = dict(device="cpu", cpu_threads=args.threads, max_total_tokens=16384)
-    report: dict = {"mode": "cpu", "threads": args.threads, "model": str(model_dir), "cells": []}
+    # Timed in process CPU time (one thread): the machine these run on is shared and loaded.
+    report: dict = {"mode": "cpu", "threads": args.threads, "model": str(model_dir), "clock": "process_time",
+                    "cells": []}
     if "cost" in args.sets:
         probe = make_scheduler(model_dir, tok, False, **options)
-        report["verify_cost"] = verify_costs(probe, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, probe.runner.vocab_size)
+        report["verify_cost"] = verify_costs(probe, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, probe.runner.vocab_size,
+                                             time.process_time)
         del probe
     for name, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
         for batch in (1, 8):
             if name not in args.sets:
                 continue
             prompts = [chat(t) for t in tasks] * (2 if batch == 8 else 1)
-            cell = {"set": name, **compare(model_dir, tok, prompts, batch, args.new_tokens, options, False, args.repeats)}
+            cell = {"set": name, **compare(model_dir, tok, prompts, batch, args.new_tokens, options, False, args.repeats,
+                                           together=True, clock=time.process_time)}
             report["cells"].append(cell)
             print(f"{name:5s} batch {batch}: off {cell['tok_s_off']:7.2f} tok/s  on {cell['tok_s_on']:7.2f} tok/s  "
                   f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
@@ -203,19 +228,21 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="radixlm-spec-"))
     model_dir = model_dir_for(LLAMA_8B, root, "llama8b")
     vocab = LLAMA_8B["vocab_size"]
+    # 640 rows: CUDA graphs cover every verify shape measured (64 rows x 9 tokens).
     options = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
-                   skip_tokenizer_init=True, max_running_requests=256)
+                   skip_tokenizer_init=True, max_running_requests=640)
     report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     probe = make_scheduler(model_dir, None, False, **options)
     costs = verify_costs(probe, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
     report["verify_cost"] = costs
     del probe
+    gc.collect()
     torch.cuda.empty_cache()
     rng = random.Random(1)
     report["cells"] = []
     for batch in (1, 64):
         prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
-        cell = compare(model_dir, None, prompts, batch, args.new_tokens, options, True, args.repeats)
+        cell = compare(model_dir, None, prompts, batch, args.new_tokens, options, True, args.repeats, together=False)
         report["cells"].append(cell)
         print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
