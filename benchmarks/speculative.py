@@ -19,7 +19,6 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import statistics
@@ -39,6 +38,7 @@ from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+from radixlm.runtime.speculative.spec_decoder import SpecDecoder  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
            "chief engineer, Dana Whitfield. \"The steel deliveries arrived late and the river was too high to pour the "
@@ -136,44 +136,30 @@ def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt
     return rows
 
 
-def compare(model_dir: Path, tokenizer: Any, prompts: list[list[int]], batch: int, new_tokens: int,
-            options: dict, ignore_eos: bool, repeats: int, together: bool, clock: Any = time.perf_counter) -> dict:
-    """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`.
-    `together`: both schedulers live at once and alternate, so a loaded machine's noise hits both
-    alike (CPU); else one after the other (a GPU holds one 8B KV pool at a time)."""
+def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
+            repeats: int, clock: Any = time.perf_counter) -> dict:
+    """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
+    alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
+    is switched per run by giving it a fresh SpecDecoder or none."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
     outs: dict[bool, dict[str, list[int]]] = {}
-    info: dict = {}
-
-    def one(spec: bool, sched: Scheduler) -> None:
-        sched.cache.flush()
-        groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-        total, merged = 0.0, {}
-        for g, group in enumerate(groups):
-            reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
-                temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
-            dt, o = run(sched, reqs, clock)
-            total += dt
-            merged.update(o)
-        best[spec] = min(best[spec], total)
-        outs[spec] = merged
-
-    if together:
-        scheds = {spec: make_scheduler(model_dir, tokenizer, spec, **options) for spec in (False, True)}
-        for _ in range(repeats):
-            for spec, sched in scheds.items():
-                one(spec, sched)
-        info = scheds[True].info()
-    else:
-        for spec in (False, True):
-            sched = make_scheduler(model_dir, tokenizer, spec, **options)
-            for _ in range(repeats):
-                one(spec, sched)
-            info = sched.info()
-            del sched
-            gc.collect()  # the scheduler and its runner reference each other: free the KV pool now
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    spec = SpecDecoder(sched.args, sched.runner, None)
+    for _ in range(repeats):
+        for on in (False, True):
+            sched.spec = spec if on else None
+            sched.cache.flush()
+            groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+            total, merged = 0.0, {}
+            for g, group in enumerate(groups):
+                reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
+                    temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
+                dt, o = run(sched, reqs, clock)
+                total += dt
+                merged.update(o)
+            best[on] = min(best[on], total)
+            outs[on] = merged
+    sched.spec = spec
+    info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
     return {
         "batch": batch, "requests": len(prompts), "tokens": tokens,
@@ -203,18 +189,17 @@ def cpu_mode(args: argparse.Namespace) -> dict:
     # Timed in process CPU time (one thread): the machine these run on is shared and loaded.
     report: dict = {"mode": "cpu", "threads": args.threads, "model": str(model_dir), "clock": "process_time",
                     "cells": []}
+    sched = make_scheduler(model_dir, tok, True, **options)
     if "cost" in args.sets:
-        probe = make_scheduler(model_dir, tok, False, **options)
-        report["verify_cost"] = verify_costs(probe, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, probe.runner.vocab_size,
+        report["verify_cost"] = verify_costs(sched, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, sched.runner.vocab_size,
                                              time.process_time)
-        del probe
     for name, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
         for batch in (1, 8):
             if name not in args.sets:
                 continue
             prompts = [chat(t) for t in tasks] * (2 if batch == 8 else 1)
-            cell = {"set": name, **compare(model_dir, tok, prompts, batch, args.new_tokens, options, False, args.repeats,
-                                           together=True, clock=time.process_time)}
+            cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
+                                           clock=time.process_time)}
             report["cells"].append(cell)
             print(f"{name:5s} batch {batch}: off {cell['tok_s_off']:7.2f} tok/s  on {cell['tok_s_on']:7.2f} tok/s  "
                   f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
@@ -232,17 +217,14 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     options = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
                    skip_tokenizer_init=True, max_running_requests=640)
     report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    probe = make_scheduler(model_dir, None, False, **options)
-    costs = verify_costs(probe, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
+    sched = make_scheduler(model_dir, None, True, **options)
+    costs = verify_costs(sched, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
     report["verify_cost"] = costs
-    del probe
-    gc.collect()
-    torch.cuda.empty_cache()
     rng = random.Random(1)
     report["cells"] = []
     for batch in (1, 64):
         prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
-        cell = compare(model_dir, None, prompts, batch, args.new_tokens, options, True, args.repeats, together=False)
+        cell = compare(sched, prompts, batch, args.new_tokens, True, args.repeats)
         report["cells"].append(cell)
         print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
