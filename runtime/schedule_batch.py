@@ -107,6 +107,15 @@ class ScheduledBatch:
         self.drafts += decode.drafts
         self.draft_masks += decode.draft_masks
 
+    def _lora_names(self, rows: int) -> list[str | None] | None:
+        """Each attention row's adapter: per request, or per token when verify rows expanded a
+        decode batch into one row per token."""
+        if not any(r.lora_name for r in self.reqs):
+            return None
+        if rows == len(self.reqs):
+            return [r.lora_name for r in self.reqs]
+        return [r.lora_name for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
+
     def to_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None = None
                          ) -> tuple[ForwardBatch, SlotWrites]:
         """The step's tensors on `device` (one packed copy), and the slot writes that the scheduler
@@ -200,6 +209,6 @@ class ScheduledBatch:
             extend_seq_lens=ext_t.to(torch.int32),
             extend_start_loc=starts_t.to(torch.int32),
             logits_indices=logits_t,
-            lora_names=[r.lora_name for r in self.reqs] if any(r.lora_name for r in self.reqs) else None,
+            lora_names=self._lora_names(len(rows_cpu)),
         )
         return fb, writes

@@ -256,3 +256,22 @@ def test_default_model_greedy_json_schema_and_stop(default_model_dir) -> None:
         if got[rid]["finished_reason"]["type"] == "stop":
             json.loads(tok.decode(got[rid]["output_ids"], skip_special_tokens=True))
     assert spec.info()["spec_accepted_tokens"] > 0
+
+
+def test_lora_rows_keep_their_adapter_in_verify_steps(tiny, tmp_path) -> None:
+    """A verify step expands a decode batch into one row per token: each row keeps its request's adapter."""
+    import dataclasses
+
+    from tests.fixtures.lora_adapters import make_peft_adapter
+
+    adapters = {f"a{i}": make_peft_adapter(tiny, tmp_path / f"a{i}", seed=30 + i, r=4) for i in range(2)}
+    paths = tuple(f"{n}={p}" for n, p in adapters.items())
+    prompts = copy_prompts(tiny, 4)
+    reqs = [dataclasses.replace(greedy_req(f"r{i}", ids, 24), lora_path=[None, "a0", "a1", "a0"][i])
+            for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny, lora_paths=paths), reqs)
+    sched = make_scheduler(tiny, lora_paths=paths, speculative_algorithm="NGRAM")
+    got = run_checked(sched, reqs)
+    assert_same(got, ref)
+    assert sched.info()["spec_accepted_tokens"] > 0
+    assert ref["r1"]["output_ids"] != ref["r0"]["output_ids"] or ref["r2"]["output_ids"] != ref["r0"]["output_ids"]
