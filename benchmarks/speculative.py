@@ -201,6 +201,8 @@ def cpu_mode(args: argparse.Namespace) -> dict:
             cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
                                            clock=time.process_time)}
             report["cells"].append(cell)
+            if args.out:  # partial results survive an interrupted run
+                Path(args.out).write_text(json.dumps(report, indent=2))
             print(f"{name:5s} batch {batch}: off {cell['tok_s_off']:7.2f} tok/s  on {cell['tok_s_on']:7.2f} tok/s  "
                   f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
                   f"identical {cell['identical']}", flush=True)
