@@ -138,6 +138,38 @@ class GrammarRuntime:
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
                                           self.workers.start_fill(items, buffer))
 
+    def check_drafts(self, req: Req, drafts: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Speculative decoding: the longest prefix of `drafts` the grammar allows, and the masks of
+        the positions to verify ([len(kept) + 1, W] int32: after 0, 1, ... kept drafts). The matcher
+        walks the drafts and rolls back: its state is unchanged."""
+        self._settle()
+        grammar = req.grammar
+        masks = torch.empty((len(drafts) + 1, self.width), dtype=torch.int32)
+        kept = 0
+        grammar.fill_next_token_bitmask(masks, 0)
+        for tid in drafts:
+            if not grammar.advance(tid):
+                break
+            kept += 1
+            if grammar.is_terminated():  # the request ends at this token: nothing after it is verified
+                masks[kept] = -1
+                break
+            grammar.fill_next_token_bitmask(masks, kept)
+        grammar.rollback(kept)
+        return drafts[:kept], masks[: kept + 1]
+
+    def advance_one(self, req: Req, token: int) -> None:
+        """Commit one token of a verified run (tokens are appended one by one, each checked for a
+        finish); `is_terminated` then answers for the state after it."""
+        self._settle()
+        good = req.grammar.advance(token)
+        if not good:
+            logger.error("grammar rejected verified token %d for request %s", token, req.rid)
+            req.grammar_failed = True
+        self._terminated[id(req)] = (req, not good or req.grammar.is_terminated())
+        if self._prefetch is not None:
+            self._prefetch.rows.pop(id(req), None)
+
     def _settle(self) -> None:
         """Wait for background mask work: after this the matchers are the caller's again."""
         if self._prefetch is not None:

@@ -100,6 +100,8 @@ class ReqOutput:
     output_top_logprobs: list[list[tuple[float, int]]] | None = None
     forced_tokens: int = 0
     num_retractions: int = 0
+    spec_verify_ct: int | None = None  # speculative decoding: verify steps so far (None: speculation off)
+    spec_accepted_tokens: int | None = None  # draft tokens accepted so far
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ def _available_ram_bytes() -> int:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs, model_dir: Path) -> None:
+    def __init__(self, args: ServerArgs, model_dir: Path, reserve: tuple[int, int] = (0, 0)) -> None:
+        """`reserve`: (bytes, bytes per KV token) of GPU memory to leave for a draft model
+        (speculative decoding) when sizing the KV pool from --mem-fraction-static."""
         if not args.resolved:
             raise ValueError("ModelRunner needs resolved options: ServerArgs(...).resolve()")
         self.args = args
@@ -85,6 +87,7 @@ class ModelRunner:
             from radixlm.runtime.lora.manager import build_lora_manager
 
             self.lora = build_lora_manager(args, self.model, mc.hidden_size, mc.head_dim, self.dtype, self.device)
+        self.reserve = reserve
 
         self.max_total_tokens = agree_min(self._kv_capacity())  # every rank holds the same slots
         self.max_running_requests = args.max_running_requests or min(
@@ -166,7 +169,8 @@ class ModelRunner:
             return self.args.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.args.mem_fraction_static - (total - free)
+            budget = total * self.args.mem_fraction_static - (total - free) - self.reserve[0]
+            per_token += self.reserve[1]  # the draft model's pool holds as many tokens
             if budget < per_token * 1024:
                 raise RuntimeError("mem_fraction_static: too little GPU memory left for the KV cache")
             return int(budget // per_token)

@@ -18,6 +18,9 @@ def native_output(r: SequenceResult) -> dict[str, Any]:
     }
     if r.forced_tokens:
         meta["forced_tokens"] = r.forced_tokens
+    if r.spec_verify_ct is not None:
+        meta["spec_verify_ct"] = r.spec_verify_ct
+        meta["spec_accepted_tokens"] = r.spec_accepted_tokens
     if r.finish is not None:
         meta["e2e_latency"] = r.e2e_latency
         if r.num_retractions:

@@ -47,6 +47,11 @@ class Req:
     grammar_pending: bool = False
     forced_tokens: int = 0
 
+    # Speculative decoding (set when the scheduler speculates): verify steps taken, drafts accepted.
+    speculative: bool = False
+    spec_verify_ct: int = 0
+    spec_accepted_tokens: int = 0
+
     finished_reason: FinishReason | None = None
     # Logprobs not yet sent to the front process.
     input_logprobs_done: bool = False
@@ -86,6 +91,8 @@ class Req:
             completion_tokens=len(self.output_ids), forced_tokens=self.forced_tokens,
             num_retractions=self.num_retractions,
         )
+        if self.speculative:
+            out.spec_verify_ct, out.spec_accepted_tokens = self.spec_verify_ct, self.spec_accepted_tokens
         if self.return_logprob:
             if self.pending_input_logprobs or self.input_logprobs_done:
                 out.input_token_logprobs, self.pending_input_logprobs = self.pending_input_logprobs, []

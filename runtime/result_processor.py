@@ -18,6 +18,7 @@ from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, token_logprobs
 from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.speculative.verify import accepted_run, position_rows
 from radixlm.runtime.stop_regex import compile_stop_regexes
 
 if TYPE_CHECKING:
@@ -38,13 +39,18 @@ class SeqEvent:
     """What one step did to one request. `was_running`: it was decoding (else its prompt, or its
     forced tokens, just finished prefilling). `finished`: it ended (typed reason); `jumped`:
     grammar-forced tokens were appended and need an extend step; neither: it decodes on.
-    `sampled`: a token was appended this step (False for a prompt that asked for no tokens)."""
+    `sampled`: tokens appended this step (0 for a prompt that asked for no tokens). A verify row
+    (speculative decoding) also says how many tokens it `drafted` and `accepted`, and how many of
+    the KV positions it computed hold `unverified` tokens: the scheduler frees those at once."""
 
     req: Req
     was_running: bool
     finished: FinishReason | None = None
     jumped: bool = False
-    sampled: bool = True
+    sampled: int = 1
+    drafted: int = 0
+    accepted: int = 0
+    unverified: int = 0
 
 
 class ResultProcessor:
@@ -63,9 +69,13 @@ class ResultProcessor:
         followers (n > 1) that sample from their leader's prompt row, KV already shared."""
         events: list[SeqEvent] = []
         to_sample: list[tuple[Req, int, bool]] = []
+        to_verify: list[int] = []
         for i, req in enumerate(batch.reqs):
             if req.finished:
                 continue  # its pending token (overlap), committed after this step launched, ended it
+            if batch.drafts[i]:
+                to_verify.append(i)
+                continue
             if batch.logprob_rows[i]:
                 self._input_logprobs(req, logits, batch.logprob_rows[i], batch.logprob_first_pos[i])
             row = batch.sample_rows[i]
@@ -74,7 +84,7 @@ class ResultProcessor:
             if not batch.decoding[i]:  # its prompt (or forced tokens) is now all in the KV cache
                 req.input_logprobs_done = True
                 if req.params.max_new_tokens == 0:
-                    events.append(SeqEvent(req, False, FinishReason.of_length(0), sampled=False))
+                    events.append(SeqEvent(req, False, FinishReason.of_length(0), sampled=0))
                     continue
                 for follower in forks.get(req, ()):
                     follower.input_logprobs_done = True
@@ -90,7 +100,69 @@ class ResultProcessor:
             lp_map = self._output_logprobs(reqs, rows_logits, next_ids)
             events += self._append(reqs, next_ids.tolist(), lp_map, [d for _, _, d in to_sample], grammars,
                                    num_running, allow_jump=True)
+        if to_verify:
+            events += self._verify(batch, to_verify, logits, grammars, num_running)
         return events
+
+    def _verify(self, batch: ScheduledBatch, indices: list[int], logits: torch.Tensor,
+                grammars: GrammarRuntime | None, num_running: int) -> list[SeqEvent]:
+        """Verify rows (speculative/verify.py): draw the target's token at every position, keep the
+        drafts that match plus the token after them, appended one by one with every finish check."""
+        reqs = [batch.reqs[i] for i in indices]
+        drafts = [batch.drafts[i] for i in indices]
+        rows = [r for i in indices for r in batch.verify_rows[i]]
+        rows_logits = logits[rows]
+        bitmask = None
+        if any(r.grammar is not None for r in reqs):
+            width = next(m.shape[1] for m in (batch.draft_masks[i] for i in indices) if m is not None)
+            bitmask = torch.cat([batch.draft_masks[i] if batch.draft_masks[i] is not None
+                                 else torch.full((len(batch.drafts[i]) + 1, width), -1, dtype=torch.int32)
+                                 for i in indices])
+        targets = self.sample_rows(position_rows(reqs, drafts, self.eos_ids), rows_logits, bitmask).tolist()
+        want_lp = any(r.return_logprob for r in reqs)
+        events = []
+        start = 0
+        for req, draft in zip(reqs, drafts):
+            n = len(draft) + 1
+            run = accepted_run(draft, targets[start : start + n])
+            matched = len(run) - 1
+            lp_entries = self._run_logprobs(req, rows_logits[start : start + len(run)], run) if want_lp else None
+            start += n
+            reason = None
+            for j, tok in enumerate(run):
+                if req.grammar is not None:
+                    assert grammars is not None
+                    grammars.advance_one(req, tok)
+                req.output_ids.append(tok)
+                if lp_entries is not None:
+                    req.pending_output_logprobs.append((lp_entries[j][0], tok))
+                    if req.top_logprobs_num > 0:
+                        req.pending_output_top.append(lp_entries[j][1] or [])
+                reason = self.check_finish(req, tok, grammars)
+                if reason is not None:
+                    run = run[: j + 1]
+                    break
+            # Drafts accepted and kept (a finish may cut the run). KV was computed for the last token
+            # and every draft; it stays valid up to the last kept draft.
+            accepted = min(matched, len(run))
+            req.spec_verify_ct += 1
+            req.spec_accepted_tokens += accepted
+            unverified = len(draft) - accepted
+            jumped = reason is None and self._jump_forward(req, grammars, num_running)
+            if reason is not None or jumped:
+                num_running -= 1
+            events.append(SeqEvent(req, True, reason, jumped, sampled=len(run), drafted=len(draft),
+                                   accepted=accepted, unverified=unverified))
+        return events
+
+    def _run_logprobs(self, req: Req, rows_logits: torch.Tensor, run: list[int]) -> list[LogprobEntry] | None:
+        if not req.return_logprob:
+            return None
+        ids = torch.tensor(run, device=rows_logits.device)
+        chosen, top_vals, top_ids = token_logprobs(rows_logits, ids, req.top_logprobs_num)
+        tops = ([list(zip(v, t)) for v, t in zip(top_vals.tolist(), top_ids.tolist())]
+                if top_vals is not None and top_ids is not None else [None] * len(run))
+        return list(zip(chosen.tolist(), tops))
 
     def commit(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
                allow_jump: bool = True) -> list[SeqEvent]:
@@ -123,15 +195,27 @@ class ResultProcessor:
                       output_ids=r.output_ids, prompt_ids=r.input_ids, banned_ids=b)
             for r, b in zip(reqs, banned)
         ]
-        sbatch = SamplingBatch.build(sample_rows, rows_logits.shape[1], rows_logits.device)
-        adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
+        bitmask = None
         if constrained:
+            assert grammars is not None
+            bitmask = grammars.bitmask(reqs, rows_logits.device)
+        return self.sample_rows(sample_rows, rows_logits, bitmask)
+
+    @staticmethod
+    def sample_rows(rows: list[SampleRow], rows_logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+        """One token per logits row: adjustments (penalties, bias, bans), the grammar bitmask, then
+        the seeded draw (argmax for greedy rows)."""
+        needs_adjust = any(r.params.needs_output_history or r.banned_ids for r in rows)
+        if not needs_adjust and bitmask is None and all(r.params.is_greedy for r in rows):
+            return rows_logits.argmax(dim=-1)
+        sbatch = SamplingBatch.build(rows, rows_logits.shape[1], rows_logits.device)
+        adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
+        if bitmask is not None:
             from radixlm.constrained import apply_token_bitmask_
 
-            assert grammars is not None
             if adjusted is rows_logits:
                 adjusted = rows_logits.clone()
-            apply_token_bitmask_(adjusted, grammars.bitmask(reqs, adjusted.device))
+            apply_token_bitmask_(adjusted, bitmask.to(adjusted.device, non_blocking=True))
         return sample(adjusted, sbatch)
 
     def _output_logprobs(self, reqs: list[Req], rows_logits: torch.Tensor, next_ids: torch.Tensor
@@ -181,8 +265,8 @@ class ResultProcessor:
     def can_defer(self, batch: ScheduledBatch, num_running: int) -> bool:
         """Whether this decode batch can be sampled on the device and committed a step later:
         nothing in its sampling may depend on host state that the uncommitted step would change."""
-        if batch.mode is not ForwardMode.DECODE:
-            return False
+        if batch.mode is not ForwardMode.DECODE or batch.has_drafts:
+            return False  # verify rows need their drafts' outcome on the host before the next step
         # Constrained rows too, once jump-forward would not be used (a jump rewrites the tokens
         # the next step already consumes): their step-k tokens are committed before sampling.
         grammar_ok = not self.jump_forward_enabled or self.jump_min_tokens(num_running) > JUMP_MAX_USEFUL_TOKENS

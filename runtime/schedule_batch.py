@@ -63,6 +63,16 @@ class ScheduledBatch:
     logprob_rows: list[list[int]] = field(default_factory=list)
     sample_rows: list[int | None] = field(default_factory=list)
     logprob_first_pos: list[int] = field(default_factory=list)  # prompt position of the first logprob row + 1
+    # Verify rows (speculative decoding; reusable for any tokens a running request proposes): per
+    # request the tokens it computes after its last one (empty: none), the grammar masks of its
+    # positions (constrained rows), and the logits rows of all its 1 + len(drafts) positions.
+    drafts: list[list[int]] = field(default_factory=list)
+    draft_masks: list[torch.Tensor | None] = field(default_factory=list)
+    verify_rows: list[list[int]] = field(default_factory=list)
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(self.drafts)
 
     def add(self, req: Req, slots: torch.Tensor, decoding: bool = False, prefix_len: int | None = None) -> None:
         """`req` computes len(slots) more tokens this step, on top of the KV it holds (`prefix_len`,
@@ -72,6 +82,20 @@ class ScheduledBatch:
         self.prefix_lens.append(req.kv_len if prefix_len is None else prefix_len)
         self.extend_lens.append(int(slots.numel()))
         self.decoding.append(decoding)
+        self.drafts.append([])
+        self.draft_masks.append(None)
+
+    def set_decode_rows(self, reqs: list[Req], slots: torch.Tensor, drafts: list[list[int]],
+                        masks: list[torch.Tensor | None]) -> None:
+        """A decode batch in one allocation: each request computes its last token plus its drafts
+        (one slot each, in request order); a request with drafts is a verify row."""
+        self.new_slots.append(slots)
+        self.reqs = reqs
+        self.prefix_lens = [r.kv_len for r in reqs]
+        self.extend_lens = [1 + len(d) for d in drafts]
+        self.decoding = [True] * len(reqs)
+        self.drafts = drafts
+        self.draft_masks = masks
 
     def absorb(self, decode: "ScheduledBatch") -> None:
         """Fold a decode batch into this prefill batch: one forward pass instead of two."""
@@ -80,6 +104,17 @@ class ScheduledBatch:
         self.prefix_lens += decode.prefix_lens
         self.new_slots += decode.new_slots
         self.decoding += decode.decoding
+        self.drafts += decode.drafts
+        self.draft_masks += decode.draft_masks
+
+    def _lora_names(self, rows: int) -> list[str | None] | None:
+        """Each attention row's adapter: per request, or per token when verify rows expanded a
+        decode batch into one row per token."""
+        if not any(r.lora_name for r in self.reqs):
+            return None
+        if rows == len(self.reqs):
+            return [r.lora_name for r in self.reqs]
+        return [r.lora_name for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
 
     def to_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None = None
                          ) -> tuple[ForwardBatch, SlotWrites]:
@@ -88,14 +123,27 @@ class ScheduledBatch:
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
-        self.logprob_rows, self.sample_rows, self.logprob_first_pos = [], [], []
+        self.logprob_rows, self.sample_rows, self.logprob_first_pos, self.verify_rows = [], [], [], []
         offset = 0
-        for req, prefix, ext in zip(self.reqs, self.prefix_lens, self.extend_lens):
+        token_starts: list[int] = []
+        for req, prefix, ext, drafts in zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts):
+            token_starts.append(offset)
+            positions.extend(range(prefix, prefix + ext))
+            if drafts:  # a verify row: its last token, then the drafts; logits at every position
+                assert not req.tokens_on_device and prefix + 1 == req.fill_len
+                input_ids.extend(req.fill_slice(prefix, prefix + 1) + drafts)
+                self.verify_rows.append(list(range(len(logits_indices), len(logits_indices) + ext)))
+                logits_indices.extend(range(offset, offset + ext))
+                self.logprob_rows.append([])
+                self.sample_rows.append(None)
+                self.logprob_first_pos.append(0)
+                offset += ext
+                continue
+            self.verify_rows.append([])
             if req.tokens_on_device:  # decode input is the token still on the device: filled in below
                 input_ids.append(0)
             else:
                 input_ids.extend(req.fill_slice(prefix, prefix + ext))
-            positions.extend(range(prefix, prefix + ext))
             rows: list[int] = []
             first_pos = 0
             if self.mode is ForwardMode.EXTEND and req.wants_input_logprobs:
@@ -114,26 +162,34 @@ class ScheduledBatch:
             self.sample_rows.append(sample_row)
             self.logprob_first_pos.append(first_pos)
             offset += ext
-        seq_lens = [p + e for p, e in zip(self.prefix_lens, self.extend_lens)]
-        starts = [0]
-        for e in self.extend_lens[:-1]:
-            starts.append(starts[-1] + e)
         decode = self.mode is ForwardMode.DECODE
+        rows_cpu = [r.req_pool_idx for r in self.reqs]
+        if decode and len(positions) > len(self.reqs):
+            # Verify rows in a decode batch: every new token is one decode row of its request whose
+            # KV ends at that token (causal over the drafts before it), so the step keeps decode's
+            # kernels and CUDA graphs.
+            rows_cpu = [row for row, ext in zip(rows_cpu, self.extend_lens) for _ in range(ext)]
+            seq_lens, ext_lens = [p + 1 for p in positions], [1] * len(positions)
+        else:
+            seq_lens, ext_lens = [p + e for p, e in zip(self.prefix_lens, self.extend_lens)], list(self.extend_lens)
+        starts = [0]
+        for e in ext_lens[:-1]:
+            starts.append(starts[-1] + e)
         pending = [i for i, r in enumerate(self.reqs) if r.tokens_on_device]
         if pending:
             assert uncommitted is not None and decode
+        pending_tokens = [token_starts[i] for i in pending]
 
         def ints(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64)
 
-        rows_cpu = [r.req_pool_idx for r in self.reqs]
-        row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(self.extend_lens)  # type: ignore[arg-type]
+        row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(ext_lens)  # type: ignore[arg-type]
         slots = torch.cat(self.new_slots).to(torch.int64)
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
         (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
          src_t, token_rows_t) = pack_on([
             ints(input_ids), positions_cpu, slots, row_t, ints(seq_lens), ext_cpu, ints(starts),
-            ints(logits_indices), ints(pending), ints([self.reqs[i].uncommitted_row for i in pending]), token_rows,
+            ints(logits_indices), ints(pending_tokens), ints([self.reqs[i].uncommitted_row for i in pending]), token_rows,
         ], device)
         if pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
@@ -149,10 +205,10 @@ class ScheduledBatch:
             seq_lens=seq_lens_t.to(torch.int32),
             req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
             seq_lens_cpu=seq_lens,
-            extend_seq_lens_cpu=list(self.extend_lens),
+            extend_seq_lens_cpu=ext_lens,
             extend_seq_lens=ext_t.to(torch.int32),
             extend_start_loc=starts_t.to(torch.int32),
             logits_indices=logits_t,
-            lora_names=[r.lora_name for r in self.reqs] if any(r.lora_name for r in self.reqs) else None,
+            lora_names=self._lora_names(len(rows_cpu)),
         )
         return fb, writes

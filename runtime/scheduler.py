@@ -26,6 +26,7 @@ from radixlm.runtime.result_processor import ResultProcessor, SeqEvent
 from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
 from radixlm.runtime.schedule_policy import DecodeReserve, InBatchPrefixes, order_waiting
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.speculative.spec_decoder import Drafts, SpecDecoder, prepare_draft_model
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class Scheduler:
     def __init__(self, args: ServerArgs, model_dir: Path, tokenizer: object) -> None:
         self.args = args
         self.model_dir = model_dir
-        self.runner = ModelRunner(args, model_dir)
+        draft_dir, draft_reserve = prepare_draft_model(args)
+        self.runner = ModelRunner(args, model_dir, draft_reserve)
         self.kv_pool = self.runner.kv_pool
         self.req_to_token_pool = self.runner.req_to_token_pool
         self.req_to_token = self.req_to_token_pool.req_to_token
@@ -58,6 +60,9 @@ class Scheduler:
                                        jump_forward=not args.disable_jump_forward,
                                        decode_graphs=self.runner.graph_runner is not None)
         self.grammars: Any = None  # GrammarRuntime, created on the first constrained request
+        self.spec: SpecDecoder | None = None
+        if args.speculative_algorithm is not None:
+            self.spec = SpecDecoder(args, self.runner, draft_dir)
 
         self.waiting: list[Req] = []
         self.adapter_demand = AdapterDemand()  # --enable-lora: aging of adapters waiting for a device slot
@@ -100,6 +105,8 @@ class Scheduler:
         leader = Req.group_from_wire(dataclasses.replace(msg, params=params), seeds)
         if leader.lora_name is not None and not self._bind_adapter(leader):
             return
+        for seq in (leader, *leader.followers):
+            seq.speculative = self.spec is not None
         if params.constraint is not None:
             self._grammar_runtime().submit(leader)
         self.waiting.append(leader)
@@ -165,6 +172,7 @@ class Scheduler:
             **({"lora": self.runner.lora.info()} if self.runner.lora is not None else {}),
             **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}
                if self.runner.graph_runner is not None else {}),
+            **(self.spec.info() if self.spec is not None else {}),
         }
 
     def abort(self, rid: str, message: str) -> None:
@@ -263,6 +271,8 @@ class Scheduler:
         workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower."""
         if self.waiting or self.partial:
             return False
+        if self.spec is not None and self.spec.may_draft(self.running):
+            return False  # drafts continue the last token: it must be on the host
         return self.kv_pool.available() >= len(self.running)
 
     def pop_outputs(self) -> list[ReqOutput]:
@@ -307,6 +317,10 @@ class Scheduler:
         self.record_generated(sum(e.sampled for e in events))
         for ev in events:
             req = ev.req
+            if ev.drafted:
+                self._drop_unverified(req, ev.unverified)
+                assert self.spec is not None
+                self.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled)
             if ev.was_running and (ev.finished is not None or ev.jumped):
                 self.running.remove(req)
             if ev.finished is not None:
@@ -318,6 +332,15 @@ class Scheduler:
                 self.running.append(req)
             if req.stream and len(req.output_ids) - req.sent_output_len >= self.args.stream_interval:
                 self.outputs.append(req.take_output())
+
+    def _drop_unverified(self, req: Req, n: int) -> None:
+        """A verify step's rejected drafts: their KV slots go back to the pool at once (never to
+        the prefix cache, which only ever sees verified tokens)."""
+        if n <= 0:
+            return
+        assert req.req_pool_idx is not None and req.kv_len - n >= req.cache_protected_len
+        self.kv_pool.free(self.req_to_token_pool.slots(req.req_pool_idx, req.kv_len - n, req.kv_len))
+        req.kv_len -= n
 
     # ---------------------------------------------------------------- prefill
     def _free_tokens(self) -> int:
@@ -421,15 +444,12 @@ class Scheduler:
         self.step_batches.append(batch)
         # A request whose last token is on the device finishes when that is committed: nothing to run.
         todo = [r for r in self.running if r.remaining_new_tokens() > 0]
-        slots = self._alloc_slots(len(todo))
+        drafts = self._drafts(todo)
+        slots = self._alloc_slots(len(todo) + drafts.total)
         if slots is not None:  # the common case: one allocation for the whole batch
-            batch.new_slots.append(slots)
-            batch.reqs = todo
-            batch.prefix_lens = [r.kv_len for r in todo]
-            batch.extend_lens = [1] * len(todo)
-            batch.decoding = [True] * len(todo)
-            for req in todo:
-                req.kv_len += 1
+            batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks)
+            for req, ext in zip(todo, batch.extend_lens):
+                req.kv_len += ext
             self.reserve.on_decode_step()
             return batch if todo else None
         for req in todo:
@@ -446,6 +466,17 @@ class Scheduler:
         self.reserve.on_decode_step()
         return batch if batch.reqs else None
 
+    def _drafts(self, todo: list[Req]) -> Drafts:
+        """Speculative decoding: the tokens each request verifies this step, if free slots hold them
+        beyond one token per request (drafts never evict cached prefixes nor cause a retraction)."""
+        none = Drafts([[] for _ in todo], [None] * len(todo))
+        if self.spec is None or not todo:
+            return none
+        drafts = self.spec.propose(todo, self.grammars)
+        if drafts.total and self.kv_pool.available() < len(todo) + drafts.total:
+            return none
+        return drafts
+
     def _retract_one(self) -> None:
         victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
         self.running.remove(victim)
@@ -454,6 +485,8 @@ class Scheduler:
     def _retract(self, req: Req) -> None:
         """Preempt: give the KV back (to the prefix cache, so recompute is cheap) and requeue."""
         self._release_kv(req)
+        if self.spec is not None:
+            self.spec.forget(req)
         req.num_retractions += 1
         self.stats["retractions"] += 1
         self.reserve.on_retract()
@@ -470,6 +503,8 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finished_reason = reason
+        if self.spec is not None:
+            self.spec.forget(req)
         self._release_kv(req)
         for follower in req.followers:  # followers that never started finish with their leader
             if not follower.finished:

@@ -49,6 +49,8 @@ class SequenceDelta:
     cached_tokens: int
     forced_tokens: int = 0  # tokens placed by jump-forward, not sampled
     num_retractions: int = 0
+    spec_verify_ct: int | None = None  # speculative decoding: verify steps so far (None: off)
+    spec_accepted_tokens: int | None = None  # draft tokens accepted so far
     logprobs: LogprobDelta | None = None  # None: not asked for
     finish: FinishReason | None = None
     e2e_latency: float | None = None  # seconds from submit to the finish
@@ -73,6 +75,8 @@ class SequenceResult:
     cached_tokens: int = 0
     forced_tokens: int = 0
     num_retractions: int = 0
+    spec_verify_ct: int | None = None
+    spec_accepted_tokens: int | None = None
     logprobs: LogprobDelta | None = None  # every entry so far (same type: the sum of the deltas)
     finish: FinishReason | None = None
     e2e_latency: float | None = None
@@ -83,6 +87,7 @@ class SequenceResult:
         self.output_ids.extend(d.output_ids)
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = d.prompt_tokens, d.completion_tokens, d.cached_tokens
         self.forced_tokens, self.num_retractions = d.forced_tokens, d.num_retractions
+        self.spec_verify_ct, self.spec_accepted_tokens = d.spec_verify_ct, d.spec_accepted_tokens
         if d.logprobs is not None:
             self.logprobs = _sum(self.logprobs, d.logprobs)
         self.finish, self.e2e_latency = d.finish, d.e2e_latency

@@ -22,6 +22,7 @@ GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping
     "memory": "Memory and KV cache",
     "scheduling": "Scheduling",
     "constrained": "Constrained decoding",
+    "speculative": "Speculative decoding",
     "parallel": "Parallelism",
     "lora": "LoRA adapters",
     "runtime": "Device and kernels",
@@ -31,6 +32,7 @@ GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 GRAMMAR_BACKENDS = ("llguidance", "outlines", "xgrammar")
+SPEC_ALGORITHMS = ("NGRAM", "STANDALONE")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -146,6 +148,23 @@ class ServerArgs:
         0, "constrained", "threads that advance a batch's matchers and fill its token masks off the GIL; "
         "0: inline on the scheduler thread (measured faster than 1-16 threads on the H200 host, "
         "benchmarks/RESULTS.md)", int, minimum=0)
+    # ---------------------------------------------------------------- speculative decoding
+    speculative_algorithm: str | None = _flag(
+        None, "speculative", "propose tokens cheaply, verify them all in one target pass (greedy output "
+        "unchanged, sampling exact); NGRAM: prompt lookup over the request's prompt and output, no extra model",
+        str, choices=SPEC_ALGORITHMS, default_text="off")
+    speculative_draft_model_path: str | None = _flag(
+        None, "speculative", "STANDALONE: a smaller model of the same families and tokenizer (folder, .gguf or hub "
+        "id) that drafts greedily from its own KV pool", str, default_text="none")
+    speculative_num_steps: int | None = _flag(
+        None, "speculative", "draft depth: at most this many tokens proposed per request and step (fewer "
+        "while acceptance is too low to pay)", int, minimum=1, default_text="4 with an algorithm")
+    speculative_num_draft_tokens: int | None = _flag(
+        None, "speculative", "tokens verified per request and step, the last sampled one included "
+        "(chains: num_steps + 1)", int, minimum=2, default_text="num_steps + 1")
+    speculative_eagle_topk: int | None = _flag(
+        None, "speculative", "branching per draft step; 1 (a chain) is the only value implemented", int,
+        choices=(1,), default_text="1")
     # ---------------------------------------------------------------- parallelism
     tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
                          aliases=("--tensor-parallel-size",))
@@ -220,6 +239,7 @@ class ServerArgs:
             raise ValueError("chunked_prefill_size: must be positive, or -1 to disable chunking")
         self._check_parallel()
         self._check_lora()
+        self._check_speculative()
 
     def _check_lora(self) -> None:
         if isinstance(self.lora_paths, list):
@@ -248,6 +268,33 @@ class ServerArgs:
                 raise ValueError(f"lora_paths: the name {name!r} is given twice")
             out[name] = path
         return out
+
+    def _check_speculative(self) -> None:
+        given = [name for name in ("speculative_num_steps", "speculative_num_draft_tokens", "speculative_eagle_topk",
+                                   "speculative_draft_model_path") if getattr(self, name) is not None]
+        if self.speculative_algorithm is None:
+            if given:
+                raise ValueError(f"{given[0]}: needs --speculative-algorithm")
+            return
+        if (self.speculative_algorithm == "STANDALONE") != (self.speculative_draft_model_path is not None):
+            raise ValueError("speculative_draft_model_path: required with STANDALONE, and only with it")
+        if self.speculative_algorithm == "STANDALONE" and self.tp_size * self.pp_size > 1:
+            raise ValueError("speculative_algorithm: STANDALONE runs on one rank (tp_size = pp_size = 1) for now")
+        steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
+        if steps is not None and tokens is not None and tokens != steps + 1:
+            raise ValueError(f"speculative_num_draft_tokens: {tokens} is not speculative_num_steps + 1 = {steps + 1} "
+                             "(chains verify the drafts plus the last sampled token)")
+
+    @property
+    def speculative_max_drafts(self) -> int:
+        """Draft tokens proposed per request and step at most (0: speculation off)."""
+        if self.speculative_algorithm is None:
+            return 0
+        if self.speculative_num_steps is not None:
+            return self.speculative_num_steps
+        if self.speculative_num_draft_tokens is not None:
+            return self.speculative_num_draft_tokens - 1
+        return 4
 
     def _check_parallel(self) -> None:
         if not 0 <= self.node_rank < self.nnodes:

@@ -272,6 +272,8 @@ class TokenizerManager:
             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids),
             cached_tokens=out.cached_tokens if out else 0,
             forced_tokens=out.forced_tokens if out else 0, num_retractions=out.num_retractions if out else 0,
+            spec_verify_ct=out.spec_verify_ct if out else None,
+            spec_accepted_tokens=out.spec_accepted_tokens if out else None,
             logprobs=self._logprob_delta(s) if s.item.return_logprob else None,
             finish=reason, e2e_latency=time.monotonic() - s.created if reason is not None else None,
         )

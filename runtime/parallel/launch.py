@@ -228,6 +228,8 @@ def merge_infos(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     if "cache_hit_rate" in merged:
         merged["cache_hit_rate"] = sum(p.get("cached_tokens", 0) for p in payloads) / max(
             sum(p.get("prompt_tokens", 0) for p in payloads), 1)
+    if merged.get("spec_verify_steps"):
+        merged["avg_spec_accept_length"] = merged["spec_verify_tokens"] / merged["spec_verify_steps"]
     merged["dp_replicas"] = payloads
     return merged
 

@@ -57,6 +57,10 @@ class ServerMetrics:
         self.kv_total = gauge("sglang:max_total_num_tokens", "KV pool size in tokens.")
         self.cache_hit_rate = gauge("sglang:cache_hit_rate", "Prefix-cache hit rate (cached / prompt tokens).")
         self.gen_throughput = gauge("sglang:gen_throughput", "Recent generation throughput (tokens/s).")
+        self.spec_accept_length = gauge("sglang:spec_accept_length", "Speculative decoding: mean tokens emitted "
+                                        "per verify step since start, the bonus token included.")
+        self.spec_verify = counter("sglang:spec_verify_steps", "Speculative verify steps of finished sequences.")
+        self.spec_accepted = counter("sglang:spec_accepted_tokens", "Draft tokens accepted in finished sequences.")
 
     def update_from_scheduler(self, info: dict[str, Any], inflight: int) -> None:
         total = max(int(info.get("max_total_num_tokens", 0)), 1)
@@ -73,6 +77,7 @@ class ServerMetrics:
         self.kv_total.set(total)
         self.cache_hit_rate.set(info.get("cache_hit_rate", 0.0))
         self.gen_throughput.set(info.get("last_gen_throughput", 0.0))
+        self.spec_accept_length.set(info.get("avg_spec_accept_length") or 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -116,6 +121,8 @@ class SequenceTimer:
             m.prompt_tokens.inc(d.prompt_tokens)
             m.generation_tokens.inc(n)
             m.cached_tokens.inc(d.cached_tokens)
+            m.spec_verify.inc(d.spec_verify_ct or 0)
+            m.spec_accepted.inc(d.spec_accepted_tokens or 0)
             if reason.kind == "abort":
                 m.num_aborted.inc()
 

@@ -158,7 +158,7 @@ async def server_info(request: web.Request) -> web.Response:
     }
     out["internal_states"] = [{
         "last_gen_throughput": sched.get("last_gen_throughput", 0.0),
-        "avg_spec_accept_length": None,
+        "avg_spec_accept_length": sched.get("avg_spec_accept_length"),
         "num_running_reqs": sched.get("num_running_reqs", 0),
         "num_waiting_reqs": sched.get("num_waiting_reqs", 0),
     }]

@@ -1,0 +1,260 @@
+"""Speculative decoding, spec off vs on side by side in one run (issue 18).
+
+    python benchmarks/speculative.py --mode cpu --out benchmarks/results/speculative_cpu.json
+    python benchmarks/speculative.py --mode gpu --out $OUT/speculative_gpu.json
+
+cpu  the default model (real tokenizer and chat template), greedy, in-process scheduler, timed in
+     process CPU time with one thread (see `run`): NGRAM on
+     copy-heavy tasks (JSON extraction from a given text, editing a code snippet, summarising with
+     quotes) and on free chat, at batch 1 (one request at a time) and batch 8; per cell: tokens/s off
+     and on, speed-up, mean tokens per verify step, forward steps, outputs identical. Also the cost
+     of a verify step (k drafts per row) against a decode step, which calibrates draft_budget.BETA.
+gpu  Llama-3.1-8B shape, random bf16 weights: verify-step cost for k = 1..8 at batch 1/8/32/64
+     against a decode step (CUDA graphs on: verify rows are decode rows), then end-to-end greedy
+     generation off vs on at batch 1 and 64 (random weights fall into repeats, which NGRAM exploits:
+     the acceptance reported is the workload's own), and the batch-1 projection at EAGLE-3's
+     published acceptance (3.5-4 tokens per step) from the measured verify cost.
+Prints tables and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
+from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
+from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
+from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
+from radixlm.runtime.scheduler import Scheduler  # noqa: E402
+from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+from radixlm.runtime.speculative.spec_decoder import SpecDecoder  # noqa: E402
+
+PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
+           "chief engineer, Dana Whitfield. \"The steel deliveries arrived late and the river was too high to pour the "
+           "foundations.\" The mayor, Tom Alvarez, replied that \"the city cannot afford another delay\" and asked for a "
+           "revised plan by Friday. The contractor promised to add a night shift.")
+CODE = ("def total_price(items, tax_rate):\n    total = 0\n    for item in items:\n        total = total + item.price * "
+        "item.quantity\n    total = total * (1 + tax_rate)\n    return round(total, 2)\n\n\ndef print_receipt(items, "
+        "tax_rate):\n    for item in items:\n        print(item.name, item.quantity, item.price)\n    print('Total:', "
+        "total_price(items, tax_rate))\n")
+PEOPLE = ("Maria Lopez is 34 years old, lives in Madrid and works as an architect. John Smith, 51, is a teacher in "
+          "Boston. Aiko Tanaka is a 28-year-old nurse from Osaka. Peter Novak, aged 45, drives a taxi in Prague.")
+COPY_TASKS = [
+    f"Extract every person in this text as a JSON list of objects with name, age, city and job.\n\n{PEOPLE}",
+    f"Rename the variable `total` to `amount` in this code. Reply with the full code only.\n\n{CODE}",
+    f"Summarise this report in two sentences, quoting the engineer and the mayor word for word.\n\n{PASSAGE}",
+    f"Repeat this code exactly, adding a docstring to each function.\n\n{CODE}",
+]
+CHAT_TASKS = [
+    "What is the capital of France, and what is it famous for?", "Write a short poem about the sea.",
+    "Give me three tips for learning to play the guitar.", "Why do leaves change colour in autumn?",
+]
+
+
+# ------------------------------------------------------------------------------ shared
+def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
+    if spec:
+        options.setdefault("speculative_algorithm", "NGRAM")
+    args = ServerArgs(model_path=str(model_dir), **options).resolve()
+    return Scheduler(args, model_dir, tokenizer)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter
+        ) -> tuple[float, dict[str, list[int]]]:
+    """Time to finish every request (wall clock, or this process's CPU time: on a shared, loaded
+    CPU machine wall time swings 10x with the neighbours' load, CPU time of one thread far less),
+    and their outputs."""
+    outs: dict[str, list[int]] = {r.rid: [] for r in reqs}
+    start = clock()
+    for r in reqs:
+        sched.handle(r)
+    while not sched.idle:
+        sched.step()
+        for o in sched.pop_outputs():
+            outs[o.rid] += o.output_ids
+    sync(sched.device)
+    return clock() - start, outs
+
+
+def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt_len: int, repeats: int,
+                 vocab: int, clock: Any = time.perf_counter) -> list[dict]:
+    """Median forward time of a decode step whose rows each carry k random drafts, through the
+    scheduler's own batch building (ScheduledBatch.set_decode_rows -> to_forward_batch -> forward)."""
+    rng = random.Random(0)
+    rows = []
+    for bs in batch_sizes:
+        reqs = [TokenizedGenerateReq(rid=f"v{bs}-{i}", input_ids=[rng.randrange(100, vocab - 100) for _ in range(prompt_len)],
+                                     params=SamplingParams(temperature=0.0, max_new_tokens=1 << 14, ignore_eos=True))
+                for i in range(bs)]
+        for r in reqs:
+            sched.handle(r)
+        while len(sched.running) < bs:  # prefill them all
+            sched.step()
+        sched._commit_step()
+        live = list(sched.running)
+        base = None
+        for k in [0, *ks]:
+            times = []
+            for rep in range(repeats + 2):
+                slots = sched.kv_pool.alloc(bs * (k + 1))
+                assert slots is not None, "KV pool too small for the verify-cost batch"
+                batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+                drafts = [[rng.randrange(100, vocab - 100) for _ in range(k)] for _ in live]
+                batch.set_decode_rows(live, slots, drafts, [None] * bs)
+                fb, writes = batch.to_forward_batch(sched.device)
+                sched.req_to_token_pool.commit(writes)
+                sync(sched.device)
+                t = clock()
+                sched.runner.forward(fb)
+                sync(sched.device)
+                if rep >= 2:  # warm-up (graph capture of a new bucket, allocator)
+                    times.append(clock() - t)
+                sched.kv_pool.free(slots)
+            ms = statistics.median(times) * 1e3
+            base = ms if k == 0 else base
+            rows.append({"batch": bs, "k": k, "ms": round(ms, 3), "vs_decode": round(ms / base, 3)})
+            print(f"  verify cost  batch {bs:3d}  k {k}: {ms:8.2f} ms  ({ms / base:.2f}x decode)", flush=True)
+        for r in live:
+            sched.abort(r.rid, "benchmark done")
+        sched.pop_outputs()
+    return rows
+
+
+def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
+            repeats: int, clock: Any = time.perf_counter) -> dict:
+    """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
+    alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
+    is switched per run by giving it a fresh SpecDecoder or none."""
+    best: dict[bool, float] = {False: float("inf"), True: float("inf")}
+    outs: dict[bool, dict[str, list[int]]] = {}
+    spec = SpecDecoder(sched.args, sched.runner, None)
+    for _ in range(repeats):
+        for on in (False, True):
+            sched.spec = spec if on else None
+            sched.cache.flush()
+            groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+            total, merged = 0.0, {}
+            for g, group in enumerate(groups):
+                reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
+                    temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
+                dt, o = run(sched, reqs, clock)
+                total += dt
+                merged.update(o)
+            best[on] = min(best[on], total)
+            outs[on] = merged
+    sched.spec = spec
+    info = spec.info()
+    tokens = sum(len(v) for v in outs[False].values())
+    return {
+        "batch": batch, "requests": len(prompts), "tokens": tokens,
+        "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
+        "speedup": round(best[False] / best[True], 3),
+        "avg_accept_length": round(info["avg_spec_accept_length"] or 1.0, 3),
+        "draft_tokens": info["spec_draft_tokens"], "accepted_tokens": info["spec_accepted_tokens"],
+        "identical": outs[False] == outs[True],
+    }
+
+
+# ------------------------------------------------------------------------------ modes
+def cpu_mode(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    from radixlm.runtime.model_source import resolve_model_path
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model_path(None, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def chat(text: str) -> list[int]:
+        return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=False))
+
+    options = dict(device="cpu", cpu_threads=args.threads, max_total_tokens=16384)
+    # Timed in process CPU time (one thread): the machine these run on is shared and loaded.
+    report: dict = {"mode": "cpu", "threads": args.threads, "model": str(model_dir), "clock": "process_time",
+                    "cells": []}
+    sched = make_scheduler(model_dir, tok, True, **options)
+    if "cost" in args.sets:
+        report["verify_cost"] = verify_costs(sched, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, sched.runner.vocab_size,
+                                             time.process_time)
+    for name, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
+        for batch in (1, 8):
+            if name not in args.sets:
+                continue
+            prompts = [chat(t) for t in tasks] * (2 if batch == 8 else 1)
+            cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
+                                           clock=time.process_time)}
+            report["cells"].append(cell)
+            if args.out:  # partial results survive an interrupted run
+                Path(args.out).write_text(json.dumps(report, indent=2))
+            print(f"{name:5s} batch {batch}: off {cell['tok_s_off']:7.2f} tok/s  on {cell['tok_s_on']:7.2f} tok/s  "
+                  f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
+                  f"identical {cell['identical']}", flush=True)
+    return report
+
+
+def gpu_mode(args: argparse.Namespace) -> dict:
+    from gpu_suite import LLAMA_8B, model_dir_for
+
+    root = Path(tempfile.mkdtemp(prefix="radixlm-spec-"))
+    model_dir = model_dir_for(LLAMA_8B, root, "llama8b")
+    vocab = LLAMA_8B["vocab_size"]
+    # 640 rows: CUDA graphs cover every verify shape measured (64 rows x 9 tokens).
+    options = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
+                   skip_tokenizer_init=True, max_running_requests=640)
+    report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    sched = make_scheduler(model_dir, None, True, **options)
+    costs = verify_costs(sched, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
+    report["verify_cost"] = costs
+    rng = random.Random(1)
+    report["cells"] = []
+    for batch in (1, 64):
+        prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
+        cell = compare(sched, prompts, batch, args.new_tokens, True, args.repeats)
+        report["cells"].append(cell)
+        print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
+              f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
+              f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}", flush=True)
+    b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
+    report["projection_batch1"] = [
+        {"accept_length": a, "k": k, "speedup": round(a / b1[k], 2)} for a in (3.5, 4.0) for k in (4, 6) if k in b1]
+    for p in report["projection_batch1"]:
+        print(f"projection (not measured): batch 1, {p['accept_length']} tok/step at k {p['k']}: x{p['speedup']}")
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("cpu", "gpu"), required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="cpu mode: torch threads")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (cpu), 256 (gpu)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sets", default="cost,copy,chat", help="cpu mode: which parts to run")
+    args = ap.parse_args()
+    args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
+    report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
+    out = Path(args.out or f"benchmarks/results/speculative_{args.mode}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

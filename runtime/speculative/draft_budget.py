@@ -1,0 +1,67 @@
+"""How many of its proposed tokens each request verifies this step: the adaptive turn-down.
+
+A verify step costs what a decode step of (rows + draft tokens) costs. Modelled as
+`1 + beta x tokens` (a weight-streaming unit plus a per-token share), a draft token at depth i of a
+request whose drafts are accepted with rate a adds a^i expected tokens for beta of cost. Tokens are
+granted greedily, most valuable first, while each one's expected gain per unit of cost beats the
+step's average (tokens / cost so far): at batch 1 on a GPU nearly any draft pays, at batch 64 only
+well-accepted ones, so speculation never slows a large batch down much. A request's acceptance
+rate is an estimate that decays back to the prior while it does not draft, so it tries again later.
+
+Only speed depends on these decisions: verification emits exactly the tokens decoding would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Relative cost of one more token in a decode-shaped step, per device (against the step's fixed
+# weight-streaming cost). CPU: the default model's step grows ~20% per extra token at batch 1, one
+# thread (benchmarks/speculative.py, a loaded shared machine: indicative); CUDA: an estimate for the
+# 8B shape on an H200 (decode ~4.7 ms at batch 1, ~5.5 ms at 64), to be replaced by the GPU run.
+BETA = {"cpu": 0.2, "cuda": 0.005}
+PRIOR_RATE = 0.6
+PRIOR_WEIGHT = 2.0
+DECAY = 0.9  # per verify: recent steps count most
+IDLE_DECAY = 0.97  # per step without drafts: drift back to the prior, so a request probes again
+
+
+@dataclass
+class Acceptance:
+    """Decayed counts of draft tokens accepted and of draft positions tried (geometric: a verify of
+    k drafts that accepts a < k tried a + 1 positions, one that accepts all tried k)."""
+
+    accepted: float = 0.0
+    tried: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.accepted = self.accepted * DECAY + accepted
+        self.tried = self.tried * DECAY + accepted + (1 if accepted < drafted else 0)
+
+    def idle(self) -> None:
+        self.accepted *= IDLE_DECAY
+        self.tried *= IDLE_DECAY
+
+
+def grant(proposed: list[int], rates: list[float], beta: float) -> list[int]:
+    """Draft tokens granted per row, given how many each row proposed and its acceptance rate."""
+    granted = [0] * len(proposed)
+    tokens, cost = float(len(proposed)), 1.0 + beta * len(proposed)
+    gains = [r for r in rates]  # expected tokens added by each row's next draft token
+    while True:
+        best = max((i for i in range(len(proposed)) if granted[i] < proposed[i]), key=gains.__getitem__, default=None)
+        if best is None or gains[best] * cost <= beta * tokens:
+            return granted
+        granted[best] += 1
+        tokens += gains[best]
+        cost += beta
+        gains[best] *= rates[best]
+
+
+def worth_drafting(rates: list[float], beta: float) -> bool:
+    """Whether any row's first draft token would pay at this batch size (before drafting anything)."""
+    n = len(rates)
+    return n > 0 and max(rates) * (1.0 + beta * n) > beta * n

@@ -1,0 +1,134 @@
+"""The scheduler's speculative-decoding planner: which tokens each running request verifies this step.
+
+Owned by the Scheduler (one per scheduler process). Per decode step: the drafter (NGRAM: prompt
+lookup; STANDALONE: a draft model, draft_model.py) proposes up to `--speculative-num-steps` tokens
+per request; the budget
+(draft_budget.py) keeps those worth their verify rows; a constrained request's drafts are cut at
+the first token its grammar refuses, and the masks of the positions to verify are taken on the way.
+Verification itself (result processing) emits exactly what decoding would have, so nothing here
+can change an output, only how many steps it takes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixlm.runtime.model_runner import ModelRunner
+from radixlm.runtime.request import Req
+from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, worth_drafting
+from radixlm.runtime.speculative.ngram import NgramDrafter
+
+if TYPE_CHECKING:
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.speculative.draft_model import DraftModelDrafter
+
+
+@dataclass(frozen=True)
+class Drafts:
+    """One step's drafts, aligned with the requests it was asked about (empty: plain decode)."""
+
+    tokens: list[list[int]]
+    masks: list[torch.Tensor | None]  # constrained rows: [len(tokens) + 1, W] masks to verify with
+
+    @property
+    def total(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def prepare_draft_model(args: ServerArgs) -> tuple[Path | None, tuple[int, int]]:
+    """STANDALONE: the draft model's folder and the GPU memory the target must leave it, before the
+    target sizes its KV pool."""
+    if args.speculative_algorithm != "STANDALONE":
+        return None, (0, 0)
+    from radixlm.runtime.model_source import resolve_model_path
+    from radixlm.runtime.speculative.draft_model import draft_memory
+
+    draft_dir = resolve_model_path(args.speculative_draft_model_path, progress=False, download_dir=args.download_dir)
+    device = torch.device(args.device or "cpu")
+    return draft_dir, (draft_memory(draft_dir, args.dtype, device) if device.type == "cuda" else (0, 0))
+
+
+class SpecDecoder:
+    def __init__(self, args: ServerArgs, runner: ModelRunner, draft_dir: Path | None) -> None:
+        self.algorithm = args.speculative_algorithm
+        self.max_drafts = args.speculative_max_drafts
+        self.context_len = runner.context_len
+        self.beta = BETA.get(runner.device.type, BETA["cuda"])
+        self.drafter = NgramDrafter()
+        self.model: DraftModelDrafter | None = None
+        if draft_dir is not None:
+            from radixlm.runtime.speculative.draft_model import DraftModelDrafter
+
+            self.model = DraftModelDrafter(args, draft_dir, runner.vocab_size, runner.max_total_tokens,
+                                           runner.max_running_requests)
+        self.acceptance: dict[int, Acceptance] = {}
+        # Totals since start: verify steps (a request step that carried drafts), tokens emitted by
+        # them (accepted drafts + the token sampled after them), drafts proposed and accepted.
+        self.verify_steps = 0
+        self.verify_tokens = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+
+    def _acceptance(self, req: Req) -> Acceptance:
+        return self.acceptance.setdefault(id(req), Acceptance())
+
+    def may_draft(self, running: list[Req]) -> bool:
+        """Whether the next decode step may carry drafts: then the scheduler needs every running
+        request's last token on the host (drafts continue it), so an overlapped step is committed first."""
+        return worth_drafting([self._acceptance(r).rate for r in running], self.beta)
+
+    def _limit(self, req: Req) -> int:
+        if req.tokens_on_device or req.finished:
+            return 0
+        return max(min(self.max_drafts, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
+
+    def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
+        rates = [self._acceptance(r).rate for r in reqs]
+        if self.model is not None:  # drafting costs model passes: grant first, then draft only those
+            granted = grant([self._limit(r) for r in reqs], rates, self.beta)
+            proposed = self.model.propose(reqs, granted)
+        else:
+            proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, self._limit(r)) for r in reqs]
+            granted = grant([len(p) for p in proposed], rates, self.beta)
+        tokens: list[list[int]] = []
+        masks: list[torch.Tensor | None] = []
+        for req, prop, n in zip(reqs, proposed, granted):
+            drafts, mask = prop[:n], None
+            if drafts and req.grammar is not None:
+                assert grammars is not None
+                drafts, mask = grammars.check_drafts(req, drafts)
+            if not drafts:
+                self._acceptance(req).idle()
+                mask = None
+            tokens.append(drafts)
+            masks.append(mask)
+        return Drafts(tokens, masks)
+
+    def on_verified(self, req: Req, drafted: int, accepted: int, emitted: int) -> None:
+        self._acceptance(req).record(drafted, accepted)
+        if self.model is not None:
+            self.model.on_verified(id(req), accepted)
+        self.verify_steps += 1
+        self.verify_tokens += emitted
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+
+    def forget(self, req: Req) -> None:
+        """The request finished or was retracted: its drafting state (and draft KV) goes."""
+        self.acceptance.pop(id(req), None)
+        self.drafter.forget(id(req))
+        if self.model is not None:
+            self.model.forget(id(req))
+
+    def info(self) -> dict[str, float | int | None]:
+        return {
+            "spec_verify_steps": self.verify_steps,
+            "spec_verify_tokens": self.verify_tokens,
+            "spec_draft_tokens": self.draft_tokens,
+            "spec_accepted_tokens": self.accepted_tokens,
+            "avg_spec_accept_length": self.verify_tokens / self.verify_steps if self.verify_steps else None,
+        }
