@@ -74,7 +74,7 @@ def plan(m: int, n: int, k: int, cfg: W8A16Config, device: torch.device) -> tupl
 def _w8a16_kernel(
     X, W, S, Out, Part, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    PARTIAL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -99,7 +99,7 @@ def _w8a16_kernel(
         else:
             acc += tl.dot(x, w.to(x.dtype))
     mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         s = tl.load(S + rn, mask=n_mask, other=0.0)
         out = acc * s[None, :]
         tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
@@ -109,7 +109,7 @@ def _w8a16_kernel(
 
 
 @triton.jit
-def _split_k_reduce_kernel(Part, S, Out, M, N, stride_om, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _split_k_reduce_kernel(Part, S, Out, M, N, stride_om, SPLIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -139,14 +139,14 @@ def w8a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     _w8a16_kernel[grid](
         x, codes, scales, out, part, m, n, k, k_per_split,
         x.stride(0), codes.stride(0), out.stride(0),
-        SPLIT=split, IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
+        PARTIAL=split > 1, IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, scales, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
+            part, scales, out, m, n, out.stride(0), split, BLOCK=block, num_warps=4)
     return out
 
 
