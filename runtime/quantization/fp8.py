@@ -83,6 +83,7 @@ class Fp8Weight(QuantizedWeight):
         self.use_scaled_mm = (codes.is_cuda and self.out_features % 16 == 0 and self.in_features % 16 == 0
                               and torch.cuda.get_device_capability(codes.device) >= (8, 9))
         self.use_triton = codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self._float_codes: torch.Tensor | None = None  # the CPU reference's widened codes, made on first use
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Fp8Weight":
@@ -110,7 +111,8 @@ class Fp8Weight(QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * 4
+        widened = 0 if self._float_codes is None else self._float_codes.numel() * 4
+        return self.codes.numel() + self.scales.numel() * 4 + widened
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -137,11 +139,20 @@ class Fp8Weight(QuantizedWeight):
 
     def reference_matmul(self, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         """(codes_x * s_x) @ (codes_w * s_w)^T in float32: the CPU's W8A8 path, and the GPU's check."""
-        return (xq.float() @ self.codes.float().t()) * sx * self.scales
+        return (xq.float() @ self.float_codes().t()) * sx * self.scales
 
     def reference_w8a16(self, x: torch.Tensor) -> torch.Tensor:
         """x @ (codes_w * s_w)^T in float32, the scale applied to the sum as the Triton kernel does."""
-        return (x.float() @ self.codes.float().t()) * self.scales
+        return (x.float() @ self.float_codes().t()) * self.scales
+
+    def float_codes(self) -> torch.Tensor:
+        """The codes as float32 (exact). On a CPU they are kept after the first call: widening every
+        weight at every step was most of the reference path's time; a GPU runs the kernels instead."""
+        if self.codes.is_cuda:
+            return self.codes.float()
+        if self._float_codes is None:
+            self._float_codes = self.codes.float()
+        return self._float_codes
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[0, ids, None]
