@@ -2,15 +2,17 @@
 
   check  on cuda, a small random Llama: FP8 linear (torch._scaled_mm) against its float32 reference
          of the same codes and scales, and the FP8 engines' input logprobs / greedy tokens vs bf16
-  gemm   FP8 linear (activation quantization + _scaled_mm) and _scaled_mm alone vs bf16 matmul, on the
-         8B layer shapes at M = 1, 16, 64, 256, against their bytes floor (weights read at the measured
-         copy bandwidth) and FLOP floor (the measured bf16 / FP8 8192^3 matmul rate)
+  gemm   on the 8B layer shapes at M = 1, 16, 64, 256: the FP8 linear as dispatched (W8A16 Triton at
+         M <= 16, fused activation quantization + _scaled_mm above), the Triton W8A16 kernel at every M
+         (its default tiles, and the best of a small tile sweep), _scaled_mm alone, the fused and the
+         eager activation quantization, vs bf16 matmul; against the bytes floor (weights read at the
+         measured copy bandwidth) and FLOP floor (the measured bf16 / FP8 8192^3 matmul rate)
   (a)    batch-1 decode tok/s of the Llama-3.1-8B shape (random weights, --load-format dummy)
   (b)    offline throughput, gpu_suite's workload (b): 1,000 requests, input U[128,1024], output U[64,512]
   (c)    TTFT of one 1,024-token prompt
   kv     the KV pool size in tokens at the same --mem-fraction-static
 
-    python benchmarks/quantized.py --out $OUT/quantized.json      (about 6 minutes)
+    python benchmarks/quantized.py --out $OUT/quantized.json      (about 5 minutes)
 """
 from __future__ import annotations
 
@@ -67,14 +69,20 @@ def fp8_matmul_flops() -> float:
     return 2 * 8192**3 / t
 
 
+SWEEP = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 512, 4, 3), (16, 128, 128, 4, 4),
+         (16, 128, 256, 8, 3), (64, 128, 128, 8, 3), (64, 64, 256, 4, 3)]  # block m, n, k, warps, stages
+
+
 def gemm_table(ceil: dict) -> list[dict]:
-    from radixlm.runtime.quantization.fp8 import Fp8Weight, quantize_rows
+    from radixlm.kernels.fp8_gemm import W8A16Config, quantize_rows_fp8, w8a16_matmul
+    from radixlm.runtime.quantization.fp8 import _MIN_SCALE, Fp8Weight, quantize_rows
 
     rows = []
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         fp8 = Fp8Weight.from_float(w)
-        assert fp8.use_scaled_mm, fp8.format
+        assert fp8.use_scaled_mm and fp8.use_triton, fp8.format
+        s_w = fp8.scales.reshape(-1)
         for m in (1, 16, 64, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             xq, sx = quantize_rows(x)
@@ -82,12 +90,30 @@ def gemm_table(ceil: dict) -> list[dict]:
             t_fp8 = _graph_time(lambda: fp8.linear(x))
             t_mm = _graph_time(lambda: torch._scaled_mm(xq, fp8.codes.t(), scale_a=sx, scale_b=fp8.scales,
                                                         out_dtype=torch.bfloat16))
+            t_qf = _graph_time(lambda: quantize_rows_fp8(x, _MIN_SCALE))
+            t_qe = _graph_time(lambda: quantize_rows(x))
+            t_w16 = _graph_time(lambda: w8a16_matmul(x, fp8.codes, s_w))
+            sweep = {}
+            for bm, bn, bk, warps, stages in SWEEP:
+                if (bm == 16) != (m <= 16):
+                    continue
+                cfg = W8A16Config(bm, bn, bk, warps, stages)
+                try:
+                    sweep[f"{bm}x{bn}x{bk}w{warps}s{stages}"] = _graph_time(lambda cfg=cfg: w8a16_matmul(x, fp8.codes, s_w, cfg)) * 1e6
+                except Exception as exc:  # noqa: BLE001 - a tile that does not fit (shared memory) is skipped
+                    sweep[f"{bm}x{bn}x{bk}w{warps}s{stages}"] = f"{type(exc).__name__}"
+            timed = {key: v for key, v in sweep.items() if isinstance(v, float)}
+            best = min(timed, key=timed.get) if timed else None
             flops = 2 * m * n * k
             floor_bf16 = max((2 * n * k + 2 * m * (k + n)) / ceil["copy_bytes_per_s"], flops / ceil["bf16_matmul_flops"])
             floor_fp8 = max((n * k + m * k + 2 * m * n) / ceil["copy_bytes_per_s"], flops / ceil["fp8_matmul_flops"])
+            floor_w16 = max((n * k + 2 * m * k + 2 * m * n) / ceil["copy_bytes_per_s"], flops / ceil["bf16_matmul_flops"])
             rows.append({"layer": name, "M": m, "K": k, "N": n, "bf16_us": t_bf16 * 1e6, "fp8_linear_us": t_fp8 * 1e6,
-                         "scaled_mm_us": t_mm * 1e6, "bf16_floor_us": floor_bf16 * 1e6, "fp8_floor_us": floor_fp8 * 1e6,
-                         "fp8_speedup": t_bf16 / t_fp8, "scaled_mm_of_floor": floor_fp8 / t_mm})
+                         "scaled_mm_us": t_mm * 1e6, "quant_fused_us": t_qf * 1e6, "quant_eager_us": t_qe * 1e6,
+                         "w8a16_us": t_w16 * 1e6, "w8a16_best_us": timed.get(best), "w8a16_best_tile": best,
+                         "w8a16_sweep_us": sweep, "bf16_floor_us": floor_bf16 * 1e6, "fp8_floor_us": floor_fp8 * 1e6,
+                         "w8a16_floor_us": floor_w16 * 1e6, "fp8_speedup": t_bf16 / t_fp8,
+                         "scaled_mm_of_floor": floor_fp8 / t_mm, "w8a16_of_floor": floor_w16 / t_w16})
     torch.cuda.empty_cache()
     return rows
 
@@ -108,6 +134,17 @@ def check_on_cuda(root: Path) -> dict:
     got = fp8.linear(x).float()
     out["scaled_mm_used"] = fp8.use_scaled_mm
     out["scaled_mm_vs_reference_max_rel"] = ((got - ref).abs().max() / ref.abs().max()).item()  # bf16 output rounding
+    from radixlm.kernels.fp8_gemm import quantize_rows_fp8, w8a16_matmul
+    from radixlm.runtime.quantization.fp8 import _MIN_SCALE
+
+    codes, scales = quantize_rows_fp8(x, _MIN_SCALE)
+    ref_codes, ref_scales = quantize_rows(x)
+    out["fused_quant_codes_equal"] = bool(torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8)))
+    out["fused_quant_scales_equal"] = bool(torch.equal(scales, ref_scales))
+    for m in (1, 5, 16):
+        ref16 = fp8.reference_w8a16(x[:m])
+        got16 = w8a16_matmul(x[:m], fp8.codes, fp8.scales.reshape(-1)).float()
+        out[f"w8a16_m{m}_vs_reference_max_rel"] = ((got16 - ref16).abs().max() / ref16.abs().max()).item()
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -206,10 +243,13 @@ def main() -> None:
 
 def _print_tables(report: dict) -> None:
     if isinstance(report.get("gemm"), list):
-        print(f"\n{'layer':<8}{'M':>5}{'bf16 us':>10}{'fp8 us':>10}{'mm us':>9}{'fp8 floor':>11}{'speedup':>9}{'mm/floor':>10}")
+        print(f"\n{'layer':<8}{'M':>4}{'bf16':>7}{'fp8 lin':>8}{'w8a16':>7}{'best':>7}{'w16/fl':>7}{'mm':>7}{'mm/fl':>6}"
+              f"{'q fuse':>7}{'q eager':>8}{'floor8':>7}{'speedup':>8}  (us; best tile)")
         for r in report["gemm"]:
-            print(f"{r['layer']:<8}{r['M']:>5}{r['bf16_us']:>10.1f}{r['fp8_linear_us']:>10.1f}{r['scaled_mm_us']:>9.1f}"
-                  f"{r['fp8_floor_us']:>11.1f}{r['fp8_speedup']:>8.2f}x{r['scaled_mm_of_floor']:>9.0%}")
+            best = r["w8a16_best_us"] if isinstance(r["w8a16_best_us"], float) else float("nan")
+            print(f"{r['layer']:<8}{r['M']:>4}{r['bf16_us']:>7.1f}{r['fp8_linear_us']:>8.1f}{r['w8a16_us']:>7.1f}{best:>7.1f}"
+                  f"{r['w8a16_of_floor']:>7.0%}{r['scaled_mm_us']:>7.1f}{r['scaled_mm_of_floor']:>6.0%}{r['quant_fused_us']:>7.1f}"
+                  f"{r['quant_eager_us']:>8.1f}{r['fp8_floor_us']:>7.1f}{r['fp8_speedup']:>7.2f}x  {r['w8a16_best_tile']}")
     keys = [("a_decode_tok_s", "(a) batch-1 decode tok/s"), ("b_total_tok_s", "(b) offline total tok/s"),
             ("b_output_tok_s", "(b) offline output tok/s"), ("c_ttft_ms_p50", "(c) TTFT 1,024 ms"),
             ("kv_pool_tokens", "KV pool tokens"), ("weights_gb", "weights GB")]

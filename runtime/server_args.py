@@ -90,8 +90,9 @@ class ServerArgs:
     dtype: str = _flag("auto", "model", "weights and activations dtype; auto: the checkpoint's on a GPU "
                        "(float32 becomes bfloat16), float32 on a CPU", str, choices=DTYPES)
     quantization: str = _flag(
-        "none", "model", "fp8: FP8 W8A8 (weights quantized at load, one scale per output channel, activations per "
-        "token; torch._scaled_mm on Hopper / Ada GPUs, a float32 reference of the same numerics elsewhere); "
+        "none", "model", "fp8: FP8 weights (quantized at load, one scale per output channel); W8A16 at <= 16 rows (a Triton "
+        "split-K GEMM on the GPU), W8A8 with per-token activations above (torch._scaled_mm on Hopper / Ada GPUs); "
+        "a float32 reference of the same numerics elsewhere; "
         "compressed-tensors: the checkpoint's own (also read without the flag); gguf: a GGUF file's weights stay "
         "4-bit on a CPU (packed int4 matmuls); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU "
         "unless --dtype is given. A checkpoint whose quantization_config is FP8 (quant_method fp8 or "

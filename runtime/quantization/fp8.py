@@ -1,20 +1,29 @@
-"""FP8 W8A8 linear layers: float8_e4m3fn weights with per-output-channel scales, activations
-quantized per token when the layer runs (dynamic) or with one checkpoint scale (static).
+"""FP8 linear layers: float8_e4m3fn weights with per-output-channel scales; W8A16 at decode sizes,
+W8A8 (activations quantized per token, or with one checkpoint scale) above them.
 
     W ~ codes_w * s_w[n]         (codes_w float8_e4m3fn [N, K], s_w float32 [N])
-    x ~ codes_x * s_x[m]         (s_x = max|x[m]| / 448 per token, or the static input_scale)
-    y = (codes_x @ codes_w^T) * s_x[m] * s_w[n]
+    M <= W8A16_MAX_M:  y = (x @ codes_w^T) * s_w[n]                       (weight-only, x unquantized)
+    M >  W8A16_MAX_M:  x ~ codes_x * s_x[m]  (s_x = max|x[m]| / 448 per token, or the static input_scale)
+                       y = (codes_x @ codes_w^T) * s_x[m] * s_w[n]
 
-On a Hopper (or Ada) GPU with bf16 activations the product is `torch._scaled_mm` (row-wise scales,
-FP8 tensor cores, bf16 output). Everywhere else (the CPU, tests, fp16 / fp32 activations) the same
-codes and scales are multiplied out in float32: the reference path has exactly the quantization
-numerics of the GPU one and differs only in summation order (and the GPU's bf16 output rounding). A checkpoint's
-per-tensor weight scales become per-row ones (exact: the same value on each of the tensor's rows), so
-fused qkv / gate_up keep each part's scale; a static input scale of a fused layer is the largest of
-its parts' (vLLM's rule: no part's activations overflow).
+Why two numerics: at decode sizes the GEMM is bound by the weight bytes, so the activations can stay
+in bf16 for free (our Triton kernel, `kernels/fp8_gemm.py`, widens the codes in registers and splits K
+so M = 1 fills the GPU) and the per-token quantization launches disappear; at prefill sizes FP8 tensor
+cores pay (`torch._scaled_mm`, row-wise scales, bf16 output, after one fused quantization kernel).
+The choice depends only on M, a static shape, so CUDA graphs capture it; a sequence's prompt runs
+W8A8 (M > 16 tokens) and its generated tokens W8A16 (decode batches of <= 16), which is slightly
+closer to the float model than W8A8 throughout. A static input scale applies on the W8A8 side only.
+
+Everywhere else (the CPU, tests, GPUs without FP8 tensor cores) the same codes and scales are
+multiplied out in float32 with the same M rule: the reference path has exactly the quantization
+numerics of the GPU one and differs only in summation order (and the GPU's bf16 output rounding). A
+checkpoint's per-tensor weight scales become per-row ones (exact: the same value on each of the tensor's
+rows), so fused qkv / gate_up keep each part's scale; a static input scale of a fused layer is the
+largest of its parts' (vLLM's rule: no part's activations overflow).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +33,7 @@ from radixlm.runtime.quantization.base import QuantizedWeight
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # a zero row / token gets this scale, never a division by zero
+W8A16_MAX_M = 16  # rows at or below which the activations stay unquantized (benchmarks/quantized.py)
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +82,8 @@ class Fp8Weight(QuantizedWeight):
         # torch._scaled_mm wants the weight column-major ([K, N] with stride (1, K)): codes.t() is.
         self.use_scaled_mm = (codes.is_cuda and self.out_features % 16 == 0 and self.in_features % 16 == 0
                               and torch.cuda.get_device_capability(codes.device) >= (8, 9))
+        self.use_triton = codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self._float_codes: torch.Tensor | None = None  # the CPU reference's widened codes, made on first use
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Fp8Weight":
@@ -93,16 +105,32 @@ class Fp8Weight(QuantizedWeight):
     @property
     def format(self) -> str:
         act = "static" if self.input_scale is not None else "dynamic"
-        return f"fp8_e4m3[{self.source}, {act} act{', scaled_mm' if self.use_scaled_mm else ', reference'}]"
+        small = "triton w8a16" if self.use_triton else "reference w8a16"
+        large = "scaled_mm" if self.use_scaled_mm else "reference"
+        return f"fp8_e4m3[{self.source}, M<={W8A16_MAX_M}: {small}, else {act} act {large}]"
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * 4
+        widened = 0 if self._float_codes is None else self._float_codes.numel() * 4
+        return self.codes.numel() + self.scales.numel() * 4 + widened
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, sx = quantize_rows(x2, self.input_scale)
+        if x2.shape[0] <= W8A16_MAX_M:
+            if self.use_triton:
+                from radixlm.kernels.fp8_gemm import w8a16_matmul
+
+                out = w8a16_matmul(x2, self.codes, self.scales.reshape(-1))
+            else:
+                out = self.reference_w8a16(x2).to(x.dtype)
+            return out.reshape(*lead, self.out_features)
+        if self.use_triton:
+            from radixlm.kernels.fp8_gemm import quantize_rows_fp8
+
+            xq, sx = quantize_rows_fp8(x2, _MIN_SCALE, self.input_scale)
+        else:
+            xq, sx = quantize_rows(x2, self.input_scale)
         if self.use_scaled_mm and x.dtype == torch.bfloat16:  # row-wise scales take a bf16 output only
             out = torch._scaled_mm(xq, self.codes.t(), scale_a=sx, scale_b=self.scales, out_dtype=x.dtype)
         else:
@@ -110,8 +138,21 @@ class Fp8Weight(QuantizedWeight):
         return out.reshape(*lead, self.out_features)
 
     def reference_matmul(self, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
-        """(codes_x * s_x) @ (codes_w * s_w)^T in float32: the CPU path, and the GPU's check."""
-        return (xq.float() @ self.codes.float().t()) * sx * self.scales
+        """(codes_x * s_x) @ (codes_w * s_w)^T in float32: the CPU's W8A8 path, and the GPU's check."""
+        return (xq.float() @ self.float_codes().t()) * sx * self.scales
+
+    def reference_w8a16(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (codes_w * s_w)^T in float32, the scale applied to the sum as the Triton kernel does."""
+        return (x.float() @ self.float_codes().t()) * self.scales
+
+    def float_codes(self) -> torch.Tensor:
+        """The codes as float32 (exact). On a CPU they are kept after the first call: widening every
+        weight at every step was most of the reference path's time; a GPU runs the kernels instead."""
+        if self.codes.is_cuda:
+            return self.codes.float()
+        if self._float_codes is None:
+            self._float_codes = self.codes.float()
+        return self._float_codes
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[0, ids, None]
