@@ -28,7 +28,7 @@ import triton.language as tl
 from .ops import _round_to_fp8
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # a constexpr: compiled Triton refuses plain globals in kernels (the interpreter allows them)
 
 
 @dataclass(frozen=True)
