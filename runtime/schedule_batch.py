@@ -70,6 +70,13 @@ class ScheduledBatch:
     draft_masks: list[torch.Tensor | None] = field(default_factory=list)
     verify_rows: list[list[int]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # A batch built with its requests (not through add / set_decode_rows) has no drafts: every
+        # per-request list that to_forward_batch zips over must still have one entry per request.
+        if self.reqs and not self.drafts:
+            self.drafts = [[] for _ in self.reqs]
+            self.draft_masks = [None] * len(self.reqs)
+
     @property
     def has_drafts(self) -> bool:
         return any(self.drafts)

@@ -31,10 +31,7 @@ def _forward_all_positions(runner: ModelRunner, prompts: list[list[int]], chunks
         for i, req in enumerate(reqs):
             n = min(chunk, len(req.input_ids) - done[i])
             if n > 0:
-                batch.reqs.append(req)
-                batch.prefix_lens.append(done[i])
-                batch.extend_lens.append(n)
-                batch.new_slots.append(req.slots[done[i] : done[i] + n])
+                batch.add(req, req.slots[done[i] : done[i] + n], prefix_len=done[i])
         if not batch.reqs:
             break
         fb, slot_writes = batch.to_forward_batch(runner.device)
