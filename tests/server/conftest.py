@@ -108,6 +108,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def start_server(cmd: list[str], log: Path, timeout: float = STARTUP_TIMEOUT_S) -> LiveServer:
+    """Start `radixlm.launch_server` (`cmd`, with --port 0) logging to `log`; wait for its "ready at" line."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and url is None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        m = re.search(r"ready at (http://\S+)", log.read_text())
+        url = m.group(1) if m else None
+        if url is None:
+            time.sleep(0.3)
+    if url is None:
+        proc.kill()
+        raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text()}")
+    return LiveServer(url=url, proc=proc, log=log)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -119,22 +139,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
            # One intra-op thread: on a small shared CPU, two OpenMP threads per process spin against
            # each other and every other process (decode measured ~6x slower under load).
            "--cpu-threads", "1"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = None
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline and url is None:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        m = re.search(r"ready at (http://\S+)", log.read_text())
-        url = m.group(1) if m else None
-        if url is None:
-            time.sleep(0.5)
-    if url is None:
-        proc.kill()
-        raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{log.read_text()}")
-    live = LiveServer(url=url, proc=proc, log=log)
+    live = start_server(cmd, log)
+    proc = live.proc
     yield live
     # Clean shutdown: SIGTERM ends the server and its scheduler process, exit code 0.
     children = _children(proc.pid)

@@ -3,16 +3,12 @@
 load/unload, and 400s naming the unknown adapter."""
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.fixtures.lora_adapters import make_peft_adapter
-from tests.server.conftest import LiveServer
+from tests.server.conftest import start_server
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +22,9 @@ def lora_server(tiny_model_dir, tmp_path_factory):
     cmd = [sys.executable, "-m", "radixlm.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
            "--port", "0", "--max-total-tokens", "4096", "--cpu-threads", "1", "--served-model-name", "tiny",
            "--lora-paths", f"a={a}", f"b={b}", "--max-loras-per-batch", "2"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    url = None
-    deadline = time.monotonic() + 180
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        m = re.search(r"ready at (http://\S+)", log.read_text())
-        url = m.group(1) if m else None
-        time.sleep(0.3)
-    if url is None:
-        proc.kill()
-        raise RuntimeError(log.read_text())
-    yield LiveServer(url=url, proc=proc, log=log), c
+    live = start_server(cmd, log, timeout=180)
+    proc = live.proc
+    yield live, c
     proc.terminate()
     proc.wait(30)
 

@@ -2,14 +2,11 @@
 internal_states[0].avg_spec_accept_length (what SGLang's bench tooling reads) and Prometheus."""
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
-from tests.server.conftest import LiveServer
+from tests.server.conftest import start_server
 from tests.speculative.test_spec_scheduler import COPY_TEXTS
 
 
@@ -19,18 +16,9 @@ def test_spec_counts_in_meta_info_server_info_and_metrics(tiny_model_dir, tmp_pa
     cmd = [sys.executable, "-m", "radixlm.launch_server", "--model-path", str(model), "--port", "0",
            "--max-total-tokens", "4096", "--enable-metrics", "--cpu-threads", "1",
            "--speculative-algorithm", "NGRAM", "--speculative-num-steps", "5"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    server = start_server(cmd, log, timeout=180)
+    proc = server.proc
     try:
-        url = None
-        deadline = time.monotonic() + 180
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            m = re.search(r"ready at (http://\S+)", log.read_text())
-            url = m.group(1) if m else None
-            time.sleep(0.3)
-        assert url is not None, log.read_text()[-3000:]
-        server = LiveServer(url=url, proc=proc, log=log)
 
         async def go() -> None:
             st, out = await server.post("/generate", {"text": COPY_TEXTS[0], "sampling_params": {
