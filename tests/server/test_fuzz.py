@@ -33,7 +33,7 @@ SP_FIELDS = ["max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k"
              "presence_penalty", "repetition_penalty", "stop", "stop_token_ids", "n", "seed", "logit_bias",
              "regex", "json_schema", "ebnf", "ignore_eos", "skip_special_tokens", "no_stop_trim", "unknown_sp"]
 GEN_FIELDS = ["text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
-              "top_logprobs_num", "return_text_in_logprobs", "extra_key", "image_data", "unknown_field"]
+              "top_logprobs_num", "return_text_in_logprobs", "extra_key", "image_data", "lora_path", "unknown_field"]
 OPENAI_FIELDS = ["model", "stream", "stream_options", "n", "stop", "temperature", "top_p", "seed", "logit_bias",
                  "presence_penalty", "frequency_penalty", "response_format", "logprobs", "max_tokens", "top_k",
                  "regex", "json_schema", "min_tokens", "ignore_eos", "user", "unknown_field"]
@@ -41,7 +41,13 @@ COMPLETION_FIELDS = OPENAI_FIELDS + ["prompt", "echo", "suffix", "best_of"]
 CHAT_FIELDS = OPENAI_FIELDS + ["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                                "chat_template_kwargs", "continue_final_message"]
 ROUTES = {"/generate": GEN_FIELDS, "/v1/completions": COMPLETION_FIELDS, "/v1/chat/completions": CHAT_FIELDS,
-          "/abort_request": ["rid", "abort_all", "unknown_field"]}
+          "/abort_request": ["rid", "abort_all", "unknown_field"],
+          "/tokenize": ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                        "chat_template_kwargs", "continue_final_message", "return_token_strs", "unknown_field"],
+          "/detokenize": ["model", "tokens", "skip_special_tokens", "unknown_field"],
+          # (this server runs without --enable-lora: the routes must still answer 4xx for any body)
+          "/load_lora_adapter": ["lora_name", "lora_path", "pinned", "unknown_field"],
+          "/unload_lora_adapter": ["lora_name", "unknown_field"]}
 
 # Well-typed bodies: right types, values around the edges of their ranges; few tokens.
 small_new = st.integers(min_value=0, max_value=3)
@@ -66,7 +72,8 @@ typed_bodies = st.one_of(
         "input_ids": st.one_of(st.lists(st.integers(-1, 50000), max_size=4),
                                st.lists(st.lists(st.integers(0, 100), max_size=3), max_size=2)),
         "stream": st.booleans(), "return_logprob": st.booleans(), "logprob_start_len": st.sampled_from([-1, 0, 3, [0]]),
-        "top_logprobs_num": st.sampled_from([0, 2, 101]), "unknown_field": junk})),
+        "top_logprobs_num": st.sampled_from([0, 2, 101]), "lora_path": st.sampled_from([None, "a", ["a"], [None]]),
+        "unknown_field": junk})),
     st.tuples(st.just("/v1/completions"), st.fixed_dictionaries({"prompt": st.one_of(
         texts, st.lists(texts, max_size=2), st.lists(st.integers(-1, 50000), max_size=3)),
         "max_tokens": st.sampled_from([1, 2, 3, 0, 10**6])}, optional={"temperature": st.sampled_from([0, 1, 3]),
