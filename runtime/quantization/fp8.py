@@ -41,7 +41,11 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[t
     unless `scale` (a static scale, [1] or [M, 1]) is given. Values past the range saturate."""
     xf = x.float()
     if scale is None:
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        # Tensor / tensor: torch on CUDA turns `tensor / python_scalar` into a multiplication by the
+        # reciprocal (not correctly rounded), which made these scales differ from the fused kernel's
+        # (and from the CPU's) in the last bit.
+        scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(_MIN_SCALE)
     else:
         scale = scale.float().reshape(-1, 1).expand(x.shape[0], 1)
     codes = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
