@@ -168,6 +168,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "avg_accept_length": round(info["avg_spec_accept_length"] or 1.0, 3),
         "draft_tokens": info["spec_draft_tokens"], "accepted_tokens": info["spec_accepted_tokens"],
         "identical": outs[False] == outs[True],
+        "payoff": spec.payoff.info() if spec.payoff is not None else None,  # measured tok/s per batch bucket
     }
 
 
@@ -220,7 +221,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                    skip_tokenizer_init=True, max_running_requests=640)
     report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     sched = make_scheduler(model_dir, None, True, **options)
-    costs = verify_costs(sched, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
+    costs = (verify_costs(sched, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
+             if "cost" in args.sets else [])
     report["verify_cost"] = costs
     rng = random.Random(1)
     report["cells"] = []
@@ -230,7 +232,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         report["cells"].append(cell)
         print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
-              f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}", flush=True)
+              f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     report["projection_batch1"] = [
         {"accept_length": a, "k": k, "speedup": round(a / b1[k], 2)} for a in (3.5, 4.0) for k in (4, 6) if k in b1]
@@ -246,7 +248,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="cpu mode: torch threads")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (cpu), 256 (gpu)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--sets", default="cost,copy,chat", help="cpu mode: which parts to run")
+    ap.add_argument("--sets", default="cost,copy,chat", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
+                    "= the verify-cost table, the end-to-end cells always)")
     args = ap.parse_args()
     args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)

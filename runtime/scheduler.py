@@ -206,6 +206,8 @@ class Scheduler:
 
     def _step(self) -> bool:
         self._poll_grammars()
+        if self.spec is not None:
+            self.spec.begin_step(time.perf_counter(), self.stats["generated_tokens"], len(self.running))
         if self.uncommitted is not None and not self._can_schedule_before_commit():
             self._commit_step()
         batch = self._schedule_prefill()
@@ -218,6 +220,8 @@ class Scheduler:
         if batch is None:
             return self._commit_step()
         self.decode_log.on_step(batch.mode, self.info)
+        if self.spec is not None:
+            self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts)
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)

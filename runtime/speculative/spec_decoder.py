@@ -20,6 +20,7 @@ from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, worth_drafting
+from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramDrafter
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class SpecDecoder:
             self.model = DraftModelDrafter(args, draft_dir, runner.vocab_size, runner.max_total_tokens,
                                            runner.max_running_requests)
         self.acceptance: dict[int, Acceptance] = {}
+        # Measured per batch size: does a step that may draft beat plain (overlapped) decoding here?
+        # None: always may draft (the budget alone decides).
+        self.payoff: DraftPayoff | None = DraftPayoff()
+        self.allowed = True  # this step may carry drafts
         # Totals since start: verify steps (a request step that carried drafts), tokens emitted by
         # them (accepted drafts + the token sampled after them), drafts proposed and accepted.
         self.verify_steps = 0
@@ -76,10 +81,19 @@ class SpecDecoder:
     def _acceptance(self, req: Req) -> Acceptance:
         return self.acceptance.setdefault(id(req), Acceptance())
 
+    def begin_step(self, now: float, generated: int, running: int) -> None:
+        """At the start of each scheduler step: the clock, tokens generated so far, running requests."""
+        self.allowed = self.payoff.begin_step(now, generated, running) if self.payoff is not None else True
+
+    def scheduled(self, plain_decode: bool, drafted: bool) -> None:
+        """The step that began runs a plain decode batch (with or without drafts): it is measured."""
+        if self.payoff is not None:
+            self.payoff.scheduled(plain_decode, drafted)
+
     def may_draft(self, running: list[Req]) -> bool:
         """Whether the next decode step may carry drafts: then the scheduler needs every running
         request's last token on the host (drafts continue it), so an overlapped step is committed first."""
-        return worth_drafting([self._acceptance(r).rate for r in running], self.beta)
+        return self.allowed and worth_drafting([self._acceptance(r).rate for r in running], self.beta)
 
     def _limit(self, req: Req) -> int:
         if req.tokens_on_device or req.finished:
@@ -87,6 +101,8 @@ class SpecDecoder:
         return max(min(self.max_drafts, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
 
     def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
+        if not self.allowed:
+            return Drafts([[] for _ in reqs], [None] * len(reqs))
         rates = [self._acceptance(r).rate for r in reqs]
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
             granted = grant([self._limit(r) for r in reqs], rates, self.beta)

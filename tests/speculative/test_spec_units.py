@@ -11,6 +11,7 @@ from radixlm.runtime.sampler import SampleRow, SamplingBatch, _filter_probs
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import Acceptance, grant, worth_drafting
+from radixlm.runtime.speculative.draft_payoff import EXPLORE_STEPS, PROBE_EVERY, RUN_STEPS, DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramIndex
 from radixlm.runtime.speculative.verify import accepted_run
 
@@ -51,6 +52,52 @@ def test_budget_grants_at_batch_one_and_turns_down_weak_rows_at_large_batch() ->
     for _ in range(200):
         acc.idle()
     assert acc.rate > 0.5  # drifted back to the prior: the request will probe again
+
+
+def _serve(payoff: DraftPayoff, steps: int, running: int, step_s: dict[bool, float], tokens: dict[bool, int],
+           plain_decode: bool = True) -> list[bool]:
+    """Drive the meter with a fake clock: a step of each arm takes step_s[arm] and yields tokens[arm]."""
+    arms, now, generated = [], 0.0, 0
+    for _ in range(steps):
+        arm = payoff.begin_step(now, generated, running)
+        payoff.scheduled(plain_decode, arm)
+        arms.append(arm)
+        now += step_s[arm]
+        generated += tokens[arm]
+    return arms
+
+
+def test_draft_payoff_keeps_the_faster_arm_and_probes_the_other() -> None:
+    # Batch 64 as measured on the H200: a drafting step emits 1.43 tokens per row but, synchronous,
+    # takes 1.68x a plain overlapped step: drafting must be turned off after measuring both arms.
+    payoff = DraftPayoff()
+    arms = _serve(payoff, 600, 64, {True: 1.68, False: 1.0}, {True: 92, False: 64})
+    assert arms[: RUN_STEPS - 1] == [True] * (RUN_STEPS - 1)  # measured first
+    steady = arms[3 * RUN_STEPS:]
+    assert steady.count(True) <= len(steady) * (RUN_STEPS + 1) / PROBE_EVERY + RUN_STEPS  # probes only
+    assert True in steady  # ... but it does re-measure
+    # Batch 1 on a GPU: drafting wins (a verify step costs ~1.05x, 2.5 tokens per step).
+    other = DraftPayoff()
+    arms = _serve(other, 600, 1, {True: 1.05, False: 1.0}, {True: 5, False: 2})
+    steady = arms[3 * RUN_STEPS:]
+    assert steady.count(False) <= len(steady) * (RUN_STEPS + 1) / PROBE_EVERY + RUN_STEPS
+    # Buckets are separate, and steps that are not plain decode steps are never measured.
+    assert set(payoff.buckets) == {64 .bit_length()} and set(other.buckets) == {1}
+    idle = DraftPayoff()
+    _serve(idle, 50, 8, {True: 1.0, False: 1.0}, {True: 8, False: 8}, plain_decode=False)
+    assert all(a.samples == 0 for b in idle.buckets.values() for a in b.arms.values())
+    assert idle.begin_step(0.0, 0, 0) is False  # nothing running: nothing to draft for
+    # Drafting allowed but nothing proposed (no n-gram matches yet): explored longer, then judged
+    # on what those synchronous steps achieved.
+    quiet = DraftPayoff()
+    arms, now, generated = [], 0.0, 0
+    for _ in range(200):
+        arm = quiet.begin_step(now, generated, 4)
+        quiet.scheduled(True, False)
+        arms.append(arm)
+        now += 1.2 if arm else 1.0
+        generated += 4
+    assert arms[: EXPLORE_STEPS] == [True] * EXPLORE_STEPS and arms[-50:].count(True) <= RUN_STEPS
 
 
 def test_speculative_flags_are_checked() -> None:
