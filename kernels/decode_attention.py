@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import LOG2E, gather_kv, online_softmax_step
-from .cascade_attention import CascadeLayout, launch_prefix_stage
+from .cascade_attention import launch_prefix_stage
+from .cascade_layout import CascadeLayout
 
 _MAX_SPLITS = 32
 # GPU launch parameters, module-level so a tuning script can override them. Chosen on an H200 (bf16,

@@ -11,6 +11,7 @@ import torch
 
 from radixlm.kernels import get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
+from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool, resolve_kv_cache_dtype
 from radixlm.runtime.model_config import ModelConfig, resolve_dtype
@@ -103,6 +104,7 @@ class ModelRunner:
         self.kv_pool_bytes = self.max_total_tokens * TokenToKVPool.bytes_per_token(
             len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.kv_cache_dtype)
         self.attn_backend = self._make_attention_backend()
+        self.cascade = self._make_cascade_planner(parallel is not None)
         self.graph_runner = None
         if not args.disable_cuda_graph and self.model.stage.size == 1:  # stages exchange tensors between graphs: not captured
             from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
@@ -181,6 +183,18 @@ class ModelRunner:
         ops = get_kernel_ops(self.args.attention_backend == "triton")
         self.model.ops = ops
         return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, self.model_config.head_dim**-0.5)
+
+    def _make_cascade_planner(self, parallel: bool) -> CascadePlanner | None:
+        """Shared-prefix decode attention, where rows can share radix-tree prefixes. Not with several
+        ranks (the step channel does not carry the layout) nor without the radix cache (nothing shared)."""
+        mode = self.args.cascade_attention
+        if mode == "off" or self.args.disable_radix_cache or parallel:
+            return None
+        if self.args.attention_backend != "triton" and mode != "on":
+            return None
+        mc = self.model_config
+        return CascadePlanner.for_model(self.model.tp.heads, self.model.tp.kv_heads, mc.head_dim,
+                                        torch.empty(0, dtype=self.kv_cache_dtype).element_size(), self.device)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

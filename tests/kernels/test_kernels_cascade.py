@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from radixlm.kernels.attention_ref import cascade_decode_attention_ref, decode_attention_ref
-from radixlm.kernels.cascade_attention import CascadeGroup, CascadeShape, build_cascade_layout, empty_layout
+from radixlm.kernels.cascade_layout import CascadeGroup, CascadeShape, build_cascade_layout, empty_layout
 
 HEAD_DIM = 32
 NUM_KV_HEADS = 2
@@ -88,3 +88,30 @@ def test_layout_splits_long_prefixes_and_respects_capacity():
             assert sorted(t[4] for t in mine) == list(range(int(layout.prefix_splits[r])))
             assert all(t[5] == 100 + g.rows[0] for t in mine)
     assert int(layout.prefix_splits[7]) == 0 and int(layout.kv_start[7]) == 0
+
+
+def test_scheduler_with_triton_cascade_equals_plain(tiny_model_dir):
+    """The scheduler's decode steps through the Triton kernels with cascade layouts built from its
+    radix tree (packed to the device as int64, as on a GPU): greedy outputs equal plain decoding."""
+    import dataclasses
+
+    from radixlm.kernels.api import decode_attention_triton
+    from radixlm.runtime.cascade import ALWAYS
+    from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
+    from tests.runtime.test_cascade import shared_workload
+
+    def triton_decode(sched):  # Triton decode attention in an otherwise torch model (fast on a CPU)
+        ops = dataclasses.replace(sched.runner.attn_backend.ops, decode_attention=decode_attention_triton)
+        sched.runner.attn_backend.ops = sched.runner.model.ops = ops
+        return sched
+
+    model_dir = tiny_model_dir("llama")
+    torch.set_num_threads(1)
+    plain = triton_decode(make_scheduler(model_dir, cascade_attention="off"))
+    want = run_to_completion(plain, shared_workload(4, plain.runner.vocab_size))
+    sched = triton_decode(make_scheduler(model_dir, cascade_attention="on"))
+    sched.runner.cascade.rule = ALWAYS
+    got = run_to_completion(sched, shared_workload(4, plain.runner.vocab_size))
+    assert sched.stats["cascade_decode_steps"] > 0
+    assert {k: v["output_ids"] for k, v in got.items()} == {k: v["output_ids"] for k, v in want.items()}
+    assert_pool_idle(sched)
