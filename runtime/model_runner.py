@@ -45,6 +45,14 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
     return params + sum(quantized.values())
 
 
+def exact_float32_matmuls() -> None:
+    """float32 weights mean float32 arithmetic: no TF32 in cuBLAS or cuDNN (process-wide; a scheduler
+    process serves one model). The Triton kernels pick exact dots for float32 inputs themselves."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def _available_ram_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -70,6 +78,8 @@ class ModelRunner:
         self.model_config = ModelConfig.from_pretrained(model_dir)
         mc = self.model_config
         self.dtype = resolve_dtype(args.dtype, mc, self.device)
+        if self.dtype == torch.float32 and self.device.type == "cuda":
+            exact_float32_matmuls()
         self.context_len = args.context_length or mc.max_position_embeddings
         self.vocab_size = mc.vocab_size
         torch.manual_seed(args.random_seed)
