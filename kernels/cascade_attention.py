@@ -45,11 +45,11 @@ def _prefix_stage(
     t = tl.program_id(0)
     kvh = tl.program_id(1)
     task = Tasks + t * 6
-    row_off = tl.load(task)
-    row_cnt = tl.load(task + 1)
-    kv_start = tl.load(task + 2)
-    kv_end = tl.load(task + 3)
-    slot = tl.load(task + 4)
+    row_off = tl.load(task).to(tl.int32)  # the layout is int32 on the host, int64 once packed for the device
+    row_cnt = tl.load(task + 1).to(tl.int32)
+    kv_start = tl.load(task + 2).to(tl.int32)
+    kv_end = tl.load(task + 3).to(tl.int32)
+    slot = tl.load(task + 4).to(tl.int32)
     req_row = tl.load(task + 5).to(tl.int64)
     if row_cnt == 0:
         return

@@ -25,7 +25,7 @@ def _next_pow2(n: int) -> int:
 GPU_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 INTERPRETER_CONFIG = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
 MAX_PREFIX_SPLITS = 8  # partial slots per row for its prefix (stage 2 merges them)
-MIN_SPLIT_TOKENS = 256  # a prefix task reads at least this many tokens (fewer: launch cost dominates)
+MIN_SPLIT_TOKENS = 128  # a prefix task reads at least this many tokens (two blocks; the sweep tries 256)
 TASK_FIELDS = 6  # row offset, row count, kv start, kv end, prefix slot, request row
 
 
