@@ -68,21 +68,34 @@ class CascadePlanner:
 
     def groups(self, nodes: Sequence[Any], seq_lens: Sequence[int]) -> list[CascadeGroup]:
         """The most saving one-level grouping of rows by shared tree prefix, most saving first."""
-        tops: dict[int, _Node] = {}
+        rows_below: dict[int, list[int]] = {}  # id(node) -> the rows at or below it
+        node_of: dict[int, Any] = {}
         for b, node in enumerate(nodes):
-            chain = []
             while node is not None and node.parent is not None:  # up to a root (the cache's or a namespace's)
-                chain.append(node)
+                rows = rows_below.get(id(node))
+                if rows is None:
+                    rows_below[id(node)] = [b]
+                    node_of[id(node)] = node
+                else:
+                    rows.append(b)
                 node = node.parent
-            level, depth = tops, 0
-            for n in reversed(chain):
-                entry = level.get(id(n))
-                if entry is None:
-                    entry = level[id(n)] = _Node(n, depth + len(n.key), [], {})
-                entry.rows.append(b)
-                depth, level = entry.depth, entry.children
+        # Only nodes above two or more rows can form a group; each one's depth and nearest such ancestor.
+        shared = {k: _Node(node_of[k], 0, rows, {}) for k, rows in rows_below.items() if len(rows) >= 2}
+        tops: list[_Node] = []
+        for entry in shared.values():
+            n, parent = entry.node.parent, None
+            entry.depth = len(entry.node.key)
+            while n is not None and n.parent is not None:
+                entry.depth += len(n.key)
+                if parent is None and id(n) in shared:
+                    parent = shared[id(n)]
+                n = n.parent
+            if parent is None:
+                tops.append(entry)
+            else:
+                parent.children[id(entry.node)] = entry
         found: list[tuple[int, CascadeGroup]] = []
-        for top in tops.values():
+        for top in tops:
             found += self._best(top, seq_lens)[1]
         found.sort(key=lambda x: -x[0])
         return [g for _, g in found]
@@ -99,7 +112,7 @@ class CascadePlanner:
             below = [best[id(c)] for c in n.children.values()]
             split_gain = sum(g for g, _ in below)
             prefix = min(n.depth, min(seq_lens[r] for r in n.rows) - 1)  # a row's new token is never shared
-            own = (len(n.rows) - 1) * prefix if len(n.rows) >= 2 else 0
+            own = (len(n.rows) - 1) * prefix
             if own >= self.rule.min_group_saved_tokens and own >= split_gain:
                 best[id(n)] = (own, [(own, CascadeGroup(tuple(n.rows), prefix))])
             else:
@@ -109,6 +122,11 @@ class CascadePlanner:
     def plan(self, nodes: Sequence[Any], req_pool_indices: Sequence[int], seq_lens: Sequence[int]) -> CascadeLayout | None:
         """Host layout for a decode batch whose row b runs under tree node nodes[b] (None: no node)."""
         if len(nodes) < 2:
+            return None
+        # Fast exit (most batches without shared prompts): every node hangs right under a root and
+        # none is shared, so no two rows have a common ancestor.
+        if all(n is None or n.parent is None or n.parent.parent is None for n in nodes) and \
+                len({id(n) for n in nodes if n is not None}) == sum(n is not None for n in nodes):
             return None
         groups = self.groups(nodes, seq_lens)
         if not groups:

@@ -107,3 +107,12 @@ def test_scheduler_cascade_equals_plain(model_dir):
 def test_cascade_off_without_radix_cache(model_dir):
     sched = make_scheduler(model_dir, cascade_attention="on", disable_radix_cache=True)
     assert sched.runner.cascade is None
+
+
+def test_unshared_prompts_take_the_fast_exit_and_shared_leaves_group():
+    seqs = [list(range(i * 100, i * 100 + 50)) for i in range(1, 6)]
+    nodes = tree_nodes(seqs)
+    assert planner().plan(nodes, list(range(5)), [60] * 5) is None
+    same = [nodes[0], nodes[0], nodes[1]]  # n > 1 samples: two rows on one node (no parent below the root)
+    layout = planner().plan(same, [7, 8, 9], [60, 60, 60])
+    assert layout is not None and [(g.rows, g.prefix_len) for g in layout.groups] == [((0, 1), 50)]
