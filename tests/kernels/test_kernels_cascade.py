@@ -115,3 +115,26 @@ def test_scheduler_with_triton_cascade_equals_plain(tiny_model_dir):
     assert sched.stats["cascade_decode_steps"] > 0
     assert {k: v["output_ids"] for k, v in got.items()} == {k: v["output_ids"] for k, v in want.items()}
     assert_pool_idle(sched)
+
+
+def test_cascade_over_fp8_pool(device, make_pool, assert_close):
+    """An FP8 pool's scales fold into the prefix stage as into decode: cascade equals plain decode."""
+    from radixlm.kernels import ops_ref
+    from radixlm.kernels.decode_attention import decode_attention
+
+    seq_lens, groups = [40, 37, 50, 12], [([0, 1, 2], 30)]
+    pool, q = shared_pool(make_pool, seq_lens, groups, 2, torch.float32, device)
+    slots = torch.arange(pool.k_buffer.shape[0], device=device)
+    k8 = torch.empty(pool.k_buffer.shape, dtype=torch.float8_e4m3fn, device=device)
+    v8 = torch.empty_like(k8)
+    ops_ref.store_kv_ref(k8, v8, slots, pool.k_buffer, pool.v_buffer, 0.5, 0.25)
+    idx, lens = torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device)
+    shape = CascadeShape(rows_per_task=8, max_tasks=8, target_tasks=4, block_n=16)
+    layout = build_cascade_layout([CascadeGroup((0, 1, 2), 30)], pool.rows, shape, min_split=16).to(device)
+    got = decode_attention(q, k8, v8, pool.req_to_token, idx, lens, 0.2, num_kv_splits=2, k_scale=0.5, v_scale=0.25,
+                           cascade=layout)
+    plain = decode_attention_ref(q, k8, v8, pool.req_to_token, idx, lens, 0.2, k_scale=0.5, v_scale=0.25)
+    ref = cascade_decode_attention_ref(q, k8, v8, pool.req_to_token, pool.rows, seq_lens, 0.2, groups,
+                                       k_scale=0.5, v_scale=0.25)
+    assert_close(ref, plain, torch.float32)
+    assert_close(got, plain, torch.float32)
