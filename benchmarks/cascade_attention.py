@@ -223,12 +223,18 @@ def main() -> None:
     print(f"{'B':>4} {'g':>3} {'P':>5} {'S':>4} {'plain ms':>9} {'casc ms':>8} {'x':>5} {'plain %fl':>9} {'casc %fl':>8} "
           f"{'err':>8} {'tasks':>5} {'rule':>5} {'right':>5} {'plan ms':>7}")
     for cfg in configs:
-        r = run_config(*cfg, planner, bw)
+        try:
+            r = run_config(*cfg, planner, bw)
+        except Exception as exc:  # noqa: BLE001 - print it and go on: the other rows are still worth having
+            print(f"B={cfg[0]} g={cfg[1]} P={cfg[2]} S={cfg[3]}: FAILED {exc!r}"[:400], flush=True)
+            continue
         rows.append(r)
         print(f"{r['B']:>4} {r['g']:>3} {r['P']:>5} {r['S']:>4} {r['plain_ms']:>9.4f} {r['cascade_ms']:>8.4f} "
               f"{r['speedup']:>5.2f} {r['plain_pct_floor']:>9.0%} {r['cascade_pct_floor']:>8.0%} {r['rel_err_vs_plain']:>8.1e} "
               f"{r['tasks']:>5} {'casc' if r['rule_uses_cascade'] else 'plain':>5} {'yes' if r['rule_right'] else 'NO':>5} "
               f"{r['plan_host_ms']:>7.2f}", flush=True)
+    if not rows:
+        raise SystemExit("every configuration failed")
     f = fit(rows)
     wrong = [(r["B"], r["g"], r["P"], r["S"]) for r in rows if not r["rule_right"]]
     losses = [r for r in rows if r["rule_uses_cascade"] and r["speedup"] < 1.0]

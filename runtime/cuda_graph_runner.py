@@ -88,15 +88,30 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
+        for cascade in sorted({c for _, c in self.variants}):
+            try:
+                self._capture_buckets(cascade)
+            except Exception:  # a cascade kernel that cannot run here must not stop the server
+                if not cascade:
+                    raise
+                logger.exception("cascade attention disabled: capturing its decode graphs failed")
+                for key in [k for k in self.graphs if k[2]]:
+                    del self.graphs[key], self.outputs[key]
+                self.runner.cascade = None
+                self.variants = [(lora, c) for lora, c in self.variants if not c]
+        logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
+
+    def _capture_buckets(self, cascade: bool) -> None:
         attn = self.runner.attn_backend
         for bs in reversed(self.buckets):
-            for lora, cascade in self.variants:
-                if cascade and bs < 2:
-                    continue
-                self.metas[bs, cascade] = AttentionMetadata.for_decode(
-                    attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],
-                    cascade=self._cascade_view(bs) if cascade else None,
-                )
+            if cascade and bs < 2:
+                continue
+            self.metas[bs, cascade] = AttentionMetadata.for_decode(
+                attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],
+                cascade=self._cascade_view(bs) if cascade else None,
+            )
+            for lora in sorted({lora for lora, c in self.variants if c == cascade}):
                 started = time.perf_counter()
                 for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
                     self._run(bs, lora, cascade)
@@ -108,8 +123,6 @@ class CudaGraphRunner:
                 torch.cuda.synchronize()
                 key = ("lora" if lora else "base") + ("+cascade" if cascade else "")
                 self.capture_s[key] = self.capture_s.get(key, 0.0) + time.perf_counter() - started
-        logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
-                    ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
 
     def _cascade_view(self, bs: int) -> CascadeLayout:
         assert self.cascade is not None
