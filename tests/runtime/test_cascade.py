@@ -116,3 +116,23 @@ def test_unshared_prompts_take_the_fast_exit_and_shared_leaves_group():
     same = [nodes[0], nodes[0], nodes[1]]  # n > 1 samples: two rows on one node (no parent below the root)
     layout = planner().plan(same, [7, 8, 9], [60, 60, 60])
     assert layout is not None and [(g.rows, g.prefix_len) for g in layout.groups] == [((0, 1), 50)]
+
+
+def test_cascade_with_speculative_verify_rows(model_dir):
+    """NGRAM verify rows (one decode row per draft token, each ending at its token) group with
+    their request's prefix like plain rows: greedy outputs equal plain decoding without speculation."""
+    torch.set_num_threads(1)
+    rng = random.Random(5)
+    reqs = []
+    for g in range(2):
+        motif = [rng.randrange(3, 200) for _ in range(8)]
+        prefix = motif * 8  # repetitive: the n-gram drafter finds continuations
+        for i in range(3):
+            reqs.append(greedy_req(f"g{g}-{i}", prefix + motif[: 2 + i], 12))
+    want = run_to_completion(make_scheduler(model_dir, cascade_attention="off"), reqs)
+    sched = make_scheduler(model_dir, cascade_attention="on", speculative_algorithm="NGRAM")
+    sched.runner.cascade.rule = ALWAYS
+    got = run_to_completion(sched, reqs)
+    assert sched.stats["cascade_decode_steps"] > 0 and sched.info()["spec_accepted_tokens"] > 0
+    assert {k: v["output_ids"] for k, v in got.items()} == {k: v["output_ids"] for k, v in want.items()}
+    assert_pool_idle(sched)
