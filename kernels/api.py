@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .attention_ref import decode_attention_ref, extend_attention_ref
+from .attention_ref import cascade_decode_attention_ref, decode_attention_ref, extend_attention_ref
+
+if TYPE_CHECKING:
+    from .cascade_layout import CascadeLayout
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class AttentionMetadata:
     *_host                           host copies, used by the torch reference of extend
     max_seq_len                      optional host bound on seq_lens (saves the decode ref a sync)
     num_kv_splits                    optional override of the decode kernel's KV split count
+    cascade                          decode: groups of rows sharing a prefix (kernels/cascade_attention.py)
     """
 
     req_to_token: torch.Tensor
@@ -40,6 +45,7 @@ class AttentionMetadata:
     extend_seq_lens_host: tuple[int, ...] | None = None
     max_seq_len: int | None = None
     num_kv_splits: int | None = None
+    cascade: CascadeLayout | None = None
 
     @property
     def batch_size(self) -> int:
@@ -54,10 +60,12 @@ class AttentionMetadata:
         *,
         max_seq_len: int | None = None,
         num_kv_splits: int | None = None,
+        cascade: CascadeLayout | None = None,
     ) -> AttentionMetadata:
         """Decode batch from device tensors (in-place updatable, e.g. for CUDA-graph replay)."""
         return cls(
-            req_to_token, req_pool_indices, seq_lens, max_seq_len=max_seq_len, num_kv_splits=num_kv_splits
+            req_to_token, req_pool_indices, seq_lens, max_seq_len=max_seq_len, num_kv_splits=num_kv_splits,
+            cascade=cascade,
         )
 
     @classmethod
@@ -106,6 +114,12 @@ def decode_attention_torch(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
+    if meta.cascade is not None:  # the cascade arithmetic itself (prefix once per group, LSE merge)
+        groups = [(list(g.rows), g.prefix_len) for g in meta.cascade.groups]
+        result = cascade_decode_attention_ref(
+            q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices.tolist(), meta.seq_lens.tolist(),
+            sm_scale, groups, k_scale=k_scale, v_scale=v_scale)
+        return _fill(out, result)
     result = decode_attention_ref(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
         max_seq_len=meta.max_seq_len, k_scale=k_scale, v_scale=v_scale,
@@ -156,7 +170,7 @@ def decode_attention_triton(
 
     return decode_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
-        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale,
+        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade,
     )
 
 

@@ -90,3 +90,52 @@ def extend_attention_ref(
         out[start : start + ext_len] = oi[0].transpose(0, 1)
         start += ext_len
     return out
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, Hq, D], k/v [L, Hkv, D] -> (softmax(q k^T) v [n, Hq, D], log-sum-exp [n, Hq]), in float32."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(rep, dim=1)
+    v = v.float().repeat_interleave(rep, dim=1)
+    s = torch.einsum("nhd,lhd->nhl", q.float(), k) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.einsum("nhl,lhd->nhd", torch.exp(s - lse[..., None]), v), lse
+
+
+def cascade_decode_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: list[int],
+    seq_lens: list[int],
+    sm_scale: float,
+    groups: list[tuple[list[int], int]],
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Decode attention computed the cascade way: each group (batch rows, prefix length) attends to
+    its prefix once — read through its first row, as the kernel does — each row to its own suffix,
+    and the two are merged by log-sum-exp. Equal to `decode_attention_ref` when the rows of a group
+    share the prefix's slots; every row not in a group attends to its whole KV alone."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    prefix_of: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for rows, prefix_len in groups:
+        slots = req_to_token[req_pool_indices[rows[0]], :prefix_len].long()
+        o, lse = _attend_lse(q[rows], gather_kv_ref(k_buffer, slots, torch.float32),
+                             gather_kv_ref(v_buffer, slots, torch.float32), sm_scale * k_scale)
+        for i, r in enumerate(rows):
+            prefix_of[r] = (o[i], lse[i], prefix_len)
+    for b, (row, seq_len) in enumerate(zip(req_pool_indices, seq_lens)):
+        start = prefix_of[b][2] if b in prefix_of else 0
+        slots = req_to_token[row, start:seq_len].long()
+        o, lse = _attend_lse(q[b : b + 1], gather_kv_ref(k_buffer, slots, torch.float32),
+                             gather_kv_ref(v_buffer, slots, torch.float32), sm_scale * k_scale)
+        o, lse = o[0], lse[0]
+        if b in prefix_of:
+            po, plse, _ = prefix_of[b]
+            m = torch.maximum(lse, plse)
+            wa, wb = torch.exp(lse - m), torch.exp(plse - m)
+            o = (o * wa[:, None] + po * wb[:, None]) / (wa + wb)[:, None]
+        out[b] = o * v_scale
+    return out.to(q.dtype)

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import LOG2E, gather_kv, online_softmax_step
+from .cascade_attention import launch_prefix_stage
+from .cascade_layout import CascadeLayout
 
 _MAX_SPLITS = 32
 # GPU launch parameters, module-level so a tuning script can override them. Chosen on an H200 (bf16,
@@ -27,7 +29,7 @@ GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, MidO, MidLse,
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, KvStart, MidO, MidLse,
     qk_scale,  # sm_scale * k_scale * log2(e): softmax runs in base 2 (k_scale: an FP8 pool's)
     v_scale,  # an FP8 pool's V scale (1.0 otherwise): the output is linear in V
     num_splits,
@@ -45,15 +47,19 @@ def _decode_stage1(
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter mis-computes bf16 dots)
     FINAL: tl.constexpr,
+    HAS_START: tl.constexpr,  # cascade: each request attends to [KvStart[b], seq_len) only (its suffix)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
+    kv_lo = 0
+    if HAS_START:
+        kv_lo = tl.load(KvStart + b).to(tl.int32)
     # Split length rounded up to whole blocks, so a short request uses few splits.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
+    start = kv_lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start >= end:
         return
@@ -97,7 +103,7 @@ def _decode_stage1(
 
 @triton.jit
 def _decode_stage2(
-    MidO, MidLse, SeqLens, Out, num_splits,
+    MidO, MidLse, SeqLens, KvStart, PrefixSplits, Out, num_splits,
     stride_mb, stride_mh, stride_ms,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
@@ -105,16 +111,23 @@ def _decode_stage2(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_PREFIX: tl.constexpr,  # cascade: partials num_splits .. num_splits + PrefixSplits[b] - 1 hold the prefix
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    kv_lo = 0
+    if NUM_PREFIX > 0:
+        kv_lo = tl.load(KvStart + b).to(tl.int32)
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
 
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     # Same predicate as stage 1's early return: unwritten (garbage) splits are never read.
-    valid = (offs_s < num_splits) & (offs_s * split_len < seq_len)
+    valid = (offs_s < num_splits) & (offs_s * split_len < seq_len - kv_lo)
+    if NUM_PREFIX > 0:
+        num_prefix = tl.load(PrefixSplits + b).to(tl.int32)
+        valid = valid | ((offs_s >= num_splits) & (offs_s < num_splits + num_prefix))
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=valid, other=float("-inf"))
     part = tl.load(
         MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
@@ -152,11 +165,15 @@ def decode_attention(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    cascade: CascadeLayout | None = None,
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
     `num_kv_splits` defaults to `default_num_kv_splits` (shapes only, no host sync); with one split
     stage 1 writes `out` directly. An FP8 pool's `k_scale` / `v_scale` multiply scores and output.
+    With a `cascade` layout (shared prefixes, kernels/cascade_attention.py) stage 1 reads each
+    request's own suffix only, the prefix stage reads each group's prefix once for all its rows, and
+    stage 2 merges both: the same result, fewer KV bytes.
     """
     bsz, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -180,16 +197,20 @@ def decode_attention(
     block_n = GPU_CONFIG["block_n"] if on_gpu else 16  # small blocks under the interpreter exercise the loop
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    # float32 stays float32 in every dot (TF32 would round q, k, p and v to 10-bit mantissas).
     precision = "ieee" if q.dtype == torch.float32 or not on_gpu else "tf32"
-    final = splits == 1
+    num_prefix = cascade.max_prefix_splits if cascade is not None else 0
+    final = splits == 1 and cascade is None
     if final:  # stage 1 writes `out` directly (strides of a [B, Hq, 1, D] view); no lse needed
         mid_o, mid_lse = out.unsqueeze(2), out
-    else:
-        mid_o = torch.empty((bsz, num_q_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((bsz, num_q_heads, splits), dtype=torch.float32, device=q.device)
+    else:  # partial slots: `splits` of each request's own KV, then the cascade prefix's
+        mid_o = torch.empty((bsz, num_q_heads, splits + num_prefix, head_dim), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, num_q_heads, splits + num_prefix), dtype=torch.float32, device=q.device)
+    kv_start = cascade.kv_start if cascade is not None else seq_lens
+    prefix_splits = cascade.prefix_splits if cascade is not None else seq_lens
 
     _decode_stage1[(bsz, num_kv_heads, splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         sm_scale * k_scale * LOG2E, v_scale, splits,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
@@ -199,19 +220,22 @@ def decode_attention(
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision, DOT_FP32=not on_gpu,
-        FINAL=final,
+        FINAL=final, HAS_START=cascade is not None,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4,
         num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
     if final:
         return out
+    if cascade is not None:
+        launch_prefix_stage(q, k_buffer, v_buffer, req_to_token, cascade, mid_o, mid_lse, splits,
+                            sm_scale * k_scale * LOG2E, v_scale, precision)
     _decode_stage2[(bsz, num_q_heads)](
-        mid_o, mid_lse, seq_lens, out, splits,
+        mid_o, mid_lse, seq_lens, kv_start, prefix_splits, out, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits),
-        BLOCK_D=block_d, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits + num_prefix),
+        BLOCK_D=block_d, BLOCK_N=block_n, NUM_PREFIX=num_prefix,
         num_warps=4 if block_d >= 128 else 2,
     )
     return out

@@ -23,7 +23,8 @@ class PagedAttentionBackend:
     def begin_forward(self, batch: ForwardBatch) -> None:
         if batch.mode is ForwardMode.DECODE:
             self.meta = AttentionMetadata.for_decode(
-                self.req_to_token, batch.req_pool_indices, batch.seq_lens, max_seq_len=batch.max_seq_len
+                self.req_to_token, batch.req_pool_indices, batch.seq_lens, max_seq_len=batch.max_seq_len,
+                cascade=batch.cascade,
             )
             return
         self.meta = AttentionMetadata(

@@ -10,6 +10,10 @@ gigabytes, while the hidden states are 30x smaller and the head is one matmul la
 With --enable-lora each bucket has two graphs: one with the LoRA kernels (reading the segments
 from fixed buffers) and one without, replayed when no row of the step uses an adapter, so base-model
 traffic on a LoRA server runs the base model's graph. Both share one memory pool.
+
+With cascade attention (runtime/cascade.py) each bucket of at least two rows also has a graph whose
+decode attention reads a fixed-shape cascade layout from static buffers (captured with no groups),
+replayed for the steps whose planner grouped rows by shared prefix.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.kernels import AttentionMetadata
+from radixlm.kernels.cascade_layout import CascadeLayout, empty_layout
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -48,12 +53,19 @@ class CudaGraphRunner:
         self.req_pool_indices = torch.full((n,), pad_row, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
-        # (bucket, with LoRA kernels) -> graph; without --enable-lora only the base-only variant
-        self.variants = (False, True) if runner.lora is not None else (False,)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        # (bucket, with LoRA kernels, with cascade attention) -> graph; without --enable-lora only the
+        # base-only variants, without a cascade planner only plain decode attention
+        loras = (False, True) if runner.lora is not None else (False,)
+        cascades = (False, True) if runner.cascade is not None else (False,)
+        self.variants = [(lora, cascade) for lora in loras for cascade in cascades]
+        self.cascade: CascadeLayout | None = None
+        if runner.cascade is not None:
+            empty = empty_layout(n, runner.cascade.shape, dev)
+            self.cascade = empty.with_tensors([t.to(torch.int64) for t in empty.tensors()])
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool, bool], torch.Tensor] = {}
         self.capture_s: dict[str, float] = {}  # seconds spent capturing each variant (all buckets)
-        self.metas: dict[int, AttentionMetadata] = {}
+        self.metas: dict[tuple[int, bool], AttentionMetadata] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self._capture_all()
 
@@ -67,34 +79,66 @@ class CudaGraphRunner:
             logits_indices=self.logits_indices[:bs],
         )
 
-    def _run(self, bs: int, lora: bool) -> torch.Tensor:
+    def _run(self, bs: int, lora: bool, cascade: bool) -> torch.Tensor:
         attn = self.runner.attn_backend
-        attn.meta = self.metas[bs]
+        attn.meta = self.metas[bs, cascade]
         if self.runner.lora is not None:  # the LoRA kernels read the segments from fixed buffers
             self.runner.lora.use_graph_segments(bs if lora else None)
         return self.runner.model(self._batch(bs), attn)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
+        for cascade in sorted({c for _, c in self.variants}):
+            try:
+                self._capture_buckets(cascade)
+            except Exception:  # a cascade kernel that cannot run here must not stop the server
+                if not cascade:
+                    raise
+                logger.exception("cascade attention disabled: capturing its decode graphs failed")
+                for key in [k for k in self.graphs if k[2]]:
+                    del self.graphs[key], self.outputs[key]
+                self.runner.cascade = None
+                self.variants = [(lora, c) for lora, c in self.variants if not c]
+        logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
+
+    def _capture_buckets(self, cascade: bool) -> None:
         attn = self.runner.attn_backend
         for bs in reversed(self.buckets):
-            self.metas[bs] = AttentionMetadata.for_decode(
-                attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs]
+            if cascade and bs < 2:
+                continue
+            self.metas[bs, cascade] = AttentionMetadata.for_decode(
+                attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],
+                cascade=self._cascade_view(bs) if cascade else None,
             )
-            for lora in self.variants:
+            for lora in sorted({lora for lora, c in self.variants if c == cascade}):
                 started = time.perf_counter()
                 for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
-                    self._run(bs, lora)
+                    self._run(bs, lora, cascade)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[bs, lora] = self._run(bs, lora)
-                self.graphs[bs, lora] = graph
+                    self.outputs[bs, lora, cascade] = self._run(bs, lora, cascade)
+                self.graphs[bs, lora, cascade] = graph
                 torch.cuda.synchronize()
-                key = "lora" if lora else "base"
+                key = ("lora" if lora else "base") + ("+cascade" if cascade else "")
                 self.capture_s[key] = self.capture_s.get(key, 0.0) + time.perf_counter() - started
-        logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
-                    ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
+
+    def _cascade_view(self, bs: int) -> CascadeLayout:
+        assert self.cascade is not None
+        c = self.cascade
+        return c.with_tensors([c.rows[:bs], c.kv_start[:bs], c.prefix_splits[:bs], c.tasks])
+
+    def _copy_cascade(self, layout: CascadeLayout, bs: int, padded: int) -> None:
+        """The step's layout into the static buffers; padding rows attend plainly (no prefix)."""
+        assert self.cascade is not None
+        c = self.cascade
+        c.rows[:bs].copy_(layout.rows[:bs])
+        c.kv_start[:bs].copy_(layout.kv_start[:bs])
+        c.prefix_splits[:bs].copy_(layout.prefix_splits[:bs])
+        c.tasks.copy_(layout.tasks)
+        c.kv_start[bs:padded].zero_()
+        c.prefix_splits[bs:padded].zero_()
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
@@ -114,5 +158,8 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:padded].zero_()
             self.req_pool_indices[bs:padded].fill_(self.pad_row)
             self.seq_lens[bs:padded].fill_(1)
-        self.graphs[padded, lora].replay()
-        return self.runner.model.compute_logits(self.outputs[padded, lora][:bs])
+        cascade = batch.cascade is not None and (padded, lora, True) in self.graphs
+        if cascade:
+            self._copy_cascade(batch.cascade, bs, padded)  # type: ignore[arg-type]
+        self.graphs[padded, lora, cascade].replay()
+        return self.runner.model.compute_logits(self.outputs[padded, lora, cascade][:bs])

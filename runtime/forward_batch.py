@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from radixlm.kernels.cascade_layout import CascadeLayout
 
 
 class ForwardMode(Enum):
@@ -31,6 +35,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [N] int64, device
     # Per request: the LoRA adapter it runs with (None: the base model); None when no request has one.
     lora_names: list[str | None] | None = None
+    # Decode only: rows sharing a radix-tree prefix, attended once per group (runtime/cascade.py).
+    cascade: CascadeLayout | None = None
 
     @property
     def batch_size(self) -> int:

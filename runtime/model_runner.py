@@ -11,6 +11,7 @@ import torch
 
 from radixlm.kernels import get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
+from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool, resolve_kv_cache_dtype
 from radixlm.runtime.model_config import ModelConfig, resolve_dtype
@@ -44,6 +45,14 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
     return params + sum(quantized.values())
 
 
+def exact_float32_matmuls() -> None:
+    """float32 weights mean float32 arithmetic: no TF32 in cuBLAS or cuDNN (process-wide; a scheduler
+    process serves one model). The Triton kernels pick exact dots for float32 inputs themselves."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def _available_ram_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -69,6 +78,8 @@ class ModelRunner:
         self.model_config = ModelConfig.from_pretrained(model_dir)
         mc = self.model_config
         self.dtype = resolve_dtype(args.dtype, mc, self.device)
+        if self.dtype == torch.float32 and self.device.type == "cuda":
+            exact_float32_matmuls()
         self.context_len = args.context_length or mc.max_position_embeddings
         self.vocab_size = mc.vocab_size
         torch.manual_seed(args.random_seed)
@@ -103,6 +114,7 @@ class ModelRunner:
         self.kv_pool_bytes = self.max_total_tokens * TokenToKVPool.bytes_per_token(
             len(self.model.layers), self.model.tp.kv_heads, mc.head_dim, self.kv_cache_dtype)
         self.attn_backend = self._make_attention_backend()
+        self.cascade = self._make_cascade_planner(parallel is not None)
         self.graph_runner = None
         if not args.disable_cuda_graph and self.model.stage.size == 1:  # stages exchange tensors between graphs: not captured
             from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
@@ -181,6 +193,18 @@ class ModelRunner:
         ops = get_kernel_ops(self.args.attention_backend == "triton")
         self.model.ops = ops
         return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, self.model_config.head_dim**-0.5)
+
+    def _make_cascade_planner(self, parallel: bool) -> CascadePlanner | None:
+        """Shared-prefix decode attention, where rows can share radix-tree prefixes. Not with several
+        ranks (the step channel does not carry the layout) nor without the radix cache (nothing shared)."""
+        mode = self.args.cascade_attention
+        if mode == "off" or self.args.disable_radix_cache or parallel:
+            return None
+        if self.args.attention_backend != "triton" and mode != "on":
+            return None
+        mc = self.model_config
+        return CascadePlanner.for_model(self.model.tp.heads, self.model.tp.kv_heads, mc.head_dim,
+                                        torch.empty(0, dtype=self.kv_cache_dtype).element_size(), self.device)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
@@ -123,10 +124,11 @@ class ScheduledBatch:
             return [r.lora_name for r in self.reqs]
         return [r.lora_name for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
 
-    def to_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None = None
-                         ) -> tuple[ForwardBatch, SlotWrites]:
+    def to_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None = None,
+                         cascade: CascadePlanner | None = None) -> tuple[ForwardBatch, SlotWrites]:
         """The step's tensors on `device` (one packed copy), and the slot writes that the scheduler
-        commits to req_to_token before running it."""
+        commits to req_to_token before running it. A decode step asks `cascade` whether its rows'
+        shared radix-tree prefixes are worth attending once per group."""
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
@@ -190,13 +192,19 @@ class ScheduledBatch:
         def ints(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64)
 
+        layout = None
+        if decode and cascade is not None:
+            nodes = [r.last_node for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
+            layout = cascade.plan(nodes, rows_cpu, seq_lens)  # type: ignore[arg-type]
+        extra = [t.to(torch.int64).view(-1) for t in layout.tensors()] if layout is not None else []
         row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(ext_lens)  # type: ignore[arg-type]
         slots = torch.cat(self.new_slots).to(torch.int64)
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
         (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
-         src_t, token_rows_t) = pack_on([
+         src_t, token_rows_t, *layout_t) = pack_on([
             ints(input_ids), positions_cpu, slots, row_t, ints(seq_lens), ext_cpu, ints(starts),
             ints(logits_indices), ints(pending_tokens), ints([self.reqs[i].uncommitted_row for i in pending]), token_rows,
+            *extra,
         ], device)
         if pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
@@ -217,5 +225,6 @@ class ScheduledBatch:
             extend_start_loc=starts_t.to(torch.int32),
             logits_indices=logits_t,
             lora_names=self._lora_names(len(rows_cpu)),
+            cascade=layout.with_tensors(layout_t) if layout is not None else None,
         )
         return fb, writes

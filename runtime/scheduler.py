@@ -79,7 +79,7 @@ class Scheduler:
         self.step_batches: list[ScheduledBatch] = []
         self.step_uncommitted: UncommittedStep | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
-                      "forward_steps": 0, "last_gen_throughput": 0.0}
+                      "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0}
         self._gen_window: list[tuple[float, int]] = []
         self.decode_log = DecodeLog(args.decode_log_interval)
 
@@ -222,10 +222,11 @@ class Scheduler:
         self.decode_log.on_step(batch.mode, self.info)
         if self.spec is not None:
             self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts)
-        fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted)
+        fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
         self.stats["forward_steps"] += 1
+        self.stats["cascade_decode_steps"] += fb.cascade is not None
         if self.overlap and self.results.can_defer(batch, len(self.running)):
             previous, self.uncommitted = self.uncommitted, None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):

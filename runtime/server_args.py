@@ -204,6 +204,11 @@ class ServerArgs:
     disable_cuda_graph: bool = _flag(False, "runtime", "run decode eagerly instead of as CUDA graphs", bool)
     cuda_graph_max_bs: int | None = _flag(None, "runtime", "capture CUDA graphs up to this decode batch size",
                                           int, minimum=1, default_text="max running requests")
+    cascade_attention: str = _flag(
+        "auto", "runtime", "shared-prefix (cascade) decode attention: decode rows under a common radix-tree prefix "
+        "read its KV once per group. auto: on with the Triton kernels when the measured cost rule says it pays "
+        "for the batch; on: also with the torch backend (its reference arithmetic; for tests); off: never",
+        str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
     # ---------------------------------------------------------------- HTTP server

@@ -51,7 +51,8 @@ class DraftModelDrafter:
                  max_running: int) -> None:
         dargs = args.replace(model_path=str(draft_dir), max_total_tokens=max_total_tokens,
                              max_running_requests=max_running, speculative_algorithm=None,
-                             speculative_draft_model_path=None, enable_lora=False, lora_paths=None)
+                             speculative_draft_model_path=None, enable_lora=False, lora_paths=None,
+                             cascade_attention="off")  # its batches are built here, without tree nodes
         self.runner = ModelRunner(dargs, draft_dir)
         if self.runner.vocab_size != target_vocab:
             raise ValueError(f"speculative_draft_model_path: its vocabulary ({self.runner.vocab_size}) is not the "
