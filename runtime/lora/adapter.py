@@ -114,10 +114,6 @@ class LoRAAdapter:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
-    def pin(self) -> None:
-        """Page-lock the host copies so a swap-in is an asynchronous copy."""
-        self.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in self.weights.items()}
-
 
 def declared_max_rank(name: str, path: str | Path) -> int:
     """The largest rank an adapter folder's config declares (sizes the device slots)."""

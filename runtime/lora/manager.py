@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixlm.runtime.lora.adapter import AdapterError, LoRAAdapter, ModelShape, read_adapter
+from radixlm.runtime.lora.adapter import AdapterError, ModelShape, read_adapter
 from radixlm.runtime.lora.pool import LoRAPool
 from radixlm.runtime.lora.sgmv import LoRASegments, segment_host
 
@@ -32,7 +32,7 @@ class Registered:
     name: str
     path: str
     uid: str  # name + load generation: the prefix-cache namespace (a reload never reuses old KV)
-    host: LoRAAdapter | None = None
+    host: torch.Tensor | None = None  # the weights packed as one slot row (LoRAPool.pack)
     loaded_at: float = 0.0  # when the host copy was read (fifo)
     used_at: float = 0.0  # last batch that used it (lru)
 
@@ -63,6 +63,11 @@ class LoRAManager:
         self.pool = LoRAPool(model, shape, options.max_loras_per_batch, options.max_lora_rank, dtype, device,
                              use_triton)
         self.slots = [_Slot() for _ in range(options.max_loras_per_batch)]
+        self._slot_index: dict[str, int] = {}  # adapter name -> its device slot
+        # CUDA: per slot, an event after the last forward that read it (a swap into it waits for
+        # that, not for the whole stream); the previous forward's slots get theirs at the next prepare.
+        self._slot_read: dict[int, torch.cuda.Event] = {}
+        self._in_flight: set[int] = set()
         self.adapters: dict[str, Registered] = {}
         self._generation = itertools.count()
         self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
@@ -78,10 +83,10 @@ class LoRAManager:
         if name in self.adapters:
             raise AdapterError(f"LoRA adapter {name!r} is already loaded (from {self.adapters[name].path}); "
                                "unload it first")
-        adapter = self._read(name, path)
+        adapter = read_adapter(name, path, self.shape, self.options.max_lora_rank, self.dtype)  # AdapterError
         entry = Registered(name, str(path), f"{name}#{next(self._generation)}")
         self.adapters[name] = entry
-        self._keep_host(entry, adapter, busy=set())
+        self._keep_host(entry, self.pool.pack(adapter), busy=set())
         logger.info("LoRA adapter %r loaded from %s (rank %d, %s, %.1f MB)", name, path, adapter.max_rank,
                     ",".join(adapter.config.target_modules), adapter.nbytes / 1e6)
         return entry
@@ -89,17 +94,14 @@ class LoRAManager:
     def unload(self, name: str) -> None:
         """Forget an adapter; the caller checked that no request uses it."""
         self.adapters.pop(name)
-        for slot in self.slots:
-            if slot.name == name:
-                slot.name = None
+        index = self._slot_index.pop(name, None)
+        if index is not None:
+            self.slots[index] = _Slot()
 
-    def _read(self, name: str, path: str) -> LoRAAdapter:
-        adapter = read_adapter(name, path, self.shape, self.options.max_lora_rank, self.dtype)
-        if self.device.type == "cuda":
-            adapter.pin()
-        return adapter
+    def _read(self, entry: Registered) -> torch.Tensor:
+        return self.pool.pack(read_adapter(entry.name, entry.path, self.shape, self.options.max_lora_rank, self.dtype))
 
-    def _keep_host(self, entry: Registered, adapter: LoRAAdapter, busy: set[str]) -> None:
+    def _keep_host(self, entry: Registered, packed: torch.Tensor, busy: set[str]) -> None:
         cap = self.options.max_loaded_loras
         held = [e for e in self.adapters.values() if e.host is not None and e is not entry]
         while cap is not None and len(held) >= cap:
@@ -108,7 +110,7 @@ class LoRAManager:
             logger.info("LoRA adapter %r leaves host memory (--max-loaded-loras %d)", victim.name, cap)
             victim.host = None
             held.remove(victim)
-        entry.host = adapter
+        entry.host = packed
         entry.loaded_at = next(self._clock)
 
     def _age(self, item: Registered | _Slot) -> float:
@@ -130,27 +132,39 @@ class LoRAManager:
     def slot_of(self, name: str, busy: set[str]) -> int:
         """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed."""
         now = next(self._clock)
-        for i, slot in enumerate(self.slots):
-            if slot.name == name:
-                slot.used_at = now
-                self.adapters[name].used_at = now
-                return i
-        free = [i for i, s in enumerate(self.slots) if s.name is None]
-        if free:
-            index = free[0]
-        else:
-            candidates = [i for i, s in enumerate(self.slots) if s.name not in busy]
-            if not candidates:
-                raise RuntimeError(f"more than {len(self.slots)} LoRA adapters in one batch (--max-loras-per-batch)")
-            index = min(candidates, key=lambda i: self._age(self.slots[i]))
+        index = self._slot_index.get(name)
+        if index is not None:
+            self.slots[index].used_at = now
+            self.adapters[name].used_at = now
+            return index
+        index = self._victim(busy)
         entry = self.adapters[name]
         if entry.host is None:
-            self._keep_host(entry, self._read(name, entry.path), busy)
+            self._keep_host(entry, self._read(entry), busy)
         assert entry.host is not None
-        self.pool.write(index, entry.host)
+        self.pool.write(index, entry.host, after=self._slot_read.get(index))
+        old = self.slots[index].name
+        if old is not None:
+            del self._slot_index[old]
         self.slots[index] = _Slot(name, now, now)
+        self._slot_index[name] = index
         entry.used_at = now
         return index
+
+    def _victim(self, busy: set[str]) -> int:
+        """The slot a swap-in takes: a free one, else by policy one the batch does not use,
+        preferring slots the forward in flight does not read (their copy need not wait for it)."""
+        free = [i for i, s in enumerate(self.slots) if s.name is None]
+        if free:
+            return free[0]
+        candidates = [i for i, s in enumerate(self.slots) if s.name not in busy]
+        if not candidates:
+            raise RuntimeError(f"more than {len(self.slots)} LoRA adapters in one batch (--max-loras-per-batch)")
+        return min(candidates, key=lambda i: (self._being_read(i), self._age(self.slots[i])))
+
+    def _being_read(self, index: int) -> bool:
+        event = self._slot_read.get(index)
+        return event is not None and not event.query()
 
     def prepare(self, batch: ForwardBatch, graph: bool) -> bool:
         """Set the segments every LoRA projection reads in this forward; True when a row uses an
@@ -159,6 +173,7 @@ class LoRAManager:
         segments go into the graph's buffers)."""
         names = batch.lora_names or []
         wanted = {n for n in names if n is not None}
+        self._mark_read()
         if not wanted:
             self.pool.batch.segments = None
             return False
@@ -166,6 +181,7 @@ class LoRAManager:
         if unknown:
             raise AdapterError(f"LoRA adapter(s) {sorted(unknown)} are not loaded")
         slots = {n: self.slot_of(n, wanted) for n in sorted(wanted)}
+        self._in_flight = set(slots.values())
         per_req = torch.tensor([-1 if n is None else slots[n] for n in names], dtype=torch.int32)
         if graph:
             self._fill_graph(per_req)
@@ -174,6 +190,15 @@ class LoRAManager:
             torch.tensor(batch.extend_seq_lens_cpu))
         self.pool.batch.segments = LoRASegments.build(token_slots, len(self.slots), self.device)
         return True
+
+    def _mark_read(self) -> None:
+        """The previous forward (already enqueued) is the last reader of its slots so far."""
+        if self._in_flight and self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            for index in self._in_flight:
+                self._slot_read[index] = done
+        self._in_flight = set()
 
     # ---------------------------------------------------------------- CUDA graphs
     def enable_graphs(self, max_bs: int) -> None:
@@ -198,10 +223,10 @@ class LoRAManager:
     def _fill_graph(self, per_req: torch.Tensor) -> None:
         order, start, length, slot, _ = segment_host(per_req, len(self.slots))
         s, m = len(self.slots), self._graph_max_bs
-        host = torch.cat([start, length, slot])
-        if order.numel():
-            self._graph_buf[:order.numel()].copy_(order, non_blocking=True)
-        self._graph_buf[m:m + 3 * s].copy_(host, non_blocking=True)
+        host = torch.zeros(m + 3 * s, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        host[:order.numel()] = order
+        torch.cat([start, length, slot], out=host[m:])
+        self._graph_buf.copy_(host, non_blocking=True)  # pinned: never waits for the forward in flight
 
 
 def model_shape(model: torch.nn.Module, hidden: int, head_dim: int) -> ModelShape:

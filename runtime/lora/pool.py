@@ -61,41 +61,77 @@ class LoRAProjection:
 
 
 class LoRAPool:
-    """The slot buffers of every layer; attaches a `LoRAProjection` to each target linear layer."""
+    """The slot buffers of every layer; attaches a `LoRAProjection` to each target linear layer.
+
+    All of one slot's weights are one contiguous row of `buffer` [slots, total]; each projection's
+    A and B are strided views into it. An adapter in host memory is kept in the same packed layout
+    (`pack`), so swapping it into a slot is a single copy, issued on a side stream on CUDA."""
 
     def __init__(self, model: torch.nn.Module, shape: ModelShape, slots: int, rank: int, dtype: torch.dtype,
                  device: torch.device, use_triton: bool) -> None:
         self.slots = slots
         self.rank = rank
         self.shape = shape
+        self.dtype = dtype
+        self.device = device
         self.batch = BatchAdapters()
-        self.projections: dict[tuple[int, str], LoRAProjection] = {}
-        for i, layer in enumerate(model.layers):
+        # (layer, projection) -> (A offset, A shape, B offset, B shape) in a slot's packed row
+        self.layout: dict[tuple[int, str], tuple[int, tuple[int, int], int, tuple[int, int]]] = {}
+        self.offsets: dict[str, list[int]] = {}
+        total = 0
+        for i in range(len(model.layers)):
             for proj, parts in PARTS.items():
-                in_f = shape.features[parts[0]][0]
                 offsets = [0]
                 for part in parts:
                     offsets.append(offsets[-1] + shape.features[part][1])
-                a = torch.zeros(slots, len(parts) * rank, in_f, dtype=dtype, device=device)
-                b = torch.zeros(slots, offsets[-1], rank, dtype=dtype, device=device)
-                p = LoRAProjection(a, b, offsets, rank, self.batch, use_triton)
-                self.projections[(i, proj)] = p
-                owner = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp
-                getattr(owner, proj).lora = p
+                self.offsets[proj] = offsets
+                a_shape = (len(parts) * rank, shape.features[parts[0]][0])
+                b_shape = (offsets[-1], rank)
+                self.layout[(i, proj)] = (total, a_shape, total + a_shape[0] * a_shape[1], b_shape)
+                total += a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
+        self.slot_numel = total
+        self.buffer = torch.zeros(slots, total, dtype=dtype, device=device)
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.projections: dict[tuple[int, str], LoRAProjection] = {}
+        for (i, proj), (a_off, a_shape, b_off, b_shape) in self.layout.items():
+            a = self.buffer[:, a_off:a_off + a_shape[0] * a_shape[1]].view(slots, *a_shape)
+            b = self.buffer[:, b_off:b_off + b_shape[0] * b_shape[1]].view(slots, *b_shape)
+            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton)
+            self.projections[(i, proj)] = p
+            layer = model.layers[i]
+            owner = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp
+            getattr(owner, proj).lora = p
 
     @property
     def nbytes(self) -> int:
-        return sum(p.a.numel() * p.a.element_size() + p.b.numel() * p.b.element_size()
-                   for p in self.projections.values())
+        return self.buffer.numel() * self.buffer.element_size()
 
-    def write(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy an adapter's weights into `slot` (asynchronous from pinned host memory)."""
-        for p in self.projections.values():
-            p.a[slot].zero_()
-            p.b[slot].zero_()
+    def pack(self, adapter: LoRAAdapter) -> torch.Tensor:
+        """The adapter as one slot row in host memory (page-locked on CUDA, so a swap-in is one
+        asynchronous copy): parts it does not target and ranks below R stay zero."""
+        row = torch.zeros(self.slot_numel, dtype=self.dtype, pin_memory=self.device.type == "cuda")
         for (layer, module), (a, b) in adapter.weights.items():
             proj, part = TARGETS[module]
-            p = self.projections[(layer, proj)]
+            a_off, a_shape, b_off, b_shape = self.layout[(layer, proj)]
+            a_view = row[a_off:a_off + a_shape[0] * a_shape[1]].view(a_shape)
+            b_view = row[b_off:b_off + b_shape[0] * b_shape[1]].view(b_shape)
             r = a.shape[0]
-            p.a[slot, part * self.rank:part * self.rank + r].copy_(a, non_blocking=True)
-            p.b[slot, p.offsets[part]:p.offsets[part + 1], :r].copy_(b, non_blocking=True)
+            offsets = self.offsets[proj]
+            a_view[part * self.rank:part * self.rank + r].copy_(a)
+            b_view[offsets[part]:offsets[part + 1], :r].copy_(b)
+        return row
+
+    def write(self, slot: int, packed: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+        """Copy a packed adapter into `slot`. On CUDA the copy runs on the side stream once `after`
+        (the end of the last forward that read the slot) has passed, so it overlaps the forward in
+        flight; the forwards enqueued from now on wait for it."""
+        if self.copy_stream is None:
+            self.buffer[slot].copy_(packed)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                self.copy_stream.wait_event(after)
+            self.buffer[slot].copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(done)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from radixlm.runtime.device_transfer import to_device
+
 
 @dataclass
 class LoRASegments:
@@ -31,7 +33,7 @@ class LoRASegments:
         segment tensors' size (the adapters a batch may hold)."""
         order, start, length, slot, host = segment_host(token_slots, num_segments)
         max_len = max((n for _, _, n in host), default=0)
-        packed = torch.cat([order, start, length, slot]).to(device, non_blocking=True)
+        packed = to_device(torch.cat([order, start, length, slot]), device)  # pinned: no wait on the stream
         t, s = order.numel(), num_segments
         return cls(packed[:t], packed[t:t + s], packed[t + s:t + 2 * s], packed[t + 2 * s:], max_len, host)
 

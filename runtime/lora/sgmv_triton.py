@@ -1,19 +1,25 @@
 """Triton SGMV kernels: shrink and expand for every adapter of a batch in one launch each.
 
-Grid: (segment, block of its rows, block of output columns). A program reads its rows through
-`order` (tokens sorted by adapter), so each adapter's A / B tile is read once per row block,
-not once per token. The grid depends only on the segment count (--max-loras-per-batch) and the
-longest segment, which in decode is the graph's batch size: a CUDA graph captured for a batch
-size stays valid whatever adapters its rows use (unused segments and blocks exit at once).
-Imported only when triton is (the CPU path is `sgmv.py`).
+Grid: (work item, block of output columns [x K split]). A work item is one block of BLOCK_M rows
+of one segment (tokens sorted by adapter, read through `order`); each program finds its item from
+the segment lengths (a cumulative sum over the <= --max-loras-per-batch segments), so an
+adapter's A / B tile is read once per row block, and no program is launched per unused segment:
+the grid is bounded by min(segments, T) + cdiv(T, BLOCK_M) - 1 items, which depends only on the
+token count T and the slot count. A CUDA graph captured for a batch size therefore stays valid
+whatever adapters its rows use (items past the last one exit at once), and rows of the base
+model are in no segment, so no program touches them.
 
-Two launches per projection and no memset: the shrink splits its reduction over K (so a decode
-step of one adapter still spreads the reading of A over many SMs) and each split stores its own
-partial sum into y [split, T, n·R]; the expand adds the splits as it loads y. No atomics, so the
-result is the same bit for bit from run to run, and y needs no zeroing (rows of no segment are
-never read).
+Two launches per projection and no memset: when the rows alone give too few programs (decode),
+the shrink splits its reduction over K and each split stores its own partial sum into
+y [split, T, n·R]; the expand adds the splits as it loads y. Prefill-sized batches do not split
+(y is read once per output tile). No atomics, so the result is the same bit for bit from run to
+run, and y needs no zeroing (rows of no segment are never read). Tile sizes are picked from T
+alone (`tiles`), so a graph's kernels are fixed by its batch size.
+Imported only when triton is (the CPU path is `sgmv.py`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,85 +27,126 @@ import triton.language as tl
 
 from radixlm.runtime.lora.sgmv import LoRASegments
 
-BLOCK_M = 16
+TARGET_PROGRAMS = 264  # ~2 per SM of an H100/H200: below this the shrink splits K
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tile sizes, a function of the token count only (CUDA-graph stable)."""
+
+    block_m: int  # rows per work item
+    shrink_n: int  # shrink output columns per program (all n·R of small ranks at once)
+    block_k: int
+    expand_n: int
+    split_k: int  # partial sums over K (1: none)
+
+
+def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
+          split_k: int | None = None) -> Tiles:
+    """The tiles for T tokens, a reduction of K and n·R shrink columns (overrides: the benchmark's sweep)."""
+    bm = block_m or (16 if t <= 512 else 64)
+    shrink_n = min(max(16, triton.next_power_of_2(n_rank)), 64)
+    block_k = 128
+    if split_k is None:
+        programs = work_items(t, 1, bm) * triton.cdiv(n_rank, shrink_n)
+        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1)))
+    if k > 0:  # no split without work (each one writes its partial sum)
+        split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
+    return Tiles(bm, shrink_n, block_k, expand_n or 128, split_k)
+
+
+def work_items(t: int, segments: int, block_m: int) -> int:
+    """Upper bound of (segment, row block) pairs for T rows in at most `segments` segments."""
+    return max(min(segments, t) + triton.cdiv(t, block_m) - 1, 1)
+
+
+@triton.jit
+def _locate(w, len_ptr, S, BLOCK_M: tl.constexpr, S_POW2: tl.constexpr):
+    """Work item w -> (segment, first row of its block within the segment); segment == S: none."""
+    offs = tl.arange(0, S_POW2)
+    lens = tl.load(len_ptr + offs, mask=offs < S, other=0)
+    blocks = (lens + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, 0)
+    seg = tl.sum((ends <= w).to(tl.int32), 0)
+    begin = tl.sum(tl.where(offs == seg, ends - blocks, 0), 0)
+    return seg, (w - begin) * BLOCK_M
 
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
-                   K, N, K_PER_SPLIT, SPLIT_K, stride_xm, stride_as, stride_an, stride_ys, stride_ym,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   S, K, N, K_PER_SPLIT, SPLIT_K, stride_xm, stride_as, stride_an, stride_ys, stride_ym,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_POW2: tl.constexpr,
                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    seg = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2) // SPLIT_K
-    split = tl.program_id(2) % SPLIT_K
-    k_lo = split * K_PER_SPLIT
-    slot = tl.load(slot_ptr + seg)
-    length = tl.load(len_ptr + seg)
-    if slot >= 0 and pid_m * BLOCK_M < length:
-        start = tl.load(start_ptr + seg)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = rm < length
-        rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rn < N
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        a_base = a_ptr + slot.to(tl.int64) * stride_as
-        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k_mask = k0 + rk < k_hi
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
-                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + split * stride_ys + rows[:, None] * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    seg, m0 = _locate(tl.program_id(0), len_ptr, S, BLOCK_M, S_POW2)
+    pid_n = tl.program_id(1) // SPLIT_K
+    split = tl.program_id(1) % SPLIT_K
+    if seg < S:
+        slot = tl.load(slot_ptr + seg)
+        if slot >= 0:
+            length = tl.load(len_ptr + seg)
+            start = tl.load(start_ptr + seg)
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_mask = rm < length
+            rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = rn < N
+            rk = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            a_base = a_ptr + slot.to(tl.int64) * stride_as
+            k_lo = split * K_PER_SPLIT
+            k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_mask = k0 + rk < k_hi
+                xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
+                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
+                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
+                    xt = xt.to(tl.float32)
+                    at = at.to(tl.float32)
+                acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
+            y_ptrs = y_ptr + split * stride_ys + rows[:, None] * stride_ym + rn[None, :]
+            tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
-                   R, blocks_per_slice, SPLIT_K, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   S, R, blocks_per_slice, SPLIT_K, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, S_POW2: tl.constexpr,
                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    seg = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_sn = tl.program_id(2)
-    slot = tl.load(slot_ptr + seg)
-    length = tl.load(len_ptr + seg)
-    if slot >= 0 and pid_m * BLOCK_M < length:
-        piece = pid_sn // blocks_per_slice
-        n_lo = tl.load(off_ptr + piece)
-        n_hi = tl.load(off_ptr + piece + 1)
-        start = tl.load(start_ptr + seg)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = rm < length
-        rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
-        rn = n_lo + (pid_sn % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rn < n_hi
-        rr = tl.arange(0, BLOCK_R)
-        r_mask = rr < R
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
-        y_mask = m_mask[:, None] & r_mask[None, :]
-        yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-        for split in range(1, SPLIT_K):  # the shrink's partial sums, added in a fixed order
-            yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        if DOT_FP32:
-            yt = yt.to(tl.float32)
-            bt = bt.to(tl.float32)
-        else:
-            yt = yt.to(bt.dtype)
-        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
-        mask = m_mask[:, None] & n_mask[None, :]
-        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-        old = tl.load(o_ptrs, mask=mask, other=0.0)
-        tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+    seg, m0 = _locate(tl.program_id(0), len_ptr, S, BLOCK_M, S_POW2)
+    pid_sn = tl.program_id(1)
+    if seg < S:
+        slot = tl.load(slot_ptr + seg)
+        if slot >= 0:
+            piece = pid_sn // blocks_per_slice
+            n_lo = tl.load(off_ptr + piece)
+            n_hi = tl.load(off_ptr + piece + 1)
+            length = tl.load(len_ptr + seg)
+            start = tl.load(start_ptr + seg)
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_mask = rm < length
+            rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+            rn = n_lo + (pid_sn % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = rn < n_hi
+            rr = tl.arange(0, BLOCK_R)
+            r_mask = rr < R
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
+            y_mask = m_mask[:, None] & r_mask[None, :]
+            yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            for split in range(1, SPLIT_K):  # the shrink's partial sums, added in a fixed order
+                yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
+                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            if DOT_FP32:
+                bt = bt.to(tl.float32)
+            else:
+                yt = yt.to(bt.dtype)
+            delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
+            mask = m_mask[:, None] & n_mask[None, :]
+            o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
+            old = tl.load(o_ptrs, mask=mask, other=0.0)
+            tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_options(x: torch.Tensor) -> dict:
@@ -107,40 +154,39 @@ def _dot_options(x: torch.Tensor) -> dict:
     return {"DOT_FP32": not x.is_cuda, "DOT_PRECISION": "ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32"}
 
 
-def _row_blocks(seg: LoRASegments) -> int:
-    return max(triton.cdiv(seg.max_length, BLOCK_M), 1)
-
-
-def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Tensor:
+def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None) -> torch.Tensor:
     """y [split, T, n·R] float32: partial sums over K whose sum is x·A[slot]ᵀ per segment (rows of
-    no segment are left unwritten; `sgmv_expand` adds the splits)."""
+    no segment are left unwritten; `sgmv_expand` adds the splits). `a`: [slots, n·R, K] with unit
+    stride along K (a view of the pool's packed slot buffer)."""
     t, k = x.shape
     n = a.shape[1]
-    block_n, block_k = 16, 128
-    split_k = max(1, min(16, k // 256))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)  # no split without work (each one writes its partial sum)
-    y = torch.empty(split_k, t, n, dtype=torch.float32, device=x.device)
-    grid = (seg.slot.numel(), _row_blocks(seg), triton.cdiv(n, block_n) * split_k)
-    _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, k, n, k_per_split, split_k,
+    tile = tile or tiles(t, k, n)
+    k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
+    y = torch.empty(tile.split_k, t, n, dtype=torch.float32, device=x.device)
+    s = seg.slot.numel()
+    grid = (work_items(t, s, tile.block_m), triton.cdiv(n, tile.shrink_n) * tile.split_k)
+    _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, s, k, n, k_per_split, tile.split_k,
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_options(x))
+                         BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k,
+                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x))
     return y
 
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
-                out: torch.Tensor, seg: LoRASegments) -> None:
+                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None) -> None:
     """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place.
     `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `slice_offsets`: [n + 1] int32 on
-    the device; `widest`: the widest slice (sizes the grid)."""
+    the device; `widest`: the widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
     if y.dim() == 2:
         y = y.unsqueeze(0)
-    block_n = 64
-    blocks = triton.cdiv(widest, block_n)
+    t = y.shape[1]
+    tile = tile or tiles(t, 0, y.shape[2])
+    blocks = triton.cdiv(widest, tile.expand_n)
     pieces = slice_offsets.numel() - 1
-    grid = (seg.slot.numel(), _row_blocks(seg), pieces * blocks)
+    s = seg.slot.numel()
+    grid = (work_items(t, s, tile.block_m), pieces * blocks)
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
-                         rank, blocks, y.shape[0], y.stride(0), y.stride(1), b.stride(0), b.stride(1),
+                         s, rank, blocks, y.shape[0], y.stride(0), y.stride(1), b.stride(0), b.stride(1),
                          out.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                         **_dot_options(b))
+                         BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(b))
