@@ -18,7 +18,7 @@ from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -274,11 +274,19 @@ class Scheduler:
 
         Scheduling a prefill ahead of the commit was tried (benchmarks/RESULTS.md, issue 8): on
         workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower."""
-        if self.waiting or self.partial:
+        if self.partial or self._may_admit():
             return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
         return self.kv_pool.available() >= len(self.running)
+
+    def _may_admit(self) -> bool:
+        """Some waiting request could be admitted now (with LoRA, requests whose adapter cannot get a
+        device slot cannot: with many adapters they wait most of the time, and must not turn every
+        decode step into a synchronous one)."""
+        if self.runner.lora is None or not self.waiting:
+            return bool(self.waiting)
+        return may_admit_any(self.args.max_loras_per_batch, self.running, self.waiting, self.adapter_demand)
 
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []
@@ -379,7 +387,7 @@ class Scheduler:
         in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         adapters = None if self.runner.lora is None else SlotBudget(
             self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs], candidates,
-            self.adapter_demand)
+            self.adapter_demand, self.runner.lora.resident())
         for req in ordered:
             if adapters is not None and not adapters.admits(req):
                 continue  # its adapter would not fit this batch's device slots

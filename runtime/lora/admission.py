@@ -2,41 +2,58 @@
 
 Every running request decodes in each decode step, so the adapters of the running (and partly
 prefilled) requests plus those of a new prefill batch must fit the device slots together. A slot
-is free as soon as no request in flight uses its adapter. Free slots go by demand: the waiting
-adapters with the most waiting rows first, so the batch holds as many rows as the slots allow
-(first come would fill the slots with whatever adapters the queue starts with, ~rows/adapter each).
-Demand alone could starve an adapter with few requests; each time a slot goes to another adapter
-while one waits, the waiting one gains a point (`AdapterDemand`), so its score grows until it
-wins (ties: the adapter whose request waited longest). Requests of the base model and of adapters
-already in flight are never held back.
+is free as soon as no request in flight uses its adapter. Requests of the base model and of
+adapters already in flight always pass (no swap needed). Free slots go by demand: the waiting
+adapters with the most waiting rows first, so a swap brings in as many rows as it can (first come
+would fill the slots with whatever adapters the queue starts with, ~rows/adapter each); an adapter
+already in a device slot (no copy needed) wins a tie, then the one whose request waited longest
+(first come among equals).
+
+No adapter waits without bound. Each time a slot goes to another adapter while one waits, the
+waiting one gains a point (`AdapterDemand.passed`), so its score grows until it wins. And when no
+slot ever frees (the adapters in flight keep receiving requests), an adapter that has waited
+`starve_after` admission rounds is starving: the in-flight adapter with the fewest rows is drained
+(its new requests are held back until its running ones finish) and the freed slot goes to the
+starving adapters first, oldest first.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from radixlm.runtime.request import Req
 
+STARVE_AFTER_ROUNDS = 200  # admission rounds (~scheduler steps) an adapter may wait before a slot is drained for it
+
 
 class AdapterDemand:
-    """Owned by the scheduler across steps: how often each waiting adapter was passed over for a slot."""
+    """Owned by the scheduler across steps: how often each waiting adapter was passed over for a
+    slot, how many rounds it has waited, and the adapter being drained for a starving one."""
 
-    def __init__(self) -> None:
+    def __init__(self, starve_after: int = STARVE_AFTER_ROUNDS) -> None:
+        self.starve_after = starve_after
         self.passed: dict[str, int] = {}
+        self.waited: dict[str, int] = {}
+        self.draining: str | None = None
 
     def granted(self, adapter: str, waiting: Iterable[str]) -> None:
         self.passed.pop(adapter, None)
+        self.waited.pop(adapter, None)
         for other in waiting:
             if other != adapter:
                 self.passed[other] = self.passed.get(other, 0) + 1
 
 
 class SlotBudget:
-    """One prefill step's view: the adapters in flight, and which waiting adapters take the free slots."""
+    """One prefill step's view: the adapters in flight, and which waiting adapters take the free slots.
+    `resident`: adapters sitting in a device slot now (taking a slot needs no copy)."""
 
-    def __init__(self, limit: int, in_flight: Iterable[Req], waiting: Sequence[Req], demand: AdapterDemand) -> None:
+    def __init__(self, limit: int, in_flight: Iterable[Req], waiting: Sequence[Req], demand: AdapterDemand,
+                 resident: Iterable[str] = ()) -> None:
         self.limit = limit
         self.demand = demand
-        self.adapters = {r.lora_name for r in in_flight if r.lora_name is not None}
+        flight_rows = Counter(r.lora_name for r in in_flight if r.lora_name is not None)
+        self.adapters = set(flight_rows)
         rows: dict[str, int] = {}
         first: dict[str, int] = {}
         for i, req in enumerate(waiting):
@@ -44,20 +61,44 @@ class SlotBudget:
             if name is not None and name not in self.adapters:
                 rows[name] = rows.get(name, 0) + 1 + len(req.followers)
                 first.setdefault(name, i)
-        for name in [n for n in demand.passed if n not in rows]:  # no longer waiting: no aging kept
-            del demand.passed[name]
+        for table in (demand.passed, demand.waited):
+            for name in [n for n in table if n not in rows]:  # no longer waiting: no aging kept
+                del table[name]
+        for name in rows:
+            demand.waited[name] = demand.waited.get(name, 0) + 1
+        if demand.draining not in self.adapters:
+            demand.draining = None  # drained: its slot is free now
         self.waiting = list(rows)
-        ranked = sorted(rows, key=lambda n: (-(rows[n] + demand.passed.get(n, 0)), first[n]))
-        self.chosen = set(ranked[:max(limit - len(self.adapters), 0)])
+        starving = {n for n in rows if demand.waited[n] >= demand.starve_after}
+        free = max(limit - len(self.adapters), 0)
+        if starving and free == 0 and demand.draining is None and flight_rows:
+            demand.draining = min(flight_rows, key=lambda n: (flight_rows[n], n))
+        resident = set(resident)
+        ranked = sorted(rows, key=lambda n: (n not in starving, first[n] if n in starving else 0,
+                                             -(rows[n] + demand.passed.get(n, 0)), n not in resident, first[n]))
+        self.chosen = set(ranked[:free])
 
     def admits(self, req: Req) -> bool:
-        return req.lora_name is None or req.lora_name in self.adapters or req.lora_name in self.chosen
+        name = req.lora_name
+        if name is None:
+            return True
+        if name == self.demand.draining:
+            return False
+        return name in self.adapters or name in self.chosen
 
     def add(self, req: Req) -> None:
         name = req.lora_name
         if name is not None and name not in self.adapters:
             self.adapters.add(name)
             self.demand.granted(name, (n for n in self.waiting if n not in self.adapters))
+
+
+def may_admit_any(limit: int, in_flight: Iterable[Req], waiting: Iterable[Req], demand: AdapterDemand) -> bool:
+    """Could `SlotBudget` admit any of `waiting` now, as far as slots go? (Conservative: True when unsure.)"""
+    adapters = {r.lora_name for r in in_flight if r.lora_name is not None}
+    free = len(adapters) < limit
+    return any(r.lora_name is None or free or (r.lora_name in adapters and r.lora_name != demand.draining)
+               for r in waiting)
 
 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:

@@ -120,6 +120,10 @@ class LoRAManager:
         entry = self.adapters.get(name)
         return None if entry is None else entry.uid
 
+    def resident(self) -> set[str]:
+        """Adapters in a device slot now (using them needs no copy)."""
+        return set(self._slot_index)
+
     def info(self) -> dict:
         return {
             "adapters": {n: e.path for n, e in self.adapters.items()},

@@ -68,3 +68,35 @@ def test_triton_shrink_expand_match_reference(dtype, rank: int, offsets: list[in
     torch.testing.assert_close(fused, exact.to(dtype), **tol)
     assert torch.equal(fused, again)
     assert (out_ref[used] - out0[used]).abs().max() > 1.0, "the update is not empty"
+
+
+@pytest.mark.parametrize("t,override", [(600, {}), (45, {"block_m": 32, "expand_n": 64, "split_k": 3}),
+                                        (9, {"block_m": 16, "expand_n": 16})])
+def test_work_items_cover_every_row_of_many_segments(t: int, override: dict) -> None:
+    """Up to 16 segments of ragged lengths (some empty, one slot unused in the middle), base rows,
+    more rows than segments or fewer, prefill-sized row blocks (T > 512) and the sweep's overrides:
+    every adapter row is updated once, base rows never, and the grid is the bound, not slots x blocks."""
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, tiles, work_items
+
+    dev = _device()
+    g = torch.Generator().manual_seed(t)
+    slots, k, rank, offsets = 16, 96, 8, [0, 24, 40]
+    a = torch.randn(slots, 2 * rank, k, generator=g)
+    b = torch.randn(slots, offsets[-1], rank, generator=g)
+    x = torch.randn(t, k, generator=g)
+    token_slots = torch.randint(-1, slots, (t,), generator=g)
+    token_slots[token_slots == 7] = 3  # slot 7 unused: a gap in the slots, not in the segments
+    seg = LoRASegments.build(token_slots, slots, dev)
+    tile = tiles(t, k, 2 * rank, **override)
+    assert tile.block_m == override.get("block_m", 16 if t <= 512 else 64)
+    used_blocks = sum(-(-n // tile.block_m) for _, _, n in seg.host)
+    assert used_blocks <= work_items(t, slots, tile.block_m) < slots * (-(-t // tile.block_m)) or t < 16
+    y = sgmv_shrink(x.to(dev), a.to(dev), seg, tile)
+    assert y.shape[0] == tile.split_k
+    out0 = torch.randn(t, offsets[-1], generator=g).to(dev)
+    out, ref = out0.clone(), out0.clone()
+    sgmv_expand(y, b.to(dev), torch.tensor(offsets, dtype=torch.int32, device=dev), 24, rank, out, seg, tile)
+    expand_ref(shrink_ref(x.to(dev), a.to(dev), seg), b.to(dev), offsets, rank, ref, seg)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    used = (token_slots >= 0).to(dev)
+    assert torch.equal(out[~used], out0[~used])

@@ -180,3 +180,30 @@ def test_base_only_batches_skip_the_lora_path(tiny_model_dir, tmp_path) -> None:
     assert lora._graph_buf[:1].tolist() == [1] and lora.info()["in_device_slots"][0] == "a"
     assert lora.prepare(_decode_batch(["a", None]), graph=False) is True
     assert lora.pool.batch.segments is not None and lora.pool.batch.segments.host == [(0, 0, 1)]
+
+
+def test_a_swap_replaces_the_whole_slot(tiny_model_dir, tmp_path) -> None:
+    """One device slot: a full-rank adapter on every module, then a lower-rank one on three modules
+    swapped into the same slot (one packed copy): the second must equal PEFT, i.e. nothing of the
+    first is left in the parts it does not target or the ranks it does not have; and the slot's
+    A / B views read the packed row where each projection's part lies."""
+    model_dir = tiny_model_dir("llama")
+    full = make_peft_adapter(model_dir, tmp_path / "full", seed=7, r=8)
+    part = make_peft_adapter(model_dir, tmp_path / "part", seed=8, r=4, targets=["k_proj", "up_proj", "down_proj"])
+    runner = _runner(model_dir, {"full": full, "part": part}, max_loras_per_batch=1)
+    prompts = _prompts(runner.vocab_size, (9,), seed=4)
+    _forward(runner, prompts, ["full"])
+    assert runner.lora.info()["in_device_slots"] == ["full"]
+    got = _forward(runner, prompts, ["part"])[0]
+    assert runner.lora.info()["in_device_slots"] == ["part"]
+    torch.testing.assert_close(got, _reference(peft_model(model_dir, part, merged=False), prompts[0]),
+                               atol=2e-4, rtol=2e-4)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(part / "adapter_model.safetensors"))
+    a_k = next(v for k, v in weights.items() if "layers.1.self_attn.k_proj.lora_A" in k)
+    qkv = runner.lora.pool.projections[(1, "qkv_proj")]
+    rank = runner.lora.pool.rank
+    assert torch.equal(qkv.a[0, rank:rank + 4], a_k) and not qkv.a[0, :rank].any() and not qkv.a[0, rank + 4:].any()
+    assert qkv.a.data_ptr() >= runner.lora.pool.buffer.data_ptr() and runner.lora.pool.nbytes == (
+        runner.lora.pool.slot_numel * runner.lora.pool.buffer.element_size())

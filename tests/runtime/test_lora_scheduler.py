@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from radixlm.runtime.io_struct import ControlReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import make_peft_adapter
@@ -151,4 +151,73 @@ def test_admission_by_demand_through_the_scheduler(setup) -> None:
         for out in sched.pop_outputs():
             merge(results, out)
     assert sorted(results) == sorted(r.rid for r in reqs) and all(len(v["output_ids"]) == 4 for v in results.values())
+    assert_pool_idle(sched)
+
+
+def test_ties_go_to_the_resident_adapter_then_first_come() -> None:
+    waiting = _waiting("b", "c", "d", "c", "d", "b")
+    # Two free slots; b, c and d have two rows each: d sits in a device slot (no copy), so it wins
+    # the tie; then b, whose request came first.
+    budget = SlotBudget(2, [], waiting, AdapterDemand(), resident={"d", "x"})
+    assert budget.chosen == {"d", "b"}
+    # No residency: first come among equals.
+    assert SlotBudget(2, [], waiting, AdapterDemand()).chosen == {"b", "c"}
+
+
+def test_a_starving_adapter_gets_a_drained_slot_within_the_bound() -> None:
+    """Two slots held by adapters that keep receiving requests: no slot ever frees by itself. After
+    `starve_after` rounds the in-flight adapter with fewest rows stops taking new requests; once its
+    running ones finish, its slot goes to the starving adapter, and the drained one waits its turn."""
+    demand = AdapterDemand(starve_after=3)
+    running = _waiting("busy", "busy", "busy", "small")
+    waiting_for, draining = {}, {}
+    for round_ in range(1, 10):
+        waiting = _waiting("late", "busy", "small")
+        budget = SlotBudget(2, running, waiting, demand)
+        waiting_for[round_] = [r.lora_name for r in waiting if budget.admits(r)]
+        draining[round_] = demand.draining
+        if "late" in waiting_for[round_]:
+            break
+        if demand.draining == "small" and round_ == 5:
+            running = [r for r in running if r.lora_name != "small"]  # its requests finished
+    assert waiting_for[1] == waiting_for[2] == ["busy", "small"], "in-flight adapters pass; late waits"
+    assert draining[3] == draining[5] == "small" and waiting_for[3] == ["busy"], "drained from the bound on"
+    assert waiting_for[6] == ["late", "busy"] and draining[6] is None, "the freed slot goes to late"
+    assert max(waiting_for) == 6
+    budget = SlotBudget(2, running, _waiting("late", "small"), demand)
+    budget.add(_waiting("late")[0])
+    assert "late" not in demand.waited and demand.waited == {"small": 2}, "small waits from round 6 on"
+
+
+def test_may_admit_any_is_false_only_when_every_waiting_request_needs_a_slot_that_is_taken() -> None:
+    demand = AdapterDemand()
+    running = _waiting("a", "b")
+    assert not may_admit_any(2, running, _waiting("c", "d"), demand)
+    assert may_admit_any(2, running, _waiting("c", None), demand), "base requests always pass"
+    assert may_admit_any(2, running, _waiting("c", "a"), demand), "an adapter in flight passes"
+    assert may_admit_any(3, running, _waiting("c"), demand), "a free slot"
+    demand.draining = "a"
+    assert not may_admit_any(2, running, _waiting("c", "a"), demand), "a drained adapter waits"
+
+
+def test_decode_runs_ahead_of_the_commit_while_waiting_requests_cannot_get_a_slot(setup) -> None:
+    """Overlap scheduling stays on when every waiting request's adapter is kept out by the slots
+    (with many adapters that is most of the time); outputs stay those of each request alone."""
+    model_dir, adapters = setup
+    sched = _sched(model_dir, adapters, max_loras_per_batch=1, enable_overlap_schedule_on_cpu=True)
+    reqs = [_req("o0", PROMPT[:12], "a0", max_new=8), _req("o1", PROMPT[2:14], "a1", max_new=3)]
+    for r in reqs:
+        sched.handle(r)
+    ahead = []
+    results: dict = {}
+    while not sched.idle:
+        if sched.uncommitted is not None:
+            ahead.append(sched._can_schedule_before_commit())
+        sched.step()
+        for out in sched.pop_outputs():
+            merge(results, out)
+    assert ahead and ahead[0] and any(ahead), "a1 waits for a0's slot: decode steps overlap meanwhile"
+    alone = _sched(model_dir, adapters, disable_radix_cache=True)
+    for r in reqs:
+        assert results[r.rid]["output_ids"] == run_to_completion(alone, [r])[r.rid]["output_ids"]
     assert_pool_idle(sched)
