@@ -44,12 +44,13 @@ class Tiles:
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
           split_k: int | None = None) -> Tiles:
     """The tiles for T tokens, a reduction of K and n·R shrink columns (overrides: the benchmark's sweep)."""
-    bm = block_m or (16 if t <= 512 else 64)
+    bm = block_m or (16 if t <= 512 else 32 if t <= 4096 else 64)
     shrink_n = min(max(16, triton.next_power_of_2(n_rank)), 64)
     block_k = 128
     if split_k is None:
         programs = work_items(t, 1, bm) * triton.cdiv(n_rank, shrink_n)
-        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1)))
+        # capped so that the partial sums the expand re-reads per output tile stay small next to its tile
+        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), 2048 // t))
     if k > 0:  # no split without work (each one writes its partial sum)
         split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
     return Tiles(bm, shrink_n, block_k, expand_n or 128, split_k)

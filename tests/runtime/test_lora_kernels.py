@@ -88,7 +88,7 @@ def test_work_items_cover_every_row_of_many_segments(t: int, override: dict) -> 
     token_slots[token_slots == 7] = 3  # slot 7 unused: a gap in the slots, not in the segments
     seg = LoRASegments.build(token_slots, slots, dev)
     tile = tiles(t, k, 2 * rank, **override)
-    assert tile.block_m == override.get("block_m", 16 if t <= 512 else 64)
+    assert tile.block_m == override.get("block_m", 16 if t <= 512 else 32)
     used_blocks = sum(-(-n // tile.block_m) for _, _, n in seg.host)
     assert used_blocks <= work_items(t, slots, tile.block_m) < slots * (-(-t // tile.block_m)) or t < 16
     y = sgmv_shrink(x.to(dev), a.to(dev), seg, tile)
