@@ -53,7 +53,7 @@ class LoRAProjection:
         if self.use_triton:
             from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
-            y = sgmv_shrink(x.contiguous(), self.a, seg)
+            y = sgmv_shrink(x if x.stride(-1) == 1 else x.contiguous(), self.a, seg)  # rows may be strided
             sgmv_expand(y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         else:
             expand_ref(shrink_ref(x, self.a, seg), self.b, self.offsets, self.rank, out, seg)
