@@ -223,8 +223,8 @@ def tile_sweep(cfg: dict) -> list[dict]:
     from radixlm.runtime.lora.sgmv_triton import tiles
 
     rows = []
-    variants = {1: [dict(split_k=s, expand_n=n) for s in (4, 8, 16, 32) for n in (64, 128, 256)],
-                64: [dict(block_m=m, split_k=s) for m in (16, 32, 64) for s in (1, 4, 8)],
+    variants = {1: [dict(split_k=s, expand_n=n) for s in (8, 16, 32) for n in (64, 128, 256)],
+                64: [dict(block_m=m, split_k=s) for m in (16, 32) for s in (1, 4, 8)],
                 8192: [dict(block_m=m, expand_n=n) for m in (32, 64, 128) for n in (64, 128, 256)]}
     for name in ("qkv", "gate_up", "down"):
         k, offsets = projection_shapes(cfg)[name]

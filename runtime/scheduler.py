@@ -383,14 +383,16 @@ class Scheduler:
         candidates = [r for r in self.waiting if not r.grammar_pending]
         if not candidates or budget <= 0:
             return batch if batch.reqs else None
-        ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
-        in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         adapters = None if self.runner.lora is None else SlotBudget(
             self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs], candidates,
             self.adapter_demand, self.runner.lora.resident())
+        if adapters is not None:  # only requests whose adapter fits this batch's device slots
+            candidates = [r for r in candidates if adapters.admits(r)]
+            if not candidates:
+                return batch if batch.reqs else None
+        ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
+        in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         for req in ordered:
-            if adapters is not None and not adapters.admits(req):
-                continue  # its adapter would not fit this batch's device slots
             # Check: room for the request's rows, its token budget, its KV slots.
             seqs = 1 + len(req.followers)
             if len(self.running) + len(self.partial) + len(batch.reqs) + seqs > self.max_running or budget <= 0:
