@@ -221,3 +221,40 @@ def test_decode_runs_ahead_of_the_commit_while_waiting_requests_cannot_get_a_slo
     for r in reqs:
         assert results[r.rid]["output_ids"] == run_to_completion(alone, [r])[r.rid]["output_ids"]
     assert_pool_idle(sched)
+
+
+def test_through_the_scheduler_a_stream_for_one_adapter_does_not_starve_another(setup) -> None:
+    """One device slot, a new request for `busy` every step (so its slot never frees by itself) and
+    one request for `late`: with the bound at 4 rounds, `late` gets the slot and finishes while busy's
+    stream goes on, and every output equals the request alone."""
+    model_dir, adapters = setup
+    sched = _sched(model_dir, {"busy": adapters["a0"], "late": adapters["a1"]}, max_loras_per_batch=1)
+    sched.adapter_demand = AdapterDemand(starve_after=4)
+    reqs = [_req("b0", PROMPT[:10], "busy", max_new=6)]
+    sched.handle(reqs[0])
+    sched.step()
+    late = _req("late", PROMPT[3:13], "late", max_new=3)
+    sched.handle(late)
+    reqs.append(late)
+    results: dict = {}
+    late_done_at = None
+    for step in range(1, 60):
+        if late_done_at is None:
+            nxt = _req(f"b{step}", PROMPT[step % 7:step % 7 + 10], "busy", max_new=6)
+            sched.handle(nxt)
+            reqs.append(nxt)
+        sched.step()
+        for out in sched.pop_outputs():
+            merge(results, out)
+        if late_done_at is None and results.get("late", {}).get("finished_reason"):
+            late_done_at = step
+    while not sched.idle:
+        sched.step()
+        for out in sched.pop_outputs():
+            merge(results, out)
+    assert late_done_at is not None and late_done_at < 30, late_done_at
+    alone = _sched(model_dir, {"busy": adapters["a0"], "late": adapters["a1"]}, disable_radix_cache=True)
+    for r in (reqs[0], late, reqs[-1]):
+        assert results[r.rid]["output_ids"] == run_to_completion(alone, [r])[r.rid]["output_ids"], r.rid
+    assert len(results) == len(reqs)
+    assert_pool_idle(sched)
