@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import ENGINE_ARGS, params_for, workload_b  # noqa: E402
+from quantized import _graph_time as graph_time  # noqa: E402  (seconds per call inside a CUDA graph)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
@@ -142,25 +143,6 @@ def check_mixed_batch(eng, vocab: int, names: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ kernel
-def graph_time(fn, reps: int = 20) -> float:
-    """Seconds per call of `fn` replayed inside a CUDA graph (as decode runs it: no launch gaps)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 5 / reps / 1e3
-
-
 def projection_shapes(cfg: dict) -> dict[str, tuple[int, list[int]]]:
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
