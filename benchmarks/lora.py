@@ -43,6 +43,7 @@ from quantized import _graph_time as graph_time  # noqa: E402  (seconds per call
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
+OUTPUTS_BY_LABEL: dict[str, list[list[int]]] = {}  # (b) run -> its output ids (for the swap check)
 
 
 def features(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -241,7 +242,8 @@ def run_b(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None
     assert sum(r["meta_info"]["completion_tokens"] for r in res) == sum(outs)
     total = sum(map(len, prompts)) + sum(outs)
     steps = max(after["forward_steps"] - before["forward_steps"], 1)
-    row = {"seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt, "forward_steps": steps,
+    row = {"_outputs": [r["output_ids"] for r in res],
+           "seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt, "forward_steps": steps,
            "tokens_per_forward_step": (after["generated_tokens"] - before["generated_tokens"]) / steps}
     longest: dict[str, int] = {}
     for name, out in zip(loras, outs):
@@ -250,6 +252,19 @@ def run_b(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None
     if longest:
         row["decode_steps_lower_bound"] = max(-(-sum(longest.values()) // slots), max(outs))
     return row
+
+
+def swap_check(swapped: list[list[int]], resident: list[list[int]]) -> dict:
+    """The same 64-adapter requests (greedy) on 8 slots, swapping adapters in on the side stream
+    while steps run, and on 64 slots, where every adapter stays resident. bf16 batches of other
+    sizes round differently, so a few outputs may part late; a swap racing with a forward (a slot
+    overwritten while read) would corrupt adapters wholesale: most outputs would differ early."""
+    same = sum(a == b for a, b in zip(swapped, resident))
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(swapped, resident)]
+    first8 = sum(p >= min(8, len(a)) for p, a in zip(prefix, swapped))
+    return {"identical": f"{same}/{len(swapped)}", "first_8_tokens_identical": f"{first8}/{len(swapped)}",
+            "mean_common_prefix": statistics.mean(prefix), "ok": first8 >= 0.9 * len(swapped)}
 
 
 def decode_ms(eng, vocab: int, lora: str | None) -> float:
@@ -329,6 +344,7 @@ def main() -> None:
     def lora_row(eng, label: str, count: int, slots: int) -> None:
         eng.flush_cache()
         report[label] = run_b(eng, prompts, outs, spread[count], slots)
+        OUTPUTS_BY_LABEL[label] = report[label].pop("_outputs")
         if "b_base" in report:
             report[label]["vs_base"] = report[label]["total_tok_s"] / report["b_base"]["total_tok_s"]
         print(label, report[label], flush=True)
@@ -361,6 +377,9 @@ def main() -> None:
         section("lora_engine_64_slots", lambda: lora_engine(64))
     else:
         report["errors"]["lora_engine_64_slots"] = "skipped: past the time budget"
+    if {"b_64_adapters_8_slots", "b_64_adapters_64_slots"} <= OUTPUTS_BY_LABEL.keys():
+        report["swap_check"] = swap_check(OUTPUTS_BY_LABEL["b_64_adapters_8_slots"], OUTPUTS_BY_LABEL["b_64_adapters_64_slots"])
+        print("swap_check", report["swap_check"], flush=True)
     if "lora_decode_ms" in report and "base_decode_ms" in report:
         report["batch1_decode_overhead"] = report["lora_decode_ms"] / report["base_decode_ms"] - 1
         report["batch1_base_request_on_lora_engine_overhead"] = report["lora_engine_base_decode_ms"] / report["base_decode_ms"] - 1
@@ -380,6 +399,8 @@ def print_table(report: dict, out: str) -> None:
     print(f"\n{'item':<38}{'result':>44}")
     print(f"{'kernels vs reference (cuda)':<38}{get('check_kernels', 'all_ok'):>44}")
     print(f"{'mixed batch rows = alone':<38}{get('check_mixed_batch', 'rows_identical'):>44}")
+    print(f"{'64 adapters: swapped = resident':<38}{get('swap_check', 'identical'):>44}  first 8 tokens "
+          f"{get('swap_check', 'first_8_tokens_identical')}, ok {get('swap_check', 'ok')}")
     print(f"{'(b) base engine tok/s':<38}{get('b_base', 'total_tok_s', fmt='{:.0f}'):>44}  "
           f"{get('b_base', 'tokens_per_forward_step', fmt='{:.0f}')} tok/step")
     for label, goal in (("b_lora_engine_base", ""), ("b_1_adapter", ""), ("b_8_adapters", ">= 0.85x"),
