@@ -12,9 +12,10 @@ already in a device slot (no copy needed) wins a tie, then the one whose request
 No adapter waits without bound. Each time a slot goes to another adapter while one waits, the
 waiting one gains a point (`AdapterDemand.passed`), so its score grows until it wins. And when no
 slot ever frees (the adapters in flight keep receiving requests), an adapter that has waited
-`starve_after` admission rounds is starving: the in-flight adapter with the fewest rows is drained
-(its new requests are held back until its running ones finish) and the freed slot goes to the
-starving adapters first, oldest first.
+`starve_after` admission rounds is starving: if every in-flight adapter still has requests waiting
+(otherwise a slot frees by itself once that adapter's running requests end), the one with the
+fewest rows in flight is drained (its new requests are held back until its running ones finish),
+and the freed slot goes to the starving adapters first, oldest first.
 """
 from __future__ import annotations
 
@@ -56,11 +57,14 @@ class SlotBudget:
         self.adapters = set(flight_rows)
         rows: dict[str, int] = {}
         first: dict[str, int] = {}
+        fed = set()  # adapters in flight that have requests waiting too (their slot may never free)
         for i, req in enumerate(waiting):
             name = req.lora_name
             if name is not None and name not in self.adapters:
                 rows[name] = rows.get(name, 0) + 1 + len(req.followers)
                 first.setdefault(name, i)
+            elif name is not None:
+                fed.add(name)
         for table in (demand.passed, demand.waited):
             for name in [n for n in table if n not in rows]:  # no longer waiting: no aging kept
                 del table[name]
@@ -71,7 +75,8 @@ class SlotBudget:
         self.waiting = list(rows)
         starving = {n for n in rows if demand.waited[n] >= demand.starve_after}
         free = max(limit - len(self.adapters), 0)
-        if starving and free == 0 and demand.draining is None and flight_rows:
+        if starving and free == 0 and demand.draining is None and flight_rows and set(flight_rows) <= fed:
+            # every slot's adapter still has requests waiting, so none may ever free by itself
             demand.draining = min(flight_rows, key=lambda n: (flight_rows[n], n))
         resident = set(resident)
         ranked = sorted(rows, key=lambda n: (n not in starving, first[n] if n in starving else 0,

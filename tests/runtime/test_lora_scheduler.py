@@ -184,6 +184,10 @@ def test_a_starving_adapter_gets_a_drained_slot_within_the_bound() -> None:
     assert draining[3] == draining[5] == "small" and waiting_for[3] == ["busy"], "drained from the bound on"
     assert waiting_for[6] == ["late", "busy"] and draining[6] is None, "the freed slot goes to late"
     assert max(waiting_for) == 6
+    # An in-flight adapter with nothing waiting frees its slot by itself: no drain for that.
+    quiet = AdapterDemand(starve_after=1)
+    SlotBudget(2, _waiting("busy", "done"), _waiting("late", "busy"), quiet)
+    assert quiet.draining is None and quiet.waited == {"late": 1}
     budget = SlotBudget(2, running, _waiting("late", "small"), demand)
     budget.add(_waiting("late")[0])
     assert "late" not in demand.waited and demand.waited == {"small": 2}, "small waits from round 6 on"
