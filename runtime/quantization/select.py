@@ -21,7 +21,7 @@ from radixlm.runtime.quantization.int4_cpu import Int4PackedWeight, int4_cpu_ker
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("auto", "none", "gguf", "fp8", "compressed-tensors")
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "fp8", "compressed-tensors", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -46,24 +46,29 @@ class GGUFTensor:
 
 def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blocks: bool,
                          parallel: bool, checkpoint: CheckpointQuantization | None = None, tp_size: int = 1) -> str:
-    """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gguf' (GGUF blocks kept
-    4-bit on the CPU) or 'none' (weights in the model dtype).
+    """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gptq' / 'awq' / 'w4a16'
+    (a 4-bit checkpoint's packed weights: GPTQ, AWQ, compressed-tensors pack-quantized), 'gguf' (GGUF
+    blocks kept 4-bit on the CPU) or 'none' (weights in the model dtype).
 
-    An FP8 checkpoint always loads as published (under none / auto too: its weights are FP8); auto
+    A quantized checkpoint always loads as published (under none / auto too: its weights are); auto
     picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the replica is
     split over ranks (the packed layout is not sliced per rank yet)."""
     if choice not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization: {choice!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
     if checkpoint is not None:
-        if choice == "gguf" or (choice == "compressed-tensors" != checkpoint.method):
+        if choice not in ("auto", "none", checkpoint.method) and not (choice == "fp8" and checkpoint.w4 is None):
             raise ValueError(f"quantization: {choice!r} does not match the checkpoint's quant_method {checkpoint.method!r}")
+        if checkpoint.w4 is not None:
+            if tp_size > 1:
+                raise ValueError("quantization: 4-bit checkpoints load on one rank per replica for now (tp_size 1)")
+            return checkpoint.w4.mode
         if tp_size > 1:
             raise ValueError("quantization: FP8 checkpoints load on one rank per replica for now (tp_size 1); "
                              "--quantization fp8 on an unquantized checkpoint works with TP")
         return "fp8"
-    if choice == "compressed-tensors":
-        raise ValueError("quantization: 'compressed-tensors' needs a checkpoint with a compressed-tensors "
-                         "quantization_config; use fp8 to quantize this one at load")
+    if choice in ("compressed-tensors", "awq", "gptq"):
+        raise ValueError(f"quantization: {choice!r} needs a checkpoint whose quantization_config has quant_method "
+                         f"{choice!r}; use fp8 to quantize this one at load")
     if choice == "fp8":
         return "fp8"
     if choice == "none":

@@ -1,0 +1,251 @@
+"""Triton kernels of the 4-bit weight-only linear (runtime/quantization/w4a16.py picks between them by M).
+
+Weight layout (`pack_codes`, built once at load from AWQ / GPTQ / compressed-tensors tensors): codes
+c in [0, 15] of a [N, K] weight, K padded to a multiple of 128 with code 8, stored as int16
+[N, Kp / 4]: in each 128-column chunk, halfword i holds columns i, 32 + i, 64 + i, 96 + i in its
+nibbles 0..3. A chunk's halfwords are one 64-byte run of a row, and nibble j of the 32 halfwords is
+the 32 consecutive columns j*32 .. j*32 + 31, so unpacking needs one shift and one mask per code and
+no shuffle. Scales (the checkpoint's fp16 / bf16 / fp32) and zero points (uint8, asymmetric only;
+symmetric means z = 8) are [G, N], one group per `group_size` columns (after act-order's
+permutation, see below).
+
+    W[n, k] = (c[n, k] - z[g, n]) * s[g, n],     g = k // group_size
+    y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * (B + c[n, k])  -  (B + z[g, n]) * sum_{k in g} x[m, k])
+
+The scale is applied once per group to a dot product of the activations with the codes, so the
+inner loop only turns a code into a float: for bf16 activations `0x4300 | c` read as bf16 is exactly
+128 + c (B = 128: an OR, no conversion instruction), for fp16 `0x6400 | c` is 1024 + c, and for
+float32 (and the CPU interpreter) the code is converted and B = 0. Products are exact and summed in
+float32; the bias B cancels in the group's correction (B x the sum of x is subtracted in float32).
+
+Act-order (GPTQ desc_act): the columns are stored sorted by group (`perm`), and the kernel reads the
+activations through the same permutation, so every group is a contiguous run of columns.
+
+`w4a16_matmul`: a [BLOCK_M, BLOCK_N] output tile per program; at decode sizes the grid is split
+along K as well (partial sums summed in a fixed order by a second kernel: deterministic, no atomics).
+`w4_dequantize`: the whole weight as bf16 / fp16 in the original column order, for prefill sizes
+where dequantize + cuBLAS beats the tiled kernel (`DEQUANT_MIN_M` in w4a16.py, set by measurement).
+Launch parameters depend only on static shapes, so the kernels capture into CUDA graphs.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 128  # columns per 32 halfwords; K is padded to a multiple of it
+SLICE = 32  # columns per nibble plane of a chunk: the smallest group size the layout takes
+
+
+@dataclass(frozen=True)
+class W4Config:
+    """Tile sizes of one launch; split_k is derived from the shape (see `plan`)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def default_config(m: int) -> W4Config:
+    """Decode sizes: narrow M, enough N tiles x K splits to fill the GPU; larger M: square-ish tiles."""
+    if m <= 16:
+        return W4Config()
+    if m <= 64:
+        return W4Config(block_m=64, block_n=64, num_warps=4, num_stages=4)
+    return W4Config(block_m=128, block_n=128, num_warps=8, num_stages=3)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the CPU interpreter: a few splits, so tests cover the split-K reduction
+
+
+def plan(m: int, n: int, kp: int, cfg: W4Config, device: torch.device) -> tuple[int, int]:
+    """(split_k, chunks per split): about two programs per SM, each split a whole number of chunks."""
+    tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    chunks = kp // CHUNK
+    want = max(1, min(triton.cdiv(2 * _sm_count(device), tiles_mn), chunks))
+    per_split = triton.cdiv(chunks, want)
+    return triton.cdiv(chunks, per_split), per_split
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] in [0, 15] -> int16 [N, Kp / 4] in the chunked nibble layout above."""
+    n, k = codes.shape
+    kp = triton.cdiv(k, CHUNK) * CHUNK
+    c = torch.full((n, kp), 8, dtype=torch.int32, device=codes.device)
+    c[:, :k] = codes.to(torch.int32)
+    c = c.view(n, kp // CHUNK, 4, SLICE)  # [n, chunk, nibble j, halfword i]
+    words = c[:, :, 0] | (c[:, :, 1] << 4) | (c[:, :, 2] << 8) | (c[:, :, 3] << 12)
+    return (words - ((words >= 1 << 15).to(torch.int32) << 16)).to(torch.int16).reshape(n, kp // 4)
+
+
+def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: uint8 [N, K]."""
+    n = packed.shape[0]
+    words = packed.to(torch.int32).view(n, -1, 1, SLICE) & 0xFFFF
+    shifts = torch.arange(0, 16, 4, device=packed.device, dtype=torch.int32).view(1, 1, 4, 1)
+    return ((words >> shifts) & 0xF).to(torch.uint8).reshape(n, -1)[:, :k]
+
+
+@triton.jit
+def _codes_as_float(h, j: tl.constexpr, MAGIC: tl.constexpr):
+    """Nibble j of each halfword: B + c as the dot's operand type (see the module docstring)."""
+    c = (h.to(tl.int32) >> (4 * j)) & 15
+    if MAGIC == 1:
+        return (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    if MAGIC == 2:
+        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    return c.to(tl.float32)
+
+
+@triton.jit
+def _w4a16_kernel(
+    X, Codes, Scales, Zeros, Perm, Out, Part,
+    M, N, K, G, group_size, chunks_per_split, n_chunks,
+    stride_xm, stride_cn, stride_om,
+    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr, MAGIC: tl.constexpr,
+    BIAS: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, 32)
+    m_mask = rm < M
+    n_mask = rn < N
+    c_start = pid_k * chunks_per_split
+    c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
+    x_rows = X + rm[:, None].to(tl.int64) * stride_xm
+    c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c in range(c_start, c_end):
+        h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None], other=0)
+        for j in tl.static_range(4):
+            kk = c * 128 + j * 32 + ri
+            k_mask = kk < K
+            if HAS_PERM:
+                kx = tl.load(Perm + kk, mask=k_mask, other=0)
+            else:
+                kx = kk
+            x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = _codes_as_float(h, j, MAGIC)
+            if MAGIC == 0:
+                part += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:
+                part += tl.dot(x, tl.trans(w))
+            xsum += tl.sum(x.to(tl.float32), 1)
+            if (j + 1) % SLICES_PER_GROUP == 0:  # a group (or a chunk of a larger one) ends here
+                g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)
+                s = tl.load(Scales + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+                else:
+                    z = tl.full((BLOCK_N,), 8.0, tl.float32)
+                acc += part * s[None, :] - xsum[:, None] * ((z + BIAS) * s)[None, :]
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        dst = Part + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(dst, acc, mask=mask)
+    else:
+        tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(Part, Out, M, N, stride_om, SPLIT, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):  # fixed order: the same sum every run
+        acc += tl.load(Part + s * M * N + offs, mask=mask, other=0.0)
+    tl.store(Out + (offs // N) * stride_om + offs % N, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def _magic(dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(MAGIC, BIAS): the code-to-float trick for this activation dtype (the interpreter: plain floats)."""
+    if device.type == "cpu" or dtype == torch.float32:
+        return 0, 0
+    return (1, 128) if dtype == torch.bfloat16 else (2, 1024)
+
+
+def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 perm: torch.Tensor | None, k: int, group_size: int, cfg: W4Config | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16 / fp32) @ W^T -> [M, N] in x's dtype; W as described in the module docstring."""
+    m = x.shape[0]
+    n, kp = codes.shape[0], codes.shape[1] * 4
+    if x.shape[1] != k or kp % CHUNK or kp < k or group_size % SLICE:
+        raise ValueError(f"w4a16_matmul: codes {tuple(codes.shape)} / group {group_size} do not fit x {tuple(x.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    cfg = cfg or default_config(m)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    split, per_split = plan(m, n, kp, cfg, x.device)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    magic, bias = _magic(x.dtype, x.device)
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    _w4a16_kernel[grid](
+        x, codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out, part,
+        m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK,
+        x.stride(0), codes.stride(0), out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, PARTIAL=split > 1, MAGIC=magic, BIAS=bias,
+        SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m, n, out.stride(0), split, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _dequantize_kernel(Codes, Scales, Zeros, Perm, Out, N, K, G, group_size, stride_cn, stride_on,
+                       HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One 128-column chunk of BLOCK_N rows per program: W in the original column order."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1)
+    ri = tl.arange(0, 32)
+    n_mask = rn < N
+    h = tl.load(Codes + rn[:, None].to(tl.int64) * stride_cn + c * 32 + ri[None, :], mask=n_mask[:, None], other=0)
+    for j in tl.static_range(4):
+        kk = c * 128 + j * 32 + ri
+        k_mask = kk < K
+        g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)
+        s = tl.load(Scales + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N,), 8.0, tl.float32)
+        w = (((h.to(tl.int32) >> (4 * j)) & 15).to(tl.float32) - z[:, None]) * s[:, None]
+        col = tl.load(Perm + kk, mask=k_mask, other=0) if HAS_PERM else kk
+        tl.store(Out + rn[:, None].to(tl.int64) * stride_on + col[None, :], w.to(Out.dtype.element_ty),
+                 mask=n_mask[:, None] & k_mask[None, :])
+
+
+def w4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, perm: torch.Tensor | None,
+                  k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype`, columns in the checkpoint's order (each value rounded once from float32)."""
+    n, kp = codes.shape[0], codes.shape[1] * 4
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
+    block_n = 32
+    _dequantize_kernel[(triton.cdiv(n, block_n), kp // CHUNK)](
+        codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out,
+        n, k, scales.shape[0], group_size, codes.stride(0), out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
