@@ -188,7 +188,7 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     """x [M, K] (bf16 / fp16 / fp32) @ W^T -> [M, N] in x's dtype; W as described in the module docstring."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
-    if x.shape[1] != k or kp % CHUNK or kp < k or group_size % SLICE:
+    if x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
         raise ValueError(f"w4a16_matmul: codes {tuple(codes.shape)} / group {group_size} do not fit x {tuple(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     cfg = cfg or default_config(m)

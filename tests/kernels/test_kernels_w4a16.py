@@ -1,0 +1,102 @@
+"""The 4-bit weight-only linear's Triton kernels (CPU interpreter without CUDA) against the float32
+reference of the same codes, scales and zeros (`W4Weight.dequantize`): the GEMM through one launch,
+through split-K and through the tiled (large-M) tiles, every group size the layout takes, symmetric
+and asymmetric, with and without act-order; the dequantize kernel bit for bit; and the bf16 / fp16
+code conversion (a bit pattern OR'ed into the exponent) exactly B + c."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.kernels.w4a16_gemm import _codes_as_float
+from radixlm.runtime.quantization.w4_formats import quantize_rtn
+from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
+
+
+def _weight(n: int, k: int, group: int, symmetric: bool, act_order: bool, device: str) -> W4Weight:
+    g = torch.Generator().manual_seed(n * 31 + k + group)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 3
+    size = group if group > 0 else k
+    part = quantize_rtn(w, size, symmetric)
+    if act_order:
+        g_idx = (torch.arange(k) // size)[torch.randperm(k, generator=g)]
+        part = W4Part(part.codes, part.scales, part.zeros, g_idx)
+    part = W4Part(part.codes.to(device), part.scales.to(device), None if part.zeros is None else part.zeros.to(device),
+                  None if part.g_idx is None else part.g_idx.to(device))
+    return W4Weight([part], size, "test")
+
+
+CASES = [  # m, n, k, group, symmetric, act-order
+    (1, 96, 512, 128, True, False),
+    (3, 80, 256, 32, False, True),
+    (16, 48, 384, 64, False, False),
+    (5, 64, 160, -1, True, False),  # per channel, K not a multiple of 128: padded
+    (33, 64, 256, 128, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("m", "n", "k", "group", "symmetric", "act_order"), CASES)
+def test_w4a16_matches_reference(device, dtype, m, n, k, group, symmetric, act_order):
+    from radixlm.kernels.w4a16_gemm import W4Config, plan, w4a16_matmul
+
+    w = _weight(n, k, group, symmetric, act_order, device)
+    assert (w.perm is not None) == act_order and (w.zeros is None) == symmetric
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).to(dtype).to(device)
+    ref = x.float() @ w.dequantize().t()
+    args = (w.codes, w.scales, w.zeros, w.perm, k, w.group_size)
+    got = w4a16_matmul(x, *args)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: the output's rounding
+    assert ((got.float() - ref).abs() <= ref.abs() * tol + 1e-5 * ref.abs().max()).all()
+    one = W4Config(block_m=16, block_n=32)  # another tile, and a launch without split-K where K is short
+    torch.testing.assert_close(w4a16_matmul(x, *args, cfg=one).float(), got.float(), rtol=2**-7, atol=1e-3)
+    assert plan(m, n, w.codes.shape[1] * 4, one, x.device)[0] >= 1
+
+
+def test_w4a16_splits_k_at_decode_sizes(device):
+    from radixlm.kernels.w4a16_gemm import default_config, plan
+
+    split, per = plan(1, 64, 4096, default_config(1), torch.device(device))
+    assert split > 1 and (split - 1) * per < 4096 // 128 <= split * per
+
+
+@pytest.mark.parametrize(("group", "symmetric", "act_order"), [(128, True, False), (32, False, True), (-1, False, False)])
+def test_dequantize_kernel_is_exact(device, group, symmetric, act_order):
+    from radixlm.kernels.w4a16_gemm import w4_dequantize
+
+    w = _weight(40, 288 if group != 128 else 256, group, symmetric, act_order, device)
+    got = w4_dequantize(w.codes, w.scales, w.zeros, w.perm, w.in_features, w.group_size, torch.float32)
+    assert torch.equal(got.cpu(), w.dequantize().cpu())
+
+
+@triton.jit
+def _convert(H, Out, MAGIC: tl.constexpr):
+    """The kernel's code-to-float step on a [16, 32] tile of halfwords, each nibble plane stored."""
+    r = tl.arange(0, 16)
+    h = tl.load(H + r[:, None] * 32 + tl.arange(0, 32)[None, :])
+    for j in tl.static_range(4):
+        tl.store(Out + j * 512 + r[:, None] * 32 + tl.arange(0, 32)[None, :], _codes_as_float(h, j, MAGIC))
+
+
+@pytest.mark.parametrize(("magic", "dtype", "bias"), [(1, torch.bfloat16, 128), (2, torch.float16, 1024), (0, torch.float32, 0)])
+def test_code_conversion_is_exact(device, magic, dtype, bias):
+    h = torch.randint(-(1 << 15), 1 << 15, (16, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    h = h.to(torch.int16).to(device)
+    out = torch.empty(4, 16, 32, dtype=dtype, device=device)
+    _convert[(1,)](h, out, MAGIC=magic)
+    expected = torch.stack([((h.int() >> (4 * j)) & 15).float() + bias for j in range(4)])
+    assert torch.equal(out.float(), expected)
+
+
+def test_layout_round_trips_and_refuses_bad_shapes(device):
+    from radixlm.kernels.w4a16_gemm import pack_codes, unpack_codes, w4a16_matmul
+
+    codes = torch.randint(0, 16, (24, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    packed = pack_codes(codes)
+    assert packed.shape == (24, 256 // 4) and torch.equal(unpack_codes(packed, 200), codes)
+    w = _weight(32, 256, 128, True, False, device)
+    with pytest.raises(ValueError, match="do not fit"):
+        w4a16_matmul(torch.zeros(2, 128, device=device), w.codes, w.scales, None, None, 128, 128)
