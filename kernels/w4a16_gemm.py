@@ -15,7 +15,8 @@ permutation, see below).
 The scale is applied once per group to a dot product of the activations with the codes, so the
 inner loop only turns a code into a float: for bf16 activations `0x4300 | c` read as bf16 is exactly
 128 + c (B = 128: an OR, no conversion instruction), for fp16 `0x6400 | c` is 1024 + c, and for
-float32 (and the CPU interpreter) the code is converted and B = 0. Products are exact and summed in
+float32 the code is converted and B = 0. (The CPU interpreter runs the same conversions, then widens
+both operands to float32 for its dot.) Products are exact and summed in
 float32; the bias B cancels in the group's correction (B x the sum of x is subtracted in float32).
 
 Act-order (GPTQ desc_act): the columns are stored sorted by group (`perm`), and the kernel reads the
@@ -48,6 +49,7 @@ class W4Config:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 4
+    split_k: int | None = None  # None: from the shape (`plan`); a number: at most that many splits
 
 
 def default_config(m: int) -> W4Config:
@@ -75,6 +77,8 @@ def plan(m: int, n: int, kp: int, cfg: W4Config, device: torch.device) -> tuple[
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     chunks = kp // CHUNK
     want = max(1, min(triton.cdiv(2 * _sm_count(device), tiles_mn), chunks))
+    if cfg.split_k is not None:
+        want = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, want)
     return triton.cdiv(chunks, per_split), per_split
 
@@ -115,7 +119,7 @@ def _w4a16_kernel(
     M, N, K, G, group_size, chunks_per_split, n_chunks,
     stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr, MAGIC: tl.constexpr,
-    BIAS: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, IEEE: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -143,8 +147,8 @@ def _w4a16_kernel(
                 kx = kk
             x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = _codes_as_float(h, j, MAGIC)
-            if MAGIC == 0:
-                part += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            if IEEE:  # fp32 activations, or the CPU interpreter (its bf16 dot is wrong): exact fp32 products
+                part += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
                 part += tl.dot(x, tl.trans(w))
             xsum += tl.sum(x.to(tl.float32), 1)
@@ -176,9 +180,9 @@ def _sum_splits_kernel(Part, Out, M, N, stride_om, SPLIT, BLOCK: tl.constexpr):
     tl.store(Out + (offs // N) * stride_om + offs % N, acc.to(Out.dtype.element_ty), mask=mask)
 
 
-def _magic(dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(MAGIC, BIAS): the code-to-float trick for this activation dtype (the interpreter: plain floats)."""
-    if device.type == "cpu" or dtype == torch.float32:
+def _magic(dtype: torch.dtype) -> tuple[int, int]:
+    """(MAGIC, BIAS): the code-to-float trick for this activation dtype."""
+    if dtype == torch.float32:
         return 0, 0
     return (1, 128) if dtype == torch.bfloat16 else (2, 1024)
 
@@ -197,13 +201,14 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         return out
     split, per_split = plan(m, n, kp, cfg, x.device)
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    magic, bias = _magic(x.dtype, x.device)
+    magic, bias = _magic(x.dtype)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     _w4a16_kernel[grid](
         x, codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out, part,
         m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK,
         x.stride(0), codes.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, PARTIAL=split > 1, MAGIC=magic, BIAS=bias,
+        IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
         SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
