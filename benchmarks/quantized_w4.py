@@ -18,10 +18,13 @@ import torch
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
                "checkpoint_format": "gptq"}
-SMALL_TILES = [(16, 16, 2, 4, None), (16, 32, 4, 4, None), (16, 64, 4, 4, None), (16, 64, 4, 6, None),
-               (16, 128, 4, 4, None), (16, 128, 8, 3, None), (16, 64, 4, 4, 1), (16, 32, 4, 4, 1), (16, 16, 4, 4, 1)]
-LARGE_TILES = [(32, 64, 4, 4, None), (64, 64, 4, 4, None), (64, 128, 4, 3, None), (128, 64, 4, 3, None),
-               (128, 128, 8, 3, None), (64, 256, 8, 3, None), (128, 256, 8, 3, None)]  # block m, n, warps, stages, split
+SMALL_TILES = [(16, 64, 4, 4, None, True), (16, 64, 4, 4, None, False), (16, 128, 4, 4, None, True),
+               (16, 128, 8, 3, None, True), (16, 64, 4, 6, None, True), (16, 32, 4, 4, None, True),
+               (16, 32, 2, 4, None, False), (16, 16, 2, 4, None, False), (16, 64, 4, 4, 1, True),
+               (16, 128, 4, 4, 1, True), (16, 256, 8, 3, None, True)]  # block m, n, warps, stages, split, swap
+LARGE_TILES = [(64, 128, 4, 3, None, True), (64, 128, 4, 3, None, False), (128, 128, 8, 3, None, True),
+               (128, 128, 8, 3, None, False), (64, 64, 4, 4, None, True), (32, 64, 4, 4, None, True),
+               (128, 256, 8, 3, None, True), (64, 256, 8, 3, None, False)]
 
 
 def _weight(n: int, k: int, group: int, symmetric: bool, act_order: bool, seed: int):
@@ -117,9 +120,9 @@ def w4_gemm_table(ceil: dict, graph_time) -> list[dict]:
             t_kernel = graph_time(lambda: w4a16_matmul(x, *args), **reps)
             t_deq = graph_time(lambda: torch.matmul(x, w4_dequantize(q.codes, q.scales, None, None, k, 128, x.dtype).t()), **reps)
             sweep = {}
-            for bm, bn, warps, stages, split in (SMALL_TILES if m <= 16 else LARGE_TILES):
-                cfg = W4Config(bm, bn, warps, stages, split)
-                key = f"{bm}x{bn}w{warps}s{stages}" + ("" if split is None else f"k{split}")
+            for bm, bn, warps, stages, split, swap in (SMALL_TILES if m <= 16 else LARGE_TILES):
+                cfg = W4Config(bm, bn, warps, stages, split, swap)
+                key = f"{bm}x{bn}w{warps}s{stages}" + ("" if split is None else f"k{split}") + ("" if swap else "ns")
                 try:
                     sweep[key] = graph_time(lambda cfg=cfg: w4a16_matmul(x, *args, cfg=cfg), **reps) * 1e6
                 except Exception as exc:  # noqa: BLE001 - a tile that does not fit (shared memory) is skipped

@@ -50,6 +50,7 @@ class W4Config:
     num_warps: int = 4
     num_stages: int = 4
     split_k: int | None = None  # None: from the shape (`plan`); a number: at most that many splits
+    swap: bool = True  # compute the tile transposed (weights as the MMA's register operand)
 
 
 def default_config(m: int) -> W4Config:
@@ -119,7 +120,8 @@ def _w4a16_kernel(
     M, N, K, G, group_size, chunks_per_split, n_chunks,
     stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr, MAGIC: tl.constexpr,
-    BIAS: tl.constexpr, IEEE: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, IEEE: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -133,8 +135,13 @@ def _w4a16_kernel(
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
     x_rows = X + rm[:, None].to(tl.int64) * stride_xm
     c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP: the output tile is computed transposed, W [BLOCK_N, 32] @ x^T: the unpacked weights are the
+    # MMA's first operand, which Hopper's wgmma can take from registers (no shared-memory round trip).
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros_like(acc)
     xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c in range(c_start, c_end):
         h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None], other=0)
@@ -148,7 +155,14 @@ def _w4a16_kernel(
             x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = _codes_as_float(h, j, MAGIC)
             if IEEE:  # fp32 activations, or the CPU interpreter (its bf16 dot is wrong): exact fp32 products
-                part += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+                if SWAP:
+                    part += tl.dot(w, tl.trans(x), input_precision="ieee")
+                else:
+                    part += tl.dot(x, tl.trans(w), input_precision="ieee")
+            elif SWAP:
+                part += tl.dot(w, tl.trans(x))
             else:
                 part += tl.dot(x, tl.trans(w))
             xsum += tl.sum(x.to(tl.float32), 1)
@@ -159,15 +173,24 @@ def _w4a16_kernel(
                     z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
                 else:
                     z = tl.full((BLOCK_N,), 8.0, tl.float32)
-                acc += part * s[None, :] - xsum[:, None] * ((z + BIAS) * s)[None, :]
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                if SWAP:
+                    acc += part * s[:, None] - ((z + BIAS) * s)[:, None] * xsum[None, :]
+                else:
+                    acc += part * s[None, :] - xsum[:, None] * ((z + BIAS) * s)[None, :]
+                part = tl.zeros_like(acc)
                 xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        dst = Part + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(dst, acc, mask=mask)
+    if SWAP:
+        mask = n_mask[:, None] & m_mask[None, :]
+        offs = rm[None, :].to(tl.int64) * N + rn[:, None]
+        out_offs = rm[None, :].to(tl.int64) * stride_om + rn[:, None]
     else:
-        tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+        mask = m_mask[:, None] & n_mask[None, :]
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        out_offs = rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    if PARTIAL:
+        tl.store(Part + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
+    else:
+        tl.store(Out + out_offs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -209,7 +232,7 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         x.stride(0), codes.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, PARTIAL=split > 1, MAGIC=magic, BIAS=bias,
         IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
-        SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SWAP=cfg.swap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
