@@ -10,14 +10,15 @@ symmetric means z = 8) are [G, N], one group per `group_size` columns (after act
 permutation, see below).
 
     W[n, k] = (c[n, k] - z[g, n]) * s[g, n],     g = k // group_size
-    y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * (B + c[n, k])  -  (B + z[g, n]) * sum_{k in g} x[m, k])
+    y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (c[n, k] - z[g, n])
 
-The scale is applied once per group to a dot product of the activations with the codes, so the
-inner loop only turns a code into a float: for bf16 activations `0x4300 | c` read as bf16 is exactly
-128 + c (B = 128: an OR, no conversion instruction), for fp16 `0x6400 | c` is 1024 + c, and for
-float32 the code is converted and B = 0. (The CPU interpreter runs the same conversions, then widens
-both operands to float32 for its dot.) Products are exact and summed in
-float32; the bias B cancels in the group's correction (B x the sum of x is subtracted in float32).
+The scale is applied once per group to a dot product of the activations with c - z, so the inner
+loop only turns a code into c - z, exactly, in the activations' type: for bf16 `0x4300 | c` read as
+bf16 is 128 + c (an OR, no conversion instruction), plus -(128 + z): small integers, exact; on a GPU
+in inline PTX two codes per instruction (a shift, a LOP3 and one bf16x2 FMA per two weights, see
+`_codes_asm_bf16`). fp16 the same with `0x6400` (1024 + c); float32 converts. Products are exact
+and summed in float32. (The CPU interpreter runs the plain-Triton conversions, then widens both
+operands to float32 for its dot.)
 
 Act-order (GPTQ desc_act): the columns are stored sorted by group (`perm`), and the kernel reads the
 activations through the same permutation, so every group is a contiguous run of columns.
@@ -31,11 +32,14 @@ Launch parameters depend only on static shapes, so the kernels capture into CUDA
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 128  # columns per 32 halfwords; K is padded to a multiple of it
 SLICE = 32  # columns per nibble plane of a chunk: the smallest group size the layout takes
@@ -48,9 +52,10 @@ class W4Config:
     block_m: int = 16
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 5
     split_k: int | None = None  # None: from the shape (`plan`); a number: at most that many splits
     swap: bool = True  # compute the tile transposed (weights as the MMA's register operand)
+    asm: bool = True  # bf16 / fp16 code conversion in inline PTX on a GPU (`_codes_asm`)
 
 
 def default_config(m: int) -> W4Config:
@@ -74,10 +79,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(m: int, n: int, kp: int, cfg: W4Config, device: torch.device) -> tuple[int, int]:
-    """(split_k, chunks per split): about two programs per SM, each split a whole number of chunks."""
+    """(split_k, chunks per split): about three programs per SM (enough weight bytes in flight at
+    M = 1), each split a whole number of chunks."""
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     chunks = kp // CHUNK
-    want = max(1, min(triton.cdiv(2 * _sm_count(device), tiles_mn), chunks))
+    want = max(1, min(triton.cdiv(3 * _sm_count(device), tiles_mn), chunks))
     if cfg.split_k is not None:
         want = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, want)
@@ -104,14 +110,81 @@ def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @triton.jit
-def _codes_as_float(h, j: tl.constexpr, MAGIC: tl.constexpr):
-    """Nibble j of each halfword: B + c as the dot's operand type (see the module docstring)."""
-    c = (h.to(tl.int32) >> (4 * j)) & 15
-    if MAGIC == 1:
-        return (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    if MAGIC == 2:
-        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    return c.to(tl.float32)
+def _codes_asm_bf16(h, nz, j: tl.constexpr):
+    """c - z as bf16 in inline PTX, two halfwords per 32-bit register: a shift and a LOP3
+    ((t & 0x000F000F) | 0x43004300: two bf16 128 + c) and one bf16x2 FMA adding nz = -(128 + z).
+    A lane-wise op, so which two elements Triton pairs does not matter."""
+    if j == 0:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, one; mov.b32 one, 0x3F803F80; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; "
+            "fma.rn.bf16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.bfloat16, is_pure=True, pack=2)
+    if j == 1:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, one; mov.b32 one, 0x3F803F80; shr.b32 t, $1, 4; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; "
+            "fma.rn.bf16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.bfloat16, is_pure=True, pack=2)
+    if j == 2:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, one; mov.b32 one, 0x3F803F80; shr.b32 t, $1, 8; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; "
+            "fma.rn.bf16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return tl.inline_asm_elementwise(
+        "{.reg .b32 t, one; mov.b32 one, 0x3F803F80; shr.b32 t, $1, 12; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; "
+        "fma.rn.bf16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _codes_asm_fp16(h, nz, j: tl.constexpr):
+    """`_codes_asm_bf16` for fp16: 0x6400 | c is 1024 + c, nz = -(1024 + z)."""
+    if j == 0:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, one; mov.b32 one, 0x3C003C00; lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; "
+            "fma.rn.f16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.float16, is_pure=True, pack=2)
+    if j == 1:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, one; mov.b32 one, 0x3C003C00; shr.b32 t, $1, 4; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; "
+            "fma.rn.f16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.float16, is_pure=True, pack=2)
+    if j == 2:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, one; mov.b32 one, 0x3C003C00; shr.b32 t, $1, 8; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; "
+            "fma.rn.f16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.float16, is_pure=True, pack=2)
+    return tl.inline_asm_elementwise(
+        "{.reg .b32 t, one; mov.b32 one, 0x3C003C00; shr.b32 t, $1, 12; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; "
+        "fma.rn.f16x2 $0, t, one, $2;}", "=r,r,r", [h, nz], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _codes_minus_zero(h, z, j: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """Nibble j of each halfword minus its row's zero point, exactly, as the dot's operand type
+    (float32 / bf16 / fp16 for MAGIC 0 / 1 / 2). h: int16 [BLOCK_N, 32]; z: float32 [BLOCK_N], the
+    zero points of this slice's group. ASM: the inline-PTX conversion (a GPU only)."""
+    if MAGIC == 0:
+        return _codes_minus_zero_f32(h, z, j)
+    elif MAGIC == 1:
+        return _codes_minus_zero_bf16(h, z, j, ASM)
+    else:
+        return _codes_minus_zero_fp16(h, z, j, ASM)
+
+
+@triton.jit
+def _codes_minus_zero_f32(h, z, j: tl.constexpr):
+    return ((h.to(tl.int32) >> (4 * j)) & 15).to(tl.float32) - z[:, None]
+
+
+@triton.jit
+def _codes_minus_zero_bf16(h, z, j: tl.constexpr, ASM: tl.constexpr):
+    nz = tl.broadcast_to((-128.0 - z)[:, None], h.shape).to(tl.bfloat16)
+    if ASM:
+        return _codes_asm_bf16(h, nz, j)
+    w = ((((h.to(tl.int32) >> (4 * j)) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True))
+    return (w.to(tl.float32) + nz.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _codes_minus_zero_fp16(h, z, j: tl.constexpr, ASM: tl.constexpr):
+    nz = tl.broadcast_to((-1024.0 - z)[:, None], h.shape).to(tl.float16)
+    if ASM:
+        return _codes_asm_fp16(h, nz, j)
+    w = ((((h.to(tl.int32) >> (4 * j)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True))
+    return (w.to(tl.float32) + nz.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -120,7 +193,7 @@ def _w4a16_kernel(
     M, N, K, G, group_size, chunks_per_split, n_chunks,
     stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr, MAGIC: tl.constexpr,
-    BIAS: tl.constexpr, IEEE: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
+    IEEE: tl.constexpr, ASM: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -135,17 +208,20 @@ def _w4a16_kernel(
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
     x_rows = X + rm[:, None].to(tl.int64) * stride_xm
     c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
-    # SWAP: the output tile is computed transposed, W [BLOCK_N, 32] @ x^T: the unpacked weights are the
-    # MMA's first operand, which Hopper's wgmma can take from registers (no shared-memory round trip).
+    # SWAP: the output tile is computed transposed, (W - z) [BLOCK_N, 32] @ x^T: the unpacked weights are
+    # the MMA's first operand, which Hopper's wgmma takes from registers (no shared-memory round trip).
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part = tl.zeros_like(acc)
-    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric: every zero point is 8
     for c in range(c_start, c_end):
         h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None], other=0)
         for j in tl.static_range(4):
+            g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)  # this slice's group
+            if HAS_ZEROS and j % SLICES_PER_GROUP == 0:
+                z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
             kk = c * 128 + j * 32 + ri
             k_mask = kk < K
             if HAS_PERM:
@@ -153,7 +229,7 @@ def _w4a16_kernel(
             else:
                 kx = kk
             x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = _codes_as_float(h, j, MAGIC)
+            w = _codes_minus_zero(h, z, j, MAGIC, ASM and not IEEE)
             if IEEE:  # fp32 activations, or the CPU interpreter (its bf16 dot is wrong): exact fp32 products
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -165,20 +241,13 @@ def _w4a16_kernel(
                 part += tl.dot(w, tl.trans(x))
             else:
                 part += tl.dot(x, tl.trans(w))
-            xsum += tl.sum(x.to(tl.float32), 1)
             if (j + 1) % SLICES_PER_GROUP == 0:  # a group (or a chunk of a larger one) ends here
-                g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)
                 s = tl.load(Scales + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                if HAS_ZEROS:
-                    z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-                else:
-                    z = tl.full((BLOCK_N,), 8.0, tl.float32)
                 if SWAP:
-                    acc += part * s[:, None] - ((z + BIAS) * s)[:, None] * xsum[None, :]
+                    acc += part * s[:, None]
                 else:
-                    acc += part * s[None, :] - xsum[:, None] * ((z + BIAS) * s)[None, :]
+                    acc += part * s[None, :]
                 part = tl.zeros_like(acc)
-                xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if SWAP:
         mask = n_mask[:, None] & m_mask[None, :]
         offs = rm[None, :].to(tl.int64) * N + rn[:, None]
@@ -203,11 +272,37 @@ def _sum_splits_kernel(Part, Out, M, N, stride_om, SPLIT, BLOCK: tl.constexpr):
     tl.store(Out + (offs // N) * stride_om + offs % N, acc.to(Out.dtype.element_ty), mask=mask)
 
 
-def _magic(dtype: torch.dtype) -> tuple[int, int]:
-    """(MAGIC, BIAS): the code-to-float trick for this activation dtype."""
-    if dtype == torch.float32:
-        return 0, 0
-    return (1, 128) if dtype == torch.bfloat16 else (2, 1024)
+_asm_conversion: dict[str, bool] = {}  # "works": whether this process's Triton compiled `_codes_asm`
+
+
+def asm_conversion_works() -> bool | None:
+    """True / False once a GPU launch tried the inline-PTX conversion; None before."""
+    return _asm_conversion.get("works")
+
+
+def _launch_with_asm_fallback(launch, asm: bool) -> None:
+    """Launch with the inline-PTX conversion when asked; if the first such launch fails to compile,
+    say so once and use the plain-Triton conversion from then on (same numbers, more instructions)."""
+    if not asm or _asm_conversion.get("works") is False:
+        launch(False)
+        return
+    if _asm_conversion.get("works"):
+        launch(True)
+        return
+    try:
+        launch(True)
+    except Exception as exc:  # noqa: BLE001 - any compile failure of the PTX variant: the plain one is equal
+        logger.warning("w4a16: inline-PTX code conversion unavailable (%s: %s); using plain Triton",
+                       type(exc).__name__, str(exc)[:200])
+        _asm_conversion["works"] = False
+        launch(False)
+        return
+    _asm_conversion["works"] = True
+
+
+def _magic(dtype: torch.dtype) -> int:
+    """MAGIC: the code-to-float trick for this activation dtype (0: float32, 1: bf16, 2: fp16)."""
+    return {torch.float32: 0, torch.bfloat16: 1}.get(dtype, 2)
 
 
 def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -224,17 +319,21 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         return out
     split, per_split = plan(m, n, kp, cfg, x.device)
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    magic, bias = _magic(x.dtype)
+    magic = _magic(x.dtype)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-    _w4a16_kernel[grid](
-        x, codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out, part,
-        m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK,
-        x.stride(0), codes.stride(0), out.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, PARTIAL=split > 1, MAGIC=magic, BIAS=bias,
-        IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
-        SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SWAP=cfg.swap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def launch(asm: bool) -> None:
+        _w4a16_kernel[grid](
+            x, codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out, part,
+            m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK,
+            x.stride(0), codes.stride(0), out.stride(0),
+            HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, PARTIAL=split > 1, MAGIC=magic,
+            IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm,
+            SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SWAP=cfg.swap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    _launch_with_asm_fallback(launch, cfg.asm and x.is_cuda and magic != 0)
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m, n, out.stride(0), split, BLOCK=block, num_warps=4)

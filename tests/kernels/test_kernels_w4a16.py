@@ -2,8 +2,8 @@
 reference of the same codes, scales and zeros (`W4Weight.dequantize`): the GEMM through one launch,
 through split-K and through the tiled (large-M) tiles, every group size the layout takes, symmetric
 and asymmetric, with and without act-order; the dequantize kernel bit for bit; and the bf16 / fp16
-code conversion (a bit pattern OR'ed into the exponent) exactly B + c, and the GEMM with it (bf16 / fp16
-activations; the interpreter then widens both dot operands to float32)."""
+code conversion (a bit pattern OR'ed into the exponent, then the zero point added) exactly c - z, and the
+GEMM with it (bf16 / fp16 activations; the interpreter then widens both dot operands to float32)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.w4a16_gemm import _codes_as_float
+from radixlm.kernels.w4a16_gemm import _codes_minus_zero
 from radixlm.runtime.quantization.w4_formats import quantize_rtn
 from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
 
@@ -74,21 +74,23 @@ def test_dequantize_kernel_is_exact(device, group, symmetric, act_order):
 
 
 @triton.jit
-def _convert(H, Out, MAGIC: tl.constexpr):
-    """The kernel's code-to-float step on a [16, 32] tile of halfwords, each nibble plane stored."""
+def _convert(H, Z, Out, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """The kernel's code-to-operand step on a [16, 32] tile of halfwords, each nibble plane stored."""
     r = tl.arange(0, 16)
     h = tl.load(H + r[:, None] * 32 + tl.arange(0, 32)[None, :])
+    z = tl.load(Z + r)
     for j in tl.static_range(4):
-        tl.store(Out + j * 512 + r[:, None] * 32 + tl.arange(0, 32)[None, :], _codes_as_float(h, j, MAGIC))
+        tl.store(Out + j * 512 + r[:, None] * 32 + tl.arange(0, 32)[None, :], _codes_minus_zero(h, z, j, MAGIC, ASM))
 
 
-@pytest.mark.parametrize(("magic", "dtype", "bias"), [(1, torch.bfloat16, 128), (2, torch.float16, 1024), (0, torch.float32, 0)])
-def test_code_conversion_is_exact(device, magic, dtype, bias):
-    h = torch.randint(-(1 << 15), 1 << 15, (16, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    h = h.to(torch.int16).to(device)
+@pytest.mark.parametrize(("magic", "dtype"), [(1, torch.bfloat16), (2, torch.float16), (0, torch.float32)])
+def test_code_conversion_is_exact(device, magic, dtype):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randint(-(1 << 15), 1 << 15, (16, 32), dtype=torch.int32, generator=g).to(torch.int16).to(device)
+    z = torch.randint(0, 16, (16,), generator=g).float().to(device)
     out = torch.empty(4, 16, 32, dtype=dtype, device=device)
-    _convert[(1,)](h, out, MAGIC=magic)
-    expected = torch.stack([((h.int() >> (4 * j)) & 15).float() + bias for j in range(4)])
+    _convert[(1,)](h, z, out, MAGIC=magic, ASM=device == "cuda")  # the inline PTX where it can run
+    expected = torch.stack([((h.int() >> (4 * j)) & 15).float() - z[:, None] for j in range(4)])
     assert torch.equal(out.float(), expected)
 
 
