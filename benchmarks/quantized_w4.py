@@ -63,6 +63,9 @@ def check_w4_on_cuda(root: Path) -> dict:
                 if m < 600:
                     worst_triton = max(worst_triton, rel)
     out["triton_worst_max_rel"] = worst_triton  # bf16 output rounding: about 4e-3
+    from radixlm.kernels.w4a16_gemm import asm_conversion_works
+
+    out["inline_ptx_conversion"] = asm_conversion_works()  # False: it failed to compile, plain Triton ran
     out.update(_engines_vs_dequantized(root))
     return out
 

@@ -103,3 +103,26 @@ def test_layout_round_trips_and_refuses_bad_shapes(device):
     w = _weight(32, 256, 128, True, False, device)
     with pytest.raises(ValueError, match="do not fit"):
         w4a16_matmul(torch.zeros(2, 128, device=device), w.codes, w.scales, None, None, 128, 128)
+
+
+def test_inline_ptx_failure_falls_back_once_to_plain_triton():
+    """The first launch asking for the inline-PTX conversion decides for the process: a compile
+    failure is logged and every later launch uses the plain conversion (same numbers)."""
+    from radixlm.kernels import w4a16_gemm as kg
+
+    saved = dict(kg._asm_conversion)
+    kg._asm_conversion.clear()
+    calls = []
+
+    def launch(asm: bool) -> None:
+        calls.append(asm)
+        if asm:
+            raise RuntimeError("PTX rejected")
+
+    try:
+        kg._launch_with_asm_fallback(launch, True)
+        kg._launch_with_asm_fallback(launch, True)
+        assert calls == [True, False, False] and kg.asm_conversion_works() is False
+    finally:
+        kg._asm_conversion.clear()
+        kg._asm_conversion.update(saved)
