@@ -231,6 +231,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - record it and go on: one run, every figure it can give
             report[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"[{name}] {time.perf_counter() - t:.0f} s: {json.dumps(report[name])[:1500]}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))  # after every section: a timeout keeps the rest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

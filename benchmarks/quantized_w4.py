@@ -19,13 +19,11 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
                "checkpoint_format": "gptq"}
 SMALL_TILES = [(16, 64, 4, 5, None, True), (16, 64, 4, 4, None, True), (16, 64, 4, 5, None, False),
-               (16, 128, 4, 4, None, True), (16, 128, 8, 3, None, True), (16, 64, 4, 8, None, True),
-               (16, 32, 4, 5, None, True), (16, 32, 2, 5, None, False), (16, 16, 2, 6, None, False),
-               (16, 16, 2, 6, 1, False), (16, 32, 2, 6, 1, False), (16, 64, 4, 6, 1, True),
-               (16, 256, 8, 3, None, True)]  # block m, n, warps, stages, split (None: plan), swap
+               (16, 128, 4, 4, None, True), (16, 64, 4, 8, None, True), (16, 32, 2, 5, None, False),
+               (16, 16, 2, 6, 1, False), (16, 64, 4, 6, 1, True), (16, 256, 8, 3, None, True)]  # block m, n,
+# warps, stages, split (None: plan), swap
 LARGE_TILES = [(64, 128, 4, 3, None, True), (64, 128, 4, 3, None, False), (128, 128, 8, 3, None, True),
-               (128, 128, 8, 3, None, False), (64, 64, 4, 4, None, True), (32, 64, 4, 4, None, True),
-               (128, 256, 8, 3, None, True), (64, 256, 8, 3, None, False)]
+               (128, 128, 8, 3, None, False), (64, 64, 4, 4, None, True), (128, 256, 8, 3, None, True)]
 
 
 def _weight(n: int, k: int, group: int, symmetric: bool, act_order: bool, seed: int):
