@@ -80,10 +80,11 @@ def _sm_count(device: torch.device) -> int:
 
 def plan(m: int, n: int, kp: int, cfg: W4Config, device: torch.device) -> tuple[int, int]:
     """(split_k, chunks per split): about three programs per SM (enough weight bytes in flight at
-    M = 1), each split a whole number of chunks."""
+    M = 1), each split a whole number of chunks, and no more splits than keep the float32 partial
+    sums (written and read back: 8 M N bytes a split) within a quarter of the weight's N K / 2 bytes."""
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     chunks = kp // CHUNK
-    want = max(1, min(triton.cdiv(3 * _sm_count(device), tiles_mn), chunks))
+    want = max(1, min(triton.cdiv(3 * _sm_count(device), tiles_mn), chunks, kp // (64 * m)))
     if cfg.split_k is not None:
         want = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, want)
