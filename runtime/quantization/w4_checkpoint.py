@@ -41,7 +41,7 @@ class W4Scheme:
 
 def gptq_scheme(qc: dict[str, Any]) -> W4Scheme:
     _four_bits(qc.get("bits"), "gptq bits")
-    fmt = qc.get("checkpoint_format", "gptq")
+    fmt = qc.get("checkpoint_format", "marlin" if qc.get("is_marlin_format") else "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise ValueError(f"model_path: gptq checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
     return W4Scheme("gptq", _group(qc.get("group_size", 128)), bool(qc.get("sym", True)), bool(qc.get("desc_act")),

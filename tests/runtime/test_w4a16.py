@@ -216,6 +216,7 @@ def test_summary_flags_and_dummy_weights(checkpoints, tmp_path: Path) -> None:
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "gptq bits 8"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 100}, "group_size 100"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+    ({"quant_method": "gptq", "bits": 4, "is_marlin_format": True}, "checkpoint_format 'marlin'"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version 'gemv'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
         "weights": {"type": "int", "num_bits": 8, "strategy": "group", "group_size": 128}}}}, "num_bits=8"),
