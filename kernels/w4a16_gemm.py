@@ -9,8 +9,11 @@ no shuffle. Scales (the checkpoint's fp16 / bf16 / fp32) and zero points (uint8,
 symmetric means z = 8) are [G, N], one group per `group_size` columns (after act-order's
 permutation, see below).
 
-    W[n, k] = (c[n, k] - z[g, n]) * s[g, n],     g = k // group_size
-    y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (c[n, k] - z[g, n])
+    W[n, k] = (c[n, k] - z[g, n]) * s[g, n]  (+ o[g, n]),     g = k // group_size
+    y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (c[n, k] - z[g, n])  (+ o[g, n] * sum_{k in g} x[m, k])
+
+(The offsets o, float32 [G, N], are GGUF's affine blocks in `gguf_blocks.AffinePlanes` form; only
+then does the kernel sum the activations per group.)
 
 The scale is applied once per group to a dot product of the activations with c - z, so the inner
 loop only turns a code into c - z, exactly, in the activations' type: for bf16 `0x4300 | c` read as
@@ -190,11 +193,11 @@ def _codes_minus_zero_fp16(h, z, j: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _w4a16_kernel(
-    X, Codes, Scales, Zeros, Perm, Out, Part,
+    X, Codes, Scales, Zeros, Offsets, Perm, Out, Part,
     M, N, K, G, group_size, chunks_per_split, n_chunks,
     stride_xm, stride_cn, stride_om,
-    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr, MAGIC: tl.constexpr,
-    IEEE: tl.constexpr, ASM: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
+    MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -216,6 +219,7 @@ def _w4a16_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part = tl.zeros_like(acc)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the group's sum of x, for its offsets (GGUF) only
     z = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric: every zero point is 8
     for c in range(c_start, c_end):
         h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None], other=0)
@@ -242,12 +246,21 @@ def _w4a16_kernel(
                 part += tl.dot(w, tl.trans(x))
             else:
                 part += tl.dot(x, tl.trans(w))
+            if HAS_OFFSETS:
+                xsum += tl.sum(x.to(tl.float32), 1)
             if (j + 1) % SLICES_PER_GROUP == 0:  # a group (or a chunk of a larger one) ends here
                 s = tl.load(Scales + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
                 if SWAP:
                     acc += part * s[:, None]
                 else:
                     acc += part * s[None, :]
+                if HAS_OFFSETS:
+                    o = tl.load(Offsets + g * N + rn, mask=n_mask, other=0.0)
+                    if SWAP:
+                        acc += o[:, None] * xsum[None, :]
+                    else:
+                        acc += xsum[:, None] * o[None, :]
+                    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 part = tl.zeros_like(acc)
     if SWAP:
         mask = n_mask[:, None] & m_mask[None, :]
@@ -307,8 +320,10 @@ def _magic(dtype: torch.dtype) -> int:
 
 
 def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 perm: torch.Tensor | None, k: int, group_size: int, cfg: W4Config | None = None) -> torch.Tensor:
-    """x [M, K] (bf16 / fp16 / fp32) @ W^T -> [M, N] in x's dtype; W as described in the module docstring."""
+                 perm: torch.Tensor | None, k: int, group_size: int, cfg: W4Config | None = None,
+                 offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16 / fp32) @ W^T -> [M, N] in x's dtype; W as described in the module docstring
+    (`offsets`: float32 [G, N] added to every weight of the group, GGUF's affine blocks)."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -325,10 +340,12 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 
     def launch(asm: bool) -> None:
         _w4a16_kernel[grid](
-            x, codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out, part,
+            x, codes, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
+            perm if perm is not None else codes, out, part,
             m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK,
             x.stride(0), codes.stride(0), out.stride(0),
-            HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, PARTIAL=split > 1, MAGIC=magic,
+            HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None,
+            PARTIAL=split > 1, MAGIC=magic,
             IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm,
             SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SWAP=cfg.swap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -342,8 +359,9 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 
 
 @triton.jit
-def _dequantize_kernel(Codes, Scales, Zeros, Perm, Out, N, K, G, group_size, stride_cn, stride_on,
-                       HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequantize_kernel(Codes, Scales, Zeros, Offsets, Perm, Out, N, K, G, group_size, stride_cn, stride_on,
+                       HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """One 128-column chunk of BLOCK_N rows per program: W in the original column order."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1)
@@ -360,20 +378,23 @@ def _dequantize_kernel(Codes, Scales, Zeros, Perm, Out, N, K, G, group_size, str
         else:
             z = tl.full((BLOCK_N,), 8.0, tl.float32)
         w = (((h.to(tl.int32) >> (4 * j)) & 15).to(tl.float32) - z[:, None]) * s[:, None]
+        if HAS_OFFSETS:
+            w += tl.load(Offsets + g * N + rn, mask=n_mask, other=0.0)[:, None]
         col = tl.load(Perm + kk, mask=k_mask, other=0) if HAS_PERM else kk
         tl.store(Out + rn[:, None].to(tl.int64) * stride_on + col[None, :], w.to(Out.dtype.element_ty),
                  mask=n_mask[:, None] & k_mask[None, :])
 
 
 def w4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, perm: torch.Tensor | None,
-                  k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+                  k: int, group_size: int, dtype: torch.dtype, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """W [N, K] in `dtype`, columns in the checkpoint's order (each value rounded once from float32)."""
     n, kp = codes.shape[0], codes.shape[1] * 4
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
     block_n = 32
     _dequantize_kernel[(triton.cdiv(n, block_n), kp // CHUNK)](
-        codes, scales, zeros if zeros is not None else scales, perm if perm is not None else codes, out,
-        n, k, scales.shape[0], group_size, codes.stride(0), out.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=block_n, num_warps=4,
+        codes, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
+        perm if perm is not None else codes, out, n, k, scales.shape[0], group_size, codes.stride(0), out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, BLOCK_N=block_n,
+        num_warps=4,
     )
     return out

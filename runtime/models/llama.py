@@ -256,7 +256,8 @@ class LlamaForCausalLM(nn.Module):
         """Packed weight for a layer that takes one, else the parts dequantized into their rows."""
         module = self.get_submodule(target.rsplit(".", 1)[0])
         complete = sum(p.shape[0] for _, p in parts) == param.shape[0]
-        quantized = build_quantized_weight([p for _, p in parts]) if complete and hasattr(module, "quantized") else None
+        quantized = (build_quantized_weight([p for _, p in parts], param.device)
+                     if complete and hasattr(module, "quantized") else None)
         if quantized is not None:
             module.quantized = quantized
             param.data = param.data.new_empty(0)  # the float copy is never read again

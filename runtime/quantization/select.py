@@ -7,6 +7,7 @@ format (issue 19) adds a mode here and a subclass of `QuantizedWeight`.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
                          parallel: bool, checkpoint: CheckpointQuantization | None = None, tp_size: int = 1) -> str:
     """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gptq' / 'awq' / 'w4a16'
     (a 4-bit checkpoint's packed weights: GPTQ, AWQ, compressed-tensors pack-quantized), 'gguf' (GGUF
-    blocks kept 4-bit on the CPU) or 'none' (weights in the model dtype).
+    blocks kept 4-bit: on a CPU, or Q4_0 / Q4_1 on a GPU when asked for) or 'none' (weights in the model dtype).
 
     A quantized checkpoint always loads as published (under none / auto too: its weights are); auto
     picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the replica is
@@ -76,11 +77,15 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
     reasons = []
     if not gguf_blocks:
         reasons.append("the checkpoint is not a converted GGUF file")
-    if device.type != "cpu":
-        reasons.append(f"quantized GGUF matmuls run on the CPU only (device {device.type})")
+    if device.type == "cuda" and choice == "auto":
+        reasons.append("auto keeps GGUF weights 4-bit on a CPU only (--quantization gguf: Q4_0 / Q4_1 on the GPU)")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        reasons.append("the GPU's 4-bit kernels need Triton")
+    elif device.type not in ("cpu", "cuda"):
+        reasons.append(f"quantized GGUF matmuls run on a CPU or a CUDA GPU (device {device.type})")
     if parallel:
         reasons.append("tensor/pipeline parallel ranks load dequantized weights")
-    if not int4_cpu_kernel_available():
+    if device.type == "cpu" and not int4_cpu_kernel_available():
         reasons.append(f"torch {torch.__version__} has no packed int4 CPU matmul")
     if choice == "auto" and dtype != "auto":
         reasons.append(f"--dtype {dtype} asks for unquantized weights")
@@ -91,9 +96,14 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
     return "none"
 
 
-def build_quantized_weight(parts: list[GGUFTensor]) -> QuantizedWeight | None:
+def build_quantized_weight(parts: list[GGUFTensor], device: torch.device | None = None) -> QuantizedWeight | None:
     """The packed form of a layer whose checkpoint parts (stacked along the output rows: q, k, v /
-    gate, up) are `parts`; None if some part's type has no plane layout (it loads dequantized)."""
+    gate, up) are `parts`; None if some part's type has no plane layout (it loads dequantized).
+    On a CUDA device: Q4_0 / Q4_1 layers for the Triton W4A16 kernels (`w4_gguf.py`)."""
+    if device is not None and device.type == "cuda":
+        from radixlm.runtime.quantization.w4_gguf import w4_from_gguf
+
+        return w4_from_gguf(parts, device)
     if not parts or any(p.qtype not in PARSERS for p in parts):
         return None
     source = "+".join(sorted({p.qtype.name for p in parts}))

@@ -34,6 +34,7 @@ class W4Part:
     scales: torch.Tensor  # [G, rows], the checkpoint's float dtype
     zeros: torch.Tensor | None  # uint8 [G, rows], 0..15; None: symmetric (z = 8)
     g_idx: torch.Tensor | None  # int [K]: each column's group; None: k // group_size
+    offsets: torch.Tensor | None = None  # float32 [G, rows] added to the group's weights (GGUF's affine blocks)
 
 
 def act_order(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:
@@ -62,6 +63,8 @@ class W4Weight(QuantizedWeight):
         if any((a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(perms, perms[1:])):
             raise ValueError("fused 4-bit parts (q/k/v or gate/up) have different act-order g_idx")
         perm = perms[0]
+        if len({p.offsets is None for p in parts}) > 1:
+            raise ValueError("fused 4-bit parts mix affine offsets and none")
         symmetric = all(p.zeros is None for p in parts)
         codes = torch.cat([p.codes for p in parts]) if len(parts) > 1 else parts[0].codes
         self.out_features, self.in_features = int(codes.shape[0]), k
@@ -72,6 +75,8 @@ class W4Weight(QuantizedWeight):
         self.zeros = None if symmetric else torch.cat(
             [p.zeros if p.zeros is not None else torch.full_like(p.scales, 8, dtype=torch.uint8) for p in parts], dim=1
         ).contiguous()
+        self.offsets = None if parts[0].offsets is None else torch.cat(
+            [p.offsets.float() for p in parts], dim=1).contiguous()
         self.perm = None if perm is None else perm.to(torch.int32).contiguous()
         from radixlm.kernels.w4a16_gemm import pack_codes  # torch only at load: no Triton launch
 
@@ -84,13 +89,15 @@ class W4Weight(QuantizedWeight):
     def format(self) -> str:
         kind = f"g{self.group_size}" if self.scales.shape[0] > 1 else "per-channel"
         kind += " sym" if self.zeros is None else " asym"
+        kind += " affine" if self.offsets is not None else ""
         kind += " act-order" if self.perm is not None else ""
         path = "triton split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
         return f"w4a16[{self.source} {kind}, {path}]"
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.codes, self.scales, self.zeros, self.perm, self._float_weight) if t is not None]
+        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self._float_weight)
+                   if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,12 +108,14 @@ class W4Weight(QuantizedWeight):
         elif x2.shape[0] >= DEQUANT_MIN_M:
             from radixlm.kernels.w4a16_gemm import w4_dequantize
 
-            w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype)
+            w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
+                              self.offsets)
             out = torch.matmul(x2, w.t())
         else:
             from radixlm.kernels.w4a16_gemm import w4a16_matmul
 
-            out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size)
+            out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                               offsets=self.offsets)
         return out.reshape(*lead, self.out_features)
 
     def float_weight(self) -> torch.Tensor:
@@ -118,17 +127,23 @@ class W4Weight(QuantizedWeight):
         return self._float_weight
 
     def dequantize(self) -> torch.Tensor:
+        return self._dequantize(slice(None))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._dequantize(ids)
+
+    def _dequantize(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Rows `rows` of W as float32: (c - z) * s (+ o), columns back in the checkpoint's order."""
         from radixlm.kernels.w4a16_gemm import unpack_codes
 
-        codes = unpack_codes(self.codes, self.in_features).float()  # columns in stored (group-sorted) order
+        codes = unpack_codes(self.codes[rows], self.in_features).float()  # columns in stored (group-sorted) order
         g = torch.arange(self.in_features, device=codes.device) // self.group_size
-        z = 8.0 if self.zeros is None else self.zeros.float().t()[:, g]
-        w = (codes - z) * self.scales.float().t()[:, g]
+        z = 8.0 if self.zeros is None else self.zeros[:, rows].float().t()[:, g]
+        w = (codes - z) * self.scales[:, rows].float().t()[:, g]
+        if self.offsets is not None:
+            w = w + self.offsets[:, rows].t()[:, g]
         if self.perm is None:
             return w
         out = torch.empty_like(w)
         out[:, self.perm.long()] = w
         return out
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dequantize()[ids]

@@ -126,3 +126,23 @@ def test_inline_ptx_failure_falls_back_once_to_plain_triton():
     finally:
         kg._asm_conversion.clear()
         kg._asm_conversion.update(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_affine_offsets_gguf_form(device, dtype):
+    """W = (c - 8) * s + o per 32-column group (GGUF Q4_0 / Q4_1 via w4_gguf.py): GEMM and dequantize."""
+    from radixlm.kernels.w4a16_gemm import w4_dequantize, w4a16_matmul
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 64, 288
+    part = W4Part(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g), torch.rand(k // 32, n, generator=g).half(),
+                  None, None, torch.randn(k // 32, n, generator=g))
+    w = W4Weight([W4Part(*(t.to(device) if t is not None else None for t in (part.codes, part.scales, None, None,
+                                                                                part.offsets)))], 32, "gguf")
+    x = (torch.randn(5, k, generator=g) * 2).to(dtype).to(device)
+    ref = x.float() @ w.dequantize().t()
+    got = w4a16_matmul(x, w.codes, w.scales, None, None, k, 32, offsets=w.offsets).float()
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert ((got - ref).abs() <= ref.abs() * tol + 1e-5 * ref.abs().max()).all()
+    deq = w4_dequantize(w.codes, w.scales, None, None, k, 32, torch.float32, w.offsets)
+    assert torch.equal(deq.cpu(), w.dequantize().cpu())
