@@ -86,11 +86,10 @@ def gen(engine, ids, new: int) -> float:
     return dt
 
 
-def check_correctness(root: Path) -> dict:
-    """Small random Llama in float32 and bf16: engine on GPU (Triton + graphs) vs transformers."""
+def build_small_llama(root: Path):
+    """The GPU checks' small random Llama (float32; LM head x 8 so logits are spread), saved in root/small:
+    (folder, transformers model on the CPU)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import radixlm
 
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -100,6 +99,14 @@ def check_correctness(root: Path) -> dict:
         hf.lm_head.weight.mul_(8.0)
     d = root / "small"
     hf.save_pretrained(str(d))
+    return d, hf
+
+
+def check_correctness(root: Path) -> dict:
+    """Small random Llama in float32 and bf16: engine on GPU (Triton + graphs) vs transformers."""
+    import radixlm
+
+    d, hf = build_small_llama(root)
     hf = hf.cuda().eval()
     rng = random.Random(0)
     prompts = [rand_ids(rng.randint(5, 700), 4096, rng) for _ in range(40)]

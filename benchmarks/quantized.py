@@ -1,7 +1,13 @@
-"""Issue 19 on the H200: bf16 vs FP8 W8A8 vs FP8 W8A8 + FP8 KV, side by side in one run.
+"""Issue 19 on the H200: bf16 vs FP8 W8A8 (+ FP8 KV) vs 4-bit weight-only (W4A16), side by side in one run.
 
   check  on cuda, a small random Llama: FP8 linear (torch._scaled_mm) against its float32 reference
-         of the same codes and scales, and the FP8 engines' input logprobs / greedy tokens vs bf16
+         of the same codes and scales, and the FP8 engines' input logprobs / greedy tokens vs bf16;
+         the W4A16 kernels (bf16 / fp16 code conversion, split-K, tiled, act-order, dequantize) against
+         the float32 reference of the same codes, and a GPTQ checkpoint's engine against a bf16 engine
+         on its own dequantized weights (the only difference: those weights rounded to bf16)
+  w4gemm the W4A16 linear on the 8B layer shapes at M = 1, 16, 64, 256, 1024, 4096: as dispatched, the
+         Triton kernel at its default tiles and the best of a tile sweep, dequantize + cuBLAS, vs bf16,
+         against the 4-bit bytes floor and the bf16 FLOP floor (decides DEQUANT_MIN_M and the tiles)
   gemm   on the 8B layer shapes at M = 1, 16, 64, 256: the FP8 linear as dispatched (W8A16 Triton at
          M <= 16, fused activation quantization + _scaled_mm above), the Triton W8A16 kernel at every M
          (its default tiles, and the best of a small tile sweep), _scaled_mm alone, the fused and the
@@ -12,7 +18,10 @@
   (c)    TTFT of one 1,024-token prompt
   kv     the KV pool size in tokens at the same --mem-fraction-static
 
-    python benchmarks/quantized.py --out $OUT/quantized.json      (about 5 minutes)
+The 4-bit engine is the same 8B shape with a GPTQ quantization_config (4-bit, group 128, symmetric) and
+--load-format dummy: its random bf16 weights are quantized at load in that scheme (RTN).
+
+    python benchmarks/quantized.py --out $OUT/quantized.json      (about 7 minutes)
 """
 from __future__ import annotations
 
@@ -29,15 +38,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_suite import LLAMA_8B, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
+from gpu_suite import LLAMA_8B, build_small_llama, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
 from gpu_throughput import params_for, workload_b  # noqa: E402
+from quantized_w4 import GPTQ_CONFIG, SHAPES, check_w4_on_cuda, w4_gemm_table  # noqa: E402
 
-CONFIGS = {  # label -> engine options
+CONFIGS = {  # label -> engine options ("w4a16": the GPTQ-config model folder, see the docstring)
     "bf16": {},
     "fp8": {"quantization": "fp8"},
     "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"},
+    "w4a16": {},
 }
-SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 
 
 def _graph_time(fn, inner: int = 20, reps: int = 15) -> float:
@@ -120,8 +130,6 @@ def gemm_table(ceil: dict) -> list[dict]:
 
 def check_on_cuda(root: Path) -> dict:
     """FP8 numerics on the GPU path, and FP8 engines against bf16 on a small random Llama."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     import radixlm
     from radixlm.runtime.quantization.fp8 import Fp8Weight, quantize_rows
 
@@ -145,20 +153,15 @@ def check_on_cuda(root: Path) -> dict:
         ref16 = fp8.reference_w8a16(x[:m])
         got16 = w8a16_matmul(x[:m], fp8.codes, fp8.scales.reshape(-1)).float()
         out[f"w8a16_m{m}_vs_reference_max_rel"] = ((got16 - ref16).abs().max() / ref16.abs().max()).item()
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(8.0)
-    d = root / "small"
-    hf.save_pretrained(str(d))
+    d, hf = build_small_llama(root)
     del hf
     rng = random.Random(0)
     prompts = [rand_ids(rng.randint(16, 400), 4096, rng) for _ in range(16)]
     params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
     runs = {}
     for label, opts in CONFIGS.items():
+        if label == "w4a16":
+            continue  # check_w4_on_cuda compares it with bf16 on its own dequantized weights
         with radixlm.Engine(str(d), dtype="bfloat16", skip_tokenizer_init=True, mem_fraction_static=0.3, **opts) as eng:
             res = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=0)
             runs[label] = ([r["output_ids"] for r in res],
@@ -207,9 +210,10 @@ def engine_items(model_dir: Path, vocab: int, opts: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantized.json")
-    ap.add_argument("--skip", default="", help="comma list of: check, gemm, engines")
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4gemm, and engine labels "
+                    f"({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, see RESULTS.md)")
     args = ap.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
+    skip = set(filter(None, (args.skip or "fp8+fp8kv").split(",")))
     started = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     ceil = measure_ceilings()
@@ -219,7 +223,7 @@ def main() -> None:
           f"TFLOP/s, fp8 {ceil['fp8_matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
 
     def section(name: str, job) -> None:
-        if name in skip:
+        if name in skip or name.removeprefix("engine_") in skip:
             return
         t = time.perf_counter()
         try:
@@ -227,14 +231,21 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - record it and go on: one run, every figure it can give
             report[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"[{name}] {time.perf_counter() - t:.0f} s: {json.dumps(report[name])[:1500]}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))  # after every section: a timeout keeps the rest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         section("check", lambda: check_on_cuda(root))
+        section("w4check", lambda: check_w4_on_cuda(root))
         section("gemm", lambda: gemm_table(ceil))
+        section("w4gemm", lambda: w4_gemm_table(ceil, _graph_time))
         d = model_dir_for(LLAMA_8B, root, "llama8b")
+        d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, root, "llama8b-gptq")
         for label, opts in CONFIGS.items():
-            section(f"engine_{label}", lambda opts=opts: engine_items(d, LLAMA_8B["vocab_size"], opts))
+            if label not in skip:
+                folder = d4 if label == "w4a16" else d
+                section(f"engine_{label}", lambda opts=opts, folder=folder: engine_items(folder, LLAMA_8B["vocab_size"], opts))
     report["wall_s"] = time.perf_counter() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -250,6 +261,14 @@ def _print_tables(report: dict) -> None:
             print(f"{r['layer']:<8}{r['M']:>4}{r['bf16_us']:>7.1f}{r['fp8_linear_us']:>8.1f}{r['w8a16_us']:>7.1f}{best:>7.1f}"
                   f"{r['w8a16_of_floor']:>7.0%}{r['scaled_mm_us']:>7.1f}{r['scaled_mm_of_floor']:>6.0%}{r['quant_fused_us']:>7.1f}"
                   f"{r['quant_eager_us']:>8.1f}{r['fp8_floor_us']:>7.1f}{r['fp8_speedup']:>7.2f}x  {r['w8a16_best_tile']}")
+    if isinstance(report.get("w4gemm"), list):
+        print(f"\n{'layer':<8}{'M':>5}{'bf16':>8}{'w4 lin':>8}{'kernel':>8}{'best':>8}{'deq+mm':>8}{'floor4':>8}"
+              f"{'k/fl':>6}{'speedup':>8}  (us; best tile)")
+        for r in report["w4gemm"]:
+            best = r["kernel_best_us"] if isinstance(r["kernel_best_us"], float) else float("nan")
+            print(f"{r['layer']:<8}{r['M']:>5}{r['bf16_us']:>8.1f}{r['w4_linear_us']:>8.1f}{r['kernel_us']:>8.1f}"
+                  f"{best:>8.1f}{r['dequant_mm_us']:>8.1f}{r['w4_floor_us']:>8.1f}{r['kernel_of_floor']:>6.0%}"
+                  f"{r['w4_speedup']:>7.2f}x  {r['kernel_best_tile']}")
     keys = [("a_decode_tok_s", "(a) batch-1 decode tok/s"), ("b_total_tok_s", "(b) offline total tok/s"),
             ("b_output_tok_s", "(b) offline output tok/s"), ("c_ttft_ms_p50", "(c) TTFT 1,024 ms"),
             ("kv_pool_tokens", "KV pool tokens"), ("weights_gb", "weights GB")]
@@ -258,7 +277,8 @@ def _print_tables(report: dict) -> None:
     for key, title in keys:
         vals = [report[f"engine_{lbl}"].get(key) for lbl in labels]
         print(f"{title:<28}" + "".join(f"{v:>14.1f}" if isinstance(v, (int, float)) else f"{'-':>14}" for v in vals))
-    print(f"\ncheck: {json.dumps(report.get('check'))}\nwall {report['wall_s']:.0f} s")
+    print(f"\ncheck: {json.dumps(report.get('check'))}\nw4check: {json.dumps(report.get('w4check'))}"
+          f"\nwall {report['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ class SchedulerReady:
     architecture: str
     weights_bytes: int = 0  # rank 0's share of the weights
     kv_bytes: int = 0  # rank 0's KV pool
-    quantization: str = "none"  # as resolved at load: none | gguf | fp8
+    quantization: str = "none"  # as resolved at load: none | gguf | fp8 | gptq | awq | w4a16
     kv_cache_dtype: str = "auto"  # the pool's dtype as resolved (bfloat16, float8_e4m3fn, ...)
     cuda_graph_batch_sizes: tuple[int, ...] = ()  # empty: decode runs eagerly
     load_seconds: float = 0.0  # process start -> ready

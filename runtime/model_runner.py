@@ -88,7 +88,9 @@ class ModelRunner:
         from radixlm.runtime.quantization.select import resolve_quantization
 
         gguf_blocks = args.load_format != "dummy" and has_gguf_blocks(model_dir)
-        self.checkpoint_quantization = None if args.load_format == "dummy" else read_checkpoint_quantization(model_dir)
+        # With dummy weights a 4-bit config still applies: the random weights are quantized in its scheme.
+        ckpt = read_checkpoint_quantization(model_dir)
+        self.checkpoint_quantization = None if args.load_format == "dummy" and (ckpt is None or ckpt.w4 is None) else ckpt
         self.quantization = resolve_quantization(args.quantization, args.dtype, self.device, gguf_blocks,
                                                  parallel is not None, self.checkpoint_quantization, tp_rank_size()[1])
         self.model = self._load_model(model_dir)
@@ -143,8 +145,13 @@ class ModelRunner:
             model = cls(self.model_config, self.context_len + 8)
         model = model.to(self.dtype).to_empty(device=self.device)
         model.cos_sin_cache = rope_cos_sin_cache(self.model_config, self.context_len + 8).to(self.device)
+        w4 = self.checkpoint_quantization.w4 if self.checkpoint_quantization is not None else None
         if self.args.load_format == "dummy":
             init_dummy_weights(model, self.args.random_seed)
+            if w4 is not None:
+                from radixlm.runtime.quantization.w4_formats import quantize_layers_w4
+
+                quantize_layers_w4(model.layers, w4.group_size, w4.symmetric, w4.method)
         elif self.quantization == "gguf":
             from radixlm.runtime.gguf_weights import iter_gguf_weights
 
@@ -152,7 +159,7 @@ class ModelRunner:
             logger.info("GGUF weights kept quantized: %s", quantized_summary(model))
         else:
             # Several ranks: each reads only its share of the checkpoint.
-            model.load_weights(iter_safetensors(model_dir, lazy=get_parallel_state() is not None))
+            model.load_weights(iter_safetensors(model_dir, lazy=get_parallel_state() is not None), w4=w4)
         if self.quantization == "fp8" and self.checkpoint_quantization is None:
             from radixlm.runtime.quantization.fp8 import quantize_layers_online
 

@@ -94,11 +94,16 @@ class ServerArgs:
         "split-K GEMM on the GPU), W8A8 with per-token activations above (torch._scaled_mm on Hopper / Ada GPUs); "
         "a float32 reference of the same numerics elsewhere; "
         "compressed-tensors: the checkpoint's own (also read without the flag); gguf: a GGUF file's weights stay "
-        "4-bit on a CPU (packed int4 matmuls); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU "
+        "4-bit on a CPU (packed int4 matmuls), and its Q4_0 / Q4_1 layers on a GPU (the W4A16 Triton kernels; "
+        "other types dequantized); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU "
         "unless --dtype is given. A checkpoint whose quantization_config is FP8 (quant_method fp8 or "
-        "compressed-tensors) always loads as published. The default stays none until benchmarks/cpu.py shows gguf "
+        "compressed-tensors) always loads as published. awq / gptq / compressed-tensors (pack-quantized W4A16): "
+        "the checkpoint's 4-bit weights, detected from its quantization_config without the flag (AWQ GEMM, "
+        "GPTQ with or without act-order, group sizes that are multiples of 32), kept packed on the device: "
+        "Triton w4a16 kernels on a GPU (split-K at decode sizes), a float32 reference elsewhere; the flag "
+        "only checks the checkpoint is of that kind. The default stays none until benchmarks/cpu.py shows gguf "
         "faster with >= 97% greedy agreement (not yet measured)", str,
-        choices=("auto", "none", "gguf", "fp8", "compressed-tensors"))
+        choices=("auto", "none", "gguf", "fp8", "compressed-tensors", "awq", "gptq"))
     load_format: str = _flag("auto", "model", "auto: read the weights; dummy: random weights (benchmarks)", str,
                              choices=("auto", "dummy"))
     context_length: int | None = _flag(None, "model", "the longest prompt + output in tokens", int, minimum=1,

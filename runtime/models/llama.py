@@ -28,6 +28,7 @@ from radixlm.runtime.quantization.base import linear_forward
 from radixlm.runtime.quantization.fp8 import FP8
 from radixlm.runtime.quantization.fp8_checkpoint import FP8_SCALE_KINDS, KV_SCALE_NAME, Fp8Checkpoint, fp8_scalar
 from radixlm.runtime.quantization.select import GGUFTensor, build_quantized_weight
+from radixlm.runtime.quantization.w4_checkpoint import W4Checkpoint, W4Scheme
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -161,15 +162,17 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return gather_vocab_logits(linear_forward(head.weight, head.quantized, hidden), self.cfg.vocab_size).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]], w4: W4Scheme | None = None) -> None:
         """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors.
 
         A `GGUFTensor` (raw GGUF blocks) is collected with the other parts of its fused weight;
         once all are read the layer gets a packed `QuantizedWeight` (its float weight is dropped)
-        or, where no kernel takes those types, the parts are dequantized into the weight."""
+        or, where no kernel takes those types, the parts are dequantized into the weight. FP8 codes
+        and scales, and a 4-bit checkpoint's (`w4`: its scheme) packed tensors, are collected the same way."""
         params = dict(self.named_parameters())
         blocks: dict[str, list[tuple[int, GGUFTensor]]] = {}
         fp8 = Fp8Checkpoint()
+        packed = W4Checkpoint(w4) if w4 is not None else None
         loaded: set[str] = set()
         cfg = self.cfg
         q, kv = self.tp.heads * cfg.head_dim, self.tp.kv_heads * cfg.head_dim
@@ -202,6 +205,11 @@ class LlamaForCausalLM(nn.Module):
                     rows = (offset, count)
                     break
             module_name, kind = target.rsplit(".", 1)
+            if packed is not None and kind in packed.kinds:  # a 4-bit layer's codes, scales, zeros, g_idx
+                packed.add(module_name, 0 if rows is None else rows[0], kind, tensor)
+                if packed.is_codes(kind):
+                    loaded.add(f"{module_name}.weight:{rows}")
+                continue
             if kind in FP8_SCALE_KINDS:  # an FP8 layer's weight_scale / input_scale
                 fp8.add(module_name, 0 if rows is None else rows[0], kind, tensor)
                 continue
@@ -220,6 +228,13 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(f"{target}:{rows}")
         for target, parts in blocks.items():
             self._load_blocks(target, params[target], sorted(parts, key=lambda p: p[0]))
+        for module_name in packed.modules() if packed is not None else ():
+            module = self.get_submodule(module_name)
+            if not hasattr(module, "quantized"):
+                raise ValueError(f"model_path: {module_name!r} is 4-bit in the checkpoint but has no quantized form here")
+            out_features, in_features = module.weight.shape
+            module.quantized = packed.build(module_name, out_features, in_features, module.weight.device)
+            module.weight.data = module.weight.data.new_empty(0)
         for module_name in fp8.modules():
             module = self.get_submodule(module_name)
             module.quantized = fp8.build(module_name, module.weight.shape[0], module.weight.device)
@@ -241,7 +256,8 @@ class LlamaForCausalLM(nn.Module):
         """Packed weight for a layer that takes one, else the parts dequantized into their rows."""
         module = self.get_submodule(target.rsplit(".", 1)[0])
         complete = sum(p.shape[0] for _, p in parts) == param.shape[0]
-        quantized = build_quantized_weight([p for _, p in parts]) if complete and hasattr(module, "quantized") else None
+        quantized = (build_quantized_weight([p for _, p in parts], param.device)
+                     if complete and hasattr(module, "quantized") else None)
         if quantized is not None:
             module.quantized = quantized
             param.data = param.data.new_empty(0)  # the float copy is never read again

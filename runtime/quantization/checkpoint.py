@@ -1,14 +1,15 @@
 """A checkpoint's own quantization, read from config.json's `quantization_config` as published.
 
-Two FP8 dialects load as they are:
+FP8 (two dialects) and 4-bit weight-only checkpoints (w4_checkpoint.py: gptq, awq, compressed-tensors
+pack-quantized) load as they are. The FP8 dialects:
   * quant_method "fp8" (vLLM / SGLang / ModelOpt exports): `weight` float8_e4m3fn, `weight_scale` per
     tensor (or per channel), `input_scale` when activation_scheme is "static";
   * quant_method "compressed-tensors" (the `compressed-tensors` package, llm-compressor's output):
     format "float-quantized", 8-bit float weights of strategy tensor / channel, input activations
     of strategy tensor (static) or token (dynamic).
 KV-cache scales, where a checkpoint has them, are `self_attn.k_scale` / `self_attn.v_scale` (or the
-older `k_proj.output_scale` / `v_proj.output_scale`). Anything else (block-wise FP8, AWQ, GPTQ, int8,
-FP4) is refused by name rather than loaded wrongly.
+older `k_proj.output_scale` / `v_proj.output_scale`). Anything else (block-wise FP8, int8, FP4, 3- or
+8-bit GPTQ) is refused by name rather than loaded wrongly.
 """
 from __future__ import annotations
 
@@ -17,18 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FP8_METHODS = ("fp8", "compressed-tensors")
+from radixlm.runtime.quantization.w4_checkpoint import W4Scheme, awq_scheme, gptq_scheme, pack_quantized_scheme
+
+METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
 
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
-    method: str  # "fp8" | "compressed-tensors"
+    method: str  # "fp8" | "compressed-tensors" | "gptq" | "awq"
     static_activations: bool  # one input_scale per layer (else per-token scales at run time)
-    weight_strategy: str  # "tensor" | "channel"
+    weight_strategy: str  # "tensor" | "channel" | "group"
+    w4: W4Scheme | None = None  # a 4-bit weight-only checkpoint's scheme (None: FP8)
 
 
 def read_checkpoint_quantization(model_dir: str | Path) -> CheckpointQuantization | None:
-    """The checkpoint's FP8 scheme, None for an unquantized one; ValueError naming what is unsupported."""
+    """The checkpoint's FP8 or 4-bit scheme, None for an unquantized one; ValueError naming what is unsupported."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return None
@@ -40,8 +44,11 @@ def read_checkpoint_quantization(model_dir: str | Path) -> CheckpointQuantizatio
         return _fp8(qc)
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
+    if method in ("gptq", "awq"):
+        scheme = gptq_scheme(qc) if method == "gptq" else awq_scheme(qc)
+        return CheckpointQuantization(method, False, "group", scheme)
     raise ValueError(f"model_path: quantization_config quant_method {method!r} is not supported "
-                     f"(supported: {', '.join(FP8_METHODS)})")
+                     f"(supported: {', '.join(METHODS)})")
 
 
 def _fp8(qc: dict[str, Any]) -> CheckpointQuantization:
@@ -58,11 +65,14 @@ def _compressed_tensors(qc: dict[str, Any]) -> CheckpointQuantization:
     groups = list((qc.get("config_groups") or {}).values())
     if not groups:
         raise ValueError("model_path: compressed-tensors quantization_config has no config_groups")
+    if all((g.get("format") or qc.get("format")) == "pack-quantized" for g in groups):
+        return CheckpointQuantization("compressed-tensors", False, "group", pack_quantized_scheme(groups, _describe))
     found: set[tuple[bool, str]] = set()
     for group in groups:
         fmt = group.get("format") or qc.get("format")
         if fmt not in ("float-quantized", "naive-quantized"):
-            raise ValueError(f"model_path: compressed-tensors format {fmt!r} is not supported (float-quantized FP8 only)")
+            raise ValueError(f"model_path: compressed-tensors format {fmt!r} is not supported "
+                             "(float-quantized FP8, or pack-quantized W4A16 in every group)")
         w = group.get("weights") or {}
         if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in ("tensor", "channel"):
             raise ValueError(f"model_path: compressed-tensors weights {_describe(w)} are not supported "

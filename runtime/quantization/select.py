@@ -7,6 +7,7 @@ format (issue 19) adds a mode here and a subclass of `QuantizedWeight`.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from radixlm.runtime.quantization.int4_cpu import Int4PackedWeight, int4_cpu_ker
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("auto", "none", "gguf", "fp8", "compressed-tensors")
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "fp8", "compressed-tensors", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -46,24 +47,29 @@ class GGUFTensor:
 
 def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blocks: bool,
                          parallel: bool, checkpoint: CheckpointQuantization | None = None, tp_size: int = 1) -> str:
-    """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gguf' (GGUF blocks kept
-    4-bit on the CPU) or 'none' (weights in the model dtype).
+    """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gptq' / 'awq' / 'w4a16'
+    (a 4-bit checkpoint's packed weights: GPTQ, AWQ, compressed-tensors pack-quantized), 'gguf' (GGUF
+    blocks kept 4-bit: on a CPU, or Q4_0 / Q4_1 on a GPU when asked for) or 'none' (weights in the model dtype).
 
-    An FP8 checkpoint always loads as published (under none / auto too: its weights are FP8); auto
+    A quantized checkpoint always loads as published (under none / auto too: its weights are); auto
     picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the replica is
     split over ranks (the packed layout is not sliced per rank yet)."""
     if choice not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization: {choice!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
     if checkpoint is not None:
-        if choice == "gguf" or (choice == "compressed-tensors" != checkpoint.method):
+        if choice not in ("auto", "none", checkpoint.method) and not (choice == "fp8" and checkpoint.w4 is None):
             raise ValueError(f"quantization: {choice!r} does not match the checkpoint's quant_method {checkpoint.method!r}")
+        if checkpoint.w4 is not None:
+            if tp_size > 1:
+                raise ValueError("quantization: 4-bit checkpoints load on one rank per replica for now (tp_size 1)")
+            return checkpoint.w4.mode
         if tp_size > 1:
             raise ValueError("quantization: FP8 checkpoints load on one rank per replica for now (tp_size 1); "
                              "--quantization fp8 on an unquantized checkpoint works with TP")
         return "fp8"
-    if choice == "compressed-tensors":
-        raise ValueError("quantization: 'compressed-tensors' needs a checkpoint with a compressed-tensors "
-                         "quantization_config; use fp8 to quantize this one at load")
+    if choice in ("compressed-tensors", "awq", "gptq"):
+        raise ValueError(f"quantization: {choice!r} needs a checkpoint whose quantization_config has quant_method "
+                         f"{choice!r}; use fp8 to quantize this one at load")
     if choice == "fp8":
         return "fp8"
     if choice == "none":
@@ -71,11 +77,15 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
     reasons = []
     if not gguf_blocks:
         reasons.append("the checkpoint is not a converted GGUF file")
-    if device.type != "cpu":
-        reasons.append(f"quantized GGUF matmuls run on the CPU only (device {device.type})")
+    if device.type == "cuda" and choice == "auto":
+        reasons.append("auto keeps GGUF weights 4-bit on a CPU only (--quantization gguf: Q4_0 / Q4_1 on the GPU)")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        reasons.append("the GPU's 4-bit kernels need Triton")
+    elif device.type not in ("cpu", "cuda"):
+        reasons.append(f"quantized GGUF matmuls run on a CPU or a CUDA GPU (device {device.type})")
     if parallel:
         reasons.append("tensor/pipeline parallel ranks load dequantized weights")
-    if not int4_cpu_kernel_available():
+    if device.type == "cpu" and not int4_cpu_kernel_available():
         reasons.append(f"torch {torch.__version__} has no packed int4 CPU matmul")
     if choice == "auto" and dtype != "auto":
         reasons.append(f"--dtype {dtype} asks for unquantized weights")
@@ -86,9 +96,14 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
     return "none"
 
 
-def build_quantized_weight(parts: list[GGUFTensor]) -> QuantizedWeight | None:
+def build_quantized_weight(parts: list[GGUFTensor], device: torch.device | None = None) -> QuantizedWeight | None:
     """The packed form of a layer whose checkpoint parts (stacked along the output rows: q, k, v /
-    gate, up) are `parts`; None if some part's type has no plane layout (it loads dequantized)."""
+    gate, up) are `parts`; None if some part's type has no plane layout (it loads dequantized).
+    On a CUDA device: Q4_0 / Q4_1 layers for the Triton W4A16 kernels (`w4_gguf.py`)."""
+    if device is not None and device.type == "cuda":
+        from radixlm.runtime.quantization.w4_gguf import w4_from_gguf
+
+        return w4_from_gguf(parts, device)
     if not parts or any(p.qtype not in PARSERS for p in parts):
         return None
     source = "+".join(sorted({p.qtype.name for p in parts}))

@@ -148,7 +148,7 @@ async def server_info(request: web.Request) -> web.Response:
         "device": info.device,
         "dtype": info.dtype,
         "vocab_size": info.vocab_size,
-        "quantization": info.quantization,  # as loaded (none | gguf | fp8), not the flag as given
+        "quantization": info.quantization,  # as loaded (none | gguf | fp8 | gptq | awq | w4a16), not the flag
         "kv_cache_storage_dtype": info.kv_cache_dtype,
         **sched,
         "lora_adapters": dict(ctx.tm.lora_adapters),  # name -> folder; what /load_lora_adapter added included

@@ -187,7 +187,7 @@ def test_flags_and_checkpoints_that_do_not_fit_are_refused(checkpoints, tmp_path
     assert resolve_quantization("fp8", "auto", cpu, False, True, None, tp_size=2) == "fp8"  # online: per rank
     for config, message in (
         ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise"),
-        ({"quant_method": "awq", "bits": 4}, "'awq' is not supported"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes' is not supported"),
     ):
         (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
         with pytest.raises(ValueError, match=message):

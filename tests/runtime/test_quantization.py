@@ -95,6 +95,6 @@ def test_resolve_quantization_rules() -> None:
     assert resolve_quantization("auto", "auto", cpu, True, True) == "none"
     with pytest.raises(ValueError, match="quantization: gguf is not possible here: .*GGUF"):
         resolve_quantization("gguf", "auto", cpu, False, False)
-    with pytest.raises(ValueError, match="quantization: 'awq' is not one of"):
-        resolve_quantization("awq", "auto", cpu, True, False)
+    with pytest.raises(ValueError, match="quantization: 'int3' is not one of"):
+        resolve_quantization("int3", "auto", cpu, True, False)
     assert resolve_quantization("fp8", "auto", cpu, True, False) == "fp8"  # FP8 of the dequantized GGUF weights

@@ -1,0 +1,149 @@
+"""4-bit weight-only linear layers (W4A16): AWQ, GPTQ and compressed-tensors pack-quantized weights,
+kept packed on the device.
+
+    W[n, k] = (c[n, k] - z[g, n]) * s[g, n]      c, z in [0, 15]; g = k's group (g_idx under act-order)
+
+Every format is unpacked once at load (`w4_formats.py`) into codes, zero points, scales and g_idx,
+then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): still 4 bits a weight.
+Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
+makes every group contiguous again; the kernels read the activations through that permutation.
+
+On a GPU: M <= 16 rows (decode) through the split-K Triton kernel, up to `DEQUANT_MIN_M` through its
+tiled launch, above that the weight dequantized to the activation dtype for the call and cuBLAS
+(prefill: compute-bound, where cuBLAS beats a Triton mma with dequantization in its loop).
+Elsewhere (the CPU, tests) x @ W^T in float32 with the same codes, scales and zeros: the same weight,
+summed in another order.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from radixlm.runtime.quantization.base import QuantizedWeight
+
+DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the tiled kernel (benchmarks/quantized.py)
+
+
+@dataclass(frozen=True)
+class W4Part:
+    """One checkpoint tensor's worth of a (possibly fused) 4-bit layer, unpacked: the common form."""
+
+    codes: torch.Tensor  # uint8 [rows, K], 0..15
+    scales: torch.Tensor  # [G, rows], the checkpoint's float dtype
+    zeros: torch.Tensor | None  # uint8 [G, rows], 0..15; None: symmetric (z = 8)
+    g_idx: torch.Tensor | None  # int [K]: each column's group; None: k // group_size
+    offsets: torch.Tensor | None = None  # float32 [G, rows] added to the group's weights (GGUF's affine blocks)
+
+
+def act_order(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:
+    """The column permutation that makes groups contiguous (None when they already are). ValueError
+    when a group does not get exactly group_size columns (no GPTQ export writes such a g_idx)."""
+    if g_idx is None:
+        return None
+    g_idx = g_idx.to(torch.int64)
+    natural = torch.arange(k, device=g_idx.device) // group_size
+    if torch.equal(g_idx, natural):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], natural):
+        raise ValueError(f"g_idx does not give every group {group_size} columns")
+    return perm
+
+
+class W4Weight(QuantizedWeight):
+    """A [N, K] weight as 4-bit codes with per-group scales (and zero points unless symmetric)."""
+
+    def __init__(self, parts: list[W4Part], group_size: int, source: str) -> None:
+        k = int(parts[0].codes.shape[1])
+        if any(p.codes.shape[1] != k for p in parts):
+            raise ValueError("fused 4-bit parts have different in_features")
+        perms = [act_order(p.g_idx, k, group_size) for p in parts]
+        if any((a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(perms, perms[1:])):
+            raise ValueError("fused 4-bit parts (q/k/v or gate/up) have different act-order g_idx")
+        perm = perms[0]
+        if len({p.offsets is None for p in parts}) > 1:
+            raise ValueError("fused 4-bit parts mix affine offsets and none")
+        symmetric = all(p.zeros is None for p in parts)
+        codes = torch.cat([p.codes for p in parts]) if len(parts) > 1 else parts[0].codes
+        self.out_features, self.in_features = int(codes.shape[0]), k
+        groups = int(parts[0].scales.shape[0])
+        # One group of every column (per channel) is stored as one group of the padded width.
+        self.group_size = group_size if groups > 1 else -(-k // 128) * 128
+        self.scales = torch.cat([p.scales for p in parts], dim=1).contiguous()
+        self.zeros = None if symmetric else torch.cat(
+            [p.zeros if p.zeros is not None else torch.full_like(p.scales, 8, dtype=torch.uint8) for p in parts], dim=1
+        ).contiguous()
+        self.offsets = None if parts[0].offsets is None else torch.cat(
+            [p.offsets.float() for p in parts], dim=1).contiguous()
+        self.perm = None if perm is None else perm.to(torch.int32).contiguous()
+        from radixlm.kernels.w4a16_gemm import pack_codes  # torch only at load: no Triton launch
+
+        self.codes = pack_codes(codes if perm is None else codes[:, perm])
+        self.source = source
+        self.use_triton = self.codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
+
+    @property
+    def format(self) -> str:
+        kind = f"g{self.group_size}" if self.scales.shape[0] > 1 else "per-channel"
+        kind += " sym" if self.zeros is None else " asym"
+        kind += " affine" if self.offsets is not None else ""
+        kind += " act-order" if self.perm is not None else ""
+        path = "triton split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
+        return f"w4a16[{self.source} {kind}, {path}]"
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self._float_weight)
+                   if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not self.use_triton:
+            out = (x2.float() @ self.float_weight().t()).to(x.dtype)
+        elif x2.shape[0] >= DEQUANT_MIN_M:
+            from radixlm.kernels.w4a16_gemm import w4_dequantize
+
+            w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
+                              self.offsets)
+            out = torch.matmul(x2, w.t())
+        else:
+            from radixlm.kernels.w4a16_gemm import w4a16_matmul
+
+            out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                               offsets=self.offsets)
+        return out.reshape(*lead, self.out_features)
+
+    def float_weight(self) -> torch.Tensor:
+        """W as float32, kept after the first call on a CPU (the reference path's weight)."""
+        if self.codes.is_cuda:
+            return self.dequantize()
+        if self._float_weight is None:
+            self._float_weight = self.dequantize()
+        return self._float_weight
+
+    def dequantize(self) -> torch.Tensor:
+        return self._dequantize(slice(None))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._dequantize(ids)
+
+    def _dequantize(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Rows `rows` of W as float32: (c - z) * s (+ o), columns back in the checkpoint's order."""
+        from radixlm.kernels.w4a16_gemm import unpack_codes
+
+        codes = unpack_codes(self.codes[rows], self.in_features).float()  # columns in stored (group-sorted) order
+        g = torch.arange(self.in_features, device=codes.device) // self.group_size
+        z = 8.0 if self.zeros is None else self.zeros[:, rows].float().t()[:, g]
+        w = (codes - z) * self.scales[:, rows].float().t()[:, g]
+        if self.offsets is not None:
+            w = w + self.offsets[:, rows].t()[:, g]
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm.long()] = w
+        return out
