@@ -99,9 +99,10 @@ def item_e(model_dir: Path, vocab: int) -> dict:
         with radixlm.Engine(str(model_dir), mem_fraction_static=0.8, disable_radix_cache=disable,
                             cascade_attention=cascade, **ENGINE_ARGS) as eng:
             eng.generate(input_ids=[[5] * 16], sampling_params=params_for([4]))
-            # Two passes over an empty cache: the first engine of a process pays Triton's JIT for the
-            # prefill kernels' new specializations inside its first pass (the run of 2026-12-02 timed
-            # only that pass, cascade's engine first); "seconds" is the second, warm pass.
+            # Two passes over an empty cache: the first engine of a process pays inside its first pass
+            # what the small warm-up did not (Triton JIT of new specializations, the allocator's first
+            # cudaMallocs); the run of 2026-12-02 timed only that pass, cascade's engine first.
+            # "seconds" is the second, warm pass.
             passes = []
             for _ in range(2):
                 eng.flush_cache()
