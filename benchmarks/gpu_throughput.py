@@ -99,22 +99,36 @@ def item_e(model_dir: Path, vocab: int) -> dict:
         with radixlm.Engine(str(model_dir), mem_fraction_static=0.8, disable_radix_cache=disable,
                             cascade_attention=cascade, **ENGINE_ARGS) as eng:
             eng.generate(input_ids=[[5] * 16], sampling_params=params_for([4]))
-            eng.flush_cache()
-            t = time.perf_counter()
-            res = eng.generate(input_ids=prompts, sampling_params=params_for([64] * len(prompts)))
-            dt = time.perf_counter() - t
-            info = eng.get_server_info()
+            # Two passes over an empty cache: the first engine of a process pays inside its first pass
+            # what the small warm-up did not (Triton JIT of new specializations, the allocator's first
+            # cudaMallocs); the run of 2026-12-02 timed only that pass, cascade's engine first.
+            # "seconds" is the second, warm pass.
+            passes = []
+            for _ in range(2):
+                eng.flush_cache()
+                before = eng.get_server_info()
+                t = time.perf_counter()
+                res = eng.generate(input_ids=prompts, sampling_params=params_for([64] * len(prompts)))
+                passes.append(time.perf_counter() - t)
+                info = eng.get_server_info()
+        dt = passes[-1]
         cached = sum(r["meta_info"]["cached_tokens"] for r in res)
         outputs[label] = [r["output_ids"] for r in res]
-        out[label] = {"seconds": dt, "req_s": len(prompts) / dt, "cached_tokens": cached,
+        out[label] = {"seconds": dt, "first_pass_seconds": passes[0], "req_s": len(prompts) / dt, "cached_tokens": cached,
                       "hit_rate_vs_optimal": cached / optimal_cached,
-                      "cascade_decode_steps": info.get("cascade_decode_steps"), "forward_steps": info.get("forward_steps")}
+                      **{k: info.get(k, 0) - before.get(k, 0) for k in ("cascade_decode_steps", "forward_steps")}}
     out["speedup_on_vs_off"] = out["cache_off"]["seconds"] / out["cache_on"]["seconds"]
     out["speedup_on_plain_attention_vs_off"] = out["cache_off"]["seconds"] / out["cache_on_plain_attention"]["seconds"]
+    out["cascade_over_plain_seconds"] = out["cache_on"]["seconds"] / out["cache_on_plain_attention"]["seconds"]
     # Greedy on random bf16 weights: cascade and plain attention round differently, so a few rows may
     # part at near-ties; most must agree token for token (a wrong prefix would change every row).
     same = [a == b for a, b in zip(outputs["cache_on"], outputs["cache_on_plain_attention"])]
     out["cascade_vs_plain_identical_outputs"] = sum(same) / len(same)
+    # Rounding parts rows late and at random; a wrong prefix would part them at the first tokens.
+    common = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(outputs["cache_on"], outputs["cache_on_plain_attention"])]
+    out["cascade_vs_plain_first_token_identical"] = sum(c > 0 for c in common) / len(common)
+    out["cascade_vs_plain_mean_common_prefix_tokens"] = sum(common) / len(common)
     return out
 
 

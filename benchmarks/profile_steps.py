@@ -5,6 +5,8 @@ pass is timed with CUDA events (no syncs added, so overlap scheduling behaves as
 
   b        workload (b) of the throughput suite (offline, random ids): per step mode, batch size, tokens,
            device time of the forward and wall time of the whole step, summed by kind of step
+  e        workload (e) (shared prefixes) with cascade attention auto vs off: the same per kind of step
+           (cascade steps apart), plus host time in the planner, the graph replay and the previous step's commit
   f        JSON-schema decode at --f-batch (real tokenizer): the same, plus host time in the batched
            grammar commit, taking the masks, and jump-forward
   kernels  torch.profiler over decode steps at a few batch sizes: the top kernels by device time
@@ -60,7 +62,7 @@ class StepRecorder:
             out = inner(fb)
             end.record()
             self.steps.append({"mode": fb.mode.value, "bs": fb.batch_size, "tokens": len(fb.extend_seq_lens_cpu) and sum(fb.extend_seq_lens_cpu),
-                               "graph": graph, "events": (start, end)})
+                               "graph": graph, "cascade": fb.cascade is not None, "events": (start, end)})
             return out
 
         runner.forward = forward
@@ -101,7 +103,7 @@ class StepRecorder:
                 key = "extend"
             else:
                 lo = 1 << (s["bs"].bit_length() - 1)
-                key = f"decode bs {lo}-{2 * lo - 1} {'graph' if s['graph'] else 'eager'}"
+                key = f"decode bs {lo}-{2 * lo - 1} {'graph' if s['graph'] else 'eager'}{' cascade' if s.get('cascade') else ''}"
             g = groups[key]
             g["steps"] += 1
             g["tokens"] += s["tokens"]
@@ -146,6 +148,42 @@ def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool, commit_
            "retractions": sched.stats["retractions"], **rec.summary()}
     print_groups(f"(b) {n} requests, graphs up to bs {res['cuda_graph_max_bs']}, mixed chunks {mixed}, commit first {commit_first}: {wall:.1f} s, "
                  f"{total / wall:.0f} total tok/s", res)
+    return res
+
+
+def item_e(d: Path, vocab: int) -> dict:
+    """Workload (e) of the suite (16 groups x 32 requests, 1,024-token prefix, 64-token question, 64 out)
+    with cascade attention auto vs off: device vs wall time per kind of step, and the host's time in
+    the planner, the graph replay (copies + launch) and the commit of the previous step (its wait)."""
+    rng = random.Random(5)
+    prompts = []
+    for _ in range(16):
+        prefix = [rng.randrange(1000, vocab - 1000) for _ in range(1024)]
+        prompts += [prefix + [rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(32)]
+    rng.shuffle(prompts)
+    res: dict = {}
+    for mode in ("auto", "off"):
+        sched = make_scheduler(d, cascade_attention=mode, mem_fraction_static=0.8)
+        rec = StepRecorder(sched)
+        mk = lambda i, p, n: TokenizedGenerateReq(rid=f"{mode}{i}", input_ids=p, params=SamplingParams(  # noqa: E731
+            temperature=0, max_new_tokens=n, ignore_eos=True))
+        first = rec.run([mk(f"w{i}", p, 64) for i, p in enumerate(prompts)])  # JIT of new specializations
+        sched.cache.flush()
+        rec.steps.clear()
+        if sched.runner.cascade is not None:
+            rec.wrap(sched.runner.cascade, "plan", "cascade plan")
+        if sched.runner.graph_runner is not None:
+            rec.wrap(sched.runner.graph_runner, "replay", "graph replay (copies + launch)")
+        rec.wrap(sched, "_commit_step", "commit previous step (waits for its tokens)")
+        wall = rec.run([mk(i, p, 64) for i, p in enumerate(prompts)])
+        res[mode] = {"seconds": wall, "first_pass_seconds": first, "steps": len(rec.steps),
+                     "cascade_decode_steps": sum(st["cascade"] for st in rec.steps), **rec.summary()}
+        print_groups(f"(e) cascade {mode}: {wall:.2f} s (first pass {first:.2f} s), {res[mode]['cascade_decode_steps']} "
+                     f"cascade steps of {res[mode]['steps']}", res[mode])
+        del sched, rec
+        gc.collect()
+        torch.cuda.empty_cache()
+    res["auto_over_off_seconds"] = res["auto"]["seconds"] / res["off"]["seconds"]
     return res
 
 
@@ -289,6 +327,8 @@ def main() -> None:
                                                   x == "on", args.commit_first))
                         gc.collect()  # free this scheduler's KV pool before the next one sizes its own
                         torch.cuda.empty_cache()
+            elif item == "e":
+                report["e"] = item_e(d, LLAMA_8B["vocab_size"])
             elif item == "f":
                 report["f"] = [item_f(model_dir_for({**LLAMA_8B, "vocab_size": 49152}, root, "smolvocab"), Path(args.tokenizer_dir), int(b))
                                for b in args.f_batch.split(",")]

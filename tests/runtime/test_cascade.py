@@ -73,6 +73,58 @@ def test_cost_rule_declines_small_savings():
     assert layout is not None and layout.groups[0].rows == tuple(range(32))
 
 
+# H200, Llama-8B heads (Hq 32, Hkv 8, D 128), bf16, CUDA-graph replays (benchmarks/cascade_attention.py,
+# 2026-12-02): (batch, rows per group, shared prefix, own suffix, cascade speedup over plain decode).
+H200_TABLE = [
+    (64, 32, 1024, 64, 1.39), (64, 32, 1024, 256, 1.24), (64, 32, 1024, 512, 1.15), (64, 32, 512, 64, 1.02),
+    (64, 32, 512, 256, 0.97), (64, 32, 512, 512, 0.97), (64, 32, 128, 64, 0.69), (64, 32, 128, 256, 0.82),
+    (64, 32, 128, 512, 0.85), (64, 8, 1024, 64, 1.15), (64, 8, 1024, 256, 1.09), (64, 8, 1024, 512, 1.03),
+    (64, 8, 512, 64, 1.01), (64, 8, 512, 256, 0.95), (64, 8, 512, 512, 0.93), (64, 8, 128, 64, 0.7),
+    (64, 8, 128, 256, 0.83), (64, 8, 128, 512, 0.85), (64, 2, 1024, 64, 0.77), (64, 2, 1024, 256, 0.79),
+    (64, 2, 1024, 512, 0.8), (64, 2, 512, 64, 0.7), (64, 2, 512, 256, 0.73), (64, 2, 512, 512, 0.76),
+    (64, 2, 128, 64, 0.68), (64, 2, 128, 256, 0.78), (64, 2, 128, 512, 0.82), (512, 32, 1024, 96, 1.74),
+    (256, 32, 1024, 96, 1.63), (64, 64, 512, 128, 1.04), (16, 8, 1024, 64, 0.97), (8, 2, 512, 64, 0.66),
+    (128, 2, 1024, 64, 0.78), (256, 4, 256, 128, 0.71),
+]
+H200_SHAPE = CascadeShape(rows_per_task=16, max_tasks=2 * 66, target_tasks=66, block_n=64)  # 132 SMs, 8 KV heads
+
+
+def table_batch(bsz: int, g: int, prefix: int, suffix: int) -> tuple[list[object], list[int]]:
+    """Rows in groups of g sharing `prefix` tokens, each with its own `suffix`: tree nodes and seq lens."""
+    seqs = []
+    for r in range(bsz):
+        base = 1_000_000 * (r // g + 1)
+        seqs.append(list(range(base, base + prefix)) + list(range(base + 500_000 + r * 1000, base + 500_000 + r * 1000 + suffix)))
+    return tree_nodes(seqs), [len(s) + 1 for s in seqs]
+
+
+def test_default_rule_never_picks_a_losing_h200_shape():
+    """The default rule on every row of the H200 kernel table: cascade only where it measured faster
+    (plain where it won narrowly is allowed), and cascade on the large-batch shapes that won big."""
+    h200 = CascadePlanner(H200_SHAPE, kv_bytes_per_token=2 * 8 * 128 * 2, row_bytes=3 * 2 * 32 * 128 * 4, rule=CascadeCostRule())
+    chosen = []
+    for bsz, g, prefix, suffix, speedup in H200_TABLE:
+        nodes, lens = table_batch(bsz, g, prefix, suffix)
+        layout = h200.plan(nodes, list(range(bsz)), lens)
+        if layout is not None:
+            assert speedup >= 1.0, f"cascade chosen where it measured {speedup}x: {(bsz, g, prefix, suffix)}"
+            chosen.append((bsz, g))
+    assert (512, 32) in chosen and (256, 32) in chosen
+
+
+def test_default_rule_forms_no_group_below_eight_rows():
+    nodes, lens = table_batch(512, 4, 1024, 64)  # 128 groups of 4: many saved bytes, but small groups lost
+    default = CascadePlanner(H200_SHAPE, kv_bytes_per_token=4096, row_bytes=98304, rule=CascadeCostRule())
+    assert default.groups(nodes, lens) == [] and default.plan(nodes, list(range(512)), lens) is None
+    assert planner(ALWAYS).groups(nodes, lens)  # the test rule still groups them
+
+
+def test_cascade_attention_is_off_by_default():
+    from radixlm.runtime.server_args import ServerArgs
+
+    assert ServerArgs(model_path="x").cascade_attention == "off"
+
+
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir):
     return tiny_model_dir("llama")
