@@ -208,8 +208,11 @@ class Relative:
             return self._negate_extra_keys(key, value, node, ctx, d)
         if key == "items" and not isinstance(value, list):
             inside = [m["items"] for m in ctx if isinstance(m, dict) and "items" in m and "prefixItems" not in m]
-            if self.negate_within(value, self._value_members(inside, d), d) is False:
+            allowed = self._value_members(inside, d)
+            if self.negate_within(value, allowed, d) is False:
                 return []  # every item the context allows already satisfies `value`
+            if allowed and self.conj_disjoint(members(value, self.deref), allowed):
+                return [{"type": "array", "minItems": 1}]  # no allowed item satisfies `value`
             raise Unsupported("items", "the complement of 'items' (some item fails) has no exact form here")
         if key == "allOf":
             return [self.negate_within(m, ctx, d) for m in value]
