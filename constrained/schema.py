@@ -24,7 +24,7 @@ from .schema_negation import Unsupported, negate
 from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, pointer_text
 from .schema_relative import Relative, members
-from .schema_unique import unique_items
+from .schema_unique import closed_count, unique_items
 
 # The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
 VALIDATION = frozenset({
@@ -241,6 +241,9 @@ class _Vetter:
                 clean[key] = bound
         elif key in ("minimum", "maximum") and node.get("exclusive" + key.title()) is True:
             pass  # became exclusiveMinimum/Maximum above
+        elif key in ("minProperties", "maxProperties") and closed_count(node) is not None:
+            if key == "minProperties" or "minProperties" not in node:  # both bounds at once
+                extra.extend(closed_count(node))
         elif key == "format":
             self.format(value, node, sub, clean)
         elif key == "type":
