@@ -117,7 +117,8 @@ class _Vetter:
         self.defs: dict[str, Any] = {}
         self.names: dict[tuple[str, ...], str] = {}
         self.outer: list[Any] = []
-        self.relative = Relative(self.deref_or_any)
+        self.relative = Relative(self.deref_or_any, self.deref)
+        self.retry: list[tuple[dict[str, Any], list[Any], list[Any], tuple[str, str]]] = []
 
     def refuse(self, key: str, ptr: tuple[str, ...], reason: str) -> None:
         if not self.lenient:
@@ -288,9 +289,23 @@ class _Vetter:
             extra.append({"anyOf": [self.exclusive(i, branches) for i in range(len(branches))]})
         except Unsupported:  # the backend may still prove it; if not, this says why
             clean["oneOf"] = branches
-            self.out.unproven_one_of.append(
-                (pointer_text(sub[:-1]) or "#", f"branches {overlap[0]} and {overlap[1]} are not provably "
-                                                f"disjoint and {reason}"))
+            where = (pointer_text(sub[:-1]) or "#", f"branches {overlap[0]} and {overlap[1]} are not provably "
+                                                    f"disjoint and {reason}")
+            self.out.unproven_one_of.append(where)
+            if len(self.defs) < len(self.names):  # some reference was still being vetted: retry at the end
+                self.retry.append((clean, branches, context, where))
+
+    def retry_one_of(self) -> None:
+        """oneOf nodes first met inside a recursive definition, proven again now that every
+        definition they reach is complete (a reference still being vetted counted as `true`)."""
+        for clean, branches, context, where in self.retry:
+            try:
+                rewritten = self.relative.exactly_one(branches, context)
+            except Unsupported:
+                continue
+            del clean["oneOf"]
+            clean.setdefault("allOf", []).append(rewritten)
+            self.out.unproven_one_of.remove(where)
 
     @staticmethod
     def expect(ok: bool, key: str, sub: tuple[str, ...], what: str) -> None:
@@ -351,6 +366,7 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
         raise GrammarCompileError("json_schema `false` accepts no document")
     vetter = _Vetter({} if root is True else root, backend, lenient, out)
     schema = vetter.vet(vetter.root, ())
+    vetter.retry_one_of()
     if vetter.defs:
         schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
         schema["$defs"] = vetter.defs

@@ -121,10 +121,11 @@ def _implied(key: str, value: Any, node: dict[str, Any], ctx: list[Any]) -> bool
 
 class Relative:
     """Disjointness proofs and relative complements over one document's vetted schemas
-    (`deref` resolves its `#/$defs/rN`); pairs proven once are remembered."""
+    (`#/$defs/rN`); pairs proven once are remembered."""
 
-    def __init__(self, deref: Deref) -> None:
-        self.deref = deref
+    def __init__(self, deref: Deref, strict: Deref) -> None:
+        self.deref = deref    # for proofs: a reference still being vetted may read as `true`
+        self.strict = strict  # for complements: such a reference raises Unsupported
         self.memo: Memo = {}
 
     def _value_members(self, schemas: list[Any], depth: int) -> list[Any]:
@@ -219,8 +220,8 @@ class Relative:
         if key == "anyOf":
             return [{"allOf": [self.negate_within(m, ctx, d) for m in value]}]
         if key == "$ref":
-            return [self.negate_within(self.deref(value), ctx, d)]
-        return negate_keyword(key, value, self.deref, depth)
+            return [self.negate_within(self.strict(value), ctx, d)]
+        return negate_keyword(key, value, self.strict, depth)
 
     def _negate_extra_keys(self, key: str, value: Any, node: dict[str, Any], ctx: list[Any],
                            depth: int) -> list[Any]:
