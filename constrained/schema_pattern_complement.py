@@ -20,6 +20,7 @@ from interegular.fsm import anything_else
 from .schema_negation import Unsupported, regex_char
 
 MAX_REGEX = 20_000
+MAX_PATTERN = 1_000
 # ECMA-262 WhiteSpace and LineTerminator: what \s matches.
 _WS = "\t\n\x0b\x0c\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
       "\u2028\u2029\u202f\u205f\u3000\ufeff"
@@ -189,6 +190,8 @@ def complement_pattern(p: str) -> str | None:
     `p` matches in every string)."""
     if not isinstance(p, str):
         raise _refuse("not a string")
+    if len(p) > MAX_PATTERN:
+        raise _refuse(f"a pattern over {MAX_PATTERN} characters (its automaton takes seconds to complement)")
     if p not in _COMPLEMENTS:
         if len(_COMPLEMENTS) > 1024:
             _COMPLEMENTS.clear()
@@ -203,16 +206,25 @@ def complement_pattern(p: str) -> str | None:
     return found
 
 
+MAX_PROOF_PATTERN = 200  # longer patterns are not intersected for proofs (automata grow fast)
+
+
+@lru_cache(maxsize=4096)
 def patterns_disjoint(p: str, q: str) -> bool:
     """True only when no string matches both patterns (False when either is not taken)."""
+    if len(p) > MAX_PROOF_PATTERN or len(q) > MAX_PROOF_PATTERN:
+        return False
     try:
         return bool(_fsm(p).intersection(_fsm(q)).empty())
     except Unsupported:
         return False
 
 
+@lru_cache(maxsize=4096)
 def pattern_matches(p: str, s: str) -> bool | None:
     """Whether pattern `p` matches somewhere in `s`; None when `p` is not taken."""
+    if len(p) > MAX_PROOF_PATTERN:
+        return None
     try:
         return bool(_fsm(p).accepts(s))
     except Unsupported:
