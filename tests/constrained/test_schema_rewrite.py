@@ -131,6 +131,13 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         [{"s": "x"}, {"s": "y"}, {"s": "z"}, {"s": "w"}, {}, {"s": "y", "n": 1}, {"s": "y", "n": 5}, {"s": "z", "n": 1}]),
     "oneOf_array_lengths": ({"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "array", "items": {"type": "string"}}]},
                             [[], [1], ["a"], [1, "a"], "a"]),
+    "oneOf_in_recursive_definition": ({"$ref": "#/$defs/page", "$defs": {
+        "page": {"type": "object", "additionalProperties": False, "required": ["id"],
+                 "properties": {"id": {"type": "string"}, "fb": {"$ref": "#/$defs/fb"}}},
+        "sampler": {"additionalProperties": False, "required": ["from"], "properties": {"from": {"type": "string"}}},
+        "fb": {"oneOf": [{"type": "string"}, {"$ref": "#/$defs/sampler"}, {"$ref": "#/$defs/page"}]}}},
+        [{"id": "a"}, {"id": "a", "fb": "x"}, {"id": "a", "fb": {"from": "b"}}, {"id": "a", "fb": {"id": "c", "fb": "d"}},
+         {"id": "a", "fb": {"from": "b", "id": "c"}}, {"id": "a", "fb": 1}, {"id": "a", "fb": {}}]),
     "not_array_values": ({"not": {"enum": [["a", 1], []]}}, [["a", 1], [], ["a"], ["a", 2], ["b", 1], ["a", 1, 2], "x", {}]),
     "not_within_closed_keys": ({"type": "object", "additionalProperties": False,
                                 "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
