@@ -228,6 +228,9 @@ def summarize(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
         "schemas": total, "passed": status["pass"], "pass_rate": round(status["pass"] / total, 4),
         "refused": status["refused"], "timeouts": status["timeout"], "failed": status["fail"],
         "invalid_accepted": sum(r.get("invalid_accepted", 0) for r in rows),
+        "invalid_total": sum(r.get("invalid_total", 0) for r in rows),  # of compiled schemas
+        "valid_accepted": sum(r.get("valid_ok", 0) for r in rows),
+        "valid_total": sum(r.get("valid_total", 0) for r in rows),
         "schemas_with_invalid_accepted": sorted(r["file"] for r in rows if r.get("invalid_accepted")),
         "compile_p50_ms": round(pct(compiled, 0.5) * 1e3, 2), "compile_p99_ms": round(pct(compiled, 0.99) * 1e3, 1),
         "mask_p50_us": round(pct(masks, 0.5) * 1e6, 1), "mask_p99_us": round(pct(masks, 0.99) * 1e6, 1),
@@ -277,7 +280,9 @@ def main() -> None:
               f"{s['invalid_accepted']:>12} {s['compile_p50_ms']:>9}/{s['compile_p99_ms']:<9} "
               f"{s['mask_p50_us']:>7}/{s['mask_p99_us']:<8}")
     for e, s in summary.items():
-        print(f"\n{e}: refusals {s['refusals_by_reason']}\n{e}: failures {s['failures_by_reason']}")
+        print(f"\n{e}: valid instances accepted {s['valid_accepted']}/{s['valid_total']}, invalid accepted "
+              f"{s['invalid_accepted']}/{s['invalid_total']} (compiled schemas)")
+        print(f"{e}: refusals {s['refusals_by_reason']}\n{e}: failures {s['failures_by_reason']}")
     print(f"\nwrote {args.out}")
 
 

@@ -23,7 +23,8 @@ from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_negation import Unsupported, negate
 from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, pointer_text
-from .schema_unique import unique_items
+from .schema_relative import Relative, members
+from .schema_unique import closed_count, unique_items
 
 # The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
 VALIDATION = frozenset({
@@ -115,6 +116,9 @@ class _Vetter:
         self.finite = FiniteDecider(root)
         self.defs: dict[str, Any] = {}
         self.names: dict[tuple[str, ...], str] = {}
+        self.outer: list[Any] = []
+        self.relative = Relative(self.deref_or_any, self.deref)
+        self.retry: list[tuple[dict[str, Any], list[Any], list[Any], tuple[str, str]]] = []
 
     def refuse(self, key: str, ptr: tuple[str, ...], reason: str) -> None:
         if not self.lenient:
@@ -146,6 +150,7 @@ class _Vetter:
         return f"#/$defs/{name}"
 
     def vet(self, node: Any, ptr: tuple[str, ...]) -> Any:
+        outer, self.outer = self.outer, []  # what the caller knows holds here (dependencies)
         if isinstance(node, bool):
             return node
         if not isinstance(node, dict):
@@ -160,12 +165,17 @@ class _Vetter:
                 return {"$ref": ref} if ref else {}
         clean: dict[str, Any] = {"$ref": ref} if "$ref" in node and ref else {}
         extra: list[Any] = []  # rewritten keywords, intersected through allOf
-        for key, value in node.items():
+        later = [k for k in ("not", "oneOf") if k in node]  # complements need the rest as context
+        for key in [k for k in node if k not in later] + later:
             if key not in VALIDATION:
                 continue  # annotation, identifier or unknown keyword: no constraint
             sub = ptr + (key,)
             try:
-                self.keyword(key, value, node, sub, clean, extra)
+                if key in later:
+                    context = members(clean, self.deref_or_any) + extra + outer
+                    self.complement_keyword(key, node[key], sub, context, clean, extra)
+                else:
+                    self.keyword(key, node[key], node, sub, clean, extra)
             except Unsupported as exc:  # named by the schema object holding the keyword
                 self.refuse(exc.keyword, ptr, exc.reason)
         for part in extra:  # a lone anyOf can sit in the node itself; the rest intersect via allOf
@@ -200,20 +210,6 @@ class _Vetter:
         elif key in ("properties", "patternProperties"):
             self.expect(isinstance(value, dict), key, sub, "an object")
             clean[key] = {k: self.vet(v, sub + (k,)) for k, v in value.items()}
-        elif key == "oneOf":
-            self.expect(isinstance(value, list) and value, key, sub, "a non-empty list")
-            branches = [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
-            overlap = first_overlap(branches, self.deref_or_any)
-            if overlap is None:  # pairwise disjoint: exactly one == at least one
-                extra.append({"anyOf": branches})
-                return
-            try:  # exactly one: branch i and the complement of every branch that may overlap it
-                extra.append({"anyOf": [self.exclusive(i, branches) for i in range(len(branches))]})
-            except Unsupported as exc:  # the backend may still prove it; if not, this says why
-                clean["oneOf"] = branches
-                self.out.unproven_one_of.append(
-                    (pointer_text(sub[:-1]) or "#", f"branches {overlap[0]} and {overlap[1]} are not provably "
-                                        f"disjoint and {exc.reason}"))
         elif key in ("anyOf", "allOf", "prefixItems"):
             self.expect(isinstance(value, list) and (value or key == "prefixItems"), key, sub, "a non-empty list")
             clean[key] = clean.get(key, []) + [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
@@ -228,8 +224,6 @@ class _Vetter:
             pass  # handled with items / if / contains; alone they constrain nothing
         elif key == "additionalProperties":
             clean[key] = self.vet(value, sub)
-        elif key == "not":
-            clean.setdefault("allOf", []).append(self.negate(self.vet(value, sub), "not"))
         elif key == "if":
             self.if_then_else(node, sub, extra)
         elif key in ("dependentRequired", "dependentSchemas", "dependencies"):
@@ -248,6 +242,9 @@ class _Vetter:
                 clean[key] = bound
         elif key in ("minimum", "maximum") and node.get("exclusive" + key.title()) is True:
             pass  # became exclusiveMinimum/Maximum above
+        elif key in ("minProperties", "maxProperties") and closed_count(node) is not None:
+            if key == "minProperties" or "minProperties" not in node:  # both bounds at once
+                extra.extend(closed_count(node))
         elif key == "format":
             self.format(value, node, sub, clean)
         elif key == "type":
@@ -261,6 +258,54 @@ class _Vetter:
             raise Unsupported(key, f"bound {value} > {support.max_bound} for a regex backend")
         else:
             clean[key] = value
+
+    def complement_keyword(self, key: str, value: Any, sub: tuple[str, ...], context: list[Any],
+                           clean: dict[str, Any], extra: list[Any]) -> None:
+        """`not` and `oneOf`, worked out inside `context` (the node's other keywords): a
+        complement only has to be exact where the instance can still be."""
+        if key == "not":
+            schema = self.vet(value, sub)
+            try:
+                neg = negate(schema, self.deref)
+            except Unsupported as exc:
+                try:
+                    neg = self.relative.negate_within(schema, context)
+                except Unsupported:
+                    raise Unsupported("not", f"not needs {exc.reason}") from exc
+            clean.setdefault("allOf", []).append(neg)
+            return
+        self.expect(isinstance(value, list) and value, key, sub, "a non-empty list")
+        branches = [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
+        overlap = first_overlap(branches, self.deref_or_any)
+        if overlap is None:  # pairwise disjoint: exactly one == at least one
+            extra.append({"anyOf": branches})
+            return
+        try:  # exactly one: branch i minus every other branch, per instance type, in context
+            extra.append(self.relative.exactly_one(branches, context))
+            return
+        except Unsupported as exc:
+            reason = exc.reason
+        try:  # the same with absolute complements (they differ in what they can express)
+            extra.append({"anyOf": [self.exclusive(i, branches) for i in range(len(branches))]})
+        except Unsupported:  # the backend may still prove it; if not, this says why
+            clean["oneOf"] = branches
+            where = (pointer_text(sub[:-1]) or "#", f"branches {overlap[0]} and {overlap[1]} are not provably "
+                                                    f"disjoint and {reason}")
+            self.out.unproven_one_of.append(where)
+            if len(self.defs) < len(self.names):  # some reference was still being vetted: retry at the end
+                self.retry.append((clean, branches, context, where))
+
+    def retry_one_of(self) -> None:
+        """oneOf nodes first met inside a recursive definition, proven again now that every
+        definition they reach is complete (a reference still being vetted counted as `true`)."""
+        for clean, branches, context, where in self.retry:
+            try:
+                rewritten = self.relative.exactly_one(branches, context)
+            except Unsupported:
+                continue
+            del clean["oneOf"]
+            clean.setdefault("allOf", []).append(rewritten)
+            self.out.unproven_one_of.remove(where)
 
     @staticmethod
     def expect(ok: bool, key: str, sub: tuple[str, ...], what: str) -> None:
@@ -308,6 +353,7 @@ class _Vetter:
                 if dep:
                     extra.append({"anyOf": [absent, {"required": [name, *dep]}]})
             else:
+                self.outer = [{"type": "object", "required": [name]}]  # what the dependent schema meets
                 extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, self.vet(dep, sub + (name,))]}]})
 
 
@@ -320,6 +366,7 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
         raise GrammarCompileError("json_schema `false` accepts no document")
     vetter = _Vetter({} if root is True else root, backend, lenient, out)
     schema = vetter.vet(vetter.root, ())
+    vetter.retry_one_of()
     if vetter.defs:
         schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
         schema["$defs"] = vetter.defs

@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from .schema_pattern_complement import pattern_matches
+
 # Instance kinds: "number" splits into integers and the other numbers.
 _KINDS = {"null": {"null"}, "boolean": {"boolean"}, "object": {"object"}, "array": {"array"},
           "string": {"string"}, "integer": {"integer"}, "number": {"integer", "fraction"}}
@@ -77,7 +79,7 @@ def _prop(s: dict[str, Any], key: str) -> Any:
 
 
 def rejects(s: Any, value: Any, deref: Deref, depth: int = 0) -> bool:
-    """True only when `s` surely rejects `value` (type, const/enum, required, properties)."""
+    """True only when `s` surely rejects `value` (type, const/enum, pattern, items, required, properties)."""
     if s is True or s is False or depth > _MAX_DEPTH:
         return s is False
     if "$ref" in s and rejects(deref(s["$ref"]), value, deref, depth + 1):
@@ -87,10 +89,19 @@ def rejects(s: Any, value: Any, deref: Deref, depth: int = 0) -> bool:
     values = _values(s)
     if values is not None and _canon(value) not in {_canon(v) for v in values}:
         return True
+    if isinstance(value, str) and isinstance(s.get("pattern"), str) and pattern_matches(s["pattern"], value) is False:
+        return True
     if any(rejects(m, value, deref, depth + 1) for m in s.get("allOf", ())):
         return True
     if s.get("anyOf") and all(rejects(m, value, deref, depth + 1) for m in s["anyOf"]):
         return True
+    if isinstance(value, list):
+        if len(value) < s.get("minItems", 0) or len(value) > s.get("maxItems", len(value)):
+            return True
+        prefix = s.get("prefixItems", [])
+        if any(rejects(prefix[k] if k < len(prefix) else s.get("items", True), v, deref, depth + 1)
+               for k, v in enumerate(value)):
+            return True
     if isinstance(value, dict):
         if any(k not in value for k in s.get("required", ())):
             return True
@@ -101,20 +112,34 @@ def rejects(s: Any, value: Any, deref: Deref, depth: int = 0) -> bool:
     return False
 
 
-def disjoint(a: Any, b: Any, deref: Deref, depth: int = 0) -> bool:
-    """True only when no instance satisfies both `a` and `b`."""
+Memo = dict[tuple[int, int], tuple[Any, Any, bool]]
+
+
+def disjoint(a: Any, b: Any, deref: Deref, depth: int = 0, memo: Memo | None = None) -> bool:
+    """True only when no instance satisfies both `a` and `b`. With `memo` (which keeps the
+    schemas it keys by id alive), each pair is worked out once: shared `$ref`s and nested
+    applicators otherwise make this exponential."""
     if a is False or b is False:
         return True
     if a is True or b is True or depth > _MAX_DEPTH:
         return False
+    if memo is None:
+        return _disjoint(a, b, deref, depth, None)
+    hit = memo.get((id(a), id(b)))
+    if hit is None:
+        hit = memo[(id(a), id(b))] = (a, b, _disjoint(a, b, deref, depth, memo))
+    return hit[2]
+
+
+def _disjoint(a: Any, b: Any, deref: Deref, depth: int, memo: Memo | None) -> bool:
     d = depth + 1
     for x, y in ((a, b), (b, a)):
-        if "$ref" in x and disjoint(deref(x["$ref"]), y, deref, d):
+        if "$ref" in x and disjoint(deref(x["$ref"]), y, deref, d, memo):
             return True
-        if any(disjoint(m, y, deref, d) for m in x.get("allOf", ())):
+        if any(disjoint(m, y, deref, d, memo) for m in x.get("allOf", ())):
             return True
         for key in ("anyOf", "oneOf"):
-            if x.get(key) and all(disjoint(m, y, deref, d) for m in x[key]):
+            if x.get(key) and all(disjoint(m, y, deref, d, memo) for m in x[key]):
                 return True
     common = _kinds(a) & _kinds(b)
     if not common:
@@ -124,17 +149,17 @@ def disjoint(a: Any, b: Any, deref: Deref, depth: int = 0) -> bool:
         return True
     if vb is not None and all(rejects(a, v, deref, d) for v in vb):
         return True
-    return common == {"object"} and _objects_disjoint(a, b, deref, d)
+    return common == {"object"} and _objects_disjoint(a, b, deref, d, memo)
 
 
-def _objects_disjoint(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int) -> bool:
+def _objects_disjoint(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int, memo: Memo | None) -> bool:
     """A discriminator: a property both require with disjoint values, or one requires and the
     other forbids."""
     req_a, req_b = set(a.get("required", ())), set(b.get("required", ()))
     for key in req_a | req_b:
         pa, pb = _prop(a, key), _prop(b, key)
         if key in req_a and key in req_b and pa is not None and pb is not None \
-                and disjoint(pa, pb, deref, depth):
+                and disjoint(pa, pb, deref, depth, memo):
             return True
         if (key in req_a and pb is False) or (key in req_b and pa is False):
             return True
@@ -143,8 +168,9 @@ def _objects_disjoint(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth:
 
 def first_overlap(branches: list[Any], deref: Deref) -> tuple[int, int] | None:
     """The first pair of branches not proven disjoint, or None when all pairs are."""
+    memo: Memo = {}
     for i in range(len(branches)):
         for j in range(i + 1, len(branches)):
-            if not disjoint(branches[i], branches[j], deref):
+            if not disjoint(branches[i], branches[j], deref, 0, memo):
                 return i, j
     return None

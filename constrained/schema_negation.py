@@ -87,9 +87,25 @@ def negate_values(values: list[Any]) -> list[Any]:
         branches.append({"type": "number", "exclusiveMinimum": nums[-1]})
     if "string" in by_type:
         branches.append({"type": "string", "pattern": not_in_pattern(by_type["string"])})
-    if "object" in by_type or "array" in by_type:
-        raise Unsupported("enum", "the complement of an object or array value")
+    if "array" in by_type:
+        each = [_not_array(v) for v in by_type["array"]]
+        branches.append(each[0] if len(each) == 1 else {"allOf": each})
+    if "object" in by_type:
+        raise Unsupported("enum", "the complement of an object value")
     return branches
+
+
+def _not_array(value: list[Any]) -> Any:
+    """Every array except `value`: another length, or some position holding another value."""
+    n = len(value)
+    out: list[Any] = [{"type": "array", "minItems": n + 1}]
+    if n:
+        out.append({"type": "array", "maxItems": n - 1})
+    for k, item in enumerate(value):
+        other = negate_values([item])
+        other_item = other[0] if len(other) == 1 else {"anyOf": other}
+        out.append({"type": "array", "minItems": k + 1, "prefixItems": [True] * k + [other_item]})
+    return {"anyOf": out}
 
 
 def negate(schema: Any, deref: Callable[[str], Any], depth: int = 0) -> Any:
@@ -100,7 +116,7 @@ def negate(schema: Any, deref: Callable[[str], Any], depth: int = 0) -> Any:
         raise Unsupported("$ref", "the complement of a recursive schema")
     branches: list[Any] = []
     for key, value in schema.items():
-        branches += _negate_keyword(key, value, deref, depth)
+        branches += negate_keyword(key, value, deref, depth)
     seen: set[str] = set()
     unique = []
     for b in branches:
@@ -115,7 +131,7 @@ def negate(schema: Any, deref: Callable[[str], Any], depth: int = 0) -> Any:
     return unique[0] if len(unique) == 1 else {"anyOf": unique}
 
 
-def _negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int) -> list[Any]:
+def negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int) -> list[Any]:
     if key == "type":
         named = {value} if isinstance(value, str) else set(value)
         if "integer" in named and "number" not in named:

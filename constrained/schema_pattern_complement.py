@@ -11,6 +11,7 @@ lookarounds, backreferences, word boundaries, flags and unicode property classes
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import interegular
@@ -19,6 +20,7 @@ from interegular.fsm import anything_else
 from .schema_negation import Unsupported, regex_char
 
 MAX_REGEX = 20_000
+MAX_PATTERN = 1_000
 # ECMA-262 WhiteSpace and LineTerminator: what \s matches.
 _WS = "\t\n\x0b\x0c\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
       "\u2028\u2029\u202f\u205f\u3000\ufeff"
@@ -74,6 +76,10 @@ def _translate(p: str) -> list[tuple[bool, str, bool]]:
             if c == "]":
                 in_class = False
             body += c
+        elif p.startswith("[\\s\\S]", i):  # any character (what our own complements write)
+            body += "[\\s\\S]"
+            i += 6
+            continue
         elif c == "[":
             in_class = True
             body += c
@@ -108,6 +114,7 @@ def _translate(p: str) -> list[tuple[bool, str, bool]]:
     return alts
 
 
+@lru_cache(maxsize=1024)
 def _fsm(p: str) -> Any:
     """The automaton of the strings in which `p` matches somewhere (ECMA search semantics)."""
     anywhere = interegular.parse_pattern("[\\s\\S]*").to_fsm()
@@ -175,10 +182,50 @@ def _to_regex(fsm: Any) -> str | None:
     return None if body is None else f"(?:{body})"
 
 
+_COMPLEMENTS: dict[str, str | None | Unsupported] = {}  # a refusal is remembered too: it can be slow
+
+
 def complement_pattern(p: str) -> str | None:
     """An anchored regex matching exactly the strings in which `p` matches nowhere (None when
     `p` matches in every string)."""
     if not isinstance(p, str):
         raise _refuse("not a string")
-    body = _to_regex(_fsm(p).everythingbut())
-    return None if body is None else f"^{body}$"
+    if len(p) > MAX_PATTERN:
+        raise _refuse(f"a pattern over {MAX_PATTERN} characters (its automaton takes seconds to complement)")
+    if p not in _COMPLEMENTS:
+        if len(_COMPLEMENTS) > 1024:
+            _COMPLEMENTS.clear()
+        try:
+            body = _to_regex(_fsm(p).everythingbut())
+            _COMPLEMENTS[p] = None if body is None else f"^{body}$"
+        except Unsupported as exc:
+            _COMPLEMENTS[p] = exc
+    found = _COMPLEMENTS[p]
+    if isinstance(found, Unsupported):
+        raise found
+    return found
+
+
+MAX_PROOF_PATTERN = 200  # longer patterns are not intersected for proofs (automata grow fast)
+
+
+@lru_cache(maxsize=4096)
+def patterns_disjoint(p: str, q: str) -> bool:
+    """True only when no string matches both patterns (False when either is not taken)."""
+    if len(p) > MAX_PROOF_PATTERN or len(q) > MAX_PROOF_PATTERN:
+        return False
+    try:
+        return bool(_fsm(p).intersection(_fsm(q)).empty())
+    except Unsupported:
+        return False
+
+
+@lru_cache(maxsize=4096)
+def pattern_matches(p: str, s: str) -> bool | None:
+    """Whether pattern `p` matches somewhere in `s`; None when `p` is not taken."""
+    if len(p) > MAX_PROOF_PATTERN:
+        return None
+    try:
+        return bool(_fsm(p).accepts(s))
+    except Unsupported:
+        return None

@@ -1,4 +1,5 @@
-"""`uniqueItems: true` made exact where the item values come from a small finite set.
+"""Counting constraints made exact by listing: `uniqueItems: true` where the item values come from
+a small finite set, `minProperties` / `maxProperties` over a closed set of keys.
 
 A context-free grammar cannot remember which of unboundedly many strings it has produced, so
 uniqueness is enforced only where it is trivial (at most one item) or where the items are drawn
@@ -9,7 +10,7 @@ as an `enum`. Anything else is refused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import permutations
+from itertools import combinations, permutations
 from typing import Any
 
 from .schema_negation import Unsupported
@@ -54,6 +55,9 @@ def unique_items(node: dict[str, Any], vet_items: Callable[[Any], Any]) -> list[
     max_items = node.get("maxItems")
     if isinstance(max_items, int) and max_items <= 1:
         return []
+    kinds = [node["type"]] if isinstance(node.get("type"), str) else node.get("type")
+    if isinstance(kinds, list) and "array" not in kinds:
+        return []  # a keyword about arrays, on a schema that admits none: vacuous
     if isinstance(node.get("items"), list) or "prefixItems" in node:
         raise Unsupported("uniqueItems", "unique items next to tuple items (prefixItems)")
     domain = finite_domain(vet_items(node.get("items", True)))
@@ -66,3 +70,29 @@ def unique_items(node: dict[str, Any], vet_items: Callable[[Any], Any]) -> list[
     if len(arrays) > MAX_ARRAYS:
         raise Unsupported("uniqueItems", f"{len(arrays)} distinct unique arrays to list (limit {MAX_ARRAYS})")
     return [{"anyOf": [{"type": _NON_ARRAY}, {"enum": arrays}]}]
+
+
+MAX_KEY_SUBSETS = 64
+
+
+def closed_count(node: dict[str, Any]) -> list[Any] | None:
+    """min/maxProperties over a closed key set (`additionalProperties: false`, no patterns) as an
+    `anyOf` of the allowed key subsets, each required and the other keys forbidden; [] when the
+    bounds are trivially met. None when the key set is open or too many subsets would be listed."""
+    props = node.get("properties", {})
+    if node.get("additionalProperties") is not False or node.get("patternProperties") or not isinstance(props, dict):
+        return None
+    low, high = node.get("minProperties", 0), node.get("maxProperties", len(props))
+    if not isinstance(low, int) or not isinstance(high, int) or isinstance(low, bool) or isinstance(high, bool):
+        return None
+    required = set(node.get("required", ())) if isinstance(node.get("required"), list) else set()
+    keys = [k for k in props if props[k] is not False]
+    if low <= len(required & set(keys)) and high >= len(keys):
+        return []
+    subsets = [set(c) for k in range(max(low, 0), min(high, len(keys)) + 1) for c in combinations(keys, k)]
+    subsets = [c for c in subsets if required & set(keys) <= c]
+    if len(subsets) > MAX_KEY_SUBSETS:
+        return None
+    if not subsets:
+        return [False]
+    return [{"anyOf": [{"required": sorted(c), "properties": {k: False for k in keys if k not in c}} for c in subsets]}]

@@ -59,6 +59,13 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                             [[], [True], [True, False], [False, False]]),
     "uniqueItems_max_one": ({"type": "array", "items": {"type": "string"}, "maxItems": 1, "uniqueItems": True},
                             [[], ["a"], ["a", "a"]]),
+    "uniqueItems_on_non_arrays": ({"type": ["string", "object"], "uniqueItems": True}, ["a", {}, [], ["a", "a"]]),
+    "minProperties_closed_keys": ({"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 2,
+                                   "properties": {"a": {}, "b": {}, "c": {"type": "integer"}}, "required": ["a"]},
+                                  [{}, {"a": 1}, {"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}, {"b": 1}, {"a": 1, "c": "x"}]),
+    "maxProperties_trivial": ({"type": "object", "additionalProperties": False, "maxProperties": 2,
+                               "properties": {"op": {"type": "string"}, "expr": {"type": "string"}}},
+                              [{}, {"op": "a", "expr": "b"}, {"op": 1}, {"x": "a"}]),
     "propertyNames_not_enum": ({"type": "object", "propertyNames": {"not": {"enum": ["1", "3"]}}},
                                [{}, {"1": 0}, {"2": 0}, {"13": 0, "2": 1}, {"3": 1}]),
     "propertyNames_pattern": ({"type": "object", "properties": {"ab": {}}, "propertyNames": {"pattern": "^a"}},
@@ -101,6 +108,45 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "listed_through_ref": ({"$defs": {"n": {"not": {"pattern": "^b"}}}, "enum": ["a", "bc"], "$ref": "#/$defs/n"},
                            ["a", "bc", "b", "c"]),
     "format_ipv4": ({"type": "string", "format": "ipv4"}, ["1.2.3.4", "256.1.1.1", "1.2.3"]),
+    # oneOf worked out per instance type, inside the node's context (schema_relative.py)
+    "oneOf_per_type": ({"oneOf": [{"properties": {"t": {"const": "a"}}, "required": ["t"], "additionalProperties": False},
+                                  {"properties": {"t": {"const": "b"}}, "required": ["t"]}]},
+                       [{"t": "a"}, {"t": "b"}, {"t": "b", "x": 1}, {"t": "a", "x": 1}, {"t": "c"}, {}, "s", 1, None]),
+    "oneOf_closed_keys": ({"type": "object", "oneOf": [
+        {"additionalProperties": False, "properties": {"key": {"type": "string", "maxLength": 3}}},
+        {"additionalProperties": False, "properties": {"keys": {"type": "array", "items": {"type": "string"}}}}]},
+        [{}, {"key": "a"}, {"keys": ["a"]}, {"key": "a", "keys": []}, {"key": "abcd"}, {"keys": [1]}]),
+    "oneOf_closed_keys_shared_property": ({"type": "object", "oneOf": [
+        {"properties": {"id": {"type": "string"}, "opt": {"type": "string"}}, "additionalProperties": False, "required": ["id"]},
+        {"properties": {"id": {"type": "string"}, "rx": {"type": "string"}}, "additionalProperties": False, "required": ["id"]},
+        {"properties": {"n": {"type": "number"}}, "additionalProperties": False, "required": ["n"]}]},
+        [{"id": "a"}, {"id": "a", "opt": "x"}, {"id": "a", "rx": "y"}, {"id": "a", "opt": "x", "rx": "y"}, {"n": 1}, {"n": 1, "id": "a"}]),
+    "oneOf_pattern_discriminator": ({"type": "object", "required": ["type"], "oneOf": [
+        {"properties": {"type": {"type": "string", "pattern": "^Abs$"}, "x": {"type": "integer"}}, "additionalProperties": False},
+        {"properties": {"type": {"type": "string", "pattern": "^(Add|Sub)$"}}, "additionalProperties": False}]},
+        [{"type": "Abs"}, {"type": "Add"}, {"type": "Sub"}, {"type": "Abs", "x": 1}, {"type": "Add", "x": 1}, {"type": "Abx"}]),
+    "oneOf_listed_context": ({"type": "object", "properties": {"s": {"enum": ["x", "y", "z", "w"]}}, "oneOf": [
+        {"properties": {"s": {"enum": ["x", "y"]}, "n": {"type": "integer"}}},
+        {"properties": {"s": {"enum": ["y", "z"]}, "n": {"type": "integer", "minimum": 3}}}]},
+        [{"s": "x"}, {"s": "y"}, {"s": "z"}, {"s": "w"}, {}, {"s": "y", "n": 1}, {"s": "y", "n": 5}, {"s": "z", "n": 1}]),
+    "oneOf_array_lengths": ({"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "array", "items": {"type": "string"}}]},
+                            [[], [1], ["a"], [1, "a"], "a"]),
+    "oneOf_in_recursive_definition": ({"$ref": "#/$defs/page", "$defs": {
+        "page": {"type": "object", "additionalProperties": False, "required": ["id"],
+                 "properties": {"id": {"type": "string"}, "fb": {"$ref": "#/$defs/fb"}}},
+        "sampler": {"additionalProperties": False, "required": ["from"], "properties": {"from": {"type": "string"}}},
+        "fb": {"oneOf": [{"type": "string"}, {"$ref": "#/$defs/sampler"}, {"$ref": "#/$defs/page"}]}}},
+        [{"id": "a"}, {"id": "a", "fb": "x"}, {"id": "a", "fb": {"from": "b"}}, {"id": "a", "fb": {"id": "c", "fb": "d"}},
+         {"id": "a", "fb": {"from": "b", "id": "c"}}, {"id": "a", "fb": 1}, {"id": "a", "fb": {}}]),
+    "not_array_values": ({"not": {"enum": [["a", 1], []]}}, [["a", 1], [], ["a"], ["a", 2], ["b", 1], ["a", 1, 2], "x", {}]),
+    "not_within_closed_keys": ({"type": "object", "additionalProperties": False,
+                                "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+                                "not": {"additionalProperties": False, "properties": {"a": {}}}},
+                               [{}, {"a": 1}, {"b": "x"}, {"a": 1, "b": "x"}, {"c": 1}]),
+    "not_patternProperties_closed_keys": ({"type": "object", "additionalProperties": False,
+                                           "properties": {"ab": {"type": "integer"}, "cd": {"type": "integer"}},
+                                           "not": {"patternProperties": {"^a": {"maximum": 3}}}},
+                                          [{}, {"ab": 1}, {"ab": 5}, {"cd": 5}, {"ab": 5, "cd": 1}]),
 }
 
 # jsonschema checks uri-reference only with the optional rfc3987 package: RFC 3986 by hand.
@@ -122,6 +168,17 @@ def test_rewrite_matches_reference_validator(tokenizer: Any, name: str) -> None:
         text = json.dumps(instance, ensure_ascii=False)
         accepted = run_tokens(grammar.matcher(), encode(tokenizer, text))
         assert accepted == _valid(schema, instance), f"{name}: {text} accepted={accepted}"
+
+
+@pytest.mark.parametrize("schema", [
+    {"oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "array", "items": {"minLength": 2}}]},
+    {"oneOf": [{"type": "object", "additionalProperties": {"type": "string"}}, {"type": "object", "required": ["a"]}]},
+])
+def test_oneOf_refused_where_no_complement_exists(tokenizer: Any, schema: dict[str, Any]) -> None:
+    """`some item fails` / `some open key fails`: no exact form, so refused with keyword and pointer."""
+    with pytest.raises(C.UnsupportedSchemaError) as err:
+        C.compile(tokenizer, json_schema=schema, cache=None)
+    assert err.value.keyword == "oneOf" and err.value.path == "#"
 
 
 @pytest.mark.parametrize("pattern", ["(?=a)b", "a\\bc", "a$b", "(a)\\1"])
