@@ -81,8 +81,10 @@ def time_llamacpp(python: str, gguf: str, threads: int, batches: dict[str, list[
 
 
 def figures(n: int, inp: int, out: int, t1: float, tn: float) -> dict[str, float]:
+    """Decode from the extra time of the longer run; NaN when noise made it no longer (a loaded machine)."""
+    extra = tn - t1 if tn > t1 else float("nan")
     return {"t_1_s": t1, f"t_{out}_s": tn, "prefill_tok_s": n * inp / t1,
-            "decode_tok_s": n * (out - 1) / max(tn - t1, 1e-9), "decode_ms_per_step": (tn - t1) / (out - 1) * 1e3}
+            "decode_tok_s": n * (out - 1) / extra, "decode_ms_per_step": extra / (out - 1) * 1e3}
 
 
 def agreement(quant: Any, fp32: Any, new_tokens: int) -> dict[str, float]:
