@@ -1,7 +1,8 @@
 """The CPU quick start against llama.cpp and transformers, side by side in one run (issue 20).
 
 Engines, all greedy on the same random prompt ids with the same thread count:
-  radixlm        the default: GGUF weights kept quantized (packed int4 matmuls)
+  radixlm        --quantization gguf: GGUF weights kept quantized (packed int4 matmuls below 8 rows,
+                 dense bfloat16 copies above where the CPU has bf16 hardware)
   radixlm-fp32   --dtype float32 (weights dequantized to float32)
   transformers   float32 `generate` on the converted folder
   llama.cpp      llama-cpp-python (built from source in its own venv: --llama-python), same GGUF file,
@@ -12,13 +13,18 @@ repeat measures every engine once, in turn, so neighbours' load hits all of them
 repeat per engine is reported. Then greedy agreement of radixlm vs radixlm-fp32 on a fixed chat
 prompt set (teacher-forced: the fp32 continuation is fed back and each position's argmax compared).
 
-    python -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python
-    python benchmarks/cpu.py --threads 2 --llama-python /tmp/llamacpp-venv/bin/python
+    python -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python==0.3.36
+    OMP_NUM_THREADS=2 python benchmarks/cpu.py --threads 2 --repeats 3 --llama-python /tmp/llamacpp-venv/bin/python
+
+The last lines are a compact summary: the issue's goals (batch-1 decode >= 0.5x llama.cpp, batch-N
+decode >= 2x transformers, prefill >= 1x transformers, agreement >= 97%) with the measured ratios,
+and the load average before and after (the figures mean little on a loaded machine).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import subprocess
@@ -65,16 +71,20 @@ def time_transformers(model: Any, prompts: list[list[int]], new_tokens: int) -> 
     return elapsed
 
 
-def time_llamacpp(python: str, gguf: str, threads: int, batches: dict[str, list[list[int]]], new_tokens: int) -> dict:
-    job = {"model": gguf, "threads": threads, "batches": batches, "new_tokens": new_tokens}
+def time_llamacpp(python: str, gguf: str, threads: int, batches: dict[str, list[list[int]]], new_tokens: int,
+                  no_extra_bufts: bool) -> dict:
+    job = {"model": gguf, "threads": threads, "batches": batches, "new_tokens": new_tokens,
+           "no_extra_bufts": no_extra_bufts}
     script = Path(__file__).resolve().parent / "cpu_llamacpp.py"
     done = subprocess.run([python, str(script)], input=json.dumps(job), capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def figures(n: int, inp: int, out: int, t1: float, tn: float) -> dict[str, float]:
+    """Decode from the extra time of the longer run; NaN when noise made it no longer (a loaded machine)."""
+    extra = tn - t1 if tn > t1 else float("nan")
     return {"t_1_s": t1, f"t_{out}_s": tn, "prefill_tok_s": n * inp / t1,
-            "decode_tok_s": n * (out - 1) / max(tn - t1, 1e-9), "decode_ms_per_step": (tn - t1) / (out - 1) * 1e3}
+            "decode_tok_s": n * (out - 1) / extra, "decode_ms_per_step": extra / (out - 1) * 1e3}
 
 
 def agreement(quant: Any, fp32: Any, new_tokens: int) -> dict[str, float]:
@@ -102,6 +112,37 @@ def agreement(quant: Any, fp32: Any, new_tokens: int) -> dict[str, float]:
             "identical_free_running": exact / len(prompts), "prompts": len(prompts)}
 
 
+def goal_summary(rows: dict, batches: dict[str, int], llama_present: bool, agree: dict | None) -> list[str]:
+    """One line per goal of issue 20: the measured figure, the goal, met or not."""
+    lines = []
+    big = next((b for b in batches if b != "batch_1"), "batch_1")
+    ours = rows.get("radixlm")
+    if ours is None:
+        return ["radixlm was skipped"]
+
+    def line(name: str, value: float, goal: float, unit: str = "x") -> None:
+        lines.append(f"  {name:<44}{value:>8.2f}{unit}  goal >= {goal}{unit}  {'met' if value >= goal else 'NOT met'}")
+
+    if llama_present:
+        line("batch-1 decode vs llama.cpp", ours["batch_1"]["decode_tok_s"] / rows["llama.cpp"]["batch_1"]["decode_tok_s"], 0.5)
+    if "transformers" in rows and big != "batch_1":
+        hf = rows["transformers"]
+        line(f"{big} decode vs transformers fp32", ours[big]["decode_tok_s"] / hf[big]["decode_tok_s"], 2.0)
+    if "transformers" in rows:
+        for batch in batches:
+            line(f"{batch} prefill vs transformers fp32",
+                 ours[batch]["prefill_tok_s"] / rows["transformers"][batch]["prefill_tok_s"], 1.0)
+    if "radixlm-fp32" in rows:
+        fp = rows["radixlm-fp32"]
+        for batch in batches:
+            lines.append(f"  {batch} decode vs radixlm --dtype float32{ours[batch]['decode_tok_s'] / fp[batch]['decode_tok_s']:>12.2f}x")
+    lines.append(f"  batch-1 decode: radixlm {ours['batch_1']['decode_tok_s']:.1f} tok/s"
+                 + (f", llama.cpp {rows['llama.cpp']['batch_1']['decode_tok_s']:.1f}" if llama_present else ""))
+    if agree:
+        line("greedy agreement vs fp32 (teacher-forced)", agree["teacher_forced_top1"] * 100, 97, "%")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -110,6 +151,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=65)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="python of a venv with llama-cpp-python (skipped if absent)")
+    ap.add_argument("--llama-no-extra-bufts", action="store_true",
+                    help="load llama.cpp without its extra weight buffers (AMX / repacked): a GGML_NATIVE build "
+                         "dies with SIGILL on VMs that list AMX but fault on it")
     ap.add_argument("--skip", default="", help="comma list of engines to leave out")
     ap.add_argument("--agreement-tokens", type=int, default=48, help="0 skips the agreement check")
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
@@ -118,6 +162,7 @@ def main() -> None:
     import radixlm
     from radixlm.runtime.model_source import default_gguf_path
 
+    load_before = os.getloadavg()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     n, inp, out = args.batch, args.input_len, args.output_len
@@ -125,9 +170,9 @@ def main() -> None:
                   max_running_requests=max(n, 8))
     engines = {}
     if "radixlm" not in skip:
-        engines["radixlm"] = radixlm.Engine(**common)
+        engines["radixlm"] = radixlm.Engine(quantization="gguf", **common)
     if "radixlm-fp32" not in skip:
-        engines["radixlm-fp32"] = radixlm.Engine(dtype="float32", **common)
+        engines["radixlm-fp32"] = radixlm.Engine(dtype="float32", quantization="none", **common)
     first = next(iter(engines.values()))
     vocab = len(first.tokenizer)
     model_dir = first.model_path
@@ -157,7 +202,8 @@ def main() -> None:
             print(f"repeat {rep + 1}/{args.repeats} {batch} done", file=sys.stderr, flush=True)
         if args.llama_python and "llama.cpp" not in skip:
             jobs = {batch: random_prompts(size, inp, vocab, 10 + rep) for batch, size in batches.items()}
-            got = time_llamacpp(args.llama_python, str(default_gguf_path()), args.threads, jobs, out)
+            got = time_llamacpp(args.llama_python, str(default_gguf_path()), args.threads, jobs, out,
+                                args.llama_no_extra_bufts)
             llama_version = got["version"]
             for batch, r in got["results"].items():
                 record("llama.cpp", batch, r["t_1"], r["t_n"])
@@ -185,10 +231,16 @@ def main() -> None:
     if agree:
         print(f"greedy agreement (quantized vs fp32, teacher-forced, {agree['tokens']} tokens): "
               f"{agree['teacher_forced_top1']:.1%}; identical free-running outputs: {agree['identical_free_running']:.0%}")
+    load_after = os.getloadavg()
+    summary = goal_summary(rows, batches, llama_present="llama.cpp" in rows, agree=agree)
+    print(f"\nsummary ({args.threads} threads; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
+    for line in summary:
+        print(line)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record_json = {"config": vars(args), "machine": platform.node(), "cpu": platform.processor(), "commit": commit,
                    "date": time.strftime("%Y-%m-%d %H:%M"), "llama_cpp_python": llama_version, "results": rows,
-                   "ratios": ratios, "agreement": agree, "torch": torch.__version__}
+                   "ratios": ratios, "agreement": agree, "torch": torch.__version__,
+                   "load_average": {"before": load_before, "after": load_after}, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record_json, indent=2))
     print(f"wrote {args.out}")

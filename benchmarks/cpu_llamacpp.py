@@ -56,6 +56,10 @@ def main() -> None:
     job = json.load(sys.stdin)
     L.llama_backend_init()
     mparams = L.llama_model_default_params()
+    if job.get("no_extra_bufts"):
+        # ggml's AMX weight buffer: a build with GGML_NATIVE on a VM that lists AMX but faults on
+        # ldtilecfg (seen on our 2-core machines) dies with SIGILL; this keeps the plain CPU path.
+        mparams.use_extra_bufts = False
     model = L.llama_model_load_from_file(job["model"].encode(), mparams)
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)

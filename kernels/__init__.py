@@ -56,6 +56,12 @@ class KernelOps:
     store_kv: Callable[..., None]  # (k_buffer, v_buffer, slots, k, v, k_scale=1.0, v_scale=1.0)
     decode_attention: AttentionFn
     extend_attention: AttentionFn
+    # Builds a decode batch's metadata once per forward (req_to_token, req_pool_indices, seq_lens,
+    # seq_lens_host); None: AttentionMetadata.for_decode.
+    decode_metadata: Callable[..., AttentionMetadata] | None = None
+    # (positions, cos_sin_cache) -> what this bundle's `rotary` takes instead of the cache, built once
+    # per forward; None: rotary takes the cache itself.
+    rotary_table: Callable[[torch.Tensor, torch.Tensor], object] | None = None
 
 
 def triton_available() -> bool:
@@ -98,4 +104,23 @@ def get_kernel_ops(use_triton: bool) -> KernelOps:
     )
 
 
-__all__ = ["AttentionMetadata", "KernelOps", "get_kernel_ops", "triton_available"]
+@functools.cache
+def get_cpu_kernel_ops() -> KernelOps:
+    """The references' math in fewer dispatches (`cpu_ops.py`): what a model on the CPU runs."""
+    from . import cpu_ops
+
+    return KernelOps(
+        name="cpu",
+        rms_norm=cpu_ops.rms_norm_cpu,
+        fused_add_rms_norm=cpu_ops.fused_add_rms_norm_cpu,
+        silu_and_mul=cpu_ops.silu_and_mul_cpu,
+        rotary=cpu_ops.rotary_cpu,
+        store_kv=cpu_ops.store_kv_cpu,
+        decode_attention=cpu_ops.decode_attention_cpu,
+        extend_attention=extend_attention_torch,
+        decode_metadata=cpu_ops.decode_metadata,
+        rotary_table=cpu_ops.rope_rows,
+    )
+
+
+__all__ = ["AttentionMetadata", "KernelOps", "get_cpu_kernel_ops", "get_kernel_ops", "triton_available"]

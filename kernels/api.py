@@ -32,6 +32,8 @@ class AttentionMetadata:
     max_seq_len                      optional host bound on seq_lens (saves the decode ref a sync)
     num_kv_splits                    optional override of the decode kernel's KV split count
     cascade                          decode: groups of rows sharing a prefix (kernels/cascade_attention.py)
+    kv_slots, kv_valid               decode on the CPU (`cpu_ops.decode_metadata`): [B, L] int64 KV slots
+                                     and validity mask (None: every row has L tokens), built once per forward
     """
 
     req_to_token: torch.Tensor
@@ -46,6 +48,8 @@ class AttentionMetadata:
     max_seq_len: int | None = None
     num_kv_splits: int | None = None
     cascade: CascadeLayout | None = None
+    kv_slots: torch.Tensor | None = None
+    kv_valid: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -21,6 +21,10 @@ class PagedAttentionBackend:
         self.meta: AttentionMetadata | None = None
 
     def begin_forward(self, batch: ForwardBatch) -> None:
+        if batch.mode is ForwardMode.DECODE and self.ops.decode_metadata is not None and batch.cascade is None:
+            self.meta = self.ops.decode_metadata(self.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                                 batch.seq_lens_cpu)
+            return
         if batch.mode is ForwardMode.DECODE:
             self.meta = AttentionMetadata.for_decode(
                 self.req_to_token, batch.req_pool_indices, batch.seq_lens, max_seq_len=batch.max_seq_len,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from radixlm.kernels import get_kernel_ops
+from radixlm.kernels import get_cpu_kernel_ops, get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.forward_batch import ForwardBatch
@@ -156,7 +156,13 @@ class ModelRunner:
             from radixlm.runtime.gguf_weights import iter_gguf_weights
 
             model.load_weights(iter_gguf_weights(model_dir))
-            logger.info("GGUF weights kept quantized: %s", quantized_summary(model))
+            from radixlm.runtime.quantization.int4_cpu import DENSE_MIN_ROWS, keep_dense_copies
+
+            quantized = [q for m in model.modules() if (q := getattr(m, "quantized", None)) is not None]
+            dense = keep_dense_copies(quantized, _available_ram_bytes())
+            logger.info("GGUF weights kept quantized: %s%s", quantized_summary(model),
+                        f"; dense bfloat16 copies ({dense / 2**20:.0f} MiB) for inputs of >= {DENSE_MIN_ROWS} rows"
+                        if dense else "")
         else:
             # Several ranks: each reads only its share of the checkpoint.
             model.load_weights(iter_safetensors(model_dir, lazy=get_parallel_state() is not None), w4=w4)
@@ -198,6 +204,8 @@ class ModelRunner:
 
     def _make_attention_backend(self) -> PagedAttentionBackend:
         ops = get_kernel_ops(self.args.attention_backend == "triton")
+        if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches
+            ops = get_cpu_kernel_ops()
         self.model.ops = ops
         return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, self.model_config.head_dim**-0.5)
 

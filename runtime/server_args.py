@@ -90,19 +90,20 @@ class ServerArgs:
     dtype: str = _flag("auto", "model", "weights and activations dtype; auto: the checkpoint's on a GPU "
                        "(float32 becomes bfloat16), float32 on a CPU", str, choices=DTYPES)
     quantization: str = _flag(
-        "none", "model", "fp8: FP8 weights (quantized at load, one scale per output channel); W8A16 at <= 16 rows (a Triton "
+        "auto", "model", "fp8: FP8 weights (quantized at load, one scale per output channel); W8A16 at <= 16 rows (a Triton "
         "split-K GEMM on the GPU), W8A8 with per-token activations above (torch._scaled_mm on Hopper / Ada GPUs); "
         "a float32 reference of the same numerics elsewhere; "
         "compressed-tensors: the checkpoint's own (also read without the flag); gguf: a GGUF file's weights stay "
-        "4-bit on a CPU (packed int4 matmuls), and its Q4_0 / Q4_1 layers on a GPU (the W4A16 Triton kernels; "
-        "other types dequantized); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU "
-        "unless --dtype is given. A checkpoint whose quantization_config is FP8 (quant_method fp8 or "
-        "compressed-tensors) always loads as published. awq / gptq / compressed-tensors (pack-quantized W4A16): "
+        "4-bit on a CPU (packed int4 matmuls at batch 1, dense bfloat16 copies for batches and prefill where the "
+        "CPU has bfloat16 hardware and RAM to spare), and its Q4_0 / Q4_1 layers on a GPU (the W4A16 Triton "
+        "kernels; other types dequantized); none: dequantized to --dtype; auto: gguf for a GGUF file on a CPU "
+        "unless --dtype is given (faster, with the greedy agreement benchmarks/cpu.py reports). A checkpoint "
+        "whose quantization_config is FP8 (quant_method fp8 or compressed-tensors) always loads as published. "
+        "awq / gptq / compressed-tensors (pack-quantized W4A16): "
         "the checkpoint's 4-bit weights, detected from its quantization_config without the flag (AWQ GEMM, "
         "GPTQ with or without act-order, group sizes that are multiples of 32), kept packed on the device: "
         "Triton w4a16 kernels on a GPU (split-K at decode sizes), a float32 reference elsewhere; the flag "
-        "only checks the checkpoint is of that kind. The default stays none until benchmarks/cpu.py shows gguf "
-        "faster with >= 97% greedy agreement (not yet measured)", str,
+        "only checks the checkpoint is of that kind", str,
         choices=("auto", "none", "gguf", "fp8", "compressed-tensors", "awq", "gptq"))
     load_format: str = _flag("auto", "model", "auto: read the weights; dummy: random weights (benchmarks)", str,
                              choices=("auto", "dummy"))

@@ -142,13 +142,14 @@ class LlamaForCausalLM(nn.Module):
             hidden = self.embed_tokens(batch.input_ids)
         else:
             hidden, residual = intermediate
+        cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
         for layer in self.layers:
             if residual is None:
                 residual = hidden
                 normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
             else:
                 normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
-            hidden = layer.self_attn(normed, batch, attn, self.cos_sin_cache, ops)
+            hidden = layer.self_attn(normed, batch, attn, cos_sin, ops)
             normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
             hidden = layer.mlp(normed, ops)
         assert residual is not None

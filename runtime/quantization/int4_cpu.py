@@ -7,8 +7,12 @@ rounded to bfloat16 for the matmul and the output is cast back. A weight of P pl
 (`gguf_blocks.AffinePlanes`) is packed as one matrix over P * K columns, the planes side by side,
 and the input is repeated P times: one call, and Q8_0 stays exact (two nibbles per int8).
 
-Large inputs (prefill) are faster through a float32 GEMM on a weight dequantized for the call
-from a nibble copy we keep: the int4 kernel dequantizes per tile and is compute-bound there.
+From a few rows up the int4 kernel is compute-bound (it dequantizes per tile) and loses to a dense
+GEMM. Where the CPU multiplies bfloat16 natively (AVX512-BF16 / AMX: oneDNN) and the model is small
+enough, each weight also keeps a dense bfloat16 copy (`keep_dense_copies`, decided once at load) and
+inputs of >= DENSE_MIN_ROWS rows (batched decode, prefill) go through it: the same bfloat16-rounded
+activations as the int4 path, weights rounded once more to bfloat16 (2^-9 relative). Without that
+copy, inputs of >= DEQUANT_MIN_ROWS rows use a float32 GEMM on a weight dequantized for the call.
 """
 from __future__ import annotations
 
@@ -21,6 +25,18 @@ from radixlm.runtime.quantization.gguf_blocks import GROUP, AffinePlanes
 # Rows of input from which dequantize + float32 GEMM beats the int4 kernel (measured on a 2-core
 # AVX-512 Xeon with the default model's shapes; see benchmarks/RESULTS.md).
 DEQUANT_MIN_ROWS = 48
+# Rows from which the dense bfloat16 copy beats the int4 kernel (same machine: about equal at 8 rows,
+# 2.5-3x faster at 16, 5x at 32).
+DENSE_MIN_ROWS = 8
+# Dense bfloat16 copies are kept while they fit in this share of the available RAM.
+DENSE_RAM_SHARE = 0.1
+
+
+def native_bf16_matmul() -> bool:
+    """True when the CPU multiplies bfloat16 in hardware (oneDNN takes AVX512-BF16 or AMX tiles)."""
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 def int4_cpu_kernel_available() -> bool:
@@ -70,6 +86,15 @@ class Int4PackedWeight(QuantizedWeight):
         # Our own copy of the codes for dequantizing (two a byte); it uses the kernel's bfloat16
         # scales and zeros, so both paths compute with the same weight.
         self.nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        self.dense: torch.Tensor | None = None  # bfloat16 [N, K] for batched inputs (keep_dense_copies)
+
+    def keep_dense(self) -> None:
+        """Keep the weight also as dense bfloat16, for inputs of >= DENSE_MIN_ROWS rows."""
+        self.dense = self.dequantize().to(torch.bfloat16)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.out_features * self.in_features * 2
 
     @property
     def format(self) -> str:
@@ -77,13 +102,14 @@ class Int4PackedWeight(QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.packed, self.scales_and_zeros, self.nibbles)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = (self.packed, self.scales_and_zeros, self.nibbles, self.dense)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= DEQUANT_MIN_ROWS:
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
+            out = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dense).to(x.dtype)
+        elif x2.shape[0] >= DEQUANT_MIN_ROWS:
             out = torch.matmul(x2.float(), self.dequantize().t()).to(x.dtype)
         else:
             xb = x2.to(torch.bfloat16)
@@ -91,7 +117,7 @@ class Int4PackedWeight(QuantizedWeight):
                 xb = xb.repeat(1, self.planes)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), self.packed, GROUP, self.scales_and_zeros)
             out = out.to(x.dtype)
-        return out.reshape(*lead, self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._dequantize(self.nibbles[ids], self.scales_and_zeros[:, ids])
@@ -106,3 +132,15 @@ class Int4PackedWeight(QuantizedWeight):
         w = torch.addcmul(sz[..., 1:], codes.float().sub_(8.0), sz[..., :1])
         w = w.reshape(n, self.planes, self.in_features)
         return w[:, 0] if self.planes == 1 else w.sum(1)
+
+
+def keep_dense_copies(weights: list[QuantizedWeight], available_bytes: int) -> int:
+    """Give every `Int4PackedWeight` in `weights` a dense bfloat16 copy when the CPU multiplies
+    bfloat16 natively and all the copies fit in DENSE_RAM_SHARE of `available_bytes`; bytes added."""
+    packed = list({id(w): w for w in weights if isinstance(w, Int4PackedWeight)}.values())
+    total = sum(w.dense_nbytes for w in packed)
+    if not packed or not native_bf16_matmul() or total > DENSE_RAM_SHARE * available_bytes:
+        return 0
+    for w in packed:
+        w.keep_dense()
+    return total

@@ -14,7 +14,15 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from radixlm.runtime.quantization.gguf_blocks import GROUP, parse_blocks
-from radixlm.runtime.quantization.int4_cpu import DEQUANT_MIN_ROWS, Int4PackedWeight, int4_cpu_kernel_available
+from radixlm.runtime.quantization.int4_cpu import (
+    DENSE_MIN_ROWS,
+    DENSE_RAM_SHARE,
+    DEQUANT_MIN_ROWS,
+    Int4PackedWeight,
+    int4_cpu_kernel_available,
+    keep_dense_copies,
+    native_bf16_matmul,
+)
 from radixlm.runtime.quantization.select import GGUFTensor, build_quantized_weight, resolve_quantization
 
 TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
@@ -98,3 +106,34 @@ def test_resolve_quantization_rules() -> None:
     with pytest.raises(ValueError, match="quantization: 'int3' is not one of"):
         resolve_quantization("int3", "auto", cpu, True, False)
     assert resolve_quantization("fp8", "auto", cpu, True, False) == "fp8"  # FP8 of the dequantized GGUF weights
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0], ids=lambda t: t.name)
+def test_dense_copy_serves_batched_rows_within_bfloat16_of_gguf(qtype: QType) -> None:
+    """The bfloat16 copy is the packed weight rounded once more (2^-9 relative); rows below
+    DENSE_MIN_ROWS still take the int4 kernel, so both paths are checked against gguf's weight."""
+    raw, ref = _gguf_weight(qtype)
+    weight = Int4PackedWeight(parse_blocks(qtype, raw, ref.shape[0]), qtype.name)
+    before = weight.nbytes
+    weight.keep_dense()
+    assert weight.dense is not None and weight.dense.dtype == torch.bfloat16
+    assert weight.nbytes == before + weight.dense_nbytes
+    assert torch.equal(weight.dense, weight.dequantize().to(torch.bfloat16))
+    for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, 40):
+        x = torch.randn(rows, ref.shape[1], generator=torch.Generator().manual_seed(rows))
+        expected = x @ ref.t()
+        assert (weight.linear(x) - expected).abs().max() <= 0.01 * expected.abs().max()
+
+
+def test_dense_copies_kept_only_within_the_ram_share() -> None:
+    raw, ref = _gguf_weight(QType.Q4_1)
+    weights = [Int4PackedWeight(parse_blocks(QType.Q4_1, raw, ref.shape[0]), "Q4_1") for _ in range(2)]
+    size = sum(w.dense_nbytes for w in weights)
+    assert keep_dense_copies(weights, int(size / DENSE_RAM_SHARE) - 1) == 0
+    assert all(w.dense is None for w in weights)
+    added = keep_dense_copies(weights + weights[:1], int(size / DENSE_RAM_SHARE) + 1)  # shared weights once
+    if native_bf16_matmul():
+        assert added == size and all(w.dense is not None for w in weights)
+    else:
+        assert added == 0

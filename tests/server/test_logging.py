@@ -36,7 +36,7 @@ def test_server_log_lines(server):
     _wait_for(server, STAMP + r"server\] INFO ")
     _wait_for(server, STAMP + r"scheduler\] INFO ")
     # The start-up summary, with sizes in GB and the time it took.
-    summary = _wait_for(server, STAMP + r"server\] INFO started .*weights \d+\.\d\d GB \(quantization none\), "
+    summary = _wait_for(server, STAMP + r"server\] INFO started .*weights \d+\.\d\d GB \(quantization gguf\), "
                                 r"KV pool 16384 tokens \(\d+\.\d\d GB, float32\).*ready in \d+\.\d s$")
     assert "no CUDA graphs" in summary.group(0) or "CUDA graphs (batch" in summary.group(0)
     _wait_for(server, r"INFO loading the tokenizer from ")

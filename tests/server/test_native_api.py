@@ -71,7 +71,7 @@ def test_info_endpoints(server):
     async def go():
         st, mi = await server.get("/get_model_info")
         assert st == 200 and mi["is_generation"] is True and mi["model_path"]
-        assert (mi["quantization"], mi["kv_cache_dtype"]) == ("none", "auto")  # as loaded / the flag
+        assert (mi["quantization"], mi["kv_cache_dtype"]) == ("gguf", "auto")  # as loaded (the default model on a CPU) / the flag
         assert mi["kv_cache_storage_dtype"] in ("float32", "bfloat16", "float16")
         for path in ("/get_server_info", "/server_info"):
             st, si = await server.get(path)

@@ -1,0 +1,136 @@
+"""The decoder's ops on a CPU: the torch reference's math in fewer dispatches (issue 20).
+
+A batch-1 decode step of a small model on a CPU is made of hundreds of tiny ops, each costing a
+few microseconds of dispatch, so the step's time is as much the op count as the arithmetic. These
+functions compute what `ops_ref` computes, in the same order of floating-point operations where it
+matters (rotary: bit for bit), with fewer calls:
+
+- rms_norm: torch's `rms_norm` (one call; same formula) instead of six;
+- rotary: the step's cos/sin rows gathered once per forward (`rope_rows`, through the bundle's
+  `rotary_table`), a `roll` for the half rotation;
+- store_kv: `index_copy_` into a float pool;
+- decode attention: the KV slots of the batch (and the validity mask, none when every row has the
+  same length, e.g. batch 1) are gathered once per forward pass in `decode_metadata` rather than
+  once per layer, K/V rows are fetched with `index_select`, and the query heads of one KV head
+  are that head's query rows (no K/V repeated per query head).
+
+Anything else (FP8 pools, other dtypes) falls through to the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .api import AttentionMetadata, decode_attention_torch
+from .ops_ref import fused_add_rms_norm_ref, rms_norm_ref, rotary_ref, store_kv_ref
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rms_norm_ref(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def fused_add_rms_norm_cpu(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return fused_add_rms_norm_ref(x, residual, weight, eps)
+    summed = x + residual
+    return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
+
+
+def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+@dataclass(frozen=True)
+class RopeRows:
+    """One forward pass's rotary factors, shared by every layer: [T, 1, D] cos|cos and -sin|sin."""
+
+    cos2: torch.Tensor
+    sin2: torch.Tensor
+
+
+def rope_rows(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> RopeRows:
+    rows = cos_sin_cache.index_select(0, positions).float()  # [T, D] = [cos | sin]
+    half = rows.shape[-1] // 2
+    cos, sin = rows[:, :half], rows[:, half:]
+    return RopeRows(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1))
+
+
+def rotary_cpu(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor | RopeRows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox rotary as `rotary_ref`: [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin], bit for bit
+    (x1 cos + x2 (-sin) is the same float as x1 cos - x2 sin). `cos_sin`: the cache, or the step's
+    `rope_rows` (what the model passes when the bundle has `rotary_table`)."""
+    if q.dtype != torch.float32 or k.dtype != torch.float32:
+        cache = cos_sin if isinstance(cos_sin, torch.Tensor) else None
+        if cache is None:
+            raise ValueError("rotary_cpu: non-float32 q/k need the cos/sin cache, not the step's rows")
+        return rotary_ref(q, k, positions, cache)
+    rope = cos_sin if isinstance(cos_sin, RopeRows) else rope_rows(positions, cos_sin)
+    half = q.shape[-1] // 2
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        return (x * rope.cos2).add_(torch.roll(x, half, dims=-1).mul_(rope.sin2))
+
+    return rotate(q), rotate(k)
+
+
+def store_kv_cpu(
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> None:
+    if k_buffer.dtype != k.dtype or v_buffer.dtype != v.dtype:  # FP8 pool, or a cast
+        store_kv_ref(k_buffer, v_buffer, slots, k, v, k_scale, v_scale)
+        return
+    k_buffer.index_copy_(0, slots, k)
+    v_buffer.index_copy_(0, slots, v)
+
+
+def decode_metadata(
+    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_host: list[int]
+) -> AttentionMetadata:
+    """A decode batch's metadata with its KV slots [B, L] (int64) and validity mask [B, L] (None
+    when every row has L tokens) gathered once for all layers."""
+    max_len = max(seq_lens_host)
+    slots = req_to_token.index_select(0, req_pool_indices)[:, :max_len].long()
+    valid = None
+    if min(seq_lens_host) != max_len:
+        valid = torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None]
+    return AttentionMetadata(req_to_token, req_pool_indices, seq_lens, max_seq_len=max_len, kv_slots=slots,
+                             kv_valid=valid)
+
+
+def decode_attention_cpu(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    meta: AttentionMetadata,
+    sm_scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """`decode_attention_ref`'s result from the slots `decode_metadata` gathered."""
+    slots = meta.kv_slots
+    if slots is None or k_buffer.dtype != q.dtype or v_buffer.dtype != q.dtype or out is not None:
+        return decode_attention_torch(q, k_buffer, v_buffer, meta, sm_scale, out=out, k_scale=k_scale,
+                                      v_scale=v_scale)
+    b, length = slots.shape
+    flat = slots.reshape(-1)
+    k = k_buffer.index_select(0, flat).view(b, length, *k_buffer.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_buffer.index_select(0, flat).view(b, length, *v_buffer.shape[1:]).transpose(1, 2)
+    mask = None if meta.kv_valid is None else meta.kv_valid[:, None, None, :]
+    # The query heads sharing a KV head become that head's query rows (all at one position, so no
+    # causal mask): SDPA then reads each K/V row once instead of repeating K/V per query head.
+    hkv, hq = k.shape[1], q.shape[1]
+    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, q.shape[-1]), k, v, attn_mask=mask,
+                                       scale=sm_scale * k_scale).reshape(b, hq, -1)
+    return o if v_scale == 1.0 else (o * v_scale).to(q.dtype)

@@ -1,0 +1,65 @@
+"""The CPU bundle (`kernels/cpu_ops.py`) against the torch references it stands in for: the same
+floats for the elementwise ops (rotary bit for bit), the same attention up to float32 summation order."""
+from __future__ import annotations
+
+import torch
+
+from radixlm.kernels import AttentionMetadata, get_cpu_kernel_ops, ops_ref
+from radixlm.kernels.api import decode_attention_torch
+from radixlm.kernels.cpu_ops import RopeRows, decode_attention_cpu, decode_metadata, rope_rows, rotary_cpu
+
+
+def test_elementwise_ops_equal_the_references() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, r, w = (torch.randn(5, 576, generator=g) for _ in range(3))
+    ops = get_cpu_kernel_ops()
+    assert torch.equal(ops.rms_norm(x, w[0], 1e-5), ops_ref.rms_norm_ref(x, w[0], 1e-5))
+    for got, ref in zip(ops.fused_add_rms_norm(x, r, w[0], 1e-6), ops_ref.fused_add_rms_norm_ref(x, r, w[0], 1e-6)):
+        assert torch.equal(got, ref)
+    gate_up = torch.randn(5, 2 * 96, generator=g)
+    assert torch.equal(ops.silu_and_mul(gate_up), ops_ref.silu_and_mul_ref(gate_up))
+
+
+def test_rotary_bit_for_bit_from_cache_and_from_step_rows() -> None:
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(500, 64, generator=g)
+    positions = torch.tensor([0, 7, 499, 7, 130])
+    qkv = torch.randn(5, 15 * 64, generator=g)  # q and k as views of one fused projection, as in the model
+    q, k = qkv[:, : 9 * 64].view(5, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)
+    ref = ops_ref.rotary_ref(q, k, positions, cache)
+    rows = rope_rows(positions, cache)
+    assert isinstance(rows, RopeRows) and rows.cos2.shape == (5, 1, 64)
+    for got in (rotary_cpu(q, k, positions, cache), rotary_cpu(q, k, positions, rows)):
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # Other dtypes take the reference.
+    qb, kb = q.bfloat16(), k.bfloat16()
+    assert torch.equal(rotary_cpu(qb, kb, positions, cache)[0], ops_ref.rotary_ref(qb, kb, positions, cache)[0])
+
+
+def test_store_kv_writes_the_slots() -> None:
+    k_buf, v_buf = torch.zeros(16, 3, 8), torch.zeros(16, 3, 8)
+    k, v = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+    slots = torch.tensor([9, 2, 15, 4])
+    get_cpu_kernel_ops().store_kv(k_buf, v_buf, slots, k, v)
+    assert torch.equal(k_buf[slots], k) and torch.equal(v_buf[slots], v)
+    assert int((k_buf.abs().sum((1, 2)) > 0).sum()) == 4
+
+
+def test_decode_attention_matches_reference_ragged_and_uniform() -> None:
+    g = torch.Generator().manual_seed(2)
+    slots_total, hkv, group, dim = 300, 3, 3, 64
+    k_buf, v_buf = torch.randn(slots_total, hkv, dim, generator=g), torch.randn(slots_total, hkv, dim, generator=g)
+    req_to_token = (torch.randperm(slots_total - 1, generator=g)[: 4 * 60].view(4, 60) + 1).int()
+    rows = torch.tensor([2, 0, 3])
+    for lens in ([60, 17, 33], [41, 41, 41]):
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        q = torch.randn(3, hkv * group, dim, generator=g)
+        meta = decode_metadata(req_to_token, rows, seq_lens, lens)
+        assert meta.kv_slots is not None and meta.kv_slots.shape == (3, max(lens))
+        assert (meta.kv_valid is None) == (len(set(lens)) == 1)
+        ref = decode_attention_torch(q, k_buf, v_buf, AttentionMetadata.for_decode(req_to_token, rows, seq_lens), 0.125)
+        got = decode_attention_cpu(q, k_buf, v_buf, meta, 0.125)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        # Without the gathered slots (e.g. metadata built elsewhere) it is the reference itself.
+        plain = AttentionMetadata.for_decode(req_to_token, rows, seq_lens)
+        assert torch.equal(decode_attention_cpu(q, k_buf, v_buf, plain, 0.125), ref)
