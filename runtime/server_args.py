@@ -214,11 +214,11 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = _flag(None, "runtime", "capture CUDA graphs up to this decode batch size",
                                           int, minimum=1, default_text="max running requests")
     cascade_attention: str = _flag(
-        "off", "runtime", "shared-prefix (cascade) decode attention: decode rows under a common radix-tree prefix "
-        "read its KV once per group. auto: on with the Triton kernels when the measured cost rule says it pays "
-        "for the batch; on: also with the torch backend (its reference arithmetic; for tests); off: never (the "
-        "default: on the H200 the kernel wins at batch >= 256 but shared-prefix workload (e) ran 39% slower end to "
-        "end with auto, not yet explained; see benchmarks/RESULTS.md)",
+        "auto", "runtime", "shared-prefix (cascade) decode attention: decode rows under a common radix-tree prefix "
+        "read its KV once per group. auto: with the Triton kernels when the measured cost rule says it pays for the "
+        "batch (on the H200: groups of >= 8 rows at large batches with long shared prefixes; shared-prefix workload "
+        "(e) 8% faster than off, warm, benchmarks/RESULTS.md); on: also with the torch backend (its reference "
+        "arithmetic; for tests); off: never",
         str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")

@@ -119,10 +119,10 @@ def test_default_rule_forms_no_group_below_eight_rows():
     assert planner(ALWAYS).groups(nodes, lens)  # the test rule still groups them
 
 
-def test_cascade_attention_is_off_by_default():
+def test_cascade_attention_is_auto_by_default():
     from radixlm.runtime.server_args import ServerArgs
 
-    assert ServerArgs(model_path="x").cascade_attention == "off"
+    assert ServerArgs(model_path="x").cascade_attention == "auto"
 
 
 @pytest.fixture(scope="module")
