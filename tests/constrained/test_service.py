@@ -29,7 +29,7 @@ def test_service_compiles_and_reports_errors(service: GrammarService, tokenizer:
     service.submit("same", {"json_schema": schema})  # deduplicated with "ok"
     service.submit("regex", {"regex": "(yes|no)", "backend": "outlines"})
     service.submit("ebnf", {"ebnf": 'root ::= "a"+'})
-    service.submit("bad", {"json_schema": {"type": "string", "uniqueItems": True}})
+    service.submit("bad", {"json_schema": {"type": "array", "uniqueItems": True}})  # (on a string it is vacuous)
     service.submit("broken", {"regex": "(unclosed"})
     service.submit("two", {"regex": "a", "choices": ["a"]})
     start = time.monotonic()

