@@ -79,6 +79,14 @@ def test_default_system_prompt_is_inserted(backend, tokenizer):
     assert state.text() == tokenizer.apply_chat_template(state.messages(), tokenize=False)
 
 
+def _quantized(backend) -> bool:
+    """Whether the served model runs with quantized weights (the Engine's info comes from its front)."""
+    engine = getattr(backend, "engine", None)
+    loaded = (engine.tokenizer_manager.info.quantization if engine is not None
+              else backend.get_server_info().get("quantization"))
+    return loaded not in (None, "none")
+
+
 def _own_option_scores(backend, tokenizer, prefix: str, options: list[str]) -> list[float]:
     """Mean logprob of each option's tokens, from a full-prompt logprob request and our own tokenization."""
     prefix_ids = tokenizer.encode(prefix)
@@ -112,9 +120,11 @@ def test_select_picks_the_argmax_of_option_logprobs(backend, tokenizer, prefix, 
     reported = state.get_meta_info("choice")["normalized_prompt_logprobs"]
     # The default CPU path (GGUF weights kept 4-bit, bfloat16 activations; a dense bfloat16 copy from 8
     # rows) computes a prompt differently by batch shape: select's options batched on a cached prefix vs
-    # each prompt alone differ by up to 0.065 nats here (measured); with --quantization none they agree
-    # to 1e-6. A plumbing error (wrong token, offset or normalisation) is off by far more.
-    assert all(math.isclose(a, b, abs_tol=0.1) for a, b in zip(reported, scores)), (reported, scores)
+    # each prompt alone differed by 0.065 nats (Engine) and 0.118 (server) in the fresh-venv runs; with
+    # --quantization none they agree to 1e-6. A plumbing error (wrong token, offset, normalisation) is
+    # off by whole nats.
+    tolerance = 0.25 if _quantized(backend) else 1e-3
+    assert all(math.isclose(a, b, abs_tol=tolerance) for a, b in zip(reported, scores)), (reported, scores)
     assert state.text() == prefix + state["choice"]
 
 
