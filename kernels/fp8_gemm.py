@@ -54,7 +54,8 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the split-K plans fill (the 4-bit GEMM's too)."""
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # the CPU interpreter: a few splits, so tests cover the split-K reduction
@@ -64,7 +65,7 @@ def plan(m: int, n: int, k: int, cfg: W8A16Config, device: torch.device) -> tupl
     """(split_k, k_per_split): enough CTAs for about two per SM, each split a whole number of K tiles."""
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     k_tiles = triton.cdiv(k, cfg.block_k)
-    want = max(1, min(triton.cdiv(2 * _sm_count(device), tiles_mn), k_tiles))
+    want = max(1, min(triton.cdiv(2 * sm_count(device), tiles_mn), k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, want)
     k_per_split = tiles_per_split * cfg.block_k
     return triton.cdiv(k, k_per_split), k_per_split

@@ -34,13 +34,14 @@ Launch parameters depend only on static shapes, so the kernels capture into CUDA
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .fp8_gemm import sm_count
 
 logger = logging.getLogger(__name__)
 
@@ -70,24 +71,13 @@ def default_config(m: int) -> W4Config:
     return W4Config(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # the CPU interpreter: a few splits, so tests cover the split-K reduction
-
-
 def plan(m: int, n: int, kp: int, cfg: W4Config, device: torch.device) -> tuple[int, int]:
     """(split_k, chunks per split): about three programs per SM (enough weight bytes in flight at
     M = 1), each split a whole number of chunks, and no more splits than keep the float32 partial
     sums (written and read back: 8 M N bytes a split) within a quarter of the weight's N K / 2 bytes."""
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     chunks = kp // CHUNK
-    want = max(1, min(triton.cdiv(3 * _sm_count(device), tiles_mn), chunks, kp // (64 * m)))
+    want = max(1, min(triton.cdiv(3 * sm_count(device), tiles_mn), chunks, kp // (64 * m)))
     if cfg.split_k is not None:
         want = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, want)
