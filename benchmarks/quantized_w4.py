@@ -139,3 +139,70 @@ def w4_gemm_table(ceil: dict, graph_time) -> list[dict]:
                          "kernel_of_floor": floor / t_kernel, "w4_speedup": t_bf16 / t_lin})
     torch.cuda.empty_cache()
     return rows
+
+
+GEMV_SWEEP = [(32, 4, 4), (16, 4, 4), (64, 2, 4), (32, 8, 8), (64, 4, 8), (16, 8, 4)]  # block n, chunks, warps
+
+
+def w4_small_table(ceil: dict, graph_time) -> list[dict]:
+    """M = 1, 4, 16, 64, 256 on the 8B shapes: the old MMA kernel (split-K / tiled) and the new GEMV side by
+    side with bf16 and dequantize + cuBLAS, against the 4-bit bytes floor; each GEMV result checked against
+    the float32 reference of the same codes (and its split-K tickets back at zero after graph replays)."""
+    from radixlm.kernels.w4a16_gemm import w4_dequantize, w4a16_matmul
+    from radixlm.kernels.w4a16_gemv import MAX_M, GemvConfig, w4a16_gemv
+    from radixlm.runtime.quantization.w4_formats import quantize_rtn
+    from radixlm.runtime.quantization.w4a16 import W4Weight
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        q = W4Weight([quantize_rtn(w, 128, True)], 128, "bench")
+        ref_w = q.dequantize()
+        args = (q.codes, q.scales, None, None, k, 128)
+        for m in (1, 2, 4, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ ref_w.t()
+            t_bf16 = graph_time(lambda: torch.matmul(x, w.t()))
+            t_old = graph_time(lambda: w4a16_matmul(x, *args))
+            t_lin = graph_time(lambda: q.linear(x))
+            t_deq = graph_time(lambda: torch.matmul(x, w4_dequantize(q.codes, q.scales, None, None, k, 128, x.dtype).t()),
+                               inner=4 if m > 16 else 20, reps=5 if m > 16 else 15)
+            weight_bytes = n * k // 2 + n * (k // 128) * 2
+            floor = max((weight_bytes + 2 * m * (k + n)) / ceil["copy_bytes_per_s"], 2 * m * n * k / ceil["bf16_matmul_flops"])
+            row = {"layer": name, "M": m, "K": k, "N": n, "bf16_us": t_bf16 * 1e6, "old_kernel_us": t_old * 1e6,
+                   "w4_linear_us": t_lin * 1e6, "dequant_mm_us": t_deq * 1e6, "w4_floor_us": floor * 1e6,
+                   "old_of_floor": floor / t_old, "linear_of_floor": floor / t_lin, "w4_speedup": t_bf16 / t_lin}
+            if m <= MAX_M:
+                sweep, worst = {}, 0.0
+                for bn, chunks, warps in GEMV_SWEEP:
+                    cfg = GemvConfig(block_n=bn, chunks=chunks, num_warps=warps)
+                    key = f"{bn}x{chunks}w{warps}"
+                    try:
+                        got = w4a16_gemv(x, *args, tickets=q.tickets, cfg=cfg).float()
+                        worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+                        sweep[key] = graph_time(lambda cfg=cfg: w4a16_gemv(x, *args, tickets=q.tickets, cfg=cfg)) * 1e6
+                        again = w4a16_gemv(x, *args, tickets=q.tickets, cfg=cfg).float()  # after 300+ replays
+                        worst = max(worst, ((again - ref).abs().max() / ref.abs().max()).item())
+                    except Exception as exc:  # noqa: BLE001 - a tile that does not compile is recorded and skipped
+                        sweep[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                t_new = graph_time(lambda: w4a16_gemv(x, *args, tickets=q.tickets))
+                timed = {key: v for key, v in sweep.items() if isinstance(v, float)}
+                best = min(timed, key=timed.get) if timed else None
+                row.update(gemv_us=t_new * 1e6, gemv_of_floor=floor / t_new, gemv_best_us=timed.get(best),
+                           gemv_best_tile=best, gemv_sweep_us=sweep, gemv_max_rel_err=worst,
+                           gemv_tickets_zero=not bool(q.tickets.any()))
+            rows.append(row)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_small_table(rows: list[dict]) -> None:
+    print(f"\n{'layer':<8}{'M':>4}{'bf16':>8}{'old':>8}{'old/fl':>7}{'gemv':>8}{'gemv/fl':>8}{'best':>8}{'linear':>8}"
+          f"{'deq+mm':>8}{'floor4':>8}{'vs bf16':>8}  (us; best GEMV tile, max rel err)")
+    for r in rows:
+        gemv = r.get("gemv_us", float("nan"))
+        best = r.get("gemv_best_us") if isinstance(r.get("gemv_best_us"), float) else float("nan")
+        print(f"{r['layer']:<8}{r['M']:>4}{r['bf16_us']:>8.1f}{r['old_kernel_us']:>8.1f}{r['old_of_floor']:>7.0%}"
+              f"{gemv:>8.1f}{r.get('gemv_of_floor', float('nan')):>8.0%}{best:>8.1f}{r['w4_linear_us']:>8.1f}"
+              f"{r['dequant_mm_us']:>8.1f}{r['w4_floor_us']:>8.1f}{r['w4_speedup']:>7.2f}x  "
+              f"{r.get('gemv_best_tile', '')} {r.get('gemv_max_rel_err', '')}")

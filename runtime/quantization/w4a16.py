@@ -8,9 +8,10 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M <= 16 rows (decode) through the split-K Triton kernel, up to `DEQUANT_MIN_M` through its
-tiled launch, above that the weight dequantized to the activation dtype for the call and cuBLAS
-(prefill: compute-bound, where cuBLAS beats a Triton mma with dequantization in its loop).
+On a GPU: M <= `GEMV_MAX_M` rows (batch-1-4 decode) through the CUDA-core GEMV (`kernels/w4a16_gemv.py`),
+up to 16 through the split-K Triton MMA kernel, up to `DEQUANT_MIN_M` through its tiled launch, above
+that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
+where cuBLAS beats a Triton mma with dequantization in its loop).
 Elsewhere (the CPU, tests) x @ W^T in float32 with the same codes, scales and zeros: the same weight,
 summed in another order.
 """
@@ -24,6 +25,7 @@ import torch
 from radixlm.runtime.quantization.base import QuantizedWeight
 
 DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the tiled kernel (benchmarks/quantized.py)
+GEMV_MAX_M = 4  # rows up to which the GEMV runs (benchmarks/quantized_w4.py's small-M table decides)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ class W4Weight(QuantizedWeight):
         self.codes = pack_codes(codes if perm is None else codes[:, perm])
         self.source = source
         self.use_triton = self.codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self.tickets: torch.Tensor | None = None  # the GEMV's split-K tickets (int32, zero at rest)
+        if self.use_triton:
+            from radixlm.kernels.w4a16_gemv import tickets_for
+
+            self.tickets = tickets_for(self.out_features, self.codes.device)
         self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
 
     @property
@@ -91,12 +98,12 @@ class W4Weight(QuantizedWeight):
         kind += " sym" if self.zeros is None else " asym"
         kind += " affine" if self.offsets is not None else ""
         kind += " act-order" if self.perm is not None else ""
-        path = "triton split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
+        path = "triton GEMV / split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
         return f"w4a16[{self.source} {kind}, {path}]"
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self._float_weight)
+        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self.tickets, self._float_weight)
                    if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -111,6 +118,11 @@ class W4Weight(QuantizedWeight):
             w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
                               self.offsets)
             out = torch.matmul(x2, w.t())
+        elif x2.shape[0] <= GEMV_MAX_M:
+            from radixlm.kernels.w4a16_gemv import w4a16_gemv
+
+            out = w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                             self.offsets, self.tickets)
         else:
             from radixlm.kernels.w4a16_gemm import w4a16_matmul
 
