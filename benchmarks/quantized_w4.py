@@ -185,10 +185,13 @@ def w4_small_table(ceil: dict, graph_time) -> list[dict]:
                         worst = max(worst, ((again - ref).abs().max() / ref.abs().max()).item())
                     except Exception as exc:  # noqa: BLE001 - a tile that does not compile is recorded and skipped
                         sweep[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                t_new = graph_time(lambda: w4a16_gemv(x, *args, tickets=q.tickets))
+                try:
+                    t_new = graph_time(lambda: w4a16_gemv(x, *args, tickets=q.tickets))
+                except Exception as exc:  # noqa: BLE001 - recorded: the table's other columns still come back
+                    row["gemv_error"], t_new = f"{type(exc).__name__}: {str(exc)[:300]}", float("nan")
                 timed = {key: v for key, v in sweep.items() if isinstance(v, float)}
                 best = min(timed, key=timed.get) if timed else None
-                row.update(gemv_us=t_new * 1e6, gemv_of_floor=floor / t_new, gemv_best_us=timed.get(best),
+                row.update(gemv_us=t_new * 1e6, gemv_of_floor=floor / t_new if t_new == t_new else float("nan"), gemv_best_us=timed.get(best),
                            gemv_best_tile=best, gemv_sweep_us=sweep, gemv_max_rel_err=worst,
                            gemv_tickets_zero=not bool(q.tickets.any()))
             rows.append(row)

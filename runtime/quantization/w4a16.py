@@ -18,6 +18,7 @@ summed in another order.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from radixlm.runtime.quantization.base import QuantizedWeight
 
 DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the tiled kernel (benchmarks/quantized.py)
 GEMV_MAX_M = 4  # rows up to which the GEMV runs (benchmarks/quantized_w4.py's small-M table decides)
+_gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,17 +121,31 @@ class W4Weight(QuantizedWeight):
             w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
                               self.offsets)
             out = torch.matmul(x2, w.t())
-        elif x2.shape[0] <= GEMV_MAX_M:
-            from radixlm.kernels.w4a16_gemv import w4a16_gemv
-
-            out = w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                             self.offsets, self.tickets)
+        elif x2.shape[0] <= GEMV_MAX_M and not _gemv_failed:
+            out = self._gemv(x2)
         else:
             from radixlm.kernels.w4a16_gemm import w4a16_matmul
 
             out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                                offsets=self.offsets)
         return out.reshape(*lead, self.out_features)
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        """The decode GEMV; if it fails to compile here, say so once and use the MMA kernel from then on."""
+        from radixlm.kernels.w4a16_gemm import w4a16_matmul
+        from radixlm.kernels.w4a16_gemv import w4a16_gemv
+
+        try:
+            return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                              self.offsets, self.tickets)
+        except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
+            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+                raise
+            logger.warning("w4a16: the decode GEMV does not compile here (%s: %s); using the MMA kernel",
+                           type(exc).__name__, str(exc)[:200])
+            _gemv_failed.append(True)
+            return w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                                offsets=self.offsets)
 
     def float_weight(self) -> torch.Tensor:
         """W as float32, kept after the first call on a CPU (the reference path's weight)."""

@@ -97,3 +97,28 @@ def test_nibble_to_float_trick_is_exact(device):
     w = words.cpu().to(torch.int64) & 0xFFFFFFFF
     expected = torch.cat([((w >> (4 * j + 16 * h)) & 15).float() + 128 for h in range(2) for j in range(4)])
     assert torch.equal(out.cpu(), expected)
+
+
+def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, monkeypatch):
+    """W4Weight.linear: M <= GEMV_MAX_M through the GEMV (its result, bit for bit); a GEMV that does not
+    compile is logged once and the MMA kernel serves from then on (other errors propagate)."""
+    from radixlm.kernels import w4a16_gemv as kv
+    from radixlm.kernels.w4a16_gemm import w4a16_matmul
+    from radixlm.runtime.quantization import w4a16 as wq
+
+    w = _weight(48, 256, 128, True, False, device)
+    w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    assert torch.equal(w.linear(x), w4a16_gemv(x, w.codes, w.scales, None, None, 256, 128))
+    monkeypatch.setattr(wq, "_gemv_failed", [])
+
+    def broken(*_a, **_k):
+        raise triton.CompilationError("w4a16_gemv.py", None, "no such instruction")
+
+    monkeypatch.setattr(kv, "w4a16_gemv", broken)
+    assert torch.equal(w.linear(x), w4a16_matmul(x, w.codes, w.scales, None, None, 256, 128))
+    assert wq._gemv_failed == [True]
+    monkeypatch.setattr(wq, "_gemv_failed", [])
+    monkeypatch.setattr(kv, "w4a16_gemv", lambda *_a, **_k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.linear(x)
