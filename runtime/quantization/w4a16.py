@@ -76,7 +76,8 @@ class W4Weight(QuantizedWeight):
         groups = int(parts[0].scales.shape[0])
         # One group of every column (per channel) is stored as one group of the padded width.
         self.group_size = group_size if groups > 1 else -(-k // 128) * 128
-        self.scales = torch.cat([p.scales for p in parts], dim=1).contiguous()
+        dtypes = {p.scales.dtype for p in parts}
+        self.scales = torch.cat([p.scales if len(dtypes) == 1 else p.scales.float() for p in parts], dim=1).contiguous()
         self.zeros = None if symmetric else torch.cat(
             [p.zeros if p.zeros is not None else torch.full_like(p.scales, 8, dtype=torch.uint8) for p in parts], dim=1
         ).contiguous()
