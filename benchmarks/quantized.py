@@ -40,7 +40,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, build_small_llama, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
 from gpu_throughput import params_for, workload_b  # noqa: E402
-from quantized_w4 import GPTQ_CONFIG, SHAPES, check_w4_on_cuda, print_small_table, w4_gemm_table, w4_small_table  # noqa: E402
+from quantized_w4 import (  # noqa: E402
+    GPTQ_CONFIG,
+    SHAPES,
+    check_kquants_on_cuda,
+    check_w4_on_cuda,
+    int8_gemm_table,
+    print_small_table,
+    w4_gemm_table,
+    w4_small_table,
+)
 
 CONFIGS = {  # label -> engine options ("w4a16": the GPTQ-config model folder, see the docstring)
     "bf16": {},
@@ -215,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantized.json")
     ap.add_argument("--decode-only", action="store_true", help="engines: (a) batch-1 decode and memory only")
-    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4gemm, w4small, and engine labels "
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4gemm, w4small, kquants, int8gemm, and engine labels "
                     f"({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, see RESULTS.md)")
     args = ap.parse_args()
     skip = set(filter(None, (args.skip or "fp8+fp8kv").split(",")))
@@ -246,6 +255,8 @@ def main() -> None:
         section("gemm", lambda: gemm_table(ceil))
         section("w4gemm", lambda: w4_gemm_table(ceil, _graph_time))
         section("w4small", lambda: w4_small_table(ceil, _graph_time))
+        section("kquants", check_kquants_on_cuda)
+        section("int8gemm", lambda: int8_gemm_table(ceil, _graph_time))
         d = model_dir_for(LLAMA_8B, root, "llama8b")
         d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, root, "llama8b-gptq")
         for label, opts in CONFIGS.items():

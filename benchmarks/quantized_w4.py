@@ -141,11 +141,12 @@ def w4_gemm_table(ceil: dict, graph_time) -> list[dict]:
     return rows
 
 
-GEMV_SWEEP = [(32, 4, 4), (16, 4, 4), (64, 2, 4), (32, 8, 8), (64, 4, 8), (16, 8, 4)]  # block n, chunks, warps
+GEMV_SWEEP = {1: [(32, 4, 4), (16, 4, 4), (64, 2, 4), (32, 8, 8), (64, 4, 8)], 2: [(32, 4, 4)],  # M: block n, chunks,
+              4: [(16, 4, 4), (32, 4, 4), (16, 2, 4)], 8: [(16, 2, 4), (32, 1, 4)], 16: [(16, 2, 4), (16, 1, 4)]}  # warps
 
 
 def w4_small_table(ceil: dict, graph_time) -> list[dict]:
-    """M = 1, 4, 16, 64, 256 on the 8B shapes: the old MMA kernel (split-K / tiled) and the new GEMV side by
+    """M = 1, 2, 4, 8, 16, 64, 256 on the 8B shapes: the old MMA kernel (split-K / tiled) and the new GEMV side by
     side with bf16 and dequantize + cuBLAS, against the 4-bit bytes floor; each GEMV result checked against
     the float32 reference of the same codes (and its split-K tickets back at zero after graph replays)."""
     from radixlm.kernels.w4a16_gemm import w4_dequantize, w4a16_matmul
@@ -159,7 +160,7 @@ def w4_small_table(ceil: dict, graph_time) -> list[dict]:
         q = W4Weight([quantize_rtn(w, 128, True)], 128, "bench")
         ref_w = q.dequantize()
         args = (q.codes, q.scales, None, None, k, 128)
-        for m in (1, 2, 4, 16, 64, 256):
+        for m in (1, 2, 4, 8, 16, 64, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ ref_w.t()
             t_bf16 = graph_time(lambda: torch.matmul(x, w.t()))
@@ -172,9 +173,9 @@ def w4_small_table(ceil: dict, graph_time) -> list[dict]:
             row = {"layer": name, "M": m, "K": k, "N": n, "bf16_us": t_bf16 * 1e6, "old_kernel_us": t_old * 1e6,
                    "w4_linear_us": t_lin * 1e6, "dequant_mm_us": t_deq * 1e6, "w4_floor_us": floor * 1e6,
                    "old_of_floor": floor / t_old, "linear_of_floor": floor / t_lin, "w4_speedup": t_bf16 / t_lin}
-            if m <= MAX_M:
+            if m <= MAX_M and m in GEMV_SWEEP:
                 sweep, worst = {}, 0.0
-                for bn, chunks, warps in GEMV_SWEEP:
+                for bn, chunks, warps in GEMV_SWEEP[m]:
                     cfg = GemvConfig(block_n=bn, chunks=chunks, num_warps=warps)
                     key = f"{bn}x{chunks}w{warps}"
                     try:
@@ -209,3 +210,56 @@ def print_small_table(rows: list[dict]) -> None:
               f"{gemv:>8.1f}{r.get('gemv_of_floor', float('nan')):>8.0%}{best:>8.1f}{r['w4_linear_us']:>8.1f}"
               f"{r['dequant_mm_us']:>8.1f}{r['w4_floor_us']:>8.1f}{r['w4_speedup']:>7.2f}x  "
               f"{r.get('gemv_best_tile', '')} {r.get('gemv_max_rel_err', '')}")
+
+
+def check_kquants_on_cuda() -> dict:
+    """GGUF K-quants / Q8_0 on the GPU: the int8 group-scaled kernel (groups 16 / 32, offsets, bf16 / fp16 /
+    fp32, every M path) and Q4_K as a W4Weight (GEMV, MMA kernel, dequantize) against the float32 weight,
+    which must equal the gguf package's dequantization bit for bit; then the int8 kernel's time on the 8B
+    shapes at M = 1 and 16 against bf16 and its bytes floor."""
+    from gguf import GGMLQuantizationType as QType
+
+    from radixlm.runtime.quantization.gguf_kquants import group_codes
+    from radixlm.runtime.quantization.int8_weight import Int8Weight
+    from radixlm.runtime.quantization.select import GGUFTensor
+    from radixlm.runtime.quantization.w4_gguf import w4_from_gguf
+    from radixlm.tests.fixtures.gguf_blocks import gguf_blocks, gguf_reference
+
+    out: dict = {}
+    dev = torch.device("cuda")
+    for qtype in (QType.Q6_K, QType.Q8_0, QType.Q4_K):
+        raw = gguf_blocks(qtype, 320, 1024, 1)
+        ref = torch.from_numpy(gguf_reference(qtype, raw, 320, 1024)).cuda()
+        weights = {"int8": Int8Weight([group_codes(qtype, raw, 320)], qtype.name, dev)}
+        if qtype == QType.Q4_K:
+            weights["w4"] = w4_from_gguf([GGUFTensor(qtype, raw, (320, 1024))], dev)
+        for form, w in weights.items():
+            out[f"{qtype.name}_{form}_dequantize_equals_gguf"] = bool(torch.equal(w.dequantize(), ref))
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for m in (1, 4, 16, 37, 600):
+                    x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+                    want = x.float() @ ref.t()
+                    err = ((w.linear(x).float() - want).abs().max() / want.abs().max()).item()
+                    out[f"{qtype.name}_{form}_{str(dtype).removeprefix('torch.')}_m{m}_max_rel"] = err
+    return out
+
+
+def int8_gemm_table(ceil: dict, graph_time) -> list[dict]:
+    from radixlm.runtime.quantization.gguf_kquants import GroupCodes
+    from radixlm.runtime.quantization.int8_weight import Int8Weight
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        g = torch.Generator().manual_seed(0)
+        codes = GroupCodes(torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8).numpy(),
+                           torch.rand(n, k // 16, generator=g).numpy() * 0.01, None, 16)
+        q = Int8Weight([codes], "bench Q6_K-like", torch.device("cuda"))
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_bf16, t_q = graph_time(lambda: torch.matmul(x, w.t())), graph_time(lambda: q.linear(x))
+            floor = (n * k + n * (k // 16) * 4 + 2 * m * (k + n)) / ceil["copy_bytes_per_s"]
+            rows.append({"layer": name, "M": m, "bf16_us": t_bf16 * 1e6, "int8_us": t_q * 1e6, "int8_floor_us": floor * 1e6,
+                         "int8_of_floor": floor / t_q, "int8_speedup": t_bf16 / t_q})
+    torch.cuda.empty_cache()
+    return rows

@@ -1,4 +1,4 @@
-"""The 4-bit weight-only GEMV of decode (M <= 4 rows): streams the packed weight at HBM speed on CUDA cores.
+"""The 4-bit weight-only GEMV of decode (a few rows): streams the packed weight at HBM speed on CUDA cores.
 
 It reads the layout `w4a16_gemm.pack_codes` writes (so the tiled GEMM and this kernel share one copy of
 the weight), as int32 words: word w of a 128-column chunk holds halfwords 2w (bits 0-15) and 2w + 1
@@ -32,7 +32,7 @@ import triton.language as tl
 from .fp8_gemm import sm_count
 from .w4a16_gemm import CHUNK, SLICE
 
-MAX_M = 4  # rows this kernel takes: beyond, FMAs per weight grow with M and the MMA kernel wins
+MAX_M = 16  # rows this kernel takes (its FMAs per weight grow with M: W4Weight picks it up to GEMV_MAX_M)
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,10 @@ class GemvConfig:
 
 
 def gemv_default_config(m: int) -> GemvConfig:
-    """M = 1-2: 32 rows x 4 chunks (8 KB a step); 3-4 rows keep the registers in check with 16 rows."""
-    return GemvConfig() if m <= 2 else GemvConfig(block_n=16)
+    """M = 1-2: 32 rows x 4 chunks (8 KB a step); more rows keep the registers in check with smaller tiles."""
+    if m <= 2:
+        return GemvConfig()
+    return GemvConfig(block_n=16) if m <= 4 else GemvConfig(block_n=16, chunks=2)
 
 
 def gemv_plan(n: int, kp: int, cfg: GemvConfig, device: torch.device) -> tuple[int, int]:
@@ -71,8 +73,8 @@ def tickets_for(n: int, device: torch.device) -> torch.Tensor:
 @triton.jit
 def _gemv_kernel(
     X, Words, Scales, Zeros, Offsets, Perm, Out, Part, Tickets,
-    M, N, K, G, group_size, chunks_per_split, n_chunks, stride_xm, stride_wn, stride_om,
-    HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
+    M, N, K, G, group_size, chunks_per_split, n_chunks, split, stride_xm, stride_wn, stride_om,
+    HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     EXACT: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
@@ -146,16 +148,16 @@ def _gemv_kernel(
     y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         tl.store(out_ptrs, y.to(Out.dtype.element_ty), mask=mask)
     else:
         offs = rm[:, None] * N + rn[None, :]
         tl.store(Part + pid_k.to(tl.int64) * M * N + offs, y, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken
         ticket = tl.atomic_add(Tickets + pid_n, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLIT - 1:  # the last split of this tile: sum all of them in a fixed order
+        if ticket == split - 1:  # the last split of this tile: sum all of them in a fixed order
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s_ in range(SPLIT):
+            for s_ in range(split):
                 total += tl.load(Part + s_ * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=mask)
             tl.atomic_xchg(Tickets + pid_n, 0, sem="relaxed", scope="gpu")
@@ -190,8 +192,8 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
     _gemv_kernel[grid](
         x, words, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
         perm if perm is not None else codes, out, part, tickets,
-        m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK, x.stride(0), words.stride(0), out.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, SPLIT=split,
+        m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, x.stride(0), words.stride(0), out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
         EXACT=x.dtype == torch.float32, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps,
     )

@@ -31,6 +31,7 @@ CASES = [  # m, n, k, group, symmetric, act-order
     (3, 80, 256, 32, False, True),
     (4, 48, 384, 64, False, False),
     (2, 40, 160, -1, True, False),  # per channel, K not a multiple of 128 (padded), N not a multiple of the tile
+    (9, 32, 256, 128, False, False),  # 16-row tile, 7 rows masked
 ]
 SPLIT_AND_ONE = [GemvConfig(block_n=16, chunks=1, split_k=3), GemvConfig(block_n=32, chunks=2, split_k=1)]
 
@@ -74,7 +75,7 @@ def test_gemv_plan_fills_the_gpu_and_refuses_bad_shapes(device):
     assert split >= 1 and per % GemvConfig().chunks == 0 and (split - 1) * per < 4096 // 128 <= split * per
     w = _weight(32, 256, 128, True, False, device)
     with pytest.raises(ValueError, match="do not fit"):
-        w4a16_gemv(torch.zeros(5, 256, device=device), w.codes, w.scales, None, None, 256, 128)
+        w4a16_gemv(torch.zeros(17, 256, device=device), w.codes, w.scales, None, None, 256, 128)
     with pytest.raises(ValueError, match="tickets"):
         w4a16_gemv(torch.zeros(1, 256, device=device), w.codes, w.scales, None, None, 256, 128,
                    tickets=torch.zeros(1, dtype=torch.int32, device=device), cfg=GemvConfig(block_n=8, chunks=1, split_k=2))
