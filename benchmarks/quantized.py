@@ -8,6 +8,11 @@
   w4gemm the W4A16 linear on the 8B layer shapes at M = 1, 16, 64, 256, 1024, 4096: as dispatched, the
          Triton kernel at its default tiles and the best of a tile sweep, dequantize + cuBLAS, vs bf16,
          against the 4-bit bytes floor and the bf16 FLOP floor (decides DEQUANT_MIN_M and the tiles)
+  w4small  the 4-bit linear at M = 1, 2, 4, 8, 16, 64, 256: the decode GEMV (kernels/w4a16_gemv.py, default
+         tile and a sweep, checked against the float32 reference) beside the old MMA kernel, bf16 and
+         dequantize + cuBLAS, against the 4-bit bytes floor (decides GEMV_MAX_M and DEQUANT_MIN_M)
+  kquants  GGUF Q4_K / Q6_K / Q8_0 on CUDA: dequantization equal to the gguf package's, every linear path
+         against it; int8gemm: the int8 group-scaled GEMM on the 8B shapes at M = 1, 16
   gemm   on the 8B layer shapes at M = 1, 16, 64, 256: the FP8 linear as dispatched (W8A16 Triton at
          M <= 16, fused activation quantization + _scaled_mm above), the Triton W8A16 kernel at every M
          (its default tiles, and the best of a small tile sweep), _scaled_mm alone, the fused and the
@@ -22,6 +27,10 @@ The 4-bit engine is the same 8B shape with a GPTQ quantization_config (4-bit, gr
 --load-format dummy: its random bf16 weights are quantized at load in that scheme (RTN).
 
     python benchmarks/quantized.py --out $OUT/quantized.json      (about 7 minutes)
+
+The decode-size 4-bit / K-quant run (GEMV vs the old kernel, K-quant checks, batch-1 decode only):
+
+    python benchmarks/quantized.py --skip check,w4check,gemm,w4gemm,fp8+fp8kv --decode-only --out $OUT/w4small.json
 """
 from __future__ import annotations
 
@@ -224,10 +233,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantized.json")
     ap.add_argument("--decode-only", action="store_true", help="engines: (a) batch-1 decode and memory only")
-    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4gemm, w4small, kquants, int8gemm, and engine labels "
-                    f"({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, see RESULTS.md)")
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4kernels, w4gemm, w4small, kquants, "
+                    f"int8gemm, and engine labels ({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, "
+                    "see RESULTS.md) and w4kernels (w4check's first half)")
     args = ap.parse_args()
-    skip = set(filter(None, (args.skip or "fp8+fp8kv").split(",")))
+    skip = set(filter(None, (args.skip or "fp8+fp8kv,w4kernels").split(",")))
     started = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     ceil = measure_ceilings()
@@ -252,6 +262,7 @@ def main() -> None:
         root = Path(tmp)
         section("check", lambda: check_on_cuda(root))
         section("w4check", lambda: check_w4_on_cuda(root))
+        section("w4kernels", lambda: check_w4_on_cuda(root, engines=False))  # w4check without its engines
         section("gemm", lambda: gemm_table(ceil))
         section("w4gemm", lambda: w4_gemm_table(ceil, _graph_time))
         section("w4small", lambda: w4_small_table(ceil, _graph_time))
