@@ -47,10 +47,11 @@ class GemvConfig:
 
 
 def gemv_default_config(m: int) -> GemvConfig:
-    """M = 1-2: 32 rows x 4 chunks (8 KB a step); more rows keep the registers in check with smaller tiles."""
+    """M = 1-2: 32 rows x 4 chunks (8 KB a step); more rows keep the registers in check with smaller tiles.
+    Rows per thread matter: each activation is loaded and widened once per thread for all its rows."""
     if m <= 2:
         return GemvConfig()
-    return GemvConfig(block_n=16) if m <= 4 else GemvConfig(block_n=16, chunks=2)
+    return GemvConfig(chunks=2) if m <= 4 else GemvConfig(block_n=16, chunks=2)
 
 
 def gemv_plan(n: int, kp: int, cfg: GemvConfig, device: torch.device) -> tuple[int, int]:

@@ -8,7 +8,7 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M <= `GEMV_MAX_M` rows (batch-1-4 decode) through the CUDA-core GEMV (`kernels/w4a16_gemv.py`),
+On a GPU: M <= `GEMV_MAX_M` rows (batch-1-2 decode) through the CUDA-core GEMV (`kernels/w4a16_gemv.py`),
 up to 16 through the split-K Triton MMA kernel, up to `DEQUANT_MIN_M` through its tiled launch, above
 that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
 where cuBLAS beats a Triton mma with dequantization in its loop).
@@ -26,7 +26,7 @@ import torch
 from radixlm.runtime.quantization.base import QuantizedWeight
 
 DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the tiled kernel (benchmarks/quantized.py)
-GEMV_MAX_M = 4  # rows up to which the GEMV runs (benchmarks/quantized_w4.py's small-M table decides)
+GEMV_MAX_M = 2  # rows up to which the GEMV runs (its FMAs grow with M; benchmarks/quantized_w4.py's small-M table decides)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 logger = logging.getLogger(__name__)
 
