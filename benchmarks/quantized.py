@@ -292,6 +292,19 @@ def _print_tables(report: dict) -> None:
                   f"{r['quant_eager_us']:>8.1f}{r['fp8_floor_us']:>7.1f}{r['fp8_speedup']:>7.2f}x  {r['w8a16_best_tile']}")
     if isinstance(report.get("w4small"), list):
         print_small_table(report["w4small"])
+    if isinstance(report.get("kquants"), dict) and "error" not in report["kquants"]:
+        kq = report["kquants"]
+        print("\nK-quants on CUDA: dequantize == gguf: " + ", ".join(f"{k.removesuffix('_dequantize_equals_gguf')} {v}"
+                                                             for k, v in kq.items() if k.endswith("equals_gguf")))
+        for form in sorted({k.rsplit("_", 3)[0] for k in kq if k.endswith("_max_rel")}):
+            errs = {k.removeprefix(form + "_"): v for k, v in kq.items() if k.startswith(form + "_") and k.endswith("_max_rel")}
+            worst = max(errs, key=errs.get)
+            print(f"  {form}: worst max rel err {errs[worst]:.2e} ({worst})")
+    if isinstance(report.get("int8gemm"), list):
+        print(f"\n{'layer':<8}{'M':>4}{'bf16':>8}{'int8':>8}{'floor8':>8}{'i8/fl':>7}{'vs bf16':>8}  (us)")
+        for r in report["int8gemm"]:
+            print(f"{r['layer']:<8}{r['M']:>4}{r['bf16_us']:>8.1f}{r['int8_us']:>8.1f}{r['int8_floor_us']:>8.1f}"
+                  f"{r['int8_of_floor']:>7.0%}{r['int8_speedup']:>7.2f}x")
     if isinstance(report.get("w4gemm"), list):
         print(f"\n{'layer':<8}{'M':>5}{'bf16':>8}{'w4 lin':>8}{'kernel':>8}{'best':>8}{'deq+mm':>8}{'floor4':>8}"
               f"{'k/fl':>6}{'speedup':>8}  (us; best tile)")

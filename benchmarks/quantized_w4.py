@@ -212,6 +212,12 @@ def print_small_table(rows: list[dict]) -> None:
               f"{gemv:>8.1f}{r.get('gemv_of_floor', float('nan')):>8.0%}{best:>8.1f}{r['w4_linear_us']:>8.1f}"
               f"{r['dequant_mm_us']:>8.1f}{r['w4_floor_us']:>8.1f}{r['w4_speedup']:>7.2f}x  "
               f"{r.get('gemv_best_tile', '')} {r.get('gemv_max_rel_err', '')}")
+    for m in sorted({r["M"] for r in rows}):
+        at = [r for r in rows if r["M"] == m]
+        gemv_wins = sum(r.get("gemv_us", float("inf")) < r["old_kernel_us"] for r in at)
+        deq_wins = sum(r["dequant_mm_us"] < r["old_kernel_us"] for r in at)
+        print(f"M = {m}: GEMV faster than the old kernel on {gemv_wins}/{len(at)} shapes, "
+              f"dequantize + cuBLAS on {deq_wins}/{len(at)}")
 
 
 def check_kquants_on_cuda() -> dict:
