@@ -12,10 +12,11 @@ the arithmetic. Each weight here is two integer instructions and one FMA: the ni
 
     sum_k (c_k - z) x_k = sum_k (128 + c_k) x_k - (128 + z) sum_k x_k        (k over one group)
 
-and the correction is one multiply per group and row (the activations' group sums are shared by all
-rows). The float32 sum of (128 + c) x carries about 8 more bits than the sum of (c - z) x, so it loses
-them: relative error near 2^-15, far under the bf16 / fp16 output's 2^-9. Float32 activations (exact
-engines) subtract 128 + z from every weight instead (one more instruction, exact c - z).
+and the correction is one FMA per word and group (the activations' sums are shared by all rows);
+partial sums stay per word until the loop ends, so the loop has no cross-thread reduction. The
+float32 sum of (128 + c) x carries about 8 more bits than the sum of (c - z) x, so it loses them:
+relative error near 2^-15, far under the bf16 / fp16 output's 2^-9. Float32 activations (exact engines)
+subtract 128 + z from every weight instead (one more instruction, exact c - z).
 
 Split-K partial sums go to a float32 buffer; the last program of a row tile to finish (an atomic ticket
 per tile) adds them in split order and writes the output, then resets its ticket: deterministic, one
@@ -32,6 +33,8 @@ import triton.language as tl
 from .fp8_gemm import sm_count
 from .w4a16_gemm import CHUNK, SLICE
 
+CHUNK_C = tl.constexpr(CHUNK)  # compiled Triton reads only constexpr globals (the interpreter reads any)
+SLICE_C = tl.constexpr(SLICE)
 MAX_M = 16  # rows this kernel takes (its FMAs per weight grow with M: W4Weight picks it up to GEMV_MAX_M)
 
 
@@ -73,8 +76,8 @@ def tickets_for(n: int, device: torch.device) -> torch.Tensor:
 
 @triton.jit
 def _gemv_kernel(
-    X, Words, Scales, Zeros, Offsets, Perm, Out, Part, Tickets,
-    M, N, K, G, group_size, chunks_per_split, n_chunks, split, stride_xm, stride_wn, stride_om,
+    X, Codes, Scales, Zeros, Offsets, Perm, Out, Part, Tickets,
+    M, N, K, G, group_size, chunks_per_split, n_chunks, split, stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     EXACT: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
@@ -84,69 +87,65 @@ def _gemv_kernel(
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rc = tl.arange(0, CHUNKS)
-    rw = tl.arange(0, 16)
+    ri = tl.arange(0, 32)
     m_mask = rm < M
     n_mask = rn < N
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
-    w_rows = Words + rn[:, None, None].to(tl.int64) * stride_wn + rw[None, None, :]  # [BLOCK_N, 1, 16]
-    x_rows = X + rm[:, None, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS), dtype=tl.float32)
+    h_rows = Codes + rn[:, None, None].to(tl.int64) * stride_cn + ri[None, None, :]  # [BLOCK_N, 1, 32]
+    x_rows = X + rm[:, None, None, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1, 1, 1]
+    zero_n = (rn * 0)[None, :, None, None]  # [1, BLOCK_N, 1, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 32), dtype=tl.float32)  # reduced once, after the loop
 
     cc = c_first + rc
     c_mask = cc < c_end
-    words = tl.load(w_rows + cc[None, :, None] * 16, mask=n_mask[:, None, None] & c_mask[None, :, None], other=0)
+    halves = tl.load(h_rows + cc[None, :, None] * 32, mask=n_mask[:, None, None] & c_mask[None, :, None], other=0)
     for c0 in range(c_first, c_end, CHUNKS):
         cc = c0 + rc
         c_mask = cc < c_end
         nxt = cc + CHUNKS  # the next step's tile, loaded before this one is used
-        words_next = tl.load(w_rows + nxt[None, :, None] * 16,
+        halves_next = tl.load(h_rows + nxt[None, :, None] * 32,
                              mask=n_mask[:, None, None] & (nxt < c_end)[None, :, None], other=0)
         for jg in tl.static_range(4 // SLICES_PER_GROUP):  # one group per pass (a whole chunk when group >= 128)
-            g = tl.minimum((cc * CHUNK + jg * SLICES_PER_GROUP * SLICE) // group_size, G - 1)  # [CHUNKS]
+            g = tl.minimum((cc * CHUNK_C + jg * SLICES_PER_GROUP * SLICE_C) // group_size, G - 1)  # [CHUNKS]
             sg = g[None, :] * N + rn[:, None]  # [BLOCK_N, CHUNKS]
             gmask = n_mask[:, None] & c_mask[None, :]
             if HAS_ZEROS:
                 zb = 128.0 + tl.load(Zeros + sg, mask=gmask, other=0).to(tl.float32)
             else:
                 zb = tl.full((BLOCK_N, CHUNKS), 136.0, tl.float32)
-            t = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 16), dtype=tl.float32)
-            xs = tl.zeros((BLOCK_M, CHUNKS, 16), dtype=tl.float32)
+            t = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 32), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 32), dtype=tl.float32)
             for jj in tl.static_range(SLICES_PER_GROUP):
                 j = jg * SLICES_PER_GROUP + jj
-                for h in tl.static_range(2):
-                    # nibble j of halfword h: bit 4j + 16h moved to bit 16, then 128 + c as float32
-                    if h == 0:
-                        bits = words << (16 - 4 * j)
-                    elif j == 0:
-                        bits = words
-                    else:
-                        bits = words >> (4 * j)
-                    w = ((bits & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-                    if EXACT:
-                        w = w - zb[:, :, None]
-                    kk = cc[:, None] * CHUNK + j * SLICE + 2 * rw[None, :] + h  # [CHUNKS, 16] columns
-                    k_mask = (kk < K) & c_mask[:, None]
-                    if HAS_PERM:
-                        kx = tl.load(Perm + kk, mask=k_mask, other=0)
-                    else:
-                        kx = kk
-                    x = tl.load(x_rows + kx[None, :, :], mask=m_mask[:, None, None] & k_mask[None, :, :],
-                                other=0.0).to(tl.float32)
-                    t += w[None, :, :, :] * x[:, None, :, :]
-                    xs += x
-            part = tl.sum(t, 3)  # [BLOCK_M, BLOCK_N, CHUNKS]
-            xsum = tl.sum(xs, 2)  # [BLOCK_M, CHUNKS]: the activations' sum over this group's columns
+                # nibble j of each halfword moved to bit 16, then 128 + c as float32
+                w = (((halves.to(tl.int32) << (16 - 4 * j)) & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+                if EXACT:
+                    w = w - zb[:, :, None]
+                kk = cc[:, None] * CHUNK_C + j * SLICE_C + ri[None, :]  # [CHUNKS, 32] columns: contiguous
+                k_mask = (kk < K) & c_mask[:, None]
+                if HAS_PERM:
+                    kx = tl.load(Perm + kk, mask=k_mask, other=0)
+                else:
+                    kx = kk
+                # loaded at the weights' full shape (stride 0 along the rows): the load then takes the weight
+                # tile's layout, so nothing is converted through shared memory (repeats hit L1)
+                x = tl.load(x_rows + zero_n + kx[None, None, :, :],
+                            mask=m_mask[:, None, None, None] & k_mask[None, None, :, :], other=0.0).to(tl.float32)
+                t += w[None, :, :, :] * x
+                xs += x
+            # per word: its 8 (or 2 SLICES_PER_GROUP) products, less (128 + z) times the same activations' sum,
+            # scaled: elementwise, so no cross-thread reduction (and no barrier) inside the loop
             if not EXACT:
-                part -= zb[None, :, :] * xsum[:, None, :]
+                t -= zb[None, :, :, None] * xs
             s = tl.load(Scales + sg, mask=gmask, other=0.0).to(tl.float32)
-            acc += part * s[None, :, :]
+            acc += t * s[None, :, :, None]
             if HAS_OFFSETS:
                 o = tl.load(Offsets + sg, mask=gmask, other=0.0)
-                acc += o[None, :, :] * xsum[:, None, :]
-        words = words_next
+                acc += o[None, :, :, None] * xs
+        halves = halves_next
 
-    y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
+    y = tl.sum(tl.sum(acc, 3), 2)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     if not PARTIAL:
@@ -188,12 +187,11 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
     else:
         part = out
         tickets = tickets if tickets is not None else codes
-    words = codes.view(torch.int32)
     grid = (triton.cdiv(n, cfg.block_n), split)
     _gemv_kernel[grid](
-        x, words, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
+        x, codes, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
         perm if perm is not None else codes, out, part, tickets,
-        m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, x.stride(0), words.stride(0), out.stride(0),
+        m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, x.stride(0), codes.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
         EXACT=x.dtype == torch.float32, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps,
