@@ -1,22 +1,19 @@
 """The 4-bit weight-only GEMV of decode (a few rows): streams the packed weight at HBM speed on CUDA cores.
 
 It reads the layout `w4a16_gemm.pack_codes` writes (so the tiled GEMM and this kernel share one copy of
-the weight), as int32 words: word w of a 128-column chunk holds halfwords 2w (bits 0-15) and 2w + 1
-(bits 16-31), so its nibble at bit 4j (+ 16 h) is column 32 j + 2 w + h of the chunk. A program owns
-BLOCK_N rows and a run of chunks (split-K); each loop step loads a [BLOCK_N, CHUNKS, 16]-word tile
-(BLOCK_N x CHUNKS x 64 contiguous bytes per row, 128-bit loads) while it computes the previous one.
+the weight): nibble j of halfword i of a 128-column chunk is column 32 j + i, so for each j the 32
+halfwords give 32 consecutive columns. A program owns BLOCK_N rows and a run of chunks (split-K);
+each loop step loads a [BLOCK_N, CHUNKS, 32]-halfword tile (BLOCK_N x CHUNKS x 64 contiguous bytes per
+row, 128-bit loads) while it computes the previous one.
 
 Why no tensor cores: at M = 1 an MMA wastes 15/16 of itself and its operand shuffles cost more than
-the arithmetic. Each weight here is two integer instructions and one FMA: the nibble moved to bits
-16-19 and OR'ed with 0x43000000 *is* the float32 128 + c (exponent 2^7, mantissa step 1), so
-
-    sum_k (c_k - z) x_k = sum_k (128 + c_k) x_k - (128 + z) sum_k x_k        (k over one group)
-
-and the correction is one FMA per word and group (the activations' sums are shared by all rows);
-partial sums stay per word until the loop ends, so the loop has no cross-thread reduction. The
-float32 sum of (128 + c) x carries about 8 more bits than the sum of (c - z) x, so it loses them:
-relative error near 2^-15, far under the bf16 / fp16 output's 2^-9. Float32 activations (exact engines)
-subtract 128 + z from every weight instead (one more instruction, exact c - z).
+the arithmetic. Each weight here is a shift and a LOP3 (the nibble moved to bits 16-19 and OR'ed with
+0x43000000 *is* the float32 128 + c: exponent 2^7, mantissa step 1, no conversion instruction), one
+subtract of 128 + z (exactly c - z), the activation widened to float32, and one FMA; the group's scale
+multiplies the per-element partial sums once per group, and they are reduced across threads only after
+the loop. The activations are loaded at the weight tile's full shape (stride 0 over its rows) so the
+compiler gives them the tile's layout: converting the other way went through shared memory for every
+weight (checked in the sm_90 PTX: the loop now has 128-bit loads and no shared memory or barrier).
 
 Split-K partial sums go to a float32 buffer; the last program of a row tile to finish (an atomic ticket
 per tile) adds them in split order and writes the output, then resets its ticket: deterministic, one
@@ -79,7 +76,7 @@ def _gemv_kernel(
     X, Codes, Scales, Zeros, Offsets, Perm, Out, Part, Tickets,
     M, N, K, G, group_size, chunks_per_split, n_chunks, split, stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
-    EXACT: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
+    SLICES_PER_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -115,13 +112,12 @@ def _gemv_kernel(
             else:
                 zb = tl.full((BLOCK_N, CHUNKS), 136.0, tl.float32)
             t = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 32), dtype=tl.float32)
-            xs = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 32), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS, 32), dtype=tl.float32)  # GGUF offsets only
             for jj in tl.static_range(SLICES_PER_GROUP):
                 j = jg * SLICES_PER_GROUP + jj
-                # nibble j of each halfword moved to bit 16, then 128 + c as float32
+                # nibble j of each halfword moved to bit 16 and OR'ed into 128.0: 128 + c; less 128 + z: c - z
                 w = (((halves.to(tl.int32) << (16 - 4 * j)) & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-                if EXACT:
-                    w = w - zb[:, :, None]
+                w = w - zb[:, :, None]
                 kk = cc[:, None] * CHUNK_C + j * SLICE_C + ri[None, :]  # [CHUNKS, 32] columns: contiguous
                 k_mask = (kk < K) & c_mask[:, None]
                 if HAS_PERM:
@@ -133,11 +129,9 @@ def _gemv_kernel(
                 x = tl.load(x_rows + zero_n + kx[None, None, :, :],
                             mask=m_mask[:, None, None, None] & k_mask[None, None, :, :], other=0.0).to(tl.float32)
                 t += w[None, :, :, :] * x
-                xs += x
-            # per word: its 8 (or 2 SLICES_PER_GROUP) products, less (128 + z) times the same activations' sum,
-            # scaled: elementwise, so no cross-thread reduction (and no barrier) inside the loop
-            if not EXACT:
-                t -= zb[None, :, :, None] * xs
+                if HAS_OFFSETS:
+                    xs += x
+            # scaled per element: no cross-thread reduction (and no barrier) inside the loop
             s = tl.load(Scales + sg, mask=gmask, other=0.0).to(tl.float32)
             acc += t * s[None, :, :, None]
             if HAS_OFFSETS:
@@ -193,7 +187,7 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         perm if perm is not None else codes, out, part, tickets,
         m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, x.stride(0), codes.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
-        EXACT=x.dtype == torch.float32, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE,
+        SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps,
     )
     return out
