@@ -142,8 +142,8 @@ def w4_gemm_table(ceil: dict, graph_time) -> list[dict]:
     return rows
 
 
-GEMV_SWEEP = {1: [(32, 4, 4), (64, 4, 4), (16, 4, 4), (64, 2, 4), (32, 8, 8)],  # M: block n, chunks, warps
-              2: [(32, 4, 4)], 4: [(32, 2, 4), (16, 4, 4)], 8: [(16, 2, 4)], 16: [(16, 2, 4)]}
+GEMV_SWEEP = {1: [(32, 4, 8), (32, 4, 4), (64, 4, 8), (32, 8, 8), (16, 4, 4)],  # M: block n, chunks, warps
+              2: [(32, 4, 8), (32, 2, 4)], 4: [(32, 2, 8), (16, 4, 4)], 8: [(16, 2, 8)], 16: [(16, 2, 8)]}
 
 
 def w4_small_table(ceil: dict, graph_time) -> list[dict]:
