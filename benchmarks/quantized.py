@@ -8,6 +8,11 @@
   w4gemm the W4A16 linear on the 8B layer shapes at M = 1, 16, 64, 256, 1024, 4096: as dispatched, the
          Triton kernel at its default tiles and the best of a tile sweep, dequantize + cuBLAS, vs bf16,
          against the 4-bit bytes floor and the bf16 FLOP floor (decides DEQUANT_MIN_M and the tiles)
+  w4small  the 4-bit linear at M = 1, 2, 4, 8, 16, 64, 256: the decode GEMV (kernels/w4a16_gemv.py, default
+         tile and a sweep, checked against the float32 reference) beside the old MMA kernel, bf16 and
+         dequantize + cuBLAS, against the 4-bit bytes floor (decides GEMV_MAX_M and DEQUANT_MIN_M)
+  kquants  GGUF Q4_K / Q6_K / Q8_0 on CUDA: dequantization equal to the gguf package's, every linear path
+         against it; int8gemm: the int8 group-scaled GEMM on the 8B shapes at M = 1, 16
   gemm   on the 8B layer shapes at M = 1, 16, 64, 256: the FP8 linear as dispatched (W8A16 Triton at
          M <= 16, fused activation quantization + _scaled_mm above), the Triton W8A16 kernel at every M
          (its default tiles, and the best of a small tile sweep), _scaled_mm alone, the fused and the
@@ -22,6 +27,10 @@ The 4-bit engine is the same 8B shape with a GPTQ quantization_config (4-bit, gr
 --load-format dummy: its random bf16 weights are quantized at load in that scheme (RTN).
 
     python benchmarks/quantized.py --out $OUT/quantized.json      (about 7 minutes)
+
+The decode-size 4-bit / K-quant run (GEMV vs the old kernel, K-quant checks, batch-1 decode only):
+
+    python benchmarks/quantized.py --skip check,w4check,gemm,w4gemm,fp8+fp8kv --decode-only --out $OUT/w4small.json
 """
 from __future__ import annotations
 
@@ -40,7 +49,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, build_small_llama, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
 from gpu_throughput import params_for, workload_b  # noqa: E402
-from quantized_w4 import GPTQ_CONFIG, SHAPES, check_w4_on_cuda, w4_gemm_table  # noqa: E402
+from quantized_w4 import (  # noqa: E402
+    GPTQ_CONFIG,
+    SHAPES,
+    check_kquants_on_cuda,
+    check_w4_on_cuda,
+    int8_gemm_table,
+    print_small_table,
+    w4_gemm_table,
+    w4_small_table,
+)
 
 CONFIGS = {  # label -> engine options ("w4a16": the GPTQ-config model folder, see the docstring)
     "bf16": {},
@@ -175,14 +193,16 @@ def check_on_cuda(root: Path) -> dict:
     return out
 
 
-def engine_items(model_dir: Path, vocab: int, opts: dict) -> dict:
+def engine_items(model_dir: Path, vocab: int, opts: dict, decode_only: bool = False) -> dict:
+    """(a), (c), (b) and the memory figures of one engine; `decode_only`: (a) and memory, graphs up to batch 8."""
     import radixlm
 
     rng = random.Random(1)
     res: dict = {}
     t = time.perf_counter()
     with radixlm.Engine(str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                        mem_fraction_static=0.85, context_length=4096, cuda_graph_max_bs=256, **opts) as eng:
+                        mem_fraction_static=0.85, context_length=4096, cuda_graph_max_bs=8 if decode_only else 256,
+                        **opts) as eng:
         res["startup_s"] = time.perf_counter() - t
         info = eng.tokenizer_manager.info
         res.update(kv_pool_tokens=info.max_total_tokens, kv_pool_gb=info.kv_bytes / 1e9, weights_gb=info.weights_bytes / 1e9,
@@ -191,6 +211,8 @@ def engine_items(model_dir: Path, vocab: int, opts: dict) -> dict:
         t1 = statistics.median(gen(eng, rand_ids(128, vocab, rng), 1) for _ in range(3))
         tn = statistics.median(gen(eng, rand_ids(128, vocab, rng), 257) for _ in range(2))
         res["a_decode_tok_s"] = 256 / (tn - t1)
+        if decode_only:
+            return res
         ttft = [gen(eng, rand_ids(1024, vocab, rng), 1) for _ in range(5)]
         res["c_ttft_ms_p50"] = statistics.median(ttft) * 1000
         prompts, outs = workload_b(1000, vocab)
@@ -210,10 +232,12 @@ def engine_items(model_dir: Path, vocab: int, opts: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantized.json")
-    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4gemm, and engine labels "
-                    f"({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, see RESULTS.md)")
+    ap.add_argument("--decode-only", action="store_true", help="engines: (a) batch-1 decode and memory only")
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4kernels, w4gemm, w4small, kquants, "
+                    f"int8gemm, and engine labels ({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, "
+                    "see RESULTS.md) and w4kernels (w4check's first half)")
     args = ap.parse_args()
-    skip = set(filter(None, (args.skip or "fp8+fp8kv").split(",")))
+    skip = set(filter(None, (args.skip or "fp8+fp8kv,w4kernels").split(",")))
     started = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     ceil = measure_ceilings()
@@ -238,14 +262,19 @@ def main() -> None:
         root = Path(tmp)
         section("check", lambda: check_on_cuda(root))
         section("w4check", lambda: check_w4_on_cuda(root))
+        section("w4kernels", lambda: check_w4_on_cuda(root, engines=False))  # w4check without its engines
         section("gemm", lambda: gemm_table(ceil))
         section("w4gemm", lambda: w4_gemm_table(ceil, _graph_time))
+        section("w4small", lambda: w4_small_table(ceil, _graph_time))
+        section("kquants", check_kquants_on_cuda)
+        section("int8gemm", lambda: int8_gemm_table(ceil, _graph_time))
         d = model_dir_for(LLAMA_8B, root, "llama8b")
         d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, root, "llama8b-gptq")
         for label, opts in CONFIGS.items():
             if label not in skip:
                 folder = d4 if label == "w4a16" else d
-                section(f"engine_{label}", lambda opts=opts, folder=folder: engine_items(folder, LLAMA_8B["vocab_size"], opts))
+                section(f"engine_{label}", lambda opts=opts, folder=folder: engine_items(folder, LLAMA_8B["vocab_size"], opts,
+                                                                                           args.decode_only))
     report["wall_s"] = time.perf_counter() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -261,6 +290,21 @@ def _print_tables(report: dict) -> None:
             print(f"{r['layer']:<8}{r['M']:>4}{r['bf16_us']:>7.1f}{r['fp8_linear_us']:>8.1f}{r['w8a16_us']:>7.1f}{best:>7.1f}"
                   f"{r['w8a16_of_floor']:>7.0%}{r['scaled_mm_us']:>7.1f}{r['scaled_mm_of_floor']:>6.0%}{r['quant_fused_us']:>7.1f}"
                   f"{r['quant_eager_us']:>8.1f}{r['fp8_floor_us']:>7.1f}{r['fp8_speedup']:>7.2f}x  {r['w8a16_best_tile']}")
+    if isinstance(report.get("w4small"), list):
+        print_small_table(report["w4small"])
+    if isinstance(report.get("kquants"), dict) and "error" not in report["kquants"]:
+        kq = report["kquants"]
+        print("\nK-quants on CUDA: dequantize == gguf: " + ", ".join(f"{k.removesuffix('_dequantize_equals_gguf')} {v}"
+                                                             for k, v in kq.items() if k.endswith("equals_gguf")))
+        for form in sorted({k.rsplit("_", 3)[0] for k in kq if k.endswith("_max_rel")}):
+            errs = {k.removeprefix(form + "_"): v for k, v in kq.items() if k.startswith(form + "_") and k.endswith("_max_rel")}
+            worst = max(errs, key=errs.get)
+            print(f"  {form}: worst max rel err {errs[worst]:.2e} ({worst})")
+    if isinstance(report.get("int8gemm"), list):
+        print(f"\n{'layer':<8}{'M':>4}{'bf16':>8}{'int8':>8}{'floor8':>8}{'i8/fl':>7}{'vs bf16':>8}  (us)")
+        for r in report["int8gemm"]:
+            print(f"{r['layer']:<8}{r['M']:>4}{r['bf16_us']:>8.1f}{r['int8_us']:>8.1f}{r['int8_floor_us']:>8.1f}"
+                  f"{r['int8_of_floor']:>7.0%}{r['int8_speedup']:>7.2f}x")
     if isinstance(report.get("w4gemm"), list):
         print(f"\n{'layer':<8}{'M':>5}{'bf16':>8}{'w4 lin':>8}{'kernel':>8}{'best':>8}{'deq+mm':>8}{'floor4':>8}"
               f"{'k/fl':>6}{'speedup':>8}  (us; best tile)")

@@ -289,13 +289,13 @@ def _dequantized(
 
 
 def _write_blocks(reader: gguf.GGUFReader, arch: str, config: dict[str, Any], folder: Path) -> None:
-    from radixlm.runtime.quantization.gguf_blocks import PARSERS  # numpy only: no cycle, no torch op
+    from radixlm.runtime.quantization.gguf_blocks import KEPT_QTYPES  # numpy only: no cycle, no torch op
 
     tensors: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if tensor.tensor_type not in PARSERS or len(shape) != 2:
+        if tensor.tensor_type not in KEPT_QTYPES or len(shape) != 2:
             continue
         raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
         if arch in PERMUTED_ARCHITECTURES and ".attn_q." in tensor.name:

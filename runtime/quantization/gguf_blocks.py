@@ -9,7 +9,9 @@ bits splits each code into a high and a low nibble (two planes, still exact): Q8
 scales and zeros to bfloat16 (the kernel's) then costs at most 2^-8 (8 |s| + |z|) per plane. Scales and zeros
 are float32 here (exact for the fp16 GGUF
 scales up to the one rounding of m + 8 d); kernels may round them further and say by how much.
-Types without a parser here (the K-quants for now) load dequantized through the gguf package.
+Q4_K is one plane too (scale d sc, zero 8 d sc - dmin m, that sum rounded once to float32, like Q4_1's).
+Types without a parser here (the other K-quants) load dequantized through the gguf package on a CPU;
+`KEPT_QTYPES` also lists those a GPU keeps as int8 (`gguf_kquants.py`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as QType
+
+from radixlm.runtime.quantization.gguf_kquants import GROUP_PARSERS, q4_k
 
 GROUP = 32  # columns per scale/zero; every format below uses 32-element blocks
 
@@ -107,13 +111,20 @@ def _q8_0(raw: np.ndarray, rows: int) -> AffinePlanes:
     return _planes([u >> 4, u & 0x0F], [16 * d, d], [np.zeros_like(d), 8 * d])
 
 
+def _q4_k(raw: np.ndarray, rows: int) -> AffinePlanes:
+    k4 = q4_k(raw, rows)  # W = c s + o per 32 columns = (c - 8) s + (8 s + o)
+    return _planes([k4.q.view(np.uint8)], [k4.scales], [8 * k4.scales + k4.offsets])
+
+
 PARSERS: dict[QType, Callable[[np.ndarray, int], AffinePlanes]] = {
     QType.Q4_0: _q4_0,
     QType.Q4_1: _q4_1,
     QType.Q5_0: _q5_0,
     QType.Q5_1: _q5_1,
     QType.Q8_0: _q8_0,
+    QType.Q4_K: _q4_k,
 }
+KEPT_QTYPES = frozenset(PARSERS) | frozenset(GROUP_PARSERS)  # the types a converted folder keeps as raw blocks
 
 
 def parse_blocks(qtype: QType, raw: np.ndarray, rows: int) -> AffinePlanes:

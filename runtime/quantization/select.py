@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as QType
 from radixlm.runtime.quantization.base import QuantizedWeight
 from radixlm.runtime.quantization.checkpoint import CheckpointQuantization
 from radixlm.runtime.quantization.gguf_blocks import PARSERS, AffinePlanes, parse_blocks
+from radixlm.runtime.quantization.gguf_kquants import GROUP_PARSERS, group_codes
 from radixlm.runtime.quantization.int4_cpu import Int4PackedWeight, int4_cpu_kernel_available, merge_planes
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
                          parallel: bool, checkpoint: CheckpointQuantization | None = None, tp_size: int = 1) -> str:
     """'fp8' (FP8 W8A8: a checkpoint's as published, or quantized at load), 'gptq' / 'awq' / 'w4a16'
     (a 4-bit checkpoint's packed weights: GPTQ, AWQ, compressed-tensors pack-quantized), 'gguf' (GGUF
-    blocks kept 4-bit: on a CPU, or Q4_0 / Q4_1 on a GPU when asked for) or 'none' (weights in the model dtype).
+    blocks kept packed: on a CPU, or on a GPU when asked for: Q4_0 / Q4_1 / Q4_K 4-bit, Q8_0 / Q6_K int8) or 'none' (weights in the model dtype).
 
     A quantized checkpoint always loads as published (under none / auto too: its weights are); auto
     picks gguf for a GGUF checkpoint on a CPU unless --dtype was set explicitly, or the replica is
@@ -78,7 +79,7 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
     if not gguf_blocks:
         reasons.append("the checkpoint is not a converted GGUF file")
     if device.type == "cuda" and choice == "auto":
-        reasons.append("auto keeps GGUF weights 4-bit on a CPU only (--quantization gguf: Q4_0 / Q4_1 on the GPU)")
+        reasons.append("auto keeps GGUF weights 4-bit on a CPU only (--quantization gguf: Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K on the GPU)")
     elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
         reasons.append("the GPU's 4-bit kernels need Triton")
     elif device.type not in ("cpu", "cuda"):
@@ -96,15 +97,35 @@ def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blo
     return "none"
 
 
+_noted: set[tuple[str, str]] = set()
+
+
+def _note_dequantized(parts: list[GGUFTensor], where: str) -> None:
+    """Log once per mix of types that a layer of it loads dequantized (no kernel here takes it packed)."""
+    key = ("+".join(sorted({p.qtype.name for p in parts})), where)
+    if parts and key not in _noted:
+        _noted.add(key)
+        logger.info("gguf: layers of %s load dequantized on %s (no packed kernel for that type here)", *key)
+
+
 def build_quantized_weight(parts: list[GGUFTensor], device: torch.device | None = None) -> QuantizedWeight | None:
     """The packed form of a layer whose checkpoint parts (stacked along the output rows: q, k, v /
     gate, up) are `parts`; None if some part's type has no plane layout (it loads dequantized).
-    On a CUDA device: Q4_0 / Q4_1 layers for the Triton W4A16 kernels (`w4_gguf.py`)."""
+    On a CUDA device: Q4_0 / Q4_1 / Q4_K layers for the Triton W4A16 kernels (`w4_gguf.py`), Q8_0 / Q6_K
+    (alone or mixed with those) as int8 codes (`int8_weight.py`)."""
     if device is not None and device.type == "cuda":
+        from radixlm.runtime.quantization.int8_weight import Int8Weight
         from radixlm.runtime.quantization.w4_gguf import w4_from_gguf
 
-        return w4_from_gguf(parts, device)
+        packed = w4_from_gguf(parts, device)
+        if packed is None and parts and all(p.qtype in GROUP_PARSERS for p in parts):
+            packed = Int8Weight([group_codes(p.qtype, p.raw, p.shape[0]) for p in parts],
+                                "gguf " + "+".join(sorted({p.qtype.name for p in parts})), device)
+        if packed is None:
+            _note_dequantized(parts, "the GPU")
+        return packed
     if not parts or any(p.qtype not in PARSERS for p in parts):
+        _note_dequantized(parts, "the CPU")
         return None
     source = "+".join(sorted({p.qtype.name for p in parts}))
     return Int4PackedWeight(merge_planes([p.planes() for p in parts]), source)

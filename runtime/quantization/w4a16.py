@@ -8,15 +8,17 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M <= 16 rows (decode) through the split-K Triton kernel, up to `DEQUANT_MIN_M` through its
-tiled launch, above that the weight dequantized to the activation dtype for the call and cuBLAS
-(prefill: compute-bound, where cuBLAS beats a Triton mma with dequantization in its loop).
+On a GPU: M <= `GEMV_MAX_M` rows (batch-1-2 decode) through the CUDA-core GEMV (`kernels/w4a16_gemv.py`),
+up to 16 through the split-K Triton MMA kernel, up to `DEQUANT_MIN_M` through its tiled launch, above
+that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
+where cuBLAS beats a Triton mma with dequantization in its loop).
 Elsewhere (the CPU, tests) x @ W^T in float32 with the same codes, scales and zeros: the same weight,
 summed in another order.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,9 @@ import torch
 from radixlm.runtime.quantization.base import QuantizedWeight
 
 DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the tiled kernel (benchmarks/quantized.py)
+GEMV_MAX_M = 2  # rows up to which the GEMV runs (its FMAs grow with M; benchmarks/quantized_w4.py's small-M table decides)
+_gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,8 @@ class W4Weight(QuantizedWeight):
         groups = int(parts[0].scales.shape[0])
         # One group of every column (per channel) is stored as one group of the padded width.
         self.group_size = group_size if groups > 1 else -(-k // 128) * 128
-        self.scales = torch.cat([p.scales for p in parts], dim=1).contiguous()
+        dtypes = {p.scales.dtype for p in parts}
+        self.scales = torch.cat([p.scales if len(dtypes) == 1 else p.scales.float() for p in parts], dim=1).contiguous()
         self.zeros = None if symmetric else torch.cat(
             [p.zeros if p.zeros is not None else torch.full_like(p.scales, 8, dtype=torch.uint8) for p in parts], dim=1
         ).contiguous()
@@ -83,6 +89,11 @@ class W4Weight(QuantizedWeight):
         self.codes = pack_codes(codes if perm is None else codes[:, perm])
         self.source = source
         self.use_triton = self.codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self.tickets: torch.Tensor | None = None  # the GEMV's split-K tickets (int32, zero at rest)
+        if self.use_triton:
+            from radixlm.kernels.w4a16_gemv import tickets_for
+
+            self.tickets = tickets_for(self.out_features, self.codes.device)
         self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
 
     @property
@@ -91,12 +102,12 @@ class W4Weight(QuantizedWeight):
         kind += " sym" if self.zeros is None else " asym"
         kind += " affine" if self.offsets is not None else ""
         kind += " act-order" if self.perm is not None else ""
-        path = "triton split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
+        path = "triton GEMV / split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
         return f"w4a16[{self.source} {kind}, {path}]"
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self._float_weight)
+        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self.tickets, self._float_weight)
                    if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -111,12 +122,31 @@ class W4Weight(QuantizedWeight):
             w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
                               self.offsets)
             out = torch.matmul(x2, w.t())
+        elif x2.shape[0] <= GEMV_MAX_M and not _gemv_failed:
+            out = self._gemv(x2)
         else:
             from radixlm.kernels.w4a16_gemm import w4a16_matmul
 
             out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                                offsets=self.offsets)
         return out.reshape(*lead, self.out_features)
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        """The decode GEMV; if it fails to compile here, say so once and use the MMA kernel from then on."""
+        from radixlm.kernels.w4a16_gemm import w4a16_matmul
+        from radixlm.kernels.w4a16_gemv import w4a16_gemv
+
+        try:
+            return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                              self.offsets, self.tickets)
+        except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
+            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+                raise
+            logger.warning("w4a16: the decode GEMV does not compile here (%s: %s); using the MMA kernel",
+                           type(exc).__name__, str(exc)[:200])
+            _gemv_failed.append(True)
+            return w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                                offsets=self.offsets)
 
     def float_weight(self) -> torch.Tensor:
         """W as float32, kept after the first call on a CPU (the reference path's weight)."""

@@ -1,0 +1,125 @@
+"""The decode GEMV of the 4-bit linear (kernels/w4a16_gemv.py; the CPU interpreter without CUDA) against
+the float32 reference of the same codes (`W4Weight.dequantize`): every group size the layout takes,
+symmetric / asymmetric, act-order, GGUF's affine offsets, one launch and split-K (the last split of a
+tile sums the partials and resets its ticket, so a second call on the same tickets is equal), and the
+128 + c float trick bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.kernels.w4a16_gemv import GemvConfig, gemv_plan, tickets_for, w4a16_gemv
+from radixlm.runtime.quantization.w4_formats import quantize_rtn
+from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
+
+
+def _weight(n: int, k: int, group: int, symmetric: bool, act_order: bool, device: str) -> W4Weight:
+    g = torch.Generator().manual_seed(n * 7 + k + group)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 3
+    size = group if group > 0 else k
+    part = quantize_rtn(w, size, symmetric)
+    g_idx = (torch.arange(k) // size)[torch.randperm(k, generator=g)] if act_order else None
+    return W4Weight([W4Part(part.codes.to(device), part.scales.to(device),
+                            None if part.zeros is None else part.zeros.to(device),
+                            None if g_idx is None else g_idx.to(device))], size, "test")
+
+
+CASES = [  # m, n, k, group, symmetric, act-order
+    (1, 96, 512, 128, True, False),
+    (3, 80, 256, 32, False, True),
+    (4, 48, 384, 64, False, False),
+    (2, 40, 160, -1, True, False),  # per channel, K not a multiple of 128 (padded), N not a multiple of the tile
+    (9, 32, 256, 128, False, False),  # 16-row tile, 7 rows masked
+]
+SPLIT_AND_ONE = [GemvConfig(block_n=16, chunks=1, split_k=3), GemvConfig(block_n=32, chunks=2, split_k=1)]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: the output's rounding
+    return bool(((got.float().cpu() - ref.cpu()).abs() <= ref.abs().cpu() * tol + 1e-5 * ref.abs().max().cpu()).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("m", "n", "k", "group", "symmetric", "act_order"), CASES)
+def test_gemv_matches_reference(device, dtype, m, n, k, group, symmetric, act_order):
+    w = _weight(n, k, group, symmetric, act_order, device)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).to(dtype).to(device)
+    ref = x.float() @ w.dequantize().t()
+    tickets = tickets_for(n, torch.device(device))
+    for cfg in SPLIT_AND_ONE:
+        got = w4a16_gemv(x, w.codes, w.scales, w.zeros, w.perm, k, w.group_size, tickets=tickets, cfg=cfg)
+        assert got.dtype == dtype and got.shape == (m, n)
+        assert _close(got, ref, dtype)
+        assert not tickets.any()  # every tile's last split reset its ticket
+    again = w4a16_gemv(x, w.codes, w.scales, w.zeros, w.perm, k, w.group_size, tickets=tickets, cfg=SPLIT_AND_ONE[0])
+    assert torch.equal(again, w4a16_gemv(x, w.codes, w.scales, w.zeros, w.perm, k, w.group_size, cfg=SPLIT_AND_ONE[0]))
+
+
+def test_gemv_affine_offsets(device):
+    """GGUF's W = (c - 8) * s + o per 32 columns (w4_gguf.py)."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 48, 288
+    parts = (torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g), torch.rand(k // 32, n, generator=g).half(),
+             None, None, torch.randn(k // 32, n, generator=g))
+    w = W4Weight([W4Part(*(t.to(device) if t is not None else None for t in parts))], 32, "gguf")
+    x = (torch.randn(1, k, generator=g) * 2).to(torch.bfloat16).to(device)
+    ref = x.float() @ w.dequantize().t()
+    for cfg in SPLIT_AND_ONE:
+        assert _close(w4a16_gemv(x, w.codes, w.scales, None, None, k, 32, offsets=w.offsets, cfg=cfg), ref, torch.bfloat16)
+
+
+def test_gemv_plan_fills_the_gpu_and_refuses_bad_shapes(device):
+    split, per = gemv_plan(4096, 4096, GemvConfig(), torch.device(device))
+    assert split >= 1 and per % GemvConfig().chunks == 0 and (split - 1) * per < 4096 // 128 <= split * per
+    w = _weight(32, 256, 128, True, False, device)
+    with pytest.raises(ValueError, match="do not fit"):
+        w4a16_gemv(torch.zeros(17, 256, device=device), w.codes, w.scales, None, None, 256, 128)
+    with pytest.raises(ValueError, match="tickets"):
+        w4a16_gemv(torch.zeros(1, 256, device=device), w.codes, w.scales, None, None, 256, 128,
+                   tickets=torch.zeros(1, dtype=torch.int32, device=device), cfg=GemvConfig(block_n=8, chunks=1, split_k=2))
+
+
+@triton.jit
+def _magic(Words, Out):
+    r = tl.arange(0, 64)
+    words = tl.load(Words + r)
+    for j in tl.static_range(4):
+        tl.store(Out + j * 64 + r, (((words << (16 - 4 * j)) & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True))
+        tl.store(Out + 256 + j * 64 + r, (((words >> (4 * j)) & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True))
+
+
+def test_nibble_to_float_trick_is_exact(device):
+    words = torch.randint(-(1 << 31), (1 << 31) - 1, (64,), dtype=torch.int64,
+                          generator=torch.Generator().manual_seed(1)).to(torch.int32).to(device)
+    out = torch.empty(512, dtype=torch.float32, device=device)
+    _magic[(1,)](words, out)
+    w = words.cpu().to(torch.int64) & 0xFFFFFFFF
+    expected = torch.cat([((w >> (4 * j + 16 * h)) & 15).float() + 128 for h in range(2) for j in range(4)])
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, monkeypatch):
+    """W4Weight.linear: M <= GEMV_MAX_M through the GEMV (its result, bit for bit); a GEMV that does not
+    compile is logged once and the MMA kernel serves from then on (other errors propagate)."""
+    from radixlm.kernels import w4a16_gemv as kv
+    from radixlm.kernels.w4a16_gemm import w4a16_matmul
+    from radixlm.runtime.quantization import w4a16 as wq
+
+    w = _weight(48, 256, 128, True, False, device)
+    w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    assert torch.equal(w.linear(x), w4a16_gemv(x, w.codes, w.scales, None, None, 256, 128))
+    monkeypatch.setattr(wq, "_gemv_failed", [])
+
+    def broken(*_a, **_k):
+        raise triton.CompilationError("w4a16_gemv.py", None, "no such instruction")
+
+    monkeypatch.setattr(kv, "w4a16_gemv", broken)
+    assert torch.equal(w.linear(x), w4a16_matmul(x, w.codes, w.scales, None, None, 256, 128))
+    assert wq._gemv_failed == [True]
+    monkeypatch.setattr(wq, "_gemv_failed", [])
+    monkeypatch.setattr(kv, "w4a16_gemv", lambda *_a, **_k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.linear(x)
