@@ -33,8 +33,8 @@ from typing import Any
 
 MAX_PERMUTED = 3  # required keys in any order up to 3! = 6 orders per object node
 # llguidance checks pattern properties pairwise for disjointness: compile time grows with the
-# square of their count (128 literal keys: 67 ms -> 810 ms), so larger nodes keep schema order.
-MAX_PATTERNS = 16
+# square of their count (a node of 128 literal keys: 67 -> 810 ms), so larger nodes keep schema order.
+MAX_PATTERNS = 64
 
 # Applicators whose subschemas llguidance intersects with the node that holds them (or with
 # each other): `allOf` always, `anyOf`/`oneOf` when the node has other validation keywords.
