@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GrammarCompileError, UnsupportedSchemaError
+from .schema_any_order import free_optional_order
 from .schema_disjoint import disjoint, first_overlap
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
@@ -370,6 +371,8 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
     if vetter.defs:
         schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
         schema["$defs"] = vetter.defs
+    if backend == "llguidance":  # it keeps named properties in schema order
+        free_optional_order(schema)
     out.schema = schema
     out.recursive = _has_recursion(vetter.defs)
     if out.recursive and not SUPPORT[backend].recursion:

@@ -1,0 +1,108 @@
+"""Object properties in any order (constrained/schema_any_order.py), checked against `jsonschema`:
+every instance, in the key order written here, is accepted token by token exactly when the
+reference validator says it is valid. Before the rewrite llguidance took named properties only
+in schema order, so each case with a reordered valid instance fails without it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from radixlm import constrained as C
+from radixlm.constrained.schema import check_schema
+from radixlm.constrained.schema_any_order import free_optional_order
+
+from .conftest import encode, run_tokens
+
+INT, STR = {"type": "integer"}, {"type": "string"}
+CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    "optional_any_order": ({"type": "object", "additionalProperties": False,
+                            "properties": {"a": INT, "b": STR, "c": {"type": "boolean"}}},
+                           [{"c": True, "a": 1}, {"b": "x", "a": 1, "c": False}, {"b": 1, "a": 1}, {"c": True, "d": 1}, {}]),
+    "required_orders": ({"type": "object", "required": ["a", "b"],
+                         "properties": {"a": INT, "b": STR, "opt": {"type": "array", "items": INT}}},
+                        [{"b": "x", "a": 1}, {"a": 1, "b": "x"}, {"b": "x", "a": 1, "opt": [2]}, {"b": "x"},
+                         {"b": "x", "a": "y"}, {"a": 1, "b": "x", "opt": ["z"]}, {"b": "x", "a": 1, "extra": None}]),
+    "three_required_nested": ({"type": "object", "properties": {"outer": {
+        "type": "object", "required": ["service", "name", "permissions"], "additionalProperties": False,
+        "properties": {"name": STR, "permissions": {"type": "array"}, "service": {"pattern": "^[a-z]+$"}, "region": STR}}}},
+        [{"outer": {"service": "ec2", "name": "n", "permissions": []}}, {"outer": {"region": "r", "name": "n"}},
+         {"outer": {"permissions": [], "service": "EC2", "name": "n"}},
+         {"outer": {"permissions": [1], "service": "s3", "name": "n", "region": "eu"}}]),
+    "keys_needing_escapes": ({"type": "object", "additionalProperties": False, "properties": {
+        k: INT for k in ("$id", "a.b", "x-y", "@type", "[x]", "^$", "a b", "é", "(c)|d", "q?", "back\\slash", "a*")}},
+        [{"a*": 1, "$id": 2, "(c)|d": 3}, {"é": 1, "a b": 2, "back\\slash": 3, "^$": 4}, {"q?": 1, "[x]": 2, "@type": 3},
+         {"x-y": 1, "a.b": 2}, {"ab": 1}, {"aaa": 1}, {"c": 1}, {"d": 1}, {"q": 1}, {"backslash": 1}, {"$id": "s"}]),
+    "next_to_patterns": ({"type": "object", "additionalProperties": False, "required": ["version"],
+                          "patternProperties": {"^x-": {}}, "properties": {"services": {"type": "object"},
+                                                                            "version": STR, "x-name": INT}},
+                         [{"version": "3", "x-a": 1, "services": {}}, {"services": {}, "version": "3"},
+                          {"version": "3", "x-name": "s"}, {"version": "3", "x-name": 1}, {"services": 1, "version": "3"}]),
+    "in_anyOf_branches": ({"anyOf": [{"type": "object", "properties": {"k": {"const": "a"}, "v": INT, "w": INT},
+                                      "required": ["k"]}, {"type": "string"}]},
+                          [{"k": "a", "w": 1, "v": 2}, {"k": "a", "w": 1, "v": "x"}, {"v": 1}, "s"]),
+    "recursive": ({"$ref": "#/$defs/node", "$defs": {"node": {
+        "type": "object", "required": ["id", "kind"], "additionalProperties": False,
+        "properties": {"kind": STR, "id": INT, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}}},
+        [{"kind": "a", "id": 1, "children": [{"kind": "b", "id": 2}]}, {"id": 1, "kind": "a", "children": [{"id": 2, "kind": "b"}]},
+         {"id": 1, "kind": "a", "children": [{"id": 2}]}]),
+    # intersected nodes keep schema order (llguidance merges them): still exact
+    "merged_node_kept": ({"type": "object", "allOf": [{"properties": {"a": INT, "b": STR}}, {"required": ["a"]}]},
+                         [{"a": 1, "b": "x"}, {"b": "x"}, {"a": "s"}]),
+}
+
+
+def _valid(schema: dict[str, Any], instance: Any) -> bool:
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema).is_valid(instance)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_any_order_matches_reference_validator(tokenizer: Any, name: str) -> None:
+    schema, instances = CASES[name]
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    for instance in instances:
+        text = json.dumps(instance, ensure_ascii=False)
+        accepted = run_tokens(grammar.matcher(), encode(tokenizer, text))
+        assert accepted == _valid(schema, instance), f"{name}: {text} accepted={accepted}"
+
+
+def test_reordered_instances_need_the_rewrite(tokenizer: Any) -> None:
+    """The cases above are not vacuous: without the rewrite a reordered valid instance fails."""
+    schema, instances = CASES["required_orders"]
+    checked = check_schema(schema, "llguidance")
+    assert "anyOf" in checked.schema  # two required keys: both orders listed
+    from radixlm.constrained.backends.llguidance_backend import compile_json_schema
+    from radixlm.constrained.vocab import TokenizerInfo
+
+    info = TokenizerInfo.from_tokenizer(tokenizer)
+    plain = compile_json_schema(info, schema, json.dumps(schema), 20)  # llguidance alone
+    text = json.dumps(instances[0])
+    assert not run_tokens(plain.matcher(), encode(tokenizer, text))
+    assert run_tokens(C.compile(tokenizer, json_schema=schema, cache=None).matcher(), encode(tokenizer, text))
+
+
+def test_duplicate_keys_only_where_every_occurrence_is_valid(tokenizer: Any) -> None:
+    """A pattern key may repeat (a grammar cannot remember every key seen); each occurrence is
+    checked, so the parsed object (one occurrence kept) is valid. Property counts would not
+    survive a repeat, so a node with minProperties keeps its named properties."""
+    free = C.compile(tokenizer, json_schema=CASES["optional_any_order"][0], cache=None)
+    assert run_tokens(free.matcher(), encode(tokenizer, '{"a": 1, "a": 2}'))
+    assert not run_tokens(free.matcher(), encode(tokenizer, '{"a": 1, "a": "x"}'))
+    counted = {"type": "object", "additionalProperties": False, "minProperties": 2,
+               "properties": {"a": INT, "b": INT}}
+    grammar = C.compile(tokenizer, json_schema=counted, cache=None)
+    assert not run_tokens(grammar.matcher(), encode(tokenizer, '{"a": 1, "a": 2}'))
+    assert run_tokens(grammar.matcher(), encode(tokenizer, '{"a": 1, "b": 2}'))
+
+
+def test_bounds() -> None:
+    """Required keys are permuted up to the bound only; beyond it they stay in schema order."""
+    node = {"type": "object", "required": list("abcde"), "properties": {k: INT for k in "abcdef"}}
+    assert free_optional_order(node) == 1
+    assert list(node["properties"]) == list("abcde") and list(node["patternProperties"]) == ["^f$"]
+    node = {"type": "object", "required": list("ab"), "properties": {k: INT for k in "ab"}, "minProperties": 1}
+    assert free_optional_order(node) == 0 and list(node["properties"]) == ["a", "b"]
