@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import AttentionMetadata, decode_attention_torch
+from .cpu_native import decode_attention_library
 from .ops_ref import fused_add_rms_norm_ref, rms_norm_ref, rotary_ref, store_kv_ref
 
 
@@ -96,9 +97,15 @@ def store_kv_cpu(
 def decode_metadata(
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_host: list[int]
 ) -> AttentionMetadata:
-    """A decode batch's metadata with its KV slots [B, L] (int64) and validity mask [B, L] (None
-    when every row has L tokens) gathered once for all layers."""
+    """A decode batch's metadata, once for all layers. With the C kernel: int64 rows and lengths it
+    reads req_to_token and the pool with. Without: the KV slots [B, L] (int64) and validity mask
+    [B, L] (None when every row has L tokens) that the torch path gathers K/V with."""
     max_len = max(seq_lens_host)
+    if max_len > req_to_token.shape[1] or min(seq_lens_host) < 1:
+        raise ValueError(f"decode seq_lens {min(seq_lens_host)}..{max_len} outside 1..{req_to_token.shape[1]}")
+    if decode_attention_library() is not None and req_to_token.is_contiguous():
+        return AttentionMetadata(req_to_token, req_pool_indices.long().contiguous(), seq_lens.long().contiguous(),
+                                 max_seq_len=max_len, kv_in_place=True)
     slots = req_to_token.index_select(0, req_pool_indices)[:, :max_len].long()
     valid = None
     if min(seq_lens_host) != max_len:
@@ -118,9 +125,14 @@ def decode_attention_cpu(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """`decode_attention_ref`'s result from the slots `decode_metadata` gathered."""
+    """`decode_attention_ref`'s result: the C kernel over the pool in place, else SDPA over the
+    slots `decode_metadata` gathered, else (FP8 pools, an `out` buffer, head dims the kernel's
+    16-float vectors do not divide) the reference."""
+    same_dtype = k_buffer.dtype == q.dtype and v_buffer.dtype == q.dtype and out is None
+    if meta.kv_in_place and same_dtype and q.dtype == torch.float32 and q.shape[-1] % 16 == 0:
+        return _decode_attention_in_place(q, k_buffer, v_buffer, meta, sm_scale * k_scale, v_scale)
     slots = meta.kv_slots
-    if slots is None or k_buffer.dtype != q.dtype or v_buffer.dtype != q.dtype or out is not None:
+    if slots is None or not same_dtype:
         return decode_attention_torch(q, k_buffer, v_buffer, meta, sm_scale, out=out, k_scale=k_scale,
                                       v_scale=v_scale)
     b, length = slots.shape
@@ -134,3 +146,24 @@ def decode_attention_cpu(
     o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, q.shape[-1]), k, v, attn_mask=mask,
                                        scale=sm_scale * k_scale).reshape(b, hq, -1)
     return o if v_scale == 1.0 else (o * v_scale).to(q.dtype)
+
+
+def _decode_attention_in_place(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, meta: AttentionMetadata, scale: float,
+    v_scale: float,
+) -> torch.Tensor:
+    lib = decode_attention_library()
+    assert lib is not None and k_buffer.is_contiguous() and v_buffer.is_contiguous()
+    q = q.contiguous()
+    b, hq, dim = q.shape
+    hkv = k_buffer.shape[1]
+    rows, lens, r2t = meta.req_pool_indices, meta.seq_lens, meta.req_to_token
+    if rows.shape[0] != b or hq % hkv or k_buffer.shape[2] != dim:
+        raise ValueError(f"decode attention: q {tuple(q.shape)} vs {rows.shape[0]} rows, K/V {tuple(k_buffer.shape)}")
+    o = torch.empty_like(q)
+    status = lib.radixlm_decode_attention_f32(
+        q.data_ptr(), k_buffer.data_ptr(), v_buffer.data_ptr(), r2t.data_ptr(), r2t.stride(0), rows.data_ptr(),
+        lens.data_ptr(), b, hq, hkv, dim, scale, o.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("decode attention: the C kernel could not allocate its score buffer")
+    return o if v_scale == 1.0 else o.mul_(v_scale)

@@ -2,10 +2,14 @@
 floats for the elementwise ops (rotary bit for bit), the same attention up to float32 summation order."""
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
-from radixlm.kernels import AttentionMetadata, get_cpu_kernel_ops, ops_ref
+from radixlm.kernels import AttentionMetadata, cpu_ops, get_cpu_kernel_ops, ops_ref
 from radixlm.kernels.api import decode_attention_torch
+from radixlm.kernels.cpu_native import decode_attention_library
 from radixlm.kernels.cpu_ops import RopeRows, decode_attention_cpu, decode_metadata, rope_rows, rotary_cpu
 
 
@@ -45,7 +49,8 @@ def test_store_kv_writes_the_slots() -> None:
     assert int((k_buf.abs().sum((1, 2)) > 0).sum()) == 4
 
 
-def test_decode_attention_matches_reference_ragged_and_uniform() -> None:
+def test_decode_attention_torch_path_matches_reference_ragged_and_uniform(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_ops, "decode_attention_library", lambda: None)  # as on a machine without a compiler
     g = torch.Generator().manual_seed(2)
     slots_total, hkv, group, dim = 300, 3, 3, 64
     k_buf, v_buf = torch.randn(slots_total, hkv, dim, generator=g), torch.randn(slots_total, hkv, dim, generator=g)
@@ -55,7 +60,7 @@ def test_decode_attention_matches_reference_ragged_and_uniform() -> None:
         seq_lens = torch.tensor(lens, dtype=torch.int32)
         q = torch.randn(3, hkv * group, dim, generator=g)
         meta = decode_metadata(req_to_token, rows, seq_lens, lens)
-        assert meta.kv_slots is not None and meta.kv_slots.shape == (3, max(lens))
+        assert not meta.kv_in_place and meta.kv_slots is not None and meta.kv_slots.shape == (3, max(lens))
         assert (meta.kv_valid is None) == (len(set(lens)) == 1)
         ref = decode_attention_torch(q, k_buf, v_buf, AttentionMetadata.for_decode(req_to_token, rows, seq_lens), 0.125)
         got = decode_attention_cpu(q, k_buf, v_buf, meta, 0.125)
@@ -63,3 +68,42 @@ def test_decode_attention_matches_reference_ragged_and_uniform() -> None:
         # Without the gathered slots (e.g. metadata built elsewhere) it is the reference itself.
         plain = AttentionMetadata.for_decode(req_to_token, rows, seq_lens)
         assert torch.equal(decode_attention_cpu(q, k_buf, v_buf, plain, 0.125), ref)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the C kernel needs a C compiler")
+@pytest.mark.parametrize(("hkv", "group", "dim"), [(3, 3, 64), (2, 4, 128), (4, 1, 64), (1, 2, 48), (2, 2, 72)])
+def test_decode_attention_in_place_matches_reference(hkv: int, group: int, dim: int) -> None:
+    """The C kernel (pool read in place) against the reference: ragged and uniform lengths, rows out of
+    order, GQA groups, head dims with their own code (64, 128), the generic loop (48) and none (72: torch)."""
+    assert decode_attention_library() is not None
+    g = torch.Generator().manual_seed(hkv * 100 + dim)
+    slots_total, max_ctx = 1100, 200
+    k_buf = torch.randn(slots_total, hkv, dim, generator=g) * 3
+    v_buf = torch.randn(slots_total, hkv, dim, generator=g)
+    req_to_token = torch.zeros(6, max_ctx, dtype=torch.int32)
+    req_to_token[1:] = (torch.randperm(slots_total - 1, generator=g)[: 5 * max_ctx].view(5, max_ctx) + 1).int()
+    rows = torch.tensor([4, 1, 5, 2])
+    for lens in ([200, 1, 77, 130], [96, 96, 96, 96], [1, 1, 1, 1]):
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        q = torch.randn(4, hkv * group, dim, generator=g)
+        meta = decode_metadata(req_to_token, rows, seq_lens, lens)
+        assert meta.kv_in_place and meta.kv_slots is None
+        ref = decode_attention_torch(q, k_buf, v_buf, AttentionMetadata.for_decode(req_to_token, rows, seq_lens), 0.1)
+        threads = torch.get_num_threads()
+        try:
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                got = decode_attention_cpu(q[:, None].expand(4, 2, -1, -1)[:, 0], k_buf, v_buf, meta, 0.1)  # strided q
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        finally:
+            torch.set_num_threads(threads)
+        one = decode_metadata(req_to_token, rows[1:2], seq_lens[1:2], lens[1:2])  # batch 1
+        torch.testing.assert_close(decode_attention_cpu(q[1:2], k_buf, v_buf, one, 0.1), ref[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_metadata_refuses_lengths_outside_req_to_token() -> None:
+    req_to_token = torch.ones(3, 16, dtype=torch.int32)
+    rows = torch.tensor([1, 2])
+    for lens in ([16, 17], [0, 3]):
+        with pytest.raises(ValueError, match="seq_lens"):
+            decode_metadata(req_to_token, rows, torch.tensor(lens, dtype=torch.int32), lens)
