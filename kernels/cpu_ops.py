@@ -18,20 +18,32 @@ Anything else (FP8 pools, other dtypes) falls through to the reference.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .api import AttentionMetadata, decode_attention_torch
-from .cpu_native import decode_attention_library
+from .cpu_native import decode_kernels_library
 from .ops_ref import fused_add_rms_norm_ref, rms_norm_ref, rotary_ref, store_kv_ref
+
+
+def _rows(x: torch.Tensor) -> bool:
+    """x is float32 [rows, dim] with dense rows: what the C kernels take."""
+    return x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return rms_norm_ref(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    lib = decode_kernels_library()
+    if lib is None or not _rows(x) or not weight.is_contiguous():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.radixlm_rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), x.shape[0], x.shape[1],
+                             torch.get_num_threads())
+    return out
 
 
 def fused_add_rms_norm_cpu(
@@ -39,13 +51,26 @@ def fused_add_rms_norm_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return fused_add_rms_norm_ref(x, residual, weight, eps)
-    summed = x + residual
-    return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
+    lib = decode_kernels_library()
+    if lib is None or not _rows(x) or not _rows(residual) or x.shape != residual.shape or not weight.is_contiguous():
+        summed = x + residual
+        return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
+    normed, summed = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.float32)
+    lib.radixlm_add_rms_norm_f32(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(),
+                                 eps, normed.data_ptr(), summed.data_ptr(), x.shape[0], x.shape[1],
+                                 torch.get_num_threads())
+    return normed, summed
 
 
 def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
+    lib = decode_kernels_library()
+    if lib is None or not _rows(x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+    inter = x.shape[1] // 2
+    out = torch.empty((x.shape[0], inter), dtype=torch.float32)
+    lib.radixlm_silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], inter, torch.get_num_threads())
+    return out
 
 
 @dataclass(frozen=True)
@@ -75,12 +100,30 @@ def rotary_cpu(
             raise ValueError("rotary_cpu: non-float32 q/k need the cos/sin cache, not the step's rows")
         return rotary_ref(q, k, positions, cache)
     rope = cos_sin if isinstance(cos_sin, RopeRows) else rope_rows(positions, cos_sin)
+    lib = decode_kernels_library()
+    if (lib is not None and _heads(q) and _heads(k) and q.shape[0] == k.shape[0] == rope.cos2.shape[0]
+            and rope.cos2.is_contiguous() and rope.sin2.is_contiguous() and rope.cos2.shape[-1] == q.shape[-1]):
+        return _rotary_c(lib, q, k, rope)
     half = q.shape[-1] // 2
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         return (x * rope.cos2).add_(torch.roll(x, half, dims=-1).mul_(rope.sin2))
 
     return rotate(q), rotate(k)
+
+
+def _heads(x: torch.Tensor) -> bool:
+    """x is [T, H, D] with dense heads (any token stride, e.g. a view of the fused qkv output)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def _rotary_c(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, rope: RopeRows) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, hq, dim = q.shape
+    q_out, k_out = torch.empty(q.shape, dtype=torch.float32), torch.empty(k.shape, dtype=torch.float32)
+    lib.radixlm_rotary_f32(q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), k.shape[1], dim,
+                           rope.cos2.data_ptr(), rope.sin2.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), tokens,
+                           torch.get_num_threads())
+    return q_out, k_out
 
 
 def store_kv_cpu(
@@ -103,7 +146,7 @@ def decode_metadata(
     max_len = max(seq_lens_host)
     if max_len > req_to_token.shape[1] or min(seq_lens_host) < 1:
         raise ValueError(f"decode seq_lens {min(seq_lens_host)}..{max_len} outside 1..{req_to_token.shape[1]}")
-    if decode_attention_library() is not None and req_to_token.is_contiguous():
+    if decode_kernels_library() is not None and req_to_token.is_contiguous():
         return AttentionMetadata(req_to_token, req_pool_indices.long().contiguous(), seq_lens.long().contiguous(),
                                  max_seq_len=max_len, kv_in_place=True)
     slots = req_to_token.index_select(0, req_pool_indices)[:, :max_len].long()
@@ -152,7 +195,7 @@ def _decode_attention_in_place(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, meta: AttentionMetadata, scale: float,
     v_scale: float,
 ) -> torch.Tensor:
-    lib = decode_attention_library()
+    lib = decode_kernels_library()
     assert lib is not None and k_buffer.is_contiguous() and v_buffer.is_contiguous()
     q = q.contiguous()
     b, hq, dim = q.shape
