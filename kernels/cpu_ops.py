@@ -2,18 +2,19 @@
 
 A batch-1 decode step of a small model on a CPU is made of hundreds of tiny ops, each costing a
 few microseconds of dispatch, so the step's time is as much the op count as the arithmetic. These
-functions compute what `ops_ref` computes, in the same order of floating-point operations where it
-matters (rotary: bit for bit), with fewer calls:
+functions compute what `ops_ref` computes with fewer calls. Where the C kernels built
+(`cpu_native`: a C compiler on the machine) and the tensors are float32 with dense rows:
 
-- rms_norm: torch's `rms_norm` (one call; same formula) instead of six;
-- rotary: the step's cos/sin rows gathered once per forward (`rope_rows`, through the bundle's
-  `rotary_table`), a `roll` for the half rotation;
-- store_kv: `index_copy_` into a float pool;
-- decode attention: the KV slots of the batch (and the validity mask, none when every row has the
-  same length, e.g. batch 1) are gathered once per forward pass in `decode_metadata` rather than
-  once per layer, K/V rows are fetched with `index_select`, and the query heads of one KV head
-  are that head's query rows (no K/V repeated per query head).
+- rms_norm / fused_add_rms_norm / silu_and_mul: one C call each (torch's CPU `rms_norm` is itself
+  six ops); within float32 rounding of the reference (its own summation order);
+- rotary: one C call for q and k from the step's cos/sin rows (`rope_rows`, gathered once per
+  forward through the bundle's `rotary_table`), bit for bit equal to the reference;
+- decode attention: the C kernel reads each request's slots from req_to_token and its K/V rows
+  from the pool in place (`decode_metadata` marks the metadata `kv_in_place`).
 
+Otherwise torch ops: `rms_norm` (one call), rotary with a `roll`, and decode attention over the
+KV slots gathered once per forward pass in `decode_metadata` (K/V rows by `index_select`, the query
+heads of one KV head as that head's query rows). store_kv is `index_copy_` into a float pool.
 Anything else (FP8 pools, other dtypes) falls through to the reference.
 """
 from __future__ import annotations
