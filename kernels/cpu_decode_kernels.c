@@ -22,10 +22,17 @@ typedef float vf __attribute__((vector_size(64), aligned(4)));
 #define AHEAD 6
 
 static inline float hsum(vf x) {
+#if defined(__clang__) || __GNUC__ >= 12
     typedef float v8 __attribute__((vector_size(32), aligned(4)));
-    v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    v8 s = a + b;
+    v8 s = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+#else /* older GCC: a tree of adds in plain C */
+    float a[W];
+    memcpy(a, &x, sizeof a);
+    for (int i = 0; i < W / 2; ++i) a[i] += a[i + W / 2];
+    for (int i = 0; i < W / 4; ++i) a[i] += a[i + W / 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+#endif
 }
 
 static inline void prefetch_row(const float *row, int64_t bytes) {
