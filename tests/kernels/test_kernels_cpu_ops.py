@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from radixlm.kernels import AttentionMetadata, cpu_ops, get_cpu_kernel_ops, ops_ref
+from radixlm.kernels import AttentionMetadata, cpu_native, cpu_ops, get_cpu_kernel_ops, ops_ref
 from radixlm.kernels.api import decode_attention_torch
 from radixlm.kernels.cpu_native import decode_kernels_library
 from radixlm.kernels.cpu_ops import RopeRows, decode_attention_cpu, decode_metadata, rope_rows, rotary_cpu
@@ -121,3 +121,19 @@ def test_decode_metadata_refuses_lengths_outside_req_to_token() -> None:
     for lens in ([16, 17], [0, 3]):
         with pytest.raises(ValueError, match="seq_lens"):
             decode_metadata(req_to_token, rows, torch.tensor(lens, dtype=torch.int32), lens)
+
+
+def test_kernel_library_builds_into_the_cache_and_is_none_without_a_compiler(tmp_path, monkeypatch) -> None:
+    build = cpu_native.decode_kernels_library.__wrapped__  # uncached: builds (or not) afresh
+    monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert build() is None and not (tmp_path / "kernels").exists()
+    if shutil.which("cc") is None:
+        return
+    monkeypatch.setenv("CC", "cc")
+    lib = build()
+    assert lib is not None and len(list((tmp_path / "kernels").glob("cpu_decode_kernels-*.so"))) == 1
+    x, w = torch.randn(2, 64), torch.randn(64)
+    out = torch.empty(2, 64)
+    lib.radixlm_rms_norm_f32(x.data_ptr(), 64, w.data_ptr(), 1e-6, out.data_ptr(), 2, 64, 1)
+    torch.testing.assert_close(out, ops_ref.rms_norm_ref(x, w, 1e-6))
