@@ -7,7 +7,11 @@ the LM head. "other ops" is the forward minus those (norms, rotary, activations,
 their dispatch); "outside the forward" is the step minus the forward (scheduling, the step's
 tensors, sampling, stop checks, events). Median over the steps, in ms; the wrappers add ~1 us each.
 
-    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none]
+    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none] [--compare-torch-ops]
+
+--compare-torch-ops alternates the steps (A B B A ...) between the CPU bundle's C kernels and its
+torch ops (the code that ran before them, and still runs where no C compiler is): an A/B within one
+process, so a busy shared machine's noise falls on both sides alike.
 
 The IPC and the front (detokenizing, streaming) are not in this process: benchmarks/cpu.py times
 the Engine end to end, and the difference per token is theirs.
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from radixlm.kernels import cpu_native, cpu_ops
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.model_source import resolve_model_path
 from radixlm.runtime.sampling_params import SamplingParams
@@ -66,7 +71,14 @@ def instrument(sched: Scheduler, timers: Timers) -> None:
     runner.forward = timers.wrap("forward", runner.forward)
 
 
-def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int) -> dict[str, Any]:
+def use_torch_ops(on: bool) -> None:
+    """Switch the CPU bundle between its C kernels and torch ops (what runs where no C compiler is,
+    and what ran before the kernels), for an A/B inside one process."""
+    cpu_ops.decode_kernels_library = (lambda: None) if on else cpu_native.decode_kernels_library
+
+
+def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, compare: bool) -> dict[str, Any]:
+    """Median ms per part; `compare`: steps alternate C kernels / torch ops (A B B A ...), one set of medians each."""
     rng = random.Random(seed)
     vocab = sched.runner.vocab_size
     for i in range(batch):
@@ -79,8 +91,11 @@ def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int) 
         sched.step()
     timers = Timers()
     instrument(sched, timers)
-    rows: dict[str, list[float]] = defaultdict(list)
-    for _ in range(steps):
+    by_mode: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for step in range(steps):
+        mode = ("c", "torch-ops")[(step + step // 2) % 2] if compare else "c"
+        use_torch_ops(mode == "torch-ops")
+        rows = by_mode[mode]
         timers.spent.clear()
         wall, cpu = time.perf_counter(), time.process_time()
         sched.step()
@@ -93,10 +108,11 @@ def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int) 
             rows[key].append(value * 1e3)
         rows["step (wall)"].append(wall * 1e3)
         rows["step (process cpu)"].append(cpu * 1e3)
+    use_torch_ops(False)
     while not sched.idle:
         sched.step()
     sched.cache.flush()
-    return {key: statistics.median(values) for key, values in rows.items()}
+    return {mode: {key: statistics.median(values) for key, values in rows.items()} for mode, rows in by_mode.items()}
 
 
 def main() -> None:
@@ -107,23 +123,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--quantization", default="gguf")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--compare-torch-ops", action="store_true",
+                    help="alternate steps between the C kernels and torch ops (kernels/cpu_native.py); medians of each")
     ap.add_argument("--out", default="benchmarks/results/cpu_step_budget.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     opts = ServerArgs(device="cpu", cpu_threads=args.threads, quantization=args.quantization, dtype=args.dtype,
                       max_total_tokens=65536, max_running_requests=64, disable_radix_cache=True)
     sched = Scheduler(opts.resolve(), Path(resolve_model_path(None)), None)
-    results = {}
+    if cpu_native.decode_kernels_library() is None:
+        print("no C kernels on this machine (no compiler?): every step runs torch ops")
+    results, sizes = {}, {}
     for size in (int(b) for b in args.batch.split(",")):
-        results[f"batch_{size}"] = budget(sched, size, args.input_len, args.steps, seed=size)
+        for mode, medians in budget(sched, size, args.input_len, args.steps, size, args.compare_torch_ops).items():
+            name = f"batch_{size}" if mode == "c" else f"b{size} {mode}"
+            results[name], sizes[name] = medians, size
     load = os.getloadavg()
     print(f"\nper decode step, ms (median of {args.steps}); quantization {sched.runner.quantization}, "
           f"{args.threads} threads, {args.input_len}-token prompts; load average {load[0]:.1f}")
-    print(f"{'part':<22}" + "".join(f"{b:>12}" for b in results))
+    print(f"{'part':<22}" + "".join(f"{b:>15}" for b in results))
     for part in ("step (wall)", "step (process cpu)", "forward", *PARTS):
-        print(f"{part:<22}" + "".join(f"{r.get(part, 0.0):>12.2f}" for r in results.values()))
-    print(f"{'tok/s (wall)':<22}" + "".join(f"{int(b.split('_')[1]) / r['step (wall)'] * 1e3:>12.1f}"
-                                             for b, r in results.items()))
+        print(f"{part:<22}" + "".join(f"{r.get(part, 0.0):>15.2f}" for r in results.values()))
+    print(f"{'tok/s (wall)':<22}" + "".join(f"{sizes[b] / r['step (wall)'] * 1e3:>15.1f}" for b, r in results.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "load_average": load, "results": results,
                                           "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__},

@@ -106,8 +106,11 @@ def get_kernel_ops(use_triton: bool) -> KernelOps:
 
 @functools.cache
 def get_cpu_kernel_ops() -> KernelOps:
-    """The references' math in fewer dispatches (`cpu_ops.py`): what a model on the CPU runs."""
-    from . import cpu_ops
+    """The references' math in fewer dispatches (`cpu_ops.py`): what a model on the CPU runs. Its C
+    kernels are built here (once per machine, ~1 s) rather than at the first request."""
+    from . import cpu_native, cpu_ops
+
+    cpu_native.decode_kernels_library()
 
     return KernelOps(
         name="cpu",

@@ -34,6 +34,8 @@ class AttentionMetadata:
     cascade                          decode: groups of rows sharing a prefix (kernels/cascade_attention.py)
     kv_slots, kv_valid               decode on the CPU (`cpu_ops.decode_metadata`): [B, L] int64 KV slots
                                      and validity mask (None: every row has L tokens), built once per forward
+    kv_in_place                      decode on the CPU: the C kernel (`cpu_native`) reads req_to_token and the
+                                     pool in place; req_pool_indices and seq_lens are then int64 host tensors
     """
 
     req_to_token: torch.Tensor
@@ -50,6 +52,7 @@ class AttentionMetadata:
     cascade: CascadeLayout | None = None
     kv_slots: torch.Tensor | None = None
     kv_valid: torch.Tensor | None = None
+    kv_in_place: bool = False
 
     @property
     def batch_size(self) -> int:
