@@ -8,7 +8,7 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M <= `GEMV_MAX_M` rows (batch-1-2 decode) through the CUDA-core GEMV (`kernels/w4a16_gemv.py`),
+On a GPU: M <= `GEMV_MAX_M` rows through the CUDA-core GEMV (`kernels/w4a16_gemv.py`; 0 = off, as measured),
 up to 16 through the split-K Triton MMA kernel, up to `DEQUANT_MIN_M` through its tiled launch, above
 that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
 where cuBLAS beats a Triton mma with dequantization in its loop).
@@ -25,8 +25,12 @@ import torch
 
 from radixlm.runtime.quantization.base import QuantizedWeight
 
-DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the tiled kernel (benchmarks/quantized.py)
-GEMV_MAX_M = 2  # rows up to which the GEMV runs (its FMAs grow with M; benchmarks/quantized_w4.py's small-M table decides)
+# Both set from the H200 small-M table of 2026-12-03 (benchmarks/quantized.py, RESULTS.md): dequantize +
+# cuBLAS beat the tiled kernel at 256 rows on 3 of the 4 8B shapes (354 vs 427 us summed), lost at 64 on all;
+# the CUDA-core GEMV lost to the split-K MMA kernel at every M (M = 1: 13.3 vs 9.7 us on qkv, 45.5 vs 35.7
+# on gate_up), so it runs nowhere by default until it is made faster.
+DEQUANT_MIN_M = 256  # rows from which dequantize + cuBLAS replaces the tiled kernel
+GEMV_MAX_M = 0  # rows up to which the GEMV runs (0: off; its FMAs grow with M)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 logger = logging.getLogger(__name__)
 

@@ -107,6 +107,7 @@ def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, m
     from radixlm.kernels.w4a16_gemm import w4a16_matmul
     from radixlm.runtime.quantization import w4a16 as wq
 
+    monkeypatch.setattr(wq, "GEMV_MAX_M", 2)  # off by default (measured slower on the H200): test the dispatch itself
     w = _weight(48, 256, 128, True, False, device)
     w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
