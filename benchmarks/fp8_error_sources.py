@@ -40,13 +40,17 @@ def per_channel(w: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """FP8 with one max|w| / 448 scale per [rows, cols] tile."""
+    """FP8 with one max|w| / 448 scale per [rows, cols] tile (the last ones may be partial)."""
     out = torch.empty_like(w)
-    for i in range(0, w.shape[0], rows):
-        for j in range(0, w.shape[1], cols):
-            t = w[i:i + rows, j:j + cols]
-            s = (t.abs().amax(1, keepdim=True).amax(0, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-            out[i:i + rows, j:j + cols] = (t / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
+    n = w.shape[0]
+    for j in range(0, w.shape[1], cols):
+        t = w[:, j:j + cols]
+        amax = t.abs().amax(1)
+        if rows > 1:
+            padded = torch.nn.functional.pad(amax, (0, -n % rows))
+            amax = padded.view(-1, rows).amax(1).repeat_interleave(rows)[:n]
+        s = (amax / FP8_MAX).clamp_min(1e-12)[:, None]
+        out[:, j:j + cols] = (t / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
     return out
 
 
