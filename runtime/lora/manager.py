@@ -68,6 +68,7 @@ class LoRAManager:
         # that, not for the whole stream); the previous forward's slots get theirs at the next prepare.
         self._slot_read: dict[int, torch.cuda.Event] = {}
         self._in_flight: set[int] = set()
+        self.swaps = 0  # adapters copied into a device slot so far (/server_info: lora.swaps)
         self.adapters: dict[str, Registered] = {}
         self._generation = itertools.count()
         self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
@@ -130,6 +131,7 @@ class LoRAManager:
             "in_host_memory": sorted(n for n, e in self.adapters.items() if e.host is not None),
             "in_device_slots": [s.name for s in self.slots],
             "pool_bytes": self.pool.nbytes,
+            "swaps": self.swaps,
         }
 
     # ---------------------------------------------------------------- one batch
@@ -147,6 +149,7 @@ class LoRAManager:
             self._keep_host(entry, self._read(entry), busy)
         assert entry.host is not None
         self.pool.write(index, entry.host, after=self._slot_read.get(index))
+        self.swaps += 1
         old = self.slots[index].name
         if old is not None:
             del self._slot_index[old]
