@@ -366,6 +366,8 @@ class Scheduler:
         return self.kv_pool.alloc(n)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
+        if not self.partial and not self.waiting:
+            return None  # the usual decode step: skip the reserve estimate, a pass over every running row
         budget = min(self.max_prefill_tokens, self.chunk_size)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
