@@ -88,6 +88,7 @@ def instrument(sched: Scheduler, timer: PartTimer) -> None:
     timer.patch(sched.runner, "forward", DEVICE)
     timer.patch(result_processor, "sample", DEVICE)  # the seeded draw over [B, V]
     timer.patch(result_processor, "apply_logit_adjustments", DEVICE)
+    timer.patch(sched.results, "sample_rows", DEVICE)  # the logits' copy and the bitmask applied ([B, V])
     import radixlm.constrained as constrained
 
     timer.patch(constrained, "apply_token_bitmask_", DEVICE)
@@ -134,13 +135,14 @@ def default_tokenizer_dir() -> Path:
     return Path(".gpu_assets/smollm_tok")
 
 
-def run_mode(sched: Scheduler, timer: PartTimer, mode: str, batch: int, steps: int, warm: int) -> dict[str, Any]:
+def run_mode(sched: Scheduler, timer: PartTimer, mode: str, batch: int, steps: int, warm: int,
+             json_temperature: float = 1.0) -> dict[str, Any]:
     """`batch` requests decode `steps` timed steps after `warm` untimed ones. JSON rows end when their
     grammar does (seeded: the same steps in every run of a commit with the same outputs): every step
     counts, and "rows" is the mean occupancy."""
     rng = random.Random(batch)
     extra: dict[str, Any] = {"json_schema": json.dumps(SCHEMA)} if mode == "json" else {}
-    temperature = 0.0 if mode == "plain" else 1.0
+    temperature = {"plain": 0.0, "sampled": 1.0, "json": json_temperature}[mode]
     tag = f"{mode}{batch}-{time.monotonic_ns()}"
     for i in range(batch):
         ids = [rng.randrange(100, 40000) % sched.runner.vocab_size for _ in range(64)]
@@ -210,6 +212,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1, help="run every (mode, batch) this many times, report the median")
     ap.add_argument("--tokenizer-dir", default=None)
+    ap.add_argument("--json-temperature", type=float, default=1.0,
+                    help="0: greedy under the grammar (the CPU's draw over [B, 49152] at temperature 1 takes seconds)")
     ap.add_argument("--mask-threads", type=int, default=0, help="--grammar-mask-threads")
     ap.add_argument("--out", default="benchmarks/results/host_step.json")
     args = ap.parse_args()
@@ -233,7 +237,8 @@ def main() -> None:
     for _ in range(args.repeat):
         for mode in modes:
             for b in batches:
-                results.setdefault(f"{mode} bs{b}", []).append(run_mode(scheds[mode], timer, mode, b, args.steps, args.warm))
+                results.setdefault(f"{mode} bs{b}", []).append(run_mode(scheds[mode], timer, mode, b, args.steps, args.warm,
+                                                                               args.json_temperature))
     results = {name: {k: statistics.median([r.get(k, 0.0) for r in runs]) for k in {k for r in runs for k in r}}
                for name, runs in results.items()}
     fixed = ("host total", "host µs per row", "step wall", DEVICE, "rows", "steps")
