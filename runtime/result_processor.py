@@ -282,11 +282,12 @@ class ResultProcessor:
         # Constrained rows too, once jump-forward would not be used (a jump rewrites the tokens
         # the next step already consumes): their step-k tokens are committed before sampling.
         grammar_ok = not self.jump_forward_enabled or self.jump_min_tokens(num_running) > JUMP_MAX_USEFUL_TOKENS
-        return all(
-            (r.grammar is None or grammar_ok) and not r.return_logprob and not r.params.needs_output_history
-            and len(r.output_ids) + r.tokens_on_device >= r.params.min_new_tokens
-            for r in batch.reqs
-        )
+        for r in batch.reqs:  # a plain loop: this runs over every row of every decode step
+            p = r.params
+            if ((r.grammar is not None and not grammar_ok) or r.return_logprob or p.needs_output_history
+                    or len(r.output_ids) + r.tokens_on_device < p.min_new_tokens):
+                return False
+        return True
 
     # ---------------------------------------------------------------- grammar-forced tokens
     def _jump_forward(self, req: Req, grammars: GrammarRuntime | None, num_running: int) -> bool:
