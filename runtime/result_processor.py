@@ -249,7 +249,6 @@ class ResultProcessor:
         if constrained:  # all matchers at once, then their next masks start in the background
             assert grammars is not None
             grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained])
-        eos, context_len = self.eos_ids, self.context_len
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             out = req.output_ids
             out.append(tok)
@@ -258,14 +257,9 @@ class ResultProcessor:
                 req.pending_output_logprobs.append((lp, tok))
                 if req.top_logprobs_num > 0:
                     req.pending_output_top.append(top or [])
-            p = req.params
-            if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_ids
-                    and (p.ignore_eos or tok not in eos) and len(out) < p.max_new_tokens
-                    and len(req.input_ids) + len(out) + req.tokens_on_device < context_len):
-                reason, jumped = None, False  # the usual row: no condition of check_finish holds, no grammar
-            else:
-                reason = self.check_finish(req, tok, grammars)
-                jumped = reason is None and allow_jump and self._jump_forward(req, grammars, num_running)
+            reason = self.check_finish(req, tok, grammars)
+            jumped = (reason is None and allow_jump and req.grammar is not None
+                      and self._jump_forward(req, grammars, num_running))
             if was_running and (reason is not None or jumped):
                 num_running -= 1
             elif not was_running and reason is None and not jumped:
@@ -313,6 +307,11 @@ class ResultProcessor:
     # ---------------------------------------------------------------- stops
     def check_finish(self, req: Req, tok: int, grammars: GrammarRuntime | None) -> FinishReason | None:
         p = req.params
+        out = req.output_ids
+        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_ids
+                and (p.ignore_eos or tok not in self.eos_ids) and len(out) < p.max_new_tokens
+                and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len):
+            return None  # the usual row, in one test: none of the conditions below can hold
         if tok in p.stop_token_ids:
             return FinishReason.stop(tok)
         if not p.ignore_eos and tok in self.eos_ids:
