@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -34,10 +33,10 @@ JUMP_MAX_USEFUL_TOKENS = 64
 LogprobEntry = tuple[float, list[tuple[float, int]] | None]
 
 
-@dataclass(frozen=True, slots=True)
-class SeqEvent:
-    """What one step did to one request. `was_running`: it was decoding (else its prompt, or its
-    forced tokens, just finished prefilling). `finished`: it ended (typed reason); `jumped`:
+class SeqEvent(NamedTuple):
+    """What one step did to one request (immutable: a NamedTuple, made per row per step, costs a
+    fifth of a frozen dataclass). `was_running`: it was decoding (else its prompt, or its forced
+    tokens, just finished prefilling). `finished`: it ended (typed reason); `jumped`:
     grammar-forced tokens were appended and need an extend step; neither: it decodes on.
     `sampled`: tokens appended this step (0 for a prompt that asked for no tokens). A verify row
     (speculative decoding) also says how many tokens it `drafted` and `accepted`, and how many of
@@ -184,15 +183,20 @@ class ResultProcessor:
 
     def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None) -> torch.Tensor:
         """Next token per row, on the device. `step` counts tokens still on the device (overlap)."""
-        banned = [tuple(self.eos_ids | set(r.params.stop_token_ids)) if len(r.output_ids) < r.params.min_new_tokens
-                  else () for r in reqs]
-        needs_adjust = any(r.params.has_penalties or r.params.logit_bias or b for r, b in zip(reqs, banned))
-        constrained = any(r.grammar is not None for r in reqs)
-        if not needs_adjust and not constrained and all(r.params.is_greedy for r in reqs):
+        banned: list[tuple[int, ...]] = []
+        needs_adjust = constrained = False
+        greedy = True
+        for r in reqs:  # one pass: what the batch needs
+            p = r.params
+            b = tuple(self.eos_ids | set(p.stop_token_ids)) if len(r.output_ids) < p.min_new_tokens else ()
+            banned.append(b)
+            needs_adjust = needs_adjust or bool(b) or p.has_penalties or bool(p.logit_bias)
+            constrained = constrained or r.grammar is not None
+            greedy = greedy and p.is_greedy
+        if not needs_adjust and not constrained and greedy:
             return rows_logits.argmax(dim=-1)  # the common greedy case: no per-row tensors to build
         sample_rows = [
-            SampleRow(params=r.params, seed=r.seed, step=len(r.output_ids) + r.tokens_on_device,
-                      output_ids=r.output_ids, prompt_ids=r.input_ids, banned_ids=b)
+            SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b)
             for r, b in zip(reqs, banned)
         ]
         bitmask = None
@@ -246,14 +250,16 @@ class ResultProcessor:
             assert grammars is not None
             grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained])
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
-            req.output_ids.append(tok)
-            if i in lp_map:
+            out = req.output_ids
+            out.append(tok)
+            if lp_map and i in lp_map:
                 lp, top = lp_map[i]
                 req.pending_output_logprobs.append((lp, tok))
                 if req.top_logprobs_num > 0:
                     req.pending_output_top.append(top or [])
             reason = self.check_finish(req, tok, grammars)
-            jumped = reason is None and allow_jump and self._jump_forward(req, grammars, num_running)
+            jumped = (reason is None and allow_jump and req.grammar is not None
+                      and self._jump_forward(req, grammars, num_running))
             if was_running and (reason is not None or jumped):
                 num_running -= 1
             elif not was_running and reason is None and not jumped:
@@ -270,11 +276,12 @@ class ResultProcessor:
         # Constrained rows too, once jump-forward would not be used (a jump rewrites the tokens
         # the next step already consumes): their step-k tokens are committed before sampling.
         grammar_ok = not self.jump_forward_enabled or self.jump_min_tokens(num_running) > JUMP_MAX_USEFUL_TOKENS
-        return all(
-            (r.grammar is None or grammar_ok) and not r.return_logprob and not r.params.needs_output_history
-            and len(r.output_ids) + r.tokens_on_device >= r.params.min_new_tokens
-            for r in batch.reqs
-        )
+        for r in batch.reqs:  # a plain loop: this runs over every row of every decode step
+            p = r.params
+            if ((r.grammar is not None and not grammar_ok) or r.return_logprob or p.needs_output_history
+                    or len(r.output_ids) + r.tokens_on_device < p.min_new_tokens):
+                return False
+        return True
 
     # ---------------------------------------------------------------- grammar-forced tokens
     def _jump_forward(self, req: Req, grammars: GrammarRuntime | None, num_running: int) -> bool:
@@ -300,6 +307,11 @@ class ResultProcessor:
     # ---------------------------------------------------------------- stops
     def check_finish(self, req: Req, tok: int, grammars: GrammarRuntime | None) -> FinishReason | None:
         p = req.params
+        out = req.output_ids
+        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_ids
+                and (p.ignore_eos or tok not in self.eos_ids) and len(out) < p.max_new_tokens
+                and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len):
+            return None  # the usual row, in one test: none of the conditions below can hold
         if tok in p.stop_token_ids:
             return FinishReason.stop(tok)
         if not p.ignore_eos and tok in self.eos_ids:

@@ -129,6 +129,8 @@ class ScheduledBatch:
         """The step's tensors on `device` (one packed copy), and the slot writes that the scheduler
         commits to req_to_token before running it. A decode step asks `cascade` whether its rows'
         shared radix-tree prefixes are worth attending once per group."""
+        if self.mode is ForwardMode.DECODE and not self.has_drafts:
+            return self._plain_decode_forward_batch(device, uncommitted, cascade)
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
@@ -225,6 +227,60 @@ class ScheduledBatch:
             extend_start_loc=starts_t.to(torch.int32),
             logits_indices=logits_t,
             lora_names=self._lora_names(len(rows_cpu)),
+            cascade=layout.with_tensors(layout_t) if layout is not None else None,
+        )
+        return fb, writes
+
+    def _plain_decode_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None,
+                                    cascade: CascadePlanner | None) -> tuple[ForwardBatch, SlotWrites]:
+        """`to_forward_batch` of the usual step, one new token per request and no drafts: every
+        per-row list is one comprehension and the index tensors are ranges (the general loop
+        costs ~5 µs per row, the whole step's budget at batch 256 on the host)."""
+        reqs = self.reqs
+        n = len(reqs)
+        prefix = self.prefix_lens
+        # The row's only new token is its last one: on the device (the uncommitted step's row),
+        # else fill_ids[prefix]; its logits row is the row itself, sampled (prefix + 1 == seq_len).
+        on_device = [r.tokens_on_device for r in reqs]
+        pending = [i for i, d in enumerate(on_device) if d]
+        if pending:
+            assert uncommitted is not None
+        input_ids = [0 if d else r.fill_slice(p, p + 1)[0] for r, p, d in zip(reqs, prefix, on_device)]
+        src = [reqs[i].uncommitted_row for i in pending]
+        rows_cpu = [r.req_pool_idx for r in reqs]
+        seq_lens = [p + 1 for p in prefix]
+        self.sample_rows = list(range(n))
+        self.logprob_rows = self.verify_rows = [[] for _ in range(n)]
+        self.logprob_first_pos = [0] * n
+        layout = None
+        if cascade is not None:
+            layout = cascade.plan([r.last_node for r in reqs], rows_cpu, seq_lens)  # type: ignore[arg-type]
+        extra = [t.to(torch.int64).view(-1) for t in layout.tensors()] if layout is not None else []
+        row_t = torch.tensor(rows_cpu, dtype=torch.int64)
+        positions_cpu = torch.tensor(prefix, dtype=torch.int64)
+        index = torch.arange(n, dtype=torch.int64)
+        slots = torch.cat(self.new_slots).to(torch.int64) if len(self.new_slots) != 1 else self.new_slots[0].to(torch.int64)
+        # Every row's token on the device, in the uncommitted step's order: that step's output is
+        # this step's input as it is (no scatter).
+        whole = len(pending) == n and uncommitted is not None and uncommitted.next_ids.shape[0] == n and src == list(range(n))
+        (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, index_t, pending_t, src_t,
+         *layout_t) = pack_on([
+            torch.tensor(input_ids, dtype=torch.int64), positions_cpu, slots, row_t, positions_cpu + 1,
+            torch.ones(n, dtype=torch.int64), index, torch.tensor([] if whole else pending, dtype=torch.int64),
+            torch.tensor([] if whole else src, dtype=torch.int64), *extra,
+        ], device)
+        if whole:
+            input_ids_t = uncommitted.next_ids  # type: ignore[union-attr]
+        elif pending:
+            input_ids_t[pending_t] = uncommitted.next_ids[src_t]  # type: ignore[union-attr]
+        writes = SlotWrites(decode=True, rows=row_t, positions=positions_cpu, prefix_lens=prefix,
+                            extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=rows_t,
+                            device_positions=positions_t, device_slots=out_cache_loc)
+        fb = ForwardBatch(
+            mode=self.mode, input_ids=input_ids_t, positions=positions_t, out_cache_loc=out_cache_loc,
+            req_pool_indices=rows_t, seq_lens=seq_lens_t.to(torch.int32), req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
+            seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1] * n, extend_seq_lens=ext_t.to(torch.int32),
+            extend_start_loc=index_t.to(torch.int32), logits_indices=index_t, lora_names=self._lora_names(n),
             cascade=layout.with_tensors(layout_t) if layout is not None else None,
         )
         return fb, writes

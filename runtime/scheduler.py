@@ -366,6 +366,8 @@ class Scheduler:
         return self.kv_pool.alloc(n)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
+        if not self.partial and not self.waiting:
+            return None  # the usual decode step: skip the reserve estimate, a pass over every running row
         budget = min(self.max_prefill_tokens, self.chunk_size)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
@@ -458,7 +460,7 @@ class Scheduler:
         batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
         self.step_batches.append(batch)
         # A request whose last token is on the device finishes when that is committed: nothing to run.
-        todo = [r for r in self.running if r.remaining_new_tokens() > 0]
+        todo = [r for r in self.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device]
         drafts = self._drafts(todo)
         slots = self._alloc_slots(len(todo) + drafts.total)
         if slots is not None:  # the common case: one allocation for the whole batch
