@@ -23,15 +23,21 @@ two tokens there (a near-tie when below NEAR_TIE). Any step outside these bounds
 
     python benchmarks/check_lora_swap.py --size mid --out $OUT/lora_swap.json     (CUDA: ~2 min)
     python benchmarks/check_lora_swap.py --size tiny                              (CPU: seconds)
+    python benchmarks/check_lora_swap.py --bisect --out $OUT/lora_bisect.json    (CUDA: ~3 min)
+--bisect reruns a smaller check (size "bisect") once per engine variant (as served; CUDA graphs
+off; cascade attention off; overlap schedule off) and prints one verdict line per variant, to tell
+which mechanism a failure needs.
 tests/runtime/test_lora_swap_check.py runs the tiny size in CI, and checks that the audit catches
 requests served with another adapter than their own.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -69,6 +75,13 @@ SIZES = {
                   new_tokens=(3, 10), chunked_prefill=32),
     "mid": Shape(1024, 2816, 6, 16, 4, 8192, 16, adapters=48, slots=6, requests=192, prompt_len=(16, 400),
                  new_tokens=(8, 64), chunked_prefill=512),
+    "bisect": Shape(512, 1408, 4, 8, 2, 8192, 16, adapters=24, slots=4, requests=48, prompt_len=(16, 300),
+                    new_tokens=(8, 56), chunked_prefill=256),
+}
+# --bisect: engine options of each variant (on top of `engine_runs`' common ones)
+VARIANTS: dict[str, dict] = {
+    "as_served": {}, "no_cuda_graph": {"disable_cuda_graph": True}, "no_cascade": {"cascade_attention": "off"},
+    "no_overlap": {"disable_overlap_schedule": True},
 }
 
 
@@ -164,8 +177,10 @@ def generate(eng, reqs: list[Request]) -> list[Served]:
     return [Served(o["output_ids"], [e[0] for e in o["meta_info"]["output_token_logprobs"]]) for o in res]
 
 
-def engine_runs(model_dir: Path, paths: dict[str, Path], shape: Shape, reqs: list[Request], device: str) -> dict:
-    """{"swapped", "resident", "alone"} -> per request what the engine served, plus swap counts."""
+def engine_runs(model_dir: Path, paths: dict[str, Path], shape: Shape, reqs: list[Request], device: str,
+                options: dict | None = None) -> dict:
+    """{"swapped", "resident", "alone"} -> per request what the engine served, plus swap counts
+    (`options`: engine options over the common ones, a --bisect variant)."""
     import radixlm
 
     common: dict = dict(dtype="float32", skip_tokenizer_init=True, random_seed=0, device=device,
@@ -175,6 +190,7 @@ def engine_runs(model_dir: Path, paths: dict[str, Path], shape: Shape, reqs: lis
         common.update(max_total_tokens=16384, cpu_threads=1, enable_overlap_schedule_on_cpu=True)
     else:
         common.update(mem_fraction_static=0.3, cuda_graph_max_bs=64)
+    common.update(options or {})
     runs: dict = {}
     with radixlm.Engine(str(model_dir), max_loras_per_batch=shape.slots, **common) as eng:
         runs["swapped"] = generate(eng, reqs)
@@ -313,12 +329,39 @@ def print_summary(report: dict) -> None:
           f"served in {report['serve_s']:.0f} s, wall {report['wall_s']:.0f} s")
 
 
+def bisect(shape: Shape, device: str, variants: list[str]) -> dict:
+    """The check once per engine variant; `pass` when every variant passes."""
+    report: dict = {"variants": {}}
+    for name in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            serve = functools.partial(engine_runs, options=VARIANTS[name])
+            r = run_check(shape, Path(tmp), device, serve=serve)
+        report["variants"][name] = r
+        runs = "  ".join(f"{k} {v['bad_requests']:>3}/{v['requests']} bad (median {v['logprob_err_median']:.1e})"
+                         for k, v in r["runs"].items())
+        first = sorted({b["step"] for v in r["runs"].values() for b in v["bad"]})[:6]
+        print(f"{name:14} {'PASS' if r['pass'] else 'FAIL'}  {runs}  first bad steps {first}  "
+              f"{r['wall_s']:.0f} s", flush=True)
+    report["pass"] = all(r["pass"] for r in report["variants"].values())
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=sorted(SIZES), default="mid" if torch.cuda.is_available() else "tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bisect", action="store_true", help="size 'bisect' (unless --size) once per engine variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="--bisect: which variants, comma-separated")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.bisect:
+        size = args.size if "--size" in sys.argv else "bisect"
+        report = bisect(SIZES[size], args.device, args.variants.split(","))
+        print(f"BISECT VERDICT: {'PASS' if report['pass'] else 'FAIL'}")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        raise SystemExit(0 if report["pass"] else 1)
     with tempfile.TemporaryDirectory() as tmp:
         report = run_check(SIZES[args.size], Path(tmp), args.device)
     if args.device == "cuda":

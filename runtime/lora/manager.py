@@ -209,8 +209,11 @@ class LoRAManager:
 
     # ---------------------------------------------------------------- CUDA graphs
     def enable_graphs(self, max_bs: int) -> None:
+        """The graphs' segment buffers, every segment unused (slot -1) until a step fills them: the
+        graphs are captured over them as they are."""
         self._graph_max_bs = max_bs
         self._graph_buf = torch.zeros(max_bs + 3 * len(self.slots), dtype=torch.int32, device=self.device)
+        self._graph_buf[max_bs + 2 * len(self.slots):].fill_(-1)
 
     def graph_segments(self, bs: int) -> LoRASegments:
         """The fixed segments a decode graph of batch size `bs` is captured with."""
@@ -219,13 +222,11 @@ class LoRAManager:
         return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:], bs, [])
 
     def use_graph_segments(self, bs: int | None) -> None:
-        """Capture: the projections read the graph's buffers (all slots -1 meanwhile: nothing runs);
-        None: the base-only graph, captured without any LoRA launch."""
-        if bs is None:
-            self.pool.batch.segments = None
-            return
-        self._graph_buf[self._graph_max_bs + 2 * len(self.slots):].fill_(-1)
-        self.pool.batch.segments = self.graph_segments(bs)
+        """Capture: the projections read the graph's buffers; None: the base-only graph, captured
+        without any LoRA launch. Host-side only: this runs inside the capture region, and a device
+        write here (it once reset the slots to -1) would be recorded and replayed, wiping the
+        segments `_fill_graph` wrote before every replay (decode graphs then served no adapter)."""
+        self.pool.batch.segments = None if bs is None else self.graph_segments(bs)
 
     def _fill_graph(self, per_req: torch.Tensor) -> None:
         order, start, length, slot, _ = segment_host(per_req, len(self.slots))

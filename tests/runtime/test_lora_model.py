@@ -207,3 +207,4 @@ def test_a_swap_replaces_the_whole_slot(tiny_model_dir, tmp_path) -> None:
     assert torch.equal(qkv.a[0, rank:rank + 4], a_k) and not qkv.a[0, :rank].any() and not qkv.a[0, rank + 4:].any()
     assert qkv.a.data_ptr() >= runner.lora.pool.buffer.data_ptr() and runner.lora.pool.nbytes == (
         runner.lora.pool.slot_numel * runner.lora.pool.buffer.element_size())
+

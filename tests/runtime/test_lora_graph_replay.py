@@ -1,0 +1,71 @@
+"""A LoRA decode run as a CUDA graph replays it, emulated on a CPU (Triton kernels interpreted).
+
+Its own module: after the other tests of test_lora_model.py in one process, the interpreter ran
+`tl.cumsum` in sgmv_triton._locate unpatched ("Cannot call @triton.jit'd outside of the scope of a
+kernel"); alone, and on CUDA, it runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.model_runner import ModelRunner
+from tests.fixtures.lora_adapters import make_peft_adapter, peft_model
+from tests.runtime.test_lora_model import _forward, _prompts, _reference, _runner
+
+
+def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """Under CUDA graphs a decode's LoRA kernels read fixed segment buffers, and a replay re-runs every
+    device op recorded in the capture region (CudaGraphRunner._run: `use_graph_segments(bs)`, then the
+    model). The H200 float32 swap check served no adapter in any graph-replayed decode step (every step
+    after the prefill at batch <= the largest bucket): that region reset the buffers' slots to -1 after
+    `prepare` had filled them. Emulated on a CPU with the Triton kernels interpreted: prefill, then the
+    same decode step eagerly and as a replay of the capture region; both must equal the reference."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import importlib
+
+    from radixlm.runtime.lora import sgmv_triton
+
+    if not torch.cuda.is_available() and type(sgmv_triton._locate).__name__ != "InterpretedFunction":
+        importlib.reload(sgmv_triton)  # imported before TRITON_INTERPRET was set: its jit functions compile
+    model_dir = tiny_model_dir("llama")
+    paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
+    runner = _runner(model_dir, paths, max_loras_per_batch=3)
+    lora = runner.lora
+    for projection in lora.pool.projections.values():
+        projection.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
+    names = ["b", None, "a"]
+    prompts = _prompts(runner.vocab_size, (7, 5, 9), seed=6)
+    eager = _forward(runner, prompts, names)
+    bs = len(names)
+    lora.enable_graphs(8)
+    lora._graph_buf[:8].fill_(7)  # stale rows: only the segments' lengths bound what the kernels read
+    before = lora._graph_buf.clone()
+    lora.use_graph_segments(bs)  # the capture: records, writes nothing
+    assert torch.equal(lora._graph_buf, before), "binding the graph's segments must issue no device write"
+    # the replay: prefill again (KV for the decode), then the decode step run as the capture region runs it
+    runner.forward_local = _replaying(runner, bs)  # type: ignore[method-assign]
+    replayed = _forward(runner, prompts, names)
+    for name, ids, got, want in zip(names, prompts, replayed, eager):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        model = peft_model(model_dir, paths[name], merged=False) if name else None
+        if model is not None:
+            torch.testing.assert_close(got[-1], _reference(model, ids)[-1], atol=2e-4, rtol=2e-4)
+
+
+def _replaying(runner: ModelRunner, bs: int):
+    """runner.forward_local with decode steps of `bs` rows run as a graph replay would: `prepare` fills
+    the segment buffers, then the capture region's ops (CudaGraphRunner._run) run over them."""
+    eager = runner.forward_local
+
+    def forward(batch: ForwardBatch) -> torch.Tensor:
+        if batch.mode is not ForwardMode.DECODE:
+            return eager(batch)
+        assert batch.batch_size == bs and runner.lora.prepare(batch, graph=True)
+        runner.attn_backend.begin_forward(batch)
+        runner.lora.use_graph_segments(bs)
+        return runner.model.compute_logits(runner.model(batch, runner.attn_backend))
+
+    return forward
