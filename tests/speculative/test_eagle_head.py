@@ -72,11 +72,12 @@ def test_missing_or_misshaped_weights_are_refused(heads, tmp_path) -> None:
 
 def paged_head(head_dir, embed: torch.Tensor):
     """The head on the torch kernels with a one-layer pool of its own (float32, CPU)."""
+    from safetensors import safe_open
+
     from radixlm.kernels import get_kernel_ops
     from radixlm.runtime.attention import PagedAttentionBackend
     from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
     from radixlm.runtime.models.llama import rope_cos_sin_cache
-    from safetensors import safe_open
 
     cfg = EagleHeadConfig.from_folder(head_dir)
     with safe_open(str(head_dir / "model.safetensors"), "pt") as f:
