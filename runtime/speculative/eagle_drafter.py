@@ -161,11 +161,12 @@ class EagleDrafter:
             self.pool.free(self.rows_pool.slots(state.row, n, len(state.positions)))
             del state.positions[n:], state.tokens[n:]
 
-    def _sync(self, state: HeadRow, fill: list[int]) -> None:
+    def _sync(self, state: HeadRow, req: Req) -> None:
         """Keep the entries whose next token is still the request's (jump-forward may rewrite its tail)
-        and that lie before its last fed position."""
-        n = len(state.positions)
-        while n and (state.positions[n - 1] + 2 >= len(fill) or fill[state.positions[n - 1] + 1] != state.tokens[n - 1]):
+        and that lie before its last position (fed again each time)."""
+        n, fill_len = len(state.positions), req.fill_len
+        while n and (state.positions[n - 1] + 2 >= fill_len
+                     or req.fill_slice(state.positions[n - 1] + 1, state.positions[n - 1] + 2)[0] != state.tokens[n - 1]):
             n -= 1
         self._truncate(state, n)
 
@@ -195,16 +196,19 @@ class EagleDrafter:
                 if row is None:
                     continue
                 state = self.rows[id(req)] = HeadRow(row)
-            fill = req.fill_ids
-            self._sync(state, fill)
-            if free < len(fill) - 1 - len(state.positions) + k:
+            self._sync(state, req)
+            fill_len = req.fill_len
+            if free < fill_len - 1 - len(state.positions) + k:
                 continue  # the head's pool is short: this request decodes plainly this step
-            new = pending.take(state.positions[-1] if state.positions else -1, len(fill) - 2)
+            new = pending.take(state.positions[-1] if state.positions else -1, fill_len - 2)
             if new is None:
                 continue  # no hidden state of its last position (e.g. the step that computed it was cached)
             positions, hidden = new
             free -= len(positions) + k - 1
-            active.append((i, state, k, positions, [fill[p + 1] for p in positions], hidden))
+            nexts = req.fill_slice(positions[0] + 1, positions[-1] + 2)  # tokens p + 1 (gaps skipped below)
+            if len(nexts) != len(positions):
+                nexts = [nexts[p - positions[0]] for p in positions]
+            active.append((i, state, k, positions, nexts, hidden))
         if not active:
             return out
         # Catch-up: each row's new entries (token p + 1, hidden p); the output at the last one drafts.

@@ -225,3 +225,26 @@ def test_drafts_equal_the_reference_on_the_verified_history(target, heads, name:
     while not sched.idle:
         sched.step()
     assert len(checked) >= 3 and max(checked) == 3
+
+
+def test_pending_hidden_states_replace_recompute_and_cap() -> None:
+    from radixlm.runtime.speculative import eagle_drafter
+    from radixlm.runtime.speculative.eagle_drafter import Pending
+
+    def rows(start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n, dtype=torch.float32)[:, None]
+
+    p = Pending()
+    p.add(0, rows(0, 10))  # a prefill
+    p.add(10, rows(10, 4))  # a verify row: position 10 and three drafts
+    p.add(12, rows(112, 1))  # one draft accepted: the next step starts at 12, replacing 12 and 13
+    assert p.take(-1, 13) is None  # 13 is gone
+    positions, hidden = p.take(-1, 12)
+    assert positions == list(range(13)) and hidden[:, 0].tolist() == list(range(12)) + [112]
+    assert p.take(11, 12)[0] == [12]  # the last position stays, to be fed again
+    p.add(13, rows(13, 1))
+    assert p.take(11, 13)[0] == [12, 13]
+    cap = eagle_drafter.MAX_PENDING
+    p.add(14, rows(14, cap + 5))  # a request that does not draft: the oldest go
+    positions, hidden = p.take(-1, 13 + cap + 5)
+    assert len(positions) == cap and positions[0] == 19 and hidden[0, 0] == 19
