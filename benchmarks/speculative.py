@@ -191,7 +191,7 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
     out = []
     for keep in (True, False):  # last: the scheduler is left without aux states (drafting would stall)
         if not keep:
-            runner.model.aux_layers = ()
+            runner.model.aux_layers, runner.model.aux_hidden, sched.spec = (), None, None
             max_bs = runner.graph_runner.max_bs
             runner.graph_runner = None
             torch.cuda.empty_cache()

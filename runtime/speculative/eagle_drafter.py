@@ -148,6 +148,7 @@ class EagleDrafter:
     def stash(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int], aux: torch.Tensor) -> None:
         """After a target forward whose tokens were reqs' (in order, extend_lens each, from prefix_lens):
         keep their projected hidden states."""
+        assert aux.shape[0] == sum(extend_lens), "aux hidden states of another batch"
         projected = self.head.project(aux)
         offset = 0
         for req, start, n in zip(reqs, prefix_lens, extend_lens):
