@@ -14,11 +14,17 @@ gpu  Llama-3.1-8B shape, random bf16 weights: verify-step cost for k = 1..8 at b
      generation off vs on at batch 1 and 64 (random weights fall into repeats, which NGRAM exploits:
      the acceptance reported is the workload's own), and the batch-1 projection at EAGLE-3's
      published acceptance (3.5-4 tokens per step) from the measured verify cost.
+     `--algorithm EAGLE3`: the same with a random-weight EAGLE-3 head of the 8B shape (speculators'
+     layout, draft vocabulary 32k, aux layers [2, 16, 29], 3 steps): also the drafting cost (the
+     head's catch-up + k - 1 decode passes per step) and the target's cost of keeping the aux hidden
+     states (decode steps with graphs captured with and without them). A random head is not accepted:
+     the end-to-end cells show the turn-down (payoff) and the projection uses verify + drafting cost.
 Prints tables and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -38,6 +44,7 @@ from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+from radixlm.runtime.speculative.draft_payoff import DraftPayoff  # noqa: E402
 from radixlm.runtime.speculative.spec_decoder import SpecDecoder  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
@@ -136,6 +143,77 @@ def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt
     return rows
 
 
+def prefill_random(sched: Scheduler, bs: int, prompt_len: int, vocab: int, tag: str) -> list:
+    rng = random.Random(bs)
+    for i in range(bs):
+        sched.handle(TokenizedGenerateReq(rid=f"{tag}{bs}-{i}", input_ids=[rng.randrange(100, vocab - 100)
+                                                                           for _ in range(prompt_len)],
+                                          params=SamplingParams(temperature=0.0, max_new_tokens=1 << 14, ignore_eos=True)))
+    while len(sched.running) < bs:
+        sched.step()
+    sched._commit_step()
+    return list(sched.running)
+
+
+def draft_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt_len: int, repeats: int,
+                vocab: int) -> list[dict]:
+    """EAGLE3: median time of the head's drafting for k tokens per row (steady state: a one-entry
+    catch-up, then k - 1 decode passes, one device sync), after a first call caught the prompts up."""
+    drafter = sched.spec.eagle
+    rows = []
+    for bs in batch_sizes:
+        live = prefill_random(sched, bs, prompt_len, vocab, "d")
+        drafter.propose(live, [1] * bs)  # catch-up over the prompts
+        for k in ks:
+            times = []
+            for rep in range(repeats + 2):
+                sync(sched.device)
+                t = time.perf_counter()
+                drafts = drafter.propose(live, [k] * bs)
+                sync(sched.device)
+                if rep >= 2:
+                    times.append(time.perf_counter() - t)
+            assert all(len(d) == k for d in drafts)
+            ms = statistics.median(times) * 1e3
+            rows.append({"batch": bs, "k": k, "ms": round(ms, 3)})
+            print(f"  draft cost   batch {bs:3d}  k {k}: {ms:8.2f} ms", flush=True)
+        for r in live:
+            sched.abort(r.rid, "benchmark done")
+        sched.pop_outputs()
+    return rows
+
+
+def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int) -> list[dict]:
+    """EAGLE3: a decode step (graphs) with the aux hidden states kept vs graphs captured without them."""
+    from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
+
+    runner = sched.runner
+    out = []
+    for keep in (True, False):  # last: the scheduler is left without aux states (drafting would stall)
+        if not keep:
+            runner.model.aux_layers, runner.model.aux_hidden, sched.spec = (), None, None
+            max_bs = runner.graph_runner.max_bs
+            runner.graph_runner = None
+            torch.cuda.empty_cache()
+            runner.graph_runner = CudaGraphRunner(runner, max_bs, runner.req_to_token_pool.pad_row)
+        for row in verify_costs(sched, batch_sizes, [], 512, repeats, vocab):
+            out.append({**row, "aux": keep})
+    for bs in batch_sizes:
+        on, off = (next(r["ms"] for r in out if r["batch"] == bs and r["aux"] is a) for a in (True, False))
+        print(f"  aux states   batch {bs:3d}: decode {on:.3f} ms with, {off:.3f} ms without ({on / off:.3f}x)")
+    return out
+
+
+def fresh_spec(sched: Scheduler) -> SpecDecoder:
+    """A SpecDecoder with fresh counters, acceptance and payoff; EAGLE3 keeps the loaded head."""
+    if sched.spec is None or sched.spec.eagle is None:
+        return SpecDecoder(sched.args, sched.runner, None)
+    spec = copy.copy(sched.spec)
+    spec.verify_steps = spec.verify_tokens = spec.draft_tokens = spec.accepted_tokens = 0
+    spec.acceptance, spec.payoff = {}, DraftPayoff()
+    return spec
+
+
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
             repeats: int, clock: Any = time.perf_counter) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
@@ -143,7 +221,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     is switched per run by giving it a fresh SpecDecoder or none."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
     outs: dict[bool, dict[str, list[int]]] = {}
-    spec = SpecDecoder(sched.args, sched.runner, None)
+    spec = fresh_spec(sched)
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
@@ -219,11 +297,23 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     # 640 rows: CUDA graphs cover every verify shape measured (64 rows x 9 tokens).
     options = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
                    skip_tokenizer_init=True, max_running_requests=640)
-    report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                    "algorithm": args.algorithm}
+    ks = list(range(1, 9))
+    if args.algorithm == "EAGLE3":
+        from radixlm.tests.fixtures.eagle3_heads import build_eagle3_head
+
+        head = build_eagle3_head(model_dir, root / "eagle3-head", draft_vocab_size=32000, scale=0.02,
+                                 dtype=torch.bfloat16)
+        # 320 rows: graphs cover 64 rows x (3 drafts + 1)
+        options.update(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head), speculative_num_steps=3,
+                       max_running_requests=320)
+        ks = [1, 2, 3]
     sched = make_scheduler(model_dir, None, True, **options)
-    costs = (verify_costs(sched, [1, 8, 32, 64], list(range(1, 9)), 512, args.repeats + 3, vocab)
-             if "cost" in args.sets else [])
+    costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
+    if args.algorithm == "EAGLE3":
+        report["draft_cost"] = draft_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab)
     rng = random.Random(1)
     report["cells"] = []
     for batch in (1, 64):
@@ -234,8 +324,15 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
               f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
+    if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
+        decode_ms = next(c["ms"] for c in costs if c["batch"] == 1 and c["k"] == 0)
+        b1 = {k: b1[k] + next(d["ms"] for d in report["draft_cost"] if d["batch"] == 1 and d["k"] == k) / decode_ms
+              for k in ks}
+        if "aux" in args.sets:
+            report["aux_cost"] = aux_cost(sched, [1, 8, 32, 64], args.repeats + 3, vocab)
     report["projection_batch1"] = [
-        {"accept_length": a, "k": k, "speedup": round(a / b1[k], 2)} for a in (3.5, 4.0) for k in (4, 6) if k in b1]
+        {"accept_length": a, "k": k, "speedup": round(a / b1[k], 2)} for a in (3.5, 4.0) for k in (3, 4, 6)
+        if k in b1 and a <= k + 1]
     for p in report["projection_batch1"]:
         print(f"projection (not measured): batch 1, {p['accept_length']} tok/step at k {p['k']}: x{p['speedup']}")
     return report
@@ -248,8 +345,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="cpu mode: torch threads")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (cpu), 256 (gpu)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--sets", default="cost,copy,chat", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
-                    "= the verify-cost table, the end-to-end cells always)")
+    ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
+                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, the end-to-end cells always)")
+    ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     args = ap.parse_args()
     args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)

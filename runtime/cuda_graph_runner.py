@@ -64,6 +64,7 @@ class CudaGraphRunner:
             self.cascade = empty.with_tensors([t.to(torch.int64) for t in empty.tensors()])
         self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool, bool], torch.Tensor] = {}
+        self.aux_outputs: dict[tuple[int, bool, bool], torch.Tensor] = {}  # EAGLE-3: the aux hidden states
         self.capture_s: dict[str, float] = {}  # seconds spent capturing each variant (all buckets)
         self.metas: dict[tuple[int, bool], AttentionMetadata] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -119,6 +120,8 @@ class CudaGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
                     self.outputs[bs, lora, cascade] = self._run(bs, lora, cascade)
+                if self.runner.model.aux_layers:
+                    self.aux_outputs[bs, lora, cascade] = self.runner.model.aux_hidden
                 self.graphs[bs, lora, cascade] = graph
                 torch.cuda.synchronize()
                 key = ("lora" if lora else "base") + ("+cascade" if cascade else "")
@@ -162,4 +165,6 @@ class CudaGraphRunner:
         if cascade:
             self._copy_cascade(batch.cascade, bs, padded)  # type: ignore[arg-type]
         self.graphs[padded, lora, cascade].replay()
+        if self.aux_outputs:
+            self.runner.model.aux_hidden = self.aux_outputs[padded, lora, cascade][:bs]
         return self.runner.model.compute_logits(self.outputs[padded, lora, cascade][:bs])

@@ -38,6 +38,27 @@ class ForwardBatch:
     # Decode only: rows sharing a radix-tree prefix, attended once per group (runtime/cascade.py).
     cascade: CascadeLayout | None = None
 
+    @classmethod
+    def for_rows(cls, mode: ForwardMode, input_ids: list[int] | torch.Tensor, positions: list[int],
+                 slots: torch.Tensor, rows: list[int], seq_lens: list[int], chunk_lens: list[int],
+                 device: torch.device) -> "ForwardBatch":
+        """A batch built outside the scheduler (draft models): row i appends chunk_lens[i] tokens
+        whose KV ends at seq_lens[i]; logits at each row's last token."""
+        starts, ends, offset = [], [], 0
+        for n in chunk_lens:
+            starts.append(offset)
+            offset += n
+            ends.append(offset - 1)
+
+        def t(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else t(input_ids)
+        return cls(mode=mode, input_ids=ids, positions=t(positions), out_cache_loc=slots.to(device),
+                   req_pool_indices=t(rows), seq_lens=t(seq_lens, torch.int32), req_pool_indices_cpu=rows,
+                   seq_lens_cpu=seq_lens, extend_seq_lens_cpu=chunk_lens, extend_seq_lens=t(chunk_lens, torch.int32),
+                   extend_start_loc=t(starts, torch.int32), logits_indices=t(ends))
+
     @property
     def batch_size(self) -> int:
         return len(self.seq_lens_cpu)

@@ -94,6 +94,10 @@ class ModelRunner:
         self.quantization = resolve_quantization(args.quantization, args.dtype, self.device, gguf_blocks,
                                                  parallel is not None, self.checkpoint_quantization, tp_rank_size()[1])
         self.model = self._load_model(model_dir)
+        if args.speculative_algorithm == "EAGLE3":  # the draft head reads these layers' hidden states
+            from radixlm.runtime.speculative.eagle_head import target_aux_layers
+
+            self.model.aux_layers = target_aux_layers(args, mc.num_layers)
         self.kv_cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.lora = None  # LoRAManager with --enable-lora: its device slots are allocated before the KV pool
         if args.enable_lora:

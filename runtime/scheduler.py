@@ -225,6 +225,8 @@ class Scheduler:
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
+        if self.spec is not None:
+            self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1
         self.stats["cascade_decode_steps"] += fb.cascade is not None
         if self.overlap and self.results.can_defer(batch, len(self.running)):

@@ -32,7 +32,7 @@ GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 GRAMMAR_BACKENDS = ("llguidance", "outlines", "xgrammar")
-SPEC_ALGORITHMS = ("NGRAM", "STANDALONE")
+SPEC_ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE3")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -160,11 +160,13 @@ class ServerArgs:
     # ---------------------------------------------------------------- speculative decoding
     speculative_algorithm: str | None = _flag(
         None, "speculative", "propose tokens cheaply, verify them all in one target pass (greedy output "
-        "unchanged, sampling exact); NGRAM: prompt lookup over the request's prompt and output, no extra model",
+        "unchanged, sampling exact); NGRAM: prompt lookup over the request's prompt and output, no extra model; "
+        "STANDALONE: a small draft model; EAGLE3: an EAGLE-3 draft head on the target's hidden states",
         str, choices=SPEC_ALGORITHMS, default_text="off")
     speculative_draft_model_path: str | None = _flag(
         None, "speculative", "STANDALONE: a smaller model of the same families and tokenizer (folder, .gguf or hub "
-        "id) that drafts greedily from its own KV pool", str, default_text="none")
+        "id) that drafts greedily from its own KV pool; EAGLE3: an EAGLE-3 head folder (speculators' layout, or the "
+        "original release's) trained for the target", str, default_text="none")
     speculative_num_steps: int | None = _flag(
         None, "speculative", "draft depth: at most this many tokens proposed per request and step (fewer "
         "while acceptance is too low to pay)", int, minimum=1, default_text="4 with an algorithm")
@@ -295,10 +297,12 @@ class ServerArgs:
             if given:
                 raise ValueError(f"{given[0]}: needs --speculative-algorithm")
             return
-        if (self.speculative_algorithm == "STANDALONE") != (self.speculative_draft_model_path is not None):
-            raise ValueError("speculative_draft_model_path: required with STANDALONE, and only with it")
-        if self.speculative_algorithm == "STANDALONE" and self.tp_size * self.pp_size > 1:
-            raise ValueError("speculative_algorithm: STANDALONE runs on one rank (tp_size = pp_size = 1) for now")
+        with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE3")
+        if with_model != (self.speculative_draft_model_path is not None):
+            raise ValueError("speculative_draft_model_path: required with STANDALONE and EAGLE3, and only with them")
+        if with_model and self.tp_size * self.pp_size > 1:
+            raise ValueError(f"speculative_algorithm: {self.speculative_algorithm} runs on one rank "
+                             "(tp_size = pp_size = 1) for now")
         steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
         if steps is not None and tokens is not None and tokens != steps + 1:
             raise ValueError(f"speculative_num_draft_tokens: {tokens} is not speculative_num_steps + 1 = {steps + 1} "

@@ -128,6 +128,10 @@ class LlamaForCausalLM(nn.Module):
                         if stage.last and not cfg.tie_word_embeddings else None)
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_positions), persistent=False)
         self.ops: KernelOps = get_kernel_ops(False)  # the runner swaps in Triton kernels on a GPU
+        # EAGLE-3 drafting: the layers whose input hidden states (residual stream) each forward keeps,
+        # concatenated in `aux_hidden` [T, len x hidden] for every token; none otherwise (no cost).
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: PagedAttentionBackend,
@@ -143,7 +147,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             hidden, residual = intermediate
         cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
-        for layer in self.layers:
+        aux: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux[i] = hidden if residual is None else hidden + residual
             if residual is None:
                 residual = hidden
                 normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
@@ -153,6 +160,8 @@ class LlamaForCausalLM(nn.Module):
             normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
             hidden = layer.mlp(normed, ops)
         assert residual is not None
+        if self.aux_layers:
+            self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)
         if not self.stage.last:
             return hidden, residual  # type: ignore[return-value]
         hidden = hidden + residual

@@ -133,7 +133,7 @@ class DraftModelDrafter:
         lens = [len(c) for c in chunks]
         slots = self.pool.alloc(sum(lens))
         assert slots is not None  # checked by propose
-        ids, positions, rows, seq_lens, starts, last_rows = [], [], [], [], [], []
+        ids, positions, rows, seq_lens = [], [], [], []
         offset = 0
         for state, chunk, n in zip(states, chunks, lens):
             start = len(state.tokens)
@@ -143,16 +143,6 @@ class DraftModelDrafter:
             state.tokens += chunk
             rows.append(state.row)
             seq_lens.append(start + n)
-            starts.append(offset)
             offset += n
-            last_rows.append(offset - 1)
-        dev = self.runner.device
-
-        def t(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        fb = ForwardBatch(mode=mode, input_ids=t(ids), positions=t(positions), out_cache_loc=slots.to(dev),
-                          req_pool_indices=t(rows), seq_lens=t(seq_lens, torch.int32), req_pool_indices_cpu=rows,
-                          seq_lens_cpu=seq_lens, extend_seq_lens_cpu=lens, extend_seq_lens=t(lens, torch.int32),
-                          extend_start_loc=t(starts, torch.int32), logits_indices=t(last_rows))
+        fb = ForwardBatch.for_rows(mode, ids, positions, slots, rows, seq_lens, lens, self.runner.device)
         return self.runner.forward(fb).argmax(dim=-1).tolist()

@@ -1,7 +1,8 @@
 """The scheduler's speculative-decoding planner: which tokens each running request verifies this step.
 
 Owned by the Scheduler (one per scheduler process). Per decode step: the drafter (NGRAM: prompt
-lookup; STANDALONE: a draft model, draft_model.py) proposes up to `--speculative-num-steps` tokens
+lookup; STANDALONE: a draft model, draft_model.py; EAGLE3: a draft head fed by the target's hidden
+states, eagle_drafter.py) proposes up to `--speculative-num-steps` tokens
 per request; the budget
 (draft_budget.py) keeps those worth their verify rows; a constrained request's drafts are cut at
 the first token its grammar refuses, and the masks of the positions to verify are taken on the way.
@@ -25,7 +26,9 @@ from radixlm.runtime.speculative.ngram import NgramDrafter
 
 if TYPE_CHECKING:
     from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.schedule_batch import ScheduledBatch
     from radixlm.runtime.speculative.draft_model import DraftModelDrafter
+    from radixlm.runtime.speculative.eagle_drafter import EagleDrafter
 
 
 @dataclass(frozen=True)
@@ -41,16 +44,21 @@ class Drafts:
 
 
 def prepare_draft_model(args: ServerArgs) -> tuple[Path | None, tuple[int, int]]:
-    """STANDALONE: the draft model's folder and the GPU memory the target must leave it, before the
-    target sizes its KV pool."""
-    if args.speculative_algorithm != "STANDALONE":
+    """STANDALONE / EAGLE3: the draft model's (head's) folder and the GPU memory the target must leave
+    it, before the target sizes its KV pool."""
+    if args.speculative_algorithm not in ("STANDALONE", "EAGLE3"):
         return None, (0, 0)
-    from radixlm.runtime.model_source import resolve_model_path
     from radixlm.runtime.speculative.draft_model import draft_memory
+    from radixlm.runtime.speculative.eagle_drafter import head_memory
+    from radixlm.runtime.speculative.eagle_head import head_folder
 
-    draft_dir = resolve_model_path(args.speculative_draft_model_path, progress=False, download_dir=args.download_dir)
+    draft_dir = head_folder(args)
     device = torch.device(args.device or "cpu")
-    return draft_dir, (draft_memory(draft_dir, args.dtype, device) if device.type == "cuda" else (0, 0))
+    if device.type != "cuda":
+        return draft_dir, (0, 0)
+    if args.speculative_algorithm == "EAGLE3":
+        return draft_dir, head_memory(draft_dir, torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype))
+    return draft_dir, draft_memory(draft_dir, args.dtype, device)
 
 
 class SpecDecoder:
@@ -60,8 +68,14 @@ class SpecDecoder:
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
         self.drafter = NgramDrafter()
-        self.model: DraftModelDrafter | None = None
-        if draft_dir is not None:
+        self.model: DraftModelDrafter | EagleDrafter | None = None
+        self.eagle: EagleDrafter | None = None
+        if draft_dir is not None and self.algorithm == "EAGLE3":
+            from radixlm.runtime.speculative.eagle_drafter import EagleDrafter
+
+            self.model = self.eagle = EagleDrafter(draft_dir, runner, self.max_drafts)
+            self.aux_source = runner.model
+        elif draft_dir is not None:
             from radixlm.runtime.speculative.draft_model import DraftModelDrafter
 
             self.model = DraftModelDrafter(args, draft_dir, runner.vocab_size, runner.max_total_tokens,
@@ -89,6 +103,11 @@ class SpecDecoder:
         """The step that began runs a plain decode batch (with or without drafts): it is measured."""
         if self.payoff is not None:
             self.payoff.scheduled(plain_decode, drafted)
+
+    def after_forward(self, batch: ScheduledBatch) -> None:
+        """EAGLE3: right after the target's forward, keep its hidden states of the batch's tokens."""
+        if self.eagle is not None and self.aux_source.aux_hidden is not None:
+            self.eagle.stash(batch.reqs, batch.prefix_lens, batch.extend_lens, self.aux_source.aux_hidden)
 
     def may_draft(self, running: list[Req]) -> bool:
         """Whether the next decode step may carry drafts: then the scheduler needs every running
