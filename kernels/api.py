@@ -173,11 +173,33 @@ def decode_attention_triton(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
+    """Decode attention in one launch (splits merged by the last to finish), cascade aside."""
     from .decode_attention import decode_attention
 
     return decode_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
         num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade,
+    )
+
+
+def decode_attention_triton_two_stage(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    meta: AttentionMetadata,
+    sm_scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """The same with a separate merge launch (stage 2): the unfused bundle, for A/B measurements."""
+    from .decode_attention import decode_attention
+
+    return decode_attention(
+        q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
+        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade,
+        single_launch=False,
     )
 
 
