@@ -94,23 +94,39 @@ def _decode_stage1(
         acc, m_i, l_i = online_softmax_step(q, k, v, mask_n[None, :], acc, m_i, l_i, qk_scale, DOT_PRECISION)
 
     out = acc / l_i[:, None] * v_scale
-    active = tl.cdiv(seq_len - kv_lo, split_len)  # splits with work (the same for every split)
     if MERGE:
-        if active == 1:  # a short request: this split is the whole answer
-            tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
-            return
-    # FINAL (a single split): MidO is the output itself and stage 2 does not run.
-    tl.store(
-        MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-        out.to(MidO.dtype.element_ty),
-        mask=mask_h[:, None] & mask_d[None, :],
-    )
-    if not FINAL:
+        write_or_merge(out, m_i, l_i, MidO, MidLse, Out, Locks, b, kvh, split, tl.cdiv(seq_len - kv_lo, split_len),
+                       heads, mask_h, offs_d, mask_d, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                       stride_ob, stride_oh, GROUP, BLOCK_S)
+    else:
+        # FINAL (a single split): MidO is the output itself and stage 2 does not run.
+        tl.store(
+            MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+            out.to(MidO.dtype.element_ty),
+            mask=mask_h[:, None] & mask_d[None, :],
+        )
+        if not FINAL:
+            tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
+
+
+@triton.jit
+def write_or_merge(
+    out, m_i, l_i, MidO, MidLse, Out, Locks, b, kvh, split, active, heads, mask_h, offs_d, mask_d,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One-launch decode: the output of a (request, KV head)'s GROUP heads from split `split` of
+    `active`. A lone split writes `out`; otherwise each writes its partial (output, base-2 LSE),
+    and the last to finish merges them with stage 2's arithmetic and re-arms the counter."""
+    if active == 1:
+        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    else:
+        tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+                 out, mask=mask_h[:, None] & mask_d[None, :])
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
-    if MERGE:
         # Every thread's partial stores happen before the counter's release; the split that sees
-        # all others done (acquire) merges, with stage 2's arithmetic, and re-arms the counter.
+        # all others done (acquire) reads them past L1.
         tl.debug_barrier()
         lock = Locks + b * tl.num_programs(1) + kvh
         done = tl.atomic_add(lock, 1, sem="acq_rel")

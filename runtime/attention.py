@@ -59,12 +59,18 @@ class PagedAttentionBackend:
         self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, layer_id: int, batch: ForwardBatch,
         cos_sin: torch.Tensor, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
-        """The fused projection's output qkv [T, (Hq + 2 Hkv) * D] -> attention output [T, Hq, D]:
-        the bundle's `rotary_store_kv` (q/k norm with `qk_norm` = (q weight, k weight, eps), rotary,
-        KV store in one call), then attention."""
+        """The fused projection's output qkv [T, (Hq + 2 Hkv) * D] -> attention output [T, Hq, D].
+        A plain decode batch (no cascade, no q/k norm) with a bundle that has `decode_attention_qkv`:
+        rotary, KV store and attention in one call. Otherwise the bundle's `rotary_store_kv` (q/k norm
+        with `qk_norm` = (q weight, k weight, eps), rotary, KV store in one call), then attention."""
         assert self.meta is not None, "begin_forward() must run before the layers"
         assert self.ops.rotary_store_kv is not None, "forward_qkv needs a bundle with rotary_store_kv"
         pool = self.kv_pool
+        whole = self.ops.decode_attention_qkv
+        if whole is not None and batch.mode is ForwardMode.DECODE and self.meta.cascade is None and qk_norm is None:
+            return whole(qkv, num_heads, num_kv_heads, batch.positions, cos_sin, pool.k_buffer[layer_id],
+                         pool.v_buffer[layer_id], batch.out_cache_loc, self.meta, self.sm_scale,
+                         pool.k_scales[layer_id], pool.v_scales[layer_id])
         q_norm, k_norm, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
         q = self.ops.rotary_store_kv(
             qkv, num_heads, num_kv_heads, batch.positions, cos_sin, pool.k_buffer[layer_id], pool.v_buffer[layer_id],

@@ -128,3 +128,52 @@ def test_single_launch_decode_equals_two_stage(device, make_pool, assert_close, 
     assert_close(one, decode_attention_ref(*args), dtype)
     assert int(split_counters(q.device, len(seq_lens) * NUM_KV).abs().sum()) == 0
 
+
+
+def _decode_case(device: str, make_pool, seq_lens: list[int], group: int, dtype: torch.dtype,
+                 pool_dtype: torch.dtype):
+    """A pool holding every request's KV but the newest token's, whose slot holds garbage, and the
+    fused projection's output for that token."""
+    pool = make_pool(seq_lens, NUM_KV, D, torch.float32, device)
+    k_buf, v_buf = pool.k_buffer.to(pool_dtype), pool.v_buffer.to(pool_dtype)
+    bsz, hq = len(seq_lens), NUM_KV * group
+    qkv = torch.randn(bsz, (hq + 2 * NUM_KV) * D, dtype=dtype, device=device)
+    rows = torch.tensor(pool.rows, device=device)
+    lens = torch.tensor(seq_lens, device=device)
+    slots = pool.req_to_token[rows, lens - 1].long()
+    pos = torch.randint(0, MAX_POS, (bsz,), device=device)
+    return qkv, hq, pos, k_buf, v_buf, slots, pool.req_to_token, rows, lens
+
+
+@pytest.mark.parametrize(
+    ("group", "dtype", "pool_dtype", "splits", "seq_lens"),
+    [
+        (4, torch.float32, torch.float32, 4, [1, 40, 25, 16]),  # newest alone, mid-block, block edge
+        (3, torch.float32, torch.float32, 1, [33, 2]),  # one split writes the output itself
+        (4, torch.bfloat16, torch.bfloat16, 3, [29, 48, 17]),
+        (4, torch.float32, torch.float8_e4m3fn, 2, [37, 5]),
+    ],
+)
+def test_decode_attention_qkv_matches_composed_ref(device, make_pool, assert_close, group, dtype, pool_dtype,
+                                                   splits, seq_lens):
+    """Rotary + KV store + decode attention in one launch against rotary_store_kv_ref then
+    decode_attention_ref on a copy of the pool: the same K/V written, the same output."""
+    from radixlm.kernels.decode_attention_qkv import decode_attention_qkv
+
+    qkv, hq, pos, k_buf, v_buf, slots, r2t, rows, lens = _decode_case(device, make_pool, seq_lens, group, dtype,
+                                                                       pool_dtype)
+    scales = (0.5, 2.0) if pool_dtype.itemsize == 1 else (1.0, 1.0)
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    q_ref = ops_ref.rotary_store_kv_ref(qkv, hq, NUM_KV, pos, _cache(device), k_ref, v_ref, slots, *scales)
+    ref = decode_attention_ref(q_ref, k_ref, v_ref, r2t, rows, lens, D**-0.5, k_scale=scales[0], v_scale=scales[1])
+    got = decode_attention_qkv(qkv, hq, NUM_KV, pos, _cache(device), k_buf, v_buf, slots, r2t, rows, lens, D**-0.5,
+                               k_scale=scales[0], v_scale=scales[1], num_kv_splits=splits)
+    assert got.shape == (len(seq_lens), hq, D)
+    assert_close(got, ref, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(v_buf.view(torch.uint8), v_ref.view(torch.uint8))
+        mismatched = (k_buf.view(torch.uint8) != k_ref.view(torch.uint8)).float().mean().item()
+        assert mismatched < 0.01  # a last-ulp float32 rotation difference may move a rounding tie
+    else:
+        assert_close(k_buf, k_ref, dtype)
+        assert torch.equal(v_buf, v_ref)
