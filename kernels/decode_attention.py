@@ -197,7 +197,8 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
     The kernel leaves them zero again, so one buffer serves all layers and steps. A larger request
     allocates a new buffer and keeps the old ones alive: a CUDA graph captured with an old buffer
-    keeps a valid one. (Capture warms up each batch size first, so capture itself never allocates.)"""
+    keeps a valid one. (Capture warms up each batch size first, so capture itself never allocates.)
+    Launches on one device share them, so they must not run concurrently: decode runs on one stream."""
     held = _COUNTERS.setdefault(device, [])
     if not held or held[-1].numel() < n:
         held.append(torch.zeros(max(n, 2 * held[-1].numel() if held else 256), dtype=torch.int32, device=device))
