@@ -218,6 +218,11 @@ def item_kernels(bw: float) -> dict:
                                                           D**-0.5))
             row("  block: rotary+store+attn (4 launches -> 1)", graph_us(unfused_block), block, kv_bytes)
             row("  block: rope_store + 1-launch attn (2 launches)", None, graph_us(two_launch_block), kv_bytes)
+            if bs == 1 and ctx <= 1024:  # fewer, longer splits: no merge below the split length (tuning data)
+                for n in (1, 2, 4, 8):
+                    row(f"  block, {n} KV splits", None, graph_us(lambda: decode_attention_qkv(
+                        qkv, HQ, HKV, pos, cache, kk, vv, new_slots, r2t, idx, lens, D**-0.5, num_kv_splits=n)),
+                        kv_bytes)
         x, res = (torch.randn(bs, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         w = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16)
         ids = torch.arange(bs, device="cuda")
