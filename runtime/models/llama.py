@@ -171,8 +171,8 @@ class LlamaForCausalLM(nn.Module):
         if not self.stage.last:
             return hidden, residual  # type: ignore[return-value]
         if ops.add_rms_norm_rows is not None:  # add, gather the rows, norm: one launch
-            return ops.add_rms_norm_rows(hidden, residual, self.norm.weight, self.cfg.rms_norm_eps,
-                                         batch.logits_indices)
+            rows = batch.logits_indices.to(hidden.device)  # (a no-op but where a caller indexes from the host)
+            return ops.add_rms_norm_rows(hidden, residual, self.norm.weight, self.cfg.rms_norm_eps, rows)
         hidden = hidden + residual
         hidden = hidden[batch.logits_indices]
         return ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
