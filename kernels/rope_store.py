@@ -76,26 +76,46 @@ def _rope_store_kernel(
     cmask = offs < HALF
     cos = tl.load(Cache + pos * stride_c + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(Cache + pos * stride_c + HALF + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    # Each part in its own function: Triton requires a name bound in both branches of a runtime `if`
+    # to have one type, and the Q and K tiles differ in shape (and pointer dtype).
     if part == 0:  # Q: rotated into a fresh [T, Hq, D] tensor
-        heads = tl.arange(0, BLOCK_HQ)
-        hmask = heads < n_q_heads
-        y1, y2 = _rotated_heads(row + heads[:, None] * HEAD_DIM, hmask, offs, HEAD_DIM, cos, sin, QNormW, eps,
-                                HEAD_DIM, HALF, QK_NORM)
-        mask = hmask[:, None] & cmask[None, :]
-        dst = QOut + t * stride_qot + heads[:, None] * stride_qoh + offs[None, :]
-        tl.store(dst, y1.to(QOut.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, y2.to(QOut.dtype.element_ty), mask=mask)
+        _rotate_q(row, QOut + t * stride_qot, stride_qoh, n_q_heads, offs, cos, sin, QNormW, eps,
+                  HEAD_DIM, HALF, BLOCK_HQ, QK_NORM)
     else:  # K: rotated straight into the pool
         slot = tl.load(Slots + t).to(tl.int64)
-        heads = tl.arange(0, BLOCK_HK)
-        hmask = heads < n_kv_heads
-        y1, y2 = _rotated_heads(row + (n_q_heads + heads[:, None]) * HEAD_DIM, hmask, offs, HEAD_DIM, cos, sin,
-                                KNormW, eps, HEAD_DIM, HALF, QK_NORM)
-        mask = hmask[:, None] & cmask[None, :]
-        dst = KBuf + slot * stride_kbt + heads[:, None] * stride_kbh + offs[None, :]
-        tl.store(dst, _to_pool(y1, k_inv_scale, FP8_MAX, MANT_BITS, MIN_EXP).to(KBuf.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, _to_pool(y2, k_inv_scale, FP8_MAX, MANT_BITS, MIN_EXP).to(KBuf.dtype.element_ty),
-                 mask=mask)
+        _rotate_k_into_pool(row + n_q_heads * HEAD_DIM, KBuf + slot * stride_kbt, stride_kbh, n_kv_heads, offs,
+                            cos, sin, KNormW, eps, k_inv_scale, HEAD_DIM, HALF, BLOCK_HK, QK_NORM,
+                            FP8_MAX, MANT_BITS, MIN_EXP)
+
+
+@triton.jit
+def _rotate_q(row, dst_row, stride_h, n_heads, offs, cos, sin, NormW, eps,
+              HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, QK_NORM: tl.constexpr):
+    """The query heads of one token's qkv row, rotated into q's row `dst_row`."""
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < n_heads
+    y1, y2 = _rotated_heads(row + heads[:, None] * HEAD_DIM, hmask, offs, HEAD_DIM, cos, sin, NormW, eps,
+                            HEAD_DIM, HALF, QK_NORM)
+    mask = hmask[:, None] & (offs[None, :] < HALF)
+    dst = dst_row + heads[:, None] * stride_h + offs[None, :]
+    tl.store(dst, y1.to(dst_row.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(dst_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_k_into_pool(src, dst_row, stride_h, n_heads, offs, cos, sin, NormW, eps, inv_scale,
+                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, QK_NORM: tl.constexpr,
+                        FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """The key heads at `src` (one token), rotated and written as the pool stores them at `dst_row`."""
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < n_heads
+    y1, y2 = _rotated_heads(src + heads[:, None] * HEAD_DIM, hmask, offs, HEAD_DIM, cos, sin, NormW, eps,
+                            HEAD_DIM, HALF, QK_NORM)
+    mask = hmask[:, None] & (offs[None, :] < HALF)
+    dst = dst_row + heads[:, None] * stride_h + offs[None, :]
+    tl.store(dst, _to_pool(y1, inv_scale, FP8_MAX, MANT_BITS, MIN_EXP).to(dst_row.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, _to_pool(y2, inv_scale, FP8_MAX, MANT_BITS, MIN_EXP).to(dst_row.dtype.element_ty),
+             mask=mask)
 
 
 def rotary_store_kv(
