@@ -5,7 +5,9 @@ given different shapes in the branches of a runtime `if` compiled fine there and
 H200). This script runs Triton's real front end and the NVIDIA backend (TTIR -> TTGIR -> LLVM ->
 PTX -> cubin, with the bundled ptxas) for GPUTarget("cuda", 90, 32) on every constexpr combination
 the launch wrappers use, at Llama-3.1-8B and Qwen shapes. Needs `triton` with its CUDA backend
-(pip wheel); no driver, no GPU.  Usage:  python benchmarks/compile_check_sm90.py [--arch 90] [-k NAME]
+(pip wheel; use the device's version, 3.6, e.g. `pip install --target DIR "triton==3.6.*"` and
+PYTHONPATH=DIR); no driver, no GPU.  Takes minutes (each combination is a full compile), so it is a
+dev script, not a test.  Usage:  python benchmarks/compile_check_sm90.py [--arch 90] [-k NAME]
 Exit status 1 when any combination fails (the first lines of each error are printed).
 """
 from __future__ import annotations
@@ -82,7 +84,7 @@ def rope_store_cases() -> Iterator[Case]:
 
 
 def _split_counts() -> list[int]:
-    return [1, 8, 64]  # BLOCK_S: the split count (1..64) rounded up to a power of two
+    return [1, 8, 64]  # BLOCK_S: the split count (1..64) rounded up to a power of two (1: no merge)
 
 
 def decode_qkv_cases() -> Iterator[Case]:
@@ -104,25 +106,26 @@ def decode_qkv_cases() -> Iterator[Case]:
 
 
 def decode_stage1_cases() -> Iterator[Case]:
-    """The decode kernel's modes: one split (FINAL), two-stage, cascade suffix, and one launch (MERGE)."""
+    """The decode kernel's one-launch mode (MERGE) at every shape and dtype; its older modes (one split
+    = FINAL, two-stage, cascade suffix), which ran on the H200 before, at the Llama shape in bf16."""
     cfg = da.GPU_CONFIG
-    modes = [(True, False, False), (False, False, False), (False, True, False), (False, False, True)]
-    for (hq, hkv, d), act, kv, (final, has_start, merge), splits in itertools.product(
-            _SHAPES, _ACTS, ["same", "e4m3"], modes, _split_counts()):
-        if final != (splits == 1) or (merge and splits == 1):
-            continue
+    merge = [(shape, act, kv, (False, False, True), s)
+             for shape, act, kv, s in itertools.product(_SHAPES, _ACTS, ["same", "e4m3"], [2, 8, 64])]
+    older = [(_SHAPES[0], "bf16", "same", mode, s) for mode, s in
+             [((True, False, False), 1), ((False, False, False), 8), ((False, True, False), 8)]]
+    for (hq, hkv, d), act, kv, (final, has_start, merge_mode), splits in merge + older:
         pool = act if kv == "same" else kv
         group = hq // hkv
         yield Case(
             f"decode_stage1 Hq={hq} Hkv={hkv} D={d} {act} pool={pool} final={final} cascade={has_start} "
-            f"merge={merge} splits={splits}", da._decode_stage1,
+            f"merge={merge_mode} splits={splits}", da._decode_stage1,
             {"Q": act, "K": pool, "V": pool, "ReqToToken": "i32", "ReqIdx": "i64", "SeqLens": "i32",
              "KvStart": "i32", "MidO": act if final else "fp32", "MidLse": act if final else "fp32",
              "Out": act, "Locks": "i32"},
             {"GROUP": group, "HEAD_DIM": d, "BLOCK_H": max(16, triton.next_power_of_2(group)),
              "BLOCK_D": triton.next_power_of_2(d), "BLOCK_N": cfg["block_n"],
              "DOT_PRECISION": "ieee" if act == "fp32" else "tf32", "DOT_FP32": False,
-             "FINAL": final, "HAS_START": has_start, "MERGE": merge, "BLOCK_S": splits},
+             "FINAL": final, "HAS_START": has_start, "MERGE": merge_mode, "BLOCK_S": splits},
             floats=frozenset({"qk_scale", "v_scale"}),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
