@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from . import ops_ref
-from .api import AttentionMetadata, decode_attention_qkv_torch, decode_attention_torch, extend_attention_torch
+from .api import AttentionMetadata, decode_attention_torch, extend_attention_torch
 
 
 class AttentionFn(Protocol):
@@ -62,18 +62,6 @@ class KernelOps:
     # (positions, cos_sin_cache) -> what this bundle's `rotary` takes instead of the cache, built once
     # per forward; None: rotary takes the cache itself.
     rotary_table: Callable[[torch.Tensor, torch.Tensor], object] | None = None
-    # The attention epilogue of the fused qkv projection in one call (`ops_ref.rotary_store_kv_ref`):
-    # (qkv, Hq, Hkv, positions, cos_sin_cache, k_buffer, v_buffer, slots, k_scale, v_scale, q_norm,
-    # k_norm, eps) -> rotated q, K/V stored. None: rotary and store_kv run apart.
-    rotary_store_kv: Callable[..., torch.Tensor] | None = None
-    # Decode (no cascade, no q/k norm): rotary, KV store and attention from the qkv projection's output
-    # in one call: (qkv, Hq, Hkv, positions, cos_sin_cache, k_buffer, v_buffer, slots, meta, sm_scale,
-    # k_scale, v_scale) -> attention output. None: rotary_store_kv, then decode_attention.
-    decode_attention_qkv: Callable[..., torch.Tensor] | None = None
-    # The decoder's tail, rms_norm((x + residual)[rows]) in one call; None: add, gather, norm apart.
-    add_rms_norm_rows: Callable[
-        [torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor
-    ] | None = None
 
 
 def triton_available() -> bool:
@@ -86,12 +74,8 @@ def triton_available() -> bool:
 
 
 @functools.cache
-def get_kernel_ops(use_triton: bool, fused: bool = True) -> KernelOps:
-    """The Triton bundle if `use_triton`, else the torch references (the CPU path).
-
-    `fused` (Triton): the decode layer's fused kernels (rotary + KV store + decode attention in one
-    launch, or rotary + KV store in one and one-launch attention; the tail's add + gather + norm in
-    one); False keeps them apart (A/B runs)."""
+def get_kernel_ops(use_triton: bool) -> KernelOps:
+    """The Triton bundle if `use_triton`, else the torch references (the CPU path)."""
     if not use_triton:
         return KernelOps(
             name="torch",
@@ -102,33 +86,21 @@ def get_kernel_ops(use_triton: bool, fused: bool = True) -> KernelOps:
             store_kv=ops_ref.store_kv_ref,
             decode_attention=decode_attention_torch,
             extend_attention=extend_attention_torch,
-            rotary_store_kv=ops_ref.rotary_store_kv_ref if fused else None,
-            decode_attention_qkv=decode_attention_qkv_torch if fused else None,
-            add_rms_norm_rows=ops_ref.add_rms_norm_rows_ref if fused else None,
         )
     if not triton_available():
         raise RuntimeError("Triton kernels requested but triton is missing or no CUDA device is present")
     from . import ops
-    from .api import (
-        decode_attention_qkv_triton,
-        decode_attention_triton,
-        decode_attention_triton_two_stage,
-        extend_attention_triton,
-    )
-    from .rope_store import rotary_store_kv
+    from .api import decode_attention_triton, extend_attention_triton
 
     return KernelOps(
-        name="triton" if fused else "triton-unfused",
+        name="triton",
         rms_norm=ops.rms_norm,
         fused_add_rms_norm=ops.fused_add_rms_norm,
         silu_and_mul=ops.silu_and_mul,
         rotary=ops.rotary,
         store_kv=ops.store_kv,
-        decode_attention=decode_attention_triton if fused else decode_attention_triton_two_stage,
+        decode_attention=decode_attention_triton,
         extend_attention=extend_attention_triton,
-        rotary_store_kv=rotary_store_kv if fused else None,
-        decode_attention_qkv=decode_attention_qkv_triton if fused else None,
-        add_rms_norm_rows=ops.add_rms_norm_rows if fused else None,
     )
 
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention_ref import cascade_decode_attention_ref, decode_attention_ref, extend_attention_ref
-from .ops_ref import rotary_store_kv_ref
 
 if TYPE_CHECKING:
     from .cascade_layout import CascadeLayout
@@ -174,61 +173,12 @@ def decode_attention_triton(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Decode attention in one launch (splits merged by the last to finish), cascade aside."""
     from .decode_attention import decode_attention
 
     return decode_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
         num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade,
     )
-
-
-def decode_attention_triton_two_stage(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    meta: AttentionMetadata,
-    sm_scale: float,
-    *,
-    out: torch.Tensor | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-) -> torch.Tensor:
-    """The same with a separate merge launch (stage 2): the unfused bundle, for A/B measurements."""
-    from .decode_attention import decode_attention
-
-    return decode_attention(
-        q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
-        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade,
-        single_launch=False,
-    )
-
-
-def decode_attention_qkv_torch(
-    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, meta: AttentionMetadata, sm_scale: float,
-    k_scale: float = 1.0, v_scale: float = 1.0,
-) -> torch.Tensor:
-    """Decode attention from the fused qkv projection's output, composed: rotary + KV store, then attention."""
-    q = rotary_store_kv_ref(qkv, num_heads, num_kv_heads, positions, cos_sin_cache, k_buffer, v_buffer, slots,
-                            k_scale, v_scale)
-    return decode_attention_torch(q, k_buffer, v_buffer, meta, sm_scale, k_scale=k_scale, v_scale=v_scale)
-
-
-def decode_attention_qkv_triton(
-    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, meta: AttentionMetadata, sm_scale: float,
-    k_scale: float = 1.0, v_scale: float = 1.0,
-) -> torch.Tensor:
-    """The same in one launch (kernels/decode_attention_qkv.py); not for a cascade batch."""
-    from .decode_attention_qkv import decode_attention_qkv
-
-    if meta.cascade is not None:
-        raise ValueError("decode_attention_qkv: a cascade batch runs rotary_store_kv, then decode attention")
-    return decode_attention_qkv(
-        qkv, num_heads, num_kv_heads, positions, cos_sin_cache, k_buffer, v_buffer, slots, meta.req_to_token,
-        meta.req_pool_indices, meta.seq_lens, sm_scale, k_scale=k_scale, v_scale=v_scale,
-        num_kv_splits=meta.num_kv_splits)
 
 
 def extend_attention_triton(

@@ -29,7 +29,7 @@ GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, KvStart, MidO, MidLse, Out, Locks,
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, KvStart, MidO, MidLse,
     qk_scale,  # sm_scale * k_scale * log2(e): softmax runs in base 2 (k_scale: an FP8 pool's)
     v_scale,  # an FP8 pool's V scale (1.0 otherwise): the output is linear in V
     num_splits,
@@ -39,7 +39,6 @@ def _decode_stage1(
     stride_r2t,
     stride_mb, stride_mh, stride_ms,
     stride_lb, stride_lh,
-    stride_ob, stride_oh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -49,8 +48,6 @@ def _decode_stage1(
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter mis-computes bf16 dots)
     FINAL: tl.constexpr,
     HAS_START: tl.constexpr,  # cascade: each request attends to [KvStart[b], seq_len) only (its suffix)
-    MERGE: tl.constexpr,  # one launch: the last split of a (request, KV head) to finish merges them into Out
-    BLOCK_S: tl.constexpr,  # (MERGE) splits, rounded up to a power of two
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -94,57 +91,14 @@ def _decode_stage1(
         acc, m_i, l_i = online_softmax_step(q, k, v, mask_n[None, :], acc, m_i, l_i, qk_scale, DOT_PRECISION)
 
     out = acc / l_i[:, None] * v_scale
-    if MERGE:
-        write_or_merge(out, m_i, l_i, MidO, MidLse, Out, Locks, b, kvh, split, tl.cdiv(seq_len - kv_lo, split_len),
-                       heads, mask_h, offs_d, mask_d, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                       stride_ob, stride_oh, GROUP, BLOCK_S)
-    else:
-        # FINAL (a single split): MidO is the output itself and stage 2 does not run.
-        tl.store(
-            MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-            out.to(MidO.dtype.element_ty),
-            mask=mask_h[:, None] & mask_d[None, :],
-        )
-        if not FINAL:
-            tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
-
-
-@triton.jit
-def write_or_merge(
-    out, m_i, l_i, MidO, MidLse, Out, Locks, b, kvh, split, active, heads, mask_h, offs_d, mask_d,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """One-launch decode: the output of a (request, KV head)'s GROUP heads from split `split` of
-    `active`. A lone split writes `out`; otherwise each writes its partial (output, base-2 LSE),
-    and the last to finish merges them with stage 2's arithmetic and re-arms the counter."""
-    if active == 1:
-        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
-    else:
-        tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-                 out, mask=mask_h[:, None] & mask_d[None, :])
+    # FINAL (a single split): MidO is the output itself and stage 2 does not run.
+    tl.store(
+        MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+        out.to(MidO.dtype.element_ty),
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
+    if not FINAL:
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
-        # Every thread's partial stores happen before the counter's release; the split that sees
-        # all others done (acquire) reads them past L1.
-        tl.debug_barrier()
-        lock = Locks + b * tl.num_programs(1) + kvh
-        done = tl.atomic_add(lock, 1, sem="acq_rel")
-        if done == active - 1:
-            tl.atomic_xchg(lock, 0)
-            offs_s = tl.arange(0, BLOCK_S)
-            valid = offs_s < active
-            for h in tl.static_range(GROUP):
-                head = kvh * GROUP + h
-                lse = tl.load(MidLse + b * stride_lb + head * stride_lh + offs_s, mask=valid,
-                              other=float("-inf"), cache_modifier=".cg")
-                part = tl.load(MidO + b * stride_mb + head * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-                               mask=valid[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-                m = tl.maximum(tl.max(lse, 0), -1.0e30)
-                w = tl.exp2(lse - m)
-                denom = tl.maximum(tl.sum(w, 0), 1.0e-30)
-                merged = tl.sum(part * w[:, None], 0) / denom
-                tl.store(Out + b * stride_ob + head * stride_oh + offs_d, merged.to(Out.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -189,22 +143,6 @@ def _decode_stage2(
     )
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """n zeroed int32 counters for the single-launch merge, reused by every launch on `device`.
-
-    The kernel leaves them zero again, so one buffer serves all layers and steps. A larger request
-    allocates a new buffer and keeps the old ones alive: a CUDA graph captured with an old buffer
-    keeps a valid one. (Capture warms up each batch size first, so capture itself never allocates.)
-    Launches on one device share them, so they must not run concurrently: decode runs on one stream."""
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 2 * held[-1].numel() if held else 256), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Enough (request, KV head, split) programs to fill the GPU ~4 times, from shapes alone."""
     if device.type == "cuda":
@@ -228,7 +166,6 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     cascade: CascadeLayout | None = None,
-    single_launch: bool = True,
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
@@ -236,10 +173,7 @@ def decode_attention(
     stage 1 writes `out` directly. An FP8 pool's `k_scale` / `v_scale` multiply scores and output.
     With a `cascade` layout (shared prefixes, kernels/cascade_attention.py) stage 1 reads each
     request's own suffix only, the prefix stage reads each group's prefix once for all its rows, and
-    stage 2 merges both: the same result, fewer KV bytes. `single_launch` (without a cascade): no
-    stage 2; a request whose KV fits one split writes `out` from that split, and otherwise the last
-    split to finish merges (a per-(request, KV head) counter, re-armed by that split), so a short
-    context costs one launch and one pass at any split count.
+    stage 2 merges both: the same result, fewer KV bytes.
     """
     bsz, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -267,7 +201,6 @@ def decode_attention(
     precision = "ieee" if q.dtype == torch.float32 or not on_gpu else "tf32"
     num_prefix = cascade.max_prefix_splits if cascade is not None else 0
     final = splits == 1 and cascade is None
-    merge = single_launch and not final and cascade is None
     if final:  # stage 1 writes `out` directly (strides of a [B, Hq, 1, D] view); no lse needed
         mid_o, mid_lse = out.unsqueeze(2), out
     else:  # partial slots: `splits` of each request's own KV, then the cascade prefix's
@@ -276,9 +209,8 @@ def decode_attention(
     kv_start = cascade.kv_start if cascade is not None else seq_lens
     prefix_splits = cascade.prefix_splits if cascade is not None else seq_lens
 
-    locks = split_counters(q.device, bsz * num_kv_heads) if merge else seq_lens
     _decode_stage1[(bsz, num_kv_heads, splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse, out, locks,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         sm_scale * k_scale * LOG2E, v_scale, splits,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
@@ -286,14 +218,13 @@ def decode_attention(
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision, DOT_FP32=not on_gpu,
-        FINAL=final, HAS_START=cascade is not None, MERGE=merge, BLOCK_S=triton.next_power_of_2(splits),
+        FINAL=final, HAS_START=cascade is not None,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4,
         num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
-    if final or merge:
+    if final:
         return out
     if cascade is not None:
         launch_prefix_stage(q, k_buffer, v_buffer, req_to_token, cascade, mid_o, mid_lse, splits,

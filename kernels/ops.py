@@ -23,14 +23,11 @@ def _warps(block: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(
-    X, R, W, Out, NewRes, Rows, eps, n_cols,
+    X, R, W, Out, NewRes, eps, n_cols,
     stride_x, stride_r, stride_o, stride_n,
-    HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid
-    if HAS_ROWS:  # output row pid normalizes input row Rows[pid]
-        row = tl.load(Rows + pid).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
@@ -38,12 +35,11 @@ def _rms_norm_kernel(
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         # Round the sum to the input dtype first, as `x + residual` does in the reference.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        if STORE_RES:
-            tl.store(NewRes + pid * stride_n + cols, x, mask=mask)
+        tl.store(NewRes + row * stride_n + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + pid * stride_o + cols, (xf * rstd * w).to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + row * stride_o + cols, (xf * rstd * w).to(Out.dtype.element_ty), mask=mask)
 
 
 def _norm(
@@ -58,10 +54,9 @@ def _norm(
     if n_rows:
         block = triton.next_power_of_2(n_cols)
         _rms_norm_kernel[(n_rows,)](
-            x2, r2, weight, out, new_res, x2, eps, n_cols,
+            x2, r2, weight, out, new_res, eps, n_cols,
             x2.stride(0), r2.stride(0), out.stride(0), new_res.stride(0),
-            HAS_RES=residual is not None, STORE_RES=residual is not None, HAS_ROWS=False, BLOCK=block,
-            num_warps=_warps(block),
+            HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block),
         )
     return out.view(x.shape), (new_res.view(x.shape) if residual is not None else None)
 
@@ -77,23 +72,6 @@ def fused_add_rms_norm(
     normed, summed = _norm(x, residual, weight, eps)
     assert summed is not None
     return normed, summed
-
-
-def add_rms_norm_rows(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, rows: torch.Tensor
-) -> torch.Tensor:
-    """rms_norm((x + residual)[rows]) in one launch (the decoder's tail: add, gather, norm)."""
-    x2, r2 = _rows(x), _rows(residual)
-    n_out, n_cols = rows.shape[0], x2.shape[1]
-    out = torch.empty((n_out, n_cols), dtype=x.dtype, device=x.device)
-    if n_out:
-        block = triton.next_power_of_2(n_cols)
-        _rms_norm_kernel[(n_out,)](
-            x2, r2, weight, out, out, rows, eps, n_cols,
-            x2.stride(0), r2.stride(0), out.stride(0), out.stride(0),
-            HAS_RES=True, STORE_RES=False, HAS_ROWS=True, BLOCK=block, num_warps=_warps(block),
-        )
-    return out
 
 
 @triton.jit

@@ -60,30 +60,3 @@ def store_kv_ref(
         if buf.dtype.itemsize == 1:  # FP8 is written as bytes (index_put has no float8 kernel everywhere)
             buf, vals = buf.view(torch.uint8), vals.view(torch.uint8)
         buf[slots] = vals
-
-
-def rotary_store_kv_ref(
-    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k_scale: float = 1.0,
-    v_scale: float = 1.0, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
-) -> torch.Tensor:
-    """The unfused attention epilogue composed: split qkv [T, (Hq + 2 Hkv) * D], RMS-norm each q / k
-    head (models with q/k norm), rotate q and k, store k and v at `slots`; returns q [T, Hq, D]."""
-    tokens = qkv.shape[0]
-    head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    q = q.reshape(tokens, num_heads, head_dim)
-    k = k.reshape(tokens, num_kv_heads, head_dim)
-    v = v.reshape(tokens, num_kv_heads, head_dim)
-    if q_norm is not None and k_norm is not None:
-        q, k = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
-    q, k = rotary_ref(q, k, positions, cos_sin_cache)
-    store_kv_ref(k_buffer, v_buffer, slots, k, v, k_scale, v_scale)
-    return q
-
-
-def add_rms_norm_rows_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, rows: torch.Tensor
-) -> torch.Tensor:
-    """rms_norm((x + residual)[rows]): the decoder's last norm, on the rows whose logits are wanted."""
-    return rms_norm_ref((x + residual)[rows], weight, eps)

@@ -53,33 +53,5 @@ class PagedAttentionBackend:
         k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
         k_scale, v_scale = pool.k_scales[layer_id], pool.v_scales[layer_id]  # 1.0 unless an FP8 pool
         self.ops.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, k_scale, v_scale)
-        return self._attend(q, layer_id, batch)
-
-    def forward_qkv(
-        self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, layer_id: int, batch: ForwardBatch,
-        cos_sin: torch.Tensor, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    ) -> torch.Tensor:
-        """The fused projection's output qkv [T, (Hq + 2 Hkv) * D] -> attention output [T, Hq, D].
-        A plain decode batch (no cascade, no q/k norm) with a bundle that has `decode_attention_qkv`:
-        rotary, KV store and attention in one call. Otherwise the bundle's `rotary_store_kv` (q/k norm
-        with `qk_norm` = (q weight, k weight, eps), rotary, KV store in one call), then attention."""
-        assert self.meta is not None, "begin_forward() must run before the layers"
-        assert self.ops.rotary_store_kv is not None, "forward_qkv needs a bundle with rotary_store_kv"
-        pool = self.kv_pool
-        whole = self.ops.decode_attention_qkv
-        if whole is not None and batch.mode is ForwardMode.DECODE and self.meta.cascade is None and qk_norm is None:
-            return whole(qkv, num_heads, num_kv_heads, batch.positions, cos_sin, pool.k_buffer[layer_id],
-                         pool.v_buffer[layer_id], batch.out_cache_loc, self.meta, self.sm_scale,
-                         pool.k_scales[layer_id], pool.v_scales[layer_id])
-        q_norm, k_norm, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
-        q = self.ops.rotary_store_kv(
-            qkv, num_heads, num_kv_heads, batch.positions, cos_sin, pool.k_buffer[layer_id], pool.v_buffer[layer_id],
-            batch.out_cache_loc, pool.k_scales[layer_id], pool.v_scales[layer_id], q_norm, k_norm, eps)
-        return self._attend(q, layer_id, batch)
-
-    def _attend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        assert self.meta is not None
-        pool = self.kv_pool
         attend = self.ops.decode_attention if batch.mode is ForwardMode.DECODE else self.ops.extend_attention
-        return attend(q, pool.k_buffer[layer_id], pool.v_buffer[layer_id], self.meta, self.sm_scale,
-                      k_scale=pool.k_scales[layer_id], v_scale=pool.v_scales[layer_id])
+        return attend(q, k_buf, v_buf, self.meta, self.sm_scale, k_scale=k_scale, v_scale=v_scale)

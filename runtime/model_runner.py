@@ -207,7 +207,7 @@ class ModelRunner:
         return int(max(min(budget // per_token, _CPU_MAX_TOTAL_TOKENS), 1024))
 
     def _make_attention_backend(self) -> PagedAttentionBackend:
-        ops = get_kernel_ops(self.args.attention_backend == "triton", not self.args.disable_decode_fusion)
+        ops = get_kernel_ops(self.args.attention_backend == "triton")
         if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches
             ops = get_cpu_kernel_ops()
         self.model.ops = ops

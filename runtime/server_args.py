@@ -217,10 +217,6 @@ class ServerArgs:
     disable_cuda_graph: bool = _flag(False, "runtime", "run decode eagerly instead of as CUDA graphs", bool)
     cuda_graph_max_bs: int | None = _flag(None, "runtime", "capture CUDA graphs up to this decode batch size",
                                           int, minimum=1, default_text="max running requests")
-    disable_decode_fusion: bool = _flag(
-        False, "runtime", "run the decoder's unfused Triton kernels (rotary and KV store apart, two-launch decode "
-        "attention, the final add / gather / norm apart) instead of the fused ones; for A/B measurements "
-        "(benchmarks/decode_layer_budget.py)", bool)
     cascade_attention: str = _flag(
         "auto", "runtime", "shared-prefix (cascade) decode attention: decode rows under a common radix-tree prefix "
         "read its KV once per group. auto: with the Triton kernels when the measured cost rule says it pays for the "

@@ -82,12 +82,6 @@ class LlamaAttention(nn.Module):
         cos_sin: torch.Tensor, ops: KernelOps,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        if ops.rotary_store_kv is not None and qkv.stride(-1) == 1:  # q/k norm, rotary, KV store: one launch
-            qk_norm = (None if self.q_norm is None or self.k_norm is None
-                       else (self.q_norm.weight, self.k_norm.weight, self.eps))
-            out = attn.forward_qkv(qkv.reshape(-1, qkv.shape[-1]), self.num_heads, self.num_kv_heads,
-                                   self.layer_id, batch, cos_sin, qk_norm)
-            return self.o_proj(out.reshape(-1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -170,9 +164,6 @@ class LlamaForCausalLM(nn.Module):
             self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)
         if not self.stage.last:
             return hidden, residual  # type: ignore[return-value]
-        if ops.add_rms_norm_rows is not None:  # add, gather the rows, norm: one launch
-            rows = batch.logits_indices.to(hidden.device)  # (a no-op but where a caller indexes from the host)
-            return ops.add_rms_norm_rows(hidden, residual, self.norm.weight, self.cfg.rms_norm_eps, rows)
         hidden = hidden + residual
         hidden = hidden[batch.logits_indices]
         return ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
