@@ -42,6 +42,31 @@ class QuantizedWeight(ABC):
         """Short name of the storage, for logs and /get_server_info (e.g. 'int4x1[Q4_1]')."""
 
 
+class DequantizedRows:
+    """`dequantize`, `rows` and `float_weight` over a subclass's `_dequantize(rows)`, for the formats that
+    keep integer codes (`codes`); the float32 weight is kept after first use on a CPU (the reference path)."""
+
+    codes: torch.Tensor
+    _float_weight: torch.Tensor | None
+
+    def _dequantize(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def float_weight(self) -> torch.Tensor:
+        """W as float32, kept after the first call on a CPU (the reference path's weight)."""
+        if self.codes.is_cuda:
+            return self.dequantize()
+        if self._float_weight is None:
+            self._float_weight = self.dequantize()
+        return self._float_weight
+
+    def dequantize(self) -> torch.Tensor:
+        return self._dequantize(slice(None))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._dequantize(ids)
+
+
 def linear_forward(weight: torch.Tensor, quantized: QuantizedWeight | None, x: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) through the quantized form when the layer has one."""

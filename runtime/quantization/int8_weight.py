@@ -16,13 +16,13 @@ import importlib.util
 import numpy as np
 import torch
 
-from radixlm.runtime.quantization.base import QuantizedWeight
+from radixlm.runtime.quantization.base import DequantizedRows, QuantizedWeight
 from radixlm.runtime.quantization.gguf_kquants import GroupCodes
 
 DEQUANT_MIN_M = 512  # rows from which dequantize + cuBLAS replaces the Triton kernel
 
 
-class Int8Weight(QuantizedWeight):
+class Int8Weight(DequantizedRows, QuantizedWeight):
     """A [N, K] weight as int8 codes with float32 scales (and offsets) per 16 or 32 columns."""
 
     def __init__(self, parts: list[GroupCodes], source: str, device: torch.device) -> None:
@@ -63,19 +63,6 @@ class Int8Weight(QuantizedWeight):
 
             out = w8_group_matmul(x2, self.codes, self.scales, self.offsets, self.group)
         return out.reshape(*lead, self.out_features)
-
-    def float_weight(self) -> torch.Tensor:
-        if self.codes.is_cuda:
-            return self.dequantize()
-        if self._float_weight is None:
-            self._float_weight = self.dequantize()
-        return self._float_weight
-
-    def dequantize(self) -> torch.Tensor:
-        return self._dequantize(slice(None))
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._dequantize(ids)
 
     def _dequantize(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """q * s (+ o) in float32, in gguf's order of operations: its dequantization bit for bit."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixlm.runtime.quantization.base import QuantizedWeight
+from radixlm.runtime.quantization.base import DequantizedRows, QuantizedWeight
 
 # Both set from the H200 small-M table of 2026-12-03 (benchmarks/quantized.py, RESULTS.md): dequantize +
 # cuBLAS beat the tiled kernel at 256 rows on 3 of the 4 8B shapes (354 vs 427 us summed), lost at 64 on all;
@@ -61,7 +61,7 @@ def act_order(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tens
     return perm
 
 
-class W4Weight(QuantizedWeight):
+class W4Weight(DequantizedRows, QuantizedWeight):
     """A [N, K] weight as 4-bit codes with per-group scales (and zero points unless symmetric)."""
 
     def __init__(self, parts: list[W4Part], group_size: int, source: str) -> None:
@@ -151,20 +151,6 @@ class W4Weight(QuantizedWeight):
             _gemv_failed.append(True)
             return w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                                 offsets=self.offsets)
-
-    def float_weight(self) -> torch.Tensor:
-        """W as float32, kept after the first call on a CPU (the reference path's weight)."""
-        if self.codes.is_cuda:
-            return self.dequantize()
-        if self._float_weight is None:
-            self._float_weight = self.dequantize()
-        return self._float_weight
-
-    def dequantize(self) -> torch.Tensor:
-        return self._dequantize(slice(None))
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._dequantize(ids)
 
     def _dequantize(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """Rows `rows` of W as float32: (c - z) * s (+ o), columns back in the checkpoint's order."""
