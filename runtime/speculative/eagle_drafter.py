@@ -31,6 +31,7 @@ from radixlm.runtime.kv_pool import ReqToTokenPool, TokenToKVPool
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.models.llama import rope_cos_sin_cache
 from radixlm.runtime.request import Req
+from radixlm.runtime.speculative.eagle_graphs import EagleGraphs
 from radixlm.runtime.speculative.eagle_head import EagleHead, EagleHeadConfig
 from radixlm.runtime.weight_loader import iter_safetensors
 
@@ -142,6 +143,15 @@ class EagleDrafter:
         self.cos_sin = rope_cos_sin_cache(c, runner.context_len + max_drafts + 8).to(self.device)
         self.rows: dict[int, HeadRow] = {}
         self.pending: dict[int, Pending] = {}
+        self.graphs: EagleGraphs | None = None  # drafting as one CUDA graph per batch bucket and k
+        if runner.graph_runner is not None and max_drafts > 0:
+            self.graphs = EagleGraphs(self, runner.graph_runner.max_bs)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: the target's, unless the head has its own."""
+        if self.head.embed_tokens is None:
+            return self.target_embed(ids)
+        return torch.nn.functional.embedding(ids, self.head.embed_tokens)
 
     # ---------------------------------------------------------------- the target's hidden states
     @torch.inference_mode()
@@ -212,6 +222,11 @@ class EagleDrafter:
             active.append((i, state, k, positions, nexts, hidden))
         if not active:
             return out
+        depth = max(a[2] for a in active)
+        if self.graphs is not None and self.graphs.fits(len(active), depth):
+            slots = self._graph_slots(active, depth)
+            if slots is not None:
+                return self._propose_graphed(out, active, depth, slots)
         # Catch-up: each row's new entries (token p + 1, hidden p); the output at the last one drafts.
         states = [a[1] for a in active]
         hidden = torch.cat([a[5] for a in active]) if len(active) > 1 else active[0][5]
@@ -223,7 +238,7 @@ class EagleDrafter:
         hidden = out_hidden[torch.tensor(ends, device=self.device) - 1]
         drafted = [tokens]
         live = list(range(len(active)))
-        for step in range(1, max(a[2] for a in active)):
+        for step in range(1, depth):
             keep = [j for j, li in enumerate(live) if active[li][2] > step]
             if len(keep) < len(live):
                 idx = torch.tensor(keep, device=self.device)
@@ -263,6 +278,35 @@ class EagleDrafter:
             offset += n
         self.attn.begin_forward(fb)
         cos_sin = self.cos_sin if self.ops.rotary_table is None else self.ops.rotary_table(fb.positions, self.cos_sin)
-        embeds = (self.target_embed(fb.input_ids) if self.head.embed_tokens is None
-                  else torch.nn.functional.embedding(fb.input_ids, self.head.embed_tokens))
-        return self.head(fb, self.attn, self.ops, cos_sin, embeds, hidden)
+        return self.head(fb, self.attn, self.ops, cos_sin, self.embed(fb.input_ids), hidden)
+
+    # ---------------------------------------------------------------- drafting in a CUDA graph
+    def _graph_slots(self, active: list, depth: int) -> torch.Tensor | None:
+        """Slots of the graph's entries: each row's last C catch-up entries, then depth - 1 chain
+        entries per row (step-major); None when the head's pool is short (then drafting is eager)."""
+        assert self.graphs is not None
+        caught = sum(min(len(a[3]), self.graphs.C) for a in active)
+        early = sum(max(len(a[3]) - self.graphs.C, 0) for a in active)
+        if self.pool.available() < early + caught + (depth - 1) * len(active):
+            return None
+        return self.pool.alloc(caught + (depth - 1) * len(active))
+
+    def _propose_graphed(self, out: list[list[int]], active: list, depth: int, slots: torch.Tensor) -> list[list[int]]:
+        assert self.graphs is not None
+        C = self.graphs.C
+        early = [a for a in active if len(a[3]) > C]
+        if early:  # entries older than the last C: fed eagerly first (their outputs are not needed)
+            self._forward(ForwardMode.EXTEND, [a[1] for a in early], [a[3][:-C] for a in early],
+                          [t for a in early for t in a[4][:-C]], torch.cat([a[5][:-C] for a in early]))
+        states = [a[1] for a in active]
+        before = [len(s.positions) for s in states]
+        positions, ids = [a[3][-C:] for a in active], [a[4][-C:] for a in active]
+        table = self.graphs.draft([s.row for s in states], before, positions, ids, [a[5][-C:] for a in active],
+                                  depth, slots)
+        for (i, state, k, *_), pos, tok, cut, row in zip(active, positions, ids, before, table):
+            # the graph's entries: catch-up, then the chain (cut back at once, with the last catch-up one)
+            state.positions += pos + [pos[-1] + s for s in range(1, depth)]
+            state.tokens += tok + [-1] * (depth - 1)
+            self._truncate(state, cut + len(pos) - 1)
+            out[i] = row[:k]
+        return out
