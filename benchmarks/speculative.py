@@ -210,7 +210,7 @@ def fresh_spec(sched: Scheduler) -> SpecDecoder:
         return SpecDecoder(sched.args, sched.runner, None)
     spec = copy.copy(sched.spec)
     spec.verify_steps = spec.verify_tokens = spec.draft_tokens = spec.accepted_tokens = 0
-    spec.acceptance, spec.payoff = {}, DraftPayoff()
+    spec.acceptance, spec.payoff = {}, DraftPayoff(spec.max_drafts)
     return spec
 
 
@@ -246,7 +246,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "avg_accept_length": round(info["avg_spec_accept_length"] or 1.0, 3),
         "draft_tokens": info["spec_draft_tokens"], "accepted_tokens": info["spec_accepted_tokens"],
         "identical": outs[False] == outs[True],
-        "payoff": spec.payoff.info() if spec.payoff is not None else None,  # measured tok/s per batch bucket
+        "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
     }
 
 

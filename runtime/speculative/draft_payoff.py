@@ -1,14 +1,24 @@
-"""Whether drafting pays at the current batch size, measured on this machine as it serves.
+"""How many tokens each request may draft this step (0: plain decoding), measured on this machine as it serves.
 
-The draft budget (draft_budget.py) prices a draft token by the model's verify-step cost. What it
+The draft budget (draft_budget.py) prices a draft token by a model of the verify step. What it
 cannot see is the rest of the step: a step that may carry drafts must have the previous step's tokens
-on the host, so it gives up overlap scheduling and the host's per-step work (scheduling, commit,
-outputs) is no longer hidden behind the device. On the H200 at batch 64 that made NGRAM 15% slower
-end to end at 1.43 tokens per verify step, although the verify forward itself cost only a few
-percent more. So the decision is also measured: per batch-size bucket (powers of two), decode steps
-are timed with drafting allowed and with it off, tokens per second compared, and the better arm
-kept; the other arm is re-measured for a short run every so often, so a change in acceptance or
-load is noticed. Only speed depends on this: outputs are the same either way.
+on the host, so it gives up overlap scheduling, exposes the host's per-step work, and runs the
+drafter. On the H200 at batch 64 that made NGRAM 15% slower end to end at 1.43 tokens per verify
+step, although the verify forward itself cost only a few percent more. So the depth k is chosen per
+batch-size bucket (powers of two) from two measurements:
+
+- per arm k (the step's draft limit), tokens per second of decode steps run with it, and its mean
+  step time T(k) (verify + drafting + the lost overlap: the cost ratio T(k) / T(0) at this batch);
+- the acceptance rate a of draft positions (decayed over verify results, drifting back to a prior
+  while nothing drafts, so drafting is retried now and then).
+
+Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first. The best any k can
+do is E(kmax) = 1 + a + ... + a^kmax tokens per row in a step costing at least T(1): while that does
+not beat plain decoding by MARGIN, the bucket decodes plainly and only re-measures k = 1 for a short
+run every PROBE_EVERY steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured and
+the fastest arm is kept; every PROBE_EVERY steps the arm the acceptance model ranks next (E(k) / T(k),
+T of unmeasured arms taken as T(1)) is re-measured. Only speed depends on k: outputs are the same
+either way.
 
 An interval is from the start of one scheduler step to the start of the next, with the tokens
 generated in it; intervals that contain anything but a plain decode step (prefill, mixed batches,
@@ -19,92 +29,144 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from radixlm.runtime.speculative.draft_budget import IDLE_DECAY, PRIOR_RATE, PRIOR_WEIGHT
+
 RUN_STEPS = 8  # steps per measuring run of one arm (the first is dropped)
-EXPLORE_STEPS = 4 * RUN_STEPS  # drafting is measured until RUN_STEPS - 1 steps carried drafts, or this many
-PROBE_EVERY = 128  # steps of the preferred arm between re-measurements of the other
+PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another
 DECAY = 0.97  # per recorded interval: the last ~30 intervals of an arm count most
+ACCEPT_DECAY = 0.8  # per step that drafted
+MARGIN = 0.03  # drafting must beat plain decoding by this much (measurement noise must not turn it on)
 
 
 @dataclass
 class ArmRate:
-    """Decayed tokens and seconds of one arm's decode intervals; `samples` counts the informative
-    ones (for drafting: steps that carried drafts), `steps` all."""
+    """Decayed tokens, seconds and step count of one arm's decode intervals; `samples` counts them all."""
 
     tokens: float = 0.0
     seconds: float = 0.0
+    weight: float = 0.0
     samples: int = 0
-    steps: int = 0
 
-    def record(self, tokens: int, seconds: float, informative: bool) -> None:
+    def record(self, tokens: int, seconds: float) -> None:
         self.tokens = self.tokens * DECAY + tokens
         self.seconds = self.seconds * DECAY + seconds
-        self.samples += informative
-        self.steps += 1
+        self.weight = self.weight * DECAY + 1.0
+        self.samples += 1
 
     def explored(self) -> bool:
-        return self.samples >= RUN_STEPS - 1 or self.steps >= EXPLORE_STEPS
+        return self.samples >= RUN_STEPS - 1
 
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def step_s(self) -> float:
+        return self.seconds / self.weight if self.weight > 0 else 0.0
+
+
+def chain_tokens(rate: float, k: int) -> float:
+    """Expected tokens a row emits in a step with a chain of k drafts, each position accepted with `rate`."""
+    return sum(rate**i for i in range(k + 1))
+
 
 @dataclass
 class Bucket:
-    arms: dict[bool, ArmRate] = field(default_factory=lambda: {True: ArmRate(), False: ArmRate()})
-    arm: bool | None = None  # the arm of the last step
-    run_left: int = 0  # steps left in a re-measuring run of the other arm
+    max_k: int
+    arms: dict[int, ArmRate] = field(default_factory=dict)
+    k: int | None = None  # the arm of the last step
+    run_left: int = 0  # steps left in a measuring run of the current arm
     since_probe: int = 0
 
-    def measured(self) -> bool:
-        return all(a.explored() for a in self.arms.values())
+    def arm(self, k: int) -> ArmRate:
+        return self.arms.setdefault(k, ArmRate())
 
-    def preferred(self) -> bool:
-        return self.arms[True].rate > self.arms[False].rate
+    def _predicted(self, k: int, accept: float) -> float:
+        """tok/s the acceptance model expects of arm k: plain decoding's tokens per step (its rows) times
+        E(k), over arm k's step time (an unmeasured arm's taken as T(1))."""
+        plain = self.arm(0)
+        step = self.arm(k).step_s if self.arm(k).explored() else self.arm(1).step_s
+        return (plain.tokens / plain.weight) * chain_tokens(accept, k) / step if step > 0 and plain.weight else 0.0
 
-    def next_arm(self) -> tuple[bool, bool]:
-        """(arm for this step, whether it is the first of a run: its interval is dropped)."""
-        if self.run_left > 0:
+    def drafting_can_pay(self, accept: float) -> bool:
+        return self._predicted(self.max_k, accept) > self.arm(0).rate * (1 + MARGIN)
+
+    def best(self) -> int:
+        """The measured arm with the best tok/s (drafting arms must beat plain decoding by MARGIN)."""
+        plain = self.arm(0).rate * (1 + MARGIN)
+        drafting = [k for k in range(1, self.max_k + 1) if self.arm(k).explored() and self.arm(k).rate > plain]
+        return max(drafting, key=lambda k: self.arm(k).rate, default=0)
+
+    def next_arm(self, accept: float) -> tuple[int, bool]:
+        """(draft limit for this step, whether it is the first of a run: its interval is dropped)."""
+        if self.max_k == 0:
+            k = 0
+        elif self.run_left > 0:
             self.run_left -= 1
-            arm = bool(self.arm)
-        elif not self.arms[True].explored():
-            arm = True  # first measure drafting, then plain decoding
-        elif not self.arms[False].explored():
-            arm = False
+            k = int(self.k or 0)
+        elif not self.arm(0).explored():
+            k = 0
+        elif not self.arm(1).explored():
+            k = 1
         else:
-            arm = self.preferred()
-            self.since_probe += 1
-            if self.since_probe >= PROBE_EVERY:
-                self.since_probe = 0
-                arm = not arm
+            chosen, can_pay = self.best(), self.drafting_can_pay(accept)
+            unmeasured = [k for k in range(2, self.max_k + 1) if not self.arm(k).explored()]
+            if chosen == 0 and not can_pay:
+                k = self._probe(0, [1])  # the cheapest depth keeps the acceptance and T(1) fresh
+            elif unmeasured and can_pay:  # the deepest first, for a whole run
+                k = unmeasured[-1]
                 self.run_left = RUN_STEPS - 1
-        first = arm != self.arm
-        self.arm = arm
-        return arm, first
+            else:
+                others = sorted((k for k in range(self.max_k + 1) if k != chosen),
+                                key=lambda k: self._predicted(k, accept) if k else self.arm(0).rate)
+                k = self._probe(chosen, others[-1:])
+        first = k != self.k
+        self.k = k
+        return k, first
+
+    def _probe(self, chosen: int, candidates: list[int]) -> int:
+        self.since_probe += 1
+        if self.since_probe < PROBE_EVERY or not candidates:
+            return chosen
+        self.since_probe = 0
+        self.run_left = RUN_STEPS - 1
+        return candidates[0]
 
 
 class DraftPayoff:
-    """Per batch-size bucket, whether this step may draft; fed the clock and the token count."""
+    """Per batch-size bucket, the draft limit of this step; fed the clock, the token count and verify results."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_k: int = 1) -> None:
+        self.max_k = max_k
         self.buckets: dict[int, Bucket] = {}
-        self._open: tuple[float, int, int, bool, bool] | None = None  # (start, tokens then, bucket, arm, first)
+        # Draft positions accepted and tried, decayed per step that drafted (drifting back to the
+        # prior while none does, so drafting is retried); this step's counts until it closes.
+        self.accepted, self.tried = 0.0, 0.0
+        self._accepted, self._tried = 0, 0
+        self._open: tuple[float, int, int, int, bool] | None = None  # (start, tokens then, bucket, arm, first)
         self._plain_decode = False  # the open interval's step was a plain decode step
         self._drafted = False  # ... and carried drafts
 
-    def begin_step(self, now: float, generated: int, running: int) -> bool:
-        """Closes the previous interval (recorded if it was a whole decode step) and returns whether
-        this step may carry drafts."""
+    def begin_step(self, now: float, generated: int, running: int) -> int:
+        """Closes the previous interval (recorded if it was a whole decode step) and returns how many
+        tokens each request may draft this step."""
         if self._open is not None:
             start, before, key, arm, first = self._open
             if self._plain_decode and not first:
-                self.buckets[key].arms[arm].record(generated - before, now - start, self._drafted or not arm)
+                self.buckets[key].arm(arm).record(generated - before, now - start)
+            if self._tried:
+                self.accepted = self.accepted * ACCEPT_DECAY + self._accepted
+                self.tried = self.tried * ACCEPT_DECAY + self._tried
+            else:
+                self.accepted *= IDLE_DECAY
+                self.tried *= IDLE_DECAY
+            self._accepted = self._tried = 0
         self._open, self._plain_decode, self._drafted = None, False, False
         if running == 0:
-            return False
+            return 0
         key = running.bit_length()
-        bucket = self.buckets.setdefault(key, Bucket())
-        arm, first = bucket.next_arm()
+        bucket = self.buckets.setdefault(key, Bucket(self.max_k))
+        arm, first = bucket.next_arm(self.accept_rate)
         self._open = (now, generated, key, arm, first)
         return arm
 
@@ -112,6 +174,22 @@ class DraftPayoff:
         """What the step that began runs: only plain decode steps (drafts or not) are measured."""
         self._plain_decode, self._drafted = plain_decode, drafted
 
-    def info(self) -> dict[str, dict[str, float]]:
-        return {f"bs<{1 << k}": {"draft_tok_s": round(b.arms[True].rate, 1), "plain_tok_s": round(b.arms[False].rate, 1)}
-                for k, b in sorted(self.buckets.items()) if b.measured()}
+    @property
+    def accept_rate(self) -> float:
+        return (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
+
+    def on_verified(self, drafted: int, accepted: int) -> None:
+        """A request's verify result (geometric: a run that stops early tried accepted + 1 positions)."""
+        self._accepted += accepted
+        self._tried += accepted + (1 if accepted < drafted else 0)
+
+    def info(self) -> dict[str, dict[str, float | int]]:
+        out: dict[str, dict[str, float | int]] = {}
+        for key, b in sorted(self.buckets.items()):
+            cell: dict[str, float | int] = {"k": b.best(), "accept_rate": round(self.accept_rate, 3)}
+            for k, a in sorted(b.arms.items()):
+                if a.explored():
+                    cell[f"k{k}_tok_s"] = round(a.rate, 1)
+                    cell[f"k{k}_step_ms"] = round(a.step_s * 1e3, 3)
+            out[f"bs<{1 << key}"] = cell
+        return out

@@ -83,7 +83,8 @@ class SpecDecoder:
         self.acceptance: dict[int, Acceptance] = {}
         # Measured per batch size: does a step that may draft beat plain (overlapped) decoding here?
         # None: always may draft (the budget alone decides).
-        self.payoff: DraftPayoff | None = DraftPayoff()
+        self.payoff: DraftPayoff | None = DraftPayoff(self.max_drafts)
+        self.step_k = self.max_drafts  # this step's draft limit per request (0: plain decoding)
         self.allowed = True  # this step may carry drafts
         # Totals since start: verify steps (a request step that carried drafts), tokens emitted by
         # them (accepted drafts + the token sampled after them), drafts proposed and accepted.
@@ -97,7 +98,8 @@ class SpecDecoder:
 
     def begin_step(self, now: float, generated: int, running: int) -> None:
         """At the start of each scheduler step: the clock, tokens generated so far, running requests."""
-        self.allowed = self.payoff.begin_step(now, generated, running) if self.payoff is not None else True
+        self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
+        self.allowed = self.step_k > 0
 
     def scheduled(self, plain_decode: bool, drafted: bool) -> None:
         """The step that began runs a plain decode batch (with or without drafts): it is measured."""
@@ -117,7 +119,7 @@ class SpecDecoder:
     def _limit(self, req: Req) -> int:
         if req.tokens_on_device or req.finished:
             return 0
-        return max(min(self.max_drafts, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
+        return max(min(self.step_k, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
 
     def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
         if not self.allowed:
@@ -145,6 +147,8 @@ class SpecDecoder:
 
     def on_verified(self, req: Req, drafted: int, accepted: int, emitted: int) -> None:
         self._acceptance(req).record(drafted, accepted)
+        if self.payoff is not None:
+            self.payoff.on_verified(drafted, accepted)
         if self.model is not None:
             self.model.on_verified(id(req), accepted)
         self.verify_steps += 1

@@ -11,7 +11,7 @@ from radixlm.runtime.sampler import SampleRow, SamplingBatch, _filter_probs
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import Acceptance, grant, worth_drafting
-from radixlm.runtime.speculative.draft_payoff import EXPLORE_STEPS, PROBE_EVERY, RUN_STEPS, DraftPayoff
+from radixlm.runtime.speculative.draft_payoff import PROBE_EVERY, RUN_STEPS, DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramIndex
 from radixlm.runtime.speculative.verify import accepted_run
 
@@ -54,50 +54,58 @@ def test_budget_grants_at_batch_one_and_turns_down_weak_rows_at_large_batch() ->
     assert acc.rate > 0.5  # drifted back to the prior: the request will probe again
 
 
-def _serve(payoff: DraftPayoff, steps: int, running: int, step_s: dict[bool, float], tokens: dict[bool, int],
-           plain_decode: bool = True) -> list[bool]:
-    """Drive the meter with a fake clock: a step of each arm takes step_s[arm] and yields tokens[arm]."""
+def _serve(payoff: DraftPayoff, steps: int, running: int, step_s: dict[int, float], tokens: dict[int, int],
+           accept: float = 0.0, plain_decode: bool = True) -> list[int]:
+    """Drive the meter with a fake clock: a step of arm k takes step_s[k] and yields tokens[k]; each
+    row's chain of k drafts is verified with acceptance `accept` per position (deterministic pattern)."""
     arms, now, generated = [], 0.0, 0
-    for _ in range(steps):
-        arm = payoff.begin_step(now, generated, running)
-        payoff.scheduled(plain_decode, arm)
-        arms.append(arm)
-        now += step_s[arm]
-        generated += tokens[arm]
+    for step in range(steps):
+        k = payoff.begin_step(now, generated, running)
+        payoff.scheduled(plain_decode, k > 0)
+        arms.append(k)
+        for row in range(running if k else 0):
+            accepted = 0
+            while accepted < k and ((step * 7 + row * 3 + accepted * 5) % 100) < accept * 100:
+                accepted += 1
+            payoff.on_verified(k, accepted)
+        now += step_s[k]
+        generated += tokens[k]
     return arms
 
 
-def test_draft_payoff_keeps_the_faster_arm_and_probes_the_other() -> None:
-    # Batch 64 as measured on the H200: a drafting step emits 1.43 tokens per row but, synchronous,
-    # takes 1.68x a plain overlapped step: drafting must be turned off after measuring both arms.
-    payoff = DraftPayoff()
-    arms = _serve(payoff, 600, 64, {True: 1.68, False: 1.0}, {True: 92, False: 64})
-    assert arms[: RUN_STEPS - 1] == [True] * (RUN_STEPS - 1)  # measured first
-    steady = arms[3 * RUN_STEPS:]
-    assert steady.count(True) <= len(steady) * (RUN_STEPS + 1) / PROBE_EVERY + RUN_STEPS  # probes only
-    assert True in steady  # ... but it does re-measure
-    # Batch 1 on a GPU: drafting wins (a verify step costs ~1.05x, 2.5 tokens per step).
-    other = DraftPayoff()
-    arms = _serve(other, 600, 1, {True: 1.05, False: 1.0}, {True: 5, False: 2})
-    steady = arms[3 * RUN_STEPS:]
-    assert steady.count(False) <= len(steady) * (RUN_STEPS + 1) / PROBE_EVERY + RUN_STEPS
+def test_draft_payoff_plain_decoding_at_batch_64_when_drafts_are_rejected() -> None:
+    # Batch 64 with a head whose drafts are rejected (a random EAGLE-3 head): every drafting arm is
+    # slower (synchronous verify step + drafting), so after k = 0 and k = 1 are measured the bucket
+    # decodes plainly; k = 1 is re-measured for one short run every PROBE_EVERY steps.
+    payoff = DraftPayoff(3)
+    arms = _serve(payoff, 2000, 64, {0: 1.0, 1: 1.5, 2: 1.8, 3: 2.1}, {0: 64, 1: 64, 2: 64, 3: 64})
+    assert arms[: RUN_STEPS] == [0] * RUN_STEPS and arms[RUN_STEPS : 2 * RUN_STEPS] == [1] * RUN_STEPS
+    steady = arms[2 * RUN_STEPS:]
+    # probes only (and, once, the deeper arms when the idle acceptance estimate drifts back to its prior)
+    assert sum(k > 0 for k in steady) <= len(steady) * RUN_STEPS / PROBE_EVERY + 3 * RUN_STEPS
+    assert 1 in steady  # it does re-measure
+    assert payoff.info()["bs<128"]["k"] == 0 and payoff.accept_rate < 0.3
+
+
+def test_draft_payoff_picks_the_depth_that_pays() -> None:
+    # Batch 1 on a GPU, well-accepted drafts: each depth costs a few percent more, the deepest wins.
+    deep = DraftPayoff(3)
+    arms = _serve(deep, 1500, 1, {0: 1.0, 1: 1.04, 2: 1.07, 3: 1.1}, {0: 1, 1: 2, 2: 2, 3: 3}, accept=0.8)
+    steady = arms[5 * RUN_STEPS:]
+    assert steady.count(3) >= len(steady) * (1 - RUN_STEPS / PROBE_EVERY) - RUN_STEPS
+    assert deep.info()["bs<2"]["k"] == 3
+    # Batch 8, middling acceptance: one draft per row pays, deeper chains cost more than they add.
+    mid = DraftPayoff(3)
+    arms = _serve(mid, 1500, 8, {0: 1.0, 1: 1.2, 2: 1.5, 3: 1.9}, {0: 8, 1: 13, 2: 15, 3: 17}, accept=0.6)
+    steady = arms[5 * RUN_STEPS:]
+    assert steady.count(1) >= len(steady) * (1 - RUN_STEPS / PROBE_EVERY) - RUN_STEPS
     # Buckets are separate, and steps that are not plain decode steps are never measured.
-    assert set(payoff.buckets) == {64 .bit_length()} and set(other.buckets) == {1}
-    idle = DraftPayoff()
-    _serve(idle, 50, 8, {True: 1.0, False: 1.0}, {True: 8, False: 8}, plain_decode=False)
+    assert set(deep.buckets) == {1} and set(mid.buckets) == {8 .bit_length()}
+    idle = DraftPayoff(3)
+    _serve(idle, 50, 8, {k: 1.0 for k in range(4)}, {k: 8 for k in range(4)}, plain_decode=False)
     assert all(a.samples == 0 for b in idle.buckets.values() for a in b.arms.values())
-    assert idle.begin_step(0.0, 0, 0) is False  # nothing running: nothing to draft for
-    # Drafting allowed but nothing proposed (no n-gram matches yet): explored longer, then judged
-    # on what those synchronous steps achieved.
-    quiet = DraftPayoff()
-    arms, now, generated = [], 0.0, 0
-    for _ in range(200):
-        arm = quiet.begin_step(now, generated, 4)
-        quiet.scheduled(True, False)
-        arms.append(arm)
-        now += 1.2 if arm else 1.0
-        generated += 4
-    assert arms[: EXPLORE_STEPS] == [True] * EXPLORE_STEPS and arms[-50:].count(True) <= RUN_STEPS
+    assert idle.begin_step(0.0, 0, 0) == 0  # nothing running: nothing to draft for
+    assert DraftPayoff(0).begin_step(0.0, 0, 4) == 0 and DraftPayoff(0).begin_step(1.0, 0, 4) == 0
 
 
 def test_speculative_flags_are_checked() -> None:
