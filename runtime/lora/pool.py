@@ -51,10 +51,15 @@ class LoRAProjection:
             return out
         x = x.reshape(-1, x.shape[-1])
         if self.use_triton:
+            from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
             from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
-            y = sgmv_shrink(x if x.stride(-1) == 1 else x.contiguous(), self.a, seg)  # rows may be strided
-            sgmv_expand(y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+            x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided, not columns
+            if use_fused(x.shape[0]):  # decode-sized: one launch per projection
+                sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+            else:
+                y = sgmv_shrink(x, self.a, seg)
+                sgmv_expand(y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         else:
             expand_ref(shrink_ref(x, self.a, seg), self.b, self.offsets, self.rank, out, seg)
         return out
