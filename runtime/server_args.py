@@ -210,6 +210,10 @@ class ServerArgs:
     lora_eviction_policy: str = _flag("lru", "lora", "which adapter leaves a device slot or host memory first: "
                                       "lru (least recently used) or fifo (first loaded)", str,
                                       choices=("lru", "fifo"))
+    lora_kernels: str = _flag("overlap", "lora", "how a projection's LoRA update runs on CUDA: overlap (the "
+                              "shrink on a side stream while the base GEMM runs, then one expand launch), "
+                              "fused (shrink and expand in one launch at decode sizes, <= 32 rows) or serial "
+                              "(shrink then expand after the GEMM)", str, choices=("overlap", "fused", "serial"))
     # ---------------------------------------------------------------- device and kernels
     device: str | None = _flag(None, "runtime", "cpu, cuda or cuda:N", str, default_text="cuda if available")
     attention_backend: str | None = _flag(None, "runtime", "attention and decoder kernels", str,

@@ -50,6 +50,7 @@ class LoRAOptions:
     max_loaded_loras: int | None
     max_lora_rank: int
     eviction_policy: str  # lru | fifo
+    kernels: str = "overlap"  # --lora-kernels: overlap | fused | serial
     initial: dict[str, str] = field(default_factory=dict)  # name -> folder, from --lora-paths
 
 
@@ -61,7 +62,7 @@ class LoRAManager:
         self.dtype = dtype
         self.device = device
         self.pool = LoRAPool(model, shape, options.max_loras_per_batch, options.max_lora_rank, dtype, device,
-                             use_triton)
+                             use_triton, options.kernels)
         self.slots = [_Slot() for _ in range(options.max_loras_per_batch)]
         self._slot_index: dict[str, int] = {}  # adapter name -> its device slot
         # CUDA: per slot, an event after the last forward that read it (a swap into it waits for
@@ -255,7 +256,8 @@ def build_lora_manager(args: "ServerArgs", model: torch.nn.Module, hidden: int, 
 
     initial = args.lora_adapters()
     rank = args.max_lora_rank or max((declared_max_rank(name, path) for name, path in initial.items()), default=64)
-    options = LoRAOptions(args.max_loras_per_batch, args.max_loaded_loras, rank, args.lora_eviction_policy, initial)
+    options = LoRAOptions(args.max_loras_per_batch, args.max_loaded_loras, rank, args.lora_eviction_policy,
+                          args.lora_kernels, initial)
     manager = LoRAManager(model, model_shape(model, hidden, head_dim), options, dtype, device,
                           use_triton=args.attention_backend == "triton")
     logger.info("LoRA: %d adapter(s), %d device slots of rank %d (%.0f MB)", len(initial),

@@ -29,8 +29,25 @@ class BatchAdapters:
 
 
 @dataclass
+class PendingLoRA:
+    """A projection's LoRA work between `begin` (before the base GEMM) and `finish` (after it)."""
+
+    x: torch.Tensor
+    seg: LoRASegments
+    y: torch.Tensor | None = None  # the shrink's partial sums, being written on the side stream
+
+
+@dataclass
 class LoRAProjection:
-    """Attached to one linear layer (its `lora`): adds the batch's adapters' updates to its output."""
+    """Attached to one linear layer (its `lora`): adds the batch's adapters' updates to its output.
+
+    The layer calls `begin(x)` before its base GEMM and `finish(pending, out)` after it. With
+    --lora-kernels overlap on CUDA, `begin` launches the shrink on a side stream (it reads only x
+    and A), so it runs while the base GEMM does, and only the expand waits for the GEMM: one launch
+    on the step's critical path per projection instead of two. The side stream forks from and joins
+    the current one, so under CUDA graph capture both launches are recorded in the graph with
+    those edges; y is allocated on the current stream (never freed while the side stream may
+    still write it: the join comes first)."""
 
     a: torch.Tensor  # [slots, n·R, in]
     b: torch.Tensor  # [slots, out, R]
@@ -38,6 +55,8 @@ class LoRAProjection:
     rank: int
     batch: BatchAdapters
     use_triton: bool
+    kernels: str = "overlap"  # --lora-kernels
+    side_stream: torch.cuda.Stream | None = None  # overlap on CUDA
     offsets_dev: torch.Tensor | None = None
     widest: int = 0
 
@@ -45,23 +64,42 @@ class LoRAProjection:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
         self.widest = max(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def begin(self, x: torch.Tensor) -> PendingLoRA | None:
         seg = self.batch.segments
         if seg is None:
-            return out
+            return None
         x = x.reshape(-1, x.shape[-1])
-        if self.use_triton:
-            from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
-            from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
+        if self.use_triton and x.stride(-1) != 1:
+            x = x.contiguous()  # rows may be strided, not columns
+        pending = PendingLoRA(x, seg)
+        if self.use_triton and self.kernels == "overlap" and self.side_stream is not None:
+            from radixlm.runtime.lora.sgmv_triton import sgmv_shrink, shrink_buffer
 
-            x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided, not columns
-            if use_fused(x.shape[0]):  # decode-sized: one launch per projection
-                sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
-            else:
-                y = sgmv_shrink(x, self.a, seg)
-                sgmv_expand(y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
-        else:
+            main = torch.cuda.current_stream(x.device)
+            pending.y = shrink_buffer(x, self.a)
+            self.side_stream.wait_stream(main)
+            with torch.cuda.stream(self.side_stream):
+                sgmv_shrink(x, self.a, seg, y=pending.y)
+        return pending
+
+    def finish(self, pending: PendingLoRA | None, out: torch.Tensor) -> torch.Tensor:
+        if pending is None:
+            return out
+        x, seg = pending.x, pending.seg
+        if not self.use_triton:
             expand_ref(shrink_ref(x, self.a, seg), self.b, self.offsets, self.rank, out, seg)
+            return out
+        from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
+        from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
+
+        if pending.y is not None:
+            assert self.side_stream is not None
+            torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
+            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+        elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
+            sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+        else:
+            sgmv_expand(sgmv_shrink(x, self.a, seg), self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         return out
 
 
@@ -73,7 +111,7 @@ class LoRAPool:
     (`pack`), so swapping it into a slot is a single copy, issued on a side stream on CUDA."""
 
     def __init__(self, model: torch.nn.Module, shape: ModelShape, slots: int, rank: int, dtype: torch.dtype,
-                 device: torch.device, use_triton: bool) -> None:
+                 device: torch.device, use_triton: bool, kernels: str = "overlap") -> None:
         self.slots = slots
         self.rank = rank
         self.shape = shape
@@ -97,11 +135,12 @@ class LoRAPool:
         self.slot_numel = total
         self.buffer = torch.zeros(slots, total, dtype=dtype, device=device)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        side = torch.cuda.Stream(device) if device.type == "cuda" and kernels == "overlap" else None
         self.projections: dict[tuple[int, str], LoRAProjection] = {}
         for (i, proj), (a_off, a_shape, b_off, b_shape) in self.layout.items():
             a = self.buffer[:, a_off:a_off + a_shape[0] * a_shape[1]].view(slots, *a_shape)
             b = self.buffer[:, b_off:b_off + b_shape[0] * b_shape[1]].view(slots, *b_shape)
-            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton)
+            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side)
             self.projections[(i, proj)] = p
             layer = model.layers[i]
             owner = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp

@@ -2,10 +2,12 @@
 
 A batch mixing adapters is described by `LoRASegments`: `order` lists the token rows sorted by
 adapter slot, and segment i covers order[start[i] : start[i] + length[i]], all using the weights
-in slot `slot[i]` (rows of the base model are in no segment). Per projection two launches run for
-the whole batch: shrink y = x·Aᵀ (rank columns of every slice at once) and expand
-out[:, slice] += y[:, slice ranks]·Bᵀ. This module holds the torch reference of both (the CPU
-path, and what the Triton kernels in `sgmv_triton.py` are tested against).
+in slot `slot[i]` (rows of the base model are in no segment). Per projection the update is
+a shrink y = x·Aᵀ (rank columns of every slice at once) and an expand out[:, slice] +=
+y[:, slice ranks]·Bᵀ, each one launch for the whole batch (`sgmv_triton.py`; the shrink may run
+beside the base GEMM, see `pool.LoRAProjection`), or both in one launch at decode sizes
+(`sgmv_fused.py`). This module holds the torch reference (the CPU path, and what the Triton
+kernels are tested against).
 """
 from __future__ import annotations
 

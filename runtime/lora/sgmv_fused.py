@@ -42,7 +42,7 @@ class FusedTiles:
 
 def fused_tiles(t: int, block_k: int | None = None, span: int | None = None, block_n: int | None = None) -> FusedTiles:
     """Defaults for T tokens (overrides: the benchmark's sweep and the tests' small shapes)."""
-    return FusedTiles(block_m=16, block_k=block_k or 256, block_n=block_n or 128, span=span or 512)
+    return FusedTiles(block_m=16, block_k=block_k or 1024, block_n=block_n or 512, span=span or 512)
 
 
 def use_fused(t: int) -> bool:

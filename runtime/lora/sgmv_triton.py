@@ -112,9 +112,9 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
 
 @triton.jit
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
-                   S, R, blocks_per_slice, SPLIT_K, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, S_POW2: tl.constexpr,
-                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   S, R, blocks_per_slice, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seg, m0 = _locate(tl.program_id(0), len_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     if seg < S:
@@ -135,7 +135,9 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
             y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
             y_mask = m_mask[:, None] & r_mask[None, :]
             yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-            for split in range(1, SPLIT_K):  # the shrink's partial sums, added in a fixed order
+            # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
+            # that their loads are issued together: one memory round trip at decode, not SPLIT_K
+            for split in tl.static_range(1, SPLIT_K):
                 yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
             bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0)
@@ -155,15 +157,25 @@ def _dot_options(x: torch.Tensor) -> dict:
     return {"DOT_FP32": not x.is_cuda, "DOT_PRECISION": "ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32"}
 
 
-def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None) -> torch.Tensor:
+def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None) -> torch.Tensor:
+    """The y buffer `sgmv_shrink` writes for this x and A (allocated by the caller on its own stream
+    when the shrink runs on another one)."""
+    t, k = x.shape
+    tile = tile or tiles(t, k, a.shape[1])
+    return torch.empty(tile.split_k, t, a.shape[1], dtype=torch.float32, device=x.device)
+
+
+def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
     """y [split, T, n·R] float32: partial sums over K whose sum is x·A[slot]ᵀ per segment (rows of
     no segment are left unwritten; `sgmv_expand` adds the splits). `a`: [slots, n·R, K] with unit
-    stride along K (a view of the pool's packed slot buffer)."""
+    stride along K (a view of the pool's packed slot buffer); `y`: from `shrink_buffer` (same tile)."""
     t, k = x.shape
     n = a.shape[1]
     tile = tile or tiles(t, k, n)
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
-    y = torch.empty(tile.split_k, t, n, dtype=torch.float32, device=x.device)
+    if y is None:
+        y = shrink_buffer(x, a, tile)
     s = seg.slot.numel()
     grid = (work_items(t, s, tile.block_m), triton.cdiv(n, tile.shrink_n) * tile.split_k)
     _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, s, k, n, k_per_split, tile.split_k,
@@ -187,7 +199,6 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
     s = seg.slot.numel()
     grid = (work_items(t, s, tile.block_m), pieces * blocks)
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
-                         s, rank, blocks, y.shape[0], y.stride(0), y.stride(1), b.stride(0), b.stride(1),
-                         out.stride(0),
-                         BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+                         s, rank, blocks, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                         SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
                          S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(b))

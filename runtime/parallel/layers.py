@@ -119,8 +119,9 @@ class ColumnParallelLinear(nn.Linear):
     lora: LoRAProjection | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM
         out = linear_forward(self.weight, self.quantized, x, self.bias)
-        return out if self.lora is None else self.lora.apply(x, out)
+        return out if self.lora is None else self.lora.finish(pending, out)
 
 
 class RowParallelLinear(nn.Linear):
@@ -135,9 +136,10 @@ class RowParallelLinear(nn.Linear):
         self.tp_group = _tp_group()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM
         out = linear_forward(self.weight, self.quantized, x)
         if self.lora is not None:
-            out = self.lora.apply(x, out)
+            out = self.lora.finish(pending, out)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out

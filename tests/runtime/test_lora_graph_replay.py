@@ -14,28 +14,34 @@ from tests.fixtures.lora_adapters import make_peft_adapter, peft_model
 from tests.runtime.test_lora_model import _forward, _prompts, _reference, _runner
 
 
-def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("kernels", ["overlap", "fused"])
+def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monkeypatch, kernels: str) -> None:
     """Under CUDA graphs a decode's LoRA kernels read fixed segment buffers, and a replay re-runs every
     device op recorded in the capture region (CudaGraphRunner._run: `use_graph_segments(bs)`, then the
     model). The H200 float32 swap check served no adapter in any graph-replayed decode step (every step
     after the prefill at batch <= the largest bucket): that region reset the buffers' slots to -1 after
     `prepare` had filled them. Emulated on a CPU with the Triton kernels interpreted: prefill, then the
-    same decode step eagerly and as a replay of the capture region; both must equal the reference."""
+    same decode step eagerly and as a replay of the capture region; both must equal the reference.
+    `kernels`: --lora-kernels (overlap runs shrink then expand here: no side stream on a CPU; fused
+    runs the one-launch kernel, the prefill too: 21 rows <= FUSED_MAX_TOKENS)."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
     import importlib
 
-    from radixlm.runtime.lora import sgmv_triton
+    from radixlm.runtime.lora import sgmv_fused, sgmv_triton
 
     if not torch.cuda.is_available() and type(sgmv_triton._locate).__name__ != "InterpretedFunction":
         importlib.reload(sgmv_triton)  # imported before TRITON_INTERPRET was set: its jit functions compile
+    if not torch.cuda.is_available() and type(sgmv_fused._fused_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(sgmv_fused)  # (it imports sgmv_triton's helpers: reloaded after it)
     model_dir = tiny_model_dir("llama")
     paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
     runner = _runner(model_dir, paths, max_loras_per_batch=3)
     lora = runner.lora
     for projection in lora.pool.projections.values():
         projection.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
+        projection.kernels = kernels
     names = ["b", None, "a"]
     prompts = _prompts(runner.vocab_size, (7, 5, 9), seed=6)
     eager = _forward(runner, prompts, names)
