@@ -302,6 +302,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--budget-s", type=float, default=540, help="skip the 64-slot engine past this wall time")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: kernel, sweep, step, slots64")
+    ap.add_argument("--decode-kernels", default="fused",
+                    help="other --lora-kernels values whose batch-1 decode is measured (one small engine each)")
     ap.add_argument("--step-sizes", default="1,8,32", help="token counts of the per-step LoRA table (lora_step.py)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -398,6 +400,17 @@ def main() -> None:
             report[f"lora_graph_capture_s_{key}"] = info.get("cuda_graph_capture_s")
 
     section("lora_engine_8_slots", lambda: lora_engine(8))
+
+    def decode_with(kernels: str) -> None:
+        """Batch-1 decode on an engine with one adapter and another --lora-kernels value."""
+        with radixlm.Engine(str(d), mem_fraction_static=0.85, lora_paths=paths[:1], lora_kernels=kernels,
+                            **ENGINE_ARGS) as eng:
+            eng.generate(input_ids=prompts[:2], sampling_params=params_for([8] * 2), lora_path=names[:1] * 2)
+            report[f"lora_decode_ms_{kernels}"] = decode_ms(eng, vocab, names[0])
+        print(f"batch-1 decode ms, --lora-kernels {kernels}:", report[f"lora_decode_ms_{kernels}"], flush=True)
+
+    for kernels in filter(None, args.decode_kernels.split(",")):
+        section(f"decode_{kernels}", lambda k=kernels: decode_with(k))
     if "slots64" in skip:
         report["errors"]["lora_engine_64_slots"] = "skipped: --skip slots64"
     elif time.perf_counter() - started < args.budget_s - 120:
@@ -454,6 +467,9 @@ def print_table(report: dict, out: str) -> None:
         print(f"step T={t:<3} best fused tiles: {best['variant']} LoRA {best['lora_ms']:.3f} ms")
     print(f"{'batch-1 decode ms/step base / lora':<38}{get('base_decode_ms'):>30} / {get('lora_decode_ms')}"
           f"  overhead {get('batch1_decode_overhead', fmt='{:+.1%}')} (goal <= +10%)")
+    for key in [k for k in report if k.startswith("lora_decode_ms_") and not k.endswith("slots64")]:
+        overhead = report[key] / report["base_decode_ms"] - 1 if "base_decode_ms" in report else float("nan")
+        print(f"{'batch-1 decode, --lora-kernels ' + key[15:]:<38}{report[key]:>30.2f}  overhead {overhead:+.1%}")
     print(f"{'batch-1 base request on LoRA engine':<38}{get('lora_engine_base_decode_ms'):>30} ms"
           f"  overhead {get('batch1_base_request_on_lora_engine_overhead', fmt='{:+.1%}')}")
     print(f"{'batch-1 decode ms/step, 64 slots':<38}{get('lora_decode_ms_slots64'):>30}")
