@@ -6,7 +6,8 @@ slots), replayed; the difference is the LoRA cost per step as the engine's graph
 gaps between dependent kernels included, which a single kernel timed in a loop hides).
 
   variants  --lora-kernels serial (sgmv_shrink then sgmv_expand after the GEMM), overlap (the shrink
-            on a side stream beside the GEMM, the expand after it), fused (sgmv_fused, default tiles),
+            on a side stream beside the GEMM, the expand after it; for o / down the expand too, into
+            the residual), fused (sgmv_fused, default tiles),
             and a sweep of the fused kernel's tiles (block_k x span, one inner column step up to 512)
   sizes     T = 1 (one adapter), 8, 16, 32, 64 tokens (8 adapters)
   check     at every size: the fused result == the serial result (bf16 tolerance), base rows untouched
@@ -45,12 +46,18 @@ class Projection:
         self.offs = torch.tensor(offsets, dtype=torch.int32, device="cuda")
         self.widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
         self.out = torch.empty(t, offsets[-1], device="cuda", dtype=torch.bfloat16)
+        self.residual: torch.Tensor | None = None  # o / down: the residual their output is added to
 
 
 def build(cfg: dict, t: int) -> list[Projection]:
     shapes = projection_shapes(cfg)
     inputs = {k: torch.randn(t, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes.values()}
-    return [Projection(k, offsets, t, inputs[k]) for _ in range(cfg["num_hidden_layers"]) for k, offsets in shapes.values()]
+    projs = [Projection(k, offsets, t, inputs[k]) for _ in range(cfg["num_hidden_layers"]) for k, offsets in shapes.values()]
+    residual = torch.zeros(t, cfg["hidden_size"], device="cuda", dtype=torch.bfloat16)
+    for p, name in zip(projs, [n for _ in range(cfg["num_hidden_layers"]) for n in shapes]):
+        if name in ("o", "down"):
+            p.residual = residual
+    return projs
 
 
 def step_fn(projs: list[Projection], seg, variant: str, tile=None):
@@ -62,16 +69,19 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
 
     def run() -> None:
         for p in projs:
-            if variant == "overlap":  # as LoRAProjection.begin / finish: shrink beside the GEMM
-                main = torch.cuda.current_stream()
+            if variant == "overlap":  # as LoRAProjection.begin / finish: shrink beside the GEMM, and
+                main = torch.cuda.current_stream()  # for o / down the expand too, into the residual
                 y = shrink_buffer(p.x, p.a)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
                     sgmv_shrink(p.x, p.a, seg, y=y)
+                    if p.residual is not None:
+                        sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.residual, seg)
             torch.mm(p.x, p.w.t(), out=p.out)
             if variant == "overlap":
                 main.wait_stream(side)
-                sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.out, seg)
+                if p.residual is None:
+                    sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.out, seg)
             elif variant == "serial":
                 sgmv_expand(sgmv_shrink(p.x, p.a, seg), p.b, p.offs, p.widest, RANK, p.out, seg)
             elif variant == "fused":

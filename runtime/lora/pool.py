@@ -7,6 +7,7 @@ swapped in and out of slots (`write`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ class PendingLoRA:
     x: torch.Tensor
     seg: LoRASegments
     y: torch.Tensor | None = None  # the shrink's partial sums, being written on the side stream
+    added: bool = False  # the whole update went into the caller's `into` tensor (finish adds nothing)
 
 
 @dataclass
@@ -42,12 +44,15 @@ class LoRAProjection:
     """Attached to one linear layer (its `lora`): adds the batch's adapters' updates to its output.
 
     The layer calls `begin(x)` before its base GEMM and `finish(pending, out)` after it. With
-    --lora-kernels overlap on CUDA, `begin` launches the shrink on a side stream (it reads only x
+    --lora-kernels overlap (Triton), `begin` launches the shrink on a side stream (it reads only x
     and A), so it runs while the base GEMM does, and only the expand waits for the GEMM: one launch
-    on the step's critical path per projection instead of two. The side stream forks from and joins
-    the current one, so under CUDA graph capture both launches are recorded in the graph with
-    those edges; y is allocated on the current stream (never freed while the side stream may
-    still write it: the join comes first)."""
+    on the step's critical path instead of two. A row-parallel layer whose output is next added to
+    the residual stream (o_proj, down_proj) passes that residual as `into`: the expand then adds
+    the update there, also on the side stream, and the critical path has no LoRA launch at all
+    (residual + (out + Δ) becomes (residual + Δ) + out: the same sum). The side stream forks from
+    and joins the current one, so CUDA graphs record both branches with those edges; y is
+    allocated on the current stream (never freed before the join). Without a side stream (CPU,
+    Triton interpreted) the same launches run in order."""
 
     a: torch.Tensor  # [slots, n·R, in]
     b: torch.Tensor  # [slots, out, R]
@@ -64,7 +69,9 @@ class LoRAProjection:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
         self.widest = max(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
 
-    def begin(self, x: torch.Tensor) -> PendingLoRA | None:
+    def begin(self, x: torch.Tensor, into: torch.Tensor | None = None) -> PendingLoRA | None:
+        """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
+        either (the residual stream); with overlap the update may go there instead of the output."""
         seg = self.batch.segments
         if seg is None:
             return None
@@ -72,14 +79,19 @@ class LoRAProjection:
         if self.use_triton and x.stride(-1) != 1:
             x = x.contiguous()  # rows may be strided, not columns
         pending = PendingLoRA(x, seg)
-        if self.use_triton and self.kernels == "overlap" and self.side_stream is not None:
-            from radixlm.runtime.lora.sgmv_triton import sgmv_shrink, shrink_buffer
+        if not (self.use_triton and self.kernels == "overlap"):
+            return pending
+        from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
-            main = torch.cuda.current_stream(x.device)
-            pending.y = shrink_buffer(x, self.a)
-            self.side_stream.wait_stream(main)
-            with torch.cuda.stream(self.side_stream):
-                sgmv_shrink(x, self.a, seg, y=pending.y)
+        pending.y = shrink_buffer(x, self.a)
+        into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
+        if self.side_stream is not None:
+            self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
+            sgmv_shrink(x, self.a, seg, y=pending.y)
+            if into is not None:
+                sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
+                pending.added = True
         return pending
 
     def finish(self, pending: PendingLoRA | None, out: torch.Tensor) -> torch.Tensor:
@@ -93,9 +105,10 @@ class LoRAProjection:
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
         if pending.y is not None:
-            assert self.side_stream is not None
-            torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
-            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+            if self.side_stream is not None:
+                torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
+            if not pending.added:
+                sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
             sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         else:

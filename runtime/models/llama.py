@@ -79,8 +79,9 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend,
-        cos_sin: torch.Tensor, ops: KernelOps,
+        cos_sin: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`residual`: what the output is added to next (a LoRA update may go there)."""
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -91,7 +92,7 @@ class LlamaAttention(nn.Module):
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
         q, k = ops.rotary(q, k, batch.positions, cos_sin)
         out = attn.forward(q, k, v, self.layer_id, batch)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
 
 
 class LlamaMLP(nn.Module):
@@ -100,8 +101,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * tp.intermediate, bias=False)
         self.down_proj = RowParallelLinear(tp.intermediate, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)), lora_into=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -149,16 +150,16 @@ class LlamaForCausalLM(nn.Module):
         cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
         aux: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            if i in self.aux_layers:
-                aux[i] = hidden if residual is None else hidden + residual
+            if i in self.aux_layers:  # (a copy: a LoRA update may be added into the residual in place)
+                aux[i] = hidden.clone() if residual is None else hidden + residual
             if residual is None:
                 residual = hidden
                 normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
             else:
                 normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
-            hidden = layer.self_attn(normed, batch, attn, cos_sin, ops)
+            hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual)
             normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
-            hidden = layer.mlp(normed, ops)
+            hidden = layer.mlp(normed, ops, residual)
         assert residual is not None
         if self.aux_layers:
             self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)

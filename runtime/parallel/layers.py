@@ -135,8 +135,10 @@ class RowParallelLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.tp_group = _tp_group()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM
+    def forward(self, x: torch.Tensor, lora_into: torch.Tensor | None = None) -> torch.Tensor:
+        """`lora_into`: the residual this output is added to next (LoRA may add its update there,
+        beside the GEMM: `LoRAProjection.begin`)."""
+        pending = None if self.lora is None else self.lora.begin(x, lora_into)  # may run beside the GEMM
         out = linear_forward(self.weight, self.quantized, x)
         if self.lora is not None:
             out = self.lora.finish(pending, out)

@@ -102,3 +102,29 @@ def test_decode_sizes_take_one_launch_and_larger_batches_two() -> None:
     from radixlm.runtime.lora.sgmv_fused import FUSED_MAX_TOKENS, use_fused
 
     assert use_fused(1) and use_fused(FUSED_MAX_TOKENS) and not use_fused(FUSED_MAX_TOKENS + 1)
+
+
+@pytest.mark.parametrize("kernels", ["overlap", "fused", "serial"])
+def test_projection_update_lands_in_the_output_or_the_residual(kernels: str) -> None:
+    """LoRAProjection.begin/finish around a base GEMM: every --lora-kernels value gives residual +
+    output == residual + base + update; with overlap and a residual passed (o_proj / down_proj) the
+    update is added to the residual and the output is the base GEMM's alone (no launch after it)."""
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    dev = _device()
+    t, k, rank, offsets, slots = 5, 96, 8, [0, 48], 3
+    a, b, x, token_slots, base = (v.to(dev) for v in _case(9, t, k, rank, offsets, slots, torch.float32))
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
+    proj = LoRAProjection(a, b, offsets, rank, batch, use_triton=True, kernels=kernels)
+    residual0 = torch.randn(t, offsets[-1], generator=torch.Generator().manual_seed(1)).to(dev)
+    want = residual0 + base.clone()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    residual = residual0.clone()
+    pending = proj.begin(x, into=residual)
+    out = proj.finish(pending, base.clone())
+    torch.testing.assert_close(residual + out, want, atol=1e-4, rtol=1e-4)
+    assert pending is not None and pending.added == (kernels == "overlap")
+    assert torch.equal(out, base) == (kernels == "overlap"), "overlap: the output is the GEMM's alone"
+    batch.segments = None
+    assert proj.begin(x, into=residual) is None, "no adapter row: no LoRA work at all"
