@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from radixlm.runtime.lora.sgmv import LoRASegments
-from radixlm.runtime.lora.sgmv_triton import _dot_options, _locate, work_items
+from radixlm.runtime.lora.sgmv_triton import _dot_options, _segment, work_items
 
 FUSED_MAX_TOKENS = 32  # decode batches up to this many rows take the one-launch kernel
 
@@ -54,51 +54,47 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, s
                   S, K, R, spans_per_part, stride_xm, stride_as, stride_an, stride_bs, stride_bn, stride_om,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPAN: tl.constexpr, S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    seg, m0 = _locate(tl.program_id(0), len_ptr, S, BLOCK_M, S_POW2)
+    m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     part = tl.program_id(1) // spans_per_part
     n_first = tl.load(off_ptr + part) + (tl.program_id(1) % spans_per_part) * SPAN
     n_hi = tl.load(off_ptr + part + 1)
-    if seg < S and n_first < n_hi:
-        slot = tl.load(slot_ptr + seg)
-        if slot >= 0:
-            length = tl.load(len_ptr + seg)
-            start = tl.load(start_ptr + seg)
-            rm = m0 + tl.arange(0, BLOCK_M)
-            m_mask = rm < length
-            rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
-            # shrink: y [BLOCK_M, BLOCK_R] = x[rows] · A[slot, part·R : part·R + R]ᵀ over all of K
-            rr = tl.arange(0, BLOCK_R)
-            r_mask = rr < R
-            rk = tl.arange(0, BLOCK_K)
-            a_base = a_ptr + slot.to(tl.int64) * stride_as + (part * R + rr)[:, None] * stride_an
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k_mask = k0 + rk < K
-                xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                at = tl.load(a_base + (k0 + rk)[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
-                    xt = xt.to(tl.float32)
-                    at = at.to(tl.float32)
-                acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
-            b_base = b_ptr + slot.to(tl.int64) * stride_bs + rr[None, :]
+    if slot >= 0 and n_first < n_hi:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < length
+        rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+        # shrink: y [BLOCK_M, BLOCK_R] = x[rows] · A[slot, part·R : part·R + R]ᵀ over all of K
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        rk = tl.arange(0, BLOCK_K)
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + (part * R + rr)[:, None] * stride_an
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = k0 + rk < K
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_base + (k0 + rk)[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs + rr[None, :]
+        if DOT_FP32:
+            yt = acc
+        else:
+            yt = acc.to(b_ptr.dtype.element_ty)  # as the two-launch expand: y rounded to the weights' type
+        # expand: out[rows, span] += y · B[slot, span]ᵀ, BLOCK_N columns at a time
+        rn0 = tl.arange(0, BLOCK_N)
+        for n0 in range(0, SPAN, BLOCK_N):
+            rn = n_first + n0 + rn0
+            n_mask = rn < n_hi
+            bt = tl.load(b_base + rn[:, None] * stride_bn, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             if DOT_FP32:
-                yt = acc
-            else:
-                yt = acc.to(b_ptr.dtype.element_ty)  # as the two-launch expand: y rounded to the weights' type
-            # expand: out[rows, span] += y · B[slot, span]ᵀ, BLOCK_N columns at a time
-            rn0 = tl.arange(0, BLOCK_N)
-            for n0 in range(0, SPAN, BLOCK_N):
-                rn = n_first + n0 + rn0
-                n_mask = rn < n_hi
-                bt = tl.load(b_base + rn[:, None] * stride_bn, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-                if DOT_FP32:
-                    bt = bt.to(tl.float32)
-                delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
-                mask = m_mask[:, None] & n_mask[None, :]
-                o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-                old = tl.load(o_ptrs, mask=mask, other=0.0)
-                tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+                bt = bt.to(tl.float32)
+            delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
+            mask = m_mask[:, None] & n_mask[None, :]
+            o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
+            old = tl.load(o_ptrs, mask=mask, other=0.0)
+            tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sgmv_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int,

@@ -62,15 +62,24 @@ def work_items(t: int, segments: int, block_m: int) -> int:
 
 
 @triton.jit
-def _locate(w, len_ptr, S, BLOCK_M: tl.constexpr, S_POW2: tl.constexpr):
-    """Work item w -> (segment, first row of its block within the segment); segment == S: none."""
+def _segment(w, len_ptr, start_ptr, slot_ptr, S, BLOCK_M: tl.constexpr, S_POW2: tl.constexpr):
+    """Work item w -> (first row of its block within its segment, the segment's length, start and
+    slot); slot -1: no work (past the last item, or an unused segment). The segment tensors are
+    loaded whole, in one memory round trip (a decode-sized launch waits on its dependent loads)."""
     offs = tl.arange(0, S_POW2)
-    lens = tl.load(len_ptr + offs, mask=offs < S, other=0)
+    in_range = offs < S
+    lens = tl.load(len_ptr + offs, mask=in_range, other=0)
+    starts = tl.load(start_ptr + offs, mask=in_range, other=0)
+    slots = tl.load(slot_ptr + offs, mask=in_range, other=-1)
     blocks = (lens + BLOCK_M - 1) // BLOCK_M
     ends = tl.cumsum(blocks, 0)
     seg = tl.sum((ends <= w).to(tl.int32), 0)
-    begin = tl.sum(tl.where(offs == seg, ends - blocks, 0), 0)
-    return seg, (w - begin) * BLOCK_M
+    here = offs == seg
+    begin = tl.sum(tl.where(here, ends - blocks, 0), 0)
+    length = tl.sum(tl.where(here, lens, 0), 0)
+    start = tl.sum(tl.where(here, starts, 0), 0)
+    slot = tl.where(seg < S, tl.sum(tl.where(here, slots, 0), 0), -1)
+    return (w - begin) * BLOCK_M, length, start, slot
 
 
 @triton.jit
@@ -78,36 +87,32 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
                    S, K, N, K_PER_SPLIT, SPLIT_K, stride_xm, stride_as, stride_an, stride_ys, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_POW2: tl.constexpr,
                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    seg, m0 = _locate(tl.program_id(0), len_ptr, S, BLOCK_M, S_POW2)
+    m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_n = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
-    if seg < S:
-        slot = tl.load(slot_ptr + seg)
-        if slot >= 0:
-            length = tl.load(len_ptr + seg)
-            start = tl.load(start_ptr + seg)
-            rm = m0 + tl.arange(0, BLOCK_M)
-            m_mask = rm < length
-            rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = rn < N
-            rk = tl.arange(0, BLOCK_K)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            a_base = a_ptr + slot.to(tl.int64) * stride_as
-            k_lo = split * K_PER_SPLIT
-            k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                k_mask = k0 + rk < k_hi
-                xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
-                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
-                    xt = xt.to(tl.float32)
-                    at = at.to(tl.float32)
-                acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
-            y_ptrs = y_ptr + split * stride_ys + rows[:, None] * stride_ym + rn[None, :]
-            tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    if slot >= 0:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < length
+        rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_base = a_ptr + slot.to(tl.int64) * stride_as
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_mask = k0 + rk < k_hi
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
+                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
+        y_ptrs = y_ptr + split * stride_ys + rows[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -115,41 +120,37 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    seg, m0 = _locate(tl.program_id(0), len_ptr, S, BLOCK_M, S_POW2)
+    m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
-    if seg < S:
-        slot = tl.load(slot_ptr + seg)
-        if slot >= 0:
-            piece = pid_sn // blocks_per_slice
-            n_lo = tl.load(off_ptr + piece)
-            n_hi = tl.load(off_ptr + piece + 1)
-            length = tl.load(len_ptr + seg)
-            start = tl.load(start_ptr + seg)
-            rm = m0 + tl.arange(0, BLOCK_M)
-            m_mask = rm < length
-            rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
-            rn = n_lo + (pid_sn % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = rn < n_hi
-            rr = tl.arange(0, BLOCK_R)
-            r_mask = rr < R
-            y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
-            y_mask = m_mask[:, None] & r_mask[None, :]
-            yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-            # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
-            # that their loads are issued together: one memory round trip at decode, not SPLIT_K
-            for split in tl.static_range(1, SPLIT_K):
-                yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
-                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            if DOT_FP32:
-                bt = bt.to(tl.float32)
-            else:
-                yt = yt.to(bt.dtype)
-            delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
-            mask = m_mask[:, None] & n_mask[None, :]
-            o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-            old = tl.load(o_ptrs, mask=mask, other=0.0)
-            tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+    piece = pid_sn // blocks_per_slice
+    n_lo = tl.load(off_ptr + piece)  # with the segment's loads: the same round trip
+    n_hi = tl.load(off_ptr + piece + 1)
+    if slot >= 0:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < length
+        rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+        rn = n_lo + (pid_sn % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < n_hi
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
+        y_mask = m_mask[:, None] & r_mask[None, :]
+        yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
+        # that their loads are issued together: one memory round trip at decode, not SPLIT_K
+        for split in tl.static_range(1, SPLIT_K):
+            yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if DOT_FP32:
+            bt = bt.to(tl.float32)
+        else:
+            yt = yt.to(bt.dtype)
+        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
+        mask = m_mask[:, None] & n_mask[None, :]
+        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
+        old = tl.load(o_ptrs, mask=mask, other=0.0)
+        tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_options(x: torch.Tensor) -> dict:

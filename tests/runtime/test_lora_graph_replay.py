@@ -1,7 +1,7 @@
 """A LoRA decode run as a CUDA graph replays it, emulated on a CPU (Triton kernels interpreted).
 
 Its own module: after the other tests of test_lora_model.py in one process, the interpreter ran
-`tl.cumsum` in sgmv_triton._locate unpatched ("Cannot call @triton.jit'd outside of the scope of a
+`tl.cumsum` in sgmv_triton._segment unpatched ("Cannot call @triton.jit'd outside of the scope of a
 kernel"); alone, and on CUDA, it runs."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
 
     from radixlm.runtime.lora import sgmv_fused, sgmv_triton
 
-    if not torch.cuda.is_available() and type(sgmv_triton._locate).__name__ != "InterpretedFunction":
+    if not torch.cuda.is_available() and type(sgmv_triton._segment).__name__ != "InterpretedFunction":
         importlib.reload(sgmv_triton)  # imported before TRITON_INTERPRET was set: its jit functions compile
     if not torch.cuda.is_available() and type(sgmv_fused._fused_kernel).__name__ != "InterpretedFunction":
         importlib.reload(sgmv_fused)  # (it imports sgmv_triton's helpers: reloaded after it)
