@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import LLAMA_8B  # noqa: E402
 from lora import RANK, projection_shapes  # noqa: E402
+from quantized import _graph_time as graph_time  # noqa: E402  (seconds per call inside a CUDA graph)
 
 SLOTS = 8
 
@@ -89,24 +89,9 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
     return run
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(reps):
-        ev[0].record()
-        graph.replay()
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]))
-    del graph
-    return statistics.median(times)
+def graph_ms(fn) -> float:
+    """Milliseconds per step: the step captured in one CUDA graph, median of replays."""
+    return graph_time(fn, inner=1, reps=20) * 1e3
 
 
 def check(projs: list[Projection], seg, used: torch.Tensor) -> dict:

@@ -1,5 +1,6 @@
 """SGMV shrink/expand: the Triton kernels (under TRITON_INTERPRET=1 on a CPU, or on CUDA) against the
-torch reference, on small shapes with ragged segments, base-model rows and unused segments."""
+torch reference, on small shapes with ragged segments, base-model rows and unused segments; the
+one-launch decode kernel (sgmv_fused) too, and where each --lora-kernels value puts the update."""
 from __future__ import annotations
 
 import pytest
@@ -100,3 +101,114 @@ def test_work_items_cover_every_row_of_many_segments(t: int, override: dict) -> 
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     used = (token_slots >= 0).to(dev)
     assert torch.equal(out[~used], out0[~used])
+
+
+# ------------------------------------------------------------ the one-launch kernel, --lora-kernels
+def _case(seed: int, t: int, k: int, rank: int, offsets: list[int], slots: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    pieces = len(offsets) - 1
+    a = torch.randn(slots, pieces * rank, k, generator=g).to(dtype)
+    b = torch.randn(slots, offsets[-1], rank, generator=g).to(dtype)
+    x = torch.randn(t, k, generator=g).to(dtype)
+    token_slots = torch.randint(-1, slots, (t,), generator=g)
+    token_slots[0] = slots - 1
+    out0 = torch.randn(t, offsets[-1], generator=g).to(dtype)
+    return a, b, x, token_slots, out0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,rank,offsets,span", [
+    (1, 16, [0, 64, 80, 96], 32),     # batch 1, q/k/v-like parts of unequal width, two spans for q
+    (7, 8, [0, 40, 80], 128),         # gate/up-like: one span covers a part (masked past its end)
+    (20, 4, [0, 48], 16),             # more rows than a row block (16): two work items for a segment
+])
+def test_fused_matches_reference(dtype, t: int, rank: int, offsets: list[int], span: int) -> None:
+    from radixlm.runtime.lora.sgmv_fused import fused_tiles, sgmv_fused
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
+
+    dev = _device()
+    k, slots = 300, 4  # K not a multiple of the reduction block: the last step is masked
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(t * 31 + rank, t, k, rank, offsets, slots, dtype))
+    if t >= 20:
+        token_slots[:18] = 2  # one segment longer than a row block
+    seg = LoRASegments.build(token_slots.cpu(), slots + 2, dev)  # unused segments past the adapters
+    offs = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
+    tile = fused_tiles(t, block_k=128, span=span, block_n=16)  # several inner column steps per span
+    out = out0.clone()
+    sgmv_fused(x, a, b, offs, widest, rank, out, seg, tile)
+    exact = out0.double().clone()
+    expand_ref(shrink_ref(x.double(), a.double(), seg), b.double(), offsets, rank, exact, seg)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), exact.to(dtype).double(), **tol)
+    used = token_slots >= 0
+    assert torch.equal(out[~used], out0[~used]), "base-model rows are untouched"
+    assert (exact[used] - out0[used].double()).abs().max() > 1.0, "the update is not empty"
+    two = out0.clone()
+    sgmv_expand(sgmv_shrink(x, a, seg), b, offs, widest, rank, two, seg)
+    torch.testing.assert_close(out, two, **tol)
+    again = out0.clone()
+    sgmv_fused(x, a, b, offs, widest, rank, again, seg, tile)
+    assert torch.equal(out, again), "no atomics: the same bits on every run"
+
+
+def test_fused_reads_segments_from_the_device_buffers() -> None:
+    """CUDA-graph contract: the kernel reads order/start/length/slot from the tensors at run time,
+    so new segments written into the same buffers (what `_fill_graph` does before a replay) change
+    which slot each row uses, with the same launch arguments; slot -1 segments add nothing."""
+    from radixlm.runtime.lora.sgmv import segment_host
+    from radixlm.runtime.lora.sgmv_fused import sgmv_fused
+
+    dev = _device()
+    t, k, rank, offsets, slots = 3, 64, 8, [0, 32], 3
+    a, b, x, _, out0 = (v.to(dev) if isinstance(v, torch.Tensor) else v
+                        for v in _case(5, t, k, rank, offsets, slots, torch.float32))
+    buf = torch.zeros(t + 3 * slots, dtype=torch.int32, device=dev)
+    buf[t + 2 * slots:] = -1
+    seg = LoRASegments(buf[:t], buf[t:t + slots], buf[t + slots:t + 2 * slots], buf[t + 2 * slots:], t, [])
+    offs = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    out = out0.clone()
+    sgmv_fused(x, a, b, offs, 32, rank, out, seg)
+    assert torch.equal(out, out0), "every segment unused: nothing added"
+    for per_row in ([2, -1, 0], [0, 0, 1]):
+        order, start, length, slot, _ = segment_host(torch.tensor(per_row), slots)
+        buf[:order.numel()] = order.to(dev)
+        buf[t:] = torch.cat([start, length, slot]).to(dev)
+        out = out0.clone()
+        sgmv_fused(x, a, b, offs, 32, rank, out, seg)
+        want = out0.clone()
+        expand_ref(shrink_ref(x, a, LoRASegments.build(torch.tensor(per_row), slots, dev)), b, offsets, rank,
+                   want, LoRASegments.build(torch.tensor(per_row), slots, dev))
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_sizes_take_one_launch_and_larger_batches_two() -> None:
+    from radixlm.runtime.lora.sgmv_fused import FUSED_MAX_TOKENS, use_fused
+
+    assert use_fused(1) and use_fused(FUSED_MAX_TOKENS) and not use_fused(FUSED_MAX_TOKENS + 1)
+
+
+@pytest.mark.parametrize("kernels", ["overlap", "fused", "serial"])
+def test_projection_update_lands_in_the_output_or_the_residual(kernels: str) -> None:
+    """LoRAProjection.begin/finish around a base GEMM: every --lora-kernels value gives residual +
+    output == residual + base + update; with overlap and a residual passed (o_proj / down_proj) the
+    update is added to the residual and the output is the base GEMM's alone (no launch after it)."""
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    dev = _device()
+    t, k, rank, offsets, slots = 5, 96, 8, [0, 48], 3
+    a, b, x, token_slots, base = (v.to(dev) for v in _case(9, t, k, rank, offsets, slots, torch.float32))
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
+    proj = LoRAProjection(a, b, offsets, rank, batch, use_triton=True, kernels=kernels)
+    residual0 = torch.randn(t, offsets[-1], generator=torch.Generator().manual_seed(1)).to(dev)
+    want = residual0 + base.clone()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    residual = residual0.clone()
+    pending = proj.begin(x, into=residual)
+    out = proj.finish(pending, base.clone())
+    torch.testing.assert_close(residual + out, want, atol=1e-4, rtol=1e-4)
+    assert pending is not None and pending.added == (kernels == "overlap")
+    assert torch.equal(out, base) == (kernels == "overlap"), "overlap: the output is the GEMM's alone"
+    batch.segments = None
+    assert proj.begin(x, into=residual) is None, "no adapter row: no LoRA work at all"
