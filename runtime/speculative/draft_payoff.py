@@ -9,16 +9,23 @@ batch-size bucket (powers of two) from two measurements:
 
 - per arm k (the step's draft limit), tokens per second of decode steps run with it, and its mean
   step time T(k) (verify + drafting + the lost overlap: the cost ratio T(k) / T(0) at this batch);
-- the acceptance rate a of draft positions (decayed over verify results, drifting back to a prior
-  while nothing drafts, so drafting is retried now and then).
+- the acceptance rate a of draft positions (decayed over the steps that drafted; it does not
+  drift while nothing drafts: retrying is the probes' job, so that it backs off).
 
 Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first. The best any k can
 do is E(kmax) = 1 + a + ... + a^kmax tokens per row in a step costing at least T(1): while that does
 not beat plain decoding by MARGIN, the bucket decodes plainly and only re-measures k = 1 for a short
-run every PROBE_EVERY steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured and
-the fastest arm is kept; every PROBE_EVERY steps the arm the acceptance model ranks next (E(k) / T(k),
-T of unmeasured arms taken as T(1)) is re-measured. Only speed depends on k: outputs are the same
-either way.
+run every `probe_every` steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured and
+the fastest arm is kept; every `probe_every` steps the arm the acceptance model ranks next (E(k) /
+T(k), T of unmeasured arms taken as T(1)) is re-measured. Only speed depends on k: outputs are the
+same either way.
+
+Probing costs what a drafting step costs over a plain one (at batch 64 on the H200, about twice a
+decode step), so it is kept small while drafts are not accepted (a random head, text the drafter
+cannot follow): a drafting run ends as soon as ABORT_TRIES draft positions were tried without one
+accepted (one step at batch 64), and the probe interval doubles after every drafting run that
+accepted nothing (PROBE_EVERY up to MAX_PROBE_EVERY), back to PROBE_EVERY after one that accepted
+something.
 
 An interval is from the start of one scheduler step to the start of the next, with the tokens
 generated in it; intervals that contain anything but a plain decode step (prefill, mixed batches,
@@ -29,10 +36,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from radixlm.runtime.speculative.draft_budget import IDLE_DECAY, PRIOR_RATE, PRIOR_WEIGHT
+from radixlm.runtime.speculative.draft_budget import PRIOR_RATE, PRIOR_WEIGHT
 
 RUN_STEPS = 8  # steps per measuring run of one arm (the first is dropped)
-PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another
+PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another (while drafts are accepted)
+MAX_PROBE_EVERY = 8192  # ... doubling up to this while probes accept nothing
+ABORT_TRIES = 16  # draft positions tried without one accepted that end a drafting run
 DECAY = 0.97  # per recorded interval: the last ~30 intervals of an arm count most
 ACCEPT_DECAY = 0.8  # per step that drafted
 MARGIN = 0.03  # drafting must beat plain decoding by this much (measurement noise must not turn it on)
@@ -46,6 +55,8 @@ class ArmRate:
     seconds: float = 0.0
     weight: float = 0.0
     samples: int = 0
+    abandoned: bool = False  # its last run ended early: its drafts were not accepted
+
 
     def record(self, tokens: int, seconds: float) -> None:
         self.tokens = self.tokens * DECAY + tokens
@@ -55,6 +66,10 @@ class ArmRate:
 
     def explored(self) -> bool:
         return self.samples >= RUN_STEPS - 1
+
+    def done(self) -> bool:
+        """Measured, or given up on: exploration moves on."""
+        return self.explored() or self.abandoned
 
     @property
     def rate(self) -> float:
@@ -77,6 +92,9 @@ class Bucket:
     k: int | None = None  # the arm of the last step
     run_left: int = 0  # steps left in a measuring run of the current arm
     since_probe: int = 0
+    probe_every: int = PROBE_EVERY
+    run_accepted: int = 0  # draft positions accepted and tried since the current arm began
+    run_tried: int = 0
 
     def arm(self, k: int) -> ArmRate:
         return self.arms.setdefault(k, ArmRate())
@@ -97,6 +115,23 @@ class Bucket:
         drafting = [k for k in range(1, self.max_k + 1) if self.arm(k).explored() and self.arm(k).rate > plain]
         return max(drafting, key=lambda k: self.arm(k).rate, default=0)
 
+    def verified(self, accepted: int, tried: int) -> None:
+        """The verify results of a step of this bucket: a drafting arm whose drafts are not accepted
+        stops at once (ABORT_TRIES), before its run is over."""
+        self.run_accepted += accepted
+        self.run_tried += tried
+        if self.k and self.run_tried >= ABORT_TRIES and not self.run_accepted:
+            self.run_left = 0
+            self.arm(self.k).abandoned = True
+
+    def _leave(self) -> None:
+        """The current arm's run is over: back off probing if its drafts were all rejected."""
+        if self.run_tried:
+            self.probe_every = min(self.probe_every * 2, MAX_PROBE_EVERY) if not self.run_accepted else PROBE_EVERY
+            if self.run_accepted and self.k:
+                self.arm(self.k).abandoned = False
+        self.run_accepted = self.run_tried = 0
+
     def next_arm(self, accept: float) -> tuple[int, bool]:
         """(draft limit for this step, whether it is the first of a run: its interval is dropped)."""
         if self.max_k == 0:
@@ -106,11 +141,11 @@ class Bucket:
             k = int(self.k or 0)
         elif not self.arm(0).explored():
             k = 0
-        elif not self.arm(1).explored():
+        elif not self.arm(1).done():
             k = 1
         else:
             chosen, can_pay = self.best(), self.drafting_can_pay(accept)
-            unmeasured = [k for k in range(2, self.max_k + 1) if not self.arm(k).explored()]
+            unmeasured = [k for k in range(2, self.max_k + 1) if not self.arm(k).done()]
             if chosen == 0 and not can_pay:
                 k = self._probe(0, [1])  # the cheapest depth keeps the acceptance and T(1) fresh
             elif unmeasured and can_pay:  # the deepest first, for a whole run
@@ -121,12 +156,14 @@ class Bucket:
                                 key=lambda k: self._predicted(k, accept) if k else self.arm(0).rate)
                 k = self._probe(chosen, others[-1:])
         first = k != self.k
+        if first:
+            self._leave()
         self.k = k
         return k, first
 
     def _probe(self, chosen: int, candidates: list[int]) -> int:
         self.since_probe += 1
-        if self.since_probe < PROBE_EVERY or not candidates:
+        if self.since_probe < self.probe_every or not candidates:
             return chosen
         self.since_probe = 0
         self.run_left = RUN_STEPS - 1
@@ -139,8 +176,8 @@ class DraftPayoff:
     def __init__(self, max_k: int = 1) -> None:
         self.max_k = max_k
         self.buckets: dict[int, Bucket] = {}
-        # Draft positions accepted and tried, decayed per step that drafted (drifting back to the
-        # prior while none does, so drafting is retried); this step's counts until it closes.
+        # Draft positions accepted and tried, decayed per step that drafted (kept while none does:
+        # probes retry); this step's counts until it closes.
         self.accepted, self.tried = 0.0, 0.0
         self._accepted, self._tried = 0, 0
         self._open: tuple[float, int, int, int, bool] | None = None  # (start, tokens then, bucket, arm, first)
@@ -157,9 +194,7 @@ class DraftPayoff:
             if self._tried:
                 self.accepted = self.accepted * ACCEPT_DECAY + self._accepted
                 self.tried = self.tried * ACCEPT_DECAY + self._tried
-            else:
-                self.accepted *= IDLE_DECAY
-                self.tried *= IDLE_DECAY
+                self.buckets[key].verified(self._accepted, self._tried)
             self._accepted = self._tried = 0
         self._open, self._plain_decode, self._drafted = None, False, False
         if running == 0:

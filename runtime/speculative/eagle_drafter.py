@@ -3,19 +3,21 @@
 An entry of a request's draft KV at target position p is the head's layer run on the pair
 (embedding of token p + 1, the target's hidden state at p, projected by fc): both verified, so
 the draft KV only ever holds entries of verified tokens. After every target forward (prefill,
-decode or verify) the target's aux hidden states of the step's tokens are projected and kept per
-request (`stash`): positions computed again replace what was kept from them (rejected drafts' rows
-are overwritten by the next step, which starts at the first of them). At propose time each
-drafting request feeds its new verified entries in one extend pass (catch-up); the output at its
-last entry (position fill_len - 2, whose next token is the last sampled one) gives the first draft
-and the hidden state the next draft step starts from; k - 1 decode passes give the rest. Then the
-draft KV is cut back before that last entry (decode entries came from the head's own hidden
-states, not the target's; the last entry is fed again next time, so its output is always at hand).
+decode or verify) the target's aux hidden states of the step's tokens are projected and kept
+(`stash`: whole steps until a step drafts, then per request, eagle_hidden.py): positions computed
+again replace what was kept from them (rejected drafts' rows are overwritten by the next step,
+which starts at the first of them). At propose time each drafting request feeds its new verified
+entries in one extend pass (catch-up); the output at its last entry (position fill_len - 2, whose
+next token is the last sampled one) gives the first draft and the hidden state the next draft
+step starts from; k - 1 decode passes give the rest. Then the draft KV is cut back before that
+last entry (decode entries came from the head's own hidden states, not the target's; the last
+entry is fed again next time, so its output is always at hand).
 
 Entries are KV rows of the head's own paged pool (one layer); positions only set the rotary
 angles, so a request may have gaps (a prefix matched in the radix cache was never run by the
 target for it, and hidden states of a request that does not draft for long are dropped beyond
-MAX_PENDING): the head then attends to fewer tokens, which lowers acceptance, never correctness.
+eagle_hidden's bounds): the head then attends to fewer tokens, which lowers acceptance, never
+correctness.
 """
 from __future__ import annotations
 
@@ -33,9 +35,8 @@ from radixlm.runtime.models.llama import rope_cos_sin_cache
 from radixlm.runtime.request import Req
 from radixlm.runtime.speculative.eagle_graphs import EagleGraphs
 from radixlm.runtime.speculative.eagle_head import EagleHead, EagleHeadConfig
+from radixlm.runtime.speculative.eagle_hidden import HiddenLog, Pending
 from radixlm.runtime.weight_loader import iter_safetensors
-
-MAX_PENDING = 2048  # projected hidden states kept per request that has not drafted (the oldest go first)
 
 
 @dataclass
@@ -46,56 +47,6 @@ class HeadRow:
     row: int
     positions: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Pending:
-    """Projected target hidden states of positions not yet fed: (first position, [n, hidden]) chunks
-    in increasing, contiguous-within-a-chunk position order."""
-
-    chunks: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-
-    def add(self, start: int, rows: torch.Tensor) -> None:
-        self.drop_from(start)
-        self.chunks.append((start, rows))
-        total = sum(len(r) for _, r in self.chunks)
-        while total > MAX_PENDING:
-            first, r = self.chunks[0]
-            cut = min(total - MAX_PENDING, len(r))
-            total -= cut
-            if cut == len(r):
-                self.chunks.pop(0)
-            else:
-                self.chunks[0] = (first + cut, r[cut:].clone())  # let go of the step's whole tensor
-
-    def drop_from(self, position: int) -> None:
-        """Forget positions >= `position` (they are about to be computed again)."""
-        kept = []
-        for start, r in self.chunks:
-            if start + len(r) <= position:
-                kept.append((start, r))
-            elif start < position:
-                kept.append((start, r[: position - start]))
-        self.chunks = kept
-
-    def take(self, after: int, upto: int) -> tuple[list[int], torch.Tensor] | None:
-        """Positions in (after, upto] that are kept and their hidden states, when `upto` is among
-        them (else None); positions below `upto` are then forgotten (`upto` is fed again next time)."""
-        positions: list[int] = []
-        parts: list[torch.Tensor] = []
-        for start, r in self.chunks:
-            lo, hi = max(start, after + 1), min(start + len(r), upto + 1)
-            if lo < hi:
-                positions += range(lo, hi)
-                parts.append(r[lo - start : hi - start])
-        if not positions or positions[-1] != upto:
-            return None
-        hidden = torch.cat(parts) if len(parts) > 1 else parts[0]
-        self.chunks = [(s, r) for s, r in self.chunks if s + len(r) > upto]
-        if self.chunks and self.chunks[0][0] < upto:
-            s, r = self.chunks[0]
-            self.chunks[0] = (upto, r[upto - s :])
-        return positions, hidden
 
 
 def head_memory(head_dir: Path, dtype: torch.dtype) -> tuple[int, int]:
@@ -142,6 +93,7 @@ class EagleDrafter:
         self.attn = PagedAttentionBackend(self.ops, self.rows_pool, self.pool, c.head_dim**-0.5)
         self.cos_sin = rope_cos_sin_cache(c, runner.context_len + max_drafts + 8).to(self.device)
         self.rows: dict[int, HeadRow] = {}
+        self.log = HiddenLog()  # whole steps' hidden states, split into `pending` when a step drafts
         self.pending: dict[int, Pending] = {}
         self.graphs: EagleGraphs | None = None  # drafting as one CUDA graph per batch bucket and k
         if runner.graph_runner is not None and max_drafts > 0:
@@ -157,14 +109,9 @@ class EagleDrafter:
     @torch.inference_mode()
     def stash(self, reqs: list[Req], prefix_lens: list[int], extend_lens: list[int], aux: torch.Tensor) -> None:
         """After a target forward whose tokens were reqs' (in order, extend_lens each, from prefix_lens):
-        keep their projected hidden states."""
+        keep their projected hidden states (one GEMM, no per-request work: see eagle_hidden.py)."""
         assert aux.shape[0] == sum(extend_lens), "aux hidden states of another batch"
-        projected = self.head.project(aux)
-        offset = 0
-        for req, start, n in zip(reqs, prefix_lens, extend_lens):
-            if n and not req.finished:
-                self.pending.setdefault(id(req), Pending()).add(start, projected[offset : offset + n])
-            offset += n
+        self.log.add(reqs, prefix_lens, extend_lens, self.head.project(aux))
 
     # ---------------------------------------------------------------- KV bookkeeping
     def _truncate(self, state: HeadRow, n: int) -> None:
@@ -183,6 +130,7 @@ class EagleDrafter:
 
     def forget(self, key: int) -> None:
         self.pending.pop(key, None)
+        self.log.forget(key)
         state = self.rows.pop(key, None)
         if state is not None:
             self._truncate(state, 0)
@@ -195,6 +143,9 @@ class EagleDrafter:
     @torch.inference_mode()
     def propose(self, reqs: list[Req], limits: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in reqs]
+        if not any(k > 0 for k in limits):
+            return out
+        self.log.drain(self.pending)
         active: list[tuple[int, HeadRow, int, list[int], list[int], torch.Tensor]] = []
         free = self.pool.available()
         for i, (req, k) in enumerate(zip(reqs, limits)):

@@ -228,8 +228,8 @@ def test_drafts_equal_the_reference_on_the_verified_history(target, heads, name:
 
 
 def test_pending_hidden_states_replace_recompute_and_cap() -> None:
-    from radixlm.runtime.speculative import eagle_drafter
-    from radixlm.runtime.speculative.eagle_drafter import Pending
+    from radixlm.runtime.speculative import eagle_hidden
+    from radixlm.runtime.speculative.eagle_hidden import Pending
 
     def rows(start: int, n: int) -> torch.Tensor:
         return torch.arange(start, start + n, dtype=torch.float32)[:, None]
@@ -244,7 +244,7 @@ def test_pending_hidden_states_replace_recompute_and_cap() -> None:
     assert p.take(11, 12)[0] == [12]  # the last position stays, to be fed again
     p.add(13, rows(13, 1))
     assert p.take(11, 13)[0] == [12, 13]
-    cap = eagle_drafter.MAX_PENDING
+    cap = eagle_hidden.MAX_PENDING
     p.add(14, rows(14, cap + 5))  # a request that does not draft: the oldest go
     positions, hidden = p.take(-1, 13 + cap + 5)
     assert len(positions) == cap and positions[0] == 19 and hidden[0, 0] == 19

@@ -37,7 +37,7 @@ def eagle(model_dir, head_dir, beta: float = 0.005, **options):
 
 def assert_head_idle(sched) -> None:
     drafter = sched.spec.eagle
-    assert not drafter.rows and not drafter.pending
+    assert not drafter.rows and not drafter.pending and not drafter.log.steps and not drafter.log.keys
     assert drafter.pool.available() == drafter.pool.size
     assert drafter.rows_pool.available() == drafter.rows_pool.capacity
 

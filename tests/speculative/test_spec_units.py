@@ -75,15 +75,16 @@ def _serve(payoff: DraftPayoff, steps: int, running: int, step_s: dict[int, floa
 
 def test_draft_payoff_plain_decoding_at_batch_64_when_drafts_are_rejected() -> None:
     # Batch 64 with a head whose drafts are rejected (a random EAGLE-3 head): every drafting arm is
-    # slower (synchronous verify step + drafting), so after k = 0 and k = 1 are measured the bucket
-    # decodes plainly; k = 1 is re-measured for one short run every PROBE_EVERY steps.
+    # slower (synchronous verify step + drafting), so after k = 0 is measured and k = 1 is tried
+    # (one step: 64 positions without an accepted one end its run) the bucket decodes plainly; k = 1
+    # is probed again every PROBE_EVERY steps, the interval doubling while probes accept nothing
+    # (test_draft_payoff.py).
     payoff = DraftPayoff(3)
     arms = _serve(payoff, 2000, 64, {0: 1.0, 1: 1.5, 2: 1.8, 3: 2.1}, {0: 64, 1: 64, 2: 64, 3: 64})
-    assert arms[: RUN_STEPS] == [0] * RUN_STEPS and arms[RUN_STEPS : 2 * RUN_STEPS] == [1] * RUN_STEPS
-    steady = arms[2 * RUN_STEPS:]
-    # probes only (and, once, the deeper arms when the idle acceptance estimate drifts back to its prior)
-    assert sum(k > 0 for k in steady) <= len(steady) * RUN_STEPS / PROBE_EVERY + 3 * RUN_STEPS
-    assert 1 in steady  # it does re-measure
+    assert arms[: RUN_STEPS] == [0] * RUN_STEPS and arms[RUN_STEPS : RUN_STEPS + 2] == [1, 0]
+    steady = arms[RUN_STEPS + 1:]
+    assert 0 < sum(k > 0 for k in steady) <= len(steady) / PROBE_EVERY  # it does re-measure, one step a probe
+    assert set(steady) == {0, 1}
     assert payoff.info()["bs<128"]["k"] == 0 and payoff.accept_rate < 0.3
 
 

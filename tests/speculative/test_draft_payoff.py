@@ -1,0 +1,83 @@
+"""DraftPayoff on a fake clock: probing backs off while drafts are rejected and comes back when they
+are accepted again (runtime/speculative/draft_payoff.py)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from radixlm.runtime.speculative.draft_payoff import (
+    ABORT_TRIES,
+    MAX_PROBE_EVERY,
+    PROBE_EVERY,
+    RUN_STEPS,
+    DraftPayoff,
+)
+
+
+def serve(payoff: DraftPayoff, steps: int, running: int, step_s: dict[int, float],
+          accept: Callable[[int], float]) -> list[int]:
+    """A step of arm k takes step_s[k]; each row's chain of k drafts is verified with acceptance
+    accept(step) per position (deterministic pattern) and emits its accepted drafts plus one token."""
+    arms, now, generated = [], 0.0, 0
+    for step in range(steps):
+        k = payoff.begin_step(now, generated, running)
+        payoff.scheduled(True, k > 0)
+        arms.append(k)
+        for row in range(running):
+            accepted = 0
+            while accepted < k and ((step * 7 + row * 3 + accepted * 5) % 100) < accept(step) * 100:
+                accepted += 1
+            if k:
+                payoff.on_verified(k, accepted)
+            generated += accepted + 1
+        now += step_s[k]
+    return arms
+
+
+def drafting_starts(arms: list[int]) -> list[int]:
+    return [i for i, k in enumerate(arms) if k and (i == 0 or not arms[i - 1])]
+
+
+COSTS = {0: 1.0, 1: 1.9, 2: 2.0, 3: 2.1}  # batch 64 on the H200: a drafting step costs about two decode steps
+
+
+def test_probes_back_off_while_nothing_is_accepted() -> None:
+    payoff = DraftPayoff(3)
+    arms = serve(payoff, 40000, 64, COSTS, lambda step: 0.0)
+    starts = drafting_starts(arms)
+    # Each run of drafting steps is one step (64 positions tried, none accepted: ABORT_TRIES), and
+    # the gap to the next doubles from PROBE_EVERY (the first try, k = 1 after k = 0 was measured,
+    # doubles it too) up to MAX_PROBE_EVERY.
+    assert 64 >= ABORT_TRIES and starts[0] == RUN_STEPS
+    assert all(arms[s + 1] == 0 for s in starts)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    expected = [min(PROBE_EVERY << (i + 1), MAX_PROBE_EVERY) for i in range(len(gaps))]
+    assert all(abs(g - e) <= 2 for g, e in zip(gaps, expected)), (gaps, expected)
+    assert gaps[-1] >= MAX_PROBE_EVERY - 2 and sum(k > 0 for k in arms) == len(starts) <= 10
+    # Probes never measured a drafting arm, so nothing but plain decoding is ever chosen.
+    assert payoff.info()["bs<128"]["k"] == 0 and payoff.buckets[7].probe_every == MAX_PROBE_EVERY
+
+
+def test_probing_comes_back_when_drafts_are_accepted_again() -> None:
+    payoff = DraftPayoff(3)
+    switch = 6000  # the text changes: from here on drafts are accepted (a copy-heavy stretch, say)
+    arms = serve(payoff, switch + 4000, 64, COSTS, lambda step: 0.0 if step < switch else 0.9)
+    bucket = payoff.buckets[7]
+    before = [s for s in drafting_starts(arms) if s < switch]
+    assert len(before) <= 6 and bucket.probe_every == PROBE_EVERY  # reset by the probe that accepted
+    # The first probe after the switch keeps its whole run, then the deeper arms are measured and the
+    # one that pays is chosen: at 0.9 acceptance, 1 + .9 + .81 + .73 tokens per row for 2.1x the cost.
+    after = arms[switch:]
+    first = next(i for i, k in enumerate(after) if k)
+    assert first <= MAX_PROBE_EVERY and after[first : first + RUN_STEPS] == [1] * RUN_STEPS
+    assert payoff.info()["bs<128"]["k"] == 3
+    assert after[-1000:].count(3) >= 1000 * (1 - RUN_STEPS / PROBE_EVERY) - RUN_STEPS
+
+
+def test_one_row_keeps_its_measuring_run() -> None:
+    # At batch 1 a run of RUN_STEPS tries fewer than ABORT_TRIES positions: k = 1 is measured whole.
+    assert RUN_STEPS < ABORT_TRIES
+    payoff = DraftPayoff(3)
+    arms = serve(payoff, 3 * RUN_STEPS, 1, {0: 1.0, 1: 1.25, 2: 1.4, 3: 1.4}, lambda step: 0.0)
+    assert arms[:2 * RUN_STEPS] == [0] * RUN_STEPS + [1] * RUN_STEPS
+    assert payoff.buckets[1].arm(1).explored() and not payoff.buckets[1].arm(1).abandoned
+    assert arms[2 * RUN_STEPS:] == [0] * RUN_STEPS and payoff.buckets[1].probe_every == 2 * PROBE_EVERY
