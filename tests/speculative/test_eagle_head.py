@@ -248,3 +248,59 @@ def test_pending_hidden_states_replace_recompute_and_cap() -> None:
     p.add(14, rows(14, cap + 5))  # a request that does not draft: the oldest go
     positions, hidden = p.take(-1, 13 + cap + 5)
     assert len(positions) == cap and positions[0] == 19 and hidden[0, 0] == 19
+
+
+def test_plain_steps_keep_whole_steps_and_drafting_resumes_on_the_whole_history(target, heads) -> None:
+    """While the payoff says k = 0 a step is the ordinary overlapped decode step: the drafter keeps
+    the step's projected hidden states whole (nothing per request), and when drafting resumes every
+    chain still equals the reference head run on the whole verified history."""
+    embed = target_embedding(target)
+    ref = ReferenceHead(heads["reduced"], embed)
+    sched = make_scheduler(target, speculative_algorithm="EAGLE3", speculative_draft_model_path=str(heads["reduced"]),
+                           speculative_num_steps=3, disable_radix_cache=True, enable_overlap_schedule_on_cpu=True)
+    sched.spec.beta = 0.005  # price drafts as on a GPU: full-depth chains
+    spec, drafter = sched.spec, sched.spec.eagle
+    plain_steps = 6
+    steps = []
+
+    def begin_step(now: float, generated: int, running: int) -> None:  # the payoff's choice, fixed
+        spec.step_k = 0 if len(steps) < plain_steps else 3
+        spec.allowed = spec.step_k > 0
+
+    spec.begin_step = begin_step
+    propose = drafter.propose
+    checked = []
+
+    def checking(reqs, limits):
+        out = propose(reqs, limits)
+        for req, drafts in zip(reqs, out):
+            if drafts:
+                fill = req.fill_ids
+                assert drafts == ref.chain(target_aux_hidden(target, fill, [0, 1]), fill, len(drafts))
+                checked.append(len(drafts))
+        return out
+
+    drafter.propose = checking
+    prompts = [list(range(7, 30)), list(range(50, 61)) * 3]
+    for i, ids in enumerate(prompts):
+        sched.handle(greedy_req(f"p{i}", ids, 16))
+    outs: dict[str, list[int]] = {}
+    while not sched.idle:
+        logged = len(drafter.log.steps)
+        sched.step()
+        steps.append(sched.uncommitted is not None)
+        if len(steps) <= plain_steps:  # prefill, then overlapped plain decode steps
+            assert not drafter.pending and not checked and len(drafter.log.steps) == logged + 1
+        for o in sched.pop_outputs():
+            outs[o.rid] = outs.get(o.rid, []) + o.output_ids
+    assert all(steps[1:plain_steps]) and not steps[plain_steps], steps  # overlapped while k = 0
+    assert len(checked) >= 3 and max(checked) == 3 and not drafter.log.steps and not drafter.pending
+    off = make_scheduler(target, disable_radix_cache=True)
+    for i, ids in enumerate(prompts):
+        off.handle(greedy_req(f"p{i}", ids, 16))
+    ref_outs: dict[str, list[int]] = {}
+    while not off.idle:
+        off.step()
+        for o in off.pop_outputs():
+            ref_outs[o.rid] = ref_outs.get(o.rid, []) + o.output_ids
+    assert outs == ref_outs
