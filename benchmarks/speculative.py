@@ -215,10 +215,11 @@ def fresh_spec(sched: Scheduler) -> SpecDecoder:
 
 
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
-            repeats: int, clock: Any = time.perf_counter) -> dict:
+            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
-    is switched per run by giving it a fresh SpecDecoder or none."""
+    is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
+    runs' tokens per request, {False: off, True: on}."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
     outs: dict[bool, dict[str, list[int]]] = {}
     spec = fresh_spec(sched)
@@ -237,6 +238,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             best[on] = min(best[on], total)
             outs[on] = merged
     sched.spec = spec
+    if outputs is not None:
+        outputs.update(outs)
     info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
     return {
@@ -248,6 +251,53 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "identical": outs[False] == outs[True],
         "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
     }
+
+
+NEAR_TIE = 0.05  # a top-2 logprob (= logit) gap below this is a near-tie: bf16 rounding may flip it
+
+
+def divergence_audit(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int,
+                     outs: dict[bool, dict[str, list[int]]]) -> dict:
+    """Where spec on and off differ (greedy, bf16): per differing request the first position that
+    differs and the spec-off top-2 logprob gap there, from a spec-off re-run with logprobs over
+    the same batches (checked to reproduce the timed spec-off tokens). Different batch shapes round
+    differently in bf16 (a verify step runs rows x (k + 1) tokens), so a divergence is legitimate
+    only at a near-tie: gap < NEAR_TIE (logprob units; the gap of two logprobs is their logits' gap)."""
+    off, on = outs[False], outs[True]
+    differing = sorted(rid for rid in off if off[rid] != on[rid])
+    report: dict = {"near_tie_rule": f"spec-off top-2 logprob gap < {NEAR_TIE} at the first differing position",
+                    "differing": len(differing), "requests": len(off), "cases": []}
+    if not differing:
+        return report
+    spec, sched.spec = sched.spec, None
+    sched.cache.flush()
+    tops: dict[str, list] = {}
+    tokens: dict[str, list[int]] = {}
+    for g in range(0, len(prompts), batch):
+        for i, p in enumerate(prompts[g : g + batch]):
+            sched.handle(TokenizedGenerateReq(rid=f"{g // batch}-{i}", input_ids=p, return_logprob=True, top_logprobs_num=2,
+                                              params=SamplingParams(temperature=0.0, max_new_tokens=new_tokens,
+                                                                    ignore_eos=True)))
+        while not sched.idle:
+            sched.step()
+            for o in sched.pop_outputs():
+                tokens[o.rid] = tokens.get(o.rid, []) + o.output_ids
+                tops[o.rid] = tops.get(o.rid, []) + list(o.output_top_logprobs or [])
+    sched.spec = spec
+    report["rerun_reproduces_off"] = all(tokens.get(rid) == off[rid] for rid in off)
+    for rid in differing:
+        a, b = off[rid], on[rid]
+        pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        top = tops[rid][pos] if pos < len(tops[rid]) else []
+        gap = round(top[0][0] - top[1][0], 4) if len(top) >= 2 else None
+        report["cases"].append({"rid": rid, "position": pos, "off_token": a[pos] if pos < len(a) else None,
+                                "on_token": b[pos] if pos < len(b) else None,
+                                "on_is_off_second": len(top) >= 2 and pos < len(b) and b[pos] == top[1][1],
+                                "gap": gap, "near_tie": gap is not None and gap < NEAR_TIE})
+    report["near_ties"] = sum(c["near_tie"] for c in report["cases"])
+    gaps = [c["gap"] for c in report["cases"] if c["gap"] is not None]
+    report["max_gap"] = max(gaps, default=None)
+    return report
 
 
 # ------------------------------------------------------------------------------ modes
@@ -318,11 +368,18 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     report["cells"] = []
     for batch in (1, 64):
         prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
-        cell = compare(sched, prompts, batch, args.new_tokens, True, args.repeats)
+        outs: dict = {}
+        cell = compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs)
+        cell["divergence"] = divergence_audit(sched, prompts, batch, args.new_tokens, outs)
         report["cells"].append(cell)
         print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
               f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
+        div = cell["divergence"]
+        if div["differing"]:
+            print(f"  differing {div['differing']}/{div['requests']}: near-ties {div['near_ties']} ({div['near_tie_rule']}), "
+                  f"max gap {div['max_gap']}, re-run reproduces spec off {div['rerun_reproduces_off']}; "
+                  f"(position, gap): {[(c['position'], c['gap']) for c in div['cases']]}", flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
         decode_ms = next(c["ms"] for c in costs if c["batch"] == 1 and c["k"] == 0)
