@@ -253,6 +253,34 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     }
 
 
+def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int) -> dict:
+    """Mean scheduler step time (start to next start) of plain decode steps, measured as DraftPayoff
+    measures its arms (intervals whose step ran a decode batch, with overlap on): with speculation
+    on, the payoff's k0_step_ms must match spec off's figure here."""
+    modes: list[ForwardMode] = []
+    on_step = sched.decode_log.on_step
+    sched.decode_log.on_step = lambda mode, info: (modes.append(mode), on_step(mode, info))  # type: ignore[method-assign]
+    sched.cache.flush()
+    intervals: list[float] = []
+    for g in range(0, len(prompts), batch):
+        for i, p in enumerate(prompts[g : g + batch]):
+            sched.handle(TokenizedGenerateReq(rid=f"t{g}-{i}", input_ids=p, params=SamplingParams(
+                temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)))
+        last = None
+        while not sched.idle:
+            now = time.perf_counter()
+            if last is not None and len(modes) >= 2 and modes[-1] == modes[-2] == ForwardMode.DECODE:
+                intervals.append(now - last)
+            last, seen = now, len(modes)
+            sched.step()
+            if len(modes) == seen:  # a step that ran no batch (a commit only)
+                modes.append(ForwardMode.EXTEND)
+            sched.pop_outputs()
+    sched.decode_log.on_step = on_step  # type: ignore[method-assign]
+    sync(sched.device)
+    return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
+
+
 NEAR_TIE = 0.05  # a top-2 logprob (= logit) gap below this is a near-tie: bf16 rounding may flip it
 
 
@@ -371,10 +399,16 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         outs: dict = {}
         cell = compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs)
         cell["divergence"] = divergence_audit(sched, prompts, batch, args.new_tokens, outs)
+        spec, sched.spec = sched.spec, None
+        cell["plain_decode_step"] = step_times(sched, prompts, batch, args.new_tokens)  # spec off, as the payoff times
+        sched.spec = spec
         report["cells"].append(cell)
         print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
               f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
+        k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
+        print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
+              f"{k0} ms (payoff's largest bucket)", flush=True)
         div = cell["divergence"]
         if div["differing"]:
             print(f"  differing {div['differing']}/{div['requests']}: near-ties {div['near_ties']} ({div['near_tie_rule']}), "
