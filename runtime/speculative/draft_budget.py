@@ -12,6 +12,7 @@ Only speed depends on these decisions: verification emits exactly the tokens dec
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 # Relative cost of one more token in a decode-shaped step, per device (against the step's fixed
@@ -47,18 +48,27 @@ class Acceptance:
 
 
 def grant(proposed: list[int], rates: list[float], beta: float) -> list[int]:
-    """Draft tokens granted per row, given how many each row proposed and its acceptance rate."""
+    """Draft tokens granted per row, given how many each row proposed and its acceptance rate.
+    The most valuable next token first (ties: the lowest row), from a heap: O(tokens x log rows)
+    (a scan over every row per granted token cost ~1.5 ms of host time at batch 64, k = 3)."""
     granted = [0] * len(proposed)
     tokens, cost = float(len(proposed)), 1.0 + beta * len(proposed)
-    gains = [r for r in rates]  # expected tokens added by each row's next draft token
-    while True:
-        best = max((i for i in range(len(proposed)) if granted[i] < proposed[i]), key=gains.__getitem__, default=None)
-        if best is None or gains[best] * cost <= beta * tokens:
-            return granted
+    # (-expected tokens added by the row's next draft token, row)
+    heap = [(-r, i) for i, (n, r) in enumerate(zip(proposed, rates)) if n > 0]
+    heapq.heapify(heap)
+    while heap:
+        neg_gain, best = heap[0]
+        gain = -neg_gain
+        if gain * cost <= beta * tokens:
+            break
         granted[best] += 1
-        tokens += gains[best]
+        tokens += gain
         cost += beta
-        gains[best] *= rates[best]
+        if granted[best] < proposed[best]:
+            heapq.heapreplace(heap, (-(gain * rates[best]), best))
+        else:
+            heapq.heappop(heap)
+    return granted
 
 
 def worth_drafting(rates: list[float], beta: float) -> bool:

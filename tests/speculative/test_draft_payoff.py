@@ -1,9 +1,12 @@
 """DraftPayoff on a fake clock: probing backs off while drafts are rejected and comes back when they
-are accepted again (runtime/speculative/draft_payoff.py)."""
+are accepted again (runtime/speculative/draft_payoff.py); the draft budget's grant() equals its
+greedy rule written as a plain scan."""
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+from radixlm.runtime.speculative.draft_budget import grant
 from radixlm.runtime.speculative.draft_payoff import (
     ABORT_TRIES,
     MAX_PROBE_EVERY,
@@ -81,3 +84,31 @@ def test_one_row_keeps_its_measuring_run() -> None:
     assert arms[:2 * RUN_STEPS] == [0] * RUN_STEPS + [1] * RUN_STEPS
     assert payoff.buckets[1].arm(1).explored() and not payoff.buckets[1].arm(1).abandoned
     assert arms[2 * RUN_STEPS:] == [0] * RUN_STEPS and payoff.buckets[1].probe_every == 2 * PROBE_EVERY
+
+
+def greedy_scan(proposed: list[int], rates: list[float], beta: float) -> list[int]:
+    """grant()'s rule written as the plain scan: the row whose next draft token adds the most
+    expected tokens (the lowest row on ties), while it beats the step's tokens per unit of cost."""
+    granted, gains = [0] * len(proposed), list(rates)
+    tokens, cost = float(len(proposed)), 1.0 + beta * len(proposed)
+    while True:
+        open_rows = [i for i in range(len(proposed)) if granted[i] < proposed[i]]
+        if not open_rows:
+            return granted
+        best = max(open_rows, key=gains.__getitem__)
+        if gains[best] * cost <= beta * tokens:
+            return granted
+        granted[best] += 1
+        tokens += gains[best]
+        cost += beta
+        gains[best] *= rates[best]
+
+
+def test_grant_equals_the_greedy_scan() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randrange(0, 70)
+        proposed = [rng.randrange(0, 6) for _ in range(n)]
+        rates = [rng.choice([0.0, 0.05, 0.6, 0.95, 1.0]) if rng.random() < 0.5 else rng.random() for _ in range(n)]
+        beta = rng.choice([0.005, 0.05, 0.2])
+        assert grant(proposed, rates, beta) == greedy_scan(proposed, rates, beta), (proposed, rates, beta)
