@@ -19,6 +19,9 @@ gpu  Llama-3.1-8B shape, random bf16 weights: verify-step cost for k = 1..8 at b
      head's catch-up + k - 1 decode passes per step) and the target's cost of keeping the aux hidden
      states (decode steps with graphs captured with and without them). A random head is not accepted:
      the end-to-end cells show the turn-down (payoff) and the projection uses verify + drafting cost.
+     Per end-to-end cell also: spec off's decode step time measured as the payoff measures its arms
+     (its k0_step_ms must match it), and where outputs differ (bf16: verify steps round differently)
+     each differing request's first differing position and spec off's top-2 logprob gap there.
 Prints tables and writes JSON.
 """
 from __future__ import annotations
