@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -46,19 +49,32 @@ def _compile(fn, pointers: dict[str, str], constexprs: dict, cfg: SmallMConfig, 
     return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def _resources(cubin: bytes) -> str:
+    """Registers / stack (spills) per thread from the cubin, by Triton's bundled cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return "regs ?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs {m.group(1)} stack {m.group(2)}" if m else "regs ?"
+
+
 def _report(kernel) -> str:
+    """Resources, and the weight loads: 16-byte vectors (ld.global.v4 / cp.async 16) vs single bytes."""
     ptx = kernel.asm["ptx"]
     v4 = len(re.findall(r"ld\.global[^\n]*\.v4", ptx)) + len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*16", ptx))
     narrow = len(re.findall(r"ld\.global(?:\.[a-z]+)*\.(?:u8|b8|s8)\b", ptx))
-    md = kernel.metadata
-    return (f"regs {getattr(kernel, 'n_regs', '?')} spills {getattr(kernel, 'n_spills', '?')} smem {md.shared} "
-            f"16B-loads {v4} byte-loads {narrow}")
+    return f"{_resources(kernel.asm['cubin'])} smem {kernel.metadata.shared} 16B-loads {v4} byte-loads {narrow}"
 
 
 def fp8_cases():
-    for cfg in {SmallMConfig.parse(key) for key in FP8_CONFIGS}:
+    defaults = [key for by_m in fp8_small_m.DEFAULTS.values() for key in by_m.values()]
+    for cfg in {SmallMConfig.parse(key) for key in FP8_CONFIGS + defaults}:
         for act, even, partial in [("bf16", True, False), ("bf16", True, True), ("fp16", False, True), ("fp32", True, True)]:
-            for block_m in ([1, 2] if cfg.kind == "fma" else [16]):
+            for block_m in ([1, 2] if cfg.kind == "fma" else [16]):  # fma: BLOCK_M = M <= 2
                 yield (f"fp8 {cfg.key()} {act} even={even} split={partial} M<={block_m}", fp8_small_m._fp8_small_m_kernel,
                        {"X": act, "W": "e4m3", "S": "fp32", "Out": act, "Part": "fp32" if partial else act,
                         "Tickets": "i32" if partial else "fp32"},
@@ -67,22 +83,23 @@ def fp8_cases():
 
 
 def w4_cases():
-    forms = [  # zeros, offsets, perm, slices per group (group 128 / 32), activations
-        (False, False, False, 4, "bf16"), (True, False, True, 1, "bf16"), (False, True, False, 1, "fp16"),
-        (True, False, False, 4, "fp32")]
-    for cfg in {SmallMConfig.parse(key) for key in W4_CONFIGS}:
-        for zeros, offsets, perm, spg, act in forms:
-            for partial in (False, True):
-                for asm in ((True, False) if act != "fp32" else (False,)):
-                    yield (f"w4 {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} spg={spg} split={partial} "
-                           f"asm={asm}", w4a16_small_m._w4_small_m_kernel,
-                           {"X": act, "Codes": "i16", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
-                            "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
-                            "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
-                           {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
-                            "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": asm,
-                            "SLICES_PER_GROUP": spg, "BLOCK_M": 16, "BLOCK_N": cfg.block_n,
-                            "CHUNKS": cfg.block_k // 128}, cfg)
+    forms = [  # zeros, offsets, perm, slices per group (4: group >= 128, the prefetched-scales path), activations
+        (False, False, False, 4, "bf16"), (True, False, True, 4, "bf16"), (True, False, True, 1, "bf16"),
+        (False, True, False, 1, "fp16"), (True, False, False, 4, "fp32")]
+    defaults = [key for by_m in w4a16_small_m.DEFAULTS.values() for key in by_m.values()]
+    for cfg in {SmallMConfig.parse(key) for key in W4_CONFIGS + defaults}:
+        for i, (zeros, offsets, perm, spg, act) in enumerate(forms):
+            for partial, asm in ([(False, True), (True, True), (True, False), (False, False)] if i == 0 else
+                                 [(True, act != "fp32")]):
+                yield (f"w4 {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} spg={spg} split={partial} "
+                       f"asm={asm}", w4a16_small_m._w4_small_m_kernel,
+                       {"X": act, "Codes": "i16", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
+                        "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
+                        "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
+                       {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
+                        "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": asm,
+                        "SLICES_PER_GROUP": spg, "BLOCK_M": 16, "BLOCK_N": cfg.block_n,
+                        "CHUNKS": cfg.block_k // 128}, cfg)
 
 
 def main() -> int:

@@ -27,18 +27,21 @@ from pathlib import Path
 
 import torch
 
+# dot configs with BLOCK_N = 16 x num_warps give each warp its own 16 weight rows; a 16-row tile over 4 warps
+# makes every warp convert the whole tile (seen in the sm_90 TTGIR: mma warpsPerCTA [2, 2]): kept as a reference
 FP8_CONFIGS = [
-    "dot-n16-k512-s1-w4-st3", "dot-n16-k512-s1-w4-st4", "dot-n16-k1024-s1-w4-st3", "dot-n16-k256-s1-w4-st4",
-    "dot-n32-k512-s1-w4-st3", "dot-n32-k256-s1-w4-st4", "dot-n64-k256-s1-w4-st3", "dot-n16-k512-s2-w4-st3",
-    "dot-n16-k512-s4-w4-st3", "dot-n32-k512-s2-w4-st3", "dot-n16-k512-s1-w8-st3", "dot-n64-k512-s2-w8-st3",
-    "fma-n8-k512-s1-w4-st3", "fma-n16-k512-s1-w4-st3", "fma-n8-k1024-s1-w8-st2", "fma-n16-k512-s2-w4-st3",
-    "fma-n8-k512-s2-w4-st2",
+    "dot-n16-k512-s1-w1-st3", "dot-n16-k512-s1-w1-st4", "dot-n16-k256-s1-w1-st4", "dot-n16-k1024-s1-w1-st3",
+    "dot-n16-k512-s2-w1-st3", "dot-n32-k512-s1-w2-st3", "dot-n32-k256-s1-w2-st4", "dot-n32-k512-s2-w2-st3",
+    "dot-n64-k256-s1-w4-st3", "dot-n64-k256-s2-w4-st4", "dot-n64-k512-s2-w4-st3", "dot-n64-k512-s4-w4-st3",
+    "dot-n16-k512-s1-w4-st3",
+    "fma-n8-k512-s1-w4-st3", "fma-n16-k512-s1-w4-st3", "fma-n8-k1024-s1-w4-st2", "fma-n16-k256-s2-w4-st3",
+    "fma-n32-k256-s1-w8-st3",
 ]
 W4_CONFIGS = [
-    "dot-n16-k128-s2-w4-st4", "dot-n16-k128-s4-w4-st4", "dot-n16-k256-s1-w4-st3", "dot-n16-k256-s2-w4-st3",
-    "dot-n16-k256-s4-w4-st3", "dot-n16-k512-s1-w4-st3", "dot-n16-k512-s2-w4-st3", "dot-n16-k512-s4-w4-st3",
-    "dot-n32-k256-s1-w4-st3", "dot-n32-k256-s2-w4-st3", "dot-n32-k512-s1-w4-st3", "dot-n64-k128-s2-w4-st4",
-    "dot-n16-k512-s2-w8-st3",
+    "dot-n16-k512-s1-w1-st3", "dot-n16-k512-s2-w1-st3", "dot-n16-k512-s1-w1-st4", "dot-n16-k256-s2-w1-st4",
+    "dot-n16-k1024-s1-w1-st3", "dot-n32-k512-s1-w2-st3", "dot-n32-k512-s2-w2-st3", "dot-n32-k256-s2-w2-st4",
+    "dot-n64-k256-s2-w4-st3", "dot-n64-k512-s2-w4-st3", "dot-n64-k256-s4-w4-st4", "dot-n64-k128-s4-w4-st5",
+    "dot-n16-k512-s2-w4-st3",
 ]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16)

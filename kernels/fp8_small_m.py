@@ -11,8 +11,8 @@ Two families (`SmallMConfig.kind`):
   dot  tensor cores: the widened weight tile [BLOCK_N, BLOCK_K] is the MMA's row operand and the
        activations [16, BLOCK_K] (M padded to 16) its column operand; the MMA wastes 15/16 at M = 1,
        which costs nothing while the loads are the bottleneck.
-  fma  CUDA cores, one activation row at a time (M <= 2 in the sweep): codes widened to float32 and
-       multiplied in place, each step's row sums reduced across the row's threads.
+  fma  CUDA cores, M <= 2: codes widened to float32 and multiplied into a [BLOCK_N, BLOCK_K] float32
+       accumulator per activation row, reduced along K once at the end.
 Codes widen exactly (every e4m3 value is a bf16 / fp16 / fp32 value); sums are float32; the scale
 multiplies the sum, as `Fp8Weight.reference_w8a16` does.
 
@@ -28,23 +28,26 @@ import triton.language as tl
 from .fp8_gemm import FP8, sm_count
 from .small_m import MAX_M, SmallMConfig, Table, check_tickets, finish_tile, lookup, plan, register_defaults, table_in_use
 
+FMA_MAX_M = 2  # rows the fma family takes (one accumulator tile per row)
+
 # (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down). Replace
 # with the sweep's "fp8" table (benchmarks/small_m_gemm_sweep.py). Unmeasured yet: rule-of-thumb picks.
 DEFAULTS: Table = {
-    (6144, 4096): {2: "dot-n16-k512-s1-w4-st4", 16: "dot-n16-k512-s1-w4-st3"},
-    (4096, 4096): {2: "dot-n16-k512-s2-w4-st4", 16: "dot-n16-k512-s2-w4-st3"},
-    (28672, 4096): {2: "dot-n16-k512-s1-w4-st4", 16: "dot-n32-k512-s1-w4-st3"},
-    (4096, 14336): {2: "dot-n16-k512-s2-w4-st4", 16: "dot-n16-k512-s2-w4-st3"},
+    (6144, 4096): {2: "dot-n16-k512-s1-w1-st4", 16: "dot-n32-k512-s1-w2-st3"},
+    (4096, 4096): {2: "dot-n16-k512-s2-w1-st3", 16: "dot-n32-k512-s2-w2-st3"},
+    (28672, 4096): {2: "dot-n16-k512-s1-w1-st4", 16: "dot-n32-k512-s1-w2-st3"},
+    (4096, 14336): {2: "dot-n16-k512-s2-w1-st3", 16: "dot-n32-k512-s2-w2-st3"},
 }
 register_defaults("fp8", DEFAULTS)
 
 
 def fallback_config(m: int, n: int, k: int, device: torch.device) -> SmallMConfig:
-    """Unlisted shapes: 16-row tiles, split along K until there are about three programs per SM."""
+    """Unlisted shapes: 16-row tiles of one warp each (a warp per 16 weight rows: no warp converts
+    another's codes), split along K until there are about three programs per SM."""
     tiles = triton.cdiv(n, 16)
     block_k = 512 if k >= 2048 else 128
     split = max(1, min(triton.cdiv(3 * sm_count(device), tiles), k // (4 * block_k)))
-    return SmallMConfig("dot", 16, block_k, split, 4, 4 if m <= 2 else 3)
+    return SmallMConfig("dot", 16, block_k, split, 1, 4 if m <= 2 else 3)
 
 
 def config_for(m: int, n: int, k: int, device: torch.device) -> SmallMConfig:
@@ -76,24 +79,32 @@ def _dot_steps(X, W, rm, rn, m_mask, n_mask, k_start, k_end, K, stride_xm, strid
 
 
 @triton.jit
-def _fma_steps(X, W, rm, rn, M, n_mask, k_start, k_end, K, stride_xm, stride_wn,
+def _fma_steps(X, W, rm, rn, n_mask, k_start, k_end, K, stride_xm, stride_wn,
                EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`_dot_steps` on CUDA cores: per activation row, float32 FMAs then a reduction along the row."""
+    """`_dot_steps` on CUDA cores for M <= 2: float32 FMAs into one [BLOCK_N, BLOCK_K] accumulator per
+    activation row, summed along K once at the end (no reduction across threads inside the loop)."""
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # the second row's (BLOCK_M == 2 only)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0).to(tl.float32)
-            k_mask = rk < BLOCK_K
+            x0 = tl.load(X + k0 + rk).to(tl.float32)
         else:
             k_mask = (k0 + rk) < k_end
             w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        for i in tl.static_range(BLOCK_M):
-            x = tl.load(X + i * stride_xm + k0 + rk, mask=k_mask & ((rk * 0 + i) < M), other=0.0).to(tl.float32)
-            row = tl.sum(w * x[None, :], 1)  # [BLOCK_N]
-            acc += tl.where(rm[None, :] == i, row[:, None], 0.0)
-    return acc
+            x0 = tl.load(X + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+        acc0 += w * x0[None, :]
+        if BLOCK_M == 2:  # then M == 2
+            if EVEN_K:
+                x1 = tl.load(X + stride_xm + k0 + rk).to(tl.float32)
+            else:
+                x1 = tl.load(X + stride_xm + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+            acc1 += w * x1[None, :]
+    row0 = tl.sum(acc0, 1)
+    row1 = tl.sum(acc1, 1)
+    return tl.where(rm[None, :] == 0, row0[:, None], row1[:, None])  # [BLOCK_N, BLOCK_M]
 
 
 @triton.jit
@@ -111,7 +122,7 @@ def _fp8_small_m_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if FMA:
-        acc = _fma_steps(X, W, rm, rn, M, n_mask, k_start, k_end, K, stride_xm, stride_wn,
+        acc = _fma_steps(X, W, rm, rn, n_mask, k_start, k_end, K, stride_xm, stride_wn,
                          EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = _dot_steps(X, W, rm, rn, m_mask, n_mask, k_start, k_end, K, stride_xm, stride_wn,
@@ -140,6 +151,8 @@ def fp8_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     else:
         part, tickets = out, scales
     fma = cfg.kind == "fma"
+    if fma and m > FMA_MAX_M:
+        raise ValueError(f"fp8_small_m_matmul: the fma family takes M <= {FMA_MAX_M}, not {m}")
     grid = (triton.cdiv(n, cfg.block_n), split)
     _fp8_small_m_kernel[grid](
         x, codes, scales, out, part, tickets, m, n, k, k_per_split, split, x.stride(0), codes.stride(0), out.stride(0),

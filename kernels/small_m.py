@@ -42,7 +42,7 @@ class SmallMConfig:
     block_n: int = 16
     block_k: int = 512
     split_k: int = 1
-    num_warps: int = 4
+    num_warps: int = 1
     num_stages: int = 3
 
     def key(self) -> str:

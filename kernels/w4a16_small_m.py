@@ -22,24 +22,25 @@ import triton.language as tl
 
 from .fp8_gemm import sm_count
 from .small_m import MAX_M, SmallMConfig, Table, check_tickets, finish_tile, lookup, register_defaults, table_in_use
-from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic, chunk_dot
+from .w4a16_gemm import CHUNK, SLICE, _codes_minus_zero, _launch_with_asm_fallback, _magic, chunk_dot
 
 # (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down). Replace with
 # the sweep's "w4" table (benchmarks/small_m_gemm_sweep.py). Unmeasured yet: rule-of-thumb picks.
 DEFAULTS: Table = {
-    (6144, 4096): {16: "dot-n16-k512-s2-w4-st3"},
-    (4096, 4096): {16: "dot-n16-k512-s4-w4-st3"},
-    (28672, 4096): {16: "dot-n32-k512-s1-w4-st3"},
-    (4096, 14336): {16: "dot-n16-k512-s4-w4-st3"},
+    (6144, 4096): {16: "dot-n16-k512-s1-w1-st3"},
+    (4096, 4096): {16: "dot-n16-k512-s2-w1-st3"},
+    (28672, 4096): {16: "dot-n16-k512-s1-w1-st3"},
+    (4096, 14336): {16: "dot-n16-k512-s2-w1-st3"},
 }
 register_defaults("w4", DEFAULTS)
 
 
 def fallback_config(n: int, kp: int, device: torch.device) -> SmallMConfig:
-    """Unlisted shapes: 16-row tiles, split along K until there are about four programs per SM."""
+    """Unlisted shapes: 16-row tiles of one warp each (see fp8_small_m.fallback_config), split along K
+    until there are about four programs per SM."""
     chunks = 4 if kp >= 2048 else 1
     split = max(1, min(triton.cdiv(4 * sm_count(device), triton.cdiv(n, 16)), kp // (CHUNK * chunks * 2)))
-    return SmallMConfig("dot", 16, chunks * CHUNK, split, 4, 3)
+    return SmallMConfig("dot", 16, chunks * CHUNK, split, 1, 3)
 
 
 def config_for(m: int, n: int, k: int, device: torch.device) -> SmallMConfig:
@@ -53,6 +54,42 @@ def plan_chunks(kp: int, cfg: SmallMConfig) -> tuple[int, int]:
     steps = triton.cdiv(chunks, step)
     per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * step
     return triton.cdiv(chunks, per_split), per_split
+
+
+@triton.jit
+def _chunk_dot_scaled(h, c, acc, s, z, x_rows, m_mask, Perm, K, HAS_PERM: tl.constexpr, MAGIC: tl.constexpr,
+                      IEEE: tl.constexpr, ASM: tl.constexpr):
+    """`w4a16_gemm.chunk_dot` for a chunk inside one group (group size >= 128, no offsets), its scale s and
+    zero points z [BLOCK_N] given (loaded a step ahead by the caller, not waited for in the loop)."""
+    ri = tl.arange(0, 32)
+    part = tl.zeros_like(acc)
+    for j in tl.static_range(4):
+        kk = c * 128 + j * 32 + ri
+        k_mask = kk < K
+        if HAS_PERM:
+            kx = tl.load(Perm + kk, mask=k_mask, other=0)
+        else:
+            kx = kk
+        x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _codes_minus_zero(h, z, j, MAGIC, ASM and not IEEE)
+        if IEEE:  # fp32 activations, or the CPU interpreter (its bf16 dot is wrong): exact fp32 products
+            part += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+        else:
+            part += tl.dot(w, tl.trans(x))
+    return acc + part * s[:, None]
+
+
+@triton.jit
+def _step_groups(Scales, Zeros, c0, rc, rn, n_mask, N, G, group_size, HAS_ZEROS: tl.constexpr):
+    """The scales and zero points [CHUNKS, BLOCK_N] (float32) of the chunks c0 + rc (one group each)."""
+    g = tl.minimum(((c0 + rc) * 128) // group_size, G - 1)
+    offs = g[:, None] * N + rn[None, :]
+    s = tl.load(Scales + offs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(Zeros + offs, mask=n_mask[None, :], other=0).to(tl.float32)
+    else:
+        z = tl.full(s.shape, 8.0, tl.float32)
+    return s, z
 
 
 @triton.jit
@@ -75,15 +112,35 @@ def _w4_small_m_kernel(
     x_rows = X + rm[:, None].to(tl.int64) * stride_xm
     c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    z = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric: every zero point is 8
-    for c0 in range(c_start, c_end, CHUNKS):
-        for cc in tl.static_range(CHUNKS):
-            c = c0 + cc
-            # a chunk past this split's end (the last split's short step) reads zero codes against zero x
-            h = tl.load(c_ptrs + c * 32, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
-            acc, z = chunk_dot(h, c, acc, z, x_rows, m_mask & (rm * 0 + c < c_end), rn, n_mask, Scales, Zeros, Offsets, Perm,
-                               N, K, G, group_size, HAS_ZEROS, HAS_OFFSETS, HAS_PERM, MAGIC, IEEE, ASM,
-                               SLICES_PER_GROUP, True, BLOCK_M)
+    if SLICES_PER_GROUP == 4 and not HAS_OFFSETS:
+        # groups of >= 128 columns: a chunk is inside one group, so each step's scales (and zero points) are
+        # one [CHUNKS, BLOCK_N] tile, loaded a step ahead (these small loads are not in the compiler's
+        # cp.async pipeline: waited for in the loop, each step would stall for a memory latency)
+        rc = tl.arange(0, CHUNKS)
+        s_next, z_next = _step_groups(Scales, Zeros, c_start, rc, rn, n_mask, N, G, group_size, HAS_ZEROS)
+        for c0 in range(c_start, c_end, CHUNKS):
+            s_step, z_step = s_next, z_next
+            s_next, z_next = _step_groups(Scales, Zeros, c0 + CHUNKS, rc, rn, n_mask, N, G, group_size, HAS_ZEROS)
+            for cc in tl.static_range(CHUNKS):
+                c = c0 + cc
+                # a chunk past this split's end (the last split's short step) reads zero codes against zero x
+                h = tl.load(c_ptrs + c * 32, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
+                s = tl.sum(tl.where(rc[:, None] == cc, s_step, 0.0), 0)
+                if HAS_ZEROS:
+                    z = tl.sum(tl.where(rc[:, None] == cc, z_step, 0.0), 0)
+                else:
+                    z = tl.full((BLOCK_N,), 8.0, tl.float32)
+                acc = _chunk_dot_scaled(h, c, acc, s, z, x_rows, m_mask & (rm * 0 + c < c_end), Perm, K, HAS_PERM,
+                                        MAGIC, IEEE, ASM)
+    else:
+        z = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric: every zero point is 8
+        for c0 in range(c_start, c_end, CHUNKS):
+            for cc in tl.static_range(CHUNKS):
+                c = c0 + cc
+                h = tl.load(c_ptrs + c * 32, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
+                acc, z = chunk_dot(h, c, acc, z, x_rows, m_mask & (rm * 0 + c < c_end), rn, n_mask, Scales, Zeros,
+                                   Offsets, Perm, N, K, G, group_size, HAS_ZEROS, HAS_OFFSETS, HAS_PERM, MAGIC, IEEE,
+                                   ASM, SLICES_PER_GROUP, True, BLOCK_M)
     finish_tile(acc, Scales, Out, Part, Tickets, rm, rn, m_mask, n_mask, pid_n, pid_k, M, N, split, stride_om,
                 PARTIAL, False)
 
