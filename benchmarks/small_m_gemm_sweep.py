@@ -47,6 +47,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 MS = (1, 2, 4, 8, 16)
 FMA_MAX_M = 2  # the fma family is swept at these M only (its FMAs per weight grow with M)
 L2_BYTES = 50 << 20
+DEVICE = "cuda"  # a CPU smoke run of this script's code paths sets "cpu" (with TRITON_INTERPRET=1 and a CPU timer)
 
 
 def graph_time(fns: list, inner: int = 24, reps: int = 12) -> float:
@@ -93,7 +94,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
 
     rows = []
     for name, (k, n) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
         if kind == "fp8":
             q = Fp8Weight.from_float(w)
             ref_w = q.dequantize()
@@ -116,7 +117,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
             configs, default = W4_CONFIGS, w4_default
         bf16 = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
         for m in MS:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = x.float() @ ref_w.t()
             floor = (weight_bytes + 2 * m * (k + n)) / copy_bw
             row = {"kind": kind, "layer": name, "M": m, "K": k, "N": n, "copies": reps, "floor_us": floor * 1e6,
@@ -211,7 +212,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="small_m.json")
     ap.add_argument("--kinds", default="fp8,w4")
-    ap.add_argument("--budget-s", type=float, default=270, help="stop sweeping configs after this many seconds "
+    ap.add_argument("--budget-s", type=float, default=240, help="stop sweeping configs after this many seconds "
                     "(the older kernel, bf16 and the default config are still timed)")
     ap.add_argument("--decode", action="store_true", help="then (a) batch-1 decode: bf16 / fp8 / w4a16 engines")
     ap.add_argument("--ab", action="store_true", help="with --decode: fp8 and w4a16 on the older kernels too")
