@@ -65,7 +65,7 @@ def _resources(cubin: bytes) -> str:
 def _report(kernel) -> str:
     """Resources, and the weight loads: 16-byte vectors (ld.global.v4 / cp.async 16) vs single bytes."""
     ptx = kernel.asm["ptx"]
-    v4 = len(re.findall(r"ld\.global[^\n]*\.v4", ptx)) + len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*16", ptx))
+    v4 = len(re.findall(r"ld\.global[^\n]*\.v4", ptx)) + len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*(?:0x10|, 16)", ptx))
     narrow = len(re.findall(r"ld\.global(?:\.[a-z]+)*\.(?:u8|b8|s8)\b", ptx))
     return f"{_resources(kernel.asm['cubin'])} smem {kernel.metadata.shared} 16B-loads {v4} byte-loads {narrow}"
 

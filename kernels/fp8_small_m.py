@@ -16,10 +16,16 @@ Two families (`SmallMConfig.kind`):
 Codes widen exactly (every e4m3 value is a bf16 / fp16 / fp32 value); sums are float32; the scale
 multiplies the sum, as `Fp8Weight.reference_w8a16` does.
 
+A dot tile of 16 rows per warp: with fewer rows than 16 x num_warps, Triton spreads the MMA's warps over
+the activations' columns and every warp widens the whole weight tile (sm_90 TTGIR: warpsPerCTA [2, 2] at
+16 rows over 4 warps; four times the conversions).
+
 `DEFAULTS` holds the measured best config per 8B layer shape and M (benchmarks/small_m_gemm_sweep.py
 prints a replacement); other shapes take `fallback_config`.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import triton
@@ -140,7 +146,10 @@ def fp8_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     if codes.dtype != FP8 or codes.shape[1] != k or m > MAX_M or codes.stride(1) != 1:
         raise ValueError(f"fp8_small_m_matmul: codes {tuple(codes.shape)} {codes.dtype} do not fit x {tuple(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    cfg = cfg or config_for(m, n, k, x.device)
+    if cfg is None:
+        cfg = config_for(m, n, k, x.device)
+        if x.dtype == torch.float32 and cfg.kind == "dot":  # float32 tiles take twice the shared memory
+            cfg = replace(cfg, block_k=min(cfg.block_k, 256), num_stages=min(cfg.num_stages, 3))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
