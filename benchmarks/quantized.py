@@ -28,6 +28,10 @@ The 4-bit engine is the same 8B shape with a GPTQ quantization_config (4-bit, gr
 
     python benchmarks/quantized.py --out $OUT/quantized.json      (about 7 minutes)
 
+The small-M kernels' config sweep with (a) for bf16 / fp8 / w4a16 on its table, in one call:
+
+    python benchmarks/small_m_gemm_sweep.py --decode --ab --out $OUT/small_m.json
+
 The decode-size 4-bit / K-quant run (GEMV vs the old kernel, K-quant checks, batch-1 decode only):
 
     python benchmarks/quantized.py --skip check,w4check,gemm,w4gemm,fp8+fp8kv --decode-only --out $OUT/w4small.json

@@ -182,6 +182,60 @@ def _codes_minus_zero_fp16(h, z, j: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def chunk_dot(h, c, acc, z, x_rows, m_mask, rn, n_mask, Scales, Zeros, Offsets, Perm, N, K, G, group_size,
+              HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, MAGIC: tl.constexpr,
+              IEEE: tl.constexpr, ASM: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """acc + chunk c's contribution: h, the chunk's [BLOCK_N, 32] halfwords (zero rows where masked), against
+    the activations' 128 columns; each group's scale (and offset) applied to its partial sum. z: the
+    current group's zero points, reloaded at each group start and returned (a group may span chunks).
+    Shared by the tiled kernel below and the small-M one (`w4a16_small_m.py`, SWAP only)."""
+    ri = tl.arange(0, 32)
+    part = tl.zeros_like(acc)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the group's sum of x, for its offsets (GGUF) only
+    for j in tl.static_range(4):
+        g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)  # this slice's group
+        if HAS_ZEROS and j % SLICES_PER_GROUP == 0:
+            z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+        kk = c * 128 + j * 32 + ri
+        k_mask = kk < K
+        if HAS_PERM:
+            kx = tl.load(Perm + kk, mask=k_mask, other=0)
+        else:
+            kx = kk
+        x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _codes_minus_zero(h, z, j, MAGIC, ASM and not IEEE)
+        if IEEE:  # fp32 activations, or the CPU interpreter (its bf16 dot is wrong): exact fp32 products
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+            if SWAP:
+                part += tl.dot(w, tl.trans(x), input_precision="ieee")
+            else:
+                part += tl.dot(x, tl.trans(w), input_precision="ieee")
+        elif SWAP:
+            part += tl.dot(w, tl.trans(x))
+        else:
+            part += tl.dot(x, tl.trans(w))
+        if HAS_OFFSETS:
+            xsum += tl.sum(x.to(tl.float32), 1)
+        if (j + 1) % SLICES_PER_GROUP == 0:  # a group (or a chunk of a larger one) ends here
+            s = tl.load(Scales + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            if SWAP:
+                acc += part * s[:, None]
+            else:
+                acc += part * s[None, :]
+            if HAS_OFFSETS:
+                o = tl.load(Offsets + g * N + rn, mask=n_mask, other=0.0)
+                if SWAP:
+                    acc += o[:, None] * xsum[None, :]
+                else:
+                    acc += xsum[:, None] * o[None, :]
+                xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            part = tl.zeros_like(acc)
+    return acc, z
+
+
+@triton.jit
 def _w4a16_kernel(
     X, Codes, Scales, Zeros, Offsets, Perm, Out, Part,
     M, N, K, G, group_size, chunks_per_split, n_chunks,
@@ -208,50 +262,11 @@ def _w4a16_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    part = tl.zeros_like(acc)
-    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the group's sum of x, for its offsets (GGUF) only
     z = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric: every zero point is 8
     for c in range(c_start, c_end):
         h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None], other=0)
-        for j in tl.static_range(4):
-            g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)  # this slice's group
-            if HAS_ZEROS and j % SLICES_PER_GROUP == 0:
-                z = tl.load(Zeros + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            kk = c * 128 + j * 32 + ri
-            k_mask = kk < K
-            if HAS_PERM:
-                kx = tl.load(Perm + kk, mask=k_mask, other=0)
-            else:
-                kx = kk
-            x = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = _codes_minus_zero(h, z, j, MAGIC, ASM and not IEEE)
-            if IEEE:  # fp32 activations, or the CPU interpreter (its bf16 dot is wrong): exact fp32 products
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-                if SWAP:
-                    part += tl.dot(w, tl.trans(x), input_precision="ieee")
-                else:
-                    part += tl.dot(x, tl.trans(w), input_precision="ieee")
-            elif SWAP:
-                part += tl.dot(w, tl.trans(x))
-            else:
-                part += tl.dot(x, tl.trans(w))
-            if HAS_OFFSETS:
-                xsum += tl.sum(x.to(tl.float32), 1)
-            if (j + 1) % SLICES_PER_GROUP == 0:  # a group (or a chunk of a larger one) ends here
-                s = tl.load(Scales + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                if SWAP:
-                    acc += part * s[:, None]
-                else:
-                    acc += part * s[None, :]
-                if HAS_OFFSETS:
-                    o = tl.load(Offsets + g * N + rn, mask=n_mask, other=0.0)
-                    if SWAP:
-                        acc += o[:, None] * xsum[None, :]
-                    else:
-                        acc += xsum[:, None] * o[None, :]
-                    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                part = tl.zeros_like(acc)
+        acc, z = chunk_dot(h, c, acc, z, x_rows, m_mask, rn, n_mask, Scales, Zeros, Offsets, Perm, N, K, G, group_size,
+                           HAS_ZEROS, HAS_OFFSETS, HAS_PERM, MAGIC, IEEE, ASM, SLICES_PER_GROUP, SWAP, BLOCK_M)
     if SWAP:
         mask = n_mask[:, None] & m_mask[None, :]
         offs = rm[None, :].to(tl.int64) * N + rn[:, None]

@@ -7,9 +7,10 @@ W8A8 (activations quantized per token, or with one checkpoint scale) above them.
                        y = (codes_x @ codes_w^T) * s_x[m] * s_w[n]
 
 Why two numerics: at decode sizes the GEMM is bound by the weight bytes, so the activations can stay
-in bf16 for free (our Triton kernel, `kernels/fp8_gemm.py`, widens the codes in registers and splits K
-so M = 1 fills the GPU) and the per-token quantization launches disappear; at prefill sizes FP8 tensor
-cores pay (`torch._scaled_mm`, row-wise scales, bf16 output, after one fused quantization kernel).
+in bf16 for free (our Triton kernel, `kernels/fp8_small_m.py`, widens the codes in registers, with
+many narrow row tiles and split-K finished in the same launch so M = 1 fills the GPU) and the per-token
+quantization launches disappear; at prefill sizes FP8 tensor cores pay (`torch._scaled_mm`, row-wise
+scales, bf16 output, after one fused quantization kernel).
 The choice depends only on M, a static shape, so CUDA graphs capture it; a sequence's prompt runs
 W8A8 (M > 16 tokens) and its generated tokens W8A16 (decode batches of <= 16), which is slightly
 closer to the float model than W8A8 throughout. A static input scale applies on the W8A8 side only.
@@ -87,6 +88,11 @@ class Fp8Weight(QuantizedWeight):
         self.use_scaled_mm = (codes.is_cuda and self.out_features % 16 == 0 and self.in_features % 16 == 0
                               and torch.cuda.get_device_capability(codes.device) >= (8, 9))
         self.use_triton = codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self.tickets: torch.Tensor | None = None  # the small-M kernel's split-K tickets (int32, zero at rest)
+        if self.use_triton:
+            from radixlm.kernels.small_m import tickets_for
+
+            self.tickets = tickets_for(self.out_features, codes.device)
         self._float_codes: torch.Tensor | None = None  # the CPU reference's widened codes, made on first use
 
     @classmethod
@@ -116,16 +122,15 @@ class Fp8Weight(QuantizedWeight):
     @property
     def nbytes(self) -> int:
         widened = 0 if self._float_codes is None else self._float_codes.numel() * 4
-        return self.codes.numel() + self.scales.numel() * 4 + widened
+        tickets = 0 if self.tickets is None else self.tickets.numel() * 4
+        return self.codes.numel() + self.scales.numel() * 4 + widened + tickets
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= W8A16_MAX_M:
             if self.use_triton:
-                from radixlm.kernels.fp8_gemm import w8a16_matmul
-
-                out = w8a16_matmul(x2, self.codes, self.scales.reshape(-1))
+                out = self._small_m(x2)
             else:
                 out = self.reference_w8a16(x2).to(x.dtype)
             return out.reshape(*lead, self.out_features)
@@ -140,6 +145,19 @@ class Fp8Weight(QuantizedWeight):
         else:
             out = self.reference_matmul(xq, sx).to(x.dtype)
         return out.reshape(*lead, self.out_features)
+
+    def _small_m(self, x2: torch.Tensor) -> torch.Tensor:
+        """Decode sizes: the small-M kernel (kernels/fp8_small_m.py), or the older split-K one where it is
+        switched off or does not compile."""
+        from radixlm.kernels import small_m
+        from radixlm.kernels.fp8_gemm import w8a16_matmul
+        from radixlm.kernels.fp8_small_m import fp8_small_m_matmul
+
+        scales = self.scales.reshape(-1)
+        if not small_m.enabled():
+            return w8a16_matmul(x2, self.codes, scales)
+        return small_m.with_fallback("fp8", lambda: fp8_small_m_matmul(x2, self.codes, scales, self.tickets),
+                                     lambda: w8a16_matmul(x2, self.codes, scales))
 
     def reference_matmul(self, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         """(codes_x * s_x) @ (codes_w * s_w)^T in float32: the CPU's W8A8 path, and the GPU's check."""

@@ -9,7 +9,8 @@ Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns
 makes every group contiguous again; the kernels read the activations through that permutation.
 
 On a GPU: M <= `GEMV_MAX_M` rows through the CUDA-core GEMV (`kernels/w4a16_gemv.py`; 0 = off, as measured),
-up to 16 through the split-K Triton MMA kernel, up to `DEQUANT_MIN_M` through its tiled launch, above
+up to 16 through the small-M MMA kernel (`kernels/w4a16_small_m.py`: narrow row tiles, split-K finished in
+the same launch), up to `DEQUANT_MIN_M` through its tiled launch, above
 that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
 where cuBLAS beats a Triton mma with dequantization in its loop).
 Elsewhere (the CPU, tests) x @ W^T in float32 with the same codes, scales and zeros: the same weight,
@@ -31,6 +32,7 @@ from radixlm.runtime.quantization.base import DequantizedRows, QuantizedWeight
 # on gate_up), so it runs nowhere by default until it is made faster.
 DEQUANT_MIN_M = 256  # rows from which dequantize + cuBLAS replaces the tiled kernel
 GEMV_MAX_M = 0  # rows up to which the GEMV runs (0: off; its FMAs grow with M)
+SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_small_m.py; its tiles: its DEFAULTS)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         self.use_triton = self.codes.is_cuda and importlib.util.find_spec("triton") is not None
         self.tickets: torch.Tensor | None = None  # the GEMV's split-K tickets (int32, zero at rest)
         if self.use_triton:
-            from radixlm.kernels.w4a16_gemv import tickets_for
+            from radixlm.kernels.small_m import tickets_for
 
             self.tickets = tickets_for(self.out_features, self.codes.device)
         self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
@@ -128,12 +130,27 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             out = torch.matmul(x2, w.t())
         elif x2.shape[0] <= GEMV_MAX_M and not _gemv_failed:
             out = self._gemv(x2)
+        elif x2.shape[0] <= SMALL_M_MAX_M:
+            out = self._small_m(x2)
         else:
             from radixlm.kernels.w4a16_gemm import w4a16_matmul
 
             out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                                offsets=self.offsets)
         return out.reshape(*lead, self.out_features)
+
+    def _small_m(self, x2: torch.Tensor) -> torch.Tensor:
+        """Decode sizes: the small-M kernel (kernels/w4a16_small_m.py), or the older split-K MMA kernel where
+        it is switched off or does not compile."""
+        from radixlm.kernels import small_m
+        from radixlm.kernels.w4a16_gemm import w4a16_matmul
+        from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
+
+        args = (x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size)
+        if not small_m.enabled():
+            return w4a16_matmul(*args, offsets=self.offsets)
+        return small_m.with_fallback("w4", lambda: w4a16_small_m_matmul(*args, self.offsets, self.tickets),
+                                     lambda: w4a16_matmul(*args, offsets=self.offsets))
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         """The decode GEMV; if it fails to compile here, say so once and use the MMA kernel from then on."""

@@ -1,0 +1,133 @@
+"""Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py) for sm_90
+on a machine without a GPU, and look at what the compiler made of the weight loads.
+
+The Triton interpreter runs kernel bodies as Python and misses code-generation errors; this runs the real
+front end and NVIDIA backend (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for
+GPUTarget("cuda", 90, 32) on each config of the sweep (benchmarks/small_m_gemm_sweep.py) and the default
+tables, with the integer arguments specialized as the JIT specializes them at the 8B shapes (divisible by
+16). Per config it prints registers, spills, shared memory and whether the PTX has 16-byte global loads.
+Needs `triton` with its CUDA backend at the device's version: `pip install --target DIR "triton==3.6.*"`,
+then `PYTHONPATH=DIR python benchmarks/compile_check_small_m.py`. Exit status 1 when any config fails.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from radixlm.kernels import fp8_small_m, w4a16_small_m
+from radixlm.kernels.small_m import SmallMConfig
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from small_m_gemm_sweep import FP8_CONFIGS, W4_CONFIGS  # noqa: E402
+
+_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "e4m3": "*fp8e4nv", "i16": "*i16", "i32": "*i32",
+        "u8": "*u8"}
+
+
+def _compile(fn, pointers: dict[str, str], constexprs: dict, cfg: SmallMConfig, target: GPUTarget):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = _PTR[pointers[name]]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name not in ("M", "split", "G"):  # shapes, strides and split lengths: multiples of 16 at the 8B shapes
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def _resources(cubin: bytes) -> str:
+    """Registers / stack (spills) per thread from the cubin, by Triton's bundled cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return "regs ?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs {m.group(1)} stack {m.group(2)}" if m else "regs ?"
+
+
+def _report(kernel) -> str:
+    """Resources, and the weight loads: 16-byte vectors (ld.global.v4 / cp.async 16) vs single bytes."""
+    ptx = kernel.asm["ptx"]
+    v4 = len(re.findall(r"ld\.global[^\n]*\.v4", ptx)) + len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*(?:0x10|, 16)", ptx))
+    narrow = len(re.findall(r"ld\.global(?:\.[a-z]+)*\.(?:u8|b8|s8)\b", ptx))
+    return f"{_resources(kernel.asm['cubin'])} smem {kernel.metadata.shared} 16B-loads {v4} byte-loads {narrow}"
+
+
+def fp8_cases():
+    defaults = [key for by_m in fp8_small_m.DEFAULTS.values() for key in by_m.values()]
+    for cfg in {SmallMConfig.parse(key) for key in FP8_CONFIGS + defaults}:
+        for act, even, partial in [("bf16", True, False), ("bf16", True, True), ("fp16", False, True), ("fp32", True, True)]:
+            for block_m in ([1, 2] if cfg.kind == "fma" else [16]):  # fma: BLOCK_M = M <= 2
+                yield (f"fp8 {cfg.key()} {act} even={even} split={partial} M<={block_m}", fp8_small_m._fp8_small_m_kernel,
+                       {"X": act, "W": "e4m3", "S": "fp32", "Out": act, "Part": "fp32" if partial else act,
+                        "Tickets": "i32" if partial else "fp32"},
+                       {"FMA": cfg.kind == "fma", "IEEE": act == "fp32", "EVEN_K": even, "PARTIAL": partial,
+                        "BLOCK_M": block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}, cfg)
+
+
+def w4_cases():
+    forms = [  # zeros, offsets, perm, slices per group (4: group >= 128, the prefetched-scales path), activations
+        (False, False, False, 4, "bf16"), (True, False, True, 4, "bf16"), (True, False, True, 1, "bf16"),
+        (False, True, False, 1, "fp16"), (True, False, False, 4, "fp32")]
+    defaults = [key for by_m in w4a16_small_m.DEFAULTS.values() for key in by_m.values()]
+    for cfg in {SmallMConfig.parse(key) for key in W4_CONFIGS + defaults}:
+        for i, (zeros, offsets, perm, spg, act) in enumerate(forms):
+            for partial, asm in ([(False, True), (True, True), (True, False), (False, False)] if i == 0 else
+                                 [(True, act != "fp32")]):
+                yield (f"w4 {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} spg={spg} split={partial} "
+                       f"asm={asm}", w4a16_small_m._w4_small_m_kernel,
+                       {"X": act, "Codes": "i16", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
+                        "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
+                        "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
+                       {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
+                        "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": asm,
+                        "SLICES_PER_GROUP": spg, "BLOCK_M": 16, "BLOCK_N": cfg.block_n,
+                        "CHUNKS": cfg.block_k // 128}, cfg)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("-k", dest="only", choices=["fp8", "w4"], action="append")
+    parser.add_argument("--first", type=int, default=0, help="only the first N cases of each kernel (quick look)")
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    total = failed = 0
+    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases)):
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        for i, (label, fn, pointers, constexprs, cfg) in enumerate(cases()):
+            if args.first and i >= args.first:
+                break
+            total += 1
+            try:
+                print(f"ok   {label}: {_report(_compile(fn, pointers, constexprs, cfg, target))}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - report every failing combination, not just the first
+                failed += 1
+                head = "\n    ".join(str(exc).strip().splitlines()[-6:])
+                print(f"FAIL {label}\n    {type(exc).__name__}: {head}", flush=True)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"compile_check_small_m: {total - failed}/{total} ok (triton {triton.__version__}, sm_{args.arch})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Issue 19 on the H200: sweep the small-M (decode) kernels' configs and pick the defaults.
+
+For the FP8 W8A16 kernel (kernels/fp8_small_m.py) and the 4-bit W4A16 kernel (kernels/w4a16_small_m.py),
+on the Llama-3.1-8B layer shapes at M = 1, 2, 4, 8, 16: every config of FP8_CONFIGS / W4_CONFIGS is
+checked against the float32 reference of the same codes (max relative error; the split-K tickets back at
+zero) and timed with CUDA events over CUDA-graph replays, rotating among enough copies of the weight that
+it never sits in the 50 MB L2; beside it the older kernel (fp8_gemm.w8a16_matmul / w4a16_gemm.w4a16_matmul)
+and bf16 matmul. Bytes floor = (weight + scales + activations + output bytes) / measured copy bandwidth.
+The best config per (shape, M) becomes the "tables" entry of the JSON and a Python literal to paste into
+each module's DEFAULTS.
+
+--decode: then (a) batch-1 decode tok/s of the 8B shape (benchmarks/quantized.py's engines: bf16, fp8,
+w4a16 GPTQ), the quantized engines on the table just measured (through $RADIXLM_SMALL_M_TABLE, since the
+scheduler is another process); --ab adds fp8 / w4a16 on the older kernels (RADIXLM_SMALL_M_TABLE=off).
+
+    python benchmarks/small_m_gemm_sweep.py --out $OUT/small_m.json --decode
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# dot configs with BLOCK_N = 16 x num_warps give each warp its own 16 weight rows; a 16-row tile over 4 warps
+# makes every warp convert the whole tile (seen in the sm_90 TTGIR: mma warpsPerCTA [2, 2]): kept as a reference
+FP8_CONFIGS = [
+    "dot-n16-k512-s1-w1-st3", "dot-n16-k512-s1-w1-st4", "dot-n16-k256-s1-w1-st4", "dot-n16-k1024-s1-w1-st3",
+    "dot-n16-k512-s2-w1-st3", "dot-n32-k512-s1-w2-st3", "dot-n32-k256-s1-w2-st4", "dot-n32-k512-s2-w2-st3",
+    "dot-n64-k256-s1-w4-st3", "dot-n64-k256-s2-w4-st4", "dot-n64-k512-s2-w4-st3", "dot-n64-k512-s4-w4-st3",
+    "dot-n16-k512-s1-w4-st3",
+    "fma-n8-k512-s1-w4-st3", "fma-n16-k512-s1-w4-st3", "fma-n8-k1024-s1-w4-st2", "fma-n16-k256-s2-w4-st3",
+    "fma-n32-k256-s1-w8-st3",
+]
+W4_CONFIGS = [
+    "dot-n16-k512-s1-w1-st3", "dot-n16-k512-s2-w1-st3", "dot-n16-k512-s1-w1-st4", "dot-n16-k256-s2-w1-st4",
+    "dot-n16-k1024-s1-w1-st3", "dot-n32-k512-s1-w2-st3", "dot-n32-k512-s2-w2-st3", "dot-n32-k256-s2-w2-st4",
+    "dot-n64-k256-s2-w4-st3", "dot-n64-k512-s2-w4-st3", "dot-n64-k256-s4-w4-st4", "dot-n64-k128-s4-w4-st5",
+    "dot-n16-k512-s2-w4-st3",
+]
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
+MS = (1, 2, 4, 8, 16)
+FMA_MAX_M = 2  # the fma family is swept at these M only (its FMAs per weight grow with M)
+L2_BYTES = 50 << 20
+DEVICE = "cuda"  # a CPU smoke run of this script's code paths sets "cpu" (with TRITON_INTERPRET=1 and a CPU timer)
+
+
+def graph_time(fns: list, inner: int = 24, reps: int = 12) -> float:
+    """Seconds per call: `inner` calls (cycling through `fns`, one per weight copy) in one CUDA graph,
+    median over replays."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(inner):
+            fns[i % len(fns)]()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(reps):
+        ev[0].record()
+        graph.replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies to rotate among so that consecutive calls never find their weight in L2."""
+    return max(2, -(-4 * L2_BYTES // nbytes))
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
+    from radixlm.kernels.fp8_gemm import w8a16_matmul
+    from radixlm.kernels.fp8_small_m import config_for as fp8_default
+    from radixlm.kernels.fp8_small_m import fp8_small_m_matmul
+    from radixlm.kernels.small_m import SmallMConfig, tickets_for
+    from radixlm.kernels.w4a16_gemm import w4a16_matmul
+    from radixlm.kernels.w4a16_small_m import config_for as w4_default
+    from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
+    from radixlm.runtime.quantization.fp8 import Fp8Weight
+    from radixlm.runtime.quantization.w4_formats import quantize_rtn
+    from radixlm.runtime.quantization.w4a16 import W4Weight
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
+        if kind == "fp8":
+            q = Fp8Weight.from_float(w)
+            ref_w = q.dequantize()
+            s = q.scales.reshape(-1)
+            weight_bytes = n * k + 4 * n
+            reps = copies_for(weight_bytes)
+            parts = [(q.codes.clone(), s.clone(), tickets_for(n, w.device)) for _ in range(reps)]
+            new = [lambda x, cfg, p=p: fp8_small_m_matmul(x, p[0], p[1], p[2], cfg) for p in parts]
+            old = [lambda x, p=p: w8a16_matmul(x, p[0], p[1]) for p in parts]
+            configs, default = FP8_CONFIGS, fp8_default
+        else:
+            q = W4Weight([quantize_rtn(w, 128, True)], 128, "sweep")
+            ref_w = q.dequantize()
+            weight_bytes = n * k // 2 + n * (k // 128) * 2
+            reps = copies_for(weight_bytes)
+            parts = [(q.codes.clone(), q.scales.clone(), tickets_for(n, w.device)) for _ in range(reps)]
+            new = [lambda x, cfg, p=p: w4a16_small_m_matmul(x, p[0], p[1], None, None, k, 128, tickets=p[2], cfg=cfg)
+                   for p in parts]
+            old = [lambda x, p=p: w4a16_matmul(x, p[0], p[1], None, None, k, 128) for p in parts]
+            configs, default = W4_CONFIGS, w4_default
+        bf16 = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
+        for m in MS:
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+            ref = x.float() @ ref_w.t()
+            floor = (weight_bytes + 2 * m * (k + n)) / copy_bw
+            row = {"kind": kind, "layer": name, "M": m, "K": k, "N": n, "copies": reps, "floor_us": floor * 1e6,
+                   "bf16_us": graph_time([lambda b=b: torch.matmul(x, b.t()) for b in bf16]) * 1e6,
+                   "old_us": graph_time([lambda f=f: f(x) for f in old]) * 1e6,
+                   "old_max_rel": _rel(old[0](x), ref)}
+            default_cfg = default(m, n, k, x.device)
+            sweep: dict[str, object] = {}
+            for key in dict.fromkeys([default_cfg.key(), *configs]):
+                cfg = SmallMConfig.parse(key)
+                if cfg.kind == "fma" and m > FMA_MAX_M:
+                    continue
+                if time.perf_counter() > deadline:
+                    sweep[key] = "skipped: sweep time budget spent"
+                    continue
+                try:
+                    err = _rel(new[0](x, cfg), ref)
+                    t = graph_time([lambda f=f, cfg=cfg: f(x, cfg) for f in new]) * 1e6
+                    err = max(err, _rel(new[0](x, cfg), ref))  # again after the replays: tickets reset?
+                    sweep[key] = {"us": t, "max_rel": err, "tickets_zero": not any(p[2].any().item() for p in parts)}
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is recorded and skipped
+                    sweep[key] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            ok = {key: v for key, v in sweep.items()
+                  if isinstance(v, dict) and v["max_rel"] < 2e-2 and v["tickets_zero"]}
+            best = min(ok, key=lambda key: ok[key]["us"]) if ok else None
+            row.update(default=default_cfg.key(), default_us=ok.get(default_cfg.key(), {}).get("us"), best=best,
+                       best_us=ok[best]["us"] if best else None, sweep=sweep,
+                       wrong=[key for key, v in sweep.items() if isinstance(v, dict) and key not in ok])
+            rows.append(row)
+            print(_line(row), flush=True)
+        del parts, new, old, bf16, q, ref_w, w
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _line(r: dict) -> str:
+    best = r["best_us"] or float("nan")
+    dflt = r["default_us"] or float("nan")
+    return (f"{r['kind']:<4}{r['layer']:<8}{r['M']:>3}{r['floor_us']:>8.1f}{r['bf16_us']:>8.1f}{r['old_us']:>8.1f}"
+            f"{r['floor_us'] / r['old_us']:>6.0%}{dflt:>8.1f}{best:>8.1f}{r['floor_us'] / best:>6.0%}  {r['best']}"
+            + (f"  WRONG: {r['wrong']}" if r["wrong"] else ""))
+
+
+def tables(rows: list[dict]) -> dict:
+    """{"fp8": {"NxK": {"M": best key}}, "w4": ...}: what the kernels' DEFAULTS should say."""
+    out: dict = {}
+    for r in rows:
+        if r["best"]:
+            out.setdefault(r["kind"], {}).setdefault(f"{r['N']}x{r['K']}", {})[str(r["M"])] = r["best"]
+    return out
+
+
+def python_literal(table: dict) -> str:
+    lines = ["DEFAULTS: Table = {"]
+    for shape, by_m in table.items():
+        n, k = shape.split("x")
+        entries = ", ".join(f"{m}: \"{key}\"" for m, key in by_m.items())
+        lines.append(f"    ({n}, {k}): {{{entries}}},")
+    return "\n".join(lines + ["}"])
+
+
+def decode_figures(table_path: Path, ab: bool) -> dict:
+    """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
+    swept table (and, with `ab`, on the older kernels)."""
+    import tempfile
+
+    from gpu_suite import LLAMA_8B, model_dir_for
+    from quantized import CONFIGS, engine_items
+    from quantized_w4 import GPTQ_CONFIG
+
+    arms = [("bf16", "bf16", ""), ("fp8", "fp8", str(table_path)), ("w4a16", "w4a16", str(table_path))]
+    if ab:
+        arms += [("fp8 (older kernel)", "fp8", "off"), ("w4a16 (older kernel)", "w4a16", "off")]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = model_dir_for(LLAMA_8B, Path(tmp), "llama8b")
+        d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, Path(tmp), "llama8b-gptq")
+        for label, config, table in arms:
+            os.environ["RADIXLM_SMALL_M_TABLE"] = table
+            t = time.perf_counter()
+            try:
+                out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"], CONFIGS[config], True)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other arms still run
+                out[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"(a) {label}: {out[label].get('a_decode_tok_s', out[label].get('error'))} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+    os.environ.pop("RADIXLM_SMALL_M_TABLE", None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="small_m.json")
+    ap.add_argument("--kinds", default="fp8,w4")
+    ap.add_argument("--budget-s", type=float, default=240, help="stop sweeping configs after this many seconds "
+                    "(the older kernel, bf16 and the default config are still timed)")
+    ap.add_argument("--decode", action="store_true", help="then (a) batch-1 decode: bf16 / fp8 / w4a16 engines")
+    ap.add_argument("--ab", action="store_true", help="with --decode: fp8 and w4a16 on the older kernels too")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_suite import measure_ceilings
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["ceilings"] = measure_ceilings()
+    copy_bw = report["ceilings"]["copy_bytes_per_s"]
+    print(f"copy {copy_bw / 1e12:.2f} TB/s\n{'kind':<4}{'layer':<8}{'M':>3}{'floor':>8}{'bf16':>8}{'old':>8}{'o/fl':>6}"
+          f"{'dflt':>8}{'best':>8}{'b/fl':>6}  (us; best config)", flush=True)
+    rows: list[dict] = []
+    kinds = args.kinds.split(",")
+    for i, kind in enumerate(kinds):  # the time budget is shared out between the kinds
+        share = (args.budget_s - (time.perf_counter() - started)) / (len(kinds) - i)
+        rows += sweep_kind(kind, copy_bw, time.perf_counter() + share)
+        report["rows"], report["tables"] = rows, tables(rows)
+        out.write_text(json.dumps(report, indent=1))
+    report["sweep_s"] = time.perf_counter() - started
+    for kind, table in report["tables"].items():
+        print(f"\n# {kind} DEFAULTS ({'kernels/fp8_small_m.py' if kind == 'fp8' else 'kernels/w4a16_small_m.py'}):\n"
+              + python_literal(table))
+    out.write_text(json.dumps(report, indent=1))
+    if args.decode:
+        report["decode"] = decode_figures(out, args.ab)
+        out.write_text(json.dumps(report, indent=1))
+        print("\n(a) batch-1 decode tok/s: " + ", ".join(f"{label} {v.get('a_decode_tok_s', float('nan')):.1f}"
+                                                        for label, v in report["decode"].items()))
+    report["wall_s"] = time.perf_counter() - started
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wall {report['wall_s']:.0f} s (sweep {report['sweep_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
