@@ -17,6 +17,21 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_reference_model():
+    """transformers' own GGUF loader on the default model's file (float32, eval): the reference that
+    tests/runtime/test_gguf_convert.py and test_model_logits.py check conversion and logits against.
+    Loaded once per session: transformers parses the file twice and maps every tensor name (~15 s idle)."""
+    pytest.importorskip("accelerate")  # transformers needs it to load a GGUF file itself
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from radixlm.runtime.model_source import default_gguf_path
+
+    gguf = default_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """Factory: tiny_model_dir("llama") -> folder with config, safetensors and tokenizer."""
     from tests.fixtures.tiny_models import build_tiny_model

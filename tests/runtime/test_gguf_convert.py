@@ -51,11 +51,9 @@ def gguf_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_model(gguf_file: Path) -> torch.nn.Module:
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
-    )
-    return model.eval()
+def reference_model(gguf_reference_model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' GGUF loader on the default file (tests/conftest.py: loaded once, shared with test_model_logits)."""
+    return gguf_reference_model
 
 
 @pytest.fixture(scope="module")

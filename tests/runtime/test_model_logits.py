@@ -81,15 +81,9 @@ def test_logits_match_transformers(tiny_model_dir, kind: str) -> None:
         torch.testing.assert_close(o, r, atol=2e-4, rtol=1e-4)
 
 
-def test_default_model_logits_match_transformers_gguf(default_model_dir: Path) -> None:
-    """Against transformers loading the GGUF file itself, so a conversion bug cannot hide."""
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-
-    from radixlm.runtime.model_source import default_gguf_path
-
-    gguf = default_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+def test_default_model_logits_match_transformers_gguf(default_model_dir: Path, gguf_reference_model) -> None:
+    """Against transformers loading the GGUF file itself (tests/conftest.py), so a conversion bug cannot hide."""
+    hf = gguf_reference_model
     runner = ModelRunner(ServerArgs(dtype="float32", max_total_tokens=2048, device="cpu").resolve(), default_model_dir)
     from transformers import AutoTokenizer
 
