@@ -130,14 +130,15 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir("llama")
 
 
-def shared_workload(seed: int, vocab: int) -> list:
+def shared_workload(seed: int, vocab: int, groups: int = 3, max_new: tuple[int, int] = (4, 10)) -> list:
+    """`groups` sets of 2-4 requests sharing a 40-90 token prefix, and one request alone."""
     rng = random.Random(seed)
     reqs = []
-    for g in range(3):
+    for g in range(groups):
         prefix = [rng.randrange(3, vocab) for _ in range(rng.randint(40, 90))]
         for i in range(rng.randint(2, 4)):
             ids = prefix + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))]
-            reqs.append(greedy_req(f"g{g}-{i}", ids, rng.randint(4, 10)))
+            reqs.append(greedy_req(f"g{g}-{i}", ids, rng.randint(*max_new)))
     reqs.append(greedy_req("alone", [rng.randrange(3, vocab) for _ in range(30)], 6))
     return reqs
 
