@@ -24,13 +24,13 @@ from .fp8_gemm import sm_count
 from .small_m import MAX_M, SmallMConfig, Table, check_tickets, finish_tile, lookup, register_defaults, table_in_use
 from .w4a16_gemm import CHUNK, SLICE, _codes_minus_zero, _launch_with_asm_fallback, _magic, chunk_dot
 
-# (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down). Replace with
-# the sweep's "w4" table (benchmarks/small_m_gemm_sweep.py). Unmeasured yet: rule-of-thumb picks.
+# (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down), measured by
+# benchmarks/small_m_gemm_sweep.py on the H200 (2026-12-03; RESULTS.md: faster than the older kernel at every M).
 DEFAULTS: Table = {
-    (6144, 4096): {16: "dot-n16-k512-s1-w1-st3"},
-    (4096, 4096): {16: "dot-n16-k512-s2-w1-st3"},
-    (28672, 4096): {16: "dot-n16-k512-s1-w1-st3"},
-    (4096, 14336): {16: "dot-n16-k512-s2-w1-st3"},
+    (6144, 4096): {16: "dot-n64-k128-s4-w4-st5"},
+    (4096, 4096): {16: "dot-n64-k128-s4-w4-st5"},
+    (28672, 4096): {16: "dot-n64-k256-s2-w4-st3"},
+    (4096, 14336): {16: "dot-n64-k256-s4-w4-st4"},
 }
 register_defaults("w4", DEFAULTS)
 

@@ -35,6 +35,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # a zero row / token gets this scale, never a division by zero
 W8A16_MAX_M = 16  # rows at or below which the activations stay unquantized (benchmarks/quantized.py)
+# rows up to which kernels/fp8_small_m.py runs; above, the older split-K kernel (H200 sweep of 2026-12-03: the
+# new kernel won at M = 1 on all four 8B layers, 57-86% of the bytes floor, and lost to the old one at M = 2..16)
+SMALL_M_KERNEL_MAX_M = 1
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +157,7 @@ class Fp8Weight(QuantizedWeight):
         from radixlm.kernels.fp8_small_m import fp8_small_m_matmul
 
         scales = self.scales.reshape(-1)
-        if not small_m.enabled():
+        if not small_m.enabled() or x2.shape[0] > SMALL_M_KERNEL_MAX_M:
             return w8a16_matmul(x2, self.codes, scales)
         return small_m.with_fallback("fp8", lambda: fp8_small_m_matmul(x2, self.codes, scales, self.tickets),
                                      lambda: w8a16_matmul(x2, self.codes, scales))

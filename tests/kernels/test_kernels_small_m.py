@@ -174,9 +174,17 @@ def test_linear_layers_dispatch_decode_rows_and_fall_back_once(device, monkeypat
     w4 = _w4(48, 256, 128, True, False, device)
     for w in (fp8, w4):
         w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
     s = fp8.scales.reshape(-1)
     assert torch.equal(fp8.linear(x), fp8_small_m_matmul(x, fp8.codes, s))
+    # FP8 above SMALL_M_KERNEL_MAX_M rows: the older split-K kernel (it won there on the H200)
+    spy = []
+    monkeypatch.setattr(fk, "fp8_small_m_matmul", lambda *a, **k: spy.append(a[0].shape[0]))
+    x2 = torch.randn(2, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(device)
+    assert torch.equal(fp8.linear(x2), w8a16_matmul(x2, fp8.codes, s)) and spy == []
+    monkeypatch.undo()
+    monkeypatch.delenv(small_m.TABLE_ENV, raising=False)
+    monkeypatch.setattr(small_m, "_failed", set())
     assert torch.equal(w4.linear(x), w4a16_small_m_matmul(x, w4.codes, w4.scales, None, None, 256, 128))
     monkeypatch.setenv(small_m.TABLE_ENV, "off")
     assert torch.equal(fp8.linear(x), w8a16_matmul(x, fp8.codes, s))
