@@ -229,3 +229,17 @@ def pattern_matches(p: str, s: str) -> bool | None:
         return bool(_fsm(p).accepts(s))
     except Unsupported:
         return None
+
+
+def pattern_without(p: str, words: tuple[str, ...]) -> str | None:
+    """An anchored regex matching exactly the strings in which `p` matches, except `words`
+    (None when no string is left)."""
+    if len(p) > MAX_PROOF_PATTERN:
+        raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    listed = interegular.parse_pattern("|".join(_literal_word(w) for w in words)).to_fsm()
+    body = _to_regex(_fsm(p).difference(listed))
+    return None if body is None else f"^{body}$"
+
+
+def _literal_word(w: str) -> str:
+    return "".join(_literal(c) for c in w) if w else "()"
