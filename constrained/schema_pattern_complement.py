@@ -243,3 +243,14 @@ def pattern_without(p: str, words: tuple[str, ...]) -> str | None:
 
 def _literal_word(w: str) -> str:
     return "".join(_literal(c) for c in w) if w else "()"
+
+
+def pattern_parts(p: str, q: str) -> tuple[str | None, str | None, str | None]:
+    """Anchored regexes for the strings matched by `p` only, by both, and by `q` only (None where
+    no string is); how two overlapping patternProperties become disjoint ones."""
+    for x in (p, q):
+        if len(x) > MAX_PROOF_PATTERN:
+            raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    fp, fq = _fsm(p), _fsm(q)
+    parts = [_to_regex(fp.difference(fq)), _to_regex(fp.intersection(fq)), _to_regex(fq.difference(fp))]
+    return tuple(None if body is None else f"^{body}$" for body in parts)  # type: ignore[return-value]

@@ -26,7 +26,7 @@ from typing import Any
 from .schema_any_order import hoist
 from .schema_meet import meet
 from .schema_negation import Unsupported
-from .schema_pattern_complement import pattern_without
+from .schema_pattern_complement import pattern_parts, pattern_without, patterns_disjoint
 
 _ANY = frozenset({"null", "boolean", "object", "array", "number", "integer", "string"})
 _BRANCHES = ("anyOf", "oneOf")
@@ -210,6 +210,79 @@ def separate_named_from_patterns(schema: Any) -> int:
     return changed
 
 
+def merge_all_of(schema: Any) -> int:
+    """A node with `allOf` becomes our meet of its parts and its other keywords where that meet
+    is complete (no `allOf` left): a plain node that llguidance does not merge, so its
+    properties can take any order. Partial meets are dropped (the node stays as it was)."""
+    if not isinstance(schema, dict):
+        return 0
+    defs = schema.get("$defs", {})
+
+    def deref(ref: str) -> Any:
+        return defs.get(ref.rsplit("/", 1)[-1], True)
+
+    changed = 0
+    for node in _walk(schema):
+        parts = node.get("allOf")
+        if not isinstance(parts, list) or not parts:
+            continue
+        merged: Any = {k: v for k, v in node.items() if k not in ("allOf", "$defs")}
+        for part in parts:
+            merged = meet(merged, part, deref)
+            if not isinstance(merged, dict) or "allOf" in merged:
+                break
+        else:
+            keep = {"$defs": node["$defs"]} if "$defs" in node else {}
+            node.clear()
+            node.update(merged, **keep)
+            changed += 1
+    return changed
+
+
+MAX_SPLIT_PATTERNS = 4
+
+
+def disjoin_patterns(schema: Any) -> int:
+    """Two overlapping `patternProperties` (llguidance wants them disjoint) become three disjoint
+    ones: first only, both (the two schemas met), second only. Nodes with more overlaps than one
+    pair among at most MAX_SPLIT_PATTERNS patterns are left alone."""
+    if not isinstance(schema, dict):
+        return 0
+    defs = schema.get("$defs", {})
+
+    def deref(ref: str) -> Any:
+        return defs.get(ref.rsplit("/", 1)[-1], True)
+
+    changed = 0
+    for node in _walk(schema):
+        patterns = node.get("patternProperties")
+        if not isinstance(patterns, dict) or not 1 < len(patterns) <= MAX_SPLIT_PATTERNS:
+            continue
+        names = list(patterns)
+        overlaps = [(p, q) for i, p in enumerate(names) for q in names[i + 1:] if not patterns_disjoint(p, q)]
+        if len(overlaps) != 1:
+            continue
+        p, q = overlaps[0]
+        try:
+            only_p, shared, only_q = pattern_parts(p, q)
+        except Unsupported:
+            continue
+        out: dict[str, Any] = {}
+        for name in names:
+            if name == p:
+                for regex, sub in ((only_p, patterns[p]), (shared, meet(patterns[p], patterns[q], deref))):
+                    if regex is not None:
+                        out[regex] = sub
+            elif name == q:
+                if only_q is not None:
+                    out[only_q] = patterns[q]
+            else:
+                out[name] = patterns[name]
+        node["patternProperties"] = out
+        changed += 1
+    return changed
+
+
 MAX_KEY_BRANCHES = 8
 
 
@@ -290,4 +363,4 @@ def distribute_key_conditions(schema: Any) -> int:
 def simplify(schema: Any) -> int:
     """All of the above, in place; returns how many places changed."""
     return drop_shadowed_properties(schema) + separate_named_from_patterns(schema) + drop_implied_types(schema) \
-        + distribute_key_conditions(schema)
+        + disjoin_patterns(schema) + merge_all_of(schema) + distribute_key_conditions(schema)
