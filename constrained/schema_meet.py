@@ -11,6 +11,7 @@ one side only. Anything else is left as `{"allOf": [a, b]}` for the backend, as 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from typing import Any
@@ -74,8 +75,8 @@ def meet(a: Any, b: Any, deref: Deref, depth: int = 0) -> Any:
     for x, y in ((a, b), (b, a)):
         if list(x) == ["$ref"] and isinstance(x["$ref"], str) and "$ref" not in y:
             target = deref(x["$ref"])
-            if isinstance(target, dict) and "$ref" not in target:
-                return meet(target, y, deref, depth + 1)
+            if isinstance(target, dict) and "$ref" not in target:  # a copy: the result may replace a node it holds
+                return meet(copy.deepcopy(target), y, deref, depth + 1)
     return _merge(a, b, deref, depth)
 
 
@@ -92,6 +93,9 @@ def _merge(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int) -> An
     for group in _GROUPS:
         if (group & set(a)) and (group & set(b)) and not all(_same(a.get(k), b.get(k)) for k in group):
             return {"allOf": [a, b]}
+    tuples = _GROUPS[1] & (set(a) | set(b))  # `items` reads the prefixItems of its own schema only
+    if tuples and "items" in set(a) | set(b) and not all(_same(a.get(k), b.get(k)) for k in (*_GROUPS[1], "items")):
+        return {"allOf": [a, b]}
     if any(k in both for k in ("$ref", "anyOf", "oneOf", "not", "allOf", "enum", "const")) \
             and not all(_same(a[k], b[k]) for k in both):
         return {"allOf": [a, b]}

@@ -61,10 +61,20 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                                 {"id": "i", "kind": "k", "name": "n", "opt": "o", "version": "v"},
                                 {"name": "n", "version": "v", "id": "i", "kind": "k", "opt": "o"},
                                 {"name": "n", "version": "v", "id": "i"}, {"name": 1, "version": "v", "id": "i", "kind": "k"}]),
+    # allOf of an open map and named properties: one plain node after our meet, any key order
+    "all_of_met": ({"type": "object", "properties": {"links": {"allOf": [{"$ref": "#/$defs/links"}, {"$ref": "#/$defs/pages"}]}},
+                    "$defs": {"links": {"type": "object", "additionalProperties": STR},
+                              "pages": {"properties": {"next": {"type": ["string", "null"]}, "first": STR}}}},
+                   [{"links": {"self": "/a", "next": "/b"}}, {"links": {"next": "/b", "self": "/a"}}, {"links": {"self": 1}},
+                    {"links": {"next": None}}, {"links": {"first": "f", "next": 2}}]),
+    # two overlapping patternProperties (llguidance wants disjoint ones)
+    "overlapping_patterns": ({"type": "object", "additionalProperties": False, "patternProperties": {
+        "^\\w[-\\w_]*$": {}, "^(relationships|links)$": {"not": {}}}},
+        [{"a": 1, "b-c": [2]}, {"links": 1}, {"-x": 1}, {"relationships": {}}, {"linksx": 1}]),
 }
 # instance index of a valid instance that the case's rewrite is needed for (None: needed to compile)
 NEEDS = {"named_under_recursive_pattern": None, "implied_type": None, "shadowed_by_equal_pattern": None,
-         "dependencies_any_order": 4, "required_listing_order": 0}
+         "dependencies_any_order": 4, "required_listing_order": 0, "all_of_met": 0, "overlapping_patterns": None}
 
 
 def _valid(schema: Any, instance: Any) -> bool:
