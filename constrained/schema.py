@@ -25,6 +25,7 @@ from .schema_negation import Unsupported, negate
 from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, pointer_text
 from .schema_relative import Relative, members
+from .schema_simplify import simplify
 from .schema_unique import closed_count, unique_items
 
 # The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
@@ -372,6 +373,7 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
         schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
         schema["$defs"] = vetter.defs
     if backend == "llguidance":  # it keeps named properties in schema order
+        simplify(schema)
         free_optional_order(schema)
     out.schema = schema
     out.recursive = _has_recursion(vetter.defs)

@@ -34,7 +34,7 @@ from typing import Any
 MAX_PERMUTED = 3  # required keys in any order up to 3! = 6 orders per object node
 # llguidance checks pattern properties pairwise for disjointness: compile time grows with the
 # square of their count (a node of 128 literal keys: 67 -> 810 ms), so larger nodes keep schema order.
-MAX_PATTERNS = 64
+MAX_PATTERNS = 96
 
 # Applicators whose subschemas llguidance intersects with the node that holds them (or with
 # each other): `allOf` always, `anyOf`/`oneOf` when the node has other validation keywords.
@@ -132,7 +132,8 @@ def free_optional_order(schema: Any, max_permuted: int = MAX_PERMUTED, max_patte
     literal patterns (a superset of schema order, same schema). Where keys could still come in
     an order that form rejects (a required key after an optional one, or several required keys),
     the node becomes an `anyOf` of that form and of "required keys in each order (up to
-    `max_permuted` of them), then every optional key in any order"."""
+    `max_permuted` of them), then every optional key in any order"; past `max_permuted`
+    required keys, the second form takes them in the order `required` lists them."""
     if not isinstance(schema, dict):
         return 0
     defs = schema.get("$defs", {})
@@ -168,14 +169,18 @@ def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_pat
     tail = [k for k in movable if names.index(k) > last]
     ordered = [k for k in names if k in required]
     permute = 1 <= len(ordered) <= max_permuted and (len(ordered) > 1 or len(tail) < len(movable))
-    if not tail and not permute:
+    # Past the permutation cap, instances often list required keys in `required` order.
+    listed = [k for k in node.get("required", ()) if k in props]
+    listed = list(dict.fromkeys(listed))
+    by_listing = len(ordered) > max_permuted and listed != ordered
+    if not tail and not permute and not by_listing:
         return False
-    if permute:  # values become references first: each is compiled once, not once per branch
+    if permute or by_listing:  # values become references first: compiled once, not once per branch
         for table in (props, patterns):
             for key, value in table.items():
-                table[key] = _hoist(value, defs)
+                table[key] = hoist(value, defs)
         if "additionalProperties" in node:
-            node["additionalProperties"] = _hoist(node["additionalProperties"], defs)
+            node["additionalProperties"] = hoist(node["additionalProperties"], defs)
     rest = {k: v for k, v in node.items() if k not in ("properties", "patternProperties", "$defs")}
 
     def form(named: list[str], free: list[str]) -> dict[str, Any]:
@@ -187,20 +192,21 @@ def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_pat
         return out
 
     first = form([k for k in names if k not in tail], tail)
-    if not permute:
+    if not permute and not by_listing:
         keep = {"$defs": node["$defs"]} if "$defs" in node else {}
         node.clear()
         node.update(first, **keep)
         return True
     fixed = [k for k in names if k not in required and k not in movable]  # kept named, schema order
-    branches = [first] + [form([*order, *fixed], movable) for order in itertools.permutations(ordered)]
+    orders = itertools.permutations(ordered) if permute else [listed]
+    branches = [first] + [form([*order, *fixed], movable) for order in orders]
     keep = {"$defs": node["$defs"]} if "$defs" in node else {}
     node.clear()
     node.update(anyOf=branches, **keep)
     return True
 
 
-def _hoist(value: Any, defs: dict[str, Any]) -> Any:
+def hoist(value: Any, defs: dict[str, Any]) -> Any:
     if not isinstance(value, dict) or not value or list(value) == ["$ref"]:
         return value
     name = f"o{len(defs)}"

@@ -229,3 +229,28 @@ def pattern_matches(p: str, s: str) -> bool | None:
         return bool(_fsm(p).accepts(s))
     except Unsupported:
         return None
+
+
+def pattern_without(p: str, words: tuple[str, ...]) -> str | None:
+    """An anchored regex matching exactly the strings in which `p` matches, except `words`
+    (None when no string is left)."""
+    if len(p) > MAX_PROOF_PATTERN:
+        raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    listed = interegular.parse_pattern("|".join(_literal_word(w) for w in words)).to_fsm()
+    body = _to_regex(_fsm(p).difference(listed))
+    return None if body is None else f"^{body}$"
+
+
+def _literal_word(w: str) -> str:
+    return "".join(_literal(c) for c in w) if w else "()"
+
+
+def pattern_parts(p: str, q: str) -> tuple[str | None, str | None, str | None]:
+    """Anchored regexes for the strings matched by `p` only, by both, and by `q` only (None where
+    no string is); how two overlapping patternProperties become disjoint ones."""
+    for x in (p, q):
+        if len(x) > MAX_PROOF_PATTERN:
+            raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    fp, fq = _fsm(p), _fsm(q)
+    parts = [_to_regex(fp.difference(fq)), _to_regex(fp.intersection(fq)), _to_regex(fq.difference(fp))]
+    return tuple(None if body is None else f"^{body}$" for body in parts)  # type: ignore[return-value]
