@@ -1,0 +1,83 @@
+"""The C int4 GEMV (`kernels/cpu_int4_gemv.c`) against the affine planes' float64 product: random codes,
+fp16 scales and zeros as GGUF stores them, odd row counts, 1-8 input rows, one and two planes; and the
+plain-C branch (CPUs without AVX-512) built on its own."""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from radixlm.kernels import cpu_native
+from radixlm.kernels.cpu_native import decode_kernels_library
+from radixlm.runtime.quantization.gguf_blocks import AffinePlanes
+from radixlm.runtime.quantization.int4_cpu import GEMV_MAX_ROWS, Int4PackedWeight, gemv_blocks
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the torch path runs instead")
+
+
+def _planes(rng: np.random.Generator, p: int, n: int, k: int) -> AffinePlanes:
+    """Q4_1-like planes: d and m fp16 values, z = m + 8 d (what gguf_blocks builds)."""
+    d = (rng.standard_normal((p, n, k // 32)) * 0.02).astype(np.float16).astype(np.float32)
+    m = (rng.standard_normal((p, n, k // 32)) * 0.01).astype(np.float16).astype(np.float32)
+    return AffinePlanes(rng.integers(0, 16, (p, n, k), dtype=np.uint8), d, m + 8 * d)
+
+
+def _gemv(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor, n: int, planes: int, threads: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], n)
+    status = lib.radixlm_int4_gemv(x.data_ptr(), x.stride(0), x.shape[0], blocks.data_ptr(), n, x.shape[1], planes,
+                                   out.data_ptr(), threads)
+    assert status == 0
+    return out
+
+
+def _check(lib: ctypes.CDLL, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for p, n, k, m, threads in ((1, 1, 32, 1, 1), (1, 37, 96, 1, 2), (2, 53, 64, 3, 1), (1, 131, 576, 7, 2),
+                                (2, 19, 160, 8, 2), (1, 67, 1536, 2, 1), (1, 5, 32, 5, 2)):
+        planes = _planes(rng, p, n, k)
+        blocks = gemv_blocks(planes)
+        assert blocks is not None and blocks.shape == (n, p * k // 32 * 20)
+        wide = torch.randn(m, k + 40, dtype=torch.float32) * 3
+        x = wide[:, 40:]  # rows with a stride
+        ref = x.double() @ torch.from_numpy(planes.dequantize()).double().t()
+        got = _gemv(lib, x, blocks, n, p, threads)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_gemv_matches_the_planes_float64_product() -> None:
+    lib = decode_kernels_library()
+    assert lib is not None
+    _check(lib, 0)
+
+
+def test_plain_c_branch_matches_too(tmp_path: Path) -> None:
+    """The branch for CPUs without AVX-512, compiled here without it."""
+    target = tmp_path / "plain.so"
+    source = Path(cpu_native.__file__).with_name("cpu_int4_gemv.c")
+    flags = [f for f in cpu_native.FLAGS if f != "-march=native"]
+    subprocess.run([shutil.which("cc"), *flags, "-mno-avx512f", str(source), "-o", str(target), "-lm"], check=True)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.radixlm_int4_gemv
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes, fn.restype = [p, i64, i64, p, i64, i64, i64, p, ctypes.c_int], ctypes.c_int
+    _check(lib, 1)
+
+
+def test_weights_route_few_rows_to_the_gemv_and_refuse_non_fp16_scales() -> None:
+    rng = np.random.default_rng(2)
+    planes = _planes(rng, 1, 48, 64)
+    w = Int4PackedWeight(planes, "Q4_1")
+    ref = torch.from_numpy(planes.dequantize())
+    for rows in (1, GEMV_MAX_ROWS):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(w.linear(x), x @ ref.t(), rtol=1e-5, atol=1e-5)
+    odd = AffinePlanes(planes.codes, planes.scales * np.float32(1 + 2**-20), planes.zeros)  # not an fp16 value
+    assert gemv_blocks(odd) is None
+    fallback = Int4PackedWeight(odd, "Q4_K")
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(fallback.linear(x), x @ torch.from_numpy(odd.dequantize()).t(), rtol=0.02, atol=0.02)
