@@ -212,6 +212,7 @@ class ModelRunner:
             ops = get_cpu_kernel_ops()
         self.model.ops = ops
         sm_scale = self.model_config.head_dim**-0.5
+        self.model.decode_stack = None
         if ops.name == "cpu" and self.dtype == torch.float32 and self.lora is None and not self.args.disable_cpu_decode_stack:
             from radixlm.runtime.cpu_decode_step import CpuDecodeStack
 
