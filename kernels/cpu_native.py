@@ -24,7 +24,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode_kernels.c", "cpu_int4_gemv.c", "cpu_decode_stack.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode_kernels.c", "cpu_int4_gemv.c", "cpu_int8_gemv.c",
+                                                                "cpu_decode_stack.c"))
 # -ffp-contract=off: no fused multiply-adds, so rotary stays bit for bit equal to the reference.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _P, _I64, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -83,6 +84,7 @@ def decode_kernels_library() -> ctypes.CDLL | None:
         "radixlm_rotary_f32": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _N], None),
         "radixlm_silu_mul_f32": ([_P, _I64, _P, _I64, _I64, _N], None),
         "radixlm_int4_gemv": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _N], ctypes.c_int),
+        "radixlm_int8_gemv": ([_P, _I64, _I64, _P, _I64, _I64, _P, _N], ctypes.c_int),
         "radixlm_decode_stack": ([_P, _I64, _P, _P, _P], ctypes.c_int),
     }
     for name, (args, result) in signatures.items():

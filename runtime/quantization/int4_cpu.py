@@ -89,6 +89,22 @@ def gemv_blocks(planes: AffinePlanes) -> torch.Tensor | None:
     return torch.from_numpy(np.ascontiguousarray(blocks))
 
 
+def int8_gemv_blocks(planes: AffinePlanes) -> torch.Tensor | None:
+    """Q8_0's two planes (gguf_blocks._q8_0: codes q + 128 = 16 hi + lo, scales 16 d and d, zeros 0 and 8 d)
+    back as the int8 kernel's weight (kernels/cpu_int8_gemv.c): uint8 [N, 34 G], per row G fp16 d then
+    G x 32 int8 codes. None for any other planes, or d not an fp16 value."""
+    if planes.codes.shape[0] != 2:
+        return None
+    _, n, k = planes.codes.shape
+    d = planes.scales[1]
+    d16 = d.astype(np.float16)
+    if not (np.array_equal(planes.scales[0], 16 * d) and not planes.zeros[0].any()
+            and np.array_equal(planes.zeros[1], 8 * d) and np.array_equal(d16.astype(np.float32), d)):
+        return None
+    q = (planes.codes[0].astype(np.int16) * 16 + planes.codes[1] - 128).astype(np.int8)
+    return torch.from_numpy(np.concatenate((np.ascontiguousarray(d16).view(np.uint8), q.view(np.uint8)), axis=-1))
+
+
 class Int4PackedWeight(QuantizedWeight):
     """A weight as P int4 planes: torch's packed layout for the matmul, nibbles for dequantizing."""
 
@@ -108,7 +124,10 @@ class Int4PackedWeight(QuantizedWeight):
         # scales and zeros, so both paths compute with the same weight.
         self.nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
         self.dense: torch.Tensor | None = None  # bfloat16 [N, K] for batched inputs (keep_dense_copies)
-        self.gemv_blocks = gemv_blocks(planes)  # the C kernel's layout, None where fp16 cannot hold d / m0
+        # The C kernels' layouts: Q8_0 as int8 codes where the planes are Q8_0's, else the 4-bit one
+        # (None where fp16 cannot hold d / m0: such a weight keeps torch's kernel).
+        self.int8_blocks = int8_gemv_blocks(planes)
+        self.gemv_blocks = None if self.int8_blocks is not None else gemv_blocks(planes)
 
     def keep_dense(self) -> None:
         """Keep the weight also as dense bfloat16, for inputs of >= DENSE_MIN_ROWS rows."""
@@ -124,7 +143,7 @@ class Int4PackedWeight(QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.packed, self.scales_and_zeros, self.nibbles, self.dense, self.gemv_blocks)
+        tensors = (self.packed, self.scales_and_zeros, self.nibbles, self.dense, self.gemv_blocks, self.int8_blocks)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,12 +167,16 @@ class Int4PackedWeight(QuantizedWeight):
     def gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [M, K] float32 (M <= GEMV_MAX_ROWS) @ W^T by the C kernel, or None where it did not build."""
         lib = decode_kernels_library()
-        if lib is None or self.gemv_blocks is None:
+        if lib is None or (self.gemv_blocks is None and self.int8_blocks is None):
             return None
         out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-        status = lib.radixlm_int4_gemv(x.data_ptr(), x.stride(0), x.shape[0], self.gemv_blocks.data_ptr(),
-                                       self.out_features, self.in_features, self.planes, out.data_ptr(),
-                                       torch.get_num_threads())
+        if self.int8_blocks is not None:
+            status = lib.radixlm_int8_gemv(x.data_ptr(), x.stride(0), x.shape[0], self.int8_blocks.data_ptr(),
+                                           self.out_features, self.in_features, out.data_ptr(), torch.get_num_threads())
+        else:
+            status = lib.radixlm_int4_gemv(x.data_ptr(), x.stride(0), x.shape[0], self.gemv_blocks.data_ptr(),
+                                           self.out_features, self.in_features, self.planes, out.data_ptr(),
+                                           torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"int4 gemv: the C kernel failed ({status})")
         return out

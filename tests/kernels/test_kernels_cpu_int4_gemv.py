@@ -81,3 +81,33 @@ def test_weights_route_few_rows_to_the_gemv_and_refuse_non_fp16_scales() -> None
     fallback = Int4PackedWeight(odd, "Q4_K")
     x = torch.randn(2, 64)
     torch.testing.assert_close(fallback.linear(x), x @ torch.from_numpy(odd.dequantize()).t(), rtol=0.02, atol=0.02)
+
+
+def test_q8_0_planes_take_the_int8_kernel() -> None:
+    """GGUF Q8_0 blocks (the gguf package's quantizer) as gguf_blocks' two planes, back to int8 codes:
+    the kernel's product equals the gguf dequantization's in float64, for 1-8 rows and odd row counts."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType as QType
+
+    from radixlm.runtime.quantization.gguf_blocks import parse_blocks
+    from radixlm.runtime.quantization.int4_cpu import int8_gemv_blocks
+
+    lib = decode_kernels_library()
+    g = np.random.default_rng(3)
+    for n, k, m in ((48, 96, 1), (33, 64, 8), (101, 576, 3)):
+        w = g.standard_normal((n, k)).astype(np.float32)
+        raw = gguf.quants.quantize(w, QType.Q8_0)
+        ref_w = torch.from_numpy(gguf.quants.dequantize(raw, QType.Q8_0).astype(np.float64)).view(n, k)
+        planes = parse_blocks(QType.Q8_0, raw, n)
+        blocks = int8_gemv_blocks(planes)
+        assert blocks is not None and blocks.shape == (n, k // 32 * 34)
+        x = torch.randn(m, k)
+        out = torch.empty(m, n)
+        assert lib.radixlm_int8_gemv(x.data_ptr(), x.stride(0), m, blocks.data_ptr(), n, k, out.data_ptr(), 2) == 0
+        ref = x.double() @ ref_w.t()
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        if n % 16 == 0:  # torch's packing needs it
+            weight = Int4PackedWeight(planes, "Q8_0")
+            assert weight.int8_blocks is not None and weight.gemv_blocks is None
+            torch.testing.assert_close(weight.linear(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert int8_gemv_blocks(_planes(g, 2, 16, 64)) is None  # two planes that are not Q8_0's
