@@ -7,7 +7,7 @@ the LM head. "other ops" is the forward minus those (norms, rotary, activations,
 their dispatch); "outside the forward" is the step minus the forward (scheduling, the step's
 tensors, sampling, stop checks, events). Median over the steps, in ms; the wrappers add ~1 us each.
 
-    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none] [--compare-torch-ops | --compare-per-op]
+    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none] [--compare-torch-ops | --compare-per-op | --compare-before-stack]
 
 --compare-torch-ops alternates the steps (A B B A ...) between the CPU bundle's C kernels and its
 torch ops (the code that ran before them, and still runs where no C compiler is): an A/B within one
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from radixlm.kernels import cpu_native, cpu_ops
+from radixlm.runtime.quantization import int4_cpu
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.model_source import resolve_model_path
 from radixlm.runtime.sampling_params import SamplingParams
@@ -81,7 +82,8 @@ def use_torch_ops(on: bool) -> None:
 
 def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, compare: str) -> dict[str, Any]:
     """Median ms per part; `compare` 'torch-ops': steps alternate C kernels / torch ops (A B B A ...), 'per-op':
-    the one-call decode stack / the per-op layers; one set of medians each."""
+    the one-call decode stack / the per-op layers, 'before-stack': the stack / the per-op layers with torch's
+    int4 matmul (the code before the stack and the C GEMV); one set of medians each."""
     rng = random.Random(seed)
     vocab = sched.runner.vocab_size
     for i in range(batch):
@@ -100,7 +102,8 @@ def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, 
     for step in range(steps):
         mode = ("c", compare)[(step + step // 2) % 2] if compare else "c"
         use_torch_ops(mode == "torch-ops")
-        model.decode_stack = None if mode == "per-op" else stack
+        model.decode_stack = None if mode in ("per-op", "before-stack") else stack
+        int4_cpu.decode_kernels_library = (lambda: None) if mode == "before-stack" else cpu_native.decode_kernels_library
         rows = by_mode[mode]
         timers.spent.clear()
         wall, cpu = time.perf_counter(), time.process_time()
@@ -116,6 +119,7 @@ def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, 
         rows["step (process cpu)"].append(cpu * 1e3)
     use_torch_ops(False)
     model.decode_stack = stack
+    int4_cpu.decode_kernels_library = cpu_native.decode_kernels_library
     while not sched.idle:
         sched.step()
     sched.cache.flush()
@@ -135,6 +139,9 @@ def main() -> None:
     ap.add_argument("--compare-per-op", action="store_true",
                     help="alternate steps between the one-call decode stack (runtime/cpu_decode_step.py) and the "
                          "per-op layers; medians of each")
+    ap.add_argument("--compare-before-stack", action="store_true",
+                    help="alternate steps between the decode stack and the per-op layers with torch's int4 matmul "
+                         "(the code before them)")
     ap.add_argument("--out", default="benchmarks/results/cpu_step_budget.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +152,8 @@ def main() -> None:
         print("no C kernels on this machine (no compiler?): every step runs torch ops")
     results, sizes = {}, {}
     for size in (int(b) for b in args.batch.split(",")):
-        compare = "torch-ops" if args.compare_torch_ops else "per-op" if args.compare_per_op else ""
+        compare = ("torch-ops" if args.compare_torch_ops else "per-op" if args.compare_per_op
+                   else "before-stack" if args.compare_before_stack else "")
         for mode, medians in budget(sched, size, args.input_len, args.steps, size, compare).items():
             name = f"batch_{size}" if mode == "c" else f"b{size} {mode}"
             results[name], sizes[name] = medians, size
