@@ -7,7 +7,8 @@ the LM head. "other ops" is the forward minus those (norms, rotary, activations,
 their dispatch); "outside the forward" is the step minus the forward (scheduling, the step's
 tensors, sampling, stop checks, events). Median over the steps, in ms; the wrappers add ~1 us each.
 
-    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none] [--compare-torch-ops | --compare-per-op | --compare-before-stack]
+    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none]
+        [--compare-torch-ops | --compare-per-op | --compare-before-stack]
 
 --compare-torch-ops alternates the steps (A B B A ...) between the CPU bundle's C kernels and its
 torch ops (the code that ran before them, and still runs where no C compiler is): an A/B within one
@@ -34,9 +35,9 @@ from typing import Any
 import torch
 
 from radixlm.kernels import cpu_native, cpu_ops
-from radixlm.runtime.quantization import int4_cpu
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.model_source import resolve_model_path
+from radixlm.runtime.quantization import int4_cpu
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
