@@ -103,7 +103,7 @@ class CpuDecodeStack:
     @staticmethod
     def applies(batch: ForwardBatch, hidden: torch.Tensor) -> bool:
         return (batch.mode is ForwardMode.DECODE and batch.cascade is None and hidden.dtype == torch.float32
-                and 1 <= hidden.shape[0] <= GEMV_MAX_ROWS)
+                and 1 <= hidden.shape[0] <= GEMV_MAX_ROWS and hidden.shape[0] == len(batch.seq_lens_cpu))
 
     def forward(self, batch: ForwardBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embeddings [B, H] -> (hidden, residual) after the last layer (the model adds and norms them)."""
