@@ -55,17 +55,21 @@ def test_gemv_matches_the_planes_float64_product() -> None:
     _check(lib, 0)
 
 
-def test_plain_c_branch_matches_too(tmp_path: Path) -> None:
-    """The branch for CPUs without AVX-512, compiled here without it."""
+def _plain_library(tmp_path: Path) -> ctypes.CDLL:
+    """The GEMV sources compiled for CPUs without AVX-512 (their plain-C branches)."""
     target = tmp_path / "plain.so"
-    source = Path(cpu_native.__file__).with_name("cpu_int4_gemv.c")
+    sources = [str(Path(cpu_native.__file__).with_name(n)) for n in ("cpu_int4_gemv.c", "cpu_int8_gemv.c")]
     flags = [f for f in cpu_native.FLAGS if f != "-march=native"]
-    subprocess.run([shutil.which("cc"), *flags, "-mno-avx512f", str(source), "-o", str(target), "-lm"], check=True)
+    subprocess.run([shutil.which("cc"), *flags, "-mno-avx512f", *sources, "-o", str(target), "-lm"], check=True)
     lib = ctypes.CDLL(str(target))
-    fn = lib.radixlm_int4_gemv
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes, fn.restype = [p, i64, i64, p, i64, i64, i64, p, ctypes.c_int], ctypes.c_int
-    _check(lib, 1)
+    p, i64, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.radixlm_int4_gemv.argtypes, lib.radixlm_int4_gemv.restype = [p, i64, i64, p, i64, i64, i64, p, n], n
+    lib.radixlm_int8_gemv.argtypes, lib.radixlm_int8_gemv.restype = [p, i64, i64, p, i64, i64, p, n], n
+    return lib
+
+
+def test_plain_c_branch_matches_too(tmp_path: Path) -> None:
+    _check(_plain_library(tmp_path), 1)
 
 
 def test_weights_route_few_rows_to_the_gemv_and_refuse_non_fp16_scales() -> None:
@@ -83,7 +87,8 @@ def test_weights_route_few_rows_to_the_gemv_and_refuse_non_fp16_scales() -> None
     torch.testing.assert_close(fallback.linear(x), x @ torch.from_numpy(odd.dequantize()).t(), rtol=0.02, atol=0.02)
 
 
-def test_q8_0_planes_take_the_int8_kernel() -> None:
+@pytest.mark.parametrize("build", ["native", "plain"])
+def test_q8_0_planes_take_the_int8_kernel(build: str, tmp_path: Path) -> None:
     """GGUF Q8_0 blocks (the gguf package's quantizer) as gguf_blocks' two planes, back to int8 codes:
     the kernel's product equals the gguf dequantization's in float64, for 1-8 rows and odd row counts."""
     gguf = pytest.importorskip("gguf")
@@ -92,7 +97,7 @@ def test_q8_0_planes_take_the_int8_kernel() -> None:
     from radixlm.runtime.quantization.gguf_blocks import parse_blocks
     from radixlm.runtime.quantization.int4_cpu import int8_gemv_blocks
 
-    lib = decode_kernels_library()
+    lib = decode_kernels_library() if build == "native" else _plain_library(tmp_path)
     g = np.random.default_rng(3)
     for n, k, m in ((48, 96, 1), (33, 64, 8), (101, 576, 3)):
         w = g.standard_normal((n, k)).astype(np.float32)
@@ -106,7 +111,7 @@ def test_q8_0_planes_take_the_int8_kernel() -> None:
         assert lib.radixlm_int8_gemv(x.data_ptr(), x.stride(0), m, blocks.data_ptr(), n, k, out.data_ptr(), 2) == 0
         ref = x.double() @ ref_w.t()
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-        if n % 16 == 0:  # torch's packing needs it
+        if n % 16 == 0 and build == "native":  # torch's packing needs it
             weight = Int4PackedWeight(planes, "Q8_0")
             assert weight.int8_blocks is not None and weight.gemv_blocks is None
             torch.testing.assert_close(weight.linear(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
