@@ -7,11 +7,14 @@ the LM head. "other ops" is the forward minus those (norms, rotary, activations,
 their dispatch); "outside the forward" is the step minus the forward (scheduling, the step's
 tensors, sampling, stop checks, events). Median over the steps, in ms; the wrappers add ~1 us each.
 
-    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none] [--compare-torch-ops]
+    python benchmarks/cpu_step_budget.py --threads 2 --batch 1,32 [--quantization gguf|none]
+        [--compare-torch-ops | --compare-per-op | --compare-before-stack]
 
 --compare-torch-ops alternates the steps (A B B A ...) between the CPU bundle's C kernels and its
 torch ops (the code that ran before them, and still runs where no C compiler is): an A/B within one
-process, so a busy shared machine's noise falls on both sides alike.
+process, so a busy shared machine's noise falls on both sides alike. --compare-per-op alternates the
+one-call decode stack (runtime/cpu_decode_step.py, where the per-layer parts are not timed: all of
+it shows as "other ops") with the per-op layers.
 
 The IPC and the front (detokenizing, streaming) are not in this process: benchmarks/cpu.py times
 the Engine end to end, and the difference per token is theirs.
@@ -34,6 +37,7 @@ import torch
 from radixlm.kernels import cpu_native, cpu_ops
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.model_source import resolve_model_path
+from radixlm.runtime.quantization import int4_cpu
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
@@ -77,8 +81,10 @@ def use_torch_ops(on: bool) -> None:
     cpu_ops.decode_kernels_library = (lambda: None) if on else cpu_native.decode_kernels_library
 
 
-def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, compare: bool) -> dict[str, Any]:
-    """Median ms per part; `compare`: steps alternate C kernels / torch ops (A B B A ...), one set of medians each."""
+def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, compare: str) -> dict[str, Any]:
+    """Median ms per part; `compare` 'torch-ops': steps alternate C kernels / torch ops (A B B A ...), 'per-op':
+    the one-call decode stack / the per-op layers, 'before-stack': the stack / the per-op layers with torch's
+    int4 matmul (the code before the stack and the C GEMV); one set of medians each."""
     rng = random.Random(seed)
     vocab = sched.runner.vocab_size
     for i in range(batch):
@@ -92,9 +98,13 @@ def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, 
     timers = Timers()
     instrument(sched, timers)
     by_mode: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    model = sched.runner.model
+    stack = model.decode_stack
     for step in range(steps):
-        mode = ("c", "torch-ops")[(step + step // 2) % 2] if compare else "c"
+        mode = ("c", compare)[(step + step // 2) % 2] if compare else "c"
         use_torch_ops(mode == "torch-ops")
+        model.decode_stack = None if mode in ("per-op", "before-stack") else stack
+        int4_cpu.decode_kernels_library = (lambda: None) if mode == "before-stack" else cpu_native.decode_kernels_library
         rows = by_mode[mode]
         timers.spent.clear()
         wall, cpu = time.perf_counter(), time.process_time()
@@ -109,6 +119,8 @@ def budget(sched: Scheduler, batch: int, input_len: int, steps: int, seed: int, 
         rows["step (wall)"].append(wall * 1e3)
         rows["step (process cpu)"].append(cpu * 1e3)
     use_torch_ops(False)
+    model.decode_stack = stack
+    int4_cpu.decode_kernels_library = cpu_native.decode_kernels_library
     while not sched.idle:
         sched.step()
     sched.cache.flush()
@@ -125,6 +137,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compare-torch-ops", action="store_true",
                     help="alternate steps between the C kernels and torch ops (kernels/cpu_native.py); medians of each")
+    ap.add_argument("--compare-per-op", action="store_true",
+                    help="alternate steps between the one-call decode stack (runtime/cpu_decode_step.py) and the "
+                         "per-op layers; medians of each")
+    ap.add_argument("--compare-before-stack", action="store_true",
+                    help="alternate steps between the decode stack and the per-op layers with torch's int4 matmul "
+                         "(the code before them)")
     ap.add_argument("--out", default="benchmarks/results/cpu_step_budget.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,7 +153,9 @@ def main() -> None:
         print("no C kernels on this machine (no compiler?): every step runs torch ops")
     results, sizes = {}, {}
     for size in (int(b) for b in args.batch.split(",")):
-        for mode, medians in budget(sched, size, args.input_len, args.steps, size, args.compare_torch_ops).items():
+        compare = ("torch-ops" if args.compare_torch_ops else "per-op" if args.compare_per_op
+                   else "before-stack" if args.compare_before_stack else "")
+        for mode, medians in budget(sched, size, args.input_len, args.steps, size, compare).items():
             name = f"batch_{size}" if mode == "c" else f"b{size} {mode}"
             results[name], sizes[name] = medians, size
     load = os.getloadavg()

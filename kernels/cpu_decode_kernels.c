@@ -41,10 +41,10 @@ static inline void prefetch_row(const float *row, int64_t bytes) {
 
 static inline __attribute__((always_inline)) void attend_request(
     const float *q, const float *k_pool, const float *v_pool, const int32_t *slots, int64_t len, int64_t hq,
-    int64_t hkv, const int64_t dim, float scale, float *scores, float *out) {
-    const int64_t row = hkv * dim, group = hq / hkv, nc = dim / W;
+    int64_t hkv, const int64_t dim, int64_t row, float scale, float *scores, float *out) {
+    const int64_t group = hq / hkv, nc = dim / W; /* row: floats from one slot's K (V) to the next's */
     for (int64_t l = 0; l < len; ++l) {
-        if (l + AHEAD < len) prefetch_row(k_pool + (int64_t)slots[l + AHEAD] * row, row * 4);
+        if (l + AHEAD < len) prefetch_row(k_pool + (int64_t)slots[l + AHEAD] * row, hkv * dim * 4);
         const float *kr0 = k_pool + (int64_t)slots[l] * row;
         for (int64_t hg = 0; hg < hq; ++hg) {
             const vf *kr = (const vf *)(kr0 + (hg / group) * dim), *qg = (const vf *)(q + hg * dim);
@@ -71,7 +71,7 @@ static inline __attribute__((always_inline)) void attend_request(
         vf acc[nc];
         for (int64_t c = 0; c < nc; ++c) acc[c] = (vf){0};
         for (int64_t l = 0; l < len; ++l) {
-            if (hg == 0 && l + AHEAD < len) prefetch_row(v_pool + (int64_t)slots[l + AHEAD] * row, row * 4);
+            if (hg == 0 && l + AHEAD < len) prefetch_row(v_pool + (int64_t)slots[l + AHEAD] * row, hkv * dim * 4);
             const vf *vr = (const vf *)(vh + (int64_t)slots[l] * row);
             const float p = s[l];
             for (int64_t c = 0; c < nc; ++c) acc[c] += p * vr[c];
@@ -81,11 +81,11 @@ static inline __attribute__((always_inline)) void attend_request(
 }
 
 static void attend_any(const float *q, const float *k_pool, const float *v_pool, const int32_t *slots, int64_t len,
-                       int64_t hq, int64_t hkv, int64_t dim, float scale, float *scores, float *out) {
+                       int64_t hq, int64_t hkv, int64_t dim, int64_t row, float scale, float *scores, float *out) {
     switch (dim) {
-    case 64: attend_request(q, k_pool, v_pool, slots, len, hq, hkv, 64, scale, scores, out); break;
-    case 128: attend_request(q, k_pool, v_pool, slots, len, hq, hkv, 128, scale, scores, out); break;
-    default: attend_request(q, k_pool, v_pool, slots, len, hq, hkv, dim, scale, scores, out);
+    case 64: attend_request(q, k_pool, v_pool, slots, len, hq, hkv, 64, row, scale, scores, out); break;
+    case 128: attend_request(q, k_pool, v_pool, slots, len, hq, hkv, 128, row, scale, scores, out); break;
+    default: attend_request(q, k_pool, v_pool, slots, len, hq, hkv, dim, row, scale, scores, out);
     }
 }
 
@@ -96,18 +96,24 @@ int radixlm_decode_attention_f32(const float *q, const float *k_pool, const floa
     int64_t max_len = 0;
     for (int64_t b = 0; b < batch; ++b) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
     int failed = 0;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && batch > 1)
+    /* Work item: one request, or, when there are fewer requests than threads (batch-1 decode), one KV
+     * head of a request with its query heads (the same sums; a slot's K/V row is hkv * dim floats). */
+    const int split = batch < num_threads && hkv > 1;
+    const int64_t items = split ? batch * hkv : batch, heads = split ? hq / hkv : hq, kv = split ? 1 : hkv;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
     {
-        float *scores = (float *)malloc((size_t)(hq * max_len) * sizeof(float));
+        float *scores = (float *)malloc((size_t)(heads * max_len) * sizeof(float));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t item = 0; item < items; ++item) {
             if (scores == NULL) continue;
-            attend_any(q + b * hq * dim, k_pool, v_pool, req_to_token + req_rows[b] * r2t_stride, seq_lens[b], hq,
-                       hkv, dim, scale, scores, out + b * hq * dim);
+            const int64_t b = split ? item / hkv : item, h = split ? item % hkv : 0;
+            attend_any(q + b * hq * dim + h * heads * dim, k_pool + h * dim, v_pool + h * dim,
+                       req_to_token + req_rows[b] * r2t_stride, seq_lens[b], heads, kv, dim, hkv * dim, scale, scores,
+                       out + b * hq * dim + h * heads * dim);
         }
         free(scores);
     }

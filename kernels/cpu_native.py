@@ -24,7 +24,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_decode_kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode_kernels.c", "cpu_int4_gemv.c", "cpu_int8_gemv.c",
+                                                                "cpu_decode_stack.c"))
 # -ffp-contract=off: no fused multiply-adds, so rotary stays bit for bit equal to the reference.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _P, _I64, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -51,7 +52,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(tmp, target)  # atomic: concurrent builders each land a complete file
     finally:
@@ -68,7 +69,7 @@ def decode_kernels_library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags())).encode())
+        key = hashlib.sha256("\0".join((*(s.read_text() for s in SOURCES), version, " ".join(FLAGS), _cpu_flags())).encode())
         target = kernel_cache_dir() / f"cpu_decode_kernels-{key.hexdigest()[:16]}.so"
         if not target.exists():
             _build(compiler, target)
@@ -82,6 +83,9 @@ def decode_kernels_library() -> ctypes.CDLL | None:
         "radixlm_add_rms_norm_f32": ([_P, _I64, _P, _I64, _P, _F, _P, _P, _I64, _I64, _N], None),
         "radixlm_rotary_f32": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _N], None),
         "radixlm_silu_mul_f32": ([_P, _I64, _P, _I64, _I64, _N], None),
+        "radixlm_int4_gemv": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _N], ctypes.c_int),
+        "radixlm_int8_gemv": ([_P, _I64, _I64, _P, _I64, _I64, _P, _N], ctypes.c_int),
+        "radixlm_decode_stack": ([_P, _I64, _P, _P, _P], ctypes.c_int),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)

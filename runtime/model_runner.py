@@ -211,7 +211,13 @@ class ModelRunner:
         if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches
             ops = get_cpu_kernel_ops()
         self.model.ops = ops
-        return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, self.model_config.head_dim**-0.5)
+        sm_scale = self.model_config.head_dim**-0.5
+        self.model.decode_stack = None
+        if ops.name == "cpu" and self.dtype == torch.float32 and self.lora is None and not self.args.disable_cpu_decode_stack:
+            from radixlm.runtime.cpu_decode_step import CpuDecodeStack
+
+            self.model.decode_stack = CpuDecodeStack.build(self.model, self.kv_pool, self.req_to_token_pool, sm_scale)
+        return PagedAttentionBackend(ops, self.req_to_token_pool, self.kv_pool, sm_scale)
 
     def _make_cascade_planner(self, parallel: bool) -> CascadePlanner | None:
         """Shared-prefix decode attention, where rows can share radix-tree prefixes. Not with several

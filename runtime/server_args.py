@@ -230,6 +230,9 @@ class ServerArgs:
         str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
+    disable_cpu_decode_stack: bool = _flag(
+        False, "runtime", "on a CPU, run 4-bit decode steps op by op instead of as one C call for all layers "
+        "(runtime/cpu_decode_step.py; same result, more dispatch)", bool)
     # ---------------------------------------------------------------- HTTP server
     host: str = _flag("127.0.0.1", "server", "the address to listen on", str)
     port: int = _flag(30000, "server", "the port to listen on (0: any free port)", int, minimum=0)

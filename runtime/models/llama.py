@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from radixlm.runtime.quantization.fp8 import FP8
 from radixlm.runtime.quantization.fp8_checkpoint import FP8_SCALE_KINDS, KV_SCALE_NAME, Fp8Checkpoint, fp8_scalar
 from radixlm.runtime.quantization.select import GGUFTensor, build_quantized_weight
 from radixlm.runtime.quantization.w4_checkpoint import W4Checkpoint, W4Scheme
+
+if TYPE_CHECKING:
+    from radixlm.runtime.cpu_decode_step import CpuDecodeStack
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -133,6 +137,8 @@ class LlamaForCausalLM(nn.Module):
         # concatenated in `aux_hidden` [T, len x hidden] for every token; none otherwise (no cost).
         self.aux_layers: tuple[int, ...] = ()
         self.aux_hidden: torch.Tensor | None = None
+        # The CPU decode step as one C call (runtime/cpu_decode_step.py), set by the runner where it applies.
+        self.decode_stack: CpuDecodeStack | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: PagedAttentionBackend,
@@ -147,6 +153,10 @@ class LlamaForCausalLM(nn.Module):
             hidden = self.embed_tokens(batch.input_ids)
         else:
             hidden, residual = intermediate
+        stack = self.decode_stack
+        if stack is not None and intermediate is None and stack.applies(batch, hidden):
+            hidden, residual = stack.forward(batch, hidden)
+            return self._final_norm(batch, hidden, residual)
         cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
         aux: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -165,9 +175,12 @@ class LlamaForCausalLM(nn.Module):
             self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)
         if not self.stage.last:
             return hidden, residual  # type: ignore[return-value]
+        return self._final_norm(batch, hidden, residual)
+
+    def _final_norm(self, batch: ForwardBatch, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden = hidden + residual
         hidden = hidden[batch.logits_indices]
-        return ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
+        return self.ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from radixlm.kernels.cpu_native import decode_kernels_library
 from radixlm.runtime.quantization.base import QuantizedWeight
 from radixlm.runtime.quantization.gguf_blocks import GROUP, AffinePlanes
 
@@ -28,6 +29,9 @@ DEQUANT_MIN_ROWS = 48
 # Rows from which the dense bfloat16 copy beats the int4 kernel (same machine: about equal at 8 rows,
 # 2.5-3x faster at 16, 5x at 32).
 DENSE_MIN_ROWS = 8
+# Rows up to which the C kernel (kernels/cpu_int4_gemv.c: exact float32 scales, activations to ~16
+# mantissa bits) replaces both: it reads the 4-bit codes once for all rows.
+GEMV_MAX_ROWS = 7
 # Dense bfloat16 copies are kept while they fit in this share of the available RAM.
 DENSE_RAM_SHARE = 0.1
 
@@ -68,6 +72,39 @@ def merge_planes(parts: list[AffinePlanes]) -> AffinePlanes:
     )
 
 
+def gemv_blocks(planes: AffinePlanes) -> torch.Tensor | None:
+    """The C kernel's weight (kernels/cpu_int4_gemv.c): uint8 [N, 20 G] with G = P*K/32 groups (planes side
+    by side), per row G fp16 d, G fp16 m0 = z - 8 d, G x 16 bytes of codes (byte j = code 2j | code 2j+1 << 4).
+    None when some d or m0 is not exactly an fp16 (Q4_0 / Q4_1 / Q8_0 / Q5 scales are; Q4_K's need not be)."""
+    p, n, k = planes.codes.shape
+    d = planes.scales.transpose(1, 0, 2).reshape(n, -1)
+    m0 = (planes.zeros - 8.0 * planes.scales).transpose(1, 0, 2).reshape(n, -1)
+    d16, m16 = d.astype(np.float16), m0.astype(np.float16)
+    if not (np.array_equal(d16.astype(np.float32), d) and np.array_equal(m16.astype(np.float32), m0)):
+        return None
+    codes = planes.codes.transpose(1, 0, 2).reshape(n, -1, GROUP)  # [N, P*K/32, 32]
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    halves = [np.ascontiguousarray(h).view(np.uint8) for h in (d16, m16)]
+    blocks = np.concatenate((*halves, packed.reshape(n, -1)), axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(blocks))
+
+
+def int8_gemv_blocks(planes: AffinePlanes) -> torch.Tensor | None:
+    """Q8_0's two planes (gguf_blocks._q8_0: codes q + 128 = 16 hi + lo, scales 16 d and d, zeros 0 and 8 d)
+    back as the int8 kernel's weight (kernels/cpu_int8_gemv.c): uint8 [N, 34 G], per row G fp16 d then
+    G x 32 int8 codes. None for any other planes, or d not an fp16 value."""
+    if planes.codes.shape[0] != 2:
+        return None
+    _, n, k = planes.codes.shape
+    d = planes.scales[1]
+    d16 = d.astype(np.float16)
+    if not (np.array_equal(planes.scales[0], 16 * d) and not planes.zeros[0].any()
+            and np.array_equal(planes.zeros[1], 8 * d) and np.array_equal(d16.astype(np.float32), d)):
+        return None
+    q = (planes.codes[0].astype(np.int16) * 16 + planes.codes[1] - 128).astype(np.int8)
+    return torch.from_numpy(np.concatenate((np.ascontiguousarray(d16).view(np.uint8), q.view(np.uint8)), axis=-1))
+
+
 class Int4PackedWeight(QuantizedWeight):
     """A weight as P int4 planes: torch's packed layout for the matmul, nibbles for dequantizing."""
 
@@ -87,6 +124,10 @@ class Int4PackedWeight(QuantizedWeight):
         # scales and zeros, so both paths compute with the same weight.
         self.nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
         self.dense: torch.Tensor | None = None  # bfloat16 [N, K] for batched inputs (keep_dense_copies)
+        # The C kernels' layouts: Q8_0 as int8 codes where the planes are Q8_0's, else the 4-bit one
+        # (None where fp16 cannot hold d / m0: such a weight keeps torch's kernel).
+        self.int8_blocks = int8_gemv_blocks(planes)
+        self.gemv_blocks = None if self.int8_blocks is not None else gemv_blocks(planes)
 
     def keep_dense(self) -> None:
         """Keep the weight also as dense bfloat16, for inputs of >= DENSE_MIN_ROWS rows."""
@@ -102,11 +143,15 @@ class Int4PackedWeight(QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.packed, self.scales_and_zeros, self.nibbles, self.dense)
+        tensors = (self.packed, self.scales_and_zeros, self.nibbles, self.dense, self.gemv_blocks, self.int8_blocks)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype == torch.float32 and x2.stride(-1) == 1:
+            out = self.gemv(x2)
+            if out is not None:
+                return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
         if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
             out = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dense).to(x.dtype)
         elif x2.shape[0] >= DEQUANT_MIN_ROWS:
@@ -118,6 +163,23 @@ class Int4PackedWeight(QuantizedWeight):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), self.packed, GROUP, self.scales_and_zeros)
             out = out.to(x.dtype)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] float32 (M <= GEMV_MAX_ROWS) @ W^T by the C kernel, or None where it did not build."""
+        lib = decode_kernels_library()
+        if lib is None or (self.gemv_blocks is None and self.int8_blocks is None):
+            return None
+        out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        if self.int8_blocks is not None:
+            status = lib.radixlm_int8_gemv(x.data_ptr(), x.stride(0), x.shape[0], self.int8_blocks.data_ptr(),
+                                           self.out_features, self.in_features, out.data_ptr(), torch.get_num_threads())
+        else:
+            status = lib.radixlm_int4_gemv(x.data_ptr(), x.stride(0), x.shape[0], self.gemv_blocks.data_ptr(),
+                                           self.out_features, self.in_features, self.planes, out.data_ptr(),
+                                           torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"int4 gemv: the C kernel failed ({status})")
+        return out
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._dequantize(self.nibbles[ids], self.scales_and_zeros[:, ids])

@@ -109,10 +109,12 @@ def test_decode_attention_in_place_matches_reference(hkv: int, group: int, dim: 
                 torch.set_num_threads(count)
                 got = decode_attention_cpu(q[:, None].expand(4, 2, -1, -1)[:, 0], k_buf, v_buf, meta, 0.1)  # strided q
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+                # batch 1: with 2 threads each KV head (and its query heads) is a work item of its own
+                one = decode_metadata(req_to_token, rows[1:2], seq_lens[1:2], lens[1:2])
+                got = decode_attention_cpu(q[1:2], k_buf, v_buf, one, 0.1)
+                torch.testing.assert_close(got, ref[1:2], rtol=1e-5, atol=1e-5)
         finally:
             torch.set_num_threads(threads)
-        one = decode_metadata(req_to_token, rows[1:2], seq_lens[1:2], lens[1:2])  # batch 1
-        torch.testing.assert_close(decode_attention_cpu(q[1:2], k_buf, v_buf, one, 0.1), ref[1:2], rtol=1e-5, atol=1e-5)
 
 
 def test_decode_metadata_refuses_lengths_outside_req_to_token() -> None:
