@@ -292,7 +292,7 @@ class ResultProcessor:
         # in such a commit (it would rewrite tokens the running step consumes); a row whose grammar
         # forces a run worth jumping is flagged (`SeqEvent.jump_due`) and the scheduler commits
         # before the next step, where the jump is taken. Overlap is kept on every other step (real
-        # schemas' forced runs are short: benchmarks/RESULTS.md, "Constrained decoding at batch size").
+        # schemas' forced runs are short: benchmarks/RESULTS.md, "Constrained rows overlapped at every batch size").
         for r in batch.reqs:  # a plain loop: this runs over every row of every decode step
             p = r.params
             if r.return_logprob or p.needs_output_history or len(r.output_ids) + r.tokens_on_device < p.min_new_tokens:
