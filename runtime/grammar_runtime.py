@@ -120,15 +120,15 @@ class GrammarRuntime:
                 self.workers.fill(missing, mask)
         return mask.to(device, non_blocking=True) if device.type == "cuda" else mask
 
-    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_bytes: int = 0) -> set[int]:
+    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_tokens: int = 0) -> set[int]:
         """Commit one sampled token per request (all matchers at once), then start their next
         masks in the background. Until those are taken (`bitmask`) or awaited, nothing else may
         touch these matchers: `is_terminated` answers from what was recorded here.
 
-        `forced_min_bytes` > 0: also returns the ids of the live requests whose grammar now forces
-        at least that many bytes (a jump-forward candidate: a token holds at least one byte), read
-        before the masks start. The caller asks only where a jump could pay (small batches), so
-        large batches pay no per-row forced-prefix call."""
+        `forced_min_tokens` > 0: also returns the ids of the live requests whose grammar now forces
+        text of at least that many tokens (a jump-forward candidate), read before the masks start.
+        The caller asks only where a jump could pay (small batches), so large batches pay no
+        per-row forced-prefix call; only rows forcing that many bytes are tokenized."""
         self._settle()
         ok = self.workers.advance([r.grammar for r in reqs], tokens)
         self._terminated.clear()
@@ -143,7 +143,7 @@ class GrammarRuntime:
             self._terminated[id(req)] = (req, done)
             if not done:
                 live.append(req)
-                if forced_min_bytes > 0 and len(req.grammar.forced_bytes()) >= forced_min_bytes:
+                if forced_min_tokens > 0 and self._forces(req, forced_min_tokens):
                     due.add(id(req))
         if live and self.workers.threads > 0:
             buffer = torch.empty((len(live), self.width), dtype=torch.int32, pin_memory=self.pin)
@@ -151,6 +151,13 @@ class GrammarRuntime:
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
                                           self.workers.start_fill(items, buffer))
         return due
+
+    def _forces(self, req: Req, min_tokens: int) -> bool:
+        """The grammar forces text of at least `min_tokens` tokens (a token holds at least one byte)."""
+        if len(req.grammar.forced_bytes()) < min_tokens:
+            return False
+        forced = req.grammar.forced_prefix()
+        return len(self.tokenizer.encode(forced, add_special_tokens=False)) >= min_tokens
 
     def check_drafts(self, req: Req, drafts: list[int]) -> tuple[list[int], torch.Tensor]:
         """Speculative decoding: the longest prefix of `drafts` the grammar allows, and the masks of

@@ -253,7 +253,7 @@ class ResultProcessor:
         if constrained:  # all matchers at once, then their next masks start in the background
             assert grammars is not None
             due = grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
-                                        0 if allow_jump else self._jump_check_bytes(num_running))
+                                        0 if allow_jump else self._jump_check_tokens(num_running))
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             out = req.output_ids
             out.append(tok)
@@ -273,9 +273,9 @@ class ResultProcessor:
                                    jump_due=bool(due) and reason is None and id(req) in due and not req.return_logprob))
         return events
 
-    def _jump_check_bytes(self, num_running: int) -> int:
-        """Overlapped commit: the forced-prefix length (bytes) from which a row's jump would pay at
-        this batch size, or 0 when none would (no per-row check: large GPU batches)."""
+    def _jump_check_tokens(self, num_running: int) -> int:
+        """Overlapped commit: the forced run (tokens) from which a row's jump would pay at this
+        batch size, or 0 when none would (no per-row check: large GPU batches)."""
         if not self.jump_forward_enabled:
             return 0
         min_tokens = self.jump_min_tokens(num_running)
