@@ -139,6 +139,8 @@ SCHEMA = {"type": "object", "properties": {
 
 
 def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64) -> dict:
+    import jsonschema
+
     import radixlm
 
     args = {**ENGINE_ARGS, "skip_tokenizer_init": False, "tokenizer_path": str(tokenizer_dir)}
@@ -162,18 +164,19 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64) -> dict:
             counts = [r["meta_info"]["completion_tokens"] for r in res]
             forced = sum(r["meta_info"].get("forced_tokens", 0) for r in res)
             stops = sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res)
-            valid = 0
+            valid = valid_schema = 0
             for r in res:
                 try:
-                    json.loads(r["text"])
-                    valid += 1
+                    doc = json.loads(r["text"])
                 except ValueError:
-                    pass
+                    continue
+                valid += 1
+                valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
             aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
                       if r["meta_info"]["finish_reason"]["type"] == "abort"}
             out[label] = {"seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
                           "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
-                          "finished_by_stop": stops, "valid_json": valid, "abort_messages": sorted(map(str, aborts))}
+                          "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema, "abort_messages": sorted(map(str, aborts))}
             if extra:
                 lengths = counts
     out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]

@@ -165,3 +165,67 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def host_parallelism(tok: Any, schema: dict, doc: dict, batches: list[int], threads: list[int], steps: int = 20) -> dict:
+    """Does this host run GIL-free work in parallel at all? (The 2026-12-02 H200 run saw no speed-up
+    from llguidance's executor at any thread count.) Three readings: the CPU quota the kernel
+    enforces, a GIL-free hash on N threads, and one schema's mask fill for `batch` rows at spread
+    depths of one document, serial vs LLExecutor(N) (one grammar shared by every row, as in (f))."""
+    import hashlib
+    import threading
+
+    import llguidance
+    import torch
+
+    from radixlm import constrained as C
+
+    out: dict[str, Any] = {"usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        if os.path.exists(path):
+            out[path] = Path(path).read_text().strip()
+    buf = os.urandom(1 << 22)
+
+    def hashes(n: int) -> float:
+        def work() -> None:
+            for _ in range(8):
+                hashlib.sha256(buf).digest()  # releases the GIL for large buffers
+
+        ts = [threading.Thread(target=work) for _ in range(n)]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        return time.perf_counter() - t
+
+    one = min(hashes(1) for _ in range(3))
+    out["hash_speedup"] = {str(n): n * one / min(hashes(n) for _ in range(3)) for n in threads}
+    grammar = C.compile(tok, json_schema=schema, cache=None)
+    ids = tok(json.dumps(doc), add_special_tokens=False)["input_ids"]
+    words = (grammar.info.vocab_size + 31) // 32
+    out["mask_fill_us_per_step"] = {}
+    for batch in batches:
+        matchers = []
+        for i in range(batch):
+            m = grammar.matcher()
+            for t in ids[: i % max(1, len(ids) - 1)]:
+                m.advance(t)
+            matchers.append(m)
+        live = [(m._m, i) for i, m in enumerate(matchers)]  # type: ignore[attr-defined]
+        mask = torch.empty((batch, words), dtype=torch.int32)
+        res: dict[str, float] = {}
+        for n in [0, *threads]:
+            executor = llguidance.LLExecutor(num_threads=n) if n else None
+            times = []
+            for _ in range(steps + 2):
+                t = time.perf_counter()
+                if executor is not None:
+                    executor.unsafe_compute_mask_ptr(live, mask.data_ptr(), words * 4, batch)
+                else:
+                    for m, i in live:
+                        m.unsafe_compute_mask_ptr(mask[i].data_ptr(), words * 4)
+                times.append(time.perf_counter() - t)
+            res["serial" if n == 0 else f"executor_{n}"] = statistics.median(times[2:]) * 1e6
+        out["mask_fill_us_per_step"][str(batch)] = res
+    return out

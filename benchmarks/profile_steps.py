@@ -44,6 +44,9 @@ def make_scheduler(model_dir: Path, tokenizer: Any = None, **options: Any) -> Sc
     return Scheduler(ServerArgs(model_path=str(model_dir), **opts).resolve(), model_dir, tokenizer)
 
 
+_UNSET = object()
+
+
 class StepRecorder:
     """Wraps the runner's forward (CUDA events) and any host methods (perf_counter totals)."""
 
@@ -52,7 +55,9 @@ class StepRecorder:
         self.steps: list[dict] = []
         self.host: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._patched: list[tuple[Any, str, Any]] = []  # (object, name, its own attribute or _UNSET)
         runner = sched.runner
+        self._patch(runner, "forward")
         inner = runner.forward
 
         def forward(fb: Any) -> torch.Tensor:
@@ -67,7 +72,62 @@ class StepRecorder:
 
         runner.forward = forward
 
+    def _patch(self, obj: Any, name: str) -> None:
+        self._patched.append((obj, name, obj.__dict__.get(name, _UNSET)))
+
+    def close(self) -> None:
+        """Undo every wrapper, so the next recorder times the scheduler as it is."""
+        for obj, name, own in reversed(self._patched):
+            if own is _UNSET:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
+        self._patched.clear()
+
+    def mark_sampled(self) -> None:
+        """After `_launch` / `process_results`: a device event once this step's sampling ran, so the
+        step splits into forward, sampling (+ masks, copies) and the device's idle wait for the host."""
+        self.overlapped = 0
+        self.synchronous = 0
+        for name in ("_launch", "process_results"):
+            self._patch(self.sched, name)
+            fn = getattr(self.sched, name)
+
+            def marked(*a: Any, _fn: Callable = fn, _name: str = name, **k: Any) -> Any:
+                out = _fn(*a, **k)
+                if self.steps:
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    self.steps[-1]["sampled"] = ev
+                    if self.steps[-1]["mode"] != "extend":
+                        if _name == "_launch":
+                            self.overlapped += 1
+                        else:
+                            self.synchronous += 1
+                return out
+
+            setattr(self.sched, name, marked)
+
+    def device_split(self) -> dict[str, float]:
+        """Per decode step, from device events: forward, sampling (fwd end -> sampled) and idle (the
+        device waiting for the host between a step's sampling and the next forward)."""
+        fwd = samp = idle = 0.0
+        n = 0
+        for s, nxt in zip(self.steps, self.steps[1:] + [None]):
+            if s["mode"] == "extend" or "sampled" not in s:
+                continue
+            start, end = s["events"]
+            n += 1
+            fwd += start.elapsed_time(end)
+            samp += end.elapsed_time(s["sampled"])
+            if nxt is not None:
+                idle += max(0.0, s["sampled"].elapsed_time(nxt["events"][0]))
+        return {"decode_steps_timed": n, "forward_ms_per_step": fwd / max(1, n), "sampling_ms_per_step": samp / max(1, n),
+                "device_idle_ms_per_step": idle / max(1, n),
+                "overlapped_steps": getattr(self, "overlapped", 0), "synchronous_steps": getattr(self, "synchronous", 0)}
+
     def wrap(self, obj: Any, name: str, label: str) -> None:
+        self._patch(obj, name)
         fn: Callable = getattr(obj, name)
 
         def timed(*a: Any, **k: Any) -> Any:
@@ -80,7 +140,8 @@ class StepRecorder:
 
         setattr(obj, name, timed)
 
-    def run(self, reqs: list[TokenizedGenerateReq]) -> float:
+    def run(self, reqs: list[TokenizedGenerateReq], outputs: dict[str, list[int]] | None = None) -> float:
+        """Until idle; `outputs` (if given) collects each rid's output ids."""
         for r in reqs:
             self.sched.handle(r)
         torch.cuda.synchronize()
@@ -92,7 +153,9 @@ class StepRecorder:
                 time.sleep(0.0005)
             if len(self.steps) > n:
                 self.steps[-1]["wall"] = time.perf_counter() - t
-            self.sched.pop_outputs()
+            for out in self.sched.pop_outputs():
+                if outputs is not None:
+                    outputs.setdefault(out.rid, []).extend(out.output_ids)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -188,9 +251,15 @@ def item_e(d: Path, vocab: int) -> dict:
 
 
 def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
-    """JSON-schema vs unconstrained at `batch`, in-process: device vs wall time per decode step,
-    and the host's time inside the grammar runtime (batched commit, masks taken for sampling)."""
+    """JSON-schema vs unconstrained at `batch`, in-process: per decode step the wall time of the
+    scheduler's step, the device's forward, its sampling (+ masks and copies) and its idle wait for
+    the host (events on the stream), and the host's time inside the grammar runtime. JSON runs:
+    masks inline on the scheduler's thread (--grammar-mask-threads 0, the default), on one
+    background thread beside the scheduler's bookkeeping (1), and split over cores - 1 threads;
+    last, unconstrained decoding to exactly the JSON outputs' lengths (same steps, same occupancy)."""
     from transformers import AutoTokenizer
+
+    from radixlm.constrained.mask_workers import MaskWorkers, default_mask_threads
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     sched = make_scheduler(d, tokenizer=tok, tokenizer_path=str(tokenizer_dir), mem_fraction_static=0.5)
@@ -198,39 +267,51 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
     prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
     res: dict = {"batch": batch}
     schema = {"json_schema": json.dumps(SCHEMA)}
-    # json_schema_inline: the same again with masks and commits one row at a time on the scheduler's
-    # thread (--grammar-mask-threads 0, the earlier behaviour), side by side in this run.
-    for label, extra in (("unconstrained", {}), ("json_schema", schema), ("json_schema_inline", schema)):
+    lengths: list[int] = []
+    many = max(2, default_mask_threads())
+    runs = [("unconstrained", {}, None), ("json_schema", schema, 0), ("json_schema_threads1", schema, 1),
+            (f"json_schema_threads{many}", schema, many), ("unconstrained_same_lengths", {}, None)]
+    for label, extra, threads in runs:
         rec = StepRecorder(sched)
+        new_tokens = lambda i: lengths[i] if label.endswith("same_lengths") else 128  # noqa: E731
         mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(  # noqa: E731
-            temperature=1.0, seed=i, max_new_tokens=128, ignore_eos=not extra, **extra))
+            temperature=1.0, seed=i, max_new_tokens=new_tokens(i), ignore_eos=not extra, **extra))
         rec.run([mk(i, "w") for i in range(2)])
+        gr = sched.grammars
         if extra:
-            gr = sched.grammars
-            if label == "json_schema_inline":
-                from radixlm.constrained.mask_workers import MaskWorkers
-
+            if gr.workers.threads != threads:
                 gr.workers.close()
-                gr.workers = MaskWorkers(0)
+                gr.workers = MaskWorkers(threads)
             rec.wrap(gr, "bitmask", "masks taken (wait + missing rows + copy)")
             rec.wrap(gr, "advance_many", "grammar commit (batched) + mask start")
             rec.wrap(gr, "jump_forward", "jump_forward")
         rec.wrap(sched.results, "sample", "sample (incl. masks)")
         rec.wrap(sched.results, "_append", "commit (all rows)")
+        rec.mark_sampled()
         rec.steps.clear()
         generated = sched.stats["generated_tokens"]
-        wall = rec.run([mk(i, "") for i in range(batch)])
+        outs: dict[str, list[int]] = {}
+        wall = rec.run([mk(i, "") for i in range(batch)], outs)
         summ = rec.summary()
         decode = [s for s in rec.steps if s["mode"] != "extend"]
         dev = sum(s["events"][0].elapsed_time(s["events"][1]) for s in decode)
         host = sum(s.get("wall", 0.0) for s in decode) * 1e3
-        res[label] = {"seconds": wall, "tokens": sched.stats["generated_tokens"] - generated, "decode_steps": len(decode),
+        counts = [len(outs.get(f"{label}{i}", [])) for i in range(batch)]
+        if label == "json_schema":
+            lengths = counts
+        res[label] = {"seconds": wall, "tokens": sum(counts), "sampled_tokens": sched.stats["generated_tokens"] - generated,
+                      "decode_steps": len(decode),
+                      "max_tokens": max(counts), "mean_tokens": sum(counts) / batch,
                       "decode_device_ms_per_step": dev / max(1, len(decode)), "decode_wall_ms_per_step": host / max(1, len(decode)),
-                      "mask_threads": gr.workers.threads if extra else None, **summ}
-        print_groups(f"(f) batch {batch} {label}: {wall:.2f} s, {res[label]['tokens']} tokens, {len(decode)} decode steps, "
-                     f"per decode step {res[label]['decode_wall_ms_per_step']:.2f} ms wall vs "
-                     f"{res[label]['decode_device_ms_per_step']:.2f} ms device", summ)
+                      "mask_threads": threads, **rec.device_split(), **summ}
+        r = res[label]
+        rec.close()
+        print_groups(f"(f) batch {batch} {label}: {wall:.2f} s, {r['tokens']} tokens, {len(decode)} decode steps "
+                     f"({r['overlapped_steps']} overlapped, {r['synchronous_steps']} synchronous), per decode step "
+                     f"{r['decode_wall_ms_per_step']:.2f} ms wall; device: forward {r['forward_ms_per_step']:.2f} + sampling "
+                     f"{r['sampling_ms_per_step']:.2f} + idle (waiting for the host) {r['device_idle_ms_per_step']:.2f} ms", summ)
     res["wall_ratio_unconstrained_over_constrained"] = res["unconstrained"]["seconds"] / res["json_schema"]["seconds"]
+    res["wall_ratio_same_lengths_over_constrained"] = res["unconstrained_same_lengths"]["seconds"] / res["json_schema"]["seconds"]
     if sched.grammars is not None:
         sched.grammars.close()
     return res

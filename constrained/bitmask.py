@@ -6,9 +6,12 @@ cheap to fill on the CPU and to ship to the accelerator next to the logits.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
+_TRITON: bool | None = None
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -41,8 +44,16 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return shifts
 
 
+def _has_triton() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = importlib.util.find_spec("triton") is not None
+    return _TRITON
+
+
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits of disallowed tokens to -inf, in place, for the whole batch at once.
+    """Set logits of disallowed tokens to -inf, in place, for the whole batch at once (on a GPU
+    with Triton: one launch, kernels/token_bitmask.py; elsewhere this torch reference).
 
     logits [B, V] float (any device), bitmask [B, W] int32 (CPU or same device). Logits beyond
     32*W columns (a model vocabulary padded past the tokenizer's) become -inf too.
@@ -55,6 +66,11 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
         raise ValueError(f"batch mismatch: logits {logits.shape[0]} rows, bitmask {bitmask.shape[0]}")
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
+    if logits.is_cuda and logits.stride(1) == 1 and bitmask.is_contiguous() and _has_triton():
+        from radixlm.kernels.token_bitmask import apply_token_bitmask_triton
+
+        apply_token_bitmask_triton(logits, bitmask)  # one launch (the decode step's hot path)
+        return
     batch, vocab = logits.shape
     covered = min(vocab, 32 * bitmask.shape[1])
     bits = (bitmask.unsqueeze(-1) >> _shifts(logits.device)) & 1

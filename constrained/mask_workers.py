@@ -11,6 +11,7 @@ Results do not depend on the thread count: every row is computed by the same fun
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -76,7 +77,13 @@ class MaskWorkers:
 
     def start_fill(self, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor) -> Future[None]:
         """`fill` in the background; nothing may touch these matchers until the future is done.
-        Checks run now (errors raise here); the background thread only enters the backend."""
+        Checks run now (errors raise here); the background thread only enters the backend.
+
+        Returns once the background thread holds the work: a woken thread needs the GIL to enter
+        the backend, and while the caller runs Python it would get it only after the interpreter's
+        switch interval (5 ms), i.e. typically when the caller next waits, so the masks would be
+        computed after the caller's bookkeeping instead of beside it. Waiting here hands the GIL
+        over at once; the backend call releases it again within microseconds."""
         jobs = self._prepare(items, bitmask)
         if self._background is None:
             done: Future[None] = Future()
@@ -84,7 +91,15 @@ class MaskWorkers:
                 job()
             done.set_result(None)
             return done
-        return self._background.submit(_run_all, jobs)
+        entered = threading.Event()
+
+        def run() -> None:
+            entered.set()
+            _run_all(jobs)
+
+        future = self._background.submit(run)
+        entered.wait()
+        return future
 
     def _prepare(self, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor) -> list[Callable[[], None]]:
         return [cls.prepare_fill(group, bitmask, self) for cls, group in _by_type(items).items()]

@@ -80,7 +80,12 @@ class GrammarRuntime:
         return done
 
     def forget(self, req: Req) -> None:
+        """An aborted request: nothing here keeps it (or its matcher) any longer. A mask being
+        computed for it in the background finishes into a row nobody takes."""
         self.pending.pop(id(req), None)
+        self._terminated.pop(id(req), None)
+        if self._prefetch is not None:
+            self._prefetch.rows.pop(id(req), None)
 
     def bitmask(self, reqs: list[Req], device: torch.device) -> torch.Tensor:
         """[B, W] int32 on `device`: each constrained row its matcher's mask, others all-allowed.
@@ -115,14 +120,20 @@ class GrammarRuntime:
                 self.workers.fill(missing, mask)
         return mask.to(device, non_blocking=True) if device.type == "cuda" else mask
 
-    def advance_many(self, reqs: list[Req], tokens: list[int]) -> None:
+    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_tokens: int = 0) -> set[int]:
         """Commit one sampled token per request (all matchers at once), then start their next
         masks in the background. Until those are taken (`bitmask`) or awaited, nothing else may
-        touch these matchers: `is_terminated` answers from what was recorded here."""
+        touch these matchers: `is_terminated` answers from what was recorded here.
+
+        `forced_min_tokens` > 0: also returns the ids of the live requests whose grammar now forces
+        text of at least that many tokens (a jump-forward candidate), read before the masks start.
+        The caller asks only where a jump could pay (small batches), so large batches pay no
+        per-row forced-prefix call; only rows forcing that many bytes are tokenized."""
         self._settle()
         ok = self.workers.advance([r.grammar for r in reqs], tokens)
         self._terminated.clear()
         live: list[Req] = []
+        due: set[int] = set()
         for req, token, good in zip(reqs, tokens, ok):
             if not good:
                 # The mask forbids this, so it means a bug (or an EOS the grammar refuses): stop cleanly.
@@ -132,11 +143,21 @@ class GrammarRuntime:
             self._terminated[id(req)] = (req, done)
             if not done:
                 live.append(req)
+                if forced_min_tokens > 0 and self._forces(req, forced_min_tokens):
+                    due.add(id(req))
         if live and self.workers.threads > 0:
             buffer = torch.empty((len(live), self.width), dtype=torch.int32, pin_memory=self.pin)
             items = [(r.grammar, i) for i, r in enumerate(live)]
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
                                           self.workers.start_fill(items, buffer))
+        return due
+
+    def _forces(self, req: Req, min_tokens: int) -> bool:
+        """The grammar forces text of at least `min_tokens` tokens (a token holds at least one byte)."""
+        if len(req.grammar.forced_bytes()) < min_tokens:
+            return False
+        forced = req.grammar.forced_prefix()
+        return len(self.tokenizer.encode(forced, add_special_tokens=False)) >= min_tokens
 
     def check_drafts(self, req: Req, drafts: list[int]) -> tuple[list[int], torch.Tensor]:
         """Speculative decoding: the longest prefix of `drafts` the grammar allows, and the masks of

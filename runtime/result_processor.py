@@ -40,7 +40,9 @@ class SeqEvent(NamedTuple):
     grammar-forced tokens were appended and need an extend step; neither: it decodes on.
     `sampled`: tokens appended this step (0 for a prompt that asked for no tokens). A verify row
     (speculative decoding) also says how many tokens it `drafted` and `accepted`, and how many of
-    the KV positions it computed hold `unverified` tokens: the scheduler frees those at once."""
+    the KV positions it computed hold `unverified` tokens: the scheduler frees those at once.
+    `jump_due`: committed while the next step already ran (overlap), so no jump could be taken, but
+    its grammar now forces a run long enough to jump: the scheduler commits before the next step."""
 
     req: Req
     was_running: bool
@@ -50,6 +52,7 @@ class SeqEvent(NamedTuple):
     drafted: int = 0
     accepted: int = 0
     unverified: int = 0
+    jump_due: bool = False
 
 
 class ResultProcessor:
@@ -246,9 +249,11 @@ class ResultProcessor:
         worth of a jump depends on how many rows decode alongside."""
         events = []
         constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        due: set[int] = set()
         if constrained:  # all matchers at once, then their next masks start in the background
             assert grammars is not None
-            grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained])
+            due = grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
+                                        0 if allow_jump else self._jump_check_tokens(num_running))
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             out = req.output_ids
             out.append(tok)
@@ -264,22 +269,33 @@ class ResultProcessor:
                 num_running -= 1
             elif not was_running and reason is None and not jumped:
                 num_running += 1
-            events.append(SeqEvent(req, was_running, reason, jumped))
+            events.append(SeqEvent(req, was_running, reason, jumped,
+                                   jump_due=bool(due) and reason is None and id(req) in due and not req.return_logprob))
         return events
 
+    def _jump_check_tokens(self, num_running: int) -> int:
+        """Overlapped commit: the forced run (tokens) from which a row's jump would pay at this
+        batch size, or 0 when none would (no per-row check: large GPU batches)."""
+        if not self.jump_forward_enabled:
+            return 0
+        min_tokens = self.jump_min_tokens(num_running)
+        return min_tokens if min_tokens <= JUMP_MAX_USEFUL_TOKENS else 0
+
     # ---------------------------------------------------------------- overlap
-    def can_defer(self, batch: ScheduledBatch, num_running: int) -> bool:
+    def can_defer(self, batch: ScheduledBatch) -> bool:
         """Whether this decode batch can be sampled on the device and committed a step later:
         nothing in its sampling may depend on host state that the uncommitted step would change."""
         if batch.mode is not ForwardMode.DECODE or batch.has_drafts:
             return False  # verify rows need their drafts' outcome on the host before the next step
-        # Constrained rows too, once jump-forward would not be used (a jump rewrites the tokens
-        # the next step already consumes): their step-k tokens are committed before sampling.
-        grammar_ok = not self.jump_forward_enabled or self.jump_min_tokens(num_running) > JUMP_MAX_USEFUL_TOKENS
+        # Constrained rows too: their step-k tokens are committed (matchers advanced) while step
+        # k+1's forward runs, then their masks are applied before sampling. A jump cannot be taken
+        # in such a commit (it would rewrite tokens the running step consumes); a row whose grammar
+        # forces a run worth jumping is flagged (`SeqEvent.jump_due`) and the scheduler commits
+        # before the next step, where the jump is taken. Overlap is kept on every other step (real
+        # schemas' forced runs are short: benchmarks/RESULTS.md, "Constrained rows overlapped at every batch size").
         for r in batch.reqs:  # a plain loop: this runs over every row of every decode step
             p = r.params
-            if ((r.grammar is not None and not grammar_ok) or r.return_logprob or p.needs_output_history
-                    or len(r.output_ids) + r.tokens_on_device < p.min_new_tokens):
+            if r.return_logprob or p.needs_output_history or len(r.output_ids) + r.tokens_on_device < p.min_new_tokens:
                 return False
         return True
 

@@ -74,6 +74,8 @@ class Scheduler:
         self.overlap = not args.disable_overlap_schedule
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
+        # The last overlapped commit found a grammar-forced run worth a jump: commit before the next step.
+        self.jump_due = False
         # What the current step has touched, for fault isolation (fault_isolation.py): the batches
         # it built and the uncommitted step there was when it began.
         self.step_batches: list[ScheduledBatch] = []
@@ -229,7 +231,7 @@ class Scheduler:
             self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1
         self.stats["cascade_decode_steps"] += fb.cascade is not None
-        if self.overlap and self.results.can_defer(batch, len(self.running)):
+        if self.overlap and self.results.can_defer(batch):
             previous, self.uncommitted = self.uncommitted, None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):
                 # Grammar masks need step k's tokens in the matchers: commit them now, while this
@@ -240,7 +242,9 @@ class Scheduler:
             if previous is not None:
                 self._commit_step(previous, allow_jump=False)
             return True
-        self._commit_step()
+        # This batch already consumes the pending step's tokens: they are committed without a jump
+        # (one would rewrite them); this step's own results may jump, all its tokens being on the host.
+        self._commit_step(allow_jump=False)
         self.process_results(batch, logits)
         return True
 
@@ -276,8 +280,8 @@ class Scheduler:
 
         Scheduling a prefill ahead of the commit was tried (benchmarks/RESULTS.md, issue 8): on
         workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower."""
-        if self.partial or self._may_admit():
-            return False
+        if self.partial or self._may_admit() or self.jump_due:
+            return False  # (a due jump is taken by the commit: its forced tokens need an extend step)
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
         return self.kv_pool.available() >= len(self.running)
@@ -330,6 +334,7 @@ class Scheduler:
         """Move each request where its step left it: finished (KV released, final output), forced
         tokens to extend (partial), decoding (running); stream what a client may see."""
         self.record_generated(sum(e.sampled for e in events))
+        self.jump_due = False  # only the latest results say whether a jump waits for a commit
         for ev in events:
             req = ev.req
             if ev.drafted:
@@ -341,6 +346,8 @@ class Scheduler:
             if ev.finished is not None:
                 self._finish(req, ev.finished)
                 continue
+            if ev.jump_due:
+                self.jump_due = True
             if ev.jumped:
                 self.partial.append(req)  # its forced tokens need an extend step
             elif not ev.was_running:
@@ -524,6 +531,8 @@ class Scheduler:
         req.finished_reason = reason
         if self.spec is not None:
             self.spec.forget(req)
+        if self.grammars is not None and req.grammar is not None:
+            self.grammars.forget(req)  # the runtime keeps no finished request (nor its matcher)
         self._release_kv(req)
         for follower in req.followers:  # followers that never started finish with their leader
             if not follower.finished:

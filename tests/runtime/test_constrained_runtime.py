@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import jsonschema
 import pytest
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
-from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
+from tests.runtime.helpers import assert_pool_idle, make_scheduler, merge, run_to_completion
 
 PERSON = {
     "type": "object",
@@ -86,66 +87,151 @@ def test_bad_schema_fails_request_with_400_and_nothing_else(sched, prompt_ids) -
     assert_pool_idle(sched)
 
 
-def test_overlapped_constrained_decode_matches_synchronous(default_model_dir, prompt_ids) -> None:
-    """With overlap, constrained rows are sampled one step later on the host's schedule: step k's
-    tokens are committed (matchers advanced) while step k+1's forward runs, then masks are filled.
-    Seeded outputs must equal the synchronous path's, and stay valid; the synchronous run fills
-    masks row by row on the scheduler's thread, the overlapped one on 3 threads in the background."""
-    reqs = lambda: [_req(f"o{i}", prompt_ids, temperature=1.0, max_new_tokens=40, seed=i,  # noqa: E731
-                         json_schema=json.dumps(PERSON)) for i in range(4)]
-    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True, grammar_mask_threads=0)
-    expected = run_to_completion(plain, reqs())
-    overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
-                                enable_overlap_schedule_on_cpu=True, grammar_mask_threads=3)
-    deferred = 0
-    launch = overlapped._launch
+def _validate(tok, res: dict, schema: dict) -> bool:
+    """A stopped output must parse and validate; one cut by length is not checked."""
+    if res["finished_reason"]["type"] != "stop":
+        return False
+    jsonschema.validate(json.loads(tok.decode(res["output_ids"], skip_special_tokens=True)), schema)
+    return True
+
+
+def _mixed(prompt_ids: list[int], prefix: str = "m") -> list[TokenizedGenerateReq]:
+    """Constrained rows (seeded sampling) beside unconstrained ones (seeded and greedy) in one batch."""
+    person = json.dumps(PERSON)
+    return ([_req(f"{prefix}j{i}", prompt_ids, temperature=1.0, max_new_tokens=48, seed=i, json_schema=person)
+             for i in range(4)]
+            + [_req(f"{prefix}u0", prompt_ids, temperature=1.0, max_new_tokens=20, seed=9),
+               _req(f"{prefix}u1", prompt_ids, temperature=0.0, max_new_tokens=30)])
+
+
+def _count_deferred(sched) -> dict[str, int]:
+    counts = {"deferred_constrained": 0}
+    launch = sched._launch
 
     def counting_launch(batch, logits):
-        nonlocal deferred
-        deferred += any(r.grammar is not None for r in batch.reqs)
+        counts["deferred_constrained"] += any(r.grammar is not None for r in batch.reqs)
         return launch(batch, logits)
 
-    overlapped._launch = counting_launch
-    got = run_to_completion(overlapped, reqs())
-    assert deferred > 15
+    sched._launch = counting_launch
+    return counts
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_ids, threads: int) -> None:
+    """With overlap, constrained rows are sampled one step later on the host's schedule: step k's
+    tokens are committed (matchers advanced) while step k+1's forward runs, then masks are filled
+    (inline, or on a background thread beside the scheduler's bookkeeping). Seeded outputs of a
+    batch mixing constrained and unconstrained rows equal the synchronous path's, and validate."""
+    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True, grammar_mask_threads=0)
+    expected = run_to_completion(plain, _mixed(prompt_ids))
+    overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
+                                enable_overlap_schedule_on_cpu=True, grammar_mask_threads=threads)
+    counts = _count_deferred(overlapped)
+    got = run_to_completion(overlapped, _mixed(prompt_ids))
+    assert counts["deferred_constrained"] > 15
     for rid, res in expected.items():
         assert got[rid]["output_ids"] == res["output_ids"], rid
         assert got[rid]["finished_reason"] == res["finished_reason"], rid
+    assert sum(_validate(overlapped.tokenizer, got[f"mj{i}"], PERSON) for i in range(4)) >= 3
     assert_pool_idle(overlapped)
     for s in (plain, overlapped):
         s.grammars.close()
 
 
-def test_overlap_hands_over_to_jump_forward_as_the_batch_shrinks(default_model_dir, prompt_ids) -> None:
-    """On the GPU constrained rows are overlapped only while the batch is large (jump-forward would
-    not pay); as requests finish the next batch is processed synchronously while the previous
-    step is still pending, and requests that step finishes must be skipped, not committed twice."""
-    sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True)
-    sched.results.jump_min_tokens = lambda running: 100 if running > 3 else 1  # GPU-like rule, small batch
-    reqs = [_req(f"h{i}", prompt_ids, temperature=1.0, max_new_tokens=24 + 4 * i, seed=i,
-                 json_schema=json.dumps(PERSON)) for i in range(8)]
-    handovers = 0
-    pending_at_launch = False
-    forward, process = sched.runner.forward, sched.process_results
+def test_overlap_keeps_constrained_rows_and_takes_due_jumps(default_model_dir, prompt_ids) -> None:
+    """The GPU's jump rule (decode graphs: a jump must save 1 + 2 x running tokens). Constrained rows
+    stay overlapped on every plain decode step, at any batch size; a row whose grammar forces a run
+    worth jumping is flagged at the overlapped commit, and the scheduler commits before the next
+    step, where the jump is taken (one token later than without overlap)."""
+    sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
+                           grammar_mask_threads=1)
+    sched.results.decode_graphs = True
+    regex = "[0-9]{1,2}" + re.escape(" is the answer to the ultimate question of life, the universe and everything")
+    reqs = [_req("lit", prompt_ids, temperature=1.0, seed=3, max_new_tokens=40, regex=regex),
+            _req("p0", prompt_ids, temperature=1.0, seed=4, max_new_tokens=64, json_schema=json.dumps(PERSON)),
+            _req("p1", prompt_ids, temperature=1.0, seed=5, max_new_tokens=64, json_schema=json.dumps(PERSON))]
+    counts = _count_deferred(sched)
+    due_commits = 0
+    step = sched.step
 
-    def noting_forward(batch):
-        nonlocal pending_at_launch
-        pending_at_launch = sched.uncommitted is not None
-        return forward(batch)
+    def noting_step():
+        nonlocal due_commits
+        due_commits += sched.jump_due and sched.uncommitted is not None
+        return step()
 
-    def counting_process(batch, logits):  # a synchronous step launched before the pending one's commit
-        nonlocal handovers
-        handovers += pending_at_launch
-        return process(batch, logits)
+    sched.step = noting_step
+    out: dict[str, dict] = {}
 
-    sched.runner.forward, sched.process_results = noting_forward, counting_process
-    out = run_to_completion(sched, reqs)
-    assert handovers >= 1
+    def step_until(done) -> None:
+        deadline = time.monotonic() + 240  # grammar compiles run in a worker process
+        while time.monotonic() < deadline:
+            if done():
+                return
+            if not sched.step():
+                time.sleep(0.002)
+            for o in sched.pop_outputs():
+                merge(out, o)
+        raise AssertionError("scheduler did not get there")
+
+    # The JSON rows decode (overlapped) before the regex request arrives, so its forced run shows
+    # up at an overlapped commit, not in a synchronous prefill step.
+    sched.handle(reqs[1])
+    sched.handle(reqs[2])
+    step_until(lambda: sum(len(r.output_ids) >= 2 for r in sched.running) == 2)
+    sched.handle(reqs[0])
+    step_until(lambda: sched.idle)
     tok = sched.tokenizer
-    for r in reqs:
-        res = out[r.rid]
-        assert res["finished_reason"]["type"] in ("stop", "length"), res["finished_reason"]
-        if res["finished_reason"]["type"] == "stop":
-            jsonschema.validate(json.loads(tok.decode(res["output_ids"], skip_special_tokens=True)), PERSON)
+    assert re.fullmatch(regex, tok.decode(out["lit"]["output_ids"], skip_special_tokens=True))
+    assert out["lit"]["forced_tokens"] >= 7 and due_commits >= 1
+    assert counts["deferred_constrained"] >= 15  # synchronous before: 3 rows, a jump could pay
+    assert sum(_validate(tok, out[r], PERSON) for r in ("p0", "p1")) >= 1
     assert_pool_idle(sched)
     sched.grammars.close()
+
+
+def test_abort_mid_stream_with_overlap_leaks_no_kv_or_matcher(default_model_dir, prompt_ids) -> None:
+    """Aborts while a constrained step is on the device (uncommitted) and its masks may be computing
+    in the background: the aborted rows' tokens are dropped, their KV freed, and the grammar runtime
+    keeps no reference to them; the other rows finish valid."""
+    sched = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
+                           enable_overlap_schedule_on_cpu=True, grammar_mask_threads=1)
+    person = json.dumps(PERSON)
+    reqs = ([_req(f"aj{i}", prompt_ids, temperature=1.0, max_new_tokens=48, seed=i, json_schema=person) for i in range(4)]
+            + [_req(f"au{i}", prompt_ids, temperature=1.0, max_new_tokens=400, seed=i, ignore_eos=True) for i in range(2)])
+    for r in reqs:
+        sched.handle(r)
+    results: dict[str, dict] = {}
+    aborted = ["aj0", "aj2", "au1"]
+
+    def mid_stream() -> bool:  # every row to abort decoding for a few steps, one step on the device
+        live = {r.rid: r for r in sched.running}
+        return sched.uncommitted is not None and all(rid in live and len(live[rid].output_ids) >= 4 for rid in aborted)
+
+    steps = 0
+    while not mid_stream():  # (constrained rows start once their grammar compiled)
+        if not sched.step():
+            time.sleep(0.002)
+        steps += 1
+        assert steps < 2000
+        for o in sched.pop_outputs():
+            merge(results, o)
+    live = {r.rid: r for r in sched.running}
+    grammar_rows = {id(live[rid]) for rid in ("aj0", "aj2")}
+    for rid in aborted:
+        sched.abort(rid, "client went away")
+    gr = sched.grammars
+    assert not grammar_rows & set(gr._terminated) and not grammar_rows & set(gr.pending)
+    assert gr._prefetch is None or not grammar_rows & set(gr._prefetch.rows)
+    while not sched.idle:
+        if not sched.step():
+            time.sleep(0.002)
+        steps += 1
+        assert steps < 2000
+        for o in sched.pop_outputs():
+            merge(results, o)
+    for rid in aborted:
+        assert results[rid]["finished_reason"]["type"] == "abort", results[rid]
+    assert sum(_validate(sched.tokenizer, results[rid], PERSON) for rid in ("aj1", "aj3")) >= 1
+    assert not gr._terminated and not gr.pending and (gr._prefetch is None or not gr._prefetch.rows)
+    assert_pool_idle(sched)
+    gr.close()
