@@ -46,14 +46,15 @@ class Acceptance:
         self.tried *= IDLE_DECAY
 
 
-def grant(proposed: list[int], rates: list[float], beta: float) -> list[int]:
-    """Draft tokens granted per row, given how many each row proposed and its acceptance rate."""
+def grant(proposed: list[int], rates: list[float], beta: float, limit: int | None = None) -> list[int]:
+    """Draft tokens granted per row, given how many each row proposed and its acceptance rate; at
+    most `limit` in all (row_regimes.py: the step must stay in its decode batch's kernel regime)."""
     granted = [0] * len(proposed)
     tokens, cost = float(len(proposed)), 1.0 + beta * len(proposed)
     gains = [r for r in rates]  # expected tokens added by each row's next draft token
     while True:
         best = max((i for i in range(len(proposed)) if granted[i] < proposed[i]), key=gains.__getitem__, default=None)
-        if best is None or gains[best] * cost <= beta * tokens:
+        if best is None or gains[best] * cost <= beta * tokens or (limit is not None and sum(granted) >= limit):
             return granted
         granted[best] += 1
         tokens += gains[best]
