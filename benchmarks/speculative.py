@@ -346,6 +346,8 @@ def cpu_mode(args: argparse.Namespace) -> dict:
                                                   tokenize=False))
 
     options = dict(device="cpu", cpu_threads=args.threads, max_total_tokens=16384)
+    if args.num_steps:
+        options["speculative_num_steps"] = args.num_steps
     # Timed in process CPU time (one thread): the machine these run on is shared and loaded.
     report: dict = {"mode": "cpu", "threads": args.threads, "model": str(model_dir), "clock": "process_time",
                     "cells": []}
@@ -439,6 +441,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="cpu mode: torch threads")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (cpu), 256 (gpu)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
+                    "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
                     "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")

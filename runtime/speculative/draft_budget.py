@@ -47,21 +47,24 @@ class Acceptance:
         self.tried *= IDLE_DECAY
 
 
-def grant(proposed: list[int], rates: list[float], beta: float) -> list[int]:
+def grant(proposed: list[int], rates: list[float], beta: float, limit: int | None = None) -> list[int]:
     """Draft tokens granted per row, given how many each row proposed and its acceptance rate.
     The most valuable next token first (ties: the lowest row), from a heap: O(tokens x log rows)
-    (a scan over every row per granted token cost ~1.5 ms of host time at batch 64, k = 3)."""
+    (a scan over every row per granted token cost ~1.5 ms of host time at batch 64, k = 3); at most
+    `limit` in all (row_regimes.py: the step must stay in its decode batch's kernel regime)."""
     granted = [0] * len(proposed)
     tokens, cost = float(len(proposed)), 1.0 + beta * len(proposed)
     # (-expected tokens added by the row's next draft token, row)
     heap = [(-r, i) for i, (n, r) in enumerate(zip(proposed, rates)) if n > 0]
     heapq.heapify(heap)
+    total = 0
     while heap:
         neg_gain, best = heap[0]
         gain = -neg_gain
-        if gain * cost <= beta * tokens:
+        if gain * cost <= beta * tokens or (limit is not None and total >= limit):
             break
         granted[best] += 1
+        total += 1
         tokens += gain
         cost += beta
         if granted[best] < proposed[best]:

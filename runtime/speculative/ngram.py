@@ -3,21 +3,30 @@
 The last n tokens of prompt + output are looked up among their earlier occurrences (longest n
 first, most recent occurrence); the tokens that followed are the draft. No model, no device: it
 runs wherever the scheduler runs. Each request keeps an index of its n-grams that grows with its
-output, so a lookup costs O(MAX_N) dictionary probes, not a scan of the prompt.
+output (an incremental suffix index: each new token adds one entry per n), so a lookup costs one
+dictionary probe per n in NGRAM_LENGTHS, never a scan of the prompt.
+
+How far to draft is decided per request: a long match (the text is being copied) drafts up to the
+step's limit, a short one at most as many tokens as it matched; and the request's draft depth grows
+while its drafts are accepted whole and falls back to what was accepted on a rejection (copying
+runs long, then stops at an edit: a long draft pays on the run, a short one at the edit).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# n-gram lengths tried, longest first. A single-token match proposes too often and is right too
-# rarely to pay for its verify rows.
-MAX_N = 4
-MIN_N = 2
+# n-gram lengths indexed, tried longest first. A single-token match proposes too often and is right
+# too rarely to pay for its verify rows; a match of LONG_MATCH or more tokens means copying.
+NGRAM_LENGTHS = (16, 12, 8, 6, 4, 3, 2)
+LONG_MATCH = 4
+START_DEPTH = 2  # draft depth of a request before any verify result
+DEPTH_STEP = 2  # depth added after a verify that accepted every draft
+MAX_DEPTH = 16
 
 
 @dataclass
 class NgramIndex:
-    """For every n-gram of tokens[:indexed] (n in MIN_N..MAX_N) the position right after its latest
+    """For every n-gram of tokens[:indexed] (n in NGRAM_LENGTHS) the position right after its latest
     occurrence. The n-grams that end at the last token are left out, so a lookup of the current
     suffix finds an earlier occurrence whose continuation is known."""
 
@@ -38,40 +47,68 @@ class NgramIndex:
         else:
             self.tokens.extend(output[have - len(prompt):])
         # n-grams ending at positions [have - 1, total - 2]: each now has a known next token.
-        toks = self.tokens
+        toks, follow = self.tokens, self.follow
         for end in range(max(have - 1, 0), total - 1):
-            for n in range(MIN_N, MAX_N + 1):
+            for n in NGRAM_LENGTHS:
                 if end + 1 >= n:
-                    self.follow[tuple(toks[end + 1 - n : end + 1])] = end + 1
+                    follow[tuple(toks[end + 1 - n : end + 1])] = end + 1
 
     @staticmethod
     def _token_at(prompt: list[int], output: list[int], i: int) -> int:
         return prompt[i] if i < len(prompt) else output[i - len(prompt)]
 
-    def propose(self, max_tokens: int) -> list[int]:
+    def lookup(self, max_tokens: int) -> tuple[list[int], int]:
+        """(the continuation of the longest matching suffix, up to max_tokens; the match length n),
+        ([], 0) when no suffix of n >= 2 tokens occurred before."""
         toks = self.tokens
-        for n in range(MAX_N, MIN_N - 1, -1):
+        for n in NGRAM_LENGTHS:
             if len(toks) <= n:
                 continue
             start = self.follow.get(tuple(toks[-n:]))
             if start is not None:
-                return toks[start : start + max_tokens]
-        return []
+                return toks[start : start + max_tokens], n
+        return [], 0
+
+    def propose(self, max_tokens: int) -> list[int]:
+        return self.lookup(max_tokens)[0]
+
+
+@dataclass
+class DraftDepth:
+    """A request's draft depth: grows by DEPTH_STEP while verifies accept every draft, else falls
+    to the accepted count + 1 (the edit point is near: draft little until copying resumes)."""
+
+    depth: int = START_DEPTH
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.depth = min(self.depth + DEPTH_STEP, MAX_DEPTH) if accepted == drafted else accepted + 1
+
+
+def draft_length(match: int, depth: int, max_tokens: int) -> int:
+    """Tokens to draft after a match of `match` tokens: a short match drafts at most what it matched."""
+    return min(max_tokens, depth if match >= LONG_MATCH else min(depth, match))
 
 
 class NgramDrafter:
-    """Per-request n-gram indexes; `propose` drafts for one request from its own tokens only, so a
-    request drafts the same alone or in any batch."""
+    """Per-request n-gram indexes and draft depths; `propose` drafts for one request from its own
+    tokens only, so a request drafts the same alone or in any batch."""
 
     def __init__(self) -> None:
         self.indexes: dict[int, NgramIndex] = {}
+        self.depths: dict[int, DraftDepth] = {}
 
     def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
         if max_tokens <= 0:
             return []
         index = self.indexes.setdefault(key, NgramIndex())
         index.sync(prompt, output)
-        return index.propose(max_tokens)
+        draft, match = index.lookup(max_tokens)
+        return draft[: draft_length(match, self.depths.setdefault(key, DraftDepth()).depth, max_tokens)]
+
+    def on_verified(self, key: int, drafted: int, accepted: int) -> None:
+        self.depths.setdefault(key, DraftDepth()).record(drafted, accepted)
 
     def forget(self, key: int) -> None:
         self.indexes.pop(key, None)
+        self.depths.pop(key, None)

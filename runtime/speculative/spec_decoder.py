@@ -11,6 +11,7 @@ can change an output, only how many steps it takes.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramDrafter
+from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
 
 if TYPE_CHECKING:
     from radixlm.runtime.grammar_runtime import GrammarRuntime
@@ -81,6 +83,11 @@ class SpecDecoder:
             self.model = DraftModelDrafter(args, draft_dir, runner.vocab_size, runner.max_total_tokens,
                                            runner.max_running_requests)
         self.acceptance: dict[int, Acceptance] = {}
+        # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
+        self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
+        # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
+        # time on a shared CPU measures the neighbours' load as much as the step); elsewhere wall time.
+        self.clock = time.process_time if runner.device.type == "cpu" else time.perf_counter
         # Measured per batch size: does a step that may draft beat plain (overlapped) decoding here?
         # None: always may draft (the budget alone decides).
         self.payoff: DraftPayoff | None = DraftPayoff(self.max_drafts)
@@ -125,12 +132,14 @@ class SpecDecoder:
         if not self.allowed:
             return Drafts([[] for _ in reqs], [None] * len(reqs))
         rates = [self._acceptance(r).rate for r in reqs]
+        rows = max_step_rows(self.thresholds, len(reqs))
+        limit = None if rows is None else rows - len(reqs)
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
-            granted = grant([self._limit(r) for r in reqs], rates, self.beta)
+            granted = grant([self._limit(r) for r in reqs], rates, self.beta, limit)
             proposed = self.model.propose(reqs, granted)
         else:
             proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, self._limit(r)) for r in reqs]
-            granted = grant([len(p) for p in proposed], rates, self.beta)
+            granted = grant([len(p) for p in proposed], rates, self.beta, limit)
         tokens: list[list[int]] = []
         masks: list[torch.Tensor | None] = []
         for req, prop, n in zip(reqs, proposed, granted):
@@ -151,6 +160,8 @@ class SpecDecoder:
             self.payoff.on_verified(drafted, accepted)
         if self.model is not None:
             self.model.on_verified(id(req), accepted)
+        else:
+            self.drafter.on_verified(id(req), drafted, accepted)
         self.verify_steps += 1
         self.verify_tokens += emitted
         self.draft_tokens += drafted

@@ -275,3 +275,28 @@ def test_lora_rows_keep_their_adapter_in_verify_steps(tiny, tmp_path) -> None:
     assert_same(got, ref)
     assert sched.info()["spec_accepted_tokens"] > 0
     assert ref["r1"]["output_ids"] != ref["r0"]["output_ids"] or ref["r2"]["output_ids"] != ref["r0"]["output_ids"]
+
+
+@pytest.mark.xfail(strict=False, reason="known defect: the 4-bit CPU linears round differently below and from 8 rows, and "
+                   "speculation changes when requests finish, so a token is computed at another batch size (kernel) "
+                   "than without it; row_regimes.py only keeps each step's verify rows in its decode rows' kernel")
+def test_default_model_greedy_identical_as_a_4bit_batch_shrinks(default_model_dir) -> None:
+    """The default model's 4-bit linears switch kernels at a row count (row_regimes.py): eight copy
+    requests finishing at different lengths shrink the batch across it, so verify steps of small
+    batches would cross into the other kernel without the cap and drift from plain decoding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "Repeat exactly: " + text}],
+                                                  add_generation_prompt=True, tokenize=False))
+               for text in COPY_TEXTS]
+    reqs = [greedy_req(f"r{i}", prompts[i % len(prompts)], 4 + 3 * i) for i in range(8)]
+    base = make_scheduler(default_model_dir, max_total_tokens=8192)
+    spec = make_scheduler(default_model_dir, max_total_tokens=8192, speculative_algorithm="NGRAM",
+                          speculative_num_steps=6)
+    assert spec.spec.thresholds, "the default model's CPU linears are 4-bit"
+    ref = run_to_completion(base, reqs, timeout_s=900)
+    got = run_to_completion(spec, reqs, timeout_s=900)
+    assert_same(got, ref)
+    assert spec.info()["spec_accepted_tokens"] > 0
+    assert_pool_idle(spec)

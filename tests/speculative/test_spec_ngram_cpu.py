@@ -1,0 +1,111 @@
+"""NGRAM drafting's per-request parts (longest match, draft depth) and the CPU kernel-regime cap
+that keeps verify steps exact (row_regimes.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from radixlm.runtime.quantization import int4_cpu
+from radixlm.runtime.quantization.gguf_blocks import AffinePlanes
+from radixlm.runtime.speculative.draft_budget import grant
+from radixlm.runtime.speculative.ngram import LONG_MATCH, START_DEPTH, DraftDepth, NgramDrafter, NgramIndex, draft_length
+from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
+
+
+def test_ngram_prefers_the_longest_match_over_a_later_shorter_one() -> None:
+    idx = NgramIndex()
+    head = [10, 11, 12, 13, 14, 15]
+    # 6-gram head at 0..5 followed by 20, 21; its last 4 tokens recur later followed by 30, 31.
+    idx.sync(head + [20, 21, 9, 9] + head[2:] + [30, 31, 9], head)
+    draft, match = idx.lookup(2)
+    assert (draft, match) == ([20, 21], 6)
+    idx.sync([1, 2, 3], [4, 1, 2])
+    assert idx.lookup(5) == ([3, 4, 1, 2], 2)  # runs up to the current token: all the index knows
+
+
+def test_ngram_index_is_incremental() -> None:
+    prompt = list(range(100, 140))
+    idx = NgramIndex()
+    idx.sync(prompt, [])
+    before = dict(idx.follow)
+    idx.sync(prompt, [7])
+    added = {k: v for k, v in idx.follow.items() if before.get(k) != v}
+    # only the n-grams ending at the previous last token got their next token
+    assert added and all(v == len(prompt) for v in added.values())
+    assert all(k[-1] == prompt[-1] for k in added)
+
+
+def test_draft_depth_grows_on_full_acceptance_and_falls_on_rejection() -> None:
+    d = DraftDepth()
+    assert d.depth == START_DEPTH
+    d.record(2, 2)
+    d.record(4, 4)
+    assert d.depth == START_DEPTH + 4
+    d.record(6, 1)
+    assert d.depth == 2
+    d.record(0, 0)  # no drafts: unchanged
+    assert d.depth == 2
+    assert draft_length(LONG_MATCH, 8, 6) == 6
+    assert draft_length(2, 8, 6) == 2  # a short match drafts at most what it matched
+    assert draft_length(3, 1, 6) == 1
+
+
+def test_drafter_drafts_longer_while_a_copy_is_accepted() -> None:
+    text = list(range(200, 260))
+    drafter = NgramDrafter()
+    out: list[int] = text[:LONG_MATCH]
+    lengths = []
+    while len(out) < 40:
+        draft = drafter.propose(1, text + [5], out, 8)
+        assert draft == text[len(out) : len(out) + len(draft)]
+        lengths.append(len(draft))
+        drafter.on_verified(1, len(draft), len(draft))
+        out += draft + [text[len(out) + len(draft)]]
+    assert lengths[0] == START_DEPTH and lengths[-1] == 8 and lengths == sorted(lengths)
+    drafter.forget(1)
+    assert not drafter.indexes and not drafter.depths
+
+
+def test_grant_respects_the_step_limit() -> None:
+    assert sum(grant([6], [0.95], 0.01)) == 6
+    assert grant([6], [0.95], 0.01, limit=3) == [3]
+    assert sum(grant([4, 4, 4], [0.9, 0.9, 0.9], 0.01, limit=5)) == 5
+    assert grant([4], [0.9], 0.01, limit=0) == [0]
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, weight: int4_cpu.Int4PackedWeight) -> None:
+        super().__init__()
+        self.quantized = weight
+
+
+def _weight(seed: int = 0) -> int4_cpu.Int4PackedWeight:
+    rng = np.random.default_rng(seed)
+    n, k = 96, 128
+    planes = AffinePlanes(codes=rng.integers(0, 16, (1, n, k), dtype=np.uint8),
+                          scales=rng.uniform(0.01, 0.05, (1, n, k // 32)).astype(np.float32),
+                          zeros=rng.uniform(-0.05, 0.05, (1, n, k // 32)).astype(np.float32))
+    return int4_cpu.Int4PackedWeight(planes, "Q4_1")
+
+
+@pytest.mark.skipif(not int4_cpu.int4_cpu_kernel_available(), reason="torch without the CPU int4 kernel")
+def test_kernel_regimes_of_a_4bit_model_bound_the_verify_rows() -> None:
+    w = _weight()
+    model = torch.nn.Sequential(_Linear(w))
+    thresholds = kernel_thresholds(model)
+    assert thresholds and thresholds[0] <= int4_cpu.DEQUANT_MIN_ROWS
+    assert kernel_thresholds(torch.nn.Sequential(torch.nn.Linear(4, 4))) == ()
+    first = thresholds[0]
+    assert max_step_rows(thresholds, 1) == first - 1
+    assert max_step_rows(thresholds, first - 1) == first - 1  # a full regime: no drafts fit
+    assert max_step_rows((8,), 8) is None and max_step_rows((), 1) is None
+    # within a regime a row's result does not depend on the other rows (what the cap relies on)
+    x = torch.randn(first + 4, w.in_features)
+    ref = w.linear(x[:1])
+    for rows in range(2, first):
+        assert torch.equal(w.linear(x[:rows])[:1], ref), rows
+    if int4_cpu.native_bf16_matmul():  # dense copies: another kernel from the threshold up, rounding differently
+        w.keep_dense()
+        assert kernel_thresholds(model)[0] == int4_cpu.DENSE_MIN_ROWS
+        assert not torch.equal(w.linear(x[: int4_cpu.DENSE_MIN_ROWS])[:1], ref)
