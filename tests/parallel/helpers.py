@@ -20,8 +20,10 @@ def random_prompts(count: int, vocab: int, seed: int = 0, max_len: int = 60) -> 
 
 
 def reference(model_dir: Path, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
-    """TP=1 greedy outputs (an in-process scheduler) and the top-2 logprob gap at each step."""
-    sched = make_scheduler(model_dir, max_total_tokens=4096, context_length=512)
+    """TP=1 greedy outputs (an in-process scheduler) and the top-2 logprob gap at each step. Weights
+    as the parallel ranks load them (dequantized: a GGUF file stays 4-bit only on one rank), so the
+    two differ only in how the sums are split, not in the precision of the matmuls."""
+    sched = make_scheduler(model_dir, max_total_tokens=4096, context_length=512, quantization="none")
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new, ignore_eos=True)
     reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=ids, params=params, return_logprob=True, top_logprobs_num=2)
             for i, ids in enumerate(prompts)]

@@ -277,9 +277,6 @@ def test_lora_rows_keep_their_adapter_in_verify_steps(tiny, tmp_path) -> None:
     assert ref["r1"]["output_ids"] != ref["r0"]["output_ids"] or ref["r2"]["output_ids"] != ref["r0"]["output_ids"]
 
 
-@pytest.mark.xfail(strict=False, reason="known defect: the 4-bit CPU linears round differently below and from 8 rows, and "
-                   "speculation changes when requests finish, so a token is computed at another batch size (kernel) "
-                   "than without it; row_regimes.py only keeps each step's verify rows in its decode rows' kernel")
 def test_default_model_greedy_identical_as_a_4bit_batch_shrinks(default_model_dir) -> None:
     """The default model's 4-bit linears switch kernels at a row count (row_regimes.py): eight copy
     requests finishing at different lengths shrink the batch across it, so verify steps of small
