@@ -18,9 +18,9 @@ scheduler is another process); --ab adds fp8 / w4a16 on the older kernels (RADIX
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,23 +52,14 @@ DEVICE = "cuda"  # a CPU smoke run of this script's code paths sets "cpu" (with 
 
 def graph_time(fns: list, inner: int = 24, reps: int = 12) -> float:
     """Seconds per call: `inner` calls (cycling through `fns`, one per weight copy) in one CUDA graph,
-    median over replays."""
-    for fn in fns:
+    median over replays (quantized.py's timer over a cycling call)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quantized import _graph_time
+
+    for fn in fns:  # each copy's first call outside the capture
         fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(inner):
-            fns[i % len(fns)]()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(reps):
-        ev[0].record()
-        graph.replay()
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]) / 1e3 / inner)
-    return statistics.median(times)
+    calls = itertools.cycle(fns)
+    return _graph_time(lambda: next(calls)(), inner, reps)
 
 
 def copies_for(nbytes: int) -> int:

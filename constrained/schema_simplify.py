@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from .schema_any_order import hoist
@@ -96,6 +97,13 @@ class _Types:
         for b in bounds:
             out &= b
         return out
+
+
+def _deref_in(schema: dict[str, Any]) -> Callable[[str], Any]:
+    """`$ref` -> the root's `$defs` entry it names (refs are resolved into `$defs` by the vetter),
+    `true` when absent, as `meet` takes it."""
+    defs = schema.get("$defs", {})
+    return lambda ref: defs.get(ref.rsplit("/", 1)[-1], True)
 
 
 def _walk(schema: Any) -> list[dict[str, Any]]:
@@ -177,10 +185,7 @@ def separate_named_from_patterns(schema: Any) -> int:
     our intersection with theirs (schema_meet.py), and the patterns stop matching its name."""
     if not isinstance(schema, dict):
         return 0
-    defs = schema.get("$defs", {})
-
-    def deref(ref: str) -> Any:
-        return defs.get(ref.rsplit("/", 1)[-1], True)
+    deref = _deref_in(schema)
 
     changed = 0
     for node in _walk(schema):
@@ -216,10 +221,7 @@ def merge_all_of(schema: Any) -> int:
     properties can take any order. Partial meets are dropped (the node stays as it was)."""
     if not isinstance(schema, dict):
         return 0
-    defs = schema.get("$defs", {})
-
-    def deref(ref: str) -> Any:
-        return defs.get(ref.rsplit("/", 1)[-1], True)
+    deref = _deref_in(schema)
 
     changed = 0
     for node in _walk(schema):
@@ -248,10 +250,7 @@ def disjoin_patterns(schema: Any) -> int:
     pair among at most MAX_SPLIT_PATTERNS patterns are left alone."""
     if not isinstance(schema, dict):
         return 0
-    defs = schema.get("$defs", {})
-
-    def deref(ref: str) -> Any:
-        return defs.get(ref.rsplit("/", 1)[-1], True)
+    deref = _deref_in(schema)
 
     changed = 0
     for node in _walk(schema):

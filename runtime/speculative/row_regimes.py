@@ -29,10 +29,7 @@ def kernel_thresholds(model: torch.nn.Module) -> tuple[int, ...]:
         bounds.add(int4_cpu.DENSE_MIN_ROWS)
     if any(w.dense is None for w in weights):
         bounds.add(int4_cpu.DEQUANT_MIN_ROWS)
-    # The C GEMV for a few rows (issue 20), where this build has it.
-    gemv_rows = getattr(int4_cpu, "GEMV_MAX_ROWS", None)
-    if gemv_rows is not None:
-        bounds.add(int(gemv_rows) + 1)
+    bounds.add(int4_cpu.GEMV_MAX_ROWS + 1)  # the exact float32 C GEMV for a few rows (issue 20)
     return tuple(sorted(bounds))
 
 
