@@ -209,7 +209,7 @@ class Scheduler:
     def _step(self) -> bool:
         self._poll_grammars()
         if self.spec is not None:
-            self.spec.begin_step(self.stats["generated_tokens"], len(self.running))
+            self.spec.begin_step(self.spec.clock(), self.stats["generated_tokens"], len(self.running))
         if self.uncommitted is not None and not self._can_schedule_before_commit():
             self._commit_step()
         batch = self._schedule_prefill()

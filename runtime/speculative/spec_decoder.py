@@ -103,9 +103,9 @@ class SpecDecoder:
     def _acceptance(self, req: Req) -> Acceptance:
         return self.acceptance.setdefault(id(req), Acceptance())
 
-    def begin_step(self, generated: int, running: int) -> None:
-        """At the start of each scheduler step: tokens generated so far, running requests."""
-        self.step_k = self.payoff.begin_step(self.clock(), generated, running) if self.payoff is not None else self.max_drafts
+    def begin_step(self, now: float, generated: int, running: int) -> None:
+        """At the start of each scheduler step: the clock (`self.clock`), tokens generated so far, running requests."""
+        self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
 
     def scheduled(self, plain_decode: bool, drafted: bool) -> None:
