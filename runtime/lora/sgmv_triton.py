@@ -39,10 +39,15 @@ class Tiles:
     block_k: int
     expand_n: int
     split_k: int  # partial sums over K (1: none)
+    warps: int | None = None  # launch options (None: Triton's defaults); fewer warps / stages take
+    stages: int | None = None  # less of an SM, so a side-stream launch fits beside a GEMM's blocks
+
+    def launch_options(self) -> dict:
+        return {k: v for k, v in (("num_warps", self.warps), ("num_stages", self.stages)) if v is not None}
 
 
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
-          split_k: int | None = None) -> Tiles:
+          split_k: int | None = None, warps: int | None = None, stages: int | None = None) -> Tiles:
     """The tiles for T tokens, a reduction of K and n·R shrink columns (overrides: the benchmark's sweep)."""
     bm = block_m or (16 if t <= 512 else 32 if t <= 4096 else 64)
     shrink_n = min(max(16, triton.next_power_of_2(n_rank)), 64)
@@ -53,7 +58,7 @@ def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int
         split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), 2048 // t))
     if k > 0:  # no split without work (each one writes its partial sum)
         split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
-    return Tiles(bm, shrink_n, block_k, expand_n or 128, split_k)
+    return Tiles(bm, shrink_n, block_k, expand_n or 128, split_k, warps, stages)
 
 
 def work_items(t: int, segments: int, block_m: int) -> int:
@@ -119,7 +124,8 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   ACCUMULATE: tl.constexpr = True):
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     piece = pid_sn // blocks_per_slice
@@ -149,8 +155,9 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
         delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
         mask = m_mask[:, None] & n_mask[None, :]
         o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-        old = tl.load(o_ptrs, mask=mask, other=0.0)
-        tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+        if ACCUMULATE:
+            delta += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_options(x: torch.Tensor) -> dict:
@@ -182,13 +189,14 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
     _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, s, k, n, k_per_split, tile.split_k,
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k,
-                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x))
+                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x), **tile.launch_options())
     return y
 
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
-                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None) -> None:
-    """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place.
+                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True) -> None:
+    """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
+    False: out[rows of a segment] = the update, other rows untouched).
     `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `slice_offsets`: [n + 1] int32 on
     the device; `widest`: the widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
     if y.dim() == 2:
@@ -202,4 +210,5 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
                          s, rank, blocks, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(b))
+                         S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
+                         **tile.launch_options())
