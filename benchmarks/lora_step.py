@@ -65,6 +65,7 @@ VARIANTS = {
     "serial": None, "overlap": None, "fused": None,  # as the engine's --lora-kernels values
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
     "overlap_lean": (0, "expand", {"warps": 2, "stages": 1}),  # side kernels taking less of an SM
+    "overlap_wide": (0, "expand", {"expand_n": 512, "split_k": 8}),  # fewer, wider expand programs
     "delta": (0, "add", {}),  # qkv / gate_up: the whole update on the side stream into a delta buffer,
     "delta_hi": (-1, "add", {}),  # the main stream only adds it after the GEMM (one plain add launch)
     "diag_forkjoin": (0, "none", None),  # fork / join edges only, no LoRA kernel: what the edges cost
@@ -94,6 +95,11 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             return None
         return tiles(p.x.shape[0], p.k, p.a.shape[1], **side_opts)
 
+    def crit_tile(p: Projection):  # the main-stream expand: the side's tile sizes, default launch options
+        if not side_opts:
+            return None
+        return tiles(p.x.shape[0], p.k, p.a.shape[1], **{k: v for k, v in side_opts.items() if k in ("expand_n", "split_k")})
+
     def run_candidate() -> None:
         main = torch.cuda.current_stream()
         for p in projs:
@@ -120,7 +126,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             if into_residual:
                 continue
             if finish == "expand":
-                sgmv_expand(p.y, p.b, p.offs, p.widest, RANK, p.out, seg)
+                sgmv_expand(p.y, p.b, p.offs, p.widest, RANK, p.out, seg, crit_tile(p) if forked else None)
             elif finish == "add":
                 p.out.add_(p.delta)
 
