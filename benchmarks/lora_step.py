@@ -228,6 +228,9 @@ def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool =
     grid = [(bk, sp) for bk in (128, 256, 512, 1024) for sp in (256, 512, 1024, 2048)] if sweep else []
     print(f"{'T':>4} {'variant':<24}{'ms/step':>9}{'LoRA ms':>9}{'vs GEMMs':>9}{'vs serial':>10}", flush=True)
     for t in sizes:
+        if deadline is not None and time.perf_counter() > deadline:
+            report.setdefault("skipped", []).append(f"T={t}")
+            continue
         adapters = 1 if t == 1 else min(t, SLOTS)
         projs = build(LLAMA_8B, t)
         token_slots = torch.arange(t) % adapters

@@ -81,7 +81,10 @@ class Scheduler:
         self.step_batches: list[ScheduledBatch] = []
         self.step_uncommitted: UncommittedStep | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
-                      "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0}
+                      "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0,
+                      # forward steps by kind: prefill alone / prefill with the decode rows / decode, and
+                      # the decode steps committed a step later (overlapped with the next step's forward)
+                      "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0}
         self._gen_window: list[tuple[float, int]] = []
         self.decode_log = DecodeLog(args.decode_log_interval)
 
@@ -231,7 +234,10 @@ class Scheduler:
             self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1
         self.stats["cascade_decode_steps"] += fb.cascade is not None
+        kind = "decode_steps" if batch.mode == ForwardMode.DECODE else "mixed_steps" if any(batch.decoding) else "prefill_steps"
+        self.stats[kind] += 1
         if self.overlap and self.results.can_defer(batch):
+            self.stats["overlapped_steps"] += 1
             previous, self.uncommitted = self.uncommitted, None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):
                 # Grammar masks need step k's tokens in the matchers: commit them now, while this
