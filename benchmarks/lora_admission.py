@@ -60,10 +60,12 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--configs", default="default,mixed512", help=f"comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no LoRA engine past this many seconds")
+    ap.add_argument("--log-level", default="warning", help="the engines' log level (info: a line every 40 decode steps)")
     ap.add_argument("--out", default="benchmarks/results/lora_admission.json")
     args = ap.parse_args()
     started = time.perf_counter()
     cfg = {**LLAMA_8B, "num_hidden_layers": args.layers}
+    engine_args = {**ENGINE_ARGS, "log_level": args.log_level}
     root = Path(tempfile.mkdtemp(prefix="radixlm-lora-adm-"))
     d = model_dir_for(cfg, root, f"llama8b_{args.layers}l")
     prompts, outs = workload_b(args.requests, cfg["vocab_size"])
@@ -75,7 +77,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
-    with radixlm.Engine(str(d), mem_fraction_static=0.85, **ENGINE_ARGS) as eng:
+    with radixlm.Engine(str(d), mem_fraction_static=0.85, **engine_args) as eng:
         eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
         base = report["base"] = run(eng, prompts, outs, [None] * len(prompts), args.slots)
     print(f"base: {base['seconds']:.1f} s, {base['total_tok_s']:.0f} tok/s, steps {base['steps']}", flush=True)
@@ -94,7 +96,7 @@ def main() -> None:
         t = time.perf_counter()
         try:
             with radixlm.Engine(str(d), mem_fraction_static=0.85, lora_paths=paths, max_loras_per_batch=args.slots,
-                                **ENGINE_ARGS, **CONFIGS[name]) as eng:
+                                **engine_args, **CONFIGS[name]) as eng:
                 start_s = time.perf_counter() - t
                 eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8),
                              lora_path=[names[i % len(names)] for i in range(8)])
