@@ -30,6 +30,7 @@ from lora import run_b, write_adapter  # noqa: E402
 CONFIGS: dict[str, dict] = {
     "default": {},
     "mixed512": {"enable_mixed_chunk": True, "chunked_prefill_size": 512},
+    "mixed1024": {"enable_mixed_chunk": True, "chunked_prefill_size": 1024},
     "mixed2048": {"enable_mixed_chunk": True, "chunked_prefill_size": 2048},
 }
 STEP_KEYS = ("forward_steps", "prefill_steps", "mixed_steps", "decode_steps", "overlapped_steps")
