@@ -36,11 +36,6 @@ CONFIGS: dict[str, dict] = {
 # Every LoRA engine here serves 64 adapters 8 at a time (<= ~200 rows a batch): graphs up to 256 rows,
 # and no cascade-attention graphs (random prompts share no prefix), so that each starts in seconds.
 LORA_ENGINE_ARGS = {"cuda_graph_max_bs": 256, "cascade_attention": "off"}
-STEP_KEYS = ("forward_steps", "prefill_steps", "mixed_steps", "decode_steps", "overlapped_steps")
-
-
-def steps_of(info_before: dict, info_after: dict) -> dict:
-    return {k: info_after.get(k, 0) - info_before.get(k, 0) for k in STEP_KEYS}
 
 
 def run(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None], slots: int) -> dict:
@@ -48,7 +43,7 @@ def run(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None],
     row = run_b(eng, prompts, outs, loras, slots)
     row.pop("_outputs")
     after = eng.get_server_info()
-    row["steps"] = steps_of(before, after)
+    row["steps"] = {"forward_steps": row["forward_steps"], **row["steps_by_kind"]}
     if "lora" in after:
         row["swaps"] = after["lora"]["swaps"] - before.get("lora", {}).get("swaps", 0)
     return row
