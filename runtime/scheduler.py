@@ -18,7 +18,7 @@ from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 # A prefill batch this small always carries the running requests' decode rows (see _should_mix).
 MIX_ALWAYS_MAX_TOKENS = 256
+# With LoRA, while more adapters are wanted than a batch may hold (`slot_bound`), prefill runs in
+# chunks of at most this many tokens, each carrying the decode rows: decode steps bound such a run
+# (a request decodes only while its adapter holds a slot), and a chunk that brings the decode rows
+# along saves one of them. 0: off. Chosen on the H200 (benchmarks/lora_admission.py, RESULTS.md).
+SLOT_BOUND_CHUNK_TOKENS = 0
 
 
 class Scheduler:
@@ -267,7 +272,15 @@ class Scheduler:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
         tokens, the tail of a chunked prompt) costs about what a separate decode step would, so
         it always rides along; a large prefill only with --enable-mixed-chunk."""
-        return self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+        return (self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+                or self._lora_slot_bound())
+
+    def _lora_slot_bound(self) -> bool:
+        """LoRA requests want more adapters than a batch holds, and prefill then goes in small
+        chunks that carry the decode rows (`SLOT_BOUND_CHUNK_TOKENS`)."""
+        if self.runner.lora is None or not SLOT_BOUND_CHUNK_TOKENS:
+            return False
+        return slot_bound(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting)
 
     def _commit_step(self, step: UncommittedStep | None = None, allow_jump: bool = True) -> bool:
         """Append the tokens of an uncommitted step (by default the scheduler's own). `allow_jump=False`
@@ -384,6 +397,8 @@ class Scheduler:
         if not self.partial and not self.waiting:
             return None  # the usual decode step: skip the reserve estimate, a pass over every running row
         budget = min(self.max_prefill_tokens, self.chunk_size)
+        if self.running and self._lora_slot_bound():
+            budget = min(budget, SLOT_BOUND_CHUNK_TOKENS)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
         self.step_batches.append(batch)

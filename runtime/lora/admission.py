@@ -109,3 +109,15 @@ def may_admit_any(limit: int, in_flight: Iterable[Req], waiting: Iterable[Req], 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:
     """Requests (with their n > 1 followers) that name `adapter` in the given queues."""
     return sum(1 + len(r.followers) for queue in queues for r in queue if r.lora_name == adapter)
+
+
+def slot_bound(limit: int, in_flight: Iterable[Req], waiting: Iterable[Req]) -> bool:
+    """More adapters are wanted (in flight or waiting) than a batch may hold: requests then decode
+    only while their adapter holds a slot, so decode steps, not prefill, bound the run."""
+    wanted = {r.lora_name for r in in_flight if r.lora_name is not None}
+    for r in waiting:
+        if r.lora_name is not None and r.lora_name not in wanted:
+            wanted.add(r.lora_name)
+            if len(wanted) > limit:
+                return True
+    return len(wanted) > limit
