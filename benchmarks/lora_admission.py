@@ -31,6 +31,8 @@ CONFIGS: dict[str, dict] = {
     "default": {},
     "mixed512": {"enable_mixed_chunk": True, "chunked_prefill_size": 512},
     "mixed1024": {"enable_mixed_chunk": True, "chunked_prefill_size": 1024},
+    "slotchunk1024": {"lora_prefill_chunk": 1024},  # small chunks only while the slots bound the run
+    "slotchunk512": {"lora_prefill_chunk": 512},
     "mixed2048": {"enable_mixed_chunk": True, "chunked_prefill_size": 2048},
 }
 # Every LoRA engine here serves 64 adapters 8 at a time (<= ~200 rows a batch): graphs up to 256 rows,

@@ -32,11 +32,6 @@ logger = logging.getLogger(__name__)
 
 # A prefill batch this small always carries the running requests' decode rows (see _should_mix).
 MIX_ALWAYS_MAX_TOKENS = 256
-# With LoRA, while more adapters are wanted than a batch may hold (`slot_bound`), prefill runs in
-# chunks of at most this many tokens, each carrying the decode rows: decode steps bound such a run
-# (a request decodes only while its adapter holds a slot), and a chunk that brings the decode rows
-# along saves one of them. 0: off. Chosen on the H200 (benchmarks/lora_admission.py, RESULTS.md).
-SLOT_BOUND_CHUNK_TOKENS = 0
 
 
 class Scheduler:
@@ -276,9 +271,10 @@ class Scheduler:
                 or self._lora_slot_bound())
 
     def _lora_slot_bound(self) -> bool:
-        """LoRA requests want more adapters than a batch holds, and prefill then goes in small
-        chunks that carry the decode rows (`SLOT_BOUND_CHUNK_TOKENS`)."""
-        if self.runner.lora is None or not SLOT_BOUND_CHUNK_TOKENS:
+        """LoRA requests want more adapters than a batch holds, and prefill then goes in chunks of
+        --lora-prefill-chunk tokens that carry the decode rows: such a run is bound by decode steps
+        (a request decodes only while its adapter holds a slot), and each chunk saves one."""
+        if self.runner.lora is None or not self.args.lora_prefill_chunk:
             return False
         return slot_bound(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting)
 
@@ -398,7 +394,7 @@ class Scheduler:
             return None  # the usual decode step: skip the reserve estimate, a pass over every running row
         budget = min(self.max_prefill_tokens, self.chunk_size)
         if self.running and self._lora_slot_bound():
-            budget = min(budget, SLOT_BOUND_CHUNK_TOKENS)
+            budget = min(budget, self.args.lora_prefill_chunk)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
         self.step_batches.append(batch)

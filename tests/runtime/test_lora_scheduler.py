@@ -264,18 +264,16 @@ def test_through_the_scheduler_a_stream_for_one_adapter_does_not_starve_another(
     assert_pool_idle(sched)
 
 
-def test_slot_bound_prefill_goes_in_small_chunks_carrying_the_decode_rows(setup, monkeypatch) -> None:
-    """More adapters wanted than slots: prefill chunks of at most SLOT_BOUND_CHUNK_TOKENS tokens, each
+def test_slot_bound_prefill_goes_in_small_chunks_carrying_the_decode_rows(setup) -> None:
+    """More adapters wanted than slots: prefill chunks of at most --lora-prefill-chunk tokens, each
     with the running requests' decode rows in the same forward; outputs equal each request alone."""
-    from radixlm.runtime import scheduler as scheduler_module
     from radixlm.runtime.forward_batch import ForwardMode
     from radixlm.runtime.lora.admission import slot_bound
 
     assert slot_bound(2, _waiting("a"), _waiting("a", "b", None)) is False
     assert slot_bound(2, _waiting("a"), _waiting("b", "c")) is True
-    monkeypatch.setattr(scheduler_module, "SLOT_BOUND_CHUNK_TOKENS", 16)
     model_dir, adapters = setup
-    sched = _sched(model_dir, adapters, max_loras_per_batch=2)
+    sched = _sched(model_dir, adapters, max_loras_per_batch=2, lora_prefill_chunk=16)
     names = ["a0", "a1", "a2", "a3", "a0", "a4"]
     reqs = [_req(f"c{i}", (PROMPT * 2)[i:i + 40], n, max_new=5 + i) for i, n in enumerate(names)]
     seen: list[tuple[int, int, bool]] = []  # (prefill tokens, decode rows, slot-bound) of each forward with prefill
