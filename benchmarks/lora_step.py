@@ -277,8 +277,9 @@ def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool =
         report.setdefault("base_ms_end", {})[t] = again
         best = min((r for r in report["rows"] if r["tokens"] == t and r["variant"].startswith("fused")),
                    key=lambda r: r["ms"], default=None)
-        print(f"{t:>4} GEMMs alone {base:.3f} ms (again at the end: {again:.3f}); best fused: "
-              f"{best and best['variant']} {best and best['lora_ms']:.3f} ms; check {report['checks'].get(t)}", flush=True)
+        fused = f"; best fused: {best['variant']} {best['lora_ms']:.3f} ms" if best else ""
+        check_note = f"; check {report['checks'][t]}" if t in report["checks"] else ""
+        print(f"{t:>4} GEMMs alone {base:.3f} ms (again at the end: {again:.3f}){fused}{check_note}", flush=True)
         del projs
         torch.cuda.empty_cache()
         if save is not None:
