@@ -137,7 +137,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 y = shrink_buffer(p.x, p.a)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    sgmv_shrink(p.x, p.a, seg, y=y)
+                    y = sgmv_shrink(p.x, p.a, seg, y=y)
                     if p.residual is not None:
                         sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.residual, seg)
             torch.mm(p.x, p.w.t(), out=p.out)

@@ -100,7 +100,7 @@ class LoRAProjection:
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
-            sgmv_shrink(x, self.a, seg, y=pending.y)
+            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y)  # (its partial sums may come back added)
             if into is not None:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
                 pending.added = True

@@ -28,6 +28,11 @@ import triton.language as tl
 from radixlm.runtime.lora.sgmv import LoRASegments
 
 TARGET_PROGRAMS = 264  # ~2 per SM of an H100/H200: below this the shrink splits K
+# From this many rows (prefill), the shrink splits K as finely as decode does (too few row blocks
+# otherwise: 42 programs over K = 14336 at 1,100 rows), and its partial sums are added once, by one
+# small sum on the same stream, so that the expand reads a single y (re-reading every split per
+# output tile would cost more than the split saves at these sizes).
+REDUCE_MIN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,20 @@ class Tiles:
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
           split_k: int | None = None, warps: int | None = None, stages: int | None = None) -> Tiles:
     """The tiles for T tokens, a reduction of K and n·R shrink columns (overrides: the benchmark's sweep)."""
-    bm = block_m or (16 if t <= 512 else 32 if t <= 4096 else 64)
+    # rows per block 32 from 512 rows up, wider expand tiles past 4,096 (the H200 sweep at 8,192
+    # rows: bm 32 / 256 columns beat 64 / 128 by 4-14% on qkv, gate_up and down)
+    bm = block_m or (16 if t <= 512 else 32)
     shrink_n = min(max(16, triton.next_power_of_2(n_rank)), 64)
     block_k = 128
     if split_k is None:
         programs = work_items(t, 1, bm) * triton.cdiv(n_rank, shrink_n)
-        # capped so that the partial sums the expand re-reads per output tile stay small next to its tile
-        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), 2048 // t))
+        # below REDUCE_MIN_TOKENS capped so that the partial sums the expand re-reads per output
+        # tile stay small next to its tile; from there on they are added once (`sgmv_shrink`)
+        cap = 2048 // t if t < REDUCE_MIN_TOKENS else 32
+        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), cap))
     if k > 0:  # no split without work (each one writes its partial sum)
         split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
-    return Tiles(bm, shrink_n, block_k, expand_n or 128, split_k, warps, stages)
+    return Tiles(bm, shrink_n, block_k, expand_n or (256 if t > 4096 else 128), split_k, warps, stages)
 
 
 def work_items(t: int, segments: int, block_m: int) -> int:
@@ -176,8 +185,10 @@ def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None) -
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
     """y [split, T, n·R] float32: partial sums over K whose sum is x·A[slot]ᵀ per segment (rows of
-    no segment are left unwritten; `sgmv_expand` adds the splits). `a`: [slots, n·R, K] with unit
-    stride along K (a view of the pool's packed slot buffer); `y`: from `shrink_buffer` (same tile)."""
+    no segment are left unwritten; `sgmv_expand` adds the splits; from REDUCE_MIN_TOKENS rows they
+    are added here and the result is [1, T, n·R], a view of `y`: use the returned tensor). `a`:
+    [slots, n·R, K] with unit stride along K (a view of the pool's packed slot buffer); `y`: from
+    `shrink_buffer` (same tile)."""
     t, k = x.shape
     n = a.shape[1]
     tile = tile or tiles(t, k, n)
@@ -190,6 +201,9 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k,
                          S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x), **tile.launch_options())
+    if y.shape[0] > 1 and t >= REDUCE_MIN_TOKENS:
+        y[0] += y[1:].sum(0)  # a fixed order: the same bits run to run
+        y = y[:1]
     return y
 
 

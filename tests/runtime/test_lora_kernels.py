@@ -246,3 +246,28 @@ def test_expand_write_mode_sets_segment_rows_only() -> None:
     used = token_slots.to(dev) >= 0
     torch.testing.assert_close(out[used], want[used], atol=1e-4, rtol=1e-4)
     assert torch.equal(out[~used], out0[~used]) and bool((~used).any())
+
+
+def test_prefill_sized_shrink_splits_k_and_adds_its_partial_sums_once(monkeypatch) -> None:
+    """From REDUCE_MIN_TOKENS rows the shrink splits K as decode does (not capped by the row count)
+    and returns its partial sums added, [1, T, n·R]: the expand then reads one y."""
+    from radixlm.runtime.lora import sgmv_triton
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, tiles
+
+    assert tiles(1100, 14336, 16).split_k > 1, "1,100 rows: K = 14,336 split (42 row blocks alone)"
+    assert tiles(1000, 14336, 16).split_k <= 2, "below the threshold the expand re-reads splits: capped"
+    assert tiles(8192, 4096, 48).expand_n == 256 and tiles(8192, 4096, 48).block_m == 32
+    monkeypatch.setattr(sgmv_triton, "REDUCE_MIN_TOKENS", 16)
+    dev = _device()
+    t, k, rank, offsets, slots = 37, 1040, 8, [0, 32, 48], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(6, t, k, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    tile = tiles(t, k, a.shape[1], split_k=4)
+    y = sgmv_shrink(x, a, seg, tile)
+    assert y.shape == (1, t, a.shape[1]), "the partial sums come back added"
+    used = token_slots.to(dev) >= 0
+    torch.testing.assert_close(y[0][used], shrink_ref(x, a, seg)[used], atol=1e-4, rtol=1e-4)
+    want, out = out0.clone(), out0.clone()
+    expand_ref(shrink_ref(x, a, seg), b, offsets, rank, want, seg)
+    sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), 32, rank, out, seg, tile)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
