@@ -271,3 +271,12 @@ def test_prefill_sized_shrink_splits_k_and_adds_its_partial_sums_once(monkeypatc
     expand_ref(shrink_ref(x, a, seg), b, offsets, rank, want, seg)
     sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), 32, rank, out, seg, tile)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    # the layer's path (overlap: shrink, then expand into the output) at that size: the same update
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    batch = BatchAdapters()
+    batch.segments = seg
+    proj = LoRAProjection(a, b, offsets, rank, batch, use_triton=True, kernels="overlap")
+    pending = proj.begin(x)
+    assert pending is not None and pending.y is not None and pending.y.shape[0] == 1
+    torch.testing.assert_close(proj.finish(pending, out0.clone()), want, atol=1e-4, rtol=1e-4)
