@@ -148,6 +148,12 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
         n_mask = rn < n_hi
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
+        mask = m_mask[:, None] & n_mask[None, :]
+        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
+        if ACCUMULATE:  # issued with the y and B loads (one round trip), not after the dot
+            old = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            old = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
         y_mask = m_mask[:, None] & r_mask[None, :]
         yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
@@ -161,11 +167,7 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
             bt = bt.to(tl.float32)
         else:
             yt = yt.to(bt.dtype)
-        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
-        mask = m_mask[:, None] & n_mask[None, :]
-        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-        if ACCUMULATE:
-            delta += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + old
         tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=mask)
 
 
