@@ -308,6 +308,8 @@ def main() -> None:
                     help="other --lora-kernels values whose batch-1 decode is measured (one small engine each)")
     ap.add_argument("--rows", default="base,1,8,64",
                     help="(b) rows of the 8-slot LoRA engine: base (its base-model requests), 1, 8, 64 adapters")
+    ap.add_argument("--step-variants", default="engine,overlap,fused",
+                    help="variants of the per-step LoRA table (lora_step.py VARIANTS; serial always)")
     ap.add_argument("--step-sizes", default="1,8,32", help="token counts of the per-step LoRA table (lora_step.py)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -347,7 +349,8 @@ def main() -> None:
     def step() -> None:
         from lora_step import step_table
 
-        report["step"] = step_table([int(t) for t in args.step_sizes.split(",")])
+        report["step"] = step_table([int(t) for t in args.step_sizes.split(",")], args.step_variants,
+                                    sweep="sweep" not in skip)
 
     section("kernels", kernels)
     if "step" not in skip:

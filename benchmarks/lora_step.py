@@ -62,7 +62,8 @@ def build(cfg: dict, t: int) -> list[Projection]:
 
 VARIANTS = {
     # name: (side stream priority or None for no side stream, how qkv / gate_up finish, side kernels' tile options)
-    "serial": None, "overlap": None, "fused": None,  # as the engine's --lora-kernels values
+    "serial": None, "overlap": None, "fused": None,  # the --lora-kernels values as first written
+    "engine": None,  # the engine's own code: LoRAProjection.begin / finish (--lora-kernels overlap, its defaults)
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
     "overlap_lean": (0, "expand", {"warps": 2, "stages": 1}),  # side kernels taking less of an SM
     "overlap_wide": (0, "expand", {"expand_n": 512, "split_k": 8}),  # fewer, wider expand programs
@@ -129,6 +130,21 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 sgmv_expand(p.y, p.b, p.offs, p.widest, RANK, p.out, seg, crit_tile(p) if forked else None)
             elif finish == "add":
                 p.out.add_(p.delta)
+
+    if variant == "engine":
+        from radixlm.runtime.lora.pool import SIDE_STREAM_PRIORITY, BatchAdapters, LoRAProjection
+
+        batch = BatchAdapters()
+        batch.segments = seg
+        stream = torch.cuda.Stream(priority=SIDE_STREAM_PRIORITY)
+        lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
+
+        def run_engine() -> None:
+            for p, proj in zip(projs, lora):
+                pending = proj.begin(p.x, into=p.residual)
+                torch.mm(p.x, p.w.t(), out=p.out)
+                proj.finish(pending, p.out)
+        return run_engine
 
     def run() -> None:
         for p in projs:
