@@ -99,11 +99,14 @@ class SlotBudget:
 
 
 def may_admit_any(limit: int, in_flight: Iterable[Req], waiting: Iterable[Req], demand: AdapterDemand) -> bool:
-    """Could `SlotBudget` admit any of `waiting` now, as far as slots go? (Conservative: True when unsure.)"""
-    adapters = {r.lora_name for r in in_flight if r.lora_name is not None}
-    free = len(adapters) < limit
-    return any(r.lora_name is None or free or (r.lora_name in adapters and r.lora_name != demand.draining)
-               for r in waiting)
+    """Could `SlotBudget` admit any of `waiting` now, as far as slots go? (Conservative: True when unsure.)
+    Runs every step over the whole queue (~1,000 requests with 64 adapters): one set, no per-row test."""
+    adapters = {r.lora_name for r in in_flight}
+    adapters.discard(None)
+    if len(adapters) < limit:
+        return any(True for _ in waiting)
+    wanted = {r.lora_name for r in waiting}
+    return None in wanted or bool(wanted & adapters - {demand.draining})
 
 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:
