@@ -26,9 +26,13 @@ PARTS: dict[str, tuple[str, ...]] = {
 # update (qkv, gate_up) gets the whole update on the side stream, into a delta buffer, and the main
 # stream only adds that after the base GEMM (one elementwise launch on the step's critical path
 # instead of the expand). Larger batches expand on the main stream (a [T, out] buffer would cost more
-# than the launch saves). Chosen from benchmarks/lora_step.py on the H200 (RESULTS.md).
+# than the launch saves). Off until benchmarks/lora_step.py (variants delta / delta_hi vs engine) shows
+# it faster on the H200: unmeasured so far (RESULTS.md, issue 21, 2026-12-03 08:00).
 DELTA_MAX_TOKENS = 0
-SIDE_STREAM_PRIORITY = 0  # the side stream's CUDA priority (lower = higher; -1: its blocks go first)
+# The side stream's CUDA priority (lower = higher). High: its small LoRA launches get SMs before the
+# pending blocks of the base GEMM beside them, so the shrink is done when the GEMM ends instead of
+# starting after its last wave (where CUDA graphs keep node priorities). Unmeasured (variants overlap_hi).
+SIDE_STREAM_PRIORITY = -1
 
 
 class BatchAdapters:
