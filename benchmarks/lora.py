@@ -256,7 +256,9 @@ def run_b(eng, prompts: list[list[int]], outs: list[int], loras: list[str | None
     steps = max(after["forward_steps"] - before["forward_steps"], 1)
     row = {"_outputs": [r["output_ids"] for r in res],
            "seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt, "forward_steps": steps,
-           "tokens_per_forward_step": (after["generated_tokens"] - before["generated_tokens"]) / steps}
+           "tokens_per_forward_step": (after["generated_tokens"] - before["generated_tokens"]) / steps,
+           "steps_by_kind": {k: after.get(k, 0) - before.get(k, 0)
+                             for k in ("prefill_steps", "mixed_steps", "decode_steps", "overlapped_steps")}}
     longest: dict[str, int] = {}
     for name, out in zip(loras, outs):
         if name is not None:
@@ -304,6 +306,10 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: kernel, sweep, step, slots64")
     ap.add_argument("--decode-kernels", default="fused",
                     help="other --lora-kernels values whose batch-1 decode is measured (one small engine each)")
+    ap.add_argument("--rows", default="base,1,8,64",
+                    help="(b) rows of the 8-slot LoRA engine: base (its base-model requests), 1, 8, 64 adapters")
+    ap.add_argument("--step-variants", default="engine,overlap,fused",
+                    help="variants of the per-step LoRA table (lora_step.py VARIANTS; serial always)")
     ap.add_argument("--step-sizes", default="1,8,32", help="token counts of the per-step LoRA table (lora_step.py)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -343,7 +349,8 @@ def main() -> None:
     def step() -> None:
         from lora_step import step_table
 
-        report["step"] = step_table([int(t) for t in args.step_sizes.split(",")])
+        report["step"] = step_table([int(t) for t in args.step_sizes.split(",")], args.step_variants,
+                                    sweep="sweep" not in skip)
 
     section("kernels", kernels)
     if "step" not in skip:
@@ -389,9 +396,11 @@ def main() -> None:
                 print("check_mixed_batch", report["check_mixed_batch"], flush=True)
                 report["lora_decode_ms"] = decode_ms(eng, vocab, names[0])
                 report["lora_engine_base_decode_ms"] = decode_ms(eng, vocab, None)
-                for label, count in (("b_lora_engine_base", 0), ("b_1_adapter", 1), ("b_8_adapters", 8),
-                                     ("b_64_adapters_8_slots", 64)):
-                    lora_row(eng, label, count, slots)
+                rows = set(args.rows.split(","))
+                for label, count, row in (("b_lora_engine_base", 0, "base"), ("b_1_adapter", 1, "1"),
+                                          ("b_8_adapters", 8, "8"), ("b_64_adapters_8_slots", 64, "64")):
+                    if row in rows:
+                        lora_row(eng, label, count, slots)
             else:
                 report[f"lora_decode_ms_{key}"] = decode_ms(eng, vocab, names[0])
                 lora_row(eng, f"b_64_adapters_{slots}_slots", 64, slots)

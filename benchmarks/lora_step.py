@@ -60,12 +60,91 @@ def build(cfg: dict, t: int) -> list[Projection]:
     return projs
 
 
-def step_fn(projs: list[Projection], seg, variant: str, tile=None):
-    """One step's projections as the engine runs them under each --lora-kernels value."""
-    from radixlm.runtime.lora.sgmv_fused import sgmv_fused
-    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
+VARIANTS = {
+    # name: (side stream priority or None for no side stream, how qkv / gate_up finish, side kernels' tile options)
+    "serial": None, "overlap": None, "fused": None,  # the --lora-kernels values as first written
+    "engine": None,  # the engine's own code: LoRAProjection.begin / finish (--lora-kernels overlap, its defaults)
+    "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
+    "overlap_lean": (0, "expand", {"warps": 2, "stages": 1}),  # side kernels taking less of an SM
+    "overlap_wide": (0, "expand", {"expand_n": 512, "split_k": 8}),  # fewer, wider expand programs
+    "delta": (0, "add", {}),  # qkv / gate_up: the whole update on the side stream into a delta buffer,
+    "delta_hi": (-1, "add", {}),  # the main stream only adds it after the GEMM (one plain add launch)
+    "diag_forkjoin": (0, "none", None),  # fork / join edges only, no LoRA kernel: what the edges cost
+    "diag_side": (0, "none", {}),  # the side-stream kernels only (no launch on the main stream)
+    "diag_crit_expand": (None, "expand", None),  # only the two expands on the main stream (y precomputed)
+    "diag_crit_add": (None, "add", None),  # only the two adds on the main stream
+}
 
-    side = torch.cuda.Stream()
+
+def step_fn(projs: list[Projection], seg, variant: str, tile=None):
+    """One step's projections as the engine runs them under each --lora-kernels value, and the
+    candidate / diagnostic arrangements of `VARIANTS`."""
+    from radixlm.runtime.lora.sgmv_fused import sgmv_fused
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer, tiles
+
+    spec = VARIANTS.get(variant)
+    priority, finish, side_opts = spec if spec is not None else (0, "expand", {})
+    side = torch.cuda.Stream(priority=priority or 0)
+    for p in projs:  # buffers the diagnostics and the delta variants read (allocated outside the graph)
+        if not hasattr(p, "y"):
+            p.y = sgmv_shrink(p.x, p.a, seg)
+            p.delta = torch.zeros_like(p.out)
+            p.flag = torch.zeros(1, device="cuda")
+
+    def side_tile(p: Projection):
+        if not side_opts:
+            return None
+        return tiles(p.x.shape[0], p.k, p.a.shape[1], **side_opts)
+
+    def crit_tile(p: Projection):  # the main-stream expand: the side's tile sizes, default launch options
+        if not side_opts:
+            return None
+        return tiles(p.x.shape[0], p.k, p.a.shape[1], **{k: v for k, v in side_opts.items() if k in ("expand_n", "split_k")})
+
+    def run_candidate() -> None:
+        main = torch.cuda.current_stream()
+        for p in projs:
+            into_residual = p.residual is not None
+            forked = priority is not None
+            if forked:
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    if side_opts is None:  # a trivial kernel, so that the edges exist in the graph
+                        p.flag.zero_()
+                    else:
+                        t = side_tile(p)
+                        y = sgmv_shrink(p.x, p.a, seg, t)
+                        if into_residual:
+                            sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.residual, seg, t)
+                        elif finish == "add":  # base rows' delta must be zero: a memset node first
+                            p.delta.zero_()
+                            sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.delta, seg, t, accumulate=False)
+                        else:
+                            p.y = y
+            torch.mm(p.x, p.w.t(), out=p.out)
+            if forked:
+                main.wait_stream(side)
+            if into_residual:
+                continue
+            if finish == "expand":
+                sgmv_expand(p.y, p.b, p.offs, p.widest, RANK, p.out, seg, crit_tile(p) if forked else None)
+            elif finish == "add":
+                p.out.add_(p.delta)
+
+    if variant == "engine":
+        from radixlm.runtime.lora.pool import SIDE_STREAM_PRIORITY, BatchAdapters, LoRAProjection
+
+        batch = BatchAdapters()
+        batch.segments = seg
+        stream = torch.cuda.Stream(priority=SIDE_STREAM_PRIORITY)
+        lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
+
+        def run_engine() -> None:
+            for p, proj in zip(projs, lora):
+                pending = proj.begin(p.x, into=p.residual)
+                torch.mm(p.x, p.w.t(), out=p.out)
+                proj.finish(pending, p.out)
+        return run_engine
 
     def run() -> None:
         for p in projs:
@@ -74,7 +153,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 y = shrink_buffer(p.x, p.a)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    sgmv_shrink(p.x, p.a, seg, y=y)
+                    y = sgmv_shrink(p.x, p.a, seg, y=y)
                     if p.residual is not None:
                         sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.residual, seg)
             torch.mm(p.x, p.w.t(), out=p.out)
@@ -86,7 +165,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 sgmv_expand(sgmv_shrink(p.x, p.a, seg), p.b, p.offs, p.widest, RANK, p.out, seg)
             elif variant == "fused":
                 sgmv_fused(p.x, p.a, p.b, p.offs, p.widest, RANK, p.out, seg, tile)
-    return run
+    return run_candidate if spec is not None else run
 
 
 def graph_ms(fn) -> float:
@@ -112,43 +191,115 @@ def check(projs: list[Projection], seg, used: torch.Tensor) -> dict:
             "ok": worst < 3e-2 and untouched}
 
 
-def step_table(sizes: list[int]) -> dict:
-    """Every (T, variant) row, and the check, as JSON-ready dicts (printed as it goes)."""
+def _kind(name: str) -> str:
+    low = name.lower()
+    for key, kind in (("_shrink", "shrink"), ("_expand", "expand"), ("_fused", "fused"), ("gemm", "gemm"),
+                      ("gemv", "gemm"), ("cutlass", "gemm"), ("sm90", "gemm"), ("xmma", "gemm"), ("nvjet", "gemm"),
+                      ("memset", "memset"), ("fill", "memset"), ("add", "add")):
+        if key in low:
+            return kind
+    return "other"
+
+
+def kernel_profile(fn, reps: int = 5) -> dict:
+    """Device time per step by kernel kind (gemm / shrink / expand / memset / add / other) as the
+    step's CUDA graph replays it: launches per step and mean us per launch (torch.profiler, CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    kinds: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0.0)
+        if not us or e.key.startswith(("cudaGraphLaunch", "cuda")):
+            continue
+        k = kinds.setdefault(_kind(e.key), [0.0, 0.0])
+        k[0] += e.count / reps
+        k[1] += us / reps
+    return {k: {"per_step": n, "us_per_launch": us / max(n, 1e-9), "us_per_step": us} for k, (n, us) in kinds.items()}
+
+
+DEFAULT_VARIANTS = "serial,overlap,fused"
+
+
+def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool = True,
+               profiled: dict[int, list[str]] | None = None, deadline: float | None = None, save=None) -> dict:
+    """Every (T, variant) row, and the check, as JSON-ready dicts (printed as it goes). Each
+    variant's qkv and gate_up outputs of layer 0 are compared with serial's (`vs_serial`)."""
     from radixlm.runtime.lora.sgmv import LoRASegments
     from radixlm.runtime.lora.sgmv_fused import fused_tiles
 
     report: dict = {"rows": [], "checks": {}}
-    sweep = [(bk, sp) for bk in (128, 256, 512, 1024) for sp in (256, 512, 1024, 2048)]
-    print(f"{'T':>4} {'variant':<24}{'ms/step':>9}{'LoRA ms':>9}{'vs GEMMs':>9}", flush=True)
+    grid = [(bk, sp) for bk in (128, 256, 512, 1024) for sp in (256, 512, 1024, 2048)] if sweep else []
+    print(f"{'T':>4} {'variant':<24}{'ms/step':>9}{'LoRA ms':>9}{'vs GEMMs':>9}{'vs serial':>10}", flush=True)
     for t in sizes:
+        if deadline is not None and time.perf_counter() > deadline:
+            report.setdefault("skipped", []).append(f"T={t}")
+            continue
         adapters = 1 if t == 1 else min(t, SLOTS)
         projs = build(LLAMA_8B, t)
         token_slots = torch.arange(t) % adapters
         if t >= 8:
             token_slots[-1] = -1  # a base-model row in the batch
         seg = LoRASegments.build(token_slots, SLOTS, torch.device("cuda"))
-        report["checks"][t] = check(projs, seg, (token_slots >= 0).cuda())
+        if sweep or "fused" in variants.split(","):  # the check compares the fused kernel with serial
+            report["checks"][t] = check(projs, seg, (token_slots >= 0).cuda())
         base = graph_ms(step_fn(projs, seg, "base"))
-        variants = [("serial", None), ("overlap", None), ("fused", None)]
-        variants += [(f"fused bk={bk} span={sp}", fused_tiles(t, block_k=bk, span=sp, block_n=min(sp, 512)))
-                     for bk, sp in sweep]
-        for name, tile in variants:
+        names = [("serial", None)] + [(v, None) for v in variants.split(",") if v and v != "serial"]
+        names += [(f"fused bk={bk} span={sp}", fused_tiles(t, block_k=bk, span=sp, block_n=min(sp, 512)))
+                  for bk, sp in grid]
+        reference = None
+        for name, tile in names:
+            if deadline is not None and time.perf_counter() > deadline:
+                report.setdefault("skipped", []).append(f"T={t} {name}")
+                continue
             try:
                 ms = graph_ms(step_fn(projs, seg, name.split()[0], tile))
             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a finding, not a stop
                 print(f"{t:>4} {name:<24} failed: {str(exc)[:160]}", flush=True)
                 continue
+            outs = [projs[0].out.float().clone(), projs[2].out.float().clone()]
+            if reference is None:
+                reference = outs
+            diff = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, reference))
             row = {"tokens": t, "adapters": adapters, "variant": name, "base_ms": base, "ms": ms,
-                   "lora_ms": ms - base, "vs_gemms": (ms - base) / base}
+                   "lora_ms": ms - base, "vs_gemms": (ms - base) / base, "vs_serial_rel_diff": diff}
             report["rows"].append(row)
             if tile is None:
-                print(f"{t:>4} {name:<24}{ms:>9.3f}{ms - base:>9.3f}{(ms - base) / base:>9.1%}", flush=True)
+                print(f"{t:>4} {name:<24}{ms:>9.3f}{ms - base:>9.3f}{(ms - base) / base:>9.1%}{diff:>10.1e}", flush=True)
+        for name in (profiled or {}).get(t, []):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            try:
+                prof = kernel_profile(step_fn(projs, seg, name))
+            except Exception as exc:  # noqa: BLE001 - the profile is extra information
+                print(f"{t:>4} profile {name} failed: {str(exc)[:160]}", flush=True)
+                continue
+            report.setdefault("profile", {}).setdefault(str(t), {})[name] = prof
+            print(f"{t:>4} profile {name:<12}" + ", ".join(
+                f"{k} {v['per_step']:.0f}x{v['us_per_launch']:.1f}us" for k, v in sorted(prof.items())), flush=True)
+        again = graph_ms(step_fn(projs, seg, "base"))
+        report.setdefault("base_ms_end", {})[t] = again
         best = min((r for r in report["rows"] if r["tokens"] == t and r["variant"].startswith("fused")),
                    key=lambda r: r["ms"], default=None)
-        print(f"{t:>4} GEMMs alone {base:.3f} ms; best fused: {best and best['variant']} "
-              f"{best and best['lora_ms']:.3f} ms; check {report['checks'][t]}", flush=True)
+        fused = f"; best fused: {best['variant']} {best['lora_ms']:.3f} ms" if best else ""
+        check_note = f"; check {report['checks'][t]}" if t in report["checks"] else ""
+        print(f"{t:>4} GEMMs alone {base:.3f} ms (again at the end: {again:.3f}){fused}{check_note}", flush=True)
         del projs
         torch.cuda.empty_cache()
+        if save is not None:
+            save(report)
     return report
 
 
@@ -156,14 +307,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/lora_step.json")
     ap.add_argument("--sizes", default="1,8,16,32,64")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--no-sweep", action="store_true", help="leave out the fused kernel's tile sweep")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new measurement past this many seconds")
+    ap.add_argument("--profile", default="", help="T:variant+variant;T:... kernel time by kind per step (torch.profiler)")
     args = ap.parse_args()
     started = time.perf_counter()
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              **step_table([int(t) for t in args.sizes.split(",")])}
-    report["wall_s"] = time.perf_counter() - started
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wall {report['wall_s']:.0f} s -> {args.out}")
+    head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:]}
+
+    def save(report: dict) -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**head, **report, "wall_s": time.perf_counter() - started}, indent=2))
+
+    profiled = {int(t): names.split("+") for t, names in (p.split(":") for p in args.profile.split(";") if p)}
+    deadline = None if args.budget_s is None else started + args.budget_s
+    report = step_table([int(t) for t in args.sizes.split(",")], args.variants, not args.no_sweep, profiled,
+                        deadline, save)
+    save(report)
+    print(f"wall {time.perf_counter() - started:.0f} s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -81,7 +81,10 @@ class Scheduler:
         self.step_batches: list[ScheduledBatch] = []
         self.step_uncommitted: UncommittedStep | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0,
-                      "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0}
+                      "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0,
+                      # forward steps by kind: prefill alone / prefill with the decode rows / decode, and
+                      # the decode steps committed a step later (overlapped with the next step's forward)
+                      "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0}
         self._gen_window: list[tuple[float, int]] = []
         self.decode_log = DecodeLog(args.decode_log_interval)
 
@@ -231,7 +234,10 @@ class Scheduler:
             self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1
         self.stats["cascade_decode_steps"] += fb.cascade is not None
+        kind = "decode_steps" if batch.mode == ForwardMode.DECODE else "mixed_steps" if any(batch.decoding) else "prefill_steps"
+        self.stats[kind] += 1
         if self.overlap and self.results.can_defer(batch):
+            self.stats["overlapped_steps"] += 1
             previous, self.uncommitted = self.uncommitted, None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):
                 # Grammar masks need step k's tokens in the matchers: commit them now, while this
@@ -261,7 +267,16 @@ class Scheduler:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
         tokens, the tail of a chunked prompt) costs about what a separate decode step would, so
         it always rides along; a large prefill only with --enable-mixed-chunk."""
-        return self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+        return (self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+                or self._lora_slot_bound())
+
+    def _lora_slot_bound(self) -> bool:
+        """LoRA requests want more adapters than a batch holds, and prefill then goes in chunks of
+        --lora-prefill-chunk tokens that carry the decode rows: such a run is bound by decode steps
+        (a request decodes only while its adapter holds a slot), and each chunk saves one."""
+        if self.runner.lora is None or not self.args.lora_prefill_chunk:
+            return False
+        return slot_bound(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting)
 
     def _commit_step(self, step: UncommittedStep | None = None, allow_jump: bool = True) -> bool:
         """Append the tokens of an uncommitted step (by default the scheduler's own). `allow_jump=False`
@@ -378,6 +393,8 @@ class Scheduler:
         if not self.partial and not self.waiting:
             return None  # the usual decode step: skip the reserve estimate, a pass over every running row
         budget = min(self.max_prefill_tokens, self.chunk_size)
+        if self.running and self._lora_slot_bound():
+            budget = min(budget, self.args.lora_prefill_chunk)
         free = self._free_tokens() - self.reserve.reserve_for(self.running)
         batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
         self.step_batches.append(batch)
@@ -391,8 +408,12 @@ class Scheduler:
             free -= ext
             if req.kv_len == req.fill_len:
                 self.partial.remove(req)
+        if budget <= 0 or (self.runner.lora is not None and not self._may_admit()):
+            # (with many adapters most steps: every waiting request needs a slot that is taken,
+            # and building the slot budget over the whole queue each step cost ~1 ms of host time)
+            return batch if batch.reqs else None
         candidates = [r for r in self.waiting if not r.grammar_pending]
-        if not candidates or budget <= 0:
+        if not candidates:
             return batch if batch.reqs else None
         adapters = None if self.runner.lora is None else SlotBudget(
             self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs], candidates,

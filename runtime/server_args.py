@@ -214,6 +214,10 @@ class ServerArgs:
                               "shrink on a side stream while the base GEMM runs, then one expand launch), "
                               "fused (shrink and expand in one launch at decode sizes, <= 32 rows) or serial "
                               "(shrink then expand after the GEMM)", str, choices=("overlap", "fused", "serial"))
+    lora_prefill_chunk: int = _flag(0, "lora", "while requests want more adapters than --max-loras-per-batch (a "
+                                    "request then decodes only while its adapter holds a slot, so decode steps "
+                                    "bound the run), prefill in chunks of at most this many tokens, each carrying "
+                                    "the decode rows (saving a decode step); 0: off", int, minimum=0)
     # ---------------------------------------------------------------- device and kernels
     device: str | None = _flag(None, "runtime", "cpu, cuda or cuda:N", str, default_text="cuda if available")
     attention_backend: str | None = _flag(None, "runtime", "attention and decoder kernels", str,

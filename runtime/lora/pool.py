@@ -22,6 +22,19 @@ PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# --lora-kernels overlap, up to this many rows (decode sizes): a projection with no residual to take its
+# update (qkv, gate_up) gets the whole update on the side stream, into a delta buffer, and the main
+# stream only adds that after the base GEMM (one elementwise launch on the step's critical path
+# instead of the expand). Larger batches expand on the main stream (a [T, out] buffer would cost more
+# than the launch saves). Off until benchmarks/lora_step.py (variants delta / delta_hi vs engine) shows
+# it faster on the H200: unmeasured so far (RESULTS.md, issue 21, 2026-12-03 08:00).
+DELTA_MAX_TOKENS = 0
+# The side stream's CUDA priority (lower = higher). High: its small LoRA launches get SMs before the
+# pending blocks of the base GEMM beside them, so the shrink is done when the GEMM ends instead of
+# starting after its last wave (where CUDA graphs keep node priorities). Unmeasured (variants overlap_hi).
+SIDE_STREAM_PRIORITY = -1
+
+
 class BatchAdapters:
     """The current forward's token -> adapter segments, shared by every LoRA projection
     (None: no row of this batch uses an adapter, the projections add nothing)."""
@@ -37,6 +50,7 @@ class PendingLoRA:
     seg: LoRASegments
     y: torch.Tensor | None = None  # the shrink's partial sums, being written on the side stream
     added: bool = False  # the whole update went into the caller's `into` tensor (finish adds nothing)
+    delta: torch.Tensor | None = None  # the whole update [T, out], written on the side stream (finish adds it)
 
 
 @dataclass
@@ -83,15 +97,21 @@ class LoRAProjection:
             return pending
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
-        pending.y = shrink_buffer(x, self.a)
+        pending.y = shrink_buffer(x, self.a)  # buffers on the current stream: never freed before the join
         into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
+        if into is None and x.shape[0] <= DELTA_MAX_TOKENS:
+            pending.delta = torch.empty(x.shape[0], self.offsets[-1], dtype=x.dtype, device=x.device)
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
-            sgmv_shrink(x, self.a, seg, y=pending.y)
+            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y)  # (its partial sums may come back added)
             if into is not None:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
                 pending.added = True
+            elif pending.delta is not None:  # rows of the base model (no segment) must add zero
+                pending.delta.zero_()
+                sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, pending.delta, seg,
+                            accumulate=False)
         return pending
 
     def finish(self, pending: PendingLoRA | None, out: torch.Tensor) -> torch.Tensor:
@@ -107,7 +127,9 @@ class LoRAProjection:
         if pending.y is not None:
             if self.side_stream is not None:
                 torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
-            if not pending.added:
+            if pending.delta is not None:
+                out.add_(pending.delta)
+            elif not pending.added:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
             sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
@@ -148,7 +170,8 @@ class LoRAPool:
         self.slot_numel = total
         self.buffer = torch.zeros(slots, total, dtype=dtype, device=device)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        side = torch.cuda.Stream(device) if device.type == "cuda" and kernels == "overlap" else None
+        side = (torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY) if device.type == "cuda" and kernels == "overlap"
+                else None)
         self.projections: dict[tuple[int, str], LoRAProjection] = {}
         for (i, proj), (a_off, a_shape, b_off, b_shape) in self.layout.items():
             a = self.buffer[:, a_off:a_off + a_shape[0] * a_shape[1]].view(slots, *a_shape)

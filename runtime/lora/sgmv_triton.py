@@ -28,6 +28,11 @@ import triton.language as tl
 from radixlm.runtime.lora.sgmv import LoRASegments
 
 TARGET_PROGRAMS = 264  # ~2 per SM of an H100/H200: below this the shrink splits K
+# From this many rows (prefill), the shrink splits K as finely as decode does (too few row blocks
+# otherwise: 42 programs over K = 14336 at 1,100 rows), and its partial sums are added once, by one
+# small sum on the same stream, so that the expand reads a single y (re-reading every split per
+# output tile would cost more than the split saves at these sizes).
+REDUCE_MIN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -39,21 +44,30 @@ class Tiles:
     block_k: int
     expand_n: int
     split_k: int  # partial sums over K (1: none)
+    warps: int | None = None  # launch options (None: Triton's defaults); fewer warps / stages take
+    stages: int | None = None  # less of an SM, so a side-stream launch fits beside a GEMM's blocks
+
+    def launch_options(self) -> dict:
+        return {k: v for k, v in (("num_warps", self.warps), ("num_stages", self.stages)) if v is not None}
 
 
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
-          split_k: int | None = None) -> Tiles:
+          split_k: int | None = None, warps: int | None = None, stages: int | None = None) -> Tiles:
     """The tiles for T tokens, a reduction of K and n·R shrink columns (overrides: the benchmark's sweep)."""
-    bm = block_m or (16 if t <= 512 else 32 if t <= 4096 else 64)
+    # rows per block 32 from 512 rows up, wider expand tiles past 4,096 (the H200 sweep at 8,192
+    # rows: bm 32 / 256 columns beat 64 / 128 by 4-14% on qkv, gate_up and down)
+    bm = block_m or (16 if t <= 512 else 32)
     shrink_n = min(max(16, triton.next_power_of_2(n_rank)), 64)
     block_k = 128
     if split_k is None:
         programs = work_items(t, 1, bm) * triton.cdiv(n_rank, shrink_n)
-        # capped so that the partial sums the expand re-reads per output tile stay small next to its tile
-        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), 2048 // t))
+        # below REDUCE_MIN_TOKENS capped so that the partial sums the expand re-reads per output
+        # tile stay small next to its tile; from there on they are added once (`sgmv_shrink`)
+        cap = 2048 // t if t < REDUCE_MIN_TOKENS else 32
+        split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), cap))
     if k > 0:  # no split without work (each one writes its partial sum)
         split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
-    return Tiles(bm, shrink_n, block_k, expand_n or 128, split_k)
+    return Tiles(bm, shrink_n, block_k, expand_n or (256 if t > 4096 else 128), split_k, warps, stages)
 
 
 def work_items(t: int, segments: int, block_m: int) -> int:
@@ -119,7 +133,8 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   ACCUMULATE: tl.constexpr = True):
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     piece = pid_sn // blocks_per_slice
@@ -133,6 +148,12 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
         n_mask = rn < n_hi
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
+        mask = m_mask[:, None] & n_mask[None, :]
+        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
+        if ACCUMULATE:  # issued with the y and B loads (one round trip), not after the dot
+            old = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            old = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
         y_mask = m_mask[:, None] & r_mask[None, :]
         yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
@@ -146,11 +167,8 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
             bt = bt.to(tl.float32)
         else:
             yt = yt.to(bt.dtype)
-        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION)
-        mask = m_mask[:, None] & n_mask[None, :]
-        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-        old = tl.load(o_ptrs, mask=mask, other=0.0)
-        tl.store(o_ptrs, (old.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + old
+        tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_options(x: torch.Tensor) -> dict:
@@ -169,8 +187,10 @@ def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None) -
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
     """y [split, T, n·R] float32: partial sums over K whose sum is x·A[slot]ᵀ per segment (rows of
-    no segment are left unwritten; `sgmv_expand` adds the splits). `a`: [slots, n·R, K] with unit
-    stride along K (a view of the pool's packed slot buffer); `y`: from `shrink_buffer` (same tile)."""
+    no segment are left unwritten; `sgmv_expand` adds the splits; from REDUCE_MIN_TOKENS rows they
+    are added here and the result is [1, T, n·R], a view of `y`: use the returned tensor). `a`:
+    [slots, n·R, K] with unit stride along K (a view of the pool's packed slot buffer); `y`: from
+    `shrink_buffer` (same tile)."""
     t, k = x.shape
     n = a.shape[1]
     tile = tile or tiles(t, k, n)
@@ -182,13 +202,17 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
     _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, s, k, n, k_per_split, tile.split_k,
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k,
-                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x))
+                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x), **tile.launch_options())
+    if y.shape[0] > 1 and t >= REDUCE_MIN_TOKENS:
+        y[0] += y[1:].sum(0)  # a fixed order: the same bits run to run
+        y = y[:1]
     return y
 
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
-                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None) -> None:
-    """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place.
+                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True) -> None:
+    """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
+    False: out[rows of a segment] = the update, other rows untouched).
     `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `slice_offsets`: [n + 1] int32 on
     the device; `widest`: the widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
     if y.dim() == 2:
@@ -202,4 +226,5 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
                          s, rank, blocks, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(b))
+                         S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
+                         **tile.launch_options())

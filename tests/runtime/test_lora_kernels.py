@@ -188,16 +188,21 @@ def test_decode_sizes_take_one_launch_and_larger_batches_two() -> None:
     assert use_fused(1) and use_fused(FUSED_MAX_TOKENS) and not use_fused(FUSED_MAX_TOKENS + 1)
 
 
-@pytest.mark.parametrize("kernels", ["overlap", "fused", "serial"])
-def test_projection_update_lands_in_the_output_or_the_residual(kernels: str) -> None:
+@pytest.mark.parametrize("kernels", ["overlap", "overlap-delta", "fused", "serial"])
+def test_projection_update_lands_in_the_output_or_the_residual(kernels: str, monkeypatch) -> None:
     """LoRAProjection.begin/finish around a base GEMM: every --lora-kernels value gives residual +
     output == residual + base + update; with overlap and a residual passed (o_proj / down_proj) the
-    update is added to the residual and the output is the base GEMM's alone (no launch after it)."""
+    update is added to the residual and the output is the base GEMM's alone (no launch after it).
+    overlap-delta: overlap at decode sizes, where a projection without a residual (qkv, gate_up) gets
+    its update in a delta buffer on the side stream, then added to the output."""
+    from radixlm.runtime.lora import pool
     from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
     dev = _device()
     t, k, rank, offsets, slots = 5, 96, 8, [0, 48], 3
     a, b, x, token_slots, base = (v.to(dev) for v in _case(9, t, k, rank, offsets, slots, torch.float32))
+    monkeypatch.setattr(pool, "DELTA_MAX_TOKENS", t if kernels == "overlap-delta" else 0)
+    kernels = kernels.split("-")[0]
     batch = BatchAdapters()
     batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
     proj = LoRAProjection(a, b, offsets, rank, batch, use_triton=True, kernels=kernels)
@@ -210,5 +215,68 @@ def test_projection_update_lands_in_the_output_or_the_residual(kernels: str) -> 
     torch.testing.assert_close(residual + out, want, atol=1e-4, rtol=1e-4)
     assert pending is not None and pending.added == (kernels == "overlap")
     assert torch.equal(out, base) == (kernels == "overlap"), "overlap: the output is the GEMM's alone"
+    # no residual to take the update (qkv, gate_up): it lands in the output, base-model rows untouched
+    used = token_slots.to(dev) >= 0
+    empty = torch.empty
+    with monkeypatch.context() as m:  # buffers holding stale values, as reused memory does
+        m.setattr(torch, "empty", lambda *args, **kw: empty(*args, **kw).fill_(7.0))
+        pending = proj.begin(x)
+    assert (pending.delta is not None) == (pool.DELTA_MAX_TOKENS > 0 and kernels == "overlap")
+    out = proj.finish(pending, base.clone())
+    torch.testing.assert_close(out, want - residual0, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[~used], base[~used])
     batch.segments = None
     assert proj.begin(x, into=residual) is None, "no adapter row: no LoRA work at all"
+
+
+def test_expand_write_mode_sets_segment_rows_only() -> None:
+    """sgmv_expand(accumulate=False) writes the update itself into the rows of a segment (what the
+    delta buffer needs) and leaves other rows as they were."""
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand
+
+    dev = _device()
+    t, rank, offsets, slots = 9, 8, [0, 24, 40], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(4, t, 32, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    y = shrink_ref(x, a, seg)
+    want = torch.zeros_like(out0)
+    expand_ref(y, b, offsets, rank, want, seg)
+    out = out0.clone()
+    sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), 24, rank, out, seg, accumulate=False)
+    used = token_slots.to(dev) >= 0
+    torch.testing.assert_close(out[used], want[used], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[~used], out0[~used]) and bool((~used).any())
+
+
+def test_prefill_sized_shrink_splits_k_and_adds_its_partial_sums_once(monkeypatch) -> None:
+    """From REDUCE_MIN_TOKENS rows the shrink splits K as decode does (not capped by the row count)
+    and returns its partial sums added, [1, T, n·R]: the expand then reads one y."""
+    from radixlm.runtime.lora import sgmv_triton
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, tiles
+
+    assert tiles(1100, 14336, 16).split_k > 1, "1,100 rows: K = 14,336 split (42 row blocks alone)"
+    assert tiles(1000, 14336, 16).split_k <= 2, "below the threshold the expand re-reads splits: capped"
+    assert tiles(8192, 4096, 48).expand_n == 256 and tiles(8192, 4096, 48).block_m == 32
+    monkeypatch.setattr(sgmv_triton, "REDUCE_MIN_TOKENS", 16)
+    dev = _device()
+    t, k, rank, offsets, slots = 37, 1040, 8, [0, 32, 48], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(6, t, k, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    tile = tiles(t, k, a.shape[1], split_k=4)
+    y = sgmv_shrink(x, a, seg, tile)
+    assert y.shape == (1, t, a.shape[1]), "the partial sums come back added"
+    used = token_slots.to(dev) >= 0
+    torch.testing.assert_close(y[0][used], shrink_ref(x, a, seg)[used], atol=1e-4, rtol=1e-4)
+    want, out = out0.clone(), out0.clone()
+    expand_ref(shrink_ref(x, a, seg), b, offsets, rank, want, seg)
+    sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), 32, rank, out, seg, tile)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    # the layer's path (overlap: shrink, then expand into the output) at that size: the same update
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    batch = BatchAdapters()
+    batch.segments = seg
+    proj = LoRAProjection(a, b, offsets, rank, batch, use_triton=True, kernels="overlap")
+    pending = proj.begin(x)
+    assert pending is not None and pending.y is not None and pending.y.shape[0] == 1
+    torch.testing.assert_close(proj.finish(pending, out0.clone()), want, atol=1e-4, rtol=1e-4)

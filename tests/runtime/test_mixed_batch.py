@@ -45,6 +45,11 @@ def test_mixed_chunks_change_no_output(tiny_model_dir, overlap: bool) -> None:
     mixed = _count_mixed(sched)
     got = run_to_completion(sched, _workload())
     assert mixed[0] > 5
+    # the scheduler's own count of forward steps by kind (/server_info)
+    stats = sched.stats
+    assert stats["prefill_steps"] + stats["mixed_steps"] + stats["decode_steps"] == stats["forward_steps"]
+    assert stats["mixed_steps"] > 5 and stats["decode_steps"] > 0
+    assert (stats["overlapped_steps"] > 0) == overlap and stats["overlapped_steps"] <= stats["decode_steps"]
     for rid, res in expected.items():
         assert got[rid]["output_ids"] == res["output_ids"], rid
         assert got[rid]["finished_reason"] == res["finished_reason"], rid
