@@ -4,6 +4,7 @@ L2 prefetch of the next GEMM's weights from a side stream (--decode-l2-prefetch,
 
     python benchmarks/decode_overlap.py --out $OUT/lean3.json
 
+  gemm   cuBLAS at M = 1 on the four layer shapes, weights cold vs hot in L2 (an L2 prefetch's ceiling)
   chain  the layer's small kernels alone (add+norm, rotary, KV store, decode attention, add+norm,
          SiLU-and-mul), 32 layers in one CUDA graph, PDL off / on: µs per layer
   arms   per arm (PDL and prefetch settings), an in-process scheduler at batch 1 (Llama-3.1-8B shape,
@@ -123,6 +124,33 @@ def item_chain() -> dict:
     off, on = min(out["pdl_False"]), min(out["pdl_True"])
     print(f"chain (small kernels only, 7 launches + 1 add a layer, ctx {ctx}): PDL off {off:.2f} µs/layer, "
           f"on {on:.2f} ({off - on:+.2f}); same bits {out['same_bits']}", flush=True)
+    return out
+
+
+def item_gemm(bw: float) -> dict:
+    """cuBLAS M = 1 at the layer shapes, weights cold (distinct copies cycled, > 4x L2) and hot in L2 (one
+    weight called again and again): what an L2 prefetch can win per GEMM at most."""
+    import torch.nn.functional as F
+
+    out: dict = {}
+    for name, n, k in (("qkv", (HQ + 2 * HKV) * D, HIDDEN), ("o", HIDDEN, HQ * D), ("gate_up", 2 * INTER, HIDDEN),
+                       ("down", HIDDEN, INTER)):
+        copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+        wts = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+        def cycle(ws: list[torch.Tensor], xin: torch.Tensor, reps: int) -> None:
+            for i in range(reps):
+                F.linear(xin, ws[i % len(ws)])
+
+        reps = 4 * copies
+        cold = graph_us(lambda: cycle(wts, x, reps)) / reps
+        hot = graph_us(lambda: cycle(wts[:1], x, reps)) / reps
+        out[name] = {"cold_us": cold, "hot_us": hot, "floor_us": n * k * 2 / bw * 1e6, "mb": n * k * 2 / 2**20}
+        wts.clear()
+    print("GEMM M=1 (cuBLAS, µs per call in a graph): " + ", ".join(
+        f"{k} {v['cold_us']:.1f} cold / {v['hot_us']:.1f} hot-in-L2 (floor {v['floor_us']:.1f}, {v['mb']:.0f} MB)"
+        for k, v in out.items()), flush=True)
     return out
 
 
@@ -247,7 +275,7 @@ def item_a(d: Path, arm: str, max_bs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", default="chain,arms,a")
+    ap.add_argument("--items", default="chain,gemm,arms,a")
     ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pf:mode=line;programs=132;lanes=128,"
                     "pf:after_o=0;after_gate_up=0;after_down=0,pf:chunk=65536;programs=64,"
                     "pdl+pf:after_o=16;after_gate_up=12;after_down=16")
@@ -280,11 +308,25 @@ def main() -> None:
 
     items = args.items.split(",")
     if "chain" in items and time_left(10):
-        report["chain"] = item_chain()
+        try:
+            report["chain"] = item_chain()
+        except Exception as exc:  # noqa: BLE001 - keep the other items
+            import traceback
+
+            traceback.print_exc()
+            report["chain"] = {"error": repr(exc)}
+        save()
+    if "gemm" in items and time_left(8):
+        try:
+            report["gemm"] = item_gemm(bw)
+        except Exception as exc:  # noqa: BLE001 - keep the other items
+            report["gemm"] = {"error": repr(exc)}
+        torch.cuda.empty_cache()
         save()
     if "arms" in items:
         report["arms"] = []
-        jobs = [(a, 32) for a in args.arms.split(",")] + [(a, 1) for a in args.one_layer_arms.split(",") if a]
+        arms32 = [(a, 32) for a in args.arms.split(",")]
+        jobs = arms32[:4] + [(a, 1) for a in args.one_layer_arms.split(",") if a] + arms32[4:]  # by importance
         for arm, layers in jobs:
             if not time_left(12 if layers == 32 else 6):
                 break
@@ -308,7 +350,13 @@ def main() -> None:
         for arm in args.a_arms.split(","):
             if not time_left(20):
                 break
-            report["a"].append(item_a(d32, arm, args.a_max_bs))
+            try:
+                report["a"].append(item_a(d32, arm, args.a_max_bs))
+            except Exception as exc:  # noqa: BLE001 - keep the other arms
+                import traceback
+
+                traceback.print_exc()
+                report["a"].append({"arm": arm, "error": repr(exc)})
             save()
     report["elapsed_s"] = time.perf_counter() - T0
     save()
