@@ -1,6 +1,6 @@
 """Compile the decode-overlap kernels for sm_90 on a machine without a GPU: the decoder's small kernels
 with programmatic dependent launch (kernels/gdc.py: USE_PDL=True) and the L2 prefetch kernel's two
-modes (kernels/l2_prefetch.py), through Triton's real NVIDIA backend (TTIR -> PTX -> cubin with the
+modes (kernels/l2_prefetch.py) and the two-stage argmax (kernels/argmax.py), through Triton's real NVIDIA backend (TTIR -> PTX -> cubin with the
 bundled ptxas), and check that the PTX holds what the switch is for: `griddepcontrol.wait` and
 `griddepcontrol.launch_dependents` before the first global load, `cp.async.bulk.prefetch.L2` /
 `prefetch.global.L2`. The CPU interpreter cannot run inline PTX, so this is the check that it assembles.
@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import decode_attention, l2_prefetch, ops
+from radixlm.kernels import argmax, decode_attention, l2_prefetch, ops
 
 FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale"}
 
@@ -55,6 +55,8 @@ def cases():
     yield ("decode stage 2", decode_attention._decode_stage2,
            {"MidO": f32, "MidLse": f32, "SeqLens": i32, "KvStart": i32, "PrefixSplits": i32, "Out": bf16},
            {"HEAD_DIM": 128, "BLOCK_S": 32, "BLOCK_D": 128, "BLOCK_N": 128, "NUM_PREFIX": 0}, ["pdl"])
+    yield ("argmax stage 1", argmax._argmax_stage1, {"X": f32, "BestVal": f32, "BestIdx": i32}, {"BLOCK": 2048}, [])
+    yield ("argmax stage 2", argmax._argmax_stage2, {"BestVal": f32, "BestIdx": i32, "Out": i64}, {"BLOCK_B": 64}, [])
     for bulk in (True, False):
         yield (f"l2 prefetch {'bulk' if bulk else 'line'}", l2_prefetch._l2_prefetch_kernel, {"Base": "*u8"},
                {"PIECE": 16384 if bulk else 128, "LANES": 32, "BULK": bulk},

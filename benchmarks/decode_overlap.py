@@ -148,9 +148,21 @@ def item_gemm(bw: float) -> dict:
         hot = graph_us(lambda: cycle(wts[:1], x, reps)) / reps
         out[name] = {"cold_us": cold, "hot_us": hot, "floor_us": n * k * 2 / bw * 1e6, "mb": n * k * 2 / 2**20}
         wts.clear()
+    from radixlm.kernels.argmax import argmax_two_stage
+
+    head = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    h = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    logits = F.linear(h, head).float()
+    out["tail"] = {"lm_head_us": graph_us(lambda: F.linear(h, head)), "lm_head_float_us": graph_us(
+        lambda: F.linear(h, head).float()), "argmax_torch_us": graph_us(lambda: logits.argmax(-1)),
+        "argmax_two_stage_us": graph_us(lambda: argmax_two_stage(logits)),
+        "argmax_equal": all(torch.equal(argmax_two_stage(t), t.argmax(-1)) for t in (
+            logits, torch.randn(8, VOCAB, device="cuda"), torch.zeros(3, VOCAB, device="cuda")))}
     print("GEMM M=1 (cuBLAS, µs per call in a graph): " + ", ".join(
         f"{k} {v['cold_us']:.1f} cold / {v['hot_us']:.1f} hot-in-L2 (floor {v['floor_us']:.1f}, {v['mb']:.0f} MB)"
-        for k, v in out.items()), flush=True)
+        for k, v in out.items() if k != "tail"), flush=True)
+    print("tail: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out["tail"].items()),
+          flush=True)
     return out
 
 
