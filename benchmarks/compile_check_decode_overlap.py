@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import argmax, decode_attention, l2_prefetch, ops
+from radixlm.kernels import argmax, bf16_gemv, decode_attention, l2_prefetch, ops
 
 FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale"}
 
@@ -57,6 +57,8 @@ def cases():
            {"HEAD_DIM": 128, "BLOCK_S": 32, "BLOCK_D": 128, "BLOCK_N": 128, "NUM_PREFIX": 0}, ["pdl"])
     yield ("argmax stage 1", argmax._argmax_stage1, {"X": f32, "BestVal": f32, "BestIdx": i32}, {"BLOCK": 2048}, [])
     yield ("argmax stage 2", argmax._argmax_stage2, {"BestVal": f32, "BestIdx": i32, "Out": i64}, {"BLOCK_B": 64}, [])
+    yield ("bf16 gemv (candidate)", bf16_gemv._bf16_gemv_kernel, {"X": bf16, "W": bf16, "Out": bf16},
+           {"BLOCK_N": 8, "BLOCK_K": 512, "PREFETCH": True}, ["pdl-late", "bulk"])
     for bulk in (True, False):
         yield (f"l2 prefetch {'bulk' if bulk else 'line'}", l2_prefetch._l2_prefetch_kernel, {"Base": "*u8"},
                {"PIECE": 16384 if bulk else 128, "LANES": 32, "BULK": bulk},
@@ -65,6 +67,7 @@ def cases():
 
 CHECKS = {
     "pdl": [r"griddepcontrol\.wait", r"griddepcontrol\.launch_dependents"],
+    "pdl-late": [r"griddepcontrol\.wait", r"griddepcontrol\.launch_dependents"],  # weight loads come first
     "bulk": [r"cp\.async\.bulk\.prefetch\.L2\.global"],
     "line": [r"prefetch\.global\.L2"],
 }
@@ -74,7 +77,7 @@ def main() -> int:
     print(f"triton {triton.__version__}, target sm_90")
     failed = 0
     for name, fn, pointers, constexprs, wants in cases():
-        if "pdl" in wants:
+        if "pdl" in wants or "pdl-late" in wants:
             constexprs = {**constexprs, "USE_PDL": True}
         try:
             kernel = compile_kernel(fn, pointers, constexprs, num_warps=1 if "prefetch" in name else 4)

@@ -5,6 +5,8 @@ L2 prefetch of the next GEMM's weights from a side stream (--decode-l2-prefetch,
     python benchmarks/decode_overlap.py --out $OUT/lean3.json
 
   gemm   cuBLAS at M = 1 on the four layer shapes, weights cold vs hot in L2 (an L2 prefetch's ceiling)
+  gemv   the whole layer x 32 in one graph: cuBLAS vs a GEMV that loads weights before its PDL wait
+         (kernels/bf16_gemv.py, a measurement candidate), small kernels with / without PDL
   chain  the layer's small kernels alone (add+norm, rotary, KV store, decode attention, add+norm,
          SiLU-and-mul), 32 layers in one CUDA graph, PDL off / on: µs per layer
   arms   per arm (PDL and prefetch settings), an in-process scheduler at batch 1 (Llama-3.1-8B shape,
@@ -166,6 +168,64 @@ def item_gemm(bw: float) -> dict:
     return out
 
 
+def item_gemv() -> dict:
+    """The whole layer (norm, qkv, rotary, KV store, attention, o, add+norm, gate_up, SiLU-and-mul, down) x 32
+    distinct layers in one graph, GEMMs by cuBLAS or by kernels/bf16_gemv.py (the candidate that loads
+    weights before its PDL wait), small kernels with and without PDL: µs per layer."""
+    import torch.nn.functional as F
+
+    from radixlm.kernels import ops
+    from radixlm.kernels.bf16_gemv import bf16_gemv
+    from radixlm.kernels.decode_attention import decode_attention
+
+    torch.manual_seed(0)
+    shapes = {"qkv": ((HQ + 2 * HKV) * D, HIDDEN), "o": (HIDDEN, HQ * D), "gate_up": (2 * INTER, HIDDEN),
+              "down": (HIDDEN, INTER)}
+    weights = [{name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+                for name, (n, k) in shapes.items()} for _ in range(LAYERS)]
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device="cuda") / D))
+    ang = torch.arange(4096, device="cuda")[:, None] * inv
+    cache = torch.cat((ang.cos(), ang.sin()), -1)
+    ctx = 260
+    kbuf = torch.randn(LAYERS, 4096, HKV, D, device="cuda", dtype=torch.bfloat16)
+    vbuf = torch.randn_like(kbuf)
+    r2t = torch.arange(1, ctx + 1, device="cuda", dtype=torch.int32)[None]
+    rows, lens = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.full((1,), ctx, device="cuda", dtype=torch.int32)
+    pos, slot = torch.full((1,), ctx - 1, device="cuda"), torch.full((1,), ctx, device="cuda")
+    x0 = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def step(gemv: bool, pdl: bool) -> torch.Tensor:
+        def mm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+            return bf16_gemv(x, wt, pdl=pdl, prefetch=pdl) if gemv else F.linear(x, wt)
+
+        h, res = x0, None
+        for i, lw in enumerate(weights):
+            if res is None:
+                res, normed = h, ops.rms_norm(h, w, 1e-5, pdl=pdl)
+            else:
+                normed, res = ops.fused_add_rms_norm(h, res, w, 1e-5, pdl=pdl)
+            q, k, v = mm(normed, lw["qkv"]).split([HQ * D, HKV * D, HKV * D], -1)
+            q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache, pdl=pdl)
+            ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D), pdl=pdl)
+            attn = decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5, pdl=pdl)
+            normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw["o"]), res, w, 1e-5, pdl=pdl)
+            h = mm(ops.silu_and_mul(mm(normed, lw["gate_up"]), pdl=pdl), lw["down"])
+        return h
+
+    out: dict = {}
+    for gemv, pdl in ((False, False), (False, True), (True, False), (True, True)):
+        key = f"{'gemv' if gemv else 'cublas'}{'+pdl' if pdl else ''}"
+        out[key] = graph_us(lambda: step(gemv, pdl), iters=10) / LAYERS
+    ref = step(False, False).float()
+    out["gemv_rel_err"] = ((step(True, True).float() - ref).norm() / ref.norm()).item()
+    print("layer x 32 in one graph (µs/layer): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()
+                                                             if k != "gemv_rel_err")
+          + f"; gemv vs cuBLAS rel. err {out['gemv_rel_err']:.1e}", flush=True)
+    weights.clear()
+    return out
+
+
 def kernel_kind(name: str) -> str:
     for key, kind in (("_l2_prefetch", "L2 prefetch (side stream)"), ("_rotary_kernel", "rotary"),
                       ("_store_kv_kernel", "KV store"), ("_decode_stage1", "decode attention"),
@@ -287,9 +347,8 @@ def item_a(d: Path, arm: str, max_bs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", default="chain,gemm,arms,a")
+    ap.add_argument("--items", default="chain,gemm,gemv,arms,a")
     ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pf:mode=line;programs=132;lanes=128,"
-                    "pf:after_o=0;after_gate_up=0;after_down=0,pf:chunk=65536;programs=64,"
                     "pdl+pf:after_o=16;after_gate_up=12;after_down=16")
     ap.add_argument("--one-layer-arms", default="base,pdl+pf", help="arms also run on a 1-layer model")
     ap.add_argument("--a-arms", default="base,pdl+pf")
@@ -333,6 +392,17 @@ def main() -> None:
             report["gemm"] = item_gemm(bw)
         except Exception as exc:  # noqa: BLE001 - keep the other items
             report["gemm"] = {"error": repr(exc)}
+        torch.cuda.empty_cache()
+        save()
+    if "gemv" in items and time_left(20):
+        try:
+            report["gemv"] = item_gemv()
+        except Exception as exc:  # noqa: BLE001 - keep the other items
+            import traceback
+
+            traceback.print_exc()
+            report["gemv"] = {"error": repr(exc)}
+        gc.collect()
         torch.cuda.empty_cache()
         save()
     if "arms" in items:
