@@ -336,7 +336,7 @@ def item_a(d: Path, arm: str, max_bs: int) -> dict:
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=max_bs,
-                        decode_pdl=pdl, decode_l2_prefetch=pf) as eng:
+                        decode_pdl=pdl, decode_l2_prefetch=pf, log_level="warning") as eng:
         gen(eng, rand_ids(64, VOCAB, rng), 8)
         t1 = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 1) for _ in range(3))
         tn = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 257) for _ in range(2))
