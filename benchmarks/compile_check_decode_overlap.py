@@ -34,6 +34,8 @@ def compile_kernel(fn, pointers: dict[str, str], constexprs: dict, num_warps: in
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
+            if name == "row_bytes":  # weight rows: multiples of 16 bytes
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
@@ -59,6 +61,7 @@ def cases():
     yield ("argmax stage 2", argmax._argmax_stage2, {"BestVal": f32, "BestIdx": i32, "Out": i64}, {"BLOCK_B": 64}, [])
     yield ("bf16 gemv (candidate)", bf16_gemv._bf16_gemv_kernel, {"X": bf16, "W": bf16, "Out": bf16},
            {"BLOCK_N": 8, "BLOCK_K": 512, "PREFETCH": True}, ["pdl-late", "bulk"])
+    yield ("l2 prefetch rows", l2_prefetch._l2_prefetch_rows_kernel, {"Base": "*u8"}, {"LANES": 32}, ["bulk"])
     for bulk in (True, False):
         yield (f"l2 prefetch {'bulk' if bulk else 'line'}", l2_prefetch._l2_prefetch_kernel, {"Base": "*u8"},
                {"PIECE": 16384 if bulk else 128, "LANES": 32, "BULK": bulk},

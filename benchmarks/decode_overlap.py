@@ -348,8 +348,8 @@ def item_a(d: Path, arm: str, max_bs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", default="chain,gemm,gemv,arms,a")
-    ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pf:mode=line;programs=132;lanes=128,"
-                    "pdl+pf:after_o=16;after_gate_up=12;after_down=16")
+    ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pdl+pf:layout=cols,"
+                    "pdl+pf:after_o=16;after_gate_up=12;after_down=16,pf:mode=line;programs=132;lanes=128")
     ap.add_argument("--one-layer-arms", default="base,pdl+pf", help="arms also run on a 1-layer model")
     ap.add_argument("--a-arms", default="base,pdl+pf")
     ap.add_argument("--a-max-bs", type=int, default=256, help="cuda_graph_max_bs of the (a) engines (gpu_suite: 256)")

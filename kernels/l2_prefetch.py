@@ -72,10 +72,32 @@ def _l2_prefetch_kernel(Base, nbytes, per_lane, PIECE: tl.constexpr, LANES: tl.c
                 "=r,l,r", [Base + off, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _l2_prefetch_rows_kernel(Base, n_rows, row_bytes, per_row, rows_per_lane, LANES: tl.constexpr):
+    """The first `per_row` bytes of every row (one bulk hint per row): the columns a GEMV reads first."""
+    pid = tl.program_id(0).to(tl.int64)
+    lane = tl.arange(0, LANES).to(tl.int64)
+    for i in range(rows_per_lane):
+        row = (pid * rows_per_lane + i) * LANES + lane
+        live = row < n_rows
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+            "=r,l,r,r", [Base + tl.where(live, row, 0) * row_bytes, live.to(tl.int32),
+                         tl.full([LANES], 0, tl.int32) + per_row], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def row_plan(nbytes: int, rows: int, row_bytes: int) -> int:
+    """Bytes hinted at the head of each row so that rows x that ~ nbytes (16-byte multiples, >= 16)."""
+    return min(row_bytes, max(ALIGN, (nbytes // max(rows, 1)) // ALIGN * ALIGN))
+
+
 def prefetch_l2(t: torch.Tensor, nbytes: int | None = None, *, mode: str = "bulk", chunk: int = 16384,
-                programs: int = 32, lanes: int = 32) -> int:
-    """Hint L2 to load the first `nbytes` (all when None) of contiguous tensor `t`, on the current
-    stream; returns the bytes hinted (0 on the CPU, where nothing is launched)."""
+                programs: int = 32, lanes: int = 32, layout: str = "prefix") -> int:
+    """Hint L2 to load `nbytes` (all when None) of contiguous tensor `t`, on the current stream: its first
+    bytes (`layout` "prefix"), or the head of each of its rows (2-D `t`, "cols": the columns a GEMV reads
+    first, bulk mode). Returns the bytes hinted (0 on the CPU, where nothing is launched)."""
+    if layout not in ("prefix", "cols"):
+        raise ValueError(f"l2 prefetch layout must be 'prefix' or 'cols', not {layout!r}")
     if not t.is_cuda or t.numel() == 0:
         return 0
     if not t.is_contiguous():
@@ -83,6 +105,16 @@ def prefetch_l2(t: torch.Tensor, nbytes: int | None = None, *, mode: str = "bulk
     total = t.numel() * t.element_size()
     want = total if nbytes is None else max(0, min(nbytes, total))
     want -= want % ALIGN
+    row_bytes = t.shape[-1] * t.element_size()
+    if layout == "cols" and t.dim() == 2 and 0 < want < total and row_bytes % ALIGN == 0:
+        rows = t.shape[0]
+        per_row = row_plan(want, rows, row_bytes)
+        per_program = triton.cdiv(rows, max(1, programs))
+        rows_per_lane = triton.cdiv(per_program, lanes)
+        _l2_prefetch_rows_kernel[(triton.cdiv(rows, lanes * rows_per_lane),)](
+            t.view(-1).view(torch.uint8), rows, row_bytes, per_row, rows_per_lane, LANES=lanes,
+            num_warps=max(1, lanes // 32))
+        return per_row * rows
     launch = plan(want, mode, chunk, programs, lanes)
     if launch.programs == 0:
         return 0

@@ -42,6 +42,7 @@ class PrefetchPlan:
     after_down: float = 8.0  # of the next layer's qkv (the last layer: of the LM head)
     max_bs: int = 8
     mode: str = "bulk"
+    layout: str = "prefix"  # or "cols": the first columns of every row (what a GEMV reads first)
     chunk: int = 16384
     programs: int = 32
     lanes: int = 32
@@ -117,7 +118,7 @@ class DecodeL2Prefetch:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             prefetch_l2(weight, nbytes, mode=self.plan.mode, chunk=self.plan.chunk, programs=self.plan.programs,
-                        lanes=self.plan.lanes)
+                        lanes=self.plan.lanes, layout=self.plan.layout)
         self.forked = True
 
     def join(self) -> None:

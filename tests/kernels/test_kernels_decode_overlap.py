@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from radixlm.kernels import AttentionMetadata, gdc, get_kernel_ops
-from radixlm.kernels.l2_prefetch import ALIGN, LINE, plan, prefetch_l2
+from radixlm.kernels.l2_prefetch import ALIGN, LINE, plan, prefetch_l2, row_plan
 
 
 def test_launch_options_never_ask_a_cpu_or_old_gpu_for_pdl() -> None:
@@ -73,3 +73,11 @@ def test_prefetch_refuses_bad_plans_and_is_a_no_op_on_the_cpu() -> None:
         plan(1024, "bulk", 1000, 8)
     assert ALIGN == 16
     assert prefetch_l2(torch.ones(1024)) == 0  # nothing is launched for a CPU tensor
+
+
+def test_row_plan_spreads_the_bytes_over_the_rows_heads() -> None:
+    assert row_plan(8 << 20, 28672, 8192) == 288  # gate_up: 8 MB as the first 288 bytes of each row
+    assert row_plan(1 << 40, 4096, 8192) == 8192  # never past a row
+    assert row_plan(10, 4096, 8192) == ALIGN  # at least one 16-byte hint
+    with pytest.raises(ValueError, match="layout"):
+        prefetch_l2(torch.ones(4, 4), layout="diagonal")
