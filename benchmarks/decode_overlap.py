@@ -17,7 +17,8 @@ L2 prefetch of the next GEMM's weights from a side stream (--decode-l2-prefetch,
   a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens) for --a-arms
 Arms: base (both off), pdl, pf (prefetch, default plan), pdl+pf, and plan variants "pf:<plan>" /
 "pdl+pf:<plan>" with <plan> = PrefetchPlan fields, e.g. "pf:after_o=16;after_down=16;mode=line"
-(';' between fields). The JSON is rewritten after every arm; --budget-s skips what would not fit.
+(';' between fields); "@N" runs an arm at decode batch N (N requests; default 1). The JSON is rewritten
+after every arm; --budget-s skips what would not fit.
 """
 from __future__ import annotations
 
@@ -49,13 +50,14 @@ LAYERS = LLAMA_8B["num_hidden_layers"]
 T0 = time.perf_counter()
 
 
-def arm_settings(arm: str) -> tuple[str, str, str]:
-    """'pdl+pf:after_o=16;mode=line' -> (decode_pdl, decode_l2_prefetch, plan env string)."""
+def arm_settings(arm: str) -> tuple[str, str, str, int]:
+    """'pdl+pf:after_o=16;mode=line@8' -> (decode_pdl, decode_l2_prefetch, plan env string, batch size)."""
+    arm, _, bs = arm.partition("@")
     name, _, plan = arm.partition(":")
     parts = set(name.split("+"))
     if not parts <= {"base", "pdl", "pf"}:
         raise ValueError(f"unknown arm {arm!r}")
-    return ("on" if "pdl" in parts else "off", "on" if "pf" in parts else "off", plan.replace(";", ","))
+    return ("on" if "pdl" in parts else "off", "on" if "pf" in parts else "off", plan.replace(";", ","), int(bs or 1))
 
 
 def graph_us(fn: Callable[[], Any], iters: int = 20) -> float:
@@ -273,29 +275,30 @@ def profiled(fn: Callable[[], None], reps: int, gemms: list[str]) -> tuple[dict[
 
 
 def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict:
-    pdl, pf, plan = arm_settings(arm)
+    pdl, pf, plan, bs = arm_settings(arm)
     os.environ[PLAN_ENV] = plan
-    sched = make_scheduler(d, cuda_graph_max_bs=1, mem_fraction_static=0.5, decode_pdl=pdl, decode_l2_prefetch=pf)
+    sched = make_scheduler(d, cuda_graph_max_bs=bs, mem_fraction_static=0.5, decode_pdl=pdl, decode_l2_prefetch=pf)
     runner = sched.runner
-    res: dict = {"arm": arm, "layers": layers, "ops": runner.model.ops.name,
+    res: dict = {"arm": arm, "layers": layers, "bs": bs, "ops": runner.model.ops.name,
                  "prefetch": runner.model.l2_prefetch is not None}
-    tokens: list[int] = []
+    tokens: dict[int, list[int]] = {i: [] for i in range(bs)}
     forwards: list[str] = []
     inner = runner.forward
     runner.forward = lambda fb: (forwards.append(fb.mode.value), inner(fb))[1]
-    sched.handle(TokenizedGenerateReq(rid=f"arm-{arm}", input_ids=rand_ids(128, VOCAB, random.Random(3)),
-                                      params=SamplingParams(temperature=0, max_new_tokens=decode_steps + 1,
-                                                            ignore_eos=True)))
+    for i in range(bs):
+        sched.handle(TokenizedGenerateReq(rid=f"{i}", input_ids=rand_ids(128, VOCAB, random.Random(3 + i)),
+                                          params=SamplingParams(temperature=0, max_new_tokens=decode_steps + 1,
+                                                                ignore_eos=True)))
 
     def steps(n: int) -> None:
         goal = len(forwards) + n
         while len(forwards) < goal and not sched.idle:
             sched.step()
             for out in sched.pop_outputs():
-                tokens.extend(out.output_ids)
+                tokens[int(out.rid)].extend(out.output_ids)
 
     steps(1 + 40)  # prefill, warm decode steps
-    graph = runner.graph_runner.graphs[1, False, False]
+    graph = runner.graph_runner.graphs[bs, False, False]
     res["replay_us"] = replay_us(graph)
     gemms = ["qkv", "o", "gate_up", "down"] * layers
     res["graph_us"], res["graph_launches"] = profiled(graph.replay, 10, gemms)
@@ -311,7 +314,7 @@ def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict
     res["tail_us"] = {k: v - res["graph_us"].get(k, 0.0) for k, v in res["step_us"].items()
                       if v - res["graph_us"].get(k, 0.0) > 0.5}
     steps(10**6)
-    res["tokens"] = tokens
+    res["tokens"] = [tokens[i] for i in range(bs)]
     sched = runner = graph = inner = None  # free the weights and pools before the next arm
     gc.collect()
     torch.cuda.empty_cache()
@@ -320,7 +323,7 @@ def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict
     print(f"[{arm}] {layers} layer(s), ops {res['ops']}, prefetch {res['prefetch']}: replay {res['replay_us']:.1f} µs, "
           f"kernels {res['graph_kernel_sum_us']:.1f} (gap {res['gap_us']:+.1f}; "
           f"{res['replay_us'] / layers:.2f} µs/layer); step {res['wall_ms_per_step']:.3f} ms = "
-          f"{1e3 / res['wall_ms_per_step']:.1f} tok/s", flush=True)
+          f"{bs * 1e3 / res['wall_ms_per_step']:.1f} tok/s", flush=True)
     print("    per layer: " + ", ".join(f"{k} {v:.2f}" for k, v in per_layer.items())
           + (f"; prefetch {res['graph_us'].get('L2 prefetch (side stream)', 0) / layers:.2f} (side)"
              if res["prefetch"] else ""), flush=True)
@@ -331,7 +334,7 @@ def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict
 def item_a(d: Path, arm: str, max_bs: int) -> dict:
     import radixlm
 
-    pdl, pf, plan = arm_settings(arm)
+    pdl, pf, plan, _ = arm_settings(arm)
     os.environ[PLAN_ENV] = plan
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
@@ -349,7 +352,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", default="chain,gemm,gemv,arms,a")
     ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pdl+pf:layout=cols,"
-                    "pdl+pf:after_o=16;after_gate_up=12;after_down=16,pf:mode=line;programs=132;lanes=128")
+                    "pdl+pf:after_o=16;after_gate_up=12;after_down=16,base@8,pdl+pf@8,"
+                    "pf:mode=line;programs=132;lanes=128")
     ap.add_argument("--one-layer-arms", default="base,pdl+pf", help="arms also run on a 1-layer model")
     ap.add_argument("--a-arms", default="base,pdl+pf")
     ap.add_argument("--a-max-bs", type=int, default=256, help="cuda_graph_max_bs of the (a) engines (gpu_suite: 256)")
@@ -421,12 +425,12 @@ def main() -> None:
                 report["arms"].append({"arm": arm, "layers": layers, "error": repr(exc)})
             save()
         done = [r for r in report["arms"] if "tokens" in r]
-        for layers in (32, 1):
-            ref = next((r for r in done if r["layers"] == layers), None)
-            if ref is not None:
-                same = {r["arm"]: r["tokens"] == ref["tokens"] for r in done if r["layers"] == layers}
-                print(f"greedy tokens identical to {ref['arm']} ({layers} layer(s), {len(ref['tokens'])} tokens): {same}")
-                report[f"tokens_identical_{layers}"] = same
+        for key in sorted({(r["layers"], r["bs"]) for r in done}, reverse=True):
+            group = [r for r in done if (r["layers"], r["bs"]) == key]
+            same = {r["arm"]: r["tokens"] == group[0]["tokens"] for r in group}
+            print(f"greedy tokens identical to {group[0]['arm']} ({key[0]} layer(s), batch {key[1]}, "
+                  f"{sum(map(len, group[0]['tokens']))} tokens): {same}")
+            report[f"tokens_identical_{key[0]}_bs{key[1]}"] = same
     if "a" in items:
         report["a"] = []
         for arm in args.a_arms.split(","):
