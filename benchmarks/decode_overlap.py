@@ -422,7 +422,9 @@ def main() -> None:
                 import traceback
 
                 traceback.print_exc()
-                report["arms"].append({"arm": arm, "layers": layers, "error": repr(exc)})
+                report["arms"].append({"arm": arm, "layers": layers, "bs": arm_settings(arm)[3], "error": repr(exc)})
+            gc.collect()
+            torch.cuda.empty_cache()
             save()
         done = [r for r in report["arms"] if "tokens" in r]
         for key in sorted({(r["layers"], r["bs"]) for r in done}, reverse=True):
