@@ -5,6 +5,7 @@ L2 prefetch of the next GEMM's weights from a side stream (--decode-l2-prefetch,
     python benchmarks/decode_overlap.py --out $OUT/lean3.json
 
   gemm   cuBLAS at M = 1 on the four layer shapes, weights cold vs hot in L2 (an L2 prefetch's ceiling)
+  tail   the LM head and greedy argmax at 1..16 rows, torch's vs kernels/argmax.py (and equality)
   gemv   the whole layer x 32 in one graph: cuBLAS vs a GEMV that loads weights before its PDL wait
          (kernels/bf16_gemv.py, a measurement candidate), small kernels with / without PDL
   chain  the layer's small kernels alone (add+norm, rotary, KV store, decode attention, add+norm,
@@ -152,21 +153,35 @@ def item_gemm(bw: float) -> dict:
         hot = graph_us(lambda: cycle(wts[:1], x, reps)) / reps
         out[name] = {"cold_us": cold, "hot_us": hot, "floor_us": n * k * 2 / bw * 1e6, "mb": n * k * 2 / 2**20}
         wts.clear()
+    print("GEMM M=1 (cuBLAS, µs per call in a graph): " + ", ".join(
+        f"{k} {v['cold_us']:.1f} cold / {v['hot_us']:.1f} hot-in-L2 (floor {v['floor_us']:.1f}, {v['mb']:.0f} MB)"
+        for k, v in out.items()), flush=True)
+    return out
+
+
+def item_tail() -> dict:
+    """The step's tail outside the graph: LM head, its float cast, greedy argmax (torch vs kernels/argmax.py)."""
+    import torch.nn.functional as F
+
     from radixlm.kernels.argmax import argmax_two_stage
 
     head = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
     h = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    logits = F.linear(h, head).float()
-    out["tail"] = {"lm_head_us": graph_us(lambda: F.linear(h, head)), "lm_head_float_us": graph_us(
-        lambda: F.linear(h, head).float()), "argmax_torch_us": graph_us(lambda: logits.argmax(-1)),
-        "argmax_two_stage_us": graph_us(lambda: argmax_two_stage(logits)),
-        "argmax_equal": all(torch.equal(argmax_two_stage(t), t.argmax(-1)) for t in (
-            logits, torch.randn(8, VOCAB, device="cuda"), torch.zeros(3, VOCAB, device="cuda")))}
-    print("GEMM M=1 (cuBLAS, µs per call in a graph): " + ", ".join(
-        f"{k} {v['cold_us']:.1f} cold / {v['hot_us']:.1f} hot-in-L2 (floor {v['floor_us']:.1f}, {v['mb']:.0f} MB)"
-        for k, v in out.items() if k != "tail"), flush=True)
-    print("tail: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out["tail"].items()),
-          flush=True)
+    out = {"lm_head_us": graph_us(lambda: F.linear(h, head)),
+           "lm_head_float_us": graph_us(lambda: F.linear(h, head).float())}
+    for rows in (1, 2, 4, 8, 16):
+        logits = F.linear(torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16), head).float()
+        out[f"argmax_torch_us_{rows}"] = graph_us(lambda: logits.argmax(-1))
+        out[f"argmax_two_stage_us_{rows}"] = graph_us(lambda: argmax_two_stage(logits))
+        out[f"argmax_equal_{rows}"] = torch.equal(argmax_two_stage(logits), logits.argmax(-1))
+    ties = torch.zeros(3, VOCAB, device="cuda")
+    ties[1, 7::9000] = 1.0
+    ties[2, 100] = float("nan")
+    out["argmax_equal_ties_nan"] = torch.equal(argmax_two_stage(ties), ties.argmax(-1))
+    print(f"tail: LM head {out['lm_head_us']:.1f} µs (+ float {out['lm_head_float_us'] - out['lm_head_us']:.1f}); argmax "
+          "torch / two-stage µs: " + ", ".join(f"{r} rows {out[f'argmax_torch_us_{r}']:.1f} / "
+                                               f"{out[f'argmax_two_stage_us_{r}']:.1f}" for r in (1, 2, 4, 8, 16))
+          + f"; equal {all(v for k, v in out.items() if k.startswith('argmax_equal'))}", flush=True)
     return out
 
 
@@ -350,7 +365,7 @@ def item_a(d: Path, arm: str, max_bs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", default="chain,gemm,gemv,arms,a")
+    ap.add_argument("--items", default="chain,gemm,tail,gemv,arms,a")
     ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pdl+pf:layout=cols,"
                     "pdl+pf:after_o=16;after_gate_up=12;after_down=16,base@8,pdl+pf@8,"
                     "pf:mode=line;programs=132;lanes=128")
@@ -396,6 +411,16 @@ def main() -> None:
             report["gemm"] = item_gemm(bw)
         except Exception as exc:  # noqa: BLE001 - keep the other items
             report["gemm"] = {"error": repr(exc)}
+        torch.cuda.empty_cache()
+        save()
+    if "tail" in items and time_left(8):
+        try:
+            report["tail"] = item_tail()
+        except Exception as exc:  # noqa: BLE001 - keep the other items
+            import traceback
+
+            traceback.print_exc()
+            report["tail"] = {"error": repr(exc)}
         torch.cuda.empty_cache()
         save()
     if "gemv" in items and time_left(20):

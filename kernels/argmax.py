@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 2048  # columns per stage-1 program (128k vocab: 63 programs a row)
-MAX_ROWS = 8  # rows taken here; larger batches give torch's kernel enough blocks
+MAX_ROWS = 1  # rows the sampler hands it: measured faster at 1 row (H200, RESULTS.md); torch's kernel above
 
 
 @triton.jit
@@ -49,16 +49,11 @@ def _argmax_stage2(BestVal, BestIdx, Out, n_blocks, n_cols, BLOCK_B: tl.constexp
     tl.store(Out + row, tl.where(first_nan < big, first_nan, first_best).to(tl.int64))
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [B, V] float -> int64 [B], equal to x.argmax(-1); the two-stage kernel for B <= MAX_ROWS on
-    CUDA, torch's argmax otherwise (and on the CPU)."""
-    if not x.is_cuda or x.dim() != 2 or x.shape[0] == 0 or x.shape[0] > MAX_ROWS or x.shape[1] == 0:
-        return x.argmax(dim=-1)
-    return argmax_two_stage(x)
-
-
 def argmax_two_stage(x: torch.Tensor) -> torch.Tensor:
-    """The two launches on any device Triton runs on (the CPU interpreter in tests)."""
+    """x [B, V] float -> int64 [B], equal to x.argmax(-1), in two launches on any device Triton runs on
+    (the CPU interpreter in tests). The sampler takes it at <= MAX_ROWS rows (runtime/sampler.py)."""
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"argmax_two_stage takes [rows, columns >= 1], not {tuple(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, cols = x.shape
@@ -66,6 +61,8 @@ def argmax_two_stage(x: torch.Tensor) -> torch.Tensor:
     best_val = torch.empty(rows, n_blocks, dtype=torch.float32, device=x.device)
     best_idx = torch.empty(rows, n_blocks, dtype=torch.int32, device=x.device)
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows == 0:
+        return out
     _argmax_stage1[(rows, n_blocks)](x, best_val, best_idx, cols, x.stride(0), n_blocks, BLOCK=BLOCK, num_warps=8)
     _argmax_stage2[(rows,)](best_val, best_idx, out, n_blocks, cols, BLOCK_B=triton.next_power_of_2(n_blocks),
                             num_warps=2)

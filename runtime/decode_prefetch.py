@@ -139,4 +139,4 @@ def build(model: "LlamaForCausalLM", mode: str, device: torch.device, dtype: tor
     return pf if any(pf.targets) else None
 
 
-AUTO_ON = False  # set from the H200 A/B (benchmarks/decode_overlap.py; RESULTS.md)
+AUTO_ON = False  # auto: off — on the H200 it won nothing at batch 1 (RESULTS.md, 2026-12-03)

@@ -231,12 +231,13 @@ class ServerArgs:
     decode_pdl: str = _flag(
         "auto", "runtime", "launch the decoder's small Triton kernels (norms, rotary, KV store, decode attention, "
         "SiLU-and-mul) with programmatic dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
-        "kernel (kernels/gdc.py; same results). auto: on where the device has it; on / off: force",
+        "kernel (kernels/gdc.py; same results). auto / on: where the device has it (measured faster on the H200: "
+        "benchmarks/RESULTS.md); off: plain launches",
         str, choices=("auto", "on", "off"))
     decode_l2_prefetch: str = _flag(
         "auto", "runtime", "at decode batch sizes <= 8 on CUDA, warm L2 with the next bf16 GEMM's first weight bytes "
         "from a side stream while the small kernels between GEMMs leave memory idle (runtime/decode_prefetch.py; "
-        "same results). auto: as measured on the H200 (benchmarks/RESULTS.md); on / off: force",
+        "same results). auto: off (on the H200 it won nothing at batch 1: benchmarks/RESULTS.md); on: use it",
         str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")

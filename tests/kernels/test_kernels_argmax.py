@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.kernels.argmax import BLOCK, argmax_rows, argmax_two_stage
+from radixlm.kernels.argmax import BLOCK, argmax_two_stage
+from radixlm.runtime.sampler import greedy_argmax
 
 
 @pytest.mark.parametrize("cols", [1, 7, BLOCK, BLOCK + 1, 3 * BLOCK + 123])
@@ -43,7 +44,9 @@ def test_bf16_and_strided_views(device) -> None:
     assert torch.equal(argmax_two_stage(half), half.argmax(-1))
 
 
-def test_argmax_rows_keeps_torch_where_the_kernel_does_not_apply() -> None:
+def test_sampler_greedy_argmax_and_edges() -> None:
     x = torch.randn(2, 50)
-    assert torch.equal(argmax_rows(x), x.argmax(-1))  # a CPU tensor: torch's own
-    assert argmax_rows(torch.empty(0, 5)).shape == (0,)
+    assert torch.equal(greedy_argmax(x), x.argmax(-1))  # a CPU tensor: torch's own
+    assert argmax_two_stage(torch.empty(0, 5)).shape == (0,)
+    with pytest.raises(ValueError, match="rows"):
+        argmax_two_stage(torch.empty(3, 0))
