@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 2048  # columns per stage-1 program (128k vocab: 63 programs a row)
-MAX_ROWS = 1  # rows the sampler hands it: measured faster at 1 row (H200, RESULTS.md); torch's kernel above
+MAX_ROWS = 16  # rows the sampler hands it: 16-17 vs 32-34 µs at 1..16 rows on the H200 (RESULTS.md); torch's above
 
 
 @triton.jit

@@ -14,12 +14,6 @@ def gather_kv(K, V, r2t, pos, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh,
     Both gathers are issued before any math: one memory round trip per block.
     """
     slot = tl.load(r2t + pos, mask=mask_n, other=0).to(tl.int64)
-    return gather_kv_at(K, V, slot, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh)
-
-
-@triton.jit
-def gather_kv_at(K, V, slot, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh):
-    """`gather_kv` from KV slots already loaded (int64 [BLOCK_N])."""
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)

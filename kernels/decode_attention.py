@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import LOG2E, gather_kv, gather_kv_at, online_softmax_step
+from .attention_common import LOG2E, gather_kv, online_softmax_step
 from .cascade_attention import launch_prefix_stage
 from .cascade_layout import CascadeLayout
-from .gdc import launch_options, trigger, wait
+from .gdc import enter, launch_options
 
 _MAX_SPLITS = 32
 # GPU launch parameters, module-level so a tuning script can override them. Chosen on an H200 (bf16,
@@ -51,12 +51,11 @@ def _decode_stage1(
     HAS_START: tl.constexpr,  # cascade: each request attends to [KvStart[b], seq_len) only (its suffix)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/gdc.py)
 ):
-    trigger(USE_PDL)
+    enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Before the PDL wait: the step's inputs only (lengths, request rows, req_to_token, kernels/gdc.py).
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     kv_lo = 0
     if HAS_START:
@@ -65,6 +64,8 @@ def _decode_stage1(
     split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
     start = kv_lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    if start >= end:
+        return
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -72,14 +73,6 @@ def _decode_stage1(
     mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_h
-    row = tl.load(ReqIdx + b).to(tl.int64)
-    r2t = ReqToToken + row * stride_r2t
-    first = start + offs_n  # the first block's KV slots (the whole split at short contexts)
-    first_mask = first < end
-    first_slot = tl.load(r2t + first, mask=first_mask, other=0).to(tl.int64)
-    wait(USE_PDL)  # (every program: an empty split too, so the kernel ends after its predecessor)
-    if start >= end:
-        return
 
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -88,14 +81,13 @@ def _decode_stage1(
     )
     if DOT_FP32:
         q = q.to(tl.float32)
+    row = tl.load(ReqIdx + b).to(tl.int64)
+    r2t = ReqToToken + row * stride_r2t
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    # the first block from the slots loaded above, then the rest: the same steps in the same order
-    k, v = gather_kv_at(K, V, first_slot, first_mask, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh)
-    acc, m_i, l_i = online_softmax_step(q, k, v, first_mask[None, :], acc, m_i, l_i, qk_scale, DOT_PRECISION)
-    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         mask_n = pos < end
         k, v = gather_kv(K, V, r2t, pos, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh)
@@ -125,10 +117,10 @@ def _decode_stage2(
     NUM_PREFIX: tl.constexpr,  # cascade: partials num_splits .. num_splits + PrefixSplits[b] - 1 hold the prefix
     USE_PDL: tl.constexpr,
 ):
-    trigger(USE_PDL)
+    enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    seq_len = tl.load(SeqLens + b).to(tl.int32)  # the step's inputs: before the PDL wait
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
     kv_lo = 0
     if NUM_PREFIX > 0:
         kv_lo = tl.load(KvStart + b).to(tl.int32)
@@ -141,7 +133,6 @@ def _decode_stage2(
     if NUM_PREFIX > 0:
         num_prefix = tl.load(PrefixSplits + b).to(tl.int32)
         valid = valid | ((offs_s >= num_splits) & (offs_s < num_splits + num_prefix))
-    wait(USE_PDL)
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=valid, other=float("-inf"))
     part = tl.load(
         MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],

@@ -6,16 +6,11 @@ the previous kernel has fully drained. With PDL (sm_90+) a kernel is launched wh
 still runs: its programs become resident and wait at `griddepcontrol.wait` until the predecessor
 has completed and its writes are visible, so the launch overlaps the predecessor's work.
 
-The rules that keep this exact. A kernel launched with PDL first lets its own dependent launch
-(`trigger`), may then load what is constant for the whole step — weights, the rotary table, and the
-step's inputs (positions, KV slots, sequence lengths, req_to_token), which were written before the
-decode graph, or before the forward, by work that finished before the layer's last cuBLAS GEMM, the
-point every chain of PDL kernels starts from — and calls `wait` before any other global access (not
-only before reading its inputs: the allocator may hand it memory the predecessor still reads, so no
-store comes before it either). Every program executes `wait`, even one with nothing to do, so a
-kernel's completion implies its predecessor's. The arithmetic is untouched: the results are
-bit-identical with PDL on or off. Kernels launched without it (cuBLAS, torch's) wait for everything
-before them, as always.
+The rule that keeps this exact: a kernel launched with PDL executes `enter(USE_PDL)` first, before it
+touches any global memory (not only before reading its inputs: the allocator may hand it memory the
+predecessor still reads), then lets its own dependent launch. The arithmetic is untouched, so the
+results are bit-identical with PDL on or off. Kernels launched without it (cuBLAS, torch's) simply
+wait for everything before them, as always.
 """
 from __future__ import annotations
 
@@ -27,19 +22,12 @@ import triton.language as tl
 
 
 @triton.jit
-def trigger(USE_PDL: tl.constexpr):
-    """First statement of a PDL-capable kernel: the next kernel may launch now (its programs then wait in
-    their own `wait`). A no-op when USE_PDL is False (the CPU interpreter)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def wait(USE_PDL: tl.constexpr):
-    """Block until the predecessor grid has completed and its writes are visible; before any global
-    access but the step-constant loads (module docstring). A no-op when USE_PDL is False."""
+def enter(USE_PDL: tl.constexpr):
+    """First statement of a PDL-capable kernel: wait for the predecessor grid (complete, writes
+    visible), then allow the next kernel to launch. A no-op when USE_PDL is False (CPU interpreter)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @functools.cache
@@ -62,7 +50,10 @@ def launch_options(pdl: bool, device: torch.device) -> dict:
     return {"USE_PDL": False}
 
 
-AUTO_ON = True  # --decode-pdl auto: on (H200, 2026-12-03: small-kernel chain -1.7 µs a layer, same bits; RESULTS.md)
+# --decode-pdl auto: off. On the H200 (RESULTS.md, 2026-12-03) this form won 1.7 µs a layer on the small kernels
+# alone and 1.1% of an in-process step, not measured in (a) by itself; a variant that let the next kernel launch
+# before its own wait (loading the step's constants early) lost 3.5% in (a).
+AUTO_ON = False
 
 
 def enabled(mode: str, device: torch.device) -> bool:

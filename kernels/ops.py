@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gdc import launch_options, trigger, wait
+from .gdc import enter, launch_options
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -29,12 +29,10 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o, stride_n,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    trigger(USE_PDL)
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
-    wait(USE_PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
@@ -43,6 +41,7 @@ def _rms_norm_kernel(
         tl.store(NewRes + row * stride_n + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + cols, (xf * rstd * w).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -81,8 +80,7 @@ def fused_add_rms_norm(
 
 @triton.jit
 def _silu_and_mul_kernel(X, Out, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    trigger(USE_PDL)
-    wait(USE_PDL)
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -132,14 +130,13 @@ def _rotary_kernel(
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    trigger(USE_PDL)
+    enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(Pos + t).to(tl.int64)  # the step's positions and the table: before the PDL wait
+    pos = tl.load(Pos + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     cmask = offs < HALF
     cos = tl.load(Cache + pos * stride_c + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(Cache + pos * stride_c + HALF + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    wait(USE_PDL)
     _rotate_heads(Q, QOut, t, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, n_q_heads,
                   HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(K, KOut, t, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, n_k_heads,
@@ -206,10 +203,9 @@ def _store_kv_kernel(
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,  # FP8_MAX 0: a float pool
     USE_PDL: tl.constexpr,
 ):
-    trigger(USE_PDL)
+    enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(Slots + t).to(tl.int64)  # the step's KV slots: before the PDL wait
-    wait(USE_PDL)
+    slot = tl.load(Slots + t).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (offs < HEAD_DIM)

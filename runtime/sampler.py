@@ -120,7 +120,7 @@ def apply_logit_adjustments(logits: torch.Tensor, batch: SamplingBatch) -> torch
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(-1), index for index; at <= kernels.argmax.MAX_ROWS rows on a CUDA device with Triton,
-    its two-stage kernel (one row of 128k logits: 18 vs 30 µs on the H200, benchmarks/RESULTS.md)."""
+    its two-stage kernel (128k logits at 1..16 rows: 16-17 vs 32-34 µs on the H200, benchmarks/RESULTS.md)."""
     if logits.is_cuda and logits.dim() == 2 and 0 < logits.shape[0] <= _argmax_rows():
         from radixlm.kernels.argmax import argmax_two_stage
 

@@ -231,8 +231,8 @@ class ServerArgs:
     decode_pdl: str = _flag(
         "auto", "runtime", "launch the decoder's small Triton kernels (norms, rotary, KV store, decode attention, "
         "SiLU-and-mul) with programmatic dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
-        "kernel (kernels/gdc.py; same results). auto / on: where the device has it (measured faster on the H200: "
-        "benchmarks/RESULTS.md); off: plain launches",
+        "kernel (kernels/gdc.py; same results). auto: off (on the H200 it won 1.7 µs a layer on the small kernels "
+        "but no end-to-end gain was shown: benchmarks/RESULTS.md); on: where the device has it",
         str, choices=("auto", "on", "off"))
     decode_l2_prefetch: str = _flag(
         "auto", "runtime", "at decode batch sizes <= 8 on CUDA, warm L2 with the next bf16 GEMM's first weight bytes "
