@@ -214,7 +214,7 @@ def item_gemv() -> dict:
 
     def step(gemv: bool, pdl: bool) -> torch.Tensor:
         def mm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-            return bf16_gemv(x, wt, pdl=pdl, prefetch=pdl) if gemv else F.linear(x, wt)
+            return bf16_gemv(x, wt, pdl=pdl) if gemv else F.linear(x, wt)  # (no L2 hint: RESULTS.md round B)
 
         h, res = x0, None
         for i, lw in enumerate(weights):

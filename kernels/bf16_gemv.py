@@ -7,7 +7,9 @@ kernel, launched with PDL, hints L2 to load its programs' weight rows and loads 
 into registers before `griddepcontrol.wait` (weights are constants: no hazard), then waits for the
 activations. Each program owns BLOCK_N rows and all of K: float32 FMAs into a [BLOCK_N, BLOCK_K]
 accumulator, one reduction at the end (no split-K, no atomics). Not bit-equal to cuBLAS (another
-summation order), hence a measurement, not a switch.
+summation order), hence a measurement, not a switch. Measured on the H200 (RESULTS.md, 2026-12-03): the
+whole decode layer with these GEMMs 130.5 vs cuBLAS 133.3 µs; with PDL and `prefetch` (every program's
+rows hinted, 224 MB for gate_up into a 50 MB L2) 223 µs — a prefetch must be bounded to what L2 holds.
 """
 from __future__ import annotations
 
