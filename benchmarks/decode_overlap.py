@@ -1,32 +1,28 @@
-"""Issue 22.2: where the batch-1 bf16 decode step loses to its bytes floor, and two exact switches that
-overlap the work: programmatic dependent launch of the small kernels (--decode-pdl, kernels/gdc.py) and
-L2 prefetch of the next GEMM's weights from a side stream (--decode-l2-prefetch, runtime/decode_prefetch.py).
+"""Issue 22.2: where the batch-1 bf16 decode step loses to its bytes floor, and the exact switch that
+overlaps the small kernels' launches: programmatic dependent launch (--decode-pdl, kernels/gdc.py).
+(An L2 prefetch of the next GEMM's weights and a GEMV candidate were measured here too and dropped:
+benchmarks/RESULTS.md; their code is in commit 31b5dd3 on branch lean3.)
 
     python benchmarks/decode_overlap.py --out $OUT/lean3.json
 
-  gemm   cuBLAS at M = 1 on the four layer shapes, weights cold vs hot in L2 (an L2 prefetch's ceiling)
+  gemm   cuBLAS at M = 1 on the four layer shapes against their bytes floor, weights cold vs hot in L2
   tail   the LM head and greedy argmax at 1..16 rows, torch's vs kernels/argmax.py (and equality)
-  gemv   the whole layer x 32 in one graph: cuBLAS vs a GEMV that loads weights before its PDL wait
-         (kernels/bf16_gemv.py, a measurement candidate), small kernels with / without PDL
   chain  the layer's small kernels alone (add+norm, rotary, KV store, decode attention, add+norm,
          SiLU-and-mul), 32 layers in one CUDA graph, PDL off / on: µs per layer
-  arms   per arm (PDL and prefetch settings), an in-process scheduler at batch 1 (Llama-3.1-8B shape,
+  arms   per arm (PDL off / on), an in-process scheduler at batch 1 (Llama-3.1-8B shape,
          random bf16 weights, 32 layers and 1 layer): the decode graph's replay time (CUDA events) against
          the sum of its kernels (torch.profiler: the gaps), per-kernel µs per layer, the step's kernels
          outside the graph (LM head, argmax, copies), wall ms per step, and the greedy tokens (every arm
-         must produce the same ones: the switches change no arithmetic)
+         must produce the same ones: the switch changes no arithmetic)
   a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens) for --a-arms
-Arms: base (both off), pdl, pf (prefetch, default plan), pdl+pf, and plan variants "pf:<plan>" /
-"pdl+pf:<plan>" with <plan> = PrefetchPlan fields, e.g. "pf:after_o=16;after_down=16;mode=line"
-(';' between fields); "@N" runs an arm at decode batch N (N requests; default 1). The JSON is rewritten
-after every arm; --budget-s skips what would not fit.
+Arms: base (PDL off), pdl; "@N" runs an arm at decode batch N (N requests; default 1). The JSON is rewritten
+after every item and arm; --budget-s skips what would not fit.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import os
 import random
 import statistics
 import sys
@@ -42,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
 from profile_steps import make_scheduler  # noqa: E402
 
-from radixlm.runtime.decode_prefetch import PLAN_ENV  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -51,14 +46,12 @@ LAYERS = LLAMA_8B["num_hidden_layers"]
 T0 = time.perf_counter()
 
 
-def arm_settings(arm: str) -> tuple[str, str, str, int]:
-    """'pdl+pf:after_o=16;mode=line@8' -> (decode_pdl, decode_l2_prefetch, plan env string, batch size)."""
-    arm, _, bs = arm.partition("@")
-    name, _, plan = arm.partition(":")
-    parts = set(name.split("+"))
-    if not parts <= {"base", "pdl", "pf"}:
+def arm_settings(arm: str) -> tuple[str, int]:
+    """'pdl@8' -> (decode_pdl, batch size)."""
+    name, _, bs = arm.partition("@")
+    if name not in ("base", "pdl"):
         raise ValueError(f"unknown arm {arm!r}")
-    return ("on" if "pdl" in parts else "off", "on" if "pf" in parts else "off", plan.replace(";", ","), int(bs or 1))
+    return "on" if name == "pdl" else "off", int(bs or 1)
 
 
 def graph_us(fn: Callable[[], Any], iters: int = 20) -> float:
@@ -134,7 +127,7 @@ def item_chain() -> dict:
 
 def item_gemm(bw: float) -> dict:
     """cuBLAS M = 1 at the layer shapes, weights cold (distinct copies cycled, > 4x L2) and hot in L2 (one
-    weight called again and again): what an L2 prefetch can win per GEMM at most."""
+    weight called again and again): what faster weight delivery could win per GEMM at most."""
     import torch.nn.functional as F
 
     out: dict = {}
@@ -185,67 +178,8 @@ def item_tail() -> dict:
     return out
 
 
-def item_gemv() -> dict:
-    """The whole layer (norm, qkv, rotary, KV store, attention, o, add+norm, gate_up, SiLU-and-mul, down) x 32
-    distinct layers in one graph, GEMMs by cuBLAS or by kernels/bf16_gemv.py (the candidate that loads
-    weights before its PDL wait), small kernels with and without PDL: µs per layer."""
-    import torch.nn.functional as F
-
-    from radixlm.kernels import ops
-    from radixlm.kernels.bf16_gemv import bf16_gemv
-    from radixlm.kernels.decode_attention import decode_attention
-
-    torch.manual_seed(0)
-    shapes = {"qkv": ((HQ + 2 * HKV) * D, HIDDEN), "o": (HIDDEN, HQ * D), "gate_up": (2 * INTER, HIDDEN),
-              "down": (HIDDEN, INTER)}
-    weights = [{name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-                for name, (n, k) in shapes.items()} for _ in range(LAYERS)]
-    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device="cuda") / D))
-    ang = torch.arange(4096, device="cuda")[:, None] * inv
-    cache = torch.cat((ang.cos(), ang.sin()), -1)
-    ctx = 260
-    kbuf = torch.randn(LAYERS, 4096, HKV, D, device="cuda", dtype=torch.bfloat16)
-    vbuf = torch.randn_like(kbuf)
-    r2t = torch.arange(1, ctx + 1, device="cuda", dtype=torch.int32)[None]
-    rows, lens = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.full((1,), ctx, device="cuda", dtype=torch.int32)
-    pos, slot = torch.full((1,), ctx - 1, device="cuda"), torch.full((1,), ctx, device="cuda")
-    x0 = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
-
-    def step(gemv: bool, pdl: bool) -> torch.Tensor:
-        def mm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-            return bf16_gemv(x, wt, pdl=pdl) if gemv else F.linear(x, wt)  # (no L2 hint: RESULTS.md round B)
-
-        h, res = x0, None
-        for i, lw in enumerate(weights):
-            if res is None:
-                res, normed = h, ops.rms_norm(h, w, 1e-5, pdl=pdl)
-            else:
-                normed, res = ops.fused_add_rms_norm(h, res, w, 1e-5, pdl=pdl)
-            q, k, v = mm(normed, lw["qkv"]).split([HQ * D, HKV * D, HKV * D], -1)
-            q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache, pdl=pdl)
-            ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D), pdl=pdl)
-            attn = decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5, pdl=pdl)
-            normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw["o"]), res, w, 1e-5, pdl=pdl)
-            h = mm(ops.silu_and_mul(mm(normed, lw["gate_up"]), pdl=pdl), lw["down"])
-        return h
-
-    out: dict = {}
-    for gemv, pdl in ((False, False), (False, True), (True, False), (True, True)):
-        key = f"{'gemv' if gemv else 'cublas'}{'+pdl' if pdl else ''}"
-        out[key] = graph_us(lambda: step(gemv, pdl), iters=10) / LAYERS
-    ref = step(False, False).float()
-    out["gemv_rel_err"] = ((step(True, True).float() - ref).norm() / ref.norm()).item()
-    print("layer x 32 in one graph (µs/layer): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()
-                                                             if k != "gemv_rel_err")
-          + f"; gemv vs cuBLAS rel. err {out['gemv_rel_err']:.1e}", flush=True)
-    weights.clear()
-    return out
-
-
 def kernel_kind(name: str) -> str:
-    for key, kind in (("_l2_prefetch", "L2 prefetch (side stream)"), ("_rotary_kernel", "rotary"),
-                      ("_store_kv_kernel", "KV store"), ("_decode_stage1", "decode attention"),
+    for key, kind in (("_rotary_kernel", "rotary"), ("_store_kv_kernel", "KV store"), ("_decode_stage1", "decode attention"),
                       ("_decode_stage2", "decode attention merge"), ("_rms_norm_kernel", "RMSNorm (+ add)"),
                       ("_silu_and_mul_kernel", "SiLU-and-mul")):
         if key in name:
@@ -282,20 +216,17 @@ def profiled(fn: Callable[[], None], reps: int, gemms: list[str]) -> tuple[dict[
         if kind == "GEMM":
             group += previous != "GEMM"
             kind = f"GEMM {gemms[group % len(gemms)]}"
-        if not kind.startswith("L2 prefetch"):  # (side-stream kernels interleave: not part of the runs)
-            previous = kind.split(" ")[0]
+        previous = kind.split(" ")[0]
         us[kind] += e.time_range.elapsed_us() / reps
         count[kind] += 1 / reps
     return dict(us), dict(count)
 
 
 def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict:
-    pdl, pf, plan, bs = arm_settings(arm)
-    os.environ[PLAN_ENV] = plan
-    sched = make_scheduler(d, cuda_graph_max_bs=bs, mem_fraction_static=0.5, decode_pdl=pdl, decode_l2_prefetch=pf)
+    pdl, bs = arm_settings(arm)
+    sched = make_scheduler(d, cuda_graph_max_bs=bs, mem_fraction_static=0.5, decode_pdl=pdl)
     runner = sched.runner
-    res: dict = {"arm": arm, "layers": layers, "bs": bs, "ops": runner.model.ops.name,
-                 "prefetch": runner.model.l2_prefetch is not None}
+    res: dict = {"arm": arm, "layers": layers, "bs": bs, "ops": runner.model.ops.name}
     tokens: dict[int, list[int]] = {i: [] for i in range(bs)}
     forwards: list[str] = []
     inner = runner.forward
@@ -317,8 +248,7 @@ def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict
     res["replay_us"] = replay_us(graph)
     gemms = ["qkv", "o", "gate_up", "down"] * layers
     res["graph_us"], res["graph_launches"] = profiled(graph.replay, 10, gemms)
-    main = {k: v for k, v in res["graph_us"].items() if not k.startswith("L2 prefetch")}
-    res["graph_kernel_sum_us"] = sum(main.values())
+    res["graph_kernel_sum_us"] = sum(res["graph_us"].values())
     res["gap_us"] = res["replay_us"] - res["graph_kernel_sum_us"]
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -333,15 +263,13 @@ def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict
     sched = runner = graph = inner = None  # free the weights and pools before the next arm
     gc.collect()
     torch.cuda.empty_cache()
-    per_layer = {k: v / layers for k, v in sorted(main.items(), key=lambda kv: -kv[1])}
+    per_layer = {k: v / layers for k, v in sorted(res["graph_us"].items(), key=lambda kv: -kv[1])}
     res["per_layer_us"] = per_layer
-    print(f"[{arm}] {layers} layer(s), ops {res['ops']}, prefetch {res['prefetch']}: replay {res['replay_us']:.1f} µs, "
+    print(f"[{arm}] {layers} layer(s), ops {res['ops']}: replay {res['replay_us']:.1f} µs, "
           f"kernels {res['graph_kernel_sum_us']:.1f} (gap {res['gap_us']:+.1f}; "
           f"{res['replay_us'] / layers:.2f} µs/layer); step {res['wall_ms_per_step']:.3f} ms = "
           f"{bs * 1e3 / res['wall_ms_per_step']:.1f} tok/s", flush=True)
-    print("    per layer: " + ", ".join(f"{k} {v:.2f}" for k, v in per_layer.items())
-          + (f"; prefetch {res['graph_us'].get('L2 prefetch (side stream)', 0) / layers:.2f} (side)"
-             if res["prefetch"] else ""), flush=True)
+    print("    per layer: " + ", ".join(f"{k} {v:.2f}" for k, v in per_layer.items()), flush=True)
     print("    outside graph per step: " + ", ".join(f"{k} {v:.1f}" for k, v in res["tail_us"].items()), flush=True)
     return res
 
@@ -349,12 +277,11 @@ def measure_arm(d: Path, arm: str, layers: int, decode_steps: int = 160) -> dict
 def item_a(d: Path, arm: str, max_bs: int) -> dict:
     import radixlm
 
-    pdl, pf, plan, _ = arm_settings(arm)
-    os.environ[PLAN_ENV] = plan
+    pdl, _ = arm_settings(arm)
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=max_bs,
-                        decode_pdl=pdl, decode_l2_prefetch=pf, log_level="warning") as eng:
+                        decode_pdl=pdl, log_level="warning") as eng:
         gen(eng, rand_ids(64, VOCAB, rng), 8)
         t1 = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 1) for _ in range(3))
         tn = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 257) for _ in range(2))
@@ -363,14 +290,26 @@ def item_a(d: Path, arm: str, max_bs: int) -> dict:
     return res
 
 
+def guarded(fn: Callable[[], dict]) -> dict:
+    """fn(), or {"error": ...} so that the other items still run; GPU memory freed after either."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - keep the other items
+        import traceback
+
+        traceback.print_exc()
+        return {"error": repr(exc)}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", default="chain,gemm,tail,gemv,arms,a")
-    ap.add_argument("--arms", default="base,pdl,pf,pdl+pf,pdl+pf:layout=cols,"
-                    "pdl+pf:after_o=16;after_gate_up=12;after_down=16,base@8,pdl+pf@8,"
-                    "pf:mode=line;programs=132;lanes=128")
-    ap.add_argument("--one-layer-arms", default="base,pdl+pf", help="arms also run on a 1-layer model")
-    ap.add_argument("--a-arms", default="base,pdl+pf")
+    ap.add_argument("--items", default="chain,gemm,tail,arms,a")
+    ap.add_argument("--arms", default="base,pdl,base@8,pdl@8")
+    ap.add_argument("--one-layer-arms", default="base,pdl", help="arms also run on a 1-layer model")
+    ap.add_argument("--a-arms", default="base,pdl")
     ap.add_argument("--a-max-bs", type=int, default=256, help="cuda_graph_max_bs of the (a) engines (gpu_suite: 256)")
     ap.add_argument("--budget-s", type=float, default=135)
     ap.add_argument("--out", default="benchmarks/results/decode_overlap.json")
@@ -397,59 +336,19 @@ def main() -> None:
         return left >= need
 
     items = args.items.split(",")
-    if "chain" in items and time_left(10):
-        try:
-            report["chain"] = item_chain()
-        except Exception as exc:  # noqa: BLE001 - keep the other items
-            import traceback
-
-            traceback.print_exc()
-            report["chain"] = {"error": repr(exc)}
-        save()
-    if "gemm" in items and time_left(8):
-        try:
-            report["gemm"] = item_gemm(bw)
-        except Exception as exc:  # noqa: BLE001 - keep the other items
-            report["gemm"] = {"error": repr(exc)}
-        torch.cuda.empty_cache()
-        save()
-    if "tail" in items and time_left(8):
-        try:
-            report["tail"] = item_tail()
-        except Exception as exc:  # noqa: BLE001 - keep the other items
-            import traceback
-
-            traceback.print_exc()
-            report["tail"] = {"error": repr(exc)}
-        torch.cuda.empty_cache()
-        save()
-    if "gemv" in items and time_left(20):
-        try:
-            report["gemv"] = item_gemv()
-        except Exception as exc:  # noqa: BLE001 - keep the other items
-            import traceback
-
-            traceback.print_exc()
-            report["gemv"] = {"error": repr(exc)}
-        gc.collect()
-        torch.cuda.empty_cache()
-        save()
+    for key, need, fn in (("chain", 10, item_chain), ("gemm", 8, lambda: item_gemm(bw)), ("tail", 8, item_tail)):
+        if key in items and time_left(need):
+            report[key] = guarded(fn)
+            save()
     if "arms" in items:
         report["arms"] = []
         arms32 = [(a, 32) for a in args.arms.split(",")]
-        jobs = arms32[:4] + [(a, 1) for a in args.one_layer_arms.split(",") if a] + arms32[4:]  # by importance
+        jobs = arms32[:2] + [(a, 1) for a in args.one_layer_arms.split(",") if a] + arms32[2:]  # by importance
         for arm, layers in jobs:
             if not time_left(12 if layers == 32 else 6):
                 break
-            try:
-                report["arms"].append(measure_arm(d32 if layers == 32 else d1, arm, layers))
-            except Exception as exc:  # noqa: BLE001 - keep the other arms
-                import traceback
-
-                traceback.print_exc()
-                report["arms"].append({"arm": arm, "layers": layers, "bs": arm_settings(arm)[3], "error": repr(exc)})
-            gc.collect()
-            torch.cuda.empty_cache()
+            d = d32 if layers == 32 else d1
+            report["arms"].append({"arm": arm, "layers": layers, **guarded(lambda: measure_arm(d, arm, layers))})
             save()
         done = [r for r in report["arms"] if "tokens" in r]
         for key in sorted({(r["layers"], r["bs"]) for r in done}, reverse=True):
@@ -463,18 +362,11 @@ def main() -> None:
         for arm in args.a_arms.split(","):
             if not time_left(20):
                 break
-            try:
-                report["a"].append(item_a(d32, arm, args.a_max_bs))
-            except Exception as exc:  # noqa: BLE001 - keep the other arms
-                import traceback
-
-                traceback.print_exc()
-                report["a"].append({"arm": arm, "error": repr(exc)})
+            report["a"].append({"arm": arm, **guarded(lambda: item_a(d32, arm, args.a_max_bs))})
             save()
     report["elapsed_s"] = time.perf_counter() - T0
     save()
     print(f"done in {report['elapsed_s']:.0f} s")
-
 
 if __name__ == "__main__":
     main()

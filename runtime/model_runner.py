@@ -217,12 +217,6 @@ class ModelRunner:
         if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches
             ops = get_cpu_kernel_ops()
         self.model.ops = ops
-        self.model.l2_prefetch = None
-        if self.device.type == "cuda":
-            from radixlm.runtime import decode_prefetch
-
-            self.model.l2_prefetch = decode_prefetch.build(self.model, self.args.decode_l2_prefetch, self.device,
-                                                           self.dtype)
         sm_scale = self.model_config.head_dim**-0.5
         self.model.decode_stack = None
         if ops.name == "cpu" and self.dtype == torch.float32 and self.lora is None and not self.args.disable_cpu_decode_stack:

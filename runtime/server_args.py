@@ -234,11 +234,6 @@ class ServerArgs:
         "kernel (kernels/gdc.py; same results). auto: off (on the H200 it won 1.7 µs a layer on the small kernels "
         "but no end-to-end gain was shown: benchmarks/RESULTS.md); on: where the device has it",
         str, choices=("auto", "on", "off"))
-    decode_l2_prefetch: str = _flag(
-        "auto", "runtime", "at decode batch sizes <= 8 on CUDA, warm L2 with the next bf16 GEMM's first weight bytes "
-        "from a side stream while the small kernels between GEMMs leave memory idle (runtime/decode_prefetch.py; "
-        "same results). auto: off (on the H200 it won nothing at batch 1: benchmarks/RESULTS.md); on: use it",
-        str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
     disable_cpu_decode_stack: bool = _flag(

@@ -6,9 +6,8 @@ tensors as they load; under pipeline parallelism it builds only its stage's laye
 """
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +33,6 @@ from radixlm.runtime.quantization.w4_checkpoint import W4Checkpoint, W4Scheme
 
 if TYPE_CHECKING:
     from radixlm.runtime.cpu_decode_step import CpuDecodeStack
-    from radixlm.runtime.decode_prefetch import DecodeL2Prefetch
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -86,13 +84,9 @@ class LlamaAttention(nn.Module):
     def forward(
         self, hidden: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend,
         cos_sin: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None,
-        after_gemm: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
-        """`residual`: what the output is added to next (a LoRA update may go there); `after_gemm`: called
-        with "qkv" / "o" right after each GEMM is issued (the decode L2 prefetch)."""
+        """`residual`: what the output is added to next (a LoRA update may go there)."""
         qkv = self.qkv_proj(hidden)
-        if after_gemm is not None:
-            after_gemm("qkv")
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -102,10 +96,7 @@ class LlamaAttention(nn.Module):
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
         q, k = ops.rotary(q, k, batch.positions, cos_sin)
         out = attn.forward(q, k, v, self.layer_id, batch)
-        out = self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
-        if after_gemm is not None:
-            after_gemm("o")
-        return out
+        return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
 
 
 class LlamaMLP(nn.Module):
@@ -114,15 +105,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * tp.intermediate, bias=False)
         self.down_proj = RowParallelLinear(tp.intermediate, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None,
-                after_gemm: Callable[[str], None] | None = None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if after_gemm is not None:
-            after_gemm("gate_up")
-        out = self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)
-        if after_gemm is not None:
-            after_gemm("down")
-        return out
+    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)), lora_into=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -155,8 +139,6 @@ class LlamaForCausalLM(nn.Module):
         self.aux_hidden: torch.Tensor | None = None
         # The CPU decode step as one C call (runtime/cpu_decode_step.py), set by the runner where it applies.
         self.decode_stack: CpuDecodeStack | None = None
-        # --decode-l2-prefetch (runtime/decode_prefetch.py), set by the runner where it applies.
-        self.l2_prefetch: DecodeL2Prefetch | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: PagedAttentionBackend,
@@ -177,9 +159,7 @@ class LlamaForCausalLM(nn.Module):
             return self._final_norm(batch, hidden, residual)
         cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
         aux: dict[int, torch.Tensor] = {}
-        prefetch = self.l2_prefetch if self.l2_prefetch is not None and self.l2_prefetch.applies(batch) else None
         for i, layer in enumerate(self.layers):
-            after_gemm = None if prefetch is None else functools.partial(prefetch.after, i)
             if i in self.aux_layers:  # (a copy: a LoRA update may be added into the residual in place)
                 aux[i] = hidden.clone() if residual is None else hidden + residual
             if residual is None:
@@ -187,11 +167,9 @@ class LlamaForCausalLM(nn.Module):
                 normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
             else:
                 normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
-            hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual, after_gemm)
+            hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual)
             normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
-            hidden = layer.mlp(normed, ops, residual, after_gemm)
-        if prefetch is not None:
-            prefetch.join()
+            hidden = layer.mlp(normed, ops, residual)
         assert residual is not None
         if self.aux_layers:
             self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)

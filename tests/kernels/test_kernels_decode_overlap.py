@@ -1,13 +1,10 @@
-"""The decode-overlap kernels' host side: PDL launch options and bundles (kernels/gdc.py), and the L2
-prefetch launch plan (kernels/l2_prefetch.py). The PTX itself is checked by
-benchmarks/compile_check_decode_overlap.py (sm_90 compile) and on the GPU by benchmarks/decode_overlap.py."""
+"""The decode-overlap kernels' host side: PDL launch options and bundles (kernels/gdc.py). The PTX itself is
+checked by benchmarks/compile_check_decode_overlap.py (sm_90 compile) and on the GPU by benchmarks/decode_overlap.py."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from radixlm.kernels import AttentionMetadata, gdc, get_kernel_ops
-from radixlm.kernels.l2_prefetch import ALIGN, LINE, plan, prefetch_l2, row_plan
 
 
 def test_launch_options_never_ask_a_cpu_or_old_gpu_for_pdl() -> None:
@@ -50,34 +47,3 @@ def test_pdl_bundle_computes_the_same_bits(device) -> None:
     qd = torch.randn(2, 4, 16, generator=g).to(device)
     assert torch.equal(plain.decode_attention(qd, bufs[0], bufs[1], meta, 0.25),
                        pdl.decode_attention(qd, bufs[0], bufs[1], meta, 0.25))
-
-
-@pytest.mark.parametrize("nbytes", [0, 16, 4096, 16384 * 37 + 48, 33_554_432, 8 << 20])
-@pytest.mark.parametrize("mode,chunk,programs,lanes", [("bulk", 16384, 32, 32), ("bulk", 65536, 132, 32),
-                                                       ("line", 128, 64, 128), ("bulk", 4096, 7, 64)])
-def test_prefetch_plan_covers_the_bytes_with_at_most_the_programs(nbytes, mode, chunk, programs, lanes) -> None:
-    launch = plan(nbytes, mode, chunk, programs, lanes)
-    assert launch.programs <= programs and launch.lanes == lanes
-    assert launch.piece == (chunk if mode == "bulk" else LINE)
-    assert launch.covered >= nbytes  # every byte has a hint
-    if nbytes:  # and no program is all past the end
-        assert (launch.programs - 1) * launch.lanes * launch.per_lane * launch.piece < nbytes
-    else:
-        assert launch.programs == 0
-
-
-def test_prefetch_refuses_bad_plans_and_is_a_no_op_on_the_cpu() -> None:
-    with pytest.raises(ValueError, match="mode"):
-        plan(1024, "stream", 16384, 8)
-    with pytest.raises(ValueError, match="multiple"):
-        plan(1024, "bulk", 1000, 8)
-    assert ALIGN == 16
-    assert prefetch_l2(torch.ones(1024)) == 0  # nothing is launched for a CPU tensor
-
-
-def test_row_plan_spreads_the_bytes_over_the_rows_heads() -> None:
-    assert row_plan(8 << 20, 28672, 8192) == 288  # gate_up: 8 MB as the first 288 bytes of each row
-    assert row_plan(1 << 40, 4096, 8192) == 8192  # never past a row
-    assert row_plan(10, 4096, 8192) == ALIGN  # at least one 16-byte hint
-    with pytest.raises(ValueError, match="layout"):
-        prefetch_l2(torch.ones(4, 4), layout="diagonal")
