@@ -74,8 +74,12 @@ def triton_available() -> bool:
 
 
 @functools.cache
-def get_kernel_ops(use_triton: bool) -> KernelOps:
-    """The Triton bundle if `use_triton`, else the torch references (the CPU path)."""
+def get_kernel_ops(use_triton: bool, pdl: bool = False) -> KernelOps:
+    """The Triton bundle if `use_triton`, else the torch references (the CPU path).
+
+    `pdl` (Triton): the decode layer's small kernels (norms, rotary, KV store, SiLU-and-mul, decode
+    attention) launch with programmatic dependent launch where the device has it (kernels/gdc.py):
+    each one's launch overlaps its predecessor's work; the results are the same bits."""
     if not use_triton:
         return KernelOps(
             name="torch",
@@ -92,14 +96,25 @@ def get_kernel_ops(use_triton: bool) -> KernelOps:
     from . import ops
     from .api import decode_attention_triton, extend_attention_triton
 
+    if not pdl:
+        return KernelOps(
+            name="triton",
+            rms_norm=ops.rms_norm,
+            fused_add_rms_norm=ops.fused_add_rms_norm,
+            silu_and_mul=ops.silu_and_mul,
+            rotary=ops.rotary,
+            store_kv=ops.store_kv,
+            decode_attention=decode_attention_triton,
+            extend_attention=extend_attention_triton,
+        )
     return KernelOps(
-        name="triton",
-        rms_norm=ops.rms_norm,
-        fused_add_rms_norm=ops.fused_add_rms_norm,
-        silu_and_mul=ops.silu_and_mul,
-        rotary=ops.rotary,
-        store_kv=ops.store_kv,
-        decode_attention=decode_attention_triton,
+        name="triton+pdl",
+        rms_norm=functools.partial(ops.rms_norm, pdl=True),
+        fused_add_rms_norm=functools.partial(ops.fused_add_rms_norm, pdl=True),
+        silu_and_mul=functools.partial(ops.silu_and_mul, pdl=True),
+        rotary=functools.partial(ops.rotary, pdl=True),
+        store_kv=functools.partial(ops.store_kv, pdl=True),
+        decode_attention=functools.partial(decode_attention_triton, pdl=True),
         extend_attention=extend_attention_triton,
     )
 

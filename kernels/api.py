@@ -172,12 +172,13 @@ def decode_attention_triton(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    pdl: bool = False,
 ) -> torch.Tensor:
     from .decode_attention import decode_attention
 
     return decode_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
-        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade,
+        num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade, pdl=pdl,
     )
 
 

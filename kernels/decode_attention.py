@@ -19,6 +19,7 @@ import triton.language as tl
 from .attention_common import LOG2E, gather_kv, online_softmax_step
 from .cascade_attention import launch_prefix_stage
 from .cascade_layout import CascadeLayout
+from .gdc import enter, launch_options
 
 _MAX_SPLITS = 32
 # GPU launch parameters, module-level so a tuning script can override them. Chosen on an H200 (bf16,
@@ -48,7 +49,9 @@ def _decode_stage1(
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter mis-computes bf16 dots)
     FINAL: tl.constexpr,
     HAS_START: tl.constexpr,  # cascade: each request attends to [KvStart[b], seq_len) only (its suffix)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/gdc.py)
 ):
+    enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -112,7 +115,9 @@ def _decode_stage2(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_PREFIX: tl.constexpr,  # cascade: partials num_splits .. num_splits + PrefixSplits[b] - 1 hold the prefix
+    USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
@@ -166,6 +171,7 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     cascade: CascadeLayout | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
@@ -173,7 +179,8 @@ def decode_attention(
     stage 1 writes `out` directly. An FP8 pool's `k_scale` / `v_scale` multiply scores and output.
     With a `cascade` layout (shared prefixes, kernels/cascade_attention.py) stage 1 reads each
     request's own suffix only, the prefix stage reads each group's prefix once for all its rows, and
-    stage 2 merges both: the same result, fewer KV bytes.
+    stage 2 merges both: the same result, fewer KV bytes. `pdl`: launch both stages with programmatic
+    dependent launch (kernels/gdc.py; the same result).
     """
     bsz, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -222,7 +229,7 @@ def decode_attention(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision, DOT_FP32=not on_gpu,
         FINAL=final, HAS_START=cascade is not None,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4,
-        num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
+        num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1, **launch_options(pdl, q.device),
     )
     if final:
         return out
@@ -236,6 +243,6 @@ def decode_attention(
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits + num_prefix),
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_PREFIX=num_prefix,
-        num_warps=4 if block_d >= 128 else 2,
+        num_warps=4 if block_d >= 128 else 2, **launch_options(pdl, q.device),
     )
     return out

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gdc import enter, launch_options
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as a 2-D [rows, last] view with a unit inner stride (copies only if it must)."""
@@ -25,8 +27,9 @@ def _warps(block: int) -> int:
 def _rms_norm_kernel(
     X, R, W, Out, NewRes, eps, n_cols,
     stride_x, stride_r, stride_o, stride_n,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -43,7 +46,7 @@ def _rms_norm_kernel(
 
 
 def _norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch: rms_norm(x [+ residual]) and, with a residual, the rounded sum."""
     x2 = _rows(x)
@@ -56,26 +59,28 @@ def _norm(
         _rms_norm_kernel[(n_rows,)](
             x2, r2, weight, out, new_res, eps, n_cols,
             x2.stride(0), r2.stride(0), out.stride(0), new_res.stride(0),
-            HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block),
+            HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block), **launch_options(pdl, x.device),
         )
     return out.view(x.shape), (new_res.view(x.shape) if residual is not None else None)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _norm(x, None, weight, eps)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False) -> torch.Tensor:
+    """`pdl`: launch with programmatic dependent launch (kernels/gdc.py; same result)."""
+    return _norm(x, None, weight, eps, pdl)[0]
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual) as new tensors; inputs are left untouched."""
-    normed, summed = _norm(x, residual, weight, eps)
+    normed, summed = _norm(x, residual, weight, eps, pdl)
     assert summed is not None
     return normed, summed
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -86,7 +91,7 @@ def _silu_and_mul_kernel(X, Out, n_cols, stride_x, stride_o, BLOCK: tl.constexpr
     tl.store(Out + row * stride_o + cols, (act * up).to(Out.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """x = [gate | up] on the last dim -> silu(gate) * up."""
     x2 = _rows(x)
     n_rows, width = x2.shape
@@ -96,6 +101,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(2048, triton.next_power_of_2(n_cols))
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
             x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block, num_warps=max(1, min(8, block // 256)),
+            **launch_options(pdl, x.device),
         )
     return out.view(*x.shape[:-1], n_cols)
 
@@ -122,7 +128,9 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh, stride_c,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(Pos + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -136,7 +144,7 @@ def _rotary_kernel(
 
 
 def rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotary; q [T,Hq,D], k [T,Hkv,D] may be strided views (e.g. slices of a fused qkv).
 
@@ -162,7 +170,7 @@ def rotary(
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             cos_sin_cache.stride(0),
             HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_k),
-            BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half),
+            BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half), **launch_options(pdl, q.device),
         )
     return q_out, k_out
 
@@ -193,7 +201,9 @@ def _store_kv_kernel(
     k_inv_scale, v_inv_scale,  # an FP8 pool stores x * (1 / scale), saturated to +-FP8_MAX
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,  # FP8_MAX 0: a float pool
+    USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -210,7 +220,7 @@ def _store_kv_kernel(
 
 def store_kv(
     k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, *, pdl: bool = False,
 ) -> None:
     """k_buffer[slots] = k, v_buffer[slots] = v (cast to the pool dtype) in one launch; an FP8 pool
     stores k / k_scale and v / v_scale saturated, as `ops_ref.quantize_kv_ref`.
@@ -240,5 +250,5 @@ def store_kv(
         FP8_MAX=float(torch.finfo(k_buffer.dtype).max) if fp8 else 0.0,
         MANT_BITS=3 if k_buffer.dtype == torch.float8_e4m3fn else 2,  # e4m3 / e5m2
         MIN_EXP=-6 if k_buffer.dtype == torch.float8_e4m3fn else -14,  # smallest normal exponent
-        num_warps=_warps(block_h * block_d),
+        num_warps=_warps(block_h * block_d), **launch_options(pdl, k.device),
     )

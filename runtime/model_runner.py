@@ -207,7 +207,13 @@ class ModelRunner:
         return int(max(min(budget // per_token, _CPU_MAX_TOTAL_TOKENS), 1024))
 
     def _make_attention_backend(self) -> PagedAttentionBackend:
-        ops = get_kernel_ops(self.args.attention_backend == "triton")
+        triton = self.args.attention_backend == "triton"
+        pdl = False
+        if triton and self.device.type == "cuda":  # (kernels.gdc imports triton: not on CPU-only installs)
+            from radixlm.kernels.gdc import enabled as pdl_enabled
+
+            pdl = pdl_enabled(self.args.decode_pdl, self.device)
+        ops = get_kernel_ops(triton, pdl)
         if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches
             ops = get_cpu_kernel_ops()
         self.model.ops = ops

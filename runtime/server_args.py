@@ -232,6 +232,12 @@ class ServerArgs:
         "(e) 8% faster than off, warm, benchmarks/RESULTS.md); on: also with the torch backend (its reference "
         "arithmetic; for tests); off: never",
         str, choices=("auto", "on", "off"))
+    decode_pdl: str = _flag(
+        "auto", "runtime", "launch the decoder's small Triton kernels (norms, rotary, KV store, decode attention, "
+        "SiLU-and-mul) with programmatic dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
+        "kernel (kernels/gdc.py; same results). auto: off (on the H200 it won 1.7 µs a layer on the small kernels "
+        "but no end-to-end gain was shown: benchmarks/RESULTS.md); on: where the device has it",
+        str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
     disable_cpu_decode_stack: bool = _flag(
