@@ -26,7 +26,7 @@ from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, pointer_text
 from .schema_relative import Relative, members
 from .schema_simplify import simplify
-from .schema_unique import closed_count, unique_items
+from .schema_unique import closed_count, open_count, unique_items
 
 # The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
 VALIDATION = frozenset({
@@ -185,7 +185,16 @@ class _Vetter:
                 clean["anyOf"] = part["anyOf"]
             else:
                 clean["allOf"] = clean.get("allOf", []) + [part]
-        return clean
+        counted = open_count(clean, self.hoist) if self.backend == "llguidance" else None
+        return clean if counted is None else counted
+
+    def hoist(self, value: Any) -> Any:
+        """A subschema shared by copies of its node, moved to `$defs` once."""
+        if not isinstance(value, dict) or not value or list(value) == ["$ref"]:
+            return value
+        name = f"c{len(self.defs)}"
+        self.defs[name] = value
+        return {"$ref": f"#/$defs/{name}"}
 
     def decide_listed(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
         """A listed (enum/const) node next to other validation keywords becomes the enum of

@@ -22,7 +22,8 @@ Parsed JSON has no duplicates (last one wins in Python's json, JavaScript, and j
 input); every occurrence satisfies the key's schema, so whichever occurrence a parser keeps, the
 parsed object is valid for per-key constraints. Key counts would not be (two occurrences could
 meet `minProperties: 2` while the parsed object has one key): nodes with property counts keep
-their named properties.
+their named properties, except where every named property that may occur is required (then
+only `false` ones become patterns, and no key can repeat).
 """
 
 from __future__ import annotations
@@ -148,12 +149,19 @@ def free_optional_order(schema: Any, max_permuted: int = MAX_PERMUTED, max_patte
         visited.add(id(node))
         stack.extend(_children(node))
         if id(node) not in merged and isinstance(node.get("properties"), dict) and node["properties"] \
-                and "minProperties" not in node and "maxProperties" not in node:
+                and (("minProperties" not in node and "maxProperties" not in node) or _only_required(node)):
             eligible.append(node)
     changed = sum(_free(node, defs, max_permuted, max_patterns) for node in eligible)
     if defs and "$defs" not in schema:
         schema["$defs"] = defs
     return changed
+
+
+def _only_required(node: dict[str, Any]) -> bool:
+    """Every named property that may occur is required (open_count's copies): none becomes a
+    pattern key that could repeat, so key counts stay exact."""
+    required = set(node.get("required", ()))
+    return all(v is False or k in required for k, v in node["properties"].items())
 
 
 def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_patterns: int) -> bool:

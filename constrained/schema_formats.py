@@ -74,3 +74,18 @@ FORMAT_PATTERNS = {
     "json-pointer": f"^{_JSON_POINTER}$",
     "relative-json-pointer": f"^(?:0|[1-9][0-9]*)(?:#|{_JSON_POINTER})$",
 }
+
+# For disjointness proofs (`oneOf` of formats): a character every string of the format contains,
+# and the only characters strings of the format can hold. From the RFCs (URI scheme ':', RFC 5321
+# '@', RFC 4291 ':', RFC 4122 '-', RFC 1123 host names of letters, digits, '-' and '.') and what
+# llguidance's regexes for them accept (tests/constrained/test_schema_formats.py checks both).
+_NEEDS = {"uri": ":", "ipv6": ":", "email": "@", "idn-email": "@", "uuid": "-", "ipv4": ".",
+          "time": ":", "date-time": ":"}
+_ALPHABET = {"hostname": frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-."),
+             "ipv4": frozenset("0123456789."), "date": frozenset("0123456789-"),
+             "uuid": frozenset("0123456789abcdefABCDEF-")}
+
+
+def formats_disjoint(f: str, g: str) -> bool:
+    """True only when no string is valid for both formats (a character one needs, the other lacks)."""
+    return any(x in _NEEDS and y in _ALPHABET and _NEEDS[x] not in _ALPHABET[y] for x, y in ((f, g), (g, f)))

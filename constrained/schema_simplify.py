@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -285,20 +286,23 @@ def disjoin_patterns(schema: Any) -> int:
 MAX_KEY_BRANCHES = 8
 
 
-def _key_condition(branch: Any) -> tuple[frozenset[str], frozenset[str]] | None:
-    """(forbidden keys, required keys) when `branch` says only which keys are absent/present."""
+def _key_condition(branch: Any, objects_only: bool) -> tuple[frozenset[str], frozenset[str]] | None:
+    """(forbidden keys, required keys) when `branch` says only which keys are absent/present
+    (and that the instance is an object, where the node admits nothing else)."""
     if not isinstance(branch, dict):
         return None
     forbidden: set[str] = set()
     required: set[str] = set()
     for key, value in branch.items():
+        if key == "type" and value == "object" and objects_only:
+            continue
         if key == "properties" and isinstance(value, dict) and all(v is False for v in value.values()):
             forbidden |= set(value)
         elif key == "required" and isinstance(value, list):
             required |= set(value)
         elif key == "allOf" and isinstance(value, list):
             for part in value:
-                sub = _key_condition(part)
+                sub = _key_condition(part, objects_only)
                 if sub is None:
                     return None
                 forbidden |= sub[0]
@@ -306,6 +310,32 @@ def _key_condition(branch: Any) -> tuple[frozenset[str], frozenset[str]] | None:
         else:
             return None
     return frozenset(forbidden), frozenset(required)
+
+
+MAX_KEY_PRODUCT = 1024
+
+
+def _conjuncts(parts: Any) -> list[Any]:
+    """allOf members, nested plain allOf nodes flattened."""
+    out: list[Any] = []
+    for part in parts if isinstance(parts, list) else [parts]:
+        if isinstance(part, dict) and list(part) == ["allOf"]:
+            out += _conjuncts(part["allOf"])
+        else:
+            out.append(part)
+    return out
+
+
+def _fewest(options: list[list[tuple[frozenset[str], frozenset[str]]]]) -> list[Any] | None:
+    """The combinations of one branch per part, as (forbidden, required) unions, without those
+    another one subsumes (same forbidden keys, fewer required: it accepts a superset); None when
+    the product is too large to list."""
+    if math.prod(len(o) for o in options) > MAX_KEY_PRODUCT:
+        return None
+    merged = {(frozenset().union(*(c[0] for c in combo)), frozenset().union(*(c[1] for c in combo)))
+              for combo in itertools.product(*options)}
+    kept = [m for m in merged if not any(o != m and o[0] == m[0] and o[1] < m[1] for o in merged)]
+    return sorted(kept, key=lambda m: (sorted(m[0]), sorted(m[1])))
 
 
 def distribute_key_conditions(schema: Any) -> int:
@@ -318,34 +348,36 @@ def distribute_key_conditions(schema: Any) -> int:
     defs = schema.setdefault("$defs", {})
     changed = 0
     for node in _walk(schema):
-        if not isinstance(node.get("properties"), dict) or "oneOf" in node \
-                or not ("allOf" in node or "anyOf" in node):
+        keyed = isinstance(node.get("properties"), dict) or (
+            isinstance(node.get("patternProperties"), dict) and "properties" not in node)
+        if not keyed or "oneOf" in node or not ("allOf" in node or "anyOf" in node):
             continue
-        parts = list(node.get("allOf", [])) + ([{"anyOf": node["anyOf"]}] if "anyOf" in node else [])
+        objects_only = node.get("type") == "object"
+        parts = _conjuncts(node.get("allOf", [])) + ([{"anyOf": node["anyOf"]}] if "anyOf" in node else [])
         options: list[list[tuple[frozenset[str], frozenset[str]]]] = []
         for part in parts:
             branches = part.get("anyOf") if isinstance(part, dict) and list(part) == ["anyOf"] else [part]
-            conds = [_key_condition(b) for b in branches] if isinstance(branches, list) else [None]
+            conds = [_key_condition(b, objects_only) for b in branches] if isinstance(branches, list) else [None]
             if None in conds:
                 break
             options.append(conds)  # type: ignore[arg-type]
         else:
-            combos = list(itertools.product(*options))
-            if not 1 < len(combos) <= MAX_KEY_BRANCHES:
+            combos = _fewest(options)
+            if combos is None or not 1 < len(combos) <= MAX_KEY_BRANCHES:
                 continue
             base = {k: v for k, v in node.items() if k not in ("allOf", "anyOf", "$defs")}
-            props = {k: hoist(v, defs) for k, v in base.pop("properties").items()}
+            props = {k: hoist(v, defs) for k, v in base.pop("properties", {}).items()}
             if "additionalProperties" in base:
                 base["additionalProperties"] = hoist(base["additionalProperties"], defs)
             if isinstance(base.get("patternProperties"), dict):
                 base["patternProperties"] = {k: hoist(v, defs) for k, v in base["patternProperties"].items()}
             branches = []
-            for combo in combos:
-                forbidden = frozenset().union(*(c[0] for c in combo))
-                required = frozenset().union(*(c[1] for c in combo))
+            for forbidden, required in combos:
                 if forbidden & (required | set(base.get("required", []))):
                     continue
                 branch = {**base, "properties": {**props, **{k: False for k in forbidden}}}
+                if not branch["properties"]:
+                    del branch["properties"]
                 need = list(dict.fromkeys([*base.get("required", []), *sorted(required)]))
                 if need:
                     branch["required"] = need
