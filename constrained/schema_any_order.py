@@ -157,6 +157,13 @@ def free_optional_order(schema: Any, max_permuted: int = MAX_PERMUTED, max_patte
     return changed
 
 
+def alphabetical_order(names: list[str]) -> list[str] | None:
+    """The names sorted, where that is another order: instances written with sorted keys
+    (json.dumps(sort_keys=True)) interleave optional and required keys that way."""
+    order = sorted(names)
+    return order if order != names else None
+
+
 def _only_required(node: dict[str, Any]) -> bool:
     """Every named property that may occur is required (open_count's copies): none becomes a
     pattern key that could repeat, so key counts stay exact."""
@@ -181,9 +188,10 @@ def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_pat
     listed = [k for k in node.get("required", ()) if k in props]
     listed = list(dict.fromkeys(listed))
     by_listing = len(ordered) > max_permuted and listed != ordered
-    if not tail and not permute and not by_listing:
+    alphabetical = alphabetical_order(names)
+    if not tail and not permute and not by_listing and alphabetical is None:
         return False
-    if permute or by_listing:  # values become references first: compiled once, not once per branch
+    if permute or by_listing or alphabetical:  # values become references first: compiled once, not once per branch
         for table in (props, patterns):
             for key, value in table.items():
                 table[key] = hoist(value, defs)
@@ -200,14 +208,16 @@ def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_pat
         return out
 
     first = form([k for k in names if k not in tail], tail)
-    if not permute and not by_listing:
+    # Every named key in alphabetical order: what instances written with sorted keys use.
+    by_name = [form(alphabetical, [])] if alphabetical else []
+    if not permute and not by_listing and not by_name:
         keep = {"$defs": node["$defs"]} if "$defs" in node else {}
         node.clear()
         node.update(first, **keep)
         return True
     fixed = [k for k in names if k not in required and k not in movable]  # kept named, schema order
-    orders = itertools.permutations(ordered) if permute else [listed]
-    branches = [first] + [form([*order, *fixed], movable) for order in orders]
+    orders = itertools.permutations(ordered) if permute else [listed] if by_listing else []
+    branches = [first] + [form([*order, *fixed], movable) for order in orders] + by_name
     keep = {"$defs": node["$defs"]} if "$defs" in node else {}
     node.clear()
     node.update(anyOf=branches, **keep)
