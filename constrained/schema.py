@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GrammarCompileError, UnsupportedSchemaError
+from .schema_anchors import without_inner_anchors
 from .schema_any_order import free_optional_order
 from .schema_disjoint import disjoint, first_overlap
 from .schema_finite import FiniteDecider, listed_values
@@ -220,7 +221,10 @@ class _Vetter:
             pass  # resolved in vet()
         elif key in ("properties", "patternProperties"):
             self.expect(isinstance(value, dict), key, sub, "an object")
-            clean[key] = {k: self.vet(v, sub + (k,)) for k, v in value.items()}
+            name = without_inner_anchors if key == "patternProperties" else str
+            clean[key] = {name(k): self.vet(v, sub + (k,)) for k, v in value.items()}
+        elif key == "pattern":
+            clean[key] = without_inner_anchors(value)
         elif key in ("anyOf", "allOf", "prefixItems"):
             self.expect(isinstance(value, list) and (value or key == "prefixItems"), key, sub, "a non-empty list")
             clean[key] = clean.get(key, []) + [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
