@@ -47,7 +47,7 @@ _CORE = frozenset({
     "anyOf", "$ref",
 })
 _FORMATS_LLG = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
-                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer",
+                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer", "uri-template",
                           "relative-json-pointer"})
 
 
