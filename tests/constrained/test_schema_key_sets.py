@@ -9,7 +9,8 @@ listed valid instance is rejected.
 - `oneOf` of formats told apart by a character one needs and the other cannot hold
   (schema_formats.formats_disjoint);
 - key conditions nested in allOf/anyOf distributed into whole copies (schema_simplify), and the
-  alphabetical-order branch (schema_any_order.py).
+  alphabetical-order branch (schema_any_order.py);
+- propertyNames met with a map whose one pattern matches every key (schema_meet.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from radixlm import constrained as C
 from radixlm.constrained import schema as schema_module
-from radixlm.constrained import schema_any_order, schema_formats, schema_negation, schema_relative, schema_simplify
+from radixlm.constrained import schema_any_order, schema_formats, schema_meet, schema_negation, schema_relative, schema_simplify
 from radixlm.constrained.errors import GrammarCompileError
 from radixlm.constrained.schema_pattern_complement import pattern_words, unmatched_words
 
@@ -70,6 +71,10 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                             "properties": {"zone": INT, "router": INT, "plugins": INT}},
                            [{"plugins": 1, "router": 2, "zone": 3}, {"zone": 3}, {"router": 2, "zone": 3},
                             {"plugins": 1, "router": 2}, {"plugins": 1, "router": "x", "zone": 3}]),
+    # appsettings' shape: propertyNames over a map whose one pattern matches every key
+    "property_names_of_open_map": ({"type": "object", "patternProperties": {".*": {"type": ["number", "string"]}},
+                                    "propertyNames": {"pattern": "^[A-Za-z0-9_.-]+$"}},
+                                   [{"a.b": 1, "c": "x"}, {}, {"a b": 1}, {"a": None}, {"": 1}]),
 }
 # (what to disable, index of a valid instance it is needed for; None: needed to compile)
 _NO_NEG = ("negation", None)
@@ -78,6 +83,7 @@ NEEDS: dict[str, tuple[str, int | None]] = {
     "not_pattern_properties_finite": _NO_NEG, "min_properties_open": ("open_count", None),
     "exactly_one_property": ("open_count", None), "one_of_formats": ("formats", None),
     "key_conditions_any_order": ("distribute", 0), "alphabetical_order": ("alphabetical", 0),
+    "property_names_of_open_map": ("names_meet", None),
 }
 
 
@@ -111,6 +117,8 @@ def _disable(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(schema_relative, "formats_disjoint", lambda f, g: False)
     elif what == "distribute":
         monkeypatch.setattr(schema_simplify, "distribute_key_conditions", lambda s: 0)
+    elif what == "names_meet":
+        monkeypatch.setattr(schema_meet, "_names_only", lambda node: None)
     elif what == "alphabetical":
         monkeypatch.setattr(schema_any_order, "alphabetical_order", lambda names: None)
 
