@@ -8,7 +8,7 @@ listed valid instance is rejected.
 - min/maxProperties next to optional named properties (schema_unique.open_count);
 - `oneOf` of formats told apart by a character one needs and the other cannot hold
   (schema_formats.formats_disjoint);
-- key conditions nested in allOf/anyOf distributed into whole copies (schema_simplify), and the
+- key conditions nested in allOf/anyOf distributed into whole copies (schema_key_conditions), and the
   alphabetical-order branch (schema_any_order.py);
 - propertyNames met with a map whose one pattern matches every key (schema_meet.py).
 """
