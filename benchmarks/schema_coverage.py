@@ -270,6 +270,9 @@ def main() -> None:
         "goals": GOALS, "engines": summary,
         "per_schema": {e: {r["file"]: r["status"] + (f": {r['reason']}" if r.get("reason") else "")
                            for r in rows if r["engine"] == e} for e in engines},
+        "slowest_compiles_ms": {e: dict(sorted(((r["file"], round(r["compile_s"] * 1e3, 1)) for r in rows
+                                                if r["engine"] == e and "masks" in r), key=lambda x: -x[1])[:20])
+                                for e in engines},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GrammarCompileError, UnsupportedSchemaError
+from .schema_anchors import without_inner_anchors
 from .schema_any_order import free_optional_order
 from .schema_disjoint import disjoint, first_overlap
 from .schema_finite import FiniteDecider, listed_values
@@ -26,7 +27,7 @@ from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, pointer_text
 from .schema_relative import Relative, members
 from .schema_simplify import simplify
-from .schema_unique import closed_count, unique_items
+from .schema_unique import closed_count, open_count, unique_items
 
 # The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
 VALIDATION = frozenset({
@@ -46,7 +47,7 @@ _CORE = frozenset({
     "anyOf", "$ref",
 })
 _FORMATS_LLG = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
-                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer",
+                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer", "uri-template",
                           "relative-json-pointer"})
 
 
@@ -185,7 +186,16 @@ class _Vetter:
                 clean["anyOf"] = part["anyOf"]
             else:
                 clean["allOf"] = clean.get("allOf", []) + [part]
-        return clean
+        counted = open_count(clean, self.hoist) if self.backend == "llguidance" else None
+        return clean if counted is None else counted
+
+    def hoist(self, value: Any) -> Any:
+        """A subschema shared by copies of its node, moved to `$defs` once."""
+        if not isinstance(value, dict) or not value or list(value) == ["$ref"]:
+            return value
+        name = f"c{len(self.defs)}"
+        self.defs[name] = value
+        return {"$ref": f"#/$defs/{name}"}
 
     def decide_listed(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
         """A listed (enum/const) node next to other validation keywords becomes the enum of
@@ -211,7 +221,10 @@ class _Vetter:
             pass  # resolved in vet()
         elif key in ("properties", "patternProperties"):
             self.expect(isinstance(value, dict), key, sub, "an object")
-            clean[key] = {k: self.vet(v, sub + (k,)) for k, v in value.items()}
+            name = without_inner_anchors if key == "patternProperties" else str
+            clean[key] = {name(k): self.vet(v, sub + (k,)) for k, v in value.items()}
+        elif key == "pattern":
+            clean[key] = without_inner_anchors(value)
         elif key in ("anyOf", "allOf", "prefixItems"):
             self.expect(isinstance(value, list) and (value or key == "prefixItems"), key, sub, "a non-empty list")
             clean[key] = clean.get(key, []) + [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]

@@ -22,7 +22,8 @@ Parsed JSON has no duplicates (last one wins in Python's json, JavaScript, and j
 input); every occurrence satisfies the key's schema, so whichever occurrence a parser keeps, the
 parsed object is valid for per-key constraints. Key counts would not be (two occurrences could
 meet `minProperties: 2` while the parsed object has one key): nodes with property counts keep
-their named properties.
+their named properties, except where every named property that may occur is required (then
+only `false` ones become patterns, and no key can repeat).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ MAX_PERMUTED = 3  # required keys in any order up to 3! = 6 orders per object no
 # llguidance checks pattern properties pairwise for disjointness: compile time grows with the
 # square of their count (a node of 128 literal keys: 67 -> 810 ms), so larger nodes keep schema order.
 MAX_PATTERNS = 96
+# The alphabetical-order branch: for nodes of at most 12 named keys, the first 8 such nodes of a
+# document (root first): each is one more copy for llguidance to build (measured negligible on
+# o17072, 8 such nodes in a oneOf of object types; the caps bound the worst case).
+MAX_ALPHABETICAL = 12
+MAX_ALPHABETICAL_NODES = 8
 
 # Applicators whose subschemas llguidance intersects with the node that holds them (or with
 # each other): `allOf` always, `anyOf`/`oneOf` when the node has other validation keywords.
@@ -139,7 +145,7 @@ def free_optional_order(schema: Any, max_permuted: int = MAX_PERMUTED, max_patte
     defs = schema.get("$defs", {})
     merged = _merged_nodes(schema, defs)
     eligible: list[dict[str, Any]] = []
-    stack: list[Any] = [schema, *defs.values()]
+    stack: list[Any] = [*reversed(defs.values()), schema]  # the root first
     visited: set[int] = set()
     while stack:
         node = stack.pop()
@@ -148,15 +154,31 @@ def free_optional_order(schema: Any, max_permuted: int = MAX_PERMUTED, max_patte
         visited.add(id(node))
         stack.extend(_children(node))
         if id(node) not in merged and isinstance(node.get("properties"), dict) and node["properties"] \
-                and "minProperties" not in node and "maxProperties" not in node:
+                and (("minProperties" not in node and "maxProperties" not in node) or _only_required(node)):
             eligible.append(node)
-    changed = sum(_free(node, defs, max_permuted, max_patterns) for node in eligible)
+    budget = [MAX_ALPHABETICAL_NODES]
+    changed = sum(_free(node, defs, max_permuted, max_patterns, budget) for node in eligible)
     if defs and "$defs" not in schema:
         schema["$defs"] = defs
     return changed
 
 
-def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_patterns: int) -> bool:
+def alphabetical_order(names: list[str]) -> list[str] | None:
+    """The names sorted, where that is another order: instances written with sorted keys
+    (json.dumps(sort_keys=True)) interleave optional and required keys that way."""
+    order = sorted(names)
+    return order if order != names else None
+
+
+def _only_required(node: dict[str, Any]) -> bool:
+    """Every named property that may occur is required (open_count's copies): none becomes a
+    pattern key that could repeat, so key counts stay exact."""
+    required = set(node.get("required", ()))
+    return all(v is False or k in required for k, v in node["properties"].items())
+
+
+def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_patterns: int,
+          budget: list[int]) -> bool:
     props, patterns = node["properties"], node.get("patternProperties", {})
     required = set(node.get("required", ()))
     names = list(props)
@@ -173,9 +195,12 @@ def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_pat
     listed = [k for k in node.get("required", ()) if k in props]
     listed = list(dict.fromkeys(listed))
     by_listing = len(ordered) > max_permuted and listed != ordered
-    if not tail and not permute and not by_listing:
+    # no required key: `first` takes any order already; large nodes: a second copy costs compile time
+    alphabetical = alphabetical_order(names) if required and len(names) <= MAX_ALPHABETICAL and budget[0] else None
+    budget[0] -= alphabetical is not None
+    if not tail and not permute and not by_listing and alphabetical is None:
         return False
-    if permute or by_listing:  # values become references first: compiled once, not once per branch
+    if permute or by_listing or alphabetical:  # values become references first: compiled once, not once per branch
         for table in (props, patterns):
             for key, value in table.items():
                 table[key] = hoist(value, defs)
@@ -192,14 +217,19 @@ def _free(node: dict[str, Any], defs: dict[str, Any], max_permuted: int, max_pat
         return out
 
     first = form([k for k in names if k not in tail], tail)
-    if not permute and not by_listing:
+    by_name = []
+    if alphabetical:  # named keys in alphabetical order, optional ones after the last required free
+        a_last = max(i for i, k in enumerate(alphabetical) if k in required)
+        a_tail = [k for k in alphabetical[a_last + 1:] if k in movable]
+        by_name.append(form([k for k in alphabetical if k not in a_tail], a_tail))
+    if not permute and not by_listing and not by_name:
         keep = {"$defs": node["$defs"]} if "$defs" in node else {}
         node.clear()
         node.update(first, **keep)
         return True
     fixed = [k for k in names if k not in required and k not in movable]  # kept named, schema order
-    orders = itertools.permutations(ordered) if permute else [listed]
-    branches = [first] + [form([*order, *fixed], movable) for order in orders]
+    orders = itertools.permutations(ordered) if permute else [listed] if by_listing else []
+    branches = [first] + [form([*order, *fixed], movable) for order in orders] + by_name
     keep = {"$defs": node["$defs"]} if "$defs" in node else {}
     node.clear()
     node.update(anyOf=branches, **keep)

@@ -66,6 +66,16 @@ _RELATIVE_REF = f"{_RELATIVE_PART}(?:\\?{_QUERY})?(?:#{_QUERY})?"
 # RFC 6901 / draft-handrews-relative-json-pointer-01.
 _JSON_POINTER = "(?:/(?:[^~/]|~[01])*)*"
 
+# RFC 6570 §2 URI-Template: literals (ASCII subset, ucschar, iprivate, pct-encoded) and
+# expressions "{" [operator] varspec *("," varspec) "}".
+_UCSCHAR = "\\u00a0-\\ud7ff\\uf900-\\ufdcf\\ufdf0-\\uffef" + "".join(
+    f"\\U{plane:04x}{0x1000 if plane == 0xE else 0:04x}-\\U{plane:04x}fffd" for plane in range(1, 15))
+_IPRIVATE = "\\ue000-\\uf8ff\\U000f0000-\\U000ffffd\\U00100000-\\U0010fffd"
+_LITERAL = f"[!#$&(-;=?-\\[\\]_a-z~{_UCSCHAR}{_IPRIVATE}]|{_PCT}"
+_VARCHAR = f"(?:[A-Za-z0-9_]|{_PCT})"
+_VARSPEC = f"{_VARCHAR}(?:\\.?{_VARCHAR})*(?::[1-9][0-9]{{0,3}}|\\*)?"
+_URI_TEMPLATE = f"(?:{_LITERAL}|\\{{[+#./;?&=,!@|]?{_VARSPEC}(?:,{_VARSPEC})*\\}})*"
+
 FORMAT_PATTERNS = {
     "date": f"^{_DATE}$",
     "time": f"^{_TIME}$",
@@ -73,4 +83,20 @@ FORMAT_PATTERNS = {
     "uri-reference": f"^(?:{_URI}|{_RELATIVE_REF})$",
     "json-pointer": f"^{_JSON_POINTER}$",
     "relative-json-pointer": f"^(?:0|[1-9][0-9]*)(?:#|{_JSON_POINTER})$",
+    "uri-template": f"^{_URI_TEMPLATE}$",
 }
+
+# For disjointness proofs (`oneOf` of formats): a character every string of the format contains,
+# and the only characters strings of the format can hold. From the RFCs (URI scheme ':', RFC 5321
+# '@', RFC 4291 ':', RFC 4122 '-', RFC 1123 host names of letters, digits, '-' and '.') and what
+# llguidance's regexes for them accept (tests/constrained/test_schema_formats.py checks both).
+_NEEDS = {"uri": ":", "ipv6": ":", "email": "@", "idn-email": "@", "uuid": "-", "ipv4": ".",
+          "time": ":", "date-time": ":"}
+_ALPHABET = {"hostname": frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-."),
+             "ipv4": frozenset("0123456789."), "date": frozenset("0123456789-"),
+             "uuid": frozenset("0123456789abcdefABCDEF-")}
+
+
+def formats_disjoint(f: str, g: str) -> bool:
+    """True only when no string is valid for both formats (a character one needs, the other lacks)."""
+    return any(x in _NEEDS and y in _ALPHABET and _NEEDS[x] not in _ALPHABET[y] for x, y in ((f, g), (g, f)))

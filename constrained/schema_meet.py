@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .schema_disjoint import disjoint
-from .schema_pattern_complement import pattern_matches
+from .schema_negation import Unsupported
+from .schema_pattern_complement import complement_pattern, pattern_matches
 
 Deref = Callable[[str], Any]
 _MAX_DEPTH = 12
@@ -151,6 +152,12 @@ def _merge_fields(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int
     pa, pb = a.get("patternProperties", {}), b.get("patternProperties", {})
     if not all(isinstance(x, dict) for x in (a.get("properties", {}), b.get("properties", {}), pa, pb)):
         return None
+    for x, y in ((a, b), (b, a)):
+        names = _names_only(y)
+        if names is not None and not x.get("properties") and len(x.get("patternProperties", {})) == 1:
+            (pattern, sub), = x["patternProperties"].items()
+            if _universal(pattern):  # every key is x's pattern key: keys matching `names` only
+                return {"patternProperties": {names: sub}, "additionalProperties": False}
     if pa and pb or pa and b.get("additionalProperties", True) is not True \
             or pb and a.get("additionalProperties", True) is not True:
         return None
@@ -166,3 +173,21 @@ def _merge_fields(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int
     if extra is not True:
         out["additionalProperties"] = extra
     return out
+
+
+def _names_only(node: dict[str, Any]) -> str | None:
+    """The one pattern every key must match, where `node` says nothing else about keys (what
+    `propertyNames` becomes: `{patternProperties: {P: true}, additionalProperties: false}`)."""
+    patterns = node.get("patternProperties", {})
+    if node.get("properties") or node.get("additionalProperties", True) is not False or len(patterns) != 1:
+        return None
+    (pattern, sub), = patterns.items()
+    return pattern if sub is True or sub == {} else None
+
+
+def _universal(pattern: str) -> bool:
+    """True only when `pattern` matches in every string (`.*`, `^.*`, `""`...)."""
+    try:
+        return complement_pattern(pattern) is None
+    except Unsupported:
+        return False

@@ -116,7 +116,10 @@ def negate(schema: Any, deref: Callable[[str], Any], depth: int = 0) -> Any:
         raise Unsupported("$ref", "the complement of a recursive schema")
     branches: list[Any] = []
     for key, value in schema.items():
-        branches += negate_keyword(key, value, deref, depth)
+        if key == "additionalProperties":
+            branches += _some_additional_key(schema, value, deref, depth)
+        else:
+            branches += negate_keyword(key, value, deref, depth)
     seen: set[str] = set()
     unique = []
     for b in branches:
@@ -162,6 +165,8 @@ def negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int
             if neg is not False:
                 out.append({"type": "object", "required": [name], "properties": {name: neg}})
         return out
+    if key == "patternProperties":
+        return _some_pattern_key(value, deref, depth)
     if key == "anyOf":
         return [{"allOf": [negate(s, deref, depth + 1) for s in value]}]
     if key == "allOf":
@@ -169,3 +174,50 @@ def negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int
     if key == "$ref":
         return [negate(deref(value), deref, depth + 1)]
     raise Unsupported(key, f"the complement of {key!r} (it has no exact positive form)")
+
+
+def _some_pattern_key(patterns: dict[str, Any], deref: Callable[[str], Any], depth: int) -> list[Any]:
+    """¬patternProperties: some key matching a pattern has a failing value. Exact as a choice
+    among named keys when each pattern matches a few strings only (propertyNames' `enum`)."""
+    from .schema_pattern_complement import pattern_words  # it builds on this module
+
+    out = []
+    for pattern, sub in patterns.items():
+        neg = negate(sub, deref, depth + 1)
+        if neg is False:
+            continue
+        try:
+            words = pattern_words(pattern)
+        except Unsupported as exc:
+            raise Unsupported("patternProperties", f"the complement of 'patternProperties' (some key's "
+                                                   f"value fails): pattern {pattern!r}: {exc.reason}") from exc
+        out += [_present(w, neg) for w in words]
+    return out
+
+
+def _some_additional_key(node: dict[str, Any], value: Any, deref: Callable[[str], Any], depth: int) -> list[Any]:
+    """¬additionalProperties: some key outside properties/patterns has a failing value. Exact as a
+    choice among named keys when the names outside them are a few strings (propertyNames' `not:
+    {enum}` leaves such patterns), or when every name is outside and none is allowed (non-empty)."""
+    from .schema_pattern_complement import unmatched_words  # it builds on this module
+
+    neg = negate(value, deref, depth + 1)
+    if neg is False:
+        return []
+    named, patterns = node.get("properties", {}), list(node.get("patternProperties", {}))
+    if not named and not patterns and neg is True:
+        return [{"type": "object", "minProperties": 1}]
+    try:
+        words = [w for w in unmatched_words(patterns) if w not in named]
+    except Unsupported as exc:
+        raise Unsupported("additionalProperties", f"the complement of 'additionalProperties' (some key's "
+                                                  f"value fails): {exc.reason}") from exc
+    return [_present(w, neg) for w in words]
+
+
+def _present(name: str, value: Any) -> dict[str, Any]:
+    """Objects having key `name` with a value satisfying `value`."""
+    out: dict[str, Any] = {"type": "object", "required": [name]}
+    if value is not True:
+        out["properties"] = {name: value}
+    return out

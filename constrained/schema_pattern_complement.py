@@ -114,12 +114,39 @@ def _translate(p: str) -> list[tuple[bool, str, bool]]:
     return alts
 
 
+def _unwrap(p: str) -> str:
+    """`(?:X)` around the whole pattern is X (our own anyOf of name regexes writes such groups,
+    with the anchors inside)."""
+    while p.startswith("(?:") and p.endswith(")"):
+        depth, i, in_class = 0, 0, False
+        while i < len(p):
+            c = p[i]
+            if c == "\\":
+                i += 2
+                continue
+            if in_class:
+                in_class = c != "]"
+            elif c == "[":
+                in_class = True
+            elif c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        if i != len(p) - 1:
+            return p  # the first group closes before the end: not one group around everything
+        p = p[3:-1]
+    return p
+
+
 @lru_cache(maxsize=1024)
 def _fsm(p: str) -> Any:
     """The automaton of the strings in which `p` matches somewhere (ECMA search semantics)."""
     anywhere = interegular.parse_pattern("[\\s\\S]*").to_fsm()
     total = None
-    for start, body, end in _translate(p):
+    for start, body, end in _translate(_unwrap(p)):
         try:
             core = interegular.parse_pattern(body).to_fsm() if body else interegular.parse_pattern("").to_fsm()
         except Exception as exc:  # interegular raises several private types
@@ -254,3 +281,52 @@ def pattern_parts(p: str, q: str) -> tuple[str | None, str | None, str | None]:
     fp, fq = _fsm(p), _fsm(q)
     parts = [_to_regex(fp.difference(fq)), _to_regex(fp.intersection(fq)), _to_regex(fq.difference(fp))]
     return tuple(None if body is None else f"^{body}$" for body in parts)  # type: ignore[return-value]
+
+
+def pattern_words(p: str, limit: int = 64) -> list[str]:
+    """Every string in which `p` matches, when those are at most `limit` (an anchored pattern
+    of literal alternatives, as propertyNames' `enum` becomes); Unsupported otherwise."""
+    if len(p) > MAX_PROOF_PATTERN:
+        raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    return _words(_fsm(p), limit)
+
+
+def unmatched_words(patterns: list[str], limit: int = 64) -> list[str]:
+    """Every string that none of `patterns` matches, when those are at most `limit` (what
+    propertyNames' `not: {enum}` leaves); Unsupported otherwise."""
+    if any(len(p) > MAX_PROOF_PATTERN for p in patterns):
+        raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    anywhere = interegular.parse_pattern("[\\s\\S]*").to_fsm()
+    fsm = anywhere
+    for p in patterns:
+        fsm = fsm.difference(_fsm(p))
+    return _words(fsm, limit)
+
+
+def _words(fsm: Any, limit: int) -> list[str]:
+    fsm = fsm.reduce()
+    try:
+        if fsm.cardinality() > limit:
+            raise _refuse(f"it matches over {limit} strings")
+    except OverflowError as exc:
+        raise _refuse("it matches infinitely many strings") from exc
+    chars: dict[Any, list[str]] = {}
+    for ch, sym in fsm.alphabet._symbol_mapping.items():
+        chars.setdefault(sym, []).append(ch)
+    words: list[str] = []
+
+    def walk(state: Any, prefix: str) -> None:
+        if state in fsm.finals:
+            words.append(prefix)
+        for sym, dst in fsm.map.get(state, {}).items():
+            if not fsm.islive(dst):
+                continue
+            for ch in chars.get(sym, ()):
+                if ch is anything_else:  # stands for every other character
+                    raise _refuse("it matches infinitely many strings")
+                walk(dst, prefix + ch)
+            if len(words) > limit:
+                raise _refuse(f"it matches over {limit} strings")
+
+    walk(fsm.initial, "")
+    return words

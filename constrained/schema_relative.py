@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, disjoint, rejects
+from .schema_formats import formats_disjoint
 from .schema_negation import Unsupported, negate_keyword
 from .schema_pattern_complement import pattern_matches, patterns_disjoint
 
@@ -161,6 +162,10 @@ class Relative:
             pa = [m["pattern"] for m in ma if isinstance(m.get("pattern"), str)]
             pb = [m["pattern"] for m in mb if isinstance(m.get("pattern"), str)]
             if any(patterns_disjoint(p, q) for p in pa for q in pb):
+                return True
+            fa = [m["format"] for m in ma if isinstance(m.get("format"), str)]
+            fb = [m["format"] for m in mb if isinstance(m.get("format"), str)]
+            if any(formats_disjoint(f, g) for f in fa for g in fb):
                 return True
         return any(disjoint(x, y, self.deref, 0, self.memo) for x in ma for y in mb)
 

@@ -18,13 +18,12 @@ Runs on the vetted schema (references are `#/$defs/rN`) before the property-orde
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
-from .schema_any_order import hoist
+from .schema_key_conditions import distribute_key_conditions
 from .schema_meet import meet
 from .schema_negation import Unsupported
 from .schema_pattern_complement import pattern_parts, pattern_without, patterns_disjoint
@@ -279,83 +278,6 @@ def disjoin_patterns(schema: Any) -> int:
                 out[name] = patterns[name]
         node["patternProperties"] = out
         changed += 1
-    return changed
-
-
-MAX_KEY_BRANCHES = 8
-
-
-def _key_condition(branch: Any) -> tuple[frozenset[str], frozenset[str]] | None:
-    """(forbidden keys, required keys) when `branch` says only which keys are absent/present."""
-    if not isinstance(branch, dict):
-        return None
-    forbidden: set[str] = set()
-    required: set[str] = set()
-    for key, value in branch.items():
-        if key == "properties" and isinstance(value, dict) and all(v is False for v in value.values()):
-            forbidden |= set(value)
-        elif key == "required" and isinstance(value, list):
-            required |= set(value)
-        elif key == "allOf" and isinstance(value, list):
-            for part in value:
-                sub = _key_condition(part)
-                if sub is None:
-                    return None
-                forbidden |= sub[0]
-                required |= sub[1]
-        else:
-            return None
-    return frozenset(forbidden), frozenset(required)
-
-
-def distribute_key_conditions(schema: Any) -> int:
-    """An object node whose `allOf`/`anyOf` parts only say which keys are absent or present (what
-    `dependencies`/`dependentRequired` become) turns into an `anyOf` of whole copies of the node,
-    one per combination of branches: each is then a plain object that llguidance does not merge
-    (and whose properties can take any order). The values move to `$defs` once, shared."""
-    if not isinstance(schema, dict):
-        return 0
-    defs = schema.setdefault("$defs", {})
-    changed = 0
-    for node in _walk(schema):
-        if not isinstance(node.get("properties"), dict) or "oneOf" in node \
-                or not ("allOf" in node or "anyOf" in node):
-            continue
-        parts = list(node.get("allOf", [])) + ([{"anyOf": node["anyOf"]}] if "anyOf" in node else [])
-        options: list[list[tuple[frozenset[str], frozenset[str]]]] = []
-        for part in parts:
-            branches = part.get("anyOf") if isinstance(part, dict) and list(part) == ["anyOf"] else [part]
-            conds = [_key_condition(b) for b in branches] if isinstance(branches, list) else [None]
-            if None in conds:
-                break
-            options.append(conds)  # type: ignore[arg-type]
-        else:
-            combos = list(itertools.product(*options))
-            if not 1 < len(combos) <= MAX_KEY_BRANCHES:
-                continue
-            base = {k: v for k, v in node.items() if k not in ("allOf", "anyOf", "$defs")}
-            props = {k: hoist(v, defs) for k, v in base.pop("properties").items()}
-            if "additionalProperties" in base:
-                base["additionalProperties"] = hoist(base["additionalProperties"], defs)
-            if isinstance(base.get("patternProperties"), dict):
-                base["patternProperties"] = {k: hoist(v, defs) for k, v in base["patternProperties"].items()}
-            branches = []
-            for combo in combos:
-                forbidden = frozenset().union(*(c[0] for c in combo))
-                required = frozenset().union(*(c[1] for c in combo))
-                if forbidden & (required | set(base.get("required", []))):
-                    continue
-                branch = {**base, "properties": {**props, **{k: False for k in forbidden}}}
-                need = list(dict.fromkeys([*base.get("required", []), *sorted(required)]))
-                if need:
-                    branch["required"] = need
-                branches.append(branch)
-            keep = {"$defs": node["$defs"]} if "$defs" in node else {}
-            node.clear()
-            node.update(anyOf=branches or [False], **keep)
-            changed += 1
-    if not defs:
-        del schema["$defs"]
     return changed
 
 

@@ -96,3 +96,37 @@ def closed_count(node: dict[str, Any]) -> list[Any] | None:
     if not subsets:
         return [False]
     return [{"anyOf": [{"required": sorted(c), "properties": {k: False for k in keys if k not in c}} for c in subsets]}]
+
+
+MAX_COUNT_BRANCHES = 16
+
+
+def open_count(node: dict[str, Any], hoist: Callable[[Any], Any]) -> Any:
+    """min/maxProperties next to optional named properties (llguidance counts keys only where
+    every named property is required) as an `anyOf` of whole copies of `node`, one per set of
+    optional properties present: in each, those are required and the others forbidden (`false`),
+    and the bounds stay. Exact: every object has exactly one such set. None when not needed or
+    more than MAX_COUNT_BRANCHES copies; `hoist` moves a shared property value to `$defs`."""
+    props = node.get("properties")
+    if not isinstance(props, dict) or not ("minProperties" in node or "maxProperties" in node):
+        return None
+    required = [k for k in node.get("required", ()) if isinstance(k, str)]
+    optional = [k for k, v in props.items() if v is not False and k not in required]
+    if not optional:
+        return None
+    high = node.get("maxProperties")
+    room = len(optional) if not isinstance(high, int) or isinstance(high, bool) \
+        else high - len(set(required) | {k for k, v in props.items() if v is not False and k in required})
+    subsets = [list(c) for n in range(0, min(room, len(optional)) + 1) for c in combinations(optional, n)]
+    if not subsets or len(subsets) > MAX_COUNT_BRANCHES:
+        return None if subsets else False
+    shared = {k: hoist(v) for k, v in props.items() if v is not False}
+    copies = []
+    for present in subsets:
+        copy = dict(node)
+        copy["properties"] = {k: shared[k] if k in shared and (k in required or k in present) else False
+                              for k in props}
+        if required or present:
+            copy["required"] = list(dict.fromkeys([*required, *present]))
+        copies.append(copy)
+    return {"anyOf": copies}

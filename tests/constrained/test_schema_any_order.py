@@ -104,5 +104,7 @@ def test_bounds() -> None:
     node = {"type": "object", "required": list("abcde"), "properties": {k: INT for k in "abcdef"}}
     assert free_optional_order(node) == 1
     assert list(node["properties"]) == list("abcde") and list(node["patternProperties"]) == ["^f$"]
-    node = {"type": "object", "required": list("ab"), "properties": {k: INT for k in "ab"}, "minProperties": 1}
-    assert free_optional_order(node) == 0 and list(node["properties"]) == ["a", "b"]
+    node = {"type": "object", "required": list("ab"), "properties": {k: INT for k in "abc"}, "minProperties": 1}
+    assert free_optional_order(node) == 0 and list(node["properties"]) == ["a", "b", "c"]  # counts: c stays named
+    node = {"type": "object", "required": list("ab"), "properties": {"a": INT, "b": INT, "c": False}, "minProperties": 1}
+    assert free_optional_order(node) == 1 and len(node["anyOf"]) == 3  # every key that may occur is required

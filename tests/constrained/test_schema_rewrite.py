@@ -92,6 +92,9 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                              ["http://a.b/c?d#e", "../x/y", "#frag", "", "a b", "http://[::1]:80/", "%zz", "//host",
                               "http://[::1:80/", "a:b:c", "ht tp://x", "mailto:x@y.z", "urn:isbn:0451", "/a%2Fb"]),
     "format_json_pointer": ({"type": "string", "format": "json-pointer"}, ["", "/a/b", "/a~1b", "a", "/~2"]),
+    "format_uri_template": ({"type": "string", "format": "uri-template"},  # see RFC6570_EXPECTED
+                            ["http://example.com/{id}", "/a{?x,y*}{+path:12}", "{a.b}", "é{x}", "😀/{x}", "",
+                             "x y", "{}", "{a,}", "%zz", "{a:0}", "a}", "{a b}"]),
     # pattern complements (schema_pattern_complement.py)
     "not_pattern_anchored": ({"type": "string", "not": {"pattern": "^[A-Fa-f\\d]{4}$"}},
                              ["abcd", "AB12", "abc", "abcde", "abcg", "", "x1234"]),
@@ -153,9 +156,16 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
 RFC3986_EXPECTED = {"a b": False, "%zz": False, "http://[::1:80/": False, "ht tp://x": False}
 
 
+# and uri-template only with the optional uri_template package: RFC 6570 §2 by hand.
+RFC6570_EXPECTED = {"x y": False, "{}": False, "{a,}": False, "%zz": False, "{a:0}": False, "a}": False,
+                    "{a b}": False}
+
+
 def _valid(schema: dict[str, Any], instance: Any) -> bool:
     if schema.get("format") == "uri-reference":
         return RFC3986_EXPECTED.get(instance, True)
+    if schema.get("format") == "uri-template":
+        return RFC6570_EXPECTED.get(instance, True)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     return cls(schema, format_checker=cls.FORMAT_CHECKER).is_valid(instance)
 
