@@ -144,8 +144,11 @@ class Grammar(ABC):
     info: TokenizerInfo
 
     @abstractmethod
-    def matcher(self) -> Matcher:
-        """A fresh matcher at the start state."""
+    def matcher(self, family: int = 0) -> Matcher:
+        """A fresh matcher at the start state. Matchers of one `family` may share caches (and
+        whatever guards them); rows whose masks are computed in parallel should come from
+        different families (GrammarRuntime: one per mask thread). Backends without shared
+        state ignore it."""
 
     @abstractmethod
     def payload(self) -> Any:

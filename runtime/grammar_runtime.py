@@ -53,6 +53,7 @@ class GrammarRuntime:
         self.pin = torch.cuda.is_available()  # masks go to the device from pinned memory, asynchronously
         self._prefetch: MaskPrefetch | None = None
         self._terminated: dict[int, tuple[Req, bool]] = {}  # after the last commit, per request
+        self._families_made = 0
 
     def submit(self, req: Req) -> None:
         constraint = req.params.constraint
@@ -73,11 +74,17 @@ class GrammarRuntime:
             if isinstance(result, Exception):
                 done.append((req, result))
                 continue
-            req.grammar = result.matcher()
+            req.grammar = result.matcher(self._family())
             for follower in req.followers:
-                follower.grammar = result.matcher()
+                follower.grammar = result.matcher(self._family())
             done.append((req, None))
         return done
+
+    def _family(self) -> int:
+        """Round-robin over one matcher family per mask thread: rows filled in parallel then
+        mostly belong to different families (no shared lexer cache between threads)."""
+        self._families_made += 1
+        return self._families_made % max(1, self.workers.threads)
 
     def forget(self, req: Req) -> None:
         """An aborted request: nothing here keeps it (or its matcher) any longer. A mask being

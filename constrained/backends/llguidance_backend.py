@@ -64,15 +64,25 @@ class LLGuidanceGrammar(Grammar):
     def __init__(self, info: TokenizerInfo, kind: str, spec: str, ll_grammar: str) -> None:
         self.info, self.kind, self.spec = info, kind, spec
         self.ll_grammar = ll_grammar
-        self._template = llguidance.LLMatcher(
-            _lltokenizer(info), ll_grammar, log_level=0, limits=parser_limits()
-        )
+        self._template = self._build()
         if self._template.is_error():
             raise GrammarCompileError(f"{kind}: {self._template.get_error()}")
+        self._families = [self._template]
         self._words = (info.vocab_size + 31) // 32
 
-    def matcher(self) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self, self._template.deep_copy(), 0, False)
+    def _build(self) -> Any:
+        return llguidance.LLMatcher(_lltokenizer(self.info), self.ll_grammar, log_level=0, limits=parser_limits())
+
+    def matcher(self, family: int = 0) -> LLGuidanceMatcher:
+        """A deep copy of the family's template. Deep copies share the template's lexer cache
+        (a mask costs ~2.5x the CPU in a matcher built apart), and so whatever guards it: rows of
+        one family do not fill in parallel (benchmarks/grammar_host.py). A family's template is
+        built on first use (~1 ms, the GIL released)."""
+        if family < 0:
+            raise ValueError(f"family must be >= 0, got {family}")
+        while len(self._families) <= family:
+            self._families.append(self._build())
+        return LLGuidanceMatcher(self, self._families[family].deep_copy(), 0, False, family)
 
     def payload(self) -> Any:
         return (self.kind, self.spec, self.ll_grammar)
@@ -83,10 +93,10 @@ class LLGuidanceGrammar(Grammar):
 
 
 class LLGuidanceMatcher(Matcher):
-    __slots__ = ("grammar", "_m", "_n", "_ended")
+    __slots__ = ("grammar", "_m", "_n", "_ended", "family")
 
-    def __init__(self, grammar: LLGuidanceGrammar, m: Any, n: int, ended: bool) -> None:
-        self.grammar, self._m, self._n, self._ended = grammar, m, n, ended
+    def __init__(self, grammar: LLGuidanceGrammar, m: Any, n: int, ended: bool, family: int = 0) -> None:
+        self.grammar, self._m, self._n, self._ended, self.family = grammar, m, n, ended, family
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +123,7 @@ class LLGuidanceMatcher(Matcher):
             raise ValueError("bitmask must be a contiguous 2-D int32 CPU tensor")
         rows = bitmask.shape[0]
         live: list[tuple[Any, int]] = []
+        families: list[int] = []
         ended: list[int] = []
         words = 0
         for m, index in items:
@@ -122,6 +133,7 @@ class LLGuidanceMatcher(Matcher):
                 ended.append(index)
             else:
                 live.append((m._m, index))  # type: ignore[attr-defined]
+                families.append(m.family)  # type: ignore[attr-defined]
                 words = m.grammar._words  # type: ignore[attr-defined]
         if ended:
             bitmask[ended] = 0
@@ -135,6 +147,7 @@ class LLGuidanceMatcher(Matcher):
         # through a scratch of the exact width, then its padding columns cleared.
         target = bitmask if bitmask.shape[1] == words else torch.empty((rows, words), dtype=torch.int32)
         nbytes = words * 4
+        live = by_family(live, families)
         if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
             executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
             address = target.data_ptr()
@@ -174,7 +187,9 @@ class LLGuidanceMatcher(Matcher):
             return ok
         if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
             executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
-            results = executor.consume_token_par([(matchers[j]._m, tokens[j]) for j in batch])
+            order = by_family(batch, [matchers[j].family for j in batch])  # type: ignore[attr-defined]
+            results = executor.consume_token_par([(matchers[j]._m, tokens[j]) for j in order])
+            batch = order
         else:
             results = [matchers[j]._m.try_consume_tokens([tokens[j]]) == 1 for j in batch]
         for j, good in zip(batch, results):
@@ -216,7 +231,15 @@ class LLGuidanceMatcher(Matcher):
         return bytes(self._m.compute_ff_bytes())
 
     def copy(self) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self.grammar, self._m.deep_copy(), self._n, self._ended)
+        return LLGuidanceMatcher(self.grammar, self._m.deep_copy(), self._n, self._ended, self.family)
+
+
+def by_family(items: list[Any], families: list[int]) -> list[Any]:
+    """Items grouped by family (stable): LLExecutor splits a batch into contiguous runs, one per
+    thread, so each thread works on its own family's matchers, not on another's shared cache."""
+    if not families or min(families) == max(families):
+        return items
+    return [item for _, item in sorted(zip(families, items), key=lambda pair: pair[0])]
 
 
 def compile_json_schema(info: TokenizerInfo, schema: dict[str, Any], canonical: str,
