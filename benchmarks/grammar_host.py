@@ -127,11 +127,10 @@ def run_fill(grammar: Any, paths: list[list[int]], steps: int, threads: int, mat
     """The llguidance mask fill alone over the walks (commits untimed). `matchers`: deep copies of
     one template, of one template per thread (rows round-robin, passed grouped by family), or
     each built from the grammar (nothing shared)."""
-    from radixlm.constrained.backends.llguidance_backend import by_family
-
     import llguidance
 
-    from radixlm.constrained.backends.llguidance_backend import LLGuidanceMatcher, _lltokenizer, parser_limits
+    from radixlm.constrained.backends.llguidance_backend import (
+        LLGuidanceMatcher, _lltokenizer, by_family, parser_limits)
 
     lltok = _lltokenizer(grammar.info)
 
