@@ -129,8 +129,7 @@ def run_fill(grammar: Any, paths: list[list[int]], steps: int, threads: int, mat
     each built from the grammar (nothing shared)."""
     import llguidance
 
-    from radixlm.constrained.backends.llguidance_backend import (
-        LLGuidanceMatcher, _lltokenizer, by_family, parser_limits)
+    from radixlm.constrained.backends.llguidance_backend import LLGuidanceMatcher, _lltokenizer, by_family, parser_limits
 
     lltok = _lltokenizer(grammar.info)
 
