@@ -120,13 +120,14 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
             "thread_cpu_us_per_row": {k: statistics.median(v) for k, v in cpu_phases.items()}}
 
 
-MATCHERS = ("one family", "a family per thread", "built apart")
+MATCHERS = ("one family", "a family per thread", "families, one tokenizer", "built apart")
 
 
 def run_fill(grammar: Any, paths: list[list[int]], steps: int, threads: int, matchers: str) -> dict:
     """The llguidance mask fill alone over the walks (commits untimed). `matchers`: deep copies of
-    one template, of one template per thread (rows round-robin, passed grouped by family), or
-    each built from the grammar (nothing shared)."""
+    one template; of one template per thread (rows round-robin, passed grouped by family), each
+    on its own tokenizer copy (the engine's families) or all on one tokenizer; or each matcher
+    built from the grammar on the one tokenizer."""
     import llguidance
 
     from radixlm.constrained.backends.llguidance_backend import LLGuidanceMatcher, _lltokenizer, by_family, parser_limits
@@ -134,11 +135,18 @@ def run_fill(grammar: Any, paths: list[list[int]], steps: int, threads: int, mat
     lltok = _lltokenizer(grammar.info)
 
     made = [0]
+    shared = [llguidance.LLMatcher(lltok, grammar.ll_grammar, log_level=0, limits=parser_limits())
+              for _ in range(max(1, threads))] if matchers == "families, one tokenizer" else []
 
     def fresh() -> Any:
         made[0] += 1
-        if matchers != "built apart":
-            return grammar.matcher(made[0] % max(1, threads) if matchers == "a family per thread" else 0)
+        family = made[0] % max(1, threads)
+        if matchers == "one family":
+            return grammar.matcher(0)
+        if matchers == "a family per thread":
+            return grammar.matcher(family)
+        if shared:
+            return LLGuidanceMatcher(grammar, shared[family].deep_copy(), 0, False, family)
         return LLGuidanceMatcher(grammar, llguidance.LLMatcher(lltok, grammar.ll_grammar, log_level=0,
                                                                limits=parser_limits()), 0, False)
 
@@ -209,11 +217,11 @@ def main() -> None:
         if "fill" in parts:
             for kind in MATCHERS:
                 for n in threads:
-                    if kind == "a family per thread" and n < 2:
+                    if kind.startswith(("a family", "families")) and n < 2:
                         continue
                     r = run_fill(grammar, paths, args.steps, n, kind)
                     res["fill"].append(r)
-                    print(f"  fill {r['matchers']:<20} threads {n:>2}: {r['wall_us_per_row']:7.1f} µs/row wall, "
+                    print(f"  fill {r['matchers']:<23} threads {n:>2}: {r['wall_us_per_row']:7.1f} µs/row wall, "
                           f"{r['process_cpu_us_per_row']:7.1f} process CPU", flush=True)
         report["batches"][str(batch)] = res
     out = Path(args.out or Path(os.environ.get("OUT") or HERE / "results") / "grammar_host.json")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 NAME = "llguidance"
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[tuple[str, int], Any] = {}
 _TOK_LOCK = threading.Lock()
 
 
@@ -36,15 +36,21 @@ def parser_limits() -> llguidance.LLParserLimits:
     )
 
 
-def _lltokenizer(info: TokenizerInfo) -> Any:
-    """Building the token trie costs ~0.4 s, so one per tokenizer fingerprint."""
+def _lltokenizer(info: TokenizerInfo, family: int = 0) -> Any:
+    """Building the token trie costs ~0.4 s, so one per tokenizer fingerprint; matcher families
+    past the first get their own copy (the same slices, ~0.2-0.4 s), so that no parser state
+    hangs off one object shared by every mask thread."""
+    base = None if family == 0 else _lltokenizer(info, 0)
     with _TOK_LOCK:
-        tok = _TOKENIZERS.get(info.fingerprint)
+        tok = _TOKENIZERS.get((info.fingerprint, family))
         if tok is None:
-            tok = llguidance.hf.from_tokenizer(
-                info.hf_tokenizer, n_vocab=info.vocab_size, eos_token=list(info.end_token_ids)
-            )
-            _TOKENIZERS[info.fingerprint] = tok
+            if base is None:
+                tok = llguidance.hf.from_tokenizer(
+                    info.hf_tokenizer, n_vocab=info.vocab_size, eos_token=list(info.end_token_ids)
+                )
+            else:
+                tok = base.with_slices(llguidance.LLTokenizer.general_slices())  # from_tokenizer's default
+            _TOKENIZERS[(info.fingerprint, family)] = tok
         return tok
 
 
@@ -64,24 +70,25 @@ class LLGuidanceGrammar(Grammar):
     def __init__(self, info: TokenizerInfo, kind: str, spec: str, ll_grammar: str) -> None:
         self.info, self.kind, self.spec = info, kind, spec
         self.ll_grammar = ll_grammar
-        self._template = self._build()
+        self._template = self._build(0)
         if self._template.is_error():
             raise GrammarCompileError(f"{kind}: {self._template.get_error()}")
         self._families = [self._template]
         self._words = (info.vocab_size + 31) // 32
 
-    def _build(self) -> Any:
-        return llguidance.LLMatcher(_lltokenizer(self.info), self.ll_grammar, log_level=0, limits=parser_limits())
+    def _build(self, family: int) -> Any:
+        return llguidance.LLMatcher(_lltokenizer(self.info, family), self.ll_grammar, log_level=0,
+                                    limits=parser_limits())
 
     def matcher(self, family: int = 0) -> LLGuidanceMatcher:
         """A deep copy of the family's template. Deep copies share the template's lexer cache
         (a mask costs ~2.5x the CPU in a matcher built apart), and so whatever guards it: rows of
-        one family do not fill in parallel (benchmarks/grammar_host.py). A family's template is
-        built on first use (~1 ms, the GIL released)."""
+        one family do not fill in parallel (benchmarks/grammar_host.py). A family's template (on
+        its own tokenizer copy) is built on first use."""
         if family < 0:
             raise ValueError(f"family must be >= 0, got {family}")
         while len(self._families) <= family:
-            self._families.append(self._build())
+            self._families.append(self._build(len(self._families)))
         return LLGuidanceMatcher(self, self._families[family].deep_copy(), 0, False, family)
 
     def payload(self) -> Any:
