@@ -278,12 +278,16 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int, mask_threads: list[int] | N
         new_tokens = lambda i: lengths[i] if label.endswith("same_lengths") else 128  # noqa: E731
         mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(  # noqa: E731
             temperature=1.0, seed=i, max_new_tokens=new_tokens(i), ignore_eos=not extra, **extra))
+        def use_threads() -> None:
+            if extra and sched.grammars is not None and sched.grammars.workers.threads != threads:
+                sched.grammars.workers.close()
+                sched.grammars.workers = MaskWorkers(threads)
+
+        use_threads()  # before the warm-up: it builds the grammar's matcher families, untimed
         rec.run([mk(i, "w") for i in range(2)])
+        use_threads()
         gr = sched.grammars
         if extra:
-            if gr.workers.threads != threads:
-                gr.workers.close()
-                gr.workers = MaskWorkers(threads)
             rec.wrap(gr, "bitmask", "masks taken (wait + missing rows + copy)")
             rec.wrap(gr, "advance_many", "grammar commit (batched) + mask start")
             rec.wrap(gr, "jump_forward", "jump_forward")

@@ -150,6 +150,10 @@ class Grammar(ABC):
         different families (GrammarRuntime: one per mask thread). Backends without shared
         state ignore it."""
 
+    def prepare_families(self, count: int) -> None:
+        """Build what `matcher(family)` needs for families 0..count-1 now (not inside a timed
+        decode step). Nothing to do for backends without per-family state."""
+
     @abstractmethod
     def payload(self) -> Any:
         """Picklable form for shipping across processes (see service.py)."""

@@ -74,6 +74,7 @@ class GrammarRuntime:
             if isinstance(result, Exception):
                 done.append((req, result))
                 continue
+            result.prepare_families(max(1, self.workers.threads))  # once per grammar (and tokenizer)
             req.grammar = result.matcher(self._family())
             for follower in req.followers:
                 follower.grammar = result.matcher(self._family())

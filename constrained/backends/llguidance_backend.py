@@ -87,9 +87,12 @@ class LLGuidanceGrammar(Grammar):
         its own tokenizer copy) is built on first use."""
         if family < 0:
             raise ValueError(f"family must be >= 0, got {family}")
-        while len(self._families) <= family:
-            self._families.append(self._build(len(self._families)))
+        self.prepare_families(family + 1)
         return LLGuidanceMatcher(self, self._families[family].deep_copy(), 0, False, family)
+
+    def prepare_families(self, count: int) -> None:
+        while len(self._families) < count:  # the first grammar of a tokenizer also copies the tokenizer
+            self._families.append(self._build(len(self._families)))
 
     def payload(self) -> Any:
         return (self.kind, self.spec, self.ll_grammar)
