@@ -40,6 +40,9 @@ def _lltokenizer(info: TokenizerInfo, family: int = 0) -> Any:
     """Building the token trie costs ~0.4 s, so one per tokenizer fingerprint; matcher families
     past the first get their own copy (the same slices, ~0.2-0.4 s), so that no parser state
     hangs off one object shared by every mask thread."""
+    tok = _TOKENIZERS.get((info.fingerprint, family))  # built: no lock (another may be building)
+    if tok is not None:
+        return tok
     base = None if family == 0 else _lltokenizer(info, 0)
     with _TOK_LOCK:
         tok = _TOKENIZERS.get((info.fingerprint, family))
@@ -52,6 +55,13 @@ def _lltokenizer(info: TokenizerInfo, family: int = 0) -> Any:
                 tok = base.with_slices(llguidance.LLTokenizer.general_slices())  # from_tokenizer's default
             _TOKENIZERS[(info.fingerprint, family)] = tok
         return tok
+
+
+def prepare_families(info: TokenizerInfo, count: int) -> None:
+    """The tokenizer copies of matcher families 1..count-1 (~0.2-0.4 s each, the GIL released):
+    GrammarRuntime builds them in the background while the first grammar compiles."""
+    for family in range(1, count):
+        _lltokenizer(info, family)
 
 
 def json_options(whitespace_max: int) -> dict[str, Any]:
