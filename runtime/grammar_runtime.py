@@ -46,9 +46,11 @@ class GrammarRuntime:
         self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
                                       timeout_s=args.grammar_compile_timeout)
         self.pending: dict[int, Req] = {}
-        from radixlm.constrained.mask_workers import MaskWorkers, default_mask_threads
+        from radixlm.constrained.mask_workers import GPU_DEFAULT_THREADS, MaskWorkers, default_mask_threads
 
-        threads = args.grammar_mask_threads if args.grammar_mask_threads is not None else default_mask_threads()
+        threads = args.grammar_mask_threads
+        if threads is None:
+            threads = default_mask_threads(GPU_DEFAULT_THREADS) if torch.cuda.is_available() else 0
         self.workers = MaskWorkers(threads)
         self._families_ready = self._prepare_families(threads)
         self.width = (vocab_size + 31) // 32
