@@ -197,7 +197,8 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
     return {"decode_tok_s": 64 / (tn - t1), "decode_ms_per_step": (tn - t1) / 64 * 1000}
 
 
-def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
+def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
+           engine_mask_threads: int | None = None) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -218,7 +219,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
     except Exception as exc:  # noqa: BLE001
         out["host_parallelism"] = {"error": repr(exc)}
     for batch in batches:
-        res = out[f"batch_{batch}"] = tp.item_f(model_dir, tokenizer_dir, batch)
+        res = out[f"batch_{batch}"] = tp.item_f(model_dir, tokenizer_dir, batch, engine_mask_threads)
         gc.collect()
         torch.cuda.empty_cache()
         js = res["json_schema"]
@@ -229,7 +230,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
               f"{js['mean_tokens']:.1f} tokens on average, {js['max_tokens']} at most, {js['forced_tokens']} jump-forwarded",
               flush=True)
         try:  # the profile is for diagnosis: its failure must not cost the ratio above
-            prof = profile_steps.item_f(model_dir, tokenizer_dir, batch)
+            prof = profile_steps.item_f(model_dir, tokenizer_dir, batch, mask_threads)
         except Exception as exc:  # noqa: BLE001
             import traceback
 
@@ -254,14 +255,15 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int]) -> dict:
 
 
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
-                     flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int]) -> None:
+                     flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
+                     f_threads: tuple[list[int] | None, int | None] = (None, None)) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
 
     jobs = {
         "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg),
         "e": lambda: tp.item_e(d, v),
-        "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir), f_batches),
+        "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir), f_batches, *f_threads),
         "g": lambda: tp.item_g(d, v),
     }
     for name, job in jobs.items():
@@ -287,6 +289,10 @@ def main() -> None:
     ap.add_argument("--items", default="a,c,d", help="which of a,b,c,d,e,f,g to run (a,c,d share one engine)")
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok", help="real tokenizer for (f)")
     ap.add_argument("--f-batch", default="64,256", help="comma list of batch sizes for (f)")
+    ap.add_argument("--f-mask-threads", default=None,
+                    help="comma list of --grammar-mask-threads for (f)'s per-step JSON runs (default 0,1,cores-1)")
+    ap.add_argument("--f-engine-mask-threads", type=int, default=None,
+                    help="--grammar-mask-threads of (f)'s Engine tok/s run (default: the server default)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -312,7 +318,9 @@ def main() -> None:
     report["model"] = {"weight_bytes_per_step": weight_bytes, "flops_per_token": flops_per_token}
     items = set(args.items.split(","))
     throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir,
-                     [int(b) for b in args.f_batch.split(",")])
+                     [int(b) for b in args.f_batch.split(",")],
+                     ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,
+                      args.f_engine_mask_threads))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -138,12 +138,14 @@ SCHEMA = {"type": "object", "properties": {
     "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
 
 
-def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64) -> dict:
+def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: int | None = None) -> dict:
     import jsonschema
 
     import radixlm
 
     args = {**ENGINE_ARGS, "skip_tokenizer_init": False, "tokenizer_path": str(tokenizer_dir)}
+    if mask_threads is not None:
+        args["grammar_mask_threads"] = mask_threads
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
     out: dict = {"batch": batch}

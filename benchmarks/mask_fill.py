@@ -171,7 +171,9 @@ def host_parallelism(tok: Any, schema: dict, doc: dict, batches: list[int], thre
     """Does this host run GIL-free work in parallel at all? (The 2026-12-02 H200 run saw no speed-up
     from llguidance's executor at any thread count.) Three readings: the CPU quota the kernel
     enforces, a GIL-free hash on N threads, and one schema's mask fill for `batch` rows at spread
-    depths of one document, serial vs LLExecutor(N) (one grammar shared by every row, as in (f))."""
+    depths of one document, serial vs LLExecutor(N) (one grammar shared by every row, as in (f)).
+    NB the fill repeats the same states, which llguidance serves from a per-matcher cache (~5 µs a
+    row); a first fill at a new state, what a decode step pays, costs ~30-40 µs: benchmarks/grammar_host.py."""
     import hashlib
     import threading
 

@@ -250,13 +250,14 @@ def item_e(d: Path, vocab: int) -> dict:
     return res
 
 
-def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
+def item_f(d: Path, tokenizer_dir: Path, batch: int, mask_threads: list[int] | None = None) -> dict:
     """JSON-schema vs unconstrained at `batch`, in-process: per decode step the wall time of the
     scheduler's step, the device's forward, its sampling (+ masks and copies) and its idle wait for
     the host (events on the stream), and the host's time inside the grammar runtime. JSON runs:
     masks inline on the scheduler's thread (--grammar-mask-threads 0, the default), on one
     background thread beside the scheduler's bookkeeping (1), and split over cores - 1 threads;
-    last, unconstrained decoding to exactly the JSON outputs' lengths (same steps, same occupancy)."""
+    last, unconstrained decoding to exactly the JSON outputs' lengths (same steps, same occupancy).
+    `mask_threads` replaces those thread counts (the first run is labelled "json_schema")."""
     from transformers import AutoTokenizer
 
     from radixlm.constrained.mask_workers import MaskWorkers, default_mask_threads
@@ -268,20 +269,25 @@ def item_f(d: Path, tokenizer_dir: Path, batch: int) -> dict:
     res: dict = {"batch": batch}
     schema = {"json_schema": json.dumps(SCHEMA)}
     lengths: list[int] = []
-    many = max(2, default_mask_threads())
-    runs = [("unconstrained", {}, None), ("json_schema", schema, 0), ("json_schema_threads1", schema, 1),
-            (f"json_schema_threads{many}", schema, many), ("unconstrained_same_lengths", {}, None)]
+    counts = mask_threads if mask_threads else [0, 1, max(2, default_mask_threads())]
+    runs = [("unconstrained", {}, None),
+            *((f"json_schema_threads{n}" if j else "json_schema", schema, n) for j, n in enumerate(counts)),
+            ("unconstrained_same_lengths", {}, None)]
     for label, extra, threads in runs:
         rec = StepRecorder(sched)
         new_tokens = lambda i: lengths[i] if label.endswith("same_lengths") else 128  # noqa: E731
         mk = lambda i, pre: TokenizedGenerateReq(rid=f"{pre}{label}{i}", input_ids=prompts[i], params=SamplingParams(  # noqa: E731
             temperature=1.0, seed=i, max_new_tokens=new_tokens(i), ignore_eos=not extra, **extra))
+        def use_threads() -> None:
+            if extra and sched.grammars is not None and sched.grammars.workers.threads != threads:
+                sched.grammars.workers.close()
+                sched.grammars.workers = MaskWorkers(threads)
+
+        use_threads()  # before the warm-up: it builds the grammar's matcher families, untimed
         rec.run([mk(i, "w") for i in range(2)])
+        use_threads()
         gr = sched.grammars
         if extra:
-            if gr.workers.threads != threads:
-                gr.workers.close()
-                gr.workers = MaskWorkers(threads)
             rec.wrap(gr, "bitmask", "masks taken (wait + missing rows + copy)")
             rec.wrap(gr, "advance_many", "grammar commit (batched) + mask start")
             rec.wrap(gr, "jump_forward", "jump_forward")

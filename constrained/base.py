@@ -144,8 +144,15 @@ class Grammar(ABC):
     info: TokenizerInfo
 
     @abstractmethod
-    def matcher(self) -> Matcher:
-        """A fresh matcher at the start state."""
+    def matcher(self, family: int = 0) -> Matcher:
+        """A fresh matcher at the start state. Matchers of one `family` may share caches (and
+        whatever guards them); rows whose masks are computed in parallel should come from
+        different families (GrammarRuntime: one per mask thread). Backends without shared
+        state ignore it."""
+
+    def prepare_families(self, count: int) -> None:
+        """Build what `matcher(family)` needs for families 0..count-1 now (not inside a timed
+        decode step). Nothing to do for backends without per-family state."""
 
     @abstractmethod
     def payload(self) -> Any:

@@ -97,6 +97,11 @@ class GrammarService:
         self.restarts = 0
 
     # -- public API ---------------------------------------------------------------------
+    @property
+    def info(self) -> TokenizerInfo:
+        """The tokenizer every grammar of this service is compiled for."""
+        return self._info
+
     def submit(self, key: Hashable, spec: Mapping[str, Any]) -> None:
         """Queue a compile. spec: one of regex/json_schema/ebnf/choices, plus optional
         backend, lenient, whitespace_max. Cheap checks (bad arguments, unsupported schema

@@ -11,6 +11,7 @@ prefilled) gets its row computed when the masks are taken.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -45,14 +46,32 @@ class GrammarRuntime:
         self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
                                       timeout_s=args.grammar_compile_timeout)
         self.pending: dict[int, Req] = {}
-        from radixlm.constrained.mask_workers import MaskWorkers, default_mask_threads
+        from radixlm.constrained.mask_workers import GPU_DEFAULT_THREADS, MaskWorkers, default_mask_threads
 
-        threads = args.grammar_mask_threads if args.grammar_mask_threads is not None else default_mask_threads()
+        threads = args.grammar_mask_threads
+        if threads is None:
+            threads = default_mask_threads(GPU_DEFAULT_THREADS) if torch.cuda.is_available() else 0
         self.workers = MaskWorkers(threads)
+        self._families_ready = self._prepare_families(threads)
         self.width = (vocab_size + 31) // 32
         self.pin = torch.cuda.is_available()  # masks go to the device from pinned memory, asynchronously
         self._prefetch: MaskPrefetch | None = None
         self._terminated: dict[int, tuple[Req, bool]] = {}  # after the last commit, per request
+        self._families_made = 0
+
+    def _prepare_families(self, threads: int) -> threading.Thread | None:
+        """One matcher family per mask thread; what a backend shares between a family's matchers
+        (llguidance: a tokenizer copy) is built on a background thread while the first grammar
+        compiles, so that no decode step waits for it."""
+        from radixlm.constrained.compiler import backend_module
+
+        prepare = getattr(backend_module(self.service.backend), "prepare_families", None)
+        if prepare is None or threads < 2:
+            return None
+        thread = threading.Thread(target=prepare, args=(self.service.info, threads), daemon=True,
+                                  name="grammar-families")
+        thread.start()
+        return thread
 
     def submit(self, req: Req) -> None:
         constraint = req.params.constraint
@@ -73,11 +92,21 @@ class GrammarRuntime:
             if isinstance(result, Exception):
                 done.append((req, result))
                 continue
-            req.grammar = result.matcher()
+            if self._families_ready is not None:
+                self._families_ready.join()
+                self._families_ready = None
+            result.prepare_families(max(1, self.workers.threads))  # once per grammar (and tokenizer)
+            req.grammar = result.matcher(self._family())
             for follower in req.followers:
-                follower.grammar = result.matcher()
+                follower.grammar = result.matcher(self._family())
             done.append((req, None))
         return done
+
+    def _family(self) -> int:
+        """Round-robin over one matcher family per mask thread: rows filled in parallel then
+        mostly belong to different families (no shared lexer cache between threads)."""
+        self._families_made += 1
+        return self._families_made % max(1, self.workers.threads)
 
     def forget(self, req: Req) -> None:
         """An aborted request: nothing here keeps it (or its matcher) any longer. A mask being

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 NAME = "llguidance"
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[tuple[str, int], Any] = {}
 _TOK_LOCK = threading.Lock()
 
 
@@ -36,16 +36,32 @@ def parser_limits() -> llguidance.LLParserLimits:
     )
 
 
-def _lltokenizer(info: TokenizerInfo) -> Any:
-    """Building the token trie costs ~0.4 s, so one per tokenizer fingerprint."""
-    with _TOK_LOCK:
-        tok = _TOKENIZERS.get(info.fingerprint)
-        if tok is None:
-            tok = llguidance.hf.from_tokenizer(
-                info.hf_tokenizer, n_vocab=info.vocab_size, eos_token=list(info.end_token_ids)
-            )
-            _TOKENIZERS[info.fingerprint] = tok
+def _lltokenizer(info: TokenizerInfo, family: int = 0) -> Any:
+    """Building the token trie costs ~0.4 s, so one per tokenizer fingerprint; matcher families
+    past the first get their own copy (the same slices, ~0.2-0.4 s), so that no parser state
+    hangs off one object shared by every mask thread."""
+    tok = _TOKENIZERS.get((info.fingerprint, family))  # built: no lock (another may be building)
+    if tok is not None:
         return tok
+    base = None if family == 0 else _lltokenizer(info, 0)
+    with _TOK_LOCK:
+        tok = _TOKENIZERS.get((info.fingerprint, family))
+        if tok is None:
+            if base is None:
+                tok = llguidance.hf.from_tokenizer(
+                    info.hf_tokenizer, n_vocab=info.vocab_size, eos_token=list(info.end_token_ids)
+                )
+            else:
+                tok = base.with_slices(llguidance.LLTokenizer.general_slices())  # from_tokenizer's default
+            _TOKENIZERS[(info.fingerprint, family)] = tok
+        return tok
+
+
+def prepare_families(info: TokenizerInfo, count: int) -> None:
+    """The tokenizer copies of matcher families 1..count-1 (~0.2-0.4 s each, the GIL released):
+    GrammarRuntime builds them in the background while the first grammar compiles."""
+    for family in range(1, count):
+        _lltokenizer(info, family)
 
 
 def json_options(whitespace_max: int) -> dict[str, Any]:
@@ -64,15 +80,29 @@ class LLGuidanceGrammar(Grammar):
     def __init__(self, info: TokenizerInfo, kind: str, spec: str, ll_grammar: str) -> None:
         self.info, self.kind, self.spec = info, kind, spec
         self.ll_grammar = ll_grammar
-        self._template = llguidance.LLMatcher(
-            _lltokenizer(info), ll_grammar, log_level=0, limits=parser_limits()
-        )
+        self._template = self._build(0)
         if self._template.is_error():
             raise GrammarCompileError(f"{kind}: {self._template.get_error()}")
+        self._families = [self._template]
         self._words = (info.vocab_size + 31) // 32
 
-    def matcher(self) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self, self._template.deep_copy(), 0, False)
+    def _build(self, family: int) -> Any:
+        return llguidance.LLMatcher(_lltokenizer(self.info, family), self.ll_grammar, log_level=0,
+                                    limits=parser_limits())
+
+    def matcher(self, family: int = 0) -> LLGuidanceMatcher:
+        """A deep copy of the family's template. Deep copies share the template's lexer cache
+        (a mask costs ~2.5x the CPU in a matcher built apart), and so whatever guards it: rows of
+        one family do not fill in parallel (benchmarks/grammar_host.py). A family's template (on
+        its own tokenizer copy) is built on first use."""
+        if family < 0:
+            raise ValueError(f"family must be >= 0, got {family}")
+        self.prepare_families(family + 1)
+        return LLGuidanceMatcher(self, self._families[family].deep_copy(), 0, False, family)
+
+    def prepare_families(self, count: int) -> None:
+        while len(self._families) < count:  # the first grammar of a tokenizer also copies the tokenizer
+            self._families.append(self._build(len(self._families)))
 
     def payload(self) -> Any:
         return (self.kind, self.spec, self.ll_grammar)
@@ -83,10 +113,10 @@ class LLGuidanceGrammar(Grammar):
 
 
 class LLGuidanceMatcher(Matcher):
-    __slots__ = ("grammar", "_m", "_n", "_ended")
+    __slots__ = ("grammar", "_m", "_n", "_ended", "family")
 
-    def __init__(self, grammar: LLGuidanceGrammar, m: Any, n: int, ended: bool) -> None:
-        self.grammar, self._m, self._n, self._ended = grammar, m, n, ended
+    def __init__(self, grammar: LLGuidanceGrammar, m: Any, n: int, ended: bool, family: int = 0) -> None:
+        self.grammar, self._m, self._n, self._ended, self.family = grammar, m, n, ended, family
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +143,7 @@ class LLGuidanceMatcher(Matcher):
             raise ValueError("bitmask must be a contiguous 2-D int32 CPU tensor")
         rows = bitmask.shape[0]
         live: list[tuple[Any, int]] = []
+        families: list[int] = []
         ended: list[int] = []
         words = 0
         for m, index in items:
@@ -122,6 +153,7 @@ class LLGuidanceMatcher(Matcher):
                 ended.append(index)
             else:
                 live.append((m._m, index))  # type: ignore[attr-defined]
+                families.append(m.family)  # type: ignore[attr-defined]
                 words = m.grammar._words  # type: ignore[attr-defined]
         if ended:
             bitmask[ended] = 0
@@ -135,6 +167,7 @@ class LLGuidanceMatcher(Matcher):
         # through a scratch of the exact width, then its padding columns cleared.
         target = bitmask if bitmask.shape[1] == words else torch.empty((rows, words), dtype=torch.int32)
         nbytes = words * 4
+        live = by_family(live, families)
         if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
             executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
             address = target.data_ptr()
@@ -161,8 +194,12 @@ class LLGuidanceMatcher(Matcher):
 
     @classmethod
     def advance_rows(cls, matchers: Sequence[Matcher], tokens: Sequence[int], workers: MaskWorkers) -> list[bool]:
-        """End tokens on this thread (they stay out of llguidance's history), the rest in one
-        parallel llguidance call when the workers are parallel."""
+        """One by one on this thread, whatever the workers: a commit costs ~5 µs a row, and
+        llguidance's parallel `consume_token_par` measured no faster at any thread count on the
+        H200's 16-core host (batch 256: 6.2 µs/row serial, 6.5-7.4 with 2-15 threads;
+        benchmarks/grammar_host.py; in the engine, commit + mask start took 2.4 ms per step with 8
+        mask threads against 1.2 ms inline).
+        End tokens stay out of llguidance's history (see `advance`)."""
         ok = [False] * len(matchers)
         batch: list[int] = []
         for j, (m, tok) in enumerate(zip(matchers, tokens)):
@@ -170,13 +207,7 @@ class LLGuidanceMatcher(Matcher):
                 ok[j] = m.advance(tok)
             else:
                 batch.append(j)
-        if not batch:
-            return ok
-        if workers.threads > 0 and workers.strategy == "native":  # one GIL round trip per batch
-            executor = workers.native(NAME, lambda n: llguidance.LLExecutor(num_threads=n))
-            results = executor.consume_token_par([(matchers[j]._m, tokens[j]) for j in batch])
-        else:
-            results = [matchers[j]._m.try_consume_tokens([tokens[j]]) == 1 for j in batch]
+        results = [matchers[j]._m.try_consume_tokens([tokens[j]]) == 1 for j in batch]
         for j, good in zip(batch, results):
             if good:
                 matchers[j]._n += 1
@@ -216,7 +247,15 @@ class LLGuidanceMatcher(Matcher):
         return bytes(self._m.compute_ff_bytes())
 
     def copy(self) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self.grammar, self._m.deep_copy(), self._n, self._ended)
+        return LLGuidanceMatcher(self.grammar, self._m.deep_copy(), self._n, self._ended, self.family)
+
+
+def by_family(items: list[Any], families: list[int]) -> list[Any]:
+    """Items grouped by family (stable): LLExecutor splits a batch into contiguous runs, one per
+    thread, so each thread works on its own family's matchers, not on another's shared cache."""
+    if not families or min(families) == max(families):
+        return items
+    return [item for _, item in sorted(zip(families, items), key=lambda pair: pair[0])]
 
 
 def compile_json_schema(info: TokenizerInfo, schema: dict[str, Any], canonical: str,

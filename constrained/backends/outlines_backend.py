@@ -67,7 +67,7 @@ class OutlinesGrammar(Grammar):
         self._scratch = outlines_core.Guide(index, max_rollback=0)
         self._lock = threading.Lock()
 
-    def matcher(self) -> OutlinesMatcher:
+    def matcher(self, family: int = 0) -> OutlinesMatcher:
         return OutlinesMatcher(self, [self.initial], [], False)
 
     def payload(self) -> Any:

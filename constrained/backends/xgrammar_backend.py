@@ -39,7 +39,7 @@ class XGrammarGrammar(Grammar):
         self.info, self.kind, self.spec, self.compiled = info, kind, spec, compiled
         self.words = (info.vocab_size + 31) // 32
 
-    def matcher(self) -> XGrammarMatcher:
+    def matcher(self, family: int = 0) -> XGrammarMatcher:
         return XGrammarMatcher(self, xgrammar.GrammarMatcher(self.compiled), 0)
 
     def payload(self) -> Any:

@@ -116,12 +116,13 @@ def _count_deferred(sched) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("threads", [0, 1])
+@pytest.mark.parametrize("threads", [0, 1, 3])
 def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_ids, threads: int) -> None:
     """With overlap, constrained rows are sampled one step later on the host's schedule: step k's
     tokens are committed (matchers advanced) while step k+1's forward runs, then masks are filled
-    (inline, or on a background thread beside the scheduler's bookkeeping). Seeded outputs of a
-    batch mixing constrained and unconstrained rows equal the synchronous path's, and validate."""
+    (inline, or on a background thread beside the scheduler's bookkeeping; with 3 threads over
+    three matcher families). Seeded outputs of a batch mixing constrained and unconstrained rows
+    equal the synchronous path's, and validate."""
     plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True, grammar_mask_threads=0)
     expected = run_to_completion(plain, _mixed(prompt_ids))
     overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
@@ -129,6 +130,8 @@ def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_id
     counts = _count_deferred(overlapped)
     got = run_to_completion(overlapped, _mixed(prompt_ids))
     assert counts["deferred_constrained"] > 15
+    if threads == 3:  # matchers dealt round-robin over three families: every family decoded
+        assert overlapped.grammars.workers.threads == 3 and overlapped.grammars._families_made >= 3
     for rid, res in expected.items():
         assert got[rid]["output_ids"] == res["output_ids"], rid
         assert got[rid]["finished_reason"] == res["finished_reason"], rid
