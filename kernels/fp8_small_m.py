@@ -117,9 +117,12 @@ def _fma_steps(X, W, rm, rn, n_mask, k_start, k_end, K, stride_xm, stride_wn,
 @triton.jit
 def _fp8_small_m_kernel(
     X, W, S, Out, Part, Tickets, M, N, K, k_per_split, split, stride_xm, stride_wn, stride_om,
-    FMA: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if USE_PDL:  # launched early beside its predecessor: wait for it before touching memory
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -139,9 +142,11 @@ def _fp8_small_m_kernel(
 
 
 def fp8_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                       tickets: torch.Tensor | None = None, cfg: SmallMConfig | None = None) -> torch.Tensor:
+                       tickets: torch.Tensor | None = None, cfg: SmallMConfig | None = None,
+                       pdl: bool = False) -> torch.Tensor:
     """x [M <= 16, K] (bf16 / fp16 / fp32) @ (codes [N, K] e4m3 * scales [N])^T -> [M, N] in x's dtype.
-    `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest); a fresh buffer per call when None."""
+    `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest); a fresh buffer per call when None.
+    `pdl`: programmatic dependent launch (sm_90+), as `w4a16_gemv.w4a16_gemv`'s."""
     m, k = x.shape
     n = codes.shape[0]
     if codes.dtype != FP8 or codes.shape[1] != k or m > MAX_M or codes.stride(1) != 1:
@@ -169,5 +174,6 @@ def fp8_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         FMA=fma, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", EVEN_K=k % cfg.block_k == 0,
         PARTIAL=split > 1, BLOCK_M=triton.next_power_of_2(m) if fma else 16, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}),
     )
     return out

@@ -133,7 +133,7 @@ def _sweep_tables(path: str) -> dict[str, Table]:
 
 
 def table_in_use(kind: str) -> Table:
-    """The config table of the `kind` ("fp8" / "w4") kernel: its module's DEFAULTS, or the "kind" entry of
+    """The config table of the `kind` ("fp8" / "w4" / "gemv") kernel: its module's DEFAULTS, or the "kind" entry of
     the sweep JSON named by $RADIXLM_SMALL_M_TABLE (so a benchmark can run the engine, whose scheduler is
     another process, on a freshly measured table)."""
     source = os.environ.get(TABLE_ENV, "")
