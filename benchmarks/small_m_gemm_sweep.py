@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 # dot configs with BLOCK_N = 16 x num_warps give each warp its own 16 weight rows; a 16-row tile over 4 warps
 # makes every warp convert the whole tile (seen in the sm_90 TTGIR: mma warpsPerCTA [2, 2]): kept as a reference
@@ -75,6 +77,38 @@ def graph_time(fns: list, inner: int = 24, reps: int = 12) -> float:
 def copies_for(nbytes: int) -> int:
     """Weight copies to rotate among so that consecutive calls never find their weight in L2."""
     return max(2, -(-4 * L2_BYTES // nbytes))
+
+
+@triton.jit
+def _stream(Words, Out, N, stride_wn, chunks_per_split, n_chunks, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """The GEMV's loads (tile, split, register prefetch) with one integer add a word for its math."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, CHUNKS * 16)
+    c_first = tl.program_id(1) * chunks_per_split
+    c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
+    ptrs = Words + rn[:, None].to(tl.int64) * stride_wn + rw[None, :]
+    acc = tl.zeros((BLOCK_N, CHUNKS * 16), dtype=tl.int32)
+    nxt = tl.load(ptrs + c_first * 16, mask=(rn < N)[:, None] & (c_first * 16 + rw < c_end * 16)[None, :], other=0)
+    for c0 in range(c_first, c_end, CHUNKS):
+        w = nxt
+        nxt = tl.load(ptrs + (c0 + CHUNKS) * 16, mask=(rn < N)[:, None] & ((c0 + CHUNKS) * 16 + rw < c_end * 16)[None, :],
+                      other=0)
+        acc += w
+    tl.store(Out + tl.program_id(1) * N + rn, tl.sum(acc, 1), mask=rn < N)
+
+
+def stream_probe(words: torch.Tensor, key: str) -> torch.Tensor:
+    """The GEMV's weight reads alone at config `key`: how long streaming these bytes takes at this launch
+    shape (the GEMV's own floor; the rest of its time is its math)."""
+    from radixlm.kernels.w4a16_gemv import GemvConfig, gemv_plan
+
+    cfg = GemvConfig.parse(key)
+    n, kw = words.shape
+    split, per_split = gemv_plan(n, kw * 8, cfg, words.device)
+    out = torch.empty(split, n, dtype=torch.int32, device=words.device)
+    _stream[(triton.cdiv(n, cfg.block_n), split)](words, out, n, kw, per_split, kw // 16, BLOCK_N=cfg.block_n,
+                                                 CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=1)
+    return out
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -161,6 +195,11 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
             row.update(default=default_cfg.key(), default_us=ok.get(default_cfg.key(), {}).get("us"), best=best,
                        best_us=ok[best]["us"] if best else None, sweep=sweep,
                        wrong=[key for key, v in sweep.items() if isinstance(v, dict) and key not in ok])
+            if kind == "gemv" and best:
+                try:
+                    row["stream_us"] = graph_time([lambda p=p: stream_probe(p[0].view(torch.int32), best) for p in parts]) * 1e6
+                except Exception as exc:  # noqa: BLE001 - the probe is a diagnostic
+                    row["stream_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             if pdl and best and kind != "w4":
                 try:
                     cfg = parse(best)
@@ -182,7 +221,8 @@ def _line(r: dict) -> str:
     return (f"{r['kind']:<4}{r['layer']:<8}{r['M']:>3}{r['floor_us']:>8.1f}{r['bf16_us']:>8.1f}{r['old_us']:>8.1f}"
             f"{r['floor_us'] / r['old_us']:>6.0%}{dflt:>8.1f}{best:>8.1f}{r['floor_us'] / best:>6.0%}"
             + (f"{pdl:>7.1f}" if isinstance(pdl, float) else "      -") + f"  {r['best']}"
-            + (f"  WRONG: {r['wrong']}" if r["wrong"] else "") + (f"  PDL: {pdl}" if isinstance(pdl, str) else ""))
+            + (f"  WRONG: {r['wrong']}" if r["wrong"] else "") + (f"  PDL: {pdl}" if isinstance(pdl, str) else "")
+            + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else ""))
 
 
 def tables(rows: list[dict]) -> dict:
