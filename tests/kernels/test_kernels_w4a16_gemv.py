@@ -102,17 +102,22 @@ def test_nibble_to_float_trick_is_exact(device):
 
 
 def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, monkeypatch):
-    """W4Weight.linear: M <= GEMV_MAX_M through the GEMV (its result, bit for bit); a GEMV that does not
-    compile is logged once and the MMA kernel serves from then on (other errors propagate)."""
+    """W4Weight.linear: M = 1 through the GEMV where its table lists the shape (its result, bit for bit), else
+    the small-M kernel; a GEMV that does not compile is logged once and the MMA kernel serves from then on
+    (other errors propagate)."""
     from radixlm.kernels import w4a16_gemv as kv
     from radixlm.kernels.w4a16_gemm import w4a16_matmul
+    from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
     from radixlm.runtime.quantization import w4a16 as wq
 
-    monkeypatch.setattr(wq, "GEMV_MAX_M", 2)  # off by default (measured slower on the H200): test the dispatch itself
     w = _weight(48, 256, 128, True, False, device)
     w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    monkeypatch.setitem(kv.DEFAULTS, (48, 256), {1: "gemv-n16-c1-w1-s2-p1"})
     assert torch.equal(w.linear(x), w4a16_gemv(x, w.codes, w.scales, None, None, 256, 128))
+    monkeypatch.delitem(kv.DEFAULTS, (48, 256))  # not listed: the small-M kernel
+    assert torch.equal(w.linear(x), w4a16_small_m_matmul(x, w.codes, w.scales, None, None, 256, 128))
+    monkeypatch.setattr(wq, "GEMV_UNLISTED", True)
     monkeypatch.setattr(wq, "_gemv_failed", [])
 
     def broken(*_a, **_k):
