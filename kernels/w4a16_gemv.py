@@ -224,9 +224,6 @@ def _gemv_kernel(
     XMODE: tl.constexpr, PRECISE: tl.constexpr, EVEN_K: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    if USE_PDL:  # launched early beside its predecessor: wait for it before touching memory (see `pdl` below)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -244,6 +241,9 @@ def _gemv_kernel(
         if ONE_GROUP:
             s_next, z_next, o_next = _group_params(Scales, Zeros, Offsets, c_first + rc, rn, n_mask, c_end, N, G,
                                                    group_size, 0, HAS_ZEROS, HAS_OFFSETS)
+    if USE_PDL:  # launched beside its predecessor: the weights (constants) are in flight, now wait for x
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for c0 in range(c_first, c_end, CHUNKS):
         cc = c0 + rc  # [CHUNKS]
         c_mask = cc < c_end
@@ -288,8 +288,9 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
                tickets: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemm.w4a16_matmul`'s, plus
     `tickets` (`tickets_for(N)`: zero at rest; a fresh zeroed buffer per call when None). `pdl`: launch with
-    programmatic dependent launch (sm_90+): the kernel becomes resident while its predecessor runs and
-    waits for it at its first statement (results bit-identical; only the launch gap is hidden)."""
+    programmatic dependent launch (sm_90+): the kernel becomes resident while its predecessor runs, loads
+    its first weight step (constants: no hazard) and waits for it before reading x or writing anything
+    (results bit-identical; the launch and the first weight round trip are hidden)."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if m > MAX_M or x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
