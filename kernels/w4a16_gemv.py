@@ -177,10 +177,14 @@ def _load_words(w_ptrs, c0, rw, n_mask, c_end, BLOCK_N: tl.constexpr, CHUNKS: tl
 
 @triton.jit
 def _group_params(Scales, Zeros, Offsets, cc, rn, n_mask, c_end, N, G, group_size, first_col: tl.constexpr,
-                  HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr):
+                  GROUP_SHIFT: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr):
     """Scale, zero point and offset [BLOCK_N, CHUNKS, 1] (float32) of the group holding column first_col of
-    each chunk cc (zero point and offset: the scale in their place when the weight has none)."""
-    g = tl.minimum((cc * 128 + first_col) // group_size, G - 1)
+    each chunk cc (zero point and offset: the scale in their place when the weight has none). GROUP_SHIFT
+    >= 0: a group is 2**GROUP_SHIFT chunks (no integer division in the loop); -1: any group size."""
+    if GROUP_SHIFT >= 0:
+        g = tl.minimum(cc >> GROUP_SHIFT, G - 1)
+    else:
+        g = tl.minimum((cc * 128 + first_col) // group_size, G - 1)
     sg = g[None, :] * N + rn[:, None]
     gmask = n_mask[:, None] & (cc < c_end)[None, :]
     s = tl.load(Scales + sg, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
@@ -222,7 +226,7 @@ def _gemv_kernel(
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_wn, magic128, magic2048,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     XMODE: tl.constexpr, PRECISE: tl.constexpr, EVEN_K: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
-    PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, GROUP_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -235,12 +239,9 @@ def _gemv_kernel(
     rw = tl.arange(0, CHUNKS * 16)
     w_ptrs = Words + rn[:, None].to(tl.int64) * stride_wn + rw[None, :]  # [BLOCK_N, CHUNKS * 16]: a row's step
     acc = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
-    ONE_GROUP: tl.constexpr = SLICES_PER_GROUP == 4  # a chunk inside one group: its parameters prefetched too
-    if PREFETCH:  # the next step's words (and group parameters) are loaded before this step's math
+    ONE_GROUP: tl.constexpr = SLICES_PER_GROUP == 4  # a chunk inside one group: one load of its parameters a step
+    if PREFETCH:  # the next step's words are loaded before this step's math
         w_next = _load_words(w_ptrs, c_first, rw, n_mask, c_end, BLOCK_N, CHUNKS)
-        if ONE_GROUP:
-            s_next, z_next, o_next = _group_params(Scales, Zeros, Offsets, c_first + rc, rn, n_mask, c_end, N, G,
-                                                   group_size, 0, HAS_ZEROS, HAS_OFFSETS)
     if USE_PDL:  # launched beside its predecessor: the weights (constants) are in flight, now wait for x
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -250,12 +251,12 @@ def _gemv_kernel(
         if PREFETCH:
             w = w_next
             w_next = _load_words(w_ptrs, c0 + CHUNKS, rw, n_mask, c_end, BLOCK_N, CHUNKS)
-            if ONE_GROUP:
-                s_step, z_step, o_step = s_next, z_next, o_next
-                s_next, z_next, o_next = _group_params(Scales, Zeros, Offsets, cc + CHUNKS, rn, n_mask, c_end, N, G,
-                                                       group_size, 0, HAS_ZEROS, HAS_OFFSETS)
         else:
             w = _load_words(w_ptrs, c0, rw, n_mask, c_end, BLOCK_N, CHUNKS)
+        if ONE_GROUP:  # issued here, used after the math (a prefetch a step ahead was converted through
+            # shared memory every step: sm_90 SASS)
+            s1, z1, o1 = _group_params(Scales, Zeros, Offsets, cc, rn, n_mask, c_end, N, G, group_size, 0,
+                                       GROUP_SHIFT, HAS_ZEROS, HAS_OFFSETS)
         pidx = cc[:, None] * 64 + ri[None, :]  # [CHUNKS, 16]: the x pair of nibble 0 of each word (plane 0)
         for jg in tl.static_range(4 // SLICES_PER_GROUP):  # one group per pass (the whole chunk when group >= 128)
             a, xs, xo = _plane_dot(w, w, X, Perm, pidx, c_mask, K, jg * SLICES_PER_GROUP, magic128, magic2048, True,
@@ -265,11 +266,11 @@ def _gemv_kernel(
                                          magic2048, False, HAS_ZEROS or HAS_OFFSETS, XMODE, HAS_PERM, EVEN_K, PRECISE)
                 xs += xs2
                 xo += xo2
-            if PREFETCH and ONE_GROUP:
-                s, z, o = s_step, z_step, o_step
+            if ONE_GROUP:
+                s, z, o = s1, z1, o1
             else:
                 s, z, o = _group_params(Scales, Zeros, Offsets, cc, rn, n_mask, c_end, N, G, group_size,
-                                        jg * SLICES_PER_GROUP * 32, HAS_ZEROS, HAS_OFFSETS)
+                                        jg * SLICES_PER_GROUP * 32, GROUP_SHIFT, HAS_ZEROS, HAS_OFFSETS)
             if HAS_ZEROS:
                 acc += s * (a - (xo[None, :, :] + z * xs[None, :, :]))
             elif HAS_OFFSETS:
@@ -313,6 +314,14 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         part = out
         tickets = tickets if tickets is not None else codes
     # bf16 / fp16 activations as int32 pairs (an even K keeps every pair inside the row and 4-byte aligned)
+    # a group of 2**j whole chunks (128, 256, ... columns; per channel: one group) is found by a shift, else a division
+    group_chunks = group_size // CHUNK if group_size % CHUNK == 0 else 0
+    if scales.shape[0] == 1:
+        group_shift = 30
+    elif group_chunks and group_chunks & (group_chunks - 1) == 0:
+        group_shift = group_chunks.bit_length() - 1
+    else:
+        group_shift = -1
     xmode = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if k % 2 == 0 and x.data_ptr() % 4 == 0 else 0
     grid = (triton.cdiv(n, cfg.block_n), split)
     _gemv_kernel[grid](
@@ -321,7 +330,8 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, kp // 8, MAGIC128, MAGIC2048,
         HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
         XMODE=xmode, PRECISE=x.dtype == torch.float32, EVEN_K=k % CHUNK == 0, PREFETCH=cfg.prefetch,
-        SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks,
+        GROUP_SHIFT=group_shift, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_N=cfg.block_n,
+        CHUNKS=cfg.chunks,
         num_warps=cfg.num_warps, num_stages=1,  # Triton 3.6 does not pipeline these loads: PREFETCH does
         **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}),
     )

@@ -32,6 +32,7 @@ CASES = [  # m, n, k, group, symmetric, act-order
     (1, 48, 384, 64, False, False),
     (1, 40, 160, -1, True, False),  # per channel, K not a multiple of 128 (padded), N not a multiple of the tile
     (1, 32, 256, 128, False, False),
+    (1, 40, 1024, 256, False, False),  # two chunks a group: found by a shift
     (1, 24, 250, -1, False, False),  # K even but not a whole chunk: the last pair plane partly masked
 ]
 SPLIT_AND_ONE = [GemvConfig(block_n=16, chunks=1, split_k=3), GemvConfig(block_n=32, chunks=2, num_warps=2, split_k=1)]
