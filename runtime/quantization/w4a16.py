@@ -170,7 +170,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         try:
             return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                              self.offsets, self.tickets)
+                              self.offsets, self.tickets, pdl=self.pdl)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
             if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
                 raise

@@ -131,3 +131,24 @@ def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, m
     monkeypatch.setattr(kv, "w4a16_gemv", lambda *_a, **_k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         w.linear(x)
+
+
+def test_decode_pdl_switch_reaches_the_kernel_and_changes_nothing(device, monkeypatch):
+    """set_decode_pdl marks every quantized linear of a model; a marked W4Weight launches its GEMV with
+    pdl=True (on a GPU: programmatic dependent launch; the interpreter ignores it), the same result."""
+    from radixlm.kernels import w4a16_gemv as kv
+    from radixlm.runtime.quantization.base import set_decode_pdl
+
+    w = _weight(48, 256, 128, True, False, device)
+    w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
+    monkeypatch.setitem(kv.DEFAULTS, (48, 256), {1: "gemv-n16-c1-w1-s2-p1"})
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    before = w.linear(x)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].quantized = w
+    assert set_decode_pdl(model, True) == 1 and w.pdl
+    seen = []
+    real = kv.w4a16_gemv
+    monkeypatch.setattr(kv, "w4a16_gemv", lambda *a, **k: seen.append(k.get("pdl")) or real(*a, **k))
+    assert torch.equal(w.linear(x), before) and seen == [True]
+    assert set_decode_pdl(model, False) == 1 and not w.pdl
