@@ -152,3 +152,24 @@ def test_decode_pdl_switch_reaches_the_kernel_and_changes_nothing(device, monkey
     monkeypatch.setattr(kv, "w4a16_gemv", lambda *a, **k: seen.append(k.get("pdl")) or real(*a, **k))
     assert torch.equal(w.linear(x), before) and seen == [True]
     assert set_decode_pdl(model, False) == 1 and not w.pdl
+
+
+def test_gemv_table_from_defaults_or_a_sweep(tmp_path, monkeypatch):
+    """Config keys round-trip; the GEMV serves a shape only where its table (DEFAULTS, or a sweep JSON's "gemv"
+    entries over them through $RADIXLM_SMALL_M_TABLE) lists it."""
+    import json
+
+    from radixlm.kernels import small_m
+    from radixlm.kernels import w4a16_gemv as kv
+
+    for key in ("gemv-n32-c4-w4-sa-p1", "gemv-n64-c2-w2-s4-p0"):
+        assert GemvConfig.parse(key).key() == key
+    monkeypatch.delenv(small_m.TABLE_ENV, raising=False)
+    monkeypatch.setitem(kv.DEFAULTS, (96, 512), {1: "gemv-n16-c2-w2-s2-p1"})
+    assert kv.gemv_table_config(96, 512) == GemvConfig.parse("gemv-n16-c2-w2-s2-p1")
+    assert kv.gemv_table_config(97, 512) is None and kv.gemv_default_config(97, 512) == GemvConfig()
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"tables": {"gemv": {"97x512": {"1": "gemv-n64-c4-w4-sa-p0"}}}}))
+    monkeypatch.setenv(small_m.TABLE_ENV, str(path))
+    assert kv.gemv_table_config(97, 512).key() == "gemv-n64-c4-w4-sa-p0"
+    assert kv.gemv_table_config(96, 512).key() == "gemv-n16-c2-w2-s2-p1"  # the defaults stay under a sweep
