@@ -37,12 +37,13 @@ from .small_m import MAX_M, SmallMConfig, Table, check_tickets, finish_tile, loo
 FMA_MAX_M = 2  # rows the fma family takes (one accumulator tile per row)
 
 # (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down), measured by
-# benchmarks/small_m_gemm_sweep.py on the H200 (2026-12-03; RESULTS.md). The engine takes this kernel at M = 1 only
+# benchmarks/small_m_gemm_sweep.py on the H200 (2026-12-03; M = 1: the 08:00 round, qkv 9.9 vs 10.1 us,
+# gate_up 32.7 vs 33.7; RESULTS.md). The engine takes this kernel at M = 1 only
 # (runtime/quantization/fp8.py SMALL_M_KERNEL_MAX_M: the older split-K kernel won at M = 2..16).
 DEFAULTS: Table = {
-    (6144, 4096): {1: "fma-n8-k512-s1-w4-st3", 2: "fma-n8-k512-s1-w4-st3", 16: "dot-n32-k512-s2-w2-st3"},
+    (6144, 4096): {1: "fma-n8-k512-s1-w2-st4", 2: "fma-n8-k512-s1-w4-st3", 16: "dot-n32-k512-s2-w2-st3"},
     (4096, 4096): {1: "fma-n8-k1024-s1-w4-st2", 2: "fma-n8-k512-s1-w4-st3", 16: "dot-n32-k512-s2-w2-st3"},
-    (28672, 4096): {1: "fma-n32-k256-s1-w8-st3", 8: "dot-n32-k512-s1-w2-st3", 16: "dot-n32-k256-s1-w2-st4"},
+    (28672, 4096): {1: "fma-n16-k256-s1-w4-st4", 8: "dot-n32-k512-s1-w2-st3", 16: "dot-n32-k256-s1-w2-st4"},
     (4096, 14336): {1: "fma-n8-k1024-s1-w4-st2", 16: "dot-n32-k512-s2-w2-st3"},
 }
 register_defaults("fp8", DEFAULTS)

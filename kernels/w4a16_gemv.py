@@ -64,9 +64,15 @@ class GemvConfig:
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where the GEMV beat the small-M kernel, measured by
-# benchmarks/small_m_gemm_sweep.py --kinds gemv on the H200 (the small_m tables' format; $RADIXLM_SMALL_M_TABLE
-# can replace it). W4Weight sends M = 1 here for the listed shapes.
-DEFAULTS: Table = {}
+# benchmarks/small_m_gemm_sweep.py --kinds gemv on the H200 (2026-12-03 08:00 round, at 142933d; RESULTS.md: qkv 10.0
+# vs 10.2 us, o 7.7 vs 9.0, gate_up 29.4 vs 30.9, down 17.6 vs 20.5). The small_m tables' format
+# ($RADIXLM_SMALL_M_TABLE entries override it). W4Weight sends M = 1 here for the listed shapes.
+DEFAULTS: Table = {
+    (6144, 4096): {1: "gemv-n32-c4-w4-s2-p1"},
+    (4096, 4096): {1: "gemv-n16-c4-w4-sa-p0"},
+    (28672, 4096): {1: "gemv-n16-c4-w4-sa-p0"},
+    (4096, 14336): {1: "gemv-n32-c2-w4-sa-p1"},
+}
 register_defaults("gemv", DEFAULTS)
 
 

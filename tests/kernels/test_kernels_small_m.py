@@ -149,7 +149,7 @@ def test_config_keys_tables_and_the_sweep_override(tmp_path, monkeypatch):
     from radixlm.kernels import fp8_small_m, w4a16_small_m
 
     dev = torch.device("cpu")
-    assert fp8_small_m.config_for(1, 6144, 4096, dev) == SmallMConfig.parse(fp8_small_m.DEFAULTS[(6144, 4096)][2])
+    assert fp8_small_m.config_for(2, 6144, 4096, dev) == SmallMConfig.parse(fp8_small_m.DEFAULTS[(6144, 4096)][2])
     sweep = {"tables": {"fp8": {"6144x4096": {"16": "fma-n16-k256-s2-w4-st2"}}}}
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(sweep))
