@@ -107,7 +107,7 @@ def gemv_cases():
     forms = [  # zeros, offsets, perm, slices per group, activations (xmode 1: bf16 pairs, 2: fp16 pairs, 0: each)
         (False, False, False, 4, "bf16"), (True, False, False, 4, "fp16"), (True, False, True, 4, "bf16"),
         (False, True, False, 1, "fp16"), (True, False, False, 2, "fp32")]
-    defaults = list(w4a16_gemv.DEFAULTS.values())
+    defaults = [key for by_m in w4a16_gemv.DEFAULTS.values() for key in by_m.values()]
     for cfg in {w4a16_gemv.GemvConfig.parse(key) for key in GEMV_CONFIGS + defaults}:
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, 1)
         for i, (zeros, offsets, perm, spg, act) in enumerate(forms):
@@ -119,7 +119,8 @@ def gemv_cases():
                         "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
                        {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
                         "XMODE": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "PRECISE": act == "fp32", "EVEN_K": i != 3,
-                        "SLICES_PER_GROUP": spg, "PREFETCH": cfg.prefetch, "USE_PDL": pdl, "BLOCK_N": cfg.block_n,
+                        "SLICES_PER_GROUP": spg, "PREFETCH": cfg.prefetch, "USE_PDL": pdl,
+                        "GROUP_SHIFT": 0 if spg == 4 else -1, "BLOCK_N": cfg.block_n,
                         "CHUNKS": cfg.chunks}, launch)
 
 

@@ -49,10 +49,13 @@ W4_CONFIGS = [
 ]
 # the M = 1 CUDA-core 4-bit GEMV (kernels/w4a16_gemv.py): rows x chunks per step, warps, split-K (a: ~4 programs
 # per SM), p1: the next step's words and scales loaded before this step's math
-GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 8 rows a thread (p1 spills there)
-    "gemv-n32-c4-w4-sa-p1", "gemv-n16-c4-w4-sa-p1", "gemv-n64-c4-w4-sa-p0", "gemv-n32-c2-w4-sa-p1",
+GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 8 rows a thread (p1 spills there);
+    # the first three: the 08:00 round's winners (RESULTS.md), then one-warp / two-warp rows of 128 words a step
+    # (3.3 SASS instructions a weight against 4.4, no barrier in the loop, but 168 registers)
+    "gemv-n32-c4-w4-s2-p1", "gemv-n16-c4-w4-sa-p0", "gemv-n32-c2-w4-sa-p1", "gemv-n8-c8-w1-sa-p0",
+    "gemv-n8-c16-w2-sa-p0", "gemv-n32-c4-w4-sa-p1", "gemv-n16-c4-w4-sa-p1", "gemv-n64-c4-w4-sa-p0",
     "gemv-n64-c2-w4-sa-p1", "gemv-n32-c4-w8-sa-p1", "gemv-n128-c2-w8-sa-p1", "gemv-n64-c4-w8-sa-p1",
-    "gemv-n16-c4-w4-sa-p0", "gemv-n32-c4-w4-s1-p1", "gemv-n32-c4-w4-s2-p1", "gemv-n32-c4-w4-s4-p1",
+    "gemv-n32-c4-w4-s1-p1", "gemv-n32-c4-w4-s4-p1",
     "gemv-n16-c4-w4-s8-p1", "gemv-n64-c2-w4-s2-p1", "gemv-n64-c2-w2-sa-p0", "gemv-n16-c2-w2-sa-p1",
 ]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
