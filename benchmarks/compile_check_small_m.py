@@ -1,4 +1,5 @@
-"""Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py) for sm_90
+"""Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py, the M = 1
+4-bit GEMV kernels/w4a16_gemv.py) for sm_90
 on a machine without a GPU, and look at what the compiler made of the weight loads.
 
 The Triton interpreter runs kernel bodies as Python and misses code-generation errors; this runs the real
@@ -23,11 +24,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import fp8_small_m, w4a16_small_m
+from radixlm.kernels import fp8_small_m, w4a16_gemv, w4a16_small_m
 from radixlm.kernels.small_m import SmallMConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from small_m_gemm_sweep import FP8_CONFIGS, W4_CONFIGS  # noqa: E402
+from small_m_gemm_sweep import FP8_CONFIGS, GEMV_CONFIGS, W4_CONFIGS  # noqa: E402
 
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "e4m3": "*fp8e4nv", "i16": "*i16", "i32": "*i32",
         "u8": "*u8"}
@@ -79,7 +80,7 @@ def fp8_cases():
                        {"X": act, "W": "e4m3", "S": "fp32", "Out": act, "Part": "fp32" if partial else act,
                         "Tickets": "i32" if partial else "fp32"},
                        {"FMA": cfg.kind == "fma", "IEEE": act == "fp32", "EVEN_K": even, "PARTIAL": partial,
-                        "BLOCK_M": block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}, cfg)
+                        "USE_PDL": partial and act == "bf16", "BLOCK_M": block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}, cfg)
 
 
 def w4_cases():
@@ -102,15 +103,36 @@ def w4_cases():
                         "CHUNKS": cfg.block_k // 128}, cfg)
 
 
+def gemv_cases():
+    forms = [  # zeros, offsets, perm, slices per group, activations (xmode 1: bf16 pairs, 2: fp16 pairs, 0: each)
+        (False, False, False, 4, "bf16"), (True, False, False, 4, "fp16"), (True, False, True, 4, "bf16"),
+        (False, True, False, 1, "fp16"), (True, False, False, 2, "fp32")]
+    defaults = [key for by_m in w4a16_gemv.DEFAULTS.values() for key in by_m.values()]
+    for cfg in {w4a16_gemv.GemvConfig.parse(key) for key in GEMV_CONFIGS + defaults}:
+        launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, 1)
+        for i, (zeros, offsets, perm, spg, act) in enumerate(forms):
+            for partial, pdl in ([(True, False), (False, False), (True, True)] if i == 0 else [(True, False)]):
+                yield (f"gemv {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} spg={spg} split={partial} "
+                       f"pdl={pdl}", w4a16_gemv._gemv_kernel,
+                       {"X": act, "Words": "i32", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
+                        "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
+                        "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
+                       {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
+                        "XMODE": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "PRECISE": act == "fp32", "EVEN_K": i != 3,
+                        "SLICES_PER_GROUP": spg, "PREFETCH": cfg.prefetch, "USE_PDL": pdl,
+                        "GROUP_SHIFT": 0 if spg == 4 else -1, "BLOCK_N": cfg.block_n,
+                        "CHUNKS": cfg.chunks}, launch)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("-k", dest="only", choices=["fp8", "w4"], action="append")
+    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv"], action="append")
     parser.add_argument("--first", type=int, default=0, help="only the first N cases of each kernel (quick look)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     total = failed = 0
-    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases)):
+    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases), ("gemv", gemv_cases)):
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()

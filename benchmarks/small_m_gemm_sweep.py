@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 # dot configs with BLOCK_N = 16 x num_warps give each warp its own 16 weight rows; a 16-row tile over 4 warps
 # makes every warp convert the whole tile (seen in the sm_90 TTGIR: mma warpsPerCTA [2, 2]): kept as a reference
@@ -36,12 +38,25 @@ FP8_CONFIGS = [
     "dot-n16-k512-s1-w4-st3",
     "fma-n8-k512-s1-w4-st3", "fma-n16-k512-s1-w4-st3", "fma-n8-k1024-s1-w4-st2", "fma-n16-k256-s2-w4-st3",
     "fma-n32-k256-s1-w8-st3",
+    "fma-n8-k512-s2-w4-st3", "fma-n16-k512-s2-w4-st3", "fma-n8-k256-s2-w2-st4", "fma-n8-k512-s1-w2-st4",
+    "fma-n16-k1024-s1-w8-st2", "fma-n8-k2048-s1-w8-st2", "fma-n8-k1024-s2-w4-st2", "fma-n16-k256-s1-w4-st4",
 ]
 W4_CONFIGS = [
     "dot-n16-k512-s1-w1-st3", "dot-n16-k512-s2-w1-st3", "dot-n16-k512-s1-w1-st4", "dot-n16-k256-s2-w1-st4",
     "dot-n16-k1024-s1-w1-st3", "dot-n32-k512-s1-w2-st3", "dot-n32-k512-s2-w2-st3", "dot-n32-k256-s2-w2-st4",
     "dot-n64-k256-s2-w4-st3", "dot-n64-k512-s2-w4-st3", "dot-n64-k256-s4-w4-st4", "dot-n64-k128-s4-w4-st5",
     "dot-n16-k512-s2-w4-st3",
+]
+# the M = 1 CUDA-core 4-bit GEMV (kernels/w4a16_gemv.py): rows x chunks per step, warps, split-K (a: ~4 programs
+# per SM), p1: the next step's words and scales loaded before this step's math
+GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 8 rows a thread (p1 spills there);
+    # the first three: the 08:00 round's winners (RESULTS.md), then one-warp / two-warp rows of 128 words a step
+    # (3.3 SASS instructions a weight against 4.4, no barrier in the loop, but 168 registers)
+    "gemv-n32-c4-w4-s2-p1", "gemv-n16-c4-w4-sa-p0", "gemv-n32-c2-w4-sa-p1", "gemv-n8-c8-w1-sa-p0",
+    "gemv-n8-c16-w2-sa-p0", "gemv-n32-c4-w4-sa-p1", "gemv-n16-c4-w4-sa-p1", "gemv-n64-c4-w4-sa-p0",
+    "gemv-n64-c2-w4-sa-p1", "gemv-n32-c4-w8-sa-p1", "gemv-n128-c2-w8-sa-p1", "gemv-n64-c4-w8-sa-p1",
+    "gemv-n32-c4-w4-s1-p1", "gemv-n32-c4-w4-s4-p1",
+    "gemv-n16-c4-w4-s8-p1", "gemv-n64-c2-w4-s2-p1", "gemv-n64-c2-w2-sa-p0", "gemv-n16-c2-w2-sa-p1",
 ]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16)
@@ -67,16 +82,51 @@ def copies_for(nbytes: int) -> int:
     return max(2, -(-4 * L2_BYTES // nbytes))
 
 
+@triton.jit
+def _stream(Words, Out, N, stride_wn, chunks_per_split, n_chunks, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """The GEMV's loads (tile, split, register prefetch) with one integer add a word for its math."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, CHUNKS * 16)
+    c_first = tl.program_id(1) * chunks_per_split
+    c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
+    ptrs = Words + rn[:, None].to(tl.int64) * stride_wn + rw[None, :]
+    acc = tl.zeros((BLOCK_N, CHUNKS * 16), dtype=tl.int32)
+    nxt = tl.load(ptrs + c_first * 16, mask=(rn < N)[:, None] & (c_first * 16 + rw < c_end * 16)[None, :], other=0)
+    for c0 in range(c_first, c_end, CHUNKS):
+        w = nxt
+        nxt = tl.load(ptrs + (c0 + CHUNKS) * 16, mask=(rn < N)[:, None] & ((c0 + CHUNKS) * 16 + rw < c_end * 16)[None, :],
+                      other=0)
+        acc += w
+    tl.store(Out + tl.program_id(1) * N + rn, tl.sum(acc, 1), mask=rn < N)
+
+
+def stream_probe(words: torch.Tensor, key: str) -> torch.Tensor:
+    """The GEMV's weight reads alone at config `key`: how long streaming these bytes takes at this launch
+    shape (the GEMV's own floor; the rest of its time is its math)."""
+    from radixlm.kernels.w4a16_gemv import GemvConfig, gemv_plan
+
+    cfg = GemvConfig.parse(key)
+    n, kw = words.shape
+    split, per_split = gemv_plan(n, kw * 8, cfg, words.device)
+    out = torch.empty(split, n, dtype=torch.int32, device=words.device)
+    _stream[(triton.cdiv(n, cfg.block_n), split)](words, out, n, kw, per_split, kw // 16, BLOCK_N=cfg.block_n,
+                                                 CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=1)
+    return out
+
+
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
+def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] = MS, pdl: bool = False) -> list[dict]:
+    """One kernel's configs on every 8B shape at each M; `pdl`: the best config again with programmatic
+    dependent launch (its calls back to back in the graph overlap their launches)."""
     from radixlm.kernels.fp8_gemm import w8a16_matmul
     from radixlm.kernels.fp8_small_m import config_for as fp8_default
     from radixlm.kernels.fp8_small_m import fp8_small_m_matmul
     from radixlm.kernels.small_m import SmallMConfig, tickets_for
     from radixlm.kernels.w4a16_gemm import w4a16_matmul
+    from radixlm.kernels.w4a16_gemv import GemvConfig, gemv_default_config, w4a16_gemv
     from radixlm.kernels.w4a16_small_m import config_for as w4_default
     from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
     from radixlm.runtime.quantization.fp8 import Fp8Weight
@@ -93,21 +143,32 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
             weight_bytes = n * k + 4 * n
             reps = copies_for(weight_bytes)
             parts = [(q.codes.clone(), s.clone(), tickets_for(n, w.device)) for _ in range(reps)]
-            new = [lambda x, cfg, p=p: fp8_small_m_matmul(x, p[0], p[1], p[2], cfg) for p in parts]
+            new = [lambda x, cfg, p=p, pdl=False: fp8_small_m_matmul(x, p[0], p[1], p[2], cfg, pdl) for p in parts]
             old = [lambda x, p=p: w8a16_matmul(x, p[0], p[1]) for p in parts]
-            configs, default = FP8_CONFIGS, fp8_default
+            configs, default, parse = FP8_CONFIGS, fp8_default, SmallMConfig.parse
         else:
             q = W4Weight([quantize_rtn(w, 128, True)], 128, "sweep")
             ref_w = q.dequantize()
             weight_bytes = n * k // 2 + n * (k // 128) * 2
             reps = copies_for(weight_bytes)
             parts = [(q.codes.clone(), q.scales.clone(), tickets_for(n, w.device)) for _ in range(reps)]
-            new = [lambda x, cfg, p=p: w4a16_small_m_matmul(x, p[0], p[1], None, None, k, 128, tickets=p[2], cfg=cfg)
-                   for p in parts]
-            old = [lambda x, p=p: w4a16_matmul(x, p[0], p[1], None, None, k, 128) for p in parts]
-            configs, default = W4_CONFIGS, w4_default
+            if kind == "gemv":  # "old": the small-M MMA kernel at its table's config (what the engine runs now)
+                new = [lambda x, cfg, p=p, pdl=False: w4a16_gemv(x, p[0], p[1], None, None, k, 128, tickets=p[2], cfg=cfg,
+                                                                 pdl=pdl) for p in parts]
+                old = [lambda x, p=p: w4a16_small_m_matmul(x, p[0], p[1], None, None, k, 128, tickets=p[2]) for p in parts]
+                configs, parse = GEMV_CONFIGS, GemvConfig.parse
+
+                def default(m, n, k, device):
+                    return gemv_default_config(n, k)
+            else:
+                new = [lambda x, cfg, p=p, pdl=False: w4a16_small_m_matmul(x, p[0], p[1], None, None, k, 128,
+                                                                           tickets=p[2], cfg=cfg) for p in parts]
+                old = [lambda x, p=p: w4a16_matmul(x, p[0], p[1], None, None, k, 128) for p in parts]
+                configs, default, parse = W4_CONFIGS, w4_default, SmallMConfig.parse
         bf16 = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
-        for m in MS:
+        for m in ms:
+            if kind == "gemv" and m > 1:
+                continue
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = x.float() @ ref_w.t()
             floor = (weight_bytes + 2 * m * (k + n)) / copy_bw
@@ -118,8 +179,8 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
             default_cfg = default(m, n, k, x.device)
             sweep: dict[str, object] = {}
             for key in dict.fromkeys([default_cfg.key(), *configs]):
-                cfg = SmallMConfig.parse(key)
-                if cfg.kind == "fma" and m > FMA_MAX_M:
+                cfg = parse(key)
+                if getattr(cfg, "kind", "") == "fma" and m > FMA_MAX_M:
                     continue
                 if time.perf_counter() > deadline:
                     sweep[key] = "skipped: sweep time budget spent"
@@ -137,6 +198,18 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
             row.update(default=default_cfg.key(), default_us=ok.get(default_cfg.key(), {}).get("us"), best=best,
                        best_us=ok[best]["us"] if best else None, sweep=sweep,
                        wrong=[key for key, v in sweep.items() if isinstance(v, dict) and key not in ok])
+            if kind == "gemv" and best:
+                try:
+                    row["stream_us"] = graph_time([lambda p=p: stream_probe(p[0].view(torch.int32), best) for p in parts]) * 1e6
+                except Exception as exc:  # noqa: BLE001 - the probe is a diagnostic
+                    row["stream_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if pdl and best and kind != "w4":
+                try:
+                    cfg = parse(best)
+                    row["best_pdl_us"] = graph_time([lambda f=f: f(x, cfg, pdl=True) for f in new]) * 1e6
+                    row["best_pdl_max_rel"] = _rel(new[0](x, cfg, pdl=True), ref)
+                except Exception as exc:  # noqa: BLE001 - recorded: PDL may not launch here
+                    row["best_pdl_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             rows.append(row)
             print(_line(row), flush=True)
         del parts, new, old, bf16, q, ref_w, w
@@ -147,9 +220,12 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float) -> list[dict]:
 def _line(r: dict) -> str:
     best = r["best_us"] or float("nan")
     dflt = r["default_us"] or float("nan")
+    pdl = r.get("best_pdl_us")
     return (f"{r['kind']:<4}{r['layer']:<8}{r['M']:>3}{r['floor_us']:>8.1f}{r['bf16_us']:>8.1f}{r['old_us']:>8.1f}"
-            f"{r['floor_us'] / r['old_us']:>6.0%}{dflt:>8.1f}{best:>8.1f}{r['floor_us'] / best:>6.0%}  {r['best']}"
-            + (f"  WRONG: {r['wrong']}" if r["wrong"] else ""))
+            f"{r['floor_us'] / r['old_us']:>6.0%}{dflt:>8.1f}{best:>8.1f}{r['floor_us'] / best:>6.0%}"
+            + (f"{pdl:>7.1f}" if isinstance(pdl, float) else "      -") + f"  {r['best']}"
+            + (f"  WRONG: {r['wrong']}" if r["wrong"] else "") + (f"  PDL: {pdl}" if isinstance(pdl, str) else "")
+            + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else ""))
 
 
 def tables(rows: list[dict]) -> dict:
@@ -157,6 +233,8 @@ def tables(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
         if r["best"]:
+            if r["kind"] == "gemv" and not r["best_us"] < r["old_us"]:
+                continue  # the GEMV serves a shape only where it beats the small-M kernel (its "old" here)
             out.setdefault(r["kind"], {}).setdefault(f"{r['N']}x{r['K']}", {})[str(r["M"])] = r["best"]
     return out
 
@@ -207,6 +285,8 @@ def main() -> None:
                     "(the older kernel, bf16 and the default config are still timed)")
     ap.add_argument("--decode", action="store_true", help="then (a) batch-1 decode: bf16 / fp8 / w4a16 engines")
     ap.add_argument("--ab", action="store_true", help="with --decode: fp8 and w4a16 on the older kernels too")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows to sweep (the GEMV: 1 only)")
+    ap.add_argument("--pdl", action="store_true", help="time each best config again launched with PDL")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_suite import measure_ceilings
@@ -218,18 +298,19 @@ def main() -> None:
     report["ceilings"] = measure_ceilings()
     copy_bw = report["ceilings"]["copy_bytes_per_s"]
     print(f"copy {copy_bw / 1e12:.2f} TB/s\n{'kind':<4}{'layer':<8}{'M':>3}{'floor':>8}{'bf16':>8}{'old':>8}{'o/fl':>6}"
-          f"{'dflt':>8}{'best':>8}{'b/fl':>6}  (us; best config)", flush=True)
+          f"{'dflt':>8}{'best':>8}{'b/fl':>6}{'pdl':>7}  (us; best config; gemv's old: the small-M kernel)", flush=True)
     rows: list[dict] = []
     kinds = args.kinds.split(",")
     for i, kind in enumerate(kinds):  # the time budget is shared out between the kinds
         share = (args.budget_s - (time.perf_counter() - started)) / (len(kinds) - i)
-        rows += sweep_kind(kind, copy_bw, time.perf_counter() + share)
+        rows += sweep_kind(kind, copy_bw, time.perf_counter() + share, tuple(int(v) for v in args.ms.split(",")),
+                           args.pdl)
         report["rows"], report["tables"] = rows, tables(rows)
         out.write_text(json.dumps(report, indent=1))
     report["sweep_s"] = time.perf_counter() - started
     for kind, table in report["tables"].items():
-        print(f"\n# {kind} DEFAULTS ({'kernels/fp8_small_m.py' if kind == 'fp8' else 'kernels/w4a16_small_m.py'}):\n"
-              + python_literal(table))
+        module = {"fp8": "fp8_small_m", "w4": "w4a16_small_m", "gemv": "w4a16_gemv"}[kind]
+        print(f"# {kind} DEFAULTS (kernels/{module}.py): " + python_literal(table).replace("\n   ", ""))
     out.write_text(json.dumps(report, indent=1))
     if args.decode:
         report["decode"] = decode_figures(out, args.ab)

@@ -37,12 +37,13 @@ from .small_m import MAX_M, SmallMConfig, Table, check_tickets, finish_tile, loo
 FMA_MAX_M = 2  # rows the fma family takes (one accumulator tile per row)
 
 # (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down), measured by
-# benchmarks/small_m_gemm_sweep.py on the H200 (2026-12-03; RESULTS.md). The engine takes this kernel at M = 1 only
+# benchmarks/small_m_gemm_sweep.py on the H200 (2026-12-03; M = 1: the 08:00 round, qkv 9.9 vs 10.1 us,
+# gate_up 32.7 vs 33.7; RESULTS.md). The engine takes this kernel at M = 1 only
 # (runtime/quantization/fp8.py SMALL_M_KERNEL_MAX_M: the older split-K kernel won at M = 2..16).
 DEFAULTS: Table = {
-    (6144, 4096): {1: "fma-n8-k512-s1-w4-st3", 2: "fma-n8-k512-s1-w4-st3", 16: "dot-n32-k512-s2-w2-st3"},
+    (6144, 4096): {1: "fma-n8-k512-s1-w2-st4", 2: "fma-n8-k512-s1-w4-st3", 16: "dot-n32-k512-s2-w2-st3"},
     (4096, 4096): {1: "fma-n8-k1024-s1-w4-st2", 2: "fma-n8-k512-s1-w4-st3", 16: "dot-n32-k512-s2-w2-st3"},
-    (28672, 4096): {1: "fma-n32-k256-s1-w8-st3", 8: "dot-n32-k512-s1-w2-st3", 16: "dot-n32-k256-s1-w2-st4"},
+    (28672, 4096): {1: "fma-n16-k256-s1-w4-st4", 8: "dot-n32-k512-s1-w2-st3", 16: "dot-n32-k256-s1-w2-st4"},
     (4096, 14336): {1: "fma-n8-k1024-s1-w4-st2", 16: "dot-n32-k512-s2-w2-st3"},
 }
 register_defaults("fp8", DEFAULTS)
@@ -117,9 +118,12 @@ def _fma_steps(X, W, rm, rn, n_mask, k_start, k_end, K, stride_xm, stride_wn,
 @triton.jit
 def _fp8_small_m_kernel(
     X, W, S, Out, Part, Tickets, M, N, K, k_per_split, split, stride_xm, stride_wn, stride_om,
-    FMA: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if USE_PDL:  # launched early beside its predecessor: wait for it before touching memory
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -139,9 +143,11 @@ def _fp8_small_m_kernel(
 
 
 def fp8_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                       tickets: torch.Tensor | None = None, cfg: SmallMConfig | None = None) -> torch.Tensor:
+                       tickets: torch.Tensor | None = None, cfg: SmallMConfig | None = None,
+                       pdl: bool = False) -> torch.Tensor:
     """x [M <= 16, K] (bf16 / fp16 / fp32) @ (codes [N, K] e4m3 * scales [N])^T -> [M, N] in x's dtype.
-    `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest); a fresh buffer per call when None."""
+    `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest); a fresh buffer per call when None.
+    `pdl`: programmatic dependent launch (sm_90+), as `w4a16_gemv.w4a16_gemv`'s."""
     m, k = x.shape
     n = codes.shape[0]
     if codes.dtype != FP8 or codes.shape[1] != k or m > MAX_M or codes.stride(1) != 1:
@@ -169,5 +175,6 @@ def fp8_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         FMA=fma, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", EVEN_K=k % cfg.block_k == 0,
         PARTIAL=split > 1, BLOCK_M=triton.next_power_of_2(m) if fma else 16, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}),
     )
     return out

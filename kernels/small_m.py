@@ -133,13 +133,15 @@ def _sweep_tables(path: str) -> dict[str, Table]:
 
 
 def table_in_use(kind: str) -> Table:
-    """The config table of the `kind` ("fp8" / "w4") kernel: its module's DEFAULTS, or the "kind" entry of
+    """The config table of the `kind` ("fp8" / "w4" / "gemv") kernel: its module's DEFAULTS, or the "kind" entry of
     the sweep JSON named by $RADIXLM_SMALL_M_TABLE (so a benchmark can run the engine, whose scheduler is
-    another process, on a freshly measured table)."""
+    another process, on a freshly measured table; what it does not cover keeps the defaults)."""
     source = os.environ.get(TABLE_ENV, "")
-    if source and source != "off":
-        return _sweep_tables(source).get(kind, {})
-    return _DEFAULT_TABLES[kind]
+    defaults = _DEFAULT_TABLES[kind]
+    if source and source != "off":  # the sweep's entries over the defaults (a sweep of some M / kinds only)
+        swept = _sweep_tables(source).get(kind, {})
+        return {shape: {**defaults.get(shape, {}), **swept.get(shape, {})} for shape in {**defaults, **swept}}
+    return defaults
 
 
 def enabled() -> bool:

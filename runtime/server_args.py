@@ -235,7 +235,8 @@ class ServerArgs:
         str, choices=("auto", "on", "off"))
     decode_pdl: str = _flag(
         "auto", "runtime", "launch the decoder's small Triton kernels (norms, rotary, KV store, decode attention, "
-        "SiLU-and-mul) with programmatic dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
+        "SiLU-and-mul; the 4-bit GEMV and FP8 small-M kernels of quantized layers at batch 1) with programmatic "
+        "dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
         "kernel (kernels/gdc.py; same results). auto: off (on the H200 it won 1.7 µs a layer on the small kernels "
         "but no end-to-end gain was shown: benchmarks/RESULTS.md); on: where the device has it",
         str, choices=("auto", "on", "off"))

@@ -18,6 +18,9 @@ class QuantizedWeight(ABC):
 
     out_features: int
     in_features: int
+    # decode kernels launched with programmatic dependent launch (sm_90+; `set_decode_pdl`): resident while
+    # the previous kernel runs, weights in flight before they wait for it (results bit-identical)
+    pdl: bool = False
 
     @abstractmethod
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,18 @@ class DequantizedRows:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._dequantize(ids)
+
+
+def set_decode_pdl(model: torch.nn.Module, on: bool) -> int:
+    """Turn PDL on / off for every quantized linear of `model` whose decode kernels take it (the 4-bit GEMV,
+    the FP8 small-M kernel); the model runner calls it with its --decode-pdl decision. Returns how many."""
+    count = 0
+    for module in model.modules():
+        quantized = getattr(module, "quantized", None)
+        if isinstance(quantized, QuantizedWeight):
+            quantized.pdl = on
+            count += 1
+    return count
 
 
 def linear_forward(weight: torch.Tensor, quantized: QuantizedWeight | None, x: torch.Tensor,

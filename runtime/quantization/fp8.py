@@ -159,7 +159,8 @@ class Fp8Weight(QuantizedWeight):
         scales = self.scales.reshape(-1)
         if not small_m.enabled() or x2.shape[0] > SMALL_M_KERNEL_MAX_M:
             return w8a16_matmul(x2, self.codes, scales)
-        return small_m.with_fallback("fp8", lambda: fp8_small_m_matmul(x2, self.codes, scales, self.tickets),
+        return small_m.with_fallback("fp8", lambda: fp8_small_m_matmul(x2, self.codes, scales, self.tickets,
+                                                                        pdl=self.pdl),
                                      lambda: w8a16_matmul(x2, self.codes, scales))
 
     def reference_matmul(self, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M <= `GEMV_MAX_M` rows through the CUDA-core GEMV (`kernels/w4a16_gemv.py`; 0 = off, as measured),
+On a GPU: M = 1 through the CUDA-core GEMV (`kernels/w4a16_gemv.py`) on the shapes where it measured faster,
 up to 16 through the small-M MMA kernel (`kernels/w4a16_small_m.py`: narrow row tiles, split-K finished in
 the same launch), up to `DEQUANT_MIN_M` through its tiled launch, above
 that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
@@ -26,12 +26,13 @@ import torch
 
 from radixlm.runtime.quantization.base import DequantizedRows, QuantizedWeight
 
-# Both set from the H200 small-M table of 2026-12-03 (benchmarks/quantized.py, RESULTS.md): dequantize +
-# cuBLAS beat the tiled kernel at 256 rows on 3 of the 4 8B shapes (354 vs 427 us summed), lost at 64 on all;
-# the CUDA-core GEMV lost to the split-K MMA kernel at every M (M = 1: 13.3 vs 9.7 us on qkv, 45.5 vs 35.7
-# on gate_up), so it runs nowhere by default until it is made faster.
+# Set from the H200 small-M table of 2026-12-03 (benchmarks/quantized.py, RESULTS.md): dequantize +
+# cuBLAS beat the tiled kernel at 256 rows on 3 of the 4 8B shapes (354 vs 427 us summed), lost at 64 on all.
 DEQUANT_MIN_M = 256  # rows from which dequantize + cuBLAS replaces the tiled kernel
-GEMV_MAX_M = 0  # rows up to which the GEMV runs (0: off; its FMAs grow with M)
+# The M = 1 CUDA-core GEMV (kernels/w4a16_gemv.py) serves the shapes of its measured table (where it beat the
+# small-M kernel: benchmarks/small_m_gemm_sweep.py --kinds gemv), and every other shape when GEMV_UNLISTED.
+GEMV_MAX_M = 1  # rows up to which the GEMV runs (0: off)
+GEMV_UNLISTED = False
 SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_small_m.py; its tiles: its DEFAULTS)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
                               self.offsets)
             out = torch.matmul(x2, w.t())
-        elif x2.shape[0] <= GEMV_MAX_M and not _gemv_failed:
+        elif x2.shape[0] <= GEMV_MAX_M and not _gemv_failed and self._gemv_serves():
             out = self._gemv(x2)
         elif x2.shape[0] <= SMALL_M_MAX_M:
             out = self._small_m(x2)
@@ -152,6 +153,16 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         return small_m.with_fallback("w4", lambda: w4a16_small_m_matmul(*args, self.offsets, self.tickets),
                                      lambda: w4a16_matmul(*args, offsets=self.offsets))
 
+    def _gemv_serves(self) -> bool:
+        """Whether the GEMV takes this weight's M = 1 calls: its table lists the shape (or GEMV_UNLISTED), and
+        the small-M kernels are not switched off ($RADIXLM_SMALL_M_TABLE=off: the older kernels, an A/B arm)."""
+        from radixlm.kernels import small_m
+        from radixlm.kernels.w4a16_gemv import gemv_table_config
+
+        if not small_m.enabled():
+            return False
+        return GEMV_UNLISTED or gemv_table_config(self.out_features, self.in_features) is not None
+
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         """The decode GEMV; if it fails to compile here, say so once and use the MMA kernel from then on."""
         from radixlm.kernels.w4a16_gemm import w4a16_matmul
@@ -159,7 +170,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         try:
             return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                              self.offsets, self.tickets)
+                              self.offsets, self.tickets, pdl=self.pdl)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
             if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
                 raise

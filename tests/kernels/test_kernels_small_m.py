@@ -149,13 +149,16 @@ def test_config_keys_tables_and_the_sweep_override(tmp_path, monkeypatch):
     from radixlm.kernels import fp8_small_m, w4a16_small_m
 
     dev = torch.device("cpu")
-    assert fp8_small_m.config_for(1, 6144, 4096, dev) == SmallMConfig.parse(fp8_small_m.DEFAULTS[(6144, 4096)][2])
+    assert fp8_small_m.config_for(2, 6144, 4096, dev) == SmallMConfig.parse(fp8_small_m.DEFAULTS[(6144, 4096)][2])
     sweep = {"tables": {"fp8": {"6144x4096": {"16": "fma-n16-k256-s2-w4-st2"}}}}
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(sweep))
     monkeypatch.setenv(small_m.TABLE_ENV, str(path))
     assert fp8_small_m.config_for(4, 6144, 4096, dev).key() == "fma-n16-k256-s2-w4-st2"
-    assert w4a16_small_m.config_for(1, 6144, 4096, dev) == w4a16_small_m.fallback_config(6144, 4096, dev)
+    # what the sweep does not cover (other M, other kinds) keeps the module's defaults
+    assert fp8_small_m.config_for(1, 6144, 4096, dev) == SmallMConfig.parse(fp8_small_m.DEFAULTS[(6144, 4096)][1])
+    assert w4a16_small_m.config_for(1, 6144, 4096, dev) == SmallMConfig.parse(w4a16_small_m.DEFAULTS[(6144, 4096)][16])
+    assert w4a16_small_m.config_for(1, 96, 128, dev) == w4a16_small_m.fallback_config(96, 128, dev)
     assert small_m.enabled()
     monkeypatch.setenv(small_m.TABLE_ENV, "off")
     assert not small_m.enabled()

@@ -28,12 +28,14 @@ def _weight(n: int, k: int, group: int, symmetric: bool, act_order: bool, device
 
 CASES = [  # m, n, k, group, symmetric, act-order
     (1, 96, 512, 128, True, False),
-    (3, 80, 256, 32, False, True),
-    (4, 48, 384, 64, False, False),
-    (2, 40, 160, -1, True, False),  # per channel, K not a multiple of 128 (padded), N not a multiple of the tile
-    (9, 32, 256, 128, False, False),  # 16-row tile, 7 rows masked
+    (1, 80, 256, 32, False, True),
+    (1, 48, 384, 64, False, False),
+    (1, 40, 160, -1, True, False),  # per channel, K not a multiple of 128 (padded), N not a multiple of the tile
+    (1, 32, 256, 128, False, False),
+    (1, 40, 1024, 256, False, False),  # two chunks a group: found by a shift
+    (1, 24, 250, -1, False, False),  # K even but not a whole chunk: the last pair plane partly masked
 ]
-SPLIT_AND_ONE = [GemvConfig(block_n=16, chunks=1, split_k=3), GemvConfig(block_n=32, chunks=2, split_k=1)]
+SPLIT_AND_ONE = [GemvConfig(block_n=16, chunks=1, split_k=3), GemvConfig(block_n=32, chunks=2, num_warps=2, split_k=1)]
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -41,7 +43,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(((got.float().cpu() - ref.cpu()).abs() <= ref.abs().cpu() * tol + 1e-5 * ref.abs().max().cpu()).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("m", "n", "k", "group", "symmetric", "act_order"), CASES)
 def test_gemv_matches_reference(device, dtype, m, n, k, group, symmetric, act_order):
     w = _weight(n, k, group, symmetric, act_order, device)
@@ -101,17 +103,22 @@ def test_nibble_to_float_trick_is_exact(device):
 
 
 def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, monkeypatch):
-    """W4Weight.linear: M <= GEMV_MAX_M through the GEMV (its result, bit for bit); a GEMV that does not
-    compile is logged once and the MMA kernel serves from then on (other errors propagate)."""
+    """W4Weight.linear: M = 1 through the GEMV where its table lists the shape (its result, bit for bit), else
+    the small-M kernel; a GEMV that does not compile is logged once and the MMA kernel serves from then on
+    (other errors propagate)."""
     from radixlm.kernels import w4a16_gemv as kv
     from radixlm.kernels.w4a16_gemm import w4a16_matmul
+    from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
     from radixlm.runtime.quantization import w4a16 as wq
 
-    monkeypatch.setattr(wq, "GEMV_MAX_M", 2)  # off by default (measured slower on the H200): test the dispatch itself
     w = _weight(48, 256, 128, True, False, device)
     w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    monkeypatch.setitem(kv.DEFAULTS, (48, 256), {1: "gemv-n16-c1-w1-s2-p1"})
     assert torch.equal(w.linear(x), w4a16_gemv(x, w.codes, w.scales, None, None, 256, 128))
+    monkeypatch.delitem(kv.DEFAULTS, (48, 256))  # not listed: the small-M kernel
+    assert torch.equal(w.linear(x), w4a16_small_m_matmul(x, w.codes, w.scales, None, None, 256, 128))
+    monkeypatch.setattr(wq, "GEMV_UNLISTED", True)
     monkeypatch.setattr(wq, "_gemv_failed", [])
 
     def broken(*_a, **_k):
@@ -124,3 +131,45 @@ def test_linear_dispatches_decode_rows_to_the_gemv_and_falls_back_once(device, m
     monkeypatch.setattr(kv, "w4a16_gemv", lambda *_a, **_k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         w.linear(x)
+
+
+def test_decode_pdl_switch_reaches_the_kernel_and_changes_nothing(device, monkeypatch):
+    """set_decode_pdl marks every quantized linear of a model; a marked W4Weight launches its GEMV with
+    pdl=True (on a GPU: programmatic dependent launch; the interpreter ignores it), the same result."""
+    from radixlm.kernels import w4a16_gemv as kv
+    from radixlm.runtime.quantization.base import set_decode_pdl
+
+    w = _weight(48, 256, 128, True, False, device)
+    w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
+    monkeypatch.setitem(kv.DEFAULTS, (48, 256), {1: "gemv-n16-c1-w1-s2-p1"})
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    before = w.linear(x)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].quantized = w
+    assert set_decode_pdl(model, True) == 1 and w.pdl
+    seen = []
+    real = kv.w4a16_gemv
+    monkeypatch.setattr(kv, "w4a16_gemv", lambda *a, **k: seen.append(k.get("pdl")) or real(*a, **k))
+    assert torch.equal(w.linear(x), before) and seen == [True]
+    assert set_decode_pdl(model, False) == 1 and not w.pdl
+
+
+def test_gemv_table_from_defaults_or_a_sweep(tmp_path, monkeypatch):
+    """Config keys round-trip; the GEMV serves a shape only where its table (DEFAULTS, or a sweep JSON's "gemv"
+    entries over them through $RADIXLM_SMALL_M_TABLE) lists it."""
+    import json
+
+    from radixlm.kernels import small_m
+    from radixlm.kernels import w4a16_gemv as kv
+
+    for key in ("gemv-n32-c4-w4-sa-p1", "gemv-n64-c2-w2-s4-p0"):
+        assert GemvConfig.parse(key).key() == key
+    monkeypatch.delenv(small_m.TABLE_ENV, raising=False)
+    monkeypatch.setitem(kv.DEFAULTS, (96, 512), {1: "gemv-n16-c2-w2-s2-p1"})
+    assert kv.gemv_table_config(96, 512) == GemvConfig.parse("gemv-n16-c2-w2-s2-p1")
+    assert kv.gemv_table_config(97, 512) is None and kv.gemv_default_config(97, 512) == GemvConfig()
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"tables": {"gemv": {"97x512": {"1": "gemv-n64-c4-w4-sa-p0"}}}}))
+    monkeypatch.setenv(small_m.TABLE_ENV, str(path))
+    assert kv.gemv_table_config(97, 512).key() == "gemv-n64-c4-w4-sa-p0"
+    assert kv.gemv_table_config(96, 512).key() == "gemv-n16-c2-w2-s2-p1"  # the defaults stay under a sweep
