@@ -6,8 +6,8 @@
  * code 2j | code 2j+1 << 4: Q4_1's 20 bytes a group, one sequential run per row (a batch-1 step is
  * bound by the bytes it reads).
  *
- * AVX-512 path: 16 bytes of codes -> the 16 even and the 16 odd columns' codes as floats (one table
- * lookup each), times d (exact: a 4-bit code times an fp16 value fits float32's mantissa), then FMAs
+ * AVX-512 path: 16 bytes of codes -> the 16 even and the 16 odd columns' codes times d as floats (one
+ * lookup each in the table {0..15} x d; exact: a 4-bit code times an fp16 value fits float32), then FMAs
  * with x in float32 (its columns reordered once per call to match); out = sum_g (c d) . x_g + m0_g sx_g
  * with sx_g the group's sum of x. Float32 throughout: no rounding of activations or scales.
  *
@@ -47,10 +47,12 @@ static inline float half_to_float(uint16_t h) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* The codes of 16 bytes (32 columns) as floats: even columns (low nibbles) and odd ones (high nibbles);
- * vpermps reads only the low 4 bits of each index, so the table lookup is the conversion. */
-static inline void codes_f32(const uint8_t *q, __m512 *even, __m512 *odd) {
-    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+/* The codes of 16 bytes (32 columns) times d: even columns (low nibbles) and odd ones (high nibbles);
+ * vpermps reads only the low 4 bits of each index, so a lookup in the table {0..15} x d is the
+ * conversion and the scaling at once (c * d is exact in float32: a 4-bit code times an fp16 value). */
+static inline void scaled_codes(const uint8_t *q, float d, __m512 *even, __m512 *odd) {
+    const __m512 table = _mm512_mul_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_ps(d));
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
     *even = _mm512_permutexvar_ps(b, table);
     *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
@@ -81,12 +83,12 @@ static inline __attribute__((always_inline)) void gemv_block(
         const uint8_t *next = w + (n + R) * groups * BLOCK;
         for (int64_t o = 0; o < R * groups * BLOCK; o += 64) _mm_prefetch((const char *)next + o, _MM_HINT_T0);
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
         const uint8_t *wn = w + (n + r) * groups * BLOCK;
         dn[r] = (const uint16_t *)wn;
         codes[r] = wn + 4 * groups;
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
             even[r][m] = zero_terms(dn[r] + groups, sxe + m * groups, groups);
             odd[r][m] = _mm512_setzero_ps();
@@ -96,27 +98,22 @@ static inline __attribute__((always_inline)) void gemv_block(
         for (int64_t gx = 0; gx < gk; ++gx) {
             const int64_t g = p + gx;
             __m512 we[MAX_R], wo[MAX_R];
-            #pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) {
-                const __m512 scale = _mm512_set1_ps(_cvtsh_ss(dn[r][g]));
-                codes_f32(codes[r] + g * (GROUP / 2), &we[r], &wo[r]);
-                we[r] = _mm512_mul_ps(we[r], scale);
-                wo[r] = _mm512_mul_ps(wo[r], scale);
-            }
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) scaled_codes(codes[r] + g * (GROUP / 2), _cvtsh_ss(dn[r][g]), &we[r], &wo[r]);
+#pragma GCC unroll 16
             for (int m = 0; m < M; ++m) {
                 const float *xg = xs + m * k + gx * GROUP; /* 16 even columns, then 16 odd ones */
                 const __m512 xe = _mm512_loadu_ps(xg), xo = _mm512_loadu_ps(xg + 16);
-                #pragma GCC unroll 16
+#pragma GCC unroll 16
                 for (int r = 0; r < R; ++r) {
                     even[r][m] = _mm512_fmadd_ps(we[r], xe, even[r][m]);
                     odd[r][m] = _mm512_fmadd_ps(wo[r], xo, odd[r][m]);
                 }
             }
         }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int m = 0; m < M; ++m) out[m * n_out + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r][m], odd[r][m]));
 }
 
