@@ -29,9 +29,11 @@ DEQUANT_MIN_ROWS = 48
 # Rows from which the dense bfloat16 copy beats the int4 kernel (same machine: about equal at 8 rows,
 # 2.5-3x faster at 16, 5x at 32).
 DENSE_MIN_ROWS = 8
-# Rows up to which the C kernel (kernels/cpu_int4_gemv.c: exact float32 scales, activations to ~16
-# mantissa bits) replaces both: it reads the 4-bit codes once for all rows.
-GEMV_MAX_ROWS = 7
+# Rows up to which the C kernel (kernels/cpu_int4_gemv.c / cpu_int8_gemv.c: float32, exact scales) replaces
+# both: it decodes a group once for up to 6 rows (more rows: another pass over cached weights), and a
+# row's result is the same at any row count, so a decode batch and its verify rows (issue 18) round alike
+# up to here. 16 = batch 8 with 8 drafts; a step of more rows goes dense (row_regimes caps drafts below it).
+GEMV_MAX_ROWS = 16
 # Dense bfloat16 copies are kept while they fit in this share of the available RAM.
 DENSE_RAM_SHARE = 0.1
 
@@ -165,11 +167,14 @@ class Int4PackedWeight(QuantizedWeight):
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [M, K] float32 (M <= GEMV_MAX_ROWS) @ W^T by the C kernel, or None where it did not build."""
+        """x [M, K] float32 @ W^T by the C kernel (any M; linear() sends M <= GEMV_MAX_ROWS), or None where
+        it did not build."""
         lib = decode_kernels_library()
         if lib is None or (self.gemv_blocks is None and self.int8_blocks is None):
             return None
         out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        if not x.shape[0]:
+            return out
         if self.int8_blocks is not None:
             status = lib.radixlm_int8_gemv(x.data_ptr(), x.stride(0), x.shape[0], self.int8_blocks.data_ptr(),
                                            self.out_features, self.in_features, out.data_ptr(), torch.get_num_threads())

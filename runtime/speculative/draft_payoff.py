@@ -29,7 +29,7 @@ something.
 
 An interval is from the start of one scheduler step to the start of the next, with the tokens
 generated in it; intervals that contain anything but a plain decode step (prefill, mixed batches,
-idle waits) are dropped, and so is the first interval of each run of one arm (with overlap the
+idle waits: the interval of a step after which nothing runs) are dropped, and so is the first interval of each run of one arm (with overlap the
 previous arm's tokens land in it).
 """
 from __future__ import annotations
@@ -189,7 +189,10 @@ class DraftPayoff:
         tokens each request may draft this step."""
         if self._open is not None:
             start, before, key, arm, first = self._open
-            if self._plain_decode and not first:
+            # running == 0: the step finished every request, so this call comes after an idle gap (the
+            # next request's arrival), which is not the arm's step time (one such gap made a batch-1 arm
+            # look 10x slower than it was and dropped it)
+            if self._plain_decode and not first and running:
                 self.buckets[key].arm(arm).record(generated - before, now - start)
             if self._tried:
                 self.accepted = self.accepted * ACCEPT_DECAY + self._accepted

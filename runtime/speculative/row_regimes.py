@@ -25,11 +25,11 @@ def kernel_thresholds(model: torch.nn.Module) -> tuple[int, ...]:
     if not weights:
         return ()
     bounds: set[int] = set()
-    if any(w.dense is not None for w in weights):
-        bounds.add(int4_cpu.DENSE_MIN_ROWS)
-    if any(w.dense is None for w in weights):
-        bounds.add(int4_cpu.DEQUANT_MIN_ROWS)
-    bounds.add(int4_cpu.GEMV_MAX_ROWS + 1)  # the exact float32 C GEMV for a few rows (issue 20)
+    for w in weights:  # int4_cpu.Int4PackedWeight.linear: the C GEMV first, then dense / dequantized / packed
+        gemv = int4_cpu.GEMV_MAX_ROWS + 1 if w.gemv_blocks is not None or w.int8_blocks is not None else 1
+        bounds.add(max(int4_cpu.DENSE_MIN_ROWS if w.dense is not None else int4_cpu.DEQUANT_MIN_ROWS, gemv))
+        if gemv > 1:
+            bounds.add(gemv)
     return tuple(sorted(bounds))
 
 

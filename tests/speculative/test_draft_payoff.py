@@ -112,3 +112,18 @@ def test_grant_equals_the_greedy_scan() -> None:
         rates = [rng.choice([0.0, 0.05, 0.6, 0.95, 1.0]) if rng.random() < 0.5 else rng.random() for _ in range(n)]
         beta = rng.choice([0.005, 0.05, 0.2])
         assert grant(proposed, rates, beta) == greedy_scan(proposed, rates, beta), (proposed, rates, beta)
+
+
+def test_an_idle_gap_after_the_last_request_is_not_an_arm_step() -> None:
+    """A step that finishes every request is followed by an idle wait (the next request's arrival):
+    that interval is not the arm's step time, else one slow-looking sample can rank the arm last."""
+    payoff = DraftPayoff(1)
+    now = 0.0
+    for _ in range(RUN_STEPS):  # arm 0's run at batch 1: the first interval of a run is dropped
+        payoff.begin_step(now, 0, 1)
+        payoff.scheduled(True, False)
+        now += 0.01
+    arm = payoff.buckets[1].arm(0)
+    samples, seconds = arm.samples, arm.seconds
+    payoff.begin_step(now + 5.0, 1, 0)  # the request finished; the next one arrives 5 s later
+    assert arm.samples == samples and arm.seconds == seconds
