@@ -129,6 +129,10 @@ class ModelRunner:
             if self.lora is not None:
                 self.lora.enable_graphs(max_bs)
             self.graph_runner = CudaGraphRunner(self, max_bs, self.req_to_token_pool.pad_row)
+        if self.device.type == "cuda":  # the sampler's Triton argmax compiles here, not in the first request's TTFT
+            from radixlm.runtime.sampler import greedy_argmax
+
+            greedy_argmax(torch.zeros(1, self.vocab_size, dtype=torch.float32, device=self.device))
         self.channel = None
         if parallel is not None:
             from radixlm.runtime.parallel.worker import StepChannel
