@@ -17,7 +17,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -96,25 +96,17 @@ def get_kernel_ops(use_triton: bool, pdl: bool = False) -> KernelOps:
     from . import ops
     from .api import decode_attention_triton, extend_attention_triton
 
-    if not pdl:
-        return KernelOps(
-            name="triton",
-            rms_norm=ops.rms_norm,
-            fused_add_rms_norm=ops.fused_add_rms_norm,
-            silu_and_mul=ops.silu_and_mul,
-            rotary=ops.rotary,
-            store_kv=ops.store_kv,
-            decode_attention=decode_attention_triton,
-            extend_attention=extend_attention_triton,
-        )
+    def launch(kernel: Callable[..., Any]) -> Callable[..., Any]:
+        return functools.partial(kernel, pdl=True) if pdl else kernel
+
     return KernelOps(
-        name="triton+pdl",
-        rms_norm=functools.partial(ops.rms_norm, pdl=True),
-        fused_add_rms_norm=functools.partial(ops.fused_add_rms_norm, pdl=True),
-        silu_and_mul=functools.partial(ops.silu_and_mul, pdl=True),
-        rotary=functools.partial(ops.rotary, pdl=True),
-        store_kv=functools.partial(ops.store_kv, pdl=True),
-        decode_attention=functools.partial(decode_attention_triton, pdl=True),
+        name="triton+pdl" if pdl else "triton",
+        rms_norm=launch(ops.rms_norm),
+        fused_add_rms_norm=launch(ops.fused_add_rms_norm),
+        silu_and_mul=launch(ops.silu_and_mul),
+        rotary=launch(ops.rotary),
+        store_kv=launch(ops.store_kv),
+        decode_attention=launch(decode_attention_triton),
         extend_attention=extend_attention_triton,
     )
 
