@@ -239,6 +239,21 @@ def summarize(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
     }
 
 
+def mask_tail(rows: list[dict[str, Any]], top: int = 20) -> dict[str, Any]:
+    """Which schemas make the mask p99: the masks over the engine's p99 (and over the goal), by schema."""
+    masks = [m for r in rows for m in r.get("masks", ())]
+    if not masks:
+        return {}
+    p99, goal = pct(masks, 0.99), GOALS["mask_p99_us"] * 1e-6
+    per = [(r["file"], sum(m > p99 for m in r["masks"]), sum(m > goal for m in r["masks"]), len(r["masks"]),
+            max(r["masks"])) for r in rows if r.get("masks")]
+    per.sort(key=lambda x: (-x[1], -x[2]))
+    return {"over_p99": sum(x[1] for x in per), "over_goal": sum(x[2] for x in per),
+            "schemas_over_goal": sum(1 for x in per if x[2]),
+            "by_schema": {f: {"over_p99": a, "over_goal": b, "masks": n, "max_us": round(mx * 1e6)}
+                          for f, a, b, n, mx in per[:top]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -270,6 +285,7 @@ def main() -> None:
         "goals": GOALS, "engines": summary,
         "per_schema": {e: {r["file"]: r["status"] + (f": {r['reason']}" if r.get("reason") else "")
                            for r in rows if r["engine"] == e} for e in engines},
+        "mask_tail": {e: mask_tail([r for r in rows if r["engine"] == e]) for e in engines},
         "slowest_compiles_ms": {e: dict(sorted(((r["file"], round(r["compile_s"] * 1e3, 1)) for r in rows
                                                 if r["engine"] == e and "masks" in r), key=lambda x: -x[1])[:20])
                                 for e in engines},

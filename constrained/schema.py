@@ -23,8 +23,9 @@ from .schema_disjoint import disjoint, first_overlap
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_negation import Unsupported, negate
+from .schema_numeric import split_numbers
 from .schema_property_names import property_names
-from .schema_refs import RefIndex, get, pointer_text
+from .schema_refs import RefIndex, get, has_recursion, pointer_text
 from .schema_relative import Relative, members
 from .schema_simplify import simplify
 from .schema_unique import closed_count, open_count, unique_items
@@ -162,10 +163,49 @@ class _Vetter:
             decided = self.decide_listed(node, ptr)
             if decided is not None:
                 return decided
-        if "$ref" in node:
+        if "$ref" in node and self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
             ref = self.ref(node["$ref"], ptr)
-            if self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
-                return {"$ref": ref} if ref else {}
+            return {"$ref": ref} if ref else {}
+        saved = [len(self.defs), len(self.names), len(self.out.unproven_one_of), len(self.retry)]
+        try:
+            return self.vet_keywords(node, ptr, outer)
+        except UnsupportedSchemaError:
+            for table, size in ((self.defs, saved[0]), (self.names, saved[1])):  # names only grow
+                for key in list(table)[size:]:
+                    del table[key]
+            del self.out.unproven_one_of[saved[2]:], self.retry[saved[3]:]
+            split = self.split_numbers(node, ptr)
+            if split is None:
+                raise
+            return split
+
+    def split_numbers(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
+        """A node refused as a whole whose numbers are a small finite set (schema_numeric.py)."""
+        if not self.same_document(ptr) or not self.finite.usable():
+            return None
+        base = self.index.base_of(ptr)
+        return split_numbers(node, lambda n: self.raw_members(n, base), self.finite.decide,
+                             lambda other: self.vet(other, ptr))
+
+    def raw_members(self, node: Any, base: str, depth: int = 0) -> list[dict[str, Any]]:
+        """`node` and what it conjoins before vetting: allOf members, `$ref` targets."""
+        if not isinstance(node, dict) or depth > 8:
+            return []
+        out = [node]
+        for m in node.get("allOf", ()) if isinstance(node.get("allOf"), list) else ():
+            out += self.raw_members(m, base, depth + 1)
+        target = self.index.resolve(node["$ref"], base) if isinstance(node.get("$ref"), str) else None
+        if target is not None:
+            out += self.raw_members(get(self.root, target), self.index.base_of(target), depth + 1)
+        return out
+
+    def same_document(self, ptr: tuple[str, ...]) -> bool:
+        """The reference validator (run from the root) reads `ptr` as the specification does."""
+        index = self.index
+        return index.base_of(ptr) == index.base_of(()) and index.draft_at(ptr) == index.draft_at(())
+
+    def vet_keywords(self, node: dict[str, Any], ptr: tuple[str, ...], outer: list[Any]) -> Any:
+        ref = self.ref(node["$ref"], ptr) if "$ref" in node else None
         clean: dict[str, Any] = {"$ref": ref} if "$ref" in node and ref else {}
         extra: list[Any] = []  # rewritten keywords, intersected through allOf
         later = [k for k in ("not", "oneOf") if k in node]  # complements need the rest as context
@@ -203,9 +243,7 @@ class _Vetter:
         values = listed_values(node)
         if values is None or not any(k in VALIDATION for k in node if k not in ("enum", "const", "type")):
             return None
-        if self.index.base_of(ptr) != self.index.base_of(()) or self.index.draft_at(ptr) != self.index.draft_at(()):
-            return None
-        if not self.finite.usable():
+        if not self.same_document(ptr) or not self.finite.usable():
             return None
         try:
             return self.finite.decide(node, values)
@@ -389,41 +427,8 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
         simplify(schema)
         free_optional_order(schema)
     out.schema = schema
-    out.recursive = _has_recursion(vetter.defs)
+    out.recursive = has_recursion(vetter.defs)
     if out.recursive and not SUPPORT[backend].recursion:
         vetter.refuse("$ref", (), "recursive references need a context-free backend")
     return out
 
-
-def _has_recursion(defs: dict[str, Any]) -> bool:
-    """True if some `#/$defs/rN` can reach itself."""
-    edges: dict[str, set[str]] = {}
-
-    def collect(node: Any, acc: set[str]) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "$ref" and isinstance(v, str):
-                    acc.add(v.rsplit("/", 1)[-1])
-                else:
-                    collect(v, acc)
-        elif isinstance(node, list):
-            for v in node:
-                collect(v, acc)
-
-    for name, target in defs.items():
-        edges[name] = set()
-        collect(target, edges[name])
-    state: dict[str, int] = {}
-
-    def cyclic(name: str) -> bool:
-        if state.get(name) == 1:
-            return True
-        if state.get(name) == 2:
-            return False
-        state[name] = 1
-        if any(cyclic(r) for r in edges.get(name, ())):
-            return True
-        state[name] = 2
-        return False
-
-    return any(cyclic(n) for n in edges)
