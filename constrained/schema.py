@@ -28,59 +28,9 @@ from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, has_recursion, pointer_text
 from .schema_relative import Relative, members
 from .schema_simplify import simplify
+from .schema_support import REWRITTEN, SUPPORT, TYPES, VALIDATION
+from .schema_unevaluated import unevaluated_properties
 from .schema_unique import closed_count, open_count, unique_items
-
-# The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
-VALIDATION = frozenset({
-    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
-    "exclusiveMinimum", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
-    "uniqueItems", "maxContains", "minContains", "maxProperties", "minProperties", "required",
-    "dependentRequired", "dependencies", "allOf", "anyOf", "oneOf", "not", "if", "then", "else",
-    "dependentSchemas", "prefixItems", "items", "additionalItems", "contains", "properties",
-    "patternProperties", "additionalProperties", "propertyNames", "unevaluatedItems",
-    "unevaluatedProperties", "$ref", "$dynamicRef", "$recursiveRef",
-})
-TYPES = frozenset({"null", "boolean", "object", "array", "number", "integer", "string"})
-
-_CORE = frozenset({
-    "type", "enum", "const", "properties", "required", "additionalProperties", "items",
-    "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
-    "anyOf", "$ref",
-})
-_FORMATS_LLG = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
-                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer", "uri-template",
-                          "relative-json-pointer"})
-
-
-@dataclass(frozen=True)
-class Support:
-    """What one backend enforces (keywords), and which format values it knows."""
-
-    keywords: frozenset[str]
-    formats: frozenset[str]
-    recursion: bool  # recursive $ref (needs a context-free backend)
-    max_bound: int | None = None  # largest min/max{Length,Items} worth unrolling into a DFA
-
-
-SUPPORT: dict[str, Support] = {
-    "llguidance": Support(
-        _CORE | {"oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                 "multipleOf", "minProperties", "maxProperties", "patternProperties"},
-        _FORMATS_LLG, recursion=True),
-    "xgrammar": Support(
-        _CORE | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minProperties",
-                 "maxProperties", "patternProperties", "allOf", "oneOf"},
-        frozenset({"date-time", "time", "date", "duration", "email", "ipv4", "ipv6", "uuid",
-                   "uri", "hostname"}), recursion=True),
-    "outlines": Support(
-        _CORE,
-        # no "uri": outlines-core's URI regex needs ~7 min and 17 GB of token tables here
-        frozenset({"date-time", "date", "time", "email", "uuid"}), recursion=False,
-        max_bound=64),
-}
-# Rewritten keywords come out as allOf/anyOf; a backend without allOf gets them refused.
-_REWRITTEN = frozenset({"not", "if", "propertyNames", "oneOf", "dependentRequired", "dependencies", "dependentSchemas",
-                        "uniqueItems"})
 
 
 @dataclass
@@ -199,6 +149,11 @@ class _Vetter:
             out += self.raw_members(get(self.root, target), self.index.base_of(target), depth + 1)
         return out
 
+    def resolve_raw(self, ref: str, base: str) -> tuple[Any, str] | None:
+        """A `$ref` of the original document: (target, its base URI), or None if not in it."""
+        ptr = self.index.resolve(ref, base)
+        return None if ptr is None else (get(self.root, ptr), self.index.base_of(ptr))
+
     def same_document(self, ptr: tuple[str, ...]) -> bool:
         """The reference validator (run from the root) reads `ptr` as the specification does."""
         index = self.index
@@ -253,7 +208,7 @@ class _Vetter:
     def keyword(self, key: str, value: Any, node: dict[str, Any], sub: tuple[str, ...],
                 clean: dict[str, Any], extra: list[Any]) -> None:
         support = self.support
-        if key in _REWRITTEN and "allOf" not in support.keywords:
+        if key in REWRITTEN and "allOf" not in support.keywords:
             raise Unsupported(key, f"not enforced by the {self.backend} backend")
         if key == "$ref":
             pass  # resolved in vet()
@@ -286,6 +241,13 @@ class _Vetter:
                 extra.extend(property_names(self.vet(value, sub), self.deref))
             except Unsupported as exc:
                 raise Unsupported("propertyNames", exc.reason) from exc
+        elif key == "unevaluatedProperties" and self.index.draft_at(sub) >= 2019:
+            part = unevaluated_properties(node, self.vet(value, sub), self.resolve_raw, self.index.base_of(sub[:-1]))
+            if part is not None and "patternProperties" in part:
+                part["patternProperties"] = {without_inner_anchors(k): v for k, v in part["patternProperties"].items()}
+            extra += [part] if part is not None else []
+        elif key in ("unevaluatedProperties", "unevaluatedItems") and self.index.draft_at(sub) < 2019:
+            pass  # not a keyword before 2019-09: an annotation
         elif key == "uniqueItems":
             if value is True:
                 extra.extend(unique_items(node, lambda s: self.vet(s, sub[:-1] + ("items",))))
