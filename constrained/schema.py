@@ -22,6 +22,7 @@ from .schema_any_order import free_optional_order
 from .schema_disjoint import disjoint, first_overlap
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
+from .schema_if_chains import split_if_chain
 from .schema_negation import Unsupported, negate
 from .schema_numeric import split_numbers
 from .schema_property_names import property_names
@@ -63,8 +64,9 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
 
 
 class _Vetter:
-    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema) -> None:
+    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, split_chains: bool = False) -> None:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
+        self.split_chains = split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
         self.support = SUPPORT[backend]
         self.index = RefIndex(root)
         self.finite = FiniteDecider(root)
@@ -116,18 +118,38 @@ class _Vetter:
         if "$ref" in node and self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
             ref = self.ref(node["$ref"], ptr)
             return {"$ref": ref} if ref else {}
-        saved = [len(self.defs), len(self.names), len(self.out.unproven_one_of), len(self.retry)]
+        saved = (len(self.defs), len(self.names), len(self.out.unproven_one_of), len(self.retry))
+        chained = self.chain_split(node, ptr)
+        if chained is not None:
+            try:
+                return self.vet_keywords(chained, ptr, outer)
+            except UnsupportedSchemaError:
+                self.restore(saved)  # vetted again as written: the refusal names the right pointer
         try:
             return self.vet_keywords(node, ptr, outer)
         except UnsupportedSchemaError:
-            for table, size in ((self.defs, saved[0]), (self.names, saved[1])):  # names only grow
-                for key in list(table)[size:]:
-                    del table[key]
-            del self.out.unproven_one_of[saved[2]:], self.retry[saved[3]:]
+            self.restore(saved)
             split = self.split_numbers(node, ptr)
             if split is None:
                 raise
             return split
+
+    def restore(self, saved: tuple[int, int, int, int]) -> None:
+        """Forget what a failed attempt added (definitions and names only grow)."""
+        for table, size in ((self.defs, saved[0]), (self.names, saved[1])):
+            for key in list(table)[size:]:
+                del table[key]
+        del self.out.unproven_one_of[saved[2]:], self.retry[saved[3]:]
+
+    def chain_split(self, node: dict[str, Any], ptr: tuple[str, ...]) -> dict[str, Any] | None:
+        """The case split of an if/then chain, where asked for and every pointer under the node
+        reads with the node's draft and base (its subschemas get new places in the split)."""
+        split = split_if_chain(node) if self.split_chains and self.index.draft_at(ptr) >= 7 else None
+        inner = [q for q in self.index.bases if q[:len(ptr)] == ptr] if split else []
+        if any(self.index.bases[q] != self.index.base_of(ptr) or self.index.draft_at(q) != self.index.draft_at(ptr)
+               for q in inner):
+            return None
+        return split
 
     def split_numbers(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
         """A node refused as a whole whose numbers are a small finite set (schema_numeric.py)."""
@@ -372,14 +394,17 @@ class _Vetter:
                 extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, self.vet(dep, sub + (name,))]}]})
 
 
-def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False) -> CheckedSchema:
-    """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient."""
+def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False,
+                 split_chains: bool = False) -> CheckedSchema:
+    """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient.
+    `split_chains`: if/then chains on one tag as one case split (the retry for a schema the
+    backend found too large: the split is exact but gives the backend a differently shaped grammar)."""
     root = parse_schema(spec)
     canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
     out = CheckedSchema(schema=True, canonical=canonical)
     if root is False:
         raise GrammarCompileError("json_schema `false` accepts no document")
-    vetter = _Vetter({} if root is True else root, backend, lenient, out)
+    vetter = _Vetter({} if root is True else root, backend, lenient, out, split_chains)
     schema = vetter.vet(vetter.root, ())
     vetter.retry_one_of()
     if vetter.defs:
