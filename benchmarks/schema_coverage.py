@@ -111,7 +111,7 @@ def _compile(engine: str, schema: Any) -> Any:
 
     info = _STATE["info"]
     if engine == "radixlm":
-        return _Ours(C.compile(info, json_schema=schema, cache=None))
+        return _Ours(C.compile(info, json_schema=schema, cache=None, whitespace_max=_STATE["whitespace_max"]))
     if engine == "llguidance":
         return _LLGuidanceAsIs(info, schema)
     if engine == "outlines":
@@ -160,13 +160,13 @@ def _score(engine: str, path: str) -> dict[str, Any]:
     return row
 
 
-def _worker(conn: Any) -> None:
+def _worker(conn: Any, whitespace_max: int = 20) -> None:
     import jsonschema  # noqa: F401  (imported at server start too: request validation)
 
     from radixlm.constrained.vocab import TokenizerInfo
 
     tok, _ = load_tokenizer()
-    _STATE.update(tok=tok, info=TokenizerInfo.from_tokenizer(tok))
+    _STATE.update(tok=tok, info=TokenizerInfo.from_tokenizer(tok), whitespace_max=whitespace_max)
     conn.send("ready")
     while True:
         job = conn.recv()
@@ -179,13 +179,13 @@ class _Pool:
     """Worker processes, each killed and replaced when a job runs past the limit. A replacement
     starts in the background (loading the tokenizer takes seconds): the other workers keep going."""
 
-    def __init__(self, n: int, timeout: float) -> None:
-        self.ctx, self.timeout = mp.get_context("spawn"), timeout
+    def __init__(self, n: int, timeout: float, whitespace_max: int) -> None:
+        self.ctx, self.timeout, self.whitespace_max = mp.get_context("spawn"), timeout, whitespace_max
         self.slots = [self._start() for _ in range(n)]
 
     def _start(self) -> list[Any]:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
+        proc = self.ctx.Process(target=_worker, args=(child, self.whitespace_max), daemon=True)
         proc.start()
         return [proc, parent, None, 0.0, False]  # process, pipe, job, started, ready
 
@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N files only (0: all)")
     ap.add_argument("--files", type=Path, help="a text file of data file names, one a line: only these")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "schema_coverage.json")
+    ap.add_argument("--whitespace-max", type=int, default=20,
+                    help="radixlm: whitespace run allowed between JSON tokens (compile()'s whitespace_max)")
     args = ap.parse_args()
     files = sorted(str(p) for p in args.data.glob("*.json"))
     if args.files:
@@ -281,7 +283,7 @@ def main() -> None:
         files = [f for f in files if Path(f).name in wanted]
     files = files[: args.limit] if args.limit else files
     engines = args.engines.split(",")
-    pool = _Pool(args.workers, args.timeout)
+    pool = _Pool(args.workers, args.timeout, args.whitespace_max)
     started = time.perf_counter()
     rows = pool.run([(engine, f) for f in files for engine in engines])  # interleaved: same noise
     pool.close()
@@ -292,7 +294,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, shared and noisy",
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "data": str(args.data),
-        "timeout_s": args.timeout, "workers": args.workers, "wall_s": round(time.perf_counter() - started, 1),
+        "timeout_s": args.timeout, "workers": args.workers, "whitespace_max": args.whitespace_max,
+        "wall_s": round(time.perf_counter() - started, 1),
         "goals": GOALS, "engines": summary,
         "per_schema": {e: {r["file"]: r["status"] + (f": {r['reason']}" if r.get("reason") else "")
                            for r in rows if r["engine"] == e} for e in engines},
