@@ -112,7 +112,8 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         return checked.canonical, lambda info: _map_errors(
-            lambda: mod.compile_json_schema(info, checked.schema, checked.canonical, whitespace_max), checked)
+            lambda: _too_large_retry(lambda c: mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max),
+                                     checked, spec, backend, lenient), checked)
     if kind == "regex":
         if not isinstance(spec, str):
             raise GrammarCompileError("regex must be a string")
@@ -130,6 +131,20 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
                                       "use llguidance or xgrammar for EBNF")
         return spec, lambda info: mod.compile_ebnf(info, spec)
     raise ValueError(f"unknown spec kind {kind!r}")
+
+
+def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: CheckedSchema, spec: Any,
+                     backend: str, lenient: bool) -> Grammar:
+    """A schema the backend finds too large (its allOf of if/then pairs multiplied out) is vetted
+    again with if/then chains on one tag as one case split (schema_if_chains.py): the same
+    instances, N + 3 branches instead of 2^N. Only then, so that no schema that compiles as
+    written gets a differently shaped grammar."""
+    try:
+        return build(checked)
+    except GrammarCompileError as exc:
+        if "schema too large" not in str(exc):
+            raise
+        return build(check_schema(spec, backend, lenient, split_chains=True))
 
 
 def _map_errors(build: Callable[[], Grammar], checked: CheckedSchema) -> Grammar:

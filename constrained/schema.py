@@ -22,64 +22,16 @@ from .schema_any_order import free_optional_order
 from .schema_disjoint import disjoint, first_overlap
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
+from .schema_if_chains import split_if_chain
 from .schema_negation import Unsupported, negate
+from .schema_numeric import split_numbers
 from .schema_property_names import property_names
-from .schema_refs import RefIndex, get, pointer_text
+from .schema_refs import RefIndex, get, has_recursion, pointer_text
 from .schema_relative import Relative, members
 from .schema_simplify import simplify
+from .schema_support import REWRITTEN, SUPPORT, TYPES, VALIDATION
+from .schema_unevaluated import unevaluated_properties
 from .schema_unique import closed_count, open_count, unique_items
-
-# The vocabulary of drafts 04 to 2020-12 that constrains instances (applicators + validation).
-VALIDATION = frozenset({
-    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
-    "exclusiveMinimum", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
-    "uniqueItems", "maxContains", "minContains", "maxProperties", "minProperties", "required",
-    "dependentRequired", "dependencies", "allOf", "anyOf", "oneOf", "not", "if", "then", "else",
-    "dependentSchemas", "prefixItems", "items", "additionalItems", "contains", "properties",
-    "patternProperties", "additionalProperties", "propertyNames", "unevaluatedItems",
-    "unevaluatedProperties", "$ref", "$dynamicRef", "$recursiveRef",
-})
-TYPES = frozenset({"null", "boolean", "object", "array", "number", "integer", "string"})
-
-_CORE = frozenset({
-    "type", "enum", "const", "properties", "required", "additionalProperties", "items",
-    "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
-    "anyOf", "$ref",
-})
-_FORMATS_LLG = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
-                          "ipv6", "uuid", "uri", "uri-reference", "json-pointer", "uri-template",
-                          "relative-json-pointer"})
-
-
-@dataclass(frozen=True)
-class Support:
-    """What one backend enforces (keywords), and which format values it knows."""
-
-    keywords: frozenset[str]
-    formats: frozenset[str]
-    recursion: bool  # recursive $ref (needs a context-free backend)
-    max_bound: int | None = None  # largest min/max{Length,Items} worth unrolling into a DFA
-
-
-SUPPORT: dict[str, Support] = {
-    "llguidance": Support(
-        _CORE | {"oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                 "multipleOf", "minProperties", "maxProperties", "patternProperties"},
-        _FORMATS_LLG, recursion=True),
-    "xgrammar": Support(
-        _CORE | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minProperties",
-                 "maxProperties", "patternProperties", "allOf", "oneOf"},
-        frozenset({"date-time", "time", "date", "duration", "email", "ipv4", "ipv6", "uuid",
-                   "uri", "hostname"}), recursion=True),
-    "outlines": Support(
-        _CORE,
-        # no "uri": outlines-core's URI regex needs ~7 min and 17 GB of token tables here
-        frozenset({"date-time", "date", "time", "email", "uuid"}), recursion=False,
-        max_bound=64),
-}
-# Rewritten keywords come out as allOf/anyOf; a backend without allOf gets them refused.
-_REWRITTEN = frozenset({"not", "if", "propertyNames", "oneOf", "dependentRequired", "dependencies", "dependentSchemas",
-                        "uniqueItems"})
 
 
 @dataclass
@@ -112,8 +64,9 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
 
 
 class _Vetter:
-    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema) -> None:
+    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, split_chains: bool = False) -> None:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
+        self.split_chains = split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
         self.support = SUPPORT[backend]
         self.index = RefIndex(root)
         self.finite = FiniteDecider(root)
@@ -162,10 +115,74 @@ class _Vetter:
             decided = self.decide_listed(node, ptr)
             if decided is not None:
                 return decided
-        if "$ref" in node:
+        if "$ref" in node and self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
             ref = self.ref(node["$ref"], ptr)
-            if self.index.draft_at(ptr) <= 7:  # drafts 04-07: keywords next to $ref are ignored
-                return {"$ref": ref} if ref else {}
+            return {"$ref": ref} if ref else {}
+        saved = (len(self.defs), len(self.names), len(self.out.unproven_one_of), len(self.retry))
+        chained = self.chain_split(node, ptr)
+        if chained is not None:
+            try:
+                return self.vet_keywords(chained, ptr, outer)
+            except UnsupportedSchemaError:
+                self.restore(saved)  # vetted again as written: the refusal names the right pointer
+        try:
+            return self.vet_keywords(node, ptr, outer)
+        except UnsupportedSchemaError:
+            self.restore(saved)
+            split = self.split_numbers(node, ptr)
+            if split is None:
+                raise
+            return split
+
+    def restore(self, saved: tuple[int, int, int, int]) -> None:
+        """Forget what a failed attempt added (definitions and names only grow)."""
+        for table, size in ((self.defs, saved[0]), (self.names, saved[1])):
+            for key in list(table)[size:]:
+                del table[key]
+        del self.out.unproven_one_of[saved[2]:], self.retry[saved[3]:]
+
+    def chain_split(self, node: dict[str, Any], ptr: tuple[str, ...]) -> dict[str, Any] | None:
+        """The case split of an if/then chain, where asked for and every pointer under the node
+        reads with the node's draft and base (its subschemas get new places in the split)."""
+        split = split_if_chain(node) if self.split_chains and self.index.draft_at(ptr) >= 7 else None
+        inner = [q for q in self.index.bases if q[:len(ptr)] == ptr] if split else []
+        if any(self.index.bases[q] != self.index.base_of(ptr) or self.index.draft_at(q) != self.index.draft_at(ptr)
+               for q in inner):
+            return None
+        return split
+
+    def split_numbers(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
+        """A node refused as a whole whose numbers are a small finite set (schema_numeric.py)."""
+        if not self.same_document(ptr) or not self.finite.usable():
+            return None
+        base = self.index.base_of(ptr)
+        return split_numbers(node, lambda n: self.raw_members(n, base), self.finite.decide,
+                             lambda other: self.vet(other, ptr))
+
+    def raw_members(self, node: Any, base: str, depth: int = 0) -> list[dict[str, Any]]:
+        """`node` and what it conjoins before vetting: allOf members, `$ref` targets."""
+        if not isinstance(node, dict) or depth > 8:
+            return []
+        out = [node]
+        for m in node.get("allOf", ()) if isinstance(node.get("allOf"), list) else ():
+            out += self.raw_members(m, base, depth + 1)
+        target = self.index.resolve(node["$ref"], base) if isinstance(node.get("$ref"), str) else None
+        if target is not None:
+            out += self.raw_members(get(self.root, target), self.index.base_of(target), depth + 1)
+        return out
+
+    def resolve_raw(self, ref: str, base: str) -> tuple[Any, str] | None:
+        """A `$ref` of the original document: (target, its base URI), or None if not in it."""
+        ptr = self.index.resolve(ref, base)
+        return None if ptr is None else (get(self.root, ptr), self.index.base_of(ptr))
+
+    def same_document(self, ptr: tuple[str, ...]) -> bool:
+        """The reference validator (run from the root) reads `ptr` as the specification does."""
+        index = self.index
+        return index.base_of(ptr) == index.base_of(()) and index.draft_at(ptr) == index.draft_at(())
+
+    def vet_keywords(self, node: dict[str, Any], ptr: tuple[str, ...], outer: list[Any]) -> Any:
+        ref = self.ref(node["$ref"], ptr) if "$ref" in node else None
         clean: dict[str, Any] = {"$ref": ref} if "$ref" in node and ref else {}
         extra: list[Any] = []  # rewritten keywords, intersected through allOf
         later = [k for k in ("not", "oneOf") if k in node]  # complements need the rest as context
@@ -203,9 +220,7 @@ class _Vetter:
         values = listed_values(node)
         if values is None or not any(k in VALIDATION for k in node if k not in ("enum", "const", "type")):
             return None
-        if self.index.base_of(ptr) != self.index.base_of(()) or self.index.draft_at(ptr) != self.index.draft_at(()):
-            return None
-        if not self.finite.usable():
+        if not self.same_document(ptr) or not self.finite.usable():
             return None
         try:
             return self.finite.decide(node, values)
@@ -215,7 +230,7 @@ class _Vetter:
     def keyword(self, key: str, value: Any, node: dict[str, Any], sub: tuple[str, ...],
                 clean: dict[str, Any], extra: list[Any]) -> None:
         support = self.support
-        if key in _REWRITTEN and "allOf" not in support.keywords:
+        if key in REWRITTEN and "allOf" not in support.keywords:
             raise Unsupported(key, f"not enforced by the {self.backend} backend")
         if key == "$ref":
             pass  # resolved in vet()
@@ -248,6 +263,13 @@ class _Vetter:
                 extra.extend(property_names(self.vet(value, sub), self.deref))
             except Unsupported as exc:
                 raise Unsupported("propertyNames", exc.reason) from exc
+        elif key == "unevaluatedProperties" and self.index.draft_at(sub) >= 2019:
+            part = unevaluated_properties(node, self.vet(value, sub), self.resolve_raw, self.index.base_of(sub[:-1]))
+            if part is not None and "patternProperties" in part:
+                part["patternProperties"] = {without_inner_anchors(k): v for k, v in part["patternProperties"].items()}
+            extra += [part] if part is not None else []
+        elif key in ("unevaluatedProperties", "unevaluatedItems") and self.index.draft_at(sub) < 2019:
+            pass  # not a keyword before 2019-09: an annotation
         elif key == "uniqueItems":
             if value is True:
                 extra.extend(unique_items(node, lambda s: self.vet(s, sub[:-1] + ("items",))))
@@ -372,14 +394,17 @@ class _Vetter:
                 extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, self.vet(dep, sub + (name,))]}]})
 
 
-def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False) -> CheckedSchema:
-    """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient."""
+def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False,
+                 split_chains: bool = False) -> CheckedSchema:
+    """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient.
+    `split_chains`: if/then chains on one tag as one case split (the retry for a schema the
+    backend found too large: the split is exact but gives the backend a differently shaped grammar)."""
     root = parse_schema(spec)
     canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
     out = CheckedSchema(schema=True, canonical=canonical)
     if root is False:
         raise GrammarCompileError("json_schema `false` accepts no document")
-    vetter = _Vetter({} if root is True else root, backend, lenient, out)
+    vetter = _Vetter({} if root is True else root, backend, lenient, out, split_chains)
     schema = vetter.vet(vetter.root, ())
     vetter.retry_one_of()
     if vetter.defs:
@@ -389,41 +414,8 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
         simplify(schema)
         free_optional_order(schema)
     out.schema = schema
-    out.recursive = _has_recursion(vetter.defs)
+    out.recursive = has_recursion(vetter.defs)
     if out.recursive and not SUPPORT[backend].recursion:
         vetter.refuse("$ref", (), "recursive references need a context-free backend")
     return out
 
-
-def _has_recursion(defs: dict[str, Any]) -> bool:
-    """True if some `#/$defs/rN` can reach itself."""
-    edges: dict[str, set[str]] = {}
-
-    def collect(node: Any, acc: set[str]) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "$ref" and isinstance(v, str):
-                    acc.add(v.rsplit("/", 1)[-1])
-                else:
-                    collect(v, acc)
-        elif isinstance(node, list):
-            for v in node:
-                collect(v, acc)
-
-    for name, target in defs.items():
-        edges[name] = set()
-        collect(target, edges[name])
-    state: dict[str, int] = {}
-
-    def cyclic(name: str) -> bool:
-        if state.get(name) == 1:
-            return True
-        if state.get(name) == 2:
-            return False
-        state[name] = 1
-        if any(cyclic(r) for r in edges.get(name, ())):
-            return True
-        state[name] = 2
-        return False
-
-    return any(cyclic(n) for n in edges)

@@ -134,3 +134,37 @@ class RefIndex:
         except KeyError:
             return None
         return ptr
+
+
+def has_recursion(defs: dict[str, Any]) -> bool:
+    """True if some `#/$defs/rN` can reach itself."""
+    edges: dict[str, set[str]] = {}
+
+    def collect(node: Any, acc: set[str]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "$ref" and isinstance(v, str):
+                    acc.add(v.rsplit("/", 1)[-1])
+                else:
+                    collect(v, acc)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v, acc)
+
+    for name, target in defs.items():
+        edges[name] = set()
+        collect(target, edges[name])
+    state: dict[str, int] = {}
+
+    def cyclic(name: str) -> bool:
+        if state.get(name) == 1:
+            return True
+        if state.get(name) == 2:
+            return False
+        state[name] = 1
+        if any(cyclic(r) for r in edges.get(name, ())):
+            return True
+        state[name] = 2
+        return False
+
+    return any(cyclic(n) for n in edges)
