@@ -64,6 +64,8 @@ VARIANTS = {
     # name: (side stream priority or None for no side stream, how qkv / gate_up finish, side kernels' tile options)
     "serial": None, "overlap": None, "fused": None,  # the --lora-kernels values as first written
     "engine": None,  # the engine's own code: LoRAProjection.begin / finish (--lora-kernels overlap, its defaults)
+    "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
+    # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
     "overlap_lean": (0, "expand", {"warps": 2, "stages": 1}),  # side kernels taking less of an SM
     "overlap_wide": (0, "expand", {"expand_n": 512, "split_k": 8}),  # fewer, wider expand programs
@@ -131,6 +133,20 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             elif finish == "add":
                 p.out.add_(p.delta)
 
+    if variant == "stacked":
+        for p in projs:
+            if not hasattr(p, "w_stack"):
+                p.w_stack = torch.cat([p.w, p.a.reshape(-1, p.k)])
+                p.out_stack = torch.empty(p.x.shape[0], p.w_stack.shape[0], device="cuda", dtype=torch.bfloat16)
+
+        def run_stacked() -> None:
+            for p in projs:
+                n = p.offsets[-1]
+                torch.mm(p.x, p.w_stack.t(), out=p.out_stack)
+                out = p.residual if p.residual is not None else p.out_stack[:, :n]
+                sgmv_expand(p.out_stack[:, n:], p.b, p.offs, p.widest, RANK, out, seg, per_slot=True)
+        return run_stacked
+
     if variant == "engine":
         from radixlm.runtime.lora.pool import SIDE_STREAM_PRIORITY, BatchAdapters, LoRAProjection
 
@@ -166,6 +182,11 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             elif variant == "fused":
                 sgmv_fused(p.x, p.a, p.b, p.offs, p.widest, RANK, p.out, seg, tile)
     return run_candidate if spec is not None else run
+
+
+def output(p: Projection, variant: str) -> torch.Tensor:
+    """The projection's output as the variant left it (stacked: the head of the stacked GEMM's output)."""
+    return p.out_stack[:, :p.offsets[-1]] if variant == "stacked" else p.out
 
 
 def graph_ms(fn) -> float:
@@ -269,7 +290,7 @@ def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool =
             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a finding, not a stop
                 print(f"{t:>4} {name:<24} failed: {str(exc)[:160]}", flush=True)
                 continue
-            outs = [projs[0].out.float().clone(), projs[2].out.float().clone()]
+            outs = [output(projs[0], name).float().clone(), output(projs[2], name).float().clone()]
             if reference is None:
                 reference = outs
             diff = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, reference))

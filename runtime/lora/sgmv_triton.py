@@ -131,7 +131,7 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
 
 @triton.jit
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
-                   S, R, blocks_per_slice, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
+                   S, R, blocks_per_slice, stride_ys, stride_ym, stride_yslot, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    ACCUMULATE: tl.constexpr = True):
@@ -154,7 +154,7 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
             old = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
         else:
             old = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
+        y_ptrs = y_ptr + slot * stride_yslot + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
         y_mask = m_mask[:, None] & r_mask[None, :]
         yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
@@ -210,21 +210,26 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
 
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
-                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True) -> None:
+                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True,
+                per_slot: bool = False) -> None:
     """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
     False: out[rows of a segment] = the update, other rows untouched).
-    `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `slice_offsets`: [n + 1] int32 on
-    the device; `widest`: the widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
+    `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `per_slot`: y is [T, slots·n·R],
+    every slot's rank columns side by side (x·Aᵀ of all slots at once: the stacked base GEMM's tail),
+    each row reading its own slot's; `slice_offsets`: [n + 1] int32 on the device; `widest`: the
+    widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
     if y.dim() == 2:
         y = y.unsqueeze(0)
     t = y.shape[1]
-    tile = tile or tiles(t, 0, y.shape[2])
+    n_rank = (slice_offsets.numel() - 1) * rank if per_slot else y.shape[2]
+    tile = tile or tiles(t, 0, n_rank)
     blocks = triton.cdiv(widest, tile.expand_n)
     pieces = slice_offsets.numel() - 1
     s = seg.slot.numel()
     grid = (work_items(t, s, tile.block_m), pieces * blocks)
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
-                         s, rank, blocks, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                         s, rank, blocks, y.stride(0), y.stride(1), n_rank if per_slot else 0, b.stride(0),
+                         b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
                          S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
                          **tile.launch_options())

@@ -280,3 +280,23 @@ def test_prefill_sized_shrink_splits_k_and_adds_its_partial_sums_once(monkeypatc
     pending = proj.begin(x)
     assert pending is not None and pending.y is not None and pending.y.shape[0] == 1
     torch.testing.assert_close(proj.finish(pending, out0.clone()), want, atol=1e-4, rtol=1e-4)
+
+
+def test_expand_reads_each_rows_slot_from_a_stacked_shrink() -> None:
+    """per_slot: y holds every slot's rank columns side by side (x·Aᵀ for all slots, as a base GEMM
+    over [W; A of every slot] leaves them in its output's tail); each row's update uses its own
+    slot's columns, written into a strided output (the head of that same GEMM output)."""
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand
+
+    dev = _device()
+    t, k, rank, offsets, slots = 11, 40, 8, [0, 24, 40], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(7, t, k, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    n = offsets[-1]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(8)).to(dev)
+    stacked = x @ torch.cat([w, a.reshape(-1, k)]).t()  # [T, N + slots·n·R]
+    want = x @ w.t()
+    expand_ref(shrink_ref(x, a, seg), b, offsets, rank, want, seg)
+    sgmv_expand(stacked[:, n:], b, torch.tensor(offsets, dtype=torch.int32, device=dev), 24, rank, stacked[:, :n],
+                seg, per_slot=True)
+    torch.testing.assert_close(stacked[:, :n], want, atol=1e-4, rtol=1e-4)
