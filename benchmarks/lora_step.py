@@ -64,6 +64,9 @@ VARIANTS = {
     # name: (side stream priority or None for no side stream, how qkv / gate_up finish, side kernels' tile options)
     "serial": None, "overlap": None, "fused": None,  # the --lora-kernels values as first written
     "engine": None,  # the engine's own code: LoRAProjection.begin / finish (--lora-kernels overlap, its defaults)
+    "engine_delta": None,  # ... with the delta path at every size (pool.DELTA_MAX_TOKENS)
+    "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
+    "engine_delta_inline": None,  # both
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
@@ -147,19 +150,30 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 sgmv_expand(p.out_stack[:, n:], p.b, p.offs, p.widest, RANK, out, seg, per_slot=True)
         return run_stacked
 
-    if variant == "engine":
-        from radixlm.runtime.lora.pool import SIDE_STREAM_PRIORITY, BatchAdapters, LoRAProjection
+    if variant.startswith("engine"):
+        from radixlm.runtime.lora import pool, sgmv_triton
+        from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
+        settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
+                    (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
+                    else sgmv_triton.INLINE_REDUCE_MIN_TOKENS}
         batch = BatchAdapters()
         batch.segments = seg
-        stream = torch.cuda.Stream(priority=SIDE_STREAM_PRIORITY)
+        stream = torch.cuda.Stream(priority=pool.SIDE_STREAM_PRIORITY)
         lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
 
         def run_engine() -> None:
-            for p, proj in zip(projs, lora):
-                pending = proj.begin(p.x, into=p.residual)
-                torch.mm(p.x, p.w.t(), out=p.out)
-                proj.finish(pending, p.out)
+            saved = {key: getattr(*key) for key in settings}
+            for (module, name), value in settings.items():
+                setattr(module, name, value)
+            try:
+                for p, proj in zip(projs, lora):
+                    pending = proj.begin(p.x, into=p.residual)
+                    torch.mm(p.x, p.w.t(), out=p.out)
+                    proj.finish(pending, p.out)
+            finally:
+                for (module, name), value in saved.items():
+                    setattr(module, name, value)
         return run_engine
 
     def run() -> None:

@@ -78,10 +78,15 @@ class LoRAProjection:
     side_stream: torch.cuda.Stream | None = None  # overlap on CUDA
     offsets_dev: torch.Tensor | None = None
     widest: int = 0
+    counters: torch.Tensor | None = None  # this projection's own scratch of the shrink's in-launch sum
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
         self.widest = max(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
+        if self.use_triton:
+            from radixlm.runtime.lora.sgmv_triton import COUNTERS
+
+            self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
     def begin(self, x: torch.Tensor, into: torch.Tensor | None = None) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
@@ -104,7 +109,7 @@ class LoRAProjection:
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
-            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y)  # (its partial sums may come back added)
+            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y, counters=self.counters)  # (may come back added)
             if into is not None:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
                 pending.added = True
@@ -134,7 +139,8 @@ class LoRAProjection:
         elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
             sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         else:
-            sgmv_expand(sgmv_shrink(x, self.a, seg), self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+            sgmv_expand(sgmv_shrink(x, self.a, seg, counters=self.counters), self.b, self.offsets_dev, self.widest,
+                        self.rank, out, seg)
         return out
 
 

@@ -300,3 +300,36 @@ def test_expand_reads_each_rows_slot_from_a_stacked_shrink() -> None:
     sgmv_expand(stacked[:, n:], b, torch.tensor(offsets, dtype=torch.int32, device=dev), 24, rank, stacked[:, :n],
                 seg, per_slot=True)
     torch.testing.assert_close(stacked[:, :n], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 9, 37])
+def test_in_launch_sum_of_split_partials_equals_the_expands_sum(t: int, monkeypatch) -> None:
+    """With the in-launch sum (INLINE_REDUCE_MIN_TOKENS) the shrink returns one y, [1, T, n·R], equal
+    bit for bit to the partial sums added in the expand's order, so the update is the same bits
+    whichever path ran; its counters are left zeroed for the next launch."""
+    from radixlm.runtime.lora import sgmv_triton
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, split_counters, tiles
+
+    dev = _device()
+    k, rank, offsets, slots = 1040, 8, [0, 32, 48], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(9 + t, t, k, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    tile = tiles(t, k, a.shape[1], split_k=4)
+    parts = sgmv_shrink(x, a, seg, tile)
+    assert parts.shape[0] == tile.split_k > 1
+    monkeypatch.setattr(sgmv_triton, "INLINE_REDUCE_MIN_TOKENS", 1)
+    counters = split_counters(dev)
+    y = sgmv_shrink(x, a, seg, tile)
+    assert y.shape == (1, t, a.shape[1]), "one y: the partial sums added in the launch"
+    used = token_slots.to(dev) >= 0
+    summed = parts[0].clone()
+    for split in range(1, parts.shape[0]):
+        summed += parts[split]
+    assert torch.equal(y[0][used], summed[used])
+    torch.testing.assert_close(y[0][used], shrink_ref(x, a, seg)[used], atol=1e-4, rtol=1e-4)
+    assert int(counters.abs().sum()) == 0, "every tile's counter is reset by its last split"
+    offsets_dev = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    one, four = out0.clone(), out0.clone()
+    sgmv_expand(y, b, offsets_dev, 32, rank, one, seg, tile)
+    sgmv_expand(parts, b, offsets_dev, 32, rank, four, seg, tile)
+    assert torch.equal(one, four)
