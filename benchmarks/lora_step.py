@@ -67,6 +67,7 @@ VARIANTS = {
     "engine_delta": None,  # ... with the delta path at every size (pool.DELTA_MAX_TOKENS)
     "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
     "engine_delta_inline": None,  # both
+    "engine_stacked": None,  # --lora-kernels stacked as the engine runs it (LoRAProjection over a stacked weight)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
@@ -160,17 +161,27 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
         batch = BatchAdapters()
         batch.segments = seg
         stream = torch.cuda.Stream(priority=pool.SIDE_STREAM_PRIORITY)
-        lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
+        if "stacked" in variant:  # the layer's weight with every slot's A under it (pool.stack_weight)
+            for p in projs:
+                if not hasattr(p, "w_stack"):
+                    p.w_stack = torch.cat([p.w, p.a.reshape(-1, p.k)])
+            lora = [LoRAProjection(p.w_stack[p.offsets[-1]:].view(p.a.shape), p.b, p.offsets, RANK, batch, True,
+                                   "stacked", stream, stacked=p.w_stack) for p in projs]
+        else:
+            lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
 
         def run_engine() -> None:
             saved = {key: getattr(*key) for key in settings}
             for (module, name), value in settings.items():
                 setattr(module, name, value)
             try:
-                for p, proj in zip(projs, lora):
+                for p, proj in zip(projs, lora):  # as ColumnParallelLinear / RowParallelLinear.forward
                     pending = proj.begin(p.x, into=p.residual)
+                    if pending is not None and pending.out is not None:
+                        p.last = proj.finish(pending, pending.out)
+                        continue
                     torch.mm(p.x, p.w.t(), out=p.out)
-                    proj.finish(pending, p.out)
+                    p.last = proj.finish(pending, p.out)
             finally:
                 for (module, name), value in saved.items():
                     setattr(module, name, value)
@@ -200,6 +211,8 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
 
 def output(p: Projection, variant: str) -> torch.Tensor:
     """The projection's output as the variant left it (stacked: the head of the stacked GEMM's output)."""
+    if variant.startswith("engine"):
+        return p.last
     return p.out_stack[:, :p.offsets[-1]] if variant == "stacked" else p.out
 
 

@@ -214,7 +214,10 @@ class ServerArgs:
     lora_kernels: str = _flag("overlap", "lora", "how a projection's LoRA update runs on CUDA: overlap (the "
                               "shrink on a side stream while the base GEMM runs, then one expand launch), "
                               "fused (shrink and expand in one launch at decode sizes, <= 32 rows) or serial "
-                              "(shrink then expand after the GEMM)", str, choices=("overlap", "fused", "serial"))
+                              "(shrink then expand after the GEMM); stacked: up to 256 rows the shrink runs inside "
+                              "the base GEMM, its weight holding every slot's A under it (one expand after it, no "
+                              "side stream; unquantized, unsharded layers without bias)", str,
+                              choices=("overlap", "fused", "serial", "stacked"))
     lora_prefill_chunk: int = _flag(0, "lora", "while requests want more adapters than --max-loras-per-batch (a "
                                     "request then decodes only while its adapter holds a slot, so decode steps "
                                     "bound the run), prefill in chunks of at most this many tokens, each carrying "

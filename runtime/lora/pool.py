@@ -33,6 +33,12 @@ DELTA_MAX_TOKENS = 0
 # pending blocks of the base GEMM beside them, so the shrink is done when the GEMM ends instead of
 # starting after its last wave (where CUDA graphs keep node priorities). Unmeasured (variants overlap_hi).
 SIDE_STREAM_PRIORITY = -1
+# --lora-kernels stacked, up to this many rows (decode sizes): the shrink runs inside the base GEMM,
+# whose weight has every slot's A stacked under it ([out + slots·n·R, in]); its output's tail is
+# x·Aᵀ of every slot, and one expand reads each row's own slot's columns from it. No shrink launch,
+# no side stream, ~3-9% more weight bytes (every slot's A). Larger batches take the overlap path
+# over the same A (the stacked tail), where computing x·Aᵀ for every slot would cost real FLOPs.
+STACKED_MAX_TOKENS = 256
 
 
 class BatchAdapters:
@@ -49,6 +55,8 @@ class PendingLoRA:
     x: torch.Tensor
     seg: LoRASegments
     y: torch.Tensor | None = None  # the shrink's partial sums, being written on the side stream
+    out: torch.Tensor | None = None  # stacked: the base output, computed in `begin` (the layer skips its GEMM)
+    into: torch.Tensor | None = None  # stacked: where `finish` adds the update instead of the output
     added: bool = False  # the whole update went into the caller's `into` tensor (finish adds nothing)
     delta: torch.Tensor | None = None  # the whole update [T, out], written on the side stream (finish adds it)
 
@@ -79,6 +87,7 @@ class LoRAProjection:
     offsets_dev: torch.Tensor | None = None
     widest: int = 0
     counters: torch.Tensor | None = None  # this projection's own scratch of the shrink's in-launch sum
+    stacked: torch.Tensor | None = None  # --lora-kernels stacked: [out + slots·n·R, in], base weight over `a`
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
@@ -94,11 +103,16 @@ class LoRAProjection:
         seg = self.batch.segments
         if seg is None:
             return None
+        if self.stacked is not None and self.use_triton and x.dim() == 2 and x.shape[0] <= STACKED_MAX_TOKENS:
+            full = torch.nn.functional.linear(x, self.stacked)  # [T, out | every slot's n·R]
+            n = self.offsets[-1]
+            into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
+            return PendingLoRA(x, seg, y=full[:, n:], out=full[:, :n], into=into)
         x = x.reshape(-1, x.shape[-1])
         if self.use_triton and x.stride(-1) != 1:
             x = x.contiguous()  # rows may be strided, not columns
         pending = PendingLoRA(x, seg)
-        if not (self.use_triton and self.kernels == "overlap"):
+        if not (self.use_triton and self.kernels in ("overlap", "stacked")):
             return pending
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
@@ -129,7 +143,10 @@ class LoRAProjection:
         from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
-        if pending.y is not None:
+        if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
+            target = out if pending.into is None else pending.into
+            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True)
+        elif pending.y is not None:
             if self.side_stream is not None:
                 torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
             if pending.delta is not None:
@@ -176,17 +193,26 @@ class LoRAPool:
         self.slot_numel = total
         self.buffer = torch.zeros(slots, total, dtype=dtype, device=device)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        side = (torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY) if device.type == "cuda" and kernels == "overlap"
-                else None)
+        side = (torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY)
+                if device.type == "cuda" and kernels in ("overlap", "stacked") else None)
         self.projections: dict[tuple[int, str], LoRAProjection] = {}
+        # stacked: (A as a view of the slot buffer, where it is staged by a swap; A as the tail of the
+        # stacked weight, where the kernels read it)
+        self.staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         for (i, proj), (a_off, a_shape, b_off, b_shape) in self.layout.items():
             a = self.buffer[:, a_off:a_off + a_shape[0] * a_shape[1]].view(slots, *a_shape)
             b = self.buffer[:, b_off:b_off + b_shape[0] * b_shape[1]].view(slots, *b_shape)
-            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side)
-            self.projections[(i, proj)] = p
             layer = model.layers[i]
-            owner = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp
-            getattr(owner, proj).lora = p
+            linear = getattr(layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp, proj)
+            stacked = stack_weight(linear, slots, a_shape, self.offsets[proj][-1]) if kernels == "stacked" else None
+            if stacked is not None:
+                self.staged.append((a, stacked[linear.weight.shape[0]:].view(slots, *a_shape)))
+                a = self.staged[-1][1]
+            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side, stacked=stacked)
+            self.projections[(i, proj)] = p
+            linear.lora = p
+        if self.staged and device.type == "cuda":
+            torch.cuda.empty_cache()  # the replaced base weights' blocks: before the KV pool is sized
 
     @property
     def nbytes(self) -> int:
@@ -213,11 +239,34 @@ class LoRAPool:
         flight; the forwards enqueued from now on wait for it."""
         if self.copy_stream is None:
             self.buffer[slot].copy_(packed)
+            self._unstage(slot)
             return
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 self.copy_stream.wait_event(after)
             self.buffer[slot].copy_(packed, non_blocking=True)
+            self._unstage(slot)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         torch.cuda.current_stream(self.device).wait_event(done)
+
+    def _unstage(self, slot: int) -> None:
+        """Stacked: the slot's A matrices from the slot buffer into the stacked weights (one batched copy)."""
+        if self.staged:
+            torch._foreach_copy_([tail[slot] for _, tail in self.staged], [a[slot] for a, _ in self.staged])
+
+
+def stack_weight(linear: torch.nn.Module, slots: int, a_shape: tuple[int, int], out: int) -> torch.Tensor | None:
+    """--lora-kernels stacked: the layer's weight moved into the head of a [out + slots·n·R, in] buffer
+    whose tail holds every slot's A (the layer keeps its weight as a view of the head, so base-only
+    forwards and graphs are unchanged). None where the layer cannot (packed weights, a bias, a shard)."""
+    weight = linear.weight
+    if getattr(linear, "quantized", None) is not None or getattr(linear, "bias", None) is not None:
+        return None
+    if weight.shape != (out, a_shape[1]) or getattr(linear, "tp_group", None) is not None:
+        return None
+    stacked = torch.zeros(weight.shape[0] + slots * a_shape[0], weight.shape[1], dtype=weight.dtype,
+                          device=weight.device)
+    stacked[:weight.shape[0]].copy_(weight.data)
+    weight.data = stacked[:weight.shape[0]]
+    return stacked
