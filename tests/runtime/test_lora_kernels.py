@@ -333,3 +333,21 @@ def test_in_launch_sum_of_split_partials_equals_the_expands_sum(t: int, monkeypa
     sgmv_expand(y, b, offsets_dev, 32, rank, one, seg, tile)
     sgmv_expand(parts, b, offsets_dev, 32, rank, four, seg, tile)
     assert torch.equal(one, four)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: int) -> None:
+    """The decode step's plain-Python segments equal the tensor version's, laid out as the graphs'
+    buffer holds them (order padded | start | length | slot, unused segments length 0 and slot -1)."""
+    from radixlm.runtime.lora.sgmv import graph_segments_row
+
+    g = torch.Generator().manual_seed(seed)
+    rows, segments, max_rows = int(torch.randint(1, 40, (1,), generator=g)), 5, 48
+    per_req = torch.randint(-1, segments, (rows,), generator=g)
+    order, start, length, slot, _ = segment_host(per_req, segments)
+    want = torch.zeros(max_rows + 3 * segments, dtype=torch.int32)
+    want[:order.numel()] = order
+    want[max_rows:] = torch.cat([start, length, slot])
+    assert graph_segments_row(per_req.tolist(), segments, max_rows) == want.tolist()
+    with pytest.raises(ValueError, match="max-loras-per-batch"):
+        graph_segments_row([0, 1, 2], 2, 4)
