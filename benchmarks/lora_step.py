@@ -68,6 +68,7 @@ VARIANTS = {
     "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
     "engine_delta_inline": None,  # both
     "engine_stacked": None,  # --lora-kernels stacked as the engine runs it (LoRAProjection over a stacked weight)
+    "engine_stacked_col": None,  # ... qkv and gate_up stacked, o and down on the overlap path (into the residual)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
@@ -165,8 +166,12 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             for p in projs:
                 if not hasattr(p, "w_stack"):
                     p.w_stack = torch.cat([p.w, p.a.reshape(-1, p.k)])
+            # stacked_col: only the projections without a residual to take their update (qkv, gate_up);
+            # o / down keep the overlap path, their whole update on the side stream (pool.STACKED_PROJECTIONS)
             lora = [LoRAProjection(p.w_stack[p.offsets[-1]:].view(p.a.shape), p.b, p.offsets, RANK, batch, True,
-                                   "stacked", stream, stacked=p.w_stack) for p in projs]
+                                   "stacked", stream, stacked=p.w_stack)
+                    if "col" not in variant or p.residual is None
+                    else LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "stacked", stream) for p in projs]
         else:
             lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
 

@@ -39,6 +39,10 @@ SIDE_STREAM_PRIORITY = -1
 # no side stream, ~3-9% more weight bytes (every slot's A). Larger batches take the overlap path
 # over the same A (the stacked tail), where computing x·Aᵀ for every slot would cost real FLOPs.
 STACKED_MAX_TOKENS = 256
+# The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
+# residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
+# LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
+STACKED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class BatchAdapters:
@@ -204,7 +208,8 @@ class LoRAPool:
             b = self.buffer[:, b_off:b_off + b_shape[0] * b_shape[1]].view(slots, *b_shape)
             layer = model.layers[i]
             linear = getattr(layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp, proj)
-            stacked = stack_weight(linear, slots, a_shape, self.offsets[proj][-1]) if kernels == "stacked" else None
+            stacked = (stack_weight(linear, slots, a_shape, self.offsets[proj][-1])
+                       if kernels == "stacked" and proj in STACKED_PROJECTIONS else None)
             if stacked is not None:
                 self.staged.append((a, stacked[linear.weight.shape[0]:].view(slots, *a_shape)))
                 a = self.staged[-1][1]
