@@ -26,9 +26,10 @@ PARTS: dict[str, tuple[str, ...]] = {
 # update (qkv, gate_up) gets the whole update on the side stream, into a delta buffer, and the main
 # stream only adds that after the base GEMM (one elementwise launch on the step's critical path
 # instead of the expand). Larger batches expand on the main stream (a [T, out] buffer would cost more
-# than the launch saves). Off until benchmarks/lora_step.py (variants delta / delta_hi vs engine) shows
-# it faster on the H200: unmeasured so far (RESULTS.md, issue 21, 2026-12-03 08:00).
-DELTA_MAX_TOKENS = 0
+# than the launch saves). H200, 2026-12-03 10:57 (lora_step.py, 32 layers' GEMMs in one graph): LoRA
+# 0.433 vs 0.746 ms a step at T = 1, 1.453 vs 2.048 ms at T = 64 (8 adapters) against the expand after
+# the GEMM; the side stream without it gained nothing over running the kernels in line.
+DELTA_MAX_TOKENS = 256
 # The side stream's CUDA priority (lower = higher). High: its small LoRA launches get SMs before the
 # pending blocks of the base GEMM beside them, so the shrink is done when the GEMM ends instead of
 # starting after its last wave (where CUDA graphs keep node priorities). Unmeasured (variants overlap_hi).
