@@ -40,6 +40,10 @@ SIDE_STREAM_PRIORITY = -1
 # no side stream, ~3-9% more weight bytes (every slot's A). Larger batches take the overlap path
 # over the same A (the stacked tail), where computing x·Aᵀ for every slot would cost real FLOPs.
 STACKED_MAX_TOKENS = 256
+# ... and from this many rows: a batch-1 step took 0.431 ms of LoRA on the overlap path (delta, in-launch
+# sum) against 0.558 stacked, while 64 rows took 0.910 against 0.844 and 256 rows 2.222 against 1.516
+# (H200, lora_step.py, 2026-12-03 11:55). Between 1 and 64 rows unmeasured: 8 is a guess.
+STACKED_MIN_TOKENS = 8
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -108,7 +112,8 @@ class LoRAProjection:
         seg = self.batch.segments
         if seg is None:
             return None
-        if self.stacked is not None and self.use_triton and x.dim() == 2 and x.shape[0] <= STACKED_MAX_TOKENS:
+        if (self.stacked is not None and self.use_triton and x.dim() == 2
+                and STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS):
             full = torch.nn.functional.linear(x, self.stacked)  # [T, out | every slot's n·R]
             n = self.offsets[-1]
             into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None

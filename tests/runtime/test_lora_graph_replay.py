@@ -36,6 +36,9 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
         importlib.reload(sgmv_triton)  # imported before TRITON_INTERPRET was set: its jit functions compile
     if not torch.cuda.is_available() and type(sgmv_fused._fused_kernel).__name__ != "InterpretedFunction":
         importlib.reload(sgmv_fused)  # (it imports sgmv_triton's helpers: reloaded after it)
+    from radixlm.runtime.lora import pool
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too
     model_dir = tiny_model_dir("llama")
     paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
     runner = _runner(model_dir, paths, max_loras_per_batch=3, lora_kernels=kernels)

@@ -46,7 +46,7 @@ def test_triton_shrink_expand_match_reference(dtype, rank: int, offsets: list[in
     seg = LoRASegments.build(token_slots, 5, dev)
     y_ref = shrink_ref(x.to(dev), a.to(dev), seg)
     parts = sgmv_shrink(x.to(dev), a.to(dev), seg)
-    assert parts.shape == (2, t, pieces * rank), "k = 520: two partial sums over K, no atomics"
+    assert parts.shape == (1, t, pieces * rank), "k = 520: two partial sums over K, added in the launch"
     used = (token_slots >= 0).to(dev)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(parts.sum(0)[used].float(), y_ref[used].float(), **tol)
@@ -315,6 +315,7 @@ def test_in_launch_sum_of_split_partials_equals_the_expands_sum(t: int, monkeypa
     a, b, x, token_slots, out0 = (v.to(dev) for v in _case(9 + t, t, k, rank, offsets, slots, torch.float32))
     seg = LoRASegments.build(token_slots, slots, dev)
     tile = tiles(t, k, a.shape[1], split_k=4)
+    monkeypatch.setattr(sgmv_triton, "INLINE_REDUCE_MIN_TOKENS", 1 << 30)
     parts = sgmv_shrink(x, a, seg, tile)
     assert parts.shape[0] == tile.split_k > 1
     monkeypatch.setattr(sgmv_triton, "INLINE_REDUCE_MIN_TOKENS", 1)
@@ -351,3 +352,34 @@ def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: in
     assert graph_segments_row(per_req.tolist(), segments, max_rows) == want.tolist()
     with pytest.raises(ValueError, match="max-loras-per-batch"):
         graph_segments_row([0, 1, 2], 2, 4)
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, monkeypatch) -> None:
+    """--lora-kernels stacked: from STACKED_MIN_TOKENS rows `begin` runs the base GEMM over [W; every
+    slot's A] itself (pending.out: the layer skips its own) and the update lands in the output or the
+    residual; below it the overlap path runs over the same A (the stacked tail). Either way residual +
+    output == residual + base + update, and base-model rows get no update."""
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
+    dev = _device()
+    k, rank, offsets, slots = 96, 8, [0, 48, 64], 3
+    a, b, x, token_slots, _ = (v.to(dev) for v in _case(11 + t, t, k, rank, offsets, slots, torch.float32))
+    w = torch.randn(offsets[-1], k, generator=torch.Generator().manual_seed(2)).to(dev)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
+    proj = LoRAProjection(stacked[offsets[-1]:].view(a.shape), b, offsets, rank, batch, use_triton=True,
+                          kernels="stacked", stacked=stacked)
+    want = x @ w.t()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    used = token_slots.to(dev) >= 0
+    for into in (None, torch.zeros(t, offsets[-1], device=dev)):
+        pending = proj.begin(x, into=into)
+        assert (pending.out is not None) == (t >= 4)
+        out = proj.finish(pending, pending.out if pending.out is not None else x @ w.t())
+        total = out if into is None else out + into
+        torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[~used], (x @ w.t())[~used], atol=1e-5, rtol=1e-5)
