@@ -82,6 +82,7 @@ SIZES = {
 VARIANTS: dict[str, dict] = {
     "as_served": {}, "no_cuda_graph": {"disable_cuda_graph": True}, "no_cascade": {"cascade_attention": "off"},
     "no_overlap": {"disable_overlap_schedule": True},
+    "stacked": {"lora_kernels": "stacked"},  # the shrink inside the base GEMM; a swap also restacks the A parts
 }
 
 

@@ -34,6 +34,7 @@ CONFIGS: dict[str, dict] = {
     "slotchunk1024": {"lora_prefill_chunk": 1024},  # small chunks only while the slots bound the run
     "slotchunk512": {"lora_prefill_chunk": 512},
     "mixed2048": {"enable_mixed_chunk": True, "chunked_prefill_size": 2048},
+    "stacked": {"lora_kernels": "stacked"},  # the shrink inside the base GEMM at decode sizes
 }
 # Every LoRA engine here serves 64 adapters 8 at a time (<= ~200 rows a batch): graphs up to 256 rows,
 # and no cascade-attention graphs (random prompts share no prefix), so that each starts in seconds.

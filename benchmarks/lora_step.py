@@ -64,6 +64,13 @@ VARIANTS = {
     # name: (side stream priority or None for no side stream, how qkv / gate_up finish, side kernels' tile options)
     "serial": None, "overlap": None, "fused": None,  # the --lora-kernels values as first written
     "engine": None,  # the engine's own code: LoRAProjection.begin / finish (--lora-kernels overlap, its defaults)
+    "engine_delta": None,  # ... with the delta path at every size (pool.DELTA_MAX_TOKENS)
+    "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
+    "engine_delta_inline": None,  # both
+    "engine_stacked": None,  # --lora-kernels stacked as the engine runs it (LoRAProjection over a stacked weight)
+    "engine_stacked_col": None,  # ... qkv and gate_up stacked, o and down on the overlap path (into the residual)
+    "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
+    # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
     "overlap_lean": (0, "expand", {"warps": 2, "stages": 1}),  # side kernels taking less of an SM
     "overlap_wide": (0, "expand", {"expand_n": 512, "split_k": 8}),  # fewer, wider expand programs
@@ -131,19 +138,58 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             elif finish == "add":
                 p.out.add_(p.delta)
 
-    if variant == "engine":
-        from radixlm.runtime.lora.pool import SIDE_STREAM_PRIORITY, BatchAdapters, LoRAProjection
+    if variant == "stacked":
+        for p in projs:
+            if not hasattr(p, "w_stack"):
+                p.w_stack = torch.cat([p.w, p.a.reshape(-1, p.k)])
+                p.out_stack = torch.empty(p.x.shape[0], p.w_stack.shape[0], device="cuda", dtype=torch.bfloat16)
 
+        def run_stacked() -> None:
+            for p in projs:
+                n = p.offsets[-1]
+                torch.mm(p.x, p.w_stack.t(), out=p.out_stack)
+                out = p.residual if p.residual is not None else p.out_stack[:, :n]
+                sgmv_expand(p.out_stack[:, n:], p.b, p.offs, p.widest, RANK, out, seg, per_slot=True)
+        return run_stacked
+
+    if variant.startswith("engine"):
+        from radixlm.runtime.lora import pool, sgmv_triton
+        from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+        settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
+                    (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
+                    else sgmv_triton.INLINE_REDUCE_MIN_TOKENS}
         batch = BatchAdapters()
         batch.segments = seg
-        stream = torch.cuda.Stream(priority=SIDE_STREAM_PRIORITY)
-        lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
+        stream = torch.cuda.Stream(priority=pool.SIDE_STREAM_PRIORITY)
+        if "stacked" in variant:  # the layer's weight with every slot's A under it (pool.stack_weight)
+            for p in projs:
+                if not hasattr(p, "w_stack"):
+                    p.w_stack = torch.cat([p.w, p.a.reshape(-1, p.k)])
+            # stacked_col: only the projections without a residual to take their update (qkv, gate_up);
+            # o / down keep the overlap path, their whole update on the side stream (pool.STACKED_PROJECTIONS)
+            lora = [LoRAProjection(p.w_stack[p.offsets[-1]:].view(p.a.shape), p.b, p.offsets, RANK, batch, True,
+                                   "stacked", stream, stacked=p.w_stack)
+                    if "col" not in variant or p.residual is None
+                    else LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "stacked", stream) for p in projs]
+        else:
+            lora = [LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "overlap", stream) for p in projs]
 
         def run_engine() -> None:
-            for p, proj in zip(projs, lora):
-                pending = proj.begin(p.x, into=p.residual)
-                torch.mm(p.x, p.w.t(), out=p.out)
-                proj.finish(pending, p.out)
+            saved = {key: getattr(*key) for key in settings}
+            for (module, name), value in settings.items():
+                setattr(module, name, value)
+            try:
+                for p, proj in zip(projs, lora):  # as ColumnParallelLinear / RowParallelLinear.forward
+                    pending = proj.begin(p.x, into=p.residual)
+                    if pending is not None and pending.out is not None:
+                        p.last = proj.finish(pending, pending.out)
+                        continue
+                    torch.mm(p.x, p.w.t(), out=p.out)
+                    p.last = proj.finish(pending, p.out)
+            finally:
+                for (module, name), value in saved.items():
+                    setattr(module, name, value)
         return run_engine
 
     def run() -> None:
@@ -166,6 +212,13 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             elif variant == "fused":
                 sgmv_fused(p.x, p.a, p.b, p.offs, p.widest, RANK, p.out, seg, tile)
     return run_candidate if spec is not None else run
+
+
+def output(p: Projection, variant: str) -> torch.Tensor:
+    """The projection's output as the variant left it (stacked: the head of the stacked GEMM's output)."""
+    if variant.startswith("engine"):
+        return p.last
+    return p.out_stack[:, :p.offsets[-1]] if variant == "stacked" else p.out
 
 
 def graph_ms(fn) -> float:
@@ -269,7 +322,7 @@ def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool =
             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a finding, not a stop
                 print(f"{t:>4} {name:<24} failed: {str(exc)[:160]}", flush=True)
                 continue
-            outs = [projs[0].out.float().clone(), projs[2].out.float().clone()]
+            outs = [output(projs[0], name).float().clone(), output(projs[2], name).float().clone()]
             if reference is None:
                 reference = outs
             diff = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, reference))

@@ -18,7 +18,7 @@ from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any, slot_bound
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, may_admit_any, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -64,7 +64,7 @@ class Scheduler:
         if args.speculative_algorithm is not None:
             self.spec = SpecDecoder(args, self.runner, draft_dir)
 
-        self.waiting: list[Req] = []
+        self.waiting: list[Req] = WaitingQueue()  # (counts its requests per adapter: LoRA admission)
         self.adapter_demand = AdapterDemand()  # --enable-lora: aging of adapters waiting for a device slot
         self.running: list[Req] = []
         # Requests holding KV for only part of their fill_ids: a chunked prefill in progress, or

@@ -211,10 +211,14 @@ class ServerArgs:
     lora_eviction_policy: str = _flag("lru", "lora", "which adapter leaves a device slot or host memory first: "
                                       "lru (least recently used) or fifo (first loaded)", str,
                                       choices=("lru", "fifo"))
-    lora_kernels: str = _flag("overlap", "lora", "how a projection's LoRA update runs on CUDA: overlap (the "
-                              "shrink on a side stream while the base GEMM runs, then one expand launch), "
-                              "fused (shrink and expand in one launch at decode sizes, <= 32 rows) or serial "
-                              "(shrink then expand after the GEMM)", str, choices=("overlap", "fused", "serial"))
+    lora_kernels: str = _flag("stacked", "lora", "how a projection's LoRA update runs on CUDA: stacked (from 8 "
+                              "to 256 rows the shrink runs inside the base GEMM, its weight holding every slot's A "
+                              "under it, one expand after it; unquantized, unsharded layers without bias; other "
+                              "sizes and layers as overlap), overlap (the shrink on a side stream while the base "
+                              "GEMM runs, the expand there too up to 256 rows, then one add), fused (shrink and "
+                              "expand in one launch at decode sizes, <= 32 rows) or serial (shrink then expand "
+                              "after the GEMM)", str,
+                              choices=("overlap", "fused", "serial", "stacked"))
     lora_prefill_chunk: int = _flag(0, "lora", "while requests want more adapters than --max-loras-per-batch (a "
                                     "request then decodes only while its adapter holds a slot, so decode steps "
                                     "bound the run), prefill in chunks of at most this many tokens, each carrying "

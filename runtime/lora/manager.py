@@ -19,7 +19,7 @@ import torch
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.lora.adapter import AdapterError, ModelShape, read_adapter
 from radixlm.runtime.lora.pool import LoRAPool
-from radixlm.runtime.lora.sgmv import LoRASegments, segment_host
+from radixlm.runtime.lora.sgmv import LoRASegments, graph_segments_row
 
 if TYPE_CHECKING:
     from radixlm.runtime.server_args import ServerArgs
@@ -190,10 +190,11 @@ class LoRAManager:
             raise AdapterError(f"LoRA adapter(s) {sorted(unknown)} are not loaded")
         slots = {n: self.slot_of(n, wanted) for n in sorted(wanted)}
         self._in_flight = set(slots.values())
-        per_req = torch.tensor([-1 if n is None else slots[n] for n in names], dtype=torch.int32)
+        per_req_list = [-1 if n is None else slots[n] for n in names]
         if graph:
-            self._fill_graph(per_req)
+            self._fill_graph(per_req_list)
             return True
+        per_req = torch.tensor(per_req_list, dtype=torch.int32)
         token_slots = per_req if batch.mode is ForwardMode.DECODE else per_req.repeat_interleave(
             torch.tensor(batch.extend_seq_lens_cpu))
         self.pool.batch.segments = LoRASegments.build(token_slots, len(self.slots), self.device)
@@ -229,12 +230,9 @@ class LoRAManager:
         segments `_fill_graph` wrote before every replay (decode graphs then served no adapter)."""
         self.pool.batch.segments = None if bs is None else self.graph_segments(bs)
 
-    def _fill_graph(self, per_req: torch.Tensor) -> None:
-        order, start, length, slot, _ = segment_host(per_req, len(self.slots))
-        s, m = len(self.slots), self._graph_max_bs
-        host = torch.zeros(m + 3 * s, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        host[:order.numel()] = order
-        torch.cat([start, length, slot], out=host[m:])
+    def _fill_graph(self, per_req: list[int]) -> None:
+        row = graph_segments_row(per_req, len(self.slots), self._graph_max_bs)
+        host = torch.tensor(row, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._graph_buf.copy_(host, non_blocking=True)  # pinned: never waits for the forward in flight
 
 

@@ -26,13 +26,28 @@ PARTS: dict[str, tuple[str, ...]] = {
 # update (qkv, gate_up) gets the whole update on the side stream, into a delta buffer, and the main
 # stream only adds that after the base GEMM (one elementwise launch on the step's critical path
 # instead of the expand). Larger batches expand on the main stream (a [T, out] buffer would cost more
-# than the launch saves). Off until benchmarks/lora_step.py (variants delta / delta_hi vs engine) shows
-# it faster on the H200: unmeasured so far (RESULTS.md, issue 21, 2026-12-03 08:00).
-DELTA_MAX_TOKENS = 0
+# than the launch saves). H200, 2026-12-03 10:57 (lora_step.py, 32 layers' GEMMs in one graph): LoRA
+# 0.433 vs 0.746 ms a step at T = 1, 1.453 vs 2.048 ms at T = 64 (8 adapters) against the expand after
+# the GEMM; the side stream without it gained nothing over running the kernels in line.
+DELTA_MAX_TOKENS = 256
 # The side stream's CUDA priority (lower = higher). High: its small LoRA launches get SMs before the
 # pending blocks of the base GEMM beside them, so the shrink is done when the GEMM ends instead of
 # starting after its last wave (where CUDA graphs keep node priorities). Unmeasured (variants overlap_hi).
 SIDE_STREAM_PRIORITY = -1
+# --lora-kernels stacked, up to this many rows (decode sizes): the shrink runs inside the base GEMM,
+# whose weight has every slot's A stacked under it ([out + slots·n·R, in]); its output's tail is
+# x·Aᵀ of every slot, and one expand reads each row's own slot's columns from it. No shrink launch,
+# no side stream, ~3-9% more weight bytes (every slot's A). Larger batches take the overlap path
+# over the same A (the stacked tail), where computing x·Aᵀ for every slot would cost real FLOPs.
+STACKED_MAX_TOKENS = 256
+# ... and from this many rows: a batch-1 step took 0.431 ms of LoRA on the overlap path (delta, in-launch
+# sum) against 0.558 stacked, while 64 rows took 0.910 against 0.844 and 256 rows 2.222 against 1.516
+# (H200, lora_step.py, 2026-12-03 11:55). Between 1 and 64 rows unmeasured: 8 is a guess.
+STACKED_MIN_TOKENS = 8
+# The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
+# residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
+# LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
+STACKED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class BatchAdapters:
@@ -49,6 +64,8 @@ class PendingLoRA:
     x: torch.Tensor
     seg: LoRASegments
     y: torch.Tensor | None = None  # the shrink's partial sums, being written on the side stream
+    out: torch.Tensor | None = None  # stacked: the base output, computed in `begin` (the layer skips its GEMM)
+    into: torch.Tensor | None = None  # stacked: where `finish` adds the update instead of the output
     added: bool = False  # the whole update went into the caller's `into` tensor (finish adds nothing)
     delta: torch.Tensor | None = None  # the whole update [T, out], written on the side stream (finish adds it)
 
@@ -78,10 +95,16 @@ class LoRAProjection:
     side_stream: torch.cuda.Stream | None = None  # overlap on CUDA
     offsets_dev: torch.Tensor | None = None
     widest: int = 0
+    counters: torch.Tensor | None = None  # this projection's own scratch of the shrink's in-launch sum
+    stacked: torch.Tensor | None = None  # --lora-kernels stacked: [out + slots·n·R, in], base weight over `a`
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
         self.widest = max(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
+        if self.use_triton:
+            from radixlm.runtime.lora.sgmv_triton import COUNTERS
+
+            self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
     def begin(self, x: torch.Tensor, into: torch.Tensor | None = None) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
@@ -89,11 +112,17 @@ class LoRAProjection:
         seg = self.batch.segments
         if seg is None:
             return None
+        if (self.stacked is not None and self.use_triton and x.dim() == 2
+                and STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS):
+            full = torch.nn.functional.linear(x, self.stacked)  # [T, out | every slot's n·R]
+            n = self.offsets[-1]
+            into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
+            return PendingLoRA(x, seg, y=full[:, n:], out=full[:, :n], into=into)
         x = x.reshape(-1, x.shape[-1])
         if self.use_triton and x.stride(-1) != 1:
             x = x.contiguous()  # rows may be strided, not columns
         pending = PendingLoRA(x, seg)
-        if not (self.use_triton and self.kernels == "overlap"):
+        if not (self.use_triton and self.kernels in ("overlap", "stacked")):
             return pending
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
@@ -104,7 +133,7 @@ class LoRAProjection:
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
-            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y)  # (its partial sums may come back added)
+            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y, counters=self.counters)  # (may come back added)
             if into is not None:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
                 pending.added = True
@@ -124,7 +153,10 @@ class LoRAProjection:
         from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
-        if pending.y is not None:
+        if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
+            target = out if pending.into is None else pending.into
+            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True)
+        elif pending.y is not None:
             if self.side_stream is not None:
                 torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
             if pending.delta is not None:
@@ -134,7 +166,8 @@ class LoRAProjection:
         elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
             sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
         else:
-            sgmv_expand(sgmv_shrink(x, self.a, seg), self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+            sgmv_expand(sgmv_shrink(x, self.a, seg, counters=self.counters), self.b, self.offsets_dev, self.widest,
+                        self.rank, out, seg)
         return out
 
 
@@ -170,17 +203,27 @@ class LoRAPool:
         self.slot_numel = total
         self.buffer = torch.zeros(slots, total, dtype=dtype, device=device)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        side = (torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY) if device.type == "cuda" and kernels == "overlap"
-                else None)
+        side = (torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY)
+                if device.type == "cuda" and kernels in ("overlap", "stacked") else None)
         self.projections: dict[tuple[int, str], LoRAProjection] = {}
+        # stacked: (A as a view of the slot buffer, where it is staged by a swap; A as the tail of the
+        # stacked weight, where the kernels read it)
+        self.staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         for (i, proj), (a_off, a_shape, b_off, b_shape) in self.layout.items():
             a = self.buffer[:, a_off:a_off + a_shape[0] * a_shape[1]].view(slots, *a_shape)
             b = self.buffer[:, b_off:b_off + b_shape[0] * b_shape[1]].view(slots, *b_shape)
-            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side)
-            self.projections[(i, proj)] = p
             layer = model.layers[i]
-            owner = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp
-            getattr(owner, proj).lora = p
+            linear = getattr(layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp, proj)
+            stacked = (stack_weight(linear, slots, a_shape, self.offsets[proj][-1])
+                       if kernels == "stacked" and proj in STACKED_PROJECTIONS else None)
+            if stacked is not None:
+                self.staged.append((a, stacked[linear.weight.shape[0]:].view(slots, *a_shape)))
+                a = self.staged[-1][1]
+            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side, stacked=stacked)
+            self.projections[(i, proj)] = p
+            linear.lora = p
+        if self.staged and device.type == "cuda":
+            torch.cuda.empty_cache()  # the replaced base weights' blocks: before the KV pool is sized
 
     @property
     def nbytes(self) -> int:
@@ -207,11 +250,34 @@ class LoRAPool:
         flight; the forwards enqueued from now on wait for it."""
         if self.copy_stream is None:
             self.buffer[slot].copy_(packed)
+            self._unstage(slot)
             return
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 self.copy_stream.wait_event(after)
             self.buffer[slot].copy_(packed, non_blocking=True)
+            self._unstage(slot)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         torch.cuda.current_stream(self.device).wait_event(done)
+
+    def _unstage(self, slot: int) -> None:
+        """Stacked: the slot's A matrices from the slot buffer into the stacked weights (one batched copy)."""
+        if self.staged:
+            torch._foreach_copy_([tail[slot] for _, tail in self.staged], [a[slot] for a, _ in self.staged])
+
+
+def stack_weight(linear: torch.nn.Module, slots: int, a_shape: tuple[int, int], out: int) -> torch.Tensor | None:
+    """--lora-kernels stacked: the layer's weight moved into the head of a [out + slots·n·R, in] buffer
+    whose tail holds every slot's A (the layer keeps its weight as a view of the head, so base-only
+    forwards and graphs are unchanged). None where the layer cannot (packed weights, a bias, a shard)."""
+    weight = linear.weight
+    if getattr(linear, "quantized", None) is not None or getattr(linear, "bias", None) is not None:
+        return None
+    if weight.shape != (out, a_shape[1]) or getattr(linear, "tp_group", None) is not None:
+        return None
+    stacked = torch.zeros(weight.shape[0] + slots * a_shape[0], weight.shape[1], dtype=weight.dtype,
+                          device=weight.device)
+    stacked[:weight.shape[0]].copy_(weight.data)
+    weight.data = stacked[:weight.shape[0]]
+    return stacked

@@ -62,6 +62,28 @@ def segment_host(token_slots: torch.Tensor, num_segments: int
     return order.to(i32), start.to(i32), length.to(i32), slot.to(i32), host
 
 
+def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int) -> list[int]:
+    """A decode step's segments as the graphs' buffer holds them: order (padded to `max_rows`) |
+    start | length | slot (unused segments: length 0, slot -1), from each row's slot (-1: base
+    model). Plain Python: for a decode batch's few hundred rows it is ~3x faster than the tensor
+    ops of `segment_host` (which the host paid every decode step), and the same mapping."""
+    rows_of: dict[int, list[int]] = {}
+    for row, slot in enumerate(per_req):
+        if slot >= 0:
+            rows_of.setdefault(slot, []).append(row)
+    if len(rows_of) > num_segments:
+        raise ValueError(f"{len(rows_of)} adapters in one batch; at most {num_segments} (--max-loras-per-batch)")
+    order: list[int] = []
+    start, length, slots = [], [], []
+    for slot in sorted(rows_of):
+        start.append(len(order))
+        length.append(len(rows_of[slot]))
+        slots.append(slot)
+        order.extend(rows_of[slot])
+    pad = num_segments - len(slots)
+    return (order + [0] * (max_rows - len(order)) + start + [0] * pad + length + [0] * pad + slots + [-1] * pad)
+
+
 def shrink_ref(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Tensor:
     """y [T, n·R] = x·A[slot]ᵀ for each segment's rows; rows of no segment are zero.
     `a`: the pool's [slots, n·R, in] buffer."""

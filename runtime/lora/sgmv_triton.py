@@ -33,6 +33,24 @@ TARGET_PROGRAMS = 264  # ~2 per SM of an H100/H200: below this the shrink splits
 # small sum on the same stream, so that the expand reads a single y (re-reading every split per
 # output tile would cost more than the split saves at these sizes).
 REDUCE_MIN_TOKENS = 1024
+# From this many rows up to REDUCE_MIN_TOKENS, the split shrink adds its partial sums in the same
+# launch (the last split of each tile to finish adds them, in order), so the expand reads one y
+# instead of split_k partial sums per output tile (at 64 rows and 8 adapters the expand of
+# gate_up re-read ~40 MB of partial sums from L2).
+# H200 (lora_step.py, 32 layers, delta path): LoRA per step 0.578 -> 0.431 ms at 1 row, 1.555 -> 0.910 ms at
+# 64 rows (8 adapters; the expand took 26.6 us a launch reading 16 partial sums), 2.740 -> 2.222 ms at 256.
+INLINE_REDUCE_MIN_TOKENS = 1
+COUNTERS = 4096  # per counter buffer: (work item, column block) tiles of one shrink launch
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device) -> torch.Tensor:
+    """A zeroed counter buffer for the in-launch sum of split partial sums (each launch leaves it
+    zeroed again). One per device by default; a caller whose shrinks may run beside others on
+    another stream passes its own."""
+    if device not in _counters:
+        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 @dataclass(frozen=True)
@@ -97,10 +115,10 @@ def _segment(w, len_ptr, start_ptr, slot_ptr, S, BLOCK_M: tl.constexpr, S_POW2: 
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
+def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, count_ptr,
                    S, K, N, K_PER_SPLIT, SPLIT_K, stride_xm, stride_as, stride_an, stride_ys, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_POW2: tl.constexpr,
-                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, INLINE_SPLITS: tl.constexpr = 0):
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_n = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -125,13 +143,27 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
             acc += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + split * stride_ys + rows[:, None] * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + rn[None, :]
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        tl.store(y_ptrs + split * stride_ys, acc, mask=y_mask)
+        if INLINE_SPLITS > 1:
+            # the last split of this tile to finish adds all of them (in split order: the same bits
+            # whichever finishes last) into split 0's place, so the expand reads one y, not
+            # INLINE_SPLITS partial sums per output tile; then resets the tile's counter for the
+            # next launch. Every thread's store is done (barrier) before the counter's release.
+            tl.debug_barrier()
+            counter = count_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N) + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == INLINE_SPLITS - 1:
+                total = tl.load(y_ptrs, mask=y_mask, other=0.0, cache_modifier=".cg")
+                for other in tl.static_range(1, INLINE_SPLITS):
+                    total += tl.load(y_ptrs + other * stride_ys, mask=y_mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, total, mask=y_mask)
+                tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit
 def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, off_ptr,
-                   S, R, blocks_per_slice, stride_ys, stride_ym, stride_bs, stride_bn, stride_om,
+                   S, R, blocks_per_slice, stride_ys, stride_ym, stride_yslot, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    ACCUMULATE: tl.constexpr = True):
@@ -154,7 +186,7 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
             old = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
         else:
             old = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
+        y_ptrs = y_ptr + slot * stride_yslot + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
         y_mask = m_mask[:, None] & r_mask[None, :]
         yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
@@ -185,12 +217,14 @@ def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None) -
 
 
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """y [split, T, n·R] float32: partial sums over K whose sum is x·A[slot]ᵀ per segment (rows of
-    no segment are left unwritten; `sgmv_expand` adds the splits; from REDUCE_MIN_TOKENS rows they
-    are added here and the result is [1, T, n·R], a view of `y`: use the returned tensor). `a`:
-    [slots, n·R, K] with unit stride along K (a view of the pool's packed slot buffer); `y`: from
-    `shrink_buffer` (same tile)."""
+    no segment are left unwritten; `sgmv_expand` adds the splits; from INLINE_REDUCE_MIN_TOKENS
+    rows they are added in the launch, from REDUCE_MIN_TOKENS by one sum after it, and the result
+    is [1, T, n·R], a view of `y`: use the returned tensor). `a`: [slots, n·R, K] with unit stride
+    along K (a view of the pool's packed slot buffer); `y`: from `shrink_buffer` (same tile);
+    `counters`: zeroed int32 scratch of the in-launch sum (`split_counters`), one per stream that
+    may run a shrink concurrently with another (the call site's own; default: one per device)."""
     t, k = x.shape
     n = a.shape[1]
     tile = tile or tiles(t, k, n)
@@ -199,10 +233,18 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
         y = shrink_buffer(x, a, tile)
     s = seg.slot.numel()
     grid = (work_items(t, s, tile.block_m), triton.cdiv(n, tile.shrink_n) * tile.split_k)
-    _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, s, k, n, k_per_split, tile.split_k,
+    inline = tile.split_k > 1 and INLINE_REDUCE_MIN_TOKENS <= t < REDUCE_MIN_TOKENS
+    if inline:
+        counters = split_counters(x.device) if counters is None else counters
+        inline = grid[0] * triton.cdiv(n, tile.shrink_n) <= counters.numel()
+    _shrink_kernel[grid](x, a, y, seg.order, seg.start, seg.length, seg.slot, counters if inline else y,
+                         s, k, n, k_per_split, tile.split_k,
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k,
-                         S_POW2=max(triton.next_power_of_2(s), 2), **_dot_options(x), **tile.launch_options())
+                         S_POW2=max(triton.next_power_of_2(s), 2), INLINE_SPLITS=tile.split_k if inline else 0,
+                         **_dot_options(x), **tile.launch_options())
+    if inline:
+        return y[:1]
     if y.shape[0] > 1 and t >= REDUCE_MIN_TOKENS:
         y[0] += y[1:].sum(0)  # a fixed order: the same bits run to run
         y = y[:1]
@@ -210,21 +252,26 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
 
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
-                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True) -> None:
+                out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True,
+                per_slot: bool = False) -> None:
     """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
     False: out[rows of a segment] = the update, other rows untouched).
-    `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `slice_offsets`: [n + 1] int32 on
-    the device; `widest`: the widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
+    `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `per_slot`: y is [T, slots·n·R],
+    every slot's rank columns side by side (x·Aᵀ of all slots at once: the stacked base GEMM's tail),
+    each row reading its own slot's; `slice_offsets`: [n + 1] int32 on the device; `widest`: the
+    widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
     if y.dim() == 2:
         y = y.unsqueeze(0)
     t = y.shape[1]
-    tile = tile or tiles(t, 0, y.shape[2])
+    n_rank = (slice_offsets.numel() - 1) * rank if per_slot else y.shape[2]
+    tile = tile or tiles(t, 0, n_rank)
     blocks = triton.cdiv(widest, tile.expand_n)
     pieces = slice_offsets.numel() - 1
     s = seg.slot.numel()
     grid = (work_items(t, s, tile.block_m), pieces * blocks)
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
-                         s, rank, blocks, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                         s, rank, blocks, y.stride(0), y.stride(1), n_rank if per_slot else 0, b.stride(0),
+                         b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
                          S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
                          **tile.launch_options())

@@ -119,8 +119,9 @@ class ColumnParallelLinear(nn.Linear):
     lora: LoRAProjection | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM
-        out = linear_forward(self.weight, self.quantized, x, self.bias)
+        pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM, or do it (stacked)
+        out = pending.out if pending is not None and pending.out is not None else linear_forward(
+            self.weight, self.quantized, x, self.bias)
         return out if self.lora is None else self.lora.finish(pending, out)
 
 
@@ -138,8 +139,9 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor, lora_into: torch.Tensor | None = None) -> torch.Tensor:
         """`lora_into`: the residual this output is added to next (LoRA may add its update there,
         beside the GEMM: `LoRAProjection.begin`)."""
-        pending = None if self.lora is None else self.lora.begin(x, lora_into)  # may run beside the GEMM
-        out = linear_forward(self.weight, self.quantized, x)
+        pending = None if self.lora is None else self.lora.begin(x, lora_into)  # may run beside the GEMM, or do it
+        out = pending.out if pending is not None and pending.out is not None else linear_forward(
+            self.weight, self.quantized, x)
         if self.lora is not None:
             out = self.lora.finish(pending, out)
         if self.tp_group is not None:

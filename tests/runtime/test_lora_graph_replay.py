@@ -14,7 +14,7 @@ from tests.fixtures.lora_adapters import make_peft_adapter, peft_model
 from tests.runtime.test_lora_model import _forward, _prompts, _reference, _runner
 
 
-@pytest.mark.parametrize("kernels", ["overlap", "fused"])
+@pytest.mark.parametrize("kernels", ["overlap", "fused", "stacked"])
 def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monkeypatch, kernels: str) -> None:
     """Under CUDA graphs a decode's LoRA kernels read fixed segment buffers, and a replay re-runs every
     device op recorded in the capture region (CudaGraphRunner._run: `use_graph_segments(bs)`, then the
@@ -23,7 +23,8 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
     `prepare` had filled them. Emulated on a CPU with the Triton kernels interpreted: prefill, then the
     same decode step eagerly and as a replay of the capture region; both must equal the reference.
     `kernels`: --lora-kernels (overlap runs shrink then expand here: no side stream on a CPU; fused
-    runs the one-launch kernel, the prefill too: 21 rows <= FUSED_MAX_TOKENS)."""
+    runs the one-launch kernel, the prefill too: 21 rows <= FUSED_MAX_TOKENS; stacked runs the base
+    GEMM over the weight with every slot's A under it, then the expand reading each row's slot)."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
@@ -35,10 +36,14 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
         importlib.reload(sgmv_triton)  # imported before TRITON_INTERPRET was set: its jit functions compile
     if not torch.cuda.is_available() and type(sgmv_fused._fused_kernel).__name__ != "InterpretedFunction":
         importlib.reload(sgmv_fused)  # (it imports sgmv_triton's helpers: reloaded after it)
+    from radixlm.runtime.lora import pool
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too
     model_dir = tiny_model_dir("llama")
     paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
-    runner = _runner(model_dir, paths, max_loras_per_batch=3)
+    runner = _runner(model_dir, paths, max_loras_per_batch=3, lora_kernels=kernels)
     lora = runner.lora
+    assert (lora.pool.projections[(0, "gate_up_proj")].stacked is not None) == (kernels == "stacked")
     for projection in lora.pool.projections.values():
         projection.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
         projection.kernels = kernels

@@ -46,7 +46,7 @@ def test_triton_shrink_expand_match_reference(dtype, rank: int, offsets: list[in
     seg = LoRASegments.build(token_slots, 5, dev)
     y_ref = shrink_ref(x.to(dev), a.to(dev), seg)
     parts = sgmv_shrink(x.to(dev), a.to(dev), seg)
-    assert parts.shape == (2, t, pieces * rank), "k = 520: two partial sums over K, no atomics"
+    assert parts.shape == (1, t, pieces * rank), "k = 520: two partial sums over K, added in the launch"
     used = (token_slots >= 0).to(dev)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(parts.sum(0)[used].float(), y_ref[used].float(), **tol)
@@ -280,3 +280,106 @@ def test_prefill_sized_shrink_splits_k_and_adds_its_partial_sums_once(monkeypatc
     pending = proj.begin(x)
     assert pending is not None and pending.y is not None and pending.y.shape[0] == 1
     torch.testing.assert_close(proj.finish(pending, out0.clone()), want, atol=1e-4, rtol=1e-4)
+
+
+def test_expand_reads_each_rows_slot_from_a_stacked_shrink() -> None:
+    """per_slot: y holds every slot's rank columns side by side (x·Aᵀ for all slots, as a base GEMM
+    over [W; A of every slot] leaves them in its output's tail); each row's update uses its own
+    slot's columns, written into a strided output (the head of that same GEMM output)."""
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand
+
+    dev = _device()
+    t, k, rank, offsets, slots = 11, 40, 8, [0, 24, 40], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(7, t, k, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    n = offsets[-1]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(8)).to(dev)
+    stacked = x @ torch.cat([w, a.reshape(-1, k)]).t()  # [T, N + slots·n·R]
+    want = x @ w.t()
+    expand_ref(shrink_ref(x, a, seg), b, offsets, rank, want, seg)
+    sgmv_expand(stacked[:, n:], b, torch.tensor(offsets, dtype=torch.int32, device=dev), 24, rank, stacked[:, :n],
+                seg, per_slot=True)
+    torch.testing.assert_close(stacked[:, :n], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 9, 37])
+def test_in_launch_sum_of_split_partials_equals_the_expands_sum(t: int, monkeypatch) -> None:
+    """With the in-launch sum (INLINE_REDUCE_MIN_TOKENS) the shrink returns one y, [1, T, n·R], equal
+    bit for bit to the partial sums added in the expand's order, so the update is the same bits
+    whichever path ran; its counters are left zeroed for the next launch."""
+    from radixlm.runtime.lora import sgmv_triton
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, split_counters, tiles
+
+    dev = _device()
+    k, rank, offsets, slots = 1040, 8, [0, 32, 48], 3
+    a, b, x, token_slots, out0 = (v.to(dev) for v in _case(9 + t, t, k, rank, offsets, slots, torch.float32))
+    seg = LoRASegments.build(token_slots, slots, dev)
+    tile = tiles(t, k, a.shape[1], split_k=4)
+    monkeypatch.setattr(sgmv_triton, "INLINE_REDUCE_MIN_TOKENS", 1 << 30)
+    parts = sgmv_shrink(x, a, seg, tile)
+    assert parts.shape[0] == tile.split_k > 1
+    monkeypatch.setattr(sgmv_triton, "INLINE_REDUCE_MIN_TOKENS", 1)
+    counters = split_counters(dev)
+    y = sgmv_shrink(x, a, seg, tile)
+    assert y.shape == (1, t, a.shape[1]), "one y: the partial sums added in the launch"
+    used = token_slots.to(dev) >= 0
+    summed = parts[0].clone()
+    for split in range(1, parts.shape[0]):
+        summed += parts[split]
+    assert torch.equal(y[0][used], summed[used])
+    torch.testing.assert_close(y[0][used], shrink_ref(x, a, seg)[used], atol=1e-4, rtol=1e-4)
+    assert int(counters.abs().sum()) == 0, "every tile's counter is reset by its last split"
+    offsets_dev = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    one, four = out0.clone(), out0.clone()
+    sgmv_expand(y, b, offsets_dev, 32, rank, one, seg, tile)
+    sgmv_expand(parts, b, offsets_dev, 32, rank, four, seg, tile)
+    assert torch.equal(one, four)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: int) -> None:
+    """The decode step's plain-Python segments equal the tensor version's, laid out as the graphs'
+    buffer holds them (order padded | start | length | slot, unused segments length 0 and slot -1)."""
+    from radixlm.runtime.lora.sgmv import graph_segments_row
+
+    g = torch.Generator().manual_seed(seed)
+    rows, segments, max_rows = int(torch.randint(1, 40, (1,), generator=g)), 5, 48
+    per_req = torch.randint(-1, segments, (rows,), generator=g)
+    order, start, length, slot, _ = segment_host(per_req, segments)
+    want = torch.zeros(max_rows + 3 * segments, dtype=torch.int32)
+    want[:order.numel()] = order
+    want[max_rows:] = torch.cat([start, length, slot])
+    assert graph_segments_row(per_req.tolist(), segments, max_rows) == want.tolist()
+    with pytest.raises(ValueError, match="max-loras-per-batch"):
+        graph_segments_row([0, 1, 2], 2, 4)
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, monkeypatch) -> None:
+    """--lora-kernels stacked: from STACKED_MIN_TOKENS rows `begin` runs the base GEMM over [W; every
+    slot's A] itself (pending.out: the layer skips its own) and the update lands in the output or the
+    residual; below it the overlap path runs over the same A (the stacked tail). Either way residual +
+    output == residual + base + update, and base-model rows get no update."""
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
+    dev = _device()
+    k, rank, offsets, slots = 96, 8, [0, 48, 64], 3
+    a, b, x, token_slots, _ = (v.to(dev) for v in _case(11 + t, t, k, rank, offsets, slots, torch.float32))
+    w = torch.randn(offsets[-1], k, generator=torch.Generator().manual_seed(2)).to(dev)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
+    proj = LoRAProjection(stacked[offsets[-1]:].view(a.shape), b, offsets, rank, batch, use_triton=True,
+                          kernels="stacked", stacked=stacked)
+    want = x @ w.t()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    used = token_slots.to(dev) >= 0
+    for into in (None, torch.zeros(t, offsets[-1], device=dev)):
+        pending = proj.begin(x, into=into)
+        assert (pending.out is not None) == (t >= 4)
+        out = proj.finish(pending, pending.out if pending.out is not None else x @ w.t())
+        total = out if into is None else out + into
+        torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[~used], (x @ w.t())[~used], atol=1e-5, rtol=1e-5)

@@ -182,15 +182,18 @@ def test_base_only_batches_skip_the_lora_path(tiny_model_dir, tmp_path) -> None:
     assert lora.pool.batch.segments is not None and lora.pool.batch.segments.host == [(0, 0, 1)]
 
 
-def test_a_swap_replaces_the_whole_slot(tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("kernels", ["overlap", "stacked"])
+def test_a_swap_replaces_the_whole_slot(tiny_model_dir, tmp_path, kernels: str) -> None:
     """One device slot: a full-rank adapter on every module, then a lower-rank one on three modules
     swapped into the same slot (one packed copy): the second must equal PEFT, i.e. nothing of the
     first is left in the parts it does not target or the ranks it does not have; and the slot's
-    A / B views read the packed row where each projection's part lies."""
+    A / B views read the packed row where each projection's part lies. Stacked: each A is copied on
+    from the packed row into the tail of its layer's stacked weight, under the unchanged base weight."""
     model_dir = tiny_model_dir("llama")
     full = make_peft_adapter(model_dir, tmp_path / "full", seed=7, r=8)
     part = make_peft_adapter(model_dir, tmp_path / "part", seed=8, r=4, targets=["k_proj", "up_proj", "down_proj"])
-    runner = _runner(model_dir, {"full": full, "part": part}, max_loras_per_batch=1)
+    base = _runner(model_dir, {}) if kernels == "stacked" else None
+    runner = _runner(model_dir, {"full": full, "part": part}, max_loras_per_batch=1, lora_kernels=kernels)
     prompts = _prompts(runner.vocab_size, (9,), seed=4)
     _forward(runner, prompts, ["full"])
     assert runner.lora.info()["in_device_slots"] == ["full"]
@@ -205,6 +208,12 @@ def test_a_swap_replaces_the_whole_slot(tiny_model_dir, tmp_path) -> None:
     qkv = runner.lora.pool.projections[(1, "qkv_proj")]
     rank = runner.lora.pool.rank
     assert torch.equal(qkv.a[0, rank:rank + 4], a_k) and not qkv.a[0, :rank].any() and not qkv.a[0, rank + 4:].any()
-    assert qkv.a.data_ptr() >= runner.lora.pool.buffer.data_ptr() and runner.lora.pool.nbytes == (
-        runner.lora.pool.slot_numel * runner.lora.pool.buffer.element_size())
+    assert runner.lora.pool.nbytes == runner.lora.pool.slot_numel * runner.lora.pool.buffer.element_size()
+    if kernels == "overlap":
+        assert qkv.a.data_ptr() >= runner.lora.pool.buffer.data_ptr()
+        return
+    layer = runner.model.layers[1].self_attn.qkv_proj
+    assert qkv.stacked is not None and layer.weight.data_ptr() == qkv.stacked.data_ptr()
+    assert qkv.a.data_ptr() == qkv.stacked[layer.weight.shape[0]:].data_ptr()
+    assert torch.equal(layer.weight, base.model.layers[1].self_attn.qkv_proj.weight), "the base weight is unchanged"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from radixlm.runtime.io_struct import ControlReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, may_admit_any
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, may_admit_any
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import make_peft_adapter
@@ -193,15 +193,39 @@ def test_a_starving_adapter_gets_a_drained_slot_within_the_bound() -> None:
     assert "late" not in demand.waited and demand.waited == {"small": 2}, "small waits from round 6 on"
 
 
-def test_may_admit_any_is_false_only_when_every_waiting_request_needs_a_slot_that_is_taken() -> None:
+@pytest.mark.parametrize("queue", [list, WaitingQueue])
+def test_may_admit_any_is_false_only_when_every_waiting_request_needs_a_slot_that_is_taken(queue) -> None:
     demand = AdapterDemand()
     running = _waiting("a", "b")
-    assert not may_admit_any(2, running, _waiting("c", "d"), demand)
-    assert may_admit_any(2, running, _waiting("c", None), demand), "base requests always pass"
-    assert may_admit_any(2, running, _waiting("c", "a"), demand), "an adapter in flight passes"
-    assert may_admit_any(3, running, _waiting("c"), demand), "a free slot"
+
+    def waiting(*names):
+        return queue(_waiting(*names))
+
+    assert not may_admit_any(2, running, waiting("c", "d"), demand)
+    assert may_admit_any(2, running, waiting("c", None), demand), "base requests always pass"
+    assert may_admit_any(2, running, waiting("c", "a"), demand), "an adapter in flight passes"
+    assert may_admit_any(3, running, waiting("c"), demand), "a free slot"
+    assert not may_admit_any(3, running, waiting(), demand), "nothing waits"
     demand.draining = "a"
-    assert not may_admit_any(2, running, _waiting("c", "a"), demand), "a drained adapter waits"
+    assert not may_admit_any(2, running, waiting("c", "a"), demand), "a drained adapter waits"
+
+
+def test_waiting_queue_counts_requests_per_adapter_through_every_change() -> None:
+    """The counts `may_admit_any` reads instead of the queue follow each way the scheduler changes it."""
+    reqs = _waiting("a", "b", None, "a", "c")
+    queue = WaitingQueue()
+    for r in reqs[:3]:
+        queue.append(r)
+    queue.insert(0, reqs[3])
+    queue.extend(reqs[4:])
+    assert queue.per_adapter == {"a": 2, "b": 1, None: 1, "c": 1} and list(queue) == [reqs[3], *reqs[:3], reqs[4]]
+    queue.remove(reqs[0])
+    assert queue.pop() is reqs[4] and queue.per_adapter == {"a": 1, "b": 1, None: 1}, "emptied adapters leave"
+    del queue[0]
+    queue[0] = reqs[4]
+    assert queue.per_adapter == {"c": 1, None: 1} and list(queue) == [reqs[4], reqs[2]]
+    queue.clear()
+    assert not queue.per_adapter and not queue
 
 
 def test_decode_runs_ahead_of_the_commit_while_waiting_requests_cannot_get_a_slot(setup) -> None:
