@@ -26,7 +26,7 @@ def test_program(compat_server, frontend: str, name: str) -> None:
     if limit:
         pytest.skip(f"not runnable through {frontend}'s frontend here: {limit}")
     try:
-        run_program(frontend, name, compat_server.url)
+        run_program(frontend, name, compat_server.url, trimmed=not RUN_ALL)
     except (AssertionError, ProgramStepFailed) as exc:  # a content check, or a reply that does not fit the format
         known = KNOWN_MODEL_FAILURES.get(name)
         if known is None or frontend not in known.frontends:
