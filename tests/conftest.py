@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> None:
+    """Each test module starts with one torch intra-op thread in this process, as every server and
+    Engine the suite starts has (--cpu-threads 1): on a shared 2-core machine a second OpenMP thread
+    spins against the other processes (six short float32 forwards of the default model measured 18 s
+    with two threads, 6 s with one, under load), and a module that sets a count of its own (a
+    ModelRunner with cpu_threads=2) no longer leaves it to every module after it."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from radixlm.runtime.model_source import resolve_model_path

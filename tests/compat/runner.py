@@ -13,8 +13,8 @@ from tests.compat.program_source import frontend_module, load_programs
 
 
 @functools.lru_cache(maxsize=None)
-def programs(frontend: str) -> types.ModuleType:
-    return load_programs(frontend)
+def programs(frontend: str, trimmed: bool = False) -> types.ModuleType:
+    return load_programs(frontend, trimmed)
 
 
 def model_path(url: str) -> str:
@@ -48,9 +48,10 @@ class _StepFailures(logging.Handler):
             self.messages.append(record.getMessage())
 
 
-def run_program(frontend: str, name: str, url: str) -> None:
+def run_program(frontend: str, name: str, url: str, trimmed: bool = False) -> None:
     """Raises what the program raises (AssertionError: a content check failed), or
-    ProgramStepFailed when a step failed inside radixlm's interpreter."""
+    ProgramStepFailed when a step failed inside radixlm's interpreter. `trimmed`: with
+    program_source.CI_TRIMS (shorter generations) applied."""
     sgl = frontend_module(frontend)
     sgl.set_default_backend(make_backend(frontend, name, url))
     failures = _StepFailures()
@@ -62,7 +63,7 @@ def run_program(frontend: str, name: str, url: str) -> None:
     try:
         for key, value in settings.items():
             setattr(config, key, value)
-        getattr(programs(frontend), name)(**PROGRAMS[name])
+        getattr(programs(frontend, trimmed), name)(**PROGRAMS[name])
     finally:
         for key, value in saved.items():
             setattr(config, key, value)

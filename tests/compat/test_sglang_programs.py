@@ -3,7 +3,8 @@ SGLang's own frontend and through `import radixlm as sgl`, against a live server
 A content assertion the default model fails is a known model failure only when it is listed in
 catalog.KNOWN_MODEL_FAILURES with transformers' output on the same prompt as evidence (xfail, with
 that evidence as the reason); any other failure fails. (API speculation on a chat model fails the
-program, as a step failure, when the model's replies never fit the assistant turn's format.)"""
+program, as a step failure, when the model's replies never fit the assistant turn's format.)
+CI runs them with program_source.CI_TRIMS (shorter generations no assertion depends on)."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def test_program(compat_server, frontend: str, name: str) -> None:
     if limit:
         pytest.skip(f"not runnable through {frontend}'s frontend here: {limit}")
     try:
-        run_program(frontend, name, compat_server.url)
+        run_program(frontend, name, compat_server.url, trimmed=not RUN_ALL)
     except (AssertionError, ProgramStepFailed) as exc:  # a content check, or a reply that does not fit the format
         known = KNOWN_MODEL_FAILURES.get(name)
         if known is None or frontend not in known.frontends:

@@ -91,8 +91,12 @@ def test_suite_overall_completeness(tokenizer: Any) -> None:
 @pytest.mark.parametrize("name", ["items", "prefixItems", "ref", "enum", "const", "anyOf", "boolean_schema"])
 def test_suite_outlines_soundness(tokenizer: Any, name: str) -> None:
     """outlines-core JSON path: the groups it compiles quickly must stay sound (it once ignored
-    `items: false` and keywords next to `$ref`; both are refused now)."""
+    `items: false` and keywords next to `$ref`; both are refused now). A group without an invalid
+    instance has nothing to check here and is not compiled ('true' and anyOf [number, {}] are any
+    JSON value: an outlines index of ~20 CPU-s each)."""
     for group in load(name):
+        if all(case["valid"] for case in group["tests"]):
+            continue
         try:
             grammar = C.compile(tokenizer, json_schema=group["schema"], backend="outlines")
         except C.GrammarCompileError:

@@ -116,15 +116,26 @@ def _count_deferred(sched) -> dict[str, int]:
     return counts
 
 
+@pytest.fixture(scope="module")
+def synchronous_mixed(default_model_dir, prompt_ids) -> dict[str, dict]:
+    """The synchronous path's outputs for _mixed(): the reference of every overlapped variant below
+    (the same scheduler settings and seeded requests each time, so computed once)."""
+    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True, grammar_mask_threads=0)
+    expected = run_to_completion(plain, _mixed(prompt_ids))
+    assert_pool_idle(plain)
+    plain.grammars.close()
+    return expected
+
+
 @pytest.mark.parametrize("threads", [0, 1, 3])
-def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_ids, threads: int) -> None:
+def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_ids, synchronous_mixed,
+                                                    threads: int) -> None:
     """With overlap, constrained rows are sampled one step later on the host's schedule: step k's
     tokens are committed (matchers advanced) while step k+1's forward runs, then masks are filled
     (inline, or on a background thread beside the scheduler's bookkeeping; with 3 threads over
     three matcher families). Seeded outputs of a batch mixing constrained and unconstrained rows
     equal the synchronous path's, and validate."""
-    plain = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True, grammar_mask_threads=0)
-    expected = run_to_completion(plain, _mixed(prompt_ids))
+    expected = synchronous_mixed
     overlapped = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
                                 enable_overlap_schedule_on_cpu=True, grammar_mask_threads=threads)
     counts = _count_deferred(overlapped)
@@ -137,8 +148,7 @@ def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_id
         assert got[rid]["finished_reason"] == res["finished_reason"], rid
     assert sum(_validate(overlapped.tokenizer, got[f"mj{i}"], PERSON) for i in range(4)) >= 3
     assert_pool_idle(overlapped)
-    for s in (plain, overlapped):
-        s.grammars.close()
+    overlapped.grammars.close()
 
 
 def test_overlap_keeps_constrained_rows_and_takes_due_jumps(default_model_dir, prompt_ids) -> None:
@@ -199,8 +209,13 @@ def test_abort_mid_stream_with_overlap_leaks_no_kv_or_matcher(default_model_dir,
     sched = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
                            enable_overlap_schedule_on_cpu=True, grammar_mask_threads=1)
     person = json.dumps(PERSON)
+    # The grammar compiled first (a cache hit from here on), so that every row starts decoding at once
+    # and the unconstrained survivor au0 needs no more budget than the JSON rows to outlive the aborts.
+    warm = run_to_completion(sched, [_req("warm", prompt_ids, max_new_tokens=1, json_schema=person)])
+    assert warm["warm"]["finished_reason"]["type"] == "length"
     reqs = ([_req(f"aj{i}", prompt_ids, temperature=1.0, max_new_tokens=48, seed=i, json_schema=person) for i in range(4)]
-            + [_req(f"au{i}", prompt_ids, temperature=1.0, max_new_tokens=400, seed=i, ignore_eos=True) for i in range(2)])
+            + [_req(f"au{i}", prompt_ids, temperature=1.0, max_new_tokens=n, seed=i, ignore_eos=True)
+               for i, n in enumerate((64, 400))])
     for r in reqs:
         sched.handle(r)
     results: dict[str, dict] = {}
@@ -219,6 +234,7 @@ def test_abort_mid_stream_with_overlap_leaks_no_kv_or_matcher(default_model_dir,
         for o in sched.pop_outputs():
             merge(results, o)
     live = {r.rid: r for r in sched.running}
+    assert "au0" in live  # an unconstrained row decodes on beside the aborts
     grammar_rows = {id(live[rid]) for rid in ("aj0", "aj2")}
     for rid in aborted:
         sched.abort(rid, "client went away")
@@ -234,6 +250,7 @@ def test_abort_mid_stream_with_overlap_leaks_no_kv_or_matcher(default_model_dir,
             merge(results, o)
     for rid in aborted:
         assert results[rid]["finished_reason"]["type"] == "abort", results[rid]
+    assert results["au0"]["finished_reason"]["type"] == "length" and len(results["au0"]["output_ids"]) == 64
     assert sum(_validate(sched.tokenizer, results[rid], PERSON) for rid in ("aj1", "aj3")) >= 1
     assert not gr._terminated and not gr.pending and (gr._prefetch is None or not gr._prefetch.rows)
     assert_pool_idle(sched)

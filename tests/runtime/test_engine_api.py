@@ -13,8 +13,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    # float32 weights: exact parity with transformers (the quantized default: test_model_logits.py)
-    with radixlm.Engine(dtype="float32", max_total_tokens=8192, chunked_prefill_size=256) as e:
+    # float32 weights: exact parity with transformers (the quantized default: test_model_logits.py).
+    # One torch thread in its scheduler process, as every other Engine and server of the suite: two
+    # spin against the test process and each other on a shared 2-core machine.
+    with radixlm.Engine(dtype="float32", max_total_tokens=8192, chunked_prefill_size=256, cpu_threads=1) as e:
         yield e
 
 
