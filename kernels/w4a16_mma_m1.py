@@ -44,7 +44,7 @@ WINDOW = 16  # groups whose sums the accumulator holds side by side (the MMA's c
 class Mma1Config:
     """One launch: BLOCK_N rows x CHUNKS chunks of 128 columns a loop step, warps, Triton pipeline stages."""
 
-    block_n: int = 64
+    block_n: int = 128
     chunks: int = 2
     num_warps: int = 4
     split_k: int | None = None  # None: from the shape (`mma1_plan`); a number: at most that many splits
@@ -74,15 +74,25 @@ def mma1_table_config(n: int, k: int) -> Mma1Config | None:
     return Mma1Config.parse(key) if key else None
 
 
-def mma1_plan(n: int, kp: int, cfg: Mma1Config, device: torch.device) -> tuple[int, int]:
-    """(split_k, chunks per split): about `waves` programs per SM, each split a whole number of loop steps."""
+def mma1_plan(n: int, kp: int, group_size: int, groups: int, cfg: Mma1Config,
+              device: torch.device) -> tuple[int, int]:
+    """(split_k, chunks per split): about `waves` programs per SM (or cfg.split_k), each split a whole number
+    of loop steps and inside one window: at most WINDOW groups (a split of L columns starting anywhere
+    touches at most (L - 1) // group_size + 2 groups, one fewer when group boundaries align with it)."""
+    chunks = kp // CHUNK
     tiles = triton.cdiv(n, cfg.block_n)
-    steps = triton.cdiv(kp // CHUNK, cfg.chunks)
+    steps = triton.cdiv(chunks, cfg.chunks)
     want = max(1, min(triton.cdiv(cfg.waves * sm_count(device), tiles), steps))
     if cfg.split_k is not None:
         want = max(1, min(cfg.split_k, steps))
-    per_split = triton.cdiv(steps, want)
-    return triton.cdiv(steps, per_split), per_split * cfg.chunks
+    while True:
+        per_split = triton.cdiv(steps, want) * cfg.chunks
+        cols = per_split * CHUNK
+        aligned = cols % group_size == 0
+        touched = cols // group_size if aligned else (cols - 1) // group_size + 2
+        if groups == 1 or touched <= WINDOW or want >= steps:
+            return triton.cdiv(chunks, per_split), per_split
+        want += 1
 
 
 @triton.jit
@@ -136,23 +146,12 @@ def _plane(h, j: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _fold(total, acc, xt_sum, g_base, rn, n_mask, rj, Scales, Zeros, Offsets, N, G, off,
-          HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr):
-    """total + the window's groups applied: s (P - (off + z) X) (+ o X) per row and window column (X: the
-    column sums of the window's activation tiles)."""
-    xs = tl.sum(xt_sum, 0)  # [16]
-    g = g_base + rj  # [16]
-    gmask = n_mask[:, None] & (g < G)[None, :]
-    sg = g[None, :] * N + rn[:, None]
-    s = tl.load(Scales + sg, mask=gmask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(Zeros + sg, mask=gmask, other=0).to(tl.float32)
-        total += s * (acc - (off + z) * xs[None, :])
+def _group_of(c, j: tl.constexpr, G, group_size, SLICE_SHIFT: tl.constexpr):
+    """The group of slice j of chunk c (SLICE_SHIFT >= 0: 2**SLICE_SHIFT slices a group, a shift)."""
+    if SLICE_SHIFT >= 0:
+        return tl.minimum((c * 4 + j) >> SLICE_SHIFT, G - 1)
     else:
-        total += s * (acc - (off + 8.0) * xs[None, :])
-    if HAS_OFFSETS:
-        total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
-    return total
+        return tl.minimum((c * 128 + j * 32) // group_size, G - 1)
 
 
 @triton.jit
@@ -172,33 +171,20 @@ def _mma1_kernel(
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
     c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
-    off = 0.0 if MAGIC == 0 else (128.0 if MAGIC == 1 else 1024.0)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)  # raw sums, one window column per group
-    total = tl.zeros((BLOCK_N, 16), dtype=tl.float32)  # the folded windows
-    xt_sum = tl.zeros((32, 16), dtype=tl.float32)  # the window's activation tiles summed (X: its column sums)
-    if SLICE_SHIFT >= 0:
-        g_base = tl.minimum((c_first * 4) >> SLICE_SHIFT, G - 1)
+    g_base = _group_of(c_first, 0, G, group_size, SLICE_SHIFT)  # the split's groups: window columns 0..15
+    # the group sums X_j by the MMA too: a row of ones against the same activation tiles (row 0 of xsum)
+    if IEEE:
+        ones = tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)
+    elif MAGIC == 1:
+        ones = (tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.bfloat16)
     else:
-        g_base = tl.minimum((c_first * 128) // group_size, G - 1)
+        ones = (tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
+    xsum = tl.zeros((16, 16), dtype=tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for c0 in range(c_first, c_end, CHUNKS):
-        # the last group this step touches: a window that would not hold it is folded first
-        c_last = tl.minimum(c0 + CHUNKS, c_end) - 1
-        if SLICE_SHIFT >= 0:
-            g_last = tl.minimum((c_last * 4 + 3) >> SLICE_SHIFT, G - 1)
-        else:
-            g_last = tl.minimum((c_last * 128 + 96) // group_size, G - 1)
-        if g_last - g_base >= 16:
-            total = _fold(total, acc, xt_sum, g_base, rn, n_mask, rj, Scales, Zeros, Offsets, N, G, off,
-                          HAS_ZEROS, HAS_OFFSETS)
-            acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-            xt_sum = tl.zeros((32, 16), dtype=tl.float32)
-            if SLICE_SHIFT >= 0:
-                g_base = tl.minimum((c0 * 4) >> SLICE_SHIFT, G - 1)
-            else:
-                g_base = tl.minimum((c0 * 128) // group_size, G - 1)
         for cc in tl.static_range(CHUNKS):
             c = c0 + cc
             # the last split's short step: a chunk past its end reads zero codes and zero x
@@ -211,20 +197,30 @@ def _mma1_kernel(
                     kx = tl.load(Perm + kk, mask=k_mask, other=0)
                 else:
                     kx = kk
-                x = tl.load(X + kx, mask=k_mask, other=0.0)
-                if SLICE_SHIFT >= 0:
-                    g = tl.minimum((c * 4 + j) >> SLICE_SHIFT, G - 1)
-                else:
-                    g = tl.minimum((c * 128 + j * 32) // group_size, G - 1)
-                col = g - g_base
-                xt = tl.where(rj[None, :] == col, x[:, None], 0.0)  # [32, 16]: x in its group's window column
+                col = _group_of(c, j, G, group_size, SLICE_SHIFT) - g_base
+                # [32, 16]: x in its group's window column, zero in the others (read as such: no register shuffle)
+                xt = tl.load(X + kx[:, None] + rj[None, :] * 0, mask=k_mask[:, None] & (rj[None, :] == col), other=0.0)
                 w = _plane(h, j, MAGIC, ASM)
                 if IEEE:
                     acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                    xsum = tl.dot(ones, xt.to(tl.float32), xsum, input_precision="ieee")
                 else:
                     acc = tl.dot(w, xt.to(w.dtype), acc)
-                xt_sum += xt.to(tl.float32)
-    total = _fold(total, acc, xt_sum, g_base, rn, n_mask, rj, Scales, Zeros, Offsets, N, G, off, HAS_ZEROS, HAS_OFFSETS)
+                    xsum = tl.dot(ones, xt.to(w.dtype), xsum)
+    # y[n] = sum_j s (P - (off + z) X) (+ o X) over the window's groups
+    xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
+    off = 0.0 if MAGIC == 0 else (128.0 if MAGIC == 1 else 1024.0)
+    g = g_base + rj
+    gmask = n_mask[:, None] & (g < G)[None, :]
+    sg = g[None, :] * N + rn[:, None]
+    s = tl.load(Scales + sg, mask=gmask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(Zeros + sg, mask=gmask, other=0).to(tl.float32)
+        total = s * (acc - (off + z) * xs[None, :])
+    else:
+        total = s * (acc - (off + 8.0) * xs[None, :])
+    if HAS_OFFSETS:
+        total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
     rm = tl.arange(0, 1)
     finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
@@ -246,7 +242,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    split, per_split = mma1_plan(n, kp, cfg, x.device)
+    split, per_split = mma1_plan(n, kp, group_size, scales.shape[0], cfg, x.device)
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         if tickets is None:

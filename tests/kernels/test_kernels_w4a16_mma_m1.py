@@ -1,7 +1,7 @@
 """The batch-1 tensor-core 4-bit linear (kernels/w4a16_mma_m1.py; the CPU interpreter without CUDA) against the
 float32 reference of the same codes (`W4Weight.dequantize`): every group size the layout takes, symmetric /
 asymmetric, act-order, GGUF's affine offsets, one launch and split-K (tickets back at zero), a window of 16
-groups folded inside the loop (many small groups in one split), and the plane conversion bit for bit."""
+groups per split (more splits than configured where the groups are small), and the plane conversion bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -34,7 +34,7 @@ CASES = [  # n, k, group, symmetric, act-order
     (40, 160, -1, True, False),  # per channel, K not a multiple of 128 (padded), N not a multiple of the tile
     (40, 1024, 256, False, False),  # two chunks a group
     (24, 250, -1, False, False),  # K not a whole chunk
-    (32, 1152, 32, True, False),  # 36 groups of 32 in one split: the window of 16 folds inside the loop
+    (32, 1152, 32, True, False),  # 36 groups of 32: more splits than asked, each inside one window of 16 groups
 ]
 CONFIGS = [Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1),
            Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1)]
@@ -74,7 +74,8 @@ def test_mma_m1_affine_offsets(device):
 
 
 def test_mma_m1_plan_and_refusals(device):
-    split, per = mma1_plan(4096, 4096, Mma1Config(), torch.device(device))
+    split, per = mma1_plan(4096, 4096, 128, 32, Mma1Config(), torch.device(device))
+    assert mma1_plan(4096, 4096, 32, 128, Mma1Config(split_k=1), torch.device(device)) == (8, 4)  # 16 groups a split
     assert split >= 1 and per % Mma1Config().chunks == 0 and (split - 1) * per < 4096 // 128 <= split * per
     w = _weight(32, 256, 128, True, False, device)
     with pytest.raises(ValueError, match="do not fit"):
@@ -103,3 +104,30 @@ def test_plane_conversion_is_off_plus_code(device, magic):
     w = h.cpu().to(torch.int32) & 0xFFFF
     expected = torch.cat([((w >> (4 * j)) & 15).float() + (128 if magic == 1 else 1024) for j in range(4)])
     assert torch.equal(out.cpu(), expected)
+
+
+def test_linear_sends_decode_rows_to_mma_m1_where_listed_and_falls_back_once(device, monkeypatch):
+    """W4Weight.linear: M = 1 through this kernel where its table lists the shape (its result, bit for bit), before
+    the GEMV; a compile failure is logged once and the GEMV / small-M path serves from then on."""
+    from radixlm.kernels import w4a16_mma_m1 as km
+    from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
+    from radixlm.runtime.quantization import w4a16 as wq
+
+    w = _weight(48, 256, 128, True, False, device)
+    w.use_triton, w.tickets = True, tickets_for(48, torch.device(device))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    monkeypatch.setitem(km.DEFAULTS, (48, 256), {1: "mma1-n16-c1-w1-s2-st1"})
+    assert torch.equal(w.linear(x), w4a16_mma_m1(x, w.codes, w.scales, None, None, 256, 128,
+                                                 cfg=Mma1Config.parse("mma1-n16-c1-w1-s2-st1")))
+    monkeypatch.setattr(wq, "_mma1_failed", [])
+
+    def broken(*_a, **_k):
+        raise triton.CompilationError("w4a16_mma_m1.py", None, "no such instruction")
+
+    monkeypatch.setattr(km, "w4a16_mma_m1", broken)
+    assert torch.equal(w.linear(x), w4a16_small_m_matmul(x, w.codes, w.scales, None, None, 256, 128))
+    assert wq._mma1_failed == [True]
+    monkeypatch.setattr(wq, "_mma1_failed", [])
+    monkeypatch.setattr(km, "w4a16_mma_m1", lambda *_a, **_k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.linear(x)
