@@ -265,28 +265,36 @@ def python_literal(table: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
+DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl")
+
+
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
-    swept table (and, with `ab`, on the older kernels)."""
+    swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
+    "-pdl": the swept table with --decode-pdl on); `ab` adds fp8 / w4a16 on the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
     from quantized import CONFIGS, engine_items
     from quantized_w4 import GPTQ_CONFIG
 
-    arms = [("bf16", "bf16", ""), ("fp8", "fp8", str(table_path)), ("w4a16", "w4a16", str(table_path))]
+    table = str(table_path)
+    arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
+            "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
+            "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"})}
+    chosen = [(name, *arms[name]) for name in only]
     if ab:
-        arms += [("fp8 (older kernel)", "fp8", "off"), ("w4a16 (older kernel)", "w4a16", "off")]
-    arms = [arm for arm in arms if arm[1] in only]
+        chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = model_dir_for(LLAMA_8B, Path(tmp), "llama8b")
         d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, Path(tmp), "llama8b-gptq")
-        for label, config, table in arms:
-            os.environ["RADIXLM_SMALL_M_TABLE"] = table
+        for label, config, source, extra in chosen:
+            os.environ["RADIXLM_SMALL_M_TABLE"] = source
             t = time.perf_counter()
             try:
-                out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"], CONFIGS[config], True)
+                out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"],
+                                          {**CONFIGS[config], **extra}, True)
             except Exception as exc:  # noqa: BLE001 - recorded; the other arms still run
                 out[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"(a) {label}: {out[label].get('a_decode_tok_s', out[label].get('error'))} "
@@ -302,7 +310,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240, help="stop sweeping configs after this many seconds "
                     "(the older kernel, bf16 and the default config are still timed)")
     ap.add_argument("--decode", action="store_true", help="then (a) batch-1 decode: bf16 / fp8 / w4a16 engines")
-    ap.add_argument("--decode-arms", default="bf16,fp8,w4a16", help="with --decode: which engines (of bf16, fp8, w4a16)")
+    ap.add_argument("--decode-arms", default="bf16,fp8,w4a16", help="with --decode: which engines, of " + ", ".join(DECODE_ARMS))
     ap.add_argument("--ab", action="store_true", help="with --decode: fp8 and w4a16 on the older kernels too")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows to sweep (the GEMV: 1 only)")
     ap.add_argument("--pdl", action="store_true", help="time each best config again launched with PDL")
@@ -327,6 +335,13 @@ def main() -> None:
         report["rows"], report["tables"] = rows, tables(rows)
         out.write_text(json.dumps(report, indent=1))
     report["sweep_s"] = time.perf_counter() - started
+    for kind in kinds:  # the four layers summed, M = 1: what a decoder layer's GEMMs cost
+        one = [r for r in rows if r["kind"] == kind and r["M"] == 1]
+        if len(one) == len(SHAPES) and all(r["best_us"] for r in one):
+            print(f"# {kind} M = 1, per layer (4 GEMMs): floor {sum(r['floor_us'] for r in one):.1f}, "
+                  f"old {sum(r['old_us'] for r in one):.1f}, best {sum(r['best_us'] for r in one):.1f}"
+                  + (f", best+PDL {sum(r['best_pdl_us'] for r in one):.1f}"
+                     if all(isinstance(r.get("best_pdl_us"), float) for r in one) else "") + " us")
     for kind, table in report["tables"].items():
         module = {"fp8": "fp8_small_m", "w4": "w4a16_small_m", "gemv": "w4a16_gemv", "mma1": "w4a16_mma_m1"}[kind]
         print(f"# {kind} DEFAULTS (kernels/{module}.py): " + python_literal(table).replace("\n   ", ""))
