@@ -8,7 +8,8 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M = 1 through the CUDA-core GEMV (`kernels/w4a16_gemv.py`) on the shapes where it measured faster,
+On a GPU: M = 1 through the tensor-core kernel (`kernels/w4a16_mma_m1.py`) on the shapes of its measured table,
+else the CUDA-core GEMV (`kernels/w4a16_gemv.py`) on the shapes where it measured faster,
 up to 16 through the small-M MMA kernel (`kernels/w4a16_small_m.py`: narrow row tiles, split-K finished in
 the same launch), up to `DEQUANT_MIN_M` through its tiled launch, above
 that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
