@@ -60,11 +60,12 @@ GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 
 ]
 # the M = 1 tensor-core kernel (kernels/w4a16_mma_m1.py): rows x chunks per step, warps, split-K (a: ~4 programs
 # per SM), Triton stages; 4 / 8 warps: wgmma (the codes' operand in registers), 1 / 2 warps: mma.sync
-MMA1_CONFIGS = [  # first: the sm_90 SASS's leanest loops (~2 instructions a weight, 0.875 of them the conversion)
-    "mma1-n256-c1-w4-sa-st3", "mma1-n128-c2-w4-sa-st3", "mma1-n64-c2-w2-sa-st3", "mma1-n128-c2-w2-sa-st3",
-    "mma1-n256-c1-w4-sa-st4", "mma1-n256-c2-w8-sa-st3", "mma1-n128-c1-w4-sa-st4", "mma1-n64-c2-w4-sa-st3",
-    "mma1-n128-c2-w4-s4-st3", "mma1-n64-c2-w2-s4-st3", "mma1-n256-c1-w4-s8-st3", "mma1-n128-c2-w4-s2-st3",
-    "mma1-n64-c4-w2-sa-st3", "mma1-n32-c2-w1-sa-st4", "mma1-n128-c2-w4-sa-st1",
+MMA1_CONFIGS = [  # first: the sm_90 SASS's leanest loops (1.6-2 instructions a weight, 0.875 of them the conversion;
+    # mma.sync at 1-2 warps, no wait after each MMA as wgmma's register operand takes here)
+    "mma1-n128-c2-w2-sa-st3", "mma1-n64-c2-w2-sa-st3", "mma1-n256-c1-w4-sa-st3", "mma1-n128-c2-w4-sa-st3",
+    "mma1-n64-c2-w1-sa-st3", "mma1-n128-c1-w2-sa-st4", "mma1-n256-c1-w2-sa-st3", "mma1-n128-c2-w2-s4-st3",
+    "mma1-n64-c2-w2-s4-st3", "mma1-n64-c4-w2-sa-st3", "mma1-n256-c2-w8-sa-st3", "mma1-n128-c2-w4-s4-st3",
+    "mma1-n256-c1-w4-s8-st3", "mma1-n32-c2-w1-sa-st4", "mma1-n128-c2-w2-sa-st4",
 ]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16)

@@ -42,11 +42,12 @@ WINDOW = 16  # groups whose sums the accumulator holds side by side (the MMA's c
 
 @dataclass(frozen=True)
 class Mma1Config:
-    """One launch: BLOCK_N rows x CHUNKS chunks of 128 columns a loop step, warps, Triton pipeline stages."""
+    """One launch: BLOCK_N rows x CHUNKS chunks of 128 columns a loop step, warps (1-2: mma.sync, 4-8: wgmma),
+    Triton pipeline stages."""
 
     block_n: int = 128
     chunks: int = 2
-    num_warps: int = 4
+    num_warps: int = 2
     split_k: int | None = None  # None: from the shape (`mma1_plan`); a number: at most that many splits
     num_stages: int = 3
     waves: int = 4  # programs per SM the split-K plan aims for (split_k None)
