@@ -63,9 +63,13 @@ class Mma1Config:
         return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]))
 
 
-# (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel is the M = 1 path (empty until measured
-# on the H200 by benchmarks/small_m_gemm_sweep.py --kinds mma1; W4Weight sends M = 1 here for listed shapes).
-DEFAULTS: Table = {}
+# (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel beat the GEMV, measured by
+# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200 (2026-12-03 12:00 round at 9a4e8c3, RESULTS.md: down 14.5
+# vs the GEMV's 16.8 us; qkv 9.8 vs 7.6, o 7.8 vs 7.5, gate_up 27.8 vs 26.7 stay on the GEMV). W4Weight sends M = 1
+# here for the listed shapes, before the GEMV.
+DEFAULTS: Table = {
+    (4096, 14336): {1: "mma1-n64-c2-w1-sa-st3"},
+}
 register_defaults("mma1", DEFAULTS)
 
 
