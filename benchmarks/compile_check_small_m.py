@@ -1,6 +1,6 @@
 """Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py, the M = 1
 4-bit GEMV kernels/w4a16_gemv.py) for sm_90
-on a machine without a GPU, and look at what the compiler made of the weight loads.
+(and the M = 1 tensor-core kernel kernels/w4a16_mma_m1.py) on a machine without a GPU, and look at what the compiler made of the weight loads.
 
 The Triton interpreter runs kernel bodies as Python and misses code-generation errors; this runs the real
 front end and NVIDIA backend (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for
@@ -24,11 +24,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import fp8_small_m, w4a16_gemv, w4a16_small_m
+from radixlm.kernels import fp8_small_m, w4a16_gemv, w4a16_mma_m1, w4a16_small_m
 from radixlm.kernels.small_m import SmallMConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from small_m_gemm_sweep import FP8_CONFIGS, GEMV_CONFIGS, W4_CONFIGS  # noqa: E402
+from small_m_gemm_sweep import FP8_CONFIGS, GEMV_CONFIGS, MMA1_CONFIGS, W4_CONFIGS  # noqa: E402
 
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "e4m3": "*fp8e4nv", "i16": "*i16", "i32": "*i32",
         "u8": "*u8"}
@@ -124,15 +124,34 @@ def gemv_cases():
                         "CHUNKS": cfg.chunks}, launch)
 
 
+def mma1_cases():
+    forms = [  # zeros, offsets, perm, slice shift (2: group 128; -1: any group size), activations
+        (False, False, False, 2, "bf16"), (True, False, True, 2, "fp16"), (False, True, False, 0, "bf16"),
+        (True, False, False, -1, "fp32")]
+    defaults = [key for by_m in w4a16_mma_m1.DEFAULTS.values() for key in by_m.values()]
+    for cfg in {w4a16_mma_m1.Mma1Config.parse(key) for key in MMA1_CONFIGS + defaults}:
+        launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
+        for i, (zeros, offsets, perm, shift, act) in enumerate(forms):
+            for partial, pdl in ([(True, False), (False, False), (True, True)] if i == 0 else [(True, False)]):
+                yield (f"mma1 {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} shift={shift} "
+                       f"split={partial} pdl={pdl}", w4a16_mma_m1._mma1_kernel,
+                       {"X": act, "Codes": "i16", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
+                        "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
+                        "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
+                       {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
+                        "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": act != "fp32",
+                        "SLICE_SHIFT": shift, "USE_PDL": pdl, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv"], action="append")
+    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv", "mma1"], action="append")
     parser.add_argument("--first", type=int, default=0, help="only the first N cases of each kernel (quick look)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     total = failed = 0
-    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases), ("gemv", gemv_cases)):
+    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases), ("gemv", gemv_cases), ("mma1", mma1_cases)):
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()

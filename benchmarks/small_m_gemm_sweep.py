@@ -58,6 +58,15 @@ GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 
     "gemv-n32-c4-w4-s1-p1", "gemv-n32-c4-w4-s4-p1",
     "gemv-n16-c4-w4-s8-p1", "gemv-n64-c2-w4-s2-p1", "gemv-n64-c2-w2-sa-p0", "gemv-n16-c2-w2-sa-p1",
 ]
+# the M = 1 tensor-core kernel (kernels/w4a16_mma_m1.py): rows x chunks per step, warps, split-K (a: ~4 programs
+# per SM), Triton stages; 4 / 8 warps: wgmma (the codes' operand in registers), 1 / 2 warps: mma.sync
+MMA1_CONFIGS = [  # first: the sm_90 SASS's leanest loops (1.6-2 instructions a weight, 0.875 of them the conversion;
+    # mma.sync at 1-2 warps, no wait after each MMA as wgmma's register operand takes here)
+    "mma1-n128-c2-w2-sa-st3", "mma1-n64-c2-w2-sa-st3", "mma1-n256-c1-w4-sa-st3", "mma1-n128-c2-w4-sa-st3",
+    "mma1-n64-c2-w1-sa-st3", "mma1-n128-c1-w2-sa-st4", "mma1-n256-c1-w2-sa-st3", "mma1-n128-c2-w2-s4-st3",
+    "mma1-n64-c2-w2-s4-st3", "mma1-n64-c4-w2-sa-st3", "mma1-n256-c2-w8-sa-st3", "mma1-n128-c2-w4-s4-st3",
+    "mma1-n256-c1-w4-s8-st3", "mma1-n32-c2-w1-sa-st4", "mma1-n128-c2-w2-sa-st4",
+]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16)
 FMA_MAX_M = 2  # the fma family is swept at these M only (its FMAs per weight grow with M)
@@ -127,6 +136,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
     from radixlm.kernels.small_m import SmallMConfig, tickets_for
     from radixlm.kernels.w4a16_gemm import w4a16_matmul
     from radixlm.kernels.w4a16_gemv import GemvConfig, gemv_default_config, w4a16_gemv
+    from radixlm.kernels.w4a16_mma_m1 import Mma1Config, mma1_table_config, w4a16_mma_m1
     from radixlm.kernels.w4a16_small_m import config_for as w4_default
     from radixlm.kernels.w4a16_small_m import w4a16_small_m_matmul
     from radixlm.runtime.quantization.fp8 import Fp8Weight
@@ -152,7 +162,15 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
             weight_bytes = n * k // 2 + n * (k // 128) * 2
             reps = copies_for(weight_bytes)
             parts = [(q.codes.clone(), q.scales.clone(), tickets_for(n, w.device)) for _ in range(reps)]
-            if kind == "gemv":  # "old": the small-M MMA kernel at its table's config (what the engine runs now)
+            if kind == "mma1":  # "old": the GEMV at its table's config (what the engine runs now at M = 1)
+                new = [lambda x, cfg, p=p, pdl=False: w4a16_mma_m1(x, p[0], p[1], None, None, k, 128, tickets=p[2],
+                                                                   cfg=cfg, pdl=pdl) for p in parts]
+                old = [lambda x, p=p: w4a16_gemv(x, p[0], p[1], None, None, k, 128, tickets=p[2]) for p in parts]
+                configs, parse = MMA1_CONFIGS, Mma1Config.parse
+
+                def default(m, n, k, device):
+                    return mma1_table_config(n, k) or Mma1Config()
+            elif kind == "gemv":  # "old": the small-M MMA kernel at its table's config (what the engine runs now)
                 new = [lambda x, cfg, p=p, pdl=False: w4a16_gemv(x, p[0], p[1], None, None, k, 128, tickets=p[2], cfg=cfg,
                                                                  pdl=pdl) for p in parts]
                 old = [lambda x, p=p: w4a16_small_m_matmul(x, p[0], p[1], None, None, k, 128, tickets=p[2]) for p in parts]
@@ -167,7 +185,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                 configs, default, parse = W4_CONFIGS, w4_default, SmallMConfig.parse
         bf16 = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
         for m in ms:
-            if kind == "gemv" and m > 1:
+            if kind in ("gemv", "mma1") and m > 1:
                 continue
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = x.float() @ ref_w.t()
@@ -233,8 +251,8 @@ def tables(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
         if r["best"]:
-            if r["kind"] == "gemv" and not r["best_us"] < r["old_us"]:
-                continue  # the GEMV serves a shape only where it beats the small-M kernel (its "old" here)
+            if r["kind"] in ("gemv", "mma1") and not r["best_us"] < r["old_us"]:
+                continue  # the GEMV / mma1 serve a shape only where they beat what the engine ran (their "old" here)
             out.setdefault(r["kind"], {}).setdefault(f"{r['N']}x{r['K']}", {})[str(r["M"])] = r["best"]
     return out
 
@@ -248,27 +266,36 @@ def python_literal(table: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
-def decode_figures(table_path: Path, ab: bool) -> dict:
+DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl")
+
+
+def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
-    swept table (and, with `ab`, on the older kernels)."""
+    swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
+    "-pdl": the swept table with --decode-pdl on); `ab` adds fp8 / w4a16 on the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
     from quantized import CONFIGS, engine_items
     from quantized_w4 import GPTQ_CONFIG
 
-    arms = [("bf16", "bf16", ""), ("fp8", "fp8", str(table_path)), ("w4a16", "w4a16", str(table_path))]
+    table = str(table_path)
+    arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
+            "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
+            "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"})}
+    chosen = [(name, *arms[name]) for name in only]
     if ab:
-        arms += [("fp8 (older kernel)", "fp8", "off"), ("w4a16 (older kernel)", "w4a16", "off")]
+        chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = model_dir_for(LLAMA_8B, Path(tmp), "llama8b")
         d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, Path(tmp), "llama8b-gptq")
-        for label, config, table in arms:
-            os.environ["RADIXLM_SMALL_M_TABLE"] = table
+        for label, config, source, extra in chosen:
+            os.environ["RADIXLM_SMALL_M_TABLE"] = source
             t = time.perf_counter()
             try:
-                out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"], CONFIGS[config], True)
+                out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"],
+                                          {**CONFIGS[config], **extra}, True)
             except Exception as exc:  # noqa: BLE001 - recorded; the other arms still run
                 out[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"(a) {label}: {out[label].get('a_decode_tok_s', out[label].get('error'))} "
@@ -284,6 +311,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240, help="stop sweeping configs after this many seconds "
                     "(the older kernel, bf16 and the default config are still timed)")
     ap.add_argument("--decode", action="store_true", help="then (a) batch-1 decode: bf16 / fp8 / w4a16 engines")
+    ap.add_argument("--decode-arms", default="bf16,fp8,w4a16", help="with --decode: which engines, of " + ", ".join(DECODE_ARMS))
     ap.add_argument("--ab", action="store_true", help="with --decode: fp8 and w4a16 on the older kernels too")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows to sweep (the GEMV: 1 only)")
     ap.add_argument("--pdl", action="store_true", help="time each best config again launched with PDL")
@@ -298,7 +326,7 @@ def main() -> None:
     report["ceilings"] = measure_ceilings()
     copy_bw = report["ceilings"]["copy_bytes_per_s"]
     print(f"copy {copy_bw / 1e12:.2f} TB/s\n{'kind':<4}{'layer':<8}{'M':>3}{'floor':>8}{'bf16':>8}{'old':>8}{'o/fl':>6}"
-          f"{'dflt':>8}{'best':>8}{'b/fl':>6}{'pdl':>7}  (us; best config; gemv's old: the small-M kernel)", flush=True)
+          f"{'dflt':>8}{'best':>8}{'b/fl':>6}{'pdl':>7}  (us; best config; gemv's old: the small-M kernel, mma1's: the gemv)", flush=True)
     rows: list[dict] = []
     kinds = args.kinds.split(",")
     for i, kind in enumerate(kinds):  # the time budget is shared out between the kinds
@@ -308,12 +336,19 @@ def main() -> None:
         report["rows"], report["tables"] = rows, tables(rows)
         out.write_text(json.dumps(report, indent=1))
     report["sweep_s"] = time.perf_counter() - started
+    for kind in kinds:  # the four layers summed, M = 1: what a decoder layer's GEMMs cost
+        one = [r for r in rows if r["kind"] == kind and r["M"] == 1]
+        if len(one) == len(SHAPES) and all(r["best_us"] for r in one):
+            print(f"# {kind} M = 1, per layer (4 GEMMs): floor {sum(r['floor_us'] for r in one):.1f}, "
+                  f"old {sum(r['old_us'] for r in one):.1f}, best {sum(r['best_us'] for r in one):.1f}"
+                  + (f", best+PDL {sum(r['best_pdl_us'] for r in one):.1f}"
+                     if all(isinstance(r.get("best_pdl_us"), float) for r in one) else "") + " us")
     for kind, table in report["tables"].items():
-        module = {"fp8": "fp8_small_m", "w4": "w4a16_small_m", "gemv": "w4a16_gemv"}[kind]
+        module = {"fp8": "fp8_small_m", "w4": "w4a16_small_m", "gemv": "w4a16_gemv", "mma1": "w4a16_mma_m1"}[kind]
         print(f"# {kind} DEFAULTS (kernels/{module}.py): " + python_literal(table).replace("\n   ", ""))
     out.write_text(json.dumps(report, indent=1))
     if args.decode:
-        report["decode"] = decode_figures(out, args.ab)
+        report["decode"] = decode_figures(out, args.ab, tuple(args.decode_arms.split(",")))
         out.write_text(json.dumps(report, indent=1))
         print("\n(a) batch-1 decode tok/s: " + ", ".join(f"{label} {v.get('a_decode_tok_s', float('nan')):.1f}"
                                                         for label, v in report["decode"].items()))

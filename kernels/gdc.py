@@ -50,15 +50,19 @@ def launch_options(pdl: bool, device: torch.device) -> dict:
     return {"USE_PDL": False}
 
 
-# --decode-pdl auto: off. On the H200 (RESULTS.md, 2026-12-03) this form won 1.7 µs a layer on the small kernels
-# alone and 1.1% of an in-process step, not measured in (a) by itself; a variant that let the next kernel launch
-# before its own wait (loading the step's constants early) lost 3.5% in (a).
+# --decode-pdl auto: off for bf16 models. On the H200 (RESULTS.md, 2026-12-03) this form won 1.7 µs a layer on the
+# small kernels alone and 1.1% of an in-process step, not measured in (a) by itself; a variant that let the next
+# kernel launch before its own wait (loading the step's constants early) lost 3.5% in (a).
 AUTO_ON = False
+# ... and on for models with quantized linears (their batch-1 kernels take PDL too, `set_decode_pdl`): batch-1
+# decode of the 8B shape on the H200 (12:00 round, RESULTS.md) w4a16 374.4 -> 403.7 tok/s, fp8 330.3 -> 352.0.
+AUTO_ON_QUANTIZED = True
 
 
-def enabled(mode: str, device: torch.device) -> bool:
-    """--decode-pdl `mode` (auto / on / off) on `device`: whether the decoder's kernels launch with PDL.
-    Never where the device lacks it (a CPU, or a GPU older than sm_90), whatever the mode."""
-    if mode == "off" or (mode == "auto" and not AUTO_ON):
+def enabled(mode: str, device: torch.device, quantized: bool = False) -> bool:
+    """--decode-pdl `mode` (auto / on / off) on `device`: whether the decoder's kernels launch with PDL
+    (`quantized`: the model has quantized linears). Never where the device lacks it (a CPU, or a GPU older
+    than sm_90), whatever the mode."""
+    if mode == "off" or (mode == "auto" and not (AUTO_ON_QUANTIZED if quantized else AUTO_ON)):
         return False
     return supported(device)

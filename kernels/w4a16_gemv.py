@@ -64,14 +64,15 @@ class GemvConfig:
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where the GEMV beat the small-M kernel, measured by
-# benchmarks/small_m_gemm_sweep.py --kinds gemv on the H200 (2026-12-03 08:00 round, at 142933d; RESULTS.md: qkv 10.0
-# vs 10.2 us, o 7.7 vs 9.0, gate_up 29.4 vs 30.9, down 17.6 vs 20.5). The small_m tables' format
+# benchmarks/small_m_gemm_sweep.py --kinds gemv on the H200 (2026-12-03 10:57 lead's run of main cb91c46, after the
+# scales-in-step / group-shift change; notes/gpuout/w4tc: qkv 7.9 vs 10.2 us, o 7.4 vs 9.0, gate_up 26.7 vs 30.3,
+# down 16.6 vs 20.1; engine batch-1 decode on this table 363.0 tok/s). The small_m tables' format
 # ($RADIXLM_SMALL_M_TABLE entries override it). W4Weight sends M = 1 here for the listed shapes.
 DEFAULTS: Table = {
-    (6144, 4096): {1: "gemv-n32-c4-w4-s2-p1"},
+    (6144, 4096): {1: "gemv-n8-c16-w2-sa-p0"},
     (4096, 4096): {1: "gemv-n16-c4-w4-sa-p0"},
-    (28672, 4096): {1: "gemv-n16-c4-w4-sa-p0"},
-    (4096, 14336): {1: "gemv-n32-c2-w4-sa-p1"},
+    (28672, 4096): {1: "gemv-n8-c16-w2-sa-p0"},
+    (4096, 14336): {1: "gemv-n8-c8-w1-sa-p0"},
 }
 register_defaults("gemv", DEFAULTS)
 

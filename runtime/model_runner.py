@@ -215,9 +215,10 @@ class ModelRunner:
         pdl = False
         if triton and self.device.type == "cuda":  # (kernels.gdc imports triton: not on CPU-only installs)
             from radixlm.kernels.gdc import enabled as pdl_enabled
-            from radixlm.runtime.quantization.base import set_decode_pdl
+            from radixlm.runtime.quantization.base import QuantizedWeight, set_decode_pdl
 
-            pdl = pdl_enabled(self.args.decode_pdl, self.device)
+            quantized = any(isinstance(getattr(m, "quantized", None), QuantizedWeight) for m in self.model.modules())
+            pdl = pdl_enabled(self.args.decode_pdl, self.device, quantized)
             set_decode_pdl(self.model, pdl)  # the quantized linears' M = 1 kernels (4-bit GEMV, FP8 small-M) too
         ops = get_kernel_ops(triton, pdl)
         if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches

@@ -241,8 +241,9 @@ class ServerArgs:
         "auto", "runtime", "launch the decoder's small Triton kernels (norms, rotary, KV store, decode attention, "
         "SiLU-and-mul; the 4-bit GEMV and FP8 small-M kernels of quantized layers at batch 1) with programmatic "
         "dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
-        "kernel (kernels/gdc.py; same results). auto: off (on the H200 it won 1.7 µs a layer on the small kernels "
-        "but no end-to-end gain was shown: benchmarks/RESULTS.md); on: where the device has it",
+        "kernel (kernels/gdc.py; same results). auto: on for models with quantized linears (batch-1 decode on the H200: "
+        "4-bit +8%, fp8 +7%), off for the others (on the H200 it won 1.7 µs a layer on the small kernels "
+        "but no end-to-end gain was shown for bf16: benchmarks/RESULTS.md); on: where the device has it",
         str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")

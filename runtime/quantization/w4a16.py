@@ -8,7 +8,8 @@ then repacked into the one layout the kernels read (`kernels/w4a16_gemm.py`): st
 Act-order (GPTQ desc_act, a g_idx that is not k // group_size) sorts the columns by group, which
 makes every group contiguous again; the kernels read the activations through that permutation.
 
-On a GPU: M = 1 through the CUDA-core GEMV (`kernels/w4a16_gemv.py`) on the shapes where it measured faster,
+On a GPU: M = 1 through the tensor-core kernel (`kernels/w4a16_mma_m1.py`) on the shapes of its measured table,
+else the CUDA-core GEMV (`kernels/w4a16_gemv.py`) on the shapes where it measured faster,
 up to 16 through the small-M MMA kernel (`kernels/w4a16_small_m.py`: narrow row tiles, split-K finished in
 the same launch), up to `DEQUANT_MIN_M` through its tiled launch, above
 that the weight dequantized to the activation dtype for the call and cuBLAS (prefill: compute-bound,
@@ -35,6 +36,7 @@ GEMV_MAX_M = 1  # rows up to which the GEMV runs (0: off)
 GEMV_UNLISTED = False
 SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_small_m.py; its tiles: its DEFAULTS)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
+_mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
 logger = logging.getLogger(__name__)
 
 
@@ -129,6 +131,8 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
                               self.offsets)
             out = torch.matmul(x2, w.t())
+        elif x2.shape[0] <= GEMV_MAX_M and not _mma1_failed and self._mma1_serves():
+            out = self._mma1(x2)
         elif x2.shape[0] <= GEMV_MAX_M and not _gemv_failed and self._gemv_serves():
             out = self._gemv(x2)
         elif x2.shape[0] <= SMALL_M_MAX_M:
@@ -162,6 +166,29 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         if not small_m.enabled():
             return False
         return GEMV_UNLISTED or gemv_table_config(self.out_features, self.in_features) is not None
+
+    def _mma1_serves(self) -> bool:
+        """Whether the tensor-core M = 1 kernel (kernels/w4a16_mma_m1.py) takes this weight's M = 1 calls: its
+        table lists the shape (it comes before the GEMV there), and the small-M kernels are not switched off."""
+        from radixlm.kernels import small_m
+        from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
+
+        return small_m.enabled() and mma1_table_config(self.out_features, self.in_features) is not None
+
+    def _mma1(self, x2: torch.Tensor) -> torch.Tensor:
+        """The tensor-core M = 1 kernel; if it fails to compile here, say so once and use the GEMV path from then on."""
+        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
+
+        try:
+            return w4a16_mma_m1(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                                self.offsets, self.tickets, pdl=self.pdl)
+        except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the GEMV computes the same
+            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+                raise
+            logger.warning("w4a16: the tensor-core M = 1 kernel does not compile here (%s: %s); using the GEMV",
+                           type(exc).__name__, str(exc)[:200])
+            _mma1_failed.append(True)
+            return self._gemv(x2) if self._gemv_serves() else self._small_m(x2)
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         """The decode GEMV; if it fails to compile here, say so once and use the MMA kernel from then on."""
