@@ -8,12 +8,14 @@ launch shape at batch 1, on the H200.
          outputs equal to cuBLAS', relative error of each against a float64 product. Writes the best config
          per shape as a small-M sweep JSON ("tables": {"bf16": ...}) for the arms below.
   layer  the whole layer (norm, qkv, rotary, KV store, attention, o, add+norm, gate_up, SiLU-and-mul, down)
-         x 32 distinct layers in one graph: cuBLAS everywhere vs the GEMV on the shapes where it won
+         x 32 distinct layers in one graph: cuBLAS everywhere vs the GEMV on the shapes where it won, with the
+         decode attention's merge as a second launch or fused into stage 1 (kernels/decode_attention.py)
   attn   decode attention at batch 1 (ctx 260 / 4000), 32 layers' pools in one graph: the default
-         launch (BLOCK_N 128, 32 splits) vs other block / split choices: µs per call
-  a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms "cublas" (table
-         entries "cublas") and "gemv" (the winners of item gemv), interleaved; each arm's greedy tokens for
-         two prompts (the arms must agree, or the report says where they part)
+         launch (BLOCK_N 128, 32 splits, merge as a second launch) vs other block / split choices and the
+         merge fused into stage 1 (bits compared with the two launches): µs per call
+  a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms "base" (table
+         entries "cublas", two-launch attention) and "lean" (the winners of item gemv, the fused attention
+         merge), interleaved; each arm's greedy tokens for two prompts (compared)
 """
 from __future__ import annotations
 
@@ -130,9 +132,9 @@ def item_gemv(bw: float, table_path: Path) -> dict:
 def item_layer(table: dict[str, dict[str, str]]) -> dict:
     import torch.nn.functional as F
 
+    from radixlm.kernels import decode_attention as da
     from radixlm.kernels import ops
     from radixlm.kernels.bf16_gemv import bf16_gemv
-    from radixlm.kernels.decode_attention import decode_attention
     from radixlm.kernels.small_m import SmallMConfig, tickets_for
 
     torch.manual_seed(0)
@@ -167,23 +169,36 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
             q, k, v = mm(normed, lw, "qkv").split([HQ * D, HKV * D, HKV * D], -1)
             q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache)
             ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D))
-            attn = decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5)
+            attn = da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5)
             normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw, "o"), res, w, 1e-5)
             h = mm(ops.silu_and_mul(mm(normed, lw, "gate_up")), lw, "down")
         return h
 
-    arms = {"cublas": set(), "gemv_qkv_o": {"qkv", "o"}, "gemv_all": set(SHAPES)}
+    arms = {"cublas": set(), "cublas+fused_attn": {"fused"}, "gemv_qkv_o": {"qkv", "o"},
+            "gemv_qkv_o+fused_attn": {"qkv", "o", "fused"}, "gemv_all+fused_attn": set(SHAPES) | {"fused"}}
     out: dict = {"configs": cfgs}
+
+    def run(use: set[str]) -> torch.Tensor:
+        da.GPU_CONFIG["fused_merge"] = "fused" in use
+        try:
+            return step(use)
+        finally:
+            da.GPU_CONFIG["fused_merge"] = False
+
     for _ in range(2):  # interleaved twice
         for arm, use in arms.items():
-            out.setdefault(arm, []).append(graph_us(lambda: step(use), iters=10) / LAYERS)
-    ref = step(set()).float()
+            out.setdefault(arm, []).append(graph_us(lambda: run(use), iters=10) / LAYERS)
+    ref = run(set()).float()
     for arm, use in arms.items():
         if use:
-            out[f"{arm}_rel_err"] = ((step(use).float() - ref).norm() / ref.norm()).item()
+            got = run(use)
+            out[f"{arm}_rel_err"] = ((got.float() - ref).norm() / ref.norm()).item()
+            out[f"{arm}_bits_equal"] = bool(torch.equal(got.float(), ref))
     print("layer x 32 in one graph (µs/layer, min of 2): " + ", ".join(
-        f"{arm} {min(out[arm]):.2f}" for arm in arms) + "; final hidden rel. diff vs cuBLAS: " + ", ".join(
-        f"{arm} {out[f'{arm}_rel_err']:.1e}" for arm in arms if arms[arm]), flush=True)
+        f"{arm} {min(out[arm]):.2f}" for arm in arms), flush=True)
+    print("    final hidden vs cuBLAS arm: " + ", ".join(
+        f"{arm} {out[f'{arm}_rel_err']:.1e}{' (same bits)' if out[f'{arm}_bits_equal'] else ''}"
+        for arm in arms if arms[arm]), flush=True)
     weights.clear()
     return out
 
@@ -204,27 +219,36 @@ def item_attn() -> dict:
         lens = torch.full((1,), ctx, device="cuda", dtype=torch.int32)
         ref = da.decode_attention(q, kbuf[0], vbuf[0], r2t, rows, lens, D**-0.5).float()
         row = {}
-        for block_n, splits in ((128, 32), (128, 8), (64, 32), (64, 16), (32, 32), (32, 16)):
-            da.GPU_CONFIG["block_n"] = block_n
+        two = {}
+        for block_n, splits, fused in ((128, 32, False), (128, 32, True), (64, 32, False), (64, 32, True),
+                                       (32, 32, True), (64, 16, True), (128, 1, False), (64, 1, False)):
+            da.GPU_CONFIG.update(block_n=block_n, fused_merge=fused)
+            key = f"b{block_n}-s{splits}{'-fused' if fused else ''}"
             try:
                 us = graph_us(lambda: [da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5,
                                                            num_kv_splits=splits) for i in range(LAYERS)]) / LAYERS
                 got = da.decode_attention(q, kbuf[0], vbuf[0], r2t, rows, lens, D**-0.5, num_kv_splits=splits)
-                row[f"b{block_n}-s{splits}"] = {"us": us, "rel_err": ((got.float() - ref).norm() / ref.norm()).item()}
+                row[key] = {"us": us, "rel_err": ((got.float() - ref).norm() / ref.norm()).item()}
+                if not fused:
+                    two[block_n, splits] = got
+                elif (block_n, splits) in two:
+                    row[key]["bits_equal_two_launch"] = bool(torch.equal(got, two[block_n, splits]))
             except Exception as exc:  # noqa: BLE001
-                row[f"b{block_n}-s{splits}"] = {"error": repr(exc)[:200]}
+                row[key] = {"error": repr(exc)[:200]}
             finally:
                 da.GPU_CONFIG.update(base_cfg)
         out[ctx] = row
-        print(f"attn b=1 ctx {ctx} (µs/call; default b128-s32 {row['b128-s32'].get('us', float('nan')):.2f}): "
-              + ", ".join(f"{k} {v['us']:.2f}" for k, v in row.items() if "us" in v), flush=True)
+        print(f"attn b=1 ctx {ctx} µs/call: " + ", ".join(
+            f"{k} {v['us']:.2f}" + ("" if v.get("bits_equal_two_launch", True) else " (bits differ!)")
+            if "us" in v else f"{k} ERR" for k, v in row.items()), flush=True)
     return out
 
 
-def item_a(d: Path, arm: str, table_json: str) -> dict:
+def item_a(d: Path, arm: str, table_json: str, fused_attn: bool) -> dict:
     import radixlm
 
-    os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits it
+    os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits both
+    os.environ["RADIXLM_DECODE_FUSED_MERGE"] = "1" if fused_attn else "0"
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=1,
@@ -256,7 +280,8 @@ def guarded(fn: Callable[[], dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", default="gemv,layer,attn,a")
-    ap.add_argument("--a-arms", default="cublas,gemv,cublas,gemv")
+    ap.add_argument("--a-arms", default="base,lean,base,lean", help="base: main's kernels; lean: the GEMV "
+                    "winners of item gemv and the fused attention merge")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean4.json"))
     args = ap.parse_args()
@@ -294,7 +319,8 @@ def main() -> None:
             if time.perf_counter() - T0 > args.budget_s - 25:
                 print(f"(a) [{arm}] skipped: budget", flush=True)
                 break
-            report["a"].append(guarded(lambda: item_a(d, arm, str(table_path if arm == "gemv" else off_path))))
+            lean = arm == "lean"
+            report["a"].append(guarded(lambda: item_a(d, arm, str(table_path if lean else off_path), lean)))
             save()
         toks = {r["arm"]: r.get("tokens") for r in report["a"] if "tokens" in r}
         if len(toks) == 2:
@@ -302,7 +328,7 @@ def main() -> None:
             same = [x == y for x, y in zip(a, b)]
             first = [next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
             report["a_tokens_equal"] = same
-            print(f"(a) greedy tokens cublas vs gemv: equal {same}, first difference at {first}", flush=True)
+            print(f"(a) greedy tokens base vs lean: equal {same}, first difference at {first}", flush=True)
     save()
     print(f"done in {time.perf_counter() - T0:.0f} s", flush=True)
 
