@@ -8,14 +8,14 @@ launch shape at batch 1, on the H200.
          outputs equal to cuBLAS', relative error of each against a float64 product. Writes the best config
          per shape as a small-M sweep JSON ("tables": {"bf16": ...}) for the arms below.
   layer  the whole layer (norm, qkv, rotary, KV store, attention, o, add+norm, gate_up, SiLU-and-mul, down)
-         x 32 distinct layers in one graph: cuBLAS everywhere vs the GEMV on the shapes where it won, with the
-         decode attention's merge as a second launch or fused into stage 1 (kernels/decode_attention.py)
+         x 32 distinct layers in one graph: main's kernels vs rotary + KV store in one launch (rs), the decode
+         attention's merge fused into stage 1 (fused), the GEMV on qkv / o or on every shape where it won
   attn   decode attention at batch 1 (ctx 260 / 4000), 32 layers' pools in one graph: the default
          launch (BLOCK_N 128, 32 splits, merge as a second launch) vs other block / split choices and the
          merge fused into stage 1 (bits compared with the two launches): µs per call
   a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms "base" (table
-         entries "cublas", two-launch attention) and "lean" (the winners of item gemv, the fused attention
-         merge), interleaved; each arm's greedy tokens for two prompts (compared)
+         entries "cublas", two-launch attention merge; rotary + store in one launch in both) and "lean" (the
+         winners of item gemv, the fused merge), interleaved; each arm's greedy tokens for two prompts (compared)
 """
 from __future__ import annotations
 
@@ -167,15 +167,20 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
             else:
                 normed, res = ops.fused_add_rms_norm(h, res, w, 1e-5)
             q, k, v = mm(normed, lw, "qkv").split([HQ * D, HKV * D, HKV * D], -1)
-            q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache)
-            ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D))
+            if "rs" in use:
+                q = ops.rotary_store_kv(q.view(1, HQ, D), k.view(1, HKV, D), v.view(1, HKV, D), pos, cache, kbuf[i],
+                                        vbuf[i], slot)
+            else:
+                q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache)
+                ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D))
             attn = da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5)
             normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw, "o"), res, w, 1e-5)
             h = mm(ops.silu_and_mul(mm(normed, lw, "gate_up")), lw, "down")
         return h
 
-    arms = {"cublas": set(), "cublas+fused_attn": {"fused"}, "gemv_qkv_o": {"qkv", "o"},
-            "gemv_qkv_o+fused_attn": {"qkv", "o", "fused"}, "gemv_all+fused_attn": set(SHAPES) | {"fused"}}
+    # fused: the attention merge inside stage 1; rs: rotary and the KV store in one launch; shape names: the GEMV
+    arms = {"main": set(), "rs": {"rs"}, "rs+fused": {"rs", "fused"}, "gemv_qkv_o": {"qkv", "o"},
+            "gemv_qkv_o+rs+fused": {"qkv", "o", "rs", "fused"}, "gemv_all+rs+fused": set(SHAPES) | {"rs", "fused"}}
     out: dict = {"configs": cfgs}
 
     def run(use: set[str]) -> torch.Tensor:
@@ -196,7 +201,7 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
             out[f"{arm}_bits_equal"] = bool(torch.equal(got.float(), ref))
     print("layer x 32 in one graph (µs/layer, min of 2): " + ", ".join(
         f"{arm} {min(out[arm]):.2f}" for arm in arms), flush=True)
-    print("    final hidden vs cuBLAS arm: " + ", ".join(
+    print("    final hidden vs main: " + ", ".join(
         f"{arm} {out[f'{arm}_rel_err']:.1e}{' (same bits)' if out[f'{arm}_bits_equal'] else ''}"
         for arm in arms if arms[arm]), flush=True)
     weights.clear()
