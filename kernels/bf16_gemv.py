@@ -38,8 +38,27 @@ def config_for(n: int, k: int) -> SmallMConfig | None:
 
 
 @triton.jit
+def _load_x(X, cols, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(X + cols).to(tl.float32)  # no mask: 16-byte vector loads
+
+
+@triton.jit
+def _activation(X, cols, K, mask, MASKED: tl.constexpr, SILU_MUL: tl.constexpr):
+    """x[cols] as float32; SILU_MUL: X = [gate | up] (2K wide) and x = silu(gate) * up, rounded as
+    kernels/ops.py's SiLU-and-mul kernel rounds it (silu to X's dtype, then the product), so the bits are its."""
+    if SILU_MUL:
+        gate = _load_x(X, cols, mask, MASKED)
+        up = _load_x(X + K, cols, mask, MASKED)
+        act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
+        return (act * up).to(X.dtype.element_ty).to(tl.float32)
+    return _load_x(X, cols, mask, MASKED)
+
+
+@triton.jit
 def _bf16_gemv_kernel(X, W, Out, Part, Tickets, N, K, k_per_split, split, stride_wn,
-                      EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, USE_PDL: tl.constexpr,
+                      EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if USE_PDL:  # launched beside its predecessor: wait for it before touching memory (kernels/gdc.py)
         tl.extra.cuda.gdc_wait()
@@ -56,23 +75,26 @@ def _bf16_gemv_kernel(X, W, Out, Part, Tickets, N, K, k_per_split, split, stride
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:  # no mask along K: the loads stay 16-byte vectors
             w = tl.load(tile + k0, mask=n_mask[:, None], other=0.0)
-            xk = tl.load(X + k0 + cols)
+            xk = _activation(X, k0 + cols, K, cols, False, SILU_MUL)
         else:
             in_k = (k0 + cols) < k_end
             w = tl.load(tile + k0, mask=n_mask[:, None] & in_k[None, :], other=0.0)
-            xk = tl.load(X + k0 + cols, mask=in_k, other=0.0)
-        acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+            xk = _activation(X, k0 + cols, K, in_k, True, SILU_MUL)
+        acc += w.to(tl.float32) * xk[None, :]
     one = tl.arange(0, 1)  # the single activation row, as finish_tile's [BLOCK_N, BLOCK_M] tile
     finish_tile(tl.sum(acc, 1)[:, None], Out, Out, Part, Tickets, one, rn, one < 1, n_mask, pid_n, pid_k, 1, N,
                 split, N, PARTIAL, False)
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, cfg: SmallMConfig, tickets: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+              bias: torch.Tensor | None = None, pdl: bool = False, silu_mul: bool = False) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N] in x's dtype, by `cfg` (kind "fma"; split-K by its split
-    count). `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest; a fresh buffer when None)."""
+    count). `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest; a fresh buffer when None).
+    `silu_mul`: x is [gate | up], [1, 2K], and the product is of silu(gate) * up (the MLP's down projection
+    with its activation computed in the loads: the bits of ops.silu_and_mul, then this GEMV)."""
     n, k = weight.shape
-    if x.dim() != 2 or x.shape != (1, k) or weight.stride(1) != 1 or weight.dtype != x.dtype:
+    x_cols = (x.shape[-1] // 2 if x.shape[-1] % 2 == 0 else -1) if silu_mul else x.shape[-1]
+    if x.dim() != 2 or x.shape[0] != 1 or x_cols != k or weight.stride(1) != 1 or weight.dtype != x.dtype:
         raise ValueError(f"bf16_gemv: x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16) or cfg.kind != "fma":
         raise ValueError(f"bf16_gemv: takes bf16 / fp16 and 'fma' configs, not {x.dtype} / {cfg.kind!r}")
@@ -86,7 +108,7 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, cfg: SmallMConfig, tickets:
         part, tickets = out, out  # unused
     _bf16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, weight, out, part, tickets, n, k, k_per_split, split, weight.stride(0),
-        EVEN_K=k % cfg.block_k == 0, PARTIAL=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, PARTIAL=split > 1, SILU_MUL=silu_mul, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl, x.device),
     )
     return out if bias is None else out + bias

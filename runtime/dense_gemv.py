@@ -22,10 +22,11 @@ class DenseGemv:
         self.pdl = pdl
         self.tickets = tickets_for(weight.shape[0], weight.device)
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
+        """x @ W^T (+ bias); `silu_mul`: x is the MLP's [gate | up] and the product is of silu(gate) * up."""
         from radixlm.kernels.bf16_gemv import bf16_gemv
 
-        return bf16_gemv(x, self.weight, self.cfg, self.tickets, bias, self.pdl)
+        return bf16_gemv(x, self.weight, self.cfg, self.tickets, bias, self.pdl, silu_mul)
 
 
 def attach_dense_gemv(model: nn.Module, pdl: bool = False) -> list[str]:

@@ -157,6 +157,17 @@ class RowParallelLinear(nn.Linear):
             dist.all_reduce(out, group=self.tp_group)
         return out
 
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """forward(silu(gate) * up) with the activation computed inside the M = 1 GEMV's loads (one launch less;
+        the same bits as ops.silu_and_mul, then the GEMV), or None where that does not apply: no GEMV for this
+        shape, more than one row, or a LoRA update (it reads the activation itself)."""
+        if self.gemv is None or self.lora is not None or gate_up.dim() != 2 or gate_up.shape[0] != 1:
+            return None
+        out = self.gemv(gate_up, None, silu_mul=True)
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
+
 
 class VocabParallelEmbedding(nn.Embedding):
     """Holds vocabulary rows [vocab_start, vocab_start + vocab_shard); a token's vector comes from

@@ -43,6 +43,20 @@ def test_bf16_gemv_matches_float64_product(device, dtype, n, k):
     assert torch.equal(bf16_gemv(x, w, CONFIGS[0], tickets, bias), bf16_gemv(x, w, CONFIGS[0], tickets) + bias)
 
 
+@pytest.mark.parametrize("k", [512, 300])
+def test_silu_mul_in_the_loads_equals_the_activation_kernel_then_the_gemv(device, k):
+    """The down projection's prologue: the bits of ops.silu_and_mul (Triton), then the GEMV."""
+    from radixlm.kernels.ops import silu_and_mul
+
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(40, k, generator=g) * k**-0.5).to(torch.bfloat16).to(device)
+    gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(torch.bfloat16).to(device)
+    for cfg in CONFIGS:
+        assert torch.equal(bf16_gemv(gate_up, w, cfg, silu_mul=True), bf16_gemv(silu_and_mul(gate_up), w, cfg)), cfg.key()
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_gemv(gate_up[:, :k], w, CONFIGS[0], silu_mul=True)  # not [gate | up]
+
+
 def test_bf16_gemv_refuses_what_it_cannot_take(device):
     w = torch.randn(16, 128, dtype=torch.bfloat16, device=device)
     cfg = CONFIGS[0]
@@ -80,6 +94,9 @@ def test_linear_layers_take_the_gemv_for_single_rows_only(device, tmp_path, monk
         assert torch.equal(col(x1), bf16_gemv(x1, col.weight, cfg, None, col.bias))
         assert torch.equal(row(x1), bf16_gemv(x1, row.weight, cfg))
         assert torch.equal(col(x3), plain3) and torch.equal(row(x3), plain_row)  # M > 1: torch's product
+        gate_up = torch.randn(1, 512, dtype=torch.bfloat16, device=device)
+        assert torch.equal(row.forward_silu_mul(gate_up), bf16_gemv(gate_up, row.weight, cfg, silu_mul=True))
+        assert row.forward_silu_mul(torch.randn(2, 512, dtype=torch.bfloat16, device=device)) is None
 
     # attach: only CUDA half-precision weights of a measured shape get one (and others lose a stale one)
     path = tmp_path / "sweep.json"
