@@ -15,7 +15,7 @@ from torch import nn
 
 from radixlm.kernels import KernelOps, get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
-from radixlm.runtime.forward_batch import ForwardBatch
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
 from radixlm.runtime.parallel.layers import (
     ColumnParallelLinear,
@@ -180,6 +180,10 @@ class LlamaForCausalLM(nn.Module):
         return self._final_norm(batch, hidden, residual)
 
     def _final_norm(self, batch: ForwardBatch, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if batch.mode is ForwardMode.DECODE and self.ops.name.startswith("triton"):
+            # every row in order (logits_indices = arange): the add, the row pick and the norm in one launch,
+            # the same bits (the fused kernel rounds the sum to bf16 first, as `hidden + residual` does)
+            return self.ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.cfg.rms_norm_eps)[0]
         hidden = hidden + residual
         hidden = hidden[batch.logits_indices]
         return self.ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)

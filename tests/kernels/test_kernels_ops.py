@@ -42,6 +42,20 @@ def test_fused_add_rms_norm(device, assert_close, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_is_the_norm_of_the_rounded_sum(device, dtype):
+    """The decode step's final norm takes one launch (models/llama.py `_final_norm`): the bits of
+    rms_norm(x + residual). (bf16 on a GPU only: the CPU interpreter truncates the sum to bf16.)"""
+    from radixlm.kernels.ops import fused_add_rms_norm, rms_norm
+
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the CPU interpreter truncates to bf16 instead of rounding")
+    x = torch.randn(5, 4096, dtype=dtype, device=device)
+    res = torch.randn(5, 4096, dtype=dtype, device=device)
+    w = torch.rand(4096, dtype=dtype, device=device) + 0.5
+    assert torch.equal(fused_add_rms_norm(x, res, w, 1e-5)[0], rms_norm(x + res, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(device, assert_close, dtype):
     from radixlm.kernels.ops import silu_and_mul
 
