@@ -42,9 +42,11 @@ SHAPES = {"qkv": ((HQ + 2 * HKV) * D, HIDDEN), "o": (HIDDEN, HQ * D), "gate_up":
           "down": (HIDDEN, INTER)}
 CONFIGS = {  # fma configs tried per shape (kernels/small_m.SmallMConfig keys)
     "qkv": ["fma-n8-k512-s1-w4-st3", "fma-n8-k512-s1-w4-st1", "fma-n8-k512-s2-w4-st3", "fma-n4-k512-s2-w2-st3",
-            "fma-n16-k256-s1-w4-st3", "fma-n8-k1024-s1-w4-st2", "fma-n8-k256-s2-w2-st3", "fma-n4-k1024-s1-w4-st2"],
+            "fma-n16-k256-s1-w4-st3", "fma-n8-k1024-s1-w4-st2", "fma-n8-k256-s2-w2-st3", "fma-n4-k1024-s1-w4-st2",
+            "fma-n4-k256-s2-w1-st3"],
     "o": ["fma-n8-k512-s1-w4-st3", "fma-n8-k512-s2-w4-st3", "fma-n8-k512-s4-w4-st3", "fma-n4-k512-s2-w2-st3",
-          "fma-n4-k512-s4-w2-st3", "fma-n8-k256-s4-w2-st3", "fma-n16-k512-s2-w4-st3", "fma-n8-k1024-s2-w4-st2"],
+          "fma-n4-k512-s4-w2-st3", "fma-n8-k256-s4-w2-st3", "fma-n16-k512-s2-w4-st3", "fma-n8-k1024-s2-w4-st2",
+          "fma-n4-k256-s4-w1-st3"],
     "gate_up": ["fma-n8-k512-s1-w4-st3", "fma-n16-k256-s1-w4-st3", "fma-n16-k512-s1-w4-st3", "fma-n8-k1024-s1-w4-st2"],
     "down": ["fma-n8-k512-s4-w4-st3", "fma-n8-k1024-s2-w4-st2", "fma-n8-k512-s7-w4-st3", "fma-n4-k512-s4-w2-st3"],
 }
