@@ -79,7 +79,8 @@ def make_pool(lens: list[int], dtype: torch.dtype, hkv: int = HKV, d: int = D):
     return k_buf, v_buf, r2t, req_rows
 
 
-def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag="") -> Case:
+def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag="", fused_merge: bool = False) -> Case:
+    """`fused_merge`: stage 2 run inside stage 1 (decode_attention.GPU_CONFIG["fused_merge"])."""
     k_buf, v_buf, r2t, rows = make_pool(lens, dtype, hkv, d)
     bsz = len(lens)
     q = torch.randn(bsz, hq, d, dtype=dtype, device=DEV)
@@ -89,13 +90,21 @@ def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag=
     scale = d**-0.5
     elt = k_buf.element_size()
     nbytes = sum(lens) * (2 * hkv * d * elt + 4) + 2 * q.numel() * elt
-    from kernels.decode_attention import decode_attention
+    from kernels.decode_attention import GPU_CONFIG, decode_attention
+
+    def run() -> torch.Tensor:
+        before = GPU_CONFIG["fused_merge"]
+        GPU_CONFIG["fused_merge"] = fused_merge
+        try:
+            return decode_attention(q, k_buf, v_buf, r2t, idx, seq, scale, out=out)
+        finally:
+            GPU_CONFIG["fused_merge"] = before
 
     uniform = len(set(lens)) == 1
     shape = f"B={bsz} ctx={lens[0] if uniform else f'{min(lens)}..{max(lens)}'} Hq={hq} Hkv={hkv} D={d}{tag}"
     return Case(
-        "decode_attention", shape,
-        run=lambda: decode_attention(q, k_buf, v_buf, r2t, idx, seq, scale, out=out),
+        "decode_attention" + (" (fused merge)" if fused_merge else ""), shape,
+        run=run,
         ref=lambda: attention_ref.decode_attention_ref(q, k_buf, v_buf, r2t, idx, seq, scale, max(lens)),
         nbytes=nbytes, flops=4.0 * sum(lens) * hq * d, dtype=dtype,
     )
@@ -158,8 +167,18 @@ def elementwise_cases(tokens: int) -> list[Case]:
         ops_ref.store_kv_ref(k_ref, v_ref, slots, k, v)
         return k_ref[slots], v_ref[slots]
 
+    k_buf2, v_buf2 = torch.zeros_like(k_buf), torch.zeros_like(v_buf)
+
+    def rotary_store_ref():
+        q_rot, k_rot = ops_ref.rotary_ref(q, k, pos, cache)
+        return q_rot, k_rot, v
+
     eps, tag, e = 1e-5, f"T={tokens}", 2
     return [
+        Case("rotary_store_kv", f"{tag} Hq={HQ} Hkv={HKV} D={D}",
+             lambda: ops.rotary_store_kv(q, k, v, pos, cache, k_buf2, v_buf2, slots), rotary_store_ref,
+             2 * (q.numel() + 2 * k.numel()) * e + tokens * D * 4,
+             fetch=lambda: (ops.rotary_store_kv(q, k, v, pos, cache, k_buf2, v_buf2, slots), k_buf2[slots], v_buf2[slots])),
         Case("rms_norm", f"{tag} H={HIDDEN}", lambda: ops.rms_norm(x, w, eps),
              lambda: ops_ref.rms_norm_ref(x, w, eps), 2 * x.numel() * e),
         Case("fused_add_rms_norm", f"{tag} H={HIDDEN}", lambda: ops.fused_add_rms_norm(x, res, w, eps),
@@ -265,9 +284,36 @@ def build_cases(quick: bool) -> list[Callable[[], Case | list[Case]]]:
         lambda: extend_case([100, 0], [1000, 999], hq=16, hkv=16, d=64, tag=" (MHA, D=64)"),
         lambda: extend_case([300, 0], [1000, 999], dtype=torch.float16, hq=24, hkv=8, d=96, tag=" (fp16, D=96)"),
     ]
+    builders += [lambda: decode_case([4096], fused_merge=True), lambda: decode_case(uneven, fused_merge=True)]
     for tokens in ([32] if quick else [32, 4096]):
         builders.append(lambda t=tokens: elementwise_cases(t))
+    builders.append(gemv_cases)
     return builders
+
+
+def gemv_cases() -> list[Case]:
+    """The bf16 M = 1 GEMV (kernels/bf16_gemv.py) at the 8B layer shapes, by its table's config where it has one;
+    down also with SiLU-and-mul in its loads."""
+    from kernels import ops
+    from kernels.bf16_gemv import bf16_gemv, config_for
+    from kernels.small_m import SmallMConfig
+
+    cases = []
+    for name, n, k in (("qkv", (HQ + 2 * HKV) * D, HIDDEN), ("o", HIDDEN, HQ * D), ("gate_up", 2 * INTER, HIDDEN),
+                       ("down", HIDDEN, INTER)):
+        cfg = config_for(n, k) or SmallMConfig("fma", 8, 512, 2, 4, 3)
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=DEV) * k**-0.5
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=DEV)
+        cases.append(Case("bf16_gemv", f"{name} {n}x{k} M=1 {cfg.key()}", lambda x=x, w=w, c=cfg: bf16_gemv(x, w, c),
+                          lambda x=x, w=w: x.float() @ w.float().T, n * k * 2.0, 2.0 * n * k,
+                          baseline=lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+        if name == "down":
+            gu = torch.randn(1, 2 * k, dtype=torch.bfloat16, device=DEV)
+            cases.append(Case("bf16_gemv (SiLU-and-mul)", f"{name} {n}x{k} M=1 {cfg.key()}",
+                              lambda gu=gu, w=w, c=cfg: bf16_gemv(gu, w, c, silu_mul=True),
+                              lambda gu=gu, w=w: ops.silu_and_mul(gu).float() @ w.float().T, n * k * 2.0, 2.0 * n * k,
+                              baseline=lambda gu=gu, w=w: torch.nn.functional.linear(ops.silu_and_mul(gu), w)))
+    return cases
 
 
 def print_table(rows: list[dict]) -> None:
