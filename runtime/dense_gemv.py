@@ -31,7 +31,8 @@ class DenseGemv:
 
 def attach_dense_gemv(model: nn.Module, pdl: bool = False) -> list[str]:
     """Give each eligible linear of `model` its `DenseGemv` (and take it away from the others); the names of
-    the layers that got one. Eligible: a CUDA bf16 / fp16 weight, not quantized, shape in the kernel's table."""
+    the layers that got one. Eligible: a CUDA bf16 / fp16 weight, not quantized, no bias (cuBLAS adds a bias
+    before rounding; Qwen2's qkv keeps it), shape in the kernel's table."""
     from radixlm.kernels.bf16_gemv import config_for
     from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -41,7 +42,7 @@ def attach_dense_gemv(model: nn.Module, pdl: bool = False) -> list[str]:
             continue
         module.gemv = None
         weight = module.weight
-        if (module.quantized is not None or not weight.is_cuda or weight.dim() != 2
+        if (module.quantized is not None or not weight.is_cuda or weight.dim() != 2 or module.bias is not None
                 or weight.dtype not in (torch.bfloat16, torch.float16) or weight.stride(1) != 1):
             continue
         cfg = config_for(*weight.shape)
