@@ -327,6 +327,12 @@ def main() -> None:
         report["gemv"] = guarded(lambda: item_gemv(bw, table_path))
         table = report["gemv"].get("table", {})
         save()
+    else:  # the kernel's measured defaults (kernels/bf16_gemv.py DEFAULTS), e.g. to re-run layer / a alone
+        from radixlm.kernels.bf16_gemv import DEFAULTS
+
+        table = {f"{n}x{k}": {"1": by_m[1]} for (n, k), by_m in DEFAULTS.items() if 1 in by_m}
+        table_path.write_text(json.dumps({"tables": {"bf16": table}}))
+        report["table"] = table
     if "layer" in items and table:
         report["layer"] = guarded(lambda: item_layer(table))
         save()
