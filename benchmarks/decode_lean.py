@@ -169,36 +169,40 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
     w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
 
     def step(use: set[str]) -> torch.Tensor:
+        pdl = "pdl" in use  # every Triton kernel launched with programmatic dependent launch (kernels/gdc.py)
+
         def mm(x: torch.Tensor, lw: dict, name: str) -> torch.Tensor:
             if name in use and cfgs[name] != "cublas":
-                return bf16_gemv(x, lw[name], SmallMConfig.parse(cfgs[name]), tickets[name])
+                return bf16_gemv(x, lw[name], SmallMConfig.parse(cfgs[name]), tickets[name], pdl=pdl)
             return F.linear(x, lw[name])
 
         h, res = x0, None
         for i, lw in enumerate(weights):
             if res is None:
-                res, normed = h, ops.rms_norm(h, w, 1e-5)
+                res, normed = h, ops.rms_norm(h, w, 1e-5, pdl=pdl)
             else:
-                normed, res = ops.fused_add_rms_norm(h, res, w, 1e-5)
+                normed, res = ops.fused_add_rms_norm(h, res, w, 1e-5, pdl=pdl)
             q, k, v = mm(normed, lw, "qkv").split([HQ * D, HKV * D, HKV * D], -1)
             if "rs" in use:
                 q = ops.rotary_store_kv(q.view(1, HQ, D), k.view(1, HKV, D), v.view(1, HKV, D), pos, cache, kbuf[i],
-                                        vbuf[i], slot)
+                                        vbuf[i], slot, pdl=pdl)
             else:
                 q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache)
                 ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D))
-            attn = da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5)
-            normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw, "o"), res, w, 1e-5)
+            attn = da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5, pdl=pdl)
+            normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw, "o"), res, w, 1e-5, pdl=pdl)
             gate_up = mm(normed, lw, "gate_up")
             if "down" in use and cfgs["down"] != "cublas":  # SiLU-and-mul in the down GEMV's loads
-                h = bf16_gemv(gate_up, lw["down"], SmallMConfig.parse(cfgs["down"]), tickets["down"], silu_mul=True)
+                h = bf16_gemv(gate_up, lw["down"], SmallMConfig.parse(cfgs["down"]), tickets["down"], pdl=pdl,
+                              silu_mul=True)
             else:
-                h = mm(ops.silu_and_mul(gate_up), lw, "down")
+                h = mm(ops.silu_and_mul(gate_up, pdl=pdl), lw, "down")
         return h
 
     # fused: the attention merge inside stage 1; rs: rotary and the KV store in one launch; shape names: the GEMV
     arms = {"main": set(), "rs": {"rs"}, "rs+fused": {"rs", "fused"}, "gemv_qkv_o": {"qkv", "o"},
-            "gemv_qkv_o+rs+fused": {"qkv", "o", "rs", "fused"}, "gemv_all+rs+fused": set(SHAPES) | {"rs", "fused"}}
+            "gemv_qkv_o+rs+fused": {"qkv", "o", "rs", "fused"}, "gemv_all+rs+fused": set(SHAPES) | {"rs", "fused"},
+            "gemv_all+rs+fused+pdl": set(SHAPES) | {"rs", "fused", "pdl"}}
     out: dict = {"configs": cfgs}
 
     def run(use: set[str]) -> torch.Tensor:
@@ -217,11 +221,12 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
             got = run(use)
             out[f"{arm}_rel_err"] = ((got.float() - ref).norm() / ref.norm()).item()
             out[f"{arm}_bits_equal"] = bool(torch.equal(got.float(), ref))
+    out["pdl_same_bits"] = bool(torch.equal(run(arms["gemv_all+rs+fused+pdl"]), run(arms["gemv_all+rs+fused"])))
     print("layer x 32 in one graph (µs/layer, min of 2): " + ", ".join(
         f"{arm} {min(out[arm]):.2f}" for arm in arms), flush=True)
     print("    final hidden vs main: " + ", ".join(
         f"{arm} {out[f'{arm}_rel_err']:.1e}{' (same bits)' if out[f'{arm}_bits_equal'] else ''}"
-        for arm in arms if arms[arm]), flush=True)
+        for arm in arms if arms[arm]) + f"; PDL on = off: {out['pdl_same_bits']}", flush=True)
     weights.clear()
     return out
 
@@ -267,7 +272,7 @@ def item_attn() -> dict:
     return out
 
 
-def item_a(d: Path, arm: str, table_json: str, fused_attn: bool) -> dict:
+def item_a(d: Path, arm: str, table_json: str, fused_attn: bool, pdl: bool) -> dict:
     import radixlm
 
     os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits both
@@ -275,7 +280,7 @@ def item_a(d: Path, arm: str, table_json: str, fused_attn: bool) -> dict:
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=1,
-                        log_level="warning") as eng:
+                        decode_pdl="on" if pdl else "off", log_level="warning") as eng:
         gen(eng, rand_ids(64, VOCAB, rng), 8)
         t1 = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 1) for _ in range(3))
         tn = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 257) for _ in range(2))
@@ -303,8 +308,8 @@ def guarded(fn: Callable[[], dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", default="gemv,layer,attn,a")  # (run in this order)
-    ap.add_argument("--a-arms", default="base,lean,base,lean", help="base: main's kernels; lean: the GEMV "
-                    "winners of item gemv and the fused attention merge")
+    ap.add_argument("--a-arms", default="base,lean,lean_pdl,base,lean", help="base: main's kernels; lean: the GEMV "
+                    "winners of item gemv and the fused attention merge; lean_pdl: lean with --decode-pdl on")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean4.json"))
     args = ap.parse_args()
@@ -348,12 +353,13 @@ def main() -> None:
             if time.perf_counter() - T0 > args.budget_s - 25:
                 print(f"(a) [{arm}] skipped: budget", flush=True)
                 break
-            lean = arm == "lean"
-            report["a"].append(guarded(lambda: item_a(d, arm, str(table_path if lean else off_path), lean)))
+            lean = arm.startswith("lean")
+            report["a"].append(guarded(lambda: item_a(d, arm, str(table_path if lean else off_path), lean,
+                                                      arm == "lean_pdl")))
             save()
         toks = {r["arm"]: r.get("tokens") for r in report["a"] if "tokens" in r}
-        if len(toks) == 2:
-            a, b = toks.values()
+        if "base" in toks and "lean" in toks:
+            a, b = toks["base"], toks["lean"]
             same = [x == y for x, y in zip(a, b)]
             first = [next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
             report["a_tokens_equal"] = same
