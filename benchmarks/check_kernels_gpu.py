@@ -79,8 +79,7 @@ def make_pool(lens: list[int], dtype: torch.dtype, hkv: int = HKV, d: int = D):
     return k_buf, v_buf, r2t, req_rows
 
 
-def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag="", fused_merge: bool = False) -> Case:
-    """`fused_merge`: stage 2 run inside stage 1 (decode_attention.GPU_CONFIG["fused_merge"])."""
+def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag="") -> Case:
     k_buf, v_buf, r2t, rows = make_pool(lens, dtype, hkv, d)
     bsz = len(lens)
     q = torch.randn(bsz, hq, d, dtype=dtype, device=DEV)
@@ -90,21 +89,13 @@ def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag=
     scale = d**-0.5
     elt = k_buf.element_size()
     nbytes = sum(lens) * (2 * hkv * d * elt + 4) + 2 * q.numel() * elt
-    from kernels.decode_attention import GPU_CONFIG, decode_attention
-
-    def run() -> torch.Tensor:
-        before = GPU_CONFIG["fused_merge"]
-        GPU_CONFIG["fused_merge"] = fused_merge
-        try:
-            return decode_attention(q, k_buf, v_buf, r2t, idx, seq, scale, out=out)
-        finally:
-            GPU_CONFIG["fused_merge"] = before
+    from kernels.decode_attention import decode_attention
 
     uniform = len(set(lens)) == 1
     shape = f"B={bsz} ctx={lens[0] if uniform else f'{min(lens)}..{max(lens)}'} Hq={hq} Hkv={hkv} D={d}{tag}"
     return Case(
-        "decode_attention" + (" (fused merge)" if fused_merge else ""), shape,
-        run=run,
+        "decode_attention", shape,
+        run=lambda: decode_attention(q, k_buf, v_buf, r2t, idx, seq, scale, out=out),
         ref=lambda: attention_ref.decode_attention_ref(q, k_buf, v_buf, r2t, idx, seq, scale, max(lens)),
         nbytes=nbytes, flops=4.0 * sum(lens) * hq * d, dtype=dtype,
     )
@@ -284,7 +275,6 @@ def build_cases(quick: bool) -> list[Callable[[], Case | list[Case]]]:
         lambda: extend_case([100, 0], [1000, 999], hq=16, hkv=16, d=64, tag=" (MHA, D=64)"),
         lambda: extend_case([300, 0], [1000, 999], dtype=torch.float16, hq=24, hkv=8, d=96, tag=" (fp16, D=96)"),
     ]
-    builders += [lambda: decode_case([4096], fused_merge=True), lambda: decode_case(uneven, fused_merge=True)]
     for tokens in ([32] if quick else [32, 4096]):
         builders.append(lambda t=tokens: elementwise_cases(t))
     builders.append(gemv_cases)

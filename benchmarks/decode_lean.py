@@ -1,21 +1,19 @@
-"""Issue 22.2 (a): the batch-1 bf16 GEMMs cuBLAS leaves short of their bytes floor, and the decode attention's
-launch shape at batch 1, on the H200.
+"""Issue 22.2 (a): the batch-1 bf16 GEMMs cuBLAS leaves short of their bytes floor, on the H200.
 
-    python benchmarks/decode_lean.py --out $OUT/lean4.json
+    python benchmarks/decode_lean.py --out $OUT/lean4.json                  # sweep, layer, (a)
+    python benchmarks/decode_lean.py --items layer,a --out $OUT/lean4.json  # with kernels/bf16_gemv.py DEFAULTS
 
   gemv   per 8B layer shape at M = 1, weights cold (distinct copies cycled, > 4x L2): cuBLAS vs the configs
          of kernels/bf16_gemv.py (µs per call in a CUDA graph, against the bytes floor); exactness per shape:
-         outputs equal to cuBLAS', relative error of each against a float64 product. Writes the best config
-         per shape as a small-M sweep JSON ("tables": {"bf16": ...}) for the arms below.
+         outputs equal to cuBLAS', relative error of each against a float64 product; down also with SiLU-and-mul
+         in its loads. Writes the best config per shape (where >= 3% faster) as a small-M sweep JSON
+         ("tables": {"bf16": ...}) for the arms below.
   layer  the whole layer (norm, qkv, rotary, KV store, attention, o, add+norm, gate_up, SiLU-and-mul, down)
-         x 32 distinct layers in one graph: main's kernels vs rotary + KV store in one launch (rs), the decode
-         attention's merge fused into stage 1 (fused), the GEMV on qkv / o or on every shape where it won
-  attn   decode attention at batch 1 (ctx 260 / 4000), 32 layers' pools in one graph: the default
-         launch (BLOCK_N 128, 32 splits, merge as a second launch) vs other block / split choices and the
-         merge fused into stage 1 (bits compared with the two launches): µs per call
-  a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms "base" (table
-         entries "cublas", two-launch attention merge; rotary + store in one launch in both) and "lean" (the
-         winners of item gemv, the fused merge), interleaved; each arm's greedy tokens for two prompts (compared)
+         x 32 distinct layers in one graph: main's kernels vs rotary + KV store in one launch (rs), the GEMV on
+         qkv / o or on every shape of the table, PDL on every Triton kernel; final hidden state against main's
+  a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms "base" (table entries
+         "cublas") and "lean" (the table), interleaved; each arm's greedy tokens for two prompts (compared)
+(The decode attention's merge fused into stage 1 by tickets was measured here and lost: RESULTS.md 2026-12-03.)
 """
 from __future__ import annotations
 
@@ -95,7 +93,8 @@ def item_gemv(bw: float, table_path: Path) -> dict:
             for i in range(reps):
                 fn(wts[i % copies], i % copies)
 
-        row: dict = {"floor_us": n * k * 2 / bw * 1e6, "cublas_us": graph_us(lambda: cycle(lambda w, i: F.linear(x, w)))}
+        row: dict = {"floor_us": n * k * 2 / bw * 1e6,
+                     "cublas_us": graph_us(lambda: cycle(lambda w, i: F.linear(x, w))) / reps}
         ref64 = (x.double() @ wts[0].double().T)
         cub = F.linear(x, wts[0])
         row["cublas_rel_err"] = ((cub.double() - ref64).norm() / ref64.norm()).item()
@@ -103,7 +102,7 @@ def item_gemv(bw: float, table_path: Path) -> dict:
         for key in CONFIGS[name]:
             cfg = SmallMConfig.parse(key)
             try:
-                us = graph_us(lambda: cycle(lambda w, i: bf16_gemv(x, w, cfg, tickets[i])))
+                us = graph_us(lambda: cycle(lambda w, i: bf16_gemv(x, w, cfg, tickets[i]))) / reps
                 got = bf16_gemv(x, wts[0], cfg, tickets[0])
                 configs[key] = {"us": us, "rel_err": ((got.double() - ref64).norm() / ref64.norm()).item(),
                                 "equal_cublas": (got == cub).float().mean().item(),
@@ -116,11 +115,12 @@ def item_gemv(bw: float, table_path: Path) -> dict:
         field, base = "us", row["cublas_us"]
         if name == "down":  # the GEMV takes SiLU-and-mul into its loads: against the activation kernel + cuBLAS
             gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
-            row["cublas_silu_us"] = base = graph_us(lambda: cycle(lambda w, i: F.linear(silu_and_mul(gu), w)))
+            row["cublas_silu_us"] = base = graph_us(lambda: cycle(lambda w, i: F.linear(silu_and_mul(gu), w))) / reps
             field = "silu_us"
             for key in ok:
                 cfg = SmallMConfig.parse(key)
-                ok[key]["silu_us"] = graph_us(lambda: cycle(lambda w, i: bf16_gemv(gu, w, cfg, tickets[i], silu_mul=True)))
+                ok[key]["silu_us"] = graph_us(
+                    lambda: cycle(lambda w, i: bf16_gemv(gu, w, cfg, tickets[i], silu_mul=True))) / reps
         win = min(ok, key=lambda kk: ok[kk][field]) if ok else None
         row["best"] = win
         best[f"{n}x{k}"] = {"1": win if win and ok[win][field] < base * 0.97 else "cublas"}
@@ -146,9 +146,9 @@ def item_gemv(bw: float, table_path: Path) -> dict:
 def item_layer(table: dict[str, dict[str, str]]) -> dict:
     import torch.nn.functional as F
 
-    from radixlm.kernels import decode_attention as da
     from radixlm.kernels import ops
     from radixlm.kernels.bf16_gemv import bf16_gemv
+    from radixlm.kernels.decode_attention import decode_attention
     from radixlm.kernels.small_m import SmallMConfig, tickets_for
 
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
             else:
                 q, k = ops.rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cache)
                 ops.store_kv(kbuf[i], vbuf[i], slot, k, v.view(1, HKV, D))
-            attn = da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5, pdl=pdl)
+            attn = decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5, pdl=pdl)
             normed, res = ops.fused_add_rms_norm(mm(attn.view(1, HIDDEN), lw, "o"), res, w, 1e-5, pdl=pdl)
             gate_up = mm(normed, lw, "gate_up")
             if "down" in use and cfgs["down"] != "cublas":  # SiLU-and-mul in the down GEMV's loads
@@ -199,18 +199,11 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
                 h = mm(ops.silu_and_mul(gate_up, pdl=pdl), lw, "down")
         return h
 
-    # fused: the attention merge inside stage 1; rs: rotary and the KV store in one launch; shape names: the GEMV
-    arms = {"main": set(), "rs": {"rs"}, "rs+fused": {"rs", "fused"}, "gemv_qkv_o": {"qkv", "o"},
-            "gemv_qkv_o+rs+fused": {"qkv", "o", "rs", "fused"}, "gemv_all+rs+fused": set(SHAPES) | {"rs", "fused"},
-            "gemv_all+rs+fused+pdl": set(SHAPES) | {"rs", "fused", "pdl"}}
+    # rs: rotary and the KV store in one launch; shape names: the GEMV there (where the table has it); pdl: PDL
+    arms = {"main": set(), "rs": {"rs"}, "gemv_qkv_o": {"qkv", "o"}, "gemv_all+rs": set(SHAPES) | {"rs"},
+            "gemv_all+rs+pdl": set(SHAPES) | {"rs", "pdl"}}
     out: dict = {"configs": cfgs}
-
-    def run(use: set[str]) -> torch.Tensor:
-        da.GPU_CONFIG["fused_merge"] = "fused" in use
-        try:
-            return step(use)
-        finally:
-            da.GPU_CONFIG["fused_merge"] = False
+    run = step
 
     for _ in range(2):  # interleaved twice
         for arm, use in arms.items():
@@ -221,7 +214,7 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
             got = run(use)
             out[f"{arm}_rel_err"] = ((got.float() - ref).norm() / ref.norm()).item()
             out[f"{arm}_bits_equal"] = bool(torch.equal(got.float(), ref))
-    out["pdl_same_bits"] = bool(torch.equal(run(arms["gemv_all+rs+fused+pdl"]), run(arms["gemv_all+rs+fused"])))
+    out["pdl_same_bits"] = bool(torch.equal(run(arms["gemv_all+rs+pdl"]), run(arms["gemv_all+rs"])))
     print("layer x 32 in one graph (µs/layer, min of 2): " + ", ".join(
         f"{arm} {min(out[arm]):.2f}" for arm in arms), flush=True)
     print("    final hidden vs main: " + ", ".join(
@@ -231,52 +224,10 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
     return out
 
 
-def item_attn() -> dict:
-    from radixlm.kernels import decode_attention as da
-
-    torch.manual_seed(0)
-    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    rows = torch.zeros(1, dtype=torch.int64, device="cuda")
-    out: dict = {}
-    base_cfg = dict(da.GPU_CONFIG)
-    for ctx in (260, 4000):
-        slots = ctx + 8
-        kbuf = torch.randn(LAYERS, slots, HKV, D, device="cuda", dtype=torch.bfloat16)
-        vbuf = torch.randn_like(kbuf)
-        r2t = torch.randperm(slots - 1, device="cuda")[:ctx].to(torch.int32)[None] + 1
-        lens = torch.full((1,), ctx, device="cuda", dtype=torch.int32)
-        ref = da.decode_attention(q, kbuf[0], vbuf[0], r2t, rows, lens, D**-0.5).float()
-        row = {}
-        two = {}
-        for block_n, splits, fused in ((128, 32, False), (128, 32, True), (64, 32, False), (64, 32, True),
-                                       (64, 1, False)):
-            da.GPU_CONFIG.update(block_n=block_n, fused_merge=fused)
-            key = f"b{block_n}-s{splits}{'-fused' if fused else ''}"
-            try:
-                us = graph_us(lambda: [da.decode_attention(q, kbuf[i], vbuf[i], r2t, rows, lens, D**-0.5,
-                                                           num_kv_splits=splits) for i in range(LAYERS)]) / LAYERS
-                got = da.decode_attention(q, kbuf[0], vbuf[0], r2t, rows, lens, D**-0.5, num_kv_splits=splits)
-                row[key] = {"us": us, "rel_err": ((got.float() - ref).norm() / ref.norm()).item()}
-                if not fused:
-                    two[block_n, splits] = got
-                elif (block_n, splits) in two:
-                    row[key]["bits_equal_two_launch"] = bool(torch.equal(got, two[block_n, splits]))
-            except Exception as exc:  # noqa: BLE001
-                row[key] = {"error": repr(exc)[:200]}
-            finally:
-                da.GPU_CONFIG.update(base_cfg)
-        out[ctx] = row
-        print(f"attn b=1 ctx {ctx} µs/call: " + ", ".join(
-            f"{k} {v['us']:.2f}" + ("" if v.get("bits_equal_two_launch", True) else " (bits differ!)")
-            if "us" in v else f"{k} ERR" for k, v in row.items()), flush=True)
-    return out
-
-
-def item_a(d: Path, arm: str, table_json: str, fused_attn: bool, pdl: bool) -> dict:
+def item_a(d: Path, arm: str, table_json: str, pdl: bool) -> dict:
     import radixlm
 
-    os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits both
-    os.environ["RADIXLM_DECODE_FUSED_MERGE"] = "1" if fused_attn else "0"
+    os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits it
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=1,
@@ -307,9 +258,9 @@ def guarded(fn: Callable[[], dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--items", default="gemv,layer,attn,a")  # (run in this order)
-    ap.add_argument("--a-arms", default="base,lean,lean_pdl,base,lean", help="base: main's kernels; lean: the GEMV "
-                    "winners of item gemv and the fused attention merge; lean_pdl: lean with --decode-pdl on")
+    ap.add_argument("--items", default="gemv,layer,a")  # (run in this order)
+    ap.add_argument("--a-arms", default="base,lean,base,lean", help="base: cuBLAS everywhere; lean: the GEMV "
+                    "where its table has it; lean_pdl: lean with --decode-pdl on")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean4.json"))
     args = ap.parse_args()
@@ -341,9 +292,6 @@ def main() -> None:
     if "layer" in items and table:
         report["layer"] = guarded(lambda: item_layer(table))
         save()
-    if "attn" in items:
-        report["attn"] = guarded(item_attn)
-        save()
     if "a" in items and table:
         d = model_dir_for(LLAMA_8B, tmp, "llama8b")
         off_path = tmp / "cublas.json"
@@ -354,8 +302,7 @@ def main() -> None:
                 print(f"(a) [{arm}] skipped: budget", flush=True)
                 break
             lean = arm.startswith("lean")
-            report["a"].append(guarded(lambda: item_a(d, arm, str(table_path if lean else off_path), lean,
-                                                      arm == "lean_pdl")))
+            report["a"].append(guarded(lambda: item_a(d, arm, str(table_path if lean else off_path), arm == "lean_pdl")))
             save()
         toks = {r["arm"]: r.get("tokens") for r in report["a"] if "tokens" in r}
         if "base" in toks and "lean" in toks:

@@ -8,9 +8,10 @@ a [BLOCK_N, BLOCK_K] accumulator (bf16 x bf16 products are exact in float32) and
 end. Split-K finishes in the same launch (`small_m.finish_tile`: the last split of a row tile sums the float32
 partials in split order): deterministic, no float atomics, one kernel.
 
-Not bit-equal to cuBLAS (another summation order; both sum in float32 and round once to bf16), so the model
-takes it only for the shapes whose `DEFAULTS` entry names a config measured faster on the H200; "cublas" (or
-no entry) keeps torch's product. $RADIXLM_SMALL_M_TABLE (small_m.py) overrides the table for an A/B run.
+Not bit-equal to cuBLAS (another summation order; both sum in float32 and round once to bf16: the same error
+against a float64 product, 1.7e-3, and 0.2-0.3% of outputs one bf16 ulp apart), so the model takes it only for
+the shapes whose `DEFAULTS` entry names a config measured faster on the H200; "cublas" (or no entry) keeps
+torch's product. $RADIXLM_SMALL_M_TABLE (small_m.py) overrides the table for an A/B run.
 """
 from __future__ import annotations
 
@@ -24,8 +25,14 @@ from .small_m import SmallMConfig, Table, check_tickets, finish_tile, lookup, pl
 KIND = "bf16"  # this kernel's entry in the small-M tables (and in the sweep JSON)
 CUBLAS = "cublas"  # a table value that keeps torch's (cuBLAS') product for the shape
 
-# (N, K) -> {1: config key or "cublas"}: M = 1 only. Empty until measured on the H200 (benchmarks/decode_lean.py).
-DEFAULTS: Table = {}
+# (N, K) -> {1: config key or "cublas"}: M = 1 only, the Llama-3.1-8B shapes measured on the H200 by
+# benchmarks/decode_lean.py (RESULTS.md, 2026-12-03 11:53, weights cold, µs per call): qkv 14.30 vs cuBLAS 16.05
+# (floor 12.26), o 11.41 vs 12.73 (floor 8.17); gate_up 56.59 vs 57.20 and down 32.35 vs 30.91 (with SiLU-and-mul
+# in its loads 33.21 vs the activation kernel + cuBLAS 32.52) keep cuBLAS.
+DEFAULTS: Table = {
+    (6144, 4096): {1: "fma-n8-k512-s1-w4-st3"},
+    (4096, 4096): {1: "fma-n8-k512-s1-w4-st3"},
+}
 register_defaults(KIND, DEFAULTS)
 
 

@@ -12,8 +12,6 @@ single split (large batches) stage 1 writes the output and stage 2 is skipped.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -27,27 +25,12 @@ _MAX_SPLITS = 32
 # GPU launch parameters, module-level so a tuning script can override them. Chosen on an H200 (bf16,
 # Hq=32 Hkv=8 D=128, CUDA-graph timing): 86-97% of the copy-bandwidth floor from B=32 ctx=8192 and
 # B=128 ctx=1024 up; 32/64 blocks and 2/8 warps were within a few percent.
-# fused_merge: stage 2 run inside stage 1 by each (request, KV head)'s last split (one launch; same arithmetic).
-# $RADIXLM_DECODE_FUSED_MERGE=1 / 0 overrides its default (an A/B arm of benchmarks/decode_lean.py).
-GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2,
-              "fused_merge": os.environ.get("RADIXLM_DECODE_FUSED_MERGE", "0") == "1"}
-_MAX_TICKETS = 1 << 16  # (request, KV head) pairs the fused merge's tickets cover; larger batches launch stage 2
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device) -> torch.Tensor:
-    """The device's int32 tickets of the fused merge, zero at rest (each merge resets its own): one buffer,
-    allocated on first use (outside CUDA-graph capture: the graph runner warms up first), shared by every
-    decode attention on the device, which run one after another on the forward's stream."""
-    buf = _TICKETS.get(device)
-    if buf is None:
-        buf = _TICKETS[device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
-    return buf
+GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, KvStart, MidO, MidLse, Out, Tickets,
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, KvStart, MidO, MidLse,
     qk_scale,  # sm_scale * k_scale * log2(e): softmax runs in base 2 (k_scale: an FP8 pool's)
     v_scale,  # an FP8 pool's V scale (1.0 otherwise): the output is linear in V
     num_splits,
@@ -57,17 +40,14 @@ def _decode_stage1(
     stride_r2t,
     stride_mb, stride_mh, stride_ms,
     stride_lb, stride_lh,
-    stride_ob, stride_oh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter mis-computes bf16 dots)
     FINAL: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,  # stage 2 run by each (request, KV head)'s last split to finish (Tickets)
     HAS_START: tl.constexpr,  # cascade: each request attends to [KvStart[b], seq_len) only (its suffix)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/gdc.py)
 ):
@@ -84,11 +64,6 @@ def _decode_stage1(
     split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
     start = kv_lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    if FUSED_MERGE:
-        if (seq_len <= kv_lo) & (split == 0):  # no split has work: stage 2's zeros, written here
-            for i in range(GROUP):
-                _merge_head(MidO, MidLse, MidLse, Out, b, kvh * GROUP + i, 0, 0, 0, stride_mb, stride_mh, stride_ms,
-                            stride_lb, stride_lh, stride_ob, stride_oh, HEAD_DIM, BLOCK_S, BLOCK_D, 0)
     if start >= end:
         return
 
@@ -127,45 +102,6 @@ def _decode_stage1(
     )
     if not FINAL:
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
-    if FUSED_MERGE:  # the last of this (request, KV head)'s splits to finish merges them for the group's heads
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        ticket_ptr = Tickets + b * tl.num_programs(1) + kvh
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.minimum(num_splits, tl.cdiv(seq_len - kv_lo, split_len)) - 1:
-            for i in range(GROUP):
-                _merge_head(MidO, MidLse, MidLse, Out, b, kvh * GROUP + i, num_splits, split_len, seq_len - kv_lo,
-                            stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-                            HEAD_DIM, BLOCK_S, BLOCK_D, 0)
-            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _merge_head(MidO, MidLse, PrefixSplits, Out, b, h, num_splits, split_len, kv_len,
-                stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-                HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NUM_PREFIX: tl.constexpr):
-    """Out[b, h]: the partial outputs of head h's splits weighted by their log-sum-exps (`kv_len`: the request's
-    own KV positions; NUM_PREFIX > 0: its cascade prefix's PrefixSplits[b] partials follow its own)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    # Same predicate as stage 1's early return: unwritten (garbage) splits are never read.
-    valid = (offs_s < num_splits) & (offs_s * split_len < kv_len)
-    if NUM_PREFIX > 0:
-        num_prefix = tl.load(PrefixSplits + b).to(tl.int32)
-        valid = valid | ((offs_s >= num_splits) & (offs_s < num_splits + num_prefix))
-    # (.cg: the fused merge reads partials other programs wrote, past this SM's L1)
-    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=valid, other=float("-inf"), cache_modifier=".cg")
-    part = tl.load(
-        MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-        mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0, cache_modifier=".cg",
-    )
-    m = tl.maximum(tl.max(lse, 0), -1.0e30)  # finite even when kv_len == 0
-    w = tl.exp2(lse - m)
-    denom = tl.maximum(tl.sum(w, 0), 1.0e-30)
-    out = tl.sum(part * w[:, None], 0) / denom
-    tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM
-    )
 
 
 @triton.jit
@@ -189,9 +125,27 @@ def _decode_stage2(
     if NUM_PREFIX > 0:
         kv_lo = tl.load(KvStart + b).to(tl.int32)
     split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
-    _merge_head(MidO, MidLse, PrefixSplits, Out, b, h, num_splits, split_len, seq_len - kv_lo,
-                stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-                HEAD_DIM, BLOCK_S, BLOCK_D, NUM_PREFIX)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Same predicate as stage 1's early return: unwritten (garbage) splits are never read.
+    valid = (offs_s < num_splits) & (offs_s * split_len < seq_len - kv_lo)
+    if NUM_PREFIX > 0:
+        num_prefix = tl.load(PrefixSplits + b).to(tl.int32)
+        valid = valid | ((offs_s >= num_splits) & (offs_s < num_splits + num_prefix))
+    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=valid, other=float("-inf"))
+    part = tl.load(
+        MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    m = tl.maximum(tl.max(lse, 0), -1.0e30)  # finite even when seq_len == 0
+    w = tl.exp2(lse - m)
+    denom = tl.maximum(tl.sum(w, 0), 1.0e-30)
+    out = tl.sum(part * w[:, None], 0) / denom
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM
+    )
 
 
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
@@ -261,11 +215,9 @@ def decode_attention(
         mid_lse = torch.empty((bsz, num_q_heads, splits + num_prefix), dtype=torch.float32, device=q.device)
     kv_start = cascade.kv_start if cascade is not None else seq_lens
     prefix_splits = cascade.prefix_splits if cascade is not None else seq_lens
-    fused = not final and cascade is None and GPU_CONFIG["fused_merge"] and bsz * num_kv_heads <= _MAX_TICKETS
-    tickets = _tickets(q.device) if fused else seq_lens
 
     _decode_stage1[(bsz, num_kv_heads, splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse, out, tickets,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         sm_scale * k_scale * LOG2E, v_scale, splits,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
@@ -273,15 +225,12 @@ def decode_attention(
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits),
-        DOT_PRECISION=precision, DOT_FP32=not on_gpu, FINAL=final, FUSED_MERGE=fused, HAS_START=cascade is not None,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision, DOT_FP32=not on_gpu,
+        FINAL=final, HAS_START=cascade is not None,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4,
         num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1, **launch_options(pdl, q.device),
     )
-    if fused:
-        return out
     if final:
         return out
     if cascade is not None:

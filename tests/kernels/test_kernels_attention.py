@@ -44,29 +44,6 @@ def test_decode_matches_ref(device, make_pool, assert_close, group, dtype, split
     assert_close(out, ref, dtype)
 
 
-@pytest.mark.parametrize(("dtype", "splits", "seq_lens"), [
-    (torch.float32, 3, [37, 1, 16, 0]),  # a request with nothing to attend: zeros, as stage 2 writes
-    (torch.bfloat16, 4, [40, 9, 64]),  # empty splits of short requests take no ticket
-    (torch.bfloat16, 1, [12, 40]),  # one split: stage 1 writes the output, no merge at all
-])
-def test_decode_fused_merge_equals_two_launches(device, make_pool, monkeypatch, dtype, splits, seq_lens):
-    """Stage 2 run inside stage 1 by each (request, KV head)'s last split: the same bits as the second launch,
-    the tickets back at zero, a repeated call equal."""
-    from radixlm.kernels import decode_attention as da
-
-    pool = make_pool([max(n, 1) for n in seq_lens], NUM_KV_HEADS, HEAD_DIM, dtype, device)
-    q = torch.randn(len(seq_lens), NUM_KV_HEADS * 4, HEAD_DIM, dtype=dtype, device=device)
-    idx = torch.tensor(pool.rows, device=device)
-    lens = torch.tensor(seq_lens, device=device)
-    args = (q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, HEAD_DIM**-0.5)
-    two = da.decode_attention(*args, num_kv_splits=splits)
-    monkeypatch.setitem(da.GPU_CONFIG, "fused_merge", True)
-    one = da.decode_attention(*args, num_kv_splits=splits, out=_poisoned(tuple(q.shape), dtype, device))
-    assert torch.equal(one, two)
-    assert not da._tickets(q.device).any()
-    assert torch.equal(da.decode_attention(*args, num_kv_splits=splits), one)
-
-
 def test_decode_head_dim_80_masked(device, make_pool, assert_close):
     """A head_dim that is not a power of two runs through masked 128-wide tiles."""
     from radixlm.kernels.decode_attention import decode_attention
