@@ -158,8 +158,18 @@ def elementwise_cases(tokens: int) -> list[Case]:
         ops_ref.store_kv_ref(k_ref, v_ref, slots, k, v)
         return k_ref[slots], v_ref[slots]
 
+    k_buf2, v_buf2 = torch.zeros_like(k_buf), torch.zeros_like(v_buf)
+
+    def rotary_store_ref():
+        q_rot, k_rot = ops_ref.rotary_ref(q, k, pos, cache)
+        return q_rot, k_rot, v
+
     eps, tag, e = 1e-5, f"T={tokens}", 2
     return [
+        Case("rotary_store_kv", f"{tag} Hq={HQ} Hkv={HKV} D={D}",
+             lambda: ops.rotary_store_kv(q, k, v, pos, cache, k_buf2, v_buf2, slots), rotary_store_ref,
+             2 * (q.numel() + 2 * k.numel()) * e + tokens * D * 4,
+             fetch=lambda: (ops.rotary_store_kv(q, k, v, pos, cache, k_buf2, v_buf2, slots), k_buf2[slots], v_buf2[slots])),
         Case("rms_norm", f"{tag} H={HIDDEN}", lambda: ops.rms_norm(x, w, eps),
              lambda: ops_ref.rms_norm_ref(x, w, eps), 2 * x.numel() * e),
         Case("fused_add_rms_norm", f"{tag} H={HIDDEN}", lambda: ops.fused_add_rms_norm(x, res, w, eps),
@@ -267,7 +277,33 @@ def build_cases(quick: bool) -> list[Callable[[], Case | list[Case]]]:
     ]
     for tokens in ([32] if quick else [32, 4096]):
         builders.append(lambda t=tokens: elementwise_cases(t))
+    builders.append(gemv_cases)
     return builders
+
+
+def gemv_cases() -> list[Case]:
+    """The bf16 M = 1 GEMV (kernels/bf16_gemv.py) at the 8B layer shapes, by its table's config where it has one;
+    down also with SiLU-and-mul in its loads."""
+    from kernels import ops
+    from kernels.bf16_gemv import bf16_gemv, config_for
+    from kernels.small_m import SmallMConfig
+
+    cases = []
+    for name, n, k in (("qkv", (HQ + 2 * HKV) * D, HIDDEN), ("o", HIDDEN, HQ * D), ("gate_up", 2 * INTER, HIDDEN),
+                       ("down", HIDDEN, INTER)):
+        cfg = config_for(n, k) or SmallMConfig("fma", 8, 512, 2, 4, 3)
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=DEV) * k**-0.5
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=DEV)
+        cases.append(Case("bf16_gemv", f"{name} {n}x{k} M=1 {cfg.key()}", lambda x=x, w=w, c=cfg: bf16_gemv(x, w, c),
+                          lambda x=x, w=w: x.float() @ w.float().T, n * k * 2.0, 2.0 * n * k,
+                          baseline=lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+        if name == "down":
+            gu = torch.randn(1, 2 * k, dtype=torch.bfloat16, device=DEV)
+            cases.append(Case("bf16_gemv (SiLU-and-mul)", f"{name} {n}x{k} M=1 {cfg.key()}",
+                              lambda gu=gu, w=w, c=cfg: bf16_gemv(gu, w, c, silu_mul=True),
+                              lambda gu=gu, w=w: ops.silu_and_mul(gu).float() @ w.float().T, n * k * 2.0, 2.0 * n * k,
+                              baseline=lambda gu=gu, w=w: torch.nn.functional.linear(ops.silu_and_mul(gu), w)))
+    return cases
 
 
 def print_table(rows: list[dict]) -> None:

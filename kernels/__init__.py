@@ -62,6 +62,9 @@ class KernelOps:
     # (positions, cos_sin_cache) -> what this bundle's `rotary` takes instead of the cache, built once
     # per forward; None: rotary takes the cache itself.
     rotary_table: Callable[[torch.Tensor, torch.Tensor], object] | None = None
+    # (q, k, v, positions, cos_sin_cache, k_buffer, v_buffer, slots) -> rotated q, with rotary(k) and v written
+    # to the pool's slots in the same launch (a pool of k's dtype); None: rotary, then store_kv.
+    rotary_store_kv: Callable[..., torch.Tensor] | None = None
 
 
 def triton_available() -> bool:
@@ -108,6 +111,7 @@ def get_kernel_ops(use_triton: bool, pdl: bool = False) -> KernelOps:
         store_kv=launch(ops.store_kv),
         decode_attention=launch(decode_attention_triton),
         extend_attention=extend_attention_triton,
+        rotary_store_kv=launch(ops.rotary_store_kv),
     )
 
 

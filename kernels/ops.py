@@ -108,7 +108,7 @@ def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
 
 @triton.jit
 def _rotate_heads(
-    X, Out, t, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, n_heads,
+    X, Out, t, t_out, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, n_heads,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)
@@ -117,7 +117,7 @@ def _rotate_heads(
     src = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dst = Out + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
+    dst = Out + t_out * stride_ot + heads[:, None] * stride_oh + offs[None, :]
     tl.store(dst, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
 
@@ -127,8 +127,9 @@ def _rotary_kernel(
     Q, K, QOut, KOut, Pos, Cache, n_q_heads, n_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh, stride_c,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    V, Slots, stride_vt, stride_vh, stride_vbt, stride_vbh,  # STORE: KOut is the K pool, VOut the V pool
+    VOut, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr, STORE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -137,9 +138,17 @@ def _rotary_kernel(
     cmask = offs < HALF
     cos = tl.load(Cache + pos * stride_c + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(Cache + pos * stride_c + HALF + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, QOut, t, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, n_q_heads,
+    _rotate_heads(Q, QOut, t, t, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, n_q_heads,
                   HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(K, KOut, t, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, n_k_heads,
+    t_k = t
+    if STORE:  # the rotated K goes straight to its pool slot (the same values store_kv would copy), V beside it
+        t_k = tl.load(Slots + t).to(tl.int64)
+        heads = tl.arange(0, BLOCK_HK)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        vmask = (heads < n_k_heads) & (dims < 2 * HALF)
+        v = tl.load(V + t * stride_vt + heads * stride_vh + dims, mask=vmask)
+        tl.store(VOut + t_k * stride_vbt + heads * stride_vbh + dims, v.to(VOut.dtype.element_ty), mask=vmask)
+    _rotate_heads(K, KOut, t, t_k, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, n_k_heads,
                   HALF, BLOCK_HK, BLOCK_HALF)
 
 
@@ -150,6 +159,26 @@ def rotary(
 
     Returns new contiguous tensors, so a caller may pass views of a buffer it reuses.
     """
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    return _launch_rotary(q, k, positions, cos_sin_cache, k_out, None, None, None, pdl), k_out
+
+
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, *, pdl: bool = False,
+) -> torch.Tensor:
+    """`rotary` and `store_kv` in one launch for a pool of k's dtype: k_buffer[slots] = rotary(k),
+    v_buffer[slots] = v, the same values the two kernels write; returns the rotated q."""
+    if k_buffer.dtype != k.dtype or v_buffer.dtype != v.dtype or k_buffer.stride(2) != 1 or v_buffer.stride(2) != 1:
+        raise ValueError(f"rotary_store_kv: a {k.dtype} pool with unit stride on head_dim, not {k_buffer.dtype}")
+    if v.stride(2) != 1:
+        v = v.contiguous()
+    return _launch_rotary(q, k, positions, cos_sin_cache, k_buffer, v, v_buffer, slots, pdl)
+
+
+def _launch_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   k_out: torch.Tensor, v: torch.Tensor | None, v_out: torch.Tensor | None,
+                   slots: torch.Tensor | None, pdl: bool) -> torch.Tensor:
     if q.stride(2) != 1:
         q = q.contiguous()
     if k.stride(2) != 1:
@@ -159,8 +188,9 @@ def rotary(
     num_tokens, n_q, head_dim = q.shape
     n_k = k.shape[1]
     q_out = torch.empty((num_tokens, n_q, head_dim), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((num_tokens, n_k, head_dim), dtype=k.dtype, device=k.device)
     if num_tokens:
+        store = v is not None
+        v_, vo = (v, v_out) if store else (k, k_out)  # (unused without STORE)
         half = head_dim // 2
         block_half = triton.next_power_of_2(half)
         block_hq = triton.next_power_of_2(n_q)
@@ -169,10 +199,12 @@ def rotary(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             cos_sin_cache.stride(0),
+            v_, slots if store else positions, v_.stride(0), v_.stride(1), vo.stride(0), vo.stride(1), vo,
             HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_k),
-            BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half), **launch_options(pdl, q.device),
+            BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim), STORE=store,
+            num_warps=_warps(block_hq * block_half), **launch_options(pdl, q.device),
         )
-    return q_out, k_out
+    return q_out
 
 
 @triton.jit

@@ -44,14 +44,30 @@ class PagedAttentionBackend:
             max_seq_len=batch.max_seq_len,
         )
 
+    def rotary_and_store(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Rotary on q and k, and the new K/V into the pool: in one launch where the kernels have it and the pool
+        holds k's dtype (then (q, None, None): `forward` stores nothing), else (q, k, v) rotated for `forward`."""
+        pool = self.kv_pool
+        if self.ops.rotary_store_kv is not None and pool.dtype == k.dtype:
+            q = self.ops.rotary_store_kv(q, k, v, batch.positions, cos_sin, pool.k_buffer[layer_id],
+                                         pool.v_buffer[layer_id], batch.out_cache_loc)
+            return q, None, None
+        q, k = self.ops.rotary(q, k, batch.positions, cos_sin)
+        return q, k, v
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer_id: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        """q [T,Hq,D], k/v [T,Hkv,D] of the new tokens -> attention output [T,Hq,D]."""
+        """q [T,Hq,D], k/v [T,Hkv,D] of the new tokens -> attention output [T,Hq,D]; k, v None: already stored
+        (`rotary_and_store`)."""
         assert self.meta is not None, "begin_forward() must run before the layers"
         pool = self.kv_pool
         k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
         k_scale, v_scale = pool.k_scales[layer_id], pool.v_scales[layer_id]  # 1.0 unless an FP8 pool
-        self.ops.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, k_scale, v_scale)
+        if k is not None and v is not None:
+            self.ops.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, k_scale, v_scale)
         attend = self.ops.decode_attention if batch.mode is ForwardMode.DECODE else self.ops.extend_attention
         return attend(q, k_buf, v_buf, self.meta, self.sm_scale, k_scale=k_scale, v_scale=v_scale)

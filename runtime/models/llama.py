@@ -15,7 +15,7 @@ from torch import nn
 
 from radixlm.kernels import KernelOps, get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
-from radixlm.runtime.forward_batch import ForwardBatch
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
 from radixlm.runtime.parallel.layers import (
     ColumnParallelLinear,
@@ -94,8 +94,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = ops.rms_norm(q, self.q_norm.weight, self.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
-        q, k = ops.rotary(q, k, batch.positions, cos_sin)
-        out = attn.forward(q, k, v, self.layer_id, batch)
+        q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
+        out = attn.forward(q, k_new, v_new, self.layer_id, batch)
         return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
 
 
@@ -106,7 +106,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(tp.intermediate, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)), lora_into=residual)
+        gate_up = self.gate_up_proj(x)
+        fused = self.down_proj.forward_silu_mul(gate_up)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
+        return fused if fused is not None else self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -178,6 +180,10 @@ class LlamaForCausalLM(nn.Module):
         return self._final_norm(batch, hidden, residual)
 
     def _final_norm(self, batch: ForwardBatch, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if batch.mode is ForwardMode.DECODE and self.ops.name.startswith("triton"):
+            # every row in order (logits_indices = arange): the add, the row pick and the norm in one launch,
+            # the same bits (the fused kernel rounds the sum to bf16 first, as `hidden + residual` does)
+            return self.ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.cfg.rms_norm_eps)[0]
         hidden = hidden + residual
         hidden = hidden[batch.logits_indices]
         return self.ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)

@@ -23,6 +23,7 @@ from radixlm.runtime.parallel.state import get_parallel_state, pp_rank_size, tp_
 from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
 
 if TYPE_CHECKING:
+    from radixlm.runtime.dense_gemv import DenseGemv
     from radixlm.runtime.lora.pool import LoRAProjection
 
 # torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
@@ -109,19 +110,27 @@ def _tp_group() -> dist.ProcessGroup | None:
     return None if state is None else state.tp_group
 
 
+def _product(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias): the layer's M = 1 kernel for a single row when it has one, else `linear_forward`."""
+    if layer.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
+        return layer.gemv(x, bias)
+    return linear_forward(layer.weight, layer.quantized, x, bias)
+
+
 class ColumnParallelLinear(nn.Linear):
     """Holds this rank's output features only (its heads, its MLP columns). No communication:
     the output stays split across ranks until a row-parallel layer sums it.
     `quantized`: the weight's packed form when the loader chose one (then `weight` is empty).
-    `lora`: the batch's LoRA adapters' update, added to the output (--enable-lora)."""
+    `lora`: the batch's LoRA adapters' update, added to the output (--enable-lora).
+    `gemv`: the bf16 M = 1 kernel measured faster than cuBLAS for this shape (`runtime/dense_gemv.py`), or None."""
 
     quantized: QuantizedWeight | None = None
     lora: LoRAProjection | None = None
+    gemv: DenseGemv | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM, or do it (stacked)
-        out = pending.out if pending is not None and pending.out is not None else linear_forward(
-            self.weight, self.quantized, x, self.bias)
+        out = pending.out if pending is not None and pending.out is not None else _product(self, x, self.bias)
         return out if self.lora is None else self.lora.finish(pending, out)
 
 
@@ -131,6 +140,7 @@ class RowParallelLinear(nn.Linear):
 
     quantized: QuantizedWeight | None = None
     lora: LoRAProjection | None = None
+    gemv: DenseGemv | None = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -140,10 +150,20 @@ class RowParallelLinear(nn.Linear):
         """`lora_into`: the residual this output is added to next (LoRA may add its update there,
         beside the GEMM: `LoRAProjection.begin`)."""
         pending = None if self.lora is None else self.lora.begin(x, lora_into)  # may run beside the GEMM, or do it
-        out = pending.out if pending is not None and pending.out is not None else linear_forward(
-            self.weight, self.quantized, x)
+        out = pending.out if pending is not None and pending.out is not None else _product(self, x, None)
         if self.lora is not None:
             out = self.lora.finish(pending, out)
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """forward(silu(gate) * up) with the activation computed inside the M = 1 GEMV's loads (one launch less;
+        the same bits as ops.silu_and_mul, then the GEMV), or None where that does not apply: no GEMV for this
+        shape, more than one row, or a LoRA update (it reads the activation itself)."""
+        if self.gemv is None or self.lora is not None or gate_up.dim() != 2 or gate_up.shape[0] != 1:
+            return None
+        out = self.gemv(gate_up, None, silu_mul=True)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out

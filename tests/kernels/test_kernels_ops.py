@@ -42,6 +42,20 @@ def test_fused_add_rms_norm(device, assert_close, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_is_the_norm_of_the_rounded_sum(device, dtype):
+    """The decode step's final norm takes one launch (models/llama.py `_final_norm`): the bits of
+    rms_norm(x + residual). (bf16 on a GPU only: the CPU interpreter truncates the sum to bf16.)"""
+    from radixlm.kernels.ops import fused_add_rms_norm, rms_norm
+
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the CPU interpreter truncates to bf16 instead of rounding")
+    x = torch.randn(5, 4096, dtype=dtype, device=device)
+    res = torch.randn(5, 4096, dtype=dtype, device=device)
+    w = torch.rand(4096, dtype=dtype, device=device) + 0.5
+    assert torch.equal(fused_add_rms_norm(x, res, w, 1e-5)[0], rms_norm(x + res, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(device, assert_close, dtype):
     from radixlm.kernels.ops import silu_and_mul
 
@@ -69,6 +83,32 @@ def test_rotary_on_strided_qkv_views(device, assert_close, dtype):
     assert_close(q_out, q_ref, dtype)
     assert_close(k_out, k_ref, dtype)
     assert torch.equal(qkv, qkv0)
+
+
+@pytest.mark.parametrize(("dtype", "hkv", "d"), [(torch.float32, 2, 64), (torch.bfloat16, 3, 80)])
+def test_rotary_store_kv_equals_rotary_then_store(device, dtype, hkv, d):
+    """One launch writes the rotated K and V into the pool slots: the same bits as rotary, then store_kv."""
+    from radixlm.kernels.ops import rotary, rotary_store_kv, store_kv
+
+    tokens, hq, max_pos, slots_total = 5, 6, 40, 24
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q, k, v = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+    cache = torch.cat((ang.cos(), ang.sin()), dim=-1).to(device)
+    pos = torch.randint(0, max_pos, (tokens,), device=device)
+    slots = (torch.randperm(slots_total - 1)[:tokens] + 1).to(device)
+    k_buf = torch.randn(slots_total, hkv, d, dtype=dtype, device=device)
+    v_buf = torch.randn(slots_total, hkv, d, dtype=dtype, device=device)
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    q_ref, k_rot = rotary(q, k, pos, cache)
+    store_kv(k_ref, v_ref, slots, k_rot, v)
+    q_out = rotary_store_kv(q, k, v, pos, cache, k_buf, v_buf, slots)
+    assert torch.equal(q_out, q_ref)
+    assert torch.equal(k_buf, k_ref) and torch.equal(v_buf, v_ref)  # the other slots untouched too
+    with pytest.raises(ValueError, match="pool"):
+        rotary_store_kv(q, k, v, pos, cache, k_buf.to(torch.float16), v_buf, slots)
 
 
 @pytest.mark.parametrize(("pool_dtype", "slot_dtype"), [(torch.bfloat16, torch.int64), (torch.float32, torch.int32)])

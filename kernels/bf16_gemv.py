@@ -1,0 +1,121 @@
+"""The bf16 / fp16 linear at M = 1 (batch-1 decode): y[n] = sum_k x[k] * W[n, k], weights streamed once.
+
+cuBLAS at M = 1 reaches 76% / 64% of the bytes floor on the 8B layer's qkv (6144 x 4096) and o (4096 x 4096)
+projections on the H200 (RESULTS.md, issue 22.2): too few weight bytes in flight per SM for 50 / 32 MB, and o
+is a split-K GEMV plus a second reduce kernel. Here a program owns BLOCK_N weight rows and a slice of K, reads
+[BLOCK_N, BLOCK_K] tiles as 16-byte vectors along the rows, multiplies them by x in float32 on CUDA cores into
+a [BLOCK_N, BLOCK_K] accumulator (bf16 x bf16 products are exact in float32) and reduces along K once at the
+end. Split-K finishes in the same launch (`small_m.finish_tile`: the last split of a row tile sums the float32
+partials in split order): deterministic, no float atomics, one kernel.
+
+Not bit-equal to cuBLAS (another summation order; both sum in float32 and round once to bf16: the same error
+against a float64 product, 1.7e-3, and 0.2-0.3% of outputs one bf16 ulp apart), so the model takes it only for
+the shapes whose `DEFAULTS` entry names a config measured faster on the H200; "cublas" (or no entry) keeps
+torch's product. $RADIXLM_SMALL_M_TABLE (small_m.py) overrides the table for an A/B run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gdc import launch_options
+from .small_m import SmallMConfig, Table, check_tickets, finish_tile, lookup, plan, register_defaults, table_in_use
+
+KIND = "bf16"  # this kernel's entry in the small-M tables (and in the sweep JSON)
+CUBLAS = "cublas"  # a table value that keeps torch's (cuBLAS') product for the shape
+
+# (N, K) -> {1: config key or "cublas"}: M = 1 only, the Llama-3.1-8B shapes measured on the H200 by
+# benchmarks/decode_lean.py (RESULTS.md, 2026-12-03 11:53, weights cold, µs per call): qkv 14.30 vs cuBLAS 16.05
+# (floor 12.26), o 11.41 vs 12.73 (floor 8.17); gate_up 56.59 vs 57.20 and down 32.35 vs 30.91 (with SiLU-and-mul
+# in its loads 33.21 vs the activation kernel + cuBLAS 32.52) keep cuBLAS.
+DEFAULTS: Table = {
+    (6144, 4096): {1: "fma-n8-k512-s1-w4-st3"},
+    (4096, 4096): {1: "fma-n8-k512-s1-w4-st3"},
+}
+register_defaults(KIND, DEFAULTS)
+
+
+def config_for(n: int, k: int) -> SmallMConfig | None:
+    """The measured config of an [N, K] weight at M = 1, or None: cuBLAS (no entry, or the entry says so)."""
+    entry = table_in_use(KIND).get((n, k), {}).get(1)
+    if entry is None or entry == CUBLAS:
+        return None
+    return lookup({(n, k): {1: entry}}, 1, n, k)
+
+
+@triton.jit
+def _load_x(X, cols, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(X + cols).to(tl.float32)  # no mask: 16-byte vector loads
+
+
+@triton.jit
+def _activation(X, cols, K, mask, MASKED: tl.constexpr, SILU_MUL: tl.constexpr):
+    """x[cols] as float32; SILU_MUL: X = [gate | up] (2K wide) and x = silu(gate) * up, rounded as
+    kernels/ops.py's SiLU-and-mul kernel rounds it (silu to X's dtype, then the product), so the bits are its."""
+    if SILU_MUL:
+        gate = _load_x(X, cols, mask, MASKED)
+        up = _load_x(X + K, cols, mask, MASKED)
+        act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
+        return (act * up).to(X.dtype.element_ty).to(tl.float32)
+    return _load_x(X, cols, mask, MASKED)
+
+
+@triton.jit
+def _bf16_gemv_kernel(X, W, Out, Part, Tickets, N, K, k_per_split, split, stride_wn,
+                      EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if USE_PDL:  # launched beside its predecessor: wait for it before touching memory (kernels/gdc.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    cols = tl.arange(0, BLOCK_K)
+    tile = W + rn[:, None].to(tl.int64) * stride_wn + cols[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:  # no mask along K: the loads stay 16-byte vectors
+            w = tl.load(tile + k0, mask=n_mask[:, None], other=0.0)
+            xk = _activation(X, k0 + cols, K, cols, False, SILU_MUL)
+        else:
+            in_k = (k0 + cols) < k_end
+            w = tl.load(tile + k0, mask=n_mask[:, None] & in_k[None, :], other=0.0)
+            xk = _activation(X, k0 + cols, K, in_k, True, SILU_MUL)
+        acc += w.to(tl.float32) * xk[None, :]
+    one = tl.arange(0, 1)  # the single activation row, as finish_tile's [BLOCK_N, BLOCK_M] tile
+    finish_tile(tl.sum(acc, 1)[:, None], Out, Out, Part, Tickets, one, rn, one < 1, n_mask, pid_n, pid_k, 1, N,
+                split, N, PARTIAL, False)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, cfg: SmallMConfig, tickets: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, pdl: bool = False, silu_mul: bool = False) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N] in x's dtype, by `cfg` (kind "fma"; split-K by its split
+    count). `tickets`: the weight's `small_m.tickets_for(N)` (zero at rest; a fresh buffer when None).
+    `silu_mul`: x is [gate | up], [1, 2K], and the product is of silu(gate) * up (the MLP's down projection
+    with its activation computed in the loads: the bits of ops.silu_and_mul, then this GEMV)."""
+    n, k = weight.shape
+    x_cols = (x.shape[-1] // 2 if x.shape[-1] % 2 == 0 else -1) if silu_mul else x.shape[-1]
+    if x.dim() != 2 or x.shape[0] != 1 or x_cols != k or weight.stride(1) != 1 or weight.dtype != x.dtype:
+        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or cfg.kind != "fma":
+        raise ValueError(f"bf16_gemv: takes bf16 / fp16 and 'fma' configs, not {x.dtype} / {cfg.kind!r}")
+    x = x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    split, k_per_split = plan(k, cfg)
+    if split > 1:
+        part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
+        tickets = check_tickets(tickets, n, cfg, x.device)
+    else:
+        part, tickets = out, out  # unused
+    _bf16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, weight, out, part, tickets, n, k, k_per_split, split, weight.stride(0),
+        EVEN_K=k % cfg.block_k == 0, PARTIAL=split > 1, SILU_MUL=silu_mul, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl, x.device),
+    )
+    return out if bias is None else out + bias

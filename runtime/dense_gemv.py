@@ -1,0 +1,52 @@
+"""Which dense (bf16 / fp16) linear layers take the M = 1 GEMV kernel (kernels/bf16_gemv.py) instead of cuBLAS.
+
+The model runner calls `attach_dense_gemv` once after loading on a GPU: every column- / row-parallel linear
+with a plain half-precision weight whose shape has a measured config in the kernel's table gets a `DenseGemv`,
+which its forward calls for single-row inputs (batch-1 decode); every other shape, batch size and dtype keeps
+torch's product. The tickets of the kernel's split-K belong to the weight, so CUDA graphs replay them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from radixlm.kernels.small_m import SmallMConfig, tickets_for
+
+
+class DenseGemv:
+    """One weight's M = 1 kernel launch: its config, its split-K tickets, PDL on or off."""
+
+    def __init__(self, weight: torch.Tensor, cfg: SmallMConfig, pdl: bool = False) -> None:
+        self.weight = weight
+        self.cfg = cfg
+        self.pdl = pdl
+        self.tickets = tickets_for(weight.shape[0], weight.device)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
+        """x @ W^T (+ bias); `silu_mul`: x is the MLP's [gate | up] and the product is of silu(gate) * up."""
+        from radixlm.kernels.bf16_gemv import bf16_gemv
+
+        return bf16_gemv(x, self.weight, self.cfg, self.tickets, bias, self.pdl, silu_mul)
+
+
+def attach_dense_gemv(model: nn.Module, pdl: bool = False) -> list[str]:
+    """Give each eligible linear of `model` its `DenseGemv` (and take it away from the others); the names of
+    the layers that got one. Eligible: a CUDA bf16 / fp16 weight, not quantized, no bias (cuBLAS adds a bias
+    before rounding; Qwen2's qkv keeps it), shape in the kernel's table."""
+    from radixlm.kernels.bf16_gemv import config_for
+    from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    attached = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        module.gemv = None
+        weight = module.weight
+        if (module.quantized is not None or not weight.is_cuda or weight.dim() != 2 or module.bias is not None
+                or weight.dtype not in (torch.bfloat16, torch.float16) or weight.stride(1) != 1):
+            continue
+        cfg = config_for(*weight.shape)
+        if cfg is not None:
+            module.gemv = DenseGemv(weight, cfg, pdl)
+            attached.append(name)
+    return attached
