@@ -111,6 +111,7 @@ def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
         for req in step.reqs if step is not None else ():
             touched.setdefault(id(req), req)
     sched.uncommitted = sched.step_uncommitted = None
+    sched.tree_kv.release_lanes()  # a tree verify step's scratch rows (its node slots are its new slots)
     for queue in (sched.running, sched.partial, sched.waiting):
         for req in queue:
             # Tokens in flight with no in-flight batch left, or a waiting request holding a row

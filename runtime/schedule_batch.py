@@ -10,6 +10,7 @@ from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
+from radixlm.runtime.speculative.draft_tree import DraftTree
 
 
 @dataclass
@@ -70,6 +71,10 @@ class ScheduledBatch:
     drafts: list[list[int]] = field(default_factory=list)
     draft_masks: list[torch.Tensor | None] = field(default_factory=list)
     verify_rows: list[list[int]] = field(default_factory=list)
+    # Draft trees (speculative/draft_tree.py), decode batches only: per request None (a chain) or
+    # each draft's parent node, and the scratch request rows of its lanes after the first.
+    draft_parents: list[list[int] | None] = field(default_factory=list)
+    draft_lanes: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # A batch built with its requests (not through add / set_decode_rows) has no drafts: every
@@ -81,6 +86,11 @@ class ScheduledBatch:
     @property
     def has_drafts(self) -> bool:
         return any(self.drafts)
+
+    def draft_tree(self, i: int) -> DraftTree:
+        """Request i's drafts as a tree (a chain unless the step drafted a tree for it)."""
+        parents = self.draft_parents[i] if i < len(self.draft_parents) else None
+        return DraftTree.chain(self.drafts[i]) if parents is None else DraftTree(self.drafts[i], parents)
 
     def add(self, req: Req, slots: torch.Tensor, decoding: bool = False, prefix_len: int | None = None) -> None:
         """`req` computes len(slots) more tokens this step, on top of the KV it holds (`prefix_len`,
@@ -94,9 +104,13 @@ class ScheduledBatch:
         self.draft_masks.append(None)
 
     def set_decode_rows(self, reqs: list[Req], slots: torch.Tensor, drafts: list[list[int]],
-                        masks: list[torch.Tensor | None]) -> None:
+                        masks: list[torch.Tensor | None], parents: list[list[int] | None] | None = None,
+                        lanes: list[list[int]] | None = None) -> None:
         """A decode batch in one allocation: each request computes its last token plus its drafts
-        (one slot each, in request order); a request with drafts is a verify row."""
+        (one slot each, in request order); a request with drafts is a verify row, a chain unless
+        `parents` makes it a tree (whose extra lanes are `lanes`)."""
+        self.draft_parents = parents if parents is not None else [None] * len(reqs)
+        self.draft_lanes = lanes if lanes is not None else [[] for _ in reqs]
         self.new_slots.append(slots)
         self.reqs = reqs
         self.prefix_lens = [r.kv_len for r in reqs]
@@ -112,6 +126,7 @@ class ScheduledBatch:
         self.prefix_lens += decode.prefix_lens
         self.new_slots += decode.new_slots
         self.decoding += decode.decoding
+        assert not any(p is not None for p in decode.draft_parents), "a mixed batch verifies chains only"
         self.drafts += decode.drafts
         self.draft_masks += decode.draft_masks
 
@@ -137,9 +152,26 @@ class ScheduledBatch:
         self.logprob_rows, self.sample_rows, self.logprob_first_pos, self.verify_rows = [], [], [], []
         offset = 0
         token_starts: list[int] = []
-        for req, prefix, ext, drafts in zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts):
+        token_rows_cpu: list[int] = []  # decode: each new token's request row (a tree's: its lane's)
+        lane_copies: list[tuple[int, int, int]] = []
+        for i, (req, prefix, ext, drafts) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts)):
             token_starts.append(offset)
-            positions.extend(range(prefix, prefix + ext))
+            parents = self.draft_parents[i] if i < len(self.draft_parents) else None
+            if parents is None:
+                positions.extend(range(prefix, prefix + ext))
+                token_rows_cpu.extend([req.req_pool_idx] * ext)  # type: ignore[list-item]
+            else:
+                tree = DraftTree(drafts, parents)
+                positions.append(prefix)
+                positions.extend(prefix + d for d in tree.depths())
+                lane_rows = [req.req_pool_idx, *self.draft_lanes[i]]
+                lane_of, branches = tree.lanes()
+                token_rows_cpu.append(lane_rows[0])  # type: ignore[arg-type]
+                token_rows_cpu.extend(lane_rows[lane] for lane in lane_of)  # type: ignore[misc]
+                # Lane L (> 0) holds the request's KV, the root and its ancestors' slots: copied from
+                # its parent lane after this step's slots are written (lanes in order: parents first).
+                lane_copies.extend((lane_rows[lane + 1], lane_rows[src], prefix + 1 + depth)  # type: ignore[misc]
+                                   for lane, (src, depth) in enumerate(branches))
             if drafts:  # a verify row: its last token, then the drafts; logits at every position
                 assert not req.tokens_on_device and prefix + 1 == req.fill_len
                 input_ids.extend(req.fill_slice(prefix, prefix + 1) + drafts)
@@ -177,9 +209,9 @@ class ScheduledBatch:
         rows_cpu = [r.req_pool_idx for r in self.reqs]
         if decode and len(positions) > len(self.reqs):
             # Verify rows in a decode batch: every new token is one decode row of its request whose
-            # KV ends at that token (causal over the drafts before it), so the step keeps decode's
-            # kernels and CUDA graphs.
-            rows_cpu = [row for row, ext in zip(rows_cpu, self.extend_lens) for _ in range(ext)]
+            # KV ends at that token (causal over the drafts before it; a tree's token reads its
+            # lane: the prompt and its ancestors), so the step keeps decode's kernels and CUDA graphs.
+            rows_cpu = token_rows_cpu
             seq_lens, ext_lens = [p + 1 for p in positions], [1] * len(positions)
         else:
             seq_lens, ext_lens = [p + e for p, e in zip(self.prefix_lens, self.extend_lens)], list(self.extend_lens)
@@ -212,7 +244,7 @@ class ScheduledBatch:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
         writes = SlotWrites(decode=decode, rows=row_t, positions=positions_cpu, prefix_lens=self.prefix_lens,
                             extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=token_rows_t,
-                            device_positions=positions_t, device_slots=out_cache_loc)
+                            device_positions=positions_t, device_slots=out_cache_loc, lane_copies=tuple(lane_copies))
         fb = ForwardBatch(
             mode=self.mode,
             input_ids=input_ids_t,

@@ -23,6 +23,7 @@ from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
+from radixlm.runtime.speculative.draft_tree import DraftTree
 from radixlm.runtime.speculative.ngram import NgramDrafter
 from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
 
@@ -35,10 +36,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Drafts:
-    """One step's drafts, aligned with the requests it was asked about (empty: plain decode)."""
+    """One step's drafts, aligned with the requests it was asked about (empty: plain decode).
+    `parents`: per request None for a chain, else each token's parent node (draft_tree.py)."""
 
     tokens: list[list[int]]
     masks: list[torch.Tensor | None]  # constrained rows: [len(tokens) + 1, W] masks to verify with
+    parents: list[list[int] | None] | None = None
+
+    def parents_of(self, i: int) -> list[int] | None:
+        return self.parents[i] if self.parents is not None else None
+
+    def as_chains(self) -> "Drafts":
+        """Each tree cut to its first chain (lane 0): for steps that cannot hold a tree."""
+        if self.parents is None:
+            return self
+        tokens = [t if p is None else DraftTree(t, p).first_chain() for t, p in zip(self.tokens, self.parents)]
+        return Drafts(tokens, self.masks)
 
     @property
     def total(self) -> int:
@@ -67,6 +80,8 @@ class SpecDecoder:
     def __init__(self, args: ServerArgs, runner: ModelRunner, draft_dir: Path | None) -> None:
         self.algorithm = args.speculative_algorithm
         self.max_drafts = args.speculative_max_drafts
+        self.topk = args.speculative_topk
+        self.tree_nodes = args.speculative_tree_nodes
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
         self.drafter = NgramDrafter()
@@ -128,7 +143,9 @@ class SpecDecoder:
             return 0
         return max(min(self.step_k, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
 
-    def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
+    def propose(self, reqs: list[Req], grammars: GrammarRuntime | None, chains_only: bool = False) -> Drafts:
+        """Each request's drafts for this step; trees (topk > 1) unless `chains_only` (a mixed batch:
+        its verify rows are extend rows, causal over their tokens) or the request is constrained."""
         if not self.allowed:
             return Drafts([[] for _ in reqs], [None] * len(reqs))
         rates = [self._acceptance(r).rate for r in reqs]
@@ -137,31 +154,61 @@ class SpecDecoder:
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
             granted = grant([self._limit(r) for r in reqs], rates, self.beta, limit)
             proposed = self.model.propose(reqs, granted)
+        elif self.topk > 1 and not chains_only:
+            return self._propose_trees(reqs, grammars, rates, limit)
         else:
             proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, self._limit(r)) for r in reqs]
             granted = grant([len(p) for p in proposed], rates, self.beta, limit)
+        return self._checked(reqs, grammars, [p[:n] for p, n in zip(proposed, granted)])
+
+    def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float],
+                       limit: int | None) -> Drafts:
+        """NGRAM trees: depth up to the step's k, nodes up to k x topk (and --speculative-num-draft-tokens
+        - 1); the budget grants nodes in the tree's order (parents first). Constrained rows draft the
+        first chain (the matcher walks one path)."""
+        nodes = min(self.tree_nodes, self.step_k * self.topk)
+        trees = [self.drafter.propose_tree(id(r), r.input_ids, r.output_ids, self._limit(r), nodes, self.topk)
+                 for r in reqs]
+        granted = grant([len(t) for t in trees], rates, self.beta, limit)
+        trees = [t.cut(n) for t, n in zip(trees, granted)]
+        chains = [t.first_chain() if r.grammar is not None or t.is_chain else None for r, t in zip(reqs, trees)]
+        checked = self._checked(reqs, grammars, [c if c is not None else [] for c in chains], idle=False)
+        tokens = [c if chain is not None else t.tokens for c, chain, t in zip(checked.tokens, chains, trees)]
+        parents = [None if c is not None else t.parents for c, t in zip(chains, trees)]
+        for req, tok in zip(reqs, tokens):
+            if not tok:
+                self._acceptance(req).idle()
+        return Drafts(tokens, checked.masks, parents if any(p is not None for p in parents) else None)
+
+    def _checked(self, reqs: list[Req], grammars: GrammarRuntime | None, chains: list[list[int]],
+                 idle: bool = True) -> Drafts:
+        """Chains cut at the first token a constrained request's grammar refuses, with its masks;
+        `idle`: a row left without drafts counts a step without drafting."""
         tokens: list[list[int]] = []
         masks: list[torch.Tensor | None] = []
-        for req, prop, n in zip(reqs, proposed, granted):
-            drafts, mask = prop[:n], None
+        for req, drafts in zip(reqs, chains):
+            mask = None
             if drafts and req.grammar is not None:
                 assert grammars is not None
                 drafts, mask = grammars.check_drafts(req, drafts)
             if not drafts:
-                self._acceptance(req).idle()
+                if idle:
+                    self._acceptance(req).idle()
                 mask = None
             tokens.append(drafts)
             masks.append(mask)
         return Drafts(tokens, masks)
 
-    def on_verified(self, req: Req, drafted: int, accepted: int, emitted: int) -> None:
-        self._acceptance(req).record(drafted, accepted)
+    def on_verified(self, req: Req, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
+        """A verify result: `drafted` tokens (tree nodes), `accepted` kept; `depth`: a tree's depth (its
+        acceptance and the drafter's depth count positions along the path, as a chain of that depth's)."""
+        self._acceptance(req).record(depth or drafted, accepted)
         if self.payoff is not None:
-            self.payoff.on_verified(drafted, accepted)
+            self.payoff.on_verified(depth or drafted, accepted)
         if self.model is not None:
             self.model.on_verified(id(req), accepted)
         else:
-            self.drafter.on_verified(id(req), drafted, accepted)
+            self.drafter.on_verified(id(req), depth or drafted, accepted)
         self.verify_steps += 1
         self.verify_tokens += emitted
         self.draft_tokens += drafted

@@ -1,0 +1,115 @@
+"""NGRAM draft trees (--speculative-eagle-topk > 1): several candidates verified in one decode-shaped
+pass through lanes (scratch request rows), outputs identical to speculation off (greedy and seeded),
+KV exact after every step, lanes and rejected branches freed at once, the radix tree never holding
+an unverified token."""
+from __future__ import annotations
+
+import pytest
+
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.speculative.draft_tree import DraftTree
+from radixlm.runtime.speculative.ngram import NgramDrafter, build_tree
+from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
+from tests.speculative.test_spec_scheduler import assert_same, copy_prompts, run_checked
+
+TREE = dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4, speculative_num_steps=4,
+            speculative_num_draft_tokens=9)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+def test_tree_lanes_paths_and_acceptance() -> None:
+    #      root
+    #     /    \
+    #    0:5   3:6
+    #   /  \     \
+    #  1:7  2:8   4:9
+    tree = DraftTree([5, 7, 8, 6, 9], [-1, 0, 0, -1, 3])
+    assert tree.depths() == [1, 2, 2, 1, 2]
+    assert tree.first_chain() == [5, 7] and not tree.is_chain and DraftTree.chain([1, 2]).is_chain
+    lane_of, branches = tree.lanes()
+    assert lane_of == [0, 0, 1, 2, 2]
+    assert branches == [(0, 1), (0, 0)]  # lane 1 shares lane 0's root + node 0; lane 2 the root only
+    assert tree.path(4) == [3, 4]
+    # targets: after root, after node 0..4
+    assert tree.accepted_path([6, 0, 0, 0, 9, 1]) == ([6, 9, 1], [3, 4])
+    assert tree.accepted_path([5, 8, 0, 2, 0, 0]) == ([5, 8, 2], [0, 2])
+    assert tree.accepted_path([4, 0, 0, 0, 0, 0]) == ([4], [])
+    assert tree.cut(3).parents == [-1, 0, 0]
+
+
+def test_build_tree_merges_candidates_with_topk_and_node_limits() -> None:
+    cands = [([1, 2, 3, 4], 8), ([1, 2, 9], 8), ([5, 6], 8), ([7], 8), ([8], 8)]
+    t = build_tree(cands, depth=4, max_depth=4, max_nodes=16, topk=3)
+    assert t.tokens == [1, 2, 3, 4, 9, 5, 6, 7] and t.parents == [-1, 0, 1, 2, 1, -1, 5, -1]
+    assert build_tree(cands, 4, 4, 5, 3).tokens == [1, 2, 3, 4, 9]
+    chain = build_tree(cands, 4, 4, 16, 1)
+    assert chain.is_chain and chain.tokens == [1, 2, 3, 4]
+    # short matches draft at most their length
+    assert build_tree([([1, 2, 3, 4], 2)], 4, 4, 16, 2).tokens == [1, 2]
+
+
+def test_ngram_tree_holds_several_continuations() -> None:
+    d = NgramDrafter()
+    prompt = [1, 2, 3, 10, 11, 1, 2, 3, 20, 21, 1, 2, 3, 30, 31, 1, 2, 3]
+    t = d.propose_tree(0, prompt, [], max_depth=2, max_nodes=8, topk=4)
+    assert set(zip(t.tokens, t.parents)) >= {(30, -1), (20, -1), (10, -1)}
+    assert t.tokens[0] == 30  # the most recent occurrence first (lane 0: the chain drafting would pick)
+
+
+def test_greedy_identical_with_trees_in_mixed_chunked_batches(tiny) -> None:
+    model_dir = tiny
+    prompts = copy_prompts(model_dir, 12)
+    reqs = [greedy_req(f"r{i}", ids, 24 + (i % 5) * 4) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(model_dir, chunked_prefill_size=32), reqs)
+    spec = make_scheduler(model_dir, chunked_prefill_size=32, max_running_requests=4, **TREE)
+    trees = []
+    orig = spec.tree_kv.take_lanes
+
+    def counting(reqs_, tokens, parents, slots):  # count steps that verified a real tree
+        out = orig(reqs_, tokens, parents, slots)
+        trees.append(sum(len(x) for x in out))
+        return out
+
+    spec.tree_kv.take_lanes = counting  # type: ignore[method-assign]
+    got = run_checked(spec, reqs)
+    assert_same(got, ref)
+    assert sum(trees) > 0, "no step verified a tree with more than one lane"
+    assert spec.info()["spec_accepted_tokens"] > 0
+    assert not spec.tree_kv.steps and spec.req_to_token_pool.available() == spec.req_to_token_pool.capacity
+    assert_pool_idle(spec)
+
+
+def test_seeded_sampling_stop_strings_and_logprobs_identical_with_trees(tiny) -> None:
+    from transformers import AutoTokenizer
+
+    prompts = copy_prompts(tiny, 6)
+    free = run_to_completion(make_scheduler(tiny), [greedy_req("f", prompts[0], 20)])["f"]["output_ids"]
+    stop = AutoTokenizer.from_pretrained(str(tiny)).decode(free[8:10])
+    configs = [dict(temperature=0.0, stop=[stop]), dict(temperature=0.3, seed=5),
+               dict(temperature=0.4, top_k=8, top_p=0.9, seed=6), dict(temperature=0.3, frequency_penalty=0.2, seed=7)]
+    reqs = [TokenizedGenerateReq(rid=f"s{i}", input_ids=ids, return_logprob=True, top_logprobs_num=2,
+                                 params=SamplingParams(max_new_tokens=26, ignore_eos=True, **configs[i % len(configs)]))
+            for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny), reqs)
+    got = run_checked(make_scheduler(tiny, max_running_requests=3, **TREE), reqs)
+    assert_same(got, ref)
+    for rid in ref:
+        a, b = got[rid]["output_token_logprobs"], ref[rid]["output_token_logprobs"]
+        assert [t for _, t in a] == [t for _, t in b]
+        assert all(abs(x - y) < 1e-4 for (x, _), (y, _) in zip(a, b))
+
+
+def test_tree_kv_exact_under_churn_and_retraction(tiny) -> None:
+    prompts = [ids[:60] for ids in copy_prompts(tiny, 10, seed=3)]
+    reqs = [greedy_req(f"r{i}", ids, 40) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny, max_total_tokens=8192), reqs)
+    sched = make_scheduler(tiny, max_total_tokens=420, chunked_prefill_size=64, **TREE)
+    got = run_checked(sched, reqs)
+    assert_same(got, ref)
+    assert sched.stats["retractions"] > 0
+    assert_pool_idle(sched)
