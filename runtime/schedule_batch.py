@@ -10,7 +10,7 @@ from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
-from radixlm.runtime.speculative.draft_tree import DraftTree
+from radixlm.runtime.speculative.draft_tree import DraftTree, TreeRows
 
 
 @dataclass
@@ -126,9 +126,11 @@ class ScheduledBatch:
         self.prefix_lens += decode.prefix_lens
         self.new_slots += decode.new_slots
         self.decoding += decode.decoding
-        assert not any(p is not None for p in decode.draft_parents), "a mixed batch verifies chains only"
         self.drafts += decode.drafts
         self.draft_masks += decode.draft_masks
+        # draft trees of the decode rows (their verify rows become extend rows with a tree mask)
+        self.draft_parents = [*(self.draft_parents or [None] * (len(self.reqs) - len(decode.reqs))),
+                              *(decode.draft_parents or [None] * len(decode.reqs))]
 
     def _lora_names(self, rows: int) -> list[str | None] | None:
         """Each attention row's adapter: per request, or per token when verify rows expanded a
@@ -153,25 +155,26 @@ class ScheduledBatch:
         offset = 0
         token_starts: list[int] = []
         token_rows_cpu: list[int] = []  # decode: each new token's request row (a tree's: its lane's)
+        kv_positions: list[int] = []  # each new token's place in its row (a tree in extend: not its position)
         lane_copies: list[tuple[int, int, int]] = []
+        tree_masks: list[torch.Tensor | None] = []
+        decode = self.mode is ForwardMode.DECODE
         for i, (req, prefix, ext, drafts) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts)):
             token_starts.append(offset)
             parents = self.draft_parents[i] if i < len(self.draft_parents) else None
             if parents is None:
                 positions.extend(range(prefix, prefix + ext))
+                kv_positions.extend(range(prefix, prefix + ext))
                 token_rows_cpu.extend([req.req_pool_idx] * ext)  # type: ignore[list-item]
+                tree_masks.append(None)
             else:
-                tree = DraftTree(drafts, parents)
-                positions.append(prefix)
-                positions.extend(prefix + d for d in tree.depths())
-                lane_rows = [req.req_pool_idx, *self.draft_lanes[i]]
-                lane_of, branches = tree.lanes()
-                token_rows_cpu.append(lane_rows[0])  # type: ignore[arg-type]
-                token_rows_cpu.extend(lane_rows[lane] for lane in lane_of)  # type: ignore[misc]
-                # Lane L (> 0) holds the request's KV, the root and its ancestors' slots: copied from
-                # its parent lane after this step's slots are written (lanes in order: parents first).
-                lane_copies.extend((lane_rows[lane + 1], lane_rows[src], prefix + 1 + depth)  # type: ignore[misc]
-                                   for lane, (src, depth) in enumerate(branches))
+                lay = TreeRows.lay_out(DraftTree(drafts, parents), prefix, req.req_pool_idx,  # type: ignore[arg-type]
+                                       self.draft_lanes[i] if i < len(self.draft_lanes) else [], decode)
+                positions.extend(lay.positions)
+                kv_positions.extend(lay.kv_positions)
+                token_rows_cpu.extend(lay.rows)
+                lane_copies.extend(lay.lane_copies)
+                tree_masks.append(lay.mask)
             if drafts:  # a verify row: its last token, then the drafts; logits at every position
                 assert not req.tokens_on_device and prefix + 1 == req.fill_len
                 input_ids.extend(req.fill_slice(prefix, prefix + 1) + drafts)
@@ -205,7 +208,6 @@ class ScheduledBatch:
             self.sample_rows.append(sample_row)
             self.logprob_first_pos.append(first_pos)
             offset += ext
-        decode = self.mode is ForwardMode.DECODE
         rows_cpu = [r.req_pool_idx for r in self.reqs]
         if decode and len(positions) > len(self.reqs):
             # Verify rows in a decode batch: every new token is one decode row of its request whose
@@ -231,6 +233,16 @@ class ScheduledBatch:
             nodes = [r.last_node for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
             layout = cascade.plan(nodes, rows_cpu, seq_lens)  # type: ignore[arg-type]
         extra = [t.to(torch.int64).view(-1) for t in layout.tensors()] if layout is not None else []
+        # Draft trees in an extend step: their tokens' places in the rows, and their ancestor matrices.
+        trees = not decode and any(m is not None for m in tree_masks)
+        if trees:
+            tree_start, flat, at = [], [], 0
+            for m in tree_masks:
+                tree_start.append(at if m is not None else -1)
+                if m is not None:
+                    flat.append(m.view(-1).to(torch.int64))
+                    at += m.numel()
+            extra += [ints(kv_positions), ints(tree_start), torch.cat(flat)]
         row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(ext_lens)  # type: ignore[arg-type]
         slots = torch.cat(self.new_slots).to(torch.int64)
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
@@ -242,9 +254,14 @@ class ScheduledBatch:
         ], device)
         if pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
+        tree_t: list[torch.Tensor | None] = [None, None, None]
+        if trees:
+            tree_t, layout_t = layout_t[-3:], layout_t[:-3]
+            tree_t[2] = tree_t[2].to(torch.int8)
         writes = SlotWrites(decode=decode, rows=row_t, positions=positions_cpu, prefix_lens=self.prefix_lens,
                             extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=token_rows_t,
-                            device_positions=positions_t, device_slots=out_cache_loc, lane_copies=tuple(lane_copies))
+                            device_positions=positions_t if tree_t[0] is None else tree_t[0], device_slots=out_cache_loc,
+                            lane_copies=tuple(lane_copies))
         fb = ForwardBatch(
             mode=self.mode,
             input_ids=input_ids_t,
@@ -260,6 +277,9 @@ class ScheduledBatch:
             logits_indices=logits_t,
             lora_names=self._lora_names(len(rows_cpu)),
             cascade=layout.with_tensors(layout_t) if layout is not None else None,
+            tree_start=tree_t[1],
+            tree_mask=tree_t[2],
+            tree_masks_cpu=tuple(tree_masks) if trees else None,
         )
         return fb, writes
 

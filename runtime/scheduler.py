@@ -502,7 +502,7 @@ class Scheduler:
         slots = self._alloc_slots(len(todo) + drafts.total)
         if slots is not None:  # the common case: one allocation for the whole batch
             parents = drafts.parents or [None] * len(todo)
-            lanes = self.tree_kv.take_lanes(todo, drafts.tokens, parents, slots) if drafts.parents else None
+            lanes = self.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
             batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes)
             for req, ext in zip(todo, batch.extend_lens):
                 req.kv_len += ext
@@ -525,13 +525,14 @@ class Scheduler:
     def _drafts(self, todo: list[Req], mixed: bool = False) -> Drafts:
         """Speculative decoding: the tokens each request verifies this step, if free slots hold them
         beyond one token per request (drafts never evict cached prefixes nor cause a retraction).
-        Trees need a free request row per extra lane, else they verify their first chain; a mixed
-        batch verifies chains only (its verify rows are extend rows)."""
+        Trees need a free request row per extra lane in a decode step, else they verify their first
+        chain; in a mixed batch their verify rows are extend rows with a tree mask (no lanes)."""
         none = Drafts([[] for _ in todo], [None] * len(todo))
         if self.spec is None or not todo:
             return none
-        drafts = self.spec.propose(todo, self.grammars, chains_only=mixed)
-        if drafts.parents and self.tree_kv.lanes_needed(drafts.tokens, drafts.parents) > self.req_to_token_pool.available():
+        drafts = self.spec.propose(todo, self.grammars)
+        if (drafts.parents and not mixed
+                and self.tree_kv.lanes_needed(drafts.tokens, drafts.parents) > self.req_to_token_pool.available()):
             drafts = drafts.as_chains()
         if drafts.total and self.kv_pool.available() < len(todo) + drafts.total:
             return none

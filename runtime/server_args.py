@@ -333,6 +333,8 @@ class ServerArgs:
             if self.speculative_algorithm != "NGRAM":
                 raise ValueError(f"speculative_eagle_topk: trees are implemented for NGRAM only, not "
                                  f"{self.speculative_algorithm} (use 1)")
+            if self.tp_size * self.pp_size > 1:
+                raise ValueError("speculative_eagle_topk: draft trees run on one rank (tp_size = pp_size = 1) for now")
             return  # a tree: num_draft_tokens bounds its nodes, num_steps its depth
         if steps is not None and tokens is not None and tokens != steps + 1:
             raise ValueError(f"speculative_num_draft_tokens: {tokens} is not speculative_num_steps + 1 = {steps + 1} "

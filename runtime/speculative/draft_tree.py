@@ -4,13 +4,16 @@ Node i holds `tokens[i]` and hangs under `parents[i]` (-1: the request's last to
 a parent always comes before its children, so any prefix of the node list is itself a tree (the
 budget cuts trees that way). A chain is the tree whose parents are -1, 0, 1, ...
 
-In the forward pass every node is one decode row of its request at position prefix + depth, whose
+In a decode step every node is one decode row of its request at position prefix + depth, whose
 attention must read the prompt, the root and the node's ancestors — and nothing else. Decode rows
 read req_to_token[row, :seq_len], so each root-to-leaf path gets a request row of its own (a
 *lane*): lane 0 is the request's own row, each further lane a scratch row holding the request's
 KV prefix and the slots of its path. That is the tree attention mask, expressed in the rows the
 decode kernels (the CPU one-call stack, the Triton decode kernel, the CUDA graphs) already read: no
-kernel changes, and a chain is lane 0 alone, exactly as before.
+kernel changes, and a chain is lane 0 alone, exactly as before. In a mixed batch (decode rows
+riding along a prefill) a verify row is an extend row: root and nodes take consecutive places in
+the request's own row, rotary positions prefix + depth, and the extend attention reads the tree's
+ancestor matrix (`ancestor_mask`) in place of the causal mask over them.
 
 Verification walks from the root: the target's token at a node is kept while it equals one of
 the node's children, whose position is verified next; the first token that matches no child is the
@@ -20,6 +23,8 @@ a tree emits what speculation off emits, greedy or seeded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,42 @@ class DraftTree:
                 return emitted, kept
             kept.append(nxt)
             cur = nxt
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[1 + n, 1 + n] bool: entry (i, j) when token j (0: the root, 1 + k: node k) is token i itself
+        or one of its ancestors — the extend attention's mask over a tree's own tokens."""
+        n = len(self.tokens) + 1
+        mask = torch.zeros((n, n), dtype=torch.bool)
+        mask[:, 0] = True
+        for i, p in enumerate(self.parents):
+            row = i + 1
+            if p >= 0:
+                mask[row] = mask[p + 1]
+            mask[row, row] = True
+        return mask
+
+
+@dataclass(frozen=True)
+class TreeRows:
+    """Where a tree verify row's tokens go in one step: their rotary positions, each token's request
+    row (decode: its lane's) and position in it, and the lane copies (decode) or mask (extend)."""
+
+    positions: list[int]
+    rows: list[int]
+    kv_positions: list[int]
+    lane_copies: list[tuple[int, int, int]]
+    mask: torch.Tensor | None
+
+    @classmethod
+    def lay_out(cls, tree: DraftTree, prefix: int, row: int, lanes: list[int], decode: bool) -> "TreeRows":
+        positions = [prefix] + [prefix + d for d in tree.depths()]
+        if not decode:
+            n = len(positions)
+            return cls(positions, [row] * n, list(range(prefix, prefix + n)), [], tree.ancestor_mask())
+        lane_rows = [row, *lanes]
+        lane_of, branches = tree.lanes()
+        rows = [row] + [lane_rows[lane] for lane in lane_of]
+        # Lane L (> 0) holds the request's KV, the root and its ancestors' slots: copied from its
+        # parent lane after this step's slots are written (lanes in order: parents first).
+        copies = [(lane_rows[lane + 1], lane_rows[src], prefix + 1 + depth) for lane, (src, depth) in enumerate(branches)]
+        return cls(positions, rows, positions, copies, None)

@@ -47,7 +47,7 @@ class Drafts:
         return self.parents[i] if self.parents is not None else None
 
     def as_chains(self) -> "Drafts":
-        """Each tree cut to its first chain (lane 0): for steps that cannot hold a tree."""
+        """Each tree cut to its first chain (lane 0): for a decode step short of request rows for lanes."""
         if self.parents is None:
             return self
         tokens = [t if p is None else DraftTree(t, p).first_chain() for t, p in zip(self.tokens, self.parents)]
@@ -143,9 +143,8 @@ class SpecDecoder:
             return 0
         return max(min(self.step_k, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
 
-    def propose(self, reqs: list[Req], grammars: GrammarRuntime | None, chains_only: bool = False) -> Drafts:
-        """Each request's drafts for this step; trees (topk > 1) unless `chains_only` (a mixed batch:
-        its verify rows are extend rows, causal over their tokens) or the request is constrained."""
+    def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
+        """Each request's drafts for this step; trees (topk > 1) unless the request is constrained."""
         if not self.allowed:
             return Drafts([[] for _ in reqs], [None] * len(reqs))
         rates = [self._acceptance(r).rate for r in reqs]
@@ -154,7 +153,7 @@ class SpecDecoder:
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
             granted = grant([self._limit(r) for r in reqs], rates, self.beta, limit)
             proposed = self.model.propose(reqs, granted)
-        elif self.topk > 1 and not chains_only:
+        elif self.topk > 1:
             return self._propose_trees(reqs, grammars, rates, limit)
         else:
             proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, self._limit(r)) for r in reqs]

@@ -35,9 +35,10 @@ class TreeKV:
         return sum(len(DraftTree(t, p).lanes()[1]) for t, p in zip(tokens, parents) if p is not None)
 
     def take_lanes(self, reqs: list[Req], tokens: list[list[int]], parents: list[list[int] | None],
-                   slots: torch.Tensor) -> list[list[int]]:
-        """Rows for each tree's extra lanes (the caller checked `lanes_needed` against the free rows);
-        records each tree's step. `slots`: the batch's slots, 1 + len(tokens[i]) per request in order."""
+                   slots: torch.Tensor, lanes: bool = True) -> list[list[int]]:
+        """Rows for each tree's extra lanes (the caller checked `lanes_needed` against the free rows;
+        `lanes=False`: none, a mixed batch's extend rows take a tree mask instead); records each tree's
+        step. `slots`: the batch's slots, 1 + len(tokens[i]) per request in order."""
         out: list[list[int]] = []
         start = 0
         for req, toks, par in zip(reqs, tokens, parents):
@@ -46,11 +47,11 @@ class TreeKV:
                 out.append([])
             else:
                 tree = DraftTree(toks, par)
-                lanes = [self.req_pool.alloc() for _ in tree.lanes()[1]]
-                assert all(r is not None for r in lanes), "lanes_needed was checked"
-                out.append(lanes)  # type: ignore[arg-type]
+                rows = [self.req_pool.alloc() for _ in tree.lanes()[1]] if lanes else []
+                assert all(r is not None for r in rows), "lanes_needed was checked"
+                out.append(rows)  # type: ignore[arg-type]
                 self.steps[id(req)] = TreeStep(req.kv_len, slots[start : start + n].to(torch.int64),
-                                               lanes, max(tree.depths()))  # type: ignore[arg-type]
+                                               rows, max(tree.depths()))  # type: ignore[arg-type]
             start += n
         return out
 
