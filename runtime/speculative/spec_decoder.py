@@ -21,7 +21,7 @@ import torch
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
-from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, worth_drafting
+from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, grant_tree_nodes, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.draft_tree import DraftTree
 from radixlm.runtime.speculative.ngram import NgramDrafter
@@ -168,8 +168,7 @@ class SpecDecoder:
         nodes = min(self.tree_nodes, self.step_k * self.topk)
         trees = [self.drafter.propose_tree(id(r), r.input_ids, r.output_ids, self._limit(r), nodes, self.topk)
                  for r in reqs]
-        granted = grant([len(t) for t in trees], rates, self.beta, limit)
-        trees = [t.cut(n) for t, n in zip(trees, granted)]
+        trees = [t.cut(n) for t, n in zip(trees, grant_tree_nodes(trees, rates, self.beta, limit))]
         chains = [t.first_chain() if r.grammar is not None or t.is_chain else None for r, t in zip(reqs, trees)]
         checked = self._checked(reqs, grammars, [c if c is not None else [] for c in chains], idle=False)
         tokens = [c if chain is not None else t.tokens for c, chain, t in zip(checked.tokens, chains, trees)]

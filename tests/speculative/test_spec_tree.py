@@ -17,6 +17,14 @@ TREE = dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4, speculative
             speculative_num_draft_tokens=9)
 
 
+def tree_scheduler(model_dir, **options):
+    """A scheduler drafting trees with every proposed node granted: speed-only knobs (a GPU-like
+    per-token cost, no measured turn-down), so the tests exercise trees on the CPU too."""
+    sched = make_scheduler(model_dir, **options, **TREE)
+    sched.spec.beta, sched.spec.payoff = 0.001, None
+    return sched
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return tiny_model_dir("llama")
@@ -66,7 +74,7 @@ def test_greedy_identical_with_trees_in_mixed_chunked_batches(tiny) -> None:
     prompts = copy_prompts(model_dir, 12)
     reqs = [greedy_req(f"r{i}", ids, 24 + (i % 5) * 4) for i, ids in enumerate(prompts)]
     ref = run_to_completion(make_scheduler(model_dir, chunked_prefill_size=32), reqs)
-    spec = make_scheduler(model_dir, chunked_prefill_size=32, max_running_requests=4, **TREE)
+    spec = tree_scheduler(model_dir, chunked_prefill_size=32, max_running_requests=4)
     trees = []
     orig = spec.tree_kv.take_lanes
 
@@ -96,7 +104,7 @@ def test_seeded_sampling_stop_strings_and_logprobs_identical_with_trees(tiny) ->
                                  params=SamplingParams(max_new_tokens=26, ignore_eos=True, **configs[i % len(configs)]))
             for i, ids in enumerate(prompts)]
     ref = run_to_completion(make_scheduler(tiny), reqs)
-    got = run_checked(make_scheduler(tiny, max_running_requests=3, **TREE), reqs)
+    got = run_checked(tree_scheduler(tiny, max_running_requests=3), reqs)
     assert_same(got, ref)
     for rid in ref:
         a, b = got[rid]["output_token_logprobs"], ref[rid]["output_token_logprobs"]
@@ -108,7 +116,7 @@ def test_tree_kv_exact_under_churn_and_retraction(tiny) -> None:
     prompts = [ids[:60] for ids in copy_prompts(tiny, 14, seed=3)]
     reqs = [greedy_req(f"r{i}", ids, 40) for i, ids in enumerate(prompts)]
     ref = run_to_completion(make_scheduler(tiny, max_total_tokens=8192), reqs)
-    sched = make_scheduler(tiny, max_total_tokens=420, chunked_prefill_size=64, **TREE)
+    sched = tree_scheduler(tiny, max_total_tokens=420, chunked_prefill_size=64)
     got = run_checked(sched, reqs)
     assert_same(got, ref)
     assert sched.stats["retractions"] > 0
@@ -121,9 +129,7 @@ def test_trees_ride_along_prefills_as_extend_rows_with_a_tree_mask(tiny) -> None
     prompts = copy_prompts(tiny, 10)
     reqs = [greedy_req(f"r{i}", ids, 30) for i, ids in enumerate(prompts)]
     ref = run_to_completion(make_scheduler(tiny), reqs)
-    sched = make_scheduler(tiny, chunked_prefill_size=16, max_running_requests=10, **TREE)
-    # speed-only knobs: every proposed node granted (a GPU-like per-token cost), no measured turn-down
-    sched.spec.beta, sched.spec.payoff = 0.001, None
+    sched = tree_scheduler(tiny, chunked_prefill_size=16, max_running_requests=10)
     mixed_trees = []
     orig = sched.runner.forward
 
@@ -137,3 +143,69 @@ def test_trees_ride_along_prefills_as_extend_rows_with_a_tree_mask(tiny) -> None
     assert_same(got, ref)
     assert sum(mixed_trees) > 0, "no tree rode along a prefill"
     assert_pool_idle(sched)
+
+
+def test_tree_budget_grants_branches_only_where_rows_are_cheap() -> None:
+    from radixlm.runtime.speculative.draft_budget import grant, grant_tree_nodes
+
+    tree = DraftTree([5, 7, 8, 6, 9], [-1, 0, 0, -1, 3])  # first chain 5, 7; branches 8 and 6 -> 9
+    assert grant_tree_nodes([tree], [0.6], 0.005) == [5]  # a GPU at batch 1: the whole tree
+    assert grant_tree_nodes([tree], [0.6], 0.2) == [2]  # the CPU: the first chain only
+    many = grant_tree_nodes([tree] * 64, [0.6] * 64, 0.005)
+    assert many == grant([2] * 64, [0.6] * 64, 0.005)  # batch 64: no branches beyond the chains' grant
+    assert grant_tree_nodes([tree], [0.6], 0.005, limit=3) == [3]
+
+
+def test_default_model_trees_with_json_schema_stop_and_4bit_rows(default_model_dir) -> None:
+    """The default model (4-bit rows through the CPU one-call decode stack): constrained rows draft
+    their first chain beside unconstrained trees; outputs identical, the radix tree clean."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.speculative.test_spec_scheduler import COPY_TEXTS
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+
+    def chat(text: str) -> list[int]:
+        return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=False))
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "city": {"type": "string"}},
+              "required": ["name", "city"], "additionalProperties": False}
+    ids = chat("Alice lives in Paris. Bob lives in Berlin. Return the first person as JSON with name and city.")
+    copies = [chat("Repeat exactly: " + t) for t in COPY_TEXTS]
+    reqs = [
+        TokenizedGenerateReq(rid="json", input_ids=ids, params=SamplingParams(
+            temperature=0.0, max_new_tokens=32, json_schema=json.dumps(schema))),
+        TokenizedGenerateReq(rid="stop", input_ids=copies[0], params=SamplingParams(
+            temperature=0.0, max_new_tokens=32, stop=["return"])),
+        *[greedy_req(f"c{i}", c, 12 + 5 * i) for i, c in enumerate(copies)],
+    ]
+    base = make_scheduler(default_model_dir, max_total_tokens=8192)
+    spec = tree_scheduler(default_model_dir, max_total_tokens=8192)
+    assert spec.spec.thresholds, "the default model's CPU linears are 4-bit"
+    try:
+        ref = run_to_completion(base, reqs, timeout_s=900)
+        got = run_checked(spec, reqs)
+    finally:
+        for s in (base, spec):
+            if s.grammars is not None:
+                s.grammars.close()
+    assert_same(got, ref)
+    assert spec.info()["spec_accepted_tokens"] > 0
+    assert_pool_idle(spec)
+
+
+def test_abort_and_multi_turn_reuse_with_trees(tiny) -> None:
+    prompts = copy_prompts(tiny, 4)
+    sched = tree_scheduler(tiny)
+    got = run_checked(sched, [greedy_req(f"a{i}", ids, 40) for i, ids in enumerate(prompts)], abort_after={"a1": 5})
+    assert got["a1"]["finished_reason"]["type"] == "abort" and len(got["a0"]["output_ids"]) == 40
+    assert_pool_idle(sched)
+    cached = {}
+    for name, s in (("off", make_scheduler(tiny)), ("tree", tree_scheduler(tiny))):
+        first = run_to_completion(s, [greedy_req("t1", prompts[0], 30)])
+        turn2 = prompts[0] + first["t1"]["output_ids"] + prompts[0][:5]
+        cached[name] = run_to_completion(s, [greedy_req("t2", turn2, 5)])["t2"]["cached_tokens"]
+    assert cached["tree"] == cached["off"] >= len(prompts[0]) + 29
