@@ -173,7 +173,8 @@ class ServerArgs:
         "while acceptance is too low to pay)", int, minimum=1, default_text="4 with an algorithm")
     speculative_num_draft_tokens: int | None = _flag(
         None, "speculative", "tokens verified per request and step, the last sampled one included "
-        "(chains: num_steps + 1)", int, minimum=2, default_text="num_steps + 1")
+        "(chains: num_steps + 1; trees: their nodes + 1)", int, minimum=2,
+        default_text="num_steps + 1 (trees: num_steps x topk + 1)")
     speculative_eagle_topk: int | None = _flag(
         None, "speculative", "branching per draft step: 1 drafts a chain; above 1 (NGRAM only) a token tree of "
         "up to this many children per node, the continuations of several earlier occurrences, verified in "

@@ -209,3 +209,19 @@ def test_abort_and_multi_turn_reuse_with_trees(tiny) -> None:
         turn2 = prompts[0] + first["t1"]["output_ids"] + prompts[0][:5]
         cached[name] = run_to_completion(s, [greedy_req("t2", turn2, 5)])["t2"]["cached_tokens"]
     assert cached["tree"] == cached["off"] >= len(prompts[0]) + 29
+
+
+def test_tree_flags() -> None:
+    from radixlm.runtime.server_args import ServerArgs
+
+    args = ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=4, speculative_num_steps=3)
+    assert (args.speculative_topk, args.speculative_max_drafts, args.speculative_tree_nodes) == (4, 3, 12)
+    args = ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=2, speculative_num_steps=5,
+                      speculative_num_draft_tokens=7)  # a tree: num_draft_tokens need not be steps + 1
+    assert (args.speculative_max_drafts, args.speculative_tree_nodes) == (5, 6)
+    with pytest.raises(ValueError, match="speculative_eagle_topk"):
+        ServerArgs(speculative_algorithm="EAGLE3", speculative_draft_model_path="x", speculative_eagle_topk=2)
+    with pytest.raises(ValueError, match="speculative_eagle_topk"):
+        ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=2, tp_size=2)
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens"):
+        ServerArgs(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=6)
