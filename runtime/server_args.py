@@ -360,8 +360,8 @@ class ServerArgs:
             return 0
         if self.speculative_num_steps is not None:
             return self.speculative_num_steps
-        if self.speculative_num_draft_tokens is not None:
-            return self.speculative_num_draft_tokens - 1
+        if self.speculative_num_draft_tokens is not None and self.speculative_topk == 1:
+            return self.speculative_num_draft_tokens - 1  # a chain's depth; a tree's node budget is not its depth
         return 4
 
     def _check_parallel(self) -> None:

@@ -219,6 +219,8 @@ def test_tree_flags() -> None:
     args = ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=2, speculative_num_steps=5,
                       speculative_num_draft_tokens=7)  # a tree: num_draft_tokens need not be steps + 1
     assert (args.speculative_max_drafts, args.speculative_tree_nodes) == (5, 6)
+    args = ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=4, speculative_num_draft_tokens=9)
+    assert (args.speculative_max_drafts, args.speculative_tree_nodes) == (4, 8)  # depth stays the default
     with pytest.raises(ValueError, match="speculative_eagle_topk"):
         ServerArgs(speculative_algorithm="EAGLE3", speculative_draft_model_path="x", speculative_eagle_topk=2)
     with pytest.raises(ValueError, match="speculative_eagle_topk"):
