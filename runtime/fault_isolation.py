@@ -125,7 +125,8 @@ def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
                 queue.remove(req)
         if sched.grammars is not None:
             sched.grammars.forget(req)
-        _free_unchecked(sched, req, new_slots.get(key))
+        # a settled draft tree's row holds its kept path, not the step's slots in node order
+        _free_unchecked(sched, req, None if key in sched.tree_kv.settled else new_slots.get(key))
         req.tokens_on_device = 0
         if not req.finished:
             sched._finish(req, FinishReason.abort(message, status_code=500))

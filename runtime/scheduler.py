@@ -203,6 +203,7 @@ class Scheduler:
         An exception fails only the requests the step touched (fault_isolation.py); it raises
         SchedulerFatalError only when the device or the pools can no longer be trusted."""
         self.step_batches, self.step_uncommitted = [], self.uncommitted
+        self.tree_kv.settled.clear()
         try:
             return self._step()
         except Exception as exc:  # noqa: BLE001 - isolate the fault to this step's requests
@@ -525,15 +526,14 @@ class Scheduler:
     def _drafts(self, todo: list[Req], mixed: bool = False) -> Drafts:
         """Speculative decoding: the tokens each request verifies this step, if free slots hold them
         beyond one token per request (drafts never evict cached prefixes nor cause a retraction).
-        Trees need a free request row per extra lane in a decode step, else they verify their first
-        chain; in a mixed batch their verify rows are extend rows with a tree mask (no lanes)."""
+        Trees need a free request row per extra lane in a decode step (those that find none verify
+        their first chain); in a mixed batch their verify rows are extend rows with a tree mask (no lanes)."""
         none = Drafts([[] for _ in todo], [None] * len(todo))
         if self.spec is None or not todo:
             return none
         drafts = self.spec.propose(todo, self.grammars)
-        if (drafts.parents and not mixed
-                and self.tree_kv.lanes_needed(drafts.tokens, drafts.parents) > self.req_to_token_pool.available()):
-            drafts = drafts.as_chains()
+        if drafts.parents and not mixed:
+            drafts = drafts.within_lanes(self.req_to_token_pool.available())
         if drafts.total and self.kv_pool.available() < len(todo) + drafts.total:
             return none
         return drafts

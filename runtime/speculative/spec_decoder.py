@@ -46,12 +46,22 @@ class Drafts:
     def parents_of(self, i: int) -> list[int] | None:
         return self.parents[i] if self.parents is not None else None
 
-    def as_chains(self) -> "Drafts":
-        """Each tree cut to its first chain (lane 0): for a decode step short of request rows for lanes."""
+    def within_lanes(self, rows: int) -> "Drafts":
+        """Trees kept, in row order, while their extra lanes fit in `rows` free request rows; the
+        others cut to their first chain (lane 0)."""
         if self.parents is None:
             return self
-        tokens = [t if p is None else DraftTree(t, p).first_chain() for t, p in zip(self.tokens, self.parents)]
-        return Drafts(tokens, self.masks)
+        tokens, parents = list(self.tokens), list(self.parents)
+        for i, p in enumerate(parents):
+            if p is None:
+                continue
+            tree = DraftTree(tokens[i], p)
+            need = len(tree.lanes()[1])
+            if need <= rows:
+                rows -= need
+            else:
+                tokens[i], parents[i] = tree.first_chain(), None
+        return Drafts(tokens, self.masks, parents if any(p is not None for p in parents) else None)
 
     @property
     def total(self) -> int:

@@ -30,13 +30,13 @@ class TreeKV:
         self.req_pool = req_pool
         self.kv_pool = kv_pool
         self.steps: dict[int, TreeStep] = {}
-
-    def lanes_needed(self, tokens: list[list[int]], parents: list[list[int] | None]) -> int:
-        return sum(len(DraftTree(t, p).lanes()[1]) for t, p in zip(tokens, parents) if p is not None)
+        # requests whose tree this step already settled (their row holds the kept path): a failure
+        # later in the step frees their KV from the row, not from the step's node-ordered slots
+        self.settled: set[int] = set()
 
     def take_lanes(self, reqs: list[Req], tokens: list[list[int]], parents: list[list[int] | None],
                    slots: torch.Tensor, lanes: bool = True) -> list[list[int]]:
-        """Rows for each tree's extra lanes (the caller checked `lanes_needed` against the free rows;
+        """Rows for each tree's extra lanes (the caller kept them within the free rows;
         `lanes=False`: none, a mixed batch's extend rows take a tree mask instead); records each tree's
         step. `slots`: the batch's slots, 1 + len(tokens[i]) per request in order."""
         out: list[list[int]] = []
@@ -48,7 +48,7 @@ class TreeKV:
             else:
                 tree = DraftTree(toks, par)
                 rows = [self.req_pool.alloc() for _ in tree.lanes()[1]] if lanes else []
-                assert all(r is not None for r in rows), "lanes_needed was checked"
+                assert all(r is not None for r in rows), "Drafts.within_lanes kept the trees within the free rows"
                 out.append(rows)  # type: ignore[arg-type]
                 self.steps[id(req)] = TreeStep(req.kv_len, slots[start : start + n].to(torch.int64),
                                                rows, max(tree.depths()))  # type: ignore[arg-type]
@@ -65,6 +65,7 @@ class TreeKV:
         """The verify result: the kept nodes' slots follow the last token in the request's row, the
         other nodes' slots and the lanes are freed."""
         step = self.steps.pop(id(req))
+        self.settled.add(id(req))
         assert req.req_pool_idx is not None
         path = step.slots[[1 + k for k in kept]]
         keep = set(kept)

@@ -25,6 +25,31 @@ def tree_scheduler(model_dir, **options):
     return sched
 
 
+def oracle_trees(sched, reference: dict[tuple[int, ...], list[int]], vocab: int) -> None:
+    """Make the scheduler's NGRAM drafter propose trees whose right continuation (the spec-off output,
+    known from `reference`: prompt -> output) sits on a branch, never on lane 0: a wrong two-token
+    chain first, then the true tokens with a wrong sibling under the first. Verification must find
+    and keep the branch, move its KV into the request's row and free the rest."""
+
+    def propose_tree(key, prompt, output, max_depth, max_nodes, topk):
+        truth = reference[tuple(prompt)][len(output) : len(output) + max_depth]
+        if not truth or max_depth < 2 or max_nodes < 4:
+            return DraftTree([], [])
+        wrong = [(t + 1 + j) % vocab for j, t in enumerate(truth[:2])]
+        if len(wrong) < 2:
+            wrong.append((wrong[0] + 1) % vocab)
+        tokens, parents = [wrong[0], wrong[1], truth[0]], [-1, 0, -1]
+        if len(truth) > 1:
+            tokens.append((truth[1] + 7) % vocab)  # a wrong sibling of the true second token
+            parents.append(2)
+        for j, tok in enumerate(truth[1:]):
+            tokens.append(tok)
+            parents.append(2 if j == 0 else len(tokens) - 2)
+        return DraftTree(tokens[:max_nodes], parents[:max_nodes])
+
+    sched.spec.drafter.propose_tree = propose_tree
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return tiny_model_dir("llama")
@@ -227,3 +252,79 @@ def test_tree_flags() -> None:
         ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=2, tp_size=2)
     with pytest.raises(ValueError, match="speculative_num_draft_tokens"):
         ServerArgs(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=6)
+
+
+@pytest.mark.parametrize("where", ["forward", "after_keep"])
+def test_a_failing_tree_step_frees_its_lanes_and_nodes(tiny, where: str) -> None:
+    """A step that fails in the forward pass (trees laid out, lanes taken) or while its results are
+    applied (one tree already settled into its row) fails its requests only; every slot and request
+    row is accounted for afterwards (run_checked audits after every step) and later requests run."""
+    from radixlm.runtime.fault_isolation import kv_accounting_problem
+
+    prompts = copy_prompts(tiny, 4)
+    sched = tree_scheduler(tiny, max_running_requests=4)
+    fired = []
+    if where == "forward":
+        orig = sched.runner.forward
+
+        def forward(fb):
+            if not fired and len(sched.tree_kv.steps) and any(lay for lay in sched.tree_kv.steps.values() if lay.lanes):
+                fired.append(1)
+                raise RuntimeError("injected forward failure")
+            return orig(fb)
+
+        sched.runner.forward = forward  # type: ignore[method-assign]
+    else:
+        ref = run_to_completion(make_scheduler(tiny), [greedy_req(f"f{i}", ids, 30) for i, ids in enumerate(prompts)])
+        oracle_trees(sched, {tuple(p): ref[f"f{i}"]["output_ids"] for i, p in enumerate(prompts)},
+                     sched.runner.vocab_size)
+        keep = sched.tree_kv.keep
+
+        def keep_then_fail(req, kept):
+            keep(req, kept)
+            if not fired and kept != tuple(range(len(kept))):  # settled on a branch (not nodes 0, 1, ...)
+                fired.append(1)
+                raise RuntimeError("injected failure after a tree settled")
+
+        sched.tree_kv.keep = keep_then_fail  # type: ignore[method-assign]
+    got = run_checked(sched, [greedy_req(f"f{i}", ids, 30) for i, ids in enumerate(prompts)])
+    assert fired, "no tree step to fail"
+    assert any(r["finished_reason"]["type"] == "abort" for r in got.values())
+    assert kv_accounting_problem(sched) is None and not sched.tree_kv.steps
+    assert_pool_idle(sched)
+    after = run_to_completion(sched, [greedy_req("g", prompts[0], 20)])
+    assert after["g"]["output_ids"] == run_to_completion(make_scheduler(tiny), [greedy_req("g", prompts[0], 20)])["g"]["output_ids"]
+
+
+def test_branches_accepted_off_lane_zero_keep_outputs_identical(tiny) -> None:
+    """Trees whose right path is always a branch (oracle_trees): every verify keeps an off-lane-0
+    path, so the next steps read KV moved from a lane into the request's row; outputs identical to
+    speculation off, KV exact after every step, and about a depth's worth of tokens per step."""
+    prompts = copy_prompts(tiny, 6)
+    reqs = [greedy_req(f"o{i}", ids, 20 + 3 * i) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny), reqs)
+    sched = tree_scheduler(tiny, max_running_requests=3, chunked_prefill_size=32)
+    oracle_trees(sched, {tuple(p): ref[f"o{i}"]["output_ids"] for i, p in enumerate(prompts)}, sched.runner.vocab_size)
+    branch_keeps = []
+    keep = sched.tree_kv.keep
+
+    def counting(req, kept):
+        branch_keeps.append(bool(kept) and kept[0] == 2)
+        keep(req, kept)
+
+    sched.tree_kv.keep = counting  # type: ignore[method-assign]
+    got = run_checked(sched, reqs)
+    assert_same(got, ref)
+    assert sum(branch_keeps) >= 20
+    assert sched.info()["avg_spec_accept_length"] > 2.5
+    assert_pool_idle(sched)
+
+
+def test_trees_beyond_the_free_request_rows_verify_their_first_chain() -> None:
+    from radixlm.runtime.speculative.spec_decoder import Drafts
+
+    tree = DraftTree([5, 7, 8, 6, 9], [-1, 0, 0, -1, 3])  # two extra lanes
+    drafts = Drafts([tree.tokens, [1, 2], tree.tokens], [None] * 3, [tree.parents, None, tree.parents])
+    kept = drafts.within_lanes(3)
+    assert kept.parents == [tree.parents, None, None] and kept.tokens[2] == [5, 7]
+    assert drafts.within_lanes(1).parents is None and drafts.within_lanes(4).parents == drafts.parents
