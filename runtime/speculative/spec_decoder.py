@@ -24,7 +24,7 @@ from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, grant_tree_nodes, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.draft_tree import DraftTree
-from radixlm.runtime.speculative.ngram import NgramDrafter
+from radixlm.runtime.speculative.ngram import OCCURRENCES, NgramDrafter
 from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class SpecDecoder:
         self.tree_nodes = args.speculative_tree_nodes
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
-        self.drafter = NgramDrafter()
+        self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1)
         self.model: DraftModelDrafter | EagleDrafter | None = None
         self.eagle: EagleDrafter | None = None
         if draft_dir is not None and self.algorithm == "EAGLE3":

@@ -87,7 +87,7 @@ def test_build_tree_merges_candidates_with_topk_and_node_limits() -> None:
 
 
 def test_ngram_tree_holds_several_continuations() -> None:
-    d = NgramDrafter()
+    d = NgramDrafter(occurrences=4)
     prompt = [1, 2, 3, 10, 11, 1, 2, 3, 20, 21, 1, 2, 3, 30, 31, 1, 2, 3]
     t = d.propose_tree(0, prompt, [], max_depth=2, max_nodes=8, topk=4)
     assert set(zip(t.tokens, t.parents)) >= {(30, -1), (20, -1), (10, -1)}
