@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import statistics
@@ -207,10 +208,18 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
     return out
 
 
-def fresh_spec(sched: Scheduler) -> SpecDecoder:
-    """A SpecDecoder with fresh counters, acceptance and payoff; EAGLE3 keeps the loaded head."""
+TREE_NODES = 8  # nodes per tree (64 rows x 9 tokens stay inside the GPU mode's CUDA graphs)
+
+
+def fresh_spec(sched: Scheduler, topk: int | None = None) -> SpecDecoder:
+    """A SpecDecoder with fresh counters, acceptance and payoff; EAGLE3 keeps the loaded head.
+    `topk`: NGRAM drafts trees of this branching (nodes up to depth x topk) instead of the server's."""
     if sched.spec is None or sched.spec.eagle is None:
-        return SpecDecoder(sched.args, sched.runner, None)
+        args = sched.args
+        if topk is not None:
+            args = dataclasses.replace(args, speculative_eagle_topk=topk,
+                                       speculative_num_draft_tokens=TREE_NODES + 1 if topk > 1 else None)
+        return SpecDecoder(args, sched.runner, None)
     spec = copy.copy(sched.spec)
     spec.verify_steps = spec.verify_tokens = spec.draft_tokens = spec.accepted_tokens = 0
     spec.acceptance, spec.payoff = {}, DraftPayoff(spec.max_drafts)
@@ -218,14 +227,14 @@ def fresh_spec(sched: Scheduler) -> SpecDecoder:
 
 
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
-            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None) -> dict:
+            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
     runs' tokens per request, {False: off, True: on}."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
     outs: dict[bool, dict[str, list[int]]] = {}
-    spec = fresh_spec(sched)
+    spec = fresh_spec(sched, topk)
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
@@ -246,7 +255,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
     return {
-        "batch": batch, "requests": len(prompts), "tokens": tokens,
+        "batch": batch, "requests": len(prompts), "tokens": tokens, "topk": spec.topk, "tree_nodes": spec.tree_nodes,
         "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
         "speedup": round(best[False] / best[True], 3),
         "avg_accept_length": round(info["avg_spec_accept_length"] or 1.0, 3),
@@ -360,14 +369,15 @@ def cpu_mode(args: argparse.Namespace) -> dict:
             if name not in args.sets:
                 continue
             prompts = [chat(t) for t in tasks] * (2 if batch == 8 else 1)
-            cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
-                                           clock=time.process_time)}
-            report["cells"].append(cell)
-            if args.out:  # partial results survive an interrupted run
-                Path(args.out).write_text(json.dumps(report, indent=2))
-            print(f"{name:5s} batch {batch}: off {cell['tok_s_off']:7.2f} tok/s  on {cell['tok_s_on']:7.2f} tok/s  "
-                  f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
-                  f"identical {cell['identical']}", flush=True)
+            for topk in args.topk:
+                cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
+                                               clock=time.process_time, topk=topk)}
+                report["cells"].append(cell)
+                if args.out:  # partial results survive an interrupted run
+                    Path(args.out).write_text(json.dumps(report, indent=2))
+                print(f"{name:5s} batch {batch} topk {topk}: off {cell['tok_s_off']:7.2f} tok/s  on "
+                      f"{cell['tok_s_on']:7.2f} tok/s  x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} "
+                      f"tok/step  identical {cell['identical']}", flush=True)
     return report
 
 
@@ -399,18 +409,29 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         report["draft_cost"] = draft_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab)
     rng = random.Random(1)
     report["cells"] = []
-    for batch in (1, 64):
-        prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
+    cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in (1, 64) for topk in args.topk]
+    for batch, kind, topk in cells:
+        if kind == "random":
+            prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
+        else:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
+            blocks = [[rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(batch)]
+            prompts = [b * 8 for b in blocks]
         outs: dict = {}
-        cell = compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs)
-        cell["divergence"] = divergence_audit(sched, prompts, batch, args.new_tokens, outs)
-        spec, sched.spec = sched.spec, None
-        cell["plain_decode_step"] = step_times(sched, prompts, batch, args.new_tokens)  # spec off, as the payoff times
-        sched.spec = spec
+        cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
+                                           topk=topk)}
+        if args.audit:
+            cell["divergence"] = divergence_audit(sched, prompts, batch, args.new_tokens, outs)
+            spec, sched.spec = sched.spec, None
+            cell["plain_decode_step"] = step_times(sched, prompts, batch, args.new_tokens)  # spec off, as the payoff times
+            sched.spec = spec
         report["cells"].append(cell)
-        print(f"e2e batch {batch}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"e2e {kind} batch {batch} topk {cell['topk']}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
               f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
+        if not args.audit:
+            continue
         k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
         print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
               f"{k0} ms (payoff's largest bucket)", flush=True)
@@ -446,7 +467,15 @@ def main() -> None:
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
                     "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
+    ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "
+                    "trees of up to depth x topk nodes), each side by side with spec off")
+    ap.add_argument("--prompt-sets", default="random", help="gpu mode: random (512 random tokens) and/or repeat (a "
+                    "64-token block repeated 8 times), comma-separated")
+    ap.add_argument("--no-audit", dest="audit", action="store_false", help="gpu mode: skip the divergence audit and "
+                    "the plain decode-step timing of each cell")
     args = ap.parse_args()
+    args.topk = [int(k) for k in args.topk.split(",")]
+    args.prompt_sets = args.prompt_sets.split(",")
     args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
     out = Path(args.out or f"benchmarks/results/speculative_{args.mode}.json")

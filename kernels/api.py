@@ -36,6 +36,8 @@ class AttentionMetadata:
                                      and validity mask (None: every row has L tokens), built once per forward
     kv_in_place                      decode on the CPU: the C kernel (`cpu_native`) reads req_to_token and the
                                      pool in place; req_pool_indices and seq_lens are then int64 host tensors
+    tree_start, tree_mask            extend: draft trees' ancestor matrices ([B] int64 offsets, -1: causal;
+                                     flat int8), on the device; tree_masks_host: the same per request (or None)
     """
 
     req_to_token: torch.Tensor
@@ -53,6 +55,9 @@ class AttentionMetadata:
     kv_slots: torch.Tensor | None = None
     kv_valid: torch.Tensor | None = None
     kv_in_place: bool = False
+    tree_start: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    tree_masks_host: tuple[torch.Tensor | None, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -157,7 +162,7 @@ def extend_attention_torch(
         host(meta.req_pool_indices_host, meta.req_pool_indices),
         host(meta.seq_lens_host, meta.seq_lens),
         host(meta.extend_seq_lens_host, meta.extend_seq_lens),
-        sm_scale, k_scale=k_scale, v_scale=v_scale,
+        sm_scale, k_scale=k_scale, v_scale=v_scale, tree_masks=meta.tree_masks_host,
     )
     return _fill(out, result)
 
@@ -205,5 +210,5 @@ def extend_attention_triton(
     return extend_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens,
         meta.extend_seq_lens, meta.extend_start_loc, sm_scale, max_extend_len=max_ext, out=out,
-        k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, tree_start=meta.tree_start, tree_mask=meta.tree_mask,
     )

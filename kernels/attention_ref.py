@@ -11,6 +11,8 @@ Layout (shared with the Triton kernels):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -61,16 +63,20 @@ def extend_attention_ref(
     sm_scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    tree_masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """New tokens of each request attend causally to its cached prefix plus themselves (varlen).
+    `tree_masks[b]` (a [ext, ext] bool matrix, or None: causal): which of its new tokens each new
+    token of request b sees (a draft tree's ancestors and itself); the prefix stays visible to all.
 
     Host lists: the reference loops over requests, one SDPA call each.
     """
     num_q_heads = q.shape[1]
     out = torch.empty_like(q)
     start = 0
-    for row, seq_len, ext_len in zip(req_pool_indices, seq_lens, extend_seq_lens):
+    for b, (row, seq_len, ext_len) in enumerate(zip(req_pool_indices, seq_lens, extend_seq_lens)):
         prefix_len = seq_len - ext_len
+        tree = tree_masks[b] if tree_masks is not None else None
         slots = req_to_token[row, :seq_len].long()
         qi = q[start : start + ext_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         ki = gather_kv_ref(k_buffer, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
@@ -79,7 +85,11 @@ def extend_attention_ref(
             rep = num_q_heads // ki.shape[1]
             ki = ki.repeat_interleave(rep, dim=1)
             vi = vi.repeat_interleave(rep, dim=1)
-        if prefix_len == 0:
+        if tree is not None:
+            mask = torch.ones((ext_len, seq_len), dtype=torch.bool, device=q.device)
+            mask[:, prefix_len:] = tree.to(device=q.device, dtype=torch.bool)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=sm_scale * k_scale)
+        elif prefix_len == 0:
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=sm_scale * k_scale)
         else:
             qpos = torch.arange(prefix_len, seq_len, device=q.device)[:, None]

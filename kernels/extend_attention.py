@@ -4,6 +4,11 @@ The new tokens' K/V are already in the pool, so prefix and new keys are read the
 through `req_to_token`. One program per (block of BLOCK_M new tokens, request, q head) runs a
 flash-attention online softmax in two loops: keys before the block's first query position need
 no causal mask (only a tail bound), keys on the diagonal block do.
+
+A request may carry a draft tree (speculative decoding in a mixed batch): its new tokens are a
+tree's nodes, each seeing the prefix, its ancestors and itself. TreeStart[b] >= 0 points at its
+[ext, ext] int8 ancestor matrix in TreeMask (-1: causal); its new keys all go through the masked
+loop.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from .attention_common import LOG2E, gather_kv, online_softmax_step
 
 @triton.jit
 def _extend_kernel(
-    Q, K, V, Out, ReqToToken, ReqIdx, SeqLens, ExtLens, ExtStart,
+    Q, K, V, Out, ReqToToken, ReqIdx, SeqLens, ExtLens, ExtStart, TreeStart, TreeMask,
     qk_scale,  # sm_scale * k_scale * log2(e) (k_scale: an FP8 pool's, else 1)
     v_scale,  # an FP8 pool's V scale (1.0 otherwise)
     stride_qt, stride_qh,
@@ -31,6 +36,7 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter mis-computes bf16 dots)
+    HAS_TREE: tl.constexpr,  # some request carries a tree mask (TreeStart / TreeMask are read)
 ):
     # Largest (most work) query blocks first: better tail balance under causal masking.
     mblock = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -66,8 +72,13 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Loop 1: keys strictly before this block's first query; visible to every row.
+    # Loop 1: keys strictly before this block's first query; visible to every row (a tree's new
+    # keys are not: its loop 1 stops at the prefix).
     diag = prefix_len + m_start
+    if HAS_TREE:
+        tree_at = tl.load(TreeStart + b)
+        if tree_at >= 0:
+            diag = prefix_len
     for n0 in range(0, diag, BLOCK_N):
         pos = n0 + offs_n
         mask_n = pos < diag
@@ -81,6 +92,11 @@ def _extend_kernel(
         mask_n = pos < kv_end
         k, v = gather_kv(K, V, r2t, pos, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh)
         visible = mask_n[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_TREE:
+            if tree_at >= 0:
+                bit = tl.load(TreeMask + tree_at + offs_m[:, None] * ext_len + (pos - prefix_len)[None, :],
+                              mask=mask_m[:, None] & mask_n[None, :], other=0)
+                visible = visible & (bit != 0)
         acc, m_i, l_i = online_softmax_step(q, k, v, visible, acc, m_i, l_i, qk_scale, DOT_PRECISION)
 
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None] * v_scale
@@ -119,10 +135,13 @@ def extend_attention(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    tree_start: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as `extend_attention_ref`, with the per-request metadata as device tensors.
 
     `max_extend_len` (host int, >= max(extend_seq_lens)) sizes the grid without a device sync.
+    `tree_start` [B] int64 (-1: causal) / `tree_mask` flat int8: draft trees' ancestor matrices.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     bsz = req_pool_indices.shape[0]
@@ -141,9 +160,10 @@ def extend_attention(
 
     block_m, block_n, num_warps, num_stages = _config(head_dim, q.is_cuda)
     grid = (triton.cdiv(max_extend_len, block_m), bsz, num_q_heads)
+    has_tree = tree_start is not None and tree_mask is not None
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens,
-        extend_seq_lens, extend_start_loc,
+        extend_seq_lens, extend_start_loc, tree_start if has_tree else seq_lens, tree_mask if has_tree else seq_lens,
         sm_scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
@@ -157,6 +177,7 @@ def extend_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or not q.is_cuda else "tf32",
         DOT_FP32=not q.is_cuda,
+        HAS_TREE=has_tree,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -42,6 +42,9 @@ class PagedAttentionBackend:
             seq_lens_host=tuple(batch.seq_lens_cpu),
             extend_seq_lens_host=tuple(batch.extend_seq_lens_cpu),
             max_seq_len=batch.max_seq_len,
+            tree_start=batch.tree_start,
+            tree_mask=batch.tree_mask,
+            tree_masks_host=batch.tree_masks_cpu,
         )
 
     def rotary_and_store(

@@ -111,6 +111,7 @@ def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
         for req in step.reqs if step is not None else ():
             touched.setdefault(id(req), req)
     sched.uncommitted = sched.step_uncommitted = None
+    sched.tree_kv.release_lanes()  # a tree verify step's scratch rows (its node slots are its new slots)
     for queue in (sched.running, sched.partial, sched.waiting):
         for req in queue:
             # Tokens in flight with no in-flight batch left, or a waiting request holding a row
@@ -124,7 +125,8 @@ def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
                 queue.remove(req)
         if sched.grammars is not None:
             sched.grammars.forget(req)
-        _free_unchecked(sched, req, new_slots.get(key))
+        # a settled draft tree's row holds its kept path, not the step's slots in node order
+        _free_unchecked(sched, req, None if key in sched.tree_kv.settled else new_slots.get(key))
         req.tokens_on_device = 0
         if not req.finished:
             sched._finish(req, FinishReason.abort(message, status_code=500))

@@ -37,6 +37,12 @@ class ForwardBatch:
     lora_names: list[str | None] | None = None
     # Decode only: rows sharing a radix-tree prefix, attended once per group (runtime/cascade.py).
     cascade: CascadeLayout | None = None
+    # Extend only: draft trees verified in a mixed batch (speculative/draft_tree.py): per request the
+    # offset of its [ext, ext] ancestor matrix in tree_mask (-1: causal), on the device, and the
+    # matrices on the host (the torch reference); None when no request carries a tree.
+    tree_start: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    tree_masks_cpu: tuple[torch.Tensor | None, ...] | None = None
 
     @classmethod
     def for_rows(cls, mode: ForwardMode, input_ids: list[int] | torch.Tensor, positions: list[int],

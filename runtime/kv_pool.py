@@ -67,6 +67,10 @@ class ReqToTokenPool:
                 start += ext
         if self.req_to_token is not self.host:
             self.req_to_token[writes.device_token_rows, writes.device_positions] = writes.device_slots.to(torch.int32)
+        for dst, src, length in writes.lane_copies:  # draft trees: a lane's KV prefix and ancestors
+            self.host[dst, :length] = self.host[src, :length]
+            if self.req_to_token is not self.host:
+                self.req_to_token[dst, :length] = self.req_to_token[src, :length]
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class SlotWrites:
     device_token_rows: torch.Tensor  # [T] device: each new token's request row
     device_positions: torch.Tensor  # [T] device
     device_slots: torch.Tensor  # [T] int64 device
+    # (row, source row, length): req_to_token[row, :length] = req_to_token[source, :length] after the
+    # writes, in order (a draft tree's lanes, speculative/draft_tree.py)
+    lane_copies: tuple[tuple[int, int, int], ...] = ()
 
 
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -17,7 +17,7 @@ from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, token_logprobs
 from radixlm.runtime.schedule_batch import ScheduledBatch
-from radixlm.runtime.speculative.verify import accepted_run, position_rows
+from radixlm.runtime.speculative.verify import position_rows
 from radixlm.runtime.stop_regex import compile_stop_regexes
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class SeqEvent(NamedTuple):
     accepted: int = 0
     unverified: int = 0
     jump_due: bool = False
+    kept: tuple[int, ...] = ()  # a verify row's accepted draft nodes, in path order (trees: which ones)
 
 
 class ResultProcessor:
@@ -111,7 +112,7 @@ class ResultProcessor:
         """Verify rows (speculative/verify.py): draw the target's token at every position, keep the
         drafts that match plus the token after them, appended one by one with every finish check."""
         reqs = [batch.reqs[i] for i in indices]
-        drafts = [batch.drafts[i] for i in indices]
+        trees = [batch.draft_tree(i) for i in indices]
         rows = [r for i in indices for r in batch.verify_rows[i]]
         rows_logits = logits[rows]
         bitmask = None
@@ -120,15 +121,18 @@ class ResultProcessor:
             bitmask = torch.cat([batch.draft_masks[i] if batch.draft_masks[i] is not None
                                  else torch.full((len(batch.drafts[i]) + 1, width), -1, dtype=torch.int32)
                                  for i in indices])
-        targets = self.sample_rows(position_rows(reqs, drafts, self.eos_ids), rows_logits, bitmask).tolist()
+        targets = self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask).tolist()
         want_lp = any(r.return_logprob for r in reqs)
         events = []
         start = 0
-        for req, draft in zip(reqs, drafts):
-            n = len(draft) + 1
-            run = accepted_run(draft, targets[start : start + n])
-            matched = len(run) - 1
-            lp_entries = self._run_logprobs(req, rows_logits[start : start + len(run)], run) if want_lp else None
+        for req, tree in zip(reqs, trees):
+            n = len(tree) + 1
+            run, kept = tree.accepted_path(targets[start : start + n])
+            matched = len(kept)
+            # the logits rows of the emitted tokens: the root's, then each kept node's
+            path_rows = [start] + [start + 1 + node for node in kept]
+            lp_entries = (self._run_logprobs(req, rows_logits[path_rows[: len(run)]], run)
+                          if want_lp and req.return_logprob else None)
             start += n
             reason = None
             for j, tok in enumerate(run):
@@ -149,12 +153,12 @@ class ResultProcessor:
             accepted = min(matched, len(run))
             req.spec_verify_ct += 1
             req.spec_accepted_tokens += accepted
-            unverified = len(draft) - accepted
+            unverified = len(tree) - accepted
             jumped = reason is None and self._jump_forward(req, grammars, num_running)
             if reason is not None or jumped:
                 num_running -= 1
-            events.append(SeqEvent(req, True, reason, jumped, sampled=len(run), drafted=len(draft),
-                                   accepted=accepted, unverified=unverified))
+            events.append(SeqEvent(req, True, reason, jumped, sampled=len(run), drafted=len(tree),
+                                   accepted=accepted, unverified=unverified, kept=tuple(kept[:accepted])))
         return events
 
     def _run_logprobs(self, req: Req, rows_logits: torch.Tensor, run: list[int]) -> list[LogprobEntry] | None:

@@ -10,6 +10,7 @@ from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
+from radixlm.runtime.speculative.draft_tree import DraftTree, TreeRows
 
 
 @dataclass
@@ -70,6 +71,10 @@ class ScheduledBatch:
     drafts: list[list[int]] = field(default_factory=list)
     draft_masks: list[torch.Tensor | None] = field(default_factory=list)
     verify_rows: list[list[int]] = field(default_factory=list)
+    # Draft trees (speculative/draft_tree.py), decode batches only: per request None (a chain) or
+    # each draft's parent node, and the scratch request rows of its lanes after the first.
+    draft_parents: list[list[int] | None] = field(default_factory=list)
+    draft_lanes: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # A batch built with its requests (not through add / set_decode_rows) has no drafts: every
@@ -81,6 +86,11 @@ class ScheduledBatch:
     @property
     def has_drafts(self) -> bool:
         return any(self.drafts)
+
+    def draft_tree(self, i: int) -> DraftTree:
+        """Request i's drafts as a tree (a chain unless the step drafted a tree for it)."""
+        parents = self.draft_parents[i] if i < len(self.draft_parents) else None
+        return DraftTree.chain(self.drafts[i]) if parents is None else DraftTree(self.drafts[i], parents)
 
     def add(self, req: Req, slots: torch.Tensor, decoding: bool = False, prefix_len: int | None = None) -> None:
         """`req` computes len(slots) more tokens this step, on top of the KV it holds (`prefix_len`,
@@ -94,9 +104,13 @@ class ScheduledBatch:
         self.draft_masks.append(None)
 
     def set_decode_rows(self, reqs: list[Req], slots: torch.Tensor, drafts: list[list[int]],
-                        masks: list[torch.Tensor | None]) -> None:
+                        masks: list[torch.Tensor | None], parents: list[list[int] | None] | None = None,
+                        lanes: list[list[int]] | None = None) -> None:
         """A decode batch in one allocation: each request computes its last token plus its drafts
-        (one slot each, in request order); a request with drafts is a verify row."""
+        (one slot each, in request order); a request with drafts is a verify row, a chain unless
+        `parents` makes it a tree (whose extra lanes are `lanes`)."""
+        self.draft_parents = parents if parents is not None else [None] * len(reqs)
+        self.draft_lanes = lanes if lanes is not None else [[] for _ in reqs]
         self.new_slots.append(slots)
         self.reqs = reqs
         self.prefix_lens = [r.kv_len for r in reqs]
@@ -114,6 +128,9 @@ class ScheduledBatch:
         self.decoding += decode.decoding
         self.drafts += decode.drafts
         self.draft_masks += decode.draft_masks
+        # draft trees of the decode rows (their verify rows become extend rows with a tree mask)
+        self.draft_parents = [*(self.draft_parents or [None] * (len(self.reqs) - len(decode.reqs))),
+                              *(decode.draft_parents or [None] * len(decode.reqs))]
 
     def _lora_names(self, rows: int) -> list[str | None] | None:
         """Each attention row's adapter: per request, or per token when verify rows expanded a
@@ -137,9 +154,27 @@ class ScheduledBatch:
         self.logprob_rows, self.sample_rows, self.logprob_first_pos, self.verify_rows = [], [], [], []
         offset = 0
         token_starts: list[int] = []
-        for req, prefix, ext, drafts in zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts):
+        token_rows_cpu: list[int] = []  # decode: each new token's request row (a tree's: its lane's)
+        kv_positions: list[int] = []  # each new token's place in its row (a tree in extend: not its position)
+        lane_copies: list[tuple[int, int, int]] = []
+        tree_masks: list[torch.Tensor | None] = []
+        decode = self.mode is ForwardMode.DECODE
+        for i, (req, prefix, ext, drafts) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts)):
             token_starts.append(offset)
-            positions.extend(range(prefix, prefix + ext))
+            parents = self.draft_parents[i] if i < len(self.draft_parents) else None
+            if parents is None:
+                positions.extend(range(prefix, prefix + ext))
+                kv_positions.extend(range(prefix, prefix + ext))
+                token_rows_cpu.extend([req.req_pool_idx] * ext)  # type: ignore[list-item]
+                tree_masks.append(None)
+            else:
+                lay = TreeRows.lay_out(DraftTree(drafts, parents), prefix, req.req_pool_idx,  # type: ignore[arg-type]
+                                       self.draft_lanes[i] if i < len(self.draft_lanes) else [], decode)
+                positions.extend(lay.positions)
+                kv_positions.extend(lay.kv_positions)
+                token_rows_cpu.extend(lay.rows)
+                lane_copies.extend(lay.lane_copies)
+                tree_masks.append(lay.mask)
             if drafts:  # a verify row: its last token, then the drafts; logits at every position
                 assert not req.tokens_on_device and prefix + 1 == req.fill_len
                 input_ids.extend(req.fill_slice(prefix, prefix + 1) + drafts)
@@ -173,13 +208,12 @@ class ScheduledBatch:
             self.sample_rows.append(sample_row)
             self.logprob_first_pos.append(first_pos)
             offset += ext
-        decode = self.mode is ForwardMode.DECODE
         rows_cpu = [r.req_pool_idx for r in self.reqs]
         if decode and len(positions) > len(self.reqs):
             # Verify rows in a decode batch: every new token is one decode row of its request whose
-            # KV ends at that token (causal over the drafts before it), so the step keeps decode's
-            # kernels and CUDA graphs.
-            rows_cpu = [row for row, ext in zip(rows_cpu, self.extend_lens) for _ in range(ext)]
+            # KV ends at that token (causal over the drafts before it; a tree's token reads its
+            # lane: the prompt and its ancestors), so the step keeps decode's kernels and CUDA graphs.
+            rows_cpu = token_rows_cpu
             seq_lens, ext_lens = [p + 1 for p in positions], [1] * len(positions)
         else:
             seq_lens, ext_lens = [p + e for p, e in zip(self.prefix_lens, self.extend_lens)], list(self.extend_lens)
@@ -199,6 +233,16 @@ class ScheduledBatch:
             nodes = [r.last_node for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
             layout = cascade.plan(nodes, rows_cpu, seq_lens)  # type: ignore[arg-type]
         extra = [t.to(torch.int64).view(-1) for t in layout.tensors()] if layout is not None else []
+        # Draft trees in an extend step: their tokens' places in the rows, and their ancestor matrices.
+        trees = not decode and any(m is not None for m in tree_masks)
+        if trees:
+            tree_start, flat, at = [], [], 0
+            for m in tree_masks:
+                tree_start.append(at if m is not None else -1)
+                if m is not None:
+                    flat.append(m.view(-1).to(torch.int64))
+                    at += m.numel()
+            extra += [ints(kv_positions), ints(tree_start), torch.cat(flat)]
         row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(ext_lens)  # type: ignore[arg-type]
         slots = torch.cat(self.new_slots).to(torch.int64)
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
@@ -210,9 +254,14 @@ class ScheduledBatch:
         ], device)
         if pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
+        tree_t: list[torch.Tensor | None] = [None, None, None]
+        if trees:
+            tree_t, layout_t = layout_t[-3:], layout_t[:-3]
+            tree_t[2] = tree_t[2].to(torch.int8)
         writes = SlotWrites(decode=decode, rows=row_t, positions=positions_cpu, prefix_lens=self.prefix_lens,
                             extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=token_rows_t,
-                            device_positions=positions_t, device_slots=out_cache_loc)
+                            device_positions=positions_t if tree_t[0] is None else tree_t[0], device_slots=out_cache_loc,
+                            lane_copies=tuple(lane_copies))
         fb = ForwardBatch(
             mode=self.mode,
             input_ids=input_ids_t,
@@ -228,6 +277,9 @@ class ScheduledBatch:
             logits_indices=logits_t,
             lora_names=self._lora_names(len(rows_cpu)),
             cascade=layout.with_tensors(layout_t) if layout is not None else None,
+            tree_start=tree_t[1],
+            tree_mask=tree_t[2],
+            tree_masks_cpu=tuple(tree_masks) if trees else None,
         )
         return fb, writes
 

@@ -27,6 +27,7 @@ from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
 from radixlm.runtime.schedule_policy import DecodeReserve, InBatchPrefixes, order_waiting
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.spec_decoder import Drafts, SpecDecoder, prepare_draft_model
+from radixlm.runtime.speculative.tree_kv import TreeKV
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Scheduler:
         self.spec: SpecDecoder | None = None
         if args.speculative_algorithm is not None:
             self.spec = SpecDecoder(args, self.runner, draft_dir)
+        self.tree_kv = TreeKV(self.req_to_token_pool, self.kv_pool)  # draft trees' lanes and node slots
 
         self.waiting: list[Req] = WaitingQueue()  # (counts its requests per adapter: LoRA admission)
         self.adapter_demand = AdapterDemand()  # --enable-lora: aging of adapters waiting for a device slot
@@ -201,6 +203,7 @@ class Scheduler:
         An exception fails only the requests the step touched (fault_isolation.py); it raises
         SchedulerFatalError only when the device or the pools can no longer be trusted."""
         self.step_batches, self.step_uncommitted = [], self.uncommitted
+        self.tree_kv.settled.clear()
         try:
             return self._step()
         except Exception as exc:  # noqa: BLE001 - isolate the fault to this step's requests
@@ -218,7 +221,7 @@ class Scheduler:
         batch = self._schedule_prefill()
         if batch is not None and self.running and self._should_mix(batch):
             self._commit_step()  # the decode rows' inputs must be on the host
-            decode = self._schedule_decode()
+            decode = self._schedule_decode(mixed=True)
             if decode is not None:
                 batch.absorb(decode)
         batch = batch or self._schedule_decode()
@@ -353,9 +356,14 @@ class Scheduler:
         for ev in events:
             req = ev.req
             if ev.drafted:
-                self._drop_unverified(req, ev.unverified)
                 assert self.spec is not None
-                self.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled)
+                if self.tree_kv.holds(req):
+                    depth = self.tree_kv.depth(req)
+                    self.tree_kv.keep(req, ev.kept)
+                    self.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled, depth)
+                else:
+                    self._drop_unverified(req, ev.unverified)
+                    self.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled)
             if ev.was_running and (ev.finished is not None or ev.jumped):
                 self.running.remove(req)
             if ev.finished is not None:
@@ -480,7 +488,7 @@ class Scheduler:
         req.kv_len += int(slots.numel())
 
     # ---------------------------------------------------------------- decode
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def _schedule_decode(self, mixed: bool = False) -> ScheduledBatch | None:
         if not self.running:
             return None
         while self.kv_pool.available() + self.cache.evictable_size() < len(self.running):
@@ -491,10 +499,12 @@ class Scheduler:
         self.step_batches.append(batch)
         # A request whose last token is on the device finishes when that is committed: nothing to run.
         todo = [r for r in self.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device]
-        drafts = self._drafts(todo)
+        drafts = self._drafts(todo, mixed)
         slots = self._alloc_slots(len(todo) + drafts.total)
         if slots is not None:  # the common case: one allocation for the whole batch
-            batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks)
+            parents = drafts.parents or [None] * len(todo)
+            lanes = self.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
+            batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes)
             for req, ext in zip(todo, batch.extend_lens):
                 req.kv_len += ext
             self.reserve.on_decode_step()
@@ -513,13 +523,17 @@ class Scheduler:
         self.reserve.on_decode_step()
         return batch if batch.reqs else None
 
-    def _drafts(self, todo: list[Req]) -> Drafts:
+    def _drafts(self, todo: list[Req], mixed: bool = False) -> Drafts:
         """Speculative decoding: the tokens each request verifies this step, if free slots hold them
-        beyond one token per request (drafts never evict cached prefixes nor cause a retraction)."""
+        beyond one token per request (drafts never evict cached prefixes nor cause a retraction).
+        Trees need a free request row per extra lane in a decode step (those that find none verify
+        their first chain); in a mixed batch their verify rows are extend rows with a tree mask (no lanes)."""
         none = Drafts([[] for _ in todo], [None] * len(todo))
         if self.spec is None or not todo:
             return none
         drafts = self.spec.propose(todo, self.grammars)
+        if drafts.parents and not mixed:
+            drafts = drafts.within_lanes(self.req_to_token_pool.available())
         if drafts.total and self.kv_pool.available() < len(todo) + drafts.total:
             return none
         return drafts

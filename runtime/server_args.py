@@ -173,10 +173,12 @@ class ServerArgs:
         "while acceptance is too low to pay)", int, minimum=1, default_text="4 with an algorithm")
     speculative_num_draft_tokens: int | None = _flag(
         None, "speculative", "tokens verified per request and step, the last sampled one included "
-        "(chains: num_steps + 1)", int, minimum=2, default_text="num_steps + 1")
+        "(chains: num_steps + 1; trees: their nodes + 1)", int, minimum=2,
+        default_text="num_steps + 1 (trees: num_steps x topk + 1)")
     speculative_eagle_topk: int | None = _flag(
-        None, "speculative", "branching per draft step; 1 (a chain) is the only value implemented", int,
-        choices=(1,), default_text="1")
+        None, "speculative", "branching per draft step: 1 drafts a chain; above 1 (NGRAM only) a token tree of "
+        "up to this many children per node, the continuations of several earlier occurrences, verified in "
+        "one pass (speculative-num-draft-tokens bounds its size)", int, minimum=1, default_text="1")
     # ---------------------------------------------------------------- parallelism
     tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
                          aliases=("--tensor-parallel-size",))
@@ -328,9 +330,28 @@ class ServerArgs:
             raise ValueError(f"speculative_algorithm: {self.speculative_algorithm} runs on one rank "
                              "(tp_size = pp_size = 1) for now")
         steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
+        if self.speculative_topk > 1:
+            if self.speculative_algorithm != "NGRAM":
+                raise ValueError(f"speculative_eagle_topk: trees are implemented for NGRAM only, not "
+                                 f"{self.speculative_algorithm} (use 1)")
+            if self.tp_size * self.pp_size > 1:
+                raise ValueError("speculative_eagle_topk: draft trees run on one rank (tp_size = pp_size = 1) for now")
+            return  # a tree: num_draft_tokens bounds its nodes, num_steps its depth
         if steps is not None and tokens is not None and tokens != steps + 1:
             raise ValueError(f"speculative_num_draft_tokens: {tokens} is not speculative_num_steps + 1 = {steps + 1} "
                              "(chains verify the drafts plus the last sampled token)")
+
+    @property
+    def speculative_topk(self) -> int:
+        """Children per draft-tree node at most (1: chains)."""
+        return self.speculative_eagle_topk or 1
+
+    @property
+    def speculative_tree_nodes(self) -> int:
+        """Draft-tree nodes per request and step at most (the tokens verified minus the last sampled one)."""
+        if self.speculative_num_draft_tokens is not None:
+            return self.speculative_num_draft_tokens - 1
+        return self.speculative_max_drafts * self.speculative_topk
 
     @property
     def speculative_max_drafts(self) -> int:
@@ -339,8 +360,8 @@ class ServerArgs:
             return 0
         if self.speculative_num_steps is not None:
             return self.speculative_num_steps
-        if self.speculative_num_draft_tokens is not None:
-            return self.speculative_num_draft_tokens - 1
+        if self.speculative_num_draft_tokens is not None and self.speculative_topk == 1:
+            return self.speculative_num_draft_tokens - 1  # a chain's depth; a tree's node budget is not its depth
         return 4
 
     def _check_parallel(self) -> None:

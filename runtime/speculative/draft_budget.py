@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from radixlm.runtime.speculative.draft_tree import DraftTree
 
 # Relative cost of one more token in a decode-shaped step, per device (against the step's fixed
 # weight-streaming cost). CPU: the default model's step grows ~20% per extra token at batch 1, one
@@ -71,6 +75,36 @@ def grant(proposed: list[int], rates: list[float], beta: float, limit: int | Non
             heapq.heapreplace(heap, (-(gain * rates[best]), best))
         else:
             heapq.heappop(heap)
+    return granted
+
+
+BRANCH_SHARE = 0.5  # of the mass a rejected parent-chain position leaves, what one more branch is expected to catch
+
+
+def grant_tree_nodes(trees: list[DraftTree], rates: list[float], beta: float, limit: int | None = None) -> list[int]:
+    """Nodes granted per draft tree (a prefix of its node list). Each tree's first chain (its first
+    nodes) is granted as `grant` grants chains; a row whose chain was granted whole then adds its
+    branch nodes, in order, while each one's expected gain beats the step's average by the same rule:
+    a branch node at depth d is reached with a^(d-1) and right where its first-chain sibling was not,
+    (1 - a) x BRANCH_SHARE — worth little against a costly verify row (the CPU), nearly always worth
+    it where a row costs almost nothing (the GPU at batch 1)."""
+    chains = [len(t.first_chain()) for t in trees]
+    granted = grant(chains, rates, beta, limit)
+    total = sum(granted)
+    tokens = len(trees) + sum(sum(r**i for i in range(1, n + 1)) for n, r in zip(granted, rates))
+    cost = 1.0 + beta * (len(trees) + total)
+    for i, (tree, rate) in enumerate(zip(trees, rates)):
+        if granted[i] < chains[i] or len(tree) == chains[i]:
+            continue
+        depths = tree.depths()
+        for node in range(chains[i], len(tree)):
+            gain = rate ** (depths[node] - 1) * (1.0 - rate) * BRANCH_SHARE
+            if gain * cost <= beta * tokens or (limit is not None and total >= limit):
+                break
+            granted[i] = node + 1
+            total += 1
+            tokens += gain
+            cost += beta
     return granted
 
 

@@ -99,12 +99,24 @@ class Bucket:
     def arm(self, k: int) -> ArmRate:
         return self.arms.setdefault(k, ArmRate())
 
+    def _expected_tokens(self, k: int, accept: float) -> float:
+        """Tokens per row an arm-k step is expected to emit. Once arm 1 is measured, from its measured
+        gain over plain decoding, g = E(1) - 1 = (rows that draft) x a: E(k) = 1 + g (1 + a + ... +
+        a^(k-1)). The acceptance a alone counts only the rows that drafted: at batch 8 on the CPU most
+        rows found no n-gram or were granted nothing, so a = 0.64 predicted 2.5 tokens a row where arm 1
+        measured 1.0, and every deeper arm was explored at a loss (benchmarks/RESULTS.md)."""
+        plain, one = self.arm(0), self.arm(1)
+        if not (one.explored() and plain.weight and one.weight and plain.tokens > 0) or accept <= 0:
+            return chain_tokens(accept, k)
+        gain = max((one.tokens / one.weight) / (plain.tokens / plain.weight) - 1.0, 0.0)
+        return 1.0 + gain * (chain_tokens(accept, k) - 1.0) / accept
+
     def _predicted(self, k: int, accept: float) -> float:
         """tok/s the acceptance model expects of arm k: plain decoding's tokens per step (its rows) times
         E(k), over arm k's step time (an unmeasured arm's taken as T(1))."""
         plain = self.arm(0)
         step = self.arm(k).step_s if self.arm(k).explored() else self.arm(1).step_s
-        return (plain.tokens / plain.weight) * chain_tokens(accept, k) / step if step > 0 and plain.weight else 0.0
+        return (plain.tokens / plain.weight) * self._expected_tokens(k, accept) / step if step > 0 and plain.weight else 0.0
 
     def drafting_can_pay(self, accept: float) -> bool:
         return self._predicted(self.max_k, accept) > self.arm(0).rate * (1 + MARGIN)

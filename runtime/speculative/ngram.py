@@ -10,10 +10,19 @@ How far to draft is decided per request: a long match (the text is being copied)
 step's limit, a short one at most as many tokens as it matched; and the request's draft depth grows
 while its drafts are accepted whole and falls back to what was accepted on a rejection (copying
 runs long, then stops at an edit: a long draft pays on the run, a short one at the edit).
+
+With a branching factor above 1 (`--speculative-eagle-topk`) a request drafts a token tree
+(draft_tree.py) instead of one chain: the continuations of several earlier occurrences of its
+suffixes (longest match first, most recent first; the index keeps the latest OCCURRENCES of each
+n-gram) merged into a trie of at most `--speculative-num-draft-tokens - 1` nodes. The first
+candidate is the chain the request would draft without branching; the others cover the places where
+the text was continued differently before, which a single chain guesses wrong.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from radixlm.runtime.speculative.draft_tree import DraftTree
 
 # n-gram lengths indexed, tried longest first. A single-token match proposes too often and is right
 # too rarely to pay for its verify rows; a match of LONG_MATCH or more tokens means copying.
@@ -22,16 +31,20 @@ LONG_MATCH = 4
 START_DEPTH = 2  # draft depth of a request before any verify result
 DEPTH_STEP = 2  # depth added after a verify that accepted every draft
 MAX_DEPTH = 16
+OCCURRENCES = 4  # latest occurrences kept per n-gram (tree candidates)
 
 
 @dataclass
 class NgramIndex:
-    """For every n-gram of tokens[:indexed] (n in NGRAM_LENGTHS) the position right after its latest
-    occurrence. The n-grams that end at the last token are left out, so a lookup of the current
-    suffix finds an earlier occurrence whose continuation is known."""
+    """For every n-gram of tokens[:indexed] (n in NGRAM_LENGTHS) the positions right after its latest
+    OCCURRENCES occurrences: the latest in `follow`, earlier ones (oldest first) in `older` when the
+    index keeps more than one (`occurrences`, trees). The n-grams that end at the last token are
+    left out, so a lookup of the current suffix finds earlier occurrences whose continuation is known."""
 
     tokens: list[int] = field(default_factory=list)
     follow: dict[tuple[int, ...], int] = field(default_factory=dict)
+    older: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    occurrences: int = 1
 
     def sync(self, prompt: list[int], output: list[int]) -> None:
         """Index the tokens appended since the last call. Output rewritten behind our back (grammar
@@ -40,18 +53,35 @@ class NgramIndex:
         have = len(self.tokens)
         total = len(prompt) + len(output)
         if have > total or (have and self._token_at(prompt, output, have - 1) != self.tokens[-1]):
-            self.tokens, self.follow, have = [], {}, 0
+            self.tokens, self.follow, self.older, have = [], {}, {}, 0
         if have < len(prompt):
             self.tokens.extend(prompt[have:])
             self.tokens.extend(output)
         else:
             self.tokens.extend(output[have - len(prompt):])
-        # n-grams ending at positions [have - 1, total - 2]: each now has a known next token.
+        # n-grams ending at positions [have - 1, total - 2]: each now has a known next token. Keys are
+        # built by zip over shifted slices and stored by dict.update (a 512-token prompt's first sync
+        # is ~1.5 ms, not ~5 ms of per-key Python): in order, so a repeated n-gram keeps its latest.
         toks, follow = self.tokens, self.follow
-        for end in range(max(have - 1, 0), total - 1):
-            for n in NGRAM_LENGTHS:
-                if end + 1 >= n:
-                    follow[tuple(toks[end + 1 - n : end + 1])] = end + 1
+        for n in NGRAM_LENGTHS:
+            lo = max(have - 1, n - 1)  # first end position
+            if lo >= total - 1:
+                continue
+            seg = toks[lo + 1 - n : total - 1]
+            keys = list(zip(*(seg[j : len(seg) - n + 1 + j] for j in range(n))))
+            ends = range(lo + 1, total)
+            if self.occurrences == 1:
+                follow.update(zip(keys, ends))
+                continue
+            older, cap = self.older, self.occurrences - 1
+            for key, pos in zip(keys, ends):
+                prev = follow.get(key)
+                if prev is not None:
+                    kept = older.setdefault(key, [])
+                    kept.append(prev)
+                    if len(kept) > cap:
+                        del kept[0]
+                follow[key] = pos
 
     @staticmethod
     def _token_at(prompt: list[int], output: list[int], i: int) -> int:
@@ -68,6 +98,24 @@ class NgramIndex:
             if start is not None:
                 return toks[start : start + max_tokens], n
         return [], 0
+
+    def candidates(self, max_tokens: int) -> list[tuple[list[int], int]]:
+        """Every distinct continuation (up to max_tokens) of the suffixes that occurred before, with its
+        match length: longest match first, most recent occurrence first."""
+        toks, out, seen = self.tokens, [], set()
+        for n in NGRAM_LENGTHS:
+            if len(toks) <= n:
+                continue
+            key = tuple(toks[-n:])
+            latest = self.follow.get(key)
+            if latest is None:
+                continue
+            for start in (latest, *reversed(self.older.get(key, ()))):
+                cont = toks[start : start + max_tokens]
+                if cont and tuple(cont) not in seen:
+                    seen.add(tuple(cont))
+                    out.append((cont, n))
+        return out
 
     def propose(self, max_tokens: int) -> list[int]:
         return self.lookup(max_tokens)[0]
@@ -90,21 +138,57 @@ def draft_length(match: int, depth: int, max_tokens: int) -> int:
     return min(max_tokens, depth if match >= LONG_MATCH else min(depth, match))
 
 
+def build_tree(candidates: list[tuple[list[int], int]], depth: int, max_depth: int, max_nodes: int,
+               topk: int) -> DraftTree:
+    """The candidates (best first) merged into a trie: each cut to its draft length, at most `topk`
+    children per node, at most `max_nodes` nodes; a candidate is added as far as it fits."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    children: dict[int, dict[int, int]] = {}
+    for cont, match in candidates:
+        cur = -1
+        for tok in cont[: draft_length(match, depth, max_depth)]:
+            kids = children.setdefault(cur, {})
+            if tok in kids:
+                cur = kids[tok]
+                continue
+            if len(kids) >= topk or len(tokens) >= max_nodes:
+                break
+            kids[tok] = len(tokens)
+            tokens.append(tok)
+            parents.append(cur)
+            cur = kids[tok]
+        if len(tokens) >= max_nodes:
+            break
+    return DraftTree(tokens, parents)
+
+
 class NgramDrafter:
     """Per-request n-gram indexes and draft depths; `propose` drafts for one request from its own
     tokens only, so a request drafts the same alone or in any batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, occurrences: int = 1) -> None:
+        self.occurrences = occurrences  # earlier occurrences kept per n-gram (OCCURRENCES for trees)
         self.indexes: dict[int, NgramIndex] = {}
         self.depths: dict[int, DraftDepth] = {}
 
     def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
         if max_tokens <= 0:
             return []
-        index = self.indexes.setdefault(key, NgramIndex())
+        index = self.indexes.setdefault(key, NgramIndex(occurrences=self.occurrences))
         index.sync(prompt, output)
         draft, match = index.lookup(max_tokens)
         return draft[: draft_length(match, self.depths.setdefault(key, DraftDepth()).depth, max_tokens)]
+
+    def propose_tree(self, key: int, prompt: list[int], output: list[int], max_depth: int, max_nodes: int,
+                     topk: int) -> DraftTree:
+        """A token tree of at most max_nodes nodes and depth max_depth (topk = 1: `propose`'s chain)."""
+        if max_depth <= 0 or max_nodes <= 0:
+            return DraftTree([], [])
+        index = self.indexes.setdefault(key, NgramIndex(occurrences=self.occurrences))
+        index.sync(prompt, output)
+        depth = self.depths.setdefault(key, DraftDepth()).depth
+        return build_tree(index.candidates(max_depth), depth, max_depth, max_nodes, topk)
 
     def on_verified(self, key: int, drafted: int, accepted: int) -> None:
         self.depths.setdefault(key, DraftDepth()).record(drafted, accepted)

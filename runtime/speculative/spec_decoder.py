@@ -21,9 +21,10 @@ import torch
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
-from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, worth_drafting
+from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, grant_tree_nodes, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
-from radixlm.runtime.speculative.ngram import NgramDrafter
+from radixlm.runtime.speculative.draft_tree import DraftTree
+from radixlm.runtime.speculative.ngram import OCCURRENCES, NgramDrafter
 from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
 
 if TYPE_CHECKING:
@@ -35,10 +36,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Drafts:
-    """One step's drafts, aligned with the requests it was asked about (empty: plain decode)."""
+    """One step's drafts, aligned with the requests it was asked about (empty: plain decode).
+    `parents`: per request None for a chain, else each token's parent node (draft_tree.py)."""
 
     tokens: list[list[int]]
     masks: list[torch.Tensor | None]  # constrained rows: [len(tokens) + 1, W] masks to verify with
+    parents: list[list[int] | None] | None = None
+
+    def parents_of(self, i: int) -> list[int] | None:
+        return self.parents[i] if self.parents is not None else None
+
+    def within_lanes(self, rows: int) -> "Drafts":
+        """Trees kept, in row order, while their extra lanes fit in `rows` free request rows; the
+        others cut to their first chain (lane 0)."""
+        if self.parents is None:
+            return self
+        tokens, parents = list(self.tokens), list(self.parents)
+        for i, p in enumerate(parents):
+            if p is None:
+                continue
+            tree = DraftTree(tokens[i], p)
+            need = len(tree.lanes()[1])
+            if need <= rows:
+                rows -= need
+            else:
+                tokens[i], parents[i] = tree.first_chain(), None
+        return Drafts(tokens, self.masks, parents if any(p is not None for p in parents) else None)
 
     @property
     def total(self) -> int:
@@ -67,9 +90,11 @@ class SpecDecoder:
     def __init__(self, args: ServerArgs, runner: ModelRunner, draft_dir: Path | None) -> None:
         self.algorithm = args.speculative_algorithm
         self.max_drafts = args.speculative_max_drafts
+        self.topk = args.speculative_topk
+        self.tree_nodes = args.speculative_tree_nodes
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
-        self.drafter = NgramDrafter()
+        self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1)
         self.model: DraftModelDrafter | EagleDrafter | None = None
         self.eagle: EagleDrafter | None = None
         if draft_dir is not None and self.algorithm == "EAGLE3":
@@ -129,6 +154,7 @@ class SpecDecoder:
         return max(min(self.step_k, req.remaining_new_tokens() - 1, self.context_len - req.fill_len), 0)
 
     def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
+        """Each request's drafts for this step; trees (topk > 1) unless the request is constrained."""
         if not self.allowed:
             return Drafts([[] for _ in reqs], [None] * len(reqs))
         rates = [self._acceptance(r).rate for r in reqs]
@@ -137,31 +163,60 @@ class SpecDecoder:
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
             granted = grant([self._limit(r) for r in reqs], rates, self.beta, limit)
             proposed = self.model.propose(reqs, granted)
+        elif self.topk > 1:
+            return self._propose_trees(reqs, grammars, rates, limit)
         else:
             proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, self._limit(r)) for r in reqs]
             granted = grant([len(p) for p in proposed], rates, self.beta, limit)
+        return self._checked(reqs, grammars, [p[:n] for p, n in zip(proposed, granted)])
+
+    def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float],
+                       limit: int | None) -> Drafts:
+        """NGRAM trees: depth up to the step's k, nodes up to k x topk (and --speculative-num-draft-tokens
+        - 1); the budget grants nodes in the tree's order (parents first). Constrained rows draft the
+        first chain (the matcher walks one path)."""
+        nodes = min(self.tree_nodes, self.step_k * self.topk)
+        trees = [self.drafter.propose_tree(id(r), r.input_ids, r.output_ids, self._limit(r), nodes, self.topk)
+                 for r in reqs]
+        trees = [t.cut(n) for t, n in zip(trees, grant_tree_nodes(trees, rates, self.beta, limit))]
+        chains = [t.first_chain() if r.grammar is not None or t.is_chain else None for r, t in zip(reqs, trees)]
+        checked = self._checked(reqs, grammars, [c if c is not None else [] for c in chains], idle=False)
+        tokens = [c if chain is not None else t.tokens for c, chain, t in zip(checked.tokens, chains, trees)]
+        parents = [None if c is not None else t.parents for c, t in zip(chains, trees)]
+        for req, tok in zip(reqs, tokens):
+            if not tok:
+                self._acceptance(req).idle()
+        return Drafts(tokens, checked.masks, parents if any(p is not None for p in parents) else None)
+
+    def _checked(self, reqs: list[Req], grammars: GrammarRuntime | None, chains: list[list[int]],
+                 idle: bool = True) -> Drafts:
+        """Chains cut at the first token a constrained request's grammar refuses, with its masks;
+        `idle`: a row left without drafts counts a step without drafting."""
         tokens: list[list[int]] = []
         masks: list[torch.Tensor | None] = []
-        for req, prop, n in zip(reqs, proposed, granted):
-            drafts, mask = prop[:n], None
+        for req, drafts in zip(reqs, chains):
+            mask = None
             if drafts and req.grammar is not None:
                 assert grammars is not None
                 drafts, mask = grammars.check_drafts(req, drafts)
             if not drafts:
-                self._acceptance(req).idle()
+                if idle:
+                    self._acceptance(req).idle()
                 mask = None
             tokens.append(drafts)
             masks.append(mask)
         return Drafts(tokens, masks)
 
-    def on_verified(self, req: Req, drafted: int, accepted: int, emitted: int) -> None:
-        self._acceptance(req).record(drafted, accepted)
+    def on_verified(self, req: Req, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
+        """A verify result: `drafted` tokens (tree nodes), `accepted` kept; `depth`: a tree's depth (its
+        acceptance and the drafter's depth count positions along the path, as a chain of that depth's)."""
+        self._acceptance(req).record(depth or drafted, accepted)
         if self.payoff is not None:
-            self.payoff.on_verified(drafted, accepted)
+            self.payoff.on_verified(depth or drafted, accepted)
         if self.model is not None:
             self.model.on_verified(id(req), accepted)
         else:
-            self.drafter.on_verified(id(req), drafted, accepted)
+            self.drafter.on_verified(id(req), depth or drafted, accepted)
         self.verify_steps += 1
         self.verify_tokens += emitted
         self.draft_tokens += drafted

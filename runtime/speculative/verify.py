@@ -8,7 +8,8 @@ that proposes tokens deterministically (NGRAM; draft models draft greedily) this
 rejection sampling: the draft d is accepted with probability p(d) = min(1, p(d) / q(d)) for
 q = one-hot(d), and on rejection the token is distributed as p without d, renormalized, i.e. the
 residual max(p - q, 0). The seeded exponential race realises both draws at once, so a seeded
-request emits the very tokens it emits with speculation off, greedy or sampled.
+request emits the very tokens it emits with speculation off, greedy or sampled. A draft tree
+(draft_tree.py) is verified the same way along the path its target tokens pick.
 """
 from __future__ import annotations
 
@@ -16,29 +17,30 @@ from collections.abc import Collection
 
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampler import SampleRow
+from radixlm.runtime.speculative.draft_tree import DraftTree
 
 
-def position_rows(reqs: list[Req], drafts: list[list[int]], eos_ids: Collection[int]) -> list[SampleRow]:
-    """One SampleRow per verified position: position j of a request sees its output plus the first j
-    drafts (penalties, min_new_tokens) and draws with step len(output) + j."""
+def position_rows(reqs: list[Req], trees: list[DraftTree], eos_ids: Collection[int]) -> list[SampleRow]:
+    """One SampleRow per verified position (the root, then each draft node): a position sees its
+    output plus the drafts on its path (penalties, min_new_tokens) and draws with step len(output) +
+    its depth. A chain's node j is at depth j + 1, after drafts[:j + 1]."""
     rows = []
-    for req, draft in zip(reqs, drafts):
+    for req, tree in zip(reqs, trees):
         p = req.params
         banned_ids = tuple(set(eos_ids) | set(p.stop_token_ids))
         n_out = len(req.output_ids)
-        for j in range(len(draft) + 1):
-            history = req.output_ids + draft[:j] if p.needs_output_history else req.output_ids
-            rows.append(SampleRow(params=p, seed=req.seed, step=n_out + j, output_ids=history,
-                                  prompt_ids=req.input_ids, banned_ids=banned_ids if n_out + j < p.min_new_tokens else ()))
+        paths: list[list[int]] = [[]]
+        for tok, parent in zip(tree.tokens, tree.parents):
+            paths.append(paths[parent + 1] + [tok])
+        for path in paths:
+            history = req.output_ids + path if p.needs_output_history else req.output_ids
+            step = n_out + len(path)
+            rows.append(SampleRow(params=p, seed=req.seed, step=step, output_ids=history,
+                                  prompt_ids=req.input_ids, banned_ids=banned_ids if step < p.min_new_tokens else ()))
     return rows
 
 
 def accepted_run(draft: list[int], targets: list[int]) -> list[int]:
-    """The tokens a verify row emits: the drafts equal to the target's token at their position, then
-    the target's token at the first position that differs (or after the last draft)."""
-    out = []
-    for j, tok in enumerate(targets):
-        out.append(tok)
-        if j == len(draft) or tok != draft[j]:
-            break
-    return out
+    """The tokens a chain's verify row emits: the drafts equal to the target's token at their position,
+    then the target's token at the first position that differs (or after the last draft)."""
+    return DraftTree.chain(draft).accepted_path(targets)[0]

@@ -88,3 +88,61 @@ def test_extend_matches_ref(device, make_pool, assert_close, group, dtype, prefi
         q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.rows, seq_lens, extend_lens, scale
     )
     assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extend_with_draft_tree_masks_matches_ref_and_decode_rows(device, make_pool, assert_close, dtype):
+    """Draft trees in an extend batch (speculative decoding, mixed batch): a tree's new tokens see the
+    prefix, their ancestors and themselves. Triton == the torch reference; and the reference equals
+    what each node computes as a decode row over the prefix + its path (the lanes of a decode step)."""
+    from radixlm.kernels.extend_attention import extend_attention
+    from radixlm.runtime.speculative.draft_tree import DraftTree
+
+    # request 0: a plain causal extend; 1: a random tree of 20 nodes (crosses the interpreter's
+    # 16-token blocks); 2: two branches of two; 3: a chain given as a tree
+    rng = torch.Generator().manual_seed(3)
+    parents1 = [-1] + [int(torch.randint(-1, i, (1,), generator=rng)) for i in range(1, 20)]
+    trees = [None, DraftTree(list(range(20)), parents1), DraftTree([1, 2, 3, 4], [-1, -1, 0, 0]),
+             DraftTree.chain([7, 8, 9])]
+    prefix_lens = [9, 21, 5, 30]
+    extend_lens = [12] + [len(t) + 1 for t in trees[1:]]  # type: ignore[arg-type]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    group = 2
+    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, dtype, device)
+    q = torch.randn(sum(extend_lens), NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=device)
+    starts = [sum(extend_lens[:i]) for i in range(len(extend_lens))]
+    masks = [t.ancestor_mask() if t is not None else None for t in trees]
+    tree_start, flat, at = [], [], 0
+    for m in masks:
+        tree_start.append(at if m is not None else -1)
+        if m is not None:
+            flat.append(m.view(-1))
+            at += m.numel()
+    scale = HEAD_DIM**-0.5
+    out = _poisoned(tuple(q.shape), dtype, device)
+    extend_attention(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+        torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device),
+        torch.tensor(extend_lens, device=device), torch.tensor(starts, device=device), scale,
+        max_extend_len=max(extend_lens), out=out,
+        tree_start=torch.tensor(tree_start, dtype=torch.int64, device=device),
+        tree_mask=torch.cat(flat).to(torch.int8).to(device),
+    )
+    ref = extend_attention_ref(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.rows, seq_lens,
+                               extend_lens, scale, tree_masks=masks)
+    assert_close(out, ref, dtype)
+    # each tree token as a decode row over prefix + its path (lane rows built in spare req_to_token rows)
+    r2t = pool.req_to_token.clone()
+    for b in (1, 2, 3):
+        tree, prefix, row = trees[b], prefix_lens[b], pool.rows[b]
+        assert tree is not None
+        for node in range(-1, len(tree)):
+            path = tree.path(node) if node >= 0 else []
+            lane = torch.cat([r2t[row, : prefix + 1], r2t[row, [prefix + 1 + n for n in path]]]) if path else \
+                r2t[row, : prefix + 1]
+            scratch = r2t.clone()
+            scratch[row, : lane.numel()] = lane
+            dec = decode_attention_ref(q[starts[b] + node + 1 : starts[b] + node + 2], pool.k_buffer, pool.v_buffer,
+                                       scratch, torch.tensor([row], device=device),
+                                       torch.tensor([lane.numel()], device=device), scale)
+            assert_close(dec, ref[starts[b] + node + 1 : starts[b] + node + 2], dtype)

@@ -127,3 +127,22 @@ def test_an_idle_gap_after_the_last_request_is_not_an_arm_step() -> None:
     samples, seconds = arm.samples, arm.seconds
     payoff.begin_step(now + 5.0, 1, 0)  # the request finished; the next one arrives 5 s later
     assert arm.samples == samples and arm.seconds == seconds
+
+
+def test_deeper_arms_are_not_explored_when_arm_one_gains_nothing_overall() -> None:
+    """Batch 8 on the CPU: the one row that drafts is always right (acceptance ~1), the other seven
+    never draft, and a drafting step costs 1.5x. Arm 1 measured 9 tokens a step against 8: the deeper
+    arms can at best reach 8 + 4 = 12 tokens for >= 1.5x the time, so they are not explored."""
+    payoff = DraftPayoff(4)
+    arms, now, generated = [], 0.0, 0
+    for _ in range(600):
+        k = payoff.begin_step(now, generated, 8)
+        payoff.scheduled(True, k > 0)
+        arms.append(k)
+        if k:
+            payoff.on_verified(k, k)  # row 0: all accepted
+        generated += 8 + k
+        now += {0: 1.0, 1: 1.5, 2: 1.6, 3: 1.7, 4: 1.8}[k]
+    assert payoff.accept_rate > 0.8  # the acceptance alone would have every arm explored
+    assert not any(k >= 2 for k in arms), "an arm deeper than 1 was explored at a loss"
+    assert payoff.info()["bs<16"]["k"] == 0

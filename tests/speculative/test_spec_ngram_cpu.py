@@ -31,7 +31,7 @@ def test_ngram_index_is_incremental() -> None:
     before = dict(idx.follow)
     idx.sync(prompt, [7])
     added = {k: v for k, v in idx.follow.items() if before.get(k) != v}
-    # only the n-grams ending at the previous last token got their next token
+    # only the n-grams ending at the previous last token got their next token (their only occurrence)
     assert added and all(v == len(prompt) for v in added.values())
     assert all(k[-1] == prompt[-1] for k in added)
 
