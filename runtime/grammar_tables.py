@@ -1,0 +1,91 @@
+"""The scheduler's state tables (constrained/state_table.py) and their copies on the device.
+
+A decode step whose constrained rows all use one grammar's table takes its masks as a gather:
+the rows' table indices (one int each) go to the device and select rows of the device copy,
+which receives only the rows filled since the last step. No per-row mask fill or copy on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from radixlm.constrained.state_table import ALL_ROW, StateTable, TableMatcher
+
+if TYPE_CHECKING:
+    from radixlm.constrained.mask_workers import MaskWorkers
+    from radixlm.runtime.request import Req
+
+
+class DeviceTables:
+    def __init__(self) -> None:
+        self._wrapped: dict[int, tuple[Any, Any]] = {}  # id(compiled grammar) -> (it, its table grammar or None)
+        self._device: dict[int, tuple[StateTable, torch.Tensor]] = {}
+
+    def grammar(self, compiled: Any, wrap: Callable[[], Any]) -> Any:
+        """`compiled` with its table (made once per compiled grammar), or `compiled` without one."""
+        hit = self._wrapped.get(id(compiled))
+        if hit is None or hit[0] is not compiled:
+            hit = self._wrapped[id(compiled)] = (compiled, wrap())
+            if len(self._wrapped) > 512:  # grammars evicted from the compile cache: forget the oldest
+                del self._wrapped[next(iter(self._wrapped))]
+        return hit[1] if hit[1] is not None else compiled
+
+    @staticmethod
+    def _table_of(matchers: Sequence[Any]) -> StateTable | None:
+        table = None
+        for m in matchers:
+            if not isinstance(m, TableMatcher) or m.table.broken or (table is not None and m.table is not table):
+                return None
+            table = m.table
+        return table
+
+    def covers(self, reqs: Sequence[Req]) -> bool:
+        """Every request's matcher uses one healthy table."""
+        return self._table_of([r.grammar for r in reqs]) is not None
+
+    def fill_missing(self, reqs: Sequence[Req], workers: MaskWorkers) -> Callable[[], None] | None:
+        """A job filling the table rows of states these requests reached first (None: nothing to do)."""
+        table = self._table_of([r.grammar for r in reqs])
+        if table is None:
+            return None
+        items = table.missing([r.grammar for r in reqs])
+        return table.fill_missing(items, workers) if items else None
+
+    def gather(self, reqs: Sequence[Req], device: torch.device, workers: MaskWorkers) -> torch.Tensor | None:
+        """[B, W] int32 on `device`, every row its table row (unconstrained and finished rows: all
+        allowed), or None when the rows do not share one healthy table."""
+        constrained = [r.grammar for r in reqs if r.grammar is not None and not r.finished]
+        table = self._table_of(constrained)
+        if table is None:
+            return None
+        items = table.missing(constrained)  # states first reached since the last commit's prefetch
+        if items:
+            table.fill_missing(items, workers)()
+        rows = [ALL_ROW if r.grammar is None or r.finished else r.grammar.table_row() for r in reqs]
+        if min(rows) < 0:  # cannot happen after the fill above unless the table turned itself off
+            return None
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        return self._synced(table, device).index_select(0, index)
+
+    def _synced(self, table: StateTable, device: torch.device) -> torch.Tensor:
+        """The device copy of `table`, brought up to date with the rows filled since the last call."""
+        hit = self._device.get(id(table))
+        rows = table.rows
+        if hit is None or hit[0] is not table or hit[1].shape[0] < rows.shape[0]:
+            copy = rows.to(device, non_blocking=True)  # new or grown: everything (unfilled rows are never read)
+            self._device[id(table)] = (table, copy)
+            table.fresh.clear()
+            return copy
+        copy = hit[1]
+        if table.fresh:
+            fresh = torch.tensor(table.fresh, dtype=torch.int64)
+            table.fresh.clear()
+            copy.index_copy_(0, fresh.to(device, non_blocking=True),
+                             rows.index_select(0, fresh).to(device, non_blocking=True))
+        return copy
+
+    def forget(self, table: StateTable) -> None:
+        self._device.pop(id(table), None)
