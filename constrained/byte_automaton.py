@@ -127,6 +127,13 @@ class LazyDfa:
         self._final = nfa.build(expr, start)
         self._eps, self._edges = nfa.eps, nfa.edges
         self.max_states = max_states
+        # Bytes no edge tells apart share a class (JSON: ~20 of them), and a state's move is computed
+        # once per class: a string state's 200-odd plain bytes cost one subset step, not 200.
+        signatures: dict[tuple[bool, ...], int] = {}
+        masks = sorted({bits for edges in nfa.edges for bits, _ in edges})
+        self._class = [signatures.setdefault(tuple(bool(m >> b & 1) for m in masks), len(signatures))
+                       for b in range(256)]
+        self._example = [self._class.index(c) for c in range(len(signatures))]
         self._closure: dict[int, frozenset[int]] = {}
         self._ids: dict[frozenset[int], int] = {}
         self._sets: list[frozenset[int]] = []
@@ -167,18 +174,24 @@ class LazyDfa:
             self.accepting.append(self._final in states)
         return q
 
+    @property
+    def num_byte_classes(self) -> int:
+        return len(self._example)
+
     def step(self, q: int, byte: int) -> int:
-        moves = self._moves[q]
-        nxt = moves.get(byte)
+        cls = self._class[byte]
+        nxt = self._moves[q].get(cls)
         if nxt is None:
-            bit = 1 << byte
+            bit = 1 << self._example[cls]
             targets = {t for s in self._sets[q] for bits, t in self._edges[s] if bits & bit}
-            nxt = moves[byte] = self._intern(self._close(targets)) if targets else DEAD
+            nxt = self._moves[q][cls] = self._intern(self._close(targets)) if targets else DEAD
         return nxt
 
     def walk(self, q: int, data: bytes) -> int:
+        classes, moves = self._class, self._moves
         for b in data:
-            q = self.step(q, b)
+            nxt = moves[q].get(classes[b])
+            q = self.step(q, b) if nxt is None else nxt
             if q == DEAD:
                 return DEAD
         return q

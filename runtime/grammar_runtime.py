@@ -191,11 +191,10 @@ class GrammarRuntime:
                 live.append(req)
                 if forced_min_tokens > 0 and self._forces(req, forced_min_tokens):
                     due.add(id(req))
-        if live and self._tables.covers(live):  # a table's rows: only unseen states are filled
-            job = self._tables.fill_missing(live, self.workers)
-            if job is not None:
-                self._prefetch = MaskPrefetch({}, None, self.workers.start(job))
-        elif live and self.workers.threads > 0:
+        job = self._tables.fill_missing(live, self.workers) if live else False
+        if job:  # rows of one state table: only the states no row stood at before are filled
+            self._prefetch = MaskPrefetch({}, None, self.workers.start(job))
+        elif job is False and self.workers.threads > 0:
             buffer = torch.empty((len(live), self.width), dtype=torch.int32, pin_memory=self.pin)
             items = [(r.grammar, i) for i, r in enumerate(live)]
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,

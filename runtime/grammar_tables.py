@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from radixlm.constrained.state_table import ALL_ROW, StateTable, TableMatcher
+from radixlm.constrained.state_table import ALL_ROW, FIRST_STATE_ROW, NONE_ROW, StateTable, TableMatcher
 
 if TYPE_CHECKING:
     from radixlm.constrained.mask_workers import MaskWorkers
@@ -34,38 +34,57 @@ class DeviceTables:
         return hit[1] if hit[1] is not None else compiled
 
     @staticmethod
-    def _table_of(matchers: Sequence[Any]) -> StateTable | None:
-        table = None
-        for m in matchers:
-            if not isinstance(m, TableMatcher) or m.table.broken or (table is not None and m.table is not table):
+    def scan(reqs: Sequence[Req]) -> tuple[StateTable, list[int], list[tuple[Any, int]]] | None:
+        """One pass over a batch: (the table every constrained row uses, each row's table row, a
+        (matcher, row) for each state whose row is not filled yet), or None unless every constrained
+        row uses one healthy table. Unconstrained and finished rows get the all-allowed row."""
+        table: StateTable | None = None
+        rows: list[int] = []
+        missing: dict[int, Any] = {}
+        for r in reqs:
+            m = r.grammar
+            if m is None or r.finished:
+                rows.append(ALL_ROW)
+                continue
+            if type(m) is not TableMatcher or (table is not None and m.table is not table):
                 return None
-            table = m.table
-        return table
-
-    def covers(self, reqs: Sequence[Req]) -> bool:
-        """Every request's matcher uses one healthy table."""
-        return self._table_of([r.grammar for r in reqs]) is not None
-
-    def fill_missing(self, reqs: Sequence[Req], workers: MaskWorkers) -> Callable[[], None] | None:
-        """A job filling the table rows of states these requests reached first (None: nothing to do)."""
-        table = self._table_of([r.grammar for r in reqs])
+            if table is None:
+                table = m.table
+                if table.broken:
+                    return None
+                ready, capacity = table.ready, len(table.ready)
+            if m.ended:
+                rows.append(NONE_ROW)
+                continue
+            row = m.states[-1] + FIRST_STATE_ROW
+            rows.append(row)
+            if (row >= capacity or not ready[row]) and row not in missing:
+                missing[row] = m.inner
         if table is None:
             return None
-        items = table.missing([r.grammar for r in reqs])
+        if missing:
+            table.row_of(max(missing) - FIRST_STATE_ROW)  # room for every row named
+        return table, rows, [(m, row) for row, m in missing.items()]
+
+    def fill_missing(self, reqs: Sequence[Req], workers: MaskWorkers) -> Callable[[], None] | None | bool:
+        """A job filling the table rows of states these requests reached first; None: nothing to
+        fill; False: the requests do not share one healthy table."""
+        found = self.scan(reqs)
+        if found is None:
+            return False
+        table, _, items = found
         return table.fill_missing(items, workers) if items else None
 
     def gather(self, reqs: Sequence[Req], device: torch.device, workers: MaskWorkers) -> torch.Tensor | None:
         """[B, W] int32 on `device`, every row its table row (unconstrained and finished rows: all
         allowed), or None when the rows do not share one healthy table."""
-        constrained = [r.grammar for r in reqs if r.grammar is not None and not r.finished]
-        table = self._table_of(constrained)
-        if table is None:
+        found = self.scan(reqs)
+        if found is None:
             return None
-        items = table.missing(constrained)  # states first reached since the last commit's prefetch
-        if items:
+        table, rows, items = found
+        if items:  # states first reached since the last commit's prefetch (or no prefetch ran)
             table.fill_missing(items, workers)()
-        rows = [ALL_ROW if r.grammar is None or r.finished else r.grammar.table_row() for r in reqs]
-        if min(rows) < 0:  # cannot happen after the fill above unless the table turned itself off
+        if table.broken:
             return None
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
         return self._synced(table, device).index_select(0, index)
