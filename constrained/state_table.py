@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 ALL_ROW, NONE_ROW = 0, 1  # reserved rows of every table: all tokens allowed / none (an ended matcher)
 FIRST_STATE_ROW = 2
 MAX_STATES = 16_384  # ~100 MB of host + device rows at a 49k vocabulary; past it: llguidance's masks
+MAX_PAIRS = 1 << 21  # cached (state, token) moves; past it the cache starts over (moves per byte class stay)
 
 
 class StateTable:
@@ -71,6 +72,8 @@ class StateTable:
         if nxt is None:
             data = self.info.token_bytes[token] if 0 <= token < self.vocab else None
             nxt = DEAD if data is None else self.dfa.walk(state, data)
+            if len(self._next) >= MAX_PAIRS:
+                self._next.clear()
             self._next[key] = nxt
         return nxt
 

@@ -7,6 +7,7 @@ which receives only the rows filled since the last step. No per-row mask fill or
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,18 +20,25 @@ if TYPE_CHECKING:
     from radixlm.runtime.request import Req
 
 
+MAX_WRAPPED = 256  # grammars remembered with their tables (the compile cache's own size)
+MAX_ON_DEVICE = 16  # tables with a device copy (least recently gathered dropped first; re-sent whole on use)
+
+
 class DeviceTables:
     def __init__(self) -> None:
-        self._wrapped: dict[int, tuple[Any, Any]] = {}  # id(compiled grammar) -> (it, its table grammar or None)
-        self._device: dict[int, tuple[StateTable, torch.Tensor]] = {}
+        self._wrapped: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # id(compiled) -> (it, table grammar or None)
+        self._device: OrderedDict[int, tuple[StateTable, torch.Tensor]] = OrderedDict()
 
     def grammar(self, compiled: Any, wrap: Callable[[], Any]) -> Any:
         """`compiled` with its table (made once per compiled grammar), or `compiled` without one."""
         hit = self._wrapped.get(id(compiled))
         if hit is None or hit[0] is not compiled:
             hit = self._wrapped[id(compiled)] = (compiled, wrap())
-            if len(self._wrapped) > 512:  # grammars evicted from the compile cache: forget the oldest
-                del self._wrapped[next(iter(self._wrapped))]
+            if len(self._wrapped) > MAX_WRAPPED:  # the least recently compiled-or-reused grammar goes
+                _, (_, old) = self._wrapped.popitem(last=False)
+                if old is not None:
+                    self._device.pop(id(old.table), None)
+        self._wrapped.move_to_end(id(compiled))
         return hit[1] if hit[1] is not None else compiled
 
     @staticmethod
@@ -86,7 +94,10 @@ class DeviceTables:
             table.fill_missing(items, workers)()
         if table.broken:
             return None
-        index = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        if device.type == "cpu":
+            table.fresh.clear()
+            return table.rows.index_select(0, torch.tensor(rows, dtype=torch.int64))
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
         return self._synced(table, device).index_select(0, index)
 
     def _synced(self, table: StateTable, device: torch.device) -> torch.Tensor:
@@ -96,8 +107,11 @@ class DeviceTables:
         if hit is None or hit[0] is not table or hit[1].shape[0] < rows.shape[0]:
             copy = rows.to(device, non_blocking=True)  # new or grown: everything (unfilled rows are never read)
             self._device[id(table)] = (table, copy)
+            if len(self._device) > MAX_ON_DEVICE:
+                self._device.popitem(last=False)
             table.fresh.clear()
             return copy
+        self._device.move_to_end(id(table))
         copy = hit[1]
         if table.fresh:
             fresh = torch.tensor(table.fresh, dtype=torch.int64)
@@ -106,5 +120,3 @@ class DeviceTables:
                              rows.index_select(0, fresh).to(device, non_blocking=True))
         return copy
 
-    def forget(self, table: StateTable) -> None:
-        self._device.pop(id(table), None)
