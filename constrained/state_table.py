@@ -250,9 +250,14 @@ class TableMatcher(Matcher):
         for kind, idx in groups.items():
             for j, good in zip(idx, kind.advance_rows([inner[j] for j in idx], [tokens[j] for j in idx], workers)):
                 ok[j] = good
-        for m, tok, good in zip(matchers, tokens, ok):
+        for m, tok, good in zip(matchers, tokens, ok):  # the common case inline: a cached move
             if good:
-                m._follow(tok)  # type: ignore[attr-defined]
+                table, states = m.table, m.states  # type: ignore[attr-defined]
+                nxt = table._next.get(states[-1] * table.vocab + tok)
+                if nxt is None or nxt == DEAD or table.broken or tok in table.end_ids:
+                    m._follow(tok)  # type: ignore[attr-defined]
+                else:
+                    states.append(nxt)
         return ok
 
 
