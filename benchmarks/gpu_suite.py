@@ -198,7 +198,7 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
 
 
 def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
-           engine_mask_threads: int | None = None) -> dict:
+           engine_mask_threads: int | None = None, state_tables: list[str] | None = None, profile: bool = True) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -206,6 +206,21 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
     import profile_steps
 
     out: dict = {}
+    if state_tables:  # --grammar-state-table side by side: the Engine's tok/s ratios only
+        for table in state_tables:  # one Engine per setting, the batch sizes in turn
+            by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table)
+            gc.collect()
+            torch.cuda.empty_cache()
+            for batch, res in by_batch.items():
+                out[f"batch_{batch}_state_table_{table}"] = res
+                js = res["json_schema"]
+                print(f"(f) batch {batch} --grammar-state-table {table}: json/unconstrained {res['constrained_vs_unconstrained_tok_s']:.3f}x raw, "
+                      f"{res['constrained_vs_same_lengths_tok_s']:.3f}x same lengths (json {js['tok_s']:.0f} tok/s, same-length "
+                      f"{res['unconstrained_same_lengths']['tok_s']:.0f}); {js['valid_json']}/{batch} parse, "
+                      f"{js['valid_schema']}/{batch} validate, {js['mean_tokens']:.1f} tokens mean, {js['forced_tokens']} forced, "
+                      f"aborts {js['abort_messages']}", flush=True)
+        if not profile:
+            return out
     try:  # can this host fill masks in parallel at all? (diagnosis only)
         import mask_fill
         from transformers import AutoTokenizer
@@ -256,14 +271,16 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
-                     f_threads: tuple[list[int] | None, int | None] = (None, None)) -> None:
+                     f_threads: tuple[list[int] | None, int | None] = (None, None),
+                     f_tables: tuple[list[str] | None, bool] = (None, True)) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
 
     jobs = {
         "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg),
         "e": lambda: tp.item_e(d, v),
-        "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir), f_batches, *f_threads),
+        "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir),
+                            f_batches, *f_threads, *f_tables),
         "g": lambda: tp.item_g(d, v),
     }
     for name, job in jobs.items():
@@ -293,6 +310,9 @@ def main() -> None:
                     help="comma list of --grammar-mask-threads for (f)'s per-step JSON runs (default 0,1,cores-1)")
     ap.add_argument("--f-engine-mask-threads", type=int, default=None,
                     help="--grammar-mask-threads of (f)'s Engine tok/s run (default: the server default)")
+    ap.add_argument("--f-state-table", default=None,
+                    help="comma list of --grammar-state-table values (auto,off) run side by side for (f)'s Engine ratio")
+    ap.add_argument("--f-skip-profile", action="store_true", help="(f): no host probe or per-step profile")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -320,7 +340,8 @@ def main() -> None:
     throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir,
                      [int(b) for b in args.f_batch.split(",")],
                      ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,
-                      args.f_engine_mask_threads))
+                      args.f_engine_mask_threads),
+                     (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -138,7 +138,15 @@ SCHEMA = {"type": "object", "properties": {
     "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
 
 
-def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: int | None = None) -> dict:
+def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: int | None = None,
+           state_table: str | None = None) -> dict:
+    return item_f_batches(model_dir, tokenizer_dir, [batch], mask_threads, state_table)[batch]
+
+
+def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
+                   state_table: str | None = None) -> dict[int, dict]:
+    """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
+    later batch finds the tables its schema's earlier runs filled (as a server would)."""
     import jsonschema
 
     import radixlm
@@ -146,44 +154,49 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
     args = {**ENGINE_ARGS, "skip_tokenizer_init": False, "tokenizer_path": str(tokenizer_dir)}
     if mask_threads is not None:
         args["grammar_mask_threads"] = mask_threads
-    rng = random.Random(7)
-    prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
-    out: dict = {"batch": batch}
-    lengths: list[int] = []
+    if state_table is not None:
+        args["grammar_state_table"] = state_table
+    results: dict[int, dict] = {}
     with radixlm.Engine(str(model_dir), mem_fraction_static=0.5, **args) as eng:
-        # The third run decodes unconstrained to exactly the constrained outputs' lengths: the same
-        # steps and batch occupancy (the JSON ends early and unevenly, the first run decodes 128
-        # tokens per request), so its ratio is the cost of the constraint alone.
-        for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)}),
-                             ("unconstrained_same_lengths", {})):
-            sp = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "ignore_eos": not extra, **extra} for i in range(len(prompts))]
-            if lengths:
-                sp = [{**p, "max_new_tokens": n} for p, n in zip(sp, lengths)]
-            eng.generate(input_ids=prompts[:2], sampling_params=sp[:2])  # compiles the grammar, warms up
-            t = time.perf_counter()
-            res = eng.generate(input_ids=prompts, sampling_params=sp)
-            dt = time.perf_counter() - t
-            counts = [r["meta_info"]["completion_tokens"] for r in res]
-            forced = sum(r["meta_info"].get("forced_tokens", 0) for r in res)
-            stops = sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res)
-            valid = valid_schema = 0
-            for r in res:
-                try:
-                    doc = json.loads(r["text"])
-                except ValueError:
-                    continue
-                valid += 1
-                valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
-            aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
-                      if r["meta_info"]["finish_reason"]["type"] == "abort"}
-            out[label] = {"seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
-                          "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
-                          "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema, "abort_messages": sorted(map(str, aborts))}
-            if extra:
-                lengths = counts
-    out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
-    out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
-    return out
+        for batch in batches:
+            rng = random.Random(7)
+            prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
+            out: dict = results.setdefault(batch, {"batch": batch})
+            lengths: list[int] = []
+            # The third run decodes unconstrained to exactly the constrained outputs' lengths: the same
+            # steps and batch occupancy (the JSON ends early and unevenly, the first run decodes 128
+            # tokens per request), so its ratio is the cost of the constraint alone.
+            for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)}),
+                                 ("unconstrained_same_lengths", {})):
+                sp = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "ignore_eos": not extra, **extra} for i in range(len(prompts))]
+                if lengths:
+                    sp = [{**p, "max_new_tokens": n} for p, n in zip(sp, lengths)]
+                eng.generate(input_ids=prompts[:2], sampling_params=sp[:2])  # compiles the grammar, warms up
+                t = time.perf_counter()
+                res = eng.generate(input_ids=prompts, sampling_params=sp)
+                dt = time.perf_counter() - t
+                counts = [r["meta_info"]["completion_tokens"] for r in res]
+                forced = sum(r["meta_info"].get("forced_tokens", 0) for r in res)
+                stops = sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res)
+                valid = valid_schema = 0
+                for r in res:
+                    try:
+                        doc = json.loads(r["text"])
+                    except ValueError:
+                        continue
+                    valid += 1
+                    valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
+                aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
+                          if r["meta_info"]["finish_reason"]["type"] == "abort"}
+                out[label] = {"seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
+                              "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
+                              "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema,
+                              "abort_messages": sorted(map(str, aborts))}
+                if extra:
+                    lengths = counts
+            out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
+            out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
+    return results
 
 
 def _free_port() -> int:

@@ -8,8 +8,9 @@ every replayed token, so all configurations do the same work.
 
 Two parts:
   runtime   GrammarRuntime as the scheduler drives it: advance_many (the commit), is_terminated
-            per row (the finish checks), bitmask (masks taken), per --threads; µs per row, wall
-            and thread CPU.
+            per row (the finish checks), bitmask (masks taken), per --threads and --state-table
+            (auto: masks gathered from the per-state table, filled once per state); µs per row,
+            wall and thread CPU.
   fill      the mask fill alone (llguidance), every step at new states (the first fill of a
             state is what a decode step pays; a repeated fill of one state is served from the
             matcher's cache at ~5 µs): serial, and LLExecutor(N) over matchers that are deep
@@ -82,12 +83,20 @@ def _check(mask: torch.Tensor, reqs: list[Any], tokens: list[int]) -> None:
             raise AssertionError(f"row {i} ({r.rid}): the mask refuses replayed token {t}")
 
 
-def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], steps: int, threads: int) -> dict:
-    """GrammarRuntime's per-step calls, as the overlapped scheduler makes them, timed per phase."""
+def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], steps: int, threads: int,
+                state_table: str = "off", warm_paths: list[list[int]] | None = None) -> dict:
+    """GrammarRuntime's per-step calls, as the overlapped scheduler makes them, timed per phase.
+    state_table "auto": the rows' matchers use the grammar's per-state mask table (a fresh, empty
+    one: its first steps fill many states), masks are gathered from it; "warm": the same, the
+    table first filled along `warm_paths` (other documents, as a server that served the schema)."""
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.server_args import ServerArgs
 
-    rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads), tok, tok_path, grammar.info.vocab_size)
+    rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads, grammar_state_table="off" if state_table == "off" else "auto"),
+                        tok, tok_path, grammar.info.vocab_size)
+    grammar = rt._with_table(grammar)
+    if state_table == "warm" and warm_paths:
+        _replay(grammar, warm_paths)
     rows = len(paths)
     reqs = [_req(f"r{i}", grammar, rt._family()) for i in range(rows)]
     cpu = torch.device("cpu")
@@ -116,8 +125,25 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
                 cpu_phases[k].append((b - a) * 1e6 / rows)
     finally:
         rt.close()
-    return {"threads": threads, "wall_us_per_row": {k: statistics.median(v) for k, v in phases.items()},
+    table = getattr(grammar, "table", None)
+    return {"threads": threads, "state_table": state_table,
+            "table_states": table.dfa.num_states if table is not None else None,
+            "wall_us_per_row": {k: statistics.median(v) for k, v in phases.items()},
+            "wall_us_per_row_mean": {k: statistics.fmean(v) for k, v in phases.items()},
             "thread_cpu_us_per_row": {k: statistics.median(v) for k, v in cpu_phases.items()}}
+
+
+def _replay(grammar: Any, paths: list[list[int]]) -> None:
+    """Walk `paths` through fresh matchers, filling every mask on the way (a table grammar keeps them)."""
+    mask = torch.empty((1, (grammar.info.vocab_size + 31) // 32), dtype=torch.int32)
+    for p in paths:
+        m = grammar.matcher()
+        for t in p:
+            m.fill_next_token_bitmask(mask, 0)
+            if t in grammar.info.end_token_ids:
+                m = grammar.matcher()
+            elif not m.advance(t):
+                raise AssertionError(f"replayed token {t} refused")
 
 
 MATCHERS = ("one family", "a family per thread", "families, one tokenizer", "built apart")
@@ -182,6 +208,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", default="0,1", help="mask thread counts (0: inline)")
     ap.add_argument("--parts", default="runtime,fill")
+    ap.add_argument("--state-table", default="off,auto,warm",
+                    help="runtime part: off, auto (a fresh table), warm (a table filled by other walks first)")
     ap.add_argument("--tokenizer-dir", default=None, help="HF tokenizer folder (default: the default model's)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON report (default: $OUT/grammar_host.json on the device "
@@ -208,13 +236,18 @@ def main() -> None:
         print(f"batch {batch}: walks drawn in {time.perf_counter() - t:.1f} s ({ends} documents finished in "
               f"{args.steps} steps)", flush=True)
         run_fill(grammar, paths, args.steps, 0, "one family")  # untimed: warms the template's lexer cache
+        warm = walks(grammar, batch, args.steps + 1, args.seed + 1) if "warm" in args.state_table else None
         if "runtime" in parts:
-            for n in threads:
-                r = run_runtime(tok, tok_path, grammar, paths, args.steps, n)
-                res["runtime"].append(r)
-                w, c = r["wall_us_per_row"], r["thread_cpu_us_per_row"]
-                print(f"  runtime threads {n:>2}: µs/row wall " + ", ".join(f"{k} {v:.1f}" for k, v in w.items())
-                      + " | scheduler-thread CPU " + ", ".join(f"{k} {v:.1f}" for k, v in c.items()), flush=True)
+            for table in args.state_table.split(","):
+                for n in threads:
+                    r = run_runtime(tok, tok_path, grammar, paths, args.steps, n, table, warm)
+                    res["runtime"].append(r)
+                    w, c = r["wall_us_per_row"], r["thread_cpu_us_per_row"]
+                    print(f"  runtime table {table:<4} threads {n:>2}: µs/row wall (median) "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in w.items())
+                          + f" (total mean {r['wall_us_per_row_mean']['total']:.1f}) | scheduler-thread CPU "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in c.items())
+                          + (f" | {r['table_states']} DFA states" if r["table_states"] else ""), flush=True)
         if "fill" in parts:
             for kind in MATCHERS:
                 for n in threads:

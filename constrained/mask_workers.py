@@ -89,17 +89,20 @@ class MaskWorkers:
         computed after the caller's bookkeeping instead of beside it. Waiting here hands the GIL
         over at once; the backend call releases it again within microseconds."""
         jobs = self._prepare(items, bitmask)
+        return self.start(lambda: _run_all(jobs))
+
+    def start(self, job: Callable[[], None]) -> Future[None]:
+        """Run a prepared job in the background (inline without threads), as `start_fill` does."""
         if self._background is None:
             done: Future[None] = Future()
-            for job in jobs:
-                job()
+            job()
             done.set_result(None)
             return done
         entered = threading.Event()
 
         def run() -> None:
             entered.set()
-            _run_all(jobs)
+            job()
 
         future = self._background.submit(run)
         entered.wait()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from radixlm.runtime.grammar_tables import DeviceTables
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 
@@ -29,7 +30,7 @@ class MaskPrefetch:
     """Masks being computed in the background for the requests of the last commit."""
 
     rows: dict[int, tuple[Req, Any, int]]  # id(req) -> (req, its matcher then, row of `buffer`)
-    buffer: torch.Tensor
+    buffer: torch.Tensor | None  # None: only a state table's missing rows were filled
     done: Future[None]
 
 
@@ -58,6 +59,8 @@ class GrammarRuntime:
         self._prefetch: MaskPrefetch | None = None
         self._terminated: dict[int, tuple[Req, bool]] = {}  # after the last commit, per request
         self._families_made = 0
+        self.state_tables = args.grammar_state_table != "off"
+        self._tables = DeviceTables()
 
     def _prepare_families(self, threads: int) -> threading.Thread | None:
         """One matcher family per mask thread; what a backend shares between a family's matchers
@@ -95,12 +98,22 @@ class GrammarRuntime:
             if self._families_ready is not None:
                 self._families_ready.join()
                 self._families_ready = None
+            result = self._with_table(result)
             result.prepare_families(max(1, self.workers.threads))  # once per grammar (and tokenizer)
             req.grammar = result.matcher(self._family())
             for follower in req.followers:
                 follower.grammar = result.matcher(self._family())
             done.append((req, None))
         return done
+
+    def _with_table(self, grammar: Any) -> Any:
+        """The grammar with a per-state mask table where its language allows one (one table per
+        compiled grammar, shared by all its requests), else the grammar itself."""
+        if not self.state_tables:
+            return grammar
+        from radixlm.constrained.state_table import TableGrammar
+
+        return self._tables.grammar(grammar, lambda: TableGrammar.wrap(grammar, self.pin))
 
     def _family(self) -> int:
         """Round-robin over one matcher family per mask thread: rows filled in parallel then
@@ -122,6 +135,9 @@ class GrammarRuntime:
         prefetch, self._prefetch = self._prefetch, None
         if prefetch is not None:
             prefetch.done.result()
+        gathered = self._tables.gather(reqs, device, self.workers)  # rows of one state table: a gather
+        if gathered is not None:
+            return gathered
         src: list[int] = []
         dst: list[int] = []
         allowed: list[int] = []
@@ -137,7 +153,8 @@ class GrammarRuntime:
                 dst.append(i)
             else:
                 missing.append((req.grammar, i))
-        if prefetch is not None and len(dst) == len(reqs) == prefetch.buffer.shape[0] and src == dst:
+        if prefetch is not None and prefetch.buffer is not None and len(dst) == len(reqs) == prefetch.buffer.shape[0] \
+                and src == dst:
             mask = prefetch.buffer  # the usual decode step: the same requests, in the same order
         else:
             mask = torch.empty((len(reqs), self.width), dtype=torch.int32, pin_memory=self.pin)
@@ -174,7 +191,10 @@ class GrammarRuntime:
                 live.append(req)
                 if forced_min_tokens > 0 and self._forces(req, forced_min_tokens):
                     due.add(id(req))
-        if live and self.workers.threads > 0:
+        job = self._tables.fill_missing(live, self.workers) if live else False
+        if job:  # rows of one state table: only the states no row stood at before are filled
+            self._prefetch = MaskPrefetch({}, None, self.workers.start(job))
+        elif job is False and self.workers.threads > 0:
             buffer = torch.empty((len(live), self.width), dtype=torch.int32, pin_memory=self.pin)
             items = [(r.grammar, i) for i, r in enumerate(live)]
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,

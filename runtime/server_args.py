@@ -158,6 +158,11 @@ class ServerArgs:
         "bookkeeping, each over its own matcher family; 0: inline on the scheduler thread (batch 256 of item "
         "(f) on the H200: 20.9 ms per step inline, 12.5 ms with 8 threads; benchmarks/RESULTS.md)", int,
         minimum=0, default_text="8 (at most cores - 1) with a CUDA device, else 0")
+    grammar_state_table: str = _flag(
+        "auto", "constrained", "per-state mask tables for JSON schemas whose language is regular (fixed keys, "
+        "bounded strings...): each grammar state's mask is computed once, rows gather theirs from a table on the "
+        "device; auto: where the schema allows it; off: every row's mask filled by the grammar backend each step",
+        str, choices=("auto", "off"))
     # ---------------------------------------------------------------- speculative decoding
     speculative_algorithm: str | None = _flag(
         None, "speculative", "propose tokens cheaply, verify them all in one target pass (greedy output "

@@ -1,0 +1,197 @@
+"""A regular language over bytes, determinized lazily: the state key of a mask table.
+
+An expression (`Expr`: byte sets, sequences, alternatives, bounded or open repetitions) is built
+into a Thompson NFA once; DFA states (epsilon-closed NFA state sets) are made only when a walk
+reaches them, and a token's transition (its bytes walked from a state) is cached. So a language
+with thousands of states (bounded strings, whitespace runs) costs only the states rows visit, and a
+row's step is one dictionary look-up once its (state, token) pair has been seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEAD = -1  # no continuation of the bytes so far is in the language
+
+
+@dataclass(frozen=True)
+class Expr:
+    """op: "set" (one byte of `bits`, a 256-bit mask), "seq", "alt", "rep" (parts[0] repeated
+    lo..hi times; hi None = unbounded)."""
+
+    op: str
+    parts: tuple[Expr, ...] = ()
+    bits: int = 0
+    lo: int = 0
+    hi: int | None = None
+
+
+def byte_set(values: Sequence[int] | range) -> Expr:
+    bits = 0
+    for v in values:
+        bits |= 1 << v
+    return Expr("set", bits=bits)
+
+
+def literal(data: bytes) -> Expr:
+    return seq(*(Expr("set", bits=1 << b) for b in data))
+
+
+def seq(*parts: Expr) -> Expr:
+    return Expr("seq", tuple(parts))
+
+
+def alt(*parts: Expr) -> Expr:
+    return Expr("alt", tuple(parts))
+
+
+def rep(part: Expr, lo: int, hi: int | None) -> Expr:
+    if lo < 0 or (hi is not None and hi < lo):
+        raise ValueError(f"bad repetition bounds {lo}..{hi}")
+    return Expr("rep", (part,), lo=lo, hi=hi)
+
+
+def opt(part: Expr) -> Expr:
+    return rep(part, 0, 1)
+
+
+def utf8_char(excluded_ascii: Sequence[int]) -> Expr:
+    """One UTF-8 encoded Unicode scalar value (no surrogates, no overlongs), ASCII minus `excluded_ascii`."""
+    tail = byte_set(range(0x80, 0xC0))
+    ascii_ok = [b for b in range(0x80) if b not in set(excluded_ascii)]
+    return alt(
+        byte_set(ascii_ok),
+        seq(byte_set(range(0xC2, 0xE0)), tail),
+        seq(byte_set([0xE0]), byte_set(range(0xA0, 0xC0)), tail),
+        seq(byte_set([*range(0xE1, 0xED), 0xEE, 0xEF]), tail, tail),
+        seq(byte_set([0xED]), byte_set(range(0x80, 0xA0)), tail),
+        seq(byte_set([0xF0]), byte_set(range(0x90, 0xC0)), tail, tail),
+        seq(byte_set(range(0xF1, 0xF4)), tail, tail, tail),
+        seq(byte_set([0xF4]), byte_set(range(0x80, 0x90)), tail, tail),
+    )
+
+
+class _Nfa:
+    def __init__(self) -> None:
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int]]] = []
+
+    def state(self) -> int:
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, e: Expr, start: int) -> int:
+        """Add `e` from `start`; returns its end state."""
+        if e.op == "set":
+            end = self.state()
+            self.edges[start].append((e.bits, end))
+            return end
+        if e.op == "seq":
+            for part in e.parts:
+                start = self.build(part, start)
+            return start
+        if e.op == "alt":
+            end = self.state()
+            for part in e.parts:
+                s = self.state()
+                self.eps[start].append(s)
+                self.eps[self.build(part, s)].append(end)
+            return end
+        if e.op == "rep":
+            part = e.parts[0]
+            for _ in range(e.lo):
+                start = self.build(part, start)
+            if e.hi is None:  # a loop: part*, entered and left by epsilon edges
+                loop = self.state()
+                self.eps[start].append(loop)
+                self.eps[self.build(part, loop)].append(loop)
+                return loop
+            end = self.state()
+            for _ in range(e.hi - e.lo):  # nested optionals: x(x(x)?)? keeps the closures small
+                self.eps[start].append(end)
+                start = self.build(part, start)
+            self.eps[start].append(end)
+            return end
+        raise ValueError(f"unknown expression op {e.op!r}")
+
+
+class LazyDfa:
+    """Subset construction on demand. State 0 is the start; `DEAD` (-1) the empty set.
+    Not thread-safe: one owner (the scheduler's thread) walks it."""
+
+    def __init__(self, expr: Expr, max_states: int = 200_000) -> None:
+        nfa = _Nfa()
+        start = nfa.state()
+        self._final = nfa.build(expr, start)
+        self._eps, self._edges = nfa.eps, nfa.edges
+        self.max_states = max_states
+        # Bytes no edge tells apart share a class (JSON: ~20 of them), and a state's move is computed
+        # once per class: a string state's 200-odd plain bytes cost one subset step, not 200.
+        signatures: dict[tuple[bool, ...], int] = {}
+        masks = sorted({bits for edges in nfa.edges for bits, _ in edges})
+        self._class = [signatures.setdefault(tuple(bool(m >> b & 1) for m in masks), len(signatures))
+                       for b in range(256)]
+        self._example = [self._class.index(c) for c in range(len(signatures))]
+        self._closure: dict[int, frozenset[int]] = {}
+        self._ids: dict[frozenset[int], int] = {}
+        self._sets: list[frozenset[int]] = []
+        self._moves: list[dict[int, int]] = []
+        self.accepting: list[bool] = []
+        self._intern(self._close([start]))
+
+    @property
+    def num_states(self) -> int:
+        return len(self._sets)
+
+    def _close(self, states: Sequence[int] | set[int]) -> frozenset[int]:
+        out: set[int] = set()
+        for s in states:
+            hit = self._closure.get(s)
+            if hit is None:
+                seen = {s}
+                todo = [s]
+                while todo:
+                    for t in self._eps[todo.pop()]:
+                        if t not in seen:
+                            seen.add(t)
+                            todo.append(t)
+                hit = self._closure[s] = frozenset(seen)
+            out |= hit
+        return frozenset(out)
+
+    def _intern(self, states: frozenset[int]) -> int:
+        if not states:
+            return DEAD
+        q = self._ids.get(states)
+        if q is None:
+            if len(self._sets) >= self.max_states:
+                raise OverflowError(f"more than {self.max_states} DFA states")
+            q = self._ids[states] = len(self._sets)
+            self._sets.append(states)
+            self._moves.append({})
+            self.accepting.append(self._final in states)
+        return q
+
+    @property
+    def num_byte_classes(self) -> int:
+        return len(self._example)
+
+    def step(self, q: int, byte: int) -> int:
+        cls = self._class[byte]
+        nxt = self._moves[q].get(cls)
+        if nxt is None:
+            bit = 1 << self._example[cls]
+            targets = {t for s in self._sets[q] for bits, t in self._edges[s] if bits & bit}
+            nxt = self._moves[q][cls] = self._intern(self._close(targets)) if targets else DEAD
+        return nxt
+
+    def walk(self, q: int, data: bytes) -> int:
+        classes, moves = self._class, self._moves
+        for b in data:
+            nxt = moves[q].get(classes[b])
+            q = self.step(q, b) if nxt is None else nxt
+            if q == DEAD:
+                return DEAD
+        return q

@@ -1,0 +1,289 @@
+"""Per-state mask tables for regular grammars: a row's mask is one table row, filled once per state.
+
+A row's mask depends only on its grammar state. For a JSON schema whose language is regular
+(constrained/regular_schema.py), a byte DFA of that language (built lazily, byte_automaton.py)
+names the state; the table keeps, per DFA state, the packed mask llguidance computed the first
+time any row stood there, so at batch 256 a step fills masks only for states no row has visited
+yet, and the decode step gathers every row's mask from the table on the device
+(GrammarRuntime). The llguidance matcher of each row still advances with it: it decides
+acceptance, termination, forced text and rollback exactly as before, and every sampled token is
+still checked by it. Masks equal llguidance's wherever the DFA's states refine llguidance's
+(tests/constrained/test_state_table.py compares them along random and greedy walks); a token
+llguidance accepts and the DFA refuses (a mismatch) or a DFA past its state budget turns the
+table off for that grammar and its rows fall back to llguidance's own masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import Grammar, Matcher
+from .byte_automaton import DEAD, LazyDfa
+from .regular_schema import schema_expression
+
+if TYPE_CHECKING:
+    from .mask_workers import MaskWorkers
+
+logger = logging.getLogger(__name__)
+
+ALL_ROW, NONE_ROW = 0, 1  # reserved rows of every table: all tokens allowed / none (an ended matcher)
+FIRST_STATE_ROW = 2
+MAX_STATES = 16_384  # ~100 MB of host + device rows at a 49k vocabulary; past it: llguidance's masks
+MAX_PAIRS = 1 << 21  # cached (state, token) moves; past it the cache starts over (moves per byte class stay)
+
+
+class StateTable:
+    """Packed mask rows by DFA state (row = state + 2), filled on first use; owned by the
+    scheduler's thread (fills of missing rows may run on mask workers, see `fill_missing`)."""
+
+    def __init__(self, dfa: LazyDfa, inner: Grammar, pin: bool = False) -> None:
+        self.dfa = dfa
+        self.inner = inner
+        self.info = inner.info
+        self.words = (self.info.vocab_size + 31) // 32
+        self.vocab = self.info.vocab_size
+        self.end_ids = frozenset(self.info.end_token_ids)
+        self.pin = pin
+        self.broken = False
+        self.rows = torch.empty((0, self.words), dtype=torch.int32)
+        self.ready: list[bool] = []
+        self.fresh: list[int] = []  # rows filled since the device copy was last brought up to date
+        self._next: dict[int, int] = {}
+        self._grow(256)
+        self.rows[ALL_ROW] = -1
+        self.rows[NONE_ROW] = 0
+        self.ready[ALL_ROW] = self.ready[NONE_ROW] = True
+        self.fresh += [ALL_ROW, NONE_ROW]
+
+    def _grow(self, capacity: int) -> None:
+        rows = torch.empty((capacity, self.words), dtype=torch.int32, pin_memory=self.pin)
+        rows[: self.rows.shape[0]] = self.rows
+        self.rows = rows
+        self.ready += [False] * (capacity - len(self.ready))
+
+    def next_state(self, state: int, token: int) -> int:
+        """The DFA state after `token` (DEAD if the DFA refuses it); cached per (state, token)."""
+        key = state * self.vocab + token
+        nxt = self._next.get(key)
+        if nxt is None:
+            data = self.info.token_bytes[token] if 0 <= token < self.vocab else None
+            nxt = DEAD if data is None else self.dfa.walk(state, data)
+            if len(self._next) >= MAX_PAIRS:
+                self._next.clear()
+            self._next[key] = nxt
+        return nxt
+
+    def row_of(self, state: int) -> int:
+        row = state + FIRST_STATE_ROW
+        if row >= self.rows.shape[0]:
+            self._grow(max(2 * self.rows.shape[0], row + 1))
+        return row
+
+    def disable(self, why: str) -> None:
+        if not self.broken:
+            logger.error("grammar state table turned off (%s): masks come from %s again", why, self.inner.backend)
+            self.broken = True
+
+    def missing(self, matchers: Sequence[TableMatcher]) -> list[tuple[Matcher, int]]:
+        """(a matcher standing at it, its row) for each state among `matchers` whose row is not filled."""
+        out: list[tuple[Matcher, int]] = []
+        seen: set[int] = set()
+        for m in matchers:
+            if m.ended:
+                continue
+            row = self.row_of(m.state)
+            if not self.ready[row] and row not in seen:
+                seen.add(row)
+                out.append((m.inner, row))
+        return out
+
+    def fill_missing(self, items: list[tuple[Matcher, int]], workers: MaskWorkers | None) -> Callable[[], None]:
+        """Fill the rows of `items` (from `missing`) with the backend's masks: the returned function
+        does the work (on a mask thread if the caller wants); rows count as filled after it."""
+        if not items:
+            return lambda: None
+        from .base import fill_next_token_bitmasks
+
+        rows = self.rows
+
+        def run() -> None:
+            fill_next_token_bitmasks(items, rows, workers)
+            for _, row in items:
+                self.ready[row] = True
+            self.fresh.extend(row for _, row in items)
+
+        return run
+
+
+class TableMatcher(Matcher):
+    """A backend matcher (`inner`, authoritative) plus its DFA state path (`states[-1]` now)."""
+
+    __slots__ = ("grammar", "table", "inner", "states")
+
+    def __init__(self, grammar: TableGrammar, inner: Matcher, states: list[int]) -> None:
+        self.grammar, self.table, self.inner, self.states = grammar, grammar.table, inner, states
+
+    @property
+    def state(self) -> int:
+        return self.states[-1]
+
+    @property
+    def ended(self) -> bool:
+        """An end token was consumed (its mask: nothing)."""
+        return bool(getattr(self.inner, "_ended", False))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inner.num_tokens
+
+    def table_row(self) -> int:
+        """This matcher's row of the table (NONE_ROW once an end token was consumed), or -1 while that
+        row is not filled or the table is off."""
+        if self.table.broken:
+            return -1
+        if self.ended:
+            return NONE_ROW
+        row = self.table.row_of(self.state)
+        return row if self.table.ready[row] else -1
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int = 0) -> None:
+        row = self.table_row()
+        if row < 0:
+            self.table.fill_missing(self.table.missing([self]), None)()
+            row = self.table_row()
+        if row < 0:  # table off
+            self.inner.fill_next_token_bitmask(bitmask, index)
+            return
+        out = bitmask[index]
+        out[: self.table.words] = self.table.rows[row]
+        out[self.table.words :] = 0
+
+    def advance(self, token_id: int) -> bool:
+        if not self.inner.advance(token_id):
+            return False
+        self._follow(token_id)
+        return True
+
+    def _follow(self, token_id: int) -> None:
+        """Move the DFA state after the backend accepted `token_id`."""
+        if token_id in self.table.end_ids or self.table.broken:
+            self.states.append(self.state)
+            return
+        try:
+            nxt = self.table.next_state(self.state, token_id)
+        except OverflowError as exc:
+            self.table.disable(str(exc))
+            nxt = DEAD
+        if nxt == DEAD:
+            self.table.disable(f"token {token_id} accepted by {self.table.inner.backend}, refused by the DFA")
+            self.states.append(self.state)
+            return
+        self.states.append(nxt)
+
+    def rollback(self, n_tokens: int) -> None:
+        self._check_rollback(n_tokens)
+        self.inner.rollback(n_tokens)
+        if n_tokens:
+            del self.states[-n_tokens:]
+
+    def is_accepting(self) -> bool:
+        return self.inner.is_accepting()
+
+    def is_terminated(self) -> bool:
+        return self.inner.is_terminated()
+
+    def forced_bytes(self) -> bytes:
+        return self.inner.forced_bytes()
+
+    def forced_prefix(self) -> str:
+        return self.inner.forced_prefix()
+
+    def copy(self) -> TableMatcher:
+        return TableMatcher(self.grammar, self.inner.copy(), list(self.states))
+
+    @classmethod
+    def prepare_fill(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor,
+                     workers: MaskWorkers) -> Callable[[], None]:
+        """States no row has visited get the backend's mask (in parallel over the workers), then every
+        row is one copy from the table. Rows of a table that is off are filled by the backend."""
+        by_table: dict[int, list[tuple[TableMatcher, int]]] = {}
+        tables: dict[int, StateTable] = {}
+        fallback: list[tuple[Matcher, int]] = []
+        for m, index in items:
+            assert isinstance(m, TableMatcher)
+            if m.table.broken:
+                fallback.append((m.inner, index))
+            else:
+                by_table.setdefault(id(m.table), []).append((m, index))
+                tables[id(m.table)] = m.table
+        jobs: list[Callable[[], None]] = []
+        for key, group in by_table.items():
+            table = tables[key]
+            jobs.append(table.fill_missing(table.missing([m for m, _ in group]), workers))
+        if fallback:
+            jobs.append(lambda: workers.fill(fallback, bitmask))
+
+        def run() -> None:
+            for job in jobs:
+                job()
+            for key, group in by_table.items():
+                table = tables[key]
+                rows = torch.tensor([m.table_row() for m, _ in group])
+                dst = torch.tensor([i for _, i in group])
+                bitmask[dst, : table.words] = table.rows[rows]
+                if bitmask.shape[1] > table.words:
+                    bitmask[dst, table.words :] = 0
+
+        return run
+
+    @classmethod
+    def advance_rows(cls, matchers: Sequence[Matcher], tokens: Sequence[int], workers: MaskWorkers) -> list[bool]:
+        inner = [m.inner for m in matchers]  # type: ignore[attr-defined]
+        groups: dict[type[Matcher], list[int]] = {}
+        for j, m in enumerate(inner):
+            groups.setdefault(type(m), []).append(j)
+        ok = [False] * len(matchers)
+        for kind, idx in groups.items():
+            for j, good in zip(idx, kind.advance_rows([inner[j] for j in idx], [tokens[j] for j in idx], workers)):
+                ok[j] = good
+        for m, tok, good in zip(matchers, tokens, ok):  # the common case inline: a cached move
+            if good:
+                table, states = m.table, m.states  # type: ignore[attr-defined]
+                nxt = table._next.get(states[-1] * table.vocab + tok)
+                if nxt is None or nxt == DEAD or table.broken or tok in table.end_ids:
+                    m._follow(tok)  # type: ignore[attr-defined]
+                else:
+                    states.append(nxt)
+        return ok
+
+
+class TableGrammar(Grammar):
+    """A compiled grammar (`inner`) whose matchers also track a DFA state and share a mask table."""
+
+    def __init__(self, inner: Grammar, table: StateTable) -> None:
+        self.inner, self.table = inner, table
+        self.kind, self.spec, self.backend, self.info = inner.kind, inner.spec, inner.backend, inner.info
+
+    @staticmethod
+    def wrap(inner: Grammar, pin: bool = False) -> TableGrammar | None:
+        """A table grammar over `inner` when its language is one regular_schema mirrors, else None."""
+        ll_grammar = getattr(inner, "ll_grammar", None)
+        if inner.backend != "llguidance" or inner.kind != "json_schema" or not isinstance(ll_grammar, str):
+            return None
+        expr = schema_expression(ll_grammar)
+        if expr is None:
+            return None
+        return TableGrammar(inner, StateTable(LazyDfa(expr, MAX_STATES), inner, pin))
+
+    def matcher(self, family: int = 0) -> TableMatcher:
+        return TableMatcher(self, self.inner.matcher(family), [0])
+
+    def prepare_families(self, count: int) -> None:
+        self.inner.prepare_families(count)
+
+    def payload(self) -> Any:
+        return self.inner.payload()

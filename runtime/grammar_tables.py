@@ -1,0 +1,122 @@
+"""The scheduler's state tables (constrained/state_table.py) and their copies on the device.
+
+A decode step whose constrained rows all use one grammar's table takes its masks as a gather:
+the rows' table indices (one int each) go to the device and select rows of the device copy,
+which receives only the rows filled since the last step. No per-row mask fill or copy on the host.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from radixlm.constrained.state_table import ALL_ROW, FIRST_STATE_ROW, NONE_ROW, StateTable, TableMatcher
+
+if TYPE_CHECKING:
+    from radixlm.constrained.mask_workers import MaskWorkers
+    from radixlm.runtime.request import Req
+
+
+MAX_WRAPPED = 256  # grammars remembered with their tables (the compile cache's own size)
+MAX_ON_DEVICE = 16  # tables with a device copy (least recently gathered dropped first; re-sent whole on use)
+
+
+class DeviceTables:
+    def __init__(self) -> None:
+        self._wrapped: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # id(compiled) -> (it, table grammar or None)
+        self._device: OrderedDict[int, tuple[StateTable, torch.Tensor]] = OrderedDict()
+
+    def grammar(self, compiled: Any, wrap: Callable[[], Any]) -> Any:
+        """`compiled` with its table (made once per compiled grammar), or `compiled` without one."""
+        hit = self._wrapped.get(id(compiled))
+        if hit is None or hit[0] is not compiled:
+            hit = self._wrapped[id(compiled)] = (compiled, wrap())
+            if len(self._wrapped) > MAX_WRAPPED:  # the least recently compiled-or-reused grammar goes
+                _, (_, old) = self._wrapped.popitem(last=False)
+                if old is not None:
+                    self._device.pop(id(old.table), None)
+        self._wrapped.move_to_end(id(compiled))
+        return hit[1] if hit[1] is not None else compiled
+
+    @staticmethod
+    def scan(reqs: Sequence[Req]) -> tuple[StateTable, list[int], list[tuple[Any, int]]] | None:
+        """One pass over a batch: (the table every constrained row uses, each row's table row, a
+        (matcher, row) for each state whose row is not filled yet), or None unless every constrained
+        row uses one healthy table. Unconstrained and finished rows get the all-allowed row."""
+        table: StateTable | None = None
+        rows: list[int] = []
+        missing: dict[int, Any] = {}
+        for r in reqs:
+            m = r.grammar
+            if m is None or r.finished:
+                rows.append(ALL_ROW)
+                continue
+            if type(m) is not TableMatcher or (table is not None and m.table is not table):
+                return None
+            if table is None:
+                table = m.table
+                if table.broken:
+                    return None
+                ready, capacity = table.ready, len(table.ready)
+            if m.ended:
+                rows.append(NONE_ROW)
+                continue
+            row = m.states[-1] + FIRST_STATE_ROW
+            rows.append(row)
+            if (row >= capacity or not ready[row]) and row not in missing:
+                missing[row] = m.inner
+        if table is None:
+            return None
+        if missing:
+            table.row_of(max(missing) - FIRST_STATE_ROW)  # room for every row named
+        return table, rows, [(m, row) for row, m in missing.items()]
+
+    def fill_missing(self, reqs: Sequence[Req], workers: MaskWorkers) -> Callable[[], None] | None | bool:
+        """A job filling the table rows of states these requests reached first; None: nothing to
+        fill; False: the requests do not share one healthy table."""
+        found = self.scan(reqs)
+        if found is None:
+            return False
+        table, _, items = found
+        return table.fill_missing(items, workers) if items else None
+
+    def gather(self, reqs: Sequence[Req], device: torch.device, workers: MaskWorkers) -> torch.Tensor | None:
+        """[B, W] int32 on `device`, every row its table row (unconstrained and finished rows: all
+        allowed), or None when the rows do not share one healthy table."""
+        found = self.scan(reqs)
+        if found is None:
+            return None
+        table, rows, items = found
+        if items:  # states first reached since the last commit's prefetch (or no prefetch ran)
+            table.fill_missing(items, workers)()
+        if table.broken:
+            return None
+        if device.type == "cpu":
+            table.fresh.clear()
+            return table.rows.index_select(0, torch.tensor(rows, dtype=torch.int64))
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+        return self._synced(table, device).index_select(0, index)
+
+    def _synced(self, table: StateTable, device: torch.device) -> torch.Tensor:
+        """The device copy of `table`, brought up to date with the rows filled since the last call."""
+        hit = self._device.get(id(table))
+        rows = table.rows
+        if hit is None or hit[0] is not table or hit[1].shape[0] < rows.shape[0]:
+            copy = rows.to(device, non_blocking=True)  # new or grown: everything (unfilled rows are never read)
+            self._device[id(table)] = (table, copy)
+            if len(self._device) > MAX_ON_DEVICE:
+                self._device.popitem(last=False)
+            table.fresh.clear()
+            return copy
+        self._device.move_to_end(id(table))
+        copy = hit[1]
+        if table.fresh:
+            fresh = torch.tensor(table.fresh, dtype=torch.int64)
+            table.fresh.clear()
+            copy.index_copy_(0, fresh.to(device, non_blocking=True),
+                             rows.index_select(0, fresh).to(device, non_blocking=True))
+        return copy
+

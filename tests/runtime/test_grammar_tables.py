@@ -1,0 +1,100 @@
+"""State tables inside the scheduler (runtime/grammar_tables.py): a batch's masks gathered from the
+table equal the masks llguidance fills row by row; seeded outputs are the same with
+--grammar-state-table auto and off (overlap on, speculative NGRAM drafts checked against the
+grammar), they validate, and neither KV nor matchers leak."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from radixlm import constrained as C
+from radixlm.constrained.mask_workers import MaskWorkers
+from radixlm.constrained.state_table import TableGrammar
+from radixlm.runtime.grammar_tables import DeviceTables
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
+
+ITEM_F = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_gathered_masks_equal_llguidance_rows(default_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    grammar = C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)
+    table = TableGrammar.wrap(grammar)
+    assert table is not None
+    doc = _encode(tok, '{"id": 42, "name": "Ada Lovelace", "tags": ["x", "y"], "active": true}')
+    cuts = [0, 1, 3, 7, 12, len(doc), len(doc) + 1]  # the last one: the end token consumed
+    rows, refs = [], []
+    for k in cuts:
+        mine, ref = table.matcher(), grammar.matcher()
+        for tid in (doc + [tok.eos_token_id])[:k]:
+            assert mine.advance(tid) and ref.advance(tid)
+        rows.append(SimpleNamespace(grammar=mine, finished=False))
+        refs.append(ref)
+    rows.insert(2, SimpleNamespace(grammar=None, finished=False))  # unconstrained: all allowed
+    rows.append(SimpleNamespace(grammar=table.matcher(), finished=True))  # finished meanwhile: all allowed
+    tables, workers = DeviceTables(), MaskWorkers(0)
+    for _ in range(2):  # the second time every row is a table row already filled
+        got = tables.gather(rows, torch.device("cpu"), workers)
+        assert got is not None and got.shape == (len(rows), (grammar.info.vocab_size + 31) // 32)
+        want = C.allocate_token_bitmask(len(rows), grammar.info.vocab_size)
+        C.fill_next_token_bitmasks([(r, i if i < 2 else i + 1) for i, r in enumerate(refs)], want)
+        assert torch.equal(got, want)
+    plain = [*rows, SimpleNamespace(grammar=grammar.matcher(), finished=False)]
+    assert tables.gather(plain, torch.device("cpu"), workers) is None  # a row without a table: host path
+
+
+def _reqs(prompt: list[int], n: int, prefix: str) -> list[TokenizedGenerateReq]:
+    schema = json.dumps(ITEM_F)
+    out = [TokenizedGenerateReq(rid=f"{prefix}{i}", input_ids=prompt, params=SamplingParams(
+        temperature=1.0, seed=i, max_new_tokens=72, json_schema=schema)) for i in range(n)]
+    out.append(TokenizedGenerateReq(rid=f"{prefix}u", input_ids=prompt, params=SamplingParams(
+        temperature=1.0, seed=99, max_new_tokens=24, ignore_eos=True)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["overlap", "ngram"])
+def test_outputs_equal_with_and_without_tables(default_model_dir, mode: str) -> None:
+    options: dict[str, Any] = {"max_total_tokens": 8192, "grammar_mask_threads": 1}
+    if mode == "overlap":
+        options |= {"enable_overlap_schedule_on_cpu": True, "disable_jump_forward": True}
+    else:
+        options |= {"speculative_algorithm": "NGRAM"}
+    results = {}
+    for setting in ("off", "auto"):
+        sched = make_scheduler(default_model_dir, grammar_state_table=setting, **options)
+        prompt = _encode(sched.tokenizer, "Write a JSON record of a person with tags:")
+        results[setting] = run_to_completion(sched, _reqs(prompt, 4, "t"))
+        gr = sched.grammars
+        with_table = [w for _, w in gr._tables._wrapped.values() if w is not None]
+        assert len(with_table) == (setting == "auto")
+        if with_table:
+            assert with_table[0].table.dfa.num_states > 20 and not with_table[0].table.broken
+        stopped = 0
+        for i in range(4):
+            res = results[setting][f"t{i}"]
+            if res["finished_reason"]["type"] == "stop":
+                stopped += 1
+                jsonschema.validate(json.loads(sched.tokenizer.decode(res["output_ids"], skip_special_tokens=True)), ITEM_F)
+        assert stopped >= 2
+        assert not gr._terminated and not gr.pending and (gr._prefetch is None or not gr._prefetch.rows)
+        assert_pool_idle(sched)
+        gr.close()
+    for rid, res in results["off"].items():
+        assert results["auto"][rid]["output_ids"] == res["output_ids"], rid
+        assert results["auto"][rid]["finished_reason"] == res["finished_reason"], rid
