@@ -71,8 +71,8 @@ class ScheduledBatch:
     drafts: list[list[int]] = field(default_factory=list)
     draft_masks: list[torch.Tensor | None] = field(default_factory=list)
     verify_rows: list[list[int]] = field(default_factory=list)
-    # Draft trees (speculative/draft_tree.py), decode batches only: per request None (a chain) or
-    # each draft's parent node, and the scratch request rows of its lanes after the first.
+    # Draft trees (speculative/draft_tree.py): per request None (a chain) or each draft's parent
+    # node, and the scratch request rows of its lanes after the first (decode batches only).
     draft_parents: list[list[int] | None] = field(default_factory=list)
     draft_lanes: list[list[int]] = field(default_factory=list)
 
@@ -82,6 +82,9 @@ class ScheduledBatch:
         if self.reqs and not self.drafts:
             self.drafts = [[] for _ in self.reqs]
             self.draft_masks = [None] * len(self.reqs)
+        if len(self.draft_parents) < len(self.reqs):
+            self.draft_parents = [None] * len(self.reqs)
+            self.draft_lanes = [[] for _ in self.reqs]
 
     @property
     def has_drafts(self) -> bool:
@@ -89,7 +92,7 @@ class ScheduledBatch:
 
     def draft_tree(self, i: int) -> DraftTree:
         """Request i's drafts as a tree (a chain unless the step drafted a tree for it)."""
-        parents = self.draft_parents[i] if i < len(self.draft_parents) else None
+        parents = self.draft_parents[i]
         return DraftTree.chain(self.drafts[i]) if parents is None else DraftTree(self.drafts[i], parents)
 
     def add(self, req: Req, slots: torch.Tensor, decoding: bool = False, prefix_len: int | None = None) -> None:
@@ -102,6 +105,8 @@ class ScheduledBatch:
         self.decoding.append(decoding)
         self.drafts.append([])
         self.draft_masks.append(None)
+        self.draft_parents.append(None)
+        self.draft_lanes.append([])
 
     def set_decode_rows(self, reqs: list[Req], slots: torch.Tensor, drafts: list[list[int]],
                         masks: list[torch.Tensor | None], parents: list[list[int] | None] | None = None,
@@ -128,9 +133,9 @@ class ScheduledBatch:
         self.decoding += decode.decoding
         self.drafts += decode.drafts
         self.draft_masks += decode.draft_masks
-        # draft trees of the decode rows (their verify rows become extend rows with a tree mask)
-        self.draft_parents = [*(self.draft_parents or [None] * (len(self.reqs) - len(decode.reqs))),
-                              *(decode.draft_parents or [None] * len(decode.reqs))]
+        # draft trees of the decode rows (their verify rows become extend rows with a tree mask: no lanes)
+        self.draft_parents += decode.draft_parents
+        self.draft_lanes += [[] for _ in decode.reqs]
 
     def _lora_names(self, rows: int) -> list[str | None] | None:
         """Each attention row's adapter: per request, or per token when verify rows expanded a
@@ -161,7 +166,7 @@ class ScheduledBatch:
         decode = self.mode is ForwardMode.DECODE
         for i, (req, prefix, ext, drafts) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts)):
             token_starts.append(offset)
-            parents = self.draft_parents[i] if i < len(self.draft_parents) else None
+            parents = self.draft_parents[i]
             if parents is None:
                 positions.extend(range(prefix, prefix + ext))
                 kv_positions.extend(range(prefix, prefix + ext))
@@ -169,7 +174,7 @@ class ScheduledBatch:
                 tree_masks.append(None)
             else:
                 lay = TreeRows.lay_out(DraftTree(drafts, parents), prefix, req.req_pool_idx,  # type: ignore[arg-type]
-                                       self.draft_lanes[i] if i < len(self.draft_lanes) else [], decode)
+                                       self.draft_lanes[i], decode)
                 positions.extend(lay.positions)
                 kv_positions.extend(lay.kv_positions)
                 token_rows_cpu.extend(lay.rows)
