@@ -227,10 +227,11 @@ class _Analysis:
             out.update(found)
         return frozenset(out)
 
-    def decide(self, alts: frozenset[Alternative]) -> bool:
+    def decide(self, alts: frozenset[Alternative], where: str) -> bool:
         asks = {any(self.nodes[n].get("uniqueItems") is True for n in ids) for ids, kinds in alts if "array" in kinds}
         if len(asks) > 1:
-            raise Unsupported("uniqueItems", "some alternatives at one path ask for unique items and others do not")
+            raise Unsupported("uniqueItems", f"at instance path {where or '/'} some alternatives ask for unique "
+                                             "items and others do not")
         return asks == {True}
 
 
@@ -270,8 +271,9 @@ def unique_paths(schema: Any) -> UniquePaths:
     a = _Analysis(schema)
     index: dict[frozenset[Alternative], int] = {}
     order: list[frozenset[Alternative]] = []
+    where: list[str] = []  # an instance path to each state, for messages
 
-    def state(alts: frozenset[Alternative]) -> int:
+    def state(alts: frozenset[Alternative], path: str) -> int:
         if not any(ids for ids, _ in alts):
             return SINK
         if alts not in index:
@@ -279,9 +281,10 @@ def unique_paths(schema: Any) -> UniquePaths:
                 raise Unsupported("uniqueItems", f"more than {MAX_STATES} path states")
             index[alts] = len(order)
             order.append(alts)
+            where.append(path)
         return index[alts]
 
-    start = state(frozenset(a.alternatives(schema)))
+    start = state(frozenset(a.alternatives(schema)), "")
     enforce: list[bool] = []
     keys: list[dict[str, int]] = []
     other: list[int] = []
@@ -289,14 +292,14 @@ def unique_paths(schema: Any) -> UniquePaths:
     later: list[int] = []
     i = 0
     while i < len(order):  # breadth first; `order` grows as new states appear
-        alts = order[i]
-        enforce.append(a.decide(alts))
+        alts, path = order[i], where[i]
+        enforce.append(a.decide(alts, path))
         named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
                         for k in a.nodes[n].get("properties", {})})
-        keys.append({k: state(a.child(alts, k)) for k in named})
-        other.append(state(a.child(alts, None)))
+        keys.append({k: state(a.child(alts, k), f"{path}/{k}") for k in named})
+        other.append(state(a.child(alts, None), f"{path}/*"))
         prefix = max((len(a.nodes[n].get("prefixItems", ())) for ids, _ in alts for n in ids), default=0)
-        indices.append(tuple(state(a.child(alts, j)) for j in range(prefix)))
-        later.append(state(a.child(alts, prefix)))
+        indices.append(tuple(state(a.child(alts, j), f"{path}/{j}") for j in range(prefix)))
+        later.append(state(a.child(alts, prefix), f"{path}/{prefix}+"))
         i += 1
     return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start)
