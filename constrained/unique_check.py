@@ -46,11 +46,12 @@ def _closing_quote(data: bytes) -> int:
     return -1
 
 
-def _may_complete_outside(data: bytes) -> bool:
-    """Read outside a string, can `data` end a value (a string it opens, a container, a number,
-    a literal) or start a literal? A superset: the scan decides."""
-    in_str = esc = prev_num = False
-    for b in data:
+def _ends_outside(data: bytes) -> bool:
+    """Read outside a string, can `data` end a value: close a string it opens, close a
+    container, end a number it starts (or one before it: `number_end`), or hold a whole
+    literal? A superset (the scan decides); literal starts are `_literal_start`."""
+    in_str = esc = in_num = False
+    for i, b in enumerate(data):
         if in_str:
             if esc:
                 esc = False
@@ -59,11 +60,51 @@ def _may_complete_outside(data: bytes) -> bool:
             elif b == 0x22:
                 return True
             continue
+        if in_num and b not in NUMBER_BYTES:
+            return True
         if b == 0x22:
             in_str = True
-        elif b in b"]}tfn" or (prev_num and b not in NUMBER_BYTES):
+        elif b in b"]}" or data.startswith((b"true", b"false", b"null"), i):
             return True
-        prev_num = b in NUMBER_BYTES
+        in_num = in_num and b in NUMBER_BYTES or (b in b"-0123456789")
+    return False
+
+
+def _closings(data: bytes) -> int:
+    """Read outside a string: how many containers open before `data` it closes at most (an
+    item of the array that many levels up can end), or 99 when it opens one and may end two of
+    its items (a `,` after the `[` or `{`)."""
+    in_str = esc = opened = False
+    depth = low = 0
+    for b in data:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:
+                esc = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in b"[{":
+            depth, opened = depth + 1, True
+        elif b in b"]}":
+            depth -= 1
+            low = min(low, depth)
+        elif b == 0x2C and opened:
+            return 99
+    return -low
+
+
+def _literal_start(data: bytes) -> bool:
+    """Can `data`, read outside a string, start a literal (t / f / n at a value's place)?"""
+    at_value = True
+    for b in data:
+        if b in b" \t\n\r":
+            continue
+        if at_value and b in b"tfn":
+            return True
+        at_value = b in b"[,:"
     return False
 
 
@@ -71,12 +112,17 @@ def _may_complete_outside(data: bytes) -> bool:
 class TokenTables:
     """Per tokenizer: which tokens can end an item in each lexical mode."""
 
+    words: int                   # int32 words of a mask row
     quoted: np.ndarray           # ids of tokens with a quote
-    close_at: tuple[int, ...]    # per quoted token: its first unescaped quote (-1: none)
-    before: tuple[str | None, ...]  # per quoted token: the text before that quote (None: not decodable alone)
-    deep: tuple[bool, ...]       # per quoted token: more could end after that quote
-    outside: np.ndarray          # bool per id: may end a value when read outside a string
-    number_end: np.ndarray       # bool per id: first byte ends a number
+    closes: np.ndarray           # per quoted token: it has an unescaped quote (read inside a string)
+    deep: np.ndarray             # per quoted token: it closes and more may end after that quote, or the
+                                 # text before the quote does not decode alone
+    by_before: dict[str, list[int]]  # the text before that quote -> positions in `quoted`
+    structural: np.ndarray       # ids that may end a value read outside a string
+    closings: np.ndarray         # per structural token: _closings
+    deep_closings: np.ndarray    # per quoted token: _closings of what follows its closing quote
+    literal: np.ndarray          # ids that may start a literal
+    number_end: np.ndarray       # bool per id: its first byte ends a number
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -89,13 +135,17 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
         if hit is not None:
             return hit
         size = info.vocab_size
-        outside = np.zeros(size, dtype=bool)
         number_end = np.zeros(size, dtype=bool)
-        quoted, close_at, before, deep = [], [], [], []
+        structural, literal, quoted, closes, deep, closings, deep_closings = [], [], [], [], [], [], []
+        by_before: dict[str, list[int]] = {}
         for tid, data in enumerate(info.token_bytes):
             if not data:
                 continue
-            outside[tid] = _may_complete_outside(data)
+            if _ends_outside(data):
+                structural.append(tid)
+                closings.append(_closings(data))
+            if _literal_start(data):
+                literal.append(tid)
             number_end[tid] = data[0] not in NUMBER_BYTES
             if b'"' in data:
                 at = _closing_quote(data)
@@ -105,19 +155,26 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
                         text = json.loads(b'"' + data[:at] + b'"')
                     except ValueError:
                         text = None
+                if text is not None:
+                    by_before.setdefault(text, []).append(len(quoted))
                 quoted.append(tid)
-                close_at.append(at)
-                before.append(text)
-                deep.append(at >= 0 and _may_complete_outside(data[at + 1:]))
-        tables = TokenTables(np.array(quoted, dtype=np.int64), tuple(close_at), tuple(before), tuple(deep),
-                             outside, number_end)
+                closes.append(at >= 0)
+                deep_closings.append(_closings(data[at + 1:]) if at >= 0 else 0)
+                deep.append(at >= 0 and (text is None or _ends_outside(data[at + 1:]) or _literal_start(data[at + 1:])))
+        ids = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
+        tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
+                             by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end)
         _TABLES[info.fingerprint] = tables
         return tables
 
 
-def _allowed(row: torch.Tensor, vocab: int) -> np.ndarray:
-    bits = np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:vocab]
-    return bits.astype(bool)
+def _bits(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mask bits of `ids` (int32 ids: the shift stays in int32)."""
+    return (words[ids >> 5] >> (ids & 31)) & 1 != 0
+
+
+def _allowed(words: np.ndarray, vocab: int) -> np.ndarray:
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab].astype(bool)
 
 
 class UniqueGrammar(Grammar):
@@ -208,43 +265,49 @@ class UniqueMatcher(Matcher):
         scan = self.scan
         if not scan.watching() or self.inner.is_terminated():
             return
-        tables, info = self.grammar.tables, self.grammar.info
-        vocab = info.vocab_size
-        words = row[: (vocab + 31) // 32]
-        bad: list[int] = []
+        t = self.grammar.tables
+        words = row[: t.words].numpy()
         if scan.mode == STR:
-            ids = tables.quoted
-            on = ((words.numpy()[ids >> 5] >> (ids & 31)) & 1).astype(bool)
-            prefix = scan.item_prefix()
-            seen = scan.top_enforced()[4] if prefix is not None else None  # type: ignore[index]
-            for j in np.flatnonzero(on).tolist():
-                tid = int(ids[j])
-                if tables.close_at[j] < 0 and not scan.aux[2]:
-                    continue  # no closing quote in it: the string goes on
-                if prefix is not None:
-                    text = tables.before[j]
-                    if text is not None:
-                        if ("s", prefix + text) in seen:  # type: ignore[operator]
-                            bad.append(tid)
-                        elif tables.deep[j] and not self._fits(tid):
-                            bad.append(tid)
-                        continue
-                elif not scan.aux[2] and not tables.deep[j] and (scan.aux[0] or scan.top_enforced() is None):
-                    continue  # ends a key or a string that is no item; nothing after it can end one
-                if not self._fits(tid):
-                    bad.append(tid)
+            on = _bits(words, t.quoted)
+            item = scan.top_enforced() is not None and not scan.aux[0]
+            prefix = scan.item_prefix() if item else None
+            if scan.aux[2] or (item and prefix is None):  # an escape or a character pending: try every quote
+                bad = [tid for tid in t.quoted[on].tolist() if not self._fits(tid)]
+            else:
+                closing = on & t.closes
+                found: set[int] = set()
+                if prefix is not None:  # the closing quote ends an item: look its text up
+                    cut = len(prefix)
+                    for item in scan.top_enforced()[4]:  # type: ignore[index]
+                        if type(item) is str and item.startswith(prefix):
+                            found.update(j for j in t.by_before.get(item[cut:], ()) if closing[j])
+                bad = [int(t.quoted[j]) for j in found]
+                gap = scan.enforced_gap()
+                deep = closing & t.deep & (t.deep_closings >= (99 if gap is None else gap))
+                bad += [tid for j, tid in zip(np.flatnonzero(deep).tolist(), t.quoted[deep].tolist())
+                        if j not in found and not self._fits(tid)]
+        elif scan.mode == LIT:  # the few tokens that go on with a literal
+            candidates = np.flatnonzero(_allowed(words, self.grammar.info.vocab_size))
+            bad = [tid for tid in candidates.tolist() if not self._fits(tid)]
         else:
-            allowed = _allowed(words, vocab)
-            if scan.mode == NUM:
-                allowed &= tables.outside | tables.number_end
-            elif scan.mode != LIT:
-                allowed &= tables.outside
-            bad = [tid for tid in np.flatnonzero(allowed).tolist() if not self._fits(tid)]
+            gap = scan.enforced_gap()  # an item ends at the enforced array only closing this many levels
+            on = _bits(words, t.structural) & (t.closings >= (99 if gap is None else gap))
+            candidates = t.structural[on]
+            top = scan.top_enforced()
+            if top is not None and any(type(x) is tuple and x[0] == "b" or x is None for x in top[4]):
+                candidates = np.union1d(candidates, t.literal[_bits(words, t.literal)])
+            bad = []
+            if scan.mode == NUM and top is not None:  # a byte that ends the number ends the item
+                if not scan.number_fits():
+                    ends = _allowed(words, self.grammar.info.vocab_size) & t.number_end
+                    bad = np.flatnonzero(ends).tolist()
+                    candidates = np.setdiff1d(candidates, bad)
+            bad += [tid for tid in candidates.tolist() if not self._fits(tid)]
         if bad:
-            ids_t = torch.tensor(bad, dtype=torch.int64)
-            clear = torch.zeros(words.shape[0], dtype=torch.int64)
-            clear.index_add_(0, ids_t >> 5, torch.ones_like(ids_t) << (ids_t & 31))
-            words &= ~clear.to(torch.int32)
+            ids = np.array(bad, dtype=np.int64)
+            clear = np.zeros(words.shape[0], dtype=np.int64)
+            np.bitwise_or.at(clear, ids >> 5, np.left_shift(1, ids & 31))
+            words &= ~clear.astype(np.uint32).view(np.int32)
 
     def _fits(self, tid: int) -> bool:
         data = self.grammar.info.token_bytes[tid]

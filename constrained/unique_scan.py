@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from .unique_paths import SINK, UniquePaths
@@ -26,20 +27,22 @@ _LITERALS = {ord("t"): (True, 3), ord("f"): (False, 4), ord("n"): (None, 3)}  # 
 
 
 def canonical(value: Any) -> Any:
-    """A hashable form equal exactly when JSON Schema calls two instances equal."""
-    if value is None or isinstance(value, bool):
+    """A hashable form equal exactly when JSON Schema calls two instances equal (numbers are
+    Decimals from the parser; booleans are tagged so that true != 1)."""
+    kind = type(value)
+    if kind is str or kind is Decimal or value is None:
+        return value
+    if kind is bool:
         return ("b", value)
-    if isinstance(value, (Decimal, int, float)):
-        return ("n", Decimal(value) if not isinstance(value, Decimal) else value)
-    if isinstance(value, str):
-        return ("s", value)
-    if isinstance(value, list):
+    if kind is list:
         return ("a", tuple(canonical(v) for v in value))
     return ("o", frozenset((k, canonical(v)) for k, v in value.items()))
 
 
+@lru_cache(maxsize=256)
 def parse_item(raw: bytes) -> Any:
-    return canonical(json.loads(raw, parse_float=Decimal, parse_int=Decimal))
+    """Cached: the trial scans of one mask complete the same item with several tokens."""
+    return canonical(json.loads(raw.decode("utf-8", "replace"), parse_float=Decimal, parse_int=Decimal))
 
 
 class UniqueScan:
@@ -76,11 +79,30 @@ class UniqueScan:
         top = self.stack[-1] if self.stack else None
         return top if top is not None and top[0] == "a" and top[3] else None
 
+    def enforced_gap(self) -> int | None:
+        """Levels from the innermost open container up to the innermost array kept unique."""
+        for up, frame in enumerate(reversed(self.stack)):
+            if frame[0] == "a" and frame[3]:
+                return up
+        return None
+
+    def number_fits(self) -> bool:
+        """In a number that is an item of a unique array: ending it here repeats no item."""
+        top = self.stack[-1]
+        try:
+            return parse_item(bytes(self.buf[top[5]:])) not in top[4]
+        except ValueError:  # "1." or "-": the grammar lets no byte end it here
+            return True
+
     def item_prefix(self) -> str | None:
-        """Inside a string that is an item of a unique array, with no escape pending: its text so far."""
+        """Inside a string that is an item of a unique array, with no escape pending and whole
+        characters so far: its text so far (else None)."""
         if self.mode != STR or self.aux[0] or self.aux[2] or self.top_enforced() is None:
             return None
-        return json.loads(bytes(self.buf[self.aux[1]:]) + b'"')
+        try:
+            return json.loads(bytes(self.buf[self.aux[1]:]) + b'"')
+        except ValueError:  # a character split between tokens
+            return None
 
     def _child_state(self) -> int:
         if not self.stack:
@@ -129,7 +151,7 @@ class UniqueScan:
                 elif b == 0x22:
                     if is_key:
                         top = self.stack[-1]
-                        key = json.loads(bytes(buf[start:i + 1])) if top[1] != SINK else ""
+                        key = json.loads(bytes(buf[start:i + 1]).decode("utf-8", "replace")) if top[1] != SINK else ""
                         self.stack = self.stack[:-1] + (("o", top[1], key),)
                         self.mode = COLON
                     else:
@@ -177,7 +199,7 @@ class UniqueScan:
                     self._start_value(i)
                     value, left = _LITERALS[b]
                     top = self.top_enforced()
-                    if top is not None and canonical(value) in top[4]:
+                    if top is not None and (value if value is None else ("b", value)) in top[4]:
                         return False  # it can only end as a repeat
                     self.mode, self.aux = LIT, (left,)
                 else:

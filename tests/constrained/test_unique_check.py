@@ -64,15 +64,17 @@ def _info(tokenizer: Any) -> TokenizerInfo:
 
 
 def _check_masks(info: TokenizerInfo, matcher: Any, rng: random.Random) -> None:
-    """The mask allows exactly the tokens `advance` takes, on every token with a quote that the
-    grammar alone allows (those that can end an item and that our check may remove) and on a
-    sample of the others the mask allows."""
+    """The mask allows exactly the tokens `advance` takes: on every token the grammar alone allows
+    that can end a value (a quote, a bracket, a literal, a number's end: where our check may remove
+    it) and on a sample of the other tokens the grammar allows."""
     bitmask = C.allocate_token_bitmask(2, info.vocab_size)
     matcher.fill_next_token_bitmask(bitmask, 0)
     matcher.inner.fill_next_token_bitmask(bitmask, 1)
-    allowed, grammar_allows = set(C.bitmask.row_to_ids(bitmask[0])), set(C.bitmask.row_to_ids(bitmask[1]))
-    quoted = [t for t in token_tables(info).quoted.tolist() if t in grammar_allows]
-    for tid in quoted + rng.sample(sorted(allowed), min(20, len(allowed))):
+    allowed, grammar_allows = set(C.bitmask.row_to_ids(bitmask[0])), sorted(C.bitmask.row_to_ids(bitmask[1]))
+    t = token_tables(info)
+    special = set(t.quoted.tolist()) | set(t.structural.tolist()) | set(t.literal.tolist())
+    ending = [tid for tid in grammar_allows if tid in special or (t.number_end[tid] and len(grammar_allows) < 400)]
+    for tid in ending + rng.sample(grammar_allows, min(20, len(grammar_allows))):
         took = matcher.advance(tid)
         assert took == (tid in allowed), (info.token_bytes[tid], took)
         if took:
