@@ -4,7 +4,8 @@ The rule (JSON Schema 2020-12 §6.5 and every earlier draft): keywords outside t
 are annotations and are ignored (`x-...`, draft-04 `id` in later drafts, typos, `readonly`...).
 Each validation keyword of the vocabulary is enforced exactly, by the backend (only keywords it
 is known, and tested in tests/constrained, to enforce) or by our rewriting into keywords it does
-enforce (`not`, `if`/`then`/`else`, `dependentRequired`/`dependencies`, small `uniqueItems`,
+enforce (`not`, `if`/`then`/`else`, `dependentRequired`/`dependencies`, small `uniqueItems`
+(larger ones are checked beside the grammar: unique_paths.py, unique_check.py),
 draft-04 bounds and tuples, formats as patterns), or the schema is refused with
 UnsupportedSchemaError naming keyword and JSON pointer. `lenient=True` drops refused keywords.
 Every `$ref` is resolved here (base URIs, anchors, pointers) and handed on as `#/$defs/rN`.
