@@ -132,3 +132,29 @@ def test_rollback_copy_and_payload(tokenizer: Any) -> None:
     assert isinstance(rebuilt, UniqueGrammar)
     assert not run_tokens(rebuilt.matcher(), encode(tokenizer, '{"y": ["q", "q"]}'))
     assert run_tokens(rebuilt.matcher(), encode(tokenizer, '{"y": ["q", "r"]}'))
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batch_fill_matches_row_fill(tokenizer: Any, threads: int) -> None:
+    """Rows of unique-checked matchers filled as a batch (MaskWorkers: llguidance's batch call,
+    then our removals) equal their one-by-one masks; a plain row in the same batch is untouched."""
+    from radixlm.constrained.mask_workers import MaskWorkers
+
+    info = _info(tokenizer)
+    grammar = C.compile(tokenizer, json_schema=STRINGS, cache=None)
+    plain = C.compile(tokenizer, json_schema={"type": "array", "items": {"type": "string"}}, cache=None)
+    rows = [grammar.matcher(), grammar.matcher(), plain.matcher()]
+    for m, text in zip(rows, ['["a", "a', '["x", "y"', '["a", "a']):
+        assert all(m.advance(t) for t in encode(tokenizer, text))
+    workers = MaskWorkers(threads)
+    try:
+        batch = C.allocate_token_bitmask(3, info.vocab_size)
+        workers.fill([(m, i) for i, m in enumerate(rows)], batch)
+    finally:
+        workers.close()
+    one = C.allocate_token_bitmask(3, info.vocab_size)
+    for i, m in enumerate(rows):
+        m.fill_next_token_bitmask(one, i)
+    assert (batch == one).all()
+    quote = encode(tokenizer, '"')[0]
+    assert not C.bitmask.row_to_ids(batch[0]).count(quote) and quote in C.bitmask.row_to_ids(batch[2])
