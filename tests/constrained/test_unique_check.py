@@ -158,3 +158,41 @@ def test_batch_fill_matches_row_fill(tokenizer: Any, threads: int) -> None:
     assert (batch == one).all()
     quote = encode(tokenizer, '"')[0]
     assert not C.bitmask.row_to_ids(batch[0]).count(quote) and quote in C.bitmask.row_to_ids(batch[2])
+
+
+def test_through_the_grammar_runtime(tokenizer: Any, default_model_dir: Any) -> None:
+    """The scheduler's grammar path (batched commit, masks started in the background, taken at
+    sampling time) with unique-checked rows: masks equal row fills; a repeated item fails the row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.server_args import ServerArgs
+
+    runtime = GrammarRuntime(ServerArgs(grammar_mask_threads=2), tokenizer, str(default_model_dir), len(tokenizer))
+    try:
+        grammar = C.compile(tokenizer, json_schema=STRINGS)
+        doc = encode(tokenizer, '["a", "b", "a"]')
+        reqs = []
+        for i in range(2, 6):
+            m = grammar.matcher()
+            assert all(m.advance(t) for t in doc[:i])
+            reqs.append(SimpleNamespace(rid=f"r{i}", grammar=m, finished=False, output_ids=doc[:i],
+                                        sent_output_len=i, forced_tokens=0, params=SimpleNamespace(max_new_tokens=64)))
+        runtime.advance_many(reqs, [doc[i] for i in range(2, 6)])
+        got = runtime.bitmask(reqs, torch.device("cpu"))
+        runtime._settle()
+        want = torch.full_like(got, -1)
+        for i, r in enumerate(reqs):
+            r.grammar.fill_next_token_bitmask(want, i)
+        assert torch.equal(got, want)
+        prefix = encode(tokenizer, '["a", "b", "a')  # the closing quote repeats "a"
+        m = grammar.matcher()
+        assert all(m.advance(t) for t in prefix)
+        last = SimpleNamespace(rid="last", grammar=m, finished=False, output_ids=prefix, sent_output_len=len(prefix),
+                               forced_tokens=0, params=SimpleNamespace(max_new_tokens=64))
+        runtime.advance_many([last], [encode(tokenizer, '"')[0]])
+        assert runtime.is_terminated(last) and last.grammar_failed
+    finally:
+        runtime.close()
