@@ -18,6 +18,8 @@ from typing import Any
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema import CheckedSchema, check_schema
+from .unique_check import PAYLOAD_TAG, UniqueGrammar
+from .unique_check import from_payload as unique_from_payload
 from .vocab import TokenizerInfo
 
 # Measured on our corpus (see README.md): llguidance compiles ~100x faster than the
@@ -112,7 +114,8 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         return checked.canonical, lambda info: _map_errors(
-            lambda: _too_large_retry(lambda c: mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max),
+            lambda: _too_large_retry(lambda c: _with_unique(mod.compile_json_schema(info, c.schema, c.canonical,
+                                                                                    whitespace_max), c),
                                      checked, spec, backend, lenient), checked)
     if kind == "regex":
         if not isinstance(spec, str):
@@ -131,6 +134,11 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
                                       "use llguidance or xgrammar for EBNF")
         return spec, lambda info: mod.compile_ebnf(info, spec)
     raise ValueError(f"unknown spec kind {kind!r}")
+
+
+def _with_unique(grammar: Grammar, checked: CheckedSchema) -> Grammar:
+    """The grammar, wrapped with the run-time uniqueItems check where the schema needs one."""
+    return grammar if checked.unique is None else UniqueGrammar(grammar, checked.unique)
 
 
 def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: CheckedSchema, spec: Any,
@@ -193,6 +201,8 @@ def compile(tokenizer: Any, *, regex: str | None = None,
 
 def grammar_from_payload(info: TokenizerInfo, backend: str, payload: Any) -> Grammar:
     """Rebuild a grammar shipped from another process (see Grammar.payload)."""
+    if isinstance(payload, (tuple, list)) and payload and payload[0] == PAYLOAD_TAG:
+        return unique_from_payload(info, payload, lambda inner: grammar_from_payload(info, backend, inner))
     mod = backend_module(backend)
     cls = {"llguidance": "LLGuidanceGrammar", "xgrammar": "XGrammarGrammar",
            "outlines": "OutlinesGrammar"}[backend]

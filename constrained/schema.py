@@ -4,7 +4,8 @@ The rule (JSON Schema 2020-12 §6.5 and every earlier draft): keywords outside t
 are annotations and are ignored (`x-...`, draft-04 `id` in later drafts, typos, `readonly`...).
 Each validation keyword of the vocabulary is enforced exactly, by the backend (only keywords it
 is known, and tested in tests/constrained, to enforce) or by our rewriting into keywords it does
-enforce (`not`, `if`/`then`/`else`, `dependentRequired`/`dependencies`, small `uniqueItems`,
+enforce (`not`, `if`/`then`/`else`, `dependentRequired`/`dependencies`, small `uniqueItems`
+(larger ones are checked beside the grammar: unique_paths.py, unique_check.py),
 draft-04 bounds and tuples, formats as patterns), or the schema is refused with
 UnsupportedSchemaError naming keyword and JSON pointer. `lenient=True` drops refused keywords.
 Every `$ref` is resolved here (base URIs, anchors, pointers) and handed on as `#/$defs/rN`.
@@ -32,6 +33,7 @@ from .schema_simplify import simplify
 from .schema_support import REWRITTEN, SUPPORT, TYPES, VALIDATION
 from .schema_unevaluated import unevaluated_properties
 from .schema_unique import closed_count, open_count, unique_items
+from .unique_paths import UniquePaths, has_unique, strip_unique, unique_paths
 
 
 @dataclass
@@ -41,6 +43,7 @@ class CheckedSchema:
     recursive: bool = False
     dropped: list[str] = field(default_factory=list)  # "path: keyword" dropped under lenient
     unproven_one_of: list[tuple[str, str]] = field(default_factory=list)  # (pointer, why) left to the backend
+    unique: UniquePaths | None = None  # where open-set uniqueItems are checked beside the grammar
 
 
 # SGLang's json_schema value for "any JSON document" (no schema to follow); the `true` schema here.
@@ -272,7 +275,12 @@ class _Vetter:
             pass  # not a keyword before 2019-09: an annotation
         elif key == "uniqueItems":
             if value is True:
-                extra.extend(unique_items(node, lambda s: self.vet(s, sub[:-1] + ("items",))))
+                try:
+                    extra.extend(unique_items(node, lambda s: self.vet(s, sub[:-1] + ("items",))))
+                except Unsupported:
+                    if self.backend != "llguidance":
+                        raise
+                    clean[key] = True  # open item set: checked beside the grammar (unique_check.py)
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and isinstance(value, bool):
             bound = node.get("minimum" if key == "exclusiveMinimum" else "maximum")
             if value and isinstance(bound, (int, float)):  # draft-04: a flag on minimum/maximum
@@ -412,6 +420,12 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
         schema["$defs"] = vetter.defs
     if backend == "llguidance":  # it keeps named properties in schema order
         simplify(schema)
+        if has_unique(schema):  # before the reordering below: it makes properties patterns
+            try:
+                out.unique = unique_paths(schema)
+            except Unsupported as exc:
+                vetter.refuse("uniqueItems", (), exc.reason)
+            strip_unique(schema)
         free_optional_order(schema)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import combinations, permutations
+from math import perm
 from typing import Any
 
 from .schema_negation import Unsupported
@@ -66,9 +67,10 @@ def unique_items(node: dict[str, Any], vet_items: Callable[[Any], Any]) -> list[
                                          "scalar values (enum, const, boolean, null) or maxItems <= 1")
     low = node.get("minItems", 0) if isinstance(node.get("minItems"), int) else 0
     high = len(domain) if not isinstance(max_items, int) else min(max_items, len(domain))
+    count = sum(perm(len(domain), k) for k in range(low, high + 1))  # counted first: 60 values have ~10^80
+    if count > MAX_ARRAYS:
+        raise Unsupported("uniqueItems", f"{count} distinct unique arrays to list (limit {MAX_ARRAYS})")
     arrays = [list(p) for k in range(low, high + 1) for p in permutations(domain, k)]
-    if len(arrays) > MAX_ARRAYS:
-        raise Unsupported("uniqueItems", f"{len(arrays)} distinct unique arrays to list (limit {MAX_ARRAYS})")
     return [{"anyOf": [{"type": _NON_ARRAY}, {"enum": arrays}]}]
 
 

@@ -29,19 +29,22 @@ def test_service_compiles_and_reports_errors(service: GrammarService, tokenizer:
     service.submit("same", {"json_schema": schema})  # deduplicated with "ok"
     service.submit("regex", {"regex": "(yes|no)", "backend": "outlines"})
     service.submit("ebnf", {"ebnf": 'root ::= "a"+'})
-    service.submit("bad", {"json_schema": {"type": "array", "uniqueItems": True}})  # (on a string it is vacuous)
+    service.submit("bad", {"json_schema": {"type": "array", "contains": {"const": 1}}})
+    service.submit("unique", {"json_schema": {"type": "array", "uniqueItems": True}})  # checked beside the grammar
     service.submit("broken", {"regex": "(unclosed"})
     service.submit("two", {"regex": "a", "choices": ["a"]})
     start = time.monotonic()
     results = dict(service.wait(timeout_s=120))
     assert time.monotonic() - start < 120
-    assert set(results) == {"ok", "same", "regex", "ebnf", "bad", "broken", "two"}
+    assert set(results) == {"ok", "same", "regex", "ebnf", "bad", "broken", "two", "unique"}
     assert results["ok"] is results["same"]
     assert run_tokens(results["ok"].matcher(), encode(tokenizer, '{"n": 7}'))
     assert not run_tokens(results["ok"].matcher(), encode(tokenizer, '{"n": 10}'))
     assert run_tokens(results["regex"].matcher(), encode(tokenizer, "no"))
     assert run_tokens(results["ebnf"].matcher(), encode(tokenizer, "aaa"))
     assert isinstance(results["bad"], C.UnsupportedSchemaError)
+    assert not run_tokens(results["unique"].matcher(), encode(tokenizer, '[{"a": 1}, {"a": 1}]'))  # rebuilt from its payload
+    assert run_tokens(results["unique"].matcher(), encode(tokenizer, '[{"a": 1}, {"a": 2}]'))
     assert isinstance(results["broken"], C.GrammarCompileError)
     assert isinstance(results["two"], ValueError)
     service.submit("again", {"json_schema": schema})  # now a cache hit: answered without the worker

@@ -1,0 +1,305 @@
+"""Where `uniqueItems` over open item sets must hold, as an automaton over instance paths.
+
+A grammar cannot remember which of unboundedly many items it has produced, so `uniqueItems: true`
+over strings, objects or any value is left out of the grammar and checked beside it at run time
+(unique_check.py). That is exact only if the check knows, from the path of an array alone
+(object keys and item indices from the root), whether the array must be unique: every way the
+vetted schema can validate a value at that path (every anyOf/oneOf alternative, each a
+conjunction of allOf members and `$ref` targets) that admits an array must ask for unique items,
+or none may. Then a valid instance never meets the check (the alternative that validates it asks
+for uniqueness or is not there), and a duplicate-free instance the loosened grammar accepts is
+valid (every dropped `uniqueItems` sits at a checked path). Paths are walked as a small
+deterministic automaton: named keys, "any other key", prefix indices, "any later index".
+Subschemas that reach no such `uniqueItems` are summarized by the JSON types they admit.
+Anything else (a unique array below `not`, `contains`, `if`, pattern-keyed properties; alternatives
+that disagree; too many states) raises Unsupported naming the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+from .schema_negation import Unsupported
+
+ALL_TYPES = frozenset(("null", "boolean", "object", "array", "number", "string"))
+SINK = -1  # no unique array at or below this path
+MAX_STATES = 2000
+MAX_ALTERNATIVES = 256
+_MAX_DEPTH = 40
+_CHILD_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_CHILD_MAPS = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
+_CHILD_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "additionalItems", "unevaluatedItems", "unevaluatedProperties")
+_UNMODELLED = ("not", "if", "then", "else", "contains", "propertyNames", "additionalItems",
+               "unevaluatedItems", "unevaluatedProperties", "dependentSchemas", "patternProperties")
+
+Alternative = tuple[frozenset[int], frozenset[str]]  # (ids of nodes that reach a unique array, types admitted)
+
+
+@dataclass(frozen=True)
+class UniquePaths:
+    """The automaton: per state, whether an array there must be unique, and its moves."""
+
+    enforce: tuple[bool, ...]
+    keys: tuple[dict[str, int], ...]      # named key -> state
+    other_key: tuple[int, ...]            # any other key
+    indices: tuple[tuple[int, ...], ...]  # item 0, 1, ... (prefixItems)
+    later_index: tuple[int, ...]          # any later item
+    start: int
+
+    def key_step(self, state: int, key: str) -> int:
+        return SINK if state == SINK else self.keys[state].get(key, self.other_key[state])
+
+    def index_step(self, state: int, index: int) -> int:
+        if state == SINK:
+            return SINK
+        fixed = self.indices[state]
+        return fixed[index] if index < len(fixed) else self.later_index[state]
+
+    def payload(self) -> Any:
+        return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start)
+
+    @staticmethod
+    def from_payload(data: Any) -> UniquePaths:
+        enforce, keys, other, indices, later, start = data
+        return UniquePaths(tuple(enforce), tuple(dict(k) for k in keys), tuple(other),
+                           tuple(tuple(i) for i in indices), tuple(later), start)
+
+
+def subschemas(node: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(keyword, subschema) for every schema-valued place of `node` ($ref not followed)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        if key in _CHILD_LISTS and isinstance(value, list):
+            out += [(key, v) for v in value]
+        elif key in _CHILD_MAPS and isinstance(value, dict):
+            out += [(key, v) for v in value.values()]
+        elif key in _CHILD_ONE and isinstance(value, (dict, bool)):
+            out.append((key, value))
+    return out
+
+
+def _schema_nodes(schema: Any) -> list[dict[str, Any]]:
+    seen: dict[int, dict[str, Any]] = {}
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict) and id(node) not in seen:
+            seen[id(node)] = node
+            stack += [v for _, v in subschemas(node)]
+    return list(seen.values())
+
+
+def has_unique(schema: Any) -> bool:
+    """Some `uniqueItems: true` is left in the vetted schema (open item sets)."""
+    return any(n.get("uniqueItems") is True for n in _schema_nodes(schema))
+
+
+def strip_unique(schema: Any) -> None:
+    """Drop every `uniqueItems` in place (the run-time check enforces them)."""
+    for node in _schema_nodes(schema):
+        node.pop("uniqueItems", None)
+
+
+class _Analysis:
+    def __init__(self, root: dict[str, Any]) -> None:
+        self.root = root
+        self.defs = root.get("$defs", {}) if isinstance(root, dict) else {}
+        self.nodes: dict[int, dict[str, Any]] = {}
+        self.reach = self._reaching()
+        self.type_memo: dict[int, frozenset[str]] = {}
+
+    def deref(self, ref: str) -> Any:
+        if ref == "#":
+            return self.root
+        if not ref.startswith("#/$defs/") or ref[8:] not in self.defs:
+            raise Unsupported("uniqueItems", f"a unique array behind the reference {ref!r}")
+        return self.defs[ref[8:]]
+
+    def _children(self, node: dict[str, Any]) -> list[tuple[str, Any]]:
+        out = subschemas(node)
+        if isinstance(node.get("$ref"), str):
+            out.append(("$ref", self.deref(node["$ref"])))
+        return out
+
+    def _reaching(self) -> set[int]:
+        """Ids of schema objects from which a `uniqueItems: true` can be reached (fixed point)."""
+        edges: dict[int, list[int]] = {}
+        marked: set[int] = set()
+        stack: list[Any] = [self.root]
+        while stack:
+            node = stack.pop()
+            if not isinstance(node, dict) or id(node) in self.nodes:
+                continue
+            self.nodes[id(node)] = node
+            if node.get("uniqueItems") is True:
+                marked.add(id(node))
+            kids = [v for key, v in self._children(node) if key not in ("$defs", "definitions")]
+            edges[id(node)] = [id(v) for v in kids if isinstance(v, dict)]
+            stack += kids
+        reach = set(marked)
+        changed = True
+        while changed:
+            changed = False
+            for nid, outs in edges.items():
+                if nid not in reach and any(o in reach for o in outs):
+                    reach.add(nid)
+                    changed = True
+        for nid in reach:  # a unique array under a keyword the path walk does not model
+            node = self.nodes[nid]
+            for key, v in self._children(node):
+                if key in _UNMODELLED and isinstance(v, dict) and id(v) in reach:
+                    raise Unsupported("uniqueItems", f"a unique array under {key!r}")
+            if node.get("patternProperties") and isinstance(node.get("additionalProperties"), dict) \
+                    and id(node["additionalProperties"]) in reach:
+                raise Unsupported("uniqueItems", "a unique array under additionalProperties next to patternProperties")
+        return reach
+
+    def types(self, node: Any, depth: int = 0) -> frozenset[str]:
+        """JSON types a schema admits (a superset; integers count as numbers)."""
+        if node is True or depth > _MAX_DEPTH:
+            return ALL_TYPES
+        if node is False or not isinstance(node, dict):
+            return frozenset() if node is False else ALL_TYPES
+        hit = self.type_memo.get(id(node))
+        if hit is not None:
+            return hit
+        self.type_memo[id(node)] = ALL_TYPES  # a cycle reads as "anything"
+        out = self.local_types(node)
+        for m in node.get("allOf", ()):
+            out &= self.types(m, depth + 1)
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                out &= frozenset().union(*(self.types(m, depth + 1) for m in node[key]))
+        if isinstance(node.get("$ref"), str):
+            out &= self.types(self.deref(node["$ref"]), depth + 1)
+        self.type_memo[id(node)] = out
+        return out
+
+    @staticmethod
+    def local_types(node: dict[str, Any]) -> frozenset[str]:
+        out = ALL_TYPES
+        kinds = node.get("type")
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        if isinstance(kinds, list):
+            out = frozenset("number" if k == "integer" else k for k in kinds) & ALL_TYPES
+        for values in ([node["const"]] if "const" in node else None, node.get("enum")):
+            if isinstance(values, list):
+                out &= frozenset(_type_of(v) for v in values)
+        return out
+
+    def alternatives(self, node: Any, depth: int = 0) -> list[Alternative]:
+        """The ways `node` can hold: conjunctions of reaching nodes, with the types each admits."""
+        if node is True:
+            return [(frozenset(), ALL_TYPES)]
+        if node is False:
+            return []
+        if not isinstance(node, dict) or id(node) not in self.reach:
+            kinds = self.types(node)
+            return [(frozenset(), kinds)] if kinds else []
+        if depth > _MAX_DEPTH:
+            raise Unsupported("uniqueItems", "unique arrays behind a cycle of references without a value between")
+        out: list[Alternative] = [(frozenset((id(node),)), self.local_types(node))]
+        parts = [[m] for m in node.get("allOf", ())]
+        parts += [node[k] for k in ("anyOf", "oneOf") if isinstance(node.get(k), list)]
+        if isinstance(node.get("$ref"), str):
+            parts.append([self.deref(node["$ref"])])
+        for options in parts:
+            choice = [a for m in options for a in self.alternatives(m, depth + 1)]
+            out = _meet(out, choice)
+        return out
+
+    def child(self, alts: frozenset[Alternative], step: Any) -> frozenset[Alternative]:
+        """The alternatives at a key (str), "other key" (None, object), an index (int) or a later index."""
+        out: set[Alternative] = set()
+        want = "object" if step is None or isinstance(step, str) else "array"
+        for ids, kinds in alts:
+            if want not in kinds:
+                continue
+            found: list[Alternative] = [(frozenset(), ALL_TYPES)]
+            for nid in ids:
+                sub = _child_schema(self.nodes[nid], step)
+                if sub is not True:
+                    found = _meet(found, self.alternatives(sub))
+            out.update(found)
+        return frozenset(out)
+
+    def decide(self, alts: frozenset[Alternative], where: str) -> bool:
+        asks = {any(self.nodes[n].get("uniqueItems") is True for n in ids) for ids, kinds in alts if "array" in kinds}
+        if len(asks) > 1:
+            raise Unsupported("uniqueItems", f"at instance path {where or '/'} some alternatives ask for unique "
+                                             "items and others do not")
+        return asks == {True}
+
+
+def _type_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "string")
+
+
+def _meet(left: list[Alternative], right: list[Alternative]) -> list[Alternative]:
+    out = {(a | c, b & d) for (a, b), (c, d) in product(left, right) if b & d}
+    if len(out) > MAX_ALTERNATIVES:
+        raise Unsupported("uniqueItems", f"more than {MAX_ALTERNATIVES} alternatives at one path")
+    return list(out)
+
+
+def _child_schema(node: dict[str, Any], step: Any) -> Any:
+    if isinstance(step, str) or step is None:
+        props = node.get("properties", {})
+        if isinstance(step, str) and step in props:
+            return props[step]
+        return node.get("additionalProperties", True) if not node.get("patternProperties") else True
+    prefix = node.get("prefixItems", ())
+    if isinstance(step, int) and step < len(prefix):
+        return prefix[step]
+    return node.get("items", True)
+
+
+def unique_paths(schema: Any) -> UniquePaths:
+    """The automaton for a vetted schema with `uniqueItems: true` left in it (or Unsupported)."""
+    if not isinstance(schema, dict):
+        raise Unsupported("uniqueItems", "not a schema object")
+    a = _Analysis(schema)
+    index: dict[frozenset[Alternative], int] = {}
+    order: list[frozenset[Alternative]] = []
+    where: list[str] = []  # an instance path to each state, for messages
+
+    def state(alts: frozenset[Alternative], path: str) -> int:
+        if not any(ids for ids, _ in alts):
+            return SINK
+        if alts not in index:
+            if len(order) >= MAX_STATES:
+                raise Unsupported("uniqueItems", f"more than {MAX_STATES} path states")
+            index[alts] = len(order)
+            order.append(alts)
+            where.append(path)
+        return index[alts]
+
+    start = state(frozenset(a.alternatives(schema)), "")
+    enforce: list[bool] = []
+    keys: list[dict[str, int]] = []
+    other: list[int] = []
+    indices: list[tuple[int, ...]] = []
+    later: list[int] = []
+    i = 0
+    while i < len(order):  # breadth first; `order` grows as new states appear
+        alts, path = order[i], where[i]
+        enforce.append(a.decide(alts, path))
+        named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
+                        for k in a.nodes[n].get("properties", {})})
+        keys.append({k: state(a.child(alts, k), f"{path}/{k}") for k in named})
+        other.append(state(a.child(alts, None), f"{path}/*"))
+        prefix = max((len(a.nodes[n].get("prefixItems", ())) for ids, _ in alts for n in ids), default=0)
+        indices.append(tuple(state(a.child(alts, j), f"{path}/{j}") for j in range(prefix)))
+        later.append(state(a.child(alts, prefix), f"{path}/{prefix}+"))
+        i += 1
+    return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start)

@@ -1,0 +1,198 @@
+"""`uniqueItems` over open item sets, checked beside the grammar (unique_paths.py, unique_scan.py,
+unique_check.py), against `jsonschema` token by token. Every schema here is refused without the
+check (a grammar cannot list the unique arrays of strings, objects or any value), and the masks
+are compared with `advance` on every token that can end an item."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import jsonschema
+import pytest
+
+from radixlm import constrained as C
+from radixlm.constrained.compiler import grammar_from_payload
+from radixlm.constrained.unique_check import UniqueGrammar, token_tables
+from radixlm.constrained.vocab import TokenizerInfo
+
+from .conftest import encode, run_tokens
+
+STRINGS = {"type": "array", "uniqueItems": True, "items": {"type": "string"}}
+CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "strings": (STRINGS, ['["a", "b"]', '["a", "a"]', '["ab", "a", "abc", "ab"]', '["a\\u0062", "ab"]', "[]",
+                          '["x"]', '["", ""]', '["", "a"]', '[ "q" , "q" ]', '["\\"", "\\""]', '["é", "\\u00e9"]']),
+    "any_values": ({"type": "array", "uniqueItems": True},
+                   ["[1, 1.0]", "[1, true]", "[true, true]", "[false, 0]", '[{"a": 1, "b": 2}, {"b": 2, "a": 1}]',
+                    "[[1, 2], [1, 2]]", "[[1, 2], [2, 1]]", "[null, null]", '["x", "y", "x"]', "[10, 1, 100]",
+                    "[1e2, 100]", "[[], []]", "[{}, {}]", "[[], {}]", '[{"a": [1, 1]}]', "[0.5, 0.50]", "[-0, 0]"]),
+    # a map of unique lists, and objects whose own lists are unique, inside a unique list
+    "nested": ({"type": "object", "additionalProperties": STRINGS,
+                "properties": {"rows": {"type": "array", "uniqueItems": True, "items": {
+                    "type": "object", "properties": {"name": {"type": "string"}, "tags": STRINGS}}}}},
+               ['{"x": ["a", "b"], "y": ["a"]}', '{"x": ["a", "a"]}', '{"rows": [{"name": "a"}, {"name": "b"}]}',
+                '{"rows": [{"name": "a"}, {"name": "a"}]}', '{"rows": [{"tags": ["a", "a"]}]}',
+                '{"rows": [{"name": "a", "tags": ["x"]}, {"tags": ["x"], "name": "a"}]}',
+                '{"rows": [{"name": "a", "tags": ["x"]}, {"name": "a", "tags": ["y"]}]}']),
+    # recursion through $ref; tuple items then unique rest
+    "recursive": ({"$defs": {"node": {"type": "object", "properties": {
+                       "id": {"type": "string"}, "kids": {"type": "array", "uniqueItems": True, "items": {"$ref": "#/$defs/node"}}}}},
+                   "$ref": "#/$defs/node"},
+                  ['{"kids": [{"id": "a"}, {"id": "b"}]}', '{"kids": [{"id": "a"}, {"id": "a"}]}',
+                   '{"kids": [{"kids": [{"id": "x"}, {"id": "x"}]}]}', '{"kids": [{"kids": []}, {"kids": []}]}']),
+    "tuple": ({"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": ["string", "integer"]},
+               "uniqueItems": True}, ['[1, "a", 2]', '[1, "a", 1]', '[1, "1"]', '[1, "a", "a"]', "[1]"]),
+    # both alternatives of an anyOf ask for unique arrays (of different items)
+    "alternatives": ({"anyOf": [{"type": "array", "uniqueItems": True, "items": {"type": "string"}},
+                                {"type": "array", "uniqueItems": True, "items": {"type": "number"}, "maxItems": 3},
+                                {"type": "string"}]},
+                     ['["a", "a"]', "[1, 2]", "[1, 1]", '"s"', '["a", 1]']),
+    # a 60-value enum: 10^80 unique arrays, too many to list (this used to hang the vetting)
+    "large_enum": ({"type": "array", "uniqueItems": True, "items": {"enum": [f"v{i}" for i in range(60)]}},
+                   ['["v1", "v2"]', '["v1", "v1"]', '["v1", "v59", "v1"]', '["v60"]']),
+}
+
+
+def _valid(schema: Any, instance: Any) -> bool:
+    return jsonschema.Draft202012Validator(schema).is_valid(instance)
+
+
+def _info(tokenizer: Any) -> TokenizerInfo:
+    return TokenizerInfo.from_tokenizer(tokenizer)
+
+
+def _check_masks(info: TokenizerInfo, matcher: Any, rng: random.Random) -> None:
+    """The mask allows exactly the tokens `advance` takes: on every token the grammar alone allows
+    that can end a value (a quote, a bracket, a literal, a number's end: where our check may remove
+    it) and on a sample of the other tokens the grammar allows."""
+    bitmask = C.allocate_token_bitmask(2, info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    matcher.inner.fill_next_token_bitmask(bitmask, 1)
+    allowed, grammar_allows = set(C.bitmask.row_to_ids(bitmask[0])), sorted(C.bitmask.row_to_ids(bitmask[1]))
+    t = token_tables(info)
+    special = set(t.quoted.tolist()) | set(t.structural.tolist()) | set(t.literal.tolist())
+    ending = [tid for tid in grammar_allows if tid in special or (t.number_end[tid] and len(grammar_allows) < 400)]
+    for tid in ending + rng.sample(grammar_allows, min(20, len(grammar_allows))):
+        took = matcher.advance(tid)
+        assert took == (tid in allowed), (info.token_bytes[tid], took)
+        if took:
+            matcher.rollback(1)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference_validator(tokenizer: Any, name: str) -> None:
+    schema, texts = CASES[name]
+    start = time.perf_counter()
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert time.perf_counter() - start < 30  # large_enum: counted, not listed
+    assert isinstance(grammar, UniqueGrammar)
+    info, rng = _info(tokenizer), random.Random(0)
+    verdicts = []
+    for text in texts:
+        want = _valid(schema, json.loads(text))
+        verdicts.append(want)
+        assert run_tokens(grammar.matcher(), encode(tokenizer, text)) == want, text
+        matcher = grammar.matcher()  # the same walk with the masks checked at every step
+        for tid in encode(tokenizer, text):
+            _check_masks(info, matcher, rng)
+            if not matcher.advance(tid):
+                break
+    assert any(verdicts) and not all(verdicts)
+
+
+def test_refused_where_the_path_does_not_decide(tokenizer: Any) -> None:
+    """An array at one path that one alternative wants unique and another does not: refused
+    (whether `["a", "a"]` is valid depends on `kind`, which the path check cannot see)."""
+    schema = {"type": "object", "anyOf": [
+        {"properties": {"kind": {"const": 1}, "tags": STRINGS}}, {"properties": {"kind": {"const": 2}}}]}
+    with pytest.raises(C.UnsupportedSchemaError, match="/tags"):
+        C.compile(tokenizer, json_schema=schema, cache=None)
+    with pytest.raises(C.UnsupportedSchemaError):  # its complement has no form
+        C.compile(tokenizer, json_schema={"type": "array", "not": STRINGS}, cache=None)
+
+
+def test_rollback_copy_and_payload(tokenizer: Any) -> None:
+    schema = CASES["nested"][0]
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    ids = encode(tokenizer, '{"x": ["ab", "cd"], "y": ["ab"]}')
+    m = grammar.matcher()
+    for tid in ids[:7]:
+        assert m.advance(tid)
+    fork = m.copy()
+    m.rollback(4)
+    for tid in ids[3:]:
+        assert m.advance(tid)
+    assert m.is_accepting()
+    assert all(fork.advance(t) for t in ids[7:]) and fork.is_accepting()
+    m.rollback(m.num_tokens)  # back to the start: nothing of the earlier items is remembered
+    assert run_tokens(m, encode(tokenizer, '{"x": ["cd", "ab"]}'))
+    rebuilt = grammar_from_payload(_info(tokenizer), "llguidance", grammar.payload())
+    assert isinstance(rebuilt, UniqueGrammar)
+    assert not run_tokens(rebuilt.matcher(), encode(tokenizer, '{"y": ["q", "q"]}'))
+    assert run_tokens(rebuilt.matcher(), encode(tokenizer, '{"y": ["q", "r"]}'))
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batch_fill_matches_row_fill(tokenizer: Any, threads: int) -> None:
+    """Rows of unique-checked matchers filled as a batch (MaskWorkers: llguidance's batch call,
+    then our removals) equal their one-by-one masks; a plain row in the same batch is untouched."""
+    from radixlm.constrained.mask_workers import MaskWorkers
+
+    info = _info(tokenizer)
+    grammar = C.compile(tokenizer, json_schema=STRINGS, cache=None)
+    plain = C.compile(tokenizer, json_schema={"type": "array", "items": {"type": "string"}}, cache=None)
+    rows = [grammar.matcher(), grammar.matcher(), plain.matcher()]
+    for m, text in zip(rows, ['["a", "a', '["x", "y"', '["a", "a']):
+        assert all(m.advance(t) for t in encode(tokenizer, text))
+    workers = MaskWorkers(threads)
+    try:
+        batch = C.allocate_token_bitmask(3, info.vocab_size)
+        workers.fill([(m, i) for i, m in enumerate(rows)], batch)
+    finally:
+        workers.close()
+    one = C.allocate_token_bitmask(3, info.vocab_size)
+    for i, m in enumerate(rows):
+        m.fill_next_token_bitmask(one, i)
+    assert (batch == one).all()
+    quote = encode(tokenizer, '"')[0]
+    assert not C.bitmask.row_to_ids(batch[0]).count(quote) and quote in C.bitmask.row_to_ids(batch[2])
+
+
+def test_through_the_grammar_runtime(tokenizer: Any, default_model_dir: Any) -> None:
+    """The scheduler's grammar path (batched commit, masks started in the background, taken at
+    sampling time) with unique-checked rows: masks equal row fills; a repeated item fails the row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.server_args import ServerArgs
+
+    runtime = GrammarRuntime(ServerArgs(grammar_mask_threads=2), tokenizer, str(default_model_dir), len(tokenizer))
+    try:
+        grammar = C.compile(tokenizer, json_schema=STRINGS)
+        doc = encode(tokenizer, '["a", "b", "a"]')
+        reqs = []
+        for i in range(2, 6):
+            m = grammar.matcher()
+            assert all(m.advance(t) for t in doc[:i])
+            reqs.append(SimpleNamespace(rid=f"r{i}", grammar=m, finished=False, output_ids=doc[:i],
+                                        sent_output_len=i, forced_tokens=0, params=SimpleNamespace(max_new_tokens=64)))
+        runtime.advance_many(reqs, [doc[i] for i in range(2, 6)])
+        got = runtime.bitmask(reqs, torch.device("cpu"))
+        runtime._settle()
+        want = torch.full_like(got, -1)
+        for i, r in enumerate(reqs):
+            r.grammar.fill_next_token_bitmask(want, i)
+        assert torch.equal(got, want)
+        prefix = encode(tokenizer, '["a", "b", "a')  # the closing quote repeats "a"
+        m = grammar.matcher()
+        assert all(m.advance(t) for t in prefix)
+        last = SimpleNamespace(rid="last", grammar=m, finished=False, output_ids=prefix, sent_output_len=len(prefix),
+                               forced_tokens=0, params=SimpleNamespace(max_new_tokens=64))
+        runtime.advance_many([last], [encode(tokenizer, '"')[0]])
+        assert runtime.is_terminated(last) and last.grammar_failed
+    finally:
+        runtime.close()
