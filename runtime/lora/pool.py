@@ -150,7 +150,7 @@ class LoRAProjection:
         if not self.use_triton:
             expand_ref(shrink_ref(x, self.a, seg), self.b, self.offsets, self.rank, out, seg)
             return out
-        from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
+        from radixlm.runtime.lora.sgmv_fused import fused_tile_for, sgmv_fused
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
         if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
@@ -163,8 +163,8 @@ class LoRAProjection:
                 out.add_(pending.delta)
             elif not pending.added:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
-        elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
-            sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+        elif self.kernels == "fused" and (tile := fused_tile_for(x, self.rank)) is not None:  # decode-sized: one launch
+            sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg, tile)
         else:
             sgmv_expand(sgmv_shrink(x, self.a, seg, counters=self.counters), self.b, self.offsets_dev, self.widest,
                         self.rank, out, seg)
