@@ -50,10 +50,11 @@ def block_r(rank: int) -> int:
 
 
 def fused_smem(tile: FusedTiles, rank: int, elt: int) -> int:
-    """Upper bound of the launch's shared memory: the shrink loop's x / A tiles, or the expand's y / B."""
+    """Upper bound of the launch's shared memory: the shrink loop's pipelined x / A tiles, or the expand
+    loop's pipelined B tiles (over the span, BLOCK_N columns a step) with y and the output tile."""
     r = block_r(rank)
     return max(loop_bytes(tile.block_m, r, tile.block_k, elt, None) + tile.block_m * r * 4,
-               dot_bytes(tile.block_m, tile.block_n, r, elt))
+               loop_bytes(0, tile.block_n, r, elt, None) + dot_bytes(tile.block_m, tile.block_n, r, elt))
 
 
 def fused_tiles(t: int, block_k: int | None = None, span: int | None = None, block_n: int | None = None,
