@@ -324,6 +324,11 @@ def main() -> None:
                          "(each row's time estimated from the base row's)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: " + "; ".join(
         f"{k} ({v})" for k, v in PARTS.items()))
+    ap.add_argument("--check-only", action="store_true",
+                    help="only the kernel check (check_kernels: cold Triton caches compile ~40 kernel variants)")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                    help="every engine's decode graphs up to this batch size (default: the server's, 1,024 here); "
+                         "a smaller run (--requests) never decodes more rows, and each graph size costs start-up")
     ap.add_argument("--lora-prefill-chunk", type=int, default=0,
                     help="the LoRA engines' --lora-prefill-chunk (0: the server's default, off)")
     ap.add_argument("--decode-kernels", default="fused",
@@ -337,10 +342,13 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     if skip - PARTS.keys():
         ap.error(f"--skip: unknown part(s) {sorted(skip - PARTS.keys())}; known: {', '.join(PARTS)}")
+    if args.check_only:
+        skip = (skip | {"kernel", "sweep"}) - {"check"}
     root = Path(tempfile.mkdtemp(prefix="radixlm-lora-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
                     "requests": args.requests, "skip": sorted(skip), "lora_prefill_chunk": args.lora_prefill_chunk,
+                    "cuda_graph_max_bs": args.cuda_graph_max_bs,
                     "errors": {}, "section_s": {}}
     started = time.perf_counter()
 
@@ -363,6 +371,7 @@ def main() -> None:
 
     cfg = LLAMA_8B
     vocab = cfg["vocab_size"]
+    engine_args = {**ENGINE_ARGS, **({} if args.cuda_graph_max_bs is None else {"cuda_graph_max_bs": args.cuda_graph_max_bs})}
     report["copy_bytes_per_s"] = bw = copy_bandwidth()
 
     def kernels() -> None:
@@ -382,13 +391,18 @@ def main() -> None:
 
     if not {"check", "kernel", "sweep"} <= skip:
         section("kernels", kernels)
+    if args.check_only:
+        print("check_kernels all ok:", report.get("check_kernels", {}).get("all_ok"), "failed:",
+              [k for k, v in report.get("check_kernels", {}).items() if isinstance(v, dict) and not v["ok"]],
+              "errors:", report["errors"], f"{report['section_s'].get('kernels')} s", flush=True)
+        return
     if "step" not in skip:
         section("step", step)
     d = model_dir_for(cfg, root, "llama8b")
     prompts, outs = workload_b(args.requests, vocab)
 
     def base_engine() -> None:
-        with radixlm.Engine(str(d), mem_fraction_static=0.85, **ENGINE_ARGS) as eng:
+        with radixlm.Engine(str(d), mem_fraction_static=0.85, **engine_args) as eng:
             eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
             if "decode" not in skip:
                 report["base_decode_ms"] = decode_ms(eng, vocab, None)
@@ -436,7 +450,7 @@ def main() -> None:
     def lora_engine(slots: int) -> None:
         t = time.perf_counter()
         with radixlm.Engine(str(d), mem_fraction_static=0.85, lora_paths=paths, max_loras_per_batch=slots,
-                            lora_prefill_chunk=args.lora_prefill_chunk, **ENGINE_ARGS) as eng:
+                            lora_prefill_chunk=args.lora_prefill_chunk, **engine_args) as eng:
             key = f"slots{slots}"
             report[f"lora_engine_start_s_{key}"] = time.perf_counter() - t
             eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8), lora_path=names[:8])
@@ -465,7 +479,7 @@ def main() -> None:
     def decode_with(kernels: str) -> None:
         """Batch-1 decode on an engine with one adapter and another --lora-kernels value."""
         with radixlm.Engine(str(d), mem_fraction_static=0.85, lora_paths=paths[:1], lora_kernels=kernels,
-                            **ENGINE_ARGS) as eng:
+                            **engine_args) as eng:
             eng.generate(input_ids=prompts[:2], sampling_params=params_for([8] * 2), lora_path=names[:1] * 2)
             report[f"lora_decode_ms_{kernels}"] = decode_ms(eng, vocab, names[0])
         print(f"batch-1 decode ms, --lora-kernels {kernels}:", report[f"lora_decode_ms_{kernels}"], flush=True)
