@@ -46,6 +46,12 @@ from quantized import _graph_time as graph_time  # noqa: E402  (seconds per call
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
+# --skip values: each leaves out exactly that part (an unknown name is an error, not a no-op)
+PARTS = {"check": "the SGMV kernels vs the torch reference on CUDA (check_kernels)",
+         "kernel": "SGMV shrink/expand times in CUDA graphs vs the bytes floor",
+         "sweep": "the tile sweeps (SGMV, and lora_step's)", "step": "the per-step LoRA table (lora_step.py)",
+         "mixed": "a batch of 4 adapters + base vs each alone", "decode": "batch-1 decode ms on the LoRA engine",
+         "slots64": "the engine with 64 device slots (and the swap check against it)"}
 OUTPUTS_BY_LABEL: dict[str, list[list[int]]] = {}  # (b) run -> its output ids (for the swap check)
 
 
@@ -62,13 +68,21 @@ def write_adapter(folder: Path, cfg: dict, seed: int, rank: int = RANK) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    tensors = {}
+    shapes = {}
     for layer in range(cfg["num_hidden_layers"]):
         for module, (fin, fout) in features(cfg).items():
             part = "self_attn" if module in TARGETS[:4] else "mlp"
             key = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fin, generator=g, device="cuda") / fin**0.5).bfloat16().cpu()
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(fout, rank, generator=g, device="cuda") * 0.01).bfloat16().cpu()
+            shapes[f"{key}.lora_A.weight"] = (rank, fin, fin**-0.5)
+            shapes[f"{key}.lora_B.weight"] = (fout, rank, 0.01)
+    # one draw and one device-to-host copy per adapter (84 MB at the 8B shape), then views of it
+    flat = torch.randn(sum(r * c for r, c, _ in shapes.values()), generator=g, device="cuda")
+    scale = torch.cat([torch.full((r * c,), s, device="cuda") for r, c, s in shapes.values()])
+    flat = (flat * scale).bfloat16().cpu()
+    tensors, at = {}, 0
+    for key, (r, c, _) in shapes.items():
+        tensors[key] = flat[at:at + r * c].view(r, c)
+        at += r * c
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
@@ -102,12 +116,16 @@ def check_kernels(cfg: dict) -> dict:
     cases = [(dtype, name, 300, 8) for dtype in (torch.float32, torch.bfloat16) for name in projection_shapes(cfg)]
     cases += [(torch.bfloat16, "gate_up", 1100, 8), (torch.bfloat16, "qkv", 200, 64), (torch.bfloat16, "down", 1, 8)]
     cases += [(dtype, name, t, 8) for dtype in (torch.float32, torch.bfloat16) for name in projection_shapes(cfg)
-              for t in (1, 29)]  # decode sizes: the one-launch kernel too
-    for dtype, name, t, slots in cases:
+              for t in (1, 29)]  # decode sizes: the one-launch kernel too (float32: the H200's crash)
+    cases = [(*case, RANK) for case in cases]
+    # ranks above the expand's rank step (64) and the one-launch kernel's FUSED_MAX_RANK at 64
+    cases += [(dtype, name, t, 8, rank) for dtype in (torch.float32, torch.bfloat16) for name in ("qkv", "down")
+              for t, rank in ((29, 64), (300, 128))]
+    for dtype, name, t, slots, rank in cases:
         k, offsets = projection_shapes(cfg)[name]
         pieces = len(offsets) - 1
-        a = (torch.randn(slots, pieces * RANK, k, generator=g, device="cuda") / k**0.5).to(dtype)
-        b = torch.randn(slots, offsets[-1], RANK, generator=g, device="cuda").to(dtype)
+        a = (torch.randn(slots, pieces * rank, k, generator=g, device="cuda") / k**0.5).to(dtype)
+        b = torch.randn(slots, offsets[-1], rank, generator=g, device="cuda").to(dtype)
         x = torch.randn(t, k, generator=g, device="cuda").to(dtype)
         token_slots = torch.randint(-1, slots, (t,), generator=g, device="cuda").cpu()
         token_slots[0] = 0
@@ -116,21 +134,20 @@ def check_kernels(cfg: dict) -> dict:
         y_ref, y = shrink_ref(x, a, seg), sgmv_shrink(x, a, seg).sum(0)
         base = torch.randn(t, offsets[-1], generator=g, device="cuda").to(dtype)
         o_ref, o = base.clone(), base.clone()
-        expand_ref(y_ref, b, offsets, RANK, o_ref, seg)
+        expand_ref(y_ref, b, offsets, rank, o_ref, seg)
         widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
-        sgmv_expand(y_ref, b, torch.tensor(offsets, dtype=torch.int32, device="cuda"), widest, RANK, o, seg)
+        sgmv_expand(y_ref, b, torch.tensor(offsets, dtype=torch.int32, device="cuda"), widest, rank, o, seg)
         fused = base.clone()
-        if t <= 32:  # the one-launch decode kernel: same update as the reference
+        if t <= 32:  # the one-launch decode kernel (its tile from the device's shared memory): same update
             from radixlm.runtime.lora.sgmv_fused import sgmv_fused
 
-            sgmv_fused(x, a, b, torch.tensor(offsets, dtype=torch.int32, device="cuda"),
-                       max(hi - lo for lo, hi in zip(offsets, offsets[1:])), RANK, fused, seg)
+            sgmv_fused(x, a, b, torch.tensor(offsets, dtype=torch.int32, device="cuda"), widest, rank, fused, seg)
         tol = 1e-3 if dtype == torch.float32 else 3e-2
         err_y = ((y[used].float() - y_ref[used].float()).abs().max() / y_ref[used].float().abs().max()).item()
         err_o = ((o.float() - o_ref.float()).abs().max() / (o_ref - base).float().abs().max()).item()
         base_ok = bool(torch.equal(o[~used], base[~used]) and torch.equal(fused[~used], base[~used]))
         err_f = ((fused.float() - o_ref.float()).abs().max() / (o_ref - base).float().abs().max()).item() if t <= 32 else 0.0
-        out[f"{name}_{str(dtype)[6:]}_T{t}_S{slots}"] = {"shrink_rel_err": err_y, "expand_rel_err": err_o,
+        out[f"{name}_{str(dtype)[6:]}_T{t}_S{slots}_R{rank}"] = {"shrink_rel_err": err_y, "expand_rel_err": err_o,
                                                           "fused_rel_err": err_f, "base_rows_untouched": base_ok,
                                                           "ok": max(err_y, err_o, err_f) < tol and base_ok}
     out["all_ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
@@ -302,8 +319,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/lora.json")
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--budget-s", type=float, default=540, help="skip the 64-slot engine past this wall time")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: kernel, sweep, step, slots64")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="wall-time budget: a (b) row or the 64-slot engine that would end past it is skipped "
+                         "(each row's time estimated from the base row's)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: " + "; ".join(
+        f"{k} ({v})" for k, v in PARTS.items()))
+    ap.add_argument("--check-only", action="store_true",
+                    help="only the kernel check (check_kernels: cold Triton caches compile ~40 kernel variants)")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                    help="every engine's decode graphs up to this batch size (default: the server's, 1,024 here); "
+                         "a smaller run (--requests) never decodes more rows, and each graph size costs start-up")
+    ap.add_argument("--lora-prefill-chunk", type=int, default=0,
+                    help="the LoRA engines' --lora-prefill-chunk (0: the server's default, off)")
     ap.add_argument("--decode-kernels", default="fused",
                     help="other --lora-kernels values whose batch-1 decode is measured (one small engine each)")
     ap.add_argument("--rows", default="base,1,8,64",
@@ -313,10 +340,16 @@ def main() -> None:
     ap.add_argument("--step-sizes", default="1,8,32", help="token counts of the per-step LoRA table (lora_step.py)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if skip - PARTS.keys():
+        ap.error(f"--skip: unknown part(s) {sorted(skip - PARTS.keys())}; known: {', '.join(PARTS)}")
+    if args.check_only:
+        skip = (skip | {"kernel", "sweep"}) - {"check"}
     root = Path(tempfile.mkdtemp(prefix="radixlm-lora-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-                    "requests": args.requests, "errors": {}}
+                    "requests": args.requests, "skip": sorted(skip), "lora_prefill_chunk": args.lora_prefill_chunk,
+                    "cuda_graph_max_bs": args.cuda_graph_max_bs,
+                    "errors": {}, "section_s": {}}
     started = time.perf_counter()
 
     def save() -> None:
@@ -326,21 +359,25 @@ def main() -> None:
 
     def section(label: str, fn) -> None:
         """Run one part; a failure is recorded and the rest still runs."""
+        t0 = time.perf_counter()
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - one failing part must not lose the others' figures
             report["errors"][label] = f"{type(exc).__name__}: {exc}"[:2000]
             print(f"{label} FAILED: {exc}", flush=True)
             traceback.print_exc()
+        report["section_s"][label] = round(time.perf_counter() - t0, 1)
         save()
 
     cfg = LLAMA_8B
     vocab = cfg["vocab_size"]
+    engine_args = {**ENGINE_ARGS, **({} if args.cuda_graph_max_bs is None else {"cuda_graph_max_bs": args.cuda_graph_max_bs})}
     report["copy_bytes_per_s"] = bw = copy_bandwidth()
 
     def kernels() -> None:
-        report["check_kernels"] = check_kernels(cfg)
-        print("check_kernels all ok:", report["check_kernels"]["all_ok"], flush=True)
+        if "check" not in skip:
+            report["check_kernels"] = check_kernels(cfg)
+            print("check_kernels all ok:", report["check_kernels"]["all_ok"], flush=True)
         if "kernel" not in skip:
             report["kernel"] = kernel_times(cfg, bw)
         if "sweep" not in skip:
@@ -352,20 +389,27 @@ def main() -> None:
         report["step"] = step_table([int(t) for t in args.step_sizes.split(",")], args.step_variants,
                                     sweep="sweep" not in skip)
 
-    section("kernels", kernels)
+    if not {"check", "kernel", "sweep"} <= skip:
+        section("kernels", kernels)
+    if args.check_only:
+        print("check_kernels all ok:", report.get("check_kernels", {}).get("all_ok"), "failed:",
+              [k for k, v in report.get("check_kernels", {}).items() if isinstance(v, dict) and not v["ok"]],
+              "errors:", report["errors"], f"{report['section_s'].get('kernels')} s", flush=True)
+        return
     if "step" not in skip:
         section("step", step)
     d = model_dir_for(cfg, root, "llama8b")
     prompts, outs = workload_b(args.requests, vocab)
 
     def base_engine() -> None:
-        with radixlm.Engine(str(d), mem_fraction_static=0.85, **ENGINE_ARGS) as eng:
+        with radixlm.Engine(str(d), mem_fraction_static=0.85, **engine_args) as eng:
             eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
-            report["base_decode_ms"] = decode_ms(eng, vocab, None)
+            if "decode" not in skip:
+                report["base_decode_ms"] = decode_ms(eng, vocab, None)
             report["b_base"] = run_b(eng, prompts, outs, [None] * len(prompts))
             report["b_base"].pop("_outputs")
             report["base_graph_capture_s"] = eng.get_server_info().get("cuda_graph_capture_s")
-        print("base", report["b_base"], "decode ms", report["base_decode_ms"], flush=True)
+        print("base", report["b_base"], "decode ms", report.get("base_decode_ms"), flush=True)
 
     section("base_engine", base_engine)
     t = time.perf_counter()
@@ -375,7 +419,26 @@ def main() -> None:
     rng = random.Random(9)
     spread = {count: [None if count == 0 else names[rng.randrange(count)] for _ in prompts] for count in (0, 1, 8, 64)}
 
+    def fits(label: str, count: int, slots: int) -> bool:
+        """Whether a (b) row should end within --budget-s: estimated from the base row's time (x1.3 with
+        1 or 8 adapters; more adapters than slots: half of it for prefill, plus the slot bound's decode
+        steps at ~7.5 ms, a 32-layer step of ~75 rows on the H200)."""
+        base_s = report.get("b_base", {}).get("seconds")
+        guess = 0.0 if base_s is None else base_s * 1.3
+        if base_s is not None and count > slots:
+            longest: dict[str, int] = {}
+            for name, out in zip(spread[count], outs):
+                longest[name] = max(longest.get(name, 0), out)
+            guess = 0.5 * base_s + sum(longest.values()) / slots * 0.0075
+        if time.perf_counter() - started + guess <= args.budget_s:
+            return True
+        report["errors"][label] = f"skipped: past --budget-s {args.budget_s:.0f} (estimated {guess:.0f} s)"
+        print(label, report["errors"][label], flush=True)
+        return False
+
     def lora_row(eng, label: str, count: int, slots: int) -> None:
+        if not fits(label, count, slots):
+            return
         eng.flush_cache()
         report[label] = run_b(eng, prompts, outs, spread[count], slots)
         OUTPUTS_BY_LABEL[label] = report[label].pop("_outputs")
@@ -387,22 +450,25 @@ def main() -> None:
     def lora_engine(slots: int) -> None:
         t = time.perf_counter()
         with radixlm.Engine(str(d), mem_fraction_static=0.85, lora_paths=paths, max_loras_per_batch=slots,
-                            **ENGINE_ARGS) as eng:
+                            lora_prefill_chunk=args.lora_prefill_chunk, **engine_args) as eng:
             key = f"slots{slots}"
             report[f"lora_engine_start_s_{key}"] = time.perf_counter() - t
             eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8), lora_path=names[:8])
             if slots == 8:
-                report["check_mixed_batch"] = check_mixed_batch(eng, vocab, names)
-                print("check_mixed_batch", report["check_mixed_batch"], flush=True)
-                report["lora_decode_ms"] = decode_ms(eng, vocab, names[0])
-                report["lora_engine_base_decode_ms"] = decode_ms(eng, vocab, None)
+                if "mixed" not in skip:
+                    report["check_mixed_batch"] = check_mixed_batch(eng, vocab, names)
+                    print("check_mixed_batch", report["check_mixed_batch"], flush=True)
+                if "decode" not in skip:
+                    report["lora_decode_ms"] = decode_ms(eng, vocab, names[0])
+                    report["lora_engine_base_decode_ms"] = decode_ms(eng, vocab, None)
                 rows = set(args.rows.split(","))
                 for label, count, row in (("b_lora_engine_base", 0, "base"), ("b_1_adapter", 1, "1"),
                                           ("b_8_adapters", 8, "8"), ("b_64_adapters_8_slots", 64, "64")):
                     if row in rows:
                         lora_row(eng, label, count, slots)
             else:
-                report[f"lora_decode_ms_{key}"] = decode_ms(eng, vocab, names[0])
+                if "decode" not in skip:
+                    report[f"lora_decode_ms_{key}"] = decode_ms(eng, vocab, names[0])
                 lora_row(eng, f"b_64_adapters_{slots}_slots", 64, slots)
             info = eng.get_server_info()
             report[f"lora_info_{key}"] = {k: v for k, v in info.get("lora", {}).items() if k not in ("adapters", "in_device_slots")}
@@ -413,7 +479,7 @@ def main() -> None:
     def decode_with(kernels: str) -> None:
         """Batch-1 decode on an engine with one adapter and another --lora-kernels value."""
         with radixlm.Engine(str(d), mem_fraction_static=0.85, lora_paths=paths[:1], lora_kernels=kernels,
-                            **ENGINE_ARGS) as eng:
+                            **engine_args) as eng:
             eng.generate(input_ids=prompts[:2], sampling_params=params_for([8] * 2), lora_path=names[:1] * 2)
             report[f"lora_decode_ms_{kernels}"] = decode_ms(eng, vocab, names[0])
         print(f"batch-1 decode ms, --lora-kernels {kernels}:", report[f"lora_decode_ms_{kernels}"], flush=True)
@@ -422,7 +488,7 @@ def main() -> None:
         section(f"decode_{kernels}", lambda k=kernels: decode_with(k))
     if "slots64" in skip:
         report["errors"]["lora_engine_64_slots"] = "skipped: --skip slots64"
-    elif time.perf_counter() - started < args.budget_s - 120:
+    elif time.perf_counter() - started < args.budget_s - 60 - 2 * report.get("b_base", {}).get("seconds", 30):
         section("lora_engine_64_slots", lambda: lora_engine(64))
     else:
         report["errors"]["lora_engine_64_slots"] = "skipped: past the time budget"
@@ -430,12 +496,12 @@ def main() -> None:
         report["swap_check"] = swap_check(OUTPUTS_BY_LABEL["b_64_adapters_8_slots"], OUTPUTS_BY_LABEL["b_64_adapters_64_slots"])
         print("swap_check", report["swap_check"], flush=True)
     row64, base = report.get("b_64_adapters_8_slots"), report.get("b_base")
-    if row64 and base and "lora_decode_ms" in report:
+    if row64 and base and "lora_decode_ms" in report and "decode_steps_lower_bound" in row64:
         # 8 adapters per batch: decode steps >= the bound, whatever the scheduler does; even if each
         # cost only a batch-1 LoRA step and prefill were free, the run takes bound x that
         fastest = row64["decode_steps_lower_bound"] * report["lora_decode_ms"] / 1e3
         row64["ceiling_vs_base"] = base["seconds"] / fastest
-    if "lora_decode_ms" in report and "base_decode_ms" in report:
+    if "lora_decode_ms" in report and "base_decode_ms" in report and "lora_engine_base_decode_ms" in report:
         report["batch1_decode_overhead"] = report["lora_decode_ms"] / report["base_decode_ms"] - 1
         report["batch1_base_request_on_lora_engine_overhead"] = report["lora_engine_base_decode_ms"] / report["base_decode_ms"] - 1
     save()
@@ -493,6 +559,8 @@ def print_table(report: dict, out: str) -> None:
         print(f"batch-1 LoRA per decode step (32 layers x these kernels): {per_step / 1e3:.3f} ms")
     for r in report.get("tile_sweep", []):
         print(f"tiles {r['proj']:<8} T={r['tokens']:<5} default ({r['default']}) {r['default_us']:.1f} us, best {r['best_us']:.1f} us: {r['best']}")
+    print("seconds per part:", json.dumps(report.get("section_s", {})), f"adapters written in "
+          f"{get('adapter_write_s', fmt='{:.1f}')} s, LoRA engine started in {get('lora_engine_start_s_slots8', fmt='{:.1f}')} s")
     if report.get("errors"):
         print("errors:", json.dumps(report["errors"])[:1500])
     print(f"wall {report.get('wall_s', 0):.0f} s -> {out}")

@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--configs", default="default,mixed512", help=f"comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no LoRA engine past this many seconds")
+    ap.add_argument("--skip-base", action="store_true",
+                    help="no base engine (an A/B of LoRA configurations only: each row's vs_base is then missing)")
     ap.add_argument("--log-level", default="warning", help="the engines' log level (info: a line every 40 decode steps)")
     ap.add_argument("--out", default="benchmarks/results/lora_admission.json")
     args = ap.parse_args()
@@ -79,10 +81,12 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
-    with radixlm.Engine(str(d), mem_fraction_static=0.85, **engine_args) as eng:
-        eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
-        base = report["base"] = run(eng, prompts, outs, [None] * len(prompts), args.slots)
-    print(f"base: {base['seconds']:.1f} s, {base['total_tok_s']:.0f} tok/s, steps {base['steps']}", flush=True)
+    base = None
+    if not args.skip_base:
+        with radixlm.Engine(str(d), mem_fraction_static=0.85, **engine_args) as eng:
+            eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
+            base = report["base"] = run(eng, prompts, outs, [None] * len(prompts), args.slots)
+        print(f"base: {base['seconds']:.1f} s, {base['total_tok_s']:.0f} tok/s, steps {base['steps']}", flush=True)
     names = [f"lora{i}" for i in range(args.adapters)]
     paths = tuple(f"{n}={write_adapter(root / n, cfg, seed=i)}" for i, n in enumerate(names))
     rng = random.Random(9)  # the same spread as benchmarks/lora.py's 64-adapter row (its rng draws 1- and 8-adapter spreads first)
@@ -109,9 +113,10 @@ def main() -> None:
             save()
             continue
         row["engine_start_s"] = start_s
-        row["vs_base"] = row["total_tok_s"] / base["total_tok_s"]
+        if base is not None:
+            row["vs_base"] = row["total_tok_s"] / base["total_tok_s"]
         report["runs"][name] = row
-        print(f"{name}: {row['seconds']:.1f} s, {row['total_tok_s']:.0f} tok/s, {row['vs_base']:.2f}x base, "
+        print(f"{name}: {row['seconds']:.1f} s, {row['total_tok_s']:.0f} tok/s, {row.get('vs_base', float('nan')):.2f}x base, "
               f"decode steps >= {row.get('decode_steps_lower_bound')}, steps {row['steps']}, swaps {row.get('swaps')}, "
               f"start {start_s:.0f} s", flush=True)
         save()

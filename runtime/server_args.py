@@ -219,9 +219,9 @@ class ServerArgs:
                                       "lru (least recently used) or fifo (first loaded)", str,
                                       choices=("lru", "fifo"))
     lora_kernels: str = _flag("stacked", "lora", "how a projection's LoRA update runs on CUDA: stacked (from 8 "
-                              "to 256 rows the shrink runs inside the base GEMM, its weight holding every slot's A "
-                              "under it, one expand after it; unquantized, unsharded layers without bias; other "
-                              "sizes and layers as overlap), overlap (the shrink on a side stream while the base "
+                              "to 1024 rows the shrink runs inside the base GEMM, its weight holding every slot's A "
+                              "under it, one expand after it; unquantized, unsharded layers without bias; fewer rows "
+                              "and other layers as overlap, more rows as serial), overlap (the shrink on a side stream while the base "
                               "GEMM runs, the expand there too up to 256 rows, then one add), fused (shrink and "
                               "expand in one launch at decode sizes, <= 32 rows) or serial (shrink then expand "
                               "after the GEMM)", str,

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixlm.runtime.lora.adapter import AdapterError, ModelShape, read_adapter
+from radixlm.runtime.lora.adapter import AdapterError, LoRAAdapter, ModelShape, read_adapter
 from radixlm.runtime.lora.pool import LoRAPool
 from radixlm.runtime.lora.sgmv import LoRASegments, graph_segments_row
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+LOAD_THREADS = 8  # adapters read and packed at once at start-up
 
 
 @dataclass
@@ -76,22 +79,39 @@ class LoRAManager:
         # Decode under CUDA graphs reads its segments from fixed buffers (order | start | length | slot).
         self._graph_buf = torch.zeros(0, dtype=torch.int32, device=device)
         self._graph_max_bs = 0
-        for name, path in options.initial.items():
-            self.load(name, path)
+        self._load_initial(options.initial)
 
     # ---------------------------------------------------------------- registry
     def load(self, name: str, path: str) -> Registered:
         """Read, check and register an adapter (AdapterError: nothing changes)."""
+        return self._register(name, path, *self._read_packed(name, path))
+
+    def _read_packed(self, name: str, path: str) -> tuple[LoRAAdapter, torch.Tensor]:
         if name in self.adapters:
             raise AdapterError(f"LoRA adapter {name!r} is already loaded (from {self.adapters[name].path}); "
                                "unload it first")
         adapter = read_adapter(name, path, self.shape, self.options.max_lora_rank, self.dtype)  # AdapterError
+        return adapter, self.pool.pack(adapter)
+
+    def _register(self, name: str, path: str, adapter: LoRAAdapter, packed: torch.Tensor) -> Registered:
         entry = Registered(name, str(path), f"{name}#{next(self._generation)}")
         self.adapters[name] = entry
-        self._keep_host(entry, self.pool.pack(adapter), busy=set())
+        self._keep_host(entry, packed, busy=set())
         logger.info("LoRA adapter %r loaded from %s (rank %d, %s, %.1f MB)", name, path, adapter.max_rank,
                     ",".join(adapter.config.target_modules), adapter.nbytes / 1e6)
         return entry
+
+    def _load_initial(self, initial: dict[str, str]) -> None:
+        """--lora-paths at start-up: read and packed a few at a time on threads (file reads, dtype casts and
+        copies release the GIL: 64 adapters of 84 MB took 9 s one by one on the H200's host), registered
+        in the given order (the first bad folder raises, as a single load would)."""
+        items = list(initial.items())
+        workers = max(1, min(LOAD_THREADS, len(items), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as threads:
+            for at in range(0, len(items), workers):  # a window at a time: at most `workers` unregistered copies
+                window = items[at:at + workers]
+                for (name, path), read in zip(window, threads.map(lambda item: self._read_packed(*item), window)):
+                    self._register(name, path, *read)
 
     def unload(self, name: str) -> None:
         """Forget an adapter; the caller checked that no request uses it."""

@@ -37,9 +37,13 @@ SIDE_STREAM_PRIORITY = -1
 # --lora-kernels stacked, up to this many rows (decode sizes): the shrink runs inside the base GEMM,
 # whose weight has every slot's A stacked under it ([out + slots·n·R, in]); its output's tail is
 # x·Aᵀ of every slot, and one expand reads each row's own slot's columns from it. No shrink launch,
-# no side stream, ~3-9% more weight bytes (every slot's A). Larger batches take the overlap path
-# over the same A (the stacked tail), where computing x·Aᵀ for every slot would cost real FLOPs.
-STACKED_MAX_TOKENS = 256
+# no side stream, ~3-9% more weight bytes (every slot's A). Larger batches (prefill) run shrink and
+# expand in line after the plain GEMM over the same A (the stacked tail), where computing x·Aᵀ for
+# every slot would cost real FLOPs.
+# H200, 2026-12-03 14:47 (lora_step.py, 32 layers, 8 adapters): LoRA per step at 512 rows 2.40 ms stacked against
+# 3.80 overlap (engine) and 3.07 serial; at 1,024 rows 4.52 / 5.40 / 4.80 (the every-slot x·Aᵀ columns cost ~2% more
+# GEMM FLOPs, less than the shrink launch). Up to 1,024 rows: every decode graph of the default sizes.
+STACKED_MAX_TOKENS = 1024
 # ... and from this many rows: a batch-1 step took 0.431 ms of LoRA on the overlap path (delta, in-launch
 # sum) against 0.558 stacked, while 64 rows took 0.910 against 0.844 and 256 rows 2.222 against 1.516
 # (H200, lora_step.py, 2026-12-03 11:55). Between 1 and 64 rows unmeasured: 8 is a guess.
@@ -122,7 +126,10 @@ class LoRAProjection:
         if self.use_triton and x.stride(-1) != 1:
             x = x.contiguous()  # rows may be strided, not columns
         pending = PendingLoRA(x, seg)
-        if not (self.use_triton and self.kernels in ("overlap", "stacked")):
+        if not (self.use_triton and self.kernels in ("overlap", "stacked")) or (
+                self.kernels == "stacked" and x.shape[0] > STACKED_MAX_TOKENS):
+            # past the stacked range (prefill) shrink and expand run in line after the GEMM: at 512 and 1,024
+            # rows the side-stream shrink slowed the GEMM beside it more than it saved (same H200 run)
             return pending
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
@@ -150,7 +157,7 @@ class LoRAProjection:
         if not self.use_triton:
             expand_ref(shrink_ref(x, self.a, seg), self.b, self.offsets, self.rank, out, seg)
             return out
-        from radixlm.runtime.lora.sgmv_fused import sgmv_fused, use_fused
+        from radixlm.runtime.lora.sgmv_fused import fused_tile_for, sgmv_fused
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
         if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
@@ -163,8 +170,8 @@ class LoRAProjection:
                 out.add_(pending.delta)
             elif not pending.added:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
-        elif self.kernels == "fused" and use_fused(x.shape[0]):  # decode-sized: one launch
-            sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg)
+        elif self.kernels == "fused" and (tile := fused_tile_for(x, self.rank)) is not None:  # decode-sized: one launch
+            sgmv_fused(x, self.a, self.b, self.offsets_dev, self.widest, self.rank, out, seg, tile)
         else:
             sgmv_expand(sgmv_shrink(x, self.a, seg, counters=self.counters), self.b, self.offsets_dev, self.widest,
                         self.rank, out, seg)

@@ -18,7 +18,7 @@ are read on the device at replay (graph-stable, as in `sgmv_triton`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -26,8 +26,13 @@ import triton.language as tl
 
 from radixlm.runtime.lora.sgmv import LoRASegments
 from radixlm.runtime.lora.sgmv_triton import _dot_options, _segment, work_items
+from radixlm.runtime.lora.smem import SM90_SMEM, device_smem, dot_bytes, loop_bytes
 
 FUSED_MAX_TOKENS = 32  # decode batches up to this many rows take the one-launch kernel
+# ... of adapters up to this rank: the kernel keeps y [rows, rank] in registers through the expand
+# and re-reads [rank, K] of A per program; larger ranks take the two-launch kernels
+FUSED_MAX_RANK = 64
+MIN_BLOCK = 16  # the smallest dot dimension
 
 
 @dataclass(frozen=True)
@@ -40,13 +45,49 @@ class FusedTiles:
     span: int  # output columns per program (a multiple of block_n): its A re-read is amortised over them
 
 
-def fused_tiles(t: int, block_k: int | None = None, span: int | None = None, block_n: int | None = None) -> FusedTiles:
-    """Defaults for T tokens (overrides: the benchmark's sweep and the tests' small shapes)."""
-    return FusedTiles(block_m=16, block_k=block_k or 1024, block_n=block_n or 512, span=span or 512)
+def block_r(rank: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(rank))
 
 
-def use_fused(t: int) -> bool:
-    return t <= FUSED_MAX_TOKENS
+def fused_smem(tile: FusedTiles, rank: int, elt: int) -> int:
+    """Upper bound of the launch's shared memory: the shrink loop's pipelined x / A tiles, or the expand
+    loop's pipelined B tiles (over the span, BLOCK_N columns a step) with y and the output tile."""
+    r = block_r(rank)
+    return max(loop_bytes(tile.block_m, r, tile.block_k, elt, None) + tile.block_m * r * 4,
+               loop_bytes(0, tile.block_n, r, elt, None) + dot_bytes(tile.block_m, tile.block_n, r, elt))
+
+
+def fused_tiles(t: int, block_k: int | None = None, span: int | None = None, block_n: int | None = None,
+                rank: int = 16, elt: int = 2, smem: int = SM90_SMEM) -> FusedTiles | None:
+    """Defaults for T tokens of adapters up to `rank`, operands of `elt` bytes, on a device with `smem`
+    bytes of shared memory a program: the K step (then the column step) halves until the launch fits
+    (float32 at rank 16 on an H200: K steps of 512, not 1,024). None: no tile fits (the caller takes the
+    two-launch kernels). Overrides (the benchmark's sweep, the tests' small shapes) are taken as given."""
+    tile = FusedTiles(block_m=16, block_k=block_k or 1024, block_n=block_n or 512, span=span or 512)
+    if block_k is not None and block_n is not None:
+        return tile
+    while fused_smem(tile, rank, elt) > smem:
+        if block_k is None and tile.block_k > 4 * MIN_BLOCK and tile.block_k >= tile.block_n:
+            tile = replace(tile, block_k=tile.block_k // 2)
+        elif block_n is None and tile.block_n > MIN_BLOCK:
+            tile = replace(tile, block_n=tile.block_n // 2)
+        elif block_k is None and tile.block_k > MIN_BLOCK:
+            tile = replace(tile, block_k=tile.block_k // 2)
+        else:
+            return None
+    return tile
+
+
+def use_fused(t: int, rank: int = 16) -> bool:
+    return t <= FUSED_MAX_TOKENS and rank <= FUSED_MAX_RANK
+
+
+def fused_tile_for(x: torch.Tensor, rank: int) -> FusedTiles | None:
+    """The one-launch kernel's tile for this batch (None: the two-launch kernels): a function of the
+    token count, rank, dtype and device only, so a CUDA graph keeps its kernels."""
+    if not use_fused(x.shape[0], rank):
+        return None
+    return fused_tiles(x.shape[0], rank=rank, elt=x.element_size(), smem=device_smem(x.device))
 
 
 @triton.jit
@@ -101,9 +142,12 @@ def sgmv_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_offsets:
                rank: int, out: torch.Tensor, seg: LoRASegments, tile: FusedTiles | None = None) -> None:
     """out[:, slice s] += (x·A[slot, s·R:(s+1)·R]ᵀ)·B[slot, slice s]ᵀ per segment, in place, one launch.
     `x`: [T, K] with unit stride along K; `a`: [slots, n·R, K]; `b`: [slots, out, R];
-    `slice_offsets`: [n + 1] int32 on the device; `widest`: the widest slice (sizes the grid)."""
+    `slice_offsets`: [n + 1] int32 on the device; `widest`: the widest slice (sizes the grid).
+    ValueError when no tile of this rank fits the device's shared memory (see `use_fused`)."""
     t, k = x.shape
-    tile = tile or fused_tiles(t)
+    tile = tile or fused_tiles(t, rank=rank, elt=x.element_size(), smem=device_smem(x.device))
+    if tile is None:
+        raise ValueError(f"rank {rank}: no one-launch LoRA tile fits this device's shared memory")
     span = max(tile.span // tile.block_n, 1) * tile.block_n
     spans = triton.cdiv(widest, span)
     parts = slice_offsets.numel() - 1
@@ -112,6 +156,6 @@ def sgmv_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_offsets:
     _fused_kernel[grid](x, a, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
                         s, k, rank, spans, x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                         out.stride(0),
-                        BLOCK_M=tile.block_m, BLOCK_K=tile.block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+                        BLOCK_M=tile.block_m, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
                         BLOCK_N=tile.block_n, SPAN=span, S_POW2=max(triton.next_power_of_2(s), 2),
                         **_dot_options(x))

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from radixlm.runtime.lora.sgmv import LoRASegments
+from radixlm.runtime.lora.smem import SM90_SMEM, device_smem, dot_bytes, loop_bytes
 
 TARGET_PROGRAMS = 264  # ~2 per SM of an H100/H200: below this the shrink splits K
 # From this many rows (prefill), the shrink splits K as finely as decode does (too few row blocks
@@ -40,6 +41,10 @@ REDUCE_MIN_TOKENS = 1024
 # H200 (lora_step.py, 32 layers, delta path): LoRA per step 0.578 -> 0.431 ms at 1 row, 1.555 -> 0.910 ms at
 # 64 rows (8 adapters; the expand took 26.6 us a launch reading 16 partial sums), 2.740 -> 2.222 ms at 256.
 INLINE_REDUCE_MIN_TOKENS = 1
+# The expand's rank step: larger ranks loop over the rank in steps of this many columns (y and B
+# tiles of [rows, 64] and [columns, 64] whatever --max-lora-rank is, so the tiles stay in shared memory)
+EXPAND_MAX_BLOCK_R = 64
+MIN_BLOCK = 16  # the smallest dot dimension
 COUNTERS = 4096  # per counter buffer: (work item, column block) tiles of one shrink launch
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -70,13 +75,26 @@ class Tiles:
 
 
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
-          split_k: int | None = None, warps: int | None = None, stages: int | None = None) -> Tiles:
-    """The tiles for T tokens, a reduction of K and n·R shrink columns (overrides: the benchmark's sweep)."""
+          split_k: int | None = None, warps: int | None = None, stages: int | None = None, elt: int = 2,
+          smem: int = SM90_SMEM) -> Tiles:
+    """The tiles for T tokens, a reduction of K and n·R shrink columns, operands of `elt` bytes, on a
+    device with `smem` bytes of shared memory a program (overrides: the benchmark's sweep). The
+    shrink's K step, then its column block, and the expand's column block halve until each launch
+    fits (`smem.py`); on sm_90 the defaults fit at every size in bf16 and float32."""
     # rows per block 32 from 512 rows up, wider expand tiles past 4,096 (the H200 sweep at 8,192
     # rows: bm 32 / 256 columns beat 64 / 128 by 4-14% on qkv, gate_up and down)
     bm = block_m or (16 if t <= 512 else 32)
-    shrink_n = min(max(16, triton.next_power_of_2(n_rank)), 64)
+    shrink_n = min(max(MIN_BLOCK, triton.next_power_of_2(n_rank)), 64)
     block_k = 128
+    while shrink_smem(bm, shrink_n, block_k, elt, stages) > smem and max(block_k, shrink_n) > MIN_BLOCK:
+        if block_k >= shrink_n:
+            block_k //= 2
+        else:
+            shrink_n //= 2
+    if expand_n is None:
+        expand_n = 256 if t > 4096 else 128
+        while expand_smem(bm, expand_n, elt) > smem and expand_n > MIN_BLOCK:
+            expand_n //= 2
     if split_k is None:
         programs = work_items(t, 1, bm) * triton.cdiv(n_rank, shrink_n)
         # below REDUCE_MIN_TOKENS capped so that the partial sums the expand re-reads per output
@@ -85,7 +103,21 @@ def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int
         split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), cap))
     if k > 0:  # no split without work (each one writes its partial sum)
         split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
-    return Tiles(bm, shrink_n, block_k, expand_n or (256 if t > 4096 else 128), split_k, warps, stages)
+    return Tiles(bm, shrink_n, block_k, expand_n, split_k, warps, stages)
+
+
+def shrink_smem(block_m: int, block_n: int, block_k: int, elt: int, stages: int | None) -> int:
+    """Upper bound of a shrink launch's shared memory: the pipelined x / A tiles and the y tile."""
+    return loop_bytes(block_m, block_n, block_k, elt, stages) + block_m * block_n * 4
+
+
+def expand_smem(block_m: int, block_n: int, elt: int) -> int:
+    """Upper bound of an expand launch's shared memory: one rank step's y and B tiles (whatever the rank)."""
+    return dot_bytes(block_m, block_n, EXPAND_MAX_BLOCK_R, elt)
+
+
+def expand_block_r(rank: int) -> int:
+    return min(max(MIN_BLOCK, triton.next_power_of_2(rank)), EXPAND_MAX_BLOCK_R)
 
 
 def work_items(t: int, segments: int, block_m: int) -> int:
@@ -166,7 +198,7 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_yslot, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ACCUMULATE: tl.constexpr = True):
+                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1):
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     piece = pid_sn // blocks_per_slice
@@ -178,28 +210,30 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
         rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
         rn = n_lo + (pid_sn % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < n_hi
-        rr = tl.arange(0, BLOCK_R)
-        r_mask = rr < R
         mask = m_mask[:, None] & n_mask[None, :]
         o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
         if ACCUMULATE:  # issued with the y and B loads (one round trip), not after the dot
-            old = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+            delta = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
         else:
-            old = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        y_ptrs = y_ptr + slot * stride_yslot + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
-        y_mask = m_mask[:, None] & r_mask[None, :]
-        yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-        # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
-        # that their loads are issued together: one memory round trip at decode, not SPLIT_K
-        for split in tl.static_range(1, SPLIT_K):
-            yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        if DOT_FP32:
-            bt = bt.to(tl.float32)
-        else:
-            yt = yt.to(bt.dtype)
-        delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + old
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # ranks above BLOCK_R in R_STEPS steps (unrolled: one step, the same code as no loop, up to 64)
+        for r_step in tl.static_range(R_STEPS):
+            rr = r_step * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = rr < R
+            y_ptrs = y_ptr + slot * stride_yslot + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
+            y_mask = m_mask[:, None] & r_mask[None, :]
+            yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
+            # that their loads are issued together: one memory round trip at decode, not SPLIT_K
+            for split in tl.static_range(1, SPLIT_K):
+                yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
+                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            if DOT_FP32:
+                bt = bt.to(tl.float32)
+            else:
+                yt = yt.to(bt.dtype)
+            delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + delta
         tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -212,7 +246,7 @@ def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None) -
     """The y buffer `sgmv_shrink` writes for this x and A (allocated by the caller on its own stream
     when the shrink runs on another one)."""
     t, k = x.shape
-    tile = tile or tiles(t, k, a.shape[1])
+    tile = tile or tiles(t, k, a.shape[1], elt=x.element_size(), smem=device_smem(x.device))
     return torch.empty(tile.split_k, t, a.shape[1], dtype=torch.float32, device=x.device)
 
 
@@ -227,7 +261,7 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
     may run a shrink concurrently with another (the call site's own; default: one per device)."""
     t, k = x.shape
     n = a.shape[1]
-    tile = tile or tiles(t, k, n)
+    tile = tile or tiles(t, k, n, elt=x.element_size(), smem=device_smem(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
     if y is None:
         y = shrink_buffer(x, a, tile)
@@ -264,7 +298,7 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
         y = y.unsqueeze(0)
     t = y.shape[1]
     n_rank = (slice_offsets.numel() - 1) * rank if per_slot else y.shape[2]
-    tile = tile or tiles(t, 0, n_rank)
+    tile = tile or tiles(t, 0, n_rank, elt=b.element_size(), smem=device_smem(b.device))
     blocks = triton.cdiv(widest, tile.expand_n)
     pieces = slice_offsets.numel() - 1
     s = seg.slot.numel()
@@ -272,6 +306,6 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
     _expand_kernel[grid](y, b, out, seg.order, seg.start, seg.length, seg.slot, slice_offsets,
                          s, rank, blocks, y.stride(0), y.stride(1), n_rank if per_slot else 0, b.stride(0),
                          b.stride(1), out.stride(0),
-                         SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+                         SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
                          S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
-                         **tile.launch_options())
+                         R_STEPS=triton.cdiv(rank, expand_block_r(rank)), **tile.launch_options())

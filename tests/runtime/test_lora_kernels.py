@@ -354,16 +354,18 @@ def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: in
         graph_segments_row([0, 1, 2], 2, 4)
 
 
-@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("t", [1, 6, 9])
 def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, monkeypatch) -> None:
-    """--lora-kernels stacked: from STACKED_MIN_TOKENS rows `begin` runs the base GEMM over [W; every
-    slot's A] itself (pending.out: the layer skips its own) and the update lands in the output or the
-    residual; below it the overlap path runs over the same A (the stacked tail). Either way residual +
+    """--lora-kernels stacked: from STACKED_MIN_TOKENS to STACKED_MAX_TOKENS rows `begin` runs the base
+    GEMM over [W; every slot's A] itself (pending.out: the layer skips its own) and the update lands in
+    the output or the residual; below it the overlap path runs over the same A (the stacked tail), above
+    it (prefill) shrink and expand run in line in `finish`, into the output. Either way residual +
     output == residual + base + update, and base-model rows get no update."""
     from radixlm.runtime.lora import pool
     from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
     monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
+    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 8)
     dev = _device()
     k, rank, offsets, slots = 96, 8, [0, 48, 64], 3
     a, b, x, token_slots, _ = (v.to(dev) for v in _case(11 + t, t, k, rank, offsets, slots, torch.float32))
@@ -378,7 +380,9 @@ def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, mon
     used = token_slots.to(dev) >= 0
     for into in (None, torch.zeros(t, offsets[-1], device=dev)):
         pending = proj.begin(x, into=into)
-        assert (pending.out is not None) == (t >= 4)
+        assert (pending.out is not None) == (4 <= t <= 8)
+        if t > 8:  # in line: nothing launched before the GEMM, nothing added to the residual
+            assert pending.y is None and pending.delta is None and not pending.added
         out = proj.finish(pending, pending.out if pending.out is not None else x @ w.t())
         total = out if into is None else out + into
         torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-4)

@@ -153,6 +153,25 @@ def test_bad_adapters_fail_at_load_with_a_clear_error(tiny_model_dir, tmp_path) 
         _runner(model_dir, {"x": tmp_path})
 
 
+def test_start_up_adapters_load_on_threads_in_order(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """--lora-paths are read a window of LOAD_THREADS at a time and registered in the given order (7
+    names over windows of 3); with --max-loaded-loras 4 the first three leave host memory as they
+    would one by one; a bad folder among good ones fails start-up naming it."""
+    from radixlm.runtime.lora import manager
+
+    monkeypatch.setattr(manager, "LOAD_THREADS", 3)
+    model_dir = tiny_model_dir("llama")
+    good = make_peft_adapter(model_dir, tmp_path / "good", seed=1, r=4)
+    names = [f"a{i}" for i in range(7)]
+    lora = _runner(model_dir, {n: good for n in names}, max_loaded_loras=4, max_loras_per_batch=2).lora
+    assert list(lora.adapters) == names
+    assert [lora.adapters[n].uid for n in names] == [f"{n}#{i}" for i, n in enumerate(names)]
+    assert [n for n in names if lora.adapters[n].host is not None] == names[3:]
+    with pytest.raises(ValueError, match="no adapter_config.json") as err:
+        _runner(model_dir, {**{n: good for n in names[:4]}, "bad": tmp_path, "a5": good})
+    assert str(tmp_path) in str(err.value)
+
+
 def _decode_batch(names: list[str | None]) -> ForwardBatch:
     n = len(names)
     ones = torch.ones(n, dtype=torch.int64)
