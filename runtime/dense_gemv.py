@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixlm.kernels.small_m import SmallMConfig, tickets_for
+from radixlm.kernels.small_m import SmallMConfig
 
 
 class DenseGemv:
@@ -20,7 +20,9 @@ class DenseGemv:
         self.weight = weight
         self.cfg = cfg
         self.pdl = pdl
-        self.tickets = tickets_for(weight.shape[0], weight.device)
+        from radixlm.kernels.bf16_gemv import gemv_tickets
+
+        self.tickets = gemv_tickets(weight.shape[0], cfg, weight.device)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
         """x @ W^T (+ bias); `silu_mul`: x is the MLP's [gate | up] and the product is of silu(gate) * up."""

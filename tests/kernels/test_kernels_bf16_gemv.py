@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from radixlm.kernels import small_m
-from radixlm.kernels.bf16_gemv import bf16_gemv, config_for
-from radixlm.kernels.small_m import SmallMConfig, plan, tickets_for
+from radixlm.kernels.bf16_gemv import bf16_gemv, config_for, gemv_tickets
+from radixlm.kernels.small_m import SmallMConfig, plan
 from radixlm.runtime.dense_gemv import DenseGemv, attach_dense_gemv
 from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-CONFIGS = [SmallMConfig("fma", 8, 128, 1, 4, 2), SmallMConfig("fma", 8, 64, 3, 2, 2), SmallMConfig("fma", 16, 128, 2, 4, 1)]
+CONFIGS = [SmallMConfig("fma", 8, 128, 1, 4, 2), SmallMConfig("fma", 8, 64, 3, 2, 2), SmallMConfig("fma", 16, 128, 2, 4, 1),
+           SmallMConfig("pf", 8, 128, 1, 4, 1), SmallMConfig("pf", 8, 64, 3, 2, 1), SmallMConfig("pf", 4, 128, 2, 2, 1)]
 
 
 def _within_one_ulp(got: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -31,7 +32,7 @@ def test_bf16_gemv_matches_float64_product(device, dtype, n, k):
     w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype).to(device)
     x = torch.randn(1, k, generator=g).to(dtype).to(device)
     exact = (x.double() @ w.double().T).cpu()
-    tickets = tickets_for(n, torch.device(device))
+    tickets = gemv_tickets(n, SmallMConfig(block_n=4), torch.device(device))  # enough for every config's row tiles
     for cfg in CONFIGS:
         got = bf16_gemv(x, w, cfg, tickets)
         assert got.dtype == dtype and got.shape == (1, n)
@@ -55,6 +56,18 @@ def test_silu_mul_in_the_loads_equals_the_activation_kernel_then_the_gemv(device
         assert torch.equal(bf16_gemv(gate_up, w, cfg, silu_mul=True), bf16_gemv(silu_and_mul(gate_up), w, cfg)), cfg.key()
     with pytest.raises(ValueError, match="does not fit"):
         bf16_gemv(gate_up[:, :k], w, CONFIGS[0], silu_mul=True)  # not [gate | up]
+
+
+@pytest.mark.parametrize("k", [1024, 300, 64])
+def test_prefetching_kind_gives_the_bits_of_the_plain_one(device, k):
+    """"pf" (next tile in flight, first tile before the PDL wait) sums the same products in the same order as
+    "fma": equal outputs for one split, several, a single step per split, and a K tail."""
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(24, k, generator=g) * k**-0.5).to(torch.bfloat16).to(device)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16).to(device)
+    for n, bk, split in [(8, 64, 1), (8, 64, 4), (4, 128, 2), (8, 512, 1)]:
+        plain = bf16_gemv(x, w, SmallMConfig("fma", n, bk, split, 2, 1))
+        assert torch.equal(bf16_gemv(x, w, SmallMConfig("pf", n, bk, split, 2, 1)), plain), (n, bk, split)
 
 
 def test_bf16_gemv_refuses_what_it_cannot_take(device):
