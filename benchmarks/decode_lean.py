@@ -10,13 +10,15 @@
          ("tables": {"bf16": ...}): "fast" (the GEMV where >= 1% faster than cuBLAS) and "all" (the best GEMV
          on every shape: cuBLAS breaks a PDL chain).
   chain  each shape's best config after the kernel that writes its input (an RMSNorm; SiLU-and-mul in the GEMV
-         for down), both with and without PDL, and cuBLAS after it: what the prefetch before the PDL wait buys
-  small  host and device µs of rms_norm / fused_add_rms_norm / rotary_store_kv / silu_and_mul at T = 1 and 32
+         for down), both with and without PDL, and cuBLAS after it: what the prefetch before the PDL wait buys;
+         for qkv / gate_up also the add + norm in the GEMV's loads (bf16_gemv_add_norm) instead of the norm kernel
+  small  host and device µs of rms_norm / fused_add_rms_norm / silu_and_mul at T = 1 and 32
   layer  the whole layer (norm, qkv, rotary, KV store, attention, o, add+norm, gate_up, SiLU-and-mul, down)
          x 32 distinct layers in one graph: main's kernels vs rotary + KV store in one launch (rs), the GEMV on
          qkv / o or on every shape of the table, PDL on every Triton kernel; final hidden state against main's
   a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms (--a-arms): "base"
-         (kernels/bf16_gemv.py DEFAULTS), "fast" / "all" (the tables above), "..._pdl" (with --decode-pdl on);
+         (kernels/bf16_gemv.py DEFAULTS), "fast" / "all" (the tables above), "..._pdl" (with --decode-pdl on),
+         "..._norm" (--decode-gemv-norm on: the add + RMSNorm in the qkv / gate_up GEMVs' loads);
          each arm's greedy tokens for two prompts (compared with base's)
 (The decode attention's merge fused into stage 1 by tickets was measured here and lost: RESULTS.md 2026-12-03.)
 """
@@ -147,7 +149,7 @@ def item_chain(tables: dict, bw: float) -> dict:
     import torch.nn.functional as F
 
     from radixlm.kernels import ops
-    from radixlm.kernels.bf16_gemv import bf16_gemv, gemv_tickets
+    from radixlm.kernels.bf16_gemv import bf16_gemv, bf16_gemv_add_norm, gemv_tickets
     from radixlm.kernels.small_m import SmallMConfig
 
     out: dict = {}
@@ -167,8 +169,13 @@ def item_chain(tables: dict, bw: float) -> dict:
         def produce(pdl: bool) -> torch.Tensor:
             return ops.silu_and_mul(x, pdl=pdl) if silu else ops.rms_norm(x, nw, 1e-5, pdl=pdl)
 
-        def run(pdl: bool, cublas: bool = False) -> None:
+        res = torch.randn_like(x)
+
+        def run(pdl: bool, cublas: bool = False, fused: bool = False) -> None:
             for i in range(reps):
+                if fused:  # the norm (with a residual add) inside the GEMV's loads
+                    bf16_gemv_add_norm(x, res, nw, 1e-5, wts[i % copies], cfg, tickets[i % copies], pdl=pdl)
+                    continue
                 h = produce(pdl)
                 if cublas:
                     F.linear(ops.silu_and_mul(h) if silu else h, wts[i % copies])
@@ -178,12 +185,16 @@ def item_chain(tables: dict, bw: float) -> dict:
         norm_us = graph_us(lambda: [produce(False) for _ in range(reps)]) / reps
         row = {"config": key, "producer_us": norm_us}
         for _ in range(2):  # interleaved
-            for arm, fn in (("off", lambda: run(False)), ("pdl", lambda: run(True)), ("cublas", lambda: run(False, True))):
+            for arm, fn in (("off", lambda: run(False)), ("pdl", lambda: run(True)), ("cublas", lambda: run(False, True)),
+                            ("fused", lambda: run(False, fused=True)), ("fused_pdl", lambda: run(True, fused=True))):
+                if arm.startswith("fused") and silu:
+                    continue
                 row.setdefault(arm, []).append(graph_us(fn) / reps)
         out[name] = row
         print(f"chain {name}: {'silu' if silu else 'norm'} + {key}: {min(row['off']):.2f} µs, with PDL "
               f"{min(row['pdl']):.2f}; with cuBLAS {min(row['cublas']):.2f} (producer alone {norm_us:.2f}; GEMV floor "
-              f"{n * k * 2 / bw * 1e6:.2f})", flush=True)
+              f"{n * k * 2 / bw * 1e6:.2f})" + ("" if silu else f"; add+norm in the GEMV {min(row['fused']):.2f}, with "
+                                              f"PDL {min(row['fused_pdl']):.2f}"), flush=True)
         wts.clear()
         gc.collect()
         torch.cuda.empty_cache()
@@ -301,14 +312,15 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
     return out
 
 
-def item_a(d: Path, arm: str, table_json: str, pdl: bool) -> dict:
+def item_a(d: Path, arm: str, table_json: str, pdl: bool, norm: bool) -> dict:
     import radixlm
 
     os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits it
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=1,
-                        decode_pdl="on" if pdl else "off", log_level="warning") as eng:
+                        decode_pdl="on" if pdl else "off", decode_gemv_norm="on" if norm else "off",
+                        log_level="warning") as eng:
         gen(eng, rand_ids(64, VOCAB, rng), 8)
         t1 = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 1) for _ in range(3))
         tn = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 257) for _ in range(2))
@@ -336,8 +348,9 @@ def guarded(fn: Callable[[], dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", default="gemv,chain,small,a")  # (run in this order)
-    ap.add_argument("--a-arms", default="base,all_pdl,fast,fast_pdl", help="base: kernels/bf16_gemv.py DEFAULTS; "
-                    "fast / all: the sweep's tables (the defaults' where no sweep ran); _pdl: with --decode-pdl on")
+    ap.add_argument("--a-arms", default="base,all_pdl,all_pdl_norm,fast,all_norm",
+                    help="base: kernels/bf16_gemv.py DEFAULTS; fast / all: the sweep's tables (the defaults' where no "
+                    "sweep ran); _pdl: with --decode-pdl on; _norm: with --decode-gemv-norm on")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean5.json"))
     args = ap.parse_args()
@@ -381,8 +394,9 @@ def main() -> None:
             if time.perf_counter() - T0 > args.budget_s - 18:
                 print(f"(a) [{arm}] skipped: budget", flush=True)
                 continue
-            table = arm.removesuffix("_pdl")
-            report["a"].append(guarded(lambda: item_a(d, arm, str(tmp / f"bf16_{table}.json"), arm.endswith("_pdl"))))
+            table, *flags = arm.split("_")
+            report["a"].append(guarded(lambda: item_a(d, arm, str(tmp / f"bf16_{table}.json"), "pdl" in flags,
+                                                      "norm" in flags)))
             save()
         toks = {r["arm"]: r.get("tokens") for r in report["a"] if "tokens" in r}
         for arm, got in toks.items():

@@ -61,15 +61,39 @@ def _load_x(X, cols, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _activation(X, cols, K, mask, MASKED: tl.constexpr, SILU_MUL: tl.constexpr):
-    """x[cols] as float32; SILU_MUL: X = [gate | up] (2K wide) and x = silu(gate) * up, rounded as
-    kernels/ops.py's SiLU-and-mul kernel rounds it (silu to X's dtype, then the product), so the bits are its."""
-    if SILU_MUL:
+def _activation(X, R, NW, rstd, cols, K, mask, MASKED: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """x[cols] as float32. ACT 1 (SiLU-and-mul): X = [gate | up] (2K wide) and x = silu(gate) * up, rounded as
+    kernels/ops.py's SiLU-and-mul kernel rounds it (silu to X's dtype, then the product), so the bits are its.
+    ACT 2 (RMSNorm): x = rms_norm(X [+ R]) with the row's `rstd`, rounded as ops.py's norm kernel rounds it (the sum
+    to X's dtype first, then x * rstd * weight)."""
+    if ACT == 1:
         gate = _load_x(X, cols, mask, MASKED)
         up = _load_x(X + K, cols, mask, MASKED)
         act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
         return (act * up).to(X.dtype.element_ty).to(tl.float32)
+    if ACT == 2:
+        xv = _load_x(X, cols, mask, MASKED)
+        if HAS_RES:
+            xv = (xv + _load_x(R, cols, mask, MASKED)).to(X.dtype.element_ty).to(tl.float32)
+        return (xv * rstd * _load_x(NW, cols, mask, MASKED)).to(X.dtype.element_ty).to(tl.float32)
     return _load_x(X, cols, mask, MASKED)
+
+
+@triton.jit
+def _row_rstd(X, R, NewRes, K, eps, first, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_FULL: tl.constexpr):
+    """ACT 2: 1 / rms of the whole row X [+ R] (every program reads it from L2: 8 KB at the 8B shapes); the `first`
+    program also writes the rounded sum X + R, the residual stream's next value."""
+    if ACT == 2:
+        full = tl.arange(0, BLOCK_FULL)
+        fmask = full < K
+        xs = tl.load(X + full, mask=fmask, other=0.0)
+        if HAS_RES:
+            xs = (xs.to(tl.float32) + tl.load(R + full, mask=fmask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            if first:
+                tl.store(NewRes + full, xs, mask=fmask)
+        xf = xs.to(tl.float32)
+        return tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
+    return 1.0
 
 
 @triton.jit
@@ -85,9 +109,10 @@ def _load_w(tile, k0, k_end, cols, n_mask, EVEN_K: tl.constexpr, EVICT: tl.const
 
 
 @triton.jit
-def _bf16_gemv_kernel(X, W, Out, Part, Tickets, N, K, k_per_split, split, stride_wn,
-                      EVEN_K: tl.constexpr, MASKED_K: tl.constexpr, PARTIAL: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
-                      PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bf16_gemv_kernel(X, W, Out, Part, Tickets, R, NW, NewRes, eps, N, K, k_per_split, split, stride_wn,
+                      EVEN_K: tl.constexpr, MASKED_K: tl.constexpr, PARTIAL: tl.constexpr, ACT: tl.constexpr,
+                      HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_FULL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,22 +129,25 @@ def _bf16_gemv_kernel(X, W, Out, Part, Tickets, N, K, k_per_split, split, stride
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        rstd = _row_rstd(X, R, NewRes, K, eps, (pid_n == 0) & (pid_k == 0), ACT, HAS_RES, BLOCK_FULL)
         k_last = k_start
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             w_next = _load_w(tile, k0, k_end, cols, n_mask, EVEN_K, True)
-            xk = _activation(X, k0 - BLOCK_K + cols, K, (k0 - BLOCK_K + cols) < k_end, MASKED_K, SILU_MUL)
+            xk = _activation(X, R, NW, rstd, k0 - BLOCK_K + cols, K, (k0 - BLOCK_K + cols) < k_end, MASKED_K, ACT,
+                             HAS_RES)
             acc += w.to(tl.float32) * xk[None, :]
             w = w_next
             k_last = k0
-        xk = _activation(X, k_last + cols, K, (k_last + cols) < k_end, MASKED_K, SILU_MUL)
+        xk = _activation(X, R, NW, rstd, k_last + cols, K, (k_last + cols) < k_end, MASKED_K, ACT, HAS_RES)
         acc += w.to(tl.float32) * xk[None, :]
     else:
         if USE_PDL:  # launched beside its predecessor: wait for it before touching memory (kernels/gdc.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        rstd = _row_rstd(X, R, NewRes, K, eps, (pid_n == 0) & (pid_k == 0), ACT, HAS_RES, BLOCK_FULL)
         for k0 in range(k_start, k_end, BLOCK_K):
             w = _load_w(tile, k0, k_end, cols, n_mask, EVEN_K, False)
-            xk = _activation(X, k0 + cols, K, (k0 + cols) < k_end, MASKED_K, SILU_MUL)
+            xk = _activation(X, R, NW, rstd, k0 + cols, K, (k0 + cols) < k_end, MASKED_K, ACT, HAS_RES)
             acc += w.to(tl.float32) * xk[None, :]
     one = tl.arange(0, 1)  # the single activation row, as finish_tile's [BLOCK_N, BLOCK_M] tile
     finish_tile(tl.sum(acc, 1)[:, None], Out, Out, Part, Tickets, one, rn, one < 1, n_mask, pid_n, pid_k, 1, N,
@@ -128,18 +156,40 @@ def _bf16_gemv_kernel(X, W, Out, Part, Tickets, N, K, k_per_split, split, stride
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, cfg: SmallMConfig, tickets: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, pdl: bool = False, silu_mul: bool = False) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N] in x's dtype, by `cfg` (kind "fma"; split-K by its split
-    count). `tickets`: the weight's `gemv_tickets(N, cfg)` (zero at rest; a fresh buffer when None).
+    """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N] in x's dtype, by `cfg` (kinds "fma" / "pf"; split-K by its
+    split count). `tickets`: the weight's `gemv_tickets(N, cfg)` (zero at rest; a fresh buffer when None).
     `silu_mul`: x is [gate | up], [1, 2K], and the product is of silu(gate) * up (the MLP's down projection
     with its activation computed in the loads: the bits of ops.silu_and_mul, then this GEMV)."""
-    n, k = weight.shape
     x_cols = (x.shape[-1] // 2 if x.shape[-1] % 2 == 0 else -1) if silu_mul else x.shape[-1]
+    out, _ = _launch(x, x_cols, weight, cfg, tickets, pdl, 1 if silu_mul else 0)
+    return out if bias is None else out + bias
+
+
+def bf16_gemv_add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                       weight: torch.Tensor, cfg: SmallMConfig, tickets: torch.Tensor | None = None,
+                       pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rms_norm(x [+ residual]) @ weight^T, x + residual) in one launch: the decoder's add + RMSNorm before qkv /
+    gate_up taken into the GEMV's loads (every program computes the row's rstd; the first one writes the new
+    residual). The normalized row is rounded as ops.fused_add_rms_norm rounds it; its rstd may differ from that
+    kernel's in the last bit (another reduction tree), so a few normalized values may sit one ulp apart."""
+    if norm_weight.shape != (x.shape[-1],) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
+        raise ValueError(f"bf16_gemv_add_norm: norm weight {tuple(norm_weight.shape)} does not fit x {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"bf16_gemv_add_norm: residual {tuple(residual.shape)} does not fit x {tuple(x.shape)}")
+    return _launch(x, x.shape[-1], weight, cfg, tickets, pdl, 2, residual, norm_weight, eps)
+
+
+def _launch(x: torch.Tensor, x_cols: int, weight: torch.Tensor, cfg: SmallMConfig, tickets: torch.Tensor | None,
+            pdl: bool, act: int, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+            eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or x_cols != k or weight.stride(1) != 1 or weight.dtype != x.dtype:
         raise ValueError(f"bf16_gemv: x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16) or cfg.kind not in KINDS:
         raise ValueError(f"bf16_gemv: takes bf16 / fp16 and {' / '.join(KINDS)} configs, not {x.dtype} / {cfg.kind!r}")
     x = x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    new_res = torch.empty_like(x) if residual is not None else None
     split, k_per_split = plan(k, cfg)
     if split > 1:
         part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
@@ -147,9 +197,12 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, cfg: SmallMConfig, tickets:
     else:
         part, tickets = out, out  # unused
     _bf16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, weight, out, part, tickets, n, k, k_per_split, split, weight.stride(0),
-        EVEN_K=k % cfg.block_k == 0, MASKED_K=k % cfg.block_k != 0, PARTIAL=split > 1, SILU_MUL=silu_mul, PREFETCH=cfg.kind == "pf",
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        x, weight, out, part, tickets, x if residual is None else residual.contiguous(),
+        x if norm_weight is None else norm_weight, x if new_res is None else new_res, eps,
+        n, k, k_per_split, split, weight.stride(0),
+        EVEN_K=k % cfg.block_k == 0, MASKED_K=k % cfg.block_k != 0, PARTIAL=split > 1, ACT=act,
+        HAS_RES=residual is not None, PREFETCH=cfg.kind == "pf", BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_FULL=triton.next_power_of_2(k) if act == 2 else 16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl, x.device),
     )
-    return out if bias is None else out + bias
+    return out, new_res

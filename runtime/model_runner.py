@@ -222,7 +222,7 @@ class ModelRunner:
             set_decode_pdl(self.model, pdl)  # the quantized linears' M = 1 kernels (4-bit GEMV, FP8 small-M) too
             from radixlm.runtime.dense_gemv import attach_dense_gemv
 
-            gemv = attach_dense_gemv(self.model, pdl)  # bf16 M = 1 shapes measured faster than cuBLAS
+            gemv = attach_dense_gemv(self.model, pdl, self.args.decode_gemv_norm == "on")  # bf16 M = 1 shapes measured faster
             if gemv:
                 logger.info("bf16 M = 1 GEMV kernel on %d linear layers (e.g. %s)", len(gemv), gemv[0])
         ops = get_kernel_ops(triton, pdl)

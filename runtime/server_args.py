@@ -252,6 +252,12 @@ class ServerArgs:
         "4-bit +8%, fp8 +7%), off for the others (on the H200 it won 1.7 µs a layer on the small kernels "
         "but no end-to-end gain was shown for bf16: benchmarks/RESULTS.md); on: where the device has it",
         str, choices=("auto", "on", "off"))
+    decode_gemv_norm: str = _flag(
+        "auto", "runtime", "batch-1 decode of bf16 / fp16 models on a GPU: compute each residual add + RMSNorm inside "
+        "the loads of the M = 1 GEMV that follows it (qkv, gate_up; where kernels/bf16_gemv.py's table gives those "
+        "shapes the GEMV), one launch less each (the normalized row's rstd may differ in its last bit from the norm "
+        "kernel's). auto: off (not yet shown faster end to end: benchmarks/decode_lean.py); on; off",
+        str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
     disable_cpu_decode_stack: bool = _flag(
