@@ -12,6 +12,14 @@ from torch import nn
 
 from radixlm.kernels.small_m import SmallMConfig
 
+# --decode-gemv-norm auto: off (benchmarks/decode_lean.py measures it in (a) on the H200; RESULTS.md)
+NORM_AUTO_ON = False
+
+
+def norm_fusion_enabled(mode: str) -> bool:
+    """--decode-gemv-norm `mode` (auto / on / off): whether the qkv / gate_up GEMVs take the add + RMSNorm."""
+    return mode == "on" or (mode == "auto" and NORM_AUTO_ON)
+
 
 class DenseGemv:
     """One weight's M = 1 kernel launch: its config, its split-K tickets, PDL on or off, and whether the decoder

@@ -207,3 +207,12 @@ def test_decoder_with_the_norms_in_the_gemvs_matches_the_unfused_step(tiny_model
     assert (with_gemv - plain).abs().max() <= 0.05 * scale
     assert (fused - with_gemv).abs().max() <= 0.02 * scale
     assert torch.equal(fused.argmax(-1), with_gemv.argmax(-1))
+
+
+def test_norm_fusion_modes(monkeypatch):
+    from radixlm.runtime import dense_gemv
+
+    assert dense_gemv.norm_fusion_enabled("on") and not dense_gemv.norm_fusion_enabled("off")
+    for auto in (False, True):
+        monkeypatch.setattr(dense_gemv, "NORM_AUTO_ON", auto)
+        assert dense_gemv.norm_fusion_enabled("auto") is auto
