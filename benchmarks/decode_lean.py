@@ -17,8 +17,9 @@
          x 32 distinct layers in one graph: main's kernels vs rotary + KV store in one launch (rs), the GEMV on
          qkv / o or on every shape of the table, PDL on every Triton kernel; final hidden state against main's
   a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms (--a-arms): "base"
-         (kernels/bf16_gemv.py DEFAULTS), "fast" / "all" (the tables above), "..._pdl" (with --decode-pdl on),
-         "..._norm" (--decode-gemv-norm on: the add + RMSNorm in the qkv / gate_up GEMVs' loads);
+         (kernels/bf16_gemv.py DEFAULTS), "main" (main 404b049's table), "fast" / "all" (the tables above),
+         "..._pdl" (with --decode-pdl on), "..._norm" (--decode-gemv-norm on: the add + RMSNorm in the qkv /
+         gate_up GEMVs' loads), "..._auto" (both flags auto; otherwise off);
          each arm's greedy tokens for two prompts (compared with base's)
 (The decode attention's merge fused into stage 1 by tickets was measured here and lost: RESULTS.md 2026-12-03.)
 """
@@ -55,6 +56,9 @@ CONFIGS = {  # configs tried per shape (kernels/small_m.SmallMConfig keys; the f
     "down": ["fma-n8-k1024-s2-w4-st2", "pf-n8-k512-s1-w4-st1", "pf-n8-k512-s2-w4-st1", "pf-n4-k512-s2-w2-st1",
              "pf-n8-k1024-s2-w8-st1", "pf-n16-k512-s2-w8-st1", "pf-n8-k512-s4-w4-st1"],
 }
+# kernels/bf16_gemv.py's table on main 404b049 (before this branch): the "main" arm of (a)
+MAIN_404B049 = {"6144x4096": {"1": "fma-n8-k512-s1-w4-st3"}, "4096x4096": {"1": "fma-n8-k512-s1-w4-st3"},
+                "28672x4096": {"1": "cublas"}, "4096x14336": {"1": "cublas"}}
 T0 = time.perf_counter()
 
 
@@ -312,14 +316,14 @@ def item_layer(table: dict[str, dict[str, str]]) -> dict:
     return out
 
 
-def item_a(d: Path, arm: str, table_json: str, pdl: bool, norm: bool) -> dict:
+def item_a(d: Path, arm: str, table_json: str, pdl: str, norm: str) -> dict:
     import radixlm
 
     os.environ["RADIXLM_SMALL_M_TABLE"] = table_json  # the scheduler process inherits it
     rng = random.Random(1)
     with radixlm.Engine(str(d), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                         mem_fraction_static=0.55, context_length=8192, cuda_graph_max_bs=1,
-                        decode_pdl="on" if pdl else "off", decode_gemv_norm="on" if norm else "off",
+                        decode_pdl=pdl, decode_gemv_norm=norm,
                         log_level="warning") as eng:
         gen(eng, rand_ids(64, VOCAB, rng), 8)
         t1 = statistics.median(gen(eng, rand_ids(128, VOCAB, rng), 1) for _ in range(3))
@@ -349,8 +353,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", default="gemv,chain,small,a")  # (run in this order)
     ap.add_argument("--a-arms", default="base,all_pdl,all_pdl_norm,fast,all_norm",
-                    help="base: kernels/bf16_gemv.py DEFAULTS; fast / all: the sweep's tables (the defaults' where no "
-                    "sweep ran); _pdl: with --decode-pdl on; _norm: with --decode-gemv-norm on")
+                    help="base: kernels/bf16_gemv.py DEFAULTS; main: main 404b049's table; fast / all: the sweep's "
+                    "tables (the defaults' where no sweep ran); _pdl: with --decode-pdl on; _norm: with "
+                    "--decode-gemv-norm on; _auto: both flags auto (else off)")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean5.json"))
     args = ap.parse_args()
@@ -367,7 +372,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     defaults = {f"{n}x{k}": {"1": by_m[1]} for (n, k), by_m in DEFAULTS.items() if 1 in by_m}
-    tables = {"base": defaults, "fast": defaults, "all": defaults}
+    tables = {"base": defaults, "fast": defaults, "all": defaults, "main": MAIN_404B049}
     bw = measure_ceilings()["copy_bytes_per_s"]
     report["copy_bytes_per_s"] = bw
     print(f"copy {bw / 1e12:.2f} TB/s", flush=True)
@@ -395,8 +400,9 @@ def main() -> None:
                 print(f"(a) [{arm}] skipped: budget", flush=True)
                 continue
             table, *flags = arm.split("_")
-            report["a"].append(guarded(lambda: item_a(d, arm, str(tmp / f"bf16_{table}.json"), "pdl" in flags,
-                                                      "norm" in flags)))
+            pdl, norm = ("auto", "auto") if "auto" in flags else ("on" if "pdl" in flags else "off",
+                                                                  "on" if "norm" in flags else "off")
+            report["a"].append(guarded(lambda: item_a(d, arm, str(tmp / f"bf16_{table}.json"), pdl, norm)))
             save()
         toks = {r["arm"]: r.get("tokens") for r in report["a"] if "tokens" in r}
         for arm, got in toks.items():
