@@ -29,12 +29,15 @@ CUBLAS = "cublas"  # a table value that keeps torch's (cuBLAS') product for the 
 KINDS = ("fma", "pf")
 
 # (N, K) -> {1: config key or "cublas"}: M = 1 only, the Llama-3.1-8B shapes measured on the H200 by
-# benchmarks/decode_lean.py (RESULTS.md, 2026-12-03 11:53, weights cold, µs per call): qkv 14.30 vs cuBLAS 16.05
-# (floor 12.26), o 11.41 vs 12.73 (floor 8.17); gate_up 56.59 vs 57.20 and down 32.35 vs 30.91 (with SiLU-and-mul
-# in its loads 33.21 vs the activation kernel + cuBLAS 32.52) keep cuBLAS.
+# benchmarks/decode_lean.py (RESULTS.md, 2026-12-03 14:47, weights cold, µs per call, floor at 4.21 TB/s): qkv 14.47
+# vs cuBLAS 15.48 (floor 11.96; the "pf" configs 15.8-17.0), o 11.29 vs 12.71 (floor 7.97), gate_up 56.54 vs 57.90
+# (floor 55.82), down with SiLU-and-mul in its loads 31.50 vs the activation kernel + cuBLAS 32.93 (floor 27.91).
+# Batch-1 decode (a) with this table 233.1 tok/s, with --decode-pdl on 236.3, main's (qkv / o only) 227.7.
 DEFAULTS: Table = {
     (6144, 4096): {1: "fma-n8-k512-s1-w4-st3"},
-    (4096, 4096): {1: "fma-n8-k512-s1-w4-st3"},
+    (4096, 4096): {1: "pf-n4-k512-s1-w2-st1"},
+    (28672, 4096): {1: "fma-n16-k256-s1-w4-st3"},
+    (4096, 14336): {1: "pf-n8-k512-s1-w4-st1"},
 }
 register_defaults(KIND, DEFAULTS)
 
