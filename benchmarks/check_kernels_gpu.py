@@ -283,9 +283,9 @@ def build_cases(quick: bool) -> list[Callable[[], Case | list[Case]]]:
 
 def gemv_cases() -> list[Case]:
     """The bf16 M = 1 GEMV (kernels/bf16_gemv.py) at the 8B layer shapes, by its table's config where it has one;
-    down also with SiLU-and-mul in its loads."""
+    down also with SiLU-and-mul in its loads, qkv and gate_up also with the residual add + RMSNorm in them."""
     from kernels import ops
-    from kernels.bf16_gemv import bf16_gemv, config_for
+    from kernels.bf16_gemv import bf16_gemv, bf16_gemv_add_norm, config_for
     from kernels.small_m import SmallMConfig
 
     cases = []
@@ -297,6 +297,16 @@ def gemv_cases() -> list[Case]:
         cases.append(Case("bf16_gemv", f"{name} {n}x{k} M=1 {cfg.key()}", lambda x=x, w=w, c=cfg: bf16_gemv(x, w, c),
                           lambda x=x, w=w: x.float() @ w.float().T, n * k * 2.0, 2.0 * n * k,
                           baseline=lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+        if name in ("qkv", "gate_up"):
+            res = torch.randn(1, k, dtype=torch.bfloat16, device=DEV)
+            nw = torch.rand(k, dtype=torch.bfloat16, device=DEV) + 0.5
+            cases.append(Case("bf16_gemv (add+norm)", f"{name} {n}x{k} M=1 {cfg.key()}",
+                              lambda x=x, r=res, nw=nw, w=w, c=cfg: bf16_gemv_add_norm(x, r, nw, 1e-5, w, c),
+                              lambda x=x, r=res, nw=nw, w=w: (ops_ref.rms_norm_ref(x + r, nw, 1e-5).float() @ w.float().T,
+                                                              x + r),
+                              n * k * 2.0, 2.0 * n * k,
+                              baseline=lambda x=x, r=res, nw=nw, w=w: torch.nn.functional.linear(
+                                  ops.fused_add_rms_norm(x, r, nw, 1e-5)[0], w)))
         if name == "down":
             gu = torch.randn(1, 2 * k, dtype=torch.bfloat16, device=DEV)
             cases.append(Case("bf16_gemv (SiLU-and-mul)", f"{name} {n}x{k} M=1 {cfg.key()}",

@@ -50,10 +50,11 @@ def launch_options(pdl: bool, device: torch.device) -> dict:
     return {"USE_PDL": False}
 
 
-# --decode-pdl auto: off for bf16 models. On the H200 (RESULTS.md, 2026-12-03) this form won 1.7 µs a layer on the
-# small kernels alone and 1.1% of an in-process step, not measured in (a) by itself; a variant that let the next
-# kernel launch before its own wait (loading the step's constants early) lost 3.5% in (a).
-AUTO_ON = False
+# --decode-pdl auto: on for bf16 models too. On the H200 (RESULTS.md, 2026-12-03) this form won 1.7 µs a layer on the
+# small kernels alone (07:31); with the M = 1 GEMV on all four projections (its "pf" configs load their first weight
+# tile before the wait) batch-1 decode went 233.1 -> 236.3 tok/s (14:47), and each GEMV after its producer 0.7-1.6 µs
+# faster. A variant that let the next kernel launch before its own wait (loading the step's constants) lost 3.5%.
+AUTO_ON = True
 # ... and on for models with quantized linears (their batch-1 kernels take PDL too, `set_decode_pdl`): batch-1
 # decode of the 8B shape on the H200 (12:00 round, RESULTS.md) w4a16 374.4 -> 403.7 tok/s, fp8 330.3 -> 352.0.
 AUTO_ON_QUANTIZED = True

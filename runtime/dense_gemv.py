@@ -10,17 +10,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixlm.kernels.small_m import SmallMConfig, tickets_for
+from radixlm.kernels.small_m import SmallMConfig
+
+# --decode-gemv-norm auto: off (benchmarks/decode_lean.py measures it in (a) on the H200; RESULTS.md)
+NORM_AUTO_ON = False
+
+
+def norm_fusion_enabled(mode: str) -> bool:
+    """--decode-gemv-norm `mode` (auto / on / off): whether the qkv / gate_up GEMVs take the add + RMSNorm."""
+    return mode == "on" or (mode == "auto" and NORM_AUTO_ON)
 
 
 class DenseGemv:
-    """One weight's M = 1 kernel launch: its config, its split-K tickets, PDL on or off."""
+    """One weight's M = 1 kernel launch: its config, its split-K tickets, PDL on or off, and whether the decoder
+    computes the add + RMSNorm before this layer inside it (`fuse_norm`, --decode-gemv-norm)."""
 
-    def __init__(self, weight: torch.Tensor, cfg: SmallMConfig, pdl: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, cfg: SmallMConfig, pdl: bool = False, fuse_norm: bool = False) -> None:
         self.weight = weight
         self.cfg = cfg
         self.pdl = pdl
-        self.tickets = tickets_for(weight.shape[0], weight.device)
+        self.fuse_norm = fuse_norm
+        from radixlm.kernels.bf16_gemv import gemv_tickets
+
+        self.tickets = gemv_tickets(weight.shape[0], cfg, weight.device)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
         """x @ W^T (+ bias); `silu_mul`: x is the MLP's [gate | up] and the product is of silu(gate) * up."""
@@ -28,11 +40,19 @@ class DenseGemv:
 
         return bf16_gemv(x, self.weight, self.cfg, self.tickets, bias, self.pdl, silu_mul)
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rms_norm(x [+ residual]) @ W^T, x + residual) in one launch (kernels/bf16_gemv.bf16_gemv_add_norm)."""
+        from radixlm.kernels.bf16_gemv import bf16_gemv_add_norm
 
-def attach_dense_gemv(model: nn.Module, pdl: bool = False) -> list[str]:
+        return bf16_gemv_add_norm(x, residual, norm_weight, eps, self.weight, self.cfg, self.tickets, self.pdl)
+
+
+def attach_dense_gemv(model: nn.Module, pdl: bool = False, fuse_norm: bool = False) -> list[str]:
     """Give each eligible linear of `model` its `DenseGemv` (and take it away from the others); the names of
     the layers that got one. Eligible: a CUDA bf16 / fp16 weight, not quantized, no bias (cuBLAS adds a bias
-    before rounding; Qwen2's qkv keeps it), shape in the kernel's table."""
+    before rounding; Qwen2's qkv keeps it), shape in the kernel's table. `fuse_norm`: the column-parallel ones
+    (qkv, gate_up) take the decoder's add + RMSNorm into their loads where the model asks them to."""
     from radixlm.kernels.bf16_gemv import config_for
     from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -47,6 +67,6 @@ def attach_dense_gemv(model: nn.Module, pdl: bool = False) -> list[str]:
             continue
         cfg = config_for(*weight.shape)
         if cfg is not None:
-            module.gemv = DenseGemv(weight, cfg, pdl)
+            module.gemv = DenseGemv(weight, cfg, pdl, fuse_norm and isinstance(module, ColumnParallelLinear))
             attached.append(name)
     return attached

@@ -220,9 +220,10 @@ class ModelRunner:
             quantized = any(isinstance(getattr(m, "quantized", None), QuantizedWeight) for m in self.model.modules())
             pdl = pdl_enabled(self.args.decode_pdl, self.device, quantized)
             set_decode_pdl(self.model, pdl)  # the quantized linears' M = 1 kernels (4-bit GEMV, FP8 small-M) too
-            from radixlm.runtime.dense_gemv import attach_dense_gemv
+            from radixlm.runtime.dense_gemv import attach_dense_gemv, norm_fusion_enabled
 
-            gemv = attach_dense_gemv(self.model, pdl)  # bf16 M = 1 shapes measured faster than cuBLAS
+            norm = norm_fusion_enabled(self.args.decode_gemv_norm)
+            gemv = attach_dense_gemv(self.model, pdl, norm)  # bf16 M = 1 shapes measured faster than cuBLAS
             if gemv:
                 logger.info("bf16 M = 1 GEMV kernel on %d linear layers (e.g. %s)", len(gemv), gemv[0])
         ops = get_kernel_ops(triton, pdl)

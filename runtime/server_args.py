@@ -248,9 +248,15 @@ class ServerArgs:
         "auto", "runtime", "launch the decoder's small Triton kernels (norms, rotary, KV store, decode attention, "
         "SiLU-and-mul; the 4-bit GEMV and FP8 small-M kernels of quantized layers at batch 1) with programmatic "
         "dependent launch on sm_90+ GPUs, so each launch overlaps the previous "
-        "kernel (kernels/gdc.py; same results). auto: on for models with quantized linears (batch-1 decode on the H200: "
-        "4-bit +8%, fp8 +7%), off for the others (on the H200 it won 1.7 µs a layer on the small kernels "
-        "but no end-to-end gain was shown for bf16: benchmarks/RESULTS.md); on: where the device has it",
+        "kernel (kernels/gdc.py; same results). auto: on (batch-1 decode on the H200: 4-bit +8%, fp8 +7%, bf16 with "
+        "the M = 1 GEMV +1.4%: benchmarks/RESULTS.md); on: where the device has it",
+        str, choices=("auto", "on", "off"))
+    decode_gemv_norm: str = _flag(
+        "auto", "runtime", "batch-1 decode of bf16 / fp16 models on a GPU: compute each residual add + RMSNorm inside "
+        "the loads of the M = 1 GEMV that follows it (qkv, gate_up; where kernels/bf16_gemv.py's table gives those "
+        "shapes the GEMV), one launch less each (the normalized row's rstd may differ in its last bit from the norm "
+        "kernel's). auto: off (batch-1 decode on the H200: 235.0 vs 233.1 tok/s without PDL, 231.1 vs 236.3 with it: "
+        "benchmarks/RESULTS.md); on; off",
         str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")

@@ -82,11 +82,13 @@ class LlamaAttention(nn.Module):
         self.kv_scales: dict[str, float] = {}
 
     def forward(
-        self, hidden: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend,
-        cos_sin: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None,
+        self, hidden: torch.Tensor | None, batch: ForwardBatch, attn: PagedAttentionBackend,
+        cos_sin: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`residual`: what the output is added to next (a LoRA update may go there)."""
-        qkv = self.qkv_proj(hidden)
+        """`residual`: what the output is added to next (a LoRA update may go there). `qkv`: the projection
+        already made (the decoder's add + norm in the qkv GEMV's loads); then `hidden` is not read."""
+        if qkv is None:
+            qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -105,8 +107,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * tp.intermediate, bias=False)
         self.down_proj = RowParallelLinear(tp.intermediate, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor | None, ops: KernelOps, residual: torch.Tensor | None = None,
+                gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """`gate_up`: the projection already made (the add + norm in its GEMV's loads); then `x` is not read."""
+        if gate_up is None:
+            gate_up = self.gate_up_proj(x)
         fused = self.down_proj.forward_silu_mul(gate_up)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
         return fused if fused is not None else self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)
 
@@ -164,14 +169,27 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:  # (a copy: a LoRA update may be added into the residual in place)
                 aux[i] = hidden.clone() if residual is None else hidden + residual
-            if residual is None:
-                residual = hidden
-                normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
+            # batch 1 with --decode-gemv-norm: each add + RMSNorm inside the next GEMV's loads (one launch less)
+            fused = layer.self_attn.qkv_proj.forward_add_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
+            if fused is not None:
+                qkv, new_residual = fused
+                residual = hidden if residual is None else new_residual
+                hidden = layer.self_attn(None, batch, attn, cos_sin, ops, residual, qkv=qkv)
             else:
-                normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
-            hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual)
-            normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, layer.eps)
-            hidden = layer.mlp(normed, ops, residual)
+                if residual is None:
+                    residual = hidden
+                    normed = ops.rms_norm(hidden, layer.input_layernorm.weight, layer.eps)
+                else:
+                    normed, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
+                hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual)
+            post = layer.post_attention_layernorm.weight
+            fused = layer.mlp.gate_up_proj.forward_add_norm(hidden, residual, post, layer.eps)
+            if fused is not None:
+                gate_up, residual = fused
+                hidden = layer.mlp(None, ops, residual, gate_up=gate_up)
+            else:
+                normed, residual = ops.fused_add_rms_norm(hidden, residual, post, layer.eps)
+                hidden = layer.mlp(normed, ops, residual)
         assert residual is not None
         if self.aux_layers:
             self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)

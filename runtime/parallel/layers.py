@@ -134,6 +134,15 @@ class ColumnParallelLinear(nn.Linear):
         return out if self.lora is None else self.lora.finish(pending, out)
 
 
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(forward(rms_norm(x + residual)), x + residual) with the add and the norm inside the M = 1 GEMV's loads
+        (--decode-gemv-norm), or None where that does not apply: no such GEMV here, more than one row, a LoRA update."""
+        if self.gemv is None or not self.gemv.fuse_norm or self.lora is not None or x.dim() != 2 or x.shape[0] != 1:
+            return None
+        return self.gemv.add_norm(x, residual, norm_weight, eps)
+
+
 class RowParallelLinear(nn.Linear):
     """Holds this rank's input features only; the partial products are summed over the TP group
     by one all-reduce. No bias (Llama-family o_proj / down_proj have none)."""

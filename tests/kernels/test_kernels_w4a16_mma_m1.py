@@ -133,13 +133,16 @@ def test_linear_sends_decode_rows_to_mma_m1_where_listed_and_falls_back_once(dev
         w.linear(x)
 
 
-def test_decode_pdl_auto_is_on_for_quantized_models_only(monkeypatch):
-    """--decode-pdl auto: PDL for models with quantized linears (their batch-1 kernels take it), not for bf16 ones;
-    on / off as asked; never where the device lacks PDL."""
+def test_decode_pdl_auto_follows_the_measured_switches(monkeypatch):
+    """--decode-pdl auto: PDL for models with quantized linears (their batch-1 kernels take it) and, by its own
+    switch (on since the bf16 GEMV measured faster with it), for bf16 ones; on / off as asked; never where the
+    device lacks PDL."""
     from radixlm.kernels import gdc
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(gdc, "supported", lambda device: device.type == "cuda")
+    assert gdc.enabled("auto", gpu, quantized=True) and gdc.enabled("auto", gpu, quantized=False)
+    monkeypatch.setattr(gdc, "AUTO_ON", False)
     assert gdc.enabled("auto", gpu, quantized=True) and not gdc.enabled("auto", gpu, quantized=False)
     assert gdc.enabled("on", gpu) and not gdc.enabled("off", gpu, quantized=True)
     assert not gdc.enabled("auto", torch.device("cpu"), quantized=True)
