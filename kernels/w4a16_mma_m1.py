@@ -38,12 +38,14 @@ from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
 
 MAX_M = 1  # rows this kernel takes
 WINDOW = 16  # groups whose sums the accumulator holds side by side (the MMA's column count)
+MAX_SUM_CHUNKS = 16  # chunks of a split whose group sums one pass before the loop takes (Mma1Config.sums)
 
 
 @dataclass(frozen=True)
 class Mma1Config:
     """One launch: BLOCK_N rows x CHUNKS chunks of 128 columns a loop step, warps (1-2: mma.sync, 4-8: wgmma),
-    Triton pipeline stages."""
+    Triton pipeline stages; `sums`: the split's group sums of x in one vectorized pass before the loop
+    (else a second small dot of a ones row every slice: a third of the loop's MMAs)."""
 
     block_n: int = 128
     chunks: int = 2
@@ -51,16 +53,20 @@ class Mma1Config:
     split_k: int | None = None  # None: from the shape (`mma1_plan`); a number: at most that many splits
     num_stages: int = 3
     waves: int = 4  # programs per SM the split-K plan aims for (split_k None)
+    sums: bool = False
 
     def key(self) -> str:
         split = "a" if self.split_k is None else str(self.split_k)
-        return f"mma1-n{self.block_n}-c{self.chunks}-w{self.num_warps}-s{split}-st{self.num_stages}"
+        extra = ("" if self.waves == 4 else f"-v{self.waves}") + ("-g1" if self.sums else "")
+        return f"mma1-n{self.block_n}-c{self.chunks}-w{self.num_warps}-s{split}-st{self.num_stages}{extra}"
 
     @classmethod
     def parse(cls, key: str) -> "Mma1Config":
         """The inverse of `key` (the sweep's JSON and the DEFAULTS table hold keys)."""
-        _, n, c, w, s, st = key.split("-")
-        return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]))
+        _, n, c, w, s, st, *extra = key.split("-")
+        waves = next((int(e[1:]) for e in extra if e.startswith("v")), 4)
+        return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]), waves,
+                   "g1" in extra)
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel beat the GEMV, measured by
@@ -151,7 +157,7 @@ def _plane(h, j: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _group_of(c, j: tl.constexpr, G, group_size, SLICE_SHIFT: tl.constexpr):
+def _group_of(c, j, G, group_size, SLICE_SHIFT: tl.constexpr):
     """The group of slice j of chunk c (SLICE_SHIFT >= 0: 2**SLICE_SHIFT slices a group, a shift)."""
     if SLICE_SHIFT >= 0:
         return tl.minimum((c * 4 + j) >> SLICE_SHIFT, G - 1)
@@ -160,12 +166,33 @@ def _group_of(c, j: tl.constexpr, G, group_size, SLICE_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _split_sums(X, Perm, c_first, c_end, g_base, K, G, group_size, SLICE_SHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
+                SUM_CHUNKS: tl.constexpr):
+    """[16]: the sum of x over each window group's columns inside chunks c_first .. c_end - 1 (at most
+    SUM_CHUNKS of them): one [SUM_CHUNKS * 4, 32] load, a sum per 32-column slice (a slice lies in one
+    group), then each slice's sum into its window column."""
+    rs = tl.arange(0, SUM_CHUNKS * 4)  # slices
+    ri = tl.arange(0, 32)
+    rj = tl.arange(0, 16)
+    c = c_first + rs // 4
+    kk = c[:, None] * 128 + (rs % 4)[:, None] * 32 + ri[None, :]
+    k_mask = (kk < K) & (c < c_end)[:, None]
+    if HAS_PERM:
+        kx = tl.load(Perm + kk, mask=k_mask, other=0)
+    else:
+        kx = kk
+    per_slice = tl.sum(tl.load(X + kx, mask=k_mask, other=0.0).to(tl.float32), 1)  # [SUM_CHUNKS * 4]
+    col = _group_of(c, rs % 4, G, group_size, SLICE_SHIFT) - g_base
+    return tl.sum(tl.where(col[:, None] == rj[None, :], per_slice[:, None], 0.0), 0)
+
+
+@triton.jit
 def _mma1_kernel(
     X, Codes, Scales, Zeros, Offsets, Perm, Out, Part, Tickets,
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_cn,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    SUM_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -189,6 +216,8 @@ def _mma1_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    if SUM_CHUNKS > 0:  # the split's group sums X_j at once (no ones-row MMA in the loop)
+        xs = _split_sums(X, Perm, c_first, c_end, g_base, K, G, group_size, SLICE_SHIFT, HAS_PERM, SUM_CHUNKS)
     for c0 in range(c_first, c_end, CHUNKS):
         for cc in tl.static_range(CHUNKS):
             c = c0 + cc
@@ -208,12 +237,15 @@ def _mma1_kernel(
                 w = _plane(h, j, MAGIC, ASM)
                 if IEEE:
                     acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                    xsum = tl.dot(ones, xt.to(tl.float32), xsum, input_precision="ieee")
+                    if SUM_CHUNKS == 0:
+                        xsum = tl.dot(ones, xt.to(tl.float32), xsum, input_precision="ieee")
                 else:
                     acc = tl.dot(w, xt.to(w.dtype), acc)
-                    xsum = tl.dot(ones, xt.to(w.dtype), xsum)
+                    if SUM_CHUNKS == 0:
+                        xsum = tl.dot(ones, xt.to(w.dtype), xsum)
     # y[n] = sum_j s (P - (off + z) X) (+ o X) over the window's groups
-    xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
+    if SUM_CHUNKS == 0:
+        xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
     off = 0.0 if MAGIC == 0 else (128.0 if MAGIC == 1 else 1024.0)
     g = g_base + rj
     gmask = n_mask[:, None] & (g < G)[None, :]
@@ -264,6 +296,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     else:
         slice_shift = -1
     magic = _magic(x.dtype)
+    # the group sums before the loop where the split's chunks fit one vectorized pass (else the ones-row MMA)
+    sum_chunks = triton.next_power_of_2(per_split) if cfg.sums and per_split <= MAX_SUM_CHUNKS else 0
     grid = (triton.cdiv(n, cfg.block_n), split)
     use_pdl = pdl and x.is_cuda
 
@@ -274,7 +308,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, codes.stride(0),
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
-            BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SUM_CHUNKS=sum_chunks, BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
         )
 
