@@ -192,7 +192,7 @@ def _mma1_kernel(
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_cn,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
-    SUM_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -223,10 +223,16 @@ def _mma1_kernel(
             c = c0 + cc
             # the last split's short step: a chunk past its end reads zero codes and zero x
             live = (ri * 0 + c) < c_end
-            h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None] & live[None, :], other=0)
+            if EVEN:  # whole steps, whole chunks, whole row tiles: no masks but the window column's
+                h = tl.load(c_ptrs + c * 32)
+            else:
+                h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None] & live[None, :], other=0)
             for j in tl.static_range(4):
                 kk = c * 128 + j * 32 + ri
-                k_mask = (kk < K) & live
+                if EVEN:
+                    k_mask = ri >= 0
+                else:
+                    k_mask = (kk < K) & live
                 if HAS_PERM:
                     kx = tl.load(Perm + kk, mask=k_mask, other=0)
                 else:
@@ -298,6 +304,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     magic = _magic(x.dtype)
     # the group sums before the loop where the split's chunks fit one vectorized pass (else the ones-row MMA)
     sum_chunks = triton.next_power_of_2(per_split) if cfg.sums and per_split <= MAX_SUM_CHUNKS else 0
+    # every step whole (chunks, split ends) and every row tile full: the loop's loads need no masks of their own
+    even = k % CHUNK == 0 and (kp // CHUNK) % cfg.chunks == 0 and per_split % cfg.chunks == 0 and n % cfg.block_n == 0
     grid = (triton.cdiv(n, cfg.block_n), split)
     use_pdl = pdl and x.is_cuda
 
@@ -308,7 +316,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, codes.stride(0),
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
-            SUM_CHUNKS=sum_chunks, BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SUM_CHUNKS=sum_chunks, BLOCK_N=cfg.block_n,
+            EVEN=even, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
         )
 
