@@ -166,23 +166,26 @@ def _group_of(c, j, G, group_size, SLICE_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _split_sums(X, Perm, c_first, c_end, g_base, K, G, group_size, SLICE_SHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
-                SUM_CHUNKS: tl.constexpr):
-    """[16]: the sum of x over each window group's columns inside chunks c_first .. c_end - 1 (at most
-    SUM_CHUNKS of them): one [SUM_CHUNKS * 4, 32] load, a sum per 32-column slice (a slice lies in one
-    group), then each slice's sum into its window column."""
+def _split_x(X, Perm, c_first, c_end, K, SUM_CHUNKS: tl.constexpr):
+    """The activations of chunks c_first .. c_end - 1 (at most SUM_CHUNKS) as [SUM_CHUNKS * 4, 32] slices, zero
+    past the end: loaded before the loop, summed after it (`_window_sums`), so the load's latency hides
+    under the weights' stream instead of holding up the first weight loads."""
     rs = tl.arange(0, SUM_CHUNKS * 4)  # slices
     ri = tl.arange(0, 32)
+    kk = (c_first + rs // 4)[:, None] * 128 + (rs % 4)[:, None] * 32 + ri[None, :]
+    k_mask = (kk < K) & (kk < c_end * 128)
+    if Perm is not None:
+        kk = tl.load(Perm + kk, mask=k_mask, other=0)
+    return tl.load(X + kk, mask=k_mask, other=0.0)
+
+
+@triton.jit
+def _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT: tl.constexpr, SUM_CHUNKS: tl.constexpr):
+    """[16]: each window group's sum of x from `_split_x`'s slices (a 32-column slice lies in one group)."""
+    rs = tl.arange(0, SUM_CHUNKS * 4)
     rj = tl.arange(0, 16)
-    c = c_first + rs // 4
-    kk = c[:, None] * 128 + (rs % 4)[:, None] * 32 + ri[None, :]
-    k_mask = (kk < K) & (c < c_end)[:, None]
-    if HAS_PERM:
-        kx = tl.load(Perm + kk, mask=k_mask, other=0)
-    else:
-        kx = kk
-    per_slice = tl.sum(tl.load(X + kx, mask=k_mask, other=0.0).to(tl.float32), 1)  # [SUM_CHUNKS * 4]
-    col = _group_of(c, rs % 4, G, group_size, SLICE_SHIFT) - g_base
+    per_slice = tl.sum(xsl.to(tl.float32), 1)
+    col = _group_of(c_first + rs // 4, rs % 4, G, group_size, SLICE_SHIFT) - g_base
     return tl.sum(tl.where(col[:, None] == rj[None, :], per_slice[:, None], 0.0), 0)
 
 
@@ -216,8 +219,8 @@ def _mma1_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if SUM_CHUNKS > 0:  # the split's group sums X_j at once (no ones-row MMA in the loop)
-        xs = _split_sums(X, Perm, c_first, c_end, g_base, K, G, group_size, SLICE_SHIFT, HAS_PERM, SUM_CHUNKS)
+    if SUM_CHUNKS > 0:  # the split's group sums X_j from one load (no ones-row MMA in the loop)
+        xsl = _split_x(X, Perm if HAS_PERM else None, c_first, c_end, K, SUM_CHUNKS)
     for c0 in range(c_first, c_end, CHUNKS):
         for cc in tl.static_range(CHUNKS):
             c = c0 + cc
@@ -252,6 +255,8 @@ def _mma1_kernel(
     # y[n] = sum_j s (P - (off + z) X) (+ o X) over the window's groups
     if SUM_CHUNKS == 0:
         xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
+    else:
+        xs = _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT, SUM_CHUNKS)
     off = 0.0 if MAGIC == 0 else (128.0 if MAGIC == 1 else 1024.0)
     g = g_base + rj
     gmask = n_mask[:, None] & (g < G)[None, :]
@@ -303,7 +308,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         slice_shift = -1
     magic = _magic(x.dtype)
     # the group sums before the loop where the split's chunks fit one vectorized pass (else the ones-row MMA)
-    sum_chunks = triton.next_power_of_2(per_split) if cfg.sums and per_split <= MAX_SUM_CHUNKS else 0
+    sum_chunks = MAX_SUM_CHUNKS if cfg.sums and per_split <= MAX_SUM_CHUNKS else 0  # one compile for every shape
     # every step whole (chunks, split ends) and every row tile full: the loop's loads need no masks of their own
     even = k % CHUNK == 0 and (kp // CHUNK) % cfg.chunks == 0 and per_split % cfg.chunks == 0 and n % cfg.block_n == 0
     grid = (triton.cdiv(n, cfg.block_n), split)
