@@ -15,8 +15,10 @@ applied once per window of 16 groups (a [BLOCK_N, 16] tile of each, not per grou
     y[n] = sum_j s[g_j, n] (P[n, j] - (off + z[g_j, n]) X_j)  (+ o[g_j, n] X_j)      X_j = sum of x in group g_j
 
 (exact algebra; P sums products of bf16 values, exact in float32, so the offset costs only the float32
-cancellation of off X_j, ~1e-5 relative at 128, ~1e-4 at fp16's 1024). Group sums X_j come from the same
-activation tile (one row reduction a slice).
+cancellation of off X_j, ~1e-5 relative at 128, ~1e-4 at fp16's 1024). Group sums X_j come from a second
+small dot of a ones row with the same activation tiles, or (`Mma1Config.sums`, keys `-g1`) from the split's
+activations loaded once before the loop and summed after it: a third fewer MMAs a step, and the load's latency
+hidden under the weight stream.
 
 Layout: `w4a16_gemm.pack_codes` (one copy of the weight serves every kernel): halfword i of a chunk's 32
 holds columns i, 32 + i, 64 + i, 96 + i, so nibble plane j of a [BLOCK_N, 32] halfword tile is the row
