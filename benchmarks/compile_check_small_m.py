@@ -141,7 +141,7 @@ def mma1_cases():
                        {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
                         "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": act != "fp32",
                         "SLICE_SHIFT": shift, "USE_PDL": pdl, "SUM_CHUNKS": 16 if cfg.sums else 0,
-                        "EVEN": i == 0, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
+                        "EVEN": i == 0, "WIN": cfg.window, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
 
 
 def main() -> int:

@@ -18,7 +18,8 @@ applied once per window of 16 groups (a [BLOCK_N, 16] tile of each, not per grou
 cancellation of off X_j, ~1e-5 relative at 128, ~1e-4 at fp16's 1024). Group sums X_j come from a second
 small dot of a ones row with the same activation tiles, or (`Mma1Config.sums`, keys `-g1`) from the split's
 activations loaded once before the loop and summed after it: a third fewer MMAs a step, and the load's latency
-hidden under the weight stream.
+hidden under the weight stream. With `Mma1Config.window` 8 (keys `-j8`) the tile is 8 columns wide: one MMA
+(m16n8k16) per 16 x 16 codes instead of two, each split inside a window of 8 groups (twice the splits).
 
 Layout: `w4a16_gemm.pack_codes` (one copy of the weight serves every kernel): halfword i of a chunk's 32
 holds columns i, 32 + i, 64 + i, 96 + i, so nibble plane j of a [BLOCK_N, 32] halfword tile is the row
@@ -56,10 +57,12 @@ class Mma1Config:
     num_stages: int = 3
     waves: int = 4  # programs per SM the split-K plan aims for (split_k None)
     sums: bool = False
+    window: int = WINDOW  # groups side by side in the MMA's columns: 16, or 8 (half the MMAs, twice the splits)
 
     def key(self) -> str:
         split = "a" if self.split_k is None else str(self.split_k)
         extra = ("" if self.waves == 4 else f"-v{self.waves}") + ("-g1" if self.sums else "")
+        extra += "" if self.window == WINDOW else f"-j{self.window}"
         return f"mma1-n{self.block_n}-c{self.chunks}-w{self.num_warps}-s{split}-st{self.num_stages}{extra}"
 
     @classmethod
@@ -67,8 +70,9 @@ class Mma1Config:
         """The inverse of `key` (the sweep's JSON and the DEFAULTS table hold keys)."""
         _, n, c, w, s, st, *extra = key.split("-")
         waves = next((int(e[1:]) for e in extra if e.startswith("v")), 4)
+        window = next((int(e[1:]) for e in extra if e.startswith("j")), WINDOW)
         return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]), waves,
-                   "g1" in extra)
+                   "g1" in extra, window)
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel beat the GEMV, measured by
@@ -90,7 +94,7 @@ def mma1_table_config(n: int, k: int) -> Mma1Config | None:
 def mma1_plan(n: int, kp: int, group_size: int, groups: int, cfg: Mma1Config,
               device: torch.device) -> tuple[int, int]:
     """(split_k, chunks per split): about `waves` programs per SM (or cfg.split_k), each split a whole number
-    of loop steps and inside one window: at most WINDOW groups (a split of L columns starting anywhere
+    of loop steps and inside one window: at most cfg.window groups (a split of L columns starting anywhere
     touches at most (L - 1) // group_size + 2 groups, one fewer when group boundaries align with it)."""
     chunks = kp // CHUNK
     tiles = triton.cdiv(n, cfg.block_n)
@@ -103,7 +107,7 @@ def mma1_plan(n: int, kp: int, group_size: int, groups: int, cfg: Mma1Config,
         cols = per_split * CHUNK
         aligned = cols % group_size == 0
         touched = cols // group_size if aligned else (cols - 1) // group_size + 2
-        if groups == 1 or touched <= WINDOW or want >= steps:
+        if groups == 1 or touched <= cfg.window or want >= steps:
             return triton.cdiv(chunks, per_split), per_split
         want += 1
 
@@ -182,10 +186,11 @@ def _split_x(X, Perm, c_first, c_end, K, SUM_CHUNKS: tl.constexpr):
 
 
 @triton.jit
-def _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT: tl.constexpr, SUM_CHUNKS: tl.constexpr):
-    """[16]: each window group's sum of x from `_split_x`'s slices (a 32-column slice lies in one group)."""
+def _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT: tl.constexpr, SUM_CHUNKS: tl.constexpr,
+                 WIN: tl.constexpr):
+    """[WIN]: each window group's sum of x from `_split_x`'s slices (a 32-column slice lies in one group)."""
     rs = tl.arange(0, SUM_CHUNKS * 4)
-    rj = tl.arange(0, 16)
+    rj = tl.arange(0, WIN)
     per_slice = tl.sum(xsl.to(tl.float32), 1)
     col = _group_of(c_first + rs // 4, rs % 4, G, group_size, SLICE_SHIFT) - g_base
     return tl.sum(tl.where(col[:, None] == rj[None, :], per_slice[:, None], 0.0), 0)
@@ -197,13 +202,14 @@ def _mma1_kernel(
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_cn,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
-    SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ri = tl.arange(0, 32)
-    rj = tl.arange(0, 16)
+    rj = tl.arange(0, WIN)  # window columns
+    r16 = tl.arange(0, 16)  # the ones operand's rows
     n_mask = rn < N
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
@@ -211,13 +217,13 @@ def _mma1_kernel(
     g_base = _group_of(c_first, 0, G, group_size, SLICE_SHIFT)  # the split's groups: window columns 0..15
     # the group sums X_j by the MMA too: a row of ones against the same activation tiles (row 0 of xsum)
     if IEEE:
-        ones = tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)
+        ones = tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)
     elif MAGIC == 1:
-        ones = (tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.bfloat16)
+        ones = (tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.bfloat16)
     else:
-        ones = (tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
-    xsum = tl.zeros((16, 16), dtype=tl.float32)
+        ones = (tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
+    acc = tl.zeros((BLOCK_N, WIN), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
+    xsum = tl.zeros((16, WIN), dtype=tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -243,7 +249,7 @@ def _mma1_kernel(
                 else:
                     kx = kk
                 col = _group_of(c, j, G, group_size, SLICE_SHIFT) - g_base
-                # [32, 16]: x in its group's window column, zero in the others (read as such: no register shuffle)
+                # [32, WIN]: x in its group's window column, zero in the others (read as such: no register shuffle)
                 xt = tl.load(X + kx[:, None] + rj[None, :] * 0, mask=k_mask[:, None] & (rj[None, :] == col), other=0.0)
                 w = _plane(h, j, MAGIC, ASM)
                 if IEEE:
@@ -258,7 +264,7 @@ def _mma1_kernel(
     if SUM_CHUNKS == 0:
         xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
     else:
-        xs = _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT, SUM_CHUNKS)
+        xs = _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT, SUM_CHUNKS, WIN)
     off = 0.0 if MAGIC == 0 else (128.0 if MAGIC == 1 else 1024.0)
     g = g_base + rj
     gmask = n_mask[:, None] & (g < G)[None, :]
@@ -287,8 +293,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     x = x if x.stride(1) == 1 else x.contiguous()
     cfg = cfg or mma1_table_config(n, k) or Mma1Config()
     slices = group_size // SLICE
-    if triton.cdiv(cfg.chunks * CHUNK, group_size) + 1 > WINDOW or cfg.block_n < 16:
-        raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {WINDOW})")
+    if triton.cdiv(cfg.chunks * CHUNK, group_size) + 1 > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
+        raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {cfg.window})")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -323,7 +329,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, codes.stride(0),
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
-            SUM_CHUNKS=sum_chunks, BLOCK_N=cfg.block_n,
+            SUM_CHUNKS=sum_chunks, WIN=cfg.window, BLOCK_N=cfg.block_n,
             EVEN=even, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
         )

@@ -39,7 +39,9 @@ CASES = [  # n, k, group, symmetric, act-order
 CONFIGS = [Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1),
            Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1),
            Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1, sums=True),  # sums before the loop
-           Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1, waves=2, sums=True)]
+           Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1, waves=2, sums=True),
+           Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=2, num_stages=1, sums=True, window=8),  # 8 groups
+           Mma1Config(block_n=32, chunks=1, num_warps=1, split_k=1, num_stages=1, window=8)]
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -85,7 +87,8 @@ def test_mma_m1_plan_and_refusals(device):
     with pytest.raises(ValueError, match="window"):  # 8 chunks of 32-column groups: 32 groups, more than 16
         w4a16_mma_m1(torch.zeros(1, 256, device=device), w.codes, w.scales, None, None, 256, 32,
                      cfg=Mma1Config(block_n=16, chunks=8, num_warps=1))
-    for cfg in (Mma1Config(64, 2, 4, None, 3), Mma1Config(64, 2, 1, 4, 4, waves=2, sums=True), Mma1Config(sums=True, waves=3)):
+    for cfg in (Mma1Config(64, 2, 4, None, 3), Mma1Config(64, 2, 1, 4, 4, waves=2, sums=True), Mma1Config(sums=True, waves=3),
+                Mma1Config(sums=True, window=8)):
         assert Mma1Config.parse(cfg.key()) == cfg
 
 
