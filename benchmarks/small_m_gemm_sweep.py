@@ -227,6 +227,20 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                     row["stream_us"] = graph_time([lambda p=p: stream_probe(p[0].view(torch.int32), best) for p in parts]) * 1e6
                 except Exception as exc:  # noqa: BLE001 - the probe is a diagnostic
                     row["stream_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if name == "gate_up" and best and kind in ("gemv", "mma1"):  # the SiLU-and-mul epilogue: the same bits?
+                from radixlm.kernels.ops import silu_and_mul
+
+                try:
+                    cfg = parse(best)
+                    fn = w4a16_mma_m1 if kind == "mma1" else w4a16_gemv
+                    p = parts[0]
+                    fused = fn(x, p[0], p[1], None, None, k, 128, tickets=p[2], cfg=cfg, silu_mul=True)
+                    row["silu_mul_equal"] = torch.equal(fused, silu_and_mul(fn(x, p[0], p[1], None, None, k, 128,
+                                                                               tickets=p[2], cfg=cfg)))
+                    row["silu_mul_us"] = graph_time([lambda p=p: fn(x, p[0], p[1], None, None, k, 128, tickets=p[2],
+                                                                     cfg=cfg, silu_mul=True) for p in parts]) * 1e6
+                except Exception as exc:  # noqa: BLE001 - recorded: a diagnostic
+                    row["silu_mul_equal"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             if pdl and best and kind != "w4":
                 try:
                     cfg = parse(best)
@@ -249,7 +263,9 @@ def _line(r: dict) -> str:
             f"{r['floor_us'] / r['old_us']:>6.0%}{dflt:>8.1f}{best:>8.1f}{r['floor_us'] / best:>6.0%}"
             + (f"{pdl:>7.1f}" if isinstance(pdl, float) else "      -") + f"  {r['best']}"
             + (f"  WRONG: {r['wrong']}" if r["wrong"] else "") + (f"  PDL: {pdl}" if isinstance(pdl, str) else "")
-            + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else ""))
+            + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else "")
+            + (f"  silu_mul {r['silu_mul_us']:.1f} us, same bits {r['silu_mul_equal']}" if "silu_mul_us" in r
+               else f"  silu_mul: {r['silu_mul_equal']}" if "silu_mul_equal" in r else ""))
 
 
 def tables(rows: list[dict]) -> dict:

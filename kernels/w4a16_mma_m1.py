@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
-from .small_m import Table, finish_tile, register_defaults, table_in_use
+from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
 
 MAX_M = 1  # rows this kernel takes
@@ -202,11 +202,12 @@ def _mma1_kernel(
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_cn,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
-    SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = paired_rows(pid_n, N, BLOCK_N, SILU)
     ri = tl.arange(0, 32)
     rj = tl.arange(0, WIN)  # window columns
     r16 = tl.arange(0, 16)  # the ones operand's rows
@@ -279,13 +280,18 @@ def _mma1_kernel(
         total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
     rm = tl.arange(0, 1)
-    finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
+    if SILU:
+        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+    else:
+        finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
 
 
 def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
-                 tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False) -> torch.Tensor:
-    """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s."""
+                 tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False,
+                 silu_mul: bool = False) -> torch.Tensor:
+    """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s (`silu_mul`: [1, N / 2],
+    silu(gate) * up of the MLP's [gate | up] weight)."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if m > MAX_M or x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -295,7 +301,9 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     slices = group_size // SLICE
     if triton.cdiv(cfg.chunks * CHUNK, group_size) + 1 > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
         raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {cfg.window})")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if silu_mul and (n // 2) % (cfg.block_n // 2):
+        raise ValueError(f"w4a16_mma_m1: silu_mul needs N / 2 a multiple of half the row tile ({n}, {cfg.key()})")
+    out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     split, per_split = mma1_plan(n, kp, group_size, scales.shape[0], cfg, x.device)
@@ -329,7 +337,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, codes.stride(0),
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
-            SUM_CHUNKS=sum_chunks, WIN=cfg.window, BLOCK_N=cfg.block_n,
+            SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
             EVEN=even, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
         )

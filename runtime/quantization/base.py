@@ -26,6 +26,11 @@ class QuantizedWeight(ABC):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> x @ W^T [..., out_features], in x's dtype."""
 
+    def linear_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For the MLP's [gate | up] weight: silu(gate) * up of x @ W^T in one launch (the bits of the product,
+        then ops.silu_and_mul), or None where this weight has no such kernel for x (then the caller does both)."""
+        return None
+
     @abstractmethod
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """W[ids] as float32 [len(ids), in_features] (the embedding lookup of a shared weight)."""

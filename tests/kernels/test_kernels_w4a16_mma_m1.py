@@ -149,3 +149,20 @@ def test_decode_pdl_auto_is_on_for_quantized_models_only(monkeypatch):
     assert gdc.enabled("auto", gpu, quantized=True) and not gdc.enabled("auto", gpu, quantized=False)
     assert gdc.enabled("on", gpu) and not gdc.enabled("off", gpu, quantized=True)
     assert not gdc.enabled("auto", torch.device("cpu"), quantized=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_mma_m1_silu_mul_epilogue_is_silu_and_mul_of_the_product(device, dtype):
+    """silu_mul: gate and up rows paired in each tile, silu(gate) * up written by the last split, the bits of
+    ops.silu_and_mul over the plain product."""
+    from radixlm.kernels.ops import silu_and_mul
+
+    n, k = 64, 512
+    w = _weight(n, k, 128, False, True, device)
+    x = (torch.randn(1, k, generator=torch.Generator().manual_seed(9)) * 2).to(dtype).to(device)
+    tickets = tickets_for(n, torch.device(device))
+    for cfg in CONFIGS:
+        args = (x, w.codes, w.scales, w.zeros, w.perm, k, w.group_size)
+        fused = w4a16_mma_m1(*args, tickets=tickets, cfg=cfg, silu_mul=True)
+        assert fused.shape == (1, n // 2) and not tickets.any()
+        assert torch.equal(fused, silu_and_mul(w4a16_mma_m1(*args, tickets=tickets, cfg=cfg)))
