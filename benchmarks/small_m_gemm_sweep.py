@@ -288,13 +288,13 @@ def python_literal(table: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
-DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl")
+DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu")
 
 
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
     swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
-    "-pdl": the swept table with --decode-pdl on); `ab` adds fp8 / w4a16 on the older kernels."""
+    "-pdl": the swept table with --decode-pdl on; "-silu": with --decode-silu-epilogue on); `ab` adds fp8 / w4a16 on the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
@@ -304,7 +304,9 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     table = str(table_path)
     arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
             "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
-            "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"})}
+            "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"}),
+            "w4a16-silu": ("w4a16", table, {"decode_silu_epilogue": "on"}),
+            "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"})}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
         chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]

@@ -252,7 +252,8 @@ def _gemv_kernel(
         w_next = _load_words(w_ptrs, c_first, rw, n_mask, c_end, BLOCK_N, CHUNKS)
     if USE_PDL:  # launched beside its predecessor: the weights (constants) are in flight, now wait for x
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
+            tl.extra.cuda.gdc_launch_dependents()
     for c0 in range(c_first, c_end, CHUNKS):
         cc = c0 + rc  # [CHUNKS]
         c_mask = cc < c_end
@@ -288,6 +289,8 @@ def _gemv_kernel(
             if HAS_OFFSETS:
                 acc += o * xs[None, :, :]
     y = tl.sum(tl.sum(acc, 2), 1)[:, None]  # [BLOCK_N, 1]
+    if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
+        tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
     if SILU:
         finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)

@@ -76,11 +76,12 @@ class Mma1Config:
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel beat the GEMV, measured by
-# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200 (2026-12-03 12:00 round at 9a4e8c3, RESULTS.md: down 14.5
-# vs the GEMV's 16.8 us; qkv 9.8 vs 7.6, o 7.8 vs 7.5, gate_up 27.8 vs 26.7 stay on the GEMV). W4Weight sends M = 1
-# here for the listed shapes, before the GEMV.
+# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200 (2026-12-03 14:50 round at 4ad7b3b, RESULTS.md: gate_up
+# 25.0 vs the GEMV's 26.7 us, down 14.2 vs 16.6, both -g1; qkv 9.1 vs 7.5, o 7.5 vs 7.4 stay on the GEMV). W4Weight
+# sends M = 1 here for the listed shapes, before the GEMV.
 DEFAULTS: Table = {
-    (4096, 14336): {1: "mma1-n64-c2-w1-sa-st3"},
+    (28672, 4096): {1: "mma1-n64-c2-w2-sa-st2-g1"},
+    (4096, 14336): {1: "mma1-n64-c2-w2-sa-st3-g1"},
 }
 register_defaults("mma1", DEFAULTS)
 
@@ -227,7 +228,8 @@ def _mma1_kernel(
     xsum = tl.zeros((16, WIN), dtype=tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
+            tl.extra.cuda.gdc_launch_dependents()
     if SUM_CHUNKS > 0:  # the split's group sums X_j from one load (no ones-row MMA in the loop)
         xsl = _split_x(X, Perm if HAS_PERM else None, c_first, c_end, K, SUM_CHUNKS)
     for c0 in range(c_first, c_end, CHUNKS):
@@ -279,6 +281,8 @@ def _mma1_kernel(
     if HAS_OFFSETS:
         total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
+    if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
+        tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
     if SILU:
         finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)

@@ -149,7 +149,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         (`small_m.finish_tile_silu`); None elsewhere (more rows, the CPU, a row tile that N / 2 does not fill, or
         a kernel that does not compile here: the caller's two launches compute the same bits)."""
         x2 = x.reshape(-1, self.in_features)
-        if not self.use_triton or x2.shape[0] != 1 or x2.shape[0] > GEMV_MAX_M:
+        if not self.silu_epilogue or not self.use_triton or x2.shape[0] != 1 or x2.shape[0] > GEMV_MAX_M:
             return None
         from radixlm.kernels.w4a16_gemv import gemv_default_config, w4a16_gemv
         from radixlm.kernels.w4a16_mma_m1 import mma1_table_config, w4a16_mma_m1
