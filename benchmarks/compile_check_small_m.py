@@ -111,16 +111,17 @@ def gemv_cases():
     for cfg in {w4a16_gemv.GemvConfig.parse(key) for key in GEMV_CONFIGS + defaults}:
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, 1)
         for i, (zeros, offsets, perm, spg, act) in enumerate(forms):
-            for partial, pdl in ([(True, False), (False, False), (True, True)] if i == 0 else [(True, False)]):
+            for partial, pdl, silu in ([(True, False, False), (False, False, False), (True, True, False), (True, True, True)]
+                                       if i == 0 else [(True, False, False)]):  # silu: the gate_up SiLU-and-mul epilogue
                 yield (f"gemv {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} spg={spg} split={partial} "
-                       f"pdl={pdl}", w4a16_gemv._gemv_kernel,
+                       f"pdl={pdl} silu={silu}", w4a16_gemv._gemv_kernel,
                        {"X": act, "Words": "i32", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
                         "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
                         "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
                        {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
                         "XMODE": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "PRECISE": act == "fp32", "EVEN_K": i != 3,
                         "SLICES_PER_GROUP": spg, "PREFETCH": cfg.prefetch, "USE_PDL": pdl,
-                        "GROUP_SHIFT": 0 if spg == 4 else -1, "BLOCK_N": cfg.block_n,
+                        "GROUP_SHIFT": 0 if spg == 4 else -1, "SILU": silu, "BLOCK_N": cfg.block_n,
                         "CHUNKS": cfg.chunks}, launch)
 
 
@@ -132,15 +133,17 @@ def mma1_cases():
     for cfg in {w4a16_mma_m1.Mma1Config.parse(key) for key in MMA1_CONFIGS + defaults}:
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
         for i, (zeros, offsets, perm, shift, act) in enumerate(forms):
-            for partial, pdl in ([(True, False), (False, False), (True, True)] if i == 0 else [(True, False)]):
+            for partial, pdl, silu in ([(True, False, False), (False, False, False), (True, True, False), (True, True, True)]
+                                       if i == 0 else [(True, False, False)]):  # silu: the gate_up SiLU-and-mul epilogue
                 yield (f"mma1 {cfg.key()} {act} zeros={zeros} offsets={offsets} perm={perm} shift={shift} "
-                       f"split={partial} pdl={pdl}", w4a16_mma_m1._mma1_kernel,
+                       f"split={partial} pdl={pdl} silu={silu}", w4a16_mma_m1._mma1_kernel,
                        {"X": act, "Codes": "i16", "Scales": "fp16", "Zeros": "u8" if zeros else "fp16",
                         "Offsets": "fp32" if offsets else "fp16", "Perm": "i32" if perm else "i16", "Out": act,
                         "Part": "fp32" if partial else act, "Tickets": "i32" if partial else "i16"},
                        {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
                         "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": act != "fp32",
-                        "SLICE_SHIFT": shift, "USE_PDL": pdl, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
+                        "SLICE_SHIFT": shift, "USE_PDL": pdl, "SUM_CHUNKS": 16 if cfg.sums else 0,
+                        "EVEN": i == 0, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
 
 
 def main() -> int:

@@ -60,12 +60,19 @@ GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 
 ]
 # the M = 1 tensor-core kernel (kernels/w4a16_mma_m1.py): rows x chunks per step, warps, split-K (a: ~4 programs
 # per SM), Triton stages; 4 / 8 warps: wgmma (the codes' operand in registers), 1 / 2 warps: mma.sync
-MMA1_CONFIGS = [  # first: the sm_90 SASS's leanest loops (1.6-2 instructions a weight, 0.875 of them the conversion;
-    # mma.sync at 1-2 warps, no wait after each MMA as wgmma's register operand takes here)
-    "mma1-n128-c2-w2-sa-st3", "mma1-n64-c2-w2-sa-st3", "mma1-n256-c1-w4-sa-st3", "mma1-n128-c2-w4-sa-st3",
-    "mma1-n64-c2-w1-sa-st3", "mma1-n128-c1-w2-sa-st4", "mma1-n256-c1-w2-sa-st3", "mma1-n128-c2-w2-s4-st3",
-    "mma1-n64-c2-w2-s4-st3", "mma1-n64-c4-w2-sa-st3", "mma1-n256-c2-w8-sa-st3", "mma1-n128-c2-w4-s4-st3",
-    "mma1-n256-c1-w4-s8-st3", "mma1-n32-c2-w1-sa-st4", "mma1-n128-c2-w2-sa-st4",
+MMA1_CONFIGS = [  # -g1: the group sums from one load issued before the loop and summed after it, not a second
+    # small dot of a ones row in the loop (64 MMAs a step at n64-c2-w2 instead of 96; sm_90 SASS 392 instructions a
+    # step against 498, with the mask-free loads of whole steps); -j8: a window of 8 groups, the MMA 8 columns wide
+    # (32 MMAs a step, less shared memory; twice the splits); -v8: split-K planned for ~8 programs per SM (4
+    # without); st: Triton stages (a stage holds the codes and the activation tiles). The 14:50 round (RESULTS.md):
+    # two stages won gate_up (25.0 us against 28.9 at three, same tile), so their variants come first (72-118
+    # registers, 12-24 KB of shared memory); then the round's other winners; the time budget cuts the tail.
+    "mma1-n64-c2-w2-sa-st2-g1-j8", "mma1-n64-c2-w1-sa-st2-g1", "mma1-n64-c2-w1-sa-st2-g1-j8",
+    "mma1-n64-c4-w2-sa-st2-g1-j8", "mma1-n128-c2-w2-sa-st2-g1-j8", "mma1-n128-c1-w2-sa-st2-g1",
+    "mma1-n64-c1-w2-sa-st2-g1-j8", "mma1-n32-c2-w1-sa-st2-g1", "mma1-n64-c2-w2-sa-st2-v8-g1", "mma1-n64-c4-w2-sa-st2-g1",
+    "mma1-n64-c2-w2-sa-st2-g1", "mma1-n64-c2-w2-sa-st3-g1", "mma1-n64-c2-w1-sa-st3-g1-j8", "mma1-n64-c1-w2-sa-st4-g1-j8",
+    "mma1-n64-c2-w2-sa-st3-g1-j8", "mma1-n64-c2-w1-sa-st3-g1", "mma1-n64-c1-w2-sa-st4-g1", "mma1-n128-c1-w2-sa-st4-g1-j8",
+    "mma1-n64-c2-w2-sa-st3", "mma1-n64-c2-w1-sa-st3",
 ]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16)
@@ -221,6 +228,20 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                     row["stream_us"] = graph_time([lambda p=p: stream_probe(p[0].view(torch.int32), best) for p in parts]) * 1e6
                 except Exception as exc:  # noqa: BLE001 - the probe is a diagnostic
                     row["stream_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if name == "gate_up" and best and kind in ("gemv", "mma1"):  # the SiLU-and-mul epilogue: the same bits?
+                from radixlm.kernels.ops import silu_and_mul
+
+                try:
+                    cfg = parse(best)
+                    fn = w4a16_mma_m1 if kind == "mma1" else w4a16_gemv
+                    p = parts[0]
+                    fused = fn(x, p[0], p[1], None, None, k, 128, tickets=p[2], cfg=cfg, silu_mul=True)
+                    row["silu_mul_equal"] = torch.equal(fused, silu_and_mul(fn(x, p[0], p[1], None, None, k, 128,
+                                                                               tickets=p[2], cfg=cfg)))
+                    row["silu_mul_us"] = graph_time([lambda p=p: fn(x, p[0], p[1], None, None, k, 128, tickets=p[2],
+                                                                     cfg=cfg, silu_mul=True) for p in parts]) * 1e6
+                except Exception as exc:  # noqa: BLE001 - recorded: a diagnostic
+                    row["silu_mul_equal"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             if pdl and best and kind != "w4":
                 try:
                     cfg = parse(best)
@@ -243,7 +264,9 @@ def _line(r: dict) -> str:
             f"{r['floor_us'] / r['old_us']:>6.0%}{dflt:>8.1f}{best:>8.1f}{r['floor_us'] / best:>6.0%}"
             + (f"{pdl:>7.1f}" if isinstance(pdl, float) else "      -") + f"  {r['best']}"
             + (f"  WRONG: {r['wrong']}" if r["wrong"] else "") + (f"  PDL: {pdl}" if isinstance(pdl, str) else "")
-            + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else ""))
+            + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else "")
+            + (f"  silu_mul {r['silu_mul_us']:.1f} us, same bits {r['silu_mul_equal']}" if "silu_mul_us" in r
+               else f"  silu_mul: {r['silu_mul_equal']}" if "silu_mul_equal" in r else ""))
 
 
 def tables(rows: list[dict]) -> dict:
@@ -266,13 +289,13 @@ def python_literal(table: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
-DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl")
+DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu")
 
 
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
     swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
-    "-pdl": the swept table with --decode-pdl on); `ab` adds fp8 / w4a16 on the older kernels."""
+    "-pdl": the swept table with --decode-pdl on; "-silu": with --decode-silu-epilogue on); `ab` adds fp8 / w4a16 on the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
@@ -282,7 +305,9 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     table = str(table_path)
     arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
             "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
-            "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"})}
+            "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"}),
+            "w4a16-silu": ("w4a16", table, {"decode_silu_epilogue": "on"}),
+            "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"})}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
         chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]

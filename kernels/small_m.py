@@ -115,6 +115,45 @@ def finish_tile(acc, S, Out, Part, Tickets, rm, rn, m_mask, n_mask, pid_n, pid_k
             tl.atomic_xchg(Tickets + pid_n, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def paired_rows(pid_n, N, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
+    """A tile's weight rows: BLOCK_N consecutive ones, or (SILU, the MLP's [gate | up] weight) BLOCK_N / 2 gate
+    rows and the matching up rows N / 2 further on, so one program holds both halves of its outputs."""
+    r = tl.arange(0, BLOCK_N)
+    if SILU:
+        return pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2) + (r >= BLOCK_N // 2).to(tl.int32) * (N // 2)
+    return pid_n * BLOCK_N + r
+
+
+@triton.jit
+def finish_tile_silu(acc, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """`finish_tile` for a `paired_rows` tile of the [gate | up] product at M = 1 (acc [BLOCK_N, 1]): writes
+    silu(gate) * up for its BLOCK_N / 2 columns, rounded as kernels/ops.py's SiLU-and-mul rounds the gate_up
+    output it reads (gate and up to Out's dtype, silu to it, then the product): that kernel's bits, one launch less."""
+    if PARTIAL:
+        tl.store(Part + pid_k.to(tl.int64) * N + rn[:, None], acc)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Tickets + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == split - 1:
+            total = tl.zeros_like(acc)
+            for s_ in range(split):
+                total += tl.load(Part + s_ * N + rn[:, None], cache_modifier=".cg")
+            _silu_store(total, Out, pid_n, BLOCK_N)
+            tl.atomic_xchg(Tickets + pid_n, 0, sem="relaxed", scope="gpu")
+    else:
+        _silu_store(acc, Out, pid_n, BLOCK_N)
+
+
+@triton.jit
+def _silu_store(total, Out, pid_n, BLOCK_N: tl.constexpr):
+    dtype = Out.dtype.element_ty
+    y = tl.reshape(total, (2, BLOCK_N // 2)).to(dtype).to(tl.float32)  # row 0: gate, row 1: up (the output's rounding)
+    gate, up = tl.split(tl.trans(y))
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(Out + pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), (act * up).to(dtype))
+
+
 TABLE_ENV = "RADIXLM_SMALL_M_TABLE"  # a sweep's JSON ("tables" of benchmarks/small_m_gemm_sweep.py), or "off"
 
 

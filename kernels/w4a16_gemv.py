@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
-from .small_m import Table, finish_tile, register_defaults, table_in_use
+from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .w4a16_gemm import CHUNK, SLICE
 
 MAX_M = 1  # rows this kernel takes (W4Weight sends M <= GEMV_MAX_M here)
@@ -233,11 +233,12 @@ def _gemv_kernel(
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_wn, magic128, magic2048,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     XMODE: tl.constexpr, PRECISE: tl.constexpr, EVEN_K: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
-    PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, GROUP_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, GROUP_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = paired_rows(pid_n, N, BLOCK_N, SILU)
     rc = tl.arange(0, CHUNKS)
     ri = tl.arange(0, 16)
     n_mask = rn < N
@@ -251,7 +252,8 @@ def _gemv_kernel(
         w_next = _load_words(w_ptrs, c_first, rw, n_mask, c_end, BLOCK_N, CHUNKS)
     if USE_PDL:  # launched beside its predecessor: the weights (constants) are in flight, now wait for x
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
+            tl.extra.cuda.gdc_launch_dependents()
     for c0 in range(c_first, c_end, CHUNKS):
         cc = c0 + rc  # [CHUNKS]
         c_mask = cc < c_end
@@ -287,18 +289,25 @@ def _gemv_kernel(
             if HAS_OFFSETS:
                 acc += o * xs[None, :, :]
     y = tl.sum(tl.sum(acc, 2), 1)[:, None]  # [BLOCK_N, 1]
+    if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
+        tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
-    finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
+    if SILU:
+        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+    else:
+        finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
 
 
 def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
-               tickets: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
+               tickets: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool = False,
+               silu_mul: bool = False) -> torch.Tensor:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemm.w4a16_matmul`'s, plus
     `tickets` (`tickets_for(N)`: zero at rest; a fresh zeroed buffer per call when None). `pdl`: launch with
     programmatic dependent launch (sm_90+): the kernel becomes resident while its predecessor runs, loads
     its first weight step (constants: no hazard) and waits for it before reading x or writing anything
-    (results bit-identical; the launch and the first weight round trip are hidden)."""
+    (results bit-identical; the launch and the first weight round trip are hidden). `silu_mul`: the weight is the
+    MLP's [gate | up] and the result silu(gate) * up, [1, N / 2] (`small_m.finish_tile_silu`: ops.silu_and_mul's bits)."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if m > MAX_M or x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -307,7 +316,9 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         raise ValueError("w4a16_gemv: the codes must be contiguous (read as int32 words)")
     x = x if x.stride(1) == 1 else x.contiguous()
     cfg = cfg or gemv_default_config(n, k)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if silu_mul and (n // 2) % (cfg.block_n // 2):
+        raise ValueError(f"w4a16_gemv: silu_mul needs N / 2 a multiple of half the row tile ({n}, {cfg.key()})")
+    out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     split, per_split = gemv_plan(n, kp, cfg, x.device)
@@ -337,7 +348,7 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, kp // 8, MAGIC128, MAGIC2048,
         HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
         XMODE=xmode, PRECISE=x.dtype == torch.float32, EVEN_K=k % CHUNK == 0, PREFETCH=cfg.prefetch,
-        GROUP_SHIFT=group_shift, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_N=cfg.block_n,
+        GROUP_SHIFT=group_shift, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SILU=silu_mul, BLOCK_N=cfg.block_n,
         CHUNKS=cfg.chunks,
         num_warps=cfg.num_warps, num_stages=1,  # Triton 3.6 does not pipeline these loads: PREFETCH does
         **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}),

@@ -15,8 +15,11 @@ applied once per window of 16 groups (a [BLOCK_N, 16] tile of each, not per grou
     y[n] = sum_j s[g_j, n] (P[n, j] - (off + z[g_j, n]) X_j)  (+ o[g_j, n] X_j)      X_j = sum of x in group g_j
 
 (exact algebra; P sums products of bf16 values, exact in float32, so the offset costs only the float32
-cancellation of off X_j, ~1e-5 relative at 128, ~1e-4 at fp16's 1024). Group sums X_j come from the same
-activation tile (one row reduction a slice).
+cancellation of off X_j, ~1e-5 relative at 128, ~1e-4 at fp16's 1024). Group sums X_j come from a second
+small dot of a ones row with the same activation tiles, or (`Mma1Config.sums`, keys `-g1`) from the split's
+activations loaded once before the loop and summed after it: a third fewer MMAs a step, and the load's latency
+hidden under the weight stream. With `Mma1Config.window` 8 (keys `-j8`) the tile is 8 columns wide: one MMA
+(m16n8k16) per 16 x 16 codes instead of two, each split inside a window of 8 groups (twice the splits).
 
 Layout: `w4a16_gemm.pack_codes` (one copy of the weight serves every kernel): halfword i of a chunk's 32
 holds columns i, 32 + i, 64 + i, 96 + i, so nibble plane j of a [BLOCK_N, 32] halfword tile is the row
@@ -33,17 +36,19 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
-from .small_m import Table, finish_tile, register_defaults, table_in_use
+from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
 
 MAX_M = 1  # rows this kernel takes
 WINDOW = 16  # groups whose sums the accumulator holds side by side (the MMA's column count)
+MAX_SUM_CHUNKS = 16  # chunks of a split whose group sums one pass before the loop takes (Mma1Config.sums)
 
 
 @dataclass(frozen=True)
 class Mma1Config:
     """One launch: BLOCK_N rows x CHUNKS chunks of 128 columns a loop step, warps (1-2: mma.sync, 4-8: wgmma),
-    Triton pipeline stages."""
+    Triton pipeline stages; `sums`: the split's group sums of x in one vectorized pass before the loop
+    (else a second small dot of a ones row every slice: a third of the loop's MMAs)."""
 
     block_n: int = 128
     chunks: int = 2
@@ -51,24 +56,32 @@ class Mma1Config:
     split_k: int | None = None  # None: from the shape (`mma1_plan`); a number: at most that many splits
     num_stages: int = 3
     waves: int = 4  # programs per SM the split-K plan aims for (split_k None)
+    sums: bool = False
+    window: int = WINDOW  # groups side by side in the MMA's columns: 16, or 8 (half the MMAs, twice the splits)
 
     def key(self) -> str:
         split = "a" if self.split_k is None else str(self.split_k)
-        return f"mma1-n{self.block_n}-c{self.chunks}-w{self.num_warps}-s{split}-st{self.num_stages}"
+        extra = ("" if self.waves == 4 else f"-v{self.waves}") + ("-g1" if self.sums else "")
+        extra += "" if self.window == WINDOW else f"-j{self.window}"
+        return f"mma1-n{self.block_n}-c{self.chunks}-w{self.num_warps}-s{split}-st{self.num_stages}{extra}"
 
     @classmethod
     def parse(cls, key: str) -> "Mma1Config":
         """The inverse of `key` (the sweep's JSON and the DEFAULTS table hold keys)."""
-        _, n, c, w, s, st = key.split("-")
-        return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]))
+        _, n, c, w, s, st, *extra = key.split("-")
+        waves = next((int(e[1:]) for e in extra if e.startswith("v")), 4)
+        window = next((int(e[1:]) for e in extra if e.startswith("j")), WINDOW)
+        return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]), waves,
+                   "g1" in extra, window)
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel beat the GEMV, measured by
-# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200 (2026-12-03 12:00 round at 9a4e8c3, RESULTS.md: down 14.5
-# vs the GEMV's 16.8 us; qkv 9.8 vs 7.6, o 7.8 vs 7.5, gate_up 27.8 vs 26.7 stay on the GEMV). W4Weight sends M = 1
-# here for the listed shapes, before the GEMV.
+# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200 (2026-12-03 14:50 round at 4ad7b3b, RESULTS.md: gate_up
+# 25.0 vs the GEMV's 26.7 us, down 14.2 vs 16.6, both -g1; qkv 9.1 vs 7.5, o 7.5 vs 7.4 stay on the GEMV). W4Weight
+# sends M = 1 here for the listed shapes, before the GEMV.
 DEFAULTS: Table = {
-    (4096, 14336): {1: "mma1-n64-c2-w1-sa-st3"},
+    (28672, 4096): {1: "mma1-n64-c2-w2-sa-st2-g1"},
+    (4096, 14336): {1: "mma1-n64-c2-w2-sa-st3-g1"},
 }
 register_defaults("mma1", DEFAULTS)
 
@@ -82,7 +95,7 @@ def mma1_table_config(n: int, k: int) -> Mma1Config | None:
 def mma1_plan(n: int, kp: int, group_size: int, groups: int, cfg: Mma1Config,
               device: torch.device) -> tuple[int, int]:
     """(split_k, chunks per split): about `waves` programs per SM (or cfg.split_k), each split a whole number
-    of loop steps and inside one window: at most WINDOW groups (a split of L columns starting anywhere
+    of loop steps and inside one window: at most cfg.window groups (a split of L columns starting anywhere
     touches at most (L - 1) // group_size + 2 groups, one fewer when group boundaries align with it)."""
     chunks = kp // CHUNK
     tiles = triton.cdiv(n, cfg.block_n)
@@ -95,7 +108,7 @@ def mma1_plan(n: int, kp: int, group_size: int, groups: int, cfg: Mma1Config,
         cols = per_split * CHUNK
         aligned = cols % group_size == 0
         touched = cols // group_size if aligned else (cols - 1) // group_size + 2
-        if groups == 1 or touched <= WINDOW or want >= steps:
+        if groups == 1 or touched <= cfg.window or want >= steps:
             return triton.cdiv(chunks, per_split), per_split
         want += 1
 
@@ -151,7 +164,7 @@ def _plane(h, j: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _group_of(c, j: tl.constexpr, G, group_size, SLICE_SHIFT: tl.constexpr):
+def _group_of(c, j, G, group_size, SLICE_SHIFT: tl.constexpr):
     """The group of slice j of chunk c (SLICE_SHIFT >= 0: 2**SLICE_SHIFT slices a group, a shift)."""
     if SLICE_SHIFT >= 0:
         return tl.minimum((c * 4 + j) >> SLICE_SHIFT, G - 1)
@@ -160,18 +173,45 @@ def _group_of(c, j: tl.constexpr, G, group_size, SLICE_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _split_x(X, Perm, c_first, c_end, K, SUM_CHUNKS: tl.constexpr):
+    """The activations of chunks c_first .. c_end - 1 (at most SUM_CHUNKS) as [SUM_CHUNKS * 4, 32] slices, zero
+    past the end: loaded before the loop, summed after it (`_window_sums`), so the load's latency hides
+    under the weights' stream instead of holding up the first weight loads."""
+    rs = tl.arange(0, SUM_CHUNKS * 4)  # slices
+    ri = tl.arange(0, 32)
+    kk = (c_first + rs // 4)[:, None] * 128 + (rs % 4)[:, None] * 32 + ri[None, :]
+    k_mask = (kk < K) & (kk < c_end * 128)
+    if Perm is not None:
+        kk = tl.load(Perm + kk, mask=k_mask, other=0)
+    return tl.load(X + kk, mask=k_mask, other=0.0)
+
+
+@triton.jit
+def _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT: tl.constexpr, SUM_CHUNKS: tl.constexpr,
+                 WIN: tl.constexpr):
+    """[WIN]: each window group's sum of x from `_split_x`'s slices (a 32-column slice lies in one group)."""
+    rs = tl.arange(0, SUM_CHUNKS * 4)
+    rj = tl.arange(0, WIN)
+    per_slice = tl.sum(xsl.to(tl.float32), 1)
+    col = _group_of(c_first + rs // 4, rs % 4, G, group_size, SLICE_SHIFT) - g_base
+    return tl.sum(tl.where(col[:, None] == rj[None, :], per_slice[:, None], 0.0), 0)
+
+
+@triton.jit
 def _mma1_kernel(
     X, Codes, Scales, Zeros, Offsets, Perm, Out, Part, Tickets,
     N, K, G, group_size, chunks_per_split, n_chunks, split, stride_cn,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = paired_rows(pid_n, N, BLOCK_N, SILU)
     ri = tl.arange(0, 32)
-    rj = tl.arange(0, 16)
+    rj = tl.arange(0, WIN)  # window columns
+    r16 = tl.arange(0, 16)  # the ones operand's rows
     n_mask = rn < N
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
@@ -179,41 +219,55 @@ def _mma1_kernel(
     g_base = _group_of(c_first, 0, G, group_size, SLICE_SHIFT)  # the split's groups: window columns 0..15
     # the group sums X_j by the MMA too: a row of ones against the same activation tiles (row 0 of xsum)
     if IEEE:
-        ones = tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)
+        ones = tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)
     elif MAGIC == 1:
-        ones = (tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.bfloat16)
+        ones = (tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.bfloat16)
     else:
-        ones = (tl.where(rj[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
-    xsum = tl.zeros((16, 16), dtype=tl.float32)
+        ones = (tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
+    acc = tl.zeros((BLOCK_N, WIN), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
+    xsum = tl.zeros((16, WIN), dtype=tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
+            tl.extra.cuda.gdc_launch_dependents()
+    if SUM_CHUNKS > 0:  # the split's group sums X_j from one load (no ones-row MMA in the loop)
+        xsl = _split_x(X, Perm if HAS_PERM else None, c_first, c_end, K, SUM_CHUNKS)
     for c0 in range(c_first, c_end, CHUNKS):
         for cc in tl.static_range(CHUNKS):
             c = c0 + cc
             # the last split's short step: a chunk past its end reads zero codes and zero x
             live = (ri * 0 + c) < c_end
-            h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None] & live[None, :], other=0)
+            if EVEN:  # whole steps, whole chunks, whole row tiles: no masks but the window column's
+                h = tl.load(c_ptrs + c * 32)
+            else:
+                h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None] & live[None, :], other=0)
             for j in tl.static_range(4):
                 kk = c * 128 + j * 32 + ri
-                k_mask = (kk < K) & live
+                if EVEN:
+                    k_mask = ri >= 0
+                else:
+                    k_mask = (kk < K) & live
                 if HAS_PERM:
                     kx = tl.load(Perm + kk, mask=k_mask, other=0)
                 else:
                     kx = kk
                 col = _group_of(c, j, G, group_size, SLICE_SHIFT) - g_base
-                # [32, 16]: x in its group's window column, zero in the others (read as such: no register shuffle)
+                # [32, WIN]: x in its group's window column, zero in the others (read as such: no register shuffle)
                 xt = tl.load(X + kx[:, None] + rj[None, :] * 0, mask=k_mask[:, None] & (rj[None, :] == col), other=0.0)
                 w = _plane(h, j, MAGIC, ASM)
                 if IEEE:
                     acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                    xsum = tl.dot(ones, xt.to(tl.float32), xsum, input_precision="ieee")
+                    if SUM_CHUNKS == 0:
+                        xsum = tl.dot(ones, xt.to(tl.float32), xsum, input_precision="ieee")
                 else:
                     acc = tl.dot(w, xt.to(w.dtype), acc)
-                    xsum = tl.dot(ones, xt.to(w.dtype), xsum)
+                    if SUM_CHUNKS == 0:
+                        xsum = tl.dot(ones, xt.to(w.dtype), xsum)
     # y[n] = sum_j s (P - (off + z) X) (+ o X) over the window's groups
-    xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
+    if SUM_CHUNKS == 0:
+        xs = tl.sum(xsum, 0)  # [16]: row 0 holds the sums, the other rows zero
+    else:
+        xs = _window_sums(xsl, c_first, g_base, G, group_size, SLICE_SHIFT, SUM_CHUNKS, WIN)
     off = 0.0 if MAGIC == 0 else (128.0 if MAGIC == 1 else 1024.0)
     g = g_base + rj
     gmask = n_mask[:, None] & (g < G)[None, :]
@@ -227,14 +281,21 @@ def _mma1_kernel(
     if HAS_OFFSETS:
         total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
+    if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
+        tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
-    finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
+    if SILU:
+        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+    else:
+        finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
 
 
 def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
-                 tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False) -> torch.Tensor:
-    """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s."""
+                 tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False,
+                 silu_mul: bool = False) -> torch.Tensor:
+    """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s (`silu_mul`: [1, N / 2],
+    silu(gate) * up of the MLP's [gate | up] weight)."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if m > MAX_M or x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -242,9 +303,11 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     x = x if x.stride(1) == 1 else x.contiguous()
     cfg = cfg or mma1_table_config(n, k) or Mma1Config()
     slices = group_size // SLICE
-    if triton.cdiv(cfg.chunks * CHUNK, group_size) + 1 > WINDOW or cfg.block_n < 16:
-        raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {WINDOW})")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if triton.cdiv(cfg.chunks * CHUNK, group_size) + 1 > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
+        raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {cfg.window})")
+    if silu_mul and (n // 2) % (cfg.block_n // 2):
+        raise ValueError(f"w4a16_mma_m1: silu_mul needs N / 2 a multiple of half the row tile ({n}, {cfg.key()})")
+    out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     split, per_split = mma1_plan(n, kp, group_size, scales.shape[0], cfg, x.device)
@@ -264,6 +327,10 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     else:
         slice_shift = -1
     magic = _magic(x.dtype)
+    # the group sums before the loop where the split's chunks fit one vectorized pass (else the ones-row MMA)
+    sum_chunks = MAX_SUM_CHUNKS if cfg.sums and per_split <= MAX_SUM_CHUNKS else 0  # one compile for every shape
+    # every step whole (chunks, split ends) and every row tile full: the loop's loads need no masks of their own
+    even = k % CHUNK == 0 and (kp // CHUNK) % cfg.chunks == 0 and per_split % cfg.chunks == 0 and n % cfg.block_n == 0
     grid = (triton.cdiv(n, cfg.block_n), split)
     use_pdl = pdl and x.is_cuda
 
@@ -274,7 +341,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             n, k, scales.shape[0], group_size, per_split, kp // CHUNK, split, codes.stride(0),
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
-            BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
+            EVEN=even, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
         )
 

@@ -111,6 +111,9 @@ class LlamaMLP(nn.Module):
                 gate_up: torch.Tensor | None = None) -> torch.Tensor:
         """`gate_up`: the projection already made (the add + norm in its GEMV's loads); then `x` is not read."""
         if gate_up is None:
+            act = self.gate_up_proj.forward_silu_mul(x)  # batch 1, 4-bit weights: SiLU-and-mul in the GEMV's epilogue
+            if act is not None:
+                return self.down_proj(act, lora_into=residual)
             gate_up = self.gate_up_proj(x)
         fused = self.down_proj.forward_silu_mul(gate_up)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
         return fused if fused is not None else self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)

@@ -21,10 +21,16 @@ class QuantizedWeight(ABC):
     # decode kernels launched with programmatic dependent launch (sm_90+; `set_decode_pdl`): resident while
     # the previous kernel runs, weights in flight before they wait for it (results bit-identical)
     pdl: bool = False
+    silu_epilogue: bool = False  # --decode-silu-epilogue: `linear_silu_mul` may fuse (`set_decode_pdl` sets it)
 
     @abstractmethod
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> x @ W^T [..., out_features], in x's dtype."""
+
+    def linear_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For the MLP's [gate | up] weight: silu(gate) * up of x @ W^T in one launch (the bits of the product,
+        then ops.silu_and_mul), or None where this weight has no such kernel for x (then the caller does both)."""
+        return None
 
     @abstractmethod
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -70,14 +76,16 @@ class DequantizedRows:
         return self._dequantize(ids)
 
 
-def set_decode_pdl(model: torch.nn.Module, on: bool) -> int:
+def set_decode_pdl(model: torch.nn.Module, on: bool, silu_epilogue: bool = False) -> int:
     """Turn PDL on / off for every quantized linear of `model` whose decode kernels take it (the 4-bit GEMV,
-    the FP8 small-M kernel); the model runner calls it with its --decode-pdl decision. Returns how many."""
+    the FP8 small-M kernel), and the gate_up SiLU-and-mul epilogue (`linear_silu_mul`); the model runner calls it
+    with its --decode-pdl and --decode-silu-epilogue decisions. Returns how many."""
     count = 0
     for module in model.modules():
         quantized = getattr(module, "quantized", None)
         if isinstance(quantized, QuantizedWeight):
             quantized.pdl = on
+            quantized.silu_epilogue = silu_epilogue
             count += 1
     return count
 

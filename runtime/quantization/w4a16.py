@@ -144,6 +144,34 @@ class W4Weight(DequantizedRows, QuantizedWeight):
                                offsets=self.offsets)
         return out.reshape(*lead, self.out_features)
 
+    def linear_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One decode row through the M = 1 kernel that serves this shape, SiLU-and-mul in its last split
+        (`small_m.finish_tile_silu`); None elsewhere (more rows, the CPU, a row tile that N / 2 does not fill, or
+        a kernel that does not compile here: the caller's two launches compute the same bits)."""
+        x2 = x.reshape(-1, self.in_features)
+        if not self.silu_epilogue or not self.use_triton or x2.shape[0] != 1 or x2.shape[0] > GEMV_MAX_M:
+            return None
+        from radixlm.kernels.w4a16_gemv import gemv_default_config, w4a16_gemv
+        from radixlm.kernels.w4a16_mma_m1 import mma1_table_config, w4a16_mma_m1
+
+        args = (x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, self.offsets,
+                self.tickets)
+        if not _mma1_failed and self._mma1_serves():
+            run, block_n = w4a16_mma_m1, mma1_table_config(self.out_features, self.in_features).block_n
+        elif not _gemv_failed and self._gemv_serves():
+            run, block_n = w4a16_gemv, gemv_default_config(self.out_features, self.in_features).block_n
+        else:
+            return None
+        if self.out_features % 2 or (self.out_features // 2) % (block_n // 2):
+            return None
+        try:
+            out = run(*args, pdl=self.pdl, silu_mul=True)
+        except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
+            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+                raise
+            return None
+        return out.reshape(*x.shape[:-1], self.out_features // 2)
+
     def _small_m(self, x2: torch.Tensor) -> torch.Tensor:
         """Decode sizes: the small-M kernel (kernels/w4a16_small_m.py), or the older split-K MMA kernel where
         it is switched off or does not compile."""

@@ -173,3 +173,50 @@ def test_gemv_table_from_defaults_or_a_sweep(tmp_path, monkeypatch):
     monkeypatch.setenv(small_m.TABLE_ENV, str(path))
     assert kv.gemv_table_config(97, 512).key() == "gemv-n64-c4-w4-sa-p0"
     assert kv.gemv_table_config(96, 512).key() == "gemv-n16-c2-w2-s2-p1"  # the defaults stay under a sweep
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("n", "k", "group", "symmetric", "act_order"), [(96, 512, 128, True, False),
+                                                                      (80, 256, 32, False, True)])
+def test_gemv_silu_mul_epilogue_is_silu_and_mul_of_the_product(device, dtype, n, k, group, symmetric, act_order):
+    """silu_mul: the [gate | up] weight's rows paired in each tile, the last split writes silu(gate) * up with the
+    bits of ops.silu_and_mul over the plain product (one launch less in the MLP); N / 2 must fill the half tiles."""
+    from radixlm.kernels.ops import silu_and_mul
+
+    w = _weight(n, k, group, symmetric, act_order, device)
+    x = (torch.randn(1, k, generator=torch.Generator().manual_seed(n)) * 2).to(dtype).to(device)
+    tickets = tickets_for(n, torch.device(device))
+    for cfg in SPLIT_AND_ONE:
+        args = (x, w.codes, w.scales, w.zeros, w.perm, k, w.group_size)
+        if (n // 2) % (cfg.block_n // 2):
+            with pytest.raises(ValueError, match="silu_mul"):
+                w4a16_gemv(*args, tickets=tickets, cfg=cfg, silu_mul=True)
+            continue
+        fused = w4a16_gemv(*args, tickets=tickets, cfg=cfg, silu_mul=True)
+        assert fused.shape == (1, n // 2) and not tickets.any()
+        assert torch.equal(fused, silu_and_mul(w4a16_gemv(*args, tickets=tickets, cfg=cfg)))
+
+
+def test_gate_up_layer_fuses_silu_mul_for_one_row_only(device, monkeypatch):
+    """ColumnParallelLinear.forward_silu_mul over a 4-bit [gate | up] weight (--decode-silu-epilogue on): one decode
+    row through the serving M = 1 kernel with SiLU-and-mul in its epilogue (the bits of the two launches), None
+    for more rows, a LoRA update, the CPU reference path, the flag off, or a row tile that N / 2 does not fill."""
+    from radixlm.kernels import w4a16_gemv as kv
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.runtime.parallel.layers import ColumnParallelLinear
+
+    w = _weight(64, 256, 128, True, False, device)
+    layer = ColumnParallelLinear(256, 64, bias=False)
+    layer.quantized = w
+    x1 = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(device)
+    assert layer.forward_silu_mul(x1) is None  # the CPU reference weight: no kernel
+    w.use_triton, w.tickets = True, tickets_for(64, torch.device(device))
+    monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n16-c1-w1-s2-p0"})
+    assert layer.forward_silu_mul(x1) is None  # --decode-silu-epilogue off (the default)
+    w.silu_epilogue = True
+    assert torch.equal(layer.forward_silu_mul(x1), silu_and_mul(w.linear(x1)))
+    assert layer.forward_silu_mul(x1.expand(2, 256).contiguous()) is None
+    monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n128-c1-w1-s2-p0"})  # 32 gate rows: not half of 128
+    assert layer.forward_silu_mul(x1) is None
+    layer.lora = object()
+    assert layer.forward_silu_mul(x1) is None

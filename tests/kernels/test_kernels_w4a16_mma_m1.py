@@ -37,7 +37,11 @@ CASES = [  # n, k, group, symmetric, act-order
     (32, 1152, 32, True, False),  # 36 groups of 32: more splits than asked, each inside one window of 16 groups
 ]
 CONFIGS = [Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1),
-           Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1)]
+           Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1),
+           Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1, sums=True),  # sums before the loop
+           Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1, waves=2, sums=True),
+           Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=2, num_stages=1, sums=True, window=8),  # 8 groups
+           Mma1Config(block_n=32, chunks=1, num_warps=1, split_k=1, num_stages=1, window=8)]
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -83,7 +87,9 @@ def test_mma_m1_plan_and_refusals(device):
     with pytest.raises(ValueError, match="window"):  # 8 chunks of 32-column groups: 32 groups, more than 16
         w4a16_mma_m1(torch.zeros(1, 256, device=device), w.codes, w.scales, None, None, 256, 32,
                      cfg=Mma1Config(block_n=16, chunks=8, num_warps=1))
-    assert Mma1Config.parse(Mma1Config(64, 2, 4, None, 3).key()) == Mma1Config(64, 2, 4, None, 3)
+    for cfg in (Mma1Config(64, 2, 4, None, 3), Mma1Config(64, 2, 1, 4, 4, waves=2, sums=True), Mma1Config(sums=True, waves=3),
+                Mma1Config(sums=True, window=8)):
+        assert Mma1Config.parse(cfg.key()) == cfg
 
 
 @triton.jit
@@ -146,3 +152,20 @@ def test_decode_pdl_auto_follows_the_measured_switches(monkeypatch):
     assert gdc.enabled("auto", gpu, quantized=True) and not gdc.enabled("auto", gpu, quantized=False)
     assert gdc.enabled("on", gpu) and not gdc.enabled("off", gpu, quantized=True)
     assert not gdc.enabled("auto", torch.device("cpu"), quantized=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_mma_m1_silu_mul_epilogue_is_silu_and_mul_of_the_product(device, dtype):
+    """silu_mul: gate and up rows paired in each tile, silu(gate) * up written by the last split, the bits of
+    ops.silu_and_mul over the plain product."""
+    from radixlm.kernels.ops import silu_and_mul
+
+    n, k = 64, 512
+    w = _weight(n, k, 128, False, True, device)
+    x = (torch.randn(1, k, generator=torch.Generator().manual_seed(9)) * 2).to(dtype).to(device)
+    tickets = tickets_for(n, torch.device(device))
+    for cfg in CONFIGS:
+        args = (x, w.codes, w.scales, w.zeros, w.perm, k, w.group_size)
+        fused = w4a16_mma_m1(*args, tickets=tickets, cfg=cfg, silu_mul=True)
+        assert fused.shape == (1, n // 2) and not tickets.any()
+        assert torch.equal(fused, silu_and_mul(w4a16_mma_m1(*args, tickets=tickets, cfg=cfg)))
