@@ -366,7 +366,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         report["draft_cost"] = draft_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab)
     rng = random.Random(1)
     report["cells"] = []
-    cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in (1, 64) for topk in args.topk]
+    cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
     for batch, kind, topk in cells:
         if kind == "random":
             prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
@@ -432,11 +432,13 @@ def main() -> None:
                     "the audit only, of batch-1 cells and cells whose outputs differ; none = neither")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="gpu mode: weights "
                     "and activations")
+    ap.add_argument("--batches", default="1,64", help="gpu mode: end-to-end batch sizes, comma-separated")
     ap.add_argument("--layers", type=int, default=None, help="gpu mode: decoder layers of the 8B shape (default 32)")
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
     args = ap.parse_args()
     args.topk = [int(k) for k in args.topk.split(",")]
     args.prompt_sets = args.prompt_sets.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
     args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
     out = Path(args.out or f"benchmarks/results/speculative_{args.mode}.json")
