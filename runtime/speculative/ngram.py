@@ -1,7 +1,8 @@
 """NGRAM drafting (prompt lookup): continue the request's text the way it continued before.
 
 The last n tokens of prompt + output are looked up among their earlier occurrences (longest n
-first, most recent occurrence); the tokens that followed are the draft. No model, no device: it
+first, most recent occurrence); the tokens that followed are the draft (where they run into the end
+of the text, a loop, continued with its period). No model, no device: it
 runs wherever the scheduler runs. Each request keeps an index of its n-grams that grows with its
 output (an incremental suffix index: each new token adds one entry per n), so a lookup costs one
 dictionary probe per n in NGRAM_LENGTHS, never a scan of the prompt.
@@ -87,6 +88,18 @@ class NgramIndex:
     def _token_at(prompt: list[int], output: list[int], i: int) -> int:
         return prompt[i] if i < len(prompt) else output[i - len(prompt)]
 
+    def continuation(self, start: int, max_tokens: int) -> list[int]:
+        """Up to max_tokens tokens from `start` (right after an earlier occurrence of the suffix). When
+        they run into the end of the text, the text is copying itself with period len - start (a loop:
+        random-weight and repetitive greedy outputs fall into them): the draft goes on with that period,
+        as copying from the occurrence would continue into the drafted tokens themselves."""
+        toks = self.tokens
+        cont = toks[start : start + max_tokens]
+        period = len(toks) - start
+        if len(cont) < max_tokens and period > 0:
+            cont = [toks[start + j % period] for j in range(max_tokens)]
+        return cont
+
     def lookup(self, max_tokens: int) -> tuple[list[int], int]:
         """(the continuation of the longest matching suffix, up to max_tokens; the match length n),
         ([], 0) when no suffix of n >= 2 tokens occurred before."""
@@ -96,7 +109,7 @@ class NgramIndex:
                 continue
             start = self.follow.get(tuple(toks[-n:]))
             if start is not None:
-                return toks[start : start + max_tokens], n
+                return self.continuation(start, max_tokens), n
         return [], 0
 
     def candidates(self, max_tokens: int) -> list[tuple[list[int], int]]:
@@ -111,7 +124,7 @@ class NgramIndex:
             if latest is None:
                 continue
             for start in (latest, *reversed(self.older.get(key, ()))):
-                cont = toks[start : start + max_tokens]
+                cont = self.continuation(start, max_tokens)
                 if cont and tuple(cont) not in seen:
                     seen.add(tuple(cont))
                     out.append((cont, n))

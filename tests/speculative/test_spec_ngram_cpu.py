@@ -21,7 +21,7 @@ def test_ngram_prefers_the_longest_match_over_a_later_shorter_one() -> None:
     draft, match = idx.lookup(2)
     assert (draft, match) == ([20, 21], 6)
     idx.sync([1, 2, 3], [4, 1, 2])
-    assert idx.lookup(5) == ([3, 4, 1, 2], 2)  # runs up to the current token: all the index knows
+    assert idx.lookup(5) == ([3, 4, 1, 2, 3], 2)  # runs into the current token: the loop goes on with period 4
 
 
 def test_ngram_index_is_incremental() -> None:
