@@ -114,7 +114,7 @@ def divergence_audit(sched: Scheduler, prompts: list[list[int]], batch: int, new
     report["differing"] = len(report["cases"])
     report["near_ties"] = sum(c["near_tie"] for c in report["cases"])
     report["max_gap"] = max((c["gap"] for c in report["cases"] if c["gap"] is not None), default=None)
-    report["drift"] = {k: round(v, 5) for k, v in drift.items()}
+    report["drift"] = {k: float(f"{v:.3g}") for k, v in drift.items()}
     report["positions"] = counts
     return report
 
@@ -124,8 +124,8 @@ def audit_lines(div: dict) -> list[str]:
     d, n = div["drift"], div["positions"]
     lines = [f"  audit: differing {div['differing']}/{div['requests']} (timed {div['timed_differing']}; re-runs "
              f"reproduce off {div['rerun_reproduces_off']}, on {div['rerun_reproduces_on']}); max |dlogprob| before "
-             f"any difference: decode {d['decode']:.4f} ({n['decode']}), lane 0 {d['lane0']:.4f} ({n['lane0']}), "
-             f"branch lanes {d['branch']:.4f} ({n['branch']})"]
+             f"any difference: decode {d['decode']:.1e} ({n['decode']}), lane 0 {d['lane0']:.1e} ({n['lane0']}), "
+             f"branch lanes {d['branch']:.1e} ({n['branch']})"]
     for c in div["cases"][:3]:
         lines.append(f"    req {c['rid']} step {c['position']} ({c['origin']}): off top2 {c['off_top2']} gap {c['gap']}"
                      f" | on top2 {c['on_top2']} gap {c['on_gap']} | near-tie {c['near_tie']}")
