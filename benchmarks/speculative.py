@@ -367,12 +367,14 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     rng = random.Random(1)
     report["cells"] = []
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
+    prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
-        if kind == "random":
-            prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
-        else:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
+        if (batch, kind) not in prompt_sets and kind == "random":
+            prompt_sets[batch, kind] = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
+        elif (batch, kind) not in prompt_sets:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
             blocks = [[rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(batch)]
-            prompts = [b * 8 for b in blocks]
+            prompt_sets[batch, kind] = [b * 8 for b in blocks]
+        prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
                                            topk=topk)}
