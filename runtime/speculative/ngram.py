@@ -33,6 +33,7 @@ START_DEPTH = 2  # draft depth of a request before any verify result
 DEPTH_STEP = 2  # depth added after a verify that accepted every draft
 MAX_DEPTH = 16
 OCCURRENCES = 4  # latest occurrences kept per n-gram (tree candidates)
+FEW_NEW = 8  # up to this many new n-grams per length, keys are sliced one by one (the zip of n shifted slices pays above)
 
 
 @dataclass
@@ -68,8 +69,11 @@ class NgramIndex:
             lo = max(have - 1, n - 1)  # first end position
             if lo >= total - 1:
                 continue
-            seg = toks[lo + 1 - n : total - 1]
-            keys = list(zip(*(seg[j : len(seg) - n + 1 + j] for j in range(n))))
+            if total - 1 - lo <= FEW_NEW:  # a decode step's few tokens: one tuple slice per key
+                keys = [tuple(toks[e + 1 - n : e + 1]) for e in range(lo, total - 1)]
+            else:
+                seg = toks[lo + 1 - n : total - 1]
+                keys = list(zip(*(seg[j : len(seg) - n + 1 + j] for j in range(n))))
             ends = range(lo + 1, total)
             if self.occurrences == 1:
                 follow.update(zip(keys, ends))
