@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from radixlm.benchmarks.spec_divergence import audit_lines, divergence_audit  # noqa: E402
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -293,53 +294,6 @@ def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_token
     return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
 
 
-NEAR_TIE = 0.05  # a top-2 logprob (= logit) gap below this is a near-tie: bf16 rounding may flip it
-
-
-def divergence_audit(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int,
-                     outs: dict[bool, dict[str, list[int]]]) -> dict:
-    """Where spec on and off differ (greedy, bf16): per differing request the first position that
-    differs and the spec-off top-2 logprob gap there, from a spec-off re-run with logprobs over
-    the same batches (checked to reproduce the timed spec-off tokens). Different batch shapes round
-    differently in bf16 (a verify step runs rows x (k + 1) tokens), so a divergence is legitimate
-    only at a near-tie: gap < NEAR_TIE (logprob units; the gap of two logprobs is their logits' gap)."""
-    off, on = outs[False], outs[True]
-    differing = sorted(rid for rid in off if off[rid] != on[rid])
-    report: dict = {"near_tie_rule": f"spec-off top-2 logprob gap < {NEAR_TIE} at the first differing position",
-                    "differing": len(differing), "requests": len(off), "cases": []}
-    if not differing:
-        return report
-    spec, sched.spec = sched.spec, None
-    sched.cache.flush()
-    tops: dict[str, list] = {}
-    tokens: dict[str, list[int]] = {}
-    for g in range(0, len(prompts), batch):
-        for i, p in enumerate(prompts[g : g + batch]):
-            sched.handle(TokenizedGenerateReq(rid=f"{g // batch}-{i}", input_ids=p, return_logprob=True, top_logprobs_num=2,
-                                              params=SamplingParams(temperature=0.0, max_new_tokens=new_tokens,
-                                                                    ignore_eos=True)))
-        while not sched.idle:
-            sched.step()
-            for o in sched.pop_outputs():
-                tokens[o.rid] = tokens.get(o.rid, []) + o.output_ids
-                tops[o.rid] = tops.get(o.rid, []) + list(o.output_top_logprobs or [])
-    sched.spec = spec
-    report["rerun_reproduces_off"] = all(tokens.get(rid) == off[rid] for rid in off)
-    for rid in differing:
-        a, b = off[rid], on[rid]
-        pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        top = tops[rid][pos] if pos < len(tops[rid]) else []
-        gap = round(top[0][0] - top[1][0], 4) if len(top) >= 2 else None
-        report["cases"].append({"rid": rid, "position": pos, "off_token": a[pos] if pos < len(a) else None,
-                                "on_token": b[pos] if pos < len(b) else None,
-                                "on_is_off_second": len(top) >= 2 and pos < len(b) and b[pos] == top[1][1],
-                                "gap": gap, "near_tie": gap is not None and gap < NEAR_TIE})
-    report["near_ties"] = sum(c["near_tie"] for c in report["cases"])
-    gaps = [c["gap"] for c in report["cases"] if c["gap"] is not None]
-    report["max_gap"] = max(gaps, default=None)
-    return report
-
-
 # ------------------------------------------------------------------------------ modes
 def cpu_mode(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
@@ -385,13 +339,16 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     from gpu_suite import LLAMA_8B, model_dir_for
 
     root = Path(tempfile.mkdtemp(prefix="radixlm-spec-"))
-    model_dir = model_dir_for(LLAMA_8B, root, "llama8b")
+    # --layers / --dtype: the 8B layer shape cut to fewer layers, or in float32 (the exactness check of
+    # the GPU path: verify rows, lanes, graphs — drift there is the kernels' float32 rounding only)
+    model_dir = model_dir_for({**LLAMA_8B, "num_hidden_layers": args.layers or LLAMA_8B["num_hidden_layers"]}, root,
+                              "llama8b")
     vocab = LLAMA_8B["vocab_size"]
     # 640 rows: CUDA graphs cover every verify shape measured (64 rows x 9 tokens).
-    options = dict(load_format="dummy", dtype="bfloat16", context_length=4096, mem_fraction_static=0.85,
+    options = dict(load_format="dummy", dtype=args.dtype, context_length=4096, mem_fraction_static=0.85,
                    skip_tokenizer_init=True, max_running_requests=640)
     report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                    "algorithm": args.algorithm}
+                    "algorithm": args.algorithm, "dtype": args.dtype, "layers": args.layers or LLAMA_8B["num_hidden_layers"]}
     ks = list(range(1, 9))
     if args.algorithm == "EAGLE3":
         from radixlm.tests.fixtures.eagle3_heads import build_eagle3_head
@@ -409,18 +366,23 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         report["draft_cost"] = draft_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab)
     rng = random.Random(1)
     report["cells"] = []
-    cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in (1, 64) for topk in args.topk]
+    cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
+    prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
-        if kind == "random":
-            prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
-        else:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
+        if (batch, kind) not in prompt_sets and kind == "random":
+            prompt_sets[batch, kind] = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
+        elif (batch, kind) not in prompt_sets:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
             blocks = [[rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(batch)]
-            prompts = [b * 8 for b in blocks]
+            prompt_sets[batch, kind] = [b * 8 for b in blocks]
+        prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
                                            topk=topk)}
-        if args.audit:
-            cell["divergence"] = divergence_audit(sched, prompts, batch, args.new_tokens, outs)
+        # the divergence audit: every cell ("all"), or batch 1 (cheap: lanes' drift next to lane 0's) and
+        # cells whose outputs differ ("divergence")
+        if args.audit == "all" or (args.audit == "divergence" and (batch == 1 or not cell["identical"])):
+            cell["divergence"] = divergence_audit(sched, prompts, batch, args.new_tokens, outs, fresh_spec(sched, topk))
+        if args.audit == "all":
             spec, sched.spec = sched.spec, None
             cell["plain_decode_step"] = step_times(sched, prompts, batch, args.new_tokens)  # spec off, as the payoff times
             sched.spec = spec
@@ -430,16 +392,12 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         print(f"e2e {kind} batch {batch} topk {cell['topk']}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
               f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
               f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
-        if not args.audit:
-            continue
-        k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
-        print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
-              f"{k0} ms (payoff's largest bucket)", flush=True)
-        div = cell["divergence"]
-        if div["differing"]:
-            print(f"  differing {div['differing']}/{div['requests']}: near-ties {div['near_ties']} ({div['near_tie_rule']}), "
-                  f"max gap {div['max_gap']}, re-run reproduces spec off {div['rerun_reproduces_off']}; "
-                  f"(position, gap): {[(c['position'], c['gap']) for c in div['cases']]}", flush=True)
+        if "plain_decode_step" in cell:
+            k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
+            print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
+                  f"{k0} ms (payoff's largest bucket)", flush=True)
+        if "divergence" in cell:
+            print("\n".join(audit_lines(cell["divergence"])), flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
         decode_ms = next(c["ms"] for c in costs if c["batch"] == 1 and c["k"] == 0)
@@ -471,11 +429,18 @@ def main() -> None:
                     "trees of up to depth x topk nodes), each side by side with spec off")
     ap.add_argument("--prompt-sets", default="random", help="gpu mode: random (512 random tokens) and/or repeat (a "
                     "64-token block repeated 8 times), comma-separated")
-    ap.add_argument("--no-audit", dest="audit", action="store_false", help="gpu mode: skip the divergence audit and "
-                    "the plain decode-step timing of each cell")
+    ap.add_argument("--audit", choices=("all", "divergence", "none"), default="all", help="gpu mode: all = the "
+                    "divergence audit (spec_divergence.py) and the plain decode-step timing of every cell; divergence = "
+                    "the audit only, of batch-1 cells and cells whose outputs differ; none = neither")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="gpu mode: weights "
+                    "and activations")
+    ap.add_argument("--batches", default="1,64", help="gpu mode: end-to-end batch sizes, comma-separated")
+    ap.add_argument("--layers", type=int, default=None, help="gpu mode: decoder layers of the 8B shape (default 32)")
+    ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
     args = ap.parse_args()
     args.topk = [int(k) for k in args.topk.split(",")]
     args.prompt_sets = args.prompt_sets.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
     args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
     out = Path(args.out or f"benchmarks/results/speculative_{args.mode}.json")

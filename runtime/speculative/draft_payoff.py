@@ -15,10 +15,11 @@ batch-size bucket (powers of two) from two measurements:
 Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first. The best any k can
 do is E(kmax) = 1 + a + ... + a^kmax tokens per row in a step costing at least T(1): while that does
 not beat plain decoding by MARGIN, the bucket decodes plainly and only re-measures k = 1 for a short
-run every `probe_every` steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured and
-the fastest arm is kept; every `probe_every` steps the arm the acceptance model ranks next (E(k) /
-T(k), T of unmeasured arms taken as T(1)) is re-measured. Only speed depends on k: outputs are the
-same either way.
+run every `probe_every` steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured,
+deepest first, each only while E(k) over T(1) could still beat the fastest arm measured (at acceptance
+~1 the deepest wins, and measuring the others would cost a run each), and the fastest arm is kept;
+every `probe_every` steps the arm the acceptance model ranks next (E(k) / T(k), T of unmeasured arms
+taken as T(1)) is re-measured. Only speed depends on k: outputs are the same either way.
 
 Probing costs what a drafting step costs over a plain one (at batch 64 on the H200, about twice a
 decode step), so it is kept small while drafts are not accepted (a random head, text the drafter
@@ -157,7 +158,10 @@ class Bucket:
             k = 1
         else:
             chosen, can_pay = self.best(), self.drafting_can_pay(accept)
-            unmeasured = [k for k in range(2, self.max_k + 1) if not self.arm(k).done()]
+            # unmeasured arms that could still beat the best measured one (at T(1), a lower bound)
+            measured = max(self.arm(k).rate for k in range(self.max_k + 1) if self.arm(k).explored())
+            unmeasured = [k for k in range(2, self.max_k + 1)
+                          if not self.arm(k).done() and self._predicted(k, accept) > measured * (1 + MARGIN)]
             if chosen == 0 and not can_pay:
                 k = self._probe(0, [1])  # the cheapest depth keeps the acceptance and T(1) fresh
             elif unmeasured and can_pay:  # the deepest first, for a whole run

@@ -1,7 +1,8 @@
 """NGRAM drafting (prompt lookup): continue the request's text the way it continued before.
 
 The last n tokens of prompt + output are looked up among their earlier occurrences (longest n
-first, most recent occurrence); the tokens that followed are the draft. No model, no device: it
+first, most recent occurrence); the tokens that followed are the draft (where they run into the end
+of the text, a loop, continued with its period). No model, no device: it
 runs wherever the scheduler runs. Each request keeps an index of its n-grams that grows with its
 output (an incremental suffix index: each new token adds one entry per n), so a lookup costs one
 dictionary probe per n in NGRAM_LENGTHS, never a scan of the prompt.
@@ -32,6 +33,7 @@ START_DEPTH = 2  # draft depth of a request before any verify result
 DEPTH_STEP = 2  # depth added after a verify that accepted every draft
 MAX_DEPTH = 16
 OCCURRENCES = 4  # latest occurrences kept per n-gram (tree candidates)
+FEW_NEW = 8  # up to this many new n-grams per length, keys are sliced one by one (the zip of n shifted slices pays above)
 
 
 @dataclass
@@ -67,8 +69,11 @@ class NgramIndex:
             lo = max(have - 1, n - 1)  # first end position
             if lo >= total - 1:
                 continue
-            seg = toks[lo + 1 - n : total - 1]
-            keys = list(zip(*(seg[j : len(seg) - n + 1 + j] for j in range(n))))
+            if total - 1 - lo <= FEW_NEW:  # a decode step's few tokens: one tuple slice per key
+                keys = [tuple(toks[e + 1 - n : e + 1]) for e in range(lo, total - 1)]
+            else:
+                seg = toks[lo + 1 - n : total - 1]
+                keys = list(zip(*(seg[j : len(seg) - n + 1 + j] for j in range(n))))
             ends = range(lo + 1, total)
             if self.occurrences == 1:
                 follow.update(zip(keys, ends))
@@ -87,6 +92,18 @@ class NgramIndex:
     def _token_at(prompt: list[int], output: list[int], i: int) -> int:
         return prompt[i] if i < len(prompt) else output[i - len(prompt)]
 
+    def continuation(self, start: int, max_tokens: int) -> list[int]:
+        """Up to max_tokens tokens from `start` (right after an earlier occurrence of the suffix). When
+        they run into the end of the text, the text is copying itself with period len - start (a loop:
+        random-weight and repetitive greedy outputs fall into them): the draft goes on with that period,
+        as copying from the occurrence would continue into the drafted tokens themselves."""
+        toks = self.tokens
+        cont = toks[start : start + max_tokens]
+        period = len(toks) - start
+        if len(cont) < max_tokens and period > 0:
+            cont = [toks[start + j % period] for j in range(max_tokens)]
+        return cont
+
     def lookup(self, max_tokens: int) -> tuple[list[int], int]:
         """(the continuation of the longest matching suffix, up to max_tokens; the match length n),
         ([], 0) when no suffix of n >= 2 tokens occurred before."""
@@ -96,7 +113,7 @@ class NgramIndex:
                 continue
             start = self.follow.get(tuple(toks[-n:]))
             if start is not None:
-                return toks[start : start + max_tokens], n
+                return self.continuation(start, max_tokens), n
         return [], 0
 
     def candidates(self, max_tokens: int) -> list[tuple[list[int], int]]:
@@ -111,7 +128,7 @@ class NgramIndex:
             if latest is None:
                 continue
             for start in (latest, *reversed(self.older.get(key, ()))):
-                cont = toks[start : start + max_tokens]
+                cont = self.continuation(start, max_tokens)
                 if cont and tuple(cont) not in seen:
                     seen.add(tuple(cont))
                     out.append((cont, n))

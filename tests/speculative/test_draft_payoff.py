@@ -146,3 +146,17 @@ def test_deeper_arms_are_not_explored_when_arm_one_gains_nothing_overall() -> No
     assert payoff.accept_rate > 0.8  # the acceptance alone would have every arm explored
     assert not any(k >= 2 for k in arms), "an arm deeper than 1 was explored at a loss"
     assert payoff.info()["bs<16"]["k"] == 0
+
+
+def test_arms_that_cannot_beat_the_deepest_are_not_explored() -> None:
+    """Batch 1 in a loop the drafter follows (every draft accepted), step times as the H200 measured
+    them (T(1)..T(4) within 5% of each other, 1.25x a decode step): once k = 4 is measured at ~5
+    tokens a step, k = 2 and 3 (3 and 4 tokens for at least T(1)) cannot beat it and are not run."""
+    payoff = DraftPayoff(4)
+    arms = serve(payoff, 200, 1, {0: 1.0, 1: 1.26, 2: 1.25, 3: 1.24, 4: 1.25}, lambda step: 1.0)
+    assert arms[: 3 * RUN_STEPS] == [0] * RUN_STEPS + [1] * RUN_STEPS + [4] * RUN_STEPS
+    assert set(arms[3 * RUN_STEPS:]) == {4} and payoff.info()["bs<2"]["k"] == 4
+    # where the deeper steps cost much more, the middle arms are still measured
+    payoff = DraftPayoff(4)
+    arms = serve(payoff, 200, 1, {0: 1.0, 1: 1.1, 2: 1.5, 3: 2.5, 4: 4.0}, lambda step: 1.0)
+    assert {2, 3} <= set(arms) and payoff.info()["bs<2"]["k"] == 2

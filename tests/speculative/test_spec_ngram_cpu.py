@@ -21,7 +21,7 @@ def test_ngram_prefers_the_longest_match_over_a_later_shorter_one() -> None:
     draft, match = idx.lookup(2)
     assert (draft, match) == ([20, 21], 6)
     idx.sync([1, 2, 3], [4, 1, 2])
-    assert idx.lookup(5) == ([3, 4, 1, 2], 2)  # runs up to the current token: all the index knows
+    assert idx.lookup(5) == ([3, 4, 1, 2, 3], 2)  # runs into the current token: the loop goes on with period 4
 
 
 def test_ngram_index_is_incremental() -> None:
@@ -109,3 +109,23 @@ def test_kernel_regimes_of_a_4bit_model_bound_the_verify_rows() -> None:
         w.keep_dense()
         assert kernel_thresholds(model)[0] == int4_cpu.DENSE_MIN_ROWS
         assert not torch.equal(w.linear(x[: int4_cpu.DENSE_MIN_ROWS])[:1], ref)
+
+
+@pytest.mark.parametrize("occurrences", [1, 4])
+def test_ngram_index_step_by_step_equals_one_sync(occurrences: int) -> None:
+    """A decode step's few new tokens take the one-key-at-a-time path, a prompt the shifted-slice zip:
+    syncing token by token (and in uneven runs) must index exactly what one sync of everything does."""
+    import random
+
+    rng = random.Random(occurrences)
+    for _ in range(60):
+        prompt = [rng.randrange(5) for _ in range(rng.randrange(1, 40))]
+        output = [rng.randrange(5) for _ in range(rng.randrange(1, 70))]
+        steps = NgramIndex(occurrences=occurrences)
+        pos = 0
+        while pos < len(output):
+            pos = min(len(output), pos + rng.choice([1, 1, 2, 4, 9, 20]))
+            steps.sync(prompt, output[:pos])
+        whole = NgramIndex(occurrences=occurrences)
+        whole.sync(prompt, output)
+        assert (steps.follow, steps.older) == (whole.follow, whole.older)

@@ -28,6 +28,18 @@ def test_ngram_proposes_what_followed_the_latest_longest_match() -> None:
     assert idx.propose(2) == [6, 6]  # (3, 6, 6, 2, 3)... suffix (6, 2, 3) no; (2, 3): latest at output 1..2
 
 
+def test_ngram_continues_a_loop_with_its_period() -> None:
+    idx = NgramIndex()
+    idx.sync([4, 7, 7], [7, 7])  # a fixed point: one token repeated
+    assert idx.propose(4) == [7, 7, 7, 7]
+    idx = NgramIndex()
+    idx.sync([9, 1, 2, 3, 1, 2, 3], [1, 2, 3])  # period 3: (1, 2, 3, 1, 2, 3) last occurred at 1..6
+    assert idx.propose(5) == [1, 2, 3, 1, 2]
+    idx = NgramIndex(occurrences=4)
+    idx.sync([5, 6, 8, 5, 6, 9, 9, 5, 6], [])  # (5, 6): followed by 9, 9, 5, 6 (runs into the end), 8, 5, 6, 9
+    assert idx.candidates(6) == [([9, 9, 5, 6, 9, 9], 2), ([8, 5, 6, 9, 9, 5], 2)]
+
+
 def test_ngram_index_rebuilds_when_the_output_is_rewritten() -> None:
     idx = NgramIndex()
     idx.sync([5, 6, 7, 5, 6], [7, 8])
