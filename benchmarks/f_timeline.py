@@ -200,13 +200,23 @@ def make_scheduler(model_dir: Path, tokenizer: Any, tokenizer_path: str, cpu: bo
     return sched
 
 
-def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def set_lazy(sched: Scheduler, lazy: bool) -> None:
+    """Lazy grammar commits on or off for every state table the runtime holds (A/B in one process)."""
+    if sched.grammars is None:
+        return
+    for _, wrapped in sched.grammars._tables._wrapped.values():
+        if wrapped is not None:
+            wrapped.table.lazy = lazy
+
+
+def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, lazy: list[str]) -> dict:
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(batch)]
     schema = json.dumps(SCHEMA)
     res: dict = {"batch": batch}
     lengths: list[int] = []
-    for label, extra in (("unconstrained", {}), ("json", {"json_schema": schema}), ("same_lengths", {})):
+    json_runs = [("json" if i == 0 else f"json_lazy_{v}", {"json_schema": schema}, v) for i, v in enumerate(lazy)]
+    for label, extra, variant in (("unconstrained", {}, None), *json_runs, ("same_lengths", {}, None)):
         def mk(i: int, pre: str) -> TokenizedGenerateReq:
             n = lengths[i] if label == "same_lengths" else new_tokens
             return TokenizedGenerateReq(rid=f"{pre}{label}{batch}-{i}", input_ids=prompts[i], params=SamplingParams(
@@ -216,6 +226,8 @@ def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int) ->
             warm.run([mk(i, "w") for i in range(2)], {})
         finally:
             warm.close()
+        if variant is not None:
+            set_lazy(sched, variant == "on")
         tl = Timeline(sched)
         outs: dict[str, list[int]] = {}
         try:
@@ -223,13 +235,17 @@ def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int) ->
         finally:
             tl.close()
         counts = [len(outs.get(f"{label}{batch}-{i}", [])) for i in range(batch)]
-        if label == "json":
-            lengths = counts
-            docs = [sched.tokenizer.decode(outs[f"json{batch}-{i}"], skip_special_tokens=True) for i in range(batch)]
+        if variant is not None:
+            r["lazy"] = variant
+            if label == "json":
+                lengths = counts
+            docs = [sched.tokenizer.decode(outs[f"{label}{batch}-{i}"], skip_special_tokens=True) for i in range(batch)]
             r["valid_json"] = sum(_parses(d) for d in docs)
         r.update(tokens=sum(counts), mean_tokens=sum(counts) / batch, max_tokens=max(counts))
         res[label] = r
-    res["json_over_same_lengths_tok_s"] = res["same_lengths"]["wall_ms"] / res["json"]["wall_ms"]
+    for label, _, _ in json_runs:  # tok/s ratio (the same tokens when lengths match)
+        res[f"{label}_over_same_lengths_tok_s"] = (res[label]["tokens"] / res[label]["wall_ms"]) / (
+            res["same_lengths"]["tokens"] / res["same_lengths"]["wall_ms"])
     return res
 
 
@@ -241,12 +257,12 @@ def _parses(text: str) -> bool:
         return False
 
 
-def print_batch(res: dict) -> None:
-    js, same = res["json"], res["same_lengths"]
+def print_batch(res: dict, label: str = "json") -> None:
+    js, same = res[label], res["same_lengths"]
     n = max(1, js["decode_steps"])
-    print(f"(f) timeline batch {res['batch']}: json {js['wall_ms']:.0f} ms vs same lengths {same['wall_ms']:.0f} ms "
-          f"-> {res['json_over_same_lengths_tok_s']:.3f}x; {js['tokens']} tokens ({js['mean_tokens']:.1f} mean, "
-          f"{js['max_tokens']} max), {js.get('valid_json', 0)}/{res['batch']} parse", flush=True)
+    print(f"(f) timeline batch {res['batch']} {label} (lazy commits {js.get('lazy')}): {js['wall_ms']:.0f} ms vs same lengths "
+          f"{same['wall_ms']:.0f} ms -> {res[f'{label}_over_same_lengths_tok_s']:.3f}x tok/s; {js['tokens']} tokens "
+          f"({js['mean_tokens']:.1f} mean, {js['max_tokens']} max), {js.get('valid_json', 0)}/{res['batch']} parse", flush=True)
     rows = [("wall", "wall_ms"), ("  inside scheduler steps", "in_step_ms"),
             ("  decode: device forward", "decode_forward_ms"), ("  decode: sampling (launch->done)", "decode_sampling_ms"),
             ("  decode: device idle (host)", "decode_device_idle_ms"), ("  extend steps (device)", "extend_device_ms")]
@@ -268,6 +284,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok")
+    ap.add_argument("--lazy", default="on", help="comma list on/off: lazy grammar commits for each JSON run (A/B)")
+    ap.add_argument("--phases", action="store_true", help="print every phase (default: only the first JSON run's)")
     ap.add_argument("--option", action="append", default=[], help="server arg KEY=VALUE (JSON value), e.g. grammar_mask_threads=0")
     ap.add_argument("--out", default="benchmarks/results/f_timeline.json")
     args = ap.parse_args()
@@ -290,9 +308,20 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name() if not args.cpu else "cpu", "options": options,
                     "startup_s": time.perf_counter() - t, "batches": []}
     for b in (int(x) for x in args.batch.split(",")):
-        res = run_batch(sched, b, args.prompt_len, args.new_tokens)
+        lazy = args.lazy.split(",")
+        res = run_batch(sched, b, args.prompt_len, args.new_tokens, lazy)
         report["batches"].append(res)
-        print_batch(res)
+        for i, v in enumerate(lazy):
+            label = "json" if i == 0 else f"json_lazy_{v}"
+            if i == 0 or args.phases:
+                print_batch(res, label)
+            else:
+                js = res[label]
+                print(f"(f) timeline batch {b} {label}: {js['wall_ms']:.0f} ms, {res[f'{label}_over_same_lengths_tok_s']:.3f}x "
+                      f"tok/s of same lengths; decode fwd {js['decode_forward_ms']:.0f} + sampling {js['decode_sampling_ms']:.0f} "
+                      f"+ idle {js['decode_device_idle_ms']:.0f} ms over {js['decode_steps']} steps; grammar commit "
+                      f"{js['host_ms'].get('. . grammar commit + mask start', 0):.0f} ms, masks "
+                      f"{js['host_ms'].get('. . masks taken', 0):.0f} ms; {js.get('valid_json', 0)}/{b} parse", flush=True)
     if sched.grammars is not None:
         sched.grammars.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
