@@ -6,9 +6,11 @@ would; every phase of its loop is timed on the host (perf_counter around the met
 phases inside their parents) and, on a GPU, every forward pass and sampling launch gets a CUDA
 event, so a run's wall splits into: decode steps (device forward + sampling + the device's idle
 wait for the host), extend steps (prefill, jump-forward extensions), and host time outside
-steps (grammar polls while requests wait, outputs). Per batch it runs unconstrained (128 tokens),
-JSON (item (f)'s schema) and unconstrained to the JSON outputs' lengths, then prints the phases
-side by side (ms in the whole run, and per decode step).
+steps (grammar polls while requests wait, outputs). Per batch it runs,
+after an untimed pass of the whole batch (grammar compiled, state table filled, prompts cached, as
+on a server that has served the schema), JSON (item (f)'s schema; per --lazy variant) and
+unconstrained decoding to the JSON outputs' lengths; then the phases side by side (ms in the
+whole run, and per decode step).
 
     python benchmarks/f_timeline.py --batch 64,256 --out $OUT/f_timeline.json        # H200: 8B shape
     python benchmarks/f_timeline.py --cpu --batch 64 --prompt-len 16                # default model
@@ -216,22 +218,24 @@ def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, la
     res: dict = {"batch": batch}
     lengths: list[int] = []
     json_runs = [("json" if i == 0 else f"json_lazy_{v}", {"json_schema": schema}, v) for i, v in enumerate(lazy)]
-    for label, extra, variant in (("unconstrained", {}, None), *json_runs, ("same_lengths", {}, None)):
-        def mk(i: int, pre: str) -> TokenizedGenerateReq:
-            n = lengths[i] if label == "same_lengths" else new_tokens
-            return TokenizedGenerateReq(rid=f"{pre}{label}{batch}-{i}", input_ids=prompts[i], params=SamplingParams(
-                temperature=1.0, seed=i, max_new_tokens=n, ignore_eos=not extra, **extra))
-        warm = Timeline(sched)
-        try:  # compiles the grammar (first JSON run), untimed
-            warm.run([mk(i, "w") for i in range(2)], {})
-        finally:
-            warm.close()
+
+    def mk(i: int, label: str, extra: dict, n: int) -> TokenizedGenerateReq:
+        return TokenizedGenerateReq(rid=f"{label}{batch}-{i}", input_ids=prompts[i], params=SamplingParams(
+            temperature=1.0, seed=i, max_new_tokens=n, ignore_eos=not extra, **extra))
+
+    warm = Timeline(sched)
+    try:  # untimed, the whole batch: compiles the grammar, fills its state table, caches the prompts, warms shapes
+        warm.run([mk(i, "warm", {"json_schema": schema}, new_tokens) for i in range(batch)], {})
+    finally:
+        warm.close()
+    for label, extra, variant in (*json_runs, ("same_lengths", {}, None)):
         if variant is not None:
             set_lazy(sched, variant == "on")
         tl = Timeline(sched)
         outs: dict[str, list[int]] = {}
         try:
-            r = tl.run([mk(i, "") for i in range(batch)], outs)
+            r = tl.run([mk(i, label, extra, lengths[i] if label == "same_lengths" else new_tokens)
+                        for i in range(batch)], outs)
         finally:
             tl.close()
         counts = [len(outs.get(f"{label}{batch}-{i}", [])) for i in range(batch)]
@@ -258,23 +262,26 @@ def _parses(text: str) -> bool:
 
 
 def print_batch(res: dict, label: str = "json") -> None:
+    """~12 lines: the ratio, the run's split, then host phases in ms per decode step (json / same)."""
     js, same = res[label], res["same_lengths"]
-    n = max(1, js["decode_steps"])
+    n, m = max(1, js["decode_steps"]), max(1, same["decode_steps"])
     print(f"(f) timeline batch {res['batch']} {label} (lazy commits {js.get('lazy')}): {js['wall_ms']:.0f} ms vs same lengths "
           f"{same['wall_ms']:.0f} ms -> {res[f'{label}_over_same_lengths_tok_s']:.3f}x tok/s; {js['tokens']} tokens "
-          f"({js['mean_tokens']:.1f} mean, {js['max_tokens']} max), {js.get('valid_json', 0)}/{res['batch']} parse", flush=True)
-    rows = [("wall", "wall_ms"), ("  inside scheduler steps", "in_step_ms"),
-            ("  decode: device forward", "decode_forward_ms"), ("  decode: sampling (launch->done)", "decode_sampling_ms"),
-            ("  decode: device idle (host)", "decode_device_idle_ms"), ("  extend steps (device)", "extend_device_ms")]
-    print(f"  {'phase (ms in the run)':<38}{'json':>9}{'same':>9}{'json/step':>10}{'same/step':>10}  steps json/same "
-          f"{js['decode_steps']}+{js['extend_steps']} / {same['decode_steps']}+{same['extend_steps']}")
-    m = max(1, same["decode_steps"])
-    for name, key in rows:
-        print(f"  {name:<38}{js[key]:>9.1f}{same[key]:>9.1f}{js[key] / n:>10.3f}{same[key] / m:>10.3f}")
-    for _, _, label in PHASES:
-        a, b = js["host_ms"].get(label, 0.0), same["host_ms"].get(label, 0.0)
+          f"({js['mean_tokens']:.1f} mean, {js['max_tokens']} max), {js.get('valid_json', 0)}/{res['batch']} parse; steps "
+          f"decode+extend {js['decode_steps']}+{js['extend_steps']} vs {same['decode_steps']}+{same['extend_steps']}", flush=True)
+    print(f"    run ms json/same: wall {js['wall_ms']:.1f}/{same['wall_ms']:.1f}, in steps {js['in_step_ms']:.1f}/"
+          f"{same['in_step_ms']:.1f}, extend steps on device {js['extend_device_ms']:.1f}/{same['extend_device_ms']:.1f}; "
+          f"per decode step: forward {js['decode_forward_ms'] / n:.2f}/{same['decode_forward_ms'] / m:.2f}, sampling "
+          f"{js['decode_sampling_ms'] / n:.2f}/{same['decode_sampling_ms'] / m:.2f}, device idle "
+          f"{js['decode_device_idle_ms'] / n:.2f}/{same['decode_device_idle_ms'] / m:.2f}", flush=True)
+    cells = []
+    for _, _, phase in PHASES:
+        a, b = js["host_ms"].get(phase, 0.0), same["host_ms"].get(phase, 0.0)
         if a or b:
-            print(f"  host {label:<33}{a:>9.1f}{b:>9.1f}{a / n:>10.3f}{b / m:>10.3f}")
+            cells.append(f"{phase.strip('. ')[:34]:<34} {a / n:6.3f}/{b / m:6.3f}")
+    print("    host ms per decode step, json/same (nested phases are inside the one above):")
+    for i in range(0, len(cells), 2):
+        print("    " + " | ".join(cells[i : i + 2]), flush=True)
 
 
 def main() -> None:
@@ -289,6 +296,9 @@ def main() -> None:
     ap.add_argument("--option", action="append", default=[], help="server arg KEY=VALUE (JSON value), e.g. grammar_mask_threads=0")
     ap.add_argument("--out", default="benchmarks/results/f_timeline.json")
     args = ap.parse_args()
+    import logging
+
+    logging.getLogger("radixlm").setLevel(logging.WARNING)  # no per-step decode log lines
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
     from transformers import AutoTokenizer
 
