@@ -320,9 +320,12 @@ def main() -> None:
     sched = make_scheduler(model_dir, tok, tok_dir, args.cpu, options)
     report: dict = {"device": torch.cuda.get_device_name() if not args.cpu else "cpu", "options": options,
                     "startup_s": time.perf_counter() - t, "batches": []}
+    print(f"(f) timeline on {report['device']}: scheduler ready in {report['startup_s']:.1f} s, options {options}", flush=True)
     for b in batches:
         lazy = args.lazy.split(",")
+        t = time.perf_counter()
         res = run_batch(sched, b, args.prompt_len, args.new_tokens, lazy)
+        res["batch_wall_s"] = time.perf_counter() - t
         report["batches"].append(res)
         for i, v in enumerate(lazy):
             label = "json" if i == 0 else f"json_lazy_{v}"
