@@ -199,7 +199,12 @@ class TableMatcher(Matcher):
         if not table.lazy or table.broken or self.refused or token_id in table.end_ids:
             return False
         nxt = table._next.get(self.states[-1] * table.vocab + token_id)
-        if nxt is None or nxt == DEAD:
+        if nxt is None:
+            try:
+                nxt = table.next_state(self.states[-1], token_id)
+            except OverflowError:
+                return False  # the slow path turns the table off
+        if nxt == DEAD:
             return False
         row = nxt + FIRST_STATE_ROW
         if row >= len(table.ready) or not table.ready[row]:
