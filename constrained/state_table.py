@@ -306,7 +306,14 @@ class TableMatcher(Matcher):
         ok = [True] * len(matchers)
         slow: list[int] = []
         for j, (m, tok) in enumerate(zip(matchers, tokens)):
-            if not m._lazy_move(tok):  # type: ignore[attr-defined]
+            table = m.table  # type: ignore[attr-defined]
+            nxt = table._next.get(m.states[-1] * table.vocab + tok)  # type: ignore[attr-defined]
+            if (nxt is not None and nxt != DEAD and table.lazy and not table.broken and tok not in table.end_ids
+                    and nxt + FIRST_STATE_ROW < len(table.ready) and table.ready[nxt + FIRST_STATE_ROW]
+                    and not m.refused):  # type: ignore[attr-defined]
+                m.states.append(nxt)  # type: ignore[attr-defined]
+                m.lag.append(tok)  # type: ignore[attr-defined]  (`_lazy_move` inline: the usual row)
+            elif not m._lazy_move(tok):  # type: ignore[attr-defined]
                 slow.append(j)
         inner = [matchers[j].inner for j in slow]  # type: ignore[attr-defined]
         for j in slow:
