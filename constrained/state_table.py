@@ -55,6 +55,7 @@ class StateTable:
         self.lazy = True  # matchers commit to llguidance only when a row needs it (TableMatcher)
         self.fresh: list[int] = []  # rows filled since the device copy was last brought up to date
         self._next: dict[int, int] = {}
+        self._forces: dict[int, bool] = {}
         self._grow(256)
         self.rows[ALL_ROW] = -1
         self.rows[NONE_ROW] = 0
@@ -79,6 +80,17 @@ class StateTable:
                 self._next.clear()
             self._next[key] = nxt
         return nxt
+
+    def may_force(self, state: int) -> bool:
+        """False when no byte is forced at `state` (llguidance's forced bytes there are then empty:
+        what it forces, every continuation of the language starts with); cached per state."""
+        hit = self._forces.get(state)
+        if hit is None:
+            try:
+                hit = self._forces[state] = self.dfa.forces_a_byte(state)
+            except OverflowError:
+                return True  # unknown: ask the backend
+        return hit
 
     def row_of(self, state: int) -> int:
         row = state + FIRST_STATE_ROW
@@ -131,7 +143,8 @@ class TableMatcher(Matcher):
     table's (both recorded from the backend at that state), so the backend's ~5 µs commit per row
     and step leaves the decode loop. The backend takes the lagging tokens (`sync`) whenever its
     own state is needed: a state first reached (its row is filled from it), an end token, forced
-    text, acceptance, rollback past the lag, copies, a table turned off. A lagging token the
+    text where the DFA says a byte is forced, acceptance, rollback past the lag, copies, a table
+    turned off. A lagging token the
     backend refuses (a DFA that disagrees) turns the table off and fails the next commit."""
 
     __slots__ = ("grammar", "table", "_inner", "states", "lag", "refused")
@@ -256,9 +269,13 @@ class TableMatcher(Matcher):
         return self.inner.is_terminated()
 
     def forced_bytes(self) -> bytes:
+        if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):
+            return b""  # nothing forced: no catch-up needed to say so
         return self.inner.forced_bytes()
 
     def forced_prefix(self) -> str:
+        if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):
+            return ""
         return self.inner.forced_prefix()
 
     def copy(self) -> TableMatcher:

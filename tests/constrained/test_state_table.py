@@ -258,7 +258,8 @@ def test_lazy_commits_skip_llguidance_and_stay_exact(tokenizer: Any) -> None:
         assert lazy.advance(tid)
     lazy.rollback(2)  # within the lag: llguidance never saw those tokens
     assert lazy.lag == doc[:4] and lazy.num_tokens == 4 and len(lazy.states) == 5
-    assert lazy.forced_bytes() == _after(grammar, doc[:4]).forced_bytes() and not lazy.lag
+    assert lazy.forced_bytes() == _after(grammar, doc[:4]).forced_bytes()
+    assert lazy.is_accepting() == _after(grammar, doc[:4]).is_accepting() and not lazy.lag
 
 
 def _after(grammar: C.Grammar, tokens: list[int]) -> Any:
@@ -294,3 +295,26 @@ def test_a_lagging_token_llguidance_refuses_fails_the_row(tokenizer: Any) -> Non
     assert table.table.broken and bad.refused and bad.num_tokens == len(prefix)
     assert not bad.advance(single[ord("2")])
     assert TableMatcher.advance_rows([bad], [single[ord("2")]], MaskWorkers(0)) == [False]
+
+
+def test_forced_text_of_lazy_rows_equals_llguidance(tokenizer: Any) -> None:
+    """Forced bytes / prefix of a lagging row equal llguidance's at every step; where the DFA says no
+    byte is forced (most states) they are answered without llguidance catching up."""
+    grammar, table = table_grammar(tokenizer, ITEM_F)
+    docs = ['{"id": 42, "name": "Ada", "tags": ["x", "y"], "active": true}',
+            '{"active": false, "id": -7, "name": "", "tags": []}']
+    bitmask = C.allocate_token_bitmask(1, grammar.info.vocab_size)
+    for doc in docs:  # fill the rows along both documents
+        m = table.matcher()
+        for tid in encode(tokenizer, doc):
+            m.fill_next_token_bitmask(bitmask, 0)
+            assert m.advance(tid)
+    answered_lazily = 0
+    for doc in docs:
+        mine, ref = table.matcher(), grammar.matcher()
+        for tid in encode(tokenizer, doc):
+            assert mine.advance(tid) and ref.advance(tid)
+            lagging = bool(mine.lag)
+            assert mine.forced_bytes() == ref.forced_bytes() and mine.forced_prefix() == ref.forced_prefix()
+            answered_lazily += lagging and bool(mine.lag)
+    assert answered_lazily > 20
