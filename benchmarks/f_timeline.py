@@ -20,6 +20,7 @@ On a CPU the forward is synchronous (its host time is the compute); compare the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -53,6 +54,9 @@ PHASES: list[tuple[Any, str, str]] = [
     (UncommittedStep, "take_tokens", ". wait for its tokens"),
     ("results", "_append", ". append + finish checks"),
     ("grammars", "advance_many", ". . grammar commit + mask start"),
+    ("grammars", "_settle", ". . . wait for mask work"),
+    ("workers", "advance", ". . . matchers advanced"),
+    ("tables", "fill_missing", ". . . new states' fills started"),
     ("sched", "_apply", ". apply events"),
     ("sched", "_finish", ". . finish (release KV, output)"),
     ("sched", "_launch", "sample (overlapped step)"),
@@ -78,10 +82,24 @@ class Timeline:
         self._mark_forward()
         for name in ("_launch", "process_results"):
             self._mark_sampled(name)
+        self._gc_started = 0.0
+
+        def on_gc(phase: str, info: dict) -> None:  # Python's collector pauses, whatever phase they land in
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            else:
+                self.host["gc pauses (inside the phases above)"] += time.perf_counter() - self._gc_started
+                self.calls["gc pauses (inside the phases above)"] += 1
+                if info.get("generation") == 2:
+                    self.calls["gc gen-2 collections"] += 1
+
+        gc.callbacks.append(on_gc)
+        self._undo.append(lambda: gc.callbacks.remove(on_gc))
 
     def _target(self, owner: Any) -> Any:
-        return {"sched": self.sched, "runner": self.sched.runner, "results": self.sched.results,
-                "grammars": self.sched.grammars}.get(owner, owner) if isinstance(owner, str) else owner
+        gr = self.sched.grammars
+        return {"sched": self.sched, "runner": self.sched.runner, "results": self.sched.results, "grammars": gr,
+                "workers": gr and gr.workers, "tables": gr and gr._tables}.get(owner, owner) if isinstance(owner, str) else owner
 
     def _patch(self, obj: Any, name: str, fn: Callable) -> None:
         own = obj.__dict__.get(name, None) if isinstance(obj, type) else obj.__dict__.get(name)
@@ -211,6 +229,13 @@ def set_lazy(sched: Scheduler, lazy: bool) -> None:
             wrapped.table.lazy = lazy
 
 
+def filled_rows(sched: Scheduler) -> int:
+    """Table rows filled so far (states some row has reached), over every state table."""
+    if sched.grammars is None:
+        return 0
+    return sum(sum(w.table.ready) for _, w in sched.grammars._tables._wrapped.values() if w is not None)
+
+
 def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, lazy: list[str]) -> dict:
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(batch)]
@@ -232,12 +257,14 @@ def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, la
         if variant is not None:
             set_lazy(sched, variant == "on")
         tl = Timeline(sched)
+        filled = filled_rows(sched)
         outs: dict[str, list[int]] = {}
         try:
             r = tl.run([mk(i, label, extra, lengths[i] if label == "same_lengths" else new_tokens)
                         for i in range(batch)], outs)
         finally:
             tl.close()
+        r["new_states_filled"] = filled_rows(sched) - filled
         counts = [len(outs.get(f"{label}{batch}-{i}", [])) for i in range(batch)]
         if variant is not None:
             r["lazy"] = variant
@@ -268,14 +295,16 @@ def print_batch(res: dict, label: str = "json") -> None:
     print(f"(f) timeline batch {res['batch']} {label} (lazy commits {js.get('lazy')}): {js['wall_ms']:.0f} ms vs same lengths "
           f"{same['wall_ms']:.0f} ms -> {res[f'{label}_over_same_lengths_tok_s']:.3f}x tok/s; {js['tokens']} tokens "
           f"({js['mean_tokens']:.1f} mean, {js['max_tokens']} max), {js.get('valid_json', 0)}/{res['batch']} parse; steps "
-          f"decode+extend {js['decode_steps']}+{js['extend_steps']} vs {same['decode_steps']}+{same['extend_steps']}", flush=True)
+          f"decode+extend {js['decode_steps']}+{js['extend_steps']} vs {same['decode_steps']}+{same['extend_steps']}; "
+          f"{js.get('new_states_filled', 0)} states first reached; gc gen-2 {js['calls'].get('gc gen-2 collections', 0)}/"
+          f"{same['calls'].get('gc gen-2 collections', 0)}", flush=True)
     print(f"    run ms json/same: wall {js['wall_ms']:.1f}/{same['wall_ms']:.1f}, in steps {js['in_step_ms']:.1f}/"
           f"{same['in_step_ms']:.1f}, extend steps on device {js['extend_device_ms']:.1f}/{same['extend_device_ms']:.1f}; "
           f"per decode step: forward {js['decode_forward_ms'] / n:.2f}/{same['decode_forward_ms'] / m:.2f}, sampling "
           f"{js['decode_sampling_ms'] / n:.2f}/{same['decode_sampling_ms'] / m:.2f}, device idle "
           f"{js['decode_device_idle_ms'] / n:.2f}/{same['decode_device_idle_ms'] / m:.2f}", flush=True)
     cells = []
-    for _, _, phase in PHASES:
+    for phase in [p for _, _, p in PHASES] + ["gc pauses (inside the phases above)"]:
         a, b = js["host_ms"].get(phase, 0.0), same["host_ms"].get(phase, 0.0)
         if a or b:
             cells.append(f"{phase.strip('. ')[:34]:<34} {a / n:6.3f}/{b / m:6.3f}")
@@ -337,7 +366,10 @@ def main() -> None:
                       f"tok/s of same lengths; decode fwd {js['decode_forward_ms']:.0f} + sampling {js['decode_sampling_ms']:.0f} "
                       f"+ idle {js['decode_device_idle_ms']:.0f} ms over {js['decode_steps']} steps; grammar commit "
                       f"{js['host_ms'].get('. . grammar commit + mask start', 0):.0f} ms, masks "
-                      f"{js['host_ms'].get('. . masks taken', 0):.0f} ms; {js.get('valid_json', 0)}/{b} parse", flush=True)
+                      f"{js['host_ms'].get('. . masks taken', 0):.0f} ms, matchers advanced "
+                      f"{js['host_ms'].get('. . . matchers advanced', 0):.0f} ms, gc "
+                      f"{js['host_ms'].get('gc pauses (inside the phases above)', 0):.0f} ms; {js.get('new_states_filled', 0)} "
+                      f"states first reached; {js.get('valid_json', 0)}/{b} parse", flush=True)
     if sched.grammars is not None:
         sched.grammars.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,7 @@ class LazyDfa:
                        for b in range(256)]
         self._example = [self._class.index(c) for c in range(len(signatures))]
         self._class_size: list[int] | None = None
+        self._by_size: list[int] = []
         self._closure: dict[int, frozenset[int]] = {}
         self._ids: dict[frozenset[int], int] = {}
         self._sets: list[frozenset[int]] = []
@@ -194,10 +195,16 @@ class LazyDfa:
         have no dead ends, so the live bytes are exactly the possible next bytes)."""
         if q == DEAD or self.accepting[q]:
             return False
-        if self._class_size is None:
+        if self._class_size is None:  # widest classes first: a live one answers False at once
             self._class_size = [self._class.count(c) for c in range(len(self._example))]
-        live = [c for c, b in enumerate(self._example) if self.step(q, b) != DEAD]
-        return len(live) == 1 and self._class_size[live[0]] == 1
+            self._by_size = sorted(range(len(self._example)), key=lambda c: -self._class_size[c])  # type: ignore[index]
+        live = 0
+        for c in self._by_size:
+            if self.step(q, self._example[c]) != DEAD:
+                if self._class_size[c] != 1 or live:
+                    return False
+                live = 1
+        return live == 1
 
     def walk(self, q: int, data: bytes) -> int:
         classes, moves = self._class, self._moves
