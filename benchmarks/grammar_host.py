@@ -88,15 +88,18 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     """GrammarRuntime's per-step calls, as the overlapped scheduler makes them, timed per phase.
     state_table "auto": the rows' matchers use the grammar's per-state mask table (a fresh, empty
     one: its first steps fill many states), masks are gathered from it; "warm": the same, the
-    table first filled along `warm_paths` (other documents, as a server that served the schema)."""
+    table first filled along `warm_paths` (other documents, as a server that served the schema);
+    "warm-eager": warm, commits not lazy (llguidance takes every token at once, as before lazy commits)."""
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.server_args import ServerArgs
 
     rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads, grammar_state_table="off" if state_table == "off" else "auto"),
                         tok, tok_path, grammar.info.vocab_size)
     grammar = rt._with_table(grammar)
-    if state_table == "warm" and warm_paths:
+    if state_table.startswith("warm") and warm_paths:
         _replay(grammar, warm_paths)
+    if state_table.endswith("eager"):
+        grammar.table.lazy = False
     rows = len(paths)
     reqs = [_req(f"r{i}", grammar, rt._family()) for i in range(rows)]
     cpu = torch.device("cpu")
@@ -209,7 +212,8 @@ def main() -> None:
     ap.add_argument("--threads", default="0,1", help="mask thread counts (0: inline)")
     ap.add_argument("--parts", default="runtime,fill")
     ap.add_argument("--state-table", default="off,auto,warm",
-                    help="runtime part: off, auto (a fresh table), warm (a table filled by other walks first)")
+                    help="runtime part: off, auto (a fresh table), warm (a table filled by other walks first), "
+                         "warm-eager (warm, llguidance commits every token at once: no lazy commits)")
     ap.add_argument("--tokenizer-dir", default=None, help="HF tokenizer folder (default: the default model's)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON report (default: $OUT/grammar_host.json on the device "

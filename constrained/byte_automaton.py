@@ -134,6 +134,8 @@ class LazyDfa:
         self._class = [signatures.setdefault(tuple(bool(m >> b & 1) for m in masks), len(signatures))
                        for b in range(256)]
         self._example = [self._class.index(c) for c in range(len(signatures))]
+        self._class_size: list[int] | None = None
+        self._by_size: list[int] = []
         self._closure: dict[int, frozenset[int]] = {}
         self._ids: dict[frozenset[int], int] = {}
         self._sets: list[frozenset[int]] = []
@@ -186,6 +188,23 @@ class LazyDfa:
             targets = {t for s in self._sets[q] for bits, t in self._edges[s] if bits & bit}
             nxt = self._moves[q][cls] = self._intern(self._close(targets)) if targets else DEAD
         return nxt
+
+    def forces_a_byte(self, q: int) -> bool:
+        """Every accepted continuation from `q` begins with one same byte: `q` is not accepting and a
+        single byte leads to a live state (every state here can still reach acceptance: expressions
+        have no dead ends, so the live bytes are exactly the possible next bytes)."""
+        if q == DEAD or self.accepting[q]:
+            return False
+        if self._class_size is None:  # widest classes first: a live one answers False at once
+            self._class_size = [self._class.count(c) for c in range(len(self._example))]
+            self._by_size = sorted(range(len(self._example)), key=lambda c: -self._class_size[c])  # type: ignore[index]
+        live = 0
+        for c in self._by_size:
+            if self.step(q, self._example[c]) != DEAD:
+                if self._class_size[c] != 1 or live:
+                    return False
+                live = 1
+        return live == 1
 
     def walk(self, q: int, data: bytes) -> int:
         classes, moves = self._class, self._moves

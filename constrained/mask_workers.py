@@ -114,6 +114,11 @@ class MaskWorkers:
     def advance(self, matchers: Sequence[Matcher], tokens: Sequence[int]) -> list[bool]:
         """Commit one token per matcher. A refused token may leave its matcher unusable (the
         batched llguidance call enters its error state): the caller stops that request."""
+        if not matchers:
+            return []
+        kind = type(matchers[0])
+        if all(type(m) is kind for m in matchers):  # the usual batch: one kind, no regrouping
+            return kind.advance_rows(matchers, tokens, self)
         ok = [False] * len(matchers)
         groups: dict[type[Matcher], list[int]] = {}
         for j, m in enumerate(matchers):

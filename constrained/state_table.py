@@ -51,8 +51,11 @@ class StateTable:
         self.broken = False
         self.rows = torch.empty((0, self.words), dtype=torch.int32)
         self.ready: list[bool] = []
+        self.terminated: list[bool] = []  # per filled row: llguidance's is_terminated() at that state
+        self.lazy = True  # matchers commit to llguidance only when a row needs it (TableMatcher)
         self.fresh: list[int] = []  # rows filled since the device copy was last brought up to date
         self._next: dict[int, int] = {}
+        self._forces: dict[int, bool] = {}
         self._grow(256)
         self.rows[ALL_ROW] = -1
         self.rows[NONE_ROW] = 0
@@ -64,6 +67,7 @@ class StateTable:
         rows[: self.rows.shape[0]] = self.rows
         self.rows = rows
         self.ready += [False] * (capacity - len(self.ready))
+        self.terminated += [False] * (capacity - len(self.terminated))
 
     def next_state(self, state: int, token: int) -> int:
         """The DFA state after `token` (DEAD if the DFA refuses it); cached per (state, token)."""
@@ -76,6 +80,17 @@ class StateTable:
                 self._next.clear()
             self._next[key] = nxt
         return nxt
+
+    def may_force(self, state: int) -> bool:
+        """False when no byte is forced at `state` (llguidance's forced bytes there are then empty:
+        what it forces, every continuation of the language starts with); cached per state."""
+        hit = self._forces.get(state)
+        if hit is None:
+            try:
+                hit = self._forces[state] = self.dfa.forces_a_byte(state)
+            except OverflowError:
+                return True  # unknown: ask the backend
+        return hit
 
     def row_of(self, state: int) -> int:
         row = state + FIRST_STATE_ROW
@@ -98,7 +113,7 @@ class StateTable:
             row = self.row_of(m.state)
             if not self.ready[row] and row not in seen:
                 seen.add(row)
-                out.append((m.inner, row))
+                out.append((m.inner, row))  # (a matcher at an unfilled row has no lag: see TableMatcher)
         return out
 
     def fill_missing(self, items: list[tuple[Matcher, int]], workers: MaskWorkers | None) -> Callable[[], None]:
@@ -112,7 +127,8 @@ class StateTable:
 
         def run() -> None:
             fill_next_token_bitmasks(items, rows, workers)
-            for _, row in items:
+            for m, row in items:
+                self.terminated[row] = m.is_terminated()
                 self.ready[row] = True
             self.fresh.extend(row for _, row in items)
 
@@ -120,12 +136,40 @@ class StateTable:
 
 
 class TableMatcher(Matcher):
-    """A backend matcher (`inner`, authoritative) plus its DFA state path (`states[-1]` now)."""
+    """A backend matcher (`inner`, authoritative) plus its DFA state path (`states[-1]` now).
 
-    __slots__ = ("grammar", "table", "inner", "states")
+    Lazy commits (`table.lazy`): a token whose DFA move lands on a state with a filled row is
+    only recorded (`lag`), not given to the backend: that row's mask and `is_terminated` are the
+    table's (both recorded from the backend at that state), so the backend's ~5 µs commit per row
+    and step leaves the decode loop. The backend takes the lagging tokens (`sync`) whenever its
+    own state is needed: a state first reached (its row is filled from it), an end token, forced
+    text where the DFA says a byte is forced, acceptance, rollback past the lag, copies, a table
+    turned off. A lagging token the
+    backend refuses (a DFA that disagrees) turns the table off and fails the next commit."""
+
+    __slots__ = ("grammar", "table", "_inner", "states", "lag", "refused")
 
     def __init__(self, grammar: TableGrammar, inner: Matcher, states: list[int]) -> None:
-        self.grammar, self.table, self.inner, self.states = grammar, grammar.table, inner, states
+        self.grammar, self.table, self._inner, self.states = grammar, grammar.table, inner, states
+        self.lag: list[int] = []  # tokens the DFA took that the backend has not yet
+        self.refused = False  # the backend refused a lagging token: the next commit fails
+
+    @property
+    def inner(self) -> Matcher:
+        """The backend matcher, brought up to date."""
+        if self.lag:
+            self.sync()
+        return self._inner
+
+    def sync(self) -> None:
+        """Give the backend the lagging tokens (one call per token, as a commit would)."""
+        lag, self.lag = self.lag, []
+        for j, tok in enumerate(lag):
+            if not self._inner.advance(tok):
+                self.table.disable(f"token {tok} accepted by the DFA, refused by {self.table.inner.backend}")
+                self.refused = True
+                del self.states[len(self.states) - (len(lag) - j):]  # the backend's state is the truth
+                return
 
     @property
     def state(self) -> int:
@@ -133,12 +177,12 @@ class TableMatcher(Matcher):
 
     @property
     def ended(self) -> bool:
-        """An end token was consumed (its mask: nothing)."""
-        return bool(getattr(self.inner, "_ended", False))
+        """An end token was consumed (its mask: nothing). End tokens never lag."""
+        return bool(getattr(self._inner, "_ended", False))
 
     @property
     def num_tokens(self) -> int:
-        return self.inner.num_tokens
+        return self._inner.num_tokens + len(self.lag)
 
     def table_row(self) -> int:
         """This matcher's row of the table (NONE_ROW once an end token was consumed), or -1 while that
@@ -162,8 +206,31 @@ class TableMatcher(Matcher):
         out[: self.table.words] = self.table.rows[row]
         out[self.table.words :] = 0
 
+    def _lazy_move(self, token_id: int) -> bool:
+        """Take `token_id` on the DFA alone where the state it reaches has a filled row."""
+        table = self.table
+        if not table.lazy or table.broken or self.refused or token_id in table.end_ids:
+            return False
+        nxt = table._next.get(self.states[-1] * table.vocab + token_id)
+        if nxt is None:
+            try:
+                nxt = table.next_state(self.states[-1], token_id)
+            except OverflowError:
+                return False  # the slow path turns the table off
+        if nxt == DEAD:
+            return False
+        row = nxt + FIRST_STATE_ROW
+        if row >= len(table.ready) or not table.ready[row]:
+            return False
+        self.states.append(nxt)
+        self.lag.append(token_id)
+        return True
+
     def advance(self, token_id: int) -> bool:
-        if not self.inner.advance(token_id):
+        if self._lazy_move(token_id):
+            return True
+        inner = self.inner
+        if self.refused or not inner.advance(token_id):
             return False
         self._follow(token_id)
         return True
@@ -186,7 +253,10 @@ class TableMatcher(Matcher):
 
     def rollback(self, n_tokens: int) -> None:
         self._check_rollback(n_tokens)
-        self.inner.rollback(n_tokens)
+        lagging = min(n_tokens, len(self.lag))
+        if lagging:
+            del self.lag[-lagging:]
+        self._inner.rollback(n_tokens - lagging)
         if n_tokens:
             del self.states[-n_tokens:]
 
@@ -194,12 +264,18 @@ class TableMatcher(Matcher):
         return self.inner.is_accepting()
 
     def is_terminated(self) -> bool:
+        if self.lag and not self.table.broken:
+            return self.table.terminated[self.states[-1] + FIRST_STATE_ROW]
         return self.inner.is_terminated()
 
     def forced_bytes(self) -> bytes:
+        if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):
+            return b""  # nothing forced: no catch-up needed to say so
         return self.inner.forced_bytes()
 
     def forced_prefix(self) -> str:
+        if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):
+            return ""
         return self.inner.forced_prefix()
 
     def copy(self) -> TableMatcher:
@@ -242,17 +318,39 @@ class TableMatcher(Matcher):
 
     @classmethod
     def advance_rows(cls, matchers: Sequence[Matcher], tokens: Sequence[int], workers: MaskWorkers) -> list[bool]:
-        inner = [m.inner for m in matchers]  # type: ignore[attr-defined]
+        """Tokens whose DFA move reaches a filled row are taken lazily (no backend call); the rest
+        go to the backend in one batch (its rows brought up to date first), then the DFA follows."""
+        ok = [True] * len(matchers)
+        slow: list[int] = []
+        for j, (m, tok) in enumerate(zip(matchers, tokens)):
+            table = m.table  # type: ignore[attr-defined]
+            nxt = table._next.get(m.states[-1] * table.vocab + tok)  # type: ignore[attr-defined]
+            if (nxt is not None and nxt != DEAD and table.lazy and not table.broken and tok not in table.end_ids
+                    and nxt + FIRST_STATE_ROW < len(table.ready) and table.ready[nxt + FIRST_STATE_ROW]
+                    and not m.refused):  # type: ignore[attr-defined]
+                m.states.append(nxt)  # type: ignore[attr-defined]
+                m.lag.append(tok)  # type: ignore[attr-defined]  (`_lazy_move` inline: the usual row)
+            elif not m._lazy_move(tok):  # type: ignore[attr-defined]
+                slow.append(j)
+        inner = [matchers[j].inner for j in slow]  # type: ignore[attr-defined]
+        for j in slow:
+            if matchers[j].refused:  # type: ignore[attr-defined]
+                ok[j] = False  # a lagging token was refused: this row's backend is past its error
+        slow = [j for j in slow if ok[j]]
+        if not slow:
+            return ok
+        inner = [matchers[j]._inner for j in slow]  # type: ignore[attr-defined]
         groups: dict[type[Matcher], list[int]] = {}
-        for j, m in enumerate(inner):
-            groups.setdefault(type(m), []).append(j)
-        ok = [False] * len(matchers)
+        for k, m in enumerate(inner):
+            groups.setdefault(type(m), []).append(k)
         for kind, idx in groups.items():
-            for j, good in zip(idx, kind.advance_rows([inner[j] for j in idx], [tokens[j] for j in idx], workers)):
-                ok[j] = good
-        for m, tok, good in zip(matchers, tokens, ok):  # the common case inline: a cached move
-            if good:
-                table, states = m.table, m.states  # type: ignore[attr-defined]
+            for k, good in zip(idx, kind.advance_rows([inner[k] for k in idx], [tokens[slow[k]] for k in idx], workers)):
+                j = slow[k]
+                m = matchers[j]
+                if not good:
+                    ok[j] = False
+                    continue
+                table, states, tok = m.table, m.states, tokens[j]  # type: ignore[attr-defined]
                 nxt = table._next.get(states[-1] * table.vocab + tok)
                 if nxt is None or nxt == DEAD or table.broken or tok in table.end_ids:
                     m._follow(tok)  # type: ignore[attr-defined]

@@ -188,8 +188,11 @@ class ResultProcessor:
         else:
             req.pending_input_top.extend([None] * len(rows))
 
-    def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None) -> torch.Tensor:
-        """Next token per row, on the device. `step` counts tokens still on the device (overlap)."""
+    def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None,
+               logits_needed_after: bool = True) -> torch.Tensor:
+        """Next token per row, on the device. `step` counts tokens still on the device (overlap).
+        `logits_needed_after=False` (an overlapped step: nothing reads them later) lets the grammar
+        mask go into `rows_logits` in place, without a copy of the whole [B, V] matrix."""
         banned: list[tuple[int, ...]] = []
         needs_adjust = constrained = False
         greedy = True
@@ -210,10 +213,11 @@ class ResultProcessor:
         if constrained:
             assert grammars is not None
             bitmask = grammars.bitmask(reqs, rows_logits.device)
-        return self.sample_rows(sample_rows, rows_logits, bitmask)
+        return self.sample_rows(sample_rows, rows_logits, bitmask, logits_needed_after)
 
     @staticmethod
-    def sample_rows(rows: list[SampleRow], rows_logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+    def sample_rows(rows: list[SampleRow], rows_logits: torch.Tensor, bitmask: torch.Tensor | None,
+                    logits_needed_after: bool = True) -> torch.Tensor:
         """One token per logits row: adjustments (penalties, bias, bans), the grammar bitmask, then
         the seeded draw (argmax for greedy rows)."""
         needs_adjust = any(r.params.needs_output_history or r.banned_ids for r in rows)
@@ -224,9 +228,11 @@ class ResultProcessor:
         if bitmask is not None:
             from radixlm.constrained import apply_token_bitmask_
 
-            if adjusted is rows_logits:
+            if adjusted is rows_logits and logits_needed_after:
                 adjusted = rows_logits.clone()
-            apply_token_bitmask_(adjusted, bitmask.to(adjusted.device, non_blocking=True))
+            # (logits made under inference mode may only be written in place under it)
+            with torch.inference_mode(adjusted.is_inference()):
+                apply_token_bitmask_(adjusted, bitmask.to(adjusted.device, non_blocking=True))
         return sample(adjusted, sbatch)
 
     def _output_logprobs(self, reqs: list[Req], rows_logits: torch.Tensor, next_ids: torch.Tensor

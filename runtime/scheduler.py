@@ -259,7 +259,8 @@ class Scheduler:
 
     def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep:
         """Sample on the device; the host appends these tokens a step later (`_commit_step`)."""
-        return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars))
+        return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
+                                                                     logits_needed_after=False))
 
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events."""

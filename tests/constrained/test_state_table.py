@@ -226,3 +226,95 @@ def test_table_rows_filled_once_per_state(tokenizer: Any) -> None:
         assert all(torch.equal(bitmask[i], bitmask[0]) for i in range(5))
         for m in rows:
             assert m.advance(tid)
+
+
+def test_lazy_commits_skip_llguidance_and_stay_exact(tokenizer: Any) -> None:
+    """Once a state's row is filled, later rows reaching it take the token on the DFA alone (no
+    llguidance commit); their masks and is_terminated still equal llguidance's at every step, and
+    llguidance catches up (same token count, same state) wherever its own state is asked for."""
+    grammar, table = table_grammar(tokenizer, ITEM_F)
+    doc = encode(tokenizer, '{"id": 42, "name": "Ada", "tags": ["x", "y"], "active": true}')
+    vocab = grammar.info.vocab_size
+    got, want = C.allocate_token_bitmask(1, vocab), C.allocate_token_bitmask(1, vocab)
+    first = table.matcher()
+    for tid in doc:  # fills every row along the document (each advance reaches an unfilled row)
+        first.fill_next_token_bitmask(got, 0)
+        assert first.advance(tid) and not first.lag
+    first.fill_next_token_bitmask(got, 0)
+    mine, ref = table.matcher(), grammar.matcher()
+    for step, tid in enumerate(doc):
+        mine.fill_next_token_bitmask(got, 0)
+        ref.fill_next_token_bitmask(want, 0)
+        assert torch.equal(got, want), step
+        assert mine.is_terminated() == ref.is_terminated()
+        assert TableMatcher.advance_rows([mine], [tid], MaskWorkers(0)) == [True] and ref.advance(tid)
+        assert len(mine.lag) == step + 1 and mine.num_tokens == ref.num_tokens  # llguidance not called
+    assert mine.is_terminated() == ref.is_terminated() and mine.table_row() >= 0
+    twin = mine.copy()  # a copy brings llguidance up to date first
+    assert not mine.lag and mine._inner.num_tokens == len(doc) and mine.is_accepting() == ref.is_accepting()
+    assert twin.advance(tokenizer.eos_token_id) and twin.table_row() == NONE_ROW
+    lazy = table.matcher()
+    for tid in doc[:6]:
+        assert lazy.advance(tid)
+    lazy.rollback(2)  # within the lag: llguidance never saw those tokens
+    assert lazy.lag == doc[:4] and lazy.num_tokens == 4 and len(lazy.states) == 5
+    assert lazy.forced_bytes() == _after(grammar, doc[:4]).forced_bytes()
+    assert lazy.is_accepting() == _after(grammar, doc[:4]).is_accepting() and not lazy.lag
+
+
+def _after(grammar: C.Grammar, tokens: list[int]) -> Any:
+    m = grammar.matcher()
+    for tid in tokens:
+        assert m.advance(tid)
+    return m
+
+
+def test_a_lagging_token_llguidance_refuses_fails_the_row(tokenizer: Any) -> None:
+    """A DFA that accepts more than llguidance (letters among an integer's digits): a row whose state
+    was filled by a valid path takes the bad token lazily; when llguidance catches up it refuses it,
+    the table turns off and the row's next commit fails (the scheduler stops that request)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    grammar = C.compile(tokenizer, json_schema=schema, backend="llguidance", cache=None)
+    wrong = seq(literal(b'{"n":'), rep(byte_set(b"0123456789a"), 1, None), literal(b"}"))
+    table = TableGrammar(grammar, StateTable(LazyDfa(wrong), grammar))
+    single = grammar.info.single_byte_tokens
+    prefix = [single[b] for b in b'{"n":1']
+    bitmask = C.allocate_token_bitmask(1, grammar.info.vocab_size)
+    filler = table.matcher()
+    for tid in [*prefix, single[ord("1")]]:  # '{"n":11': the digit loop's state gets its row
+        filler.fill_next_token_bitmask(bitmask, 0)
+        assert filler.advance(tid)
+    filler.fill_next_token_bitmask(bitmask, 0)
+    bad = table.matcher()
+    for tid in prefix:
+        bad.fill_next_token_bitmask(bitmask, 0)
+        assert bad.advance(tid)
+    table.table.next_state(bad.state, single[ord("a")])  # the DFA's move, cached as a commit would find it
+    assert bad.advance(single[ord("a")]) and bad.lag == [*prefix, single[ord("a")]]  # all on the DFA alone
+    assert not bad.is_accepting()  # llguidance catches up: refuses the 'a'
+    assert table.table.broken and bad.refused and bad.num_tokens == len(prefix)
+    assert not bad.advance(single[ord("2")])
+    assert TableMatcher.advance_rows([bad], [single[ord("2")]], MaskWorkers(0)) == [False]
+
+
+def test_forced_text_of_lazy_rows_equals_llguidance(tokenizer: Any) -> None:
+    """Forced bytes / prefix of a lagging row equal llguidance's at every step; where the DFA says no
+    byte is forced (most states) they are answered without llguidance catching up."""
+    grammar, table = table_grammar(tokenizer, ITEM_F)
+    docs = ['{"id": 42, "name": "Ada", "tags": ["x", "y"], "active": true}',
+            '{"active": false, "id": -7, "name": "", "tags": []}']
+    bitmask = C.allocate_token_bitmask(1, grammar.info.vocab_size)
+    for doc in docs:  # fill the rows along both documents
+        m = table.matcher()
+        for tid in encode(tokenizer, doc):
+            m.fill_next_token_bitmask(bitmask, 0)
+            assert m.advance(tid)
+    answered_lazily = 0
+    for doc in docs:
+        mine, ref = table.matcher(), grammar.matcher()
+        for tid in encode(tokenizer, doc):
+            assert mine.advance(tid) and ref.advance(tid)
+            lagging = bool(mine.lag)
+            assert mine.forced_bytes() == ref.forced_bytes() and mine.forced_prefix() == ref.forced_prefix()
+            answered_lazily += lagging and bool(mine.lag)
+    assert answered_lazily > 20
