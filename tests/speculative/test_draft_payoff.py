@@ -160,3 +160,26 @@ def test_arms_that_cannot_beat_the_deepest_are_not_explored() -> None:
     payoff = DraftPayoff(4)
     arms = serve(payoff, 200, 1, {0: 1.0, 1: 1.1, 2: 1.5, 3: 2.5, 4: 4.0}, lambda step: 1.0)
     assert {2, 3} <= set(arms) and payoff.info()["bs<2"]["k"] == 2
+
+
+def test_a_disturbed_plain_measurement_is_taken_again() -> None:
+    """Batch 64 on the H200: plain decoding's first run was disturbed (26 ms a step against 6 ms
+    later), so every drafting arm looked faster and arm 3 ran at 0.83x. A plain step measured slower
+    than a drafting step cannot be right: it is measured again, and plain decoding wins."""
+    payoff = DraftPayoff(3)
+    arms, now, generated, plain_steps = [], 0.0, 0, 0
+    for step in range(400):
+        k = payoff.begin_step(now, generated, 64)
+        payoff.scheduled(True, k > 0)
+        arms.append(k)
+        for row in range(64):
+            accepted = min(k, (step + row) % 3)  # about half the draft positions accepted
+            if k:
+                payoff.on_verified(k, accepted)
+            generated += accepted + 1
+        if k == 0:
+            plain_steps += 1
+        now += 4.0 if k == 0 and plain_steps <= RUN_STEPS else {0: 1.0, 1: 1.9, 2: 2.0, 3: 2.1}[k]
+    assert payoff.buckets[7].remeasures == 1
+    assert payoff.info()["bs<128"]["k"] == 0
+    assert arms[-100:].count(0) >= 100 - RUN_STEPS  # plain decoding, but for a probing run
