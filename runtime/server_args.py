@@ -261,9 +261,7 @@ class ServerArgs:
     decode_silu_epilogue: str = _flag(
         "off", "runtime", "batch-1 decode of 4-bit models: compute SiLU-and-mul in the last split of the gate_up "
         "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). off by default: on "
-        "the H200 it ran 389.8 against 409.2 tok/s when the fused kernel let its successor launch at its start under "
-        "PDL (the down projection's programs then held the SMs); it now lets it launch after its loop, unmeasured "
-        "(benchmarks/RESULTS.md)",
+        "the H200 it ran 408.3 against 421.3 tok/s without it (8B shape, GPTQ 4-bit, benchmarks/RESULTS.md)",
         str, choices=("on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
