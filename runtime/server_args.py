@@ -184,6 +184,11 @@ class ServerArgs:
         None, "speculative", "branching per draft step: 1 drafts a chain; above 1 (NGRAM only) a token tree of "
         "up to this many children per node, the continuations of several earlier occurrences, verified in "
         "one pass (speculative-num-draft-tokens bounds its size)", int, minimum=1, default_text="1")
+    speculative_adaptive: str = _flag(
+        "on", "speculative", "on: the draft depth per batch size is chosen from measured speed "
+        "(runtime/speculative/draft_payoff.py), so drafting turns itself off where it does not pay; off: every "
+        "decode step may draft up to --speculative-num-steps (the per-request draft budget alone decides)",
+        str, choices=("on", "off"))
     # ---------------------------------------------------------------- parallelism
     tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
                          aliases=("--tensor-parallel-size",))

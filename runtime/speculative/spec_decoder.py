@@ -115,7 +115,7 @@ class SpecDecoder:
         self.clock = time.process_time if runner.device.type == "cpu" else time.perf_counter
         # Measured per batch size: does a step that may draft beat plain (overlapped) decoding here?
         # None: always may draft (the budget alone decides).
-        self.payoff: DraftPayoff | None = DraftPayoff(self.max_drafts)
+        self.payoff: DraftPayoff | None = DraftPayoff(self.max_drafts) if args.speculative_adaptive == "on" else None
         self.step_k = self.max_drafts  # this step's draft limit per request (0: plain decoding)
         self.allowed = True  # this step may carry drafts
         # Totals since start: verify steps (a request step that carried drafts), tokens emitted by
