@@ -5,9 +5,34 @@ lazily: `import radixlm` must stay cheap (no torch) for programs that only talk 
 """
 from __future__ import annotations
 
+import importlib.abc as _importlib_abc
+import importlib.machinery as _importlib_machinery
+import os as _os
+import sys as _sys
 from typing import Any
 
-from radixlm import lang as _lang
+_OWN_DIRECTORY = _os.path.dirname(_os.path.abspath(__file__))
+
+
+class _OthersFirst(_importlib_abc.MetaPathFinder):
+    """Run from the repository root (`python -m ...`, pytest), the package's own directory is on
+    sys.path, so its subpackages are importable as top-level names too and shadow PyPI packages of
+    those names: transformers >= 5.25 imports Hugging Face's `kernels` at start and found ours. Such a
+    top-level name is looked up everywhere else on sys.path first (ours are always `radixlm.<name>`)."""
+
+    NAMES = frozenset({"kernels", "runtime", "lang", "radix", "constrained"})
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if path is not None or name not in self.NAMES:
+            return None
+        others = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _OWN_DIRECTORY]
+        return _importlib_machinery.PathFinder.find_spec(name, others)
+
+
+if not any(isinstance(finder, _OthersFirst) for finder in _sys.meta_path):
+    _sys.meta_path.insert(0, _OthersFirst())
+
+from radixlm import lang as _lang  # noqa: E402
 
 # The DSL is the package's public API (`import radixlm as sgl`); backends stay lazy.
 globals().update({_name: getattr(_lang, _name) for _name in _lang.EAGER_NAMES})

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import radixlm  # noqa: F401  (first: it takes the repository root off sys.path, see radixlm/__init__.py)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
