@@ -15,7 +15,7 @@ def test_top_level_kernels_is_not_the_package_folder(tmp_path: Path) -> None:
     # a stand-in for an installed `kernels` distribution elsewhere on sys.path
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("WHO = 'site-packages'\n")
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path.append({str(tmp_path)!r}); "
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]; "
             "import radixlm, kernels; print(kernels.WHO)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
