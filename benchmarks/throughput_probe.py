@@ -67,6 +67,7 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
         x0 = torch.randn(bs, HIDDEN, device="cuda", dtype=torch.bfloat16)
         gu0 = torch.randn(bs, 2 * INTER, device="cuda", dtype=torch.bfloat16)
         q0 = torch.randn(bs, HQ, D, device="cuda", dtype=torch.bfloat16)
+        act0 = torch.randn(bs, INTER, device="cuda", dtype=torch.bfloat16)
 
         def layer(parts: set[str], pdl: bool) -> torch.Tensor:
             h, res = x0, None
@@ -93,7 +94,7 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
                 if "small" in parts or "all" in parts:
                     normed, res = ops.fused_add_rms_norm(o, res, w, 1e-5, pdl=pdl)
                 gate_up = F.linear(normed, lw["gate_up"]) if "gemm" in parts or "all" in parts else gu0
-                act = ops.silu_and_mul(gate_up, pdl=pdl) if "small" in parts or "all" in parts else gu0[:, :INTER]
+                act = ops.silu_and_mul(gate_up, pdl=pdl) if "small" in parts or "all" in parts else act0
                 h = F.linear(act, lw["down"]) if "gemm" in parts or "all" in parts else x0
             return h
 
