@@ -1,6 +1,6 @@
 """Issue 22.3 (b): where a large decode step and a prefill chunk spend their time, against their floors, on the H200.
 
-    python benchmarks/throughput_probe.py --items dlayer,extend,b --out $OUT/probe.json
+    python benchmarks/throughput_probe.py --items extend,dlayer,b --out $OUT/probe.json
 
   dlayer  the decode layer x 32 distinct layers in one CUDA graph at (b)'s batch sizes (rows with contexts
           U[128, 1536], one KV pool): the whole layer with --decode-pdl off / on (interleaved; same bits?), then its
