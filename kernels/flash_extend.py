@@ -27,11 +27,19 @@ if TYPE_CHECKING:
 ENABLED = os.environ.get("RADIXLM_EXTEND_FLASH", "0") == "1"
 
 
+# The gather copies every key of the batch once per layer: worth it while the keys are not many more than the new
+# tokens (prefill chunks); decode rows riding along (one new token over a long context each) or short questions after
+# a long cached prefix stay with the Triton kernel, which reads the pool in place.
+MAX_KEYS_PER_NEW_TOKEN = 2
+
+
 def eligible(q: torch.Tensor, k_buffer: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether this extend batch may take the flash path (see the module docstring)."""
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k_buffer.dtype == q.dtype
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k_buffer.dtype == q.dtype
             and meta.tree_start is None and meta.seq_lens_host is not None and meta.extend_seq_lens_host is not None
-            and q.shape[-1] <= 256 and len(meta.seq_lens_host) > 0)
+            and q.shape[-1] <= 256 and len(meta.seq_lens_host) > 0):
+        return False
+    return sum(meta.seq_lens_host) <= MAX_KEYS_PER_NEW_TOKEN * sum(meta.extend_seq_lens_host)
 
 
 def gather_plan(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:

@@ -40,12 +40,18 @@ def test_flash_extend_matches_the_reference(make_pool, assert_close):
 
 
 def test_flash_extend_is_taken_only_where_eligible(make_pool, monkeypatch):
-    """CUDA bf16 / fp16 pools of q's dtype without trees: on a CPU never, so the Triton kernel (interpreter) runs."""
+    """CUDA bf16 / fp16 pools of q's dtype without trees, keys at most twice the new tokens: on a CPU never, so the
+    Triton kernel (interpreter) runs."""
     seq_lens, extend_lens = [5, 7], [5, 3]
     pool = make_pool(seq_lens, 2, 16, torch.float32, "cpu")
     q = torch.randn(8, 4, 16)
     meta = _meta(pool, seq_lens, extend_lens)
     assert not flash_extend.eligible(q, pool.k_buffer, meta)  # a CPU tensor, float32
+    as_cuda = type("CudaLike", (), {"is_cuda": True, "dtype": torch.bfloat16, "shape": q.shape})()
+    bf16_pool = pool.k_buffer.to(torch.bfloat16)
+    assert flash_extend.eligible(as_cuda, bf16_pool, meta)  # 12 keys for 8 new tokens
+    assert not flash_extend.eligible(as_cuda, bf16_pool, _meta(pool, seq_lens, [1, 1]))  # decode rows: 12 keys for 2
+    assert not flash_extend.eligible(as_cuda, pool.k_buffer, meta)  # a pool of another dtype
     monkeypatch.setattr(flash_extend, "ENABLED", True)
     got = extend_attention_triton(q, pool.k_buffer, pool.v_buffer, meta, 0.25)
     assert "flash_extend" not in meta.scratch
