@@ -69,7 +69,7 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
         q0 = torch.randn(bs, HQ, D, device="cuda", dtype=torch.bfloat16)
         act0 = torch.randn(bs, INTER, device="cuda", dtype=torch.bfloat16)
 
-        def layer(parts: set[str], pdl: bool) -> torch.Tensor:
+        def layer(parts: set[str], pdl: bool, **akw: int) -> torch.Tensor:
             h, res = x0, None
             for lw in weights:
                 if "small" in parts or "all" in parts:
@@ -88,7 +88,7 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
                     q = ops.rotary_store_kv(q0, q0[:, :HKV], q0[:, :HKV], pos, cache, kbuf, vbuf, slot, pdl=pdl)
                 else:
                     q = q0
-                attn = decode_attention(q, kbuf, vbuf, r2t, rows, lens, D**-0.5, pdl=pdl) if (
+                attn = decode_attention(q, kbuf, vbuf, r2t, rows, lens, D**-0.5, pdl=pdl, **akw) if (
                     "attn" in parts or "all" in parts) else q
                 o = F.linear(attn.view(bs, HIDDEN), lw["o"]) if "gemm" in parts or "all" in parts else x0
                 if "small" in parts or "all" in parts:
@@ -106,6 +106,14 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
                 row.setdefault(arm, []).append(graph_us(fn, iters=5) / LAYERS)
         for arm, parts in (("gemm", {"gemm"}), ("attn", {"attn"}), ("small", {"small"})):
             row[arm] = graph_us(lambda: layer(parts, True), iters=5) / LAYERS
+        # decode attention alone with more KV splits (rows of different lengths: the longest set the kernel's tail),
+        # the shortest split `m` tokens: (splits, m)
+        base_attn = decode_attention(q0, kbuf, vbuf, r2t, rows, lens, D**-0.5)
+        for splits, m in ((2, 0), (4, 256), (8, 256), (8, 128)):
+            akw = {"num_kv_splits": splits, "min_split_len": m}
+            row[f"attn_s{splits}_m{m}"] = graph_us(lambda: layer({"attn"}, True, **akw), iters=5) / LAYERS
+            got = decode_attention(q0, kbuf, vbuf, r2t, rows, lens, D**-0.5, **akw)
+            row[f"attn_s{splits}_m{m}_max_diff"] = (got.float() - base_attn.float()).abs().max().item()
         row["pdl_same_bits"] = bool(torch.equal(layer({"all"}, True), layer({"all"}, False)))
         flops = 2 * bs * sum(n * k for n, k in SHAPES.values())
         kv_bytes = int(lens.sum()) * HKV * D * 2 * 2
@@ -117,6 +125,9 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
               f"{min(row['all_pdl_on']):.1f} (same bits {row['pdl_same_bits']}); gemm {row['gemm']:.1f} (floor "
               f"{row['gemm_floor_us']:.1f}), attn {row['attn']:.1f} (floor {row['attn_floor_us']:.1f}), small {row['small']:.1f}",
               flush=True)
+        print("    attn by (splits, shortest split): " + ", ".join(
+            f"{kk[5:]} {v:.1f}" for kk, v in row.items() if kk.startswith("attn_s") and not kk.endswith("diff")) +
+              f" (max diff vs default {max(v for kk, v in row.items() if kk.endswith('_max_diff')):.1e})", flush=True)
     weights.clear()
     return out
 
