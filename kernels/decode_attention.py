@@ -26,6 +26,10 @@ _MAX_SPLITS = 32
 # Hq=32 Hkv=8 D=128, CUDA-graph timing): 86-97% of the copy-bandwidth floor from B=32 ctx=8192 and
 # B=128 ctx=1024 up; 32/64 blocks and 2/8 warps were within a few percent.
 GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+# Large batches (where the fill-the-GPU rule gives one split): (splits, shortest split in tokens). Rows of different
+# lengths make the longest ones the kernel's tail at one split; more splits with a shortest split give a long row
+# several programs and a short one a single one. (1, 0): as before, until the H200 measures it (throughput_probe.py).
+LARGE_BATCH_SPLITS = (1, 0)
 
 
 @triton.jit
@@ -177,11 +181,12 @@ def decode_attention(
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
-    `num_kv_splits` defaults to `default_num_kv_splits` (shapes only, no host sync); with one split
-    stage 1 writes `out` directly. `min_split_len` (default GPU_CONFIG's "min_split", rounded up to whole
-    blocks): no split is shorter, so with many splits a long request gets more programs than a short one
-    (balance across rows of different lengths) without the short ones' partials multiplying. An FP8 pool's
-    `k_scale` / `v_scale` multiply scores and output.
+    `num_kv_splits` defaults to `default_num_kv_splits` (shapes only, no host sync; where that gives one
+    split on a GPU without cascade, LARGE_BATCH_SPLITS); with one split stage 1 writes `out` directly.
+    `min_split_len` (rounded up to whole blocks; none by default, LARGE_BATCH_SPLITS' in that case): no split
+    is shorter, so with many splits a long request gets more programs than a short one (balance across rows
+    of different lengths) without the short ones' partials multiplying. An FP8 pool's `k_scale` / `v_scale`
+    multiply scores and output.
     With a `cascade` layout (shared prefixes, kernels/cascade_attention.py) stage 1 reads each
     request's own suffix only, the prefix stage reads each group's prefix once for all its rows, and
     stage 2 merges both: the same result, fewer KV bytes. `pdl`: launch both stages with programmatic
@@ -197,6 +202,9 @@ def decode_attention(
         raise ValueError("req_to_token rows must be contiguous")
     group = num_q_heads // num_kv_heads
     splits = num_kv_splits or default_num_kv_splits(bsz, num_kv_heads, q.device)
+    if num_kv_splits is None and splits == 1 and q.is_cuda and cascade is None:
+        splits, large_min = LARGE_BATCH_SPLITS
+        min_split_len = large_min if min_split_len is None else min_split_len
     splits = max(1, min(splits, 64))
     if out is None:
         out = torch.empty_like(q)
@@ -207,8 +215,7 @@ def decode_attention(
 
     on_gpu = q.is_cuda
     block_n = GPU_CONFIG["block_n"] if on_gpu else 16  # small blocks under the interpreter exercise the loop
-    min_split = GPU_CONFIG.get("min_split", 0) if min_split_len is None else min_split_len
-    min_split = triton.cdiv(min_split, block_n) * block_n
+    min_split = triton.cdiv(min_split_len or 0, block_n) * block_n
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     # float32 stays float32 in every dot (TF32 would round q, k, p and v to 10-bit mantissas).
