@@ -37,7 +37,7 @@ def eligible(q: torch.Tensor, k_buffer: torch.Tensor, meta: AttentionMetadata) -
     """Whether this extend batch may take the flash path (see the module docstring)."""
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k_buffer.dtype == q.dtype
             and meta.tree_start is None and meta.seq_lens_host is not None and meta.extend_seq_lens_host is not None
-            and q.shape[-1] <= 256 and len(meta.seq_lens_host) > 0):
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and len(meta.seq_lens_host) > 0):
         return False
     return sum(meta.seq_lens_host) <= MAX_KEYS_PER_NEW_TOKEN * sum(meta.extend_seq_lens_host)
 
