@@ -101,9 +101,7 @@ def decode_case(lens: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag=
     )
 
 
-def extend_case(prefix: list[int], ext: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag="",
-                flash: bool = False) -> Case:
-    """`flash`: kernels/flash_extend.py (keys gathered from the pool, torch's flash kernel) instead of Triton's."""
+def extend_case(prefix: list[int], ext: list[int], dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, tag="") -> Case:
     seq_lens = [p + e for p, e in zip(prefix, ext)]
     k_buf, v_buf, r2t, rows = make_pool(seq_lens, dtype, hkv, d)
     q = torch.randn(sum(ext), hq, d, dtype=dtype, device=DEV)
@@ -122,18 +120,12 @@ def extend_case(prefix: list[int], ext: list[int], dtype=torch.bfloat16, hq=HQ, 
         vd = torch.randn_like(kd)
         baseline = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
             qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
-    if flash:
-        from kernels.flash_extend import extend_attention_flash
-
-        run = lambda: extend_attention_flash(q, k_buf, v_buf, meta, scale, out=out)  # noqa: E731
-    else:
-        run = lambda: extend_attention(  # noqa: E731
-            q, k_buf, v_buf, r2t, meta.req_pool_indices, meta.seq_lens, meta.extend_seq_lens,
-            meta.extend_start_loc, scale, max_extend_len=meta.max_extend_len, out=out)
     return Case(
-        "extend_attention_flash" if flash else "extend_attention",
+        "extend_attention",
         f"B={len(ext)} ext={ext[0]} prefix={prefix[0]}" + (" mixed" if len(set(ext)) > 1 else "") + tag,
-        run=run,
+        run=lambda: extend_attention(
+            q, k_buf, v_buf, r2t, meta.req_pool_indices, meta.seq_lens, meta.extend_seq_lens,
+            meta.extend_start_loc, scale, max_extend_len=meta.max_extend_len, out=out),
         ref=lambda: attention_ref.extend_attention_ref(q, k_buf, v_buf, r2t, rows, seq_lens, ext, scale),
         nbytes=nbytes, flops=4.0 * visible * hq * d, dtype=dtype, baseline=baseline,
     )
@@ -282,10 +274,6 @@ def build_cases(quick: bool) -> list[Callable[[], Case | list[Case]]]:
         lambda: extend_case([0, 512, 3000, 17, 0, 1024], [700, 1, 2048, 333, 64, 1500]),
         lambda: extend_case([100, 0], [1000, 999], hq=16, hkv=16, d=64, tag=" (MHA, D=64)"),
         lambda: extend_case([300, 0], [1000, 999], dtype=torch.float16, hq=24, hkv=8, d=96, tag=" (fp16, D=96)"),
-        lambda: extend_case([0] * 4, [2048] * 4, flash=True),
-        lambda: extend_case([0, 512, 3000, 17, 0, 1024], [700, 1, 2048, 333, 64, 1500], flash=True),
-        lambda: extend_case([300, 0], [1000, 999], dtype=torch.float16, hq=24, hkv=8, d=96, tag=" (fp16, D=96)",
-                            flash=True),
     ]
     for tokens in ([32] if quick else [32, 4096]):
         builders.append(lambda t=tokens: elementwise_cases(t))

@@ -1,14 +1,15 @@
 """Issue 22.3 (b): where a large decode step and a prefill chunk spend their time, against their floors, on the H200.
 
-    python benchmarks/throughput_probe.py --items extend,dlayer,b --out $OUT/probe.json
+    python benchmarks/throughput_probe.py --items extend,dlayer,gemms,b --out $OUT/probe.json
 
   dlayer  the decode layer x 32 distinct layers in one CUDA graph at (b)'s batch sizes (rows with contexts
           U[128, 1536], one KV pool): the whole layer with --decode-pdl off / on (interleaved; same bits?), then its
           parts alone — the four GEMMs (cuBLAS, against the matmul ceiling), decode attention (against the KV bytes
           floor), the small kernels (norms, rotary + KV store, SiLU-and-mul)
-  extend  one 8,192-token prefill chunk of workload (b)'s first prompts (the first one continuing after a cached
-          prefix): the Triton extend kernel (kernels/extend_attention.py) against kernels/flash_extend.py (keys gathered
-          from the pool, torch's flash attention, varlen, GQA), TFLOP/s of the causal products, the largest difference
+  extend  one 8,192-token prefill chunk of workload (b)'s first prompts (no prefix): the Triton extend kernel
+          (kernels/extend_attention.py, through the KV pool) against torch's flash attention on the same q / k / v
+          (varlen, GQA), TFLOP/s of the causal products and the largest difference
+  gemms   each layer GEMM alone at decode batch sizes against its floor, torch's default BLAS and cuBLASLt
   b       workload (b) in-process (benchmarks/profile_steps.py's item b): device and wall time by kind of step
 Llama-3.1-8B shapes, random bf16 weights. Prints a compact summary and writes JSON.
 """
@@ -69,7 +70,7 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
         q0 = torch.randn(bs, HQ, D, device="cuda", dtype=torch.bfloat16)
         act0 = torch.randn(bs, INTER, device="cuda", dtype=torch.bfloat16)
 
-        def layer(parts: set[str], pdl: bool, **akw: int) -> torch.Tensor:
+        def layer(parts: set[str], pdl: bool) -> torch.Tensor:
             h, res = x0, None
             for lw in weights:
                 if "small" in parts or "all" in parts:
@@ -88,7 +89,7 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
                     q = ops.rotary_store_kv(q0, q0[:, :HKV], q0[:, :HKV], pos, cache, kbuf, vbuf, slot, pdl=pdl)
                 else:
                     q = q0
-                attn = decode_attention(q, kbuf, vbuf, r2t, rows, lens, D**-0.5, pdl=pdl, **akw) if (
+                attn = decode_attention(q, kbuf, vbuf, r2t, rows, lens, D**-0.5, pdl=pdl) if (
                     "attn" in parts or "all" in parts) else q
                 o = F.linear(attn.view(bs, HIDDEN), lw["o"]) if "gemm" in parts or "all" in parts else x0
                 if "small" in parts or "all" in parts:
@@ -106,14 +107,6 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
                 row.setdefault(arm, []).append(graph_us(fn, iters=5) / LAYERS)
         for arm, parts in (("gemm", {"gemm"}), ("attn", {"attn"}), ("small", {"small"})):
             row[arm] = graph_us(lambda: layer(parts, True), iters=5) / LAYERS
-        # decode attention alone with more KV splits (rows of different lengths: the longest set the kernel's tail),
-        # the shortest split `m` tokens: (splits, m)
-        base_attn = decode_attention(q0, kbuf, vbuf, r2t, rows, lens, D**-0.5)
-        for splits, m in ((2, 0), (4, 256), (8, 256), (8, 128)):
-            akw = {"num_kv_splits": splits, "min_split_len": m}
-            row[f"attn_s{splits}_m{m}"] = graph_us(lambda: layer({"attn"}, True, **akw), iters=5) / LAYERS
-            got = decode_attention(q0, kbuf, vbuf, r2t, rows, lens, D**-0.5, **akw)
-            row[f"attn_s{splits}_m{m}_max_diff"] = (got.float() - base_attn.float()).abs().max().item()
         row["pdl_same_bits"] = bool(torch.equal(layer({"all"}, True), layer({"all"}, False)))
         flops = 2 * bs * sum(n * k for n, k in SHAPES.values())
         kv_bytes = int(lens.sum()) * HKV * D * 2 * 2
@@ -125,75 +118,92 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
               f"{min(row['all_pdl_on']):.1f} (same bits {row['pdl_same_bits']}); gemm {row['gemm']:.1f} (floor "
               f"{row['gemm_floor_us']:.1f}), attn {row['attn']:.1f} (floor {row['attn_floor_us']:.1f}), small {row['small']:.1f}",
               flush=True)
-        print("    attn by (splits, shortest split): " + ", ".join(
-            f"{kk[5:]} {v:.1f}" for kk, v in row.items() if kk.startswith("attn_s") and not kk.endswith("diff")) +
-              f" (max diff vs default {max(v for kk, v in row.items() if kk.endswith('_max_diff')):.1e})", flush=True)
     weights.clear()
     return out
 
 
-def item_extend(vocab: int, chunk: int, prefix: int) -> dict:
-    """A chunk of workload (b)'s first prompts, the first request continuing after `prefix` cached tokens."""
-    from radixlm.kernels.api import AttentionMetadata
+def item_gemms(batches: list[int], bw: float, matmul: float) -> dict:
+    """Each 8B layer GEMM alone at decode batch sizes (cuBLAS through F.linear, weights cycled over copies so L2
+    holds none), against max(compute, weight bytes) floors; torch's default BLAS and cuBLASLt (preferred_blas_library)."""
+    import torch.nn.functional as F
+
+    out: dict = {}
+    default_lib = torch.backends.cuda.preferred_blas_library()
+    weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+                      for _ in range(max(2, -(-128 * 2**20 // (n * k * 2))))] for name, (n, k) in SHAPES.items()}
+    for lib in ("default", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(default_lib if lib == "default" else "cublaslt")
+        for bs in batches:
+            row: dict = {}
+            for name, (n, k) in SHAPES.items():
+                x = torch.randn(bs, k, device="cuda", dtype=torch.bfloat16)
+                ws = weights[name]
+                us = graph_us(lambda: [F.linear(x, w) for w in ws], iters=10) / len(ws)
+                floor = max(2 * bs * n * k / matmul, n * k * 2 / bw) * 1e6
+                row[name] = {"us": us, "floor_us": floor}
+            out[f"{lib} {bs}"] = row
+            print(f"gemm [{lib}] M={bs}: " + ", ".join(f"{nm} {v['us']:.1f} ({100 * v['floor_us'] / v['us']:.0f}% of floor "
+                                                      f"{v['floor_us']:.1f})" for nm, v in row.items()), flush=True)
+    torch.backends.cuda.preferred_blas_library(default_lib)
+    weights.clear()
+    return out
+
+
+def item_extend(vocab: int, chunk: int, matmul: float) -> dict:
     from radixlm.kernels.extend_attention import extend_attention
-    from radixlm.kernels.flash_extend import extend_attention_flash
 
     prompts, _ = workload_b(1000, vocab)
-    ext: list[int] = []
+    lens: list[int] = []
     for p in prompts:
-        take = min(len(p), chunk - sum(ext))
+        take = min(len(p), chunk - sum(lens))
         if take <= 0:
             break
-        ext.append(take)
-    seq = [e + (prefix if i == 0 else 0) for i, e in enumerate(ext)]
-    n, t = len(ext), sum(ext)
+        lens.append(take)
+    t = sum(lens)
     torch.manual_seed(1)
     q = torch.randn(t, HQ, D, device="cuda", dtype=torch.bfloat16)
-    kpool = torch.randn(sum(seq) + 1, HKV, D, device="cuda", dtype=torch.bfloat16)
-    vpool = torch.randn_like(kpool)
-    r2t = torch.zeros(n, max(seq), dtype=torch.int32)
-    at = 1
-    for i, ln in enumerate(seq):
-        r2t[i, :ln] = torch.arange(at, at + ln, dtype=torch.int32)
-        at += ln
-    r2t = r2t.cuda()
+    k = torch.randn(t, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    n = len(lens)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    cu = torch.zeros(n + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.cumsum(lens_t, 0)
+    r2t = torch.zeros(n, max(lens), dtype=torch.int32, device="cuda")
+    for i, ln in enumerate(lens):
+        r2t[i, :ln] = torch.arange(int(cu[i]), int(cu[i]) + ln, dtype=torch.int32, device="cuda")
     rows = torch.arange(n, device="cuda")
-    seq_t, ext_t = torch.tensor(seq, device="cuda"), torch.tensor(ext, device="cuda")
-    starts = torch.tensor([sum(ext[:i]) for i in range(n)], device="cuda")
-    meta = AttentionMetadata(req_to_token=r2t, req_pool_indices=rows, seq_lens=seq_t, extend_seq_lens=ext_t,
-                             extend_start_loc=starts, max_extend_len=max(ext), req_pool_indices_host=tuple(range(n)),
-                             seq_lens_host=tuple(seq), extend_seq_lens_host=tuple(ext))
     scale = D**-0.5
-    flops = sum(4 * HQ * D * e * (s - e + (e + 1) / 2) for e, s in zip(ext, seq))
-    res: dict = {"requests": n, "tokens": t, "prefix_of_first": prefix, "causal_gflop": flops / 1e9}
+    flops = sum(4 * HQ * D * ln * (ln + 1) / 2 for ln in lens)
+    res: dict = {"requests": n, "tokens": t, "causal_gflop": flops / 1e9}
 
     def triton_ext() -> torch.Tensor:
-        return extend_attention(q, kpool, vpool, r2t, rows, seq_t, ext_t, starts, scale, max_extend_len=max(ext))
+        return extend_attention(q, k, v, r2t, rows, lens_t, lens_t, cu[:-1].long(), scale, max_extend_len=max(lens))
 
-    def flash() -> torch.Tensor:  # the gather plan is built by the first (warm-up) call, as by a forward's first layer
-        return extend_attention_flash(q, kpool, vpool, meta, scale)
+    def flash() -> torch.Tensor:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max(lens), max(lens), 0.0, True, False,
+                                                       scale=scale)[0]
+
+    kx, vx = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+
+    def flash_mha() -> torch.Tensor:  # K / V already repeated per q head (outside the timing): flash's own rate
+        return torch.ops.aten._flash_attention_forward(q, kx, vx, cu, cu, max(lens), max(lens), 0.0, True, False,
+                                                       scale=scale)[0]
 
     ref = triton_ext()
-    for name, fn in (("triton", triton_ext), ("flash", flash)):
+    for name, fn in (("triton", triton_ext), ("flash", flash), ("flash_mha", flash_mha)):
         try:
-            fn()
             us = graph_us(lambda: [fn() for _ in range(4)], iters=10) / 4
             got = fn()
             res[name] = {"us": us, "tflops": flops / us / 1e6,
                          "max_diff_vs_triton": (got.float() - ref.float()).abs().max().item()}
         except Exception as exc:  # noqa: BLE001 - torch's flash path may refuse the shape: recorded
-            res[name] = {"error": repr(exc)[:300]}
-    meta.scratch.clear()
-    t0 = time.perf_counter()
-    flash()
-    torch.cuda.synchronize()
-    res["flash_plan_first_call_ms"] = (time.perf_counter() - t0) * 1e3
-    tr, fl = res["triton"], res["flash"]
-    print(f"extend chunk {t} tokens, {n} requests (first after {prefix} cached): triton {tr.get('us', float('nan')):.0f} "
-          f"µs/layer ({tr.get('tflops', 0):.0f} TFLOP/s), flash+gather {fl.get('us', float('nan')):.0f} "
-          f"({fl.get('tflops', 0):.0f} TFLOP/s, max diff {fl.get('max_diff_vs_triton', float('nan')):.1e})"
-          f"{' ' + fl['error'] if 'error' in fl else ''}; x32: {32 * tr.get('us', 0) / 1e3:.1f} vs "
-          f"{32 * fl.get('us', 0) / 1e3:.1f} ms a chunk", flush=True)
+            res[name] = {"error": repr(exc)[:200]}
+    tr, fl = res["triton"], res.get("flash", {})
+    print(f"extend chunk {t} tokens, {n} requests: triton {tr.get('us', float('nan')):.0f} µs/layer "
+          f"({tr.get('tflops', 0):.0f} TFLOP/s), flash {fl.get('us', float('nan')):.0f} ({fl.get('tflops', 0):.0f} TFLOP/s, max "
+          f"diff {fl.get('max_diff_vs_triton', float('nan')):.1e}){' ' + fl['error'] if 'error' in fl else ''}, "
+          f"flash on repeated K/V {res['flash_mha'].get('us', float('nan')):.0f}; x32 layers: "
+          f"{32 * tr.get('us', 0) / 1e3:.1f} vs {32 * fl.get('us', 0) / 1e3:.1f} ms a chunk", flush=True)
     return res
 
 
@@ -211,8 +221,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", default="dlayer,extend,b")
     ap.add_argument("--batches", default="256,768")
+    ap.add_argument("--gemm-batches", default="256,512,768,1024")
     ap.add_argument("--chunk", type=int, default=8192)
-    ap.add_argument("--prefix", type=int, default=300, help="extend: cached tokens before the first request's chunk")
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "probe.json"))
     args = ap.parse_args()
@@ -227,8 +237,10 @@ def main() -> None:
         try:
             if item == "dlayer":
                 report["dlayer"] = item_dlayer([int(b) for b in args.batches.split(",")], bw, matmul)
+            elif item == "gemms":
+                report["gemms"] = item_gemms([int(b) for b in args.gemm_batches.split(",")], bw, matmul)
             elif item == "extend":
-                report["extend"] = item_extend(LLAMA_8B["vocab_size"], args.chunk, args.prefix)
+                report["extend"] = item_extend(LLAMA_8B["vocab_size"], args.chunk, matmul)
             elif item == "b":
                 report["b"] = item_b(args.num_requests)
         except Exception as exc:  # noqa: BLE001 - keep the other items

@@ -7,7 +7,7 @@ forward pass by the model runner and shared by every layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,8 +58,6 @@ class AttentionMetadata:
     tree_start: torch.Tensor | None = None
     tree_mask: torch.Tensor | None = None
     tree_masks_host: tuple[torch.Tensor | None, ...] | None = None
-    # what the first layer derives for every layer of the same forward pass (kernels/flash_extend.py's gather plan)
-    scratch: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -200,13 +198,10 @@ def extend_attention_triton(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    from . import flash_extend
     from .extend_attention import extend_attention
 
     if meta.extend_seq_lens is None or meta.extend_start_loc is None:
         raise ValueError("extend attention needs extend_seq_lens/extend_start_loc in the metadata")
-    if flash_extend.ENABLED and k_scale == 1.0 and v_scale == 1.0 and flash_extend.eligible(q, k_buffer, meta):
-        return flash_extend.extend_attention_flash(q, k_buffer, v_buffer, meta, sm_scale, out=out)
     max_ext = meta.max_extend_len
     if max_ext <= 0 and meta.extend_seq_lens_host is not None:
         max_ext = max(meta.extend_seq_lens_host, default=0)

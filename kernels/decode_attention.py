@@ -26,10 +26,6 @@ _MAX_SPLITS = 32
 # Hq=32 Hkv=8 D=128, CUDA-graph timing): 86-97% of the copy-bandwidth floor from B=32 ctx=8192 and
 # B=128 ctx=1024 up; 32/64 blocks and 2/8 warps were within a few percent.
 GPU_CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": 2}
-# Large batches (where the fill-the-GPU rule gives one split): (splits, shortest split in tokens). Rows of different
-# lengths make the longest ones the kernel's tail at one split; more splits with a shortest split give a long row
-# several programs and a short one a single one. (1, 0): as before, until the H200 measures it (throughput_probe.py).
-LARGE_BATCH_SPLITS = (1, 0)
 
 
 @triton.jit
@@ -38,7 +34,6 @@ def _decode_stage1(
     qk_scale,  # sm_scale * k_scale * log2(e): softmax runs in base 2 (k_scale: an FP8 pool's)
     v_scale,  # an FP8 pool's V scale (1.0 otherwise): the output is linear in V
     num_splits,
-    min_split,  # shortest split (a multiple of BLOCK_N; 0: none): long requests get more splits than short ones
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -65,8 +60,8 @@ def _decode_stage1(
     kv_lo = 0
     if HAS_START:
         kv_lo = tl.load(KvStart + b).to(tl.int32)
-    # Split length rounded up to whole blocks (and at least min_split), so a short request uses few splits.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N, min_split)
+    # Split length rounded up to whole blocks, so a short request uses few splits.
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
     start = kv_lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start >= end:
@@ -111,7 +106,7 @@ def _decode_stage1(
 
 @triton.jit
 def _decode_stage2(
-    MidO, MidLse, SeqLens, KvStart, PrefixSplits, Out, num_splits, min_split,
+    MidO, MidLse, SeqLens, KvStart, PrefixSplits, Out, num_splits,
     stride_mb, stride_mh, stride_ms,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
@@ -129,7 +124,7 @@ def _decode_stage2(
     kv_lo = 0
     if NUM_PREFIX > 0:
         kv_lo = tl.load(KvStart + b).to(tl.int32)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N, min_split)
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
 
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -172,7 +167,6 @@ def decode_attention(
     sm_scale: float,
     *,
     num_kv_splits: int | None = None,
-    min_split_len: int | None = None,
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
@@ -181,12 +175,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
-    `num_kv_splits` defaults to `default_num_kv_splits` (shapes only, no host sync; where that gives one
-    split on a GPU without cascade, LARGE_BATCH_SPLITS); with one split stage 1 writes `out` directly.
-    `min_split_len` (rounded up to whole blocks; none by default, LARGE_BATCH_SPLITS' in that case): no split
-    is shorter, so with many splits a long request gets more programs than a short one (balance across rows
-    of different lengths) without the short ones' partials multiplying. An FP8 pool's `k_scale` / `v_scale`
-    multiply scores and output.
+    `num_kv_splits` defaults to `default_num_kv_splits` (shapes only, no host sync); with one split
+    stage 1 writes `out` directly. An FP8 pool's `k_scale` / `v_scale` multiply scores and output.
     With a `cascade` layout (shared prefixes, kernels/cascade_attention.py) stage 1 reads each
     request's own suffix only, the prefix stage reads each group's prefix once for all its rows, and
     stage 2 merges both: the same result, fewer KV bytes. `pdl`: launch both stages with programmatic
@@ -202,9 +192,6 @@ def decode_attention(
         raise ValueError("req_to_token rows must be contiguous")
     group = num_q_heads // num_kv_heads
     splits = num_kv_splits or default_num_kv_splits(bsz, num_kv_heads, q.device)
-    if num_kv_splits is None and splits == 1 and q.is_cuda and cascade is None:
-        splits, large_min = LARGE_BATCH_SPLITS
-        min_split_len = large_min if min_split_len is None else min_split_len
     splits = max(1, min(splits, 64))
     if out is None:
         out = torch.empty_like(q)
@@ -215,7 +202,6 @@ def decode_attention(
 
     on_gpu = q.is_cuda
     block_n = GPU_CONFIG["block_n"] if on_gpu else 16  # small blocks under the interpreter exercise the loop
-    min_split = triton.cdiv(min_split_len or 0, block_n) * block_n
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     # float32 stays float32 in every dot (TF32 would round q, k, p and v to 10-bit mantissas).
@@ -232,7 +218,7 @@ def decode_attention(
 
     _decode_stage1[(bsz, num_kv_heads, splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
-        sm_scale * k_scale * LOG2E, v_scale, splits, min_split,
+        sm_scale * k_scale * LOG2E, v_scale, splits,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
@@ -251,7 +237,7 @@ def decode_attention(
         launch_prefix_stage(q, k_buffer, v_buffer, req_to_token, cascade, mid_o, mid_lse, splits,
                             sm_scale * k_scale * LOG2E, v_scale, precision)
     _decode_stage2[(bsz, num_q_heads)](
-        mid_o, mid_lse, seq_lens, kv_start, prefix_splits, out, splits, min_split,
+        mid_o, mid_lse, seq_lens, kv_start, prefix_splits, out, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),

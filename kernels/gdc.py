@@ -58,8 +58,6 @@ AUTO_ON = True
 # ... and on for models with quantized linears (their batch-1 kernels take PDL too, `set_decode_pdl`): batch-1
 # decode of the 8B shape on the H200 (12:00 round, RESULTS.md) w4a16 374.4 -> 403.7 tok/s, fp8 330.3 -> 352.0.
 AUTO_ON_QUANTIZED = True
-# Decode graphs of more rows than this are captured without PDL (runtime/cuda_graph_runner.py); None: every bucket.
-PDL_MAX_DECODE_BS: int | None = None
 
 
 def enabled(mode: str, device: torch.device, quantized: bool = False) -> bool:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixlm.kernels import AttentionMetadata, KernelOps, get_kernel_ops
+from radixlm.kernels import AttentionMetadata
 from radixlm.kernels.cascade_layout import CascadeLayout, empty_layout
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 
@@ -103,49 +103,29 @@ class CudaGraphRunner:
         logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
 
-    def _bucket_ops(self, ops: KernelOps, bs: int) -> KernelOps:
-        """The kernels a bucket's graph is captured with: the model's, but without PDL above
-        gdc.PDL_MAX_DECODE_BS rows (where the H200 measured PDL no better at large batches)."""
-        if not ops.name.endswith("+pdl"):
-            return ops
-        from radixlm.kernels import gdc
-
-        if gdc.PDL_MAX_DECODE_BS is None or bs <= gdc.PDL_MAX_DECODE_BS:
-            return ops
-        return get_kernel_ops(True, pdl=False)
-
     def _capture_buckets(self, cascade: bool) -> None:
         attn = self.runner.attn_backend
-        model_ops = self.runner.model.ops
-        try:
-            for bs in reversed(self.buckets):
-                self.runner.model.ops = attn.ops = self._bucket_ops(model_ops, bs)
-                self._capture_bucket(cascade, bs)
-        finally:
-            self.runner.model.ops = attn.ops = model_ops
-
-    def _capture_bucket(self, cascade: bool, bs: int) -> None:
-        attn = self.runner.attn_backend
-        if cascade and bs < 2:
-            return
-        self.metas[bs, cascade] = AttentionMetadata.for_decode(
-            attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],
-            cascade=self._cascade_view(bs) if cascade else None,
-        )
-        for lora in sorted({lora for lora, c in self.variants if c == cascade}):
-            started = time.perf_counter()
-            for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
-                self._run(bs, lora, cascade)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs, lora, cascade] = self._run(bs, lora, cascade)
-            if self.runner.model.aux_layers:
-                self.aux_outputs[bs, lora, cascade] = self.runner.model.aux_hidden
-            self.graphs[bs, lora, cascade] = graph
-            torch.cuda.synchronize()
-            key = ("lora" if lora else "base") + ("+cascade" if cascade else "")
-            self.capture_s[key] = self.capture_s.get(key, 0.0) + time.perf_counter() - started
+        for bs in reversed(self.buckets):
+            if cascade and bs < 2:
+                continue
+            self.metas[bs, cascade] = AttentionMetadata.for_decode(
+                attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],
+                cascade=self._cascade_view(bs) if cascade else None,
+            )
+            for lora in sorted({lora for lora, c in self.variants if c == cascade}):
+                started = time.perf_counter()
+                for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
+                    self._run(bs, lora, cascade)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[bs, lora, cascade] = self._run(bs, lora, cascade)
+                if self.runner.model.aux_layers:
+                    self.aux_outputs[bs, lora, cascade] = self.runner.model.aux_hidden
+                self.graphs[bs, lora, cascade] = graph
+                torch.cuda.synchronize()
+                key = ("lora" if lora else "base") + ("+cascade" if cascade else "")
+                self.capture_s[key] = self.capture_s.get(key, 0.0) + time.perf_counter() - started
 
     def _cascade_view(self, bs: int) -> CascadeLayout:
         assert self.cascade is not None

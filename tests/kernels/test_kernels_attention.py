@@ -44,21 +44,6 @@ def test_decode_matches_ref(device, make_pool, assert_close, group, dtype, split
     assert_close(out, ref, dtype)
 
 
-def test_decode_min_split_len_matches_ref(device, make_pool, assert_close):
-    """A shortest split (rounded up to whole blocks): long rows take several splits, short rows fewer or one, and
-    stage 2 merges exactly the splits stage 1 wrote."""
-    from radixlm.kernels.decode_attention import decode_attention
-
-    seq_lens = [70, 9, 40, 1]
-    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, torch.float32, device)
-    q = torch.randn(4, NUM_KV_HEADS * 4, HEAD_DIM, device=device)
-    idx, lens = torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device)
-    ref = decode_attention_ref(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, 0.1)
-    got = decode_attention(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, idx, lens, 0.1, num_kv_splits=8,
-                           min_split_len=20)  # 32 under the interpreter's 16-token blocks: 3 / 1 / 2 / 1 splits
-    assert_close(got, ref, torch.float32)
-
-
 def test_decode_head_dim_80_masked(device, make_pool, assert_close):
     """A head_dim that is not a power of two runs through masked 128-wide tiles."""
     from radixlm.kernels.decode_attention import decode_attention
