@@ -17,7 +17,8 @@
          x 32 distinct layers in one graph: main's kernels vs rotary + KV store in one launch (rs), the GEMV on
          qkv / o or on every shape of the table, PDL on every Triton kernel; final hidden state against main's
   a      (a) as benchmarks/gpu_suite.py measures it (Engine, 257 vs 1 new tokens), arms (--a-arms): "base"
-         (kernels/bf16_gemv.py DEFAULTS), "main" (main 404b049's table), "fast" / "all" (the tables above),
+         (kernels/bf16_gemv.py DEFAULTS), "main" (main 404b049's table), "fast" / "all" (the tables above), "chain"
+         (chain --chain-extra's fastest config per shape with PDL),
          "..._pdl" (with --decode-pdl on), "..._norm" (--decode-gemv-norm on: the add + RMSNorm in the qkv /
          gate_up GEMVs' loads), "..._auto" (both flags auto; otherwise off);
          each arm's greedy tokens for two prompts (compared with base's)
@@ -56,6 +57,11 @@ CONFIGS = {  # configs tried per shape (kernels/small_m.SmallMConfig keys; the f
     "down": ["fma-n8-k1024-s2-w4-st2", "pf-n8-k512-s1-w4-st1", "pf-n8-k512-s2-w4-st1", "pf-n4-k512-s2-w2-st1",
              "pf-n8-k1024-s2-w8-st1", "pf-n16-k512-s2-w8-st1", "pf-n8-k512-s4-w4-st1"],
 }
+# chain candidates besides the table's config (kind "fe": the first weight tile before the PDL wait, then fma's loop)
+CHAIN_EXTRA = {"qkv": ["fe-n8-k512-s1-w4-st3", "fe-n8-k512-s1-w4-st2", "fe-n4-k512-s1-w2-st3"],
+               "o": ["fe-n4-k512-s1-w2-st3", "fe-n8-k512-s1-w4-st3"],
+               "gate_up": ["fe-n16-k256-s1-w4-st3", "fe-n8-k512-s1-w4-st3"],
+               "down": ["fe-n8-k512-s1-w4-st3"]}
 # kernels/bf16_gemv.py's table on main 404b049 (before this branch): the "main" arm of (a)
 MAIN_404B049 = {"6144x4096": {"1": "fma-n8-k512-s1-w4-st3"}, "4096x4096": {"1": "fma-n8-k512-s1-w4-st3"},
                 "28672x4096": {"1": "cublas"}, "4096x14336": {"1": "cublas"}}
@@ -148,8 +154,9 @@ def item_gemv(bw: float, tmp: Path) -> dict:
     return out
 
 
-def item_chain(tables: dict, bw: float) -> dict:
-    """Each shape's best config after a kernel that writes its input, PDL off / on, and cuBLAS there."""
+def item_chain(tables: dict, bw: float, with_extra: bool = False) -> dict:
+    """Each shape's best config after a kernel that writes its input, PDL off / on, and cuBLAS there; `with_extra`:
+    also CHAIN_EXTRA's configs with PDL, the fastest of each shape going to table "chain"."""
     import torch.nn.functional as F
 
     from radixlm.kernels import ops
@@ -157,6 +164,8 @@ def item_chain(tables: dict, bw: float) -> dict:
     from radixlm.kernels.small_m import SmallMConfig
 
     out: dict = {}
+    chosen: dict[str, dict[str, str]] = dict(tables["all"])
+    out["tables"] = {"chain": chosen}
     for name, (n, k) in SHAPES.items():
         key = tables["all"].get(f"{n}x{k}", {}).get("1", "cublas")
         if key == "cublas":
@@ -188,16 +197,28 @@ def item_chain(tables: dict, bw: float) -> dict:
 
         norm_us = graph_us(lambda: [produce(False) for _ in range(reps)]) / reps
         row = {"config": key, "producer_us": norm_us}
+        extra = [SmallMConfig.parse(e) for e in CHAIN_EXTRA.get(name, []) if e != key] if with_extra else []
         for _ in range(2):  # interleaved
             for arm, fn in (("off", lambda: run(False)), ("pdl", lambda: run(True)), ("cublas", lambda: run(False, True)),
                             ("fused", lambda: run(False, fused=True)), ("fused_pdl", lambda: run(True, fused=True))):
-                if arm.startswith("fused") and silu:
+                if arm.startswith("fused") and (silu or with_extra):  # (with_extra: measured by lean5, time for others)
                     continue
                 row.setdefault(arm, []).append(graph_us(fn) / reps)
+            for ecfg in extra:  # the same chain with PDL, another config (its own tickets)
+                cfg = ecfg
+                tickets = [gemv_tickets(n, cfg, torch.device("cuda")) for _ in range(copies)]
+                row.setdefault("pdl_by_config", {}).setdefault(ecfg.key(), []).append(graph_us(lambda: run(True)) / reps)
+            cfg = SmallMConfig.parse(key)
+            tickets = [gemv_tickets(n, cfg, torch.device("cuda")) for _ in range(copies)]
+        by_cfg = {key: min(row["pdl"]), **{kk: min(v) for kk, v in row.get("pdl_by_config", {}).items()}}
+        row["best_pdl"] = min(by_cfg, key=by_cfg.get)
+        chosen[f"{n}x{k}"] = {"1": row["best_pdl"]}
+        if len(by_cfg) > 1:
+            print(f"chain {name} with PDL by config: " + ", ".join(f"{kk} {v:.2f}" for kk, v in by_cfg.items()), flush=True)
         out[name] = row
         print(f"chain {name}: {'silu' if silu else 'norm'} + {key}: {min(row['off']):.2f} µs, with PDL "
               f"{min(row['pdl']):.2f}; with cuBLAS {min(row['cublas']):.2f} (producer alone {norm_us:.2f}; GEMV floor "
-              f"{n * k * 2 / bw * 1e6:.2f})" + ("" if silu else f"; add+norm in the GEMV {min(row['fused']):.2f}, with "
+              f"{n * k * 2 / bw * 1e6:.2f})" + ("" if silu or "fused" not in row else f"; add+norm in the GEMV {min(row['fused']):.2f}, with "
                                               f"PDL {min(row['fused_pdl']):.2f}"), flush=True)
         wts.clear()
         gc.collect()
@@ -356,6 +377,7 @@ def main() -> None:
                     help="base: kernels/bf16_gemv.py DEFAULTS; main: main 404b049's table; fast / all: the sweep's "
                     "tables (the defaults' where no sweep ran); _pdl: with --decode-pdl on; _norm: with "
                     "--decode-gemv-norm on; _auto: both flags auto (else off)")
+    ap.add_argument("--chain-extra", action="store_true", help="chain: also CHAIN_EXTRA's configs with PDL (table 'chain')")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean5.json"))
     args = ap.parse_args()
@@ -372,7 +394,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     defaults = {f"{n}x{k}": {"1": by_m[1]} for (n, k), by_m in DEFAULTS.items() if 1 in by_m}
-    tables = {"base": defaults, "fast": defaults, "all": defaults, "main": MAIN_404B049}
+    tables = {"base": defaults, "fast": defaults, "all": defaults, "main": MAIN_404B049, "chain": defaults}
     bw = measure_ceilings()["copy_bytes_per_s"]
     report["copy_bytes_per_s"] = bw
     print(f"copy {bw / 1e12:.2f} TB/s", flush=True)
@@ -384,7 +406,11 @@ def main() -> None:
         (tmp / f"bf16_{kind}.json").write_text(json.dumps({"tables": {"bf16": table}}))
     report["tables"] = tables
     if "chain" in items:
-        report["chain"] = guarded(lambda: item_chain(tables, bw))
+        report["chain"] = guarded(lambda: item_chain(tables, bw, args.chain_extra))
+        tables.update(report["chain"].get("tables", {}))
+        for kind, table in tables.items():
+            (tmp / f"bf16_{kind}.json").write_text(json.dumps({"tables": {"bf16": table}}))
+        report["tables"] = tables
         save()
     if "small" in items:
         report["small"] = guarded(item_small)

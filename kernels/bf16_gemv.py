@@ -25,8 +25,10 @@ from .small_m import MIN_BLOCK_N, SmallMConfig, Table, check_tickets, finish_til
 KIND = "bf16"  # this kernel's entry in the small-M tables (and in the sweep JSON)
 CUBLAS = "cublas"  # a table value that keeps torch's (cuBLAS') product for the shape
 # "fma": load a tile, then use it; "pf": the next tile is in flight while the current one is used, the first one
-# loaded before the PDL wait (the same sums in the same order: the two kinds give the same bits)
-KINDS = ("fma", "pf")
+# loaded before the PDL wait; "fe": fma's loop (Triton pipelines its loads through shared memory, no second register
+# tile) with the first tile loaded before the PDL wait, as "pf" (the same sums in the same order: all three kinds
+# give the same bits)
+KINDS = ("fma", "pf", "fe")
 
 # (N, K) -> {1: config key or "cublas"}: M = 1 only, the Llama-3.1-8B shapes measured on the H200 by
 # benchmarks/decode_lean.py (RESULTS.md, 2026-12-03 14:47, weights cold, µs per call, floor at 4.21 TB/s): qkv 14.47
@@ -114,7 +116,8 @@ def _load_w(tile, k0, k_end, cols, n_mask, EVEN_K: tl.constexpr, EVICT: tl.const
 @triton.jit
 def _bf16_gemv_kernel(X, W, Out, Part, Tickets, R, NW, NewRes, eps, N, K, k_per_split, split, stride_wn,
                       EVEN_K: tl.constexpr, MASKED_K: tl.constexpr, PARTIAL: tl.constexpr, ACT: tl.constexpr,
-                      HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr,
+                      BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_FULL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -144,11 +147,18 @@ def _bf16_gemv_kernel(X, W, Out, Part, Tickets, R, NW, NewRes, eps, N, K, k_per_
         xk = _activation(X, R, NW, rstd, k_last + cols, K, (k_last + cols) < k_end, MASKED_K, ACT, HAS_RES)
         acc += w.to(tl.float32) * xk[None, :]
     else:
-        if USE_PDL:  # launched beside its predecessor: wait for it before touching memory (kernels/gdc.py)
+        k_loop = k_start
+        if EARLY:  # kind "fe": the first tile streams while the predecessor still runs (weights are constants)
+            w0 = _load_w(tile, k_start, k_end, cols, n_mask, EVEN_K, False)
+        if USE_PDL:  # launched beside its predecessor: wait for it before touching its outputs (kernels/gdc.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         rstd = _row_rstd(X, R, NewRes, K, eps, (pid_n == 0) & (pid_k == 0), ACT, HAS_RES, BLOCK_FULL)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        if EARLY:
+            xk = _activation(X, R, NW, rstd, k_start + cols, K, (k_start + cols) < k_end, MASKED_K, ACT, HAS_RES)
+            acc += w0.to(tl.float32) * xk[None, :]
+            k_loop = k_start + BLOCK_K
+        for k0 in range(k_loop, k_end, BLOCK_K):
             w = _load_w(tile, k0, k_end, cols, n_mask, EVEN_K, False)
             xk = _activation(X, R, NW, rstd, k0 + cols, K, (k0 + cols) < k_end, MASKED_K, ACT, HAS_RES)
             acc += w.to(tl.float32) * xk[None, :]
@@ -159,7 +169,7 @@ def _bf16_gemv_kernel(X, W, Out, Part, Tickets, R, NW, NewRes, eps, N, K, k_per_
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, cfg: SmallMConfig, tickets: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, pdl: bool = False, silu_mul: bool = False) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N] in x's dtype, by `cfg` (kinds "fma" / "pf"; split-K by its
+    """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N] in x's dtype, by `cfg` (kinds "fma" / "pf" / "fe"; split-K by its
     split count). `tickets`: the weight's `gemv_tickets(N, cfg)` (zero at rest; a fresh buffer when None).
     `silu_mul`: x is [gate | up], [1, 2K], and the product is of silu(gate) * up (the MLP's down projection
     with its activation computed in the loads: the bits of ops.silu_and_mul, then this GEMV)."""
@@ -204,7 +214,8 @@ def _launch(x: torch.Tensor, x_cols: int, weight: torch.Tensor, cfg: SmallMConfi
         x if norm_weight is None else norm_weight, x if new_res is None else new_res, eps,
         n, k, k_per_split, split, weight.stride(0),
         EVEN_K=k % cfg.block_k == 0, MASKED_K=k % cfg.block_k != 0, PARTIAL=split > 1, ACT=act,
-        HAS_RES=residual is not None, PREFETCH=cfg.kind == "pf", BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_RES=residual is not None, PREFETCH=cfg.kind == "pf", EARLY=cfg.kind == "fe", BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
         BLOCK_FULL=triton.next_power_of_2(k) if act == 2 else 16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl, x.device),
     )

@@ -16,7 +16,8 @@ from radixlm.runtime.dense_gemv import DenseGemv, attach_dense_gemv
 from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 CONFIGS = [SmallMConfig("fma", 8, 128, 1, 4, 2), SmallMConfig("fma", 8, 64, 3, 2, 2), SmallMConfig("fma", 16, 128, 2, 4, 1),
-           SmallMConfig("pf", 8, 128, 1, 4, 1), SmallMConfig("pf", 8, 64, 3, 2, 1), SmallMConfig("pf", 4, 128, 2, 2, 1)]
+           SmallMConfig("pf", 8, 128, 1, 4, 1), SmallMConfig("pf", 8, 64, 3, 2, 1), SmallMConfig("pf", 4, 128, 2, 2, 1),
+           SmallMConfig("fe", 8, 128, 2, 2, 2)]
 
 
 def _within_one_ulp(got: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -60,14 +61,16 @@ def test_silu_mul_in_the_loads_equals_the_activation_kernel_then_the_gemv(device
 
 @pytest.mark.parametrize("k", [1024, 300, 64])
 def test_prefetching_kind_gives_the_bits_of_the_plain_one(device, k):
-    """"pf" (next tile in flight, first tile before the PDL wait) sums the same products in the same order as
-    "fma": equal outputs for one split, several, a single step per split, and a K tail."""
+    """"pf" (next tile in flight, first tile before the PDL wait) and "fe" (first tile before the wait, then fma's
+    loop) sum the same products in the same order as "fma": equal outputs for one split, several, a single step per
+    split, and a K tail."""
     g = torch.Generator().manual_seed(k)
     w = (torch.randn(24, k, generator=g) * k**-0.5).to(torch.bfloat16).to(device)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16).to(device)
     for n, bk, split in [(8, 64, 1), (8, 64, 4), (4, 128, 2), (8, 512, 1)]:
         plain = bf16_gemv(x, w, SmallMConfig("fma", n, bk, split, 2, 1))
-        assert torch.equal(bf16_gemv(x, w, SmallMConfig("pf", n, bk, split, 2, 1)), plain), (n, bk, split)
+        for kind in ("pf", "fe"):
+            assert torch.equal(bf16_gemv(x, w, SmallMConfig(kind, n, bk, split, 2, 1)), plain), (kind, n, bk, split)
 
 
 @pytest.mark.parametrize("k", [256, 300])
