@@ -61,8 +61,8 @@ def kernel_item(bw: float) -> dict:
     planner = CascadePlanner.for_model(CA.HQ, CA.HKV, CA.D, 2, torch.device("cuda"))
     out: dict = {"copy_bytes_per_s": bw, "rows": []}
     saved = dict(CL.GPU_CONFIG)
-    configs = [dict(saved), {**saved, "block_m": 128, "num_warps": 8}, {**saved, "block_n": 32},
-               {**saved, "block_m": 128, "block_n": 32, "num_warps": 8}]
+    configs = [dict(saved), {**saved, "fused_merge": not saved.get("fused_merge")},
+               {**saved, "block_m": 128, "num_warps": 8}, {**saved, "block_n": 32}]
     for shuffle in (False, True):
         batch = CA.Batch(512, 32, 1024, 96, torch.bfloat16, shuffle=shuffle)
         out_p, out_c = torch.empty_like(batch.q), torch.empty_like(batch.q)
@@ -89,7 +89,8 @@ def kernel_item(bw: float) -> dict:
         best = min(row["configs"], key=lambda c: c["cascade_ms"] if c["cascade_ms"] == c["cascade_ms"] else 1e9)
         print(f"kernel B=512 g=32 P=1024 S~96 rows {'spread' if shuffle else 'contiguous'}: plain {t_plain * 1e3:.1f} us "
               f"(floor {row['plain_floor_ms'] * 1e3:.1f}); cascade "
-              + ", ".join(f"m{c['block_m']}/n{c['block_n']}/w{c['num_warps']} {c['cascade_ms'] * 1e3:.1f}"
+              + ", ".join(f"m{c['block_m']}/n{c['block_n']}/w{c['num_warps']}{'/fused' if c.get('fused_merge') else ''} "
+                          f"{c['cascade_ms'] * 1e3:.1f}"
                           for c in row["configs"])
               + f" us; unique-bytes floor {row['cascade_unique_floor_ms'] * 1e3:.1f} us (best at "
               f"{row['cascade_unique_floor_ms'] / best['cascade_ms']:.0%}); err {row['configs'][0]['rel_err']}",

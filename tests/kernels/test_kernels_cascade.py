@@ -27,6 +27,7 @@ CASES = [
     (4, torch.float32, [40, 37, 50, 12, 33], [([0, 1, 2], 30)], 2),  # one group, an ungrouped row
     (4, torch.float32, [40, 37, 50, 12, 33, 21], [([0, 2], 36), ([1, 4, 5], 20)], 1),  # two groups
     (3, torch.float32, [70, 65, 66, 9], [([0, 1, 2], 64)], 3),  # suffixes of 1-6 tokens, prefix in 4 blocks
+    (3, torch.float32, [70, 65, 66, 9], [([0, 1, 2], 64)], 1),  # the same with the merge in the suffix pass
     (1, torch.float32, [20] * 9, [(list(range(9)), 19)], 2),  # 9 rows > rows per task: two items
     (4, torch.bfloat16, [40, 37, 50, 12], [([0, 1, 3], 11)], 2),
 ]
