@@ -85,6 +85,7 @@ def kernel_item(bw: float) -> dict:
             row["configs"].append({**cfg, "cascade_ms": ms, "rel_err": err, "tasks": int((layout.tasks[:, 1] > 0).sum())})
         CL.GPU_CONFIG.clear()
         CL.GPU_CONFIG.update(saved)
+        row["prefix_stage_alone_ms"] = _prefix_stage_alone(batch)
         out["rows"].append(row)
         best = min(row["configs"], key=lambda c: c["cascade_ms"] if c["cascade_ms"] == c["cascade_ms"] else 1e9)
         print(f"kernel B=512 g=32 P=1024 S~96 rows {'spread' if shuffle else 'contiguous'}: plain {t_plain * 1e3:.1f} us "
@@ -93,10 +94,25 @@ def kernel_item(bw: float) -> dict:
                           f"{c['cascade_ms'] * 1e3:.1f}"
                           for c in row["configs"])
               + f" us; unique-bytes floor {row['cascade_unique_floor_ms'] * 1e3:.1f} us (best at "
-              f"{row['cascade_unique_floor_ms'] / best['cascade_ms']:.0%}); err {row['configs'][0]['rel_err']}",
+              f"{row['cascade_unique_floor_ms'] / best['cascade_ms']:.0%}); prefix stage alone "
+              f"{row['prefix_stage_alone_ms'] * 1e3:.1f} us; err {row['configs'][0]['rel_err']}",
               flush=True)
     del planner
     return out
+
+
+def _prefix_stage_alone(batch: CA.Batch) -> float:
+    """ms of the default config's prefix stage by itself (the rest of a cascade call is the suffix pass)."""
+    from radixlm.kernels.attention_common import LOG2E
+    from radixlm.kernels.cascade_attention import launch_prefix_stage
+
+    shape = CascadeShape.for_device(CA.HQ, CA.HKV, torch.device("cuda"))
+    layout = batch.layout(shape)
+    n = layout.max_prefix_splits
+    mid_o = torch.empty((batch.bsz, CA.HQ, n, CA.D), dtype=torch.float32, device=batch.q.device)
+    mid_lse = torch.empty((batch.bsz, CA.HQ, n), dtype=torch.float32, device=batch.q.device)
+    return CA.bench_graph(lambda: launch_prefix_stage(batch.q, batch.k, batch.v, batch.r2t, layout, mid_o, mid_lse, 0,
+                                                      batch.scale * LOG2E, 1.0, "tf32"))
 
 
 def _profile(sched: Any, steps: int) -> list[dict]:
