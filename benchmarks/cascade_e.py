@@ -273,6 +273,8 @@ def main() -> None:
             report[name] = {"error": repr(exc)}
         report[name]["wall_s"] = time.perf_counter() - t
         save()
+        gc.collect()  # a scheduler and its runner reference each other: free its KV pool and graphs now
+        torch.cuda.empty_cache()
 
     if "kernel" in items:
         run("kernel", lambda: kernel_item(CA.copy_bandwidth()))
