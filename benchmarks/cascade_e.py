@@ -63,14 +63,14 @@ def kernel_item(bw: float) -> dict:
     saved = dict(CL.GPU_CONFIG)
     configs = [dict(saved), {**saved, "fused_merge": not saved.get("fused_merge")},
                {**saved, "block_m": 128, "num_warps": 8}, {**saved, "block_n": 32}]
-    for shuffle in (False, True):
-        batch = CA.Batch(512, 32, 1024, 96, torch.bfloat16, shuffle=shuffle)
+    for bsz, shuffle in ((512, False), (512, True), (256, True)):  # B=256: the other batch the rule groups
+        batch = CA.Batch(bsz, 32, 1024, 96, torch.bfloat16, shuffle=shuffle)
         out_p, out_c = torch.empty_like(batch.q), torch.empty_like(batch.q)
         t_plain = CA.bench_graph(lambda: batch.plain(out_p))
         unique = (len(batch.groups) * batch.prefix + sum(n - batch.prefix for n in batch.seq_lens)) * batch.kv_token
-        row = {"shuffle": shuffle, "plain_ms": t_plain, "plain_floor_ms": batch.bytes_plain() / bw * 1e3,
+        row = {"B": bsz, "shuffle": shuffle, "plain_ms": t_plain, "plain_floor_ms": batch.bytes_plain() / bw * 1e3,
                "cascade_unique_floor_ms": unique / bw * 1e3, "configs": []}
-        for cfg in configs:
+        for cfg in configs[:2] if bsz != 512 else configs:
             CL.GPU_CONFIG.clear()
             CL.GPU_CONFIG.update(cfg)
             shape = CascadeShape.for_device(CA.HQ, CA.HKV, torch.device("cuda"))
@@ -88,7 +88,7 @@ def kernel_item(bw: float) -> dict:
         row["prefix_stage_alone_ms"] = _prefix_stage_alone(batch)
         out["rows"].append(row)
         best = min(row["configs"], key=lambda c: c["cascade_ms"] if c["cascade_ms"] == c["cascade_ms"] else 1e9)
-        print(f"kernel B=512 g=32 P=1024 S~96 rows {'spread' if shuffle else 'contiguous'}: plain {t_plain * 1e3:.1f} us "
+        print(f"kernel B={bsz} g=32 P=1024 S~96 rows {'spread' if shuffle else 'contiguous'}: plain {t_plain * 1e3:.1f} us "
               f"(floor {row['plain_floor_ms'] * 1e3:.1f}); cascade "
               + ", ".join(f"m{c['block_m']}/n{c['block_n']}/w{c['num_warps']}{'/fused' if c.get('fused_merge') else ''} "
                           f"{c['cascade_ms'] * 1e3:.1f}"
