@@ -34,6 +34,7 @@ from gpu_suite import LLAMA_8B, check_correctness, model_dir_for  # noqa: E402
 from profile_steps import StepRecorder, make_scheduler  # noqa: E402
 
 from radixlm.kernels import cascade_layout as CL  # noqa: E402
+from radixlm.kernels import decode_attention as DA  # noqa: E402
 from radixlm.kernels.cascade_layout import CascadeShape  # noqa: E402
 from radixlm.runtime.cascade import CascadePlanner  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
@@ -61,8 +62,10 @@ def kernel_item(bw: float) -> dict:
     planner = CascadePlanner.for_model(CA.HQ, CA.HKV, CA.D, 2, torch.device("cuda"))
     out: dict = {"copy_bytes_per_s": bw, "rows": []}
     saved = dict(CL.GPU_CONFIG)
+    suffix_saved = dict(DA.GPU_CONFIG)
     configs = [dict(saved), {**saved, "fused_merge": not saved.get("fused_merge")},
-               {**saved, "block_m": 128, "num_warps": 8}, {**saved, "block_n": 32}]
+               {**saved, "block_m": 128, "num_warps": 8}, {**saved, "block_n": 32},
+               {**saved, "suffix_block_n": 64}]  # the suffix pass's KV block (decode's GPU_CONFIG)
     for bsz, shuffle in ((512, False), (512, True), (256, True)):  # B=256: the other batch the rule groups
         batch = CA.Batch(bsz, 32, 1024, 96, torch.bfloat16, shuffle=shuffle)
         out_p, out_c = torch.empty_like(batch.q), torch.empty_like(batch.q)
@@ -72,7 +75,8 @@ def kernel_item(bw: float) -> dict:
                "cascade_unique_floor_ms": unique / bw * 1e3, "configs": []}
         for cfg in configs[:2] if bsz != 512 else configs:
             CL.GPU_CONFIG.clear()
-            CL.GPU_CONFIG.update(cfg)
+            CL.GPU_CONFIG.update({k: v for k, v in cfg.items() if k != "suffix_block_n"})
+            DA.GPU_CONFIG.update(block_n=cfg.get("suffix_block_n", suffix_saved["block_n"]))
             shape = CascadeShape.for_device(CA.HQ, CA.HKV, torch.device("cuda"))
             layout = batch.layout(shape)
             try:
@@ -85,12 +89,14 @@ def kernel_item(bw: float) -> dict:
             row["configs"].append({**cfg, "cascade_ms": ms, "rel_err": err, "tasks": int((layout.tasks[:, 1] > 0).sum())})
         CL.GPU_CONFIG.clear()
         CL.GPU_CONFIG.update(saved)
+        DA.GPU_CONFIG.update(suffix_saved)
         row["prefix_stage_alone_ms"] = _prefix_stage_alone(batch)
         out["rows"].append(row)
         best = min(row["configs"], key=lambda c: c["cascade_ms"] if c["cascade_ms"] == c["cascade_ms"] else 1e9)
         print(f"kernel B={bsz} g=32 P=1024 S~96 rows {'spread' if shuffle else 'contiguous'}: plain {t_plain * 1e3:.1f} us "
               f"(floor {row['plain_floor_ms'] * 1e3:.1f}); cascade "
-              + ", ".join(f"m{c['block_m']}/n{c['block_n']}/w{c['num_warps']}{'/fused' if c.get('fused_merge') else ''} "
+              + ", ".join(f"m{c['block_m']}/n{c['block_n']}/w{c['num_warps']}{'/fused' if c.get('fused_merge') else ''}"
+                          f"{'/sn' + str(c['suffix_block_n']) if 'suffix_block_n' in c else ''} "
                           f"{c['cascade_ms'] * 1e3:.1f}"
                           for c in row["configs"])
               + f" us; unique-bytes floor {row['cascade_unique_floor_ms'] * 1e3:.1f} us (best at "
