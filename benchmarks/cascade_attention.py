@@ -75,10 +75,15 @@ class _Node:  # a radix-tree node as the planner sees it
 class Batch:
     """B rows in groups of g: a group's rows share their first P slots; every row has S more of its own."""
 
-    def __init__(self, bsz: int, g: int, prefix: int, suffix: int, dtype: torch.dtype, seed: int = 0) -> None:
+    def __init__(self, bsz: int, g: int, prefix: int, suffix: int, dtype: torch.dtype, seed: int = 0,
+                 shuffle: bool = False) -> None:
+        """`shuffle`: a group's rows spread over the batch, as in the engine (requests arrive mixed)."""
         rng = random.Random(seed)
         self.bsz, self.g, self.prefix, self.suffix = bsz, g, prefix, suffix
-        groups = [list(range(i, min(i + g, bsz))) for i in range(0, bsz, g)]
+        order = list(range(bsz))
+        if shuffle:
+            random.Random(seed + 1).shuffle(order)
+        groups = [order[i: i + g] for i in range(0, bsz, g)]
         self.seq_lens = [prefix + max(1, suffix + rng.randint(-suffix // 4, suffix // 4)) for _ in range(bsz)]
         total = len(groups) * prefix + sum(n - prefix for n in self.seq_lens)
         self.k = torch.randn(total + 1, HKV, D, dtype=dtype, device=DEV)
@@ -87,7 +92,7 @@ class Batch:
         self.r2t = torch.zeros(bsz + 1, max(self.seq_lens) + 16, dtype=torch.int32, device=DEV)
         self.rows = list(range(1, bsz + 1))
         root = _Node(None, 0)
-        self.nodes: list[_Node] = []
+        self.nodes: list[_Node] = [root] * bsz
         at = 0
         for grp in groups:
             shared = perm[at: at + prefix]
@@ -99,7 +104,7 @@ class Batch:
                 self.r2t[self.rows[b], prefix: prefix + own] = perm[at: at + own]
                 at += own
                 # each request's prompt node: below the shared prefix node (its question), or alone
-                self.nodes.append(_Node(node, own - 1) if node is not None else _Node(root, prefix + own - 1))
+                self.nodes[b] = _Node(node, own - 1) if node is not None else _Node(root, prefix + own - 1)
         self.groups = [CascadeGroup(tuple(grp), prefix) for grp in groups if len(grp) > 1]
         self.q = torch.randn(bsz, HQ, D, dtype=dtype, device=DEV)
         self.idx = torch.tensor(self.rows, dtype=torch.int64, device=DEV)

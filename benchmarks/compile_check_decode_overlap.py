@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import argmax, decode_attention, ops
+from radixlm.kernels import argmax, cascade_attention, decode_attention, ops
 
 FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale"}
 
@@ -55,6 +55,15 @@ def cases():
     yield ("decode stage 2", decode_attention._decode_stage2,
            {"MidO": f32, "MidLse": f32, "SeqLens": i32, "KvStart": i32, "PrefixSplits": i32, "Out": bf16},
            {"HEAD_DIM": 128, "BLOCK_S": 32, "BLOCK_D": 128, "BLOCK_N": 128, "NUM_PREFIX": 0}, ["pdl"])
+    yield ("cascade prefix stage", cascade_attention._prefix_stage,
+           {"Q": bf16, "K": bf16, "V": bf16, "ReqToToken": i32, "Tasks": i64, "Rows": i64, "MidO": f32, "MidLse": f32},
+           {"GROUP": 4, "ROWS": 16, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_N": 64,
+            "DOT_PRECISION": "tf32", "DOT_FP32": False}, [])
+    yield ("cascade suffix + merge", cascade_attention._suffix_merge_stage,
+           {"Q": bf16, "K": bf16, "V": bf16, "ReqToToken": i32, "ReqIdx": i64, "SeqLens": i32, "KvStart": i64,
+            "PrefixSplits": i64, "MidO": f32, "MidLse": f32, "Out": bf16},
+           {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_H": 16, "BLOCK_D": 128, "BLOCK_N": 128, "NUM_PREFIX": 8,
+            "DOT_PRECISION": "tf32", "DOT_FP32": False}, ["pdl"])
     yield ("argmax stage 1", argmax._argmax_stage1, {"X": f32, "BestVal": f32, "BestIdx": i32}, {"BLOCK": 2048}, [])
     yield ("argmax stage 2", argmax._argmax_stage2, {"BestVal": f32, "BestIdx": i32, "Out": i64}, {"BLOCK_B": 64}, [])
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import LOG2E, gather_kv, online_softmax_step
-from .cascade_attention import launch_prefix_stage
+from .cascade_attention import cascade_suffix_merge, fused_merge_enabled, launch_prefix_stage
 from .cascade_layout import CascadeLayout
 from .gdc import enter, launch_options
 
@@ -206,6 +206,11 @@ def decode_attention(
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     # float32 stays float32 in every dot (TF32 would round q, k, p and v to 10-bit mantissas).
     precision = "ieee" if q.dtype == torch.float32 or not on_gpu else "tf32"
+    if cascade is not None and splits == 1 and fused_merge_enabled(on_gpu):  # one split: no stage 2
+        return cascade_suffix_merge(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, cascade, out,
+                                    sm_scale * k_scale * LOG2E, v_scale, precision, block_n,
+                                    GPU_CONFIG["num_warps"] if on_gpu else 4, GPU_CONFIG["num_stages"] if on_gpu else 1,
+                                    pdl)
     num_prefix = cascade.max_prefix_splits if cascade is not None else 0
     final = splits == 1 and cascade is None
     if final:  # stage 1 writes `out` directly (strides of a [B, Hq, 1, D] view); no lse needed

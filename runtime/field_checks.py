@@ -38,9 +38,14 @@ def find_unencodable(value: Any, path: str = "") -> str | None:
                 if isinstance(k, str) and not _encodable(k):
                     return sub
                 stack.append((v, sub))
-        elif isinstance(item, list):
+        elif isinstance(item, list) and not _SCALAR_TYPES.issuperset(map(type, item)):
+            # (a list of numbers — token ids — holds no text: skipped at C speed; a 512 x 1,088-token batch
+            # took ~0.6 s of the Engine's time walked id by id)
             stack.extend((v, field_path(where, i)) for i, v in enumerate(item))
     return None
+
+
+_SCALAR_TYPES = frozenset({int, float, bool, type(None)})
 
 
 def _encodable(text: str) -> bool:

@@ -66,6 +66,15 @@ def _per_prompt(value: Any, name: str, n: int, is_batch: bool) -> list[tuple[Any
     return [(value, name)] * n
 
 
+def _plain_ids_in_range(ids: list[Any], vocab_size: int | None) -> bool:
+    """Every id a plain int inside the vocabulary, checked at C speed (a 512 x 1,088-token batch took
+    0.7-1.2 s of the Engine's time id by id on a CPU); False sends the caller to the per-id checks, which
+    name the first bad one."""
+    if not ids or set(map(type, ids)) != {int}:
+        return False
+    return vocab_size is None or (min(ids) >= 0 and max(ids) < vocab_size)
+
+
 def _prompts(text: Any, input_ids: Any, vocab_size: int | None) -> tuple[list[str | None], list[list[int] | None], bool]:
     if (text is None) == (input_ids is None):
         raise InvalidRequestError("text", "exactly one of text and input_ids is required")
@@ -82,6 +91,8 @@ def _prompts(text: Any, input_ids: Any, vocab_size: int | None) -> tuple[list[st
     is_batch = bool(input_ids) and all(isinstance(t, list) for t in input_ids)
     ids_list = [list(x) for x in input_ids] if is_batch else [list(input_ids)]
     for i, ids in enumerate(ids_list):
+        if _plain_ids_in_range(ids, vocab_size):
+            continue
         where = field_path("input_ids", i) if is_batch else "input_ids"
         for j, t in enumerate(ids):  # (the prompt is named, the position said: `input_ids: ...`)
             if not is_int(t):

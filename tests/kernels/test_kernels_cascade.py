@@ -27,6 +27,7 @@ CASES = [
     (4, torch.float32, [40, 37, 50, 12, 33], [([0, 1, 2], 30)], 2),  # one group, an ungrouped row
     (4, torch.float32, [40, 37, 50, 12, 33, 21], [([0, 2], 36), ([1, 4, 5], 20)], 1),  # two groups
     (3, torch.float32, [70, 65, 66, 9], [([0, 1, 2], 64)], 3),  # suffixes of 1-6 tokens, prefix in 4 blocks
+    (3, torch.float32, [70, 65, 66, 9], [([0, 1, 2], 64)], 1),  # the same with the merge in the suffix pass
     (1, torch.float32, [20] * 9, [(list(range(9)), 19)], 2),  # 9 rows > rows per task: two items
     (4, torch.bfloat16, [40, 37, 50, 12], [([0, 1, 3], 11)], 2),
 ]
@@ -119,7 +120,8 @@ def test_scheduler_with_triton_cascade_equals_plain(tiny_model_dir):
     assert_pool_idle(sched)
 
 
-def test_cascade_over_fp8_pool(device, make_pool, assert_close):
+@pytest.mark.parametrize("splits", [2, 1])  # 1: the merge inside the suffix pass weighs V-scaled partials
+def test_cascade_over_fp8_pool(device, make_pool, assert_close, splits):
     """An FP8 pool's scales fold into the prefix stage as into decode: cascade equals plain decode."""
     from radixlm.kernels import ops_ref
     from radixlm.kernels.decode_attention import decode_attention
@@ -133,7 +135,7 @@ def test_cascade_over_fp8_pool(device, make_pool, assert_close):
     idx, lens = torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device)
     shape = CascadeShape(rows_per_task=8, max_tasks=8, target_tasks=4, block_n=16)
     layout = build_cascade_layout([CascadeGroup((0, 1, 2), 30)], pool.rows, shape, min_split=16).to(device)
-    got = decode_attention(q, k8, v8, pool.req_to_token, idx, lens, 0.2, num_kv_splits=2, k_scale=0.5, v_scale=0.25,
+    got = decode_attention(q, k8, v8, pool.req_to_token, idx, lens, 0.2, num_kv_splits=splits, k_scale=0.5, v_scale=0.25,
                            cascade=layout)
     plain = decode_attention_ref(q, k8, v8, pool.req_to_token, idx, lens, 0.2, k_scale=0.5, v_scale=0.25)
     ref = cascade_decode_attention_ref(q, k8, v8, pool.req_to_token, pool.rows, seq_lens, 0.2, groups,

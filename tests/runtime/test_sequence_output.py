@@ -83,6 +83,12 @@ def test_python_arguments_and_a_json_body_build_the_same_request() -> None:
     ({"text": "a", "priority": "high"}, "^priority: must be of type int"),
     ({"text": "a", "stream": None}, "^stream: must be a boolean"),
     ({"input_ids": [1, 200]}, r"^input_ids: token id 200 at \[1\] is outside the vocabulary"),
+    # long batches take a whole-list check first; a bad id is still named where it is
+    ({"input_ids": [[3] * 900, [4] * 700 + [-1] + [5] * 99]}, r"^input_ids\[1\]: token id -1 at \[700\] is outside"),
+    ({"input_ids": [[3] * 900, [4] * 300 + [True]]}, r"^input_ids\[1\]: \[300\] must be an integer token id, got bool"),
+    ({"input_ids": [7] * 500 + [2.0]}, r"^input_ids: \[500\] must be an integer token id, got float"),
+    ({"input_ids": [[1] * 800], "sampling_params": [{"stop": [[2] * 50, "\udc00"]}]},
+     r"^sampling_params\[0\]\.stop\[1\]: contains a lone surrogate"),
 ])
 def test_the_builder_names_the_field_for_python_callers_as_for_json(fields, error) -> None:
     with pytest.raises(InvalidRequestError, match=error):
