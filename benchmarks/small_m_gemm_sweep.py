@@ -61,18 +61,17 @@ GEMV_CONFIGS = [  # n: 2 rows a thread per 8 (w4) / 16 (w8) rows of tile; p0 at 
 # the M = 1 tensor-core kernel (kernels/w4a16_mma_m1.py): rows x chunks per step, warps, split-K (a: ~4 programs
 # per SM), Triton stages; 4 / 8 warps: wgmma (the codes' operand in registers), 1 / 2 warps: mma.sync
 MMA1_CONFIGS = [  # -g1: the group sums from one load issued before the loop and summed after it, not a second
-    # small dot of a ones row in the loop (64 MMAs a step at n64-c2-w2 instead of 96; sm_90 SASS 392 instructions a
-    # step against 498, with the mask-free loads of whole steps); -j8: a window of 8 groups, the MMA 8 columns wide
-    # (32 MMAs a step, less shared memory; twice the splits); -v8: split-K planned for ~8 programs per SM (4
-    # without); st: Triton stages (a stage holds the codes and the activation tiles). The 14:50 round (RESULTS.md):
-    # two stages won gate_up (25.0 us against 28.9 at three, same tile), so their variants come first (72-118
-    # registers, 12-24 KB of shared memory); then the round's other winners; the time budget cuts the tail.
-    "mma1-n64-c2-w2-sa-st2-g1-j8", "mma1-n64-c2-w1-sa-st2-g1", "mma1-n64-c2-w1-sa-st2-g1-j8",
-    "mma1-n64-c4-w2-sa-st2-g1-j8", "mma1-n128-c2-w2-sa-st2-g1-j8", "mma1-n128-c1-w2-sa-st2-g1",
-    "mma1-n64-c1-w2-sa-st2-g1-j8", "mma1-n32-c2-w1-sa-st2-g1", "mma1-n64-c2-w2-sa-st2-v8-g1", "mma1-n64-c4-w2-sa-st2-g1",
-    "mma1-n64-c2-w2-sa-st2-g1", "mma1-n64-c2-w2-sa-st3-g1", "mma1-n64-c2-w1-sa-st3-g1-j8", "mma1-n64-c1-w2-sa-st4-g1-j8",
-    "mma1-n64-c2-w2-sa-st3-g1-j8", "mma1-n64-c2-w1-sa-st3-g1", "mma1-n64-c1-w2-sa-st4-g1", "mma1-n128-c1-w2-sa-st4-g1-j8",
-    "mma1-n64-c2-w2-sa-st3", "mma1-n64-c2-w1-sa-st3",
+    # small dot of a ones row in the loop; -j8: a window of 8 groups, the MMA 8 columns wide (32 MMAs a step at
+    # n64-c2, the activation tiles' shared memory halved; twice the splits); -v: split-K planned for ~v programs per SM
+    # (4 without); -r1: a row tile's splits as consecutive programs; st: Triton stages. The 17:41 round (w4c,
+    # RESULTS.md): gate_up 23.6 us at n64-c2-w2-st2-g1-j8-r1 (24.6 the 14:50 table's), down 14.1 at n64-c2-w2-st3-g1
+    # (the table's); x in registers (-x1), an L2 prefetch before the PDL wait, long row segments (c8 / c16 at n16 /
+    # n32) all lost there and are gone. First the neighbours of the two winners that round's budget left untimed.
+    "mma1-n64-c2-w2-sa-st3-g1-r1", "mma1-n64-c2-w2-sa-st3-g1-j8-r1", "mma1-n64-c2-w2-sa-st3-g1-j8",
+    "mma1-n64-c2-w1-sa-st2-g1-j8-r1", "mma1-n128-c2-w2-sa-st2-g1-j8-r1", "mma1-n64-c4-w2-sa-st2-g1-j8-r1",
+    "mma1-n64-c2-w2-sa-st2-v2-g1-j8-r1", "mma1-n64-c2-w2-sa-st3-v2-g1-r1", "mma1-n64-c2-w1-sa-st3-g1-j8-r1",
+    "mma1-n32-c2-w1-sa-st2-g1-j8-r1", "mma1-n64-c1-w2-sa-st2-g1-j8-r1", "mma1-n128-c2-w2-sa-st3-g1-j8-r1",
+    "mma1-n64-c2-w2-sa-st4-g1-r1", "mma1-n64-c2-w2-sa-st2-g1-j8", "mma1-n64-c2-w2-sa-st2-g1",
 ]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16)
@@ -134,9 +133,10 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] = MS, pdl: bool = False) -> list[dict]:
-    """One kernel's configs on every 8B shape at each M; `pdl`: the best config again with programmatic
-    dependent launch (its calls back to back in the graph overlap their launches)."""
+def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] = MS, pdl: bool = False,
+               layers: tuple[str, ...] = tuple(SHAPES)) -> list[dict]:
+    """One kernel's configs on the 8B shapes named in `layers` at each M; `pdl`: the best config again with
+    programmatic dependent launch (its calls back to back in the graph overlap their launches)."""
     from radixlm.kernels.fp8_gemm import w8a16_matmul
     from radixlm.kernels.fp8_small_m import config_for as fp8_default
     from radixlm.kernels.fp8_small_m import fp8_small_m_matmul
@@ -151,7 +151,8 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
     from radixlm.runtime.quantization.w4a16 import W4Weight
 
     rows = []
-    for name, (k, n) in SHAPES.items():
+    for i, (name, (k, n)) in enumerate((name, SHAPES[name]) for name in layers):
+        layer_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(layers) - i)  # a fair share each
         w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
         if kind == "fp8":
             q = Fp8Weight.from_float(w)
@@ -207,7 +208,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                 cfg = parse(key)
                 if getattr(cfg, "kind", "") == "fma" and m > FMA_MAX_M:
                     continue
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > layer_deadline:
                     sweep[key] = "skipped: sweep time budget spent"
                     continue
                 try:
@@ -340,6 +341,7 @@ def main() -> None:
     ap.add_argument("--ab", action="store_true", help="with --decode: fp8 and w4a16 on the older kernels too")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows to sweep (the GEMV: 1 only)")
     ap.add_argument("--pdl", action="store_true", help="time each best config again launched with PDL")
+    ap.add_argument("--layers", default=",".join(SHAPES), help="the 8B layer shapes to sweep, of " + ", ".join(SHAPES))
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_suite import measure_ceilings
@@ -357,14 +359,14 @@ def main() -> None:
     for i, kind in enumerate(kinds):  # the time budget is shared out between the kinds
         share = (args.budget_s - (time.perf_counter() - started)) / (len(kinds) - i)
         rows += sweep_kind(kind, copy_bw, time.perf_counter() + share, tuple(int(v) for v in args.ms.split(",")),
-                           args.pdl)
+                           args.pdl, tuple(args.layers.split(",")))
         report["rows"], report["tables"] = rows, tables(rows)
         out.write_text(json.dumps(report, indent=1))
     report["sweep_s"] = time.perf_counter() - started
     for kind in kinds:  # the four layers summed, M = 1: what a decoder layer's GEMMs cost
         one = [r for r in rows if r["kind"] == kind and r["M"] == 1]
-        if len(one) == len(SHAPES) and all(r["best_us"] for r in one):
-            print(f"# {kind} M = 1, per layer (4 GEMMs): floor {sum(r['floor_us'] for r in one):.1f}, "
+        if len(one) == len(args.layers.split(",")) and all(r["best_us"] for r in one):
+            print(f"# {kind} M = 1, the swept layers summed: floor {sum(r['floor_us'] for r in one):.1f}, "
                   f"old {sum(r['old_us'] for r in one):.1f}, best {sum(r['best_us'] for r in one):.1f}"
                   + (f", best+PDL {sum(r['best_pdl_us'] for r in one):.1f}"
                      if all(isinstance(r.get("best_pdl_us"), float) for r in one) else "") + " us")

@@ -20,6 +20,8 @@ small dot of a ones row with the same activation tiles, or (`Mma1Config.sums`, k
 activations loaded once before the loop and summed after it: a third fewer MMAs a step, and the load's latency
 hidden under the weight stream. With `Mma1Config.window` 8 (keys `-j8`) the tile is 8 columns wide: one MMA
 (m16n8k16) per 16 x 16 codes instead of two, each split inside a window of 8 groups (twice the splits).
+`Mma1Config.split_major` (keys `-r1`): a row tile's splits are consecutive programs of the grid, so the programs
+resident together read whole blocks of rows.
 
 Layout: `w4a16_gemm.pack_codes` (one copy of the weight serves every kernel): halfword i of a chunk's 32
 holds columns i, 32 + i, 64 + i, 96 + i, so nibble plane j of a [BLOCK_N, 32] halfword tile is the row
@@ -58,11 +60,13 @@ class Mma1Config:
     waves: int = 4  # programs per SM the split-K plan aims for (split_k None)
     sums: bool = False
     window: int = WINDOW  # groups side by side in the MMA's columns: 16, or 8 (half the MMAs, twice the splits)
+    split_major: bool = False  # the splits of one row tile are consecutive programs (they read one block of rows)
 
     def key(self) -> str:
         split = "a" if self.split_k is None else str(self.split_k)
         extra = ("" if self.waves == 4 else f"-v{self.waves}") + ("-g1" if self.sums else "")
         extra += "" if self.window == WINDOW else f"-j{self.window}"
+        extra += "-r1" if self.split_major else ""
         return f"mma1-n{self.block_n}-c{self.chunks}-w{self.num_warps}-s{split}-st{self.num_stages}{extra}"
 
     @classmethod
@@ -72,15 +76,17 @@ class Mma1Config:
         waves = next((int(e[1:]) for e in extra if e.startswith("v")), 4)
         window = next((int(e[1:]) for e in extra if e.startswith("j")), WINDOW)
         return cls(int(n[1:]), int(c[1:]), int(w[1:]), None if s == "sa" else int(s[1:]), int(st[2:]), waves,
-                   "g1" in extra, window)
+                   "g1" in extra, window, "r1" in extra)
 
 
 # (N, K) -> {1: config key}: the Llama-3.1-8B layers where this kernel beat the GEMV, measured by
-# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200 (2026-12-03 14:50 round at 4ad7b3b, RESULTS.md: gate_up
-# 25.0 vs the GEMV's 26.7 us, down 14.2 vs 16.6, both -g1; qkv 9.1 vs 7.5, o 7.5 vs 7.4 stay on the GEMV). W4Weight
-# sends M = 1 here for the listed shapes, before the GEMV.
+# benchmarks/small_m_gemm_sweep.py --kinds mma1 on the H200. gate_up: the 2026-12-03 17:41 round (w4c, RESULTS.md):
+# -j8 -r1 at two stages 23.6 us against 24.6 for the 14:50 table's n64-c2-w2-st2-g1 (-j8 alone 24.4, -r1 alone 24.4;
+# the run's key also had -e1, evict-first codes, which Triton 3.6 drops from its pipelined copies: the same SASS);
+# down: the 14:50 round (w4b) 14.2 vs the GEMV's 16.6, again the best at 17:41 (14.1). qkv / o stay on the GEMV.
+# W4Weight sends M = 1 here for the listed shapes, before the GEMV.
 DEFAULTS: Table = {
-    (28672, 4096): {1: "mma1-n64-c2-w2-sa-st2-g1"},
+    (28672, 4096): {1: "mma1-n64-c2-w2-sa-st2-g1-j8-r1"},
     (4096, 14336): {1: "mma1-n64-c2-w2-sa-st3-g1"},
 }
 register_defaults("mma1", DEFAULTS)
@@ -111,6 +117,16 @@ def mma1_plan(n: int, kp: int, group_size: int, groups: int, cfg: Mma1Config,
         if groups == 1 or touched <= cfg.window or want >= steps:
             return triton.cdiv(chunks, per_split), per_split
         want += 1
+
+
+def step_groups(chunks: int, group_size: int) -> int:
+    """The most groups one loop step of `chunks` chunks touches (steps start at multiples of their width)."""
+    cols = chunks * CHUNK
+    if cols % group_size == 0:
+        return cols // group_size
+    if group_size % cols == 0:
+        return 1
+    return (cols - 1) // group_size + 2
 
 
 @triton.jit
@@ -204,10 +220,10 @@ def _mma1_kernel(
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
     SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr,
+    CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(1 if SPLIT_MAJOR else 0)
+    pid_k = tl.program_id(0 if SPLIT_MAJOR else 1)
     rn = paired_rows(pid_n, N, BLOCK_N, SILU)
     ri = tl.arange(0, 32)
     rj = tl.arange(0, WIN)  # window columns
@@ -303,7 +319,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     x = x if x.stride(1) == 1 else x.contiguous()
     cfg = cfg or mma1_table_config(n, k) or Mma1Config()
     slices = group_size // SLICE
-    if triton.cdiv(cfg.chunks * CHUNK, group_size) + 1 > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
+    if step_groups(cfg.chunks, group_size) > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
         raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {cfg.window})")
     if silu_mul and (n // 2) % (cfg.block_n // 2):
         raise ValueError(f"w4a16_mma_m1: silu_mul needs N / 2 a multiple of half the row tile ({n}, {cfg.key()})")
@@ -331,7 +347,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     sum_chunks = MAX_SUM_CHUNKS if cfg.sums and per_split <= MAX_SUM_CHUNKS else 0  # one compile for every shape
     # every step whole (chunks, split ends) and every row tile full: the loop's loads need no masks of their own
     even = k % CHUNK == 0 and (kp // CHUNK) % cfg.chunks == 0 and per_split % cfg.chunks == 0 and n % cfg.block_n == 0
-    grid = (triton.cdiv(n, cfg.block_n), split)
+    grid = (split, triton.cdiv(n, cfg.block_n)) if cfg.split_major else (triton.cdiv(n, cfg.block_n), split)
     use_pdl = pdl and x.is_cuda
 
     def launch(asm: bool) -> None:
@@ -342,7 +358,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
             SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
-            EVEN=even, CHUNKS=cfg.chunks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
         )
 

@@ -111,7 +111,7 @@ class LlamaMLP(nn.Module):
                 gate_up: torch.Tensor | None = None) -> torch.Tensor:
         """`gate_up`: the projection already made (the add + norm in its GEMV's loads); then `x` is not read."""
         if gate_up is None:
-            act = self.gate_up_proj.forward_silu_mul(x)  # batch 1, 4-bit weights: SiLU-and-mul in the GEMV's epilogue
+            act = self.gate_up_proj.forward_then_silu_mul(x)  # batch 1, 4-bit weights: SiLU-and-mul in the GEMV's epilogue
             if act is not None:
                 return self.down_proj(act, lora_into=residual)
             gate_up = self.gate_up_proj(x)

@@ -133,7 +133,7 @@ class ColumnParallelLinear(nn.Linear):
         out = pending.out if pending is not None and pending.out is not None else _product(self, x, self.bias)
         return out if self.lora is None else self.lora.finish(pending, out)
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward_then_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this [gate | up] layer in one launch where its quantized weight has such a kernel
         (4-bit, one row: `QuantizedWeight.linear_silu_mul`), else None; not with a bias or a LoRA update."""
         if self.quantized is None or self.bias is not None or self.lora is not None:

@@ -198,7 +198,7 @@ def test_gemv_silu_mul_epilogue_is_silu_and_mul_of_the_product(device, dtype, n,
 
 
 def test_gate_up_layer_fuses_silu_mul_for_one_row_only(device, monkeypatch):
-    """ColumnParallelLinear.forward_silu_mul over a 4-bit [gate | up] weight (--decode-silu-epilogue on): one decode
+    """ColumnParallelLinear.forward_then_silu_mul over a 4-bit [gate | up] weight (--decode-silu-epilogue on): one decode
     row through the serving M = 1 kernel with SiLU-and-mul in its epilogue (the bits of the two launches), None
     for more rows, a LoRA update, the CPU reference path, the flag off, or a row tile that N / 2 does not fill."""
     from radixlm.kernels import w4a16_gemv as kv
@@ -209,14 +209,14 @@ def test_gate_up_layer_fuses_silu_mul_for_one_row_only(device, monkeypatch):
     layer = ColumnParallelLinear(256, 64, bias=False)
     layer.quantized = w
     x1 = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(device)
-    assert layer.forward_silu_mul(x1) is None  # the CPU reference weight: no kernel
+    assert layer.forward_then_silu_mul(x1) is None  # the CPU reference weight: no kernel
     w.use_triton, w.tickets = True, tickets_for(64, torch.device(device))
     monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n16-c1-w1-s2-p0"})
-    assert layer.forward_silu_mul(x1) is None  # --decode-silu-epilogue off (the default)
+    assert layer.forward_then_silu_mul(x1) is None  # --decode-silu-epilogue off (the default)
     w.silu_epilogue = True
-    assert torch.equal(layer.forward_silu_mul(x1), silu_and_mul(w.linear(x1)))
-    assert layer.forward_silu_mul(x1.expand(2, 256).contiguous()) is None
+    assert torch.equal(layer.forward_then_silu_mul(x1), silu_and_mul(w.linear(x1)))
+    assert layer.forward_then_silu_mul(x1.expand(2, 256).contiguous()) is None
     monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n128-c1-w1-s2-p0"})  # 32 gate rows: not half of 128
-    assert layer.forward_silu_mul(x1) is None
+    assert layer.forward_then_silu_mul(x1) is None
     layer.lora = object()
-    assert layer.forward_silu_mul(x1) is None
+    assert layer.forward_then_silu_mul(x1) is None

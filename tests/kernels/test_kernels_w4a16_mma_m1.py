@@ -11,7 +11,7 @@ import triton.language as tl
 
 from radixlm.kernels.small_m import tickets_for
 from radixlm.kernels.w4a16_gemm import pack_codes
-from radixlm.kernels.w4a16_mma_m1 import Mma1Config, _plane, mma1_plan, w4a16_mma_m1
+from radixlm.kernels.w4a16_mma_m1 import Mma1Config, _plane, mma1_plan, step_groups, w4a16_mma_m1
 from radixlm.runtime.quantization.w4_formats import quantize_rtn
 from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
 
@@ -40,7 +40,8 @@ CONFIGS = [Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1
            Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1),
            Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=3, num_stages=1, sums=True),  # sums before the loop
            Mma1Config(block_n=32, chunks=2, num_warps=1, split_k=1, num_stages=1, waves=2, sums=True),
-           Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=2, num_stages=1, sums=True, window=8),  # 8 groups
+           # 8 groups; the splits of a row tile as consecutive programs
+           Mma1Config(block_n=16, chunks=1, num_warps=1, split_k=2, num_stages=1, sums=True, window=8, split_major=True),
            Mma1Config(block_n=32, chunks=1, num_warps=1, split_k=1, num_stages=1, window=8)]
 
 
@@ -88,8 +89,16 @@ def test_mma_m1_plan_and_refusals(device):
         w4a16_mma_m1(torch.zeros(1, 256, device=device), w.codes, w.scales, None, None, 256, 32,
                      cfg=Mma1Config(block_n=16, chunks=8, num_warps=1))
     for cfg in (Mma1Config(64, 2, 4, None, 3), Mma1Config(64, 2, 1, 4, 4, waves=2, sums=True), Mma1Config(sums=True, waves=3),
-                Mma1Config(sums=True, window=8)):
+                Mma1Config(sums=True, window=8), Mma1Config(sums=True, window=8, split_major=True)):
         assert Mma1Config.parse(cfg.key()) == cfg
+    assert step_groups(8, 128) == 8 and step_groups(16, 128) == 16 and step_groups(2, 512) == 1  # aligned steps
+    assert step_groups(2, 96) == 4 and step_groups(1, 32) == 4
+    # a step of 8 chunks of aligned 128-column groups fills a window of 8 exactly (refused before step_groups)
+    w = _weight(32, 1024, 128, False, False, device)
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(4)).to(device)
+    got = w4a16_mma_m1(x, w.codes, w.scales, w.zeros, None, 1024, 128,
+                       cfg=Mma1Config(block_n=16, chunks=8, num_warps=1, num_stages=1, sums=True, window=8))
+    assert _close(got, x.float() @ w.dequantize().t(), torch.float32)
 
 
 @triton.jit
