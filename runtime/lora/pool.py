@@ -110,14 +110,34 @@ class LoRAProjection:
 
             self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
-    def begin(self, x: torch.Tensor, into: torch.Tensor | None = None) -> PendingLoRA | None:
+    @property
+    def active(self) -> bool:
+        """Whether this forward has adapter rows (else `begin` returns None and the layer runs as without LoRA)."""
+        return self.batch.segments is not None
+
+    def reads_silu_mul(self, x: torch.Tensor) -> bool:
+        """Whether `begin(x, silu_mul=True)` takes x = [gate | up] and shrinks silu(gate) * up in its loads
+        (the side-stream shrink of decode sizes), so the layer's GEMV may take the activation in its own loads
+        (batch 1: one SiLU-and-mul launch less on the step's path); or there is no LoRA work this forward."""
+        if not self.active:
+            return True
+        return (self.use_triton and self.kernels in ("overlap", "stacked") and x.dim() == 2
+                and not self._stacked_range(x) and x.shape[0] <= STACKED_MAX_TOKENS)
+
+    def _stacked_range(self, x: torch.Tensor) -> bool:
+        return (self.stacked is not None and self.use_triton and x.dim() == 2
+                and STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS)
+
+    def begin(self, x: torch.Tensor, into: torch.Tensor | None = None, silu_mul: bool = False) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
-        either (the residual stream); with overlap the update may go there instead of the output."""
+        either (the residual stream); with overlap the update may go there instead of the output.
+        `silu_mul`: x is [gate | up] and the input is silu(gate) * up (only where `reads_silu_mul(x)`)."""
         seg = self.batch.segments
         if seg is None:
             return None
-        if (self.stacked is not None and self.use_triton and x.dim() == 2
-                and STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS):
+        if silu_mul and not self.reads_silu_mul(x):
+            raise ValueError("LoRA: silu_mul input on a path that reads the activation itself")
+        if self._stacked_range(x):
             full = torch.nn.functional.linear(x, self.stacked)  # [T, out | every slot's n·R]
             n = self.offsets[-1]
             into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
@@ -133,19 +153,21 @@ class LoRAProjection:
             return pending
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
-        pending.y = shrink_buffer(x, self.a)  # buffers on the current stream: never freed before the join
+        pending.y = shrink_buffer(x, self.a, silu_mul=silu_mul)  # on the current stream: never freed before the join
         into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
         if into is None and x.shape[0] <= DELTA_MAX_TOKENS:
             pending.delta = torch.empty(x.shape[0], self.offsets[-1], dtype=x.dtype, device=x.device)
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
-            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y, counters=self.counters)  # (may come back added)
+            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y, counters=self.counters,  # (may come back added)
+                                    silu_mul=silu_mul)
             if into is not None:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
                 pending.added = True
-            elif pending.delta is not None:  # rows of the base model (no segment) must add zero
-                pending.delta.zero_()
+            elif pending.delta is not None:
+                if x.shape[0] > 1:  # rows of the base model (no segment) must add zero; a single row with
+                    pending.delta.zero_()  # LoRA work is an adapter's (segments exist): the expand writes all of it
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, pending.delta, seg,
                             accumulate=False)
         return pending

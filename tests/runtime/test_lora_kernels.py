@@ -387,3 +387,57 @@ def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, mon
         total = out if into is None else out + into
         torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out[~used], (x @ w.t())[~used], atol=1e-5, rtol=1e-5)
+
+
+def test_down_projection_reads_silu_mul_in_its_shrink_as_its_gemv_does(monkeypatch) -> None:
+    """Batch 1 on a GPU: down_proj's M = 1 GEMV takes silu(gate) * up in its loads, and with an adapter row the
+    side-stream shrink reads [gate | up] the same way (RowParallelLinear.forward_silu_mul): the same bits as
+    the activation kernel followed by the layer's unfused path, output and residual; a base-only forward is
+    the GEMV alone; paths that read the activation themselves decline. A single adapter row's delta buffer
+    (qkv / gate_up) is written whole by the expand, with no memset (stale memory here)."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.kernels.small_m import SmallMConfig
+    from radixlm.runtime.dense_gemv import DenseGemv
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import RowParallelLinear
+
+    dev, dt = _device(), torch.bfloat16
+    k, n, rank, slots = 320, 40, 8, 3  # k: two K splits of the shrink at one row (in-launch sum)
+    g = torch.Generator().manual_seed(21)
+    layer = RowParallelLinear(k, n).to(dev)
+    layer.weight.data = (torch.randn(n, k, generator=g) * k**-0.5).to(dt).to(dev)
+    layer.gemv = DenseGemv(layer.weight, SmallMConfig("fma", 8, 128, 1, 4, 2))
+    a = (torch.randn(slots, rank, k, generator=g) * k**-0.5).to(dt).to(dev)
+    b = torch.randn(slots, n, rank, generator=g).to(dt).to(dev)
+    batch = BatchAdapters()
+    seg = LoRASegments.build(torch.tensor([2]), slots, dev)
+    batch.segments = seg
+    layer.lora = LoRAProjection(a, b, [0, n], rank, batch, use_triton=True, kernels="stacked")
+    gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(dt).to(dev)
+    act = silu_and_mul(gate_up)
+    r0 = torch.randn(1, n, generator=g).to(dt).to(dev)
+    want_res = r0.clone()
+    want = layer(act, lora_into=want_res)
+    res = r0.clone()
+    out = layer.forward_silu_mul(gate_up, lora_into=res)
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    exact = r0.double() + act.double() @ layer.weight.double().T
+    expand_ref(shrink_ref(act.double(), a.double(), seg), b.double(), [0, n], rank, exact, seg)
+    torch.testing.assert_close((res.double() + out.double()), exact, atol=0.05, rtol=0.02)
+    assert (res.double() - r0.double()).abs().max() > 0.5, "the update is not empty"
+    # the delta path at one row: stale memory in the delta buffer, overwritten whole by the expand
+    proj = LoRAProjection(a, b, [0, n], rank, batch, use_triton=True, kernels="overlap")
+    empty = torch.empty
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", lambda *args, **kw: empty(*args, **kw).fill_(float("nan")))
+        pending = proj.begin(act)
+    assert pending.delta is not None
+    base = layer.gemv(act, None)
+    torch.testing.assert_close(proj.finish(pending, base.clone()).double(), (want_res - r0 + base).double(),
+                               atol=0.05, rtol=0.02)
+    layer.lora.kernels = "serial"  # the update after the GEMM from the activation tensor: not taken
+    assert layer.forward_silu_mul(gate_up, lora_into=res) is None
+    batch.segments = None  # no adapter row: the GEMV alone, nothing added to the residual
+    res = r0.clone()
+    assert torch.equal(layer.forward_silu_mul(gate_up, lora_into=res), layer.gemv(act, None))
+    assert torch.equal(res, r0)
