@@ -87,7 +87,8 @@ VARIANTS = {
     "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
     "engine_delta_inline": None,  # both
     "engine_stacked": None,  # --lora-kernels stacked as the engine runs it (LoRAProjection over a stacked weight)
-    "engine_stacked1": None,  # ... with the stacked path from 1 row (pool.STACKED_MIN_TOKENS = 1; cuBLAS, no GEMV)
+    "engine_stacked1": None,  # ... with the stacked path from 1 row (pool.STACKED_MIN_TOKENS = 1; with --gemv the
+    # stacked weight's one-row product by the layer's M = 1 GEMV config, and the expand after it with PDL)
     "engine_stacked_col": None,  # ... qkv and gate_up stacked, o and down on the overlap path (into the residual)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
@@ -173,6 +174,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
         return run_stacked
 
     if variant.startswith("engine"):
+        from radixlm.runtime.dense_gemv import DenseGemv
         from radixlm.runtime.lora import pool, sgmv_triton
         from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
@@ -190,7 +192,8 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             # stacked_col: only the projections without a residual to take their update (qkv, gate_up);
             # o / down keep the overlap path, their whole update on the side stream (pool.STACKED_PROJECTIONS)
             lora = [LoRAProjection(p.w_stack[p.offsets[-1]:].view(p.a.shape), p.b, p.offsets, RANK, batch, True,
-                                   "stacked", stream, stacked=p.w_stack)
+                                   "stacked", stream, stacked=p.w_stack, pdl=p.gemv is not None and p.gemv.pdl,
+                                   gemv=None if p.gemv is None else DenseGemv(p.w_stack, p.gemv.cfg, p.gemv.pdl))
                     if "col" not in variant or p.residual is None
                     else LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "stacked", stream) for p in projs]
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,6 +102,11 @@ class LoRAProjection:
     widest: int = 0
     counters: torch.Tensor | None = None  # this projection's own scratch of the shrink's in-launch sum
     stacked: torch.Tensor | None = None  # --lora-kernels stacked: [out + slots·n·R, in], base weight over `a`
+    # the stacked weight's M = 1 GEMV (the layer's own config and PDL, `LoRAPool.attach_gemv`): one row's stacked
+    # product, [gate | up] -> silu(gate) * up in its loads for down_proj; and whether the expand after it takes PDL
+    gemv: Any = None
+    pdl: bool = False
+    layer: Any = None  # the linear layer this is attached to (`LoRAPool.attach_gemv` reads its GEMV)
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
@@ -121,6 +127,8 @@ class LoRAProjection:
         (batch 1: one SiLU-and-mul launch less on the step's path); or there is no LoRA work this forward."""
         if not self.active:
             return True
+        if self._stacked_range(x):
+            return self.gemv is not None and x.shape[0] == 1
         return (self.use_triton and self.kernels in ("overlap", "stacked") and x.dim() == 2
                 and not self._stacked_range(x) and x.shape[0] <= STACKED_MAX_TOKENS)
 
@@ -137,8 +145,9 @@ class LoRAProjection:
             return None
         if silu_mul and not self.reads_silu_mul(x):
             raise ValueError("LoRA: silu_mul input on a path that reads the activation itself")
-        if self._stacked_range(x):
-            full = torch.nn.functional.linear(x, self.stacked)  # [T, out | every slot's n·R]
+        if self._stacked_range(x):  # [T, out | every slot's n·R]
+            one_row = self.gemv is not None and x.shape[0] == 1
+            full = self.gemv(x, None, silu_mul=silu_mul) if one_row else torch.nn.functional.linear(x, self.stacked)
             n = self.offsets[-1]
             into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
             return PendingLoRA(x, seg, y=full[:, n:], out=full[:, :n], into=into)
@@ -184,7 +193,8 @@ class LoRAProjection:
 
         if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
             target = out if pending.into is None else pending.into
-            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True)
+            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True,
+                        pdl=self.pdl and pending.x.shape[0] == 1)
         elif pending.y is not None:
             if self.side_stream is not None:
                 torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
@@ -248,11 +258,26 @@ class LoRAPool:
             if stacked is not None:
                 self.staged.append((a, stacked[linear.weight.shape[0]:].view(slots, *a_shape)))
                 a = self.staged[-1][1]
-            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side, stacked=stacked)
+            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side, stacked=stacked,
+                               layer=linear)
             self.projections[(i, proj)] = p
             linear.lora = p
         if self.staged and device.type == "cuda":
             torch.cuda.empty_cache()  # the replaced base weights' blocks: before the KV pool is sized
+
+    def attach_gemv(self, pdl: bool) -> int:
+        """Give each stacked projection whose layer has an M = 1 GEMV (runtime/dense_gemv.py; attached after the
+        pool stacked the weights) a GEMV over its stacked weight, the layer's config; the count."""
+        from radixlm.runtime.dense_gemv import DenseGemv
+
+        count = 0
+        for p in self.projections.values():
+            p.gemv, p.pdl = None, pdl
+            layer_gemv = getattr(p.layer, "gemv", None)
+            if p.stacked is not None and layer_gemv is not None:
+                p.gemv = DenseGemv(p.stacked, layer_gemv.cfg, pdl)
+                count += 1
+        return count
 
     @property
     def nbytes(self) -> int:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.gdc import enter, launch_options
 from radixlm.runtime.lora.sgmv import LoRASegments
 from radixlm.runtime.lora.smem import SM90_SMEM, device_smem, dot_bytes, loop_bytes
 
@@ -205,7 +206,8 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_yslot, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1):
+                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+    enter(USE_PDL)  # launched beside its predecessor (batch-1 decode): wait for it before touching memory
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     piece = pid_sn // blocks_per_slice
@@ -299,13 +301,14 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
                 out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True,
-                per_slot: bool = False) -> None:
+                per_slot: bool = False, pdl: bool = False) -> None:
     """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
     False: out[rows of a segment] = the update, other rows untouched).
     `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `per_slot`: y is [T, slots·n·R],
     every slot's rank columns side by side (x·Aᵀ of all slots at once: the stacked base GEMM's tail),
     each row reading its own slot's; `slice_offsets`: [n + 1] int32 on the device; `widest`: the
-    widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
+    widest slice (sizes the grid); `tile`: the shrink's (same row blocks); `pdl`: launched with programmatic
+    dependent launch (kernels/gdc.py) where the device has it, for a launch right after its producer on one stream."""
     if y.dim() == 2:
         y = y.unsqueeze(0)
     t = y.shape[1]
@@ -320,4 +323,5 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
                          b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
                          S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
-                         R_STEPS=triton.cdiv(rank, expand_block_r(rank)), **tile.launch_options())
+                         R_STEPS=triton.cdiv(rank, expand_block_r(rank)), **tile.launch_options(),
+                         **launch_options(pdl, out.device))

@@ -441,3 +441,46 @@ def test_down_projection_reads_silu_mul_in_its_shrink_as_its_gemv_does(monkeypat
     res = r0.clone()
     assert torch.equal(layer.forward_silu_mul(gate_up, lora_into=res), layer.gemv(act, None))
     assert torch.equal(res, r0)
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_one_row_stacked_product_takes_the_layers_gemv_config(silu_mul: bool, monkeypatch) -> None:
+    """Stacked from one row (pool.STACKED_MIN_TOKENS = 1): the row's product over [W; every slot's A] is the
+    layer's M = 1 GEMV config run on the stacked weight (for down_proj with silu(gate) * up in its loads), whose
+    head is the layer's own GEMV result bit for bit, and the per-slot expand adds the row's adapter update."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.kernels.small_m import SmallMConfig
+    from radixlm.runtime.dense_gemv import DenseGemv
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import RowParallelLinear
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)
+    dev, dt = _device(), torch.bfloat16
+    k, n, rank, slots = 320, 40, 8, 3
+    g = torch.Generator().manual_seed(5 + silu_mul)
+    a = (torch.randn(slots, rank, k, generator=g) * k**-0.5).to(dt).to(dev)
+    b = torch.randn(slots, n, rank, generator=g).to(dt).to(dev)
+    layer = RowParallelLinear(k, n).to(dev)
+    stacked = torch.cat([(torch.randn(n, k, generator=g) * k**-0.5).to(dt).to(dev), a.reshape(-1, k)])
+    layer.weight.data = stacked[:n]
+    cfg = SmallMConfig("fma", 8, 128, 1, 4, 2)
+    layer.gemv = DenseGemv(layer.weight, cfg)
+    batch = BatchAdapters()
+    seg = LoRASegments.build(torch.tensor([1]), slots, dev)
+    batch.segments = seg
+    layer.lora = LoRAProjection(stacked[n:].view(a.shape), b, [0, n], rank, batch, use_triton=True, kernels="stacked",
+                                stacked=stacked, gemv=DenseGemv(stacked, cfg), layer=layer)
+    x = (torch.randn(1, 2 * k if silu_mul else k, generator=g) * 3).to(dt).to(dev)
+    act = silu_and_mul(x) if silu_mul else x
+    assert layer.lora.reads_silu_mul(x)
+    r0 = torch.randn(1, n, generator=g).to(dt).to(dev)
+    res = r0.clone()
+    out = layer.forward_silu_mul(x, lora_into=res) if silu_mul else layer(x, lora_into=res)
+    assert torch.equal(out, layer.gemv(act, None)), "the head: the layer's GEMV, bit for bit"
+    exact = r0.double() + act.double() @ layer.weight.double().T
+    expand_ref(shrink_ref(act.double(), a.double(), seg), b.double(), [0, n], rank, exact, seg)
+    torch.testing.assert_close(res.double() + out.double(), exact, atol=0.05, rtol=0.02)
+    assert (res.double() - r0.double()).abs().max() > 0.5, "the update is not empty"
+    layer.lora.gemv = None  # without the stacked GEMV: torch's product over the stacked weight, no silu in loads
+    assert not layer.lora.reads_silu_mul(x) and (silu_mul or layer(x) is not None)
