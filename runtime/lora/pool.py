@@ -49,6 +49,11 @@ STACKED_MAX_TOKENS = 1024
 # sum) against 0.558 stacked, while 64 rows took 0.910 against 0.844 and 256 rows 2.222 against 1.516
 # (H200, lora_step.py, 2026-12-03 11:55). Between 1 and 64 rows unmeasured: 8 is a guess.
 STACKED_MIN_TOKENS = 8
+# ... and one row where the layer has an M = 1 GEMV (runtime/dense_gemv.py): the row's product over the stacked weight
+# is that GEMV's config (for down_proj with silu(gate) * up in its loads), then the per-slot expand with PDL: no side
+# stream, one LoRA launch per projection. The H200 (16:55, main fdfdef2) measured batch-1 decode with an adapter
+# +27.6% (4.16 -> 5.30 ms) on the side-stream path beside those GEMVs; ~2.3% more weight bytes here (every slot's A).
+STACKED_ONE_ROW = True
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -133,8 +138,11 @@ class LoRAProjection:
                 and not self._stacked_range(x) and x.shape[0] <= STACKED_MAX_TOKENS)
 
     def _stacked_range(self, x: torch.Tensor) -> bool:
-        return (self.stacked is not None and self.use_triton and x.dim() == 2
-                and STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS)
+        if self.stacked is None or not self.use_triton or x.dim() != 2:
+            return False
+        if x.shape[0] == 1 and self.gemv is not None and STACKED_ONE_ROW:
+            return True
+        return STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS
 
     def begin(self, x: torch.Tensor, into: torch.Tensor | None = None, silu_mul: bool = False) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
