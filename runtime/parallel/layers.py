@@ -183,8 +183,8 @@ class RowParallelLinear(nn.Linear):
             return None
         if self.lora is not None and not self.lora.reads_silu_mul(gate_up):
             return None
-        pending = None if self.lora is None else self.lora.begin(gate_up, lora_into, silu_mul=True)
-        out = self.gemv(gate_up, None, silu_mul=True)
+        pending = None if self.lora is None else self.lora.begin(gate_up, lora_into, silu_mul=True)  # or its GEMV
+        out = pending.out if pending is not None and pending.out is not None else self.gemv(gate_up, None, silu_mul=True)
         if self.lora is not None:
             out = self.lora.finish(pending, out)
         if self.tp_group is not None:
