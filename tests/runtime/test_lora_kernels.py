@@ -486,3 +486,30 @@ def test_one_row_stacked_product_takes_the_layers_gemv_config(silu_mul: bool, mo
     assert (res.double() - r0.double()).abs().max() > 0.5, "the update is not empty"
     layer.lora.gemv = None  # without the stacked GEMV: torch's product over the stacked weight, no silu in loads
     assert not layer.lora.reads_silu_mul(x) and (silu_mul or layer(x) is not None)
+
+
+def test_start_up_warm_up_runs_one_scratch_forward_per_prefill_size_class(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """runtime/lora/warmup.py: the smallest row count of each size class (stacked or not, row block, expand
+    tile), found by doubling and bisection, equals a scan of every row count; the warm-up runs layer 0's
+    projections at those sizes through the serving path (here the interpreter, small thresholds) and leaves the
+    batch without segments and the slots untouched."""
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.warmup import prefill_sizes, size_class, warm_up_prefill_kernels
+    from radixlm.runtime.model_runner import ModelRunner
+    from radixlm.runtime.server_args import ServerArgs
+    from tests.fixtures.lora_adapters import make_peft_adapter
+
+    scan: dict[tuple, int] = {}
+    for t in range(pool.STACKED_MIN_TOKENS, 4200):
+        scan.setdefault(size_class(t, 4096, 48), t)
+    assert prefill_sizes(4096, 48, 4199) == sorted(scan.values()) == [8, 513, 1025, 4097]
+    model_dir = tiny_model_dir("llama")
+    adapter = make_peft_adapter(model_dir, tmp_path / "a", seed=3, r=4)
+    args = ServerArgs(model_path=str(model_dir), max_total_tokens=4096, device="cpu", lora_paths=(f"a={adapter}",),
+                      attention_backend="triton").resolve()
+    runner = ModelRunner(args, model_dir)
+    lora_pool = runner.lora.pool
+    before = lora_pool.buffer.clone()
+    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 16)
+    assert warm_up_prefill_kernels(lora_pool, 40) == [8, 17]  # the stacked product, then shrink + expand after
+    assert lora_pool.batch.segments is None and torch.equal(lora_pool.buffer, before)
