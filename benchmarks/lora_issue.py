@@ -148,7 +148,7 @@ def main() -> None:
         """The same for both engines before anything is timed: a prefill of 2 to 4 thousand tokens, then one of
         ~9 thousand (a full 8,192-token chunk), 4 new tokens each: JIT specializations of prefill-sized kernels
         are compiled here (the LoRA engine compiles its LoRA ones at start-up), not in a timed run."""
-        for part in (prompts[:4], prompts[4:20]):
+        for part in filter(None, (prompts[:4], prompts[4:20])):
             loras = None if adapters is None else [adapters[i % len(adapters)] for i in range(len(part))]
             eng.generate(input_ids=part, sampling_params=params_for([4] * len(part)), lora_path=loras)
 
