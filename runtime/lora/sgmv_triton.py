@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.gdc import enter, launch_options
+from radixlm.kernels.gdc import launch_options
 from radixlm.runtime.lora.sgmv import LoRASegments
 from radixlm.runtime.lora.smem import SM90_SMEM, device_smem, dot_bytes, loop_bytes
 
@@ -207,7 +207,9 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
-    enter(USE_PDL)  # launched beside its predecessor (batch-1 decode): wait for it before touching memory
+    if USE_PDL:  # launched beside its predecessor (batch-1 decode): wait for it before touching memory (kernels/gdc.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     piece = pid_sn // blocks_per_slice
