@@ -60,6 +60,17 @@ def cases(crashed: bool):
                    elt, tile.stages), sgmv_triton._shrink_kernel, dtype, True,
                    dict(BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k, S_POW2=8, INLINE_SPLITS=0,
                         **dots))
+            if t == 1:  # batch 1's down projection: silu(gate) * up in the loads, the split sums added in the launch
+                down = tiles(1, 14336, rank, elt=elt, smem=H200, silu_mul=True)
+                yield (f"shrink {dtype} T1 down silu_mul inline {down}", shrink_smem(
+                       down.block_m, down.shrink_n, down.block_k, elt, down.stages, True), sgmv_triton._shrink_kernel, dtype,
+                       True, dict(BLOCK_M=down.block_m, BLOCK_N=down.shrink_n, BLOCK_K=down.block_k, S_POW2=8,
+                                  INLINE_SPLITS=down.split_k, SILU_MUL=True, **dots))
+            if t == 1:  # batch 1's per-slot expand after the stacked GEMV, launched with PDL
+                yield (f"expand {dtype} T1 r{rank} pdl", expand_smem(tile.block_m, tile.expand_n, elt),
+                       sgmv_triton._expand_kernel, dtype, True,
+                       dict(SPLIT_K=1, BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
+                            R_STEPS=1, S_POW2=8, ACCUMULATE=True, USE_PDL=True, **dots))
             yield (f"expand {dtype} T{t} r{rank}", expand_smem(tile.block_m, tile.expand_n, elt), sgmv_triton._expand_kernel,
                    dtype, True, dict(SPLIT_K=tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n,
                                      BLOCK_R=expand_block_r(rank), R_STEPS=triton.cdiv(rank, expand_block_r(rank)),

@@ -62,12 +62,12 @@ def features(cfg: dict) -> dict[str, tuple[int, int]]:
             "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def write_adapter(folder: Path, cfg: dict, seed: int, rank: int = RANK) -> Path:
+def write_adapter(folder: Path, cfg: dict, seed: int, rank: int = RANK, device: str = "cuda") -> Path:
     """A PEFT LoRA folder with random weights, exactly as peft's save_pretrained writes it."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     shapes = {}
     for layer in range(cfg["num_hidden_layers"]):
         for module, (fin, fout) in features(cfg).items():
@@ -76,8 +76,8 @@ def write_adapter(folder: Path, cfg: dict, seed: int, rank: int = RANK) -> Path:
             shapes[f"{key}.lora_A.weight"] = (rank, fin, fin**-0.5)
             shapes[f"{key}.lora_B.weight"] = (fout, rank, 0.01)
     # one draw and one device-to-host copy per adapter (84 MB at the 8B shape), then views of it
-    flat = torch.randn(sum(r * c for r, c, _ in shapes.values()), generator=g, device="cuda")
-    scale = torch.cat([torch.full((r * c,), s, device="cuda") for r, c, s in shapes.values()])
+    flat = torch.randn(sum(r * c for r, c, _ in shapes.values()), generator=g, device=device)
+    scale = torch.cat([torch.full((r * c,), s, device=device) for r, c, s in shapes.values()])
     flat = (flat * scale).bfloat16().cpu()
     tensors, at = {}, 0
     for key, (r, c, _) in shapes.items():
@@ -298,7 +298,8 @@ def swap_check(swapped: list[list[int]], resident: list[list[int]]) -> dict:
             "mean_common_prefix": statistics.mean(prefix), "ok": first8 >= 0.9 * len(swapped)}
 
 
-def decode_ms(eng, vocab: int, lora: str | None) -> float:
+def decode_ms(eng, vocab: int, lora: str | None, steps: int = 256) -> float:
+    """Batch-1 decode ms per step: (time of 1 + `steps` new tokens - time of 1) / `steps`, medians of 3."""
     rng = random.Random(7)
 
     def one(new: int) -> float:
@@ -309,8 +310,8 @@ def decode_ms(eng, vocab: int, lora: str | None) -> float:
         return time.perf_counter() - t
 
     t1 = statistics.median(one(1) for _ in range(3))
-    tn = statistics.median(one(257) for _ in range(3))
-    return (tn - t1) / 256 * 1000
+    tn = statistics.median(one(steps + 1) for _ in range(3))
+    return (tn - t1) / steps * 1000
 
 
 def main() -> None:

@@ -47,9 +47,19 @@ class Projection:
         self.widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
         self.out = torch.empty(t, offsets[-1], device="cuda", dtype=torch.bfloat16)
         self.residual: torch.Tensor | None = None  # o / down: the residual their output is added to
+        self.gemv = None  # --gemv: the engine's M = 1 kernel for this shape (runtime/dense_gemv.py), PDL as it runs
+
+    def product(self) -> torch.Tensor:
+        """The base projection into `out` (torch.mm), or by the engine's M = 1 GEMV (then `out` is its result)."""
+        if self.gemv is None:
+            return torch.mm(self.x, self.w.t(), out=self.out)
+        self.out = self.gemv(self.x, None)
+        return self.out
 
 
-def build(cfg: dict, t: int) -> list[Projection]:
+def build(cfg: dict, t: int, gemv: bool = False) -> list[Projection]:
+    """The step's projections; `gemv`: at T = 1 the base products take the engine's M = 1 GEMV (with PDL where
+    the engine's --decode-pdl auto turns it on) instead of cuBLAS."""
     shapes = projection_shapes(cfg)
     inputs = {k: torch.randn(t, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes.values()}
     projs = [Projection(k, offsets, t, inputs[k]) for _ in range(cfg["num_hidden_layers"]) for k, offsets in shapes.values()]
@@ -57,6 +67,15 @@ def build(cfg: dict, t: int) -> list[Projection]:
     for p, name in zip(projs, [n for _ in range(cfg["num_hidden_layers"]) for n in shapes]):
         if name in ("o", "down"):
             p.residual = residual
+    if gemv and t == 1:
+        from radixlm.kernels.bf16_gemv import config_for
+        from radixlm.kernels.gdc import enabled
+        from radixlm.runtime.dense_gemv import DenseGemv
+
+        pdl = enabled("auto", torch.device("cuda"))
+        for p in projs:
+            cfg_ = config_for(*p.w.shape)
+            p.gemv = None if cfg_ is None else DenseGemv(p.w, cfg_, pdl)
     return projs
 
 
@@ -68,6 +87,8 @@ VARIANTS = {
     "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
     "engine_delta_inline": None,  # both
     "engine_stacked": None,  # --lora-kernels stacked as the engine runs it (LoRAProjection over a stacked weight)
+    "engine_stacked1": None,  # ... with the stacked path from 1 row (pool.STACKED_MIN_TOKENS = 1; with --gemv the
+    # stacked weight's one-row product by the layer's M = 1 GEMV config, and the expand after it with PDL)
     "engine_stacked_col": None,  # ... qkv and gate_up stacked, o and down on the overlap path (into the residual)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
@@ -128,7 +149,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                             sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.delta, seg, t, accumulate=False)
                         else:
                             p.y = y
-            torch.mm(p.x, p.w.t(), out=p.out)
+            p.product()
             if forked:
                 main.wait_stream(side)
             if into_residual:
@@ -153,12 +174,14 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
         return run_stacked
 
     if variant.startswith("engine"):
+        from radixlm.runtime.dense_gemv import DenseGemv
         from radixlm.runtime.lora import pool, sgmv_triton
         from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
         settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
                     (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
-                    else sgmv_triton.INLINE_REDUCE_MIN_TOKENS}
+                    else sgmv_triton.INLINE_REDUCE_MIN_TOKENS,
+                    (pool, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else pool.STACKED_MIN_TOKENS}
         batch = BatchAdapters()
         batch.segments = seg
         stream = torch.cuda.Stream(priority=pool.SIDE_STREAM_PRIORITY)
@@ -169,7 +192,8 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             # stacked_col: only the projections without a residual to take their update (qkv, gate_up);
             # o / down keep the overlap path, their whole update on the side stream (pool.STACKED_PROJECTIONS)
             lora = [LoRAProjection(p.w_stack[p.offsets[-1]:].view(p.a.shape), p.b, p.offsets, RANK, batch, True,
-                                   "stacked", stream, stacked=p.w_stack)
+                                   "stacked", stream, stacked=p.w_stack, pdl=p.gemv is not None and p.gemv.pdl,
+                                   gemv=None if p.gemv is None else DenseGemv(p.w_stack, p.gemv.cfg, p.gemv.pdl))
                     if "col" not in variant or p.residual is None
                     else LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "stacked", stream) for p in projs]
         else:
@@ -185,8 +209,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                     if pending is not None and pending.out is not None:
                         p.last = proj.finish(pending, pending.out)
                         continue
-                    torch.mm(p.x, p.w.t(), out=p.out)
-                    p.last = proj.finish(pending, p.out)
+                    p.last = proj.finish(pending, p.product())
             finally:
                 for (module, name), value in saved.items():
                     setattr(module, name, value)
@@ -202,7 +225,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                     y = sgmv_shrink(p.x, p.a, seg, y=y)
                     if p.residual is not None:
                         sgmv_expand(y, p.b, p.offs, p.widest, RANK, p.residual, seg)
-            torch.mm(p.x, p.w.t(), out=p.out)
+            p.product()
             if variant == "overlap":
                 main.wait_stream(side)
                 if p.residual is None:
@@ -287,7 +310,8 @@ DEFAULT_VARIANTS = "serial,overlap,fused"
 
 
 def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool = True,
-               profiled: dict[int, list[str]] | None = None, deadline: float | None = None, save=None) -> dict:
+               profiled: dict[int, list[str]] | None = None, deadline: float | None = None, save=None,
+               gemv: bool = False) -> dict:
     """Every (T, variant) row, and the check, as JSON-ready dicts (printed as it goes). Each
     variant's qkv and gate_up outputs of layer 0 are compared with serial's (`vs_serial`)."""
     from radixlm.runtime.lora.sgmv import LoRASegments
@@ -301,7 +325,7 @@ def step_table(sizes: list[int], variants: str = DEFAULT_VARIANTS, sweep: bool =
             report.setdefault("skipped", []).append(f"T={t}")
             continue
         adapters = 1 if t == 1 else min(t, SLOTS)
-        projs = build(LLAMA_8B, t)
+        projs = build(LLAMA_8B, t, gemv)
         token_slots = torch.arange(t) % adapters
         if t >= 8:
             token_slots[-1] = -1  # a base-model row in the batch
@@ -363,6 +387,8 @@ def main() -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--no-sweep", action="store_true", help="leave out the fused kernel's tile sweep")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new measurement past this many seconds")
+    ap.add_argument("--gemv", action="store_true", help="T = 1: the base products by the engine's M = 1 GEMV (PDL as "
+                    "--decode-pdl auto), not cuBLAS")
     ap.add_argument("--profile", default="", help="T:variant+variant;T:... kernel time by kind per step (torch.profiler)")
     args = ap.parse_args()
     started = time.perf_counter()
@@ -375,7 +401,7 @@ def main() -> None:
     profiled = {int(t): names.split("+") for t, names in (p.split(":") for p in args.profile.split(";") if p)}
     deadline = None if args.budget_s is None else started + args.budget_s
     report = step_table([int(t) for t in args.sizes.split(",")], args.variants, not args.no_sweep, profiled,
-                        deadline, save)
+                        deadline, save, args.gemv)
     save(report)
     print(f"wall {time.perf_counter() - started:.0f} s -> {args.out}")
 

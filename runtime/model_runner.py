@@ -227,6 +227,8 @@ class ModelRunner:
             gemv = attach_dense_gemv(self.model, pdl, norm)  # bf16 M = 1 shapes measured faster than cuBLAS
             if gemv:
                 logger.info("bf16 M = 1 GEMV kernel on %d linear layers (e.g. %s)", len(gemv), gemv[0])
+            if self.lora is not None:  # the stacked LoRA weights' one-row products take the same GEMVs
+                self.lora.pool.attach_gemv(pdl)
         ops = get_kernel_ops(triton, pdl)
         if self.device.type == "cpu" and ops.name == "torch":  # the same math in fewer dispatches
             ops = get_cpu_kernel_ops()

@@ -225,7 +225,8 @@ class ServerArgs:
                                       choices=("lru", "fifo"))
     lora_kernels: str = _flag("stacked", "lora", "how a projection's LoRA update runs on CUDA: stacked (from 8 "
                               "to 1024 rows the shrink runs inside the base GEMM, its weight holding every slot's A "
-                              "under it, one expand after it; unquantized, unsharded layers without bias; fewer rows "
+                              "under it, one expand after it; one row too where the layer has an M = 1 GEMV, which "
+                              "then runs over the stacked weight; unquantized, unsharded layers without bias; fewer rows "
                               "and other layers as overlap, more rows as serial), overlap (the shrink on a side stream while the base "
                               "GEMM runs, the expand there too up to 256 rows, then one add), fused (shrink and "
                               "expand in one launch at decode sizes, <= 32 rows) or serial (shrink then expand "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.lora.adapter import AdapterError, LoRAAdapter, ModelShape, read_adapter
 from radixlm.runtime.lora.pool import LoRAPool
 from radixlm.runtime.lora.sgmv import LoRASegments, graph_segments_row
+from radixlm.runtime.lora.warmup import warm_up_prefill_kernels
 
 if TYPE_CHECKING:
     from radixlm.runtime.server_args import ServerArgs
@@ -280,4 +282,8 @@ def build_lora_manager(args: "ServerArgs", model: torch.nn.Module, hidden: int, 
                           use_triton=args.attention_backend == "triton")
     logger.info("LoRA: %d adapter(s), %d device slots of rank %d (%.0f MB)", len(initial),
                 options.max_loras_per_batch, rank, manager.pool.nbytes / 1e6)
+    started = time.perf_counter()
+    sizes = warm_up_prefill_kernels(manager.pool, args.max_prefill_tokens) if device.type == "cuda" else []
+    if sizes:  # Triton's JIT at start-up, not inside the first requests
+        logger.info("LoRA: prefill kernels compiled for %s rows in %.1f s", sizes, time.perf_counter() - started)
     return manager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +49,11 @@ STACKED_MAX_TOKENS = 1024
 # sum) against 0.558 stacked, while 64 rows took 0.910 against 0.844 and 256 rows 2.222 against 1.516
 # (H200, lora_step.py, 2026-12-03 11:55). Between 1 and 64 rows unmeasured: 8 is a guess.
 STACKED_MIN_TOKENS = 8
+# ... and one row where the layer has an M = 1 GEMV (runtime/dense_gemv.py): the row's product over the stacked weight
+# is that GEMV's config (for down_proj with silu(gate) * up in its loads), then the per-slot expand with PDL: no side
+# stream, one LoRA launch per projection. The H200 (16:55, main fdfdef2) measured batch-1 decode with an adapter
+# +27.6% (4.16 -> 5.30 ms) on the side-stream path beside those GEMVs; ~2.3% more weight bytes here (every slot's A).
+STACKED_ONE_ROW = True
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -101,6 +107,11 @@ class LoRAProjection:
     widest: int = 0
     counters: torch.Tensor | None = None  # this projection's own scratch of the shrink's in-launch sum
     stacked: torch.Tensor | None = None  # --lora-kernels stacked: [out + slots·n·R, in], base weight over `a`
+    # the stacked weight's M = 1 GEMV (the layer's own config and PDL, `LoRAPool.attach_gemv`): one row's stacked
+    # product, [gate | up] -> silu(gate) * up in its loads for down_proj; and whether the expand after it takes PDL
+    gemv: Any = None
+    pdl: bool = False
+    layer: Any = None  # the linear layer this is attached to (`LoRAPool.attach_gemv` reads its GEMV)
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
@@ -110,15 +121,41 @@ class LoRAProjection:
 
             self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
-    def begin(self, x: torch.Tensor, into: torch.Tensor | None = None) -> PendingLoRA | None:
+    @property
+    def active(self) -> bool:
+        """Whether this forward has adapter rows (else `begin` returns None and the layer runs as without LoRA)."""
+        return self.batch.segments is not None
+
+    def reads_silu_mul(self, x: torch.Tensor) -> bool:
+        """Whether `begin(x, silu_mul=True)` takes x = [gate | up] and shrinks silu(gate) * up in its loads
+        (the side-stream shrink of decode sizes), so the layer's GEMV may take the activation in its own loads
+        (batch 1: one SiLU-and-mul launch less on the step's path); or there is no LoRA work this forward."""
+        if not self.active:
+            return True
+        if self._stacked_range(x):
+            return self.gemv is not None and x.shape[0] == 1
+        return (self.use_triton and self.kernels in ("overlap", "stacked") and x.dim() == 2
+                and not self._stacked_range(x) and x.shape[0] <= STACKED_MAX_TOKENS)
+
+    def _stacked_range(self, x: torch.Tensor) -> bool:
+        if self.stacked is None or not self.use_triton or x.dim() != 2:
+            return False
+        if x.shape[0] == 1 and self.gemv is not None and STACKED_ONE_ROW:
+            return True
+        return STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS
+
+    def begin(self, x: torch.Tensor, into: torch.Tensor | None = None, silu_mul: bool = False) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
-        either (the residual stream); with overlap the update may go there instead of the output."""
+        either (the residual stream); with overlap the update may go there instead of the output.
+        `silu_mul`: x is [gate | up] and the input is silu(gate) * up (only where `reads_silu_mul(x)`)."""
         seg = self.batch.segments
         if seg is None:
             return None
-        if (self.stacked is not None and self.use_triton and x.dim() == 2
-                and STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS):
-            full = torch.nn.functional.linear(x, self.stacked)  # [T, out | every slot's n·R]
+        if silu_mul and not self.reads_silu_mul(x):
+            raise ValueError("LoRA: silu_mul input on a path that reads the activation itself")
+        if self._stacked_range(x):  # [T, out | every slot's n·R]
+            one_row = self.gemv is not None and x.shape[0] == 1
+            full = self.gemv(x, None, silu_mul=silu_mul) if one_row else torch.nn.functional.linear(x, self.stacked)
             n = self.offsets[-1]
             into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
             return PendingLoRA(x, seg, y=full[:, n:], out=full[:, :n], into=into)
@@ -133,19 +170,21 @@ class LoRAProjection:
             return pending
         from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, shrink_buffer
 
-        pending.y = shrink_buffer(x, self.a)  # buffers on the current stream: never freed before the join
+        pending.y = shrink_buffer(x, self.a, silu_mul=silu_mul)  # on the current stream: never freed before the join
         into = into.view(-1, into.shape[-1]) if into is not None and into.is_contiguous() else None
         if into is None and x.shape[0] <= DELTA_MAX_TOKENS:
             pending.delta = torch.empty(x.shape[0], self.offsets[-1], dtype=x.dtype, device=x.device)
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext():
-            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y, counters=self.counters)  # (may come back added)
+            pending.y = sgmv_shrink(x, self.a, seg, y=pending.y, counters=self.counters,  # (may come back added)
+                                    silu_mul=silu_mul)
             if into is not None:
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, into, seg)
                 pending.added = True
-            elif pending.delta is not None:  # rows of the base model (no segment) must add zero
-                pending.delta.zero_()
+            elif pending.delta is not None:
+                if x.shape[0] > 1:  # rows of the base model (no segment) must add zero; a single row with
+                    pending.delta.zero_()  # LoRA work is an adapter's (segments exist): the expand writes all of it
                 sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, pending.delta, seg,
                             accumulate=False)
         return pending
@@ -162,7 +201,8 @@ class LoRAProjection:
 
         if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
             target = out if pending.into is None else pending.into
-            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True)
+            sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True,
+                        pdl=self.pdl and pending.x.shape[0] == 1)
         elif pending.y is not None:
             if self.side_stream is not None:
                 torch.cuda.current_stream(out.device).wait_stream(self.side_stream)
@@ -226,11 +266,26 @@ class LoRAPool:
             if stacked is not None:
                 self.staged.append((a, stacked[linear.weight.shape[0]:].view(slots, *a_shape)))
                 a = self.staged[-1][1]
-            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side, stacked=stacked)
+            p = LoRAProjection(a, b, self.offsets[proj], rank, self.batch, use_triton, kernels, side, stacked=stacked,
+                               layer=linear)
             self.projections[(i, proj)] = p
             linear.lora = p
         if self.staged and device.type == "cuda":
             torch.cuda.empty_cache()  # the replaced base weights' blocks: before the KV pool is sized
+
+    def attach_gemv(self, pdl: bool) -> int:
+        """Give each stacked projection whose layer has an M = 1 GEMV (runtime/dense_gemv.py; attached after the
+        pool stacked the weights) a GEMV over its stacked weight, the layer's config; the count."""
+        from radixlm.runtime.dense_gemv import DenseGemv
+
+        count = 0
+        for p in self.projections.values():
+            p.gemv, p.pdl = None, pdl
+            layer_gemv = getattr(p.layer, "gemv", None)
+            if p.stacked is not None and layer_gemv is not None:
+                p.gemv = DenseGemv(p.stacked, layer_gemv.cfg, pdl)
+                count += 1
+        return count
 
     @property
     def nbytes(self) -> int:

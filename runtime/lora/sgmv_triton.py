@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.gdc import launch_options
 from radixlm.runtime.lora.sgmv import LoRASegments
 from radixlm.runtime.lora.smem import SM90_SMEM, device_smem, dot_bytes, loop_bytes
 
@@ -76,7 +77,7 @@ class Tiles:
 
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
           split_k: int | None = None, warps: int | None = None, stages: int | None = None, elt: int = 2,
-          smem: int = SM90_SMEM) -> Tiles:
+          smem: int = SM90_SMEM, silu_mul: bool = False) -> Tiles:
     """The tiles for T tokens, a reduction of K and n·R shrink columns, operands of `elt` bytes, on a
     device with `smem` bytes of shared memory a program (overrides: the benchmark's sweep). The
     shrink's K step, then its column block, and the expand's column block halve until each launch
@@ -86,7 +87,7 @@ def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int
     bm = block_m or (16 if t <= 512 else 32)
     shrink_n = min(max(MIN_BLOCK, triton.next_power_of_2(n_rank)), 64)
     block_k = 128
-    while shrink_smem(bm, shrink_n, block_k, elt, stages) > smem and max(block_k, shrink_n) > MIN_BLOCK:
+    while shrink_smem(bm, shrink_n, block_k, elt, stages, silu_mul) > smem and max(block_k, shrink_n) > MIN_BLOCK:
         if block_k >= shrink_n:
             block_k //= 2
         else:
@@ -106,9 +107,10 @@ def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int
     return Tiles(bm, shrink_n, block_k, expand_n, split_k, warps, stages)
 
 
-def shrink_smem(block_m: int, block_n: int, block_k: int, elt: int, stages: int | None) -> int:
-    """Upper bound of a shrink launch's shared memory: the pipelined x / A tiles and the y tile."""
-    return loop_bytes(block_m, block_n, block_k, elt, stages) + block_m * block_n * 4
+def shrink_smem(block_m: int, block_n: int, block_k: int, elt: int, stages: int | None, silu_mul: bool = False) -> int:
+    """Upper bound of a shrink launch's shared memory: the pipelined x / A tiles (x twice with `silu_mul`: the
+    gate and up tiles) and the y tile."""
+    return loop_bytes(block_m * (2 if silu_mul else 1), block_n, block_k, elt, stages) + block_m * block_n * 4
 
 
 def expand_smem(block_m: int, block_n: int, elt: int) -> int:
@@ -150,7 +152,8 @@ def _segment(w, len_ptr, start_ptr, slot_ptr, S, BLOCK_M: tl.constexpr, S_POW2: 
 def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr, count_ptr,
                    S, K, N, K_PER_SPLIT, SPLIT_K, stride_xm, stride_as, stride_an, stride_ys, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_POW2: tl.constexpr,
-                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, INLINE_SPLITS: tl.constexpr = 0):
+                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, INLINE_SPLITS: tl.constexpr = 0,
+                   SILU_MUL: tl.constexpr = False):
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_n = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -167,8 +170,13 @@ def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, start_ptr, len_ptr, slot_ptr,
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k_mask = k0 + rk < k_hi
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :],
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :]
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if SILU_MUL:  # x is [gate | up] (2K wide): silu(gate) * up, rounded as ops.silu_and_mul rounds it
+                up = tl.load(x_ptrs + K, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                gate = xt.to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+                xt = (act * up).to(x_ptr.dtype.element_ty)
             at = tl.load(a_base + rn[:, None] * stride_an + (k0 + rk)[None, :],
                          mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if DOT_FP32:  # the CPU interpreter mis-computes bf16 dots
@@ -198,7 +206,10 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_yslot, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1):
+                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+    if USE_PDL:  # launched beside its predecessor (batch-1 decode): wait for it before touching memory (kernels/gdc.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
     piece = pid_sn // blocks_per_slice
@@ -242,26 +253,31 @@ def _dot_options(x: torch.Tensor) -> dict:
     return {"DOT_FP32": not x.is_cuda, "DOT_PRECISION": "ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32"}
 
 
-def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None) -> torch.Tensor:
+def shrink_buffer(x: torch.Tensor, a: torch.Tensor, tile: Tiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """The y buffer `sgmv_shrink` writes for this x and A (allocated by the caller on its own stream
     when the shrink runs on another one)."""
-    t, k = x.shape
-    tile = tile or tiles(t, k, a.shape[1], elt=x.element_size(), smem=device_smem(x.device))
+    t = x.shape[0]
+    tile = tile or tiles(t, a.shape[2], a.shape[1], elt=x.element_size(), smem=device_smem(x.device), silu_mul=silu_mul)
     return torch.empty(tile.split_k, t, a.shape[1], dtype=torch.float32, device=x.device)
 
 
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None,
-                y: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+                silu_mul: bool = False) -> torch.Tensor:
     """y [split, T, n·R] float32: partial sums over K whose sum is x·A[slot]ᵀ per segment (rows of
     no segment are left unwritten; `sgmv_expand` adds the splits; from INLINE_REDUCE_MIN_TOKENS
     rows they are added in the launch, from REDUCE_MIN_TOKENS by one sum after it, and the result
     is [1, T, n·R], a view of `y`: use the returned tensor). `a`: [slots, n·R, K] with unit stride
     along K (a view of the pool's packed slot buffer); `y`: from `shrink_buffer` (same tile);
     `counters`: zeroed int32 scratch of the in-launch sum (`split_counters`), one per stream that
-    may run a shrink concurrently with another (the call site's own; default: one per device)."""
-    t, k = x.shape
+    may run a shrink concurrently with another (the call site's own; default: one per device).
+    `silu_mul`: x is the MLP's [gate | up] [T, 2K] and the shrink reads silu(gate) * up (the down
+    projection's input, as ops.silu_and_mul rounds it) in its loads: no activation tensor needed."""
+    t, k = x.shape[0], a.shape[2]
+    if x.shape[1] != (2 * k if silu_mul else k):
+        raise ValueError(f"x: {x.shape[1]} columns for A's {k}{' (x2: [gate | up])' if silu_mul else ''}")
     n = a.shape[1]
-    tile = tile or tiles(t, k, n, elt=x.element_size(), smem=device_smem(x.device))
+    tile = tile or tiles(t, k, n, elt=x.element_size(), smem=device_smem(x.device), silu_mul=silu_mul)
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
     if y is None:
         y = shrink_buffer(x, a, tile)
@@ -276,7 +292,7 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
                          x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=tile.block_m, BLOCK_N=tile.shrink_n, BLOCK_K=tile.block_k,
                          S_POW2=max(triton.next_power_of_2(s), 2), INLINE_SPLITS=tile.split_k if inline else 0,
-                         **_dot_options(x), **tile.launch_options())
+                         SILU_MUL=silu_mul, **_dot_options(x), **tile.launch_options())
     if inline:
         return y[:1]
     if y.shape[0] > 1 and t >= REDUCE_MIN_TOKENS:
@@ -287,13 +303,14 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
                 out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True,
-                per_slot: bool = False) -> None:
+                per_slot: bool = False, pdl: bool = False) -> None:
     """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
     False: out[rows of a segment] = the update, other rows untouched).
     `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `per_slot`: y is [T, slots·n·R],
     every slot's rank columns side by side (x·Aᵀ of all slots at once: the stacked base GEMM's tail),
     each row reading its own slot's; `slice_offsets`: [n + 1] int32 on the device; `widest`: the
-    widest slice (sizes the grid); `tile`: the shrink's (same row blocks)."""
+    widest slice (sizes the grid); `tile`: the shrink's (same row blocks); `pdl`: launched with programmatic
+    dependent launch (kernels/gdc.py) where the device has it, for a launch right after its producer on one stream."""
     if y.dim() == 2:
         y = y.unsqueeze(0)
     t = y.shape[1]
@@ -308,4 +325,5 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
                          b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
                          S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
-                         R_STEPS=triton.cdiv(rank, expand_block_r(rank)), **tile.launch_options())
+                         R_STEPS=triton.cdiv(rank, expand_block_r(rank)), **tile.launch_options(),
+                         **launch_options(pdl, out.device))

@@ -115,7 +115,7 @@ class LlamaMLP(nn.Module):
             if act is not None:
                 return self.down_proj(act, lora_into=residual)
             gate_up = self.gate_up_proj(x)
-        fused = self.down_proj.forward_silu_mul(gate_up)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
+        fused = self.down_proj.forward_silu_mul(gate_up, lora_into=residual)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
         return fused if fused is not None else self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)
 
 

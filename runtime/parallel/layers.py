@@ -136,7 +136,7 @@ class ColumnParallelLinear(nn.Linear):
     def forward_then_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this [gate | up] layer in one launch where its quantized weight has such a kernel
         (4-bit, one row: `QuantizedWeight.linear_silu_mul`), else None; not with a bias or a LoRA update."""
-        if self.quantized is None or self.bias is not None or self.lora is not None:
+        if self.quantized is None or self.bias is not None or (self.lora is not None and self.lora.active):
             return None
         return self.quantized.linear_silu_mul(x)
 
@@ -145,7 +145,8 @@ class ColumnParallelLinear(nn.Linear):
                          eps: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(forward(rms_norm(x + residual)), x + residual) with the add and the norm inside the M = 1 GEMV's loads
         (--decode-gemv-norm), or None where that does not apply: no such GEMV here, more than one row, a LoRA update."""
-        if self.gemv is None or not self.gemv.fuse_norm or self.lora is not None or x.dim() != 2 or x.shape[0] != 1:
+        if (self.gemv is None or not self.gemv.fuse_norm or (self.lora is not None and self.lora.active)
+                or x.dim() != 2 or x.shape[0] != 1):
             return None
         return self.gemv.add_norm(x, residual, norm_weight, eps)
 
@@ -173,13 +174,19 @@ class RowParallelLinear(nn.Linear):
             dist.all_reduce(out, group=self.tp_group)
         return out
 
-    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+    def forward_silu_mul(self, gate_up: torch.Tensor, lora_into: torch.Tensor | None = None) -> torch.Tensor | None:
         """forward(silu(gate) * up) with the activation computed inside the M = 1 GEMV's loads (one launch less;
         the same bits as ops.silu_and_mul, then the GEMV), or None where that does not apply: no GEMV for this
-        shape, more than one row, or a LoRA update (it reads the activation itself)."""
-        if self.gemv is None or self.lora is not None or gate_up.dim() != 2 or gate_up.shape[0] != 1:
+        shape, more than one row, or a LoRA update on a path that reads the activation itself (the side-stream
+        shrink of decode sizes reads [gate | up] too: `LoRAProjection.reads_silu_mul`)."""
+        if self.gemv is None or gate_up.dim() != 2 or gate_up.shape[0] != 1:
             return None
-        out = self.gemv(gate_up, None, silu_mul=True)
+        if self.lora is not None and not self.lora.reads_silu_mul(gate_up):
+            return None
+        pending = None if self.lora is None else self.lora.begin(gate_up, lora_into, silu_mul=True)  # or its GEMV
+        out = pending.out if pending is not None and pending.out is not None else self.gemv(gate_up, None, silu_mul=True)
+        if self.lora is not None:
+            out = self.lora.finish(pending, out)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out

@@ -387,3 +387,129 @@ def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, mon
         total = out if into is None else out + into
         torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out[~used], (x @ w.t())[~used], atol=1e-5, rtol=1e-5)
+
+
+def test_down_projection_reads_silu_mul_in_its_shrink_as_its_gemv_does(monkeypatch) -> None:
+    """Batch 1 on a GPU: down_proj's M = 1 GEMV takes silu(gate) * up in its loads, and with an adapter row the
+    side-stream shrink reads [gate | up] the same way (RowParallelLinear.forward_silu_mul): the same bits as
+    the activation kernel followed by the layer's unfused path, output and residual; a base-only forward is
+    the GEMV alone; paths that read the activation themselves decline. A single adapter row's delta buffer
+    (qkv / gate_up) is written whole by the expand, with no memset (stale memory here)."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.kernels.small_m import SmallMConfig
+    from radixlm.runtime.dense_gemv import DenseGemv
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import RowParallelLinear
+
+    dev, dt = _device(), torch.bfloat16
+    k, n, rank, slots = 320, 40, 8, 3  # k: two K splits of the shrink at one row (in-launch sum)
+    g = torch.Generator().manual_seed(21)
+    layer = RowParallelLinear(k, n).to(dev)
+    layer.weight.data = (torch.randn(n, k, generator=g) * k**-0.5).to(dt).to(dev)
+    layer.gemv = DenseGemv(layer.weight, SmallMConfig("fma", 8, 128, 1, 4, 2))
+    a = (torch.randn(slots, rank, k, generator=g) * k**-0.5).to(dt).to(dev)
+    b = torch.randn(slots, n, rank, generator=g).to(dt).to(dev)
+    batch = BatchAdapters()
+    seg = LoRASegments.build(torch.tensor([2]), slots, dev)
+    batch.segments = seg
+    layer.lora = LoRAProjection(a, b, [0, n], rank, batch, use_triton=True, kernels="stacked")
+    gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(dt).to(dev)
+    act = silu_and_mul(gate_up)
+    r0 = torch.randn(1, n, generator=g).to(dt).to(dev)
+    want_res = r0.clone()
+    want = layer(act, lora_into=want_res)
+    res = r0.clone()
+    out = layer.forward_silu_mul(gate_up, lora_into=res)
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    exact = r0.double() + act.double() @ layer.weight.double().T
+    expand_ref(shrink_ref(act.double(), a.double(), seg), b.double(), [0, n], rank, exact, seg)
+    torch.testing.assert_close((res.double() + out.double()), exact, atol=0.05, rtol=0.02)
+    assert (res.double() - r0.double()).abs().max() > 0.5, "the update is not empty"
+    # the delta path at one row: stale memory in the delta buffer, overwritten whole by the expand
+    proj = LoRAProjection(a, b, [0, n], rank, batch, use_triton=True, kernels="overlap")
+    empty = torch.empty
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", lambda *args, **kw: empty(*args, **kw).fill_(float("nan")))
+        pending = proj.begin(act)
+    assert pending.delta is not None
+    base = layer.gemv(act, None)
+    torch.testing.assert_close(proj.finish(pending, base.clone()).double(), (want_res - r0 + base).double(),
+                               atol=0.05, rtol=0.02)
+    layer.lora.kernels = "serial"  # the update after the GEMM from the activation tensor: not taken
+    assert layer.forward_silu_mul(gate_up, lora_into=res) is None
+    batch.segments = None  # no adapter row: the GEMV alone, nothing added to the residual
+    res = r0.clone()
+    assert torch.equal(layer.forward_silu_mul(gate_up, lora_into=res), layer.gemv(act, None))
+    assert torch.equal(res, r0)
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_one_row_stacked_product_takes_the_layers_gemv_config(silu_mul: bool, monkeypatch) -> None:
+    """Stacked from one row (pool.STACKED_MIN_TOKENS = 1): the row's product over [W; every slot's A] is the
+    layer's M = 1 GEMV config run on the stacked weight (for down_proj with silu(gate) * up in its loads), whose
+    head is the layer's own GEMV result bit for bit, and the per-slot expand adds the row's adapter update."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.kernels.small_m import SmallMConfig
+    from radixlm.runtime.dense_gemv import DenseGemv
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import RowParallelLinear
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)
+    dev, dt = _device(), torch.bfloat16
+    k, n, rank, slots = 320, 40, 8, 3
+    g = torch.Generator().manual_seed(5 + silu_mul)
+    a = (torch.randn(slots, rank, k, generator=g) * k**-0.5).to(dt).to(dev)
+    b = torch.randn(slots, n, rank, generator=g).to(dt).to(dev)
+    layer = RowParallelLinear(k, n).to(dev)
+    stacked = torch.cat([(torch.randn(n, k, generator=g) * k**-0.5).to(dt).to(dev), a.reshape(-1, k)])
+    layer.weight.data = stacked[:n]
+    cfg = SmallMConfig("fma", 8, 128, 1, 4, 2)
+    layer.gemv = DenseGemv(layer.weight, cfg)
+    batch = BatchAdapters()
+    seg = LoRASegments.build(torch.tensor([1]), slots, dev)
+    batch.segments = seg
+    layer.lora = LoRAProjection(stacked[n:].view(a.shape), b, [0, n], rank, batch, use_triton=True, kernels="stacked",
+                                stacked=stacked, gemv=DenseGemv(stacked, cfg), layer=layer)
+    x = (torch.randn(1, 2 * k if silu_mul else k, generator=g) * 3).to(dt).to(dev)
+    act = silu_and_mul(x) if silu_mul else x
+    assert layer.lora.reads_silu_mul(x)
+    r0 = torch.randn(1, n, generator=g).to(dt).to(dev)
+    res = r0.clone()
+    want = layer.gemv(act, None)
+    layer.gemv = DenseGemv(torch.zeros_like(layer.weight), cfg)  # not run: the stacked product gives the head
+    out = layer.forward_silu_mul(x, lora_into=res) if silu_mul else layer(x, lora_into=res)
+    assert torch.equal(out, want), "the head: the layer's GEMV, bit for bit, computed once"
+    exact = r0.double() + act.double() @ stacked[:n].double().T
+    expand_ref(shrink_ref(act.double(), a.double(), seg), b.double(), [0, n], rank, exact, seg)
+    torch.testing.assert_close(res.double() + out.double(), exact, atol=0.05, rtol=0.02)
+    assert (res.double() - r0.double()).abs().max() > 0.5, "the update is not empty"
+    layer.lora.gemv = None  # without the stacked GEMV: torch's product over the stacked weight, no silu in loads
+    assert not layer.lora.reads_silu_mul(x) and (silu_mul or layer(x) is not None)
+
+
+def test_start_up_warm_up_runs_one_scratch_forward_per_prefill_size_class(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """runtime/lora/warmup.py: the smallest row count of each size class (stacked or not, row block, expand
+    tile), found by doubling and bisection, equals a scan of every row count; the warm-up runs layer 0's
+    projections at those sizes through the serving path (here the interpreter, small thresholds) and leaves the
+    batch without segments and the slots untouched."""
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.warmup import prefill_sizes, size_class, warm_up_prefill_kernels
+    from radixlm.runtime.model_runner import ModelRunner
+    from radixlm.runtime.server_args import ServerArgs
+    from tests.fixtures.lora_adapters import make_peft_adapter
+
+    scan: dict[tuple, int] = {}
+    for t in range(pool.STACKED_MIN_TOKENS, 4200):
+        scan.setdefault(size_class(t, 4096, 48), t)
+    assert prefill_sizes(4096, 48, 4199) == sorted(scan.values()) == [8, 513, 1025, 4097]
+    model_dir = tiny_model_dir("llama")
+    adapter = make_peft_adapter(model_dir, tmp_path / "a", seed=3, r=4)
+    args = ServerArgs(model_path=str(model_dir), max_total_tokens=4096, device="cpu", lora_paths=(f"a={adapter}",),
+                      attention_backend="triton").resolve()
+    runner = ModelRunner(args, model_dir)
+    lora_pool = runner.lora.pool
+    before = lora_pool.buffer.clone()
+    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 16)
+    assert warm_up_prefill_kernels(lora_pool, 40) == [8, 17]  # the stacked product, then shrink + expand after
+    assert lora_pool.batch.segments is None and torch.equal(lora_pool.buffer, before)
