@@ -218,5 +218,14 @@ def test_gate_up_layer_fuses_silu_mul_for_one_row_only(device, monkeypatch):
     assert layer.forward_then_silu_mul(x1.expand(2, 256).contiguous()) is None
     monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n128-c1-w1-s2-p0"})  # 32 gate rows: not half of 128
     assert layer.forward_then_silu_mul(x1) is None
-    layer.lora = object()
-    assert layer.forward_then_silu_mul(x1) is None
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.sgmv import LoRASegments
+
+    batch, rank = BatchAdapters(), 4  # a real LoRA projection on [gate | up]: two parts of 32 columns
+    a = torch.zeros(1, 2 * rank, 256, dtype=torch.bfloat16, device=device)
+    b = torch.zeros(1, 64, rank, dtype=torch.bfloat16, device=device)
+    monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n16-c1-w1-s2-p0"})
+    layer.lora = LoRAProjection(a, b, [0, 32, 64], rank, batch, use_triton=False)
+    assert torch.equal(layer.forward_then_silu_mul(x1), silu_and_mul(w.linear(x1)))  # no adapter row this forward
+    batch.segments = LoRASegments.build(torch.tensor([0]), 1, torch.device(device))
+    assert layer.forward_then_silu_mul(x1) is None  # an adapter row: the update needs the unfused product
