@@ -27,13 +27,15 @@ def has_gguf_blocks(model_dir: Path) -> bool:
 def iter_gguf_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
     """(HF name, GGUFTensor) for each tensor kept in blocks, then (HF name, float32 tensor) for the rest."""
     path = Path(model_dir) / GGUF_BLOCKS_FILE
+    stat = path.stat()
+    file_id = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     with safe_open(str(path), framework="np") as f:
         types = f.metadata() or {}
         names = set(f.keys())
         for name in sorted(names):
             qtype, _, columns = types[name].partition(":")
             raw = np.asarray(f.get_tensor(name), dtype=np.uint8)
-            yield name, GGUFTensor(QType[qtype], raw, (int(raw.shape[0]), int(columns)))
+            yield name, GGUFTensor(QType[qtype], raw, (int(raw.shape[0]), int(columns)), (*file_id, name))
     for name, tensor in iter_safetensors(model_dir, lazy=True):
         if name not in names:
             yield name, tensor[:]

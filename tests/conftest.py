@@ -23,6 +23,19 @@ def one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_packed_weights():
+    """Every in-process load of one converted GGUF file (the default model: some 40 Schedulers, Engines and
+    ModelRunners over the suite) shares the packed weights the first one built, for the whole session
+    (runtime/quantization/packed_cache.py): unpacking the default model's blocks and its dense bfloat16
+    copies is ~4 of its ~5 s CPU load. The packing itself is checked by the tests of its own module and the
+    first load of each file; servers and other subprocesses load on their own."""
+    from radixlm.runtime.quantization import packed_cache
+
+    with packed_cache.hold():
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from radixlm.runtime.model_source import resolve_model_path

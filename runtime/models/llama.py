@@ -141,7 +141,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNormWeight(cfg.hidden_size) if stage.last else None
         self.lm_head = (ColumnParallelLinear(cfg.hidden_size, self.tp.vocab_shard, bias=False)
                         if stage.last and not cfg.tie_word_embeddings else None)
-        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_positions), persistent=False)
+        # Filled by the runner (rope_cos_sin_cache on its device): the model is built on the meta device,
+        # where computing it here imported torch._dynamo (2-20 s in every process that loads a model).
+        self.register_buffer("cos_sin_cache", torch.empty(max_positions, cfg.head_dim), persistent=False)
         self.ops: KernelOps = get_kernel_ops(False)  # the runner swaps in Triton kernels on a GPU
         # EAGLE-3 drafting: the layers whose input hidden states (residual stream) each forward keeps,
         # concatenated in `aux_hidden` [T, len x hidden] for every token; none otherwise (no cost).

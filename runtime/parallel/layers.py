@@ -200,7 +200,9 @@ class VocabParallelEmbedding(nn.Embedding):
     quantized: QuantizedWeight | None = None
 
     def __init__(self, layout: TPLayout, hidden_size: int) -> None:
-        super().__init__(layout.vocab_shard, hidden_size)
+        # An uninitialized weight (the loader fills it): nn.Embedding's own init, a normal_() on the meta
+        # device the model is built on, imports torch._dynamo (2-20 s in every process that loads a model).
+        super().__init__(layout.vocab_shard, hidden_size, _weight=torch.empty(layout.vocab_shard, hidden_size))
         self.vocab_start = layout.vocab_start
         self.tp_group = _tp_group()
 

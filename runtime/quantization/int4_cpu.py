@@ -132,8 +132,10 @@ class Int4PackedWeight(QuantizedWeight):
         self.gemv_blocks = None if self.int8_blocks is not None else gemv_blocks(planes)
 
     def keep_dense(self) -> None:
-        """Keep the weight also as dense bfloat16, for inputs of >= DENSE_MIN_ROWS rows."""
-        self.dense = self.dequantize().to(torch.bfloat16)
+        """Keep the weight also as dense bfloat16, for inputs of >= DENSE_MIN_ROWS rows (once: a weight
+        shared by several models of one process, `packed_cache`, is copied once)."""
+        if self.dense is None:
+            self.dense = self.dequantize().to(torch.bfloat16)
 
     @property
     def dense_nbytes(self) -> int:
@@ -195,7 +197,9 @@ class Int4PackedWeight(QuantizedWeight):
     def _dequantize(self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
         n = nibbles.shape[0]
         codes = torch.stack((nibbles & 0x0F, nibbles >> 4), dim=-1).view(n, -1, GROUP)
-        sz = scales_and_zeros.float().transpose(0, 1)  # [n, groups, 2]
+        # [n, groups, 2] made contiguous: on the transposed view addcmul wrote its output in that view's
+        # order and the reshape below copied it (twice the time of the whole dequantize, same values)
+        sz = scales_and_zeros.float().transpose(0, 1).contiguous()
         w = torch.addcmul(sz[..., 1:], codes.float().sub_(8.0), sz[..., :1])
         w = w.reshape(n, self.planes, self.in_features)
         return w[:, 0] if self.planes == 1 else w.sum(1)

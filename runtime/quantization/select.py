@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from radixlm.runtime.quantization import packed_cache
 from radixlm.runtime.quantization.base import QuantizedWeight
 from radixlm.runtime.quantization.checkpoint import CheckpointQuantization
 from radixlm.runtime.quantization.gguf_blocks import PARSERS, AffinePlanes, parse_blocks
@@ -33,6 +35,8 @@ class GGUFTensor:
     qtype: QType
     raw: np.ndarray  # uint8 [rows, bytes per row]
     shape: tuple[int, int]  # (rows, columns) of the weight
+    # Where these blocks were read (file identity, tensor name, row slices): the packed-weight cache's key.
+    origin: tuple[Hashable, ...] | None = field(default=None, compare=False)
 
     def planes(self) -> AffinePlanes:
         return parse_blocks(self.qtype, self.raw, self.shape[0])
@@ -43,7 +47,8 @@ class GGUFTensor:
         return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(self.raw, self.qtype), np.float32)).view(self.shape)
 
     def rows(self, start: int, count: int) -> "GGUFTensor":
-        return GGUFTensor(self.qtype, self.raw[start : start + count], (count, self.shape[1]))
+        origin = None if self.origin is None else (*self.origin, start, count)
+        return GGUFTensor(self.qtype, self.raw[start : start + count], (count, self.shape[1]), origin)
 
 
 def resolve_quantization(choice: str, dtype: str, device: torch.device, gguf_blocks: bool,
@@ -127,5 +132,9 @@ def build_quantized_weight(parts: list[GGUFTensor], device: torch.device | None 
     if not parts or any(p.qtype not in PARSERS for p in parts):
         _note_dequantized(parts, "the CPU")
         return None
-    source = "+".join(sorted({p.qtype.name for p in parts}))
-    return Int4PackedWeight(merge_planes([p.planes() for p in parts]), source)
+    key = None if any(p.origin is None for p in parts) else ("cpu", *(p.origin for p in parts))
+    weight = packed_cache.lookup(key)  # the same file's weight, packed by another model of this process
+    if weight is None:
+        weight = Int4PackedWeight(merge_planes([p.planes() for p in parts]), "+".join(sorted({p.qtype.name for p in parts})))
+        packed_cache.store(key, weight)
+    return weight

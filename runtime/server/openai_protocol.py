@@ -11,10 +11,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
-
 from radixlm.constrained.schema import ANY_JSON
 from radixlm.runtime.field_checks import MAX_INT, ignore_unknown, require_bool, require_int, require_number, require_str
 from radixlm.runtime.generate_request import GenerateRequest, build_generate_request
@@ -156,7 +152,13 @@ def _response_format(body: dict[str, Any]) -> str | None:
 def _check_schema(schema: Any, param: str) -> None:
     """A 400 unless `schema` is valid against its draft's metaschema. jsonschema is a core dependency:
     a check that ran only where a test extra happened to be installed let `{"type": [[{}]]}` in a
-    tool's parameters through on the H200 (benchmarks/soak.py)."""
+    tool's parameters through on the H200 (benchmarks/soak.py). Imported at the first schema to check, not
+    at server start: with jsonschema's format checkers installed (the test extra's [format-nongpl]), its
+    import builds ~40 lark parsers (rfc3987-syntax), 2-2.5 CPU-s measured on every server's startup path."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
     try:  # against the metaschema of the draft the schema declares ($schema), else 2020-12
         validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except SchemaError as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from radixlm.runtime.io_struct import ReqOutput, TokenizedGenerateReq
@@ -10,13 +11,20 @@ from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
 
 
-def make_scheduler(model_dir: Path, **options) -> Scheduler:
+@lru_cache(maxsize=8)
+def _tokenizer(model_dir: str):
+    """One tokenizer per folder for the test process (read-only to the scheduler; the default model's
+    takes ~0.3-1 s to load and some 100 schedulers are made over the suite)."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_scheduler(model_dir: Path, **options) -> Scheduler:
     options.setdefault("max_total_tokens", 4096)
     options.setdefault("device", "cpu")
     args = ServerArgs(model_path=str(model_dir), **options).resolve()
-    sched = Scheduler(args, model_dir, AutoTokenizer.from_pretrained(str(model_dir)))
+    sched = Scheduler(args, model_dir, _tokenizer(str(model_dir)))
     if sched.spec is not None:
         # Speculative tests check what drafting does: drafting is not left to the measured payoff
         # (draft_payoff.py), which on a loaded CPU may turn it off part-way (tested on its own).
