@@ -234,6 +234,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
     runs' tokens per request, {False: off, True: on}."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
+    runs: dict[bool, list[float]] = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict[bool, dict[str, list[int]]] = {}
     spec = fresh_spec(sched, topk)
     for _ in range(repeats):
@@ -249,20 +250,27 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 total += dt
                 merged.update(o)
             best[on] = min(best[on], total)
+            runs[on].append(total)
             outs[on] = merged
     sched.spec = spec
     if outputs is not None:
         outputs.update(outs)
     info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
+    accept = info["avg_spec_accept_length"] or 1.0
     return {
         "batch": batch, "requests": len(prompts), "tokens": tokens, "topk": spec.topk, "tree_nodes": spec.tree_nodes,
         "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
         "speedup": round(best[False] / best[True], 3),
-        "avg_accept_length": round(info["avg_spec_accept_length"] or 1.0, 3),
+        "speedup_runs": [round(best[False] / t, 3) for t in runs[True]],  # each spec-on run vs the best off
+        "avg_accept_length": round(accept, 3),
+        # the mechanism's share kept: speed-up per token a verify step emits (issue 18's batch-1 goal >= 0.8)
+        "speedup_per_accept": round(best[False] / best[True] / accept, 3),
         "draft_tokens": info["spec_draft_tokens"], "accepted_tokens": info["spec_accepted_tokens"],
         "identical": outs[False] == outs[True],
         "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
+        "exploring": spec.payoff.exploring() if spec.payoff is not None else None,
+        "verify_steps": info["spec_verify_steps"],
     }
 
 
@@ -335,8 +343,24 @@ def cpu_mode(args: argparse.Namespace) -> dict:
     return report
 
 
+def payoff_line(payoff: dict | None, exploring: dict | None) -> str:
+    """The payoff's buckets that measured a drafting arm, compactly: chosen k; per arm step ms, tok/s, intervals."""
+    if not payoff:
+        return "off"
+    parts = []
+    for bucket, cell in payoff.items():
+        arms = sorted(int(key[1:-len("_tok_s")]) for key in cell if key.endswith("_tok_s"))
+        if any(arms):
+            parts.append(f"{bucket} k={cell['k']} " + " ".join(
+                f"k{k}:{cell[f'k{k}_step_ms']:.2f}ms/{cell[f'k{k}_tok_s']:.0f}({cell.get(f'k{k}_n', 0)})" for k in arms))
+    accept = next(iter(payoff.values()))["accept_rate"] if payoff else None
+    return f"accept_rate {accept}  {exploring}  " + (" | ".join(parts) or "no drafting arm measured")
+
+
 def gpu_mode(args: argparse.Namespace) -> dict:
     from gpu_suite import LLAMA_8B, model_dir_for
+
+    started = time.perf_counter()
 
     root = Path(tempfile.mkdtemp(prefix="radixlm-spec-"))
     # --layers / --dtype: the 8B layer shape cut to fewer layers, or in float32 (the exactness check of
@@ -360,6 +384,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                        max_running_requests=320)
         ks = [1, 2, 3]
     sched = make_scheduler(model_dir, None, True, **options)
+    print(f"[{time.perf_counter() - started:5.0f} s] model and CUDA graphs ready ({report['dtype']}, "
+          f"{report['layers']} layers)", flush=True)
     costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
     if args.algorithm == "EAGLE3":
@@ -389,9 +415,12 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         report["cells"].append(cell)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"e2e {kind} batch {batch} topk {cell['topk']}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
-              f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
-              f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
+        print(f"[{time.perf_counter() - started:5.0f} s] e2e {kind} batch {batch} topk {cell['topk']}: off "
+              f"{cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  x{cell['speedup']:.3f} (runs "
+              f"{cell['speedup_runs']})  accept {cell['avg_accept_length']:.2f} tok/verify step ({cell['verify_steps']} "
+              f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
+              flush=True)
+        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "

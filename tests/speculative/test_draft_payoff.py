@@ -124,9 +124,9 @@ def test_an_idle_gap_after_the_last_request_is_not_an_arm_step() -> None:
         payoff.scheduled(True, False)
         now += 0.01
     arm = payoff.buckets[1].arm(0)
-    samples, seconds = arm.samples, arm.seconds
+    samples, recent = arm.samples, list(arm.recent)
     payoff.begin_step(now + 5.0, 1, 0)  # the request finished; the next one arrives 5 s later
-    assert arm.samples == samples and arm.seconds == seconds
+    assert arm.samples == samples and list(arm.recent) == recent
 
 
 def test_deeper_arms_are_not_explored_when_arm_one_gains_nothing_overall() -> None:
