@@ -68,8 +68,13 @@ ACCEPT_DECAY = 0.8  # per step that drafted
 MARGIN = 0.03  # drafting must beat plain decoding by this much (measurement noise must not turn it on)
 SUSPECT_RATIO = 1.1  # a plain step measured this much slower than a drafting one was disturbed: measure it again
 MAX_REMEASURES = 2  # ... at most this often per bucket
-LOSS_SHARE = 0.02  # exploring may lose at most this share of the decode time so far ...
-SLACK_STEPS = 2.0  # ... plus this many plain decode steps
+LOSS_SHARE = 0.01  # exploring may lose at most this share of the decode time so far ...
+SLACK_STEPS = 1.0  # ... plus this many plain decode steps
+# Before anything is measured, a step that may draft is taken to cost T0 x (PRIOR_RATIO + PRIOR_PER_ROW
+# x rows) and to gain nothing: the exposed host work grows with the rows (H200, 8B: 1.2x at batch 1,
+# 1.6x at 32, 1.9x at 64, benchmarks/RESULTS.md).
+PRIOR_RATIO = 1.15
+PRIOR_PER_ROW = 0.0135
 
 
 @dataclass
@@ -181,25 +186,29 @@ class Bucket:
                 self.arm(self.k).abandoned = False
         self.run_accepted = self.run_tried = 0
 
-    def predicted_loss(self, k: int, accept: float) -> float:
-        """Seconds a step of arm k is expected to lose against plain decoding (negative: it gains), from
-        its own intervals, else from arm 1's step time and the acceptance model; an arm with nothing
-        measured yet is taken at the worst the H200 showed (batch 64: twice a plain step, no gain)."""
+    def predicted(self, k: int, accept: float, rows: int) -> tuple[float, float]:
+        """(step seconds, tokens) a step of arm k is expected to take and emit: its own intervals, else
+        arm 1's step time with the acceptance model's tokens, else the prior: a step that may draft
+        costs T0 x (PRIOR_RATIO + PRIOR_PER_ROW x rows) and emits what a plain one does."""
         plain, arm, one = self.arm(0), self.arm(k), self.arm(1)
+        if arm.recent:
+            return arm.step_s, arm.tokens_per_step
+        if one.recent:
+            return one.step_s, plain.tokens_per_step * self._expected_tokens(k, accept)
+        return plain.step_s * (PRIOR_RATIO + PRIOR_PER_ROW * rows), plain.tokens_per_step
+
+    def predicted_loss(self, k: int, accept: float, rows: int) -> float:
+        """Seconds a step of arm k is expected to lose against plain decoding (negative: it gains)."""
+        plain = self.arm(0)
         if plain.rate <= 0:
             return 0.0
-        if arm.recent:
-            step, tokens = arm.step_s, arm.tokens_per_step
-        elif one.recent:
-            step, tokens = one.step_s, plain.tokens_per_step * self._expected_tokens(k, accept)
-        else:
-            step, tokens = 2.0 * plain.step_s, plain.tokens_per_step
+        step, tokens = self.predicted(k, accept, rows)
         return step - tokens / plain.rate
 
-    def next_arm(self, accept: float, budget: float = float("inf")) -> tuple[int, bool]:
+    def next_arm(self, accept: float, budget: float = float("inf"), rows: int = 1) -> tuple[int, bool]:
         """(draft limit for this step, whether it is the first of a run: its interval is dropped).
         `budget`: seconds exploring may still lose; an arm other than the chosen one runs only while
-        its predicted step loss fits."""
+        its predicted step loss fits. `rows`: the running requests."""
         if self.max_k == 0:
             k = 0
         elif self.run_left > 0:
@@ -229,7 +238,7 @@ class Bucket:
                 others = sorted((k for k in range(self.max_k + 1) if k != chosen),
                                 key=lambda k: self._predicted(k, accept) if k else self.arm(0).rate)
                 k = self._probe(chosen, others[-1:])
-        if k and self.arm(0).explored() and k != self.best() and self.predicted_loss(k, accept) > budget:
+        if k and self.arm(0).explored() and k != self.best() and self._exceeds(k, accept, budget, rows):
             # exploring would lose more than the budget allows: the chosen arm, until plain decoding
             # (or a paying arm) has earned the room; a probe that fired tries again next step
             self.run_left = 0
@@ -240,6 +249,16 @@ class Bucket:
             self._leave()
         self.k = k
         return k, first
+
+    def _exceeds(self, k: int, accept: float, budget: float, rows: int) -> bool:
+        """Whether a step of arm k would lose more than `budget`; a run's first step must leave room for
+        its measuring steps too (its own interval is dropped and charged its time beyond a plain step),
+        else a run cut after its first step measures nothing for what it lost."""
+        loss = self.predicted_loss(k, accept, rows)
+        if k != self.k:
+            first = max(self.predicted(k, accept, rows)[0] - self.arm(0).step_s, 0.0)
+            loss = first + MIN_SAMPLES * max(loss, 0.0)
+        return loss > budget
 
     def _probe(self, chosen: int, candidates: list[int]) -> int:
         self.since_probe += 1
@@ -289,7 +308,7 @@ class DraftPayoff:
         key = running.bit_length()
         bucket = self.buckets.setdefault(key, Bucket(self.max_k))
         budget = LOSS_SHARE * self.decode_s + SLACK_STEPS * bucket.arm(0).step_s - self.lost_s
-        arm, first = bucket.next_arm(self.accept_rate, budget)
+        arm, first = bucket.next_arm(self.accept_rate, budget, running)
         self._open = (now, generated, key, arm, first)
         return arm
 

@@ -126,7 +126,10 @@ class SpecDecoder:
         self.accepted_tokens = 0
 
     def _acceptance(self, req: Req) -> Acceptance:
-        return self.acceptance.setdefault(id(req), Acceptance())
+        acc = self.acceptance.get(id(req))  # (not setdefault: read for every row each step, it built one each time)
+        if acc is None:
+            acc = self.acceptance[id(req)] = Acceptance()
+        return acc
 
     def begin_step(self, now: float, generated: int, running: int) -> None:
         """At the start of each scheduler step: the clock (`self.clock`), tokens generated so far, running requests."""
