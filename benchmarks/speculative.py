@@ -302,6 +302,57 @@ def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_token
     return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
 
 
+def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, topk: int | None) -> dict:
+    """Where a decode step's time goes, spec off (overlapped) and on with every step drafting (the
+    payoff off): per decode step, wall ms of the step and of its host parts (drafting, batch build,
+    the forward's launch + device sync, result processing). The forward is timed to a device sync."""
+    out = {}
+    for on in (False, True):
+        spec = fresh_spec(sched, topk) if on else None
+        if spec is not None:
+            spec.payoff = None
+        sched.spec = spec
+        sched.cache.flush()
+        acc: dict[str, float] = {}
+        wrapped = []
+
+        def wrap(obj: Any, name: str, label: str) -> None:
+            f = getattr(obj, name)
+
+            def timed(*a: Any, **k: Any) -> Any:
+                t = time.perf_counter()
+                r = f(*a, **k)
+                if label == "forward" and on:  # (spec off: the launch only, not to break the overlap)
+                    sync(sched.device)
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+                return r
+            setattr(obj, name, timed)
+            wrapped.append((obj, name))
+        if on:
+            wrap(spec, "propose", "draft")
+            wrap(sched.results, "process", "results")
+        wrap(sched, "_schedule_decode", "schedule")
+        wrap(sched.runner, "forward", "forward")
+        for i, p in enumerate(prompts):
+            sched.handle(TokenizedGenerateReq(rid=f"s{i}", input_ids=p, params=SamplingParams(
+                temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)))
+        while len(sched.running) < len(prompts):
+            sched.step()
+        acc.clear()
+        steps, t = sched.stats["decode_steps"], time.perf_counter()
+        while not sched.idle:
+            sched.step()
+            sched.pop_outputs()
+        sync(sched.device)
+        n = max(sched.stats["decode_steps"] - steps, 1)
+        for obj, name in wrapped:
+            delattr(obj, name)  # the instance attribute goes, the method shows again
+        out["on" if on else "off"] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
+                                      **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
+    sched.spec = None
+    return out
+
+
 # ------------------------------------------------------------------------------ modes
 def cpu_mode(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
@@ -427,6 +478,15 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                   f"{k0} ms (payoff's largest bucket)", flush=True)
         if "divergence" in cell:
             print("\n".join(audit_lines(cell["divergence"])), flush=True)
+    if "profile" in args.sets:  # where a drafting step's time goes, at the largest batch
+        batch, kind = max(args.batches), args.prompt_sets[-1]
+        report["step_sections"] = []
+        for topk in args.topk:
+            prof = {"prompts": kind, "batch": batch, "topk": topk,
+                    **step_sections(sched, prompt_sets[batch, kind], args.new_tokens, topk)}
+            report["step_sections"].append(prof)
+            print(f"[{time.perf_counter() - started:5.0f} s] step parts {kind} batch {batch} topk {topk}, ms a decode "
+                  f"step: off {prof['off']}  on (every step drafts) {prof['on']}", flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
         decode_ms = next(c["ms"] for c in costs if c["batch"] == 1 and c["k"] == 0)
@@ -452,7 +512,8 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
-                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, the end-to-end cells always)")
+                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, profile = a decode step's parts "
+                    "spec off vs every step drafting at the largest batch, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "
                     "trees of up to depth x topk nodes), each side by side with spec off")
