@@ -50,6 +50,7 @@ from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff  # noqa: E402
+from radixlm.runtime.speculative.ngram import NgramDrafter  # noqa: E402
 from radixlm.runtime.speculative.spec_decoder import SpecDecoder  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
@@ -227,8 +228,25 @@ def fresh_spec(sched: Scheduler, topk: int | None = None) -> SpecDecoder:
     return spec
 
 
+class ReplayDrafter(NgramDrafter):
+    """The mechanism's cost at a known acceptance: drafts the tokens spec off emitted for the same
+    prompt (a measuring device, not a drafter: it needs the output beforehand), so every draft is
+    accepted but where bf16 rounding parts the two runs. Speed-up / tokens per verify step is then
+    what the mechanism keeps (issue 18's batch-1 goal: >= 0.8)."""
+
+    def __init__(self, reference: dict[tuple[int, ...], list[int]]) -> None:
+        super().__init__(1)
+        self.reference = reference
+
+    def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
+        ref = self.reference.get(tuple(prompt), [])
+        n = len(output)
+        return ref[n : n + max_tokens] if max_tokens > 0 and ref[:n] == output else []
+
+
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
-            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None) -> dict:
+            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
+            replay: bool = False) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
@@ -237,6 +255,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     runs: dict[bool, list[float]] = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict[bool, dict[str, list[int]]] = {}
     spec = fresh_spec(sched, topk)
+    reference: dict[tuple[int, ...], list[int]] = {}
+    if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
+        spec.drafter = ReplayDrafter(reference)
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
@@ -252,6 +273,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
+            if replay and not on and not reference:
+                reference.update({tuple(prompts[int(g) * batch + int(i)]): merged[f"{g}-{i}"]
+                                  for g, i in (rid.split("-") for rid in merged)})
     sched.spec = spec
     if outputs is not None:
         outputs.update(outs)
@@ -306,7 +330,7 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
     """Where a decode step's time goes, spec off (overlapped) and on with every step drafting (the
     payoff off): per decode step, wall ms of the step and of its host parts (drafting, batch build,
     the forward's launch + device sync, result processing). The forward is timed to a device sync."""
-    out = {}
+    out, kept = {}, sched.spec
     for on in (False, True):
         spec = fresh_spec(sched, topk) if on else None
         if spec is not None:
@@ -349,7 +373,7 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
             delattr(obj, name)  # the instance attribute goes, the method shows again
         out["on" if on else "off"] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
                                       **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
-    sched.spec = None
+    sched.spec = kept
     return out
 
 
@@ -402,7 +426,9 @@ def payoff_line(payoff: dict | None, exploring: dict | None) -> str:
     for bucket, cell in payoff.items():
         arms = sorted(int(key[1:-len("_tok_s")]) for key in cell if key.endswith("_tok_s"))
         if any(arms):
-            parts.append(f"{bucket} k={cell['k']} " + " ".join(
+            k = cell["k"]
+            ratio = f" T(k)/T0 {cell[f'k{k}_step_ms'] / cell['k0_step_ms']:.2f}" if k and 0 in arms else ""
+            parts.append(f"{bucket} k={k}{ratio} " + " ".join(
                 f"k{k}:{cell[f'k{k}_step_ms']:.2f}ms/{cell[f'k{k}_tok_s']:.0f}({cell.get(f'k{k}_n', 0)})" for k in arms))
     accept = next(iter(payoff.values()))["accept_rate"] if payoff else None
     return f"accept_rate {accept}  {exploring}  " + (" | ".join(parts) or "no drafting arm measured")
@@ -446,7 +472,9 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
-        if (batch, kind) not in prompt_sets and kind == "random":
+        if kind == "replay" and topk > 1:
+            continue  # replayed drafts are chains
+        if (batch, kind) not in prompt_sets and kind in ("random", "replay"):
             prompt_sets[batch, kind] = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
         elif (batch, kind) not in prompt_sets:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
             blocks = [[rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(batch)]
@@ -454,7 +482,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
-                                           topk=topk)}
+                                           topk=topk, replay=kind == "replay")}
         # the divergence audit: every cell ("all"), or batch 1 (cheap: lanes' drift next to lane 0's) and
         # cells whose outputs differ ("divergence")
         if args.audit == "all" or (args.audit == "divergence" and (batch == 1 or not cell["identical"])):
@@ -479,7 +507,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         if "divergence" in cell:
             print("\n".join(audit_lines(cell["divergence"])), flush=True)
     if "profile" in args.sets:  # where a drafting step's time goes, at the largest batch
-        batch, kind = max(args.batches), args.prompt_sets[-1]
+        batch, kind = max(args.batches), "repeat" if "repeat" in args.prompt_sets else args.prompt_sets[-1]
         report["step_sections"] = []
         for topk in args.topk:
             prof = {"prompts": kind, "batch": batch, "topk": topk,
@@ -517,8 +545,9 @@ def main() -> None:
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "
                     "trees of up to depth x topk nodes), each side by side with spec off")
-    ap.add_argument("--prompt-sets", default="random", help="gpu mode: random (512 random tokens) and/or repeat (a "
-                    "64-token block repeated 8 times), comma-separated")
+    ap.add_argument("--prompt-sets", default="random", help="gpu mode: random (512 random tokens), repeat (a "
+                    "64-token block repeated 8 times) and/or replay (random prompts, drafts = spec off's own output: "
+                    "the mechanism's cost at full acceptance; chains only), comma-separated")
     ap.add_argument("--audit", choices=("all", "divergence", "none"), default="all", help="gpu mode: all = the "
                     "divergence audit (spec_divergence.py) and the plain decode-step timing of every cell; divergence = "
                     "the audit only, of batch-1 cells and cells whose outputs differ; none = neither")
