@@ -326,15 +326,20 @@ def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_token
     return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
 
 
-def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, topk: int | None) -> dict:
+def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, topk: int | None,
+                  replay: bool = False) -> dict:
     """Where a decode step's time goes, spec off (overlapped) and on with every step drafting (the
     payoff off): per decode step, wall ms of the step and of its host parts (drafting, batch build,
-    the forward's launch + device sync, result processing). The forward is timed to a device sync."""
+    the forward's launch + device sync, result processing). The forward is timed to a device sync.
+    `replay`: the drafts are spec off's own tokens (ReplayDrafter: the mechanism at full acceptance)."""
     out, kept = {}, sched.spec
+    reference: dict[tuple[int, ...], list[int]] = {tuple(p): [] for p in prompts}
     for on in (False, True):
         spec = fresh_spec(sched, topk) if on else None
         if spec is not None:
             spec.payoff = None
+            if replay:
+                spec.drafter = ReplayDrafter(reference)
         sched.spec = spec
         sched.cache.flush()
         acc: dict[str, float] = {}
@@ -366,7 +371,9 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
         steps, t = sched.stats["decode_steps"], time.perf_counter()
         while not sched.idle:
             sched.step()
-            sched.pop_outputs()
+            for o in sched.pop_outputs():
+                if not on:
+                    reference[tuple(prompts[int(o.rid[1:])])] += o.output_ids
         sync(sched.device)
         n = max(sched.stats["decode_steps"] - steps, 1)
         for obj, name in wrapped:
@@ -461,8 +468,9 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                        max_running_requests=320)
         ks = [1, 2, 3]
     sched = make_scheduler(model_dir, None, True, **options)
+    graphs = getattr(sched.runner, "graph_runner", None)
     print(f"[{time.perf_counter() - started:5.0f} s] model and CUDA graphs ready ({report['dtype']}, "
-          f"{report['layers']} layers)", flush=True)
+          f"{report['layers']} layers; capture {getattr(graphs, 'capture_s', None)})", flush=True)
     costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
     if args.algorithm == "EAGLE3":
@@ -506,14 +514,18 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                   f"{k0} ms (payoff's largest bucket)", flush=True)
         if "divergence" in cell:
             print("\n".join(audit_lines(cell["divergence"])), flush=True)
-    if "profile" in args.sets:  # where a drafting step's time goes, at the largest batch
-        batch, kind = max(args.batches), "repeat" if "repeat" in args.prompt_sets else args.prompt_sets[-1]
+    if "profile" in args.sets:  # where a drafting step's time goes, at the smallest and largest batch
+        # the mechanism (replayed drafts) at both batch sizes, then NGRAM on the repeat set at the largest
+        kind = "repeat" if "repeat" in args.prompt_sets else args.prompt_sets[-1]
+        runs = [(b, 1, "replay") for b in sorted({min(args.batches), max(args.batches)})]
+        runs += [(max(args.batches), k, kind) for k in args.topk]
         report["step_sections"] = []
-        for topk in args.topk:
-            prof = {"prompts": kind, "batch": batch, "topk": topk,
-                    **step_sections(sched, prompt_sets[batch, kind], args.new_tokens, topk)}
+        for batch, topk, which in runs:
+            prompts = prompt_sets.get((batch, which)) or prompt_sets[batch, kind]
+            prof = {"prompts": which, "batch": batch, "topk": topk,
+                    **step_sections(sched, prompts, args.new_tokens, topk, replay=which == "replay")}
             report["step_sections"].append(prof)
-            print(f"[{time.perf_counter() - started:5.0f} s] step parts {kind} batch {batch} topk {topk}, ms a decode "
+            print(f"[{time.perf_counter() - started:5.0f} s] step parts {which} batch {batch} topk {topk}, ms a decode "
                   f"step: off {prof['off']}  on (every step drafts) {prof['on']}", flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
@@ -541,7 +553,7 @@ def main() -> None:
                     "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
                     "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, profile = a decode step's parts "
-                    "spec off vs every step drafting at the largest batch, the end-to-end cells always)")
+                    "spec off vs every step drafting at the smallest and largest batch, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "
                     "trees of up to depth x topk nodes), each side by side with spec off")

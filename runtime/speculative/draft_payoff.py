@@ -127,6 +127,7 @@ class Bucket:
     run_accepted: int = 0  # draft positions accepted and tried since the current arm began
     run_tried: int = 0
     remeasures: int = 0  # times plain decoding's measurement was thrown away as disturbed
+    probing: bool = False  # this step's arm is a probe that just fired
 
     def arm(self, k: int) -> ArmRate:
         return self.arms.setdefault(k, ArmRate())
@@ -242,8 +243,10 @@ class Bucket:
             # exploring would lose more than the budget allows: the chosen arm, until plain decoding
             # (or a paying arm) has earned the room; a probe that fired tries again next step
             self.run_left = 0
-            self.since_probe = max(self.since_probe, self.probe_every - 1)
+            if self.probing:
+                self.since_probe = self.probe_every - 1
             k = self.best()
+        self.probing = False
         first = k != self.k
         if first:
             self._leave()
@@ -266,6 +269,7 @@ class Bucket:
             return chosen
         self.since_probe = 0
         self.run_left = RUN_STEPS - 1
+        self.probing = True
         return candidates[0]
 
 
