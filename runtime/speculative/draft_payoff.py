@@ -62,6 +62,7 @@ RUN_STEPS = 6  # steps per measuring run of one arm (the first is dropped)
 MIN_SAMPLES = 3  # intervals that measure an arm (the median of three ignores one disturbed step)
 WINDOW = 15  # an arm's latest intervals that count
 PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another (while drafts are accepted)
+MIN_PROBE_GAP = 32  # ... or this many, while the exploring budget holds two runs of it
 MAX_PROBE_EVERY = 8192  # ... doubling up to this while probes accept nothing
 ABORT_TRIES = 16  # draft positions tried without one accepted that end a drafting run
 ACCEPT_DECAY = 0.8  # per step that drafted
@@ -231,14 +232,14 @@ class Bucket:
             unmeasured = [k for k in range(2, self.max_k + 1)
                           if not self.arm(k).done() and self._predicted(k, accept) > measured * (1 + MARGIN)]
             if chosen == 0 and not can_pay:
-                k = self._probe(0, [1])  # the cheapest depth keeps the acceptance and T(1) fresh
+                k = self._probe(0, [1], accept, budget, rows)  # the cheapest depth keeps a and T(1) fresh
             elif unmeasured and can_pay:  # the deepest first, for a whole run
                 k = unmeasured[-1]
                 self.run_left = RUN_STEPS - 1
             else:
                 others = sorted((k for k in range(self.max_k + 1) if k != chosen),
                                 key=lambda k: self._predicted(k, accept) if k else self.arm(0).rate)
-                k = self._probe(chosen, others[-1:])
+                k = self._probe(chosen, others[-1:], accept, budget, rows)
         if k and self.arm(0).explored() and k != self.best() and self._exceeds(k, accept, budget, rows):
             # exploring would lose more than the budget allows: the chosen arm, until plain decoding
             # (or a paying arm) has earned the room; a probe that fired tries again next step
@@ -263,9 +264,15 @@ class Bucket:
             loss = first + MIN_SAMPLES * max(loss, 0.0)
         return loss > budget
 
-    def _probe(self, chosen: int, candidates: list[int]) -> int:
+    def _probe(self, chosen: int, candidates: list[int], accept: float, budget: float, rows: int) -> int:
+        """Every `probe_every` steps; while decoding plainly also sooner (from MIN_PROBE_GAP steps on)
+        if drafts were last accepted and the budget holds two runs of the candidate: the budget paces
+        probing, and a probe early in a request (its text not yet repeating) does not keep drafting
+        off for 256 steps. (A paying arm is left alone: a probe's loss against it is not charged.)"""
         self.since_probe += 1
-        if self.since_probe < self.probe_every or not candidates:
+        early = (chosen == 0 and self.since_probe >= MIN_PROBE_GAP and self.probe_every == PROBE_EVERY
+                 and bool(candidates) and not self._exceeds(candidates[0], accept, budget / 2, rows))
+        if (self.since_probe < self.probe_every and not early) or not candidates:
             return chosen
         self.since_probe = 0
         self.run_left = RUN_STEPS - 1
