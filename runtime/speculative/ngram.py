@@ -196,26 +196,48 @@ class NgramDrafter:
         self.indexes: dict[int, NgramIndex] = {}
         self.depths: dict[int, DraftDepth] = {}
 
+    def _index(self, key: int) -> NgramIndex:
+        index = self.indexes.get(key)  # (not setdefault: it would build an index per call)
+        if index is None:
+            index = self.indexes[key] = NgramIndex(occurrences=self.occurrences)
+        return index
+
+    def _depth(self, key: int) -> DraftDepth:
+        depth = self.depths.get(key)
+        if depth is None:
+            depth = self.depths[key] = DraftDepth()
+        return depth
+
     def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
         if max_tokens <= 0:
             return []
-        index = self.indexes.setdefault(key, NgramIndex(occurrences=self.occurrences))
+        index = self._index(key)
         index.sync(prompt, output)
         draft, match = index.lookup(max_tokens)
-        return draft[: draft_length(match, self.depths.setdefault(key, DraftDepth()).depth, max_tokens)]
+        return draft[: draft_length(match, self._depth(key).depth, max_tokens)]
 
     def propose_tree(self, key: int, prompt: list[int], output: list[int], max_depth: int, max_nodes: int,
                      topk: int) -> DraftTree:
         """A token tree of at most max_nodes nodes and depth max_depth (topk = 1: `propose`'s chain)."""
         if max_depth <= 0 or max_nodes <= 0:
             return DraftTree([], [])
-        index = self.indexes.setdefault(key, NgramIndex(occurrences=self.occurrences))
+        index = self._index(key)
         index.sync(prompt, output)
-        depth = self.depths.setdefault(key, DraftDepth()).depth
+        depth = self._depth(key).depth
         return build_tree(index.candidates(max_depth), depth, max_depth, max_nodes, topk)
 
+    def warm(self, key: int, prompt: list[int], output: list[int]) -> int:
+        """Index what the request's index lacks, if more than a decode step's few tokens (those are
+        cheap at `propose`); returns the tokens indexed."""
+        index = self._index(key)
+        behind = len(prompt) + len(output) - len(index.tokens)
+        if behind <= FEW_NEW:
+            return 0
+        index.sync(prompt, output)
+        return behind
+
     def on_verified(self, key: int, drafted: int, accepted: int) -> None:
-        self.depths.setdefault(key, DraftDepth()).record(drafted, accepted)
+        self._depth(key).record(drafted, accepted)
 
     def forget(self, key: int) -> None:
         self.indexes.pop(key, None)

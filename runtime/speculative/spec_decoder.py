@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from radixlm.runtime.speculative.eagle_drafter import EagleDrafter
 
 
+WARM_TOKENS = 2048  # n-gram index backlog indexed per overlapped step (host time its forward hides)
+
+
 @dataclass(frozen=True)
 class Drafts:
     """One step's drafts, aligned with the requests it was asked about (empty: plain decode).
@@ -140,6 +143,20 @@ class SpecDecoder:
         """The step that began runs a plain decode batch (with or without drafts): it is measured."""
         if self.payoff is not None:
             self.payoff.scheduled(plain_decode, drafted)
+
+    def warm(self, running: list[Req]) -> None:
+        """NGRAM, while the device runs an overlapped (plain) step: index the prompts of running
+        requests whose n-gram index is behind, up to WARM_TOKENS tokens a step. A request's first
+        drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
+        host time in one step, which the payoff would charge to its first drafting run)."""
+        if self.model is not None:
+            return
+        spent = 0
+        for req in running:
+            if spent >= WARM_TOKENS:
+                break
+            if not req.finished:
+                spent += self.drafter.warm(id(req), req.input_ids, req.output_ids)
 
     def after_forward(self, batch: ScheduledBatch) -> None:
         """EAGLE3: right after the target's forward, keep its hidden states of the batch's tokens."""
