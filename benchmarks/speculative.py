@@ -452,9 +452,11 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     model_dir = model_dir_for({**LLAMA_8B, "num_hidden_layers": args.layers or LLAMA_8B["num_hidden_layers"]}, root,
                               "llama8b")
     vocab = LLAMA_8B["vocab_size"]
-    # 640 rows: CUDA graphs cover every verify shape measured (64 rows x 9 tokens).
+    # CUDA graphs cover every verify shape run: the cost table's 64 rows x 9 tokens (640), else the largest
+    # batch's trees (batch x (TREE_NODES + 1) rows): fewer buckets to capture where the batches are small
+    rows = 640 if "cost" in args.sets else max(16, max(args.batches) * (TREE_NODES + 2))  # (+ 1: lanes need spare rows)
     options = dict(load_format="dummy", dtype=args.dtype, context_length=4096, mem_fraction_static=0.85,
-                   skip_tokenizer_init=True, max_running_requests=640)
+                   skip_tokenizer_init=True, max_running_requests=rows)
     report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                     "algorithm": args.algorithm, "dtype": args.dtype, "layers": args.layers or LLAMA_8B["num_hidden_layers"]}
     ks = list(range(1, 9))
