@@ -256,13 +256,10 @@ class Bucket:
 
     def _exceeds(self, k: int, accept: float, budget: float, rows: int) -> bool:
         """Whether a step of arm k would lose more than `budget`; a run's first step must leave room for
-        its measuring steps too (its own interval is dropped and charged its time beyond a plain step),
-        else a run cut after its first step measures nothing for what it lost."""
+        its measuring steps too (its own interval is dropped), else a run cut after its first step
+        measures nothing for what it lost."""
         loss = self.predicted_loss(k, accept, rows)
-        if k != self.k:
-            first = max(self.predicted(k, accept, rows)[0] - self.arm(0).step_s, 0.0)
-            loss = first + MIN_SAMPLES * max(loss, 0.0)
-        return loss > budget
+        return (loss if k == self.k else (1 + MIN_SAMPLES) * max(loss, 0.0)) > budget
 
     def _probe(self, chosen: int, candidates: list[int], accept: float, budget: float, rows: int) -> int:
         """Every `probe_every` steps; while decoding plainly also sooner (from MIN_PROBE_GAP steps on)
@@ -325,15 +322,16 @@ class DraftPayoff:
 
     def _charge(self, bucket: Bucket, arm: int, first: bool, tokens: int, seconds: float) -> None:
         """A decode interval: recorded for its arm (not the first of a run: the previous arm's tokens
-        land in it) and, drafting, charged its loss against plain decoding (the first of a run: its
-        time beyond a plain step, as its tokens are partly the previous arm's)."""
+        land in it) and, drafting, charged its loss against plain decoding, its seconds minus its tokens
+        at plain decoding's rate (the first of a run too: the previous, overlapped step's tokens land in
+        it with the rest of its time; charging it its time beyond a plain step instead overcharged the
+        H200's batch-1 probe ~10 ms and kept drafting off)."""
         if not first:
             bucket.arm(arm).record(tokens, seconds)
         self.decode_s += seconds
         plain = bucket.arm(0)
         if arm and plain.rate > 0:
-            loss = max(seconds - plain.step_s, 0.0) if first else seconds - tokens / plain.rate
-            self.lost_s = max(self.lost_s + loss, -LOSS_SHARE * self.decode_s)
+            self.lost_s = max(self.lost_s + seconds - tokens / plain.rate, -LOSS_SHARE * self.decode_s)
 
     def scheduled(self, plain_decode: bool, drafted: bool) -> None:
         """What the step that began runs: only plain decode steps (drafts or not) are measured."""

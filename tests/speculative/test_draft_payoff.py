@@ -202,8 +202,9 @@ def test_a_disturbed_plain_measurement_is_taken_again() -> None:
     bucket = payoff.buckets[7]
     assert bucket.arm(0).step_s == 1.0 and bucket.arm(1).explored()
     assert payoff.info()["bs<128"]["k"] == 0
-    # plain decoding, but for probes, which the budget paces: what they lose stays within it
-    assert arms[-1000:].count(0) >= 940 and payoff.lost_s <= LOSS_SHARE * payoff.decode_s + SLACK_STEPS * 1.0
+    # plain decoding, but for probes, which the budget paces (arms that about break even cost it
+    # nothing, so they are probed more often): what they lose stays within it
+    assert arms[-1000:].count(0) >= 800 and payoff.lost_s <= LOSS_SHARE * payoff.decode_s + SLACK_STEPS * 1.0
 
 
 def test_a_single_slow_step_does_not_move_an_arm() -> None:
