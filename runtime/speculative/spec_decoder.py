@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 
 WARM_TOKENS = 2048  # n-gram index backlog indexed per overlapped step (host time its forward hides)
+WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this (~300 MB)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ class SpecDecoder:
         drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
         host time in one step, which the payoff would charge to its first drafting run)."""
         if self.model is not None:
+            return
+        # host memory: ~1.2 KB an indexed token; while drafting is off (a large batch) warming stops here
+        if sum(len(index.tokens) for index in self.drafter.indexes.values()) >= WARM_MAX_INDEXED:
             return
         spent = 0
         for req in running:
