@@ -27,8 +27,6 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import random
 import statistics
@@ -43,15 +41,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from radixlm.benchmarks.spec_divergence import audit_lines, divergence_audit  # noqa: E402
+from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
+    TREE_NODES,
+    ReplayDrafter,
+    fresh_spec,
+    payoff_line,
+    step_sections,
+    sync,
+)
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
-from radixlm.runtime.speculative.draft_payoff import DraftPayoff  # noqa: E402
-from radixlm.runtime.speculative.ngram import NgramDrafter  # noqa: E402
-from radixlm.runtime.speculative.spec_decoder import SpecDecoder  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
            "chief engineer, Dana Whitfield. \"The steel deliveries arrived late and the river was too high to pour the "
@@ -81,11 +84,6 @@ def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) 
         options.setdefault("speculative_algorithm", "NGRAM")
     args = ServerArgs(model_path=str(model_dir), **options).resolve()
     return Scheduler(args, model_dir, tokenizer)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter
@@ -210,39 +208,6 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
     return out
 
 
-TREE_NODES = 8  # nodes per tree (64 rows x 9 tokens stay inside the GPU mode's CUDA graphs)
-
-
-def fresh_spec(sched: Scheduler, topk: int | None = None) -> SpecDecoder:
-    """A SpecDecoder with fresh counters, acceptance and payoff; EAGLE3 keeps the loaded head.
-    `topk`: NGRAM drafts trees of this branching (nodes up to depth x topk) instead of the server's."""
-    if sched.spec is None or sched.spec.eagle is None:
-        args = sched.args
-        if topk is not None:
-            args = dataclasses.replace(args, speculative_eagle_topk=topk,
-                                       speculative_num_draft_tokens=TREE_NODES + 1 if topk > 1 else None)
-        return SpecDecoder(args, sched.runner, None)
-    spec = copy.copy(sched.spec)
-    spec.verify_steps = spec.verify_tokens = spec.draft_tokens = spec.accepted_tokens = 0
-    spec.acceptance, spec.payoff = {}, DraftPayoff(spec.max_drafts)
-    return spec
-
-
-class ReplayDrafter(NgramDrafter):
-    """The mechanism's cost at a known acceptance: drafts the tokens spec off emitted for the same
-    prompt at the same position (a measuring device, not a drafter: it needs the output beforehand),
-    so every draft is accepted until bf16 rounding parts the two runs (random-weight logits tie often);
-    after that drafts go on being verified, and rejected, so a step's cost stays the mechanism's."""
-
-    def __init__(self, reference: dict[tuple[int, ...], list[int]]) -> None:
-        super().__init__(1)
-        self.reference = reference
-
-    def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
-        n = len(output)
-        return self.reference.get(tuple(prompt), [])[n : n + max_tokens] if max_tokens > 0 else []
-
-
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
             repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
             replay: bool = False) -> dict:
@@ -325,71 +290,6 @@ def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_token
     return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
 
 
-def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, topk: int | None,
-                  replay: bool = False, depth: int | None = None) -> dict:
-    """Where a decode step's time goes, spec off (overlapped) and on with every step drafting (the
-    payoff off): per decode step, wall ms of the step and of its host parts (drafting, batch build,
-    the forward's launch + device sync, result processing). The forward is timed to a device sync.
-    `replay`: the drafts are spec off's own tokens (ReplayDrafter: the mechanism at full acceptance)."""
-    out, kept = {}, sched.spec
-    reference: dict[tuple[int, ...], list[int]] = {tuple(p): [] for p in prompts}
-    for on in (False, True):
-        spec = fresh_spec(sched, topk) if on else None
-        if spec is not None:
-            spec.payoff = None
-            spec.max_drafts = depth or spec.max_drafts  # every step may draft this deep
-            if replay:
-                spec.drafter = ReplayDrafter(reference)
-        sched.spec = spec
-        sched.cache.flush()
-        acc: dict[str, float] = {}
-        wrapped = []
-
-        def wrap(obj: Any, name: str, label: str) -> None:
-            f = getattr(obj, name)
-
-            def timed(*a: Any, **k: Any) -> Any:
-                t = time.perf_counter()
-                r = f(*a, **k)
-                if label == "forward" and on:  # (spec off: the launch only, not to break the overlap)
-                    sync(sched.device)
-                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
-                return r
-            setattr(obj, name, timed)
-            wrapped.append((obj, name))
-        if on:
-            wrap(spec, "propose", "draft")
-            wrap(sched.results, "process", "results")
-        wrap(sched, "_schedule_decode", "schedule")
-        wrap(sched.runner, "forward", "forward")
-        for i, p in enumerate(prompts):
-            sched.handle(TokenizedGenerateReq(rid=f"s{i}", input_ids=p, params=SamplingParams(
-                temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)))
-        while len(sched.running) < len(prompts):
-            sched.step()
-        acc.clear()
-        steps, t = sched.stats["decode_steps"], time.perf_counter()
-        while not sched.idle:
-            sched.step()
-            for o in sched.pop_outputs():
-                if not on:
-                    reference[tuple(prompts[int(o.rid[1:])])] += o.output_ids
-        sync(sched.device)
-        n = max(sched.stats["decode_steps"] - steps, 1)
-        for obj, name in wrapped:
-            delattr(obj, name)  # the instance attribute goes, the method shows again
-        out["on" if on else "off"] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
-                                      **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
-        if spec is not None:
-            out["on"].update(verify_steps=spec.verify_steps, draft_tokens=spec.draft_tokens,
-                             tokens_per_verify=round(spec.verify_tokens / max(spec.verify_steps, 1), 2))
-    sched.spec = kept
-    # the mechanism's share kept: a plain step's time over a drafting one's (>= 0.8 meets issue 18's
-    # batch-1 goal at any acceptance: speed-up = tokens per verify step x this)
-    out["plain_over_drafting"] = round(out["off"]["step_ms"] / out["on"]["step_ms"], 3)
-    return out
-
-
 # ------------------------------------------------------------------------------ modes
 def cpu_mode(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
@@ -429,22 +329,6 @@ def cpu_mode(args: argparse.Namespace) -> dict:
                       f"{cell['tok_s_on']:7.2f} tok/s  x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} "
                       f"tok/step  identical {cell['identical']}", flush=True)
     return report
-
-
-def payoff_line(payoff: dict | None, exploring: dict | None) -> str:
-    """The payoff's buckets that measured a drafting arm, compactly: chosen k; per arm step ms, tok/s, intervals."""
-    if not payoff:
-        return "off"
-    parts = []
-    for bucket, cell in payoff.items():
-        arms = sorted(int(key[1:-len("_tok_s")]) for key in cell if key.endswith("_tok_s"))
-        if any(arms):
-            k = cell["k"]
-            ratio = f" T(k)/T0 {cell[f'k{k}_step_ms'] / cell['k0_step_ms']:.2f}" if k and 0 in arms else ""
-            parts.append(f"{bucket} k={k}{ratio} " + " ".join(
-                f"k{k}:{cell[f'k{k}_step_ms']:.2f}ms/{cell[f'k{k}_tok_s']:.0f}({cell.get(f'k{k}_n', 0)})" for k in arms))
-    accept = next(iter(payoff.values()))["accept_rate"] if payoff else None
-    return f"accept_rate {accept}  {exploring}  " + (" | ".join(parts) or "no drafting arm measured")
 
 
 def gpu_mode(args: argparse.Namespace) -> dict:
