@@ -359,6 +359,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         options.update(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head), speculative_num_steps=3,
                        max_running_requests=320)
         ks = [1, 2, 3]
+    print(f"[{time.perf_counter() - started:5.0f} s] building the model ({args.dtype}, {report['layers']} layers, graphs "
+          f"up to {options['max_running_requests']} rows)", flush=True)
     sched = make_scheduler(model_dir, None, True, **options)
     graphs = getattr(sched.runner, "graph_runner", None)
     print(f"[{time.perf_counter() - started:5.0f} s] model and CUDA graphs ready ({report['dtype']}, "
