@@ -27,8 +27,6 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import random
 import statistics
@@ -43,14 +41,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from radixlm.benchmarks.spec_divergence import audit_lines, divergence_audit  # noqa: E402
+from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
+    TREE_NODES,
+    ReplayDrafter,
+    fresh_spec,
+    payoff_line,
+    step_sections,
+    sync,
+)
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
-from radixlm.runtime.speculative.draft_payoff import DraftPayoff  # noqa: E402
-from radixlm.runtime.speculative.spec_decoder import SpecDecoder  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
            "chief engineer, Dana Whitfield. \"The steel deliveries arrived late and the river was too high to pour the "
@@ -80,11 +84,6 @@ def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) 
         options.setdefault("speculative_algorithm", "NGRAM")
     args = ServerArgs(model_path=str(model_dir), **options).resolve()
     return Scheduler(args, model_dir, tokenizer)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter
@@ -209,33 +208,20 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
     return out
 
 
-TREE_NODES = 8  # nodes per tree (64 rows x 9 tokens stay inside the GPU mode's CUDA graphs)
-
-
-def fresh_spec(sched: Scheduler, topk: int | None = None) -> SpecDecoder:
-    """A SpecDecoder with fresh counters, acceptance and payoff; EAGLE3 keeps the loaded head.
-    `topk`: NGRAM drafts trees of this branching (nodes up to depth x topk) instead of the server's."""
-    if sched.spec is None or sched.spec.eagle is None:
-        args = sched.args
-        if topk is not None:
-            args = dataclasses.replace(args, speculative_eagle_topk=topk,
-                                       speculative_num_draft_tokens=TREE_NODES + 1 if topk > 1 else None)
-        return SpecDecoder(args, sched.runner, None)
-    spec = copy.copy(sched.spec)
-    spec.verify_steps = spec.verify_tokens = spec.draft_tokens = spec.accepted_tokens = 0
-    spec.acceptance, spec.payoff = {}, DraftPayoff(spec.max_drafts)
-    return spec
-
-
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
-            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None) -> dict:
+            repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
+            replay: bool = False) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
     runs' tokens per request, {False: off, True: on}."""
     best: dict[bool, float] = {False: float("inf"), True: float("inf")}
+    runs: dict[bool, list[float]] = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict[bool, dict[str, list[int]]] = {}
     spec = fresh_spec(sched, topk)
+    reference: dict[tuple[int, ...], list[int]] = {}
+    if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
+        spec.drafter = ReplayDrafter(reference)
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
@@ -249,20 +235,30 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 total += dt
                 merged.update(o)
             best[on] = min(best[on], total)
+            runs[on].append(total)
             outs[on] = merged
+            if replay and not on and not reference:
+                reference.update({tuple(prompts[int(g) * batch + int(i)]): merged[f"{g}-{i}"]
+                                  for g, i in (rid.split("-") for rid in merged)})
     sched.spec = spec
     if outputs is not None:
         outputs.update(outs)
     info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
+    accept = info["avg_spec_accept_length"] or 1.0
     return {
         "batch": batch, "requests": len(prompts), "tokens": tokens, "topk": spec.topk, "tree_nodes": spec.tree_nodes,
         "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
         "speedup": round(best[False] / best[True], 3),
-        "avg_accept_length": round(info["avg_spec_accept_length"] or 1.0, 3),
+        "speedup_runs": [round(best[False] / t, 3) for t in runs[True]],  # each spec-on run vs the best off
+        "avg_accept_length": round(accept, 3),
+        # the mechanism's share kept: speed-up per token a verify step emits (issue 18's batch-1 goal >= 0.8)
+        "speedup_per_accept": round(best[False] / best[True] / accept, 3),
         "draft_tokens": info["spec_draft_tokens"], "accepted_tokens": info["spec_accepted_tokens"],
         "identical": outs[False] == outs[True],
         "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
+        "exploring": spec.payoff.exploring() if spec.payoff is not None else None,
+        "verify_steps": info["spec_verify_steps"],
     }
 
 
@@ -338,15 +334,19 @@ def cpu_mode(args: argparse.Namespace) -> dict:
 def gpu_mode(args: argparse.Namespace) -> dict:
     from gpu_suite import LLAMA_8B, model_dir_for
 
+    started = time.perf_counter()
+
     root = Path(tempfile.mkdtemp(prefix="radixlm-spec-"))
     # --layers / --dtype: the 8B layer shape cut to fewer layers, or in float32 (the exactness check of
     # the GPU path: verify rows, lanes, graphs — drift there is the kernels' float32 rounding only)
     model_dir = model_dir_for({**LLAMA_8B, "num_hidden_layers": args.layers or LLAMA_8B["num_hidden_layers"]}, root,
                               "llama8b")
     vocab = LLAMA_8B["vocab_size"]
-    # 640 rows: CUDA graphs cover every verify shape measured (64 rows x 9 tokens).
+    # CUDA graphs cover every verify shape run: the cost table's 64 rows x 9 tokens (640), else the largest
+    # batch's trees (batch x (TREE_NODES + 1) rows): fewer buckets to capture where the batches are small
+    rows = 640 if "cost" in args.sets else max(16, max(args.batches) * (TREE_NODES + 2))  # (+ 1: lanes need spare rows)
     options = dict(load_format="dummy", dtype=args.dtype, context_length=4096, mem_fraction_static=0.85,
-                   skip_tokenizer_init=True, max_running_requests=640)
+                   skip_tokenizer_init=True, max_running_requests=rows)
     report: dict = {"mode": "gpu", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                     "algorithm": args.algorithm, "dtype": args.dtype, "layers": args.layers or LLAMA_8B["num_hidden_layers"]}
     ks = list(range(1, 9))
@@ -359,7 +359,12 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         options.update(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head), speculative_num_steps=3,
                        max_running_requests=320)
         ks = [1, 2, 3]
+    print(f"[{time.perf_counter() - started:5.0f} s] building the model ({args.dtype}, {report['layers']} layers, graphs "
+          f"up to {options['max_running_requests']} rows)", flush=True)
     sched = make_scheduler(model_dir, None, True, **options)
+    graphs = getattr(sched.runner, "graph_runner", None)
+    print(f"[{time.perf_counter() - started:5.0f} s] model and CUDA graphs ready ({report['dtype']}, "
+          f"{report['layers']} layers; capture {getattr(graphs, 'capture_s', None)})", flush=True)
     costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
     if args.algorithm == "EAGLE3":
@@ -369,7 +374,9 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
-        if (batch, kind) not in prompt_sets and kind == "random":
+        if kind == "replay" and topk > 1:
+            continue  # replayed drafts are chains
+        if (batch, kind) not in prompt_sets and kind in ("random", "replay"):
             prompt_sets[batch, kind] = [[rng.randrange(1000, vocab - 1000) for _ in range(512)] for _ in range(batch)]
         elif (batch, kind) not in prompt_sets:  # copy-heavy: a 64-token block repeated 8 times (what the prompt offers to copy)
             blocks = [[rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(batch)]
@@ -377,7 +384,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
-                                           topk=topk)}
+                                           topk=topk, replay=kind == "replay")}
         # the divergence audit: every cell ("all"), or batch 1 (cheap: lanes' drift next to lane 0's) and
         # cells whose outputs differ ("divergence")
         if args.audit == "all" or (args.audit == "divergence" and (batch == 1 or not cell["identical"])):
@@ -389,15 +396,37 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         report["cells"].append(cell)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"e2e {kind} batch {batch} topk {cell['topk']}: off {cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  "
-              f"x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} tok/step  "
-              f"goal x{0.8 * cell['avg_accept_length']:.2f}  identical {cell['identical']}  payoff {cell['payoff']}", flush=True)
+        print(f"[{time.perf_counter() - started:5.0f} s] e2e {kind} batch {batch} topk {cell['topk']}: off "
+              f"{cell['tok_s_off']:8.1f} tok/s  on {cell['tok_s_on']:8.1f} tok/s  x{cell['speedup']:.3f} (runs "
+              f"{cell['speedup_runs']})  accept {cell['avg_accept_length']:.2f} tok/verify step ({cell['verify_steps']} "
+              f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
+              flush=True)
+        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
                   f"{k0} ms (payoff's largest bucket)", flush=True)
         if "divergence" in cell:
             print("\n".join(audit_lines(cell["divergence"])), flush=True)
+    if "profile" in args.sets:  # where a drafting step's time goes, at the smallest and largest batch
+        # the mechanism (replayed drafts, every step k deep) at the smallest batch for k = 1, 2, 4 and at
+        # the largest for k = 4, then NGRAM on the repeat set at the largest
+        kind = "repeat" if "repeat" in args.prompt_sets else args.prompt_sets[-1]
+        small, large = min(args.batches), max(args.batches)
+        runs = [(small, 1, "replay", k) for k in (1, 2, 4)] + [(large, 1, "replay", 4)] * (large > small)
+        runs += [(large, k, kind, None) for k in args.topk]
+        report["step_sections"] = []
+        for batch, topk, which, depth in runs:
+            prompts = prompt_sets.get((batch, which)) or prompt_sets[batch, kind]
+            prof = {"prompts": which, "batch": batch, "topk": topk, "depth": depth,
+                    **step_sections(sched, prompts, args.new_tokens, topk, replay=which == "replay", depth=depth)}
+            report["step_sections"].append(prof)
+            on = prof["on"]
+            print(f"[{time.perf_counter() - started:5.0f} s] step {which} batch {batch} topk {topk} k {depth or 'max'}: "
+                  f"plain/drafting step {prof['plain_over_drafting']:.3f} (off {prof['off']['step_ms']} ms, on "
+                  f"{on['step_ms']} ms: draft {on.get('draft_ms')}, schedule {on.get('schedule_ms')}, forward+sync "
+                  f"{on.get('forward_ms')}, results {on.get('results_ms')}; {on['tokens_per_verify']} tok/verify)",
+                  flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
         decode_ms = next(c["ms"] for c in costs if c["batch"] == 1 and c["k"] == 0)
@@ -423,12 +452,14 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
-                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, the end-to-end cells always)")
+                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, profile = a decode step's parts "
+                    "spec off vs every step drafting at the smallest and largest batch, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "
                     "trees of up to depth x topk nodes), each side by side with spec off")
-    ap.add_argument("--prompt-sets", default="random", help="gpu mode: random (512 random tokens) and/or repeat (a "
-                    "64-token block repeated 8 times), comma-separated")
+    ap.add_argument("--prompt-sets", default="random", help="gpu mode: random (512 random tokens), repeat (a "
+                    "64-token block repeated 8 times) and/or replay (random prompts, drafts = spec off's own output: "
+                    "the mechanism's cost at full acceptance; chains only), comma-separated")
     ap.add_argument("--audit", choices=("all", "divergence", "none"), default="all", help="gpu mode: all = the "
                     "divergence audit (spec_divergence.py) and the plain decode-step timing of every cell; divergence = "
                     "the audit only, of batch-1 cells and cells whose outputs differ; none = neither")

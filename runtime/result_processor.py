@@ -121,7 +121,11 @@ class ResultProcessor:
             bitmask = torch.cat([batch.draft_masks[i] if batch.draft_masks[i] is not None
                                  else torch.full((len(batch.drafts[i]) + 1, width), -1, dtype=torch.int32)
                                  for i in indices])
-        targets = self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask).tolist()
+        if bitmask is None and all(r.params.is_greedy and not r.params.needs_output_history
+                                   and len(r.output_ids) >= r.params.min_new_tokens for r in reqs):
+            targets = rows_logits.argmax(dim=-1).tolist()  # what sample_rows draws for such rows, without them
+        else:
+            targets = self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask).tolist()
         want_lp = any(r.return_logprob for r in reqs)
         events = []
         start = 0

@@ -248,6 +248,8 @@ class Scheduler:
                 self._commit_step(previous, allow_jump=False)
                 previous = None
             self.uncommitted = self._launch(batch, logits)
+            if self.spec is not None:
+                self.spec.warm(self.running)  # n-gram indexes, while the device runs this step
             if previous is not None:
                 self._commit_step(previous, allow_jump=False)
             return True

@@ -32,6 +32,19 @@ A plain step measured slower than a drafting step (SUSPECT_RATIO) was disturbed 
 drafting step does a plain step's work and more): plain decoding is measured again, at most
 MAX_REMEASURES times per bucket.
 
+Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (a GC pause,
+a graph capture or a first-use kernel compile is one interval; a mean of 7 once read 26 ms for a 6 ms
+step on the H200), its tokens per step their mean.
+
+Exploring never costs more than a bounded share of the time (the batch-64 loss on the H200, 0.83x at
+15:14, was mostly measuring: with 128-token requests every batch-size bucket the batch shrank through
+measured four drafting arms at ~2x a plain step each). Every drafting interval that is not the chosen
+arm's is charged its loss, its seconds minus what plain decoding would have taken for its tokens
+(negative where it paid); a drafting step that is not the chosen arm's runs only while the loss so far
+plus the step's predicted loss stays within LOSS_SHARE of the decode time so far plus SLACK_STEPS
+plain steps. Where drafting pays (batch 1 in a loop) its steps earn the budget back at once; where it
+does not, a measuring run is cut short and resumed once plain decoding has earned the room again.
+
 An interval is from the start of one scheduler step to the start of the next, with the tokens
 generated in it; intervals that contain anything but a plain decode step (prefill, mixed batches,
 idle waits: the interval of a step after which nothing runs) are dropped, and so is the first interval of each run of one arm (with overlap the
@@ -39,52 +52,64 @@ previous arm's tokens land in it).
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from radixlm.runtime.speculative.draft_budget import PRIOR_RATE, PRIOR_WEIGHT
 
-RUN_STEPS = 8  # steps per measuring run of one arm (the first is dropped)
+RUN_STEPS = 6  # steps per measuring run of one arm (the first is dropped)
+MIN_SAMPLES = 3  # intervals that measure an arm (the median of three ignores one disturbed step)
+WINDOW = 15  # an arm's latest intervals that count
 PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another (while drafts are accepted)
+MIN_PROBE_GAP = 32  # ... or this many, while the exploring budget holds two runs of it
 MAX_PROBE_EVERY = 8192  # ... doubling up to this while probes accept nothing
 ABORT_TRIES = 16  # draft positions tried without one accepted that end a drafting run
-DECAY = 0.97  # per recorded interval: the last ~30 intervals of an arm count most
 ACCEPT_DECAY = 0.8  # per step that drafted
 MARGIN = 0.03  # drafting must beat plain decoding by this much (measurement noise must not turn it on)
 SUSPECT_RATIO = 1.1  # a plain step measured this much slower than a drafting one was disturbed: measure it again
 MAX_REMEASURES = 2  # ... at most this often per bucket
+LOSS_SHARE = 0.01  # exploring may lose at most this share of the decode time so far ...
+SLACK_STEPS = 1.0  # ... plus this many plain decode steps
+# Before anything is measured, a step that may draft is taken to cost T0 x (PRIOR_RATIO + PRIOR_PER_ROW
+# x rows) and to gain nothing: the exposed host work grows with the rows (H200, 8B: 1.2x at batch 1,
+# 1.6x at 32, 1.9x at 64, benchmarks/RESULTS.md).
+PRIOR_RATIO = 1.15
+PRIOR_PER_ROW = 0.0135
 
 
 @dataclass
 class ArmRate:
-    """Decayed tokens, seconds and step count of one arm's decode intervals; `samples` counts them all."""
+    """One arm's latest WINDOW decode intervals (tokens, seconds); `samples` counts them all."""
 
-    tokens: float = 0.0
-    seconds: float = 0.0
-    weight: float = 0.0
+    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     samples: int = 0
     abandoned: bool = False  # its last run ended early: its drafts were not accepted
 
-
     def record(self, tokens: int, seconds: float) -> None:
-        self.tokens = self.tokens * DECAY + tokens
-        self.seconds = self.seconds * DECAY + seconds
-        self.weight = self.weight * DECAY + 1.0
+        self.recent.append((tokens, seconds))
         self.samples += 1
 
     def explored(self) -> bool:
-        return self.samples >= RUN_STEPS - 1
+        return len(self.recent) >= MIN_SAMPLES
 
     def done(self) -> bool:
         """Measured, or given up on: exploration moves on."""
         return self.explored() or self.abandoned
 
     @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+    def tokens_per_step(self) -> float:
+        return sum(t for t, _ in self.recent) / len(self.recent) if self.recent else 0.0
 
     @property
     def step_s(self) -> float:
-        return self.seconds / self.weight if self.weight > 0 else 0.0
+        """The median interval: one slow step (a GC pause, a compile) does not move it."""
+        return statistics.median(s for _, s in self.recent) if self.recent else 0.0
+
+    @property
+    def rate(self) -> float:
+        step = self.step_s
+        return self.tokens_per_step / step if step > 0 else 0.0
 
 
 def chain_tokens(rate: float, k: int) -> float:
@@ -103,6 +128,7 @@ class Bucket:
     run_accepted: int = 0  # draft positions accepted and tried since the current arm began
     run_tried: int = 0
     remeasures: int = 0  # times plain decoding's measurement was thrown away as disturbed
+    probing: bool = False  # this step's arm is a probe that just fired
 
     def arm(self, k: int) -> ArmRate:
         return self.arms.setdefault(k, ArmRate())
@@ -114,9 +140,9 @@ class Bucket:
         rows found no n-gram or were granted nothing, so a = 0.64 predicted 2.5 tokens a row where arm 1
         measured 1.0, and every deeper arm was explored at a loss (benchmarks/RESULTS.md)."""
         plain, one = self.arm(0), self.arm(1)
-        if not (one.explored() and plain.weight and one.weight and plain.tokens > 0) or accept <= 0:
+        if not (one.explored() and plain.tokens_per_step > 0) or accept <= 0:
             return chain_tokens(accept, k)
-        gain = max((one.tokens / one.weight) / (plain.tokens / plain.weight) - 1.0, 0.0)
+        gain = max(one.tokens_per_step / plain.tokens_per_step - 1.0, 0.0)
         return 1.0 + gain * (chain_tokens(accept, k) - 1.0) / accept
 
     def _predicted(self, k: int, accept: float) -> float:
@@ -124,7 +150,7 @@ class Bucket:
         E(k), over arm k's step time (an unmeasured arm's taken as T(1))."""
         plain = self.arm(0)
         step = self.arm(k).step_s if self.arm(k).explored() else self.arm(1).step_s
-        return (plain.tokens / plain.weight) * self._expected_tokens(k, accept) / step if step > 0 and plain.weight else 0.0
+        return plain.tokens_per_step * self._expected_tokens(k, accept) / step if step > 0 else 0.0
 
     def plain_step_disturbed(self) -> bool:
         """A drafting step does a plain step's work and more (and gives up overlap), so a plain step
@@ -162,14 +188,35 @@ class Bucket:
                 self.arm(self.k).abandoned = False
         self.run_accepted = self.run_tried = 0
 
-    def next_arm(self, accept: float) -> tuple[int, bool]:
-        """(draft limit for this step, whether it is the first of a run: its interval is dropped)."""
+    def predicted(self, k: int, accept: float, rows: int) -> tuple[float, float]:
+        """(step seconds, tokens) a step of arm k is expected to take and emit: its own intervals, else
+        arm 1's step time with the acceptance model's tokens, else the prior: a step that may draft
+        costs T0 x (PRIOR_RATIO + PRIOR_PER_ROW x rows) and emits what a plain one does."""
+        plain, arm, one = self.arm(0), self.arm(k), self.arm(1)
+        if arm.recent:
+            return arm.step_s, arm.tokens_per_step
+        if one.recent:
+            return one.step_s, plain.tokens_per_step * self._expected_tokens(k, accept)
+        return plain.step_s * (PRIOR_RATIO + PRIOR_PER_ROW * rows), plain.tokens_per_step
+
+    def predicted_loss(self, k: int, accept: float, rows: int) -> float:
+        """Seconds a step of arm k is expected to lose against plain decoding (negative: it gains)."""
+        plain = self.arm(0)
+        if plain.rate <= 0:
+            return 0.0
+        step, tokens = self.predicted(k, accept, rows)
+        return step - tokens / plain.rate
+
+    def next_arm(self, accept: float, budget: float = float("inf"), rows: int = 1) -> tuple[int, bool]:
+        """(draft limit for this step, whether it is the first of a run: its interval is dropped).
+        `budget`: seconds exploring may still lose; an arm other than the chosen one runs only while
+        its predicted step loss fits. `rows`: the running requests."""
         if self.max_k == 0:
             k = 0
         elif self.run_left > 0:
             self.run_left -= 1
             k = int(self.k or 0)
-        elif not self.arm(0).explored():
+        elif len(self.arm(0).recent) < RUN_STEPS - 1:  # plain decoding costs nothing to measure: a whole run
             k = 0
         elif self.remeasures < MAX_REMEASURES and self.plain_step_disturbed():
             self.arms[0] = ArmRate()
@@ -177,6 +224,7 @@ class Bucket:
             k = 0
         elif not self.arm(1).done():
             k = 1
+            self.run_left = RUN_STEPS - 1
         else:
             chosen, can_pay = self.best(), self.drafting_can_pay(accept)
             # unmeasured arms that could still beat the best measured one (at T(1), a lower bound)
@@ -184,26 +232,48 @@ class Bucket:
             unmeasured = [k for k in range(2, self.max_k + 1)
                           if not self.arm(k).done() and self._predicted(k, accept) > measured * (1 + MARGIN)]
             if chosen == 0 and not can_pay:
-                k = self._probe(0, [1])  # the cheapest depth keeps the acceptance and T(1) fresh
+                k = self._probe(0, [1], accept, budget, rows)  # the cheapest depth keeps a and T(1) fresh
             elif unmeasured and can_pay:  # the deepest first, for a whole run
                 k = unmeasured[-1]
                 self.run_left = RUN_STEPS - 1
             else:
                 others = sorted((k for k in range(self.max_k + 1) if k != chosen),
                                 key=lambda k: self._predicted(k, accept) if k else self.arm(0).rate)
-                k = self._probe(chosen, others[-1:])
+                k = self._probe(chosen, others[-1:], accept, budget, rows)
+        if k and self.arm(0).explored() and k != self.best() and self._exceeds(k, accept, budget, rows):
+            # exploring would lose more than the budget allows: the chosen arm, until plain decoding
+            # (or a paying arm) has earned the room; a probe that fired tries again next step
+            self.run_left = 0
+            if self.probing:
+                self.since_probe = self.probe_every - 1
+            k = self.best()
+        self.probing = False
         first = k != self.k
         if first:
             self._leave()
         self.k = k
         return k, first
 
-    def _probe(self, chosen: int, candidates: list[int]) -> int:
+    def _exceeds(self, k: int, accept: float, budget: float, rows: int) -> bool:
+        """Whether a step of arm k would lose more than `budget`; a run's first step must leave room for
+        its measuring steps too (its own interval is dropped), else a run cut after its first step
+        measures nothing for what it lost."""
+        loss = self.predicted_loss(k, accept, rows)
+        return (loss if k == self.k else (1 + MIN_SAMPLES) * max(loss, 0.0)) > budget
+
+    def _probe(self, chosen: int, candidates: list[int], accept: float, budget: float, rows: int) -> int:
+        """Every `probe_every` steps; while decoding plainly also sooner (from MIN_PROBE_GAP steps on)
+        if drafts were last accepted and the budget holds two runs of the candidate: the budget paces
+        probing, and a probe early in a request (its text not yet repeating) does not keep drafting
+        off for 256 steps. (A paying arm is left alone: a probe's loss against it is not charged.)"""
         self.since_probe += 1
-        if self.since_probe < self.probe_every or not candidates:
+        early = (chosen == 0 and self.since_probe >= MIN_PROBE_GAP and self.probe_every == PROBE_EVERY
+                 and bool(candidates) and not self._exceeds(candidates[0], accept, budget / 2, rows))
+        if (self.since_probe < self.probe_every and not early) or not candidates:
             return chosen
         self.since_probe = 0
         self.run_left = RUN_STEPS - 1
+        self.probing = True
         return candidates[0]
 
 
@@ -220,6 +290,10 @@ class DraftPayoff:
         self._open: tuple[float, int, int, int, bool] | None = None  # (start, tokens then, bucket, arm, first)
         self._plain_decode = False  # the open interval's step was a plain decode step
         self._drafted = False  # ... and carried drafts
+        # The exploring budget (all buckets): seconds of plain-decode-batch intervals, and what the
+        # drafting ones lost against plain decoding (signed; credit capped at LOSS_SHARE of decode_s).
+        self.decode_s = 0.0
+        self.lost_s = 0.0
 
     def begin_step(self, now: float, generated: int, running: int) -> int:
         """Closes the previous interval (recorded if it was a whole decode step) and returns how many
@@ -229,8 +303,8 @@ class DraftPayoff:
             # running == 0: the step finished every request, so this call comes after an idle gap (the
             # next request's arrival), which is not the arm's step time (one such gap made a batch-1 arm
             # look 10x slower than it was and dropped it)
-            if self._plain_decode and not first and running:
-                self.buckets[key].arm(arm).record(generated - before, now - start)
+            if self._plain_decode and running:
+                self._charge(self.buckets[key], arm, first, generated - before, now - start)
             if self._tried:
                 self.accepted = self.accepted * ACCEPT_DECAY + self._accepted
                 self.tried = self.tried * ACCEPT_DECAY + self._tried
@@ -241,9 +315,23 @@ class DraftPayoff:
             return 0
         key = running.bit_length()
         bucket = self.buckets.setdefault(key, Bucket(self.max_k))
-        arm, first = bucket.next_arm(self.accept_rate)
+        budget = LOSS_SHARE * self.decode_s + SLACK_STEPS * bucket.arm(0).step_s - self.lost_s
+        arm, first = bucket.next_arm(self.accept_rate, budget, running)
         self._open = (now, generated, key, arm, first)
         return arm
+
+    def _charge(self, bucket: Bucket, arm: int, first: bool, tokens: int, seconds: float) -> None:
+        """A decode interval: recorded for its arm (not the first of a run: the previous arm's tokens
+        land in it) and, drafting, charged its loss against plain decoding, its seconds minus its tokens
+        at plain decoding's rate (the first of a run too: the previous, overlapped step's tokens land in
+        it with the rest of its time; charging it its time beyond a plain step instead overcharged the
+        H200's batch-1 probe ~10 ms and kept drafting off)."""
+        if not first:
+            bucket.arm(arm).record(tokens, seconds)
+        self.decode_s += seconds
+        plain = bucket.arm(0)
+        if arm and plain.rate > 0:
+            self.lost_s = max(self.lost_s + seconds - tokens / plain.rate, -LOSS_SHARE * self.decode_s)
 
     def scheduled(self, plain_decode: bool, drafted: bool) -> None:
         """What the step that began runs: only plain decode steps (drafts or not) are measured."""
@@ -263,8 +351,14 @@ class DraftPayoff:
         for key, b in sorted(self.buckets.items()):
             cell: dict[str, float | int] = {"k": b.best(), "accept_rate": round(self.accept_rate, 3)}
             for k, a in sorted(b.arms.items()):
+                if a.samples:
+                    cell[f"k{k}_n"] = a.samples
                 if a.explored():
                     cell[f"k{k}_tok_s"] = round(a.rate, 1)
                     cell[f"k{k}_step_ms"] = round(a.step_s * 1e3, 3)
             out[f"bs<{1 << key}"] = cell
         return out
+
+    def exploring(self) -> dict[str, float]:
+        """The exploring budget's state: decode seconds measured, seconds drafting lost (negative: gained)."""
+        return {"decode_s": round(self.decode_s, 4), "lost_s": round(self.lost_s, 4)}

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from radixlm.runtime.speculative.eagle_drafter import EagleDrafter
 
 
+WARM_TOKENS = 2048  # n-gram index backlog indexed per overlapped step (host time its forward hides)
+WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this (~300 MB)
+
+
 @dataclass(frozen=True)
 class Drafts:
     """One step's drafts, aligned with the requests it was asked about (empty: plain decode).
@@ -126,7 +130,10 @@ class SpecDecoder:
         self.accepted_tokens = 0
 
     def _acceptance(self, req: Req) -> Acceptance:
-        return self.acceptance.setdefault(id(req), Acceptance())
+        acc = self.acceptance.get(id(req))  # (not setdefault: read for every row each step, it built one each time)
+        if acc is None:
+            acc = self.acceptance[id(req)] = Acceptance()
+        return acc
 
     def begin_step(self, now: float, generated: int, running: int) -> None:
         """At the start of each scheduler step: the clock (`self.clock`), tokens generated so far, running requests."""
@@ -137,6 +144,23 @@ class SpecDecoder:
         """The step that began runs a plain decode batch (with or without drafts): it is measured."""
         if self.payoff is not None:
             self.payoff.scheduled(plain_decode, drafted)
+
+    def warm(self, running: list[Req]) -> None:
+        """NGRAM, while the device runs an overlapped (plain) step: index the prompts of running
+        requests whose n-gram index is behind, up to WARM_TOKENS tokens a step. A request's first
+        drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
+        host time in one step, which the payoff would charge to its first drafting run)."""
+        if self.model is not None:
+            return
+        # host memory: ~1.2 KB an indexed token; while drafting is off (a large batch) warming stops here
+        if sum(len(index.tokens) for index in self.drafter.indexes.values()) >= WARM_MAX_INDEXED:
+            return
+        spent = 0
+        for req in running:
+            if spent >= WARM_TOKENS:
+                break
+            if not req.finished:
+                spent += self.drafter.warm(id(req), req.input_ids, req.output_ids)
 
     def after_forward(self, batch: ScheduledBatch) -> None:
         """EAGLE3: right after the target's forward, keep its hidden states of the batch's tokens."""

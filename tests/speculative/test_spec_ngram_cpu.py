@@ -129,3 +129,25 @@ def test_ngram_index_step_by_step_equals_one_sync(occurrences: int) -> None:
         whole = NgramIndex(occurrences=occurrences)
         whole.sync(prompt, output)
         assert (steps.follow, steps.older) == (whole.follow, whole.older)
+
+
+@pytest.mark.parametrize("occurrences", [1, 4])
+def test_warm_indexes_a_backlog_and_drafts_stay_the_same(occurrences: int) -> None:
+    """NgramDrafter.warm (called while an overlapped step runs) indexes a prompt ahead of the first
+    drafting step, skips a decode step's few tokens, and changes no draft."""
+    import random
+
+    rng = random.Random(occurrences)
+    block = [rng.randrange(50) for _ in range(24)]
+    prompt, output = block * 4, block[:5]
+    warmed, cold = NgramDrafter(occurrences), NgramDrafter(occurrences)
+    assert warmed.warm(1, prompt, output) == len(prompt) + len(output)
+    assert warmed.warm(1, prompt, output + [3, 4]) == 0  # two new tokens: left to propose
+    assert len(warmed.indexes[1].tokens) == len(prompt) + len(output)
+    for n in range(6, 30):
+        out = (block * 2)[:n]
+        assert warmed.propose(1, prompt, out, 4) == cold.propose(1, prompt, out, 4)
+        tree_w = warmed.propose_tree(1, prompt, out, 3, 6, 2)
+        tree_c = cold.propose_tree(1, prompt, out, 3, 6, 2)
+        assert (tree_w.tokens, tree_w.parents) == (tree_c.tokens, tree_c.parents)
+    assert (warmed.indexes[1].follow, warmed.indexes[1].older) == (cold.indexes[1].follow, cold.indexes[1].older)

@@ -93,8 +93,9 @@ def test_draft_payoff_plain_decoding_at_batch_64_when_drafts_are_rejected() -> N
     # (test_draft_payoff.py).
     payoff = DraftPayoff(3)
     arms = _serve(payoff, 2000, 64, {0: 1.0, 1: 1.5, 2: 1.8, 3: 2.1}, {0: 64, 1: 64, 2: 64, 3: 64})
-    assert arms[: RUN_STEPS] == [0] * RUN_STEPS and arms[RUN_STEPS : RUN_STEPS + 2] == [1, 0]
-    steady = arms[RUN_STEPS + 1:]
+    first = arms.index(1)  # once plain decoding earned the room for a measuring run (draft_payoff.py)
+    assert RUN_STEPS <= first < 400 and 0 in arms[first + 1 : first + 3]
+    steady = arms[first + 1:]
     assert 0 < sum(k > 0 for k in steady) <= len(steady) / PROBE_EVERY  # it does re-measure, one step a probe
     assert set(steady) == {0, 1}
     assert payoff.info()["bs<128"]["k"] == 0 and payoff.accept_rate < 0.3
