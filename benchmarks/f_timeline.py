@@ -236,7 +236,7 @@ def filled_rows(sched: Scheduler) -> int:
     return sum(sum(w.table.ready) for _, w in sched.grammars._tables._wrapped.values() if w is not None)
 
 
-def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, lazy: list[str]) -> dict:
+def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, lazy: list[str], warm: str = "same") -> dict:
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(batch)]
     schema = json.dumps(SCHEMA)
@@ -244,15 +244,21 @@ def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, la
     lengths: list[int] = []
     json_runs = [("json" if i == 0 else f"json_lazy_{v}", {"json_schema": schema}, v) for i, v in enumerate(lazy)]
 
-    def mk(i: int, label: str, extra: dict, n: int) -> TokenizedGenerateReq:
+    def mk(i: int, label: str, extra: dict, n: int, seed_base: int = 0) -> TokenizedGenerateReq:
         return TokenizedGenerateReq(rid=f"{label}{batch}-{i}", input_ids=prompts[i], params=SamplingParams(
-            temperature=1.0, seed=i, max_new_tokens=n, ignore_eos=not extra, **extra))
+            temperature=1.0, seed=seed_base + i, max_new_tokens=n, ignore_eos=not extra, **extra))
 
-    warm = Timeline(sched)
-    try:  # untimed, the whole batch: compiles the grammar, fills its state table, caches the prompts, warms shapes
-        warm.run([mk(i, "warm", {"json_schema": schema}, new_tokens) for i in range(batch)], {})
+    # untimed: compiles the grammar, caches the prompts, warms shapes; "same": the timed run's own walks
+    # (every state's table row filled: a server that has served these very documents), "other": other
+    # seeds' walks (the timed run meets states no row reached yet, as the Engine's runs do), "small": 2 rows
+    warm_reqs = {"same": [mk(i, "warm", {"json_schema": schema}, new_tokens) for i in range(batch)],
+                 "other": [mk(i, "warm", {"json_schema": schema}, new_tokens, 100_000) for i in range(batch)],
+                 "small": [mk(i, "warm", {"json_schema": schema}, new_tokens, 100_000) for i in range(2)]}[warm]
+    warmup = Timeline(sched)
+    try:
+        warmup.run(warm_reqs, {})
     finally:
-        warm.close()
+        warmup.close()
     for label, extra, variant in (*json_runs, ("same_lengths", {}, None)):
         if variant is not None:
             set_lazy(sched, variant == "on")
@@ -321,6 +327,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok")
     ap.add_argument("--lazy", default="on", help="comma list on/off: lazy grammar commits for each JSON run (A/B)")
+    ap.add_argument("--warm", default="same", choices=["same", "other", "small"],
+                    help="untimed pass before each batch: the timed walks themselves, other seeds' walks, or 2 rows")
     ap.add_argument("--phases", action="store_true", help="print every phase (default: only the first JSON run's)")
     ap.add_argument("--option", action="append", default=[], help="server arg KEY=VALUE (JSON value), e.g. grammar_mask_threads=0")
     ap.add_argument("--out", default="benchmarks/results/f_timeline.json")
@@ -353,7 +361,7 @@ def main() -> None:
     for b in batches:
         lazy = args.lazy.split(",")
         t = time.perf_counter()
-        res = run_batch(sched, b, args.prompt_len, args.new_tokens, lazy)
+        res = run_batch(sched, b, args.prompt_len, args.new_tokens, lazy, args.warm)
         res["batch_wall_s"] = time.perf_counter() - t
         report["batches"].append(res)
         for i, v in enumerate(lazy):
