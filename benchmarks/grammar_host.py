@@ -91,7 +91,7 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.server_args import ServerArgs
 
-    rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads, grammar_state_table="off" if state_table == "off" else "auto"),
+    rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads, grammar_state_table="off" if state_table == "off" else "lazy"),
                         tok, tok_path, grammar.info.vocab_size)
     grammar = rt._with_table(grammar)
     if state_table.startswith("warm") and warm_paths:
