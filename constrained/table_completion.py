@@ -179,6 +179,7 @@ class TableCompletion:
         self._queue: deque[tuple[int, StateTable, str, Any]] = deque()
         self._inflight: tuple[int, StateTable, str, Any] | None = None
         self._next_id = 0
+        self._sent_at = 0.0
         self.merged = 0  # rows filed into tables (not counting rows already filled there)
 
     def submit(self, table: StateTable, backend: str, payload: Any) -> None:
@@ -225,6 +226,8 @@ class TableCompletion:
                     else:  # done
                         if body is not None:
                             logger.warning("state table completion failed: %s", body)
+                        logger.info("state table completed in the background: %d states, %d rows filed in %.1f s",
+                                    table.dfa.num_states, self.merged + merged, time.monotonic() - self._sent_at)
                         self._inflight = None
                 self._send_next()
         except (EOFError, OSError):
@@ -236,6 +239,7 @@ class TableCompletion:
         if self._ready and self._inflight is None and self._queue and self._conn is not None:
             self._inflight = self._queue.popleft()
             job_id, table, backend, payload = self._inflight
+            self._sent_at = time.monotonic()
             self._conn.send((job_id, backend, payload, table.dfa.max_states))
 
     def _stop(self, why: str) -> None:
