@@ -182,19 +182,24 @@ class TableCompletion:
         self._sent_at = 0.0
         self.merged = 0  # rows filed into tables (not counting rows already filled there)
 
-    def submit(self, table: StateTable, backend: str, payload: Any) -> None:
-        if self._dead:
-            return
-        self._queue.append((self._next_id, table, backend, payload))
-        self._next_id += 1
-        if self._proc is None:
+    def start(self) -> None:
+        """Start the worker now (it loads the tokenizer, seconds): the caller does this while its first
+        grammar compiles, so that the first table's walk begins as soon as that grammar is there."""
+        if self._proc is None and not self._dead:
             parent, child = self._ctx.Pipe()
             self._proc = self._ctx.Process(target=_worker_main, args=(child, self.tokenizer_path), daemon=True,
                                            name="radixlm-grammar-tables")
             self._proc.start()
             child.close()
             self._conn = parent
-        self._send_next()
+
+    def submit(self, table: StateTable, backend: str, payload: Any) -> None:
+        if self._dead:
+            return
+        self._queue.append((self._next_id, table, backend, payload))
+        self._next_id += 1
+        self.start()
+        self._send_next()  # (else when `poll` reads the worker's "ready")
 
     def has_news(self) -> bool:
         """Something arrived (the caller settles its mask work before `poll` merges it)."""

@@ -66,6 +66,7 @@ class GrammarRuntime:
             from radixlm.constrained.table_completion import TableCompletion
 
             self._completion = TableCompletion(tokenizer_path, self.service.info.fingerprint)
+            self._completion.start()  # its tokenizer loads while the first grammar compiles
 
     def _prepare_families(self, threads: int) -> threading.Thread | None:
         """One matcher family per mask thread; what a backend shares between a family's matchers
