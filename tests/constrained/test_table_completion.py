@@ -1,10 +1,10 @@
 """Tables completed ahead of use (constrained/table_completion.py): every DFA state's row, computed by
 walking the DFA with single-byte tokens in one matcher, filed into a table whose lazy DFA numbered its
 states in another order, equals llguidance's mask along random walks of real (multi-byte) tokens,
-without one fill on the way; the background process round trip fills a scheduler-side table."""
+without one fill on the way (the background process inside the scheduler: tests/runtime/
+test_grammar_tables.py)."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 
 from radixlm import constrained as C
 from radixlm.constrained.state_table import FIRST_STATE_ROW
-from radixlm.constrained.table_completion import RowChunk, TableCompletion, file_rows, walk_states
+from radixlm.constrained.table_completion import RowChunk, file_rows, walk_states
 
 from .conftest import encode
 from .test_state_table import REFS, table_grammar, walk_and_compare
@@ -64,22 +64,3 @@ def test_rows_of_another_automaton_are_not_filed(tokenizer: Any) -> None:
     other = RowChunk(chunk.nfa_states + 1, chunk.sets, chunk.rows, chunk.terminated)
     assert file_rows(target.table, other) == 0
     assert not any(target.table.ready[FIRST_STATE_ROW:])
-
-
-def test_background_process_fills_the_table(tokenizer: Any, tokenizer_dir: Any) -> None:
-    grammar, target = table_grammar(tokenizer, SMALL)
-    completion = TableCompletion(str(tokenizer_dir), grammar.info.fingerprint)
-    try:
-        completion.submit(target.table, grammar.backend, grammar.payload())
-        deadline = time.monotonic() + 120
-        while (completion._inflight is not None or completion._queue) and time.monotonic() < deadline:
-            if completion.has_news():
-                completion.poll()
-            time.sleep(0.01)
-        assert completion._inflight is None and not completion._dead
-        assert completion.merged == target.table.dfa.num_states  # the start state's row too: nothing filled it
-        filled = _no_fills(target.table)
-        steps = sum(walk_and_compare(grammar, target, np.random.default_rng(i), longest=i % 2 == 1) for i in range(6))
-        assert steps > 10 and not filled
-    finally:
-        completion.close()
