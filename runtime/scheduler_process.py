@@ -67,6 +67,9 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
     except Exception:  # noqa: BLE001 - report any startup failure to the parent verbatim
         send.send(SchedulerFailed(traceback.format_exc()))
         return
+    from radixlm.runtime.loop_stats import LoopStats
+
+    loop = LoopStats.from_env()  # RADIXLM_LOOP_STATS: benchmarks' view of this loop (else None)
     try:
         while True:
             # Block only when idle; otherwise just drain what has arrived.
@@ -74,6 +77,9 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                 if os.getppid() != parent:
                     return
                 continue
+            if loop is not None:
+                loop.begin(sched.stats)
+                t0 = time.perf_counter()
             while recv.poll():
                 received = recv.recv()  # one message, or a list of them (the front coalesces bursts)
                 for msg in received if isinstance(received, list) else [received]:
@@ -85,12 +91,26 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                         resp = reject_message(sched, msg, exc)
                     if resp is not None:
                         send.send(resp)
+            if loop is not None:
+                t1 = time.perf_counter()
             ran = sched.step()
+            if loop is not None:
+                t2 = time.perf_counter()
             outputs = sched.pop_outputs()
             if outputs:
                 send.send(outputs)
+            if loop is not None:
+                t3 = time.perf_counter()
             if not ran and not outputs:
                 recv.poll(0.002)  # only waiting on grammar compiles: don't spin
+            if loop is not None:
+                loop.add("receive", t1 - t0)
+                loop.add("step", t2 - t1)
+                loop.add("send", t3 - t2)
+                loop.add("wait", time.perf_counter() - t3)
+                loop.turn(ran)
+                if sched.idle:
+                    loop.end(sched.stats)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
     except SchedulerFatalError as exc:
