@@ -40,6 +40,7 @@ from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
+from radixlm.runtime.scheduler_process import freeze_startup_heap  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
 
 # (owner, method, label): owner "sched", "runner", "results", "grammars", or a class (patched on it).
@@ -370,6 +371,7 @@ def main() -> None:
         options.setdefault("cuda_graph_max_bs", max(batches))
     t = time.perf_counter()
     sched = make_scheduler(model_dir, tok, tok_dir, args.cpu, options)
+    freeze_startup_heap()  # as the scheduler process does after start-up
     report: dict = {"device": torch.cuda.get_device_name() if not args.cpu else "cpu", "options": options,
                     "startup_s": time.perf_counter() - t, "batches": []}
     print(f"(f) timeline on {report['device']}: scheduler ready in {report['startup_s']:.1f} s, options {options}", flush=True)
