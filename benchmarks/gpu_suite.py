@@ -223,9 +223,10 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                 if all(loops):  # the scheduler process's loop over each run (runtime/loop_stats.py)
                     a, b = loops
                     print("    scheduler loop json/same: " + ", ".join(
-                        f"{k} {a['seconds'][k]:.3f}/{b['seconds'][k]:.3f} s" for k in ("step", "receive", "send", "wait"))
+                        f"{k} {a['seconds'][k]:.3f}/{b['seconds'][k]:.3f} s" for k in ("step", "receive", "send", "wait", "gc"))
                         + f", busy {a['wall_s']:.3f}/{b['wall_s']:.3f} s; turns {a['turns']}/{b['turns']} "
-                        f"({a['turns_without_a_step']}/{b['turns_without_a_step']} without a step); decode steps "
+                        f"({a['turns_without_a_step']}/{b['turns_without_a_step']} without a step), full gc "
+                        f"{a['gc_full_collections']}/{b['gc_full_collections']}; decode steps "
                         f"{a['decode_steps']}/{b['decode_steps']} (overlapped {a['overlapped_steps']}/{b['overlapped_steps']}), "
                         f"prefill {a['prefill_steps']}/{b['prefill_steps']}, mixed {a['mixed_steps']}/{b['mixed_steps']}", flush=True)
         if not profile:

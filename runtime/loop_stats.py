@@ -3,13 +3,15 @@
 With `RADIXLM_LOOP_STATS=<file>` in its environment, the scheduler process appends one JSON line per
 busy period (from the first message after idling to idle again): wall seconds, seconds inside
 `Scheduler.step`, receiving + handling messages, sending outputs and waiting while a step found
-nothing to run, the step counts, and the scheduler's own step counters over the period (decode,
-overlapped, prefill, mixed). Item (f) reads them to compare a constrained run with unconstrained
-decoding inside the Engine (benchmarks/gpu_throughput.py); off, the loop pays one None test a turn.
+nothing to run, the cyclic collector's pauses (inside those) and its full collections, the step
+counts, and the scheduler's own step counters over the period (decode, overlapped, prefill, mixed).
+Item (f) reads them to compare a constrained run with unconstrained decoding inside the Engine
+(benchmarks/gpu_throughput.py); off, the loop pays one None test a turn.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -24,6 +26,15 @@ class LoopStats:
         self.path = path
         self.busy = False
         self._reset()
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)  # the cyclic collector's pauses, wherever they land
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self.busy:
+            self.seconds["gc"] += time.perf_counter() - self._gc_started
+            self.gc_full += info.get("generation") == 2
 
     @staticmethod
     def from_env() -> LoopStats | None:
@@ -32,8 +43,8 @@ class LoopStats:
 
     def _reset(self) -> None:
         self.start = 0.0
-        self.seconds = {"step": 0.0, "receive": 0.0, "send": 0.0, "wait": 0.0}
-        self.turns = self.idle_turns = 0
+        self.seconds = {"step": 0.0, "receive": 0.0, "send": 0.0, "wait": 0.0, "gc": 0.0}  # gc: inside the others
+        self.turns = self.idle_turns = self.gc_full = 0
         self.counters: dict[str, int] = {}
 
     def begin(self, stats: dict[str, Any]) -> None:
@@ -57,7 +68,7 @@ class LoopStats:
             return
         self.busy = False
         line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "turns": self.turns,
-                "turns_without_a_step": self.idle_turns,
+                "turns_without_a_step": self.idle_turns, "gc_full_collections": self.gc_full,
                 **{k: int(stats.get(k, 0)) - v for k, v in self.counters.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")

@@ -2,6 +2,8 @@
 loop, its seconds by part and the scheduler's step counters over that period only."""
 from __future__ import annotations
 
+import gc
+
 from radixlm.runtime.loop_stats import LoopStats, read_last
 
 
@@ -18,12 +20,14 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
         loop.add("step", 0.5)
         loop.add("wait", 0.25 * (not ran))
         loop.turn(ran)
+    gc.collect()  # a full collection inside the period: counted, its pause timed
     loop.begin(stats)  # more messages in the same busy period do not restart it
     stats = {**stats, "forward_steps": 12, "decode_steps": 9, "overlapped_steps": 6, "generated_tokens": 140}
     loop.end(stats)
     line = read_last(str(path))
     assert line is not None and line["seconds"]["step"] == 1.5 and line["seconds"]["wait"] == 0.25
     assert line["turns"] == 3 and line["turns_without_a_step"] == 1
+    assert line["gc_full_collections"] >= 1 and line["seconds"]["gc"] > 0
     assert (line["forward_steps"], line["decode_steps"], line["overlapped_steps"], line["prefill_steps"],
             line["generated_tokens"]) == (2, 2, 1, 0, 40)
     loop.begin(stats)
@@ -31,3 +35,4 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
     loop.end(stats)
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and read_last(str(path))["turns"] == 1 and read_last(str(path))["seconds"]["step"] == 0.0
+    gc.callbacks.remove(loop._on_gc)
