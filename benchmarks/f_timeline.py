@@ -40,6 +40,7 @@ from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
+from radixlm.runtime.scheduler_process import freeze_startup_heap  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
 
 # (owner, method, label): owner "sched", "runner", "results", "grammars", or a class (patched on it).
@@ -236,7 +237,20 @@ def filled_rows(sched: Scheduler) -> int:
     return sum(sum(w.table.ready) for _, w in sched.grammars._tables._wrapped.values() if w is not None)
 
 
-def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, lazy: list[str]) -> dict:
+def wait_for_table_completion(sched: Scheduler, limit_s: float = 60.0) -> float:
+    """Let the state tables' background completion (--grammar-state-table complete / auto beside a GPU)
+    finish before the timed runs, as on a server that has served the schema a while; seconds waited."""
+    gr = sched.grammars
+    completion = getattr(gr, "_completion", None)
+    t = time.perf_counter()
+    while completion is not None and (completion._inflight is not None or completion._queue) \
+            and not completion._dead and time.perf_counter() - t < limit_s:
+        gr.poll()
+        time.sleep(0.01)
+    return time.perf_counter() - t
+
+
+def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, lazy: list[str], warm: str = "same") -> dict:
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(batch)]
     schema = json.dumps(SCHEMA)
@@ -244,15 +258,22 @@ def run_batch(sched: Scheduler, batch: int, prompt_len: int, new_tokens: int, la
     lengths: list[int] = []
     json_runs = [("json" if i == 0 else f"json_lazy_{v}", {"json_schema": schema}, v) for i, v in enumerate(lazy)]
 
-    def mk(i: int, label: str, extra: dict, n: int) -> TokenizedGenerateReq:
+    def mk(i: int, label: str, extra: dict, n: int, seed_base: int = 0) -> TokenizedGenerateReq:
         return TokenizedGenerateReq(rid=f"{label}{batch}-{i}", input_ids=prompts[i], params=SamplingParams(
-            temperature=1.0, seed=i, max_new_tokens=n, ignore_eos=not extra, **extra))
+            temperature=1.0, seed=seed_base + i, max_new_tokens=n, ignore_eos=not extra, **extra))
 
-    warm = Timeline(sched)
-    try:  # untimed, the whole batch: compiles the grammar, fills its state table, caches the prompts, warms shapes
-        warm.run([mk(i, "warm", {"json_schema": schema}, new_tokens) for i in range(batch)], {})
+    # untimed: compiles the grammar, caches the prompts, warms shapes; "same": the timed run's own walks
+    # (every state's table row filled: a server that has served these very documents), "other": other
+    # seeds' walks (the timed run meets states no row reached yet, as the Engine's runs do), "small": 2 rows
+    warm_reqs = {"same": [mk(i, "warm", {"json_schema": schema}, new_tokens) for i in range(batch)],
+                 "other": [mk(i, "warm", {"json_schema": schema}, new_tokens, 100_000) for i in range(batch)],
+                 "small": [mk(i, "warm", {"json_schema": schema}, new_tokens, 100_000) for i in range(2)]}[warm]
+    warmup = Timeline(sched)
+    try:
+        warmup.run(warm_reqs, {})
     finally:
-        warm.close()
+        warmup.close()
+    res["table_completion_wait_s"] = wait_for_table_completion(sched)
     for label, extra, variant in (*json_runs, ("same_lengths", {}, None)):
         if variant is not None:
             set_lazy(sched, variant == "on")
@@ -296,7 +317,8 @@ def print_batch(res: dict, label: str = "json") -> None:
           f"{same['wall_ms']:.0f} ms -> {res[f'{label}_over_same_lengths_tok_s']:.3f}x tok/s; {js['tokens']} tokens "
           f"({js['mean_tokens']:.1f} mean, {js['max_tokens']} max), {js.get('valid_json', 0)}/{res['batch']} parse; steps "
           f"decode+extend {js['decode_steps']}+{js['extend_steps']} vs {same['decode_steps']}+{same['extend_steps']}; "
-          f"{js.get('new_states_filled', 0)} states first reached; gc gen-2 {js['calls'].get('gc gen-2 collections', 0)}/"
+          f"{js.get('new_states_filled', 0)} states first reached (table completion waited "
+          f"{res.get('table_completion_wait_s', 0):.1f} s); gc gen-2 {js['calls'].get('gc gen-2 collections', 0)}/"
           f"{same['calls'].get('gc gen-2 collections', 0)}", flush=True)
     print(f"    run ms json/same: wall {js['wall_ms']:.1f}/{same['wall_ms']:.1f}, in steps {js['in_step_ms']:.1f}/"
           f"{same['in_step_ms']:.1f}, extend steps on device {js['extend_device_ms']:.1f}/{same['extend_device_ms']:.1f}; "
@@ -321,6 +343,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok")
     ap.add_argument("--lazy", default="on", help="comma list on/off: lazy grammar commits for each JSON run (A/B)")
+    ap.add_argument("--warm", default="same", choices=["same", "other", "small"],
+                    help="untimed pass before each batch: the timed walks themselves, other seeds' walks, or 2 rows")
     ap.add_argument("--phases", action="store_true", help="print every phase (default: only the first JSON run's)")
     ap.add_argument("--option", action="append", default=[], help="server arg KEY=VALUE (JSON value), e.g. grammar_mask_threads=0")
     ap.add_argument("--out", default="benchmarks/results/f_timeline.json")
@@ -347,13 +371,14 @@ def main() -> None:
         options.setdefault("cuda_graph_max_bs", max(batches))
     t = time.perf_counter()
     sched = make_scheduler(model_dir, tok, tok_dir, args.cpu, options)
+    freeze_startup_heap()  # as the scheduler process does after start-up
     report: dict = {"device": torch.cuda.get_device_name() if not args.cpu else "cpu", "options": options,
                     "startup_s": time.perf_counter() - t, "batches": []}
     print(f"(f) timeline on {report['device']}: scheduler ready in {report['startup_s']:.1f} s, options {options}", flush=True)
     for b in batches:
         lazy = args.lazy.split(",")
         t = time.perf_counter()
-        res = run_batch(sched, b, args.prompt_len, args.new_tokens, lazy)
+        res = run_batch(sched, b, args.prompt_len, args.new_tokens, lazy, args.warm)
         res["batch_wall_s"] = time.perf_counter() - t
         report["batches"].append(res)
         for i, v in enumerate(lazy):

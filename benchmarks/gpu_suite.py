@@ -219,6 +219,16 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                       f"{res['unconstrained_same_lengths']['tok_s']:.0f}); {js['valid_json']}/{batch} parse, "
                       f"{js['valid_schema']}/{batch} validate, {js['mean_tokens']:.1f} tokens mean, {js['forced_tokens']} forced, "
                       f"aborts {js['abort_messages']}", flush=True)
+                loops = [res[k].get("scheduler_loop") for k in ("json_schema", "unconstrained_same_lengths")]
+                if all(loops):  # the scheduler process's loop over each run (runtime/loop_stats.py)
+                    a, b = loops
+                    print("    scheduler loop json/same: " + ", ".join(
+                        f"{k} {a['seconds'][k]:.3f}/{b['seconds'][k]:.3f} s" for k in ("step", "receive", "send", "wait", "gc"))
+                        + f", busy {a['wall_s']:.3f}/{b['wall_s']:.3f} s; turns {a['turns']}/{b['turns']} "
+                        f"({a['turns_without_a_step']}/{b['turns_without_a_step']} without a step), full gc "
+                        f"{a['gc_full_collections']}/{b['gc_full_collections']}; decode steps "
+                        f"{a['decode_steps']}/{b['decode_steps']} (overlapped {a['overlapped_steps']}/{b['overlapped_steps']}), "
+                        f"prefill {a['prefill_steps']}/{b['prefill_steps']}, mixed {a['mixed_steps']}/{b['mixed_steps']}", flush=True)
         if not profile:
             return out
     try:  # can this host fill masks in parallel at all? (diagnosis only)

@@ -16,6 +16,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -144,9 +145,11 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 
 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
-                   state_table: str | None = None) -> dict[int, dict]:
+                   state_table: str | None = None) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
-    later batch finds the tables its schema's earlier runs filled (as a server would)."""
+    later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
+    named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
+    reaches has its table row filled already, as in f_timeline's default warm-up."""
     import jsonschema
 
     import radixlm
@@ -156,12 +159,17 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
         args["grammar_mask_threads"] = mask_threads
     if state_table is not None:
         args["grammar_state_table"] = state_table
-    results: dict[int, dict] = {}
+    from radixlm.runtime.loop_stats import ENV, read_last
+
+    # the scheduler process's loop, per run (runtime/loop_stats.py): steps, time in them, waits
+    loop_file = os.environ.setdefault(ENV, tempfile.mktemp(prefix="radixlm-loop-", suffix=".jsonl"))
+    results: dict[int | str, dict] = {}
     with radixlm.Engine(str(model_dir), mem_fraction_static=0.5, **args) as eng:
-        for batch in batches:
+        for k, batch in enumerate(batches):
             rng = random.Random(7)
             prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
-            out: dict = results.setdefault(batch, {"batch": batch})
+            again = batches[:k].count(batch)
+            out: dict = results.setdefault(f"{batch}#{again + 1}" if again else batch, {"batch": batch})
             lengths: list[int] = []
             # The third run decodes unconstrained to exactly the constrained outputs' lengths: the same
             # steps and batch occupancy (the JSON ends early and unevenly, the first run decodes 128
@@ -175,6 +183,7 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                 t = time.perf_counter()
                 res = eng.generate(input_ids=prompts, sampling_params=sp)
                 dt = time.perf_counter() - t
+                time.sleep(0.05)  # the scheduler's loop writes its busy period's line once idle
                 counts = [r["meta_info"]["completion_tokens"] for r in res]
                 forced = sum(r["meta_info"].get("forced_tokens", 0) for r in res)
                 stops = sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res)
@@ -188,7 +197,8 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                     valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
                 aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
                           if r["meta_info"]["finish_reason"]["type"] == "abort"}
-                out[label] = {"seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
+                out[label] = {"scheduler_loop": read_last(loop_file),
+                              "seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
                               "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
                               "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema,
                               "abort_messages": sorted(map(str, aborts))}

@@ -57,10 +57,8 @@ def walks(grammar: Any, rows: int, steps: int, seed: int) -> list[list[int]]:
         seq: list[int] = []
         m = grammar.matcher()
         while len(seq) <= steps:
-            if m.is_terminated():
-                seq.append(min(grammar.info.end_token_ids))
+            if m.is_terminated():  # the scheduler finishes the request here (no end token sampled)
                 m = grammar.matcher()
-                continue
             m.fill_next_token_bitmask(mask, 0)
             ids = allowed_ids(mask[0], vocab)
             tok = int(ids[np.argmax(rng.standard_normal(len(ids)) + rng.gumbel(size=len(ids)))])
@@ -93,7 +91,7 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.server_args import ServerArgs
 
-    rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads, grammar_state_table="off" if state_table == "off" else "auto"),
+    rt = GrammarRuntime(ServerArgs(grammar_mask_threads=threads, grammar_state_table="off" if state_table == "off" else "lazy"),
                         tok, tok_path, grammar.info.vocab_size)
     grammar = rt._with_table(grammar)
     if state_table.startswith("warm") and warm_paths:
@@ -142,6 +140,8 @@ def _replay(grammar: Any, paths: list[list[int]]) -> None:
     for p in paths:
         m = grammar.matcher()
         for t in p:
+            if m.is_terminated():  # finished: the walk's next document starts
+                m = grammar.matcher()
             m.fill_next_token_bitmask(mask, 0)
             if t in grammar.info.end_token_ids:
                 m = grammar.matcher()
@@ -201,6 +201,8 @@ def run_fill(grammar: Any, paths: list[list[int]], steps: int, threads: int, mat
                 ms[i] = fresh()
             elif ms[i]._m.try_consume_tokens([p[s]]) != 1:
                 raise AssertionError(f"row {i}: replayed token {p[s]} refused")
+            elif ms[i]._m.is_stopped():  # finished: the walk's next document starts
+                ms[i] = fresh()
     return {"threads": threads, "matchers": matchers,
             "wall_us_per_row": statistics.median(wall), "process_cpu_us_per_row": statistics.median(cpu)}
 

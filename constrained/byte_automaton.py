@@ -180,6 +180,26 @@ class LazyDfa:
     def num_byte_classes(self) -> int:
         return len(self._example)
 
+    def byte_class(self, byte: int) -> int:
+        return self._class[byte]
+
+    def class_example(self, cls: int) -> int:
+        """A byte of class `cls` (every byte of a class moves every state alike)."""
+        return self._example[cls]
+
+    @property
+    def nfa_size(self) -> int:
+        """States of the NFA the subsets are drawn from (one expression built twice: equal)."""
+        return len(self._eps)
+
+    def nfa_set(self, q: int) -> tuple[int, ...]:
+        """State `q`'s NFA states, sorted: its name independent of the order states were built in."""
+        return tuple(sorted(self._sets[q]))
+
+    def intern(self, nfa_set: tuple[int, ...]) -> int:
+        """The state of this NFA set (made if no walk reached it yet); OverflowError past max_states."""
+        return self._intern(frozenset(nfa_set))
+
     def step(self, q: int, byte: int) -> int:
         cls = self._class[byte]
         nxt = self._moves[q].get(cls)

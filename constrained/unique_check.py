@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,38 +33,40 @@ if TYPE_CHECKING:
 PAYLOAD_TAG = "unique-items"
 
 
-def _closing_quote(data: bytes) -> int:
-    """Index of the first unescaped quote of `data` read inside a string, or -1."""
+def _json_bytes(data: bytes, in_string: bool = False) -> Iterator[tuple[int, int, bool]]:
+    """(index, byte, closes) for each byte of `data` read outside a string (an opening quote
+    included), and for each unescaped quote that closes a string (closes=True); the strings'
+    bodies, escapes included, are skipped. `in_string`: `data` begins inside a string."""
     esc = False
     for i, b in enumerate(data):
-        if esc:
-            esc = False
-        elif b == 0x5C:
-            esc = True
-        elif b == 0x22:
-            return i
-    return -1
+        if in_string:
+            if esc:
+                esc = False
+            elif b == 0x5C:
+                esc = True
+            elif b == 0x22:
+                in_string = False
+                yield i, b, True
+            continue
+        if b == 0x22:
+            in_string = True
+        yield i, b, False
+
+
+def _closing_quote(data: bytes) -> int:
+    """Index of the first unescaped quote of `data` read inside a string, or -1."""
+    return next((i for i, _, closes in _json_bytes(data, in_string=True) if closes), -1)
 
 
 def _ends_outside(data: bytes) -> bool:
     """Read outside a string, can `data` end a value: close a string it opens, close a
     container, end a number it starts (or one before it: `number_end`), or hold a whole
     literal? A superset (the scan decides); literal starts are `_literal_start`."""
-    in_str = esc = in_num = False
-    for i, b in enumerate(data):
-        if in_str:
-            if esc:
-                esc = False
-            elif b == 0x5C:
-                esc = True
-            elif b == 0x22:
-                return True
-            continue
-        if in_num and b not in NUMBER_BYTES:
+    in_num = False
+    for i, b, closes in _json_bytes(data):
+        if closes or (in_num and b not in NUMBER_BYTES):
             return True
-        if b == 0x22:
-            in_str = True
-        elif b in b"]}" or data.startswith((b"true", b"false", b"null"), i):
+        if b != 0x22 and (b in b"]}" or data.startswith((b"true", b"false", b"null"), i)):
             return True
         in_num = in_num and b in NUMBER_BYTES or (b in b"-0123456789")
     return False
@@ -74,19 +76,12 @@ def _closings(data: bytes) -> int:
     """Read outside a string: how many containers open before `data` it closes at most (an
     item of the array that many levels up can end), or 99 when it opens one and may end two of
     its items (a `,` after the `[` or `{`)."""
-    in_str = esc = opened = False
+    opened = False
     depth = low = 0
-    for b in data:
-        if in_str:
-            if esc:
-                esc = False
-            elif b == 0x5C:
-                esc = True
-            elif b == 0x22:
-                in_str = False
-        elif b == 0x22:
-            in_str = True
-        elif b in b"[{":
+    for _, b, closes in _json_bytes(data):
+        if closes or b == 0x22:
+            continue
+        if b in b"[{":
             depth, opened = depth + 1, True
         elif b in b"]}":
             depth -= 1

@@ -61,6 +61,12 @@ class GrammarRuntime:
         self._families_made = 0
         self.state_tables = args.grammar_state_table != "off"
         self._tables = DeviceTables()
+        self._completion: Any = None  # tables' rows filled ahead of use in a background process
+        if args.grammar_state_table == "complete" or (args.grammar_state_table == "auto" and torch.cuda.is_available()):
+            from radixlm.constrained.table_completion import TableCompletion
+
+            self._completion = TableCompletion(tokenizer_path, self.service.info.fingerprint)
+            self._completion.start()  # its tokenizer loads while the first grammar compiles
 
     def _prepare_families(self, threads: int) -> threading.Thread | None:
         """One matcher family per mask thread; what a backend shares between a family's matchers
@@ -85,7 +91,11 @@ class GrammarRuntime:
         self.service.submit(id(req), {kind: spec})
 
     def poll(self) -> list[tuple[Req, Exception | None]]:
-        """Requests whose grammar finished compiling since the last step (with the error, if any)."""
+        """Requests whose grammar finished compiling since the last step (with the error, if any).
+        Rows a table's background completion sent meanwhile are filed first (mask work settled)."""
+        if self._completion is not None and self._completion.has_news():
+            self._settle()
+            self._completion.poll()
         done = []
         for key, result in self.service.poll():
             req = self.pending.pop(key, None)
@@ -113,7 +123,13 @@ class GrammarRuntime:
             return grammar
         from radixlm.constrained.state_table import TableGrammar
 
-        return self._tables.grammar(grammar, lambda: TableGrammar.wrap(grammar, self.pin))
+        def wrap() -> Any:
+            wrapped = TableGrammar.wrap(grammar, self.pin)
+            if wrapped is not None and self._completion is not None:
+                self._completion.submit(wrapped.table, grammar.backend, grammar.payload())
+            return wrapped
+
+        return self._tables.grammar(grammar, wrap)
 
     def _family(self) -> int:
         """Round-robin over one matcher family per mask thread: rows filled in parallel then
@@ -301,3 +317,5 @@ class GrammarRuntime:
         finally:
             self.workers.close()
             self.service.close()
+            if self._completion is not None:
+                self._completion.close()

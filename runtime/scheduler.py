@@ -6,6 +6,7 @@ back to the tokenizer process as ReqOutput deltas.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import random
 import time
@@ -175,6 +176,7 @@ class Scheduler:
             "num_waiting_reqs": len(self.waiting),
             "cache_hit_rate": self.stats["cached_tokens"] / prompt,
             "radix_cache_enabled": not self.args.disable_radix_cache,
+            "gc_frozen_objects": gc.get_freeze_count(),  # start-up's heap, out of the collector's reach
             **self.stats,
             **({"lora": self.runner.lora.info()} if self.runner.lora is not None else {}),
             **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}

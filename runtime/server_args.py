@@ -161,8 +161,10 @@ class ServerArgs:
     grammar_state_table: str = _flag(
         "auto", "constrained", "per-state mask tables for JSON schemas whose language is regular (fixed keys, "
         "bounded strings...): each grammar state's mask is computed once, rows gather theirs from a table on the "
-        "device; auto: where the schema allows it; off: every row's mask filled by the grammar backend each step",
-        str, choices=("auto", "off"))
+        "device; lazy: a state's row is filled when a row first reaches it; complete: lazy, and a background "
+        "process fills every state's row ahead of use (item (f) at batch 256: new documents kept reaching "
+        "unfilled states); auto: complete with a CUDA device, else lazy; off: every row's mask filled by the "
+        "grammar backend each step", str, choices=("auto", "complete", "lazy", "off"))
     # ---------------------------------------------------------------- speculative decoding
     speculative_algorithm: str | None = _flag(
         None, "speculative", "propose tokens cheaply, verify them all in one target pass (greedy output "

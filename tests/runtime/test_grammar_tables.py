@@ -5,6 +5,7 @@ grammar), they validate, and neither KV nor matchers leak."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -59,8 +60,8 @@ def test_gathered_masks_equal_llguidance_rows(default_model_dir) -> None:
     assert tables.gather(plain, torch.device("cpu"), workers) is None  # a row without a table: host path
 
 
-def _reqs(prompt: list[int], n: int, prefix: str) -> list[TokenizedGenerateReq]:
-    schema = json.dumps(ITEM_F)
+def _reqs(prompt: list[int], n: int, prefix: str, schema_obj: Any = ITEM_F) -> list[TokenizedGenerateReq]:
+    schema = json.dumps(schema_obj)
     out = [TokenizedGenerateReq(rid=f"{prefix}{i}", input_ids=prompt, params=SamplingParams(
         temperature=1.0, seed=i, max_new_tokens=72, json_schema=schema)) for i in range(n)]
     out.append(TokenizedGenerateReq(rid=f"{prefix}u", input_ids=prompt, params=SamplingParams(
@@ -98,3 +99,36 @@ def test_outputs_equal_with_and_without_tables(default_model_dir, mode: str) -> 
     for rid, res in results["off"].items():
         assert results["auto"][rid]["output_ids"] == res["output_ids"], rid
         assert results["auto"][rid]["finished_reason"] == res["finished_reason"], rid
+
+
+def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
+    """--grammar-state-table complete: once the background process has filed every state's row, the
+    scheduler's outputs are those of the backend's own masks (off), and no row is filled on the way."""
+    options: dict[str, Any] = {"max_total_tokens": 8192, "grammar_mask_threads": 1,
+                               "enable_overlap_schedule_on_cpu": True, "disable_jump_forward": True}
+    small = {"type": "object", "properties": {  # item (f)'s shape, fewer states (its walk: seconds on 2 cores)
+        "name": {"type": "string", "maxLength": 6}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 3},
+                                                             "maxItems": 2}, "active": {"type": "boolean"}},
+        "required": ["name", "tags", "active"], "additionalProperties": False}
+    results = {}
+    for setting in ("off", "complete"):
+        sched = make_scheduler(default_model_dir, grammar_state_table=setting, **options)
+        prompt = _encode(sched.tokenizer, "Write a JSON record of a person with tags:")
+        run_to_completion(sched, _reqs(prompt, 1, "warm", small)[:1])  # compiles the grammar (and starts the completion)
+        gr = sched.grammars
+        if setting == "complete":
+            completion = gr._completion
+            deadline = time.monotonic() + 240
+            while (completion._inflight is not None or completion._queue) and time.monotonic() < deadline:
+                gr.poll()
+                time.sleep(0.02)
+            (table,) = [w.table for _, w in gr._tables._wrapped.values() if w is not None]
+            assert completion.merged > 100 and not completion._dead
+            assert all(table.ready[2 : table.dfa.num_states + 2])  # every state the DFA knows has its row
+            states = table.dfa.num_states
+        results[setting] = run_to_completion(sched, _reqs(prompt, 4, "t", small))
+        if setting == "complete":
+            assert table.dfa.num_states == states and not table.broken  # no state unseen by the completion
+        assert_pool_idle(sched)
+        gr.close()
+    assert results["off"] == results["complete"]

@@ -1,0 +1,269 @@
+"""Fill a state table's every row ahead of use, in a background process (issue 14.4).
+
+A state table (state_table.py) fills a DFA state's row the first time a row stands there. On a
+server that has served a schema only a little, new documents keep reaching states and
+(state, token) moves no row took before: each costs the scheduler's thread a llguidance catch-up
+of the lagging tokens, a first mask fill (30-1,400 µs) and DFA walks, inside the decode loop. For
+item (f) at batch 256 that made a run whose walks were new ~0.71x the unconstrained rate, against
+~0.94x for walks whose states were all filled (benchmarks/RESULTS.md).
+
+The languages the tables cover are regular and small (item (f): 7,397 DFA states), so every
+state can be visited once: a depth-first walk over the DFA's byte classes, one llguidance matcher
+advanced by single-byte tokens and rolled back, its mask filled at each state first reached. That
+runs in its own process (it is mostly Python: on the scheduler's thread or beside it under the GIL
+it would stall decode steps), and the rows come back in chunks keyed by the DFA state's NFA set,
+which names a state whatever order either side built its lazy DFA in; `file_rows` files
+them under the scheduler's own state numbers. Masks stay llguidance's own, computed at the state
+itself; a byte llguidance refuses ends that branch (its states stay lazily filled).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .state_table import FIRST_STATE_ROW, StateTable, TableGrammar
+
+logger = logging.getLogger(__name__)
+
+CHUNK_STATES = 256  # rows per message (1.5 MB at a 49k vocabulary): one merge costs the scheduler ~1 ms
+TIME_LIMIT_S = 120.0  # a grammar's walk stops here (its other states stay lazily filled)
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """Rows of one table: each state's NFA set, its packed mask, llguidance's is_terminated there."""
+
+    nfa_states: int  # the NFA's size: both sides must have built the same automaton
+    sets: list[tuple[int, ...]]
+    rows: np.ndarray  # [len(sets), words] int32
+    terminated: list[bool]
+
+
+def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit_s: float = TIME_LIMIT_S,
+                chunk: int = CHUNK_STATES) -> Iterator[RowChunk]:
+    """Every DFA state reachable by llguidance-accepted bytes, depth first, with its mask; `grammar`'s
+    own table is not touched (its DFA is only stepped)."""
+    table = grammar.table
+    dfa = table.dfa
+    limit = min(max_states or dfa.max_states, dfa.max_states)
+    single = grammar.info.single_byte_tokens
+    by_class: dict[int, int] = {}  # a byte class -> a token spelling one byte of it
+    for b, tid in sorted(single.items()):
+        by_class.setdefault(dfa.byte_class(b), tid)
+    classes = sorted(by_class)
+    matcher = grammar.inner.matcher()
+    buf = torch.zeros((1, table.words), dtype=torch.int32)
+    nfa = dfa.nfa_size
+    sets: list[tuple[int, ...]] = []
+    rows: list[np.ndarray] = []
+    terminated: list[bool] = []
+    seen = {0}
+    deadline = time.monotonic() + time_limit_s
+
+    def visit(q: int) -> None:
+        matcher.fill_next_token_bitmask(buf, 0)
+        sets.append(dfa.nfa_set(q))
+        rows.append(buf[0].numpy().copy())
+        terminated.append(matcher.is_terminated())
+
+    def flush() -> RowChunk:
+        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated))
+        sets.clear()
+        rows.clear()
+        terminated.clear()
+        return out
+
+    visit(0)
+    stack: list[tuple[int, int]] = [(0, 0)]  # (state, next class index to try)
+    while stack and len(seen) < limit and time.monotonic() < deadline:
+        q, k = stack[-1]
+        if k == len(classes):
+            stack.pop()
+            if stack:
+                matcher.rollback(1)
+            continue
+        stack[-1] = (q, k + 1)
+        try:
+            nxt = dfa.step(q, dfa.class_example(classes[k]))
+        except OverflowError:
+            break
+        if nxt < 0 or nxt in seen or matcher.is_terminated() or not matcher.advance(by_class[classes[k]]):
+            continue
+        seen.add(nxt)
+        visit(nxt)
+        stack.append((nxt, 0))
+        if len(sets) >= chunk:
+            yield flush()
+    if sets:
+        yield flush()
+
+
+def file_rows(table: StateTable, chunk: RowChunk) -> int:
+    """File a chunk's rows under `table`'s own state numbers (each state named by its NFA set); rows
+    filled there already stay. Returns rows filed. The caller owns the table: no fill job may run."""
+    if table.broken or chunk.nfa_states != table.dfa.nfa_size or chunk.rows.shape[1] != table.words:
+        return 0
+    states: list[int] = []
+    for s in chunk.sets:
+        try:
+            states.append(table.dfa.intern(s))
+        except OverflowError:  # past the state budget: the rest stay unfilled
+            break
+    if not states:
+        return 0
+    table.row_of(max(states))  # room for every row named
+    ready = table.ready
+    take = [i for i, q in enumerate(states) if not ready[q + FIRST_STATE_ROW]]
+    if not take:
+        return 0
+    dst = [states[i] + FIRST_STATE_ROW for i in take]
+    table.rows[dst] = torch.from_numpy(chunk.rows[take])
+    for i, row in zip(take, dst):
+        table.terminated[row] = bool(chunk.terminated[i])
+        ready[row] = True
+    table.fresh.extend(dst)
+    return len(dst)
+
+
+def _worker_main(conn: Any, tokenizer_path: str) -> None:
+    """One grammar at a time: rebuild it from its payload, walk its states, send the rows in chunks."""
+    from .compiler import grammar_from_payload
+    from .service import _load_tokenizer
+    from .vocab import TokenizerInfo
+
+    try:
+        info = TokenizerInfo.from_tokenizer(_load_tokenizer(tokenizer_path))
+    except Exception as exc:  # noqa: BLE001 - reported; the tables then stay lazily filled
+        conn.send(("dead", None, repr(exc)))
+        return
+    conn.send(("ready", None, info.fingerprint))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        job_id, backend, payload, max_states = job
+        try:
+            grammar = TableGrammar.wrap(grammar_from_payload(info, backend, payload))
+            if grammar is not None:
+                for chunk in walk_states(grammar, max_states):
+                    conn.send(("rows", job_id, chunk))
+            conn.send(("done", job_id, None))
+        except Exception as exc:  # noqa: BLE001 - this grammar's table stays lazily filled
+            conn.send(("done", job_id, repr(exc)))
+
+
+class TableCompletion:
+    """The scheduler's side: tables queued for completion, a worker process (started on first use,
+    loading the tokenizer once), and the rows it sends merged into their tables by `poll`."""
+
+    def __init__(self, tokenizer_path: str, fingerprint: str) -> None:
+        self.tokenizer_path = tokenizer_path
+        self.fingerprint = fingerprint
+        self._ctx = mp.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+        self._ready = False
+        self._dead = False
+        self._queue: deque[tuple[int, StateTable, str, Any]] = deque()
+        self._inflight: tuple[int, StateTable, str, Any] | None = None
+        self._next_id = 0
+        self._sent_at = 0.0
+        self.merged = 0  # rows filed into tables (not counting rows already filled there)
+
+    def start(self) -> None:
+        """Start the worker now (it loads the tokenizer, seconds): the caller does this while its first
+        grammar compiles, so that the first table's walk begins as soon as that grammar is there."""
+        if self._proc is None and not self._dead:
+            parent, child = self._ctx.Pipe()
+            self._proc = self._ctx.Process(target=_worker_main, args=(child, self.tokenizer_path), daemon=True,
+                                           name="radixlm-grammar-tables")
+            self._proc.start()
+            child.close()
+            self._conn = parent
+
+    def submit(self, table: StateTable, backend: str, payload: Any) -> None:
+        if self._dead:
+            return
+        self._queue.append((self._next_id, table, backend, payload))
+        self._next_id += 1
+        self.start()
+        self._send_next()  # (else when `poll` reads the worker's "ready")
+
+    def has_news(self) -> bool:
+        """Something arrived (the caller settles its mask work before `poll` merges it)."""
+        try:
+            return self._conn is not None and self._conn.poll(0)
+        except (EOFError, OSError):
+            self._stop("the table worker died")
+            return False
+
+    def poll(self) -> int:
+        """Merge what arrived into its table (never blocks); returns rows merged. The caller owns
+        the tables now: no mask work on them may be running."""
+        merged = 0
+        try:
+            while self._conn is not None and self._conn.poll(0):
+                tag, job_id, body = self._conn.recv()
+                if tag == "ready":
+                    if body != self.fingerprint:
+                        self._stop("the table worker's tokenizer differs from the scheduler's")
+                        return merged
+                    self._ready = True
+                elif tag == "dead":
+                    self._stop(f"the table worker failed to start: {body}")
+                    return merged
+                elif self._inflight is not None and self._inflight[0] == job_id:
+                    table = self._inflight[1]
+                    if tag == "rows":
+                        merged += file_rows(table, body)
+                    else:  # done
+                        if body is not None:
+                            logger.warning("state table completion failed: %s", body)
+                        logger.info("state table completed in the background: %d states, %d rows filed in %.1f s",
+                                    table.dfa.num_states, self.merged + merged, time.monotonic() - self._sent_at)
+                        self._inflight = None
+                self._send_next()
+        except (EOFError, OSError):
+            self._stop("the table worker died")
+        self.merged += merged
+        return merged
+
+    def _send_next(self) -> None:
+        if self._ready and self._inflight is None and self._queue and self._conn is not None:
+            self._inflight = self._queue.popleft()
+            job_id, table, backend, payload = self._inflight
+            self._sent_at = time.monotonic()
+            self._conn.send((job_id, backend, payload, table.dfa.max_states))
+
+    def _stop(self, why: str) -> None:
+        logger.warning("%s: state tables stay filled on first use", why)
+        self._dead = True
+        self.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+            self._proc.join(timeout=1.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5.0)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+        self._queue.clear()
+        self._inflight = None

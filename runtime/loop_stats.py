@@ -1,0 +1,84 @@
+"""Where the scheduler process's loop spends a busy period, for benchmarks that drive the real Engine.
+
+With `RADIXLM_LOOP_STATS=<file>` in its environment, the scheduler process appends one JSON line per
+busy period (from the first message after idling to idle again): wall seconds, seconds inside
+`Scheduler.step`, receiving + handling messages, sending outputs and waiting while a step found
+nothing to run, the cyclic collector's pauses (inside those) and its full collections, the step
+counts, and the scheduler's own step counters over the period (decode, overlapped, prefill, mixed).
+Item (f) reads them to compare a constrained run with unconstrained decoding inside the Engine
+(benchmarks/gpu_throughput.py); off, the loop pays one None test a turn.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from typing import Any
+
+ENV = "RADIXLM_LOOP_STATS"
+COUNTERS = ("forward_steps", "decode_steps", "overlapped_steps", "prefill_steps", "mixed_steps", "generated_tokens")
+
+
+class LoopStats:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.busy = False
+        self._reset()
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)  # the cyclic collector's pauses, wherever they land
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self.busy:
+            self.seconds["gc"] += time.perf_counter() - self._gc_started
+            self.gc_full += info.get("generation") == 2
+
+    @staticmethod
+    def from_env() -> LoopStats | None:
+        path = os.environ.get(ENV)
+        return LoopStats(path) if path else None
+
+    def _reset(self) -> None:
+        self.start = 0.0
+        self.seconds = {"step": 0.0, "receive": 0.0, "send": 0.0, "wait": 0.0, "gc": 0.0}  # gc: inside the others
+        self.turns = self.idle_turns = self.gc_full = 0
+        self.counters: dict[str, int] = {}
+
+    def begin(self, stats: dict[str, Any]) -> None:
+        """The loop has work again (a message arrived while idle)."""
+        if not self.busy:
+            self.busy = True
+            self._reset()
+            self.start = time.perf_counter()
+            self.counters = {k: int(stats.get(k, 0)) for k in COUNTERS}
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] += seconds
+
+    def turn(self, ran: bool) -> None:
+        self.turns += 1
+        self.idle_turns += not ran
+
+    def end(self, stats: dict[str, Any]) -> None:
+        """The scheduler is idle: write the period's line."""
+        if not self.busy:
+            return
+        self.busy = False
+        line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "turns": self.turns,
+                "turns_without_a_step": self.idle_turns, "gc_full_collections": self.gc_full,
+                **{k: int(stats.get(k, 0)) - v for k, v in self.counters.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def read_last(path: str) -> dict[str, Any] | None:
+    """The last busy period's line (None when there is none)."""
+    try:
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip()]
+    except OSError:
+        return None
+    return json.loads(lines[-1]) if lines else None

@@ -1,0 +1,66 @@
+"""Tables completed ahead of use (constrained/table_completion.py): every DFA state's row, computed by
+walking the DFA with single-byte tokens in one matcher, filed into a table whose lazy DFA numbered its
+states in another order, equals llguidance's mask along random walks of real (multi-byte) tokens,
+without one fill on the way (the background process inside the scheduler: tests/runtime/
+test_grammar_tables.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from radixlm import constrained as C
+from radixlm.constrained.state_table import FIRST_STATE_ROW
+from radixlm.constrained.table_completion import RowChunk, file_rows, walk_states
+
+from .conftest import encode
+from .test_state_table import REFS, table_grammar, walk_and_compare
+
+SMALL = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3},
+                                          "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}},
+         "required": ["a", "b"], "additionalProperties": False}
+PREFIX = {"small": '{"a": "x', "refs": "[true"}  # a few states the target's lazy DFA numbers first
+
+
+def _no_fills(table: Any) -> list[int]:
+    """Count the rows the table fills itself from now on (there should be none)."""
+    filled: list[int] = []
+    inner = table.fill_missing
+
+    def counting(items: Any, workers: Any) -> Any:
+        filled.extend(row for _, row in items)
+        return inner(items, workers)
+
+    table.fill_missing = counting
+    return filled
+
+
+@pytest.mark.parametrize("name", sorted(PREFIX))
+def test_completed_rows_equal_llguidance_along_walks(tokenizer: Any, name: str) -> None:
+    schema = SMALL if name == "small" else REFS
+    grammar, source = table_grammar(tokenizer, schema)
+    chunks = list(walk_states(source, chunk=64))
+    states = sum(len(c.sets) for c in chunks)
+    assert len(chunks) > 1 and states == source.table.dfa.num_states  # every state the DFA has
+    _, target = table_grammar(tokenizer, schema)
+    m = target.matcher()  # the target's lazy DFA numbers a few states first, in its own order
+    for tid in encode(tokenizer, PREFIX[name]):
+        assert m.advance(tid)
+    m.fill_next_token_bitmask(C.allocate_token_bitmask(1, grammar.info.vocab_size), 0)  # one row filled here
+    filed = sum(file_rows(target.table, c) for c in chunks)
+    assert filed == states - 1  # every state's row but that one
+    filled = _no_fills(target.table)
+    rng = np.random.default_rng(3)
+    steps = sum(walk_and_compare(grammar, target, rng, longest=i % 2 == 1) for i in range(12))
+    assert steps > 30 and not filled and not target.table.broken
+    assert file_rows(target.table, chunks[0]) == 0  # rows filled already stay
+
+
+def test_rows_of_another_automaton_are_not_filed(tokenizer: Any) -> None:
+    _, source = table_grammar(tokenizer, REFS)
+    chunk = next(walk_states(source))
+    _, target = table_grammar(tokenizer, SMALL)
+    other = RowChunk(chunk.nfa_states + 1, chunk.sets, chunk.rows, chunk.terminated)
+    assert file_rows(target.table, other) == 0
+    assert not any(target.table.ready[FIRST_STATE_ROW:])

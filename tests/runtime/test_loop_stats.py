@@ -1,0 +1,38 @@
+"""RADIXLM_LOOP_STATS (runtime/loop_stats.py): one line per busy period of the scheduler process's
+loop, its seconds by part and the scheduler's step counters over that period only."""
+from __future__ import annotations
+
+import gc
+
+from radixlm.runtime.loop_stats import LoopStats, read_last
+
+
+def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
+    path = tmp_path / "loop.jsonl"
+    assert read_last(str(path)) is None
+    loop = LoopStats(str(path))
+    stats = {"forward_steps": 10, "decode_steps": 7, "overlapped_steps": 5, "prefill_steps": 3, "mixed_steps": 0,
+             "generated_tokens": 100}
+    loop.end(stats)  # idle without a busy period: nothing written
+    assert not path.exists()
+    loop.begin(stats)
+    for ran in (True, True, False):
+        loop.add("step", 0.5)
+        loop.add("wait", 0.25 * (not ran))
+        loop.turn(ran)
+    gc.collect()  # a full collection inside the period: counted, its pause timed
+    loop.begin(stats)  # more messages in the same busy period do not restart it
+    stats = {**stats, "forward_steps": 12, "decode_steps": 9, "overlapped_steps": 6, "generated_tokens": 140}
+    loop.end(stats)
+    line = read_last(str(path))
+    assert line is not None and line["seconds"]["step"] == 1.5 and line["seconds"]["wait"] == 0.25
+    assert line["turns"] == 3 and line["turns_without_a_step"] == 1
+    assert line["gc_full_collections"] >= 1 and line["seconds"]["gc"] > 0
+    assert (line["forward_steps"], line["decode_steps"], line["overlapped_steps"], line["prefill_steps"],
+            line["generated_tokens"]) == (2, 2, 1, 0, 40)
+    loop.begin(stats)
+    loop.turn(True)
+    loop.end(stats)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and read_last(str(path))["turns"] == 1 and read_last(str(path))["seconds"]["step"] == 0.0
+    gc.callbacks.remove(loop._on_gc)
