@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cascade_attention as CA  # noqa: E402
 from gpu_suite import LLAMA_8B, check_correctness, model_dir_for  # noqa: E402
+from gpu_throughput import e_prompts  # noqa: E402
 from profile_steps import StepRecorder, make_scheduler  # noqa: E402
 
 from radixlm.kernels import cascade_layout as CL  # noqa: E402
@@ -45,17 +45,6 @@ T0 = time.perf_counter()
 
 def elapsed() -> float:
     return time.perf_counter() - T0
-
-
-def e_prompts(vocab: int) -> list[list[int]]:
-    """gpu_throughput.item_e's prompts (same seed, same shuffle)."""
-    rng = random.Random(5)
-    prompts = []
-    for _ in range(16):
-        prefix = [rng.randrange(1000, vocab - 1000) for _ in range(1024)]
-        prompts += [prefix + [rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(32)]
-    rng.shuffle(prompts)
-    return prompts
 
 
 def kernel_item(bw: float) -> dict:

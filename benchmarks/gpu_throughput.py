@@ -81,15 +81,22 @@ def transformers_sample(cfg: dict, prompts: list[list[int]], outs: list[int]) ->
     return {"seconds": dt, "useful_total_tok_s": useful / dt, "note": "one padded batch of 64, run to the longest output"}
 
 
-def item_e(model_dir: Path, vocab: int) -> dict:
-    import radixlm
-
+def e_prompts(vocab: int) -> list[list[int]]:
+    """Workload (e)'s prompts: 16 groups x 32 requests, a 1,024-token shared prefix and a 64-token question each,
+    shuffled (fixed seed: every script that times (e) times the same requests)."""
     rng = random.Random(5)
     prompts = []
     for _ in range(16):
         prefix = [rng.randrange(1000, vocab - 1000) for _ in range(1024)]
         prompts += [prefix + [rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(32)]
     rng.shuffle(prompts)
+    return prompts
+
+
+def item_e(model_dir: Path, vocab: int) -> dict:
+    import radixlm
+
+    prompts = e_prompts(vocab)
     optimal_cached = 15 * 0 + (512 - 16) * 1024  # every prompt but each group's first reuses its prefix
     out: dict = {}
     outputs: dict[str, list[list[int]]] = {}

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
-from gpu_throughput import SCHEMA, workload_b  # noqa: E402
+from gpu_throughput import SCHEMA, e_prompts, workload_b  # noqa: E402
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -218,12 +218,7 @@ def item_e(d: Path, vocab: int) -> dict:
     """Workload (e) of the suite (16 groups x 32 requests, 1,024-token prefix, 64-token question, 64 out)
     with cascade attention auto vs off: device vs wall time per kind of step, and the host's time in
     the planner, the graph replay (copies + launch) and the commit of the previous step (its wait)."""
-    rng = random.Random(5)
-    prompts = []
-    for _ in range(16):
-        prefix = [rng.randrange(1000, vocab - 1000) for _ in range(1024)]
-        prompts += [prefix + [rng.randrange(1000, vocab - 1000) for _ in range(64)] for _ in range(32)]
-    rng.shuffle(prompts)
+    prompts = e_prompts(vocab)
     res: dict = {}
     for mode in ("auto", "off"):
         sched = make_scheduler(d, cascade_attention=mode, mem_fraction_static=0.8)
