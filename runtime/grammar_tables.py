@@ -114,9 +114,20 @@ class DeviceTables:
         self._device.move_to_end(id(table))
         copy = hit[1]
         if table.fresh:
-            fresh = torch.tensor(table.fresh, dtype=torch.int64)
+            index, staged = stage_rows(rows, table.fresh)
             table.fresh.clear()
-            copy.index_copy_(0, fresh.to(device, non_blocking=True),
-                             rows.index_select(0, fresh).to(device, non_blocking=True))
+            copy.index_copy_(0, index.to(device, non_blocking=True), staged.to(device, non_blocking=True))
         return copy
+
+
+def stage_rows(rows: torch.Tensor, picked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the row indices, those rows of `rows`), both in pinned memory where `rows` is pinned: copies
+    from pageable memory may wait for the stream to drain (runtime/device_transfer.py), and a state
+    table's first steps file hundreds of rows (a table's background completion: 256 per chunk), which
+    would then stall the host until the forward pass in flight ends."""
+    pin = rows.is_pinned()
+    index = torch.tensor(picked, dtype=torch.int64, pin_memory=pin)
+    staged = torch.empty((len(picked), rows.shape[1]), dtype=rows.dtype, pin_memory=pin)
+    torch.index_select(rows, 0, index, out=staged)
+    return index, staged
 

@@ -132,3 +132,42 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
         assert_pool_idle(sched)
         gr.close()
     assert results["off"] == results["complete"]
+
+
+def test_fresh_rows_reach_the_device_from_staged_memory(default_model_dir, monkeypatch) -> None:
+    """Rows filed since the last step go to the device copy through `stage_rows` (pinned on a GPU host:
+    a pageable copy waits for the forward pass in flight), and the copy equals the host table."""
+    from transformers import AutoTokenizer
+
+    from radixlm.runtime import grammar_tables
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    table = TableGrammar.wrap(C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)).table
+    tables = DeviceTables()
+    staged: set[int] = set()
+    real_stage = grammar_tables.stage_rows
+
+    def stage(rows: torch.Tensor, picked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = real_stage(rows, picked)
+        staged.update(t.data_ptr() for t in out)
+        return out
+
+    moved: list[int] = []
+    real_to = torch.Tensor.to
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        moved.append(self.data_ptr())
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(grammar_tables, "stage_rows", stage)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    meta = torch.device("meta")
+    tables._synced(table, meta)  # first use: the whole (pinned) table
+    assert not table.fresh
+    table.rows[[5, 9, 7]] = torch.arange(3 * table.words, dtype=torch.int32).reshape(3, -1)
+    table.fresh += [5, 9, 7]
+    moved.clear()
+    tables._synced(table, meta)
+    assert len(moved) == 2 and set(moved) <= staged and not table.fresh
+    index, rows = real_stage(table.rows, [5, 9, 7])
+    assert index.tolist() == [5, 9, 7] and torch.equal(rows, table.rows[[5, 9, 7]])
