@@ -229,6 +229,11 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                         f"{a['gc_full_collections']}/{b['gc_full_collections']}; decode steps "
                         f"{a['decode_steps']}/{b['decode_steps']} (overlapped {a['overlapped_steps']}/{b['overlapped_steps']}), "
                         f"prefill {a['prefill_steps']}/{b['prefill_steps']}, mixed {a['mixed_steps']}/{b['mixed_steps']}", flush=True)
+                    parts = sorted(set(a.get("parts", {})) | set(b.get("parts", {})))
+                    if parts:  # inside "step": where the host waits for the device, and what it does
+                        print("    step parts json/same: " + ", ".join(
+                            f"{k} {a.get('parts', {}).get(k, 0.0):.3f}/{b.get('parts', {}).get(k, 0.0):.3f} s"
+                            for k in parts), flush=True)
         if not profile:
             return out
     try:  # can this host fill masks in parallel at all? (diagnosis only)
