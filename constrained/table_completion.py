@@ -201,6 +201,11 @@ class TableCompletion:
         self.start()
         self._send_next()  # (else when `poll` reads the worker's "ready")
 
+    @property
+    def pending(self) -> int:
+        """Tables queued or being walked (0 once the worker is dead: they stay lazily filled)."""
+        return 0 if self._dead else len(self._queue) + (self._inflight is not None)
+
     def has_news(self) -> bool:
         """Something arrived (the caller settles its mask work before `poll` merges it)."""
         try:

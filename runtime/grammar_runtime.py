@@ -137,6 +137,11 @@ class GrammarRuntime:
         self._families_made += 1
         return self._families_made % max(1, self.workers.threads)
 
+    def info(self) -> dict[str, int]:
+        """For get_server_info: state tables still being completed in the background (a benchmark that
+        means to time a server that has served its schema waits for 0)."""
+        return {"grammar_tables_completing": self._completion.pending if self._completion is not None else 0}
+
     def forget(self, req: Req) -> None:
         """An aborted request: nothing here keeps it (or its matcher) any longer. A mask being
         computed for it in the background finishes into a row nobody takes."""

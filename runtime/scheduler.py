@@ -185,6 +185,7 @@ class Scheduler:
             **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}
                if self.runner.graph_runner is not None else {}),
             **(self.spec.info() if self.spec is not None else {}),
+            **(self.grammars.info() if self.grammars is not None else {}),
         }
 
     def abort(self, rid: str, message: str) -> None:

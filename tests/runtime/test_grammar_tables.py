@@ -119,9 +119,11 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
         if setting == "complete":
             completion = gr._completion
             deadline = time.monotonic() + 240
-            while (completion._inflight is not None or completion._queue) and time.monotonic() < deadline:
+            assert sched.info()["grammar_tables_completing"] == 1  # queued or walking: its tokenizer loads first
+            while sched.info()["grammar_tables_completing"] and time.monotonic() < deadline:  # what item (f) waits on
                 gr.poll()
                 time.sleep(0.02)
+            assert completion._inflight is None and not completion._queue
             (table,) = [w.table for _, w in gr._tables._wrapped.values() if w is not None]
             assert completion.merged > 100 and not completion._dead
             assert all(table.ready[2 : table.dfa.num_states + 2])  # every state the DFA knows has its row
