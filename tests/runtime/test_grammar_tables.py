@@ -127,6 +127,7 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
             (table,) = [w.table for _, w in gr._tables._wrapped.values() if w is not None]
             assert completion.merged > 100 and not completion._dead
             assert all(table.ready[2 : table.dfa.num_states + 2])  # every state the DFA knows has its row
+            assert all(-2 not in row for row in table.dfa.move_table())  # ... and its moves (UNKNOWN: -2)
             states = table.dfa.num_states
         results[setting] = run_to_completion(sched, _reqs(prompt, 4, "t", small))
         if setting == "complete":
