@@ -241,11 +241,9 @@ def wait_for_table_completion(sched: Scheduler, limit_s: float = 60.0) -> float:
     """Let the state tables' background completion (--grammar-state-table complete / auto beside a GPU)
     finish before the timed runs, as on a server that has served the schema a while; seconds waited."""
     gr = sched.grammars
-    completion = getattr(gr, "_completion", None)
     t = time.perf_counter()
-    while completion is not None and (completion._inflight is not None or completion._queue) \
-            and not completion._dead and time.perf_counter() - t < limit_s:
-        gr.poll()
+    while gr is not None and gr.info()["grammar_tables_completing"] and time.perf_counter() - t < limit_s:
+        gr.poll()  # files the rows and then the DFA moves the walk sent
         time.sleep(0.01)
     return time.perf_counter() - t
 
