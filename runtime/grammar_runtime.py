@@ -124,7 +124,7 @@ class GrammarRuntime:
         from radixlm.constrained.state_table import TableGrammar
 
         def wrap() -> Any:
-            wrapped = TableGrammar.wrap(grammar, self.pin)
+            wrapped = TableGrammar.wrap(grammar)
             if wrapped is not None and self._completion is not None:
                 self._completion.submit(wrapped.table, grammar.backend, grammar.payload())
             return wrapped

@@ -138,8 +138,9 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
 
 
 def test_fresh_rows_reach_the_device_from_staged_memory(default_model_dir, monkeypatch) -> None:
-    """Rows filed since the last step go to the device copy through `stage_rows` (pinned on a GPU host:
-    a pageable copy waits for the forward pass in flight), and the copy equals the host table."""
+    """Every host-to-device copy of a table goes through `stage_rows` (pinned on a GPU host: a pageable
+    copy waits for the forward pass in flight): the first upload, the rows filed since the last step, and
+    a grown table, whose device copy keeps its old rows on the device; the copy equals the host table."""
     from transformers import AutoTokenizer
 
     from radixlm.runtime import grammar_tables
@@ -150,8 +151,9 @@ def test_fresh_rows_reach_the_device_from_staged_memory(default_model_dir, monke
     staged: set[int] = set()
     real_stage = grammar_tables.stage_rows
 
-    def stage(rows: torch.Tensor, picked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = real_stage(rows, picked)
+    def stage(rows: torch.Tensor, picked: Any, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        assert not pin  # (a CPU "device" here)
+        out = real_stage(rows, picked, pin)
         staged.update(t.data_ptr() for t in out)
         return out
 
@@ -164,13 +166,16 @@ def test_fresh_rows_reach_the_device_from_staged_memory(default_model_dir, monke
 
     monkeypatch.setattr(grammar_tables, "stage_rows", stage)
     monkeypatch.setattr(torch.Tensor, "to", to)
-    meta = torch.device("meta")
-    tables._synced(table, meta)  # first use: the whole (pinned) table
-    assert not table.fresh
-    table.rows[[5, 9, 7]] = torch.arange(3 * table.words, dtype=torch.int32).reshape(3, -1)
-    table.fresh += [5, 9, 7]
-    moved.clear()
-    tables._synced(table, meta)
-    assert len(moved) == 2 and set(moved) <= staged and not table.fresh
-    index, rows = real_stage(table.rows, [5, 9, 7])
+    device = torch.device("cpu")  # `_synced` as on a GPU, its copies observable
+    filled = [0, 1]
+    for rows in ([5, 9, 7], [3], [table.rows.shape[0] + 40, 11]):  # the last one grows the table
+        table.row_of(max(rows) - 2)
+        table.rows[rows] = torch.randint(-2**31, 2**31 - 1, (len(rows), table.words), dtype=torch.int32)
+        table.fresh += rows
+        filled += rows
+        moved.clear()
+        copy = tables._synced(table, device)
+        assert moved and set(moved) <= staged and not table.fresh
+        assert copy.shape == table.rows.shape and torch.equal(copy[filled], table.rows[filled])
+    index, rows = real_stage(table.rows, [5, 9, 7], False)
     assert index.tolist() == [5, 9, 7] and torch.equal(rows, table.rows[[5, 9, 7]])
