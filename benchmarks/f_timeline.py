@@ -243,7 +243,7 @@ def wait_for_table_completion(sched: Scheduler, limit_s: float = 60.0) -> float:
     gr = sched.grammars
     t = time.perf_counter()
     while gr is not None and gr.info()["grammar_tables_completing"] and time.perf_counter() - t < limit_s:
-        gr.poll()  # files the rows and then the DFA moves the walk sent
+        gr.file_completed_rows()  # the rows, then the DFA moves the walk sent
         time.sleep(0.01)
     return time.perf_counter() - t
 

@@ -90,12 +90,17 @@ class GrammarRuntime:
         self.pending[id(req)] = req
         self.service.submit(id(req), {kind: spec})
 
-    def poll(self) -> list[tuple[Req, Exception | None]]:
-        """Requests whose grammar finished compiling since the last step (with the error, if any).
-        Rows a table's background completion sent meanwhile are filed first (mask work settled)."""
+    def file_completed_rows(self) -> None:
+        """File what a table's background completion sent since (rows, then its DFA moves a slice at a
+        time), mask work settled first. The scheduler calls this right after launching a forward pass
+        (or when it has none to launch): a chunk costs the host a few ms, which there the device's
+        forward hides, where before the launch the device would wait for it."""
         if self._completion is not None and self._completion.has_news():
             self._settle()
             self._completion.poll()
+
+    def poll(self) -> list[tuple[Req, Exception | None]]:
+        """Requests whose grammar finished compiling since the last step (with the error, if any)."""
         done = []
         for key, result in self.service.poll():
             req = self.pending.pop(key, None)

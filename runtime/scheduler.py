@@ -232,6 +232,8 @@ class Scheduler:
                 batch.absorb(decode)
         batch = batch or self._schedule_decode()
         if batch is None:
+            if self.grammars is not None:
+                self.grammars.file_completed_rows()
             return self._commit_step()
         self.decode_log.on_step(batch.mode, self.info)
         if self.spec is not None:
@@ -239,6 +241,8 @@ class Scheduler:
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
+        if self.grammars is not None:
+            self.grammars.file_completed_rows()  # while the device runs this forward pass
         if self.spec is not None:
             self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1

@@ -120,10 +120,26 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
             completion = gr._completion
             deadline = time.monotonic() + 240
             assert sched.info()["grammar_tables_completing"] == 1  # queued or walking: its tokenizer loads first
+            while not completion.has_news() and time.monotonic() < deadline:  # the worker's "ready"
+                time.sleep(0.02)
+            gr.file_completed_rows()  # reads it and sends the walk
+            while not completion.has_news() and time.monotonic() < deadline:  # its first rows
+                time.sleep(0.02)
+            # A step with a forward pass to run files them after launching it (the device's time hides them).
+            order: list[str] = []
+            forward, poll = sched.runner.forward, completion.poll
+            sched.runner.forward = lambda *a, **k: (order.append("forward"), forward(*a, **k))[1]
+            completion.poll = lambda: (order.append("filed"), poll())[1]
+            sched.handle(_reqs(prompt, 1, "during", small)[0])
+            sched.step()
+            sched.runner.forward, completion.poll = forward, poll
+            assert order == ["forward", "filed"] and completion.merged > 0
             while sched.info()["grammar_tables_completing"] and time.monotonic() < deadline:  # what item (f) waits on
-                gr.poll()
+                sched.step()  # an idle turn files what the completion sent
                 time.sleep(0.02)
             assert completion._inflight is None and not completion._queue
+            run_to_completion(sched, [])  # the request started above
+            sched.pop_outputs()
             (table,) = [w.table for _, w in gr._tables._wrapped.values() if w is not None]
             assert completion.merged > 100 and not completion._dead
             assert all(table.ready[2 : table.dfa.num_states + 2])  # every state the DFA knows has its row
