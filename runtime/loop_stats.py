@@ -80,7 +80,8 @@ class LoopStats:
         self.watch(sched.runner, "forward", "forward launch")
         self.watch(sched.results, "commit", "commit (incl. grammar commit)")
         self.watch(sched.results, "sample", "sample launch (incl. masks taken)")
-        for name, part in (("advance_many", "grammar commit"), ("bitmask", "masks taken"), ("poll", "grammar poll")):
+        for name, part in (("advance_many", "grammar commit"), ("bitmask", "masks taken"), ("poll", "grammar poll"),
+                           ("file_completed_rows", "table rows filed")):
             self.watch(GrammarRuntime, name, part)
 
     def begin(self, stats: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     from radixlm.runtime.sampling_params import SamplingParams
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
-    for name in ("advance_many", "bitmask", "poll"):  # watch patches the class: restored after the test
+    for name in ("advance_many", "bitmask", "poll", "file_completed_rows"):  # watch patches the class: restored after
         monkeypatch.setattr(GrammarRuntime, name, getattr(GrammarRuntime, name))
     sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
                            grammar_mask_threads=0)
@@ -67,7 +67,7 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     loop.end(sched.stats)
     parts = read_last(str(tmp_path / "loop.jsonl"))["parts"]
     for part in ("forward launch", "commit (incl. grammar commit)", "sample launch (incl. masks taken)",
-                 "grammar commit", "masks taken", "grammar poll"):
+                 "grammar commit", "masks taken", "grammar poll", "table rows filed"):
         assert 0 < parts[part] < took, part
     assert parts["grammar commit"] <= parts["commit (incl. grammar commit)"]
     assert parts["masks taken"] <= parts["sample launch (incl. masks taken)"]
