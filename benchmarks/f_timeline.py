@@ -53,6 +53,8 @@ PHASES: list[tuple[Any, str, str]] = [
     ("runner", "forward", "forward (GPU: launch)"),
     ("sched", "_commit_step", "commit a step"),
     (UncommittedStep, "take_tokens", ". wait for its tokens"),
+    (UncommittedStep, "peek_tokens", "wait for the last step's tokens (grammar rows, before sampling)"),
+    ("results", "advance_grammars", "grammar rows take them (before sampling)"),
     ("results", "_append", ". append + finish checks"),
     ("grammars", "advance_many", ". . grammar commit + mask start"),
     ("grammars", "_settle", ". . . wait for mask work"),

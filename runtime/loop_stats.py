@@ -78,7 +78,7 @@ class LoopStats:
         if torch.cuda.is_available():
             self.watch(torch.cuda.Event, "synchronize", "device waits (sampled tokens)")
         self.watch(sched.runner, "forward", "forward launch")
-        self.watch(sched.results, "commit", "commit (incl. grammar commit)")
+        self.watch(sched.results, "commit", "commit")  # (an overlapped step's grammar commit runs before it)
         self.watch(sched.results, "sample", "sample launch (incl. masks taken)")
         for name, part in (("advance_many", "grammar commit"), ("bitmask", "masks taken"), ("poll", "grammar poll"),
                            ("file_completed_rows", "table rows filed")):
