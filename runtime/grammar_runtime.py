@@ -3,10 +3,11 @@
 Per decode step the host commits every constrained row's sampled token and fills every row's next
 mask. Both run for the whole batch at once on worker threads with the GIL released
 (constrained/mask_workers.py), and the masks are started right after the commit, in the
-background: the step that samples next almost always samples exactly these requests, and the
-scheduler's thread meanwhile does its own per-request work (finish checks, outputs, sampling
-parameters). A request whose state changed since (jump-forward) or that was not committed (just
-prefilled) gets its row computed when the masks are taken.
+background: the step that samples next almost always samples exactly these requests. In an
+overlapped step the scheduler samples right after this commit and does the rest of its per-request
+work (appends, finish checks, outputs) after the launch. A request whose state changed since
+(jump-forward) or that was not committed (just prefilled) gets its row computed when the masks are
+taken.
 """
 from __future__ import annotations
 
