@@ -53,6 +53,8 @@ PHASES: list[tuple[Any, str, str]] = [
     ("runner", "forward", "forward (GPU: launch)"),
     ("sched", "_commit_step", "commit a step"),
     (UncommittedStep, "take_tokens", ". wait for its tokens"),
+    (UncommittedStep, "peek_tokens", "wait for the last step's tokens (grammar rows, before sampling)"),
+    ("results", "advance_grammars", "grammar rows take them (before sampling)"),
     ("results", "_append", ". append + finish checks"),
     ("grammars", "advance_many", ". . grammar commit + mask start"),
     ("grammars", "_settle", ". . . wait for mask work"),
@@ -241,11 +243,9 @@ def wait_for_table_completion(sched: Scheduler, limit_s: float = 60.0) -> float:
     """Let the state tables' background completion (--grammar-state-table complete / auto beside a GPU)
     finish before the timed runs, as on a server that has served the schema a while; seconds waited."""
     gr = sched.grammars
-    completion = getattr(gr, "_completion", None)
     t = time.perf_counter()
-    while completion is not None and (completion._inflight is not None or completion._queue) \
-            and not completion._dead and time.perf_counter() - t < limit_s:
-        gr.poll()
+    while gr is not None and gr.info()["grammar_tables_completing"] and time.perf_counter() - t < limit_s:
+        gr.file_completed_rows()  # the rows, then the DFA moves the walk sent
         time.sleep(0.01)
     return time.perf_counter() - t
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -152,11 +153,17 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 
 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
-                   state_table: str | None = None) -> dict[int | str, dict]:
+                   state_table: str | None = None, wait_tables: bool = False) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
     later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
     named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
-    reaches has its table row filled already, as in f_timeline's default warm-up."""
+    reaches has its table row filled already, as in f_timeline's default warm-up.
+
+    Every run is warmed by two requests of its own kind (for JSON: the schema compiled, the kernels
+    of the masked draw run). `wait_tables`: after that warm-up the JSON run also waits until the
+    schema's state table is completed in the background (a server that has served the schema for a
+    few seconds); without it the first JSON run may race the completion ("table_wait_s" says how long
+    the wait was)."""
     import jsonschema
 
     import radixlm
@@ -187,6 +194,7 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                 if lengths:
                     sp = [{**p, "max_new_tokens": n} for p, n in zip(sp, lengths)]
                 eng.generate(input_ids=prompts[:2], sampling_params=sp[:2])  # compiles the grammar, warms up
+                waited = wait_for_tables(eng) if extra and wait_tables else 0.0
                 t = time.perf_counter()
                 res = eng.generate(input_ids=prompts, sampling_params=sp)
                 dt = time.perf_counter() - t
@@ -208,12 +216,21 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                               "seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
                               "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
                               "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema,
-                              "abort_messages": sorted(map(str, aborts))}
+                              "abort_messages": sorted(map(str, aborts)), "table_wait_s": waited}
                 if extra:
                     lengths = counts
             out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
             out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
     return results
+
+
+def wait_for_tables(eng: Any, limit_s: float = 60.0) -> float:
+    """Seconds until the Engine's state tables are all completed (each query is a scheduler turn, which
+    files the rows the background walk sent); stops waiting after `limit_s`."""
+    t = time.perf_counter()
+    while eng.get_server_info().get("grammar_tables_completing", 0) and time.perf_counter() - t < limit_s:
+        time.sleep(0.05)
+    return time.perf_counter() - t
 
 
 def _free_port() -> int:

@@ -87,7 +87,10 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     state_table "auto": the rows' matchers use the grammar's per-state mask table (a fresh, empty
     one: its first steps fill many states), masks are gathered from it; "warm": the same, the
     table first filled along `warm_paths` (other documents, as a server that served the schema);
-    "warm-eager": warm, commits not lazy (llguidance takes every token at once, as before lazy commits)."""
+    "warm-eager": warm, commits not lazy (llguidance takes every token at once, as before lazy commits);
+    "complete": every state's row filed by the background walk (table_completion, run here in-line on
+    its own DFA as its process does), with its DFA moves; "complete-rows": the rows only (before the
+    moves were sent: the scheduler's DFA takes its own subset steps)."""
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.server_args import ServerArgs
 
@@ -96,6 +99,8 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     grammar = rt._with_table(grammar)
     if state_table.startswith("warm") and warm_paths:
         _replay(grammar, warm_paths)
+    if state_table.startswith("complete"):
+        _complete(grammar, with_moves=state_table == "complete")
     if state_table.endswith("eager"):
         grammar.table.lazy = False
     rows = len(paths)
@@ -132,6 +137,19 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
             "wall_us_per_row": {k: statistics.median(v) for k, v in phases.items()},
             "wall_us_per_row_mean": {k: statistics.fmean(v) for k, v in phases.items()},
             "thread_cpu_us_per_row": {k: statistics.median(v) for k, v in cpu_phases.items()}}
+
+
+def _complete(grammar: Any, with_moves: bool) -> None:
+    """What the scheduler's table holds once the background completion is filed (rows, then moves)."""
+    from radixlm.constrained.state_table import TableGrammar
+    from radixlm.constrained.table_completion import DfaMoves, file_moves, file_rows, walk_states
+
+    renamed: dict[int, int] = {}
+    for chunk in walk_states(TableGrammar.wrap(grammar.inner)):  # the worker's own DFA
+        if not isinstance(chunk, DfaMoves):
+            file_rows(grammar.table, chunk, renamed)
+        elif with_moves:
+            sum(file_moves(grammar.table, chunk, renamed))
 
 
 def _replay(grammar: Any, paths: list[list[int]]) -> None:
@@ -215,7 +233,8 @@ def main() -> None:
     ap.add_argument("--parts", default="runtime,fill")
     ap.add_argument("--state-table", default="off,auto,warm",
                     help="runtime part: off, auto (a fresh table), warm (a table filled by other walks first), "
-                         "warm-eager (warm, llguidance commits every token at once: no lazy commits)")
+                         "warm-eager (warm, llguidance commits every token at once: no lazy commits), complete "
+                         "(every row and DFA move filed by the background walk), complete-rows (its rows only)")
     ap.add_argument("--tokenizer-dir", default=None, help="HF tokenizer folder (default: the default model's)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON report (default: $OUT/grammar_host.json on the device "

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 DEAD = -1  # no continuation of the bytes so far is in the language
+UNKNOWN = -2  # in a move table: a move not computed yet
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class LazyDfa:
         self._closure: dict[int, frozenset[int]] = {}
         self._ids: dict[frozenset[int], int] = {}
         self._sets: list[frozenset[int]] = []
-        self._moves: list[dict[int, int]] = []
+        self._moves: list[list[int]] = []  # per state, per byte class: the next state, DEAD or UNKNOWN
         self.accepting: list[bool] = []
         self._intern(self._close([start]))
 
@@ -172,7 +173,7 @@ class LazyDfa:
                 raise OverflowError(f"more than {self.max_states} DFA states")
             q = self._ids[states] = len(self._sets)
             self._sets.append(states)
-            self._moves.append({})
+            self._moves.append([UNKNOWN] * len(self._example))
             self.accepting.append(self._final in states)
         return q
 
@@ -202,12 +203,26 @@ class LazyDfa:
 
     def step(self, q: int, byte: int) -> int:
         cls = self._class[byte]
-        nxt = self._moves[q].get(cls)
-        if nxt is None:
+        nxt = self._moves[q][cls]
+        if nxt == UNKNOWN:
             bit = 1 << self._example[cls]
             targets = {t for s in self._sets[q] for bits, t in self._edges[s] if bits & bit}
             nxt = self._moves[q][cls] = self._intern(self._close(targets)) if targets else DEAD
         return nxt
+
+    def move_table(self) -> list[list[int]]:
+        """Per state, its move on each byte class (DEAD, or UNKNOWN where not computed yet)."""
+        return [list(moves) for moves in self._moves]
+
+    def add_moves(self, q: int, row: list[int]) -> None:
+        """Moves of state `q` computed elsewhere (another walk of the same expression, its targets
+        renamed into this DFA's states): the subset steps need not be taken here. UNKNOWN entries
+        are skipped; moves known here already stay. `row` is kept (the caller's own list)."""
+        moves = self._moves[q]
+        if moves.count(UNKNOWN) == len(moves):
+            self._moves[q] = row
+        else:
+            self._moves[q] = [nxt if nxt != UNKNOWN else theirs for nxt, theirs in zip(moves, row)]
 
     def forces_a_byte(self, q: int) -> bool:
         """Every accepted continuation from `q` begins with one same byte: `q` is not accepting and a
@@ -229,8 +244,8 @@ class LazyDfa:
     def walk(self, q: int, data: bytes) -> int:
         classes, moves = self._class, self._moves
         for b in data:
-            nxt = moves[q].get(classes[b])
-            q = self.step(q, b) if nxt is None else nxt
+            nxt = moves[q][classes[b]]
+            q = self.step(q, b) if nxt == UNKNOWN else nxt
             if q == DEAD:
                 return DEAD
         return q

@@ -40,14 +40,13 @@ class StateTable:
     """Packed mask rows by DFA state (row = state + 2), filled on first use; owned by the
     scheduler's thread (fills of missing rows may run on mask workers, see `fill_missing`)."""
 
-    def __init__(self, dfa: LazyDfa, inner: Grammar, pin: bool = False) -> None:
+    def __init__(self, dfa: LazyDfa, inner: Grammar) -> None:
         self.dfa = dfa
         self.inner = inner
         self.info = inner.info
         self.words = (self.info.vocab_size + 31) // 32
         self.vocab = self.info.vocab_size
         self.end_ids = frozenset(self.info.end_token_ids)
-        self.pin = pin
         self.broken = False
         self.rows = torch.empty((0, self.words), dtype=torch.int32)
         self.ready: list[bool] = []
@@ -63,7 +62,7 @@ class StateTable:
         self.fresh += [ALL_ROW, NONE_ROW]
 
     def _grow(self, capacity: int) -> None:
-        rows = torch.empty((capacity, self.words), dtype=torch.int32, pin_memory=self.pin)
+        rows = torch.empty((capacity, self.words), dtype=torch.int32)  # pageable: the device copy is staged
         rows[: self.rows.shape[0]] = self.rows
         self.rows = rows
         self.ready += [False] * (capacity - len(self.ready))
@@ -367,7 +366,7 @@ class TableGrammar(Grammar):
         self.kind, self.spec, self.backend, self.info = inner.kind, inner.spec, inner.backend, inner.info
 
     @staticmethod
-    def wrap(inner: Grammar, pin: bool = False) -> TableGrammar | None:
+    def wrap(inner: Grammar) -> TableGrammar | None:
         """A table grammar over `inner` when its language is one regular_schema mirrors, else None."""
         ll_grammar = getattr(inner, "ll_grammar", None)
         if inner.backend != "llguidance" or inner.kind != "json_schema" or not isinstance(ll_grammar, str):
@@ -375,7 +374,7 @@ class TableGrammar(Grammar):
         expr = schema_expression(ll_grammar)
         if expr is None:
             return None
-        return TableGrammar(inner, StateTable(LazyDfa(expr, MAX_STATES), inner, pin))
+        return TableGrammar(inner, StateTable(LazyDfa(expr, MAX_STATES), inner))
 
     def matcher(self, family: int = 0) -> TableMatcher:
         return TableMatcher(self, self.inner.matcher(family), [0])

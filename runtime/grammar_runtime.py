@@ -3,10 +3,11 @@
 Per decode step the host commits every constrained row's sampled token and fills every row's next
 mask. Both run for the whole batch at once on worker threads with the GIL released
 (constrained/mask_workers.py), and the masks are started right after the commit, in the
-background: the step that samples next almost always samples exactly these requests, and the
-scheduler's thread meanwhile does its own per-request work (finish checks, outputs, sampling
-parameters). A request whose state changed since (jump-forward) or that was not committed (just
-prefilled) gets its row computed when the masks are taken.
+background: the step that samples next almost always samples exactly these requests. In an
+overlapped step the scheduler samples right after this commit and does the rest of its per-request
+work (appends, finish checks, outputs) after the launch. A request whose state changed since
+(jump-forward) or that was not committed (just prefilled) gets its row computed when the masks are
+taken.
 """
 from __future__ import annotations
 
@@ -90,12 +91,17 @@ class GrammarRuntime:
         self.pending[id(req)] = req
         self.service.submit(id(req), {kind: spec})
 
-    def poll(self) -> list[tuple[Req, Exception | None]]:
-        """Requests whose grammar finished compiling since the last step (with the error, if any).
-        Rows a table's background completion sent meanwhile are filed first (mask work settled)."""
+    def file_completed_rows(self) -> None:
+        """File what a table's background completion sent since (rows, then its DFA moves a slice at a
+        time), mask work settled first. The scheduler calls this right after launching a forward pass
+        (or when it has none to launch): a chunk costs the host a few ms, which there the device's
+        forward hides, where before the launch the device would wait for it."""
         if self._completion is not None and self._completion.has_news():
             self._settle()
             self._completion.poll()
+
+    def poll(self) -> list[tuple[Req, Exception | None]]:
+        """Requests whose grammar finished compiling since the last step (with the error, if any)."""
         done = []
         for key, result in self.service.poll():
             req = self.pending.pop(key, None)
@@ -124,7 +130,7 @@ class GrammarRuntime:
         from radixlm.constrained.state_table import TableGrammar
 
         def wrap() -> Any:
-            wrapped = TableGrammar.wrap(grammar, self.pin)
+            wrapped = TableGrammar.wrap(grammar)
             if wrapped is not None and self._completion is not None:
                 self._completion.submit(wrapped.table, grammar.backend, grammar.payload())
             return wrapped
@@ -136,6 +142,11 @@ class GrammarRuntime:
         mostly belong to different families (no shared lexer cache between threads)."""
         self._families_made += 1
         return self._families_made % max(1, self.workers.threads)
+
+    def info(self) -> dict[str, int]:
+        """For get_server_info: state tables still being completed in the background (a benchmark that
+        means to time a server that has served its schema waits for 0)."""
+        return {"grammar_tables_completing": self._completion.pending if self._completion is not None else 0}
 
     def forget(self, req: Req) -> None:
         """An aborted request: nothing here keeps it (or its matcher) any longer. A mask being

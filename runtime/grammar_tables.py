@@ -101,11 +101,16 @@ class DeviceTables:
         return self._synced(table, device).index_select(0, index)
 
     def _synced(self, table: StateTable, device: torch.device) -> torch.Tensor:
-        """The device copy of `table`, brought up to date with the rows filled since the last call."""
+        """The device copy of `table`, brought up to date with the rows filled since the last call. Every
+        host-to-device copy goes through pinned staging (`stage_rows`); the table's own host rows stay
+        pageable, so that its growth (doubling, to ~100 MB) never pins memory inside the decode loop, and a
+        grown table's device copy takes its old rows from the old device copy."""
         hit = self._device.get(id(table))
         rows = table.rows
-        if hit is None or hit[0] is not table or hit[1].shape[0] < rows.shape[0]:
-            copy = rows.to(device, non_blocking=True)  # new or grown: everything (unfilled rows are never read)
+        pin = device.type == "cuda"
+        if hit is None or hit[0] is not table:  # new, or dropped from the device: every row
+            index, staged = stage_rows(rows, range(rows.shape[0]), pin)  # (unfilled rows are never read)
+            copy = staged.to(device, non_blocking=True)
             self._device[id(table)] = (table, copy)
             if len(self._device) > MAX_ON_DEVICE:
                 self._device.popitem(last=False)
@@ -113,10 +118,23 @@ class DeviceTables:
             return copy
         self._device.move_to_end(id(table))
         copy = hit[1]
+        if copy.shape[0] < rows.shape[0]:  # grown
+            old, copy = copy, torch.empty(rows.shape, dtype=rows.dtype, device=device)
+            copy[: old.shape[0]].copy_(old)
+            self._device[id(table)] = (table, copy)
         if table.fresh:
-            fresh = torch.tensor(table.fresh, dtype=torch.int64)
+            index, staged = stage_rows(rows, table.fresh, pin)
             table.fresh.clear()
-            copy.index_copy_(0, fresh.to(device, non_blocking=True),
-                             rows.index_select(0, fresh).to(device, non_blocking=True))
+            copy.index_copy_(0, index.to(device, non_blocking=True), staged.to(device, non_blocking=True))
         return copy
 
+
+def stage_rows(rows: torch.Tensor, picked: Sequence[int], pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the row indices, those rows of `rows`), in pinned memory if `pin`: copies from pageable memory
+    may wait for the stream to drain (runtime/device_transfer.py), and a state table's first steps file
+    hundreds of rows (a table's background completion: 256 per chunk), which would then stall the host
+    until the forward pass in flight ends."""
+    index = torch.tensor(picked, dtype=torch.int64, pin_memory=pin)
+    staged = torch.empty((len(picked), rows.shape[1]), dtype=rows.dtype, pin_memory=pin)
+    torch.index_select(rows, 0, index, out=staged)
+    return index, staged

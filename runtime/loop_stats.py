@@ -7,6 +7,10 @@ nothing to run, the cyclic collector's pauses (inside those) and its full collec
 counts, and the scheduler's own step counters over the period (decode, overlapped, prefill, mixed).
 Item (f) reads them to compare a constrained run with unconstrained decoding inside the Engine
 (benchmarks/gpu_throughput.py); off, the loop pays one None test a turn.
+
+`watch` adds parts of a step (inclusive seconds, nested in "step"): waiting for the device's sampled
+tokens, the forward's launch, commits and sampling, the grammar's commit and masks. Where the host
+waits for the device, the device is the bound; where it does not, the host's parts say what it is.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import gc
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 ENV = "RADIXLM_LOOP_STATS"
@@ -46,6 +51,38 @@ class LoopStats:
         self.seconds = {"step": 0.0, "receive": 0.0, "send": 0.0, "wait": 0.0, "gc": 0.0}  # gc: inside the others
         self.turns = self.idle_turns = self.gc_full = 0
         self.counters: dict[str, int] = {}
+        self.parts: dict[str, float] = {}
+
+    def watch(self, owner: Any, name: str, part: str) -> None:
+        """Time `owner.name` (a method of an object, or of a class: every instance) into `part`
+        while busy."""
+        fn: Callable[..., Any] = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.busy:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def watch_scheduler(self, sched: Any) -> None:
+        """The step's parts that tell a host-bound loop from a device-bound one."""
+        import torch
+
+        from radixlm.runtime.grammar_runtime import GrammarRuntime
+
+        if torch.cuda.is_available():
+            self.watch(torch.cuda.Event, "synchronize", "device waits (sampled tokens)")
+        self.watch(sched.runner, "forward", "forward launch")
+        self.watch(sched.results, "commit", "commit")  # (an overlapped step's grammar commit runs before it)
+        self.watch(sched.results, "sample", "sample launch (incl. masks taken)")
+        for name, part in (("advance_many", "grammar commit"), ("bitmask", "masks taken"), ("poll", "grammar poll"),
+                           ("file_completed_rows", "table rows filed")):
+            self.watch(GrammarRuntime, name, part)
 
     def begin(self, stats: dict[str, Any]) -> None:
         """The loop has work again (a message arrived while idle)."""
@@ -67,7 +104,8 @@ class LoopStats:
         if not self.busy:
             return
         self.busy = False
-        line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "turns": self.turns,
+        line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "parts": self.parts,
+                "turns": self.turns,
                 "turns_without_a_step": self.idle_turns, "gc_full_collections": self.gc_full,
                 **{k: int(stats.get(k, 0)) - v for k, v in self.counters.items()}}
         with open(self.path, "a") as f:

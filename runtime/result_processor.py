@@ -175,10 +175,22 @@ class ResultProcessor:
         return list(zip(chosen.tolist(), tops))
 
     def commit(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
-               allow_jump: bool = True) -> list[SeqEvent]:
+               allow_jump: bool = True, advanced: set[int] | None = None) -> list[SeqEvent]:
         """The tokens of an uncommitted step (overlap), sampled on the device a step ago.
-        `allow_jump=False` while a step that consumes these tokens is already launched."""
-        return self._append(reqs, ids, {}, [True] * len(reqs), grammars, num_running, allow_jump)
+        `allow_jump=False` while a step that consumes these tokens is already launched. `advanced`: the
+        grammars took these tokens already (`advance_grammars`, whose result it is)."""
+        return self._append(reqs, ids, {}, [True] * len(reqs), grammars, num_running, allow_jump, advanced)
+
+    def advance_grammars(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
+                         allow_jump: bool) -> set[int]:
+        """Commit each constrained row's token to its matcher (all at once; their next masks start in the
+        background). Returns the ids of rows whose grammar now forces a run worth a jump (see `_append`)."""
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not constrained:
+            return set()
+        assert grammars is not None
+        return grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
+                                     0 if allow_jump else self._jump_check_tokens(num_running))
 
     def _input_logprobs(self, req: Req, logits: torch.Tensor, rows: list[int], first_pos: int) -> None:
         if first_pos == 1 and req.logprob_start_len == 0 and not req.pending_input_logprobs:
@@ -257,17 +269,13 @@ class ResultProcessor:
         return lp_map
 
     def _append(self, reqs: list[Req], ids: list[int], lp_map: dict[int, LogprobEntry], decoding: list[bool],
-                grammars: GrammarRuntime | None, num_running: int, allow_jump: bool) -> list[SeqEvent]:
+                grammars: GrammarRuntime | None, num_running: int, allow_jump: bool,
+                advanced: set[int] | None = None) -> list[SeqEvent]:
         """Append sampled tokens on the host, then check for a finish or a jump forward.
         `num_running` is followed through the rows as the scheduler will apply their events: the
         worth of a jump depends on how many rows decode alongside."""
         events = []
-        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        due: set[int] = set()
-        if constrained:  # all matchers at once, then their next masks start in the background
-            assert grammars is not None
-            due = grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
-                                        0 if allow_jump else self._jump_check_tokens(num_running))
+        due = self.advance_grammars(reqs, ids, grammars, num_running, allow_jump) if advanced is None else advanced
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             out = req.output_ids
             out.append(tok)

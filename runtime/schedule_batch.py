@@ -36,6 +36,15 @@ class UncommittedStep:
             return cls(reqs, next_ids, host, event)
         return cls(reqs, next_ids, next_ids, None)
 
+    def peek_tokens(self) -> tuple[list[Req], list[int]]:
+        """`take_tokens` without taking them: the requests still count these tokens as on the device
+        (a sampling launched meanwhile numbers its draws as if they were appended)."""
+        if self.event is not None:
+            self.event.synchronize()
+        ids = self.host_ids.tolist()
+        live = [i for i, req in enumerate(self.reqs) if not req.finished]
+        return [self.reqs[i] for i in live], [ids[i] for i in live]
+
     def take_tokens(self) -> tuple[list[Req], list[int]]:
         """Wait for the host copy; the requests still live and their tokens (one finished meanwhile
         was computed past its end: its token is dropped)."""

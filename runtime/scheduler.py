@@ -185,6 +185,7 @@ class Scheduler:
             **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}
                if self.runner.graph_runner is not None else {}),
             **(self.spec.info() if self.spec is not None else {}),
+            **(self.grammars.info() if self.grammars is not None else {}),
         }
 
     def abort(self, rid: str, message: str) -> None:
@@ -231,6 +232,8 @@ class Scheduler:
                 batch.absorb(decode)
         batch = batch or self._schedule_decode()
         if batch is None:
+            if self.grammars is not None:
+                self.grammars.file_completed_rows()
             return self._commit_step()
         self.decode_log.on_step(batch.mode, self.info)
         if self.spec is not None:
@@ -238,6 +241,8 @@ class Scheduler:
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
+        if self.grammars is not None:
+            self.grammars.file_completed_rows()  # while the device runs this forward pass
         if self.spec is not None:
             self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1
@@ -247,16 +252,19 @@ class Scheduler:
         if self.overlap and self.results.can_defer(batch):
             self.stats["overlapped_steps"] += 1
             previous, self.uncommitted = self.uncommitted, None
+            advanced = None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):
-                # Grammar masks need step k's tokens in the matchers: commit them now, while this
-                # step's forward pass runs, then fill the masks and sample on the device.
-                self._commit_step(previous, allow_jump=False)
-                previous = None
+                # Grammar masks need step k's tokens in the matchers: the matchers take them now, while
+                # this step's forward pass runs, and the masks are applied as this step is sampled; the
+                # rest of step k's commit (appends, finish checks, outputs) runs after the launch, as for
+                # unconstrained rows (the tokens still count as on the device until then).
+                reqs, ids = previous.peek_tokens()
+                advanced = self.results.advance_grammars(reqs, ids, self.grammars, len(self.running), allow_jump=False)
             self.uncommitted = self._launch(batch, logits)
             if self.spec is not None:
                 self.spec.warm(self.running)  # n-gram indexes, while the device runs this step
             if previous is not None:
-                self._commit_step(previous, allow_jump=False)
+                self._commit_step(previous, allow_jump=False, advanced=advanced)
             return True
         # This batch already consumes the pending step's tokens: they are committed without a jump
         # (one would rewrite them); this step's own results may jump, all its tokens being on the host.
@@ -289,15 +297,16 @@ class Scheduler:
             return False
         return slot_bound(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting)
 
-    def _commit_step(self, step: UncommittedStep | None = None, allow_jump: bool = True) -> bool:
+    def _commit_step(self, step: UncommittedStep | None = None, allow_jump: bool = True,
+                     advanced: set[int] | None = None) -> bool:
         """Append the tokens of an uncommitted step (by default the scheduler's own). `allow_jump=False`
-        while a step that consumes these tokens is already launched."""
+        while a step that consumes these tokens is already launched; `advanced`: the grammars took them."""
         if step is None:
             step, self.uncommitted = self.uncommitted, None
         if step is None:
             return False
         reqs, ids = step.take_tokens()
-        self._apply(self.results.commit(reqs, ids, self.grammars, len(self.running), allow_jump))
+        self._apply(self.results.commit(reqs, ids, self.grammars, len(self.running), allow_jump, advanced))
         return True
 
     def _can_schedule_before_commit(self) -> bool:

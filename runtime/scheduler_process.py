@@ -85,6 +85,8 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
     from radixlm.runtime.loop_stats import LoopStats
 
     loop = LoopStats.from_env()  # RADIXLM_LOOP_STATS: benchmarks' view of this loop (else None)
+    if loop is not None:
+        loop.watch_scheduler(sched)
     try:
         while True:
             # Block only when idle; otherwise just drain what has arrived.

@@ -151,6 +151,30 @@ def test_overlapped_mixed_batch_matches_synchronous(default_model_dir, prompt_id
     overlapped.grammars.close()
 
 
+def test_overlapped_constrained_step_is_sampled_before_the_commit_bookkeeping(default_model_dir, prompt_ids) -> None:
+    """An overlapped step with constrained rows: the matchers take step k's tokens, step k+1 is sampled
+    under the masks they give, and only then does the rest of step k's commit run (appends, finish
+    checks, outputs: host work the device's step no longer waits for), as for unconstrained rows."""
+    sched = make_scheduler(default_model_dir, max_total_tokens=8192, disable_jump_forward=True,
+                           enable_overlap_schedule_on_cpu=True, grammar_mask_threads=1)
+    after_launch: list[bool] = []  # per overlapped commit of constrained rows: was the next step launched?
+    commit = sched.results.commit
+
+    def noting_commit(reqs, ids, *args, **kwargs):
+        if any(r.grammar is not None for r in reqs):
+            after_launch.append(any(r.tokens_on_device for r in reqs))  # step k+1's token is on the device
+        return commit(reqs, ids, *args, **kwargs)
+
+    sched.results.commit = noting_commit
+    reqs = [_req(f"o{i}", prompt_ids, temperature=1.0, seed=i, max_new_tokens=48, json_schema=json.dumps(PERSON))
+            for i in range(3)]
+    got = run_to_completion(sched, reqs)
+    assert sum(after_launch) >= 10
+    assert sum(_validate(sched.tokenizer, got[f"o{i}"], PERSON) for i in range(3)) >= 2
+    assert_pool_idle(sched)
+    sched.grammars.close()
+
+
 def test_overlap_keeps_constrained_rows_and_takes_due_jumps(default_model_dir, prompt_ids) -> None:
     """The GPU's jump rule (decode graphs: a jump must save 1 + 2 x running tokens). Constrained rows
     stay overlapped on every plain decode step, at any batch size; a row whose grammar forces a run

@@ -119,12 +119,31 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
         if setting == "complete":
             completion = gr._completion
             deadline = time.monotonic() + 240
-            while (completion._inflight is not None or completion._queue) and time.monotonic() < deadline:
-                gr.poll()
+            assert sched.info()["grammar_tables_completing"] == 1  # queued or walking: its tokenizer loads first
+            while not completion.has_news() and time.monotonic() < deadline:  # the worker's "ready"
                 time.sleep(0.02)
+            gr.file_completed_rows()  # reads it and sends the walk
+            while not completion.has_news() and time.monotonic() < deadline:  # its first rows
+                time.sleep(0.02)
+            # A step with a forward pass to run files them after launching it (the device's time hides them).
+            order: list[str] = []
+            forward, poll = sched.runner.forward, completion.poll
+            sched.runner.forward = lambda *a, **k: (order.append("forward"), forward(*a, **k))[1]
+            completion.poll = lambda: (order.append("filed"), poll())[1]
+            sched.handle(_reqs(prompt, 1, "during", small)[0])
+            sched.step()
+            sched.runner.forward, completion.poll = forward, poll
+            assert order == ["forward", "filed"] and completion.merged > 0
+            while sched.info()["grammar_tables_completing"] and time.monotonic() < deadline:  # what item (f) waits on
+                sched.step()  # an idle turn files what the completion sent
+                time.sleep(0.02)
+            assert completion._inflight is None and not completion._queue
+            run_to_completion(sched, [])  # the request started above
+            sched.pop_outputs()
             (table,) = [w.table for _, w in gr._tables._wrapped.values() if w is not None]
             assert completion.merged > 100 and not completion._dead
             assert all(table.ready[2 : table.dfa.num_states + 2])  # every state the DFA knows has its row
+            assert all(-2 not in row for row in table.dfa.move_table())  # ... and its moves (UNKNOWN: -2)
             states = table.dfa.num_states
         results[setting] = run_to_completion(sched, _reqs(prompt, 4, "t", small))
         if setting == "complete":
@@ -132,3 +151,47 @@ def test_outputs_equal_with_a_completed_table(default_model_dir) -> None:
         assert_pool_idle(sched)
         gr.close()
     assert results["off"] == results["complete"]
+
+
+def test_fresh_rows_reach_the_device_from_staged_memory(default_model_dir, monkeypatch) -> None:
+    """Every host-to-device copy of a table goes through `stage_rows` (pinned on a GPU host: a pageable
+    copy waits for the forward pass in flight): the first upload, the rows filed since the last step, and
+    a grown table, whose device copy keeps its old rows on the device; the copy equals the host table."""
+    from transformers import AutoTokenizer
+
+    from radixlm.runtime import grammar_tables
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    table = TableGrammar.wrap(C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)).table
+    tables = DeviceTables()
+    staged: set[int] = set()
+    real_stage = grammar_tables.stage_rows
+
+    def stage(rows: torch.Tensor, picked: Any, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        assert not pin  # (a CPU "device" here)
+        out = real_stage(rows, picked, pin)
+        staged.update(t.data_ptr() for t in out)
+        return out
+
+    moved: list[int] = []
+    real_to = torch.Tensor.to
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        moved.append(self.data_ptr())
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(grammar_tables, "stage_rows", stage)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    device = torch.device("cpu")  # `_synced` as on a GPU, its copies observable
+    filled = [0, 1]
+    for rows in ([5, 9, 7], [3], [table.rows.shape[0] + 40, 11]):  # the last one grows the table
+        table.row_of(max(rows) - 2)
+        table.rows[rows] = torch.randint(-2**31, 2**31 - 1, (len(rows), table.words), dtype=torch.int32)
+        table.fresh += rows
+        filled += rows
+        moved.clear()
+        copy = tables._synced(table, device)
+        assert moved and set(moved) <= staged and not table.fresh
+        assert copy.shape == table.rows.shape and torch.equal(copy[filled], table.rows[filled])
+    index, rows = real_stage(table.rows, [5, 9, 7], False)
+    assert index.tolist() == [5, 9, 7] and torch.equal(rows, table.rows[[5, 9, 7]])

@@ -3,6 +3,7 @@ loop, its seconds by part and the scheduler's step counters over that period onl
 from __future__ import annotations
 
 import gc
+import time
 
 from radixlm.runtime.loop_stats import LoopStats, read_last
 
@@ -35,4 +36,40 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
     loop.end(stats)
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and read_last(str(path))["turns"] == 1 and read_last(str(path))["seconds"]["step"] == 0.0
+    gc.callbacks.remove(loop._on_gc)
+
+
+def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatch) -> None:
+    """`watch_scheduler`: a busy period's line splits the step into the forward's launch, commits,
+    sampling, and the grammar's commit and masks (each within "step"; masks within sampling); idle,
+    nothing is counted."""
+    import json
+
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.io_struct import TokenizedGenerateReq
+    from radixlm.runtime.sampling_params import SamplingParams
+    from tests.runtime.helpers import make_scheduler, run_to_completion
+
+    for name in ("advance_many", "bitmask", "poll", "file_completed_rows"):  # watch patches the class: restored after
+        monkeypatch.setattr(GrammarRuntime, name, getattr(GrammarRuntime, name))
+    sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
+                           grammar_mask_threads=0)
+    loop = LoopStats(str(tmp_path / "loop.jsonl"))
+    loop.watch_scheduler(sched)
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]})
+    reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=[1, 2, 3], params=SamplingParams(
+        temperature=0.0, max_new_tokens=16, json_schema=schema)) for i in range(2)]
+    run_to_completion(sched, reqs[:1])  # not busy: nothing counted
+    assert loop.parts == {}
+    loop.begin(sched.stats)
+    t = time.perf_counter()
+    run_to_completion(sched, reqs[1:])
+    took = time.perf_counter() - t
+    loop.end(sched.stats)
+    parts = read_last(str(tmp_path / "loop.jsonl"))["parts"]
+    for part in ("forward launch", "commit", "sample launch (incl. masks taken)",
+                 "grammar commit", "masks taken", "grammar poll", "table rows filed"):
+        assert 0 < parts[part] < took, part
+    assert parts["masks taken"] <= parts["sample launch (incl. masks taken)"]
+    sched.grammars.close()
     gc.callbacks.remove(loop._on_gc)
