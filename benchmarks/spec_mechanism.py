@@ -26,6 +26,20 @@ def sync(device: torch.device) -> None:
 TREE_NODES = 8  # nodes per tree (64 rows x 9 tokens stay inside the GPU mode's CUDA graphs)
 
 
+def set_small_m(sched: Scheduler, kernels: dict | None) -> dict:
+    """Detach the bf16 small-M kernels (runtime/dense_small_m.py) from every linear (`kernels` None) or put back the
+    ones given, and recapture the decode graphs (a captured graph keeps the kernels it was captured with): the
+    verify rows' linears on cuBLAS vs on the small-M kernel, in one process. Returns what was attached before."""
+    before = {name: m.small_m for name, m in sched.runner.model.named_modules() if getattr(m, "small_m", None)}
+    for name, module in sched.runner.model.named_modules():
+        if hasattr(module, "small_m"):
+            module.small_m = (kernels or {}).get(name)
+    graphs = sched.runner.graph_runner
+    if graphs is not None:
+        graphs._capture_all()
+    return before
+
+
 def fresh_spec(sched: Scheduler, topk: int | None = None) -> SpecDecoder:
     """A SpecDecoder with fresh counters, acceptance and payoff; EAGLE3 keeps the loaded head.
     `topk`: NGRAM drafts trees of this branching (nodes up to depth x topk) instead of the server's."""

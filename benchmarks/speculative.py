@@ -46,6 +46,7 @@ from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     ReplayDrafter,
     fresh_spec,
     payoff_line,
+    set_small_m,
     step_sections,
     sync,
 )
@@ -367,6 +368,15 @@ def gpu_mode(args: argparse.Namespace) -> dict:
           f"{report['layers']} layers; capture {getattr(graphs, 'capture_s', None)})", flush=True)
     costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
+    if "smallm" in args.sets:  # batch 1 only: the verify rows' linears on the small-M kernel (as loaded), then cuBLAS
+        report["verify_cost_b1"] = {"small_m": verify_costs(sched, [1], ks, 512, args.repeats + 3, vocab)}
+        kernels = set_small_m(sched, None)
+        report["small_m_layers"] = len(kernels)
+        report["verify_cost_b1"]["cublas"] = verify_costs(sched, [1], ks, 512, args.repeats + 3, vocab)
+        set_small_m(sched, kernels)
+        for a, b in zip(*report["verify_cost_b1"].values()):
+            print(f"  batch 1 k {a['k']}: small-M {a['ms']:.3f} ms vs cuBLAS {b['ms']:.3f} ms ({len(kernels)} layers "
+                  f"with a small-M kernel)", flush=True)
     if args.algorithm == "EAGLE3":
         report["draft_cost"] = draft_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab)
     rng = random.Random(1)
@@ -452,7 +462,8 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
-                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, profile = a decode step's parts "
+                    "= the verify-cost table, smallm = its batch-1 rows with the bf16 small-M kernels, then on cuBLAS, aux = "
+                    "EAGLE3's aux hidden-state cost, profile = a decode step's parts "
                     "spec off vs every step drafting at the smallest and largest batch, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "
