@@ -12,6 +12,7 @@ import torch
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramDrafter
@@ -101,10 +102,13 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
                 acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
                 return r
             setattr(obj, name, timed)
-            wrapped.append((obj, name))
+            wrapped.append((obj, name, f))
         if on:
             wrap(spec, "propose", "draft")
             wrap(sched.results, "process", "results")
+            wrap(sched, "_apply", "apply")  # the results' events: outputs, finishes, KV bookkeeping
+            wrap(sched, "_commit_step", "commit")  # an overlapped step's tokens, before a drafting step
+            wrap(ScheduledBatch, "to_forward_batch", "build")  # (a class attribute: put back as it was)
         wrap(sched, "_schedule_decode", "schedule")
         wrap(sched.runner, "forward", "forward")
         for i, p in enumerate(prompts):
@@ -121,8 +125,11 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
                     reference[tuple(prompts[int(o.rid[1:])])] += o.output_ids
         sync(sched.device)
         n = max(sched.stats["decode_steps"] - steps, 1)
-        for obj, name in wrapped:
-            delattr(obj, name)  # the instance attribute goes, the method shows again
+        for obj, name, f in wrapped:
+            if isinstance(obj, type):
+                setattr(obj, name, f)
+            else:
+                delattr(obj, name)  # the instance attribute goes, the method shows again
         out["on" if on else "off"] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
                                       **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
         if spec is not None:
