@@ -223,24 +223,43 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     reference: dict[tuple[int, ...], list[int]] = {}
     if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
         spec.drafter = ReplayDrafter(reference)
+    host: dict[str, float] = {}  # the spec-on runs' host seconds in the SpecDecoder's per-step calls
+
+    def timed(name: str) -> None:
+        f = getattr(spec, name)
+
+        def call(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            r = f(*a, **k)
+            host[name] = host.get(name, 0.0) + time.perf_counter() - t
+            return r
+        setattr(spec, name, call)
+    spec_calls = ("begin_step", "warm", "propose", "may_draft")
+    for name in spec_calls:
+        timed(name)
+    on_steps = 0
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             total, merged = 0.0, {}
+            steps_before = sched.stats["decode_steps"]
             for g, group in enumerate(groups):
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
                 dt, o = run(sched, reqs, clock)
                 total += dt
                 merged.update(o)
+            on_steps += (sched.stats["decode_steps"] - steps_before) if on else 0
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
             if replay and not on and not reference:
                 reference.update({tuple(prompts[int(g) * batch + int(i)]): merged[f"{g}-{i}"]
                                   for g, i in (rid.split("-") for rid in merged)})
+    for name in spec_calls:
+        delattr(spec, name)  # the instance attribute goes, the method shows again
     sched.spec = spec
     if outputs is not None:
         outputs.update(outs)
@@ -260,6 +279,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
         "exploring": spec.payoff.exploring() if spec.payoff is not None else None,
         "verify_steps": info["spec_verify_steps"],
+        # host ms per decode step (spec-on runs) in SpecDecoder.begin_step / warm / propose / may_draft
+        "spec_host_ms_per_step": {name: round(v / max(on_steps, 1) * 1e3, 4) for name, v in host.items()},
     }
 
 
@@ -411,7 +432,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['speedup_runs']})  accept {cell['avg_accept_length']:.2f} tok/verify step ({cell['verify_steps']} "
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
-        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}", flush=True)
+        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
+              f"{cell['spec_host_ms_per_step']}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
