@@ -38,22 +38,13 @@ class DenseSmallM:
 
 def attach_dense_small_m(model: nn.Module, pdl: bool = False) -> list[str]:
     """Give each eligible linear of `model` its `DenseSmallM` (and take it away from the others); the names of the
-    layers that got one. Eligible: a CUDA bf16 / fp16 weight, not quantized, no bias, with a measured config for
-    at least one row count of 2..16 (kernels/bf16_small_m.py's table)."""
+    layers that got one. Eligible: `dense_gemv.attach_kernels`' plain half-precision weights with a measured config
+    for at least one row count of 2..16 (kernels/bf16_small_m.py's table)."""
     from radixlm.kernels.bf16_small_m import MIN_M, config_for
-    from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from radixlm.runtime.dense_gemv import attach_kernels
 
-    attached = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            continue
-        module.small_m = None
-        weight = module.weight
-        if (module.quantized is not None or not weight.is_cuda or weight.dim() != 2 or module.bias is not None
-                or weight.dtype not in (torch.bfloat16, torch.float16) or weight.stride(1) != 1):
-            continue
-        configs = {m: cfg for m in range(MIN_M, MAX_M + 1) if (cfg := config_for(m, *weight.shape)) is not None}
-        if configs:
-            module.small_m = DenseSmallM(weight, configs, pdl)
-            attached.append(name)
-    return attached
+    def make(module: nn.Module) -> DenseSmallM | None:
+        shape = module.weight.shape
+        configs = {m: cfg for m in range(MIN_M, MAX_M + 1) if (cfg := config_for(m, *shape)) is not None}
+        return DenseSmallM(module.weight, configs, pdl) if configs else None
+    return attach_kernels(model, "small_m", make)
