@@ -36,8 +36,15 @@ def set_small_m(sched: Scheduler, kernels: dict | None) -> dict:
         if hasattr(module, "small_m"):
             module.small_m = (kernels or {}).get(name)
     graphs = sched.runner.graph_runner
-    if graphs is not None:
-        graphs._capture_all()
+    if graphs is not None:  # only the buckets the kernels can serve (larger ones never take them): seconds saved
+        from radixlm.kernels.small_m import MAX_M
+
+        buckets = graphs.buckets
+        graphs.buckets = [bs for bs in buckets if bs <= MAX_M]
+        try:
+            graphs._capture_all()
+        finally:
+            graphs.buckets = buckets
     return before
 
 
