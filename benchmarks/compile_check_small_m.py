@@ -149,13 +149,17 @@ def mma1_cases():
 def bf16m_cases():
     defaults = [key for by_m in bf16_small_m.DEFAULTS.values() for key in by_m.values() if key != bf16_small_m.CUBLAS]
     for cfg in {SmallMConfig.parse(key) for key in BF16M_CONFIGS + defaults}:
+        fma = cfg.kind in bf16_small_m.FMA_KINDS
         for act, even, partial, pdl, silu in [("bf16", True, False, True, False), ("bf16", True, True, True, False),
                                               ("bf16", True, True, True, True), ("fp16", False, True, False, False)]:
-            yield (f"bf16m {cfg.key()} {act} even={even} split={partial} pdl={pdl} silu={silu}",
-                   bf16_small_m._bf16_small_m_kernel,
-                   {"X": act, "W": act, "Out": act, "Part": "fp32" if partial else act, "Tickets": "i32" if partial else act},
-                   {"SILU": silu, "IEEE": False, "EVEN_K": even, "PARTIAL": partial, "EARLY": cfg.kind == "de",
-                    "USE_PDL": pdl, "BLOCK_M": 16, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}, cfg)
+            for rows in ((2, 3, 4) if fma else (16,)):
+                yield (f"bf16m {cfg.key()} {act} even={even} split={partial} pdl={pdl} silu={silu} rows={rows}",
+                       bf16_small_m._bf16_small_m_kernel,
+                       {"X": act, "W": act, "Out": act, "Part": "fp32" if partial else act,
+                        "Tickets": "i32" if partial else act},
+                       {"SILU": silu, "IEEE": False, "EVEN_K": even, "PARTIAL": partial,
+                        "EARLY": cfg.kind in ("de", "fe"), "USE_PDL": pdl, "FMA_ROWS": rows if fma else 0,
+                        "BLOCK_M": triton.next_power_of_2(rows), "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}, cfg)
 
 
 def main() -> int:

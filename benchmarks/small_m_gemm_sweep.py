@@ -73,12 +73,14 @@ MMA1_CONFIGS = [  # -g1: the group sums from one load issued before the loop and
     "mma1-n32-c2-w1-sa-st2-g1-j8-r1", "mma1-n64-c1-w2-sa-st2-g1-j8-r1", "mma1-n128-c2-w2-sa-st3-g1-j8-r1",
     "mma1-n64-c2-w2-sa-st4-g1-r1", "mma1-n64-c2-w2-sa-st2-g1-j8", "mma1-n64-c2-w2-sa-st2-g1",
 ]
-# the bf16 2..16-row kernel (kernels/bf16_small_m.py, a verify step's rows): "dot" waits for its predecessor first,
-# "de" loads its first weight tile before the PDL wait; 16 weight rows a warp, split-K for enough programs per SM
+# the bf16 2..16-row kernel (kernels/bf16_small_m.py, a verify step's rows): "dot" (tensor cores) waits for its
+# predecessor first, "de" loads its first weight tile before the PDL wait; 16 weight rows a warp, split-K for enough
+# programs per SM. "fma" / "fe" (CUDA cores, M <= 4): the M = 1 GEMV's loop per row, each row its bits under the
+# same config: the engine's M = 1 configs (bf16_gemv.DEFAULTS; its "pf" as "fma", the same sums)
 BF16M_CONFIGS = [
-    "dot-n16-k512-s1-w1-st3", "dot-n16-k256-s2-w1-st4", "dot-n32-k256-s1-w2-st4", "dot-n32-k512-s2-w2-st3",
-    "dot-n64-k256-s2-w4-st3", "dot-n64-k128-s4-w4-st4", "dot-n64-k256-s4-w4-st3", "de-n32-k256-s2-w2-st4",
-    "de-n64-k128-s4-w4-st4",
+    "dot-n16-k512-s1-w1-st3", "dot-n16-k256-s2-w1-st4", "dot-n32-k256-s1-w2-st4", "dot-n64-k256-s2-w4-st3",
+    "dot-n64-k128-s4-w4-st4", "de-n32-k256-s2-w2-st4",
+    "fma-n8-k512-s1-w4-st3", "fma-n16-k256-s1-w4-st3", "fe-n8-k512-s1-w4-st1", "fma-n4-k512-s1-w2-st1",
 ]  # (sm_90 compile: "de" at one warp and n16-k1024 with SiLU in the loads spill; left out)
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 LM_HEAD = (4096, 128256)  # --layers lm_head: the 8B LM head (bf16m only; the model's logits take cuBLAS)
@@ -165,9 +167,11 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
         from radixlm.kernels.bf16_small_m import bf16_small_m  # that the first layer's share of the budget is timing
 
         w = torch.randn(256, 4096, device=DEVICE, dtype=torch.bfloat16)
-        for key in BF16M_CONFIGS:
+        for key, m in itertools.product(BF16M_CONFIGS, ms):  # (fma kinds: a binary per row count)
+            if m < 2 or (m > 2 and not key.startswith("f")) or (m > 4 and key.startswith("f")):
+                continue
             try:
-                bf16_small_m(torch.randn(2, 4096, device=DEVICE, dtype=torch.bfloat16), w, SmallMConfig.parse(key))
+                bf16_small_m(torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16), w, SmallMConfig.parse(key))
             except Exception as exc:  # noqa: BLE001 - the sweep records it again per shape
                 print(f"bf16m {key}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
         deadline += time.perf_counter() - started_at
@@ -241,7 +245,9 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
             sweep: dict[str, object] = {}
             for key in dict.fromkeys([default_cfg.key(), *configs]):
                 cfg = parse(key)
-                if getattr(cfg, "kind", "") == "fma" and m > FMA_MAX_M:
+                if getattr(cfg, "kind", "") == "fma" and m > FMA_MAX_M and kind != "bf16m":
+                    continue
+                if kind == "bf16m" and cfg.kind in ("fma", "fe") and m > 4:  # (bf16_small_m.FMA_MAX_M)
                     continue
                 if time.perf_counter() > layer_deadline:
                     sweep[key] = "skipped: sweep time budget spent"

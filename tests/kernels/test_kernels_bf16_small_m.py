@@ -81,7 +81,7 @@ def test_small_m_refuses_what_it_cannot_take(device):
         bf16_small_m(torch.randn(2, 128, dtype=torch.float16, device=device), w, cfg)  # dtypes differ
     with pytest.raises(ValueError, match="takes bf16"):
         bf16_small_m(torch.randn(2, 128, device=device), w.float(), cfg)  # float32 keeps torch's exact product
-    for bad in (SmallMConfig("fma", 16, 128), SmallMConfig("dot", 8, 128)):  # not a tensor-core tile of >= 16 rows
+    for bad in (SmallMConfig("gemv", 16, 128), SmallMConfig("dot", 8, 128)):  # no such kind; a tensor-core tile < 16 rows
         with pytest.raises(ValueError, match="takes bf16"):
             bf16_small_m(torch.randn(2, 128, dtype=torch.bfloat16, device=device), w, bad)
 
@@ -133,3 +133,26 @@ def test_linear_layers_take_the_kernel_for_the_row_counts_it_serves(device, tmp_
         assert sorted(row.small_m.configs) == list(range(2, 9))
     else:
         assert row.small_m is None
+
+
+@pytest.mark.parametrize("k", [256, 200])
+def test_fma_kinds_give_each_row_the_m1_gemvs_bits(device, k):
+    """"fma" / "fe" (up to 4 rows, CUDA cores): each row's output equals the M = 1 GEMV's for that row alone under
+    the same config (its loop per row: a verify row's linears compute what a decode step's compute), the SiLU-and-mul
+    loads too; a fifth row is refused."""
+    from radixlm.kernels.bf16_gemv import bf16_gemv
+
+    g = torch.Generator().manual_seed(k + 2)
+    w = (torch.randn(40, k, generator=g) * k**-0.5).to(torch.bfloat16).to(device)
+    for kind, n, bk, split, warps in [("fma", 8, 64, 1, 2), ("fe", 8, 64, 3, 2), ("fma", 16, 128, 2, 4), ("fe", 8, 256, 1, 4)]:
+        cfg = SmallMConfig(kind, n, bk, split, warps, 2)
+        gemv_cfg = SmallMConfig("fma", n, bk, split, warps, 2)
+        for m in (2, 3, 4):
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
+            want = torch.cat([bf16_gemv(x[i : i + 1], w, gemv_cfg) for i in range(m)])
+            assert torch.equal(bf16_small_m(x, w, cfg), want), (cfg.key(), m)
+        gate_up = (torch.randn(3, 2 * k, generator=g) * 3).to(torch.bfloat16).to(device)
+        want = torch.cat([bf16_gemv(gate_up[i : i + 1], w, gemv_cfg, silu_mul=True) for i in range(3)])
+        assert torch.equal(bf16_small_m(gate_up, w, cfg, silu_mul=True), want), cfg.key()
+    with pytest.raises(ValueError, match="up to 4 rows"):
+        bf16_small_m(torch.randn(5, k, generator=g).to(torch.bfloat16).to(device), w, SmallMConfig("fma", 8, 64, 1, 2, 2))
