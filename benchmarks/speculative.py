@@ -27,6 +27,7 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -238,9 +239,21 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for name in spec_calls:
         timed(name)
     on_steps = 0
+    # the cyclic collector's pauses in each arm's runs (spec on allocates n-gram keys: more collections?)
+    collected = {False: [0, 0, 0, 0.0], True: [0, 0, 0, 0.0]}  # per arm: gen 0 / 1 / 2 counts, seconds
+    arm, gc_start = [False], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collected[arm[0]][info["generation"]] += 1
+            collected[arm[0]][3] += time.perf_counter() - gc_start[0]
+    gc.callbacks.append(on_gc)
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
+            arm[0] = on
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             total, merged = 0.0, {}
@@ -259,7 +272,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 reference.update({tuple(prompts[int(g) * batch + int(i)]): merged[f"{g}-{i}"]
                                   for g, i in (rid.split("-") for rid in merged)})
     for name in spec_calls:
-        delattr(spec, name)  # the instance attribute goes, the method shows again
+        delattr(spec, name)
+    gc.callbacks.remove(on_gc)  # the instance attribute goes, the method shows again
     sched.spec = spec
     if outputs is not None:
         outputs.update(outs)
@@ -281,6 +295,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "verify_steps": info["spec_verify_steps"],
         # host ms per decode step (spec-on runs) in SpecDecoder.begin_step / warm / propose / may_draft
         "spec_host_ms_per_step": {name: round(v / max(on_steps, 1) * 1e3, 4) for name, v in host.items()},
+        # every run of each arm: collections of generation 0 / 1 / 2 and their pauses (ms)
+        "gc": {("on" if on else "off"): {"gen0": c[0], "gen1": c[1], "gen2": c[2], "pause_ms": round(c[3] * 1e3, 2)}
+               for on, c in collected.items()},
     }
 
 
@@ -433,7 +450,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
         print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
-              f"{cell['spec_host_ms_per_step']}", flush=True)
+              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
