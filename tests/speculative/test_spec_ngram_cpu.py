@@ -163,8 +163,9 @@ def test_warm_stops_at_its_time_cap_after_one_request(monkeypatch) -> None:
     spec = object.__new__(spec_decoder.SpecDecoder)  # warm reads only the drafter and the draft model
     spec.model, spec.drafter = None, NgramDrafter(1)
     reqs = [Req(str(i), [i + 1, 7, 8, 9] * 16, SamplingParams(), 0) for i in range(4)]  # 64 tokens each
+    monkeypatch.setattr(spec_decoder, "WARM_S", 60.0)  # (a loaded machine must not stop it early here)
     spec.warm(reqs)
-    assert len(spec.drafter.indexes) == 4  # 256 tokens: within WARM_TOKENS, quick
+    assert len(spec.drafter.indexes) == 4  # 256 tokens: within WARM_TOKENS and the time cap
     monkeypatch.setattr(spec_decoder, "WARM_S", 0.0)
     spec.drafter = NgramDrafter(1)
     for step in range(1, 5):
