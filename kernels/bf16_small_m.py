@@ -39,8 +39,16 @@ FMA_MAX_M = 4  # rows the CUDA-core family takes (one [BLOCK_N, BLOCK_K] float32
 MIN_M = 2  # one row is the M = 1 GEMV's (bf16_gemv.py)
 
 # (N, K) -> {largest M covered: config key or "cublas"}: the Llama-3.1-8B shapes, measured on the H200 by
-# benchmarks/small_m_gemm_sweep.py --kinds bf16m. Empty until measured: every shape keeps cuBLAS.
-DEFAULTS: Table = {}
+# benchmarks/small_m_gemm_sweep.py --kinds bf16m --ms 2,4,8 (2026-12-04 16:53 mid-session round, RESULTS.md; us per
+# call, weights cold, cuBLAS -> this kernel without PDL): M = 2: qkv 16.6 -> 15.5, o 13.0 -> 11.8, gate_up 62.3 ->
+# 59.9, down 31.2 -> 30.7 (the four 123.0 -> 117.9, 115.9 with PDL; the M = 1 GEMV's 113.8); M = 4 / 8: qkv, o, down
+# 2-10% faster, gate_up cuBLAS (56.4 / 56.8, at the bytes floor). Rows 9..16: cuBLAS (not measured).
+DEFAULTS: Table = {
+    (6144, 4096): {2: "dot-n32-k256-s1-w2-st4", 4: "dot-n32-k256-s1-w2-st4", 8: "dot-n32-k256-s1-w2-st4"},
+    (4096, 4096): {2: "dot-n64-k128-s4-w4-st4", 4: "dot-n64-k256-s2-w4-st3", 8: "dot-n64-k256-s2-w4-st3"},
+    (28672, 4096): {2: "dot-n32-k256-s1-w2-st4", 4: CUBLAS, 8: CUBLAS},
+    (4096, 14336): {2: "dot-n64-k128-s4-w4-st4", 4: "dot-n64-k128-s4-w4-st4", 8: "dot-n64-k128-s4-w4-st4"},
+}
 register_defaults(KIND, DEFAULTS)
 
 

@@ -193,15 +193,15 @@ class RowParallelLinear(nn.Linear):
         """forward(silu(gate) * up) with the activation computed inside the M = 1 GEMV's loads (one launch less;
         the same bits as ops.silu_and_mul, then the GEMV), or None where that does not apply: no GEMV for this
         shape, more than one row, or a LoRA update on a path that reads the activation itself (the side-stream
-        shrink of decode sizes reads [gate | up] too: `LoRAProjection.reads_silu_mul`). 2..16 rows (a verify
-        step) take the small-M kernel's loads likewise where it serves this row count and no LoRA update runs."""
-        kernel = _row_kernel(self, gate_up)
-        if kernel is None or (kernel is not self.gemv and self.lora is not None and self.lora.active):
+        shrink of decode sizes reads [gate | up] too: `LoRAProjection.reads_silu_mul`). Not the small-M kernel's
+        (2..16 rows): with the activation in its loads it measured slower than the activation kernel then itself
+        (35.7 vs 30.7 + ~2.7 us on the 8B down projection, H200, RESULTS.md 2026-12-04)."""
+        if self.gemv is None or gate_up.dim() != 2 or gate_up.shape[0] != 1:
             return None
         if self.lora is not None and not self.lora.reads_silu_mul(gate_up):
             return None
         pending = None if self.lora is None else self.lora.begin(gate_up, lora_into, silu_mul=True)  # or its GEMV
-        out = pending.out if pending is not None and pending.out is not None else kernel(gate_up, None, silu_mul=True)
+        out = pending.out if pending is not None and pending.out is not None else self.gemv(gate_up, None, silu_mul=True)
         if self.lora is not None:
             out = self.lora.finish(pending, out)
         if self.tp_group is not None:
