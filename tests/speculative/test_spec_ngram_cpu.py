@@ -162,7 +162,7 @@ def test_warm_stops_at_its_time_cap_after_one_request(monkeypatch) -> None:
 
     spec = object.__new__(spec_decoder.SpecDecoder)  # warm reads only the drafter and the draft model
     spec.model, spec.drafter = None, NgramDrafter(1)
-    reqs = [Req(str(i), [i + 1, 7, 8, 9] * 16, SamplingParams(), 0) for i in range(4)]  # 64 tokens each
+    reqs = [Req(str(i), [i + 1, 7, 8, 9] * 20, SamplingParams(), 0) for i in range(4)]  # 80 tokens each
     monkeypatch.setattr(spec_decoder, "WARM_S", 60.0)  # (a loaded machine must not stop it early here)
     spec.warm(reqs)
     assert len(spec.drafter.indexes) == 4  # 256 tokens: within WARM_TOKENS and the time cap
@@ -171,4 +171,10 @@ def test_warm_stops_at_its_time_cap_after_one_request(monkeypatch) -> None:
     for step in range(1, 5):
         spec.warm(reqs)
         assert len(spec.drafter.indexes) == step  # one request a step, none skipped
-    assert all(len(index.tokens) == 64 for index in spec.drafter.indexes.values())
+    assert all(len(index.tokens) == 80 for index in spec.drafter.indexes.values())
+    # outputs: left to `propose` while a request is at most WARM_MIN_BEHIND tokens behind, then caught up
+    monkeypatch.setattr(spec_decoder, "WARM_S", 60.0)
+    reqs[0].output_ids.extend([5] * spec_decoder.WARM_MIN_BEHIND)
+    reqs[1].output_ids.extend([5] * (spec_decoder.WARM_MIN_BEHIND + 1))
+    spec.warm(reqs)
+    assert [len(spec.drafter.indexes[id(r)].tokens) for r in reqs] == [80, 80 + spec_decoder.WARM_MIN_BEHIND + 1, 80, 80]
