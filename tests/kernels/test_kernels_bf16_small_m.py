@@ -156,3 +156,34 @@ def test_fma_kinds_give_each_row_the_m1_gemvs_bits(device, k):
         assert torch.equal(bf16_small_m(gate_up, w, cfg, silu_mul=True), want), cfg.key()
     with pytest.raises(ValueError, match="up to 4 rows"):
         bf16_small_m(torch.randn(5, k, generator=g).to(torch.bfloat16).to(device), w, SmallMConfig("fma", 8, 64, 1, 2, 2))
+
+
+def test_the_lm_head_takes_the_small_m_kernel_where_it_has_one(tiny_model_dir):
+    """An untied LM head is a column-parallel linear: the logits of 2..16 rows take its small-M kernel (a verify step's
+    rows; attached where the table names the head's shape), other row counts and tied heads torch's product."""
+    from radixlm.runtime.model_runner import ModelRunner
+    from radixlm.runtime.server_args import ServerArgs
+
+    model_dir = tiny_model_dir("llama")
+    runner = ModelRunner(ServerArgs(model_path=str(model_dir), dtype="bfloat16", max_total_tokens=256,
+                                    device="cpu").resolve(), model_dir)
+    model, head = runner.model, runner.model.lm_head
+    hidden = torch.randn(3, head.weight.shape[1], dtype=torch.bfloat16)
+    plain = model.compute_logits(hidden)
+    cfg = SmallMConfig("dot", 16, 32, 2, 1, 2)
+    calls = []
+
+    class Counted(DenseSmallM):
+        def __call__(self, x, bias, silu_mul=False):
+            calls.append(x.shape[0])
+            return super().__call__(x, bias, silu_mul)
+    head.small_m = Counted(head.weight, {3: cfg})
+    try:
+        got = model.compute_logits(hidden)
+        assert calls == [3]
+        assert got.dtype == torch.float32 and got.shape == plain.shape
+        assert torch.equal(got, bf16_small_m(hidden, head.weight, cfg)[:, : model.cfg.vocab_size].float())
+        assert torch.equal(model.compute_logits(hidden[:2]), plain[:2])  # 2 rows: no config, torch's product
+        assert calls == [3]
+    finally:
+        head.small_m = None
