@@ -163,3 +163,50 @@ def payoff_line(payoff: dict | None, exploring: dict | None) -> str:
                 f"k{k}:{cell[f'k{k}_step_ms']:.2f}ms/{cell[f'k{k}_tok_s']:.0f}({cell.get(f'k{k}_n', 0)})" for k in arms))
     accept = next(iter(payoff.values()))["accept_rate"] if payoff else None
     return f"accept_rate {accept}  {exploring}  " + (" | ".join(parts) or "no drafting arm measured")
+
+
+def verify_kernel_split(sched: Scheduler, live: list, ks: list[int], vocab: int, top: int = 10) -> list[dict]:
+    """Which GPU kernels a batch-1 verify forward adds over a decode step: each k's forward (its rows built as the
+    scheduler builds them) run eagerly (no graph: the profiler sees every kernel) 3 times under torch.profiler;
+    per k the kernels' device µs per forward, the top ones, and the largest increases over k = 0 by kernel name."""
+    import random
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from radixlm.runtime.forward_batch import ForwardMode
+
+    rng, out, base = random.Random(0), [], None
+    graphs, sched.runner.graph_runner = sched.runner.graph_runner, None
+    try:
+        for k in [0, *ks]:
+            slots = sched.kv_pool.alloc(len(live) * (k + 1))
+            batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+            batch.set_decode_rows(live, slots, [[rng.randrange(100, vocab - 100) for _ in range(k)] for _ in live],
+                                  [None] * len(live))
+            fb, writes = batch.to_forward_batch(sched.device)
+            sched.req_to_token_pool.commit(writes)
+            sched.runner.forward(fb)  # warm (compiles, allocator)
+            sync(sched.device)
+            cuda = sched.device.type == "cuda"  # (a CPU smoke run: the host ops instead)
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    sched.runner.forward(fb)
+                sync(sched.device)
+            sched.kv_pool.free(slots)
+            by_name: dict[str, float] = {}
+            for e in prof.key_averages():
+                us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if cuda \
+                    else e.self_cpu_time_total
+                if us > 0:
+                    by_name[e.key] = by_name.get(e.key, 0.0) + us / 3
+            row = {"k": k, "device_us": round(sum(by_name.values()), 1),
+                   "top": [(name[:80], round(us, 1)) for name, us in sorted(by_name.items(), key=lambda x: -x[1])[:top]]}
+            if base is None:
+                base = by_name
+            else:
+                grew = {n: us - base.get(n, 0.0) for n, us in by_name.items()}
+                row["grew"] = [(name[:80], round(us, 1)) for name, us in sorted(grew.items(), key=lambda x: -x[1])[:top]]
+            out.append(row)
+    finally:
+        sched.runner.graph_runner = graphs
+    return out

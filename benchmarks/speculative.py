@@ -50,6 +50,7 @@ from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     set_small_m,
     step_sections,
     sync,
+    verify_kernel_split,
 )
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
@@ -406,6 +407,15 @@ def gpu_mode(args: argparse.Namespace) -> dict:
           f"{report['layers']} layers; capture {getattr(graphs, 'capture_s', None)})", flush=True)
     costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
+    if "kernels" in args.sets:  # batch 1: where a verify forward's extra device time goes, by kernel
+        live = prefill_random(sched, 1, 512, vocab, "kern")
+        report["verify_kernels_b1"] = verify_kernel_split(sched, live, [1, 4], vocab)
+        for r in live:
+            sched.abort(r.rid, "benchmark done")
+        sched.pop_outputs()
+        for row in report["verify_kernels_b1"]:
+            print(f"  batch 1 k {row['k']}: kernels {row['device_us']} us a forward (eager); top {row['top'][:6]}"
+                  + (f"; grew most over k 0: {row['grew'][:6]}" if "grew" in row else ""), flush=True)
     if "smallm" in args.sets:  # batch 1 only: the verify rows' linears on the small-M kernel (as loaded), then cuBLAS
         report["verify_cost_b1"] = {"small_m": verify_costs(sched, [1], ks, 512, args.repeats + 3, vocab)}
         kernels = set_small_m(sched, None)
@@ -502,7 +512,8 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
-                    "= the verify-cost table, smallm = its batch-1 rows with the bf16 small-M kernels, then on cuBLAS, aux = "
+                    "= the verify-cost table, smallm = its batch-1 rows with the bf16 small-M kernels, then on cuBLAS, kernels = a batch-1 "
+                    "verify forward's device time by kernel (torch.profiler, eager), aux = "
                     "EAGLE3's aux hidden-state cost, profile = a decode step's parts "
                     "spec off vs every step drafting at the smallest and largest batch, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
