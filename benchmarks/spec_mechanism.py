@@ -116,6 +116,9 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
             wrap(sched, "_apply", "apply")  # the results' events: outputs, finishes, KV bookkeeping
             wrap(sched, "_commit_step", "commit")  # an overlapped step's tokens, before a drafting step
             wrap(ScheduledBatch, "to_forward_batch", "build")  # (a class attribute: put back as it was)
+            if sched.runner.cascade is not None:  # (inside build: which rows share a prefix)
+                wrap(sched.runner.cascade, "plan", "cascade_plan")
+            wrap(sched.req_to_token_pool, "commit", "slot_writes")
         wrap(sched, "_schedule_decode", "schedule")
         wrap(sched.runner, "forward", "forward")
         for i, p in enumerate(prompts):

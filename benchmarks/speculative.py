@@ -489,7 +489,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                   f"plain/drafting step {prof['plain_over_drafting']:.3f} (off {prof['off']['step_ms']} ms, on "
                   f"{on['step_ms']} ms: draft {on.get('draft_ms')}, schedule {on.get('schedule_ms')}, build "
                   f"{on.get('build_ms')}, forward+sync {on.get('forward_ms')}, results {on.get('results_ms')}, apply "
-                  f"{on.get('apply_ms')}, commit {on.get('commit_ms')}; {on['tokens_per_verify']} tok/verify)",
+                  f"{on.get('apply_ms')}, commit {on.get('commit_ms')}, cascade plan {on.get('cascade_plan_ms')}, slot "
+                  f"writes {on.get('slot_writes_ms')}; {on['tokens_per_verify']} tok/verify)",
                   flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
