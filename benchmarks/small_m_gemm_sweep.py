@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,9 +145,10 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] = MS, pdl: bool = False,
-               layers: tuple[str, ...] = tuple(SHAPES)) -> list[dict]:
+               layers: tuple[str, ...] = tuple(SHAPES), on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """One kernel's configs on the 8B shapes named in `layers` at each M; `pdl`: the best config again with
-    programmatic dependent launch (its calls back to back in the graph overlap their launches)."""
+    programmatic dependent launch (its calls back to back in the graph overlap their launches); `on_row`: called
+    with the rows so far after each one (the JSON is written as it goes: a command's time limit keeps what finished)."""
     started_at = time.perf_counter()
     from radixlm.kernels.fp8_gemm import w8a16_matmul
     from radixlm.kernels.fp8_small_m import config_for as fp8_default
@@ -304,6 +306,8 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                 except Exception as exc:  # noqa: BLE001 - recorded: PDL may not launch here
                     row["best_pdl_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             print(_line(row), flush=True)
         del parts, new, old, bf16, q, ref_w, w
         torch.cuda.empty_cache()
@@ -416,8 +420,11 @@ def main() -> None:
     kinds = args.kinds.split(",")
     for i, kind in enumerate(kinds):  # the time budget is shared out between the kinds
         share = (args.budget_s - (time.perf_counter() - started)) / (len(kinds) - i)
+        def partial(kind_rows: list[dict], done: list[dict] = list(rows)) -> None:
+            report["rows"], report["tables"] = done + kind_rows, tables(done + kind_rows)
+            out.write_text(json.dumps(report, indent=1))
         rows += sweep_kind(kind, copy_bw, time.perf_counter() + share, tuple(int(v) for v in args.ms.split(",")),
-                           args.pdl, tuple(args.layers.split(",")))
+                           args.pdl, tuple(args.layers.split(",")), partial)
         report["rows"], report["tables"] = rows, tables(rows)
         out.write_text(json.dumps(report, indent=1))
     report["sweep_s"] = time.perf_counter() - started
