@@ -422,7 +422,9 @@ def main() -> None:
         share = (args.budget_s - (time.perf_counter() - started)) / (len(kinds) - i)
         def partial(kind_rows: list[dict], done: list[dict] = list(rows)) -> None:
             report["rows"], report["tables"] = done + kind_rows, tables(done + kind_rows)
-            out.write_text(json.dumps(report, indent=1))
+            tmp = out.with_name(out.name + ".part")  # (renamed over it: a kill mid-write leaves the last whole file)
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(out)
         rows += sweep_kind(kind, copy_bw, time.perf_counter() + share, tuple(int(v) for v in args.ms.split(",")),
                            args.pdl, tuple(args.layers.split(",")), partial)
         report["rows"], report["tables"] = rows, tables(rows)
