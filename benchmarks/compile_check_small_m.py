@@ -1,5 +1,5 @@
 """Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py, the M = 1
-4-bit GEMV kernels/w4a16_gemv.py) for sm_90
+4-bit GEMV kernels/w4a16_gemv.py, the bf16 2..16-row kernels/bf16_small_m.py) for sm_90
 (and the M = 1 tensor-core kernel kernels/w4a16_mma_m1.py) on a machine without a GPU, and look at what the compiler made of the weight loads.
 
 The Triton interpreter runs kernel bodies as Python and misses code-generation errors; this runs the real
@@ -24,11 +24,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import fp8_small_m, w4a16_gemv, w4a16_mma_m1, w4a16_small_m
+from radixlm.kernels import bf16_small_m, fp8_small_m, w4a16_gemv, w4a16_mma_m1, w4a16_small_m
 from radixlm.kernels.small_m import SmallMConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from small_m_gemm_sweep import FP8_CONFIGS, GEMV_CONFIGS, MMA1_CONFIGS, W4_CONFIGS  # noqa: E402
+from small_m_gemm_sweep import BF16M_CONFIGS, FP8_CONFIGS, GEMV_CONFIGS, MMA1_CONFIGS, W4_CONFIGS  # noqa: E402
 
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "e4m3": "*fp8e4nv", "i16": "*i16", "i32": "*i32",
         "u8": "*u8"}
@@ -146,15 +146,32 @@ def mma1_cases():
                         "EVEN": i == 0, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
 
 
+def bf16m_cases():
+    defaults = [key for by_m in bf16_small_m.DEFAULTS.values() for key in by_m.values() if key != bf16_small_m.CUBLAS]
+    for cfg in {SmallMConfig.parse(key) for key in BF16M_CONFIGS + defaults}:
+        fma = cfg.kind in bf16_small_m.FMA_KINDS
+        for act, even, partial, pdl, silu in [("bf16", True, False, True, False), ("bf16", True, True, True, False),
+                                              ("bf16", True, True, True, True), ("fp16", False, True, False, False)]:
+            for rows in ((2, 3, 4) if fma else (16,)):
+                yield (f"bf16m {cfg.key()} {act} even={even} split={partial} pdl={pdl} silu={silu} rows={rows}",
+                       bf16_small_m._bf16_small_m_kernel,
+                       {"X": act, "W": act, "Out": act, "Part": "fp32" if partial else act,
+                        "Tickets": "i32" if partial else act},
+                       {"SILU": silu, "IEEE": False, "EVEN_K": even, "PARTIAL": partial,
+                        "EARLY": cfg.kind in ("de", "fe"), "USE_PDL": pdl, "FMA_ROWS": rows if fma else 0,
+                        "BLOCK_M": triton.next_power_of_2(rows), "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}, cfg)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv", "mma1"], action="append")
+    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv", "mma1", "bf16m"], action="append")
     parser.add_argument("--first", type=int, default=0, help="only the first N cases of each kernel (quick look)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     total = failed = 0
-    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases), ("gemv", gemv_cases), ("mma1", mma1_cases)):
+    for name, cases in (("fp8", fp8_cases), ("w4", w4_cases), ("gemv", gemv_cases), ("mma1", mma1_cases),
+                        ("bf16m", bf16m_cases)):
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,7 +74,17 @@ MMA1_CONFIGS = [  # -g1: the group sums from one load issued before the loop and
     "mma1-n32-c2-w1-sa-st2-g1-j8-r1", "mma1-n64-c1-w2-sa-st2-g1-j8-r1", "mma1-n128-c2-w2-sa-st3-g1-j8-r1",
     "mma1-n64-c2-w2-sa-st4-g1-r1", "mma1-n64-c2-w2-sa-st2-g1-j8", "mma1-n64-c2-w2-sa-st2-g1",
 ]
+# the bf16 2..16-row kernel (kernels/bf16_small_m.py, a verify step's rows): "dot" (tensor cores) waits for its
+# predecessor first, "de" loads its first weight tile before the PDL wait; 16 weight rows a warp, split-K for enough
+# programs per SM. "fma" / "fe" (CUDA cores, M <= 4): the M = 1 GEMV's loop per row, each row its bits under the
+# same config: the engine's M = 1 configs (bf16_gemv.DEFAULTS; its "pf" as "fma", the same sums)
+BF16M_CONFIGS = [
+    "dot-n16-k512-s1-w1-st3", "dot-n16-k256-s2-w1-st4", "dot-n32-k256-s1-w2-st4", "dot-n64-k256-s2-w4-st3",
+    "dot-n64-k128-s4-w4-st4", "de-n32-k256-s2-w2-st4",
+    "fma-n8-k512-s1-w4-st3", "fma-n16-k256-s1-w4-st3", "fe-n8-k512-s1-w4-st1", "fma-n4-k512-s1-w2-st1",
+]  # (sm_90 compile: "de" at one warp and n16-k1024 with SiLU in the loads spill; left out)
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
+LM_HEAD = (4096, 128256)  # --layers lm_head: the 8B LM head (bf16m only; the model's logits take cuBLAS)
 MS = (1, 2, 4, 8, 16)
 FMA_MAX_M = 2  # the fma family is swept at these M only (its FMAs per weight grow with M)
 L2_BYTES = 50 << 20
@@ -134,9 +145,11 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] = MS, pdl: bool = False,
-               layers: tuple[str, ...] = tuple(SHAPES)) -> list[dict]:
+               layers: tuple[str, ...] = tuple(SHAPES), on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """One kernel's configs on the 8B shapes named in `layers` at each M; `pdl`: the best config again with
-    programmatic dependent launch (its calls back to back in the graph overlap their launches)."""
+    programmatic dependent launch (its calls back to back in the graph overlap their launches); `on_row`: called
+    with the rows so far after each one (the JSON is written as it goes: a command's time limit keeps what finished)."""
+    started_at = time.perf_counter()
     from radixlm.kernels.fp8_gemm import w8a16_matmul
     from radixlm.kernels.fp8_small_m import config_for as fp8_default
     from radixlm.kernels.fp8_small_m import fp8_small_m_matmul
@@ -151,10 +164,38 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
     from radixlm.runtime.quantization.w4a16 import W4Weight
 
     rows = []
-    for i, (name, (k, n)) in enumerate((name, SHAPES[name]) for name in layers):
+    shapes = {**SHAPES, "lm_head": LM_HEAD}
+    if kind == "bf16m":  # compile every config first (the binaries of the 8B shapes: the same specialization), so
+        from radixlm.kernels.bf16_small_m import bf16_small_m  # that the first layer's share of the budget is timing
+
+        w = torch.randn(256, 4096, device=DEVICE, dtype=torch.bfloat16)
+        for key, m in itertools.product(BF16M_CONFIGS, ms):  # (fma kinds: a binary per row count)
+            if m < 2 or (m > 2 and not key.startswith("f")) or (m > 4 and key.startswith("f")):
+                continue
+            try:
+                bf16_small_m(torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16), w, SmallMConfig.parse(key))
+            except Exception as exc:  # noqa: BLE001 - the sweep records it again per shape
+                print(f"bf16m {key}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        deadline += time.perf_counter() - started_at
+    for i, (name, (k, n)) in enumerate((name, shapes[name]) for name in layers):
         layer_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(layers) - i)  # a fair share each
         w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
-        if kind == "fp8":
+        if kind == "bf16m":  # "old": torch's product (cuBLAS), what the engine runs at 2..16 rows without this kernel
+            from radixlm.kernels.bf16_small_m import bf16_small_m
+            from radixlm.kernels.bf16_small_m import config_for as bf16m_table
+
+            q, ref_w = w, w.float()
+            weight_bytes = 2 * n * k
+            reps = copies_for(weight_bytes)
+            parts = [(w if r == 0 else w.clone(), tickets_for(n, w.device)) for r in range(reps)]
+            new = [lambda x, cfg, p=p, pdl=False, silu=False: bf16_small_m(x, p[0], cfg, p[1], pdl=pdl, silu_mul=silu)
+                   for p in parts]
+            old = [lambda x, p=p: torch.matmul(x, p[0].t()) for p in parts]
+            configs, parse = BF16M_CONFIGS, SmallMConfig.parse
+
+            def default(m, n, k, device):
+                return bf16m_table(m, n, k) or SmallMConfig.parse(BF16M_CONFIGS[0])
+        elif kind == "fp8":
             q = Fp8Weight.from_float(w)
             ref_w = q.dequantize()
             s = q.scales.reshape(-1)
@@ -191,9 +232,9 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                                                                            tickets=p[2], cfg=cfg) for p in parts]
                 old = [lambda x, p=p: w4a16_matmul(x, p[0], p[1], None, None, k, 128) for p in parts]
                 configs, default, parse = W4_CONFIGS, w4_default, SmallMConfig.parse
-        bf16 = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
+        bf16 = [p[0] for p in parts] if kind == "bf16m" else [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
         for m in ms:
-            if kind in ("gemv", "mma1") and m > 1:
+            if (kind in ("gemv", "mma1") and m > 1) or (kind == "bf16m" and m == 1):
                 continue
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = x.float() @ ref_w.t()
@@ -206,7 +247,9 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
             sweep: dict[str, object] = {}
             for key in dict.fromkeys([default_cfg.key(), *configs]):
                 cfg = parse(key)
-                if getattr(cfg, "kind", "") == "fma" and m > FMA_MAX_M:
+                if getattr(cfg, "kind", "") == "fma" and m > FMA_MAX_M and kind != "bf16m":
+                    continue
+                if kind == "bf16m" and cfg.kind in ("fma", "fe") and m > 4:  # (bf16_small_m.FMA_MAX_M)
                     continue
                 if time.perf_counter() > layer_deadline:
                     sweep[key] = "skipped: sweep time budget spent"
@@ -215,7 +258,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                     err = _rel(new[0](x, cfg), ref)
                     t = graph_time([lambda f=f, cfg=cfg: f(x, cfg) for f in new]) * 1e6
                     err = max(err, _rel(new[0](x, cfg), ref))  # again after the replays: tickets reset?
-                    sweep[key] = {"us": t, "max_rel": err, "tickets_zero": not any(p[2].any().item() for p in parts)}
+                    sweep[key] = {"us": t, "max_rel": err, "tickets_zero": not any(p[-1].any().item() for p in parts)}
                 except Exception as exc:  # noqa: BLE001 - a config that does not compile is recorded and skipped
                     sweep[key] = f"{type(exc).__name__}: {str(exc)[:160]}"
             ok = {key: v for key, v in sweep.items()
@@ -243,6 +286,18 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                                                                      cfg=cfg, silu_mul=True) for p in parts]) * 1e6
                 except Exception as exc:  # noqa: BLE001 - recorded: a diagnostic
                     row["silu_mul_equal"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if name == "down" and best and kind == "bf16m":  # the down projection's SiLU-and-mul in the loads
+                from radixlm.kernels.ops import silu_and_mul
+
+                try:
+                    cfg = parse(best)
+                    gate_up = torch.randn(m, 2 * k, device=DEVICE, dtype=torch.bfloat16)
+                    row["silu_mul_equal"] = torch.equal(new[0](gate_up, cfg, silu=True),
+                                                        new[0](silu_and_mul(gate_up), cfg))
+                    row["silu_mul_us"] = graph_time([lambda f=f: f(gate_up, cfg, pdl=pdl, silu=True) for f in new]) * 1e6
+                    row["old_silu_mul_us"] = graph_time([lambda f=f: f(silu_and_mul(gate_up)) for f in old]) * 1e6
+                except Exception as exc:  # noqa: BLE001 - recorded: a diagnostic
+                    row["silu_mul_equal"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             if pdl and best and kind != "w4":
                 try:
                     cfg = parse(best)
@@ -251,6 +306,8 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
                 except Exception as exc:  # noqa: BLE001 - recorded: PDL may not launch here
                     row["best_pdl_us"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             print(_line(row), flush=True)
         del parts, new, old, bf16, q, ref_w, w
         torch.cuda.empty_cache()
@@ -266,7 +323,9 @@ def _line(r: dict) -> str:
             + (f"{pdl:>7.1f}" if isinstance(pdl, float) else "      -") + f"  {r['best']}"
             + (f"  WRONG: {r['wrong']}" if r["wrong"] else "") + (f"  PDL: {pdl}" if isinstance(pdl, str) else "")
             + (f"  reads alone {r['stream_us']:.1f}" if isinstance(r.get("stream_us"), float) else "")
-            + (f"  silu_mul {r['silu_mul_us']:.1f} us, same bits {r['silu_mul_equal']}" if "silu_mul_us" in r
+            + (f"  silu_mul {r['silu_mul_us']:.1f} us (activation kernel + old {r['old_silu_mul_us']:.1f}), same bits "
+               f"{r['silu_mul_equal']}" if "old_silu_mul_us" in r
+               else f"  silu_mul {r['silu_mul_us']:.1f} us, same bits {r['silu_mul_equal']}" if "silu_mul_us" in r
                else f"  silu_mul: {r['silu_mul_equal']}" if "silu_mul_equal" in r else ""))
 
 
@@ -275,9 +334,12 @@ def tables(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
         if r["best"]:
-            if r["kind"] in ("gemv", "mma1") and not r["best_us"] < r["old_us"]:
+            best = r["best"]
+            if r["kind"] == "bf16m" and not r["best_us"] < r["old_us"]:
+                best = "cublas"  # said explicitly: a larger M's config must not cover this M
+            elif r["kind"] in ("gemv", "mma1") and not r["best_us"] < r["old_us"]:
                 continue  # the GEMV / mma1 serve a shape only where they beat what the engine ran (their "old" here)
-            out.setdefault(r["kind"], {}).setdefault(f"{r['N']}x{r['K']}", {})[str(r["M"])] = r["best"]
+            out.setdefault(r["kind"], {}).setdefault(f"{r['N']}x{r['K']}", {})[str(r["M"])] = best
     return out
 
 
@@ -358,20 +420,26 @@ def main() -> None:
     kinds = args.kinds.split(",")
     for i, kind in enumerate(kinds):  # the time budget is shared out between the kinds
         share = (args.budget_s - (time.perf_counter() - started)) / (len(kinds) - i)
+        def partial(kind_rows: list[dict], done: list[dict] = list(rows)) -> None:
+            report["rows"], report["tables"] = done + kind_rows, tables(done + kind_rows)
+            tmp = out.with_name(out.name + ".part")  # (renamed over it: a kill mid-write leaves the last whole file)
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(out)
         rows += sweep_kind(kind, copy_bw, time.perf_counter() + share, tuple(int(v) for v in args.ms.split(",")),
-                           args.pdl, tuple(args.layers.split(",")))
+                           args.pdl, tuple(args.layers.split(",")), partial)
         report["rows"], report["tables"] = rows, tables(rows)
         out.write_text(json.dumps(report, indent=1))
     report["sweep_s"] = time.perf_counter() - started
-    for kind in kinds:  # the four layers summed, M = 1: what a decoder layer's GEMMs cost
-        one = [r for r in rows if r["kind"] == kind and r["M"] == 1]
+    for kind, m in itertools.product(kinds, sorted({r["M"] for r in rows})):  # the layers summed: a decoder layer's GEMMs
+        one = [r for r in rows if r["kind"] == kind and r["M"] == m]
         if len(one) == len(args.layers.split(",")) and all(r["best_us"] for r in one):
-            print(f"# {kind} M = 1, the swept layers summed: floor {sum(r['floor_us'] for r in one):.1f}, "
+            print(f"# {kind} M = {m}, the swept layers summed: floor {sum(r['floor_us'] for r in one):.1f}, "
                   f"old {sum(r['old_us'] for r in one):.1f}, best {sum(r['best_us'] for r in one):.1f}"
                   + (f", best+PDL {sum(r['best_pdl_us'] for r in one):.1f}"
                      if all(isinstance(r.get("best_pdl_us"), float) for r in one) else "") + " us")
     for kind, table in report["tables"].items():
-        module = {"fp8": "fp8_small_m", "w4": "w4a16_small_m", "gemv": "w4a16_gemv", "mma1": "w4a16_mma_m1"}[kind]
+        module = {"fp8": "fp8_small_m", "w4": "w4a16_small_m", "gemv": "w4a16_gemv", "mma1": "w4a16_mma_m1",
+                  "bf16m": "bf16_small_m"}[kind]
         print(f"# {kind} DEFAULTS (kernels/{module}.py): " + python_literal(table).replace("\n   ", ""))
     out.write_text(json.dumps(report, indent=1))
     if args.decode:

@@ -12,6 +12,7 @@ import torch
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramDrafter
@@ -24,6 +25,27 @@ def sync(device: torch.device) -> None:
 
 
 TREE_NODES = 8  # nodes per tree (64 rows x 9 tokens stay inside the GPU mode's CUDA graphs)
+
+
+def set_small_m(sched: Scheduler, kernels: dict | None) -> dict:
+    """Detach the bf16 small-M kernels (runtime/dense_small_m.py) from every linear (`kernels` None) or put back the
+    ones given, and recapture the decode graphs (a captured graph keeps the kernels it was captured with): the
+    verify rows' linears on cuBLAS vs on the small-M kernel, in one process. Returns what was attached before."""
+    before = {name: m.small_m for name, m in sched.runner.model.named_modules() if getattr(m, "small_m", None)}
+    for name, module in sched.runner.model.named_modules():
+        if hasattr(module, "small_m"):
+            module.small_m = (kernels or {}).get(name)
+    graphs = sched.runner.graph_runner
+    if graphs is not None:  # only the buckets the kernels can serve (larger ones never take them): seconds saved
+        from radixlm.kernels.small_m import MAX_M
+
+        buckets = graphs.buckets
+        graphs.buckets = [bs for bs in buckets if bs <= MAX_M]
+        try:
+            graphs._capture_all()
+        finally:
+            graphs.buckets = buckets
+    return before
 
 
 def fresh_spec(sched: Scheduler, topk: int | None = None) -> SpecDecoder:
@@ -87,10 +109,16 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
                 acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
                 return r
             setattr(obj, name, timed)
-            wrapped.append((obj, name))
+            wrapped.append((obj, name, f))
         if on:
             wrap(spec, "propose", "draft")
             wrap(sched.results, "process", "results")
+            wrap(sched, "_apply", "apply")  # the results' events: outputs, finishes, KV bookkeeping
+            wrap(sched, "_commit_step", "commit")  # an overlapped step's tokens, before a drafting step
+            wrap(ScheduledBatch, "to_forward_batch", "build")  # (a class attribute: put back as it was)
+            if sched.runner.cascade is not None:  # (inside build: which rows share a prefix)
+                wrap(sched.runner.cascade, "plan", "cascade_plan")
+            wrap(sched.req_to_token_pool, "commit", "slot_writes")
         wrap(sched, "_schedule_decode", "schedule")
         wrap(sched.runner, "forward", "forward")
         for i, p in enumerate(prompts):
@@ -107,8 +135,11 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
                     reference[tuple(prompts[int(o.rid[1:])])] += o.output_ids
         sync(sched.device)
         n = max(sched.stats["decode_steps"] - steps, 1)
-        for obj, name in wrapped:
-            delattr(obj, name)  # the instance attribute goes, the method shows again
+        for obj, name, f in wrapped:
+            if isinstance(obj, type):
+                setattr(obj, name, f)
+            else:
+                delattr(obj, name)  # the instance attribute goes, the method shows again
         out["on" if on else "off"] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
                                       **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
         if spec is not None:
@@ -135,3 +166,50 @@ def payoff_line(payoff: dict | None, exploring: dict | None) -> str:
                 f"k{k}:{cell[f'k{k}_step_ms']:.2f}ms/{cell[f'k{k}_tok_s']:.0f}({cell.get(f'k{k}_n', 0)})" for k in arms))
     accept = next(iter(payoff.values()))["accept_rate"] if payoff else None
     return f"accept_rate {accept}  {exploring}  " + (" | ".join(parts) or "no drafting arm measured")
+
+
+def verify_kernel_split(sched: Scheduler, live: list, ks: list[int], vocab: int, top: int = 10) -> list[dict]:
+    """Which GPU kernels a batch-1 verify forward adds over a decode step: each k's forward (its rows built as the
+    scheduler builds them) run eagerly (no graph: the profiler sees every kernel) 3 times under torch.profiler;
+    per k the kernels' device µs per forward, the top ones, and the largest increases over k = 0 by kernel name."""
+    import random
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from radixlm.runtime.forward_batch import ForwardMode
+
+    rng, out, base = random.Random(0), [], None
+    graphs, sched.runner.graph_runner = sched.runner.graph_runner, None
+    try:
+        for k in [0, *ks]:
+            slots = sched.kv_pool.alloc(len(live) * (k + 1))
+            batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+            batch.set_decode_rows(live, slots, [[rng.randrange(100, vocab - 100) for _ in range(k)] for _ in live],
+                                  [None] * len(live))
+            fb, writes = batch.to_forward_batch(sched.device)
+            sched.req_to_token_pool.commit(writes)
+            sched.runner.forward(fb)  # warm (compiles, allocator)
+            sync(sched.device)
+            cuda = sched.device.type == "cuda"  # (a CPU smoke run: the host ops instead)
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    sched.runner.forward(fb)
+                sync(sched.device)
+            sched.kv_pool.free(slots)
+            by_name: dict[str, float] = {}
+            for e in prof.key_averages():
+                us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if cuda \
+                    else e.self_cpu_time_total
+                if us > 0:
+                    by_name[e.key] = by_name.get(e.key, 0.0) + us / 3
+            row = {"k": k, "device_us": round(sum(by_name.values()), 1),
+                   "top": [(name[:80], round(us, 1)) for name, us in sorted(by_name.items(), key=lambda x: -x[1])[:top]]}
+            if base is None:
+                base = by_name
+            else:
+                grew = {n: us - base.get(n, 0.0) for n, us in by_name.items()}
+                row["grew"] = [(name[:80], round(us, 1)) for name, us in sorted(grew.items(), key=lambda x: -x[1])[:top]]
+            out.append(row)
+    finally:
+        sched.runner.graph_runner = graphs
+    return out

@@ -27,6 +27,7 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -46,8 +47,10 @@ from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     ReplayDrafter,
     fresh_spec,
     payoff_line,
+    set_small_m,
     step_sections,
     sync,
+    verify_kernel_split,
 )
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
@@ -222,24 +225,56 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     reference: dict[tuple[int, ...], list[int]] = {}
     if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
         spec.drafter = ReplayDrafter(reference)
+    host: dict[str, float] = {}  # the spec-on runs' host seconds in the SpecDecoder's per-step calls
+
+    def timed(name: str) -> None:
+        f = getattr(spec, name)
+
+        def call(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            r = f(*a, **k)
+            host[name] = host.get(name, 0.0) + time.perf_counter() - t
+            return r
+        setattr(spec, name, call)
+    spec_calls = ("begin_step", "warm", "propose", "may_draft")
+    for name in spec_calls:
+        timed(name)
+    on_steps = 0
+    # the cyclic collector's pauses in each arm's runs (spec on allocates n-gram keys: more collections?)
+    collected = {False: [0, 0, 0, 0.0], True: [0, 0, 0, 0.0]}  # per arm: gen 0 / 1 / 2 counts, seconds
+    arm, gc_start = [False], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collected[arm[0]][info["generation"]] += 1
+            collected[arm[0]][3] += time.perf_counter() - gc_start[0]
+    gc.callbacks.append(on_gc)
     for _ in range(repeats):
         for on in (False, True):
             sched.spec = spec if on else None
+            arm[0] = on
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             total, merged = 0.0, {}
+            steps_before = sched.stats["decode_steps"]
             for g, group in enumerate(groups):
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
                 dt, o = run(sched, reqs, clock)
                 total += dt
                 merged.update(o)
+            on_steps += (sched.stats["decode_steps"] - steps_before) if on else 0
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
             if replay and not on and not reference:
                 reference.update({tuple(prompts[int(g) * batch + int(i)]): merged[f"{g}-{i}"]
                                   for g, i in (rid.split("-") for rid in merged)})
+    for name in spec_calls:
+        delattr(spec, name)
+    gc.callbacks.remove(on_gc)  # the instance attribute goes, the method shows again
     sched.spec = spec
     if outputs is not None:
         outputs.update(outs)
@@ -259,6 +294,11 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
         "exploring": spec.payoff.exploring() if spec.payoff is not None else None,
         "verify_steps": info["spec_verify_steps"],
+        # host ms per decode step (spec-on runs) in SpecDecoder.begin_step / warm / propose / may_draft
+        "spec_host_ms_per_step": {name: round(v / max(on_steps, 1) * 1e3, 4) for name, v in host.items()},
+        # every run of each arm: collections of generation 0 / 1 / 2 and their pauses (ms)
+        "gc": {("on" if on else "off"): {"gen0": c[0], "gen1": c[1], "gen2": c[2], "pause_ms": round(c[3] * 1e3, 2)}
+               for on, c in collected.items()},
     }
 
 
@@ -367,6 +407,28 @@ def gpu_mode(args: argparse.Namespace) -> dict:
           f"{report['layers']} layers; capture {getattr(graphs, 'capture_s', None)})", flush=True)
     costs = verify_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab) if "cost" in args.sets else []
     report["verify_cost"] = costs
+    if "kernels" in args.sets:  # batch 1: where a verify forward's extra device time goes, by kernel
+        live = prefill_random(sched, 1, 512, vocab, "kern")
+        try:
+            report["verify_kernels_b1"] = verify_kernel_split(sched, live, [1, 4], vocab)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic (the profiler may not run here): the rest goes on
+            report["verify_kernels_b1"] = []
+            print(f"  kernel split failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        for r in live:
+            sched.abort(r.rid, "benchmark done")
+        sched.pop_outputs()
+        for row in report["verify_kernels_b1"]:
+            print(f"  batch 1 k {row['k']}: kernels {row['device_us']} us a forward (eager); top {row['top'][:6]}"
+                  + (f"; grew most over k 0: {row['grew'][:6]}" if "grew" in row else ""), flush=True)
+    if "smallm" in args.sets:  # batch 1 only: the verify rows' linears on the small-M kernel (as loaded), then cuBLAS
+        report["verify_cost_b1"] = {"small_m": verify_costs(sched, [1], ks, 512, args.repeats + 3, vocab)}
+        kernels = set_small_m(sched, None)
+        report["small_m_layers"] = len(kernels)
+        report["verify_cost_b1"]["cublas"] = verify_costs(sched, [1], ks, 512, args.repeats + 3, vocab)
+        set_small_m(sched, kernels)
+        for a, b in zip(*report["verify_cost_b1"].values()):
+            print(f"  batch 1 k {a['k']}: small-M {a['ms']:.3f} ms vs cuBLAS {b['ms']:.3f} ms ({len(kernels)} layers "
+                  f"with a small-M kernel)", flush=True)
     if args.algorithm == "EAGLE3":
         report["draft_cost"] = draft_costs(sched, [1, 8, 32, 64], ks, 512, args.repeats + 3, vocab)
     rng = random.Random(1)
@@ -401,7 +463,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['speedup_runs']})  accept {cell['avg_accept_length']:.2f} tok/verify step ({cell['verify_steps']} "
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
-        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}", flush=True)
+        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
+              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
@@ -424,8 +487,10 @@ def gpu_mode(args: argparse.Namespace) -> dict:
             on = prof["on"]
             print(f"[{time.perf_counter() - started:5.0f} s] step {which} batch {batch} topk {topk} k {depth or 'max'}: "
                   f"plain/drafting step {prof['plain_over_drafting']:.3f} (off {prof['off']['step_ms']} ms, on "
-                  f"{on['step_ms']} ms: draft {on.get('draft_ms')}, schedule {on.get('schedule_ms')}, forward+sync "
-                  f"{on.get('forward_ms')}, results {on.get('results_ms')}; {on['tokens_per_verify']} tok/verify)",
+                  f"{on['step_ms']} ms: draft {on.get('draft_ms')}, schedule {on.get('schedule_ms')}, build "
+                  f"{on.get('build_ms')}, forward+sync {on.get('forward_ms')}, results {on.get('results_ms')}, apply "
+                  f"{on.get('apply_ms')}, commit {on.get('commit_ms')}, cascade plan {on.get('cascade_plan_ms')}, slot "
+                  f"writes {on.get('slot_writes_ms')}; {on['tokens_per_verify']} tok/verify)",
                   flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
@@ -452,7 +517,9 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
     ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
-                    "= the verify-cost table, aux = EAGLE3's aux hidden-state cost, profile = a decode step's parts "
+                    "= the verify-cost table, smallm = its batch-1 rows with the bf16 small-M kernels, then on cuBLAS, kernels = a batch-1 "
+                    "verify forward's device time by kernel (torch.profiler, eager), aux = "
+                    "EAGLE3's aux hidden-state cost, profile = a decode step's parts "
                     "spec off vs every step drafting at the smallest and largest batch, the end-to-end cells always)")
     ap.add_argument("--algorithm", choices=("NGRAM", "EAGLE3"), default="NGRAM", help="gpu mode: the drafter")
     ap.add_argument("--topk", default="1", help="NGRAM branching per cell, comma-separated (1: chains; above 1: "

@@ -7,6 +7,9 @@ torch's product. The tickets of the kernel's split-K belong to the weight, so CU
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -48,25 +51,36 @@ class DenseGemv:
         return bf16_gemv_add_norm(x, residual, norm_weight, eps, self.weight, self.cfg, self.tickets, self.pdl)
 
 
-def attach_dense_gemv(model: nn.Module, pdl: bool = False, fuse_norm: bool = False) -> list[str]:
-    """Give each eligible linear of `model` its `DenseGemv` (and take it away from the others); the names of
-    the layers that got one. Eligible: a CUDA bf16 / fp16 weight, not quantized, no bias (cuBLAS adds a bias
-    before rounding; Qwen2's qkv keeps it), shape in the kernel's table. `fuse_norm`: the column-parallel ones
-    (qkv, gate_up) take the decoder's add + RMSNorm into their loads where the model asks them to."""
-    from radixlm.kernels.bf16_gemv import config_for
+def attach_kernels(model: nn.Module, attr: str, make: Callable[[nn.Module], Any]) -> list[str]:
+    """Set `attr` of every column- / row-parallel linear of `model`: `make(module)` (None: no kernel for its shape)
+    where a bf16 / fp16 Triton kernel can take its product, else None (a stale one goes); the names of the layers
+    that got one. Such a weight: on CUDA, half precision, 2-D with unit column stride, not quantized, no bias
+    (cuBLAS adds a bias before rounding; Qwen2's qkv keeps it)."""
     from radixlm.runtime.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     attached = []
     for name, module in model.named_modules():
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             continue
-        module.gemv = None
         weight = module.weight
-        if (module.quantized is not None or not weight.is_cuda or weight.dim() != 2 or module.bias is not None
-                or weight.dtype not in (torch.bfloat16, torch.float16) or weight.stride(1) != 1):
-            continue
-        cfg = config_for(*weight.shape)
-        if cfg is not None:
-            module.gemv = DenseGemv(weight, cfg, pdl, fuse_norm and isinstance(module, ColumnParallelLinear))
+        plain = (module.quantized is None and weight.is_cuda and weight.dim() == 2 and module.bias is None
+                 and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1)
+        setattr(module, attr, make(module) if plain else None)
+        if getattr(module, attr) is not None:
             attached.append(name)
     return attached
+
+
+def attach_dense_gemv(model: nn.Module, pdl: bool = False, fuse_norm: bool = False) -> list[str]:
+    """Give each eligible linear of `model` its `DenseGemv` (and take it away from the others); the names of
+    the layers that got one. Eligible: `attach_kernels`' plain half-precision weights whose shape is in the
+    kernel's table. `fuse_norm`: the column-parallel ones (qkv, gate_up) take the decoder's add + RMSNorm into
+    their loads where the model asks them to."""
+    from radixlm.kernels.bf16_gemv import config_for
+    from radixlm.runtime.parallel.layers import ColumnParallelLinear
+
+    def make(module: nn.Module) -> DenseGemv | None:
+        cfg = config_for(*module.weight.shape)
+        fuse = fuse_norm and isinstance(module, ColumnParallelLinear)
+        return None if cfg is None else DenseGemv(module.weight, cfg, pdl, fuse)
+    return attach_kernels(model, "gemv", make)

@@ -227,6 +227,11 @@ class ModelRunner:
             gemv = attach_dense_gemv(self.model, pdl, norm)  # bf16 M = 1 shapes measured faster than cuBLAS
             if gemv:
                 logger.info("bf16 M = 1 GEMV kernel on %d linear layers (e.g. %s)", len(gemv), gemv[0])
+            from radixlm.runtime.dense_small_m import attach_dense_small_m
+
+            small = attach_dense_small_m(self.model, pdl)  # 2..16 rows (verify steps) where measured faster
+            if small:
+                logger.info("bf16 small-M kernel on %d linear layers (e.g. %s)", len(small), small[0])
             if self.lora is not None:  # the stacked LoRA weights' one-row products take the same GEMVs
                 self.lora.pool.attach_gemv(pdl)
         ops = get_kernel_ops(triton, pdl)

@@ -15,7 +15,7 @@ import torch
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
-from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, sample, token_logprobs
+from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, greedy_argmax, sample, token_logprobs
 from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.speculative.verify import position_rows
 from radixlm.runtime.stop_regex import compile_stop_regexes
@@ -114,7 +114,7 @@ class ResultProcessor:
         reqs = [batch.reqs[i] for i in indices]
         trees = [batch.draft_tree(i) for i in indices]
         rows = [r for i in indices for r in batch.verify_rows[i]]
-        rows_logits = logits[rows]
+        rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]  # (batch 1: every row)
         bitmask = None
         if any(r.grammar is not None for r in reqs):
             width = next(m.shape[1] for m in (batch.draft_masks[i] for i in indices) if m is not None)
@@ -123,7 +123,7 @@ class ResultProcessor:
                                  for i in indices])
         if bitmask is None and all(r.params.is_greedy and not r.params.needs_output_history
                                    and len(r.output_ids) >= r.params.min_new_tokens for r in reqs):
-            targets = rows_logits.argmax(dim=-1).tolist()  # what sample_rows draws for such rows, without them
+            targets = greedy_argmax(rows_logits).tolist()  # what sample_rows draws for such rows, without them
         else:
             targets = self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask).tolist()
         want_lp = any(r.return_logprob for r in reqs)

@@ -17,6 +17,7 @@ import torch
 from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
 from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, may_admit_any, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
@@ -87,7 +88,7 @@ class Scheduler:
                       # forward steps by kind: prefill alone / prefill with the decode rows / decode, and
                       # the decode steps committed a step later (overlapped with the next step's forward)
                       "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0}
-        self._gen_window: list[tuple[float, int]] = []
+        self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
         # there once: info() runs every --decode-log-interval decode steps, and gc.get_freeze_count() walks
@@ -593,11 +594,7 @@ class Scheduler:
         self.outputs.append(req.take_output())
 
     def record_generated(self, n: int) -> None:
-        now = time.monotonic()
         self.stats["generated_tokens"] += n
-        self._gen_window.append((now, n))
-        while self._gen_window and now - self._gen_window[0][0] > 5.0:
-            self._gen_window.pop(0)
-        span = now - self._gen_window[0][0] if len(self._gen_window) > 1 else 0.0
-        if span > 0:
-            self.stats["last_gen_throughput"] = sum(k for _, k in self._gen_window[1:]) / span
+        rate = self.gen_rate.add(time.monotonic(), n)
+        if rate is not None:
+            self.stats["last_gen_throughput"] = rate

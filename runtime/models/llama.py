@@ -212,7 +212,9 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if self.lm_head is not None:  # its forward: the small-row kernels measured for its shape (a verify step's rows)
+            return gather_vocab_logits(self.lm_head(hidden), self.cfg.vocab_size).float()
+        head = self.embed_tokens
         return gather_vocab_logits(linear_forward(head.weight, head.quantized, hidden), self.cfg.vocab_size).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]], w4: W4Scheme | None = None) -> None:

@@ -24,6 +24,7 @@ from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
 
 if TYPE_CHECKING:
     from radixlm.runtime.dense_gemv import DenseGemv
+    from radixlm.runtime.dense_small_m import DenseSmallM
     from radixlm.runtime.lora.pool import LoRAProjection
 
 # torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
@@ -110,10 +111,21 @@ def _tp_group() -> dist.ProcessGroup | None:
     return None if state is None else state.tp_group
 
 
-def _product(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T (+ bias): the layer's M = 1 kernel for a single row when it has one, else `linear_forward`."""
+def _row_kernel(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor) -> DenseGemv | DenseSmallM | None:
+    """The layer's measured kernel for x's rows: the M = 1 GEMV for one row, the small-M kernel for the row counts
+    it was measured faster at (a verify step's 2..16), or None (torch's product)."""
     if layer.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
-        return layer.gemv(x, bias)
+        return layer.gemv
+    if layer.small_m is not None and layer.small_m.covers(x):
+        return layer.small_m
+    return None
+
+
+def _product(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias): the layer's measured kernel for x's rows when it has one, else `linear_forward`."""
+    kernel = _row_kernel(layer, x)
+    if kernel is not None:
+        return kernel(x, bias)
     return linear_forward(layer.weight, layer.quantized, x, bias)
 
 
@@ -122,11 +134,13 @@ class ColumnParallelLinear(nn.Linear):
     the output stays split across ranks until a row-parallel layer sums it.
     `quantized`: the weight's packed form when the loader chose one (then `weight` is empty).
     `lora`: the batch's LoRA adapters' update, added to the output (--enable-lora).
-    `gemv`: the bf16 M = 1 kernel measured faster than cuBLAS for this shape (`runtime/dense_gemv.py`), or None."""
+    `gemv`: the bf16 M = 1 kernel measured faster than cuBLAS for this shape (`runtime/dense_gemv.py`), or None;
+    `small_m`: the 2..16-row one (`runtime/dense_small_m.py`, a verify step's rows), or None."""
 
     quantized: QuantizedWeight | None = None
     lora: LoRAProjection | None = None
     gemv: DenseGemv | None = None
+    small_m: DenseSmallM | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM, or do it (stacked)
@@ -158,6 +172,7 @@ class RowParallelLinear(nn.Linear):
     quantized: QuantizedWeight | None = None
     lora: LoRAProjection | None = None
     gemv: DenseGemv | None = None
+    small_m: DenseSmallM | None = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -178,7 +193,9 @@ class RowParallelLinear(nn.Linear):
         """forward(silu(gate) * up) with the activation computed inside the M = 1 GEMV's loads (one launch less;
         the same bits as ops.silu_and_mul, then the GEMV), or None where that does not apply: no GEMV for this
         shape, more than one row, or a LoRA update on a path that reads the activation itself (the side-stream
-        shrink of decode sizes reads [gate | up] too: `LoRAProjection.reads_silu_mul`)."""
+        shrink of decode sizes reads [gate | up] too: `LoRAProjection.reads_silu_mul`). Not the small-M kernel's
+        (2..16 rows): with the activation in its loads it measured slower than the activation kernel then itself
+        (35.7 vs 30.7 + ~2.7 us on the 8B down projection, H200, RESULTS.md 2026-12-04)."""
         if self.gemv is None or gate_up.dim() != 2 or gate_up.shape[0] != 1:
             return None
         if self.lora is not None and not self.lora.reads_silu_mul(gate_up):

@@ -80,15 +80,26 @@ PRIOR_PER_ROW = 0.0135
 
 @dataclass
 class ArmRate:
-    """One arm's latest WINDOW decode intervals (tokens, seconds); `samples` counts them all."""
+    """One arm's latest WINDOW decode intervals (tokens, seconds); `samples` counts them all. Its mean tokens and
+    median interval are kept until the next interval (the payoff reads them several times a step: recomputed, the
+    median and sums of 15 intervals were ~100 us of host time a step on the 2-core CPU with drafting off)."""
 
     recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     samples: int = 0
     abandoned: bool = False  # its last run ended early: its drafts were not accepted
+    _stats: tuple[float, float] | None = field(default=None, repr=False)  # (tokens per step, step seconds)
 
     def record(self, tokens: int, seconds: float) -> None:
         self.recent.append((tokens, seconds))
         self.samples += 1
+        self._stats = None
+
+    def _measured(self) -> tuple[float, float]:
+        if self._stats is None:
+            recent = self.recent
+            self._stats = ((sum(t for t, _ in recent) / len(recent), statistics.median(s for _, s in recent))
+                           if recent else (0.0, 0.0))
+        return self._stats
 
     def explored(self) -> bool:
         return len(self.recent) >= MIN_SAMPLES
@@ -99,12 +110,12 @@ class ArmRate:
 
     @property
     def tokens_per_step(self) -> float:
-        return sum(t for t, _ in self.recent) / len(self.recent) if self.recent else 0.0
+        return self._measured()[0]
 
     @property
     def step_s(self) -> float:
         """The median interval: one slow step (a GC pause, a compile) does not move it."""
-        return statistics.median(s for _, s in self.recent) if self.recent else 0.0
+        return self._measured()[1]
 
     @property
     def rate(self) -> float:
@@ -131,7 +142,10 @@ class Bucket:
     probing: bool = False  # this step's arm is a probe that just fired
 
     def arm(self, k: int) -> ArmRate:
-        return self.arms.setdefault(k, ArmRate())
+        arm = self.arms.get(k)  # (not setdefault: it built an ArmRate and its deque at every call)
+        if arm is None:
+            arm = self.arms[k] = ArmRate()
+        return arm
 
     def _expected_tokens(self, k: int, accept: float) -> float:
         """Tokens per row an arm-k step is expected to emit. Once arm 1 is measured, from its measured

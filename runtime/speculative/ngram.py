@@ -226,12 +226,12 @@ class NgramDrafter:
         depth = self._depth(key).depth
         return build_tree(index.candidates(max_depth), depth, max_depth, max_nodes, topk)
 
-    def warm(self, key: int, prompt: list[int], output: list[int]) -> int:
-        """Index what the request's index lacks, if more than a decode step's few tokens (those are
+    def warm(self, key: int, prompt: list[int], output: list[int], min_behind: int = FEW_NEW) -> int:
+        """Index what the request's index lacks, if more than `min_behind` tokens (a decode step's few are
         cheap at `propose`); returns the tokens indexed."""
         index = self._index(key)
         behind = len(prompt) + len(output) - len(index.tokens)
-        if behind <= FEW_NEW:
+        if behind <= min_behind:
             return 0
         index.sync(prompt, output)
         return behind

@@ -34,7 +34,15 @@ if TYPE_CHECKING:
     from radixlm.runtime.speculative.eagle_drafter import EagleDrafter
 
 
-WARM_TOKENS = 2048  # n-gram index backlog indexed per overlapped step (host time its forward hides)
+WARM_TOKENS = 2048  # n-gram index backlog indexed per overlapped step (host time its forward hides) ...
+# ... and at most this much host time per step (checked after each request): 2048 tokens are ~2-7 ms of Python on
+# the 2-core CPU, more than the host's slack under a batch-64 step; the first 16 of a 64 x 512-token run's steps
+# each indexed 2048, and spec on with drafting off ran 1-2% behind spec off on the H200 (2026-12-04, first call)
+WARM_S = 0.25e-3
+# ... and only requests at least this many tokens behind (a prompt; outputs decoded while drafting was off): indexing
+# every request's few new tokens as they came cost 0.56 ms of host time a step at batch 64 on the H200 (2026-12-04
+# mid round), drafting off; a first drafting step then syncs at most this many tokens a request
+WARM_MIN_BEHIND = 64
 WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this (~300 MB)
 
 
@@ -147,7 +155,8 @@ class SpecDecoder:
 
     def warm(self, running: list[Req]) -> None:
         """NGRAM, while the device runs an overlapped (plain) step: index the prompts of running
-        requests whose n-gram index is behind, up to WARM_TOKENS tokens a step. A request's first
+        requests whose n-gram index is more than WARM_MIN_BEHIND tokens behind, up to WARM_TOKENS tokens and
+        WARM_S seconds a step (a request at least, whatever its time: the backlog always shrinks). A request's first
         drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
         host time in one step, which the payoff would charge to its first drafting run)."""
         if self.model is not None:
@@ -155,12 +164,12 @@ class SpecDecoder:
         # host memory: ~1.2 KB an indexed token; while drafting is off (a large batch) warming stops here
         if sum(len(index.tokens) for index in self.drafter.indexes.values()) >= WARM_MAX_INDEXED:
             return
-        spent = 0
+        spent, deadline = 0, time.perf_counter() + WARM_S
         for req in running:
-            if spent >= WARM_TOKENS:
+            if spent >= WARM_TOKENS or (spent and time.perf_counter() > deadline):
                 break
             if not req.finished:
-                spent += self.drafter.warm(id(req), req.input_ids, req.output_ids)
+                spent += self.drafter.warm(id(req), req.input_ids, req.output_ids, WARM_MIN_BEHIND)
 
     def after_forward(self, batch: ScheduledBatch) -> None:
         """EAGLE3: right after the target's forward, keep its hidden states of the batch's tokens."""

@@ -217,3 +217,28 @@ def test_a_single_slow_step_does_not_move_an_arm() -> None:
     for _ in range(WINDOW):
         arm.record(64, 0.010)  # the step got slower: the window follows
     assert arm.step_s == 0.010
+
+
+def test_arm_statistics_are_computed_once_per_interval(monkeypatch):
+    """The payoff reads an arm's median interval and mean tokens several times a step (host time under every
+    decode step, drafting or not): they are computed once per recorded interval, and `Bucket.arm` makes no
+    ArmRate for an arm it has."""
+    from radixlm.runtime.speculative import draft_payoff
+
+    calls = []
+    real = draft_payoff.statistics.median
+    monkeypatch.setattr(draft_payoff.statistics, "median", lambda xs: calls.append(1) or real(xs))
+    arm = draft_payoff.ArmRate()
+    assert (arm.step_s, arm.tokens_per_step) == (0.0, 0.0)
+    for tokens, seconds in [(1, 0.004), (3, 0.009), (2, 0.005)]:
+        arm.record(tokens, seconds)
+        for _ in range(5):
+            assert arm.step_s == real(s for _, s in arm.recent)
+            assert arm.tokens_per_step == sum(t for t, _ in arm.recent) / len(arm.recent)
+    assert len(calls) == 3  # once per interval, not per read
+    bucket = draft_payoff.Bucket(4)
+    made = []
+    monkeypatch.setattr(draft_payoff, "ArmRate", lambda: made.append(1) or real_arm())
+    real_arm = type(arm)
+    first = bucket.arm(2)
+    assert all(bucket.arm(2) is first for _ in range(5)) and len(made) == 1

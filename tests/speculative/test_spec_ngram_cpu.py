@@ -151,3 +151,30 @@ def test_warm_indexes_a_backlog_and_drafts_stay_the_same(occurrences: int) -> No
         tree_c = cold.propose_tree(1, prompt, out, 3, 6, 2)
         assert (tree_w.tokens, tree_w.parents) == (tree_c.tokens, tree_c.parents)
     assert (warmed.indexes[1].follow, warmed.indexes[1].older) == (cold.indexes[1].follow, cold.indexes[1].older)
+
+
+def test_warm_stops_at_its_time_cap_after_one_request(monkeypatch) -> None:
+    """SpecDecoder.warm indexes up to WARM_TOKENS a step but no longer than WARM_S (host time under a large
+    batch's forward is short): with no time left it still indexes one request a step, so the backlog shrinks."""
+    from radixlm.runtime.request import Req
+    from radixlm.runtime.sampling_params import SamplingParams
+    from radixlm.runtime.speculative import spec_decoder
+
+    spec = object.__new__(spec_decoder.SpecDecoder)  # warm reads only the drafter and the draft model
+    spec.model, spec.drafter = None, NgramDrafter(1)
+    reqs = [Req(str(i), [i + 1, 7, 8, 9] * 20, SamplingParams(), 0) for i in range(4)]  # 80 tokens each
+    monkeypatch.setattr(spec_decoder, "WARM_S", 60.0)  # (a loaded machine must not stop it early here)
+    spec.warm(reqs)
+    assert len(spec.drafter.indexes) == 4  # 256 tokens: within WARM_TOKENS and the time cap
+    monkeypatch.setattr(spec_decoder, "WARM_S", 0.0)
+    spec.drafter = NgramDrafter(1)
+    for step in range(1, 5):
+        spec.warm(reqs)
+        assert len(spec.drafter.indexes) == step  # one request a step, none skipped
+    assert all(len(index.tokens) == 80 for index in spec.drafter.indexes.values())
+    # outputs: left to `propose` while a request is at most WARM_MIN_BEHIND tokens behind, then caught up
+    monkeypatch.setattr(spec_decoder, "WARM_S", 60.0)
+    reqs[0].output_ids.extend([5] * spec_decoder.WARM_MIN_BEHIND)
+    reqs[1].output_ids.extend([5] * (spec_decoder.WARM_MIN_BEHIND + 1))
+    spec.warm(reqs)
+    assert [len(spec.drafter.indexes[id(r)].tokens) for r in reqs] == [80, 80 + spec_decoder.WARM_MIN_BEHIND + 1, 80, 80]
