@@ -371,7 +371,7 @@ def main() -> None:
         options.setdefault("cuda_graph_max_bs", max(batches))
     t = time.perf_counter()
     sched = make_scheduler(model_dir, tok, tok_dir, args.cpu, options)
-    freeze_startup_heap()  # as the scheduler process does after start-up
+    sched.frozen_objects = freeze_startup_heap()  # as the scheduler process does after start-up
     report: dict = {"device": torch.cuda.get_device_name() if not args.cpu else "cpu", "options": options,
                     "startup_s": time.perf_counter() - t, "batches": []}
     print(f"(f) timeline on {report['device']}: scheduler ready in {report['startup_s']:.1f} s, options {options}", flush=True)
