@@ -282,12 +282,13 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool] = (None, True)) -> None:
-    """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
+                     f_tables: tuple[list[str] | None, bool] = (None, True), hf_sample: bool = True) -> None:
+    """Issue 8's items; each runs on its own and a failure is recorded, not fatal. `hf_sample`: (b)'s
+    transformers comparison on 64 requests (--skip-transformers leaves it out)."""
     import gpu_throughput as tp
 
     jobs = {
-        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg),
+        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg, hf_sample),
         "e": lambda: tp.item_e(d, v),
         "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir),
                             f_batches, *f_threads, *f_tables),
@@ -312,7 +313,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_suite.json")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true",
+                    help="no transformers figures: (a)'s decode and (b)'s 64-request sample")
     ap.add_argument("--items", default="a,c,d", help="which of a,b,c,d,e,f,g to run (a,c,d share one engine)")
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok", help="real tokenizer for (f)")
     ap.add_argument("--f-batch", default="64,256", help="comma list of batch sizes for (f)")
@@ -351,7 +353,8 @@ def main() -> None:
                      [int(b) for b in args.f_batch.split(",")],
                      ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,
                       args.f_engine_mask_threads),
-                     (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile))
+                     (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile),
+                     not args.skip_transformers)
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

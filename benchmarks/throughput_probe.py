@@ -9,7 +9,7 @@
   extend  one 8,192-token prefill chunk of workload (b)'s first prompts (no prefix): the Triton extend kernel
           (kernels/extend_attention.py, through the KV pool) against torch's flash attention on the same q / k / v
           (varlen, GQA), TFLOP/s of the causal products and the largest difference
-  gemms   each layer GEMM alone at decode batch sizes against its floor, torch's default BLAS and cuBLASLt
+  gemms   each layer GEMM and the LM head alone at decode batch sizes against its floor, torch's default BLAS and cuBLASLt
   b       workload (b) in-process (benchmarks/profile_steps.py's item b): device and wall time by kind of step
 Llama-3.1-8B shapes, random bf16 weights. Prints a compact summary and writes JSON.
 """
@@ -129,13 +129,14 @@ def item_gemms(batches: list[int], bw: float, matmul: float) -> dict:
 
     out: dict = {}
     default_lib = torch.backends.cuda.preferred_blas_library()
+    shapes = {**SHAPES, "lm_head": (LLAMA_8B["vocab_size"], HIDDEN)}  # the LM head runs at every step's row count too
     weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-                      for _ in range(max(2, -(-128 * 2**20 // (n * k * 2))))] for name, (n, k) in SHAPES.items()}
+                      for _ in range(max(2, -(-128 * 2**20 // (n * k * 2))))] for name, (n, k) in shapes.items()}
     for lib in ("default", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(default_lib if lib == "default" else "cublaslt")
         for bs in batches:
             row: dict = {}
-            for name, (n, k) in SHAPES.items():
+            for name, (n, k) in shapes.items():
                 x = torch.randn(bs, k, device="cuda", dtype=torch.bfloat16)
                 ws = weights[name]
                 us = graph_us(lambda: [F.linear(x, w) for w in ws], iters=10) / len(ws)
