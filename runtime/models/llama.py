@@ -212,8 +212,11 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return gather_vocab_logits(linear_forward(head.weight, head.quantized, hidden), self.cfg.vocab_size).float()
+        if self.lm_head is not None:  # a single row takes the head's M = 1 GEMV where its shape has a measured one
+            logits = self.lm_head(hidden)
+        else:  # tied: the embedding table
+            logits = linear_forward(self.embed_tokens.weight, self.embed_tokens.quantized, hidden)
+        return gather_vocab_logits(logits, self.cfg.vocab_size).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]], w4: W4Scheme | None = None) -> None:
         """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors.
