@@ -212,11 +212,10 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.rms_norm(hidden, self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:  # a single row takes the head's M = 1 GEMV where its shape has a measured one
-            logits = self.lm_head(hidden)
-        else:  # tied: the embedding table
-            logits = linear_forward(self.embed_tokens.weight, self.embed_tokens.quantized, hidden)
-        return gather_vocab_logits(logits, self.cfg.vocab_size).float()
+        if self.lm_head is not None:  # its forward: the small-row kernels measured for its shape (a verify step's rows)
+            return gather_vocab_logits(self.lm_head(hidden), self.cfg.vocab_size).float()
+        head = self.embed_tokens
+        return gather_vocab_logits(linear_forward(head.weight, head.quantized, hidden), self.cfg.vocab_size).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]], w4: W4Scheme | None = None) -> None:
         """Copy HF-named tensors into the fused layout; refuse unknown or missing tensors.
