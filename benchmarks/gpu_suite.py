@@ -282,13 +282,12 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool] = (None, True), hf_sample: bool = True) -> None:
-    """Issue 8's items; each runs on its own and a failure is recorded, not fatal. `hf_sample`: (b)'s
-    transformers comparison on 64 requests (--skip-transformers leaves it out)."""
+                     f_tables: tuple[list[str] | None, bool] = (None, True)) -> None:
+    """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
 
     jobs = {
-        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg, hf_sample),
+        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg, not report.get("skip_transformers")),
         "e": lambda: tp.item_e(d, v),
         "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir),
                             f_batches, *f_threads, *f_tables),
@@ -349,12 +348,12 @@ def main() -> None:
     flops_per_token = 2 * (layers * per_layer + v * h)
     report["model"] = {"weight_bytes_per_step": weight_bytes, "flops_per_token": flops_per_token}
     items = set(args.items.split(","))
+    report["skip_transformers"] = args.skip_transformers  # (a)'s transformers decode and (b)'s 64-request sample
     throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir,
                      [int(b) for b in args.f_batch.split(",")],
                      ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,
                       args.f_engine_mask_threads),
-                     (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile),
-                     not args.skip_transformers)
+                     (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
