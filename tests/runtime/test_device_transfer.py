@@ -16,11 +16,15 @@ def test_pack_round_trip_keeps_values_and_dtypes(n64: list[int], n32: list[int])
     arrays = [torch.randint(-2**40, 2**40, (n,), generator=gen, dtype=torch.int64) for n in n64]
     int32 = [torch.randint(-2**30, 2**30, (n,), generator=gen, dtype=torch.int32) for n in n32]
     packed, sizes, sizes32 = pack(arrays, int32)
-    assert packed.dtype == torch.int64 and packed.numel() == sum(n64) + (sum(n32) + 1) // 2
-    views = unpack(packed.clone(), sizes, sizes32)  # (a copy: as the device's buffer is)
+    assert packed.dtype == torch.int64 and packed.numel() <= sum(n64) + 1 + sum(n + 3 for n in n32) // 2
+    copy = torch.empty(packed.numel() + 64, dtype=torch.int64)[64:]  # (a copy at a 512-byte boundary, as the device's)
+    copy.copy_(packed)
+    views = unpack(copy, sizes, sizes32)
     assert len(views) == len(arrays) + len(int32)
     for got, want in zip(views, [*arrays, *int32]):
         assert got.dtype == want.dtype and torch.equal(got, want)
+    for got in views[len(arrays):]:  # each int32 array 16-byte aligned within the buffer, as a fresh allocation
+        assert (got.data_ptr() - copy.data_ptr()) % 16 == 0
 
 
 def test_pack_on_a_cpu_returns_the_host_tensors() -> None:
