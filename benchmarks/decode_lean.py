@@ -3,7 +3,7 @@
     python benchmarks/decode_lean.py --out $OUT/lean5.json                  # gemv, chain, small, a
     python benchmarks/decode_lean.py --items layer,a --out $OUT/lean5.json  # with kernels/bf16_gemv.py DEFAULTS
 
-  gemv   per 8B layer shape at M = 1, weights cold (distinct copies cycled, > 4x L2): cuBLAS vs the configs
+  gemv   per 8B layer shape (--gemv-shapes; "lm_head" too) at M = 1, weights cold (distinct copies cycled, > 4x L2): cuBLAS vs the configs
          of kernels/bf16_gemv.py, kinds "fma" and "pf" (µs per call in a CUDA graph, against the bytes floor);
          exactness per shape: outputs equal to cuBLAS', relative error of each against a float64 product; down
          with SiLU-and-mul in its loads (against the activation kernel + cuBLAS). Writes two small-M tables
@@ -57,6 +57,10 @@ CONFIGS = {  # configs tried per shape (kernels/small_m.SmallMConfig keys; the f
     "down": ["fma-n8-k1024-s2-w4-st2", "pf-n8-k512-s1-w4-st1", "pf-n8-k512-s2-w4-st1", "pf-n4-k512-s2-w2-st1",
              "pf-n8-k1024-s2-w8-st1", "pf-n16-k512-s2-w8-st1", "pf-n8-k512-s4-w4-st1"],
 }
+# The LM head (the step's largest weight, outside the decode graph): gemv --gemv-shapes lm_head
+LM_HEAD = {"lm_head": (VOCAB, HIDDEN)}
+CONFIGS["lm_head"] = ["fma-n16-k256-s1-w4-st3", "fe-n16-k256-s1-w4-st3", "pf-n16-k256-s1-w4-st1", "pf-n8-k512-s1-w4-st1",
+                      "fma-n8-k512-s1-w4-st3", "pf-n16-k512-s1-w8-st1"]
 # chain candidates besides the table's config (kind "fe": the first weight tile before the PDL wait, then fma's loop)
 CHAIN_EXTRA = {"qkv": ["fe-n8-k512-s1-w4-st3", "fe-n8-k512-s1-w4-st2", "fe-n4-k512-s1-w2-st3"],
                "o": ["fe-n4-k512-s1-w2-st3", "fe-n8-k512-s1-w4-st3"],
@@ -90,7 +94,8 @@ def graph_us(fn: Callable[[], Any], iters: int = 20) -> float:
     return statistics.median(times)
 
 
-def item_gemv(bw: float, tmp: Path) -> dict:
+def item_gemv(bw: float, tmp: Path, names: list[str] | None = None) -> dict:
+    """`names`: the shapes to sweep (default: the four layer projections; "lm_head" too)."""
     import torch.nn.functional as F
 
     from radixlm.kernels.bf16_gemv import bf16_gemv, gemv_tickets
@@ -99,7 +104,8 @@ def item_gemv(bw: float, tmp: Path) -> dict:
 
     out: dict = {}
     tables: dict[str, dict[str, dict[str, str]]] = {"fast": {}, "all": {}}
-    for name, (n, k) in SHAPES.items():
+    for name in names or list(SHAPES):
+        n, k = {**SHAPES, **LM_HEAD}[name]
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))
         wts = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
         silu = name == "down"  # the engine's down projection takes SiLU-and-mul in the GEMV's loads
@@ -378,6 +384,8 @@ def main() -> None:
                     "tables (the defaults' where no sweep ran); _pdl: with --decode-pdl on; _norm: with "
                     "--decode-gemv-norm on; _auto: both flags auto (else off)")
     ap.add_argument("--chain-extra", action="store_true", help="chain: also CHAIN_EXTRA's configs with PDL (table 'chain')")
+    ap.add_argument("--gemv-shapes", default=",".join(SHAPES),
+                    help=f"gemv: the shapes to sweep, of {', '.join([*SHAPES, *LM_HEAD])} (the tables keep DEFAULTS for the others)")
     ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lean5.json"))
     args = ap.parse_args()
@@ -399,8 +407,9 @@ def main() -> None:
     report["copy_bytes_per_s"] = bw
     print(f"copy {bw / 1e12:.2f} TB/s", flush=True)
     if "gemv" in items:
-        report["gemv"] = guarded(lambda: item_gemv(bw, tmp))
-        tables.update(report["gemv"].get("tables", {}))
+        report["gemv"] = guarded(lambda: item_gemv(bw, tmp, args.gemv_shapes.split(",")))
+        for kind, swept in report["gemv"].get("tables", {}).items():  # shapes not swept keep the defaults' entries
+            tables[kind] = {**defaults, **swept}
         save()
     for kind, table in tables.items():
         (tmp / f"bf16_{kind}.json").write_text(json.dumps({"tables": {"bf16": table}}))

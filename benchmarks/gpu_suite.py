@@ -293,7 +293,7 @@ def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Pa
     import gpu_throughput as tp
 
     jobs = {
-        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg),
+        "b": lambda: tp.item_b(d, v, flops_per_token, ceil["bf16_matmul_flops"], cfg, not report.get("skip_transformers")),
         "e": lambda: tp.item_e(d, v),
         "f": lambda: item_f(model_dir_for({**cfg, "vocab_size": 49152}, root, "llama8b-smolvocab"), Path(tokenizer_dir),
                             f_batches, *f_threads, *f_tables),
@@ -318,7 +318,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_suite.json")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true",
+                    help="no transformers figures: (a)'s decode and (b)'s 64-request sample")
     ap.add_argument("--items", default="a,c,d", help="which of a,b,c,d,e,f,g to run (a,c,d share one engine)")
     ap.add_argument("--tokenizer-dir", default=".gpu_assets/smollm_tok", help="real tokenizer for (f)")
     ap.add_argument("--f-batch", default="64,256", help="comma list of batch sizes for (f)")
@@ -356,6 +357,7 @@ def main() -> None:
     flops_per_token = 2 * (layers * per_layer + v * h)
     report["model"] = {"weight_bytes_per_step": weight_bytes, "flops_per_token": flops_per_token}
     items = set(args.items.split(","))
+    report["skip_transformers"] = args.skip_transformers  # (a)'s transformers decode and (b)'s 64-request sample
     throughput_items(items, report, cfg, d, root, v, flops_per_token, ceil, args.tokenizer_dir,
                      [int(b) for b in args.f_batch.split(",")],
                      ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,

@@ -9,7 +9,9 @@
   extend  one 8,192-token prefill chunk of workload (b)'s first prompts (no prefix): the Triton extend kernel
           (kernels/extend_attention.py, through the KV pool) against torch's flash attention on the same q / k / v
           (varlen, GQA), TFLOP/s of the causal products and the largest difference
-  gemms   each layer GEMM alone at decode batch sizes against its floor, torch's default BLAS and cuBLASLt
+  gemms   each layer GEMM and the LM head alone at decode batch sizes against its floor, torch's default BLAS and cuBLASLt
+  kvlayout decode attention alone over the engine's KV layout late in (b) (a row's decode tokens one batch apart)
+          against the same contexts in consecutive slots, at 1,000 / 320 / 140 rows
   b       workload (b) in-process (benchmarks/profile_steps.py's item b): device and wall time by kind of step
 Llama-3.1-8B shapes, random bf16 weights. Prints a compact summary and writes JSON.
 """
@@ -122,6 +124,42 @@ def item_dlayer(batches: list[int], bw: float, matmul: float) -> dict:
     return out
 
 
+def item_kvlayout(shapes: list[tuple[int, int]], bw: float) -> dict:
+    """Decode attention alone (32 calls in a graph) over (b)'s KV as the engine lays it out: each row's prompt in
+    consecutive slots, then its decode tokens one slot per step out of one allocation per step for the whole
+    batch (a row's tokens `rows` slots apart), against the same contexts all in consecutive slots."""
+    from radixlm.kernels.decode_attention import decode_attention
+
+    out: dict = {}
+    for rows, steps in shapes:
+        rng = random.Random(5)
+        prompts = [rng.randint(128, 1024) for _ in range(rows)]
+        lens = torch.tensor([p + steps for p in prompts], dtype=torch.int32)
+        pool = int(lens.sum()) + 1
+        kbuf = torch.randn(pool, HKV, D, device="cuda", dtype=torch.bfloat16)
+        vbuf = torch.randn_like(kbuf)
+        width = int(lens.max())
+        tables = {"contiguous": torch.zeros(rows, width, dtype=torch.int32), "engine": torch.zeros(rows, width, dtype=torch.int32)}
+        start, prompt_start, decode_base = 1, 1, 1 + sum(prompts)
+        for i, p in enumerate(prompts):  # engine: the prompts side by side, then step t's tokens at decode_base + t * rows + i
+            tables["contiguous"][i, : p + steps] = torch.arange(start, start + p + steps, dtype=torch.int32)
+            tables["engine"][i, :p] = torch.arange(prompt_start, prompt_start + p, dtype=torch.int32)
+            tables["engine"][i, p: p + steps] = decode_base + torch.arange(steps, dtype=torch.int32) * rows + i
+            start += p + steps
+            prompt_start += p
+        q = torch.randn(rows, HQ, D, device="cuda", dtype=torch.bfloat16)
+        idx, dev_lens = torch.arange(rows, device="cuda"), lens.cuda()
+        row: dict = {"floor_us": int(lens.sum()) * HKV * D * 2 * 2 / bw * 1e6, "mean_ctx": float(lens.float().mean())}
+        for name, table in tables.items():
+            r2t = table.cuda()
+            row[name] = graph_us(lambda: [decode_attention(q, kbuf, vbuf, r2t, idx, dev_lens, D**-0.5, pdl=True)
+                                          for _ in range(LAYERS)], iters=5) / LAYERS
+        out[f"{rows}x{steps}"] = row
+        print(f"kvlayout {rows} rows after {steps} decode steps (ctx mean {row['mean_ctx']:.0f}): µs per layer contiguous "
+              f"{row['contiguous']:.1f}, engine's layout {row['engine']:.1f} (KV floor {row['floor_us']:.1f})", flush=True)
+    return out
+
+
 def item_gemms(batches: list[int], bw: float, matmul: float) -> dict:
     """Each 8B layer GEMM alone at decode batch sizes (cuBLAS through F.linear, weights cycled over copies so L2
     holds none), against max(compute, weight bytes) floors; torch's default BLAS and cuBLASLt (preferred_blas_library)."""
@@ -129,13 +167,14 @@ def item_gemms(batches: list[int], bw: float, matmul: float) -> dict:
 
     out: dict = {}
     default_lib = torch.backends.cuda.preferred_blas_library()
+    shapes = {**SHAPES, "lm_head": (LLAMA_8B["vocab_size"], HIDDEN)}  # the LM head runs at every step's row count too
     weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-                      for _ in range(max(2, -(-128 * 2**20 // (n * k * 2))))] for name, (n, k) in SHAPES.items()}
+                      for _ in range(max(2, -(-128 * 2**20 // (n * k * 2))))] for name, (n, k) in shapes.items()}
     for lib in ("default", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(default_lib if lib == "default" else "cublaslt")
         for bs in batches:
             row: dict = {}
-            for name, (n, k) in SHAPES.items():
+            for name, (n, k) in shapes.items():
                 x = torch.randn(bs, k, device="cuda", dtype=torch.bfloat16)
                 ws = weights[name]
                 us = graph_us(lambda: [F.linear(x, w) for w in ws], iters=10) / len(ws)
@@ -237,6 +276,8 @@ def main() -> None:
         try:
             if item == "dlayer":
                 report["dlayer"] = item_dlayer([int(b) for b in args.batches.split(",")], bw, matmul)
+            elif item == "kvlayout":
+                report["kvlayout"] = item_kvlayout([(1000, 40), (320, 300), (140, 420)], bw)
             elif item == "gemms":
                 report["gemms"] = item_gemms([int(b) for b in args.gemm_batches.split(",")], bw, matmul)
             elif item == "extend":

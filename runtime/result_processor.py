@@ -220,7 +220,7 @@ class ResultProcessor:
             constrained = constrained or r.grammar is not None
             greedy = greedy and p.is_greedy
         if not needs_adjust and not constrained and greedy:
-            return rows_logits.argmax(dim=-1)  # the common greedy case: no per-row tensors to build
+            return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
         sample_rows = [
             SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b)
             for r, b in zip(reqs, banned)
@@ -238,7 +238,7 @@ class ResultProcessor:
         the seeded draw (argmax for greedy rows)."""
         needs_adjust = any(r.params.needs_output_history or r.banned_ids for r in rows)
         if not needs_adjust and bitmask is None and all(r.params.is_greedy for r in rows):
-            return rows_logits.argmax(dim=-1)
+            return greedy_argmax(rows_logits)
         sbatch = SamplingBatch.build(rows, rows_logits.shape[1], rows_logits.device)
         adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
         if bitmask is not None:

@@ -329,24 +329,26 @@ class ScheduledBatch:
         # Every row's token on the device, in the uncommitted step's order: that step's output is
         # this step's input as it is (no scatter).
         whole = len(pending) == n and uncommitted is not None and uncommitted.next_ids.shape[0] == n and src == list(range(n))
-        (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, index_t, pending_t, src_t,
-         *layout_t) = pack_on([
-            torch.tensor(input_ids, dtype=torch.int64), positions_cpu, slots, row_t, positions_cpu + 1,
-            torch.ones(n, dtype=torch.int64), index, torch.tensor([] if whole else pending, dtype=torch.int64),
-            torch.tensor([] if whole else src, dtype=torch.int64), *extra,
-        ], device)
+        slots32 = slots.to(torch.int32)
+        # int32 where the consumers want it (lengths, req_to_token's slots): no conversion kernels a step
+        (input_ids_t, positions_t, out_cache_loc, rows_t, index_t, pending_t, src_t, *layout_t,
+         seq_lens_t, ext_t, index32_t, slots32_t) = pack_on([
+            torch.tensor(input_ids, dtype=torch.int64), positions_cpu, slots, row_t, index,
+            torch.tensor([] if whole else pending, dtype=torch.int64), torch.tensor([] if whole else src, dtype=torch.int64),
+            *extra,
+        ], device, int32=[(positions_cpu + 1).to(torch.int32), torch.ones(n, dtype=torch.int32), index.to(torch.int32), slots32])
         if whole:
             input_ids_t = uncommitted.next_ids  # type: ignore[union-attr]
         elif pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]  # type: ignore[union-attr]
         writes = SlotWrites(decode=True, rows=row_t, positions=positions_cpu, prefix_lens=prefix,
-                            extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=rows_t,
-                            device_positions=positions_t, device_slots=out_cache_loc)
+                            extend_lens=self.extend_lens, slots=slots32, device_token_rows=rows_t,
+                            device_positions=positions_t, device_slots=slots32_t)
         fb = ForwardBatch(
             mode=self.mode, input_ids=input_ids_t, positions=positions_t, out_cache_loc=out_cache_loc,
-            req_pool_indices=rows_t, seq_lens=seq_lens_t.to(torch.int32), req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
-            seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1] * n, extend_seq_lens=ext_t.to(torch.int32),
-            extend_start_loc=index_t.to(torch.int32), logits_indices=index_t, lora_names=self._lora_names(n),
+            req_pool_indices=rows_t, seq_lens=seq_lens_t, req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
+            seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1] * n, extend_seq_lens=ext_t,
+            extend_start_loc=index32_t, logits_indices=index_t, lora_names=self._lora_names(n),
             cascade=layout.with_tensors(layout_t) if layout is not None else None,
         )
         return fb, writes

@@ -219,3 +219,29 @@ def test_norm_fusion_modes(monkeypatch):
     for auto in (False, True):
         monkeypatch.setattr(dense_gemv, "NORM_AUTO_ON", auto)
         assert dense_gemv.norm_fusion_enabled("auto") is auto
+
+
+def test_lm_head_takes_its_gemv_for_a_single_row(tiny_model_dir):
+    """The LM head (outside the decode graph; the step's largest weight) goes through its layer, so a measured M = 1
+    GEMV for its shape serves batch-1 logits; more rows keep torch's product (the Triton kernel interpreted on a CPU)."""
+    import torch.nn.functional as F
+
+    from radixlm.runtime.model_runner import ModelRunner
+    from radixlm.runtime.server_args import ServerArgs
+
+    model_dir = tiny_model_dir("llama")
+    runner = ModelRunner(ServerArgs(model_path=str(model_dir), dtype="bfloat16", max_total_tokens=64, device="cpu",
+                                    attention_backend="triton").resolve(), model_dir)
+    model = runner.model
+    head = model.lm_head
+    torch.manual_seed(0)
+    one, two = torch.randn(1, head.in_features, dtype=torch.bfloat16), torch.randn(2, head.in_features, dtype=torch.bfloat16)
+    cfg = SmallMConfig("fma", 8, 64, 1, 2, 1)
+    with torch.no_grad():
+        head.gemv = DenseGemv(head.weight, cfg)
+        got = model.compute_logits(one)
+        assert got.dtype == torch.float32 and got.shape == (1, model.cfg.vocab_size)
+        assert torch.equal(got, bf16_gemv(one, head.weight, cfg)[:, : model.cfg.vocab_size].float())
+        assert torch.equal(model.compute_logits(two), F.linear(two, head.weight)[:, : model.cfg.vocab_size].float())
+        head.gemv = None
+        assert torch.equal(model.compute_logits(one), F.linear(one, head.weight)[:, : model.cfg.vocab_size].float())
