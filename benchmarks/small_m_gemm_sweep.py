@@ -290,7 +290,12 @@ def python_literal(table: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
-DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu")
+DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu",
+               "w4a16-p1")
+# "w4a16-p1": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1: the 08:00 sweep's
+# best p1 configs of those shapes; the table's p0 ones won back to back without PDL, where that load cannot overlap
+# the predecessor, but the engine launches them with PDL after a small kernel: the norm / attention's merge)
+P1_TABLE = {"gemv": {"6144x4096": {"1": "gemv-n32-c4-w4-s2-p1"}, "4096x4096": {"1": "gemv-n32-c2-w4-sa-p1"}}}
 
 
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
@@ -304,11 +309,14 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     from quantized_w4 import GPTQ_CONFIG
 
     table = str(table_path)
+    p1_table = Path(tempfile.mkdtemp()) / "w4a16_p1_table.json"
+    p1_table.write_text(json.dumps({"tables": P1_TABLE}))
     arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
             "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
             "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"}),
             "w4a16-silu": ("w4a16", table, {"decode_silu_epilogue": "on"}),
-            "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"})}
+            "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"}),
+            "w4a16-p1": ("w4a16", str(p1_table), {})}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
         chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]
@@ -342,6 +350,8 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows to sweep (the GEMV: 1 only)")
     ap.add_argument("--pdl", action="store_true", help="time each best config again launched with PDL")
     ap.add_argument("--layers", default=",".join(SHAPES), help="the 8B layer shapes to sweep, of " + ", ".join(SHAPES))
+    ap.add_argument("--decode-only", action="store_true", help="no sweep: only the --decode-arms engines (arms on "
+                    "the swept table then run on the DEFAULTS)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_suite import measure_ceilings
@@ -350,6 +360,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.decode_only:
+        out.write_text(json.dumps({"tables": {}}))  # an empty sweep: the swept-table arms run on the DEFAULTS
+        report["decode"] = decode_figures(out, args.ab, tuple(args.decode_arms.split(",")))
+        report["wall_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(report, indent=1))
+        print("\n(a) batch-1 decode tok/s: " + ", ".join(f"{label} {v.get('a_decode_tok_s', float('nan')):.1f}"
+                                                        for label, v in report["decode"].items()))
+        print(f"wall {report['wall_s']:.0f} s")
+        return
     report["ceilings"] = measure_ceilings()
     copy_bw = report["ceilings"]["copy_bytes_per_s"]
     print(f"copy {copy_bw / 1e12:.2f} TB/s\n{'kind':<4}{'layer':<8}{'M':>3}{'floor':>8}{'bf16':>8}{'old':>8}{'o/fl':>6}"
