@@ -291,11 +291,13 @@ def python_literal(table: dict) -> str:
 
 
 DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu",
-               "w4a16-p1")
-# "w4a16-p1": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1: the 08:00 sweep's
-# best p1 configs of those shapes; the table's p0 ones won back to back without PDL, where that load cannot overlap
-# the predecessor, but the engine launches them with PDL after a small kernel: the norm / attention's merge)
-P1_TABLE = {"gemv": {"6144x4096": {"1": "gemv-n32-c4-w4-s2-p1"}, "4096x4096": {"1": "gemv-n32-c2-w4-sa-p1"}}}
+               "w4a16-p1", "w4a16-p1b")
+# "w4a16-p1" / "-p1b": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1); the table's
+# p0 ones won back to back without PDL, where that load cannot overlap the predecessor, but the engine launches them
+# with PDL after a small kernel (the norm, attention's merge). p1: the 2026-12-03 08:00 sweep's best p1 config of each
+# shape; p1b: o's table tile (n16-c4-w4) with the prefetch, on both shapes.
+P1_TABLES = {"w4a16-p1": {"6144x4096": {"1": "gemv-n32-c4-w4-s2-p1"}, "4096x4096": {"1": "gemv-n32-c2-w4-sa-p1"}},
+             "w4a16-p1b": {"6144x4096": {"1": "gemv-n16-c4-w4-sa-p1"}, "4096x4096": {"1": "gemv-n16-c4-w4-sa-p1"}}}
 
 
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
@@ -309,14 +311,15 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     from quantized_w4 import GPTQ_CONFIG
 
     table = str(table_path)
-    p1_table = Path(tempfile.mkdtemp()) / "w4a16_p1_table.json"
-    p1_table.write_text(json.dumps({"tables": P1_TABLE}))
+    p1_dir = Path(tempfile.mkdtemp())
+    for name, gemv in P1_TABLES.items():
+        (p1_dir / f"{name}.json").write_text(json.dumps({"tables": {"gemv": gemv}}))
     arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
             "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
             "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"}),
             "w4a16-silu": ("w4a16", table, {"decode_silu_epilogue": "on"}),
             "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"}),
-            "w4a16-p1": ("w4a16", str(p1_table), {})}
+            **{name: ("w4a16", str(p1_dir / f"{name}.json"), {}) for name in P1_TABLES}}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
         chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]
