@@ -120,7 +120,8 @@ def main() -> None:
 
     def capture(name: str) -> torch.cuda.CUDAGraph:
         use_variant(name, folder)
-        graphs._capture_buckets(False)  # batch 1 only (cuda_graph_max_bs=1), at the current context
+        with torch.inference_mode():  # as the runner's own capture (CudaGraphRunner._capture_all)
+            graphs._capture_buckets(False)  # batch 1 only (cuda_graph_max_bs=1), at the current context
         return graphs.graphs[1, False, False]
 
     for r in range(args.rounds):
