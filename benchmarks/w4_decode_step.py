@@ -16,8 +16,9 @@ kind, the four GEMMs named in order) and the step's kernels outside the graph.
     python benchmarks/w4_decode_step.py --variants defaults,p1 --rounds 3
 
 Variants: defaults (main's tables); p1 / p1b (qkv and o on GEMV configs that load their first weight step before
-the PDL wait); mma1-qkv-o (qkv and o on the tensor-core M = 1 kernel, gate_up's tile); splits-N (decode
-attention with at most N KV splits; 1: one pass, no merge kernel).
+the PDL wait); mma1-qkv-o (qkv and o on the tensor-core M = 1 kernel, gate_up's tile); gemv-all (gate_up and down
+on the GEMV too, as before the tensor-core kernel); splits-N (decode attention with at most N KV splits; 1: one
+pass, no merge kernel).
 """
 from __future__ import annotations
 
@@ -40,22 +41,26 @@ from gpu_suite import LLAMA_8B, model_dir_for, rand_ids  # noqa: E402
 from profile_steps import make_scheduler  # noqa: E402
 from quantized_w4 import GPTQ_CONFIG  # noqa: E402
 
-from radixlm.kernels import decode_attention  # noqa: E402
+from radixlm.kernels import decode_attention, w4a16_mma_m1  # noqa: E402
 from radixlm.kernels.small_m import TABLE_ENV  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
+from radixlm.runtime.quantization import w4a16  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
 QKV, OPROJ = "6144x4096", "4096x4096"
 MMA1_TILE = "mma1-n64-c2-w2-sa-st2-g1-j8-r1"  # gate_up's DEFAULTS entry
-# name -> (sweep-format tables over the DEFAULTS, the attention's split cap or None for the default)
+# name -> (sweep-format tables over the DEFAULTS, the attention's split cap or None for the default); "gemv-all"
+# also takes gate_up / down off the tensor-core kernel's DEFAULTS (in this process only): all four on the GEMV
 VARIANTS: dict[str, tuple[dict, int | None]] = {
     "defaults": ({}, None),
     "p1": ({"gemv": {QKV: {"1": "gemv-n32-c4-w4-s2-p1"}, OPROJ: {"1": "gemv-n32-c2-w4-sa-p1"}}}, None),
     "p1b": ({"gemv": {QKV: {"1": "gemv-n16-c4-w4-sa-p1"}, OPROJ: {"1": "gemv-n16-c4-w4-sa-p1"}}}, None),
     "mma1-qkv-o": ({"mma1": {QKV: {"1": MMA1_TILE}, OPROJ: {"1": MMA1_TILE}}}, None),
+    "gemv-all": ({}, None),
     "splits-8": ({}, 8),
     "splits-1": ({}, 1),
 }
+MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
 
 DEFAULT_SPLITS = decode_attention._MAX_SPLITS
@@ -71,6 +76,12 @@ def use_variant(name: str, folder: Path) -> None:
     else:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
+    w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
+    if name != "gemv-all":
+        w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
+    # a kernel that failed to compile under the last variant's config is tried again under this one's
+    w4a16._mma1_failed.clear()
+    w4a16._gemv_failed.clear()
 
 
 def main() -> None:
