@@ -51,3 +51,13 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     use_variant("defaults", tmp_path)
     assert {layer: _served(*shape) for layer, shape in SHAPES.items()} == defaults
     assert decode_attention._MAX_SPLITS == DEFAULT_SPLITS
+
+
+def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
+    """The profile names the four GEMMs of a layer in order from runs of GEMM kernels: the M = 1 tensor-core kernel
+    (gate_up / down by default) must count as one, or down would be named gate_up's and the rest shift."""
+    from radixlm.benchmarks.decode_overlap import kernel_kind
+
+    assert kernel_kind("_mma1_kernel") == "GEMM"
+    assert kernel_kind("_gemv_kernel") == "GEMM"
+    assert kernel_kind("_silu_and_mul_kernel") == "SiLU-and-mul"
