@@ -61,3 +61,23 @@ def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
     assert kernel_kind("_mma1_kernel") == "GEMM"
     assert kernel_kind("_gemv_kernel") == "GEMM"
     assert kernel_kind("_silu_and_mul_kernel") == "SiLU-and-mul"
+
+
+def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> None:
+    """pdl-off / silu-epilogue set what the runner set at load (every quantized weight's switches and the ops bundle
+    of the model and its attention), and the defaults put PDL back on with no epilogue."""
+    from types import SimpleNamespace
+
+    from radixlm.runtime.quantization.w4_formats import quantize_rtn
+    from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
+
+    monkeypatch.delenv(TABLE_ENV, raising=False)
+    monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
+    part = quantize_rtn(torch.randn(16, 128), 128, True)
+    layer = torch.nn.Module()
+    layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
+    runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
+    for name, pdl, epilogue in (("pdl-off", False, False), ("silu-epilogue", True, True), ("defaults", True, False)):
+        use_variant(name, tmp_path, runner)
+        assert (layer.quantized.pdl, layer.quantized.silu_epilogue) == (pdl, epilogue), name
+        assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
