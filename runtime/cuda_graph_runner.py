@@ -109,7 +109,13 @@ class CudaGraphRunner:
                     del self.graphs[key], self.outputs[key]
                 self.runner.cascade = None
                 self.variants = [(lora, c) for lora, c in self.variants if not c]
-        self._capture_short()
+        try:
+            self._capture_short()
+        except Exception:  # an optional speed-up: the full-split graphs serve every step without it
+            logger.exception("short-context decode graphs disabled: capturing them failed")
+            self.short_graphs.clear()
+            self.short_outputs.clear()
+            self.short_aux_outputs.clear()
         logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
 
