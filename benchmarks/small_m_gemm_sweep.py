@@ -14,6 +14,7 @@ w4a16 GPTQ), the quantized engines on the table just measured (through $RADIXLM_
 scheduler is another process); --ab adds fp8 / w4a16 on the older kernels (RADIXLM_SMALL_M_TABLE=off).
 
     python benchmarks/small_m_gemm_sweep.py --out $OUT/small_m.json --decode
+    python benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults,fp8   # no sweep: main's tables
 """
 from __future__ import annotations
 
