@@ -165,7 +165,8 @@ def _quantize_rows_kernel(
         scale = tl.load(Static)
     else:
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX), min_scale)
-    q = tl.minimum(tl.maximum(_div_rn_by_row(x, scale), -FP8_MAX), FP8_MAX)
+    q = _div_rn_by_row(x, scale)
+    q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))  # NaN stays NaN, as torch's clamp keeps it
     if not HW_ROUND:  # the interpreter's cast rounds ties away and drops carries: round on the float32 value
         q = _round_to_fp8(q, 3, -6)  # e4m3: 3 mantissa bits, smallest normal 2^-6
     tl.store(Codes + row * stride_c + cols, q.to(Codes.dtype.element_ty), mask=mask)
@@ -182,6 +183,10 @@ def _div_rn_by_row(x, s):
     r = tl.math.div_rn(1.0, s)
     q0 = x * r
     q = tl.fma(tl.fma(-q0, s, x), r, q0)
+    # an infinite x r (x infinite, or past float32's range), an infinite scale (a row holding inf) or a reciprocal
+    # that overflows: x r is what x / s gives there, or saturates to the same e4m3 code
+    q = tl.where(tl.abs(q0) < float("inf"), q, q0)
+    q = tl.where((r != 0.0) & (r < float("inf")), q, q0)
     return tl.where(x == 0.0, x, q)  # -0 / s is -0 (the FMAs would give +0: another e4m3 code)
 
 
@@ -198,6 +203,7 @@ def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
         _quantize_rows_kernel[(m,)](
             x, codes, scales, static, k, x.stride(0), codes.stride(0), min_scale,
             STATIC=static_scale is not None, BLOCK=block, HW_ROUND=x.is_cuda,  # sm_89+: cvt.rn.satfinite, RNE
-            num_warps=max(1, min(16, block // 1024)),
+            # 16 values a thread: 48 registers on sm_90, the warps an SM holds as before at 32 values and 50 registers
+            num_warps=max(1, min(32, block // 512)),
         )
     return codes, scales
