@@ -185,7 +185,7 @@ def kernel_kind(name: str) -> str:
         if key in name:
             return kind
     low = name.lower()
-    if any(s in low for s in ("gemm", "gemv", "cutlass", "nvjet", "sm90", "xmma", "splitk", "cublas")):
+    if any(s in low for s in ("gemm", "gemv", "mma1", "cutlass", "nvjet", "sm90", "xmma", "splitk", "cublas")):
         return "GEMM"
     if any(s in low for s in ("argmax", "reduce")):
         return "argmax / reduce"

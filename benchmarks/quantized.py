@@ -18,6 +18,10 @@
          (its default tiles, and the best of a small tile sweep), _scaled_mm alone, the fused and the
          eager activation quantization, vs bf16 matmul; against the bytes floor (weights read at the
          measured copy bandwidth) and FLOP floor (the measured bf16 / FP8 8192^3 matmul rate)
+  gemmlarge  the same at (b)'s sizes, M = 256, 1024, 8192 (large decode batches, a prefill chunk): bf16 matmul,
+         the FP8 linear as dispatched, _scaled_mm with row-wise scales (what it runs) and with per-tensor scales
+         (cuBLASLt's plain FP8 path), the fused quantization (and whether its codes and scales equal the eager
+         reference's on the GPU, bit for bit); TFLOP/s of each: where FP8 (b) stands
   (a)    batch-1 decode tok/s of the Llama-3.1-8B shape (random weights, --load-format dummy)
   (b)    offline throughput, gpu_suite's workload (b): 1,000 requests, input U[128,1024], output U[64,512]
   (c)    TTFT of one 1,024-token prompt
@@ -233,11 +237,54 @@ def engine_items(model_dir: Path, vocab: int, opts: dict, decode_only: bool = Fa
     return res
 
 
+def gemm_large_table(ceil: dict) -> list[dict]:
+    """FP8 against bf16 at (b)'s GEMM sizes: µs and TFLOP/s (see the module docstring, "gemmlarge")."""
+    from radixlm.kernels.fp8_gemm import quantize_rows_fp8
+    from radixlm.runtime.quantization.fp8 import _MIN_SCALE, Fp8Weight, quantize_rows
+
+    rows = []
+    one = torch.ones(1, device="cuda")
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        fp8 = Fp8Weight.from_float(w)
+        for m in (256, 1024, 8192):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, sx = quantize_rows_fp8(x, _MIN_SCALE)
+            ref_q, ref_s = quantize_rows(x)  # the eager reference on the GPU: the fused kernel's codes bit for bit?
+            same = torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(sx, ref_s)
+            del ref_q, ref_s
+            inner = 4 if m >= 8192 else 20
+            times = {
+                "bf16": _graph_time(lambda: torch.matmul(x, w.t()), inner),
+                "fp8_linear": _graph_time(lambda: fp8.linear(x), inner),
+                "scaled_mm_rowwise": _graph_time(lambda: torch._scaled_mm(xq, fp8.codes.t(), scale_a=sx, scale_b=fp8.scales,
+                                                                          out_dtype=torch.bfloat16), inner),
+                "scaled_mm_tensorwise": _graph_time(lambda: torch._scaled_mm(xq, fp8.codes.t(), scale_a=one, scale_b=one,
+                                                                             out_dtype=torch.bfloat16), inner),
+                "quant_fused": _graph_time(lambda: quantize_rows_fp8(x, _MIN_SCALE), inner),
+            }
+            flops = 2 * m * n * k
+            row = {"layer": name, "M": m, "K": k, "N": n, "quant_codes_equal": same,
+                   **{f"{key}_us": t * 1e6 for key, t in times.items()},
+                   **{f"{key}_tflops": flops / t / 1e12 for key, t in times.items() if key != "quant_fused"},
+                   "fp8_speedup": times["bf16"] / times["fp8_linear"],
+                   "bf16_of_peak": flops / times["bf16"] / ceil["bf16_matmul_flops"],
+                   "rowwise_of_fp8_peak": flops / times["scaled_mm_rowwise"] / ceil["fp8_matmul_flops"]}
+            rows.append(row)
+            print(f"{name:<8}{m:>6}  bf16 {row['bf16_us']:8.1f}  fp8 {row['fp8_linear_us']:8.1f} ({row['fp8_speedup']:.2f}x)  "
+                  f"rowwise {row['scaled_mm_rowwise_us']:8.1f} ({row['scaled_mm_rowwise_tflops']:.0f} TF)  tensorwise "
+                  f"{row['scaled_mm_tensorwise_us']:8.1f} ({row['scaled_mm_tensorwise_tflops']:.0f} TF)  quant {row['quant_fused_us']:6.1f}"
+                  f"{'' if same else '  QUANT CODES DIFFER FROM THE EAGER REFERENCE'}",
+                  flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantized.json")
     ap.add_argument("--decode-only", action="store_true", help="engines: (a) batch-1 decode and memory only")
-    ap.add_argument("--skip", default="", help="comma list of: check, gemm, w4check, w4kernels, w4gemm, w4small, kquants, "
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, gemmlarge, w4check, w4kernels, w4gemm, w4small, kquants, "
                     f"int8gemm, and engine labels ({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, "
                     "see RESULTS.md) and w4kernels (w4check's first half)")
     args = ap.parse_args()
@@ -268,6 +315,7 @@ def main() -> None:
         section("w4check", lambda: check_w4_on_cuda(root))
         section("w4kernels", lambda: check_w4_on_cuda(root, engines=False))  # w4check without its engines
         section("gemm", lambda: gemm_table(ceil))
+        section("gemmlarge", lambda: gemm_large_table(ceil))
         section("w4gemm", lambda: w4_gemm_table(ceil, _graph_time))
         section("w4small", lambda: w4_small_table(ceil, _graph_time))
         section("kquants", check_kquants_on_cuda)

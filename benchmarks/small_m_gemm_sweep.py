@@ -14,6 +14,7 @@ w4a16 GPTQ), the quantized engines on the table just measured (through $RADIXLM_
 scheduler is another process); --ab adds fp8 / w4a16 on the older kernels (RADIXLM_SMALL_M_TABLE=off).
 
     python benchmarks/small_m_gemm_sweep.py --out $OUT/small_m.json --decode
+    python benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults,fp8   # no sweep: main's tables
 """
 from __future__ import annotations
 
@@ -352,7 +353,14 @@ def python_literal(table: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
-DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu")
+DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu",
+               "w4a16-p1", "w4a16-p1b")
+# "w4a16-p1" / "-p1b": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1); the table's
+# p0 ones won back to back without PDL, where that load cannot overlap the predecessor, but the engine launches them
+# with PDL after a small kernel (the norm, attention's merge). p1: the 2026-12-03 08:00 sweep's best p1 config of each
+# shape; p1b: o's table tile (n16-c4-w4) with the prefetch, on both shapes.
+P1_TABLES = {"w4a16-p1": {"6144x4096": {"1": "gemv-n32-c4-w4-s2-p1"}, "4096x4096": {"1": "gemv-n32-c2-w4-sa-p1"}},
+             "w4a16-p1b": {"6144x4096": {"1": "gemv-n16-c4-w4-sa-p1"}, "4096x4096": {"1": "gemv-n16-c4-w4-sa-p1"}}}
 
 
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
@@ -366,11 +374,15 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     from quantized_w4 import GPTQ_CONFIG
 
     table = str(table_path)
+    p1_dir = Path(tempfile.mkdtemp())
+    for name, gemv in P1_TABLES.items():
+        (p1_dir / f"{name}.json").write_text(json.dumps({"tables": {"gemv": gemv}}))
     arms = {"bf16": ("bf16", "", {}), "fp8": ("fp8", table, {}), "w4a16": ("w4a16", table, {}),
             "w4a16-defaults": ("w4a16", "", {}), "fp8-pdl": ("fp8", table, {"decode_pdl": "on"}),
             "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"}),
             "w4a16-silu": ("w4a16", table, {"decode_silu_epilogue": "on"}),
-            "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"})}
+            "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"}),
+            **{name: ("w4a16", str(p1_dir / f"{name}.json"), {}) for name in P1_TABLES}}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
         chosen += [("fp8 (older kernel)", "fp8", "off", {}), ("w4a16 (older kernel)", "w4a16", "off", {})]
@@ -404,6 +416,8 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows to sweep (the GEMV: 1 only)")
     ap.add_argument("--pdl", action="store_true", help="time each best config again launched with PDL")
     ap.add_argument("--layers", default=",".join(SHAPES), help="the 8B layer shapes to sweep, of " + ", ".join(SHAPES))
+    ap.add_argument("--decode-only", action="store_true", help="no sweep: only the --decode-arms engines (arms on "
+                    "the swept table then run on the DEFAULTS)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_suite import measure_ceilings
@@ -412,6 +426,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.decode_only:
+        out.write_text(json.dumps({"tables": {}}))  # an empty sweep: the swept-table arms run on the DEFAULTS
+        report["decode"] = decode_figures(out, args.ab, tuple(args.decode_arms.split(",")))
+        report["wall_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(report, indent=1))
+        print("\n(a) batch-1 decode tok/s: " + ", ".join(f"{label} {v.get('a_decode_tok_s', float('nan')):.1f}"
+                                                        for label, v in report["decode"].items()))
+        print(f"wall {report['wall_s']:.0f} s")
+        return
     report["ceilings"] = measure_ceilings()
     copy_bw = report["ceilings"]["copy_bytes_per_s"]
     print(f"copy {copy_bw / 1e12:.2f} TB/s\n{'kind':<4}{'layer':<8}{'M':>3}{'floor':>8}{'bf16':>8}{'old':>8}{'o/fl':>6}"

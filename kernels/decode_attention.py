@@ -157,6 +157,27 @@ def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -
     return max(1, min(_MAX_SPLITS, triton.cdiv(4 * sms, batch * num_kv_heads)))
 
 
+SHORT_SPLITS = 8  # the split count of the short-context plan (`short_context_splits`)
+
+
+def short_context_splits(batch: int, num_kv_heads: int, device: torch.device) -> tuple[int, int] | None:
+    """(splits, longest context) of a second split plan for short contexts at this batch size, or None where
+    `default_num_kv_splits` is not larger than SHORT_SPLITS.
+
+    Splits are whole blocks of KV positions (at least one each), so up to SHORT_SPLITS blocks of context
+    SHORT_SPLITS splits cover the same blocks with the same active programs as the default's larger count —
+    the same partial results — while launching fewer programs that find nothing to do and merging a narrower
+    tile: at batch 1 on the H200 (32 splits by default) the 4-bit 8B decode graph ran 2.146 -> 2.068 ms
+    (benchmarks/w4_decode_step.py, RESULTS.md 2026-12-04). Longer contexts need the default's programs.
+    The split count is fixed when a CUDA graph is captured, so the graph runner captures both plans and
+    picks by the step's longest context (runtime/cuda_graph_runner.py)."""
+    splits = default_num_kv_splits(batch, num_kv_heads, device)
+    if splits <= SHORT_SPLITS:
+        return None
+    block_n = GPU_CONFIG["block_n"] if device.type == "cuda" else 16  # as `decode_attention` picks it
+    return SHORT_SPLITS, SHORT_SPLITS * block_n
+
+
 def decode_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,

@@ -11,8 +11,9 @@ buffer and one small kernel sums them in a fixed order (deterministic, no atomic
 
 `quantize_rows_fp8`: large M (prefill), the activation side of W8A8 in one pass per row: abs-max, the
 scale max|x| / 448 (or a static one), x / scale saturated and rounded to e4m3 — the same codes and
-scales as `fp8.quantize_rows` (correctly rounded division, rounding done on the float32 value by
-`ops._round_to_fp8`, so the backend's conversion rounding does not matter).
+scales as `fp8.quantize_rows` (the correctly rounded division by FMAs from the row's reciprocal; the
+rounding to e4m3 by the GPU's round-to-nearest-even conversion, and under the CPU interpreter, whose cast
+does not round so, on the float32 value by `ops._round_to_fp8`).
 
 All launch parameters depend only on the static shapes, so the kernels capture into CUDA graphs.
 """
@@ -154,7 +155,7 @@ def w8a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 @triton.jit
 def _quantize_rows_kernel(
     X, Codes, Scales, Static, n_cols, stride_x, stride_c, min_scale,
-    STATIC: tl.constexpr, BLOCK: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK: tl.constexpr, HW_ROUND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -164,10 +165,29 @@ def _quantize_rows_kernel(
         scale = tl.load(Static)
     else:
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX), min_scale)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-    q = _round_to_fp8(q, 3, -6)  # e4m3: 3 mantissa bits, smallest normal 2^-6
+    q = _div_rn_by_row(x, scale)
+    q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))  # NaN stays NaN, as torch's clamp keeps it
+    if not HW_ROUND:  # the interpreter's cast rounds ties away and drops carries: round on the float32 value
+        q = _round_to_fp8(q, 3, -6)  # e4m3: 3 mantissa bits, smallest normal 2^-6
     tl.store(Codes + row * stride_c + cols, q.to(Codes.dtype.element_ty), mask=mask)
     tl.store(Scales + row, scale)
+
+
+@triton.jit
+def _div_rn_by_row(x, s):
+    """x / s correctly rounded (what `div.rn` gives) in three FMA-pipe operations an element instead of a
+    division sequence each (reciprocal, refinement, range check, slow-path branch: ~12 instructions): with
+    r = RN(1 / s), once per row, q0 = RN(x r) is within an ulp of x / s, the residual x - q0 s is exact in an
+    FMA, and RN(q0 + (x - q0 s) r) is RN(x / s) (Markstein's theorem; residuals that would underflow belong to
+    quotients far below e4m3's smallest subnormal, which round to zero either way)."""
+    r = tl.math.div_rn(1.0, s)
+    q0 = x * r
+    q = tl.fma(tl.fma(-q0, s, x), r, q0)
+    # an infinite x r (x infinite, or past float32's range), an infinite scale (a row holding inf) or a reciprocal
+    # that overflows: x r is what x / s gives there, or saturates to the same e4m3 code
+    q = tl.where(tl.abs(q0) < float("inf"), q, q0)
+    q = tl.where((r != 0.0) & (r < float("inf")), q, q0)
+    return tl.where(x == 0.0, x, q)  # -0 / s is -0 (the FMAs would give +0: another e4m3 code)
 
 
 def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
@@ -182,6 +202,8 @@ def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
         static = static_scale if static_scale is not None else scales
         _quantize_rows_kernel[(m,)](
             x, codes, scales, static, k, x.stride(0), codes.stride(0), min_scale,
-            STATIC=static_scale is not None, BLOCK=block, num_warps=max(1, min(16, block // 1024)),
+            STATIC=static_scale is not None, BLOCK=block, HW_ROUND=x.is_cuda,  # sm_89+: cvt.rn.satfinite, RNE
+            # 16 values a thread: 48 registers on sm_90, the warps an SM holds as before at 32 values and 50 registers
+            num_warps=max(1, min(32, block // 512)),
         )
     return codes, scales

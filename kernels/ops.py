@@ -221,7 +221,7 @@ def _round_to_fp8(x, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
     magic = tl.exp2((MIN_EXP + 23 - MANT_BITS) * 1.0)
     ax = tl.abs(x)
     tiny = (ax + magic) - magic
-    tiny = tl.where(x < 0, -tiny, tiny)
+    tiny = tl.where((x.to(tl.uint32, bitcast=True) >> 31) != 0, -tiny, tiny)  # the sign bit: -0 stays -0
     return tl.where(ax < tl.exp2(MIN_EXP * 1.0), tiny, normal)
 
 

@@ -14,6 +14,10 @@ traffic on a LoRA server runs the base model's graph. Both share one memory pool
 With cascade attention (runtime/cascade.py) each bucket of at least two rows also has a graph whose
 decode attention reads a fixed-shape cascade layout from static buffers (captured with no groups),
 replayed for the steps whose planner grouped rows by shared prefix.
+
+The small buckets whose decode attention splits each row's KV over many programs (32 at batch 1 on the
+H200) also have a short-context graph with fewer splits (`decode_attention.short_context_splits`),
+replayed while the step's longest context fits them: the same partial results, fewer empty programs.
 """
 from __future__ import annotations
 
@@ -67,6 +71,11 @@ class CudaGraphRunner:
         self.aux_outputs: dict[tuple[int, bool, bool], torch.Tensor] = {}  # EAGLE-3: the aux hidden states
         self.capture_s: dict[str, float] = {}  # seconds spent capturing each variant (all buckets)
         self.metas: dict[tuple[int, bool], AttentionMetadata] = {}
+        # the short-context plan's graphs, keyed (bucket, with LoRA kernels), and the longest context they serve
+        self.short_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.short_outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.short_aux_outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.short_max_len = 0
         self.pool = torch.cuda.graph_pool_handle()
         self._capture_all()
 
@@ -80,9 +89,9 @@ class CudaGraphRunner:
             logits_indices=self.logits_indices[:bs],
         )
 
-    def _run(self, bs: int, lora: bool, cascade: bool) -> torch.Tensor:
+    def _run(self, bs: int, lora: bool, cascade: bool, meta: AttentionMetadata | None = None) -> torch.Tensor:
         attn = self.runner.attn_backend
-        attn.meta = self.metas[bs, cascade]
+        attn.meta = meta if meta is not None else self.metas[bs, cascade]
         if self.runner.lora is not None:  # the LoRA kernels read the segments from fixed buffers
             self.runner.lora.use_graph_segments(bs if lora else None)
         return self.runner.model(self._batch(bs), attn)
@@ -100,6 +109,13 @@ class CudaGraphRunner:
                     del self.graphs[key], self.outputs[key]
                 self.runner.cascade = None
                 self.variants = [(lora, c) for lora, c in self.variants if not c]
+        try:
+            self._capture_short()
+        except Exception:  # an optional speed-up: the full-split graphs serve every step without it
+            logger.exception("short-context decode graphs disabled: capturing them failed")
+            self.short_graphs.clear()
+            self.short_outputs.clear()
+            self.short_aux_outputs.clear()
         logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
 
@@ -126,6 +142,36 @@ class CudaGraphRunner:
                 torch.cuda.synchronize()
                 key = ("lora" if lora else "base") + ("+cascade" if cascade else "")
                 self.capture_s[key] = self.capture_s.get(key, 0.0) + time.perf_counter() - started
+
+    def _capture_short(self) -> None:
+        """The short-context graphs (see the module docstring): plain attention, every LoRA variant."""
+        attn = self.runner.attn_backend
+        if not attn.ops.name.startswith("triton"):
+            return  # the torch reference attention takes no split count
+        from radixlm.kernels.decode_attention import short_context_splits
+
+        started = time.perf_counter()
+        kv_heads = self.runner.kv_pool.k_buffer[0].shape[1]
+        for bs in reversed(self.buckets):
+            plan = short_context_splits(bs, kv_heads, self.runner.device)
+            if plan is None:
+                continue
+            splits, self.short_max_len = plan
+            meta = AttentionMetadata.for_decode(attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],
+                                                num_kv_splits=splits)
+            for lora in sorted({lora for lora, c in self.variants if not c}):
+                for _ in range(2):
+                    self._run(bs, lora, False, meta)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.short_outputs[bs, lora] = self._run(bs, lora, False, meta)
+                if self.runner.model.aux_layers:
+                    self.short_aux_outputs[bs, lora] = self.runner.model.aux_hidden
+                self.short_graphs[bs, lora] = graph
+                torch.cuda.synchronize()
+        if self.short_graphs:
+            self.capture_s["short-context"] = time.perf_counter() - started
 
     def _cascade_view(self, bs: int) -> CascadeLayout:
         assert self.cascade is not None
@@ -164,6 +210,11 @@ class CudaGraphRunner:
         cascade = batch.cascade is not None and (padded, lora, True) in self.graphs
         if cascade:
             self._copy_cascade(batch.cascade, bs, padded)  # type: ignore[arg-type]
+        elif (padded, lora) in self.short_graphs and batch.max_seq_len <= self.short_max_len:
+            self.short_graphs[padded, lora].replay()
+            if self.short_aux_outputs:
+                self.runner.model.aux_hidden = self.short_aux_outputs[padded, lora][:bs]
+            return self.runner.model.compute_logits(self.short_outputs[padded, lora][:bs])
         self.graphs[padded, lora, cascade].replay()
         if self.aux_outputs:
             self.runner.model.aux_hidden = self.aux_outputs[padded, lora, cascade][:bs]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from radixlm.kernels.fp8_gemm import _div_rn_by_row
 from radixlm.runtime.quantization.fp8 import _MIN_SCALE, Fp8Weight, quantize_rows
 
 
@@ -64,9 +67,56 @@ def test_fused_activation_quantization_is_bit_exact(device, static, dtype):
     x[2] = 0.0  # a zero token: the minimum scale, zero codes
     x[3, :6] = torch.tensor([1e-9, 2e-8, 5.0, -5.0, 0.3, 3e-3])  # subnormal codes and ties
     x[4, 0] = 1e4  # saturates under the static scale
+    x[5, :2] = torch.tensor([-0.0, 1e-30])  # a negative zero keeps its code; a quotient far below e4m3's range
+    if static:  # an infinite x saturates
+        x[6, 7] = float("inf")
     x = x.to(dtype)
     st = torch.tensor([0.02]) if static else None
     codes, scales = quantize_rows_fp8(x.to(device), _MIN_SCALE, None if st is None else st.to(device))
     ref_codes, ref_scales = quantize_rows(x, st)
     assert torch.equal(codes.cpu().view(torch.uint8), ref_codes.view(torch.uint8))
     assert torch.equal(scales.cpu(), ref_scales)
+    if not static:  # a row holding inf: an infinite scale, its finite values (signed) zeros; (inf / inf is NaN,
+        # whose e4m3 code the interpreter's cast does not give: the GPU's is checked by quantized.py's gemmlarge)
+        row = torch.tensor([[float("inf"), 3.0, -2.0, 0.0]]).to(dtype)
+        codes, scales = quantize_rows_fp8(row.to(device), _MIN_SCALE)
+        ref_codes, ref_scales = quantize_rows(row)
+        assert torch.equal(codes.cpu().view(torch.uint8)[:, 1:], ref_codes.view(torch.uint8)[:, 1:])
+        assert torch.equal(scales.cpu(), ref_scales)
+
+
+def test_row_division_by_fmas_is_correctly_rounded(device):
+    """`_div_rn_by_row` (the quantization's x / s from the row's reciprocal and two FMAs) equals IEEE float32
+    division bit for bit, wherever the e4m3 code depends on it, on random and adversarial pairs: divisors with
+    all-ones significands, quotients at every exponent of e4m3's range, dividends that are exact multiples of
+    the divisor, signed zeros, dividends at float32's underflow."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    block = 4096
+    allones = np.float32(np.nextafter(np.float32(2.0), np.float32(0.0)))  # 1.11...1 x 2^0
+    scales = np.concatenate([allones * np.float32(2.0) ** rng.integers(-20, 10, 8).astype(np.float32),
+                             (rng.random(24) * 10 ** rng.uniform(-6, 3, 24)).astype(np.float32)]).astype(np.float32)
+    q = (rng.standard_normal((len(scales), block)) * 2.0 ** rng.integers(-12, 9, (len(scales), block))).astype(np.float32)
+    x = (q * scales[:, None]).astype(np.float32)
+    x[:, :64] = (np.round(q[:, :64]) * scales[:, None]).astype(np.float32)  # exact multiples (exact quotients)
+    x[:, 64:72] = np.array([-0.0, 0.0, 1e-38, -1e-38, 3e-39, -3e-39, 1e30, -1e30], dtype=np.float32)  # signs, tiny, huge
+    out = torch.empty(x.shape, dtype=torch.float32, device=device)
+    _divide_rows[(len(scales),)](torch.from_numpy(x).to(device), torch.from_numpy(scales).to(device), out, BLOCK=block)
+    got = out.cpu().numpy()
+    ref = (x / scales[:, None]).astype(np.float32)
+    # bit for bit wherever e4m3 can tell (|q| from 2^-10: half its smallest subnormal, 2^-9); below, only
+    # dividends near float32's underflow differ (their residual underflows), and both round to the same zero
+    seen = np.abs(ref) >= 2.0**-10
+    assert np.array_equal(got[seen].view(np.uint32), ref[seen].view(np.uint32))
+    fp8 = torch.float8_e4m3fn
+    assert torch.equal(torch.from_numpy(got[~seen]).to(fp8).view(torch.uint8), torch.from_numpy(ref[~seen]).to(fp8).view(torch.uint8))
+
+
+
+@triton.jit
+def _divide_rows(X, S, Out, BLOCK: tl.constexpr):
+    """Each row of X divided by its S by `_div_rn_by_row`."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    tl.store(Out + row * BLOCK + cols, _div_rn_by_row(tl.load(X + row * BLOCK + cols), tl.load(S + row)))

@@ -1,0 +1,83 @@
+"""benchmarks/w4_decode_step.py's variants on the CPU: each one's tables reach the kernels' config lookup (the
+sweep-format JSON over the DEFAULTS, read at every call) as valid configs, its split cap reaches the decode
+attention's split count, and the defaults variant restores main's tables. (The timing itself runs on the H200.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.benchmarks.w4_decode_step import DEFAULT_SPLITS, VARIANTS, use_variant
+from radixlm.kernels import decode_attention, w4a16_gemv, w4a16_mma_m1
+from radixlm.kernels.small_m import TABLE_ENV
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def _served(n: int, k: int) -> str:
+    """Which M = 1 kernel W4Weight picks for a shape (the tensor-core one first, as `W4Weight.linear` does)."""
+    mma1 = w4a16_mma_m1.mma1_table_config(n, k)
+    if mma1 is not None:
+        assert w4a16_mma_m1.step_groups(mma1.chunks, 128) <= mma1.window  # what w4a16_mma_m1 checks at launch
+        return mma1.key()
+    gemv = w4a16_gemv.gemv_table_config(n, k)
+    return "none" if gemv is None else gemv.key()
+
+
+@pytest.fixture(autouse=True)
+def _mma1_defaults_kept():
+    """use_variant edits the tensor-core kernel's DEFAULTS in place (gemv-all): put them back whatever happens."""
+    kept = dict(w4a16_mma_m1.DEFAULTS)
+    yield
+    w4a16_mma_m1.DEFAULTS.clear()
+    w4a16_mma_m1.DEFAULTS.update(kept)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(TABLE_ENV, raising=False)
+    monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
+    defaults = {layer: _served(*shape) for layer, shape in SHAPES.items()}
+    use_variant(name, tmp_path)
+    tables, splits = VARIANTS[name]
+    got = {layer: _served(*shape) for layer, shape in SHAPES.items()}
+    for layer, (n, k) in SHAPES.items():
+        listed = [by_shape[f"{n}x{k}"]["1"] for by_shape in tables.values() if f"{n}x{k}" in by_shape]
+        if name == "gemv-all":  # every shape on the GEMV's own table
+            assert got[layer] == w4a16_gemv.gemv_table_config(n, k).key(), layer
+        else:
+            assert got[layer] == (listed[0] if listed else defaults[layer]), (name, layer)
+    # batch 1, 8 KV heads: the CPU counts 4 "SMs", so the split count is min(cap, cdiv(4 * 4, 8) = 2)
+    assert decode_attention.default_num_kv_splits(1, 8, torch.device("cpu")) == min(splits or DEFAULT_SPLITS, 2)
+    use_variant("defaults", tmp_path)
+    assert {layer: _served(*shape) for layer, shape in SHAPES.items()} == defaults
+    assert decode_attention._MAX_SPLITS == DEFAULT_SPLITS
+
+
+def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
+    """The profile names the four GEMMs of a layer in order from runs of GEMM kernels: the M = 1 tensor-core kernel
+    (gate_up / down by default) must count as one, or down would be named gate_up's and the rest shift."""
+    from radixlm.benchmarks.decode_overlap import kernel_kind
+
+    assert kernel_kind("_mma1_kernel") == "GEMM"
+    assert kernel_kind("_gemv_kernel") == "GEMM"
+    assert kernel_kind("_silu_and_mul_kernel") == "SiLU-and-mul"
+
+
+def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> None:
+    """pdl-off / silu-epilogue set what the runner set at load (every quantized weight's switches and the ops bundle
+    of the model and its attention), and the defaults put PDL back on with no epilogue."""
+    from types import SimpleNamespace
+
+    from radixlm.runtime.quantization.w4_formats import quantize_rtn
+    from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
+
+    monkeypatch.delenv(TABLE_ENV, raising=False)
+    monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
+    part = quantize_rtn(torch.randn(16, 128), 128, True)
+    layer = torch.nn.Module()
+    layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
+    runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
+    for name, pdl, epilogue in (("pdl-off", False, False), ("silu-epilogue", True, True), ("defaults", True, False)):
+        use_variant(name, tmp_path, runner)
+        assert (layer.quantized.pdl, layer.quantized.silu_epilogue) == (pdl, epilogue), name
+        assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
