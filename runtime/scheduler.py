@@ -75,6 +75,10 @@ class Scheduler:
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
+        # Prompts-only extend steps overlapped too: the next prefill chunk is scheduled and launched
+        # before this one's first tokens are committed (not with drafts or adapters in the batches).
+        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.spec is None
+                                and self.runner.lora is None)
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # The last overlapped commit found a grammar-forced run worth a jump: commit before the next step.
@@ -87,7 +91,9 @@ class Scheduler:
                       "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0,
                       # forward steps by kind: prefill alone / prefill with the decode rows / decode, and
                       # the decode steps committed a step later (overlapped with the next step's forward)
-                      "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0}
+                      "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0,
+                      # prefill steps whose first tokens were committed a step later
+                      "overlapped_prefill_steps": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -267,6 +273,15 @@ class Scheduler:
             if previous is not None:
                 self._commit_step(previous, allow_jump=False, advanced=advanced)
             return True
+        if self.overlap_prefill and self.results.can_defer_prefill(batch):
+            # The host schedules and launches the next step while the device runs this one; the
+            # pending step (if any) is a prefill step too (only those let a prefill go first).
+            self.stats["overlapped_prefill_steps"] += 1
+            previous, self.uncommitted = self.uncommitted, None
+            self.uncommitted = self._launch_prefill(batch, logits)
+            if previous is not None:
+                self._commit_step(previous, allow_jump=False)
+            return True
         # This batch already consumes the pending step's tokens: they are committed without a jump
         # (one would rewrite them); this step's own results may jump, all its tokens being on the host.
         self._commit_step(allow_jump=False)
@@ -277,6 +292,24 @@ class Scheduler:
         """Sample on the device; the host appends these tokens a step later (`_commit_step`)."""
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
                                                                      logits_needed_after=False))
+
+    def _launch_prefill(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep | None:
+        """A prompts-only extend step, overlapped: its KV goes into the prefix cache now (the next
+        step may reuse it), its completed prompts' first tokens are sampled on the device and those
+        requests run from now on with the token on the device; the host appends it a step later."""
+        self._after_prefill(batch)  # (no followers here: nothing to fork)
+        done = [(req, row) for req, row in zip(batch.reqs, batch.sample_rows) if row is not None and not req.finished]
+        if not done:
+            return None  # chunks of longer prompts only
+        reqs = [req for req, _ in done]
+        rows = [row for _, row in done]
+        for req in reqs:
+            req.input_logprobs_done = True
+        rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        step = UncommittedStep.start(reqs, self.results.sample(reqs, rows_logits, self.grammars,
+                                                               logits_needed_after=False), prefill=True)
+        self.running.extend(reqs)
+        return step
 
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events."""
@@ -312,12 +345,19 @@ class Scheduler:
 
     def _can_schedule_before_commit(self) -> bool:
         """The next step can go ahead before the uncommitted one is committed: nothing to admit or
-        extend, and no retraction needed (it would free the slots of a token on the device).
+        extend (unless the uncommitted step is a prefill step: `_launch_prefill`), and no
+        retraction needed (it would free the slots of a token on the device).
 
-        Scheduling a prefill ahead of the commit was tried (benchmarks/RESULTS.md, issue 8): on
-        workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower."""
-        if self.partial or self._may_admit() or self.jump_due:
+        Scheduling a prefill ahead of a decode step's commit was tried (benchmarks/RESULTS.md,
+        issue 8): on workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower.
+        After a prompts-only prefill step the next prefill needs none of its tokens: it goes first,
+        so the host's admission work runs while the device computes (shared-prefix workloads admit
+        ~130 requests a chunk: ~20 ms of host time per step that the device otherwise waits for)."""
+        if self.jump_due:
             return False  # (a due jump is taken by the commit: its forced tokens need an extend step)
+        after_prefill = self.uncommitted is not None and self.uncommitted.prefill
+        if (self.partial or self._may_admit()) and not after_prefill:
+            return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
         return self.kv_pool.available() >= len(self.running)
