@@ -41,6 +41,7 @@ from profile_steps import StepRecorder, make_scheduler  # noqa: E402
 
 from radixlm.kernels import cascade_layout as CL  # noqa: E402
 from radixlm.kernels import decode_attention as DA  # noqa: E402
+from radixlm.kernels import extend_attention as EA  # noqa: E402
 from radixlm.kernels.cascade_layout import CascadeShape  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -61,7 +62,7 @@ KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, {"block_n": 32}, {"n
 
 
 def kernel_item(bw: float, budget_end: float) -> dict:
-    out: dict = {"copy_bytes_per_s": bw, "rows": []}
+    out: dict = {"copy_bytes_per_s": bw, "rows": [], "extend": extend_chunk()}
     saved, suffix_saved = dict(CL.GPU_CONFIG), dict(DA.GPU_CONFIG)
     for bsz, arms in ((512, KERNEL_ARMS), (256, [{}, {"min_split": 512}, {"min_split": 1024}])):  # B=256: the rule's other
         batch = CA.Batch(bsz, 32, 1024, 96, torch.bfloat16, shuffle=True)
@@ -101,6 +102,44 @@ def kernel_item(bw: float, budget_end: float) -> dict:
                           f"{a['prefix_splits']} splits, {a['tasks']} tasks)" for a in row["arms"])
               + f"; err {row['arms'][0]['rel_err'] if row['arms'] else '-'}", flush=True)
     return out
+
+
+def extend_chunk() -> dict:
+    """Extend attention on one of (e)'s cache-on prefill chunks (128 requests of 4 groups x 32, a
+    64-token question each after its group's cached 1,024-token prefix): one q head per tile (half
+    of each 128-row tile empty) vs the group's heads packed, µs per layer."""
+    groups, per, prefix, ext = 4, 32, 1024, 64
+    bsz = groups * per
+    total = groups * prefix + bsz * ext
+    k = torch.randn(total + 1, CA.HKV, CA.D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    r2t = torch.zeros(bsz + 1, prefix + ext, dtype=torch.int32, device="cuda")
+    for b in range(bsz):
+        g = b % groups
+        r2t[b + 1, :prefix] = torch.arange(1 + g * prefix, 1 + (g + 1) * prefix, dtype=torch.int32)
+        own = 1 + groups * prefix + b * ext
+        r2t[b + 1, prefix:] = torch.arange(own, own + ext, dtype=torch.int32)
+    q = torch.randn(bsz * ext, CA.HQ, CA.D, dtype=torch.bfloat16, device="cuda")
+    args = (q, k, v, r2t, torch.arange(1, bsz + 1, device="cuda"),
+            torch.full((bsz,), prefix + ext, device="cuda"), torch.full((bsz,), ext, device="cuda"),
+            torch.arange(0, bsz * ext, ext, device="cuda"), CA.D**-0.5)
+    res: dict = {"requests": bsz, "prefix": prefix, "extend": ext}
+    outs = {}
+    for pack in (False, True):
+        EA.PACK_HEADS = pack
+        out = torch.empty_like(q)
+        res["packed_ms" if pack else "one_head_ms"] = CA.bench_graph(
+            lambda: EA.extend_attention(*args, max_extend_len=ext, out=out))
+        EA.extend_attention(*args, max_extend_len=ext, out=out)
+        outs[pack] = out
+    EA.PACK_HEADS = True
+    flops = 4 * bsz * ext * (prefix + ext / 2) * CA.HQ * CA.D
+    res["rel_diff"] = CA.rel_err(outs[True], outs[False])
+    res["packed_tflops"] = flops / (res["packed_ms"] * 1e-3) / 1e12
+    print(f"extend attention, (e) chunk ({bsz} x {ext} new tokens on {prefix} cached): one head a tile "
+          f"{res['one_head_ms'] * 1e3:.1f} us, heads packed {res['packed_ms'] * 1e3:.1f} us "
+          f"({res['packed_tflops']:.0f} TFLOP/s), rel diff {res['rel_diff']:.1e}", flush=True)
+    return res
 
 
 def _arm_name(arm: dict) -> str:
@@ -151,8 +190,9 @@ def _prefill_idle(steps: list[dict]) -> dict:
 
 
 def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float, profile: bool) -> dict:
-    """arms: auto (cascade auto, overlapped prefill: the defaults), auto-sync (prefill steps committed
-    before the next is scheduled), off (cascade off)."""
+    """arms: auto (cascade auto, overlapped prefill, packed extend tiles: the defaults), auto-sync
+    (prefill steps committed before the next is scheduled), auto-nopack (one q head per extend
+    attention tile), off (cascade off)."""
     prompts = e_prompts(vocab)
     t = time.perf_counter()
     sched = make_scheduler(d, cascade_attention="auto", mem_fraction_static=0.8)
@@ -164,6 +204,7 @@ def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float,
 
     def set_arm(arm: str) -> None:
         sched.overlap_prefill = overlap_prefill and arm != "auto-sync"
+        EA.PACK_HEADS = arm != "auto-nopack"
         if planner is None:
             return
         if arm == "off":
@@ -321,7 +362,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/cascade_e.json")
     ap.add_argument("--items", default="engine,e,kernel,check,off", help="run in this order")
-    ap.add_argument("--arms", default="auto,auto-sync", help="(e) in-process arms: auto, auto-sync, off")
+    ap.add_argument("--arms", default="auto,auto-sync,auto-nopack",
+                    help="(e) in-process arms: auto, auto-sync, auto-nopack, off")
     ap.add_argument("--passes", type=int, default=2, help="(e) rounds of passes over the arms, alternating")
     ap.add_argument("--engine-passes", type=int, default=1, help="(e) Engine passes timed after its warm-up pass")
     ap.add_argument("--profile", action="store_true", help="(e) torch.profiler split of decode steps per arm")
