@@ -53,18 +53,20 @@ def elapsed() -> float:
     return time.perf_counter() - T0
 
 
-# Prefix-stage arms at B = 512 (spread rows): launch configs (GPU_CONFIG keys) and "min_split", the
+# Cascade arms at B = 512 (spread rows): launch configs (GPU_CONFIG keys) and "min_split", the
 # layout's shortest prefix split (default 128: 3 splits of a 1,024-token prefix at (e)'s shape; 512:
 # 2 splits, 1024: one, fewer float32 partials written and merged); "suffix_block_n": the suffix pass's
 # KV block (decode's GPU_CONFIG).
-KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, {"block_n": 32}, {"num_stages": 3}, {"block_n": 128},
-               {"block_m": 128, "num_warps": 8, "num_stages": 3}, {"suffix_block_n": 64}]
+UNFUSED = {"fused_merge": False}  # decode's stage 1 on each row's suffix, the prefix stage, stage 2 merging
+CONCURRENT = {**UNFUSED, "concurrent_prefix": True}  # the prefix stage on a side stream beside stage 1
+KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, UNFUSED, CONCURRENT, {**CONCURRENT, "min_split": 512},
+               {"block_n": 32}, {"num_stages": 3}, {"block_n": 128}, {"block_m": 128, "num_warps": 8, "num_stages": 3}]
 
 
 def kernel_item(bw: float, budget_end: float) -> dict:
     out: dict = {"copy_bytes_per_s": bw, "rows": [], "extend": extend_chunk()}
     saved, suffix_saved = dict(CL.GPU_CONFIG), dict(DA.GPU_CONFIG)
-    for bsz, arms in ((512, KERNEL_ARMS), (256, [{}, {"min_split": 512}, {"min_split": 1024}])):  # B=256: the rule's other
+    for bsz, arms in ((512, KERNEL_ARMS), (256, [{}, {"min_split": 512}, CONCURRENT])):  # B=256: the rule's other
         batch = CA.Batch(bsz, 32, 1024, 96, torch.bfloat16, shuffle=True)
         out_p, out_c = torch.empty_like(batch.q), torch.empty_like(batch.q)
         t_plain = CA.bench_graph(lambda: batch.plain(out_p))
@@ -146,7 +148,8 @@ def _arm_name(arm: dict) -> str:
     return "/".join(f"{k}={v}" for k, v in arm.items() if k in KNOBS) or "default"
 
 
-KNOBS = ("block_m", "block_n", "num_warps", "num_stages", "min_split", "suffix_block_n")
+KNOBS = ("block_m", "block_n", "num_warps", "num_stages", "min_split", "suffix_block_n", "fused_merge",
+         "concurrent_prefix")
 
 
 def _prefix_stage_alone(batch: CA.Batch, shape: CascadeShape, min_split: int) -> float:
