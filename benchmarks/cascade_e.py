@@ -195,7 +195,8 @@ def _prefill_idle(steps: list[dict]) -> dict:
 def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float, profile: bool) -> dict:
     """arms: auto (cascade auto, overlapped prefill, packed extend tiles: the defaults), auto-sync
     (prefill steps committed before the next is scheduled), auto-nopack (one q head per extend
-    attention tile), off (cascade off)."""
+    attention tile), auto-conc (the 512-row decode graph with the cascade prefix stage on a side
+    stream beside decode's stage 1: GPU_CONFIG concurrent_prefix), off (cascade off)."""
     prompts = e_prompts(vocab)
     t = time.perf_counter()
     sched = make_scheduler(d, cascade_attention="auto", mem_fraction_static=0.8)
@@ -205,9 +206,18 @@ def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float,
     mk = lambda tag, i, p: TokenizedGenerateReq(rid=f"{tag}{i}", input_ids=p, params=SamplingParams(  # noqa: E731
         temperature=0, max_new_tokens=64, ignore_eos=True))
 
+    graphs = sched.runner.graph_runner
+    concurrent = [False]
+    saved_cfg = dict(CL.GPU_CONFIG)
+
     def set_arm(arm: str) -> None:
         sched.overlap_prefill = overlap_prefill and arm != "auto-sync"
         EA.PACK_HEADS = arm != "auto-nopack"
+        if (arm == "auto-conc") != concurrent[0] and graphs is not None and planner is not None:
+            # the 512-row bucket's cascade graph recaptured with the prefix stage beside stage 1, or back
+            concurrent[0] = arm == "auto-conc"
+            CL.GPU_CONFIG.update(fused_merge=not concurrent[0], concurrent_prefix=concurrent[0])
+            graphs._capture_buckets(True, only={min(b for b in graphs.buckets if b >= len(prompts))})
         if planner is None:
             return
         if arm == "off":
@@ -257,6 +267,7 @@ def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float,
     if profile:
         res["profile"] = {arm: _profile_decode(sched, set_arm, arm, prompts, mk) for arm in ("auto", "off")}
     set_arm("auto")
+    CL.GPU_CONFIG.update(saved_cfg)
     return res  # the scheduler goes with this frame (main collects before the next one)
 
 
@@ -365,8 +376,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/cascade_e.json")
     ap.add_argument("--items", default="engine,e,kernel,check,off", help="run in this order")
-    ap.add_argument("--arms", default="auto,auto-sync,auto-nopack",
-                    help="(e) in-process arms: auto, auto-sync, auto-nopack, off")
+    ap.add_argument("--arms", default="auto,auto-sync,auto-nopack,auto-conc",
+                    help="(e) in-process arms: auto, auto-sync, auto-nopack, auto-conc, off")
     ap.add_argument("--passes", type=int, default=2, help="(e) rounds of passes over the arms, alternating")
     ap.add_argument("--engine-passes", type=int, default=1, help="(e) Engine passes timed after its warm-up pass")
     ap.add_argument("--profile", action="store_true", help="(e) torch.profiler split of decode steps per arm")
