@@ -64,7 +64,12 @@ KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, UNFUSED, CONCURRENT,
 
 
 def kernel_item(bw: float, budget_end: float) -> dict:
-    out: dict = {"copy_bytes_per_s": bw, "rows": [], "extend": extend_chunk()}
+    try:
+        ext = extend_chunk()
+    except Exception as exc:  # noqa: BLE001 - the cascade arms below still count
+        ext = {"error": repr(exc)[:200]}
+        print(f"extend chunk failed: {exc!r}"[:200], flush=True)
+    out: dict = {"copy_bytes_per_s": bw, "rows": [], "extend": ext}
     saved, suffix_saved = dict(CL.GPU_CONFIG), dict(DA.GPU_CONFIG)
     for bsz, arms in ((512, KERNEL_ARMS), (256, [{}, {"min_split": 512}, CONCURRENT])):  # B=256: the rule's other
         batch = CA.Batch(bsz, 32, 1024, 96, torch.bfloat16, shuffle=True)
@@ -106,11 +111,10 @@ def kernel_item(bw: float, budget_end: float) -> dict:
     return out
 
 
-def extend_chunk() -> dict:
+def extend_chunk(groups: int = 4, per: int = 32, prefix: int = 1024, ext: int = 64) -> dict:
     """Extend attention on one of (e)'s cache-on prefill chunks (128 requests of 4 groups x 32, a
     64-token question each after its group's cached 1,024-token prefix): one q head per tile (half
     of each 128-row tile empty) vs the group's heads packed, µs per layer."""
-    groups, per, prefix, ext = 4, 32, 1024, 64
     bsz = groups * per
     total = groups * prefix + bsz * ext
     k = torch.randn(total + 1, CA.HKV, CA.D, dtype=torch.bfloat16, device="cuda")
@@ -217,7 +221,9 @@ def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float,
             # the 512-row bucket's cascade graph recaptured with the prefix stage beside stage 1, or back
             concurrent[0] = arm == "auto-conc"
             CL.GPU_CONFIG.update(fused_merge=not concurrent[0], concurrent_prefix=concurrent[0])
-            graphs._capture_buckets(True, only={min(b for b in graphs.buckets if b >= len(prompts))})
+            fits = [b for b in graphs.buckets if b >= len(prompts)]
+            with torch.inference_mode():  # as at start-up (_capture_all)
+                graphs._capture_buckets(True, only={min(fits)} if fits else None)
         if planner is None:
             return
         if arm == "off":
