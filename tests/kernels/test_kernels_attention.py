@@ -130,6 +130,31 @@ def test_extend_packs_the_heads_of_short_extensions(device, make_pool, assert_cl
     assert_close(outs[0], outs[1], dtype)
 
 
+def test_packed_heads_with_a_draft_tree(device, make_pool, assert_close):
+    """A short draft tree (a verify row in a mixed batch) in a packed tile: its rows keep their
+    token's ancestor mask."""
+    from radixlm.kernels import extend_attention as EA
+    from radixlm.runtime.speculative.draft_tree import DraftTree
+
+    trees = [None, DraftTree([1, 2, 3, 4, 5], [-1, -1, 0, 1, 2])]
+    prefix_lens, extend_lens, group = [19, 26], [7, 6], 4
+    assert EA.heads_per_tile(16, max(extend_lens), group) == 2
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, torch.float32, device)
+    q = torch.randn(sum(extend_lens), NUM_KV_HEADS * group, HEAD_DIM, device=device)
+    mask = trees[1].ancestor_mask()
+    out = _poisoned(tuple(q.shape), torch.float32, device)
+    EA.extend_attention(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+        torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device),
+        torch.tensor(extend_lens, device=device), torch.tensor([0, extend_lens[0]], device=device), HEAD_DIM**-0.5,
+        max_extend_len=max(extend_lens), out=out, tree_start=torch.tensor([-1, 0], dtype=torch.int64, device=device),
+        tree_mask=mask.view(-1).to(torch.int8).to(device))
+    ref = extend_attention_ref(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.rows, seq_lens,
+                               extend_lens, HEAD_DIM**-0.5, tree_masks=[None, mask])
+    assert_close(out, ref, torch.float32)
+
+
 def test_heads_per_tile_rule():
     from radixlm.kernels.extend_attention import heads_per_tile
 
