@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 
 # A prefill batch this small always carries the running requests' decode rows (see _should_mix).
 MIX_ALWAYS_MAX_TOKENS = 256
+# A prefill step of at least this many requests is overlapped (`_launch_prefill`). The host's work
+# between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
+# the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
+# left idle ran its prefill steps ~4% slower (2026-12-04 mid round, workload (e): the H200 holds
+# lower clocks under continuous load): chunks of a few long prompts ((b), (d), cache-off (e): ~2-5
+# ms of host work) stay synchronous.
+OVERLAP_PREFILL_MIN_REQUESTS = 32
 
 
 class Scheduler:
@@ -75,8 +82,8 @@ class Scheduler:
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
-        # Prompts-only extend steps overlapped too: the next prefill chunk is scheduled and launched
-        # before this one's first tokens are committed (not with drafts or adapters in the batches).
+        # Prompts-only extend steps of many requests overlapped too: the next prefill chunk is scheduled
+        # and launched before this one's first tokens are committed (not with drafts or adapters).
         self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.spec is None
                                 and self.runner.lora is None)
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
@@ -273,7 +280,8 @@ class Scheduler:
             if previous is not None:
                 self._commit_step(previous, allow_jump=False, advanced=advanced)
             return True
-        if self.overlap_prefill and self.results.can_defer_prefill(batch):
+        if (self.overlap_prefill and len(batch.reqs) >= OVERLAP_PREFILL_MIN_REQUESTS
+                and self.results.can_defer_prefill(batch)):
             # The host schedules and launches the next step while the device runs this one; the
             # pending step (if any) is a prefill step too (only those let a prefill go first).
             self.stats["overlapped_prefill_steps"] += 1

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from radixlm.runtime import scheduler as scheduler_module
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, TokenizedGenerateReq
 from radixlm.runtime.request import Req
@@ -17,6 +20,13 @@ from radixlm.runtime.schedule_batch import ScheduledBatch
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
 
 POOL = 500  # KV tokens: both schedules retract on this workload
+
+
+@pytest.fixture(autouse=True)
+def any_prefill_step(monkeypatch):
+    """These small workloads hold a few requests a step: overlap every prompts-only prefill step
+    (the default threshold is tested on its own below)."""
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 1)
 
 
 def _shared(rng: random.Random, groups: int, per: int, prefix: int) -> list[list[int]]:
@@ -140,3 +150,18 @@ def test_which_extend_batches_are_deferred() -> None:
     assert not can(batch(zero))
     assert not can(batch(_req(), decoding=True))  # a mixed batch: decode rows ride along
     assert not can(batch(_req(), mode=ForwardMode.DECODE))
+
+
+def test_only_prefill_steps_of_many_requests_are_overlapped(tiny_model_dir, monkeypatch) -> None:
+    """By default a prefill step is overlapped from OVERLAP_PREFILL_MIN_REQUESTS requests (the
+    host's admission work grows with them); fewer stay synchronous."""
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 32)
+    model_dir = tiny_model_dir("llama")
+    rng = random.Random(4)
+    for n, overlapped in ((40, True), (20, False)):
+        sched = make_scheduler(model_dir, enable_overlap_schedule_on_cpu=True, chunked_prefill_size=512)
+        reqs = [greedy_req(f"r{i}", [rng.randrange(3, 300) for _ in range(8)], 2) for i in range(n)]
+        got = run_to_completion(sched, reqs)
+        assert all(len(r["output_ids"]) == 2 for r in got.values())
+        assert sched.stats["prefill_steps"] == 1 and sched.stats["overlapped_prefill_steps"] == int(overlapped)
+        assert_pool_idle(sched)
