@@ -54,9 +54,9 @@ def elapsed() -> float:
 
 
 # Cascade arms at B = 512 (spread rows): launch configs (GPU_CONFIG keys) and "min_split", the
-# layout's shortest prefix split (default 128: 3 splits of a 1,024-token prefix at (e)'s shape; 512:
-# 2 splits, 1024: one, fewer float32 partials written and merged); "suffix_block_n": the suffix pass's
-# KV block (decode's GPU_CONFIG).
+# layout's shortest prefix split (512: at most 2 splits of a 1,024-token prefix, 1024: one; the
+# default balance gives 1 at B = 512, 2 at B = 256 since 2026-12-04, 3 and 4 before);
+# "suffix_block_n": the suffix pass's KV block (decode's GPU_CONFIG).
 UNFUSED = {"fused_merge": False}  # decode's stage 1 on each row's suffix, the prefix stage, stage 2 merging
 CONCURRENT = {**UNFUSED, "concurrent_prefix": True}  # the prefix stage on a side stream beside stage 1
 KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, UNFUSED, CONCURRENT, {**CONCURRENT, "min_split": 512},
