@@ -32,8 +32,10 @@ from radixlm.runtime.speculative.tree_kv import TreeKV
 
 logger = logging.getLogger(__name__)
 
-# A prefill batch this small always carries the running requests' decode rows (see _should_mix).
+# A prefill batch this small carries the running requests' decode rows (see _should_mix) while their
+# KV is at most MIX_MAX_DECODE_KV_TOKENS tokens in all.
 MIX_ALWAYS_MAX_TOKENS = 256
+MIX_MAX_DECODE_KV_TOKENS = 131072
 # A prefill step of at least this many requests is overlapped (`_launch_prefill`). The host's work
 # between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
 # the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
@@ -326,10 +328,16 @@ class Scheduler:
 
     def _should_mix(self, batch: ScheduledBatch) -> bool:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
-        tokens, the tail of a chunked prompt) costs about what a separate decode step would, so
-        it always rides along; a large prefill only with --enable-mixed-chunk."""
-        return (self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
-                or self._lora_slot_bound())
+        tokens, the tail of a chunked prompt) costs about what a separate decode step would, so it
+        rides along while the decode rows' KV is small: in the extend kernel each decode row is a
+        tile of one query streaming its whole context (an (e) chunk's tiles on the H200: ~0.9 ms a
+        layer for 4,096 of them over 1,088 tokens), so 511 rows of ~1,100 tokens cost a mixed step
+        ~100 ms against ~27 ms for the extension alone and a separate 512-row decode step (workload
+        (e)'s last prefill chunk). A large prefill only with --enable-mixed-chunk."""
+        if self.args.enable_mixed_chunk or self._lora_slot_bound():
+            return True
+        return (sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+                and sum(r.seq_len for r in self.running) <= MIX_MAX_DECODE_KV_TOKENS)
 
     def _lora_slot_bound(self) -> bool:
         """LoRA requests want more adapters than a batch holds, and prefill then goes in chunks of
