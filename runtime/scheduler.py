@@ -39,10 +39,11 @@ MIX_MAX_DECODE_KV_TOKENS = 131072
 # A prefill step of at least this many requests is overlapped (`_launch_prefill`). The host's work
 # between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
 # the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
-# left idle ran its prefill steps ~4% slower (2026-12-04 mid round, workload (e): the H200 holds
-# lower clocks under continuous load): chunks of a few long prompts ((b), (d), cache-off (e): ~2-5
-# ms of host work) stay synchronous.
-OVERLAP_PREFILL_MIN_REQUESTS = 32
+# left idle ran its prefill steps 3.7% slower (2026-12-04 mid round, workload (e): the H200 holds
+# lower clocks under continuous load; ~7 ms of an 8K chunk): even at ~45 requests a chunk, and a
+# margin of 2 on that one measurement. Chunks of fewer, longer prompts ((b), (d), cache-off (e),
+# (f)'s 64 prompts of 128 tokens) stay synchronous.
+OVERLAP_PREFILL_MIN_REQUESTS = 96
 
 
 class Scheduler:

@@ -155,7 +155,7 @@ def test_which_extend_batches_are_deferred() -> None:
 def test_only_prefill_steps_of_many_requests_are_overlapped(tiny_model_dir, monkeypatch) -> None:
     """By default a prefill step is overlapped from OVERLAP_PREFILL_MIN_REQUESTS requests (the
     host's admission work grows with them); fewer stay synchronous."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 32)
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 32)  # (the default: 96)
     model_dir = tiny_model_dir("llama")
     rng = random.Random(4)
     for n, overlapped in ((40, True), (20, False)):
