@@ -36,9 +36,8 @@ logger = logging.getLogger(__name__)
 # KV is at most MIX_MAX_DECODE_KV_TOKENS tokens in all.
 MIX_ALWAYS_MAX_TOKENS = 256
 MIX_MAX_DECODE_KV_TOKENS = 131072
-# A prefill step whose schedule took in or passed over (deferred for a shared prefix computed in the
-# same step) at least this many requests is overlapped (`_launch_prefill`). The host's work between
-# two prefill steps grows with those requests (~0.15 ms each on the H200's host: ~20 ms for
+# A prefill step of at least this many requests is overlapped (`_launch_prefill`). The host's work
+# between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
 # the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
 # left idle ran its prefill steps 3.7% slower (2026-12-04 mid round, workload (e): the H200 holds
 # lower clocks under continuous load; ~7 ms of an 8K chunk): even at ~45 requests a chunk, and a
@@ -90,9 +89,6 @@ class Scheduler:
         # and launched before this one's first tokens are committed (not with drafts or adapters).
         self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.spec is None
                                 and self.runner.lora is None)
-        # Waiting requests the last prefill schedule passed over because a request admitted with them
-        # computes their prefix (InBatchPrefixes): the next schedule walks them again.
-        self.deferred_in_batch = 0
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # The last overlapped commit found a grammar-forced run worth a jump: commit before the next step.
@@ -287,7 +283,7 @@ class Scheduler:
             if previous is not None:
                 self._commit_step(previous, allow_jump=False, advanced=advanced)
             return True
-        if (self.overlap_prefill and len(batch.reqs) + self.deferred_in_batch >= OVERLAP_PREFILL_MIN_REQUESTS
+        if (self.overlap_prefill and len(batch.reqs) >= OVERLAP_PREFILL_MIN_REQUESTS
                 and self.results.can_defer_prefill(batch)):
             # The host schedules and launches the next step while the device runs this one; the
             # pending step (if any) is a prefill step too (only those let a prefill go first).
@@ -477,7 +473,6 @@ class Scheduler:
         return self.kv_pool.alloc(n)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        self.deferred_in_batch = 0
         if not self.partial and not self.waiting:
             return None  # the usual decode step: skip the reserve estimate, a pass over every running row
         budget = min(self.max_prefill_tokens, self.chunk_size)
@@ -522,7 +517,6 @@ class Scheduler:
             prefix = self.cache.match(req)
             if in_batch is not None and in_batch.should_defer(req, len(prefix)):
                 self.cache.unlock(req)  # next step its prefix is cached by a request admitted now
-                self.deferred_in_batch += 1
                 continue
             ext = min(req.fill_len - len(prefix), budget)
             need = ext + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)

@@ -142,7 +142,7 @@ class ServerArgs:
     disable_overlap_schedule: bool = _flag(False, "scheduling", "do not prepare step N+1 while step N runs "
                                            "on the GPU", bool)
     disable_overlap_prefill: bool = _flag(False, "scheduling", "commit a prefill step's first tokens before "
-                                          "scheduling the next step (default: after a step whose schedule took in or passed over 96+ requests, e.g. "
+                                          "scheduling the next step (default: after a step of 96+ requests, e.g. "
                                           "short questions on a cached prefix, the next prefill chunk is scheduled "
                                           "and launched while it runs; with the overlap schedule only)", bool)
     enable_overlap_schedule_on_cpu: bool = _flag(False, "scheduling", "use the overlap schedule on a CPU too "

@@ -165,29 +165,3 @@ def test_only_prefill_steps_of_many_requests_are_overlapped(tiny_model_dir, monk
         assert all(len(r["output_ids"]) == 2 for r in got.values())
         assert sched.stats["prefill_steps"] == 1 and sched.stats["overlapped_prefill_steps"] == int(overlapped)
         assert_pool_idle(sched)
-
-
-def test_a_step_that_passed_over_many_requests_is_overlapped(tiny_model_dir, monkeypatch) -> None:
-    """The first chunk of a shared-prefix burst admits a few leaders and passes over their groups'
-    other requests (deferred: the leaders compute the prefix); the next schedule walks them all
-    again, so the step is overlapped at the default threshold although it holds 2 requests."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 96)
-    model_dir = tiny_model_dir("llama")
-    rng = random.Random(5)
-    heads = [[rng.randrange(3, 300) for _ in range(200)] for _ in range(2)]
-    prompts = [heads[0] + [rng.randrange(3, 300) for _ in range(6)] for _ in range(101)]
-    prompts += [heads[1] + [rng.randrange(3, 300) for _ in range(6)] for _ in range(11)]
-    prompts.insert(101, prompts.pop())  # group 1's leader right after group 0's requests
-    reqs = lambda: [greedy_req(f"r{i}", p, 3) for i, p in enumerate(prompts)]  # noqa: E731
-    want = run_to_completion(make_scheduler(model_dir, enable_overlap_schedule_on_cpu=True, chunked_prefill_size=512,
-                                            disable_overlap_prefill=True), reqs())
-    sched = make_scheduler(model_dir, enable_overlap_schedule_on_cpu=True, chunked_prefill_size=512)
-    for r in reqs():
-        sched.handle(r)
-    sched.step()
-    assert sched.deferred_in_batch >= 96 and sched.uncommitted is not None and sched.uncommitted.prefill
-    assert len(sched.uncommitted.reqs) == 2  # the two leaders, their first tokens on the device
-    got = run_to_completion(sched, [])
-    assert {k: v["output_ids"] for k, v in got.items()} == {k: v["output_ids"] for k, v in want.items()}
-    assert sched.stats["cached_tokens"] >= 109 * 200
-    assert_pool_idle(sched)
