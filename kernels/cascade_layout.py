@@ -23,7 +23,10 @@ def _next_pow2(n: int) -> int:
 # Launch parameters on the GPU (module-level: benchmarks/cascade_attention.py sweeps them).
 # block_m = query rows x heads per program: 64 = 16 requests of a Llama GQA group of 4.
 # fused_merge: one-split steps fold the LSE merge into the suffix pass (kernels/cascade_attention.py).
-GPU_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "fused_merge": True}
+# concurrent_prefix: steps without the fused merge run the prefix stage on a side stream beside
+# decode's stage 1 (kernels/decode_attention.py), then stage 2 merges.
+GPU_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "fused_merge": True,
+              "concurrent_prefix": False}
 INTERPRETER_CONFIG = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "fused_merge": True}
 MAX_PREFIX_SPLITS = 8  # partial slots per row for its prefix (stage 2 merges them)
 MIN_SPLIT_TOKENS = 128  # a prefix task reads at least this many tokens (two blocks; the sweep tries 256)
@@ -84,8 +87,13 @@ class CascadeShape:
         group = num_q_heads // num_kv_heads
         block_m = max(cfg["block_m"], _next_pow2(group))
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        target = max(1, _cdiv(4 * sms, num_kv_heads))  # (task, KV head) programs ~ 4 per SM
-        return cls(rows_per_task=block_m // group, max_tasks=2 * target, target_tasks=target, block_n=cfg["block_n"])
+        # Balance for ~2 (task, KV head) programs per SM; room for 8. On the H200 at (e)'s shape
+        # (benchmarks/cascade_e.py, 2026-12-04): 512 rows in 32 items, 1 / 2 / 3 prefix splits (256 /
+        # 512 / 768 programs) 136.7 / 146.3 / 156.2 us; 256 rows (16 items), 1 / 2 / 4 splits 92.6 / 82.0
+        # / 92.7 us: fewer float32 partials to write and merge, as long as the programs fill the GPU.
+        target = max(1, _cdiv(2 * sms, num_kv_heads))
+        room = max(1, _cdiv(4 * sms, num_kv_heads))
+        return cls(rows_per_task=block_m // group, max_tasks=2 * room, target_tasks=target, block_n=cfg["block_n"])
 
 
 def empty_layout(batch_size: int, shape: CascadeShape, device: torch.device | str = "cpu") -> CascadeLayout:
@@ -101,7 +109,8 @@ def build_cascade_layout(groups: Sequence[CascadeGroup], req_pool_indices: Seque
 
     Each group is cut into items of at most `rows_per_task` rows; each item's prefix into up to
     MAX_PREFIX_SPLITS tasks of at least `min_split` tokens, so that about `target_tasks` tasks cover
-    the batch's prefix work. Groups that do not fit `max_tasks` are left out (plain decode rows).
+    the batch's prefix work (a prefix's split count rounded to the nearest). Groups that do not fit
+    `max_tasks` are left out (plain decode rows).
     """
     bsz = len(req_pool_indices)
     kept: list[CascadeGroup] = []
@@ -123,7 +132,7 @@ def build_cascade_layout(groups: Sequence[CascadeGroup], req_pool_indices: Seque
     while True:  # per group: tasks of ~chunk tokens, whole blocks, at most MAX_PREFIX_SPLITS
         split_lens = []
         for g in kept:
-            n = min(MAX_PREFIX_SPLITS, _cdiv(g.prefix_len, chunk))
+            n = min(MAX_PREFIX_SPLITS, max(1, (2 * g.prefix_len + chunk) // (2 * chunk)))  # nearest
             split_lens.append(_cdiv(_cdiv(g.prefix_len, n), shape.block_n) * shape.block_n)
         if sum(_cdiv(kept[k].prefix_len, split_lens[k]) for k, _, _ in items) <= shape.max_tasks:
             break

@@ -1,9 +1,12 @@
 """Triton varlen extend (prefill) attention over the token-level KV pool.
 
 The new tokens' K/V are already in the pool, so prefix and new keys are read the same way,
-through `req_to_token`. One program per (block of BLOCK_M new tokens, request, q head) runs a
-flash-attention online softmax in two loops: keys before the block's first query position need
-no causal mask (only a tail bound), keys on the diagonal block do.
+through `req_to_token`. One program per (block of new tokens, request, HEADS q heads of one GQA
+group) runs a flash-attention online softmax over a BLOCK_M-row tile in two loops: keys before the
+block's first query position need no causal mask (only a tail bound), keys on the diagonal block do.
+A tile holds BLOCK_M tokens of one head, or — when every request extends by at most BLOCK_M / 2
+tokens (short questions after a long cached prefix) — BLOCK_M / HEADS tokens of HEADS heads that
+read the same K/V, so the tile is not half empty and the keys are read once for those heads.
 
 A request may carry a draft tree (speculative decoding in a mixed batch): its new tokens are a
 tree's nodes, each seeing the prefix, its ancestors and itself. TreeStart[b] >= 0 points at its
@@ -37,15 +40,17 @@ def _extend_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter mis-computes bf16 dots)
     HAS_TREE: tl.constexpr,  # some request carries a tree mask (TreeStart / TreeMask are read)
+    HEADS: tl.constexpr,  # q heads per tile (a power of two dividing GROUP): BLOCK_M // HEADS tokens each
 ):
     # Largest (most work) query blocks first: better tail balance under causal masking.
     mblock = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2) * HEADS
     kvh = h // GROUP
+    TOKENS: tl.constexpr = BLOCK_M // HEADS
 
     ext_len = tl.load(ExtLens + b).to(tl.int32)
-    m_start = mblock * BLOCK_M
+    m_start = mblock * TOKENS
     if m_start >= ext_len:
         return
     seq_len = tl.load(SeqLens + b).to(tl.int32)
@@ -54,13 +59,21 @@ def _extend_kernel(
     row = tl.load(ReqIdx + b).to(tl.int64)
     r2t = ReqToToken + row * stride_r2t
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    if HEADS == 1:
+        offs_m = m_start + tl.arange(0, BLOCK_M)  # the tile's rows: tokens of head h
+        head_off = h * stride_qh
+        out_head_off = h * stride_oh
+    else:
+        rows = tl.arange(0, BLOCK_M)  # row r: token m_start + r // HEADS, head h + r % HEADS
+        offs_m = m_start + rows // HEADS
+        head_off = (h + rows % HEADS)[:, None] * stride_qh
+        out_head_off = (h + rows % HEADS)[:, None] * stride_oh
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < ext_len
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
-        Q + (q_start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+        Q + (q_start + offs_m[:, None]) * stride_qt + head_off + offs_d[None, :],
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
     )
@@ -86,7 +99,7 @@ def _extend_kernel(
         acc, m_i, l_i = online_softmax_step(q, k, v, mask_n[None, :], acc, m_i, l_i, qk_scale, DOT_PRECISION)
 
     # Loop 2: the diagonal block(s), causal mask key_pos <= query_pos.
-    kv_end = prefix_len + tl.minimum(m_start + BLOCK_M, ext_len)
+    kv_end = prefix_len + tl.minimum(m_start + TOKENS, ext_len)
     for n0 in range(diag, kv_end, BLOCK_N):
         pos = n0 + offs_n
         mask_n = pos < kv_end
@@ -101,7 +114,7 @@ def _extend_kernel(
 
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None] * v_scale
     tl.store(
-        Out + (q_start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
+        Out + (q_start + offs_m[:, None]) * stride_ot + out_head_off + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=mask_m[:, None] & mask_d[None, :],
     )
@@ -113,11 +126,27 @@ def _extend_kernel(
 GPU_CONFIG: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 2), 256: (128, 64, 4, 2)}
 
 
+# Pack a GQA group's q heads into a tile when every extension is short (`heads_per_tile`); False: one head
+# per tile always (module-level: benchmarks/cascade_e.py A/Bs it).
+PACK_HEADS = True
+
+
 def _config(head_dim: int, on_gpu: bool) -> tuple[int, int, int, int]:
     """Tiny blocks under the interpreter, so short test sequences still cross block borders."""
     if not on_gpu:
         return 16, 16, 4, 1
     return GPU_CONFIG[min(bound for bound in GPU_CONFIG if bound >= head_dim)]
+
+
+def heads_per_tile(block_m: int, max_extend_len: int, group: int) -> int:
+    """q heads of one GQA group per tile: as many as fill the tile's BLOCK_M rows with the longest
+    extension's tokens (1 once an extension reaches BLOCK_M / 2 tokens: a tile of one head)."""
+    if not PACK_HEADS:
+        return 1
+    heads = 1
+    while heads < group and group % (2 * heads) == 0 and max_extend_len * 2 * heads <= block_m:
+        heads *= 2
+    return heads
 
 
 def extend_attention(
@@ -159,7 +188,9 @@ def extend_attention(
         return out
 
     block_m, block_n, num_warps, num_stages = _config(head_dim, q.is_cuda)
-    grid = (triton.cdiv(max_extend_len, block_m), bsz, num_q_heads)
+    group = num_q_heads // num_kv_heads
+    heads = heads_per_tile(block_m, max_extend_len, group)
+    grid = (triton.cdiv(max_extend_len, block_m // heads), bsz, num_q_heads // heads)
     has_tree = tree_start is not None and tree_mask is not None
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens,
@@ -170,7 +201,7 @@ def extend_attention(
         v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1),
         req_to_token.stride(0),
-        GROUP=num_q_heads // num_kv_heads,
+        GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -178,6 +209,7 @@ def extend_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or not q.is_cuda else "tf32",
         DOT_FP32=not q.is_cuda,
         HAS_TREE=has_tree,
+        HEADS=heads,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -119,10 +120,12 @@ class CudaGraphRunner:
         logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
 
-    def _capture_buckets(self, cascade: bool) -> None:
+    def _capture_buckets(self, cascade: bool, only: Collection[int] | None = None) -> None:
+        """Capture every bucket's graphs of one variant (`only`: those buckets; benchmarks recapture
+        one after changing a kernel's launch settings, e.g. benchmarks/cascade_e.py)."""
         attn = self.runner.attn_backend
         for bs in reversed(self.buckets):
-            if cascade and bs < 2:
+            if (cascade and bs < 2) or (only is not None and bs not in only):
                 continue
             self.metas[bs, cascade] = AttentionMetadata.for_decode(
                 attn.req_to_token, self.req_pool_indices[:bs], self.seq_lens[:bs],

@@ -15,16 +15,19 @@ from radixlm.runtime.speculative.draft_tree import DraftTree, TreeRows
 
 @dataclass
 class UncommittedStep:
-    """A decode step sampled on the device whose tokens the host has not appended yet (overlap
-    scheduling): each of its requests counts one token on the device until `take_tokens`."""
+    """A step sampled on the device whose tokens the host has not appended yet (overlap
+    scheduling): each of its requests counts one token on the device until `take_tokens`.
+    `prefill`: the step was a prompts-only extend step (its rows' first tokens), after which the
+    next prefill may be scheduled before the commit (`Scheduler._can_schedule_before_commit`)."""
 
     reqs: list[Req]
     next_ids: torch.Tensor  # [B] device
     host_ids: torch.Tensor  # [B] host copy, valid once `event` completes
     event: torch.cuda.Event | None
+    prefill: bool = False
 
     @classmethod
-    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> "UncommittedStep":
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor, prefill: bool = False) -> "UncommittedStep":
         for i, req in enumerate(reqs):
             req.tokens_on_device += 1
             req.uncommitted_row = i
@@ -33,8 +36,8 @@ class UncommittedStep:
             host.copy_(next_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return cls(reqs, next_ids, host, event)
-        return cls(reqs, next_ids, next_ids, None)
+            return cls(reqs, next_ids, host, event, prefill)
+        return cls(reqs, next_ids, next_ids, None, prefill)
 
     def peek_tokens(self) -> tuple[list[Req], list[int]]:
         """`take_tokens` without taking them: the requests still count these tokens as on the device

@@ -32,8 +32,18 @@ from radixlm.runtime.speculative.tree_kv import TreeKV
 
 logger = logging.getLogger(__name__)
 
-# A prefill batch this small always carries the running requests' decode rows (see _should_mix).
+# A prefill batch this small carries the running requests' decode rows (see _should_mix) while their
+# KV is at most MIX_MAX_DECODE_KV_TOKENS tokens in all.
 MIX_ALWAYS_MAX_TOKENS = 256
+MIX_MAX_DECODE_KV_TOKENS = 131072
+# A prefill step of at least this many requests is overlapped (`_launch_prefill`). The host's work
+# between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
+# the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
+# left idle ran its prefill steps 3.7% slower (2026-12-04 mid round, workload (e): the H200 holds
+# lower clocks under continuous load; ~7 ms of an 8K chunk): even at ~45 requests a chunk, and a
+# margin of 2 on that one measurement. Chunks of fewer, longer prompts ((b), (d), cache-off (e),
+# (f)'s 64 prompts of 128 tokens) stay synchronous.
+OVERLAP_PREFILL_MIN_REQUESTS = 96
 
 
 class Scheduler:
@@ -75,6 +85,10 @@ class Scheduler:
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
+        # Prompts-only extend steps of many requests overlapped too: the next prefill chunk is scheduled
+        # and launched before this one's first tokens are committed (not with drafts or adapters).
+        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.spec is None
+                                and self.runner.lora is None)
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # The last overlapped commit found a grammar-forced run worth a jump: commit before the next step.
@@ -87,7 +101,9 @@ class Scheduler:
                       "forward_steps": 0, "cascade_decode_steps": 0, "last_gen_throughput": 0.0,
                       # forward steps by kind: prefill alone / prefill with the decode rows / decode, and
                       # the decode steps committed a step later (overlapped with the next step's forward)
-                      "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0}
+                      "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0,
+                      # prefill steps whose first tokens were committed a step later
+                      "overlapped_prefill_steps": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -267,6 +283,16 @@ class Scheduler:
             if previous is not None:
                 self._commit_step(previous, allow_jump=False, advanced=advanced)
             return True
+        if (self.overlap_prefill and len(batch.reqs) >= OVERLAP_PREFILL_MIN_REQUESTS
+                and self.results.can_defer_prefill(batch)):
+            # The host schedules and launches the next step while the device runs this one; the
+            # pending step (if any) is a prefill step too (only those let a prefill go first).
+            self.stats["overlapped_prefill_steps"] += 1
+            previous, self.uncommitted = self.uncommitted, None
+            self.uncommitted = self._launch_prefill(batch, logits)
+            if previous is not None:
+                self._commit_step(previous, allow_jump=False)
+            return True
         # This batch already consumes the pending step's tokens: they are committed without a jump
         # (one would rewrite them); this step's own results may jump, all its tokens being on the host.
         self._commit_step(allow_jump=False)
@@ -278,6 +304,24 @@ class Scheduler:
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
                                                                      logits_needed_after=False))
 
+    def _launch_prefill(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep | None:
+        """A prompts-only extend step, overlapped: its KV goes into the prefix cache now (the next
+        step may reuse it), its completed prompts' first tokens are sampled on the device and those
+        requests run from now on with the token on the device; the host appends it a step later."""
+        self._after_prefill(batch)  # (no followers here: nothing to fork)
+        done = [(req, row) for req, row in zip(batch.reqs, batch.sample_rows) if row is not None and not req.finished]
+        if not done:
+            return None  # chunks of longer prompts only
+        reqs = [req for req, _ in done]
+        rows = [row for _, row in done]
+        for req in reqs:
+            req.input_logprobs_done = True
+        rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        step = UncommittedStep.start(reqs, self.results.sample(reqs, rows_logits, self.grammars,
+                                                               logits_needed_after=False), prefill=True)
+        self.running.extend(reqs)
+        return step
+
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events."""
         forks = self._after_prefill(batch)
@@ -285,10 +329,16 @@ class Scheduler:
 
     def _should_mix(self, batch: ScheduledBatch) -> bool:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
-        tokens, the tail of a chunked prompt) costs about what a separate decode step would, so
-        it always rides along; a large prefill only with --enable-mixed-chunk."""
-        return (self.args.enable_mixed_chunk or sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
-                or self._lora_slot_bound())
+        tokens, the tail of a chunked prompt) costs about what a separate decode step would, so it
+        rides along while the decode rows' KV is small: in the extend kernel each decode row is a
+        tile of one query streaming its whole context (an (e) chunk's tiles on the H200: ~0.9 ms a
+        layer for 4,096 of them over 1,088 tokens), so 511 rows of ~1,100 tokens cost a mixed step
+        ~100 ms against ~27 ms for the extension alone and a separate 512-row decode step (workload
+        (e)'s last prefill chunk). A large prefill only with --enable-mixed-chunk."""
+        if self.args.enable_mixed_chunk or self._lora_slot_bound():
+            return True
+        return (sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
+                and sum(r.seq_len for r in self.running) <= MIX_MAX_DECODE_KV_TOKENS)
 
     def _lora_slot_bound(self) -> bool:
         """LoRA requests want more adapters than a batch holds, and prefill then goes in chunks of
@@ -312,12 +362,19 @@ class Scheduler:
 
     def _can_schedule_before_commit(self) -> bool:
         """The next step can go ahead before the uncommitted one is committed: nothing to admit or
-        extend, and no retraction needed (it would free the slots of a token on the device).
+        extend (unless the uncommitted step is a prefill step: `_launch_prefill`), and no
+        retraction needed (it would free the slots of a token on the device).
 
-        Scheduling a prefill ahead of the commit was tried (benchmarks/RESULTS.md, issue 8): on
-        workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower."""
-        if self.partial or self._may_admit() or self.jump_due:
+        Scheduling a prefill ahead of a decode step's commit was tried (benchmarks/RESULTS.md,
+        issue 8): on workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower.
+        After a prompts-only prefill step the next prefill needs none of its tokens: it goes first,
+        so the host's admission work runs while the device computes (shared-prefix workloads admit
+        ~130 requests a chunk: ~20 ms of host time per step that the device otherwise waits for)."""
+        if self.jump_due:
             return False  # (a due jump is taken by the commit: its forced tokens need an extend step)
+        after_prefill = self.uncommitted is not None and self.uncommitted.prefill
+        if (self.partial or self._may_admit()) and not after_prefill:
+            return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
         return self.kv_pool.available() >= len(self.running)

@@ -141,6 +141,10 @@ class ServerArgs:
                                      "not only small ones", bool)
     disable_overlap_schedule: bool = _flag(False, "scheduling", "do not prepare step N+1 while step N runs "
                                            "on the GPU", bool)
+    disable_overlap_prefill: bool = _flag(False, "scheduling", "commit a prefill step's first tokens before "
+                                          "scheduling the next step (default: after a step of 96+ requests, e.g. "
+                                          "short questions on a cached prefix, the next prefill chunk is scheduled "
+                                          "and launched while it runs; with the overlap schedule only)", bool)
     enable_overlap_schedule_on_cpu: bool = _flag(False, "scheduling", "use the overlap schedule on a CPU too "
                                                  "(on by default only on CUDA, where it pays)", bool)
     stream_interval: int = _flag(1, "scheduling", "send streamed tokens every this many steps", int, minimum=1)

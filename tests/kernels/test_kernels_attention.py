@@ -90,6 +90,78 @@ def test_extend_matches_ref(device, make_pool, assert_close, group, dtype, prefi
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize(
+    ("group", "dtype", "prefix_lens", "extend_lens", "heads"),
+    [
+        (4, torch.float32, [40, 23, 0], [8, 5, 8], 2),  # 2 heads x 8 tokens fill the interpreter's 16 rows
+        (4, torch.float32, [37, 0, 50], [4, 3, 1], 4),  # short questions after long cached prefixes
+        (2, torch.bfloat16, [33, 18], [6, 2], 2),  # a group of 2: at most 2 heads a tile
+        (3, torch.float32, [20, 9], [4, 2], 1),  # 3 heads share no power-of-two tile: one head a tile
+    ],
+)
+def test_extend_packs_the_heads_of_short_extensions(device, make_pool, assert_close, group, dtype, prefix_lens,
+                                                    extend_lens, heads):
+    """Every extension at most half a tile: the tile holds tokens of several q heads of a GQA group
+    (rows: token-major, head-minor), equal to the reference and to one head a tile."""
+    from radixlm.kernels import extend_attention as EA
+
+    assert EA.heads_per_tile(16, max(extend_lens), group) == heads
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, dtype, device)
+    q = torch.randn(sum(extend_lens), NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=device)
+    starts = torch.tensor([sum(extend_lens[:i]) for i in range(len(extend_lens))], device=device)
+    scale = HEAD_DIM**-0.5
+    outs = []
+    for pack in (True, False):
+        EA.PACK_HEADS = pack
+        try:
+            out = _poisoned(tuple(q.shape), dtype, device)
+            EA.extend_attention(
+                q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+                torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device),
+                torch.tensor(extend_lens, device=device), starts, scale, max_extend_len=max(extend_lens), out=out)
+        finally:
+            EA.PACK_HEADS = True
+        outs.append(out)
+    ref = extend_attention_ref(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.rows, seq_lens, extend_lens, scale
+    )
+    assert_close(outs[0], ref, dtype)
+    assert_close(outs[0], outs[1], dtype)
+
+
+def test_packed_heads_with_a_draft_tree(device, make_pool, assert_close):
+    """A short draft tree (a verify row in a mixed batch) in a packed tile: its rows keep their
+    token's ancestor mask."""
+    from radixlm.kernels import extend_attention as EA
+    from radixlm.runtime.speculative.draft_tree import DraftTree
+
+    trees = [None, DraftTree([1, 2, 3, 4, 5], [-1, -1, 0, 1, 2])]
+    prefix_lens, extend_lens, group = [19, 26], [7, 6], 4
+    assert EA.heads_per_tile(16, max(extend_lens), group) == 2
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = make_pool(seq_lens, NUM_KV_HEADS, HEAD_DIM, torch.float32, device)
+    q = torch.randn(sum(extend_lens), NUM_KV_HEADS * group, HEAD_DIM, device=device)
+    mask = trees[1].ancestor_mask()
+    out = _poisoned(tuple(q.shape), torch.float32, device)
+    EA.extend_attention(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+        torch.tensor(pool.rows, device=device), torch.tensor(seq_lens, device=device),
+        torch.tensor(extend_lens, device=device), torch.tensor([0, extend_lens[0]], device=device), HEAD_DIM**-0.5,
+        max_extend_len=max(extend_lens), out=out, tree_start=torch.tensor([-1, 0], dtype=torch.int64, device=device),
+        tree_mask=mask.view(-1).to(torch.int8).to(device))
+    ref = extend_attention_ref(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.rows, seq_lens,
+                               extend_lens, HEAD_DIM**-0.5, tree_masks=[None, mask])
+    assert_close(out, ref, torch.float32)
+
+
+def test_heads_per_tile_rule():
+    from radixlm.kernels.extend_attention import heads_per_tile
+
+    assert [heads_per_tile(128, n, 4) for n in (1, 32, 33, 64, 65, 128, 1088)] == [4, 4, 2, 2, 1, 1, 1]
+    assert heads_per_tile(128, 16, 8) == 8 and heads_per_tile(128, 16, 1) == 1 and heads_per_tile(128, 16, 6) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extend_with_draft_tree_masks_matches_ref_and_decode_rows(device, make_pool, assert_close, dtype):
     """Draft trees in an extend batch (speculative decoding, mixed batch): a tree's new tokens see the

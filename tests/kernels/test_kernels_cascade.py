@@ -91,6 +91,21 @@ def test_layout_splits_long_prefixes_and_respects_capacity():
     assert int(layout.prefix_splits[7]) == 0 and int(layout.kv_start[7]) == 0
 
 
+def test_h200_layouts_balance_for_two_programs_per_sm(monkeypatch):
+    """On the H200 (132 SMs, Llama-8B heads) the measured best prefix splits at (e)'s decode shape:
+    one per group at 512 rows (32 tasks, 256 programs), two at 256 rows (32 tasks); room stays 132 tasks."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    shape = CascadeShape.for_device(32, 8, torch.device("cuda"))
+    assert (shape.rows_per_task, shape.target_tasks, shape.max_tasks) == (16, 33, 132)
+    for bsz, splits in ((512, 1), (256, 2)):
+        groups = [CascadeGroup(tuple(range(i, i + 32)), 1024) for i in range(0, bsz, 32)]
+        layout = build_cascade_layout(groups, list(range(bsz)), shape)
+        assert int(layout.prefix_splits.max()) == splits == int(layout.prefix_splits.min())
+        assert int((layout.tasks[:, 1] > 0).sum()) == 32
+
+
 def test_scheduler_with_triton_cascade_equals_plain(tiny_model_dir):
     """The scheduler's decode steps through the Triton kernels with cascade layouts built from its
     radix tree (packed to the device as int64, as on a GPU): greedy outputs equal plain decoding."""

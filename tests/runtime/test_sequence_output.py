@@ -75,6 +75,32 @@ def test_python_arguments_and_a_json_body_build_the_same_request() -> None:
     assert [(i.lora_path, i.lora_field) for i in from_args.items] == [("a", "lora_path[0]"), (None, "lora_path[1]")]
 
 
+def test_a_batchs_equal_sampling_params_are_parsed_once(monkeypatch) -> None:
+    from radixlm.runtime.sampling_params import SamplingParams
+
+    calls = []
+    parse = SamplingParams.from_dict
+    monkeypatch.setattr(SamplingParams, "from_dict", lambda *a, **k: calls.append(k["prefix"]) or parse(*a, **k))
+    same = {"temperature": 0, "max_new_tokens": 4, "stop": ["x", "y"], "ignore_eos": True}
+    req = build_generate_request(100, input_ids=[[1, 2]] * 5, sampling_params=[dict(same) for _ in range(4)]
+                                 + [{**same, "max_new_tokens": 5}])
+    assert calls == ["sampling_params[0]", "sampling_params[4]"]
+    assert req.items[0].params is req.items[3].params and req.items[0].params.ignore_eos
+    assert req.items[4].params.max_new_tokens == 5
+    with pytest.raises(InvalidRequestError, match=r"^sampling_params\[1\]\.ignore_eos: must be a boolean"):
+        build_generate_request(100, input_ids=[[1]] * 2, sampling_params=[same, {**same, "ignore_eos": 1}])  # True is not 1
+    calls.clear()
+    shared = build_generate_request(100, input_ids=[[1, 2]] * 3, sampling_params={"temperature": 0.5})
+    assert calls == ["sampling_params"] and shared.items[2].params.temperature == 0.5
+    calls.clear()
+    nested = {"logit_bias": {"5": 1.0}}  # nested values: parsed every time (no key)
+    build_generate_request(100, input_ids=[[1, 2]] * 2, sampling_params=[nested, nested])
+    assert calls == ["sampling_params[0]", "sampling_params[1]"]
+    # a bad entry is still named where it is, after equal good ones
+    with pytest.raises(InvalidRequestError, match=r"^sampling_params\[2\]\.temperature"):
+        build_generate_request(100, input_ids=[[1]] * 3, sampling_params=[{"top_k": 3}] * 2 + [{"temperature": -1}])
+
+
 @pytest.mark.parametrize("fields,error", [
     ({"text": "a", "top_logprobs_num": 101}, "^top_logprobs_num: must be <= 100"),
     ({"text": "\ud800"}, "^text: contains a lone surrogate"),
