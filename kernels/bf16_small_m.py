@@ -42,8 +42,11 @@ MIN_M = 2  # one row is the M = 1 GEMV's (bf16_gemv.py)
 # benchmarks/small_m_gemm_sweep.py --kinds bf16m --ms 2,4,8 (2026-12-04 16:53 mid-session round, RESULTS.md; us per
 # call, weights cold, cuBLAS -> this kernel without PDL): M = 2: qkv 16.6 -> 15.5, o 13.0 -> 11.8, gate_up 62.3 ->
 # 59.9, down 31.2 -> 30.7 (the four 123.0 -> 117.9, 115.9 with PDL; the M = 1 GEMV's 113.8); M = 4 / 8: qkv, o, down
-# 2-10% faster, gate_up cuBLAS (56.4 / 56.8, at the bytes floor). Rows 9..16: cuBLAS (not measured).
+# 2-10% faster, gate_up cuBLAS (56.4 / 56.8, at the bytes floor). Rows 9..16: cuBLAS (not measured). The LM head
+# (128256 x 4096, an untied head: a verify step's logits), final round 17:31: M = 2 / 4 / 8 cuBLAS 248.6 / 249.1 /
+# 251.3 -> 236.5 / 237.9 / 240.6 us.
 DEFAULTS: Table = {
+    (128256, 4096): {2: "dot-n32-k256-s1-w2-st4", 4: "dot-n32-k256-s1-w2-st4", 8: "dot-n32-k256-s1-w2-st4"},
     (6144, 4096): {2: "dot-n32-k256-s1-w2-st4", 4: "dot-n32-k256-s1-w2-st4", 8: "dot-n32-k256-s1-w2-st4"},
     (4096, 4096): {2: "dot-n64-k128-s4-w4-st4", 4: "dot-n64-k256-s2-w4-st3", 8: "dot-n64-k256-s2-w4-st3"},
     (28672, 4096): {2: "dot-n32-k256-s1-w2-st4", 4: CUBLAS, 8: CUBLAS},
