@@ -19,7 +19,7 @@ from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, may_admit_any, slot_bound
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, longest_first, may_admit_any, next_swap_in, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -133,6 +133,8 @@ class Scheduler:
         leader = Req.group_from_wire(dataclasses.replace(msg, params=params), seeds)
         if leader.lora_name is not None and not self._bind_adapter(leader):
             return
+        if self.runner.lora is not None:
+            self.adapter_demand.stamp(leader)
         for seq in (leader, *leader.followers):
             seq.speculative = self.spec is not None
         if params.constraint is not None:
@@ -387,6 +389,18 @@ class Scheduler:
             return bool(self.waiting)
         return may_admit_any(self.args.max_loras_per_batch, self.running, self.waiting, self.adapter_demand)
 
+    def _prefetch_adapter(self) -> None:
+        """Every slot is held: copy the adapter that should take the next free one to the device now
+        (beside the forwards), unless the one staged is still waiting for a slot."""
+        lora = self.runner.lora
+        staged = lora.staged_adapter()
+        if staged is not None and staged in self.waiting.per_adapter:
+            return
+        name = next_swap_in(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting,
+                            self.adapter_demand, lora.resident())
+        if name is not None:
+            lora.prefetch(name)
+
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []
         return out
@@ -475,6 +489,8 @@ class Scheduler:
     def _schedule_prefill(self) -> ScheduledBatch | None:
         if not self.partial and not self.waiting:
             return None  # the usual decode step: skip the reserve estimate, a pass over every running row
+        if self.runner.lora is not None and self.waiting:
+            self._prefetch_adapter()
         budget = min(self.max_prefill_tokens, self.chunk_size)
         if self.running and self._lora_slot_bound():
             budget = min(budget, self.args.lora_prefill_chunk)
@@ -506,6 +522,8 @@ class Scheduler:
             if not candidates:
                 return batch if batch.reqs else None
         ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
+        if adapters is not None and adapters.bound:
+            ordered = longest_first(ordered)
         in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         for req in ordered:
             # Check: room for the request's rows, its token budget, its KV slots.

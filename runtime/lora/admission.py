@@ -16,6 +16,12 @@ slot ever frees (the adapters in flight keep receiving requests), an adapter tha
 (otherwise a slot frees by itself once that adapter's running requests end), the one with the
 fewest rows in flight is drained (its new requests are held back until its running ones finish),
 and the freed slot goes to the starving adapters first, oldest first.
+
+While more adapters are wanted than slots, an adapter holds its slot until its longest request ends,
+so its requests are admitted longest first (`longest_first`: by max_new_tokens, within groups of
+`LONGEST_FIRST_GROUP` consecutive arrivals of that adapter, so a short request is passed by at most
+that many later ones), and the adapter predicted to take the next free slot (`next_swap_in`) is
+copied to the device ahead of time (`LoRAManager.prefetch`), while the batches run.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from radixlm.runtime.request import Req
 
 STARVE_AFTER_ROUNDS = 200  # admission rounds (~scheduler steps) an adapter may wait before a slot is drained for it
+LONGEST_FIRST_GROUP = 64  # slot-bound admission: a request is passed by at most this many later ones of its adapter
 
 
 class AdapterDemand:
@@ -36,6 +43,13 @@ class AdapterDemand:
         self.passed: dict[str, int] = {}
         self.waited: dict[str, int] = {}
         self.draining: str | None = None
+        self.arrived: Counter[str | None] = Counter()  # requests per adapter so far (`Req.lora_arrival`)
+
+    def stamp(self, req: Req) -> None:
+        """Number a new request (and its n > 1 followers) among its adapter's arrivals."""
+        for seq in (req, *req.followers):
+            seq.lora_arrival = self.arrived[req.lora_name]
+        self.arrived[req.lora_name] += 1
 
     def granted(self, adapter: str, waiting: Iterable[str]) -> None:
         self.passed.pop(adapter, None)
@@ -82,6 +96,8 @@ class SlotBudget:
         ranked = sorted(rows, key=lambda n: (n not in starving, first[n] if n in starving else 0,
                                              -(rows[n] + demand.passed.get(n, 0)), n not in resident, first[n]))
         self.chosen = set(ranked[:free])
+        # more adapters wanted than slots: each decodes only while it holds one (admit longest first)
+        self.bound = len(self.adapters) + len(rows) > limit
 
     def admits(self, req: Req) -> bool:
         name = req.lora_name
@@ -167,6 +183,29 @@ def may_admit_any(limit: int, in_flight: Iterable[Req], waiting: Iterable[Req], 
     counts = getattr(waiting, "per_adapter", None)
     wanted = set(counts) if counts is not None else {r.lora_name for r in waiting}
     return None in wanted or bool(wanted & adapters - {demand.draining})
+
+
+def longest_first(reqs: Sequence[Req], group: int = LONGEST_FIRST_GROUP) -> list[Req]:
+    """Slot-bound admission order: the most new tokens first, so that an adapter's longest request (which
+    sets how long it holds its slot) starts with its first; stable, and only within groups of `group`
+    consecutive arrivals of an adapter (a request is passed by at most `group` - 1 later ones)."""
+    return sorted(reqs, key=lambda r: (r.lora_arrival // group, -r.params.max_new_tokens))
+
+
+def next_swap_in(limit: int, in_flight: Iterable[Req], waiting: WaitingQueue, demand: AdapterDemand,
+                 resident: Iterable[str]) -> str | None:
+    """The adapter `SlotBudget` would give the next free slot (from the queue's per-adapter counts:
+    O(adapters)), when every slot is held and it is not in one: the one worth copying to the device now."""
+    flight = {r.lora_name for r in in_flight}
+    if len(flight - {None}) < limit:
+        return None  # a slot is free: admission takes it this step
+    names = [n for n in waiting.per_adapter if n is not None and n not in flight]
+    if not names:
+        return None
+    starving = {n for n in names if demand.waited.get(n, 0) >= demand.starve_after}
+    best = min(names, key=lambda n: (n not in starving, -demand.waited.get(n, 0) if n in starving else 0,
+                                     -(waiting.per_adapter[n] + demand.passed.get(n, 0)), n))
+    return None if best in set(resident) else best
 
 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:

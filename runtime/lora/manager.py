@@ -75,6 +75,8 @@ class LoRAManager:
         self._slot_read: dict[int, torch.cuda.Event] = {}
         self._in_flight: set[int] = set()
         self.swaps = 0  # adapters copied into a device slot so far (/server_info: lora.swaps)
+        self.swaps_staged = 0  # ... of them from the staging row, copied to the device ahead (`prefetch`)
+        self._staged: Registered | None = None  # the adapter in the pool's staging row, not yet in a slot
         self.adapters: dict[str, Registered] = {}
         self._generation = itertools.count()
         self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
@@ -117,7 +119,8 @@ class LoRAManager:
 
     def unload(self, name: str) -> None:
         """Forget an adapter; the caller checked that no request uses it."""
-        self.adapters.pop(name)
+        if self._staged is self.adapters.pop(name):
+            self._staged = None
         index = self._slot_index.pop(name, None)
         if index is not None:
             self.slots[index] = _Slot()
@@ -155,7 +158,24 @@ class LoRAManager:
             "in_device_slots": [s.name for s in self.slots],
             "pool_bytes": self.pool.nbytes,
             "swaps": self.swaps,
+            "swaps_staged": self.swaps_staged,
+            "staged": self.staged_adapter(),
         }
+
+    def staged_adapter(self) -> str | None:
+        """The adapter in the staging row (copied ahead, not yet in a slot)."""
+        return None if self._staged is None else self._staged.name
+
+    def prefetch(self, name: str) -> bool:
+        """Copy `name` to the device's staging row now (on the copy stream, beside the forwards), so that
+        taking a slot later costs a device-to-device copy. Only from host memory: an adapter evicted from
+        it would be read from disk on the scheduler's thread. True when a copy was issued."""
+        entry = self.adapters.get(name)
+        if entry is None or entry.host is None or name in self._slot_index or self._staged is entry:
+            return False
+        self.pool.stage(entry.host)
+        self._staged = entry
+        return True
 
     # ---------------------------------------------------------------- one batch
     def slot_of(self, name: str, busy: set[str]) -> int:
@@ -168,10 +188,15 @@ class LoRAManager:
             return index
         index = self._victim(busy)
         entry = self.adapters[name]
-        if entry.host is None:
-            self._keep_host(entry, self._read(entry), busy)
-        assert entry.host is not None
-        self.pool.write(index, entry.host, after=self._slot_read.get(index))
+        if self._staged is entry:
+            self.pool.write(index, None, after=self._slot_read.get(index))
+            self._staged = None
+            self.swaps_staged += 1
+        else:
+            if entry.host is None:
+                self._keep_host(entry, self._read(entry), busy)
+            assert entry.host is not None
+            self.pool.write(index, entry.host, after=self._slot_read.get(index))
         self.swaps += 1
         old = self.slots[index].name
         if old is not None:
