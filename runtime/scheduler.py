@@ -258,6 +258,9 @@ class Scheduler:
         if self.spec is not None:
             self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts)
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
+        if self.runner.lora is not None and batch.mode is ForwardMode.EXTEND and fb.lora_names is not None:
+            # a prefill without (some of) the decode rows: their adapters keep their slots
+            fb.lora_keep = frozenset(r.lora_name for r in (*self.running, *self.partial) if r.lora_name is not None)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
         if self.grammars is not None:

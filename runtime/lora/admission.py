@@ -203,9 +203,17 @@ def next_swap_in(limit: int, in_flight: Iterable[Req], waiting: WaitingQueue, de
     if not names:
         return None
     starving = {n for n in names if demand.waited.get(n, 0) >= demand.starve_after}
-    best = min(names, key=lambda n: (n not in starving, -demand.waited.get(n, 0) if n in starving else 0,
-                                     -(waiting.per_adapter[n] + demand.passed.get(n, 0)), n))
-    return None if best in set(resident) else best
+
+    def score(n: str) -> tuple:
+        return (n not in starving, -demand.waited.get(n, 0) if n in starving else 0,
+                -(waiting.per_adapter[n] + demand.passed.get(n, 0)))
+
+    top = min(map(score, names))
+    tied = {n for n in names if score(n) == top}
+    # SlotBudget's ties: resident first (no copy), then the adapter whose request came first in the queue
+    best = (tied & set(resident)) or next(({r.lora_name} for r in waiting if r.lora_name in tied), tied)
+    name = min(best)
+    return None if name in set(resident) else name
 
 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:

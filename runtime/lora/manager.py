@@ -178,15 +178,16 @@ class LoRAManager:
         return True
 
     # ---------------------------------------------------------------- one batch
-    def slot_of(self, name: str, busy: set[str]) -> int:
-        """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed."""
+    def slot_of(self, name: str, busy: set[str], keep: frozenset[str] = frozenset()) -> int:
+        """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed;
+        never into a slot of `busy` (this batch's), nor of `keep` (in flight) while another is left."""
         now = next(self._clock)
         index = self._slot_index.get(name)
         if index is not None:
             self.slots[index].used_at = now
             self.adapters[name].used_at = now
             return index
-        index = self._victim(busy)
+        index = self._victim(busy, keep)
         entry = self.adapters[name]
         if self._staged is entry:
             self.pool.write(index, None, after=self._slot_read.get(index))
@@ -206,13 +207,15 @@ class LoRAManager:
         entry.used_at = now
         return index
 
-    def _victim(self, busy: set[str]) -> int:
-        """The slot a swap-in takes: a free one, else by policy one the batch does not use,
-        preferring slots the forward in flight does not read (their copy need not wait for it)."""
+    def _victim(self, busy: set[str], keep: frozenset[str] = frozenset()) -> int:
+        """The slot a swap-in takes: a free one, else by policy one the batch does not use (nor a request
+        in flight, where another is left), preferring slots the forward in flight does not read (their copy
+        need not wait for it)."""
         free = [i for i, s in enumerate(self.slots) if s.name is None]
         if free:
             return free[0]
-        candidates = [i for i, s in enumerate(self.slots) if s.name not in busy]
+        candidates = ([i for i, s in enumerate(self.slots) if s.name not in busy and s.name not in keep]
+                      or [i for i, s in enumerate(self.slots) if s.name not in busy])
         if not candidates:
             raise RuntimeError(f"more than {len(self.slots)} LoRA adapters in one batch (--max-loras-per-batch)")
         return min(candidates, key=lambda i: (self._being_read(i), self._age(self.slots[i])))
@@ -235,7 +238,7 @@ class LoRAManager:
         unknown = wanted - set(self.adapters)
         if unknown:
             raise AdapterError(f"LoRA adapter(s) {sorted(unknown)} are not loaded")
-        slots = {n: self.slot_of(n, wanted) for n in sorted(wanted)}
+        slots = {n: self.slot_of(n, wanted, batch.lora_keep) for n in sorted(wanted)}
         self._in_flight = set(slots.values())
         per_req_list = [-1 if n is None else slots[n] for n in names]
         if graph:

@@ -63,6 +63,9 @@ def test_next_swap_in_is_the_adapter_admission_would_pick_when_every_slot_is_hel
     demand.waited["c"], demand.passed["d"] = demand.starve_after, 10
     assert next_swap_in(2, running, waiting, demand, resident=set()) == "c", "a starving adapter first"
     assert next_swap_in(2, running, WaitingQueue(_reqs(("a", 8), (None, 8))), demand, set()) is None
+    tied = WaitingQueue(_reqs(("z", 8), ("d", 8), ("d", 8), ("z", 8)))
+    assert next_swap_in(2, running, tied, AdapterDemand(), set()) == "z", "a tie: whose request came first"
+    assert next_swap_in(2, running, tied, AdapterDemand(), {"d"}) is None, "a tie: the resident one (no copy)"
 
 
 def _recorded(sched):
@@ -139,4 +142,22 @@ def test_adapters_within_the_slots_keep_arrival_order_and_stage_nothing(setup) -
     assert first[0] is ForwardMode.EXTEND and first[1] == {"a0", "a1", "a2", "a3"}
     assert sched.runner.lora.pool.staging is None and not any(kind == "stage" for kind, _ in log)
     assert sorted(results) == sorted(r.rid for r in reqs)
+    assert_pool_idle(sched)
+
+
+def test_a_prefill_without_the_decode_rows_never_takes_the_slot_of_an_adapter_in_flight(setup) -> None:
+    """2 slots: a0 decodes long, a1 ends, then a2's long prompt prefills alone (no decode rows in that
+    forward). Its swap takes a1's slot, not a0's (both last used by the same decode step), so a0 is
+    not copied in again for the next decode step: 3 swaps for 3 adapters."""
+    model_dir, adapters = setup
+    sched = _sched(model_dir, adapters, max_loras_per_batch=2)
+    reqs = [_req("k0", PROMPT[:12], "a0", 24), _req("k1", PROMPT[3:15], "a1", 2), _req("k2", PROMPT * 7, "a2", 3)]
+    log, _ = _recorded(sched)
+    results = run_to_completion(sched, reqs)
+    alone_prefill = [what for kind, what in log if kind == "forward" and what == (ForwardMode.EXTEND, {"a2"})]
+    assert alone_prefill, "a2's prompt prefills in a forward of its own"
+    assert sched.runner.lora.swaps == 3, sched.runner.lora.info()
+    alone = _sched(model_dir, adapters, disable_radix_cache=True)
+    for r in reqs:
+        assert results[r.rid]["output_ids"] == run_to_completion(alone, [r])[r.rid]["output_ids"], r.rid
     assert_pool_idle(sched)
