@@ -12,8 +12,9 @@ already in a device slot (no copy needed) wins a tie, then the one whose request
 No adapter waits without bound. Each time a slot goes to another adapter while one waits, the
 waiting one gains a point (`AdapterDemand.passed`), so its score grows until it wins. And when no
 slot ever frees (the adapters in flight keep receiving requests), an adapter that has waited
-`starve_after` admission rounds is starving: if every in-flight adapter still has requests waiting
-(otherwise a slot frees by itself once that adapter's running requests end), the one with the
+`starve_after` admission rounds is starving: if every in-flight adapter has requests waiting that
+came after it took its slot (otherwise a slot frees by itself once that adapter's requests of then
+are done: an offline batch of many adapters never drains a slot), the one with the
 fewest rows in flight is drained (its new requests are held back until its running ones finish),
 and the freed slot goes to the starving adapters first, oldest first.
 
@@ -44,6 +45,8 @@ class AdapterDemand:
         self.waited: dict[str, int] = {}
         self.draining: str | None = None
         self.arrived: Counter[str | None] = Counter()  # requests per adapter so far (`Req.lora_arrival`)
+        # per adapter, its arrivals when it last took a slot: requests numbered from there came while it held it
+        self.cohort: dict[str, int] = {}
 
     def stamp(self, req: Req) -> None:
         """Number a new request (and its n > 1 followers) among its adapter's arrivals."""
@@ -52,6 +55,7 @@ class AdapterDemand:
         self.arrived[req.lora_name] += 1
 
     def granted(self, adapter: str, waiting: Iterable[str]) -> None:
+        self.cohort[adapter] = self.arrived[adapter]
         self.passed.pop(adapter, None)
         self.waited.pop(adapter, None)
         for other in waiting:
@@ -71,13 +75,15 @@ class SlotBudget:
         self.adapters = set(flight_rows)
         rows: dict[str, int] = {}
         first: dict[str, int] = {}
-        fed = set()  # adapters in flight that have requests waiting too (their slot may never free)
+        # adapters in flight with requests waiting that came after they took their slot (their slot may never
+        # free); the rest of what they had waiting then (a chunked ramp, a batch's tail) drains by itself
+        fed = set()
         for i, req in enumerate(waiting):
             name = req.lora_name
             if name is not None and name not in self.adapters:
                 rows[name] = rows.get(name, 0) + 1 + len(req.followers)
                 first.setdefault(name, i)
-            elif name is not None:
+            elif name is not None and req.lora_arrival >= demand.cohort.get(name, 0):
                 fed.add(name)
         for table in (demand.passed, demand.waited):
             for name in [n for n in table if n not in rows]:  # no longer waiting: no aging kept

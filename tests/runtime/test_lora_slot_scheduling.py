@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from radixlm.runtime.forward_batch import ForwardMode
-from radixlm.runtime.lora.admission import AdapterDemand, WaitingQueue, longest_first, next_swap_in
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, longest_first, next_swap_in
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import make_peft_adapter
@@ -66,6 +66,21 @@ def test_next_swap_in_is_the_adapter_admission_would_pick_when_every_slot_is_hel
     tied = WaitingQueue(_reqs(("z", 8), ("d", 8), ("d", 8), ("z", 8)))
     assert next_swap_in(2, running, tied, AdapterDemand(), set()) == "z", "a tie: whose request came first"
     assert next_swap_in(2, running, tied, AdapterDemand(), {"d"}) is None, "a tie: the resident one (no copy)"
+
+
+def test_a_slot_is_drained_only_for_requests_that_came_after_its_adapter_took_it() -> None:
+    """Offline, 64 adapters wait thousands of rounds for 8 slots and all starve; an in-flight adapter whose
+    waiting requests were already there when it took its slot (a chunked ramp) frees the slot by itself and
+    is not drained (a drain would split its requests over two turns in a slot: more decode steps)."""
+    demand = AdapterDemand(starve_after=1)
+    a0, a1, a2, late = _reqs(("a", 8), ("a", 8), ("a", 8), ("late", 8), demand=demand)
+    SlotBudget(1, [], [a0, a1, a2, late], demand).add(a0)
+    for _ in range(3):
+        SlotBudget(1, [a0], [a1, a2, late], demand)
+    assert demand.waited["late"] >= 1 and demand.draining is None, "a's waiting requests are its own ramp"
+    (fresh,) = _reqs(("a", 8), demand=demand)
+    SlotBudget(1, [a0], [a1, a2, late, fresh], demand)
+    assert demand.draining == "a", "a keeps receiving requests: drained for the starving adapter"
 
 
 def _recorded(sched):
