@@ -64,7 +64,7 @@ def interp(points: tuple[tuple[int, float], ...], t: float) -> float:
 
 
 def step_ms(c: Costs, tokens: int, prompt_tokens: int, kv: int, lora: bool, synchronous: bool) -> float:
-    return (interp(c.gemm, tokens) + c.fixed + kv * KV_BYTES / c.kv_bytes_per_ms / 1e3 + prompt_tokens * c.prefill_extra
+    return (interp(c.gemm, tokens) + c.fixed + kv * KV_BYTES / c.kv_bytes_per_ms + prompt_tokens * c.prefill_extra
             + (interp(c.lora, tokens) if lora else 0.0) + (c.sync if synchronous else 0.0))
 
 
@@ -128,7 +128,7 @@ def priced(run: dict, c: Costs) -> float:
 def ceilings(run: dict, c: Costs) -> dict:
     """The 8-slot rule's bounds for this spread (module docstring), seconds."""
     s = max(run["slot_bound"], run["max_out"])
-    attention = sum(kv for _, _, kv, _, _ in run["steps"]) * KV_BYTES / c.kv_bytes_per_ms / 1e3
+    attention = sum(kv for _, _, kv, _, _ in run["steps"]) * KV_BYTES / c.kv_bytes_per_ms  # ms
     even = (run["prompt_tokens"] + run["output_tokens"]) / s
     rows = run["output_tokens"] / s
     prompt = run["prompt_tokens"]

@@ -208,18 +208,16 @@ def next_swap_in(limit: int, in_flight: Iterable[Req], waiting: WaitingQueue, de
     names = [n for n in waiting.per_adapter if n is not None and n not in flight]
     if not names:
         return None
+    resident = set(resident)
     starving = {n for n in names if demand.waited.get(n, 0) >= demand.starve_after}
-
-    def score(n: str) -> tuple:
-        return (n not in starving, -demand.waited.get(n, 0) if n in starving else 0,
-                -(waiting.per_adapter[n] + demand.passed.get(n, 0)))
-
-    top = min(map(score, names))
-    tied = {n for n in names if score(n) == top}
-    # SlotBudget's ties: resident first (no copy), then the adapter whose request came first in the queue
-    best = (tied & set(resident)) or next(({r.lora_name} for r in waiting if r.lora_name in tied), tied)
-    name = min(best)
-    return None if name in set(resident) else name
+    if starving:  # SlotBudget: the starving adapter whose request came first in the queue
+        tied = starving
+    else:  # most requests (+ the slots each missed); ties: resident (no copy), then first in the queue
+        top = max(waiting.per_adapter[n] + demand.passed.get(n, 0) for n in names)
+        tied = {n for n in names if waiting.per_adapter[n] + demand.passed.get(n, 0) == top}
+        tied = (tied & resident) or tied
+    name = next((r.lora_name for r in waiting if r.lora_name in tied), min(tied))
+    return None if name in resident else name
 
 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:

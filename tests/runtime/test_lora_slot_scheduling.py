@@ -66,6 +66,9 @@ def test_next_swap_in_is_the_adapter_admission_would_pick_when_every_slot_is_hel
     tied = WaitingQueue(_reqs(("z", 8), ("d", 8), ("d", 8), ("z", 8)))
     assert next_swap_in(2, running, tied, AdapterDemand(), set()) == "z", "a tie: whose request came first"
     assert next_swap_in(2, running, tied, AdapterDemand(), {"d"}) is None, "a tie: the resident one (no copy)"
+    old = AdapterDemand()
+    old.waited.update(z=old.starve_after, d=old.starve_after + 50)
+    assert next_swap_in(2, running, tied, old, set()) == "z", "starving ones: whose request came first, as SlotBudget"
 
 
 def test_a_slot_is_drained_only_for_requests_that_came_after_its_adapter_took_it() -> None:
