@@ -89,8 +89,9 @@ def replay(requests: int, adapters: int, chunk: int, root: Path) -> dict:
     sched = Scheduler(args, model_dir, None)
     prompts, outs = workload_b(requests, LLAMA_8B["vocab_size"])  # the H200 run's lengths (its draws depend on vocab)
     prompts = [[t % TINY["vocab_size"] for t in ids] for ids in prompts]
-    rng = random.Random(9)  # lora_issue.py's spread
-    spread = [None if adapters == 0 else names[rng.randrange(adapters)] for _ in prompts]
+    rng = random.Random(9)  # lora_issue.py's spread: drawn for 0, 1, 8 and 64 adapters in turn from one generator
+    spread = {n: [None if n == 0 else names[rng.randrange(n)] for _ in prompts] for n in sorted({0, 1, 8, 64, adapters})}
+    spread = spread[adapters]
     for i, (ids, out, name) in enumerate(zip(prompts, outs, spread)):
         sched.handle(TokenizedGenerateReq(rid=f"r{i}", input_ids=ids, lora_path=name, params=SamplingParams(
             temperature=0.0, max_new_tokens=out, ignore_eos=True)))

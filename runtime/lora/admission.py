@@ -192,10 +192,19 @@ def may_admit_any(limit: int, in_flight: Iterable[Req], waiting: Iterable[Req], 
 
 
 def longest_first(reqs: Sequence[Req], group: int = LONGEST_FIRST_GROUP) -> list[Req]:
-    """Slot-bound admission order: the most new tokens first, so that an adapter's longest request (which
-    sets how long it holds its slot) starts with its first; stable, and only within groups of `group`
-    consecutive arrivals of an adapter (a request is passed by at most `group` - 1 later ones)."""
-    return sorted(reqs, key=lambda r: (r.lora_arrival // group, -r.params.max_new_tokens))
+    """Slot-bound admission order: each adapter's requests, in the places its requests hold in `reqs`, most
+    new tokens first, so that its longest request (which sets how long it holds its slot) starts with its
+    first; only within groups of `group` consecutive arrivals of that adapter (a request is passed by at most
+    `group` - 1 later ones). The order across adapters, and of base requests, stays as given (sorted across
+    adapters, an adapter granted a slot waited behind other adapters' longer requests for the token budget
+    while later ones took the slots it was given: a (b) replay starved one for 400 steps)."""
+    mine: dict[str, list[Req]] = {}
+    for r in reqs:
+        if r.lora_name is not None:
+            mine.setdefault(r.lora_name, []).append(r)
+    turns = {name: iter(sorted(rs, key=lambda r: (r.lora_arrival // group, -r.params.max_new_tokens)))
+             for name, rs in mine.items()}
+    return [r if r.lora_name is None else next(turns[r.lora_name]) for r in reqs]
 
 
 def next_swap_in(limit: int, in_flight: Iterable[Req], waiting: WaitingQueue, demand: AdapterDemand,
