@@ -392,6 +392,15 @@ class Scheduler:
             return bool(self.waiting)
         return may_admit_any(self.args.max_loras_per_batch, self.running, self.waiting, self.adapter_demand)
 
+    @staticmethod
+    def _lora_remaining(in_flight: list[Req]) -> dict[str, int]:
+        """Per adapter in flight, the most new tokens one of its requests still has to make."""
+        most: dict[str, int] = {}
+        for r in in_flight:
+            if r.lora_name is not None:
+                most[r.lora_name] = max(most.get(r.lora_name, 0), r.remaining_new_tokens())
+        return most
+
     def _prefetch_adapter(self) -> None:
         """Every slot is held: copy the adapter that should take the next free one to the device now
         (beside the forwards; nothing when it is the one staged already). Asked every step: the pick
@@ -525,7 +534,7 @@ class Scheduler:
                 return batch if batch.reqs else None
         ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
         if adapters is not None and adapters.bound:
-            ordered = longest_first(ordered)
+            ordered = longest_first(ordered, self._lora_remaining([*self.running, *self.partial, *batch.reqs]))
         in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         for req in ordered:
             # Check: room for the request's rows, its token budget, its KV slots.

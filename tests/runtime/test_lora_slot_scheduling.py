@@ -41,13 +41,14 @@ def _reqs(*specs: tuple[str | None, int], demand: AdapterDemand | None = None) -
     return reqs
 
 
-def test_longest_first_orders_within_an_adapter_and_passes_a_request_by_at_most_a_group() -> None:
+def test_longest_first_starts_what_would_extend_a_slot_first_and_passes_a_request_by_at_most_a_group() -> None:
     reqs = _reqs(("a", 10), ("b", 50), ("a", 30), ("a", 30), (None, 20), ("b", 60), (None, 90))
-    # a's requests take a's places (0, 2, 3) longest first, b's b's (1, 5); base requests and the order of
-    # the adapters stay as they came
-    assert [r.rid for r in longest_first(reqs)] == ["w2", "w5", "w3", "w0", "w4", "w1", "w6"]
+    # nothing in flight: the adapters' requests, in their places (0-3, 5), longest first; base ones stay put
+    assert [r.rid for r in longest_first(reqs)] == ["w5", "w1", "w2", "w3", "w4", "w0", "w6"]
+    # b has a request in flight with 55 tokens to go: w5 would hold b's slot 5 steps longer, w1 not at all
+    assert [r.rid for r in longest_first(reqs, {"b": 55})] == ["w2", "w3", "w0", "w5", "w4", "w1", "w6"]
     # Groups of 2 arrivals per adapter: a's third request (w3) comes after a's first two whatever its length.
-    assert [r.rid for r in longest_first(reqs, group=2)] == ["w2", "w5", "w0", "w3", "w4", "w1", "w6"]
+    assert [r.rid for r in longest_first(reqs, group=2)] == ["w5", "w1", "w2", "w0", "w4", "w3", "w6"]
     # A short request with a stream of long ones of its adapter behind it: at most group - 1 pass it.
     stream = _reqs(*[("a", 5)] + [("a", 100)] * 20)
     assert [r.rid for r in longest_first(stream, group=4)].index("w0") == 3
