@@ -73,6 +73,27 @@ class AdapterWriter(threading.Thread):
         return tuple(self.paths)
 
 
+class Progress(threading.Thread):
+    """Prints the engine's counters every `every` seconds while a row runs, so that a run cut by a time limit
+    still says how far it got (generated tokens, forward steps by kind, swaps)."""
+
+    def __init__(self, eng, label: str, started: float, every: float) -> None:
+        super().__init__(name="progress", daemon=True)
+        self.eng, self.label, self.started, self.every = eng, label, started, every
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        first = self.eng.get_server_info()
+        while not self.done.wait(self.every):
+            info = self.eng.get_server_info()
+            d = {k: info.get(k, 0) - first.get(k, 0) for k in ("generated_tokens", "prefill_steps", "mixed_steps",
+                                                              "decode_steps")}
+            lora = {k: info.get("lora", {}).get(k, 0) - first.get("lora", {}).get(k, 0) for k in ("swaps", "swaps_staged")}
+            print(f"[{time.perf_counter() - self.started:.0f} s] {self.label} so far: {d['generated_tokens']} tokens, "
+                  f"steps {d['prefill_steps']}/{d['mixed_steps']}/{d['decode_steps']}, swaps {lora['swaps']} "
+                  f"({lora['swaps_staged']} ahead)", flush=True)
+
+
 def scratch_root() -> Path:
     """/dev/shm when it has room for 64 adapters of the 8B shape (5.4 GB): no disk writes, fast reads."""
     shm = Path("/dev/shm")
@@ -96,6 +117,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=None,
                     help="decode steps of each batch-1 measurement (default 128, 16 with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a 2-layer model of hidden size 64, float32")
+    ap.add_argument("--progress-s", type=float, default=0, help="print a LoRA row's counters this often (0: never)")
     ap.add_argument("--skip", default="", help="parts left out, comma-separated: base_engine (the base engine and "
                     "its rows; `vs base` then reads the LoRA engine's base row where --rows has it), decode (batch-1 "
                     "decode), check (the mixed-batch check)")
@@ -214,7 +236,13 @@ def main() -> None:
                 eng.flush_cache()
                 before = eng.get_server_info().get("lora", {})
                 swaps, staged = before.get("swaps", 0), before.get("swaps_staged", 0)
-                report[label] = run_b(eng, prompts, outs, spread[count], SLOTS)
+                progress = Progress(eng, label, started, args.progress_s)
+                if args.progress_s > 0:
+                    progress.start()
+                try:
+                    report[label] = run_b(eng, prompts, outs, spread[count], SLOTS)
+                finally:
+                    progress.done.set()
                 report[label].pop("_outputs")
                 lora_info = eng.get_server_info().get("lora", {})
                 report[label]["swaps"] = lora_info.get("swaps", 0) - swaps

@@ -119,7 +119,7 @@ def replay(requests: int, adapters: int, chunk: int, root: Path) -> dict:
     return {"steps": steps, "replay_s": time.perf_counter() - started, "prompt_tokens": sum(map(len, prompts)),
             "output_tokens": sum(outs), "max_out": max(outs), "slot_bound": -(-sum(longest.values()) // 8),
             "kinds": {k: sched.stats[k] for k in ("prefill_steps", "mixed_steps", "decode_steps")},
-            "swaps": 0 if lora is None else lora.swaps, "swaps_staged": 0 if lora is None else lora.swaps_staged}
+            "swaps": getattr(lora, "swaps", 0), "swaps_staged": getattr(lora, "swaps_staged", 0)}
 
 
 def priced(run: dict, c: Costs) -> float:
