@@ -200,8 +200,9 @@ def main() -> None:
 
     def fits(label: str, count: int) -> bool:
         """Whether a row should end within --budget-s: 1.3x the base row's time with up to 8 adapters; with
-        more adapters than slots, half of it (prefill) plus the slot bound's decode steps, each 1.2x this
-        run's batch-1 LoRA step (7.5 ms where that is missing: a 32-layer step of ~75 rows on the H200)."""
+        more adapters than slots, half of it (prefill; 15 s at 1,000 requests without a base row) plus the slot
+        bound's decode steps, each 1.2x this run's batch-1 LoRA step (7.5 ms where that is missing: a 32-layer step
+        of ~75 rows on the H200)."""
         base_s = report.get("b_base", report.get(ROWS["base"][0], {})).get("seconds", 0.0)
         guess = 1.3 * base_s
         if count > SLOTS:
@@ -209,7 +210,8 @@ def main() -> None:
             for name, out in zip(spread[count], outs):
                 longest[name] = max(longest.get(name, 0), out)
             step_s = 1.2 * report["lora_decode_ms"] / 1e3 if "lora_decode_ms" in report else 0.0075
-            guess = 0.5 * base_s + sum(longest.values()) / SLOTS * step_s
+            prefill_s = 0.5 * base_s if base_s else 15.0 * len(prompts) / 1000  # (b)'s prefill: ~13 s + LoRA's share
+            guess = prefill_s + sum(longest.values()) / SLOTS * step_s
         if time.perf_counter() - started + guess <= args.budget_s:
             return True
         report["errors"][label] = f"skipped: past --budget-s {args.budget_s:.0f} (estimated {guess:.0f} s)"
