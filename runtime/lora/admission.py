@@ -220,13 +220,15 @@ def next_swap_in(limit: int, in_flight: Iterable[Req], waiting: WaitingQueue, de
                  resident: Iterable[str]) -> str | None:
     """The adapter `SlotBudget` would give the next free slot (from the queue's per-adapter counts:
     O(adapters)), when every slot is held and it is not in one: the one worth copying to the device now."""
+    resident = set(resident)
+    if all(n is None or n in resident for n in waiting.per_adapter):
+        return None  # nothing waits that needs a copy (base requests, adapters in slots): no pass over in_flight
     flight = {r.lora_name for r in in_flight}
     if len(flight - {None}) < limit:
         return None  # a slot is free: admission takes it this step
     names = [n for n in waiting.per_adapter if n is not None and n not in flight]
     if not names:
         return None
-    resident = set(resident)
     starving = {n for n in names if demand.waited.get(n, 0) >= demand.starve_after}
     if starving:  # SlotBudget: the starving adapter whose request came first in the queue
         tied = starving

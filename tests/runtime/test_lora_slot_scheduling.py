@@ -69,6 +69,14 @@ def test_next_swap_in_is_the_adapter_admission_would_pick_when_every_slot_is_hel
     tied = WaitingQueue(_reqs(("z", 8), ("d", 8), ("d", 8), ("z", 8)))
     assert next_swap_in(2, running, tied, AdapterDemand(), set()) == "z", "a tie: whose request came first"
     assert next_swap_in(2, running, tied, AdapterDemand(), {"d"}) is None, "a tie: the resident one (no copy)"
+
+
+    def untouched():
+        raise AssertionError("the rows in flight are read: with 8 adapters on 8 slots that is every row, every step")
+        yield
+
+    in_slots = WaitingQueue(_reqs(("a", 8), (None, 8), ("b", 8)))
+    assert next_swap_in(2, untouched(), in_slots, demand, resident={"a", "b"}) is None
     old = AdapterDemand()
     old.waited.update(z=old.starve_after, d=old.starve_after + 50)
     assert next_swap_in(2, running, tied, old, set()) == "z", "starving ones: whose request came first, as SlotBudget"
