@@ -42,6 +42,7 @@ TINY = {**LLAMA_8B, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 
 ROWS = {"8": ("b_8_adapters", 8, ">= 0.85x"), "64": ("b_64_adapters_8_slots", 64, ">= 0.75x"),
         "1": ("b_1_adapter", 1, "-"), "base": ("b_lora_engine_base", 0, "-")}
 SLOTS = 8
+SKIPPABLE = {"base_engine", "decode", "check"}
 
 
 class AdapterWriter(threading.Thread):
@@ -72,6 +73,27 @@ class AdapterWriter(threading.Thread):
         return tuple(self.paths)
 
 
+class Progress(threading.Thread):
+    """Prints the engine's counters every `every` seconds while a row runs, so that a run cut by a time limit
+    still says how far it got (generated tokens, forward steps by kind, swaps)."""
+
+    def __init__(self, eng, label: str, started: float, every: float) -> None:
+        super().__init__(name="progress", daemon=True)
+        self.eng, self.label, self.started, self.every = eng, label, started, every
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        first = self.eng.get_server_info()
+        while not self.done.wait(self.every):
+            info = self.eng.get_server_info()
+            d = {k: info.get(k, 0) - first.get(k, 0) for k in ("generated_tokens", "prefill_steps", "mixed_steps",
+                                                              "decode_steps")}
+            lora = {k: info.get("lora", {}).get(k, 0) - first.get("lora", {}).get(k, 0) for k in ("swaps", "swaps_staged")}
+            print(f"[{time.perf_counter() - self.started:.0f} s] {self.label} so far: {d['generated_tokens']} tokens, "
+                  f"steps {d['prefill_steps']}/{d['mixed_steps']}/{d['decode_steps']}, swaps {lora['swaps']} "
+                  f"({lora['swaps_staged']} ahead)", flush=True)
+
+
 def scratch_root() -> Path:
     """/dev/shm when it has room for 64 adapters of the 8B shape (5.4 GB): no disk writes, fast reads."""
     shm = Path("/dev/shm")
@@ -95,8 +117,15 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=None,
                     help="decode steps of each batch-1 measurement (default 128, 16 with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a 2-layer model of hidden size 64, float32")
+    ap.add_argument("--progress-s", type=float, default=0, help="print a LoRA row's counters this often (0: never)")
+    ap.add_argument("--skip", default="", help="parts left out, comma-separated: base_engine (the base engine and "
+                    "its rows; `vs base` then reads the LoRA engine's base row where --rows has it), decode (batch-1 "
+                    "decode), check (the mixed-batch check)")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
+    skip = {p for p in args.skip.split(",") if p}
+    if skip - SKIPPABLE:
+        ap.error(f"--skip: unknown {sorted(skip - SKIPPABLE)}; known: {', '.join(sorted(SKIPPABLE))}")
     if set(rows) - ROWS.keys():
         ap.error(f"--rows: unknown {sorted(set(rows) - ROWS.keys())}; known: {', '.join(ROWS)}")
     tiny = args.tiny or not torch.cuda.is_available()
@@ -164,22 +193,25 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:.0f} s] base: {report['b_base']['total_tok_s']:.0f} tok/s, "
               f"batch-1 {report['base_decode_ms']:.3f} ms", flush=True)
 
-    section("base_engine", base_engine)
+    if "base_engine" not in skip:
+        section("base_engine", base_engine)
     section("adapters", lambda: writer.wait())
     report["adapter_write_s"] = round(writer.seconds, 1)
 
     def fits(label: str, count: int) -> bool:
         """Whether a row should end within --budget-s: 1.3x the base row's time with up to 8 adapters; with
-        more adapters than slots, half of it (prefill) plus the slot bound's decode steps, each 1.2x this
-        run's batch-1 LoRA step (7.5 ms where that is missing: a 32-layer step of ~75 rows on the H200)."""
-        base_s = report.get("b_base", {}).get("seconds", 0.0)
+        more adapters than slots, half of it (prefill; 15 s at 1,000 requests without a base row) plus the slot
+        bound's decode steps, each 1.2x this run's batch-1 LoRA step (7.5 ms where that is missing: a 32-layer step
+        of ~75 rows on the H200)."""
+        base_s = report.get("b_base", report.get(ROWS["base"][0], {})).get("seconds", 0.0)
         guess = 1.3 * base_s
         if count > SLOTS:
             longest: dict[str, int] = {}
             for name, out in zip(spread[count], outs):
                 longest[name] = max(longest.get(name, 0), out)
             step_s = 1.2 * report["lora_decode_ms"] / 1e3 if "lora_decode_ms" in report else 0.0075
-            guess = 0.5 * base_s + sum(longest.values()) / SLOTS * step_s
+            prefill_s = 0.5 * base_s if base_s else 15.0 * len(prompts) / 1000  # (b)'s prefill: ~13 s + LoRA's share
+            guess = prefill_s + sum(longest.values()) / SLOTS * step_s
         if time.perf_counter() - started + guess <= args.budget_s:
             return True
         report["errors"][label] = f"skipped: past --budget-s {args.budget_s:.0f} (estimated {guess:.0f} s)"
@@ -192,22 +224,34 @@ def main() -> None:
                             lora_prefill_chunk=args.lora_prefill_chunk, **engine_args) as eng:
             report["lora_engine_start_s"] = round(time.perf_counter() - t, 1)
             warm_up(eng, names[:SLOTS])
-            report["check_mixed_batch"] = check_mixed_batch(eng, vocab, names)
-            report["lora_decode_ms"] = decode_ms(eng, vocab, names[0], args.decode_steps)
-            report["lora_engine_base_decode_ms"] = decode_ms(eng, vocab, None, args.decode_steps)
+            if "check" not in skip:
+                report["check_mixed_batch"] = check_mixed_batch(eng, vocab, names)
+            if "decode" not in skip:
+                report["lora_decode_ms"] = decode_ms(eng, vocab, names[0], args.decode_steps)
+                report["lora_engine_base_decode_ms"] = decode_ms(eng, vocab, None, args.decode_steps)
             print(f"[{time.perf_counter() - started:.0f} s] LoRA engine up in {report['lora_engine_start_s']} s; "
-                  f"batch-1 {report['lora_decode_ms']:.3f} ms", flush=True)
+                  f"batch-1 {report.get('lora_decode_ms', float('nan')):.3f} ms", flush=True)
             for row in rows:
                 label, count, _ = ROWS[row]
                 if not fits(label, count):
                     continue
                 eng.flush_cache()
-                swaps = eng.get_server_info().get("lora", {}).get("swaps", 0)
-                report[label] = run_b(eng, prompts, outs, spread[count], SLOTS)
+                before = eng.get_server_info().get("lora", {})
+                swaps, staged = before.get("swaps", 0), before.get("swaps_staged", 0)
+                progress = Progress(eng, label, started, args.progress_s)
+                if args.progress_s > 0:
+                    progress.start()
+                try:
+                    report[label] = run_b(eng, prompts, outs, spread[count], SLOTS)
+                finally:
+                    progress.done.set()
                 report[label].pop("_outputs")
-                report[label]["swaps"] = eng.get_server_info().get("lora", {}).get("swaps", 0) - swaps
-                if "b_base" in report:
-                    report[label]["vs_base"] = report[label]["total_tok_s"] / report["b_base"]["total_tok_s"]
+                lora_info = eng.get_server_info().get("lora", {})
+                report[label]["swaps"] = lora_info.get("swaps", 0) - swaps
+                report[label]["swaps_staged"] = lora_info.get("swaps_staged", 0) - staged
+                base_row = report.get("b_base", report.get(ROWS["base"][0]))
+                if base_row is not None and label != ROWS["base"][0]:
+                    report[label]["vs_base"] = report[label]["total_tok_s"] / base_row["total_tok_s"]
                 print(f"[{time.perf_counter() - started:.0f} s] {label}: {report[label]['total_tok_s']:.0f} tok/s",
                       flush=True)
                 save()
@@ -228,7 +272,7 @@ def _timed(fn) -> float:
 def derive(report: dict) -> None:
     """Overheads, and the 64-adapter row's ceiling: its decode steps are at least the slot bound whatever
     the scheduler does; were each one only a batch-1 LoRA step and prefill free, it would take that long."""
-    base = report.get("b_base")
+    base = report.get("b_base", report.get(ROWS["base"][0]))
     if "lora_decode_ms" in report and "base_decode_ms" in report:
         report["batch1_decode_overhead"] = report["lora_decode_ms"] / report["base_decode_ms"] - 1
     if "lora_engine_base_decode_ms" in report and "base_decode_ms" in report:
@@ -243,7 +287,7 @@ def print_table(report: dict, out: str) -> None:
     print(f"\nIssue 21, {report['device']}, {report['model']}, commit {report['commit']}: workload (b) at "
           f"{report['requests']} requests (full size 1,000), rank 16 on q,k,v,o,gate,up,down, {report['slots']} slots")
     print(f"{'row':<24}{'s':>7}{'tok/s':>9}{'vs base':>9}{'goal':>10}{'steps p/m/d':>16}{'tok/step':>9}"
-          f"{'bound':>7}{'swaps':>7}")
+          f"{'bound':>7}{'swaps/ahead':>12}")
     for label, goal in [("b_base", "")] + [(ROWS[r][0], ROWS[r][2]) for r in report["rows"]]:
         r = report.get(label)
         if not r:
@@ -253,7 +297,8 @@ def print_table(report: dict, out: str) -> None:
         steps = f"{kinds['prefill_steps']}/{kinds['mixed_steps']}/{kinds['decode_steps']}"
         vs = f"{r['vs_base']:.3f}x" if "vs_base" in r else "-"
         print(f"{label:<24}{r['seconds']:>7.1f}{r['total_tok_s']:>9.0f}{vs:>9}{goal or '-':>10}{steps:>16}"
-              f"{r['tokens_per_forward_step']:>9.0f}{r.get('decode_steps_lower_bound', '-'):>7}{r.get('swaps', '-'):>7}")
+              f"{r['tokens_per_forward_step']:>9.0f}{r.get('decode_steps_lower_bound', '-'):>7}"
+              f"{str(r.get('swaps', '-')) + '/' + str(r.get('swaps_staged', '-')):>12}")
     row64 = report.get(ROWS["64"][0], {})
     if "ceiling_vs_base" in row64:
         print(f"64 adapters: decode steps >= {row64['decode_steps_lower_bound']} (slot bound); at a batch-1 LoRA step "

@@ -35,6 +35,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [N] int64, device
     # Per request: the LoRA adapter it runs with (None: the base model); None when no request has one.
     lora_names: list[str | None] | None = None
+    # Adapters of requests in flight that this batch leaves out (a prefill without the decode rows): their
+    # device slots are not taken for this batch's swaps (the next decode step needs them).
+    lora_keep: frozenset[str] = frozenset()
     # Decode only: rows sharing a radix-tree prefix, attended once per group (runtime/cascade.py).
     cascade: CascadeLayout | None = None
     # Extend only: draft trees verified in a mixed batch (speculative/draft_tree.py): per request the

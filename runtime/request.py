@@ -22,6 +22,7 @@ class Req:
     group_rid: str | None = None  # the client's rid when n > 1 splits it into "<rid>-<i>"
     lora_name: str | None = None  # LoRA adapter (None: the base model)
     lora_uid: str | None = None  # that adapter's load generation, set by the scheduler: part of the cache key
+    lora_arrival: int = 0  # the n-th request of its adapter to arrive (bounds longest-first admission, lora/admission.py)
     output_ids: list[int] = field(default_factory=list)
 
     # KV state: req_to_token[req_pool_idx, :kv_len] are this request's slots; the first

@@ -19,7 +19,7 @@ from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, may_admit_any, slot_bound
+from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, longest_first, may_admit_any, next_swap_in, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
@@ -133,6 +133,8 @@ class Scheduler:
         leader = Req.group_from_wire(dataclasses.replace(msg, params=params), seeds)
         if leader.lora_name is not None and not self._bind_adapter(leader):
             return
+        if self.runner.lora is not None:
+            self.adapter_demand.stamp(leader)
         for seq in (leader, *leader.followers):
             seq.speculative = self.spec is not None
         if params.constraint is not None:
@@ -256,6 +258,9 @@ class Scheduler:
         if self.spec is not None:
             self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts)
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
+        if self.runner.lora is not None and batch.mode is ForwardMode.EXTEND and fb.lora_names is not None:
+            # a prefill without (some of) the decode rows: their adapters keep their slots
+            fb.lora_keep = frozenset(r.lora_name for r in (*self.running, *self.partial) if r.lora_name is not None)
         self.req_to_token_pool.commit(slot_writes)
         logits = self.runner.forward(fb)
         if self.grammars is not None:
@@ -387,6 +392,26 @@ class Scheduler:
             return bool(self.waiting)
         return may_admit_any(self.args.max_loras_per_batch, self.running, self.waiting, self.adapter_demand)
 
+    @staticmethod
+    def _lora_remaining(in_flight: list[Req]) -> dict[str, int]:
+        """Per adapter in flight, the most new tokens one of its requests still has to make."""
+        most: dict[str, int] = {}
+        for r in in_flight:
+            if r.lora_name is not None:
+                most[r.lora_name] = max(most.get(r.lora_name, 0), r.remaining_new_tokens())
+        return most
+
+    def _prefetch_adapter(self) -> None:
+        """Every slot is held: copy the adapter that should take the next free one to the device now
+        (beside the forwards; nothing when it is the one staged already). Asked every step: the pick
+        changes as the queue does (an adapter staged early, many turns ahead, took 11 of 64 swap-ins
+        in a chunked replay of (b); asked each step, 60)."""
+        lora = self.runner.lora
+        name = next_swap_in(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting,
+                            self.adapter_demand, lora.resident())
+        if name is not None:
+            lora.prefetch(name)
+
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []
         return out
@@ -475,6 +500,8 @@ class Scheduler:
     def _schedule_prefill(self) -> ScheduledBatch | None:
         if not self.partial and not self.waiting:
             return None  # the usual decode step: skip the reserve estimate, a pass over every running row
+        if self.runner.lora is not None and self.waiting:
+            self._prefetch_adapter()
         budget = min(self.max_prefill_tokens, self.chunk_size)
         if self.running and self._lora_slot_bound():
             budget = min(budget, self.args.lora_prefill_chunk)
@@ -506,6 +533,8 @@ class Scheduler:
             if not candidates:
                 return batch if batch.reqs else None
         ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
+        if adapters is not None and adapters.bound:
+            ordered = longest_first(ordered, self._lora_remaining([*self.running, *self.partial, *batch.reqs]))
         in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
         for req in ordered:
             # Check: room for the request's rows, its token budget, its KV slots.

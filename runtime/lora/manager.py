@@ -75,6 +75,8 @@ class LoRAManager:
         self._slot_read: dict[int, torch.cuda.Event] = {}
         self._in_flight: set[int] = set()
         self.swaps = 0  # adapters copied into a device slot so far (/server_info: lora.swaps)
+        self.swaps_staged = 0  # ... of them from the staging row, copied to the device ahead (`prefetch`)
+        self._staged: Registered | None = None  # the adapter in the pool's staging row, not yet in a slot
         self.adapters: dict[str, Registered] = {}
         self._generation = itertools.count()
         self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
@@ -117,7 +119,8 @@ class LoRAManager:
 
     def unload(self, name: str) -> None:
         """Forget an adapter; the caller checked that no request uses it."""
-        self.adapters.pop(name)
+        if self._staged is self.adapters.pop(name):
+            self._staged = None
         index = self._slot_index.pop(name, None)
         if index is not None:
             self.slots[index] = _Slot()
@@ -155,23 +158,46 @@ class LoRAManager:
             "in_device_slots": [s.name for s in self.slots],
             "pool_bytes": self.pool.nbytes,
             "swaps": self.swaps,
+            "swaps_staged": self.swaps_staged,
+            "staged": self.staged_adapter(),
         }
 
+    def staged_adapter(self) -> str | None:
+        """The adapter in the staging row (copied ahead, not yet in a slot)."""
+        return None if self._staged is None else self._staged.name
+
+    def prefetch(self, name: str) -> bool:
+        """Copy `name` to the device's staging row now (on the copy stream, beside the forwards), so that
+        taking a slot later costs a device-to-device copy. Only from host memory: an adapter evicted from
+        it would be read from disk on the scheduler's thread. True when a copy was issued."""
+        entry = self.adapters.get(name)
+        if entry is None or entry.host is None or name in self._slot_index or self._staged is entry:
+            return False
+        self.pool.stage(entry.host)
+        self._staged = entry
+        return True
+
     # ---------------------------------------------------------------- one batch
-    def slot_of(self, name: str, busy: set[str]) -> int:
-        """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed."""
+    def slot_of(self, name: str, busy: set[str], keep: frozenset[str] = frozenset()) -> int:
+        """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed;
+        never into a slot of `busy` (this batch's), nor of `keep` (in flight) while another is left."""
         now = next(self._clock)
         index = self._slot_index.get(name)
         if index is not None:
             self.slots[index].used_at = now
             self.adapters[name].used_at = now
             return index
-        index = self._victim(busy)
+        index = self._victim(busy, keep)
         entry = self.adapters[name]
-        if entry.host is None:
-            self._keep_host(entry, self._read(entry), busy)
-        assert entry.host is not None
-        self.pool.write(index, entry.host, after=self._slot_read.get(index))
+        if self._staged is entry:
+            self.pool.write(index, None, after=self._slot_read.get(index))
+            self._staged = None
+            self.swaps_staged += 1
+        else:
+            if entry.host is None:
+                self._keep_host(entry, self._read(entry), busy)
+            assert entry.host is not None
+            self.pool.write(index, entry.host, after=self._slot_read.get(index))
         self.swaps += 1
         old = self.slots[index].name
         if old is not None:
@@ -181,13 +207,15 @@ class LoRAManager:
         entry.used_at = now
         return index
 
-    def _victim(self, busy: set[str]) -> int:
-        """The slot a swap-in takes: a free one, else by policy one the batch does not use,
-        preferring slots the forward in flight does not read (their copy need not wait for it)."""
+    def _victim(self, busy: set[str], keep: frozenset[str] = frozenset()) -> int:
+        """The slot a swap-in takes: a free one, else by policy one the batch does not use (nor a request
+        in flight, where another is left), preferring slots the forward in flight does not read (their copy
+        need not wait for it)."""
         free = [i for i, s in enumerate(self.slots) if s.name is None]
         if free:
             return free[0]
-        candidates = [i for i, s in enumerate(self.slots) if s.name not in busy]
+        candidates = ([i for i, s in enumerate(self.slots) if s.name not in busy and s.name not in keep]
+                      or [i for i, s in enumerate(self.slots) if s.name not in busy])
         if not candidates:
             raise RuntimeError(f"more than {len(self.slots)} LoRA adapters in one batch (--max-loras-per-batch)")
         return min(candidates, key=lambda i: (self._being_read(i), self._age(self.slots[i])))
@@ -210,7 +238,7 @@ class LoRAManager:
         unknown = wanted - set(self.adapters)
         if unknown:
             raise AdapterError(f"LoRA adapter(s) {sorted(unknown)} are not loaded")
-        slots = {n: self.slot_of(n, wanted) for n in sorted(wanted)}
+        slots = {n: self.slot_of(n, wanted, batch.lora_keep) for n in sorted(wanted)}
         self._in_flight = set(slots.values())
         per_req_list = [-1 if n is None else slots[n] for n in names]
         if graph:

@@ -250,6 +250,7 @@ class LoRAPool:
         self.slot_numel = total
         self.buffer = torch.zeros(slots, total, dtype=dtype, device=device)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.staging: torch.Tensor | None = None  # one slot row on the device: the next adapter, copied ahead (`stage`)
         side = (torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY)
                 if device.type == "cuda" and kernels in ("overlap", "stacked") else None)
         self.projections: dict[tuple[int, str], LoRAProjection] = {}
@@ -306,18 +307,28 @@ class LoRAPool:
             b_view[offsets[part]:offsets[part + 1], :r].copy_(b)
         return row
 
-    def write(self, slot: int, packed: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
-        """Copy a packed adapter into `slot`. On CUDA the copy runs on the side stream once `after`
-        (the end of the last forward that read the slot) has passed, so it overlaps the forward in
-        flight; the forwards enqueued from now on wait for it."""
+    def stage(self, packed: torch.Tensor) -> None:
+        """Copy a packed adapter (page-locked host memory) to the device's staging row, on the copy stream:
+        it crosses PCIe while forwards run, and a later `write(slot, None)` is a device-to-device copy."""
+        if self.staging is None:
+            self.staging = torch.empty(self.slot_numel, dtype=self.dtype, device=self.device)
+        with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext():
+            self.staging.copy_(packed, non_blocking=self.copy_stream is not None)
+
+    def write(self, slot: int, packed: torch.Tensor | None, after: torch.cuda.Event | None = None) -> None:
+        """Copy a packed adapter (None: the staged one) into `slot`. On CUDA the copy runs on the side
+        stream once `after` (the end of the last forward that read the slot) has passed, so it overlaps
+        the forward in flight; the forwards enqueued from now on wait for it."""
+        source = self.staging if packed is None else packed
+        assert source is not None, "nothing staged"
         if self.copy_stream is None:
-            self.buffer[slot].copy_(packed)
+            self.buffer[slot].copy_(source)
             self._unstage(slot)
             return
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(self.copy_stream):  # (after any `stage` copy into `source`: one stream)
             if after is not None:
                 self.copy_stream.wait_event(after)
-            self.buffer[slot].copy_(packed, non_blocking=True)
+            self.buffer[slot].copy_(source, non_blocking=True)
             self._unstage(slot)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
