@@ -1,6 +1,7 @@
-"""Shared fixtures: the default model (converted once, cached) and tiny random models."""
+"""Shared fixtures: the default model (converted once, cached) and tiny random models; the session's Triton mode."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,6 +10,24 @@ import pytest
 import radixlm  # noqa: F401  (first: it takes the repository root off sys.path, see radixlm/__init__.py)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _interpret_triton_without_cuda() -> None:
+    """One Triton mode for the whole session, chosen before anything imports triton: without CUDA, its CPU
+    interpreter. Triton fixes the mode of every @triton.jit function when that function's module is
+    imported, its own `tl.cumsum` among them, and triton is imported incidentally (transformers imports
+    torch._dynamo, which imports it), so a variable a test sets for itself comes too late for whatever was
+    imported before (a kernel calling `tl.cumsum` under the interpreter then failed after another module's
+    tests) and, undone after it, tells later tests a mode the process no longer has."""
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_cuda()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,17 +1,11 @@
-"""Kernel tests: on a machine without CUDA the Triton kernels run in the CPU interpreter.
-
-TRITON_INTERPRET is read when a kernel is launched, so setting it here (before any test runs) is
-enough; it is left alone where CUDA exists, so other suites keep compiled Triton there.
-"""
+"""Kernel tests: on a machine without CUDA the Triton kernels run in the CPU interpreter, which
+tests/conftest.py turns on for the whole session before anything imports triton."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

@@ -1,8 +1,4 @@
-"""A LoRA decode run as a CUDA graph replays it, emulated on a CPU (Triton kernels interpreted).
-
-Its own module: after the other tests of test_lora_model.py in one process, the interpreter ran
-`tl.cumsum` in sgmv_triton._segment unpatched ("Cannot call @triton.jit'd outside of the scope of a
-kernel"); alone, and on CUDA, it runs."""
+"""A LoRA decode run as a CUDA graph replays it, emulated on a CPU (Triton kernels interpreted)."""
 from __future__ import annotations
 
 import pytest
@@ -25,17 +21,7 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
     `kernels`: --lora-kernels (overlap runs shrink then expand here: no side stream on a CPU; fused
     runs the one-launch kernel, the prefill too: 21 rows <= FUSED_MAX_TOKENS; stacked runs the base
     GEMM over the weight with every slot's A under it, then the expand reading each row's slot)."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    import importlib
-
-    from radixlm.runtime.lora import sgmv_fused, sgmv_triton
-
-    if not torch.cuda.is_available() and type(sgmv_triton._segment).__name__ != "InterpretedFunction":
-        importlib.reload(sgmv_triton)  # imported before TRITON_INTERPRET was set: its jit functions compile
-    if not torch.cuda.is_available() and type(sgmv_fused._fused_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(sgmv_fused)  # (it imports sgmv_triton's helpers: reloaded after it)
+    pytest.importorskip("triton")  # interpreted on a CPU: tests/conftest.py sets TRITON_INTERPRET for the session
     from radixlm.runtime.lora import pool
 
     monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too

@@ -10,9 +10,8 @@ from radixlm.runtime.lora.sgmv import LoRASegments, expand_ref, segment_host, sh
 
 
 @pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def needs_triton() -> None:
+    """Interpreted on a CPU: tests/conftest.py sets TRITON_INTERPRET for the session, before triton's import."""
     pytest.importorskip("triton")
 
 

@@ -66,7 +66,7 @@ def test_machine_dependent_values_are_checked_at_start(capsys, monkeypatch, no_m
 
     if not torch.cuda.is_available():
         # A machine with neither CUDA nor the Triton CPU interpreter, which is what accepts triton on a
-        # CPU; tests/kernels/conftest.py sets TRITON_INTERPRET=1 for the whole session where CUDA is absent.
+        # CPU; tests/conftest.py sets TRITON_INTERPRET=1 for the whole session where CUDA is absent.
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         assert "--device" in _serve_error(capsys, "--device", "cuda")
         assert "--attention-backend" in _serve_error(capsys, "--attention-backend", "triton")
