@@ -5,7 +5,6 @@ back to the tokenizer process as ReqOutput deltas.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -15,20 +14,25 @@ from typing import Any
 import torch
 
 from radixlm.runtime.decode_log import DecodeLog
+from radixlm.runtime.decode_schedule import schedule_decode
 from radixlm.runtime.fault_isolation import recover_from_step_error
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, longest_first, may_admit_any, next_swap_in, slot_bound
+from radixlm.runtime.lora.admission import AdapterDemand, WaitingQueue, may_admit_any, slot_bound
 from radixlm.runtime.model_runner import ModelRunner
+from radixlm.runtime.prefill_admission import schedule_prefill
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
+from radixlm.runtime.request_intake import add_request
 from radixlm.runtime.result_processor import ResultProcessor, SeqEvent
 from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
-from radixlm.runtime.schedule_policy import DecodeReserve, InBatchPrefixes, order_waiting
+from radixlm.runtime.schedule_policy import DecodeReserve
+from radixlm.runtime.scheduler_control import control, info
 from radixlm.runtime.server_args import ServerArgs
-from radixlm.runtime.speculative.spec_decoder import Drafts, SpecDecoder, prepare_draft_model
+from radixlm.runtime.speculative.spec_decoder import SpecDecoder, prepare_draft_model
 from radixlm.runtime.speculative.tree_kv import TreeKV
+from radixlm.runtime.step_results import after_prefill, apply_events, launch_prefill
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 # KV is at most MIX_MAX_DECODE_KV_TOKENS tokens in all.
 MIX_ALWAYS_MAX_TOKENS = 256
 MIX_MAX_DECODE_KV_TOKENS = 131072
-# A prefill step of at least this many requests is overlapped (`_launch_prefill`). The host's work
+# A prefill step of at least this many requests is overlapped (`step_results.launch_prefill`). The host's work
 # between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
 # the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
 # left idle ran its prefill steps 3.7% slower (2026-12-04 mid round, workload (e): the H200 holds
@@ -114,45 +118,12 @@ class Scheduler:
     # ---------------------------------------------------------------- messages
     def handle(self, msg: object) -> ControlResp | None:
         if isinstance(msg, TokenizedGenerateReq):
-            self._add_request(msg)
+            add_request(self, msg)
         elif isinstance(msg, AbortReq):
             self.abort(msg.rid, msg.message)
         elif isinstance(msg, ControlReq):
-            return self._control(msg)
+            return control(self, msg)
         return None
-
-    def _add_request(self, msg: TokenizedGenerateReq) -> None:
-        params = msg.params
-        # Never grow past the context: the front process already rejected prompts that don't fit.
-        room = self.runner.context_len - len(msg.input_ids)
-        if params.max_new_tokens > room:
-            params = params.replace(max_new_tokens=max(room, 0), min_new_tokens=min(params.min_new_tokens, max(room, 0)))
-        base_seed = params.seed if params.seed is not None else self.rng.getrandbits(32)
-        seeds = [base_seed] + [base_seed + i if params.seed is not None else self.rng.getrandbits(32)
-                               for i in range(1, params.n)]
-        leader = Req.group_from_wire(dataclasses.replace(msg, params=params), seeds)
-        if leader.lora_name is not None and not self._bind_adapter(leader):
-            return
-        if self.runner.lora is not None:
-            self.adapter_demand.stamp(leader)
-        for seq in (leader, *leader.followers):
-            seq.speculative = self.spec is not None
-        if params.constraint is not None:
-            self._grammar_runtime().submit(leader)
-        self.waiting.append(leader)
-
-    def _bind_adapter(self, leader: Req) -> bool:
-        """Give a request naming a LoRA adapter that adapter's cache key; an adapter unloaded since
-        the front checked it fails the request (400) instead."""
-        lora = self.runner.lora
-        uid = None if lora is None else lora.uid(leader.lora_name)
-        if uid is None:
-            self._finish(leader, FinishReason.abort(f"lora_path: unknown LoRA adapter {leader.lora_name!r}",
-                                                    status_code=400))
-            return False
-        for seq in [leader, *leader.followers]:
-            seq.lora_uid = uid
-        return True
 
     def _grammar_runtime(self) -> Any:
         if self.grammars is None:
@@ -170,42 +141,8 @@ class Scheduler:
                 self.waiting.remove(req)
                 self._finish(req, FinishReason.abort(str(error), status_code=400))
 
-    def _control(self, msg: ControlReq) -> ControlResp:
-        if msg.kind == "flush_cache":
-            if not self.idle:
-                return ControlResp(msg.request_id, False, {"message": "Cache not flushed: requests are running"})
-            self.cache.flush()
-            return ControlResp(msg.request_id, True, {"message": "Cache flushed."})
-        if msg.kind == "get_info":
-            return ControlResp(msg.request_id, True, self.info())
-        if msg.kind in ("load_lora_adapter", "unload_lora_adapter"):
-            from radixlm.runtime.lora.control import handle_lora_control
-
-            return handle_lora_control(self, msg)
-        return ControlResp(msg.request_id, False, {"message": f"unknown control {msg.kind!r}"})
-
     def info(self) -> dict:
-        usage = self.kv_pool.usage()
-        prompt = max(self.stats["prompt_tokens"], 1)
-        return {
-            "max_total_num_tokens": usage.total,
-            "kv_free_tokens": usage.free,
-            "kv_used_tokens": usage.in_use,
-            "kv_cached_tokens": self.cache.cached_size(),
-            "kv_evictable_tokens": self.cache.evictable_size(),
-            "kv_locked_tokens": self.cache.protected_size(),
-            "num_running_reqs": len(self.running) + len(self.partial),
-            "num_waiting_reqs": len(self.waiting),
-            "cache_hit_rate": self.stats["cached_tokens"] / prompt,
-            "radix_cache_enabled": not self.args.disable_radix_cache,
-            "gc_frozen_objects": self.frozen_objects,  # start-up's heap, out of the collector's reach
-            **self.stats,
-            **({"lora": self.runner.lora.info()} if self.runner.lora is not None else {}),
-            **({"cuda_graph_capture_s": dict(self.runner.graph_runner.capture_s)}
-               if self.runner.graph_runner is not None else {}),
-            **(self.spec.info() if self.spec is not None else {}),
-            **(self.grammars.info() if self.grammars is not None else {}),
-        }
+        return info(self)
 
     def abort(self, rid: str, message: str) -> None:
         for queue in (self.waiting, self.running, self.partial):
@@ -294,7 +231,7 @@ class Scheduler:
             # pending step (if any) is a prefill step too (only those let a prefill go first).
             self.stats["overlapped_prefill_steps"] += 1
             previous, self.uncommitted = self.uncommitted, None
-            self.uncommitted = self._launch_prefill(batch, logits)
+            self.uncommitted = launch_prefill(self, batch, logits)
             if previous is not None:
                 self._commit_step(previous, allow_jump=False)
             return True
@@ -309,27 +246,9 @@ class Scheduler:
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
                                                                      logits_needed_after=False))
 
-    def _launch_prefill(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep | None:
-        """A prompts-only extend step, overlapped: its KV goes into the prefix cache now (the next
-        step may reuse it), its completed prompts' first tokens are sampled on the device and those
-        requests run from now on with the token on the device; the host appends it a step later."""
-        self._after_prefill(batch)  # (no followers here: nothing to fork)
-        done = [(req, row) for req, row in zip(batch.reqs, batch.sample_rows) if row is not None and not req.finished]
-        if not done:
-            return None  # chunks of longer prompts only
-        reqs = [req for req, _ in done]
-        rows = [row for _, row in done]
-        for req in reqs:
-            req.input_logprobs_done = True
-        rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        step = UncommittedStep.start(reqs, self.results.sample(reqs, rows_logits, self.grammars,
-                                                               logits_needed_after=False), prefill=True)
-        self.running.extend(reqs)
-        return step
-
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events."""
-        forks = self._after_prefill(batch)
+        forks = after_prefill(self, batch)
         self._apply(self.results.process(batch, logits, forks, self.grammars, len(self.running)))
 
     def _should_mix(self, batch: ScheduledBatch) -> bool:
@@ -367,7 +286,7 @@ class Scheduler:
 
     def _can_schedule_before_commit(self) -> bool:
         """The next step can go ahead before the uncommitted one is committed: nothing to admit or
-        extend (unless the uncommitted step is a prefill step: `_launch_prefill`), and no
+        extend (unless the uncommitted step is a prefill step: `step_results.launch_prefill`), and no
         retraction needed (it would free the slots of a token on the device).
 
         Scheduling a prefill ahead of a decode step's commit was tried (benchmarks/RESULTS.md,
@@ -377,8 +296,8 @@ class Scheduler:
         ~130 requests a chunk: ~20 ms of host time per step that the device otherwise waits for)."""
         if self.jump_due:
             return False  # (a due jump is taken by the commit: its forced tokens need an extend step)
-        after_prefill = self.uncommitted is not None and self.uncommitted.prefill
-        if (self.partial or self._may_admit()) and not after_prefill:
+        after_prefill_step = self.uncommitted is not None and self.uncommitted.prefill
+        if (self.partial or self._may_admit()) and not after_prefill_step:
             return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
@@ -392,100 +311,14 @@ class Scheduler:
             return bool(self.waiting)
         return may_admit_any(self.args.max_loras_per_batch, self.running, self.waiting, self.adapter_demand)
 
-    @staticmethod
-    def _lora_remaining(in_flight: list[Req]) -> dict[str, int]:
-        """Per adapter in flight, the most new tokens one of its requests still has to make."""
-        most: dict[str, int] = {}
-        for r in in_flight:
-            if r.lora_name is not None:
-                most[r.lora_name] = max(most.get(r.lora_name, 0), r.remaining_new_tokens())
-        return most
-
-    def _prefetch_adapter(self) -> None:
-        """Every slot is held: copy the adapter that should take the next free one to the device now
-        (beside the forwards; nothing when it is the one staged already). Asked every step: the pick
-        changes as the queue does (an adapter staged early, many turns ahead, took 11 of 64 swap-ins
-        in a chunked replay of (b); asked each step, 60)."""
-        lora = self.runner.lora
-        name = next_swap_in(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting,
-                            self.adapter_demand, lora.resident())
-        if name is not None:
-            lora.prefetch(name)
-
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []
         return out
 
     # ---------------------------------------------------------------- results
-    def _after_prefill(self, batch: ScheduledBatch) -> dict[Req, list[Req]]:
-        """KV bookkeeping once a synchronous step ran: a prefilled chunk, or a whole prompt, goes into
-        the prefix cache (shareable now, not only once the request finishes); a completed prompt's
-        followers (n > 1) get its KV. Returns the followers that sample from their leader's row;
-        one that finds no room for a copy (cache off) is queued to prefill on its own."""
-        forks: dict[Req, list[Req]] = {}
-        for req, decoding, row in zip(batch.reqs, batch.decoding, batch.sample_rows):
-            if decoding or req.finished:
-                continue
-            if row is None or req.params.max_new_tokens > 0:
-                self.cache.cache_unfinished(req)
-            if row is None or not req.followers or req.params.max_new_tokens == 0:
-                continue
-            forks[req] = [f for f in req.followers if self._fork(req, f)]
-            req.followers = []
-        return forks
-
-    def _fork(self, leader: Req, follower: Req) -> bool:
-        follower.cached_tokens = leader.cached_tokens
-        follower.admitted_once = True  # its prompt was counted with its leader's
-        if follower.grammar is None and leader.grammar is not None:
-            follower.grammar = leader.grammar.copy()
-        follower.req_pool_idx = self.req_to_token_pool.alloc()
-        if follower.req_pool_idx is not None and self.cache.share_prefix(leader, follower):
-            return True
-        if follower.req_pool_idx is not None:
-            self.req_to_token_pool.free(follower.req_pool_idx)
-            follower.req_pool_idx = None
-        self.waiting.insert(0, follower)
-        return False
-
     def _apply(self, events: list[SeqEvent]) -> None:
-        """Move each request where its step left it: finished (KV released, final output), forced
-        tokens to extend (partial), decoding (running); stream what a client may see."""
-        self.record_generated(sum(e.sampled for e in events))
-        self.jump_due = False  # only the latest results say whether a jump waits for a commit
-        for ev in events:
-            req = ev.req
-            if ev.drafted:
-                assert self.spec is not None
-                if self.tree_kv.holds(req):
-                    depth = self.tree_kv.depth(req)
-                    self.tree_kv.keep(req, ev.kept)
-                    self.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled, depth)
-                else:
-                    self._drop_unverified(req, ev.unverified)
-                    self.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled)
-            if ev.was_running and (ev.finished is not None or ev.jumped):
-                self.running.remove(req)
-            if ev.finished is not None:
-                self._finish(req, ev.finished)
-                continue
-            if ev.jump_due:
-                self.jump_due = True
-            if ev.jumped:
-                self.partial.append(req)  # its forced tokens need an extend step
-            elif not ev.was_running:
-                self.running.append(req)
-            if req.stream and len(req.output_ids) - req.sent_output_len >= self.args.stream_interval:
-                self.outputs.append(req.take_output())
-
-    def _drop_unverified(self, req: Req, n: int) -> None:
-        """A verify step's rejected drafts: their KV slots go back to the pool at once (never to
-        the prefix cache, which only ever sees verified tokens)."""
-        if n <= 0:
-            return
-        assert req.req_pool_idx is not None and req.kv_len - n >= req.cache_protected_len
-        self.kv_pool.free(self.req_to_token_pool.slots(req.req_pool_idx, req.kv_len - n, req.kv_len))
-        req.kv_len -= n
+        """`step_results.apply_events` (a method: tests and benchmarks wrap it per scheduler)."""
+        apply_events(self, events)
 
     # ---------------------------------------------------------------- prefill
     def _free_tokens(self) -> int:
@@ -498,77 +331,8 @@ class Scheduler:
         return self.kv_pool.alloc(n)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        if not self.partial and not self.waiting:
-            return None  # the usual decode step: skip the reserve estimate, a pass over every running row
-        if self.runner.lora is not None and self.waiting:
-            self._prefetch_adapter()
-        budget = min(self.max_prefill_tokens, self.chunk_size)
-        if self.running and self._lora_slot_bound():
-            budget = min(budget, self.args.lora_prefill_chunk)
-        free = self._free_tokens() - self.reserve.reserve_for(self.running)
-        batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
-        self.step_batches.append(batch)
-        for req in list(self.partial):
-            ext = min(req.fill_len - req.kv_len, budget)
-            slots = self._alloc_slots(ext) if ext > 0 else None
-            if slots is None:
-                continue
-            self._add(batch, req, slots)
-            budget -= ext
-            free -= ext
-            if req.kv_len == req.fill_len:
-                self.partial.remove(req)
-        if budget <= 0 or (self.runner.lora is not None and not self._may_admit()):
-            # (with many adapters most steps: every waiting request needs a slot that is taken,
-            # and building the slot budget over the whole queue each step cost ~1 ms of host time)
-            return batch if batch.reqs else None
-        candidates = [r for r in self.waiting if not r.grammar_pending]
-        if not candidates:
-            return batch if batch.reqs else None
-        adapters = None if self.runner.lora is None else SlotBudget(
-            self.args.max_loras_per_batch, [*self.running, *self.partial, *batch.reqs], candidates,
-            self.adapter_demand, self.runner.lora.resident())
-        if adapters is not None:  # only requests whose adapter fits this batch's device slots
-            candidates = [r for r in candidates if adapters.admits(r)]
-            if not candidates:
-                return batch if batch.reqs else None
-        ordered = order_waiting(candidates, self.args.schedule_policy, self._peek_prefix_len)
-        if adapters is not None and adapters.bound:
-            ordered = longest_first(ordered, self._lora_remaining([*self.running, *self.partial, *batch.reqs]))
-        in_batch = None if self.args.disable_radix_cache else InBatchPrefixes()
-        for req in ordered:
-            # Check: room for the request's rows, its token budget, its KV slots.
-            seqs = 1 + len(req.followers)
-            if len(self.running) + len(self.partial) + len(batch.reqs) + seqs > self.max_running or budget <= 0:
-                break
-            if self.req_to_token_pool.available() < seqs:
-                break
-            prefix = self.cache.match(req)
-            if in_batch is not None and in_batch.should_defer(req, len(prefix)):
-                self.cache.unlock(req)  # next step its prefix is cached by a request admitted now
-                continue
-            ext = min(req.fill_len - len(prefix), budget)
-            need = ext + int(min(req.remaining_new_tokens(), 4096) * self.reserve.ratio)
-            need += len(req.followers) * req.fill_len
-            slots = None if need > free and (batch.reqs or self.running) else self._alloc_slots(ext)
-            if slots is None:
-                self.cache.unlock(req)
-                break
-            # Commit: the step owns the new slots (fault isolation frees them), then the request
-            # takes its row, its cached prefix and those slots.
-            batch.add(req, slots, prefix_len=len(prefix))
-            self._admit(req, prefix, ext)
-            if adapters is not None:
-                adapters.add(req)
-            self.waiting.remove(req)
-            if in_batch is not None:
-                in_batch.add(req)
-            budget -= ext
-            free -= need
-            if req.kv_len < req.fill_len:
-                self.partial.append(req)
-                break
-        return batch if batch.reqs else None
+        """`prefill_admission.schedule_prefill` (a method: tests and benchmarks wrap it)."""
+        return schedule_prefill(self)
 
     def _admit(self, req: Req, prefix: torch.Tensor, ext: int) -> None:
         req.req_pool_idx = self.req_to_token_pool.alloc()
@@ -593,70 +357,8 @@ class Scheduler:
 
     # ---------------------------------------------------------------- decode
     def _schedule_decode(self, mixed: bool = False) -> ScheduledBatch | None:
-        if not self.running:
-            return None
-        while self.kv_pool.available() + self.cache.evictable_size() < len(self.running):
-            if len(self.running) == 1:
-                break
-            self._retract_one()
-        batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
-        self.step_batches.append(batch)
-        # A request whose last token is on the device finishes when that is committed: nothing to run.
-        todo = [r for r in self.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device]
-        drafts = self._drafts(todo, mixed)
-        slots = self._alloc_slots(len(todo) + drafts.total)
-        if slots is not None:  # the common case: one allocation for the whole batch
-            parents = drafts.parents or [None] * len(todo)
-            lanes = self.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
-            batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes)
-            for req, ext in zip(todo, batch.extend_lens):
-                req.kv_len += ext
-            self.reserve.on_decode_step()
-            return batch if todo else None
-        for req in todo:
-            slot = self._alloc_slots(1)
-            if slot is not None:
-                self._add(batch, req, slot, decoding=True)
-                continue
-            self.running.remove(req)
-            if self.running or batch.reqs:
-                self._retract(req)  # still short: retry once others finish
-            else:
-                self._finish(req, FinishReason.abort("KV cache is too small for this request; "
-                                                     "raise --max-total-tokens or lower max_new_tokens"))
-        self.reserve.on_decode_step()
-        return batch if batch.reqs else None
-
-    def _drafts(self, todo: list[Req], mixed: bool = False) -> Drafts:
-        """Speculative decoding: the tokens each request verifies this step, if free slots hold them
-        beyond one token per request (drafts never evict cached prefixes nor cause a retraction).
-        Trees need a free request row per extra lane in a decode step (those that find none verify
-        their first chain); in a mixed batch their verify rows are extend rows with a tree mask (no lanes)."""
-        none = Drafts([[] for _ in todo], [None] * len(todo))
-        if self.spec is None or not todo:
-            return none
-        drafts = self.spec.propose(todo, self.grammars)
-        if drafts.parents and not mixed:
-            drafts = drafts.within_lanes(self.req_to_token_pool.available())
-        if drafts.total and self.kv_pool.available() < len(todo) + drafts.total:
-            return none
-        return drafts
-
-    def _retract_one(self) -> None:
-        victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
-        self.running.remove(victim)
-        self._retract(victim)
-
-    def _retract(self, req: Req) -> None:
-        """Preempt: give the KV back (to the prefix cache, so recompute is cheap) and requeue."""
-        self._release_kv(req)
-        if self.spec is not None:
-            self.spec.forget(req)
-        req.num_retractions += 1
-        self.stats["retractions"] += 1
-        self.reserve.on_retract()
-        self.waiting.insert(0, req)
-        logger.info("retracted request %s after %d tokens (KV pool exhausted)", req.rid, len(req.output_ids))
+        """`decode_schedule.schedule_decode` (a method: tests and benchmarks wrap it)."""
+        return schedule_decode(self, mixed)
 
     # ---------------------------------------------------------------- finishing
     def _release_kv(self, req: Req) -> None:

@@ -160,10 +160,10 @@ def test_message_that_fails_to_admit_fails_alone(model_dir, monkeypatch):
     sched = make_scheduler(model_dir)
     msg = greedy_req("g", prompt(8), 4)
 
-    def broken(msg):
+    def broken(sched, msg):
         raise Boom("injected fault while admitting")
 
-    monkeypatch.setattr(sched, "_add_request", broken)
+    monkeypatch.setattr("radixlm.runtime.scheduler.add_request", broken)  # what Scheduler.handle calls
     with pytest.raises(Boom) as info:
         sched.handle(msg)
     assert reject_message(sched, msg, info.value) is None

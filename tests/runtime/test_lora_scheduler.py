@@ -325,16 +325,16 @@ def test_slot_bound_prefill_goes_in_small_chunks_carrying_the_decode_rows(setup)
 def test_steps_that_can_admit_nothing_skip_the_slot_budget(setup, monkeypatch) -> None:
     """With every slot held and only other adapters waiting, a step builds no SlotBudget (a pass
     over the whole queue, ~1 ms of host time a step with 1,000 requests); outputs are unchanged."""
-    from radixlm.runtime import scheduler as scheduler_module
+    from radixlm.runtime import prefill_admission
 
     built = []
-    real = scheduler_module.SlotBudget
+    real = prefill_admission.SlotBudget
 
     def counting(*args, **kwargs):
         built.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scheduler_module, "SlotBudget", counting)
+    monkeypatch.setattr(prefill_admission, "SlotBudget", counting)
     model_dir, adapters = setup
     sched = _sched(model_dir, adapters, max_loras_per_batch=1)
     reqs = [_req(f"k{i}", PROMPT[i:i + 10], f"a{i % 3}", max_new=12) for i in range(3)]
