@@ -25,6 +25,7 @@ class UncommittedStep:
     host_ids: torch.Tensor  # [B] host copy, valid once `event` completes
     event: torch.cuda.Event | None
     prefill: bool = False
+    _ids: list[int] | None = field(default=None, repr=False)  # host_ids as a list, once read
 
     @classmethod
     def start(cls, reqs: list[Req], next_ids: torch.Tensor, prefill: bool = False) -> "UncommittedStep":
@@ -39,22 +40,26 @@ class UncommittedStep:
             return cls(reqs, next_ids, host, event, prefill)
         return cls(reqs, next_ids, next_ids, None, prefill)
 
+    def _host_tokens(self) -> list[int]:
+        """The host copy as a list, read once (the first call waits for it)."""
+        if self._ids is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._ids = self.host_ids.tolist()
+        return self._ids
+
     def peek_tokens(self) -> tuple[list[Req], list[int]]:
         """`take_tokens` without taking them: the requests still count these tokens as on the device
         (a sampling launched meanwhile numbers its draws as if they were appended)."""
-        if self.event is not None:
-            self.event.synchronize()
-        ids = self.host_ids.tolist()
+        ids = self._host_tokens()
         live = [i for i, req in enumerate(self.reqs) if not req.finished]
         return [self.reqs[i] for i in live], [ids[i] for i in live]
 
     def take_tokens(self) -> tuple[list[Req], list[int]]:
         """Wait for the host copy; the requests still live and their tokens (one finished meanwhile
         was computed past its end: its token is dropped)."""
-        if self.event is not None:
-            self.event.synchronize()
         live_reqs, live_ids = [], []
-        for req, tok in zip(self.reqs, self.host_ids.tolist()):
+        for req, tok in zip(self.reqs, self._host_tokens()):
             req.tokens_on_device -= 1
             if not req.finished:
                 live_reqs.append(req)
