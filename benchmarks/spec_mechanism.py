@@ -77,16 +77,27 @@ class ReplayDrafter(NgramDrafter):
         n = len(output)
         return self.reference.get(tuple(prompt), [])[n : n + max_tokens] if max_tokens > 0 else []
 
+    def propose_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
+                      ) -> list[int]:
+        """(a verify step built ahead: spec off's tokens after the drafts, the bonus first)"""
+        n = len(output) + len(drafts)
+        return self.reference.get(tuple(prompt), [])[n : n + max_tokens] if max_tokens > 1 else []
+
 
 def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, topk: int | None,
-                  replay: bool = False, depth: int | None = None) -> dict:
+                  replay: bool = False, depth: int | None = None, ahead_ab: bool = False) -> dict:
     """Where a decode step's time goes, spec off (overlapped) and on with every step drafting (the
     payoff off): per decode step, wall ms of the step and of its host parts (drafting, batch build,
-    the forward's launch + device sync, result processing). The forward is timed to a device sync.
-    `replay`: the drafts are spec off's own tokens (ReplayDrafter: the mechanism at full acceptance)."""
-    out, kept = {}, sched.spec
+    the forward's launch + device sync, result processing). The forward is timed to a device sync,
+    except with verify steps launched ahead (`sched.spec_ahead`: a sync would undo their overlap; the
+    launch only). `replay`: the drafts are spec off's own tokens (ReplayDrafter: the mechanism at full
+    acceptance). `ahead_ab`: also spec on without verify steps launched ahead ("on_noahead")."""
+    out, kept, kept_ahead = {}, sched.spec, sched.spec_ahead
     reference: dict[tuple[int, ...], list[int]] = {tuple(p): [] for p in prompts}
-    for on in (False, True):
+    for arm in ("off", "on", "on_noahead") if ahead_ab else ("off", "on"):
+        on = arm != "off"
+        sched.spec_ahead = kept_ahead and arm == "on"
+        ahead_before = sched.stats["ahead_steps"]
         spec = fresh_spec(sched, topk) if on else None
         if spec is not None:
             spec.payoff = None
@@ -104,7 +115,7 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
             def timed(*a: Any, **k: Any) -> Any:
                 t = time.perf_counter()
                 r = f(*a, **k)
-                if label == "forward" and on:  # (spec off: the launch only, not to break the overlap)
+                if label == "forward" and on and not sched.spec_ahead:  # (else the launch only: the overlap kept)
                     sync(sched.device)
                 acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
                 return r
@@ -140,12 +151,15 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
                 setattr(obj, name, f)
             else:
                 delattr(obj, name)  # the instance attribute goes, the method shows again
-        out["on" if on else "off"] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
-                                      **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
+        out[arm] = {"decode_steps": n, "step_ms": round((time.perf_counter() - t) / n * 1e3, 3),
+                    **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in acc.items()}}
         if spec is not None:
-            out["on"].update(verify_steps=spec.verify_steps, draft_tokens=spec.draft_tokens,
-                             tokens_per_verify=round(spec.verify_tokens / max(spec.verify_steps, 1), 2))
-    sched.spec = kept
+            out[arm].update(verify_steps=spec.verify_steps, draft_tokens=spec.draft_tokens,
+                            tokens_per_verify=round(spec.verify_tokens / max(spec.verify_steps, 1), 2),
+                            ahead_steps=sched.stats["ahead_steps"] - ahead_before)
+    sched.spec, sched.spec_ahead = kept, kept_ahead
+    if ahead_ab:
+        out["plain_over_drafting_noahead"] = round(out["off"]["step_ms"] / out["on_noahead"]["step_ms"], 3)
     # the mechanism's share kept: a plain step's time over a drafting one's (>= 0.8 meets issue 18's
     # batch-1 goal at any acceptance: speed-up = tokens per verify step x this)
     out["plain_over_drafting"] = round(out["off"]["step_ms"] / out["on"]["step_ms"], 3)

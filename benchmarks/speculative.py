@@ -213,18 +213,27 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
 
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
             repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
-            replay: bool = False) -> dict:
+            replay: bool = False, ahead_ab: bool = False) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
-    runs' tokens per request, {False: off, True: on}."""
-    best: dict[bool, float] = {False: float("inf"), True: float("inf")}
-    runs: dict[bool, list[float]] = {False: [], True: []}  # every run's time: the first spec-on run explores
-    outs: dict[bool, dict[str, list[int]]] = {}
+    runs' tokens per request, {False: off, True: on}. `ahead_ab`: a third arm, spec on with verify
+    steps launched only after the previous one's results (--disable-speculative-ahead; its own
+    SpecDecoder), reported as `*_noahead`."""
+    kept_ahead = sched.spec_ahead
+    best: dict = {False: float("inf"), True: float("inf")}
+    runs: dict = {False: [], True: []}  # every run's time: the first spec-on run explores
+    outs: dict = {}
+    if ahead_ab:
+        best["noahead"], runs["noahead"] = float("inf"), []
+        spec_noahead = fresh_spec(sched, topk)
+    ahead_before = sched.stats["ahead_steps"]
     spec = fresh_spec(sched, topk)
     reference: dict[tuple[int, ...], list[int]] = {}
     if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
         spec.drafter = ReplayDrafter(reference)
+        if ahead_ab:
+            spec_noahead.drafter = ReplayDrafter(reference)
     host: dict[str, float] = {}  # the spec-on runs' host seconds in the SpecDecoder's per-step calls
 
     def timed(name: str) -> None:
@@ -252,9 +261,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             collected[arm[0]][3] += time.perf_counter() - gc_start[0]
     gc.callbacks.append(on_gc)
     for _ in range(repeats):
-        for on in (False, True):
-            sched.spec = spec if on else None
-            arm[0] = on
+        for on in (False, True, "noahead") if ahead_ab else (False, True):
+            sched.spec = spec if on is True else spec_noahead if on == "noahead" else None
+            sched.spec_ahead = kept_ahead and on is True
+            arm[0] = on is True
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             total, merged = 0.0, {}
@@ -265,7 +275,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 dt, o = run(sched, reqs, clock)
                 total += dt
                 merged.update(o)
-            on_steps += (sched.stats["decode_steps"] - steps_before) if on else 0
+            on_steps += (sched.stats["decode_steps"] - steps_before) if on is True else 0
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
@@ -275,13 +285,27 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for name in spec_calls:
         delattr(spec, name)
     gc.callbacks.remove(on_gc)  # the instance attribute goes, the method shows again
-    sched.spec = spec
+    sched.spec, sched.spec_ahead = spec, kept_ahead
     if outputs is not None:
         outputs.update(outs)
     info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
     accept = info["avg_spec_accept_length"] or 1.0
+    noahead = {}
+    if ahead_ab:
+        info_b = spec_noahead.info()
+        accept_b = info_b["avg_spec_accept_length"] or 1.0
+        noahead = {"tok_s_on_noahead": round(tokens / best["noahead"], 2),
+                   "speedup_noahead": round(best[False] / best["noahead"], 3),
+                   "speedup_runs_noahead": [round(best[False] / t, 3) for t in runs["noahead"]],
+                   "avg_accept_length_noahead": round(accept_b, 3),
+                   "speedup_per_accept_noahead": round(best[False] / best["noahead"] / accept_b, 3),
+                   "identical_noahead": outs[False] == outs["noahead"],
+                   "payoff_noahead": spec_noahead.payoff.info() if spec_noahead.payoff is not None else None}
     return {
+        **noahead,
+        # verify steps launched ahead (all spec-on runs), against all verify steps of those runs
+        "ahead_steps": sched.stats["ahead_steps"] - ahead_before,
         "batch": batch, "requests": len(prompts), "tokens": tokens, "topk": spec.topk, "tree_nodes": spec.tree_nodes,
         "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
         "speedup": round(best[False] / best[True], 3),
@@ -446,7 +470,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
-                                           topk=topk, replay=kind == "replay")}
+                                           topk=topk, replay=kind == "replay", ahead_ab=args.ahead_ab)}
         # the divergence audit: every cell ("all"), or batch 1 (cheap: lanes' drift next to lane 0's) and
         # cells whose outputs differ ("divergence")
         if args.audit == "all" or (args.audit == "divergence" and (batch == 1 or not cell["identical"])):
@@ -464,7 +488,13 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
         print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
-              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}", flush=True)
+              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']}",
+              flush=True)
+        if args.ahead_ab:
+            print(f"    without verify steps launched ahead: on {cell['tok_s_on_noahead']:8.1f} tok/s  "
+                  f"x{cell['speedup_noahead']:.3f} (runs {cell['speedup_runs_noahead']})  accept "
+                  f"{cell['avg_accept_length_noahead']:.2f}  x/accept {cell['speedup_per_accept_noahead']:.2f}  "
+                  f"identical {cell['identical_noahead']}; payoff {payoff_line(cell['payoff_noahead'], None)}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
@@ -482,7 +512,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         for batch, topk, which, depth in runs:
             prompts = prompt_sets.get((batch, which)) or prompt_sets[batch, kind]
             prof = {"prompts": which, "batch": batch, "topk": topk, "depth": depth,
-                    **step_sections(sched, prompts, args.new_tokens, topk, replay=which == "replay", depth=depth)}
+                    **step_sections(sched, prompts, args.new_tokens, topk, replay=which == "replay", depth=depth,
+                                    ahead_ab=args.ahead_ab)}
             report["step_sections"].append(prof)
             on = prof["on"]
             print(f"[{time.perf_counter() - started:5.0f} s] step {which} batch {batch} topk {topk} k {depth or 'max'}: "
@@ -490,8 +521,13 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                   f"{on['step_ms']} ms: draft {on.get('draft_ms')}, schedule {on.get('schedule_ms')}, build "
                   f"{on.get('build_ms')}, forward+sync {on.get('forward_ms')}, results {on.get('results_ms')}, apply "
                   f"{on.get('apply_ms')}, commit {on.get('commit_ms')}, cascade plan {on.get('cascade_plan_ms')}, slot "
-                  f"writes {on.get('slot_writes_ms')}; {on['tokens_per_verify']} tok/verify)",
-                  flush=True)
+                  f"writes {on.get('slot_writes_ms')}; {on['tokens_per_verify']} tok/verify; {on['ahead_steps']} of "
+                  f"{on['verify_steps']} verify steps launched ahead)", flush=True)
+            if "on_noahead" in prof:
+                b = prof["on_noahead"]
+                print(f"    without verify steps launched ahead: plain/drafting step {prof['plain_over_drafting_noahead']:.3f} "
+                      f"(on {b['step_ms']} ms: build {b.get('build_ms')}, forward+sync {b.get('forward_ms')}, results "
+                      f"{b.get('results_ms')}; {b['tokens_per_verify']} tok/verify)", flush=True)
     b1 = {c["k"]: c["vs_decode"] for c in costs if c["batch"] == 1}
     if args.algorithm == "EAGLE3":  # a step costs the verify forward plus the head's passes
         decode_ms = next(c["ms"] for c in costs if c["batch"] == 1 and c["k"] == 0)
@@ -535,6 +571,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64", help="gpu mode: end-to-end batch sizes, comma-separated")
     ap.add_argument("--layers", type=int, default=None, help="gpu mode: decoder layers of the 8B shape (default 32)")
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
+    ap.add_argument("--ahead-ab", action="store_true", help="gpu mode: e2e cells and profile runs also run spec on "
+                    "with verify steps launched only after the previous one's results (--disable-speculative-ahead), "
+                    "in the same process")
     args = ap.parse_args()
     args.topk = [int(k) for k in args.topk.split(",")]
     args.prompt_sets = args.prompt_sets.split(",")

@@ -101,6 +101,9 @@ def reject_message(sched: "Scheduler", msg: object, exc: Exception) -> object | 
 
 def _fail_touched(sched: "Scheduler", reason: str) -> list[str]:
     batches = [b for b in sched.step_batches if b.reqs]
+    ahead, sched.ahead = sched.ahead, None  # a verify step launched ahead: its rows were touched too
+    if ahead is not None:
+        batches.append(ahead.batch)
     sched.step_batches = []
     # Slots of the positions each batch added, per request (the host mirror may not hold them yet).
     new_slots: dict[int, tuple[int, torch.Tensor]] = {}
@@ -158,7 +161,9 @@ def _free_unchecked(sched: "Scheduler", req: Req, added: tuple[int, torch.Tensor
     else:
         prefix, slots = added  # positions [prefix, prefix + len(slots)) were allocated this step
         before = host[lo:min(prefix, hi)].to(torch.int64) if lo < prefix else torch.empty(0, dtype=torch.int64)
-        own = torch.cat([before, slots[max(lo - prefix, 0):max(hi - prefix, 0)]])
+        # (positions past them: a verify step built ahead of this one, recorded when it was built)
+        after = host[max(prefix + len(slots), lo):hi].to(torch.int64)
+        own = torch.cat([before, slots[max(lo - prefix, 0):max(hi - prefix, 0)], after])
     sched.kv_pool.free(own)
     sched.cache.unlock(req)
     sched.req_to_token_pool.free(req.req_pool_idx)

@@ -67,9 +67,10 @@ class ResultProcessor:
 
     # ---------------------------------------------------------------- results
     def process(self, batch: ScheduledBatch, logits: torch.Tensor, forks: dict[Req, list[Req]],
-                grammars: GrammarRuntime | None, num_running: int) -> list[SeqEvent]:
+                grammars: GrammarRuntime | None, num_running: int, targets: list[int] | None = None) -> list[SeqEvent]:
         """A synchronous step: input logprobs, then sample every row that completed. `forks`: the
-        followers (n > 1) that sample from their leader's prompt row, KV already shared."""
+        followers (n > 1) that sample from their leader's prompt row, KV already shared. `targets`:
+        the verify rows' target tokens, drawn already (`verify_targets`, a batch of verify rows only)."""
         events: list[SeqEvent] = []
         to_sample: list[tuple[Req, int, bool]] = []
         to_verify: list[int] = []
@@ -104,13 +105,32 @@ class ResultProcessor:
             events += self._append(reqs, next_ids.tolist(), lp_map, [d for _, _, d in to_sample], grammars,
                                    num_running, allow_jump=True)
         if to_verify:
-            events += self._verify(batch, to_verify, logits, grammars, num_running)
+            events += self._verify(batch, to_verify, logits, grammars, num_running, targets)
         return events
 
+    def verify_targets(self, batch: ScheduledBatch, logits: torch.Tensor) -> torch.Tensor:
+        """The target's token at every verify position of a batch whose rows all verify drafts
+        (unconstrained), on the device: drawn before the next step runs, which may reuse the buffers
+        the logits came from (speculative/verify_ahead.py)."""
+        indices = list(range(len(batch.reqs)))
+        rows = [r for i in indices for r in batch.verify_rows[i]]
+        rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        return self._verify_targets(batch, indices, rows_logits, None)
+
+    def _verify_targets(self, batch: ScheduledBatch, indices: list[int], rows_logits: torch.Tensor,
+                        bitmask: torch.Tensor | None) -> torch.Tensor:
+        reqs = [batch.reqs[i] for i in indices]
+        if bitmask is None and all(r.params.is_greedy and not r.params.needs_output_history
+                                   and len(r.output_ids) >= r.params.min_new_tokens for r in reqs):
+            return greedy_argmax(rows_logits)  # what sample_rows draws for such rows, without them
+        trees = [batch.draft_tree(i) for i in indices]
+        return self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask)
+
     def _verify(self, batch: ScheduledBatch, indices: list[int], logits: torch.Tensor,
-                grammars: GrammarRuntime | None, num_running: int) -> list[SeqEvent]:
-        """Verify rows (speculative/verify.py): draw the target's token at every position, keep the
-        drafts that match plus the token after them, appended one by one with every finish check."""
+                grammars: GrammarRuntime | None, num_running: int, drawn: list[int] | None = None) -> list[SeqEvent]:
+        """Verify rows (speculative/verify.py): draw the target's token at every position (unless
+        `drawn`), keep the drafts that match plus the token after them, appended one by one with
+        every finish check."""
         reqs = [batch.reqs[i] for i in indices]
         trees = [batch.draft_tree(i) for i in indices]
         rows = [r for i in indices for r in batch.verify_rows[i]]
@@ -121,11 +141,7 @@ class ResultProcessor:
             bitmask = torch.cat([batch.draft_masks[i] if batch.draft_masks[i] is not None
                                  else torch.full((len(batch.drafts[i]) + 1, width), -1, dtype=torch.int32)
                                  for i in indices])
-        if bitmask is None and all(r.params.is_greedy and not r.params.needs_output_history
-                                   and len(r.output_ids) >= r.params.min_new_tokens for r in reqs):
-            targets = greedy_argmax(rows_logits).tolist()  # what sample_rows draws for such rows, without them
-        else:
-            targets = self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask).tolist()
+        targets = drawn if drawn is not None else self._verify_targets(batch, indices, rows_logits, bitmask).tolist()
         want_lp = any(r.return_logprob for r in reqs)
         events = []
         start = 0

@@ -92,6 +92,9 @@ class ScheduledBatch:
     # node, and the scratch request rows of its lanes after the first (decode batches only).
     draft_parents: list[list[int] | None] = field(default_factory=list)
     draft_lanes: list[list[int]] = field(default_factory=list)
+    # A verify batch built ahead of the previous step's results (speculative/verify_ahead.py): per
+    # request the token its row starts with, not yet on the host (the previous step's bonus, guessed).
+    ahead_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         # A batch built with its requests (not through add / set_decode_rows) has no drafts: every
@@ -197,9 +200,13 @@ class ScheduledBatch:
                 token_rows_cpu.extend(lay.rows)
                 lane_copies.extend(lay.lane_copies)
                 tree_masks.append(lay.mask)
-            if drafts:  # a verify row: its last token, then the drafts; logits at every position
+            if drafts and self.ahead_tokens is not None:  # built ahead: its first token is not appended yet
+                input_ids.append(self.ahead_tokens[i])
+                input_ids.extend(drafts)
+            elif drafts:  # a verify row: its last token, then the drafts; logits at every position
                 assert not req.tokens_on_device and prefix + 1 == req.fill_len
                 input_ids.extend(req.fill_slice(prefix, prefix + 1) + drafts)
+            if drafts:
                 self.verify_rows.append(list(range(len(logits_indices), len(logits_indices) + ext)))
                 logits_indices.extend(range(offset, offset + ext))
                 self.logprob_rows.append([])

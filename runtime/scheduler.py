@@ -30,6 +30,7 @@ from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
 from radixlm.runtime.schedule_policy import DecodeReserve
 from radixlm.runtime.scheduler_control import control, info
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.speculative import verify_ahead
 from radixlm.runtime.speculative.spec_decoder import SpecDecoder, prepare_draft_model
 from radixlm.runtime.speculative.tree_kv import TreeKV
 from radixlm.runtime.step_results import after_prefill, apply_events, launch_prefill
@@ -95,6 +96,9 @@ class Scheduler:
                                 and self.runner.lora is None)
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
+        # NGRAM chains: a verify step launched before the previous one's results (speculative/verify_ahead.py).
+        self.spec_ahead = self.overlap and not args.disable_speculative_ahead
+        self.ahead: verify_ahead.AheadStep | None = None
         # The last overlapped commit found a grammar-forced run worth a jump: commit before the next step.
         self.jump_due = False
         # What the current step has touched, for fault isolation (fault_isolation.py): the batches
@@ -107,7 +111,9 @@ class Scheduler:
                       # the decode steps committed a step later (overlapped with the next step's forward)
                       "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0,
                       # prefill steps whose first tokens were committed a step later
-                      "overlapped_prefill_steps": 0}
+                      "overlapped_prefill_steps": 0,
+                      # verify steps launched before the previous verify step's results were processed
+                      "ahead_steps": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -117,6 +123,8 @@ class Scheduler:
 
     # ---------------------------------------------------------------- messages
     def handle(self, msg: object) -> ControlResp | None:
+        if isinstance(msg, ControlReq):
+            self.settle()  # a verify step in flight holds KV of tokens not yet appended
         if isinstance(msg, TokenizedGenerateReq):
             add_request(self, msg)
         elif isinstance(msg, AbortReq):
@@ -145,6 +153,7 @@ class Scheduler:
         return info(self)
 
     def abort(self, rid: str, message: str) -> None:
+        self.settle()  # a verify step in flight holds KV of tokens not yet appended: its results first
         for queue in (self.waiting, self.running, self.partial):
             for req in [r for r in queue if rid in (r.rid, r.group_rid)]:
                 queue.remove(req)
@@ -154,7 +163,13 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.running or self.partial or self.uncommitted)
+        return not (self.waiting or self.running or self.partial or self.uncommitted or self.ahead)
+
+    def settle(self) -> None:
+        """Process the results of a verify step launched ahead, if one is in flight (and launch nothing)."""
+        if self.ahead is not None:
+            ahead, self.ahead = self.ahead, None
+            self.process_results(ahead.batch, ahead.logits)
 
     # ---------------------------------------------------------------- main step
     def step(self) -> bool:
@@ -178,6 +193,13 @@ class Scheduler:
         self._poll_grammars()
         if self.spec is not None:
             self.spec.begin_step(self.spec.clock(), self.stats["generated_tokens"], len(self.running))
+        if self.ahead is not None:  # a verify step in flight: its results, and the next one launched ahead
+            ahead, self.ahead = self.ahead, None
+            self.step_batches.append(ahead.batch)
+            if self.spec is not None:
+                self.spec.scheduled(True, True)
+            self.ahead = verify_ahead.run(self, ahead.batch, ahead.logits)
+            return True
         if self.uncommitted is not None and not self._can_schedule_before_commit():
             self._commit_step()
         batch = self._schedule_prefill()
@@ -238,6 +260,9 @@ class Scheduler:
         # This batch already consumes the pending step's tokens: they are committed without a jump
         # (one would rewrite them); this step's own results may jump, all its tokens being on the host.
         self._commit_step(allow_jump=False)
+        if verify_ahead.eligible(self, batch):
+            self.ahead = verify_ahead.run(self, batch, logits)
+            return True
         self.process_results(batch, logits)
         return True
 
@@ -246,10 +271,11 @@ class Scheduler:
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
                                                                      logits_needed_after=False))
 
-    def process_results(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
-        """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events."""
+    def process_results(self, batch: ScheduledBatch, logits: torch.Tensor, targets: list[int] | None = None) -> None:
+        """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events.
+        `targets`: a verify batch's target tokens, drawn already (speculative/verify_ahead.py)."""
         forks = after_prefill(self, batch)
-        self._apply(self.results.process(batch, logits, forks, self.grammars, len(self.running)))
+        self._apply(self.results.process(batch, logits, forks, self.grammars, len(self.running), targets))
 
     def _should_mix(self, batch: ScheduledBatch) -> bool:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced

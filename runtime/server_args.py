@@ -195,6 +195,10 @@ class ServerArgs:
         "(runtime/speculative/draft_payoff.py), so drafting turns itself off where it does not pay; off: every "
         "decode step may draft up to --speculative-num-steps (the per-request draft budget alone decides)",
         str, choices=("on", "off"))
+    disable_speculative_ahead: bool = _flag(
+        False, "speculative", "NGRAM chains: launch each verify step only once the previous one's results are "
+        "processed (default: with the overlap schedule, the next verify step is built while the previous one "
+        "runs, guessing that all its drafts are accepted, and launched at once where the guess holds)", bool)
     # ---------------------------------------------------------------- parallelism
     tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
                          aliases=("--tensor-parallel-size",))

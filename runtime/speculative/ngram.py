@@ -123,6 +123,26 @@ class NgramIndex:
                 return self.continuation(start, max_tokens), n
         return [], 0
 
+    def lookup_after(self, extra: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """`lookup` as if `extra` were appended to the indexed tokens, without indexing them (a guess
+        at tokens not yet verified: the index stays as the verified text left it). Matches are found
+        among the indexed n-grams; the continuation reads the tokens and then `extra`, a loop going
+        on with its period as `continuation` does."""
+        toks, m = self.tokens, len(extra)
+        total = len(toks) + m
+        for n in NGRAM_LENGTHS:
+            if total <= n:
+                continue
+            key = tuple(extra[m - n:]) if n <= m else tuple(toks[len(toks) - (n - m):]) + tuple(extra)
+            start = self.follow.get(key)
+            if start is None:
+                continue
+            period = total - start
+            cont = [toks[i] if i < len(toks) else extra[i - len(toks)]
+                    for i in (start + j % period for j in range(max_tokens))]
+            return cont, n
+        return [], 0
+
     def candidates(self, max_tokens: int) -> list[tuple[list[int], int]]:
         """Every distinct continuation (up to max_tokens) of the suffixes that occurred before, with its
         match length: longest match first, most recent occurrence first."""
@@ -215,6 +235,19 @@ class NgramDrafter:
         index.sync(prompt, output)
         draft, match = index.lookup(max_tokens)
         return draft[: draft_length(match, self._depth(key).depth, max_tokens)]
+
+    def propose_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
+                      ) -> list[int]:
+        """What follows prompt + output + `drafts` if every draft is accepted: the token after them (the
+        verify step's bonus, guessed), then up to max_tokens - 1 drafts for the step after, at the depth
+        an all-accepted verify leaves (`DraftDepth.record`). The index takes prompt + output only."""
+        if max_tokens <= 1:
+            return []
+        index = self._index(key)
+        index.sync(prompt, output)
+        cont, match = index.lookup_after(drafts, max_tokens)
+        depth = min(self._depth(key).depth + DEPTH_STEP, MAX_DEPTH) if drafts else self._depth(key).depth
+        return cont[: 1 + draft_length(match, depth, max_tokens - 1)]
 
     def propose_tree(self, key: int, prompt: list[int], output: list[int], max_depth: int, max_nodes: int,
                      topk: int) -> DraftTree:

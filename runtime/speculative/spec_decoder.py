@@ -203,6 +203,32 @@ class SpecDecoder:
             granted = grant([len(p) for p in proposed], rates, self.beta, limit)
         return self._checked(reqs, grammars, [p[:n] for p, n in zip(proposed, granted)])
 
+    def propose_after(self, reqs: list[Req], drafts: list[list[int]], stop_ids: frozenset[int]) -> list[list[int]] | None:
+        """For a verify step in flight (NGRAM chains): per request the token guessed to follow its drafts
+        (its bonus, if every draft is accepted), then the drafts of the step after, granted as `propose`
+        grants them. None unless every row gets drafts and neither its drafts nor the guess could end
+        the request (a stop token; the length and context limits leave the next step room to draft)."""
+        if not self.allowed or self.model is not None or self.topk > 1:
+            return None
+        conts = []
+        for req, d in zip(reqs, drafts):
+            p = req.params
+            after = len(req.output_ids) + len(d) + 1  # output tokens once this step's run is appended
+            limit = min(self.step_k, p.max_new_tokens - after - 1, self.context_len - req.fill_len - len(d) - 1)
+            if not d or limit < 1:
+                return None
+            cont = self.drafter.propose_after(id(req), req.input_ids, req.output_ids, d, limit + 1)
+            stops = p.stop_token_ids if p.ignore_eos else stop_ids.union(p.stop_token_ids)
+            if len(cont) < 2 or cont[0] in stops or any(t in stops for t in d):
+                return None
+            conts.append(cont)
+        rows = max_step_rows(self.thresholds, len(reqs))
+        granted = grant([len(c) - 1 for c in conts], [self._acceptance(r).rate for r in reqs], self.beta,
+                        None if rows is None else rows - len(reqs))
+        if not all(granted):
+            return None
+        return [c[: 1 + n] for c, n in zip(conts, granted)]
+
     def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float],
                        limit: int | None) -> Drafts:
         """NGRAM trees: depth up to the step's k, nodes up to k x topk (and --speculative-num-draft-tokens

@@ -309,7 +309,7 @@ def test_greedy_verify_rows_take_the_samplers_argmax(tiny, monkeypatch) -> None:
     real = result_processor.greedy_argmax
 
     def counted(x):
-        if sys._getframe(1).f_code.co_name == "_verify":
+        if sys._getframe(1).f_code.co_name == "_verify_targets":
             calls.append(x.shape[0])
         return real(x)
 

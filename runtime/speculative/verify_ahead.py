@@ -1,0 +1,138 @@
+"""Verify steps launched ahead of the previous one's results (NGRAM chains, the overlap schedule).
+
+A verify step is synchronous: the next one continues the tokens it accepts, so the host used to wait
+for its logits, process them, draft, build the next batch and only then launch it, the device idle
+all the while (~1 ms of a ~5.5 ms batch-1 step on the H200, benchmarks/RESULTS.md). Here, while step
+i runs, the host guesses its outcome: every draft accepted and the token after them the one the
+n-gram continuation predicts (`SpecDecoder.propose_after`), and builds step i+1 on that guess (its
+drafts, slots, req_to_token entries and device tensors). Once step i's target tokens are on the host
+the guess is checked: where it holds for every row, step i+1 is launched at once and step i's results
+are processed while it runs; where it fails, step i+1 is undone (its slots freed; nothing of it ran)
+and step i is processed as before. A launched step i+1 computes exactly what it would have computed
+built after the results (its prefix is step i's accepted tokens, its first token step i's bonus), so
+outputs do not change, only when the host does its work.
+
+While such a step is in flight its rows hold KV for positions whose tokens the host has not appended
+yet: nothing may release them, insert them into the prefix cache or schedule around them until its
+results are processed (`settle`; the scheduler settles before an abort or a control message, and
+whenever the next step cannot be built ahead: a request to admit, a row that cannot draft).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.schedule_batch import ScheduledBatch
+
+if TYPE_CHECKING:
+    from radixlm.runtime.scheduler import Scheduler
+
+
+@dataclass
+class AheadStep:
+    """A verify step launched before the previous one's results were processed."""
+
+    batch: ScheduledBatch
+    logits: torch.Tensor
+
+
+def eligible(sched: Scheduler, batch: ScheduledBatch) -> bool:
+    """Whether the step after `batch` (a decode batch just launched) may be built ahead: NGRAM chains on
+    every running row, nothing to admit or extend, and no row whose results could need more than its
+    target tokens (a grammar, logprobs, penalties, stop strings) or be cut short by a finish."""
+    if sched.spec is None or not sched.spec_ahead or batch.mode is not ForwardMode.DECODE:
+        return False
+    if sched.uncommitted is not None or sched.jump_due or sched.partial:
+        return False
+    if sched._may_admit() and len(sched.running) < sched.max_running:
+        return False
+    if len(batch.reqs) != len(sched.running) or sched.runner.lora is not None:
+        return False
+    for req, drafts, parents in zip(batch.reqs, batch.drafts, batch.draft_parents):
+        p = req.params
+        if (not drafts or parents is not None or req.grammar is not None or req.return_logprob or req.finished
+                or p.needs_output_history or p.stop or p.stop_regex):
+            return False
+    return True
+
+
+def run(sched: Scheduler, batch: ScheduledBatch, logits: torch.Tensor) -> AheadStep | None:
+    """A launched verify batch (every row verifying drafts): draw its target tokens on the device, build
+    the next step on the guess that every draft is accepted while it runs, then launch that step if the
+    guess held, and process this one's results. Returns the step launched ahead, if any."""
+    drawn = sched.results.verify_targets(batch, logits)
+    host, done = drawn, None
+    if drawn.is_cuda:  # copied as soon as drawn; the host builds the next step meanwhile
+        host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+        host.copy_(drawn, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    built = build_next(sched, batch) if eligible(sched, batch) else None
+    if done is not None:
+        done.synchronize()
+    targets = host.tolist()
+    ahead = None
+    if built is not None:
+        nxt, fb = built
+        if guessed_right(batch, nxt, targets):
+            ahead = launch(sched, nxt, fb)
+        else:
+            undo(sched, nxt)
+    sched.process_results(batch, logits, targets)
+    return ahead
+
+
+def build_next(sched: Scheduler, batch: ScheduledBatch) -> tuple[ScheduledBatch, ForwardBatch] | None:
+    """The verify step after `batch` as if all its drafts are accepted: each row starts with its guessed
+    bonus token and verifies the drafts guessed after it. Its slots are allocated (never by evicting
+    the prefix cache) and recorded in req_to_token, its rows' kv_len grown: `undo` takes all back."""
+    assert sched.spec is not None
+    conts = sched.spec.propose_after(batch.reqs, batch.drafts, sched.results.eos_ids)
+    if conts is None:
+        return None
+    drafts = [c[1:] for c in conts]
+    slots = sched.kv_pool.alloc(len(conts) + sum(len(d) for d in drafts))
+    if slots is None:
+        return None
+    nxt = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+    nxt.set_decode_rows(list(batch.reqs), slots, drafts, [None] * len(drafts))
+    nxt.ahead_tokens = [c[0] for c in conts]
+    fb, writes = nxt.to_forward_batch(sched.device, None, sched.runner.cascade)
+    sched.req_to_token_pool.commit(writes)
+    for req, ext in zip(nxt.reqs, nxt.extend_lens):
+        req.kv_len += ext
+    return nxt, fb
+
+
+def guessed_right(batch: ScheduledBatch, nxt: ScheduledBatch, targets: list[int]) -> bool:
+    """Every row of `batch` accepted all its drafts and drew the bonus `nxt` starts with."""
+    assert nxt.ahead_tokens is not None
+    start = 0
+    for drafts, bonus in zip(batch.drafts, nxt.ahead_tokens):
+        n = len(drafts)
+        if targets[start : start + n] != drafts or targets[start + n] != bonus:
+            return False
+        start += n + 1
+    return True
+
+
+def launch(sched: Scheduler, nxt: ScheduledBatch, fb: ForwardBatch) -> AheadStep:
+    sched.decode_log.on_step(nxt.mode, sched.info)
+    sched.reserve.on_decode_step()
+    logits = sched.runner.forward(fb)
+    sched.stats["forward_steps"] += 1
+    sched.stats["decode_steps"] += 1
+    sched.stats["ahead_steps"] += 1
+    sched.stats["cascade_decode_steps"] += fb.cascade is not None
+    return AheadStep(nxt, logits)
+
+
+def undo(sched: Scheduler, nxt: ScheduledBatch) -> None:
+    """A step built ahead on a wrong guess: its slots back to the pool (req_to_token's entries past
+    kv_len are dead, rewritten by the step that next uses those positions)."""
+    for req, ext in zip(nxt.reqs, nxt.extend_lens):
+        req.kv_len -= ext
+    sched.kv_pool.free(torch.cat(nxt.new_slots))

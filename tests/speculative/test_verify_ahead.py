@@ -1,0 +1,115 @@
+"""Verify steps launched ahead of the previous one's results (runtime/speculative/verify_ahead.py):
+the guess-built step runs where its guess holds, outputs stay identical to speculation off, KV stays
+exact (an undone step gives its slots back; a launched one's slots are owned while in flight) and the
+radix tree never holds an unverified token."""
+from __future__ import annotations
+
+import pytest
+
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.speculative import verify_ahead
+from radixlm.runtime.speculative.ngram import NgramDrafter, NgramIndex
+from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
+from tests.speculative.test_spec_scheduler import assert_same, copy_prompts, run_checked
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+def loop_prompts(count: int) -> list[list[int]]:
+    """Prompts that repeat a block: the tiny model's greedy output follows the loop for a while."""
+    return [[70 + i, 300 + i, 41, 290, 120 + i, 55] * 6 for i in range(count)]
+
+
+def test_lookup_after_reads_unindexed_tokens_as_appended() -> None:
+    index = NgramIndex()
+    cycle = [11, 12, 13, 14, 15]
+    index.sync(cycle * 3, [])
+    assert index.lookup_after([], 4) == index.lookup(4)
+    # the tokens after a guessed run: the loop goes on past it, the extra tokens part of its period
+    assert index.lookup_after([11, 12], 6)[0] == [13, 14, 15, 11, 12, 13]
+    # matched among indexed n-grams only, nothing indexed by the guess
+    before = (list(index.tokens), dict(index.follow))
+    assert index.lookup_after([99, 98], 3) == ([], 0)
+    assert (index.tokens, index.follow) == before
+    # equal to indexing the extra tokens, where the match lies in the indexed text
+    fresh = NgramIndex()
+    fresh.sync(cycle * 3 + [11, 12], [])
+    assert index.lookup_after([11, 12], 6)[0] == fresh.lookup(6)[0]
+
+
+def test_propose_after_is_the_bonus_then_the_deeper_drafts() -> None:
+    drafter = NgramDrafter()
+    prompt = [21, 22, 23, 24] * 5
+    first = drafter.propose(1, prompt, [], 8)
+    assert first == [21, 22]  # START_DEPTH
+    after = drafter.propose_after(1, prompt, [], first, 9)
+    assert after == [23, 24, 21, 22, 23]  # bonus 23, then START_DEPTH + DEPTH_STEP drafts
+    assert drafter.indexes[1].tokens == prompt  # the guess indexed nothing
+
+
+def test_ahead_steps_run_and_outputs_are_identical(tiny) -> None:
+    prompts = loop_prompts(3) + copy_prompts(tiny, 3)
+    reqs = [greedy_req(f"r{i}", ids, 40) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny), reqs)
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                           max_running_requests=1, speculative_num_steps=4)
+    got = run_checked(sched, reqs)
+    assert_same(got, ref)
+    assert sched.stats["ahead_steps"] > 0
+    assert sched.ahead is None
+    assert_pool_idle(sched)
+    off = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                         max_running_requests=1, speculative_num_steps=4, disable_speculative_ahead=True)
+    assert_same(run_checked(off, reqs), ref)
+    assert off.stats["ahead_steps"] == 0
+    # about the same steps (a step built ahead drafts the guessed continuation, not a fresh lookup's)
+    assert abs(sched.stats["forward_steps"] - off.stats["forward_steps"]) <= off.stats["forward_steps"] // 10
+
+
+def test_wrong_guesses_are_undone_and_batches_stay_exact(tiny, monkeypatch) -> None:
+    """Several rows, sampled and greedy, stops at max_new_tokens: guesses fail often (every row's must
+    hold); each failed one gives back what it built, and outputs match speculation off."""
+    built, undone = [], []
+    build, undo = verify_ahead.build_next, verify_ahead.undo
+    monkeypatch.setattr(verify_ahead, "build_next", lambda s, b: built.append(1) or build(s, b))
+    monkeypatch.setattr(verify_ahead, "undo", lambda s, n: undone.append(1) or undo(s, n))
+    prompts = loop_prompts(4) + copy_prompts(tiny, 2)
+    reqs = [TokenizedGenerateReq(rid=f"s{i}", input_ids=ids, params=SamplingParams(
+        max_new_tokens=23 + 3 * i, temperature=0.0 if i % 2 else 0.3, seed=5 + i)) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny), reqs)
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                           max_running_requests=2, speculative_num_steps=3)
+    got = run_checked(sched, reqs)
+    assert_same(got, ref)
+    assert undone and sched.stats["ahead_steps"] > 0
+    assert len(built) >= len(undone) + sched.stats["ahead_steps"]
+    assert_pool_idle(sched)
+
+
+def test_abort_while_a_step_runs_ahead(tiny) -> None:
+    """An abort settles the step in flight first: the aborted request's KV (and the tree) hold only
+    verified tokens; the other requests run on and match speculation off."""
+    prompts = loop_prompts(2)
+    reqs = [greedy_req(f"a{i}", ids, 60) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny), reqs)
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                           max_running_requests=1)
+    aborted_in_flight = []
+    original = sched.settle
+
+    def settle() -> None:
+        aborted_in_flight.append(sched.ahead is not None)
+        original()
+    sched.settle = settle  # type: ignore[method-assign]
+    for step in range(3, 40, 4):
+        got = run_checked(sched, reqs, abort_after={"a0": step})
+        if got["a0"]["finished_reason"]["type"] == "abort" and any(aborted_in_flight):
+            break
+    assert any(aborted_in_flight)
+    assert got["a1"] == {**got["a1"], "output_ids": ref["a1"]["output_ids"]}
+    assert ref["a0"]["output_ids"][: len(got["a0"]["output_ids"])] == got["a0"]["output_ids"]
+    assert_pool_idle(sched)
