@@ -515,6 +515,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                     **step_sections(sched, prompts, args.new_tokens, topk, replay=which == "replay", depth=depth,
                                     ahead_ab=args.ahead_ab)}
             report["step_sections"].append(prof)
+            if args.out:
+                Path(args.out).write_text(json.dumps(report, indent=2))
             on = prof["on"]
             print(f"[{time.perf_counter() - started:5.0f} s] step {which} batch {batch} topk {topk} k {depth or 'max'}: "
                   f"plain/drafting step {prof['plain_over_drafting']:.3f} (off {prof['off']['step_ms']} ms, on "

@@ -197,6 +197,11 @@ class CudaGraphRunner:
 
     def replay(self, batch: ForwardBatch, lora: bool = False) -> torch.Tensor:
         """`lora`: some row uses an adapter (the manager has filled the segment buffers)."""
+        return self.launch(self.stage(batch, lora))
+
+    def stage(self, batch: ForwardBatch, lora: bool = False) -> tuple[int, int, bool, bool, bool]:
+        """The batch's inputs copied into the static buffers (stream-ordered: after any replay already
+        launched, so a step built ahead stages while the step before it runs); what `launch` replays."""
         bs = batch.batch_size
         padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
         self.input_ids[:bs].copy_(batch.input_ids)
@@ -213,7 +218,13 @@ class CudaGraphRunner:
         cascade = batch.cascade is not None and (padded, lora, True) in self.graphs
         if cascade:
             self._copy_cascade(batch.cascade, bs, padded)  # type: ignore[arg-type]
-        elif (padded, lora) in self.short_graphs and batch.max_seq_len <= self.short_max_len:
+        short = not cascade and (padded, lora) in self.short_graphs and batch.max_seq_len <= self.short_max_len
+        return bs, padded, lora, cascade, short
+
+    def launch(self, staged: tuple[int, int, bool, bool, bool]) -> torch.Tensor:
+        """Replay the graph a `stage` chose; the logits of its rows."""
+        bs, padded, lora, cascade, short = staged
+        if short:
             self.short_graphs[padded, lora].replay()
             if self.short_aux_outputs:
                 self.runner.model.aux_hidden = self.short_aux_outputs[padded, lora][:bs]

@@ -259,11 +259,23 @@ class ModelRunner:
                                         torch.empty(0, dtype=self.kv_cache_dtype).element_size(), self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] in float32."""
+    def forward(self, batch: ForwardBatch, staged: tuple[int, int, bool, bool, bool] | None = None) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] in float32. `staged`: what `stage(batch)` returned."""
+        if staged is not None:
+            assert self.graph_runner is not None
+            return self.graph_runner.launch(staged)
         if self.channel is not None:  # rank 0 of several: the other ranks run the batch with this one
             return self.channel.drive(batch)
         return self.forward_local(batch)
+
+    @torch.inference_mode()
+    def stage(self, batch: ForwardBatch) -> tuple[int, int, bool, bool, bool] | None:
+        """A decode batch's inputs copied into its CUDA graph's buffers now, stream-ordered after the
+        forward in flight, for `forward(batch, staged)` to replay at once (one rank, no adapters); None
+        where the batch would not replay a graph."""
+        if self.channel is not None or self.lora is not None or self.graph_runner is None:
+            return None
+        return self.graph_runner.stage(batch) if self.graph_runner.can_run(batch) else None
 
     @torch.inference_mode()
     def forward_local(self, batch: ForwardBatch) -> torch.Tensor:

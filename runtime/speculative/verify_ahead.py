@@ -20,7 +20,7 @@ whenever the next step cannot be built ahead: a request to admit, a row that can
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,19 +76,21 @@ def run(sched: Scheduler, batch: ScheduledBatch, logits: torch.Tensor) -> AheadS
     targets = host.tolist()
     ahead = None
     if built is not None:
-        nxt, fb = built
+        nxt, fb, staged = built
         if guessed_right(batch, nxt, targets):
-            ahead = launch(sched, nxt, fb)
+            ahead = launch(sched, nxt, fb, staged)
         else:
             undo(sched, nxt)
     sched.process_results(batch, logits, targets)
     return ahead
 
 
-def build_next(sched: Scheduler, batch: ScheduledBatch) -> tuple[ScheduledBatch, ForwardBatch] | None:
+def build_next(sched: Scheduler, batch: ScheduledBatch) -> tuple[ScheduledBatch, ForwardBatch, Any] | None:
     """The verify step after `batch` as if all its drafts are accepted: each row starts with its guessed
     bonus token and verifies the drafts guessed after it. Its slots are allocated (never by evicting
-    the prefix cache) and recorded in req_to_token, its rows' kv_len grown: `undo` takes all back."""
+    the prefix cache) and recorded in req_to_token, its rows' kv_len grown: `undo` takes all back. Its
+    inputs are staged in its CUDA graph's buffers (after the step in flight reads them), so a launch
+    is the graph's replay alone."""
     assert sched.spec is not None
     conts = sched.spec.propose_after(batch.reqs, batch.drafts, sched.results.eos_ids)
     if conts is None:
@@ -104,7 +106,7 @@ def build_next(sched: Scheduler, batch: ScheduledBatch) -> tuple[ScheduledBatch,
     sched.req_to_token_pool.commit(writes)
     for req, ext in zip(nxt.reqs, nxt.extend_lens):
         req.kv_len += ext
-    return nxt, fb
+    return nxt, fb, sched.runner.stage(fb)
 
 
 def guessed_right(batch: ScheduledBatch, nxt: ScheduledBatch, targets: list[int]) -> bool:
@@ -119,10 +121,10 @@ def guessed_right(batch: ScheduledBatch, nxt: ScheduledBatch, targets: list[int]
     return True
 
 
-def launch(sched: Scheduler, nxt: ScheduledBatch, fb: ForwardBatch) -> AheadStep:
+def launch(sched: Scheduler, nxt: ScheduledBatch, fb: ForwardBatch, staged: Any) -> AheadStep:
+    logits = sched.runner.forward(fb, staged)
     sched.decode_log.on_step(nxt.mode, sched.info)
     sched.reserve.on_decode_step()
-    logits = sched.runner.forward(fb)
     sched.stats["forward_steps"] += 1
     sched.stats["decode_steps"] += 1
     sched.stats["ahead_steps"] += 1
