@@ -105,6 +105,11 @@ class ResultProcessor:
             events += self._append(reqs, next_ids.tolist(), lp_map, [d for _, _, d in to_sample], grammars,
                                    num_running, allow_jump=True)
         if to_verify:
+            if targets is not None and len(to_verify) < len(batch.reqs):  # (drawn for every row: keep these rows')
+                at = [0]
+                for d in batch.drafts:
+                    at.append(at[-1] + len(d) + 1)
+                targets = [t for i in to_verify for t in targets[at[i] : at[i + 1]]]
             events += self._verify(batch, to_verify, logits, grammars, num_running, targets)
         return events
 

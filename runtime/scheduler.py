@@ -198,6 +198,8 @@ class Scheduler:
             self.step_batches.append(ahead.batch)
             if self.spec is not None:
                 self.spec.scheduled(True, True)
+            if self.grammars is not None:
+                self.grammars.file_completed_rows()
             self.ahead = verify_ahead.run(self, ahead.batch, ahead.logits)
             return True
         if self.uncommitted is not None and not self._can_schedule_before_commit():

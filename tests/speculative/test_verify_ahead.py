@@ -5,9 +5,14 @@ radix tree never holds an unverified token."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.io_struct import FinishReason, TokenizedGenerateReq
+from radixlm.runtime.request import Req
+from radixlm.runtime.result_processor import ResultProcessor
 from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.speculative import verify_ahead
 from radixlm.runtime.speculative.ngram import NgramDrafter, NgramIndex
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
@@ -113,3 +118,18 @@ def test_abort_while_a_step_runs_ahead(tiny) -> None:
     assert got["a1"] == {**got["a1"], "output_ids": ref["a1"]["output_ids"]}
     assert ref["a0"]["output_ids"][: len(got["a0"]["output_ids"])] == got["a0"]["output_ids"]
     assert_pool_idle(sched)
+
+
+def test_targets_drawn_for_every_row_skip_a_finished_row() -> None:
+    """Targets drawn ahead cover every verify row; a row that finished meanwhile is skipped with its
+    own targets, the others keep theirs."""
+    reqs = [Req(rid=f"q{i}", input_ids=[1, 2, 3], params=SamplingParams(temperature=0.0, max_new_tokens=10), seed=0)
+            for i in range(2)]
+    batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+    batch.set_decode_rows(reqs, torch.arange(1, 6), [[5, 6], [7]], [None, None])
+    batch.verify_rows = [[0, 1, 2], [3, 4]]
+    reqs[0].finished_reason = FinishReason.abort("gone")
+    results = ResultProcessor(None, [0], 100, jump_forward=False, decode_graphs=False)
+    events = results.process(batch, torch.zeros(5, 16), {}, None, 2, targets=[5, 6, 9, 7, 8])
+    assert [e.req for e in events] == [reqs[1]]
+    assert reqs[1].output_ids == [7, 8] and events[0].accepted == 1 and reqs[0].output_ids == []
