@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import types
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.scheduler import Scheduler
+from radixlm.runtime.speculative import verify_ahead
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.ngram import NgramDrafter
 from radixlm.runtime.speculative.spec_decoder import SpecDecoder
@@ -130,6 +132,8 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
             if sched.runner.cascade is not None:  # (inside build: which rows share a prefix)
                 wrap(sched.runner.cascade, "plan", "cascade_plan")
             wrap(sched.req_to_token_pool, "commit", "slot_writes")
+            wrap(verify_ahead, "build_next", "ahead_build")  # (a step built ahead: drafting + build + slot writes)
+            wrap(verify_ahead, "wait", "ahead_wait")  # its device wait for the step in flight
         wrap(sched, "_schedule_decode", "schedule")
         wrap(sched.runner, "forward", "forward")
         for i, p in enumerate(prompts):
@@ -147,7 +151,7 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
         sync(sched.device)
         n = max(sched.stats["decode_steps"] - steps, 1)
         for obj, name, f in wrapped:
-            if isinstance(obj, type):
+            if isinstance(obj, (type, types.ModuleType)):
                 setattr(obj, name, f)
             else:
                 delattr(obj, name)  # the instance attribute goes, the method shows again

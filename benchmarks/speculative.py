@@ -508,6 +508,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         small, large = min(args.batches), max(args.batches)
         runs = [(small, 1, "replay", k) for k in (1, 2, 4)] + [(large, 1, "replay", 4)] * (large > small)
         runs += [(large, k, kind, None) for k in args.topk]
+        if args.profile_small_only:
+            runs = [r for r in runs if r[0] == small]
         report["step_sections"] = []
         for batch, topk, which, depth in runs:
             prompts = prompt_sets.get((batch, which)) or prompt_sets[batch, kind]
@@ -523,7 +525,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                   f"{on['step_ms']} ms: draft {on.get('draft_ms')}, schedule {on.get('schedule_ms')}, build "
                   f"{on.get('build_ms')}, forward+sync {on.get('forward_ms')}, results {on.get('results_ms')}, apply "
                   f"{on.get('apply_ms')}, commit {on.get('commit_ms')}, cascade plan {on.get('cascade_plan_ms')}, slot "
-                  f"writes {on.get('slot_writes_ms')}; {on['tokens_per_verify']} tok/verify; {on['ahead_steps']} of "
+                  f"writes {on.get('slot_writes_ms')}, ahead build {on.get('ahead_build_ms')}, ahead wait "
+                  f"{on.get('ahead_wait_ms')}; {on['tokens_per_verify']} tok/verify; {on['ahead_steps']} of "
                   f"{on['verify_steps']} verify steps launched ahead)", flush=True)
             if "on_noahead" in prof:
                 b = prof["on_noahead"]
@@ -573,6 +576,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64", help="gpu mode: end-to-end batch sizes, comma-separated")
     ap.add_argument("--layers", type=int, default=None, help="gpu mode: decoder layers of the 8B shape (default 32)")
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
+    ap.add_argument("--profile-small-only", action="store_true", help="gpu mode: the profile's runs at the smallest "
+                    "batch only (replayed drafts, k = 1, 2, 4)")
     ap.add_argument("--ahead-ab", action="store_true", help="gpu mode: e2e cells and profile runs also run spec on "
                     "with verify steps launched only after the previous one's results (--disable-speculative-ahead), "
                     "in the same process")

@@ -71,9 +71,7 @@ def run(sched: Scheduler, batch: ScheduledBatch, logits: torch.Tensor) -> AheadS
         done = torch.cuda.Event()
         done.record()
     built = build_next(sched, batch) if eligible(sched, batch) else None
-    if done is not None:
-        done.synchronize()
-    targets = host.tolist()
+    targets = wait(host, done)
     ahead = None
     if built is not None:
         nxt, fb, staged = built
@@ -83,6 +81,13 @@ def run(sched: Scheduler, batch: ScheduledBatch, logits: torch.Tensor) -> AheadS
             undo(sched, nxt)
     sched.process_results(batch, logits, targets)
     return ahead
+
+
+def wait(host: torch.Tensor, done: torch.cuda.Event | None) -> list[int]:
+    """The target tokens once on the host (the device wait of a step built ahead: benchmarks time it)."""
+    if done is not None:
+        done.synchronize()
+    return host.tolist()
 
 
 def build_next(sched: Scheduler, batch: ScheduledBatch) -> tuple[ScheduledBatch, ForwardBatch, Any] | None:
