@@ -133,3 +133,31 @@ def test_targets_drawn_for_every_row_skip_a_finished_row() -> None:
     events = results.process(batch, torch.zeros(5, 16), {}, None, 2, targets=[5, 6, 9, 7, 8])
     assert [e.req for e in events] == [reqs[1]]
     assert reqs[1].output_ids == [7, 8] and events[0].accepted == 1 and reqs[0].output_ids == []
+
+
+def test_a_failure_while_a_step_runs_ahead_frees_its_kv(tiny) -> None:
+    """Result processing raises after the step built ahead was launched: the request fails alone (500),
+    every slot it held — the launched step's too — goes back, nothing unverified enters the tree, and
+    the scheduler serves the next request as speculation off would."""
+    from radixlm.runtime.fault_isolation import kv_accounting_problem
+
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                           max_running_requests=1)
+    process, failed, launched = sched.results.process, [], [0]
+
+    def process_then_fail(*a, **k):
+        events = process(*a, **k)
+        # a step launched since the last results: it runs ahead of these (verify_ahead.run)
+        in_flight, launched[0] = sched.stats["ahead_steps"] > launched[0], sched.stats["ahead_steps"]
+        if in_flight and launched[0] >= 2 and not failed:
+            failed.append(True)
+            raise RuntimeError("injected")
+        return events
+    sched.results.process = process_then_fail  # type: ignore[method-assign]
+    [ids] = loop_prompts(1)
+    got = run_checked(sched, [greedy_req("x", ids, 60)])
+    assert failed and got["x"]["finished_reason"]["type"] == "abort"
+    assert sched.ahead is None and kv_accounting_problem(sched) is None
+    assert_pool_idle(sched)
+    ref = run_to_completion(make_scheduler(tiny), [greedy_req("y", ids, 30)])
+    assert_same(run_checked(sched, [greedy_req("y", ids, 30)]), ref)
