@@ -86,7 +86,7 @@ class SlotWrites:
     slots: torch.Tensor  # [T] int32 host
     device_token_rows: torch.Tensor  # [T] device: each new token's request row
     device_positions: torch.Tensor  # [T] device
-    device_slots: torch.Tensor  # [T] int64 device
+    device_slots: torch.Tensor  # [T] int32 device (from the step's packed copy)
     # (row, source row, length): req_to_token[row, :length] = req_to_token[source, :length] after the
     # writes, in order (a draft tree's lanes, speculative/draft_tree.py)
     lane_copies: tuple[tuple[int, int, int], ...] = ()

@@ -275,12 +275,14 @@ class ScheduledBatch:
         row_t, positions_cpu, ext_cpu = ints(rows_cpu), ints(positions), ints(ext_lens)  # type: ignore[arg-type]
         slots = torch.cat(self.new_slots).to(torch.int64)
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
-        (input_ids_t, positions_t, out_cache_loc, rows_t, seq_lens_t, ext_t, starts_t, logits_t, pending_t,
-         src_t, token_rows_t, *layout_t) = pack_on([
-            ints(input_ids), positions_cpu, slots, row_t, ints(seq_lens), ext_cpu, ints(starts),
-            ints(logits_indices), ints(pending_tokens), ints([self.reqs[i].uncommitted_row for i in pending]), token_rows,
-            *extra,
-        ], device)
+        slots32 = slots.to(torch.int32)
+        # int32 where the consumers want it (lengths, req_to_token's slots), in the same copy: no casts on the device
+        (input_ids_t, positions_t, out_cache_loc, rows_t, logits_t, pending_t, src_t, token_rows_t, *layout_t,
+         seq_lens_t, ext_t, starts_t, slots32_t) = pack_on([
+            ints(input_ids), positions_cpu, slots, row_t, ints(logits_indices), ints(pending_tokens),
+            ints([self.reqs[i].uncommitted_row for i in pending]), token_rows, *extra,
+        ], device, int32=[torch.tensor(seq_lens, dtype=torch.int32), ext_cpu.to(torch.int32),
+                          torch.tensor(starts, dtype=torch.int32), slots32])
         if pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
         tree_t: list[torch.Tensor | None] = [None, None, None]
@@ -288,8 +290,8 @@ class ScheduledBatch:
             tree_t, layout_t = layout_t[-3:], layout_t[:-3]
             tree_t[2] = tree_t[2].to(torch.int8)
         writes = SlotWrites(decode=decode, rows=row_t, positions=positions_cpu, prefix_lens=self.prefix_lens,
-                            extend_lens=self.extend_lens, slots=slots.to(torch.int32), device_token_rows=token_rows_t,
-                            device_positions=positions_t if tree_t[0] is None else tree_t[0], device_slots=out_cache_loc,
+                            extend_lens=self.extend_lens, slots=slots32, device_token_rows=token_rows_t,
+                            device_positions=positions_t if tree_t[0] is None else tree_t[0], device_slots=slots32_t,
                             lane_copies=tuple(lane_copies))
         fb = ForwardBatch(
             mode=self.mode,
@@ -297,12 +299,12 @@ class ScheduledBatch:
             positions=positions_t,
             out_cache_loc=out_cache_loc,
             req_pool_indices=rows_t,
-            seq_lens=seq_lens_t.to(torch.int32),
+            seq_lens=seq_lens_t,
             req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
             seq_lens_cpu=seq_lens,
             extend_seq_lens_cpu=ext_lens,
-            extend_seq_lens=ext_t.to(torch.int32),
-            extend_start_loc=starts_t.to(torch.int32),
+            extend_seq_lens=ext_t,
+            extend_start_loc=starts_t,
             logits_indices=logits_t,
             lora_names=self._lora_names(len(rows_cpu)),
             cascade=layout.with_tensors(layout_t) if layout is not None else None,

@@ -67,3 +67,20 @@ def test_fast_path_matches_the_general_path() -> None:
                  "extend_start_loc", "logits_indices"):
         assert getattr(fast, name).tolist() == getattr(general, name).tolist(), name
     assert fast.seq_lens_cpu == general.seq_lens_cpu and fast.req_pool_indices_cpu == general.req_pool_indices_cpu
+
+
+def test_verify_rows_carry_int32_lengths_and_slots_from_the_one_copy() -> None:
+    """A verify batch (the general path): lengths, start offsets and req_to_token's slots are int32 as
+    copied (the packed transfer's int32 part), so the device runs no conversion kernels for them; a
+    batch built ahead starts each row with its given token instead of the request's last one."""
+    reqs = [_req("a", [5, 6, 7], [], 3), _req("b", [1, 2], [9, 4], 1)]
+    batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+    batch.set_decode_rows(reqs, torch.arange(100, 105, dtype=torch.int64), [[11, 12], [13]], [None, None])
+    fb, writes = batch.to_forward_batch(torch.device("cpu"))
+    assert fb.input_ids.tolist() == [7, 11, 12, 4, 13]
+    assert fb.positions.tolist() == [2, 3, 4, 3, 4] and fb.seq_lens.tolist() == [3, 4, 5, 4, 5]
+    for t in (fb.seq_lens, fb.extend_seq_lens, fb.extend_start_loc, writes.device_slots, writes.slots):
+        assert t.dtype == torch.int32
+    assert writes.device_slots.tolist() == [100, 101, 102, 103, 104] and batch.verify_rows == [[0, 1, 2], [3, 4]]
+    batch.ahead_tokens = [21, 22]
+    assert batch.to_forward_batch(torch.device("cpu"))[0].input_ids.tolist() == [21, 11, 12, 22, 13]
