@@ -79,11 +79,17 @@ class ReplayDrafter(NgramDrafter):
         n = len(output)
         return self.reference.get(tuple(prompt), [])[n : n + max_tokens] if max_tokens > 0 else []
 
-    def propose_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
-                      ) -> list[int]:
+    def guess_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
+                    ) -> list[int]:
         """(a verify step built ahead: spec off's tokens after the drafts, the bonus first)"""
         n = len(output) + len(drafts)
         return self.reference.get(tuple(prompt), [])[n : n + max_tokens] if max_tokens > 1 else []
+
+    def propose_after(self, key: int, prompt: list[int], output: list[int], run: list[int], drafted: int,
+                      max_tokens: int) -> list[int]:
+        """(a verify step built once the one before it is verified, before its tokens are appended)"""
+        n = len(output) + len(run)
+        return self.reference.get(tuple(prompt), [])[n : n + max_tokens] if max_tokens > 0 else []
 
 
 def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, topk: int | None,

@@ -112,8 +112,9 @@ class Scheduler:
                       "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0,
                       # prefill steps whose first tokens were committed a step later
                       "overlapped_prefill_steps": 0,
-                      # verify steps launched before the previous verify step's results were processed
-                      "ahead_steps": 0}
+                      # verify steps launched before the previous verify step's results were processed (of
+                      # them, built after a wrong guess at those results)
+                      "ahead_steps": 0, "ahead_rebuilt_steps": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -273,11 +274,14 @@ class Scheduler:
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
                                                                      logits_needed_after=False))
 
-    def process_results(self, batch: ScheduledBatch, logits: torch.Tensor, targets: list[int] | None = None) -> None:
+    def process_results(self, batch: ScheduledBatch, logits: torch.Tensor, targets: list[int] | None = None,
+                        dropped: bool = False) -> None:
         """A synchronous step's results: KV bookkeeping, then sampling and stops, then their events.
-        `targets`: a verify batch's target tokens, drawn already (speculative/verify_ahead.py)."""
+        `targets`: a verify batch's target tokens, drawn already; `dropped`: its rejected drafts' slots
+        were freed already (speculative/verify_ahead.py)."""
         forks = after_prefill(self, batch)
-        self._apply(self.results.process(batch, logits, forks, self.grammars, len(self.running), targets))
+        events = self.results.process(batch, logits, forks, self.grammars, len(self.running), targets)
+        self._apply([e._replace(unverified=0) for e in events] if dropped else events)
 
     def _should_mix(self, batch: ScheduledBatch) -> bool:
         """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced

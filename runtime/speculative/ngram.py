@@ -244,18 +244,37 @@ class NgramDrafter:
         draft, match = index.lookup(max_tokens)
         return draft[: draft_length(match, self._depth(key).depth, max_tokens)]
 
-    def propose_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
-                      ) -> list[int]:
+    def guess_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
+                    ) -> list[int]:
         """What follows prompt + output + `drafts` if every draft is accepted: the token after them (the
         verify step's bonus, guessed), then up to max_tokens - 1 drafts for the step after, at the depth
         an all-accepted verify leaves (`DraftDepth.record`). The index takes prompt + output only."""
         if max_tokens <= 1:
             return []
+        cont, match = self._lookup_after(key, prompt, output, drafts, max_tokens)
+        return cont[: 1 + draft_length(match, self.depth_after(key, len(drafts), len(drafts)), max_tokens - 1)]
+
+    def propose_after(self, key: int, prompt: list[int], output: list[int], run: list[int], drafted: int,
+                      max_tokens: int) -> list[int]:
+        """`propose` once a verify step's `run` (its accepted drafts and the token after them, of `drafted`
+        drafts) is appended, before it is: the index takes prompt + output only, the depth is the one
+        that verify result leaves."""
+        if max_tokens <= 0:
+            return []
+        cont, match = self._lookup_after(key, prompt, output, run, max_tokens)
+        return cont[: draft_length(match, self.depth_after(key, drafted, len(run) - 1), max_tokens)]
+
+    def _lookup_after(self, key: int, prompt: list[int], output: list[int], extra: list[int], max_tokens: int
+                      ) -> tuple[list[int], int]:
         index = self._index(key)
         index.sync(prompt, output)
-        cont, match = index.lookup_after(drafts, max_tokens)
-        depth = min(self._depth(key).depth + DEPTH_STEP, MAX_DEPTH) if drafts else self._depth(key).depth
-        return cont[: 1 + draft_length(match, depth, max_tokens - 1)]
+        return index.lookup_after(extra, max_tokens)
+
+    def depth_after(self, key: int, drafted: int, accepted: int) -> int:
+        """The request's draft depth once a verify of `drafted` drafts accepted `accepted` is recorded."""
+        depth = DraftDepth(self._depth(key).depth)
+        depth.record(drafted, accepted)
+        return depth.depth
 
     def propose_tree(self, key: int, prompt: list[int], output: list[int], max_depth: int, max_nodes: int,
                      topk: int) -> DraftTree:

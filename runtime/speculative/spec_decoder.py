@@ -203,7 +203,7 @@ class SpecDecoder:
             granted = grant([len(p) for p in proposed], rates, self.beta, limit)
         return self._checked(reqs, grammars, [p[:n] for p, n in zip(proposed, granted)])
 
-    def propose_after(self, reqs: list[Req], drafts: list[list[int]], stop_ids: frozenset[int]) -> list[list[int]] | None:
+    def guess_after(self, reqs: list[Req], drafts: list[list[int]], stop_ids: frozenset[int]) -> list[list[int]] | None:
         """For a verify step in flight (NGRAM chains): per request the token guessed to follow its drafts
         (its bonus, if every draft is accepted), then the drafts of the step after, granted as `propose`
         grants them. None unless every row gets drafts and neither its drafts nor the guess could end
@@ -212,22 +212,50 @@ class SpecDecoder:
             return None
         conts = []
         for req, d in zip(reqs, drafts):
-            p = req.params
-            after = len(req.output_ids) + len(d) + 1  # output tokens once this step's run is appended
-            limit = min(self.step_k, p.max_new_tokens - after - 1, self.context_len - req.fill_len - len(d) - 1)
+            limit = self._limit_after(req, len(d) + 1)
             if not d or limit < 1:
                 return None
-            cont = self.drafter.propose_after(id(req), req.input_ids, req.output_ids, d, limit + 1)
-            stops = p.stop_token_ids if p.ignore_eos else stop_ids.union(p.stop_token_ids)
-            if len(cont) < 2 or cont[0] in stops or any(t in stops for t in d):
+            cont = self.drafter.guess_after(id(req), req.input_ids, req.output_ids, d, limit + 1)
+            if len(cont) < 2 or self._stops(req, [*d, cont[0]], stop_ids):
                 return None
             conts.append(cont)
-        rows = max_step_rows(self.thresholds, len(reqs))
-        granted = grant([len(c) - 1 for c in conts], [self._acceptance(r).rate for r in reqs], self.beta,
-                        None if rows is None else rows - len(reqs))
-        if not all(granted):
+        granted = self._granted(reqs, [len(c) - 1 for c in conts])
+        return None if granted is None else [c[: 1 + n] for c, n in zip(conts, granted)]
+
+    def propose_after(self, reqs: list[Req], runs: list[list[int]], drafted: list[int], stop_ids: frozenset[int]
+                      ) -> list[list[int]] | None:
+        """For a verify step whose outcome is known but not yet appended (NGRAM chains): per request the
+        drafts of the step after its `run` (accepted drafts and the token after them, of `drafted`
+        drafts), granted as `propose` grants them. None unless every row gets drafts and no run token
+        could end its request."""
+        if not self.allowed or self.model is not None or self.topk > 1:
             return None
-        return [c[: 1 + n] for c, n in zip(conts, granted)]
+        proposed = []
+        for req, run, n in zip(reqs, runs, drafted):
+            limit = self._limit_after(req, len(run))
+            if limit < 1 or self._stops(req, run, stop_ids):
+                return None
+            proposed.append(self.drafter.propose_after(id(req), req.input_ids, req.output_ids, run, n, limit))
+        granted = self._granted(reqs, [len(p) for p in proposed])
+        return None if granted is None else [p[:n] for p, n in zip(proposed, granted)]
+
+    def _limit_after(self, req: Req, appended: int) -> int:
+        """`_limit` once `appended` more tokens are in the request's output."""
+        after = len(req.output_ids) + appended
+        return min(self.step_k, req.params.max_new_tokens - after - 1, self.context_len - req.fill_len - appended)
+
+    @staticmethod
+    def _stops(req: Req, tokens: list[int], stop_ids: frozenset[int]) -> bool:
+        p = req.params
+        stops = p.stop_token_ids if p.ignore_eos else stop_ids.union(p.stop_token_ids)
+        return any(t in stops for t in tokens)
+
+    def _granted(self, reqs: list[Req], proposed: list[int]) -> list[int] | None:
+        """`grant` over the rows' proposals; None unless every row keeps a draft."""
+        rows = max_step_rows(self.thresholds, len(reqs))
+        granted = grant(proposed, [self._acceptance(r).rate for r in reqs], self.beta,
+                        None if rows is None else rows - len(reqs))
+        return granted if all(granted) else None
 
     def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float],
                        limit: int | None) -> Drafts:

@@ -4,13 +4,15 @@ A verify step is synchronous: the next one continues the tokens it accepts, so t
 for its logits, process them, draft, build the next batch and only then launch it, the device idle
 all the while (~1 ms of a ~5.5 ms batch-1 step on the H200, benchmarks/RESULTS.md). Here, while step
 i runs, the host guesses its outcome: every draft accepted and the token after them the one the
-n-gram continuation predicts (`SpecDecoder.propose_after`), and builds step i+1 on that guess (its
+n-gram continuation predicts (`SpecDecoder.guess_after`), and builds step i+1 on that guess (its
 drafts, slots, req_to_token entries and device tensors). Once step i's target tokens are on the host
 the guess is checked: where it holds for every row, step i+1 is launched at once and step i's results
 are processed while it runs; where it fails, step i+1 is undone (its slots freed; nothing of it ran)
-and step i is processed as before. A launched step i+1 computes exactly what it would have computed
-built after the results (its prefix is step i's accepted tokens, its first token step i's bonus), so
-outputs do not change, only when the host does its work.
+and rebuilt from step i's actual outcome (`build_after`: step i's rejected drafts' slots freed, the
+drafts proposed after its accepted run and bonus, not yet appended), launched, and only then are step
+i's results processed. A launched step i+1 computes exactly what it would have computed built after
+the results (its prefix is step i's accepted tokens, its first token step i's bonus), so outputs do
+not change, only when the host does its work.
 
 While such a step is in flight its rows hold KV for positions whose tokens the host has not appended
 yet: nothing may release them, insert them into the prefix cache or schedule around them until its
@@ -25,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.request import Req
 from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.step_results import drop_unverified
 
 if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
@@ -70,16 +74,23 @@ def run(sched: Scheduler, batch: ScheduledBatch, logits: torch.Tensor) -> AheadS
         host.copy_(drawn, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-    built = build_next(sched, batch) if eligible(sched, batch) else None
+    go_on = eligible(sched, batch)
+    built = build_next(sched, batch) if go_on else None
     targets = wait(host, done)
-    ahead = None
     if built is not None:
         nxt, fb, staged = built
         if guessed_right(batch, nxt, targets):
             ahead = launch(sched, nxt, fb, staged)
-        else:
-            undo(sched, nxt)
-    sched.process_results(batch, logits, targets)
+            sched.process_results(batch, logits, targets)
+            return ahead
+        undo(sched, nxt)
+    rebuilt = build_after(sched, batch, targets) if go_on else None
+    if rebuilt is None:
+        sched.process_results(batch, logits, targets)
+        return None
+    ahead = launch(sched, *rebuilt)
+    sched.stats["ahead_rebuilt_steps"] += 1
+    sched.process_results(batch, logits, targets, dropped=True)
     return ahead
 
 
@@ -93,20 +104,52 @@ def wait(host: torch.Tensor, done: torch.cuda.Event | None) -> list[int]:
 def build_next(sched: Scheduler, batch: ScheduledBatch) -> tuple[ScheduledBatch, ForwardBatch, Any] | None:
     """The verify step after `batch` as if all its drafts are accepted: each row starts with its guessed
     bonus token and verifies the drafts guessed after it. Its slots are allocated (never by evicting
-    the prefix cache) and recorded in req_to_token, its rows' kv_len grown: `undo` takes all back. Its
-    inputs are staged in its CUDA graph's buffers (after the step in flight reads them), so a launch
-    is the graph's replay alone."""
+    the prefix cache), then `assemble`d: `undo` takes all back."""
     assert sched.spec is not None
-    conts = sched.spec.propose_after(batch.reqs, batch.drafts, sched.results.eos_ids)
+    conts = sched.spec.guess_after(batch.reqs, batch.drafts, sched.results.eos_ids)
     if conts is None:
         return None
     drafts = [c[1:] for c in conts]
     slots = sched.kv_pool.alloc(len(conts) + sum(len(d) for d in drafts))
     if slots is None:
         return None
+    return assemble(sched, batch.reqs, [c[0] for c in conts], drafts, slots)
+
+
+def build_after(sched: Scheduler, batch: ScheduledBatch, targets: list[int]
+                ) -> tuple[ScheduledBatch, ForwardBatch, Any] | None:
+    """The guess failed, `batch`'s outcome is known (`targets`) but not yet processed: the next verify step
+    from that outcome, built and launched first (its results are processed while it runs). Each row's
+    rejected drafts' slots are freed here (the results then drop none: `dropped`); the next step starts
+    with the row's bonus and verifies what the drafter proposes after its run. None (nothing changed)
+    unless every row gets drafts, no run token could end its request and the slots are free."""
+    assert sched.spec is not None
+    runs, start = [], 0
+    for drafts in batch.drafts:
+        got = targets[start : start + len(drafts) + 1]
+        start += len(drafts) + 1
+        j = next((i for i, (d, t) in enumerate(zip(drafts, got)) if d != t), len(drafts))
+        runs.append(got[: j + 1])  # (accepted drafts equal their targets: the run is the targets up to the bonus)
+    drafts = sched.spec.propose_after(batch.reqs, runs, [len(d) for d in batch.drafts], sched.results.eos_ids)
+    if drafts is None:
+        return None
+    slots = sched.kv_pool.alloc(len(runs) + sum(len(d) for d in drafts))
+    if slots is None:
+        return None
+    for req, run, old in zip(batch.reqs, runs, batch.drafts):
+        drop_unverified(sched, req, len(old) + 1 - len(run))
+    return assemble(sched, batch.reqs, [run[-1] for run in runs], drafts, slots)
+
+
+def assemble(sched: Scheduler, reqs: list[Req], firsts: list[int], drafts: list[list[int]], slots: torch.Tensor
+             ) -> tuple[ScheduledBatch, ForwardBatch, Any]:
+    """A verify batch whose rows start with `firsts` (tokens not yet appended) on top of each row's KV:
+    its device tensors, its req_to_token entries (recorded now) and its rows' kv_len grown, its inputs
+    staged in its CUDA graph's buffers (after the step in flight reads them), so a launch is the
+    graph's replay alone."""
     nxt = ScheduledBatch(ForwardMode.DECODE, [], [], [])
-    nxt.set_decode_rows(list(batch.reqs), slots, drafts, [None] * len(drafts))
-    nxt.ahead_tokens = [c[0] for c in conts]
+    nxt.set_decode_rows(list(reqs), slots, drafts, [None] * len(drafts))
+    nxt.ahead_tokens = firsts
     fb, writes = nxt.to_forward_batch(sched.device, None, sched.runner.cascade)
     sched.req_to_token_pool.commit(writes)
     for req, ext in zip(nxt.reqs, nxt.extend_lens):

@@ -46,12 +46,12 @@ def test_lookup_after_reads_unindexed_tokens_as_appended() -> None:
     assert index.lookup_after([11, 12], 6)[0] == fresh.lookup(6)[0]
 
 
-def test_propose_after_is_the_bonus_then_the_deeper_drafts() -> None:
+def test_guess_after_is_the_bonus_then_the_deeper_drafts() -> None:
     drafter = NgramDrafter()
     prompt = [21, 22, 23, 24] * 5
     first = drafter.propose(1, prompt, [], 8)
     assert first == [21, 22]  # START_DEPTH
-    after = drafter.propose_after(1, prompt, [], first, 9)
+    after = drafter.guess_after(1, prompt, [], first, 9)
     assert after == [23, 24, 21, 22, 23]  # bonus 23, then START_DEPTH + DEPTH_STEP drafts
     assert drafter.indexes[1].tokens == prompt  # the guess indexed nothing
 
@@ -75,6 +75,43 @@ def test_ahead_steps_run_and_outputs_are_identical(tiny) -> None:
     assert abs(sched.stats["forward_steps"] - off.stats["forward_steps"]) <= off.stats["forward_steps"] // 10
 
 
+class ScriptedDrafter(NgramDrafter):
+    """Drafts a scripted continuation (the model's own output with every 5th token changed): drafts are
+    rejected at the changed tokens, and the script always has a continuation after any run."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__()
+        self.script = script
+
+    def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
+        return self.script[len(output) : len(output) + max(max_tokens, 0)]
+
+    def guess_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
+                    ) -> list[int]:
+        return self.propose(key, prompt, output + drafts, max_tokens)
+
+    def propose_after(self, key: int, prompt: list[int], output: list[int], run: list[int], drafted: int,
+                      max_tokens: int) -> list[int]:
+        return self.propose(key, prompt, output + run, max_tokens)
+
+
+def test_a_wrong_guess_rebuilds_the_next_step_before_the_results(tiny) -> None:
+    """Drafts rejected part-way: the step built on the guess is undone, the next one built from the actual
+    outcome (rejected slots freed first) and launched before the results are processed; outputs, KV
+    accounting and the tree stay exact."""
+    [ids] = loop_prompts(1)
+    ref = run_to_completion(make_scheduler(tiny), [greedy_req("z", ids, 48)])["z"]["output_ids"]
+    script = [t if i % 5 != 3 else (t + 1) % 256 for i, t in enumerate(ref)]
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                           max_running_requests=1, speculative_num_steps=3)
+    sched.spec.drafter = ScriptedDrafter(script)
+    got = run_checked(sched, [greedy_req("z", ids, 48)])
+    assert got["z"]["output_ids"] == ref
+    assert sched.stats["ahead_rebuilt_steps"] > 0
+    assert sched.stats["ahead_steps"] > sched.stats["ahead_rebuilt_steps"]  # right guesses too
+    assert_pool_idle(sched)
+
+
 def test_wrong_guesses_are_undone_and_batches_stay_exact(tiny, monkeypatch) -> None:
     """Several rows, sampled and greedy, stops at max_new_tokens: guesses fail often (every row's must
     hold); each failed one gives back what it built, and outputs match speculation off."""
@@ -90,8 +127,9 @@ def test_wrong_guesses_are_undone_and_batches_stay_exact(tiny, monkeypatch) -> N
                            max_running_requests=2, speculative_num_steps=3)
     got = run_checked(sched, reqs)
     assert_same(got, ref)
-    assert undone and sched.stats["ahead_steps"] > 0
-    assert len(built) >= len(undone) + sched.stats["ahead_steps"]
+    guessed = sched.stats["ahead_steps"] - sched.stats["ahead_rebuilt_steps"]
+    assert undone and guessed > 0
+    assert len(built) >= len(undone) + guessed
     assert_pool_idle(sched)
 
 
