@@ -105,7 +105,7 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
     for arm in ("off", "on", "on_noahead") if ahead_ab else ("off", "on"):
         on = arm != "off"
         sched.spec_ahead = kept_ahead and arm == "on"
-        ahead_before = sched.stats["ahead_steps"]
+        ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
         spec = fresh_spec(sched, topk) if on else None
         if spec is not None:
             spec.payoff = None
@@ -166,7 +166,8 @@ def step_sections(sched: Scheduler, prompts: list[list[int]], new_tokens: int, t
         if spec is not None:
             out[arm].update(verify_steps=spec.verify_steps, draft_tokens=spec.draft_tokens,
                             tokens_per_verify=round(spec.verify_tokens / max(spec.verify_steps, 1), 2),
-                            ahead_steps=sched.stats["ahead_steps"] - ahead_before)
+                            ahead_steps=sched.stats["ahead_steps"] - ahead_before,
+                            ahead_rebuilt_steps=sched.stats["ahead_rebuilt_steps"] - rebuilt_before)
     sched.spec, sched.spec_ahead = kept, kept_ahead
     if ahead_ab:
         out["plain_over_drafting_noahead"] = round(out["off"]["step_ms"] / out["on_noahead"]["step_ms"], 3)

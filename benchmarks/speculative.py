@@ -227,7 +227,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     if ahead_ab:
         best["noahead"], runs["noahead"] = float("inf"), []
         spec_noahead = fresh_spec(sched, topk)
-    ahead_before = sched.stats["ahead_steps"]
+    ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
     spec = fresh_spec(sched, topk)
     reference: dict[tuple[int, ...], list[int]] = {}
     if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
@@ -306,6 +306,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         **noahead,
         # verify steps launched ahead (all spec-on runs), against all verify steps of those runs
         "ahead_steps": sched.stats["ahead_steps"] - ahead_before,
+        "ahead_rebuilt_steps": sched.stats["ahead_rebuilt_steps"] - rebuilt_before,  # (of them: after a wrong guess)
         "batch": batch, "requests": len(prompts), "tokens": tokens, "topk": spec.topk, "tree_nodes": spec.tree_nodes,
         "tok_s_off": round(tokens / best[False], 2), "tok_s_on": round(tokens / best[True], 2),
         "speedup": round(best[False] / best[True], 3),
@@ -488,7 +489,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
         print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
-              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']}",
+              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
+              f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
               flush=True)
         if args.ahead_ab:
             print(f"    without verify steps launched ahead: on {cell['tok_s_on_noahead']:8.1f} tok/s  "
@@ -527,7 +529,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                   f"{on.get('apply_ms')}, commit {on.get('commit_ms')}, cascade plan {on.get('cascade_plan_ms')}, slot "
                   f"writes {on.get('slot_writes_ms')}, ahead build {on.get('ahead_build_ms')}, ahead wait "
                   f"{on.get('ahead_wait_ms')}; {on['tokens_per_verify']} tok/verify; {on['ahead_steps']} of "
-                  f"{on['verify_steps']} verify steps launched ahead)", flush=True)
+                  f"{on['verify_steps']} verify steps launched ahead, {on['ahead_rebuilt_steps']} after a wrong guess)",
+                  flush=True)
             if "on_noahead" in prof:
                 b = prof["on_noahead"]
                 print(f"    without verify steps launched ahead: plain/drafting step {prof['plain_over_drafting_noahead']:.3f} "
