@@ -218,7 +218,7 @@ class Scheduler:
             return self._commit_step()
         self.decode_log.on_step(batch.mode, self.info)
         if self.spec is not None:
-            self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts)
+            self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts, batch.reqs)
         fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
         if self.runner.lora is not None and batch.mode is ForwardMode.EXTEND and fb.lora_names is not None:
             # a prefill without (some of) the decode rows: their adapters keep their slots
@@ -249,6 +249,8 @@ class Scheduler:
                 self.spec.warm(self.running)  # n-gram indexes, while the device runs this step
             if previous is not None:
                 self._commit_step(previous, allow_jump=False, advanced=advanced)
+                if self.spec is not None:
+                    self.spec.refresh(self.running)  # (a dry request whose text now repeats may draft again)
             return True
         if (self.overlap_prefill and len(batch.reqs) >= OVERLAP_PREFILL_MIN_REQUESTS
                 and self.results.can_defer_prefill(batch)):

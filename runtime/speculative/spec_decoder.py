@@ -120,6 +120,9 @@ class SpecDecoder:
             self.model = DraftModelDrafter(args, draft_dir, runner.vocab_size, runner.max_total_tokens,
                                            runner.max_running_requests)
         self.acceptance: dict[int, Acceptance] = {}
+        # NGRAM chains: requests whose last lookup found nothing to draft. While every running request is
+        # dry, decode steps stay overlapped (`may_draft`); `refresh` looks again once a step's tokens are in.
+        self.dry: set[int] = set()
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
@@ -148,10 +151,15 @@ class SpecDecoder:
         self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
 
-    def scheduled(self, plain_decode: bool, drafted: bool) -> None:
-        """The step that began runs a plain decode batch (with or without drafts): it is measured."""
-        if self.payoff is not None:
-            self.payoff.scheduled(plain_decode, drafted)
+    def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:
+        """The step that began runs a plain decode batch (with or without drafts): it is measured. Not a
+        drafting arm's step without drafts whose every row (`reqs`) is dry: it decodes plainly,
+        overlapped, whatever the arm, so it says nothing about the arm."""
+        if self.payoff is None:
+            return
+        dry = (self.step_k > 0 and not drafted and bool(self.dry) and reqs is not None
+               and all(id(r) in self.dry for r in reqs))
+        self.payoff.scheduled(plain_decode and not dry, drafted)
 
     def warm(self, running: list[Req]) -> None:
         """NGRAM, while the device runs an overlapped (plain) step: index the prompts of running
@@ -178,8 +186,24 @@ class SpecDecoder:
 
     def may_draft(self, running: list[Req]) -> bool:
         """Whether the next decode step may carry drafts: then the scheduler needs every running
-        request's last token on the host (drafts continue it), so an overlapped step is committed first."""
-        return self.allowed and worth_drafting([self._acceptance(r).rate for r in running], self.beta)
+        request's last token on the host (drafts continue it), so an overlapped step is committed first.
+        Not while every running request is dry: text the n-gram index cannot follow (a request's start
+        before it repeats anything) decodes overlapped, as without speculation, and drafting resumes a
+        step after `refresh` finds a match (on the H200 a synchronous plain step cost ~0.6-1 ms more)."""
+        if not self.allowed or (self.dry and all(id(r) in self.dry for r in running)):
+            return False
+        return worth_drafting([self._acceptance(r).rate for r in running], self.beta)
+
+    def refresh(self, running: list[Req]) -> None:
+        """After an overlapped step's tokens are appended: a dry request whose text now ends in an n-gram
+        seen before is dry no more (the next step commits first and drafts). Only while this step's arm
+        drafts (else nothing drafts next step either)."""
+        if not self.dry or not self.allowed:
+            return
+        for req in running:
+            key = id(req)
+            if key in self.dry and (req.finished or self.drafter.propose(key, req.input_ids, req.output_ids, 1)):
+                self.dry.discard(key)
 
     def _limit(self, req: Req) -> int:
         if req.tokens_on_device or req.finished:
@@ -199,7 +223,11 @@ class SpecDecoder:
         elif self.topk > 1:
             return self._propose_trees(reqs, grammars, rates, limit)
         else:
-            proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, self._limit(r)) for r in reqs]
+            limits = [self._limit(r) for r in reqs]
+            proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, n) for r, n in zip(reqs, limits)]
+            for req, n, p in zip(reqs, limits, proposed):
+                if n > 0:
+                    (self.dry.discard if p else self.dry.add)(id(req))
             granted = grant([len(p) for p in proposed], rates, self.beta, limit)
         return self._checked(reqs, grammars, [p[:n] for p, n in zip(proposed, granted)])
 
@@ -312,6 +340,7 @@ class SpecDecoder:
     def forget(self, req: Req) -> None:
         """The request finished or was retracted: its drafting state (and draft KV) goes."""
         self.acceptance.pop(id(req), None)
+        self.dry.discard(id(req))
         self.drafter.forget(id(req))
         if self.model is not None:
             self.model.forget(id(req))
