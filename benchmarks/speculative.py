@@ -82,6 +82,9 @@ CHAT_TASKS = [
 
 
 # ------------------------------------------------------------------------------ shared
+VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)"}
+
+
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
     if spec:
         options.setdefault("speculative_algorithm", "NGRAM")
@@ -213,27 +216,29 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
 
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
             repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
-            replay: bool = False, ahead_ab: bool = False) -> dict:
+            replay: bool = False, variants: tuple[str, ...] = ()) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
-    runs' tokens per request, {False: off, True: on}. `ahead_ab`: a third arm, spec on with verify
-    steps launched only after the previous one's results (--disable-speculative-ahead; its own
-    SpecDecoder), reported as `*_noahead`."""
+    runs' tokens per request, {False: off, True: on}. `variants`: more spec-on arms, each with its own
+    SpecDecoder, reported as `*_<name>`: "noahead" (verify steps launched only after the previous one's
+    results: --disable-speculative-ahead), "nodry" (dry requests' steps synchronous and measured, as
+    before SpecDecoder.dry_overlap)."""
     kept_ahead = sched.spec_ahead
     best: dict = {False: float("inf"), True: float("inf")}
     runs: dict = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict = {}
-    if ahead_ab:
-        best["noahead"], runs["noahead"] = float("inf"), []
-        spec_noahead = fresh_spec(sched, topk)
+    others = {name: fresh_spec(sched, topk) for name in variants}
+    for name, other in others.items():
+        best[name], runs[name] = float("inf"), []
+        other.dry_overlap = name != "nodry"
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
     spec = fresh_spec(sched, topk)
     reference: dict[tuple[int, ...], list[int]] = {}
     if replay:  # chains of spec off's own tokens (filled by the first off run, before any on run)
         spec.drafter = ReplayDrafter(reference)
-        if ahead_ab:
-            spec_noahead.drafter = ReplayDrafter(reference)
+        for other in others.values():
+            other.drafter = ReplayDrafter(reference)
     host: dict[str, float] = {}  # the spec-on runs' host seconds in the SpecDecoder's per-step calls
 
     def timed(name: str) -> None:
@@ -250,8 +255,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         timed(name)
     on_steps = 0
     # the cyclic collector's pauses in each arm's runs (spec on allocates n-gram keys: more collections?)
-    collected = {False: [0, 0, 0, 0.0], True: [0, 0, 0, 0.0]}  # per arm: gen 0 / 1 / 2 counts, seconds
-    arm, gc_start = [False], [0.0]
+    collected: dict = {on: [0, 0, 0, 0.0] for on in (False, True, *others)}  # per arm: gen 0 / 1 / 2 counts, seconds
+    arm: list = [False]
+    gc_start = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
@@ -261,10 +267,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             collected[arm[0]][3] += time.perf_counter() - gc_start[0]
     gc.callbacks.append(on_gc)
     for _ in range(repeats):
-        for on in (False, True, "noahead") if ahead_ab else (False, True):
-            sched.spec = spec if on is True else spec_noahead if on == "noahead" else None
-            sched.spec_ahead = kept_ahead and on is True
-            arm[0] = on is True
+        for on in (False, True, *others):
+            sched.spec = spec if on is True else others.get(on) if on else None  # type: ignore[call-overload]
+            sched.spec_ahead = kept_ahead and on != "noahead"
+            arm[0] = on
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             total, merged = 0.0, {}
@@ -291,19 +297,18 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     info = spec.info()
     tokens = sum(len(v) for v in outs[False].values())
     accept = info["avg_spec_accept_length"] or 1.0
-    noahead = {}
-    if ahead_ab:
-        info_b = spec_noahead.info()
-        accept_b = info_b["avg_spec_accept_length"] or 1.0
-        noahead = {"tok_s_on_noahead": round(tokens / best["noahead"], 2),
-                   "speedup_noahead": round(best[False] / best["noahead"], 3),
-                   "speedup_runs_noahead": [round(best[False] / t, 3) for t in runs["noahead"]],
-                   "avg_accept_length_noahead": round(accept_b, 3),
-                   "speedup_per_accept_noahead": round(best[False] / best["noahead"] / accept_b, 3),
-                   "identical_noahead": outs[False] == outs["noahead"],
-                   "payoff_noahead": spec_noahead.payoff.info() if spec_noahead.payoff is not None else None}
+    extra = {}
+    for name, other in others.items():
+        accept_b = other.info()["avg_spec_accept_length"] or 1.0
+        extra.update({f"tok_s_on_{name}": round(tokens / best[name], 2),
+                      f"speedup_{name}": round(best[False] / best[name], 3),
+                      f"speedup_runs_{name}": [round(best[False] / t, 3) for t in runs[name]],
+                      f"avg_accept_length_{name}": round(accept_b, 3),
+                      f"speedup_per_accept_{name}": round(best[False] / best[name] / accept_b, 3),
+                      f"identical_{name}": outs[False] == outs[name],
+                      f"payoff_{name}": other.payoff.info() if other.payoff is not None else None})
     return {
-        **noahead,
+        **extra,
         # verify steps launched ahead (all spec-on runs), against all verify steps of those runs
         "ahead_steps": sched.stats["ahead_steps"] - ahead_before,
         "ahead_rebuilt_steps": sched.stats["ahead_rebuilt_steps"] - rebuilt_before,  # (of them: after a wrong guess)
@@ -322,8 +327,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         # host ms per decode step (spec-on runs) in SpecDecoder.begin_step / warm / propose / may_draft
         "spec_host_ms_per_step": {name: round(v / max(on_steps, 1) * 1e3, 4) for name, v in host.items()},
         # every run of each arm: collections of generation 0 / 1 / 2 and their pauses (ms)
-        "gc": {("on" if on else "off"): {"gen0": c[0], "gen1": c[1], "gen2": c[2], "pause_ms": round(c[3] * 1e3, 2)}
-               for on, c in collected.items()},
+        "gc": {("on" if on is True else on or "off"): {"gen0": c[0], "gen1": c[1], "gen2": c[2],
+                                                        "pause_ms": round(c[3] * 1e3, 2)} for on, c in collected.items()},
     }
 
 
@@ -459,6 +464,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     rng = random.Random(1)
     report["cells"] = []
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
+    variants = tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab)) if on)
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
         if kind == "replay" and topk > 1:
@@ -471,7 +477,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
-                                           topk=topk, replay=kind == "replay", ahead_ab=args.ahead_ab)}
+                                           topk=topk, replay=kind == "replay", variants=variants)}
         # the divergence audit: every cell ("all"), or batch 1 (cheap: lanes' drift next to lane 0's) and
         # cells whose outputs differ ("divergence")
         if args.audit == "all" or (args.audit == "divergence" and (batch == 1 or not cell["identical"])):
@@ -492,11 +498,12 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
               f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
               flush=True)
-        if args.ahead_ab:
-            print(f"    without verify steps launched ahead: on {cell['tok_s_on_noahead']:8.1f} tok/s  "
-                  f"x{cell['speedup_noahead']:.3f} (runs {cell['speedup_runs_noahead']})  accept "
-                  f"{cell['avg_accept_length_noahead']:.2f}  x/accept {cell['speedup_per_accept_noahead']:.2f}  "
-                  f"identical {cell['identical_noahead']}; payoff {payoff_line(cell['payoff_noahead'], None)}", flush=True)
+        for name in variants:
+            what = VARIANTS[name]
+            print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
+                  f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
+                  f"{cell[f'speedup_per_accept_{name}']:.2f}  identical {cell[f'identical_{name}']}; payoff "
+                  f"{payoff_line(cell[f'payoff_{name}'], None)}", flush=True)
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
@@ -581,6 +588,9 @@ def main() -> None:
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
     ap.add_argument("--profile-small-only", action="store_true", help="gpu mode: the profile's runs at the smallest "
                     "batch only (replayed drafts, k = 1, 2, 4)")
+    ap.add_argument("--dry-ab", action="store_true", help="gpu mode: e2e cells also run spec on with dry requests' "
+                    "steps synchronous and measured for the payoff's arm (as before SpecDecoder.dry_overlap), in the "
+                    "same process")
     ap.add_argument("--ahead-ab", action="store_true", help="gpu mode: e2e cells and profile runs also run spec on "
                     "with verify steps launched only after the previous one's results (--disable-speculative-ahead), "
                     "in the same process")

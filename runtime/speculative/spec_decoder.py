@@ -123,6 +123,7 @@ class SpecDecoder:
         # NGRAM chains: requests whose last lookup found nothing to draft. While every running request is
         # dry, decode steps stay overlapped (`may_draft`); `refresh` looks again once a step's tokens are in.
         self.dry: set[int] = set()
+        self.dry_overlap = True  # (benchmarks/speculative.py --dry-ab turns it off: the steps as before)
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
@@ -157,7 +158,7 @@ class SpecDecoder:
         overlapped, whatever the arm, so it says nothing about the arm."""
         if self.payoff is None:
             return
-        dry = (self.step_k > 0 and not drafted and bool(self.dry) and reqs is not None
+        dry = (self.dry_overlap and self.step_k > 0 and not drafted and bool(self.dry) and reqs is not None
                and all(id(r) in self.dry for r in reqs))
         self.payoff.scheduled(plain_decode and not dry, drafted)
 
@@ -190,7 +191,7 @@ class SpecDecoder:
         Not while every running request is dry: text the n-gram index cannot follow (a request's start
         before it repeats anything) decodes overlapped, as without speculation, and drafting resumes a
         step after `refresh` finds a match (on the H200 a synchronous plain step cost ~0.6-1 ms more)."""
-        if not self.allowed or (self.dry and all(id(r) in self.dry for r in running)):
+        if not self.allowed or (self.dry_overlap and self.dry and all(id(r) in self.dry for r in running)):
             return False
         return worth_drafting([self._acceptance(r).rate for r in running], self.beta)
 
@@ -198,7 +199,7 @@ class SpecDecoder:
         """After an overlapped step's tokens are appended: a dry request whose text now ends in an n-gram
         seen before is dry no more (the next step commits first and drafts). Only while this step's arm
         drafts (else nothing drafts next step either)."""
-        if not self.dry or not self.allowed:
+        if not self.dry or not self.allowed or not self.dry_overlap:
             return
         for req in running:
             key = id(req)
