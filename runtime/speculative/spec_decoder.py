@@ -123,7 +123,9 @@ class SpecDecoder:
         # NGRAM chains: requests whose last lookup found nothing to draft. While every running request is
         # dry, decode steps stay overlapped (`may_draft`); `refresh` looks again once a step's tokens are in.
         self.dry: set[int] = set()
-        self.dry_overlap = True  # (benchmarks/speculative.py --dry-ab turns it off: the steps as before)
+        # ... with the overlap schedule only (without it no step is overlapped; benchmarks/speculative.py --dry-ab
+        # turns it off to measure the steps as before)
+        self.dry_overlap = not args.disable_overlap_schedule
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall

@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+import tests.speculative.test_payoff_replay as replay
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
+from tests.speculative.test_payoff_replay import block_prompts, requests, timed_run, vocab_of
 from tests.speculative.test_spec_scheduler import assert_same, run_checked
 
 
@@ -32,3 +34,28 @@ def test_dry_requests_decode_overlapped_then_draft_again(tiny) -> None:
     assert sum(ahead_of_commit) >= 10
     assert sched.spec.verify_steps > 0 and not sched.spec.dry
     assert_pool_idle(sched)
+
+
+def test_batch_1_loop_on_the_replayed_h200_clock_drafts_deeper(tiny) -> None:
+    """test_payoff_replay's batch-1 loop with the overlap schedule (as on a GPU): dry steps cost a plain
+    step and are not charged to the drafting arms, so the payoff keeps a deep arm and the run gains more
+    than with them synchronous and measured (dry_overlap off: the steps as before)."""
+    reqs = requests(block_prompts(vocab_of(tiny), 4, seed=2), 128)
+    off, ref, _ = timed_run(tiny, reqs, False, one_at_a_time=True, overlap=True)
+    on, got, sched = timed_run(tiny, reqs, True, one_at_a_time=True, overlap=True)
+    assert {r: v["output_ids"] for r, v in got.items()} == {r: v["output_ids"] for r, v in ref.items()}
+    assert sched.spec.dry_overlap and sched.spec.payoff.info()["bs<2"]["k"] >= 3, sched.spec.payoff.info()
+    made = replay.make_scheduler  # the same run with dry_overlap off (benchmarks/speculative.py --dry-ab's switch)
+
+    def without_dry(*a, **k):
+        sched = made(*a, **k)
+        if sched.spec is not None:
+            sched.spec.dry_overlap = False
+        return sched
+    replay.make_scheduler = without_dry
+    try:
+        on_before, got_before, _ = timed_run(tiny, reqs, True, one_at_a_time=True, overlap=True)
+    finally:
+        replay.make_scheduler = made
+    assert got_before == got
+    assert off / on > 1.15 * off / on_before, (off / on, off / on_before)

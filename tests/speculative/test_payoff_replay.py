@@ -44,7 +44,7 @@ class DeviceClock:
     def __call__(self) -> float:
         return self.t
 
-    def _forward(self, fb):
+    def _forward(self, fb, *staged):
         running = len(self.sched.running)
         spec = self.sched.spec
         if fb.mode != ForwardMode.DECODE:
@@ -57,12 +57,12 @@ class DeviceClock:
                 self.plain_at_64 += 1
                 ms += self.stall_ms if self.plain_at_64 == 3 else 0.0
         self.t += ms / 1e3
-        return self.forward(fb)
+        return self.forward(fb, *staged)
 
 
 def timed_run(model_dir, reqs: list[TokenizedGenerateReq], spec: bool, one_at_a_time: bool = False,
-              **clock_options) -> tuple[float, dict, object]:
-    options = dict(max_total_tokens=65536, max_running_requests=128)
+              overlap: bool = False, **clock_options) -> tuple[float, dict, object]:
+    options = dict(max_total_tokens=65536, max_running_requests=128, enable_overlap_schedule_on_cpu=overlap)
     if spec:
         options.update(speculative_algorithm="NGRAM", speculative_num_steps=4)
     sched = make_scheduler(model_dir, **options)
