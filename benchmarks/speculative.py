@@ -464,7 +464,9 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     rng = random.Random(1)
     report["cells"] = []
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
-    variants = tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab)) if on)
+    # (--dry-ab at the smallest batch only: where the drafter runs dry before the text repeats)
+    variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)))
+                            if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
         if kind == "replay" and topk > 1:
@@ -477,7 +479,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
         prompts = prompt_sets[batch, kind]
         outs: dict = {}
         cell = {"prompts": kind, **compare(sched, prompts, batch, args.new_tokens, True, args.repeats, outputs=outs,
-                                           topk=topk, replay=kind == "replay", variants=variants)}
+                                           topk=topk, replay=kind == "replay", variants=variants_of[batch])}
         # the divergence audit: every cell ("all"), or batch 1 (cheap: lanes' drift next to lane 0's) and
         # cells whose outputs differ ("divergence")
         if args.audit == "all" or (args.audit == "divergence" and (batch == 1 or not cell["identical"])):
@@ -498,7 +500,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
               f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
               flush=True)
-        for name in variants:
+        for name in variants_of[batch]:
             what = VARIANTS[name]
             print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
                   f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
@@ -588,7 +590,7 @@ def main() -> None:
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
     ap.add_argument("--profile-small-only", action="store_true", help="gpu mode: the profile's runs at the smallest "
                     "batch only (replayed drafts, k = 1, 2, 4)")
-    ap.add_argument("--dry-ab", action="store_true", help="gpu mode: e2e cells also run spec on with dry requests' "
+    ap.add_argument("--dry-ab", action="store_true", help="gpu mode: e2e cells of the smallest batch also run spec on with dry requests' "
                     "steps synchronous and measured for the payoff's arm (as before SpecDecoder.dry_overlap), in the "
                     "same process")
     ap.add_argument("--ahead-ab", action="store_true", help="gpu mode: e2e cells and profile runs also run spec on "
