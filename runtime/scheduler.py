@@ -195,14 +195,7 @@ class Scheduler:
         if self.spec is not None:
             self.spec.begin_step(self.spec.clock(), self.stats["generated_tokens"], len(self.running))
         if self.ahead is not None:  # a verify step in flight: its results, and the next one launched ahead
-            ahead, self.ahead = self.ahead, None
-            self.step_batches.append(ahead.batch)
-            if self.spec is not None:
-                self.spec.scheduled(True, True)
-            if self.grammars is not None:
-                self.grammars.file_completed_rows()
-            self.ahead = verify_ahead.run(self, ahead.batch, ahead.logits)
-            return True
+            return verify_ahead.step(self)
         if self.uncommitted is not None and not self._can_schedule_before_commit():
             self._commit_step()
         batch = self._schedule_prefill()

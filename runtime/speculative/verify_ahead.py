@@ -63,6 +63,19 @@ def eligible(sched: Scheduler, batch: ScheduledBatch) -> bool:
     return True
 
 
+def step(sched: Scheduler) -> bool:
+    """A scheduler step while a verify step runs ahead (`Scheduler.ahead`): its results, and the next
+    one launched ahead where it can be (`run`)."""
+    ahead, sched.ahead = sched.ahead, None
+    assert ahead is not None and sched.spec is not None
+    sched.step_batches.append(ahead.batch)
+    sched.spec.scheduled(True, True)
+    if sched.grammars is not None:
+        sched.grammars.file_completed_rows()
+    sched.ahead = run(sched, ahead.batch, ahead.logits)
+    return True
+
+
 def run(sched: Scheduler, batch: ScheduledBatch, logits: torch.Tensor) -> AheadStep | None:
     """A launched verify batch (every row verifying drafts): draw its target tokens on the device, build
     the next step on the guess that every draft is accepted while it runs, then launch that step if the
