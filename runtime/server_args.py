@@ -270,6 +270,11 @@ class ServerArgs:
         "kernel's). auto: off (batch-1 decode on the H200: 235.0 vs 233.1 tok/s without PDL, 231.1 vs 236.3 with it: "
         "benchmarks/RESULTS.md); on; off",
         str, choices=("auto", "on", "off"))
+    decode_two_streams: str = _flag(
+        "on", "runtime", "decode batches of >= 512 rows on a GPU run as two halves whose decode attention (bound by KV "
+        "bytes) runs on a second CUDA stream beside the other half's GEMMs (bound by FLOPs), captured in the decode "
+        "CUDA graphs (runtime/two_stream_decode.py; not with LoRA, EAGLE-3 or several ranks); on; off",
+        str, choices=("on", "off"))
     decode_silu_epilogue: str = _flag(
         "off", "runtime", "batch-1 decode of 4-bit models: compute SiLU-and-mul in the last split of the gate_up "
         "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). off by default: on "
