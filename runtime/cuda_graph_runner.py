@@ -216,7 +216,7 @@ class CudaGraphRunner:
 
     def _capture_two_streams(self, priority: int = 0, only: Collection[int] | None = None) -> None:
         """Each bucket of >= TWO_STREAM_MIN_ROWS rows as two halves on two streams (the graph's two branches);
-        `priority` of the attention stream and `only` some buckets: benchmarks recapture (two_stream_ab.py)."""
+        `priority` of the attention stream and `only` some buckets: benchmarks recapture (b_levers.py)."""
         started = time.perf_counter()
         self.attn_stream = torch.cuda.Stream(self.runner.device, priority=priority)
         for bs in reversed(self.buckets):

@@ -7,7 +7,7 @@ whose layers interleave: the main stream runs A's projections, B's projections, 
 projections, B's output and MLP, ..., while a second stream runs A's attention, then B's, each after its own
 projections and before its own output — A's attention beside B's GEMMs and the other way round. Each half's
 GEMMs read every weight once (twice a layer in all), so only batches large enough to be compute-bound can gain:
-`TWO_STREAM_MIN_ROWS`, from the H200 measurement (benchmarks/throughput_probe.py --items nano). The decode CUDA
+`TWO_STREAM_MIN_ROWS`, from the H200 measurement (benchmarks/b_levers.py --items steps). The decode CUDA
 graphs capture it (runtime/cuda_graph_runner.py, `--decode-two-streams`): the streams become two branches of
 each graph. Without a second stream (the CPU) the same order runs on one stream, with the one-batch forward's
 results row for row.
