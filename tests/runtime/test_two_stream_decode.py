@@ -137,3 +137,22 @@ def test_graph_runner_runs_and_replays_the_two_stream_forward(tiny_model_dir) ->
         gr.replay(batch)
     assert log == ["two", "one"]
     assert logits.shape[0] == 12 and torch.equal(gr.req_pool_indices[12:], torch.full((4,), gr.pad_row))
+
+
+def test_two_streams_only_where_they_apply() -> None:
+    """Captured with --decode-two-streams on, on CUDA, without LoRA, EAGLE-3's hidden states or several ranks."""
+    from types import SimpleNamespace
+
+    from radixlm.runtime.cuda_graph_runner import CudaGraphRunner
+
+    def wanted(flag="on", device="cuda", lora=None, aux=()) -> bool:
+        gr = CudaGraphRunner.__new__(CudaGraphRunner)
+        gr.runner = SimpleNamespace(args=SimpleNamespace(decode_two_streams=flag), device=torch.device(device),
+                                    lora=lora, model=SimpleNamespace(aux_layers=aux))
+        return gr._two_streams_wanted()
+
+    assert wanted()
+    assert not wanted(flag="off")
+    assert not wanted(device="cpu")
+    assert not wanted(lora=object())
+    assert not wanted(aux=(1, 2))
