@@ -7,7 +7,8 @@ both kinds of decode graph for the buckets of >= 512 rows (runtime/two_stream_de
   steps    per batch size: rows with contexts U[192, 1280] of random KV (prompt + generated, as in (b)'s first few
            hundred decode steps); the runner's whole decode step (graph replay, LM head, greedy argmax) timed with
            CUDA events, one stream vs two interleaved (`CudaGraphRunner.use_two_streams`; --high-priority: also the
-           attention stream at high priority), against the step's no-overlap floor (GEMM FLOPs at the measured
+           attention stream at high priority; --carveouts: also cuBLAS leaving N SMs to the attention stream, torch's
+           experimental SM carve-out, recaptured per bucket), against the step's no-overlap floor (GEMM FLOPs at the measured
            matmul rate + KV bytes at the measured copy rate); tokens and logits of the two compared
   prefill  (b)'s prefill phase: ~6 chunks of (b)-like prompts (fresh ones each run, one new token each) with the
            prefill steps synchronous (the default for (b)'s ~16-request chunks) vs overlapped (the next chunk
@@ -54,7 +55,7 @@ def decode_batch(runner, bs: int, rng: random.Random) -> tuple[ForwardBatch, lis
         return torch.tensor(values, dtype=dtype, device=dev)
 
     batch = ForwardBatch(
-        mode=ForwardMode.DECODE, input_ids=t([rng.randrange(1000, 100000) for _ in range(bs)]),
+        mode=ForwardMode.DECODE, input_ids=t([rng.randrange(runner.vocab_size) for _ in range(bs)]),
         positions=t([n - 1 for n in ctx]), out_cache_loc=last.to(dev), req_pool_indices=t(rows),
         seq_lens=t(ctx, torch.int32), req_pool_indices_cpu=rows, seq_lens_cpu=ctx, extend_seq_lens_cpu=[1] * bs,
         extend_seq_lens=t([1] * bs, torch.int32), extend_start_loc=t(list(range(bs)), torch.int32),
@@ -62,7 +63,8 @@ def decode_batch(runner, bs: int, rng: random.Random) -> tuple[ForwardBatch, lis
     return batch, rows, slots
 
 
-def item_steps(sched, batches: list[int], steps: int, high_priority: bool, bw: float, matmul: float) -> dict:
+def item_steps(sched, batches: list[int], steps: int, high_priority: bool, carveouts: list[int], arms_min_bs: int,
+               bw: float, matmul: float) -> dict:
     runner = sched.runner
     gr = runner.graph_runner
     out: dict = {}
@@ -99,18 +101,32 @@ def item_steps(sched, batches: list[int], steps: int, high_priority: bool, bw: f
         for _ in range(3):
             for two in (False, True):
                 row.setdefault("two" if two else "one", []).append(timed(two))
-        if high_priority:  # the attention stream at high priority (recaptured for this bucket, then back)
-            padded = min(b for b in gr.buckets if b >= bs)
+        padded = min(b for b in gr.buckets if b >= bs)
+        if high_priority and bs >= arms_min_bs:  # the attention stream at high priority (recaptured, then back)
             gr._capture_two_streams(priority=-1, only=[padded])
             row["two_high"] = [timed(True) for _ in range(2)]
             gr._capture_two_streams(priority=0, only=[padded])
+        for sms in carveouts if bs >= arms_min_bs else ():
+            # cuBLAS told to leave `sms` SMs free (torch's experimental SM carve-out, read when a GEMM is
+            # launched, so baked into the captured graph): the attention stream's kernels get those SMs
+            try:
+                torch._C._set_sm_carveout_experimental(sms)
+                gr._capture_two_streams(only=[padded])
+                row[f"two_carveout{sms}"] = [timed(True) for _ in range(2)]
+            except Exception as exc:  # noqa: BLE001 - an experimental torch switch: recorded
+                row[f"two_carveout{sms}"] = repr(exc)[:200]
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+                gr._capture_two_streams(only=[padded])
         floor_ms = (2 * bs * params / matmul + sum(batch.seq_lens_cpu) * layers * kv * 2 * 2 / bw) * 1e3
         row.update(floor_ms=floor_ms, mean_ctx=statistics.mean(batch.seq_lens_cpu),
                    one_ms=min(row["one"]), two_ms=min(row["two"]))
         out[str(bs)] = row
         print(f"bs {bs} (ctx mean {row['mean_ctx']:.0f}): ms a step one stream {row['one_ms']:.2f}, two streams "
               f"{row['two_ms']:.2f} ({row['one_ms'] / row['two_ms']:.3f}x; no-overlap floor {floor_ms:.2f})"
-              + (f", high priority {min(row['two_high']):.2f}" if "two_high" in row else "") + "; tokens equal "
+              + (f", high priority {min(row['two_high']):.2f}" if "two_high" in row else "")
+              + "".join(f", {k.removeprefix('two_')} {min(v):.2f}" if isinstance(v, list) else f", {k}: {v}"
+                        for k, v in row.items() if k.startswith("two_carveout")) + "; tokens equal "
               f"{row['tokens_equal']:.3f}, max logit diff {row['max_logit_diff']:.3g}", flush=True)
         for r in rows:
             runner.req_to_token_pool.free(r)
@@ -157,6 +173,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1024,768,512")
     ap.add_argument("--steps", type=int, default=8, help="steps per timed run (3 runs per arm, interleaved)")
     ap.add_argument("--high-priority", action="store_true", help="also the attention stream at high priority")
+    ap.add_argument("--carveouts", default="", help="also two streams with cuBLAS leaving these many SMs free (comma list)")
+    ap.add_argument("--arms-min-bs", type=int, default=768, help="the high-priority and carve-out arms at batches from this size")
     ap.add_argument("--chunks", type=int, default=6, help="prefill: 8,192-token chunks per run")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "b_levers.json"))
     args = ap.parse_args()
@@ -175,8 +193,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for item in args.items.split(","):
         if item == "steps":
-            report["steps"] = item_steps(sched, [int(b) for b in args.batches.split(",")], args.steps,
-                                         args.high_priority, bw, matmul)
+            report["steps"] = item_steps(sched, [int(b) for b in args.batches.split(",")], args.steps, args.high_priority,
+                                         [int(c) for c in args.carveouts.split(",") if c], args.arms_min_bs, bw, matmul)
         elif item == "prefill":
             report["prefill"] = item_prefill(sched, LLAMA_8B["vocab_size"], args.chunks)
         out.write_text(json.dumps(report, indent=1, default=str))
