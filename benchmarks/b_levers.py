@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,7 +65,8 @@ def decode_batch(runner, bs: int, rng: random.Random) -> tuple[ForwardBatch, lis
 
 
 def item_steps(sched, batches: list[int], steps: int, high_priority: bool, carveouts: list[int], arms_min_bs: int,
-               bw: float, matmul: float) -> dict:
+               bw: float, matmul: float, save: Callable[[dict], None]) -> dict:
+    """`save`: called with the results so far after each batch size (a cut run keeps them)."""
     runner = sched.runner
     gr = runner.graph_runner
     out: dict = {}
@@ -131,6 +133,7 @@ def item_steps(sched, batches: list[int], steps: int, high_priority: bool, carve
         for r in rows:
             runner.req_to_token_pool.free(r)
         runner.kv_pool.free(slots)
+        save(out)
     gr.use_two_streams = True
     return out
 
@@ -191,10 +194,17 @@ def main() -> None:
           f"{report['two_stream_buckets']}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+
+    def save(part: str, value: dict) -> None:
+        report[part] = value
+        out.write_text(json.dumps(report, indent=1, default=str))
+
     for item in args.items.split(","):
         if item == "steps":
             report["steps"] = item_steps(sched, [int(b) for b in args.batches.split(",")], args.steps, args.high_priority,
-                                         [int(c) for c in args.carveouts.split(",") if c], args.arms_min_bs, bw, matmul)
+                                         [int(c) for c in args.carveouts.split(",") if c], args.arms_min_bs, bw, matmul,
+                                         lambda partial: save("steps", partial))
         elif item == "prefill":
             report["prefill"] = item_prefill(sched, LLAMA_8B["vocab_size"], args.chunks)
         out.write_text(json.dumps(report, indent=1, default=str))
