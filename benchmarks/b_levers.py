@@ -109,16 +109,13 @@ def item_steps(sched, batches: list[int], steps: int, high_priority: bool, carve
             row["two_high"] = [timed(True) for _ in range(2)]
             gr._capture_two_streams(priority=0, only=[padded])
         for sms in carveouts if bs >= arms_min_bs else ():
-            # cuBLAS told to leave `sms` SMs free (torch's experimental SM carve-out, read when a GEMM is
-            # launched, so baked into the captured graph): the attention stream's kernels get those SMs
+            # the two-stream graph's GEMMs leaving `sms` SMs to the attention stream's kernels (recaptured, then back)
             try:
-                torch._C._set_sm_carveout_experimental(sms)
-                gr._capture_two_streams(only=[padded])
+                gr._capture_two_streams(only=[padded], sm_carveout=sms)
                 row[f"two_carveout{sms}"] = [timed(True) for _ in range(2)]
             except Exception as exc:  # noqa: BLE001 - an experimental torch switch: recorded
                 row[f"two_carveout{sms}"] = repr(exc)[:200]
             finally:
-                torch._C._set_sm_carveout_experimental(None)
                 gr._capture_two_streams(only=[padded])
         floor_ms = (2 * bs * params / matmul + sum(batch.seq_lens_cpu) * layers * kv * 2 * 2 / bw) * 1e3
         row.update(floor_ms=floor_ms, mean_ctx=statistics.mean(batch.seq_lens_cpu),

@@ -38,8 +38,10 @@ from radixlm.kernels.cascade_layout import CascadeLayout, empty_layout
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.two_stream_decode import (
     TWO_STREAM_MIN_ROWS,
+    TWO_STREAM_SM_CARVEOUT,
     TwoStreamDecode,
     first_half_rows,
+    gemm_sm_carveout,
     half_metadata,
     split_batch,
 )
@@ -214,9 +216,11 @@ class CudaGraphRunner:
         metas = (half_metadata(attn, halves[0]), half_metadata(attn, halves[1]))
         return TwoStreamDecode(self.runner.model, attn, halves, metas, self.attn_stream).run()
 
-    def _capture_two_streams(self, priority: int = 0, only: Collection[int] | None = None) -> None:
-        """Each bucket of >= TWO_STREAM_MIN_ROWS rows as two halves on two streams (the graph's two branches);
-        `priority` of the attention stream and `only` some buckets: benchmarks recapture (b_levers.py)."""
+    def _capture_two_streams(self, priority: int = 0, only: Collection[int] | None = None,
+                             sm_carveout: int | None = TWO_STREAM_SM_CARVEOUT) -> None:
+        """Each bucket of >= TWO_STREAM_MIN_ROWS rows as two halves on two streams (the graph's two branches), its
+        GEMMs leaving `sm_carveout` SMs free; `priority` of the attention stream and `only` some buckets: benchmarks
+        recapture (b_levers.py)."""
         started = time.perf_counter()
         self.attn_stream = torch.cuda.Stream(self.runner.device, priority=priority)
         for bs in reversed(self.buckets):
@@ -226,7 +230,7 @@ class CudaGraphRunner:
                 self._run_two_streams(bs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with gemm_sm_carveout(sm_carveout), torch.cuda.graph(graph, pool=self.pool):
                 self.two_stream_outputs[bs] = self._run_two_streams(bs)
             self.two_stream_graphs[bs] = graph
             torch.cuda.synchronize()

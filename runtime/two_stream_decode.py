@@ -14,6 +14,8 @@ results row for row.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,23 @@ if TYPE_CHECKING:
     from radixlm.runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 TWO_STREAM_MIN_ROWS = 512
+# SMs cuBLAS leaves free in the two-stream graphs' GEMMs, for the attention stream's kernels (None: all SMs)
+TWO_STREAM_SM_CARVEOUT: int | None = None
+
+
+@contextmanager
+def gemm_sm_carveout(sms: int | None) -> Iterator[None]:
+    """cuBLAS GEMMs launched or captured inside leave `sms` SMs free (torch's experimental SM carve-out, read at
+    each GEMM's launch, so a captured graph keeps it); None changes nothing."""
+    if sms is None:
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
 
 
 def first_half_rows(bs: int) -> int:

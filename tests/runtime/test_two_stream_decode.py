@@ -156,3 +156,17 @@ def test_two_streams_only_where_they_apply() -> None:
     assert not wanted(device="cpu")
     assert not wanted(lora=object())
     assert not wanted(aux=(1, 2))
+
+
+def test_gemm_sm_carveout_is_set_inside_and_restored() -> None:
+    from radixlm.runtime.two_stream_decode import gemm_sm_carveout
+
+    before = torch._C._get_sm_carveout_experimental()
+    with gemm_sm_carveout(24):
+        assert torch._C._get_sm_carveout_experimental() == 24
+    assert torch._C._get_sm_carveout_experimental() == before
+    with gemm_sm_carveout(None):
+        assert torch._C._get_sm_carveout_experimental() == before
+    with pytest.raises(RuntimeError), gemm_sm_carveout(8):
+        raise RuntimeError("a failed capture")
+    assert torch._C._get_sm_carveout_experimental() == before
