@@ -12,7 +12,8 @@ both kinds of decode graph for the buckets of >= 512 rows (runtime/two_stream_de
            matmul rate + KV bytes at the measured copy rate); tokens and logits of the two compared
   prefill  (b)'s prefill phase: ~6 chunks of (b)-like prompts (fresh ones each run, one new token each) with the
            prefill steps synchronous (the default for (b)'s ~16-request chunks) vs overlapped (the next chunk
-           scheduled and launched while one runs: scheduler.OVERLAP_PREFILL_MIN_REQUESTS), interleaved twice
+           scheduled and launched while one runs: scheduler.OVERLAP_PREFILL_MIN_REQUESTS) vs synchronous chunks of
+           twice the size (half the steps), interleaved twice
 """
 from __future__ import annotations
 
@@ -141,13 +142,15 @@ def item_prefill(sched, vocab: int, chunks: int) -> dict:
     default = scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS
     out: dict = {"default_min_requests": default}
     seed = 100
+    chunk, budget = sched.chunk_size, sched.max_prefill_tokens
     for _ in range(2):
-        for arm, min_requests in (("sync", 1 << 30), ("overlap", 1)):
+        for arm, min_requests, size in (("sync", 1 << 30, chunk), ("overlap", 1, chunk), ("sync_2x_chunk", 1 << 30, 2 * chunk)):
             prompts: list[list[int]] = []
-            while sum(map(len, prompts)) < chunks * 8192:
+            while sum(map(len, prompts)) < chunks * chunk:
                 prompts.append(workload_b(1, vocab, seed=seed)[0][0])
                 seed += 1
             scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = min_requests
+            sched.chunk_size, sched.max_prefill_tokens = size, max(budget, size)
             for i, p in enumerate(prompts):
                 sched.handle(TokenizedGenerateReq(rid=f"p{seed}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0, max_new_tokens=1, ignore_eos=True)))
@@ -164,6 +167,7 @@ def item_prefill(sched, vocab: int, chunks: int) -> dict:
                   f"({sum(map(len, prompts)) / dt:.0f} tok/s)", flush=True)
             sched.cache.flush()
     scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = default
+    sched.chunk_size, sched.max_prefill_tokens = chunk, budget
     return out
 
 
