@@ -18,17 +18,13 @@ replayed for the steps whose planner grouped rows by shared prefix.
 The small buckets whose decode attention splits each row's KV over many programs (32 at batch 1 on the
 H200) also have a short-context graph with fewer splits (`decode_attention.short_context_splits`),
 replayed while the step's longest context fits them: the same partial results, fewer empty programs.
-
-With --decode-two-streams on, the buckets of >= TWO_STREAM_MIN_ROWS rows also have a graph of the batch as two
-halves on two streams (runtime/two_stream_decode.py: each half's decode attention beside the other half's GEMMs),
-replayed for plain steps (no LoRA rows, no cascade layout) in their place.
 """
 from __future__ import annotations
 
 import bisect
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,15 +32,6 @@ import torch
 from radixlm.kernels import AttentionMetadata
 from radixlm.kernels.cascade_layout import CascadeLayout, empty_layout
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixlm.runtime.two_stream_decode import (
-    TWO_STREAM_MIN_ROWS,
-    TWO_STREAM_SM_CARVEOUT,
-    TwoStreamDecode,
-    first_half_rows,
-    gemm_sm_carveout,
-    half_metadata,
-    split_batch,
-)
 
 if TYPE_CHECKING:
     from radixlm.runtime.model_runner import ModelRunner
@@ -90,12 +77,6 @@ class CudaGraphRunner:
         self.short_outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.short_aux_outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.short_max_len = 0
-        # --decode-two-streams: the large buckets' graphs of runtime/two_stream_decode.py (plain attention, no LoRA),
-        # replayed while `use_two_streams` (benchmarks turn it off for an A/B in one process)
-        self.two_stream_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.two_stream_outputs: dict[int, torch.Tensor] = {}
-        self.use_two_streams = True
-        self.attn_stream: torch.cuda.Stream | None = None
         self.pool = torch.cuda.graph_pool_handle()
         self._capture_all()
 
@@ -129,23 +110,15 @@ class CudaGraphRunner:
                     del self.graphs[key], self.outputs[key]
                 self.runner.cascade = None
                 self.variants = [(lora, c) for lora, c in self.variants if not c]
-        # optional speed-ups: the plain graphs serve every step without them
-        self._capture_optional("short-context", self._capture_short, self.short_graphs, self.short_outputs,
-                               self.short_aux_outputs)
-        if self._two_streams_wanted():
-            self._capture_optional("two-stream", self._capture_two_streams, self.two_stream_graphs,
-                                   self.two_stream_outputs)
+        try:
+            self._capture_short()
+        except Exception:  # an optional speed-up: the full-split graphs serve every step without it
+            logger.exception("short-context decode graphs disabled: capturing them failed")
+            self.short_graphs.clear()
+            self.short_outputs.clear()
+            self.short_aux_outputs.clear()
         logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.buckets,
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.capture_s.items()))
-
-    @staticmethod
-    def _capture_optional(name: str, capture: Callable[[], None], *made: dict) -> None:
-        try:
-            capture()
-        except Exception:  # noqa: BLE001 - an optional variant must not stop the server
-            logger.exception("%s decode graphs disabled: capturing them failed", name)
-            for d in made:
-                d.clear()
 
     def _capture_buckets(self, cascade: bool, only: Collection[int] | None = None) -> None:
         """Capture every bucket's graphs of one variant (`only`: those buckets; benchmarks recapture
@@ -203,40 +176,6 @@ class CudaGraphRunner:
         if self.short_graphs:
             self.capture_s["short-context"] = time.perf_counter() - started
 
-    def _two_streams_wanted(self) -> bool:
-        from radixlm.runtime.parallel.state import get_parallel_state
-
-        runner = self.runner
-        return (runner.args.decode_two_streams == "on" and runner.device.type == "cuda" and runner.lora is None
-                and not runner.model.aux_layers and get_parallel_state() is None)
-
-    def _run_two_streams(self, bs: int) -> torch.Tensor:
-        attn = self.runner.attn_backend
-        halves = split_batch(self._batch(bs), first_half_rows(bs))
-        metas = (half_metadata(attn, halves[0]), half_metadata(attn, halves[1]))
-        return TwoStreamDecode(self.runner.model, attn, halves, metas, self.attn_stream).run()
-
-    def _capture_two_streams(self, priority: int = 0, only: Collection[int] | None = None,
-                             sm_carveout: int | None = TWO_STREAM_SM_CARVEOUT) -> None:
-        """Each bucket of >= TWO_STREAM_MIN_ROWS rows as two halves on two streams (the graph's two branches), its
-        GEMMs leaving `sm_carveout` SMs free; `priority` of the attention stream and `only` some buckets: benchmarks
-        recapture (b_levers.py)."""
-        started = time.perf_counter()
-        self.attn_stream = torch.cuda.Stream(self.runner.device, priority=priority)
-        for bs in reversed(self.buckets):
-            if bs < TWO_STREAM_MIN_ROWS or (only is not None and bs not in only):
-                continue
-            for _ in range(2):
-                self._run_two_streams(bs)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with gemm_sm_carveout(sm_carveout), torch.cuda.graph(graph, pool=self.pool):
-                self.two_stream_outputs[bs] = self._run_two_streams(bs)
-            self.two_stream_graphs[bs] = graph
-            torch.cuda.synchronize()
-        if self.two_stream_graphs:
-            self.capture_s["two-stream"] = time.perf_counter() - started
-
     def _cascade_view(self, bs: int) -> CascadeLayout:
         assert self.cascade is not None
         c = self.cascade
@@ -272,9 +211,6 @@ class CudaGraphRunner:
             self.req_pool_indices[bs:padded].fill_(self.pad_row)
             self.seq_lens[bs:padded].fill_(1)
         cascade = batch.cascade is not None and (padded, lora, True) in self.graphs
-        if not cascade and not lora and self.use_two_streams and padded in self.two_stream_graphs:
-            self.two_stream_graphs[padded].replay()
-            return self.runner.model.compute_logits(self.two_stream_outputs[padded][:bs])
         if cascade:
             self._copy_cascade(batch.cascade, bs, padded)  # type: ignore[arg-type]
         elif (padded, lora) in self.short_graphs and batch.max_seq_len <= self.short_max_len:

@@ -87,14 +87,6 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         """`residual`: what the output is added to next (a LoRA update may go there). `qkv`: the projection
         already made (the decoder's add + norm in the qkv GEMV's loads); then `hidden` is not read."""
-        q, k_new, v_new = self.project(hidden, batch, attn, cos_sin, ops, qkv)
-        return self.output(attn.forward(q, k_new, v_new, self.layer_id, batch), residual)
-
-    def project(
-        self, hidden: torch.Tensor | None, batch: ForwardBatch, attn: PagedAttentionBackend, cos_sin: torch.Tensor,
-        ops: KernelOps, qkv: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The attention's inputs: q rotated, the new K / V in the pool (or returned for `attn.forward` to store)."""
         if qkv is None:
             qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -104,9 +96,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = ops.rms_norm(q, self.q_norm.weight, self.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
-        return attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
-
-    def output(self, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
+        out = attn.forward(q, k_new, v_new, self.layer_id, batch)
         return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
 
 
