@@ -142,9 +142,10 @@ class ServerArgs:
     disable_overlap_schedule: bool = _flag(False, "scheduling", "do not prepare step N+1 while step N runs "
                                            "on the GPU", bool)
     disable_overlap_prefill: bool = _flag(False, "scheduling", "commit a prefill step's first tokens before "
-                                          "scheduling the next step (default: after a step of 96+ requests, e.g. "
-                                          "short questions on a cached prefix, the next prefill chunk is scheduled "
-                                          "and launched while it runs; with the overlap schedule only)", bool)
+                                          "scheduling the next step (default: after a step of 12+ requests, e.g. "
+                                          "a chunk of ~600-token prompts or of short questions on a cached prefix, "
+                                          "the next prefill chunk is scheduled and launched while it runs; with the "
+                                          "overlap schedule only)", bool)
     enable_overlap_schedule_on_cpu: bool = _flag(False, "scheduling", "use the overlap schedule on a CPU too "
                                                  "(on by default only on CUDA, where it pays)", bool)
     stream_interval: int = _flag(1, "scheduling", "send streamed tokens every this many steps", int, minimum=1)
@@ -270,11 +271,6 @@ class ServerArgs:
         "kernel's). auto: off (batch-1 decode on the H200: 235.0 vs 233.1 tok/s without PDL, 231.1 vs 236.3 with it: "
         "benchmarks/RESULTS.md); on; off",
         str, choices=("auto", "on", "off"))
-    decode_two_streams: str = _flag(
-        "on", "runtime", "decode batches of >= 512 rows on a GPU run as two halves whose decode attention (bound by KV "
-        "bytes) runs on a second CUDA stream beside the other half's GEMMs (bound by FLOPs), captured in the decode "
-        "CUDA graphs (runtime/two_stream_decode.py; not with LoRA, EAGLE-3 or several ranks); on; off",
-        str, choices=("on", "off"))
     decode_silu_epilogue: str = _flag(
         "off", "runtime", "batch-1 decode of 4-bit models: compute SiLU-and-mul in the last split of the gate_up "
         "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). off by default: on "
