@@ -161,6 +161,15 @@ def _quantize_rows_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    store_row_codes(x, mask, Codes + row * stride_c + cols, Scales + row, Static, min_scale, STATIC, HW_ROUND)
+
+
+@triton.jit
+def store_row_codes(x, mask, codes_ptrs, scale_ptr, Static, min_scale, STATIC: tl.constexpr, HW_ROUND: tl.constexpr):
+    """One row's quantization, shared by every kernel that emits codes (this module's, and the norm / SiLU
+    kernels that quantize what they produce, kernels/fp8_act_quant.py): float32 x (its masked-off lanes 0)
+    -> its scale (max |x| / 448, at least min_scale; or the static one) at scale_ptr and the e4m3 codes of
+    x / scale, saturated, at codes_ptrs."""
     if STATIC:
         scale = tl.load(Static)
     else:
@@ -169,8 +178,8 @@ def _quantize_rows_kernel(
     q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))  # NaN stays NaN, as torch's clamp keeps it
     if not HW_ROUND:  # the interpreter's cast rounds ties away and drops carries: round on the float32 value
         q = _round_to_fp8(q, 3, -6)  # e4m3: 3 mantissa bits, smallest normal 2^-6
-    tl.store(Codes + row * stride_c + cols, q.to(Codes.dtype.element_ty), mask=mask)
-    tl.store(Scales + row, scale)
+    tl.store(codes_ptrs, q.to(codes_ptrs.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr, scale)
 
 
 @triton.jit

@@ -25,6 +25,7 @@ from radixlm.runtime.parallel.layers import (
     VocabParallelEmbedding,
     gather_vocab_logits,
 )
+from radixlm.runtime.quantization import fp8_act
 from radixlm.runtime.quantization.base import linear_forward
 from radixlm.runtime.quantization.fp8 import FP8
 from radixlm.runtime.quantization.fp8_checkpoint import FP8_SCALE_KINDS, KV_SCALE_NAME, Fp8Checkpoint, fp8_scalar
@@ -116,6 +117,8 @@ class LlamaMLP(nn.Module):
                 return self.down_proj(act, lora_into=residual)
             gate_up = self.gate_up_proj(x)
         fused = self.down_proj.forward_silu_mul(gate_up, lora_into=residual)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
+        if fused is None:  # FP8 at W8A8 sizes: SiLU-and-mul emits down's e4m3 input
+            fused = fp8_act.silu_mul_linear(self.down_proj, gate_up, ops)
         return fused if fused is not None else self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)
 
 
@@ -176,6 +179,9 @@ class LlamaForCausalLM(nn.Module):
                 aux[i] = hidden.clone() if residual is None else hidden + residual
             # batch 1 with --decode-gemv-norm: each add + RMSNorm inside the next GEMV's loads (one launch less)
             fused = layer.self_attn.qkv_proj.forward_add_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
+            if fused is None:  # FP8 at W8A8 sizes: the (add +) norm emits qkv's e4m3 input
+                fused = fp8_act.add_norm_linear(layer.self_attn.qkv_proj, hidden, residual, layer.input_layernorm.weight,
+                                                layer.eps, ops)
             if fused is not None:
                 qkv, new_residual = fused
                 residual = hidden if residual is None else new_residual
@@ -189,6 +195,8 @@ class LlamaForCausalLM(nn.Module):
                 hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual)
             post = layer.post_attention_layernorm.weight
             fused = layer.mlp.gate_up_proj.forward_add_norm(hidden, residual, post, layer.eps)
+            if fused is None:  # and gate_up's
+                fused = fp8_act.add_norm_linear(layer.mlp.gate_up_proj, hidden, residual, post, layer.eps, ops)
             if fused is not None:
                 gate_up, residual = fused
                 hidden = layer.mlp(None, ops, residual, gate_up=gate_up)
