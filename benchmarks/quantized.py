@@ -206,14 +206,16 @@ def check_on_cuda(root: Path) -> dict:
 
 def engine_items(model_dir: Path, vocab: int, opts: dict, decode_only: bool = False, b_only: bool = False) -> dict:
     """(a), (c), (b) and the memory figures of one engine; `decode_only`: (a) and memory, graphs up to batch 8;
-    `b_only`: (b) and memory."""
+    `b_only`: (b) and memory, with gpu_suite's (b) engine (`gpu_throughput.item_b`: graphs up to the engine's default
+    batch, not 256), so its bf16 (b) figure of the same lease compares too."""
     import radixlm
 
     rng = random.Random(1)
     res: dict = {}
     t = time.perf_counter()
     with radixlm.Engine(str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                        mem_fraction_static=0.85, context_length=4096, cuda_graph_max_bs=8 if decode_only else 256,
+                        mem_fraction_static=0.85, context_length=4096,
+                        cuda_graph_max_bs=8 if decode_only else None if b_only else 256,
                         **opts) as eng:
         res["startup_s"] = time.perf_counter() - t
         info = eng.tokenizer_manager.info
