@@ -3,8 +3,8 @@ of quantized.py, or alone) at workload (b)'s sizes, M = 256, 1,024, 8,192 rows (
 
   norm   add + RMSNorm (hidden 4,096) then `quantize_rows_fp8`, against `add_rms_norm_fp8` (one launch, no bf16 normed
          tensor): µs, and each against its bytes floor (11 / 7 bytes an element at the measured copy bandwidth)
-  silu   SiLU-and-mul (intermediate 14,336) then `quantize_rows_fp8`, against `silu_and_mul_fp8` at 8 / 16 / 32 warps
-         (9 / 5 bytes an output element)
+  silu   SiLU-and-mul (intermediate 14,336) then `quantize_rows_fp8`, against `silu_and_mul_fp8` in each of
+         SILU_VARIANTS (9 / 5 bytes an output element: the chunked variants' second read of the row counted as L2)
   chain  what a decoder layer runs for qkv, gate_up and down: bf16 (norm or SiLU, then cuBLAS), FP8 with the separate
          quantization (norm or SiLU, `Fp8Weight.linear`), FP8 fused (the emitting kernel, `Fp8Weight.linear_codes`)
   equal  the fused kernels' codes and scales against the separate kernels' on the GPU, bit for bit
@@ -23,6 +23,8 @@ import torch
 
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 ROWS = (256, 1024, 8192)
+# silu_and_mul_fp8 (block, warps): the whole 14,336-column row in one pass, or chunks read twice (max, then codes)
+SILU_VARIANTS = ((16384, 32), (16384, 16), (1024, 4), (2048, 8), (4096, 8), (4096, 16))
 
 
 def _equal(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -61,13 +63,14 @@ def act_fusion_table(ceil: dict, graph_time: Callable[..., float], device: str =
 
         row: dict = {"M": m,
                      "norm_codes_equal": _equal(add_rms_norm_fp8(x, res, norm_w, 1e-5, _MIN_SCALE)[:2], norm_sep()),
-                     "silu_codes_equal": all(_equal(silu_and_mul_fp8(gu, _MIN_SCALE, num_warps=w), silu_sep())
-                                             for w in (8, 16, 32))}
+                     "silu_codes_equal": all(_equal(silu_and_mul_fp8(gu, _MIN_SCALE, block=b, num_warps=w), silu_sep())
+                                             for b, w in SILU_VARIANTS)}
         t = {"norm_sep": graph_time(norm_sep, inner),
              "norm_fused": graph_time(lambda: add_rms_norm_fp8(x, res, norm_w, 1e-5, _MIN_SCALE), inner)}
         t["silu_sep"] = graph_time(silu_sep, inner)
-        for w in (8, 16, 32):
-            t[f"silu_fused_w{w}"] = graph_time(lambda w=w: silu_and_mul_fp8(gu, _MIN_SCALE, num_warps=w), inner)
+        for b, w in SILU_VARIANTS:
+            t[f"silu_fused_b{b}w{w}"] = graph_time(lambda b=b, w=w: silu_and_mul_fp8(gu, _MIN_SCALE, block=b, num_warps=w),
+                                                   inner)
         floors = {"norm_sep": 11 * m * HIDDEN / bw, "norm_fused": 7 * m * HIDDEN / bw,
                   "silu_sep": 9 * m * INTER / bw, "silu_fused": 5 * m * INTER / bw}
         for name in ("qkv", "gate_up"):
@@ -85,17 +88,16 @@ def act_fusion_table(ceil: dict, graph_time: Callable[..., float], device: str =
             row[f"{name}_fused_vs_bf16"] = t[f"{name}_bf16"] / t[f"{name}_fp8_fused"]
             row[f"{name}_sep_vs_bf16"] = t[f"{name}_bf16"] / t[f"{name}_fp8_sep"]
         rows.append(row)
-        silu_best = min(t[f"silu_fused_w{w}"] for w in (8, 16, 32))
-        silu_each = " / ".join(f"{t[f'silu_fused_w{w}'] * 1e6:.1f}" for w in (8, 16, 32))
+        silu_best = min(t[f"silu_fused_b{b}w{w}"] for b, w in SILU_VARIANTS)
+        silu_each = " / ".join(f"{t[f'silu_fused_b{b}w{w}'] * 1e6:.1f}" for b, w in SILU_VARIANTS)
         print(f"M {m:>5}  norm+quant {t['norm_sep'] * 1e6:7.1f} -> fused {t['norm_fused'] * 1e6:7.1f} us (floors "
               f"{floors['norm_sep'] * 1e6:.1f} / {floors['norm_fused'] * 1e6:.1f})  silu+quant {t['silu_sep'] * 1e6:7.1f} -> "
-              f"fused w8/16/32 {silu_each} us (best "
+              f"fused (block, warps) {SILU_VARIANTS}: {silu_each} us (best "
               f"{silu_best / floors['silu_fused']:.0%} of floor {floors['silu_fused'] * 1e6:.1f})  codes equal: norm "
               f"{row['norm_codes_equal']}, silu {row['silu_codes_equal']}", flush=True)
         print("         chain us bf16 / fp8 sep / fp8 fused: " + "   ".join(
             f"{n} {t[f'{n}_bf16'] * 1e6:.1f} / {t[f'{n}_fp8_sep'] * 1e6:.1f} / {t[f'{n}_fp8_fused'] * 1e6:.1f} "
             f"({row[f'{n}_fused_vs_bf16']:.2f}x)" for n in ("qkv", "gate_up", "down")), flush=True)
-        del x, res, gu
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows

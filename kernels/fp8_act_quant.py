@@ -7,7 +7,8 @@ holds each whole row in registers, so the codes can be made there:
 
 - `add_rms_norm_fp8`: (x + residual) -> RMSNorm -> codes and scales for qkv / gate_up, and the new residual;
 - `silu_and_mul_fp8`: [gate | up] -> silu(gate) * up -> codes and scales for down (one program per row: the
-  scale needs the row's max, so the row is not split across programs as `ops.silu_and_mul` splits it).
+  scale needs the row's max, so the row is not split across programs as `ops.silu_and_mul` splits it; a long
+  row is read in chunks twice, for its max and then for its codes).
 
 Neither writes the bf16 activation. Each computes it exactly as the separate kernel does (`ops._rms_norm_kernel`
 at the same warps, so the same sum of squares; `ops._silu_and_mul_kernel`), rounds it to the activation dtype
@@ -21,8 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import FP8, store_row_codes
+from .fp8_gemm import FP8, row_scale, store_codes, store_row_codes
 from .gdc import enter, launch_options
+
+# columns of [gate | up] a SiLU program holds at once (8B: 14,336 a row, read in 7 chunks, twice): a guess until the H200
+# sweep of benchmarks/fp8_act_fusion.py (whole-row programs at 16-32 warps hold ~1 program an SM; see RESULTS.md)
+SILU_BLOCK = 2048
 
 
 @triton.jit
@@ -48,19 +53,39 @@ def _add_rms_norm_fp8_kernel(
 
 
 @triton.jit
+def _silu_mul_chunk(X, cols, mask, n_cols):
+    """silu(gate) * up at columns `cols` of the row at X, as ops' kernel computes and rounds it, in float32."""
+    gate = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)  # rounded before the product, as ops'
+    return (act * up).to(X.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_fp8_kernel(
     X, Codes, Scales, Static, min_scale, n_cols, stride_x, stride_c,
-    STATIC: tl.constexpr, HW_ROUND: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    STATIC: tl.constexpr, HW_ROUND: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(X + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)  # rounded before the product, as ops'
-    y = (act * up).to(X.dtype.element_ty).to(tl.float32)
-    store_row_codes(y, mask, Codes + row * stride_c + cols, Scales + row, Static, min_scale, STATIC, HW_ROUND)
+    if ONE_PASS:  # the whole row in registers (BLOCK >= n_cols)
+        mask = cols < n_cols
+        store_row_codes(_silu_mul_chunk(x_row, cols, mask, n_cols), mask, Codes + row * stride_c + cols, Scales + row,
+                        Static, min_scale, STATIC, HW_ROUND)
+    else:  # a long row in chunks: its max first, then the chunks again (from L2), quantized
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        if not STATIC:
+            for c0 in range(0, n_cols, BLOCK):
+                y = _silu_mul_chunk(x_row, c0 + cols, c0 + cols < n_cols, n_cols)
+                amax = tl.maximum(amax, tl.abs(y))
+        scale = row_scale(tl.max(amax, 0), Static, min_scale, STATIC)
+        for c0 in range(0, n_cols, BLOCK):
+            mask = c0 + cols < n_cols
+            store_codes(_silu_mul_chunk(x_row, c0 + cols, mask, n_cols), mask, Codes + row * stride_c + c0 + cols, scale,
+                        HW_ROUND)
+        tl.store(Scales + row, scale)
 
 
 def _outputs(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,21 +120,23 @@ def add_rms_norm_fp8(
 
 def silu_and_mul_fp8(
     x: torch.Tensor, min_scale: float, static_scale: torch.Tensor | None = None, *, pdl: bool = False,
-    num_warps: int | None = None,
+    block: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, 2I] = [gate | up] -> (codes e4m3 [M, I], scales float32 [M, 1]) of silu(gate) * up in one launch.
-    `num_warps`: default 16 values of gate and up a thread (up to 32 warps)."""
+    `block`: columns a program holds at once; a row longer than that is read twice (its max, then its codes: the
+    second read mostly from L2), which keeps a program's registers, and so its SM's occupancy, those of a short
+    row. Default SILU_BLOCK; `num_warps` default: 8 values of gate and up a thread."""
     if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % 2:
         raise ValueError(f"silu_and_mul_fp8: x {tuple(x.shape)} must be [rows, 2 * intermediate] with dense rows")
     m, width = x.shape
     n_cols = width // 2
     codes, scales = _outputs(m, n_cols, x.device)
     if m and n_cols:
-        block = triton.next_power_of_2(n_cols)
+        block = min(block or SILU_BLOCK, triton.next_power_of_2(n_cols))
         _silu_and_mul_fp8_kernel[(m,)](
             x, codes, scales, static_scale if static_scale is not None else scales, min_scale, n_cols,
             x.stride(0), codes.stride(0),
-            STATIC=static_scale is not None, HW_ROUND=x.is_cuda, BLOCK=block,
-            num_warps=num_warps or max(1, min(32, block // 512)), **launch_options(pdl, x.device),
+            STATIC=static_scale is not None, HW_ROUND=x.is_cuda, BLOCK=block, ONE_PASS=block >= n_cols,
+            num_warps=num_warps or max(1, min(32, block // 256)), **launch_options(pdl, x.device),
         )
     return codes, scales

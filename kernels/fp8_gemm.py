@@ -170,16 +170,30 @@ def store_row_codes(x, mask, codes_ptrs, scale_ptr, Static, min_scale, STATIC: t
     kernels that quantize what they produce, kernels/fp8_act_quant.py): float32 x (its masked-off lanes 0)
     -> its scale (max |x| / 448, at least min_scale; or the static one) at scale_ptr and the e4m3 codes of
     x / scale, saturated, at codes_ptrs."""
+    scale = row_scale(tl.max(tl.abs(x), 0), Static, min_scale, STATIC)
+    store_codes(x, mask, codes_ptrs, scale, HW_ROUND)
+    tl.store(scale_ptr, scale)
+
+
+@triton.jit
+def row_scale(amax, Static, min_scale, STATIC: tl.constexpr):
+    """A row's scale from its max |x| (a kernel that sees the row in chunks takes the max of theirs: the same
+    value), or the static scale."""
     if STATIC:
         scale = tl.load(Static)
     else:
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX), min_scale)
+        scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), min_scale)
+    return scale
+
+
+@triton.jit
+def store_codes(x, mask, codes_ptrs, scale, HW_ROUND: tl.constexpr):
+    """The e4m3 codes of float32 x / scale, saturated, at codes_ptrs."""
     q = _div_rn_by_row(x, scale)
     q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))  # NaN stays NaN, as torch's clamp keeps it
     if not HW_ROUND:  # the interpreter's cast rounds ties away and drops carries: round on the float32 value
         q = _round_to_fp8(q, 3, -6)  # e4m3: 3 mantissa bits, smallest normal 2^-6
     tl.store(codes_ptrs, q.to(codes_ptrs.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr, scale)
 
 
 @triton.jit

@@ -49,9 +49,12 @@ def test_silu_and_mul_emits_the_reference_codes(device, static, dtype, inter):
     x = _rows(21, 2 * inter, 4, dtype).to(device)
     x[2, inter:] = 0.0  # up all zero: a zero row
     st = torch.tensor([0.05], device=device) if static else None
-    for warps in (None, 1):  # the default, and one warp holding the whole row
-        codes, scales = silu_and_mul_fp8(x, _MIN_SCALE, st, num_warps=warps)
-        _same(codes, scales, quantize_rows(ops.silu_and_mul(x).cpu(), None if st is None else st.cpu()))
+    ref = quantize_rows(ops.silu_and_mul(x).cpu(), None if st is None else st.cpu())
+    # the whole row in one pass (the default at these widths; one warp too), and in chunks of 32 / 16 columns (the
+    # last one partial at 80): the row's max over the chunks, then its codes chunk by chunk
+    for block, warps in ((None, None), (None, 1), (32, None), (16, 1)):
+        codes, scales = silu_and_mul_fp8(x, _MIN_SCALE, st, block=block, num_warps=warps)
+        _same(codes, scales, ref)
     assert scales[2].item() == torch.tensor(0.05 if static else _MIN_SCALE).item()  # (float32)
 
 
