@@ -1,0 +1,95 @@
+"""Compile the FP8-emitting norm / SiLU kernels (kernels/fp8_act_quant.py) and the separate quantization
+(kernels/fp8_gemm.py) for sm_90 on a machine without a GPU, at the 8B shape's widths and each launch the
+benchmark sweeps (benchmarks/fp8_act_fusion.py), and print their registers and spills per thread and what that
+leaves of an SM (resident warps out of 64), and whether the PTX converts with the hardware's `cvt.rn.satfinite`
+e4m3 instruction and has the PDL wait. The interpreter runs kernel bodies as Python and misses code-generation
+errors and register pressure; this runs Triton's real NVIDIA backend (PTX -> cubin with the bundled ptxas).
+
+    pip install --target DIR "triton==3.6.*"   # the device's version
+    PYTHONPATH=DIR python benchmarks/compile_check_fp8_act.py
+
+Exit status 1 when a kernel fails to compile, spills, or lacks the instructions.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from radixlm.kernels import fp8_act_quant, fp8_gemm
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from compile_check_small_m import _resources  # noqa: E402
+from fp8_act_fusion import HIDDEN, INTER, SILU_VARIANTS  # noqa: E402
+
+FLOATS = {"eps", "min_scale"}
+
+
+def _compile(fn, pointers: dict[str, str], constexprs: dict, num_warps: int):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]  # widths and strides: multiples of 16 at the 8B shape
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def cases():
+    bf16, f32, e4m3 = "*bf16", "*fp32", "*fp8e4nv"
+    common = {"STATIC": False, "HW_ROUND": True, "USE_PDL": True}
+    norm_block = triton.next_power_of_2(HIDDEN)
+    yield ("add_rms_norm_fp8", fp8_act_quant._add_rms_norm_fp8_kernel,
+           {"X": bf16, "R": bf16, "W": bf16, "Codes": e4m3, "Scales": f32, "NewRes": bf16, "Static": f32},
+           {**common, "HAS_RES": True, "BLOCK": norm_block}, max(1, min(8, norm_block // 512)))
+    for block, warps in SILU_VARIANTS:
+        block = min(block, triton.next_power_of_2(INTER))
+        yield (f"silu_and_mul_fp8 block {block} warps {warps}", fp8_act_quant._silu_and_mul_fp8_kernel,
+               {"X": bf16, "Codes": e4m3, "Scales": f32, "Static": f32},
+               {**common, "BLOCK": block, "ONE_PASS": block >= INTER}, warps)
+    for width in (HIDDEN, INTER):  # o's input, and down's when the fusion does not apply
+        block = triton.next_power_of_2(width)
+        yield (f"quantize_rows_fp8 width {width}", fp8_gemm._quantize_rows_kernel,
+               {"X": bf16, "Codes": e4m3, "Scales": f32, "Static": f32},
+               {"STATIC": False, "HW_ROUND": True, "BLOCK": block}, max(1, min(32, block // 512)))
+
+
+def main() -> int:
+    print(f"triton {triton.__version__}, target sm_90")
+    failed = 0
+    for name, fn, pointers, constexprs, warps in cases():
+        try:
+            kernel = _compile(fn, pointers, constexprs, warps)
+        except Exception as exc:  # noqa: BLE001 - report every kernel
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}")
+            failed += 1
+            continue
+        ptx = kernel.asm["ptx"]
+        res = _resources(kernel.asm["cubin"])
+        m = re.search(r"regs (\d+) stack (\d+)", res)
+        regs, stack = (int(m.group(1)), int(m.group(2))) if m else (0, -1)
+        # an SM: 65,536 registers (allocated per warp in units of 256), 64 warps, 32 programs
+        per_warp = -(-regs * 32 // 256) * 256
+        programs = min(65536 // max(per_warp * warps, 1), 64 // warps, 32)
+        missing = [what for what, pat in (("cvt e4m3", r"cvt\.rn\.satfinite\.e4m3x2\.f32"),
+                                          ("pdl wait", r"griddepcontrol\.wait")) if not re.search(pat, ptx)]
+        if "USE_PDL" not in constexprs:
+            missing = [w for w in missing if w != "pdl wait"]
+        bad = bool(missing) or stack != 0
+        failed += bad
+        print(f"{'FAIL' if bad else 'ok  '} {name}: {res}, {programs} programs = {programs * warps} warps an SM"
+              + (f" missing {missing}" if missing else ""))
+    print("all compiled" if not failed else f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
