@@ -59,7 +59,7 @@ def cases():
         block = triton.next_power_of_2(width)
         yield (f"quantize_rows_fp8 width {width}", fp8_gemm._quantize_rows_kernel,
                {"X": bf16, "Codes": e4m3, "Scales": f32, "Static": f32},
-               {"STATIC": False, "HW_ROUND": True, "BLOCK": block}, max(1, min(32, block // 512)))
+               {"STATIC": False, "HW_ROUND": True, "BLOCK": block, "USE_PDL": True}, max(1, min(32, block // 512)))
 
 
 def main() -> int:

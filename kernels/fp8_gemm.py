@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gdc import enter, launch_options
 from .ops import _round_to_fp8
 
 FP8 = torch.float8_e4m3fn
@@ -155,8 +156,9 @@ def w8a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 @triton.jit
 def _quantize_rows_kernel(
     X, Codes, Scales, Static, n_cols, stride_x, stride_c, min_scale,
-    STATIC: tl.constexpr, BLOCK: tl.constexpr, HW_ROUND: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK: tl.constexpr, HW_ROUND: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -213,9 +215,10 @@ def _div_rn_by_row(x, s):
     return tl.where(x == 0.0, x, q)  # -0 / s is -0 (the FMAs would give +0: another e4m3 code)
 
 
-def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
-                      static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes e4m3 [M, K], scales float32 [M, 1]) in one launch (see the module docstring)."""
+def quantize_rows_fp8(x: torch.Tensor, min_scale: float, static_scale: torch.Tensor | None = None, *,
+                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes e4m3 [M, K], scales float32 [M, 1]) in one launch (see the module docstring); `pdl`: launched
+    with programmatic dependent launch (kernels/gdc.py: o's input comes from the attention kernels, which take it)."""
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     codes = torch.empty(m, k, dtype=FP8, device=x.device)
@@ -227,6 +230,6 @@ def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
             x, codes, scales, static, k, x.stride(0), codes.stride(0), min_scale,
             STATIC=static_scale is not None, BLOCK=block, HW_ROUND=x.is_cuda,  # sm_89+: cvt.rn.satfinite, RNE
             # 16 values a thread: 48 registers on sm_90, the warps an SM holds as before at 32 values and 50 registers
-            num_warps=max(1, min(32, block // 512)),
+            num_warps=max(1, min(32, block // 512)), **launch_options(pdl, x.device),
         )
     return codes, scales

@@ -140,7 +140,7 @@ class Fp8Weight(QuantizedWeight):
         if self.use_triton:
             from radixlm.kernels.fp8_gemm import quantize_rows_fp8
 
-            xq, sx = quantize_rows_fp8(x2, _MIN_SCALE, self.input_scale)
+            xq, sx = quantize_rows_fp8(x2, _MIN_SCALE, self.input_scale, pdl=self.pdl)
         else:
             xq, sx = quantize_rows(x2, self.input_scale)
         return self.linear_codes(xq, sx, x.dtype).reshape(*lead, self.out_features)

@@ -106,3 +106,30 @@ def test_reference_ops_run_the_same_composition(runner):
     gu = torch.randn(20, down.in_features * 2, generator=g).bfloat16()
     assert torch.equal(fp8_act.silu_mul_linear(down, gu, ref), down(ref.silu_and_mul(gu)))
     assert torch.equal(fp8_act.silu_mul_linear(down, gu, runner.model.ops), down(runner.model.ops.silu_and_mul(gu)))
+
+
+def test_the_weights_pdl_flag_reaches_the_quantizing_launches(runner, monkeypatch):
+    """`QuantizedWeight.pdl` (set_decode_pdl: on for quantized models on sm_90+) launches the norm / SiLU kernels that
+    quantize and o's separate quantization with programmatic dependent launch; off, without."""
+    from radixlm.kernels import fp8_gemm
+
+    seen: list[bool] = []
+
+    def record(pdl: bool, device: torch.device) -> dict:
+        seen.append(pdl)
+        return {"USE_PDL": False}  # (the interpreter has no PDL)
+
+    monkeypatch.setattr(fp8_act_quant, "launch_options", record)
+    monkeypatch.setattr(fp8_gemm, "launch_options", record)
+    layer = runner.model.layers[0]
+    qkv, o, down = layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj
+    x = torch.randn(20, qkv.in_features).bfloat16()
+    monkeypatch.setattr(o.quantized, "use_triton", True)  # o's W8A8 input through quantize_rows_fp8, as on a GPU
+    for pdl in (True, False):
+        for lin in (qkv, o, down):
+            monkeypatch.setattr(lin.quantized, "pdl", pdl)
+        seen.clear()
+        fp8_act.add_norm_linear(qkv, x, x, layer.input_layernorm.weight, 1e-5, runner.model.ops)
+        fp8_act.silu_mul_linear(down, torch.randn(20, 2 * down.in_features).bfloat16(), runner.model.ops)
+        o.quantized.linear(torch.randn(20, o.in_features).bfloat16())
+        assert seen == [pdl] * 3
