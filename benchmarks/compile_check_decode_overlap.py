@@ -21,10 +21,12 @@ from triton.compiler import ASTSource
 
 from radixlm.kernels import argmax, cascade_attention, decode_attention, ops
 
-FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale"}
+FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale", "min_scale"}
 
 
-def compile_kernel(fn, pointers: dict[str, str], constexprs: dict):
+def compile_kernel(fn, pointers: dict[str, str], constexprs: dict, num_warps: int = 4, ints_by_16: bool = False):
+    """`ints_by_16`: the integer arguments specialized as multiples of 16, as the JIT specializes them when they are
+    (widths and strides at the 8B shape)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -34,8 +36,10 @@ def compile_kernel(fn, pointers: dict[str, str], constexprs: dict):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
+            if ints_by_16 and name not in FLOATS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def cases():

@@ -16,31 +16,13 @@ import re
 import sys
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from radixlm.kernels import fp8_act_quant, fp8_gemm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from compile_check_decode_overlap import compile_kernel  # noqa: E402
 from compile_check_small_m import _resources  # noqa: E402
 from fp8_act_fusion import HIDDEN, INTER, SILU_VARIANTS  # noqa: E402
-
-FLOATS = {"eps", "min_scale"}
-
-
-def _compile(fn, pointers: dict[str, str], constexprs: dict, num_warps: int):
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]  # widths and strides: multiples of 16 at the 8B shape
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def cases():
@@ -67,7 +49,7 @@ def main() -> int:
     failed = 0
     for name, fn, pointers, constexprs, warps in cases():
         try:
-            kernel = _compile(fn, pointers, constexprs, warps)
+            kernel = compile_kernel(fn, pointers, constexprs, warps, ints_by_16=True)
         except Exception as exc:  # noqa: BLE001 - report every kernel
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}")
             failed += 1
