@@ -22,7 +22,7 @@ from radixlm.kernels import fp8_act_quant, fp8_gemm
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compile_check_decode_overlap import compile_kernel  # noqa: E402
 from compile_check_small_m import _resources  # noqa: E402
-from fp8_act_fusion import HIDDEN, INTER, SILU_VARIANTS  # noqa: E402
+from fp8_act_fusion import HIDDEN, INTER, O_QUANT_WARPS, SILU_VARIANTS  # noqa: E402
 
 
 def cases():
@@ -37,11 +37,13 @@ def cases():
         yield (f"silu_and_mul_fp8 block {block} warps {warps}", fp8_act_quant._silu_and_mul_fp8_kernel,
                {"X": bf16, "Codes": e4m3, "Scales": f32, "Static": f32},
                {**common, "BLOCK": block, "ONE_PASS": block >= INTER}, warps)
-    for width in (HIDDEN, INTER):  # o's input, and down's when the fusion does not apply
+    # o's input at the swept warps (8: the default), and down's when the fusion does not apply
+    for width, warps in [(HIDDEN, w) for w in O_QUANT_WARPS] + [(INTER, None)]:
         block = triton.next_power_of_2(width)
-        yield (f"quantize_rows_fp8 width {width}", fp8_gemm._quantize_rows_kernel,
+        warps = warps or max(1, min(32, block // 512))
+        yield (f"quantize_rows_fp8 width {width} warps {warps}", fp8_gemm._quantize_rows_kernel,
                {"X": bf16, "Codes": e4m3, "Scales": f32, "Static": f32},
-               {"STATIC": False, "HW_ROUND": True, "BLOCK": block, "USE_PDL": True}, max(1, min(32, block // 512)))
+               {"STATIC": False, "HW_ROUND": True, "BLOCK": block, "USE_PDL": True}, warps)
 
 
 def main() -> int:

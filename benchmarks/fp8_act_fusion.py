@@ -5,6 +5,7 @@ of quantized.py, or alone) at workload (b)'s sizes, M = 256, 1,024, 8,192 rows (
          tensor): µs, and each against its bytes floor (11 / 7 bytes an element at the measured copy bandwidth)
   silu   SiLU-and-mul (intermediate 14,336) then `quantize_rows_fp8`, against `silu_and_mul_fp8` in each of
          SILU_VARIANTS (9 / 5 bytes an output element: the chunked variants' second read of the row counted as L2)
+  o      o's separate quantization (`quantize_rows_fp8`, 4,096 columns) at 8 / 16 warps (3 bytes an element)
   chain  what a decoder layer runs for qkv, gate_up and down: bf16 (norm or SiLU, then cuBLAS), FP8 with the separate
          quantization (norm or SiLU, `Fp8Weight.linear`), FP8 fused (the emitting kernel, `Fp8Weight.linear_codes`)
   equal  the fused kernels' codes and scales against the separate kernels' on the GPU, bit for bit
@@ -25,6 +26,7 @@ HIDDEN, INTER, QKV = 4096, 14336, 6144
 ROWS = (256, 1024, 8192)
 # silu_and_mul_fp8 (block, warps): the whole 14,336-column row in one pass, or chunks read twice (max, then codes)
 SILU_VARIANTS = ((16384, 32), (16384, 16), (1024, 4), (2048, 8), (4096, 8), (4096, 16))
+O_QUANT_WARPS = (8, 16)  # quantize_rows_fp8 on o's 4,096-column input (8: the default, 16 values a thread)
 
 
 def _equal(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -68,10 +70,15 @@ def act_fusion_table(ceil: dict, graph_time: Callable[..., float], device: str =
         t = {"norm_sep": graph_time(norm_sep, inner),
              "norm_fused": graph_time(lambda: add_rms_norm_fp8(x, res, norm_w, 1e-5, _MIN_SCALE), inner)}
         t["silu_sep"] = graph_time(silu_sep, inner)
+        o_in = rand(m, HIDDEN)
+        row["o_quant_codes_equal"] = all(_equal(quantize_rows_fp8(o_in, _MIN_SCALE, num_warps=w),
+                                                quantize_rows_fp8(o_in, _MIN_SCALE)) for w in O_QUANT_WARPS)
+        for w in O_QUANT_WARPS:
+            t[f"o_quant_w{w}"] = graph_time(lambda w=w: quantize_rows_fp8(o_in, _MIN_SCALE, num_warps=w), inner)
         for b, w in SILU_VARIANTS:
             t[f"silu_fused_b{b}w{w}"] = graph_time(lambda b=b, w=w: silu_and_mul_fp8(gu, _MIN_SCALE, block=b, num_warps=w),
                                                    inner)
-        floors = {"norm_sep": 11 * m * HIDDEN / bw, "norm_fused": 7 * m * HIDDEN / bw,
+        floors = {"norm_sep": 11 * m * HIDDEN / bw, "norm_fused": 7 * m * HIDDEN / bw, "o_quant": 3 * m * HIDDEN / bw,
                   "silu_sep": 9 * m * INTER / bw, "silu_fused": 5 * m * INTER / bw}
         for name in ("qkv", "gate_up"):
             w8, w16 = fp8[name], weights[name]
@@ -95,6 +102,8 @@ def act_fusion_table(ceil: dict, graph_time: Callable[..., float], device: str =
               f"fused (block, warps) {SILU_VARIANTS}: {silu_each} us (best "
               f"{silu_best / floors['silu_fused']:.0%} of floor {floors['silu_fused'] * 1e6:.1f})  codes equal: norm "
               f"{row['norm_codes_equal']}, silu {row['silu_codes_equal']}", flush=True)
+        print("         o's quantization " + " / ".join(f"w{w} {t[f'o_quant_w{w}'] * 1e6:.1f}" for w in O_QUANT_WARPS)
+              + f" us (floor {floors['o_quant'] * 1e6:.1f}), codes equal {row['o_quant_codes_equal']}", flush=True)
         print("         chain us bf16 / fp8 sep / fp8 fused: " + "   ".join(
             f"{n} {t[f'{n}_bf16'] * 1e6:.1f} / {t[f'{n}_fp8_sep'] * 1e6:.1f} / {t[f'{n}_fp8_fused'] * 1e6:.1f} "
             f"({row[f'{n}_fused_vs_bf16']:.2f}x)" for n in ("qkv", "gate_up", "down")), flush=True)

@@ -216,9 +216,10 @@ def _div_rn_by_row(x, s):
 
 
 def quantize_rows_fp8(x: torch.Tensor, min_scale: float, static_scale: torch.Tensor | None = None, *,
-                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      pdl: bool = False, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (codes e4m3 [M, K], scales float32 [M, 1]) in one launch (see the module docstring); `pdl`: launched
-    with programmatic dependent launch (kernels/gdc.py: o's input comes from the attention kernels, which take it)."""
+    with programmatic dependent launch (kernels/gdc.py: o's input comes from the attention kernels, which take it).
+    `num_warps`: default 16 values a thread (the codes do not depend on it: the row's max is exact in any order)."""
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     codes = torch.empty(m, k, dtype=FP8, device=x.device)
@@ -230,6 +231,6 @@ def quantize_rows_fp8(x: torch.Tensor, min_scale: float, static_scale: torch.Ten
             x, codes, scales, static, k, x.stride(0), codes.stride(0), min_scale,
             STATIC=static_scale is not None, BLOCK=block, HW_ROUND=x.is_cuda,  # sm_89+: cvt.rn.satfinite, RNE
             # 16 values a thread: 48 registers on sm_90, the warps an SM holds as before at 32 values and 50 registers
-            num_warps=max(1, min(32, block // 512)), **launch_options(pdl, x.device),
+            num_warps=num_warps or max(1, min(32, block // 512)), **launch_options(pdl, x.device),
         )
     return codes, scales
