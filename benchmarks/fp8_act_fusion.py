@@ -25,7 +25,7 @@ import torch
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 ROWS = (256, 1024, 8192)
 # silu_and_mul_fp8 (block, warps): the whole 14,336-column row in one pass, or chunks read twice (max, then codes)
-SILU_VARIANTS = ((16384, 32), (16384, 16), (1024, 4), (2048, 8), (4096, 8), (4096, 16))
+SILU_VARIANTS = ((16384, 32), (1024, 4), (2048, 8), (4096, 8), (4096, 16))
 O_QUANT_WARPS = (8, 16)  # quantize_rows_fp8 on o's 4,096-column input (8: the default, 16 values a thread)
 
 
