@@ -1,9 +1,11 @@
 """Compile the FP8-emitting norm / SiLU kernels (kernels/fp8_act_quant.py) and the separate quantization
-(kernels/fp8_gemm.py) for sm_90 on a machine without a GPU, at the 8B shape's widths and each launch the
-benchmark sweeps (benchmarks/fp8_act_fusion.py), and print their registers and spills per thread and what that
-leaves of an SM (resident warps out of 64), and whether the PTX converts with the hardware's `cvt.rn.satfinite`
-e4m3 instruction and has the PDL wait. The interpreter runs kernel bodies as Python and misses code-generation
-errors and register pressure; this runs Triton's real NVIDIA backend (PTX -> cubin with the bundled ptxas).
+(kernels/fp8_gemm.py) for sm_90 on a machine without a GPU, at the 8B shape's widths and each launch the benchmark
+sweeps (benchmarks/fp8_act_fusion.py), and print their registers and spills per thread and what that leaves of an SM
+(resident warps out of 64), and whether the PTX converts with the hardware's `cvt.rn.satfinite` e4m3 instruction and
+has the PDL wait; and that the norm kernel sums its squares exactly as `ops`' add + RMSNorm kernel does (the same
+register layout and instructions up to rsqrt: the same normalized values, the same codes). The interpreter runs
+kernel bodies as Python and misses code-generation errors and register pressure; this runs Triton's real NVIDIA
+backend (PTX -> cubin with the bundled ptxas).
 
     pip install --target DIR "triton==3.6.*"   # the device's version
     PYTHONPATH=DIR python benchmarks/compile_check_fp8_act.py
@@ -17,7 +19,7 @@ import sys
 
 import triton
 
-from radixlm.kernels import fp8_act_quant, fp8_gemm
+from radixlm.kernels import fp8_act_quant, fp8_gemm, ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compile_check_decode_overlap import compile_kernel  # noqa: E402
@@ -46,9 +48,36 @@ def cases():
                {"STATIC": False, "HW_ROUND": True, "BLOCK": block, "USE_PDL": True}, warps)
 
 
+def _rstd_arithmetic(ptx: str) -> list[str]:
+    """The float arithmetic and shuffles of a norm kernel up to its rsqrt, registers renamed: the sum of squares' order."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    end = next(i for i, line in enumerate(lines) if line.startswith("rsqrt."))
+    return [re.sub(r"%[a-z]+\d+", "R", line) for line in lines[: end + 1]
+            if re.match(r"(fma|add|mul|sub|shfl|rsqrt|div)\.", line)]
+
+
+def same_rstd_as_ops() -> bool:
+    """add_rms_norm_fp8 sums the squares as ops' add + RMSNorm kernel does (one layout, the same instructions up to
+    rsqrt), so its normalized values, and so its codes, are those of the separate kernels bit for bit."""
+    bf16, f32, e4m3 = "*bf16", "*fp32", "*fp8e4nv"
+    block = triton.next_power_of_2(HIDDEN)
+    warps = max(1, min(8, block // 512))
+    ours = compile_kernel(fp8_act_quant._add_rms_norm_fp8_kernel,
+                          {"X": bf16, "R": bf16, "W": bf16, "Codes": e4m3, "Scales": f32, "NewRes": bf16, "Static": f32},
+                          {"HAS_RES": True, "STATIC": False, "HW_ROUND": True, "BLOCK": block, "USE_PDL": True}, warps,
+                          ints_by_16=True)
+    theirs = compile_kernel(ops._rms_norm_kernel, {"X": bf16, "R": bf16, "W": bf16, "Out": bf16, "NewRes": bf16},
+                            {"HAS_RES": True, "BLOCK": block, "USE_PDL": True}, warps, ints_by_16=True)
+    layouts = [sorted(set(re.findall(r"#ttg\.blocked<\{[^}]*\}>", k.asm["ttgir"]))) for k in (ours, theirs)]
+    same = layouts[0] == layouts[1] and _rstd_arithmetic(ours.asm["ptx"]) == _rstd_arithmetic(theirs.asm["ptx"])
+    print(f"{'ok  ' if same else 'FAIL'} add_rms_norm_fp8 sums its squares as ops' kernel: layouts {layouts[0]}"
+          + ("" if same else f" vs {layouts[1]}, or other instructions before rsqrt"))
+    return same
+
+
 def main() -> int:
     print(f"triton {triton.__version__}, target sm_90")
-    failed = 0
+    failed = 0 if same_rstd_as_ops() else 1
     for name, fn, pointers, constexprs, warps in cases():
         try:
             kernel = compile_kernel(fn, pointers, constexprs, warps, ints_by_16=True)

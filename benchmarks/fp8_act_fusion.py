@@ -25,7 +25,7 @@ import torch
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 ROWS = (256, 1024, 8192)
 # silu_and_mul_fp8 (block, warps): the whole 14,336-column row in one pass, or chunks read twice (max, then codes)
-SILU_VARIANTS = ((16384, 32), (1024, 4), (2048, 8), (4096, 8), (4096, 16))
+SILU_VARIANTS = ((16384, 32), (2048, 8), (4096, 16))
 O_QUANT_WARPS = (8, 16)  # quantize_rows_fp8 on o's 4,096-column input (8: the default, 16 values a thread)
 
 
@@ -63,8 +63,10 @@ def act_fusion_table(ceil: dict, graph_time: Callable[..., float], device: str =
         def silu_sep() -> tuple[torch.Tensor, torch.Tensor]:
             return quantize_rows_fp8(ops.silu_and_mul(gu), _MIN_SCALE)
 
-        row: dict = {"M": m,
-                     "norm_codes_equal": _equal(add_rms_norm_fp8(x, res, norm_w, 1e-5, _MIN_SCALE)[:2], norm_sep()),
+        fused, sep = add_rms_norm_fp8(x, res, norm_w, 1e-5, _MIN_SCALE)[:2], norm_sep()
+        row: dict = {"M": m, "norm_codes_equal": _equal(fused, sep),
+                     "norm_codes_differing": int((fused[0].view(torch.uint8) != sep[0].view(torch.uint8)).sum()),
+                     "norm_scales_differing": int((fused[1] != sep[1]).sum()),
                      "silu_codes_equal": all(_equal(silu_and_mul_fp8(gu, _MIN_SCALE, block=b, num_warps=w), silu_sep())
                                              for b, w in SILU_VARIANTS)}
         t = {"norm_sep": graph_time(norm_sep, inner),
@@ -101,7 +103,8 @@ def act_fusion_table(ceil: dict, graph_time: Callable[..., float], device: str =
               f"{floors['norm_sep'] * 1e6:.1f} / {floors['norm_fused'] * 1e6:.1f})  silu+quant {t['silu_sep'] * 1e6:7.1f} -> "
               f"fused (block, warps) {SILU_VARIANTS}: {silu_each} us (best "
               f"{silu_best / floors['silu_fused']:.0%} of floor {floors['silu_fused'] * 1e6:.1f})  codes equal: norm "
-              f"{row['norm_codes_equal']}, silu {row['silu_codes_equal']}", flush=True)
+              f"{row['norm_codes_equal']} ({row['norm_codes_differing']} codes, {row['norm_scales_differing']} scales differ), "
+              f"silu {row['silu_codes_equal']}", flush=True)
         print("         o's quantization " + " / ".join(f"w{w} {t[f'o_quant_w{w}'] * 1e6:.1f}" for w in O_QUANT_WARPS)
               + f" us (floor {floors['o_quant'] * 1e6:.1f}), codes equal {row['o_quant_codes_equal']}", flush=True)
         print("         chain us bf16 / fp8 sep / fp8 fused: " + "   ".join(

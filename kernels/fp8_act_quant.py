@@ -7,11 +7,12 @@ holds each whole row in registers, so the codes can be made there:
 
 - `add_rms_norm_fp8`: (x + residual) -> RMSNorm -> codes and scales for qkv / gate_up, and the new residual;
 - `silu_and_mul_fp8`: [gate | up] -> silu(gate) * up -> codes and scales for down (one program per row: the
-  scale needs the row's max, so the row is not split across programs as `ops.silu_and_mul` splits it; a long
-  row is read in chunks twice, for its max and then for its codes).
+  scale needs the row's max, so the row is not split across programs as `ops.silu_and_mul` splits it; a row
+  longer than SILU_BLOCK is read in chunks twice, for its max and then for its codes).
 
 Neither writes the bf16 activation. Each computes it exactly as the separate kernel does (`ops._rms_norm_kernel`
-at the same warps, so the same sum of squares; `ops._silu_and_mul_kernel`), rounds it to the activation dtype
+at the same warps and register layout, so the same sum of squares — benchmarks/compile_check_fp8_act.py compares
+the two kernels' instructions up to rsqrt; `ops._silu_and_mul_kernel`), rounds it to the activation dtype
 as that kernel's store does, and quantizes that value with `fp8_gemm.store_row_codes`, the code of
 `quantize_rows_fp8`: the codes and scales are those of the separate kernels bit for bit.
 o's input comes from attention and keeps `quantize_rows_fp8`.
@@ -25,9 +26,10 @@ import triton.language as tl
 from .fp8_gemm import FP8, row_scale, store_codes, store_row_codes
 from .gdc import enter, launch_options
 
-# columns of [gate | up] a SiLU program holds at once (8B: 14,336 a row, read in 7 chunks, twice): a guess until the H200
-# sweep of benchmarks/fp8_act_fusion.py (whole-row programs at 16-32 warps hold ~1 program an SM; see RESULTS.md)
-SILU_BLOCK = 2048
+# columns of [gate | up] a SiLU program holds at once: the 8B's 14,336-column rows whole, 32 warps, 16 values a thread
+# (H200, 2026-12-04 mid round, benchmarks/fp8_act_fusion.py: 8.3 / 32.8 / 240.2 µs at 256 / 1,024 / 8,192 rows, one
+# program an SM; rows read twice in chunks of 1,024-4,096 columns took 9.8-12.7 / 37.5-42.1 / 258.0-277.7)
+SILU_BLOCK = 16384
 
 
 @triton.jit
@@ -49,7 +51,10 @@ def _add_rms_norm_fp8_kernel(
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     y = (xf * rstd * w).to(X.dtype.element_ty).to(tl.float32)  # the value the separate norm would store
-    store_row_codes(y, mask, Codes + row * stride_c + cols, Scales + row, Static, min_scale, STATIC, HW_ROUND)
+    # the codes stored 8 to a thread, as the bf16 values are loaded: a 16-byte store of 16 codes made the compiler lay
+    # the whole row out 16 values to a thread, and sum the squares in another order than ops' kernel (rstd's last bit)
+    codes = Codes + row * stride_c + tl.max_contiguous(cols, 8)
+    store_row_codes(y, mask, codes, Scales + row, Static, min_scale, STATIC, HW_ROUND)
 
 
 @triton.jit
@@ -125,7 +130,7 @@ def silu_and_mul_fp8(
     """x [M, 2I] = [gate | up] -> (codes e4m3 [M, I], scales float32 [M, 1]) of silu(gate) * up in one launch.
     `block`: columns a program holds at once; a row longer than that is read twice (its max, then its codes: the
     second read mostly from L2), which keeps a program's registers, and so its SM's occupancy, those of a short
-    row. Default SILU_BLOCK; `num_warps` default: 8 values of gate and up a thread."""
+    row. Default SILU_BLOCK; `num_warps` default: 16 values of gate and up a thread."""
     if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % 2:
         raise ValueError(f"silu_and_mul_fp8: x {tuple(x.shape)} must be [rows, 2 * intermediate] with dense rows")
     m, width = x.shape
@@ -137,6 +142,6 @@ def silu_and_mul_fp8(
             x, codes, scales, static_scale if static_scale is not None else scales, min_scale, n_cols,
             x.stride(0), codes.stride(0),
             STATIC=static_scale is not None, HW_ROUND=x.is_cuda, BLOCK=block, ONE_PASS=block >= n_cols,
-            num_warps=num_warps or max(1, min(32, block // 256)), **launch_options(pdl, x.device),
+            num_warps=num_warps or max(1, min(32, block // 512)), **launch_options(pdl, x.device),
         )
     return codes, scales
