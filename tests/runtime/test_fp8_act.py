@@ -133,3 +133,15 @@ def test_the_weights_pdl_flag_reaches_the_quantizing_launches(runner, monkeypatc
         fp8_act.silu_mul_linear(down, torch.randn(20, 2 * down.in_features).bfloat16(), runner.model.ops)
         o.quantized.linear(torch.randn(20, o.in_features).bfloat16())
         assert seen == [pdl] * 3
+
+
+def test_down_projection_output_is_summed_over_the_tensor_parallel_group(runner, monkeypatch):
+    """Row-parallel down: each rank's partial product goes through the group's all-reduce, as
+    RowParallelLinear.forward sends it (the fused path replaces that forward)."""
+    down = runner.model.layers[0].mlp.down_proj
+    summed: list[tuple[torch.Tensor, object]] = []
+    monkeypatch.setattr(fp8_act.dist, "all_reduce", lambda t, group=None: summed.append((t, group)))
+    group = object()
+    monkeypatch.setattr(down, "tp_group", group)
+    out = fp8_act.silu_mul_linear(down, torch.randn(20, 2 * down.in_features).bfloat16(), runner.model.ops)
+    assert len(summed) == 1 and summed[0][0] is out and summed[0][1] is group
