@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from radixlm.benchmarks.spec_ceiling import ceiling  # noqa: E402
 from radixlm.benchmarks.spec_divergence import audit_lines, divergence_audit  # noqa: E402
 from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     TREE_NODES,
@@ -357,14 +358,26 @@ def cpu_mode(args: argparse.Namespace) -> dict:
     if "cost" in args.sets:
         report["verify_cost"] = verify_costs(sched, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, sched.runner.vocab_size,
                                              time.process_time)
+    kmax = sched.args.speculative_max_drafts
+    if "ceiling" in args.sets:  # a batch-1 verify step's cost for 0..kmax drafts, to price the replays
+        report["ceiling_cost"] = [row["vs_decode"] for row in verify_costs(
+            sched, [1], list(range(1, max(kmax, 8) + 1)), 200, args.repeats + 1, sched.runner.vocab_size, time.process_time)]
     for name, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
         for batch in args.batches:
             if name not in args.sets:
                 continue
             prompts = [chat(t) for t in tasks] * (2 if batch == 8 else 1)
             for topk in args.topk:
+                outs: dict = {}
                 cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
-                                               clock=time.process_time, topk=topk)}
+                                               clock=time.process_time, topk=topk, outputs=outs)}
+                if "ceiling" in args.sets and batch == 1 and topk == args.topk[0]:  # spec off's outputs, replayed
+                    pairs = [(p, outs[False][f"{g}-0"]) for g, p in enumerate(prompts)]
+                    cell["ceiling"] = ceiling(pairs, report["ceiling_cost"], kmax)
+                    print(f"{name:5s} ceiling (decode steps, measured verify cost; ngram k <= {kmax}, oracles k <= "
+                        f"{len(report['ceiling_cost']) - 1}): " + "  ".join(
+                        f"{d} {c['tokens_per_step']:.2f} tok/step x{c['speedup']:.2f}" for d, c in cell["ceiling"].items()),
+                        flush=True)
                 report["cells"].append(cell)
                 if args.out:  # partial results survive an interrupted run
                     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -519,7 +532,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
-    ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
+    ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat, ceiling = "
+                    "the batch-1 cells' spec-off outputs replayed through the drafter and two oracles, spec_ceiling.py; gpu: cost "
                     "= the verify-cost table, smallm = its batch-1 rows with the bf16 small-M kernels, then on cuBLAS, kernels = a batch-1 "
                     "verify forward's device time by kernel (torch.profiler, eager), aux = "
                     "EAGLE3's aux hidden-state cost, profile = a decode step's parts "

@@ -125,3 +125,24 @@ def test_batch_one_stops_drafting_where_a_draft_row_costs_a_whole_row(tiny_model
         assert drafts[-1] == drafts[0]  # measured during the first request; none after it
     else:
         assert drafts[-1] - drafts[1] > 20  # the last request drafted on
+
+
+def test_ceiling_replays_a_copy_as_verification_would() -> None:
+    """benchmarks/spec_ceiling.py: an output that goes on copying its prompt is accepted k tokens a step by the
+    oracle (the last step only what is left), the runtime drafter's steps emit the output exactly, and with free
+    verify rows the speed-up is the tokens per step."""
+    from radixlm.benchmarks.spec_ceiling import ceiling, ngram_steps, oracle_steps
+
+    block = list(range(10, 30))
+    prompt, output = block + block[:2], block[2:]  # 18 tokens, each following its earlier occurrence
+    assert oracle_steps(prompt, output, 4, 2) == [4, 4, 4, 2]
+    assert oracle_steps(prompt, output, 4, 1) == [4, 4, 4, 2]
+    assert oracle_steps([1, 2, 3], [7, 8, 9], 4, 1) == [0, 0, 0]  # nothing to copy
+    steps = ngram_steps(prompt, output, 4, 0.25)
+    assert sum(a + 1 for _, a in steps) == len(output) and all(a <= d for d, a in steps)
+    assert sum(a for _, a in steps) > len(output) // 2
+    free = ceiling([(prompt, output)], [1.0] * 9, 4)
+    assert all(c["speedup"] == c["tokens_per_step"] for c in free.values())
+    assert free["oracle_n2"]["tokens_per_step"] == 9.0  # the oracles draft up to the table: 8 + 1, twice
+    priced = ceiling([(prompt, output)], [1.0 + 0.25 * k for k in range(9)], 4)
+    assert priced["oracle_n2"]["speedup"] < free["oracle_n2"]["speedup"]
