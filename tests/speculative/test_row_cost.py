@@ -47,6 +47,22 @@ def test_a_row_count_counts_once_measured_enough() -> None:
     assert cost.beta(0.2) == MAX_BETA
 
 
+def test_a_step_recomputes_only_its_own_row_count(monkeypatch) -> None:
+    """beta() is read every drafting step: the medians are kept, only the recorded count's taken again."""
+    import radixlm.runtime.speculative.row_cost as row_cost
+
+    calls = []
+    median = row_cost.statistics.median
+    monkeypatch.setattr(row_cost.statistics, "median", lambda data: calls.append(1) or median(data))
+    cost = RowCost()
+    feed(cost, [(1, r, True, 0.010 * (1 + 0.1 * (r - 1))) for r in (1, 2, 3, 4, 5) * 5])
+    assert len(calls) == 5 * (5 - MIN_SAMPLES + 1) - 1  # the last step's interval is still open
+    for _ in range(10):
+        cost.beta(0.2)
+    assert len(calls) == 5 * (5 - MIN_SAMPLES + 1) - 1
+    assert cost.relative_row_cost() == pytest.approx(0.1)
+
+
 def test_the_budget_drafts_where_acceptance_beats_the_measured_row_cost() -> None:
     """At batch 1 the first draft pays exactly where its acceptance beats rho: beta = rho / (1 - rho)."""
     for rho in (0.1, 0.2, 0.5, 0.8):
