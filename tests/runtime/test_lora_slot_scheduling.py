@@ -180,7 +180,7 @@ def test_a_prefill_without_the_decode_rows_never_takes_the_slot_of_an_adapter_in
     not copied in again for the next decode step: 3 swaps for 3 adapters."""
     model_dir, adapters = setup
     sched = _sched(model_dir, adapters, max_loras_per_batch=2)
-    reqs = [_req("k0", PROMPT[:12], "a0", 24), _req("k1", PROMPT[3:15], "a1", 2), _req("k2", PROMPT * 7, "a2", 3)]
+    reqs = [_req("k0", PROMPT[:12], "a0", 24), _req("k1", PROMPT[3:15], "a1", 3), _req("k2", PROMPT * 7, "a2", 2)]
     log, _ = _recorded(sched)
     results = run_to_completion(sched, reqs)
     alone_prefill = [what for kind, what in log if kind == "forward" and what == (ForwardMode.EXTEND, {"a2"})]
@@ -192,11 +192,11 @@ def test_a_prefill_without_the_decode_rows_never_takes_the_slot_of_an_adapter_in
     assert_pool_idle(sched)
 
 
-def test_starving_adapters_take_free_slots_longest_tenure_first_aged_by_the_slots_they_missed() -> None:
-    """Offline every waiting adapter starves: the free slot goes to the one whose longest request would hold
-    it longest (LPT: the short tenures are left to even out the end), not to the first in the queue; each
-    slot an adapter is passed over for ranks it AGE_TOKENS longer, so a later, longer one passes it a bounded
-    number of times. `next_swap_in` names the same adapter."""
+def test_free_slots_go_longest_tenure_first_aged_by_the_slots_missed() -> None:
+    """The free slot goes to the adapter whose longest request would hold it longest (LPT: the short tenures
+    are left to even out the end), not to the first in the queue nor the one with most rows, starving or not
+    (starving ones first); each slot an adapter is passed over for ranks it AGE_TOKENS longer, so a later,
+    longer one passes it a bounded number of times. `next_swap_in` names the same adapter."""
     demand = AdapterDemand(starve_after=1)
     running = _reqs(("x", 8))
     waiting = _reqs(("a", 100), ("b", 300), ("a", 50), ("c", 200), ("b", 20), ("c", 250))
@@ -205,16 +205,21 @@ def test_starving_adapters_take_free_slots_longest_tenure_first_aged_by_the_slot
     queue = WaitingQueue(waiting)
     assert next_swap_in(1, running, queue, demand, resident=set()) == "b"
     assert SlotBudget(3, running, waiting, demand).chosen == {"b", "c"}
-    # not starving yet: most waiting rows first, as before (a, b and c have two each: first come)
+    # not starving: the same order; a starving adapter goes first whatever its tenure
     fresh = AdapterDemand()
+    assert SlotBudget(2, running, waiting, fresh).chosen == {"b"}
+    assert next_swap_in(1, running, queue, fresh, resident=set()) == "b"
+    fresh.waited["a"] = fresh.starve_after
     assert SlotBudget(2, running, waiting, fresh).chosen == {"a"}
+    # equal tenures: the most waiting rows
+    assert SlotBudget(2, running, _reqs(("d", 300), ("b", 300), ("b", 10)), AdapterDemand()).chosen == {"b"}
     # aged: a was passed over 4 times (100 + 4 x 64 = 356 > 300): a ranks first now
     demand.passed["a"] = 4
     assert SlotBudget(2, running, waiting, demand).chosen == {"a"}
     assert next_swap_in(1, running, queue, demand, resident=set()) == "a"
     # a tie: the resident one (no copy), then the first in the queue
     demand.passed["a"] = 0
-    tied = _reqs(("d", 300), ("b", 300), ("b", 10))
+    tied = _reqs(("d", 300), ("b", 300))
     demand.waited["d"] = 5
     assert SlotBudget(2, running, tied, demand).chosen == {"d"}
     assert SlotBudget(2, running, tied, demand, resident={"b"}).chosen == {"b"}
