@@ -51,7 +51,8 @@ class Costs:
     sync: float = 0.0  # host time a synchronous (prefill / mixed) step adds: unmeasured, priced at 0 and 1 ms
     # the least a step run eagerly (prefill, mixed: no CUDA graph) takes, its host launching 32 layers op by op: an
     # eager mixed step of 64 rows took ~15.7 ms against a 5.5-ms graph step on the H200 (RESULTS.md, (f)'s
-    # jump-forward); a step whose device work is shorter waits for its host
+    # jump-forward); a step whose device work is shorter waits for its host. An optimistic floor for LoRA: 1,024-token
+    # mixed steps of the 64-adapter row took ~80-115 ms on the H200 (lora9's mid round) where this prices ~30 ms
     eager: float = 0.0
 
 
