@@ -239,7 +239,7 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         n_first = n_lo + (pid_sn % blocks_per_slice) * (BLOCK_N * N_STEPS)
-        for n_step in range(N_STEPS):
+        for n_step in tl.static_range(N_STEPS):  # unrolled: one step is the code without the loop
             rn = n_first + n_step * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = rn < n_hi
             mask = m_mask[:, None] & n_mask[None, :]
