@@ -58,8 +58,7 @@ def elapsed() -> float:
 # default balance gives 1 at B = 512, 2 at B = 256 since 2026-12-04, 3 and 4 before);
 # "suffix_block_n": the suffix pass's KV block (decode's GPU_CONFIG).
 UNFUSED = {"fused_merge": False}  # decode's stage 1 on each row's suffix, the prefix stage, stage 2 merging
-CONCURRENT = {**UNFUSED, "concurrent_prefix": True}  # the prefix stage on a side stream beside stage 1
-KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, UNFUSED, CONCURRENT, {**CONCURRENT, "min_split": 512},
+KERNEL_ARMS = [{}, {"min_split": 512}, {"min_split": 1024}, UNFUSED,
                {"block_n": 32}, {"num_stages": 3}, {"block_n": 128}, {"block_m": 128, "num_warps": 8, "num_stages": 3}]
 
 
@@ -71,7 +70,7 @@ def kernel_item(bw: float, budget_end: float) -> dict:
         print(f"extend chunk failed: {exc!r}"[:200], flush=True)
     out: dict = {"copy_bytes_per_s": bw, "rows": [], "extend": ext}
     saved, suffix_saved = dict(CL.GPU_CONFIG), dict(DA.GPU_CONFIG)
-    for bsz, arms in ((512, KERNEL_ARMS), (256, [{}, {"min_split": 512}, CONCURRENT])):  # B=256: the rule's other
+    for bsz, arms in ((512, KERNEL_ARMS), (256, [{}, {"min_split": 512}, UNFUSED])):  # B=256: the rule's other
         batch = CA.Batch(bsz, 32, 1024, 96, torch.bfloat16, shuffle=True)
         out_p, out_c = torch.empty_like(batch.q), torch.empty_like(batch.q)
         t_plain = CA.bench_graph(lambda: batch.plain(out_p))
@@ -152,8 +151,7 @@ def _arm_name(arm: dict) -> str:
     return "/".join(f"{k}={v}" for k, v in arm.items() if k in KNOBS) or "default"
 
 
-KNOBS = ("block_m", "block_n", "num_warps", "num_stages", "min_split", "suffix_block_n", "fused_merge",
-         "concurrent_prefix")
+KNOBS = ("block_m", "block_n", "num_warps", "num_stages", "min_split", "suffix_block_n", "fused_merge")
 
 
 def _prefix_stage_alone(batch: CA.Batch, shape: CascadeShape, min_split: int) -> float:
@@ -199,8 +197,7 @@ def _prefill_idle(steps: list[dict]) -> dict:
 def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float, profile: bool) -> dict:
     """arms: auto (cascade auto, overlapped prefill, packed extend tiles: the defaults), auto-sync
     (prefill steps committed before the next is scheduled), auto-nopack (one q head per extend
-    attention tile), auto-conc (the 512-row decode graph with the cascade prefix stage on a side
-    stream beside decode's stage 1: GPU_CONFIG concurrent_prefix), off (cascade off)."""
+    attention tile), off (cascade off)."""
     prompts = e_prompts(vocab)
     t = time.perf_counter()
     sched = make_scheduler(d, cascade_attention="auto", mem_fraction_static=0.8)
@@ -210,20 +207,10 @@ def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float,
     mk = lambda tag, i, p: TokenizedGenerateReq(rid=f"{tag}{i}", input_ids=p, params=SamplingParams(  # noqa: E731
         temperature=0, max_new_tokens=64, ignore_eos=True))
 
-    graphs = sched.runner.graph_runner
-    concurrent = [False]
-    saved_cfg = dict(CL.GPU_CONFIG)
 
     def set_arm(arm: str) -> None:
         sched.overlap_prefill = overlap_prefill and arm != "auto-sync"
         EA.PACK_HEADS = arm != "auto-nopack"
-        if (arm == "auto-conc") != concurrent[0] and graphs is not None and planner is not None:
-            # the 512-row bucket's cascade graph recaptured with the prefix stage beside stage 1, or back
-            concurrent[0] = arm == "auto-conc"
-            CL.GPU_CONFIG.update(fused_merge=not concurrent[0], concurrent_prefix=concurrent[0])
-            fits = [b for b in graphs.buckets if b >= len(prompts)]
-            with torch.inference_mode():  # as at start-up (_capture_all)
-                graphs._capture_buckets(True, only={min(fits)} if fits else None)
         if planner is None:
             return
         if arm == "off":
@@ -273,7 +260,6 @@ def e_item(d: Path, vocab: int, arms: list[str], passes: int, budget_end: float,
     if profile:
         res["profile"] = {arm: _profile_decode(sched, set_arm, arm, prompts, mk) for arm in ("auto", "off")}
     set_arm("auto")
-    CL.GPU_CONFIG.update(saved_cfg)
     return res  # the scheduler goes with this frame (main collects before the next one)
 
 
@@ -382,8 +368,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/cascade_e.json")
     ap.add_argument("--items", default="engine,e,kernel,check,off", help="run in this order")
-    ap.add_argument("--arms", default="auto,auto-sync,auto-nopack,auto-conc",
-                    help="(e) in-process arms: auto, auto-sync, auto-nopack, auto-conc, off")
+    ap.add_argument("--arms", default="auto,auto-sync,auto-nopack",
+                    help="(e) in-process arms: auto, auto-sync, auto-nopack, off")
     ap.add_argument("--passes", type=int, default=2, help="(e) rounds of passes over the arms, alternating")
     ap.add_argument("--engine-passes", type=int, default=1, help="(e) Engine passes timed after its warm-up pass")
     ap.add_argument("--profile", action="store_true", help="(e) torch.profiler split of decode steps per arm")

@@ -188,12 +188,6 @@ def fused_merge_enabled(on_gpu: bool) -> bool:
     return bool((GPU_CONFIG if on_gpu else INTERPRETER_CONFIG).get("fused_merge", False))
 
 
-def concurrent_prefix_enabled(on_gpu: bool) -> bool:
-    """Whether the prefix stage runs on a side stream beside decode's stage 1 (unfused steps; GPU only:
-    the prefix stage is bound by its dots, stage 1 by KV bytes, so the two can share the SMs)."""
-    return on_gpu and bool(GPU_CONFIG.get("concurrent_prefix", False))
-
-
 def cascade_suffix_merge(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, layout: CascadeLayout,
                          out: torch.Tensor, qk_scale: float, v_scale: float, precision: str, block_n: int,

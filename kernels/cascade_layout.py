@@ -23,10 +23,7 @@ def _next_pow2(n: int) -> int:
 # Launch parameters on the GPU (module-level: benchmarks/cascade_attention.py sweeps them).
 # block_m = query rows x heads per program: 64 = 16 requests of a Llama GQA group of 4.
 # fused_merge: one-split steps fold the LSE merge into the suffix pass (kernels/cascade_attention.py).
-# concurrent_prefix: steps without the fused merge run the prefix stage on a side stream beside
-# decode's stage 1 (kernels/decode_attention.py), then stage 2 merges.
-GPU_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "fused_merge": True,
-              "concurrent_prefix": False}
+GPU_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "fused_merge": True}
 INTERPRETER_CONFIG = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "fused_merge": True}
 MAX_PREFIX_SPLITS = 8  # partial slots per row for its prefix (stage 2 merges them)
 MIN_SPLIT_TOKENS = 128  # a prefix task reads at least this many tokens (two blocks; the sweep tries 256)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import LOG2E, gather_kv, online_softmax_step
-from .cascade_attention import cascade_suffix_merge, concurrent_prefix_enabled, fused_merge_enabled, launch_prefix_stage
+from .cascade_attention import cascade_suffix_merge, fused_merge_enabled, launch_prefix_stage
 from .cascade_layout import CascadeLayout
 from .gdc import enter, launch_options
 
@@ -259,19 +259,9 @@ def decode_attention(
     )
     if final:
         return out
-    joined = False
     if cascade is not None:
-        side = _prefix_stream(q.device) if concurrent_prefix_enabled(on_gpu) else None
-        if side is not None:  # the prefix stage beside stage 1: dots beside bytes (kernels/cascade_layout.py)
-            side.wait_stream(torch.cuda.current_stream(q.device))
-            with torch.cuda.stream(side):
-                launch_prefix_stage(q, k_buffer, v_buffer, req_to_token, cascade, mid_o, mid_lse, splits,
-                                    sm_scale * k_scale * LOG2E, v_scale, precision)
-            torch.cuda.current_stream(q.device).wait_stream(side)
-            joined = True
-        else:
-            launch_prefix_stage(q, k_buffer, v_buffer, req_to_token, cascade, mid_o, mid_lse, splits,
-                                sm_scale * k_scale * LOG2E, v_scale, precision)
+        launch_prefix_stage(q, k_buffer, v_buffer, req_to_token, cascade, mid_o, mid_lse, splits,
+                            sm_scale * k_scale * LOG2E, v_scale, precision)
     _decode_stage2[(bsz, num_q_heads)](
         mid_o, mid_lse, seq_lens, kv_start, prefix_splits, out, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -279,18 +269,6 @@ def decode_attention(
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits + num_prefix),
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_PREFIX=num_prefix,
-        num_warps=4 if block_d >= 128 else 2, **launch_options(pdl and not joined, q.device),
+        num_warps=4 if block_d >= 128 else 2, **launch_options(pdl, q.device),
     )
     return out
-
-
-_PREFIX_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _prefix_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream the concurrent prefix stage runs on (one per device; forked from and joined
-    back into the caller's stream, so CUDA graphs capture it as a fork and a join)."""
-    device = torch.device(device)
-    if device not in _PREFIX_STREAMS:
-        _PREFIX_STREAMS[device] = torch.cuda.Stream(device)
-    return _PREFIX_STREAMS[device]
