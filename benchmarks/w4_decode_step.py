@@ -20,7 +20,11 @@ Variants: defaults (main's tables); p1 / p1b (qkv and o on GEMV configs that loa
 the PDL wait); mma1-qkv-o (qkv and o on the tensor-core M = 1 kernel, gate_up's tile); gemv-all (gate_up and down
 on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dependent launch); silu-epilogue
 (gate_up's SiLU-and-mul in its kernel); splits-N (decode attention with at most N KV splits; 1: one pass, no
-merge kernel).
+merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage).
+
+--wall-variants: after the replays, each listed variant's graphs (full and short-context) are captured and the
+wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
+of each variant in one process, LM head and sampler included.
 """
 from __future__ import annotations
 
@@ -66,6 +70,8 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "silu-epilogue": ({}, None),
     "pdl-off": ({}, None),  # (last but one: every small kernel compiles again without PDL)
     "splits-1": ({}, 1),
+    "splits-4": ({}, 4),
+    "rope-split": ({}, None),  # rotary + KV store in their own launch before the attention (as before 2026-12-04 evening)
 }
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
@@ -84,6 +90,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     else:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
+    decode_attention.ROPE_IN_STAGE1 = name != "rope-split"  # (read by the attention backend at every call)
     w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
     if name != "gemv-all":
         w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
@@ -103,9 +110,12 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=40)
     ap.add_argument("--budget-s", type=float, default=60, help="no new round past this")
     ap.add_argument("--out", default="benchmarks/results/w4_decode_step.json")
+    ap.add_argument("--wall-variants", default="", help="variants whose wall time per step is measured (see above)")
+    ap.add_argument("--wall-steps", type=int, default=100)
     args = ap.parse_args()
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    wall_names = [n for n in args.wall_variants.split(",") if n]
+    unknown = [n for n in names + wall_names if n not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     started = time.perf_counter()
@@ -145,19 +155,24 @@ def main() -> None:
         print(f"note: the model loaded with ops {runner.model.ops.name} (no PDL); the variants set PDL on", flush=True)
     report["ops_at_load"] = runner.model.ops.name
 
-    def capture(name: str) -> torch.cuda.CUDAGraph:
+    def capture(name: str, short: bool = False) -> torch.cuda.CUDAGraph:
         use_variant(name, folder, runner)
         with torch.inference_mode():  # as the runner's own capture (CudaGraphRunner._capture_all)
             graphs._capture_buckets(False)  # batch 1 only (cuda_graph_max_bs=1), at the current context
+            if short:  # and the short-context graph the steps replay up to 1,024 tokens of context
+                graphs._capture_short()
         return graphs.graphs[1, False, False]
+
+    def wall_ms(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        steps(n)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n * 1e3
 
     # the wall time per scheduler step on the defaults (the graph the model loaded with), before any profiler
     # (CUPTI stays attached and slows the host) and any recapture
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    steps(100)
-    torch.cuda.synchronize()
-    report["wall_ms_per_step"] = (time.perf_counter() - t) / 100 * 1e3
+    report["wall_ms_per_step"] = wall_ms(100)
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, defaults)", flush=True)
     save()
@@ -175,6 +190,17 @@ def main() -> None:
                 report["variants"][name]["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"round {r + 1} {name}: {report['variants'][name]['error']}", flush=True)
             save()
+    if wall_names:  # each variant's (a) in this process: its full and short-context graphs, the whole step
+        report["wall"] = {n: [] for n in wall_names}
+        for r in range(args.rounds):
+            for name in wall_names:
+                capture(name, short=True)
+                steps(5)
+                report["wall"][name].append(wall_ms(args.wall_steps))
+                ms = report["wall"][name][-1]
+                print(f"wall round {r + 1} {name}: {ms:.3f} ms a step = {1e3 / ms:.1f} tok/s "
+                      f"(context ~{128 + len(forwards)})", flush=True)
+                save()
     base = statistics.median(report["variants"]["defaults"]["replay_us"] or [float("nan")]) if "defaults" in names else None
     for name, v in report["variants"].items():
         if v["replay_us"]:
@@ -183,7 +209,7 @@ def main() -> None:
                 v["vs_defaults_us"] = v["median_us"] - base
     # the defaults again: one more replay sample after every other variant, then the graph's kernels by kind and
     # the step's kernels outside the graph
-    graph = capture("defaults")
+    graph = capture("defaults", short=bool(wall_names))
     if "defaults" in names:
         report["variants"]["defaults"]["after_us"] = replay_us(graph, args.replays)
     layers = LLAMA_8B["num_hidden_layers"]
@@ -206,6 +232,9 @@ def main() -> None:
                            + (f"  {v['error']}" if "error" in v else "") for name, v in report["variants"].items()))
     print("defaults per layer (µs): " + ", ".join(f"{k} {v:.2f}" for k, v in report.get("per_layer_us", {}).items()))
     print("outside the graph per step (µs): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("outside_graph_us", {}).items()))
+    for name, ms in report.get("wall", {}).items():
+        print(f"wall {name:<14} {statistics.median(ms):.3f} ms a step = {1e3 / statistics.median(ms):.1f} tok/s "
+              f"(rounds {[round(x, 3) for x in ms]})")
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, context ~170-270); done in {time.perf_counter() - started:.0f} s")
     sched = runner = graphs = graph = None

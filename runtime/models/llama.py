@@ -96,8 +96,10 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = ops.rms_norm(q, self.q_norm.weight, self.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
-        q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
-        out = attn.forward(q, k_new, v_new, self.layer_id, batch)
+        out = attn.decode_with_rotary(q, k, v, self.layer_id, batch, cos_sin)  # one launch where it applies
+        if out is None:
+            q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
+            out = attn.forward(q, k_new, v_new, self.layer_id, batch)
         return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
 
 

@@ -36,6 +36,7 @@ def _mma1_defaults_kept():
 def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(TABLE_ENV, raising=False)
     monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
+    monkeypatch.setattr(decode_attention, "ROPE_IN_STAGE1", True)
     defaults = {layer: _served(*shape) for layer, shape in SHAPES.items()}
     use_variant(name, tmp_path)
     tables, splits = VARIANTS[name]
@@ -48,9 +49,12 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
             assert got[layer] == (listed[0] if listed else defaults[layer]), (name, layer)
     # batch 1, 8 KV heads: the CPU counts 4 "SMs", so the split count is min(cap, cdiv(4 * 4, 8) = 2)
     assert decode_attention.default_num_kv_splits(1, 8, torch.device("cpu")) == min(splits or DEFAULT_SPLITS, 2)
+    # rotary + KV store inside the attention's first stage, but in their own launch for rope-split
+    assert decode_attention.ROPE_IN_STAGE1 is (name != "rope-split")
     use_variant("defaults", tmp_path)
     assert {layer: _served(*shape) for layer, shape in SHAPES.items()} == defaults
     assert decode_attention._MAX_SPLITS == DEFAULT_SPLITS
+    assert decode_attention.ROPE_IN_STAGE1
 
 
 def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
