@@ -20,7 +20,8 @@ Variants: defaults (main's tables); p1 / p1b (qkv and o on GEMV configs that loa
 the PDL wait); mma1-qkv-o (qkv and o on the tensor-core M = 1 kernel, gate_up's tile); gemv-all (gate_up and down
 on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dependent launch); silu-epilogue
 (gate_up's SiLU-and-mul in its kernel); splits-N (decode attention with at most N KV splits; 1: one pass, no
-merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage).
+merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
+split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer).
 
 --wall-variants: after the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -72,6 +73,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "splits-1": ({}, 1),
     "splits-4": ({}, 4),
     "rope-split": ({}, None),  # rotary + KV store in their own launch before the attention (as before 2026-12-04 evening)
+    "split-norm": ({}, None),  # each add + RMSNorm split across the 4-bit linears around it (w4a16.SPLIT_NORM)
 }
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
@@ -91,6 +93,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
     decode_attention.ROPE_IN_STAGE1 = name != "rope-split"  # (read by the attention backend at every call)
+    w4a16.SPLIT_NORM = name == "split-norm"  # (read by the decoder at every forward)
     w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
     if name != "gemv-all":
         w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
@@ -160,6 +163,7 @@ def main() -> None:
         with torch.inference_mode():  # as the runner's own capture (CudaGraphRunner._capture_all)
             graphs._capture_buckets(False)  # batch 1 only (cuda_graph_max_bs=1), at the current context
             if short:  # and the short-context graph the steps replay up to 1,024 tokens of context
+                graphs.short_graphs.clear()  # (a variant whose split cap leaves no short plan replays none)
                 graphs._capture_short()
         return graphs.graphs[1, False, False]
 

@@ -9,6 +9,7 @@ import torch
 from radixlm.benchmarks.w4_decode_step import DEFAULT_SPLITS, VARIANTS, use_variant
 from radixlm.kernels import decode_attention, w4a16_gemv, w4a16_mma_m1
 from radixlm.kernels.small_m import TABLE_ENV
+from radixlm.runtime.quantization import w4a16
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -37,6 +38,7 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(TABLE_ENV, raising=False)
     monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
     monkeypatch.setattr(decode_attention, "ROPE_IN_STAGE1", True)
+    monkeypatch.setattr(w4a16, "SPLIT_NORM", False)
     defaults = {layer: _served(*shape) for layer, shape in SHAPES.items()}
     use_variant(name, tmp_path)
     tables, splits = VARIANTS[name]
@@ -51,10 +53,11 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     assert decode_attention.default_num_kv_splits(1, 8, torch.device("cpu")) == min(splits or DEFAULT_SPLITS, 2)
     # rotary + KV store inside the attention's first stage, but in their own launch for rope-split
     assert decode_attention.ROPE_IN_STAGE1 is (name != "rope-split")
+    assert w4a16.SPLIT_NORM is (name == "split-norm")
     use_variant("defaults", tmp_path)
     assert {layer: _served(*shape) for layer, shape in SHAPES.items()} == defaults
     assert decode_attention._MAX_SPLITS == DEFAULT_SPLITS
-    assert decode_attention.ROPE_IN_STAGE1
+    assert decode_attention.ROPE_IN_STAGE1 and not w4a16.SPLIT_NORM
 
 
 def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
