@@ -73,7 +73,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "splits-1": ({}, 1),
     "splits-4": ({}, 4),
     "rope-split": ({}, None),  # rotary + KV store in their own launch before the attention (as before 2026-12-04 evening)
-    "split-norm": ({}, None),  # each add + RMSNorm split across the 4-bit linears around it (w4a16.SPLIT_NORM)
+    "split-norm": ({}, None),  # each add + RMSNorm split across the 4-bit linears around it (--decode-split-norm on)
 }
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
@@ -83,7 +83,7 @@ DEFAULT_SPLITS = decode_attention._MAX_SPLITS
 
 def use_variant(name: str, folder: Path, runner=None) -> None:
     """Point the kernels at the variant's tables and split cap (read at every call: the next capture takes them);
-    with the model's `runner`, also its PDL and SiLU-epilogue switches (the defaults: PDL on, no epilogue)."""
+    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, neither)."""
     tables, splits = VARIANTS[name]
     if tables:
         path = folder / f"{name}.json"
@@ -93,13 +93,12 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
     decode_attention.ROPE_IN_STAGE1 = name != "rope-split"  # (read by the attention backend at every call)
-    w4a16.SPLIT_NORM = name == "split-norm"  # (read by the decoder at every forward)
     w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
     if name != "gemv-all":
         w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
-        set_decode_pdl(runner.model, pdl, name == "silu-epilogue")
+        set_decode_pdl(runner.model, pdl, name == "silu-epilogue", name == "split-norm")
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

@@ -7,7 +7,7 @@ attention (+ merge), o, gate_up, SiLU-and-mul, down. The first layer's input nor
 launches of their own (the embedding and the LM head are not 4-bit linears).
 
 It applies to one decode row whose layers' four linears are all `W4Weight`s served by an M = 1 kernel
-(`W4Weight.split_norm_serves`, which also holds the switch `w4a16.SPLIT_NORM`), without LoRA updates, tensor
+(`W4Weight.split_norm_serves`, which also holds the switch --decode-split-norm), without LoRA updates, tensor
 or pipeline parallelism, or EAGLE's auxiliary hidden states. A linear that cannot take its part at run time
 (its kernel does not compile) falls back to its plain launch and the norm kernel, step by step.
 """
@@ -31,7 +31,7 @@ def applies(model: LlamaForCausalLM, batch: ForwardBatch, hidden: torch.Tensor) 
     """Whether this forward takes the split norm (see the module docstring)."""
     from radixlm.runtime.quantization import w4a16
 
-    if (not w4a16.SPLIT_NORM or batch.mode is not ForwardMode.DECODE or hidden.dim() != 2 or hidden.shape[0] != 1
+    if (batch.mode is not ForwardMode.DECODE or hidden.dim() != 2 or hidden.shape[0] != 1
             or model.aux_layers or not (model.stage.has_embedding and model.stage.last) or not model.layers):
         return False
     for layer in model.layers:

@@ -35,9 +35,14 @@ DEQUANT_MIN_M = 256  # rows from which dequantize + cuBLAS replaces the tiled ke
 GEMV_MAX_M = 1  # rows up to which the GEMV runs (0: off)
 GEMV_UNLISTED = False
 SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_small_m.py; its tiles: its DEFAULTS)
-# Batch-1 decode: each residual add + RMSNorm split across the M = 1 linears around it (kernels/split_norm.py,
-# runtime/models/split_norm_decode.py): two launches a layer fewer. Read at every call (a benchmark's A/B switch).
-SPLIT_NORM = False
+# --decode-split-norm auto: batch-1 decode with each residual add + RMSNorm split across the M = 1 linears around it
+# (kernels/split_norm.py, runtime/models/split_norm_decode.py): two launches a layer fewer. Off until measured.
+SPLIT_NORM_AUTO = False
+
+
+def split_norm_enabled(mode: str) -> bool:
+    """--decode-split-norm `mode` (auto / on / off) resolved."""
+    return mode == "on" or (mode == "auto" and SPLIT_NORM_AUTO)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 _mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
 logger = logging.getLogger(__name__)
@@ -176,9 +181,9 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         return out.reshape(*x.shape[:-1], self.out_features // 2)
 
     def split_norm_serves(self) -> bool:
-        """Whether `linear_split_norm` takes this weight's decode row: SPLIT_NORM, the GPU kernels, and an M = 1
-        kernel (tensor-core or GEMV) whose table lists this shape."""
-        return (SPLIT_NORM and self.use_triton and not _mma1_failed and not _gemv_failed
+        """Whether `linear_split_norm` takes this weight's decode row: --decode-split-norm (`split_norm`), the GPU
+        kernels, and an M = 1 kernel (tensor-core or GEMV) whose table lists this shape."""
+        return (self.split_norm and self.use_triton and not _mma1_failed and not _gemv_failed
                 and (self._mma1_serves() or self._gemv_serves()))
 
     def linear_split_norm(self, x: torch.Tensor | None, add_norm=None, pending=None):

@@ -112,15 +112,31 @@ def test_decoder_with_the_split_norm_decodes_the_same_tokens(tmp_path, monkeypat
     torch.set_num_threads(1)
     runs = {}
     for on in (False, True):
-        monkeypatch.setattr(w4a16, "SPLIT_NORM", on)
-        sched = make_scheduler(model_dir, dtype="float32")
+        sched = make_scheduler(model_dir, dtype="float32", decode_split_norm="on" if on else "off")
         sched.runner.model.decode_stack = None  # the layers in Python, not the CPU's one-call decode step
         for module in sched.runner.model.modules():
             if isinstance(getattr(module, "quantized", None), W4Weight):
                 module.quantized.use_triton = True  # the Triton kernels, interpreted
+                module.quantized.split_norm = on  # (what the runner sets from --decode-split-norm on a GPU)
                 module.quantized.tickets = tickets(module.quantized.out_features, torch.device("cpu"))
         work = [greedy_req("one", [(7 * i) % sched.runner.vocab_size + 3 for i in range(20)], 4)]  # one decode row
         runs[on] = {k: v["output_ids"] for k, v in run_to_completion(sched, work).items()}
         assert_pool_idle(sched)
         assert len(splits) == (3 if on else 0)  # every decode step (the first token comes from the prefill)
     assert runs[True] == runs[False]
+
+
+def test_flag_resolves_and_reaches_every_weight(monkeypatch) -> None:
+    """--decode-split-norm: auto follows SPLIT_NORM_AUTO; `set_decode_pdl` hands the decision to every quantized weight."""
+    from radixlm.runtime.quantization import w4a16
+    from radixlm.runtime.quantization.base import set_decode_pdl
+
+    monkeypatch.setattr(w4a16, "SPLIT_NORM_AUTO", False)
+    assert [w4a16.split_norm_enabled(m) for m in ("auto", "on", "off")] == [False, True, False]
+    monkeypatch.setattr(w4a16, "SPLIT_NORM_AUTO", True)
+    assert [w4a16.split_norm_enabled(m) for m in ("auto", "on", "off")] == [True, True, False]
+    layer = torch.nn.Module()
+    layer.quantized = _weight(16, 128, 5, "cpu")
+    assert not layer.quantized.split_norm and not layer.quantized.split_norm_serves()
+    assert set_decode_pdl(torch.nn.Sequential(layer), True, False, True) == 1 and layer.quantized.split_norm
+    assert not layer.quantized.split_norm_serves()  # a CPU weight: no kernel takes it

@@ -9,7 +9,6 @@ import torch
 from radixlm.benchmarks.w4_decode_step import DEFAULT_SPLITS, VARIANTS, use_variant
 from radixlm.kernels import decode_attention, w4a16_gemv, w4a16_mma_m1
 from radixlm.kernels.small_m import TABLE_ENV
-from radixlm.runtime.quantization import w4a16
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -38,7 +37,6 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(TABLE_ENV, raising=False)
     monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
     monkeypatch.setattr(decode_attention, "ROPE_IN_STAGE1", True)
-    monkeypatch.setattr(w4a16, "SPLIT_NORM", False)
     defaults = {layer: _served(*shape) for layer, shape in SHAPES.items()}
     use_variant(name, tmp_path)
     tables, splits = VARIANTS[name]
@@ -53,11 +51,10 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     assert decode_attention.default_num_kv_splits(1, 8, torch.device("cpu")) == min(splits or DEFAULT_SPLITS, 2)
     # rotary + KV store inside the attention's first stage, but in their own launch for rope-split
     assert decode_attention.ROPE_IN_STAGE1 is (name != "rope-split")
-    assert w4a16.SPLIT_NORM is (name == "split-norm")
     use_variant("defaults", tmp_path)
     assert {layer: _served(*shape) for layer, shape in SHAPES.items()} == defaults
     assert decode_attention._MAX_SPLITS == DEFAULT_SPLITS
-    assert decode_attention.ROPE_IN_STAGE1 and not w4a16.SPLIT_NORM
+    assert decode_attention.ROPE_IN_STAGE1
 
 
 def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
@@ -71,8 +68,8 @@ def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
 
 
 def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> None:
-    """pdl-off / silu-epilogue set what the runner set at load (every quantized weight's switches and the ops bundle
-    of the model and its attention), and the defaults put PDL back on with no epilogue."""
+    """pdl-off / silu-epilogue / split-norm set what the runner set at load (every quantized weight's switches and the
+    ops bundle of the model and its attention), and the defaults put PDL back on with no epilogue, no split norm."""
     from types import SimpleNamespace
 
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
@@ -84,7 +81,8 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
     layer = torch.nn.Module()
     layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
     runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
-    for name, pdl, epilogue in (("pdl-off", False, False), ("silu-epilogue", True, True), ("defaults", True, False)):
+    for name, pdl, epilogue, split in (("pdl-off", False, False, False), ("silu-epilogue", True, True, False),
+                                       ("split-norm", True, False, True), ("defaults", True, False, False)):
         use_variant(name, tmp_path, runner)
-        assert (layer.quantized.pdl, layer.quantized.silu_epilogue) == (pdl, epilogue), name
+        assert (layer.quantized.pdl, layer.quantized.silu_epilogue, layer.quantized.split_norm) == (pdl, epilogue, split)
         assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
