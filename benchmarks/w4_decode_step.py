@@ -23,9 +23,9 @@ on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dep
 merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
 split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer).
 
---wall-variants: after the replays, each listed variant's graphs (full and short-context) are captured and the
+--wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
-of each variant in one process, LM head and sampler included.
+of each variant in one process, LM head and sampler included (the replays then run at that longer context).
 """
 from __future__ import annotations
 
@@ -179,6 +179,23 @@ def main() -> None:
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, defaults)", flush=True)
     save()
+    if wall_names:  # first (the figure that matters most): each variant's (a) in this process, whole steps on its
+        # full and short-context graphs
+        report["wall"] = {n: [] for n in wall_names}
+        for r in range(args.rounds):
+            for name in wall_names:
+                try:
+                    capture(name, short=True)
+                    steps(5)
+                    report["wall"][name].append(wall_ms(args.wall_steps))
+                except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
+                    report.setdefault("wall_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"wall round {r + 1} {name}: {report['wall_errors'][name]}", flush=True)
+                    continue
+                ms = report["wall"][name][-1]
+                print(f"wall round {r + 1} {name}: {ms:.3f} ms a step = {1e3 / ms:.1f} tok/s "
+                      f"(context ~{128 + len(forwards)})", flush=True)
+                save()
     for r in range(args.rounds):
         for name in names:
             if time.perf_counter() - started > args.budget_s:
@@ -193,17 +210,6 @@ def main() -> None:
                 report["variants"][name]["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"round {r + 1} {name}: {report['variants'][name]['error']}", flush=True)
             save()
-    if wall_names:  # each variant's (a) in this process: its full and short-context graphs, the whole step
-        report["wall"] = {n: [] for n in wall_names}
-        for r in range(args.rounds):
-            for name in wall_names:
-                capture(name, short=True)
-                steps(5)
-                report["wall"][name].append(wall_ms(args.wall_steps))
-                ms = report["wall"][name][-1]
-                print(f"wall round {r + 1} {name}: {ms:.3f} ms a step = {1e3 / ms:.1f} tok/s "
-                      f"(context ~{128 + len(forwards)})", flush=True)
-                save()
     base = statistics.median(report["variants"]["defaults"]["replay_us"] or [float("nan")]) if "defaults" in names else None
     for name, v in report["variants"].items():
         if v["replay_us"]:
@@ -236,8 +242,9 @@ def main() -> None:
     print("defaults per layer (µs): " + ", ".join(f"{k} {v:.2f}" for k, v in report.get("per_layer_us", {}).items()))
     print("outside the graph per step (µs): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("outside_graph_us", {}).items()))
     for name, ms in report.get("wall", {}).items():
-        print(f"wall {name:<14} {statistics.median(ms):.3f} ms a step = {1e3 / statistics.median(ms):.1f} tok/s "
-              f"(rounds {[round(x, 3) for x in ms]})")
+        if ms:
+            print(f"wall {name:<14} {statistics.median(ms):.3f} ms a step = {1e3 / statistics.median(ms):.1f} tok/s "
+                  f"(rounds {[round(x, 3) for x in ms]})")
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, context ~170-270); done in {time.perf_counter() - started:.0f} s")
     sched = runner = graphs = graph = None
