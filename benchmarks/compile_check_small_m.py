@@ -128,14 +128,14 @@ def gemv_cases():
     for key in defaults:  # the split norm (kernels/split_norm.py) on the default tables: producer and consumer
         cfg = w4a16_gemv.GemvConfig.parse(key)
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, 1)
-        for partial, norm in ((True, 1), (False, 1), (True, 2), (False, 2)):
-            yield (f"gemv {cfg.key()} bf16 split={partial} pdl=True norm={norm}", w4a16_gemv._gemv_kernel,
+        for partial, norm, silu in NORM_FORMS:
+            yield (f"gemv {cfg.key()} bf16 split={partial} pdl=True norm={norm} silu={silu}", w4a16_gemv._gemv_kernel,
                    {"X": "bf16", "Words": "i32", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
                     "Out": "bf16", "Part": "fp32" if partial else "bf16", "Tickets": "i32" if partial else "i16",
                     **norm_pointers(norm)},
                    {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": partial, "XMODE": 1,
                     "PRECISE": False, "EVEN_K": True, "SLICES_PER_GROUP": 4, "PREFETCH": cfg.prefetch, "USE_PDL": True,
-                    "GROUP_SHIFT": 0, "SILU": False, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
+                    "GROUP_SHIFT": 0, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
                     **norm_constexprs(norm)}, launch)
 
 
@@ -162,17 +162,19 @@ def mma1_cases():
     for key in defaults:  # the split norm on the default tables, as the GEMV's
         cfg = w4a16_mma_m1.Mma1Config.parse(key)
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
-        for partial, norm in ((True, 1), (False, 1), (True, 2), (False, 2)):
-            yield (f"mma1 {cfg.key()} bf16 split={partial} pdl=True norm={norm}", w4a16_mma_m1._mma1_kernel,
+        for partial, norm, silu in NORM_FORMS:
+            yield (f"mma1 {cfg.key()} bf16 split={partial} pdl=True norm={norm} silu={silu}", w4a16_mma_m1._mma1_kernel,
                    {"X": "bf16", "Codes": "i16", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
                     "Out": "bf16", "Part": "fp32" if partial else "bf16", "Tickets": "i32" if partial else "i16",
                     **norm_pointers(norm)},
                    {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": partial, "MAGIC": 1,
                     "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True, "SUM_CHUNKS": 16 if cfg.sums else 0,
-                    "EVEN": True, "WIN": cfg.window, "SILU": False, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
+                    "EVEN": True, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
                     "SPLIT_MAJOR": cfg.split_major, **norm_constexprs(norm)}, launch)
 
 
+# (split-K, NORM, SILU): producer / consumer with and without split-K; a consumer with the SiLU epilogue
+NORM_FORMS = ((True, 1, False), (False, 1, False), (True, 2, False), (False, 2, False), (True, 2, True))
 NO_NORM = {"NORM": 0, "BLOCK_T": 16, "Res": None, "NormW": None, "NewRes": None, "SumSq": None}
 
 

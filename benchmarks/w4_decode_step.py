@@ -21,7 +21,8 @@ the PDL wait); mma1-qkv-o (qkv and o on the tensor-core M = 1 kernel, gate_up's 
 on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dependent launch); silu-epilogue
 (gate_up's SiLU-and-mul in its kernel); splits-N (decode attention with at most N KV splits; 1: one pass, no
 merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
-split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer).
+split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer);
+split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split).
 
 --wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -74,6 +75,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "splits-4": ({}, 4),
     "rope-split": ({}, None),  # rotary + KV store in their own launch before the attention (as before 2026-12-04 evening)
     "split-norm": ({}, None),  # each add + RMSNorm split across the 4-bit linears around it (--decode-split-norm on)
+    "split-norm-silu": ({}, None),  # and gate_up's SiLU-and-mul in its kernel (--decode-silu-epilogue on)
 }
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
@@ -98,7 +100,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
         w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
-        set_decode_pdl(runner.model, pdl, name == "silu-epilogue", name == "split-norm")
+        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu"), name.startswith("split-norm"))
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

@@ -356,8 +356,8 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         group_shift = -1
     xmode = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if k % 2 == 0 and x.data_ptr() % 4 == 0 else 0
     grid = (triton.cdiv(n, cfg.block_n), split)
-    if (add_norm is not None or pending is not None) and (silu_mul or m != 1):
-        raise ValueError("w4a16_gemv: a split norm takes one row and no SiLU epilogue")
+    if (add_norm is not None and silu_mul) or ((add_norm is not None or pending is not None) and m != 1):
+        raise ValueError("w4a16_gemv: a split norm takes one row, and its producer no SiLU epilogue")
     norm, produced = norm_launch_args(x, n, grid[0], add_norm, pending)
     if produced is not None:
         out = produced[0].u

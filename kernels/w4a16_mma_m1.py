@@ -360,8 +360,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     even = k % CHUNK == 0 and (kp // CHUNK) % cfg.chunks == 0 and per_split % cfg.chunks == 0 and n % cfg.block_n == 0
     grid = (split, triton.cdiv(n, cfg.block_n)) if cfg.split_major else (triton.cdiv(n, cfg.block_n), split)
     use_pdl = pdl and x.is_cuda
-    if (add_norm is not None or pending is not None) and (silu_mul or m != 1):
-        raise ValueError("w4a16_mma_m1: a split norm takes one row and no SiLU epilogue")
+    if (add_norm is not None and silu_mul) or ((add_norm is not None or pending is not None) and m != 1):
+        raise ValueError("w4a16_mma_m1: a split norm takes one row, and its producer no SiLU epilogue")
     norm, produced = norm_launch_args(x, n, triton.cdiv(n, cfg.block_n), add_norm, pending)
     if produced is not None:
         out = produced[0].u

@@ -76,10 +76,14 @@ def forward_layers(model: LlamaForCausalLM, batch: ForwardBatch, attn: PagedAtte
         if made is None:
             normed, residual = ops.fused_add_rms_norm(sa.o_proj(out), residual, post, eps)
             gate_up = mlp.gate_up_proj(normed)
+            act = ops.silu_and_mul(gate_up)
         else:
             pending, residual = made
-            gate_up = _consume(mlp.gate_up_proj, pending)
-        act = ops.silu_and_mul(gate_up)
+            weight = mlp.gate_up_proj.quantized
+            # --decode-silu-epilogue: SiLU-and-mul in the consumer's last split too
+            act = weight.linear_split_norm(None, pending=pending, silu_mul=True) if weight.silu_epilogue else None
+            if act is None:
+                act = ops.silu_and_mul(_consume(mlp.gate_up_proj, pending))
         if i == len(layers) - 1:
             return mlp.down_proj(act), residual
         nxt = layers[i + 1].input_layernorm.weight

@@ -186,12 +186,21 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         return (self.split_norm and self.use_triton and not _mma1_failed and not _gemv_failed
                 and (self._mma1_serves() or self._gemv_serves()))
 
-    def linear_split_norm(self, x: torch.Tensor | None, add_norm=None, pending=None):
+    def linear_split_norm(self, x: torch.Tensor | None, add_norm=None, pending=None, silu_mul: bool = False):
         """One decode row through this shape's M = 1 kernel as the split norm's producer (`add_norm`: x's product
-        then (PendingNorm, new residual)) or consumer (`pending`: its u is the input; the product); None where
-        `split_norm_serves` says no or the kernel does not compile here (the caller's launches do the same)."""
+        then (PendingNorm, new residual)) or consumer (`pending`: its u is the input; the product, or with
+        `silu_mul` the MLP's silu(gate) * up as `linear_silu_mul`); None where `split_norm_serves` says no (or, with
+        silu_mul, N / 2 is not whole row tiles) or the kernel does not compile here (the caller's launches do the same)."""
         if not self.split_norm_serves():
             return None
+        if silu_mul:
+            from radixlm.kernels.w4a16_gemv import gemv_default_config
+            from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
+
+            cfg = mma1_table_config(self.out_features, self.in_features) if self._mma1_serves() else \
+                gemv_default_config(self.out_features, self.in_features)
+            if self.out_features % 2 or (self.out_features // 2) % (cfg.block_n // 2):
+                return None
         from radixlm.kernels.w4a16_gemv import w4a16_gemv
         from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
 
@@ -199,7 +208,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
         try:
             return run(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending)
+                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul)
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
             if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
                 raise

@@ -77,6 +77,22 @@ def test_split_norm_equals_the_norm_between_the_linears(device, dtype, producer,
         assert int(w.tickets.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("consumer", ["gemv-split", "mma1-split"])
+def test_consumer_with_the_silu_epilogue(device, consumer) -> None:
+    """A consumer of the MLP's [gate | up] weight with `silu_mul`: ops.silu_and_mul of its plain output."""
+    run, cfg = KERNELS[consumer]
+    w = _weight(64, 256, 6, device)
+    w.tickets = tickets_for(64, torch.device(device))
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(1, 256, generator=g).to(device)
+    pending = PendingNorm(u, (torch.rand(4, generator=g) * 64).to(device), 1e-5)
+    from radixlm.kernels.ops import silu_and_mul
+
+    act = _run(run, cfg, w, None, pending=pending, silu_mul=True)
+    assert torch.equal(act, silu_and_mul(_run(run, cfg, w, None, pending=pending)))  # the activation kernel's bits
+    assert int(w.tickets.abs().sum()) == 0
+
+
 def test_split_norm_refuses_what_it_cannot_fuse(device) -> None:
     w = _weight(64, 128, 4, device)
     x = torch.randn(1, 128).to(torch.bfloat16).to(device)

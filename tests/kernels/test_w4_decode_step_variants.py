@@ -82,7 +82,8 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
     layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
     runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
     for name, pdl, epilogue, split in (("pdl-off", False, False, False), ("silu-epilogue", True, True, False),
-                                       ("split-norm", True, False, True), ("defaults", True, False, False)):
+                                       ("split-norm", True, False, True), ("split-norm-silu", True, True, True),
+                                       ("defaults", True, False, False)):
         use_variant(name, tmp_path, runner)
         assert (layer.quantized.pdl, layer.quantized.silu_epilogue, layer.quantized.split_norm) == (pdl, epilogue, split)
         assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
