@@ -22,7 +22,8 @@ on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dep
 (gate_up's SiLU-and-mul in its kernel); splits-N (decode attention with at most N KV splits; 1: one pass, no
 merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
 split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer);
-split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split).
+split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split); no-split-norm (the norms as launches of
+their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults").
 
 --wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -76,6 +77,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "rope-split": ({}, None),  # rotary + KV store in their own launch before the attention (as before 2026-12-04 evening)
     "split-norm": ({}, None),  # each add + RMSNorm split across the 4-bit linears around it (--decode-split-norm on)
     "split-norm-silu": ({}, None),  # and gate_up's SiLU-and-mul in its kernel (--decode-silu-epilogue on)
+    "no-split-norm": ({}, None),  # the norms as launches of their own (--decode-split-norm off)
 }
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
@@ -85,7 +87,8 @@ DEFAULT_SPLITS = decode_attention._MAX_SPLITS
 
 def use_variant(name: str, folder: Path, runner=None) -> None:
     """Point the kernels at the variant's tables and split cap (read at every call: the next capture takes them);
-    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, neither)."""
+    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, no SiLU
+    epilogue, the split norm as --decode-split-norm auto)."""
     tables, splits = VARIANTS[name]
     if tables:
         path = folder / f"{name}.json"
@@ -100,7 +103,8 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
         w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
-        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu"), name.startswith("split-norm"))
+        split = name != "no-split-norm" and (name.startswith("split-norm") or w4a16.split_norm_enabled("auto"))
+        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu"), split)
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

@@ -36,8 +36,10 @@ GEMV_MAX_M = 1  # rows up to which the GEMV runs (0: off)
 GEMV_UNLISTED = False
 SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_small_m.py; its tiles: its DEFAULTS)
 # --decode-split-norm auto: batch-1 decode with each residual add + RMSNorm split across the M = 1 linears around it
-# (kernels/split_norm.py, runtime/models/split_norm_decode.py): two launches a layer fewer. Off until measured.
-SPLIT_NORM_AUTO = False
+# (kernels/split_norm.py, runtime/models/split_norm_decode.py): two launches a layer fewer. On: the 8B shape's
+# GPTQ 4-bit decode on the H200 (2026-12-04 19:49, one process) 2.299 vs 2.337 ms a step, its decode graph 2,057
+# vs 2,145 µs (benchmarks/RESULTS.md).
+SPLIT_NORM_AUTO = True
 
 
 def split_norm_enabled(mode: str) -> bool:
