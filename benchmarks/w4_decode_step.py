@@ -121,13 +121,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/w4_decode_step.json")
     ap.add_argument("--wall-variants", default="", help="variants whose wall time per step is measured (see above)")
     ap.add_argument("--wall-steps", type=int, default=100)
+    ap.add_argument("--check", default="", help="variants whose batch-1 graph output (the final hidden state) is "
+                    "compared with the defaults' on the same step: the relative difference (bf16 rounding amplified "
+                    "by 32 random layers: a few 1e-2; a wrong kernel: ~1)")
     ap.add_argument("--profile-variant", default="defaults", help="whose graph the closing profile takes (its GEMMs "
                     "are named in launch order: with the split norm o + gate_up and down + the next qkv run back to "
                     "back and count as one each, so take no-split-norm for per-layer names)")
     args = ap.parse_args()
     names = args.variants.split(",")
     wall_names = [n for n in args.wall_variants.split(",") if n]
-    unknown = [n for n in names + wall_names + [args.profile_variant] if n not in VARIANTS]
+    check_names = [n for n in args.check.split(",") if n]
+    unknown = [n for n in names + wall_names + check_names + [args.profile_variant] if n not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     started = time.perf_counter()
@@ -189,6 +193,20 @@ def main() -> None:
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, defaults)", flush=True)
     save()
+    if check_names:  # each variant's step output against the defaults' (same inputs, same KV: a replay writes the
+        # new position's K/V itself, the same values in every variant)
+        def hidden(name: str) -> torch.Tensor:
+            capture(name).replay()
+            torch.cuda.synchronize()
+            return graphs.outputs[1, False, False][:1].float().clone()
+
+        ref = hidden("defaults")
+        report["check_rel_diff"] = {}
+        for name in check_names:
+            diff = ((hidden(name) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            report["check_rel_diff"][name] = diff
+            print(f"check {name}: final hidden state {diff:.2e} (relative) from the defaults'", flush=True)
+        save()
     if wall_names:  # first (the figure that matters most): each variant's (a) in this process, whole steps on its
         # full and short-context graphs
         report["wall"] = {n: [] for n in wall_names}
