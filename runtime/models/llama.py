@@ -17,6 +17,7 @@ from radixlm.kernels import KernelOps, get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
+from radixlm.runtime.models import split_norm_decode
 from radixlm.runtime.parallel.layers import (
     ColumnParallelLinear,
     PipelineStage,
@@ -90,6 +91,11 @@ class LlamaAttention(nn.Module):
         already made (the decoder's add + norm in the qkv GEMV's loads); then `hidden` is not read."""
         if qkv is None:
             qkv = self.qkv_proj(hidden)
+        return self.o_proj(self.attend(qkv, batch, attn, cos_sin, ops), lora_into=residual)
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend, cos_sin: torch.Tensor,
+               ops: KernelOps) -> torch.Tensor:
+        """The attention's output [T, q_size] from the qkv projection (q / k norms, rotary, the KV store), before o."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -97,9 +103,11 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = ops.rms_norm(q, self.q_norm.weight, self.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
-        q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
-        out = attn.forward(q, k_new, v_new, self.layer_id, batch)
-        return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
+        out = attn.decode_with_rotary(q, k, v, self.layer_id, batch, cos_sin)  # one launch where it applies
+        if out is None:
+            q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
+            out = attn.forward(q, k_new, v_new, self.layer_id, batch)
+        return out.reshape(-1, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -173,6 +181,9 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = stack.forward(batch, hidden)
             return self._final_norm(batch, hidden, residual)
         cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
+        if intermediate is None and split_norm_decode.applies(self, batch, hidden):  # batch-1 4-bit: no norm launches
+            hidden, residual = split_norm_decode.forward_layers(self, batch, attn, cos_sin, hidden)
+            return self._final_norm(batch, hidden, residual)
         aux: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:  # (a copy: a LoRA update may be added into the residual in place)
