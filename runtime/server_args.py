@@ -276,6 +276,14 @@ class ServerArgs:
         "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). off by default: on "
         "the H200 it ran 408.3 against 421.3 tok/s without it (8B shape, GPTQ 4-bit, benchmarks/RESULTS.md)",
         str, choices=("on", "off"))
+    decode_split_norm: str = _flag(
+        "auto", "runtime", "batch-1 decode of 4-bit models on a GPU: split each residual add + RMSNorm across the "
+        "M = 1 linears around it (o / down finish their tiles with the new residual, its product with the norm's "
+        "weight and per-tile sums of squares; gate_up / the next qkv scale their products by the row's rstd): no "
+        "norm launch inside a layer; rounds differ from the norm kernel's within bf16's tolerance. auto: on (the 8B "
+        "shape's GPTQ 4-bit batch-1 decode on the H200: 2.299 vs 2.337 ms a step in one process, "
+        "benchmarks/RESULTS.md); on; off",
+        str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
     disable_cpu_decode_stack: bool = _flag(
