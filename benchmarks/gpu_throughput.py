@@ -35,7 +35,7 @@ def workload_b(n: int, vocab: int, seed: int = 3) -> tuple[list[list[int]], list
 
 def warmup_b(vocab: int) -> list[list[int]]:
     """Prompts for a warm-up before (b)'s timed run: drawn like (b)'s but with another seed (the timed run finds
-    none of them cached), ~14k tokens so the prefill runs full 8,192-token chunks with a prompt continued from
+    none of them cached), ~16k tokens so the prefill runs full 8,192-token chunks with a prompt continued from
     one chunk to the next, as (b)'s 72 chunks do. Its kernels' variants are compiled (or loaded from Triton's
     cache) here: a warm-up of 8 of (b)'s own prompts (one ~4.6k-token chunk) left them to the timed run (12-04
     17:2x, one lease: the suite's (b) 31.3 s, a rerun minutes later 29.9 s, the difference all in the prefill
