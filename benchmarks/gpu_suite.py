@@ -235,6 +235,14 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                         print("    step parts json/same: " + ", ".join(
                             f"{k} {a.get('parts', {}).get(k, 0.0):.3f}/{b.get('parts', {}).get(k, 0.0):.3f} s"
                             for k in parts), flush=True)
+                        print("    longest single call json/same: " + ", ".join(
+                            f"{k} {1e3 * a.get('parts_max', {}).get(k, 0.0):.2f}/{1e3 * b.get('parts_max', {}).get(k, 0.0):.2f} ms"
+                            for k in parts), flush=True)
+                    if a.get("step_ms") and b.get("step_ms"):  # every step alike, or a few stalls?
+                        print("    step ms json/same: " + ", ".join(
+                            f"{k} {a['step_ms'][k]:.2f}/{b['step_ms'][k]:.2f}" for k in ("median", "p90", "max"))
+                            + f"; longest json {[round(x, 1) for x in a['step_ms']['longest']]}, same "
+                            f"{[round(x, 1) for x in b['step_ms']['longest']]}", flush=True)
         if not profile:
             return out
     try:  # can this host fill masks in parallel at all? (diagnosis only)
