@@ -98,9 +98,10 @@ class DeviceTables:
     @staticmethod
     def commit(reqs: list[Req], tokens: Sequence[int], workers: MaskWorkers) -> TableStep | None:
         """Commit one token per request when the first request's matcher has a healthy lazy table
-        (None, and nothing committed, otherwise). Rows whose move is a filled row of that table are
-        taken here in one pass; the others (another table or kind, a move not known yet, an end
-        token, a state first reached) go to their matchers' own batched commit."""
+        (None, and nothing committed, otherwise). Rows whose move (cached, or walked on the DFA now)
+        is a filled row of that table are taken here in one pass; the others (another table or kind,
+        an end token, a state first reached, a DFA past its budget) go to their matchers' own
+        batched commit."""
         first = reqs[0].grammar if reqs else None
         if type(first) is not TableMatcher or first.table.broken or not first.table.lazy:
             return None
@@ -115,6 +116,11 @@ class DeviceTables:
             if type(m) is TableMatcher and m.table is table and not m.refused and tok not in end_ids:
                 states = m.states
                 nxt = moves.get(states[-1] * vocab + tok)
+                if nxt is None:  # a move not taken before: the token's bytes walked on the DFA (then cached)
+                    try:
+                        nxt = table.next_state(states[-1], tok)
+                    except OverflowError:
+                        nxt = None  # (the matcher's own commit turns the table off)
                 if nxt is not None and nxt >= 0:
                     row = nxt + FIRST_STATE_ROW
                     if row < capacity and ready[row]:

@@ -100,9 +100,10 @@ def test_rows_of_another_kind_take_the_matchers_commit(tok, default_model_dir) -
         rt.close()
 
 
-def test_a_move_not_known_goes_to_the_matcher(tok, default_model_dir) -> None:
-    """Tokens whose (state, token) move is not cached, or whose next row is not filled, are committed by
-    TableMatcher's own path (the DFA walked, the backend synced where it must); the rest in one pass."""
+def test_moves_not_cached_are_walked_and_rows_not_filled_go_to_the_matcher(tok, default_model_dir) -> None:
+    """A (state, token) move not cached is walked on the DFA in the pass (and cached); a token whose next
+    state has no filled row goes to TableMatcher's own commit (the backend takes the lagging tokens), and
+    that row is named for the fill before the next gather."""
     rt, grammar = _runtime(tok, default_model_dir)
     try:
         table_grammar = rt._with_table(grammar)
@@ -114,17 +115,21 @@ def test_a_move_not_known_goes_to_the_matcher(tok, default_model_dir) -> None:
             seen.fill_next_token_bitmask(mask, 0)
             assert seen.advance(t)
         seen.fill_next_token_bitmask(mask, 0)
-        s1, s2 = seen.states[1:3]
-        reqs = [SimpleNamespace(rid="a", grammar=table_grammar.matcher(), finished=False),
-                SimpleNamespace(rid="b", grammar=table_grammar.matcher(), finished=False)]
+        s1, s2, s3 = seen.states[1:4]
+        reqs = [SimpleNamespace(rid=r, grammar=table_grammar.matcher(), finished=False) for r in "abc"]
         assert reqs[1].grammar.advance(doc[0])
+        for t in doc[:3]:
+            assert reqs[2].grammar.advance(t)
+        assert reqs[2].grammar.lag == doc[:3]  # (lazy: rows filled)
         table._next.pop(s1 * table.vocab + doc[1])  # row b's move: no longer cached
-        step = rt._tables.commit(reqs, [doc[0], doc[1]], rt.workers)
-        assert step is not None and step.ok == [True, True] and step.done == [False, False]
-        assert [r.grammar.states for r in reqs] == [[0, s1], [0, s1, s2]]  # b: the DFA walked again
-        assert s1 * table.vocab + doc[1] in table._next  # ... and its move cached for the next time
-        assert step.rows == [s1 + 2, s2 + 2] and step.missing == []
-        assert [r.grammar.lag for r in reqs] == [[doc[0]], [doc[0], doc[1]]]  # both lazy: the backend not called
+        step = rt._tables.commit(reqs, [doc[0], doc[1], doc[3]], rt.workers)
+        assert step is not None and step.ok == [True] * 3 and step.done == [False] * 3
+        assert s1 * table.vocab + doc[1] in table._next  # b's move walked and cached again
+        assert [r.grammar.lag for r in reqs[:2]] == [[doc[0]], [doc[0], doc[1]]]  # a, b: the backend not called
+        s4 = reqs[2].grammar.states[-1]
+        assert [r.grammar.states for r in reqs] == [[0, s1], [0, s1, s2], [0, s1, s2, s3, s4]]
+        assert reqs[2].grammar.lag == [] and not table.ready[s4 + 2]  # c: the backend took its tokens
+        assert step.rows == [s1 + 2, s2 + 2, s4 + 2] and [row for _, row in step.missing] == [s4 + 2]
     finally:
         rt.close()
 
