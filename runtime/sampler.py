@@ -39,6 +39,7 @@ class SamplingBatch:
     steps: torch.Tensor  # [B] int64
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
+    any_greedy: bool
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
@@ -49,11 +50,12 @@ class SamplingBatch:
         """One pass over the rows and one host-to-device copy: every per-row value is exact in
         float64 (seeds are 32-bit, steps and top-k far below 2**53), converted on the device."""
         table = []
-        all_greedy, need_top_k, need_top_p, need_min_p = True, False, False, False
+        all_greedy, any_greedy, need_top_k, need_top_p, need_min_p = True, False, False, False, False
         for r in rows:
             p = r.params
             top_k = vocab_size if p.top_k < 0 else min(p.top_k, vocab_size)
             greedy = p.is_greedy
+            any_greedy = any_greedy or greedy
             if not greedy:
                 all_greedy = False
                 need_top_k = need_top_k or top_k < vocab_size
@@ -70,6 +72,7 @@ class SamplingBatch:
             steps=cols[5].long(),
             greedy=cols[6].bool(),
             all_greedy=all_greedy,
+            any_greedy=any_greedy,
             need_top_k=need_top_k,
             need_top_p=need_top_p,
             need_min_p=need_min_p,
@@ -84,14 +87,27 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+_TOKEN_MIX: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _token_mix(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[V] int64: each token id's hash, the same at every step: made once per vocabulary and device
+    (nine kernel launches a sampled step fewer: the host launches every draw's kernels)."""
+    key = (vocab_size, device)
+    mix = _TOKEN_MIX.get(key)
+    if mix is None:
+        token = torch.arange(vocab_size, device=device, dtype=torch.int64)
+        mix = _TOKEN_MIX[key] = _mix32(token * 0x27D4EB2F & _MASK32)
+    return mix
+
+
 def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float64 uniforms in (0, 1), a pure function of (seed, step, token id).
 
     float64: in float32 the largest draws round to exactly 1.0, whose -log is 0, and 0/0 = NaN
     would win the argmax for a masked token."""
     base = _mix32(seeds ^ _mix32((steps * 0x9E3779B9 + 0x7F4A7C15) & _MASK32))
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(base[:, None] ^ _mix32(token * 0x27D4EB2F & _MASK32)[None, :])
+    bits = _mix32(base[:, None] ^ _token_mix(vocab_size, seeds.device)[None, :])
     return (bits.double() + 0.5).div_(2.0**32)
 
 
@@ -144,9 +160,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, vocab_mask: torch.Tensor 
     """logits [B, V] (already adjusted) -> next token ids [B] int64. `vocab_mask`: bool [B, V], True = banned."""
     if vocab_mask is not None:
         logits = logits.masked_fill(vocab_mask, float("-inf"))
-    greedy_ids = greedy_argmax(logits)
     if batch.all_greedy:
-        return greedy_ids
+        return greedy_argmax(logits)
     probs = torch.softmax(logits / batch.temperatures, dim=-1)
     if batch.need_top_k or batch.need_top_p or batch.need_min_p:
         probs = _filter_probs(probs, batch)
@@ -154,7 +169,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, vocab_mask: torch.Tensor 
     # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws token i with probability p_i
     # (E_i >= 1.2e-10 > 0, so a zero-probability token scores exactly 0 and is never drawn).
     sampled = (probs / exp_draws).argmax(dim=-1)
-    return torch.where(batch.greedy, greedy_ids, sampled)
+    if not batch.any_greedy:
+        return sampled  # (no argmax of the logits nor a select for rows that have none)
+    return torch.where(batch.greedy, greedy_argmax(logits), sampled)
 
 
 def _filter_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
