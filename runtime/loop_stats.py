@@ -89,6 +89,7 @@ class LoopStats:
 
         if torch.cuda.is_available():
             self.watch(torch.cuda.Event, "synchronize", "device waits (sampled tokens)")
+            self.watch(torch.cuda.CUDAGraph, "replay", "graph replay")  # (inside the forward's launch)
         self.watch(sched.runner, "forward", "forward launch")
         self.watch(sched.results, "commit", "commit")  # (an overlapped step's grammar commit runs before it)
         self.watch(sched.results, "sample", "sample launch (incl. masks taken)")
