@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--mask-threads", type=int, default=0, help="--grammar-mask-threads")
     ap.add_argument("--schema", choices=("long", "item-f"), default="long",
                     help="json: SCHEMA (long strings) or item (f)'s own (gpu_throughput.SCHEMA: a table of 7,397 states)")
+    ap.add_argument("--one-model", action="store_true",
+                    help="plain/sampled on the JSON run's scheduler (its 49,152-token vocabulary), not a small one")
     ap.add_argument("--complete-table", action="store_true",
                     help="json: complete the schema's state table before timing (a served schema)")
     ap.add_argument("--out", default="benchmarks/results/host_step.json")
@@ -244,15 +246,17 @@ def main() -> None:
     modes = args.modes.split(",")
     timer = PartTimer()
     scheds: dict[str, Scheduler] = {}
-    if {"plain", "sampled"} & set(modes):  # a small vocab: the device math over [B, V] stays small on the CPU
-        scheds["plain"] = scheds["sampled"] = make_scheduler(make_model_dir(root, None, 1024), None, batches, args)
-        instrument(scheds["plain"], timer)
-    if "json" in modes:  # the real tokenizer's vocab
+    if args.one_model or "json" in modes:  # the real tokenizer's vocab
         from transformers import AutoTokenizer
 
         d = make_model_dir(root, tok_dir, 49152)
         scheds["json"] = make_scheduler(d, AutoTokenizer.from_pretrained(str(d)), batches, args)
         instrument(scheds["json"], timer)
+    if args.one_model:  # every mode on the JSON run's scheduler and model (the same vocabulary and caches)
+        scheds["plain"] = scheds["sampled"] = scheds["json"]
+    elif {"plain", "sampled"} & set(modes):  # a small vocab: the device math over [B, V] stays small on the CPU
+        scheds["plain"] = scheds["sampled"] = make_scheduler(make_model_dir(root, None, 1024), None, batches, args)
+        instrument(scheds["plain"], timer)
     schema = None
     if args.schema == "item-f":
         from gpu_throughput import SCHEMA as schema
