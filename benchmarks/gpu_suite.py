@@ -235,8 +235,9 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                         print("    step parts json/same: " + ", ".join(
                             f"{k} {a.get('parts', {}).get(k, 0.0):.3f}/{b.get('parts', {}).get(k, 0.0):.3f} s"
                             for k in parts), flush=True)
-                        print("    longest single call json/same: " + ", ".join(
-                            f"{k} {1e3 * a.get('parts_max', {}).get(k, 0.0):.2f}/{1e3 * b.get('parts_max', {}).get(k, 0.0):.2f} ms"
+                        print("    longest single call json/same (calls): " + ", ".join(
+                            f"{k} {1e3 * a.get('parts_max', {}).get(k, 0.0):.2f}/{1e3 * b.get('parts_max', {}).get(k, 0.0):.2f} ms "
+                            f"({a.get('parts_calls', {}).get(k, 0)}/{b.get('parts_calls', {}).get(k, 0)})"
                             for k in parts), flush=True)
                     if a.get("step_ms") and b.get("step_ms"):  # every step alike, or a few stalls?
                         print("    step ms json/same: " + ", ".join(

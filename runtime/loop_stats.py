@@ -59,6 +59,7 @@ class LoopStats:
         self.counters: dict[str, int] = {}
         self.parts: dict[str, float] = {}
         self.parts_max: dict[str, float] = {}
+        self.parts_calls: dict[str, int] = {}
         self.steps: list[float] = []  # each turn's seconds in `Scheduler.step`, turns that ran a step
 
     def watch(self, owner: Any, name: str, part: str) -> None:
@@ -75,6 +76,7 @@ class LoopStats:
             finally:
                 took = time.perf_counter() - start
                 self.parts[part] = self.parts.get(part, 0.0) + took
+                self.parts_calls[part] = self.parts_calls.get(part, 0) + 1
                 if took > self.parts_max.get(part, 0.0):
                     self.parts_max[part] = took
 
@@ -98,6 +100,8 @@ class LoopStats:
             self.watch(GrammarRuntime, name, part)
         # inside the above: the draw's parts, the masks' gather and uploads; the schedule and the batch's inputs
         import radixlm.constrained as constrained
+        import radixlm.constrained.base as constrained_base
+        from radixlm.constrained.state_table import TableMatcher
         from radixlm.runtime import result_processor
         from radixlm.runtime.grammar_tables import DeviceTables
         from radixlm.runtime.sampler import SamplingBatch
@@ -108,7 +112,11 @@ class LoopStats:
                                   (DeviceTables, "gather", "mask gather"), (DeviceTables, "_synced", "table upload"),
                                   (DeviceTables, "commit", "table commit"), (sched, "_schedule_decode", "schedule decode"),
                                   (ScheduledBatch, "to_forward_batch", "forward inputs"),
-                                  (UncommittedStep, "start", "sampled tokens' copy")):
+                                  (UncommittedStep, "start", "sampled tokens' copy"),
+                                  # llguidance inside the grammar's parts: masks of states first reached (may run on
+                                  # a mask thread), lagging tokens taken by the backend
+                                  (constrained_base, "fill_next_token_bitmasks", "backend mask fills"),
+                                  (TableMatcher, "sync", "backend catch-ups")):
             self.watch(owner, name, part)
 
     def begin(self, stats: dict[str, Any]) -> None:
@@ -141,7 +149,7 @@ class LoopStats:
             return
         self.busy = False
         line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "parts": self.parts,
-                "parts_max": self.parts_max, "step_ms": self._step_ms(),
+                "parts_max": self.parts_max, "parts_calls": self.parts_calls, "step_ms": self._step_ms(),
                 "turns": self.turns,
                 "turns_without_a_step": self.idle_turns, "gc_full_collections": self.gc_full,
                 **{k: int(stats.get(k, 0)) - v for k, v in self.counters.items()}}

@@ -48,6 +48,8 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     import json
 
     import radixlm.constrained as constrained
+    import radixlm.constrained.base as constrained_base
+    from radixlm.constrained.state_table import TableMatcher
     from radixlm.runtime import result_processor
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.grammar_tables import DeviceTables
@@ -59,6 +61,7 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
 
     for owner, names in ((GrammarRuntime, ("advance_many", "bitmask", "poll", "file_completed_rows")),
                          (DeviceTables, ("gather", "_synced", "commit")), (SamplingBatch, ("build",)),
+                         (constrained_base, ("fill_next_token_bitmasks",)), (TableMatcher, ("sync",)),
                          (ScheduledBatch, ("to_forward_batch",)), (UncommittedStep, ("start",)),
                          (result_processor, ("sample",)), (constrained, ("apply_token_bitmask_",))):
         for name in names:  # watch patches classes and modules: restored after
@@ -87,7 +90,8 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
         assert 0 < parts[part] < took, part
     line = read_last(str(tmp_path / "loop.jsonl"))
     assert parts["mask gather"] <= parts["masks taken"] and parts["table commit"] <= parts["grammar commit"]
-    for part, longest in line["parts_max"].items():  # the longest single call of each part
-        assert 0 < longest <= parts[part], part
+    for part, longest in line["parts_max"].items():  # the longest single call of each part, and the calls
+        assert 0 < longest <= parts[part] and line["parts_calls"][part] >= 1, part
+    assert line["parts_calls"]["grammar commit"] == line["parts_calls"]["table commit"]
     sched.grammars.close()
     gc.callbacks.remove(loop._on_gc)
