@@ -97,6 +97,25 @@ def test_seeded_uniform_is_the_hash_of_seed_step_and_token_with_the_token_part_m
     assert sampler._TOKEN_MIX[(V, torch.device("cpu"))] is made
 
 
+def test_rows_hash_is_made_on_the_host_and_only_what_the_draw_reads_goes_to_the_device() -> None:
+    """SamplingBatch.build hashes (seed, step) with numpy, equal to the torch hash, and converts on the
+    device only the columns the batch's draw reads."""
+    from radixlm.runtime import sampler
+
+    seeds, steps = [0, 1, 2**32 - 1, 123456789, 7], [0, 1, 5, 99999, 2**20]
+    rows = [SampleRow(SamplingParams(temperature=0.7), s, st, [], []) for s, st in zip(seeds, steps)]
+    b = SamplingBatch.build(rows, V, torch.device("cpu"))
+    want = sampler._row_hash(torch.tensor(seeds), torch.tensor(steps))
+    assert b.row_hashes is not None and b.row_hashes.tolist() == want.tolist()
+    assert b.top_ps is None and b.top_ks is None and b.min_ps is None and b.greedy is None  # temperature only
+    greedy = SamplingBatch.build([SampleRow(SamplingParams(temperature=0.0), 1, 0, [], [])] * 2, V, torch.device("cpu"))
+    assert (greedy.temperatures, greedy.row_hashes, greedy.greedy) == (None, None, None) and greedy.all_greedy
+    mixed = batch_of([SamplingParams(temperature=0.0), SamplingParams(top_p=0.5), SamplingParams(min_p=0.1)])
+    assert mixed.greedy is not None and mixed.greedy.tolist() == [True, False, False]
+    assert mixed.top_ps is not None and mixed.top_ks is not None and mixed.min_ps is not None
+    assert mixed.top_ks.tolist() == [V, V, V]
+
+
 def test_a_batch_without_greedy_rows_takes_no_argmax_of_the_logits(monkeypatch) -> None:
     """Sampled rows draw the same tokens whether a greedy row is in their batch or not; without one, the
     logits' argmax (the greedy rows' token) is not computed."""
