@@ -152,3 +152,36 @@ def test_filed_rows_reach_the_device_copy_when_filed(tok) -> None:
         assert not table.fresh
         copy = tables._device[id(table)][1]
         assert copy.shape == table.rows.shape and torch.equal(copy[rows], table.rows[rows])
+
+
+def test_forced_bytes_are_recorded_per_state_without_a_catch_up(tok) -> None:
+    """The scheduler's jump pre-check asks every live row for its forced bytes once few rows run: a
+    lagging row at a DFA state where a row was caught up before is answered from the record (no catch-up
+    of its lag), equal to llguidance's; the jump's own text still comes from llguidance."""
+    from radixlm.constrained.state_table import TableGrammar
+
+    grammar = C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)
+    table_grammar = TableGrammar.wrap(grammar)
+    texts = ['{"id": 42, "', '{"id": 7, "']
+    paths = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    mask = C.allocate_token_bitmask(1, grammar.info.vocab_size)
+    for path in paths:  # every state on the way gets its row: the rows below move lazily
+        filler = table_grammar.matcher()
+        for t in path:
+            filler.fill_next_token_bitmask(mask, 0)
+            assert filler.advance(t)
+        filler.fill_next_token_bitmask(mask, 0)
+    first, second = table_grammar.matcher(), table_grammar.matcher()
+    for m, path in ((first, paths[0]), (second, paths[1])):
+        for t in path:
+            assert m.advance(t)
+        assert m.lag == path  # lazy all the way
+    assert first.states[-1] == second.states[-1]  # one DFA state after either id
+    ref = grammar.matcher()
+    for t in paths[1]:
+        assert ref.advance(t)
+    want = ref.forced_bytes()
+    assert want == b'name"'  # (the next key is forced there)
+    assert first.forced_bytes() == want and first.lag == []  # the first to ask is caught up, the answer recorded
+    assert second.forced_bytes() == want and second.lag == paths[1]  # ... the next one is not
+    assert second.forced_prefix() == ref.forced_prefix() and second.lag == []  # the jump's text: llguidance's own
