@@ -129,6 +129,7 @@ class StateTable:
             fill_next_token_bitmasks(items, rows, workers)
             for m, row in items:
                 self.terminated[row] = m.is_terminated()
+                self.forced.setdefault(row - FIRST_STATE_ROW, m.forced_bytes())
                 self.ready[row] = True
             self.fresh.extend(row for _, row in items)
 

@@ -156,8 +156,9 @@ def test_filed_rows_reach_the_device_copy_when_filed(tok) -> None:
 
 def test_forced_bytes_are_recorded_per_state_without_a_catch_up(tok) -> None:
     """The scheduler's jump pre-check asks every live row for its forced bytes once few rows run: a
-    lagging row at a DFA state where a row was caught up before is answered from the record (no catch-up
-    of its lag), equal to llguidance's; the jump's own text still comes from llguidance."""
+    lagging row at a DFA state whose row was filled, or where a row was caught up before, is answered
+    from the record (no catch-up of its lag), equal to llguidance's; the jump's text still comes from
+    llguidance."""
     from radixlm.constrained.state_table import TableGrammar
 
     grammar = C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)
@@ -171,6 +172,8 @@ def test_forced_bytes_are_recorded_per_state_without_a_catch_up(tok) -> None:
             filler.fill_next_token_bitmask(mask, 0)
             assert filler.advance(t)
         filler.fill_next_token_bitmask(mask, 0)
+    recorded_at_fill = dict(table_grammar.table.forced)  # each row filled recorded its forced bytes
+    table_grammar.table.forced.clear()  # (from here on: recorded by the first catch-up at a state)
     first, second = table_grammar.matcher(), table_grammar.matcher()
     for m, path in ((first, paths[0]), (second, paths[1])):
         for t in path:
@@ -182,6 +185,7 @@ def test_forced_bytes_are_recorded_per_state_without_a_catch_up(tok) -> None:
         assert ref.advance(t)
     want = ref.forced_bytes()
     assert want == b'name"'  # (the next key is forced there)
+    assert recorded_at_fill[first.states[-1]] == want
     assert first.forced_bytes() == want and first.lag == []  # the first to ask is caught up, the answer recorded
     assert second.forced_bytes() == want and second.lag == paths[1]  # ... the next one is not
     assert second.forced_prefix() == ref.forced_prefix() and second.lag == []  # the jump's text: llguidance's own
