@@ -171,7 +171,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 
 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
-                   state_table: str | None = None, wait_tables: bool = False) -> dict[int | str, dict]:
+                   state_table: str | None = None, wait_tables: bool = False,
+                   warm_shapes: bool = True) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
     later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
     named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
@@ -181,7 +182,11 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
     of the masked draw run). `wait_tables`: after that warm-up the JSON run also waits until the
     schema's state table is completed in the background (a server that has served the schema for a
     few seconds); without it the first JSON run may race the completion ("table_wait_s" says how long
-    the wait was)."""
+    the wait was). `warm_shapes`: after the first unconstrained run, the same prompts decode once more
+    with staggered lengths (`warm_batch_sizes`), so that the JSON run is not the first to meet each
+    decode batch size below the full one (the same-length run, after it, met them all warm: the H200's
+    2026-12-04 mid round measured the JSON run's forward launches 51 ms longer in all at 64 rows, 120 ms
+    at 256, the LM head's first calls at each new row count)."""
     import jsonschema
 
     import radixlm
@@ -237,9 +242,21 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                               "abort_messages": sorted(map(str, aborts)), "table_wait_s": waited}
                 if extra:
                     lengths = counts
+                elif warm_shapes and not again and not lengths:
+                    out["shape_warmup_s"] = warm_batch_sizes(eng, prompts)
             out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
             out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
     return results
+
+
+def warm_batch_sizes(eng: Any, prompts: list[list[int]]) -> float:
+    """Decode `prompts` once, request i for i + 1 tokens: the decode batch takes every size from
+    len(prompts) down to 1, each size's first-call costs (the LM head's GEMM at a new row count, a
+    graph bucket's first replay) paid here. Returns the seconds it took."""
+    t = time.perf_counter()
+    eng.generate(input_ids=prompts, sampling_params=[{"temperature": 1.0, "seed": i, "max_new_tokens": i + 1,
+                                                      "ignore_eos": True} for i in range(len(prompts))])
+    return time.perf_counter() - t
 
 
 def wait_for_tables(eng: Any, limit_s: float = 60.0) -> float:
