@@ -21,10 +21,12 @@ from triton.compiler import ASTSource
 
 from radixlm.kernels import argmax, cascade_attention, decode_attention, ops
 
-FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale"}
+FLOATS = {"eps", "k_inv_scale", "v_inv_scale", "qk_scale", "v_scale", "min_scale"}
 
 
-def compile_kernel(fn, pointers: dict[str, str], constexprs: dict):
+def compile_kernel(fn, pointers: dict[str, str], constexprs: dict, num_warps: int = 4, ints_by_16: bool = False):
+    """`ints_by_16`: the integer arguments specialized as multiples of 16, as the JIT specializes them when they are
+    (widths and strides at the 8B shape)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -34,8 +36,10 @@ def compile_kernel(fn, pointers: dict[str, str], constexprs: dict):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
+            if ints_by_16 and name not in FLOATS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def cases():
@@ -43,15 +47,23 @@ def cases():
     yield ("rms_norm + add", ops._rms_norm_kernel, {"X": bf16, "R": bf16, "W": bf16, "Out": bf16, "NewRes": bf16},
            {"HAS_RES": True, "BLOCK": 4096}, ["pdl"])
     yield ("silu_and_mul", ops._silu_and_mul_kernel, {"X": bf16, "Out": bf16}, {"BLOCK": 2048}, ["pdl"])
-    yield ("rotary", ops._rotary_kernel, {"Q": bf16, "K": bf16, "QOut": bf16, "KOut": bf16, "Pos": i64, "Cache": f32},
-           {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64}, ["pdl"])
+    yield ("rotary + KV store", ops._rotary_kernel,
+           {"Q": bf16, "K": bf16, "QOut": bf16, "KOut": bf16, "Pos": i64, "Cache": f32, "V": bf16, "Slots": i64,
+            "VOut": bf16}, {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64, "BLOCK_D": 128, "STORE": True},
+           ["pdl"])
     yield ("store_kv", ops._store_kv_kernel, {"KBuf": bf16, "VBuf": bf16, "Slots": i64, "K": bf16, "V": bf16},
            {"HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128, "FP8_MAX": 0.0, "MANT_BITS": 3, "MIN_EXP": -6}, ["pdl"])
     yield ("decode stage 1", decode_attention._decode_stage1,
            {"Q": bf16, "K": bf16, "V": bf16, "ReqToToken": i32, "ReqIdx": i64, "SeqLens": i32, "KvStart": i32,
             "MidO": f32, "MidLse": f32},
            {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_H": 16, "BLOCK_D": 128, "BLOCK_N": 128, "DOT_PRECISION": "tf32",
-            "DOT_FP32": False, "FINAL": False, "HAS_START": False}, ["pdl"])
+            "DOT_FP32": False, "FINAL": False, "HAS_START": False, "ROPE": False, "KNew": None, "VNew": None,
+            "Pos": None, "Cache": None, "Slots": None}, ["pdl"])
+    yield ("decode stage 1 + rotary + KV store", decode_attention._decode_stage1,
+           {"Q": bf16, "K": bf16, "V": bf16, "ReqToToken": i32, "ReqIdx": i64, "SeqLens": i32, "KvStart": i32,
+            "MidO": f32, "MidLse": f32, "KNew": bf16, "VNew": bf16, "Pos": i64, "Cache": f32, "Slots": i64},
+           {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_H": 16, "BLOCK_D": 128, "BLOCK_N": 128, "DOT_PRECISION": "tf32",
+            "DOT_FP32": False, "FINAL": False, "HAS_START": False, "ROPE": True}, ["pdl"])
     yield ("decode stage 2", decode_attention._decode_stage2,
            {"MidO": f32, "MidLse": f32, "SeqLens": i32, "KvStart": i32, "PrefixSplits": i32, "Out": bf16},
            {"HEAD_DIM": 128, "BLOCK_S": 32, "BLOCK_D": 128, "BLOCK_N": 128, "NUM_PREFIX": 0}, ["pdl"])

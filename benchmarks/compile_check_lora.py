@@ -12,6 +12,7 @@ with its CUDA backend at the device's version: `pip install --target DIR "triton
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 
@@ -21,7 +22,7 @@ from triton.compiler import ASTSource
 
 from radixlm.runtime.lora import sgmv_fused, sgmv_triton
 from radixlm.runtime.lora.sgmv_fused import FusedTiles, block_r, fused_smem, fused_tiles
-from radixlm.runtime.lora.sgmv_triton import expand_block_r, expand_smem, shrink_smem, tiles
+from radixlm.runtime.lora.sgmv_triton import expand_block_r, expand_loop_smem, expand_smem, shrink_smem, tiles
 
 H200 = 232448
 _INT = ("order_ptr", "start_ptr", "len_ptr", "slot_ptr", "off_ptr", "count_ptr")
@@ -29,6 +30,9 @@ _INT = ("order_ptr", "start_ptr", "len_ptr", "slot_ptr", "off_ptr", "count_ptr")
 
 def _compile(fn, dtype: str, y_fp32: bool, constexprs: dict) -> int:
     sig, attrs = {}, {}
+    # constexpr parameters a case leaves out take their defaults (else they would be compiled as i32 arguments)
+    constexprs = {**{q.name: q.default for q in fn.params if q.is_constexpr and q.name not in constexprs
+                     and q.default is not inspect.Parameter.empty}, **constexprs}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -66,11 +70,23 @@ def cases(crashed: bool):
                        down.block_m, down.shrink_n, down.block_k, elt, down.stages, True), sgmv_triton._shrink_kernel, dtype,
                        True, dict(BLOCK_M=down.block_m, BLOCK_N=down.shrink_n, BLOCK_K=down.block_k, S_POW2=8,
                                   INLINE_SPLITS=down.split_k, SILU_MUL=True, **dots))
+            if t == 1:  # the stacked decode expand's form at rank 16: PDL prologue, 4 column blocks a program
+                yield (f"expand {dtype} T64 r{rank} pdl prologue, 4 column steps", expand_loop_smem(
+                       16, 128, elt, 1), sgmv_triton._expand_kernel, dtype, False,
+                       dict(SPLIT_K=1, BLOCK_M=16, BLOCK_N=128, BLOCK_R=expand_block_r(rank), R_STEPS=1, S_POW2=8,
+                            ACCUMULATE=True, USE_PDL=True, PDL_PROLOGUE=True, N_STEPS=4, **dots))
             if t == 1:  # batch 1's per-slot expand after the stacked GEMV, launched with PDL
                 yield (f"expand {dtype} T1 r{rank} pdl", expand_smem(tile.block_m, tile.expand_n, elt),
                        sgmv_triton._expand_kernel, dtype, True,
                        dict(SPLIT_K=1, BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
                             R_STEPS=1, S_POW2=8, ACCUMULATE=True, USE_PDL=True, **dots))
+            if t == 64:  # the stacked decode expand with PDL, its prologue before the wait, 4 column blocks a program
+                yield (f"expand {dtype} T64 r{rank} pdl prologue, 4 column steps", expand_loop_smem(
+                       tile.block_m, tile.expand_n, elt, triton.cdiv(rank, expand_block_r(rank))), sgmv_triton._expand_kernel,
+                       dtype, True,
+                       dict(SPLIT_K=1, BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
+                            R_STEPS=triton.cdiv(rank, expand_block_r(rank)), S_POW2=8, ACCUMULATE=True, USE_PDL=True,
+                            PDL_PROLOGUE=True, N_STEPS=4, **dots))
             yield (f"expand {dtype} T{t} r{rank}", expand_smem(tile.block_m, tile.expand_n, elt), sgmv_triton._expand_kernel,
                    dtype, True, dict(SPLIT_K=tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n,
                                      BLOCK_R=expand_block_r(rank), R_STEPS=triton.cdiv(rank, expand_block_r(rank)),

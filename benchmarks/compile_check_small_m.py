@@ -42,9 +42,11 @@ def _compile(fn, pointers: dict[str, str], constexprs: dict, cfg: SmallMConfig, 
         elif name in pointers:
             sig[name] = _PTR[pointers[name]]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "eps":
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name not in ("M", "split", "G"):  # shapes, strides and split lengths: multiples of 16 at the 8B shapes
+            if name not in ("M", "split", "G", "n_sum"):  # shapes, strides and split lengths: multiples of 16 at the 8B shapes
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -122,7 +124,19 @@ def gemv_cases():
                         "XMODE": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "PRECISE": act == "fp32", "EVEN_K": i != 3,
                         "SLICES_PER_GROUP": spg, "PREFETCH": cfg.prefetch, "USE_PDL": pdl,
                         "GROUP_SHIFT": 0 if spg == 4 else -1, "SILU": silu, "BLOCK_N": cfg.block_n,
-                        "CHUNKS": cfg.chunks}, launch)
+                        "CHUNKS": cfg.chunks, **NO_NORM}, launch)
+    for key in defaults:  # the split norm (kernels/split_norm.py) on the default tables: producer and consumer
+        cfg = w4a16_gemv.GemvConfig.parse(key)
+        launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, 1)
+        for partial, norm, silu in NORM_FORMS:
+            yield (f"gemv {cfg.key()} bf16 split={partial} pdl=True norm={norm} silu={silu}", w4a16_gemv._gemv_kernel,
+                   {"X": "bf16", "Words": "i32", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
+                    "Out": "bf16", "Part": "fp32" if partial else "bf16", "Tickets": "i32" if partial else "i16",
+                    **norm_pointers(norm)},
+                   {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": partial, "XMODE": 1,
+                    "PRECISE": False, "EVEN_K": True, "SLICES_PER_GROUP": 4, "PREFETCH": cfg.prefetch, "USE_PDL": True,
+                    "GROUP_SHIFT": 0, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
+                    **norm_constexprs(norm)}, launch)
 
 
 def mma1_cases():
@@ -143,7 +157,35 @@ def mma1_cases():
                        {"HAS_ZEROS": zeros, "HAS_OFFSETS": offsets, "HAS_PERM": perm, "PARTIAL": partial,
                         "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": act != "fp32",
                         "SLICE_SHIFT": shift, "USE_PDL": pdl, "SUM_CHUNKS": 16 if cfg.sums else 0,
-                        "EVEN": i == 0, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks}, launch)
+                        "EVEN": i == 0, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
+                        "SPLIT_MAJOR": cfg.split_major, **NO_NORM}, launch)
+    for key in defaults:  # the split norm on the default tables, as the GEMV's
+        cfg = w4a16_mma_m1.Mma1Config.parse(key)
+        launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
+        for partial, norm, silu in NORM_FORMS:
+            yield (f"mma1 {cfg.key()} bf16 split={partial} pdl=True norm={norm} silu={silu}", w4a16_mma_m1._mma1_kernel,
+                   {"X": "bf16", "Codes": "i16", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
+                    "Out": "bf16", "Part": "fp32" if partial else "bf16", "Tickets": "i32" if partial else "i16",
+                    **norm_pointers(norm)},
+                   {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": partial, "MAGIC": 1,
+                    "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True, "SUM_CHUNKS": 16 if cfg.sums else 0,
+                    "EVEN": True, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
+                    "SPLIT_MAJOR": cfg.split_major, **norm_constexprs(norm)}, launch)
+
+
+# (split-K, NORM, SILU): producer / consumer with and without split-K; a consumer with the SiLU epilogue
+NORM_FORMS = ((True, 1, False), (False, 1, False), (True, 2, False), (False, 2, False), (True, 2, True))
+NO_NORM = {"NORM": 0, "BLOCK_T": 16, "Res": None, "NormW": None, "NewRes": None, "SumSq": None}
+
+
+def norm_pointers(norm: int) -> dict[str, str]:
+    """The split norm's tensors: a producer's (NORM 1) residual, weight and outputs, or a consumer's tile sums."""
+    return {"Res": "bf16", "NormW": "bf16", "NewRes": "bf16", "SumSq": "fp32"} if norm == 1 else {"SumSq": "fp32"}
+
+
+def norm_constexprs(norm: int) -> dict:
+    unused = {"Res": None, "NormW": None, "NewRes": None} if norm == 2 else {}
+    return {"NORM": norm, "BLOCK_T": 256, **unused}
 
 
 def bf16m_cases():

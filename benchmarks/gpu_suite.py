@@ -199,7 +199,7 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
 
 def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
            engine_mask_threads: int | None = None, state_tables: list[str] | None = None, profile: bool = True,
-           wait_tables: bool = False) -> dict:
+           wait_tables: bool = False, warm_shapes: bool = True) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -209,7 +209,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
     out: dict = {}
     if state_tables:  # --grammar-state-table side by side: the Engine's tok/s ratios only
         for table in state_tables:  # one Engine per setting, the batch sizes in turn
-            by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table, wait_tables)
+            by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table, wait_tables,
+                                         warm_shapes)
             gc.collect()
             torch.cuda.empty_cache()
             for batch, res in by_batch.items():
@@ -219,7 +220,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                       f"{res['constrained_vs_same_lengths_tok_s']:.3f}x same lengths (json {js['tok_s']:.0f} tok/s, same-length "
                       f"{res['unconstrained_same_lengths']['tok_s']:.0f}); {js['valid_json']}/{batch} parse, "
                       f"{js['valid_schema']}/{batch} validate, {js['mean_tokens']:.1f} tokens mean, {js['forced_tokens']} forced, "
-                      f"aborts {js['abort_messages']}; waited {js.get('table_wait_s', 0.0):.1f} s for the table", flush=True)
+                      f"aborts {js['abort_messages']}; waited {js.get('table_wait_s', 0.0):.1f} s for the table; batch sizes warmed in "
+                      f"{res.get('shape_warmup_s', 0.0):.1f} s", flush=True)
                 loops = [res[k].get("scheduler_loop") for k in ("json_schema", "unconstrained_same_lengths")]
                 if all(loops):  # the scheduler process's loop over each run (runtime/loop_stats.py)
                     a, b = loops
@@ -235,6 +237,15 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                         print("    step parts json/same: " + ", ".join(
                             f"{k} {a.get('parts', {}).get(k, 0.0):.3f}/{b.get('parts', {}).get(k, 0.0):.3f} s"
                             for k in parts), flush=True)
+                        print("    longest single call json/same (calls): " + ", ".join(
+                            f"{k} {1e3 * a.get('parts_max', {}).get(k, 0.0):.2f}/{1e3 * b.get('parts_max', {}).get(k, 0.0):.2f} ms "
+                            f"({a.get('parts_calls', {}).get(k, 0)}/{b.get('parts_calls', {}).get(k, 0)})"
+                            for k in parts), flush=True)
+                    if a.get("step_ms") and b.get("step_ms"):  # every step alike, or a few stalls?
+                        print("    step ms json/same: " + ", ".join(
+                            f"{k} {a['step_ms'][k]:.2f}/{b['step_ms'][k]:.2f}" for k in ("median", "p90", "max"))
+                            + f"; longest json {[round(x, 1) for x in a['step_ms']['longest']]}, same "
+                            f"{[round(x, 1) for x in b['step_ms']['longest']]}", flush=True)
         if not profile:
             return out
     try:  # can this host fill masks in parallel at all? (diagnosis only)
@@ -288,7 +299,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool, bool] = (None, True, False)) -> None:
+                     f_tables: tuple[list[str] | None, bool, bool, bool] = (None, True, False, True)) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
 
@@ -333,6 +344,9 @@ def main() -> None:
     ap.add_argument("--f-wait-tables", action="store_true",
                     help="(f) with --f-state-table: each JSON run starts once the schema's state table is completed "
                          "in the background (a server that has served the schema), not while it is")
+    ap.add_argument("--f-no-shape-warmup", action="store_true",
+                    help="(f) with --f-state-table: no staggered-length warm-up before the JSON run (before 2026-12-04 "
+                         "evening: the JSON run was the first to meet each decode batch size, the same-length run after it)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -363,7 +377,7 @@ def main() -> None:
                      ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,
                       args.f_engine_mask_threads),
                      (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile,
-                      args.f_wait_tables))
+                      args.f_wait_tables, not args.f_no_shape_warmup))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

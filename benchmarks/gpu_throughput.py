@@ -33,6 +33,16 @@ def workload_b(n: int, vocab: int, seed: int = 3) -> tuple[list[list[int]], list
     return prompts, [rng.randint(64, 512) for _ in range(n)]
 
 
+def warmup_b(vocab: int) -> list[list[int]]:
+    """Prompts for a warm-up before (b)'s timed run: drawn like (b)'s but with another seed (the timed run finds
+    none of them cached), ~16k tokens so the prefill runs full 8,192-token chunks with a prompt continued from
+    one chunk to the next, as (b)'s 72 chunks do. Its kernels' variants are compiled (or loaded from Triton's
+    cache) here: a warm-up of 8 of (b)'s own prompts (one ~4.6k-token chunk) left them to the timed run (12-04
+    17:2x, one lease: the suite's (b) 31.3 s, a rerun minutes later 29.9 s, the difference all in the prefill
+    phase by the status lines' times; RESULTS.md, thru8)."""
+    return workload_b(24, vocab, seed=11)[0]
+
+
 def params_for(outs: list[int]) -> list[dict]:
     return [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for o in outs]
 
@@ -44,7 +54,10 @@ def item_b(model_dir: Path, vocab: int, flops_per_token: float, matmul_flops: fl
 
     prompts, outs = workload_b(1000, vocab)
     with radixlm.Engine(str(model_dir), mem_fraction_static=0.85, **ENGINE_ARGS) as eng:
-        eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
+        t = time.perf_counter()
+        warm = warmup_b(vocab)
+        eng.generate(input_ids=warm, sampling_params=params_for([8] * len(warm)))
+        warmup_s = time.perf_counter() - t
         t = time.perf_counter()
         res = eng.generate(input_ids=prompts, sampling_params=params_for(outs))
         dt = time.perf_counter() - t
@@ -53,9 +66,9 @@ def item_b(model_dir: Path, vocab: int, flops_per_token: float, matmul_flops: fl
     assert sum(r["meta_info"]["completion_tokens"] for r in res) == sum(outs)
     roofline = matmul_flops / flops_per_token
     out = {"seconds": dt, "total_tok_s": total / dt, "output_tok_s": sum(outs) / dt, "roofline_tok_s": roofline,
-           "fraction_of_roofline": total / dt / roofline, "retractions": retractions}
+           "fraction_of_roofline": total / dt / roofline, "retractions": retractions, "warmup_s": warmup_s}
     print(f"(b) {out['total_tok_s']:.0f} total tok/s in {dt:.2f} s ({out['fraction_of_roofline']:.0%} of the roofline), "
-          f"{retractions} retractions", flush=True)
+          f"{retractions} retractions (warm-up {warmup_s:.1f} s)", flush=True)
     if hf_sample:
         out["transformers_sample64"] = transformers_sample(hf_cfg, prompts[:64], outs[:64])
     return out
@@ -158,7 +171,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 
 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
-                   state_table: str | None = None, wait_tables: bool = False) -> dict[int | str, dict]:
+                   state_table: str | None = None, wait_tables: bool = False,
+                   warm_shapes: bool = True) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
     later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
     named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
@@ -168,7 +182,11 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
     of the masked draw run). `wait_tables`: after that warm-up the JSON run also waits until the
     schema's state table is completed in the background (a server that has served the schema for a
     few seconds); without it the first JSON run may race the completion ("table_wait_s" says how long
-    the wait was)."""
+    the wait was). `warm_shapes`: after the first unconstrained run, the same prompts decode once more
+    with staggered lengths (`warm_batch_sizes`), so that the JSON run is not the first to meet each
+    decode batch size below the full one (the same-length run, after it, met them all warm: the H200's
+    2026-12-04 mid round measured the JSON run's forward launches 51 ms longer in all at 64 rows, 120 ms
+    at 256, the LM head's first calls at each new row count)."""
     import jsonschema
 
     import radixlm
@@ -224,9 +242,21 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                               "abort_messages": sorted(map(str, aborts)), "table_wait_s": waited}
                 if extra:
                     lengths = counts
+                elif warm_shapes and not again and not lengths:
+                    out["shape_warmup_s"] = warm_batch_sizes(eng, prompts)
             out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
             out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
     return results
+
+
+def warm_batch_sizes(eng: Any, prompts: list[list[int]]) -> float:
+    """Decode `prompts` once, request i for i + 1 tokens: the decode batch takes every size from
+    len(prompts) down to 1, each size's first-call costs (the LM head's GEMM at a new row count, a
+    graph bucket's first replay) paid here. Returns the seconds it took."""
+    t = time.perf_counter()
+    eng.generate(input_ids=prompts, sampling_params=[{"temperature": 1.0, "seed": i, "max_new_tokens": i + 1,
+                                                      "ignore_eos": True} for i in range(len(prompts))])
+    return time.perf_counter() - t
 
 
 def wait_for_tables(eng: Any, limit_s: float = 60.0) -> float:

@@ -90,7 +90,8 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     "warm-eager": warm, commits not lazy (llguidance takes every token at once, as before lazy commits);
     "complete": every state's row filed by the background walk (table_completion, run here in-line on
     its own DFA as its process does), with its DFA moves; "complete-rows": the rows only (before the
-    moves were sent: the scheduler's DFA takes its own subset steps)."""
+    moves were sent: the scheduler's DFA takes its own subset steps); "complete-replay": complete, and
+    the measured walks taken once before (every (state, token) move cached: item (f)'s replayed run)."""
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.server_args import ServerArgs
 
@@ -100,7 +101,9 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
     if state_table.startswith("warm") and warm_paths:
         _replay(grammar, warm_paths)
     if state_table.startswith("complete"):
-        _complete(grammar, with_moves=state_table == "complete")
+        _complete(grammar, with_moves=state_table != "complete-rows")
+    if state_table == "complete-replay":
+        _replay(grammar, [p[: steps + 1] for p in paths])
     if state_table.endswith("eager"):
         grammar.table.lazy = False
     rows = len(paths)
@@ -234,7 +237,8 @@ def main() -> None:
     ap.add_argument("--state-table", default="off,auto,warm",
                     help="runtime part: off, auto (a fresh table), warm (a table filled by other walks first), "
                          "warm-eager (warm, llguidance commits every token at once: no lazy commits), complete "
-                         "(every row and DFA move filed by the background walk), complete-rows (its rows only)")
+                         "(every row and DFA move filed by the background walk), complete-rows (its rows only), "
+                         "complete-replay (complete, the walks taken once before)")
     ap.add_argument("--tokenizer-dir", default=None, help="HF tokenizer folder (default: the default model's)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON report (default: $OUT/grammar_host.json on the device "

@@ -135,13 +135,27 @@ def default_tokenizer_dir() -> Path:
     return Path(".gpu_assets/smollm_tok")
 
 
+def complete_tables(sched: Scheduler) -> None:
+    """Every running row's state table filled whole, with its DFA moves (what a server that has served
+    the schema a few seconds holds: the background completion, run here in-line as grammar_host does)."""
+    from grammar_host import _complete
+
+    done: set[int] = set()
+    for req in sched.running:
+        grammar = getattr(req.grammar, "grammar", None)
+        if grammar is not None and id(grammar.table) not in done:
+            done.add(id(grammar.table))
+            _complete(grammar, with_moves=True)
+
+
 def run_mode(sched: Scheduler, timer: PartTimer, mode: str, batch: int, steps: int, warm: int,
-             json_temperature: float = 1.0) -> dict[str, Any]:
+             json_temperature: float = 1.0, complete: bool = False, schema: dict | None = None) -> dict[str, Any]:
     """`batch` requests decode `steps` timed steps after `warm` untimed ones. JSON rows end when their
     grammar does (seeded: the same steps in every run of a commit with the same outputs): every step
-    counts, and "rows" is the mean occupancy."""
+    counts, and "rows" is the mean occupancy. `complete`: the schema's state table is completed
+    before the timed steps (a served schema). `schema`: another JSON schema than SCHEMA."""
     rng = random.Random(batch)
-    extra: dict[str, Any] = {"json_schema": json.dumps(SCHEMA)} if mode == "json" else {}
+    extra: dict[str, Any] = {"json_schema": json.dumps(schema or SCHEMA)} if mode == "json" else {}
     temperature = {"plain": 0.0, "sampled": 1.0, "json": json_temperature}[mode]
     tag = f"{mode}{batch}-{time.monotonic_ns()}"
     for i in range(batch):
@@ -155,6 +169,8 @@ def run_mode(sched: Scheduler, timer: PartTimer, mode: str, batch: int, steps: i
             time.sleep(0.001)  # grammar compiles
     for _ in range(warm):
         sched.step()
+    if complete:
+        complete_tables(sched)
     instrument_grammars(sched, timer)
     rows: dict[str, list[float]] = defaultdict(list)
     timer.enabled = True
@@ -215,6 +231,12 @@ def main() -> None:
     ap.add_argument("--json-temperature", type=float, default=1.0,
                     help="0: greedy under the grammar (the CPU's draw over [B, 49152] at temperature 1 takes seconds)")
     ap.add_argument("--mask-threads", type=int, default=0, help="--grammar-mask-threads")
+    ap.add_argument("--schema", choices=("long", "item-f"), default="long",
+                    help="json: SCHEMA (long strings) or item (f)'s own (gpu_throughput.SCHEMA: a table of 7,397 states)")
+    ap.add_argument("--one-model", action="store_true",
+                    help="plain/sampled on the JSON run's scheduler (its 49,152-token vocabulary), not a small one")
+    ap.add_argument("--complete-table", action="store_true",
+                    help="json: complete the schema's state table before timing (a served schema)")
     ap.add_argument("--out", default="benchmarks/results/host_step.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -224,21 +246,27 @@ def main() -> None:
     modes = args.modes.split(",")
     timer = PartTimer()
     scheds: dict[str, Scheduler] = {}
-    if {"plain", "sampled"} & set(modes):  # a small vocab: the device math over [B, V] stays small on the CPU
-        scheds["plain"] = scheds["sampled"] = make_scheduler(make_model_dir(root, None, 1024), None, batches, args)
-        instrument(scheds["plain"], timer)
-    if "json" in modes:  # the real tokenizer's vocab
+    if args.one_model or "json" in modes:  # the real tokenizer's vocab
         from transformers import AutoTokenizer
 
         d = make_model_dir(root, tok_dir, 49152)
         scheds["json"] = make_scheduler(d, AutoTokenizer.from_pretrained(str(d)), batches, args)
         instrument(scheds["json"], timer)
+    if args.one_model:  # every mode on the JSON run's scheduler and model (the same vocabulary and caches)
+        scheds["plain"] = scheds["sampled"] = scheds["json"]
+    elif {"plain", "sampled"} & set(modes):  # a small vocab: the device math over [B, V] stays small on the CPU
+        scheds["plain"] = scheds["sampled"] = make_scheduler(make_model_dir(root, None, 1024), None, batches, args)
+        instrument(scheds["plain"], timer)
+    schema = None
+    if args.schema == "item-f":
+        from gpu_throughput import SCHEMA as schema
     results: dict[str, dict[str, Any]] = {}
     for _ in range(args.repeat):
         for mode in modes:
             for b in batches:
                 results.setdefault(f"{mode} bs{b}", []).append(run_mode(scheds[mode], timer, mode, b, args.steps, args.warm,
-                                                                               args.json_temperature))
+                                                                               args.json_temperature,
+                                                                               args.complete_table, schema))
     results = {name: {k: statistics.median([r.get(k, 0.0) for r in runs]) for k in {k for r in runs for k in r}}
                for name, runs in results.items()}
     fixed = ("host total", "host µs per row", "step wall", DEVICE, "rows", "steps")

@@ -49,6 +49,11 @@ class Costs:
     kv_bytes_per_ms: float = 3.3e9  # decode attention reads 131,072 B of KV per token attended (~3.3 TB/s)
     prefill_extra: float = 0.002  # per prompt token: prefill attention and the rest (base (b): 13.2 s for 582k)
     sync: float = 0.0  # host time a synchronous (prefill / mixed) step adds: unmeasured, priced at 0 and 1 ms
+    # the least a step run eagerly (prefill, mixed: no CUDA graph) takes, its host launching 32 layers op by op: an
+    # eager mixed step of 64 rows took ~15.7 ms against a 5.5-ms graph step on the H200 (RESULTS.md, (f)'s
+    # jump-forward); a step whose device work is shorter waits for its host. An optimistic floor for LoRA: 1,024-token
+    # mixed steps of the 64-adapter row took ~80-115 ms on the H200 (lora9's mid round) where this prices ~30 ms
+    eager: float = 0.0
 
 
 KV_BYTES = 131072  # 32 layers x 8 KV heads x 128 x (K, V) x bf16
@@ -64,8 +69,9 @@ def interp(points: tuple[tuple[int, float], ...], t: float) -> float:
 
 
 def step_ms(c: Costs, tokens: int, prompt_tokens: int, kv: int, lora: bool, synchronous: bool) -> float:
-    return (interp(c.gemm, tokens) + c.fixed + kv * KV_BYTES / c.kv_bytes_per_ms + prompt_tokens * c.prefill_extra
-            + (interp(c.lora, tokens) if lora else 0.0) + (c.sync if synchronous else 0.0))
+    device = (interp(c.gemm, tokens) + c.fixed + kv * KV_BYTES / c.kv_bytes_per_ms + prompt_tokens * c.prefill_extra
+              + (interp(c.lora, tokens) if lora else 0.0))
+    return max(device, c.eager) + c.sync if synchronous else device
 
 
 def replay(requests: int, adapters: int, chunk: int, root: Path) -> dict:
@@ -147,24 +153,27 @@ def main() -> None:
     ap.add_argument("--arms", default="base,64,64:256",
                     help="base, or adapters[:--lora-prefill-chunk], comma-separated (8, 64, 64:256 ...)")
     ap.add_argument("--sync-ms", default="0,1", help="host ms a synchronous step adds, priced at each")
+    ap.add_argument("--eager-ms", type=float, default=16.0,
+                    help="the least an eager (prefill / mixed) step takes: its host's launches (0: device time only)")
     ap.add_argument("--base-measured-s", type=float, default=29.46,
                     help="the base row measured on the H200 at 1,000 requests (fdfdef2, 2026-12-03)")
     ap.add_argument("--out", default="benchmarks/results/lora_slot_model.json")
     args = ap.parse_args()
     syncs = [float(x) for x in args.sync_ms.split(",")]
     root = Path(tempfile.mkdtemp(prefix="radixlm-slot-model-"))
-    report: dict = {"requests": args.requests, "costs": Costs().__dict__, "arms": {}}
+    report: dict = {"requests": args.requests, "costs": Costs(eager=args.eager_ms).__dict__, "arms": {}}
     for arm in args.arms.split(","):
         adapters, _, chunk = arm.partition(":")
         run = replay(args.requests, 0 if adapters == "base" else int(adapters), int(chunk or 0), root)
         row = {k: v for k, v in run.items() if k != "steps"}
-        row["priced_s"] = {str(x): priced(run, Costs(sync=x)) for x in syncs}
+        row["priced_s"] = {str(x): priced(run, Costs(sync=x, eager=args.eager_ms)) for x in syncs}
         if adapters != "base":
             row["ceiling"] = ceilings(run, Costs())
         report["arms"][arm] = row
         print(f"{arm}: {json.dumps(row)}", flush=True)
     base = report["arms"].get("base")
-    print(f"\nworkload (b), {args.requests} requests, priced at the H200's costs (sync ms: {args.sync_ms})")
+    print(f"\nworkload (b), {args.requests} requests, priced at the H200's costs (sync ms: {args.sync_ms}, eager "
+          f"steps >= {args.eager_ms} ms)")
     for arm, row in report["arms"].items():
         times = " / ".join(f"{t:.1f}" for t in row["priced_s"].values())
         vs = " / ".join(f"{base['priced_s'][k] / t:.3f}x" for k, t in row["priced_s"].items()) if base else "-"

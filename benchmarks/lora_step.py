@@ -90,6 +90,12 @@ VARIANTS = {
     "engine_stacked1": None,  # ... with the stacked path from 1 row (pool.STACKED_MIN_TOKENS = 1; with --gemv the
     # stacked weight's one-row product by the layer's M = 1 GEMV config, and the expand after it with PDL)
     "engine_stacked_col": None,  # ... qkv and gate_up stacked, o and down on the overlap path (into the residual)
+    # engine_stacked with suffixes (lora9): _pdl the expand after each stacked GEMM with PDL, its segment and rows read
+    # before the wait (pool.STACKED_PDL_MIN_TOKENS); _sN each expand program looping over N column blocks
+    # (sgmv_triton.EXPAND_STEPS), e.g. engine_stacked_pdl_s4; above 1,024 rows (prefill) the engine's in-line path
+    "engine_stacked_pdl": None, "engine_stacked_s2": None, "engine_stacked_s4": None, "engine_stacked_s8": None,
+    "engine_stacked_pdl_s2": None, "engine_stacked_pdl_s4": None,
+    "engine_stacked_all": None,  # ... the stacked path at every size (pool.STACKED_MAX_TOKENS unbounded: prefill too)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
@@ -178,10 +184,15 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
         from radixlm.runtime.lora import pool, sgmv_triton
         from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
+        steps = next((int(part[1:]) for part in variant.split("_") if part[:1] == "s" and part[1:].isdigit()), None)
         settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
                     (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
                     else sgmv_triton.INLINE_REDUCE_MIN_TOKENS,
-                    (pool, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else pool.STACKED_MIN_TOKENS}
+                    (pool, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else pool.STACKED_MIN_TOKENS,
+                    (pool, "STACKED_PDL_MIN_TOKENS"): 2 if "_pdl" in variant else pool.STACKED_PDL_MIN_TOKENS,
+                    (pool, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else pool.STACKED_MAX_TOKENS,
+                    (sgmv_triton, "EXPAND_STEPS"): ((1, steps),) if steps else sgmv_triton.EXPAND_STEPS}
+        pdl_all = "_pdl" in variant
         batch = BatchAdapters()
         batch.segments = seg
         stream = torch.cuda.Stream(priority=pool.SIDE_STREAM_PRIORITY)
@@ -192,7 +203,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             # stacked_col: only the projections without a residual to take their update (qkv, gate_up);
             # o / down keep the overlap path, their whole update on the side stream (pool.STACKED_PROJECTIONS)
             lora = [LoRAProjection(p.w_stack[p.offsets[-1]:].view(p.a.shape), p.b, p.offsets, RANK, batch, True,
-                                   "stacked", stream, stacked=p.w_stack, pdl=p.gemv is not None and p.gemv.pdl,
+                                   "stacked", stream, stacked=p.w_stack, pdl=pdl_all or (p.gemv is not None and p.gemv.pdl),
                                    gemv=None if p.gemv is None else DenseGemv(p.w_stack, p.gemv.cfg, p.gemv.pdl))
                     if "col" not in variant or p.residual is None
                     else LoRAProjection(p.a, p.b, p.offsets, RANK, batch, True, "stacked", stream) for p in projs]

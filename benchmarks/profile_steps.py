@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
-from gpu_throughput import SCHEMA, e_prompts, workload_b  # noqa: E402
+from gpu_throughput import SCHEMA, e_prompts, warmup_b, workload_b  # noqa: E402
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -197,8 +197,8 @@ def item_b(d: Path, vocab: int, n: int, max_bs: int | None, mixed: bool, commit_
             not sched.waiting and not sched.partial and sched.kv_pool.available() >= len(sched.running))
     rec = StepRecorder(sched)
     prompts, outs = workload_b(n, vocab)
-    warm = [TokenizedGenerateReq(rid=f"w{i}", input_ids=prompts[i], params=SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
-            for i in range(4)]
+    warm = [TokenizedGenerateReq(rid=f"w{i}", input_ids=p, params=SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+            for i, p in enumerate(warmup_b(vocab))]
     rec.run(warm)
     sched.cache.flush()
     rec.steps.clear()

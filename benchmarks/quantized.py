@@ -22,6 +22,8 @@
          the FP8 linear as dispatched, _scaled_mm with row-wise scales (what it runs) and with per-tensor scales
          (cuBLASLt's plain FP8 path), the fused quantization (and whether its codes and scales equal the eager
          reference's on the GPU, bit for bit); TFLOP/s of each: where FP8 (b) stands
+  actfuse  the activation quantization fused into the norm / SiLU kernel against the separate kernels at (b)'s
+         sizes, alone and with the GEMM after them, codes equal on the GPU (benchmarks/fp8_act_fusion.py)
   (a)    batch-1 decode tok/s of the Llama-3.1-8B shape (random weights, --load-format dummy)
   (b)    offline throughput, gpu_suite's workload (b): 1,000 requests, input U[128,1024], output U[64,512]
   (c)    TTFT of one 1,024-token prompt
@@ -55,6 +57,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp8_act_fusion import act_fusion_table  # noqa: E402
 from gpu_suite import LLAMA_8B, build_small_llama, gen, measure_ceilings, model_dir_for, rand_ids  # noqa: E402
 from gpu_throughput import params_for, workload_b  # noqa: E402
 from quantized_w4 import (  # noqa: E402
@@ -201,28 +204,33 @@ def check_on_cuda(root: Path) -> dict:
     return out
 
 
-def engine_items(model_dir: Path, vocab: int, opts: dict, decode_only: bool = False) -> dict:
-    """(a), (c), (b) and the memory figures of one engine; `decode_only`: (a) and memory, graphs up to batch 8."""
+def engine_items(model_dir: Path, vocab: int, opts: dict, decode_only: bool = False, b_only: bool = False) -> dict:
+    """(a), (c), (b) and the memory figures of one engine; `decode_only`: (a) and memory, graphs up to batch 8;
+    `b_only`: (b) and memory, with gpu_suite's (b) engine (`gpu_throughput.item_b`: graphs up to the engine's default
+    batch, not 256), so its bf16 (b) figure of the same lease compares too."""
     import radixlm
 
     rng = random.Random(1)
     res: dict = {}
     t = time.perf_counter()
     with radixlm.Engine(str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                        mem_fraction_static=0.85, context_length=4096, cuda_graph_max_bs=8 if decode_only else 256,
+                        mem_fraction_static=0.85, context_length=4096,
+                        cuda_graph_max_bs=8 if decode_only else None if b_only else 256,
                         **opts) as eng:
         res["startup_s"] = time.perf_counter() - t
         info = eng.tokenizer_manager.info
         res.update(kv_pool_tokens=info.max_total_tokens, kv_pool_gb=info.kv_bytes / 1e9, weights_gb=info.weights_bytes / 1e9,
                    quantization=info.quantization, kv_cache_dtype=info.kv_cache_dtype)
         gen(eng, rand_ids(64, vocab, rng), 8)  # warm-up
-        t1 = statistics.median(gen(eng, rand_ids(128, vocab, rng), 1) for _ in range(3))
-        tn = statistics.median(gen(eng, rand_ids(128, vocab, rng), 257) for _ in range(2))
-        res["a_decode_tok_s"] = 256 / (tn - t1)
+        if not b_only:
+            t1 = statistics.median(gen(eng, rand_ids(128, vocab, rng), 1) for _ in range(3))
+            tn = statistics.median(gen(eng, rand_ids(128, vocab, rng), 257) for _ in range(2))
+            res["a_decode_tok_s"] = 256 / (tn - t1)
         if decode_only:
             return res
-        ttft = [gen(eng, rand_ids(1024, vocab, rng), 1) for _ in range(5)]
-        res["c_ttft_ms_p50"] = statistics.median(ttft) * 1000
+        if not b_only:
+            ttft = [gen(eng, rand_ids(1024, vocab, rng), 1) for _ in range(5)]
+            res["c_ttft_ms_p50"] = statistics.median(ttft) * 1000
         prompts, outs = workload_b(1000, vocab)
         eng.generate(input_ids=prompts[:8], sampling_params=params_for([8] * 8))
         t = time.perf_counter()
@@ -284,7 +292,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantized.json")
     ap.add_argument("--decode-only", action="store_true", help="engines: (a) batch-1 decode and memory only")
-    ap.add_argument("--skip", default="", help="comma list of: check, gemm, gemmlarge, w4check, w4kernels, w4gemm, w4small, kquants, "
+    ap.add_argument("--b-only", action="store_true", help="engines: (b) and memory only")
+    ap.add_argument("--skip", default="", help="comma list of: check, gemm, gemmlarge, actfuse, w4check, w4kernels, w4gemm, w4small, kquants, "
                     f"int8gemm, and engine labels ({', '.join(CONFIGS)}); default skips fp8+fp8kv (measured before, "
                     "see RESULTS.md) and w4kernels (w4check's first half)")
     args = ap.parse_args()
@@ -316,6 +325,7 @@ def main() -> None:
         section("w4kernels", lambda: check_w4_on_cuda(root, engines=False))  # w4check without its engines
         section("gemm", lambda: gemm_table(ceil))
         section("gemmlarge", lambda: gemm_large_table(ceil))
+        section("actfuse", lambda: act_fusion_table(ceil, _graph_time))
         section("w4gemm", lambda: w4_gemm_table(ceil, _graph_time))
         section("w4small", lambda: w4_small_table(ceil, _graph_time))
         section("kquants", check_kquants_on_cuda)
@@ -326,7 +336,7 @@ def main() -> None:
             if label not in skip:
                 folder = d4 if label == "w4a16" else d
                 section(f"engine_{label}", lambda opts=opts, folder=folder: engine_items(folder, LLAMA_8B["vocab_size"], opts,
-                                                                                           args.decode_only))
+                                                                                           args.decode_only, args.b_only))
     report["wall_s"] = time.perf_counter() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -354,7 +354,7 @@ def python_literal(table: dict) -> str:
 
 
 DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu",
-               "w4a16-p1", "w4a16-p1b")
+               "w4a16-p1", "w4a16-p1b", "w4a16-defaults-splitnorm", "w4a16-defaults-nosplitnorm")
 # "w4a16-p1" / "-p1b": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1); the table's
 # p0 ones won back to back without PDL, where that load cannot overlap the predecessor, but the engine launches them
 # with PDL after a small kernel (the norm, attention's merge). p1: the 2026-12-03 08:00 sweep's best p1 config of each
@@ -366,7 +366,8 @@ P1_TABLES = {"w4a16-p1": {"6144x4096": {"1": "gemv-n32-c4-w4-s2-p1"}, "4096x4096
 def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", "fp8", "w4a16")) -> dict:
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
     swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
-    "-pdl": the swept table with --decode-pdl on; "-silu": with --decode-silu-epilogue on); `ab` adds fp8 / w4a16 on the older kernels."""
+    "-pdl": the swept table with --decode-pdl on; "-silu": with --decode-silu-epilogue on; "-splitnorm" /
+    "-nosplitnorm": --decode-split-norm on / off); `ab` adds fp8 / w4a16 on the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
@@ -382,6 +383,8 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
             "w4a16-pdl": ("w4a16", table, {"decode_pdl": "on"}),
             "w4a16-silu": ("w4a16", table, {"decode_silu_epilogue": "on"}),
             "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"}),
+            "w4a16-defaults-splitnorm": ("w4a16", "", {"decode_split_norm": "on"}),
+            "w4a16-defaults-nosplitnorm": ("w4a16", "", {"decode_split_norm": "off"}),
             **{name: ("w4a16", str(p1_dir / f"{name}.json"), {}) for name in P1_TABLES}}
     chosen = [(name, *arms[name]) for name in only]
     if ab:

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from radixlm.benchmarks.spec_ceiling import ceiling  # noqa: E402
 from radixlm.benchmarks.spec_divergence import audit_lines, divergence_audit  # noqa: E402
 from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     TREE_NODES,
@@ -323,6 +324,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         "identical": outs[False] == outs[True],
         "payoff": spec.payoff.info() if spec.payoff is not None else None,  # per bucket: chosen k, tok/s + step ms per k
         "exploring": spec.payoff.exploring() if spec.payoff is not None else None,
+        # CPU (no overlap): a draft row's measured cost at batch 1 (share of a one-row step) and the budget's beta
+        "row_cost": ({"rho": rho if (rho := spec.row_cost.relative_row_cost()) is None else round(rho, 4),
+                      "beta": round(spec.row_cost.beta(spec.beta), 4)} if spec.row_cost is not None else None),
         "verify_steps": info["spec_verify_steps"],
         # host ms per decode step (spec-on runs) in SpecDecoder.begin_step / warm / propose / may_draft
         "spec_host_ms_per_step": {name: round(v / max(on_steps, 1) * 1e3, 4) for name, v in host.items()},
@@ -384,20 +388,32 @@ def cpu_mode(args: argparse.Namespace) -> dict:
     if "cost" in args.sets:
         report["verify_cost"] = verify_costs(sched, [1, 8], [1, 2, 4, 8], 200, args.repeats + 1, sched.runner.vocab_size,
                                              time.process_time)
+    kmax = sched.args.speculative_max_drafts
+    if "ceiling" in args.sets:  # a batch-1 verify step's cost for 0..kmax drafts, to price the replays
+        report["ceiling_cost"] = [row["vs_decode"] for row in verify_costs(
+            sched, [1], list(range(1, max(kmax, 8) + 1)), 200, args.repeats + 1, sched.runner.vocab_size, time.process_time)]
     for name, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
-        for batch in (1, 8):
+        for batch in args.batches:
             if name not in args.sets:
                 continue
             prompts = [chat(t) for t in tasks] * (2 if batch == 8 else 1)
             for topk in args.topk:
+                outs: dict = {}
                 cell = {"set": name, **compare(sched, prompts, batch, args.new_tokens, False, args.repeats,
-                                               clock=time.process_time, topk=topk)}
+                                               clock=time.process_time, topk=topk, outputs=outs)}
+                if "ceiling" in args.sets and batch == 1 and topk == args.topk[0]:  # spec off's outputs, replayed
+                    pairs = [(p, outs[False][f"{g}-0"]) for g, p in enumerate(prompts)]
+                    cell["ceiling"] = ceiling(pairs, report["ceiling_cost"], kmax)
+                    print(f"{name:5s} ceiling (decode steps, measured verify cost; ngram k <= {kmax}, oracles k <= "
+                        f"{len(report['ceiling_cost']) - 1}): " + "  ".join(
+                        f"{d} {c['tokens_per_step']:.2f} tok/step x{c['speedup']:.2f}" for d, c in cell["ceiling"].items()),
+                        flush=True)
                 report["cells"].append(cell)
                 if args.out:  # partial results survive an interrupted run
                     Path(args.out).write_text(json.dumps(report, indent=2))
                 print(f"{name:5s} batch {batch} topk {topk}: off {cell['tok_s_off']:7.2f} tok/s  on "
                       f"{cell['tok_s_on']:7.2f} tok/s  x{cell['speedup']:.2f}  accept {cell['avg_accept_length']:.2f} "
-                      f"tok/step  identical {cell['identical']}", flush=True)
+                      f"tok/step  identical {cell['identical']}  row cost {cell['row_cost']}", flush=True)
     return report
 
 
@@ -569,7 +585,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--num-steps", type=int, default=None, help="cpu mode: --speculative-num-steps (default: the "
                     "server's, 4)")
-    ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat; gpu: cost "
+    ap.add_argument("--sets", default="cost,copy,chat,aux", help="which parts to run (cpu: cost,copy,chat, ceiling = "
+                    "the batch-1 cells' spec-off outputs replayed through the drafter and two oracles, spec_ceiling.py; gpu: cost "
                     "= the verify-cost table, smallm = its batch-1 rows with the bf16 small-M kernels, then on cuBLAS, kernels = a batch-1 "
                     "verify forward's device time by kernel (torch.profiler, eager), aux = "
                     "EAGLE3's aux hidden-state cost, profile = a decode step's parts "
@@ -585,7 +602,8 @@ def main() -> None:
                     "the audit only, of batch-1 cells and cells whose outputs differ; none = neither")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="gpu mode: weights "
                     "and activations")
-    ap.add_argument("--batches", default="1,64", help="gpu mode: end-to-end batch sizes, comma-separated")
+    ap.add_argument("--batches", default=None, help="end-to-end batch sizes, comma-separated (default: 1,8 on the "
+                    "cpu, 1,64 on the gpu)")
     ap.add_argument("--layers", type=int, default=None, help="gpu mode: decoder layers of the 8B shape (default 32)")
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
     ap.add_argument("--profile-small-only", action="store_true", help="gpu mode: the profile's runs at the smallest "
@@ -599,7 +617,7 @@ def main() -> None:
     args = ap.parse_args()
     args.topk = [int(k) for k in args.topk.split(",")]
     args.prompt_sets = args.prompt_sets.split(",")
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.batches = [int(b) for b in (args.batches or ("1,8" if args.mode == "cpu" else "1,64")).split(",")]
     args.new_tokens = args.new_tokens or (128 if args.mode == "cpu" else 256)
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
     out = Path(args.out or f"benchmarks/results/speculative_{args.mode}.json")

@@ -20,7 +20,14 @@ Variants: defaults (main's tables); p1 / p1b (qkv and o on GEMV configs that loa
 the PDL wait); mma1-qkv-o (qkv and o on the tensor-core M = 1 kernel, gate_up's tile); gemv-all (gate_up and down
 on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dependent launch); silu-epilogue
 (gate_up's SiLU-and-mul in its kernel); splits-N (decode attention with at most N KV splits; 1: one pass, no
-merge kernel).
+merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
+split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer);
+split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split); no-split-norm (the norms as launches of
+their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults").
+
+--wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
+wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
+of each variant in one process, LM head and sampler included (the replays then run at that longer context).
 """
 from __future__ import annotations
 
@@ -66,6 +73,12 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "silu-epilogue": ({}, None),
     "pdl-off": ({}, None),  # (last but one: every small kernel compiles again without PDL)
     "splits-1": ({}, 1),
+    "splits-4": ({}, 4),
+    "rope-split": ({}, None),  # rotary + KV store in their own launch before the attention (as before 2026-12-04 evening)
+    "split-norm": ({}, None),  # each add + RMSNorm split across the 4-bit linears around it (--decode-split-norm on)
+    "split-norm-silu": ({}, None),  # and gate_up's SiLU-and-mul in its kernel (--decode-silu-epilogue on)
+    "no-split-norm": ({}, None),  # the norms as launches of their own (--decode-split-norm off)
+    "no-split-norm-s8": ({}, 8),  # and at most 8 KV splits (against splits-8: the short-context graphs' A/B)
 }
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
@@ -75,7 +88,8 @@ DEFAULT_SPLITS = decode_attention._MAX_SPLITS
 
 def use_variant(name: str, folder: Path, runner=None) -> None:
     """Point the kernels at the variant's tables and split cap (read at every call: the next capture takes them);
-    with the model's `runner`, also its PDL and SiLU-epilogue switches (the defaults: PDL on, no epilogue)."""
+    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, no SiLU
+    epilogue, the split norm as --decode-split-norm auto)."""
     tables, splits = VARIANTS[name]
     if tables:
         path = folder / f"{name}.json"
@@ -84,12 +98,14 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     else:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
+    decode_attention.ROPE_IN_STAGE1 = name != "rope-split"  # (read by the attention backend at every call)
     w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
     if name != "gemv-all":
         w4a16_mma_m1.DEFAULTS.update(MMA1_DEFAULTS)
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
-        set_decode_pdl(runner.model, pdl, name == "silu-epilogue")
+        split = not name.startswith("no-split-norm") and (name.startswith("split-norm") or w4a16.split_norm_enabled("auto"))
+        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu"), split)
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()
@@ -103,9 +119,19 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=40)
     ap.add_argument("--budget-s", type=float, default=60, help="no new round past this")
     ap.add_argument("--out", default="benchmarks/results/w4_decode_step.json")
+    ap.add_argument("--wall-variants", default="", help="variants whose wall time per step is measured (see above)")
+    ap.add_argument("--wall-steps", type=int, default=100)
+    ap.add_argument("--check", default="", help="variants whose batch-1 graph output (the final hidden state) is "
+                    "compared with the defaults' on the same step: the relative difference (bf16 rounding amplified "
+                    "by 32 random layers: a few 1e-2; a wrong kernel: ~1)")
+    ap.add_argument("--profile-variant", default="defaults", help="whose graph the closing profile takes (its GEMMs "
+                    "are named in launch order: with the split norm o + gate_up and down + the next qkv run back to "
+                    "back and count as one each, so take no-split-norm for per-layer names)")
     args = ap.parse_args()
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    wall_names = [n for n in args.wall_variants.split(",") if n]
+    check_names = [n for n in args.check.split(",") if n]
+    unknown = [n for n in names + wall_names + check_names + [args.profile_variant] if n not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     started = time.perf_counter()
@@ -145,22 +171,59 @@ def main() -> None:
         print(f"note: the model loaded with ops {runner.model.ops.name} (no PDL); the variants set PDL on", flush=True)
     report["ops_at_load"] = runner.model.ops.name
 
-    def capture(name: str) -> torch.cuda.CUDAGraph:
+    def capture(name: str, short: bool = False) -> torch.cuda.CUDAGraph:
         use_variant(name, folder, runner)
         with torch.inference_mode():  # as the runner's own capture (CudaGraphRunner._capture_all)
             graphs._capture_buckets(False)  # batch 1 only (cuda_graph_max_bs=1), at the current context
+            if short:  # and the short-context graph the steps replay up to 1,024 tokens of context
+                graphs.short_graphs.clear()  # (a variant whose split cap leaves no short plan replays none)
+                graphs._capture_short()
         return graphs.graphs[1, False, False]
+
+    def wall_ms(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        steps(n)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n * 1e3
 
     # the wall time per scheduler step on the defaults (the graph the model loaded with), before any profiler
     # (CUPTI stays attached and slows the host) and any recapture
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    steps(100)
-    torch.cuda.synchronize()
-    report["wall_ms_per_step"] = (time.perf_counter() - t) / 100 * 1e3
+    report["wall_ms_per_step"] = wall_ms(100)
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, defaults)", flush=True)
     save()
+    if check_names:  # each variant's step output against the defaults' (same inputs, same KV: a replay writes the
+        # new position's K/V itself, the same values in every variant)
+        def hidden(name: str) -> torch.Tensor:
+            capture(name).replay()
+            torch.cuda.synchronize()
+            return graphs.outputs[1, False, False][:1].float().clone()
+
+        ref = hidden("defaults")
+        report["check_rel_diff"] = {}
+        for name in check_names:
+            diff = ((hidden(name) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            report["check_rel_diff"][name] = diff
+            print(f"check {name}: final hidden state {diff:.2e} (relative) from the defaults'", flush=True)
+        save()
+    if wall_names:  # first (the figure that matters most): each variant's (a) in this process, whole steps on its
+        # full and short-context graphs
+        report["wall"] = {n: [] for n in wall_names}
+        for r in range(args.rounds):
+            for name in wall_names:
+                try:
+                    capture(name, short=True)
+                    steps(5)
+                    report["wall"][name].append(wall_ms(args.wall_steps))
+                except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
+                    report.setdefault("wall_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"wall round {r + 1} {name}: {report['wall_errors'][name]}", flush=True)
+                    continue
+                ms = report["wall"][name][-1]
+                print(f"wall round {r + 1} {name}: {ms:.3f} ms a step = {1e3 / ms:.1f} tok/s "
+                      f"(context ~{128 + len(forwards)})", flush=True)
+                save()
     for r in range(args.rounds):
         for name in names:
             if time.perf_counter() - started > args.budget_s:
@@ -183,8 +246,9 @@ def main() -> None:
                 v["vs_defaults_us"] = v["median_us"] - base
     # the defaults again: one more replay sample after every other variant, then the graph's kernels by kind and
     # the step's kernels outside the graph
-    graph = capture("defaults")
-    if "defaults" in names:
+    graph = capture(args.profile_variant, short=bool(wall_names))
+    report["profile_variant"] = args.profile_variant
+    if "defaults" in names and args.profile_variant == "defaults":
         report["variants"]["defaults"]["after_us"] = replay_us(graph, args.replays)
     layers = LLAMA_8B["num_hidden_layers"]
     gemms = ["qkv", "o", "gate_up", "down"] * layers
@@ -204,8 +268,12 @@ def main() -> None:
     print("\n" + "\n".join(f"{name:<14} replay {v.get('median_us', float('nan')):8.1f} µs  "
                            f"({v.get('vs_defaults_us', 0.0):+.1f} vs defaults; rounds {[round(x, 1) for x in v['replay_us']]})"
                            + (f"  {v['error']}" if "error" in v else "") for name, v in report["variants"].items()))
-    print("defaults per layer (µs): " + ", ".join(f"{k} {v:.2f}" for k, v in report.get("per_layer_us", {}).items()))
+    print(f"{args.profile_variant} per layer (µs): " + ", ".join(f"{k} {v:.2f}" for k, v in report.get("per_layer_us", {}).items()))
     print("outside the graph per step (µs): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("outside_graph_us", {}).items()))
+    for name, ms in report.get("wall", {}).items():
+        if ms:
+            print(f"wall {name:<14} {statistics.median(ms):.3f} ms a step = {1e3 / statistics.median(ms):.1f} tok/s "
+                  f"(rounds {[round(x, 3) for x in ms]})")
     print(f"wall {report['wall_ms_per_step']:.3f} ms a step = {1e3 / report['wall_ms_per_step']:.1f} tok/s "
           f"(in-process, context ~170-270); done in {time.perf_counter() - started:.0f} s")
     sched = runner = graphs = graph = None

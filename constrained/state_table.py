@@ -55,6 +55,7 @@ class StateTable:
         self.fresh: list[int] = []  # rows filled since the device copy was last brought up to date
         self._next: dict[int, int] = {}
         self._forces: dict[int, bool] = {}
+        self.forced: dict[int, bytes] = {}  # the backend's forced bytes at a DFA state, recorded where a row stood
         self._grow(256)
         self.rows[ALL_ROW] = -1
         self.rows[NONE_ROW] = 0
@@ -128,6 +129,7 @@ class StateTable:
             fill_next_token_bitmasks(items, rows, workers)
             for m, row in items:
                 self.terminated[row] = m.is_terminated()
+                self.forced.setdefault(row - FIRST_STATE_ROW, m.forced_bytes())
                 self.ready[row] = True
             self.fresh.extend(row for _, row in items)
 
@@ -268,9 +270,20 @@ class TableMatcher(Matcher):
         return self.inner.is_terminated()
 
     def forced_bytes(self) -> bytes:
-        if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):
-            return b""  # nothing forced: no catch-up needed to say so
-        return self.inner.forced_bytes()
+        """The backend's, recorded per DFA state (a function of the state, as its mask is): a lagging
+        row asks without a catch-up. Only the scheduler's jump pre-check reads it (each live row, each
+        step, once few rows run); the jump itself takes the backend's own `forced_prefix`."""
+        table = self.table
+        if self.lag and not table.broken:
+            if not table.may_force(self.states[-1]):
+                return b""  # nothing forced: no catch-up needed to say so
+            hit = table.forced.get(self.states[-1])
+            if hit is not None:
+                return hit
+        out = self.inner.forced_bytes()
+        if not table.broken and not self.ended:
+            table.forced[self.states[-1]] = out
+        return out
 
     def forced_prefix(self) -> str:
         if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):

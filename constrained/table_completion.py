@@ -28,7 +28,7 @@ import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,13 +46,15 @@ MOVE_SLICE = 1024  # states whose moves one scheduler turn files (~3 ms on the 2
 
 @dataclass(frozen=True)
 class RowChunk:
-    """Rows of one table: each state's NFA set, its packed mask, llguidance's is_terminated there."""
+    """Rows of one table: each state's NFA set, its packed mask, llguidance's is_terminated and forced
+    bytes there."""
 
     nfa_states: int  # the NFA's size: both sides must have built the same automaton
     sets: list[tuple[int, ...]]
     rows: np.ndarray  # [len(sets), words] int32
     terminated: list[bool]
     ids: list[int]  # each state's number in the walk's own DFA (what `DfaMoves` names states by)
+    forced: list[bytes] = field(default_factory=list)  # (empty: not recorded)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     rows: list[np.ndarray] = []
     terminated: list[bool] = []
     ids: list[int] = []
+    forced: list[bytes] = []
     seen = {0}
     deadline = time.monotonic() + time_limit_s
 
@@ -91,10 +94,11 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
         rows.append(buf[0].numpy().copy())
         terminated.append(matcher.is_terminated())
         ids.append(q)
+        forced.append(matcher.forced_bytes())
 
     def flush() -> RowChunk:
-        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids))
-        for part in (sets, rows, terminated, ids):
+        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids), list(forced))
+        for part in (sets, rows, terminated, ids, forced):
             part.clear()
         return out
 
@@ -140,6 +144,8 @@ def file_rows(table: StateTable, chunk: RowChunk, renamed: dict[int, int] | None
             renamed[theirs] = states[-1]
     if not states:
         return 0
+    for q, forced in zip(states, chunk.forced):  # (a lagging row's jump pre-check reads them: no catch-up)
+        table.forced.setdefault(q, forced)
     table.row_of(max(states))  # room for every row named
     ready = table.ready
     take = [i for i, q in enumerate(states) if not ready[q + FIRST_STATE_ROW]]

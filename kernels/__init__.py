@@ -65,6 +65,9 @@ class KernelOps:
     # (q, k, v, positions, cos_sin_cache, k_buffer, v_buffer, slots) -> rotated q, with rotary(k) and v written
     # to the pool's slots in the same launch (a pool of k's dtype); None: rotary, then store_kv.
     rotary_store_kv: Callable[..., torch.Tensor] | None = None
+    # decode_attention takes `rope=` (kernels/decode_attention.RopeStore): q and k before rotary, the new K/V
+    # stored by its first stage — rotary, KV store and attention in one launch
+    decode_takes_rope: bool = False
 
 
 def triton_available() -> bool:
@@ -112,6 +115,7 @@ def get_kernel_ops(use_triton: bool, pdl: bool = False) -> KernelOps:
         decode_attention=launch(decode_attention_triton),
         extend_attention=extend_attention_triton,
         rotary_store_kv=launch(ops.rotary_store_kv),
+        decode_takes_rope=True,
     )
 
 

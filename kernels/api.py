@@ -16,6 +16,7 @@ from .attention_ref import cascade_decode_attention_ref, decode_attention_ref, e
 
 if TYPE_CHECKING:
     from .cascade_layout import CascadeLayout
+    from .decode_attention import RopeStore
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,15 @@ def decode_attention_triton(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     pdl: bool = False,
+    rope: RopeStore | None = None,
 ) -> torch.Tensor:
+    """`rope`: q before rotary, the new K/V stored by the kernel (`decode_attention.RopeStore`)."""
     from .decode_attention import decode_attention
 
     return decode_attention(
         q, k_buffer, v_buffer, meta.req_to_token, meta.req_pool_indices, meta.seq_lens, sm_scale,
         num_kv_splits=meta.num_kv_splits, out=out, k_scale=k_scale, v_scale=v_scale, cascade=meta.cascade, pdl=pdl,
+        rope=rope,
     )
 
 

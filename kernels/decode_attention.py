@@ -12,6 +12,8 @@ single split (large batches) stage 1 writes the output and stage 2 is skipped.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,22 @@ from .cascade_layout import CascadeLayout
 from .gdc import enter, launch_options
 
 _MAX_SPLITS = 32
+# Plain decode takes q, k and v before rotary and stores the new K/V itself (`RopeStore`): one launch a layer fewer
+# than rotary + KV store, then attention. The attention backend reads it at every call (a benchmark's A/B switch).
+ROPE_IN_STAGE1 = True
+
+
+class RopeStore(NamedTuple):
+    """The new tokens' raw k, v [B, Hkv, D] (views of the qkv projection), their positions, the rotary table
+    ([max_pos, D]: cos | sin, as `ops.rotary` takes it) and their pool slots: with it `decode_attention`
+    takes the raw q too, rotates q and k as `ops.rotary` does and writes k, v to the slots as `ops.store_kv`
+    does (a pool of k's dtype)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    slots: torch.Tensor
 # GPU launch parameters, module-level so a tuning script can override them. Chosen on an H200 (bf16,
 # Hq=32 Hkv=8 D=128, CUDA-graph timing): 86-97% of the copy-bandwidth floor from B=32 ctx=8192 and
 # B=128 ctx=1024 up; 32/64 blocks and 2/8 warps were within a few percent.
@@ -50,6 +68,12 @@ def _decode_stage1(
     FINAL: tl.constexpr,
     HAS_START: tl.constexpr,  # cascade: each request attends to [KvStart[b], seq_len) only (its suffix)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/gdc.py)
+    # ROPE (`RopeStore`): Q, KNew and VNew are the step's raw projections; the kernel rotates q and the new k
+    # (neox) itself, and the split holding the new position takes that key from registers (not from its slot,
+    # which it writes at the end): `ops.rotary_store_kv`'s launch folded into this one
+    KNew=None, VNew=None, Pos=None, Cache=None, Slots=None,
+    stride_knb=0, stride_knh=0, stride_vnb=0, stride_vnh=0, stride_c=0,
+    ROPE: tl.constexpr = False,
 ):
     enter(USE_PDL)
     b = tl.program_id(0)
@@ -74,11 +98,22 @@ def _decode_stage1(
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_h
 
-    q = tl.load(
-        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_h[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
+    q_mask = mask_h[:, None] & mask_d[None, :]
+    if ROPE:
+        half = HEAD_DIM // 2
+        lower = offs_d < half
+        partner = tl.where(lower, offs_d + half, offs_d - half)  # the other half of d's rotation pair
+        at = tl.load(Pos + b).to(tl.int64) * stride_c + tl.where(lower, offs_d, offs_d - half)
+        cos = tl.load(Cache + at, mask=mask_d, other=0.0).to(tl.float32)
+        sin = tl.load(Cache + half + at, mask=mask_d, other=0.0).to(tl.float32)
+        q = _rotated(q_ptrs, offs_d, partner, q_mask, lower, cos, sin).to(Q.dtype.element_ty)
+        k_ptrs = KNew + b * stride_knb + kvh * stride_knh
+        k_new = _rotated(k_ptrs, offs_d, partner, mask_d, lower, cos, sin).to(K.dtype.element_ty)
+        v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d, mask=mask_d, other=0.0).to(V.dtype.element_ty)
+        new_at = seq_len - 1  # the new token's position in the request (its slot: Slots[b])
+    else:
+        q = tl.load(q_ptrs + offs_d[None, :], mask=q_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
     row = tl.load(ReqIdx + b).to(tl.int64)
@@ -90,8 +125,20 @@ def _decode_stage1(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         mask_n = pos < end
+        if ROPE:  # the new position's slot is not written yet: its key comes from registers after the loop
+            mask_n = mask_n & (pos != new_at)
         k, v = gather_kv(K, V, r2t, pos, mask_n, kvh, offs_d, mask_d, stride_kt, stride_kh, stride_vt, stride_vh)
         acc, m_i, l_i = online_softmax_step(q, k, v, mask_n[None, :], acc, m_i, l_i, qk_scale, DOT_PRECISION)
+    if ROPE:
+        if new_at < end:  # the one split holding the new position (splits tile [kv_lo, seq_len)): fold its key in
+            # (a one-key step of online_softmax_step, its dot as a float32 sum; p rounded to q's dtype for PV as there)
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p.to(q.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
 
     out = acc / l_i[:, None] * v_scale
     # FINAL (a single split): MidO is the output itself and stage 2 does not run.
@@ -102,6 +149,20 @@ def _decode_stage1(
     )
     if not FINAL:
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
+    if ROPE:
+        if new_at < end:  # its K/V into the pool (no program of this launch reads that slot)
+            slot = tl.load(Slots + b).to(tl.int64)
+            tl.store(K + slot * stride_kt + kvh * stride_kh + offs_d, k_new, mask=mask_d)
+            tl.store(V + slot * stride_vt + kvh * stride_vh + offs_d, v_new, mask=mask_d)
+
+
+@triton.jit
+def _rotated(ptrs, offs_d, partner, mask, lower, cos, sin):
+    """Neox rotary of the rows at `ptrs` (one row [BLOCK_D] or [BLOCK_H, BLOCK_D]) in float32, as
+    `ops._rotate_heads` computes it: x1 cos - x2 sin in the lower half, x2 cos + x1 sin in the upper."""
+    x = tl.load(ptrs + offs_d, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(ptrs + partner, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(lower, x * cos - y * sin, x * cos + y * sin)
 
 
 @triton.jit
@@ -193,6 +254,7 @@ def decode_attention(
     v_scale: float = 1.0,
     cascade: CascadeLayout | None = None,
     pdl: bool = False,
+    rope: RopeStore | None = None,
 ) -> torch.Tensor:
     """Same result as `decode_attention_ref` for seq_lens >= 1; fills `out` (shaped like q) if given.
 
@@ -201,7 +263,8 @@ def decode_attention(
     With a `cascade` layout (shared prefixes, kernels/cascade_attention.py) stage 1 reads each
     request's own suffix only, the prefix stage reads each group's prefix once for all its rows, and
     stage 2 merges both: the same result, fewer KV bytes. `pdl`: launch both stages with programmatic
-    dependent launch (kernels/gdc.py; the same result).
+    dependent launch (kernels/gdc.py; the same result). `rope`: q is before rotary and the new K/V not yet
+    in the pool (`RopeStore`; not with a cascade layout): the result and the pool as after `ops.rotary_store_kv`.
     """
     bsz, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -218,6 +281,9 @@ def decode_attention(
         out = torch.empty_like(q)
     if out.stride(2) != 1:
         raise ValueError("decode_attention needs a unit stride on head_dim of out")
+    if rope is not None and (cascade is not None or rope.k.dtype != k_buffer.dtype or rope.v.dtype != v_buffer.dtype
+                             or rope.k.stride(2) != 1 or rope.v.stride(2) != 1 or rope.cos_sin.stride(1) != 1):
+        raise ValueError("decode_attention: rope takes plain decode, a pool of k's dtype and unit inner strides")
     if bsz == 0:
         return out
 
@@ -256,6 +322,10 @@ def decode_attention(
         FINAL=final, HAS_START=cascade is not None,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4,
         num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1, **launch_options(pdl, q.device),
+        **({} if rope is None else dict(
+            KNew=rope.k, VNew=rope.v, Pos=rope.positions, Cache=rope.cos_sin, Slots=rope.slots,
+            stride_knb=rope.k.stride(0), stride_knh=rope.k.stride(1), stride_vnb=rope.v.stride(0),
+            stride_vnh=rope.v.stride(1), stride_c=rope.cos_sin.stride(0), ROPE=True)),
     )
     if final:
         return out

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gdc import enter, launch_options
 from .ops import _round_to_fp8
 
 FP8 = torch.float8_e4m3fn
@@ -155,22 +156,46 @@ def w8a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 @triton.jit
 def _quantize_rows_kernel(
     X, Codes, Scales, Static, n_cols, stride_x, stride_c, min_scale,
-    STATIC: tl.constexpr, BLOCK: tl.constexpr, HW_ROUND: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK: tl.constexpr, HW_ROUND: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    store_row_codes(x, mask, Codes + row * stride_c + cols, Scales + row, Static, min_scale, STATIC, HW_ROUND)
+
+
+@triton.jit
+def store_row_codes(x, mask, codes_ptrs, scale_ptr, Static, min_scale, STATIC: tl.constexpr, HW_ROUND: tl.constexpr):
+    """One row's quantization, shared by every kernel that emits codes (this module's, and the norm / SiLU
+    kernels that quantize what they produce, kernels/fp8_act_quant.py): float32 x (its masked-off lanes 0)
+    -> its scale (max |x| / 448, at least min_scale; or the static one) at scale_ptr and the e4m3 codes of
+    x / scale, saturated, at codes_ptrs."""
+    scale = row_scale(tl.max(tl.abs(x), 0), Static, min_scale, STATIC)
+    store_codes(x, mask, codes_ptrs, scale, HW_ROUND)
+    tl.store(scale_ptr, scale)
+
+
+@triton.jit
+def row_scale(amax, Static, min_scale, STATIC: tl.constexpr):
+    """A row's scale from its max |x| (a kernel that sees the row in chunks takes the max of theirs: the same
+    value), or the static scale."""
     if STATIC:
         scale = tl.load(Static)
     else:
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX), min_scale)
+        scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), min_scale)
+    return scale
+
+
+@triton.jit
+def store_codes(x, mask, codes_ptrs, scale, HW_ROUND: tl.constexpr):
+    """The e4m3 codes of float32 x / scale, saturated, at codes_ptrs."""
     q = _div_rn_by_row(x, scale)
     q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))  # NaN stays NaN, as torch's clamp keeps it
     if not HW_ROUND:  # the interpreter's cast rounds ties away and drops carries: round on the float32 value
         q = _round_to_fp8(q, 3, -6)  # e4m3: 3 mantissa bits, smallest normal 2^-6
-    tl.store(Codes + row * stride_c + cols, q.to(Codes.dtype.element_ty), mask=mask)
-    tl.store(Scales + row, scale)
+    tl.store(codes_ptrs, q.to(codes_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -190,9 +215,11 @@ def _div_rn_by_row(x, s):
     return tl.where(x == 0.0, x, q)  # -0 / s is -0 (the FMAs would give +0: another e4m3 code)
 
 
-def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
-                      static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes e4m3 [M, K], scales float32 [M, 1]) in one launch (see the module docstring)."""
+def quantize_rows_fp8(x: torch.Tensor, min_scale: float, static_scale: torch.Tensor | None = None, *,
+                      pdl: bool = False, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes e4m3 [M, K], scales float32 [M, 1]) in one launch (see the module docstring); `pdl`: launched
+    with programmatic dependent launch (kernels/gdc.py: o's input comes from the attention kernels, which take it).
+    `num_warps`: default 16 values a thread (the codes do not depend on it: the row's max is exact in any order)."""
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     codes = torch.empty(m, k, dtype=FP8, device=x.device)
@@ -204,6 +231,6 @@ def quantize_rows_fp8(x: torch.Tensor, min_scale: float,
             x, codes, scales, static, k, x.stride(0), codes.stride(0), min_scale,
             STATIC=static_scale is not None, BLOCK=block, HW_ROUND=x.is_cuda,  # sm_89+: cvt.rn.satfinite, RNE
             # 16 values a thread: 48 registers on sm_90, the warps an SM holds as before at 32 values and 50 registers
-            num_warps=max(1, min(32, block // 512)),
+            num_warps=num_warps or max(1, min(32, block // 512)), **launch_options(pdl, x.device),
         )
     return codes, scales

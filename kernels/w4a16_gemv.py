@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .fp8_gemm import sm_count
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
+from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
 from .w4a16_gemm import CHUNK, SLICE
 
 MAX_M = 1  # rows this kernel takes (W4Weight sends M <= GEMV_MAX_M here)
@@ -235,6 +236,9 @@ def _gemv_kernel(
     XMODE: tl.constexpr, PRECISE: tl.constexpr, EVEN_K: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, GROUP_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNKS: tl.constexpr,
+    # kernels/split_norm.py: NORM 1 (a producer) finishes its tiles as `finish_tile_add_norm` (Res, NormW, NewRes;
+    # SumSq its tile sums); NORM 2 (a consumer: X is the producer's u) scales its products by rstd from SumSq's n_sum
+    Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -289,11 +293,16 @@ def _gemv_kernel(
             if HAS_OFFSETS:
                 acc += o * xs[None, :, :]
     y = tl.sum(tl.sum(acc, 2), 1)[:, None]  # [BLOCK_N, 1]
+    if NORM == 2:
+        y = y * rstd_of(SumSq, n_sum, K, eps, BLOCK_T)
     if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
         tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
     if SILU:
         finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+    elif NORM == 1:
+        finish_tile_add_norm(y, Out, Part, Tickets, rn, n_mask, pid_n, pid_k, N, split, Res, NormW, NewRes, SumSq,
+                             PARTIAL)
     else:
         finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
 
@@ -301,13 +310,18 @@ def _gemv_kernel(
 def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
                tickets: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool = False,
-               silu_mul: bool = False) -> torch.Tensor:
+               silu_mul: bool = False, add_norm: AddNorm | None = None,
+               pending: PendingNorm | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemm.w4a16_matmul`'s, plus
     `tickets` (`tickets_for(N)`: zero at rest; a fresh zeroed buffer per call when None). `pdl`: launch with
     programmatic dependent launch (sm_90+): the kernel becomes resident while its predecessor runs, loads
     its first weight step (constants: no hazard) and waits for it before reading x or writing anything
     (results bit-identical; the launch and the first weight round trip are hidden). `silu_mul`: the weight is the
-    MLP's [gate | up] and the result silu(gate) * up, [1, N / 2] (`small_m.finish_tile_silu`: ops.silu_and_mul's bits)."""
+    MLP's [gate | up] and the result silu(gate) * up, [1, N / 2] (`small_m.finish_tile_silu`: ops.silu_and_mul's bits).
+    `add_norm` / `pending` (kernels/split_norm.py): as the producer it returns (PendingNorm, new residual); as the
+    consumer x is `pending.u` and the result the product of the normed row."""
+    if pending is not None:
+        x = pending.u
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if m > MAX_M or x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -342,6 +356,11 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         group_shift = -1
     xmode = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if k % 2 == 0 and x.data_ptr() % 4 == 0 else 0
     grid = (triton.cdiv(n, cfg.block_n), split)
+    if (add_norm is not None and silu_mul) or ((add_norm is not None or pending is not None) and m != 1):
+        raise ValueError("w4a16_gemv: a split norm takes one row, and its producer no SiLU epilogue")
+    norm, produced = norm_launch_args(x, n, grid[0], add_norm, pending)
+    if produced is not None:
+        out = produced[0].u
     _gemv_kernel[grid](
         x, codes.view(torch.int32), scales, zeros if zeros is not None else scales,
         offsets if offsets is not None else scales, perm if perm is not None else codes, out, part, tickets,
@@ -351,6 +370,6 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         GROUP_SHIFT=group_shift, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SILU=silu_mul, BLOCK_N=cfg.block_n,
         CHUNKS=cfg.chunks,
         num_warps=cfg.num_warps, num_stages=1,  # Triton 3.6 does not pipeline these loads: PREFETCH does
-        **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}),
+        **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}), **norm,
     )
-    return out
+    return out if produced is None else produced

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from .fp8_gemm import sm_count
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
+from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
 from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
 
 MAX_M = 1  # rows this kernel takes
@@ -221,6 +222,8 @@ def _mma1_kernel(
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
     SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr,
+    # the split norm (kernels/split_norm.py, as in w4a16_gemv._gemv_kernel): NORM 1 producer, 2 consumer
+    Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
 ):
     pid_n = tl.program_id(1 if SPLIT_MAJOR else 0)
     pid_k = tl.program_id(0 if SPLIT_MAJOR else 1)
@@ -297,11 +300,16 @@ def _mma1_kernel(
     if HAS_OFFSETS:
         total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
+    if NORM == 2:
+        y = y * rstd_of(SumSq, n_sum, K, eps, BLOCK_T)
     if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
         tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
     if SILU:
         finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+    elif NORM == 1:
+        finish_tile_add_norm(y, Out, Part, Tickets, rn, n_mask, pid_n, pid_k, N, split, Res, NormW, NewRes, SumSq,
+                             PARTIAL)
     else:
         finish_tile(y, Scales, Out, Part, Tickets, rm, rn, rm < 1, n_mask, pid_n, pid_k, 1, N, split, 0, PARTIAL, False)
 
@@ -309,9 +317,12 @@ def _mma1_kernel(
 def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
                  tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False,
-                 silu_mul: bool = False) -> torch.Tensor:
+                 silu_mul: bool = False, add_norm: AddNorm | None = None,
+                 pending: PendingNorm | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s (`silu_mul`: [1, N / 2],
-    silu(gate) * up of the MLP's [gate | up] weight)."""
+    silu(gate) * up of the MLP's [gate | up] weight; `add_norm` / `pending`: the split norm's producer / consumer)."""
+    if pending is not None:
+        x = pending.u
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if m > MAX_M or x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -349,6 +360,11 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     even = k % CHUNK == 0 and (kp // CHUNK) % cfg.chunks == 0 and per_split % cfg.chunks == 0 and n % cfg.block_n == 0
     grid = (split, triton.cdiv(n, cfg.block_n)) if cfg.split_major else (triton.cdiv(n, cfg.block_n), split)
     use_pdl = pdl and x.is_cuda
+    if (add_norm is not None and silu_mul) or ((add_norm is not None or pending is not None) and m != 1):
+        raise ValueError("w4a16_mma_m1: a split norm takes one row, and its producer no SiLU epilogue")
+    norm, produced = norm_launch_args(x, n, triton.cdiv(n, cfg.block_n), add_norm, pending)
+    if produced is not None:
+        out = produced[0].u
 
     def launch(asm: bool) -> None:
         _mma1_kernel[grid](
@@ -359,8 +375,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
             SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
             EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}),
+            **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}), **norm,
         )
 
     _launch_with_asm_fallback(launch, x.is_cuda and magic != 0)
-    return out
+    return out if produced is None else produced

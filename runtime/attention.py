@@ -61,6 +61,26 @@ class PagedAttentionBackend:
         q, k = self.ops.rotary(q, k, batch.positions, cos_sin)
         return q, k, v
 
+    def decode_with_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Plain decode on the Triton kernels (no cascade layout, a pool of k's dtype): rotary on q and k, the new
+        K/V into the pool and the attention in one launch of the attention's first stage (one launch a layer
+        fewer than `rotary_and_store`, then `forward`; the same values); None where that does not apply."""
+        pool = self.kv_pool
+        meta = self.meta
+        if (not self.ops.decode_takes_rope or batch.mode is not ForwardMode.DECODE or meta is None
+                or meta.cascade is not None or pool.dtype != k.dtype or self.ops.rotary_table is not None):
+            return None
+        from radixlm.kernels import decode_attention as da
+
+        if not da.ROPE_IN_STAGE1:
+            return None
+        rope = da.RopeStore(k, v, batch.positions, cos_sin, batch.out_cache_loc)
+        return self.ops.decode_attention(q, pool.k_buffer[layer_id], pool.v_buffer[layer_id], meta, self.sm_scale,
+                                         k_scale=pool.k_scales[layer_id], v_scale=pool.v_scales[layer_id], rope=rope)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer_id: int, batch: ForwardBatch
     ) -> torch.Tensor:

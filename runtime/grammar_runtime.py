@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from radixlm.runtime.grammar_tables import DeviceTables
+from radixlm.runtime.grammar_tables import DeviceTables, TableStep
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 
@@ -59,6 +59,7 @@ class GrammarRuntime:
         self.pin = torch.cuda.is_available()  # masks go to the device from pinned memory, asynchronously
         self._prefetch: MaskPrefetch | None = None
         self._terminated: dict[int, tuple[Req, bool]] = {}  # after the last commit, per request
+        self._step: TableStep | None = None  # the last commit's table rows, until the next gather or change
         self._families_made = 0
         self.state_tables = args.grammar_state_table != "off"
         self._tables = DeviceTables()
@@ -95,10 +96,12 @@ class GrammarRuntime:
         """File what a table's background completion sent since (rows, then its DFA moves a slice at a
         time), mask work settled first. The scheduler calls this right after launching a forward pass
         (or when it has none to launch): a chunk costs the host a few ms, which there the device's
-        forward hides, where before the launch the device would wait for it."""
+        forward hides, where before the launch the device would wait for it. The rows filed are sent to
+        the tables' device copies here too."""
         if self._completion is not None and self._completion.has_news():
             self._settle()
-            self._completion.poll()
+            if self._completion.poll():
+                self._tables.refresh()  # the rows filed go to the device now, not at the next gather
 
     def poll(self) -> list[tuple[Req, Exception | None]]:
         """Requests whose grammar finished compiling since the last step (with the error, if any)."""
@@ -151,6 +154,7 @@ class GrammarRuntime:
     def forget(self, req: Req) -> None:
         """An aborted request: nothing here keeps it (or its matcher) any longer. A mask being
         computed for it in the background finishes into a row nobody takes."""
+        self._step = None
         self.pending.pop(id(req), None)
         self._terminated.pop(id(req), None)
         if self._prefetch is not None:
@@ -160,9 +164,10 @@ class GrammarRuntime:
         """[B, W] int32 on `device`: each constrained row its matcher's mask, others all-allowed.
         Rows prefetched after the last commit are taken as they are; the rest are filled now."""
         prefetch, self._prefetch = self._prefetch, None
+        step, self._step = self._step, None
         if prefetch is not None:
             prefetch.done.result()
-        gathered = self._tables.gather(reqs, device, self.workers)  # rows of one state table: a gather
+        gathered = self._tables.gather(reqs, device, self.workers, step)  # rows of one state table: a gather
         if gathered is not None:
             return gathered
         src: list[int] = []
@@ -203,22 +208,32 @@ class GrammarRuntime:
         The caller asks only where a jump could pay (small batches), so large batches pay no
         per-row forced-prefix call; only rows forcing that many bytes are tokenized."""
         self._settle()
-        ok = self.workers.advance([r.grammar for r in reqs], tokens)
+        self._step = None
+        step = self._tables.commit(reqs, tokens, self.workers) if self.state_tables else None
+        if step is not None:
+            ok, finished = step.ok, step.done
+        else:
+            ok = self.workers.advance([r.grammar for r in reqs], tokens)
+            finished = [not good or req.grammar.is_terminated() for req, good in zip(reqs, ok)]
         self._terminated.clear()
         live: list[Req] = []
         due: set[int] = set()
-        for req, token, good in zip(reqs, tokens, ok):
+        for req, token, good, done in zip(reqs, tokens, ok, finished):
             if not good:
                 # The mask forbids this, so it means a bug (or an EOS the grammar refuses): stop cleanly.
                 logger.error("grammar rejected sampled token %d for request %s", token, req.rid)
                 req.grammar_failed = True
-            done = not good or req.grammar.is_terminated()
+                done = True
             self._terminated[id(req)] = (req, done)
             if not done:
                 live.append(req)
                 if forced_min_tokens > 0 and self._forces(req, forced_min_tokens):
                     due.add(id(req))
-        job = self._tables.fill_missing(live, self.workers) if live else False
+        if step is not None and not step.table.broken and -1 not in step.rows:
+            self._step = step  # the next gather of these requests takes their rows from it
+            job = step.table.fill_missing(step.missing, self.workers) if step.missing else None
+        else:
+            job = self._tables.fill_missing(live, self.workers) if live else False
         if job:  # rows of one state table: only the states no row stood at before are filled
             self._prefetch = MaskPrefetch({}, None, self.workers.start(job))
         elif job is False and self.workers.threads > 0:
@@ -239,6 +254,7 @@ class GrammarRuntime:
         """Speculative decoding: the longest prefix of `drafts` the grammar allows, and the masks of
         the positions to verify ([len(kept) + 1, W] int32: after 0, 1, ... kept drafts). The matcher
         walks the drafts and rolls back: its state is unchanged."""
+        self._step = None
         self._settle()
         grammar = req.grammar
         masks = torch.empty((len(drafts) + 1, self.width), dtype=torch.int32)
@@ -258,6 +274,7 @@ class GrammarRuntime:
     def advance_one(self, req: Req, token: int) -> None:
         """Commit one token of a verified run (tokens are appended one by one, each checked for a
         finish); `is_terminated` then answers for the state after it."""
+        self._step = None
         self._settle()
         good = req.grammar.advance(token)
         if not good:
@@ -285,6 +302,7 @@ class GrammarRuntime:
         """Append the text the grammar forces (e.g. `", "name": "` in a JSON object) without a model
         step per token. The boundary is re-tokenized with the last output token when that token was
         not sent to the client yet, so the model sees natural tokens. Returns tokens added (net)."""
+        self._step = None
         self._settle()
         forced = req.grammar.forced_prefix()
         if not forced or len(forced.encode()) < min_tokens:  # a token holds at least one byte

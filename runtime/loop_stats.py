@@ -11,13 +11,19 @@ Item (f) reads them to compare a constrained run with unconstrained decoding ins
 `watch` adds parts of a step (inclusive seconds, nested in "step"): waiting for the device's sampled
 tokens, the forward's launch, commits and sampling, the grammar's commit and masks. Where the host
 waits for the device, the device is the bound; where it does not, the host's parts say what it is.
+Each part's longest single call (`parts_max`) and the distribution of the steps' own times
+(`step_ms`: median, p90, max, the five longest) tell a cost paid on every step from a few stalls
+(item (f): a table's rows sent to the device on one step, a cold walk).
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import json
+import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +58,9 @@ class LoopStats:
         self.turns = self.idle_turns = self.gc_full = 0
         self.counters: dict[str, int] = {}
         self.parts: dict[str, float] = {}
+        self.parts_max: dict[str, float] = {}
+        self.parts_calls: dict[str, int] = {}
+        self.steps: list[float] = []  # each turn's seconds in `Scheduler.step`, turns that ran a step
 
     def watch(self, owner: Any, name: str, part: str) -> None:
         """Time `owner.name` (a method of an object, or of a class: every instance) into `part`
@@ -65,9 +74,14 @@ class LoopStats:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - start
+                took = time.perf_counter() - start
+                self.parts[part] = self.parts.get(part, 0.0) + took
+                self.parts_calls[part] = self.parts_calls.get(part, 0) + 1
+                if took > self.parts_max.get(part, 0.0):
+                    self.parts_max[part] = took
 
-        setattr(owner, name, timed)
+        static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+        setattr(owner, name, staticmethod(timed) if static else timed)
 
     def watch_scheduler(self, sched: Any) -> None:
         """The step's parts that tell a host-bound loop from a device-bound one."""
@@ -77,12 +91,33 @@ class LoopStats:
 
         if torch.cuda.is_available():
             self.watch(torch.cuda.Event, "synchronize", "device waits (sampled tokens)")
+            self.watch(torch.cuda.CUDAGraph, "replay", "graph replay")  # (inside the forward's launch)
         self.watch(sched.runner, "forward", "forward launch")
         self.watch(sched.results, "commit", "commit")  # (an overlapped step's grammar commit runs before it)
         self.watch(sched.results, "sample", "sample launch (incl. masks taken)")
         for name, part in (("advance_many", "grammar commit"), ("bitmask", "masks taken"), ("poll", "grammar poll"),
                            ("file_completed_rows", "table rows filed")):
             self.watch(GrammarRuntime, name, part)
+        # inside the above: the draw's parts, the masks' gather and uploads; the schedule and the batch's inputs
+        import radixlm.constrained as constrained
+        import radixlm.constrained.base as constrained_base
+        from radixlm.constrained.state_table import TableMatcher
+        from radixlm.runtime import result_processor
+        from radixlm.runtime.grammar_tables import DeviceTables
+        from radixlm.runtime.sampler import SamplingBatch
+        from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+
+        for owner, name, part in ((SamplingBatch, "build", "sampling tensors"), (result_processor, "sample", "draw"),
+                                  (constrained, "apply_token_bitmask_", "bitmask applied"),
+                                  (DeviceTables, "gather", "mask gather"), (DeviceTables, "_synced", "table upload"),
+                                  (DeviceTables, "commit", "table commit"), (sched, "_schedule_decode", "schedule decode"),
+                                  (ScheduledBatch, "to_forward_batch", "forward inputs"),
+                                  (UncommittedStep, "start", "sampled tokens' copy"),
+                                  # llguidance inside the grammar's parts: masks of states first reached (may run on
+                                  # a mask thread), lagging tokens taken by the backend
+                                  (constrained_base, "fill_next_token_bitmasks", "backend mask fills"),
+                                  (TableMatcher, "sync", "backend catch-ups")):
+            self.watch(owner, name, part)
 
     def begin(self, stats: dict[str, Any]) -> None:
         """The loop has work again (a message arrived while idle)."""
@@ -95,9 +130,18 @@ class LoopStats:
     def add(self, part: str, seconds: float) -> None:
         self.seconds[part] += seconds
 
-    def turn(self, ran: bool) -> None:
+    def turn(self, ran: bool, step_seconds: float = 0.0) -> None:
         self.turns += 1
         self.idle_turns += not ran
+        if ran:
+            self.steps.append(step_seconds)
+
+    def _step_ms(self) -> dict[str, Any]:
+        if not self.steps:
+            return {}
+        ms = sorted(1e3 * s for s in self.steps)
+        return {"median": statistics.median(ms), "p90": ms[math.ceil(0.9 * len(ms)) - 1], "max": ms[-1],
+                "longest": ms[-5:][::-1]}
 
     def end(self, stats: dict[str, Any]) -> None:
         """The scheduler is idle: write the period's line."""
@@ -105,6 +149,7 @@ class LoopStats:
             return
         self.busy = False
         line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "parts": self.parts,
+                "parts_max": self.parts_max, "parts_calls": self.parts_calls, "step_ms": self._step_ms(),
                 "turns": self.turns,
                 "turns_without_a_step": self.idle_turns, "gc_full_collections": self.gc_full,
                 **{k: int(stats.get(k, 0)) - v for k, v in self.counters.items()}}

@@ -219,8 +219,12 @@ class ModelRunner:
 
             quantized = any(isinstance(getattr(m, "quantized", None), QuantizedWeight) for m in self.model.modules())
             pdl = pdl_enabled(self.args.decode_pdl, self.device, quantized)
-            # the quantized linears' M = 1 kernels (4-bit GEMV, FP8 small-M) too, and the 4-bit gate_up's SiLU epilogue
-            set_decode_pdl(self.model, pdl, self.args.decode_silu_epilogue == "on")
+            # the quantized linears' M = 1 kernels (4-bit GEMV, FP8 small-M) too, the 4-bit gate_up's SiLU epilogue
+            # and the 4-bit decode's split norms
+            from radixlm.runtime.quantization.w4a16 import split_norm_enabled
+
+            set_decode_pdl(self.model, pdl, self.args.decode_silu_epilogue == "on",
+                           split_norm_enabled(self.args.decode_split_norm))
             from radixlm.runtime.dense_gemv import attach_dense_gemv, norm_fusion_enabled
 
             norm = norm_fusion_enabled(self.args.decode_gemv_norm)

@@ -41,14 +41,15 @@ logger = logging.getLogger(__name__)
 # KV is at most MIX_MAX_DECODE_KV_TOKENS tokens in all.
 MIX_ALWAYS_MAX_TOKENS = 256
 MIX_MAX_DECODE_KV_TOKENS = 131072
-# A prefill step of at least this many requests is overlapped (`step_results.launch_prefill`). The host's work
-# between two prefill steps grows with their requests (~0.15 ms each on the H200's host: ~20 ms for
-# the ~130 short questions of a shared-prefix chunk, 11% of its forward pass), while a device never
-# left idle ran its prefill steps 3.7% slower (2026-12-04 mid round, workload (e): the H200 holds
-# lower clocks under continuous load; ~7 ms of an 8K chunk): even at ~45 requests a chunk, and a
-# margin of 2 on that one measurement. Chunks of fewer, longer prompts ((b), (d), cache-off (e),
-# (f)'s 64 prompts of 128 tokens) stay synchronous.
-OVERLAP_PREFILL_MIN_REQUESTS = 96
+# A prefill step of at least this many requests is overlapped (`step_results.launch_prefill`): the next chunk
+# is scheduled and launched while it runs. The host's work between two prefill steps grows with their
+# requests (~0.15 ms each on the H200's host: ~20 ms for the ~130 short questions of a shared-prefix chunk),
+# while a device never left idle holds lower clocks (its prefill steps ran 3.7% slower, 2026-12-04
+# afternoon, workload (e)). Chunks of workload (b)'s prompts (12-20 requests of 128-1,024 tokens in 8,192)
+# still gain: 43.0-43.6k tok/s overlapped vs 40.9k synchronous on the H200 (2026-12-04 evening,
+# benchmarks/b_levers.py: ~7.5 ms of host work a chunk hidden). Fewer, longer prompts a chunk — cache-off
+# (e)'s ~8 of 1,088 tokens, (d)'s 4 of 2,048 — were not measured and stay synchronous.
+OVERLAP_PREFILL_MIN_REQUESTS = 12
 
 
 class Scheduler:

@@ -125,7 +125,7 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
                 loop.add("step", t2 - t1)
                 loop.add("send", t3 - t2)
                 loop.add("wait", time.perf_counter() - t3)
-                loop.turn(ran)
+                loop.turn(ran, t2 - t1)
                 if sched.idle:
                     loop.end(sched.stats)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):

@@ -142,9 +142,10 @@ class ServerArgs:
     disable_overlap_schedule: bool = _flag(False, "scheduling", "do not prepare step N+1 while step N runs "
                                            "on the GPU", bool)
     disable_overlap_prefill: bool = _flag(False, "scheduling", "commit a prefill step's first tokens before "
-                                          "scheduling the next step (default: after a step of 96+ requests, e.g. "
-                                          "short questions on a cached prefix, the next prefill chunk is scheduled "
-                                          "and launched while it runs; with the overlap schedule only)", bool)
+                                          "scheduling the next step (default: after a step of 12+ requests, e.g. "
+                                          "a chunk of ~600-token prompts or of short questions on a cached prefix, "
+                                          "the next prefill chunk is scheduled and launched while it runs; with the "
+                                          "overlap schedule only)", bool)
     enable_overlap_schedule_on_cpu: bool = _flag(False, "scheduling", "use the overlap schedule on a CPU too "
                                                  "(on by default only on CUDA, where it pays)", bool)
     stream_interval: int = _flag(1, "scheduling", "send streamed tokens every this many steps", int, minimum=1)
@@ -279,6 +280,14 @@ class ServerArgs:
         "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). off by default: on "
         "the H200 it ran 408.3 against 421.3 tok/s without it (8B shape, GPTQ 4-bit, benchmarks/RESULTS.md)",
         str, choices=("on", "off"))
+    decode_split_norm: str = _flag(
+        "auto", "runtime", "batch-1 decode of 4-bit models on a GPU: split each residual add + RMSNorm across the "
+        "M = 1 linears around it (o / down finish their tiles with the new residual, its product with the norm's "
+        "weight and per-tile sums of squares; gate_up / the next qkv scale their products by the row's rstd): no "
+        "norm launch inside a layer; rounds differ from the norm kernel's within bf16's tolerance. auto: on (the 8B "
+        "shape's GPTQ 4-bit batch-1 decode on the H200: 2.299 vs 2.337 ms a step in one process, "
+        "benchmarks/RESULTS.md); on; off",
+        str, choices=("auto", "on", "off"))
     cpu_threads: int | None = _flag(None, "runtime", "torch intra-op threads per process on a CPU", int, minimum=1,
                                     default_text="all cores, split between the processes")
     disable_cpu_decode_stack: bool = _flag(

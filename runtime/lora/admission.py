@@ -3,20 +3,26 @@
 Every running request decodes in each decode step, so the adapters of the running (and partly
 prefilled) requests plus those of a new prefill batch must fit the device slots together. A slot
 is free as soon as no request in flight uses its adapter. Requests of the base model and of
-adapters already in flight always pass (no swap needed). Free slots go by demand: the waiting
-adapters with the most waiting rows first, so a swap brings in as many rows as it can (first come
-would fill the slots with whatever adapters the queue starts with, ~rows/adapter each); an adapter
-already in a device slot (no copy needed) wins a tie, then the one whose request waited longest
-(first come among equals).
+adapters already in flight always pass (no swap needed).
+
+Free slots go to the waiting adapters with the longest tenure first: an adapter holds its slot until
+its longest request ends, so the run's decode steps are a scheduling of those tenures on
+--max-loras-per-batch machines, and longest first (LPT) leaves the short ones to even out the end.
+Workload (b)'s 64 adapters on 8 slots (1,000 requests, each adapter's longest output 415-512) need
+3,901 decode steps at least; their tenures in the order of most waiting rows (the rule before) end at
+3,988, in queue order at 3,963, longest first at 3,912 (benchmarks/RESULTS.md, lora9). Among equal
+tenures: the most waiting rows (a swap brings in as many as it can), then an adapter already in a
+device slot (no copy needed), then the one whose request waited longest (first come among equals).
 
 No adapter waits without bound. Each time a slot goes to another adapter while one waits, the
-waiting one gains a point (`AdapterDemand.passed`), so its score grows until it wins. And when no
+waiting one ranks `AGE_TOKENS` longer (`AdapterDemand.passed`), so an adapter with longer requests
+passes it a bounded number of times. And when no
 slot ever frees (the adapters in flight keep receiving requests), an adapter that has waited
 `starve_after` admission rounds is starving: if every in-flight adapter has requests waiting that
 came after it took its slot (otherwise a slot frees by itself once that adapter's requests of then
 are done: an offline batch of many adapters never drains a slot), the one with the
 fewest rows in flight is drained (its new requests are held back until its running ones finish),
-and the freed slot goes to the starving adapters first, oldest first.
+and the freed slot goes to the starving adapters first.
 
 While more adapters are wanted than slots, an adapter holds its slot until its longest request ends,
 so its requests are admitted longest first (`longest_first`: by max_new_tokens, within groups of
@@ -33,6 +39,7 @@ from radixlm.runtime.request import Req
 
 STARVE_AFTER_ROUNDS = 200  # admission rounds (~scheduler steps) an adapter may wait before a slot is drained for it
 LONGEST_FIRST_GROUP = 64  # slot-bound admission: a request is passed by at most this many later ones of its adapter
+AGE_TOKENS = 64  # a waiting adapter's tenure ranks this many tokens longer per slot it was passed over for
 
 
 class AdapterDemand:
@@ -75,6 +82,7 @@ class SlotBudget:
         self.adapters = set(flight_rows)
         rows: dict[str, int] = {}
         first: dict[str, int] = {}
+        longest: dict[str, int] = {}  # the tenure a slot would give: its longest waiting request
         # adapters in flight with requests waiting that came after they took their slot (their slot may never
         # free); the rest of what they had waiting then (a chunked ramp, a batch's tail) drains by itself
         fed = set()
@@ -83,6 +91,7 @@ class SlotBudget:
             if name is not None and name not in self.adapters:
                 rows[name] = rows.get(name, 0) + 1 + len(req.followers)
                 first.setdefault(name, i)
+                longest[name] = max(longest.get(name, 0), req.params.max_new_tokens)
             elif name is not None and req.lora_arrival >= demand.cohort.get(name, 0):
                 fed.add(name)
         for table in (demand.passed, demand.waited):
@@ -99,8 +108,8 @@ class SlotBudget:
             # every slot's adapter still has requests waiting, so none may ever free by itself
             demand.draining = min(flight_rows, key=lambda n: (flight_rows[n], n))
         resident = set(resident)
-        ranked = sorted(rows, key=lambda n: (n not in starving, first[n] if n in starving else 0,
-                                             -(rows[n] + demand.passed.get(n, 0)), n not in resident, first[n]))
+        ranked = sorted(rows, key=lambda n: (n not in starving, -tenure(longest[n], demand, n), -rows[n],
+                                             n not in resident, first[n]))
         self.chosen = set(ranked[:free])
         # more adapters wanted than slots: each decodes only while it holds one (admit longest first)
         self.bound = len(self.adapters) + len(rows) > limit
@@ -127,18 +136,32 @@ class WaitingQueue(list):
 
     def __init__(self, reqs: Iterable[Req] = ()) -> None:
         super().__init__(reqs)
-        self.per_adapter: Counter[str | None] = Counter(r.lora_name for r in self)
+        self._recount()
 
     def _added(self, req: Req) -> None:
         self.per_adapter[req.lora_name] += 1
+        self.lengths.setdefault(req.lora_name, Counter())[req.params.max_new_tokens] += 1
 
     def _dropped(self, req: Req) -> None:
         self.per_adapter[req.lora_name] -= 1
         if not self.per_adapter[req.lora_name]:
             del self.per_adapter[req.lora_name]
+        lengths = self.lengths[req.lora_name]
+        lengths[req.params.max_new_tokens] -= 1
+        if not lengths[req.params.max_new_tokens]:
+            del lengths[req.params.max_new_tokens]
+            if not lengths:
+                del self.lengths[req.lora_name]
 
     def _recount(self) -> None:
-        self.per_adapter = Counter(r.lora_name for r in self)
+        self.per_adapter: Counter[str | None] = Counter()
+        self.lengths: dict[str | None, Counter[int]] = {}  # per adapter, its waiting requests' max_new_tokens
+        for req in self:
+            self._added(req)
+
+    def longest(self, name: str | None) -> int:
+        """The most new tokens a waiting request of `name` may make (0: none waits)."""
+        return max(self.lengths.get(name, ()), default=0)
 
     def append(self, req: Req) -> None:
         super().append(req)
@@ -168,6 +191,7 @@ class WaitingQueue(list):
     def clear(self) -> None:
         super().clear()
         self.per_adapter.clear()
+        self.lengths.clear()
 
     def __setitem__(self, index, value) -> None:  # type: ignore[override]
         super().__setitem__(index, value)
@@ -230,14 +254,19 @@ def next_swap_in(limit: int, in_flight: Iterable[Req], waiting: WaitingQueue, de
     if not names:
         return None
     starving = {n for n in names if demand.waited.get(n, 0) >= demand.starve_after}
-    if starving:  # SlotBudget: the starving adapter whose request came first in the queue
-        tied = starving
-    else:  # most requests (+ the slots each missed); ties: resident (no copy), then first in the queue
-        top = max(waiting.per_adapter[n] + demand.passed.get(n, 0) for n in names)
-        tied = {n for n in names if waiting.per_adapter[n] + demand.passed.get(n, 0) == top}
-        tied = (tied & resident) or tied
+    # as SlotBudget ranks them: starving ones first; the longest (aged) tenure, then most waiting requests, then
+    # resident (no copy), then first in the queue
+    pool = starving or set(names)
+    top = max((tenure(waiting.longest(n), demand, n), waiting.per_adapter[n]) for n in pool)
+    tied = {n for n in pool if (tenure(waiting.longest(n), demand, n), waiting.per_adapter[n]) == top}
+    tied = (tied & resident) or tied
     name = next((r.lora_name for r in waiting if r.lora_name in tied), min(tied))
     return None if name in resident else name
+
+
+def tenure(longest: int, demand: AdapterDemand, name: str) -> int:
+    """A waiting adapter's rank: the slot tenure its longest waiting request sets, aged by the slots it missed."""
+    return longest + AGE_TOKENS * demand.passed.get(name, 0)
 
 
 def requests_using(adapter: str, queues: Iterable[Iterable[Req]]) -> int:

@@ -54,6 +54,10 @@ STACKED_MIN_TOKENS = 8
 # stream, one LoRA launch per projection. The H200 (16:55, main fdfdef2) measured batch-1 decode with an adapter
 # +27.6% (4.16 -> 5.30 ms) on the side-stream path beside those GEMVs; ~2.3% more weight bytes here (every slot's A).
 STACKED_ONE_ROW = True
+# ... and from this many rows (0: never) the per-slot expand after the stacked GEMM launches with PDL (as at one row,
+# where --decode-pdl is on), reading its segment and rows before the wait, so they and its launch overlap the GEMM's
+# drain. Off until the H200 measures it (lora9: benchmarks/lora_step.py variant engine_stacked_pdl).
+STACKED_PDL_MIN_TOKENS = 0
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -201,8 +205,10 @@ class LoRAProjection:
 
         if pending.out is not None:  # stacked: y is every slot's x·Aᵀ, the GEMM output's tail
             target = out if pending.into is None else pending.into
+            t = pending.x.shape[0]
+            early = bool(STACKED_PDL_MIN_TOKENS) and t >= STACKED_PDL_MIN_TOKENS > 1
             sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True,
-                        pdl=self.pdl and pending.x.shape[0] == 1)
+                        pdl=self.pdl and (t == 1 or early), pdl_prologue=early)
         elif pending.y is not None:
             if self.side_stream is not None:
                 torch.cuda.current_stream(out.device).wait_stream(self.side_stream)

@@ -19,7 +19,7 @@ Imported only when triton is (the CPU path is `sgmv.py`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -45,6 +45,11 @@ INLINE_REDUCE_MIN_TOKENS = 1
 # The expand's rank step: larger ranks loop over the rank in steps of this many columns (y and B
 # tiles of [rows, 64] and [columns, 64] whatever --max-lora-rank is, so the tiles stay in shared memory)
 EXPAND_MAX_BLOCK_R = 64
+# (from this many rows, expand column blocks per program), first match: each program loops over that many
+# column blocks of its part, loading its row block's rows once, so the grid has that many times fewer
+# programs (each a few µs of dependent loads at decode sizes). One block a program unless set here:
+# the H200 sweep (lora9, benchmarks/lora_step.py variants engine_stacked_s*) decides.
+EXPAND_STEPS: tuple[tuple[int, int], ...] = ()
 MIN_BLOCK = 16  # the smallest dot dimension
 COUNTERS = 4096  # per counter buffer: (work item, column block) tiles of one shrink launch
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -70,6 +75,7 @@ class Tiles:
     split_k: int  # partial sums over K (1: none)
     warps: int | None = None  # launch options (None: Triton's defaults); fewer warps / stages take
     stages: int | None = None  # less of an SM, so a side-stream launch fits beside a GEMM's blocks
+    expand_steps: int = 1  # expand column blocks per program, in a loop (its row block's y and rows loaded once)
 
     def launch_options(self) -> dict:
         return {k: v for k, v in (("num_warps", self.warps), ("num_stages", self.stages)) if v is not None}
@@ -77,7 +83,7 @@ class Tiles:
 
 def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int | None = None,
           split_k: int | None = None, warps: int | None = None, stages: int | None = None, elt: int = 2,
-          smem: int = SM90_SMEM, silu_mul: bool = False) -> Tiles:
+          smem: int = SM90_SMEM, silu_mul: bool = False, expand_steps: int | None = None) -> Tiles:
     """The tiles for T tokens, a reduction of K and n·R shrink columns, operands of `elt` bytes, on a
     device with `smem` bytes of shared memory a program (overrides: the benchmark's sweep). The
     shrink's K step, then its column block, and the expand's column block halve until each launch
@@ -104,7 +110,8 @@ def tiles(t: int, k: int, n_rank: int, block_m: int | None = None, expand_n: int
         split_k = max(1, min(32, k // 256, TARGET_PROGRAMS // max(programs, 1), cap))
     if k > 0:  # no split without work (each one writes its partial sum)
         split_k = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k)
-    return Tiles(bm, shrink_n, block_k, expand_n, split_k, warps, stages)
+    steps = expand_steps or next((n for lo, n in EXPAND_STEPS if t >= lo), 1)
+    return Tiles(bm, shrink_n, block_k, expand_n, split_k, warps, stages, steps)
 
 
 def shrink_smem(block_m: int, block_n: int, block_k: int, elt: int, stages: int | None, silu_mul: bool = False) -> int:
@@ -116,6 +123,12 @@ def shrink_smem(block_m: int, block_n: int, block_k: int, elt: int, stages: int 
 def expand_smem(block_m: int, block_n: int, elt: int) -> int:
     """Upper bound of an expand launch's shared memory: one rank step's y and B tiles (whatever the rank)."""
     return dot_bytes(block_m, block_n, EXPAND_MAX_BLOCK_R, elt)
+
+
+def expand_loop_smem(block_m: int, block_n: int, elt: int, r_steps: int) -> int:
+    """Upper bound of an expand launch looping over column blocks (`Tiles.expand_steps` > 1): Triton pipelines the
+    loop, keeping `stages` buffers of each rank step's y and B tiles, plus the output tile re-laid out."""
+    return loop_bytes(block_m, block_n, EXPAND_MAX_BLOCK_R, elt, None) * r_steps + block_m * block_n * 4
 
 
 def expand_block_r(rank: int) -> int:
@@ -206,9 +219,10 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
                    S, R, blocks_per_slice, stride_ys, stride_ym, stride_yslot, stride_bs, stride_bn, stride_om,
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    S_POW2: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
-    if USE_PDL:  # launched beside its predecessor (batch-1 decode): wait for it before touching memory (kernels/gdc.py)
-        tl.extra.cuda.gdc_wait()
+                   ACCUMULATE: tl.constexpr = True, R_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
+                   N_STEPS: tl.constexpr = 1, PDL_PROLOGUE: tl.constexpr = False):
+    if USE_PDL and not PDL_PROLOGUE:  # launched beside its predecessor (batch-1 decode): wait for it before
+        tl.extra.cuda.gdc_wait()  # touching memory (kernels/gdc.py)
         tl.extra.cuda.gdc_launch_dependents()
     m0, length, start, slot = _segment(tl.program_id(0), len_ptr, start_ptr, slot_ptr, S, BLOCK_M, S_POW2)
     pid_sn = tl.program_id(1)
@@ -219,33 +233,40 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, start_ptr, len_ptr, slot_pt
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < length
         rows = tl.load(order_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
-        rn = n_lo + (pid_sn % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rn < n_hi
-        mask = m_mask[:, None] & n_mask[None, :]
-        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
-        if ACCUMULATE:  # issued with the y and B loads (one round trip), not after the dot
-            delta = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # ranks above BLOCK_R in R_STEPS steps (unrolled: one step, the same code as no loop, up to 64)
-        for r_step in tl.static_range(R_STEPS):
-            rr = r_step * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = rr < R
-            y_ptrs = y_ptr + slot * stride_yslot + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
-            y_mask = m_mask[:, None] & r_mask[None, :]
-            yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-            # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
-            # that their loads are issued together: one memory round trip at decode, not SPLIT_K
-            for split in tl.static_range(1, SPLIT_K):
-                yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
-                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            if DOT_FP32:
-                bt = bt.to(tl.float32)
+        if USE_PDL and PDL_PROLOGUE:
+            # the segments, offsets and rows above are inputs no predecessor writes (the step's host copies, the
+            # pool): read while the GEMM before this launch drains; y and the output are its, read after the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        n_first = n_lo + (pid_sn % blocks_per_slice) * (BLOCK_N * N_STEPS)
+        for n_step in tl.static_range(N_STEPS):  # unrolled: one step is the code without the loop
+            rn = n_first + n_step * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = rn < n_hi
+            mask = m_mask[:, None] & n_mask[None, :]
+            o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :]
+            if ACCUMULATE:  # issued with the y and B loads (one round trip), not after the dot
+                delta = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
             else:
-                yt = yt.to(bt.dtype)
-            delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + delta
-        tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=mask)
+                delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # ranks above BLOCK_R in R_STEPS steps (unrolled: one step, the same code as no loop, up to 64)
+            for r_step in tl.static_range(R_STEPS):
+                rr = r_step * BLOCK_R + tl.arange(0, BLOCK_R)
+                r_mask = rr < R
+                y_ptrs = y_ptr + slot * stride_yslot + rows[:, None] * stride_ym + (piece * R + rr)[None, :]
+                y_mask = m_mask[:, None] & r_mask[None, :]
+                yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+                # the shrink's partial sums, added in a fixed order; unrolled (SPLIT_K is a constexpr) so
+                # that their loads are issued together: one memory round trip at decode, not SPLIT_K
+                for split in tl.static_range(1, SPLIT_K):
+                    yt += tl.load(y_ptrs + split * stride_ys, mask=y_mask, other=0.0).to(tl.float32)
+                bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[:, None] * stride_bn + rr[None, :],
+                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+                if DOT_FP32:
+                    bt = bt.to(tl.float32)
+                else:
+                    yt = yt.to(bt.dtype)
+                delta = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + delta
+            tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_options(x: torch.Tensor) -> dict:
@@ -303,20 +324,26 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments, tile: Tiles
 
 def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, widest: int, rank: int,
                 out: torch.Tensor, seg: LoRASegments, tile: Tiles | None = None, accumulate: bool = True,
-                per_slot: bool = False, pdl: bool = False) -> None:
+                per_slot: bool = False, pdl: bool = False, pdl_prologue: bool = False) -> None:
     """out[:, slice s] += y[:, s·R:(s+1)·R]·B[slot, slice s]ᵀ per segment, in place (`accumulate`
     False: out[rows of a segment] = the update, other rows untouched).
     `y`: [T, n·R], or the shrink's [split, T, n·R] partial sums; `per_slot`: y is [T, slots·n·R],
     every slot's rank columns side by side (x·Aᵀ of all slots at once: the stacked base GEMM's tail),
     each row reading its own slot's; `slice_offsets`: [n + 1] int32 on the device; `widest`: the
     widest slice (sizes the grid); `tile`: the shrink's (same row blocks); `pdl`: launched with programmatic
-    dependent launch (kernels/gdc.py) where the device has it, for a launch right after its producer on one stream."""
+    dependent launch (kernels/gdc.py) where the device has it, for a launch right after its producer on one stream;
+    `pdl_prologue`: with `pdl`, each program reads its segment and rows before the wait (inputs the producer does
+    not write), only y and the output after it."""
     if y.dim() == 2:
         y = y.unsqueeze(0)
     t = y.shape[1]
     n_rank = (slice_offsets.numel() - 1) * rank if per_slot else y.shape[2]
     tile = tile or tiles(t, 0, n_rank, elt=b.element_size(), smem=device_smem(b.device))
-    blocks = triton.cdiv(widest, tile.expand_n)
+    r_steps = triton.cdiv(rank, expand_block_r(rank))
+    if tile.expand_steps > 1 and expand_loop_smem(tile.block_m, tile.expand_n, b.element_size(), r_steps) > device_smem(
+            b.device):
+        tile = replace(tile, expand_steps=1)  # the looped launch would not fit: one column block a program
+    blocks = triton.cdiv(widest, tile.expand_n * tile.expand_steps)
     pieces = slice_offsets.numel() - 1
     s = seg.slot.numel()
     grid = (work_items(t, s, tile.block_m), pieces * blocks)
@@ -325,5 +352,5 @@ def sgmv_expand(y: torch.Tensor, b: torch.Tensor, slice_offsets: torch.Tensor, w
                          b.stride(1), out.stride(0),
                          SPLIT_K=y.shape[0], BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n, BLOCK_R=expand_block_r(rank),
                          S_POW2=max(triton.next_power_of_2(s), 2), ACCUMULATE=accumulate, **_dot_options(b),
-                         R_STEPS=triton.cdiv(rank, expand_block_r(rank)), **tile.launch_options(),
-                         **launch_options(pdl, out.device))
+                         R_STEPS=r_steps, N_STEPS=tile.expand_steps,
+                         PDL_PROLOGUE=pdl_prologue, **tile.launch_options(), **launch_options(pdl, out.device))

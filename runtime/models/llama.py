@@ -17,6 +17,7 @@ from radixlm.kernels import KernelOps, get_kernel_ops
 from radixlm.runtime.attention import PagedAttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.model_config import ModelConfig, RopeScaling
+from radixlm.runtime.models import split_norm_decode
 from radixlm.runtime.parallel.layers import (
     ColumnParallelLinear,
     PipelineStage,
@@ -25,6 +26,7 @@ from radixlm.runtime.parallel.layers import (
     VocabParallelEmbedding,
     gather_vocab_logits,
 )
+from radixlm.runtime.quantization import fp8_act
 from radixlm.runtime.quantization.base import linear_forward
 from radixlm.runtime.quantization.fp8 import FP8
 from radixlm.runtime.quantization.fp8_checkpoint import FP8_SCALE_KINDS, KV_SCALE_NAME, Fp8Checkpoint, fp8_scalar
@@ -89,6 +91,11 @@ class LlamaAttention(nn.Module):
         already made (the decoder's add + norm in the qkv GEMV's loads); then `hidden` is not read."""
         if qkv is None:
             qkv = self.qkv_proj(hidden)
+        return self.o_proj(self.attend(qkv, batch, attn, cos_sin, ops), lora_into=residual)
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, attn: PagedAttentionBackend, cos_sin: torch.Tensor,
+               ops: KernelOps) -> torch.Tensor:
+        """The attention's output [T, q_size] from the qkv projection (q / k norms, rotary, the KV store), before o."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -96,9 +103,11 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = ops.rms_norm(q, self.q_norm.weight, self.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.eps)
-        q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
-        out = attn.forward(q, k_new, v_new, self.layer_id, batch)
-        return self.o_proj(out.reshape(-1, self.q_size), lora_into=residual)
+        out = attn.decode_with_rotary(q, k, v, self.layer_id, batch, cos_sin)  # one launch where it applies
+        if out is None:
+            q, k_new, v_new = attn.rotary_and_store(q, k, v, self.layer_id, batch, cos_sin)
+            out = attn.forward(q, k_new, v_new, self.layer_id, batch)
+        return out.reshape(-1, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -116,6 +125,8 @@ class LlamaMLP(nn.Module):
                 return self.down_proj(act, lora_into=residual)
             gate_up = self.gate_up_proj(x)
         fused = self.down_proj.forward_silu_mul(gate_up, lora_into=residual)  # batch 1 on a GPU: SiLU-and-mul in the GEMV's loads
+        if fused is None:  # FP8 at W8A8 sizes: SiLU-and-mul emits down's e4m3 input
+            fused = fp8_act.silu_mul_linear(self.down_proj, gate_up, ops)
         return fused if fused is not None else self.down_proj(ops.silu_and_mul(gate_up), lora_into=residual)
 
 
@@ -170,12 +181,18 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = stack.forward(batch, hidden)
             return self._final_norm(batch, hidden, residual)
         cos_sin = self.cos_sin_cache if ops.rotary_table is None else ops.rotary_table(batch.positions, self.cos_sin_cache)
+        if intermediate is None and split_norm_decode.applies(self, batch, hidden):  # batch-1 4-bit: no norm launches
+            hidden, residual = split_norm_decode.forward_layers(self, batch, attn, cos_sin, hidden)
+            return self._final_norm(batch, hidden, residual)
         aux: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:  # (a copy: a LoRA update may be added into the residual in place)
                 aux[i] = hidden.clone() if residual is None else hidden + residual
             # batch 1 with --decode-gemv-norm: each add + RMSNorm inside the next GEMV's loads (one launch less)
             fused = layer.self_attn.qkv_proj.forward_add_norm(hidden, residual, layer.input_layernorm.weight, layer.eps)
+            if fused is None:  # FP8 at W8A8 sizes: the (add +) norm emits qkv's e4m3 input
+                fused = fp8_act.add_norm_linear(layer.self_attn.qkv_proj, hidden, residual, layer.input_layernorm.weight,
+                                                layer.eps, ops)
             if fused is not None:
                 qkv, new_residual = fused
                 residual = hidden if residual is None else new_residual
@@ -189,6 +206,8 @@ class LlamaForCausalLM(nn.Module):
                 hidden = layer.self_attn(normed, batch, attn, cos_sin, ops, residual)
             post = layer.post_attention_layernorm.weight
             fused = layer.mlp.gate_up_proj.forward_add_norm(hidden, residual, post, layer.eps)
+            if fused is None:  # and gate_up's
+                fused = fp8_act.add_norm_linear(layer.mlp.gate_up_proj, hidden, residual, post, layer.eps, ops)
             if fused is not None:
                 gate_up, residual = fused
                 hidden = layer.mlp(None, ops, residual, gate_up=gate_up)

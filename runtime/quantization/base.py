@@ -22,6 +22,7 @@ class QuantizedWeight(ABC):
     # the previous kernel runs, weights in flight before they wait for it (results bit-identical)
     pdl: bool = False
     silu_epilogue: bool = False  # --decode-silu-epilogue: `linear_silu_mul` may fuse (`set_decode_pdl` sets it)
+    split_norm: bool = False  # --decode-split-norm: batch-1 decode may split the norms across it (W4Weight)
 
     @abstractmethod
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,16 +77,18 @@ class DequantizedRows:
         return self._dequantize(ids)
 
 
-def set_decode_pdl(model: torch.nn.Module, on: bool, silu_epilogue: bool = False) -> int:
+def set_decode_pdl(model: torch.nn.Module, on: bool, silu_epilogue: bool = False, split_norm: bool = False) -> int:
     """Turn PDL on / off for every quantized linear of `model` whose decode kernels take it (the 4-bit GEMV,
-    the FP8 small-M kernel), and the gate_up SiLU-and-mul epilogue (`linear_silu_mul`); the model runner calls it
-    with its --decode-pdl and --decode-silu-epilogue decisions. Returns how many."""
+    the FP8 small-M kernel), the gate_up SiLU-and-mul epilogue (`linear_silu_mul`) and the split norms
+    (runtime/models/split_norm_decode.py); the model runner calls it with its --decode-pdl, --decode-silu-epilogue
+    and --decode-split-norm decisions. Returns how many."""
     count = 0
     for module in model.modules():
         quantized = getattr(module, "quantized", None)
         if isinstance(quantized, QuantizedWeight):
             quantized.pdl = on
             quantized.silu_epilogue = silu_epilogue
+            quantized.split_norm = split_norm
             count += 1
     return count
 

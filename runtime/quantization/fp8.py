@@ -140,14 +140,17 @@ class Fp8Weight(QuantizedWeight):
         if self.use_triton:
             from radixlm.kernels.fp8_gemm import quantize_rows_fp8
 
-            xq, sx = quantize_rows_fp8(x2, _MIN_SCALE, self.input_scale)
+            xq, sx = quantize_rows_fp8(x2, _MIN_SCALE, self.input_scale, pdl=self.pdl)
         else:
             xq, sx = quantize_rows(x2, self.input_scale)
-        if self.use_scaled_mm and x.dtype == torch.bfloat16:  # row-wise scales take a bf16 output only
-            out = torch._scaled_mm(xq, self.codes.t(), scale_a=sx, scale_b=self.scales, out_dtype=x.dtype)
-        else:
-            out = self.reference_matmul(xq, sx).to(x.dtype)
-        return out.reshape(*lead, self.out_features)
+        return self.linear_codes(xq, sx, x.dtype).reshape(*lead, self.out_features)
+
+    def linear_codes(self, xq: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The W8A8 product of activations already quantized ([M, K] e4m3 codes, [M, 1] float32 scales: by
+        `quantize_rows` or a kernel that emits them, kernels/fp8_act_quant.py) -> [M, N] in `dtype`."""
+        if self.use_scaled_mm and dtype == torch.bfloat16:  # row-wise scales take a bf16 output only
+            return torch._scaled_mm(xq, self.codes.t(), scale_a=sx, scale_b=self.scales, out_dtype=dtype)
+        return self.reference_matmul(xq, sx).to(dtype)
 
     def _small_m(self, x2: torch.Tensor) -> torch.Tensor:
         """Decode sizes: the small-M kernel (kernels/fp8_small_m.py), or the older split-K one where it is

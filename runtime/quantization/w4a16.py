@@ -35,6 +35,16 @@ DEQUANT_MIN_M = 256  # rows from which dequantize + cuBLAS replaces the tiled ke
 GEMV_MAX_M = 1  # rows up to which the GEMV runs (0: off)
 GEMV_UNLISTED = False
 SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_small_m.py; its tiles: its DEFAULTS)
+# --decode-split-norm auto: batch-1 decode with each residual add + RMSNorm split across the M = 1 linears around it
+# (kernels/split_norm.py, runtime/models/split_norm_decode.py): two launches a layer fewer. On: the 8B shape's
+# GPTQ 4-bit decode on the H200 (2026-12-04 19:49, one process) 2.299 vs 2.337 ms a step, its decode graph 2,057
+# vs 2,145 µs (benchmarks/RESULTS.md).
+SPLIT_NORM_AUTO = True
+
+
+def split_norm_enabled(mode: str) -> bool:
+    """--decode-split-norm `mode` (auto / on / off) resolved."""
+    return mode == "on" or (mode == "auto" and SPLIT_NORM_AUTO)
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 _mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
 logger = logging.getLogger(__name__)
@@ -171,6 +181,40 @@ class W4Weight(DequantizedRows, QuantizedWeight):
                 raise
             return None
         return out.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def split_norm_serves(self) -> bool:
+        """Whether `linear_split_norm` takes this weight's decode row: --decode-split-norm (`split_norm`), the GPU
+        kernels, and an M = 1 kernel (tensor-core or GEMV) whose table lists this shape."""
+        return (self.split_norm and self.use_triton and not _mma1_failed and not _gemv_failed
+                and (self._mma1_serves() or self._gemv_serves()))
+
+    def linear_split_norm(self, x: torch.Tensor | None, add_norm=None, pending=None, silu_mul: bool = False):
+        """One decode row through this shape's M = 1 kernel as the split norm's producer (`add_norm`: x's product
+        then (PendingNorm, new residual)) or consumer (`pending`: its u is the input; the product, or with
+        `silu_mul` the MLP's silu(gate) * up as `linear_silu_mul`); None where `split_norm_serves` says no (or, with
+        silu_mul, N / 2 is not whole row tiles) or the kernel does not compile here (the caller's launches do the same)."""
+        if not self.split_norm_serves():
+            return None
+        if silu_mul:
+            from radixlm.kernels.w4a16_gemv import gemv_default_config
+            from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
+
+            cfg = mma1_table_config(self.out_features, self.in_features) if self._mma1_serves() else \
+                gemv_default_config(self.out_features, self.in_features)
+            if self.out_features % 2 or (self.out_features // 2) % (cfg.block_n // 2):
+                return None
+        from radixlm.kernels.w4a16_gemv import w4a16_gemv
+        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
+
+        run = w4a16_mma_m1 if self._mma1_serves() else w4a16_gemv
+        x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
+        try:
+            return run(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul)
+        except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
+            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+                raise
+            return None
 
     def _small_m(self, x2: torch.Tensor) -> torch.Tensor:
         """Decode sizes: the small-M kernel (kernels/w4a16_small_m.py), or the older split-K MMA kernel where

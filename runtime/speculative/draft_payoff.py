@@ -49,6 +49,10 @@ An interval is from the start of one scheduler step to the start of the next, wi
 generated in it; intervals that contain anything but a plain decode step (prefill, mixed batches,
 idle waits: the interval of a step after which nothing runs) are dropped, and so is the first interval of each run of one arm (with overlap the
 previous arm's tokens land in it).
+
+Without overlap scheduling (the CPU) batch 1 is not measured (`measure_from` = 2): a step whose one request
+drafts nothing is a plain step there, so arms timed over different stretches of the text compared the text,
+not k; the budget decides alone, pricing a draft row by its measured cost (row_cost.py).
 """
 from __future__ import annotations
 
@@ -294,8 +298,10 @@ class Bucket:
 class DraftPayoff:
     """Per batch-size bucket, the draft limit of this step; fed the clock, the token count and verify results."""
 
-    def __init__(self, max_k: int = 1) -> None:
+    def __init__(self, max_k: int = 1, measure_from: int = 1) -> None:
         self.max_k = max_k
+        # batches of fewer rows are not measured: they may draft up to max_k (the budget decides; row_cost.py)
+        self.measure_from = measure_from
         self.buckets: dict[int, Bucket] = {}
         # Draft positions accepted and tried, decayed per step that drafted (kept while none does:
         # probes retry); this step's counts until it closes.
@@ -320,13 +326,16 @@ class DraftPayoff:
             if self._plain_decode and running:
                 self._charge(self.buckets[key], arm, first, generated - before, now - start)
             if self._tried:
-                self.accepted = self.accepted * ACCEPT_DECAY + self._accepted
-                self.tried = self.tried * ACCEPT_DECAY + self._tried
                 self.buckets[key].verified(self._accepted, self._tried)
-            self._accepted = self._tried = 0
+        if self._tried:  # every step's verify results, measured or not
+            self.accepted = self.accepted * ACCEPT_DECAY + self._accepted
+            self.tried = self.tried * ACCEPT_DECAY + self._tried
+        self._accepted = self._tried = 0
         self._open, self._plain_decode, self._drafted = None, False, False
         if running == 0:
             return 0
+        if running < self.measure_from:
+            return self.max_k
         key = running.bit_length()
         bucket = self.buckets.setdefault(key, Bucket(self.max_k))
         budget = LOSS_SHARE * self.decode_s + SLACK_STEPS * bucket.arm(0).step_s - self.lost_s

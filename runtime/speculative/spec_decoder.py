@@ -25,6 +25,7 @@ from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, gr
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.draft_tree import DraftTree
 from radixlm.runtime.speculative.ngram import OCCURRENCES, NgramDrafter
+from radixlm.runtime.speculative.row_cost import RowCost
 from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
 
 if TYPE_CHECKING:
@@ -131,9 +132,14 @@ class SpecDecoder:
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
         # time on a shared CPU measures the neighbours' load as much as the step); elsewhere wall time.
         self.clock = time.process_time if runner.device.type == "cpu" else time.perf_counter
+        # Without overlap scheduling (the CPU): a draft row's cost at batch 1, measured, prices the budget's
+        # drafts there, and the payoff leaves batch 1 to the budget (row_cost.py).
+        self.row_cost = RowCost() if runner.device.type == "cpu" and args.disable_overlap_schedule else None
+        self._step_drafts = 0  # draft tokens of the step being scheduled
         # Measured per batch size: does a step that may draft beat plain (overlapped) decoding here?
         # None: always may draft (the budget alone decides).
-        self.payoff: DraftPayoff | None = DraftPayoff(self.max_drafts) if args.speculative_adaptive == "on" else None
+        self.payoff: DraftPayoff | None = (DraftPayoff(self.max_drafts, 2 if self.row_cost is not None else 1)
+                                           if args.speculative_adaptive == "on" else None)
         self.step_k = self.max_drafts  # this step's draft limit per request (0: plain decoding)
         self.allowed = True  # this step may carry drafts
         # Totals since start: verify steps (a request step that carried drafts), tokens emitted by
@@ -151,18 +157,26 @@ class SpecDecoder:
 
     def begin_step(self, now: float, generated: int, running: int) -> None:
         """At the start of each scheduler step: the clock (`self.clock`), tokens generated so far, running requests."""
+        if self.row_cost is not None:
+            self.row_cost.begin_step(now, running)
         self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
+        self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:
         """The step that began runs a plain decode batch (with or without drafts): it is measured. Not a
         drafting arm's step without drafts whose every row (`reqs`) is dry: it decodes plainly,
         overlapped, whatever the arm, so it says nothing about the arm."""
-        if self.payoff is None:
-            return
-        dry = (self.dry_overlap and self.step_k > 0 and not drafted and bool(self.dry) and reqs is not None
-               and all(id(r) in self.dry for r in reqs))
-        self.payoff.scheduled(plain_decode and not dry, drafted)
+        if self.payoff is not None:
+            dry = (self.dry_overlap and self.step_k > 0 and not drafted and bool(self.dry) and reqs is not None
+                   and all(id(r) in self.dry for r in reqs))
+            self.payoff.scheduled(plain_decode and not dry, drafted)
+        if self.row_cost is not None:
+            self.row_cost.scheduled(plain_decode, 1 + (self._step_drafts if drafted else 0))
+
+    def _beta(self, rows: int) -> float:
+        """The budget's price of a draft token at this batch size: measured at batch 1 without overlap."""
+        return self.row_cost.beta(self.beta) if self.row_cost is not None and rows == 1 else self.beta
 
     def warm(self, running: list[Req]) -> None:
         """NGRAM, while the device runs an overlapped (plain) step: index the prompts of running
@@ -195,7 +209,7 @@ class SpecDecoder:
         step after `refresh` finds a match (on the H200 a synchronous plain step cost ~0.6-1 ms more)."""
         if not self.allowed or (self.dry_overlap and self.dry and all(id(r) in self.dry for r in running)):
             return False
-        return worth_drafting([self._acceptance(r).rate for r in running], self.beta)
+        return worth_drafting([self._acceptance(r).rate for r in running], self._beta(len(running)))
 
     def refresh(self, running: list[Req]) -> None:
         """After an overlapped step's tokens are appended: a dry request whose text now ends in an n-gram
@@ -215,23 +229,27 @@ class SpecDecoder:
 
     def propose(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
         """Each request's drafts for this step; trees (topk > 1) unless the request is constrained."""
-        if not self.allowed:
-            return Drafts([[] for _ in reqs], [None] * len(reqs))
+        drafts = self._drafts(reqs, grammars) if self.allowed else Drafts([[] for _ in reqs], [None] * len(reqs))
+        self._step_drafts = drafts.total
+        return drafts
+
+    def _drafts(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
         rates = [self._acceptance(r).rate for r in reqs]
+        beta = self._beta(len(reqs))
         rows = max_step_rows(self.thresholds, len(reqs))
         limit = None if rows is None else rows - len(reqs)
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
-            granted = grant([self._limit(r) for r in reqs], rates, self.beta, limit)
+            granted = grant([self._limit(r) for r in reqs], rates, beta, limit)
             proposed = self.model.propose(reqs, granted)
         elif self.topk > 1:
-            return self._propose_trees(reqs, grammars, rates, limit)
+            return self._propose_trees(reqs, grammars, rates, beta, limit)
         else:
             limits = [self._limit(r) for r in reqs]
             proposed = [self.drafter.propose(id(r), r.input_ids, r.output_ids, n) for r, n in zip(reqs, limits)]
             for req, n, p in zip(reqs, limits, proposed):
                 if n > 0:
                     (self.dry.discard if p else self.dry.add)(id(req))
-            granted = grant([len(p) for p in proposed], rates, self.beta, limit)
+            granted = grant([len(p) for p in proposed], rates, beta, limit)
         return self._checked(reqs, grammars, [p[:n] for p, n in zip(proposed, granted)])
 
     def guess_after(self, reqs: list[Req], drafts: list[list[int]], stop_ids: frozenset[int]) -> list[list[int]] | None:
@@ -284,11 +302,11 @@ class SpecDecoder:
     def _granted(self, reqs: list[Req], proposed: list[int]) -> list[int] | None:
         """`grant` over the rows' proposals; None unless every row keeps a draft."""
         rows = max_step_rows(self.thresholds, len(reqs))
-        granted = grant(proposed, [self._acceptance(r).rate for r in reqs], self.beta,
+        granted = grant(proposed, [self._acceptance(r).rate for r in reqs], self._beta(len(reqs)),
                         None if rows is None else rows - len(reqs))
         return granted if all(granted) else None
 
-    def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float],
+    def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float], beta: float,
                        limit: int | None) -> Drafts:
         """NGRAM trees: depth up to the step's k, nodes up to k x topk (and --speculative-num-draft-tokens
         - 1); the budget grants nodes in the tree's order (parents first). Constrained rows draft the
@@ -296,7 +314,7 @@ class SpecDecoder:
         nodes = min(self.tree_nodes, self.step_k * self.topk)
         trees = [self.drafter.propose_tree(id(r), r.input_ids, r.output_ids, self._limit(r), nodes, self.topk)
                  for r in reqs]
-        trees = [t.cut(n) for t, n in zip(trees, grant_tree_nodes(trees, rates, self.beta, limit))]
+        trees = [t.cut(n) for t, n in zip(trees, grant_tree_nodes(trees, rates, beta, limit))]
         chains = [t.first_chain() if r.grammar is not None or t.is_chain else None for r, t in zip(reqs, trees)]
         checked = self._checked(reqs, grammars, [c if c is not None else [] for c in chains], idle=False)
         tokens = [c if chain is not None else t.tokens for c, chain, t in zip(checked.tokens, chains, trees)]

@@ -23,6 +23,7 @@ SMALL = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3
                                           "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}},
          "required": ["a", "b"], "additionalProperties": False}
 PREFIX = {"small": '{"a": "x', "refs": "[true"}  # a few states the target's lazy DFA numbers first
+FORCED_AFTER = {"small": '{"a": "x", "', "refs": "[true"}  # (small: the next key is forced there)
 
 
 def fresh_dfa(grammar: C.Grammar) -> Any:
@@ -91,6 +92,13 @@ def test_completed_rows_equal_llguidance_along_walks(tokenizer: Any, name: str) 
     steps = sum(walk_and_compare(grammar, target, rng, longest=i % 2 == 1) for i in range(12))
     assert steps > 30 and not filled and not target.table.broken and not steps_taken
     assert file_rows(target.table, chunks[0]) == 0  # rows filled already stay
+    assert set(target.table.forced) >= set(range(states))  # each state's forced bytes came with its row
+    lagging, ref_matcher = target.matcher(), grammar.matcher()
+    for tid in encode(tokenizer, FORCED_AFTER[name]):
+        assert lagging.advance(tid) and ref_matcher.advance(tid)
+    lag = list(lagging.lag)
+    assert lag and lagging.forced_bytes() == ref_matcher.forced_bytes() and lagging.lag == lag  # no catch-up
+    assert name != "small" or ref_matcher.forced_bytes() == b'b"'
 
 
 def test_rows_of_another_automaton_are_not_filed(tokenizer: Any) -> None:

@@ -36,6 +36,7 @@ def _mma1_defaults_kept():
 def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(TABLE_ENV, raising=False)
     monkeypatch.setattr(decode_attention, "_MAX_SPLITS", DEFAULT_SPLITS)
+    monkeypatch.setattr(decode_attention, "ROPE_IN_STAGE1", True)
     defaults = {layer: _served(*shape) for layer, shape in SHAPES.items()}
     use_variant(name, tmp_path)
     tables, splits = VARIANTS[name]
@@ -48,9 +49,12 @@ def test_variant_reaches_the_kernels(name, tmp_path, monkeypatch) -> None:
             assert got[layer] == (listed[0] if listed else defaults[layer]), (name, layer)
     # batch 1, 8 KV heads: the CPU counts 4 "SMs", so the split count is min(cap, cdiv(4 * 4, 8) = 2)
     assert decode_attention.default_num_kv_splits(1, 8, torch.device("cpu")) == min(splits or DEFAULT_SPLITS, 2)
+    # rotary + KV store inside the attention's first stage, but in their own launch for rope-split
+    assert decode_attention.ROPE_IN_STAGE1 is (name != "rope-split")
     use_variant("defaults", tmp_path)
     assert {layer: _served(*shape) for layer, shape in SHAPES.items()} == defaults
     assert decode_attention._MAX_SPLITS == DEFAULT_SPLITS
+    assert decode_attention.ROPE_IN_STAGE1
 
 
 def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
@@ -64,8 +68,9 @@ def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
 
 
 def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> None:
-    """pdl-off / silu-epilogue set what the runner set at load (every quantized weight's switches and the ops bundle
-    of the model and its attention), and the defaults put PDL back on with no epilogue."""
+    """pdl-off / silu-epilogue / split-norm / no-split-norm set what the runner set at load (every quantized weight's
+    switches and the ops bundle of the model and its attention), and the defaults put PDL back on with no epilogue
+    and the split norm as --decode-split-norm auto resolves."""
     from types import SimpleNamespace
 
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
@@ -77,7 +82,13 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
     layer = torch.nn.Module()
     layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
     runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
-    for name, pdl, epilogue in (("pdl-off", False, False), ("silu-epilogue", True, True), ("defaults", True, False)):
+    from radixlm.runtime.quantization.w4a16 import split_norm_enabled
+
+    auto = split_norm_enabled("auto")
+    for name, pdl, epilogue, split in (("pdl-off", False, False, auto), ("silu-epilogue", True, True, auto),
+                                       ("split-norm", True, False, True), ("split-norm-silu", True, True, True),
+                                       ("no-split-norm", True, False, False), ("no-split-norm-s8", True, False, False),
+                                       ("defaults", True, False, auto)):
         use_variant(name, tmp_path, runner)
-        assert (layer.quantized.pdl, layer.quantized.silu_epilogue) == (pdl, epilogue), name
+        assert (layer.quantized.pdl, layer.quantized.silu_epilogue, layer.quantized.split_norm) == (pdl, epilogue, split)
         assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name

@@ -29,6 +29,7 @@ def make_scheduler(model_dir: Path, **options) -> Scheduler:
         # Speculative tests check what drafting does: drafting is not left to the measured payoff
         # (draft_payoff.py), which on a loaded CPU may turn it off part-way (tested on its own).
         sched.spec.payoff = None
+        sched.spec.row_cost = None  # ... nor to the measured cost of a draft row at batch 1 (row_cost.py)
     return sched
 
 

@@ -3,6 +3,7 @@ loop, its seconds by part and the scheduler's step counters over that period onl
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 
 from radixlm.runtime.loop_stats import LoopStats, read_last
@@ -17,10 +18,10 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
     loop.end(stats)  # idle without a busy period: nothing written
     assert not path.exists()
     loop.begin(stats)
-    for ran in (True, True, False):
+    for k, ran in enumerate((True, True, False)):
         loop.add("step", 0.5)
         loop.add("wait", 0.25 * (not ran))
-        loop.turn(ran)
+        loop.turn(ran, 0.5 - 0.25 * k)
     gc.collect()  # a full collection inside the period: counted, its pause timed
     loop.begin(stats)  # more messages in the same busy period do not restart it
     stats = {**stats, "forward_steps": 12, "decode_steps": 9, "overlapped_steps": 6, "generated_tokens": 140}
@@ -29,6 +30,7 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
     assert line is not None and line["seconds"]["step"] == 1.5 and line["seconds"]["wait"] == 0.25
     assert line["turns"] == 3 and line["turns_without_a_step"] == 1
     assert line["gc_full_collections"] >= 1 and line["seconds"]["gc"] > 0
+    assert line["step_ms"] == {"median": 375.0, "p90": 500.0, "max": 500.0, "longest": [500.0, 250.0]}  # turns with a step
     assert (line["forward_steps"], line["decode_steps"], line["overlapped_steps"], line["prefill_steps"],
             line["generated_tokens"]) == (2, 2, 1, 0, 40)
     loop.begin(stats)
@@ -45,13 +47,25 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     nothing is counted."""
     import json
 
+    import radixlm.constrained as constrained
+    import radixlm.constrained.base as constrained_base
+    from radixlm.constrained.state_table import TableMatcher
+    from radixlm.runtime import result_processor
     from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.grammar_tables import DeviceTables
     from radixlm.runtime.io_struct import TokenizedGenerateReq
+    from radixlm.runtime.sampler import SamplingBatch
     from radixlm.runtime.sampling_params import SamplingParams
+    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
-    for name in ("advance_many", "bitmask", "poll", "file_completed_rows"):  # watch patches the class: restored after
-        monkeypatch.setattr(GrammarRuntime, name, getattr(GrammarRuntime, name))
+    for owner, names in ((GrammarRuntime, ("advance_many", "bitmask", "poll", "file_completed_rows")),
+                         (DeviceTables, ("gather", "_synced", "commit")), (SamplingBatch, ("build",)),
+                         (constrained_base, ("fill_next_token_bitmasks",)), (TableMatcher, ("sync",)),
+                         (ScheduledBatch, ("to_forward_batch",)), (UncommittedStep, ("start",)),
+                         (result_processor, ("sample",)), (constrained, ("apply_token_bitmask_",))):
+        for name in names:  # watch patches classes and modules: restored after
+            monkeypatch.setattr(owner, name, inspect.getattr_static(owner, name))
     sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
                            grammar_mask_threads=0)
     loop = LoopStats(str(tmp_path / "loop.jsonl"))
@@ -71,5 +85,13 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
                  "grammar commit", "masks taken", "grammar poll", "table rows filed"):
         assert 0 < parts[part] < took, part
     assert parts["masks taken"] <= parts["sample launch (incl. masks taken)"]
+    for part in ("sampling tensors", "draw", "bitmask applied", "mask gather", "table commit", "schedule decode",
+                 "forward inputs", "sampled tokens' copy"):  # the finer parts, each inside a coarse one
+        assert 0 < parts[part] < took, part
+    line = read_last(str(tmp_path / "loop.jsonl"))
+    assert parts["mask gather"] <= parts["masks taken"] and parts["table commit"] <= parts["grammar commit"]
+    for part, longest in line["parts_max"].items():  # the longest single call of each part, and the calls
+        assert 0 < longest <= parts[part] and line["parts_calls"][part] >= 1, part
+    assert line["parts_calls"]["grammar commit"] == line["parts_calls"]["table commit"]
     sched.grammars.close()
     gc.callbacks.remove(loop._on_gc)

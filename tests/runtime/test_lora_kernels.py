@@ -71,11 +71,15 @@ def test_triton_shrink_expand_match_reference(dtype, rank: int, offsets: list[in
 
 
 @pytest.mark.parametrize("t,override", [(600, {}), (45, {"block_m": 32, "expand_n": 64, "split_k": 3}),
-                                        (9, {"block_m": 16, "expand_n": 16})])
+                                        (9, {"block_m": 16, "expand_n": 16}),
+                                        (45, {"block_m": 16, "expand_n": 16, "expand_steps": 2}),
+                                        (600, {"expand_n": 16, "expand_steps": 3})])
 def test_work_items_cover_every_row_of_many_segments(t: int, override: dict) -> None:
     """Up to 16 segments of ragged lengths (some empty, one slot unused in the middle), base rows,
     more rows than segments or fewer, prefill-sized row blocks (T > 512) and the sweep's overrides:
-    every adapter row is updated once, base rows never, and the grid is the bound, not slots x blocks."""
+    every adapter row is updated once, base rows never, and the grid is the bound, not slots x blocks. With
+    `expand_steps` each expand program loops over that many column blocks (slices of 24 and 16 columns in
+    blocks of 16: a program's second or third block past its slice's end writes nothing)."""
     from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink, tiles, work_items
 
     dev = _device()
@@ -89,6 +93,7 @@ def test_work_items_cover_every_row_of_many_segments(t: int, override: dict) -> 
     seg = LoRASegments.build(token_slots, slots, dev)
     tile = tiles(t, k, 2 * rank, **override)
     assert tile.block_m == override.get("block_m", 16 if t <= 512 else 32)
+    assert tile.expand_steps == override.get("expand_steps", 1)
     used_blocks = sum(-(-n // tile.block_m) for _, _, n in seg.host)
     assert used_blocks <= work_items(t, slots, tile.block_m) < slots * (-(-t // tile.block_m)) or t < 16
     y = sgmv_shrink(x.to(dev), a.to(dev), seg, tile)
@@ -353,6 +358,25 @@ def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: in
         graph_segments_row([0, 1, 2], 2, 4)
 
 
+def _stacked_case(t: int, seed: int, w_seed: int, pdl: bool = False):
+    """A stacked projection (k 96, rank 8, parts of 48 and 16 columns, 3 slots) over T rows of random adapters;
+    (projection, x, W, the reference output x·Wᵀ + update, each row's slot)."""
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    dev = _device()
+    k, rank, offsets, slots = 96, 8, [0, 48, 64], 3
+    a, b, x, token_slots, _ = (v.to(dev) for v in _case(seed, t, k, rank, offsets, slots, torch.float32))
+    w = torch.randn(offsets[-1], k, generator=torch.Generator().manual_seed(w_seed)).to(dev)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
+    proj = LoRAProjection(stacked[offsets[-1]:].view(a.shape), b, offsets, rank, batch, use_triton=True,
+                          kernels="stacked", stacked=stacked, pdl=pdl)
+    want = x @ w.t()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    return proj, x, w, want, token_slots
+
+
 @pytest.mark.parametrize("t", [1, 6, 9])
 def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, monkeypatch) -> None:
     """--lora-kernels stacked: from STACKED_MIN_TOKENS to STACKED_MAX_TOKENS rows `begin` runs the base
@@ -361,21 +385,12 @@ def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, mon
     it (prefill) shrink and expand run in line in `finish`, into the output. Either way residual +
     output == residual + base + update, and base-model rows get no update."""
     from radixlm.runtime.lora import pool
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
     monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
     monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 8)
     dev = _device()
-    k, rank, offsets, slots = 96, 8, [0, 48, 64], 3
-    a, b, x, token_slots, _ = (v.to(dev) for v in _case(11 + t, t, k, rank, offsets, slots, torch.float32))
-    w = torch.randn(offsets[-1], k, generator=torch.Generator().manual_seed(2)).to(dev)
-    stacked = torch.cat([w, a.reshape(-1, k)])
-    batch = BatchAdapters()
-    batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
-    proj = LoRAProjection(stacked[offsets[-1]:].view(a.shape), b, offsets, rank, batch, use_triton=True,
-                          kernels="stacked", stacked=stacked)
-    want = x @ w.t()
-    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    proj, x, w, want, token_slots = _stacked_case(t, 11 + t, 2)
+    offsets = proj.offsets
     used = token_slots.to(dev) >= 0
     for into in (None, torch.zeros(t, offsets[-1], device=dev)):
         pending = proj.begin(x, into=into)
@@ -512,3 +527,30 @@ def test_start_up_warm_up_runs_one_scratch_forward_per_prefill_size_class(tiny_m
     monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 16)
     assert warm_up_prefill_kernels(lora_pool, 40) == [8, 17]  # the stacked product, then shrink + expand after
     assert lora_pool.batch.segments is None and torch.equal(lora_pool.buffer, before)
+
+
+@pytest.mark.parametrize("t", [5, 6, 9])
+def test_stacked_expand_takes_pdl_with_its_prologue_from_the_set_rows(t: int, monkeypatch) -> None:
+    """From STACKED_PDL_MIN_TOKENS rows (where the layer's PDL is on) the stacked path's expand launches with PDL,
+    reading its segments and rows before the wait (`pdl_prologue`); below, none (batch 1 keeps its own PDL form).
+    Off the GPU the launch has no PDL (the interpreter has no griddepcontrol) and the kernel's column loop runs
+    as on it: the update is the reference's either way."""
+    from radixlm.runtime.lora import pool, sgmv_triton
+
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
+    monkeypatch.setattr(pool, "STACKED_PDL_MIN_TOKENS", 6)
+    monkeypatch.setattr(sgmv_triton, "EXPAND_STEPS", ((6, 2),))
+    calls: list[dict] = []
+    real = sgmv_triton.sgmv_expand
+
+    def expand(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sgmv_triton, "sgmv_expand", expand)
+    proj, x, _, want, _ = _stacked_case(t, 21 + t, 3, pdl=True)
+    pending = proj.begin(x)
+    out = proj.finish(pending, pending.out)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    assert [(c["pdl"], c["pdl_prologue"]) for c in calls] == [(t >= 6, t >= 6)]
+    assert sgmv_triton.tiles(t, 0, 2 * proj.rank).expand_steps == (2 if t >= 6 else 1)

@@ -108,8 +108,8 @@ def _waiting(*names: str | None) -> list[Req]:
 def test_free_slots_go_to_the_most_demanded_adapters_and_none_starves() -> None:
     demand = AdapterDemand()
     running = _waiting("a0")
-    # 3 slots, a0 in flight: the 2 free ones go to the adapters with most waiting rows (not to
-    # the first in the queue); base rows and a0's own requests always pass.
+    # 3 slots, a0 in flight, requests of one length (equal tenures): the 2 free ones go to the adapters with
+    # most waiting rows (not to the first in the queue); base rows and a0's own requests always pass.
     waiting = _waiting("x", None, "b", "c", "b", "c", "b", "a0", "c")
     budget = SlotBudget(3, running, waiting, demand)
     assert budget.chosen == {"b", "c"}
@@ -117,8 +117,8 @@ def test_free_slots_go_to_the_most_demanded_adapters_and_none_starves() -> None:
     for r in waiting[2:4]:
         budget.add(r)
     assert demand.passed == {"x": 2}, "x waited while two slots went to others"
-    # One slot; x (1 request, oldest) against a busy adapter with 3 waiting each round: x gains a
-    # point per slot it misses and wins the third round (tie on score, older request).
+    # One slot; x (1 request, oldest) against a busy adapter with 3 waiting each round, all of one length: x
+    # ranks AGE_TOKENS longer per slot it misses and wins the second round (one missed slot outranks more rows).
     demand = AdapterDemand()
     rounds = []
     for _ in range(5):
@@ -128,7 +128,7 @@ def test_free_slots_go_to_the_most_demanded_adapters_and_none_starves() -> None:
         budget.add(next(r for r in waiting if r.lora_name == rounds[-1]))
         if rounds[-1] == "x":
             break
-    assert rounds == ["busy", "busy", "x"], rounds
+    assert rounds == ["busy", "x"], rounds
     assert "x" not in demand.passed and demand.passed == {"busy": 1}
     SlotBudget(1, [], _waiting(None), demand)
     assert demand.passed == {}, "adapters no longer waiting keep no aging"
@@ -299,7 +299,9 @@ def test_slot_bound_prefill_goes_in_small_chunks_carrying_the_decode_rows(setup)
     model_dir, adapters = setup
     sched = _sched(model_dir, adapters, max_loras_per_batch=2, lora_prefill_chunk=16)
     names = ["a0", "a1", "a2", "a3", "a0", "a4"]
-    reqs = [_req(f"c{i}", (PROMPT * 2)[i:i + 40], n, max_new=5 + i) for i, n in enumerate(names)]
+    # slots go longest tenure first: a0 and a1, then a2 while a0 decodes, a3 while a2 does, a4 once they fit
+    lengths = [15, 9, 8, 7, 5, 6]
+    reqs = [_req(f"c{i}", (PROMPT * 2)[i:i + 40], n, max_new=m) for i, (n, m) in enumerate(zip(names, lengths))]
     seen: list[tuple[int, int, bool]] = []  # (prefill tokens, decode rows, slot-bound) of each forward with prefill
     forward = sched.runner.forward
 

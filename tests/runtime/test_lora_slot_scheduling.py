@@ -180,12 +180,88 @@ def test_a_prefill_without_the_decode_rows_never_takes_the_slot_of_an_adapter_in
     not copied in again for the next decode step: 3 swaps for 3 adapters."""
     model_dir, adapters = setup
     sched = _sched(model_dir, adapters, max_loras_per_batch=2)
-    reqs = [_req("k0", PROMPT[:12], "a0", 24), _req("k1", PROMPT[3:15], "a1", 2), _req("k2", PROMPT * 7, "a2", 3)]
+    reqs = [_req("k0", PROMPT[:12], "a0", 24), _req("k1", PROMPT[3:15], "a1", 3), _req("k2", PROMPT * 7, "a2", 2)]
     log, _ = _recorded(sched)
     results = run_to_completion(sched, reqs)
     alone_prefill = [what for kind, what in log if kind == "forward" and what == (ForwardMode.EXTEND, {"a2"})]
     assert alone_prefill, "a2's prompt prefills in a forward of its own"
     assert sched.runner.lora.swaps == 3, sched.runner.lora.info()
+    alone = _sched(model_dir, adapters, disable_radix_cache=True)
+    for r in reqs:
+        assert results[r.rid]["output_ids"] == run_to_completion(alone, [r])[r.rid]["output_ids"], r.rid
+    assert_pool_idle(sched)
+
+
+def test_free_slots_go_longest_tenure_first_aged_by_the_slots_missed() -> None:
+    """The free slot goes to the adapter whose longest request would hold it longest (LPT: the short tenures
+    are left to even out the end), not to the first in the queue nor the one with most rows, starving or not
+    (starving ones first); each slot an adapter is passed over for ranks it AGE_TOKENS longer, so a later,
+    longer one passes it a bounded number of times. `next_swap_in` names the same adapter."""
+    demand = AdapterDemand(starve_after=1)
+    running = _reqs(("x", 8))
+    waiting = _reqs(("a", 100), ("b", 300), ("a", 50), ("c", 200), ("b", 20), ("c", 250))
+    demand.waited.update(a=5, b=5, c=5)
+    assert SlotBudget(2, running, waiting, demand).chosen == {"b"}, "b's 300 tokens: the longest tenure"
+    queue = WaitingQueue(waiting)
+    assert next_swap_in(1, running, queue, demand, resident=set()) == "b"
+    assert SlotBudget(3, running, waiting, demand).chosen == {"b", "c"}
+    # not starving: the same order; a starving adapter goes first whatever its tenure
+    fresh = AdapterDemand()
+    assert SlotBudget(2, running, waiting, fresh).chosen == {"b"}
+    assert next_swap_in(1, running, queue, fresh, resident=set()) == "b"
+    fresh.waited["a"] = fresh.starve_after
+    assert SlotBudget(2, running, waiting, fresh).chosen == {"a"}
+    # equal tenures: the most waiting rows
+    assert SlotBudget(2, running, _reqs(("d", 300), ("b", 300), ("b", 10)), AdapterDemand()).chosen == {"b"}
+    # aged: a was passed over 4 times (100 + 4 x 64 = 356 > 300): a ranks first now
+    demand.passed["a"] = 4
+    assert SlotBudget(2, running, waiting, demand).chosen == {"a"}
+    assert next_swap_in(1, running, queue, demand, resident=set()) == "a"
+    # a tie: the resident one (no copy), then the first in the queue
+    demand.passed["a"] = 0
+    tied = _reqs(("d", 300), ("b", 300))
+    demand.waited["d"] = 5
+    assert SlotBudget(2, running, tied, demand).chosen == {"d"}
+    assert SlotBudget(2, running, tied, demand, resident={"b"}).chosen == {"b"}
+    assert next_swap_in(1, running, WaitingQueue(tied), demand, resident={"x"}) == "d"
+    assert next_swap_in(1, running, WaitingQueue(tied), demand, resident={"x", "b"}) is None, "b is on the device"
+
+
+def test_waiting_queue_keeps_each_adapters_longest_request_through_every_change() -> None:
+    reqs = _reqs(("a", 10), ("a", 40), ("b", 7), (None, 99), ("a", 40))
+    queue = WaitingQueue(reqs[:2])
+    queue.extend(reqs[2:])
+    assert (queue.longest("a"), queue.longest("b"), queue.longest(None), queue.longest("z")) == (40, 7, 99, 0)
+    queue.remove(reqs[1])
+    assert queue.longest("a") == 40, "another request of 40 still waits"
+    queue.remove(reqs[4])
+    assert queue.longest("a") == 10
+    queue.pop(0)
+    assert queue.longest("a") == 0 and "a" not in queue.lengths
+    queue[0] = reqs[1]
+    assert queue.longest("a") == 40 and queue.longest("b") == 0
+    queue.clear()
+    assert not queue.lengths
+
+
+def test_an_offline_batch_of_more_adapters_than_slots_gives_later_slots_longest_tenure_first(setup) -> None:
+    """4 adapters on 1 slot, all starving from the first round (starve_after 1): the slot goes to the adapters
+    longest request first (a2's 9 tokens, a0's 6, a3's 4, a1's 3), not in queue order (a0, a1, a3, a2),
+    through the real scheduler; outputs equal each alone."""
+    model_dir, adapters = setup
+    sched = _sched(model_dir, adapters, max_loras_per_batch=1)
+    sched.adapter_demand.starve_after = 1
+    specs = [("a0", 6), ("a1", 3), ("a3", 4), ("a2", 9), ("a1", 2)]
+    reqs = [_req(f"t{i}", PROMPT[i:i + 12], n, m) for i, (n, m) in enumerate(specs)]
+    log, admitted = _recorded(sched)
+    results = run_to_completion(sched, reqs)
+    used = []
+    for kind, what in log:
+        if kind == "forward":
+            for name in sorted(what[1]):
+                if name not in used:
+                    used.append(name)
+    assert used == ["a2", "a0", "a3", "a1"], used
     alone = _sched(model_dir, adapters, disable_radix_cache=True)
     for r in reqs:
         assert results[r.rid]["output_ids"] == run_to_completion(alone, [r])[r.rid]["output_ids"], r.rid

@@ -20,6 +20,7 @@ from radixlm.runtime.schedule_batch import ScheduledBatch
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
 
 POOL = 500  # KV tokens: both schedules retract on this workload
+DEFAULT_MIN_REQUESTS = scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS  # (read before any fixture patches it)
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +156,7 @@ def test_which_extend_batches_are_deferred() -> None:
 def test_only_prefill_steps_of_many_requests_are_overlapped(tiny_model_dir, monkeypatch) -> None:
     """By default a prefill step is overlapped from OVERLAP_PREFILL_MIN_REQUESTS requests (the
     host's admission work grows with them); fewer stay synchronous."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 32)  # (the default: 96)
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 32)  # (the default: 12)
     model_dir = tiny_model_dir("llama")
     rng = random.Random(4)
     for n, overlapped in ((40, True), (20, False)):
@@ -164,4 +165,20 @@ def test_only_prefill_steps_of_many_requests_are_overlapped(tiny_model_dir, monk
         got = run_to_completion(sched, reqs)
         assert all(len(r["output_ids"]) == 2 for r in got.values())
         assert sched.stats["prefill_steps"] == 1 and sched.stats["overlapped_prefill_steps"] == int(overlapped)
+        assert_pool_idle(sched)
+
+
+def test_chunks_of_b_like_prompts_are_overlapped_by_default(tiny_model_dir, monkeypatch) -> None:
+    """The default threshold overlaps prefill chunks of 12+ requests, as workload (b)'s chunks of ~600-token
+    prompts (12-20 a chunk; 5% faster overlapped on the H200, RESULTS.md 2026-12-04 evening); a chunk of fewer
+    requests stays synchronous."""
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", DEFAULT_MIN_REQUESTS)
+    model_dir = tiny_model_dir("llama")
+    rng = random.Random(5)
+    for n, overlapped in ((14, 1), (6, 0)):
+        sched = make_scheduler(model_dir, enable_overlap_schedule_on_cpu=True, chunked_prefill_size=512)
+        reqs = [greedy_req(f"b{i}", [rng.randrange(3, 300) for _ in range(30)], 3) for i in range(n)]
+        got = run_to_completion(sched, reqs)
+        assert all(len(r["output_ids"]) == 3 for r in got.values())
+        assert sched.stats["prefill_steps"] == 1 and sched.stats["overlapped_prefill_steps"] == overlapped
         assert_pool_idle(sched)

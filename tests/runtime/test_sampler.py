@@ -73,6 +73,66 @@ def test_seed_reproducible_and_batch_independent() -> None:
     assert not torch.equal(u1[0], u1[1]) and (u1 > 0).all() and (u1 < 1).all()
 
 
+def test_seeded_uniform_is_the_hash_of_seed_step_and_token_with_the_token_part_made_once(monkeypatch) -> None:
+    """The token ids' hash is kept per vocabulary and device (not recomputed each step: its kernels are
+    host launches); the uniforms equal the hash of (seed, step, token) written out."""
+    from radixlm.runtime import sampler
+
+    monkeypatch.setattr(sampler, "_TOKEN_MIX", {})
+
+    def mix(x: int) -> int:
+        for _ in range(2):
+            x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        return (x >> 16) ^ x
+
+    seeds, steps = [3, 2**32 - 1, 0], [0, 7, 123456]
+    u = seeded_uniform(torch.tensor(seeds), torch.tensor(steps), V)
+    for i, (seed, step) in enumerate(zip(seeds, steps)):
+        base = mix(seed ^ mix((step * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF))
+        want = [(mix(base ^ mix(t * 0x27D4EB2F & 0xFFFFFFFF)) + 0.5) / 2.0**32 for t in range(V)]
+        assert u[i].tolist() == want
+    assert list(sampler._TOKEN_MIX) == [(V, torch.device("cpu"))]
+    made = sampler._TOKEN_MIX[(V, torch.device("cpu"))]
+    seeded_uniform(torch.tensor([1]), torch.tensor([1]), V)
+    assert sampler._TOKEN_MIX[(V, torch.device("cpu"))] is made
+
+
+def test_rows_hash_is_made_on_the_host_and_only_what_the_draw_reads_goes_to_the_device() -> None:
+    """SamplingBatch.build hashes (seed, step) with numpy, equal to the torch hash, and converts on the
+    device only the columns the batch's draw reads."""
+    from radixlm.runtime import sampler
+
+    seeds, steps = [0, 1, 2**32 - 1, 123456789, 7], [0, 1, 5, 99999, 2**20]
+    rows = [SampleRow(SamplingParams(temperature=0.7), s, st, [], []) for s, st in zip(seeds, steps)]
+    b = SamplingBatch.build(rows, V, torch.device("cpu"))
+    want = sampler._row_hash(torch.tensor(seeds), torch.tensor(steps))
+    assert b.row_hashes is not None and b.row_hashes.tolist() == want.tolist()
+    assert b.top_ps is None and b.top_ks is None and b.min_ps is None and b.greedy is None  # temperature only
+    greedy = SamplingBatch.build([SampleRow(SamplingParams(temperature=0.0), 1, 0, [], [])] * 2, V, torch.device("cpu"))
+    assert (greedy.temperatures, greedy.row_hashes, greedy.greedy) == (None, None, None) and greedy.all_greedy
+    mixed = batch_of([SamplingParams(temperature=0.0), SamplingParams(top_p=0.5), SamplingParams(min_p=0.1)])
+    assert mixed.greedy is not None and mixed.greedy.tolist() == [True, False, False]
+    assert mixed.top_ps is not None and mixed.top_ks is not None and mixed.min_ps is not None
+    assert mixed.top_ks.tolist() == [V, V, V]
+
+
+def test_a_batch_without_greedy_rows_takes_no_argmax_of_the_logits(monkeypatch) -> None:
+    """Sampled rows draw the same tokens whether a greedy row is in their batch or not; without one, the
+    logits' argmax (the greedy rows' token) is not computed."""
+    from radixlm.runtime import sampler
+
+    logits = torch.stack([logits_row(i) for i in range(4)])
+    hot, greedy = SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)
+    mixed = sample(logits.clone(), batch_of([hot, greedy, hot, hot], seeds=[1, 2, 3, 4], steps=[5, 5, 5, 5]))
+    assert mixed[1].item() == int(logits[1].argmax())
+    calls: list[int] = []
+    real = sampler.greedy_argmax
+    monkeypatch.setattr(sampler, "greedy_argmax", lambda x: (calls.append(x.shape[0]), real(x))[1])
+    rows = [0, 2, 3]
+    alone = sample(logits[rows].clone(), batch_of([hot] * 3, seeds=[1, 3, 4], steps=[5, 5, 5]))
+    assert alone.tolist() == mixed[rows].tolist() and calls == []
+
+
 def test_penalties_and_bias_and_banned() -> None:
     logits = torch.ones(4, V)
     params = [
