@@ -606,14 +606,15 @@ def main() -> None:
                     "cpu, 1,64 on the gpu)")
     ap.add_argument("--layers", type=int, default=None, help="gpu mode: decoder layers of the 8B shape (default 32)")
     ap.add_argument("--no-audit", dest="audit", action="store_const", const="none", help="gpu mode: --audit none")
-    ap.add_argument("--profile-small-only", action="store_true", help="gpu mode: the profile's runs at the smallest "
-                    "batch only (replayed drafts, k = 1, 2, 4)")
-    ap.add_argument("--dry-ab", action="store_true", help="gpu mode: e2e cells of the smallest batch also run spec on with dry requests' "
-                    "steps synchronous and measured for the payoff's arm (as before SpecDecoder.dry_overlap), in the "
-                    "same process")
-    ap.add_argument("--ahead-ab", action="store_true", help="gpu mode: e2e cells and profile runs also run spec on "
-                    "with verify steps launched only after the previous one's results (--disable-speculative-ahead), "
-                    "in the same process")
+    switches = {  # gpu mode, on/off
+        "--profile-small-only": "the profile's runs at the smallest batch only (replayed drafts, k = 1, 2, 4)",
+        "--dry-ab": "e2e cells of the smallest batch also run spec on with dry requests' steps synchronous and measured "
+                    "for the payoff's arm (as before SpecDecoder.dry_overlap), in the same process",
+        "--ahead-ab": "e2e cells and profile runs also run spec on with verify steps launched only after the previous "
+                      "one's results (--disable-speculative-ahead), in the same process",
+    }
+    for flag, text in switches.items():
+        ap.add_argument(flag, action="store_true", help=f"gpu mode: {text}")
     args = ap.parse_args()
     args.topk = [int(k) for k in args.topk.split(",")]
     args.prompt_sets = args.prompt_sets.split(",")
