@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +41,19 @@ SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_sm
 # GPTQ 4-bit decode on the H200 (2026-12-04 19:49, one process) 2.299 vs 2.337 ms a step, its decode graph 2,057
 # vs 2,145 µs (benchmarks/RESULTS.md).
 SPLIT_NORM_AUTO = True
+_gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
+_mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
+logger = logging.getLogger(__name__)
 
 
 def split_norm_enabled(mode: str) -> bool:
     """--decode-split-norm `mode` (auto / on / off) resolved."""
     return mode == "on" or (mode == "auto" and SPLIT_NORM_AUTO)
-_gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
-_mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
-logger = logging.getLogger(__name__)
+
+
+def _compile_failure(exc: Exception) -> bool:
+    """Whether `exc` is a kernel that does not compile here (Triton, ptxas), not an error of the call."""
+    return any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) or "ptxas" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -161,23 +167,14 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         x2 = x.reshape(-1, self.in_features)
         if not self.silu_epilogue or not self.use_triton or x2.shape[0] != 1 or x2.shape[0] > GEMV_MAX_M:
             return None
-        from radixlm.kernels.w4a16_gemv import gemv_default_config, w4a16_gemv
-        from radixlm.kernels.w4a16_mma_m1 import mma1_table_config, w4a16_mma_m1
-
-        args = (x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, self.offsets,
-                self.tickets)
-        if not _mma1_failed and self._mma1_serves():
-            run, block_n = w4a16_mma_m1, mma1_table_config(self.out_features, self.in_features).block_n
-        elif not _gemv_failed and self._gemv_serves():
-            run, block_n = w4a16_gemv, gemv_default_config(self.out_features, self.in_features).block_n
-        else:
-            return None
-        if self.out_features % 2 or (self.out_features // 2) % (block_n // 2):
+        kernel = self._m1_kernel()
+        if kernel is None or not self._silu_halves_fit(kernel[1]):
             return None
         try:
-            out = run(*args, pdl=self.pdl, silu_mul=True)
+            out = kernel[0](x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                            self.offsets, self.tickets, pdl=self.pdl, silu_mul=True)
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
-            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+            if not _compile_failure(exc):
                 raise
             return None
         return out.reshape(*x.shape[:-1], self.out_features // 2)
@@ -193,26 +190,16 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         then (PendingNorm, new residual)) or consumer (`pending`: its u is the input; the product, or with
         `silu_mul` the MLP's silu(gate) * up as `linear_silu_mul`); None where `split_norm_serves` says no (or, with
         silu_mul, N / 2 is not whole row tiles) or the kernel does not compile here (the caller's launches do the same)."""
-        if not self.split_norm_serves():
+        kernel = self._m1_kernel() if self.split_norm_serves() else None
+        if kernel is None or (silu_mul and not self._silu_halves_fit(kernel[1])):
             return None
-        if silu_mul:
-            from radixlm.kernels.w4a16_gemv import gemv_default_config
-            from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
-
-            cfg = mma1_table_config(self.out_features, self.in_features) if self._mma1_serves() else \
-                gemv_default_config(self.out_features, self.in_features)
-            if self.out_features % 2 or (self.out_features // 2) % (cfg.block_n // 2):
-                return None
-        from radixlm.kernels.w4a16_gemv import w4a16_gemv
-        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
-
-        run = w4a16_mma_m1 if self._mma1_serves() else w4a16_gemv
+        run = kernel[0]
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
         try:
             return run(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                        self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul)
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
-            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+            if not _compile_failure(exc):
                 raise
             return None
 
@@ -239,6 +226,23 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             return False
         return GEMV_UNLISTED or gemv_table_config(self.out_features, self.in_features) is not None
 
+    def _m1_kernel(self) -> tuple[Callable[..., torch.Tensor], int] | None:
+        """The M = 1 kernel that serves this shape (tensor-core first, then the GEMV, each unless it failed to
+        compile here) and its row tile; None: neither."""
+        if not _mma1_failed and self._mma1_serves():
+            from radixlm.kernels.w4a16_mma_m1 import mma1_table_config, w4a16_mma_m1
+
+            return w4a16_mma_m1, mma1_table_config(self.out_features, self.in_features).block_n
+        if not _gemv_failed and self._gemv_serves():
+            from radixlm.kernels.w4a16_gemv import gemv_default_config, w4a16_gemv
+
+            return w4a16_gemv, gemv_default_config(self.out_features, self.in_features).block_n
+        return None
+
+    def _silu_halves_fit(self, block_n: int) -> bool:
+        """Whether a row tile of `block_n` (gate rows and their up rows) divides the MLP's [gate | up] weight."""
+        return self.out_features % 2 == 0 and (self.out_features // 2) % (block_n // 2) == 0
+
     def _mma1_serves(self) -> bool:
         """Whether the tensor-core M = 1 kernel (kernels/w4a16_mma_m1.py) takes this weight's M = 1 calls: its
         table lists the shape (it comes before the GEMV there), and the small-M kernels are not switched off."""
@@ -255,7 +259,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             return w4a16_mma_m1(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                                 self.offsets, self.tickets, pdl=self.pdl)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the GEMV computes the same
-            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+            if not _compile_failure(exc):
                 raise
             logger.warning("w4a16: the tensor-core M = 1 kernel does not compile here (%s: %s); using the GEMV",
                            type(exc).__name__, str(exc)[:200])
@@ -271,7 +275,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                               self.offsets, self.tickets, pdl=self.pdl)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
-            if not any(key in type(exc).__name__ for key in ("Compilation", "OutOfResources")) and "ptxas" not in str(exc):
+            if not _compile_failure(exc):
                 raise
             logger.warning("w4a16: the decode GEMV does not compile here (%s: %s); using the MMA kernel",
                            type(exc).__name__, str(exc)[:200])

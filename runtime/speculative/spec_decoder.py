@@ -234,10 +234,7 @@ class SpecDecoder:
         return drafts
 
     def _drafts(self, reqs: list[Req], grammars: GrammarRuntime | None) -> Drafts:
-        rates = [self._acceptance(r).rate for r in reqs]
-        beta = self._beta(len(reqs))
-        rows = max_step_rows(self.thresholds, len(reqs))
-        limit = None if rows is None else rows - len(reqs)
+        rates, beta, limit = self._grant_terms(reqs)
         if self.model is not None:  # drafting costs model passes: grant first, then draft only those
             granted = grant([self._limit(r) for r in reqs], rates, beta, limit)
             proposed = self.model.propose(reqs, granted)
@@ -299,11 +296,16 @@ class SpecDecoder:
         stops = p.stop_token_ids if p.ignore_eos else stop_ids.union(p.stop_token_ids)
         return any(t in stops for t in tokens)
 
+    def _grant_terms(self, reqs: list[Req]) -> tuple[list[float], float, int | None]:
+        """What the budget weighs for these rows: their acceptance rates, the price of a draft token and the
+        step's draft-row limit (None: no limit)."""
+        rows = max_step_rows(self.thresholds, len(reqs))
+        return ([self._acceptance(r).rate for r in reqs], self._beta(len(reqs)),
+                None if rows is None else rows - len(reqs))
+
     def _granted(self, reqs: list[Req], proposed: list[int]) -> list[int] | None:
         """`grant` over the rows' proposals; None unless every row keeps a draft."""
-        rows = max_step_rows(self.thresholds, len(reqs))
-        granted = grant(proposed, [self._acceptance(r).rate for r in reqs], self._beta(len(reqs)),
-                        None if rows is None else rows - len(reqs))
+        granted = grant(proposed, *self._grant_terms(reqs))
         return granted if all(granted) else None
 
     def _propose_trees(self, reqs: list[Req], grammars: GrammarRuntime | None, rates: list[float], beta: float,
