@@ -1,14 +1,21 @@
-"""Issue 22.3 (b): (b)'s prefill phase, synchronous vs overlapped chunks, A/B in one process on the H200.
+"""Issue 22.3 (b): (b)'s prefill phase — GEMM row blocks, chunk sizes, synchronous vs overlapped chunks — A/B in
+one process on the H200.
 
-    python benchmarks/b_levers.py --chunks 4 --out $OUT/b_levers.json
+    python benchmarks/b_levers.py --items gemm,prefill --row-blocks 512,1024,2048 --arms 0,1024,2048,1024:16384 \
+        --chunks 4 --out $OUT/b_levers.json
 
-One scheduler (Llama-3.1-8B shape, random bf16 weights). Each run prefills ~--chunks chunks of fresh (b)-like prompts
-(one new token each, so the run is prefill steps only, as (b)'s first ~13 s are): the prefill steps synchronous (the
-host commits a chunk's first tokens, then schedules and launches the next), overlapped (the next chunk scheduled and
-launched while one runs; scheduler.OVERLAP_PREFILL_MIN_REQUESTS set to 1 / to never), and synchronous chunks of twice
-the size (half the steps); the three interleaved twice (the first run also pays the chunk kernels' compilation on a
-fresh machine). Runs of decode steps on two CUDA streams (each half's decode attention beside the other half's
-GEMMs) were measured here too and lost (RESULTS.md, thru8; the code: branch thru8 at e7d32f0, the mid round's commit).
+One scheduler (Llama-3.1-8B shape, random bf16 weights).
+  gemm     each projection of the model's 32 layers in a row (its real weights, one [--gemm-rows, K] input), as one
+           product and in row blocks of each --row-blocks count (runtime/dense_row_blocks.py): ms for the 32, TFLOP/s
+  prefill  runs of ~--chunks 8,192-token chunks of fresh (b)-like prompts (one new token each, so the run is prefill
+           steps only, as (b)'s first ~13 s are), one arm per --arms entry ROWS[:CHUNK] (the engine's --gemm-row-block:
+           the products over weights larger than twice the L2 in blocks of ROWS rows, 0: one product; CHUNK: the
+           chunk size, default the engine's 8,192), with the default prefill overlap; with --sync-arms also
+           synchronous chunks and synchronous chunks of twice the size. Arms interleaved --rounds times after one
+           unrecorded warm-up run (the chunk kernels' compilation on a fresh machine).
+Runs of decode steps on two CUDA streams (each half's decode attention beside the other half's GEMMs) were measured
+here too and lost (RESULTS.md, thru8; the code: branch thru8 at e7d32f0, the mid round's commit); overlapped chunks
+won 5.0-6.5% over synchronous ones (thru8).
 """
 from __future__ import annotations
 
@@ -31,56 +38,124 @@ from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
 
-def item_prefill(sched, vocab: int, chunks: int) -> dict:
+def item_gemm(sched, rows: int, blocks: list[int], matmul: float) -> dict:
+    """The model's own projections, 32 layers in a row at `rows` rows: one product vs row blocks (ms per 32)."""
+    from radixlm.runtime.dense_row_blocks import RowBlocks
+
+    layers = sched.runner.model.layers
+    kinds = {"qkv": [lyr.self_attn.qkv_proj.weight for lyr in layers], "o": [lyr.self_attn.o_proj.weight for lyr in layers],
+             "gate_up": [lyr.mlp.gate_up_proj.weight for lyr in layers], "down": [lyr.mlp.down_proj.weight for lyr in layers]}
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    out: dict = {}
+    for kind, weights in kinds.items():
+        n, k = weights[0].shape
+        act = torch.randn(rows, k, device="cuda", dtype=weights[0].dtype)
+        row: dict = {}
+        for _ in range(2):  # arms interleaved twice, 3 timed passes each
+            for block in [0, *blocks]:
+                products = [RowBlocks(w, block if block else rows) for w in weights]  # (one block: one product)
+                for product in products[:2]:
+                    product(act, None)
+                times = []
+                for _ in range(3):
+                    ev[0].record()
+                    for product in products:
+                        product(act, None)
+                    ev[1].record()
+                    torch.cuda.synchronize()
+                    times.append(ev[0].elapsed_time(ev[1]))
+                row.setdefault(str(block), []).append(min(times))
+        flops = 2 * rows * n * k * len(weights)
+        res = {b: {"ms": min(v), "tflops": flops / (min(v) / 1e3) / 1e12} for b, v in row.items()}
+        out[kind] = {"n": n, "k": k, "rows": rows, "ms_runs": row, **res}
+        print(f"gemm {kind} [{rows} x {k}] x [{k} x {n}] x {len(weights)} layers: " + ", ".join(
+            f"{'one product' if b == '0' else f'blocks of {b}'} {r['ms']:.2f} ms ({r['tflops']:.0f} TF)"
+            for b, r in res.items()) + f" (ceiling {matmul / 1e12:.0f} TF)", flush=True)
+        del act
+        torch.cuda.empty_cache()
+    return out
+
+
+def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int]], rounds: int, sync_arms: bool) -> dict:
+    """`arms_spec`: (row block, chunk tokens) per overlapped arm (row block 0: one product)."""
     import radixlm.runtime.scheduler as scheduler_module
+    from radixlm.runtime.dense_row_blocks import attach_row_blocks
 
     default = scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS
-    out: dict = {"default_min_requests": default}
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    out: dict = {"default_min_requests": default, "l2_bytes": l2}
     seed = 100
     chunk, budget = sched.chunk_size, sched.max_prefill_tokens
-    for _ in range(2):
-        for arm, min_requests, size in (("sync", 1 << 30, chunk), ("overlap", 1, chunk), ("sync_2x_chunk", 1 << 30, 2 * chunk)):
-            prompts: list[list[int]] = []
-            while sum(map(len, prompts)) < chunks * chunk:
-                prompts.append(workload_b(1, vocab, seed=seed)[0][0])
-                seed += 1
-            scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = min_requests
-            sched.chunk_size, sched.max_prefill_tokens = size, max(budget, size)
-            for i, p in enumerate(prompts):
-                sched.handle(TokenizedGenerateReq(rid=f"p{seed}-{i}", input_ids=p, params=SamplingParams(
-                    temperature=0, max_new_tokens=1, ignore_eos=True)))
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            while not sched.idle:
-                sched.step()
-                sched.pop_outputs()
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t
+    arms = [(f"overlap_rows{b}" + ("" if size == chunk else f"_chunk{size}"), default, size, b) for b, size in arms_spec]
+    if sync_arms:
+        arms += [("sync_rows0", 1 << 30, chunk, 0), ("sync_2x_chunk_rows0", 1 << 30, 2 * chunk, 0)]
+    runs = [("warmup", default, chunk, arms_spec[-1][0])] + arms * rounds
+    for arm, min_requests, size, block in runs:
+        prompts: list[list[int]] = []
+        while sum(map(len, prompts)) < chunks * chunk:  # (the same tokens for every arm's chunk size)
+            prompts.append(workload_b(1, vocab, seed=seed)[0][0])
+            seed += 1
+        scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = min_requests
+        sched.chunk_size, sched.max_prefill_tokens = size, max(budget, size)
+        attach_row_blocks(sched.runner.model, block, l2)
+        for i, p in enumerate(prompts):
+            sched.handle(TokenizedGenerateReq(rid=f"p{seed}-{i}", input_ids=p, params=SamplingParams(
+                temperature=0, max_new_tokens=1, ignore_eos=True)))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        while not sched.idle:
+            sched.step()
+            sched.pop_outputs()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if arm != "warmup":
             out.setdefault(arm, []).append({"seconds": dt, "tokens": sum(map(len, prompts)),
                                             "tok_s": sum(map(len, prompts)) / dt})
-            print(f"prefill {arm}: {sum(map(len, prompts))} tokens in {dt * 1e3:.0f} ms "
-                  f"({sum(map(len, prompts)) / dt:.0f} tok/s)", flush=True)
-            sched.cache.flush()
+        print(f"prefill {arm}: {sum(map(len, prompts))} tokens in {dt * 1e3:.0f} ms "
+              f"({sum(map(len, prompts)) / dt:.0f} tok/s)", flush=True)
+        sched.cache.flush()
     scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = default
     sched.chunk_size, sched.max_prefill_tokens = chunk, budget
+    attach_row_blocks(sched.runner.model, 0, l2)
+    base = [r["tok_s"] for r in out.get("overlap_rows0", [])]
+    for arm, _, _, _ in arms:
+        mine = [r["tok_s"] for r in out[arm]]
+        if base:
+            out[f"{arm}_vs_rows0"] = sum(mine) / sum(base)
+        print(f"prefill {arm}: best {max(mine):.0f} tok/s" + (f", {sum(mine) / sum(base):.3f}x one product" if base else ""),
+              flush=True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--chunks", type=int, default=4, help="8,192-token chunks per run")
+    ap.add_argument("--items", default="gemm,prefill")
+    ap.add_argument("--row-blocks", default="0,1024,2048", help="gemm: row counts (0: one product)")
+    ap.add_argument("--arms", default="0,1024,2048",
+                    help="prefill: ROWS[:CHUNK] per overlapped arm (row block, 0: one product; chunk tokens, default 8192)")
+    ap.add_argument("--gemm-rows", type=int, default=8192)
+    ap.add_argument("--chunks", type=int, default=4, help="8,192-token chunks per prefill run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--sync-arms", action="store_true", help="prefill: also synchronous chunks, and of twice the size")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "b_levers.json"))
     args = ap.parse_args()
+    items = set(args.items.split(","))
+    blocks = [int(b) for b in args.row_blocks.split(",")]
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {ceil['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     d = model_dir_for(LLAMA_8B, Path(tempfile.mkdtemp(prefix="radixlm-levers-")), "llama8b")
     t0 = time.perf_counter()
-    # (no cascade graphs: seconds of start-up, and these prompts share no prefix)
-    sched = make_scheduler(d, cascade_attention="off")
-    report: dict = {"ceilings": ceil, "startup_s": time.perf_counter() - t0,
-                    "prefill": item_prefill(sched, LLAMA_8B["vocab_size"], args.chunks)}
+    # (no cascade graphs: seconds of start-up, and these prompts share no prefix; --gemm-row-block off: the arms set it)
+    sched = make_scheduler(d, cascade_attention="off", gemm_row_block=0)
+    report: dict = {"ceilings": ceil, "startup_s": time.perf_counter() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "gemm" in items:
+        report["gemm"] = item_gemm(sched, args.gemm_rows, [b for b in blocks if b], ceil["bf16_matmul_flops"])
+        out.write_text(json.dumps(report, indent=1, default=str))
+    if "prefill" in items:
+        arms = [(int(a.split(":")[0]), int(a.split(":")[1]) if ":" in a else sched.chunk_size) for a in args.arms.split(",")]
+        report["prefill"] = item_prefill(sched, LLAMA_8B["vocab_size"], args.chunks, arms, args.rounds, args.sync_arms)
     out.write_text(json.dumps(report, indent=1, default=str))
 
 
