@@ -34,3 +34,32 @@ def test_overlap_schedule_gives_identical_outputs(tiny_model_dir) -> None:
             assert overlapped.stats["retractions"] > 0
         assert_pool_idle(overlapped)
 
+
+
+def test_decode_stays_overlapped_when_cached_kv_fills_the_pool(tiny_model_dir) -> None:
+    """Finished requests' KV stays in the prefix cache until a step needs its slots. Once it fills the pool, the
+    next decode step still goes ahead of the commit (taking its slots by eviction) instead of waiting for the
+    step in flight: the same outputs as the synchronous schedule, no retraction."""
+    model_dir = tiny_model_dir("llama")
+    rng = random.Random(3)
+    reqs = lambda: [greedy_req(f"r{i}", [rng.randrange(3, 300) for _ in range(40)], 4 + 5 * i)  # noqa: E731
+                    for i in range(12)]
+    state = rng.getstate()
+    expected = run_to_completion(make_scheduler(model_dir, max_total_tokens=700), reqs())
+    rng.setstate(state)
+    sched = make_scheduler(model_dir, max_total_tokens=700, enable_overlap_schedule_on_cpu=True)
+    check = sched._can_schedule_before_commit
+    short_ahead = []  # steps scheduled before the commit with fewer free slots than running requests
+
+    def counted() -> bool:
+        ahead = check()
+        if ahead and sched.kv_pool.available() < len(sched.running):
+            short_ahead.append(len(sched.running))
+        return ahead
+
+    sched._can_schedule_before_commit = counted
+    got = run_to_completion(sched, reqs())
+    assert {rid: r["output_ids"] for rid, r in got.items()} == {rid: r["output_ids"] for rid, r in expected.items()}
+    assert short_ahead, "the cached KV never filled the pool: the test does not reach the case"
+    assert sched.stats["retractions"] == 0
+    assert_pool_idle(sched)
