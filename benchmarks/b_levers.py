@@ -1,10 +1,13 @@
 """Issue 22.3 (b): (b)'s prefill phase — GEMM row blocks, chunk sizes, synchronous vs overlapped chunks — A/B in
 one process on the H200.
 
-    python benchmarks/b_levers.py --items prefill,gemm --row-blocks 512,1024,2048 --arms 0,1024,2048,1024:16384 \
-        --chunks 4 --out $OUT/b_levers.json
+    python benchmarks/b_levers.py --items prefill,evict,gemm --row-blocks 1024,2048 --arms 0,1024,2048 --chunks 4 \
+        --out $OUT/b_levers.json
 
-One scheduler (Llama-3.1-8B shape, random bf16 weights, no CUDA graphs: no decode step is timed).
+One scheduler (Llama-3.1-8B shape, random bf16 weights; CUDA graphs only with item evict).
+  evict    (b)'s first --evict-requests requests whole in a --pool-tokens pool that finished requests' cached KV fills
+           part-way through the decode phase (as (b)'s does from its ~290th decode step): decode steps ahead of the
+           commit while free slots alone hold them (the rule before ec01562) vs free + evictable slots, wall seconds
   gemm     each projection of the model's 32 layers in a row (its real weights, one [--gemm-rows, K] input), as one
            product and in row blocks of each --row-blocks count (runtime/dense_row_blocks.py): ms for the 32, TFLOP/s
   prefill  runs of ~--chunks 8,192-token chunks of fresh (b)-like prompts (one new token each, so the run is prefill
@@ -127,6 +130,62 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int]
     return out
 
 
+def item_evict(sched, vocab: int, n: int, rounds: int) -> dict:
+    """(b)'s first `n` requests whole (prefill, then decode down to 0 rows) in a pool sized so that finished
+    requests' cached KV fills it part-way through the decode phase, as in (b): the next decode step goes ahead of
+    the commit while free slots alone hold it (the rule before ec01562) vs free + evictable slots (after).
+    Wall seconds of the run and of its decode phase, decode steps scheduled ahead of / after the commit."""
+    prompts, outs = workload_b(n, vocab)
+    new_rule = sched._can_schedule_before_commit
+
+    def old_rule() -> bool:  # ec01562's rule with free slots only (the other conditions as they are)
+        return new_rule() and sched.kv_pool.available() >= len(sched.running)
+
+    out: dict = {"requests": n, "pool_tokens": sched.kv_pool.size}
+    outputs: dict[str, list[list[int]]] = {}
+    for r in range(rounds):
+        for arm, rule in (("free_only", old_rule), ("free_and_evictable", new_rule)):
+            decided: list[bool] = []
+
+            def counted(rule=rule, decided=decided) -> bool:
+                ahead = rule()
+                decided.append(ahead)
+                return ahead
+
+            sched._can_schedule_before_commit = counted
+            sched.cache.flush()
+            sched.reserve.ratio = sched.reserve.init_ratio  # admission as on a fresh scheduler in every run
+            for i, (p, o) in enumerate(zip(prompts, outs)):
+                sched.handle(TokenizedGenerateReq(rid=f"{arm}{r}-{i}", input_ids=p, params=SamplingParams(
+                    temperature=0, max_new_tokens=o, ignore_eos=True)))
+            got: dict[str, list[int]] = {}
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            decode_from = None
+            while not sched.idle:
+                before = sched.stats["prefill_steps"] + sched.stats["mixed_steps"]
+                sched.step()
+                if decode_from is None and sched.stats["decode_steps"] and before == sched.stats["prefill_steps"] + sched.stats["mixed_steps"]:
+                    decode_from = time.perf_counter()
+                for res in sched.pop_outputs():
+                    got.setdefault(res.rid.split("-", 1)[1], []).extend(res.output_ids)
+            torch.cuda.synchronize()
+            end = time.perf_counter()
+            del sched._can_schedule_before_commit
+            row = {"seconds": end - t, "decode_phase_s": end - (decode_from or t), "ahead": sum(decided),
+                   "after_commit": len(decided) - sum(decided), "retractions": sched.stats["retractions"]}
+            out.setdefault(arm, []).append(row)
+            outputs.setdefault(arm, [got[str(i)] for i in range(n)])
+            print(f"evict {arm}: {row['seconds']:.2f} s (decode phase {row['decode_phase_s']:.2f} s), decode steps ahead of "
+                  f"the commit {row['ahead']}, after it {row['after_commit']}", flush=True)
+    out["same_tokens"] = outputs["free_only"] == outputs["free_and_evictable"]
+    a, b = (sum(x["decode_phase_s"] for x in out[k]) for k in ("free_only", "free_and_evictable"))
+    out["decode_phase_new_over_old"] = b / a
+    print(f"evict: decode phase {b / a:.3f}x with evictable slots counted; same tokens {out['same_tokens']}", flush=True)
+    sched.cache.flush()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", default="prefill,gemm")
@@ -137,6 +196,10 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=4, help="8,192-token chunks per prefill run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sync-arms", action="store_true", help="prefill: also synchronous chunks, and of twice the size")
+    ap.add_argument("--evict-requests", type=int, default=400)
+    ap.add_argument("--evict-rounds", type=int, default=1)
+    ap.add_argument("--pool-tokens", type=int, default=320000,
+                    help="the KV pool (evict: 400 requests' cached KV fills 320k tokens from their ~260th decode step)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "b_levers.json"))
     args = ap.parse_args()
     items = set(args.items.split(","))
@@ -145,9 +208,11 @@ def main() -> None:
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {ceil['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     d = model_dir_for(LLAMA_8B, Path(tempfile.mkdtemp(prefix="radixlm-levers-")), "llama8b")
     t0 = time.perf_counter()
-    # No CUDA graphs (prefill steps only: seconds of start-up saved), no cascade planner (these prompts share no prefix),
-    # --gemm-row-block off: the arms set it.
-    sched = make_scheduler(d, cascade_attention="off", gemm_row_block=0, disable_cuda_graph=True)
+    # No cascade planner (these prompts share no prefix), --gemm-row-block off (the arms set it), CUDA graphs only with
+    # the item that decodes (up to its rows), the KV pool of its run.
+    evict = "evict" in items
+    sched = make_scheduler(d, cascade_attention="off", gemm_row_block=0, disable_cuda_graph=not evict,
+                           cuda_graph_max_bs=-(-args.evict_requests // 32) * 32, max_total_tokens=args.pool_tokens)
     report: dict = {"ceilings": ceil, "startup_s": time.perf_counter() - t0}
     print(f"scheduler ready in {report['startup_s']:.1f} s", flush=True)
     out = Path(args.out)
@@ -155,6 +220,9 @@ def main() -> None:
     if "prefill" in items:  # (first: the engine's figure; a cut run keeps it)
         arms = [(int(a.split(":")[0]), int(a.split(":")[1]) if ":" in a else sched.chunk_size) for a in args.arms.split(",")]
         report["prefill"] = item_prefill(sched, LLAMA_8B["vocab_size"], args.chunks, arms, args.rounds, args.sync_arms)
+        out.write_text(json.dumps(report, indent=1, default=str))
+    if evict:
+        report["evict"] = item_evict(sched, LLAMA_8B["vocab_size"], args.evict_requests, args.evict_rounds)
         out.write_text(json.dumps(report, indent=1, default=str))
     if "gemm" in items:
         report["gemm"] = item_gemm(sched, args.gemm_rows, [b for b in blocks if b], ceil["bf16_matmul_flops"])
