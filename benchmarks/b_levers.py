@@ -1,8 +1,8 @@
 """Issue 22.3 (b): (b)'s prefill phase — GEMM row blocks, chunk sizes, synchronous vs overlapped chunks — A/B in
 one process on the H200.
 
-    python benchmarks/b_levers.py --items prefill,evict,gemm --row-blocks 1024,2048 --arms 0,1024,2048 --chunks 4 \
-        --out $OUT/b_levers.json
+    python benchmarks/b_levers.py --items prefill,evict,gemm --row-blocks 1024,2048 --arms 0,1024,2048,1024::all \
+        --chunks 4 --out $OUT/b_levers.json
 
 One scheduler (Llama-3.1-8B shape, random bf16 weights; CUDA graphs only with item evict).
   evict    (b)'s first --evict-requests requests whole in a --pool-tokens pool that finished requests' cached KV fills
@@ -11,9 +11,9 @@ One scheduler (Llama-3.1-8B shape, random bf16 weights; CUDA graphs only with it
   gemm     each projection of the model's 32 layers in a row (its real weights, one [--gemm-rows, K] input), as one
            product and in row blocks of each --row-blocks count (runtime/dense_row_blocks.py): ms for the 32, TFLOP/s
   prefill  runs of ~--chunks 8,192-token chunks of fresh (b)-like prompts (one new token each, so the run is prefill
-           steps only, as (b)'s first ~13 s are), one arm per --arms entry ROWS[:CHUNK] (the engine's --gemm-row-block:
-           the products over weights larger than twice the L2 in blocks of ROWS rows, 0: one product; CHUNK: the
-           chunk size, default the engine's 8,192), with the default prefill overlap; with --sync-arms also
+           steps only, as (b)'s first ~13 s are), one arm per --arms entry ROWS[:CHUNK[:all]] (the engine's
+           --gemm-row-block: the products over weights larger than twice the L2 — with "all" every weight — in blocks
+           of ROWS rows, 0: one product; CHUNK: the chunk size, default the engine's 8,192), with the default prefill overlap; with --sync-arms also
            synchronous chunks and synchronous chunks of twice the size. Arms interleaved --rounds times after one
            unrecorded warm-up run (the chunk kernels' compilation on a fresh machine).
 Runs of decode steps on two CUDA streams (each half's decode attention beside the other half's GEMMs) were measured
@@ -79,8 +79,10 @@ def item_gemm(sched, rows: int, blocks: list[int], matmul: float) -> dict:
     return out
 
 
-def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int]], rounds: int, sync_arms: bool) -> dict:
-    """`arms_spec`: (row block, chunk tokens) per overlapped arm (row block 0: one product)."""
+def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int, bool]], rounds: int,
+                 sync_arms: bool) -> dict:
+    """`arms_spec`: (row block, chunk tokens, every weight) per overlapped arm (row block 0: one product; every
+    weight: qkv / o in blocks too, not only the weights larger than twice the L2)."""
     import radixlm.runtime.scheduler as scheduler_module
     from radixlm.runtime.dense_row_blocks import attach_row_blocks
 
@@ -89,18 +91,19 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int]
     out: dict = {"default_min_requests": default, "l2_bytes": l2}
     seed = 100
     chunk, budget = sched.chunk_size, sched.max_prefill_tokens
-    arms = [(f"overlap_rows{b}" + ("" if size == chunk else f"_chunk{size}"), default, size, b) for b, size in arms_spec]
+    arms = [(f"overlap_rows{b}" + ("" if size == chunk else f"_chunk{size}") + ("_all" if every else ""), default, size, b,
+             every) for b, size, every in arms_spec]
     if sync_arms:
-        arms += [("sync_rows0", 1 << 30, chunk, 0), ("sync_2x_chunk_rows0", 1 << 30, 2 * chunk, 0)]
-    runs = [("warmup", default, chunk, arms_spec[-1][0])] + arms * rounds
-    for arm, min_requests, size, block in runs:
+        arms += [("sync_rows0", 1 << 30, chunk, 0, False), ("sync_2x_chunk_rows0", 1 << 30, 2 * chunk, 0, False)]
+    runs = [("warmup", default, chunk, arms_spec[-1][0], False)] + arms * rounds
+    for arm, min_requests, size, block, every in runs:
         prompts: list[list[int]] = []
         while sum(map(len, prompts)) < chunks * chunk:  # (the same tokens for every arm's chunk size)
             prompts.append(workload_b(1, vocab, seed=seed)[0][0])
             seed += 1
         scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = min_requests
         sched.chunk_size, sched.max_prefill_tokens = size, max(budget, size)
-        attach_row_blocks(sched.runner.model, block, l2)
+        attach_row_blocks(sched.runner.model, block, 0 if every else l2)  # (an L2 of 0: every weight is "larger")
         for i, p in enumerate(prompts):
             sched.handle(TokenizedGenerateReq(rid=f"p{seed}-{i}", input_ids=p, params=SamplingParams(
                 temperature=0, max_new_tokens=1, ignore_eos=True)))
@@ -121,7 +124,7 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int]
     sched.chunk_size, sched.max_prefill_tokens = chunk, budget
     attach_row_blocks(sched.runner.model, 0, l2)
     base = [r["tok_s"] for r in out.get("overlap_rows0", [])]
-    for arm, _, _, _ in arms:
+    for arm, *_ in arms:
         mine = [r["tok_s"] for r in out[arm]]
         if base:
             out[f"{arm}_vs_rows0"] = sum(mine) / sum(base)
@@ -130,11 +133,12 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int]
     return out
 
 
-def item_evict(sched, vocab: int, n: int, rounds: int) -> dict:
+def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
     """(b)'s first `n` requests whole (prefill, then decode down to 0 rows) in a pool sized so that finished
     requests' cached KV fills it part-way through the decode phase, as in (b): the next decode step goes ahead of
     the commit while free slots alone hold it (the rule before ec01562) vs free + evictable slots (after).
-    Wall seconds of the run and of its decode phase, decode steps scheduled ahead of / after the commit."""
+    Wall seconds of the run and of its decode phase, decode steps scheduled ahead of / after the commit.
+    `progress(out)` after each run (the caller writes what is measured so far)."""
     prompts, outs = workload_b(n, vocab)
     new_rule = sched._can_schedule_before_commit
 
@@ -176,6 +180,8 @@ def item_evict(sched, vocab: int, n: int, rounds: int) -> dict:
                    "after_commit": len(decided) - sum(decided), "retractions": sched.stats["retractions"]}
             out.setdefault(arm, []).append(row)
             outputs.setdefault(arm, [got[str(i)] for i in range(n)])
+            if progress is not None:
+                progress(out)
             print(f"evict {arm}: {row['seconds']:.2f} s (decode phase {row['decode_phase_s']:.2f} s), decode steps ahead of "
                   f"the commit {row['ahead']}, after it {row['after_commit']}", flush=True)
     out["same_tokens"] = outputs["free_only"] == outputs["free_and_evictable"]
@@ -191,15 +197,16 @@ def main() -> None:
     ap.add_argument("--items", default="prefill,gemm")
     ap.add_argument("--row-blocks", default="0,1024,2048", help="gemm: row counts (0: one product)")
     ap.add_argument("--arms", default="0,1024,2048",
-                    help="prefill: ROWS[:CHUNK] per overlapped arm (row block, 0: one product; chunk tokens, default 8192)")
+                    help="prefill: ROWS[:CHUNK[:all]] per overlapped arm (row block, 0: one product; chunk tokens, default "
+                    "8192; all: qkv / o in blocks too)")
     ap.add_argument("--gemm-rows", type=int, default=8192)
     ap.add_argument("--chunks", type=int, default=4, help="8,192-token chunks per prefill run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sync-arms", action="store_true", help="prefill: also synchronous chunks, and of twice the size")
-    ap.add_argument("--evict-requests", type=int, default=400)
+    ap.add_argument("--evict-requests", type=int, default=350)
     ap.add_argument("--evict-rounds", type=int, default=1)
-    ap.add_argument("--pool-tokens", type=int, default=320000,
-                    help="the KV pool (evict: 400 requests' cached KV fills 320k tokens from their ~260th decode step)")
+    ap.add_argument("--pool-tokens", type=int, default=290000,
+                    help="the KV pool (evict: 350 requests' cached KV fills 290k tokens from their ~296th decode step, 179 rows)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "b_levers.json"))
     args = ap.parse_args()
     items = set(args.items.split(","))
@@ -218,11 +225,16 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if "prefill" in items:  # (first: the engine's figure; a cut run keeps it)
-        arms = [(int(a.split(":")[0]), int(a.split(":")[1]) if ":" in a else sched.chunk_size) for a in args.arms.split(",")]
+        arms = []
+        for a in args.arms.split(","):
+            parts = a.split(":")
+            size = int(parts[1]) if len(parts) > 1 and parts[1] else sched.chunk_size
+            arms.append((int(parts[0]), size, parts[-1] == "all"))
         report["prefill"] = item_prefill(sched, LLAMA_8B["vocab_size"], args.chunks, arms, args.rounds, args.sync_arms)
         out.write_text(json.dumps(report, indent=1, default=str))
     if evict:
-        report["evict"] = item_evict(sched, LLAMA_8B["vocab_size"], args.evict_requests, args.evict_rounds)
+        report["evict"] = item_evict(sched, LLAMA_8B["vocab_size"], args.evict_requests, args.evict_rounds,
+                                     lambda part: out.write_text(json.dumps({**report, "evict": part}, indent=1, default=str)))
         out.write_text(json.dumps(report, indent=1, default=str))
     if "gemm" in items:
         report["gemm"] = item_gemm(sched, args.gemm_rows, [b for b in blocks if b], ceil["bf16_matmul_flops"])
