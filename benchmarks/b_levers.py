@@ -41,6 +41,7 @@ from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
 
+@torch.inference_mode()  # (the model's weights are parameters: out= products refuse them under autograd)
 def item_gemm(sched, rows: int, blocks: list[int], matmul: float) -> dict:
     """The model's own projections, 32 layers in a row at `rows` rows: one product vs row blocks (ms per 32)."""
     from radixlm.runtime.dense_row_blocks import RowBlocks

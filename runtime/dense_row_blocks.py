@@ -8,8 +8,10 @@ gate_up and down at 1,024 rows ran 8-10% faster per row than at 8,192 in two GEM
 throughput_probe `--items gemms` and quantized.py's gemmlarge), while qkv / o (weights that fit L2) did not gain.
 
 The model runner calls `attach_row_blocks` once after loading on a GPU: every plain half-precision weight larger
-than twice the L2 gets a `RowBlocks` of --gemm-row-block rows, which the layer's forward calls for inputs of more
-rows than that; decode batches (at most the CUDA graphs' 1,024 rows) and smaller weights keep torch's product.
+than twice the L2 (the 8B shape's gate_up, down and LM head — the head sees that many rows only when a prefill
+asks for every token's logits) gets a `RowBlocks` of --gemm-row-block rows, which the layer's forward calls for
+inputs of more rows than that; decode batches (at most the CUDA graphs' 1,024 rows) and smaller weights keep
+torch's product. The forward runs under inference mode (a product with `out=` refuses autograd's parameters).
 Each block is a product of the same operands' rows, so each output row is computed by a cuBLAS kernel as before,
 only chosen for the block's row count.
 """

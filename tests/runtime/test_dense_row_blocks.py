@@ -79,7 +79,8 @@ def test_only_weights_larger_than_twice_the_l2_are_blocked():
     gate_up = torch.empty(28672, 4096, dtype=torch.bfloat16, device="meta")
     down = torch.empty(4096, 14336, dtype=torch.bfloat16, device="meta")
     qkv = torch.empty(6144, 4096, dtype=torch.bfloat16, device="meta")
-    assert blocked_weight(gate_up, l2) and blocked_weight(down, l2)
+    lm_head = torch.empty(128256, 4096, dtype=torch.bfloat16, device="meta")
+    assert blocked_weight(gate_up, l2) and blocked_weight(down, l2) and blocked_weight(lm_head, l2)
     assert not blocked_weight(qkv, l2)
 
 
