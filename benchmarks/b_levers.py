@@ -149,7 +149,8 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
     out: dict = {"requests": n, "pool_tokens": sched.kv_pool.size}
     outputs: dict[str, list[list[int]]] = {}
     for r in range(rounds):
-        for arm, rule in (("free_only", old_rule), ("free_and_evictable", new_rule)):
+        # (the new rule first: whatever a first run pays, it pays it)
+        for arm, rule in (("free_and_evictable", new_rule), ("free_only", old_rule)):
             decided: list[bool] = []
 
             def counted(rule=rule, decided=decided) -> bool:
@@ -168,9 +169,9 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
             t = time.perf_counter()
             decode_from = None
             while not sched.idle:
-                before = sched.stats["prefill_steps"] + sched.stats["mixed_steps"]
+                decode_steps = sched.stats["decode_steps"]
                 sched.step()
-                if decode_from is None and sched.stats["decode_steps"] and before == sched.stats["prefill_steps"] + sched.stats["mixed_steps"]:
+                if decode_from is None and sched.stats["decode_steps"] > decode_steps:  # the first decode step launched
                     decode_from = time.perf_counter()
                 for res in sched.pop_outputs():
                     got.setdefault(res.rid.split("-", 1)[1], []).extend(res.output_ids)
