@@ -333,7 +333,7 @@ class Scheduler:
             return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
-        return self.kv_pool.available() + self.cache.evictable_size() >= len(self.running)
+        return self._free_tokens() >= len(self.running)
 
     def _may_admit(self) -> bool:
         """Some waiting request could be admitted now (with LoRA, requests whose adapter cannot get a
