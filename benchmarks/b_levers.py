@@ -109,15 +109,15 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int,
             sched.handle(TokenizedGenerateReq(rid=f"p{seed}-{i}", input_ids=p, params=SamplingParams(
                 temperature=0, max_new_tokens=1, ignore_eos=True)))
         torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, started = time.perf_counter(), time.time()
         while not sched.idle:
             sched.step()
             sched.pop_outputs()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        if arm != "warmup":
+        if arm != "warmup":  # (unix times: to line a run up with a clock log taken beside it)
             out.setdefault(arm, []).append({"seconds": dt, "tokens": sum(map(len, prompts)),
-                                            "tok_s": sum(map(len, prompts)) / dt})
+                                            "tok_s": sum(map(len, prompts)) / dt, "unix": [started, time.time()]})
         print(f"prefill {arm}: {sum(map(len, prompts))} tokens in {dt * 1e3:.0f} ms "
               f"({sum(map(len, prompts)) / dt:.0f} tok/s)", flush=True)
         sched.cache.flush()
@@ -166,7 +166,7 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
                     temperature=0, max_new_tokens=o, ignore_eos=True)))
             got: dict[str, list[int]] = {}
             torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, started = time.perf_counter(), time.time()
             decode_from = None
             while not sched.idle:
                 decode_steps = sched.stats["decode_steps"]
@@ -179,7 +179,8 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
             end = time.perf_counter()
             del sched._can_schedule_before_commit
             row = {"seconds": end - t, "decode_phase_s": end - (decode_from or t), "ahead": sum(decided),
-                   "after_commit": len(decided) - sum(decided), "retractions": sched.stats["retractions"]}
+                   "after_commit": len(decided) - sum(decided), "retractions": sched.stats["retractions"],
+                   "unix": [started, started + (decode_from or t) - t, started + end - t]}
             out.setdefault(arm, []).append(row)
             outputs.setdefault(arm, [got[str(i)] for i in range(n)])
             if progress is not None:
