@@ -315,11 +315,9 @@ class Scheduler:
     def _can_schedule_before_commit(self) -> bool:
         """The next step can go ahead before the uncommitted one is committed: nothing to admit or
         extend (unless the uncommitted step is a prefill step: `step_results.launch_prefill`), and no
-        retraction needed (it would free the slots of a token on the device). Evicting cached KV is
-        fine: no running request holds those nodes, and a slot the step in flight still reads (a row
-        that finished a step earlier) is rewritten only by the next step, after it on the stream.
-        Counting free slots only made every decode step synchronous once finished requests' KV
-        filled the pool: workload (b)'s last ~220 of ~510 decode steps (507 rows down to 0).
+        retraction needed (it would free the slots of a token on the device). Evicting cached KV is fine
+        (no running request holds it; a slot the step in flight reads is rewritten only after it on the
+        stream); free slots alone made (b)'s last ~220 decode steps synchronous once cached KV filled the pool.
 
         Scheduling a prefill ahead of a decode step's commit was tried (benchmarks/RESULTS.md,
         issue 8): on workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower.
