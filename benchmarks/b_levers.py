@@ -7,7 +7,7 @@ one process on the H200.
 One scheduler (Llama-3.1-8B shape, random bf16 weights; CUDA graphs only with item evict).
   evict    (b)'s first --evict-requests requests whole in a --pool-tokens pool that finished requests' cached KV fills
            part-way through the decode phase (as (b)'s does from its ~290th decode step): decode steps ahead of the
-           commit while free slots alone hold them (the rule before ec01562) vs free + evictable slots, wall seconds
+           commit while free slots alone hold them (the default) vs free + evictable slots (scheduler.AHEAD_WITH_EVICTION)
   gemm     each projection of the model's 32 layers in a row (its real weights, one [--gemm-rows, K] input), as one
            product and in row blocks of each --row-blocks count (runtime/dense_row_blocks.py): ms for the 32, TFLOP/s
   prefill  runs of ~--chunks 8,192-token chunks of fresh (b)-like prompts (one new token each, so the run is prefill
@@ -136,25 +136,25 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int,
 
 def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
     """(b)'s first `n` requests whole (prefill, then decode down to 0 rows) in a pool sized so that finished
-    requests' cached KV fills it part-way through the decode phase, as in (b): the next decode step goes ahead of
-    the commit while free slots alone hold it (the rule before ec01562) vs free + evictable slots (after).
-    Wall seconds of the run and of its decode phase, decode steps scheduled ahead of / after the commit.
-    `progress(out)` after each run (the caller writes what is measured so far)."""
+    requests' cached KV fills it part-way through the decode phase, as in (b): a decode step goes ahead of the
+    commit only while free slots hold it (scheduler.AHEAD_WITH_EVICTION off, the default) vs while free + evictable
+    slots do (on). Wall seconds of the run and of its decode phase, decode steps scheduled ahead of / after the
+    commit. `progress(out)` after each run (the caller writes what is measured so far)."""
+    import radixlm.runtime.scheduler as scheduler_module
+
     prompts, outs = workload_b(n, vocab)
-    new_rule = sched._can_schedule_before_commit
-
-    def old_rule() -> bool:  # ec01562's rule with free slots only (the other conditions as they are)
-        return new_rule() and sched.kv_pool.available() >= len(sched.running)
-
+    check = sched._can_schedule_before_commit
+    default = scheduler_module.AHEAD_WITH_EVICTION
     out: dict = {"requests": n, "pool_tokens": sched.kv_pool.size}
     outputs: dict[str, list[list[int]]] = {}
     for r in range(rounds):
-        # (the new rule first: whatever a first run pays, it pays it)
-        for arm, rule in (("free_and_evictable", new_rule), ("free_only", old_rule)):
+        # (eviction on first: whatever a first run pays, it pays it)
+        for arm, with_eviction in (("free_and_evictable", True), ("free_only", False)):
             decided: list[bool] = []
+            scheduler_module.AHEAD_WITH_EVICTION = with_eviction
 
-            def counted(rule=rule, decided=decided) -> bool:
-                ahead = rule()
+            def counted(decided=decided) -> bool:
+                ahead = check()
                 decided.append(ahead)
                 return ahead
 
@@ -187,10 +187,11 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
                 progress(out)
             print(f"evict {arm}: {row['seconds']:.2f} s (decode phase {row['decode_phase_s']:.2f} s), decode steps ahead of "
                   f"the commit {row['ahead']}, after it {row['after_commit']}", flush=True)
+    scheduler_module.AHEAD_WITH_EVICTION = default
     out["same_tokens"] = outputs["free_only"] == outputs["free_and_evictable"]
     a, b = (sum(x["decode_phase_s"] for x in out[k]) for k in ("free_only", "free_and_evictable"))
     out["decode_phase_new_over_old"] = b / a
-    print(f"evict: decode phase {b / a:.3f}x with evictable slots counted; same tokens {out['same_tokens']}", flush=True)
+    print(f"evict: decode phase {b / a:.3f}x with AHEAD_WITH_EVICTION; same tokens {out['same_tokens']}", flush=True)
     sched.cache.flush()
     return out
 
