@@ -52,8 +52,8 @@ MIX_MAX_DECODE_KV_TOKENS = 131072
 OVERLAP_PREFILL_MIN_REQUESTS = 12
 # A decode step may also go ahead of the commit when it needs cached KV evicted for its slots (free + evictable
 # slots hold it), not only when free slots do. Off until measured on the H200: replaying workload (b)'s schedule
-# on the CPU, 222 of its 511 decode steps wait for the commit without it, none with it (benchmarks/RESULTS.md,
-# thru9; `benchmarks/b_levers.py --items evict` is the A/B).
+# on the CPU, 105 of its 511 decode steps wait for the commit without it, none with it (benchmarks/RESULTS.md,
+# thru9; benchmarks/b_schedule_cpu.py; `benchmarks/b_levers.py --items evict` is the H200 A/B).
 AHEAD_WITH_EVICTION = False
 
 
