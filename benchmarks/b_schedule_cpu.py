@@ -21,12 +21,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import warmup_b, workload_b  # noqa: E402
-from profile_steps import make_scheduler  # noqa: E402
+from profile_steps import make_scheduler, time_calls  # noqa: E402
 
 import radixlm.runtime.scheduler as scheduler_module  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
@@ -46,16 +46,10 @@ def run(model_dir: Path, requests: int, with_eviction: bool) -> dict:
     vocab = TINY["vocab_size"]
     step: dict[str, Any] = {}
 
-    def timed(owner: Any, name: str, part: str) -> None:
-        fn: Callable = getattr(owner, name)
-
-        def wrapper(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                step[part] = step.get(part, 0.0) + time.perf_counter() - t
-        setattr(owner, name, wrapper)
+    def timed(owner: Any, name: str, part: str) -> None:  # this step's seconds in owner.name, into step[part]
+        def add(seconds: float) -> None:
+            step[part] = step.get(part, 0.0) + seconds
+        time_calls(owner, name, add)
 
     check = sched._can_schedule_before_commit
 
@@ -71,11 +65,10 @@ def run(model_dir: Path, requests: int, with_eviction: bool) -> dict:
 
     def batch_tensors(self: ScheduledBatch, *a: Any, **k: Any) -> Any:
         t = time.perf_counter()
-        try:
-            return to_forward(self, *a, **k)
-        finally:
-            step["batch tensors"] = step.get("batch tensors", 0.0) + time.perf_counter() - t
-            step["rows"] = len(self.reqs)
+        result = to_forward(self, *a, **k)
+        step["batch tensors"] = step.get("batch tensors", 0.0) + time.perf_counter() - t
+        step["rows"] = len(self.reqs)
+        return result
 
     ScheduledBatch.to_forward_batch = batch_tensors  # type: ignore[method-assign]
     try:
