@@ -8,6 +8,8 @@ One scheduler (Llama-3.1-8B shape, random bf16 weights; CUDA graphs only with it
   evict    (b)'s first --evict-requests requests whole in a --pool-tokens pool that finished requests' cached KV fills
            part-way through the decode phase (as (b)'s does from its ~290th decode step): decode steps ahead of the
            commit while free slots alone hold them (the default) vs free + evictable slots (scheduler.AHEAD_WITH_EVICTION)
+  b        workload (b) whole as the suite runs it (warm-up, then 1,000 requests; the engine's default pool), once per
+           --b-arms entry (row blocks, AHEAD_WITH_EVICTION), ~30 s an arm; not with evict in the same call
   gemm     each projection of the model's 32 layers in a row (its real weights, one [--gemm-rows, K] input), as one
            product and in row blocks of each --row-blocks count (runtime/dense_row_blocks.py): ms for the 32, TFLOP/s
   prefill  runs of ~--chunks 8,192-token chunks of fresh (b)-like prompts (one new token each, so the run is prefill
@@ -34,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import LLAMA_8B, measure_ceilings, model_dir_for  # noqa: E402
-from gpu_throughput import workload_b  # noqa: E402
+from gpu_throughput import warmup_b, workload_b  # noqa: E402
 from profile_steps import make_scheduler  # noqa: E402
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
@@ -134,55 +136,60 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int,
     return out
 
 
+def run_whole(sched, prompts: list[list[int]], outs: list[int], label: str) -> tuple[dict, list[list[int]]]:
+    """Requests whole, prefill then decode until idle: wall seconds, those of the decode phase (from the first decode
+    step launched), unix times (to line the run up with a clock log beside it), decode steps scheduled ahead of / after
+    the commit of the step in flight; and each request's output tokens."""
+    check = sched._can_schedule_before_commit
+    decided: list[bool] = []
+
+    def counted() -> bool:
+        decided.append(check())
+        return decided[-1]
+
+    sched._can_schedule_before_commit = counted
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        sched.handle(TokenizedGenerateReq(rid=f"{label}-{i}", input_ids=p, params=SamplingParams(
+            temperature=0, max_new_tokens=o, ignore_eos=True)))
+    got: dict[str, list[int]] = {}
+    torch.cuda.synchronize()
+    t, started = time.perf_counter(), time.time()
+    decode_from = None
+    while not sched.idle:
+        decode_steps = sched.stats["decode_steps"]
+        sched.step()
+        if decode_from is None and sched.stats["decode_steps"] > decode_steps:
+            decode_from = time.perf_counter()
+        for res in sched.pop_outputs():
+            got.setdefault(res.rid.split("-", 1)[1], []).extend(res.output_ids)
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    del sched._can_schedule_before_commit
+    row = {"seconds": end - t, "decode_phase_s": end - (decode_from or t), "ahead": sum(decided),
+           "after_commit": len(decided) - sum(decided), "retractions": sched.stats["retractions"],
+           "unix": [started, started + (decode_from or t) - t, started + end - t]}
+    return row, [got[str(i)] for i in range(len(prompts))]
+
+
 def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
     """(b)'s first `n` requests whole (prefill, then decode down to 0 rows) in a pool sized so that finished
     requests' cached KV fills it part-way through the decode phase, as in (b): a decode step goes ahead of the
     commit only while free slots hold it (scheduler.AHEAD_WITH_EVICTION off, the default) vs while free + evictable
-    slots do (on). Wall seconds of the run and of its decode phase, decode steps scheduled ahead of / after the
-    commit. `progress(out)` after each run (the caller writes what is measured so far)."""
+    slots do (on). `progress(out)` after each run (the caller writes what is measured so far)."""
     import radixlm.runtime.scheduler as scheduler_module
 
     prompts, outs = workload_b(n, vocab)
-    check = sched._can_schedule_before_commit
     default = scheduler_module.AHEAD_WITH_EVICTION
     out: dict = {"requests": n, "pool_tokens": sched.kv_pool.size}
     outputs: dict[str, list[list[int]]] = {}
     for r in range(rounds):
-        # (eviction on first: whatever a first run pays, it pays it)
-        for arm, with_eviction in (("free_and_evictable", True), ("free_only", False)):
-            decided: list[bool] = []
+        for arm, with_eviction in (("free_and_evictable", True), ("free_only", False)):  # (on first: a first run's costs)
             scheduler_module.AHEAD_WITH_EVICTION = with_eviction
-
-            def counted(decided=decided) -> bool:
-                ahead = check()
-                decided.append(ahead)
-                return ahead
-
-            sched._can_schedule_before_commit = counted
             sched.cache.flush()
             sched.reserve.ratio = sched.reserve.init_ratio  # admission as on a fresh scheduler in every run
-            for i, (p, o) in enumerate(zip(prompts, outs)):
-                sched.handle(TokenizedGenerateReq(rid=f"{arm}{r}-{i}", input_ids=p, params=SamplingParams(
-                    temperature=0, max_new_tokens=o, ignore_eos=True)))
-            got: dict[str, list[int]] = {}
-            torch.cuda.synchronize()
-            t, started = time.perf_counter(), time.time()
-            decode_from = None
-            while not sched.idle:
-                decode_steps = sched.stats["decode_steps"]
-                sched.step()
-                if decode_from is None and sched.stats["decode_steps"] > decode_steps:  # the first decode step launched
-                    decode_from = time.perf_counter()
-                for res in sched.pop_outputs():
-                    got.setdefault(res.rid.split("-", 1)[1], []).extend(res.output_ids)
-            torch.cuda.synchronize()
-            end = time.perf_counter()
-            del sched._can_schedule_before_commit
-            row = {"seconds": end - t, "decode_phase_s": end - (decode_from or t), "ahead": sum(decided),
-                   "after_commit": len(decided) - sum(decided), "retractions": sched.stats["retractions"],
-                   "unix": [started, started + (decode_from or t) - t, started + end - t]}
+            row, tokens = run_whole(sched, prompts, outs, f"{arm}{r}")
             out.setdefault(arm, []).append(row)
-            outputs.setdefault(arm, [got[str(i)] for i in range(n)])
+            outputs.setdefault(arm, tokens)
             if progress is not None:
                 progress(out)
             print(f"evict {arm}: {row['seconds']:.2f} s (decode phase {row['decode_phase_s']:.2f} s), decode steps ahead of "
@@ -192,6 +199,40 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
     a, b = (sum(x["decode_phase_s"] for x in out[k]) for k in ("free_only", "free_and_evictable"))
     out["decode_phase_new_over_old"] = b / a
     print(f"evict: decode phase {b / a:.3f}x with AHEAD_WITH_EVICTION; same tokens {out['same_tokens']}", flush=True)
+    sched.cache.flush()
+    return out
+
+
+def item_b(sched, vocab: int, arms: list[tuple[int, bool]], progress=None) -> dict:
+    """Workload (b) whole, as the suite runs it (its warm-up prompts first, their KV left cached; then the 1,000
+    requests), once per arm (row block of --gemm-row-block, 0: off; scheduler.AHEAD_WITH_EVICTION), in one process:
+    total tok/s and the decode phase per arm."""
+    import radixlm.runtime.scheduler as scheduler_module
+    from radixlm.runtime.dense_row_blocks import attach_row_blocks
+
+    prompts, outs = workload_b(1000, vocab)
+    warm = warmup_b(vocab)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    default = scheduler_module.AHEAD_WITH_EVICTION
+    total = sum(map(len, prompts)) + sum(outs)
+    out: dict = {"pool_tokens": sched.kv_pool.size}
+    for rows, with_eviction in arms:
+        arm = f"rows{rows}_eviction_{'on' if with_eviction else 'off'}"
+        attach_row_blocks(sched.runner.model, rows, l2)
+        scheduler_module.AHEAD_WITH_EVICTION = with_eviction
+        sched.cache.flush()
+        sched.reserve.ratio = sched.reserve.init_ratio
+        run_whole(sched, warm, [8] * len(warm), f"warm{arm}")
+        row, _ = run_whole(sched, prompts, outs, arm)
+        row["total_tok_s"] = total / row["seconds"]
+        out[arm] = row
+        if progress is not None:
+            progress(out)
+        print(f"b {arm}: {row['total_tok_s']:.0f} total tok/s in {row['seconds']:.2f} s (decode phase "
+              f"{row['decode_phase_s']:.2f} s), decode steps ahead of the commit {row['ahead']}, after it "
+              f"{row['after_commit']}, {row['retractions']} retractions so far", flush=True)
+    attach_row_blocks(sched.runner.model, 0, l2)
+    scheduler_module.AHEAD_WITH_EVICTION = default
     sched.cache.flush()
     return out
 
@@ -212,6 +253,8 @@ def main() -> None:
     ap.add_argument("--pool-tokens", type=int, default=250000,
                     help="the KV pool (evict: 350 requests' cached KV fills 250k tokens from their ~134th decode step, "
                     "304 rows; 379 of 511 steps, 156 rows on average, where (b) has ~220 steps of 218)")
+    ap.add_argument("--b-arms", default="1024:on,0:off",
+                    help="b: ROWS:on|off per arm (--gemm-row-block rows, 0: off; scheduler.AHEAD_WITH_EVICTION)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "b_levers.json"))
     args = ap.parse_args()
     items = set(args.items.split(","))
@@ -222,11 +265,15 @@ def main() -> None:
     t0 = time.perf_counter()
     # No cascade planner (these prompts share no prefix), --gemm-row-block off (the arms set it), CUDA graphs only with
     # the item that decodes (up to its rows), the KV pool of its run.
-    evict = "evict" in items
-    # Half the default decode reserve: evict's requests all admitted at once in a pool their cached KV fills early.
-    sched = make_scheduler(d, cascade_attention="off", gemm_row_block=0, disable_cuda_graph=not evict,
-                           cuda_graph_max_bs=-(-args.evict_requests // 32) * 32, max_total_tokens=args.pool_tokens,
-                           schedule_conservativeness=0.5)
+    evict, whole_b = "evict" in items, "b" in items
+    if evict and whole_b:
+        raise SystemExit("items evict and b want different pools: run them in two calls")
+    if whole_b:  # the suite's engine: the default pool and decode reserve, graphs up to (b)'s 1,000 rows
+        sched = make_scheduler(d, cascade_attention="off", gemm_row_block=0, cuda_graph_max_bs=1024)
+    else:  # half the default decode reserve: evict's requests all admitted at once in a pool their cached KV fills early
+        sched = make_scheduler(d, cascade_attention="off", gemm_row_block=0, disable_cuda_graph=not evict,
+                               cuda_graph_max_bs=-(-args.evict_requests // 32) * 32, max_total_tokens=args.pool_tokens,
+                               schedule_conservativeness=0.5)
     report: dict = {"ceilings": ceil, "startup_s": time.perf_counter() - t0}
     print(f"scheduler ready in {report['startup_s']:.1f} s", flush=True)
     out = Path(args.out)
@@ -242,6 +289,11 @@ def main() -> None:
     if evict:
         report["evict"] = item_evict(sched, LLAMA_8B["vocab_size"], args.evict_requests, args.evict_rounds,
                                      lambda part: out.write_text(json.dumps({**report, "evict": part}, indent=1, default=str)))
+        out.write_text(json.dumps(report, indent=1, default=str))
+    if whole_b:
+        arms = [(int(a.split(":")[0]), a.split(":")[1] == "on") for a in args.b_arms.split(",")]
+        report["b"] = item_b(sched, LLAMA_8B["vocab_size"], arms,
+                             lambda part: out.write_text(json.dumps({**report, "b": part}, indent=1, default=str)))
         out.write_text(json.dumps(report, indent=1, default=str))
     if "gemm" in items:
         report["gemm"] = item_gemm(sched, args.gemm_rows, [b for b in blocks if b], ceil["bf16_matmul_flops"])
