@@ -97,3 +97,24 @@ def test_flag_auto_and_off():
     assert resolve_rows(0) == 0 and resolve_rows(2048) == 2048
     with pytest.raises(ValueError, match="gemm_row_block"):
         ServerArgs(gemm_row_block=-1).resolve()
+
+
+def test_a_model_prefills_through_row_blocks_as_through_one_product(tiny_model_dir):
+    """The model's own forward (inference mode, parameters as weights) with every linear in row blocks: prompts
+    longer than a block prefill and decode to the same greedy tokens (a GPU attaches blocks only to bf16 / fp16
+    weights larger than twice the L2; here they are set by hand)."""
+    from tests.runtime.helpers import greedy_req, make_scheduler, run_to_completion
+
+    model_dir = tiny_model_dir("llama")
+    reqs = lambda: [greedy_req("a", list(range(3, 60)), 6), greedy_req("b", list(range(100, 140)), 6)]  # noqa: E731
+    expected = run_to_completion(make_scheduler(model_dir), reqs())
+    sched = make_scheduler(model_dir)
+    blocked = []
+    for name, module in sched.runner.model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and module.bias is None:
+            module.row_blocks = Counted(module.weight, 16)
+            blocked.append(name)
+    Counted.calls = 0
+    got = run_to_completion(sched, reqs())
+    assert blocked and Counted.calls > 0  # the prefill's 97 rows went through the blocks
+    assert {k: v["output_ids"] for k, v in got.items()} == {k: v["output_ids"] for k, v in expected.items()}
