@@ -23,7 +23,8 @@ on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dep
 merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
 split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer);
 split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split); no-split-norm (the norms as launches of
-their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults").
+their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults"); pf-*
+(each linear hints the next one's first bytes into L2: `PF_PLANS`, runtime/models/w4_l2_prefetch.py).
 
 --wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -53,6 +54,7 @@ from quantized_w4 import GPTQ_CONFIG  # noqa: E402
 from radixlm.kernels import decode_attention, get_kernel_ops, w4a16_mma_m1  # noqa: E402
 from radixlm.kernels.small_m import TABLE_ENV  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
+from radixlm.runtime.models import w4_l2_prefetch  # noqa: E402
 from radixlm.runtime.quantization import w4a16  # noqa: E402
 from radixlm.runtime.quantization.base import set_decode_pdl  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -79,7 +81,20 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "split-norm-silu": ({}, None),  # and gate_up's SiLU-and-mul in its kernel (--decode-silu-epilogue on)
     "no-split-norm": ({}, None),  # the norms as launches of their own (--decode-split-norm off)
     "no-split-norm-s8": ({}, 8),  # and at most 8 KV splits (against splits-8: the short-context graphs' A/B)
+    **{name: ({}, None) for name in (
+        "pf-o", "pf-o-start", "pf-o-gu8", "pf-o-gu16", "pf-o-gu32", "pf-gu16", "pf-o-gu16-d8", "pf-o-gu16-q4", "pf-all",
+        "pf-o-gu16-qall")},
+    # with o's bytes in L2 its best GEMV tile may differ: qkv's (two 1 KB row steps) and the 08:00 sweep's p1 one
+    "pf-o-gu16-on8": ({"gemv": {OPROJ: {"1": "gemv-n8-c16-w2-sa-p0"}}}, None),
+    "pf-o-gu16-on32": ({"gemv": {OPROJ: {"1": "gemv-n32-c2-w4-sa-p1"}}}, None),
 }
+# the pf-* variants: runtime/models/w4_l2_prefetch.py's plans (target:MB|all:1 before / 2 after the carrier's loop;
+# the carrier is the linear before the target: qkv -> o -> gate_up -> down -> the next qkv)
+PF_PLANS = {"pf-o": "o:all:2", "pf-o-start": "o:all:1", "pf-o-gu8": "o:all:2,gate_up:8:1",
+            "pf-o-gu16": "o:all:2,gate_up:16:1", "pf-o-gu32": "o:all:2,gate_up:32:1", "pf-gu16": "gate_up:16:1",
+            "pf-o-gu16-d8": "o:all:2,gate_up:16:1,down:8:2", "pf-o-gu16-q4": "o:all:2,gate_up:16:1,qkv:4:2",
+            "pf-all": "o:all:2,gate_up:16:1,down:8:2,qkv:4:2", "pf-o-gu16-qall": "o:all:2,gate_up:16:1,qkv:all:2",
+            "pf-o-gu16-on8": "o:all:2,gate_up:16:1", "pf-o-gu16-on32": "o:all:2,gate_up:16:1"}
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
 
@@ -98,6 +113,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     else:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
+    os.environ[w4_l2_prefetch.ENV] = PF_PLANS.get(name, w4_l2_prefetch.DEFAULT_PLAN)  # (read at every forward)
     decode_attention.ROPE_IN_STAGE1 = name != "rope-split"  # (read by the attention backend at every call)
     w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
     if name != "gemv-all":

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
+from .l2_prefetch import L2Plan, launch_args, prefetch_next
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
 from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
@@ -224,6 +225,9 @@ def _mma1_kernel(
     CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr,
     # the split norm (kernels/split_norm.py, as in w4a16_gemv._gemv_kernel): NORM 1 producer, 2 consumer
     Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
+    # kernels/l2_prefetch.py: PF 1 / 2 hints the next linear's first bytes into L2 before / after the loop
+    PfA=None, pf_a=0, piece_a=0, PfB=None, pf_b=0, piece_b=0, pf_first=0, pf_issuers=0, PF: tl.constexpr = 0,
+    PF_THREADS: tl.constexpr = 32, PF_LANES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(1 if SPLIT_MAJOR else 0)
     pid_k = tl.program_id(0 if SPLIT_MAJOR else 1)
@@ -245,6 +249,8 @@ def _mma1_kernel(
         ones = (tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
     acc = tl.zeros((BLOCK_N, WIN), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
     xsum = tl.zeros((16, WIN), dtype=tl.float32)
+    if PF == 1:  # the next linear's first bytes toward L2 (constants: before the PDL wait too)
+        prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
@@ -300,6 +306,8 @@ def _mma1_kernel(
     if HAS_OFFSETS:
         total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
+    if PF == 2:  # after this launch's own loads
+        prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if NORM == 2:
         y = y * rstd_of(SumSq, n_sum, K, eps, BLOCK_T)
     if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
@@ -318,9 +326,10 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
                  perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
                  tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False,
                  silu_mul: bool = False, add_norm: AddNorm | None = None,
-                 pending: PendingNorm | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
+                 pending: PendingNorm | None = None, l2: L2Plan | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s (`silu_mul`: [1, N / 2],
-    silu(gate) * up of the MLP's [gate | up] weight; `add_norm` / `pending`: the split norm's producer / consumer)."""
+    silu(gate) * up of the MLP's [gate | up] weight; `add_norm` / `pending`: the split norm's producer / consumer;
+    `l2`: the next linear's bytes to hint into L2)."""
     if pending is not None:
         x = pending.u
     m = x.shape[0]
@@ -376,6 +385,7 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
             EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}), **norm,
+            **launch_args(l2, grid[0] * grid[1], cfg.num_warps * 32, x.device),
         )
 
     _launch_with_asm_fallback(launch, x.is_cuda and magic != 0)

@@ -23,10 +23,14 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixlm.runtime.quantization.base import DequantizedRows, QuantizedWeight
+
+if TYPE_CHECKING:
+    from radixlm.kernels.l2_prefetch import L2Plan
 
 # Set from the H200 small-M table of 2026-12-03 (benchmarks/quantized.py, RESULTS.md): dequantize +
 # cuBLAS beat the tiled kernel at 256 rows on 3 of the 4 8B shapes (354 vs 427 us summed), lost at 64 on all.
@@ -120,6 +124,8 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
             self.tickets = tickets_for(self.out_features, self.codes.device)
         self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
+        # the next linear's first bytes its M = 1 kernel hints into L2 (runtime/models/w4_l2_prefetch.py sets it)
+        self.l2_next: L2Plan | None = None
 
     @property
     def format(self) -> str:
@@ -197,7 +203,8 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
         try:
             return run(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul)
+                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul,
+                       l2=self.l2_next)
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
             if not _compile_failure(exc):
                 raise
@@ -257,7 +264,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         try:
             return w4a16_mma_m1(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                                self.offsets, self.tickets, pdl=self.pdl)
+                                self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the GEMV computes the same
             if not _compile_failure(exc):
                 raise
@@ -273,7 +280,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         try:
             return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                              self.offsets, self.tickets, pdl=self.pdl)
+                              self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
             if not _compile_failure(exc):
                 raise

@@ -3,6 +3,8 @@ sweep-format JSON over the DEFAULTS, read at every call) as valid configs, its s
 attention's split count, and the defaults variant restores main's tables. (The timing itself runs on the H200.)"""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -30,6 +32,7 @@ def _mma1_defaults_kept():
     yield
     w4a16_mma_m1.DEFAULTS.clear()
     w4a16_mma_m1.DEFAULTS.update(kept)
+    os.environ.pop("RADIXLM_W4_L2_PREFETCH", None)  # (use_variant sets the L2 plan in the environment)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -92,3 +95,19 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
         use_variant(name, tmp_path, runner)
         assert (layer.quantized.pdl, layer.quantized.silu_epilogue, layer.quantized.split_norm) == (pdl, epilogue, split)
         assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
+
+
+def test_prefetch_variants_set_their_plan(tmp_path, monkeypatch) -> None:
+    """Every pf-* variant is a variant with a valid L2 plan (runtime/models/w4_l2_prefetch.py), use_variant puts it
+    where the decoder reads it at the next capture, and every other variant puts back the default plan."""
+    from radixlm.benchmarks.w4_decode_step import PF_PLANS
+    from radixlm.runtime.models import w4_l2_prefetch
+
+    monkeypatch.delenv(w4_l2_prefetch.ENV, raising=False)
+    assert {n for n in VARIANTS if n.startswith("pf-")} == set(PF_PLANS)
+    for name, plan in PF_PLANS.items():
+        assert w4_l2_prefetch.parse(plan), name
+        use_variant(name, tmp_path)
+        assert w4_l2_prefetch.current_plan() == plan
+    use_variant("defaults", tmp_path)
+    assert w4_l2_prefetch.current_plan() == w4_l2_prefetch.DEFAULT_PLAN
