@@ -57,8 +57,8 @@ def main() -> None:
                     "edges": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    copies = 6  # every shape x 6 > 4 x the L2 for gate_up / down; qkv / o: 12.6 / 8.4 MB x 6 > the L2 too
-    weights = {name: _weights(name, copies) for name in SHAPES}
+    # copies of each weight that together are 4 x the L2 (a pair's copies: min of its two, >= 4 x the L2 as well)
+    weights = {name: _weights(name, max(2, -(-4 * L2_BYTES // (n * k // 2)))) for name, (n, k) in SHAPES.items()}
     xs = {name: torch.randn(1, SHAPES[name][1], device="cuda", dtype=torch.bfloat16) for name in SHAPES}
     for name, ws in weights.items():
         x = xs[name]

@@ -47,7 +47,8 @@ def launch_args(plan: L2Plan | None, grid_programs: int, threads: int, device: t
     if plan is None or not plan.spans or device.type != "cuda" or plan.at not in (1, 2):
         return {"PF": 0}
     issuers = max(1, min(plan.issuers, grid_programs))
-    spans = list(plan.spans) + [L2Span(plan.spans[0].base, 0)] * (2 - len(plan.spans))
+    spans = [L2Span(s.base, s.nbytes // ALIGN * ALIGN) for s in plan.spans]  # (a hint's size: a multiple of 16)
+    spans += [L2Span(spans[0].base, 0)] * (2 - len(spans))
     pieces = [piece_bytes(s.nbytes, issuers) for s in spans]
     lanes = lanes_for(max(pieces), threads)
     first = 0 if plan.at == 1 else grid_programs - issuers
@@ -112,6 +113,6 @@ def recorded_hints(nbytes: int, grid_programs: int, issuers: int, at: int, threa
     span = L2Span(torch.empty(0), nbytes)
     args = launch_args(L2Plan((span,), at, issuers), grid_programs, threads, torch.device("cuda"))
     out = torch.zeros(grid_programs, threads, 2, dtype=torch.int64)
-    _record_kernel[(grid_programs,)](out, nbytes, args["piece_a"], args["pf_first"], args["pf_issuers"],
+    _record_kernel[(grid_programs,)](out, args["pf_a"], args["piece_a"], args["pf_first"], args["pf_issuers"],
                                      PF_THREADS=threads, PF_LANES=args["PF_LANES"])
     return [(pid, int(o), int(s)) for pid in range(grid_programs) for o, s in out[pid].tolist() if s > 0]
