@@ -175,7 +175,9 @@ def mma1_cases():
 
 # (split-K, NORM, SILU): producer / consumer with and without split-K; a consumer with the SiLU epilogue
 NORM_FORMS = ((True, 1, False), (False, 1, False), (True, 2, False), (False, 2, False), (True, 2, True))
-NO_NORM = {"NORM": 0, "BLOCK_T": 16, "Res": None, "NormW": None, "NewRes": None, "SumSq": None}
+# the L2 hints (kernels/l2_prefetch.py) off: their launch arguments as a kernel call without them leaves them
+NO_PF = {"PF": 0, "PF_THREADS": 32, "PF_LANES": 1, "PfA": None, "PfB": None}
+NO_NORM = {"NORM": 0, "BLOCK_T": 16, "Res": None, "NormW": None, "NewRes": None, "SumSq": None, **NO_PF}
 
 
 def norm_pointers(norm: int) -> dict[str, str]:
@@ -185,7 +187,7 @@ def norm_pointers(norm: int) -> dict[str, str]:
 
 def norm_constexprs(norm: int) -> dict:
     unused = {"Res": None, "NormW": None, "NewRes": None} if norm == 2 else {}
-    return {"NORM": norm, "BLOCK_T": 256, **unused}
+    return {"NORM": norm, "BLOCK_T": 256, **unused, **NO_PF}
 
 
 def bf16m_cases():

@@ -83,7 +83,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "no-split-norm-s8": ({}, 8),  # and at most 8 KV splits (against splits-8: the short-context graphs' A/B)
     **{name: ({}, None) for name in (
         "pf-o", "pf-o-start", "pf-o-gu8", "pf-o-gu16", "pf-o-gu32", "pf-gu16", "pf-o-gu16-d8", "pf-o-gu16-q4", "pf-all",
-        "pf-o-gu16-qall")},
+        "pf-o-gu16-qall", "pf-o-gu16-silu")},
     # with o's bytes in L2 its best GEMV tile may differ: qkv's (two 1 KB row steps) and the 08:00 sweep's p1 one
     "pf-o-gu16-on8": ({"gemv": {OPROJ: {"1": "gemv-n8-c16-w2-sa-p0"}}}, None),
     "pf-o-gu16-on32": ({"gemv": {OPROJ: {"1": "gemv-n32-c2-w4-sa-p1"}}}, None),
@@ -94,7 +94,8 @@ PF_PLANS = {"pf-o": "o:all:2", "pf-o-start": "o:all:1", "pf-o-gu8": "o:all:2,gat
             "pf-o-gu16": "o:all:2,gate_up:16:1", "pf-o-gu32": "o:all:2,gate_up:32:1", "pf-gu16": "gate_up:16:1",
             "pf-o-gu16-d8": "o:all:2,gate_up:16:1,down:8:2", "pf-o-gu16-q4": "o:all:2,gate_up:16:1,qkv:4:2",
             "pf-all": "o:all:2,gate_up:16:1,down:8:2,qkv:4:2", "pf-o-gu16-qall": "o:all:2,gate_up:16:1,qkv:all:2",
-            "pf-o-gu16-on8": "o:all:2,gate_up:16:1", "pf-o-gu16-on32": "o:all:2,gate_up:16:1"}
+            "pf-o-gu16-on8": "o:all:2,gate_up:16:1", "pf-o-gu16-on32": "o:all:2,gate_up:16:1",
+            "pf-o-gu16-silu": "o:all:2,gate_up:16:1"}  # (and gate_up's SiLU-and-mul in its kernel)
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
 
@@ -121,7 +122,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
         split = not name.startswith("no-split-norm") and (name.startswith("split-norm") or w4a16.split_norm_enabled("auto"))
-        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu"), split)
+        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu", "pf-o-gu16-silu"), split)
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

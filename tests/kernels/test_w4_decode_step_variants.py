@@ -90,6 +90,7 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
     auto = split_norm_enabled("auto")
     for name, pdl, epilogue, split in (("pdl-off", False, False, auto), ("silu-epilogue", True, True, auto),
                                        ("split-norm", True, False, True), ("split-norm-silu", True, True, True),
+                                       ("pf-o-gu16-silu", True, True, auto),
                                        ("no-split-norm", True, False, False), ("no-split-norm-s8", True, False, False),
                                        ("defaults", True, False, auto)):
         use_variant(name, tmp_path, runner)
