@@ -59,7 +59,7 @@ from radixlm.runtime.quantization import w4a16  # noqa: E402
 from radixlm.runtime.quantization.base import set_decode_pdl  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
-QKV, OPROJ = "6144x4096", "4096x4096"
+QKV, OPROJ, GATE_UP, DOWN = "6144x4096", "4096x4096", "28672x4096", "4096x14336"
 MMA1_TILE = "mma1-n64-c2-w2-sa-st2-g1-j8-r1"  # gate_up's DEFAULTS entry
 # name -> (sweep-format tables over the DEFAULTS, the attention's split cap or None for the default); "gemv-all"
 # also takes gate_up / down off the tensor-core kernel's DEFAULTS (in this process only): all four on the GEMV;
@@ -87,6 +87,10 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     # with o's bytes in L2 its best GEMV tile may differ: qkv's (two 1 KB row steps) and the 08:00 sweep's p1 one
     "pf-o-gu16-on8": ({"gemv": {OPROJ: {"1": "gemv-n8-c16-w2-sa-p0"}}}, None),
     "pf-o-gu16-on32": ({"gemv": {OPROJ: {"1": "gemv-n32-c2-w4-sa-p1"}}}, None),
+    # longer row segments a step on the tensor-core kernel (256 B of each of 64 rows, 16 KB a step; the table's: 128 B)
+    "gu-c4": ({"mma1": {GATE_UP: {"1": "mma1-n64-c4-w2-sa-st2-g1-j8-r1"}}}, None),
+    "gu-c4-st3": ({"mma1": {GATE_UP: {"1": "mma1-n64-c4-w2-sa-st3-g1-j8-r1"}}}, None),
+    "down-c4": ({"mma1": {DOWN: {"1": "mma1-n64-c4-w2-sa-st2-g1"}}}, None),
 }
 # the pf-* variants: runtime/models/w4_l2_prefetch.py's plans (target:MB|all:1 before / 2 after the carrier's loop;
 # the carrier is the linear before the target: qkv -> o -> gate_up -> down -> the next qkv)
