@@ -45,6 +45,8 @@ SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_sm
 # GPTQ 4-bit decode on the H200 (2026-12-04 19:49, one process) 2.299 vs 2.337 ms a step, its decode graph 2,057
 # vs 2,145 µs (benchmarks/RESULTS.md).
 SPLIT_NORM_AUTO = True
+# --decode-silu-epilogue auto: gate_up's SiLU-and-mul in its kernel's last split (one launch a layer fewer).
+SILU_EPILOGUE_AUTO = False
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 _mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
 logger = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ logger = logging.getLogger(__name__)
 def split_norm_enabled(mode: str) -> bool:
     """--decode-split-norm `mode` (auto / on / off) resolved."""
     return mode == "on" or (mode == "auto" and SPLIT_NORM_AUTO)
+
+
+def silu_epilogue_enabled(mode: str) -> bool:
+    """--decode-silu-epilogue `mode` (auto / on / off) resolved."""
+    return mode == "on" or (mode == "auto" and SILU_EPILOGUE_AUTO)
 
 
 def _compile_failure(exc: Exception) -> bool:

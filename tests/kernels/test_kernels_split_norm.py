@@ -163,6 +163,9 @@ def test_flag_resolves_and_reaches_every_weight(monkeypatch) -> None:
     assert [w4a16.split_norm_enabled(m) for m in ("auto", "on", "off")] == [False, True, False]
     monkeypatch.setattr(w4a16, "SPLIT_NORM_AUTO", True)
     assert [w4a16.split_norm_enabled(m) for m in ("auto", "on", "off")] == [True, True, False]
+    for auto in (False, True):  # --decode-silu-epilogue the same way
+        monkeypatch.setattr(w4a16, "SILU_EPILOGUE_AUTO", auto)
+        assert [w4a16.silu_epilogue_enabled(m) for m in ("auto", "on", "off")] == [auto, True, False]
     layer = torch.nn.Module()
     layer.quantized = _weight(16, 128, 5, "cpu")
     assert not layer.quantized.split_norm and not layer.quantized.split_norm_serves()
