@@ -108,8 +108,8 @@ DEFAULT_SPLITS = decode_attention._MAX_SPLITS
 
 def use_variant(name: str, folder: Path, runner=None) -> None:
     """Point the kernels at the variant's tables and split cap (read at every call: the next capture takes them);
-    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, no SiLU
-    epilogue, the split norm as --decode-split-norm auto)."""
+    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, the SiLU
+    epilogue and the split norm as --decode-silu-epilogue / --decode-split-norm auto)."""
     tables, splits = VARIANTS[name]
     if tables:
         path = folder / f"{name}.json"
@@ -126,7 +126,8 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
         split = not name.startswith("no-split-norm") and (name.startswith("split-norm") or w4a16.split_norm_enabled("auto"))
-        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu", "pf-o-gu16-silu"), split)
+        silu = name in ("silu-epilogue", "split-norm-silu", "pf-o-gu16-silu") or w4a16.silu_epilogue_enabled("auto")
+        set_decode_pdl(runner.model, pdl, silu, split)
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

@@ -72,8 +72,8 @@ def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
 
 def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> None:
     """pdl-off / silu-epilogue / split-norm / no-split-norm set what the runner set at load (every quantized weight's
-    switches and the ops bundle of the model and its attention), and the defaults put PDL back on with no epilogue
-    and the split norm as --decode-split-norm auto resolves."""
+    switches and the ops bundle of the model and its attention), and the defaults put PDL back on with the epilogue
+    and the split norm as --decode-silu-epilogue / --decode-split-norm auto resolve."""
     from types import SimpleNamespace
 
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
@@ -85,14 +85,15 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
     layer = torch.nn.Module()
     layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
     runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
-    from radixlm.runtime.quantization.w4a16 import split_norm_enabled
+    from radixlm.runtime.quantization.w4a16 import silu_epilogue_enabled, split_norm_enabled
 
     auto = split_norm_enabled("auto")
-    for name, pdl, epilogue, split in (("pdl-off", False, False, auto), ("silu-epilogue", True, True, auto),
-                                       ("split-norm", True, False, True), ("split-norm-silu", True, True, True),
+    silu = silu_epilogue_enabled("auto")
+    for name, pdl, epilogue, split in (("pdl-off", False, silu, auto), ("silu-epilogue", True, True, auto),
+                                       ("split-norm", True, silu, True), ("split-norm-silu", True, True, True),
                                        ("pf-o-gu16-silu", True, True, auto),
-                                       ("no-split-norm", True, False, False), ("no-split-norm-s8", True, False, False),
-                                       ("defaults", True, False, auto)):
+                                       ("no-split-norm", True, silu, False), ("no-split-norm-s8", True, silu, False),
+                                       ("defaults", True, silu, auto)):
         use_variant(name, tmp_path, runner)
         assert (layer.quantized.pdl, layer.quantized.silu_epilogue, layer.quantized.split_norm) == (pdl, epilogue, split)
         assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
