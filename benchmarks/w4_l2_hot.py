@@ -2,11 +2,11 @@
 
 For each Llama-3.1-8B linear at M = 1 on its DEFAULTS kernel (W4Weight's M = 1 path, PDL on): µs per call cold
 (rotating among weight copies that never fit L2 together: benchmarks/small_m_gemm_sweep.py's timer) and hot (one
-copy, called again and again: every byte in L2) — the most an L2 hint could give it. Then each edge of a layer's
-chain (qkv -> o -> gate_up -> down -> qkv) as pairs back to back in one graph, rotating copies: the carrier's
+copy, called again and again: every byte in L2) — the most an L2 hint could give it. With --edges, each edge of a
+layer's chain (qkv -> o -> gate_up -> down -> qkv) as pairs back to back in one graph, rotating copies: the carrier's
 M = 1 kernel without hints and with `W4_l2_prefetch` plans of the target's bytes (before / after its loop).
 
-    python benchmarks/w4_l2_hot.py --out $OUT/w4_l2_hot.json
+    python benchmarks/w4_l2_hot.py --out $OUT/w4_l2_hot.json --edges
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def _time(calls: list) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="w4_l2_hot.json")
+    ap.add_argument("--edges", action="store_true", help="also the carrier + target pairs with and without hints")
     args = ap.parse_args()
     started = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "layers": {},
@@ -67,7 +68,7 @@ def main() -> None:
         report["layers"][name] = {"cold_us": cold, "hot_us": hot}
         print(f"{name:<8} cold {cold:6.2f} µs  hot (in L2) {hot:6.2f} µs", flush=True)
         out.write_text(json.dumps(report, indent=1))
-    for (a, b), plans in EDGES.items():
+    for (a, b), plans in (EDGES.items() if args.edges else ()):
         pairs = list(zip(weights[a], weights[b]))
         row: dict = {}
 

@@ -3,7 +3,7 @@
 kernels/w4a16_mma_m1.py reads gate_up at 61% and down at 51% of the copy bandwidth, though its instruction count,
 its MMAs and its bytes in flight per SM each fell by a third to a half in earlier rounds without a gain
 (RESULTS.md, w4b / w4c). This times its loads alone — the same grid (row tiles x splits, a row tile's splits
-consecutive), the same Triton pipeline (num_stages), one integer add per halfword — on a buffer of gate_up's /
+consecutive), the same Triton pipeline (num_stages), each step's tile into one small MMA — on a buffer of gate_up's /
 down's code bytes, in the weight's row-major layout (a step: 128 B of each of 64 rows, `c2`, or 256 B, `c4`) and in
 a blocked layout where each step's 64 x 128 B is one contiguous 8 KB run. If the blocked reads stream near the
 copy bandwidth and the row-major ones near the kernel's own time, the layout is the lever (a repack at load).
@@ -41,7 +41,9 @@ def _probe(Codes, Out, stride_row, n_chunks, chunks_per_split, BLOCK_N: tl.const
     r = tl.arange(0, BLOCK_N)
     ri = tl.arange(0, CHUNKS * 32)
     c_first = pid_k * chunks_per_split
-    acc = tl.zeros((BLOCK_N, CHUNKS * 32), dtype=tl.int32)
+    # the tile feeds an MMA, as in the kernel (so Triton pipelines its loads through shared memory: cp.async)
+    ones = tl.full((CHUNKS * 32, 8), 1.0, dtype=tl.bfloat16)
+    acc = tl.zeros((BLOCK_N, 8), dtype=tl.float32)
     for c0 in range(c_first, c_first + chunks_per_split, CHUNKS):
         if BLOCKED:  # [tiles][steps][BLOCK_N][CHUNKS * 32]: a step is one contiguous run
             base = (pid_n.to(tl.int64) * (n_chunks // CHUNKS) + c0 // CHUNKS) * (BLOCK_N * CHUNKS * 32)
@@ -49,7 +51,7 @@ def _probe(Codes, Out, stride_row, n_chunks, chunks_per_split, BLOCK_N: tl.const
         else:
             rows = (pid_n * BLOCK_N + r).to(tl.int64)
             h = tl.load(Codes + rows[:, None] * stride_row + c0 * 32 + ri[None, :])
-        acc += h.to(tl.int32)
+        acc = tl.dot((h & 0x3F7F).to(tl.bfloat16, bitcast=True), ones, acc)  # (finite values: no NaN or inf)
     tl.store(Out + pid_n * BLOCK_N + r + pid_k * 0, tl.sum(acc, 1))
 
 
@@ -74,7 +76,7 @@ def main() -> None:
         nbytes = n * k // 2
         copies = max(2, -(-4 * L2_BYTES // nbytes))
         bufs = [torch.randint(-32768, 32767, (n, k // 4), dtype=torch.int16, device="cuda") for _ in range(copies)]
-        out = torch.empty(n, dtype=torch.int32, device="cuda")
+        out = torch.empty(n, dtype=torch.float32, device="cuda")
         row = {"floor_us": nbytes / report["copy_bytes_per_s"] * 1e6}
         for pattern in PATTERNS:
             calls = itertools.cycle([lambda b=b: probe(b, out, pattern) for b in bufs])
