@@ -24,7 +24,8 @@ merge kernel); rope-split (rotary + KV store in their own launch, not in the att
 split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer);
 split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split); no-split-norm (the norms as launches of
 their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults"); pf-*
-(each linear hints the next one's first bytes into L2: `PF_PLANS`, runtime/models/w4_l2_prefetch.py).
+(each linear hints the next one's first bytes into L2: `PF_PLANS`, runtime/models/w4_l2_prefetch.py); blk (the
+tensor-core kernel's weights in `w4a16_mma_m1.block_codes`' layout, a copy: `W4Weight.use_blocked_m1`).
 
 --wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -91,7 +92,11 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "gu-c4": ({"mma1": {GATE_UP: {"1": "mma1-n64-c4-w2-sa-st2-g1-j8-r1"}}}, None),
     "gu-c4-st3": ({"mma1": {GATE_UP: {"1": "mma1-n64-c4-w2-sa-st3-g1-j8-r1"}}}, None),
     "down-c4": ({"mma1": {DOWN: {"1": "mma1-n64-c4-w2-sa-st2-g1"}}}, None),
+    # the tensor-core kernel's weights (gate_up, down) in `block_codes`' layout: a step's 64 rows x 128 B contiguous
+    "blk": ({}, None),
+    "pf-o-gu16-blk": ({}, None),
 }
+BLOCKED = ("blk", "pf-o-gu16-blk")
 # the pf-* variants: runtime/models/w4_l2_prefetch.py's plans (target:MB|all:1 before / 2 after the carrier's loop;
 # the carrier is the linear before the target: qkv -> o -> gate_up -> down -> the next qkv)
 PF_PLANS = {"pf-o": "o:all:2", "pf-o-start": "o:all:1", "pf-o-gu8": "o:all:2,gate_up:8:1",
@@ -99,7 +104,8 @@ PF_PLANS = {"pf-o": "o:all:2", "pf-o-start": "o:all:1", "pf-o-gu8": "o:all:2,gat
             "pf-o-gu16-d8": "o:all:2,gate_up:16:1,down:8:2", "pf-o-gu16-q4": "o:all:2,gate_up:16:1,qkv:4:2",
             "pf-all": "o:all:2,gate_up:16:1,down:8:2,qkv:4:2", "pf-o-gu16-qall": "o:all:2,gate_up:16:1,qkv:all:2",
             "pf-o-gu16-on8": "o:all:2,gate_up:16:1", "pf-o-gu16-on32": "o:all:2,gate_up:16:1",
-            "pf-o-gu16-silu": "o:all:2,gate_up:16:1"}  # (and gate_up's SiLU-and-mul in its kernel)
+            "pf-o-gu16-silu": "o:all:2,gate_up:16:1",  # (and gate_up's SiLU-and-mul in its kernel)
+            "pf-o-gu16-blk": "o:all:2,gate_up:16:1"}
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
 
@@ -128,6 +134,10 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
         split = not name.startswith("no-split-norm") and (name.startswith("split-norm") or w4a16.split_norm_enabled("auto"))
         silu = name in ("silu-epilogue", "split-norm-silu", "pf-o-gu16-silu") or w4a16.silu_epilogue_enabled("auto")
         set_decode_pdl(runner.model, pdl, silu, split)
+        for module in runner.model.modules():  # (outside any capture: the copies are made or dropped here)
+            if isinstance(getattr(module, "quantized", None), w4a16.W4Weight):
+                module.quantized.use_blocked_m1(name in BLOCKED)
+        runner.model.l2_prefetch_plan = None  # the hints' spans follow the codes the kernels read
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

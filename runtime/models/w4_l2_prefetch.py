@@ -48,8 +48,9 @@ def current_plan() -> str:
 
 
 def plan_for(weight, mb: float, at: int) -> L2Plan:
-    """The hints of `weight` (a W4Weight): its codes' first `mb` MB (whole rows) and its scales."""
-    codes, scales = weight.codes, weight.scales
+    """The hints of `weight` (a W4Weight): its codes' first `mb` MB (whole rows; of the copy its M = 1 kernel reads,
+    `W4Weight.use_blocked_m1`'s if it has one: whole row tiles first there too) and its scales."""
+    codes, scales = weight.codes if weight.codes_m1 is None else weight.codes_m1, weight.scales
     row = codes.shape[1] * codes.element_size()
     rows = codes.shape[0] if mb == float("inf") else min(codes.shape[0], int(mb * (1 << 20)) // row)
     spans = (L2Span(codes, rows * row), L2Span(scales, scales.numel() * scales.element_size()))
@@ -70,7 +71,8 @@ def wire(model: LlamaForCausalLM, plan: str) -> None:
 
 
 def ensure(model: LlamaForCausalLM) -> None:
-    """Wire the model to the current plan unless it already is (a string compare per forward)."""
+    """Wire the model to the current plan unless it already is (a string compare per forward; whoever swaps a
+    weight's codes sets `model.l2_prefetch_plan` to None)."""
     plan = current_plan()
     if getattr(model, "l2_prefetch_plan", None) != plan:
         wire(model, plan)

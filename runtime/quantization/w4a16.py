@@ -133,6 +133,8 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
         # the next linear's first bytes its M = 1 kernel hints into L2 (runtime/models/w4_l2_prefetch.py sets it)
         self.l2_next: L2Plan | None = None
+        self.codes_m1: torch.Tensor | None = None  # `use_blocked_m1`'s copy of the codes, blocked by m1_blocked rows
+        self.m1_blocked = 0
 
     @property
     def format(self) -> str:
@@ -145,7 +147,8 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self.tickets, self._float_weight)
+        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self.tickets, self._float_weight,
+                               self.codes_m1)
                    if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -208,10 +211,13 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             return None
         run = kernel[0]
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
+        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
+
+        codes, blocked = self._m1_codes() if run is w4a16_mma_m1 and not silu_mul else (self.codes, 0)
         try:
-            return run(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+            return run(x2, codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                        self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul,
-                       l2=self.l2_next)
+                       l2=self.l2_next, **({"blocked": blocked} if blocked else {}))
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
             if not _compile_failure(exc):
                 raise
@@ -265,13 +271,36 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         return small_m.enabled() and mma1_table_config(self.out_features, self.in_features) is not None
 
+    def use_blocked_m1(self, on: bool) -> bool:
+        """Give the tensor-core M = 1 kernel a copy of the codes in `block_codes`' layout for its table's row tile (an
+        experiment: twice this weight's code bytes; benchmarks/w4_decode_step.py's blocked variants), or drop it.
+        Returns whether the copy is in use."""
+        from radixlm.kernels.w4a16_mma_m1 import block_codes, mma1_table_config
+
+        cfg = mma1_table_config(self.out_features, self.in_features) if on and self.use_triton else None
+        fits = cfg is not None and self.out_features % cfg.block_n == 0
+        self.codes_m1 = block_codes(self.codes, cfg.block_n) if fits else None
+        self.m1_blocked = cfg.block_n if fits else 0
+        return fits
+
+    def _m1_codes(self) -> tuple[torch.Tensor, int]:
+        """The tensor-core kernel's codes and their row blocking (0: the weight's own layout), the blocked copy only
+        while the table's row tile is still the one it was made for."""
+        from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
+
+        cfg = mma1_table_config(self.out_features, self.in_features)
+        if self.codes_m1 is not None and cfg is not None and cfg.block_n == self.m1_blocked:
+            return self.codes_m1, self.m1_blocked
+        return self.codes, 0
+
     def _mma1(self, x2: torch.Tensor) -> torch.Tensor:
         """The tensor-core M = 1 kernel; if it fails to compile here, say so once and use the GEMV path from then on."""
         from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
 
+        codes, blocked = self._m1_codes()
         try:
-            return w4a16_mma_m1(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                                self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next)
+            return w4a16_mma_m1(x2, codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                                self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next, blocked=blocked)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the GEMV computes the same
             if not _compile_failure(exc):
                 raise

@@ -113,3 +113,33 @@ def test_prefetch_variants_set_their_plan(tmp_path, monkeypatch) -> None:
         assert w4_l2_prefetch.current_plan() == plan
     use_variant("defaults", tmp_path)
     assert w4_l2_prefetch.current_plan() == w4_l2_prefetch.DEFAULT_PLAN
+
+
+def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeypatch) -> None:
+    """blk / pf-o-gu16-blk: every weight the tensor-core M = 1 kernel serves gets `block_codes`' copy for its table's
+    row tile (and the L2 wiring is redone for it); any other variant drops the copies."""
+    from types import SimpleNamespace
+
+    from radixlm.benchmarks import w4_decode_step
+    from radixlm.kernels.w4a16_mma_m1 import block_codes
+    from radixlm.runtime.quantization.w4_formats import quantize_rtn
+    from radixlm.runtime.quantization.w4a16 import W4Weight
+
+    # a small shape in the table use_variant puts back
+    monkeypatch.setitem(w4_decode_step.MMA1_DEFAULTS, (64, 256), {1: "mma1-n32-c1-w1-sa-st2-g1-j8-r1"})
+    served = W4Weight([quantize_rtn(torch.randn(64, 256), 128, True)], 128, "test")
+    other = W4Weight([quantize_rtn(torch.randn(48, 256), 128, True)], 128, "test")
+    for w in (served, other):
+        w.use_triton = True  # (as on a GPU: the blocked copy is made only for the Triton kernels)
+    layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+    layers[0].quantized, layers[1].quantized = served, other
+    runner = SimpleNamespace(model=torch.nn.Sequential(layers), attn_backend=SimpleNamespace(ops=None))
+    for name in ("blk", "pf-o-gu16-blk"):
+        runner.model.l2_prefetch_plan = "stale"
+        use_variant(name, tmp_path, runner)
+        assert served.m1_blocked == 32 and torch.equal(served.codes_m1, block_codes(served.codes, 32))
+        assert served._m1_codes() == (served.codes_m1, 32)
+        assert other.codes_m1 is None and other.m1_blocked == 0  # not a tensor-core shape
+        assert runner.model.l2_prefetch_plan is None
+    use_variant("defaults", tmp_path, runner)
+    assert served.codes_m1 is None and served._m1_codes() == (served.codes, 0)
