@@ -47,7 +47,8 @@ def launch_args(plan: L2Plan | None, grid_programs: int, threads: int, device: t
     if plan is None or not plan.spans or device.type != "cuda" or plan.at not in (1, 2):
         return {"PF": 0}
     issuers = max(1, min(plan.issuers, grid_programs))
-    spans = [L2Span(s.base, s.nbytes // ALIGN * ALIGN) for s in plan.spans]  # (a hint's size: a multiple of 16)
+    # a hint's address and size: multiples of 16 (a view starting off that grid is not hinted)
+    spans = [L2Span(s.base, s.nbytes // ALIGN * ALIGN if s.base.data_ptr() % ALIGN == 0 else 0) for s in plan.spans]
     spans += [L2Span(spans[0].base, 0)] * (2 - len(spans))
     pieces = [piece_bytes(s.nbytes, issuers) for s in spans]
     lanes = lanes_for(max(pieces), threads)

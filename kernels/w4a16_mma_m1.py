@@ -330,7 +330,7 @@ def _mma1_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
     if SILU:
-        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N, True)
     elif NORM == 1:
         finish_tile_add_norm(y, Out, Part, Tickets, rn, n_mask, pid_n, pid_k, N, split, Res, NormW, NewRes, SumSq,
                              PARTIAL)

@@ -209,10 +209,10 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         kernel = self._m1_kernel() if self.split_norm_serves() else None
         if kernel is None or (silu_mul and not self._silu_halves_fit(kernel[1])):
             return None
+        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1  # (Triton: only once a GPU kernel serves the weight)
+
         run = kernel[0]
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
-        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
-
         codes, blocked = self._m1_codes() if run is w4a16_mma_m1 and not silu_mul else (self.codes, 0)
         try:
             return run(x2, codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
