@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from radixlm.kernels.fp8_gemm import sm_count
 from radixlm.kernels.l2_prefetch import L2Plan, L2Span
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 ENV = "RADIXLM_W4_L2_PREFETCH"
 DEFAULT_PLAN = ""  # off until the H200 measures it (benchmarks/w4_decode_step.py variants pf-*)
 ORDER = ("qkv", "o", "gate_up", "down")
-ISSUERS = 264  # programs of the carrier that issue the hints (two per H200 SM)
+ISSUERS_PER_SM = 2  # programs of the carrier that issue the hints, per SM of its device (264 on an H200)
 _PARTS = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"), "gate_up": ("mlp", "gate_up_proj"),
           "down": ("mlp", "down_proj")}
 
@@ -54,7 +55,7 @@ def plan_for(weight, mb: float, at: int) -> L2Plan:
     row = codes.shape[1] * codes.element_size()
     rows = codes.shape[0] if mb == float("inf") else min(codes.shape[0], int(mb * (1 << 20)) // row)
     spans = (L2Span(codes, rows * row), L2Span(scales, scales.numel() * scales.element_size()))
-    return L2Plan(spans, at, ISSUERS)
+    return L2Plan(spans, at, ISSUERS_PER_SM * sm_count(codes.device))
 
 
 def wire(model: LlamaForCausalLM, plan: str) -> None:

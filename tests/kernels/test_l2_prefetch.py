@@ -84,12 +84,12 @@ def test_plan_string() -> None:
 
 def test_wiring_follows_the_layer_order(monkeypatch) -> None:
     model = _model(2)
-    monkeypatch.setattr(w4_l2_prefetch, "ISSUERS", 7)
+    monkeypatch.setattr(w4_l2_prefetch, "ISSUERS_PER_SM", 7)  # x the 4 "SMs" the CPU counts (kernels.fp8_gemm.sm_count)
     w4_l2_prefetch.wire(model, "o:all:2,gate_up:0.0001:1,qkv:all:2")
     (a0, m0), (a1, m1) = [(layer.self_attn, layer.mlp) for layer in model.layers]
     plan = a0.qkv_proj.quantized.l2_next  # qkv carries o: every code byte and the scales
     o = a0.o_proj.quantized
-    assert (plan.at, plan.issuers) == (2, 7)
+    assert (plan.at, plan.issuers) == (2, 28)
     assert [(s.base is t, s.nbytes) for s, t in zip(plan.spans, (o.codes, o.scales))] == [
         (True, o.codes.numel() * 2), (True, o.scales.numel() * o.scales.element_size())]
     gu = m0.gate_up_proj.quantized
