@@ -11,7 +11,7 @@ small kernels beside it); here the hints ride in programs that run anyway.
 Who issues what: `issuers` consecutive programs of the grid (the first ones for a start hint, the last ones for an
 end hint: those launched last finish last), program i of them the i-th piece of each span, split over `lanes` of its
 threads (each lane one bulk hint of at most `piece` / lanes bytes, 16-byte aligned). On the CPU (the interpreter
-runs no PTX) the launchers pass PF 0; `_pieces` is the offsets' arithmetic, tested there through RECORD.
+runs no PTX) the launchers pass PF 0; `_pieces` is the offsets' arithmetic, tested there by `recorded_hints`.
 """
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ class L2Plan:
 
 def launch_args(plan: L2Plan | None, grid_programs: int, threads: int, device: torch.device) -> dict:
     """A kernel launch's prefetch keyword arguments (PF 0: none; always none off the GPU)."""
+    if plan is not None and len(plan.spans) > 2:
+        raise ValueError(f"an L2 plan hints at most two spans (the kernels take PfA and PfB), not {len(plan.spans)}")
     if plan is None or not plan.spans or device.type != "cuda" or plan.at not in (1, 2):
         return {"PF": 0}
     issuers = max(1, min(plan.issuers, grid_programs))

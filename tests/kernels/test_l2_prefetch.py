@@ -49,6 +49,8 @@ def test_nothing_to_hint() -> None:
     assert launch_args(L2Plan((span,), 0, 8), 10, 64, torch.device("cuda")) == {"PF": 0}
     args = launch_args(L2Plan((span,), 2, 8), 10, 64, torch.device("cuda"))
     assert (args["PF"], args["pf_first"], args["pf_issuers"], args["pf_b"]) == (2, 2, 8, 0)  # one span: B empty
+    with pytest.raises(ValueError, match="two spans"):
+        launch_args(L2Plan((span, span, span), 1, 8), 10, 64, torch.device("cuda"))
     odd = L2Span(torch.zeros(64, dtype=torch.int16)[1:], 100)  # a view 2 bytes off the 16-byte grid
     args = launch_args(L2Plan((span, odd), 1, 8), 10, 64, torch.device("cuda"))
     assert (args["pf_a"], args["pf_b"], args["pf_first"]) == (128, 0, 0)
