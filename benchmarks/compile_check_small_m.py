@@ -1,6 +1,8 @@
 """Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py, the M = 1
 4-bit GEMV kernels/w4a16_gemv.py, the bf16 2..16-row kernels/bf16_small_m.py) for sm_90
-(and the M = 1 tensor-core kernel kernels/w4a16_mma_m1.py) on a machine without a GPU, and look at what the compiler made of the weight loads.
+(and the M = 1 tensor-core kernel kernels/w4a16_mma_m1.py; the M = 1 kernels also with their L2 hints,
+kernels/l2_prefetch.py, and the tensor-core one on `block_codes`' layout) on a machine without a GPU, and look at
+what the compiler made of the weight loads.
 
 The Triton interpreter runs kernel bodies as Python and misses code-generation errors; this runs the real
 front end and NVIDIA backend (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for
@@ -13,6 +15,7 @@ then `PYTHONPATH=DIR python benchmarks/compile_check_small_m.py`. Exit status 1 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import subprocess
 import sys
@@ -137,6 +140,14 @@ def gemv_cases():
                     "PRECISE": False, "EVEN_K": True, "SLICES_PER_GROUP": 4, "PREFETCH": cfg.prefetch, "USE_PDL": True,
                     "GROUP_SHIFT": 0, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
                     **norm_constexprs(norm)}, launch)
+        for norm, pf in PF_FORMS:  # the L2 hints of the next linear's bytes (kernels/l2_prefetch.py)
+            yield (f"gemv {cfg.key()} bf16 split=True pdl=True norm={norm} hints={pf}", w4a16_gemv._gemv_kernel,
+                   {"X": "bf16", "Words": "i32", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
+                    "Out": "bf16", "Part": "fp32", "Tickets": "i32", **norm_pointers(norm), **PF_POINTERS},
+                   with_pf({"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": True, "XMODE": 1,
+                            "PRECISE": False, "EVEN_K": True, "SLICES_PER_GROUP": 4, "PREFETCH": cfg.prefetch,
+                            "USE_PDL": True, "GROUP_SHIFT": 0, "SILU": False, "BLOCK_N": cfg.block_n,
+                            "CHUNKS": cfg.chunks, **norm_constexprs(norm)}, pf, cfg.num_warps), launch)
 
 
 def mma1_cases():
@@ -158,7 +169,7 @@ def mma1_cases():
                         "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": act != "fp32",
                         "SLICE_SHIFT": shift, "USE_PDL": pdl, "SUM_CHUNKS": 16 if cfg.sums else 0,
                         "EVEN": i == 0, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
-                        "SPLIT_MAJOR": cfg.split_major, **NO_NORM}, launch)
+                        "SPLIT_MAJOR": cfg.split_major, "BLOCKED": False, **NO_NORM}, launch)
     for key in defaults:  # the split norm on the default tables, as the GEMV's
         cfg = w4a16_mma_m1.Mma1Config.parse(key)
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
@@ -170,12 +181,32 @@ def mma1_cases():
                    {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": partial, "MAGIC": 1,
                     "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True, "SUM_CHUNKS": 16 if cfg.sums else 0,
                     "EVEN": True, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
-                    "SPLIT_MAJOR": cfg.split_major, **norm_constexprs(norm)}, launch)
+                    "SPLIT_MAJOR": cfg.split_major, "BLOCKED": False, **norm_constexprs(norm)}, launch)
+        for (norm, pf), blocked in itertools.product(PF_FORMS, (False, True)):  # L2 hints; codes by row tile
+            yield (f"mma1 {cfg.key()} bf16 split=True pdl=True norm={norm} hints={pf} blocked={blocked}",
+                   w4a16_mma_m1._mma1_kernel,
+                   {"X": "bf16", "Codes": "i16", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
+                    "Out": "bf16", "Part": "fp32", "Tickets": "i32", **norm_pointers(norm), **PF_POINTERS},
+                   with_pf({"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": True, "MAGIC": 1,
+                            "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True,
+                            "SUM_CHUNKS": 16 if cfg.sums else 0, "EVEN": True, "WIN": cfg.window, "SILU": False,
+                            "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks, "SPLIT_MAJOR": cfg.split_major,
+                            "BLOCKED": blocked, **norm_constexprs(norm)}, pf, cfg.num_warps), launch)
 
 
 # (split-K, NORM, SILU): producer / consumer with and without split-K; a consumer with the SiLU epilogue
 NORM_FORMS = ((True, 1, False), (False, 1, False), (True, 2, False), (False, 2, False), (True, 2, True))
-NO_NORM = {"NORM": 0, "BLOCK_T": 16, "Res": None, "NormW": None, "NewRes": None, "SumSq": None}
+# the L2 hints (kernels/l2_prefetch.py) off: their launch arguments as a kernel call without them leaves them
+NO_PF = {"PF": 0, "PF_THREADS": 32, "PF_LANES": 1, "PfA": None, "PfB": None}
+PF_FORMS = ((2, 1), (1, 2))  # (NORM, PF): a consumer hinting before its loop, a producer after it
+PF_POINTERS = {"PfA": "i16", "PfB": "fp16"}  # the next linear's codes and scales
+
+
+def with_pf(constexprs: dict, pf: int, num_warps: int) -> dict:
+    """`constexprs` with the hints on (PfA / PfB then pointers, not None)."""
+    out = {k: v for k, v in constexprs.items() if k not in PF_POINTERS}
+    return {**out, "PF": pf, "PF_THREADS": 32 * num_warps, "PF_LANES": min(4, 32 * num_warps)}
+NO_NORM = {"NORM": 0, "BLOCK_T": 16, "Res": None, "NormW": None, "NewRes": None, "SumSq": None, **NO_PF}
 
 
 def norm_pointers(norm: int) -> dict[str, str]:
@@ -185,7 +216,7 @@ def norm_pointers(norm: int) -> dict[str, str]:
 
 def norm_constexprs(norm: int) -> dict:
     unused = {"Res": None, "NormW": None, "NewRes": None} if norm == 2 else {}
-    return {"NORM": norm, "BLOCK_T": 256, **unused}
+    return {"NORM": norm, "BLOCK_T": 256, **unused, **NO_PF}
 
 
 def bf16m_cases():

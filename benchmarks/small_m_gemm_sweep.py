@@ -354,7 +354,7 @@ def python_literal(table: dict) -> str:
 
 
 DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu",
-               "w4a16-p1", "w4a16-p1b", "w4a16-defaults-splitnorm", "w4a16-defaults-nosplitnorm")
+               "w4a16-p1", "w4a16-p1b", "w4a16-defaults-splitnorm", "w4a16-defaults-nosplitnorm", "w4a16-defaults-nol2")
 # "w4a16-p1" / "-p1b": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1); the table's
 # p0 ones won back to back without PDL, where that load cannot overlap the predecessor, but the engine launches them
 # with PDL after a small kernel (the norm, attention's merge). p1: the 2026-12-03 08:00 sweep's best p1 config of each
@@ -367,7 +367,7 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
     swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
     "-pdl": the swept table with --decode-pdl on; "-silu": with --decode-silu-epilogue on; "-splitnorm" /
-    "-nosplitnorm": --decode-split-norm on / off); `ab` adds fp8 / w4a16 on the older kernels."""
+    "-nosplitnorm": --decode-split-norm on / off; "-nol2": no L2 hints between the 4-bit linears); `ab` adds fp8 / w4a16 on the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
@@ -385,6 +385,7 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
             "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"}),
             "w4a16-defaults-splitnorm": ("w4a16", "", {"decode_split_norm": "on"}),
             "w4a16-defaults-nosplitnorm": ("w4a16", "", {"decode_split_norm": "off"}),
+            "w4a16-defaults-nol2": ("w4a16", "", {}),  # no L2 hints between the linears (runtime/models/w4_l2_prefetch.py)
             **{name: ("w4a16", str(p1_dir / f"{name}.json"), {}) for name in P1_TABLES}}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
@@ -395,6 +396,10 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
         d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, Path(tmp), "llama8b-gptq")
         for label, config, source, extra in chosen:
             os.environ["RADIXLM_SMALL_M_TABLE"] = source
+            if label == "w4a16-defaults-nol2":  # (the scheduler process inherits it)
+                os.environ["RADIXLM_W4_L2_PREFETCH"] = ""
+            else:
+                os.environ.pop("RADIXLM_W4_L2_PREFETCH", None)
             t = time.perf_counter()
             try:
                 out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"],
@@ -404,6 +409,7 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
             print(f"(a) {label}: {out[label].get('a_decode_tok_s', out[label].get('error'))} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
     os.environ.pop("RADIXLM_SMALL_M_TABLE", None)
+    os.environ.pop("RADIXLM_W4_L2_PREFETCH", None)
     return out
 
 

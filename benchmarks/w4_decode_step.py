@@ -23,7 +23,9 @@ on the GEMV too, as before the tensor-core kernel); pdl-off (no programmatic dep
 merge kernel); rope-split (rotary + KV store in their own launch, not in the attention's first stage);
 split-norm (each residual add + RMSNorm split across the 4-bit linears around it: no norm launch in a layer);
 split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split); no-split-norm (the norms as launches of
-their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults").
+their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults"); pf-*
+(each linear hints the next one's first bytes into L2: `PF_PLANS`, runtime/models/w4_l2_prefetch.py); blk (the
+tensor-core kernel's weights in `w4a16_mma_m1.block_codes`' layout, a copy: `W4Weight.use_blocked_m1`).
 
 --wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -53,11 +55,12 @@ from quantized_w4 import GPTQ_CONFIG  # noqa: E402
 from radixlm.kernels import decode_attention, get_kernel_ops, w4a16_mma_m1  # noqa: E402
 from radixlm.kernels.small_m import TABLE_ENV  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
+from radixlm.runtime.models import w4_l2_prefetch  # noqa: E402
 from radixlm.runtime.quantization import w4a16  # noqa: E402
 from radixlm.runtime.quantization.base import set_decode_pdl  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
-QKV, OPROJ = "6144x4096", "4096x4096"
+QKV, OPROJ, GATE_UP, DOWN = "6144x4096", "4096x4096", "28672x4096", "4096x14336"
 MMA1_TILE = "mma1-n64-c2-w2-sa-st2-g1-j8-r1"  # gate_up's DEFAULTS entry
 # name -> (sweep-format tables over the DEFAULTS, the attention's split cap or None for the default); "gemv-all"
 # also takes gate_up / down off the tensor-core kernel's DEFAULTS (in this process only): all four on the GEMV;
@@ -79,7 +82,30 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "split-norm-silu": ({}, None),  # and gate_up's SiLU-and-mul in its kernel (--decode-silu-epilogue on)
     "no-split-norm": ({}, None),  # the norms as launches of their own (--decode-split-norm off)
     "no-split-norm-s8": ({}, 8),  # and at most 8 KV splits (against splits-8: the short-context graphs' A/B)
+    **{name: ({}, None) for name in (
+        "pf-o", "pf-o-start", "pf-o-gu8", "pf-o-gu16", "pf-o-gu32", "pf-gu16", "pf-o-gu16-d8", "pf-o-gu16-q4", "pf-all",
+        "pf-o-gu16-qall", "pf-o-gu16-silu")},
+    # with o's bytes in L2 its best GEMV tile may differ: qkv's (two 1 KB row steps) and the 08:00 sweep's p1 one
+    "pf-o-gu16-on8": ({"gemv": {OPROJ: {"1": "gemv-n8-c16-w2-sa-p0"}}}, None),
+    "pf-o-gu16-on32": ({"gemv": {OPROJ: {"1": "gemv-n32-c2-w4-sa-p1"}}}, None),
+    # longer row segments a step on the tensor-core kernel (256 B of each of 64 rows, 16 KB a step; the table's: 128 B)
+    "gu-c4": ({"mma1": {GATE_UP: {"1": "mma1-n64-c4-w2-sa-st2-g1-j8-r1"}}}, None),
+    "gu-c4-st3": ({"mma1": {GATE_UP: {"1": "mma1-n64-c4-w2-sa-st3-g1-j8-r1"}}}, None),
+    "down-c4": ({"mma1": {DOWN: {"1": "mma1-n64-c4-w2-sa-st2-g1"}}}, None),
+    # the tensor-core kernel's weights (gate_up, down) in `block_codes`' layout: a step's 64 rows x 128 B contiguous
+    "blk": ({}, None),
+    "pf-o-gu16-blk": ({}, None),
 }
+BLOCKED = ("blk", "pf-o-gu16-blk")
+# the pf-* variants: runtime/models/w4_l2_prefetch.py's plans (target:MB|all:1 before / 2 after the carrier's loop;
+# the carrier is the linear before the target: qkv -> o -> gate_up -> down -> the next qkv)
+PF_PLANS = {"pf-o": "o:all:2", "pf-o-start": "o:all:1", "pf-o-gu8": "o:all:2,gate_up:8:1",
+            "pf-o-gu16": "o:all:2,gate_up:16:1", "pf-o-gu32": "o:all:2,gate_up:32:1", "pf-gu16": "gate_up:16:1",
+            "pf-o-gu16-d8": "o:all:2,gate_up:16:1,down:8:2", "pf-o-gu16-q4": "o:all:2,gate_up:16:1,qkv:4:2",
+            "pf-all": "o:all:2,gate_up:16:1,down:8:2,qkv:4:2", "pf-o-gu16-qall": "o:all:2,gate_up:16:1,qkv:all:2",
+            "pf-o-gu16-on8": "o:all:2,gate_up:16:1", "pf-o-gu16-on32": "o:all:2,gate_up:16:1",
+            "pf-o-gu16-silu": "o:all:2,gate_up:16:1",  # (and gate_up's SiLU-and-mul in its kernel)
+            "pf-o-gu16-blk": "o:all:2,gate_up:16:1"}
 MMA1_DEFAULTS = dict(w4a16_mma_m1.DEFAULTS)
 
 
@@ -88,8 +114,8 @@ DEFAULT_SPLITS = decode_attention._MAX_SPLITS
 
 def use_variant(name: str, folder: Path, runner=None) -> None:
     """Point the kernels at the variant's tables and split cap (read at every call: the next capture takes them);
-    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, no SiLU
-    epilogue, the split norm as --decode-split-norm auto)."""
+    with the model's `runner`, also its PDL, SiLU-epilogue and split-norm switches (the defaults: PDL on, the SiLU
+    epilogue and the split norm as --decode-silu-epilogue / --decode-split-norm auto)."""
     tables, splits = VARIANTS[name]
     if tables:
         path = folder / f"{name}.json"
@@ -98,6 +124,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     else:
         os.environ.pop(TABLE_ENV, None)
     decode_attention._MAX_SPLITS = splits or DEFAULT_SPLITS
+    os.environ[w4_l2_prefetch.ENV] = PF_PLANS.get(name, w4_l2_prefetch.DEFAULT_PLAN)  # (read at every forward)
     decode_attention.ROPE_IN_STAGE1 = name != "rope-split"  # (read by the attention backend at every call)
     w4a16_mma_m1.DEFAULTS.clear()  # (the dict the kernel's table lookup reads)
     if name != "gemv-all":
@@ -105,7 +132,12 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
     if runner is not None:  # as ModelRunner._make_attention_backend sets them, with this variant's choices
         pdl = name != "pdl-off"
         split = not name.startswith("no-split-norm") and (name.startswith("split-norm") or w4a16.split_norm_enabled("auto"))
-        set_decode_pdl(runner.model, pdl, name in ("silu-epilogue", "split-norm-silu"), split)
+        silu = name in ("silu-epilogue", "split-norm-silu", "pf-o-gu16-silu") or w4a16.silu_epilogue_enabled("auto")
+        set_decode_pdl(runner.model, pdl, silu, split)
+        for module in runner.model.modules():  # (outside any capture: the copies are made or dropped here)
+            if isinstance(getattr(module, "quantized", None), w4a16.W4Weight):
+                module.quantized.use_blocked_m1(name in BLOCKED)
+        runner.model.l2_prefetch_plan = None  # the hints' spans follow the codes the kernels read
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)
     # a kernel that failed to compile under the last variant's config is tried again under this one's
     w4a16._mma1_failed.clear()

@@ -127,15 +127,28 @@ def paired_rows(pid_n, N, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
 
 @triton.jit
 def finish_tile_silu(acc, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, HALVES: tl.constexpr = False):
     """`finish_tile` for a `paired_rows` tile of the [gate | up] product at M = 1 (acc [BLOCK_N, 1]): writes
     silu(gate) * up for its BLOCK_N / 2 columns, rounded as kernels/ops.py's SiLU-and-mul rounds the gate_up
-    output it reads (gate and up to Out's dtype, silu to it, then the product): that kernel's bits, one launch less."""
+    output it reads (gate and up to Out's dtype, silu to it, then the product): that kernel's bits, one launch less.
+    HALVES: the last split sums the gate and the up halves apart from the partials, with no register shuffle of the
+    tile (the same bits; on sm_90 the tensor-core kernel's gate_up config as a split-norm consumer takes 79 registers
+    this way against 128 with the shuffle; the GEMV keeps the shuffle, which costs its tiles fewer)."""
     if PARTIAL:
         tl.store(Part + pid_k.to(tl.int64) * N + rn[:, None], acc)
         tl.debug_barrier()
         ticket = tl.atomic_add(Tickets + pid_n, 1, sem="acq_rel", scope="gpu")
-        if ticket == split - 1:
+        if HALVES:
+            if ticket == split - 1:  # each half summed in split order, as the tile below
+                half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+                gate = tl.zeros((BLOCK_N // 2,), dtype=tl.float32)
+                up = tl.zeros((BLOCK_N // 2,), dtype=tl.float32)
+                for s_ in range(split):
+                    gate += tl.load(Part + s_ * N + half, cache_modifier=".cg")
+                    up += tl.load(Part + s_ * N + half + N // 2, cache_modifier=".cg")
+                _silu_halves_store(gate, up, Out, half)
+                tl.atomic_xchg(Tickets + pid_n, 0, sem="relaxed", scope="gpu")
+        elif ticket == split - 1:
             total = tl.zeros_like(acc)
             for s_ in range(split):
                 total += tl.load(Part + s_ * N + rn[:, None], cache_modifier=".cg")
@@ -143,6 +156,15 @@ def finish_tile_silu(acc, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIA
             tl.atomic_xchg(Tickets + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         _silu_store(acc, Out, pid_n, BLOCK_N)
+
+
+@triton.jit
+def _silu_halves_store(gate, up, Out, cols):
+    """silu(gate) * up rounded as ops.silu_and_mul rounds (gate and up to Out's dtype, silu to it, the product)."""
+    dtype = Out.dtype.element_ty
+    g = gate.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(Out + cols, (act * up.to(dtype).to(tl.float32)).to(dtype))
 
 
 @triton.jit

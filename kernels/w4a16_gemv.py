@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
+from .l2_prefetch import L2Plan, launch_args, prefetch_next
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
 from .w4a16_gemm import CHUNK, SLICE
@@ -239,6 +240,9 @@ def _gemv_kernel(
     # kernels/split_norm.py: NORM 1 (a producer) finishes its tiles as `finish_tile_add_norm` (Res, NormW, NewRes;
     # SumSq its tile sums); NORM 2 (a consumer: X is the producer's u) scales its products by rstd from SumSq's n_sum
     Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
+    # kernels/l2_prefetch.py: PF 1 / 2 hints the next linear's first bytes into L2 before / after the loop
+    PfA=None, pf_a=0, piece_a=0, PfB=None, pf_b=0, piece_b=0, pf_first=0, pf_issuers=0, PF: tl.constexpr = 0,
+    PF_THREADS: tl.constexpr = 32, PF_LANES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -254,6 +258,8 @@ def _gemv_kernel(
     ONE_GROUP: tl.constexpr = SLICES_PER_GROUP == 4  # a chunk inside one group: one load of its parameters a step
     if PREFETCH:  # the next step's words are loaded before this step's math
         w_next = _load_words(w_ptrs, c_first, rw, n_mask, c_end, BLOCK_N, CHUNKS)
+    if PF == 1:  # the next linear's first bytes toward L2 (constants: before the PDL wait too)
+        prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if USE_PDL:  # launched beside its predecessor: the weights (constants) are in flight, now wait for x
         tl.extra.cuda.gdc_wait()
         if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
@@ -293,6 +299,8 @@ def _gemv_kernel(
             if HAS_OFFSETS:
                 acc += o * xs[None, :, :]
     y = tl.sum(tl.sum(acc, 2), 1)[:, None]  # [BLOCK_N, 1]
+    if PF == 2:  # after this launch's own loads
+        prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if NORM == 2:
         y = y * rstd_of(SumSq, n_sum, K, eps, BLOCK_T)
     if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
@@ -311,7 +319,7 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
                perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
                tickets: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool = False,
                silu_mul: bool = False, add_norm: AddNorm | None = None,
-               pending: PendingNorm | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
+               pending: PendingNorm | None = None, l2: L2Plan | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemm.w4a16_matmul`'s, plus
     `tickets` (`tickets_for(N)`: zero at rest; a fresh zeroed buffer per call when None). `pdl`: launch with
     programmatic dependent launch (sm_90+): the kernel becomes resident while its predecessor runs, loads
@@ -319,7 +327,8 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
     (results bit-identical; the launch and the first weight round trip are hidden). `silu_mul`: the weight is the
     MLP's [gate | up] and the result silu(gate) * up, [1, N / 2] (`small_m.finish_tile_silu`: ops.silu_and_mul's bits).
     `add_norm` / `pending` (kernels/split_norm.py): as the producer it returns (PendingNorm, new residual); as the
-    consumer x is `pending.u` and the result the product of the normed row."""
+    consumer x is `pending.u` and the result the product of the normed row. `l2`: the next linear's bytes to hint
+    into L2 (kernels/l2_prefetch.py; results unchanged)."""
     if pending is not None:
         x = pending.u
     m = x.shape[0]
@@ -371,5 +380,6 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         CHUNKS=cfg.chunks,
         num_warps=cfg.num_warps, num_stages=1,  # Triton 3.6 does not pipeline these loads: PREFETCH does
         **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}), **norm,
+        **launch_args(l2, grid[0] * grid[1], cfg.num_warps * 32, x.device),
     )
     return out if produced is None else produced

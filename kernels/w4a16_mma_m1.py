@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
+from .l2_prefetch import L2Plan, launch_args, prefetch_next
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
 from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
@@ -128,6 +129,17 @@ def step_groups(chunks: int, group_size: int) -> int:
     if group_size % cols == 0:
         return 1
     return (cols - 1) // group_size + 2
+
+
+def block_codes(codes: torch.Tensor, block_n: int) -> torch.Tensor:
+    """`pack_codes`' [N, Kp / 4] codes rearranged for row tiles of `block_n` rows: tile by tile, chunk by chunk, a
+    chunk's block_n x 64 bytes one contiguous run (a loop step of the M = 1 kernel reads CHUNKS such runs, not
+    64-byte pieces of block_n rows a row apart). Same shape and bytes; only `w4a16_mma_m1(..., blocked=block_n)`
+    reads it."""
+    n, kw = codes.shape
+    if n % block_n or kw % 32:
+        raise ValueError(f"block_codes: {n} rows of {kw} halfwords do not make tiles of {block_n} rows x 32 halfwords")
+    return codes.view(n // block_n, block_n, kw // 32, 32).permute(0, 2, 1, 3).contiguous().view(n, kw)
 
 
 @triton.jit
@@ -221,9 +233,12 @@ def _mma1_kernel(
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
     SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr,
+    CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, BLOCKED: tl.constexpr = False,
     # the split norm (kernels/split_norm.py, as in w4a16_gemv._gemv_kernel): NORM 1 producer, 2 consumer
     Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
+    # kernels/l2_prefetch.py: PF 1 / 2 hints the next linear's first bytes into L2 before / after the loop
+    PfA=None, pf_a=0, piece_a=0, PfB=None, pf_b=0, piece_b=0, pf_first=0, pf_issuers=0, PF: tl.constexpr = 0,
+    PF_THREADS: tl.constexpr = 32, PF_LANES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(1 if SPLIT_MAJOR else 0)
     pid_k = tl.program_id(0 if SPLIT_MAJOR else 1)
@@ -234,7 +249,12 @@ def _mma1_kernel(
     n_mask = rn < N
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
-    c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
+    if BLOCKED:  # `block_codes`: the tile's rows chunk by chunk, each chunk's BLOCK_N x 64 B one contiguous run
+        c_ptrs = Codes + pid_n.to(tl.int64) * n_chunks * (BLOCK_N * 32) + tl.arange(0, BLOCK_N)[:, None] * 32 + ri[None, :]
+        CHUNK_STRIDE: tl.constexpr = BLOCK_N * 32
+    else:
+        c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
+        CHUNK_STRIDE: tl.constexpr = 32
     g_base = _group_of(c_first, 0, G, group_size, SLICE_SHIFT)  # the split's groups: window columns 0..15
     # the group sums X_j by the MMA too: a row of ones against the same activation tiles (row 0 of xsum)
     if IEEE:
@@ -245,6 +265,8 @@ def _mma1_kernel(
         ones = (tl.where(r16[:, None] == 0, 1.0, 0.0) + tl.zeros((16, 32), dtype=tl.float32)).to(tl.float16)
     acc = tl.zeros((BLOCK_N, WIN), dtype=tl.float32)  # raw sums sum x (off + c), one window column per group
     xsum = tl.zeros((16, WIN), dtype=tl.float32)
+    if PF == 1:  # the next linear's first bytes toward L2 (constants: before the PDL wait too)
+        prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if not SILU:  # the gate_up SiLU epilogue's successor is the down projection: it launches after the loop
@@ -257,9 +279,9 @@ def _mma1_kernel(
             # the last split's short step: a chunk past its end reads zero codes and zero x
             live = (ri * 0 + c) < c_end
             if EVEN:  # whole steps, whole chunks, whole row tiles: no masks but the window column's
-                h = tl.load(c_ptrs + c * 32)
+                h = tl.load(c_ptrs + c * CHUNK_STRIDE)
             else:
-                h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None] & live[None, :], other=0)
+                h = tl.load(c_ptrs + c * CHUNK_STRIDE, mask=n_mask[:, None] & live[None, :], other=0)
             for j in tl.static_range(4):
                 kk = c * 128 + j * 32 + ri
                 if EVEN:
@@ -300,13 +322,15 @@ def _mma1_kernel(
     if HAS_OFFSETS:
         total += tl.load(Offsets + sg, mask=gmask, other=0.0) * xs[None, :]
     y = tl.sum(total, 1)[:, None]  # [BLOCK_N, 1]
+    if PF == 2:  # after this launch's own loads
+        prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if NORM == 2:
         y = y * rstd_of(SumSq, n_sum, K, eps, BLOCK_T)
     if USE_PDL and SILU:  # (early, its programs would hold the SMs this launch still needs)
         tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, 1)
     if SILU:
-        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N)
+        finish_tile_silu(y, Out, Part, Tickets, rn, pid_n, pid_k, N, split, PARTIAL, BLOCK_N, True)
     elif NORM == 1:
         finish_tile_add_norm(y, Out, Part, Tickets, rn, n_mask, pid_n, pid_k, N, split, Res, NormW, NewRes, SumSq,
                              PARTIAL)
@@ -318,9 +342,12 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
                  perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
                  tickets: torch.Tensor | None = None, cfg: Mma1Config | None = None, pdl: bool = False,
                  silu_mul: bool = False, add_norm: AddNorm | None = None,
-                 pending: PendingNorm | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
+                 pending: PendingNorm | None = None, l2: L2Plan | None = None,
+                 blocked: int = 0) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s (`silu_mul`: [1, N / 2],
-    silu(gate) * up of the MLP's [gate | up] weight; `add_norm` / `pending`: the split norm's producer / consumer)."""
+    silu(gate) * up of the MLP's [gate | up] weight; `add_norm` / `pending`: the split norm's producer / consumer;
+    `l2`: the next linear's bytes to hint into L2; `blocked`: `codes` is `block_codes(codes, blocked)`, for a
+    config of that row tile)."""
     if pending is not None:
         x = pending.u
     m = x.shape[0]
@@ -332,6 +359,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     slices = group_size // SLICE
     if step_groups(cfg.chunks, group_size) > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
         raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {cfg.window})")
+    if blocked and (blocked != cfg.block_n or n % blocked or silu_mul):
+        raise ValueError(f"w4a16_mma_m1: codes blocked by {blocked} rows for {cfg.key()} (N {n}, silu_mul {silu_mul})")
     if silu_mul and (n // 2) % (cfg.block_n // 2):
         raise ValueError(f"w4a16_mma_m1: silu_mul needs N / 2 a multiple of half the row tile ({n}, {cfg.key()})")
     out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
@@ -374,8 +403,10 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
             SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
-            EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, BLOCKED=bool(blocked), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}), **norm,
+            **launch_args(l2, grid[0] * grid[1], cfg.num_warps * 32, x.device),
         )
 
     _launch_with_asm_fallback(launch, x.is_cuda and magic != 0)

@@ -221,9 +221,9 @@ class ModelRunner:
             pdl = pdl_enabled(self.args.decode_pdl, self.device, quantized)
             # the quantized linears' M = 1 kernels (4-bit GEMV, FP8 small-M) too, the 4-bit gate_up's SiLU epilogue
             # and the 4-bit decode's split norms
-            from radixlm.runtime.quantization.w4a16 import split_norm_enabled
+            from radixlm.runtime.quantization.w4a16 import silu_epilogue_enabled, split_norm_enabled
 
-            set_decode_pdl(self.model, pdl, self.args.decode_silu_epilogue == "on",
+            set_decode_pdl(self.model, pdl, silu_epilogue_enabled(self.args.decode_silu_epilogue),
                            split_norm_enabled(self.args.decode_split_norm))
             from radixlm.runtime.dense_gemv import attach_dense_gemv, norm_fusion_enabled
 

@@ -282,10 +282,10 @@ class ServerArgs:
         "benchmarks/RESULTS.md); on; off",
         str, choices=("auto", "on", "off"))
     decode_silu_epilogue: str = _flag(
-        "off", "runtime", "batch-1 decode of 4-bit models: compute SiLU-and-mul in the last split of the gate_up "
-        "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). off by default: on "
-        "the H200 it ran 408.3 against 421.3 tok/s without it (8B shape, GPTQ 4-bit, benchmarks/RESULTS.md)",
-        str, choices=("on", "off"))
+        "auto", "runtime", "batch-1 decode of 4-bit models: compute SiLU-and-mul in the last split of the gate_up "
+        "kernel (gate and up rows paired in its tiles; the same bits, one launch less a layer). auto: off (on the "
+        "H200 it ran 408.3 against 421.3 tok/s without it, 8B shape, GPTQ 4-bit, benchmarks/RESULTS.md); on; off",
+        str, choices=("auto", "on", "off"))
     decode_split_norm: str = _flag(
         "auto", "runtime", "batch-1 decode of 4-bit models on a GPU: split each residual add + RMSNorm across the "
         "M = 1 linears around it (o / down finish their tiles with the new residual, its product with the norm's "

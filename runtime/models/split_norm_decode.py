@@ -60,7 +60,9 @@ def forward_layers(model: LlamaForCausalLM, batch: ForwardBatch, attn: PagedAtte
     """Every layer of a decode row from the embedding's `hidden`: (the last layer's output, its residual), as the
     decoder's own loop returns them for the final norm."""
     from radixlm.kernels.split_norm import AddNorm
+    from radixlm.runtime.models import w4_l2_prefetch
 
+    w4_l2_prefetch.ensure(model)  # each linear's L2 hints of the next one's bytes (off unless planned)
     ops = model.ops
     layers = model.layers
     eps = model.cfg.rms_norm_eps

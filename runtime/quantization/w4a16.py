@@ -23,10 +23,14 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixlm.runtime.quantization.base import DequantizedRows, QuantizedWeight
+
+if TYPE_CHECKING:
+    from radixlm.kernels.l2_prefetch import L2Plan
 
 # Set from the H200 small-M table of 2026-12-03 (benchmarks/quantized.py, RESULTS.md): dequantize +
 # cuBLAS beat the tiled kernel at 256 rows on 3 of the 4 8B shapes (354 vs 427 us summed), lost at 64 on all.
@@ -41,6 +45,8 @@ SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_sm
 # GPTQ 4-bit decode on the H200 (2026-12-04 19:49, one process) 2.299 vs 2.337 ms a step, its decode graph 2,057
 # vs 2,145 µs (benchmarks/RESULTS.md).
 SPLIT_NORM_AUTO = True
+# --decode-silu-epilogue auto: gate_up's SiLU-and-mul in its kernel's last split (one launch a layer fewer).
+SILU_EPILOGUE_AUTO = False
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 _mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
 logger = logging.getLogger(__name__)
@@ -49,6 +55,11 @@ logger = logging.getLogger(__name__)
 def split_norm_enabled(mode: str) -> bool:
     """--decode-split-norm `mode` (auto / on / off) resolved."""
     return mode == "on" or (mode == "auto" and SPLIT_NORM_AUTO)
+
+
+def silu_epilogue_enabled(mode: str) -> bool:
+    """--decode-silu-epilogue `mode` (auto / on / off) resolved."""
+    return mode == "on" or (mode == "auto" and SILU_EPILOGUE_AUTO)
 
 
 def _compile_failure(exc: Exception) -> bool:
@@ -120,6 +131,10 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
             self.tickets = tickets_for(self.out_features, self.codes.device)
         self._float_weight: torch.Tensor | None = None  # the CPU reference's weight, made on first use
+        # the next linear's first bytes its M = 1 kernel hints into L2 (runtime/models/w4_l2_prefetch.py sets it)
+        self.l2_next: L2Plan | None = None
+        self.codes_m1: torch.Tensor | None = None  # `use_blocked_m1`'s copy of the codes, blocked by m1_blocked rows
+        self.m1_blocked = 0
 
     @property
     def format(self) -> str:
@@ -132,7 +147,8 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self.tickets, self._float_weight)
+        tensors = [t for t in (self.codes, self.scales, self.zeros, self.offsets, self.perm, self.tickets, self._float_weight,
+                               self.codes_m1)
                    if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -193,11 +209,15 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         kernel = self._m1_kernel() if self.split_norm_serves() else None
         if kernel is None or (silu_mul and not self._silu_halves_fit(kernel[1])):
             return None
+        from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1  # (Triton: only once a GPU kernel serves the weight)
+
         run = kernel[0]
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
+        codes, blocked = self._m1_codes() if run is w4a16_mma_m1 and not silu_mul else (self.codes, 0)
         try:
-            return run(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul)
+            return run(x2, codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                       self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul,
+                       l2=self.l2_next, **({"blocked": blocked} if blocked else {}))
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
             if not _compile_failure(exc):
                 raise
@@ -251,13 +271,36 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         return small_m.enabled() and mma1_table_config(self.out_features, self.in_features) is not None
 
+    def use_blocked_m1(self, on: bool) -> bool:
+        """Give the tensor-core M = 1 kernel a copy of the codes in `block_codes`' layout for its table's row tile (an
+        experiment: twice this weight's code bytes; benchmarks/w4_decode_step.py's blocked variants), or drop it.
+        Returns whether the copy is in use."""
+        from radixlm.kernels.w4a16_mma_m1 import block_codes, mma1_table_config
+
+        cfg = mma1_table_config(self.out_features, self.in_features) if on and self.use_triton else None
+        fits = cfg is not None and self.out_features % cfg.block_n == 0
+        self.codes_m1 = block_codes(self.codes, cfg.block_n) if fits else None
+        self.m1_blocked = cfg.block_n if fits else 0
+        return fits
+
+    def _m1_codes(self) -> tuple[torch.Tensor, int]:
+        """The tensor-core kernel's codes and their row blocking (0: the weight's own layout), the blocked copy only
+        while the table's row tile is still the one it was made for."""
+        from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
+
+        cfg = mma1_table_config(self.out_features, self.in_features)
+        if self.codes_m1 is not None and cfg is not None and cfg.block_n == self.m1_blocked:
+            return self.codes_m1, self.m1_blocked
+        return self.codes, 0
+
     def _mma1(self, x2: torch.Tensor) -> torch.Tensor:
         """The tensor-core M = 1 kernel; if it fails to compile here, say so once and use the GEMV path from then on."""
         from radixlm.kernels.w4a16_mma_m1 import w4a16_mma_m1
 
+        codes, blocked = self._m1_codes()
         try:
-            return w4a16_mma_m1(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                                self.offsets, self.tickets, pdl=self.pdl)
+            return w4a16_mma_m1(x2, codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
+                                self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next, blocked=blocked)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the GEMV computes the same
             if not _compile_failure(exc):
                 raise
@@ -273,7 +316,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         try:
             return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                              self.offsets, self.tickets, pdl=self.pdl)
+                              self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
             if not _compile_failure(exc):
                 raise

@@ -124,25 +124,34 @@ def test_decoder_with_the_split_norm_decodes_the_same_tokens(tmp_path, monkeypat
     monkeypatch.setattr(w4a16, "DEQUANT_MIN_M", 2)  # prefill rows: dequantize + torch (the interpreter is slow)
     from radixlm.kernels import w4a16_gemv as gemv_module  # wide row tiles, one split: few interpreted programs
 
-    monkeypatch.setattr(gemv_module, "gemv_default_config", lambda n, k: GemvConfig(block_n=64, chunks=1, split_k=1))
+    split_k = [1]  # "silu": gate_up's SiLU epilogue, and two splits where K has two chunks (down)
+    monkeypatch.setattr(gemv_module, "gemv_default_config",
+                        lambda n, k: GemvConfig(block_n=64, chunks=1, split_k=split_k[0]))
     splits: list[bool] = []
     inner = split_norm_decode.forward_layers
     monkeypatch.setattr(split_norm_decode, "forward_layers", lambda *a: (splits.append(True), inner(*a))[1])
     torch.set_num_threads(1)
     runs = {}
-    for on in (False, True):
+    for mode in ("off", "on", "silu"):
+        on = mode != "off"
+        split_k[0] = 2 if mode == "silu" else 1
+        # "silu": also L2 hints planned (none issued off the GPU: the plan's wiring and launch arguments run)
+        monkeypatch.setenv("RADIXLM_W4_L2_PREFETCH", "o:all:2,gate_up:16:1,down:8:2,qkv:4:2" if mode == "silu" else "")
         sched = make_scheduler(model_dir, dtype="float32", decode_split_norm="on" if on else "off")
         sched.runner.model.decode_stack = None  # the layers in Python, not the CPU's one-call decode step
         for module in sched.runner.model.modules():
             if isinstance(getattr(module, "quantized", None), W4Weight):
                 module.quantized.use_triton = True  # the Triton kernels, interpreted
                 module.quantized.split_norm = on  # (what the runner sets from --decode-split-norm on a GPU)
+                module.quantized.silu_epilogue = mode == "silu"
                 module.quantized.tickets = tickets(module.quantized.out_features, torch.device("cpu"))
         work = [greedy_req("one", [(7 * i) % sched.runner.vocab_size + 3 for i in range(8)], 3)]  # one decode row
-        runs[on] = {k: v["output_ids"] for k, v in run_to_completion(sched, work).items()}
+        runs[mode] = {k: v["output_ids"] for k, v in run_to_completion(sched, work).items()}
         assert_pool_idle(sched)
-        assert len(splits) == (2 if on else 0)  # every decode step (the first token comes from the prefill)
-    assert runs[True] == runs[False]
+        assert len(splits) == {"off": 0, "on": 2, "silu": 4}[mode]  # every decode step (the first from the prefill)
+        first = sched.runner.model.layers[0]
+        assert (first.self_attn.qkv_proj.quantized.l2_next is not None) is (mode == "silu")
+    assert runs["on"] == runs["off"] == runs["silu"]
 
 
 def test_flag_resolves_and_reaches_every_weight(monkeypatch) -> None:
@@ -154,6 +163,9 @@ def test_flag_resolves_and_reaches_every_weight(monkeypatch) -> None:
     assert [w4a16.split_norm_enabled(m) for m in ("auto", "on", "off")] == [False, True, False]
     monkeypatch.setattr(w4a16, "SPLIT_NORM_AUTO", True)
     assert [w4a16.split_norm_enabled(m) for m in ("auto", "on", "off")] == [True, True, False]
+    for auto in (False, True):  # --decode-silu-epilogue the same way
+        monkeypatch.setattr(w4a16, "SILU_EPILOGUE_AUTO", auto)
+        assert [w4a16.silu_epilogue_enabled(m) for m in ("auto", "on", "off")] == [auto, True, False]
     layer = torch.nn.Module()
     layer.quantized = _weight(16, 128, 5, "cpu")
     assert not layer.quantized.split_norm and not layer.quantized.split_norm_serves()

@@ -178,3 +178,41 @@ def test_mma_m1_silu_mul_epilogue_is_silu_and_mul_of_the_product(device, dtype):
         fused = w4a16_mma_m1(*args, tickets=tickets, cfg=cfg, silu_mul=True)
         assert fused.shape == (1, n // 2) and not tickets.any()
         assert torch.equal(fused, silu_and_mul(w4a16_mma_m1(*args, tickets=tickets, cfg=cfg)))
+
+
+def test_blocked_codes_give_the_same_bits(device):
+    """`block_codes`: each row tile's chunks as contiguous runs; the kernel reading them (blocked=block_n) computes the
+    same bits as on the weight's own layout, plain and as a split norm's producer / consumer; refused where the copy
+    does not fit the config (another row tile, N not whole tiles, the SiLU epilogue's paired rows)."""
+    from radixlm.kernels.split_norm import AddNorm, PendingNorm
+    from radixlm.kernels.w4a16_mma_m1 import block_codes
+
+    n, k = 64, 640  # 5 chunks: the splits' ends are not whole steps for chunks=2
+    w = _weight(n, k, 128, False, True, device)
+    codes = w.codes.cpu()
+    blocked = block_codes(codes, 16)
+    tile, chunk, row, half = 2, 3, 5, 7
+    assert blocked.view(-1)[((tile * 5 + chunk) * 16 + row) * 32 + half] == codes[tile * 16 + row, chunk * 32 + half]
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(1, k, generator=g) * 2).to(torch.bfloat16).to(device)
+    tickets = tickets_for(n, torch.device(device))
+    args = (w.scales, w.zeros, w.perm, k, w.group_size)
+    for cfg in CONFIGS:
+        copy = block_codes(w.codes, cfg.block_n)
+        plain = w4a16_mma_m1(x, w.codes, *args, tickets=tickets, cfg=cfg)
+        assert torch.equal(w4a16_mma_m1(x, copy, *args, tickets=tickets, cfg=cfg, blocked=cfg.block_n), plain)
+        pending = PendingNorm(x, (torch.rand(4, generator=g) * 64).to(device), 1e-5)
+        assert torch.equal(w4a16_mma_m1(None, copy, *args, tickets=tickets, cfg=cfg, pending=pending, blocked=cfg.block_n),
+                           w4a16_mma_m1(None, w.codes, *args, tickets=tickets, cfg=cfg, pending=pending))
+        add = AddNorm(torch.randn(1, n, generator=g).to(torch.bfloat16).to(device), torch.rand(n, generator=g).to(device),
+                      1e-5)
+        (p1, r1), (p2, r2) = (w4a16_mma_m1(x, c, *args, tickets=tickets, cfg=cfg, add_norm=add, blocked=b)
+                              for c, b in ((copy, cfg.block_n), (w.codes, 0)))
+        assert torch.equal(p1.u, p2.u) and torch.equal(p1.sumsq, p2.sumsq) and torch.equal(r1, r2)
+        assert not tickets.any()
+    cfg = CONFIGS[0]
+    for bad in ({"blocked": cfg.block_n * 2}, {"blocked": cfg.block_n, "silu_mul": True}):
+        with pytest.raises(ValueError, match="blocked"):
+            w4a16_mma_m1(x, block_codes(w.codes, cfg.block_n), *args, tickets=tickets, cfg=cfg, **bad)
+    with pytest.raises(ValueError, match="tiles"):
+        block_codes(codes[:40], 16)

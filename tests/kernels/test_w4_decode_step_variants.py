@@ -3,6 +3,8 @@ sweep-format JSON over the DEFAULTS, read at every call) as valid configs, its s
 attention's split count, and the defaults variant restores main's tables. (The timing itself runs on the H200.)"""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -30,6 +32,7 @@ def _mma1_defaults_kept():
     yield
     w4a16_mma_m1.DEFAULTS.clear()
     w4a16_mma_m1.DEFAULTS.update(kept)
+    os.environ.pop("RADIXLM_W4_L2_PREFETCH", None)  # (use_variant sets the L2 plan in the environment)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -69,8 +72,8 @@ def test_profile_names_the_tensor_core_kernel_a_gemm() -> None:
 
 def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> None:
     """pdl-off / silu-epilogue / split-norm / no-split-norm set what the runner set at load (every quantized weight's
-    switches and the ops bundle of the model and its attention), and the defaults put PDL back on with no epilogue
-    and the split norm as --decode-split-norm auto resolves."""
+    switches and the ops bundle of the model and its attention), and the defaults put PDL back on with the epilogue
+    and the split norm as --decode-silu-epilogue / --decode-split-norm auto resolve."""
     from types import SimpleNamespace
 
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
@@ -82,13 +85,61 @@ def test_pdl_and_epilogue_variants_switch_the_model(tmp_path, monkeypatch) -> No
     layer = torch.nn.Module()
     layer.quantized = W4Weight([W4Part(part.codes, part.scales, None, None)], 128, "test")
     runner = SimpleNamespace(model=torch.nn.Sequential(layer), attn_backend=SimpleNamespace(ops=None))
-    from radixlm.runtime.quantization.w4a16 import split_norm_enabled
+    from radixlm.runtime.quantization.w4a16 import silu_epilogue_enabled, split_norm_enabled
 
     auto = split_norm_enabled("auto")
-    for name, pdl, epilogue, split in (("pdl-off", False, False, auto), ("silu-epilogue", True, True, auto),
-                                       ("split-norm", True, False, True), ("split-norm-silu", True, True, True),
-                                       ("no-split-norm", True, False, False), ("no-split-norm-s8", True, False, False),
-                                       ("defaults", True, False, auto)):
+    silu = silu_epilogue_enabled("auto")
+    for name, pdl, epilogue, split in (("pdl-off", False, silu, auto), ("silu-epilogue", True, True, auto),
+                                       ("split-norm", True, silu, True), ("split-norm-silu", True, True, True),
+                                       ("pf-o-gu16-silu", True, True, auto),
+                                       ("no-split-norm", True, silu, False), ("no-split-norm-s8", True, silu, False),
+                                       ("defaults", True, silu, auto)):
         use_variant(name, tmp_path, runner)
         assert (layer.quantized.pdl, layer.quantized.silu_epilogue, layer.quantized.split_norm) == (pdl, epilogue, split)
         assert runner.model.ops.name == runner.attn_backend.ops.name == ("triton+pdl" if pdl else "triton"), name
+
+
+def test_prefetch_variants_set_their_plan(tmp_path, monkeypatch) -> None:
+    """Every pf-* variant is a variant with a valid L2 plan (runtime/models/w4_l2_prefetch.py), use_variant puts it
+    where the decoder reads it at the next capture, and every other variant puts back the default plan."""
+    from radixlm.benchmarks.w4_decode_step import PF_PLANS
+    from radixlm.runtime.models import w4_l2_prefetch
+
+    monkeypatch.delenv(w4_l2_prefetch.ENV, raising=False)
+    assert {n for n in VARIANTS if n.startswith("pf-")} == set(PF_PLANS)
+    for name, plan in PF_PLANS.items():
+        assert w4_l2_prefetch.parse(plan), name
+        use_variant(name, tmp_path)
+        assert w4_l2_prefetch.current_plan() == plan
+    use_variant("defaults", tmp_path)
+    assert w4_l2_prefetch.current_plan() == w4_l2_prefetch.DEFAULT_PLAN
+
+
+def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeypatch) -> None:
+    """blk / pf-o-gu16-blk: every weight the tensor-core M = 1 kernel serves gets `block_codes`' copy for its table's
+    row tile (and the L2 wiring is redone for it); any other variant drops the copies."""
+    from types import SimpleNamespace
+
+    from radixlm.benchmarks import w4_decode_step
+    from radixlm.kernels.w4a16_mma_m1 import block_codes
+    from radixlm.runtime.quantization.w4_formats import quantize_rtn
+    from radixlm.runtime.quantization.w4a16 import W4Weight
+
+    # a small shape in the table use_variant puts back
+    monkeypatch.setitem(w4_decode_step.MMA1_DEFAULTS, (64, 256), {1: "mma1-n32-c1-w1-sa-st2-g1-j8-r1"})
+    served = W4Weight([quantize_rtn(torch.randn(64, 256), 128, True)], 128, "test")
+    other = W4Weight([quantize_rtn(torch.randn(48, 256), 128, True)], 128, "test")
+    for w in (served, other):
+        w.use_triton = True  # (as on a GPU: the blocked copy is made only for the Triton kernels)
+    layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+    layers[0].quantized, layers[1].quantized = served, other
+    runner = SimpleNamespace(model=torch.nn.Sequential(layers), attn_backend=SimpleNamespace(ops=None))
+    for name in ("blk", "pf-o-gu16-blk"):
+        runner.model.l2_prefetch_plan = "stale"
+        use_variant(name, tmp_path, runner)
+        assert served.m1_blocked == 32 and torch.equal(served.codes_m1, block_codes(served.codes, 32))
+        assert served._m1_codes() == (served.codes_m1, 32)
+        assert other.codes_m1 is None and other.m1_blocked == 0  # not a tensor-core shape
+        assert runner.model.l2_prefetch_plan is None
+    use_variant("defaults", tmp_path, runner)
+    assert served.codes_m1 is None and served._m1_codes() == (served.codes, 0)
