@@ -47,6 +47,18 @@ def make_scheduler(model_dir: Path, tokenizer: Any = None, **options: Any) -> Sc
 _UNSET = object()
 
 
+def time_calls(owner: Any, name: str, add: Callable[[float], None]) -> None:
+    """Replace `owner.name` (a method of an object, or of a class) by a wrapper that gives each call's seconds to `add`."""
+    fn: Callable = getattr(owner, name)
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        result = fn(*a, **k)
+        add(time.perf_counter() - t)
+        return result
+    setattr(owner, name, timed)
+
+
 class StepRecorder:
     """Wraps the runner's forward (CUDA events) and any host methods (perf_counter totals)."""
 

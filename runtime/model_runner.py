@@ -236,6 +236,13 @@ class ModelRunner:
             small = attach_dense_small_m(self.model, pdl)  # 2..16 rows (verify steps) where measured faster
             if small:
                 logger.info("bf16 small-M kernel on %d linear layers (e.g. %s)", len(small), small[0])
+            from radixlm.runtime.dense_row_blocks import attach_row_blocks, resolve_rows
+
+            rows = resolve_rows(self.args.gemm_row_block)  # prefill chunks' products over weights larger than L2
+            blocked = attach_row_blocks(self.model, rows, torch.cuda.get_device_properties(self.device).L2_cache_size)
+            if blocked:
+                logger.info("products of more than %d rows in row blocks on %d linear layers (e.g. %s)", rows,
+                            len(blocked), blocked[0])
             if self.lora is not None:  # the stacked LoRA weights' one-row products take the same GEMVs
                 self.lora.pool.attach_gemv(pdl)
         ops = get_kernel_ops(triton, pdl)

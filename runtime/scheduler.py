@@ -50,6 +50,11 @@ MIX_MAX_DECODE_KV_TOKENS = 131072
 # benchmarks/b_levers.py: ~7.5 ms of host work a chunk hidden). Fewer, longer prompts a chunk — cache-off
 # (e)'s ~8 of 1,088 tokens, (d)'s 4 of 2,048 — were not measured and stay synchronous.
 OVERLAP_PREFILL_MIN_REQUESTS = 12
+# A decode step may also go ahead of the commit when it needs cached KV evicted for its slots (free + evictable
+# slots hold it), not only when free slots do. Off until measured on the H200: replaying workload (b)'s schedule
+# on the CPU, 105 of its 511 decode steps wait for the commit without it, none with it (benchmarks/RESULTS.md,
+# thru9; benchmarks/b_schedule_cpu.py; `benchmarks/b_levers.py --items evict` is the H200 A/B).
+AHEAD_WITH_EVICTION = False
 
 
 class Scheduler:
@@ -315,7 +320,9 @@ class Scheduler:
     def _can_schedule_before_commit(self) -> bool:
         """The next step can go ahead before the uncommitted one is committed: nothing to admit or
         extend (unless the uncommitted step is a prefill step: `step_results.launch_prefill`), and no
-        retraction needed (it would free the slots of a token on the device).
+        retraction needed (it would free the slots of a token on the device). With AHEAD_WITH_EVICTION,
+        evicting cached KV too (no running request holds it; a slot the step in flight reads is rewritten
+        only after it on the stream); without it, free slots alone decide.
 
         Scheduling a prefill ahead of a decode step's commit was tried (benchmarks/RESULTS.md,
         issue 8): on workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower.
@@ -329,7 +336,7 @@ class Scheduler:
             return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
-        return self.kv_pool.available() >= len(self.running)
+        return (self._free_tokens() if AHEAD_WITH_EVICTION else self.kv_pool.available()) >= len(self.running)
 
     def _may_admit(self) -> bool:
         """Some waiting request could be admitted now (with LoRA, requests whose adapter cannot get a

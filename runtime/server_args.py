@@ -268,6 +268,12 @@ class ServerArgs:
         "kernel (kernels/gdc.py; same results). auto: on (batch-1 decode on the H200: 4-bit +8%, fp8 +7%, bf16 with "
         "the M = 1 GEMV +1.4%: benchmarks/RESULTS.md); on: where the device has it",
         str, choices=("auto", "on", "off"))
+    gemm_row_block: int | None = _flag(
+        None, "runtime", "on a GPU, run products of more rows than this (prefill chunks) through the dense bf16 / fp16 "
+        "weights larger than twice the L2 (the MLP's gate_up and down, and the LM head, at the 8B shape) as blocks of this many rows, so "
+        "each block's activations stay in L2 while the weight streams (runtime/dense_row_blocks.py); 0: one product. "
+        "auto: off until measured in the engine (gate_up / down alone ran 8-10% faster per row at 1,024 rows than at "
+        "8,192 on the H200: benchmarks/RESULTS.md)", int, minimum=0, default_text="auto")
     decode_gemv_norm: str = _flag(
         "auto", "runtime", "batch-1 decode of bf16 / fp16 models on a GPU: compute each residual add + RMSNorm inside "
         "the loads of the M = 1 GEMV that follows it (qkv, gate_up; where kernels/bf16_gemv.py's table gives those "

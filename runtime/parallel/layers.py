@@ -24,6 +24,7 @@ from radixlm.runtime.quantization.base import QuantizedWeight, linear_forward
 
 if TYPE_CHECKING:
     from radixlm.runtime.dense_gemv import DenseGemv
+    from radixlm.runtime.dense_row_blocks import RowBlocks
     from radixlm.runtime.dense_small_m import DenseSmallM
     from radixlm.runtime.lora.pool import LoRAProjection
 
@@ -111,13 +112,17 @@ def _tp_group() -> dist.ProcessGroup | None:
     return None if state is None else state.tp_group
 
 
-def _row_kernel(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor) -> DenseGemv | DenseSmallM | None:
+def _row_kernel(layer: ColumnParallelLinear | RowParallelLinear,
+                x: torch.Tensor) -> DenseGemv | DenseSmallM | RowBlocks | None:
     """The layer's measured kernel for x's rows: the M = 1 GEMV for one row, the small-M kernel for the row counts
-    it was measured faster at (a verify step's 2..16), or None (torch's product)."""
+    it was measured faster at (a verify step's 2..16), row blocks for a prefill chunk's rows
+    (`runtime/dense_row_blocks.py`), or None (torch's product)."""
     if layer.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
         return layer.gemv
     if layer.small_m is not None and layer.small_m.covers(x):
         return layer.small_m
+    if layer.row_blocks is not None and layer.row_blocks.covers(x):
+        return layer.row_blocks
     return None
 
 
@@ -135,12 +140,14 @@ class ColumnParallelLinear(nn.Linear):
     `quantized`: the weight's packed form when the loader chose one (then `weight` is empty).
     `lora`: the batch's LoRA adapters' update, added to the output (--enable-lora).
     `gemv`: the bf16 M = 1 kernel measured faster than cuBLAS for this shape (`runtime/dense_gemv.py`), or None;
-    `small_m`: the 2..16-row one (`runtime/dense_small_m.py`, a verify step's rows), or None."""
+    `small_m`: the 2..16-row one (`runtime/dense_small_m.py`, a verify step's rows), or None;
+    `row_blocks`: large products in blocks of rows (`runtime/dense_row_blocks.py`, a prefill chunk's rows), or None."""
 
     quantized: QuantizedWeight | None = None
     lora: LoRAProjection | None = None
     gemv: DenseGemv | None = None
     small_m: DenseSmallM | None = None
+    row_blocks: RowBlocks | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pending = None if self.lora is None else self.lora.begin(x)  # may run beside the GEMM, or do it (stacked)
@@ -167,12 +174,14 @@ class ColumnParallelLinear(nn.Linear):
 
 class RowParallelLinear(nn.Linear):
     """Holds this rank's input features only; the partial products are summed over the TP group
-    by one all-reduce. No bias (Llama-family o_proj / down_proj have none)."""
+    by one all-reduce. No bias (Llama-family o_proj / down_proj have none). Its kernels as the column-parallel
+    layer's."""
 
     quantized: QuantizedWeight | None = None
     lora: LoRAProjection | None = None
     gemv: DenseGemv | None = None
     small_m: DenseSmallM | None = None
+    row_blocks: RowBlocks | None = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
