@@ -53,6 +53,7 @@ from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     sync,
     verify_kernel_split,
 )
+from radixlm.benchmarks.spec_step_trace import StepTrace, goal_terms  # noqa: E402
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -83,7 +84,8 @@ CHAT_TASKS = [
 
 
 # ------------------------------------------------------------------------------ shared
-VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)"}
+VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)",
+            "eager": "prefill steps synchronous, n-gram indexes warmed every step (before spec8)"}
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -93,21 +95,28 @@ def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) 
     return Scheduler(args, model_dir, tokenizer)
 
 
-def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter
-        ) -> tuple[float, dict[str, list[int]]]:
+def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter,
+        marks: dict | None = None) -> tuple[float, dict[str, list[int]]]:
     """Time to finish every request (wall clock, or this process's CPU time: on a shared, loaded
     CPU machine wall time swings 10x with the neighbours' load, CPU time of one thread far less),
-    and their outputs."""
+    and their outputs. `marks`: filled with "start", "end" and "first_decode" (the clock once the step
+    that launched the first decode step returned: the prompts' prefill and admission before it)."""
     outs: dict[str, list[int]] = {r.rid: [] for r in reqs}
     start = clock()
+    decode_steps, first = sched.stats["decode_steps"], None
     for r in reqs:
         sched.handle(r)
     while not sched.idle:
         sched.step()
+        if first is None and sched.stats["decode_steps"] > decode_steps:
+            first = clock()
         for o in sched.pop_outputs():
             outs[o.rid] += o.output_ids
     sync(sched.device)
-    return clock() - start, outs
+    end = clock()
+    if marks is not None:
+        marks.update(start=start, end=end, first_decode=first if first is not None else end)
+    return end - start, outs
 
 
 def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt_len: int, repeats: int,
@@ -224,8 +233,11 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     runs' tokens per request, {False: off, True: on}. `variants`: more spec-on arms, each with its own
     SpecDecoder, reported as `*_<name>`: "noahead" (verify steps launched only after the previous one's
     results: --disable-speculative-ahead), "nodry" (dry requests' steps synchronous and measured, as
-    before SpecDecoder.dry_overlap)."""
-    kept_ahead = sched.spec_ahead
+    before SpecDecoder.dry_overlap), "eager" (prefill steps synchronous and the n-gram indexes warmed every step,
+    drafting or not: as before spec8). Per arm the prompts' share of each run (to the first decode step); per
+    spec-on run its own tokens per verify step and x/accept; at batch 1 the spec-on runs' step traces
+    (spec_step_trace.py: where each run's time goes, by step kind)."""
+    kept_ahead, kept_prefill = sched.spec_ahead, sched.overlap_prefill
     best: dict = {False: float("inf"), True: float("inf")}
     runs: dict = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict = {}
@@ -233,6 +245,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for name, other in others.items():
         best[name], runs[name] = float("inf"), []
         other.dry_overlap = name != "nodry"
+        other.lazy_warm = name != "eager"
+    prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
+    per_run: list[dict] = []  # spec-on runs: their verify steps, tokens, x/accept and (batch 1) step trace
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
     spec = fresh_spec(sched, topk)
     reference: dict[tuple[int, ...], list[int]] = {}
@@ -271,18 +286,33 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         for on in (False, True, *others):
             sched.spec = spec if on is True else others.get(on) if on else None  # type: ignore[call-overload]
             sched.spec_ahead = kept_ahead and on != "noahead"
+            sched.overlap_prefill = kept_prefill and on != "eager"
             arm[0] = on
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-            total, merged = 0.0, {}
+            total, merged, to_decode = 0.0, {}, 0.0
             steps_before = sched.stats["decode_steps"]
+            verify_before = (spec.verify_steps, spec.verify_tokens)
+            traces = []
             for g, group in enumerate(groups):
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
-                dt, o = run(sched, reqs, clock)
+                marks: dict = {}
+                if on is True and batch == 1 and sched.device.type == "cuda":
+                    with StepTrace(sched) as trace:
+                        dt, o = run(sched, reqs, clock, marks)
+                    traces.append(trace.split(marks["start"], marks["end"]))
+                else:
+                    dt, o = run(sched, reqs, clock, marks)
                 total += dt
+                to_decode += marks["first_decode"] - marks["start"]
                 merged.update(o)
             on_steps += (sched.stats["decode_steps"] - steps_before) if on is True else 0
+            prefill_s[on].append(round(to_decode, 4))
+            if on is True:
+                steps, emitted = spec.verify_steps - verify_before[0], spec.verify_tokens - verify_before[1]
+                per_run.append({"s": total, "verify_steps": steps, "accept": emitted / steps if steps else 1.0,
+                                "traces": traces})
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
@@ -292,7 +322,15 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for name in spec_calls:
         delattr(spec, name)
     gc.callbacks.remove(on_gc)  # the instance attribute goes, the method shows again
-    sched.spec, sched.spec_ahead = spec, kept_ahead
+    sched.spec, sched.spec_ahead, sched.overlap_prefill = spec, kept_ahead, kept_prefill
+    # each spec-on run against the best spec-off run, with its own tokens per verify step (the figure of the
+    # cell pairs the best run's speed-up with the mean over all runs: the runs' acceptance differs, the first
+    # run's payoff exploring)
+    for r in per_run:
+        x = best[False] / r["s"]
+        r.update(speedup=round(x, 3), accept=round(r["accept"], 3), x_per_accept=round(x / r["accept"], 3),
+                 goal_terms=[goal_terms(t, best[False] / len(r["traces"])) for t in r["traces"]] or None)
+        del r["s"]
     if outputs is not None:
         outputs.update(outs)
     info = spec.info()
@@ -333,6 +371,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         # every run of each arm: collections of generation 0 / 1 / 2 and their pauses (ms)
         "gc": {("on" if on is True else on or "off"): {"gen0": c[0], "gen1": c[1], "gen2": c[2],
                                                         "pause_ms": round(c[3] * 1e3, 2)} for on, c in collected.items()},
+        # per arm, every run's seconds to its first decode step (prompts admitted and prefilled)
+        "to_first_decode_s": {("on" if on is True else on or "off"): v for on, v in prefill_s.items()},
+        "spec_runs": per_run,
     }
 
 
@@ -481,7 +522,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     report["cells"] = []
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
     # (--dry-ab at the smallest batch only: where the drafter runs dry before the text repeats)
-    variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)))
+    variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)),
+                                                  ("eager", args.eager_ab and b == max(args.batches)))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -516,6 +558,12 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
               f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
               flush=True)
+        print(f"    to the first decode step, s per run: {cell['to_first_decode_s']}", flush=True)
+        for r in cell["spec_runs"]:
+            terms = (r["goal_terms"] or [{}])[0]
+            print(f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} "
+                  f"steps): x/accept {r['x_per_accept']:.3f}" + (f"; a x T_on over T_off by step kind (x/accept = 1 / "
+                  f"(1 + their sum)): {terms.get('loss_share')}" if terms else ""), flush=True)
         for name in variants_of[batch]:
             what = VARIANTS[name]
             print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
@@ -612,6 +660,8 @@ def main() -> None:
                     "for the payoff's arm (as before SpecDecoder.dry_overlap), in the same process",
         "--ahead-ab": "e2e cells and profile runs also run spec on with verify steps launched only after the previous "
                       "one's results (--disable-speculative-ahead), in the same process",
+        "--eager-ab": "e2e cells of the largest batch also run spec on with prefill steps synchronous and the n-gram "
+                      "indexes warmed every step whether a step may draft or not (as before spec8), in the same process",
     }
     for flag, text in switches.items():
         ap.add_argument(flag, action="store_true", help=f"gpu mode: {text}")

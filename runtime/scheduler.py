@@ -92,9 +92,11 @@ class Scheduler:
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
         # Prompts-only extend steps of many requests overlapped too: the next prefill chunk is scheduled
-        # and launched before this one's first tokens are committed (not with drafts or adapters).
-        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.spec is None
-                                and self.runner.lora is None)
+        # and launched before this one's first tokens are committed (not with adapters, nor a draft model or
+        # head: it keeps its own KV or the target's hidden states of each prompt; NGRAM reads the host's tokens
+        # only to draft, and a row whose token is still on the device drafts nothing: `SpecDecoder._limit`).
+        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill
+                                and (self.spec is None or self.spec.model is None) and self.runner.lora is None)
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # NGRAM chains: a verify step launched before the previous one's results (speculative/verify_ahead.py).

@@ -272,6 +272,30 @@ class Bucket:
         self.k = k
         return k, first
 
+    def steps_to_draft(self, accept: float, budget: float, rows: int) -> float:
+        """About how many plain steps from now a step of this bucket may draft (0: it may now; inf: never), were
+        only the clock to move: the probe timer (or plain decoding's measuring run) and the exploring budget,
+        which grows by LOSS_SHARE of a plain step a plain step while arm 1's first run needs (1 + MIN_SAMPLES)
+        times its predicted loss (`_exceeds`). The n-gram index warms only this close to a drafting step."""
+        if self.max_k == 0:
+            return float("inf")
+        if self.k or self.best():
+            return 0.0
+        plain = self.arm(0)
+        if len(plain.recent) < RUN_STEPS - 1:
+            timer = RUN_STEPS - 1 - len(plain.recent)
+        elif not self.arm(1).done():
+            timer = 0
+        else:  # `_probe`: every probe_every steps, or from MIN_PROBE_GAP on while probes accept drafts
+            gap = MIN_PROBE_GAP if self.probe_every == PROBE_EVERY else self.probe_every
+            timer = max(min(self.probe_every, gap) - self.since_probe, 0)
+        if plain.step_s > 0:
+            loss, step = self.predicted_loss(1, accept, rows), plain.step_s
+        else:  # (plain decoding not measured yet: the prior's loss and the slack, in plain steps)
+            loss, step, budget = PRIOR_RATIO + PRIOR_PER_ROW * rows - 1.0, 1.0, SLACK_STEPS
+        need = (1 + MIN_SAMPLES) * max(loss, 0.0) - budget
+        return max(float(timer), need / (LOSS_SHARE * step)) if need > 0 else float(timer)
+
     def _exceeds(self, k: int, accept: float, budget: float, rows: int) -> bool:
         """Whether a step of arm k would lose more than `budget`; a run's first step must leave room for
         its measuring steps too (its own interval is dropped), else a run cut after its first step
@@ -308,6 +332,8 @@ class DraftPayoff:
         self.accepted, self.tried = 0.0, 0.0
         self._accepted, self._tried = 0, 0
         self._open: tuple[float, int, int, int, bool] | None = None  # (start, tokens then, bucket, arm, first)
+        # the current step's bucket (None: a batch not measured), exploring budget and running requests
+        self._step: tuple[Bucket | None, float, int] | None = None
         self._plain_decode = False  # the open interval's step was a plain decode step
         self._drafted = False  # ... and carried drafts
         # The exploring budget (all buckets): seconds of plain-decode-batch intervals, and what the
@@ -333,15 +359,29 @@ class DraftPayoff:
         self._accepted = self._tried = 0
         self._open, self._plain_decode, self._drafted = None, False, False
         if running == 0:
+            self._step = None
             return 0
         if running < self.measure_from:
+            self._step = (None, 0.0, running)
             return self.max_k
         key = running.bit_length()
         bucket = self.buckets.setdefault(key, Bucket(self.max_k))
         budget = LOSS_SHARE * self.decode_s + SLACK_STEPS * bucket.arm(0).step_s - self.lost_s
         arm, first = bucket.next_arm(self.accept_rate, budget, running)
         self._open = (now, generated, key, arm, first)
+        self._step = (bucket, budget, running)
         return arm
+
+    def steps_to_draft(self) -> float:
+        """About how many plain steps from the current one a step may draft (`Bucket.steps_to_draft` of its
+        bucket; 0 where the batch is not measured: it may always draft; inf with nothing running)."""
+        if self._step is None:
+            return float("inf")
+        bucket, budget, running = self._step
+        if bucket is None:
+            return 0.0
+        return 0.0 if self._open is not None and self._open[3] else bucket.steps_to_draft(
+            self.accept_rate, budget, running)
 
     def _charge(self, bucket: Bucket, arm: int, first: bool, tokens: int, seconds: float) -> None:
         """A decode interval: recorded for its arm (not the first of a run: the previous arm's tokens

@@ -45,6 +45,10 @@ WARM_S = 0.25e-3
 # mid round), drafting off; a first drafting step then syncs at most this many tokens a request
 WARM_MIN_BEHIND = 64
 WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this (~300 MB)
+# ... and only while the payoff may let a step draft within this many steps (or one a running request, if more): with
+# drafting off (batch 64 on the H200: a probe's loss outweighs the exploring budget for ~300 steps) a spec-on step
+# costs what a spec-off one does; the lead leaves the backlog (a request or more a step) time to shrink first
+WARM_LEAD_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ class SpecDecoder:
         # ... with the overlap schedule only (without it no step is overlapped; benchmarks/speculative.py --dry-ab
         # turns it off to measure the steps as before)
         self.dry_overlap = not args.disable_overlap_schedule
+        # n-gram indexes warmed only near a step that may draft (`warm`; benchmarks/speculative.py turns it off to
+        # measure warming every step, as before)
+        self.lazy_warm = True
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
@@ -183,9 +190,13 @@ class SpecDecoder:
         requests whose n-gram index is more than WARM_MIN_BEHIND tokens behind, up to WARM_TOKENS tokens and
         WARM_S seconds a step (a request at least, whatever its time: the backlog always shrinks). A request's first
         drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
-        host time in one step, which the payoff would charge to its first drafting run)."""
+        host time in one step, which the payoff would charge to its first drafting run). Only within
+        WARM_LEAD_STEPS (or a step per running request) of a step the payoff may let draft."""
         if self.model is not None:
             return
+        if (self.lazy_warm and self.payoff is not None
+                and self.payoff.steps_to_draft() > max(WARM_LEAD_STEPS, len(running))):
+            return  # drafting is off for a while: nothing to index for yet
         # host memory: ~1.2 KB an indexed token; while drafting is off (a large batch) warming stops here
         if sum(len(index.tokens) for index in self.drafter.indexes.values()) >= WARM_MAX_INDEXED:
             return

@@ -1,0 +1,106 @@
+"""speculative.py's step trace (issue 18's batch-1 goal): where a spec-on run's wall time goes, by the kind of
+forward each interval launched, and what each kind costs the goal's figure.
+
+The goal's figure is speed-up / mean tokens per verify step (a). A run of N tokens takes the prompt's prefill
+P, n0 plain steps (the drafter found nothing, or the payoff's arm was k = 0; a token each) and the verify
+steps (a tokens each on average): a x T_on = a P + a x (plain steps' time) + (verify steps' time) x a, where
+the verify steps alone would give a x T_v(k) / (tokens they emitted) per token. So, set against spec off's
+N x T0 + P: a plain step costs a x its time against the figure, a verify step its time per token x a; the
+prefill costs a x P. `split` gives each kind's share of a x T_on, the terms the figure loses on.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from radixlm.runtime.forward_batch import ForwardMode
+from radixlm.runtime.scheduler import Scheduler
+
+
+class StepTrace:
+    """Per forward launched while installed: its start (host clock), kind, drafts per row, the payoff's arm and
+    the (batch-1) request's n-gram draft depth; per verify result, drafts and accepted, in order."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.forwards: list[tuple[float, str, int, int, int]] = []  # (t, kind, drafts, step_k, depth)
+        self.verified: list[tuple[int, int]] = []  # (drafted, accepted) per verify result
+        self._forward = sched.runner.forward
+        self._on_verified = None
+
+    def __enter__(self) -> StepTrace:
+        sched, spec = self.sched, self.sched.spec
+        forward = self._forward
+
+        def traced(fb: Any, *staged: Any) -> Any:
+            if fb.mode is ForwardMode.DECODE:
+                # (verify rows: one attention row per token, each with its request's req_to_token row)
+                drafts = sum(fb.extend_seq_lens_cpu) - len(set(fb.req_pool_indices_cpu))
+                kind = "verify" if drafts else "plain"
+            else:
+                kind, drafts = "prefill", 0
+            depths = getattr(getattr(spec, "drafter", None), "depths", None) or {}
+            depth = next(iter(depths.values())).depth if len(depths) == 1 else 0
+            self.forwards.append((time.perf_counter(), kind, drafts, spec.step_k if spec else 0, depth))
+            return forward(fb, *staged)
+        sched.runner.forward = traced
+        if spec is not None:
+            self._on_verified = on_verified = spec.on_verified
+
+            def record(req: Any, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
+                self.verified.append((drafted, accepted))
+                on_verified(req, drafted, accepted, emitted, depth)
+            spec.on_verified = record
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.sched.runner.forward  # (the instance attributes go, the methods show again)
+        if self._on_verified is not None:
+            del self.sched.spec.on_verified
+
+    def split(self, start: float, end: float, rows: int = 1) -> dict:
+        """Intervals from each launch to the next (the last to `end`; `start` to the first launch is the host's
+        set-up, counted as prefill) grouped by kind: plain steps by the payoff's arm (k0: the payoff chose plain
+        decoding; dry: a drafting arm whose drafter found nothing), verify steps by drafts per row and what
+        limited them (the arm's k, the request's draft depth, else the n-gram match). `rows`: requests a step."""
+        out: dict[str, dict[str, float]] = {}
+        marks = [f[0] for f in self.forwards] + [end]
+        verified = iter(self.verified)
+
+        def add(key: str, seconds: float, tokens: int, drafts: int = 0, accepted: int = 0) -> None:
+            cell = out.setdefault(key, {"n": 0, "ms": 0.0, "tokens": 0, "drafts": 0, "accepted": 0})
+            cell["n"] += 1
+            cell["ms"] += seconds * 1e3
+            cell["tokens"] += tokens
+            cell["drafts"] += drafts
+            cell["accepted"] += accepted
+        if self.forwards:
+            add("setup", self.forwards[0][0] - start, 0)
+        for (t, kind, drafts, step_k, depth), nxt in zip(self.forwards, marks[1:]):
+            if kind == "prefill":  # (its rows' first tokens: counted as a plain step's)
+                add("prefill", nxt - t, rows)
+            elif kind == "plain":
+                add("plain_k0" if step_k == 0 else "plain_dry", nxt - t, rows)
+            else:
+                results = [next(verified, (0, 0)) for _ in range(rows)]
+                got = sum(a for _, a in results)
+                why = "k" if drafts == step_k * rows else "depth" if rows == 1 and drafts == depth else "match"
+                add(f"verify_d{drafts}_{why}", nxt - t, got + rows, drafts, got)
+        for cell in out.values():
+            cell["ms"] = round(cell["ms"], 3)
+        return dict(sorted(out.items()))
+
+
+def goal_terms(split: dict, off_s: float) -> dict:
+    """Each kind's share of a x T_on against spec off's time (the goal: off_s / (a x T_on) >= 0.8), with a the
+    run's tokens per verify step: a kind of step loses the figure what its a x seconds exceed its tokens at spec
+    off's per-token time (prefill: all of a x P - P, its time being in both runs)."""
+    verify = [c for k, c in split.items() if k.startswith("verify")]
+    steps = sum(c["n"] for c in verify)
+    a = sum(c["tokens"] for c in verify) / steps if steps else 1.0
+    tokens = sum(c["tokens"] for c in split.values())
+    on_s = sum(c["ms"] for c in split.values()) / 1e3
+    per_token_off = off_s / tokens if tokens else 0.0  # (prefill included: an upper bound on T0)
+    terms = {key: round((a * c["ms"] / 1e3 - c["tokens"] * per_token_off) / off_s, 4) for key, c in split.items()}
+    return {"accept": round(a, 3), "on_s": round(on_s, 4), "x_per_accept": round(off_s / (a * on_s), 3) if on_s else None,
+            "loss_share": terms}
