@@ -85,7 +85,8 @@ CHAT_TASKS = [
 
 # ------------------------------------------------------------------------------ shared
 VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)",
-            "eager": "prefill steps synchronous, n-gram indexes warmed every step (before spec8)"}
+            "eager": "prefill steps synchronous, n-gram indexes warmed every step (before spec8)",
+            "k1first": "the payoff measuring k = 1 first at batch 1 (before spec8), not the deepest arm"}
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -226,7 +227,7 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
 
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
             repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
-            replay: bool = False, variants: tuple[str, ...] = ()) -> dict:
+            replay: bool = False, variants: tuple[str, ...] = (), trace: bool | None = None) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
     is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
@@ -234,9 +235,11 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     SpecDecoder, reported as `*_<name>`: "noahead" (verify steps launched only after the previous one's
     results: --disable-speculative-ahead), "nodry" (dry requests' steps synchronous and measured, as
     before SpecDecoder.dry_overlap), "eager" (prefill steps synchronous and the n-gram indexes warmed every step,
-    drafting or not: as before spec8). Per arm the prompts' share of each run (to the first decode step); per
-    spec-on run its own tokens per verify step and x/accept; at batch 1 the spec-on runs' step traces
-    (spec_step_trace.py: where each run's time goes, by step kind)."""
+    drafting or not: as before spec8), "k1first" (the payoff's first drafting arm k = 1 at batch 1 too, as before
+    spec8: DraftPayoff.deep_first_rows 0). Per arm the prompts' share of each run (to the first decode step); per
+    spec-on run its own tokens per verify step and x/accept; `trace` (default: batch 1 on a GPU) the spec-on runs'
+    step traces (spec_step_trace.py: where each run's time goes, by step kind)."""
+    trace = batch == 1 and sched.device.type == "cuda" if trace is None else trace
     kept_ahead, kept_prefill = sched.spec_ahead, sched.overlap_prefill
     best: dict = {False: float("inf"), True: float("inf")}
     runs: dict = {False: [], True: []}  # every run's time: the first spec-on run explores
@@ -246,6 +249,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         best[name], runs[name] = float("inf"), []
         other.dry_overlap = name != "nodry"
         other.lazy_warm = name != "eager"
+        if name == "k1first" and other.payoff is not None:
+            other.payoff.deep_first_rows = 0
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     per_run: list[dict] = []  # spec-on runs: their verify steps, tokens, x/accept and (batch 1) step trace
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
@@ -298,7 +303,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
                 marks: dict = {}
-                if on is True and batch == 1 and sched.device.type == "cuda":
+                if on is True and trace:
                     with StepTrace(sched) as trace:
                         dt, o = run(sched, reqs, clock, marks)
                     traces.append(trace.split(marks["start"], marks["end"]))
@@ -403,6 +408,27 @@ def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_token
     sched.decode_log.on_step = on_step  # type: ignore[method-assign]
     sync(sched.device)
     return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
+
+
+def print_cell_parts(cell: dict, variants: tuple[str, ...]) -> None:
+    """An e2e cell's lines after its headline: the payoff, host and collector figures, each arm's time to the first
+    decode step, each spec-on run with its own x/accept (and at batch 1 its step trace's terms), the variants."""
+    print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
+          f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
+          f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
+          flush=True)
+    print(f"    to the first decode step, s per run: {cell['to_first_decode_s']}", flush=True)
+    for r in cell["spec_runs"]:
+        terms = (r["goal_terms"] or [{}])[0]
+        print(f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} "
+              f"steps): x/accept {r['x_per_accept']:.3f}" + (f"; a x T_on over T_off by step kind (x/accept = 1 / "
+              f"(1 + their sum)): {terms.get('loss_share')}" if terms else ""), flush=True)
+    for name in variants:
+        what = VARIANTS[name]
+        print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
+              f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
+              f"{cell[f'speedup_per_accept_{name}']:.2f}  identical {cell[f'identical_{name}']}; payoff "
+              f"{payoff_line(cell[f'payoff_{name}'], None)}", flush=True)
 
 
 # ------------------------------------------------------------------------------ modes
@@ -523,7 +549,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
     # (--dry-ab at the smallest batch only: where the drafter runs dry before the text repeats)
     variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)),
-                                                  ("eager", args.eager_ab and b == max(args.batches)))
+                                                  ("eager", args.eager_ab and b == max(args.batches)),
+                                                  ("k1first", args.deep_ab and b == 1))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -554,22 +581,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['speedup_runs']})  accept {cell['avg_accept_length']:.2f} tok/verify step ({cell['verify_steps']} "
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
-        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
-              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
-              f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
-              flush=True)
-        print(f"    to the first decode step, s per run: {cell['to_first_decode_s']}", flush=True)
-        for r in cell["spec_runs"]:
-            terms = (r["goal_terms"] or [{}])[0]
-            print(f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} "
-                  f"steps): x/accept {r['x_per_accept']:.3f}" + (f"; a x T_on over T_off by step kind (x/accept = 1 / "
-                  f"(1 + their sum)): {terms.get('loss_share')}" if terms else ""), flush=True)
-        for name in variants_of[batch]:
-            what = VARIANTS[name]
-            print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
-                  f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
-                  f"{cell[f'speedup_per_accept_{name}']:.2f}  identical {cell[f'identical_{name}']}; payoff "
-                  f"{payoff_line(cell[f'payoff_{name}'], None)}", flush=True)
+        print_cell_parts(cell, variants_of[batch])
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
@@ -660,6 +672,8 @@ def main() -> None:
                     "for the payoff's arm (as before SpecDecoder.dry_overlap), in the same process",
         "--ahead-ab": "e2e cells and profile runs also run spec on with verify steps launched only after the previous "
                       "one's results (--disable-speculative-ahead), in the same process",
+        "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring k = 1 first (as before spec8), "
+                     "not the deepest arm, in the same process",
         "--eager-ab": "e2e cells of the largest batch also run spec on with prefill steps synchronous and the n-gram "
                       "indexes warmed every step whether a step may draft or not (as before spec8), in the same process",
     }

@@ -12,7 +12,9 @@ batch-size bucket (powers of two) from two measurements:
 - the acceptance rate a of draft positions (decayed over the steps that drafted; it does not
   drift while nothing drafts: retrying is the probes' job, so that it backs off).
 
-Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first. The best any k can
+Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first (at batch 1 the deepest,
+DEEP_FIRST_ROWS, whose verify step costs about what k = 1's does; unmeasured arms' T then bounded by T(0), as T(1)
+is not known). The best any k can
 do is E(kmax) = 1 + a + ... + a^kmax tokens per row in a step costing at least T(1): while that does
 not beat plain decoding by MARGIN, the bucket decodes plainly and only re-measures k = 1 for a short
 run every `probe_every` steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured,
@@ -80,6 +82,11 @@ SLACK_STEPS = 1.0  # ... plus this many plain decode steps
 # 1.6x at 32, 1.9x at 64, benchmarks/RESULTS.md).
 PRIOR_RATIO = 1.15
 PRIOR_PER_ROW = 0.0135
+# Batches of up to this many rows measure the deepest arm first, not k = 1: there a verify step costs about the
+# same at any k (H200, 8B, batch 1, verify steps launched ahead: T(1) / T(4) 4.40 / 4.82 ms, 2026-12-04), so on
+# text the drafter follows the deepest arm wins, and a run of k = 1 first emitted ~1.9 tokens a step where the
+# deep arm emits 3-4 (benchmarks/RESULTS.md, spec8)
+DEEP_FIRST_ROWS = 1
 
 
 @dataclass
@@ -135,6 +142,7 @@ def chain_tokens(rate: float, k: int) -> float:
 @dataclass
 class Bucket:
     max_k: int
+    first_k: int = 1  # the drafting arm measured first (max_k at batches of up to DEEP_FIRST_ROWS rows)
     arms: dict[int, ArmRate] = field(default_factory=dict)
     k: int | None = None  # the arm of the last step
     run_left: int = 0  # steps left in a measuring run of the current arm
@@ -165,9 +173,13 @@ class Bucket:
 
     def _predicted(self, k: int, accept: float) -> float:
         """tok/s the acceptance model expects of arm k: plain decoding's tokens per step (its rows) times
-        E(k), over arm k's step time (an unmeasured arm's taken as T(1))."""
-        plain = self.arm(0)
-        step = self.arm(k).step_s if self.arm(k).explored() else self.arm(1).step_s
+        E(k), over arm k's step time (an unmeasured arm's taken as T(1); where the deepest arm was measured first
+        and T(1) is not, as T(0): a drafting step costs at least a plain one)."""
+        plain, one = self.arm(0), self.arm(1)
+        if self.arm(k).explored():
+            step = self.arm(k).step_s
+        else:
+            step = one.step_s if one.explored() or self.first_k == 1 else plain.step_s
         return plain.tokens_per_step * self._expected_tokens(k, accept) / step if step > 0 else 0.0
 
     def plain_step_disturbed(self) -> bool:
@@ -240,8 +252,8 @@ class Bucket:
             self.arms[0] = ArmRate()
             self.remeasures += 1
             k = 0
-        elif not self.arm(1).done():
-            k = 1
+        elif not self.arm(self.first_k).done():
+            k = self.first_k
             self.run_left = RUN_STEPS - 1
         else:
             chosen, can_pay = self.best(), self.drafting_can_pay(accept)
@@ -284,7 +296,7 @@ class Bucket:
         plain = self.arm(0)
         if len(plain.recent) < RUN_STEPS - 1:
             timer = RUN_STEPS - 1 - len(plain.recent)
-        elif not self.arm(1).done():
+        elif not self.arm(self.first_k).done():
             timer = 0
         else:  # `_probe`: every probe_every steps, or from MIN_PROBE_GAP on while probes accept drafts
             gap = MIN_PROBE_GAP if self.probe_every == PROBE_EVERY else self.probe_every
@@ -322,8 +334,9 @@ class Bucket:
 class DraftPayoff:
     """Per batch-size bucket, the draft limit of this step; fed the clock, the token count and verify results."""
 
-    def __init__(self, max_k: int = 1, measure_from: int = 1) -> None:
+    def __init__(self, max_k: int = 1, measure_from: int = 1, deep_first_rows: int = DEEP_FIRST_ROWS) -> None:
         self.max_k = max_k
+        self.deep_first_rows = deep_first_rows  # (benchmarks/speculative.py sets 0 to measure k = 1 first, as before)
         # batches of fewer rows are not measured: they may draft up to max_k (the budget decides; row_cost.py)
         self.measure_from = measure_from
         self.buckets: dict[int, Bucket] = {}
@@ -365,7 +378,10 @@ class DraftPayoff:
             self._step = (None, 0.0, running)
             return self.max_k
         key = running.bit_length()
-        bucket = self.buckets.setdefault(key, Bucket(self.max_k))
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            first = self.max_k if running <= self.deep_first_rows else min(1, self.max_k)
+            bucket = self.buckets[key] = Bucket(self.max_k, first)
         budget = LOSS_SHARE * self.decode_s + SLACK_STEPS * bucket.arm(0).step_s - self.lost_s
         arm, first = bucket.next_arm(self.accept_rate, budget, running)
         self._open = (now, generated, key, arm, first)
