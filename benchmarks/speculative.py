@@ -86,7 +86,8 @@ CHAT_TASKS = [
 # ------------------------------------------------------------------------------ shared
 VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)",
             "eager": "prefill steps synchronous, n-gram indexes warmed every step (before spec8)",
-            "k1first": "the payoff measuring k = 1 first at batch 1 (before spec8), not the deepest arm"}
+            "k1first": "the payoff measuring k = 1 first at batch 1 (before spec8), not the deepest arm",
+            "owndepth": "each request's own n-gram draft depth at batch 1 (before spec8), not the step's k"}
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -236,7 +237,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     results: --disable-speculative-ahead), "nodry" (dry requests' steps synchronous and measured, as
     before SpecDecoder.dry_overlap), "eager" (prefill steps synchronous and the n-gram indexes warmed every step,
     drafting or not: as before spec8), "k1first" (the payoff's first drafting arm k = 1 at batch 1 too, as before
-    spec8: DraftPayoff.deep_first_rows 0). Per arm the prompts' share of each run (to the first decode step); per
+    spec8: DraftPayoff.deep_first_rows 0), "owndepth" (chains as deep as each request's DraftDepth, not the
+    step's k, at batch 1 too: as before spec8, SpecDecoder.full_depth_rows 0). Per arm the prompts' share of each run (to the first decode step); per
     spec-on run its own tokens per verify step and x/accept; `trace` (default: batch 1 on a GPU) the spec-on runs'
     step traces (spec_step_trace.py: where each run's time goes, by step kind)."""
     trace = batch == 1 and sched.device.type == "cuda" if trace is None else trace
@@ -251,6 +253,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         other.lazy_warm = name != "eager"
         if name == "k1first" and other.payoff is not None:
             other.payoff.deep_first_rows = 0
+        if name == "owndepth":
+            other.full_depth_rows = 0
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     per_run: list[dict] = []  # spec-on runs: their verify steps, tokens, x/accept and (batch 1) step trace
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
@@ -550,7 +554,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     # (--dry-ab at the smallest batch only: where the drafter runs dry before the text repeats)
     variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)),
                                                   ("eager", args.eager_ab and b == max(args.batches)),
-                                                  ("k1first", args.deep_ab and b == 1))
+                                                  ("k1first", args.deep_ab and b == 1),
+                                                  ("owndepth", args.deep_ab and b == 1))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -672,8 +677,8 @@ def main() -> None:
                     "for the payoff's arm (as before SpecDecoder.dry_overlap), in the same process",
         "--ahead-ab": "e2e cells and profile runs also run spec on with verify steps launched only after the previous "
                       "one's results (--disable-speculative-ahead), in the same process",
-        "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring k = 1 first (as before spec8), "
-                     "not the deepest arm, in the same process",
+        "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring k = 1 first, and spec on with "
+                     "chains as deep as each request's own n-gram draft depth (both as before spec8), in the same process",
         "--eager-ab": "e2e cells of the largest batch also run spec on with prefill steps synchronous and the n-gram "
                       "indexes warmed every step whether a step may draft or not (as before spec8), in the same process",
     }

@@ -49,6 +49,11 @@ WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this 
 # drafting off (batch 64 on the H200: a probe's loss outweighs the exploring budget for ~300 steps) a spec-on step
 # costs what a spec-off one does; the lead leaves the backlog (a request or more a step) time to shrink first
 WARM_LEAD_STEPS = 32
+# NGRAM chains with the overlap schedule (a GPU), batches of up to this many rows: every request drafts as deep as the
+# step's k allows (its n-gram match permitting), not its own DraftDepth, which after a rejection falls to the accepted
+# count + 1 and climbs back 2 a step: a batch-1 verify step costs about the same at any k on the H200 (4.40 / 4.82 ms
+# at k = 1 / 4 against 4.16 plain, 2026-12-04), so a shallow draft saves little and emits fewer tokens
+FULL_DEPTH_ROWS = 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ class SpecDecoder:
         # n-gram indexes warmed only near a step that may draft (`warm`; benchmarks/speculative.py turns it off to
         # measure warming every step, as before)
         self.lazy_warm = True
+        # chains drafted as deep as the step's k at up to this many rows (0: each request's depth alone, as on the
+        # CPU, where a verify row costs a fifth of a step or more; benchmarks/speculative.py sets 0 to compare)
+        self.full_depth_rows = FULL_DEPTH_ROWS if not args.disable_overlap_schedule and self.topk == 1 else 0
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
@@ -168,6 +176,7 @@ class SpecDecoder:
             self.row_cost.begin_step(now, running)
         self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
+        self.drafter.min_depth = self.step_k if 0 < running <= self.full_depth_rows else 0
         self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:

@@ -109,3 +109,4 @@ def test_indexes_are_not_warmed_while_drafting_is_off(tiny) -> None:
         assert got == ref
         assert sched.spec.verify_steps == 0 and sched.spec.payoff.info()["bs<128"]["k"] == 0
     assert indexed[True] == 0 and indexed[False] >= 16 * 512, indexed
+
