@@ -19,7 +19,7 @@ from radixlm.runtime.scheduler import Scheduler
 
 class StepTrace:
     """Per forward launched while installed: its start (host clock), kind, drafts per row, the payoff's arm and
-    the (batch-1) request's n-gram draft depth; per verify result, drafts and accepted, in order."""
+    the (batch-1) request's n-gram draft depth as the step floors it; per verify result, drafts and accepted."""
 
     def __init__(self, sched: Scheduler) -> None:
         self.sched = sched
@@ -39,8 +39,10 @@ class StepTrace:
                 kind = "verify" if drafts else "plain"
             else:
                 kind, drafts = "prefill", 0
-            depths = getattr(getattr(spec, "drafter", None), "depths", None) or {}
-            depth = next(iter(depths.values())).depth if len(depths) == 1 else 0
+            drafter = getattr(spec, "drafter", None)
+            depths = getattr(drafter, "depths", None) or {}
+            # (the request's depth with the step's floor: NgramDrafter.min_depth)
+            depth = max(next(iter(depths.values())).depth, drafter.min_depth) if len(depths) == 1 else 0
             self.forwards.append((time.perf_counter(), kind, drafts, spec.step_k if spec else 0, depth))
             return forward(fb, *staged)
         sched.runner.forward = traced
