@@ -93,16 +93,26 @@ class StepTrace:
         return dict(sorted(out.items()))
 
 
-def goal_terms(split: dict, off_s: float) -> dict:
-    """Each kind's share of a x T_on against spec off's time (the goal: off_s / (a x T_on) >= 0.8), with a the
-    run's tokens per verify step: a kind of step loses the figure what its a x seconds exceed its tokens at spec
-    off's per-token time (prefill: all of a x P - P, its time being in both runs)."""
-    verify = [c for k, c in split.items() if k.startswith("verify")]
-    steps = sum(c["n"] for c in verify)
-    a = sum(c["tokens"] for c in verify) / steps if steps else 1.0
-    tokens = sum(c["tokens"] for c in split.values())
-    on_s = sum(c["ms"] for c in split.values()) / 1e3
-    per_token_off = off_s / tokens if tokens else 0.0  # (prefill included: an upper bound on T0)
-    terms = {key: round((a * c["ms"] / 1e3 - c["tokens"] * per_token_off) / off_s, 4) for key, c in split.items()}
-    return {"accept": round(a, 3), "on_s": round(on_s, 4), "x_per_accept": round(off_s / (a * on_s), 3) if on_s else None,
+def goal_terms(split: dict, off: dict) -> dict:
+    """A spec-on run's trace (`split`) against spec off's (`off`, the same request): each kind's share of a x T_on
+    over T_off (the goal: T_off / (a x T_on) >= 0.8, a the run's tokens per verify step): a kind of step loses the
+    figure what its a x seconds exceed its tokens at spec off's time a token (its run's time over its tokens, prefill
+    included: the terms sum to a x T_on / T_off - 1). Also the figure of the verify steps alone against spec off's
+    plain decode step T0 (their tokens x T0 over a x their seconds: the mechanism's own share) and both runs' prefill."""
+    def total(s: dict, key: str, prefix: str = "") -> float:
+        return sum(c[key] for k, c in s.items() if k.startswith(prefix))
+    steps = total(split, "n", "verify")
+    verify_tokens, verify_s = total(split, "tokens", "verify"), total(split, "ms", "verify") / 1e3
+    a = verify_tokens / steps if steps else 1.0
+    on_s, off_s, tokens = total(split, "ms") / 1e3, total(off, "ms") / 1e3, total(split, "tokens")
+    plain = off.get("plain_k0", {"n": 0})
+    t0 = plain["ms"] / 1e3 / plain["n"] if plain["n"] else None
+    per_token = off_s / tokens if tokens else 0.0
+    terms = {key: round((a * c["ms"] / 1e3 - c["tokens"] * per_token) / off_s, 4) for key, c in split.items()} if off_s else {}
+    return {"accept": round(a, 3), "on_s": round(on_s, 4), "off_s": round(off_s, 4),
+            "x_per_accept": round(off_s / (a * on_s), 3) if on_s and off_s else None,
+            "verify_x_per_accept": round(verify_tokens * t0 / (a * verify_s), 3) if t0 and verify_s else None,
+            "t0_ms": round(t0 * 1e3, 3) if t0 else None,
+            "prefill_ms": {"on": round(total(split, "ms", "prefill") + total(split, "ms", "setup"), 3),
+                           "off": round(total(off, "ms", "prefill") + total(off, "ms", "setup"), 3)},
             "loss_share": terms}

@@ -257,6 +257,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             other.full_depth_rows = 0
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     per_run: list[dict] = []  # spec-on runs: their verify steps, tokens, x/accept and (batch 1) step trace
+    off_traces: list[dict] = []  # the best spec-off run's step traces, per group
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
     spec = fresh_spec(sched, topk)
     reference: dict[tuple[int, ...], list[int]] = {}
@@ -302,15 +303,15 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             total, merged, to_decode = 0.0, {}, 0.0
             steps_before = sched.stats["decode_steps"]
             verify_before = (spec.verify_steps, spec.verify_tokens)
-            traces = []
+            traces = []  # (batch 1: a group is one request)
             for g, group in enumerate(groups):
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
                 marks: dict = {}
-                if on is True and trace:
-                    with StepTrace(sched) as trace:
+                if trace and on in (True, False):
+                    with StepTrace(sched) as tracer:
                         dt, o = run(sched, reqs, clock, marks)
-                    traces.append(trace.split(marks["start"], marks["end"]))
+                    traces.append(tracer.split(marks["start"], marks["end"]))
                 else:
                     dt, o = run(sched, reqs, clock, marks)
                 total += dt
@@ -322,6 +323,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 steps, emitted = spec.verify_steps - verify_before[0], spec.verify_tokens - verify_before[1]
                 per_run.append({"s": total, "verify_steps": steps, "accept": emitted / steps if steps else 1.0,
                                 "traces": traces})
+            if on is False and total < best[False]:
+                off_traces = traces
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
@@ -338,7 +341,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for r in per_run:
         x = best[False] / r["s"]
         r.update(speedup=round(x, 3), accept=round(r["accept"], 3), x_per_accept=round(x / r["accept"], 3),
-                 goal_terms=[goal_terms(t, best[False] / len(r["traces"])) for t in r["traces"]] or None)
+                 goal_terms=[goal_terms(t, off) for t, off in zip(r["traces"], off_traces)] or None)
         del r["s"]
     if outputs is not None:
         outputs.update(outs)
@@ -425,8 +428,9 @@ def print_cell_parts(cell: dict, variants: tuple[str, ...]) -> None:
     for r in cell["spec_runs"]:
         terms = (r["goal_terms"] or [{}])[0]
         print(f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} "
-              f"steps): x/accept {r['x_per_accept']:.3f}" + (f"; a x T_on over T_off by step kind (x/accept = 1 / "
-              f"(1 + their sum)): {terms.get('loss_share')}" if terms else ""), flush=True)
+              f"steps): x/accept {r['x_per_accept']:.3f}" + (f"; verify steps alone {terms.get('verify_x_per_accept')} "
+              f"(T0 {terms.get('t0_ms')} ms, prefill {terms.get('prefill_ms')}); a x T_on over T_off by step kind "
+              f"(x/accept = 1 / (1 + their sum)): {terms.get('loss_share')}" if terms else ""), flush=True)
     for name in variants:
         what = VARIANTS[name]
         print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
