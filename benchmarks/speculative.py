@@ -256,7 +256,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         if name == "owndepth":
             other.full_depth_rows = 0
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
-    per_run: list[dict] = []  # spec-on runs: their verify steps, tokens, x/accept and (batch 1) step trace
+    # per spec-on arm (True: the main one, else the variant's name), each run's verify steps, tokens per verify step,
+    # x/accept and (batch 1) step trace
+    per_run: dict = {on: [] for on in best if on is not False}
     off_traces: list[dict] = []  # the best spec-off run's step traces, per group
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
     spec = fresh_spec(sched, topk)
@@ -302,13 +304,14 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             total, merged, to_decode = 0.0, {}, 0.0
             steps_before = sched.stats["decode_steps"]
-            verify_before = (spec.verify_steps, spec.verify_tokens)
+            arm_spec = sched.spec
+            verify_before = (arm_spec.verify_steps, arm_spec.verify_tokens) if arm_spec is not None else (0, 0)
             traces = []  # (batch 1: a group is one request)
             for g, group in enumerate(groups):
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
                 marks: dict = {}
-                if trace and on in (True, False):
+                if trace:
                     with StepTrace(sched) as tracer:
                         dt, o = run(sched, reqs, clock, marks)
                     traces.append(tracer.split(marks["start"], marks["end"]))
@@ -319,10 +322,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                 merged.update(o)
             on_steps += (sched.stats["decode_steps"] - steps_before) if on is True else 0
             prefill_s[on].append(round(to_decode, 4))
-            if on is True:
-                steps, emitted = spec.verify_steps - verify_before[0], spec.verify_tokens - verify_before[1]
-                per_run.append({"s": total, "verify_steps": steps, "accept": emitted / steps if steps else 1.0,
-                                "traces": traces})
+            if arm_spec is not None:
+                steps, emitted = arm_spec.verify_steps - verify_before[0], arm_spec.verify_tokens - verify_before[1]
+                per_run[on].append({"s": total, "verify_steps": steps, "accept": emitted / steps if steps else 1.0,
+                                    "traces": traces})
             if on is False and total < best[False]:
                 off_traces = traces
             best[on] = min(best[on], total)
@@ -338,7 +341,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     # each spec-on run against the best spec-off run, with its own tokens per verify step (the figure of the
     # cell pairs the best run's speed-up with the mean over all runs: the runs' acceptance differs, the first
     # run's payoff exploring)
-    for r in per_run:
+    for r in (r for arm_runs in per_run.values() for r in arm_runs):
         x = best[False] / r["s"]
         r.update(speedup=round(x, 3), accept=round(r["accept"], 3), x_per_accept=round(x / r["accept"], 3),
                  goal_terms=[goal_terms(t, off) for t, off in zip(r["traces"], off_traces)] or None)
@@ -385,7 +388,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
                                                         "pause_ms": round(c[3] * 1e3, 2)} for on, c in collected.items()},
         # per arm, every run's seconds to its first decode step (prompts admitted and prefilled)
         "to_first_decode_s": {("on" if on is True else on or "off"): v for on, v in prefill_s.items()},
-        "spec_runs": per_run,
+        "spec_runs": per_run[True],
+        **{f"spec_runs_{name}": per_run[name] for name in others},
     }
 
 
@@ -426,17 +430,27 @@ def print_cell_parts(cell: dict, variants: tuple[str, ...]) -> None:
           flush=True)
     print(f"    to the first decode step, s per run: {cell['to_first_decode_s']}", flush=True)
     for r in cell["spec_runs"]:
-        terms = (r["goal_terms"] or [{}])[0]
-        print(f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} "
-              f"steps): x/accept {r['x_per_accept']:.3f}" + (f"; verify steps alone {terms.get('verify_x_per_accept')} "
-              f"(T0 {terms.get('t0_ms')} ms, prefill {terms.get('prefill_ms')}); a x T_on over T_off by step kind "
-              f"(x/accept = 1 / (1 + their sum)): {terms.get('loss_share')}" if terms else ""), flush=True)
+        print(run_line(r), flush=True)
     for name in variants:
         what = VARIANTS[name]
         print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
               f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
               f"{cell[f'speedup_per_accept_{name}']:.2f}  identical {cell[f'identical_{name}']}; payoff "
               f"{payoff_line(cell[f'payoff_{name}'], None)}", flush=True)
+        for r in cell[f"spec_runs_{name}"]:
+            print("  " + run_line(r), flush=True)
+
+
+def run_line(r: dict) -> str:
+    """One spec-on run: its speed-up, tokens per verify step and x/accept; with a step trace, the verify steps' own
+    x/accept, spec off's plain step, both prefills, the plain steps' counts and each step kind's term."""
+    terms = (r["goal_terms"] or [{}])[0]
+    trace = (r["traces"] or [{}])[0]
+    plain = {k: v["n"] for k, v in trace.items() if k.startswith("plain")}
+    return (f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} steps): "
+            f"x/accept {r['x_per_accept']:.3f}" + (f"; verify steps alone {terms.get('verify_x_per_accept')} (T0 "
+            f"{terms.get('t0_ms')} ms, prefill {terms.get('prefill_ms')}, plain steps {plain}); a x T_on over T_off by "
+            f"step kind (x/accept = 1 / (1 + their sum)): {terms.get('loss_share')}" if terms else ""))
 
 
 # ------------------------------------------------------------------------------ modes
