@@ -34,7 +34,7 @@ A plain step measured slower than a drafting step (SUSPECT_RATIO) was disturbed 
 drafting step does a plain step's work and more): plain decoding is measured again, at most
 MAX_REMEASURES times per bucket.
 
-Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (a GC pause,
+Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (arm_rate.py) (a GC pause,
 a graph capture or a first-use kernel compile is one interval; a mean of 7 once read 26 ms for a 6 ms
 step on the H200), its tokens per step their mean.
 
@@ -58,15 +58,12 @@ not k; the budget decides alone, pricing a draft row by its measured cost (row_c
 """
 from __future__ import annotations
 
-import statistics
-from collections import deque
 from dataclasses import dataclass, field
 
+from radixlm.runtime.speculative.arm_rate import MIN_SAMPLES, ArmRate
 from radixlm.runtime.speculative.draft_budget import PRIOR_RATE, PRIOR_WEIGHT
 
 RUN_STEPS = 6  # steps per measuring run of one arm (the first is dropped)
-MIN_SAMPLES = 3  # intervals that measure an arm (the median of three ignores one disturbed step)
-WINDOW = 15  # an arm's latest intervals that count
 PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another (while drafts are accepted)
 MIN_PROBE_GAP = 32  # ... or this many, while the exploring budget holds two runs of it
 MAX_PROBE_EVERY = 8192  # ... doubling up to this while probes accept nothing
@@ -87,51 +84,6 @@ PRIOR_PER_ROW = 0.0135
 # text the drafter follows the deepest arm wins, and a run of k = 1 first emitted ~1.9 tokens a step where the
 # deep arm emits 3-4 (benchmarks/RESULTS.md, spec8)
 DEEP_FIRST_ROWS = 1
-
-
-@dataclass
-class ArmRate:
-    """One arm's latest WINDOW decode intervals (tokens, seconds); `samples` counts them all. Its mean tokens and
-    median interval are kept until the next interval (the payoff reads them several times a step: recomputed, the
-    median and sums of 15 intervals were ~100 us of host time a step on the 2-core CPU with drafting off)."""
-
-    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    samples: int = 0
-    abandoned: bool = False  # its last run ended early: its drafts were not accepted
-    _stats: tuple[float, float] | None = field(default=None, repr=False)  # (tokens per step, step seconds)
-
-    def record(self, tokens: int, seconds: float) -> None:
-        self.recent.append((tokens, seconds))
-        self.samples += 1
-        self._stats = None
-
-    def _measured(self) -> tuple[float, float]:
-        if self._stats is None:
-            recent = self.recent
-            self._stats = ((sum(t for t, _ in recent) / len(recent), statistics.median(s for _, s in recent))
-                           if recent else (0.0, 0.0))
-        return self._stats
-
-    def explored(self) -> bool:
-        return len(self.recent) >= MIN_SAMPLES
-
-    def done(self) -> bool:
-        """Measured, or given up on: exploration moves on."""
-        return self.explored() or self.abandoned
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self._measured()[0]
-
-    @property
-    def step_s(self) -> float:
-        """The median interval: one slow step (a GC pause, a compile) does not move it."""
-        return self._measured()[1]
-
-    @property
-    def rate(self) -> float:
-        step = self.step_s
-        return self.tokens_per_step / step if step > 0 else 0.0
 
 
 def chain_tokens(rate: float, k: int) -> float:

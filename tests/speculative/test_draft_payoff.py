@@ -8,17 +8,15 @@ from collections.abc import Callable
 
 import pytest
 
+from radixlm.runtime.speculative.arm_rate import MIN_SAMPLES, WINDOW, ArmRate
 from radixlm.runtime.speculative.draft_budget import grant
 from radixlm.runtime.speculative.draft_payoff import (
     ABORT_TRIES,
     LOSS_SHARE,
     MAX_PROBE_EVERY,
-    MIN_SAMPLES,
     PROBE_EVERY,
     RUN_STEPS,
     SLACK_STEPS,
-    WINDOW,
-    ArmRate,
     DraftPayoff,
 )
 
@@ -232,12 +230,12 @@ def test_arm_statistics_are_computed_once_per_interval(monkeypatch):
     """The payoff reads an arm's median interval and mean tokens several times a step (host time under every
     decode step, drafting or not): they are computed once per recorded interval, and `Bucket.arm` makes no
     ArmRate for an arm it has."""
-    from radixlm.runtime.speculative import draft_payoff
+    from radixlm.runtime.speculative import arm_rate, draft_payoff
 
     calls = []
-    real = draft_payoff.statistics.median
-    monkeypatch.setattr(draft_payoff.statistics, "median", lambda xs: calls.append(1) or real(xs))
-    arm = draft_payoff.ArmRate()
+    real = arm_rate.statistics.median
+    monkeypatch.setattr(arm_rate.statistics, "median", lambda xs: calls.append(1) or real(xs))
+    arm = arm_rate.ArmRate()
     assert (arm.step_s, arm.tokens_per_step) == (0.0, 0.0)
     for tokens, seconds in [(1, 0.004), (3, 0.009), (2, 0.005)]:
         arm.record(tokens, seconds)
