@@ -85,9 +85,10 @@ CHAT_TASKS = [
 
 # ------------------------------------------------------------------------------ shared
 VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)",
-            "eager": "prefill steps synchronous, n-gram indexes warmed every step (before spec8)",
-            "k1first": "the payoff measuring k = 1 first at batch 1 (before spec8), not the deepest arm",
-            "owndepth": "each request's own n-gram draft depth at batch 1 (before spec8), not the step's k"}
+            "eager": "n-gram indexes warmed every step, drafting or not (before spec8)",
+            "prefill": "prefill steps overlapped with NGRAM on (scheduler.OVERLAP_PREFILL_WITH_NGRAM)",
+            "deepfirst": "the payoff measuring the deepest arm first at batch 1 (draft_payoff.DEEP_FIRST_ROWS 1)",
+            "fulldepth": "chains as deep as the step's k at batch 1 (spec_decoder.FULL_DEPTH_ROWS 1)"}
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -231,18 +232,21 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             replay: bool = False, variants: tuple[str, ...] = (), trace: bool | None = None) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
-    is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
+    is switched per run by giving it a fresh SpecDecoder or none (and spec off overlaps prefill steps as a
+    spec-off server does). `outputs`: filled with the last
     runs' tokens per request, {False: off, True: on}. `variants`: more spec-on arms, each with its own
     SpecDecoder, reported as `*_<name>`: "noahead" (verify steps launched only after the previous one's
     results: --disable-speculative-ahead), "nodry" (dry requests' steps synchronous and measured, as
-    before SpecDecoder.dry_overlap), "eager" (prefill steps synchronous and the n-gram indexes warmed every step,
-    drafting or not: as before spec8), "k1first" (the payoff's first drafting arm k = 1 at batch 1 too, as before
-    spec8: DraftPayoff.deep_first_rows 0), "owndepth" (chains as deep as each request's DraftDepth, not the
-    step's k, at batch 1 too: as before spec8, SpecDecoder.full_depth_rows 0). Per arm the prompts' share of each run (to the first decode step); per
+    before SpecDecoder.dry_overlap), "eager" (the n-gram indexes warmed every step, drafting or not: as before
+    spec8), and the settings spec8 left off until measured: "prefill" (prefill steps overlapped with NGRAM on),
+    "deepfirst" (the payoff's first drafting arm the deepest at batch 1: DraftPayoff.deep_first_rows 1),
+    "fulldepth" (chains as deep as the step's k at batch 1: SpecDecoder.full_depth_rows 1). Per arm the prompts'
+    share of each run (to the first decode step); per
     spec-on run its own tokens per verify step and x/accept; `trace` (default: batch 1 on a GPU) the spec-on runs'
     step traces (spec_step_trace.py: where each run's time goes, by step kind)."""
     trace = batch == 1 and sched.device.type == "cuda" if trace is None else trace
     kept_ahead, kept_prefill = sched.spec_ahead, sched.overlap_prefill
+    can_prefill = sched.overlap and not sched.args.disable_overlap_prefill and sched.runner.lora is None
     best: dict = {False: float("inf"), True: float("inf")}
     runs: dict = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict = {}
@@ -251,10 +255,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         best[name], runs[name] = float("inf"), []
         other.dry_overlap = name != "nodry"
         other.lazy_warm = name != "eager"
-        if name == "k1first" and other.payoff is not None:
-            other.payoff.deep_first_rows = 0
-        if name == "owndepth":
-            other.full_depth_rows = 0
+        if name == "deepfirst" and other.payoff is not None:
+            other.payoff.deep_first_rows = 1
+        if name == "fulldepth":
+            other.full_depth_rows = 1
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     # per spec-on arm (True: the main one, else the variant's name), each run's verify steps, tokens per verify step,
     # x/accept and (batch 1) step trace
@@ -298,7 +302,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         for on in (False, True, *others):
             sched.spec = spec if on is True else others.get(on) if on else None  # type: ignore[call-overload]
             sched.spec_ahead = kept_ahead and on != "noahead"
-            sched.overlap_prefill = kept_prefill and on != "eager"
+            # spec off overlaps prefill steps as a spec-off server does (this scheduler, built with NGRAM, would not:
+            # before spec8 both arms ran them synchronously); spec on as the scheduler's rule for NGRAM says
+            sched.overlap_prefill = can_prefill if on is False or on == "prefill" else kept_prefill
             arm[0] = on
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
@@ -572,8 +578,9 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     # (--dry-ab at the smallest batch only: where the drafter runs dry before the text repeats)
     variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)),
                                                   ("eager", args.eager_ab and b == max(args.batches)),
-                                                  ("k1first", args.deep_ab and b == 1),
-                                                  ("owndepth", args.deep_ab and b == 1))
+                                                  ("prefill", args.prefill_ab and b == max(args.batches)),
+                                                  ("deepfirst", args.deep_ab and b == 1),
+                                                  ("fulldepth", args.deep_ab and b == 1))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -695,10 +702,12 @@ def main() -> None:
                     "for the payoff's arm (as before SpecDecoder.dry_overlap), in the same process",
         "--ahead-ab": "e2e cells and profile runs also run spec on with verify steps launched only after the previous "
                       "one's results (--disable-speculative-ahead), in the same process",
-        "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring k = 1 first, and spec on with "
-                     "chains as deep as each request's own n-gram draft depth (both as before spec8), in the same process",
-        "--eager-ab": "e2e cells of the largest batch also run spec on with prefill steps synchronous and the n-gram "
-                      "indexes warmed every step whether a step may draft or not (as before spec8), in the same process",
+        "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring the deepest arm first, and spec on "
+                     "with chains as deep as the step's k (spec8's, off by default), in the same process",
+        "--eager-ab": "e2e cells of the largest batch also run spec on with the n-gram indexes warmed every step whether "
+                      "a step may draft or not (as before spec8), in the same process",
+        "--prefill-ab": "e2e cells of the largest batch also run spec on with prefill steps overlapped (spec8's, off by "
+                        "default), in the same process",
     }
     for flag, text in switches.items():
         ap.add_argument(flag, action="store_true", help=f"gpu mode: {text}")

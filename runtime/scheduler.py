@@ -50,6 +50,10 @@ MIX_MAX_DECODE_KV_TOKENS = 131072
 # benchmarks/b_levers.py: ~7.5 ms of host work a chunk hidden). Fewer, longer prompts a chunk — cache-off
 # (e)'s ~8 of 1,088 tokens, (d)'s 4 of 2,048 — were not measured and stay synchronous.
 OVERLAP_PREFILL_MIN_REQUESTS = 12
+# ... also with NGRAM speculation on (drafting reads the host's tokens only when it drafts): at batch 64 on the H200 the
+# e2e cell is half prefill and spec on ran every chunk synchronously. Off until measured on the H200
+# (`benchmarks/speculative.py --prefill-ab`, spec8); a draft model or head always keeps prefill synchronous.
+OVERLAP_PREFILL_WITH_NGRAM = False
 
 
 class Scheduler:
@@ -93,10 +97,12 @@ class Scheduler:
         self.overlap = not args.disable_overlap_schedule
         # Prompts-only extend steps of many requests overlapped too: the next prefill chunk is scheduled
         # and launched before this one's first tokens are committed (not with adapters, nor a draft model or
-        # head: it keeps its own KV or the target's hidden states of each prompt; NGRAM reads the host's tokens
-        # only to draft, and a row whose token is still on the device drafts nothing: `SpecDecoder._limit`).
-        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill
-                                and (self.spec is None or self.spec.model is None) and self.runner.lora is None)
+        # head: it keeps its own KV or the target's hidden states of each prompt; with NGRAM per
+        # OVERLAP_PREFILL_WITH_NGRAM: it reads the host's tokens only to draft, and a row whose token is still on
+        # the device drafts nothing, `SpecDecoder._limit`).
+        ngram = self.spec is not None and self.spec.model is None
+        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.runner.lora is None
+                                and (self.spec is None or (ngram and OVERLAP_PREFILL_WITH_NGRAM)))
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # NGRAM chains: a verify step launched before the previous one's results (speculative/verify_ahead.py).

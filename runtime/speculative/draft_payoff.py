@@ -12,9 +12,9 @@ batch-size bucket (powers of two) from two measurements:
 - the acceptance rate a of draft positions (decayed over the steps that drafted; it does not
   drift while nothing drafts: retrying is the probes' job, so that it backs off).
 
-Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first (at batch 1 the deepest,
-DEEP_FIRST_ROWS, whose verify step costs about what k = 1's does; unmeasured arms' T then bounded by T(0), as T(1)
-is not known). The best any k can
+Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first (with DEEP_FIRST_ROWS, at batch
+1 the deepest, whose verify step costs about what k = 1's does there; unmeasured arms' T then bounded by T(0), as
+T(1) is not known). The best any k can
 do is E(kmax) = 1 + a + ... + a^kmax tokens per row in a step costing at least T(1): while that does
 not beat plain decoding by MARGIN, the bucket decodes plainly and only re-measures k = 1 for a short
 run every `probe_every` steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured,
@@ -79,11 +79,11 @@ SLACK_STEPS = 1.0  # ... plus this many plain decode steps
 # 1.6x at 32, 1.9x at 64, benchmarks/RESULTS.md).
 PRIOR_RATIO = 1.15
 PRIOR_PER_ROW = 0.0135
-# Batches of up to this many rows measure the deepest arm first, not k = 1: there a verify step costs about the
-# same at any k (H200, 8B, batch 1, verify steps launched ahead: T(1) / T(4) 4.40 / 4.82 ms, 2026-12-04), so on
-# text the drafter follows the deepest arm wins, and a run of k = 1 first emitted ~1.9 tokens a step where the
-# deep arm emits 3-4 (benchmarks/RESULTS.md, spec8)
-DEEP_FIRST_ROWS = 1
+# Batches of up to this many rows measure the deepest arm first, not k = 1: at batch 1 a verify step costs about the
+# same at any k (H200, 8B, verify steps launched ahead: T(1) / T(4) 4.40 / 4.82 ms, 2026-12-04), so on text the
+# drafter follows the deepest arm wins, and a run of k = 1 first emitted ~1.9 tokens a step. 0 (off) until measured
+# on the H200 (`benchmarks/speculative.py --deep-ab`, spec8; 1 turns it on for batch 1)
+DEEP_FIRST_ROWS = 0
 
 
 def chain_tokens(rate: float, k: int) -> float:
@@ -288,7 +288,7 @@ class DraftPayoff:
 
     def __init__(self, max_k: int = 1, measure_from: int = 1, deep_first_rows: int = DEEP_FIRST_ROWS) -> None:
         self.max_k = max_k
-        self.deep_first_rows = deep_first_rows  # (benchmarks/speculative.py sets 0 to measure k = 1 first, as before)
+        self.deep_first_rows = deep_first_rows  # (benchmarks/speculative.py sets 1 to measure the deepest arm first)
         # batches of fewer rows are not measured: they may draft up to max_k (the budget decides; row_cost.py)
         self.measure_from = measure_from
         self.buckets: dict[int, Bucket] = {}

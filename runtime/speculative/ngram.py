@@ -11,8 +11,8 @@ How far to draft is decided per request: a long match (the text is being copied)
 step's limit, a short one at most as many tokens as it matched; and the request's draft depth grows
 while its drafts are accepted whole and falls back to what was accepted on a rejection (copying
 runs long, then stops at an edit: a long draft pays on the run, a short one at the edit). Where a verify step
-costs about the same at any depth (batch 1 on a GPU) the SpecDecoder floors every depth at the step's k
-(`min_depth`).
+costs about the same at any depth (batch 1 on a GPU) the SpecDecoder may floor every depth at the step's k
+(`min_depth`; spec_decoder.FULL_DEPTH_ROWS, off until measured on the H200).
 
 With a branching factor above 1 (`--speculative-eagle-topk`) a request drafts a token tree
 (draft_tree.py) instead of one chain: the continuations of several earlier occurrences of its

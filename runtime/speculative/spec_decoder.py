@@ -52,8 +52,9 @@ WARM_LEAD_STEPS = 32
 # NGRAM chains with the overlap schedule (a GPU), batches of up to this many rows: every request drafts as deep as the
 # step's k allows (its n-gram match permitting), not its own DraftDepth, which after a rejection falls to the accepted
 # count + 1 and climbs back 2 a step: a batch-1 verify step costs about the same at any k on the H200 (4.40 / 4.82 ms
-# at k = 1 / 4 against 4.16 plain, 2026-12-04), so a shallow draft saves little and emits fewer tokens
-FULL_DEPTH_ROWS = 1
+# at k = 1 / 4 against 4.16 plain, 2026-12-04), so a shallow draft saves little and emits fewer tokens. 0 (off) until
+# measured on the H200 (`benchmarks/speculative.py --deep-ab`, spec8; 1 turns it on for batch 1)
+FULL_DEPTH_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class SpecDecoder:
         # measure warming every step, as before)
         self.lazy_warm = True
         # chains drafted as deep as the step's k at up to this many rows (0: each request's depth alone, as on the
-        # CPU, where a verify row costs a fifth of a step or more; benchmarks/speculative.py sets 0 to compare)
+        # CPU, where a verify row costs a fifth of a step or more; benchmarks/speculative.py sets 1 to compare)
         self.full_depth_rows = FULL_DEPTH_ROWS if not args.disable_overlap_schedule and self.topk == 1 else 0
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()

@@ -1,7 +1,8 @@
 """Speculation on, drafting off (batch 64 on the H200: the payoff keeps plain decoding): a spec-on step does
-what a spec-off step does. Prefill steps of many requests are overlapped with NGRAM as without speculation
-(not with a draft model: it prefills its own KV); the n-gram indexes are warmed only near a step the payoff
-may let draft (`DraftPayoff.steps_to_draft`), and drafting still turns back on when the payoff probes."""
+what a spec-off step does. The n-gram indexes are warmed only near a step the payoff may let draft
+(`DraftPayoff.steps_to_draft`), and drafting still turns back on when the payoff probes; with
+OVERLAP_PREFILL_WITH_NGRAM prefill steps of many requests are overlapped with NGRAM as without speculation (not
+with a draft model: it prefills its own KV)."""
 from __future__ import annotations
 
 import random
@@ -23,10 +24,12 @@ def tiny(tiny_model_dir):
 
 
 def test_ngram_prefill_steps_are_overlapped(tiny, monkeypatch) -> None:
-    """Prompts of a repeated block in chunks: the prefill steps are overlapped with NGRAM on (the next chunk
-    launched before the first tokens are committed), outputs equal speculation off, drafting follows, and
-    no slot is left behind."""
+    """Prompts of a repeated block in chunks: with OVERLAP_PREFILL_WITH_NGRAM (off by default until measured on
+    the H200) the prefill steps are overlapped with NGRAM on as without speculation (the next chunk launched before
+    the first tokens are committed), outputs equal speculation off, drafting follows, and no slot is left behind."""
     monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 2)
+    assert not make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True).overlap_prefill
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_WITH_NGRAM", True)
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 250) for _ in range(24)] * 4 for _ in range(24)]
     reqs = [greedy_req(f"p{i}", ids, 20 + i) for i, ids in enumerate(prompts)]
@@ -42,7 +45,8 @@ def test_ngram_prefill_steps_are_overlapped(tiny, monkeypatch) -> None:
     assert_pool_idle(sched)
 
 
-def test_a_draft_model_keeps_prefill_synchronous(tiny) -> None:
+def test_a_draft_model_keeps_prefill_synchronous(tiny, monkeypatch) -> None:
+    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_WITH_NGRAM", True)
     sched = make_scheduler(tiny, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny),
                            enable_overlap_schedule_on_cpu=True)
     assert not sched.overlap_prefill

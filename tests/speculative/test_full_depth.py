@@ -1,6 +1,7 @@
-"""Batch 1 on a GPU (the overlap schedule): NGRAM chains as deep as the step's k allows (the SpecDecoder's floor
-under each request's DraftDepth: a verify step costs about the same at any k there), not a request's own depth,
-which falls to the accepted count + 1 after each rejection."""
+"""Batch 1 on a GPU (the overlap schedule), with FULL_DEPTH_ROWS (off by default until measured on the H200): NGRAM
+chains as deep as the step's k allows (the SpecDecoder's floor under each request's DraftDepth: a verify step costs
+about the same at any k there), not a request's own depth, which falls to the accepted count + 1 after each
+rejection."""
 from __future__ import annotations
 
 import pytest
@@ -48,6 +49,8 @@ def test_batch_1_chains_as_deep_as_the_step_allows(tiny) -> None:
 
         def begin_step(self, *a, made=made, rows=rows):
             self.full_depth_rows = rows
+            if self.payoff is not None:  # (both runs: the deepest arm measured first, so k is deep from the start)
+                self.payoff.deep_first_rows = 1
             made(self, *a)
         spec_decoder.SpecDecoder.begin_step = begin_step
         try:
@@ -57,9 +60,15 @@ def test_batch_1_chains_as_deep_as_the_step_allows(tiny) -> None:
         assert got == ref
         drafted[rows] = sched.spec.draft_tokens / sched.spec.verify_steps
     assert drafted[1] > drafted[0] + 0.3, drafted
-    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True)
+    assert make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True).spec.full_depth_rows \
+        == spec_decoder.FULL_DEPTH_ROWS == 0  # (off by default until measured on the H200)
+    spec_decoder.FULL_DEPTH_ROWS = 1
+    try:
+        sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True)
+        assert make_scheduler(tiny, speculative_algorithm="NGRAM").spec.full_depth_rows == 0  # (no overlap: the CPU)
+    finally:
+        spec_decoder.FULL_DEPTH_ROWS = 0
     sched.spec.begin_step(0.0, 0, 2)
     assert sched.spec.full_depth_rows == 1 and sched.spec.drafter.min_depth == 0
     sched.spec.begin_step(0.0, 0, 1)
     assert sched.spec.drafter.min_depth == sched.spec.max_drafts
-    assert make_scheduler(tiny, speculative_algorithm="NGRAM").spec.full_depth_rows == 0  # (no overlap: the CPU)
