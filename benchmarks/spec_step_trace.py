@@ -11,6 +11,7 @@ prefill costs a x P. `split` gives each kind's share of a x T_on, the terms the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from radixlm.runtime.forward_batch import ForwardMode
@@ -21,15 +22,17 @@ class StepTrace:
     """Per forward launched while installed: its start (host clock), kind, drafts per row, the payoff's arm and
     the (batch-1) request's n-gram draft depth as the step floors it; per verify result, drafts and accepted."""
 
-    def __init__(self, sched: Scheduler) -> None:
+    def __init__(self, sched: Scheduler, clock: Callable[[], float] = time.perf_counter) -> None:
         self.sched = sched
+        self.clock = clock  # (a simulated device clock in CPU studies: its time before each forward's own)
         self.forwards: list[tuple[float, str, int, int, int]] = []  # (t, kind, drafts, step_k, depth)
         self.verified: list[tuple[int, int]] = []  # (drafted, accepted) per verify result
         self._forward = sched.runner.forward
-        self._on_verified = None
+        self._kept: tuple[Any, Any] = (None, None)
 
     def __enter__(self) -> StepTrace:
         sched, spec = self.sched, self.sched.spec
+        self._kept = (vars(sched.runner).get("forward"), vars(spec).get("on_verified") if spec is not None else None)
         forward = self._forward
 
         def traced(fb: Any, *staged: Any) -> Any:
@@ -43,11 +46,11 @@ class StepTrace:
             depths = getattr(drafter, "depths", None) or {}
             # (the request's depth with the step's floor: NgramDrafter.min_depth)
             depth = max(next(iter(depths.values())).depth, drafter.min_depth) if len(depths) == 1 else 0
-            self.forwards.append((time.perf_counter(), kind, drafts, spec.step_k if spec else 0, depth))
+            self.forwards.append((self.clock(), kind, drafts, spec.step_k if spec else 0, depth))
             return forward(fb, *staged)
         sched.runner.forward = traced
         if spec is not None:
-            self._on_verified = on_verified = spec.on_verified
+            on_verified = spec.on_verified
 
             def record(req: Any, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
                 self.verified.append((drafted, accepted))
@@ -56,9 +59,15 @@ class StepTrace:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        del self.sched.runner.forward  # (the instance attributes go, the methods show again)
-        if self._on_verified is not None:
-            del self.sched.spec.on_verified
+        # what was there before: an instance attribute (another wrapper, e.g. a simulated clock's) put back, else
+        # deleted so the method shows again
+        for obj, name, kept in ((self.sched.runner, "forward", self._kept[0]), (self.sched.spec, "on_verified", self._kept[1])):
+            if obj is None:
+                continue
+            if kept is not None:
+                setattr(obj, name, kept)
+            else:
+                delattr(obj, name)
 
     def split(self, start: float, end: float, rows: int = 1) -> dict:
         """Intervals from each launch to the next (the last to `end`; `start` to the first launch is the host's
