@@ -34,7 +34,7 @@ A plain step measured slower than a drafting step (SUSPECT_RATIO) was disturbed 
 drafting step does a plain step's work and more): plain decoding is measured again, at most
 MAX_REMEASURES times per bucket.
 
-Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (arm_rate.py) (a GC pause,
+Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (arm_rate.py; a GC pause,
 a graph capture or a first-use kernel compile is one interval; a mean of 7 once read 26 ms for a 6 ms
 step on the H200), its tokens per step their mean.
 
@@ -239,8 +239,9 @@ class Bucket:
     def steps_to_draft(self, accept: float, budget: float, rows: int) -> float:
         """About how many plain steps from now a step of this bucket may draft (0: it may now; inf: never), were
         only the clock to move: the probe timer (or plain decoding's measuring run) and the exploring budget,
-        which grows by LOSS_SHARE of a plain step a plain step while arm 1's first run needs (1 + MIN_SAMPLES)
-        times its predicted loss (`_exceeds`). The n-gram index warms only this close to a drafting step."""
+        which grows by LOSS_SHARE of a plain step a plain step while a first run of arm 1 (the cheapest) needs
+        (1 + MIN_SAMPLES) times its predicted loss (`_exceeds`). The n-gram index warms only this close to a
+        drafting step."""
         if self.max_k == 0:
             return float("inf")
         if self.k or self.best():
@@ -348,8 +349,7 @@ class DraftPayoff:
         bucket, budget, running = self._step
         if bucket is None:
             return 0.0
-        return 0.0 if self._open is not None and self._open[3] else bucket.steps_to_draft(
-            self.accept_rate, budget, running)
+        return bucket.steps_to_draft(self.accept_rate, budget, running)  # (its `k`: this step's arm)
 
     def _charge(self, bucket: Bucket, arm: int, first: bool, tokens: int, seconds: float) -> None:
         """A decode interval: recorded for its arm (not the first of a run: the previous arm's tokens

@@ -47,7 +47,7 @@ WARM_MIN_BEHIND = 64
 WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this (~300 MB)
 # ... and only while the payoff may let a step draft within this many steps (or one a running request, if more): with
 # drafting off (batch 64 on the H200: a probe's loss outweighs the exploring budget for ~300 steps) a spec-on step
-# costs what a spec-off one does; the lead leaves the backlog (a request or more a step) time to shrink first
+# costs what a spec-off one does; this lead time lets the backlog (a request or more a step) shrink before it drafts
 WARM_LEAD_STEPS = 32
 # NGRAM chains with the overlap schedule (a GPU), batches of up to this many rows: every request drafts as deep as the
 # step's k allows (its n-gram match permitting), not its own DraftDepth, which after a rejection falls to the accepted
