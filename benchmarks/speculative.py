@@ -241,9 +241,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     spec8), and the settings spec8 left off until measured: "prefill" (prefill steps overlapped with NGRAM on),
     "deepfirst" (the payoff's first drafting arm the deepest at batch 1: DraftPayoff.deep_first_rows 1),
     "fulldepth" (chains as deep as the step's k at batch 1: SpecDecoder.full_depth_rows 1). Per arm the prompts'
-    share of each run (to the first decode step); per
-    spec-on run its own tokens per verify step and x/accept; `trace` (default: batch 1 on a GPU) the spec-on runs'
-    step traces (spec_step_trace.py: where each run's time goes, by step kind)."""
+    share of each run (to the first decode step); per spec-on run its own tokens per verify step and x/accept;
+    `trace` (default: batch 1 on a GPU) every run's step trace (spec_step_trace.py: where its time goes, by step
+    kind; spec-on runs' against the best spec-off run's)."""
     trace = batch == 1 and sched.device.type == "cuda" if trace is None else trace
     kept_ahead, kept_prefill = sched.spec_ahead, sched.overlap_prefill
     can_prefill = sched.overlap and not sched.args.disable_overlap_prefill and sched.runner.lora is None
@@ -257,7 +257,7 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         other.lazy_warm = name != "eager"
         if name == "deepfirst" and other.payoff is not None:
             other.payoff.deep_first_rows = 1
-        if name == "fulldepth":
+        if name == "fulldepth" and other.topk == 1:
             other.full_depth_rows = 1
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     # per spec-on arm (True: the main one, else the variant's name), each run's verify steps, tokens per verify step,
