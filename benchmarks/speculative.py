@@ -53,6 +53,7 @@ from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     sync,
     verify_kernel_split,
 )
+from radixlm.benchmarks.spec_step_trace import StepTrace, goal_terms  # noqa: E402
 from radixlm.runtime.forward_batch import ForwardMode  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -83,7 +84,11 @@ CHAT_TASKS = [
 
 
 # ------------------------------------------------------------------------------ shared
-VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)"}
+VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)",
+            "eager": "n-gram indexes warmed every step, drafting or not (before spec8)",
+            "prefill": "prefill steps overlapped with NGRAM on (scheduler.OVERLAP_PREFILL_WITH_NGRAM)",
+            "deepfirst": "the payoff measuring the deepest arm first at batch 1 (draft_payoff.DEEP_FIRST_ROWS 1)",
+            "fulldepth": "chains as deep as the step's k at batch 1 (spec_decoder.FULL_DEPTH_ROWS 1)"}
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -93,21 +98,28 @@ def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) 
     return Scheduler(args, model_dir, tokenizer)
 
 
-def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter
-        ) -> tuple[float, dict[str, list[int]]]:
+def run(sched: Scheduler, reqs: list[TokenizedGenerateReq], clock: Any = time.perf_counter,
+        marks: dict | None = None) -> tuple[float, dict[str, list[int]]]:
     """Time to finish every request (wall clock, or this process's CPU time: on a shared, loaded
     CPU machine wall time swings 10x with the neighbours' load, CPU time of one thread far less),
-    and their outputs."""
+    and their outputs. `marks`: filled with "start", "end" and "first_decode" (the clock once the step
+    that launched the first decode step returned: the prompts' prefill and admission before it)."""
     outs: dict[str, list[int]] = {r.rid: [] for r in reqs}
     start = clock()
+    decode_steps, first = sched.stats["decode_steps"], None
     for r in reqs:
         sched.handle(r)
     while not sched.idle:
         sched.step()
+        if first is None and sched.stats["decode_steps"] > decode_steps:
+            first = clock()
         for o in sched.pop_outputs():
             outs[o.rid] += o.output_ids
     sync(sched.device)
-    return clock() - start, outs
+    end = clock()
+    if marks is not None:
+        marks.update(start=start, end=end, first_decode=first if first is not None else end)
+    return end - start, outs
 
 
 def verify_costs(sched: Scheduler, batch_sizes: list[int], ks: list[int], prompt_len: int, repeats: int,
@@ -217,15 +229,24 @@ def aux_cost(sched: Scheduler, batch_sizes: list[int], repeats: int, vocab: int)
 
 def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: int, ignore_eos: bool,
             repeats: int, clock: Any = time.perf_counter, outputs: dict | None = None, topk: int | None = None,
-            replay: bool = False, variants: tuple[str, ...] = ()) -> dict:
+            replay: bool = False, variants: tuple[str, ...] = (), trace: bool | None = None) -> dict:
     """Spec off vs on over the same prompts (batch 1: one request at a time), best of `repeats`,
     alternating. One scheduler (one model, KV pool and set of CUDA graphs) runs both: speculation
-    is switched per run by giving it a fresh SpecDecoder or none. `outputs`: filled with the last
+    is switched per run by giving it a fresh SpecDecoder or none (and spec off overlaps prefill steps as a
+    spec-off server does). `outputs`: filled with the last
     runs' tokens per request, {False: off, True: on}. `variants`: more spec-on arms, each with its own
     SpecDecoder, reported as `*_<name>`: "noahead" (verify steps launched only after the previous one's
     results: --disable-speculative-ahead), "nodry" (dry requests' steps synchronous and measured, as
-    before SpecDecoder.dry_overlap)."""
-    kept_ahead = sched.spec_ahead
+    before SpecDecoder.dry_overlap), "eager" (the n-gram indexes warmed every step, drafting or not: as before
+    spec8), and the settings spec8 left off until measured: "prefill" (prefill steps overlapped with NGRAM on),
+    "deepfirst" (the payoff's first drafting arm the deepest at batch 1: DraftPayoff.deep_first_rows 1),
+    "fulldepth" (chains as deep as the step's k at batch 1: SpecDecoder.full_depth_rows 1). Per arm the prompts'
+    share of each run (to the first decode step); per spec-on run its own tokens per verify step and x/accept;
+    `trace` (default: batch 1 on a GPU) every run's step trace (spec_step_trace.py: where its time goes, by step
+    kind; spec-on runs' against the best spec-off run's)."""
+    trace = batch == 1 and sched.device.type == "cuda" if trace is None else trace
+    kept_ahead, kept_prefill = sched.spec_ahead, sched.overlap_prefill
+    can_prefill = sched.overlap and not sched.args.disable_overlap_prefill and sched.runner.lora is None
     best: dict = {False: float("inf"), True: float("inf")}
     runs: dict = {False: [], True: []}  # every run's time: the first spec-on run explores
     outs: dict = {}
@@ -233,6 +254,16 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for name, other in others.items():
         best[name], runs[name] = float("inf"), []
         other.dry_overlap = name != "nodry"
+        other.lazy_warm = name != "eager"
+        if name == "deepfirst" and other.payoff is not None:
+            other.payoff.deep_first_rows = 1
+        if name == "fulldepth" and other.topk == 1:
+            other.full_depth_rows = 1
+    prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
+    # per spec-on arm (True: the main one, else the variant's name), each run's verify steps, tokens per verify step,
+    # x/accept and (batch 1) step trace
+    per_run: dict = {on: [] for on in best if on is not False}
+    off_traces: list[dict] = []  # the best spec-off run's step traces, per group
     ahead_before, rebuilt_before = sched.stats["ahead_steps"], sched.stats["ahead_rebuilt_steps"]
     spec = fresh_spec(sched, topk)
     reference: dict[tuple[int, ...], list[int]] = {}
@@ -271,18 +302,38 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         for on in (False, True, *others):
             sched.spec = spec if on is True else others.get(on) if on else None  # type: ignore[call-overload]
             sched.spec_ahead = kept_ahead and on != "noahead"
+            # spec off overlaps prefill steps as a spec-off server does (this scheduler, built with NGRAM, would not:
+            # before spec8 both arms ran them synchronously); spec on as the scheduler's rule for NGRAM says
+            sched.overlap_prefill = can_prefill if on is False or on == "prefill" else kept_prefill
             arm[0] = on
             sched.cache.flush()
             groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-            total, merged = 0.0, {}
+            total, merged, to_decode = 0.0, {}, 0.0
             steps_before = sched.stats["decode_steps"]
+            arm_spec = sched.spec
+            verify_before = (arm_spec.verify_steps, arm_spec.verify_tokens) if arm_spec is not None else (0, 0)
+            traces = []  # (batch 1: a group is one request)
             for g, group in enumerate(groups):
                 reqs = [TokenizedGenerateReq(rid=f"{g}-{i}", input_ids=p, params=SamplingParams(
                     temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)) for i, p in enumerate(group)]
-                dt, o = run(sched, reqs, clock)
+                marks: dict = {}
+                if trace:
+                    with StepTrace(sched) as tracer:
+                        dt, o = run(sched, reqs, clock, marks)
+                    traces.append(tracer.split(marks["start"], marks["end"]))
+                else:
+                    dt, o = run(sched, reqs, clock, marks)
                 total += dt
+                to_decode += marks["first_decode"] - marks["start"]
                 merged.update(o)
             on_steps += (sched.stats["decode_steps"] - steps_before) if on is True else 0
+            prefill_s[on].append(round(to_decode, 4))
+            if arm_spec is not None:
+                steps, emitted = arm_spec.verify_steps - verify_before[0], arm_spec.verify_tokens - verify_before[1]
+                per_run[on].append({"s": total, "verify_steps": steps, "accept": emitted / steps if steps else 1.0,
+                                    "traces": traces})
+            if on is False and total < best[False]:
+                off_traces = traces
             best[on] = min(best[on], total)
             runs[on].append(total)
             outs[on] = merged
@@ -292,7 +343,15 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     for name in spec_calls:
         delattr(spec, name)
     gc.callbacks.remove(on_gc)  # the instance attribute goes, the method shows again
-    sched.spec, sched.spec_ahead = spec, kept_ahead
+    sched.spec, sched.spec_ahead, sched.overlap_prefill = spec, kept_ahead, kept_prefill
+    # each spec-on run against the best spec-off run, with its own tokens per verify step (the figure of the
+    # cell pairs the best run's speed-up with the mean over all runs: the runs' acceptance differs, the first
+    # run's payoff exploring)
+    for r in (r for arm_runs in per_run.values() for r in arm_runs):
+        x = best[False] / r["s"]
+        r.update(speedup=round(x, 3), accept=round(r["accept"], 3), x_per_accept=round(x / r["accept"], 3),
+                 goal_terms=[goal_terms(t, off) for t, off in zip(r["traces"], off_traces)] or None)
+        del r["s"]
     if outputs is not None:
         outputs.update(outs)
     info = spec.info()
@@ -333,6 +392,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
         # every run of each arm: collections of generation 0 / 1 / 2 and their pauses (ms)
         "gc": {("on" if on is True else on or "off"): {"gen0": c[0], "gen1": c[1], "gen2": c[2],
                                                         "pause_ms": round(c[3] * 1e3, 2)} for on, c in collected.items()},
+        # per arm, every run's seconds to its first decode step (prompts admitted and prefilled)
+        "to_first_decode_s": {("on" if on is True else on or "off"): v for on, v in prefill_s.items()},
+        "spec_runs": per_run[True],
+        **{f"spec_runs_{name}": per_run[name] for name in others},
     }
 
 
@@ -362,6 +425,38 @@ def step_times(sched: Scheduler, prompts: list[list[int]], batch: int, new_token
     sched.decode_log.on_step = on_step  # type: ignore[method-assign]
     sync(sched.device)
     return {"decode_steps": len(intervals), "step_ms": round(statistics.mean(intervals) * 1e3, 3) if intervals else None}
+
+
+def print_cell_parts(cell: dict, variants: tuple[str, ...]) -> None:
+    """An e2e cell's lines after its headline: the payoff, host and collector figures, each arm's time to the first
+    decode step, each spec-on run with its own x/accept (and at batch 1 its step trace's terms), the variants."""
+    print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
+          f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
+          f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
+          flush=True)
+    print(f"    to the first decode step, s per run: {cell['to_first_decode_s']}", flush=True)
+    for r in cell["spec_runs"]:
+        print(run_line(r), flush=True)
+    for name in variants:
+        what = VARIANTS[name]
+        print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
+              f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
+              f"{cell[f'speedup_per_accept_{name}']:.2f}  identical {cell[f'identical_{name}']}; payoff "
+              f"{payoff_line(cell[f'payoff_{name}'], None)}", flush=True)
+        for r in cell[f"spec_runs_{name}"]:
+            print("  " + run_line(r), flush=True)
+
+
+def run_line(r: dict) -> str:
+    """One spec-on run: its speed-up, tokens per verify step and x/accept; with a step trace, the verify steps' own
+    x/accept, spec off's plain step, both prefills, the plain steps' counts and each step kind's term."""
+    terms = (r["goal_terms"] or [{}])[0]
+    trace = (r["traces"] or [{}])[0]
+    plain = {k: v["n"] for k, v in trace.items() if k.startswith("plain")}
+    return (f"    spec-on run: x{r['speedup']:.3f} at {r['accept']:.2f} tok/verify step ({r['verify_steps']} steps): "
+            f"x/accept {r['x_per_accept']:.3f}" + (f"; verify steps alone {terms.get('verify_x_per_accept')} (T0 "
+            f"{terms.get('t0_ms')} ms, prefill {terms.get('prefill_ms')}, plain steps {plain}); a x T_on over T_off by "
+            f"step kind (x/accept = 1 / (1 + their sum)): {terms.get('loss_share')}" if terms else ""))
 
 
 # ------------------------------------------------------------------------------ modes
@@ -481,7 +576,11 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     report["cells"] = []
     cells = [(batch, kind, topk) for kind in args.prompt_sets for batch in args.batches for topk in args.topk]
     # (--dry-ab at the smallest batch only: where the drafter runs dry before the text repeats)
-    variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)))
+    variants_of = {b: tuple(name for name, on in (("noahead", args.ahead_ab), ("nodry", args.dry_ab and b == min(args.batches)),
+                                                  ("eager", args.eager_ab and b == max(args.batches)),
+                                                  ("prefill", args.prefill_ab and b == max(args.batches)),
+                                                  ("deepfirst", args.deep_ab and b == 1),
+                                                  ("fulldepth", args.deep_ab and b == 1))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -512,16 +611,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
               f"{cell['speedup_runs']})  accept {cell['avg_accept_length']:.2f} tok/verify step ({cell['verify_steps']} "
               f"steps)  x/accept {cell['speedup_per_accept']:.2f} (batch-1 goal >= 0.8)  identical {cell['identical']}",
               flush=True)
-        print(f"    payoff {payoff_line(cell['payoff'], cell['exploring'])}; spec host ms/step "
-              f"{cell['spec_host_ms_per_step']}; gc {cell['gc']}; verify steps launched ahead {cell['ahead_steps']} "
-              f"({cell['ahead_rebuilt_steps']} after a wrong guess)",
-              flush=True)
-        for name in variants_of[batch]:
-            what = VARIANTS[name]
-            print(f"    {what}: on {cell[f'tok_s_on_{name}']:8.1f} tok/s  x{cell[f'speedup_{name}']:.3f} (runs "
-                  f"{cell[f'speedup_runs_{name}']})  accept {cell[f'avg_accept_length_{name}']:.2f}  x/accept "
-                  f"{cell[f'speedup_per_accept_{name}']:.2f}  identical {cell[f'identical_{name}']}; payoff "
-                  f"{payoff_line(cell[f'payoff_{name}'], None)}", flush=True)
+        print_cell_parts(cell, variants_of[batch])
         if "plain_decode_step" in cell:
             k0 = [c["k0_step_ms"] for c in (cell["payoff"] or {}).values() if "k0_step_ms" in c][-1:]
             print(f"  decode step (start to start): spec off {cell['plain_decode_step']['step_ms']} ms, spec on at k = 0 "
@@ -612,6 +702,12 @@ def main() -> None:
                     "for the payoff's arm (as before SpecDecoder.dry_overlap), in the same process",
         "--ahead-ab": "e2e cells and profile runs also run spec on with verify steps launched only after the previous "
                       "one's results (--disable-speculative-ahead), in the same process",
+        "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring the deepest arm first, and spec on "
+                     "with chains as deep as the step's k (spec8's, off by default), in the same process",
+        "--eager-ab": "e2e cells of the largest batch also run spec on with the n-gram indexes warmed every step whether "
+                      "a step may draft or not (as before spec8), in the same process",
+        "--prefill-ab": "e2e cells of the largest batch also run spec on with prefill steps overlapped (spec8's, off by "
+                        "default), in the same process",
     }
     for flag, text in switches.items():
         ap.add_argument(flag, action="store_true", help=f"gpu mode: {text}")

@@ -55,6 +55,10 @@ OVERLAP_PREFILL_MIN_REQUESTS = 12
 # on the CPU, 105 of its 511 decode steps wait for the commit without it, none with it (benchmarks/RESULTS.md,
 # thru9; benchmarks/b_schedule_cpu.py; `benchmarks/b_levers.py --items evict` is the H200 A/B).
 AHEAD_WITH_EVICTION = False
+# ... also with NGRAM speculation on (drafting reads the host's tokens only when it drafts): at batch 64 on the H200 the
+# e2e cell is half prefill and spec on ran every chunk synchronously. Off until measured on the H200
+# (`benchmarks/speculative.py --prefill-ab`, spec8); a draft model or head always keeps prefill synchronous.
+OVERLAP_PREFILL_WITH_NGRAM = False
 
 
 class Scheduler:
@@ -97,9 +101,13 @@ class Scheduler:
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
         # Prompts-only extend steps of many requests overlapped too: the next prefill chunk is scheduled
-        # and launched before this one's first tokens are committed (not with drafts or adapters).
-        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.spec is None
-                                and self.runner.lora is None)
+        # and launched before this one's first tokens are committed (not with adapters, nor a draft model or
+        # head: it keeps its own KV or the target's hidden states of each prompt; with NGRAM per
+        # OVERLAP_PREFILL_WITH_NGRAM: it reads the host's tokens only to draft, and a row whose token is still on
+        # the device drafts nothing, `SpecDecoder._limit`).
+        ngram = self.spec is not None and self.spec.model is None
+        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.runner.lora is None
+                                and (self.spec is None or (ngram and OVERLAP_PREFILL_WITH_NGRAM)))
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # NGRAM chains: a verify step launched before the previous one's results (speculative/verify_ahead.py).

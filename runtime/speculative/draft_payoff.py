@@ -12,7 +12,9 @@ batch-size bucket (powers of two) from two measurements:
 - the acceptance rate a of draft positions (decayed over the steps that drafted; it does not
   drift while nothing drafts: retrying is the probes' job, so that it backs off).
 
-Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first. The best any k can
+Plain decoding (k = 0) and the cheapest drafting arm (k = 1) are measured first (with DEEP_FIRST_ROWS, at batch
+1 the deepest, whose verify step costs about what k = 1's does there; unmeasured arms' T then bounded by T(0), as
+T(1) is not known). The best any k can
 do is E(kmax) = 1 + a + ... + a^kmax tokens per row in a step costing at least T(1): while that does
 not beat plain decoding by MARGIN, the bucket decodes plainly and only re-measures k = 1 for a short
 run every `probe_every` steps (keeping a and T(1) fresh). Otherwise the deeper arms are measured,
@@ -32,7 +34,7 @@ A plain step measured slower than a drafting step (SUSPECT_RATIO) was disturbed 
 drafting step does a plain step's work and more): plain decoding is measured again, at most
 MAX_REMEASURES times per bucket.
 
-Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (a GC pause,
+Robust to single slow steps: an arm's step time is the median of its last WINDOW intervals (arm_rate.py; a GC pause,
 a graph capture or a first-use kernel compile is one interval; a mean of 7 once read 26 ms for a 6 ms
 step on the H200), its tokens per step their mean.
 
@@ -56,15 +58,12 @@ not k; the budget decides alone, pricing a draft row by its measured cost (row_c
 """
 from __future__ import annotations
 
-import statistics
-from collections import deque
 from dataclasses import dataclass, field
 
+from radixlm.runtime.speculative.arm_rate import MIN_SAMPLES, ArmRate
 from radixlm.runtime.speculative.draft_budget import PRIOR_RATE, PRIOR_WEIGHT
 
 RUN_STEPS = 6  # steps per measuring run of one arm (the first is dropped)
-MIN_SAMPLES = 3  # intervals that measure an arm (the median of three ignores one disturbed step)
-WINDOW = 15  # an arm's latest intervals that count
 PROBE_EVERY = 256  # steps of the chosen arm between re-measurements of another (while drafts are accepted)
 MIN_PROBE_GAP = 32  # ... or this many, while the exploring budget holds two runs of it
 MAX_PROBE_EVERY = 8192  # ... doubling up to this while probes accept nothing
@@ -80,51 +79,11 @@ SLACK_STEPS = 1.0  # ... plus this many plain decode steps
 # 1.6x at 32, 1.9x at 64, benchmarks/RESULTS.md).
 PRIOR_RATIO = 1.15
 PRIOR_PER_ROW = 0.0135
-
-
-@dataclass
-class ArmRate:
-    """One arm's latest WINDOW decode intervals (tokens, seconds); `samples` counts them all. Its mean tokens and
-    median interval are kept until the next interval (the payoff reads them several times a step: recomputed, the
-    median and sums of 15 intervals were ~100 us of host time a step on the 2-core CPU with drafting off)."""
-
-    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    samples: int = 0
-    abandoned: bool = False  # its last run ended early: its drafts were not accepted
-    _stats: tuple[float, float] | None = field(default=None, repr=False)  # (tokens per step, step seconds)
-
-    def record(self, tokens: int, seconds: float) -> None:
-        self.recent.append((tokens, seconds))
-        self.samples += 1
-        self._stats = None
-
-    def _measured(self) -> tuple[float, float]:
-        if self._stats is None:
-            recent = self.recent
-            self._stats = ((sum(t for t, _ in recent) / len(recent), statistics.median(s for _, s in recent))
-                           if recent else (0.0, 0.0))
-        return self._stats
-
-    def explored(self) -> bool:
-        return len(self.recent) >= MIN_SAMPLES
-
-    def done(self) -> bool:
-        """Measured, or given up on: exploration moves on."""
-        return self.explored() or self.abandoned
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self._measured()[0]
-
-    @property
-    def step_s(self) -> float:
-        """The median interval: one slow step (a GC pause, a compile) does not move it."""
-        return self._measured()[1]
-
-    @property
-    def rate(self) -> float:
-        step = self.step_s
-        return self.tokens_per_step / step if step > 0 else 0.0
+# Batches of up to this many rows measure the deepest arm first, not k = 1: at batch 1 a verify step costs about the
+# same at any k (H200, 8B, verify steps launched ahead: T(1) / T(4) 4.40 / 4.82 ms, 2026-12-04), so on text the
+# drafter follows the deepest arm wins, and a run of k = 1 first emitted ~1.9 tokens a step. 0 (off) until measured
+# on the H200 (`benchmarks/speculative.py --deep-ab`, spec8; 1 turns it on for batch 1)
+DEEP_FIRST_ROWS = 0
 
 
 def chain_tokens(rate: float, k: int) -> float:
@@ -135,6 +94,7 @@ def chain_tokens(rate: float, k: int) -> float:
 @dataclass
 class Bucket:
     max_k: int
+    first_k: int = 1  # the drafting arm measured first (max_k at batches of up to DEEP_FIRST_ROWS rows)
     arms: dict[int, ArmRate] = field(default_factory=dict)
     k: int | None = None  # the arm of the last step
     run_left: int = 0  # steps left in a measuring run of the current arm
@@ -165,9 +125,13 @@ class Bucket:
 
     def _predicted(self, k: int, accept: float) -> float:
         """tok/s the acceptance model expects of arm k: plain decoding's tokens per step (its rows) times
-        E(k), over arm k's step time (an unmeasured arm's taken as T(1))."""
-        plain = self.arm(0)
-        step = self.arm(k).step_s if self.arm(k).explored() else self.arm(1).step_s
+        E(k), over arm k's step time (an unmeasured arm's taken as T(1); where the deepest arm was measured first
+        and T(1) is not, as T(0): a drafting step costs at least a plain one)."""
+        plain, one = self.arm(0), self.arm(1)
+        if self.arm(k).explored():
+            step = self.arm(k).step_s
+        else:
+            step = one.step_s if one.explored() or self.first_k == 1 else plain.step_s
         return plain.tokens_per_step * self._expected_tokens(k, accept) / step if step > 0 else 0.0
 
     def plain_step_disturbed(self) -> bool:
@@ -240,8 +204,8 @@ class Bucket:
             self.arms[0] = ArmRate()
             self.remeasures += 1
             k = 0
-        elif not self.arm(1).done():
-            k = 1
+        elif not self.arm(self.first_k).done():
+            k = self.first_k
             self.run_left = RUN_STEPS - 1
         else:
             chosen, can_pay = self.best(), self.drafting_can_pay(accept)
@@ -272,6 +236,31 @@ class Bucket:
         self.k = k
         return k, first
 
+    def steps_to_draft(self, accept: float, budget: float, rows: int) -> float:
+        """About how many plain steps from now a step of this bucket may draft (0: it may now; inf: never), were
+        only the clock to move: the probe timer (or plain decoding's measuring run) and the exploring budget,
+        which grows by LOSS_SHARE of a plain step a plain step while a first run of arm 1 (the cheapest) needs
+        (1 + MIN_SAMPLES) times its predicted loss (`_exceeds`). The n-gram index warms only this close to a
+        drafting step."""
+        if self.max_k == 0:
+            return float("inf")
+        if self.k or self.best():
+            return 0.0
+        plain = self.arm(0)
+        if len(plain.recent) < RUN_STEPS - 1:
+            timer = RUN_STEPS - 1 - len(plain.recent)
+        elif not self.arm(self.first_k).done():
+            timer = 0
+        else:  # `_probe`: every probe_every steps, or from MIN_PROBE_GAP on while probes accept drafts
+            gap = MIN_PROBE_GAP if self.probe_every == PROBE_EVERY else self.probe_every
+            timer = max(min(self.probe_every, gap) - self.since_probe, 0)
+        if plain.step_s > 0:
+            loss, step = self.predicted_loss(1, accept, rows), plain.step_s
+        else:  # (plain decoding not measured yet: the prior's loss and the slack, in plain steps)
+            loss, step, budget = PRIOR_RATIO + PRIOR_PER_ROW * rows - 1.0, 1.0, SLACK_STEPS
+        need = (1 + MIN_SAMPLES) * max(loss, 0.0) - budget
+        return max(float(timer), need / (LOSS_SHARE * step)) if need > 0 else float(timer)
+
     def _exceeds(self, k: int, accept: float, budget: float, rows: int) -> bool:
         """Whether a step of arm k would lose more than `budget`; a run's first step must leave room for
         its measuring steps too (its own interval is dropped), else a run cut after its first step
@@ -298,8 +287,9 @@ class Bucket:
 class DraftPayoff:
     """Per batch-size bucket, the draft limit of this step; fed the clock, the token count and verify results."""
 
-    def __init__(self, max_k: int = 1, measure_from: int = 1) -> None:
+    def __init__(self, max_k: int = 1, measure_from: int = 1, deep_first_rows: int = DEEP_FIRST_ROWS) -> None:
         self.max_k = max_k
+        self.deep_first_rows = deep_first_rows  # (benchmarks/speculative.py sets 1 to measure the deepest arm first)
         # batches of fewer rows are not measured: they may draft up to max_k (the budget decides; row_cost.py)
         self.measure_from = measure_from
         self.buckets: dict[int, Bucket] = {}
@@ -308,6 +298,8 @@ class DraftPayoff:
         self.accepted, self.tried = 0.0, 0.0
         self._accepted, self._tried = 0, 0
         self._open: tuple[float, int, int, int, bool] | None = None  # (start, tokens then, bucket, arm, first)
+        # the current step's bucket (None: a batch not measured), exploring budget and running requests
+        self._step: tuple[Bucket | None, float, int] | None = None
         self._plain_decode = False  # the open interval's step was a plain decode step
         self._drafted = False  # ... and carried drafts
         # The exploring budget (all buckets): seconds of plain-decode-batch intervals, and what the
@@ -333,15 +325,31 @@ class DraftPayoff:
         self._accepted = self._tried = 0
         self._open, self._plain_decode, self._drafted = None, False, False
         if running == 0:
+            self._step = None
             return 0
         if running < self.measure_from:
+            self._step = (None, 0.0, running)
             return self.max_k
         key = running.bit_length()
-        bucket = self.buckets.setdefault(key, Bucket(self.max_k))
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            first = self.max_k if running <= self.deep_first_rows else min(1, self.max_k)
+            bucket = self.buckets[key] = Bucket(self.max_k, first)
         budget = LOSS_SHARE * self.decode_s + SLACK_STEPS * bucket.arm(0).step_s - self.lost_s
         arm, first = bucket.next_arm(self.accept_rate, budget, running)
         self._open = (now, generated, key, arm, first)
+        self._step = (bucket, budget, running)
         return arm
+
+    def steps_to_draft(self) -> float:
+        """About how many plain steps from the current one a step may draft (`Bucket.steps_to_draft` of its
+        bucket; 0 where the batch is not measured: it may always draft; inf with nothing running)."""
+        if self._step is None:
+            return float("inf")
+        bucket, budget, running = self._step
+        if bucket is None:
+            return 0.0
+        return bucket.steps_to_draft(self.accept_rate, budget, running)  # (its `k`: this step's arm)
 
     def _charge(self, bucket: Bucket, arm: int, first: bool, tokens: int, seconds: float) -> None:
         """A decode interval: recorded for its arm (not the first of a run: the previous arm's tokens

@@ -10,7 +10,9 @@ dictionary probe per n in NGRAM_LENGTHS, never a scan of the prompt.
 How far to draft is decided per request: a long match (the text is being copied) drafts up to the
 step's limit, a short one at most as many tokens as it matched; and the request's draft depth grows
 while its drafts are accepted whole and falls back to what was accepted on a rejection (copying
-runs long, then stops at an edit: a long draft pays on the run, a short one at the edit).
+runs long, then stops at an edit: a long draft pays on the run, a short one at the edit). Where a verify step
+costs about the same at any depth (batch 1 on a GPU) the SpecDecoder may floor every depth at the step's k
+(`min_depth`; spec_decoder.FULL_DEPTH_ROWS, off until measured on the H200).
 
 With a branching factor above 1 (`--speculative-eagle-topk`) a request drafts a token tree
 (draft_tree.py) instead of one chain: the continuations of several earlier occurrences of its
@@ -223,6 +225,9 @@ class NgramDrafter:
         self.occurrences = occurrences  # earlier occurrences kept per n-gram (OCCURRENCES for trees)
         self.indexes: dict[int, NgramIndex] = {}
         self.depths: dict[int, DraftDepth] = {}
+        # A floor under every request's draft depth, set per step by the SpecDecoder (the step's k where a verify
+        # step costs about the same at any k: batch 1 on a GPU); 0: the depths alone
+        self.min_depth = 0
 
     def _index(self, key: int) -> NgramIndex:
         index = self.indexes.get(key)  # (not setdefault: it would build an index per call)
@@ -242,7 +247,7 @@ class NgramDrafter:
         index = self._index(key)
         index.sync(prompt, output)
         draft, match = index.lookup(max_tokens)
-        return draft[: draft_length(match, self._depth(key).depth, max_tokens)]
+        return draft[: draft_length(match, max(self._depth(key).depth, self.min_depth), max_tokens)]
 
     def guess_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
                     ) -> list[int]:
@@ -271,10 +276,11 @@ class NgramDrafter:
         return index.lookup_after(extra, max_tokens)
 
     def depth_after(self, key: int, drafted: int, accepted: int) -> int:
-        """The request's draft depth once a verify of `drafted` drafts accepted `accepted` is recorded."""
+        """The request's draft depth once a verify of `drafted` drafts accepted `accepted` is recorded (and the
+        step's floor applied)."""
         depth = DraftDepth(self._depth(key).depth)
         depth.record(drafted, accepted)
-        return depth.depth
+        return max(depth.depth, self.min_depth)
 
     def propose_tree(self, key: int, prompt: list[int], output: list[int], max_depth: int, max_nodes: int,
                      topk: int) -> DraftTree:

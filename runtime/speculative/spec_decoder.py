@@ -45,6 +45,16 @@ WARM_S = 0.25e-3
 # mid round), drafting off; a first drafting step then syncs at most this many tokens a request
 WARM_MIN_BEHIND = 64
 WARM_MAX_INDEXED = 1 << 18  # ... while all indexes hold fewer tokens than this (~300 MB)
+# ... and only while the payoff may let a step draft within this many steps (or one a running request, if more): with
+# drafting off (batch 64 on the H200: a probe's loss outweighs the exploring budget for ~300 steps) a spec-on step
+# costs what a spec-off one does; this lead time lets the backlog (a request or more a step) shrink before it drafts
+WARM_LEAD_STEPS = 32
+# NGRAM chains with the overlap schedule (a GPU), batches of up to this many rows: every request drafts as deep as the
+# step's k allows (its n-gram match permitting), not its own DraftDepth, which after a rejection falls to the accepted
+# count + 1 and climbs back 2 a step: a batch-1 verify step costs about the same at any k on the H200 (4.40 / 4.82 ms
+# at k = 1 / 4 against 4.16 plain, 2026-12-04), so a shallow draft saves little and emits fewer tokens. 0 (off) until
+# measured on the H200 (`benchmarks/speculative.py --deep-ab`, spec8; 1 turns it on for batch 1)
+FULL_DEPTH_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,12 @@ class SpecDecoder:
         # ... with the overlap schedule only (without it no step is overlapped; benchmarks/speculative.py --dry-ab
         # turns it off to measure the steps as before)
         self.dry_overlap = not args.disable_overlap_schedule
+        # n-gram indexes warmed only near a step that may draft (`warm`; benchmarks/speculative.py turns it off to
+        # measure warming every step, as before)
+        self.lazy_warm = True
+        # chains drafted as deep as the step's k at up to this many rows (0: each request's depth alone, as on the
+        # CPU, where a verify row costs a fifth of a step or more; benchmarks/speculative.py sets 1 to compare)
+        self.full_depth_rows = FULL_DEPTH_ROWS if not args.disable_overlap_schedule and self.topk == 1 else 0
         # CPU: the row counts where the linears switch kernels (a step's drafts must not cross one).
         self.thresholds = kernel_thresholds(runner.model) if runner.device.type == "cpu" else ()
         # The payoff's clock: on the CPU the step's compute is its cost, so process CPU time (wall
@@ -161,6 +177,7 @@ class SpecDecoder:
             self.row_cost.begin_step(now, running)
         self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
+        self.drafter.min_depth = self.step_k if 0 < running <= self.full_depth_rows else 0
         self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:
@@ -183,9 +200,13 @@ class SpecDecoder:
         requests whose n-gram index is more than WARM_MIN_BEHIND tokens behind, up to WARM_TOKENS tokens and
         WARM_S seconds a step (a request at least, whatever its time: the backlog always shrinks). A request's first
         drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
-        host time in one step, which the payoff would charge to its first drafting run)."""
+        host time in one step, which the payoff would charge to its first drafting run). Only within
+        WARM_LEAD_STEPS (or a step per running request) of a step the payoff may let draft."""
         if self.model is not None:
             return
+        if (self.lazy_warm and self.payoff is not None
+                and self.payoff.steps_to_draft() > max(WARM_LEAD_STEPS, len(running))):
+            return  # drafting is off for a while: nothing to index for yet
         # host memory: ~1.2 KB an indexed token; while drafting is off (a large batch) warming stops here
         if sum(len(index.tokens) for index in self.drafter.indexes.values()) >= WARM_MAX_INDEXED:
             return

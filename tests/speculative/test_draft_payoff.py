@@ -6,17 +6,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
+
+from radixlm.runtime.speculative.arm_rate import MIN_SAMPLES, WINDOW, ArmRate
 from radixlm.runtime.speculative.draft_budget import grant
 from radixlm.runtime.speculative.draft_payoff import (
     ABORT_TRIES,
     LOSS_SHARE,
     MAX_PROBE_EVERY,
-    MIN_SAMPLES,
     PROBE_EVERY,
     RUN_STEPS,
     SLACK_STEPS,
-    WINDOW,
-    ArmRate,
     DraftPayoff,
 )
 
@@ -89,16 +89,19 @@ def test_probing_comes_back_when_drafts_are_accepted_again() -> None:
     assert after[-1000:].count(3) >= 1000 * (1 - RUN_STEPS / PROBE_EVERY) - RUN_STEPS
 
 
-def test_one_row_measures_within_its_budget() -> None:
+@pytest.mark.parametrize("deep_first_rows", [1, 0])
+def test_one_row_measures_within_its_budget(deep_first_rows: int) -> None:
     # Batch 1, nothing accepted, a drafting step 1.25x a plain one: the prior (1.16x at one row) lets
-    # k = 1 start at once; the losses end its run once they use up the budget, but not before it
-    # measured MIN_SAMPLES intervals, and the bucket goes back to plain decoding.
-    payoff = DraftPayoff(3)
-    arms = serve(payoff, 4 * RUN_STEPS, 1, {0: 1.0, 1: 1.25, 2: 1.4, 3: 1.4}, lambda step: 0.0)
-    assert arms[:RUN_STEPS] == [0] * RUN_STEPS and arms[RUN_STEPS] == 1
-    ran = next(i for i in range(RUN_STEPS, len(arms)) if arms[i] != 1) - RUN_STEPS
+    # the first drafting arm start at once (at batch 1 the deepest, k = 3; k = 1 as before where deep-first
+    # is off); the losses end its run once they use up the budget, but not before it measured MIN_SAMPLES
+    # intervals, and the bucket goes back to plain decoding.
+    payoff = DraftPayoff(3, deep_first_rows=deep_first_rows)
+    first = 3 if deep_first_rows else 1
+    arms = serve(payoff, 4 * RUN_STEPS, 1, {0: 1.0, 1: 1.25, 2: 1.25, 3: 1.25}, lambda step: 0.0)
+    assert arms[:RUN_STEPS] == [0] * RUN_STEPS and arms[RUN_STEPS] == first
+    ran = next(i for i in range(RUN_STEPS, len(arms)) if arms[i] != first) - RUN_STEPS
     assert MIN_SAMPLES + 1 <= ran <= RUN_STEPS
-    assert payoff.buckets[1].arm(1).explored() and not payoff.buckets[1].arm(1).abandoned
+    assert payoff.buckets[1].arm(first).explored() and not payoff.buckets[1].arm(first).abandoned
     assert set(arms[RUN_STEPS + ran:]) == {0} and payoff.buckets[1].probe_every == 2 * PROBE_EVERY
     assert payoff.lost_s <= LOSS_SHARE * payoff.decode_s + SLACK_STEPS * 1.0 + 0.25  # (+ the step that crossed it)
 
@@ -165,16 +168,20 @@ def test_deeper_arms_are_not_explored_when_arm_one_gains_nothing_overall() -> No
     assert payoff.info()["bs<16"]["k"] == 0
 
 
-def test_arms_that_cannot_beat_the_deepest_are_not_explored() -> None:
+@pytest.mark.parametrize("deep_first_rows", [1, 0])
+def test_arms_that_cannot_beat_the_deepest_are_not_explored(deep_first_rows: int) -> None:
     """Batch 1 in a loop the drafter follows (every draft accepted), step times as the H200 measured
     them (T(1)..T(4) within 5% of each other, 1.25x a decode step): once k = 4 is measured at ~5
-    tokens a step, k = 2 and 3 (3 and 4 tokens for at least T(1)) cannot beat it and are not run."""
-    payoff = DraftPayoff(4)
+    tokens a step, k = 2 and 3 (3 and 4 tokens for at least T(1)) cannot beat it and are not run. At
+    batch 1 k = 4 is measured first and k = 1 not at all (the run of k = 1 first, as before, where
+    deep-first is off)."""
+    payoff = DraftPayoff(4, deep_first_rows=deep_first_rows)
     arms = serve(payoff, 200, 1, {0: 1.0, 1: 1.26, 2: 1.25, 3: 1.24, 4: 1.25}, lambda step: 1.0)
-    assert arms[: 3 * RUN_STEPS] == [0] * RUN_STEPS + [1] * RUN_STEPS + [4] * RUN_STEPS
-    assert set(arms[3 * RUN_STEPS:]) == {4} and payoff.info()["bs<2"]["k"] == 4
-    # where the deeper steps cost much more, the middle arms are still measured
-    payoff = DraftPayoff(4)
+    ones = [1] * RUN_STEPS if not deep_first_rows else []
+    assert arms[: 2 * RUN_STEPS + len(ones)] == [0] * RUN_STEPS + ones + [4] * RUN_STEPS
+    assert set(arms[2 * RUN_STEPS + len(ones):]) == {4} and payoff.info()["bs<2"]["k"] == 4
+    # where the deeper steps cost much more, the middle arms are still measured (deep-first: bounded by T(0))
+    payoff = DraftPayoff(4, deep_first_rows=deep_first_rows)
     arms = serve(payoff, 200, 1, {0: 1.0, 1: 1.1, 2: 1.5, 3: 2.5, 4: 4.0}, lambda step: 1.0)
     assert {2, 3} <= set(arms) and payoff.info()["bs<2"]["k"] == 2
 
@@ -223,12 +230,12 @@ def test_arm_statistics_are_computed_once_per_interval(monkeypatch):
     """The payoff reads an arm's median interval and mean tokens several times a step (host time under every
     decode step, drafting or not): they are computed once per recorded interval, and `Bucket.arm` makes no
     ArmRate for an arm it has."""
-    from radixlm.runtime.speculative import draft_payoff
+    from radixlm.runtime.speculative import arm_rate, draft_payoff
 
     calls = []
-    real = draft_payoff.statistics.median
-    monkeypatch.setattr(draft_payoff.statistics, "median", lambda xs: calls.append(1) or real(xs))
-    arm = draft_payoff.ArmRate()
+    real = arm_rate.statistics.median
+    monkeypatch.setattr(arm_rate.statistics, "median", lambda xs: calls.append(1) or real(xs))
+    arm = arm_rate.ArmRate()
     assert (arm.step_s, arm.tokens_per_step) == (0.0, 0.0)
     for tokens, seconds in [(1, 0.004), (3, 0.009), (2, 0.005)]:
         arm.record(tokens, seconds)

@@ -160,8 +160,8 @@ def test_warm_stops_at_its_time_cap_after_one_request(monkeypatch) -> None:
     from radixlm.runtime.sampling_params import SamplingParams
     from radixlm.runtime.speculative import spec_decoder
 
-    spec = object.__new__(spec_decoder.SpecDecoder)  # warm reads only the drafter and the draft model
-    spec.model, spec.drafter = None, NgramDrafter(1)
+    spec = object.__new__(spec_decoder.SpecDecoder)  # warm reads only the drafter, the draft model and the payoff
+    spec.model, spec.drafter, spec.payoff, spec.lazy_warm = None, NgramDrafter(1), None, True  # (no payoff: every step)
     reqs = [Req(str(i), [i + 1, 7, 8, 9] * 20, SamplingParams(), 0) for i in range(4)]  # 80 tokens each
     monkeypatch.setattr(spec_decoder, "WARM_S", 60.0)  # (a loaded machine must not stop it early here)
     spec.warm(reqs)
