@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import ENGINE_ARGS, params_for, workload_b  # noqa: E402
 from lora import check_mixed_batch, decode_ms, run_b, write_adapter  # noqa: E402
+
+from radixlm.runtime.loop_stats import ENV as LOOP_ENV  # noqa: E402
 
 # the CPU dry run's model: Llama-shaped, every projection a LoRA target, a vocabulary workload_b can draw from
 TINY = {**LLAMA_8B, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -118,6 +121,9 @@ def main() -> None:
                     help="decode steps of each batch-1 measurement (default 128, 16 with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a 2-layer model of hidden size 64, float32")
     ap.add_argument("--progress-s", type=float, default=0, help="print a LoRA row's counters this often (0: never)")
+    ap.add_argument("--loop-stats", action="store_true", help="each LoRA row's scheduler-loop account in the JSON "
+                    "(runtime/loop_stats.py: seconds in steps / waiting for the device, step-time quantiles, the "
+                    "longest steps); a few µs of host time a step")
     ap.add_argument("--skip", default="", help="parts left out, comma-separated: base_engine (the base engine and "
                     "its rows; `vs base` then reads the LoRA engine's base row where --rows has it), decode (batch-1 "
                     "decode), check (the mixed-batch check)")
@@ -219,6 +225,8 @@ def main() -> None:
 
     def lora_engine() -> None:
         paths = writer.wait()
+        if args.loop_stats:  # read by the scheduler process at its start (runtime/scheduler_process.py)
+            os.environ[LOOP_ENV] = tempfile.mktemp(prefix="radixlm-loop-", suffix=".jsonl")
         t = time.perf_counter()
         with radixlm.Engine(str(model_dir), lora_paths=paths, max_loras_per_batch=SLOTS,
                             lora_prefill_chunk=args.lora_prefill_chunk, **engine_args) as eng:
@@ -246,6 +254,15 @@ def main() -> None:
                 finally:
                     progress.done.set()
                 report[label].pop("_outputs")
+                if args.loop_stats:
+                    time.sleep(0.1)  # the loop writes its busy period's line once idle
+                    loop = report[label]["scheduler_loop"] = longest_period(os.environ[LOOP_ENV])
+                    if loop:
+                        steps = loop.get("step_ms", {})
+                        print(f"  loop: {loop['seconds']['step']:.1f} s in steps, device waits "
+                              f"{loop['parts'].get('device waits (sampled tokens)', 0):.1f} s, step ms median "
+                              f"{steps.get('median', 0):.2f} p90 {steps.get('p90', 0):.2f}, longest "
+                              f"{[round(v) for v in steps.get('longest', [])]}", flush=True)
                 lora_info = eng.get_server_info().get("lora", {})
                 report[label]["swaps"] = lora_info.get("swaps", 0) - swaps
                 report[label]["swaps_staged"] = lora_info.get("swaps_staged", 0) - staged
@@ -261,6 +278,16 @@ def main() -> None:
     save()
     shutil.rmtree(root, ignore_errors=True)
     print_table(report, args.out)
+
+
+def longest_period(path: str) -> dict | None:
+    """The scheduler loop's longest busy period so far (the row just run: the counter reads around it make short
+    periods of their own), or None."""
+    try:
+        lines = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return None
+    return max(lines, key=lambda line: line.get("wall_s", 0.0), default=None)
 
 
 def _timed(fn) -> float:

@@ -95,6 +95,8 @@ VARIANTS = {
     # (sgmv_triton.EXPAND_STEPS), e.g. engine_stacked_pdl_s4; above 1,024 rows (prefill) the engine's in-line path
     "engine_stacked_pdl": None, "engine_stacked_s2": None, "engine_stacked_s4": None, "engine_stacked_s8": None,
     "engine_stacked_pdl_s2": None, "engine_stacked_pdl_s4": None,
+    "engine_stacked_rows": None, "engine_stacked_rows_pdl": None,  # _rows: the expand by rows (lora10, sgmv_rows.py;
+    # pool.ROWS_EXPAND_MAX_TOKENS unbounded), one memory round trip a program; _rows_pdl: launched with PDL
     "engine_stacked_all": None,  # ... the stacked path at every size (pool.STACKED_MAX_TOKENS unbounded: prefill too)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
@@ -191,6 +193,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                     (pool, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else pool.STACKED_MIN_TOKENS,
                     (pool, "STACKED_PDL_MIN_TOKENS"): 2 if "_pdl" in variant else pool.STACKED_PDL_MIN_TOKENS,
                     (pool, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else pool.STACKED_MAX_TOKENS,
+                    (pool, "ROWS_EXPAND_MAX_TOKENS"): 1 << 30 if "_rows" in variant else pool.ROWS_EXPAND_MAX_TOKENS,
                     (sgmv_triton, "EXPAND_STEPS"): ((1, steps),) if steps else sgmv_triton.EXPAND_STEPS}
         pdl_all = "_pdl" in variant
         batch = BatchAdapters()

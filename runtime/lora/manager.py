@@ -80,7 +80,7 @@ class LoRAManager:
         self.adapters: dict[str, Registered] = {}
         self._generation = itertools.count()
         self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
-        # Decode under CUDA graphs reads its segments from fixed buffers (order | start | length | slot).
+        # Decode under CUDA graphs reads its segments from fixed buffers (order | start | length | slot | row slot).
         self._graph_buf = torch.zeros(0, dtype=torch.int32, device=device)
         self._graph_max_bs = 0
         self._load_initial(options.initial)
@@ -264,14 +264,15 @@ class LoRAManager:
         """The graphs' segment buffers, every segment unused (slot -1) until a step fills them: the
         graphs are captured over them as they are."""
         self._graph_max_bs = max_bs
-        self._graph_buf = torch.zeros(max_bs + 3 * len(self.slots), dtype=torch.int32, device=self.device)
-        self._graph_buf[max_bs + 2 * len(self.slots):].fill_(-1)
+        self._graph_buf = torch.zeros(2 * max_bs + 3 * len(self.slots), dtype=torch.int32, device=self.device)
+        self._graph_buf[max_bs + 2 * len(self.slots):].fill_(-1)  # slots, then rows' slots: unused
 
     def graph_segments(self, bs: int) -> LoRASegments:
         """The fixed segments a decode graph of batch size `bs` is captured with."""
         s, m = len(self.slots), self._graph_max_bs
         buf = self._graph_buf
-        return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:], bs, [])
+        return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:m + 3 * s], bs, [],
+                            buf[m + 3 * s:m + 3 * s + bs])
 
     def use_graph_segments(self, bs: int | None) -> None:
         """Capture: the projections read the graph's buffers; None: the base-only graph, captured

@@ -58,6 +58,12 @@ STACKED_ONE_ROW = True
 # where --decode-pdl is on), reading its segment and rows before the wait, so they and its launch overlap the GEMM's
 # drain. Off until the H200 measures it (lora9: benchmarks/lora_step.py variant engine_stacked_pdl).
 STACKED_PDL_MIN_TOKENS = 0
+# ... and from 2 rows up to this many (0: never) the expand after the stacked GEMM goes by rows (sgmv_rows.py): each
+# program reads its rows' slots, every slot's y columns and B, and the output in one memory round trip, where the
+# segment expand's programs make three dependent ones (segment, rows, then data). Every row block of up to 64 rows
+# reads every slot's B, so past a few hundred rows the segment expand reads less. Unmeasured: off until the H200
+# says (benchmarks/lora_step.py variant engine_stacked_rows).
+ROWS_EXPAND_MAX_TOKENS = 0
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -116,13 +122,16 @@ class LoRAProjection:
     gemv: Any = None
     pdl: bool = False
     layer: Any = None  # the linear layer this is attached to (`LoRAPool.attach_gemv` reads its GEMV)
+    rows_fit: bool = False  # the parts and rank suit the stacked path's expand by rows (sgmv_rows.rows_expand_fits)
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
         self.widest = max(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
         if self.use_triton:
+            from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
             from radixlm.runtime.lora.sgmv_triton import COUNTERS
 
+            self.rows_fit = rows_expand_fits(self.offsets, self.rank)
             self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
     @property
@@ -207,6 +216,11 @@ class LoRAProjection:
             target = out if pending.into is None else pending.into
             t = pending.x.shape[0]
             early = bool(STACKED_PDL_MIN_TOKENS) and t >= STACKED_PDL_MIN_TOKENS > 1
+            if seg.row_slot is not None and 1 < t <= ROWS_EXPAND_MAX_TOKENS and self.rows_fit:
+                from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows
+
+                sgmv_expand_rows(pending.y, self.b, self.offsets, self.rank, target, seg.row_slot, pdl=self.pdl and early)
+                return out
             sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True,
                         pdl=self.pdl and (t == 1 or early), pdl_prologue=early)
         elif pending.y is not None:

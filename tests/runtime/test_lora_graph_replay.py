@@ -10,7 +10,7 @@ from tests.fixtures.lora_adapters import make_peft_adapter, peft_model
 from tests.runtime.test_lora_model import _forward, _prompts, _reference, _runner
 
 
-@pytest.mark.parametrize("kernels", ["overlap", "fused", "stacked"])
+@pytest.mark.parametrize("kernels", ["overlap", "fused", "stacked", "stacked-rows"])
 def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monkeypatch, kernels: str) -> None:
     """Under CUDA graphs a decode's LoRA kernels read fixed segment buffers, and a replay re-runs every
     device op recorded in the capture region (CudaGraphRunner._run: `use_graph_segments(bs)`, then the
@@ -20,19 +20,27 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
     same decode step eagerly and as a replay of the capture region; both must equal the reference.
     `kernels`: --lora-kernels (overlap runs shrink then expand here: no side stream on a CPU; fused
     runs the one-launch kernel, the prefill too: 21 rows <= FUSED_MAX_TOKENS; stacked runs the base
-    GEMM over the weight with every slot's A under it, then the expand reading each row's slot)."""
+    GEMM over the weight with every slot's A under it, then the expand reading each row's slot; stacked-rows
+    the expand by rows, reading the graph buffer's row slots, sgmv_rows.py)."""
     pytest.importorskip("triton")  # interpreted on a CPU: tests/conftest.py sets TRITON_INTERPRET for the session
     from radixlm.runtime.lora import pool
 
     monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too
+    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 64 if kernels == "stacked-rows" else 0)
+    kernels = kernels.split("-")[0]
     model_dir = tiny_model_dir("llama")
     paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
     runner = _runner(model_dir, paths, max_loras_per_batch=3, lora_kernels=kernels)
     lora = runner.lora
     assert (lora.pool.projections[(0, "gate_up_proj")].stacked is not None) == (kernels == "stacked")
+    rows = monkeypatch_rows_expand(monkeypatch) if pool.ROWS_EXPAND_MAX_TOKENS else None
     for projection in lora.pool.projections.values():
         projection.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
         projection.kernels = kernels
+        if rows is not None:
+            from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
+
+            projection.rows_fit = rows_expand_fits(projection.offsets, projection.rank)  # (set with use_triton)
     names = ["b", None, "a"]
     prompts = _prompts(runner.vocab_size, (7, 5, 9), seed=6)
     eager = _forward(runner, prompts, names)
@@ -50,6 +58,25 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
         model = peft_model(model_dir, paths[name], merged=False) if name else None
         if model is not None:
             torch.testing.assert_close(got[-1], _reference(model, ids)[-1], atol=2e-4, rtol=2e-4)
+    if rows is not None:  # every projection of the four forwards (prefill and decode, eager and replayed) expanded
+        assert len(rows) == 4 * len(lora.pool.projections)  # by rows, the replayed decode's from the graph buffer
+        graph_buf, n = lora._graph_buf.untyped_storage().data_ptr(), len(lora.pool.projections)
+        assert [r.untyped_storage().data_ptr() == graph_buf for r in rows] == [False] * (3 * n) + [True] * n
+
+
+def monkeypatch_rows_expand(monkeypatch) -> list:
+    """Record each call of the expand by rows (its row-slot buffer), calling through."""
+    from radixlm.runtime.lora import sgmv_rows
+
+    calls: list = []
+    real = sgmv_rows.sgmv_expand_rows
+
+    def recorded(*args, **kwargs):
+        calls.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sgmv_rows, "sgmv_expand_rows", recorded)
+    return calls
 
 
 def _replaying(runner: ModelRunner, bs: int):

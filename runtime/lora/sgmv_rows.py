@@ -1,0 +1,124 @@
+"""The stacked path's expand by rows: each program reads its rows' own slots and every slot's B.
+
+Under --lora-kernels stacked the base GEMM leaves x·Aᵀ of every slot in its output's tail, and one
+expand per projection adds each row's update y[row, its slot's ranks]·B[slot]ᵀ into the output.
+The segment expand (`sgmv_triton.sgmv_expand(per_slot=True)`) finds its work item from the segment
+lengths, then loads its rows' indices, then y, B and the output: three dependent memory round trips
+in each of ~2,500 tiny programs (gate_up, 64 rows of 8 adapters), which is most of its ~5.6 µs a
+launch on the H200 at decode sizes (lora5: 128 of them a step, 0.72 ms of a step's 0.84 ms LoRA).
+
+Here the grid is (row block in batch order, column block) and nothing is looked up first: a program
+loads its rows' slots (`LoRASegments.row_slot`), every slot's y columns and B tile, and the output
+tile in one round trip, and adds Σ_s [slot(row) = s]·y_s·B_sᵀ — `slots` small dots of rank width, the
+rows of other slots masked to zero (exact: their terms add 0.0). Each row block reads every slot's B
+(the segment kernel reads each used slot's once per 16-row block of its segment): the same bytes at
+decode sizes with 8 adapters in the batch, more at a few hundred rows or with few adapters, so the
+path is taken up to `pool.ROWS_EXPAND_MAX_TOKENS` rows. Rows of no slot (-1: the base model, or
+graph padding) are not stored. Part boundaries come as arguments (no offset loads); a column block
+never straddles two parts (the block width divides each part's width, `block_n`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.kernels.gdc import launch_options
+
+MAX_PARTS = 3  # q, k, v
+
+
+def block_n(widths: list[int], widest: int = 64) -> int:
+    """The widest power-of-two column block (<= `widest`, >= 16) that divides every part's width; 0 if none."""
+    n = widest
+    while n >= 16:
+        if all(w % n == 0 for w in widths):
+            return n
+        n //= 2
+    return 0
+
+
+def block_m(t: int) -> int:
+    """Rows per program: the whole batch up to 64 rows (every slot's B read once), 64 above."""
+    return min(max(16, triton.next_power_of_2(t)), 64)
+
+
+@triton.jit
+def _expand_rows_kernel(y_ptr, b_ptr, out_ptr, slot_ptr, T, R, OFF1, OFF2, stride_ym, stride_bs, stride_bn,
+                        stride_om, N_RANK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < T
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_N
+    part = (col0 >= OFF1).to(tl.int32) + (col0 >= OFF2).to(tl.int32)  # the block's part (never straddles two)
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+    rm64 = rm.to(tl.int64)
+    if USE_PDL:  # the rows' slots and B: inputs the GEMM before this launch does not write, read while it drains
+        slots = tl.load(slot_ptr + rm, mask=m_mask, other=-1)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    else:
+        slots = tl.load(slot_ptr + rm, mask=m_mask, other=-1)
+    o_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
+    n_all = rn < (tl.program_id(1) + 1) * BLOCK_N  # (all true: the grid covers the columns exactly)
+    o_mask = (m_mask & (slots >= 0))[:, None] & n_all[None, :]
+    acc = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(SLOTS):  # unrolled: every slot's loads issued together, one round trip
+        y_ptrs = y_ptr + rm64[:, None] * stride_ym + (s * N_RANK + part * R + rr)[None, :]
+        yt = tl.load(y_ptrs, mask=(m_mask & (slots == s))[:, None] & r_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + s * stride_bs + rn[:, None] * stride_bn + rr[None, :], mask=n_all[:, None] & r_mask[None, :],
+                     other=0.0)
+        if DOT_FP32:
+            yt = yt.to(tl.float32)
+            bt = bt.to(tl.float32)
+        else:
+            yt = yt.to(bt.dtype)
+        acc = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + acc
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def rows_expand_fits(offsets: list[int], rank: int) -> bool:
+    """Whether a projection's parts and rank suit this kernel (up to 3 parts, widths a multiple of 16, rank <= 64)."""
+    widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    return len(widths) <= MAX_PARTS and block_n(widths) > 0 and rank <= 64
+
+
+def sgmv_expand_rows(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, out: torch.Tensor,
+                     row_slot: torch.Tensor, pdl: bool = False) -> None:
+    """out[row, part p] += y[row, slot·n·R + p·R : +R]·B[slot, part p]ᵀ for each row whose slot
+    (`row_slot`, int32 [>= T], -1: none) is set, in place. `y`: [T, slots·n·R], every slot's x·Aᵀ side by side
+    (the stacked GEMM's tail, any row stride); `b`: the pool's [slots, out, R]; `offsets`: the parts' host
+    offsets (`rows_expand_fits`); `pdl`: launched with programmatic dependent launch where the device has it,
+    the rows' slots read before the wait."""
+    t = y.shape[0]
+    slots, n_out = b.shape[0], offsets[-1]
+    parts = len(offsets) - 1
+    widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    if not rows_expand_fits(offsets, rank) or out.shape[1] != n_out or y.shape[1] != slots * parts * rank:
+        raise ValueError(f"expand by rows: parts {widths}, rank {rank}, y {tuple(y.shape)}, out {tuple(out.shape)}")
+    bn = block_n(widths)
+    bounds = offsets[1:-1] + [n_out] * (MAX_PARTS - parts)  # part p starts at bounds[p - 1]
+    bm = block_m(t)
+    grid = (triton.cdiv(t, bm), n_out // bn)
+    dots = {"DOT_FP32": not y.is_cuda,
+            "DOT_PRECISION": "ieee" if b.dtype == torch.float32 or not y.is_cuda else "tf32"}
+    _expand_rows_kernel[grid](y, b, out, row_slot, t, rank, bounds[0], bounds[1], y.stride(0), b.stride(0),
+                              b.stride(1), out.stride(0), N_RANK=parts * rank, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn,
+                              BLOCK_R=max(16, triton.next_power_of_2(rank)), **dots, **launch_options(pdl, out.device))
+
+
+def expand_rows_ref(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, out: torch.Tensor,
+                    row_slot: torch.Tensor) -> None:
+    """The torch reference of `sgmv_expand_rows` (float32 products, rounded once into `out`)."""
+    parts = len(offsets) - 1
+    for row in range(y.shape[0]):
+        s = int(row_slot[row])
+        if s < 0:
+            continue
+        for p in range(parts):
+            lo, hi = offsets[p], offsets[p + 1]
+            ys = y[row, s * parts * rank + p * rank:s * parts * rank + (p + 1) * rank].float()
+            out[row, lo:hi] = (out[row, lo:hi].float() + b[s, lo:hi].float() @ ys).to(out.dtype)

@@ -1,0 +1,149 @@
+"""The stacked path's expand by rows (runtime/lora/sgmv_rows.py) against the torch reference and the segment
+expand, under TRITON_INTERPRET=1 on a CPU (or on CUDA): each row's own slot's columns of the stacked GEMM's
+tail, base and padding rows untouched, several row blocks, strided outputs; the segments' row slots in the
+eager and graph layouts; and LoRAProjection taking it within ROWS_EXPAND_MAX_TOKENS."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.runtime.lora.sgmv import LoRASegments, expand_ref, graph_segments_row, segment_host, shrink_ref
+
+
+@pytest.fixture(autouse=True)
+def needs_triton() -> None:
+    pytest.importorskip("triton")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _stacked(seed: int, t: int, k: int, rank: int, offsets: list[int], slots: int, dtype: torch.dtype):
+    """x, A, B, W, each row's slot (some -1), and the stacked GEMM's output x·[W; every slot's A]ᵀ."""
+    dev = _device()
+    g = torch.Generator().manual_seed(seed)
+    parts = len(offsets) - 1
+    a = (torch.randn(slots, parts * rank, k, generator=g) * k**-0.5).to(dtype).to(dev)
+    b = torch.randn(slots, offsets[-1], rank, generator=g).to(dtype).to(dev)
+    x = torch.randn(t, k, generator=g).to(dtype).to(dev)
+    w = (torch.randn(offsets[-1], k, generator=g) * k**-0.5).to(dtype).to(dev)
+    token_slots = torch.randint(-1, slots, (t,), generator=g)
+    token_slots[0] = slots - 1
+    full = (x.float() @ torch.cat([w, a.reshape(-1, k)]).float().t()).to(dtype)
+    return x, a, b, w, token_slots, full
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,rank,offsets,slots", [
+    (9, 8, [0, 48, 64, 80], 3),      # q/k/v-like parts of unequal width, rank below the dot's 16
+    (70, 16, [0, 64, 128], 4),       # gate/up-like, two row blocks of 64
+    (3, 16, [0, 96], 8),             # one part (o / down), 8 slots, fewer rows than slots
+])
+def test_expand_by_rows_matches_the_reference_and_the_segment_expand(dtype, t: int, rank: int, offsets: list[int],
+                                                                     slots: int) -> None:
+    from radixlm.runtime.lora.sgmv_rows import expand_rows_ref, sgmv_expand_rows
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand
+
+    dev = _device()
+    x, a, b, w, token_slots, full = _stacked(t + rank, t, 64, rank, offsets, slots, dtype)
+    n = offsets[-1]
+    seg = LoRASegments.build(token_slots, slots, dev)
+    assert torch.equal(seg.row_slot.cpu(), token_slots.to(torch.int32))
+    y = full[:, n:]
+    base = full[:, :n].clone()
+    want = base.clone()
+    expand_rows_ref(y, b, offsets, rank, want, token_slots)
+    # the reference through the segment code's reference: the same update
+    exact = base.float().clone()
+    expand_ref(shrink_ref(x.float(), a.float(), seg), b.float(), offsets, rank, exact, seg)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    torch.testing.assert_close(want.float(), exact, **tol)
+    used = token_slots.to(dev) >= 0
+    assert (want[used].float() - base[used].float()).abs().max() > 0.5, "the update is not empty"
+    sgmv_expand_rows(y, b, offsets, rank, full[:, :n], seg.row_slot)  # in place, the strided head
+    torch.testing.assert_close(full[:, :n], want, **tol)
+    assert torch.equal(full[:, :n][~used], base[~used]), "rows of no slot are not written"
+    segment = base.clone()
+    sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), max(hi - lo for lo, hi in
+                zip(offsets, offsets[1:])), rank, segment, seg, per_slot=True)
+    torch.testing.assert_close(full[:, :n], segment, **tol)
+
+
+def test_expand_by_rows_reads_the_graph_buffers_row_slots() -> None:
+    """CUDA-graph contract: the row slots are read at run time from a buffer longer than the batch, padded
+    with -1 (graph rows past the real batch: untouched); rewriting it changes each row's slot, same launch."""
+    from radixlm.runtime.lora.sgmv_rows import expand_rows_ref, sgmv_expand_rows
+
+    dev = _device()
+    t, rank, offsets, slots = 5, 8, [0, 32], 3
+    _, _, b, _, _, full = _stacked(3, t, 48, rank, offsets, slots, torch.float32)
+    row_slot = torch.full((16,), -1, dtype=torch.int32, device=dev)
+    y, out0 = full[:, 32:], full[:, :32].clone()
+    out = out0.clone()
+    sgmv_expand_rows(y, b, offsets, rank, out, row_slot)
+    assert torch.equal(out, out0), "every row unused: nothing added"
+    for per_row in ([2, -1, 0, 0, 1], [1, 1, 1, -1, -1]):
+        row_slot[:t] = torch.tensor(per_row, dtype=torch.int32)
+        out, want = out0.clone(), out0.clone()
+        sgmv_expand_rows(y, b, offsets, rank, out, row_slot)
+        expand_rows_ref(y, b, offsets, rank, want, torch.tensor(per_row))
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_shapes_outside_the_kernel_are_refused() -> None:
+    from radixlm.runtime.lora.sgmv_rows import block_n, rows_expand_fits, sgmv_expand_rows
+
+    assert block_n([4096, 1024, 1024]) == 64 and block_n([40, 24]) == 0 and block_n([48, 16]) == 16
+    assert rows_expand_fits([0, 48, 64, 80], 16) and not rows_expand_fits([0, 40, 64], 8)
+    assert not rows_expand_fits([0, 16, 32, 48, 64], 8) and not rows_expand_fits([0, 64], 128)
+    with pytest.raises(ValueError, match="expand by rows"):
+        sgmv_expand_rows(torch.zeros(2, 24), torch.zeros(3, 40, 8), [0, 40], 8, torch.zeros(2, 40),
+                         torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_graph_segments_row_ends_with_each_rows_slot(seed: int) -> None:
+    """The graphs' buffer layout: order padded | start | length | slot | each row's slot padded with -1."""
+    g = torch.Generator().manual_seed(seed)
+    rows, segments, max_rows = int(torch.randint(1, 40, (1,), generator=g)), 5, 48
+    per_req = torch.randint(-1, segments, (rows,), generator=g)
+    order, start, length, slot, _ = segment_host(per_req, segments)
+    want = torch.full((2 * max_rows + 3 * segments,), -1, dtype=torch.int32)
+    want[:max_rows] = 0
+    want[:order.numel()] = order
+    want[max_rows:max_rows + 3 * segments] = torch.cat([start, length, slot])
+    want[max_rows + 3 * segments:][:rows] = per_req
+    assert graph_segments_row(per_req.tolist(), segments, max_rows) == want.tolist()
+
+
+@pytest.mark.parametrize("t", [2, 9])
+def test_stacked_projection_expands_by_rows_up_to_the_limit(t: int, monkeypatch) -> None:
+    """LoRAProjection (--lora-kernels stacked) within ROWS_EXPAND_MAX_TOKENS: the expand by rows, not the segment
+    expand; output (or the residual) == base + update; past the limit the segment expand, the same sums."""
+    from radixlm.runtime.lora import pool, sgmv_triton
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+
+    dev = _device()
+    rank, offsets, slots, k = 8, [0, 48, 64], 3, 96
+    x, a, b, w, token_slots, _ = _stacked(11 + t, t, k, rank, offsets, slots, torch.float32)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots, slots, dev)
+    proj = LoRAProjection(stacked[64:].view(a.shape), b, offsets, rank, batch, use_triton=True, kernels="stacked",
+                          stacked=stacked)
+    assert proj.rows_fit
+    want = x @ w.t()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 2)
+    segment_calls = []
+    real = sgmv_triton.sgmv_expand
+    monkeypatch.setattr(sgmv_triton, "sgmv_expand", lambda *a_, **kw: segment_calls.append(1) or real(*a_, **kw))
+    for limit, segment in ((16, 0), (1, 1)):
+        monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", limit)
+        segment_calls.clear()
+        for into in (None, torch.zeros(t, offsets[-1], device=dev)):
+            pending = proj.begin(x, into=into)
+            out = proj.finish(pending, pending.out)
+            torch.testing.assert_close(out if into is None else out + into, want, atol=1e-4, rtol=1e-4)
+        assert len(segment_calls) == 2 * segment
