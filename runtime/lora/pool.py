@@ -60,10 +60,14 @@ STACKED_ONE_ROW = True
 STACKED_PDL_MIN_TOKENS = 0
 # ... and from 2 rows up to this many (0: never) the expand after the stacked GEMM goes by rows (sgmv_rows.py): each
 # program reads its rows' slots, every slot's y columns and B, and the output in one memory round trip, where the
-# segment expand's programs make three dependent ones (segment, rows, then data). Every row block of up to 64 rows
+# segment expand's programs make three dependent ones (segment, rows, then data). Every row block of up to 128 rows
 # reads every slot's B, so past a few hundred rows the segment expand reads less. Unmeasured: off until the H200
 # says (benchmarks/lora_step.py variant engine_stacked_rows).
 ROWS_EXPAND_MAX_TOKENS = 0
+# ... and there gate_up's expand by rows also computes silu(gate) * up, down_proj's input (`forward_silu_mul`): the
+# expand's read-modify-write of [gate | up] and the SiLU-and-mul launch gone, one launch a layer less. Off until the
+# H200 says (benchmarks/lora_step.py --silu-mul, variant engine_stacked_rows_silu).
+ROWS_SILU_MUL = False
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -157,6 +161,26 @@ class LoRAProjection:
             return True
         return STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS
 
+    def _by_rows(self, t: int) -> bool:
+        seg = self.batch.segments
+        return seg is not None and seg.row_slot is not None and 1 < t <= ROWS_EXPAND_MAX_TOKENS and self.rows_fit
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate | up] projection's output with the update, in the launch that expands it
+        (`ROWS_SILU_MUL`: the stacked GEMM, then `sgmv_rows.sgmv_expand_rows_silu_mul`), or None where that does not
+        apply (the caller then runs the projection and the activation itself)."""
+        if not (ROWS_SILU_MUL and self.active and self._stacked_range(x) and self._by_rows(x.shape[0])):
+            return None
+        from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows_silu_mul, silu_mul_fits
+
+        if not silu_mul_fits(self.offsets, self.rank):
+            return None
+        pending = self.begin(x)
+        assert pending is not None and pending.out is not None
+        early = bool(STACKED_PDL_MIN_TOKENS) and x.shape[0] >= STACKED_PDL_MIN_TOKENS > 1
+        return sgmv_expand_rows_silu_mul(pending.y, self.b, self.offsets, self.rank, pending.out,
+                                         pending.seg.row_slot, pdl=self.pdl and early)
+
     def begin(self, x: torch.Tensor, into: torch.Tensor | None = None, silu_mul: bool = False) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
         either (the residual stream); with overlap the update may go there instead of the output.
@@ -216,7 +240,7 @@ class LoRAProjection:
             target = out if pending.into is None else pending.into
             t = pending.x.shape[0]
             early = bool(STACKED_PDL_MIN_TOKENS) and t >= STACKED_PDL_MIN_TOKENS > 1
-            if seg.row_slot is not None and 1 < t <= ROWS_EXPAND_MAX_TOKENS and self.rows_fit:
+            if self._by_rows(t):
                 from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows
 
                 sgmv_expand_rows(pending.y, self.b, self.offsets, self.rank, target, seg.row_slot, pdl=self.pdl and early)

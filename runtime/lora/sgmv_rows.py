@@ -39,8 +39,45 @@ def block_n(widths: list[int], widest: int = 64) -> int:
 
 
 def block_m(t: int) -> int:
-    """Rows per program: the whole batch up to 64 rows (every slot's B read once), 64 above."""
-    return min(max(16, triton.next_power_of_2(t)), 64)
+    """Rows per program: the whole batch up to 128 rows (every slot's B read once), 128 above."""
+    return min(max(16, triton.next_power_of_2(t)), 128)
+
+
+def warps(bm: int) -> int:
+    """8 warps for a 128-row block (its float32 tile and every slot's y in registers), else 4."""
+    return 8 if bm >= 128 else 4
+
+
+@triton.jit
+def _rows_slots(slot_ptr, rm, m_mask, USE_PDL: tl.constexpr):
+    """The rows' slots (-1 past T); with PDL read before the wait (the GEMM before this launch does not write them)."""
+    slots = tl.load(slot_ptr + rm, mask=m_mask, other=-1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    return slots
+
+
+@triton.jit
+def _add_update(acc, y_ptr, b_ptr, rm64, m_mask, slots, rn, part, R, stride_ym, stride_bs, stride_bn,
+                N_RANK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """acc [rows, columns rn] + Σ_s [slot(row) = s]·y[row, s·N_RANK + part·R + r]·B[s, rn, r] (float32)."""
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+    n_all = rn >= 0  # (all true: the grid covers the columns exactly)
+    for s in tl.static_range(SLOTS):  # unrolled: every slot's loads issued together, one round trip
+        y_ptrs = y_ptr + rm64[:, None] * stride_ym + (s * N_RANK + part * R + rr)[None, :]
+        yt = tl.load(y_ptrs, mask=(m_mask & (slots == s))[:, None] & r_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + s * stride_bs + rn[:, None] * stride_bn + rr[None, :], mask=n_all[:, None] & r_mask[None, :],
+                     other=0.0)
+        if DOT_FP32:
+            yt = yt.to(tl.float32)
+            bt = bt.to(tl.float32)
+        else:
+            yt = yt.to(bt.dtype)
+        acc = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + acc
+    return acc
 
 
 @triton.jit
@@ -53,31 +90,39 @@ def _expand_rows_kernel(y_ptr, b_ptr, out_ptr, slot_ptr, T, R, OFF1, OFF2, strid
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col0 = tl.program_id(1) * BLOCK_N
     part = (col0 >= OFF1).to(tl.int32) + (col0 >= OFF2).to(tl.int32)  # the block's part (never straddles two)
-    rr = tl.arange(0, BLOCK_R)
-    r_mask = rr < R
     rm64 = rm.to(tl.int64)
-    if USE_PDL:  # the rows' slots and B: inputs the GEMM before this launch does not write, read while it drains
-        slots = tl.load(slot_ptr + rm, mask=m_mask, other=-1)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    else:
-        slots = tl.load(slot_ptr + rm, mask=m_mask, other=-1)
+    slots = _rows_slots(slot_ptr, rm, m_mask, USE_PDL)
     o_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
-    n_all = rn < (tl.program_id(1) + 1) * BLOCK_N  # (all true: the grid covers the columns exactly)
-    o_mask = (m_mask & (slots >= 0))[:, None] & n_all[None, :]
+    o_mask = (m_mask & (slots >= 0))[:, None] & (rn >= 0)[None, :]
     acc = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-    for s in tl.static_range(SLOTS):  # unrolled: every slot's loads issued together, one round trip
-        y_ptrs = y_ptr + rm64[:, None] * stride_ym + (s * N_RANK + part * R + rr)[None, :]
-        yt = tl.load(y_ptrs, mask=(m_mask & (slots == s))[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptr + s * stride_bs + rn[:, None] * stride_bn + rr[None, :], mask=n_all[:, None] & r_mask[None, :],
-                     other=0.0)
-        if DOT_FP32:
-            yt = yt.to(tl.float32)
-            bt = bt.to(tl.float32)
-        else:
-            yt = yt.to(bt.dtype)
-        acc = tl.dot(yt, tl.trans(bt), input_precision=DOT_PRECISION) + acc
+    acc = _add_update(acc, y_ptr, b_ptr, rm64, m_mask, slots, rn, part, R, stride_ym, stride_bs, stride_bn,
+                      N_RANK, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _expand_rows_silu_kernel(y_ptr, b_ptr, gu_ptr, act_ptr, slot_ptr, T, R, INTER, stride_ym, stride_bs, stride_bn,
+                             stride_gm, stride_am, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             USE_PDL: tl.constexpr = False):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < T
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate columns; up's are INTER further
+    rm64 = rm.to(tl.int64)
+    slots = _rows_slots(slot_ptr, rm, m_mask, USE_PDL)
+    g_ptrs = gu_ptr + rm64[:, None] * stride_gm + rn[None, :]
+    mask = m_mask[:, None] & (rn >= 0)[None, :]
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptrs + INTER, mask=mask, other=0.0).to(tl.float32)
+    gate = _add_update(gate, y_ptr, b_ptr, rm64, m_mask, slots, rn, 0, R, stride_ym, stride_bs, stride_bn,
+                       2 * R, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
+    up = _add_update(up, y_ptr, b_ptr, rm64, m_mask, slots, rn + INTER, 1, R, stride_ym, stride_bs, stride_bn,
+                     2 * R, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
+    # rounded as the expand's store rounds [gate | up], then as ops.silu_and_mul does: the same bits as the two kernels
+    gate = gate.to(gu_ptr.dtype.element_ty).to(tl.float32)
+    up = up.to(gu_ptr.dtype.element_ty).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(gu_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(act_ptr + rm64[:, None] * stride_am + rn[None, :], (act * up).to(act_ptr.dtype.element_ty), mask=mask)
 
 
 def rows_expand_fits(offsets: list[int], rank: int) -> bool:
@@ -107,7 +152,32 @@ def sgmv_expand_rows(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank:
             "DOT_PRECISION": "ieee" if b.dtype == torch.float32 or not y.is_cuda else "tf32"}
     _expand_rows_kernel[grid](y, b, out, row_slot, t, rank, bounds[0], bounds[1], y.stride(0), b.stride(0),
                               b.stride(1), out.stride(0), N_RANK=parts * rank, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_R=max(16, triton.next_power_of_2(rank)), **dots, **launch_options(pdl, out.device))
+                              BLOCK_R=max(16, triton.next_power_of_2(rank)), **dots, num_warps=warps(bm),
+                              **launch_options(pdl, out.device))
+
+
+def silu_mul_fits(offsets: list[int], rank: int) -> bool:
+    """Whether a [gate | up] projection suits `sgmv_expand_rows_silu_mul` (two parts of one width)."""
+    return len(offsets) == 3 and offsets[2] == 2 * offsets[1] and rows_expand_fits(offsets, rank)
+
+
+def sgmv_expand_rows_silu_mul(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, gate_up: torch.Tensor,
+                              row_slot: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """silu(gate) * up [T, inter] of `gate_up` (the stacked GEMM's head: the base products, any row stride) plus each
+    row's update (`sgmv_expand_rows`), in one launch: the expand's read-modify-write of [gate | up] and the separate
+    SiLU-and-mul launch gone. The same bits as `sgmv_expand_rows` into gate_up, then ops.silu_and_mul."""
+    t, inter = gate_up.shape[0], offsets[1]
+    if not silu_mul_fits(offsets, rank) or gate_up.shape[1] != offsets[2] or y.shape[1] != b.shape[0] * 2 * rank:
+        raise ValueError(f"expand by rows + SiLU: parts {offsets}, rank {rank}, y {tuple(y.shape)}")
+    act = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
+    bn, bm = block_n([inter]), block_m(t)
+    dots = {"DOT_FP32": not y.is_cuda,
+            "DOT_PRECISION": "ieee" if b.dtype == torch.float32 or not y.is_cuda else "tf32"}
+    _expand_rows_silu_kernel[(triton.cdiv(t, bm), inter // bn)](
+        y, b, gate_up, act, row_slot, t, rank, inter, y.stride(0), b.stride(0), b.stride(1), gate_up.stride(0),
+        act.stride(0), SLOTS=b.shape[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, triton.next_power_of_2(rank)), **dots,
+        num_warps=warps(bm), **launch_options(pdl, gate_up.device))
+    return act
 
 
 def expand_rows_ref(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, out: torch.Tensor,

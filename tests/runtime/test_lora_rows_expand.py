@@ -37,7 +37,7 @@ def _stacked(seed: int, t: int, k: int, rank: int, offsets: list[int], slots: in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,rank,offsets,slots", [
     (9, 8, [0, 48, 64, 80], 3),      # q/k/v-like parts of unequal width, rank below the dot's 16
-    (70, 16, [0, 64, 128], 4),       # gate/up-like, two row blocks of 64
+    (150, 16, [0, 64, 128], 4),      # gate/up-like, two row blocks of 128
     (3, 16, [0, 96], 8),             # one part (o / down), 8 slots, fewer rows than slots
 ])
 def test_expand_by_rows_matches_the_reference_and_the_segment_expand(dtype, t: int, rank: int, offsets: list[int],
@@ -147,3 +147,59 @@ def test_stacked_projection_expands_by_rows_up_to_the_limit(t: int, monkeypatch)
             out = proj.finish(pending, pending.out)
             torch.testing.assert_close(out if into is None else out + into, want, atol=1e-4, rtol=1e-4)
         assert len(segment_calls) == 2 * segment
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [9, 150])
+def test_expand_by_rows_with_silu_mul_is_the_expand_then_the_activation(dtype, t: int) -> None:
+    """gate_up's expand by rows computing silu(gate) * up in the same launch: the same bits as the expand by rows
+    into [gate | up] followed by ops.silu_and_mul, base rows included (their activation of the base product)."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows, sgmv_expand_rows_silu_mul
+
+    dev = _device()
+    rank, offsets, slots = 16, [0, 64, 128], 4
+    _, _, b, _, token_slots, full = _stacked(t, t, 64, rank, offsets, slots, dtype)
+    seg = LoRASegments.build(token_slots, slots, dev)
+    act = sgmv_expand_rows_silu_mul(full[:, 128:], b, offsets, rank, full[:, :128], seg.row_slot)
+    gate_up = full[:, :128].clone()
+    sgmv_expand_rows(full[:, 128:], b, offsets, rank, gate_up, seg.row_slot)
+    assert torch.equal(act, silu_and_mul(gate_up))
+    assert not torch.equal(act, silu_and_mul(full[:, :128])), "the update is in it"
+    with pytest.raises(ValueError, match="SiLU"):
+        sgmv_expand_rows_silu_mul(full[:, 128 + 32:], b[:, :96], [0, 64, 96], rank, full[:, :96], seg.row_slot)
+
+
+def test_gate_up_layer_returns_the_activation_where_its_expand_computes_it(monkeypatch) -> None:
+    """ColumnParallelLinear.forward_then_silu_mul with an active stacked LoRA projection: with ROWS_SILU_MUL the
+    activation of forward(x) from one launch after the stacked GEMM (the same bits as forward then silu_and_mul);
+    off, or outside the rows' range, None (the caller runs both)."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import ColumnParallelLinear
+
+    dev = _device()
+    t, rank, offsets, slots, k = 12, 8, [0, 32, 64], 3, 48
+    x, a, b, w, token_slots, _ = _stacked(5, t, k, rank, offsets, slots, torch.float32)
+    layer = ColumnParallelLinear(k, 64, bias=False).to(dev)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    layer.weight.data = stacked[:64]
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots, slots, dev)
+    layer.lora = LoRAProjection(stacked[64:].view(a.shape), b, offsets, rank, batch, use_triton=True,
+                                kernels="stacked", stacked=stacked)
+    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 2)
+    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 64)
+    assert layer.forward_then_silu_mul(x) is None, "ROWS_SILU_MUL off"
+    monkeypatch.setattr(pool, "ROWS_SILU_MUL", True)
+    act = layer.forward_then_silu_mul(x)
+    want = silu_and_mul(layer(x))
+    assert act is not None and torch.equal(act, want)
+    exact = x @ w.t()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, exact, batch.segments)
+    torch.testing.assert_close(act, silu_and_mul(exact), atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", t - 1)
+    assert layer.forward_then_silu_mul(x) is None, "past the rows' range"
+    batch.segments = None
+    assert layer.forward_then_silu_mul(x) is None, "no adapter row: the layer's own paths"
