@@ -102,7 +102,8 @@ VARIANTS = {
     "engine_stacked_pdl_s2": None, "engine_stacked_pdl_s4": None,
     "engine_stacked_rows": None, "engine_stacked_rows_pdl": None,  # _rows: the expand by rows (lora10, sgmv_rows.py;
     # pool.ROWS_EXPAND_MAX_TOKENS unbounded), one memory round trip a program; _rows_pdl: launched with PDL;
-    # _silu (with --silu-mul): gate_up's expand by rows computing silu(gate) * up (pool.ROWS_SILU_MUL)
+    # _silu (with --silu-mul): gate_up's expand by rows computing silu(gate) * up (pool.ROWS_SILU_MUL); _nN / _wW: its
+    # column block and warps (sgmv_rows.BLOCK_N, WARPS), e.g. engine_stacked_rows_n64_w8 (any such name is taken)
     "engine_stacked_rows_silu": None, "engine_stacked_rows_pdl_silu": None,
     "engine_stacked_all": None,  # ... the stacked path at every size (pool.STACKED_MAX_TOKENS unbounded: prefill too)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
@@ -193,7 +194,11 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
         from radixlm.runtime.lora import pool, sgmv_triton
         from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
-        steps = next((int(part[1:]) for part in variant.split("_") if part[:1] == "s" and part[1:].isdigit()), None)
+        def suffix(letter: str) -> int | None:  # _s4, _n64, _w8: a number after a letter
+            return next((int(part[1:]) for part in variant.split("_") if part[:1] == letter and part[1:].isdigit()), None)
+
+        steps = suffix("s")
+        from radixlm.runtime.lora import sgmv_rows
         settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
                     (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
                     else sgmv_triton.INLINE_REDUCE_MIN_TOKENS,
@@ -202,6 +207,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                     (pool, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else pool.STACKED_MAX_TOKENS,
                     (pool, "ROWS_EXPAND_MAX_TOKENS"): 1 << 30 if "_rows" in variant else pool.ROWS_EXPAND_MAX_TOKENS,
                     (pool, "ROWS_SILU_MUL"): "_silu" in variant,
+                    (sgmv_rows, "BLOCK_N"): suffix("n") or sgmv_rows.BLOCK_N, (sgmv_rows, "WARPS"): suffix("w") or sgmv_rows.WARPS,
                     (sgmv_triton, "EXPAND_STEPS"): ((1, steps),) if steps else sgmv_triton.EXPAND_STEPS}
         pdl_all = "_pdl" in variant
         batch = BatchAdapters()
@@ -284,9 +290,12 @@ def output(p: Projection, variant: str) -> torch.Tensor:
     return silu(p, out) if out.shape[1] == p.offsets[-1] else out
 
 
+REPS = 20  # --reps
+
+
 def graph_ms(fn) -> float:
-    """Milliseconds per step: the step captured in one CUDA graph, median of replays."""
-    return graph_time(fn, inner=1, reps=20) * 1e3
+    """Milliseconds per step: the step captured in one CUDA graph, median of REPS replays."""
+    return graph_time(fn, inner=1, reps=REPS) * 1e3
 
 
 def check(projs: list[Projection], seg, used: torch.Tensor) -> dict:
@@ -429,12 +438,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="start no new measurement past this many seconds")
     ap.add_argument("--gemv", action="store_true", help="T = 1: the base products by the engine's M = 1 GEMV (PDL as "
                     "--decode-pdl auto), not cuBLAS")
+    ap.add_argument("--reps", type=int, default=REPS, help="graph replays a figure is the median of")
     ap.add_argument("--silu-mul", action="store_true", help="gate_up's activation kernel in the base step and the "
                     "engine variants (the _silu variants compute it in gate_up's expand)")
     ap.add_argument("--profile", default="", help="T:variant+variant;T:... kernel time by kind per step (torch.profiler)")
     args = ap.parse_args()
-    global SILU_MUL
-    SILU_MUL = args.silu_mul
+    global SILU_MUL, REPS
+    SILU_MUL, REPS = args.silu_mul, args.reps
     started = time.perf_counter()
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:]}
 

@@ -28,9 +28,17 @@ from radixlm.kernels.gdc import launch_options
 MAX_PARTS = 3  # q, k, v
 
 
-def block_n(widths: list[int], widest: int = 64) -> int:
-    """The widest power-of-two column block (<= `widest`, >= 16) that divides every part's width; 0 if none."""
-    n = widest
+# Tiles (the H200 sweep decides: benchmarks/lora_step.py variants engine_stacked_rows_nN_wW). Registers bound how many
+# programs an SM holds (sm_90, rank 16, 8 slots; cuobjdump): 128 rows x 32 columns at 4 warps 168 registers a thread,
+# 3 programs an SM (gate_up at 75 rows: 896 programs, ~2.3 waves); x 64 at 8 warps 174, one an SM (448, ~3.4 waves).
+BLOCK_N = 32  # the widest column block (a smaller one where the parts' widths need it)
+WARPS = 4
+
+
+def block_n(widths: list[int], widest: int | None = None) -> int:
+    """The widest power-of-two column block (<= `widest`, default BLOCK_N; >= 16) dividing every part's width; 0 if
+    none."""
+    n = widest or BLOCK_N
     while n >= 16:
         if all(w % n == 0 for w in widths):
             return n
@@ -44,8 +52,8 @@ def block_m(t: int) -> int:
 
 
 def warps(bm: int) -> int:
-    """8 warps for a 128-row block (its float32 tile and every slot's y in registers), else 4."""
-    return 8 if bm >= 128 else 4
+    """Warps a program (WARPS; a 16- or 32-row block at most 4)."""
+    return WARPS if bm >= 64 else min(WARPS, 4)
 
 
 @triton.jit

@@ -94,7 +94,7 @@ def test_expand_by_rows_reads_the_graph_buffers_row_slots() -> None:
 def test_shapes_outside_the_kernel_are_refused() -> None:
     from radixlm.runtime.lora.sgmv_rows import block_n, rows_expand_fits, sgmv_expand_rows
 
-    assert block_n([4096, 1024, 1024]) == 64 and block_n([40, 24]) == 0 and block_n([48, 16]) == 16
+    assert block_n([4096, 1024, 1024], 64) == 64 and block_n([4096, 1024]) == 32 and block_n([40, 24]) == 0 and block_n([48, 16]) == 16
     assert rows_expand_fits([0, 48, 64, 80], 16) and not rows_expand_fits([0, 40, 64], 8)
     assert not rows_expand_fits([0, 16, 32, 48, 64], 8) and not rows_expand_fits([0, 64], 128)
     with pytest.raises(ValueError, match="expand by rows"):
