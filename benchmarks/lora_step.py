@@ -105,6 +105,8 @@ VARIANTS = {
     # _silu (with --silu-mul): gate_up's expand by rows computing silu(gate) * up (pool.ROWS_SILU_MUL); _nN / _wW: its
     # column block and warps (sgmv_rows.BLOCK_N, WARPS), e.g. engine_stacked_rows_n64_w8 (any such name is taken)
     "engine_stacked_rows_silu": None, "engine_stacked_rows_pdl_silu": None,
+    "engine_stacked_psilu": None,  # (with --silu-mul) past the stacked range, gate_up's activation in the launch that
+    # adds its update after the in-line shrink (pool.PREFILL_SILU_MUL)
     "engine_stacked_all": None,  # ... the stacked path at every size (pool.STACKED_MAX_TOKENS unbounded: prefill too)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
@@ -207,6 +209,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                     (pool, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else pool.STACKED_MAX_TOKENS,
                     (pool, "ROWS_EXPAND_MAX_TOKENS"): 1 << 30 if "_rows" in variant else pool.ROWS_EXPAND_MAX_TOKENS,
                     (pool, "ROWS_SILU_MUL"): "_silu" in variant,
+                    (pool, "PREFILL_SILU_MUL"): "_psilu" in variant,
                     (sgmv_rows, "BLOCK_N"): suffix("n") or sgmv_rows.BLOCK_N, (sgmv_rows, "WARPS"): suffix("w") or sgmv_rows.WARPS,
                     (sgmv_triton, "EXPAND_STEPS"): ((1, steps),) if steps else sgmv_triton.EXPAND_STEPS}
         pdl_all = "_pdl" in variant
@@ -234,7 +237,7 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
             try:
                 for p, proj in zip(projs, lora):  # as ColumnParallelLinear / RowParallelLinear.forward
                     if SILU_MUL and p.name == "gate_up":  # as LlamaMLP.forward: the activation from the expand or after
-                        act = proj.forward_silu_mul(p.x)
+                        act = proj.forward_silu_mul(p.x, p.product)
                         if act is not None:
                             p.last = act
                             continue
@@ -438,12 +441,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="start no new measurement past this many seconds")
     ap.add_argument("--gemv", action="store_true", help="T = 1: the base products by the engine's M = 1 GEMV (PDL as "
                     "--decode-pdl auto), not cuBLAS")
-    ap.add_argument("--reps", type=int, default=REPS, help="graph replays a figure is the median of")
+    ap.add_argument("--reps", type=int, default=20, help="graph replays a figure is the median of")
     ap.add_argument("--silu-mul", action="store_true", help="gate_up's activation kernel in the base step and the "
                     "engine variants (the _silu variants compute it in gate_up's expand)")
     ap.add_argument("--profile", default="", help="T:variant+variant;T:... kernel time by kind per step (torch.profiler)")
     args = ap.parse_args()
-    global SILU_MUL, REPS
+    global SILU_MUL, REPS  # this run's settings of the module
     SILU_MUL, REPS = args.silu_mul, args.reps
     started = time.perf_counter()
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:]}

@@ -8,6 +8,7 @@ swapped in and out of slots (`write`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,11 @@ ROWS_EXPAND_MAX_TOKENS = 0
 # expand's read-modify-write of [gate | up] and the SiLU-and-mul launch gone, one launch a layer less. Off until the
 # H200 says (benchmarks/lora_step.py --silu-mul, variant engine_stacked_rows_silu).
 ROWS_SILU_MUL = False
+# ... and past the stacked range (prefill) the same, after the plain GEMM and the in-line shrink (each row's own slot's
+# y): at 8,192 rows the expand's read-modify-write of [gate | up] (~0.9 GB a layer) and the activation's read of it
+# become one read, ~9 ms a prefill step at the H200's bandwidth. Off until the H200 says (lora_step.py --sizes 8192
+# --silu-mul, variant engine_stacked_psilu).
+PREFILL_SILU_MUL = False
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -165,21 +171,36 @@ class LoRAProjection:
         seg = self.batch.segments
         return seg is not None and seg.row_slot is not None and 1 < t <= ROWS_EXPAND_MAX_TOKENS and self.rows_fit
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up of this [gate | up] projection's output with the update, in the launch that expands it
-        (`ROWS_SILU_MUL`: the stacked GEMM, then `sgmv_rows.sgmv_expand_rows_silu_mul`), or None where that does not
-        apply (the caller then runs the projection and the activation itself)."""
-        if not (ROWS_SILU_MUL and self.active and self._stacked_range(x) and self._by_rows(x.shape[0])):
+    def forward_silu_mul(self, x: torch.Tensor, product: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate | up] projection's output with the update, computed by the launch that adds
+        the update (`sgmv_rows.sgmv_expand_rows_silu_mul`), or None where that does not apply (the caller then runs
+        the projection and the activation itself). Decode sizes (`ROWS_SILU_MUL`): after the stacked GEMM, from its
+        tail; past the stacked range (`PREFILL_SILU_MUL`, --lora-kernels stacked): after `product()` (the layer's base
+        GEMM) and the in-line shrink, from each row's own slot's y — the expand's read and write of the [T, 2·inter]
+        output (~0.9 GB a layer at 8,192 rows) and the activation's read of it become one read."""
+        seg = self.batch.segments
+        if seg is None or seg.row_slot is None or not self.use_triton or x.dim() != 2 or not self.rows_fit:
             return None
         from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows_silu_mul, silu_mul_fits
 
         if not silu_mul_fits(self.offsets, self.rank):
             return None
-        pending = self.begin(x)
-        assert pending is not None and pending.out is not None
-        early = bool(STACKED_PDL_MIN_TOKENS) and x.shape[0] >= STACKED_PDL_MIN_TOKENS > 1
-        return sgmv_expand_rows_silu_mul(pending.y, self.b, self.offsets, self.rank, pending.out,
-                                         pending.seg.row_slot, pdl=self.pdl and early)
+        t = x.shape[0]
+        if ROWS_SILU_MUL and self._stacked_range(x) and self._by_rows(t):
+            pending = self.begin(x)
+            assert pending is not None and pending.out is not None
+            early = bool(STACKED_PDL_MIN_TOKENS) and t >= STACKED_PDL_MIN_TOKENS > 1
+            return sgmv_expand_rows_silu_mul(pending.y, self.b, self.offsets, self.rank, pending.out, seg.row_slot,
+                                             pdl=self.pdl and early)
+        if PREFILL_SILU_MUL and self.kernels == "stacked" and t > STACKED_MAX_TOKENS:
+            from radixlm.runtime.lora.sgmv_triton import sgmv_shrink
+
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            out = product()
+            y = sgmv_shrink(x, self.a, seg, counters=self.counters)
+            return sgmv_expand_rows_silu_mul(y.sum(0) if y.shape[0] > 1 else y[0], self.b, self.offsets, self.rank,
+                                             out, seg.row_slot, own_slot=True)
+        return None
 
     def begin(self, x: torch.Tensor, into: torch.Tensor | None = None, silu_mul: bool = False) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads

@@ -68,14 +68,14 @@ def _rows_slots(slot_ptr, rm, m_mask, USE_PDL: tl.constexpr):
 
 @triton.jit
 def _add_update(acc, y_ptr, b_ptr, rm64, m_mask, slots, rn, part, R, stride_ym, stride_bs, stride_bn,
-                N_RANK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
+                Y_SLOT: tl.constexpr, SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    """acc [rows, columns rn] + Σ_s [slot(row) = s]·y[row, s·N_RANK + part·R + r]·B[s, rn, r] (float32)."""
+    """acc [rows, columns rn] + Σ_s [slot(row) = s]·y[row, s·Y_SLOT + part·R + r]·B[s, rn, r] (float32)."""
     rr = tl.arange(0, BLOCK_R)
     r_mask = rr < R
     n_all = rn >= 0  # (all true: the grid covers the columns exactly)
     for s in tl.static_range(SLOTS):  # unrolled: every slot's loads issued together, one round trip
-        y_ptrs = y_ptr + rm64[:, None] * stride_ym + (s * N_RANK + part * R + rr)[None, :]
+        y_ptrs = y_ptr + rm64[:, None] * stride_ym + (s * Y_SLOT + part * R + rr)[None, :]
         yt = tl.load(y_ptrs, mask=(m_mask & (slots == s))[:, None] & r_mask[None, :], other=0.0)
         bt = tl.load(b_ptr + s * stride_bs + rn[:, None] * stride_bn + rr[None, :], mask=n_all[:, None] & r_mask[None, :],
                      other=0.0)
@@ -90,7 +90,7 @@ def _add_update(acc, y_ptr, b_ptr, rm64, m_mask, slots, rn, part, R, stride_ym, 
 
 @triton.jit
 def _expand_rows_kernel(y_ptr, b_ptr, out_ptr, slot_ptr, T, R, OFF1, OFF2, stride_ym, stride_bs, stride_bn,
-                        stride_om, N_RANK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        stride_om, Y_SLOT: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,13 +104,14 @@ def _expand_rows_kernel(y_ptr, b_ptr, out_ptr, slot_ptr, T, R, OFF1, OFF2, strid
     o_mask = (m_mask & (slots >= 0))[:, None] & (rn >= 0)[None, :]
     acc = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     acc = _add_update(acc, y_ptr, b_ptr, rm64, m_mask, slots, rn, part, R, stride_ym, stride_bs, stride_bn,
-                      N_RANK, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
+                      Y_SLOT, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
 def _expand_rows_silu_kernel(y_ptr, b_ptr, gu_ptr, act_ptr, slot_ptr, T, R, INTER, stride_ym, stride_bs, stride_bn,
-                             stride_gm, stride_am, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             stride_gm, stride_am, Y_SLOT: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr,
                              BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              USE_PDL: tl.constexpr = False):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,9 +124,9 @@ def _expand_rows_silu_kernel(y_ptr, b_ptr, gu_ptr, act_ptr, slot_ptr, T, R, INTE
     gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(g_ptrs + INTER, mask=mask, other=0.0).to(tl.float32)
     gate = _add_update(gate, y_ptr, b_ptr, rm64, m_mask, slots, rn, 0, R, stride_ym, stride_bs, stride_bn,
-                       2 * R, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
+                       Y_SLOT, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
     up = _add_update(up, y_ptr, b_ptr, rm64, m_mask, slots, rn + INTER, 1, R, stride_ym, stride_bs, stride_bn,
-                     2 * R, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
+                     Y_SLOT, SLOTS, BLOCK_R, DOT_FP32, DOT_PRECISION)
     # rounded as the expand's store rounds [gate | up], then as ops.silu_and_mul does: the same bits as the two kernels
     gate = gate.to(gu_ptr.dtype.element_ty).to(tl.float32)
     up = up.to(gu_ptr.dtype.element_ty).to(tl.float32)
@@ -139,29 +140,41 @@ def rows_expand_fits(offsets: list[int], rank: int) -> bool:
     return len(widths) <= MAX_PARTS and block_n(widths) > 0 and rank <= 64
 
 
+def _y_slot(y: torch.Tensor, slots: int, parts: int, rank: int, own_slot: bool) -> int:
+    """y's column stride between slots: every slot's n·R side by side (the stacked GEMM's tail), or 0 where y holds
+    each row's own slot's ranks only ([T, n·R], the in-line shrink's); ValueError on another width."""
+    if y.shape[1] != (1 if own_slot else slots) * parts * rank:
+        raise ValueError(f"expand by rows: y {tuple(y.shape)} for {slots} slots x {parts} parts x rank {rank}"
+                         f"{' (own slot)' if own_slot else ''}")
+    return 0 if own_slot else parts * rank
+
+
+def _dots(y: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"DOT_FP32": not y.is_cuda, "DOT_PRECISION": "ieee" if b.dtype == torch.float32 or not y.is_cuda else "tf32"}
+
+
 def sgmv_expand_rows(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, out: torch.Tensor,
-                     row_slot: torch.Tensor, pdl: bool = False) -> None:
+                     row_slot: torch.Tensor, pdl: bool = False, own_slot: bool = False) -> None:
     """out[row, part p] += y[row, slot·n·R + p·R : +R]·B[slot, part p]ᵀ for each row whose slot
     (`row_slot`, int32 [>= T], -1: none) is set, in place. `y`: [T, slots·n·R], every slot's x·Aᵀ side by side
-    (the stacked GEMM's tail, any row stride); `b`: the pool's [slots, out, R]; `offsets`: the parts' host
+    (the stacked GEMM's tail, any row stride), or with `own_slot` [T, n·R], each row's own slot's (the in-line
+    shrink's; the column index then has no slot term); `b`: the pool's [slots, out, R]; `offsets`: the parts' host
     offsets (`rows_expand_fits`); `pdl`: launched with programmatic dependent launch where the device has it,
     the rows' slots read before the wait."""
     t = y.shape[0]
     slots, n_out = b.shape[0], offsets[-1]
     parts = len(offsets) - 1
     widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-    if not rows_expand_fits(offsets, rank) or out.shape[1] != n_out or y.shape[1] != slots * parts * rank:
-        raise ValueError(f"expand by rows: parts {widths}, rank {rank}, y {tuple(y.shape)}, out {tuple(out.shape)}")
+    if not rows_expand_fits(offsets, rank) or out.shape[1] != n_out:
+        raise ValueError(f"expand by rows: parts {widths}, rank {rank}, out {tuple(out.shape)}")
+    y_slot = _y_slot(y, slots, parts, rank, own_slot)
     bn = block_n(widths)
     bounds = offsets[1:-1] + [n_out] * (MAX_PARTS - parts)  # part p starts at bounds[p - 1]
     bm = block_m(t)
-    grid = (triton.cdiv(t, bm), n_out // bn)
-    dots = {"DOT_FP32": not y.is_cuda,
-            "DOT_PRECISION": "ieee" if b.dtype == torch.float32 or not y.is_cuda else "tf32"}
-    _expand_rows_kernel[grid](y, b, out, row_slot, t, rank, bounds[0], bounds[1], y.stride(0), b.stride(0),
-                              b.stride(1), out.stride(0), N_RANK=parts * rank, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_R=max(16, triton.next_power_of_2(rank)), **dots, num_warps=warps(bm),
-                              **launch_options(pdl, out.device))
+    _expand_rows_kernel[(triton.cdiv(t, bm), n_out // bn)](
+        y, b, out, row_slot, t, rank, bounds[0], bounds[1], y.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        Y_SLOT=y_slot, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        **_dots(y, b), num_warps=warps(bm), **launch_options(pdl, out.device))
 
 
 def silu_mul_fits(offsets: list[int], rank: int) -> bool:
@@ -170,21 +183,22 @@ def silu_mul_fits(offsets: list[int], rank: int) -> bool:
 
 
 def sgmv_expand_rows_silu_mul(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, gate_up: torch.Tensor,
-                              row_slot: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """silu(gate) * up [T, inter] of `gate_up` (the stacked GEMM's head: the base products, any row stride) plus each
-    row's update (`sgmv_expand_rows`), in one launch: the expand's read-modify-write of [gate | up] and the separate
-    SiLU-and-mul launch gone. The same bits as `sgmv_expand_rows` into gate_up, then ops.silu_and_mul."""
+                              row_slot: torch.Tensor, pdl: bool = False, own_slot: bool = False) -> torch.Tensor:
+    """silu(gate) * up [T, inter] of `gate_up` (the base products, any row stride: the stacked GEMM's head, or the
+    plain GEMM's output with `own_slot` y) plus each row's update (`sgmv_expand_rows`), in one launch: the expand's
+    read-modify-write of [gate | up] and the separate SiLU-and-mul launch gone. The same bits as `sgmv_expand_rows`
+    into gate_up, then ops.silu_and_mul."""
     t, inter = gate_up.shape[0], offsets[1]
-    if not silu_mul_fits(offsets, rank) or gate_up.shape[1] != offsets[2] or y.shape[1] != b.shape[0] * 2 * rank:
-        raise ValueError(f"expand by rows + SiLU: parts {offsets}, rank {rank}, y {tuple(y.shape)}")
+    if not silu_mul_fits(offsets, rank) or gate_up.shape[1] != offsets[2]:
+        raise ValueError(f"expand by rows + SiLU: parts {offsets}, rank {rank}, gate_up {tuple(gate_up.shape)}")
+    y_slot = _y_slot(y, b.shape[0], 2, rank, own_slot)
     act = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
     bn, bm = block_n([inter]), block_m(t)
-    dots = {"DOT_FP32": not y.is_cuda,
-            "DOT_PRECISION": "ieee" if b.dtype == torch.float32 or not y.is_cuda else "tf32"}
     _expand_rows_silu_kernel[(triton.cdiv(t, bm), inter // bn)](
         y, b, gate_up, act, row_slot, t, rank, inter, y.stride(0), b.stride(0), b.stride(1), gate_up.stride(0),
-        act.stride(0), SLOTS=b.shape[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, triton.next_power_of_2(rank)), **dots,
-        num_warps=warps(bm), **launch_options(pdl, gate_up.device))
+        act.stride(0), Y_SLOT=y_slot, SLOTS=b.shape[0], BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), **_dots(y, b), num_warps=warps(bm),
+        **launch_options(pdl, gate_up.device))
     return act
 
 

@@ -159,7 +159,7 @@ class ColumnParallelLinear(nn.Linear):
         (4-bit, one row: `QuantizedWeight.linear_silu_mul`), or with a LoRA update where its expand computes it
         (`LoRAProjection.forward_silu_mul`), else None; not with a bias."""
         if self.lora is not None and self.lora.active:
-            return None if self.bias is not None else self.lora.forward_silu_mul(x)
+            return None if self.bias is not None else self.lora.forward_silu_mul(x, lambda: _product(self, x, None))
         if self.quantized is None or self.bias is not None:
             return None
         return self.quantized.linear_silu_mul(x)

@@ -167,7 +167,9 @@ def test_expand_by_rows_with_silu_mul_is_the_expand_then_the_activation(dtype, t
     assert torch.equal(act, silu_and_mul(gate_up))
     assert not torch.equal(act, silu_and_mul(full[:, :128])), "the update is in it"
     with pytest.raises(ValueError, match="SiLU"):
-        sgmv_expand_rows_silu_mul(full[:, 128 + 32:], b[:, :96], [0, 64, 96], rank, full[:, :96], seg.row_slot)
+        sgmv_expand_rows_silu_mul(full[:, 128:], b[:, :96], [0, 64, 96], rank, full[:, :96], seg.row_slot)
+    with pytest.raises(ValueError, match="own slot"):
+        sgmv_expand_rows_silu_mul(full[:, 128:], b, offsets, rank, full[:, :128], seg.row_slot, own_slot=True)
 
 
 def test_gate_up_layer_returns_the_activation_where_its_expand_computes_it(monkeypatch) -> None:
@@ -203,3 +205,59 @@ def test_gate_up_layer_returns_the_activation_where_its_expand_computes_it(monke
     assert layer.forward_then_silu_mul(x) is None, "past the rows' range"
     batch.segments = None
     assert layer.forward_then_silu_mul(x) is None, "no adapter row: the layer's own paths"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expand_by_rows_reads_each_rows_own_slot_y(dtype) -> None:
+    """own_slot: y [T, n·R] holds each row's own slot's ranks (the in-line shrink's, past the stacked range); the
+    update equals the segment expand's over the same y, and with SiLU-and-mul the expand then the activation."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows, sgmv_expand_rows_silu_mul
+    from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
+
+    dev = _device()
+    t, rank, offsets, slots = 140, 16, [0, 64, 128], 4
+    x, a, b, w, token_slots, _ = _stacked(31, t, 64, rank, offsets, slots, dtype)
+    seg = LoRASegments.build(token_slots, slots, dev)
+    y = sgmv_shrink(x, a, seg)[0]
+    base = (x.float() @ w.float().t()).to(dtype)
+    rows, segment = base.clone(), base.clone()
+    sgmv_expand_rows(y, b, offsets, rank, rows, seg.row_slot, own_slot=True)
+    sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), 64, rank, segment, seg)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    torch.testing.assert_close(rows, segment, **tol)
+    used = token_slots.to(dev) >= 0
+    assert torch.equal(rows[~used], base[~used]) and not torch.equal(rows[used], base[used])
+    act = sgmv_expand_rows_silu_mul(y, b, offsets, rank, base, seg.row_slot, own_slot=True)
+    assert torch.equal(act, silu_and_mul(rows))
+
+
+def test_prefill_sized_gate_up_takes_its_activation_from_the_expand(monkeypatch) -> None:
+    """Past the stacked range (prefill) with PREFILL_SILU_MUL: the layer's own product, the in-line shrink, then one
+    launch adding each row's update and computing silu(gate) * up — the same bits as forward then silu_and_mul; off
+    (or on the overlap path) None."""
+    from radixlm.kernels.ops import silu_and_mul
+    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import ColumnParallelLinear
+
+    dev = _device()
+    t, rank, offsets, slots, k = 20, 8, [0, 32, 64], 3, 48
+    x, a, b, w, token_slots, _ = _stacked(6, t, k, rank, offsets, slots, torch.float32)
+    layer = ColumnParallelLinear(k, 64, bias=False).to(dev)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    layer.weight.data = stacked[:64]
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots, slots, dev)
+    layer.lora = LoRAProjection(stacked[64:].view(a.shape), b, offsets, rank, batch, use_triton=True,
+                                kernels="stacked", stacked=stacked)
+    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 8)  # 20 rows: past the stacked range, as a prefill
+    assert layer.forward_then_silu_mul(x) is None, "PREFILL_SILU_MUL off"
+    monkeypatch.setattr(pool, "PREFILL_SILU_MUL", True)
+    act = layer.forward_then_silu_mul(x)
+    assert act is not None and torch.equal(act, silu_and_mul(layer(x)))
+    exact = x @ w.t()
+    expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, exact, batch.segments)
+    torch.testing.assert_close(act, silu_and_mul(exact), atol=1e-4, rtol=1e-4)
+    layer.lora.kernels = "overlap"
+    assert layer.forward_then_silu_mul(x) is None
