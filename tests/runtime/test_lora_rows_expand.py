@@ -178,19 +178,9 @@ def test_gate_up_layer_returns_the_activation_where_its_expand_computes_it(monke
     off, or outside the rows' range, None (the caller runs both)."""
     from radixlm.kernels.ops import silu_and_mul
     from radixlm.runtime.lora import pool
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
-    from radixlm.runtime.parallel.layers import ColumnParallelLinear
 
-    dev = _device()
-    t, rank, offsets, slots, k = 12, 8, [0, 32, 64], 3, 48
-    x, a, b, w, token_slots, _ = _stacked(5, t, k, rank, offsets, slots, torch.float32)
-    layer = ColumnParallelLinear(k, 64, bias=False).to(dev)
-    stacked = torch.cat([w, a.reshape(-1, k)])
-    layer.weight.data = stacked[:64]
-    batch = BatchAdapters()
-    batch.segments = LoRASegments.build(token_slots, slots, dev)
-    layer.lora = LoRAProjection(stacked[64:].view(a.shape), b, offsets, rank, batch, use_triton=True,
-                                kernels="stacked", stacked=stacked)
+    layer, x, a, b, w, batch = _gate_up_layer(5, 12)
+    rank, offsets = 8, [0, 32, 64]
     monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 2)
     monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 64)
     assert layer.forward_then_silu_mul(x) is None, "ROWS_SILU_MUL off"
@@ -201,7 +191,7 @@ def test_gate_up_layer_returns_the_activation_where_its_expand_computes_it(monke
     exact = x @ w.t()
     expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, exact, batch.segments)
     torch.testing.assert_close(act, silu_and_mul(exact), atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", t - 1)
+    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 11)  # (12 rows)
     assert layer.forward_then_silu_mul(x) is None, "past the rows' range"
     batch.segments = None
     assert layer.forward_then_silu_mul(x) is None, "no adapter row: the layer's own paths"
@@ -238,19 +228,9 @@ def test_prefill_sized_gate_up_takes_its_activation_from_the_expand(monkeypatch)
     (or on the overlap path) None."""
     from radixlm.kernels.ops import silu_and_mul
     from radixlm.runtime.lora import pool
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
-    from radixlm.runtime.parallel.layers import ColumnParallelLinear
 
-    dev = _device()
-    t, rank, offsets, slots, k = 20, 8, [0, 32, 64], 3, 48
-    x, a, b, w, token_slots, _ = _stacked(6, t, k, rank, offsets, slots, torch.float32)
-    layer = ColumnParallelLinear(k, 64, bias=False).to(dev)
-    stacked = torch.cat([w, a.reshape(-1, k)])
-    layer.weight.data = stacked[:64]
-    batch = BatchAdapters()
-    batch.segments = LoRASegments.build(token_slots, slots, dev)
-    layer.lora = LoRAProjection(stacked[64:].view(a.shape), b, offsets, rank, batch, use_triton=True,
-                                kernels="stacked", stacked=stacked)
+    layer, x, a, b, w, batch = _gate_up_layer(6, 20)
+    rank, offsets = 8, [0, 32, 64]
     monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 8)  # 20 rows: past the stacked range, as a prefill
     assert layer.forward_then_silu_mul(x) is None, "PREFILL_SILU_MUL off"
     monkeypatch.setattr(pool, "PREFILL_SILU_MUL", True)
@@ -261,3 +241,22 @@ def test_prefill_sized_gate_up_takes_its_activation_from_the_expand(monkeypatch)
     torch.testing.assert_close(act, silu_and_mul(exact), atol=1e-4, rtol=1e-4)
     layer.lora.kernels = "overlap"
     assert layer.forward_then_silu_mul(x) is None
+
+
+def _gate_up_layer(seed: int, t: int):
+    """A [gate | up] ColumnParallelLinear (k 48, parts of 32, rank 8, 3 slots) with a stacked LoRA projection over T
+    rows of random adapters: (layer, x, A, B, W, its BatchAdapters)."""
+    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.parallel.layers import ColumnParallelLinear
+
+    dev = _device()
+    rank, offsets, slots, k = 8, [0, 32, 64], 3, 48
+    x, a, b, w, token_slots, _ = _stacked(seed, t, k, rank, offsets, slots, torch.float32)
+    layer = ColumnParallelLinear(k, 64, bias=False).to(dev)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    layer.weight.data = stacked[:64]
+    batch = BatchAdapters()
+    batch.segments = LoRASegments.build(token_slots, slots, dev)
+    layer.lora = LoRAProjection(stacked[64:].view(a.shape), b, offsets, rank, batch, use_triton=True,
+                                kernels="stacked", stacked=stacked)
+    return layer, x, a, b, w, batch
