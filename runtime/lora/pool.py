@@ -179,7 +179,8 @@ class LoRAProjection:
         GEMM) and the in-line shrink, from each row's own slot's y — the expand's read and write of the [T, 2·inter]
         output (~0.9 GB a layer at 8,192 rows) and the activation's read of it become one read."""
         seg = self.batch.segments
-        if seg is None or seg.row_slot is None or not self.use_triton or x.dim() != 2 or not self.rows_fit:
+        if (seg is None or seg.row_slot is None or not self.use_triton or x.dim() != 2 or not self.rows_fit
+                or self.stacked is None):  # (stacked weights: plain, unsharded layers only)
             return None
         from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows_silu_mul, silu_mul_fits
 
