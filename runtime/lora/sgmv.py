@@ -67,10 +67,11 @@ def segment_host(token_slots: torch.Tensor, num_segments: int
     return order.to(i32), start.to(i32), length.to(i32), slot.to(i32), host
 
 
-def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int) -> list[int]:
+def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int, row_slots: bool = True) -> list[int]:
     """A decode step's segments as the graphs' buffer holds them: order (padded to `max_rows`) |
-    start | length | slot (unused segments: length 0, slot -1) | each row's slot (padded with -1 to
-    `max_rows`), from each row's slot (-1: base model). Plain Python: for a decode batch's few hundred rows it is ~3x faster than the tensor
+    start | length | slot (unused segments: length 0, slot -1), then with `row_slots` each row's slot
+    (padded with -1 to `max_rows`; read only by the expand by rows, sgmv_rows.py), from each row's slot
+    (-1: base model). Plain Python: for a decode batch's few hundred rows it is ~3x faster than the tensor
     ops of `segment_host` (which the host paid every decode step), and the same mapping."""
     rows_of: dict[int, list[int]] = {}
     for row, slot in enumerate(per_req):
@@ -86,8 +87,8 @@ def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int) -> 
         slots.append(slot)
         order.extend(rows_of[slot])
     pad = num_segments - len(slots)
-    return (order + [0] * (max_rows - len(order)) + start + [0] * pad + length + [0] * pad + slots + [-1] * pad
-            + per_req + [-1] * (max_rows - len(per_req)))
+    row = order + [0] * (max_rows - len(order)) + start + [0] * pad + length + [0] * pad + slots + [-1] * pad
+    return row + per_req + [-1] * (max_rows - len(per_req)) if row_slots else row
 
 
 def shrink_ref(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Tensor:

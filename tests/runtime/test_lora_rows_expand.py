@@ -104,7 +104,8 @@ def test_shapes_outside_the_kernel_are_refused() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_graph_segments_row_ends_with_each_rows_slot(seed: int) -> None:
-    """The graphs' buffer layout: order padded | start | length | slot | each row's slot padded with -1."""
+    """The graphs' buffer layout: order padded | start | length | slot | each row's slot padded with -1 (left out
+    where the expand by rows is off: the host builds and copies a shorter row)."""
     g = torch.Generator().manual_seed(seed)
     rows, segments, max_rows = int(torch.randint(1, 40, (1,), generator=g)), 5, 48
     per_req = torch.randint(-1, segments, (rows,), generator=g)
@@ -115,6 +116,7 @@ def test_graph_segments_row_ends_with_each_rows_slot(seed: int) -> None:
     want[max_rows:max_rows + 3 * segments] = torch.cat([start, length, slot])
     want[max_rows + 3 * segments:][:rows] = per_req
     assert graph_segments_row(per_req.tolist(), segments, max_rows) == want.tolist()
+    assert graph_segments_row(per_req.tolist(), segments, max_rows, row_slots=False) == want[:max_rows + 3 * segments].tolist()
 
 
 @pytest.mark.parametrize("t", [2, 9])
