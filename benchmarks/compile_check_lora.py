@@ -98,6 +98,9 @@ def cases(crashed: bool):
                        dict(N_RANK=parts * rank, SLOTS=8, BLOCK_M=sgmv_rows.block_m(t),
                             BLOCK_N=sgmv_rows.block_n([n_out // parts]), BLOCK_R=expand_block_r(rank), USE_PDL=t == 75,
                             **dots))
+            yield (f"rows silu {dtype} T{t} r{rank}", ROWS_BOUND, sgmv_rows._expand_rows_silu_kernel, dtype, False,
+                   dict(SLOTS=8, BLOCK_M=sgmv_rows.block_m(t), BLOCK_N=sgmv_rows.block_n([14336]),
+                        BLOCK_R=expand_block_r(rank), USE_PDL=t == 75, **dots))
 
 
 def main() -> None:
@@ -112,7 +115,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         used = _compile(fn, dtype, y_fp32, constexprs,
-                        sgmv_rows.warps(constexprs["BLOCK_M"]) if fn is sgmv_rows._expand_rows_kernel else 4)
+                        sgmv_rows.warps(constexprs["BLOCK_M"]) if fn in (sgmv_rows._expand_rows_kernel, sgmv_rows._expand_rows_silu_kernel) else 4)
         ok = used <= min(bound, H200) or "crash" in label
         bad += not ok
         print(f"{'ok ' if ok else 'BAD'} {used:>7} B (bound {bound:>7}) {label}  [{time.perf_counter() - t:.0f} s]", flush=True)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import ENGINE_ARGS, params_for, workload_b  # noqa: E402
 from lora import check_mixed_batch, decode_ms, run_b, write_adapter  # noqa: E402
+from step_account import KINDS, fit_step_costs  # noqa: E402
 
 from radixlm.runtime.loop_stats import ENV as LOOP_ENV  # noqa: E402
 
@@ -78,20 +79,28 @@ class AdapterWriter(threading.Thread):
 
 class Progress(threading.Thread):
     """Prints the engine's counters every `every` seconds while a row runs, so that a run cut by a time limit
-    still says how far it got (generated tokens, forward steps by kind, swaps)."""
+    still says how far it got (generated tokens, forward steps by kind, swaps), and keeps them (`samples`: seconds,
+    counters) for the row's per-kind step costs (step_account.py)."""
 
     def __init__(self, eng, label: str, started: float, every: float) -> None:
         super().__init__(name="progress", daemon=True)
         self.eng, self.label, self.started, self.every = eng, label, started, every
         self.done = threading.Event()
+        self.first = eng.get_server_info()  # before the row's requests go in
+        self.samples: list[tuple[float, dict[str, int]]] = [(time.perf_counter(), dict.fromkeys(KINDS, 0))]
+
+    def sample(self) -> tuple[dict[str, int], dict]:
+        """The counters since the row began (kept as a sample) and the server info they came from."""
+        info = self.eng.get_server_info()
+        d = {k: info.get(k, 0) - self.first.get(k, 0) for k in ("generated_tokens", *KINDS)}
+        self.samples.append((time.perf_counter(), d))
+        return d, info
 
     def run(self) -> None:
-        first = self.eng.get_server_info()
         while not self.done.wait(self.every):
-            info = self.eng.get_server_info()
-            d = {k: info.get(k, 0) - first.get(k, 0) for k in ("generated_tokens", "prefill_steps", "mixed_steps",
-                                                              "decode_steps")}
-            lora = {k: info.get("lora", {}).get(k, 0) - first.get("lora", {}).get(k, 0) for k in ("swaps", "swaps_staged")}
+            d, info = self.sample()
+            lora = {k: info.get("lora", {}).get(k, 0) - self.first.get("lora", {}).get(k, 0)
+                    for k in ("swaps", "swaps_staged")}
             print(f"[{time.perf_counter() - self.started:.0f} s] {self.label} so far: {d['generated_tokens']} tokens, "
                   f"steps {d['prefill_steps']}/{d['mixed_steps']}/{d['decode_steps']}, swaps {lora['swaps']} "
                   f"({lora['swaps_staged']} ahead)", flush=True)
@@ -254,6 +263,13 @@ def main() -> None:
                 finally:
                     progress.done.set()
                 report[label].pop("_outputs")
+                if args.progress_s > 0:  # the row's seconds by kind of step, fitted over the sampled windows
+                    progress.join()
+                    progress.sample()  # (the row's end)
+                    fit = report[label]["step_cost_fit"] = fit_step_costs(progress.samples)
+                    if fit:
+                        print("  steps: " + ", ".join(f"{k} {ms:.2f} ms ({fit['seconds_by_kind'][k]:.1f} s)"
+                                                      for k, ms in fit["ms_a_step"].items()), flush=True)
                 if args.loop_stats:
                     time.sleep(0.1)  # the loop writes its busy period's line once idle
                     loop = report[label]["scheduler_loop"] = longest_period(os.environ[LOOP_ENV])

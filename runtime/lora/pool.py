@@ -59,20 +59,13 @@ STACKED_ONE_ROW = True
 # where --decode-pdl is on), reading its segment and rows before the wait, so they and its launch overlap the GEMM's
 # drain. Off until the H200 measures it (lora9: benchmarks/lora_step.py variant engine_stacked_pdl).
 STACKED_PDL_MIN_TOKENS = 0
-# ... and from 2 rows up to this many (0: never) the expand after the stacked GEMM goes by rows (sgmv_rows.py): each
-# program reads its rows' slots, every slot's y columns and B, and the output in one memory round trip, where the
-# segment expand's programs make three dependent ones (segment, rows, then data). Every row block of up to 128 rows
-# reads every slot's B, so past a few hundred rows the segment expand reads less. Unmeasured: off until the H200
-# says (benchmarks/lora_step.py variant engine_stacked_rows).
+# ... and from 2 rows up to this many (0: never) the expand after the stacked GEMM goes by rows (sgmv_rows.py: one
+# memory round trip a program, not three; each row block of <= 128 rows reads every slot's B). With ROWS_SILU_MUL
+# gate_up's also computes silu(gate) * up (`forward_silu_mul`: one launch a layer less); with PREFILL_SILU_MUL past the
+# stacked range too, from the in-line shrink's y (the expand's read-modify-write of [gate | up], ~0.9 GB a layer at
+# 8,192 rows, gone). All three unmeasured, off until the H200 says (RESULTS.md, lora10: lora_step.py's commands).
 ROWS_EXPAND_MAX_TOKENS = 0
-# ... and there gate_up's expand by rows also computes silu(gate) * up, down_proj's input (`forward_silu_mul`): the
-# expand's read-modify-write of [gate | up] and the SiLU-and-mul launch gone, one launch a layer less. Off until the
-# H200 says (benchmarks/lora_step.py --silu-mul, variant engine_stacked_rows_silu).
 ROWS_SILU_MUL = False
-# ... and past the stacked range (prefill) the same, after the plain GEMM and the in-line shrink (each row's own slot's
-# y): at 8,192 rows the expand's read-modify-write of [gate | up] (~0.9 GB a layer) and the activation's read of it
-# become one read, ~9 ms a prefill step at the H200's bandwidth. Off until the H200 says (lora_step.py --sizes 8192
-# --silu-mul, variant engine_stacked_psilu).
 PREFILL_SILU_MUL = False
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
@@ -172,12 +165,10 @@ class LoRAProjection:
         return seg is not None and seg.row_slot is not None and 1 < t <= ROWS_EXPAND_MAX_TOKENS and self.rows_fit
 
     def forward_silu_mul(self, x: torch.Tensor, product: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-        """silu(gate) * up of this [gate | up] projection's output with the update, computed by the launch that adds
-        the update (`sgmv_rows.sgmv_expand_rows_silu_mul`), or None where that does not apply (the caller then runs
-        the projection and the activation itself). Decode sizes (`ROWS_SILU_MUL`): after the stacked GEMM, from its
-        tail; past the stacked range (`PREFILL_SILU_MUL`, --lora-kernels stacked): after `product()` (the layer's base
-        GEMM) and the in-line shrink, from each row's own slot's y — the expand's read and write of the [T, 2·inter]
-        output (~0.9 GB a layer at 8,192 rows) and the activation's read of it become one read."""
+        """silu(gate) * up of this [gate | up] projection's output with the update, from the launch that adds the
+        update (`sgmv_rows.sgmv_expand_rows_silu_mul`), or None (the caller runs the projection, then the activation).
+        Decode sizes (`ROWS_SILU_MUL`): after the stacked GEMM, from its tail; past the stacked range
+        (`PREFILL_SILU_MUL`): after `product()` (the layer's base GEMM) and the in-line shrink (own-slot y)."""
         seg = self.batch.segments
         if (seg is None or seg.row_slot is None or not self.use_triton or x.dim() != 2 or not self.rows_fit
                 or self.stacked is None):  # (stacked weights: plain, unsharded layers only)
