@@ -255,6 +255,7 @@ def main() -> None:
                 eng.flush_cache()
                 before = eng.get_server_info().get("lora", {})
                 swaps, staged = before.get("swaps", 0), before.get("swaps_staged", 0)
+                periods = len(loop_periods(os.environ[LOOP_ENV])) if args.loop_stats else 0
                 progress = Progress(eng, label, started, args.progress_s)
                 if args.progress_s > 0:
                     progress.start()
@@ -272,7 +273,8 @@ def main() -> None:
                                                       for k, ms in fit["ms_a_step"].items()), flush=True)
                 if args.loop_stats:
                     time.sleep(0.1)  # the loop writes its busy period's line once idle
-                    loop = report[label]["scheduler_loop"] = longest_period(os.environ[LOOP_ENV])
+                    loop = report[label]["scheduler_loop"] = max(loop_periods(os.environ[LOOP_ENV])[periods:],
+                                                                 key=lambda line: line.get("wall_s", 0.0), default=None)
                     if loop:
                         steps = loop.get("step_ms", {})
                         print(f"  loop: {loop['seconds']['step']:.1f} s in steps, device waits "
@@ -296,14 +298,13 @@ def main() -> None:
     print_table(report, args.out)
 
 
-def longest_period(path: str) -> dict | None:
-    """The scheduler loop's longest busy period so far (the row just run: the counter reads around it make short
-    periods of their own), or None."""
+def loop_periods(path: str) -> list[dict]:
+    """The scheduler loop's busy periods written so far (runtime/loop_stats.py). A row's is the longest of those
+    written while it ran: the counter reads around it make short periods of their own."""
     try:
-        lines = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
     except OSError:
-        return None
-    return max(lines, key=lambda line: line.get("wall_s", 0.0), default=None)
+        return []
 
 
 def _timed(fn) -> float:
