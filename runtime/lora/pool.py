@@ -134,7 +134,7 @@ class LoRAProjection:
             from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
             from radixlm.runtime.lora.sgmv_triton import COUNTERS
 
-            self.rows_fit = rows_expand_fits(self.offsets, self.rank)
+            self.rows_fit = rows_expand_fits(self.offsets, self.rank, self.b.shape[0])
             self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
     @property
@@ -175,7 +175,7 @@ class LoRAProjection:
             return None
         from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows_silu_mul, silu_mul_fits
 
-        if not silu_mul_fits(self.offsets, self.rank):
+        if not silu_mul_fits(self.offsets, self.rank, self.b.shape[0]):
             return None
         t = x.shape[0]
         if ROWS_SILU_MUL and self._stacked_range(x) and self._by_rows(t):

@@ -26,6 +26,7 @@ import triton.language as tl
 from radixlm.kernels.gdc import launch_options
 
 MAX_PARTS = 3  # q, k, v
+MAX_SLOTS = 8  # every slot's loads are unrolled in each program: compiled and register-checked for sm_90 at 8
 
 
 # Tiles (the H200 sweep decides: benchmarks/lora_step.py variants engine_stacked_rows_nN_wW). Registers bound how many
@@ -134,10 +135,11 @@ def _expand_rows_silu_kernel(y_ptr, b_ptr, gu_ptr, act_ptr, slot_ptr, T, R, INTE
     tl.store(act_ptr + rm64[:, None] * stride_am + rn[None, :], (act * up).to(act_ptr.dtype.element_ty), mask=mask)
 
 
-def rows_expand_fits(offsets: list[int], rank: int) -> bool:
-    """Whether a projection's parts and rank suit this kernel (up to 3 parts, widths a multiple of 16, rank <= 64)."""
+def rows_expand_fits(offsets: list[int], rank: int, slots: int = MAX_SLOTS) -> bool:
+    """Whether a projection's parts, rank and slots suit this kernel (up to 3 parts, widths a multiple of 16,
+    rank <= 64, up to MAX_SLOTS slots)."""
     widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-    return len(widths) <= MAX_PARTS and block_n(widths) > 0 and rank <= 64
+    return len(widths) <= MAX_PARTS and block_n(widths) > 0 and rank <= 64 and slots <= MAX_SLOTS
 
 
 def _y_slot(y: torch.Tensor, slots: int, parts: int, rank: int, own_slot: bool) -> int:
@@ -165,7 +167,7 @@ def sgmv_expand_rows(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank:
     slots, n_out = b.shape[0], offsets[-1]
     parts = len(offsets) - 1
     widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-    if not rows_expand_fits(offsets, rank) or out.shape[1] != n_out:
+    if not rows_expand_fits(offsets, rank, slots) or out.shape[1] != n_out:
         raise ValueError(f"expand by rows: parts {widths}, rank {rank}, out {tuple(out.shape)}")
     y_slot = _y_slot(y, slots, parts, rank, own_slot)
     bn = block_n(widths)
@@ -177,9 +179,9 @@ def sgmv_expand_rows(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank:
         **_dots(y, b), num_warps=warps(bm), **launch_options(pdl, out.device))
 
 
-def silu_mul_fits(offsets: list[int], rank: int) -> bool:
+def silu_mul_fits(offsets: list[int], rank: int, slots: int = MAX_SLOTS) -> bool:
     """Whether a [gate | up] projection suits `sgmv_expand_rows_silu_mul` (two parts of one width)."""
-    return len(offsets) == 3 and offsets[2] == 2 * offsets[1] and rows_expand_fits(offsets, rank)
+    return len(offsets) == 3 and offsets[2] == 2 * offsets[1] and rows_expand_fits(offsets, rank, slots)
 
 
 def sgmv_expand_rows_silu_mul(y: torch.Tensor, b: torch.Tensor, offsets: list[int], rank: int, gate_up: torch.Tensor,
@@ -189,7 +191,7 @@ def sgmv_expand_rows_silu_mul(y: torch.Tensor, b: torch.Tensor, offsets: list[in
     read-modify-write of [gate | up] and the separate SiLU-and-mul launch gone. The same bits as `sgmv_expand_rows`
     into gate_up, then ops.silu_and_mul."""
     t, inter = gate_up.shape[0], offsets[1]
-    if not silu_mul_fits(offsets, rank) or gate_up.shape[1] != offsets[2]:
+    if not silu_mul_fits(offsets, rank, b.shape[0]) or gate_up.shape[1] != offsets[2]:
         raise ValueError(f"expand by rows + SiLU: parts {offsets}, rank {rank}, gate_up {tuple(gate_up.shape)}")
     y_slot = _y_slot(y, b.shape[0], 2, rank, own_slot)
     act = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)

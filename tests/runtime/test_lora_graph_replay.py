@@ -42,7 +42,7 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
         if rows is not None:
             from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
 
-            projection.rows_fit = rows_expand_fits(projection.offsets, projection.rank)  # (set with use_triton)
+            projection.rows_fit = rows_expand_fits(projection.offsets, projection.rank, projection.b.shape[0])
     names = ["b", None, "a"]
     prompts = _prompts(runner.vocab_size, (7, 5, 9), seed=6)
     eager = _forward(runner, prompts, names)

@@ -97,6 +97,7 @@ def test_shapes_outside_the_kernel_are_refused() -> None:
     assert block_n([4096, 1024, 1024], 64) == 64 and block_n([4096, 1024]) == 32 and block_n([40, 24]) == 0 and block_n([48, 16]) == 16
     assert rows_expand_fits([0, 48, 64, 80], 16) and not rows_expand_fits([0, 40, 64], 8)
     assert not rows_expand_fits([0, 16, 32, 48, 64], 8) and not rows_expand_fits([0, 64], 128)
+    assert rows_expand_fits([0, 64], 16, 8) and not rows_expand_fits([0, 64], 16, 9), "slots' loads are unrolled"
     with pytest.raises(ValueError, match="expand by rows"):
         sgmv_expand_rows(torch.zeros(2, 24), torch.zeros(3, 40, 8), [0, 40], 8, torch.zeros(2, 40),
                          torch.zeros(2, dtype=torch.int32))
