@@ -20,15 +20,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.runtime.lora import sgmv_fused, sgmv_triton
+from radixlm.runtime.lora import sgmv_fused, sgmv_rows, sgmv_triton
 from radixlm.runtime.lora.sgmv_fused import FusedTiles, block_r, fused_smem, fused_tiles
 from radixlm.runtime.lora.sgmv_triton import expand_block_r, expand_loop_smem, expand_smem, shrink_smem, tiles
 
 H200 = 232448
 _INT = ("order_ptr", "start_ptr", "len_ptr", "slot_ptr", "off_ptr", "count_ptr")
+ROWS_BOUND = 64 << 10  # the expand by rows keeps no pipelined tiles: a layout change of its output tile at most
 
 
-def _compile(fn, dtype: str, y_fp32: bool, constexprs: dict) -> int:
+def _compile(fn, dtype: str, y_fp32: bool, constexprs: dict, warps: int = 4) -> int:
     sig, attrs = {}, {}
     # constexpr parameters a case leaves out take their defaults (else they would be compiled as i32 arguments)
     constexprs = {**{q.name: q.default for q in fn.params if q.is_constexpr and q.name not in constexprs
@@ -42,7 +43,7 @@ def _compile(fn, dtype: str, y_fp32: bool, constexprs: dict) -> int:
         else:
             sig[name] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).metadata.shared
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).metadata.shared
 
 
 def cases(crashed: bool):
@@ -91,6 +92,15 @@ def cases(crashed: bool):
                    dtype, True, dict(SPLIT_K=tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.expand_n,
                                      BLOCK_R=expand_block_r(rank), R_STEPS=triton.cdiv(rank, expand_block_r(rank)),
                                      S_POW2=8, ACCUMULATE=True, **dots))
+        for t, rank in ((75, 16), (256, 64)):  # the stacked decode path's expand by rows (sgmv_rows.py), 8 slots
+            for parts, n_out in ((3, 6144), (2, 28672), (1, 4096)):
+                yield (f"rows {dtype} T{t} r{rank} parts {parts}", ROWS_BOUND, sgmv_rows._expand_rows_kernel, dtype, False,
+                       dict(N_RANK=parts * rank, SLOTS=8, BLOCK_M=sgmv_rows.block_m(t),
+                            BLOCK_N=sgmv_rows.block_n([n_out // parts]), BLOCK_R=expand_block_r(rank), USE_PDL=t == 75,
+                            **dots))
+            yield (f"rows silu {dtype} T{t} r{rank}", ROWS_BOUND, sgmv_rows._expand_rows_silu_kernel, dtype, False,
+                   dict(SLOTS=8, BLOCK_M=sgmv_rows.block_m(t), BLOCK_N=sgmv_rows.block_n([14336]),
+                        BLOCK_R=expand_block_r(rank), USE_PDL=t == 75, **dots))
 
 
 def main() -> None:
@@ -104,7 +114,8 @@ def main() -> None:
         if args.only and not label.startswith(args.only):
             continue
         t = time.perf_counter()
-        used = _compile(fn, dtype, y_fp32, constexprs)
+        used = _compile(fn, dtype, y_fp32, constexprs,
+                        sgmv_rows.warps(constexprs["BLOCK_M"]) if fn in (sgmv_rows._expand_rows_kernel, sgmv_rows._expand_rows_silu_kernel) else 4)
         ok = used <= min(bound, H200) or "crash" in label
         bad += not ok
         print(f"{'ok ' if ok else 'BAD'} {used:>7} B (bound {bound:>7}) {label}  [{time.perf_counter() - t:.0f} s]", flush=True)

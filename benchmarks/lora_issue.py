@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -35,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import ENGINE_ARGS, params_for, workload_b  # noqa: E402
 from lora import check_mixed_batch, decode_ms, run_b, write_adapter  # noqa: E402
+from step_account import KINDS, fit_step_costs  # noqa: E402
+
+from radixlm.runtime.loop_stats import ENV as LOOP_ENV  # noqa: E402
 
 # the CPU dry run's model: Llama-shaped, every projection a LoRA target, a vocabulary workload_b can draw from
 TINY = {**LLAMA_8B, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -75,20 +79,28 @@ class AdapterWriter(threading.Thread):
 
 class Progress(threading.Thread):
     """Prints the engine's counters every `every` seconds while a row runs, so that a run cut by a time limit
-    still says how far it got (generated tokens, forward steps by kind, swaps)."""
+    still says how far it got (generated tokens, forward steps by kind, swaps), and keeps them (`samples`: seconds,
+    counters) for the row's per-kind step costs (step_account.py)."""
 
     def __init__(self, eng, label: str, started: float, every: float) -> None:
         super().__init__(name="progress", daemon=True)
         self.eng, self.label, self.started, self.every = eng, label, started, every
         self.done = threading.Event()
+        self.first = eng.get_server_info()  # before the row's requests go in
+        self.samples: list[tuple[float, dict[str, int]]] = [(time.perf_counter(), dict.fromkeys(KINDS, 0))]
+
+    def sample(self) -> tuple[dict[str, int], dict]:
+        """The counters since the row began (kept as a sample) and the server info they came from."""
+        info = self.eng.get_server_info()
+        d = {k: info.get(k, 0) - self.first.get(k, 0) for k in ("generated_tokens", *KINDS)}
+        self.samples.append((time.perf_counter(), d))
+        return d, info
 
     def run(self) -> None:
-        first = self.eng.get_server_info()
         while not self.done.wait(self.every):
-            info = self.eng.get_server_info()
-            d = {k: info.get(k, 0) - first.get(k, 0) for k in ("generated_tokens", "prefill_steps", "mixed_steps",
-                                                              "decode_steps")}
-            lora = {k: info.get("lora", {}).get(k, 0) - first.get("lora", {}).get(k, 0) for k in ("swaps", "swaps_staged")}
+            d, info = self.sample()
+            lora = {k: info.get("lora", {}).get(k, 0) - self.first.get("lora", {}).get(k, 0)
+                    for k in ("swaps", "swaps_staged")}
             print(f"[{time.perf_counter() - self.started:.0f} s] {self.label} so far: {d['generated_tokens']} tokens, "
                   f"steps {d['prefill_steps']}/{d['mixed_steps']}/{d['decode_steps']}, swaps {lora['swaps']} "
                   f"({lora['swaps_staged']} ahead)", flush=True)
@@ -118,6 +130,9 @@ def main() -> None:
                     help="decode steps of each batch-1 measurement (default 128, 16 with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a 2-layer model of hidden size 64, float32")
     ap.add_argument("--progress-s", type=float, default=0, help="print a LoRA row's counters this often (0: never)")
+    ap.add_argument("--loop-stats", action="store_true", help="each LoRA row's scheduler-loop account in the JSON "
+                    "(runtime/loop_stats.py: seconds in steps / waiting for the device, step-time quantiles, the "
+                    "longest steps); a few µs of host time a step")
     ap.add_argument("--skip", default="", help="parts left out, comma-separated: base_engine (the base engine and "
                     "its rows; `vs base` then reads the LoRA engine's base row where --rows has it), decode (batch-1 "
                     "decode), check (the mixed-batch check)")
@@ -219,6 +234,8 @@ def main() -> None:
 
     def lora_engine() -> None:
         paths = writer.wait()
+        if args.loop_stats:  # read by the scheduler process at its start (runtime/scheduler_process.py)
+            os.environ[LOOP_ENV] = tempfile.mktemp(prefix="radixlm-loop-", suffix=".jsonl")
         t = time.perf_counter()
         with radixlm.Engine(str(model_dir), lora_paths=paths, max_loras_per_batch=SLOTS,
                             lora_prefill_chunk=args.lora_prefill_chunk, **engine_args) as eng:
@@ -238,6 +255,7 @@ def main() -> None:
                 eng.flush_cache()
                 before = eng.get_server_info().get("lora", {})
                 swaps, staged = before.get("swaps", 0), before.get("swaps_staged", 0)
+                periods = len(loop_periods(os.environ[LOOP_ENV])) if args.loop_stats else 0
                 progress = Progress(eng, label, started, args.progress_s)
                 if args.progress_s > 0:
                     progress.start()
@@ -246,6 +264,23 @@ def main() -> None:
                 finally:
                     progress.done.set()
                 report[label].pop("_outputs")
+                if args.progress_s > 0:  # the row's seconds by kind of step, fitted over the sampled windows
+                    progress.join()
+                    progress.sample()  # (the row's end)
+                    fit = report[label]["step_cost_fit"] = fit_step_costs(progress.samples)
+                    if fit:
+                        print("  steps: " + ", ".join(f"{k} {ms:.2f} ms ({fit['seconds_by_kind'][k]:.1f} s)"
+                                                      for k, ms in fit["ms_a_step"].items()), flush=True)
+                if args.loop_stats:
+                    time.sleep(0.1)  # the loop writes its busy period's line once idle
+                    loop = report[label]["scheduler_loop"] = max(loop_periods(os.environ[LOOP_ENV])[periods:],
+                                                                 key=lambda line: line.get("wall_s", 0.0), default=None)
+                    if loop:
+                        steps = loop.get("step_ms", {})
+                        print(f"  loop: {loop['seconds']['step']:.1f} s in steps, device waits "
+                              f"{loop['parts'].get('device waits (sampled tokens)', 0):.1f} s, step ms median "
+                              f"{steps.get('median', 0):.2f} p90 {steps.get('p90', 0):.2f}, longest "
+                              f"{[round(v) for v in steps.get('longest', [])]}", flush=True)
                 lora_info = eng.get_server_info().get("lora", {})
                 report[label]["swaps"] = lora_info.get("swaps", 0) - swaps
                 report[label]["swaps_staged"] = lora_info.get("swaps_staged", 0) - staged
@@ -261,6 +296,15 @@ def main() -> None:
     save()
     shutil.rmtree(root, ignore_errors=True)
     print_table(report, args.out)
+
+
+def loop_periods(path: str) -> list[dict]:
+    """The scheduler loop's busy periods written so far (runtime/loop_stats.py). A row's is the longest of those
+    written while it ran: the counter reads around it make short periods of their own."""
+    try:
+        return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return []
 
 
 def _timed(fn) -> float:

@@ -32,6 +32,9 @@ from lora import RANK, projection_shapes  # noqa: E402
 from quantized import _graph_time as graph_time  # noqa: E402  (seconds per call inside a CUDA graph)
 
 SLOTS = 8
+# --silu-mul: gate_up's output goes through ops.silu_and_mul in the base step and the engine variants (its activation
+# kernel in the step, as the model runs it), and the _silu variants compute it in gate_up's expand by rows instead
+SILU_MUL = False
 
 
 class Projection:
@@ -48,6 +51,7 @@ class Projection:
         self.out = torch.empty(t, offsets[-1], device="cuda", dtype=torch.bfloat16)
         self.residual: torch.Tensor | None = None  # o / down: the residual their output is added to
         self.gemv = None  # --gemv: the engine's M = 1 kernel for this shape (runtime/dense_gemv.py), PDL as it runs
+        self.name = ""  # qkv / o / gate_up / down
 
     def product(self) -> torch.Tensor:
         """The base projection into `out` (torch.mm), or by the engine's M = 1 GEMV (then `out` is its result)."""
@@ -65,6 +69,7 @@ def build(cfg: dict, t: int, gemv: bool = False) -> list[Projection]:
     projs = [Projection(k, offsets, t, inputs[k]) for _ in range(cfg["num_hidden_layers"]) for k, offsets in shapes.values()]
     residual = torch.zeros(t, cfg["hidden_size"], device="cuda", dtype=torch.bfloat16)
     for p, name in zip(projs, [n for _ in range(cfg["num_hidden_layers"]) for n in shapes]):
+        p.name = name
         if name in ("o", "down"):
             p.residual = residual
     if gemv and t == 1:
@@ -95,6 +100,13 @@ VARIANTS = {
     # (sgmv_triton.EXPAND_STEPS), e.g. engine_stacked_pdl_s4; above 1,024 rows (prefill) the engine's in-line path
     "engine_stacked_pdl": None, "engine_stacked_s2": None, "engine_stacked_s4": None, "engine_stacked_s8": None,
     "engine_stacked_pdl_s2": None, "engine_stacked_pdl_s4": None,
+    "engine_stacked_rows": None, "engine_stacked_rows_pdl": None,  # _rows: the expand by rows (lora10, sgmv_rows.py;
+    # pool.ROWS_EXPAND_MAX_TOKENS unbounded), one memory round trip a program; _rows_pdl: launched with PDL;
+    # _silu (with --silu-mul): gate_up's expand by rows computing silu(gate) * up (pool.ROWS_SILU_MUL); _nN / _wW: its
+    # column block and warps (sgmv_rows.BLOCK_N, WARPS), e.g. engine_stacked_rows_n64_w8 (any such name is taken)
+    "engine_stacked_rows_silu": None, "engine_stacked_rows_pdl_silu": None,
+    "engine_stacked_psilu": None,  # (with --silu-mul) past the stacked range, gate_up's activation in the launch that
+    # adds its update after the in-line shrink (pool.PREFILL_SILU_MUL)
     "engine_stacked_all": None,  # ... the stacked path at every size (pool.STACKED_MAX_TOKENS unbounded: prefill too)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
@@ -184,13 +196,21 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
         from radixlm.runtime.lora import pool, sgmv_triton
         from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
 
-        steps = next((int(part[1:]) for part in variant.split("_") if part[:1] == "s" and part[1:].isdigit()), None)
+        def suffix(letter: str) -> int | None:  # _s4, _n64, _w8: a number after a letter
+            return next((int(part[1:]) for part in variant.split("_") if part[:1] == letter and part[1:].isdigit()), None)
+
+        steps = suffix("s")
+        from radixlm.runtime.lora import sgmv_rows
         settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
                     (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
                     else sgmv_triton.INLINE_REDUCE_MIN_TOKENS,
                     (pool, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else pool.STACKED_MIN_TOKENS,
                     (pool, "STACKED_PDL_MIN_TOKENS"): 2 if "_pdl" in variant else pool.STACKED_PDL_MIN_TOKENS,
                     (pool, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else pool.STACKED_MAX_TOKENS,
+                    (pool, "ROWS_EXPAND_MAX_TOKENS"): 1 << 30 if "_rows" in variant else pool.ROWS_EXPAND_MAX_TOKENS,
+                    (pool, "ROWS_SILU_MUL"): "_silu" in variant,
+                    (pool, "PREFILL_SILU_MUL"): "_psilu" in variant,
+                    (sgmv_rows, "BLOCK_N"): suffix("n") or sgmv_rows.BLOCK_N, (sgmv_rows, "WARPS"): suffix("w") or sgmv_rows.WARPS,
                     (sgmv_triton, "EXPAND_STEPS"): ((1, steps),) if steps else sgmv_triton.EXPAND_STEPS}
         pdl_all = "_pdl" in variant
         batch = BatchAdapters()
@@ -216,11 +236,16 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 setattr(module, name, value)
             try:
                 for p, proj in zip(projs, lora):  # as ColumnParallelLinear / RowParallelLinear.forward
+                    if SILU_MUL and p.name == "gate_up":  # as LlamaMLP.forward: the activation from the expand or after
+                        act = proj.forward_silu_mul(p.x, p.product)
+                        if act is not None:
+                            p.last = act
+                            continue
                     pending = proj.begin(p.x, into=p.residual)
                     if pending is not None and pending.out is not None:
-                        p.last = proj.finish(pending, pending.out)
+                        p.last = silu(p, proj.finish(pending, pending.out))
                         continue
-                    p.last = proj.finish(pending, p.product())
+                    p.last = silu(p, proj.finish(pending, p.product()))
             finally:
                 for (module, name), value in saved.items():
                     setattr(module, name, value)
@@ -228,6 +253,9 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
 
     def run() -> None:
         for p in projs:
+            if variant == "base":
+                silu(p, p.product())
+                continue
             if variant == "overlap":  # as LoRAProjection.begin / finish: shrink beside the GEMM, and
                 main = torch.cuda.current_stream()  # for o / down the expand too, into the residual
                 y = shrink_buffer(p.x, p.a)
@@ -245,19 +273,32 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
                 sgmv_expand(sgmv_shrink(p.x, p.a, seg), p.b, p.offs, p.widest, RANK, p.out, seg)
             elif variant == "fused":
                 sgmv_fused(p.x, p.a, p.b, p.offs, p.widest, RANK, p.out, seg, tile)
+            silu(p, p.out)
     return run_candidate if spec is not None else run
 
 
+def silu(p: Projection, out: torch.Tensor) -> torch.Tensor:
+    """--silu-mul: gate_up's output through the activation kernel (as the model runs it after the projection)."""
+    if SILU_MUL and p.name == "gate_up":
+        from radixlm.kernels.ops import silu_and_mul
+
+        return silu_and_mul(out)
+    return out
+
+
 def output(p: Projection, variant: str) -> torch.Tensor:
-    """The projection's output as the variant left it (stacked: the head of the stacked GEMM's output)."""
-    if variant.startswith("engine"):
-        return p.last
-    return p.out_stack[:, :p.offsets[-1]] if variant == "stacked" else p.out
+    """The projection's output as the variant left it (stacked: the head of the stacked GEMM's output); with
+    --silu-mul gate_up's activation."""
+    out = p.last if variant.startswith("engine") else p.out_stack[:, :p.offsets[-1]] if variant == "stacked" else p.out
+    return silu(p, out) if out.shape[1] == p.offsets[-1] else out
+
+
+REPS = 20  # --reps
 
 
 def graph_ms(fn) -> float:
-    """Milliseconds per step: the step captured in one CUDA graph, median of replays."""
-    return graph_time(fn, inner=1, reps=20) * 1e3
+    """Milliseconds per step: the step captured in one CUDA graph, median of REPS replays."""
+    return graph_time(fn, inner=1, reps=REPS) * 1e3
 
 
 def check(projs: list[Projection], seg, used: torch.Tensor) -> dict:
@@ -400,8 +441,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="start no new measurement past this many seconds")
     ap.add_argument("--gemv", action="store_true", help="T = 1: the base products by the engine's M = 1 GEMV (PDL as "
                     "--decode-pdl auto), not cuBLAS")
+    ap.add_argument("--reps", type=int, default=20, help="graph replays a figure is the median of")
+    ap.add_argument("--silu-mul", action="store_true", help="gate_up's activation kernel in the base step and the "
+                    "engine variants (the _silu variants compute it in gate_up's expand)")
     ap.add_argument("--profile", default="", help="T:variant+variant;T:... kernel time by kind per step (torch.profiler)")
     args = ap.parse_args()
+    global SILU_MUL, REPS  # this run's settings of the module
+    SILU_MUL, REPS = args.silu_mul, args.reps
     started = time.perf_counter()
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:]}
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.lora import pool as pool_module
 from radixlm.runtime.lora.adapter import AdapterError, LoRAAdapter, ModelShape, read_adapter
 from radixlm.runtime.lora.pool import LoRAPool
 from radixlm.runtime.lora.sgmv import LoRASegments, graph_segments_row
@@ -80,7 +81,7 @@ class LoRAManager:
         self.adapters: dict[str, Registered] = {}
         self._generation = itertools.count()
         self._clock = itertools.count(1)  # monotonic use order (time.monotonic ties on fast steps)
-        # Decode under CUDA graphs reads its segments from fixed buffers (order | start | length | slot).
+        # Decode under CUDA graphs reads its segments from fixed buffers (order | start | length | slot | row slot).
         self._graph_buf = torch.zeros(0, dtype=torch.int32, device=device)
         self._graph_max_bs = 0
         self._load_initial(options.initial)
@@ -264,14 +265,15 @@ class LoRAManager:
         """The graphs' segment buffers, every segment unused (slot -1) until a step fills them: the
         graphs are captured over them as they are."""
         self._graph_max_bs = max_bs
-        self._graph_buf = torch.zeros(max_bs + 3 * len(self.slots), dtype=torch.int32, device=self.device)
-        self._graph_buf[max_bs + 2 * len(self.slots):].fill_(-1)
+        self._graph_buf = torch.zeros(2 * max_bs + 3 * len(self.slots), dtype=torch.int32, device=self.device)
+        self._graph_buf[max_bs + 2 * len(self.slots):].fill_(-1)  # slots, then rows' slots: unused
 
     def graph_segments(self, bs: int) -> LoRASegments:
         """The fixed segments a decode graph of batch size `bs` is captured with."""
         s, m = len(self.slots), self._graph_max_bs
         buf = self._graph_buf
-        return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:], bs, [])
+        return LoRASegments(buf[:bs], buf[m:m + s], buf[m + s:m + 2 * s], buf[m + 2 * s:m + 3 * s], bs, [],
+                            buf[m + 3 * s:m + 3 * s + bs])
 
     def use_graph_segments(self, bs: int | None) -> None:
         """Capture: the projections read the graph's buffers; None: the base-only graph, captured
@@ -281,9 +283,11 @@ class LoRAManager:
         self.pool.batch.segments = None if bs is None else self.graph_segments(bs)
 
     def _fill_graph(self, per_req: list[int]) -> None:
-        row = graph_segments_row(per_req, len(self.slots), self._graph_max_bs)
+        # each row's slot only where the expand by rows may read it (the longer row costs the host ~15-75 µs a step)
+        rows = bool(pool_module.ROWS_EXPAND_MAX_TOKENS)
+        row = graph_segments_row(per_req, len(self.slots), self._graph_max_bs, row_slots=rows)
         host = torch.tensor(row, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self._graph_buf.copy_(host, non_blocking=True)  # pinned: never waits for the forward in flight
+        self._graph_buf[:len(row)].copy_(host, non_blocking=True)  # pinned: never waits for the forward in flight
 
 
 def model_shape(model: torch.nn.Module, hidden: int, head_dim: int) -> ModelShape:

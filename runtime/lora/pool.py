@@ -8,6 +8,7 @@ swapped in and out of slots (`write`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,14 @@ STACKED_ONE_ROW = True
 # where --decode-pdl is on), reading its segment and rows before the wait, so they and its launch overlap the GEMM's
 # drain. Off until the H200 measures it (lora9: benchmarks/lora_step.py variant engine_stacked_pdl).
 STACKED_PDL_MIN_TOKENS = 0
+# ... and from 2 rows up to this many (0: never) the expand after the stacked GEMM goes by rows (sgmv_rows.py: one
+# memory round trip a program, not three; each row block of <= 128 rows reads every slot's B). With ROWS_SILU_MUL
+# gate_up's also computes silu(gate) * up (`forward_silu_mul`: one launch a layer less); with PREFILL_SILU_MUL past the
+# stacked range too, from the in-line shrink's y (the expand's read-modify-write of [gate | up], ~0.9 GB a layer at
+# 8,192 rows, gone). All three unmeasured, off until the H200 says (RESULTS.md, lora10: lora_step.py's commands).
+ROWS_EXPAND_MAX_TOKENS = 0
+ROWS_SILU_MUL = False
+PREFILL_SILU_MUL = False
 # The projections stacked under --lora-kernels stacked. o_proj and down_proj add their update into the
 # residual, all of it on the side stream beside their GEMM (overlap), so their critical path has no
 # LoRA launch when that side chain fits beside the GEMM; stacking them puts one expand on it.
@@ -116,13 +125,16 @@ class LoRAProjection:
     gemv: Any = None
     pdl: bool = False
     layer: Any = None  # the linear layer this is attached to (`LoRAPool.attach_gemv` reads its GEMV)
+    rows_fit: bool = False  # the parts and rank suit the stacked path's expand by rows (sgmv_rows.rows_expand_fits)
 
     def __post_init__(self) -> None:
         self.offsets_dev = torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
         self.widest = max(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
         if self.use_triton:
+            from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
             from radixlm.runtime.lora.sgmv_triton import COUNTERS
 
+            self.rows_fit = rows_expand_fits(self.offsets, self.rank, self.b.shape[0])
             self.counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.a.device)
 
     @property
@@ -147,6 +159,40 @@ class LoRAProjection:
         if x.shape[0] == 1 and self.gemv is not None and STACKED_ONE_ROW:
             return True
         return STACKED_MIN_TOKENS <= x.shape[0] <= STACKED_MAX_TOKENS
+
+    def _by_rows(self, t: int) -> bool:
+        seg = self.batch.segments
+        return seg is not None and seg.row_slot is not None and 1 < t <= ROWS_EXPAND_MAX_TOKENS and self.rows_fit
+
+    def forward_silu_mul(self, x: torch.Tensor, product: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate | up] projection's output with the update, from the launch that adds the
+        update (`sgmv_rows.sgmv_expand_rows_silu_mul`), or None (the caller runs the projection, then the activation).
+        Decode sizes (`ROWS_SILU_MUL`): after the stacked GEMM, from its tail; past the stacked range
+        (`PREFILL_SILU_MUL`): after `product()` (the layer's base GEMM) and the in-line shrink (own-slot y)."""
+        seg = self.batch.segments
+        if (seg is None or seg.row_slot is None or not self.use_triton or x.dim() != 2 or not self.rows_fit
+                or self.stacked is None):  # (stacked weights: plain, unsharded layers only)
+            return None
+        from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows_silu_mul, silu_mul_fits
+
+        if not silu_mul_fits(self.offsets, self.rank, self.b.shape[0]):
+            return None
+        t = x.shape[0]
+        if ROWS_SILU_MUL and self._stacked_range(x) and self._by_rows(t):
+            pending = self.begin(x)
+            assert pending is not None and pending.out is not None
+            early = bool(STACKED_PDL_MIN_TOKENS) and t >= STACKED_PDL_MIN_TOKENS > 1
+            return sgmv_expand_rows_silu_mul(pending.y, self.b, self.offsets, self.rank, pending.out, seg.row_slot,
+                                             pdl=self.pdl and early)
+        if PREFILL_SILU_MUL and self.kernels == "stacked" and t > STACKED_MAX_TOKENS:
+            from radixlm.runtime.lora.sgmv_triton import sgmv_shrink
+
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            out = product()
+            y = sgmv_shrink(x, self.a, seg, counters=self.counters)
+            return sgmv_expand_rows_silu_mul(y.sum(0) if y.shape[0] > 1 else y[0], self.b, self.offsets, self.rank,
+                                             out, seg.row_slot, own_slot=True)
+        return None
 
     def begin(self, x: torch.Tensor, into: torch.Tensor | None = None, silu_mul: bool = False) -> PendingLoRA | None:
         """`into`: a [T, out] tensor the caller adds to this layer's output before anything reads
@@ -207,6 +253,11 @@ class LoRAProjection:
             target = out if pending.into is None else pending.into
             t = pending.x.shape[0]
             early = bool(STACKED_PDL_MIN_TOKENS) and t >= STACKED_PDL_MIN_TOKENS > 1
+            if self._by_rows(t):
+                from radixlm.runtime.lora.sgmv_rows import sgmv_expand_rows
+
+                sgmv_expand_rows(pending.y, self.b, self.offsets, self.rank, target, seg.row_slot, pdl=self.pdl and early)
+                return out
             sgmv_expand(pending.y, self.b, self.offsets_dev, self.widest, self.rank, target, seg, per_slot=True,
                         pdl=self.pdl and (t == 1 or early), pdl_prologue=early)
         elif pending.y is not None:

@@ -28,6 +28,9 @@ class LoRASegments:
     slot: torch.Tensor  # [S] int32 pool slot of each segment (-1: unused)
     max_length: int  # longest segment (sizes the kernels' grid; the graph's batch size in decode)
     host: list[tuple[int, int, int]]  # (slot, start, length) of the used segments
+    # [>= T] int32 each token row's slot in batch order (-1: none), read by the stacked path's expand by rows
+    # (sgmv_rows.py); None where a caller built the segments without it (that path then takes the segment expand)
+    row_slot: torch.Tensor | None = None
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_segments: int, device: torch.device) -> "LoRASegments":
@@ -35,9 +38,11 @@ class LoRASegments:
         segment tensors' size (the adapters a batch may hold)."""
         order, start, length, slot, host = segment_host(token_slots, num_segments)
         max_len = max((n for _, _, n in host), default=0)
-        packed = to_device(torch.cat([order, start, length, slot]), device)  # pinned: no wait on the stream
+        rows = token_slots.to(torch.int32)
+        packed = to_device(torch.cat([order, start, length, slot, rows]), device)  # pinned: no wait on the stream
         t, s = order.numel(), num_segments
-        return cls(packed[:t], packed[t:t + s], packed[t + s:t + 2 * s], packed[t + 2 * s:], max_len, host)
+        return cls(packed[:t], packed[t:t + s], packed[t + s:t + 2 * s], packed[t + 2 * s:t + 3 * s], max_len, host,
+                   packed[t + 3 * s:])
 
 
 def segment_host(token_slots: torch.Tensor, num_segments: int
@@ -62,10 +67,11 @@ def segment_host(token_slots: torch.Tensor, num_segments: int
     return order.to(i32), start.to(i32), length.to(i32), slot.to(i32), host
 
 
-def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int) -> list[int]:
+def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int, row_slots: bool = True) -> list[int]:
     """A decode step's segments as the graphs' buffer holds them: order (padded to `max_rows`) |
-    start | length | slot (unused segments: length 0, slot -1), from each row's slot (-1: base
-    model). Plain Python: for a decode batch's few hundred rows it is ~3x faster than the tensor
+    start | length | slot (unused segments: length 0, slot -1), then with `row_slots` each row's slot
+    (padded with -1 to `max_rows`; read only by the expand by rows, sgmv_rows.py), from each row's slot
+    (-1: base model). Plain Python: for a decode batch's few hundred rows it is ~3x faster than the tensor
     ops of `segment_host` (which the host paid every decode step), and the same mapping."""
     rows_of: dict[int, list[int]] = {}
     for row, slot in enumerate(per_req):
@@ -81,7 +87,8 @@ def graph_segments_row(per_req: list[int], num_segments: int, max_rows: int) -> 
         slots.append(slot)
         order.extend(rows_of[slot])
     pad = num_segments - len(slots)
-    return (order + [0] * (max_rows - len(order)) + start + [0] * pad + length + [0] * pad + slots + [-1] * pad)
+    row = order + [0] * (max_rows - len(order)) + start + [0] * pad + length + [0] * pad + slots + [-1] * pad
+    return row + per_req + [-1] * (max_rows - len(per_req)) if row_slots else row
 
 
 def shrink_ref(x: torch.Tensor, a: torch.Tensor, seg: LoRASegments) -> torch.Tensor:

@@ -156,8 +156,11 @@ class ColumnParallelLinear(nn.Linear):
 
     def forward_then_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this [gate | up] layer in one launch where its quantized weight has such a kernel
-        (4-bit, one row: `QuantizedWeight.linear_silu_mul`), else None; not with a bias or a LoRA update."""
-        if self.quantized is None or self.bias is not None or (self.lora is not None and self.lora.active):
+        (4-bit, one row: `QuantizedWeight.linear_silu_mul`), or with a LoRA update where its expand computes it
+        (`LoRAProjection.forward_silu_mul`), else None; not with a bias."""
+        if self.lora is not None and self.lora.active:
+            return None if self.bias is not None else self.lora.forward_silu_mul(x, lambda: _product(self, x, None))
+        if self.quantized is None or self.bias is not None:
             return None
         return self.quantized.linear_silu_mul(x)
 

@@ -10,7 +10,7 @@ from tests.fixtures.lora_adapters import make_peft_adapter, peft_model
 from tests.runtime.test_lora_model import _forward, _prompts, _reference, _runner
 
 
-@pytest.mark.parametrize("kernels", ["overlap", "fused", "stacked"])
+@pytest.mark.parametrize("kernels", ["overlap", "fused", "stacked", "stacked-rows", "stacked-rows-silu"])
 def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monkeypatch, kernels: str) -> None:
     """Under CUDA graphs a decode's LoRA kernels read fixed segment buffers, and a replay re-runs every
     device op recorded in the capture region (CudaGraphRunner._run: `use_graph_segments(bs)`, then the
@@ -20,19 +20,29 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
     same decode step eagerly and as a replay of the capture region; both must equal the reference.
     `kernels`: --lora-kernels (overlap runs shrink then expand here: no side stream on a CPU; fused
     runs the one-launch kernel, the prefill too: 21 rows <= FUSED_MAX_TOKENS; stacked runs the base
-    GEMM over the weight with every slot's A under it, then the expand reading each row's slot)."""
+    GEMM over the weight with every slot's A under it, then the expand reading each row's slot; stacked-rows
+    the expand by rows, reading the graph buffer's row slots, sgmv_rows.py; -silu with gate_up's activation
+    computed by its expand, ROWS_SILU_MUL)."""
     pytest.importorskip("triton")  # interpreted on a CPU: tests/conftest.py sets TRITON_INTERPRET for the session
     from radixlm.runtime.lora import pool
 
     monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too
+    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 64 if kernels.startswith("stacked-rows") else 0)
+    monkeypatch.setattr(pool, "ROWS_SILU_MUL", kernels.endswith("-silu"))
+    kernels = kernels.split("-")[0]
     model_dir = tiny_model_dir("llama")
     paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
     runner = _runner(model_dir, paths, max_loras_per_batch=3, lora_kernels=kernels)
     lora = runner.lora
     assert (lora.pool.projections[(0, "gate_up_proj")].stacked is not None) == (kernels == "stacked")
+    rows = monkeypatch_rows_expand(monkeypatch) if pool.ROWS_EXPAND_MAX_TOKENS else None
     for projection in lora.pool.projections.values():
         projection.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
         projection.kernels = kernels
+        if rows is not None:
+            from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
+
+            projection.rows_fit = rows_expand_fits(projection.offsets, projection.rank, projection.b.shape[0])
     names = ["b", None, "a"]
     prompts = _prompts(runner.vocab_size, (7, 5, 9), seed=6)
     eager = _forward(runner, prompts, names)
@@ -50,6 +60,35 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
         model = peft_model(model_dir, paths[name], merged=False) if name else None
         if model is not None:
             torch.testing.assert_close(got[-1], _reference(model, ids)[-1], atol=2e-4, rtol=2e-4)
+    if rows is not None:  # every projection of the four forwards (prefill and decode, eager and replayed) expanded
+        # by rows (gate_up's with the activation when -silu), the replayed decode's from the graph buffer
+        n = sum(not (pool.ROWS_SILU_MUL and name == "gate_up_proj") for _, name in lora.pool.projections)
+        assert len(rows) == 4 * n
+        graph_buf = lora._graph_buf.untyped_storage().data_ptr()
+        assert [r.untyped_storage().data_ptr() == graph_buf for r in rows] == [False] * (3 * n) + [True] * n
+
+
+def monkeypatch_rows_expand(monkeypatch) -> list:
+    """Record each call of the expand by rows (its row-slot buffer), calling through; with ROWS_SILU_MUL gate_up's
+    expand with the activation must run instead of its plain one (a call of it recorded nowhere else fails)."""
+    from radixlm.runtime.lora import pool, sgmv_rows
+
+    calls: list = []
+    real, real_silu = sgmv_rows.sgmv_expand_rows, sgmv_rows.sgmv_expand_rows_silu_mul
+
+    def recorded(*args, **kwargs):
+        calls.append(args[5])
+        return real(*args, **kwargs)
+
+    def recorded_silu(*args, **kwargs):
+        assert pool.ROWS_SILU_MUL
+        silu_calls.append(args[5])
+        return real_silu(*args, **kwargs)
+
+    silu_calls: list = []
+    monkeypatch.setattr(sgmv_rows, "sgmv_expand_rows", recorded)
+    monkeypatch.setattr(sgmv_rows, "sgmv_expand_rows_silu_mul", recorded_silu)
+    return calls
 
 
 def _replaying(runner: ModelRunner, bs: int):

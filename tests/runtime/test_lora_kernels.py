@@ -343,7 +343,8 @@ def test_in_launch_sum_of_split_partials_equals_the_expands_sum(t: int, monkeypa
 @pytest.mark.parametrize("seed", range(4))
 def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: int) -> None:
     """The decode step's plain-Python segments equal the tensor version's, laid out as the graphs'
-    buffer holds them (order padded | start | length | slot, unused segments length 0 and slot -1)."""
+    buffer holds them (order padded | start | length | slot, unused segments length 0 and slot -1; each row's
+    slot after them where the expand by rows reads it, test_lora_rows_expand.py)."""
     from radixlm.runtime.lora.sgmv import graph_segments_row
 
     g = torch.Generator().manual_seed(seed)
@@ -353,7 +354,7 @@ def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: in
     want = torch.zeros(max_rows + 3 * segments, dtype=torch.int32)
     want[:order.numel()] = order
     want[max_rows:] = torch.cat([start, length, slot])
-    assert graph_segments_row(per_req.tolist(), segments, max_rows) == want.tolist()
+    assert graph_segments_row(per_req.tolist(), segments, max_rows, row_slots=False) == want.tolist()
     with pytest.raises(ValueError, match="max-loras-per-batch"):
         graph_segments_row([0, 1, 2], 2, 4)
 
