@@ -17,7 +17,8 @@ from typing import Any
 
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
-from .schema import CheckedSchema, check_schema
+from .schema import CheckedSchema, check_schema, parse_schema
+from .schema_string_fold import fold_string_schema
 from .unique_check import PAYLOAD_TAG, UniqueGrammar
 from .unique_check import from_payload as unique_from_payload
 from .vocab import TokenizerInfo
@@ -145,11 +146,17 @@ def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: Checked
                      backend: str, lenient: bool) -> Grammar:
     """A schema the backend finds too large (its allOf of if/then pairs multiplied out) is vetted
     again with if/then chains on one tag as one case split (schema_if_chains.py): the same
-    instances, N + 3 branches instead of 2^N. Only then, so that no schema that compiles as
-    written gets a differently shaped grammar."""
+    instances, N + 3 branches instead of 2^N. A string schema whose pattern combinations the
+    backend cannot decide is vetted again as one pattern (schema_string_fold.py). Only then, so
+    that no schema that compiles as written gets a differently shaped grammar."""
     try:
         return build(checked)
     except GrammarCompileError as exc:
+        if "Unable to determine if regex is empty" in str(exc):
+            folded = fold_string_schema(parse_schema(spec))
+            if folded is None:
+                raise
+            return build(check_schema(folded, backend, lenient))
         if "schema too large" not in str(exc):
             raise
         return build(check_schema(spec, backend, lenient, split_chains=True))
