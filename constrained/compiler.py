@@ -7,9 +7,11 @@ one vocabulary is never reused with another.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema import CheckedSchema, check_schema, parse_schema
+from .schema_refs import subschemas
 from .schema_string_fold import fold_string_schema
 from .unique_check import PAYLOAD_TAG, UniqueGrammar
 from .unique_check import from_payload as unique_from_payload
@@ -114,10 +117,14 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
         checked = check_schema(spec, backend, lenient)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
-        return checked.canonical, lambda info: _map_errors(
-            lambda: _too_large_retry(lambda c: _with_unique(mod.compile_json_schema(info, c.schema, c.canonical,
-                                                                                    whitespace_max), c),
-                                     checked, spec, backend, lenient), checked)
+        def build_json(info: TokenizerInfo) -> Grammar:
+            def once(c: CheckedSchema) -> Grammar:
+                return _with_unique(mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max), c)
+
+            return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec, backend,
+                                                        lenient), checked)
+
+        return checked.canonical, build_json
     if kind == "regex":
         if not isinstance(spec, str):
             raise GrammarCompileError("regex must be a string")
@@ -140,6 +147,59 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
 def _with_unique(grammar: Grammar, checked: CheckedSchema) -> Grammar:
     """The grammar, wrapped with the run-time uniqueItems check where the schema needs one."""
     return grammar if checked.unique is None else UniqueGrammar(grammar, checked.unique)
+
+
+# llguidance's refusal of a whole unsatisfiable definition: the innermost context is the definition.
+_UNSAT_DEF = re.compile(r"Unsatisfiable schema:[^\n]*\n\s*while processing \S*#/\$defs/([^/\s]+)\s*(?:\n|$)")
+MAX_EMPTY_DEFS = 8
+
+
+def _empty_defs_retry(build: Callable[[CheckedSchema], Grammar], checked: CheckedSchema) -> Grammar:
+    """llguidance drops unsatisfiable `anyOf` branches and optional properties itself, but stops at
+    a `$defs` entry that as a whole accepts nothing, wherever it is referenced (JsonSchemaStore---
+    typo3: a route object with `additionalProperties: false` whose if/then require keys it
+    forbids, used as the items of an array that may be empty). Such a definition says what `false`
+    says; it is written so and the build retried (a few times: emptiness spreads to definitions
+    that require it). The backend's own emptiness proof is the language it would enforce anyway."""
+    for _ in range(MAX_EMPTY_DEFS):
+        try:
+            return build(checked)
+        except GrammarCompileError as exc:
+            found = _UNSAT_DEF.search(str(exc))
+            defs = checked.schema.get("$defs") if isinstance(checked.schema, dict) else None
+            if found is None or not isinstance(defs, dict) or found.group(1) not in defs:
+                raise
+            checked = dataclasses.replace(checked, schema=_without_def(checked.schema, found.group(1)))
+    return build(checked)
+
+
+def _without_def(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy without `$defs[name]`, each subschema that references it written `false` (a
+    conjunction with an empty schema is empty; llguidance takes an inline `false`, not a `$ref`
+    to one)."""
+    ref = f"#/$defs/{name}"
+
+    def copy(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node.get("$ref") == ref:
+            return False
+        out = dict(node)
+        for rel in subschemas(node):
+            if len(rel) == 2 and out[rel[0]] is node[rel[0]]:  # a list or map of subschemas: copied once
+                out[rel[0]] = list(node[rel[0]]) if isinstance(node[rel[0]], list) else dict(node[rel[0]])
+        for rel in subschemas(node):
+            if len(rel) == 1:
+                out[rel[0]] = copy(node[rel[0]])
+            else:
+                container = out[rel[0]]
+                index = int(rel[1]) if isinstance(container, list) else rel[1]
+                container[index] = copy(container[index])
+        return out
+
+    result = copy(schema)
+    result["$defs"] = {k: v for k, v in result["$defs"].items() if k != name}
+    return result
 
 
 def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: CheckedSchema, spec: Any,
