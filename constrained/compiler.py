@@ -169,11 +169,14 @@ def _empty_defs_retry(build: Callable[[CheckedSchema], Grammar], checked: Checke
             defs = checked.schema.get("$defs") if isinstance(checked.schema, dict) else None
             if found is None or not isinstance(defs, dict) or found.group(1) not in defs:
                 raise
-            checked = dataclasses.replace(checked, schema=_without_def(checked.schema, found.group(1)))
+            schema = _without_def(checked.schema, found.group(1))
+            if schema is False:  # the root itself references it: nothing is valid, the backend's answer stands
+                raise
+            checked = dataclasses.replace(checked, schema=schema)
     return build(checked)
 
 
-def _without_def(schema: dict[str, Any], name: str) -> dict[str, Any]:
+def _without_def(schema: dict[str, Any], name: str) -> dict[str, Any] | bool:
     """A copy without `$defs[name]`, each subschema that references it written `false` (a
     conjunction with an empty schema is empty; llguidance takes an inline `false`, not a `$ref`
     to one)."""
@@ -198,6 +201,8 @@ def _without_def(schema: dict[str, Any], name: str) -> dict[str, Any]:
         return out
 
     result = copy(schema)
+    if result is False:
+        return False
     result["$defs"] = {k: v for k, v in result["$defs"].items() if k != name}
     return result
 

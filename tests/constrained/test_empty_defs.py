@@ -43,3 +43,9 @@ def test_empty_definitions_compile_exactly(tokenizer: Any, name: str, monkeypatc
     monkeypatch.setattr(compiler_module, "MAX_EMPTY_DEFS", 0)
     with pytest.raises(GrammarCompileError, match="Unsatisfiable"):
         C.compile(tokenizer, json_schema=schema, cache=None)
+
+
+def test_root_reference_to_an_empty_definition_stays_refused(tokenizer: Any) -> None:
+    """Nothing is valid: the backend's error stands (not a crash of the retry)."""
+    with pytest.raises(GrammarCompileError, match="Unsatisfiable"):
+        C.compile(tokenizer, json_schema={"$ref": "#/$defs/route", "$defs": {"route": ROUTE}}, cache=None)
