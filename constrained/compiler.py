@@ -7,9 +7,11 @@ one vocabulary is never reused with another.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,7 +19,9 @@ from typing import Any
 
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
-from .schema import CheckedSchema, check_schema
+from .schema import CheckedSchema, check_schema, parse_schema
+from .schema_refs import subschemas
+from .schema_string_fold import fold_string_schema
 from .unique_check import PAYLOAD_TAG, UniqueGrammar
 from .unique_check import from_payload as unique_from_payload
 from .vocab import TokenizerInfo
@@ -113,10 +117,14 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
         checked = check_schema(spec, backend, lenient)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
-        return checked.canonical, lambda info: _map_errors(
-            lambda: _too_large_retry(lambda c: _with_unique(mod.compile_json_schema(info, c.schema, c.canonical,
-                                                                                    whitespace_max), c),
-                                     checked, spec, backend, lenient), checked)
+        def build_json(info: TokenizerInfo) -> Grammar:
+            def once(c: CheckedSchema) -> Grammar:
+                return _with_unique(mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max), c)
+
+            return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec, backend,
+                                                        lenient), checked)
+
+        return checked.canonical, build_json
     if kind == "regex":
         if not isinstance(spec, str):
             raise GrammarCompileError("regex must be a string")
@@ -141,15 +149,79 @@ def _with_unique(grammar: Grammar, checked: CheckedSchema) -> Grammar:
     return grammar if checked.unique is None else UniqueGrammar(grammar, checked.unique)
 
 
+# llguidance's refusal of a whole unsatisfiable definition: the innermost context is the definition.
+_UNSAT_DEF = re.compile(r"Unsatisfiable schema:[^\n]*\n\s*while processing \S*#/\$defs/([^/\s]+)\s*(?:\n|$)")
+MAX_EMPTY_DEFS = 8
+
+
+def _empty_defs_retry(build: Callable[[CheckedSchema], Grammar], checked: CheckedSchema) -> Grammar:
+    """llguidance drops unsatisfiable `anyOf` branches and optional properties itself, but stops at
+    a `$defs` entry that as a whole accepts nothing, wherever it is referenced (JsonSchemaStore---
+    typo3: a route object with `additionalProperties: false` whose if/then require keys it
+    forbids, used as the items of an array that may be empty). Such a definition says what `false`
+    says; it is written so and the build retried (a few times: emptiness spreads to definitions
+    that require it). The backend's own emptiness proof is the language it would enforce anyway."""
+    for _ in range(MAX_EMPTY_DEFS):
+        try:
+            return build(checked)
+        except GrammarCompileError as exc:
+            found = _UNSAT_DEF.search(str(exc))
+            defs = checked.schema.get("$defs") if isinstance(checked.schema, dict) else None
+            if found is None or not isinstance(defs, dict) or found.group(1) not in defs:
+                raise
+            schema = _without_def(checked.schema, found.group(1))
+            if schema is False:  # the root itself references it: nothing is valid, the backend's answer stands
+                raise
+            checked = dataclasses.replace(checked, schema=schema)
+    return build(checked)
+
+
+def _without_def(schema: dict[str, Any], name: str) -> dict[str, Any] | bool:
+    """A copy without `$defs[name]`, each subschema that references it written `false` (a
+    conjunction with an empty schema is empty; llguidance takes an inline `false`, not a `$ref`
+    to one)."""
+    ref = f"#/$defs/{name}"
+
+    def copy(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node.get("$ref") == ref:
+            return False
+        out = dict(node)
+        for rel in subschemas(node):
+            if len(rel) == 2 and out[rel[0]] is node[rel[0]]:  # a list or map of subschemas: copied once
+                out[rel[0]] = list(node[rel[0]]) if isinstance(node[rel[0]], list) else dict(node[rel[0]])
+        for rel in subschemas(node):
+            if len(rel) == 1:
+                out[rel[0]] = copy(node[rel[0]])
+            else:
+                container = out[rel[0]]
+                index = int(rel[1]) if isinstance(container, list) else rel[1]
+                container[index] = copy(container[index])
+        return out
+
+    result = copy(schema)
+    if result is False:
+        return False
+    result["$defs"] = {k: v for k, v in result["$defs"].items() if k != name}
+    return result
+
+
 def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: CheckedSchema, spec: Any,
                      backend: str, lenient: bool) -> Grammar:
     """A schema the backend finds too large (its allOf of if/then pairs multiplied out) is vetted
     again with if/then chains on one tag as one case split (schema_if_chains.py): the same
-    instances, N + 3 branches instead of 2^N. Only then, so that no schema that compiles as
-    written gets a differently shaped grammar."""
+    instances, N + 3 branches instead of 2^N. A string schema whose pattern combinations the
+    backend cannot decide is vetted again as one pattern (schema_string_fold.py). Only then, so
+    that no schema that compiles as written gets a differently shaped grammar."""
     try:
         return build(checked)
     except GrammarCompileError as exc:
+        if "Unable to determine if regex is empty" in str(exc):
+            folded = fold_string_schema(parse_schema(spec))
+            if folded is None:
+                raise
+            return build(check_schema(folded, backend, lenient))
         if "schema too large" not in str(exc):
             raise
         return build(check_schema(spec, backend, lenient, split_chains=True))

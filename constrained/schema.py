@@ -21,6 +21,7 @@ from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema_anchors import without_inner_anchors
 from .schema_any_order import free_optional_order
 from .schema_disjoint import disjoint, first_overlap
+from .schema_escapes import ecma_escapes
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_if_chains import split_if_chain
@@ -48,6 +49,11 @@ class CheckedSchema:
 
 # SGLang's json_schema value for "any JSON document" (no schema to follow); the `true` schema here.
 ANY_JSON = "$$ANY$$"
+
+
+def _pattern(p: Any) -> Any:
+    """A pattern (or pattern-property key) in the form the backend reads with ECMA's meaning."""
+    return without_inner_anchors(ecma_escapes(p))
 
 
 def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
@@ -239,10 +245,10 @@ class _Vetter:
             pass  # resolved in vet()
         elif key in ("properties", "patternProperties"):
             self.expect(isinstance(value, dict), key, sub, "an object")
-            name = without_inner_anchors if key == "patternProperties" else str
+            name = _pattern if key == "patternProperties" else str
             clean[key] = {name(k): self.vet(v, sub + (k,)) for k, v in value.items()}
         elif key == "pattern":
-            clean[key] = without_inner_anchors(value)
+            clean[key] = _pattern(value)
         elif key in ("anyOf", "allOf", "prefixItems"):
             self.expect(isinstance(value, list) and (value or key == "prefixItems"), key, sub, "a non-empty list")
             clean[key] = clean.get(key, []) + [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
@@ -269,7 +275,7 @@ class _Vetter:
         elif key == "unevaluatedProperties" and self.index.draft_at(sub) >= 2019:
             part = unevaluated_properties(node, self.vet(value, sub), self.resolve_raw, self.index.base_of(sub[:-1]))
             if part is not None and "patternProperties" in part:
-                part["patternProperties"] = {without_inner_anchors(k): v for k, v in part["patternProperties"].items()}
+                part["patternProperties"] = {_pattern(k): v for k, v in part["patternProperties"].items()}
             extra += [part] if part is not None else []
         elif key in ("unevaluatedProperties", "unevaluatedItems") and self.index.draft_at(sub) < 2019:
             pass  # not a keyword before 2019-09: an annotation

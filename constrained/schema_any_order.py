@@ -120,10 +120,11 @@ def _unmatched(key: str, patterns: dict[str, Any]) -> bool:
 
 def literal_pattern(key: str) -> str:
     """An anchored regex matching exactly `key` (ASCII punctuation escaped; llguidance's and
-    ECMA's syntax agree on `\\` before punctuation)."""
+    ECMA's syntax agree on `\\` before punctuation except `<` and `>`, word assertions to
+    llguidance: those two, plain characters in both syntaxes, stay unescaped)."""
     out = []
     for ch in key:
-        if ch.isascii() and not ch.isalnum() and ch != "_" and ch != " ":
+        if ch.isascii() and not ch.isalnum() and ch not in "_ <>":
             out.append("\\" + ch)
         else:
             out.append(ch)

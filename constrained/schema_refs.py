@@ -21,6 +21,16 @@ SUB_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
 SUB_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
+def join(base: str, ref: str) -> str:
+    """`ref` resolved against `base` (RFC 3986 §5.2). urllib's urljoin returns `ref` unchanged
+    under a scheme it does not list as hierarchical (`urn:`, `tag:`: `$id` URNs are common), so a
+    same-document `#/$defs/x` would lose its base: a fragment-only reference keeps the base
+    whatever its scheme (§5.2.2: the base's path and query, the reference's fragment)."""
+    if ref.startswith("#"):
+        return urldefrag(base)[0] + ref
+    return urljoin(base, ref)
+
+
 def escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
@@ -90,9 +100,9 @@ class RefIndex:
         ident = node.get("id" if draft == 4 else "$id")
         if isinstance(ident, str):
             if ident.startswith("#"):  # draft-04..07 plain-name fragment: an anchor
-                self.anchors[urljoin(base, ident)] = ptr
+                self.anchors[join(base, ident)] = ptr
             else:
-                base, _ = urldefrag(urljoin(base, ident))
+                base, _ = urldefrag(join(base, ident))
                 self.resources.setdefault(base, ptr)
         anchor = node.get("$anchor")
         if isinstance(anchor, str):
@@ -118,7 +128,7 @@ class RefIndex:
 
     def resolve(self, ref: str, base: str) -> Pointer | None:
         """Document pointer of the referenced schema; None when it is not in this document."""
-        target = urljoin(base, ref)
+        target = join(base, ref)
         uri, fragment = urldefrag(target)
         if uri not in self.resources:
             return None

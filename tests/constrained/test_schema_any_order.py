@@ -36,6 +36,10 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         k: INT for k in ("$id", "a.b", "x-y", "@type", "[x]", "^$", "a b", "é", "(c)|d", "q?", "back\\slash", "a*")}},
         [{"a*": 1, "$id": 2, "(c)|d": 3}, {"é": 1, "a b": 2, "back\\slash": 3, "^$": 4}, {"q?": 1, "[x]": 2, "@type": 3},
          {"x-y": 1, "a.b": 2}, {"ab": 1}, {"aaa": 1}, {"c": 1}, {"d": 1}, {"q": 1}, {"backslash": 1}, {"$id": "s"}]),
+    "keys_with_angle_brackets": ({"type": "object", "additionalProperties": False, "properties": {  # JsonSchemaStore---proxies
+        k: STR for k in ("<ProxyName>", "a>b", "<")}},
+        [{"<ProxyName>": "p", "<": "x"}, {"a>b": "v", "<ProxyName>": "q"}, {"ProxyName": "p"}, {"<ProxyName": "p"},
+         {"ab": "v"}, {"<": 1}]),
     "next_to_patterns": ({"type": "object", "additionalProperties": False, "required": ["version"],
                           "patternProperties": {"^x-": {}}, "properties": {"services": {"type": "object"},
                                                                             "version": STR, "x-name": INT}},

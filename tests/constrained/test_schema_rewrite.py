@@ -83,6 +83,9 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                                 "properties": {"a": {"$id": "sub.json", "definitions": {"q": {"type": "integer"}},
                                                      "properties": {"v": {"$ref": "#/definitions/q"}}}}},
                                [{"a": {"v": 1}}, {"a": {"v": "s"}}]),
+    "urn_id_local_pointer": ({"$id": "urn:example:policy:1.0", "$defs": {"q": {"type": "integer"}},  # aerleon-policies
+                              "properties": {"n": {"$ref": "#/$defs/q"}, "m": {"$ref": "urn:example:policy:1.0#/$defs/q"}}},
+                             [{"n": 1}, {"n": "1"}, {"m": 2, "n": 3}, {"m": "x"}]),
     "anchor": ({"$defs": {"q": {"$anchor": "num", "type": "integer"}}, "properties": {"n": {"$ref": "#num"}}},
                [{"n": 1}, {"n": "1"}]),
     "ref_into_annotation_container": ({"components": {"s": {"type": "string", "not": {"const": ""}}},
