@@ -88,26 +88,26 @@ VARIANTS = {
     # name: (side stream priority or None for no side stream, how qkv / gate_up finish, side kernels' tile options)
     "serial": None, "overlap": None, "fused": None,  # the --lora-kernels values as first written
     "engine": None,  # the engine's own code: LoRAProjection.begin / finish (--lora-kernels overlap, its defaults)
-    "engine_delta": None,  # ... with the delta path at every size (pool.DELTA_MAX_TOKENS)
+    "engine_delta": None,  # ... with the delta path at every size (projection.DELTA_MAX_TOKENS)
     "engine_inline": None,  # ... with the shrink's in-launch sum of its split partial sums (INLINE_REDUCE_MIN_TOKENS)
     "engine_delta_inline": None,  # both
     "engine_stacked": None,  # --lora-kernels stacked as the engine runs it (LoRAProjection over a stacked weight)
-    "engine_stacked1": None,  # ... with the stacked path from 1 row (pool.STACKED_MIN_TOKENS = 1; with --gemv the
+    "engine_stacked1": None,  # ... with the stacked path from 1 row (projection.STACKED_MIN_TOKENS = 1; with --gemv the
     # stacked weight's one-row product by the layer's M = 1 GEMV config, and the expand after it with PDL)
     "engine_stacked_col": None,  # ... qkv and gate_up stacked, o and down on the overlap path (into the residual)
     # engine_stacked with suffixes (lora9): _pdl the expand after each stacked GEMM with PDL, its segment and rows read
-    # before the wait (pool.STACKED_PDL_MIN_TOKENS); _sN each expand program looping over N column blocks
+    # before the wait (projection.STACKED_PDL_MIN_TOKENS); _sN each expand program looping over N column blocks
     # (sgmv_triton.EXPAND_STEPS), e.g. engine_stacked_pdl_s4; above 1,024 rows (prefill) the engine's in-line path
     "engine_stacked_pdl": None, "engine_stacked_s2": None, "engine_stacked_s4": None, "engine_stacked_s8": None,
     "engine_stacked_pdl_s2": None, "engine_stacked_pdl_s4": None,
     "engine_stacked_rows": None, "engine_stacked_rows_pdl": None,  # _rows: the expand by rows (lora10, sgmv_rows.py;
-    # pool.ROWS_EXPAND_MAX_TOKENS unbounded), one memory round trip a program; _rows_pdl: launched with PDL;
-    # _silu (with --silu-mul): gate_up's expand by rows computing silu(gate) * up (pool.ROWS_SILU_MUL); _nN / _wW: its
+    # projection.ROWS_EXPAND_MAX_TOKENS unbounded), one memory round trip a program; _rows_pdl: launched with PDL;
+    # _silu (with --silu-mul): gate_up's expand by rows computing silu(gate) * up (projection.ROWS_SILU_MUL); _nN / _wW: its
     # column block and warps (sgmv_rows.BLOCK_N, WARPS), e.g. engine_stacked_rows_n64_w8 (any such name is taken)
     "engine_stacked_rows_silu": None, "engine_stacked_rows_pdl_silu": None,
     "engine_stacked_psilu": None,  # (with --silu-mul) past the stacked range, gate_up's activation in the launch that
-    # adds its update after the in-line shrink (pool.PREFILL_SILU_MUL)
-    "engine_stacked_all": None,  # ... the stacked path at every size (pool.STACKED_MAX_TOKENS unbounded: prefill too)
+    # adds its update after the in-line shrink (projection.PREFILL_SILU_MUL)
+    "engine_stacked_all": None,  # ... the stacked path at every size (projection.STACKED_MAX_TOKENS unbounded: prefill too)
     "stacked": None,  # the shrink inside the base GEMM (W with every slot's A stacked under it: [N + slots·n·R, K]),
     # one expand after it on the main stream reading each row's slot's y from the GEMM output's tail; no side stream
     "overlap_hi": (-1, "expand", {}),  # the side stream at the highest priority: its blocks go first
@@ -193,23 +193,23 @@ def step_fn(projs: list[Projection], seg, variant: str, tile=None):
 
     if variant.startswith("engine"):
         from radixlm.runtime.dense_gemv import DenseGemv
-        from radixlm.runtime.lora import pool, sgmv_triton
-        from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+        from radixlm.runtime.lora import pool, projection, sgmv_triton
+        from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
 
         def suffix(letter: str) -> int | None:  # _s4, _n64, _w8: a number after a letter
             return next((int(part[1:]) for part in variant.split("_") if part[:1] == letter and part[1:].isdigit()), None)
 
         steps = suffix("s")
         from radixlm.runtime.lora import sgmv_rows
-        settings = {(pool, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else pool.DELTA_MAX_TOKENS,
+        settings = {(projection, "DELTA_MAX_TOKENS"): 1 << 30 if "delta" in variant else projection.DELTA_MAX_TOKENS,
                     (sgmv_triton, "INLINE_REDUCE_MIN_TOKENS"): 1 if "inline" in variant
                     else sgmv_triton.INLINE_REDUCE_MIN_TOKENS,
-                    (pool, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else pool.STACKED_MIN_TOKENS,
-                    (pool, "STACKED_PDL_MIN_TOKENS"): 2 if "_pdl" in variant else pool.STACKED_PDL_MIN_TOKENS,
-                    (pool, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else pool.STACKED_MAX_TOKENS,
-                    (pool, "ROWS_EXPAND_MAX_TOKENS"): 1 << 30 if "_rows" in variant else pool.ROWS_EXPAND_MAX_TOKENS,
-                    (pool, "ROWS_SILU_MUL"): "_silu" in variant,
-                    (pool, "PREFILL_SILU_MUL"): "_psilu" in variant,
+                    (projection, "STACKED_MIN_TOKENS"): 1 if "stacked1" in variant else projection.STACKED_MIN_TOKENS,
+                    (projection, "STACKED_PDL_MIN_TOKENS"): 2 if "_pdl" in variant else projection.STACKED_PDL_MIN_TOKENS,
+                    (projection, "STACKED_MAX_TOKENS"): 1 << 30 if "_all" in variant else projection.STACKED_MAX_TOKENS,
+                    (projection, "ROWS_EXPAND_MAX_TOKENS"): 1 << 30 if "_rows" in variant else projection.ROWS_EXPAND_MAX_TOKENS,
+                    (projection, "ROWS_SILU_MUL"): "_silu" in variant,
+                    (projection, "PREFILL_SILU_MUL"): "_psilu" in variant,
                     (sgmv_rows, "BLOCK_N"): suffix("n") or sgmv_rows.BLOCK_N, (sgmv_rows, "WARPS"): suffix("w") or sgmv_rows.WARPS,
                     (sgmv_triton, "EXPAND_STEPS"): ((1, steps),) if steps else sgmv_triton.EXPAND_STEPS}
         pdl_all = "_pdl" in variant

@@ -20,12 +20,12 @@ from typing import Any
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema_anchors import without_inner_anchors
 from .schema_any_order import free_optional_order
-from .schema_disjoint import disjoint, first_overlap
 from .schema_escapes import ecma_escapes
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_if_chains import split_if_chain
-from .schema_negation import Unsupported, negate
+from .schema_logic import LogicKeywords
+from .schema_negation import Unsupported
 from .schema_numeric import split_numbers
 from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, has_recursion, pointer_text
@@ -72,7 +72,7 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
     return parsed
 
 
-class _Vetter:
+class _Vetter(LogicKeywords):
     def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, split_chains: bool = False) -> None:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
         self.split_chains = split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
@@ -310,54 +310,6 @@ class _Vetter:
         else:
             clean[key] = value
 
-    def complement_keyword(self, key: str, value: Any, sub: tuple[str, ...], context: list[Any],
-                           clean: dict[str, Any], extra: list[Any]) -> None:
-        """`not` and `oneOf`, worked out inside `context` (the node's other keywords): a
-        complement only has to be exact where the instance can still be."""
-        if key == "not":
-            schema = self.vet(value, sub)
-            try:
-                neg = negate(schema, self.deref)
-            except Unsupported as exc:
-                try:
-                    neg = self.relative.negate_within(schema, context)
-                except Unsupported:
-                    raise Unsupported("not", f"not needs {exc.reason}") from exc
-            clean.setdefault("allOf", []).append(neg)
-            return
-        self.expect(isinstance(value, list) and value, key, sub, "a non-empty list")
-        branches = [self.vet(v, sub + (str(i),)) for i, v in enumerate(value)]
-        overlap = first_overlap(branches, self.deref_or_any)
-        if overlap is None:  # pairwise disjoint: exactly one == at least one
-            extra.append({"anyOf": branches})
-            return
-        try:  # exactly one: branch i minus every other branch, per instance type, in context
-            extra.append(self.relative.exactly_one(branches, context))
-            return
-        except Unsupported as exc:
-            reason = exc.reason
-        try:  # the same with absolute complements (they differ in what they can express)
-            extra.append({"anyOf": [self.exclusive(i, branches) for i in range(len(branches))]})
-        except Unsupported:  # the backend may still prove it; if not, this says why
-            clean["oneOf"] = branches
-            where = (pointer_text(sub[:-1]) or "#", f"branches {overlap[0]} and {overlap[1]} are not provably "
-                                                    f"disjoint and {reason}")
-            self.out.unproven_one_of.append(where)
-            if len(self.defs) < len(self.names):  # some reference was still being vetted: retry at the end
-                self.retry.append((clean, branches, context, where))
-
-    def retry_one_of(self) -> None:
-        """oneOf nodes first met inside a recursive definition, proven again now that every
-        definition they reach is complete (a reference still being vetted counted as `true`)."""
-        for clean, branches, context, where in self.retry:
-            try:
-                rewritten = self.relative.exactly_one(branches, context)
-            except Unsupported:
-                continue
-            del clean["oneOf"]
-            clean.setdefault("allOf", []).append(rewritten)
-            self.out.unproven_one_of.remove(where)
-
     @staticmethod
     def expect(ok: bool, key: str, sub: tuple[str, ...], what: str) -> None:
         if not ok:
@@ -375,37 +327,6 @@ class _Vetter:
             clean["format"] = value
         else:
             raise Unsupported("format", f"format {value!r} is not enforced by {self.backend}")
-
-    def negate(self, schema: Any, keyword: str) -> Any:
-        try:
-            return negate(schema, self.deref)
-        except Unsupported as exc:
-            raise Unsupported(keyword, f"{keyword} needs {exc.reason}") from exc
-
-    def exclusive(self, i: int, branches: list[Any]) -> Any:
-        others = [negate(b, self.deref) for j, b in enumerate(branches)
-                  if j != i and not disjoint(branches[i], b, self.deref_or_any)]
-        return {"allOf": [branches[i], *others]} if others else branches[i]
-
-    def if_then_else(self, node: dict[str, Any], sub: tuple[str, ...], extra: list[Any]) -> None:
-        base = sub[:-1]
-        then = self.vet(node.get("then", True), base + ("then",))
-        other = self.vet(node.get("else", True), base + ("else",))
-        if then is True and other is True:
-            return
-        cond = self.vet(node["if"], sub)
-        extra.append({"anyOf": [{"allOf": [cond, then]}, {"allOf": [self.negate(cond, "if"), other]}]})
-
-    def dependencies(self, key: str, value: Any, sub: tuple[str, ...], extra: list[Any]) -> None:
-        self.expect(isinstance(value, dict), key, sub, "an object")
-        for name, dep in value.items():
-            absent = {"properties": {name: False}}  # `name` listed first: backends order properties
-            if isinstance(dep, list):  # dependentRequired form
-                if dep:
-                    extra.append({"anyOf": [absent, {"required": [name, *dep]}]})
-            else:
-                self.outer = [{"type": "object", "required": [name]}]  # what the dependent schema meets
-                extra.append({"anyOf": [absent, {"allOf": [{"required": [name]}, self.vet(dep, sub + (name,))]}]})
 
 
 def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False,

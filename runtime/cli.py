@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from radixlm.runtime.server_args import GROUPS, FlagSpec, ServerArgs, flag_specs
+from radixlm.runtime.flag_spec import GROUPS, FlagSpec
+from radixlm.runtime.server_args import ServerArgs, flag_specs
 
 USAGE_ERROR = 2
 

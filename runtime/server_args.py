@@ -17,58 +17,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUPS: dict[str, str] = {  # group -> title, in --help order (SGLang's grouping)
-    "model": "Model and tokenizer",
-    "memory": "Memory and KV cache",
-    "scheduling": "Scheduling",
-    "constrained": "Constrained decoding",
-    "speculative": "Speculative decoding",
-    "parallel": "Parallelism",
-    "lora": "LoRA adapters",
-    "runtime": "Device and kernels",
-    "server": "HTTP server",
-    "logging": "Logging and metrics",
-}
+from radixlm.runtime.flag_spec import FlagSpec, check_value, specs_of
+from radixlm.runtime.flag_spec import option as _flag  # (the declarations below keep their short name)
+from radixlm.runtime.lora_args import LoRAArgs
+from radixlm.runtime.speculative_args import SpeculativeArgs
+
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 GRAMMAR_BACKENDS = ("llguidance", "outlines", "xgrammar")
-SPEC_ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE3")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
-class FlagSpec:
-    """One option as the CLI, the config file and the docs see it."""
+class ServerArgs(SpeculativeArgs, LoRAArgs):
+    """Every option; the speculative and LoRA groups are declared in their parts (keyword-only)."""
 
-    name: str  # the ServerArgs field (and the config-file key)
-    type: type  # str | int | float | bool (bool: a switch, --flag sets it)
-    default: Any
-    help: str
-    group: str
-    choices: tuple[Any, ...] | None = None
-    aliases: tuple[str, ...] = ()
-    minimum: float | None = None  # inclusive lower bound of a number
-    default_text: str | None = None  # how the docs show a default computed at start-up
-    multiple: bool = False  # a list of values of `type` (--flag A B C; a list in the config file)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def describe_default(self) -> str | None:
-        if self.default_text is not None:
-            return self.default_text
-        if self.type is bool or self.default is None:
-            return None
-        return str(self.default)
-
-
-def _flag(default: Any, group: str, help: str, type: type, **spec: Any) -> Any:
-    return field(default=default, metadata={"flag": dict(default=default, group=group, help=help, type=type, **spec)})
-
-
-@dataclass(frozen=True)
-class ServerArgs:
     # ---------------------------------------------------------------- model
     model_path: str | None = _flag(
         None, "model", "a Hugging Face model folder, a .gguf file, or a hub id (org/name, downloaded into the "
@@ -170,36 +133,6 @@ class ServerArgs:
         "process fills every state's row ahead of use (item (f) at batch 256: new documents kept reaching "
         "unfilled states); auto: complete with a CUDA device, else lazy; off: every row's mask filled by the "
         "grammar backend each step", str, choices=("auto", "complete", "lazy", "off"))
-    # ---------------------------------------------------------------- speculative decoding
-    speculative_algorithm: str | None = _flag(
-        None, "speculative", "propose tokens cheaply, verify them all in one target pass (greedy output "
-        "unchanged, sampling exact); NGRAM: prompt lookup over the request's prompt and output, no extra model; "
-        "STANDALONE: a small draft model; EAGLE3: an EAGLE-3 draft head on the target's hidden states",
-        str, choices=SPEC_ALGORITHMS, default_text="off")
-    speculative_draft_model_path: str | None = _flag(
-        None, "speculative", "STANDALONE: a smaller model of the same families and tokenizer (folder, .gguf or hub "
-        "id) that drafts greedily from its own KV pool; EAGLE3: an EAGLE-3 head folder (speculators' layout, or the "
-        "original release's) trained for the target", str, default_text="none")
-    speculative_num_steps: int | None = _flag(
-        None, "speculative", "draft depth: at most this many tokens proposed per request and step (fewer "
-        "while acceptance is too low to pay)", int, minimum=1, default_text="4 with an algorithm")
-    speculative_num_draft_tokens: int | None = _flag(
-        None, "speculative", "tokens verified per request and step, the last sampled one included "
-        "(chains: num_steps + 1; trees: their nodes + 1)", int, minimum=2,
-        default_text="num_steps + 1 (trees: num_steps x topk + 1)")
-    speculative_eagle_topk: int | None = _flag(
-        None, "speculative", "branching per draft step: 1 drafts a chain; above 1 (NGRAM only) a token tree of "
-        "up to this many children per node, the continuations of several earlier occurrences, verified in "
-        "one pass (speculative-num-draft-tokens bounds its size)", int, minimum=1, default_text="1")
-    speculative_adaptive: str = _flag(
-        "on", "speculative", "on: the draft depth per batch size is chosen from measured speed "
-        "(runtime/speculative/draft_payoff.py), so drafting turns itself off where it does not pay; off: every "
-        "decode step may draft up to --speculative-num-steps (the per-request draft budget alone decides)",
-        str, choices=("on", "off"))
-    disable_speculative_ahead: bool = _flag(
-        False, "speculative", "NGRAM chains: launch each verify step only once the previous one's results are "
-        "processed (default: with the overlap schedule, the next verify step is built while the previous one "
-        "runs, guessing that all its drafts are accepted, and launched at once where the guess holds)", bool)
     # ---------------------------------------------------------------- parallelism
     tp_size: int = _flag(1, "parallel", "tensor-parallel ranks per replica", int, minimum=1,
                          aliases=("--tensor-parallel-size",))
@@ -215,38 +148,6 @@ class ServerArgs:
     node_rank: int = _flag(0, "parallel", "this node's index (0 runs the HTTP server)", int, minimum=0)
     dist_init_addr: str | None = _flag(None, "parallel", "host:port of node 0's torch.distributed rendezvous",
                                        str, default_text="a free local port")
-    # ---------------------------------------------------------------- LoRA
-    enable_lora: bool = _flag(False, "lora", "serve LoRA adapters (PEFT format) on top of the base model; "
-                              "implied by --lora-paths", bool)
-    lora_paths: tuple[str, ...] | None = _flag(
-        None, "lora", "adapters loaded at start-up: name=folder (or a folder, named by its path), each a PEFT "
-        "adapter_config.json + adapter_model.safetensors", str, multiple=True, default_text="none")
-    max_loras_per_batch: int = _flag(8, "lora", "at most this many different adapters in one batch (device "
-                                     "slots, each one adapter at --max-lora-rank: ~84 MB at rank 16 on an 8B "
-                                     "model; the base model takes none). A batch holds only the requests of "
-                                     "this many adapters: when requests spread over more, raise it as memory "
-                                     "allows", int, minimum=1)
-    max_loaded_loras: int | None = _flag(
-        None, "lora", "at most this many adapters in host memory (>= --max-loras-per-batch); others are read "
-        "again from their folder when a request needs them", int, minimum=1, default_text="no limit")
-    max_lora_rank: int | None = _flag(None, "lora", "the largest adapter rank accepted (sizes the device slots)",
-                                      int, minimum=1, default_text="the largest rank in --lora-paths, else 64")
-    lora_eviction_policy: str = _flag("lru", "lora", "which adapter leaves a device slot or host memory first: "
-                                      "lru (least recently used) or fifo (first loaded)", str,
-                                      choices=("lru", "fifo"))
-    lora_kernels: str = _flag("stacked", "lora", "how a projection's LoRA update runs on CUDA: stacked (from 8 "
-                              "to 1024 rows the shrink runs inside the base GEMM, its weight holding every slot's A "
-                              "under it, one expand after it; one row too where the layer has an M = 1 GEMV, which "
-                              "then runs over the stacked weight; unquantized, unsharded layers without bias; fewer rows "
-                              "and other layers as overlap, more rows as serial), overlap (the shrink on a side stream while the base "
-                              "GEMM runs, the expand there too up to 256 rows, then one add), fused (shrink and "
-                              "expand in one launch at decode sizes, <= 32 rows) or serial (shrink then expand "
-                              "after the GEMM)", str,
-                              choices=("overlap", "fused", "serial", "stacked"))
-    lora_prefill_chunk: int = _flag(0, "lora", "while requests want more adapters than --max-loras-per-batch (a "
-                                    "request then decodes only while its adapter holds a slot, so decode steps "
-                                    "bound the run), prefill in chunks of at most this many tokens, each carrying "
-                                    "the decode rows (saving a decode step); 0: off", int, minimum=0)
     # ---------------------------------------------------------------- device and kernels
     device: str | None = _flag(None, "runtime", "cpu, cuda or cuda:N", str, default_text="cuda if available")
     attention_backend: str | None = _flag(None, "runtime", "attention and decoder kernels", str,
@@ -324,7 +225,7 @@ class ServerArgs:
         if isinstance(self.log_level, str):  # INFO and info alike, as logging itself takes them
             object.__setattr__(self, "log_level", self.log_level.lower())
         for spec in flag_specs():
-            _check_value(spec, getattr(self, spec.name))
+            check_value(spec, getattr(self, spec.name))
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static: {self.mem_fraction_static} is not in (0, 1)")
         if self.device is not None and not _DEVICE.match(self.device):
@@ -332,84 +233,8 @@ class ServerArgs:
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise ValueError("chunked_prefill_size: must be positive, or -1 to disable chunking")
         self._check_parallel()
-        self._check_lora()
-        self._check_speculative()
-
-    def _check_lora(self) -> None:
-        if isinstance(self.lora_paths, list):
-            object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
-        if self.lora_paths:
-            object.__setattr__(self, "enable_lora", True)
-            self.lora_adapters()  # each entry well-formed, names unique
-        if not self.enable_lora:
-            return
-        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
-            raise ValueError(f"max_loaded_loras: {self.max_loaded_loras} is below max_loras_per_batch "
-                             f"({self.max_loras_per_batch})")
-        if self.tp_size > 1 or self.pp_size > 1:
-            raise ValueError("enable_lora: LoRA adapters are served with tp_size 1 and pp_size 1 only (for now)")
-
-    def lora_adapters(self) -> dict[str, str]:
-        """--lora-paths as name -> folder."""
-        out: dict[str, str] = {}
-        for entry in self.lora_paths or ():
-            name, sep, path = entry.partition("=")
-            if not sep:
-                name = path = entry
-            if not name or not path:
-                raise ValueError(f"lora_paths: {entry!r} is not name=folder")
-            if name in out:
-                raise ValueError(f"lora_paths: the name {name!r} is given twice")
-            out[name] = path
-        return out
-
-    def _check_speculative(self) -> None:
-        given = [name for name in ("speculative_num_steps", "speculative_num_draft_tokens", "speculative_eagle_topk",
-                                   "speculative_draft_model_path") if getattr(self, name) is not None]
-        if self.speculative_algorithm is None:
-            if given:
-                raise ValueError(f"{given[0]}: needs --speculative-algorithm")
-            return
-        with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE3")
-        if with_model != (self.speculative_draft_model_path is not None):
-            raise ValueError("speculative_draft_model_path: required with STANDALONE and EAGLE3, and only with them")
-        if with_model and self.tp_size * self.pp_size > 1:
-            raise ValueError(f"speculative_algorithm: {self.speculative_algorithm} runs on one rank "
-                             "(tp_size = pp_size = 1) for now")
-        steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
-        if self.speculative_topk > 1:
-            if self.speculative_algorithm != "NGRAM":
-                raise ValueError(f"speculative_eagle_topk: trees are implemented for NGRAM only, not "
-                                 f"{self.speculative_algorithm} (use 1)")
-            if self.tp_size * self.pp_size > 1:
-                raise ValueError("speculative_eagle_topk: draft trees run on one rank (tp_size = pp_size = 1) for now")
-            return  # a tree: num_draft_tokens bounds its nodes, num_steps its depth
-        if steps is not None and tokens is not None and tokens != steps + 1:
-            raise ValueError(f"speculative_num_draft_tokens: {tokens} is not speculative_num_steps + 1 = {steps + 1} "
-                             "(chains verify the drafts plus the last sampled token)")
-
-    @property
-    def speculative_topk(self) -> int:
-        """Children per draft-tree node at most (1: chains)."""
-        return self.speculative_eagle_topk or 1
-
-    @property
-    def speculative_tree_nodes(self) -> int:
-        """Draft-tree nodes per request and step at most (the tokens verified minus the last sampled one)."""
-        if self.speculative_num_draft_tokens is not None:
-            return self.speculative_num_draft_tokens - 1
-        return self.speculative_max_drafts * self.speculative_topk
-
-    @property
-    def speculative_max_drafts(self) -> int:
-        """Draft tokens proposed per request and step at most (0: speculation off)."""
-        if self.speculative_algorithm is None:
-            return 0
-        if self.speculative_num_steps is not None:
-            return self.speculative_num_steps
-        if self.speculative_num_draft_tokens is not None and self.speculative_topk == 1:
-            return self.speculative_num_draft_tokens - 1  # a chain's depth; a tree's node budget is not its depth
-        return 4
+        self._check_lora(self.tp_size * self.pp_size)
+        self._check_speculative(self.tp_size * self.pp_size)
 
     def _check_parallel(self) -> None:
         if not 0 <= self.node_rank < self.nnodes:
@@ -498,33 +323,11 @@ def _grammar_backend(name: str | None) -> str | None:
     return name
 
 
-def _check_value(spec: FlagSpec, value: Any) -> None:
-    if value is None:
-        if spec.default is not None:
-            raise ValueError(f"{spec.name}: must be set (default {spec.default!r})")
-        return
-    if spec.multiple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{spec.name}: {value!r} is not a list")
-        for item in value:
-            _check_value(dataclasses.replace(spec, multiple=False), item)
-        return
-    expected = (int, float) if spec.type is float else spec.type
-    if not isinstance(value, expected) or (spec.type is not bool and isinstance(value, bool)):
-        raise ValueError(f"{spec.name}: {value!r} is not {_TYPE_NAMES[spec.type]}")
-    if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"{spec.name}: {value!r} is not one of {', '.join(map(str, spec.choices))}")
-    if spec.minimum is not None and value < spec.minimum:
-        raise ValueError(f"{spec.name}: {value} is below the minimum {spec.minimum:g}")
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 _SPECS: list[FlagSpec] = []
 
 
 def flag_specs() -> list[FlagSpec]:
-    """Every option of ServerArgs, in declaration (and --help) order."""
+    """Every option of ServerArgs, in --help order (by group, then as declared)."""
     if not _SPECS:
-        _SPECS.extend(FlagSpec(name=f.name, **f.metadata["flag"]) for f in dataclasses.fields(ServerArgs)
-                      if "flag" in f.metadata)
+        _SPECS.extend(specs_of(ServerArgs))
     return _SPECS

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixlm.runtime.lora import pool as pool_module
+from radixlm.runtime.lora import projection
 from radixlm.runtime.lora.adapter import AdapterError, LoRAAdapter, ModelShape, read_adapter
 from radixlm.runtime.lora.pool import LoRAPool
 from radixlm.runtime.lora.sgmv import LoRASegments, graph_segments_row
@@ -284,7 +284,7 @@ class LoRAManager:
 
     def _fill_graph(self, per_req: list[int]) -> None:
         # each row's slot only where the expand by rows may read it (the longer row costs the host ~15-75 µs a step)
-        rows = bool(pool_module.ROWS_EXPAND_MAX_TOKENS)
+        rows = bool(projection.ROWS_EXPAND_MAX_TOKENS)
         row = graph_segments_row(per_req, len(self.slots), self._graph_max_bs, row_slots=rows)
         host = torch.tensor(row, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._graph_buf[:len(row)].copy_(host, non_blocking=True)  # pinned: never waits for the forward in flight

@@ -5,7 +5,7 @@ adapter slot, and segment i covers order[start[i] : start[i] + length[i]], all u
 in slot `slot[i]` (rows of the base model are in no segment). Per projection the update is
 a shrink y = x·Aᵀ (rank columns of every slice at once) and an expand out[:, slice] +=
 y[:, slice ranks]·Bᵀ, each one launch for the whole batch (`sgmv_triton.py`; the shrink may run
-beside the base GEMM, see `pool.LoRAProjection`), or both in one launch at decode sizes
+beside the base GEMM, see `projection.LoRAProjection`), or both in one launch at decode sizes
 (`sgmv_fused.py`). This module holds the torch reference (the CPU path, and what the Triton
 kernels are tested against).
 """

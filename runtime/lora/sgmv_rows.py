@@ -13,7 +13,7 @@ tile in one round trip, and adds Σ_s [slot(row) = s]·y_s·B_sᵀ — `slots` s
 rows of other slots masked to zero (exact: their terms add 0.0). Each row block reads every slot's B
 (the segment kernel reads each used slot's once per 16-row block of its segment): the same bytes at
 decode sizes with 8 adapters in the batch, more at a few hundred rows or with few adapters, so the
-path is taken up to `pool.ROWS_EXPAND_MAX_TOKENS` rows. Rows of no slot (-1: the base model, or
+path is taken up to `projection.ROWS_EXPAND_MAX_TOKENS` rows. Rows of no slot (-1: the base model, or
 graph padding) are not stored. Part boundaries come as arguments (no offset loads); a column block
 never straddles two parts (the block width divides each part's width, `block_n`).
 """

@@ -1,7 +1,7 @@
 """Compile the LoRA kernels of eager (prefill-sized) forwards at start-up, not inside the first requests.
 
 Decode graphs compile their kernels when they are captured. A prefill runs eagerly, and its LoRA launches
-depend on its size class: the stacked product and one per-slot expand up to `pool.STACKED_MAX_TOKENS` rows,
+depend on its size class: the stacked product and one per-slot expand up to `projection.STACKED_MAX_TOKENS` rows,
 shrink and expand after the GEMM above it, with row blocks of 16 or 32 and expand tiles of 128 or 256 columns
 (`sgmv_triton.tiles`). So the first prefill of each class JIT-compiled a few Triton kernels (~1 s each on the
 H200's host) inside a request: on the H200 (17:39) the first workload-(b) run of a fresh LoRA engine, 8 adapters,
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from radixlm.runtime.lora import pool as lora_pool
+from radixlm.runtime.lora import projection
+from radixlm.runtime.lora.pool import LoRAPool
 from radixlm.runtime.lora.sgmv import LoRASegments
 
 
@@ -23,14 +24,14 @@ def size_class(t: int, k: int, n_rank: int) -> tuple:
     from radixlm.runtime.lora.sgmv_triton import tiles
 
     tile = tiles(t, k, n_rank)
-    return (lora_pool.STACKED_MIN_TOKENS <= t <= lora_pool.STACKED_MAX_TOKENS, tile.block_m, tile.expand_n)
+    return (projection.STACKED_MIN_TOKENS <= t <= projection.STACKED_MAX_TOKENS, tile.block_m, tile.expand_n)
 
 
 def prefill_sizes(k: int, n_rank: int, max_rows: int) -> list[int]:
     """The smallest row count of each size class from STACKED_MIN_TOKENS to `max_rows` (prefill chunks). Each
     class is one run of row counts (its thresholds grow with t), so its end is found by doubling, then bisection."""
     sizes = []
-    t = lora_pool.STACKED_MIN_TOKENS
+    t = projection.STACKED_MIN_TOKENS
     while t <= max_rows:
         sizes.append(t)
         here = size_class(t, k, n_rank)
@@ -45,7 +46,7 @@ def prefill_sizes(k: int, n_rank: int, max_rows: int) -> list[int]:
     return sizes
 
 
-def warm_up_prefill_kernels(pool: lora_pool.LoRAPool, max_rows: int) -> list[int]:
+def warm_up_prefill_kernels(pool: LoRAPool, max_rows: int) -> list[int]:
     """Run layer 0's LoRA projections once per size class up to `max_rows` on zero inputs, every row on slot 0
     (Triton only: the torch reference has nothing to compile; the engine calls this on CUDA); the sizes run.
     The batch's segments are left as they were (None between forwards)."""

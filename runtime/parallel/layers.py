@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from radixlm.runtime.dense_gemv import DenseGemv
     from radixlm.runtime.dense_row_blocks import RowBlocks
     from radixlm.runtime.dense_small_m import DenseSmallM
-    from radixlm.runtime.lora.pool import LoRAProjection
+    from radixlm.runtime.lora.projection import LoRAProjection
 
 # torch >= 2.13 renamed all_gather_into_tensor; the H200 machine has an older torch.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -224,7 +224,7 @@ def test_gate_up_layer_fuses_silu_mul_for_one_row_only(device, monkeypatch):
     assert layer.forward_then_silu_mul(x1.expand(2, 256).contiguous()) is None
     monkeypatch.setitem(kv.DEFAULTS, (64, 256), {1: "gemv-n128-c1-w1-s2-p0"})  # 32 gate rows: not half of 128
     assert layer.forward_then_silu_mul(x1) is None
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
     from radixlm.runtime.lora.sgmv import LoRASegments
 
     batch, rank = BatchAdapters(), 4  # a real LoRA projection on [gate | up]: two parts of 32 columns

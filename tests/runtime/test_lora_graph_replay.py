@@ -24,25 +24,25 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
     the expand by rows, reading the graph buffer's row slots, sgmv_rows.py; -silu with gate_up's activation
     computed by its expand, ROWS_SILU_MUL)."""
     pytest.importorskip("triton")  # interpreted on a CPU: tests/conftest.py sets TRITON_INTERPRET for the session
-    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora import projection
 
-    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too
-    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 64 if kernels.startswith("stacked-rows") else 0)
-    monkeypatch.setattr(pool, "ROWS_SILU_MUL", kernels.endswith("-silu"))
+    monkeypatch.setattr(projection, "STACKED_MIN_TOKENS", 1)  # stacked: the 3-row decode step takes the stacked path too
+    monkeypatch.setattr(projection, "ROWS_EXPAND_MAX_TOKENS", 64 if kernels.startswith("stacked-rows") else 0)
+    monkeypatch.setattr(projection, "ROWS_SILU_MUL", kernels.endswith("-silu"))
     kernels = kernels.split("-")[0]
     model_dir = tiny_model_dir("llama")
     paths = {n: make_peft_adapter(model_dir, tmp_path / n, seed=s, r=4) for n, s in (("a", 11), ("b", 12))}
     runner = _runner(model_dir, paths, max_loras_per_batch=3, lora_kernels=kernels)
     lora = runner.lora
     assert (lora.pool.projections[(0, "gate_up_proj")].stacked is not None) == (kernels == "stacked")
-    rows = monkeypatch_rows_expand(monkeypatch) if pool.ROWS_EXPAND_MAX_TOKENS else None
-    for projection in lora.pool.projections.values():
-        projection.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
-        projection.kernels = kernels
+    rows = monkeypatch_rows_expand(monkeypatch) if projection.ROWS_EXPAND_MAX_TOKENS else None
+    for proj in lora.pool.projections.values():
+        proj.use_triton = True  # the graph path's kernels (the torch reference needs host segments)
+        proj.kernels = kernels
         if rows is not None:
             from radixlm.runtime.lora.sgmv_rows import rows_expand_fits
 
-            projection.rows_fit = rows_expand_fits(projection.offsets, projection.rank, projection.b.shape[0])
+            proj.rows_fit = rows_expand_fits(proj.offsets, proj.rank, proj.b.shape[0])
     names = ["b", None, "a"]
     prompts = _prompts(runner.vocab_size, (7, 5, 9), seed=6)
     eager = _forward(runner, prompts, names)
@@ -62,7 +62,7 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
             torch.testing.assert_close(got[-1], _reference(model, ids)[-1], atol=2e-4, rtol=2e-4)
     if rows is not None:  # every projection of the four forwards (prefill and decode, eager and replayed) expanded
         # by rows (gate_up's with the activation when -silu), the replayed decode's from the graph buffer
-        n = sum(not (pool.ROWS_SILU_MUL and name == "gate_up_proj") for _, name in lora.pool.projections)
+        n = sum(not (projection.ROWS_SILU_MUL and name == "gate_up_proj") for _, name in lora.pool.projections)
         assert len(rows) == 4 * n
         graph_buf = lora._graph_buf.untyped_storage().data_ptr()
         assert [r.untyped_storage().data_ptr() == graph_buf for r in rows] == [False] * (3 * n) + [True] * n
@@ -71,7 +71,7 @@ def test_decode_graph_replay_serves_the_adapters(tiny_model_dir, tmp_path, monke
 def monkeypatch_rows_expand(monkeypatch) -> list:
     """Record each call of the expand by rows (its row-slot buffer), calling through; with ROWS_SILU_MUL gate_up's
     expand with the activation must run instead of its plain one (a call of it recorded nowhere else fails)."""
-    from radixlm.runtime.lora import pool, sgmv_rows
+    from radixlm.runtime.lora import projection, sgmv_rows
 
     calls: list = []
     real, real_silu = sgmv_rows.sgmv_expand_rows, sgmv_rows.sgmv_expand_rows_silu_mul
@@ -81,7 +81,7 @@ def monkeypatch_rows_expand(monkeypatch) -> list:
         return real(*args, **kwargs)
 
     def recorded_silu(*args, **kwargs):
-        assert pool.ROWS_SILU_MUL
+        assert projection.ROWS_SILU_MUL
         silu_calls.append(args[5])
         return real_silu(*args, **kwargs)
 

@@ -199,13 +199,13 @@ def test_projection_update_lands_in_the_output_or_the_residual(kernels: str, mon
     update is added to the residual and the output is the base GEMM's alone (no launch after it).
     overlap-delta: overlap at decode sizes, where a projection without a residual (qkv, gate_up) gets
     its update in a delta buffer on the side stream, then added to the output."""
-    from radixlm.runtime.lora import pool
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora import projection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
 
     dev = _device()
     t, k, rank, offsets, slots = 5, 96, 8, [0, 48], 3
     a, b, x, token_slots, base = (v.to(dev) for v in _case(9, t, k, rank, offsets, slots, torch.float32))
-    monkeypatch.setattr(pool, "DELTA_MAX_TOKENS", t if kernels == "overlap-delta" else 0)
+    monkeypatch.setattr(projection, "DELTA_MAX_TOKENS", t if kernels == "overlap-delta" else 0)
     kernels = kernels.split("-")[0]
     batch = BatchAdapters()
     batch.segments = LoRASegments.build(token_slots.cpu(), slots, dev)
@@ -225,7 +225,7 @@ def test_projection_update_lands_in_the_output_or_the_residual(kernels: str, mon
     with monkeypatch.context() as m:  # buffers holding stale values, as reused memory does
         m.setattr(torch, "empty", lambda *args, **kw: empty(*args, **kw).fill_(7.0))
         pending = proj.begin(x)
-    assert (pending.delta is not None) == (pool.DELTA_MAX_TOKENS > 0 and kernels == "overlap")
+    assert (pending.delta is not None) == (projection.DELTA_MAX_TOKENS > 0 and kernels == "overlap")
     out = proj.finish(pending, base.clone())
     torch.testing.assert_close(out, want - residual0, atol=1e-4, rtol=1e-4)
     assert torch.equal(out[~used], base[~used])
@@ -276,7 +276,7 @@ def test_prefill_sized_shrink_splits_k_and_adds_its_partial_sums_once(monkeypatc
     sgmv_expand(y, b, torch.tensor(offsets, dtype=torch.int32, device=dev), 32, rank, out, seg, tile)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     # the layer's path (overlap: shrink, then expand into the output) at that size: the same update
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
 
     batch = BatchAdapters()
     batch.segments = seg
@@ -362,7 +362,7 @@ def test_graph_segments_row_is_segment_host_in_the_graph_buffers_layout(seed: in
 def _stacked_case(t: int, seed: int, w_seed: int, pdl: bool = False):
     """A stacked projection (k 96, rank 8, parts of 48 and 16 columns, 3 slots) over T rows of random adapters;
     (projection, x, W, the reference output x·Wᵀ + update, each row's slot)."""
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
 
     dev = _device()
     k, rank, offsets, slots = 96, 8, [0, 48, 64], 3
@@ -385,10 +385,10 @@ def test_stacked_projection_runs_the_base_gemm_from_its_minimum_rows(t: int, mon
     the output or the residual; below it the overlap path runs over the same A (the stacked tail), above
     it (prefill) shrink and expand run in line in `finish`, into the output. Either way residual +
     output == residual + base + update, and base-model rows get no update."""
-    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora import projection
 
-    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
-    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 8)
+    monkeypatch.setattr(projection, "STACKED_MIN_TOKENS", 4)
+    monkeypatch.setattr(projection, "STACKED_MAX_TOKENS", 8)
     dev = _device()
     proj, x, w, want, token_slots = _stacked_case(t, 11 + t, 2)
     offsets = proj.offsets
@@ -413,7 +413,7 @@ def test_down_projection_reads_silu_mul_in_its_shrink_as_its_gemv_does(monkeypat
     from radixlm.kernels.ops import silu_and_mul
     from radixlm.kernels.small_m import SmallMConfig
     from radixlm.runtime.dense_gemv import DenseGemv
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
     from radixlm.runtime.parallel.layers import RowParallelLinear
 
     dev, dt = _device(), torch.bfloat16
@@ -460,17 +460,17 @@ def test_down_projection_reads_silu_mul_in_its_shrink_as_its_gemv_does(monkeypat
 
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_one_row_stacked_product_takes_the_layers_gemv_config(silu_mul: bool, monkeypatch) -> None:
-    """Stacked from one row (pool.STACKED_MIN_TOKENS = 1): the row's product over [W; every slot's A] is the
+    """Stacked from one row (projection.STACKED_MIN_TOKENS = 1): the row's product over [W; every slot's A] is the
     layer's M = 1 GEMV config run on the stacked weight (for down_proj with silu(gate) * up in its loads), whose
     head is the layer's own GEMV result bit for bit, and the per-slot expand adds the row's adapter update."""
     from radixlm.kernels.ops import silu_and_mul
     from radixlm.kernels.small_m import SmallMConfig
     from radixlm.runtime.dense_gemv import DenseGemv
-    from radixlm.runtime.lora import pool
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora import projection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
     from radixlm.runtime.parallel.layers import RowParallelLinear
 
-    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 1)
+    monkeypatch.setattr(projection, "STACKED_MIN_TOKENS", 1)
     dev, dt = _device(), torch.bfloat16
     k, n, rank, slots = 320, 40, 8, 3
     g = torch.Generator().manual_seed(5 + silu_mul)
@@ -508,14 +508,14 @@ def test_start_up_warm_up_runs_one_scratch_forward_per_prefill_size_class(tiny_m
     tile), found by doubling and bisection, equals a scan of every row count; the warm-up runs layer 0's
     projections at those sizes through the serving path (here the interpreter, small thresholds) and leaves the
     batch without segments and the slots untouched."""
-    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora import projection
     from radixlm.runtime.lora.warmup import prefill_sizes, size_class, warm_up_prefill_kernels
     from radixlm.runtime.model_runner import ModelRunner
     from radixlm.runtime.server_args import ServerArgs
     from tests.fixtures.lora_adapters import make_peft_adapter
 
     scan: dict[tuple, int] = {}
-    for t in range(pool.STACKED_MIN_TOKENS, 4200):
+    for t in range(projection.STACKED_MIN_TOKENS, 4200):
         scan.setdefault(size_class(t, 4096, 48), t)
     assert prefill_sizes(4096, 48, 4199) == sorted(scan.values()) == [8, 513, 1025, 4097]
     model_dir = tiny_model_dir("llama")
@@ -525,7 +525,7 @@ def test_start_up_warm_up_runs_one_scratch_forward_per_prefill_size_class(tiny_m
     runner = ModelRunner(args, model_dir)
     lora_pool = runner.lora.pool
     before = lora_pool.buffer.clone()
-    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 16)
+    monkeypatch.setattr(projection, "STACKED_MAX_TOKENS", 16)
     assert warm_up_prefill_kernels(lora_pool, 40) == [8, 17]  # the stacked product, then shrink + expand after
     assert lora_pool.batch.segments is None and torch.equal(lora_pool.buffer, before)
 
@@ -536,10 +536,10 @@ def test_stacked_expand_takes_pdl_with_its_prologue_from_the_set_rows(t: int, mo
     reading its segments and rows before the wait (`pdl_prologue`); below, none (batch 1 keeps its own PDL form).
     Off the GPU the launch has no PDL (the interpreter has no griddepcontrol) and the kernel's column loop runs
     as on it: the update is the reference's either way."""
-    from radixlm.runtime.lora import pool, sgmv_triton
+    from radixlm.runtime.lora import projection, sgmv_triton
 
-    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 4)
-    monkeypatch.setattr(pool, "STACKED_PDL_MIN_TOKENS", 6)
+    monkeypatch.setattr(projection, "STACKED_MIN_TOKENS", 4)
+    monkeypatch.setattr(projection, "STACKED_PDL_MIN_TOKENS", 6)
     monkeypatch.setattr(sgmv_triton, "EXPAND_STEPS", ((6, 2),))
     calls: list[dict] = []
     real = sgmv_triton.sgmv_expand

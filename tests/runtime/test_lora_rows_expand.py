@@ -124,8 +124,8 @@ def test_graph_segments_row_ends_with_each_rows_slot(seed: int) -> None:
 def test_stacked_projection_expands_by_rows_up_to_the_limit(t: int, monkeypatch) -> None:
     """LoRAProjection (--lora-kernels stacked) within ROWS_EXPAND_MAX_TOKENS: the expand by rows, not the segment
     expand; output (or the residual) == base + update; past the limit the segment expand, the same sums."""
-    from radixlm.runtime.lora import pool, sgmv_triton
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora import projection, sgmv_triton
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
 
     dev = _device()
     rank, offsets, slots, k = 8, [0, 48, 64], 3, 96
@@ -138,12 +138,12 @@ def test_stacked_projection_expands_by_rows_up_to_the_limit(t: int, monkeypatch)
     assert proj.rows_fit
     want = x @ w.t()
     expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, want, batch.segments)
-    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 2)
+    monkeypatch.setattr(projection, "STACKED_MIN_TOKENS", 2)
     segment_calls = []
     real = sgmv_triton.sgmv_expand
     monkeypatch.setattr(sgmv_triton, "sgmv_expand", lambda *a_, **kw: segment_calls.append(1) or real(*a_, **kw))
     for limit, segment in ((16, 0), (1, 1)):
-        monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", limit)
+        monkeypatch.setattr(projection, "ROWS_EXPAND_MAX_TOKENS", limit)
         segment_calls.clear()
         for into in (None, torch.zeros(t, offsets[-1], device=dev)):
             pending = proj.begin(x, into=into)
@@ -180,21 +180,21 @@ def test_gate_up_layer_returns_the_activation_where_its_expand_computes_it(monke
     activation of forward(x) from one launch after the stacked GEMM (the same bits as forward then silu_and_mul);
     off, or outside the rows' range, None (the caller runs both)."""
     from radixlm.kernels.ops import silu_and_mul
-    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora import projection
 
     layer, x, a, b, w, batch = _gate_up_layer(5, 12)
     rank, offsets = 8, [0, 32, 64]
-    monkeypatch.setattr(pool, "STACKED_MIN_TOKENS", 2)
-    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 64)
+    monkeypatch.setattr(projection, "STACKED_MIN_TOKENS", 2)
+    monkeypatch.setattr(projection, "ROWS_EXPAND_MAX_TOKENS", 64)
     assert layer.forward_then_silu_mul(x) is None, "ROWS_SILU_MUL off"
-    monkeypatch.setattr(pool, "ROWS_SILU_MUL", True)
+    monkeypatch.setattr(projection, "ROWS_SILU_MUL", True)
     act = layer.forward_then_silu_mul(x)
     want = silu_and_mul(layer(x))
     assert act is not None and torch.equal(act, want)
     exact = x @ w.t()
     expand_ref(shrink_ref(x, a, batch.segments), b, offsets, rank, exact, batch.segments)
     torch.testing.assert_close(act, silu_and_mul(exact), atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(pool, "ROWS_EXPAND_MAX_TOKENS", 11)  # (12 rows)
+    monkeypatch.setattr(projection, "ROWS_EXPAND_MAX_TOKENS", 11)  # (12 rows)
     assert layer.forward_then_silu_mul(x) is None, "past the rows' range"
     batch.segments = None
     assert layer.forward_then_silu_mul(x) is None, "no adapter row: the layer's own paths"
@@ -230,13 +230,13 @@ def test_prefill_sized_gate_up_takes_its_activation_from_the_expand(monkeypatch)
     launch adding each row's update and computing silu(gate) * up — the same bits as forward then silu_and_mul; off
     (or on the overlap path) None."""
     from radixlm.kernels.ops import silu_and_mul
-    from radixlm.runtime.lora import pool
+    from radixlm.runtime.lora import projection
 
     layer, x, a, b, w, batch = _gate_up_layer(6, 20)
     rank, offsets = 8, [0, 32, 64]
-    monkeypatch.setattr(pool, "STACKED_MAX_TOKENS", 8)  # 20 rows: past the stacked range, as a prefill
+    monkeypatch.setattr(projection, "STACKED_MAX_TOKENS", 8)  # 20 rows: past the stacked range, as a prefill
     assert layer.forward_then_silu_mul(x) is None, "PREFILL_SILU_MUL off"
-    monkeypatch.setattr(pool, "PREFILL_SILU_MUL", True)
+    monkeypatch.setattr(projection, "PREFILL_SILU_MUL", True)
     act = layer.forward_then_silu_mul(x)
     assert act is not None and torch.equal(act, silu_and_mul(layer(x)))
     exact = x @ w.t()
@@ -249,7 +249,7 @@ def test_prefill_sized_gate_up_takes_its_activation_from_the_expand(monkeypatch)
 def _gate_up_layer(seed: int, t: int):
     """A [gate | up] ColumnParallelLinear (k 48, parts of 32, rank 8, 3 slots) with a stacked LoRA projection over T
     rows of random adapters: (layer, x, A, B, W, its BatchAdapters)."""
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
     from radixlm.runtime.parallel.layers import ColumnParallelLinear
 
     dev = _device()

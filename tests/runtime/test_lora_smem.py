@@ -89,7 +89,7 @@ def test_expand_loops_over_ranks_above_its_rank_step(rank: int) -> None:
     """Ranks above EXPAND_MAX_BLOCK_R (64) take several rank steps in one launch (80: two, the second
     masked past 80; 130: three): shrink + expand equal the reference, base rows untouched; and the
     layer's path (LoRAProjection, overlap) at such a rank gives the same update."""
-    from radixlm.runtime.lora.pool import BatchAdapters, LoRAProjection
+    from radixlm.runtime.lora.projection import BatchAdapters, LoRAProjection
     from radixlm.runtime.lora.sgmv_triton import sgmv_expand, sgmv_shrink
 
     dev = _device()

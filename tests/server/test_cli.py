@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from radixlm.runtime import cli
-from radixlm.runtime.server_args import GROUPS, ServerArgs, flag_specs
+from radixlm.runtime.flag_spec import GROUPS
+from radixlm.runtime.server_args import ServerArgs, flag_specs
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
