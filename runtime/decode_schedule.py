@@ -30,10 +30,15 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
         retract_one(sched)
     batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
     sched.step_batches.append(batch)
-    # A request whose last token is on the device finishes when that is committed: nothing to run.
-    todo = [r for r in sched.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device]
+    # A request whose last token is on the device finishes when that is committed: nothing to run
+    # (nor for one whose token on the device is an end token its grammar forced).
+    pending = sched.uncommitted
+    todo = [r for r in sched.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device
+            and not (r.tokens_on_device and pending is not None and pending.ends is not None and pending.ends_row(r))]
     drafts = propose_drafts(sched, todo, mixed)
-    slots = sched._alloc_slots(len(todo) + drafts.total)
+    # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py)
+    own = sum(r.fill_len + r.tokens_on_device - r.kv_len for r in todo)
+    slots = sched._alloc_slots(own + drafts.total)
     if slots is not None:  # the common case: one allocation for the whole batch
         parents = drafts.parents or [None] * len(todo)
         lanes = sched.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
@@ -43,7 +48,7 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
         sched.reserve.on_decode_step()
         return batch if todo else None
     for req in todo:
-        slot = sched._alloc_slots(1)
+        slot = sched._alloc_slots(req.fill_len + req.tokens_on_device - req.kv_len)
         if slot is not None:
             sched._add(batch, req, slot, decoding=True)
             continue
@@ -66,6 +71,11 @@ def propose_drafts(sched: Scheduler, todo: list[Req], mixed: bool = False) -> Dr
     if sched.spec is None or not todo:
         return none
     drafts = sched.spec.propose(todo, sched.grammars)
+    if any(r.fill_len + r.tokens_on_device - r.kv_len > 1 for r in todo):  # forced tokens pending: no drafts there
+        keep = [r.fill_len + r.tokens_on_device - r.kv_len == 1 for r in todo]
+        drafts = Drafts([d if k else [] for d, k in zip(drafts.tokens, keep)],
+                        [m if k else None for m, k in zip(drafts.masks, keep)],
+                        None if drafts.parents is None else [p if k else None for p, k in zip(drafts.parents, keep)])
     if drafts.parents and not mixed:
         drafts = drafts.within_lanes(sched.req_to_token_pool.available())
     if drafts.total and sched.kv_pool.available() < len(todo) + drafts.total:

@@ -198,7 +198,8 @@ class GrammarRuntime:
                 self.workers.fill(missing, mask)
         return mask.to(device, non_blocking=True) if device.type == "cuda" else mask
 
-    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_tokens: int = 0) -> set[int]:
+    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_tokens: int = 0,
+                     rides: list[list[int]] | None = None) -> set[int]:
         """Commit one sampled token per request (all matchers at once), then start their next
         masks in the background. Until those are taken (`bitmask`) or awaited, nothing else may
         touch these matchers: `is_terminated` answers from what was recorded here.
@@ -206,7 +207,10 @@ class GrammarRuntime:
         `forced_min_tokens` > 0: also returns the ids of the live requests whose grammar now forces
         text of at least that many tokens (a jump-forward candidate), read before the masks start.
         The caller asks only where a jump could pay (small batches), so large batches pay no
-        per-row forced-prefix call; only rows forcing that many bytes are tokenized."""
+        per-row forced-prefix call; only rows forcing that many bytes are tokenized.
+
+        `rides`: per request the grammar-forced tokens that follow its token (`forced_runs`, read when
+        that token's mask was taken), committed right after it."""
         self._settle()
         self._step = None
         step = self._tables.commit(reqs, tokens, self.workers) if self.state_tables else None
@@ -215,6 +219,11 @@ class GrammarRuntime:
         else:
             ok = self.workers.advance([r.grammar for r in reqs], tokens)
             finished = [not good or req.grammar.is_terminated() for req, good in zip(reqs, ok)]
+        if rides is not None:
+            ok, finished = list(ok), list(finished)
+            for j, ride in enumerate(rides):
+                if ride and ok[j] and not finished[j]:
+                    ok[j], finished[j] = self._ride(reqs[j], ride, step, j)
         self._terminated.clear()
         live: list[Req] = []
         due: set[int] = set()
@@ -242,6 +251,44 @@ class GrammarRuntime:
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
                                           self.workers.start_fill(items, buffer))
         return due
+
+    def _ride(self, req: Req, ride: list[int], step: TableStep | None, j: int) -> tuple[bool, bool]:
+        """Commit a row's forced tokens after its sampled one; (accepted, terminated). The commit's
+        table row for it (`step`) becomes the row after them."""
+        grammar = req.grammar
+        for token in ride:
+            if not grammar.advance(token):
+                return False, True
+        done = grammar.is_terminated()
+        if step is not None:
+            row = grammar.table_row() if hasattr(grammar, "table_row") else -1
+            step.rows[j] = row
+            step.done[j] = done
+            if row < 0:
+                step.missing = []  # (the gather scans the batch and fills what is missing)
+        return True, done
+
+    def forced_runs(self, reqs: list[Req], limits: list[int]) -> list[tuple[list[int], bool]]:
+        """Per request (its grammar advanced to its last token, its next mask not yet sampled from) the
+        tokens that its next token forces after it and whether the row ends there (state_table.StateTable.
+        forced_run): the next token is the first of the run, sampled as usual; the rest ride with it.
+        At most `limits[i]` tokens after the first; rows without a healthy table: none."""
+        out: list[tuple[list[int], bool]] = []
+        none: tuple[list[int], bool] = ([], False)
+        for req, limit in zip(reqs, limits):
+            m = req.grammar
+            table = getattr(m, "table", None)
+            if m is None or req.finished or table is None or table.broken or m.ended or m.refused:
+                out.append(none)
+                continue
+            run, ends = table.forced_run(m.state, limit + 1)
+            if ends and not run:
+                out.append(([], True))  # its next token is an end token: the row's last
+            elif len(run) > 1:
+                out.append((run[1:], False))  # the first is sampled; the ones after it ride
+            else:
+                out.append(none)
+        return out
 
     def _forces(self, req: Req, min_tokens: int) -> bool:
         """The grammar forces text of at least `min_tokens` tokens (a token holds at least one byte)."""
