@@ -57,6 +57,8 @@ class StateTable:
         self._forces: dict[int, bool] = {}
         self.forced: dict[int, bytes] = {}  # the backend's forced bytes at a DFA state, recorded where a row stood
         self._single: dict[int, int] = {}  # per filled state: its mask's only allowed token, or -1
+        # per state, tokens seen taken there that lead to a state forcing one token: token -> that token
+        self.forced_after: dict[int, dict[int, int]] = {}
         self._grow(256)
         self.rows[ALL_ROW] = -1
         self.rows[NONE_ROW] = 0
@@ -112,6 +114,15 @@ class StateTable:
                 token = 32 * w + bits.bit_length() - 1
         self._single[state] = token
         return token
+
+    def note_move(self, state: int, token: int, nxt: int) -> None:
+        """A row at `state` took `token` to `nxt` (a filled row): remember the token `nxt` forces, if one
+        (never an end token), for rows at `state` later (runtime/forced_rows.py)."""
+        forced = self._single.get(nxt)
+        if forced is None:
+            forced = self.single_token(nxt)
+        if forced >= 0 and forced not in self.end_ids:
+            self.forced_after.setdefault(state, {})[token] = forced
 
     def forced_run(self, state: int, limit: int) -> tuple[list[int], bool]:
         """The tokens a row at `state` must take next, one by one (each state's mask allows only that

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from radixlm.runtime.forced_rows import plan_guesses
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
@@ -36,13 +37,20 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     todo = [r for r in sched.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device
             and not (r.tokens_on_device and pending is not None and pending.ends is not None and pending.ends_row(r))]
     drafts = propose_drafts(sched, todo, mixed)
-    # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py)
+    # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py),
+    # and one more where the token on the device may force one (a guess)
     own = sum(r.fill_len + r.tokens_on_device - r.kv_len for r in todo)
+    guesses = plan_guesses(sched, todo, own) if not mixed and not drafts.total else None
+    if guesses is not None:
+        own += sum(g is not None for g in guesses)
     slots = sched._alloc_slots(own + drafts.total)
     if slots is not None:  # the common case: one allocation for the whole batch
         parents = drafts.parents or [None] * len(todo)
         lanes = sched.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
         batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes)
+        if guesses is not None:
+            batch.guesses = guesses
+            batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, guesses)]
         for req, ext in zip(todo, batch.extend_lens):
             req.kv_len += ext
         sched.reserve.on_decode_step()

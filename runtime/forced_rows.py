@@ -12,6 +12,16 @@ A run that ends on a forced end token (a JSON document's last) marks the row ins
 after leaves it out (it ends when that token is committed), so the run no longer needs a step to
 find out that its last row ended.
 
+Most forced tokens stand alone, right after a free one (a key's last piece after its first, `ue`
+after `tr`): t1 is known only once the free token is, after step k+1 is launched. Guesses take
+those: the state table remembers, per state, the tokens seen taken there that led to a state
+forcing one token (`StateTable.forced_after`); a row at such a state computes one more decode row
+in step k+1 whose token the device picks from those pairs by the sampled token (a padding token
+where none matches). Once the host has the sampled token it knows whether the pair matched: if so
+the forced token rides after it and step k+1 samples after it; if not, that row's slot goes back
+to the pool and the step samples after the token as usual. Guess rows only fill the padding of the
+CUDA graph the step replays anyway, so a miss costs nothing.
+
 Outputs are unchanged: a ride holds only tokens each of whose states allows nothing else (state
 table rows with one bit set), never an end token, never into a state that ends the grammar or is
 not filled yet, and only for rows whose draw could not refuse it (no logit bias, no token bans of
@@ -20,15 +30,21 @@ room for a token after it. Rows without a state table (llguidance's masks only) 
 """
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
+
+import torch
 
 from radixlm.runtime.request import Req
 
 if TYPE_CHECKING:
+    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
     from radixlm.runtime.scheduler import Scheduler
 
 # Forced tokens riding after one row's token (a JSON key literal of the benchmark's schema: 2-6 tokens).
 MAX_RIDE = 16
+# Pairs (token -> the token it forces) a guess row picks from on the device.
+MAX_PAIRS = 64
 
 
 def rides_allowed(req: Req) -> bool:
@@ -46,7 +62,7 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     grammars = sched.grammars
     if grammars is None or sched.args.disable_forced_rows:
         return None, None
-    picked = [i for i, r in enumerate(reqs) if r.grammar is not None and rides_allowed(r)]
+    picked = [i for i in _forcing_rows(reqs) if rides_allowed(reqs[i])]
     if not picked:
         return None, None
     graphs = sched.runner.graph_runner
@@ -70,4 +86,117 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
             spare -= len(ride)
             rides[i] = ride
             any_ride = True
+    stats = sched.stats
+    stats["forced_ride_tokens"] += sum(map(len, rides)) if any_ride else 0
+    stats["forced_end_rows"] += sum(ends) if any_end else 0
     return (rides if any_ride else None), (ends if any_end else None)
+
+
+def _forcing_rows(reqs: list[Req]) -> list[int]:
+    """The rows whose grammar's state table row allows one token (or is not known yet to allow more):
+    one dict lookup a row, the per-step filter in front of everything else here."""
+    out = []
+    for i, r in enumerate(reqs):
+        m = r.grammar
+        if m is None:
+            continue
+        table = getattr(m, "table", None)
+        if table is not None and table._single.get(m.states[-1], 0) >= 0:
+            out.append(i)
+    return out
+
+
+def _guess_rows(reqs: list[Req]) -> list[tuple[int, dict[int, int]]]:
+    """The rows whose grammar's state has pairs (`StateTable.forced_after`), with them: one lookup a row."""
+    out = []
+    for i, r in enumerate(reqs):
+        m = r.grammar
+        if m is None:
+            continue
+        table = getattr(m, "table", None)
+        if table is not None:
+            pairs = table.forced_after.get(m.states[-1])
+            if pairs:
+                out.append((i, pairs))
+    return out
+
+
+def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int, int] | None] | None:
+    """For a decode step about to run `todo` overlapped: per row whose token on the device was sampled at a
+    state where some token seen taken before led to a state forcing one token, those pairs (`StateTable.
+    forced_after`), else None; None where no row has any. Such a row computes one more token, the forced
+    one its sampled token names (picked on the device), and samples after it where the pair matched.
+    Guess rows only fill the padding of the CUDA graph bucket the step's `rows` replay anyway (rows a
+    padded graph computes and drops): a guess that misses costs nothing there, one that hits saves its
+    row a step. Without graphs (the CPU) a row costs its compute: up to one guess per row."""
+    pending = sched.uncommitted
+    if (sched.grammars is None or sched.args.disable_forced_rows or pending is None or sched.spec is not None
+            or pending.prefill):
+        return None
+    graphs = sched.runner.graph_runner
+    if graphs is not None:
+        at = bisect.bisect_left(graphs.buckets, rows)
+        spare = graphs.buckets[at] - rows if at < len(graphs.buckets) else 0
+    else:
+        spare = len(todo)
+    if spare <= 0:
+        return None
+    context = sched.runner.context_len
+    out: list[dict[int, int] | None] = [None] * len(todo)
+    found = False
+    for i, pairs in _guess_rows(todo):
+        r = todo[i]
+        m = r.grammar
+        if r.tokens_on_device != 1 or spare <= 0 or m.table.broken or m.ended or m.refused:
+            continue
+        if not rides_allowed(r) or pending.ride_of(r) or pending.ends_row(r):
+            continue
+        after = len(r.output_ids) + 2  # its token on the device and the guess
+        if r.params.max_new_tokens - after < 1 or context - len(r.input_ids) - after < 1:
+            continue
+        out[i] = dict(list(pairs.items())[:MAX_PAIRS]) if len(pairs) > MAX_PAIRS else dict(pairs)
+        spare -= 1
+        found = True
+    if not found:
+        return None
+    from radixlm.runtime.forward_batch import ForwardMode
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+
+    if not sched.results.can_defer(ScheduledBatch(ForwardMode.DECODE, todo, [], [])):
+        return None  # (only an overlapped step learns its rows' tokens before sampling them)
+    return out
+
+
+def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep,
+                    logits: torch.Tensor) -> torch.Tensor:
+    """After the pending step's tokens went into the grammars (an overlapped step, before sampling): a
+    guess row whose token matched a pair took the forced token it names, which now rides after that token
+    (appended with it, committed to its grammar); the others' guess slot goes back to the pool. Returns
+    one logits row per request: after the guess where it was taken."""
+    assert batch.guesses is not None
+    ids = previous._host_tokens()
+    sched.stats["forced_guess_rows"] += sum(g is not None for g in batch.guesses)
+    chosen: list[int] = []
+    slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
+    for i, (req, guess) in enumerate(zip(batch.reqs, batch.guesses)):
+        row = batch.sample_rows[i]
+        assert row is not None
+        if guess is None:
+            chosen.append(row)
+            continue
+        forced = guess.get(ids[req.uncommitted_row], -1) if not req.finished else -1
+        if forced >= 0 and previous.rides is None:
+            previous.rides = [[] for _ in previous.reqs]
+        if forced >= 0 and sched.grammars.ride_after(req, forced):
+            previous.rides[req.uncommitted_row] = [forced]  # type: ignore[index]
+            req.tokens_on_device += 1
+            sched.stats["forced_guess_hits"] += 1
+            chosen.append(batch.guess_rows[i])
+            continue
+        at = batch.guess_slots[i]
+        sched.kv_pool.free(slots[at : at + 1])
+        req.kv_len -= 1
+        chosen.append(row)
+    if chosen == list(range(logits.shape[0])):
+        return logits
+    return logits.index_select(0, torch.tensor(chosen, dtype=torch.int64).to(logits.device, non_blocking=True))

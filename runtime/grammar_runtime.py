@@ -268,6 +268,34 @@ class GrammarRuntime:
                 step.missing = []  # (the gather scans the batch and fills what is missing)
         return True, done
 
+    def ride_after(self, req: Req, token: int) -> bool:
+        """After the last commit (`advance_many`), before its masks are taken: commit `token` to `req`'s
+        grammar too, if its state forces exactly that token (False, and nothing done, otherwise)."""
+        m = req.grammar
+        table = getattr(m, "table", None)
+        if table is None or table.broken or m.ended or table.forced_run(m.state, 1)[0] != [token]:
+            return False  # (nor where the state after it ends the grammar: that token would end the row)
+        step = self._step
+        j = -1
+        if step is not None:
+            try:
+                j = step.reqs.index(req)
+            except ValueError:
+                j = -1
+        if j < 0:
+            self._settle()
+            self._step = None
+            if not m.advance(token):
+                return False
+            if self._prefetch is not None:
+                self._prefetch.rows.pop(id(req), None)
+            self._terminated[id(req)] = (req, m.is_terminated())
+            return True
+        self._settle()
+        ok, done = self._ride(req, [token], step, j)
+        self._terminated[id(req)] = (req, done)
+        return ok
+
     def forced_runs(self, reqs: list[Req], limits: list[int]) -> list[tuple[list[int], bool]]:
         """Per request (its grammar advanced to its last token, its next mask not yet sampled from) the
         tokens that its next token forces after it and whether the row ends there (state_table.StateTable.

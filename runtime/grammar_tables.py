@@ -107,6 +107,7 @@ class DeviceTables:
             return None
         table = first.table
         moves, vocab, ready, terminated, end_ids = table._next, table.vocab, table.ready, table.terminated, table.end_ids
+        single = table._single
         capacity = len(ready)
         n = len(reqs)
         ok, done, rows = [True] * n, [False] * n, [-1] * n
@@ -124,6 +125,8 @@ class DeviceTables:
                 if nxt is not None and nxt >= 0:
                     row = nxt + FIRST_STATE_ROW
                     if row < capacity and ready[row]:
+                        if single.get(nxt, 0) >= 0:  # (unknown, or forcing a token: noted for forced_rows.py)
+                            table.note_move(states[-1], tok, nxt)
                         states.append(nxt)
                         m.lag.append(tok)
                         rows[j] = row

@@ -16,7 +16,7 @@ import torch
 from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.decode_schedule import schedule_decode
 from radixlm.runtime.fault_isolation import recover_from_step_error
-from radixlm.runtime.forced_rows import plan_rides
+from radixlm.runtime.forced_rows import plan_rides, resolve_guesses
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
@@ -129,7 +129,10 @@ class Scheduler:
                       "overlapped_prefill_steps": 0,
                       # verify steps launched before the previous verify step's results were processed (of
                       # them, built after a wrong guess at those results)
-                      "ahead_steps": 0, "ahead_rebuilt_steps": 0}
+                      "ahead_steps": 0, "ahead_rebuilt_steps": 0,
+                      # grammar-forced tokens computed as extra decode rows (forced_rows.py): tokens that rode
+                      # after a sampled one, guess rows and the guesses taken, rows a forced end token left out
+                      "forced_ride_tokens": 0, "forced_guess_rows": 0, "forced_guess_hits": 0, "forced_end_rows": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -253,6 +256,9 @@ class Scheduler:
                 reqs, ids = previous.peek_tokens()
                 advanced = self.results.advance_grammars(reqs, ids, self.grammars, len(self.running), allow_jump=False,
                                                          rides=previous.live_rides())
+            if batch.guesses is not None:  # rows whose token just committed forces one more: sampled after it
+                assert previous is not None
+                logits = resolve_guesses(self, batch, previous, logits)
             self.uncommitted = self._launch(batch, logits)
             if self.spec is not None:
                 self.spec.warm(self.running)  # n-gram indexes, while the device runs this step

@@ -1,0 +1,68 @@
+"""Grammar-forced tokens as extra decode rows (runtime/forced_rows.py), overlap scheduling on the CPU:
+outputs equal those decoded token by token (greedy and seeded sampling), fewer decode steps, the KV
+pool and radix tree exact afterwards."""
+from __future__ import annotations
+
+import json
+import time
+
+import jsonschema
+import pytest
+
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
+
+# gpu_suite item (f)'s schema: regular (a state table mirrors it), keys in any order, bounded strings.
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
+
+
+def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1) -> tuple[list[dict], dict]:
+    # (complete: the schema's state table is filled ahead by a background walk, as on a server that served it;
+    # a ride needs the rows of the states it crosses)
+    sched = make_scheduler(model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
+                           disable_jump_forward=True, disable_forced_rows=not forced_rows, grammar_state_table="complete")
+    try:
+        tok = sched.tokenizer
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Answer as JSON."}],
+                                                    add_generation_prompt=True, tokenize=False))
+        warm = {**reqs_params[0], "max_new_tokens": 4}
+        run_to_completion(sched, [TokenizedGenerateReq(rid="warm", input_ids=prompt, params=SamplingParams(**warm))])
+        deadline = time.monotonic() + 120
+        while sched.grammars.info()["grammar_tables_completing"] and time.monotonic() < deadline:
+            sched.grammars.file_completed_rows()
+            time.sleep(0.05)
+        sched.stats.update({k: 0 for k in sched.stats if k.startswith("forced_") or k.endswith("_steps")})
+        outs = []
+        for k in range(repeats):
+            reqs = [TokenizedGenerateReq(rid=f"r{k}-{i}", input_ids=prompt, params=SamplingParams(**p))
+                    for i, p in enumerate(reqs_params)]
+            got = run_to_completion(sched, reqs)
+            outs.append({r.rid.split("-")[1]: got[r.rid]["output_ids"] for r in reqs})
+            assert_pool_idle(sched)
+        return outs, dict(sched.stats)
+    finally:
+        if sched.grammars is not None:
+            sched.grammars.close()
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(default_model_dir, sampling) -> None:
+    """The second batch of the schema finds the (state, token) moves the first took into states that force
+    one token: its rows compute that token beside the sampled one (picked on the device), sample after it
+    where it was taken, and the batch needs fewer decode steps for the very same tokens."""
+    temp = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0}
+    params = [{**temp, "seed": i, "max_new_tokens": 90, "json_schema": json.dumps(SCHEMA)} for i in range(4)]
+    off, off_stats = _run(default_model_dir, False, params, repeats=2)
+    on, on_stats = _run(default_model_dir, True, params, repeats=2)
+    assert on == off  # token for token, every request, both batches
+    assert on_stats["forced_guess_hits"] > 0 and off_stats["forced_guess_rows"] == 0
+    assert on_stats["decode_steps"] < off_stats["decode_steps"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    for ids in on[1].values():
+        jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SCHEMA)
