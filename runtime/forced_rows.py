@@ -31,13 +31,15 @@ room for a token after it. Rows without a state table (llguidance's masks only) 
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from radixlm.runtime.request import Req
 
 if TYPE_CHECKING:
+    from radixlm.constrained.state_table import StateTable
     from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
     from radixlm.runtime.scheduler import Scheduler
 
@@ -62,7 +64,7 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     grammars = sched.grammars
     if grammars is None or sched.args.disable_forced_rows:
         return None, None
-    picked = [i for i in _forcing_rows(reqs) if rides_allowed(reqs[i])]
+    picked = [i for i, _ in _rows_at(reqs, _may_force) if rides_allowed(reqs[i])]
     if not picked:
         return None, None
     graphs = sched.runner.graph_runner
@@ -92,33 +94,27 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     return (rides if any_ride else None), (ends if any_end else None)
 
 
-def _forcing_rows(reqs: list[Req]) -> list[int]:
-    """The rows whose grammar's state table row allows one token (or is not known yet to allow more):
-    one dict lookup a row, the per-step filter in front of everything else here."""
+def _rows_at(reqs: list[Req], lookup: Callable[[StateTable, int], Any]) -> list[tuple[int, Any]]:
+    """(row, what `lookup` says of its grammar's table and state) for each constrained row with a state
+    table where that is truthy: one dict lookup a row, the per-step filter in front of everything here."""
     out = []
     for i, r in enumerate(reqs):
         m = r.grammar
-        if m is None:
-            continue
-        table = getattr(m, "table", None)
-        if table is not None and table._single.get(m.states[-1], 0) >= 0:
-            out.append(i)
-    return out
-
-
-def _guess_rows(reqs: list[Req]) -> list[tuple[int, dict[int, int]]]:
-    """The rows whose grammar's state has pairs (`StateTable.forced_after`), with them: one lookup a row."""
-    out = []
-    for i, r in enumerate(reqs):
-        m = r.grammar
-        if m is None:
-            continue
-        table = getattr(m, "table", None)
+        table = getattr(m, "table", None) if m is not None else None
         if table is not None:
-            pairs = table.forced_after.get(m.states[-1])
-            if pairs:
-                out.append((i, pairs))
+            hit = lookup(table, m.states[-1])
+            if hit:
+                out.append((i, hit))
     return out
+
+
+def _may_force(table: StateTable, state: int) -> bool:
+    """The state's row allows one token, or is not known yet to allow more."""
+    return table._single.get(state, 0) >= 0
+
+
+def _pairs(table: StateTable, state: int) -> dict[int, int] | None:
+    return table.forced_after.get(state)
 
 
 def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int, int] | None] | None:
@@ -144,7 +140,7 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int,
     context = sched.runner.context_len
     out: list[dict[int, int] | None] = [None] * len(todo)
     found = False
-    for i, pairs in _guess_rows(todo):
+    for i, pairs in _rows_at(todo, _pairs):
         r = todo[i]
         m = r.grammar
         if r.tokens_on_device != 1 or spare <= 0 or m.table.broken or m.ended or m.refused:
