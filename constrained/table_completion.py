@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 CHUNK_STATES = 256  # rows per message (1.5 MB at a 49k vocabulary): one merge costs the scheduler ~1 ms
 TIME_LIMIT_S = 120.0  # a grammar's walk stops here (its other states stay lazily filled)
 MOVE_SLICE = 1024  # states whose moves one scheduler turn files (~3 ms on the 2-core CPU)
+# States allowing at most this many tokens get their forced pairs walked (item (f)'s schema: every state a free
+# token was taken at before a forced one allowed fewer than 256; 420 such states, 30k walks, 0.45 s on the 2-core CPU)
+PAIR_MAX_ALLOWED = 256
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,21 @@ class DfaMoves:
     moves: np.ndarray  # [states, byte classes] int32
 
 
+@dataclass(frozen=True)
+class ForcedPairs:
+    """Per walked state whose mask allows at most PAIR_MAX_ALLOWED tokens: each allowed token that leads
+    to a state whose mask allows one token (not an end token, the state not terminated), with that
+    token (`StateTable.forced_after`, which runtime/forced_rows.py's guesses read)."""
+
+    nfa_states: int
+    pairs: dict[int, dict[int, int]]
+
+
 def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit_s: float = TIME_LIMIT_S,
-                chunk: int = CHUNK_STATES) -> Iterator[RowChunk | DfaMoves]:
+                chunk: int = CHUNK_STATES) -> Iterator[RowChunk | DfaMoves | ForcedPairs]:
     """Every DFA state reachable by llguidance-accepted bytes, depth first, with its mask, then the DFA's
-    moves; `grammar`'s own table is not touched (its DFA is only stepped)."""
+    moves, then the forced pairs of its states with few allowed tokens; `grammar`'s own table is not
+    touched (its DFA is only stepped)."""
     table = grammar.table
     dfa = table.dfa
     limit = min(max_states or dfa.max_states, dfa.max_states)
@@ -87,14 +101,22 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     forced: list[bytes] = []
     seen = {0}
     deadline = time.monotonic() + time_limit_s
+    few: dict[int, np.ndarray] = {}  # states allowing at most PAIR_MAX_ALLOWED tokens: those tokens
+    single_of: dict[int, int] = {}  # states allowing one token (not ended there): that token
 
     def visit(q: int) -> None:
         matcher.fill_next_token_bitmask(buf, 0)
         sets.append(dfa.nfa_set(q))
-        rows.append(buf[0].numpy().copy())
+        row = buf[0].numpy().copy()
+        rows.append(row)
         terminated.append(matcher.is_terminated())
         ids.append(q)
         forced.append(matcher.forced_bytes())
+        allowed = allowed_tokens(row, PAIR_MAX_ALLOWED)
+        if allowed is not None:
+            few[q] = allowed
+            if len(allowed) == 1 and not terminated[-1]:
+                single_of[q] = int(allowed[0])
 
     def flush() -> RowChunk:
         out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids), list(forced))
@@ -126,6 +148,54 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     if sets:
         yield flush()
     yield DfaMoves(nfa, np.array(dfa.move_table(), dtype=np.int32).reshape(-1, dfa.num_byte_classes))
+    yield ForcedPairs(nfa, forced_pairs(grammar, few, single_of, deadline))
+
+
+def allowed_tokens(row: np.ndarray, most: int) -> np.ndarray | None:
+    """The token ids a packed mask row allows, or None when more than `most`."""
+    bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+    if int(bits.sum()) > most:
+        return None
+    return np.flatnonzero(bits)
+
+
+def forced_pairs(grammar: TableGrammar, few: dict[int, np.ndarray], single_of: dict[int, int],
+                 deadline: float) -> dict[int, dict[int, int]]:
+    """`ForcedPairs.pairs` of the walk's states: each state of `few`'s allowed tokens walked on the DFA."""
+    dfa, info = grammar.table.dfa, grammar.info
+    end_ids = set(info.end_token_ids)
+    out: dict[int, dict[int, int]] = {}
+    for q, allowed in few.items():
+        if time.monotonic() > deadline:
+            break
+        pairs: dict[int, int] = {}
+        for x in allowed.tolist():
+            data = info.token_bytes[x] if x < len(info.token_bytes) else None
+            if x in end_ids or not data:
+                continue
+            try:
+                nxt = dfa.walk(q, data)
+            except OverflowError:
+                return out
+            forced = single_of.get(nxt, -1)
+            if forced >= 0 and forced not in end_ids:
+                pairs[x] = forced
+        if pairs:
+            out[q] = pairs
+    return out
+
+
+def file_pairs(table: StateTable, found: ForcedPairs, renamed: dict[int, int]) -> int:
+    """File the walk's forced pairs under `table`'s state numbers; returns the states given pairs."""
+    if table.broken or found.nfa_states != table.dfa.nfa_size:
+        return 0
+    filed = 0
+    for q, pairs in found.pairs.items():
+        mine = renamed.get(q)
+        if mine is not None:
+            table.forced_after.setdefault(mine, {}).update(pairs)
+            filed += 1
+    return filed
 
 
 def file_rows(table: StateTable, chunk: RowChunk, renamed: dict[int, int] | None = None) -> int:
@@ -205,7 +275,8 @@ def _worker_main(conn: Any, tokenizer_path: str) -> None:
             grammar = TableGrammar.wrap(grammar_from_payload(info, backend, payload))
             if grammar is not None:
                 for chunk in walk_states(grammar, max_states):
-                    conn.send(("moves" if isinstance(chunk, DfaMoves) else "rows", job_id, chunk))
+                    tag = "moves" if isinstance(chunk, DfaMoves) else "pairs" if isinstance(chunk, ForcedPairs) else "rows"
+                    conn.send((tag, job_id, chunk))
             conn.send(("done", job_id, None))
         except Exception as exc:  # noqa: BLE001 - this grammar's table stays lazily filled
             conn.send(("done", job_id, repr(exc)))
@@ -285,6 +356,8 @@ class TableCompletion:
                     table = self._inflight[1]
                     if tag == "moves":
                         self._filing = file_moves(table, body, self._renamed)  # from the next poll on
+                    elif tag == "pairs":
+                        file_pairs(table, body, self._renamed)
                     elif tag == "rows":
                         merged += file_rows(table, body, self._renamed)
                     else:  # done

@@ -47,6 +47,12 @@ if TYPE_CHECKING:
 MAX_RIDE = 16
 # Pairs (token -> the token it forces) a guess row picks from on the device.
 MAX_PAIRS = 64
+# A state's guess hit rate starts at PRIOR_HITS / PRIOR_TRIES (item (f) on the CPU: 88 of 443 guesses taken).
+PRIOR_HITS, PRIOR_TRIES = 1.0, 5.0
+# The decode step's cost that does not grow with its rows, in rows' worth: the H200, 8B shape, item (f)'s JSON
+# steps at 64 and 256 rows took 5.56 and 9.51 ms at the median (benchmarks/RESULTS.md, gmask5): 0.0206 ms a row
+# above 4.24 ms.
+DECODE_FIXED_ROWS = 206
 
 
 def rides_allowed(req: Req) -> bool:
@@ -119,48 +125,70 @@ def _pairs(table: StateTable, state: int) -> dict[int, int] | None:
 
 def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int, int] | None] | None:
     """For a decode step about to run `todo` overlapped: per row whose token on the device was sampled at a
-    state where some token seen taken before led to a state forcing one token, those pairs (`StateTable.
-    forced_after`), else None; None where no row has any. Such a row computes one more token, the forced
-    one its sampled token names (picked on the device), and samples after it where the pair matched.
-    Guess rows only fill the padding of the CUDA graph bucket the step's `rows` replay anyway (rows a
-    padded graph computes and drops): a guess that misses costs nothing there, one that hits saves its
-    row a step. Without graphs (the CPU) a row costs its compute: up to one guess per row."""
+    state where some tokens lead to a state forcing one token, those pairs (`StateTable.forced_after`), for
+    the rows where a guess pays (`_worth`), else None; None where no row has one. Such a row computes one
+    more token, the forced one its sampled token names (picked on the device), and samples after it where
+    the pair matched. Without graphs (the CPU, where steps are not overlapped unless asked) every
+    candidate row guesses."""
     pending = sched.uncommitted
     if (sched.grammars is None or sched.args.disable_forced_rows or pending is None or sched.spec is not None
             or pending.prefill):
         return None
-    graphs = sched.runner.graph_runner
-    if graphs is not None:
-        at = bisect.bisect_left(graphs.buckets, rows)
-        spare = graphs.buckets[at] - rows if at < len(graphs.buckets) else 0
-    else:
-        spare = len(todo)
-    if spare <= 0:
-        return None
     context = sched.runner.context_len
-    out: list[dict[int, int] | None] = [None] * len(todo)
-    found = False
+    candidates: list[tuple[float, int, int, dict[int, int]]] = []  # (hit rate, row, state, pairs)
     for i, pairs in _rows_at(todo, _pairs):
         r = todo[i]
         m = r.grammar
-        if r.tokens_on_device != 1 or spare <= 0 or m.table.broken or m.ended or m.refused:
+        if r.tokens_on_device != 1 or m.table.broken or m.ended or m.refused:
             continue
         if not rides_allowed(r) or pending.ride_of(r) or pending.ends_row(r):
             continue
         after = len(r.output_ids) + 2  # its token on the device and the guess
         if r.params.max_new_tokens - after < 1 or context - len(r.input_ids) - after < 1:
             continue
-        out[i] = dict(list(pairs.items())[:MAX_PAIRS]) if len(pairs) > MAX_PAIRS else dict(pairs)
-        spare -= 1
-        found = True
-    if not found:
+        tried, hits = m.table.guessed.get(m.state, (0, 0))
+        candidates.append(((hits + PRIOR_HITS) / (tried + PRIOR_TRIES), i, m.state, pairs))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: -c[0])
+    graphs = sched.runner.graph_runner
+    take = _worth([c[0] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None)
+    if not take:
         return None
     from radixlm.runtime.forward_batch import ForwardMode
     from radixlm.runtime.schedule_batch import ScheduledBatch
 
     if not sched.results.can_defer(ScheduledBatch(ForwardMode.DECODE, todo, [], [])):
         return None  # (only an overlapped step learns its rows' tokens before sampling them)
+    out: list[dict[int, int] | None] = [None] * len(todo)
+    for _, i, state, pairs in candidates[:take]:
+        picked = dict(list(pairs.items())[:MAX_PAIRS]) if len(pairs) > MAX_PAIRS else dict(pairs)
+        out[i] = picked
+        todo[i].guess_state = state
     return out
+
+
+def _worth(rates: list[float], rows: int, batch: int, buckets: list[int] | None) -> int:
+    """How many of the candidates (hit rates, best first) guess. A CUDA graph replays a whole bucket: guess
+    rows in the padding of the bucket the step's `rows` replay anyway cost nothing; growing into the next
+    bucket (n more rows) pays when the guesses it lets in are expected to save more row-steps than the n
+    rows cost. A decode step costs about (DECODE_FIXED_ROWS + batch) rows' worth, so a row-step saved is worth
+    (DECODE_FIXED_ROWS + batch) / batch rows of a step."""
+    if buckets is None:
+        return len(rates)
+    at = bisect.bisect_left(buckets, rows)
+    if at >= len(buckets):
+        return 0
+    take = min(buckets[at] - rows, len(rates))
+    value = (DECODE_FIXED_ROWS + batch) / batch
+    while take < len(rates) and at + 1 < len(buckets):
+        grow = buckets[at + 1] - buckets[at]
+        gain = sum(rates[take : take + grow]) * value
+        if gain < grow:
+            break
+        take = min(take + grow, len(rates))
+        at += 1
+    return take
 
 
 def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep,
@@ -181,6 +209,9 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
             chosen.append(row)
             continue
         forced = guess.get(ids[req.uncommitted_row], -1) if not req.finished else -1
+        seen = req.grammar.table.guessed
+        tried, hits = seen.get(req.guess_state, (0, 0))
+        seen[req.guess_state] = (tried + 1, hits + (forced >= 0))
         if forced >= 0 and previous.rides is None:
             previous.rides = [[] for _ in previous.reqs]
         if forced >= 0 and sched.grammars.ride_after(req, forced):

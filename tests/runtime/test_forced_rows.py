@@ -66,3 +66,17 @@ def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(defau
     tok = AutoTokenizer.from_pretrained(str(default_model_dir))
     for ids in on[1].values():
         jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SCHEMA)
+
+
+def test_guess_rows_fill_the_graph_bucket_and_grow_it_only_where_they_pay() -> None:
+    from radixlm.runtime.cuda_graph_runner import batch_size_buckets
+    from radixlm.runtime.forced_rows import _worth
+
+    buckets = batch_size_buckets(512)  # ..., 48, 64, 80, 96, ...
+    assert _worth([0.05] * 10, 60, 60, buckets) == 4  # the padding of bucket 64: free, whatever the rate
+    assert _worth([0.05] * 10, 64, 64, buckets) == 0  # a full bucket: 16 more rows for ~0.5 row-steps saved
+    assert _worth([0.9] * 10, 64, 64, buckets) == 10  # ~38 row-steps' worth saved for 16 rows
+    assert _worth([0.9] * 40, 64, 64, buckets) == 40  # (80, then 96, then 112 rows: each growth pays)
+    # at 256 rows a step's fixed part weighs less per row: the same growth needs surer guesses
+    assert _worth([0.4] * 32, 256, 256, buckets) == 0 and _worth([0.4] * 32, 64, 64, buckets) == 32
+    assert _worth([0.9] * 3, 5, 5, None) == 3  # no graphs (the CPU): every candidate
