@@ -7,6 +7,7 @@ import torch
 
 from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.device_transfer import pack_on
+from radixlm.runtime.forced_rows import decode_rows_forward_batch
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
@@ -203,8 +204,10 @@ class ScheduledBatch:
         """The step's tensors on `device` (one packed copy), and the slot writes that the scheduler
         commits to req_to_token before running it. A decode step asks `cascade` whether its rows'
         shared radix-tree prefixes are worth attending once per group."""
-        if self.mode is ForwardMode.DECODE and not self.has_drafts and sum(self.extend_lens) == len(self.reqs):
-            return self._plain_decode_forward_batch(device, uncommitted, cascade)
+        if self.mode is ForwardMode.DECODE and not self.has_drafts:
+            if sum(self.extend_lens) == len(self.reqs):
+                return self._plain_decode_forward_batch(device, uncommitted, cascade)
+            return decode_rows_forward_batch(self, device, uncommitted, cascade)  # grammar-forced rows too
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
@@ -216,11 +219,6 @@ class ScheduledBatch:
         lane_copies: list[tuple[int, int, int]] = []
         tree_masks: list[torch.Tensor | None] = []
         decode = self.mode is ForwardMode.DECODE
-        guesses = self.guesses
-        self.guess_rows, self.guess_slots = [-1] * len(self.reqs), [-1] * len(self.reqs)
-        guess_at: list[int] = []  # each guess token's place in input_ids, its request's row of the pending step,
-        guess_src: list[int] = []  # and the pairs it is picked from
-        guess_pairs: list[dict[int, int]] = []
         for i, (req, prefix, ext, drafts) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens, self.drafts)):
             token_starts.append(offset)
             parents = self.draft_parents[i]
@@ -252,16 +250,9 @@ class ScheduledBatch:
                 offset += ext
                 continue
             self.verify_rows.append([])
-            guess = guesses[i] if guesses is not None else None
             if req.tokens_on_device:  # decode input is the token still on the device: filled in below
                 input_ids.append(0)
-                if guess is not None:  # ... then the token it forces, if a pair names it: picked on the device
-                    guess_at.append(len(input_ids))
-                    guess_src.append(req.uncommitted_row)
-                    guess_pairs.append(guess)
-                    self.guess_slots[i] = offset + 1
-                    input_ids.append(0)
-                elif ext > 1:  # ... then the grammar-forced tokens riding after it, known on the host
+                if ext > 1:  # ... then the grammar-forced tokens riding after it, known on the host
                     assert uncommitted is not None
                     input_ids.extend(uncommitted.ride_of(req))
             else:
@@ -275,13 +266,9 @@ class ScheduledBatch:
                 rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
                 logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
                 first_pos = lo + 1
-            done = prefix + ext - (guess is not None) == req.fill_len + req.tokens_on_device
+            done = prefix + ext == req.fill_len + req.tokens_on_device
             sample_row: int | None = None
-            if guess is not None:  # logits after its token and after the guess: which one is sampled is known later
-                sample_row = len(logits_indices)
-                self.guess_rows[i] = sample_row + 1
-                logits_indices.extend((offset, offset + 1))
-            elif done:
+            if done:
                 sample_row = len(logits_indices)
                 logits_indices.append(offset + ext - 1)
             self.logprob_rows.append(rows)
@@ -328,26 +315,14 @@ class ScheduledBatch:
         token_rows = row_t if decode else row_t.repeat_interleave(ext_cpu)  # each new token's request row
         slots32 = slots.to(torch.int32)
         # int32 where the consumers want it (lengths, req_to_token's slots), in the same copy: no casts on the device
-        width = max((len(p) for p in guess_pairs), default=0)
-        keys = [[*p, *[-1] * (width - len(p))] for p in guess_pairs]
-        values = [[*p.values(), *[0] * (width - len(p))] for p in guess_pairs]
-        guess_t = [ints(guess_at), ints(guess_src), ints([k for row in keys for k in row]),
-                   ints([v for row in values for v in row])] if guess_at else []
         (input_ids_t, positions_t, out_cache_loc, rows_t, logits_t, pending_t, src_t, token_rows_t, *layout_t,
          seq_lens_t, ext_t, starts_t, slots32_t) = pack_on([
             ints(input_ids), positions_cpu, slots, row_t, ints(logits_indices), ints(pending_tokens),
-            ints([self.reqs[i].uncommitted_row for i in pending]), token_rows, *extra, *guess_t,
+            ints([self.reqs[i].uncommitted_row for i in pending]), token_rows, *extra,
         ], device, int32=[torch.tensor(seq_lens, dtype=torch.int32), ext_cpu.to(torch.int32),
                           torch.tensor(starts, dtype=torch.int32), slots32])
-        if guess_t:
-            layout_t, (at_t, gsrc_t, keys_t, values_t) = layout_t[:-4], layout_t[-4:]
         if pending:
             input_ids_t[pending_t] = uncommitted.next_ids[src_t]
-        if guess_t:  # each guess row's token: the pair's forced token where its first token matches (else 0)
-            assert uncommitted is not None
-            sampled = uncommitted.next_ids[gsrc_t].view(-1, 1)
-            hit = keys_t.view(len(guess_at), width) == sampled
-            input_ids_t[at_t] = (values_t.view(len(guess_at), width) * hit).sum(1).to(input_ids_t.dtype)
         tree_t: list[torch.Tensor | None] = [None, None, None]
         if trees:
             tree_t, layout_t = layout_t[-3:], layout_t[:-3]
