@@ -171,8 +171,9 @@ class ScheduledBatch:
         self.new_slots.append(slots)
         self.reqs = reqs
         self.prefix_lens = [r.kv_len for r in reqs]
-        # (a row's own pending tokens: its last one, plus grammar-forced ones riding after it)
-        self.extend_lens = [r.fill_len + r.tokens_on_device - r.kv_len + len(d) for r, d in zip(reqs, drafts)]
+        # (a row's own pending tokens: its last one, plus grammar-forced ones riding after it; a verify step
+        # built ahead (`ahead_tokens`) starts with a token neither appended nor on the device: one too)
+        self.extend_lens = [max(r.fill_len + r.tokens_on_device - r.kv_len, 1) + len(d) for r, d in zip(reqs, drafts)]
         self.decoding = [True] * len(reqs)
         self.drafts = drafts
         self.draft_masks = masks
