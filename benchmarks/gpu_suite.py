@@ -199,7 +199,7 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
 
 def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
            engine_mask_threads: int | None = None, state_tables: list[str] | None = None, profile: bool = True,
-           wait_tables: bool = False, warm_shapes: bool = True, forced_rows: tuple[bool, ...] = (True,)) -> dict:
+           wait_tables: bool = False, warm_shapes: bool = True, forced_rows: tuple[bool, ...] = (False,)) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -214,8 +214,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
             gc.collect()
             torch.cuda.empty_cache()
             for batch, res in by_batch.items():
-                label = f"--grammar-state-table {table}" + ("" if rows else " --disable-forced-rows")
-                out[f"batch_{batch}_state_table_{table}" + ("" if rows else "_forced_rows_off")] = res
+                label = f"--grammar-state-table {table}" + (" --enable-forced-rows" if rows else "")
+                out[f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "")] = res
                 js = res["json_schema"]
                 print(f"(f) batch {batch} {label}: json/unconstrained {res['constrained_vs_unconstrained_tok_s']:.3f}x raw, "
                       f"{res['constrained_vs_same_lengths_tok_s']:.3f}x same lengths (json {js['tok_s']:.0f} tok/s, same-length "
@@ -302,7 +302,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...]] = (None, True, False, True, (True,))
+                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...]] = (None, True, False, True, (False,))
                      ) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
@@ -351,9 +351,9 @@ def main() -> None:
     ap.add_argument("--f-no-shape-warmup", action="store_true",
                     help="(f) with --f-state-table: no staggered-length warm-up before the JSON run (before 2026-12-04 "
                          "evening: the JSON run was the first to meet each decode batch size, the same-length run after it)")
-    ap.add_argument("--f-forced-rows", default="on",
-                    help="(f) with --f-state-table: on, off or on,off (side by side, an Engine each): grammar-forced "
-                         "tokens computed as extra decode rows (runtime/forced_rows.py) or each in a step of its own")
+    ap.add_argument("--f-forced-rows", default="off",
+                    help="(f) with --f-state-table: off, on or off,on (side by side, an Engine each): --enable-forced-rows, "
+                         "grammar-forced tokens computed as extra decode rows (runtime/forced_rows.py)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -22,6 +22,10 @@ the forced token rides after it and step k+1 samples after it; if not, that row'
 to the pool and the step samples after the token as usual. Guess rows only fill the padding of the
 CUDA graph the step replays anyway, so a miss costs nothing.
 
+Off by default (`--enable-forced-rows`): on the CPU it cuts decode steps for the same tokens (item (f)'s
+schema, 64 rows: 96 -> 91 with the H200's graph buckets simulated for the cost rule), but the extra rows'
+cost on a GPU and the device-side guess pick have not been measured yet (benchmarks/RESULTS.md).
+
 Outputs are unchanged: a ride holds only tokens each of whose states allows nothing else (state
 table rows with one bit set), never an end token, never into a state that ends the grammar or is
 not filled yet, and only for rows whose draw could not refuse it (no logit bias, no token bans of
@@ -73,7 +77,7 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     None) where no row has either. The rows a step adds stay within the largest CUDA graph (a step past
     it would run eagerly, costing more than the steps it saves)."""
     grammars = sched.grammars
-    if grammars is None or sched.args.disable_forced_rows:
+    if grammars is None or not sched.args.enable_forced_rows:
         return None, None
     picked = [i for i, _ in _rows_at(reqs, _may_force) if rides_allowed(reqs[i])]
     if not picked:
@@ -136,7 +140,7 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int,
     the pair matched. Without graphs (the CPU, where steps are not overlapped unless asked) every
     candidate row guesses."""
     pending = sched.uncommitted
-    if (sched.grammars is None or sched.args.disable_forced_rows or pending is None or sched.spec is not None
+    if (sched.grammars is None or not sched.args.enable_forced_rows or pending is None or sched.spec is not None
             or pending.prefill):
         return None
     context = sched.runner.context_len

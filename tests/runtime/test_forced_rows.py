@@ -24,7 +24,7 @@ def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1
     # (complete: the schema's state table is filled ahead by a background walk, as on a server that served it;
     # a ride needs the rows of the states it crosses)
     sched = make_scheduler(model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
-                           disable_jump_forward=True, disable_forced_rows=not forced_rows, grammar_state_table="complete")
+                           disable_jump_forward=True, enable_forced_rows=forced_rows, grammar_state_table="complete")
     try:
         tok = sched.tokenizer
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Answer as JSON."}],
