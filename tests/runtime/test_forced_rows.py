@@ -80,3 +80,42 @@ def test_guess_rows_fill_the_graph_bucket_and_grow_it_only_where_they_pay() -> N
     # at 256 rows a step's fixed part weighs less per row: the same growth needs surer guesses
     assert _worth([0.4] * 32, 256, 256, buckets) == 0 and _worth([0.4] * 32, 64, 64, buckets) == 32
     assert _worth([0.9] * 3, 5, 5, None) == 3  # no graphs (the CPU): every candidate
+
+
+def test_forced_and_guess_rows_in_one_decode_step() -> None:
+    """decode_rows_forward_batch: a plain row, a row whose device token has forced tokens riding after it, a row
+    whose ride was appended already (a synchronous commit), and a guess row whose forced token the device picks
+    by its sampled token: one decode row per token, KV ending at it, logits at each row's last token (a guess
+    row's: both)."""
+    import torch
+
+    from radixlm.runtime.forward_batch import ForwardMode
+    from radixlm.runtime.request import Req
+    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+
+    def req(rid: str, prompt: list[int], out: list[int], row: int) -> Req:
+        r = Req(rid=rid, input_ids=prompt, params=SamplingParams(max_new_tokens=50), seed=0)
+        r.output_ids, r.req_pool_idx, r.kv_len = list(out), row, len(prompt) + len(out)
+        return r
+
+    plain, ride, host, guess, miss = (req("p", [5, 6], [7], 3), req("r", [1, 2], [9], 1), req("h", [8], [3], 7),
+                                      req("g", [4, 4], [], 2), req("m", [6], [6], 5))
+    step = UncommittedStep.start([plain, ride, guess, miss], torch.tensor([41, 42, 43, 44]),
+                                 rides=[[], [50, 51], [], []])
+    host.output_ids += [60, 61]  # a ride committed before the step: tokens appended, their KV not computed
+    host.kv_len -= 1
+    batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+    reqs = [plain, ride, host, guess, miss]
+    batch.set_decode_rows(reqs, torch.arange(100, 111), [[] for _ in reqs], [None] * len(reqs))
+    batch.guesses = [None, None, None, {43: 70, 99: 71}, {43: 72}]
+    batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, batch.guesses)]
+    assert batch.extend_lens == [1, 3, 3, 2, 2]
+    fb, writes = batch.to_forward_batch(torch.device("cpu"), step)
+    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 44, 0]  # (the miss row: a padding token)
+    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 2, 3]
+    assert fb.seq_lens_cpu == [p + 1 for p in fb.positions.tolist()]
+    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 5, 5]
+    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10]
+    assert batch.sample_rows == [0, 1, 2, 3, 5] and batch.guess_rows == [-1, -1, -1, 4, 6]
+    assert batch.guess_slots == [-1, -1, -1, 8, 10]
+    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 111))
