@@ -60,6 +60,7 @@ class StateTable:
         # per state, tokens seen taken there that lead to a state forcing one token: token -> that token
         self.forced_after: dict[int, dict[int, int]] = {}
         self.guessed: dict[int, tuple[int, int]] = {}  # per state: guesses made there, and taken (forced_rows.py)
+        self.learn_pairs = False  # commits note `forced_after` pairs (--enable-forced-rows)
         self._grow(256)
         self.rows[ALL_ROW] = -1
         self.rows[NONE_ROW] = 0

@@ -79,10 +79,10 @@ class ForcedPairs:
 
 
 def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit_s: float = TIME_LIMIT_S,
-                chunk: int = CHUNK_STATES) -> Iterator[RowChunk | DfaMoves | ForcedPairs]:
+                chunk: int = CHUNK_STATES, pairs: bool = True) -> Iterator[RowChunk | DfaMoves | ForcedPairs]:
     """Every DFA state reachable by llguidance-accepted bytes, depth first, with its mask, then the DFA's
-    moves, then the forced pairs of its states with few allowed tokens; `grammar`'s own table is not
-    touched (its DFA is only stepped)."""
+    moves, then (`pairs`) the forced pairs of its states with few allowed tokens; `grammar`'s own table is
+    not touched (its DFA is only stepped)."""
     table = grammar.table
     dfa = table.dfa
     limit = min(max_states or dfa.max_states, dfa.max_states)
@@ -112,7 +112,7 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
         terminated.append(matcher.is_terminated())
         ids.append(q)
         forced.append(matcher.forced_bytes())
-        allowed = allowed_tokens(row, PAIR_MAX_ALLOWED)
+        allowed = allowed_tokens(row, PAIR_MAX_ALLOWED) if pairs else None
         if allowed is not None:
             few[q] = allowed
             if len(allowed) == 1 and not terminated[-1]:
@@ -148,7 +148,8 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     if sets:
         yield flush()
     yield DfaMoves(nfa, np.array(dfa.move_table(), dtype=np.int32).reshape(-1, dfa.num_byte_classes))
-    yield ForcedPairs(nfa, forced_pairs(grammar, few, single_of, deadline))
+    if pairs:
+        yield ForcedPairs(nfa, forced_pairs(grammar, few, single_of, deadline))
 
 
 def allowed_tokens(row: np.ndarray, most: int) -> np.ndarray | None:
@@ -270,11 +271,11 @@ def _worker_main(conn: Any, tokenizer_path: str) -> None:
             return
         if job is None:
             return
-        job_id, backend, payload, max_states = job
+        job_id, backend, payload, max_states, pairs = job
         try:
             grammar = TableGrammar.wrap(grammar_from_payload(info, backend, payload))
             if grammar is not None:
-                for chunk in walk_states(grammar, max_states):
+                for chunk in walk_states(grammar, max_states, pairs=pairs):
                     tag = "moves" if isinstance(chunk, DfaMoves) else "pairs" if isinstance(chunk, ForcedPairs) else "rows"
                     conn.send((tag, job_id, chunk))
             conn.send(("done", job_id, None))
@@ -294,8 +295,8 @@ class TableCompletion:
         self._conn: Any = None
         self._ready = False
         self._dead = False
-        self._queue: deque[tuple[int, StateTable, str, Any]] = deque()
-        self._inflight: tuple[int, StateTable, str, Any] | None = None
+        self._queue: deque[tuple[int, StateTable, str, Any, bool]] = deque()
+        self._inflight: tuple[int, StateTable, str, Any, bool] | None = None
         self._renamed: dict[int, int] = {}  # the job in flight: the walk's state numbers -> its table's
         self._filing: Iterator[int] | None = None  # a walk's moves being filed, a slice per poll
         self._next_id = 0
@@ -313,10 +314,11 @@ class TableCompletion:
             child.close()
             self._conn = parent
 
-    def submit(self, table: StateTable, backend: str, payload: Any) -> None:
+    def submit(self, table: StateTable, backend: str, payload: Any, pairs: bool = False) -> None:
+        """Queue `table` for completion; `pairs`: also walk its forced pairs (runtime/forced_rows.py)."""
         if self._dead:
             return
-        self._queue.append((self._next_id, table, backend, payload))
+        self._queue.append((self._next_id, table, backend, payload, pairs))
         self._next_id += 1
         self.start()
         self._send_next()  # (else when `poll` reads the worker's "ready")
@@ -376,9 +378,9 @@ class TableCompletion:
         if self._ready and self._inflight is None and self._queue and self._conn is not None:
             self._inflight = self._queue.popleft()
             self._renamed = {}
-            job_id, table, backend, payload = self._inflight
+            job_id, table, backend, payload, pairs = self._inflight
             self._sent_at = time.monotonic()
-            self._conn.send((job_id, backend, payload, table.dfa.max_states))
+            self._conn.send((job_id, backend, payload, table.dfa.max_states, pairs))
 
     def _stop(self, why: str) -> None:
         logger.warning("%s: state tables stay filled on first use", why)

@@ -33,21 +33,24 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     sched.step_batches.append(batch)
     # A request whose last token is on the device finishes when that is committed: nothing to run
     # (nor for one whose token on the device is an end token its grammar forced).
+    todo = [r for r in sched.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device]
+    forced = sched.args.enable_forced_rows  # (off: every row computes its last token alone, as before)
     pending = sched.uncommitted
-    todo = [r for r in sched.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device
-            and not (r.tokens_on_device and pending is not None and pending.ends is not None and pending.ends_row(r))]
+    if forced and pending is not None and pending.ends is not None:
+        todo = [r for r in todo if not (r.tokens_on_device and pending.ends_row(r))]
     drafts = propose_drafts(sched, todo, mixed)
     # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py),
     # and one more where the token on the device may force one (a guess)
-    own = sum(r.fill_len + r.tokens_on_device - r.kv_len for r in todo)
-    guesses = plan_guesses(sched, todo, own) if not mixed and not drafts.total else None
+    own = [r.fill_len + r.tokens_on_device - r.kv_len for r in todo] if forced else None
+    rows = sum(own) if own is not None else len(todo)
+    guesses = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else None
     if guesses is not None:
-        own += sum(g is not None for g in guesses)
-    slots = sched._alloc_slots(own + drafts.total)
+        rows += sum(g is not None for g in guesses)
+    slots = sched._alloc_slots(rows + drafts.total)
     if slots is not None:  # the common case: one allocation for the whole batch
         parents = drafts.parents or [None] * len(todo)
         lanes = sched.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
-        batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes)
+        batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes, own)
         if guesses is not None:
             batch.guesses = guesses
             batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, guesses)]
@@ -55,8 +58,8 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
             req.kv_len += ext
         sched.reserve.on_decode_step()
         return batch if todo else None
-    for req in todo:
-        slot = sched._alloc_slots(req.fill_len + req.tokens_on_device - req.kv_len)
+    for i, req in enumerate(todo):
+        slot = sched._alloc_slots(own[i] if own is not None else 1)
         if slot is not None:
             sched._add(batch, req, slot, decoding=True)
             continue
@@ -79,7 +82,7 @@ def propose_drafts(sched: Scheduler, todo: list[Req], mixed: bool = False) -> Dr
     if sched.spec is None or not todo:
         return none
     drafts = sched.spec.propose(todo, sched.grammars)
-    if any(r.fill_len + r.tokens_on_device - r.kv_len > 1 for r in todo):  # forced tokens pending: no drafts there
+    if sched.args.enable_forced_rows and any(r.fill_len + r.tokens_on_device - r.kv_len > 1 for r in todo):  # forced tokens pending: no drafts there
         keep = [r.fill_len + r.tokens_on_device - r.kv_len == 1 for r in todo]
         drafts = Drafts([d if k else [] for d, k in zip(drafts.tokens, keep)],
                         [m if k else None for m, k in zip(drafts.masks, keep)],

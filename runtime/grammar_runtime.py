@@ -62,6 +62,7 @@ class GrammarRuntime:
         self._step: TableStep | None = None  # the last commit's table rows, until the next gather or change
         self._families_made = 0
         self.state_tables = args.grammar_state_table != "off"
+        self.forced_rows = args.enable_forced_rows  # tables learn, and completions walk, forced pairs (forced_rows.py)
         self._tables = DeviceTables()
         self._completion: Any = None  # tables' rows filled ahead of use in a background process
         if args.grammar_state_table == "complete" or (args.grammar_state_table == "auto" and torch.cuda.is_available()):
@@ -134,8 +135,10 @@ class GrammarRuntime:
 
         def wrap() -> Any:
             wrapped = TableGrammar.wrap(grammar)
+            if wrapped is not None:
+                wrapped.table.learn_pairs = self.forced_rows
             if wrapped is not None and self._completion is not None:
-                self._completion.submit(wrapped.table, grammar.backend, grammar.payload())
+                self._completion.submit(wrapped.table, grammar.backend, grammar.payload(), pairs=self.forced_rows)
             return wrapped
 
         return self._tables.grammar(grammar, wrap)

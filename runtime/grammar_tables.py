@@ -107,7 +107,7 @@ class DeviceTables:
             return None
         table = first.table
         moves, vocab, ready, terminated, end_ids = table._next, table.vocab, table.ready, table.terminated, table.end_ids
-        single = table._single
+        single, learn = table._single, table.learn_pairs
         capacity = len(ready)
         n = len(reqs)
         ok, done, rows = [True] * n, [False] * n, [-1] * n
@@ -125,7 +125,7 @@ class DeviceTables:
                 if nxt is not None and nxt >= 0:
                     row = nxt + FIRST_STATE_ROW
                     if row < capacity and ready[row]:
-                        if single.get(nxt, 0) >= 0:  # (unknown, or forcing a token: noted for forced_rows.py)
+                        if learn and single.get(nxt, 0) >= 0:  # (unknown, or forcing a token: forced_rows.py)
                             table.note_move(states[-1], tok, nxt)
                         states.append(nxt)
                         m.lag.append(tok)

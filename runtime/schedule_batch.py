@@ -162,7 +162,7 @@ class ScheduledBatch:
 
     def set_decode_rows(self, reqs: list[Req], slots: torch.Tensor, drafts: list[list[int]],
                         masks: list[torch.Tensor | None], parents: list[list[int] | None] | None = None,
-                        lanes: list[list[int]] | None = None) -> None:
+                        lanes: list[list[int]] | None = None, own: list[int] | None = None) -> None:
         """A decode batch in one allocation: each request computes its last token plus its drafts
         (one slot each, in request order); a request with drafts is a verify row, a chain unless
         `parents` makes it a tree (whose extra lanes are `lanes`)."""
@@ -171,9 +171,10 @@ class ScheduledBatch:
         self.new_slots.append(slots)
         self.reqs = reqs
         self.prefix_lens = [r.kv_len for r in reqs]
-        # (a row's own pending tokens: its last one, plus grammar-forced ones riding after it; a verify step
-        # built ahead (`ahead_tokens`) starts with a token neither appended nor on the device: one too)
-        self.extend_lens = [max(r.fill_len + r.tokens_on_device - r.kv_len, 1) + len(d) for r, d in zip(reqs, drafts)]
+        # `own`: each row's own pending tokens where they may be more than its last one (grammar-forced tokens
+        # riding after it: runtime/forced_rows.py); by default one
+        self.extend_lens = ([1 + len(d) for d in drafts] if own is None
+                            else [n + len(d) for n, d in zip(own, drafts)])
         self.decoding = [True] * len(reqs)
         self.drafts = drafts
         self.draft_masks = masks

@@ -106,7 +106,8 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
     host.kv_len -= 1
     batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
     reqs = [plain, ride, host, guess, miss]
-    batch.set_decode_rows(reqs, torch.arange(100, 111), [[] for _ in reqs], [None] * len(reqs))
+    own = [r.fill_len + r.tokens_on_device - r.kv_len for r in reqs]  # (decode_schedule's, forced rows on)
+    batch.set_decode_rows(reqs, torch.arange(100, 111), [[] for _ in reqs], [None] * len(reqs), own=own)
     batch.guesses = [None, None, None, {43: 70, 99: 71}, {43: 72}]
     batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, batch.guesses)]
     assert batch.extend_lens == [1, 3, 3, 2, 2]
