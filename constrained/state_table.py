@@ -97,61 +97,6 @@ class StateTable:
                 return True  # unknown: ask the backend
         return hit
 
-    def single_token(self, state: int) -> int:
-        """The only token the mask of `state` allows (its filled row has one bit set), else -1 (several,
-        none, or the row not filled yet); cached per state once the row is filled."""
-        hit = self._single.get(state)
-        if hit is not None:
-            return hit
-        row = state + FIRST_STATE_ROW
-        if row >= len(self.ready) or not self.ready[row]:
-            return -1
-        words = self.rows[row]
-        nonzero = words.nonzero()
-        token = -1
-        if nonzero.numel() == 1:
-            w = int(nonzero[0, 0])
-            bits = int(words[w]) & 0xFFFFFFFF
-            if bits & (bits - 1) == 0:
-                token = 32 * w + bits.bit_length() - 1
-        self._single[state] = token
-        return token
-
-    def note_move(self, state: int, token: int, nxt: int) -> None:
-        """A row at `state` took `token` to `nxt` (a filled row): remember the token `nxt` forces, if one
-        (never an end token), for rows at `state` later (runtime/forced_rows.py)."""
-        forced = self._single.get(nxt)
-        if forced is None:
-            forced = self.single_token(nxt)
-        if forced >= 0 and forced not in self.end_ids:
-            self.forced_after.setdefault(state, {})[token] = forced
-
-    def forced_run(self, state: int, limit: int) -> tuple[list[int], bool]:
-        """The tokens a row at `state` must take next, one by one (each state's mask allows only that
-        token), at most `limit`, and whether the run then ends on an end token (the row's last: its mask
-        allows only an end token; not in the list). A token is in the run only if the state it reaches
-        has a filled row that is not terminated: riding it can neither end the row nor need a backend
-        fill. Read-only: the table's moves may be walked and cached, no matcher moves."""
-        run: list[int] = []
-        if self.broken:
-            return run, False
-        while len(run) < limit:
-            token = self.single_token(state)
-            if token < 0:
-                break
-            if token in self.end_ids:
-                return run, True
-            try:
-                nxt = self.next_state(state, token)
-            except OverflowError:
-                break
-            row = nxt + FIRST_STATE_ROW
-            if nxt < 0 or row >= len(self.ready) or not self.ready[row] or self.terminated[row]:
-                break
-            run.append(token)
-            state = nxt
-        return run, False
-
     def row_of(self, state: int) -> int:
         row = state + FIRST_STATE_ROW
         if row >= self.rows.shape[0]:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .byte_automaton import UNKNOWN
+from .forced_tokens import PAIR_MAX_ALLOWED, ForcedPairs, allowed_tokens, file_pairs, forced_pairs
 from .state_table import FIRST_STATE_ROW, StateTable, TableGrammar
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,6 @@ logger = logging.getLogger(__name__)
 CHUNK_STATES = 256  # rows per message (1.5 MB at a 49k vocabulary): one merge costs the scheduler ~1 ms
 TIME_LIMIT_S = 120.0  # a grammar's walk stops here (its other states stay lazily filled)
 MOVE_SLICE = 1024  # states whose moves one scheduler turn files (~3 ms on the 2-core CPU)
-# States allowing at most this many tokens get their forced pairs walked (item (f)'s schema: every state a free
-# token was taken at before a forced one allowed fewer than 256; 420 such states, 30k walks, 0.45 s on the 2-core CPU)
-PAIR_MAX_ALLOWED = 256
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,7 @@ class RowChunk:
     terminated: list[bool]
     ids: list[int]  # each state's number in the walk's own DFA (what `DfaMoves` names states by)
     forced: list[bytes] = field(default_factory=list)  # (empty: not recorded)
+    single: list[int] = field(default_factory=list)  # the one token each state's mask allows, else -1 (forced pairs only)
 
 
 @dataclass(frozen=True)
@@ -66,16 +65,6 @@ class DfaMoves:
 
     nfa_states: int
     moves: np.ndarray  # [states, byte classes] int32
-
-
-@dataclass(frozen=True)
-class ForcedPairs:
-    """Per walked state whose mask allows at most PAIR_MAX_ALLOWED tokens: each allowed token that leads
-    to a state whose mask allows one token (not an end token, the state not terminated), with that
-    token (`StateTable.forced_after`, which runtime/forced_rows.py's guesses read)."""
-
-    nfa_states: int
-    pairs: dict[int, dict[int, int]]
 
 
 def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit_s: float = TIME_LIMIT_S,
@@ -99,6 +88,7 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     terminated: list[bool] = []
     ids: list[int] = []
     forced: list[bytes] = []
+    single: list[int] = []
     seen = {0}
     deadline = time.monotonic() + time_limit_s
     few: dict[int, np.ndarray] = {}  # states allowing at most PAIR_MAX_ALLOWED tokens: those tokens
@@ -113,14 +103,16 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
         ids.append(q)
         forced.append(matcher.forced_bytes())
         allowed = allowed_tokens(row, PAIR_MAX_ALLOWED) if pairs else None
+        if pairs:
+            single.append(int(allowed[0]) if allowed is not None and len(allowed) == 1 else -1)
         if allowed is not None:
             few[q] = allowed
             if len(allowed) == 1 and not terminated[-1]:
                 single_of[q] = int(allowed[0])
 
     def flush() -> RowChunk:
-        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids), list(forced))
-        for part in (sets, rows, terminated, ids, forced):
+        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids), list(forced), list(single))
+        for part in (sets, rows, terminated, ids, forced, single):
             part.clear()
         return out
 
@@ -152,53 +144,6 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
         yield ForcedPairs(nfa, forced_pairs(grammar, few, single_of, deadline))
 
 
-def allowed_tokens(row: np.ndarray, most: int) -> np.ndarray | None:
-    """The token ids a packed mask row allows, or None when more than `most`."""
-    bits = np.unpackbits(row.view(np.uint8), bitorder="little")
-    if int(bits.sum()) > most:
-        return None
-    return np.flatnonzero(bits)
-
-
-def forced_pairs(grammar: TableGrammar, few: dict[int, np.ndarray], single_of: dict[int, int],
-                 deadline: float) -> dict[int, dict[int, int]]:
-    """`ForcedPairs.pairs` of the walk's states: each state of `few`'s allowed tokens walked on the DFA."""
-    dfa, info = grammar.table.dfa, grammar.info
-    end_ids = set(info.end_token_ids)
-    out: dict[int, dict[int, int]] = {}
-    for q, allowed in few.items():
-        if time.monotonic() > deadline:
-            break
-        pairs: dict[int, int] = {}
-        for x in allowed.tolist():
-            data = info.token_bytes[x] if x < len(info.token_bytes) else None
-            if x in end_ids or not data:
-                continue
-            try:
-                nxt = dfa.walk(q, data)
-            except OverflowError:
-                return out
-            forced = single_of.get(nxt, -1)
-            if forced >= 0 and forced not in end_ids:
-                pairs[x] = forced
-        if pairs:
-            out[q] = pairs
-    return out
-
-
-def file_pairs(table: StateTable, found: ForcedPairs, renamed: dict[int, int]) -> int:
-    """File the walk's forced pairs under `table`'s state numbers; returns the states given pairs."""
-    if table.broken or found.nfa_states != table.dfa.nfa_size:
-        return 0
-    filed = 0
-    for q, pairs in found.pairs.items():
-        mine = renamed.get(q)
-        if mine is not None:
-            table.forced_after.setdefault(mine, {}).update(pairs)
-            filed += 1
-    return filed
-
-
 def file_rows(table: StateTable, chunk: RowChunk, renamed: dict[int, int] | None = None) -> int:
     """File a chunk's rows under `table`'s own state numbers (each state named by its NFA set); rows
     filled there already stay. Returns rows filed; `renamed` gets the walk's state -> the table's.
@@ -217,6 +162,8 @@ def file_rows(table: StateTable, chunk: RowChunk, renamed: dict[int, int] | None
         return 0
     for q, forced in zip(states, chunk.forced):  # (a lagging row's jump pre-check reads them: no catch-up)
         table.forced.setdefault(q, forced)
+    for q, token in zip(states, chunk.single):  # (forced rows' per-step filter: no state left to look at first)
+        table._single.setdefault(q, token)
     table.row_of(max(states))  # room for every row named
     ready = table.ready
     take = [i for i, q in enumerate(states) if not ready[q + FIRST_STATE_ROW]]

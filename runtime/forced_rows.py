@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from radixlm.constrained.forced_tokens import forced_run
 from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
@@ -91,7 +92,7 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
         after = len(r.output_ids) + r.tokens_on_device + 1  # tokens once the next one is appended
         room = min(r.params.max_new_tokens - after, context - len(r.input_ids) - after) - 1
         limits.append(max(min(MAX_RIDE, room), 0))
-    runs = grammars.forced_runs([reqs[i] for i in picked], limits)
+    runs = forced_runs([reqs[i] for i in picked], limits)
     rides: list[list[int]] = [[] for _ in reqs]
     ends = [False] * len(reqs)
     any_ride = any_end = False
@@ -107,6 +108,29 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     stats["forced_ride_tokens"] += sum(map(len, rides)) if any_ride else 0
     stats["forced_end_rows"] += sum(ends) if any_end else 0
     return (rides if any_ride else None), (ends if any_end else None)
+
+
+def forced_runs(reqs: list[Req], limits: list[int]) -> list[tuple[list[int], bool]]:
+    """Per request (its grammar advanced to its last token, its next mask not yet sampled from) the
+    tokens that its next token forces after it and whether the row ends there (state_table.StateTable.
+    forced_run): the next token is the first of the run, sampled as usual; the rest ride with it.
+    At most `limits[i]` tokens after the first; rows without a healthy table: none."""
+    out: list[tuple[list[int], bool]] = []
+    none: tuple[list[int], bool] = ([], False)
+    for req, limit in zip(reqs, limits):
+        m = req.grammar
+        table = getattr(m, "table", None)
+        if m is None or req.finished or table is None or table.broken or m.ended or m.refused:
+            out.append(none)
+            continue
+        run, ends = forced_run(table, m.state, limit + 1)
+        if ends and not run:
+            out.append(([], True))  # its next token is an end token: the row's last
+        elif len(run) > 1:
+            out.append((run[1:], False))  # the first is sampled; the ones after it ride
+        else:
+            out.append(none)
+    return out
 
 
 def _rows_at(reqs: list[Req], lookup: Callable[[StateTable, int], Any]) -> list[tuple[int, Any]]:
@@ -199,12 +223,11 @@ def _worth(rates: list[float], rows: int, batch: int, buckets: list[int] | None)
     return take
 
 
-def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep,
-                    logits: torch.Tensor) -> torch.Tensor:
+def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep) -> list[int]:
     """After the pending step's tokens went into the grammars (an overlapped step, before sampling): a
     guess row whose token matched a pair took the forced token it names, which now rides after that token
     (appended with it, committed to its grammar); the others' guess slot goes back to the pool. Returns
-    one logits row per request: after the guess where it was taken."""
+    each request's logits row to sample: after the guess where it was taken."""
     assert batch.guesses is not None
     ids = previous._host_tokens()
     sched.stats["forced_guess_rows"] += sum(g is not None for g in batch.guesses)
@@ -232,9 +255,7 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
         sched.kv_pool.free(slots[at : at + 1])
         req.kv_len -= 1
         chosen.append(row)
-    if chosen == list(range(logits.shape[0])):
-        return logits
-    return logits.index_select(0, torch.tensor(chosen, dtype=torch.int64).to(logits.device, non_blocking=True))
+    return chosen
 
 
 def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncommitted: UncommittedStep | None,

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from radixlm.constrained.forced_tokens import forced_run
 from radixlm.runtime.grammar_tables import DeviceTables, TableStep
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
@@ -212,7 +213,7 @@ class GrammarRuntime:
         The caller asks only where a jump could pay (small batches), so large batches pay no
         per-row forced-prefix call; only rows forcing that many bytes are tokenized.
 
-        `rides`: per request the grammar-forced tokens that follow its token (`forced_runs`, read when
+        `rides`: per request the grammar-forced tokens that follow its token (`forced_rows.forced_runs`, read when
         that token's mask was taken), committed right after it."""
         self._settle()
         self._step = None
@@ -276,7 +277,7 @@ class GrammarRuntime:
         grammar too, if its state forces exactly that token (False, and nothing done, otherwise)."""
         m = req.grammar
         table = getattr(m, "table", None)
-        if table is None or table.broken or m.ended or table.forced_run(m.state, 1)[0] != [token]:
+        if table is None or table.broken or m.ended or forced_run(table, m.state, 1)[0] != [token]:
             return False  # (nor where the state after it ends the grammar: that token would end the row)
         step = self._step
         j = -1
@@ -298,28 +299,6 @@ class GrammarRuntime:
         ok, done = self._ride(req, [token], step, j)
         self._terminated[id(req)] = (req, done)
         return ok
-
-    def forced_runs(self, reqs: list[Req], limits: list[int]) -> list[tuple[list[int], bool]]:
-        """Per request (its grammar advanced to its last token, its next mask not yet sampled from) the
-        tokens that its next token forces after it and whether the row ends there (state_table.StateTable.
-        forced_run): the next token is the first of the run, sampled as usual; the rest ride with it.
-        At most `limits[i]` tokens after the first; rows without a healthy table: none."""
-        out: list[tuple[list[int], bool]] = []
-        none: tuple[list[int], bool] = ([], False)
-        for req, limit in zip(reqs, limits):
-            m = req.grammar
-            table = getattr(m, "table", None)
-            if m is None or req.finished or table is None or table.broken or m.ended or m.refused:
-                out.append(none)
-                continue
-            run, ends = table.forced_run(m.state, limit + 1)
-            if ends and not run:
-                out.append(([], True))  # its next token is an end token: the row's last
-            elif len(run) > 1:
-                out.append((run[1:], False))  # the first is sampled; the ones after it ride
-            else:
-                out.append(none)
-        return out
 
     def _forces(self, req: Req, min_tokens: int) -> bool:
         """The grammar forces text of at least `min_tokens` tokens (a token holds at least one byte)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixlm.constrained.forced_tokens import note_move
 from radixlm.constrained.state_table import ALL_ROW, FIRST_STATE_ROW, NONE_ROW, StateTable, TableMatcher
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class DeviceTables:
                     row = nxt + FIRST_STATE_ROW
                     if row < capacity and ready[row]:
                         if learn and single.get(nxt, 0) >= 0:  # (unknown, or forcing a token: forced_rows.py)
-                            table.note_move(states[-1], tok, nxt)
+                            note_move(table, states[-1], tok, nxt)
                         states.append(nxt)
                         m.lag.append(tok)
                         rows[j] = row

@@ -258,7 +258,8 @@ class Scheduler:
                                                          rides=previous.live_rides())
             if batch.guesses is not None:  # rows whose token just committed forces one more: sampled after it
                 assert previous is not None
-                logits = resolve_guesses(self, batch, previous, logits)
+                rows = resolve_guesses(self, batch, previous)
+                logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
             self.uncommitted = self._launch(batch, logits)
             if self.spec is not None:
                 self.spec.warm(self.running)  # n-gram indexes, while the device runs this step

@@ -13,8 +13,9 @@ import pytest
 
 from radixlm import constrained as C
 from radixlm.constrained.byte_automaton import DEAD, UNKNOWN
+from radixlm.constrained.forced_tokens import ForcedPairs, file_pairs
 from radixlm.constrained.state_table import FIRST_STATE_ROW
-from radixlm.constrained.table_completion import DfaMoves, ForcedPairs, RowChunk, file_moves, file_pairs, file_rows, walk_states
+from radixlm.constrained.table_completion import DfaMoves, RowChunk, file_moves, file_rows, walk_states
 
 from .conftest import encode
 from .test_state_table import REFS, allowed, table_grammar, walk_and_compare
@@ -81,6 +82,9 @@ def test_completed_rows_equal_llguidance_along_walks(tokenizer: Any, name: str) 
     # forced pairs: from a state with few allowed tokens, each token named leads to a state whose mask (llguidance's,
     # filed above) allows exactly the token it is paired with
     assert file_pairs(target.table, pairs, renamed) == len(pairs.pairs) > 0
+    for q in renamed.values():  # each filed state's single token (or -1) came with its row
+        ids = allowed(target.table.rows[q + FIRST_STATE_ROW], grammar.info.vocab_size).tolist()
+        assert target.table._single[q] == (ids[0] if len(ids) == 1 else -1)
     for q, by_token in target.table.forced_after.items():
         for x, forced in by_token.items():
             nxt = target.table.next_state(q, x)
