@@ -199,7 +199,7 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
 
 def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
            engine_mask_threads: int | None = None, state_tables: list[str] | None = None, profile: bool = True,
-           wait_tables: bool = False, warm_shapes: bool = True) -> dict:
+           wait_tables: bool = False, warm_shapes: bool = True, forced_rows: tuple[bool, ...] = (False,)) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -208,20 +208,23 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 
     out: dict = {}
     if state_tables:  # --grammar-state-table side by side: the Engine's tok/s ratios only
-        for table in state_tables:  # one Engine per setting, the batch sizes in turn
+        for table, rows in [(t, r) for t in state_tables for r in forced_rows]:  # one Engine per setting
             by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table, wait_tables,
-                                         warm_shapes)
+                                         warm_shapes, rows)
             gc.collect()
             torch.cuda.empty_cache()
             for batch, res in by_batch.items():
-                out[f"batch_{batch}_state_table_{table}"] = res
+                label = f"--grammar-state-table {table}" + (" --enable-forced-rows" if rows else "")
+                out[f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "")] = res
                 js = res["json_schema"]
-                print(f"(f) batch {batch} --grammar-state-table {table}: json/unconstrained {res['constrained_vs_unconstrained_tok_s']:.3f}x raw, "
+                print(f"(f) batch {batch} {label}: json/unconstrained {res['constrained_vs_unconstrained_tok_s']:.3f}x raw, "
                       f"{res['constrained_vs_same_lengths_tok_s']:.3f}x same lengths (json {js['tok_s']:.0f} tok/s, same-length "
                       f"{res['unconstrained_same_lengths']['tok_s']:.0f}); {js['valid_json']}/{batch} parse, "
                       f"{js['valid_schema']}/{batch} validate, {js['mean_tokens']:.1f} tokens mean, {js['forced_tokens']} forced, "
                       f"aborts {js['abort_messages']}; waited {js.get('table_wait_s', 0.0):.1f} s for the table; batch sizes warmed in "
                       f"{res.get('shape_warmup_s', 0.0):.1f} s", flush=True)
+                if js.get("forced_rows_so_far"):
+                    print(f"    forced-token rows so far (runtime/forced_rows.py): {js['forced_rows_so_far']}", flush=True)
                 loops = [res[k].get("scheduler_loop") for k in ("json_schema", "unconstrained_same_lengths")]
                 if all(loops):  # the scheduler process's loop over each run (runtime/loop_stats.py)
                     a, b = loops
@@ -299,7 +302,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool, bool, bool] = (None, True, False, True)) -> None:
+                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...]] = (None, True, False, True, (False,))
+                     ) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
 
@@ -347,6 +351,9 @@ def main() -> None:
     ap.add_argument("--f-no-shape-warmup", action="store_true",
                     help="(f) with --f-state-table: no staggered-length warm-up before the JSON run (before 2026-12-04 "
                          "evening: the JSON run was the first to meet each decode batch size, the same-length run after it)")
+    ap.add_argument("--f-forced-rows", default="off",
+                    help="(f) with --f-state-table: off, on or off,on (side by side, an Engine each): --enable-forced-rows, "
+                         "grammar-forced tokens computed as extra decode rows (runtime/forced_rows.py)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -377,7 +384,8 @@ def main() -> None:
                      ([int(n) for n in args.f_mask_threads.split(",")] if args.f_mask_threads else None,
                       args.f_engine_mask_threads),
                      (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile,
-                      args.f_wait_tables, not args.f_no_shape_warmup))
+                      args.f_wait_tables, not args.f_no_shape_warmup,
+                      tuple(v == "on" for v in args.f_forced_rows.split(","))))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -172,7 +172,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
                    state_table: str | None = None, wait_tables: bool = False,
-                   warm_shapes: bool = True) -> dict[int | str, dict]:
+                   warm_shapes: bool = True, forced_rows: bool = False) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
     later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
     named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
@@ -186,7 +186,7 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
     with staggered lengths (`warm_batch_sizes`), so that the JSON run is not the first to meet each
     decode batch size below the full one (the same-length run, after it, met them all warm: the H200's
     2026-12-04 mid round measured the JSON run's forward launches 51 ms longer in all at 64 rows, 120 ms
-    at 256, the LM head's first calls at each new row count)."""
+    at 256, the LM head's first calls at each new row count). `forced_rows`: --enable-forced-rows."""
     import jsonschema
 
     import radixlm
@@ -196,6 +196,8 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
         args["grammar_mask_threads"] = mask_threads
     if state_table is not None:
         args["grammar_state_table"] = state_table
+    if forced_rows:
+        args["enable_forced_rows"] = True
     from radixlm.runtime.loop_stats import ENV, read_last
 
     # the scheduler process's loop, per run (runtime/loop_stats.py): steps, time in them, waits
@@ -235,7 +237,10 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                     valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
                 aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
                           if r["meta_info"]["finish_reason"]["type"] == "abort"}
-                out[label] = {"scheduler_loop": read_last(loop_file),
+                info = eng.get_server_info()  # grammar-forced tokens as extra decode rows (runtime/forced_rows.py), so far
+                forced_rows = {k: info.get(k, 0) for k in ("forced_ride_tokens", "forced_guess_rows", "forced_guess_hits",
+                                                           "forced_end_rows")}
+                out[label] = {"scheduler_loop": read_last(loop_file), "forced_rows_so_far": forced_rows,
                               "seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
                               "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
                               "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema,

@@ -148,7 +148,7 @@ def _complete(grammar: Any, with_moves: bool) -> None:
     from radixlm.constrained.table_completion import DfaMoves, file_moves, file_rows, walk_states
 
     renamed: dict[int, int] = {}
-    for chunk in walk_states(TableGrammar.wrap(grammar.inner)):  # the worker's own DFA
+    for chunk in walk_states(TableGrammar.wrap(grammar.inner), pairs=False):  # the worker's own DFA
         if not isinstance(chunk, DfaMoves):
             file_rows(grammar.table, chunk, renamed)
         elif with_moves:

@@ -56,6 +56,11 @@ class StateTable:
         self._next: dict[int, int] = {}
         self._forces: dict[int, bool] = {}
         self.forced: dict[int, bytes] = {}  # the backend's forced bytes at a DFA state, recorded where a row stood
+        self._single: dict[int, int] = {}  # per filled state: its mask's only allowed token, or -1
+        # per state, tokens seen taken there that lead to a state forcing one token: token -> that token
+        self.forced_after: dict[int, dict[int, int]] = {}
+        self.guessed: dict[int, tuple[int, int]] = {}  # per state: guesses made there, and taken (forced_rows.py)
+        self.learn_pairs = False  # commits note `forced_after` pairs (--enable-forced-rows)
         self._grow(256)
         self.rows[ALL_ROW] = -1
         self.rows[NONE_ROW] = 0

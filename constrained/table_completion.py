@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .byte_automaton import UNKNOWN
+from .forced_tokens import PAIR_MAX_ALLOWED, ForcedPairs, allowed_tokens, file_pairs, forced_pairs
 from .state_table import FIRST_STATE_ROW, StateTable, TableGrammar
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class RowChunk:
     terminated: list[bool]
     ids: list[int]  # each state's number in the walk's own DFA (what `DfaMoves` names states by)
     forced: list[bytes] = field(default_factory=list)  # (empty: not recorded)
+    single: list[int] = field(default_factory=list)  # the one token each state's mask allows, else -1 (forced pairs only)
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,10 @@ class DfaMoves:
 
 
 def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit_s: float = TIME_LIMIT_S,
-                chunk: int = CHUNK_STATES) -> Iterator[RowChunk | DfaMoves]:
+                chunk: int = CHUNK_STATES, pairs: bool = True) -> Iterator[RowChunk | DfaMoves | ForcedPairs]:
     """Every DFA state reachable by llguidance-accepted bytes, depth first, with its mask, then the DFA's
-    moves; `grammar`'s own table is not touched (its DFA is only stepped)."""
+    moves, then (`pairs`) the forced pairs of its states with few allowed tokens; `grammar`'s own table is
+    not touched (its DFA is only stepped)."""
     table = grammar.table
     dfa = table.dfa
     limit = min(max_states or dfa.max_states, dfa.max_states)
@@ -85,20 +88,31 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     terminated: list[bool] = []
     ids: list[int] = []
     forced: list[bytes] = []
+    single: list[int] = []
     seen = {0}
     deadline = time.monotonic() + time_limit_s
+    few: dict[int, np.ndarray] = {}  # states allowing at most PAIR_MAX_ALLOWED tokens: those tokens
+    single_of: dict[int, int] = {}  # states allowing one token (not ended there): that token
 
     def visit(q: int) -> None:
         matcher.fill_next_token_bitmask(buf, 0)
         sets.append(dfa.nfa_set(q))
-        rows.append(buf[0].numpy().copy())
+        row = buf[0].numpy().copy()
+        rows.append(row)
         terminated.append(matcher.is_terminated())
         ids.append(q)
         forced.append(matcher.forced_bytes())
+        allowed = allowed_tokens(row, PAIR_MAX_ALLOWED) if pairs else None
+        if pairs:
+            single.append(int(allowed[0]) if allowed is not None and len(allowed) == 1 else -1)
+        if allowed is not None:
+            few[q] = allowed
+            if len(allowed) == 1 and not terminated[-1]:
+                single_of[q] = int(allowed[0])
 
     def flush() -> RowChunk:
-        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids), list(forced))
-        for part in (sets, rows, terminated, ids, forced):
+        out = RowChunk(nfa, list(sets), np.stack(rows), list(terminated), list(ids), list(forced), list(single))
+        for part in (sets, rows, terminated, ids, forced, single):
             part.clear()
         return out
 
@@ -126,6 +140,8 @@ def walk_states(grammar: TableGrammar, max_states: int | None = None, time_limit
     if sets:
         yield flush()
     yield DfaMoves(nfa, np.array(dfa.move_table(), dtype=np.int32).reshape(-1, dfa.num_byte_classes))
+    if pairs:
+        yield ForcedPairs(nfa, forced_pairs(grammar, few, single_of, deadline))
 
 
 def file_rows(table: StateTable, chunk: RowChunk, renamed: dict[int, int] | None = None) -> int:
@@ -146,6 +162,8 @@ def file_rows(table: StateTable, chunk: RowChunk, renamed: dict[int, int] | None
         return 0
     for q, forced in zip(states, chunk.forced):  # (a lagging row's jump pre-check reads them: no catch-up)
         table.forced.setdefault(q, forced)
+    for q, token in zip(states, chunk.single):  # (forced rows' per-step filter: no state left to look at first)
+        table._single.setdefault(q, token)
     table.row_of(max(states))  # room for every row named
     ready = table.ready
     take = [i for i, q in enumerate(states) if not ready[q + FIRST_STATE_ROW]]
@@ -200,12 +218,13 @@ def _worker_main(conn: Any, tokenizer_path: str) -> None:
             return
         if job is None:
             return
-        job_id, backend, payload, max_states = job
+        job_id, backend, payload, max_states, pairs = job
         try:
             grammar = TableGrammar.wrap(grammar_from_payload(info, backend, payload))
             if grammar is not None:
-                for chunk in walk_states(grammar, max_states):
-                    conn.send(("moves" if isinstance(chunk, DfaMoves) else "rows", job_id, chunk))
+                for chunk in walk_states(grammar, max_states, pairs=pairs):
+                    tag = "moves" if isinstance(chunk, DfaMoves) else "pairs" if isinstance(chunk, ForcedPairs) else "rows"
+                    conn.send((tag, job_id, chunk))
             conn.send(("done", job_id, None))
         except Exception as exc:  # noqa: BLE001 - this grammar's table stays lazily filled
             conn.send(("done", job_id, repr(exc)))
@@ -223,8 +242,8 @@ class TableCompletion:
         self._conn: Any = None
         self._ready = False
         self._dead = False
-        self._queue: deque[tuple[int, StateTable, str, Any]] = deque()
-        self._inflight: tuple[int, StateTable, str, Any] | None = None
+        self._queue: deque[tuple[int, StateTable, str, Any, bool]] = deque()
+        self._inflight: tuple[int, StateTable, str, Any, bool] | None = None
         self._renamed: dict[int, int] = {}  # the job in flight: the walk's state numbers -> its table's
         self._filing: Iterator[int] | None = None  # a walk's moves being filed, a slice per poll
         self._next_id = 0
@@ -242,10 +261,11 @@ class TableCompletion:
             child.close()
             self._conn = parent
 
-    def submit(self, table: StateTable, backend: str, payload: Any) -> None:
+    def submit(self, table: StateTable, backend: str, payload: Any, pairs: bool = False) -> None:
+        """Queue `table` for completion; `pairs`: also walk its forced pairs (runtime/forced_rows.py)."""
         if self._dead:
             return
-        self._queue.append((self._next_id, table, backend, payload))
+        self._queue.append((self._next_id, table, backend, payload, pairs))
         self._next_id += 1
         self.start()
         self._send_next()  # (else when `poll` reads the worker's "ready")
@@ -285,6 +305,8 @@ class TableCompletion:
                     table = self._inflight[1]
                     if tag == "moves":
                         self._filing = file_moves(table, body, self._renamed)  # from the next poll on
+                    elif tag == "pairs":
+                        file_pairs(table, body, self._renamed)
                     elif tag == "rows":
                         merged += file_rows(table, body, self._renamed)
                     else:  # done
@@ -303,9 +325,9 @@ class TableCompletion:
         if self._ready and self._inflight is None and self._queue and self._conn is not None:
             self._inflight = self._queue.popleft()
             self._renamed = {}
-            job_id, table, backend, payload = self._inflight
+            job_id, table, backend, payload, pairs = self._inflight
             self._sent_at = time.monotonic()
-            self._conn.send((job_id, backend, payload, table.dfa.max_states))
+            self._conn.send((job_id, backend, payload, table.dfa.max_states, pairs))
 
     def _stop(self, why: str) -> None:
         logger.warning("%s: state tables stay filled on first use", why)

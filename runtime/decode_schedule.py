@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from radixlm.runtime.forced_rows import plan_guesses
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
@@ -30,20 +31,35 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
         retract_one(sched)
     batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
     sched.step_batches.append(batch)
-    # A request whose last token is on the device finishes when that is committed: nothing to run.
+    # A request whose last token is on the device finishes when that is committed: nothing to run
+    # (nor for one whose token on the device is an end token its grammar forced).
     todo = [r for r in sched.running if r.params.max_new_tokens > len(r.output_ids) + r.tokens_on_device]
+    forced = sched.args.enable_forced_rows  # (off: every row computes its last token alone, as before)
+    pending = sched.uncommitted
+    if forced and pending is not None and pending.ends is not None:
+        todo = [r for r in todo if not (r.tokens_on_device and pending.ends_row(r))]
     drafts = propose_drafts(sched, todo, mixed)
-    slots = sched._alloc_slots(len(todo) + drafts.total)
+    # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py),
+    # and one more where the token on the device may force one (a guess)
+    own = [r.fill_len + r.tokens_on_device - r.kv_len for r in todo] if forced else None
+    rows = sum(own) if own is not None else len(todo)
+    guesses = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else None
+    if guesses is not None:
+        rows += sum(g is not None for g in guesses)
+    slots = sched._alloc_slots(rows + drafts.total)
     if slots is not None:  # the common case: one allocation for the whole batch
         parents = drafts.parents or [None] * len(todo)
         lanes = sched.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
-        batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes)
+        batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes, own)
+        if guesses is not None:
+            batch.guesses = guesses
+            batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, guesses)]
         for req, ext in zip(todo, batch.extend_lens):
             req.kv_len += ext
         sched.reserve.on_decode_step()
         return batch if todo else None
-    for req in todo:
-        slot = sched._alloc_slots(1)
+    for i, req in enumerate(todo):
+        slot = sched._alloc_slots(own[i] if own is not None else 1)
         if slot is not None:
             sched._add(batch, req, slot, decoding=True)
             continue
@@ -66,6 +82,11 @@ def propose_drafts(sched: Scheduler, todo: list[Req], mixed: bool = False) -> Dr
     if sched.spec is None or not todo:
         return none
     drafts = sched.spec.propose(todo, sched.grammars)
+    if sched.args.enable_forced_rows and any(r.fill_len + r.tokens_on_device - r.kv_len > 1 for r in todo):  # forced tokens pending: no drafts there
+        keep = [r.fill_len + r.tokens_on_device - r.kv_len == 1 for r in todo]
+        drafts = Drafts([d if k else [] for d, k in zip(drafts.tokens, keep)],
+                        [m if k else None for m, k in zip(drafts.masks, keep)],
+                        None if drafts.parents is None else [p if k else None for p, k in zip(drafts.parents, keep)])
     if drafts.parents and not mixed:
         drafts = drafts.within_lanes(sched.req_to_token_pool.available())
     if drafts.total and sched.kv_pool.available() < len(todo) + drafts.total:

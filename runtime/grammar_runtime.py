@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from radixlm.constrained.forced_tokens import forced_run
 from radixlm.runtime.grammar_tables import DeviceTables, TableStep
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
@@ -62,6 +63,7 @@ class GrammarRuntime:
         self._step: TableStep | None = None  # the last commit's table rows, until the next gather or change
         self._families_made = 0
         self.state_tables = args.grammar_state_table != "off"
+        self.forced_rows = args.enable_forced_rows  # tables learn, and completions walk, forced pairs (forced_rows.py)
         self._tables = DeviceTables()
         self._completion: Any = None  # tables' rows filled ahead of use in a background process
         if args.grammar_state_table == "complete" or (args.grammar_state_table == "auto" and torch.cuda.is_available()):
@@ -134,8 +136,10 @@ class GrammarRuntime:
 
         def wrap() -> Any:
             wrapped = TableGrammar.wrap(grammar)
+            if wrapped is not None:
+                wrapped.table.learn_pairs = self.forced_rows
             if wrapped is not None and self._completion is not None:
-                self._completion.submit(wrapped.table, grammar.backend, grammar.payload())
+                self._completion.submit(wrapped.table, grammar.backend, grammar.payload(), pairs=self.forced_rows)
             return wrapped
 
         return self._tables.grammar(grammar, wrap)
@@ -198,7 +202,8 @@ class GrammarRuntime:
                 self.workers.fill(missing, mask)
         return mask.to(device, non_blocking=True) if device.type == "cuda" else mask
 
-    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_tokens: int = 0) -> set[int]:
+    def advance_many(self, reqs: list[Req], tokens: list[int], forced_min_tokens: int = 0,
+                     rides: list[list[int]] | None = None) -> set[int]:
         """Commit one sampled token per request (all matchers at once), then start their next
         masks in the background. Until those are taken (`bitmask`) or awaited, nothing else may
         touch these matchers: `is_terminated` answers from what was recorded here.
@@ -206,7 +211,10 @@ class GrammarRuntime:
         `forced_min_tokens` > 0: also returns the ids of the live requests whose grammar now forces
         text of at least that many tokens (a jump-forward candidate), read before the masks start.
         The caller asks only where a jump could pay (small batches), so large batches pay no
-        per-row forced-prefix call; only rows forcing that many bytes are tokenized."""
+        per-row forced-prefix call; only rows forcing that many bytes are tokenized.
+
+        `rides`: per request the grammar-forced tokens that follow its token (`forced_rows.forced_runs`, read when
+        that token's mask was taken), committed right after it."""
         self._settle()
         self._step = None
         step = self._tables.commit(reqs, tokens, self.workers) if self.state_tables else None
@@ -215,6 +223,11 @@ class GrammarRuntime:
         else:
             ok = self.workers.advance([r.grammar for r in reqs], tokens)
             finished = [not good or req.grammar.is_terminated() for req, good in zip(reqs, ok)]
+        if rides is not None:
+            ok, finished = list(ok), list(finished)
+            for j, ride in enumerate(rides):
+                if ride and ok[j] and not finished[j]:
+                    ok[j], finished[j] = self._ride(reqs[j], ride, step, j)
         self._terminated.clear()
         live: list[Req] = []
         due: set[int] = set()
@@ -242,6 +255,50 @@ class GrammarRuntime:
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
                                           self.workers.start_fill(items, buffer))
         return due
+
+    def _ride(self, req: Req, ride: list[int], step: TableStep | None, j: int) -> tuple[bool, bool]:
+        """Commit a row's forced tokens after its sampled one; (accepted, terminated). The commit's
+        table row for it (`step`) becomes the row after them."""
+        grammar = req.grammar
+        for token in ride:
+            if not grammar.advance(token):
+                return False, True
+        done = grammar.is_terminated()
+        if step is not None:
+            row = grammar.table_row() if hasattr(grammar, "table_row") else -1
+            step.rows[j] = row
+            step.done[j] = done
+            if row < 0:
+                step.missing = []  # (the gather scans the batch and fills what is missing)
+        return True, done
+
+    def ride_after(self, req: Req, token: int) -> bool:
+        """After the last commit (`advance_many`), before its masks are taken: commit `token` to `req`'s
+        grammar too, if its state forces exactly that token (False, and nothing done, otherwise)."""
+        m = req.grammar
+        table = getattr(m, "table", None)
+        if table is None or table.broken or m.ended or forced_run(table, m.state, 1)[0] != [token]:
+            return False  # (nor where the state after it ends the grammar: that token would end the row)
+        step = self._step
+        j = -1
+        if step is not None:
+            try:
+                j = step.reqs.index(req)
+            except ValueError:
+                j = -1
+        if j < 0:
+            self._settle()
+            self._step = None
+            if not m.advance(token):
+                return False
+            if self._prefetch is not None:
+                self._prefetch.rows.pop(id(req), None)
+            self._terminated[id(req)] = (req, m.is_terminated())
+            return True
+        self._settle()
+        ok, done = self._ride(req, [token], step, j)
+        self._terminated[id(req)] = (req, done)
+        return ok
 
     def _forces(self, req: Req, min_tokens: int) -> bool:
         """The grammar forces text of at least `min_tokens` tokens (a token holds at least one byte)."""

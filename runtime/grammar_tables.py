@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixlm.constrained.forced_tokens import note_move
 from radixlm.constrained.state_table import ALL_ROW, FIRST_STATE_ROW, NONE_ROW, StateTable, TableMatcher
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class DeviceTables:
             return None
         table = first.table
         moves, vocab, ready, terminated, end_ids = table._next, table.vocab, table.ready, table.terminated, table.end_ids
+        single, learn = table._single, table.learn_pairs
         capacity = len(ready)
         n = len(reqs)
         ok, done, rows = [True] * n, [False] * n, [-1] * n
@@ -124,6 +126,8 @@ class DeviceTables:
                 if nxt is not None and nxt >= 0:
                     row = nxt + FIRST_STATE_ROW
                     if row < capacity and ready[row]:
+                        if learn and single.get(nxt, 0) >= 0:  # (unknown, or forcing a token: forced_rows.py)
+                            note_move(table, states[-1], tok, nxt)
                         states.append(nxt)
                         m.lag.append(tok)
                         rows[j] = row

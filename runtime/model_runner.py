@@ -294,7 +294,14 @@ class ModelRunner:
         graph = self.graph_runner is not None and self.graph_runner.can_run(batch)
         adapters = self.lora is not None and self.lora.prepare(batch, graph)
         if graph:
-            return self.graph_runner.replay(batch, lora=adapters)
+            return self._sampled_rows(batch, self.graph_runner.replay(batch, lora=adapters))
         self.attn_backend.begin_forward(batch)
         hidden = self.model(batch, self.attn_backend)
-        return self.model.compute_logits(hidden)
+        return self._sampled_rows(batch, self.model.compute_logits(hidden))
+
+    @staticmethod
+    def _sampled_rows(batch: ForwardBatch, logits: torch.Tensor) -> torch.Tensor:
+        """A decode step's logits are every row's; where some rows only compute KV (grammar-forced
+        tokens riding in the step: runtime/forced_rows.py), the rows of `logits_indices`."""
+        wanted = batch.logits_indices.shape[0]
+        return logits if logits.shape[0] == wanted else logits.index_select(0, batch.logits_indices)

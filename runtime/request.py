@@ -39,6 +39,7 @@ class Req:
     # this request's row in the uncommitted step that sampled them (its next input token lives there).
     tokens_on_device: int = 0
     uncommitted_row: int = 0
+    guess_state: int = -1  # the grammar state a forced-token guess of this step was made at (forced_rows.py)
 
     # n > 1: followers sample from the leader's prefill and share its prompt KV.
     followers: list["Req"] = field(default_factory=list)

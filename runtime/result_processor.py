@@ -196,22 +196,26 @@ class ResultProcessor:
         return list(zip(chosen.tolist(), tops))
 
     def commit(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
-               allow_jump: bool = True, advanced: set[int] | None = None) -> list[SeqEvent]:
+               allow_jump: bool = True, advanced: set[int] | None = None,
+               rides: list[list[int]] | None = None) -> list[SeqEvent]:
         """The tokens of an uncommitted step (overlap), sampled on the device a step ago.
         `allow_jump=False` while a step that consumes these tokens is already launched. `advanced`: the
-        grammars took these tokens already (`advance_grammars`, whose result it is)."""
-        return self._append(reqs, ids, {}, [True] * len(reqs), grammars, num_running, allow_jump, advanced)
+        grammars took these tokens already (`advance_grammars`, whose result it is). `rides`: per row the
+        grammar-forced tokens appended after its token (forced_rows.py)."""
+        return self._append(reqs, ids, {}, [True] * len(reqs), grammars, num_running, allow_jump, advanced, rides)
 
     def advance_grammars(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
-                         allow_jump: bool) -> set[int]:
-        """Commit each constrained row's token to its matcher (all at once; their next masks start in the
-        background). Returns the ids of rows whose grammar now forces a run worth a jump (see `_append`)."""
+                         allow_jump: bool, rides: list[list[int]] | None = None) -> set[int]:
+        """Commit each constrained row's token (and the forced tokens riding after it) to its matcher (all
+        at once; their next masks start in the background). Returns the ids of rows whose grammar now
+        forces a run worth a jump (see `_append`)."""
         constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not constrained:
             return set()
         assert grammars is not None
         return grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
-                                     0 if allow_jump else self._jump_check_tokens(num_running))
+                                     0 if allow_jump else self._jump_check_tokens(num_running),
+                                     None if rides is None else [rides[i] for i in constrained])
 
     def _input_logprobs(self, req: Req, logits: torch.Tensor, rows: list[int], first_pos: int) -> None:
         if first_pos == 1 and req.logprob_start_len == 0 and not req.pending_input_logprobs:
@@ -291,12 +295,14 @@ class ResultProcessor:
 
     def _append(self, reqs: list[Req], ids: list[int], lp_map: dict[int, LogprobEntry], decoding: list[bool],
                 grammars: GrammarRuntime | None, num_running: int, allow_jump: bool,
-                advanced: set[int] | None = None) -> list[SeqEvent]:
+                advanced: set[int] | None = None, rides: list[list[int]] | None = None) -> list[SeqEvent]:
         """Append sampled tokens on the host, then check for a finish or a jump forward.
         `num_running` is followed through the rows as the scheduler will apply their events: the
-        worth of a jump depends on how many rows decode alongside."""
+        worth of a jump depends on how many rows decode alongside. `rides`: per row the grammar-forced
+        tokens that follow its token (never with logprobs), appended after it with every finish check."""
         events = []
-        due = self.advance_grammars(reqs, ids, grammars, num_running, allow_jump) if advanced is None else advanced
+        due = (self.advance_grammars(reqs, ids, grammars, num_running, allow_jump, rides) if advanced is None
+               else advanced)
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
             out = req.output_ids
             out.append(tok)
@@ -306,15 +312,35 @@ class ResultProcessor:
                 if req.top_logprobs_num > 0:
                     req.pending_output_top.append(top or [])
             reason = self.check_finish(req, tok, grammars)
+            sampled = unverified = 0
+            if rides is not None and rides[i]:
+                sampled, unverified = self._append_ride(req, rides[i], reason, grammars)
+                if reason is None and sampled:
+                    reason = self.check_finish(req, out[-1], grammars)
             jumped = (reason is None and allow_jump and req.grammar is not None
                       and self._jump_forward(req, grammars, num_running))
             if was_running and (reason is not None or jumped):
                 num_running -= 1
             elif not was_running and reason is None and not jumped:
                 num_running += 1
-            events.append(SeqEvent(req, was_running, reason, jumped,
+            events.append(SeqEvent(req, was_running, reason, jumped, sampled=1 + sampled, unverified=unverified,
                                    jump_due=bool(due) and reason is None and id(req) in due and not req.return_logprob))
         return events
+
+    def _append_ride(self, req: Req, ride: list[int], reason: FinishReason | None,
+                     grammars: GrammarRuntime | None) -> tuple[int, int]:
+        """Append a row's riding forced tokens after its sampled one (which ended it already: `reason`);
+        (tokens appended, tokens whose KV a launched step computes but that were not appended). A ride
+        never crosses a finish by construction (forced_rows.py); the checks stay, cutting the ride."""
+        if reason is not None:
+            return 0, len(ride)
+        out = req.output_ids
+        for j, tok in enumerate(ride[:-1]):
+            out.append(tok)
+            if self.check_finish(req, tok, grammars) is not None:
+                return j + 1, len(ride) - j - 1
+        out.append(ride[-1])
+        return len(ride), 0
 
     def _jump_check_tokens(self, num_running: int) -> int:
         """Overlapped commit: the forced run (tokens) from which a row's jump would pay at this

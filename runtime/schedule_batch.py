@@ -7,6 +7,7 @@ import torch
 
 from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.device_transfer import pack_on
+from radixlm.runtime.forced_rows import decode_rows_forward_batch
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
@@ -26,19 +27,36 @@ class UncommittedStep:
     event: torch.cuda.Event | None
     prefill: bool = False
     _ids: list[int] | None = field(default=None, repr=False)  # host_ids as a list, once read
+    # Per row (None: no row has any): the grammar-forced tokens that follow its sampled token (known on
+    # the host, appended with it; the next step computes their KV beside it: forced_rows.py), and whether
+    # its sampled token is forced to be an end token (the row's last: the next step leaves it out).
+    rides: list[list[int]] | None = None
+    ends: list[bool] | None = None
 
     @classmethod
-    def start(cls, reqs: list[Req], next_ids: torch.Tensor, prefill: bool = False) -> "UncommittedStep":
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor, prefill: bool = False,
+              rides: list[list[int]] | None = None, ends: list[bool] | None = None) -> "UncommittedStep":
         for i, req in enumerate(reqs):
             req.tokens_on_device += 1
             req.uncommitted_row = i
+        if rides is not None:
+            for req, ride in zip(reqs, rides):
+                req.tokens_on_device += len(ride)
         if next_ids.is_cuda:
             host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
             host.copy_(next_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return cls(reqs, next_ids, host, event, prefill)
-        return cls(reqs, next_ids, next_ids, None, prefill)
+            return cls(reqs, next_ids, host, event, prefill, rides=rides, ends=ends)
+        return cls(reqs, next_ids, next_ids, None, prefill, rides=rides, ends=ends)
+
+    def ride_of(self, req: Req) -> list[int]:
+        """The forced tokens riding after `req`'s token in this step (req must be one of its rows)."""
+        return self.rides[req.uncommitted_row] if self.rides is not None else []
+
+    def ends_row(self, req: Req) -> bool:
+        """`req`'s token in this step is forced to be an end token."""
+        return self.ends is not None and self.ends[req.uncommitted_row]
 
     def _host_tokens(self) -> list[int]:
         """The host copy as a list, read once (the first call waits for it)."""
@@ -55,12 +73,19 @@ class UncommittedStep:
         live = [i for i, req in enumerate(self.reqs) if not req.finished]
         return [self.reqs[i] for i in live], [ids[i] for i in live]
 
+    def live_rides(self) -> list[list[int]] | None:
+        """`rides` of the rows `peek_tokens` returns (None: no row has any)."""
+        if self.rides is None:
+            return None
+        return [ride for req, ride in zip(self.reqs, self.rides) if not req.finished]
+
     def take_tokens(self) -> tuple[list[Req], list[int]]:
         """Wait for the host copy; the requests still live and their tokens (one finished meanwhile
-        was computed past its end: its token is dropped)."""
+        was computed past its end: its token is dropped). The rows' rides: `live_rides`, read first."""
         live_reqs, live_ids = [], []
-        for req, tok in zip(self.reqs, self._host_tokens()):
-            req.tokens_on_device -= 1
+        rides = self.rides
+        for i, (req, tok) in enumerate(zip(self.reqs, self._host_tokens())):
+            req.tokens_on_device -= 1 if rides is None else 1 + len(rides[i])
             if not req.finished:
                 live_reqs.append(req)
                 live_ids.append(tok)
@@ -95,6 +120,13 @@ class ScheduledBatch:
     # A verify batch built ahead of the previous step's results (speculative/verify_ahead.py): per
     # request the token its row starts with, not yet on the host (the previous step's bonus, guessed).
     ahead_tokens: list[int] | None = None
+    # Grammar-forced guesses (runtime/forced_rows.py), None where no row has one: per request the pairs
+    # (token it may be sampled -> the token that then forces) for its token still on the device; such a row
+    # computes one more token, that forced one, picked on the device; `guess_rows` (set with the tensors):
+    # per request its guess token's logits row, and `guess_slots`: its index among the step's new slots.
+    guesses: list[dict[int, int] | None] | None = None
+    guess_rows: list[int] = field(default_factory=list)
+    guess_slots: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # A batch built with its requests (not through add / set_decode_rows) has no drafts: every
@@ -130,7 +162,7 @@ class ScheduledBatch:
 
     def set_decode_rows(self, reqs: list[Req], slots: torch.Tensor, drafts: list[list[int]],
                         masks: list[torch.Tensor | None], parents: list[list[int] | None] | None = None,
-                        lanes: list[list[int]] | None = None) -> None:
+                        lanes: list[list[int]] | None = None, own: list[int] | None = None) -> None:
         """A decode batch in one allocation: each request computes its last token plus its drafts
         (one slot each, in request order); a request with drafts is a verify row, a chain unless
         `parents` makes it a tree (whose extra lanes are `lanes`)."""
@@ -139,7 +171,10 @@ class ScheduledBatch:
         self.new_slots.append(slots)
         self.reqs = reqs
         self.prefix_lens = [r.kv_len for r in reqs]
-        self.extend_lens = [1 + len(d) for d in drafts]
+        # `own`: each row's own pending tokens where they may be more than its last one (grammar-forced tokens
+        # riding after it: runtime/forced_rows.py); by default one
+        self.extend_lens = ([1 + len(d) for d in drafts] if own is None
+                            else [n + len(d) for n, d in zip(own, drafts)])
         self.decoding = [True] * len(reqs)
         self.drafts = drafts
         self.draft_masks = masks
@@ -172,7 +207,9 @@ class ScheduledBatch:
         commits to req_to_token before running it. A decode step asks `cascade` whether its rows'
         shared radix-tree prefixes are worth attending once per group."""
         if self.mode is ForwardMode.DECODE and not self.has_drafts:
-            return self._plain_decode_forward_batch(device, uncommitted, cascade)
+            if sum(self.extend_lens) == len(self.reqs):
+                return self._plain_decode_forward_batch(device, uncommitted, cascade)
+            return decode_rows_forward_batch(self, device, uncommitted, cascade)  # grammar-forced rows too
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
@@ -217,6 +254,9 @@ class ScheduledBatch:
             self.verify_rows.append([])
             if req.tokens_on_device:  # decode input is the token still on the device: filled in below
                 input_ids.append(0)
+                if ext > 1:  # ... then the grammar-forced tokens riding after it, known on the host
+                    assert uncommitted is not None
+                    input_ids.extend(uncommitted.ride_of(req))
             else:
                 input_ids.extend(req.fill_slice(prefix, prefix + ext))
             rows: list[int] = []

@@ -16,6 +16,7 @@ import torch
 from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.decode_schedule import schedule_decode
 from radixlm.runtime.fault_isolation import recover_from_step_error
+from radixlm.runtime.forced_rows import plan_rides, resolve_guesses
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
@@ -128,7 +129,10 @@ class Scheduler:
                       "overlapped_prefill_steps": 0,
                       # verify steps launched before the previous verify step's results were processed (of
                       # them, built after a wrong guess at those results)
-                      "ahead_steps": 0, "ahead_rebuilt_steps": 0}
+                      "ahead_steps": 0, "ahead_rebuilt_steps": 0,
+                      # grammar-forced tokens computed as extra decode rows (forced_rows.py): tokens that rode
+                      # after a sampled one, guess rows and the guesses taken, rows a forced end token left out
+                      "forced_ride_tokens": 0, "forced_guess_rows": 0, "forced_guess_hits": 0, "forced_end_rows": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -250,7 +254,12 @@ class Scheduler:
                 # rest of step k's commit (appends, finish checks, outputs) runs after the launch, as for
                 # unconstrained rows (the tokens still count as on the device until then).
                 reqs, ids = previous.peek_tokens()
-                advanced = self.results.advance_grammars(reqs, ids, self.grammars, len(self.running), allow_jump=False)
+                advanced = self.results.advance_grammars(reqs, ids, self.grammars, len(self.running), allow_jump=False,
+                                                         rides=previous.live_rides())
+            if batch.guesses is not None:  # rows whose token just committed forces one more: sampled after it
+                assert previous is not None
+                rows = resolve_guesses(self, batch, previous)
+                logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
             self.uncommitted = self._launch(batch, logits)
             if self.spec is not None:
                 self.spec.warm(self.running)  # n-gram indexes, while the device runs this step
@@ -279,9 +288,12 @@ class Scheduler:
         return True
 
     def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep:
-        """Sample on the device; the host appends these tokens a step later (`_commit_step`)."""
+        """Sample on the device; the host appends these tokens a step later (`_commit_step`), with the
+        grammar-forced tokens that ride after them (forced_rows.py)."""
+        rides, ends = plan_rides(self, batch.reqs) if self.grammars is not None else (None, None)
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
-                                                                     logits_needed_after=False))
+                                                                     logits_needed_after=False),
+                                     rides=rides, ends=ends)
 
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor, targets: list[int] | None = None,
                         dropped: bool = False) -> None:
@@ -321,8 +333,9 @@ class Scheduler:
             step, self.uncommitted = self.uncommitted, None
         if step is None:
             return False
+        rides = step.live_rides()
         reqs, ids = step.take_tokens()
-        self._apply(self.results.commit(reqs, ids, self.grammars, len(self.running), allow_jump, advanced))
+        self._apply(self.results.commit(reqs, ids, self.grammars, len(self.running), allow_jump, advanced, rides))
         return True
 
     def _can_schedule_before_commit(self) -> bool:
@@ -344,7 +357,9 @@ class Scheduler:
             return False
         if self.spec is not None and self.spec.may_draft(self.running):
             return False  # drafts continue the last token: it must be on the host
-        return (self._free_tokens() if AHEAD_WITH_EVICTION else self.kv_pool.available()) >= len(self.running)
+        pending = self.uncommitted
+        rides = sum(len(r) for r in pending.rides) if pending is not None and pending.rides is not None else 0
+        return (self._free_tokens() if AHEAD_WITH_EVICTION else self.kv_pool.available()) >= len(self.running) + rides
 
     def _may_admit(self) -> bool:
         """Some waiting request could be admitted now (with LoRA, requests whose adapter cannot get a

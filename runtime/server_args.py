@@ -121,6 +121,9 @@ class ServerArgs(SpeculativeArgs, LoRAArgs):
                                            "its request fails", float, minimum=0.001)
     disable_jump_forward: bool = _flag(False, "constrained", "never append grammar-forced tokens without "
                                        "sampling them", bool)
+    enable_forced_rows: bool = _flag(False, "constrained", "compute grammar-forced tokens as extra rows of decode "
+                                     "steps instead of a decode step each (overlap schedule only; fewer decode steps "
+                                     "for the same tokens on the CPU, not yet measured on a GPU: off by default)", bool)
     grammar_mask_threads: int | None = _flag(
         None, "constrained", "threads that fill a batch's token masks off the GIL, beside the scheduler's "
         "bookkeeping, each over its own matcher family; 0: inline on the scheduler thread (batch 256 of item "

@@ -86,6 +86,8 @@ def apply_events(sched: Scheduler, events: list[SeqEvent]) -> None:
             else:
                 drop_unverified(sched, req, ev.unverified)
                 sched.spec.on_verified(req, ev.drafted, ev.accepted, ev.sampled)
+        elif ev.unverified and req.kv_len > req.fill_len:  # forced tokens a finish cut: a launched step's KV
+            drop_unverified(sched, req, min(ev.unverified, req.kv_len - req.fill_len))
         if ev.was_running and (ev.finished is not None or ev.jumped):
             sched.running.remove(req)
         if ev.finished is not None:

@@ -13,11 +13,12 @@ import pytest
 
 from radixlm import constrained as C
 from radixlm.constrained.byte_automaton import DEAD, UNKNOWN
+from radixlm.constrained.forced_tokens import ForcedPairs, file_pairs
 from radixlm.constrained.state_table import FIRST_STATE_ROW
 from radixlm.constrained.table_completion import DfaMoves, RowChunk, file_moves, file_rows, walk_states
 
 from .conftest import encode
-from .test_state_table import REFS, table_grammar, walk_and_compare
+from .test_state_table import REFS, allowed, table_grammar, walk_and_compare
 
 SMALL = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3},
                                           "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}},
@@ -65,8 +66,8 @@ def _no_fills(table: Any) -> list[int]:
 def test_completed_rows_equal_llguidance_along_walks(tokenizer: Any, name: str) -> None:
     schema = SMALL if name == "small" else REFS
     grammar, source = table_grammar(tokenizer, schema)
-    *chunks, moves = walk_states(source, chunk=64)
-    assert isinstance(moves, DfaMoves) and all(isinstance(c, RowChunk) for c in chunks)
+    *chunks, moves, pairs = walk_states(source, chunk=64)
+    assert isinstance(moves, DfaMoves) and isinstance(pairs, ForcedPairs) and all(isinstance(c, RowChunk) for c in chunks)
     states = sum(len(c.sets) for c in chunks)
     assert len(chunks) > 1 and states == source.table.dfa.num_states  # every state the DFA has
     _, target = table_grammar(tokenizer, schema)
@@ -78,6 +79,16 @@ def test_completed_rows_equal_llguidance_along_walks(tokenizer: Any, name: str) 
     filed = sum(file_rows(target.table, c, renamed) for c in chunks)
     assert filed == states - 1  # every state's row but that one
     assert sum(file_moves(target.table, moves, renamed, slice_states=5)) == states
+    # forced pairs: from a state with few allowed tokens, each token named leads to a state whose mask (llguidance's,
+    # filed above) allows exactly the token it is paired with
+    assert file_pairs(target.table, pairs, renamed) == len(pairs.pairs) > 0
+    for q in renamed.values():  # each filed state's single token (or -1) came with its row
+        ids = allowed(target.table.rows[q + FIRST_STATE_ROW], grammar.info.vocab_size).tolist()
+        assert target.table._single[q] == (ids[0] if len(ids) == 1 else -1)
+    for q, by_token in target.table.forced_after.items():
+        for x, forced in by_token.items():
+            nxt = target.table.next_state(q, x)
+            assert allowed(target.table.rows[nxt + FIRST_STATE_ROW], grammar.info.vocab_size).tolist() == [forced]
     dfa = target.table.dfa
     reference, _ = table_grammar(tokenizer, schema)  # a third DFA, built by its own subset steps
     ref = fresh_dfa(reference)

@@ -1,0 +1,127 @@
+"""Grammar-forced tokens as extra decode rows (runtime/forced_rows.py) on the CPU: item (f)'s JSON workload
+through the scheduler with --enable-forced-rows off and on, side by side.
+
+What the CPU can say about a change whose benefit is GPU speed: decode steps and forward passes for the very
+same tokens (outputs compared token for token), the guesses made and taken, and the host time the planning
+adds a step. The model is the default model's shape (or --model) with random weights, like the H200 runs'
+8B shape with random weights: the text inside the JSON is noise either way, what matters is the schema's
+structure. The schema's state table is completed first (a server that has served it: the H200 runs'
+--f-wait-tables); jump-forward is off (at 64+ rows on a GPU it never pays); overlap scheduling is on (the
+GPU's schedule, where the forced rows apply). `--graph-buckets N`: the cost rule for guess rows prices
+them as the H200's CUDA graph buckets up to N rows would (padding free, a bucket grown where it pays); without
+it the CPU's rule applies (no graphs: every candidate row guesses).
+
+    OMP_NUM_THREADS=1 python benchmarks/forced_rows.py --batch 64 --graph-buckets 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
+TIMED = (("radixlm.runtime.scheduler", "plan_rides"), ("radixlm.runtime.scheduler", "resolve_guesses"),
+         ("radixlm.runtime.decode_schedule", "plan_guesses"), ("radixlm.runtime.schedule_batch", "decode_rows_forward_batch"))
+
+
+def timed(spent: dict[str, float]) -> None:
+    """Wrap the forced-row functions where the scheduler calls them: seconds spent in each."""
+    import importlib
+
+    for module, name in TIMED:
+        mod = importlib.import_module(module)
+        inner = getattr(mod, name)
+
+        def wrapper(*args, _inner=inner, _name=name, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+
+        setattr(mod, name, wrapper)
+
+
+def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prompt_len: int) -> dict:
+    from radixlm.runtime.io_struct import TokenizedGenerateReq
+    from radixlm.runtime.sampling_params import SamplingParams
+    from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
+
+    sched = make_scheduler(model_dir, max_total_tokens=batch * (prompt_len + 160) + 4096, load_format="dummy",
+                           enable_overlap_schedule_on_cpu=True, disable_jump_forward=True, enable_forced_rows=forced,
+                           grammar_state_table="complete")
+    try:
+        spec = json.dumps(SCHEMA)
+        warm = TokenizedGenerateReq(rid="warm", input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3, json_schema=spec))
+        run_to_completion(sched, [warm])
+        t = time.perf_counter()
+        while sched.grammars.info()["grammar_tables_completing"] and time.perf_counter() - t < 300:
+            sched.grammars.file_completed_rows()
+            time.sleep(0.05)
+        waited = time.perf_counter() - t
+        for key in sched.stats:
+            if isinstance(sched.stats[key], int):
+                sched.stats[key] = 0
+        spent.clear()
+        reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=[100 + (i * 7 + j) % 30000 for j in range(prompt_len)],
+                                     params=SamplingParams(temperature=1.0, seed=i, max_new_tokens=128, json_schema=spec))
+                for i in range(batch)]
+        t = time.perf_counter()
+        out = run_to_completion(sched, reqs, timeout_s=3600)
+        wall = time.perf_counter() - t
+        assert_pool_idle(sched)
+        stats = dict(sched.stats)
+        return {"outputs": {k: v["output_ids"] for k, v in out.items()}, "wall_s": wall, "table_wait_s": waited,
+                "decode_steps": stats["decode_steps"], "forward_steps": stats["forward_steps"],
+                "tokens": sum(len(v["output_ids"]) for v in out.values()),
+                "forced": {k: v for k, v in stats.items() if k.startswith("forced_")},
+                "planning_ms_per_decode_step": {k: 1e3 * v / max(stats["decode_steps"], 1) for k, v in spent.items()}}
+    finally:
+        if sched.grammars is not None:
+            sched.grammars.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", default="64", help="comma list of batch sizes")
+    ap.add_argument("--graph-buckets", type=int, default=0, help="price guess rows as the H200's graphs up to N rows")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--model", default=None, help="model folder (default: the default model's shape)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from radixlm.runtime import forced_rows
+    from radixlm.runtime.model_source import resolve_model_path
+
+    if args.graph_buckets:
+        from radixlm.runtime.cuda_graph_runner import batch_size_buckets
+
+        inner = forced_rows._worth
+        buckets = batch_size_buckets(args.graph_buckets)
+        forced_rows._worth = lambda rates, rows, batch, _: inner(rates, rows, batch, buckets)  # type: ignore[assignment]
+    spent: dict[str, float] = {}
+    timed(spent)
+    model_dir = Path(args.model) if args.model else resolve_model_path(None, progress=False)
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "graph_buckets": args.graph_buckets, "batches": {}}
+    for batch in [int(b) for b in args.batch.split(",")]:
+        off = run(model_dir, batch, False, spent, args.prompt_len)
+        on = run(model_dir, batch, True, spent, args.prompt_len)
+        same = off.pop("outputs") == on.pop("outputs")
+        report["batches"][batch] = {"off": off, "on": on, "identical_outputs": same}
+        print(f"batch {batch}: decode steps {off['decode_steps']} -> {on['decode_steps']} "
+              f"({on['decode_steps'] / off['decode_steps']:.3f}x), forward passes {off['forward_steps']} -> "
+              f"{on['forward_steps']}, tokens {off['tokens']} / {on['tokens']}, identical outputs {same}; "
+              f"{on['forced']}; planning ms a decode step {json.dumps({k: round(v, 3) for k, v in on['planning_ms_per_decode_step'].items()})}; "
+              f"wall {off['wall_s']:.1f} / {on['wall_s']:.1f} s", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

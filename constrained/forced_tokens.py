@@ -1,0 +1,142 @@
+"""Tokens a state table's grammar forces one at a time (runtime/forced_rows.py computes them as extra decode rows).
+
+A state forces a token when its mask allows that token alone: whatever the logits, the masked draw takes it. The
+table answers per state (`single_token`), follows such tokens from a state (`forced_run`), and keeps, per state, the
+tokens that lead to a state forcing one (`StateTable.forced_after`): noted from commits (`note_move`) and walked by
+the background completion for every state allowing few tokens (`forced_pairs`, `ForcedPairs`, `file_pairs`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .state_table import FIRST_STATE_ROW, StateTable
+
+if TYPE_CHECKING:
+    from .state_table import TableGrammar
+
+# States allowing at most this many tokens get their forced pairs walked (item (f)'s schema: every state a free
+# token was taken at before a forced one allowed fewer than 256; 420 such states, 30k walks, 0.45 s on the 2-core CPU)
+PAIR_MAX_ALLOWED = 256
+
+
+def single_token(table: StateTable, state: int) -> int:
+    """The only token the mask of `state` allows (its filled row has one bit set), else -1 (several,
+    none, or the row not filled yet); cached per state once the row is filled."""
+    hit = table._single.get(state)
+    if hit is not None:
+        return hit
+    row = state + FIRST_STATE_ROW
+    if row >= len(table.ready) or not table.ready[row]:
+        return -1
+    words = table.rows[row]
+    nonzero = words.nonzero()
+    token = -1
+    if nonzero.numel() == 1:
+        w = int(nonzero[0, 0])
+        bits = int(words[w]) & 0xFFFFFFFF
+        if bits & (bits - 1) == 0:
+            token = 32 * w + bits.bit_length() - 1
+    table._single[state] = token
+    return token
+
+
+def note_move(table: StateTable, state: int, token: int, nxt: int) -> None:
+    """A row at `state` took `token` to `nxt` (a filled row): remember the token `nxt` forces, if one
+    (never an end token), for rows at `state` later (runtime/forced_rows.py)."""
+    forced = table._single.get(nxt)
+    if forced is None:
+        forced = single_token(table, nxt)
+    if forced >= 0 and forced not in table.end_ids:
+        table.forced_after.setdefault(state, {})[token] = forced
+
+
+def forced_run(table: StateTable, state: int, limit: int) -> tuple[list[int], bool]:
+    """The tokens a row at `state` must take next, one by one (each state's mask allows only that
+    token), at most `limit`, and whether the run then ends on an end token (the row's last: its mask
+    allows only an end token; not in the list). A token is in the run only if the state it reaches
+    has a filled row that is not terminated: riding it can neither end the row nor need a backend
+    fill. Read-only: the table's moves may be walked and cached, no matcher moves."""
+    run: list[int] = []
+    if table.broken:
+        return run, False
+    while len(run) < limit:
+        token = single_token(table, state)
+        if token < 0:
+            break
+        if token in table.end_ids:
+            return run, True
+        try:
+            nxt = table.next_state(state, token)
+        except OverflowError:
+            break
+        row = nxt + FIRST_STATE_ROW
+        if nxt < 0 or row >= len(table.ready) or not table.ready[row] or table.terminated[row]:
+            break
+        run.append(token)
+        state = nxt
+    return run, False
+
+
+@dataclass(frozen=True)
+class ForcedPairs:
+    """Per walked state whose mask allows at most PAIR_MAX_ALLOWED tokens: each allowed token that leads
+    to a state whose mask allows one token (not an end token, the state not terminated), with that
+    token (`StateTable.forced_after`, which runtime/forced_rows.py's guesses read)."""
+
+    nfa_states: int
+    pairs: dict[int, dict[int, int]]
+
+
+def allowed_tokens(row: np.ndarray, most: int) -> np.ndarray | None:
+    """The token ids a packed mask row allows, or None when more than `most`."""
+    bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+    if int(bits.sum()) > most:
+        return None
+    return np.flatnonzero(bits)
+
+
+def forced_pairs(grammar: TableGrammar, few: dict[int, np.ndarray], single_of: dict[int, int],
+                 deadline: float) -> dict[int, dict[int, int]]:
+    """`ForcedPairs.pairs` of the walk's states: each state of `few`'s allowed tokens walked on the DFA."""
+    dfa, info = grammar.table.dfa, grammar.info
+    end_ids = set(info.end_token_ids)
+    out: dict[int, dict[int, int]] = {}
+    for q, allowed in few.items():
+        if time.monotonic() > deadline:
+            break
+        pairs: dict[int, int] = {}
+        for x in allowed.tolist():
+            data = info.token_bytes[x] if x < len(info.token_bytes) else None
+            if x in end_ids or not data:
+                continue
+            try:
+                nxt = dfa.walk(q, data)
+            except OverflowError:
+                return out
+            forced = single_of.get(nxt, -1)
+            if forced >= 0 and forced not in end_ids:
+                pairs[x] = forced
+        if pairs:
+            out[q] = pairs
+    return out
+
+
+def file_pairs(table: StateTable, found: ForcedPairs, renamed: dict[int, int]) -> int:
+    """File the walk's forced pairs under `table`'s state numbers; returns the states given pairs."""
+    if table.broken or found.nfa_states != table.dfa.nfa_size:
+        return 0
+    filed = 0
+    for q, pairs in found.pairs.items():
+        mine = renamed.get(q)
+        if mine is not None:
+            table.forced_after.setdefault(mine, {}).update(pairs)
+            filed += 1
+    return filed
+
+
+

@@ -1,0 +1,357 @@
+"""Grammar-forced tokens computed as extra rows of the next decode step, not each in a step of its own.
+
+Where a constrained row's grammar allows exactly one token at its state, the masked draw can only
+take that token, at any temperature and seed. With overlap scheduling, when step k+1's mask is
+taken the host knows the run a row's next token starts: t1 (sampled by step k+1 as usual) and the
+tokens t2..tm forced after it. They ride with t1: step k+1's commit appends t1..tm, and step k+2
+computes their KV beside t1 as decode rows of the same request (each a one-token decode row whose
+KV ends at it, as a verify step's drafts: the decode kernels and CUDA graphs, one bucket larger at
+most), then samples the token after tm with the state after tm's mask. The row saves m - 1 steps,
+and the extra decode rows cost little on a device where a decode step is bound by reading weights.
+A run that ends on a forced end token (a JSON document's last) marks the row instead: the step
+after leaves it out (it ends when that token is committed), so the run no longer needs a step to
+find out that its last row ended.
+
+Most forced tokens stand alone, right after a free one (a key's last piece after its first, `ue`
+after `tr`): t1 is known only once the free token is, after step k+1 is launched. Guesses take
+those: the state table remembers, per state, the tokens seen taken there that led to a state
+forcing one token (`StateTable.forced_after`); a row at such a state computes one more decode row
+in step k+1 whose token the device picks from those pairs by the sampled token (a padding token
+where none matches). Once the host has the sampled token it knows whether the pair matched: if so
+the forced token rides after it and step k+1 samples after it; if not, that row's slot goes back
+to the pool and the step samples after the token as usual. Guess rows only fill the padding of the
+CUDA graph the step replays anyway, so a miss costs nothing.
+
+Off by default (`--enable-forced-rows`): on the CPU it cuts decode steps for the same tokens (item (f)'s
+schema, 64 rows: 96 -> 91 with the H200's graph buckets simulated for the cost rule), but the extra rows'
+cost on a GPU and the device-side guess pick have not been measured yet (benchmarks/RESULTS.md).
+
+Outputs are unchanged: a ride holds only tokens each of whose states allows nothing else (state
+table rows with one bit set), never an end token, never into a state that ends the grammar or is
+not filled yet, and only for rows whose draw could not refuse it (no logit bias, no token bans of
+min_new_tokens in force, no logprobs asked, no stop strings) and whose length and context leave
+room for a token after it. Rows without a state table (llguidance's masks only) do not ride.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from radixlm.constrained.forced_tokens import forced_run
+from radixlm.runtime.device_transfer import pack_on
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.kv_pool import SlotWrites
+from radixlm.runtime.request import Req
+
+if TYPE_CHECKING:
+    from radixlm.constrained.state_table import StateTable
+    from radixlm.runtime.cascade import CascadePlanner
+    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+    from radixlm.runtime.scheduler import Scheduler
+
+# Forced tokens riding after one row's token (a JSON key literal of the benchmark's schema: 2-6 tokens).
+MAX_RIDE = 16
+# Pairs (token -> the token it forces) a guess row picks from on the device.
+MAX_PAIRS = 64
+# A state's guess hit rate starts at PRIOR_HITS / PRIOR_TRIES (item (f) on the CPU: 88 of 443 guesses taken).
+PRIOR_HITS, PRIOR_TRIES = 1.0, 5.0
+# The decode step's cost that does not grow with its rows, in rows' worth: the H200, 8B shape, item (f)'s JSON
+# steps at 64 and 256 rows took 5.56 and 9.51 ms at the median (benchmarks/RESULTS.md, gmask5): 0.0206 ms a row
+# above 4.24 ms.
+DECODE_FIXED_ROWS = 206
+
+
+def rides_allowed(req: Req) -> bool:
+    """The row's draw takes a forced token whatever the logits (see the module docstring)."""
+    p = req.params
+    return (req.grammar is not None and not req.return_logprob and not p.stop and not p.stop_regex
+            and not p.logit_bias and len(req.output_ids) + req.tokens_on_device >= p.min_new_tokens)
+
+
+def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | None, list[bool] | None]:
+    """For a decode step about to sample `reqs` (their grammars at their last tokens): per row the forced
+    tokens to ride after its next token, and whether that token is forced to be an end token. (None,
+    None) where no row has either. The rows a step adds stay within the largest CUDA graph (a step past
+    it would run eagerly, costing more than the steps it saves)."""
+    grammars = sched.grammars
+    if grammars is None or not sched.args.enable_forced_rows:
+        return None, None
+    picked = [i for i, _ in _rows_at(reqs, _may_force) if rides_allowed(reqs[i])]
+    if not picked:
+        return None, None
+    graphs = sched.runner.graph_runner
+    spare = (graphs.max_bs - len(reqs)) if graphs is not None else MAX_RIDE * len(picked)
+    context = sched.runner.context_len
+    limits = []
+    for i in picked:
+        r = reqs[i]
+        after = len(r.output_ids) + r.tokens_on_device + 1  # tokens once the next one is appended
+        room = min(r.params.max_new_tokens - after, context - len(r.input_ids) - after) - 1
+        limits.append(max(min(MAX_RIDE, room), 0))
+    runs = forced_runs([reqs[i] for i in picked], limits)
+    rides: list[list[int]] = [[] for _ in reqs]
+    ends = [False] * len(reqs)
+    any_ride = any_end = False
+    for i, (ride, end) in zip(picked, runs):
+        if end:
+            ends[i] = any_end = True
+        if ride and spare > 0:
+            ride = ride[:spare]
+            spare -= len(ride)
+            rides[i] = ride
+            any_ride = True
+    stats = sched.stats
+    stats["forced_ride_tokens"] += sum(map(len, rides)) if any_ride else 0
+    stats["forced_end_rows"] += sum(ends) if any_end else 0
+    return (rides if any_ride else None), (ends if any_end else None)
+
+
+def forced_runs(reqs: list[Req], limits: list[int]) -> list[tuple[list[int], bool]]:
+    """Per request (its grammar advanced to its last token, its next mask not yet sampled from) the
+    tokens that its next token forces after it and whether the row ends there (state_table.StateTable.
+    forced_run): the next token is the first of the run, sampled as usual; the rest ride with it.
+    At most `limits[i]` tokens after the first; rows without a healthy table: none."""
+    out: list[tuple[list[int], bool]] = []
+    none: tuple[list[int], bool] = ([], False)
+    for req, limit in zip(reqs, limits):
+        m = req.grammar
+        table = getattr(m, "table", None)
+        if m is None or req.finished or table is None or table.broken or m.ended or m.refused:
+            out.append(none)
+            continue
+        run, ends = forced_run(table, m.state, limit + 1)
+        if ends and not run:
+            out.append(([], True))  # its next token is an end token: the row's last
+        elif len(run) > 1:
+            out.append((run[1:], False))  # the first is sampled; the ones after it ride
+        else:
+            out.append(none)
+    return out
+
+
+def _rows_at(reqs: list[Req], lookup: Callable[[StateTable, int], Any]) -> list[tuple[int, Any]]:
+    """(row, what `lookup` says of its grammar's table and state) for each constrained row with a state
+    table where that is truthy: one dict lookup a row, the per-step filter in front of everything here."""
+    out = []
+    for i, r in enumerate(reqs):
+        m = r.grammar
+        table = getattr(m, "table", None) if m is not None else None
+        if table is not None:
+            hit = lookup(table, m.states[-1])
+            if hit:
+                out.append((i, hit))
+    return out
+
+
+def _may_force(table: StateTable, state: int) -> bool:
+    """The state's row allows one token, or is not known yet to allow more."""
+    return table._single.get(state, 0) >= 0
+
+
+def _pairs(table: StateTable, state: int) -> dict[int, int] | None:
+    return table.forced_after.get(state)
+
+
+def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int, int] | None] | None:
+    """For a decode step about to run `todo` overlapped: per row whose token on the device was sampled at a
+    state where some tokens lead to a state forcing one token, those pairs (`StateTable.forced_after`), for
+    the rows where a guess pays (`_worth`), else None; None where no row has one. Such a row computes one
+    more token, the forced one its sampled token names (picked on the device), and samples after it where
+    the pair matched. Without graphs (the CPU, where steps are not overlapped unless asked) every
+    candidate row guesses."""
+    pending = sched.uncommitted
+    if (sched.grammars is None or not sched.args.enable_forced_rows or pending is None or sched.spec is not None
+            or pending.prefill):
+        return None
+    context = sched.runner.context_len
+    candidates: list[tuple[float, int, int, dict[int, int]]] = []  # (hit rate, row, state, pairs)
+    for i, pairs in _rows_at(todo, _pairs):
+        r = todo[i]
+        m = r.grammar
+        if r.tokens_on_device != 1 or m.table.broken or m.ended or m.refused:
+            continue
+        if not rides_allowed(r) or pending.ride_of(r) or pending.ends_row(r):
+            continue
+        after = len(r.output_ids) + 2  # its token on the device and the guess
+        if r.params.max_new_tokens - after < 1 or context - len(r.input_ids) - after < 1:
+            continue
+        tried, hits = m.table.guessed.get(m.state, (0, 0))
+        candidates.append(((hits + PRIOR_HITS) / (tried + PRIOR_TRIES), i, m.state, pairs))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: -c[0])
+    graphs = sched.runner.graph_runner
+    take = _worth([c[0] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None)
+    if not take:
+        return None
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+
+    if not sched.results.can_defer(ScheduledBatch(ForwardMode.DECODE, todo, [], [])):
+        return None  # (only an overlapped step learns its rows' tokens before sampling them)
+    out: list[dict[int, int] | None] = [None] * len(todo)
+    for _, i, state, pairs in candidates[:take]:
+        picked = dict(list(pairs.items())[:MAX_PAIRS]) if len(pairs) > MAX_PAIRS else dict(pairs)
+        out[i] = picked
+        todo[i].guess_state = state
+    return out
+
+
+def _worth(rates: list[float], rows: int, batch: int, buckets: list[int] | None) -> int:
+    """How many of the candidates (hit rates, best first) guess. A CUDA graph replays a whole bucket: guess
+    rows in the padding of the bucket the step's `rows` replay anyway cost nothing; growing into the next
+    bucket (n more rows) pays when the guesses it lets in are expected to save more row-steps than the n
+    rows cost. A decode step costs about (DECODE_FIXED_ROWS + batch) rows' worth, so a row-step saved is worth
+    (DECODE_FIXED_ROWS + batch) / batch rows of a step."""
+    if buckets is None:
+        return len(rates)
+    at = bisect.bisect_left(buckets, rows)
+    if at >= len(buckets):
+        return 0
+    take = min(buckets[at] - rows, len(rates))
+    value = (DECODE_FIXED_ROWS + batch) / batch
+    while take < len(rates) and at + 1 < len(buckets):
+        grow = buckets[at + 1] - buckets[at]
+        gain = sum(rates[take : take + grow]) * value
+        if gain < grow:
+            break
+        take = min(take + grow, len(rates))
+        at += 1
+    return take
+
+
+def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep) -> list[int]:
+    """After the pending step's tokens went into the grammars (an overlapped step, before sampling): a
+    guess row whose token matched a pair took the forced token it names, which now rides after that token
+    (appended with it, committed to its grammar); the others' guess slot goes back to the pool. Returns
+    each request's logits row to sample: after the guess where it was taken."""
+    assert batch.guesses is not None
+    ids = previous._host_tokens()
+    sched.stats["forced_guess_rows"] += sum(g is not None for g in batch.guesses)
+    chosen: list[int] = []
+    slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
+    for i, (req, guess) in enumerate(zip(batch.reqs, batch.guesses)):
+        row = batch.sample_rows[i]
+        assert row is not None
+        if guess is None:
+            chosen.append(row)
+            continue
+        forced = guess.get(ids[req.uncommitted_row], -1) if not req.finished else -1
+        seen = req.grammar.table.guessed
+        tried, hits = seen.get(req.guess_state, (0, 0))
+        seen[req.guess_state] = (tried + 1, hits + (forced >= 0))
+        if forced >= 0 and previous.rides is None:
+            previous.rides = [[] for _ in previous.reqs]
+        if forced >= 0 and sched.grammars.ride_after(req, forced):
+            previous.rides[req.uncommitted_row] = [forced]  # type: ignore[index]
+            req.tokens_on_device += 1
+            sched.stats["forced_guess_hits"] += 1
+            chosen.append(batch.guess_rows[i])
+            continue
+        at = batch.guess_slots[i]
+        sched.kv_pool.free(slots[at : at + 1])
+        req.kv_len -= 1
+        chosen.append(row)
+    return chosen
+
+
+def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncommitted: UncommittedStep | None,
+                              cascade: CascadePlanner | None) -> tuple[ForwardBatch, SlotWrites]:
+    """`ScheduledBatch.to_forward_batch` of a decode step (no drafts) where some rows compute more than
+    their last token: forced tokens riding after it, a guess, or (after a synchronous commit) a ride
+    appended already. Each token is one decode row of its request whose KV ends at it; a row's logits
+    are its last token's (a guess row's: also its first token's). Built with array operations over the
+    step and a loop over the multi-token rows only (the general builder's per-row loop costs ~5 µs a
+    row: the whole host budget of a 256-row step)."""
+    reqs, prefix, ext = batch.reqs, batch.prefix_lens, batch.extend_lens
+    n = len(reqs)
+    ext_np = np.asarray(ext, dtype=np.int64)
+    ends = np.cumsum(ext_np)
+    starts = ends - ext_np
+    total = int(ends[-1])
+    on_device = [r.tokens_on_device for r in reqs]
+    rows_cpu = np.fromiter((r.req_pool_idx for r in reqs), dtype=np.int64, count=n)
+    token_rows = np.repeat(rows_cpu, ext_np)
+    positions = np.repeat(np.asarray(prefix, dtype=np.int64) - starts, ext_np) + np.arange(total, dtype=np.int64)
+    ids = np.zeros(total, dtype=np.int64)
+    ids[starts] = [0 if d else r.fill_slice(p, p + 1)[0] for r, p, d in zip(reqs, prefix, on_device)]
+    guesses = batch.guesses
+    batch.guess_rows, batch.guess_slots = [-1] * n, [-1] * n
+    guess_idx: list[int] = []
+    pairs: list[dict[int, int]] = []
+    for i in np.flatnonzero(ext_np > 1).tolist():
+        r, at, e = reqs[i], int(starts[i]), ext[i]
+        guess = guesses[i] if guesses is not None else None
+        if guess is not None:  # its token on the device, then the forced token it names: picked on the device
+            guess_idx.append(i)
+            pairs.append(guess)
+            batch.guess_slots[i] = at + 1
+        elif on_device[i]:  # its token on the device, then the forced tokens riding after it
+            assert uncommitted is not None
+            ids[at + 1 : at + e] = uncommitted.ride_of(r)
+        else:  # tokens appended already (a ride committed before this step was scheduled)
+            ids[at + 1 : at + e] = r.fill_slice(prefix[i] + 1, prefix[i] + e)
+    logits = ends - 1
+    if guess_idx:  # a guess row's logits: after its token and after the guess (which is sampled: known later)
+        where = np.asarray(guess_idx, dtype=np.int64)
+        logits = np.insert(logits, where, starts[where])
+        before = np.zeros(n, dtype=np.int64)
+        before[where] = 1
+        sample = np.arange(n, dtype=np.int64) + np.cumsum(before) - before
+        for i in guess_idx:
+            batch.guess_rows[i] = int(sample[i]) + 1
+        batch.sample_rows = sample.tolist()
+    else:
+        batch.sample_rows = list(range(n))
+    batch.logprob_rows = batch.verify_rows = [[] for _ in range(n)]
+    batch.logprob_first_pos = [0] * n
+    pending = [i for i, d in enumerate(on_device) if d]
+    if pending:
+        assert uncommitted is not None
+    seq_lens = (positions + 1).tolist()
+    rows_list = token_rows.tolist()
+    layout = None
+    if cascade is not None:
+        nodes = [r.last_node for r, e in zip(reqs, ext) for _ in range(e)]
+        layout = cascade.plan(nodes, rows_list, seq_lens)  # type: ignore[arg-type]
+    extra = [t.to(torch.int64).view(-1) for t in layout.tensors()] if layout is not None else []
+    width = max((len(p) for p in pairs), default=0)
+    guess_t = []
+    if guess_idx:
+        keys = [k for p in pairs for k in [*p, *[-1] * (width - len(p))]]
+        values = [v for p in pairs for v in [*p.values(), *[0] * (width - len(p))]]
+        guess_t = [torch.from_numpy(starts[guess_idx] + 1), torch.tensor([reqs[i].uncommitted_row for i in guess_idx]),
+                   torch.tensor(keys, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)]
+    slots = torch.cat(batch.new_slots).to(torch.int64) if len(batch.new_slots) != 1 else batch.new_slots[0].to(torch.int64)
+    slots32 = slots.to(torch.int32)
+    rows_t, positions_cpu = torch.from_numpy(token_rows), torch.from_numpy(positions)
+    index = torch.arange(total, dtype=torch.int64)
+    (input_ids_t, positions_t, out_cache_loc, token_rows_t, logits_t, pending_t, src_t, *rest,
+     seq_lens_t, ext_t, starts_t, slots32_t) = pack_on([
+        torch.from_numpy(ids), positions_cpu, slots, rows_t, torch.from_numpy(logits),
+        torch.from_numpy(starts[pending]), torch.tensor([reqs[i].uncommitted_row for i in pending], dtype=torch.int64),
+        *extra, *guess_t,
+    ], device, int32=[(positions_cpu + 1).to(torch.int32), torch.ones(total, dtype=torch.int32),
+                      index.to(torch.int32), slots32])
+    layout_t = rest[: len(extra)]
+    if pending:
+        input_ids_t[pending_t] = uncommitted.next_ids[src_t]  # type: ignore[union-attr]
+    if guess_idx:  # each guess row's token: the pair's forced token where its first token matches (else 0)
+        at_t, gsrc_t, keys_t, values_t = rest[len(extra):]
+        sampled = uncommitted.next_ids[gsrc_t].view(-1, 1)  # type: ignore[union-attr]
+        hit = keys_t.view(len(guess_idx), width) == sampled
+        input_ids_t[at_t] = (values_t.view(len(guess_idx), width) * hit).sum(1).to(input_ids_t.dtype)
+    writes = SlotWrites(decode=True, rows=rows_t, positions=positions_cpu, prefix_lens=prefix, extend_lens=ext,
+                        slots=slots32, device_token_rows=token_rows_t, device_positions=positions_t,
+                        device_slots=slots32_t)
+    fb = ForwardBatch(
+        mode=ForwardMode.DECODE, input_ids=input_ids_t, positions=positions_t, out_cache_loc=out_cache_loc,
+        req_pool_indices=token_rows_t, seq_lens=seq_lens_t, req_pool_indices_cpu=rows_list,
+        seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1] * total, extend_seq_lens=ext_t, extend_start_loc=starts_t,
+        logits_indices=logits_t, lora_names=batch._lora_names(total),
+        cascade=layout.with_tensors(layout_t) if layout is not None else None,
+    )
+    return fb, writes

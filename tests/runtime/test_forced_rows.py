@@ -1,0 +1,122 @@
+"""Grammar-forced tokens as extra decode rows (runtime/forced_rows.py), overlap scheduling on the CPU:
+outputs equal those decoded token by token (greedy and seeded sampling), fewer decode steps, the KV
+pool and radix tree exact afterwards."""
+from __future__ import annotations
+
+import json
+import time
+
+import jsonschema
+import pytest
+
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
+from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
+
+# gpu_suite item (f)'s schema: regular (a state table mirrors it), keys in any order, bounded strings.
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
+
+
+def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1) -> tuple[list[dict], dict]:
+    # (complete: the schema's state table is filled ahead by a background walk, as on a server that served it;
+    # a ride needs the rows of the states it crosses)
+    sched = make_scheduler(model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
+                           disable_jump_forward=True, enable_forced_rows=forced_rows, grammar_state_table="complete")
+    try:
+        tok = sched.tokenizer
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Answer as JSON."}],
+                                                    add_generation_prompt=True, tokenize=False))
+        warm = {**reqs_params[0], "max_new_tokens": 4}
+        run_to_completion(sched, [TokenizedGenerateReq(rid="warm", input_ids=prompt, params=SamplingParams(**warm))])
+        deadline = time.monotonic() + 120
+        while sched.grammars.info()["grammar_tables_completing"] and time.monotonic() < deadline:
+            sched.grammars.file_completed_rows()
+            time.sleep(0.05)
+        sched.stats.update({k: 0 for k in sched.stats if k.startswith("forced_") or k.endswith("_steps")})
+        outs = []
+        for k in range(repeats):
+            reqs = [TokenizedGenerateReq(rid=f"r{k}-{i}", input_ids=prompt, params=SamplingParams(**p))
+                    for i, p in enumerate(reqs_params)]
+            got = run_to_completion(sched, reqs)
+            outs.append({r.rid.split("-")[1]: got[r.rid]["output_ids"] for r in reqs})
+            assert_pool_idle(sched)
+        return outs, dict(sched.stats)
+    finally:
+        if sched.grammars is not None:
+            sched.grammars.close()
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(default_model_dir, sampling) -> None:
+    """The second batch of the schema finds the (state, token) moves the first took into states that force
+    one token: its rows compute that token beside the sampled one (picked on the device), sample after it
+    where it was taken, and the batch needs fewer decode steps for the very same tokens."""
+    temp = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0}
+    params = [{**temp, "seed": i, "max_new_tokens": 90, "json_schema": json.dumps(SCHEMA)} for i in range(4)]
+    off, off_stats = _run(default_model_dir, False, params, repeats=2)
+    on, on_stats = _run(default_model_dir, True, params, repeats=2)
+    assert on == off  # token for token, every request, both batches
+    assert on_stats["forced_guess_hits"] > 0 and off_stats["forced_guess_rows"] == 0
+    assert on_stats["decode_steps"] < off_stats["decode_steps"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    for ids in on[1].values():
+        jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SCHEMA)
+
+
+def test_guess_rows_fill_the_graph_bucket_and_grow_it_only_where_they_pay() -> None:
+    from radixlm.runtime.cuda_graph_runner import batch_size_buckets
+    from radixlm.runtime.forced_rows import _worth
+
+    buckets = batch_size_buckets(512)  # ..., 48, 64, 80, 96, ...
+    assert _worth([0.05] * 10, 60, 60, buckets) == 4  # the padding of bucket 64: free, whatever the rate
+    assert _worth([0.05] * 10, 64, 64, buckets) == 0  # a full bucket: 16 more rows for ~0.5 row-steps saved
+    assert _worth([0.9] * 10, 64, 64, buckets) == 10  # ~38 row-steps' worth saved for 16 rows
+    assert _worth([0.9] * 40, 64, 64, buckets) == 40  # (80, then 96, then 112 rows: each growth pays)
+    # at 256 rows a step's fixed part weighs less per row: the same growth needs surer guesses
+    assert _worth([0.4] * 32, 256, 256, buckets) == 0 and _worth([0.4] * 32, 64, 64, buckets) == 32
+    assert _worth([0.9] * 3, 5, 5, None) == 3  # no graphs (the CPU): every candidate
+
+
+def test_forced_and_guess_rows_in_one_decode_step() -> None:
+    """decode_rows_forward_batch: a plain row, a row whose device token has forced tokens riding after it, a row
+    whose ride was appended already (a synchronous commit), and a guess row whose forced token the device picks
+    by its sampled token: one decode row per token, KV ending at it, logits at each row's last token (a guess
+    row's: both)."""
+    import torch
+
+    from radixlm.runtime.forward_batch import ForwardMode
+    from radixlm.runtime.request import Req
+    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+
+    def req(rid: str, prompt: list[int], out: list[int], row: int) -> Req:
+        r = Req(rid=rid, input_ids=prompt, params=SamplingParams(max_new_tokens=50), seed=0)
+        r.output_ids, r.req_pool_idx, r.kv_len = list(out), row, len(prompt) + len(out)
+        return r
+
+    plain, ride, host, guess, miss = (req("p", [5, 6], [7], 3), req("r", [1, 2], [9], 1), req("h", [8], [3], 7),
+                                      req("g", [4, 4], [], 2), req("m", [6], [6], 5))
+    step = UncommittedStep.start([plain, ride, guess, miss], torch.tensor([41, 42, 43, 44]),
+                                 rides=[[], [50, 51], [], []])
+    host.output_ids += [60, 61]  # a ride committed before the step: tokens appended, their KV not computed
+    host.kv_len -= 1
+    batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+    reqs = [plain, ride, host, guess, miss]
+    own = [r.fill_len + r.tokens_on_device - r.kv_len for r in reqs]  # (decode_schedule's, forced rows on)
+    batch.set_decode_rows(reqs, torch.arange(100, 111), [[] for _ in reqs], [None] * len(reqs), own=own)
+    batch.guesses = [None, None, None, {43: 70, 99: 71}, {43: 72}]
+    batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, batch.guesses)]
+    assert batch.extend_lens == [1, 3, 3, 2, 2]
+    fb, writes = batch.to_forward_batch(torch.device("cpu"), step)
+    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 44, 0]  # (the miss row: a padding token)
+    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 2, 3]
+    assert fb.seq_lens_cpu == [p + 1 for p in fb.positions.tolist()]
+    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 5, 5]
+    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10]
+    assert batch.sample_rows == [0, 1, 2, 3, 5] and batch.guess_rows == [-1, -1, -1, 4, 6]
+    assert batch.guess_slots == [-1, -1, -1, 8, 10]
+    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 111))
