@@ -27,7 +27,7 @@ from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefix
 from radixlm.runtime.request import Req
 from radixlm.runtime.request_intake import add_request
 from radixlm.runtime.result_processor import ResultProcessor, SeqEvent
-from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.schedule_policy import DecodeReserve
 from radixlm.runtime.scheduler_control import control, info
 from radixlm.runtime.server_args import ServerArgs
@@ -35,6 +35,7 @@ from radixlm.runtime.speculative import verify_ahead
 from radixlm.runtime.speculative.spec_decoder import SpecDecoder, prepare_draft_model
 from radixlm.runtime.speculative.tree_kv import TreeKV
 from radixlm.runtime.step_results import after_prefill, apply_events, launch_prefill
+from radixlm.runtime.uncommitted_step import UncommittedStep
 
 logger = logging.getLogger(__name__)
 
