@@ -14,7 +14,7 @@ class UncommittedStep:
     """A step sampled on the device whose tokens the host has not appended yet (overlap
     scheduling): each of its requests counts one token on the device until `take_tokens`.
     `prefill`: the step was a prompts-only extend step (its rows' first tokens), after which the
-    next prefill may be scheduled before the commit (`Scheduler._can_schedule_before_commit`)."""
+    next prefill may be scheduled before the commit (`step_order.can_schedule_before_commit`)."""
 
     reqs: list[Req]
     next_ids: torch.Tensor  # [B] device
