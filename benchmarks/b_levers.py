@@ -7,7 +7,7 @@ one process on the H200.
 One scheduler (Llama-3.1-8B shape, random bf16 weights; CUDA graphs only with item evict).
   evict    (b)'s first --evict-requests requests whole in a --pool-tokens pool that finished requests' cached KV fills
            part-way through the decode phase (as (b)'s does from its ~290th decode step): decode steps ahead of the
-           commit while free slots alone hold them (the default) vs free + evictable slots (scheduler.AHEAD_WITH_EVICTION)
+           commit while free slots alone hold them (the default) vs free + evictable slots (step_order.AHEAD_WITH_EVICTION)
   b        workload (b) whole as the suite runs it (warm-up, then 1,000 requests; the engine's default pool), once per
            --b-arms entry (row blocks, AHEAD_WITH_EVICTION), ~30 s an arm; not with evict in the same call
   gemm     each projection of the model's 32 layers in a row (its real weights, one [--gemm-rows, K] input), as one
@@ -86,10 +86,10 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int,
                  sync_arms: bool) -> dict:
     """`arms_spec`: (row block, chunk tokens, every weight) per overlapped arm (row block 0: one product; every
     weight: qkv / o in blocks too, not only the weights larger than twice the L2)."""
-    import radixlm.runtime.scheduler as scheduler_module
+    import radixlm.runtime.step_order as step_order
     from radixlm.runtime.dense_row_blocks import attach_row_blocks
 
-    default = scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS
+    default = step_order.OVERLAP_PREFILL_MIN_REQUESTS
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     out: dict = {"default_min_requests": default, "l2_bytes": l2}
     seed = 100
@@ -104,7 +104,7 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int,
         while sum(map(len, prompts)) < chunks * chunk:  # (the same tokens for every arm's chunk size)
             prompts.append(workload_b(1, vocab, seed=seed)[0][0])
             seed += 1
-        scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = min_requests
+        step_order.OVERLAP_PREFILL_MIN_REQUESTS = min_requests
         sched.chunk_size, sched.max_prefill_tokens = size, max(budget, size)
         attach_row_blocks(sched.runner.model, block, 0 if every else l2)  # (an L2 of 0: every weight is "larger")
         for i, p in enumerate(prompts):
@@ -123,7 +123,7 @@ def item_prefill(sched, vocab: int, chunks: int, arms_spec: list[tuple[int, int,
         print(f"prefill {arm}: {sum(map(len, prompts))} tokens in {dt * 1e3:.0f} ms "
               f"({sum(map(len, prompts)) / dt:.0f} tok/s)", flush=True)
         sched.cache.flush()
-    scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS = default
+    step_order.OVERLAP_PREFILL_MIN_REQUESTS = default
     sched.chunk_size, sched.max_prefill_tokens = chunk, budget
     attach_row_blocks(sched.runner.model, 0, l2)
     base = [r["tok_s"] for r in out.get("overlap_rows0", [])]
@@ -174,17 +174,17 @@ def run_whole(sched, prompts: list[list[int]], outs: list[int], label: str) -> t
 def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
     """(b)'s first `n` requests whole (prefill, then decode down to 0 rows) in a pool sized so that finished
     requests' cached KV fills it part-way through the decode phase, as in (b): a decode step goes ahead of the
-    commit only while free slots hold it (scheduler.AHEAD_WITH_EVICTION off, the default) vs while free + evictable
+    commit only while free slots hold it (step_order.AHEAD_WITH_EVICTION off, the default) vs while free + evictable
     slots do (on). `progress(out)` after each run (the caller writes what is measured so far)."""
-    import radixlm.runtime.scheduler as scheduler_module
+    import radixlm.runtime.step_order as step_order
 
     prompts, outs = workload_b(n, vocab)
-    default = scheduler_module.AHEAD_WITH_EVICTION
+    default = step_order.AHEAD_WITH_EVICTION
     out: dict = {"requests": n, "pool_tokens": sched.kv_pool.size}
     outputs: dict[str, list[list[int]]] = {}
     for r in range(rounds):
         for arm, with_eviction in (("free_and_evictable", True), ("free_only", False)):  # (on first: a first run's costs)
-            scheduler_module.AHEAD_WITH_EVICTION = with_eviction
+            step_order.AHEAD_WITH_EVICTION = with_eviction
             sched.cache.flush()
             sched.reserve.ratio = sched.reserve.init_ratio  # admission as on a fresh scheduler in every run
             row, tokens = run_whole(sched, prompts, outs, f"{arm}{r}")
@@ -194,7 +194,7 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
                 progress(out)
             print(f"evict {arm}: {row['seconds']:.2f} s (decode phase {row['decode_phase_s']:.2f} s), decode steps ahead of "
                   f"the commit {row['ahead']}, after it {row['after_commit']}", flush=True)
-    scheduler_module.AHEAD_WITH_EVICTION = default
+    step_order.AHEAD_WITH_EVICTION = default
     out["same_tokens"] = outputs["free_only"] == outputs["free_and_evictable"]
     a, b = (sum(x["decode_phase_s"] for x in out[k]) for k in ("free_only", "free_and_evictable"))
     out["decode_phase_new_over_old"] = b / a
@@ -205,21 +205,21 @@ def item_evict(sched, vocab: int, n: int, rounds: int, progress=None) -> dict:
 
 def item_b(sched, vocab: int, arms: list[tuple[int, bool]], progress=None) -> dict:
     """Workload (b) whole, as the suite runs it (its warm-up prompts first, their KV left cached; then the 1,000
-    requests), once per arm (row block of --gemm-row-block, 0: off; scheduler.AHEAD_WITH_EVICTION), in one process:
+    requests), once per arm (row block of --gemm-row-block, 0: off; step_order.AHEAD_WITH_EVICTION), in one process:
     total tok/s and the decode phase per arm."""
-    import radixlm.runtime.scheduler as scheduler_module
+    import radixlm.runtime.step_order as step_order
     from radixlm.runtime.dense_row_blocks import attach_row_blocks
 
     prompts, outs = workload_b(1000, vocab)
     warm = warmup_b(vocab)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    default = scheduler_module.AHEAD_WITH_EVICTION
+    default = step_order.AHEAD_WITH_EVICTION
     total = sum(map(len, prompts)) + sum(outs)
     out: dict = {"pool_tokens": sched.kv_pool.size}
     for rows, with_eviction in arms:
         arm = f"rows{rows}_eviction_{'on' if with_eviction else 'off'}"
         attach_row_blocks(sched.runner.model, rows, l2)
-        scheduler_module.AHEAD_WITH_EVICTION = with_eviction
+        step_order.AHEAD_WITH_EVICTION = with_eviction
         sched.cache.flush()
         sched.reserve.ratio = sched.reserve.init_ratio
         run_whole(sched, warm, [8] * len(warm), f"warm{arm}")
@@ -232,7 +232,7 @@ def item_b(sched, vocab: int, arms: list[tuple[int, bool]], progress=None) -> di
               f"{row['decode_phase_s']:.2f} s), decode steps ahead of the commit {row['ahead']}, after it "
               f"{row['after_commit']}, {row['retractions']} retractions so far", flush=True)
     attach_row_blocks(sched.runner.model, 0, l2)
-    scheduler_module.AHEAD_WITH_EVICTION = default
+    step_order.AHEAD_WITH_EVICTION = default
     sched.cache.flush()
     return out
 
@@ -254,7 +254,7 @@ def main() -> None:
                     help="the KV pool (evict: 350 requests' cached KV fills 250k tokens from their ~134th decode step, "
                     "304 rows; 379 of 511 steps, 156 rows on average, where (b) has ~220 steps of 218)")
     ap.add_argument("--b-arms", default="1024:on,0:off",
-                    help="b: ROWS:on|off per arm (--gemm-row-block rows, 0: off; scheduler.AHEAD_WITH_EVICTION)")
+                    help="b: ROWS:on|off per arm (--gemm-row-block rows, 0: off; step_order.AHEAD_WITH_EVICTION)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "b_levers.json"))
     args = ap.parse_args()
     items = set(args.items.split(","))

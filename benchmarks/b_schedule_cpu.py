@@ -9,7 +9,7 @@ the suite), chunks of 8,192 tokens, up to 1,024 running requests, overlap schedu
 depend on its queues and the pool's occupancy only, so the sequence of steps is (b)'s on the H200. Per decode step:
 whether it went ahead of the commit or waited for it, its rows, and the host time of the work that a waiting step
 puts between two forward passes on a GPU (the commit of the step in flight, the decode schedule with its eviction,
-the batch's tensors, the sampling launch; not the CPU model's forward). Once with scheduler.AHEAD_WITH_EVICTION off
+the batch's tensors, the sampling launch; not the CPU model's forward). Once with step_order.AHEAD_WITH_EVICTION off
 (the default: free slots alone let a step go ahead), once on (free + evictable slots).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gpu_suite import LLAMA_8B, model_dir_for  # noqa: E402
 from gpu_throughput import warmup_b, workload_b  # noqa: E402
 from profile_steps import make_scheduler, time_calls  # noqa: E402
 
-import radixlm.runtime.scheduler as scheduler_module  # noqa: E402
+import radixlm.runtime.step_order as step_order  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
@@ -40,7 +40,7 @@ HOST_PARTS = ("commit", "schedule decode", "batch tensors", "sample launch")
 
 
 def run(model_dir: Path, requests: int, with_eviction: bool) -> dict:
-    scheduler_module.AHEAD_WITH_EVICTION = with_eviction
+    step_order.AHEAD_WITH_EVICTION = with_eviction
     sched = make_scheduler(model_dir, dtype="float32", max_total_tokens=POOL_TOKENS, chunked_prefill_size=8192,
                            max_running_requests=1024, enable_overlap_schedule_on_cpu=True, cascade_attention="off")
     vocab = TINY["vocab_size"]

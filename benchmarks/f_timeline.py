@@ -38,10 +38,11 @@ from gpu_throughput import SCHEMA  # noqa: E402
 
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
-from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep  # noqa: E402
+from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.scheduler_process import freeze_startup_heap  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+from radixlm.runtime.uncommitted_step import UncommittedStep  # noqa: E402
 
 # (owner, method, label): owner "sched", "runner", "results", "grammars", or a class (patched on it).
 PHASES: list[tuple[Any, str, str]] = [

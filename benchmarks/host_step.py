@@ -39,9 +39,10 @@ from radixlm.runtime import result_processor, sampler  # noqa: E402
 from radixlm.runtime.io_struct import TokenizedGenerateReq  # noqa: E402
 from radixlm.runtime.kv_pool import ReqToTokenPool  # noqa: E402
 from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
-from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep  # noqa: E402
+from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+from radixlm.runtime.uncommitted_step import UncommittedStep  # noqa: E402
 
 # item (f)'s schema (gpu_throughput.SCHEMA), with long strings so that rows stay in the batch
 SCHEMA = {"type": "object", "properties": {

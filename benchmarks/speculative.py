@@ -86,7 +86,7 @@ CHAT_TASKS = [
 # ------------------------------------------------------------------------------ shared
 VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requests synchronous (before dry_overlap)",
             "eager": "n-gram indexes warmed every step, drafting or not (before spec8)",
-            "prefill": "prefill steps overlapped with NGRAM on (scheduler.OVERLAP_PREFILL_WITH_NGRAM)",
+            "prefill": "prefill steps overlapped with NGRAM on (step_order.OVERLAP_PREFILL_WITH_NGRAM)",
             "deepfirst": "the payoff measuring the deepest arm first at batch 1 (draft_payoff.DEEP_FIRST_ROWS 1)",
             "fulldepth": "chains as deep as the step's k at batch 1 (spec_decoder.FULL_DEPTH_ROWS 1)"}
 

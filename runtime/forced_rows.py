@@ -50,8 +50,9 @@ from radixlm.runtime.request import Req
 if TYPE_CHECKING:
     from radixlm.constrained.state_table import StateTable
     from radixlm.runtime.cascade import CascadePlanner
-    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+    from radixlm.runtime.schedule_batch import ScheduledBatch
     from radixlm.runtime.scheduler import Scheduler
+    from radixlm.runtime.uncommitted_step import UncommittedStep
 
 # Forced tokens riding after one row's token (a JSON key literal of the benchmark's schema: 2-6 tokens).
 MAX_RIDE = 16

@@ -105,7 +105,8 @@ class LoopStats:
         from radixlm.runtime import result_processor
         from radixlm.runtime.grammar_tables import DeviceTables
         from radixlm.runtime.sampler import SamplingBatch
-        from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+        from radixlm.runtime.schedule_batch import ScheduledBatch
+        from radixlm.runtime.uncommitted_step import UncommittedStep
 
         for owner, name, part in ((SamplingBatch, "build", "sampling tensors"), (result_processor, "sample", "draw"),
                                   (constrained, "apply_token_bitmask_", "bitmask applied"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from radixlm.runtime import step_order
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.lora.admission import SlotBudget, longest_first, next_swap_in
 from radixlm.runtime.request import Req
@@ -24,7 +25,7 @@ def schedule_prefill(sched: Scheduler) -> ScheduledBatch | None:
     if sched.runner.lora is not None and sched.waiting:
         prefetch_adapter(sched)
     budget = min(sched.max_prefill_tokens, sched.chunk_size)
-    if sched.running and sched._lora_slot_bound():
+    if sched.running and step_order.lora_slot_bound(sched):
         budget = min(budget, sched.args.lora_prefill_chunk)
     free = sched._free_tokens() - sched.reserve.reserve_for(sched.running)
     batch = ScheduledBatch(ForwardMode.EXTEND, [], [], [])
@@ -39,7 +40,7 @@ def schedule_prefill(sched: Scheduler) -> ScheduledBatch | None:
         free -= ext
         if req.kv_len == req.fill_len:
             sched.partial.remove(req)
-    if budget <= 0 or (sched.runner.lora is not None and not sched._may_admit()):
+    if budget <= 0 or (sched.runner.lora is not None and not step_order.may_admit(sched)):
         # (with many adapters most steps: every waiting request needs a slot that is taken,
         # and building the slot budget over the whole queue each step cost ~1 ms of host time)
         return batch if batch.reqs else None

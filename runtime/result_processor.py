@@ -15,9 +15,10 @@ import torch
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
-from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, greedy_argmax, sample, token_logprobs
+from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments, greedy_argmax, sample
 from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.speculative.verify import position_rows
+from radixlm.runtime.step_logprobs import LogprobEntry, output_logprobs, record_input_logprobs, run_logprobs
 from radixlm.runtime.stop_regex import compile_stop_regexes
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ logger = logging.getLogger(__name__)
 # ~5.5 ms, i.e. about two extra decode steps (benchmarks/profile_steps.py, item f).
 JUMP_EAGER_EXTRA_STEPS = 2.0
 JUMP_MAX_USEFUL_TOKENS = 64
-
-LogprobEntry = tuple[float, list[tuple[float, int]] | None]
 
 
 class SeqEvent(NamedTuple):
@@ -81,7 +80,7 @@ class ResultProcessor:
                 to_verify.append(i)
                 continue
             if batch.logprob_rows[i]:
-                self._input_logprobs(req, logits, batch.logprob_rows[i], batch.logprob_first_pos[i])
+                record_input_logprobs(req, logits, batch.logprob_rows[i], batch.logprob_first_pos[i])
             row = batch.sample_rows[i]
             if row is None:
                 continue  # a chunk of a long prompt: more to prefill
@@ -101,7 +100,7 @@ class ResultProcessor:
             rows = [row for _, row, _ in to_sample]
             rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
             next_ids = self.sample(reqs, rows_logits, grammars)
-            lp_map = self._output_logprobs(reqs, rows_logits, next_ids)
+            lp_map = output_logprobs(reqs, rows_logits, next_ids)
             events += self._append(reqs, next_ids.tolist(), lp_map, [d for _, _, d in to_sample], grammars,
                                    num_running, allow_jump=True)
         if to_verify:
@@ -156,7 +155,7 @@ class ResultProcessor:
             matched = len(kept)
             # the logits rows of the emitted tokens: the root's, then each kept node's
             path_rows = [start] + [start + 1 + node for node in kept]
-            lp_entries = (self._run_logprobs(req, rows_logits[path_rows[: len(run)]], run)
+            lp_entries = (run_logprobs(req, rows_logits[path_rows[: len(run)]], run)
                           if want_lp and req.return_logprob else None)
             start += n
             reason = None
@@ -186,15 +185,6 @@ class ResultProcessor:
                                    accepted=accepted, unverified=unverified, kept=tuple(kept[:accepted])))
         return events
 
-    def _run_logprobs(self, req: Req, rows_logits: torch.Tensor, run: list[int]) -> list[LogprobEntry] | None:
-        if not req.return_logprob:
-            return None
-        ids = torch.tensor(run, device=rows_logits.device)
-        chosen, top_vals, top_ids = token_logprobs(rows_logits, ids, req.top_logprobs_num)
-        tops = ([list(zip(v, t)) for v, t in zip(top_vals.tolist(), top_ids.tolist())]
-                if top_vals is not None and top_ids is not None else [None] * len(run))
-        return list(zip(chosen.tolist(), tops))
-
     def commit(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
                allow_jump: bool = True, advanced: set[int] | None = None,
                rides: list[list[int]] | None = None) -> list[SeqEvent]:
@@ -216,18 +206,6 @@ class ResultProcessor:
         return grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
                                      0 if allow_jump else self._jump_check_tokens(num_running),
                                      None if rides is None else [rides[i] for i in constrained])
-
-    def _input_logprobs(self, req: Req, logits: torch.Tensor, rows: list[int], first_pos: int) -> None:
-        if first_pos == 1 and req.logprob_start_len == 0 and not req.pending_input_logprobs:
-            req.pending_input_logprobs.append((None, req.input_ids[0]))
-            req.pending_input_top.append(None)
-        targets = torch.tensor(req.input_ids[first_pos : first_pos + len(rows)], device=logits.device)
-        chosen, top_vals, top_ids = token_logprobs(logits[rows], targets, req.top_logprobs_num)
-        req.pending_input_logprobs.extend(zip(chosen.tolist(), targets.tolist()))
-        if top_vals is not None and top_ids is not None:
-            req.pending_input_top.extend([list(zip(v, t)) for v, t in zip(top_vals.tolist(), top_ids.tolist())])
-        else:
-            req.pending_input_top.extend([None] * len(rows))
 
     def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None,
                logits_needed_after: bool = True) -> torch.Tensor:
@@ -275,23 +253,6 @@ class ResultProcessor:
             with torch.inference_mode(adjusted.is_inference()):
                 apply_token_bitmask_(adjusted, bitmask.to(adjusted.device, non_blocking=True))
         return sample(adjusted, sbatch)
-
-    def _output_logprobs(self, reqs: list[Req], rows_logits: torch.Tensor, next_ids: torch.Tensor
-                         ) -> dict[int, LogprobEntry]:
-        want_lp = [i for i, r in enumerate(reqs) if r.return_logprob]
-        lp_map: dict[int, LogprobEntry] = {}
-        if not want_lp:
-            return lp_map
-        k = max(reqs[i].top_logprobs_num for i in want_lp)
-        chosen, top_vals, top_ids = token_logprobs(rows_logits[want_lp], next_ids[want_lp], k)
-        chosen_l = chosen.tolist()
-        tv = top_vals.tolist() if top_vals is not None else None
-        ti = top_ids.tolist() if top_ids is not None else None
-        for j, i in enumerate(want_lp):
-            n = reqs[i].top_logprobs_num
-            top = list(zip(tv[j][:n], ti[j][:n])) if tv is not None and ti is not None and n > 0 else None
-            lp_map[i] = (chosen_l[j], top)
-        return lp_map
 
     def _append(self, reqs: list[Req], ids: list[int], lp_map: dict[int, LogprobEntry], decoding: list[bool],
                 grammars: GrammarRuntime | None, num_running: int, allow_jump: bool,

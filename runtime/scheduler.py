@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from radixlm.runtime import step_order
 from radixlm.runtime.decode_log import DecodeLog
 from radixlm.runtime.decode_schedule import schedule_decode
 from radixlm.runtime.fault_isolation import recover_from_step_error
@@ -20,14 +21,14 @@ from radixlm.runtime.forced_rows import plan_rides, resolve_guesses
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.gen_rate import GenRate
 from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishReason, ReqOutput, TokenizedGenerateReq
-from radixlm.runtime.lora.admission import AdapterDemand, WaitingQueue, may_admit_any, slot_bound
+from radixlm.runtime.lora.admission import AdapterDemand, WaitingQueue
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefill_admission import schedule_prefill
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
 from radixlm.runtime.request_intake import add_request
 from radixlm.runtime.result_processor import ResultProcessor, SeqEvent
-from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.schedule_policy import DecodeReserve
 from radixlm.runtime.scheduler_control import control, info
 from radixlm.runtime.server_args import ServerArgs
@@ -35,32 +36,9 @@ from radixlm.runtime.speculative import verify_ahead
 from radixlm.runtime.speculative.spec_decoder import SpecDecoder, prepare_draft_model
 from radixlm.runtime.speculative.tree_kv import TreeKV
 from radixlm.runtime.step_results import after_prefill, apply_events, launch_prefill
+from radixlm.runtime.uncommitted_step import UncommittedStep
 
 logger = logging.getLogger(__name__)
-
-# A prefill batch this small carries the running requests' decode rows (see _should_mix) while their
-# KV is at most MIX_MAX_DECODE_KV_TOKENS tokens in all.
-MIX_ALWAYS_MAX_TOKENS = 256
-MIX_MAX_DECODE_KV_TOKENS = 131072
-# A prefill step of at least this many requests is overlapped (`step_results.launch_prefill`): the next chunk
-# is scheduled and launched while it runs. The host's work between two prefill steps grows with their
-# requests (~0.15 ms each on the H200's host: ~20 ms for the ~130 short questions of a shared-prefix chunk),
-# while a device never left idle holds lower clocks (its prefill steps ran 3.7% slower, 2026-12-04
-# afternoon, workload (e)). Chunks of workload (b)'s prompts (12-20 requests of 128-1,024 tokens in 8,192)
-# still gain: 43.0-43.6k tok/s overlapped vs 40.9k synchronous on the H200 (2026-12-04 evening,
-# benchmarks/b_levers.py: ~7.5 ms of host work a chunk hidden). Fewer, longer prompts a chunk — cache-off
-# (e)'s ~8 of 1,088 tokens, (d)'s 4 of 2,048 — were not measured and stay synchronous.
-OVERLAP_PREFILL_MIN_REQUESTS = 12
-# A decode step may also go ahead of the commit when it needs cached KV evicted for its slots (free + evictable
-# slots hold it), not only when free slots do. Off until measured on the H200: replaying workload (b)'s schedule
-# on the CPU, 105 of its 511 decode steps wait for the commit without it, none with it (benchmarks/RESULTS.md,
-# thru9; benchmarks/b_schedule_cpu.py; `benchmarks/b_levers.py --items evict` is the H200 A/B).
-AHEAD_WITH_EVICTION = False
-# ... also with NGRAM speculation on (drafting reads the host's tokens only when it drafts): at batch 64 on the H200 the
-# e2e cell is half prefill and spec on ran every chunk synchronously. Off until measured on the H200
-# (`benchmarks/speculative.py --prefill-ab`, spec8); a draft model or head always keeps prefill synchronous.
-OVERLAP_PREFILL_WITH_NGRAM = False
-
 
 class Scheduler:
     def __init__(self, args: ServerArgs, model_dir: Path, tokenizer: object) -> None:
@@ -101,14 +79,7 @@ class Scheduler:
         self.partial: list[Req] = []
         self.outputs: list[ReqOutput] = []
         self.overlap = not args.disable_overlap_schedule
-        # Prompts-only extend steps of many requests overlapped too: the next prefill chunk is scheduled
-        # and launched before this one's first tokens are committed (not with adapters, nor a draft model or
-        # head: it keeps its own KV or the target's hidden states of each prompt; with NGRAM per
-        # OVERLAP_PREFILL_WITH_NGRAM: it reads the host's tokens only to draft, and a row whose token is still on
-        # the device drafts nothing, `SpecDecoder._limit`).
-        ngram = self.spec is not None and self.spec.model is None
-        self.overlap_prefill = (self.overlap and not args.disable_overlap_prefill and self.runner.lora is None
-                                and (self.spec is None or (ngram and OVERLAP_PREFILL_WITH_NGRAM)))
+        self.overlap_prefill = step_order.overlap_prefill_allowed(self)  # prompts-only steps of many requests
         # Overlap scheduling: the decode step sampled on the device and not yet appended.
         self.uncommitted: UncommittedStep | None = None
         # NGRAM chains: a verify step launched before the previous one's results (speculative/verify_ahead.py).
@@ -268,8 +239,7 @@ class Scheduler:
                 if self.spec is not None:
                     self.spec.refresh(self.running)  # (a dry request whose text now repeats may draft again)
             return True
-        if (self.overlap_prefill and len(batch.reqs) >= OVERLAP_PREFILL_MIN_REQUESTS
-                and self.results.can_defer_prefill(batch)):
+        if step_order.overlaps_prefill(self, batch):
             # The host schedules and launches the next step while the device runs this one; the
             # pending step (if any) is a prefill step too (only those let a prefill go first).
             self.stats["overlapped_prefill_steps"] += 1
@@ -304,27 +274,6 @@ class Scheduler:
         events = self.results.process(batch, logits, forks, self.grammars, len(self.running), targets)
         self._apply([e._replace(unverified=0) for e in events] if dropped else events)
 
-    def _should_mix(self, batch: ScheduledBatch) -> bool:
-        """Run the decode rows in this prefill's forward pass. A small extension (grammar-forced
-        tokens, the tail of a chunked prompt) costs about what a separate decode step would, so it
-        rides along while the decode rows' KV is small: in the extend kernel each decode row is a
-        tile of one query streaming its whole context (an (e) chunk's tiles on the H200: ~0.9 ms a
-        layer for 4,096 of them over 1,088 tokens), so 511 rows of ~1,100 tokens cost a mixed step
-        ~100 ms against ~27 ms for the extension alone and a separate 512-row decode step (workload
-        (e)'s last prefill chunk). A large prefill only with --enable-mixed-chunk."""
-        if self.args.enable_mixed_chunk or self._lora_slot_bound():
-            return True
-        return (sum(batch.extend_lens) <= MIX_ALWAYS_MAX_TOKENS
-                and sum(r.seq_len for r in self.running) <= MIX_MAX_DECODE_KV_TOKENS)
-
-    def _lora_slot_bound(self) -> bool:
-        """LoRA requests want more adapters than a batch holds, and prefill then goes in chunks of
-        --lora-prefill-chunk tokens that carry the decode rows: such a run is bound by decode steps
-        (a request decodes only while its adapter holds a slot), and each chunk saves one."""
-        if self.runner.lora is None or not self.args.lora_prefill_chunk:
-            return False
-        return slot_bound(self.args.max_loras_per_batch, [*self.running, *self.partial], self.waiting)
-
     def _commit_step(self, step: UncommittedStep | None = None, allow_jump: bool = True,
                      advanced: set[int] | None = None) -> bool:
         """Append the tokens of an uncommitted step (by default the scheduler's own). `allow_jump=False`
@@ -338,36 +287,13 @@ class Scheduler:
         self._apply(self.results.commit(reqs, ids, self.grammars, len(self.running), allow_jump, advanced, rides))
         return True
 
+    def _should_mix(self, batch: ScheduledBatch) -> bool:
+        """`step_order.should_mix` (a method: tests wrap it per scheduler)."""
+        return step_order.should_mix(self, batch)
+
     def _can_schedule_before_commit(self) -> bool:
-        """The next step can go ahead before the uncommitted one is committed: nothing to admit or
-        extend (unless the uncommitted step is a prefill step: `step_results.launch_prefill`), and no
-        retraction needed (it would free the slots of a token on the device). With AHEAD_WITH_EVICTION,
-        evicting cached KV too (no running request holds it; a slot the step in flight reads is rewritten
-        only after it on the stream); without it, free slots alone decide.
-
-        Scheduling a prefill ahead of a decode step's commit was tried (benchmarks/RESULTS.md,
-        issue 8): on workload (b) it lost 5% on the H200, its prefill steps measuring ~10% slower.
-        After a prompts-only prefill step the next prefill needs none of its tokens: it goes first,
-        so the host's admission work runs while the device computes (shared-prefix workloads admit
-        ~130 requests a chunk: ~20 ms of host time per step that the device otherwise waits for)."""
-        if self.jump_due:
-            return False  # (a due jump is taken by the commit: its forced tokens need an extend step)
-        after_prefill_step = self.uncommitted is not None and self.uncommitted.prefill
-        if (self.partial or self._may_admit()) and not after_prefill_step:
-            return False
-        if self.spec is not None and self.spec.may_draft(self.running):
-            return False  # drafts continue the last token: it must be on the host
-        pending = self.uncommitted
-        rides = sum(len(r) for r in pending.rides) if pending is not None and pending.rides is not None else 0
-        return (self._free_tokens() if AHEAD_WITH_EVICTION else self.kv_pool.available()) >= len(self.running) + rides
-
-    def _may_admit(self) -> bool:
-        """Some waiting request could be admitted now (with LoRA, requests whose adapter cannot get a
-        device slot cannot: with many adapters they wait most of the time, and must not turn every
-        decode step into a synchronous one)."""
-        if self.runner.lora is None or not self.waiting:
-            return bool(self.waiting)
-        return may_admit_any(self.args.max_loras_per_batch, self.running, self.waiting, self.adapter_demand)
+        """`step_order.can_schedule_before_commit` (a method: tests and benchmarks wrap it per scheduler)."""
+        return step_order.can_schedule_before_commit(self)
 
     def pop_outputs(self) -> list[ReqOutput]:
         out, self.outputs = self.outputs, []

@@ -12,7 +12,8 @@ import torch
 
 from radixlm.runtime.request import Req
 from radixlm.runtime.result_processor import SeqEvent
-from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.uncommitted_step import UncommittedStep
 
 if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler

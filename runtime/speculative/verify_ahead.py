@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixlm.runtime import step_order
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.request import Req
 from radixlm.runtime.schedule_batch import ScheduledBatch
@@ -51,7 +52,7 @@ def eligible(sched: Scheduler, batch: ScheduledBatch) -> bool:
         return False
     if sched.uncommitted is not None or sched.jump_due or sched.partial:
         return False
-    if sched._may_admit() and len(sched.running) < sched.max_running:
+    if step_order.may_admit(sched) and len(sched.running) < sched.max_running:
         return False
     if len(batch.reqs) != len(sched.running) or sched.runner.lora is not None:
         return False

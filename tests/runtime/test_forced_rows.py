@@ -91,7 +91,8 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
 
     from radixlm.runtime.forward_batch import ForwardMode
     from radixlm.runtime.request import Req
-    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+    from radixlm.runtime.uncommitted_step import UncommittedStep
 
     def req(rid: str, prompt: list[int], out: list[int], row: int) -> Req:
         r = Req(rid=rid, input_ids=prompt, params=SamplingParams(max_new_tokens=50), seed=0)

@@ -56,7 +56,8 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     from radixlm.runtime.io_struct import TokenizedGenerateReq
     from radixlm.runtime.sampler import SamplingBatch
     from radixlm.runtime.sampling_params import SamplingParams
-    from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+    from radixlm.runtime.uncommitted_step import UncommittedStep
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
     for owner, names in ((GrammarRuntime, ("advance_many", "bitmask", "poll", "file_completed_rows")),

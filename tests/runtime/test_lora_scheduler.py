@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from radixlm.runtime import step_order
 from radixlm.runtime.io_struct import ControlReq
 from radixlm.runtime.lora.admission import AdapterDemand, SlotBudget, WaitingQueue, may_admit_any
 from radixlm.runtime.request import Req
@@ -309,7 +310,7 @@ def test_slot_bound_prefill_goes_in_small_chunks_carrying_the_decode_rows(setup)
         if batch.mode is ForwardMode.EXTEND:
             lens = batch.extend_seq_lens_cpu
             decode_rows = sum(1 for n in lens if n == 1)
-            seen.append((sum(lens) - decode_rows, decode_rows, sched._lora_slot_bound()))
+            seen.append((sum(lens) - decode_rows, decode_rows, step_order.lora_slot_bound(sched)))
         return forward(batch)
 
     sched.runner.forward = recording

@@ -77,12 +77,12 @@ def test_small_extensions_leave_large_decode_batches_alone(tiny_model_dir, monke
     """Past MIX_MAX_DECODE_KV_TOKENS of decode rows' KV a small extension runs on its own (decode
     rows in the extend kernel stream their whole context in tiles of one query): no mixed step,
     the same outputs."""
-    from radixlm.runtime import scheduler as scheduler_module
+    from radixlm.runtime import step_order
 
     model_dir = tiny_model_dir("llama")
     reqs = lambda: [greedy_req(f"r{i}", [5 + i] * 12, 5 + 3 * i) for i in range(12)]  # noqa: E731
     expected = run_to_completion(make_scheduler(model_dir, max_running_requests=4), reqs())
-    monkeypatch.setattr(scheduler_module, "MIX_MAX_DECODE_KV_TOKENS", 3 * 12)  # fewer than 3 running rows' KV
+    monkeypatch.setattr(step_order, "MIX_MAX_DECODE_KV_TOKENS", 3 * 12)  # fewer than 3 running rows' KV
     sched = make_scheduler(model_dir, max_running_requests=4)
     mixed = _count_mixed(sched)
     got = run_to_completion(sched, reqs())

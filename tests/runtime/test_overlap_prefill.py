@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from radixlm.runtime import scheduler as scheduler_module
+from radixlm.runtime import step_order
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, TokenizedGenerateReq
 from radixlm.runtime.request import Req
@@ -20,14 +20,14 @@ from radixlm.runtime.schedule_batch import ScheduledBatch
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
 
 POOL = 500  # KV tokens: both schedules retract on this workload
-DEFAULT_MIN_REQUESTS = scheduler_module.OVERLAP_PREFILL_MIN_REQUESTS  # (read before any fixture patches it)
+DEFAULT_MIN_REQUESTS = step_order.OVERLAP_PREFILL_MIN_REQUESTS  # (read before any fixture patches it)
 
 
 @pytest.fixture(autouse=True)
 def any_prefill_step(monkeypatch):
     """These small workloads hold a few requests a step: overlap every prompts-only prefill step
     (the default threshold is tested on its own below)."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 1)
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_MIN_REQUESTS", 1)
 
 
 def _shared(rng: random.Random, groups: int, per: int, prefix: int) -> list[list[int]]:
@@ -156,7 +156,7 @@ def test_which_extend_batches_are_deferred() -> None:
 def test_only_prefill_steps_of_many_requests_are_overlapped(tiny_model_dir, monkeypatch) -> None:
     """By default a prefill step is overlapped from OVERLAP_PREFILL_MIN_REQUESTS requests (the
     host's admission work grows with them); fewer stay synchronous."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 32)  # (the default: 12)
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_MIN_REQUESTS", 32)  # (the default: 12)
     model_dir = tiny_model_dir("llama")
     rng = random.Random(4)
     for n, overlapped in ((40, True), (20, False)):
@@ -172,7 +172,7 @@ def test_chunks_of_b_like_prompts_are_overlapped_by_default(tiny_model_dir, monk
     """The default threshold overlaps prefill chunks of 12+ requests, as workload (b)'s chunks of ~600-token
     prompts (12-20 a chunk; 5% faster overlapped on the H200, RESULTS.md 2026-12-04 evening); a chunk of fewer
     requests stays synchronous."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", DEFAULT_MIN_REQUESTS)
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_MIN_REQUESTS", DEFAULT_MIN_REQUESTS)
     model_dir = tiny_model_dir("llama")
     rng = random.Random(5)
     for n, overlapped in ((14, 1), (6, 0)):

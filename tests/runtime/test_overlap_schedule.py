@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-import radixlm.runtime.scheduler as scheduler_module
+import radixlm.runtime.step_order as step_order
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
@@ -45,7 +45,7 @@ def test_decode_goes_ahead_with_eviction_when_cached_kv_fills_the_pool(tiny_mode
     AHEAD_WITH_EVICTION the next decode step still goes ahead of the commit (taking its slots by eviction) instead of
     waiting for the step in flight; without it (the default) such a step waits. The same outputs as the synchronous
     schedule either way, no retraction."""
-    monkeypatch.setattr(scheduler_module, "AHEAD_WITH_EVICTION", with_eviction)
+    monkeypatch.setattr(step_order, "AHEAD_WITH_EVICTION", with_eviction)
     model_dir = tiny_model_dir("llama")
     rng = random.Random(3)
     reqs = lambda: [greedy_req(f"r{i}", [rng.randrange(3, 300) for _ in range(40)], 4 + 5 * i)  # noqa: E731

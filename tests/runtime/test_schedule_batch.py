@@ -7,7 +7,8 @@ import torch
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampling_params import SamplingParams
-from radixlm.runtime.schedule_batch import ScheduledBatch, UncommittedStep
+from radixlm.runtime.schedule_batch import ScheduledBatch
+from radixlm.runtime.uncommitted_step import UncommittedStep
 
 
 def _req(rid: str, prompt: list[int], out: list[int], row: int) -> Req:

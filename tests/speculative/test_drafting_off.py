@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from radixlm.runtime import scheduler as scheduler_module
+from radixlm.runtime import step_order
 from radixlm.runtime.speculative import spec_decoder
 from radixlm.runtime.speculative.draft_payoff import MAX_PROBE_EVERY, DraftPayoff
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler
@@ -27,9 +27,9 @@ def test_ngram_prefill_steps_are_overlapped(tiny, monkeypatch) -> None:
     """Prompts of a repeated block in chunks: with OVERLAP_PREFILL_WITH_NGRAM (off by default until measured on
     the H200) the prefill steps are overlapped with NGRAM on as without speculation (the next chunk launched before
     the first tokens are committed), outputs equal speculation off, drafting follows, and no slot is left behind."""
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_MIN_REQUESTS", 2)
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_MIN_REQUESTS", 2)
     assert not make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True).overlap_prefill
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_WITH_NGRAM", True)
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_WITH_NGRAM", True)
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 250) for _ in range(24)] * 4 for _ in range(24)]
     reqs = [greedy_req(f"p{i}", ids, 20 + i) for i, ids in enumerate(prompts)]
@@ -46,7 +46,7 @@ def test_ngram_prefill_steps_are_overlapped(tiny, monkeypatch) -> None:
 
 
 def test_a_draft_model_keeps_prefill_synchronous(tiny, monkeypatch) -> None:
-    monkeypatch.setattr(scheduler_module, "OVERLAP_PREFILL_WITH_NGRAM", True)
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_WITH_NGRAM", True)
     sched = make_scheduler(tiny, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny),
                            enable_overlap_schedule_on_cpu=True)
     assert not sched.overlap_prefill
