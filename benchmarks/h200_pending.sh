@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The H200 measurements this code is waiting for (session of 2026-12-04 21:14-00:14 had no device: see RESULTS.md).
+# Run from the repository root on the device, one part per call (each part < 600 s), results under $OUT/<name>/.
+# Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
+# then run part "final" (the suite and the rows of the issues) on that commit.
+# Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
+# first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
+#   bash benchmarks/h200_pending.sh ab      (~560 s: the A/Bs of issues 14, 18, 19, 21, 22)
+#   bash benchmarks/h200_pending.sh final   (~560 s: gpu_suite a,b,e,f,g; the 64-adapter row)
+#   bash benchmarks/h200_pending.sh lora    (~200 s: issue 21's base, 1-adapter and 8-adapter rows at 1,000 requests, one engine)
+set -u
+OUT=${OUT:-benchmarks/results/h200_pending}
+run() { local name=$1 cap=$2; shift 2; mkdir -p "$OUT/$name"; echo "=== $name $(date +%T) cap ${cap}s"
+  timeout "$cap" bash -c "$*" > "$OUT/$name/log.txt" 2>&1; echo "rc=$? $name"; tail -25 "$OUT/$name/log.txt"; }
+case "${1:-}" in
+ab)
+  # issue 14 item 4 (jf14): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
+  run jf14 200 "RADIXLM_LOOP_STATS=$OUT/jf14/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf14/f.json"
+  # issue 19 (w4f): L2 hints, SiLU epilogue, blocked codes -> runtime/models/w4_l2_prefetch.DEFAULT_PLAN, runtime/quantization/w4a16.SILU_EPILOGUE_AUTO
+  run w4f 100 "python3 benchmarks/w4_decode_step.py --check pf-all,pf-o-gu16-silu,blk --variants defaults,pf-o-gu16,pf-o,pf-all,blk,pf-o-gu16-blk,split-norm-silu,pf-o-gu16-silu,gu-c4,down-c4,pf-o-gu8,pf-o-gu32,pf-gu16,pf-o-start,pf-o-gu16-d8,pf-o-gu16-q4,pf-o-gu16-qall,gu-c4-st3,pf-o-gu16-on8,pf-o-gu16-on32 --wall-variants defaults,pf-o-gu16,pf-o-gu16-silu,pf-o-gu16-blk --rounds 2 --wall-steps 60 --budget-s 80 --out $OUT/w4f/w4_step.json"
+  # issue 18 (spec8): batch 64 prefill overlap with NGRAM, batch-1 deepest-first / full depth -> runtime/step_order.OVERLAP_PREFILL_WITH_NGRAM, speculative/draft_payoff.DEEP_FIRST_ROWS, speculative/spec_decoder.FULL_DEPTH_ROWS
+  run spec8 70 "python3 benchmarks/speculative.py --mode gpu --sets e2e,profile --topk 1 --prompt-sets repeat --batches 1,64 --repeats 2 --new-tokens 128 --no-audit --profile-small-only --deep-ab --eager-ab --prefill-ab --out $OUT/spec8/spec.json"
+  # issue 22 item 3 (thru9): prefill row blocks, decode steps ahead with eviction -> runtime/dense_row_blocks.AUTO_ROWS (--gemm-row-block), runtime/step_order.AHEAD_WITH_EVICTION
+  run thru9 68 "python3 benchmarks/b_levers.py --items prefill,evict,gemm --arms 0,1024,2048,1024::all --row-blocks 1024,2048 --chunks 4 --evict-requests 350 --pool-tokens 250000 --out $OUT/thru9/b_levers.json"
+  # issue 21 (lora10): the expand by rows, SiLU inside it -> runtime/lora/projection.ROWS_EXPAND_MAX_TOKENS, ROWS_SILU_MUL, PREFILL_SILU_MUL
+  run lora10 90 "python3 benchmarks/lora_step.py --sizes 64,256,128,512 --no-sweep --silu-mul --reps 15 --variants engine_stacked,engine_stacked_rows,engine_stacked_rows_n64_w8,engine_stacked_rows_n16,engine_stacked_pdl,engine_stacked_rows_pdl,engine_stacked_rows_silu --profile '64:engine_stacked+engine_stacked_rows' --budget-s 80 --out $OUT/lora10/lora_step.json"
+  ;;
+final)
+  run suite 340 "python3 benchmarks/gpu_suite.py --skip-transformers --items a,b,e,f,g --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --out $OUT/suite/suite.json"
+  run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
+  run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
+  ;;
+lora)
+  run lora1 200 "python3 benchmarks/lora_issue.py --requests 1000 --rows base,1,8 --skip base_engine,check,decode --cuda-graph-max-bs 1024 --progress-s 10 --budget-s 190 --out $OUT/lora1/lora1.json"
+  ;;
+*) echo "usage: $0 ab|final|lora"; exit 2 ;;
+esac
