@@ -41,7 +41,7 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     drafts = propose_drafts(sched, todo, mixed)
     # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py),
     # and one more where the token on the device may force one (a guess)
-    own = [r.fill_len + r.tokens_on_device - r.kv_len for r in todo] if forced else None
+    own = [r.seq_len - r.kv_len for r in todo] if forced else None
     rows = sum(own) if own is not None else len(todo)
     guesses = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else None
     if guesses is not None:
@@ -82,8 +82,9 @@ def propose_drafts(sched: Scheduler, todo: list[Req], mixed: bool = False) -> Dr
     if sched.spec is None or not todo:
         return none
     drafts = sched.spec.propose(todo, sched.grammars)
-    if sched.args.enable_forced_rows and any(r.fill_len + r.tokens_on_device - r.kv_len > 1 for r in todo):  # forced tokens pending: no drafts there
-        keep = [r.fill_len + r.tokens_on_device - r.kv_len == 1 for r in todo]
+    behind = [r.seq_len - r.kv_len for r in todo] if sched.args.enable_forced_rows else []
+    if any(n > 1 for n in behind):  # forced tokens pending (forced_rows.py): no drafts for those rows
+        keep = [n == 1 for n in behind]
         drafts = Drafts([d if k else [] for d, k in zip(drafts.tokens, keep)],
                         [m if k else None for m, k in zip(drafts.masks, keep)],
                         None if drafts.parents is None else [p if k else None for p, k in zip(drafts.parents, keep)])

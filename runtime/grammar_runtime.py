@@ -280,12 +280,7 @@ class GrammarRuntime:
         if table is None or table.broken or m.ended or forced_run(table, m.state, 1)[0] != [token]:
             return False  # (nor where the state after it ends the grammar: that token would end the row)
         step = self._step
-        j = -1
-        if step is not None:
-            try:
-                j = step.reqs.index(req)
-            except ValueError:
-                j = -1
+        j = next((k for k, r in enumerate(step.reqs) if r is req), -1) if step is not None else -1
         if j < 0:
             self._settle()
             self._step = None

@@ -191,7 +191,7 @@ class ScheduledBatch:
                 rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
                 logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
                 first_pos = lo + 1
-            done = prefix + ext == req.fill_len + req.tokens_on_device
+            done = prefix + ext == req.seq_len
             sample_row: int | None = None
             if done:
                 sample_row = len(logits_indices)
