@@ -8,11 +8,16 @@
 #   bash benchmarks/h200_pending.sh ab      (~560 s: the A/Bs of issues 14, 18, 19, 21, 22)
 #   bash benchmarks/h200_pending.sh final   (~560 s: gpu_suite a,b,e,f,g; the 64-adapter row)
 #   bash benchmarks/h200_pending.sh lora    (~200 s: issue 21's base, 1-adapter and 8-adapter rows at 1,000 requests, one engine)
+# Names after the part run only those runs of it (e.g. `ab jf14 w4f`): the one call that tried `ab` whole (21:40 on
+# 2026-12-04) lost the machine with nothing returned, so a later session may prefer two shorter calls.
 set -u
 OUT=${OUT:-benchmarks/results/h200_pending}
-run() { local name=$1 cap=$2; shift 2; mkdir -p "$OUT/$name"; echo "=== $name $(date +%T) cap ${cap}s"
+PART=${1:-}; shift || true; ONLY=" $* "
+run() { local name=$1 cap=$2; shift 2
+  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then echo "=== $name skipped"; return; fi
+  mkdir -p "$OUT/$name"; echo "=== $name $(date +%T) cap ${cap}s"
   timeout "$cap" bash -c "$*" > "$OUT/$name/log.txt" 2>&1; echo "rc=$? $name"; tail -25 "$OUT/$name/log.txt"; }
-case "${1:-}" in
+case "$PART" in
 ab)
   # issue 14 item 4 (jf14): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf14 200 "RADIXLM_LOOP_STATS=$OUT/jf14/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf14/f.json"
@@ -33,5 +38,5 @@ final)
 lora)
   run lora1 200 "python3 benchmarks/lora_issue.py --requests 1000 --rows base,1,8 --skip base_engine,check,decode --cuda-graph-max-bs 1024 --progress-s 10 --budget-s 190 --out $OUT/lora1/lora1.json"
   ;;
-*) echo "usage: $0 ab|final|lora"; exit 2 ;;
+*) echo "usage: $0 ab|final|lora [run names...]"; exit 2 ;;
 esac
