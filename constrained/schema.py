@@ -20,6 +20,7 @@ from typing import Any
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema_anchors import without_inner_anchors
 from .schema_any_order import free_optional_order
+from .schema_double_negation import PendingNots
 from .schema_escapes import ecma_escapes
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
@@ -73,7 +74,8 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
 
 
 class _Vetter(LogicKeywords):
-    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, split_chains: bool = False) -> None:
+    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, split_chains: bool = False,
+                 defer_not: bool = False) -> None:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
         self.split_chains = split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
         self.support = SUPPORT[backend]
@@ -84,6 +86,7 @@ class _Vetter(LogicKeywords):
         self.outer: list[Any] = []
         self.relative = Relative(self.deref_or_any, self.deref)
         self.retry: list[tuple[dict[str, Any], list[Any], list[Any], tuple[str, str]]] = []
+        self.pending = PendingNots(defer_not)
 
     def refuse(self, key: str, ptr: tuple[str, ...], reason: str) -> None:
         if not self.lenient:
@@ -335,13 +338,29 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
     `split_chains`: if/then chains on one tag as one case split (the retry for a schema the
     backend found too large: the split is exact but gives the backend a differently shaped grammar)."""
     root = parse_schema(spec)
-    canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
-    out = CheckedSchema(schema=True, canonical=canonical)
     if root is False:
         raise GrammarCompileError("json_schema `false` accepts no document")
-    vetter = _Vetter({} if root is True else root, backend, lenient, out, split_chains)
+    try:
+        return _checked(root, backend, lenient, split_chains, defer_not=False)
+    except UnsupportedSchemaError as exc:
+        if exc.keyword != "not" or lenient:
+            raise
+        try:  # a `not` inside a `not` may cancel out (schema_double_negation.py)
+            return _checked(root, backend, lenient, split_chains, defer_not=True)
+        except UnsupportedSchemaError:
+            raise exc from None
+
+
+def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, split_chains: bool,
+             defer_not: bool) -> CheckedSchema:
+    canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
+    out = CheckedSchema(schema=True, canonical=canonical)
+    vetter = _Vetter({} if root is True else root, backend, lenient, out, split_chains, defer_not)
     schema = vetter.vet(vetter.root, ())
     vetter.retry_one_of()
+    left = vetter.pending.surviving(schema, vetter.defs)
+    if left is not None:
+        vetter.refuse("not", *left)
     if vetter.defs:
         schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
         schema["$defs"] = vetter.defs

@@ -1,0 +1,113 @@
+"""`oneOf` proven disjoint by key / item counts, `not` of a closed object by key counts, and `not`
+inside `not` cancelled (issue 14 coverage), checked against `jsonschema`: every instance is
+accepted token by token exactly when the reference validator says it is valid (formats checked).
+Each case fails without its rule: the schema is refused.
+
+- schema_disjoint.counts_disjoint: o42127's shape (an object type requiring two keys against a
+  one-key map), and arrays whose length ranges do not meet;
+- schema_negation.unnamed_key_present: "some key outside the named ones" when required keys are
+  present, as minProperties over the optional keys present;
+- schema_double_negation: GeoJSON `crs`'s shape (o76785), a `format` complemented twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from radixlm import constrained as C
+from radixlm.constrained import schema_disjoint, schema_double_negation, schema_negation, schema_relative
+from radixlm.constrained.errors import GrammarCompileError
+from radixlm.constrained.schema import check_schema
+
+from .conftest import assert_matches_reference
+
+STR = {"type": "string"}
+_REPOSITORY = {"type": "object", "required": ["type", "url"], "properties": {"type": STR, "url": STR}}
+_REPOSITORIES = {"type": "object", "oneOf": [
+    {"type": "object", "required": ["type", "url"], "properties": {"type": {"enum": ["vcs"]}, "url": STR}},
+    {"type": "object", "required": ["type", "package"], "properties": {"type": {"enum": ["package"]}, "package": STR}}]}
+_SWITCH = {"type": "object", "additionalProperties": {"const": False}, "minProperties": 1, "maxProperties": 1}
+_CLOSED = {"type": "object", "required": ["a"], "properties": {"a": True, "b": True, "z": False},
+           "additionalProperties": False}
+CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    # o42127's shape: a repository (two required keys, open) or a one-key switch map
+    "one_of_key_counts": ({"type": "array", "items": {"oneOf": [_REPOSITORIES, _SWITCH]}}, [
+        [{"type": "vcs", "url": "b"}], [{"type": "package", "package": "p"}], [{"x": False}], [{"type": False}],
+        [{"type": "vcs", "url": "b", "c": False}], [{"x": True}], [{"type": "vcs"}], [{}],
+        [{"x": False, "y": False}], [{"type": "vcs", "url": 1}], [{"type": "package", "url": "b"}]]),
+    # arrays of at most one pattern string, or of at least two longer strings
+    "one_of_item_counts": ({"oneOf": [{"type": "array", "items": {"type": "string", "pattern": "^a"}, "maxItems": 1},
+                                      {"type": "array", "items": {"type": "string", "minLength": 2}, "minItems": 2}]},
+                           [["a"], ["ab", "cd"], [], ["ab"], ["a", "b"], ["b"], [1], ["ab", "c"], "ab"]),
+    # not a closed object: a required key missing, a value failing, a forbidden or an unnamed key
+    # (its branches require `a` or `z`, which llguidance then takes first: {"c": 1, "a": 2} is rejected,
+    # the known order limit, RESULTS.md)
+    "not_closed_object": ({"type": "object", "not": _CLOSED}, [
+        {"a": 1}, {"a": 1, "b": 2}, {"a": 1, "c": 2}, {"b": 1}, {}, {"a": 1, "b": 2, "c": 3},
+        {"z": 2, "a": 1}, []]),
+    # o76785's shape: `not` of an object whose `href` is `not` an IPv4 address
+    "double_negation_format": ({"type": "object", "properties": {"crs": {"not": {"properties": {
+        "href": {"not": {"type": "string", "format": "ipv4"}}}}}}}, [
+        {"crs": {"href": "10.0.0.1"}}, {"crs": {"href": "10.0.0.1", "x": 1}}, {}, {"crs": {"href": "10.0.0"}},
+        {"crs": {}}, {"crs": 5}, {"crs": {"href": 7}}, {"crs": {"href": "256.1.1.1"}}]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference_validator(tokenizer: Any, name: str) -> None:
+    schema, instances = CASES[name]
+    assert_matches_reference(tokenizer, C.compile(tokenizer, json_schema=schema, cache=None), schema, instances)
+
+
+def _disable(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if name.startswith("one_of"):
+        monkeypatch.setattr(schema_disjoint, "counts_disjoint", lambda *args: False)
+        monkeypatch.setattr(schema_relative, "counts_disjoint", lambda *args: False)
+    elif name == "not_closed_object":
+        monkeypatch.setattr(schema_negation, "unnamed_key_present", lambda node: None)
+        monkeypatch.setattr(schema_relative, "unnamed_key_present", lambda node: None)
+    else:
+        monkeypatch.setattr(schema_double_negation.PendingNots, "marker", lambda self, *args: None)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_refused_without_the_rule(tokenizer: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _disable(name, monkeypatch)
+    with pytest.raises((GrammarCompileError, C.UnsupportedSchemaError)):
+        C.compile(tokenizer, json_schema=CASES[name][0], cache=None)
+
+
+def test_key_and_item_count_bounds() -> None:
+    assert schema_disjoint.key_count_bounds([_REPOSITORY, {"minProperties": 1}]) == (2, None)
+    assert schema_disjoint.key_count_bounds([_SWITCH, _CLOSED]) == (1, 1)
+    assert schema_disjoint.key_count_bounds([_CLOSED]) == (1, 2)  # `z: false` is no room
+    assert schema_disjoint.item_count_bounds([{"prefixItems": [STR, STR], "items": False}, {"minItems": 1}]) == (1, 2)
+    assert schema_disjoint.counts_disjoint([_REPOSITORY], [_SWITCH], "object")
+    assert not schema_disjoint.counts_disjoint([_REPOSITORY], [{"maxProperties": 2}], "object")
+    assert not schema_disjoint.counts_disjoint([{"maxItems": 3}], [{"minItems": 3}], "array")
+
+
+def test_unnamed_key_branches() -> None:
+    branches = schema_negation.unnamed_key_present(_CLOSED)
+    assert branches == [{"type": "object", "minProperties": 2, "required": ["a"], "properties": {"b": False, "z": False}},
+                        {"type": "object", "minProperties": 3, "required": ["a", "b"], "properties": {"z": False}}]
+    many = {"properties": {k: True for k in "abcde"}, "additionalProperties": False}
+    assert schema_negation.unnamed_key_present(many) is None  # 32 sets of optional keys: not listed
+    assert schema_negation.unnamed_key_present({"required": ["q"], "properties": {}}) is None
+
+
+def test_nested_negations_refused_where_they_do_not_cancel() -> None:
+    triple = {"not": {"not": {"not": {"type": "string", "format": "ipv4"}}}}
+    with pytest.raises(C.UnsupportedSchemaError) as err:
+        check_schema(triple, "llguidance")
+    assert err.value.keyword == "not"
+    # a marker the vetted schema still reaches (here through $defs) is reported, an unreachable one is not
+    pending = schema_double_negation.PendingNots(defer=True)
+    pending.depth = 1
+    marker = pending.marker({"format": "ipv4"}, ("properties", "x"), "not needs the complement of 'format'")
+    assert pending.surviving({"$ref": "#/$defs/r0"}, {"r0": {"allOf": [marker]}}) == (
+        ("properties", "x"), "not needs the complement of 'format'")
+    assert pending.surviving({"type": "string"}, {"r0": {"allOf": [marker]}}) is None
+    assert schema_double_negation.PendingNots(defer=False).marker({}, (), "") is None
