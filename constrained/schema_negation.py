@@ -92,7 +92,8 @@ def negate_values(values: list[Any]) -> list[Any]:
         each = [_not_array(v) for v in by_type["array"]]
         branches.append(each[0] if len(each) == 1 else {"allOf": each})
     if "object" in by_type:
-        raise Unsupported("enum", "the complement of an object value")
+        each = [_not_object(v) for v in by_type["object"]]
+        branches.append(each[0] if len(each) == 1 else {"allOf": each})
     return branches
 
 
@@ -106,6 +107,24 @@ def _not_array(value: list[Any]) -> Any:
         other = negate_values([item])
         other_item = other[0] if len(other) == 1 else {"anyOf": other}
         out.append({"type": "array", "minItems": k + 1, "prefixItems": [True] * k + [other_item]})
+    return {"anyOf": out}
+
+
+def _not_object(value: dict[str, Any]) -> Any:
+    """Every object except `value`: one of its keys missing, or holding another value, or (every
+    key there with its value) a key more, counted (unnamed_key_present's argument). The other
+    keys stay named (`true`) in the value's order, which llguidance then accepts them in."""
+    keys = list(value)
+
+    def branch(changed: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"type": "object", "properties": {k: changed.get(k, True) for k in keys}, **more}
+
+    out: list[Any] = [branch({k: False}) for k in keys]
+    for k in keys:
+        other = negate_values([value[k]])
+        out.append(branch({k: other[0] if len(other) == 1 else {"anyOf": other}}, required=[k]))
+    out.append(branch({}, required=keys, minProperties=len(keys) + 1) if keys
+               else {"type": "object", "minProperties": 1})
     return {"anyOf": out}
 
 

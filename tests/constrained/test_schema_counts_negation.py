@@ -7,7 +7,9 @@ Each case fails without its rule: the schema is refused.
   one-key map), and arrays whose length ranges do not meet;
 - schema_negation.unnamed_key_present: "some key outside the named ones" when required keys are
   present, as minProperties over the optional keys present;
-- schema_double_negation: GeoJSON `crs`'s shape (o76785), a `format` complemented twice.
+- schema_double_negation: GeoJSON `crs`'s shape (o76785), a `format` complemented twice;
+- schema_negation._not_object: not-const / not-enum of object values;
+- schema_depth.cut_deep_nesting: a complement nested past llguidance's JSON reading limit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import pytest
 
 from radixlm import constrained as C
-from radixlm.constrained import schema_disjoint, schema_double_negation, schema_negation, schema_relative
+from radixlm.constrained import schema as schema_module
+from radixlm.constrained import schema_depth, schema_disjoint, schema_double_negation, schema_negation, schema_relative
 from radixlm.constrained.errors import GrammarCompileError
 from radixlm.constrained.schema import check_schema
 
@@ -31,6 +34,15 @@ _REPOSITORIES = {"type": "object", "oneOf": [
 _SWITCH = {"type": "object", "additionalProperties": {"const": False}, "minProperties": 1, "maxProperties": 1}
 _CLOSED = {"type": "object", "required": ["a"], "properties": {"a": True, "b": True, "z": False},
            "additionalProperties": False}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     # o42127's shape: a repository (two required keys, open) or a one-key switch map
     "one_of_key_counts": ({"type": "array", "items": {"oneOf": [_REPOSITORIES, _SWITCH]}}, [
@@ -52,6 +64,14 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         "href": {"not": {"type": "string", "format": "ipv4"}}}}}}}, [
         {"crs": {"href": "10.0.0.1"}}, {"crs": {"href": "10.0.0.1", "x": 1}}, {}, {"crs": {"href": "10.0.0"}},
         {"crs": {}}, {"crs": 5}, {"crs": {"href": 7}}, {"crs": {"href": "256.1.1.1"}}]),
+    # not-const / not-enum of objects: a key missing, another value, or a key more
+    "not_const_object": ({"type": "object", "not": {"const": {"a": 1, "b": [1, 2]}}}, [
+        {"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 3]}, {"a": 1}, {"a": 1, "b": [1, 2], "c": 0}, {"a": 2, "b": [1, 2]},
+        {}, {"a": 1.0, "b": [1, 2]}, {"a": 1, "b": [1, 2, 3]}]),
+    "not_enum_objects": ({"not": {"enum": [{"a": 1}, {"b": "x"}, 3, {}]}}, [
+        {"a": 1}, {"b": "x"}, {"a": 2}, {"b": "y"}, {"a": 1, "b": "x"}, 3, 4, {}, "s", {"c": None}]),
+    # Handwritten---mod305's witness: the complement nests ~190 levels, past llguidance's JSON reader
+    "not_const_deep": ({"not": {"const": _nested(40)}}, [_nested(40), _nested(39), _nested(41), {"a": _nested(39), "b": 1}]),
 }
 
 
@@ -68,6 +88,12 @@ def _disable(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     elif name == "not_closed_object":
         monkeypatch.setattr(schema_negation, "unnamed_key_present", lambda node: None)
         monkeypatch.setattr(schema_relative, "unnamed_key_present", lambda node: None)
+    elif name in ("not_const_object", "not_enum_objects"):
+        def refuse(value: Any) -> Any:
+            raise schema_negation.Unsupported("enum", "disabled")
+        monkeypatch.setattr(schema_negation, "_not_object", refuse)
+    elif name == "not_const_deep":
+        monkeypatch.setattr(schema_module, "cut_deep_nesting", lambda schema: 0)
     else:
         monkeypatch.setattr(schema_double_negation.PendingNots, "marker", lambda self, *args: None)
 
@@ -111,3 +137,22 @@ def test_nested_negations_refused_where_they_do_not_cancel() -> None:
         ("properties", "x"), "not needs the complement of 'format'")
     assert pending.surviving({"type": "string"}, {"r0": {"allOf": [marker]}}) is None
     assert schema_double_negation.PendingNots(defer=False).marker({}, (), "") is None
+
+
+def test_deep_nesting_cut_into_defs() -> None:
+    chain: dict[str, Any] = {"type": "string"}
+    for _ in range(60):
+        chain = {"type": "array", "items": chain}
+    schema = {"type": "object", "properties": {"x": chain}}
+    assert schema_depth.cut_deep_nesting(schema, max_depth=20) > 0
+    def depth(o: Any) -> int:
+        children = list(o.values()) if isinstance(o, dict) else o if isinstance(o, list) else []
+        return 1 + max((depth(c) for c in children), default=0)
+    assert depth({k: v for k, v in schema.items() if k != "$defs"}) <= 22
+    assert all(depth(d) <= 22 for d in schema["$defs"].values())
+    inner, seen = schema["properties"]["x"], 0  # the chain is intact, only cut: follow it through $defs
+    while inner != {"type": "string"}:
+        inner = schema["$defs"][inner["$ref"].rsplit("/", 1)[-1]] if "$ref" in inner else inner["items"]
+        seen += "type" in inner and inner["type"] == "array"
+    assert seen == 59
+    assert schema_depth.cut_deep_nesting({"type": "object", "properties": {"x": {"type": "string"}}}) == 0
