@@ -7,9 +7,10 @@ outer operand turns the inner `{"not": S}` back into S. GeoJSON's `crs` does thi
 
 The vetter first runs as before (an inner `not` it cannot complement refuses the schema: its
 fallbacks, such as listing a bounded number grid, see the refusal). Only for a schema refused
-over `not` does it run again with `defer=True`: an inner `not` it cannot complement, when it lies
-in the operand of an outer `not`, becomes the marker `{"not": S}` (a keyword no backend receives);
-the outer negation of a marker is S. A marker still present in the vetted schema (it was not
+over `not` does it run again with `defer=True`: a `not` that lies in the operand of an outer
+`not` becomes the marker `{"not": S}` (a keyword no backend receives) without being complemented
+(a complement that exists may still be one the outer `not` cannot complement again, such as a
+long pattern); the outer negation of a marker is S. A marker still present in the vetted schema (it was not
 under a negation after all: a `oneOf` branch, say, is used both as is and negated) refuses the
 schema with the inner keyword's pointer, so nothing unenforced reaches the backend.
 """
@@ -30,13 +31,13 @@ class PendingNots:
         self.reasons: dict[int, tuple[tuple[str, ...], str]] = {}
         self.markers: list[dict[str, Any]] = []  # kept alive: `reasons` is keyed by their ids
 
-    def marker(self, operand: Any, ptr: tuple[str, ...], reason: str) -> dict[str, Any] | None:
+    def marker(self, operand: Any, ptr: tuple[str, ...]) -> dict[str, Any] | None:
         """The unresolved complement of `operand`, or None where it may not be deferred (first
         pass, or not inside an outer `not`)."""
         if not self.defer or self.depth == 0:
             return None
         out = {"not": operand}
-        self.reasons[id(out)] = (ptr, reason)
+        self.reasons[id(out)] = (ptr, "a `not` inside a `not` that the outer one does not cancel")
         self.markers.append(out)
         return out
 

@@ -46,14 +46,14 @@ class LogicKeywords:
                 schema = self.vet(value, sub)
             finally:
                 self.pending.depth -= 1
-            try:
-                neg = negate(schema, self.deref)
-            except Unsupported as exc:
+            neg = self.pending.marker(schema, sub[:-1])  # inside another `not`, on the retry: cancelled there
+            if neg is None:
                 try:
-                    neg = self.relative.negate_within(schema, context)
-                except Unsupported:
-                    neg = self.pending.marker(schema, sub[:-1], f"not needs {exc.reason}")
-                    if neg is None:
+                    neg = negate(schema, self.deref)
+                except Unsupported as exc:
+                    try:
+                        neg = self.relative.negate_within(schema, context)
+                    except Unsupported:
                         raise Unsupported("not", f"not needs {exc.reason}") from exc
             clean.setdefault("allOf", []).append(neg)
             return

@@ -14,6 +14,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from .schema_formats import NOT_FORMAT
+
 TYPES = ("null", "boolean", "object", "array", "number", "string")  # "number" includes integers
 _SCALAR_BOUND = {  # keyword -> (instance type, complement keyword, offset)
     "minLength": ("string", "maxLength", -1), "maxLength": ("string", "minLength", 1),
@@ -195,6 +197,8 @@ def negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int
         return [negate(deref(value), deref, depth + 1)]
     if key == "not":  # a complement left unresolved (schema_double_negation.py): ¬¬S = S
         return [value]
+    if key == "format" and value in NOT_FORMAT:
+        return [{"type": "string", "pattern": NOT_FORMAT[value]}]
     raise Unsupported(key, f"the complement of {key!r} (it has no exact positive form)")
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, counts_disjoint, disjoint, rejects
-from .schema_formats import formats_disjoint
+from .schema_formats import FORMAT_WITHIN, formats_disjoint
 from .schema_negation import Unsupported, negate_keyword, unnamed_key_present
 from .schema_pattern_complement import pattern_matches, patterns_disjoint
 
@@ -109,6 +109,8 @@ def _implied(key: str, value: Any, node: dict[str, Any], ctx: list[Any]) -> bool
         return kinds(ctx) <= _kinds({"type": value})
     if key == "required":
         return set(value) <= required(ctx)
+    if key == "format" and any(isinstance(m, dict) and (m.get("format"), value) in FORMAT_WITHIN for m in ctx):
+        return True  # every string of a context format has this one (an IPv4 address is a host name)
     text = _canon(value)
     same = [m for m in ctx if isinstance(m, dict) and key in m and _canon(m[key]) == text]
     if key == "additionalProperties":  # its meaning depends on the listed names and patterns

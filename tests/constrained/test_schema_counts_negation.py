@@ -9,18 +9,22 @@ Each case fails without its rule: the schema is refused.
   present, as minProperties over the optional keys present;
 - schema_double_negation: GeoJSON `crs`'s shape (o76785), a `format` complemented twice;
 - schema_negation._not_object: not-const / not-enum of object values;
-- schema_depth.cut_deep_nesting: a complement nested past llguidance's JSON reading limit.
+- schema_depth.cut_deep_nesting: a complement nested past llguidance's JSON reading limit;
+- schema_formats.NOT_FORMAT / FORMAT_WITHIN: not-ipv4 as a pattern, ipv4 inside hostname.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 from typing import Any
 
+import jsonschema
 import pytest
 
 from radixlm import constrained as C
 from radixlm.constrained import schema as schema_module
-from radixlm.constrained import schema_depth, schema_disjoint, schema_double_negation, schema_negation, schema_relative
+from radixlm.constrained import schema_depth, schema_disjoint, schema_double_negation, schema_formats, schema_negation, schema_relative
 from radixlm.constrained.errors import GrammarCompileError
 from radixlm.constrained.schema import check_schema
 
@@ -72,6 +76,11 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         {"a": 1}, {"b": "x"}, {"a": 2}, {"b": "y"}, {"a": 1, "b": "x"}, 3, 4, {}, "s", {"c": None}]),
     # Handwritten---mod305's witness: the complement nests ~190 levels, past llguidance's JSON reader
     "not_const_deep": ({"not": {"const": _nested(40)}}, [_nested(40), _nested(39), _nested(41), {"a": _nested(39), "b": 1}]),
+    # o51161's shape: a dotted quad is also a host name, so `oneOf` keeps host names that are no IPv4
+    "one_of_hostname_ipv4": ({"type": "string", "oneOf": [{"format": "hostname"}, {"format": "ipv4"}, {"format": "ipv6"}]},
+                             ["1.2.3.4", "1.2.3.04", "a.1", "example.com", "::1", "1.2.3", "256.1.1.1", "a b", "10.0.0.255"]),
+    "not_ipv4": ({"type": "string", "not": {"format": "ipv4"}},
+                 ["1.2.3.4", "01.2.3.4", "1.2.3", "1..2.3", "1.2.3.4.", "", "a", "255.255.255.255", "255.255.255.256"]),
 }
 
 
@@ -82,7 +91,9 @@ def test_matches_reference_validator(tokenizer: Any, name: str) -> None:
 
 
 def _disable(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if name.startswith("one_of"):
+    if name in ("one_of_hostname_ipv4", "not_ipv4"):
+        monkeypatch.setattr(schema_negation, "NOT_FORMAT", {})
+    elif name.startswith("one_of"):
         monkeypatch.setattr(schema_disjoint, "counts_disjoint", lambda *args: False)
         monkeypatch.setattr(schema_relative, "counts_disjoint", lambda *args: False)
     elif name == "not_closed_object":
@@ -132,11 +143,10 @@ def test_nested_negations_refused_where_they_do_not_cancel() -> None:
     # a marker the vetted schema still reaches (here through $defs) is reported, an unreachable one is not
     pending = schema_double_negation.PendingNots(defer=True)
     pending.depth = 1
-    marker = pending.marker({"format": "ipv4"}, ("properties", "x"), "not needs the complement of 'format'")
-    assert pending.surviving({"$ref": "#/$defs/r0"}, {"r0": {"allOf": [marker]}}) == (
-        ("properties", "x"), "not needs the complement of 'format'")
+    marker = pending.marker({"format": "ipv4"}, ("properties", "x"))
+    assert pending.surviving({"$ref": "#/$defs/r0"}, {"r0": {"allOf": [marker]}})[0] == ("properties", "x")
     assert pending.surviving({"type": "string"}, {"r0": {"allOf": [marker]}}) is None
-    assert schema_double_negation.PendingNots(defer=False).marker({}, (), "") is None
+    assert schema_double_negation.PendingNots(defer=False).marker({}, ()) is None
 
 
 def test_deep_nesting_cut_into_defs() -> None:
@@ -156,3 +166,20 @@ def test_deep_nesting_cut_into_defs() -> None:
         seen += "type" in inner and inner["type"] == "array"
     assert seen == 59
     assert schema_depth.cut_deep_nesting({"type": "object", "properties": {"x": {"type": "string"}}}) == 0
+
+
+def test_not_ipv4_pattern_is_the_exact_complement() -> None:
+    """Every string of up to 8 characters over digits and dots (and a few others) against
+    `jsonschema`'s ipv4 check (Python's ipaddress)."""
+    not_ipv4 = re.compile(schema_formats.NOT_FORMAT["ipv4"])
+    checker = jsonschema.FormatChecker()
+    words = ["".join(t) for n in range(9) for t in itertools.product("0125.", repeat=n)]
+    words += ["1.2.3.4", "10.20.30.40", "255.255.255.255", "256.0.0.0", "1.2.3.4a", " 1.2.3.4", "1.2.3.0400"]
+    assert all((not_ipv4.match(w) is None) == checker.conforms(w, "ipv4") for w in words)
+    assert ("ipv4", "hostname") in schema_formats.FORMAT_WITHIN
+
+
+def test_hostname_ipv4_needs_the_inclusion(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schema_relative, "FORMAT_WITHIN", frozenset())
+    with pytest.raises(C.UnsupportedSchemaError, match="oneOf"):
+        C.compile(tokenizer, json_schema=CASES["one_of_hostname_ipv4"][0], cache=None)
