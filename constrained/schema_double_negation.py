@@ -43,10 +43,13 @@ class PendingNots:
 
     def surviving(self, schema: Any, defs: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
         """(pointer, reason) of a marker the vetted schema still reaches (from its root, through
-        `#/$defs/...` references), or None when every one was cancelled by an outer negation."""
+        `#/$defs/...` references), or None when every one was cancelled by an outer negation;
+        definitions it no longer reaches (a marker may sit there: the negation inlined them) are
+        deleted from `defs`."""
         if not self.reasons:
             return None
         seen: set[int] = set()
+        reached: set[str] = set()
         stack = [schema]
         while stack:
             node = stack.pop()
@@ -58,5 +61,8 @@ class PendingNots:
             stack += [v for key, v in subschemas(node) if key != "$defs"]
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                reached.add(ref[len("#/$defs/"):])
                 stack.append(defs.get(ref[len("#/$defs/"):]))
+        for name in [n for n in defs if n not in reached]:
+            del defs[name]
         return None

@@ -145,7 +145,9 @@ def test_nested_negations_refused_where_they_do_not_cancel() -> None:
     pending.depth = 1
     marker = pending.marker({"format": "ipv4"}, ("properties", "x"))
     assert pending.surviving({"$ref": "#/$defs/r0"}, {"r0": {"allOf": [marker]}})[0] == ("properties", "x")
-    assert pending.surviving({"type": "string"}, {"r0": {"allOf": [marker]}}) is None
+    defs = {"r0": {"allOf": [marker]}, "r1": {"type": "string"}}
+    assert pending.surviving({"$ref": "#/$defs/r1"}, defs) is None
+    assert list(defs) == ["r1"]  # the unreachable definition holding a marker is gone
     assert schema_double_negation.PendingNots(defer=False).marker({}, ()) is None
 
 
