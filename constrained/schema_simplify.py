@@ -282,6 +282,12 @@ def disjoin_patterns(schema: Any) -> int:
 
 
 def simplify(schema: Any) -> int:
-    """All of the above, in place; returns how many places changed."""
-    return drop_shadowed_properties(schema) + separate_named_from_patterns(schema) + drop_implied_types(schema) \
-        + disjoin_patterns(schema) + merge_all_of(schema) + distribute_key_conditions(schema)
+    """All of the above, in place; returns how many places changed. Named properties are separated
+    from patterns again after allOf merges, which bring names and patterns into one node (hayson:
+    `gridMeta` is `allOf: [dict]` plus a `ver` key that dict's pattern, a recursive value, matches)."""
+    changed = drop_shadowed_properties(schema) + separate_named_from_patterns(schema) + drop_implied_types(schema) \
+        + disjoin_patterns(schema)
+    merged = merge_all_of(schema)
+    if merged:
+        changed += merged + separate_named_from_patterns(schema)
+    return changed + distribute_key_conditions(schema)
