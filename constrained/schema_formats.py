@@ -102,7 +102,6 @@ def formats_disjoint(f: str, g: str) -> bool:
     return any(x in _NEEDS and y in _ALPHABET and _NEEDS[x] not in _ALPHABET[y] for x, y in ((f, g), (g, f)))
 
 
-
 # Exact complements (every string not of the format), for `not` / `oneOf` of formats. IPv4 (RFC
 # 2673 dotted quad, no leading zeros, as Python's ipaddress and `jsonschema` read it): a string is
 # none exactly when it holds a character other than digits and dots, is empty, has an empty label
