@@ -212,8 +212,10 @@ def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: Checked
     """A schema the backend finds too large (its allOf of if/then pairs multiplied out) is vetted
     again with if/then chains on one tag as one case split (schema_if_chains.py): the same
     instances, N + 3 branches instead of 2^N. A string schema whose pattern combinations the
-    backend cannot decide is vetted again as one pattern (schema_string_fold.py). Only then, so
-    that no schema that compiles as written gets a differently shaped grammar."""
+    backend cannot decide is vetted again as one pattern (schema_string_fold.py). Still too large:
+    `uniqueItems` over enum items, listed as an enum of every unique array (1,957 arrays for 6
+    values), is checked beside the grammar instead (unique_paths.py). Only then, so that no
+    schema that compiles as written gets a differently shaped grammar."""
     try:
         return build(checked)
     except GrammarCompileError as exc:
@@ -224,7 +226,16 @@ def _too_large_retry(build: Callable[[CheckedSchema], Grammar], checked: Checked
             return build(check_schema(folded, backend, lenient))
         if "schema too large" not in str(exc):
             raise
+    try:
         return build(check_schema(spec, backend, lenient, split_chains=True))
+    except GrammarCompileError as exc:
+        if "schema too large" not in str(exc):
+            raise
+        too_large = exc
+    try:  # unique arrays of enum items checked beside the grammar, not listed as an enum
+        return build(check_schema(spec, backend, lenient, split_chains=True, unique_beside=True))
+    except GrammarCompileError:
+        raise too_large from None
 
 
 def _map_errors(build: Callable[[], Grammar], checked: CheckedSchema) -> Grammar:

@@ -13,6 +13,7 @@ Every `$ref` is resolved here (base URIs, anchors, pointers) and handed on as `#
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema_anchors import without_inner_anchors
 from .schema_any_order import free_optional_order
+from .schema_depth import cut_deep_nesting
+from .schema_double_negation import PendingNots
 from .schema_escapes import ecma_escapes
 from .schema_finite import FiniteDecider, listed_values
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
@@ -73,9 +76,10 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
 
 
 class _Vetter(LogicKeywords):
-    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, split_chains: bool = False) -> None:
+    def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, modes: Modes) -> None:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
-        self.split_chains = split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
+        self.split_chains = modes.split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
+        self.unique_beside = modes.unique_beside and backend == "llguidance"
         self.support = SUPPORT[backend]
         self.index = RefIndex(root)
         self.finite = FiniteDecider(root)
@@ -84,6 +88,7 @@ class _Vetter(LogicKeywords):
         self.outer: list[Any] = []
         self.relative = Relative(self.deref_or_any, self.deref)
         self.retry: list[tuple[dict[str, Any], list[Any], list[Any], tuple[str, str]]] = []
+        self.pending = PendingNots(modes.defer_not)
 
     def refuse(self, key: str, ptr: tuple[str, ...], reason: str) -> None:
         if not self.lenient:
@@ -280,7 +285,9 @@ class _Vetter(LogicKeywords):
         elif key in ("unevaluatedProperties", "unevaluatedItems") and self.index.draft_at(sub) < 2019:
             pass  # not a keyword before 2019-09: an annotation
         elif key == "uniqueItems":
-            if value is True:
+            if value is True and self.unique_beside:
+                clean[key] = True  # checked beside the grammar (unique_check.py), not listed
+            elif value is True:
                 try:
                     extra.extend(unique_items(node, lambda s: self.vet(s, sub[:-1] + ("items",))))
                 except Unsupported:
@@ -329,19 +336,44 @@ class _Vetter(LogicKeywords):
             raise Unsupported("format", f"format {value!r} is not enforced by {self.backend}")
 
 
+@dataclass(frozen=True)
+class Modes:
+    """Ways of vetting used only on a retry, each exact but shaped differently for the backend."""
+
+    split_chains: bool = False   # if/then chains on one tag as one case split (schema_if_chains.py)
+    unique_beside: bool = False  # uniqueItems over enum items checked beside the grammar, not listed
+    defer_not: bool = False      # a `not` inside a `not` left for the outer one (schema_double_negation.py)
+
+
 def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False,
-                 split_chains: bool = False) -> CheckedSchema:
+                 split_chains: bool = False, unique_beside: bool = False) -> CheckedSchema:
     """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient.
-    `split_chains`: if/then chains on one tag as one case split (the retry for a schema the
-    backend found too large: the split is exact but gives the backend a differently shaped grammar)."""
+    `split_chains`, `unique_beside`: the retries for a schema the backend found too large (see
+    Modes; each is exact but gives the backend a differently shaped grammar)."""
     root = parse_schema(spec)
-    canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
-    out = CheckedSchema(schema=True, canonical=canonical)
     if root is False:
         raise GrammarCompileError("json_schema `false` accepts no document")
-    vetter = _Vetter({} if root is True else root, backend, lenient, out, split_chains)
+    modes = Modes(split_chains, unique_beside)
+    try:
+        return _checked(root, backend, lenient, modes)
+    except UnsupportedSchemaError as exc:
+        if exc.keyword != "not" or lenient:
+            raise
+        try:  # a `not` inside a `not` may cancel out (schema_double_negation.py)
+            return _checked(root, backend, lenient, dataclasses.replace(modes, defer_not=True))
+        except UnsupportedSchemaError:
+            raise exc from None
+
+
+def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Modes) -> CheckedSchema:
+    canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
+    out = CheckedSchema(schema=True, canonical=canonical)
+    vetter = _Vetter({} if root is True else root, backend, lenient, out, modes)
     schema = vetter.vet(vetter.root, ())
     vetter.retry_one_of()
+    left = vetter.pending.surviving(schema, vetter.defs)
+    if left is not None:
+        vetter.refuse("not", *left)
     if vetter.defs:
         schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
         schema["$defs"] = vetter.defs
@@ -354,6 +386,7 @@ def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool 
                 vetter.refuse("uniqueItems", (), exc.reason)
             strip_unique(schema)
         free_optional_order(schema)
+        cut_deep_nesting(schema)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)
     if out.recursive and not SUPPORT[backend].recursion:

@@ -149,12 +149,16 @@ def _disjoint(a: Any, b: Any, deref: Deref, depth: int, memo: Memo | None) -> bo
         return True
     if vb is not None and all(rejects(a, v, deref, d) for v in vb):
         return True
+    if common == {"array"} and counts_disjoint([a], [b], "array"):
+        return True
     return common == {"object"} and _objects_disjoint(a, b, deref, d, memo)
 
 
 def _objects_disjoint(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int, memo: Memo | None) -> bool:
     """A discriminator: a property both require with disjoint values, or one requires and the
-    other forbids."""
+    other forbids; or key counts that cannot meet (more keys required than the other allows)."""
+    if counts_disjoint([a], [b], "object"):
+        return True
     req_a, req_b = set(a.get("required", ())), set(b.get("required", ()))
     for key in req_a | req_b:
         pa, pb = _prop(a, key), _prop(b, key)
@@ -164,6 +168,55 @@ def _objects_disjoint(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth:
         if (key in req_a and pb is False) or (key in req_b and pa is False):
             return True
     return False
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def key_count_bounds(ms: list[Any]) -> tuple[int, int | None]:
+    """Fewest and most keys an object valid for every member of `ms` can have: the distinct
+    required names and minProperties below, maxProperties and a closed key set
+    (`additionalProperties: false`, no patterns: only the named keys not `false`) above."""
+    names: set[str] = set()
+    low, high = 0, None
+    for m in ms:
+        if not isinstance(m, dict):
+            continue
+        names |= {k for k in m.get("required", ()) if isinstance(k, str)}
+        low = max(low, _count(m.get("minProperties")) or 0)
+        bounds = [_count(m.get("maxProperties"))]
+        props = m.get("properties", {})
+        if m.get("additionalProperties") is False and not m.get("patternProperties") and isinstance(props, dict):
+            bounds.append(sum(1 for v in props.values() if v is not False))
+        for bound in bounds:
+            if bound is not None:
+                high = bound if high is None else min(high, bound)
+    return max(low, len(names)), high
+
+
+def item_count_bounds(ms: list[Any]) -> tuple[int, int | None]:
+    """Fewest and most items an array valid for every member of `ms` can have (minItems,
+    maxItems, and tuple items closed by `items: false`)."""
+    low, high = 0, None
+    for m in ms:
+        if not isinstance(m, dict):
+            continue
+        low = max(low, _count(m.get("minItems")) or 0)
+        bounds = [_count(m.get("maxItems"))]
+        if m.get("items") is False:
+            bounds.append(len(m.get("prefixItems", ())))
+        for bound in bounds:
+            if bound is not None:
+                high = bound if high is None else min(high, bound)
+    return low, high
+
+
+def counts_disjoint(ma: list[Any], mb: list[Any], kind: str) -> bool:
+    """True when no `kind` instance ("object" or "array") valid for every member of `ma` and of
+    `mb` has a key / item count both allow (e.g. two required keys against maxProperties 1)."""
+    low, high = (key_count_bounds if kind == "object" else item_count_bounds)(ma + mb)
+    return high is not None and low > high
 
 
 def first_overlap(branches: list[Any], deref: Deref) -> tuple[int, int] | None:

@@ -100,3 +100,19 @@ _ALPHABET = {"hostname": frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 def formats_disjoint(f: str, g: str) -> bool:
     """True only when no string is valid for both formats (a character one needs, the other lacks)."""
     return any(x in _NEEDS and y in _ALPHABET and _NEEDS[x] not in _ALPHABET[y] for x, y in ((f, g), (g, f)))
+
+
+# Exact complements (every string not of the format), for `not` / `oneOf` of formats. IPv4 (RFC
+# 2673 dotted quad, no leading zeros, as Python's ipaddress and `jsonschema` read it): a string is
+# none exactly when it holds a character other than digits and dots, is empty, has an empty label
+# (a leading, trailing or double dot), has other than four labels, or a label that is no decimal
+# octet (0-255 without a leading zero).
+_BAD_OCTET = "(?:0[0-9]+|[0-9]{4,}|[3-9][0-9]{2}|2[6-9][0-9]|25[6-9])"
+NOT_FORMAT = {
+    "ipv4": ("^(?:[\\s\\S]*[^0-9.][\\s\\S]*|[0-9.]*\\.\\.[0-9.]*|\\.[0-9.]*|[0-9.]*\\.|"
+             "[0-9]+(?:\\.[0-9]+){0,2}|[0-9]+(?:\\.[0-9]+){4,}|"
+             f"(?:[0-9]+\\.)*{_BAD_OCTET}(?:\\.[0-9]+)*|)$"),
+}
+# (f, g): every string of format f has format g. A dotted quad is an RFC 1123 host name (labels of
+# 1-3 digits: `jsonschema`'s fqdn check and llguidance's regex both accept them).
+FORMAT_WITHIN = frozenset({("ipv4", "hostname")})

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .schema_disjoint import disjoint, first_overlap
+from .schema_double_negation import PendingNots
 from .schema_negation import Unsupported, negate
 from .schema_refs import pointer_text
 from .schema_relative import Relative
@@ -28,6 +29,7 @@ class LogicKeywords:
     names: dict[tuple[str, ...], str]
     outer: list[Any]
     relative: Relative
+    pending: PendingNots
     retry: list[tuple[dict[str, Any], list[Any], list[Any], tuple[str, str]]]
     vet: Callable[[Any, tuple[str, ...]], Any]
     deref: Callable[[str], Any]
@@ -39,14 +41,20 @@ class LogicKeywords:
         """`not` and `oneOf`, worked out inside `context` (the node's other keywords): a
         complement only has to be exact where the instance can still be."""
         if key == "not":
-            schema = self.vet(value, sub)
+            self.pending.depth += 1
             try:
-                neg = negate(schema, self.deref)
-            except Unsupported as exc:
+                schema = self.vet(value, sub)
+            finally:
+                self.pending.depth -= 1
+            neg = self.pending.marker(schema, sub[:-1])  # inside another `not`, on the retry: cancelled there
+            if neg is None:
                 try:
-                    neg = self.relative.negate_within(schema, context)
-                except Unsupported:
-                    raise Unsupported("not", f"not needs {exc.reason}") from exc
+                    neg = negate(schema, self.deref)
+                except Unsupported as exc:
+                    try:
+                        neg = self.relative.negate_within(schema, context)
+                    except Unsupported:
+                        raise Unsupported("not", f"not needs {exc.reason}") from exc
             clean.setdefault("allOf", []).append(neg)
             return
         self.expect(isinstance(value, list) and value, key, sub, "a non-empty list")

@@ -9,9 +9,12 @@ with no exact positive form (a multipleOf, an item somewhere in an array) raise
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
+
+from .schema_formats import NOT_FORMAT
 
 TYPES = ("null", "boolean", "object", "array", "number", "string")  # "number" includes integers
 _SCALAR_BOUND = {  # keyword -> (instance type, complement keyword, offset)
@@ -91,7 +94,8 @@ def negate_values(values: list[Any]) -> list[Any]:
         each = [_not_array(v) for v in by_type["array"]]
         branches.append(each[0] if len(each) == 1 else {"allOf": each})
     if "object" in by_type:
-        raise Unsupported("enum", "the complement of an object value")
+        each = [_not_object(v) for v in by_type["object"]]
+        branches.append(each[0] if len(each) == 1 else {"allOf": each})
     return branches
 
 
@@ -105,6 +109,24 @@ def _not_array(value: list[Any]) -> Any:
         other = negate_values([item])
         other_item = other[0] if len(other) == 1 else {"anyOf": other}
         out.append({"type": "array", "minItems": k + 1, "prefixItems": [True] * k + [other_item]})
+    return {"anyOf": out}
+
+
+def _not_object(value: dict[str, Any]) -> Any:
+    """Every object except `value`: one of its keys missing, or holding another value, or (every
+    key there with its value) a key more, counted (unnamed_key_present's argument). The other
+    keys stay named (`true`) in the value's order, which llguidance then accepts them in."""
+    keys = list(value)
+
+    def branch(changed: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"type": "object", "properties": {k: changed.get(k, True) for k in keys}, **more}
+
+    out: list[Any] = [branch({k: False}) for k in keys]
+    for k in keys:
+        other = negate_values([value[k]])
+        out.append(branch({k: other[0] if len(other) == 1 else {"anyOf": other}}, required=[k]))
+    out.append(branch({}, required=keys, minProperties=len(keys) + 1) if keys
+               else {"type": "object", "minProperties": 1})
     return {"anyOf": out}
 
 
@@ -173,6 +195,10 @@ def negate_keyword(key: str, value: Any, deref: Callable[[str], Any], depth: int
         return [negate(s, deref, depth + 1) for s in value]
     if key == "$ref":
         return [negate(deref(value), deref, depth + 1)]
+    if key == "not":  # a complement left unresolved (schema_double_negation.py): ¬¬S = S
+        return [value]
+    if key == "format" and value in NOT_FORMAT:
+        return [{"type": "string", "pattern": NOT_FORMAT[value]}]
     raise Unsupported(key, f"the complement of {key!r} (it has no exact positive form)")
 
 
@@ -205,14 +231,50 @@ def _some_additional_key(node: dict[str, Any], value: Any, deref: Callable[[str]
     if neg is False:
         return []
     named, patterns = node.get("properties", {}), list(node.get("patternProperties", {}))
-    if not named and not patterns and neg is True:
-        return [{"type": "object", "minProperties": 1}]
+    if not patterns and neg is True:
+        counted = unnamed_key_present(node)
+        if counted is not None:
+            return counted
     try:
         words = [w for w in unmatched_words(patterns) if w not in named]
     except Unsupported as exc:
         raise Unsupported("additionalProperties", f"the complement of 'additionalProperties' (some key's "
                                                   f"value fails): {exc.reason}") from exc
     return [_present(w, neg) for w in words]
+
+
+MAX_OPTIONAL_SUBSETS = 16
+
+
+def unnamed_key_present(node: dict[str, Any]) -> list[Any] | None:
+    """Branches whose union, joined with ¬required and ¬properties of `node`, is "some key outside
+    `node`'s named properties" (the complement of `additionalProperties: false`, no patterns).
+    An instance outside those two has every required key and no key whose schema is `false`; it
+    then has an unnamed key exactly when it has more keys than the named ones it holds: for each
+    set T of optional keys present, `required` R ∪ T, the other optional keys forbidden, and
+    minProperties |R ∪ T| + 1. None when more than MAX_OPTIONAL_SUBSETS sets would be listed."""
+    named = node.get("properties", {})
+    if not isinstance(named, dict):
+        return None
+    required = [k for k in node.get("required", ()) if isinstance(k, str)]
+    closed = [k for k, v in named.items() if v is False]
+    if any(k not in named or named[k] is False for k in required):
+        return None  # a required key that is itself unnamed (or forbidden): not counted here
+    optional = [k for k, v in named.items() if v is not False and k not in required]
+    if 2 ** len(optional) > MAX_OPTIONAL_SUBSETS:
+        return None
+    out: list[Any] = []
+    for n in range(len(optional) + 1):
+        for present in itertools.combinations(optional, n):
+            keys = list(dict.fromkeys([*required, *present]))
+            absent = [k for k in optional if k not in present] + closed
+            branch: dict[str, Any] = {"type": "object", "minProperties": len(keys) + 1}
+            if keys:
+                branch["required"] = keys
+            if absent:
+                branch["properties"] = dict.fromkeys(absent, False)
+            out.append(branch)
+    return out
 
 
 def _present(name: str, value: Any) -> dict[str, Any]:

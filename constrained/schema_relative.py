@@ -21,9 +21,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, disjoint, rejects
-from .schema_formats import formats_disjoint
-from .schema_negation import Unsupported, negate_keyword
+from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, counts_disjoint, disjoint, rejects
+from .schema_formats import FORMAT_WITHIN, formats_disjoint
+from .schema_negation import Unsupported, negate_keyword, unnamed_key_present
 from .schema_pattern_complement import pattern_matches, patterns_disjoint
 
 Deref = Callable[[str], Any]
@@ -109,6 +109,8 @@ def _implied(key: str, value: Any, node: dict[str, Any], ctx: list[Any]) -> bool
         return kinds(ctx) <= _kinds({"type": value})
     if key == "required":
         return set(value) <= required(ctx)
+    if key == "format" and any(isinstance(m, dict) and (m.get("format"), value) in FORMAT_WITHIN for m in ctx):
+        return True  # every string of a context format has this one (an IPv4 address is a host name)
     text = _canon(value)
     same = [m for m in ctx if isinstance(m, dict) and key in m and _canon(m[key]) == text]
     if key == "additionalProperties":  # its meaning depends on the listed names and patterns
@@ -146,6 +148,9 @@ class Relative:
                 values = _values(m) if isinstance(m, dict) else None
                 if values is not None and all(any(rejects(y, v, self.deref) for y in ys + xs) for v in values):
                     return True
+        for kind in ("object", "array"):
+            if common <= {kind} and counts_disjoint(ma, mb, kind):
+                return True
         if common <= {"object"}:
             req_a, req_b = required(ma), required(mb)
             for key in req_a | req_b:  # present in any common instance: both sides' values apply
@@ -233,6 +238,10 @@ class Relative:
         """¬additionalProperties / ¬patternProperties: some such key has a failing value. Exact only
         inside a context that allows finitely many keys: then it is a choice among those keys."""
         keys = closed_keys(ctx)
+        if keys is None and key == "additionalProperties" and value is False and not node.get("patternProperties"):
+            counted = unnamed_key_present(node)  # "some unnamed key", by key counts
+            if counted is not None:
+                return counted
         if keys is None:
             raise Unsupported(key, f"the complement of {key!r} (some key's value fails) outside a closed key set")
         out = []

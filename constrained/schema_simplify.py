@@ -157,6 +157,45 @@ def drop_implied_types(schema: Any) -> int:
     return changed
 
 
+def _type_meet(a: frozenset[str], b: frozenset[str]) -> list[str]:
+    """The type names both sets allow (`_type_set` adds "integer" under "number")."""
+    both = a & b
+    return sorted(both - {"integer"} if "number" in both else both)
+
+
+def push_type_into_branches(schema: Any) -> int:
+    """A node that is only `type` next to `anyOf`/`oneOf`: the type moves into each branch
+    (T ∧ (A ∨ B) is (T ∧ A) ∨ (T ∧ B)), so llguidance no longer intersects the branches with a
+    sibling and their properties can take other orders (schema_any_order.py). Branches that are
+    references must already admit only the node's types (they are left as they are)."""
+    if not isinstance(schema, dict):
+        return 0
+    types = _Types(schema.get("$defs", {}))
+    changed = 0
+    for node in _walk(schema):
+        keys = set(node) - {"$defs", "type"}
+        key = next(iter(keys)) if len(keys) == 1 else None
+        allowed = _type_set(node["type"]) if "type" in node else None
+        if key not in _BRANCHES or allowed is None or not isinstance(node[key], list):
+            continue
+        branches: list[Any] = []
+        for branch in node[key]:
+            bound = types.of(branch)
+            own = _type_set(branch.get("type", sorted(_ANY))) if isinstance(branch, dict) else None
+            if bound is not None and bound <= allowed:
+                branches.append(branch)
+            elif isinstance(branch, dict) and "$ref" not in branch and own is not None and _type_meet(allowed, own):
+                names = _type_meet(allowed, own)
+                branches.append({**branch, "type": names[0] if len(names) == 1 else names})
+            else:
+                break
+        else:
+            node[key] = branches
+            del node["type"]
+            changed += 1
+    return changed
+
+
 def drop_shadowed_properties(schema: Any) -> int:
     """Named properties whose schema equals that of every pattern matching the name: removed
     from `properties` (they stay in `required` where they are)."""
@@ -282,6 +321,12 @@ def disjoin_patterns(schema: Any) -> int:
 
 
 def simplify(schema: Any) -> int:
-    """All of the above, in place; returns how many places changed."""
-    return drop_shadowed_properties(schema) + separate_named_from_patterns(schema) + drop_implied_types(schema) \
-        + disjoin_patterns(schema) + merge_all_of(schema) + distribute_key_conditions(schema)
+    """All of the above, in place; returns how many places changed. Named properties are separated
+    from patterns again after allOf merges, which bring names and patterns into one node (hayson:
+    `gridMeta` is `allOf: [dict]` plus a `ver` key that dict's pattern, a recursive value, matches)."""
+    changed = drop_shadowed_properties(schema) + separate_named_from_patterns(schema) + drop_implied_types(schema) \
+        + push_type_into_branches(schema) + disjoin_patterns(schema)
+    merged = merge_all_of(schema)
+    if merged:
+        changed += merged + separate_named_from_patterns(schema)
+    return changed + distribute_key_conditions(schema)

@@ -47,3 +47,22 @@ def run_tokens(matcher: Any, ids: list[int]) -> bool:
         if not matcher.advance(tid):
             return False
     return matcher.is_accepting()
+
+
+def reference_valid(schema: Any, instance: Any) -> bool:
+    """`jsonschema`'s verdict under the schema's own draft (2020-12 by default), formats checked."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER).is_valid(instance)
+
+
+def assert_matches_reference(tokenizer: Any, grammar: Any, schema: Any, instances: list[Any]) -> None:
+    """Each instance (json.dumps text) is accepted token by token exactly when `reference_valid`
+    says it is valid; the list holds valid and invalid instances both."""
+    import json
+
+    for instance in instances:
+        ids = encode(tokenizer, json.dumps(instance, ensure_ascii=False))
+        assert run_tokens(grammar.matcher(), ids) == reference_valid(schema, instance), instance
+    assert {reference_valid(schema, x) for x in instances} == {True, False}

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from radixlm import constrained as C
+from radixlm.constrained import schema_any_order, schema_simplify
 from radixlm.constrained.schema import check_schema
 from radixlm.constrained.schema_any_order import free_optional_order
 
@@ -53,6 +54,19 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         "properties": {"kind": STR, "id": INT, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}}},
         [{"kind": "a", "id": 1, "children": [{"kind": "b", "id": 2}]}, {"id": 1, "kind": "a", "children": [{"id": 2, "kind": "b"}]},
          {"id": 1, "kind": "a", "children": [{"id": 2}]}]),
+    # kustomization's patch: an optional key before the required one, out of schema order (every order of <= 3 keys)
+    "optional_before_required": ({"type": "object", "required": ["patch"], "additionalProperties": False,
+                                  "properties": {"options": {"type": "object"}, "patch": STR, "target": {"type": "object"}}},
+                                 [{"target": {}, "patch": "p"}, {"target": {}, "patch": "p", "options": {}},
+                                  {"patch": "p", "options": {}, "target": {}}, {"target": {}}, {"target": {}, "patch": 1},
+                                  {"options": {}, "target": {}, "patch": "p", "x": 1}]),
+    # o58609's shape: a `type` next to a oneOf moves into the branches, which then take other orders
+    "type_pushed_into_branches": ({"type": "object", "oneOf": [
+        {"additionalProperties": False, "required": ["version"], "properties": {"date": STR, "version": {"enum": ["1"]}}},
+        {"additionalProperties": False, "required": ["version", "ns"],
+         "properties": {"date": STR, "ns": {"type": "object"}, "version": {"enum": ["2"]}}}]},
+        [{"version": "1", "date": "d"}, {"date": "d", "ns": {}, "version": "2"}, {"ns": {}, "version": "2"},
+         {"version": "2"}, {"version": "1", "ns": {}}, "s", {"date": "d", "version": "3"}]),
     # intersected nodes keep schema order (llguidance merges them): still exact
     "merged_node_kept": ({"type": "object", "allOf": [{"properties": {"a": INT, "b": STR}}, {"required": ["a"]}]},
                          [{"a": 1, "b": "x"}, {"b": "x"}, {"a": "s"}]),
@@ -87,6 +101,20 @@ def test_reordered_instances_need_the_rewrite(tokenizer: Any) -> None:
     text = json.dumps(instances[0])
     assert not run_tokens(plain.matcher(), encode(tokenizer, text))
     assert run_tokens(C.compile(tokenizer, json_schema=schema, cache=None).matcher(), encode(tokenizer, text))
+
+
+@pytest.mark.parametrize(("name", "index"), [("optional_before_required", 0), ("type_pushed_into_branches", 0)])
+def test_other_orders_need_their_rewrite(tokenizer: Any, name: str, index: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without every order of a small node, or without the type moved into the branches, the
+    instance at `index` (valid) is rejected."""
+    schema, instances = CASES[name]
+    if name == "optional_before_required":
+        monkeypatch.setattr(schema_any_order, "MAX_ALL_ORDERS", 0)
+    else:
+        monkeypatch.setattr(schema_simplify, "push_type_into_branches", lambda s: 0)
+    assert _valid(schema, instances[index])
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert not run_tokens(grammar.matcher(), encode(tokenizer, json.dumps(instances[index])))
 
 
 def test_duplicate_keys_only_where_every_occurrence_is_valid(tokenizer: Any) -> None:

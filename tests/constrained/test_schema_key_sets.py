@@ -111,6 +111,7 @@ def _disable(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
             raise schema_negation.Unsupported("patternProperties", "disabled")
         monkeypatch.setattr(schema_negation, "_some_pattern_key", refuse)
         monkeypatch.setattr(schema_negation, "_some_additional_key", refuse)
+        monkeypatch.setattr(schema_relative, "unnamed_key_present", lambda node: None)  # the same by counts
     elif what == "open_count":
         monkeypatch.setattr(schema_module, "open_count", lambda node, hoist: None)
     elif what == "formats":

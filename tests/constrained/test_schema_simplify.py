@@ -13,6 +13,7 @@ import pytest
 
 from radixlm import constrained as C
 from radixlm.constrained import schema as schema_module
+from radixlm.constrained import schema_simplify
 from radixlm.constrained.errors import GrammarCompileError
 from radixlm.constrained.schema_meet import meet
 
@@ -23,6 +24,13 @@ _REDIRECT = {"type": "object", "additionalProperties": False, "required": ["type
              "properties": {"type": {"enum": ["redirect"]}, "url": STR}}
 _ITEM = {"type": "object", "required": ["type"], "additionalProperties": {},
          "properties": {"type": {"enum": ["story", "image"]}, "children": {"$ref": "#/$defs/related"}}}
+_HAYSON = {"$ref": "#/$defs/hval", "$defs": {
+    "hval": {"anyOf": [STR, {"type": "number"}, {"$ref": "#/$defs/dict"}, {"$ref": "#/$defs/grid"}]},
+    "dict": {"type": "object", "properties": {"_kind": {"enum": ["dict"]}}, "additionalProperties": False,
+             "patternProperties": {"^[a-z][0-9a-zA-Z_]*": {"$ref": "#/$defs/hval"}}},
+    "grid": {"type": "object", "additionalProperties": False, "required": ["_kind", "meta"],
+             "properties": {"_kind": {"enum": ["grid"]}, "meta": {"$ref": "#/$defs/meta"}}},
+    "meta": {"allOf": [{"$ref": "#/$defs/dict"}], "type": "object", "required": ["ver"], "properties": {"ver": {"enum": ["3.0"]}}}}}
 CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     # WashingtonPost's shape: a named property under a matching pattern whose items recurse
     "named_under_recursive_pattern": ({"$ref": "#/$defs/item", "$defs": {
@@ -71,9 +79,14 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "overlapping_patterns": ({"type": "object", "additionalProperties": False, "patternProperties": {
         "^\\w[-\\w_]*$": {}, "^(relationships|links)$": {"not": {}}}},
         [{"a": 1, "b-c": [2]}, {"links": 1}, {"-x": 1}, {"relationships": {}}, {"linksx": 1}]),
+    # hayson's shape: `meta` is allOf [dict] plus a `ver` key that dict's recursive pattern matches
+    "named_after_all_of_merge": (_HAYSON, [
+        {"_kind": "grid", "meta": {"_kind": "dict", "ver": "3.0"}}, {"_kind": "grid", "meta": {"ver": "2.0"}},
+        {"_kind": "grid", "meta": {"ver": "3.0", "x": 1}}, {"_kind": "grid", "meta": {"ver": "3.0", "X": 1}},
+        {"_kind": "dict", "a": {"_kind": "dict"}}, "s", {"_kind": "grid"}]),
 }
 # instance index of a valid instance that the case's rewrite is needed for (None: needed to compile)
-NEEDS = {"named_under_recursive_pattern": None, "implied_type": None, "shadowed_by_equal_pattern": None,
+NEEDS = {"named_after_all_of_merge": None, "named_under_recursive_pattern": None, "implied_type": None, "shadowed_by_equal_pattern": None,
          "dependencies_any_order": 4, "required_listing_order": 0, "all_of_met": 0, "overlapping_patterns": None}
 
 
@@ -107,6 +120,18 @@ def test_fails_without_the_rewrite(tokenizer: Any, name: str, monkeypatch: pytes
         return
     assert _valid(schema, instances[index])
     assert not _accepts(tokenizer, C.compile(tokenizer, json_schema=schema, cache=None), instances[index])
+
+
+def test_names_separated_again_after_all_of_merges(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the second separation (names from patterns, after merge_all_of) llguidance refuses
+    hayson's shape: "circular references with sibling keys"."""
+    def one_pass(schema: Any) -> int:
+        return (schema_simplify.drop_shadowed_properties(schema) + schema_simplify.separate_named_from_patterns(schema)
+                + schema_simplify.drop_implied_types(schema) + schema_simplify.disjoin_patterns(schema)
+                + schema_simplify.merge_all_of(schema) + schema_simplify.distribute_key_conditions(schema))
+    monkeypatch.setattr(schema_module, "simplify", one_pass)
+    with pytest.raises(C.UnsupportedSchemaError, match="circular"):
+        C.compile(tokenizer, json_schema=_HAYSON, cache=None)
 
 
 def _deref(defs: dict[str, Any]) -> Any:

@@ -14,11 +14,12 @@ import jsonschema
 import pytest
 
 from radixlm import constrained as C
+from radixlm.constrained import compiler
 from radixlm.constrained.compiler import grammar_from_payload
 from radixlm.constrained.unique_check import UniqueGrammar, token_tables
 from radixlm.constrained.vocab import TokenizerInfo
 
-from .conftest import encode, run_tokens
+from .conftest import assert_matches_reference, encode, run_tokens
 
 STRINGS = {"type": "array", "uniqueItems": True, "items": {"type": "string"}}
 CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
@@ -111,6 +112,23 @@ def test_refused_where_the_path_does_not_decide(tokenizer: Any) -> None:
         C.compile(tokenizer, json_schema=schema, cache=None)
     with pytest.raises(C.UnsupportedSchemaError):  # its complement has no form
         C.compile(tokenizer, json_schema={"type": "array", "not": STRINGS}, cache=None)
+
+
+def test_listed_enum_arrays_too_large_checked_beside(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jscsrc's shape: unique arrays of a 6-value enum are listed (1,957 arrays), which llguidance
+    finds too large; the retry checks them beside the grammar instead. Without it: refused."""
+    ops = {"type": ["array", "boolean", "null"], "items": {"enum": ["++", "--", "+", "-", "~", "!"]},
+           "uniqueItems": True}
+    schema = {"type": "object", "properties": {"ops": ops}}
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert isinstance(grammar, UniqueGrammar)
+    instances = [{"ops": ["+", "-"]}, {"ops": ["+", "+"]}, {"ops": None}, {"ops": True}, {"ops": ["*"]},
+                 {"ops": ["!", "~", "-", "+", "--", "++"]}, {"ops": ["~", "--", "~"]}]
+    assert_matches_reference(tokenizer, grammar, schema, instances)
+    listed_only = compiler.check_schema
+    monkeypatch.setattr(compiler, "check_schema", lambda *args, **kw: listed_only(*args, **{**kw, "unique_beside": False}))
+    with pytest.raises(C.GrammarCompileError, match="too large"):
+        C.compile(tokenizer, json_schema=schema, cache=None)
 
 
 def test_rollback_copy_and_payload(tokenizer: Any) -> None:
