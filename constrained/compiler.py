@@ -20,6 +20,8 @@ from typing import Any
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema import CheckedSchema, check_schema, parse_schema
+from .schema_contains import ContainsGrammar
+from .schema_negation import Unsupported
 from .schema_refs import subschemas
 from .schema_string_fold import fold_string_schema
 from .unique_check import PAYLOAD_TAG, UniqueGrammar
@@ -114,7 +116,12 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
     """
     mod = backend_module(backend)
     if kind == "json_schema":
-        checked = check_schema(spec, backend, lenient)
+        try:
+            checked = check_schema(spec, backend, lenient)
+        except UnsupportedSchemaError as exc:
+            if exc.keyword != "contains" or backend != "llguidance" or lenient:
+                raise
+            return _contains_route(spec, mod, whitespace_max, exc)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         def build_json(info: TokenizerInfo) -> Grammar:
@@ -142,6 +149,28 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
                                       "use llguidance or xgrammar for EBNF")
         return spec, lambda info: mod.compile_ebnf(info, spec)
     raise ValueError(f"unknown spec kind {kind!r}")
+
+
+def _contains_route(spec: Any, mod: Any, whitespace_max: int,
+                    refused: UnsupportedSchemaError) -> tuple[str, Callable[[TokenizerInfo], Grammar]]:
+    """A schema refused over `contains`, as Lark with JSON-schema leaves (schema_contains.py), or
+    the original refusal where that route does not apply exactly."""
+    def leaf(doc: dict[str, Any]) -> Any:
+        checked = check_schema(doc, "llguidance")
+        if checked.unique is not None:
+            raise Unsupported("contains", "uniqueItems checked beside the grammar in an item")
+        return checked.schema
+
+    root = parse_schema(spec)
+    try:
+        if not isinstance(root, dict):
+            raise Unsupported("contains", "not an object schema")
+        lark = ContainsGrammar(root, leaf, mod.json_options(whitespace_max), whitespace_max).text()
+    except (Unsupported, UnsupportedSchemaError):
+        raise refused from None
+    canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
+    plain = CheckedSchema(schema=True, canonical=canonical)
+    return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, lark, canonical), plain)
 
 
 def _with_unique(grammar: Grammar, checked: CheckedSchema) -> Grammar:

@@ -267,6 +267,15 @@ def compile_json_schema(info: TokenizerInfo, schema: dict[str, Any], canonical: 
     return LLGuidanceGrammar(info, "json_schema", canonical, ll)
 
 
+def compile_lark(info: TokenizerInfo, lark: str, canonical: str) -> LLGuidanceGrammar:
+    """A JSON schema rewritten as Lark with `%json` leaves (schema_contains.py)."""
+    try:
+        ll = llguidance.LLMatcher.grammar_from_lark(lark)
+    except ValueError as exc:
+        raise GrammarCompileError(f"json_schema: {exc}") from exc
+    return LLGuidanceGrammar(info, "json_schema", canonical, ll)
+
+
 def compile_regex(info: TokenizerInfo, regex: str, kind: str = "regex") -> LLGuidanceGrammar:
     return LLGuidanceGrammar(info, kind, regex, llguidance.LLMatcher.grammar_from_regex(regex))
 

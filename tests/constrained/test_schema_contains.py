@@ -1,0 +1,80 @@
+"""`contains` as Lark with JSON-schema leaves (schema_contains.py, issue 14 coverage), checked against
+`jsonschema`: every instance is accepted token by token exactly when the reference validator says it
+is valid. Each compiled case is refused without the route; the refused ones stay refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from radixlm import constrained as C
+from radixlm.constrained.errors import UnsupportedSchemaError
+
+from .conftest import assert_matches_reference, encode, run_tokens
+
+_MULT3 = {"type": "number", "multipleOf": 3}
+_INNER = {"type": "array", "items": {"type": "number", "multipleOf": 11, "minimum": 100}}
+
+CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    "items_and_contains": ({"type": "array", "items": {"type": "number"}, "contains": _MULT3}, [
+        [3], [1, 3], [3, 1], [1, 2, 6, 7], [1.5, 9], [0], [], [1], [1, 2, 4], ["a", 3], [3, "a"], [[3]], 3, "x"]),
+    # MaskBench itemscontains1's shape: contains inside an allOf, item and contained item each arrays
+    "nested_all_of": ({"type": "array", "allOf": [{"items": {"$ref": "#/definitions/inner"}},
+                                                   {"contains": {"$ref": "#/definitions/has3"}}],
+                       "definitions": {"inner": _INNER, "has3": {"type": "array", "contains": _MULT3}}}, [
+        [[330]], [[110], [330, 110]], [[110, 330], []], [], [[]], [[110]], [[330, 5]], [[33]], [330]]),
+    # no type: contains constrains arrays only
+    "untyped": ({"contains": {"const": 3}}, ["x", 5, None, {"a": 1}, [3], [1, 3, 1], [], [1], [[3]]]),
+    # a type list with arrays and strings
+    "type_list": ({"type": ["array", "string"], "items": {"type": "integer"}, "contains": {"minimum": 5}},
+                  ["s", [5], [1, 7], [], [1], 3, None, [1.5, 6]]),
+    # contains reached through anyOf and through items (by $ref)
+    "through_items": ({"anyOf": [{"type": "string"}, {"type": "array", "items": {"$ref": "#/$defs/c"}}],
+                       "$defs": {"c": {"type": "array", "contains": {"type": "string"}}}}, [
+        "s", [], [["a"]], [[1, "a"], ["b"]], [[1]], [["a"], []], [1], 2]),
+    # minContains 0 (2019-09+): vacuous
+    "min_contains_zero": ({"type": "array", "contains": {"const": 1}, "minContains": 0, "items": {"type": "integer"}},
+                          [[], [2], [1], ["a"]]),
+    # draft-07: minContains is no keyword there
+    "draft7_min_contains": ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "array",
+                             "contains": {"const": 1}, "minContains": 2}, [[1], [2, 1], [], [2]]),
+    # an object item: the contained one must also satisfy the item schema (allOf of both)
+    "object_items": ({"type": "array", "minItems": 1, "items": {"type": "object", "required": ["k"]},
+                      "contains": {"properties": {"k": {"const": "main"}}}}, [
+        [{"k": "main"}], [{"k": "a"}, {"k": "main", "x": 1}], [{"k": "a"}], [{"x": "main"}], [], [{}, {"k": "main"}]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_contains_matches_reference(tokenizer: Any, name: str) -> None:
+    schema, instances = CASES[name]
+    assert_matches_reference(tokenizer, C.compile(tokenizer, json_schema=schema), schema, instances)
+
+
+def test_pretty_printed_arrays(tokenizer: Any) -> None:
+    """The separators and whitespace of the JSON-schema path hold between the Lark rules too."""
+    schema, _ = CASES["nested_all_of"]
+    grammar = C.compile(tokenizer, json_schema=schema)
+    for text, ok in [(json.dumps([[110], [330, 110]], indent=2), True), ('[ [330] ,[110]]', True),
+                     ("[[330]" + " " * 21 + "]", False), ('[[330],]', False), ('[[330]][', False)]:
+        assert run_tokens(grammar.matcher(), encode(tokenizer, text)) == ok, text
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "contains": {"const": 1}, "maxContains": 2},
+    {"type": "array", "contains": {"const": 1}, "minContains": 2},
+    {"type": "array", "contains": {"const": 1}, "maxItems": 3},
+    {"type": "array", "contains": {"const": 1}, "uniqueItems": True},
+    {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}},
+    {"oneOf": [{"type": "array", "contains": {"const": 1}}, {"type": "array", "contains": {"const": 2}}]},
+    {"type": "array", "allOf": [{"contains": {"const": 1}}, {"contains": {"const": 2}}]},
+    {"type": "array", "contains": {"$ref": "#/items"}, "items": {"type": "integer"}},
+    {"type": "array", "contains": {"$id": "inner", "const": 1}},
+])
+def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:
+    with pytest.raises(UnsupportedSchemaError) as info:
+        C.compile(tokenizer, json_schema=schema)
+    assert info.value.keyword == "contains"
