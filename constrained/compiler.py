@@ -20,7 +20,7 @@ from typing import Any
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema import CheckedSchema, check_schema, parse_schema
-from .schema_contains import ContainsGrammar
+from .schema_contains import contains_lark
 from .schema_negation import Unsupported
 from .schema_refs import subschemas
 from .schema_string_fold import fold_string_schema
@@ -116,12 +116,20 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
     """
     mod = backend_module(backend)
     if kind == "json_schema":
+        lark = None
         try:
             checked = check_schema(spec, backend, lenient)
         except UnsupportedSchemaError as exc:
-            if exc.keyword != "contains" or backend != "llguidance" or lenient:
+            retried = _contains_retry(spec, backend, lenient, whitespace_max, [exc.keyword, exc.reason])
+            if retried is None:
                 raise
-            return _contains_route(spec, mod, whitespace_max, exc)
+            checked, lark = retried
+        if checked.unproven_one_of and lark is None:  # left to the backend, which refuses it
+            retried = _contains_retry(spec, backend, lenient, whitespace_max, [w for _, w in checked.unproven_one_of])
+            checked, lark = retried or (checked, None)
+        if lark is not None:
+            text, canonical = lark, checked.canonical
+            return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, text, canonical), checked)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         def build_json(info: TokenizerInfo) -> Grammar:
@@ -151,26 +159,22 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
     raise ValueError(f"unknown spec kind {kind!r}")
 
 
-def _contains_route(spec: Any, mod: Any, whitespace_max: int,
-                    refused: UnsupportedSchemaError) -> tuple[str, Callable[[TokenizerInfo], Grammar]]:
-    """A schema refused over `contains`, as Lark with JSON-schema leaves (schema_contains.py), or
-    the original refusal where that route does not apply exactly."""
-    def leaf(doc: dict[str, Any]) -> Any:
-        checked = check_schema(doc, "llguidance")
-        if checked.unique is not None:
-            raise Unsupported("contains", "uniqueItems checked beside the grammar in an item")
-        return checked.schema
-
-    root = parse_schema(spec)
+def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
+                    why: list[str]) -> tuple[CheckedSchema, str | None] | None:
+    """A schema refused over `contains` or "some item fails", vetted once more with both kept, and
+    its Lark (schema_contains.py; None where the vetted schema keeps no `contains`). None where
+    this route does not apply exactly: the caller keeps its own verdict."""
+    if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w for w in why):
+        return None
     try:
-        if not isinstance(root, dict):
-            raise Unsupported("contains", "not an object schema")
-        lark = ContainsGrammar(root, leaf, mod.json_options(whitespace_max), whitespace_max).text()
+        checked = check_schema(spec, backend, contains=True)
+        if checked.unproven_one_of or checked.unique is not None:
+            return None
+        mod = backend_module(backend)
+        return checked, contains_lark(checked.schema, mod.json_schema_empty, mod.json_options(whitespace_max),
+                                      whitespace_max)
     except (Unsupported, UnsupportedSchemaError):
-        raise refused from None
-    canonical = json.dumps(root, separators=(",", ":"), ensure_ascii=False)
-    plain = CheckedSchema(schema=True, canonical=canonical)
-    return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, lark, canonical), plain)
+        return None
 
 
 def _with_unique(grammar: Grammar, checked: CheckedSchema) -> Grammar:

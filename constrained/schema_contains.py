@@ -2,12 +2,13 @@
 
 llguidance's JSON-schema front end cannot say "at least one item matches S"; its Lark front end
 can: an array of items I with one item of I ∧ S is
-`"[" (i ",")* s_and_i ("," i)* "]"`, each item a `%json {...}` leaf vetted by schema.py as usual.
-The array node and its path from the root (allOf merged, `$ref`, `items`, `anyOf`) become Lark
-rules; every subschema that reaches no `contains` stays one JSON-schema leaf. Anything else on the
-path (other keywords next to `contains`, `maxContains`, `minContains` > 1, properties, `oneOf`...)
-is refused, so the route is exact or not taken. It is a retry: compiler.py tries it only for a
-schema the ordinary vetting refuses over `contains`.
+`"[" (i ",")* s_and_i ("," i)* "]"`, each item a `%json {...}` leaf. The input is a schema vetted by
+schema.py with `contains` kept (Modes.contains: the keyword itself, and "some item fails" in
+complements, e.g. of a `oneOf` branch). The array node and its path from the root (allOf merged,
+allOf distributed over anyOf, `$ref`, `items`, `anyOf`) become Lark rules; every subschema that
+reaches no `contains` stays one JSON-schema leaf with the document's `$defs`. Anything else on the
+path (other keywords next to `contains`, properties...) is refused, so the route is exact or not
+taken. compiler.py tries it only for a schema the ordinary vetting refuses or leaves unproven.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from collections.abc import Callable
 from typing import Any
 
 from .schema_negation import Unsupported
-from .schema_refs import draft_of
+from .schema_refs import draft_of, get, subschemas
 from .schema_support import VALIDATION
 
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
-_ARRAY_KEYS = frozenset({"type", "items", "contains", "minContains", "minItems"})
+_ARRAY_KEYS = frozenset({"type", "items", "contains", "minItems", "maxItems"})
 _LOCAL_REFS = ("#/definitions/", "#/$defs/")
 _SCOPED = ("$id", "$anchor", "$dynamicAnchor", "$recursiveAnchor", "$dynamicRef", "$recursiveRef")
-_MAX_RULES = 64
+_MAX_RULES = 256
+_MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
+_MAX_COUNT = 8     # minItems / maxItems counted in grammar states
+_MORE = "contains*"  # merged() keeps every `contains` of a node in this list
 _OTHER_TYPES = ("null", "boolean", "object", "number", "string")
 
 
@@ -42,11 +46,12 @@ def _walk(node: Any, root: bool = True) -> Any:
 class ContainsGrammar:
     """Lark text for one document; `leaf(schema_document)` vets a leaf into its JSON schema."""
 
-    def __init__(self, root: dict[str, Any], leaf: Callable[[dict[str, Any]], Any], options: dict[str, Any],
+    def __init__(self, root: dict[str, Any], empty: Callable[[Any], bool], options: dict[str, Any],
                  whitespace_max: int) -> None:
-        self.root, self.leaf, self.options = root, leaf, options
+        self.root, self.empty, self.options = root, empty, options  # empty: the backend proves a leaf empty
         self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
         self.rules: list[str] = []
+        self.arrays = 0
         self.draft = draft_of(root)
         self._check_scopes()
 
@@ -88,14 +93,15 @@ class ContainsGrammar:
         raise Unsupported("contains", "$ref chain too long")
 
     def reaches_contains(self, node: Any, seen: frozenset[str] = frozenset()) -> bool:
-        for sub, _ in _walk(node):
-            if "contains" in sub:
-                return True
-            ref = sub.get("$ref")
-            if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
-                                                                                    seen | {ref}):
-                return True
-        return False
+        if not isinstance(node, dict):
+            return False
+        if "contains" in node or _MORE in node:
+            return True
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
+                                                                                seen | {ref}):
+            return True
+        return any(self.reaches_contains(get(node, ptr), seen) for ptr in subschemas(node))
 
     def merged(self, node: Any) -> Any:
         """allOf members (and their allOf) folded into one node, key by key where that is exact."""
@@ -110,12 +116,20 @@ class ContainsGrammar:
             if not isinstance(member, dict):
                 raise Unsupported("contains", "a false allOf member")
             for key, value in member.items():
-                if key not in VALIDATION or key not in out:
+                if key == "anyOf" and "anyOf" in out:  # (A ∨ B) ∧ (C ∨ D): kept as an allOf of the two
+                    out["allOf"] = out.get("allOf", []) + [{"anyOf": value}]
+                elif key not in VALIDATION or key not in out:
                     out[key] = value
+                elif key == "contains":
+                    out[_MORE] = out[_MORE] + [value] if _MORE in out else [out.pop("contains"), value]
                 elif key == "items" and isinstance(value, (dict, bool)) and isinstance(out[key], (dict, bool)):
                     out[key] = {"allOf": [out[key], value]}
                 elif key == "type" and _types(value) is not None and _types(out[key]) is not None:
-                    both = [t for t in _types(out[key]) if t in _types(value)]
+                    a, b = _types(out[key]), _types(value)
+                    both = [t for t in a if t in b]
+                    if "integer" not in both and {"integer", "number"} <= set(a) | set(b) and \
+                            ("number" in a and "integer" in b or "integer" in a and "number" in b):
+                        both.append("integer")
                     out[key] = both
                 elif out[key] != value:
                     raise Unsupported("contains", f"{key} twice in an allOf on the path to contains")
@@ -128,8 +142,11 @@ class ContainsGrammar:
             return self._json_leaf(node)
         node = self.merged(node)
         keys = {k for k in node if k in VALIDATION}
-        if keys == {"anyOf"}:
-            return self._new(" | ".join(self.rule(m, depth + 1) for m in node["anyOf"]))
+        if "anyOf" in keys:  # A ∧ (B ∨ C) = (A ∧ B) ∨ (A ∧ C)
+            rest = {k: v for k, v in node.items() if k not in ("anyOf", _MORE)}
+            common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])]
+            branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
+            return self._new(" | ".join(self.rule(b, depth + 1) for b in branches))
         if not keys <= _ARRAY_KEYS:
             raise Unsupported("contains", f"{sorted(keys - _ARRAY_KEYS)} on the path to contains")
         types = _types(node.get("type", list(_OTHER_TYPES) + ["array"]))
@@ -138,41 +155,88 @@ class ContainsGrammar:
         others = [t for t in types if t != "array"]  # array keywords leave other types alone
         if "array" not in types:
             return self._json_leaf({"type": others})
+        if "contains" in node:
+            node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
         array = self._array(node, depth)
         return self._new(f"{array} | {self._json_leaf({'type': others})}") if others else array
 
     def _array(self, node: dict[str, Any], depth: int) -> str:
+        """A right-linear grammar over items: state (contains satisfied, items counted); each item
+        is an I leaf or an I ∧ S... leaf for contains it satisfies first (the choice is free, so
+        exact)."""
         items = node.get("items", True)
         if not isinstance(items, (dict, bool)):
             raise Unsupported("contains", "tuple items on the path to contains")
+        conds = node.get(_MORE, [])
+        low, high = node.get("minItems", 0), node.get("maxItems")
+        if len(conds) > _MAX_CONTAINS or not isinstance(low, int) or low > _MAX_COUNT or \
+                (high is not None and (not isinstance(high, int) or high > _MAX_COUNT)):
+            raise Unsupported("contains", "more contains or larger item counts than written out here")
+        full = (1 << len(conds)) - 1
+        leaves: dict[int, str] = {}
+
+        def leaf(chosen: int) -> str | None:
+            """The item rule for these contains (None: no item satisfies all of them)."""
+            if chosen not in leaves:
+                parts = [items] + [c for i, c in enumerate(conds) if chosen >> i & 1]
+                whole = parts[0] if len(parts) == 1 else {"allOf": parts}
+                empty = not self.reaches_contains(whole) and self.empty(self._leaf_body(whole))
+                leaves[chosen] = None if empty else self.rule(whole, depth + 1)
+            return leaves[chosen]
+
+        def step(state: tuple[int, int], chosen: int) -> tuple[int, int] | None:
+            count = state[1] + 1
+            if high is not None and count > high:
+                return None
+            return state[0] | chosen, count if high is not None else min(count, low)
+
+        def accepting(state: tuple[int, int]) -> bool:
+            return state[0] == full and state[1] >= low
+
+        moves: dict[tuple[int, int], list[tuple[int, tuple[int, int]]]] = {}
+        todo = [(0, 0)]
+        while todo:
+            state = todo.pop()
+            if state in moves:
+                continue
+            free = full & ~state[0]
+            moves[state] = [(t, nxt) for t in range(full + 1) if t & free == t and leaf(t) is not None
+                            for nxt in [step(state, t)] if nxt is not None]
+            todo += [nxt for _, nxt in moves[state]]
+        live = {q for q in moves if accepting(q)}
+        while True:
+            more = {q for q, out in moves.items() if q not in live and any(n in live for _, n in out)}
+            if not more:
+                break
+            live |= more
+        if (0, 0) not in live:
+            raise Unsupported("contains", "an array node that accepts no array")
+        self.arrays += 1
+        names = {q: f"a{self.arrays}_{i}" for i, q in enumerate(sorted(live))}
         sep = 'WS "," WS'
-        if "contains" not in node:  # the path goes on through `items`
-            if node.get("minItems", 0) != 0:
-                raise Unsupported("contains", "minItems on the path to contains")
-            item = self.rule(items, depth + 1)
-            return self._new(f'"[" WS ({item} ({sep} {item})*)? WS "]"')
-        minimum = node.get("minContains", 1) if self.draft >= 2019 else 1
-        if minimum == 0:  # vacuous: every array qualifies
-            return self.rule({k: v for k, v in node.items() if k not in ("contains", "minContains")}, depth + 1)
-        if minimum != 1 or not isinstance(node.get("minItems", 0), int) or node.get("minItems", 0) > 1:
-            raise Unsupported("contains", "minContains / minItems above 1")
-        item = self.rule(items, depth + 1)
-        hit = self.rule({"allOf": [items, node["contains"]]}, depth + 1)
-        return self._new(f'"[" WS ({item} {sep})* {hit} ({sep} {item})* WS "]"')
+        for q in sorted(live):
+            alts = [f"{sep} {leaf(t)} {names[n]}" for t, n in moves[q] if n in live]
+            alts += ['WS "]"'] if accepting(q) else []
+            self.rules.append(f"{names[q]}: " + " | ".join(alts))
+        first = [f'"[" WS {leaf(t)} {names[n]}' for t, n in moves[(0, 0)] if n in live]
+        first += ['"[" WS "]"'] if accepting((0, 0)) else []
+        return self._new(" | ".join(first))
+
+    def _leaf_body(self, node: Any) -> Any:
+        """A subschema reaching no `contains` as a document of its own (the root's `$defs`)."""
+        if node is True or node is False:
+            return node
+        body = dict(node)
+        if "$defs" in self.root and "$defs" not in body:
+            body["$defs"] = self.root["$defs"]
+        return body
 
     def _json_leaf(self, node: Any) -> str:
-        doc: Any = node
-        if isinstance(node, dict):
-            doc = dict(node)
-            for key in ("$schema", "definitions", "$defs"):
-                if key in self.root and key not in doc:
-                    doc[key] = self.root[key]
-        schema = self.leaf(doc)
-        if schema is False:
+        body = self._leaf_body(node)
+        if body is False:
             raise Unsupported("contains", "an item schema that accepts nothing")
-        body = {} if schema is True else dict(schema)
-        body["x-guidance"] = self.options
-        return self._new("%json " + json.dumps(body, ensure_ascii=False))
+        body = {} if body is True else body
+        return self._new("%json " + json.dumps({**body, "x-guidance": self.options}, ensure_ascii=False))
 
 
 def _types(value: Any) -> list[str] | None:
@@ -181,3 +245,13 @@ def _types(value: Any) -> list[str] | None:
     if isinstance(value, list) and all(isinstance(t, str) for t in value):
         return list(value)
     return None
+
+
+def contains_lark(schema: Any, empty: Callable[[Any], bool], options: dict[str, Any],
+                  whitespace_max: int) -> str | None:
+    """Lark for a vetted schema that keeps `contains` somewhere; None where it keeps none.
+    Unsupported where the path to a `contains` has no exact rule here."""
+    if not isinstance(schema, dict):
+        return None
+    route = ContainsGrammar(schema, empty, options, whitespace_max)
+    return route.text() if route.reaches_contains(schema) else None
