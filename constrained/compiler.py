@@ -124,20 +124,26 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
             if retried is None:
                 raise
             checked, lark = retried
-        if checked.unproven_one_of and lark is None:  # left to the backend, which refuses it
-            retried = _contains_retry(spec, backend, lenient, whitespace_max, [w for _, w in checked.unproven_one_of])
-            checked, lark = retried or (checked, None)
         if lark is not None:
             text, canonical = lark, checked.canonical
             return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, text, canonical), checked)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
+        # a oneOf left to the backend: where it refuses, the same schema with "some item fails" kept
+        fallback = checked.unproven_one_of and _contains_retry(spec, backend, lenient, whitespace_max,
+                                                               [w for _, w in checked.unproven_one_of])
+
         def build_json(info: TokenizerInfo) -> Grammar:
             def once(c: CheckedSchema) -> Grammar:
                 return _with_unique(mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max), c)
 
-            return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec, backend,
-                                                        lenient), checked)
+            try:
+                return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec,
+                                                            backend, lenient), checked)
+            except GrammarCompileError:
+                if not fallback or fallback[1] is None:
+                    raise
+                return mod.compile_lark(info, fallback[1], checked.canonical)
 
         return checked.canonical, build_json
     if kind == "regex":

@@ -14,22 +14,25 @@ taken. compiler.py tries it only for a schema the ordinary vetting refuses or le
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
-from .schema_negation import Unsupported
+from .schema_any_order import literal_pattern
+from .schema_negation import Unsupported, negate
 from .schema_refs import draft_of, get, subschemas
 from .schema_support import VALIDATION
 
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
-_ARRAY_KEYS = frozenset({"type", "items", "contains", "minItems", "maxItems"})
+_ARRAY_KEYS = frozenset({"items", "contains", "minItems", "maxItems"})
 _LOCAL_REFS = ("#/definitions/", "#/$defs/")
 _SCOPED = ("$id", "$anchor", "$dynamicAnchor", "$recursiveAnchor", "$dynamicRef", "$recursiveRef")
-_MAX_RULES = 256
+_MAX_RULES = 1024
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
 _MAX_COUNT = 8     # minItems / maxItems counted in grammar states
 _MORE = "contains*"  # merged() keeps every `contains` of a node in this list
-_OTHER_TYPES = ("null", "boolean", "object", "number", "string")
+_TYPES = ("null", "boolean", "object", "array", "number", "string")
+_OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties"})
 
 
 def _walk(node: Any, root: bool = True) -> Any:
@@ -147,18 +150,59 @@ class ContainsGrammar:
             common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])]
             branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
             return self._new(" | ".join(self.rule(b, depth + 1) for b in branches))
-        if not keys <= _ARRAY_KEYS:
-            raise Unsupported("contains", f"{sorted(keys - _ARRAY_KEYS)} on the path to contains")
-        types = _types(node.get("type", list(_OTHER_TYPES) + ["array"]))
-        if types is None or not set(types) <= set(_OTHER_TYPES) | {"array", "integer"}:
+        kind = "object" if keys & _OBJECT_KEYS else "array"
+        allowed = _OBJECT_KEYS if kind == "object" else _ARRAY_KEYS
+        if not keys <= allowed | {"type"}:
+            raise Unsupported("contains", f"{sorted(keys - allowed - {'type'})} on the path to contains")
+        types = _types(node.get("type", list(_TYPES)))
+        if types is None or not set(types) <= set(_TYPES) | {"integer"}:
             raise Unsupported("contains", "unknown type on the path to contains")
-        others = [t for t in types if t != "array"]  # array keywords leave other types alone
-        if "array" not in types:
+        others = [t for t in types if t != kind]  # the kind's keywords leave other types alone
+        if kind not in types:
             return self._json_leaf({"type": others})
         if "contains" in node:
             node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
-        array = self._array(node, depth)
-        return self._new(f"{array} | {self._json_leaf({'type': others})}") if others else array
+        body = self._array(node, depth) if kind == "array" else self._object(node, depth)
+        return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
+
+    def _object(self, node: dict[str, Any], depth: int) -> str:
+        """Named keys in schema order (each once, optional ones skippable), then keys outside
+        them: llguidance's JSON order, as a chain of rules (index, something emitted)."""
+        named = {k: v for k, v in node.get("properties", {}).items() if v is not False}
+        required = node.get("required", [])
+        if any(k not in named for k in required):
+            raise Unsupported("contains", "a required key that is not a named property")
+        extra = node.get("additionalProperties", True)
+        literal = _literal_keys(node.get("patternProperties", {}))  # schema_any_order's free-order keys
+        if set(literal) & set(node.get("properties", {})):
+            raise Unsupported("contains", "a key both named and matched by a pattern")
+        self.arrays += 1
+        tag, sep = f"o{self.arrays}", 'WS "," WS'
+        names = list(named)
+
+        def pair(key_leaf: str, value: Any) -> str:
+            return f'{key_leaf} WS ":" WS {self.rule(value, depth + 1)}'
+
+        pairs = [pair(self._json_leaf({"const": k}), v) for k, v in literal.items() if v is not False]
+        if extra is not False:
+            outside = [k for k in node.get("properties", {})] + list(literal)
+            pairs.append(pair(self._json_leaf({"type": "string", **_not_named(outside)}), extra))
+        for e in (0, 1):
+            lead = f"{sep} " if e else ""
+            alts = [f"{lead}{p} {tag}_x1" for p in pairs] + ['WS "}"']
+            self.rules.append(f"{tag}_x{e}: " + " | ".join(alts))
+        for i in range(len(names), 0, -1):
+            name = names[i - 1]
+            after = f"{tag}_{i + 1}" if i < len(names) else f"{tag}_x"
+            this = pair(self._json_leaf({"const": name}), named[name])
+            for e in (0, 1):
+                lead = f"{sep} " if e else ""
+                alts = [f"{lead}{this} {after}1"]
+                if name not in required:
+                    alts.append(f"{after}{e}")
+                self.rules.append(f"{tag}_{i}{e}: " + " | ".join(alts))
+        first = f"{tag}_1" if names else f"{tag}_x"
+        return self._new(f'"{{" WS {first}0')
 
     def _array(self, node: dict[str, Any], depth: int) -> str:
         """A right-linear grammar over items: state (contains satisfied, items counted); each item
@@ -255,3 +299,27 @@ def contains_lark(schema: Any, empty: Callable[[Any], bool], options: dict[str, 
         return None
     route = ContainsGrammar(schema, empty, options, whitespace_max)
     return route.text() if route.reaches_contains(schema) else None
+
+
+def _not_named(names: list[str]) -> dict[str, Any]:
+    """The keywords of a string schema for keys other than `names` (a pattern: llguidance has no `not`)."""
+    if not names:
+        return {}
+    neg = negate({"type": "string", "enum": names}, lambda ref: True)
+    strings = [b for b in neg.get("anyOf", []) if isinstance(b, dict) and b.get("type") == "string"] \
+        if isinstance(neg, dict) else []
+    if len(strings) != 1 or set(strings[0]) != {"type", "pattern"}:
+        raise Unsupported("contains", "no pattern for the keys outside the named ones")
+    return {"pattern": strings[0]["pattern"]}
+
+
+def _literal_keys(patterns: dict[str, Any]) -> dict[str, Any]:
+    """patternProperties whose every pattern matches one key exactly, by key (`false` ones too:
+    they keep the key out of the others); else Unsupported."""
+    out = {}
+    for pattern, value in patterns.items():
+        key = re.sub(r"\\(.)", r"\1", pattern[1:-1]) if pattern.startswith("^") and pattern.endswith("$") else None
+        if key is None or literal_pattern(key) != pattern:
+            raise Unsupported("contains", "patternProperties on the path to contains")
+        out[key] = value
+    return out

@@ -61,6 +61,21 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                                 {"items": {"pattern": "a|b|c"}}], "minItems": 2},
                      [["c", "c"], ["a", "b"], ["ab", "c"], [1, "c"], ["a", "a"], ["c"], "x", ["d", "d"], [1, 2],
                       ["b", "bc"]]),
+    # contains below object properties: named keys in schema order, optional ones skippable, then others
+    "in_object": ({"type": "object", "required": ["b"],
+                   "properties": {"a": {"type": "string"}, "b": {"type": "array", "contains": {"const": 1}},
+                                  "c": {"type": "array", "items": {"type": "array", "contains": {"const": 2}}}}}, [
+        {"b": [1]}, {"a": "x", "b": [0, 1]}, {"b": [1], "c": [[2], [3, 2]]}, {"a": "x", "b": [1], "c": [], "z": 5},
+        {"b": [1], "zz": {"b": 1}}, {"b": [0]}, {"a": "x"}, {"a": 1, "b": [1]}, {"b": [1], "c": [[3]]}, {}, [1]]),
+    # optional keys after the required ones: schema_any_order's literal patterns (any order)
+    "free_order": ({"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "array", "contains": {"const": 1}}, "b": {"type": "integer"}, "c": False, "d": {"type": "string"}}}, [
+        {"a": [1]}, {"a": [1], "d": "x", "b": 2}, {"a": [1], "b": 2, "e": None}, {"a": [1], "c": 1}, {"a": [2]},
+        {"a": [1], "b": "x"}, {"a": [1], "d": "x", "b": 2, "zz": [2]}]),
+    "in_closed_object": ({"type": "object", "additionalProperties": False,
+                          "properties": {"a": {"type": "array", "contains": {"type": "string"}}, "b": {"type": "null"}}},
+                         [{}, {"a": ["x"]}, {"a": [1, "x"], "b": None}, {"b": None}, {"a": [1]}, {"c": 1},
+                          {"a": ["x"], "c": 1}]),
 }
 
 
@@ -85,7 +100,7 @@ def test_pretty_printed_arrays(tokenizer: Any) -> None:
     {"type": "array", "contains": {"const": 1}, "maxItems": 9},
     {"type": "array", "allOf": [{"contains": {"const": 1}}, {"contains": {"const": 2}}, {"contains": {"const": 3}}]},
     {"type": "array", "contains": {"const": 1}, "uniqueItems": True},
-    {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}},
+    {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}, "minProperties": 1},
     {"oneOf": [{"type": "array", "contains": {"const": 1}}, {"type": "array", "contains": {"const": 2}}]},
 ])
 def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:
