@@ -28,6 +28,8 @@ _ARRAY_KEYS = frozenset({"items", "contains", "minItems", "maxItems"})
 _LOCAL_REFS = ("#/definitions/", "#/$defs/")
 _SCOPED = ("$id", "$anchor", "$dynamicAnchor", "$recursiveAnchor", "$dynamicRef", "$recursiveRef")
 _MAX_RULES = 1024
+_DEF_REF = re.compile(r'"\$ref": "#/\$defs/([^"/]+)"')
+_OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalProperties"})
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
 _MAX_COUNT = 8     # minItems / maxItems counted in grammar states
 _MORE = "contains*"  # merged() keeps every `contains` of a node in this list
@@ -118,8 +120,17 @@ class ContainsGrammar:
                 continue
             if not isinstance(member, dict):
                 raise Unsupported("contains", "a false allOf member")
+            mine, theirs = _OBJECT_GROUP & set(out), _OBJECT_GROUP & set(member)
+            if mine and theirs and (mine | theirs) != {"properties"}:
+                # additionalProperties / patternProperties depend on the properties beside them
+                raise Unsupported("contains", "object keywords in two allOf members on the path to contains")
             for key, value in member.items():
-                if key == "anyOf" and "anyOf" in out:  # (A ∨ B) ∧ (C ∨ D): kept as an allOf of the two
+                if key == "properties" and "properties" in out:
+                    out[key] = {**out[key], **{k: {"allOf": [out[key][k], v]} if k in out[key] else v
+                                               for k, v in value.items()}}
+                elif key == "required" and "required" in out:
+                    out[key] = list(dict.fromkeys(out[key] + value))
+                elif key == "anyOf" and "anyOf" in out:  # (A ∨ B) ∧ (C ∨ D): kept as an allOf of the two
                     out["allOf"] = out.get("allOf", []) + [{"anyOf": value}]
                 elif key not in VALIDATION or key not in out:
                     out[key] = value
@@ -271,8 +282,17 @@ class ContainsGrammar:
         if node is True or node is False:
             return node
         body = dict(node)
-        if "$defs" in self.root and "$defs" not in body:
-            body["$defs"] = self.root["$defs"]
+        defs = self.root.get("$defs", {})
+        if defs and "$defs" not in body:  # only the definitions the leaf reaches
+            reached: dict[str, Any] = {}
+            todo = [body]
+            while todo:
+                for name in _DEF_REF.findall(json.dumps(todo.pop())):
+                    if name not in reached and name in defs:
+                        reached[name] = defs[name]
+                        todo.append(defs[name])
+            if reached:
+                body["$defs"] = reached
         return body
 
     def _json_leaf(self, node: Any) -> str:

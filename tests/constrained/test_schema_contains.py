@@ -72,6 +72,14 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         "a": {"type": "array", "contains": {"const": 1}}, "b": {"type": "integer"}, "c": False, "d": {"type": "string"}}}, [
         {"a": [1]}, {"a": [1], "d": "x", "b": 2}, {"a": [1], "b": 2, "e": None}, {"a": [1], "c": 1}, {"a": [2]},
         {"a": [1], "b": "x"}, {"a": [1], "d": "x", "b": 2, "zz": [2]}]),
+    # allOf members' properties and required merged; a closed member keeps the other's keys out
+    "merged_objects": ({"allOf": [{"type": "object", "required": ["a"], "properties": {"a": {"type": "array"}}},
+                                  {"required": ["b"], "properties": {"a": {"contains": {"const": 1}}, "b": True}}]},
+                       [{"a": [1], "b": 0}, {"a": [0, 1], "b": None, "c": 1}, {"a": [0], "b": 0}, {"a": [1]},
+                        {"b": 0}, {"a": 1, "b": 0}]),
+    "closed_by_other_member": ({"allOf": [{"additionalProperties": False},
+                                          {"properties": {"a": {"type": "array", "contains": {"const": 1}}}}]},
+                               [{}, 5, [1], {"a": [1]}, {"a": [0]}, {"b": 1}]),
     "in_closed_object": ({"type": "object", "additionalProperties": False,
                           "properties": {"a": {"type": "array", "contains": {"type": "string"}}, "b": {"type": "null"}}},
                          [{}, {"a": ["x"]}, {"a": [1, "x"], "b": None}, {"b": None}, {"a": [1]}, {"c": 1},
