@@ -57,6 +57,9 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                 [[1, 2], [2, 1], [1, 1, 1], [1], [2, 2], [1, 2, 3, 4], [2, 2, 2], [1, "a"]]),
     # "some item fails", from `not` and from a oneOf's complements (MaskBench oneof10_2's shape)
     "not_items": ({"type": "array", "not": {"items": {"type": "string"}}}, [[1], ["a", None], ["a"], [], "x"]),
+    "one_of_item_types": ({"oneOf": [{"type": "array", "items": {"type": "string"}},
+                                     {"type": "array", "items": {"minLength": 2}}]},
+                          [["a"], ["ab"], [1], [1, "a"], [], ["a", "bc"], ["ab", 2], "x"]),
     "one_of_items": ({"oneOf": [{"items": {"pattern": "a"}}, {"items": {"pattern": "b"}},
                                 {"items": {"pattern": "a|b|c"}}], "minItems": 2},
                      [["c", "c"], ["a", "b"], ["ab", "c"], [1, "c"], ["a", "a"], ["c"], "x", ["d", "d"], [1, 2],
