@@ -129,10 +129,6 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
             return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, text, canonical), checked)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
-        # a oneOf left to the backend: where it refuses, the same schema with "some item fails" kept
-        fallback = checked.unproven_one_of and _contains_retry(spec, backend, lenient, whitespace_max,
-                                                               [w for _, w in checked.unproven_one_of])
-
         def build_json(info: TokenizerInfo) -> Grammar:
             def once(c: CheckedSchema) -> Grammar:
                 return _with_unique(mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max), c)
@@ -140,7 +136,9 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
             try:
                 return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec,
                                                             backend, lenient), checked)
-            except GrammarCompileError:
+            except GrammarCompileError:  # a oneOf left to the backend: retried with "some item fails" kept
+                fallback = checked.unproven_one_of and _contains_retry(spec, backend, lenient, whitespace_max,
+                                                                       [w for _, w in checked.unproven_one_of])
                 if not fallback or fallback[1] is None:
                     raise
                 return mod.compile_lark(info, fallback[1], checked.canonical)
