@@ -229,6 +229,10 @@ class Relative:
             if self.contains:  # an item of the context's that fails `value`
                 return [{"type": "array", "contains": failing}]
             raise Unsupported("items", "the complement of 'items' (some item fails) has no exact form here")
+        if key == "contains" and self.contains:  # no item of the context's matches `value`
+            inside = [m["items"] for m in ctx if isinstance(m, dict) and "items" in m and "prefixItems" not in m]
+            failing = self.negate_within(value, self._value_members(inside, d), d)
+            return [{"type": "array", "maxItems": 0} if failing is False else {"type": "array", "items": failing}]
         if key == "allOf":
             return [self.negate_within(m, ctx, d) for m in value]
         if key == "anyOf":

@@ -60,6 +60,11 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "one_of_item_types": ({"oneOf": [{"type": "array", "items": {"type": "string"}},
                                      {"type": "array", "items": {"minLength": 2}}]},
                           [["a"], ["ab"], [1], [1, "a"], [], ["a", "bc"], ["ab", 2], "x"]),
+    # the complement of contains: every item fails it
+    "not_contains": ({"type": "array", "not": {"contains": {"const": 1}}}, [[], [2], [2, "a"], [1], [2, 1]]),
+    "one_of_contains": ({"oneOf": [{"type": "array", "contains": {"const": 1}},
+                                   {"type": "array", "contains": {"const": 2}, "items": {"type": "number"}}]},
+                        [[1], [2], [1, "a"], [3, 2], [1, 2], [2, 1, 3], [], [3], [2, "a"], [1, 2, "a"]]),
     "one_of_items": ({"oneOf": [{"items": {"pattern": "a"}}, {"items": {"pattern": "b"}},
                                 {"items": {"pattern": "a|b|c"}}], "minItems": 2},
                      [["c", "c"], ["a", "b"], ["ab", "c"], [1, "c"], ["a", "a"], ["c"], "x", ["d", "d"], [1, 2],
@@ -112,7 +117,7 @@ def test_pretty_printed_arrays(tokenizer: Any) -> None:
     {"type": "array", "allOf": [{"contains": {"const": 1}}, {"contains": {"const": 2}}, {"contains": {"const": 3}}]},
     {"type": "array", "contains": {"const": 1}, "uniqueItems": True},
     {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}, "minProperties": 1},
-    {"oneOf": [{"type": "array", "contains": {"const": 1}}, {"type": "array", "contains": {"const": 2}}]},
+    {"oneOf": [{"type": "array", "contains": {"multipleOf": 3}}, {"type": "array", "contains": {"const": 2}}]},
 ])
 def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedSchemaError) as info:
