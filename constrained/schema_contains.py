@@ -1,14 +1,15 @@
 """`contains` over unbounded arrays, as an llguidance Lark grammar with JSON-schema leaves.
 
 llguidance's JSON-schema front end cannot say "at least one item matches S"; its Lark front end
-can: an array of items I with one item of I ∧ S is
-`"[" (i ",")* s_and_i ("," i)* "]"`, each item a `%json {...}` leaf. The input is a schema vetted by
-schema.py with `contains` kept (Modes.contains: the keyword itself, and "some item fails" in
-complements, e.g. of a `oneOf` branch). The array node and its path from the root (allOf merged,
-allOf distributed over anyOf, `$ref`, `items`, `anyOf`) become Lark rules; every subschema that
-reaches no `contains` stays one JSON-schema leaf with the document's `$defs`. Anything else on the
-path (other keywords next to `contains`, properties...) is refused, so the route is exact or not
-taken. compiler.py tries it only for a schema the ordinary vetting refuses or leaves unproven.
+can, with `%json {...}` leaves: an array of items I with an item of I ∧ S is, in effect,
+`"[" (i ",")* s_and_i ("," i)* "]"` (written right-linear, so item counts and two `contains` fit).
+The input is a schema vetted by schema.py with `contains` kept (Modes.contains: the keyword itself,
+"some item fails" in complements, e.g. of a `oneOf` branch, and ¬contains as `items`). The array
+node and its path from the root (`$ref`, allOf merged, allOf over anyOf distributed, `anyOf`,
+`items`, objects in llguidance's key order) become Lark rules; every subschema that reaches no
+`contains` stays one JSON-schema leaf with the `$defs` it reaches. Anything else on the path is
+refused, so the route is exact or not taken. compiler.py tries it only for a schema the ordinary
+vetting refuses over `contains` / "some item fails", or whose `oneOf` llguidance refuses.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from typing import Any
 
 from .schema_any_order import literal_pattern
 from .schema_negation import Unsupported, negate
-from .schema_refs import draft_of, get, subschemas
+from .schema_refs import get, subschemas
 from .schema_support import VALIDATION
 
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
 _ARRAY_KEYS = frozenset({"items", "contains", "minItems", "maxItems"})
-_LOCAL_REFS = ("#/definitions/", "#/$defs/")
-_SCOPED = ("$id", "$anchor", "$dynamicAnchor", "$recursiveAnchor", "$dynamicRef", "$recursiveRef")
 _MAX_RULES = 1024
 _DEF_REF = re.compile(r'"\$ref": "#/\$defs/([^"/]+)"')
 _OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalProperties"})
@@ -37,19 +36,8 @@ _TYPES = ("null", "boolean", "object", "array", "number", "string")
 _OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties"})
 
 
-def _walk(node: Any, root: bool = True) -> Any:
-    """Every dict below node (node included)."""
-    if isinstance(node, dict):
-        yield node, root
-        for value in node.values():
-            yield from _walk(value, False)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value, False)
-
-
 class ContainsGrammar:
-    """Lark text for one document; `leaf(schema_document)` vets a leaf into its JSON schema."""
+    """Lark text for one vetted document (references `#/$defs/...`, as schema.py writes them)."""
 
     def __init__(self, root: dict[str, Any], empty: Callable[[Any], bool], options: dict[str, Any],
                  whitespace_max: int) -> None:
@@ -57,18 +45,6 @@ class ContainsGrammar:
         self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
         self.rules: list[str] = []
         self.arrays = 0
-        self.draft = draft_of(root)
-        self._check_scopes()
-
-    def _check_scopes(self) -> None:
-        """Leaves are vetted as documents of their own that carry the root's definitions: only
-        references into those, and no inner resource scopes, keep their meaning there."""
-        for node, is_root in _walk(self.root):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and not ref.startswith(_LOCAL_REFS):
-                raise Unsupported("contains", f"$ref {ref!r} outside definitions")
-            if not is_root and (any(k in node for k in _SCOPED) or isinstance(node.get("id"), str)):
-                raise Unsupported("contains", "an inner resource scope")
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
@@ -88,6 +64,8 @@ class ContainsGrammar:
                 return node
             if any(k in VALIDATION for k in node if k != "$ref"):
                 raise Unsupported("contains", "$ref beside other keywords on the path to contains")
+            if not isinstance(node["$ref"], str) or not node["$ref"].startswith("#/"):
+                raise Unsupported("contains", f"$ref {node['$ref']!r} outside the document")
             target: Any = self.root
             for part in node["$ref"][2:].split("/"):
                 part = part.replace("~1", "/").replace("~0", "~")
