@@ -20,6 +20,8 @@ from typing import Any
 from .base import Grammar
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema import CheckedSchema, check_schema, parse_schema
+from .schema_contains import contains_lark
+from .schema_negation import Unsupported
 from .schema_refs import subschemas
 from .schema_string_fold import fold_string_schema
 from .unique_check import PAYLOAD_TAG, UniqueGrammar
@@ -114,15 +116,32 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
     """
     mod = backend_module(backend)
     if kind == "json_schema":
-        checked = check_schema(spec, backend, lenient)
+        lark = None
+        try:
+            checked = check_schema(spec, backend, lenient)
+        except UnsupportedSchemaError as exc:
+            retried = _contains_retry(spec, backend, lenient, whitespace_max, [exc.keyword, exc.reason])
+            if retried is None:
+                raise
+            checked, lark = retried
+        if lark is not None:
+            text, canonical = lark, checked.canonical
+            return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, text, canonical), checked)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         def build_json(info: TokenizerInfo) -> Grammar:
             def once(c: CheckedSchema) -> Grammar:
                 return _with_unique(mod.compile_json_schema(info, c.schema, c.canonical, whitespace_max), c)
 
-            return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec, backend,
-                                                        lenient), checked)
+            try:
+                return _map_errors(lambda: _too_large_retry(lambda c: _empty_defs_retry(once, c), checked, spec,
+                                                            backend, lenient), checked)
+            except GrammarCompileError:  # a oneOf left to the backend: retried with "some item fails" kept
+                fallback = checked.unproven_one_of and _contains_retry(spec, backend, lenient, whitespace_max,
+                                                                       [w for _, w in checked.unproven_one_of])
+                if not fallback or fallback[1] is None:
+                    raise
+                return mod.compile_lark(info, fallback[1], checked.canonical)
 
         return checked.canonical, build_json
     if kind == "regex":
@@ -142,6 +161,24 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
                                       "use llguidance or xgrammar for EBNF")
         return spec, lambda info: mod.compile_ebnf(info, spec)
     raise ValueError(f"unknown spec kind {kind!r}")
+
+
+def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
+                    why: list[str]) -> tuple[CheckedSchema, str | None] | None:
+    """A schema refused over `contains` or "some item fails", vetted once more with both kept, and
+    its Lark (schema_contains.py; None where the vetted schema keeps no `contains`). None where
+    this route does not apply exactly: the caller keeps its own verdict."""
+    if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w for w in why):
+        return None
+    try:
+        checked = check_schema(spec, backend, contains=True)
+        if checked.unproven_one_of or checked.unique is not None:
+            return None
+        mod = backend_module(backend)
+        return checked, contains_lark(checked.schema, mod.json_schema_empty, mod.json_options(whitespace_max),
+                                      whitespace_max)
+    except (Unsupported, UnsupportedSchemaError):
+        return None
 
 
 def _with_unique(grammar: Grammar, checked: CheckedSchema) -> Grammar:

@@ -86,7 +86,8 @@ class _Vetter(LogicKeywords):
         self.defs: dict[str, Any] = {}
         self.names: dict[tuple[str, ...], str] = {}
         self.outer: list[Any] = []
-        self.relative = Relative(self.deref_or_any, self.deref)
+        self.contains = modes.contains and backend == "llguidance"  # kept for schema_contains.py's Lark
+        self.relative = Relative(self.deref_or_any, self.deref, self.contains)
         self.retry: list[tuple[dict[str, Any], list[Any], list[Any], tuple[str, str]]] = []
         self.pending = PendingNots(modes.defer_not)
 
@@ -264,6 +265,8 @@ class _Vetter(LogicKeywords):
                     clean["items"] = self.vet(node["additionalItems"], sub[:-1] + ("additionalItems",))
             else:
                 clean["items"] = self.vet(value, sub)
+        elif key == "contains" and self.contains:
+            self.contains_keyword(value, node, sub, clean)
         elif key in ("additionalItems", "then", "else", "minContains", "maxContains"):
             pass  # handled with items / if / contains; alone they constrain nothing
         elif key == "additionalProperties":
@@ -317,6 +320,18 @@ class _Vetter(LogicKeywords):
         else:
             clean[key] = value
 
+    def contains_keyword(self, value: Any, node: dict[str, Any], sub: tuple[str, ...], clean: dict[str, Any]) -> None:
+        """`contains` kept for the Lark route (schema_contains.py): at least one item, never more."""
+        counted = self.index.draft_at(sub) >= 2019
+        if counted and "maxContains" in node:
+            raise Unsupported("contains", "maxContains is not enforced")
+        least = node.get("minContains", 1) if counted else 1
+        if least == 0:
+            return  # vacuous: every array has at least zero matching items
+        if least != 1:
+            raise Unsupported("contains", "minContains above 1 is not enforced")
+        clean["contains"] = self.vet(value, sub)
+
     @staticmethod
     def expect(ok: bool, key: str, sub: tuple[str, ...], what: str) -> None:
         if not ok:
@@ -343,17 +358,18 @@ class Modes:
     split_chains: bool = False   # if/then chains on one tag as one case split (schema_if_chains.py)
     unique_beside: bool = False  # uniqueItems over enum items checked beside the grammar, not listed
     defer_not: bool = False      # a `not` inside a `not` left for the outer one (schema_double_negation.py)
+    contains: bool = False       # `contains` (and "some item fails") kept for a Lark grammar (schema_contains.py)
 
 
 def check_schema(spec: str | dict[str, Any] | bool, backend: str, lenient: bool = False,
-                 split_chains: bool = False, unique_beside: bool = False) -> CheckedSchema:
+                 split_chains: bool = False, unique_beside: bool = False, contains: bool = False) -> CheckedSchema:
     """Vet every keyword for `backend`; raises UnsupportedSchemaError unless lenient.
     `split_chains`, `unique_beside`: the retries for a schema the backend found too large (see
     Modes; each is exact but gives the backend a differently shaped grammar)."""
     root = parse_schema(spec)
     if root is False:
         raise GrammarCompileError("json_schema `false` accepts no document")
-    modes = Modes(split_chains, unique_beside)
+    modes = Modes(split_chains, unique_beside, contains=contains)
     try:
         return _checked(root, backend, lenient, modes)
     except UnsupportedSchemaError as exc:

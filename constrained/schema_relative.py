@@ -126,9 +126,10 @@ class Relative:
     """Disjointness proofs and relative complements over one document's vetted schemas
     (`#/$defs/rN`); pairs proven once are remembered."""
 
-    def __init__(self, deref: Deref, strict: Deref) -> None:
+    def __init__(self, deref: Deref, strict: Deref, contains: bool = False) -> None:
         self.deref = deref    # for proofs: a reference still being vetted may read as `true`
         self.strict = strict  # for complements: such a reference raises Unsupported
+        self.contains = contains  # "some item fails" may be written `contains` (schema_contains.py)
         self.memo: Memo = {}
 
     def _value_members(self, schemas: list[Any], depth: int) -> list[Any]:
@@ -220,11 +221,18 @@ class Relative:
         if key == "items" and not isinstance(value, list):
             inside = [m["items"] for m in ctx if isinstance(m, dict) and "items" in m and "prefixItems" not in m]
             allowed = self._value_members(inside, d)
-            if self.negate_within(value, allowed, d) is False:
+            failing = self.negate_within(value, allowed, d)
+            if failing is False:
                 return []  # every item the context allows already satisfies `value`
             if allowed and self.conj_disjoint(members(value, self.deref), allowed):
                 return [{"type": "array", "minItems": 1}]  # no allowed item satisfies `value`
+            if self.contains:  # an item of the context's that fails `value`
+                return [{"type": "array", "contains": failing}]
             raise Unsupported("items", "the complement of 'items' (some item fails) has no exact form here")
+        if key == "contains" and self.contains:  # no item of the context's matches `value`
+            inside = [m["items"] for m in ctx if isinstance(m, dict) and "items" in m and "prefixItems" not in m]
+            failing = self.negate_within(value, self._value_members(inside, d), d)
+            return [{"type": "array", "maxItems": 0} if failing is False else {"type": "array", "items": failing}]
         if key == "allOf":
             return [self.negate_within(m, ctx, d) for m in value]
         if key == "anyOf":

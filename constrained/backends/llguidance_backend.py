@@ -267,6 +267,25 @@ def compile_json_schema(info: TokenizerInfo, schema: dict[str, Any], canonical: 
     return LLGuidanceGrammar(info, "json_schema", canonical, ll)
 
 
+def json_schema_empty(schema: Any) -> bool:
+    """True where llguidance proves the schema accepts nothing (it refuses such a schema as a
+    `%json` leaf; an item leaf it proves empty is left out of schema_contains.py's grammar)."""
+    try:
+        message = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
+    except ValueError as exc:
+        message = str(exc)
+    return message.startswith("Unsatisfiable schema")
+
+
+def compile_lark(info: TokenizerInfo, lark: str, canonical: str) -> LLGuidanceGrammar:
+    """A JSON schema rewritten as Lark with `%json` leaves (schema_contains.py)."""
+    try:
+        ll = llguidance.LLMatcher.grammar_from_lark(lark)
+    except ValueError as exc:
+        raise GrammarCompileError(f"json_schema: {exc}") from exc
+    return LLGuidanceGrammar(info, "json_schema", canonical, ll)
+
+
 def compile_regex(info: TokenizerInfo, regex: str, kind: str = "regex") -> LLGuidanceGrammar:
     return LLGuidanceGrammar(info, kind, regex, llguidance.LLMatcher.grammar_from_regex(regex))
 

@@ -34,7 +34,8 @@ def test_errors_are_typed_and_positioned(tokenizer: Any) -> None:
         C.compile(tokenizer, json_schema={"type": "object", "properties": {"tags": {"not": {"uniqueItems": True}}}})
     assert info.value.keyword == "not" and info.value.path == "/properties/tags"
     with pytest.raises(C.UnsupportedSchemaError) as info:  # a validation keyword we cannot enforce
-        C.compile(tokenizer, json_schema={"type": "object", "properties": {"a": {"contains": {"const": 1}}}})
+        C.compile(tokenizer, json_schema={"type": "object", "properties": {"a": {"contains": {"const": 1},
+                                                                               "maxContains": 2}}})
     assert info.value.keyword == "contains" and info.value.path == "/properties/a"
     with pytest.raises(C.GrammarCompileError, match="char 9"):
         C.compile(tokenizer, json_schema='{"type": }')

@@ -29,20 +29,23 @@ def test_service_compiles_and_reports_errors(service: GrammarService, tokenizer:
     service.submit("same", {"json_schema": schema})  # deduplicated with "ok"
     service.submit("regex", {"regex": "(yes|no)", "backend": "outlines"})
     service.submit("ebnf", {"ebnf": 'root ::= "a"+'})
-    service.submit("bad", {"json_schema": {"type": "array", "contains": {"const": 1}}})
+    service.submit("bad", {"json_schema": {"type": "array", "contains": {"const": 1}, "maxContains": 1}})
+    service.submit("contains", {"json_schema": {"type": "array", "contains": {"const": 1}}})  # Lark, %json leaves
     service.submit("unique", {"json_schema": {"type": "array", "uniqueItems": True}})  # checked beside the grammar
     service.submit("broken", {"regex": "(unclosed"})
     service.submit("two", {"regex": "a", "choices": ["a"]})
     start = time.monotonic()
     results = dict(service.wait(timeout_s=120))
     assert time.monotonic() - start < 120
-    assert set(results) == {"ok", "same", "regex", "ebnf", "bad", "broken", "two", "unique"}
+    assert set(results) == {"ok", "same", "regex", "ebnf", "bad", "broken", "two", "unique", "contains"}
     assert results["ok"] is results["same"]
     assert run_tokens(results["ok"].matcher(), encode(tokenizer, '{"n": 7}'))
     assert not run_tokens(results["ok"].matcher(), encode(tokenizer, '{"n": 10}'))
     assert run_tokens(results["regex"].matcher(), encode(tokenizer, "no"))
     assert run_tokens(results["ebnf"].matcher(), encode(tokenizer, "aaa"))
     assert isinstance(results["bad"], C.UnsupportedSchemaError)
+    assert run_tokens(results["contains"].matcher(), encode(tokenizer, "[0, 1]"))  # rebuilt from its payload
+    assert not run_tokens(results["contains"].matcher(), encode(tokenizer, "[0, 2]"))
     assert not run_tokens(results["unique"].matcher(), encode(tokenizer, '[{"a": 1}, {"a": 1}]'))  # rebuilt from its payload
     assert run_tokens(results["unique"].matcher(), encode(tokenizer, '[{"a": 1}, {"a": 2}]'))
     assert isinstance(results["broken"], C.GrammarCompileError)

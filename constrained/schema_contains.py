@@ -1,0 +1,323 @@
+"""`contains` over unbounded arrays, as an llguidance Lark grammar with JSON-schema leaves.
+
+llguidance's JSON-schema front end cannot say "at least one item matches S"; its Lark front end
+can, with `%json {...}` leaves: an array of items I with an item of I ∧ S is, in effect,
+`"[" (i ",")* s_and_i ("," i)* "]"` (written right-linear, so item counts and two `contains` fit).
+The input is a schema vetted by schema.py with `contains` kept (Modes.contains: the keyword itself,
+"some item fails" in complements, e.g. of a `oneOf` branch, and ¬contains as `items`). The array
+node and its path from the root (`$ref`, allOf merged, allOf over anyOf distributed, `anyOf`,
+`items`, objects in llguidance's key order) become Lark rules; every subschema that reaches no
+`contains` stays one JSON-schema leaf with the `$defs` it reaches. Anything else on the path is
+refused, so the route is exact or not taken. compiler.py tries it only for a schema the ordinary
+vetting refuses over `contains` / "some item fails", or whose `oneOf` llguidance refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .schema_any_order import literal_pattern
+from .schema_negation import Unsupported, negate
+from .schema_refs import get, subschemas
+from .schema_support import VALIDATION
+
+# Keywords a `contains` or `items` node may carry besides those the rules write out.
+_ARRAY_KEYS = frozenset({"items", "contains", "minItems", "maxItems"})
+_MAX_RULES = 1024
+_DEF_REF = re.compile(r'"\$ref": "#/\$defs/([^"/]+)"')
+_OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalProperties"})
+_MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
+_MAX_COUNT = 8     # minItems / maxItems counted in grammar states
+_MORE = "contains*"  # merged() keeps every `contains` of a node in this list
+_TYPES = ("null", "boolean", "object", "array", "number", "string")
+_OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties"})
+
+
+class ContainsGrammar:
+    """Lark text for one vetted document (references `#/$defs/...`, as schema.py writes them)."""
+
+    def __init__(self, root: dict[str, Any], empty: Callable[[Any], bool], options: dict[str, Any],
+                 whitespace_max: int) -> None:
+        self.root, self.empty, self.options = root, empty, options  # empty: the backend proves a leaf empty
+        self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
+        self.rules: list[str] = []
+        self.arrays = 0
+
+    def text(self) -> str:
+        top = self.rule(self.root, 0)
+        return "\n".join([f"start: {top}", f"WS: {self.ws}", *self.rules])
+
+    def _new(self, body: str) -> str:
+        if len(self.rules) >= _MAX_RULES:
+            raise Unsupported("contains", "too many rules")
+        name = f"r{len(self.rules)}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def resolve(self, node: Any) -> Any:
+        """The node with a lone `$ref` followed (sibling validation keywords: refused)."""
+        for _ in range(32):
+            if not isinstance(node, dict) or "$ref" not in node:
+                return node
+            if any(k in VALIDATION for k in node if k != "$ref"):
+                raise Unsupported("contains", "$ref beside other keywords on the path to contains")
+            if not isinstance(node["$ref"], str) or not node["$ref"].startswith("#/"):
+                raise Unsupported("contains", f"$ref {node['$ref']!r} outside the document")
+            target: Any = self.root
+            for part in node["$ref"][2:].split("/"):
+                part = part.replace("~1", "/").replace("~0", "~")
+                if not isinstance(target, dict) or part not in target:
+                    raise Unsupported("contains", f"unresolved $ref {node['$ref']!r}")
+                target = target[part]
+            node = target
+        raise Unsupported("contains", "$ref chain too long")
+
+    def reaches_contains(self, node: Any, seen: frozenset[str] = frozenset()) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if "contains" in node or _MORE in node:
+            return True
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
+                                                                                seen | {ref}):
+            return True
+        return any(self.reaches_contains(get(node, ptr), seen) for ptr in subschemas(node))
+
+    def merged(self, node: Any) -> Any:
+        """allOf members (and their allOf) folded into one node, key by key where that is exact."""
+        node = self.resolve(node)
+        if not isinstance(node, dict) or "allOf" not in node:
+            return node
+        out = {k: v for k, v in node.items() if k != "allOf"}
+        for member in node["allOf"]:
+            member = self.merged(member)
+            if member is True or member == {}:
+                continue
+            if not isinstance(member, dict):
+                raise Unsupported("contains", "a false allOf member")
+            mine, theirs = _OBJECT_GROUP & set(out), _OBJECT_GROUP & set(member)
+            if mine and theirs and (mine | theirs) != {"properties"}:
+                # additionalProperties / patternProperties depend on the properties beside them
+                raise Unsupported("contains", "object keywords in two allOf members on the path to contains")
+            for key, value in member.items():
+                if key == "properties" and "properties" in out:
+                    out[key] = {**out[key], **{k: {"allOf": [out[key][k], v]} if k in out[key] else v
+                                               for k, v in value.items()}}
+                elif key == "required" and "required" in out:
+                    out[key] = list(dict.fromkeys(out[key] + value))
+                elif key == "anyOf" and "anyOf" in out:  # (A ∨ B) ∧ (C ∨ D): kept as an allOf of the two
+                    out["allOf"] = out.get("allOf", []) + [{"anyOf": value}]
+                elif key not in VALIDATION or key not in out:
+                    out[key] = value
+                elif key == "contains":
+                    out[_MORE] = out[_MORE] + [value] if _MORE in out else [out.pop("contains"), value]
+                elif key == "items" and isinstance(value, (dict, bool)) and isinstance(out[key], (dict, bool)):
+                    out[key] = {"allOf": [out[key], value]}
+                elif key == "type" and _types(value) is not None and _types(out[key]) is not None:
+                    a, b = _types(out[key]), _types(value)
+                    both = [t for t in a if t in b]
+                    if "integer" not in both and {"integer", "number"} <= set(a) | set(b) and \
+                            ("number" in a and "integer" in b or "integer" in a and "number" in b):
+                        both.append("integer")
+                    out[key] = both
+                elif out[key] != value:
+                    raise Unsupported("contains", f"{key} twice in an allOf on the path to contains")
+        return out
+
+    def rule(self, node: Any, depth: int) -> str:
+        if depth > 16:
+            raise Unsupported("contains", "path to contains too deep")
+        if not self.reaches_contains(node):
+            return self._json_leaf(node)
+        node = self.merged(node)
+        keys = {k for k in node if k in VALIDATION}
+        if "anyOf" in keys:  # A ∧ (B ∨ C) = (A ∧ B) ∨ (A ∧ C)
+            rest = {k: v for k, v in node.items() if k not in ("anyOf", _MORE)}
+            common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])]
+            branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
+            return self._new(" | ".join(self.rule(b, depth + 1) for b in branches))
+        kind = "object" if keys & _OBJECT_KEYS else "array"
+        allowed = _OBJECT_KEYS if kind == "object" else _ARRAY_KEYS
+        if not keys <= allowed | {"type"}:
+            raise Unsupported("contains", f"{sorted(keys - allowed - {'type'})} on the path to contains")
+        types = _types(node.get("type", list(_TYPES)))
+        if types is None or not set(types) <= set(_TYPES) | {"integer"}:
+            raise Unsupported("contains", "unknown type on the path to contains")
+        others = [t for t in types if t != kind]  # the kind's keywords leave other types alone
+        if kind not in types:
+            return self._json_leaf({"type": others})
+        if "contains" in node:
+            node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
+        body = self._array(node, depth) if kind == "array" else self._object(node, depth)
+        return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
+
+    def _object(self, node: dict[str, Any], depth: int) -> str:
+        """Named keys in schema order (each once, optional ones skippable), then keys outside
+        them: llguidance's JSON order, as a chain of rules (index, something emitted)."""
+        named = {k: v for k, v in node.get("properties", {}).items() if v is not False}
+        required = node.get("required", [])
+        if any(k not in named for k in required):
+            raise Unsupported("contains", "a required key that is not a named property")
+        extra = node.get("additionalProperties", True)
+        literal = _literal_keys(node.get("patternProperties", {}))  # schema_any_order's free-order keys
+        if set(literal) & set(node.get("properties", {})):
+            raise Unsupported("contains", "a key both named and matched by a pattern")
+        self.arrays += 1
+        tag, sep = f"o{self.arrays}", 'WS "," WS'
+        names = list(named)
+
+        def pair(key_leaf: str, value: Any) -> str:
+            return f'{key_leaf} WS ":" WS {self.rule(value, depth + 1)}'
+
+        pairs = [pair(self._json_leaf({"const": k}), v) for k, v in literal.items() if v is not False]
+        if extra is not False:
+            outside = [k for k in node.get("properties", {})] + list(literal)
+            pairs.append(pair(self._json_leaf({"type": "string", **_not_named(outside)}), extra))
+        for e in (0, 1):
+            lead = f"{sep} " if e else ""
+            alts = [f"{lead}{p} {tag}_x1" for p in pairs] + ['WS "}"']
+            self.rules.append(f"{tag}_x{e}: " + " | ".join(alts))
+        for i in range(len(names), 0, -1):
+            name = names[i - 1]
+            after = f"{tag}_{i + 1}" if i < len(names) else f"{tag}_x"
+            this = pair(self._json_leaf({"const": name}), named[name])
+            for e in (0, 1):
+                lead = f"{sep} " if e else ""
+                alts = [f"{lead}{this} {after}1"]
+                if name not in required:
+                    alts.append(f"{after}{e}")
+                self.rules.append(f"{tag}_{i}{e}: " + " | ".join(alts))
+        first = f"{tag}_1" if names else f"{tag}_x"
+        return self._new(f'"{{" WS {first}0')
+
+    def _array(self, node: dict[str, Any], depth: int) -> str:
+        """A right-linear grammar over items: state (contains satisfied, items counted); each item
+        is an I leaf or an I ∧ S... leaf for contains it satisfies first (the choice is free, so
+        exact)."""
+        items = node.get("items", True)
+        if not isinstance(items, (dict, bool)):
+            raise Unsupported("contains", "tuple items on the path to contains")
+        conds = node.get(_MORE, [])
+        low, high = node.get("minItems", 0), node.get("maxItems")
+        if len(conds) > _MAX_CONTAINS or not isinstance(low, int) or low > _MAX_COUNT or \
+                (high is not None and (not isinstance(high, int) or high > _MAX_COUNT)):
+            raise Unsupported("contains", "more contains or larger item counts than written out here")
+        full = (1 << len(conds)) - 1
+        leaves: dict[int, str] = {}
+
+        def leaf(chosen: int) -> str | None:
+            """The item rule for these contains (None: no item satisfies all of them)."""
+            if chosen not in leaves:
+                parts = [items] + [c for i, c in enumerate(conds) if chosen >> i & 1]
+                whole = parts[0] if len(parts) == 1 else {"allOf": parts}
+                empty = not self.reaches_contains(whole) and self.empty(self._leaf_body(whole))
+                leaves[chosen] = None if empty else self.rule(whole, depth + 1)
+            return leaves[chosen]
+
+        def step(state: tuple[int, int], chosen: int) -> tuple[int, int] | None:
+            count = state[1] + 1
+            if high is not None and count > high:
+                return None
+            return state[0] | chosen, count if high is not None else min(count, low)
+
+        def accepting(state: tuple[int, int]) -> bool:
+            return state[0] == full and state[1] >= low
+
+        moves: dict[tuple[int, int], list[tuple[int, tuple[int, int]]]] = {}
+        todo = [(0, 0)]
+        while todo:
+            state = todo.pop()
+            if state in moves:
+                continue
+            free = full & ~state[0]
+            moves[state] = [(t, nxt) for t in range(full + 1) if t & free == t and leaf(t) is not None
+                            for nxt in [step(state, t)] if nxt is not None]
+            todo += [nxt for _, nxt in moves[state]]
+        live = {q for q in moves if accepting(q)}
+        while True:
+            more = {q for q, out in moves.items() if q not in live and any(n in live for _, n in out)}
+            if not more:
+                break
+            live |= more
+        if (0, 0) not in live:
+            raise Unsupported("contains", "an array node that accepts no array")
+        self.arrays += 1
+        names = {q: f"a{self.arrays}_{i}" for i, q in enumerate(sorted(live))}
+        sep = 'WS "," WS'
+        for q in sorted(live):
+            alts = [f"{sep} {leaf(t)} {names[n]}" for t, n in moves[q] if n in live]
+            alts += ['WS "]"'] if accepting(q) else []
+            self.rules.append(f"{names[q]}: " + " | ".join(alts))
+        first = [f'"[" WS {leaf(t)} {names[n]}' for t, n in moves[(0, 0)] if n in live]
+        first += ['"[" WS "]"'] if accepting((0, 0)) else []
+        return self._new(" | ".join(first))
+
+    def _leaf_body(self, node: Any) -> Any:
+        """A subschema reaching no `contains` as a document of its own (the root's `$defs`)."""
+        if node is True or node is False:
+            return node
+        body = dict(node)
+        defs = self.root.get("$defs", {})
+        if defs and "$defs" not in body:  # only the definitions the leaf reaches
+            reached: dict[str, Any] = {}
+            todo = [body]
+            while todo:
+                for name in _DEF_REF.findall(json.dumps(todo.pop())):
+                    if name not in reached and name in defs:
+                        reached[name] = defs[name]
+                        todo.append(defs[name])
+            if reached:
+                body["$defs"] = reached
+        return body
+
+    def _json_leaf(self, node: Any) -> str:
+        body = self._leaf_body(node)
+        if body is False:
+            raise Unsupported("contains", "an item schema that accepts nothing")
+        body = {} if body is True else body
+        return self._new("%json " + json.dumps({**body, "x-guidance": self.options}, ensure_ascii=False))
+
+
+def _types(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return list(value)
+    return None
+
+
+def contains_lark(schema: Any, empty: Callable[[Any], bool], options: dict[str, Any],
+                  whitespace_max: int) -> str | None:
+    """Lark for a vetted schema that keeps `contains` somewhere; None where it keeps none.
+    Unsupported where the path to a `contains` has no exact rule here."""
+    if not isinstance(schema, dict):
+        return None
+    route = ContainsGrammar(schema, empty, options, whitespace_max)
+    return route.text() if route.reaches_contains(schema) else None
+
+
+def _not_named(names: list[str]) -> dict[str, Any]:
+    """The keywords of a string schema for keys other than `names` (a pattern: llguidance has no `not`)."""
+    if not names:
+        return {}
+    neg = negate({"type": "string", "enum": names}, lambda ref: True)
+    strings = [b for b in neg.get("anyOf", []) if isinstance(b, dict) and b.get("type") == "string"] \
+        if isinstance(neg, dict) else []
+    if len(strings) != 1 or set(strings[0]) != {"type", "pattern"}:
+        raise Unsupported("contains", "no pattern for the keys outside the named ones")
+    return {"pattern": strings[0]["pattern"]}
+
+
+def _literal_keys(patterns: dict[str, Any]) -> dict[str, Any]:
+    """patternProperties whose every pattern matches one key exactly, by key (`false` ones too:
+    they keep the key out of the others); else Unsupported."""
+    out = {}
+    for pattern, value in patterns.items():
+        key = re.sub(r"\\(.)", r"\1", pattern[1:-1]) if pattern.startswith("^") and pattern.endswith("$") else None
+        if key is None or literal_pattern(key) != pattern:
+            raise Unsupported("contains", "patternProperties on the path to contains")
+        out[key] = value
+    return out
