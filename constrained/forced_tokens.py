@@ -57,10 +57,11 @@ def note_move(table: StateTable, state: int, token: int, nxt: int) -> None:
 
 def forced_run(table: StateTable, state: int, limit: int) -> tuple[list[int], bool]:
     """The tokens a row at `state` must take next, one by one (each state's mask allows only that
-    token), at most `limit`, and whether the run then ends on an end token (the row's last: its mask
-    allows only an end token; not in the list). A token is in the run only if the state it reaches
-    has a filled row that is not terminated: riding it can neither end the row nor need a backend
-    fill. Read-only: the table's moves may be walked and cached, no matcher moves."""
+    token), at most `limit`, and whether the row ends with them: either the run is empty and the next
+    token is an end token (not in the list), or the run's last token reaches a state that ends the
+    grammar (a JSON document's closing brace: the row's last token). Every other token of the run
+    reaches a filled row that is not terminated: riding it needs no backend fill. Read-only: the
+    table's moves may be walked and cached, no matcher moves."""
     run: list[int] = []
     if table.broken:
         return run, False
@@ -69,17 +70,58 @@ def forced_run(table: StateTable, state: int, limit: int) -> tuple[list[int], bo
         if token < 0:
             break
         if token in table.end_ids:
-            return run, True
+            return run, not run
         try:
             nxt = table.next_state(state, token)
         except OverflowError:
             break
         row = nxt + FIRST_STATE_ROW
-        if nxt < 0 or row >= len(table.ready) or not table.ready[row] or table.terminated[row]:
+        if nxt < 0 or row >= len(table.ready) or not table.ready[row]:
             break
         run.append(token)
+        if table.terminated[row]:
+            return run, True
         state = nxt
     return run, False
+
+
+@dataclass(frozen=True)
+class GuessRuns:
+    """What a guess at one state may take (runtime/forced_rows.py): per token a row may be sampled there
+    that leads to a forced run, that run (its first token the pair's, `StateTable.forced_after`; at most
+    `width` tokens); `keys` [P] and `values` [P, width] (0-padded) are the same as arrays, for the pick on
+    the device. Made once per state and number of pairs known (`guess_runs`)."""
+
+    pairs: int
+    runs: dict[int, tuple[int, ...]]
+    keys: np.ndarray
+    values: np.ndarray
+    width: int
+
+
+def guess_runs(table: StateTable, state: int, pairs: dict[int, int], most_pairs: int, most_tokens: int) -> GuessRuns | None:
+    """`GuessRuns` of `state` from its forced pairs (the first `most_pairs`), each run followed from the
+    pair's forced token while states force one token (`forced_run`, at most `most_tokens`); cached on the
+    table per state until more pairs are known there. None where no pair's run can be taken now."""
+    hit = table.guess_runs.get(state)
+    if hit is not None and hit.pairs == len(pairs):
+        return hit if hit.width else None
+    runs: dict[int, tuple[int, ...]] = {}
+    for token, first in list(pairs.items())[:most_pairs]:
+        try:
+            after = table.next_state(state, token)
+        except OverflowError:
+            break
+        run, _ = forced_run(table, after, most_tokens) if after >= 0 else ([], False)
+        if run and run[0] == first:
+            runs[token] = tuple(run)
+    width = max(map(len, runs.values()), default=0)
+    values = np.zeros((len(runs), width), dtype=np.int64)
+    for k, run in enumerate(runs.values()):
+        values[k, : len(run)] = run
+    found = table.guess_runs[state] = GuessRuns(len(pairs), runs, np.fromiter(runs, dtype=np.int64, count=len(runs)),
+                                                values, width)
+    return found if width else None
 
 
 @dataclass(frozen=True)

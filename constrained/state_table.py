@@ -59,7 +59,8 @@ class StateTable:
         self._single: dict[int, int] = {}  # per filled state: its mask's only allowed token, or -1
         # per state, tokens seen taken there that lead to a state forcing one token: token -> that token
         self.forced_after: dict[int, dict[int, int]] = {}
-        self.guessed: dict[int, tuple[int, int]] = {}  # per state: guesses made there, and taken (forced_rows.py)
+        self.guess_runs: dict[int, Any] = {}  # per state: forced_tokens.GuessRuns, made from `forced_after`
+        self.guessed: dict[int, tuple[int, int]] = {}  # per state: guesses seen there, and tokens they took (forced_rows.py)
         self.learn_pairs = False  # commits note `forced_after` pairs (--enable-forced-rows)
         self._grow(256)
         self.rows[ALL_ROW] = -1
