@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs
+from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs, singles_at_rows
 from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
@@ -86,7 +86,13 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     grammars = sched.grammars
     if grammars is None or not sched.args.enable_forced_rows:
         return None, None
-    picked = [i for i, _ in _rows_at(reqs, _may_force) if rides_allowed(reqs[i])]
+    found = grammars.rows_after_commit(reqs)
+    if found is not None:  # the usual step: the rows whose state forces a token, by one gather
+        table, rows = found
+        forcing = np.flatnonzero(singles_at_rows(table, rows) >= 0).tolist()
+    else:
+        forcing = [i for i, _ in _rows_at(reqs, _may_force)]
+    picked = [i for i in forcing if rides_allowed(reqs[i])]
     if not picked:
         return None, None
     graphs = sched.runner.graph_runner

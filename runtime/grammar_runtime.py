@@ -18,9 +18,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from radixlm.constrained.forced_tokens import forced_run
+from radixlm.constrained.state_table import StateTable
 from radixlm.runtime.grammar_tables import DeviceTables, TableStep
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
@@ -273,6 +275,15 @@ class GrammarRuntime:
             if row < 0:
                 step.missing = []  # (the gather scans the batch and fills what is missing)
         return True, done
+
+    def rows_after_commit(self, reqs: list[Req]) -> tuple[StateTable, np.ndarray] | None:
+        """The table rows the last commit left `reqs` at, when it covers them (the same requests in the same
+        order, one healthy table, every row known: the usual decode step), else None: the forced rows'
+        per-step filter reads them as an array instead of visiting each row's matcher."""
+        step = self._step
+        if step is None or step.table.broken or step.reqs != reqs or -1 in step.rows:
+            return None
+        return step.table, np.asarray(step.rows, dtype=np.int64)
 
     def ride_after(self, req: Req, run: Sequence[int]) -> bool:
         """After the last commit (`advance_many`), before its masks are taken: commit `run` to `req`'s

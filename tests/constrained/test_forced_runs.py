@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from radixlm.constrained.compiler import WHITESPACE_MAX
-from radixlm.constrained.forced_tokens import forced_run, guess_runs, note_move, single_token
+from radixlm.constrained.forced_tokens import forced_run, guess_runs, note_move, single_token, singles_at_rows
 
 from .conftest import encode
 from .test_state_table import allowed, table_grammar
@@ -93,3 +93,29 @@ def test_a_guess_takes_the_whole_run_its_token_leads_to(tokenizer) -> None:
     for key, values in zip(runs.keys.tolist(), runs.values.tolist()):
         assert tuple(values[: len(paths[key])]) == paths[key] and not any(values[len(paths[key]):])
     assert guess_runs(table, state, table.forced_after[state], 64, 8) is runs  # (made once per pairs known)
+
+
+def test_singles_of_many_rows_at_once_equal_each_rows_own(tokenizer) -> None:
+    """The forced rows' per-step filter (`singles_at_rows`, one gather over the step's table rows) answers what
+    `single_token` answers row by row: the one token a filled row allows, -1 for the reserved rows, rows
+    allowing more, and rows not filled yet (asked again once filled)."""
+    import numpy as np
+    import torch
+
+    grammar, wrapped = table_grammar(tokenizer, json.dumps(SCHEMA))
+    table = wrapped.table
+    text = '{"flag": true, "name": "ab"' + " " * WHITESPACE_MAX
+    ids = encode(tokenizer, text)
+    rows = []
+    for k in range(len(ids) + 1):
+        m = _walk(wrapped, ids[:k])
+        m.sync()
+        m.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+        rows.append(m.state + 2)
+    unfilled = table.row_of(max(rows)) + 1
+    table.row_of(unfilled)
+    asked = np.asarray([0, 1, *rows, unfilled, rows[-1]], dtype=np.int64)
+    got = singles_at_rows(table, asked).tolist()
+    assert got[:2] == [-1, -1] and got[-2] == -1
+    assert got[2:-2] == [single_token(table, r - 2) for r in rows] and got[-1] == got[-3] >= 0
+    assert table.single_rows[unfilled] == -2  # not filled: not remembered

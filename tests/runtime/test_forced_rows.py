@@ -53,14 +53,24 @@ def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(default_model_dir, sampling) -> None:
+def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(default_model_dir, sampling,
+                                                                          monkeypatch) -> None:
     """The second batch of the schema finds the (state, token) moves the first took into states that force
     one token: its rows compute that token beside the sampled one (picked on the device), sample after it
-    where it was taken, and the batch needs fewer decode steps for the very same tokens."""
+    where it was taken, and the batch needs fewer decode steps for the very same tokens. The rides' per-step
+    filter reads the last commit's table rows as an array in the usual step (no visit of each row)."""
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+
+    answers: list[bool] = []
+    inner = GrammarRuntime.rows_after_commit
+    monkeypatch.setattr(GrammarRuntime, "rows_after_commit",
+                        lambda self, reqs: answers.append(inner(self, reqs) is not None) or inner(self, reqs))
     temp = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0}
     params = [{**temp, "seed": i, "max_new_tokens": 90, "json_schema": json.dumps(SCHEMA)} for i in range(4)]
     off, off_stats = _run(default_model_dir, False, params, repeats=2)
+    assert not answers  # (off: no per-step filter at all)
     on, on_stats = _run(default_model_dir, True, params, repeats=2)
+    assert sum(answers) > 0.8 * len(answers)
     assert on == off  # token for token, every request, both batches
     assert on_stats["forced_guess_hits"] > 0 and off_stats["forced_guess_rows"] == 0
     assert on_stats["decode_steps"] < off_stats["decode_steps"]
