@@ -75,6 +75,7 @@ def modeled_h200_ms(rows: list[int], buckets: list[int]) -> float:
 
 
 def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prompt_len: int) -> dict:
+    from radixlm.runtime.cuda_graph_runner import batch_size_buckets
     from radixlm.runtime.io_struct import TokenizedGenerateReq
     from radixlm.runtime.sampling_params import SamplingParams
     from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
@@ -117,7 +118,7 @@ def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prom
                 "decode_steps": stats["decode_steps"], "forward_steps": stats["forward_steps"],
                 "tokens": sum(len(v["output_ids"]) for v in out.values()),
                 "forced": {k: v for k, v in stats.items() if k.startswith("forced_")},
-                "rows_per_step": rows, "modeled_h200_decode_ms": modeled_h200_ms(rows, BUCKETS),
+                "rows_per_step": rows, "modeled_h200_decode_ms": modeled_h200_ms(rows, BUCKETS or batch_size_buckets(512)),
                 "host_cpu_ms_per_decode_step": {k: 1e3 * v / max(stats["decode_steps"], 1) for k, v in spent.items()}}
     finally:
         if sched.grammars is not None:

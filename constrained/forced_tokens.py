@@ -109,9 +109,9 @@ def forced_run(table: StateTable, state: int, limit: int) -> tuple[list[int], bo
 @dataclass(frozen=True)
 class GuessRuns:
     """What a guess at one state may take (runtime/forced_rows.py): per token a row may be sampled there
-    that leads to a forced run, that run (its first token the pair's, `StateTable.forced_after`; at most
-    `width` tokens); `keys` [P] and `values` [P, width] (0-padded) are the same as arrays, for the pick on
-    the device. Made once per state and number of pairs known (`guess_runs`)."""
+    that leads to a forced run, that run (its first token the pair's, `StateTable.forced_after`; the
+    longest `width` tokens); `keys` [P] and `values` [P, the most tokens asked] (0-padded) are the same as
+    arrays, for the pick on the device. Made once per state and number of pairs known (`guess_runs`)."""
 
     pairs: int
     runs: dict[int, tuple[int, ...]]
@@ -123,12 +123,14 @@ class GuessRuns:
 def guess_runs(table: StateTable, state: int, pairs: dict[int, int], most_pairs: int, most_tokens: int) -> GuessRuns | None:
     """`GuessRuns` of `state` from its forced pairs (the first `most_pairs`), each run followed from the
     pair's forced token while states force one token (`forced_run`, at most `most_tokens`); cached on the
-    table per state until more pairs are known there. None where no pair's run can be taken now."""
+    table per state, the runs of new pairs added as they are known. None where no pair's run can be taken."""
     hit = table.guess_runs.get(state)
     if hit is not None and hit.pairs == len(pairs):
         return hit if hit.width else None
-    runs: dict[int, tuple[int, ...]] = {}
-    for token, first in list(pairs.items())[:most_pairs]:
+    # pairs are only ever added (in order): the runs of those seen before stay, the new ones are followed
+    runs: dict[int, tuple[int, ...]] = dict(hit.runs) if hit is not None else {}
+    done = hit.pairs if hit is not None else 0
+    for token, first in list(pairs.items())[done:most_pairs]:
         try:
             after = table.next_state(state, token)
         except OverflowError:
@@ -137,7 +139,7 @@ def guess_runs(table: StateTable, state: int, pairs: dict[int, int], most_pairs:
         if run and run[0] == first:
             runs[token] = tuple(run)
     width = max(map(len, runs.values()), default=0)
-    values = np.zeros((len(runs), width), dtype=np.int64)
+    values = np.zeros((len(runs), most_tokens), dtype=np.int64)
     for k, run in enumerate(runs.values()):
         values[k, : len(run)] = run
     found = table.guess_runs[state] = GuessRuns(len(pairs), runs, np.fromiter(runs, dtype=np.int64, count=len(runs)),

@@ -62,8 +62,10 @@ MAX_RIDE = 16
 # a key's last piece after its first, `"` then a key after a free `,`: 1-2 tokens).
 MAX_PAIRS = 64
 MAX_GUESS = 4
-# A state's guess hit rate starts at PRIOR_HITS / PRIOR_TRIES (item (f) on the CPU: 88 of 443 guesses taken).
+# A state's guess yield (tokens a guess takes) starts at PRIOR_HITS / PRIOR_TRIES (item (f) on the CPU: 88 of 443
+# guesses taken); candidates left out are watched while their state has fewer than WATCH_TRIES guesses seen.
 PRIOR_HITS, PRIOR_TRIES = 1.0, 5.0
+WATCH_TRIES = 64
 # The decode step's cost that does not grow with its rows, in rows' worth: the H200, 8B shape, item (f)'s JSON
 # steps at 64 and 256 rows took 5.56 and 9.51 ms at the median (benchmarks/RESULTS.md, gmask5): 0.0206 ms a row
 # above 4.24 ms.
@@ -179,7 +181,7 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Gue
             or pending.prefill):
         return None, None
     context = sched.runner.context_len
-    candidates: list[tuple[float, int, int, GuessRuns, int]] = []  # (tokens a row, row, state, runs, width)
+    candidates: list[tuple[float, int, int, GuessRuns, int, int]] = []  # (tokens a row, row, state, runs, width, tries)
     for i, pairs in _rows_at(todo, _pairs):
         r = todo[i]
         m = r.grammar
@@ -194,7 +196,7 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Gue
             continue
         width = min(runs.width, room)
         tried, taken = m.table.guessed.get(m.state, (0, 0))
-        candidates.append(((taken + PRIOR_HITS) / (tried + PRIOR_TRIES) / width, i, m.state, runs, width))
+        candidates.append(((taken + PRIOR_HITS) / (tried + PRIOR_TRIES) / width, i, m.state, runs, width, tried))
     if not candidates:
         return None, None
     candidates.sort(key=lambda c: -c[0])
@@ -207,11 +209,13 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Gue
         return None, None  # (only an overlapped step learns its rows' tokens before sampling them)
     # the rows left out are watched: what their tokens would have taken counts for their states' rates, so
     # that a state whose guesses would pay is found without guessing there first
-    seen = [(todo[i], state, runs, width) for _, i, state, runs, width in candidates[take:]] or None
+    # (until a state has WATCH_TRIES of them: its yield is known well enough by then)
+    seen = [(todo[i], state, runs, width) for _, i, state, runs, width, tried in candidates[take:]
+            if tried < WATCH_TRIES] or None
     if not take:
         return None, seen
     out: list[GuessRuns | None] = [None] * len(todo)
-    for _, i, state, runs, width in candidates[:take]:
+    for _, i, state, runs, width, _ in candidates[:take]:
         out[i] = runs
         todo[i].guess_state, todo[i].guess_width = state, width
     return out, seen
@@ -296,25 +300,22 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
 
 
 def _guess_pick_inputs(batch: ScheduledBatch, guess_idx: list[int], starts: np.ndarray) -> list[torch.Tensor]:
-    """The guess rows' inputs of the pick on the device: their tokens' places in the step, their rows in the
-    pending step, their pairs' keys [G, P] (-1 padded) and runs [G, P, W], and each place's entry of the
-    picked [G, W] runs."""
+    """The guess rows' inputs of the pick on the device, the rows' pairs laid end to end: their tokens'
+    places in the step, their rows in the pending step, each pair's guess row, key and run ([pairs, W]),
+    and each place's entry of the picked [G, W] runs."""
     guesses, widths = batch.guesses, [batch.guess_widths[i] for i in guess_idx]
     assert guesses is not None
-    most_pairs, most = max(len(guesses[i].keys) for i in guess_idx), max(widths)  # type: ignore[union-attr]
-    keys = np.full((len(guess_idx), most_pairs), -1, dtype=np.int64)
-    values = np.zeros((len(guess_idx), most_pairs, most), dtype=np.int64)
-    for g, (i, w) in enumerate(zip(guess_idx, widths)):
-        runs = guesses[i]
-        assert runs is not None
-        keys[g, : len(runs.keys)] = runs.keys
-        values[g, : len(runs.keys), : min(w, runs.width)] = runs.values[:, :w]
+    picked = [guesses[i] for i in guess_idx]
+    keys = np.concatenate([g.keys for g in picked])  # type: ignore[union-attr]
+    values = np.concatenate([g.values for g in picked])  # type: ignore[union-attr]
+    owner = np.repeat(np.arange(len(picked), dtype=np.int64), [len(g.keys) for g in picked])  # type: ignore[union-attr]
     w_np = np.asarray(widths, dtype=np.int64)
     rank = np.arange(int(w_np.sum()), dtype=np.int64) - np.repeat(np.cumsum(w_np) - w_np, w_np)
-    rows = np.repeat(np.arange(len(guess_idx), dtype=np.int64), w_np)
     dst = np.repeat(starts[guess_idx] + 1, w_np) + rank
+    rows = np.repeat(np.arange(len(guess_idx), dtype=np.int64), w_np)
     return [torch.from_numpy(dst), torch.tensor([batch.reqs[i].uncommitted_row for i in guess_idx], dtype=torch.int64),
-            torch.from_numpy(keys.reshape(-1)), torch.from_numpy(values.reshape(-1)), torch.from_numpy(rows * most + rank)]
+            torch.from_numpy(owner), torch.from_numpy(keys), torch.from_numpy(values.reshape(-1)),
+            torch.from_numpy(rows * values.shape[1] + rank)]
 
 
 def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncommitted: UncommittedStep | None,
@@ -390,12 +391,11 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
     if pending:
         input_ids_t[pending_t] = uncommitted.next_ids[src_t]  # type: ignore[union-attr]
     if guess_idx:  # each guess row's tokens: the run of the pair its first token matches (else 0s)
-        dst_t, gsrc_t, keys_t, values_t, pick_t = rest[len(extra):]
-        sampled = uncommitted.next_ids[gsrc_t].view(-1, 1)  # type: ignore[union-attr]
-        g, pairs = sampled.shape[0], keys_t.numel() // sampled.shape[0]
-        hit = (keys_t.view(g, pairs) == sampled).to(values_t.dtype).unsqueeze(2)
-        picked = (values_t.view(g, pairs, -1) * hit).sum(1).view(-1)
-        input_ids_t[dst_t] = picked[pick_t].to(input_ids_t.dtype)
+        dst_t, gsrc_t, owner_t, keys_t, values_t, pick_t = rest[len(extra):]
+        hit = keys_t == uncommitted.next_ids[gsrc_t][owner_t]  # type: ignore[union-attr]
+        runs = values_t.view(keys_t.shape[0], -1) * hit.unsqueeze(1).to(values_t.dtype)
+        picked = torch.zeros((len(guess_idx), runs.shape[1]), dtype=runs.dtype, device=runs.device).index_add_(0, owner_t, runs)
+        input_ids_t[dst_t] = picked.view(-1)[pick_t].to(input_ids_t.dtype)
     writes = SlotWrites(decode=True, rows=rows_t, positions=positions_cpu, prefix_lens=prefix, extend_lens=ext,
                         slots=slots32, device_token_rows=token_rows_t, device_positions=positions_t,
                         device_slots=slots32_t)

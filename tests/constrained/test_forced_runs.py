@@ -86,6 +86,8 @@ def test_a_guess_takes_the_whole_run_its_token_leads_to(tokenizer) -> None:
         if path:
             paths[first] = tuple(path)
             note_move(table, state, first, table.next_state(state, first))
+            grown = guess_runs(table, state, table.forced_after[state], 64, 8)  # (a pair more: its run added)
+            assert grown is not None and grown.runs == paths
     assert max(map(len, paths.values())) >= 2  # a key's rest forced in two tokens or more
     runs = guess_runs(table, state, table.forced_after[state], 64, 8)
     assert runs is not None and runs.runs == paths

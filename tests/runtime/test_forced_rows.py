@@ -120,7 +120,7 @@ def _runs(runs: dict[int, tuple[int, ...]]):
     from radixlm.constrained.forced_tokens import GuessRuns
 
     width = max(map(len, runs.values()))
-    values = np.zeros((len(runs), width), dtype=np.int64)
+    values = np.zeros((len(runs), 4), dtype=np.int64)
     for k, run in enumerate(runs.values()):
         values[k, : len(run)] = run
     return GuessRuns(len(runs), runs, np.asarray(list(runs), dtype=np.int64), values, width)
@@ -152,17 +152,18 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
     batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
     reqs = [plain, ride, host, guess, miss]
     own = [r.fill_len + r.tokens_on_device - r.kv_len for r in reqs]  # (decode_schedule's, forced rows on)
-    batch.set_decode_rows(reqs, torch.arange(100, 111), [[] for _ in reqs], [None] * len(reqs), own=own)
-    batch.guesses = [None, None, None, _runs({43: (70,), 99: (71,)}), _runs({43: (72,)})]
-    batch.guess_widths = [0, 0, 0, 1, 1]
+    batch.set_decode_rows(reqs, torch.arange(100, 112), [[] for _ in reqs], [None] * len(reqs), own=own)
+    # the guess row's token 43 names a run of two forced tokens; the miss row's 44 names none
+    batch.guesses = [None, None, None, _runs({43: (70, 73), 99: (71,)}), _runs({43: (72,)})]
+    batch.guess_widths = [0, 0, 0, 2, 1]
     batch.extend_lens = [e + w for e, w in zip(batch.extend_lens, batch.guess_widths)]
-    assert batch.extend_lens == [1, 3, 3, 2, 2]
+    assert batch.extend_lens == [1, 3, 3, 3, 2]
     fb, writes = batch.to_forward_batch(torch.device("cpu"), step)
-    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 44, 0]  # (the miss row: a padding token)
-    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 2, 3]
+    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 73, 44, 0]  # (the miss row: a padding token)
+    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 4, 2, 3]
     assert fb.seq_lens_cpu == [p + 1 for p in fb.positions.tolist()]
-    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 5, 5]
-    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10]
-    assert batch.sample_rows == [0, 1, 2, 3, 5] and batch.guess_rows == [-1, -1, -1, 4, 6]
-    assert batch.guess_slots == [-1, -1, -1, 8, 10]
-    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 111))
+    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 2, 5, 5]
+    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10, 11]  # (a guess row: after each of its tokens)
+    assert batch.sample_rows == [0, 1, 2, 3, 6] and batch.guess_rows == [-1, -1, -1, 4, 7]
+    assert batch.guess_slots == [-1, -1, -1, 8, 11]
+    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 112))
