@@ -2,8 +2,10 @@
 through the scheduler with --enable-forced-rows off and on, side by side.
 
 What the CPU can say about a change whose benefit is GPU speed: decode steps and forward passes for the very
-same tokens (outputs compared token for token), the guesses made and taken, and the host time the planning
-adds a step. The model is the default model's shape (or --model) with random weights, like the H200 runs'
+same tokens (outputs compared token for token), the guesses made and taken, the decode steps' time on the H200
+modeled from each step's rows (H200_STEP_MS + H200_ROW_MS x its graph bucket, from measured H200 steps), and the
+host CPU time (thread time: other jobs on a shared VM do not count) of the planning and of the constrained
+step's other host parts. The model is the default model's shape (or --model) with random weights, like the H200 runs'
 8B shape with random weights: the text inside the JSON is noise either way, what matters is the schema's
 structure. The schema's state table is completed first (a server that has served it: the H200 runs'
 --f-wait-tables); jump-forward is off (at 64+ rows on a GPU it never pays); overlap scheduling is on (the
@@ -39,19 +41,31 @@ H200_STEP_MS, H200_ROW_MS = 4.24, 0.0206
 
 def timed(spent: dict[str, float], host: tuple[tuple[Any, str, str], ...] = ()) -> None:
     """Wrap the forced-row functions where the scheduler calls them (and `host`: (owner, method, part)
-    triples): thread CPU seconds spent in each (wall time on this shared VM counts other jobs' turns)."""
+    triples): thread CPU seconds spent in each (wall time on this shared VM counts other jobs' turns), less
+    the cyclic collector's pauses inside them, which go to part "gc" (a full collection over the scheduler's
+    objects takes tens of ms and lands in whichever part allocates at the time)."""
+    import gc
     import importlib
 
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.thread_time()
+        else:
+            spent["gc"] = spent.get("gc", 0.0) + time.thread_time() - started[0]
+
+    gc.callbacks.append(on_gc)
     targets = [(importlib.import_module(module), name, name) for module, name in TIMED] + list(host)
     for owner, name, part in targets:
         inner = getattr(owner, name)
 
         def wrapper(*args, _inner=inner, _part=part, **kwargs):
-            t = time.thread_time()
+            t, paused = time.thread_time(), spent.get("gc", 0.0)
             try:
                 return _inner(*args, **kwargs)
             finally:
-                spent[_part] = spent.get(_part, 0.0) + time.thread_time() - t
+                spent[_part] = spent.get(_part, 0.0) + time.thread_time() - t - (spent.get("gc", 0.0) - paused)
 
         setattr(owner, name, wrapper)
 

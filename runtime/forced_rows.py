@@ -89,9 +89,13 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
     if grammars is None or not sched.args.enable_forced_rows:
         return None, None
     found = grammars.rows_after_commit(reqs)
-    if found is not None:  # the usual step: the rows whose state forces a token, by one gather
+    if found is not None:  # the rows whose state forces a token, by one gather (rows it does not know: visited)
         table, rows = found
-        forcing = np.flatnonzero(singles_at_rows(table, rows) >= 0).tolist()
+        known = rows >= 0
+        forcing = np.flatnonzero(known & (singles_at_rows(table, np.where(known, rows, 0)) >= 0)).tolist()
+        unknown = np.flatnonzero(~known).tolist()
+        if unknown:
+            forcing = sorted(forcing + [unknown[k] for k, _ in _rows_at([reqs[i] for i in unknown], _may_force)])
     else:
         forcing = [i for i, _ in _rows_at(reqs, _may_force)]
     picked = [i for i in forcing if rides_allowed(reqs[i])]

@@ -277,13 +277,23 @@ class GrammarRuntime:
         return True, done
 
     def rows_after_commit(self, reqs: list[Req]) -> tuple[StateTable, np.ndarray] | None:
-        """The table rows the last commit left `reqs` at, when it covers them (the same requests in the same
-        order, one healthy table, every row known: the usual decode step), else None: the forced rows'
-        per-step filter reads them as an array instead of visiting each row's matcher."""
+        """The table rows the last commit left `reqs` at (-1 for a request it did not cover or whose row it
+        does not know), when that commit's rows share one healthy table, else None: the forced rows'
+        per-step filter reads them as an array instead of visiting each row's matcher. The usual step
+        is the commit's own requests; otherwise (rows left out, rows joined) each is found by identity."""
         step = self._step
-        if step is None or step.table.broken or step.reqs != reqs or -1 in step.rows:
+        if step is None or step.table.broken:
             return None
-        return step.table, np.asarray(step.rows, dtype=np.int64)
+        rows = np.asarray(step.rows, dtype=np.int64)
+        if step.reqs == reqs:
+            return step.table, rows
+        if not step.reqs:
+            return step.table, np.full(len(reqs), -1, dtype=np.int64)
+        if self._rows_of is None or self._rows_of[0] is not step:
+            self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
+        where = self._rows_of[1]
+        at = np.fromiter((where.get(id(r), -1) for r in reqs), dtype=np.int64, count=len(reqs))
+        return step.table, np.where(at >= 0, rows[at], -1)
 
     def ride_after(self, req: Req, run: Sequence[int]) -> bool:
         """After the last commit (`advance_many`), before its masks are taken: commit `run` to `req`'s
