@@ -62,7 +62,7 @@ class StateTable:
         # per state, tokens seen taken there that lead to a state forcing one token: token -> that token
         self.forced_after: dict[int, dict[int, int]] = {}
         self.guess_runs: dict[int, Any] = {}  # per state: forced_tokens.GuessRuns, made from `forced_after`
-        self.guessed: dict[int, tuple[int, int]] = {}  # per state: guesses seen there, and tokens they took (forced_rows.py)
+        self.guessed: dict[int, list[int]] = {}  # per state: guesses seen there, and tokens they took (forced_rows.py)
         self.learn_pairs = False  # commits note `forced_after` pairs (--enable-forced-rows)
         self._grow(256)
         self.rows[ALL_ROW] = -1

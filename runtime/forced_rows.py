@@ -70,6 +70,7 @@ WATCH_TRIES = 64
 # steps at 64 and 256 rows took 5.56 and 9.51 ms at the median (benchmarks/RESULTS.md, gmask5): 0.0206 ms a row
 # above 4.24 ms.
 DECODE_FIXED_ROWS = 206
+_NO_RIDE: list[int] = []  # never changed in place: a row's ride is replaced, not extended
 
 
 def rides_allowed(req: Req) -> bool:
@@ -111,7 +112,7 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
         room = min(r.params.max_new_tokens - after, context - len(r.input_ids) - after) - 1
         limits.append(max(min(MAX_RIDE, room), 0))
     runs = forced_runs([reqs[i] for i in picked], limits)
-    rides: list[list[int]] = [[] for _ in reqs]
+    rides: list[list[int]] = [_NO_RIDE] * len(reqs)  # (one shared empty ride: no list a row a step)
     ends = [False] * len(reqs)
     any_ride = any_end = False
     for i, (ride, end) in zip(picked, runs):
@@ -265,9 +266,8 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
     guess rows). Each guess, and each watched row (`guess_seen`), counts for its state's rate."""
     ids = previous._host_tokens()
     for req, state, runs, width in batch.guess_seen or ():
-        seen = req.grammar.table.guessed if req.grammar is not None else {}
-        tried, took = seen.get(state, (0, 0))
-        seen[state] = (tried + 1, took + min(len(runs.runs.get(ids[req.uncommitted_row], ())), width))
+        if req.grammar is not None:
+            _count(req.grammar.table.guessed, state, min(len(runs.runs.get(ids[req.uncommitted_row], ())), width))
     if batch.guesses is None:
         return None
     sched.stats["forced_guess_rows"] += sum(batch.guess_widths)
@@ -283,11 +283,9 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
         width = batch.guess_widths[i]
         run = guess.runs.get(ids[req.uncommitted_row], ())[:width] if not req.finished else ()
         if run and previous.rides is None:
-            previous.rides = [[] for _ in previous.reqs]
+            previous.rides = [_NO_RIDE] * len(previous.reqs)
         taken = len(run) if run and sched.grammars.ride_after(req, run) else 0
-        seen = req.grammar.table.guessed
-        tried, took = seen.get(req.guess_state, (0, 0))
-        seen[req.guess_state] = (tried + 1, took + taken)
+        _count(req.grammar.table.guessed, req.guess_state, taken)
         if taken:
             previous.rides[req.uncommitted_row] = list(run)  # type: ignore[index]
             req.tokens_on_device += taken
@@ -301,6 +299,17 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
     if free:
         sched.kv_pool.free(free[0] if len(free) == 1 else torch.cat(free))
     return chosen
+
+
+def _count(guessed: dict[int, list[int]], state: int, taken: int) -> None:
+    """One guess seen at `state` that took (or would have taken) `taken` tokens. The counts change in place:
+    a new pair of numbers a guess would be a long-lived object a step, and at 256 rows those made the
+    cyclic collector's full passes ~3 ms a decode step on the CPU (benchmarks/RESULTS.md, jf15)."""
+    counts = guessed.get(state)
+    if counts is None:
+        counts = guessed[state] = [0, 0]
+    counts[0] += 1
+    counts[1] += taken
 
 
 def _guess_pick_inputs(batch: ScheduledBatch, guess_idx: list[int], starts: np.ndarray) -> list[torch.Tensor]:
