@@ -2,8 +2,10 @@
 through the scheduler with --enable-forced-rows off and on, side by side.
 
 What the CPU can say about a change whose benefit is GPU speed: decode steps and forward passes for the very
-same tokens (outputs compared token for token), the guesses made and taken, and the host time the planning
-adds a step. The model is the default model's shape (or --model) with random weights, like the H200 runs'
+same tokens (outputs compared token for token), the guesses made and taken, the decode steps' time on the H200
+modeled from each step's rows (H200_STEP_MS + H200_ROW_MS x its graph bucket, from measured H200 steps), and the
+host CPU time (thread time: other jobs on a shared VM do not count) of the planning and of the constrained
+step's other host parts. The model is the default model's shape (or --model) with random weights, like the H200 runs'
 8B shape with random weights: the text inside the JSON is noise either way, what matters is the schema's
 structure. The schema's state table is completed first (a server that has served it: the H200 runs'
 --f-wait-tables); jump-forward is off (at 64+ rows on a GPU it never pays); overlap scheduling is on (the
@@ -20,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,25 +34,62 @@ TIMED = (("radixlm.runtime.scheduler", "plan_rides"), ("radixlm.runtime.schedule
          ("radixlm.runtime.decode_schedule", "plan_guesses"), ("radixlm.runtime.schedule_batch", "decode_rows_forward_batch"))
 
 
-def timed(spent: dict[str, float]) -> None:
-    """Wrap the forced-row functions where the scheduler calls them: seconds spent in each."""
+# The H200's decode step (8B shape, item (f)'s JSON steps at the median: 5.56 ms at 64 rows, 9.51 ms at 256;
+# benchmarks/RESULTS.md, gmask5): ms = fixed + per row x the CUDA graph bucket the step's rows replay.
+H200_STEP_MS, H200_ROW_MS = 4.24, 0.0206
+
+
+def timed(spent: dict[str, float], host: tuple[tuple[Any, str, str], ...] = ()) -> None:
+    """Wrap the forced-row functions where the scheduler calls them (and `host`: (owner, method, part)
+    triples): thread CPU seconds spent in each (wall time on this shared VM counts other jobs' turns), less
+    the cyclic collector's pauses inside them, which go to part "gc" (a full collection over the scheduler's
+    objects takes tens of ms and lands in whichever part allocates at the time)."""
+    import gc
     import importlib
 
-    for module, name in TIMED:
-        mod = importlib.import_module(module)
-        inner = getattr(mod, name)
+    started = [0.0]
 
-        def wrapper(*args, _inner=inner, _name=name, **kwargs):
-            t = time.perf_counter()
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.thread_time()
+        else:
+            spent["gc"] = spent.get("gc", 0.0) + time.thread_time() - started[0]
+
+    gc.callbacks.append(on_gc)
+    targets = [(importlib.import_module(module), name, name) for module, name in TIMED] + list(host)
+    for owner, name, part in targets:
+        inner = getattr(owner, name)
+
+        def wrapper(*args, _inner=inner, _part=part, **kwargs):
+            t, paused = time.thread_time(), spent.get("gc", 0.0)
             try:
                 return _inner(*args, **kwargs)
             finally:
-                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+                spent[_part] = spent.get(_part, 0.0) + time.thread_time() - t - (spent.get("gc", 0.0) - paused)
 
-        setattr(mod, name, wrapper)
+        setattr(owner, name, wrapper)
+
+
+def host_parts() -> tuple[tuple[Any, str, str], ...]:
+    """The constrained step's other host parts: the grammar commit (advance_many, overlapped before the
+    launch), the masks taken, the commit's appends and finish checks, the decode schedule."""
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.result_processor import ResultProcessor
+
+    return ((GrammarRuntime, "advance_many", "grammar commit"), (GrammarRuntime, "bitmask", "masks taken"),
+            (ResultProcessor, "commit", "commit"))
+
+
+def modeled_h200_ms(rows: list[int], buckets: list[int]) -> float:
+    """The decode steps' time on the H200 by H200_STEP_MS / H200_ROW_MS, each step at its rows' graph bucket."""
+    import bisect
+
+    return sum(H200_STEP_MS + H200_ROW_MS * buckets[min(bisect.bisect_left(buckets, n), len(buckets) - 1)]
+               for n in rows)
 
 
 def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prompt_len: int) -> dict:
+    from radixlm.runtime.cuda_graph_runner import batch_size_buckets
     from radixlm.runtime.io_struct import TokenizedGenerateReq
     from radixlm.runtime.sampling_params import SamplingParams
     from tests.runtime.helpers import assert_pool_idle, make_scheduler, run_to_completion
@@ -70,6 +110,16 @@ def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prom
             if isinstance(sched.stats[key], int):
                 sched.stats[key] = 0
         spent.clear()
+        rows: list[int] = []  # each decode step's rows (extra rows included)
+        inner = sched._schedule_decode
+
+        def schedule_decode(mixed: bool = False):
+            batch = inner(mixed)
+            if batch is not None and not mixed:
+                rows.append(sum(batch.extend_lens))
+            return batch
+
+        sched._schedule_decode = schedule_decode
         reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=[100 + (i * 7 + j) % 30000 for j in range(prompt_len)],
                                      params=SamplingParams(temperature=1.0, seed=i, max_new_tokens=128, json_schema=spec))
                 for i in range(batch)]
@@ -82,10 +132,18 @@ def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prom
                 "decode_steps": stats["decode_steps"], "forward_steps": stats["forward_steps"],
                 "tokens": sum(len(v["output_ids"]) for v in out.values()),
                 "forced": {k: v for k, v in stats.items() if k.startswith("forced_")},
-                "planning_ms_per_decode_step": {k: 1e3 * v / max(stats["decode_steps"], 1) for k, v in spent.items()}}
+                "rows_per_step": rows, "modeled_h200_decode_ms": modeled_h200_ms(rows, BUCKETS or batch_size_buckets(512)),
+                "host_cpu_ms_per_decode_step": {k: 1e3 * v / max(stats["decode_steps"], 1) for k, v in spent.items()}}
     finally:
         if sched.grammars is not None:
             sched.grammars.close()
+
+
+BUCKETS: list[int] = []
+
+
+def _ms(res: dict) -> str:
+    return json.dumps({k: round(v, 3) for k, v in res["host_cpu_ms_per_decode_step"].items()})
 
 
 def main() -> None:
@@ -97,16 +155,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from radixlm.runtime import forced_rows
+    from radixlm.runtime.cuda_graph_runner import batch_size_buckets
     from radixlm.runtime.model_source import resolve_model_path
 
+    global BUCKETS
+    BUCKETS = batch_size_buckets(args.graph_buckets or 512)
     if args.graph_buckets:
-        from radixlm.runtime.cuda_graph_runner import batch_size_buckets
-
         inner = forced_rows._worth
-        buckets = batch_size_buckets(args.graph_buckets)
-        forced_rows._worth = lambda rates, rows, batch, _: inner(rates, rows, batch, buckets)  # type: ignore[assignment]
+        buckets = BUCKETS
+        forced_rows._worth = lambda gains, rows, batch, _, *widths: inner(gains, rows, batch, buckets, *widths)  # type: ignore[assignment]
     spent: dict[str, float] = {}
-    timed(spent)
+    timed(spent, host_parts())
     model_dir = Path(args.model) if args.model else resolve_model_path(None, progress=False)
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "graph_buckets": args.graph_buckets, "batches": {}}
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -117,8 +176,10 @@ def main() -> None:
         print(f"batch {batch}: decode steps {off['decode_steps']} -> {on['decode_steps']} "
               f"({on['decode_steps'] / off['decode_steps']:.3f}x), forward passes {off['forward_steps']} -> "
               f"{on['forward_steps']}, tokens {off['tokens']} / {on['tokens']}, identical outputs {same}; "
-              f"{on['forced']}; planning ms a decode step {json.dumps({k: round(v, 3) for k, v in on['planning_ms_per_decode_step'].items()})}; "
-              f"wall {off['wall_s']:.1f} / {on['wall_s']:.1f} s", flush=True)
+              f"{on['forced']}; modeled H200 decode ms {off['modeled_h200_decode_ms']:.1f} -> "
+              f"{on['modeled_h200_decode_ms']:.1f} ({on['modeled_h200_decode_ms'] / off['modeled_h200_decode_ms']:.3f}x); "
+              f"host CPU ms a decode step off {_ms(off)} on {_ms(on)}; wall {off['wall_s']:.1f} / {on['wall_s']:.1f} s",
+              flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 

@@ -239,7 +239,7 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
                           if r["meta_info"]["finish_reason"]["type"] == "abort"}
                 info = eng.get_server_info()  # grammar-forced tokens as extra decode rows (runtime/forced_rows.py), so far
                 forced_rows = {k: info.get(k, 0) for k in ("forced_ride_tokens", "forced_guess_rows", "forced_guess_hits",
-                                                           "forced_end_rows")}
+                                                           "forced_guess_tokens", "forced_end_rows")}
                 out[label] = {"scheduler_loop": read_last(loop_file), "forced_rows_so_far": forced_rows,
                               "seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
                               "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,

@@ -45,6 +45,27 @@ def single_token(table: StateTable, state: int) -> int:
     return token
 
 
+def singles_at_rows(table: StateTable, rows: np.ndarray) -> np.ndarray:
+    """`single_token` of many table rows (state + FIRST_STATE_ROW) at once, -1 where not one: read from an
+    array beside the table (`StateTable.single_rows`, -2 where not asked yet), so that the forced rows'
+    per-step filter is one gather, not a lookup a row."""
+    mirror = table.single_rows
+    if mirror.shape[0] < len(table.ready):
+        grown = np.full(len(table.ready), -2, dtype=np.int64)
+        grown[: mirror.shape[0]] = mirror
+        mirror = table.single_rows = grown
+    got = mirror[rows]
+    unknown = got == -2
+    if unknown.any():
+        for row in np.unique(rows[unknown]).tolist():
+            token = single_token(table, row - FIRST_STATE_ROW) if row >= FIRST_STATE_ROW else -1
+            if token >= 0 or row < FIRST_STATE_ROW or table.ready[row]:
+                mirror[row] = token  # (a row not filled yet is asked again once it is)
+        got = mirror[rows]
+        got[got == -2] = -1
+    return got
+
+
 def note_move(table: StateTable, state: int, token: int, nxt: int) -> None:
     """A row at `state` took `token` to `nxt` (a filled row): remember the token `nxt` forces, if one
     (never an end token), for rows at `state` later (runtime/forced_rows.py)."""
@@ -57,10 +78,11 @@ def note_move(table: StateTable, state: int, token: int, nxt: int) -> None:
 
 def forced_run(table: StateTable, state: int, limit: int) -> tuple[list[int], bool]:
     """The tokens a row at `state` must take next, one by one (each state's mask allows only that
-    token), at most `limit`, and whether the run then ends on an end token (the row's last: its mask
-    allows only an end token; not in the list). A token is in the run only if the state it reaches
-    has a filled row that is not terminated: riding it can neither end the row nor need a backend
-    fill. Read-only: the table's moves may be walked and cached, no matcher moves."""
+    token), at most `limit`, and whether the row ends with them: either the run is empty and the next
+    token is an end token (not in the list), or the run's last token reaches a state that ends the
+    grammar (a JSON document's closing brace: the row's last token). Every other token of the run
+    reaches a filled row that is not terminated: riding it needs no backend fill. Read-only: the
+    table's moves may be walked and cached, no matcher moves."""
     run: list[int] = []
     if table.broken:
         return run, False
@@ -69,17 +91,60 @@ def forced_run(table: StateTable, state: int, limit: int) -> tuple[list[int], bo
         if token < 0:
             break
         if token in table.end_ids:
-            return run, True
+            return run, not run
         try:
             nxt = table.next_state(state, token)
         except OverflowError:
             break
         row = nxt + FIRST_STATE_ROW
-        if nxt < 0 or row >= len(table.ready) or not table.ready[row] or table.terminated[row]:
+        if nxt < 0 or row >= len(table.ready) or not table.ready[row]:
             break
         run.append(token)
+        if table.terminated[row]:
+            return run, True
         state = nxt
     return run, False
+
+
+@dataclass(frozen=True)
+class GuessRuns:
+    """What a guess at one state may take (runtime/forced_rows.py): per token a row may be sampled there
+    that leads to a forced run, that run (its first token the pair's, `StateTable.forced_after`; the
+    longest `width` tokens); `keys` [P] and `values` [P, the most tokens asked] (0-padded) are the same as
+    arrays, for the pick on the device. Made once per state and number of pairs known (`guess_runs`)."""
+
+    pairs: int
+    runs: dict[int, tuple[int, ...]]
+    keys: np.ndarray
+    values: np.ndarray
+    width: int
+
+
+def guess_runs(table: StateTable, state: int, pairs: dict[int, int], most_pairs: int, most_tokens: int) -> GuessRuns | None:
+    """`GuessRuns` of `state` from its forced pairs (the first `most_pairs`), each run followed from the
+    pair's forced token while states force one token (`forced_run`, at most `most_tokens`); cached on the
+    table per state, the runs of new pairs added as they are known. None where no pair's run can be taken."""
+    hit = table.guess_runs.get(state)
+    if hit is not None and hit.pairs == len(pairs):
+        return hit if hit.width else None
+    # pairs are only ever added (in order): the runs of those seen before stay, the new ones are followed
+    runs: dict[int, tuple[int, ...]] = dict(hit.runs) if hit is not None else {}
+    done = hit.pairs if hit is not None else 0
+    for token, first in list(pairs.items())[done:most_pairs]:
+        try:
+            after = table.next_state(state, token)
+        except OverflowError:
+            break
+        run, _ = forced_run(table, after, most_tokens) if after >= 0 else ([], False)
+        if run and run[0] == first:
+            runs[token] = tuple(run)
+    width = max(map(len, runs.values()), default=0)
+    values = np.zeros((len(runs), most_tokens), dtype=np.int64)
+    for k, run in enumerate(runs.values()):
+        values[k, : len(run)] = run
+    found = table.guess_runs[state] = GuessRuns(len(pairs), runs, np.fromiter(runs, dtype=np.int64, count=len(runs)),
+                                                values, width)
+    return found if width else None
 
 
 @dataclass(frozen=True)

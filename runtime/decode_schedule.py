@@ -43,17 +43,18 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     # and one more where the token on the device may force one (a guess)
     own = [r.seq_len - r.kv_len for r in todo] if forced else None
     rows = sum(own) if own is not None else len(todo)
-    guesses = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else None
-    if guesses is not None:
-        rows += sum(g is not None for g in guesses)
+    guesses, seen = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else (None, None)
+    widths = [r.guess_width if g is not None else 0 for r, g in zip(todo, guesses)] if guesses is not None else []
+    rows += sum(widths)
     slots = sched._alloc_slots(rows + drafts.total)
     if slots is not None:  # the common case: one allocation for the whole batch
         parents = drafts.parents or [None] * len(todo)
         lanes = sched.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
         batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes, own)
+        batch.guess_seen = seen
         if guesses is not None:
-            batch.guesses = guesses
-            batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, guesses)]
+            batch.guesses, batch.guess_widths = guesses, widths
+            batch.extend_lens = [e + w for e, w in zip(batch.extend_lens, widths)]
         for req, ext in zip(todo, batch.extend_lens):
             req.kv_len += ext
         sched.reserve.on_decode_step()

@@ -8,29 +8,31 @@ computes their KV beside t1 as decode rows of the same request (each a one-token
 KV ends at it, as a verify step's drafts: the decode kernels and CUDA graphs, one bucket larger at
 most), then samples the token after tm with the state after tm's mask. The row saves m - 1 steps,
 and the extra decode rows cost little on a device where a decode step is bound by reading weights.
-A run that ends on a forced end token (a JSON document's last) marks the row instead: the step
+A row whose forced run ends it (its last token reaches a state that ends the grammar: a JSON
+document's closing brace; or its next token is a forced end token) is marked instead: the step
 after leaves it out (it ends when that token is committed), so the run no longer needs a step to
 find out that its last row ended.
 
-Most forced tokens stand alone, right after a free one (a key's last piece after its first, `ue`
-after `tr`): t1 is known only once the free token is, after step k+1 is launched. Guesses take
-those: the state table remembers, per state, the tokens seen taken there that led to a state
-forcing one token (`StateTable.forced_after`); a row at such a state computes one more decode row
-in step k+1 whose token the device picks from those pairs by the sampled token (a padding token
-where none matches). Once the host has the sampled token it knows whether the pair matched: if so
-the forced token rides after it and step k+1 samples after it; if not, that row's slot goes back
-to the pool and the step samples after the token as usual. Guess rows only fill the padding of the
-CUDA graph the step replays anyway, so a miss costs nothing.
+Most forced tokens follow a free one (a key's rest after its first piece, `"` and a key after `,`):
+t1 is known only once the free token is, after step k+1 is launched. Guesses take those: per state the
+table keeps the tokens seen taken there that led to a state forcing one (`StateTable.forced_after`),
+followed into the forced runs they lead to (`forced_tokens.guess_runs`, up to MAX_GUESS tokens); a row
+at such a state computes as many more decode rows in step k+1 as its longest run, their tokens picked
+on the device from the runs by the sampled token (padding tokens where none matches). Once the host
+has the sampled token it knows which run matched: that run rides after it and step k+1 samples after
+the run; the slots the run did not use go back to the pool. Guess rows fill the padding of the CUDA
+graph the step replays anyway; a bucket grows only where the states' measured yields pay for it
+(`_worth`, priced from the H200's decode steps).
 
-Off by default (`--enable-forced-rows`): on the CPU it cuts decode steps for the same tokens (item (f)'s
-schema, 64 rows: 96 -> 91 with the H200's graph buckets simulated for the cost rule), but the extra rows'
-cost on a GPU and the device-side guess pick have not been measured yet (benchmarks/RESULTS.md).
+Off by default (`--enable-forced-rows`): on the CPU it cuts item (f)'s decode steps for the same tokens
+(benchmarks/RESULTS.md), but the extra rows' cost on a GPU and the device-side pick have not been measured.
 
 Outputs are unchanged: a ride holds only tokens each of whose states allows nothing else (state
-table rows with one bit set), never an end token, never into a state that ends the grammar or is
-not filled yet, and only for rows whose draw could not refuse it (no logit bias, no token bans of
-min_new_tokens in force, no logprobs asked, no stop strings) and whose length and context leave
-room for a token after it. Rows without a state table (llguidance's masks only) do not ride.
+table rows with one bit set), never an end token, never into a state that is not filled yet (into a
+state that ends the grammar only as its last token, the row then marked as ending), and only for rows
+whose draw could not refuse it (no logit bias, no token bans of min_new_tokens in force, no logprobs
+asked, no stop strings) and whose length and context leave room for a token after it. Rows without a
+state table (llguidance's masks only) do not ride.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from radixlm.constrained.forced_tokens import forced_run
+from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs, singles_at_rows
 from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
@@ -56,14 +58,19 @@ if TYPE_CHECKING:
 
 # Forced tokens riding after one row's token (a JSON key literal of the benchmark's schema: 2-6 tokens).
 MAX_RIDE = 16
-# Pairs (token -> the token it forces) a guess row picks from on the device.
+# Pairs (token -> the run it forces) a guess picks from on the device, and the run's tokens at most (item (f):
+# a key's last piece after its first, `"` then a key after a free `,`: 1-2 tokens).
 MAX_PAIRS = 64
-# A state's guess hit rate starts at PRIOR_HITS / PRIOR_TRIES (item (f) on the CPU: 88 of 443 guesses taken).
+MAX_GUESS = 4
+# A state's guess yield (tokens a guess takes) starts at PRIOR_HITS / PRIOR_TRIES (item (f) on the CPU: 88 of 443
+# guesses taken); candidates left out are watched while their state has fewer than WATCH_TRIES guesses seen.
 PRIOR_HITS, PRIOR_TRIES = 1.0, 5.0
+WATCH_TRIES = 64
 # The decode step's cost that does not grow with its rows, in rows' worth: the H200, 8B shape, item (f)'s JSON
 # steps at 64 and 256 rows took 5.56 and 9.51 ms at the median (benchmarks/RESULTS.md, gmask5): 0.0206 ms a row
 # above 4.24 ms.
 DECODE_FIXED_ROWS = 206
+_NO_RIDE: list[int] = []  # never changed in place: a row's ride is replaced, not extended
 
 
 def rides_allowed(req: Req) -> bool:
@@ -75,13 +82,24 @@ def rides_allowed(req: Req) -> bool:
 
 def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | None, list[bool] | None]:
     """For a decode step about to sample `reqs` (their grammars at their last tokens): per row the forced
-    tokens to ride after its next token, and whether that token is forced to be an end token. (None,
+    tokens to ride after its next token, and whether the row ends with them (or that token is forced to be
+    an end token): the step after leaves it out. (None,
     None) where no row has either. The rows a step adds stay within the largest CUDA graph (a step past
     it would run eagerly, costing more than the steps it saves)."""
     grammars = sched.grammars
     if grammars is None or not sched.args.enable_forced_rows:
         return None, None
-    picked = [i for i, _ in _rows_at(reqs, _may_force) if rides_allowed(reqs[i])]
+    found = grammars.rows_after_commit(reqs)
+    if found is not None:  # the rows whose state forces a token, by one gather (rows it does not know: visited)
+        table, rows = found
+        known = rows >= 0
+        forcing = np.flatnonzero(known & (singles_at_rows(table, np.where(known, rows, 0)) >= 0)).tolist()
+        unknown = np.flatnonzero(~known).tolist()
+        if unknown:
+            forcing = sorted(forcing + [unknown[k] for k, _ in _rows_at([reqs[i] for i in unknown], _may_force)])
+    else:
+        forcing = [i for i, _ in _rows_at(reqs, _may_force)]
+    picked = [i for i in forcing if rides_allowed(reqs[i])]
     if not picked:
         return None, None
     graphs = sched.runner.graph_runner
@@ -94,17 +112,18 @@ def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | Non
         room = min(r.params.max_new_tokens - after, context - len(r.input_ids) - after) - 1
         limits.append(max(min(MAX_RIDE, room), 0))
     runs = forced_runs([reqs[i] for i in picked], limits)
-    rides: list[list[int]] = [[] for _ in reqs]
+    rides: list[list[int]] = [_NO_RIDE] * len(reqs)  # (one shared empty ride: no list a row a step)
     ends = [False] * len(reqs)
     any_ride = any_end = False
     for i, (ride, end) in zip(picked, runs):
-        if end:
-            ends[i] = any_end = True
-        if ride and spare > 0:
-            ride = ride[:spare]
+        if ride:
+            if len(ride) > spare:  # (cut: the row no longer ends with it)
+                ride, end = ride[:spare], False
             spare -= len(ride)
             rides[i] = ride
-            any_ride = True
+            any_ride = any_ride or bool(ride)
+        if end:
+            ends[i] = any_end = True
     stats = sched.stats
     stats["forced_ride_tokens"] += sum(map(len, rides)) if any_ride else 0
     stats["forced_end_rows"] += sum(ends) if any_end else 0
@@ -125,12 +144,9 @@ def forced_runs(reqs: list[Req], limits: list[int]) -> list[tuple[list[int], boo
             out.append(none)
             continue
         run, ends = forced_run(table, m.state, limit + 1)
-        if ends and not run:
-            out.append(([], True))  # its next token is an end token: the row's last
-        elif len(run) > 1:
-            out.append((run[1:], False))  # the first is sampled; the ones after it ride
-        else:
-            out.append(none)
+        # the first token is sampled, the ones after it ride; `ends`: the row's last token is among them
+        # (or, with no run, the end token sampled next)
+        out.append((run[1:], ends) if ends or len(run) > 1 else none)
     return out
 
 
@@ -157,19 +173,20 @@ def _pairs(table: StateTable, state: int) -> dict[int, int] | None:
     return table.forced_after.get(state)
 
 
-def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int, int] | None] | None:
+def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[GuessRuns | None] | None, list[Any] | None]:
     """For a decode step about to run `todo` overlapped: per row whose token on the device was sampled at a
-    state where some tokens lead to a state forcing one token, those pairs (`StateTable.forced_after`), for
-    the rows where a guess pays (`_worth`), else None; None where no row has one. Such a row computes one
-    more token, the forced one its sampled token names (picked on the device), and samples after it where
-    the pair matched. Without graphs (the CPU, where steps are not overlapped unless asked) every
-    candidate row guesses."""
+    state where some tokens lead to a forced run (`StateTable.forced_after`, followed by `guess_runs`), those
+    runs, for the rows where a guess pays (`_worth`), else None; None where no row has one. Such a row
+    computes `guess_widths[i]` more tokens, the run its sampled token names (picked on the device), and
+    samples after the run where a pair matched. Without graphs (the CPU, where steps are not overlapped
+    unless asked) every candidate row guesses. Second: the candidates left out, (request, state, runs,
+    width) each, whose tokens `resolve_guesses` looks at too (None: none)."""
     pending = sched.uncommitted
     if (sched.grammars is None or not sched.args.enable_forced_rows or pending is None or sched.spec is not None
             or pending.prefill):
-        return None
+        return None, None
     context = sched.runner.context_len
-    candidates: list[tuple[float, int, int, dict[int, int]]] = []  # (hit rate, row, state, pairs)
+    candidates: list[tuple[float, int, int, GuessRuns, int, int]] = []  # (tokens a row, row, state, runs, width, tries)
     for i, pairs in _rows_at(todo, _pairs):
         r = todo[i]
         m = r.grammar
@@ -177,86 +194,141 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> list[dict[int,
             continue
         if not rides_allowed(r) or pending.ride_of(r) or pending.ends_row(r):
             continue
-        after = len(r.output_ids) + 2  # its token on the device and the guess
-        if r.params.max_new_tokens - after < 1 or context - len(r.input_ids) - after < 1:
+        # room for its token on the device, the run and a token after it
+        room = min(r.params.max_new_tokens, context - len(r.input_ids)) - len(r.output_ids) - 2
+        runs = guess_runs(m.table, m.state, pairs, MAX_PAIRS, MAX_GUESS) if room > 0 else None
+        if runs is None:
             continue
-        tried, hits = m.table.guessed.get(m.state, (0, 0))
-        candidates.append(((hits + PRIOR_HITS) / (tried + PRIOR_TRIES), i, m.state, pairs))
+        width = min(runs.width, room)
+        tried, taken = m.table.guessed.get(m.state, (0, 0))
+        candidates.append(((taken + PRIOR_HITS) / (tried + PRIOR_TRIES) / width, i, m.state, runs, width, tried))
     if not candidates:
-        return None
+        return None, None
     candidates.sort(key=lambda c: -c[0])
     graphs = sched.runner.graph_runner
-    take = _worth([c[0] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None)
-    if not take:
-        return None
+    take = _worth([c[0] * c[4] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None,
+                  [c[4] for c in candidates])
     from radixlm.runtime.schedule_batch import ScheduledBatch
 
     if not sched.results.can_defer(ScheduledBatch(ForwardMode.DECODE, todo, [], [])):
-        return None  # (only an overlapped step learns its rows' tokens before sampling them)
-    out: list[dict[int, int] | None] = [None] * len(todo)
-    for _, i, state, pairs in candidates[:take]:
-        picked = dict(list(pairs.items())[:MAX_PAIRS]) if len(pairs) > MAX_PAIRS else dict(pairs)
-        out[i] = picked
-        todo[i].guess_state = state
-    return out
+        return None, None  # (only an overlapped step learns its rows' tokens before sampling them)
+    # the rows left out are watched: what their tokens would have taken counts for their states' rates, so
+    # that a state whose guesses would pay is found without guessing there first
+    # (until a state has WATCH_TRIES of them: its yield is known well enough by then)
+    seen = [(todo[i], state, runs, width) for _, i, state, runs, width, tried in candidates[take:]
+            if tried < WATCH_TRIES] or None
+    if not take:
+        return None, seen
+    out: list[GuessRuns | None] = [None] * len(todo)
+    for _, i, state, runs, width, _ in candidates[:take]:
+        out[i] = runs
+        todo[i].guess_state, todo[i].guess_width = state, width
+    return out, seen
 
 
-def _worth(rates: list[float], rows: int, batch: int, buckets: list[int] | None) -> int:
-    """How many of the candidates (hit rates, best first) guess. A CUDA graph replays a whole bucket: guess
-    rows in the padding of the bucket the step's `rows` replay anyway cost nothing; growing into the next
-    bucket (n more rows) pays when the guesses it lets in are expected to save more row-steps than the n
-    rows cost. A decode step costs about (DECODE_FIXED_ROWS + batch) rows' worth, so a row-step saved is worth
+def _worth(gains: list[float], rows: int, batch: int, buckets: list[int] | None, widths: list[int] | None = None) -> int:
+    """How many of the candidates (expected tokens each takes, best per row first; `widths`: the rows each
+    adds, by default one) guess. A CUDA graph replays a whole bucket: guess rows in the padding of the
+    bucket the step's `rows` replay anyway cost nothing; growing into the next bucket (n more rows) pays
+    when the guesses it lets in are expected to save more row-steps than the n rows cost. A decode step
+    costs about (DECODE_FIXED_ROWS + batch) rows' worth, so a row-step saved is worth
     (DECODE_FIXED_ROWS + batch) / batch rows of a step."""
     if buckets is None:
-        return len(rates)
+        return len(gains)
+    widths = widths or [1] * len(gains)
     at = bisect.bisect_left(buckets, rows)
     if at >= len(buckets):
         return 0
-    take = min(buckets[at] - rows, len(rates))
+    take, used = _fit(widths, 0, 0, buckets[at] - rows)
     value = (DECODE_FIXED_ROWS + batch) / batch
-    while take < len(rates) and at + 1 < len(buckets):
+    while take < len(gains) and at + 1 < len(buckets):
         grow = buckets[at + 1] - buckets[at]
-        gain = sum(rates[take : take + grow]) * value
-        if gain < grow:
+        more, more_used = _fit(widths, take, used, buckets[at + 1] - rows)
+        if sum(gains[take:more]) * value < grow:
             break
-        take = min(take + grow, len(rates))
-        at += 1
+        take, used, at = more, more_used, at + 1
     return take
 
 
-def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep) -> list[int]:
+def _fit(widths: list[int], take: int, used: int, room: int) -> tuple[int, int]:
+    """Candidates from `take` on that fit in `room` rows, `used` of them taken already: (count, rows)."""
+    while take < len(widths) and used + widths[take] <= room:
+        used += widths[take]
+        take += 1
+    return take, used
+
+
+def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: UncommittedStep) -> list[int] | None:
     """After the pending step's tokens went into the grammars (an overlapped step, before sampling): a
-    guess row whose token matched a pair took the forced token it names, which now rides after that token
-    (appended with it, committed to its grammar); the others' guess slot goes back to the pool. Returns
-    each request's logits row to sample: after the guess where it was taken."""
-    assert batch.guesses is not None
+    guess row whose token matched a pair took the run it names, which now rides after that token
+    (appended with it, committed to its grammar); the guess slots it did not take go back to the pool.
+    Returns each request's logits row to sample: after the run where it was taken (None: the step has no
+    guess rows). Each guess, and each watched row (`guess_seen`), counts for its state's rate."""
     ids = previous._host_tokens()
-    sched.stats["forced_guess_rows"] += sum(g is not None for g in batch.guesses)
+    for req, state, runs, width in batch.guess_seen or ():
+        if req.grammar is not None:
+            _count(req.grammar.table.guessed, state, min(len(runs.runs.get(ids[req.uncommitted_row], ())), width))
+    if batch.guesses is None:
+        return None
+    sched.stats["forced_guess_rows"] += sum(batch.guess_widths)
     chosen: list[int] = []
     slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
+    free: list[torch.Tensor] = []
     for i, (req, guess) in enumerate(zip(batch.reqs, batch.guesses)):
         row = batch.sample_rows[i]
         assert row is not None
         if guess is None:
             chosen.append(row)
             continue
-        forced = guess.get(ids[req.uncommitted_row], -1) if not req.finished else -1
-        seen = req.grammar.table.guessed
-        tried, hits = seen.get(req.guess_state, (0, 0))
-        seen[req.guess_state] = (tried + 1, hits + (forced >= 0))
-        if forced >= 0 and previous.rides is None:
-            previous.rides = [[] for _ in previous.reqs]
-        if forced >= 0 and sched.grammars.ride_after(req, forced):
-            previous.rides[req.uncommitted_row] = [forced]  # type: ignore[index]
-            req.tokens_on_device += 1
+        width = batch.guess_widths[i]
+        run = guess.runs.get(ids[req.uncommitted_row], ())[:width] if not req.finished else ()
+        if run and previous.rides is None:
+            previous.rides = [_NO_RIDE] * len(previous.reqs)
+        taken = len(run) if run and sched.grammars.ride_after(req, run) else 0
+        _count(req.grammar.table.guessed, req.guess_state, taken)
+        if taken:
+            previous.rides[req.uncommitted_row] = list(run)  # type: ignore[index]
+            req.tokens_on_device += taken
             sched.stats["forced_guess_hits"] += 1
-            chosen.append(batch.guess_rows[i])
-            continue
-        at = batch.guess_slots[i]
-        sched.kv_pool.free(slots[at : at + 1])
-        req.kv_len -= 1
-        chosen.append(row)
+            sched.stats["forced_guess_tokens"] += taken
+        if taken < width:
+            at = batch.guess_slots[i]
+            free.append(slots[at + taken : at + width])
+            req.kv_len -= width - taken
+        chosen.append(batch.guess_rows[i] + taken - 1 if taken else row)
+    if free:
+        sched.kv_pool.free(free[0] if len(free) == 1 else torch.cat(free))
     return chosen
+
+
+def _count(guessed: dict[int, list[int]], state: int, taken: int) -> None:
+    """One guess seen at `state` that took (or would have taken) `taken` tokens. The counts change in place:
+    a new pair of numbers a guess would be a long-lived object a step, and at 256 rows those made the
+    cyclic collector's full passes ~3 ms a decode step on the CPU (benchmarks/RESULTS.md, jf15)."""
+    counts = guessed.get(state)
+    if counts is None:
+        counts = guessed[state] = [0, 0]
+    counts[0] += 1
+    counts[1] += taken
+
+
+def _guess_pick_inputs(batch: ScheduledBatch, guess_idx: list[int], starts: np.ndarray) -> list[torch.Tensor]:
+    """The guess rows' inputs of the pick on the device, the rows' pairs laid end to end: their tokens'
+    places in the step, their rows in the pending step, each pair's guess row, key and run ([pairs, W]),
+    and each place's entry of the picked [G, W] runs."""
+    guesses, widths = batch.guesses, [batch.guess_widths[i] for i in guess_idx]
+    assert guesses is not None
+    picked = [guesses[i] for i in guess_idx]
+    keys = np.concatenate([g.keys for g in picked])  # type: ignore[union-attr]
+    values = np.concatenate([g.values for g in picked])  # type: ignore[union-attr]
+    owner = np.repeat(np.arange(len(picked), dtype=np.int64), [len(g.keys) for g in picked])  # type: ignore[union-attr]
+    w_np = np.asarray(widths, dtype=np.int64)
+    rank = np.arange(int(w_np.sum()), dtype=np.int64) - np.repeat(np.cumsum(w_np) - w_np, w_np)
+    dst = np.repeat(starts[guess_idx] + 1, w_np) + rank
+    rows = np.repeat(np.arange(len(guess_idx), dtype=np.int64), w_np)
+    return [torch.from_numpy(dst), torch.tensor([batch.reqs[i].uncommitted_row for i in guess_idx], dtype=torch.int64),
+            torch.from_numpy(owner), torch.from_numpy(keys), torch.from_numpy(values.reshape(-1)),
+            torch.from_numpy(rows * values.shape[1] + rank)]
 
 
 def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncommitted: UncommittedStep | None,
@@ -264,7 +336,7 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
     """`ScheduledBatch.to_forward_batch` of a decode step (no drafts) where some rows compute more than
     their last token: forced tokens riding after it, a guess, or (after a synchronous commit) a ride
     appended already. Each token is one decode row of its request whose KV ends at it; a row's logits
-    are its last token's (a guess row's: also its first token's). Built with array operations over the
+    are its last token's (a guess row's: each of its tokens'). Built with array operations over the
     step and a loop over the multi-token rows only (the general builder's per-row loop costs ~5 µs a
     row: the whole host budget of a 256-row step)."""
     reqs, prefix, ext = batch.reqs, batch.prefix_lens, batch.extend_lens
@@ -282,13 +354,10 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
     guesses = batch.guesses
     batch.guess_rows, batch.guess_slots = [-1] * n, [-1] * n
     guess_idx: list[int] = []
-    pairs: list[dict[int, int]] = []
     for i in np.flatnonzero(ext_np > 1).tolist():
         r, at, e = reqs[i], int(starts[i]), ext[i]
-        guess = guesses[i] if guesses is not None else None
-        if guess is not None:  # its token on the device, then the forced token it names: picked on the device
+        if guesses is not None and guesses[i] is not None:  # its token on the device, then the run it names
             guess_idx.append(i)
-            pairs.append(guess)
             batch.guess_slots[i] = at + 1
         elif on_device[i]:  # its token on the device, then the forced tokens riding after it
             assert uncommitted is not None
@@ -296,15 +365,15 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
         else:  # tokens appended already (a ride committed before this step was scheduled)
             ids[at + 1 : at + e] = r.fill_slice(prefix[i] + 1, prefix[i] + e)
     logits = ends - 1
-    if guess_idx:  # a guess row's logits: after its token and after the guess (which is sampled: known later)
+    if guess_idx:  # a guess row's logits: after each of its tokens (where its run ends is known later)
         where = np.asarray(guess_idx, dtype=np.int64)
-        logits = np.insert(logits, where, starts[where])
-        before = np.zeros(n, dtype=np.int64)
-        before[where] = 1
-        sample = np.arange(n, dtype=np.int64) + np.cumsum(before) - before
+        per = np.ones(n, dtype=np.int64)
+        per[where] = ext_np[where]
+        first = np.cumsum(per) - per
+        logits = np.repeat(ends - per, per) + np.arange(int(per.sum()), dtype=np.int64) - np.repeat(first, per)
+        batch.sample_rows = first.tolist()
         for i in guess_idx:
-            batch.guess_rows[i] = int(sample[i]) + 1
-        batch.sample_rows = sample.tolist()
+            batch.guess_rows[i] = batch.sample_rows[i] + 1
     else:
         batch.sample_rows = list(range(n))
     batch.logprob_rows = batch.verify_rows = [[] for _ in range(n)]
@@ -319,13 +388,7 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
         nodes = [r.last_node for r, e in zip(reqs, ext) for _ in range(e)]
         layout = cascade.plan(nodes, rows_list, seq_lens)  # type: ignore[arg-type]
     extra = [t.to(torch.int64).view(-1) for t in layout.tensors()] if layout is not None else []
-    width = max((len(p) for p in pairs), default=0)
-    guess_t = []
-    if guess_idx:
-        keys = [k for p in pairs for k in [*p, *[-1] * (width - len(p))]]
-        values = [v for p in pairs for v in [*p.values(), *[0] * (width - len(p))]]
-        guess_t = [torch.from_numpy(starts[guess_idx] + 1), torch.tensor([reqs[i].uncommitted_row for i in guess_idx]),
-                   torch.tensor(keys, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)]
+    guess_t = _guess_pick_inputs(batch, guess_idx, starts) if guess_idx else []
     slots = torch.cat(batch.new_slots).to(torch.int64) if len(batch.new_slots) != 1 else batch.new_slots[0].to(torch.int64)
     slots32 = slots.to(torch.int32)
     rows_t, positions_cpu = torch.from_numpy(token_rows), torch.from_numpy(positions)
@@ -340,11 +403,12 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
     layout_t = rest[: len(extra)]
     if pending:
         input_ids_t[pending_t] = uncommitted.next_ids[src_t]  # type: ignore[union-attr]
-    if guess_idx:  # each guess row's token: the pair's forced token where its first token matches (else 0)
-        at_t, gsrc_t, keys_t, values_t = rest[len(extra):]
-        sampled = uncommitted.next_ids[gsrc_t].view(-1, 1)  # type: ignore[union-attr]
-        hit = keys_t.view(len(guess_idx), width) == sampled
-        input_ids_t[at_t] = (values_t.view(len(guess_idx), width) * hit).sum(1).to(input_ids_t.dtype)
+    if guess_idx:  # each guess row's tokens: the run of the pair its first token matches (else 0s)
+        dst_t, gsrc_t, owner_t, keys_t, values_t, pick_t = rest[len(extra):]
+        hit = keys_t == uncommitted.next_ids[gsrc_t][owner_t]  # type: ignore[union-attr]
+        runs = values_t.view(keys_t.shape[0], -1) * hit.unsqueeze(1).to(values_t.dtype)
+        picked = torch.zeros((len(guess_idx), runs.shape[1]), dtype=runs.dtype, device=runs.device).index_add_(0, owner_t, runs)
+        input_ids_t[dst_t] = picked.view(-1)[pick_t].to(input_ids_t.dtype)
     writes = SlotWrites(decode=True, rows=rows_t, positions=positions_cpu, prefix_lens=prefix, extend_lens=ext,
                         slots=slots32, device_token_rows=token_rows_t, device_positions=positions_t,
                         device_slots=slots32_t)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from radixlm.constrained.forced_tokens import forced_run
+from radixlm.constrained.state_table import StateTable
 from radixlm.runtime.grammar_tables import DeviceTables, TableStep
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
@@ -61,6 +64,7 @@ class GrammarRuntime:
         self._prefetch: MaskPrefetch | None = None
         self._terminated: dict[int, tuple[Req, bool]] = {}  # after the last commit, per request
         self._step: TableStep | None = None  # the last commit's table rows, until the next gather or change
+        self._rows_of: tuple[TableStep, dict[int, int]] | None = None  # a step's row per request (`ride_after`)
         self._families_made = 0
         self.state_tables = args.grammar_state_table != "off"
         self.forced_rows = args.enable_forced_rows  # tables learn, and completions walk, forced pairs (forced_rows.py)
@@ -272,26 +276,52 @@ class GrammarRuntime:
                 step.missing = []  # (the gather scans the batch and fills what is missing)
         return True, done
 
-    def ride_after(self, req: Req, token: int) -> bool:
-        """After the last commit (`advance_many`), before its masks are taken: commit `token` to `req`'s
-        grammar too, if its state forces exactly that token (False, and nothing done, otherwise)."""
+    def rows_after_commit(self, reqs: list[Req]) -> tuple[StateTable, np.ndarray] | None:
+        """The table rows the last commit left `reqs` at (-1 for a request it did not cover or whose row it
+        does not know), when that commit's rows share one healthy table, else None: the forced rows'
+        per-step filter reads them as an array instead of visiting each row's matcher. The usual step
+        is the commit's own requests; otherwise (rows left out, rows joined) each is found by identity."""
+        step = self._step
+        if step is None or step.table.broken:
+            return None
+        rows = np.asarray(step.rows, dtype=np.int64)
+        if step.reqs == reqs:
+            return step.table, rows
+        if not step.reqs:
+            return step.table, np.full(len(reqs), -1, dtype=np.int64)
+        if self._rows_of is None or self._rows_of[0] is not step:
+            self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
+        where = self._rows_of[1]
+        at = np.fromiter((where.get(id(r), -1) for r in reqs), dtype=np.int64, count=len(reqs))
+        return step.table, np.where(at >= 0, rows[at], -1)
+
+    def ride_after(self, req: Req, run: Sequence[int]) -> bool:
+        """After the last commit (`advance_many`), before its masks are taken: commit `run` to `req`'s
+        grammar too, if its state forces exactly those tokens one by one (False, and nothing done,
+        otherwise). A run whose last token reaches a state that ends the grammar is taken too: the row
+        ends with it when the commit appends it."""
         m = req.grammar
         table = getattr(m, "table", None)
-        if table is None or table.broken or m.ended or forced_run(table, m.state, 1)[0] != [token]:
-            return False  # (nor where the state after it ends the grammar: that token would end the row)
+        if table is None or table.broken or m.ended or forced_run(table, m.state, len(run))[0] != list(run):
+            return False
         step = self._step
-        j = next((k for k, r in enumerate(step.reqs) if r is req), -1) if step is not None else -1
+        j = -1
+        if step is not None:  # (the step's rows by request, made once a step: no scan of the batch a ride)
+            if self._rows_of is None or self._rows_of[0] is not step:
+                self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
+            j = self._rows_of[1].get(id(req), -1)
         if j < 0:
             self._settle()
             self._step = None
-            if not m.advance(token):
-                return False
+            for token in run:
+                if not m.advance(token):
+                    return False
             if self._prefetch is not None:
                 self._prefetch.rows.pop(id(req), None)
             self._terminated[id(req)] = (req, m.is_terminated())
             return True
         self._settle()
-        ok, done = self._ride(req, [token], step, j)
+        ok, done = self._ride(req, list(run), step, j)
         self._terminated[id(req)] = (req, done)
         return ok
 

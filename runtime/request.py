@@ -40,6 +40,7 @@ class Req:
     tokens_on_device: int = 0
     uncommitted_row: int = 0
     guess_state: int = -1  # the grammar state a forced-token guess of this step was made at (forced_rows.py)
+    guess_width: int = 0  # and the tokens it computes for it
 
     # n > 1: followers sample from the leader's prefill and share its prompt KV.
     followers: list["Req"] = field(default_factory=list)

@@ -272,10 +272,12 @@ class ResultProcessor:
                 req.pending_output_logprobs.append((lp, tok))
                 if req.top_logprobs_num > 0:
                     req.pending_output_top.append(top or [])
-            reason = self.check_finish(req, tok, grammars)
+            ride = rides[i] if rides is not None else None
+            # (a row's grammar answers for the end of its ride: the tokens before its last cannot end it)
+            reason = self.check_finish(req, tok, None if ride else grammars)
             sampled = unverified = 0
-            if rides is not None and rides[i]:
-                sampled, unverified = self._append_ride(req, rides[i], reason, grammars)
+            if ride:
+                sampled, unverified = self._append_ride(req, ride, reason)
                 if reason is None and sampled:
                     reason = self.check_finish(req, out[-1], grammars)
             jumped = (reason is None and allow_jump and req.grammar is not None
@@ -288,17 +290,18 @@ class ResultProcessor:
                                    jump_due=bool(due) and reason is None and id(req) in due and not req.return_logprob))
         return events
 
-    def _append_ride(self, req: Req, ride: list[int], reason: FinishReason | None,
-                     grammars: GrammarRuntime | None) -> tuple[int, int]:
+    def _append_ride(self, req: Req, ride: list[int], reason: FinishReason | None) -> tuple[int, int]:
         """Append a row's riding forced tokens after its sampled one (which ended it already: `reason`);
         (tokens appended, tokens whose KV a launched step computes but that were not appended). A ride
-        never crosses a finish by construction (forced_rows.py); the checks stay, cutting the ride."""
+        never crosses a finish by construction (forced_rows.py): only its last token may end the grammar
+        (checked by the caller, the matcher having taken the whole ride); the other checks stay, cutting
+        the ride."""
         if reason is not None:
             return 0, len(ride)
         out = req.output_ids
         for j, tok in enumerate(ride[:-1]):
             out.append(tok)
-            if self.check_finish(req, tok, grammars) is not None:
+            if self.check_finish(req, tok, None) is not None:
                 return j + 1, len(ride) - j - 1
         out.append(ride[-1])
         return len(ride), 0

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from radixlm.constrained.forced_tokens import GuessRuns
 from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.device_transfer import pack_on
 from radixlm.runtime.forced_rows import decode_rows_forward_batch
@@ -43,13 +45,17 @@ class ScheduledBatch:
     # A verify batch built ahead of the previous step's results (speculative/verify_ahead.py): per
     # request the token its row starts with, not yet on the host (the previous step's bonus, guessed).
     ahead_tokens: list[int] | None = None
-    # Grammar-forced guesses (runtime/forced_rows.py), None where no row has one: per request the pairs
-    # (token it may be sampled -> the token that then forces) for its token still on the device; such a row
-    # computes one more token, that forced one, picked on the device; `guess_rows` (set with the tensors):
-    # per request its guess token's logits row, and `guess_slots`: its index among the step's new slots.
-    guesses: list[dict[int, int] | None] | None = None
+    # Grammar-forced guesses (runtime/forced_rows.py), None where no row has one: per request the runs
+    # (token it may be sampled -> the forced tokens after it: constrained/forced_tokens.GuessRuns) for its
+    # token still on the device; such a row computes `guess_widths[i]` more tokens, the run picked on the
+    # device; `guess_rows` (set with the tensors): per request its first guess token's logits row (the
+    # others follow it), and `guess_slots`: that token's index among the step's new slots.
+    guesses: list[GuessRuns | None] | None = None
+    guess_widths: list[int] = field(default_factory=list)
     guess_rows: list[int] = field(default_factory=list)
     guess_slots: list[int] = field(default_factory=list)
+    # candidates of a guess left out (forced_rows.plan_guesses): what their tokens would have taken counts too
+    guess_seen: list[Any] | None = None
 
     def __post_init__(self) -> None:
         # A batch built with its requests (not through add / set_decode_rows) has no drafts: every

@@ -102,8 +102,10 @@ class Scheduler:
                       # them, built after a wrong guess at those results)
                       "ahead_steps": 0, "ahead_rebuilt_steps": 0,
                       # grammar-forced tokens computed as extra decode rows (forced_rows.py): tokens that rode
-                      # after a sampled one, guess rows and the guesses taken, rows a forced end token left out
-                      "forced_ride_tokens": 0, "forced_guess_rows": 0, "forced_guess_hits": 0, "forced_end_rows": 0}
+                      # after a sampled one, guess rows, the guesses taken and their tokens, rows left out of the
+                      # step after a forced run that ends them
+                      "forced_ride_tokens": 0, "forced_guess_rows": 0, "forced_guess_hits": 0, "forced_guess_tokens": 0,
+                      "forced_end_rows": 0}
         self.gen_rate = GenRate()
         self.decode_log = DecodeLog(args.decode_log_interval)
         # Objects the scheduler process froze after start-up (scheduler_process.freeze_startup_heap), counted
@@ -227,9 +229,8 @@ class Scheduler:
                 reqs, ids = previous.peek_tokens()
                 advanced = self.results.advance_grammars(reqs, ids, self.grammars, len(self.running), allow_jump=False,
                                                          rides=previous.live_rides())
-            if batch.guesses is not None:  # rows whose token just committed forces one more: sampled after it
-                assert previous is not None
-                rows = resolve_guesses(self, batch, previous)
+            rows = resolve_guesses(self, batch, previous) if batch.guesses is not None or batch.guess_seen else None
+            if rows is not None:  # rows whose token just committed forces a run: sampled after what they took
                 logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
             self.uncommitted = self._launch(batch, logits)
             if self.spec is not None:

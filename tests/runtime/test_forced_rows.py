@@ -20,15 +20,18 @@ SCHEMA = {"type": "object", "properties": {
     "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
 
 
-def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1) -> tuple[list[dict], dict]:
+def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1, prompts: list[list[int]] | None = None,
+         **options) -> tuple[list[dict], dict]:
     # (complete: the schema's state table is filled ahead by a background walk, as on a server that served it;
     # a ride needs the rows of the states it crosses)
     sched = make_scheduler(model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
-                           disable_jump_forward=True, enable_forced_rows=forced_rows, grammar_state_table="complete")
+                           disable_jump_forward=True, enable_forced_rows=forced_rows, grammar_state_table="complete",
+                           **options)
     try:
         tok = sched.tokenizer
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Answer as JSON."}],
                                                     add_generation_prompt=True, tokenize=False))
+        prompts = prompts or [prompt] * len(reqs_params)
         warm = {**reqs_params[0], "max_new_tokens": 4}
         run_to_completion(sched, [TokenizedGenerateReq(rid="warm", input_ids=prompt, params=SamplingParams(**warm))])
         deadline = time.monotonic() + 120
@@ -38,7 +41,7 @@ def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1
         sched.stats.update({k: 0 for k in sched.stats if k.startswith("forced_") or k.endswith("_steps")})
         outs = []
         for k in range(repeats):
-            reqs = [TokenizedGenerateReq(rid=f"r{k}-{i}", input_ids=prompt, params=SamplingParams(**p))
+            reqs = [TokenizedGenerateReq(rid=f"r{k}-{i}", input_ids=prompts[i], params=SamplingParams(**p))
                     for i, p in enumerate(reqs_params)]
             got = run_to_completion(sched, reqs)
             outs.append({r.rid.split("-")[1]: got[r.rid]["output_ids"] for r in reqs})
@@ -50,14 +53,24 @@ def _run(model_dir, forced_rows: bool, reqs_params: list[dict], repeats: int = 1
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(default_model_dir, sampling) -> None:
+def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(default_model_dir, sampling,
+                                                                          monkeypatch) -> None:
     """The second batch of the schema finds the (state, token) moves the first took into states that force
     one token: its rows compute that token beside the sampled one (picked on the device), sample after it
-    where it was taken, and the batch needs fewer decode steps for the very same tokens."""
+    where it was taken, and the batch needs fewer decode steps for the very same tokens. The rides' per-step
+    filter reads the last commit's table rows as an array in the usual step (no visit of each row)."""
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+
+    answers: list[bool] = []
+    inner = GrammarRuntime.rows_after_commit
+    monkeypatch.setattr(GrammarRuntime, "rows_after_commit",
+                        lambda self, reqs: answers.append(inner(self, reqs) is not None) or inner(self, reqs))
     temp = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0}
     params = [{**temp, "seed": i, "max_new_tokens": 90, "json_schema": json.dumps(SCHEMA)} for i in range(4)]
     off, off_stats = _run(default_model_dir, False, params, repeats=2)
+    assert not answers  # (off: no per-step filter at all)
     on, on_stats = _run(default_model_dir, True, params, repeats=2)
+    assert sum(answers) > 0.8 * len(answers)
     assert on == off  # token for token, every request, both batches
     assert on_stats["forced_guess_hits"] > 0 and off_stats["forced_guess_rows"] == 0
     assert on_stats["decode_steps"] < off_stats["decode_steps"]
@@ -65,6 +78,25 @@ def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(defau
 
     tok = AutoTokenizer.from_pretrained(str(default_model_dir))
     for ids in on[1].values():
+        jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SCHEMA)
+
+
+def test_rows_whose_forced_run_ends_them_leave_the_step_after_with_every_token(default_model_dir) -> None:
+    """Random weights (benchmarks/forced_rows.py's rows 39, 44 and 48) spend the schema's whitespace budget, so
+    a document's closing brace is the only token left: the row ends with it (sampled, or taken in a guess's
+    run) and the step after leaves the row out. Every token is still appended: the matcher, which has taken
+    the whole run when the commit appends it, must not end the row at the token before its last."""
+    rows = (39, 44, 48)
+    prompts = [[100 + (i * 7 + j) % 30000 for j in range(128)] for i in rows]
+    params = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "json_schema": json.dumps(SCHEMA)} for i in rows]
+    off, _ = _run(default_model_dir, False, params, prompts=prompts, load_format="dummy")
+    on, on_stats = _run(default_model_dir, True, params, prompts=prompts, load_format="dummy")
+    assert on == off
+    assert on_stats["forced_end_rows"] + on_stats["forced_guess_tokens"] > 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    for ids in on[0].values():
         jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SCHEMA)
 
 
@@ -80,6 +112,18 @@ def test_guess_rows_fill_the_graph_bucket_and_grow_it_only_where_they_pay() -> N
     # at 256 rows a step's fixed part weighs less per row: the same growth needs surer guesses
     assert _worth([0.4] * 32, 256, 256, buckets) == 0 and _worth([0.4] * 32, 64, 64, buckets) == 32
     assert _worth([0.9] * 3, 5, 5, None) == 3  # no graphs (the CPU): every candidate
+
+
+def _runs(runs: dict[int, tuple[int, ...]]):
+    import numpy as np
+
+    from radixlm.constrained.forced_tokens import GuessRuns
+
+    width = max(map(len, runs.values()))
+    values = np.zeros((len(runs), 4), dtype=np.int64)
+    for k, run in enumerate(runs.values()):
+        values[k, : len(run)] = run
+    return GuessRuns(len(runs), runs, np.asarray(list(runs), dtype=np.int64), values, width)
 
 
 def test_forced_and_guess_rows_in_one_decode_step() -> None:
@@ -108,16 +152,18 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
     batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
     reqs = [plain, ride, host, guess, miss]
     own = [r.fill_len + r.tokens_on_device - r.kv_len for r in reqs]  # (decode_schedule's, forced rows on)
-    batch.set_decode_rows(reqs, torch.arange(100, 111), [[] for _ in reqs], [None] * len(reqs), own=own)
-    batch.guesses = [None, None, None, {43: 70, 99: 71}, {43: 72}]
-    batch.extend_lens = [e + (g is not None) for e, g in zip(batch.extend_lens, batch.guesses)]
-    assert batch.extend_lens == [1, 3, 3, 2, 2]
+    batch.set_decode_rows(reqs, torch.arange(100, 112), [[] for _ in reqs], [None] * len(reqs), own=own)
+    # the guess row's token 43 names a run of two forced tokens; the miss row's 44 names none
+    batch.guesses = [None, None, None, _runs({43: (70, 73), 99: (71,)}), _runs({43: (72,)})]
+    batch.guess_widths = [0, 0, 0, 2, 1]
+    batch.extend_lens = [e + w for e, w in zip(batch.extend_lens, batch.guess_widths)]
+    assert batch.extend_lens == [1, 3, 3, 3, 2]
     fb, writes = batch.to_forward_batch(torch.device("cpu"), step)
-    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 44, 0]  # (the miss row: a padding token)
-    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 2, 3]
+    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 73, 44, 0]  # (the miss row: a padding token)
+    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 4, 2, 3]
     assert fb.seq_lens_cpu == [p + 1 for p in fb.positions.tolist()]
-    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 5, 5]
-    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10]
-    assert batch.sample_rows == [0, 1, 2, 3, 5] and batch.guess_rows == [-1, -1, -1, 4, 6]
-    assert batch.guess_slots == [-1, -1, -1, 8, 10]
-    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 111))
+    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 2, 5, 5]
+    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10, 11]  # (a guess row: after each of its tokens)
+    assert batch.sample_rows == [0, 1, 2, 3, 6] and batch.guess_rows == [-1, -1, -1, 4, 7]
+    assert batch.guess_slots == [-1, -1, -1, 8, 11]
+    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 112))

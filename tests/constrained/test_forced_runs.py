@@ -1,0 +1,123 @@
+"""Forced runs of a state table (constrained/forced_tokens.py) as forced-row rides and guesses take them
+(runtime/forced_rows.py): a run may end the document with its last token, and a guess takes the whole run
+a sampled token leads to, each of its tokens the only one llguidance's mask allows there."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from radixlm.constrained.compiler import WHITESPACE_MAX
+from radixlm.constrained.forced_tokens import forced_run, guess_runs, note_move, single_token, singles_at_rows
+
+from .conftest import encode
+from .test_state_table import allowed, table_grammar
+
+SCHEMA = {"type": "object", "properties": {"flag": {"type": "boolean"}, "name": {"type": "string", "maxLength": 4}},
+          "required": ["flag", "name"], "additionalProperties": False}
+ITEM_F = {"type": "object", "properties": {  # gpu_suite item (f)'s schema
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
+
+
+def _walk(wrapped: Any, tokens: list[int]) -> Any:
+    m = wrapped.matcher()
+    for t in tokens:
+        assert m.advance(t)
+    return m
+
+
+def _only(m: Any, vocab: int) -> int:
+    """The one token the matcher's llguidance mask allows (-1: not one)."""
+    import torch
+
+    row = torch.zeros((1, (vocab + 31) // 32), dtype=torch.int32)
+    m.inner.fill_next_token_bitmask(row, 0)
+    ids = allowed(row[0], vocab)
+    return int(ids[0]) if len(ids) == 1 else -1
+
+
+def test_a_run_may_end_the_document_with_its_last_token(tokenizer) -> None:
+    """Once the whitespace budget is spent after the last value, the closing brace is the only token left and
+    reaches a state that ends the grammar: the run is that token, marked as ending the row (without it, the
+    run stopped before the brace and the row needed a step to learn that it ended)."""
+    import torch
+
+    grammar, wrapped = table_grammar(tokenizer, json.dumps(SCHEMA))
+    text = '{"flag": true, "name": "ab"' + " " * WHITESPACE_MAX
+    m = _walk(wrapped, encode(tokenizer, text))
+    m.sync()
+    table = wrapped.table
+    m.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+    brace = encode(tokenizer, "}")[0]
+    assert _only(m, grammar.info.vocab_size) == brace
+    assert single_token(table, m.state) == brace
+    end = _walk(wrapped, encode(tokenizer, text) + [brace])  # (the row after it filled, as a completed table has it)
+    end.sync()
+    end.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+    assert forced_run(table, m.state, 4) == ([brace], True)
+    assert m.advance(brace) and m.is_terminated()
+
+
+def test_a_guess_takes_the_whole_run_its_token_leads_to(tokenizer) -> None:
+    """Inside a fixed key, a token spelling its first piece can leave the rest forced one token at a time
+    (item (f)'s `"ac` -> `t`, `ive`): the guess's run for that token at the state before it is every
+    token forced after it, each the only one llguidance's mask allows where it stands."""
+    import torch
+
+    grammar, wrapped = table_grammar(tokenizer, json.dumps(ITEM_F))
+    vocab, table = grammar.info.vocab_size, wrapped.table
+    prefix = encode(tokenizer, '{"')
+    start = _walk(wrapped, prefix)
+    start.sync()
+    start.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+    state = start.state
+    paths = {}
+    for first in allowed(table.rows[state + 2], vocab).tolist():
+        m, path = _walk(wrapped, prefix + [first]), []
+        while len(path) < 8:  # fill the rows the run crosses, as rows standing there would
+            m.sync()
+            m.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+            nxt = _only(m, vocab)
+            if nxt < 0 or m.is_terminated():
+                break
+            path.append(nxt)
+            assert m.advance(nxt)
+        if path:
+            paths[first] = tuple(path)
+            note_move(table, state, first, table.next_state(state, first))
+            grown = guess_runs(table, state, table.forced_after[state], 64, 8)  # (a pair more: its run added)
+            assert grown is not None and grown.runs == paths
+    assert max(map(len, paths.values())) >= 2  # a key's rest forced in two tokens or more
+    runs = guess_runs(table, state, table.forced_after[state], 64, 8)
+    assert runs is not None and runs.runs == paths
+    assert runs.width == max(map(len, paths.values())) and sorted(runs.keys.tolist()) == sorted(paths)
+    for key, values in zip(runs.keys.tolist(), runs.values.tolist()):
+        assert tuple(values[: len(paths[key])]) == paths[key] and not any(values[len(paths[key]):])
+    assert guess_runs(table, state, table.forced_after[state], 64, 8) is runs  # (made once per pairs known)
+
+
+def test_singles_of_many_rows_at_once_equal_each_rows_own(tokenizer) -> None:
+    """The forced rows' per-step filter (`singles_at_rows`, one gather over the step's table rows) answers what
+    `single_token` answers row by row: the one token a filled row allows, -1 for the reserved rows, rows
+    allowing more, and rows not filled yet (asked again once filled)."""
+    import numpy as np
+    import torch
+
+    grammar, wrapped = table_grammar(tokenizer, json.dumps(SCHEMA))
+    table = wrapped.table
+    text = '{"flag": true, "name": "ab"' + " " * WHITESPACE_MAX
+    ids = encode(tokenizer, text)
+    rows = []
+    for k in range(len(ids) + 1):
+        m = _walk(wrapped, ids[:k])
+        m.sync()
+        m.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+        rows.append(m.state + 2)
+    unfilled = table.row_of(max(rows)) + 1
+    table.row_of(unfilled)
+    asked = np.asarray([0, 1, *rows, unfilled, rows[-1]], dtype=np.int64)
+    got = singles_at_rows(table, asked).tolist()
+    assert got[:2] == [-1, -1] and got[-2] == -1
+    assert got[2:-2] == [single_token(table, r - 2) for r in rows] and got[-1] == got[-3] >= 0
+    assert table.single_rows[unfilled] == -2  # not filled: not remembered
