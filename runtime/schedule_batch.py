@@ -9,7 +9,7 @@ import torch
 from radixlm.constrained.forced_tokens import GuessRuns
 from radixlm.runtime.cascade import CascadePlanner
 from radixlm.runtime.device_transfer import pack_on
-from radixlm.runtime.forced_rows import decode_rows_forward_batch
+from radixlm.runtime.forced_rows_batch import decode_rows_forward_batch
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
