@@ -120,8 +120,11 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
         try:
             checked = check_schema(spec, backend, lenient)
         except UnsupportedSchemaError as exc:
-            retried = _contains_retry(spec, backend, lenient, whitespace_max, [exc.keyword, exc.reason])
+            refusals: list[UnsupportedSchemaError] = []
+            retried = _contains_retry(spec, backend, lenient, whitespace_max, [exc.keyword, exc.reason], refusals)
             if retried is None:
+                if refusals and refusals[0].keyword == exc.keyword == "contains":
+                    raise refusals[0] from None  # names what of `contains` is not enforced (maxContains ...)
                 raise
             checked, lark = retried
         if lark is not None:
@@ -163,11 +166,12 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
     raise ValueError(f"unknown spec kind {kind!r}")
 
 
-def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
-                    why: list[str]) -> tuple[CheckedSchema, str | None] | None:
+def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int, why: list[str],
+                    refusals: list[UnsupportedSchemaError] | None = None) -> tuple[CheckedSchema, str | None] | None:
     """A schema refused over `contains` or "some item fails", vetted once more with both kept, and
     its Lark (schema_contains.py; None where the vetted schema keeps no `contains`). None where
-    this route does not apply exactly: the caller keeps its own verdict."""
+    this route does not apply exactly: the caller keeps its own verdict (`refusals` gets the
+    retry's own refusal, which says what of `contains` is not enforced)."""
     if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w for w in why):
         return None
     try:
@@ -177,7 +181,11 @@ def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
         mod = backend_module(backend)
         return checked, contains_lark(checked.schema, mod.json_schema_empty, mod.json_options(whitespace_max),
                                       whitespace_max)
-    except (Unsupported, UnsupportedSchemaError):
+    except Unsupported:
+        return None
+    except UnsupportedSchemaError as exc:
+        if refusals is not None:
+            refusals.append(exc)
         return None
 
 
