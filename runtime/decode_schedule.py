@@ -38,10 +38,10 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     pending = sched.uncommitted
     if forced and pending is not None and pending.ends is not None:
         todo = [r for r in todo if not (r.tokens_on_device and pending.ends_row(r))]
-    drafts = propose_drafts(sched, todo, mixed)
     # each row's pending tokens: its last one, and grammar-forced tokens riding after it (forced_rows.py),
     # and one more where the token on the device may force one (a guess)
     own = [r.seq_len - r.kv_len for r in todo] if forced else None
+    drafts = propose_drafts(sched, todo, mixed, own)
     rows = sum(own) if own is not None else len(todo)
     guesses, seen = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else (None, None)
     widths = [r.guess_width if g is not None else 0 for r, g in zip(todo, guesses)] if guesses is not None else []
@@ -74,18 +74,18 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     return batch if batch.reqs else None
 
 
-def propose_drafts(sched: Scheduler, todo: list[Req], mixed: bool = False) -> Drafts:
+def propose_drafts(sched: Scheduler, todo: list[Req], mixed: bool = False, own: list[int] | None = None) -> Drafts:
     """Speculative decoding: the tokens each request verifies this step, if free slots hold them
     beyond one token per request (drafts never evict cached prefixes nor cause a retraction).
     Trees need a free request row per extra lane in a decode step (those that find none verify
-    their first chain); in a mixed batch their verify rows are extend rows with a tree mask (no lanes)."""
+    their first chain); in a mixed batch their verify rows are extend rows with a tree mask (no lanes).
+    `own`: each row's pending tokens where grammar-forced rows are on (rows with forced tokens pending draft none)."""
     none = Drafts([[] for _ in todo], [None] * len(todo))
     if sched.spec is None or not todo:
         return none
     drafts = sched.spec.propose(todo, sched.grammars)
-    behind = [r.seq_len - r.kv_len for r in todo] if sched.args.enable_forced_rows else []
-    if any(n > 1 for n in behind):  # forced tokens pending (forced_rows.py): no drafts for those rows
-        keep = [n == 1 for n in behind]
+    if own is not None and any(n > 1 for n in own):  # forced tokens pending (forced_rows.py): no drafts for those rows
+        keep = [n == 1 for n in own]
         drafts = Drafts([d if k else [] for d, k in zip(drafts.tokens, keep)],
                         [m if k else None for m, k in zip(drafts.masks, keep)],
                         None if drafts.parents is None else [p if k else None for p, k in zip(drafts.parents, keep)])

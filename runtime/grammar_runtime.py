@@ -289,11 +289,15 @@ class GrammarRuntime:
             return step.table, rows
         if not step.reqs:
             return step.table, np.full(len(reqs), -1, dtype=np.int64)
-        if self._rows_of is None or self._rows_of[0] is not step:
-            self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
-        where = self._rows_of[1]
+        where = self._row_index(step)
         at = np.fromiter((where.get(id(r), -1) for r in reqs), dtype=np.int64, count=len(reqs))
         return step.table, np.where(at >= 0, rows[at], -1)
+
+    def _row_index(self, step: TableStep) -> dict[int, int]:
+        """`step`'s row per request (by identity), made once a step."""
+        if self._rows_of is None or self._rows_of[0] is not step:
+            self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
+        return self._rows_of[1]
 
     def ride_after(self, req: Req, run: Sequence[int]) -> bool:
         """After the last commit (`advance_many`), before its masks are taken: commit `run` to `req`'s
@@ -306,10 +310,8 @@ class GrammarRuntime:
             return False
         step = self._step
         j = -1
-        if step is not None:  # (the step's rows by request, made once a step: no scan of the batch a ride)
-            if self._rows_of is None or self._rows_of[0] is not step:
-                self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
-            j = self._rows_of[1].get(id(req), -1)
+        if step is not None:  # (no scan of the batch a ride)
+            j = self._row_index(step).get(id(req), -1)
         if j < 0:
             self._settle()
             self._step = None
