@@ -11,6 +11,9 @@
 # Names after the part run only those runs of it (e.g. `ab jf14 w4f`): the one call that tried `ab` whole (21:40 on
 # 2026-12-04) lost the machine with nothing returned, so a later session may prefer two shorter calls.
 set -u
+# The device runs the tree uninstalled: make `import radixlm` resolve to this checkout (the package maps to the root).
+python3 -c "import radixlm" 2>/dev/null || { mkdir -p /tmp/radixlm-link; ln -sfn "$PWD" /tmp/radixlm-link/radixlm
+  export PYTHONPATH=/tmp/radixlm-link${PYTHONPATH:+:$PYTHONPATH}; }
 OUT=${OUT:-benchmarks/results/h200_pending}
 PART=${1:-}; shift || true; ONLY=" $* "
 run() { local name=$1 cap=$2; shift 2
