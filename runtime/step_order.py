@@ -25,10 +25,10 @@ MIX_MAX_DECODE_KV_TOKENS = 131072
 # (e)'s ~8 of 1,088 tokens, (d)'s 4 of 2,048 — were not measured and stay synchronous.
 OVERLAP_PREFILL_MIN_REQUESTS = 12
 # A decode step may also go ahead of the commit when it needs cached KV evicted for its slots (free + evictable
-# slots hold it), not only when free slots do. Off until measured on the H200: replaying workload (b)'s schedule
-# on the CPU, 105 of its 511 decode steps wait for the commit without it, none with it (benchmarks/RESULTS.md,
-# thru9; benchmarks/b_schedule_cpu.py; `benchmarks/b_levers.py --items evict` is the H200 A/B).
-AHEAD_WITH_EVICTION = False
+# slots hold it), not only when free slots do. Replaying workload (b)'s schedule on the CPU, 105 of its 511 decode
+# steps wait for the commit without it, none with it (thru9; benchmarks/b_schedule_cpu.py); on the H200
+# (`benchmarks/b_levers.py --items evict`, 2026-12-05) the decode phase took 0.980x the time, same tokens: on.
+AHEAD_WITH_EVICTION = True
 # ... also with NGRAM speculation on (drafting reads the host's tokens only when it drafts): at batch 64 on the H200 the
 # e2e cell is half prefill and spec on ran every chunk synchronously. Off until measured on the H200
 # (`benchmarks/speculative.py --prefill-ab`, spec8); a draft model or head always keeps prefill synchronous.

@@ -12,7 +12,7 @@ step's limit, a short one at most as many tokens as it matched; and the request'
 while its drafts are accepted whole and falls back to what was accepted on a rejection (copying
 runs long, then stops at an edit: a long draft pays on the run, a short one at the edit). Where a verify step
 costs about the same at any depth (batch 1 on a GPU) the SpecDecoder may floor every depth at the step's k
-(`min_depth`; spec_decoder.FULL_DEPTH_ROWS, off until measured on the H200).
+(`min_depth`; spec_decoder.FULL_DEPTH_ROWS, on for batch 1 since the H200 A/B of 2026-12-05).
 
 With a branching factor above 1 (`--speculative-eagle-topk`) a request drafts a token tree
 (draft_tree.py) instead of one chain: the continuations of several earlier occurrences of its

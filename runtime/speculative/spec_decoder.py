@@ -52,9 +52,10 @@ WARM_LEAD_STEPS = 32
 # NGRAM chains with the overlap schedule (a GPU), batches of up to this many rows: every request drafts as deep as the
 # step's k allows (its n-gram match permitting), not its own DraftDepth, which after a rejection falls to the accepted
 # count + 1 and climbs back 2 a step: a batch-1 verify step costs about the same at any k on the H200 (4.40 / 4.82 ms
-# at k = 1 / 4 against 4.16 plain, 2026-12-04), so a shallow draft saves little and emits fewer tokens. 0 (off) until
-# measured on the H200 (`benchmarks/speculative.py --deep-ab`, spec8; 1 turns it on for batch 1)
-FULL_DEPTH_ROWS = 0
+# at k = 1 / 4 against 4.16 plain, 2026-12-04), so a shallow draft saves little and emits fewer tokens. On for batch 1
+# since the H200 A/B of 2026-12-05 (`benchmarks/speculative.py --deep-ab`: x1.515 / 1.667 against 1.373 / 1.412 off,
+# benchmarks/RESULTS.md); 0 turns it off
+FULL_DEPTH_ROWS = 1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Batch 1 on a GPU (the overlap schedule), with FULL_DEPTH_ROWS (off by default until measured on the H200): NGRAM
+"""Batch 1 on a GPU (the overlap schedule), with FULL_DEPTH_ROWS (on by default since the H200 A/B of 2026-12-05): NGRAM
 chains as deep as the step's k allows (the SpecDecoder's floor under each request's DraftDepth: a verify step costs
 about the same at any k there), not a request's own depth, which falls to the accepted count + 1 after each
 rejection."""
@@ -61,13 +61,9 @@ def test_batch_1_chains_as_deep_as_the_step_allows(tiny) -> None:
         drafted[rows] = sched.spec.draft_tokens / sched.spec.verify_steps
     assert drafted[1] > drafted[0] + 0.3, drafted
     assert make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True).spec.full_depth_rows \
-        == spec_decoder.FULL_DEPTH_ROWS == 0  # (off by default until measured on the H200)
-    spec_decoder.FULL_DEPTH_ROWS = 1
-    try:
-        sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True)
-        assert make_scheduler(tiny, speculative_algorithm="NGRAM").spec.full_depth_rows == 0  # (no overlap: the CPU)
-    finally:
-        spec_decoder.FULL_DEPTH_ROWS = 0
+        == spec_decoder.FULL_DEPTH_ROWS == 1  # (on for batch 1 since the H200 A/B of 2026-12-05)
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True)
+    assert make_scheduler(tiny, speculative_algorithm="NGRAM").spec.full_depth_rows == 0  # (no overlap: the CPU)
     sched.spec.begin_step(0.0, 0, 2)
     assert sched.spec.full_depth_rows == 1 and sched.spec.drafter.min_depth == 0
     sched.spec.begin_step(0.0, 0, 1)
