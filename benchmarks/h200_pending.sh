@@ -5,6 +5,7 @@
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
 # first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
+# Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
 #   bash benchmarks/h200_pending.sh ab      (~560 s: the A/Bs of issues 14, 18, 19, 21, 22)
 #   bash benchmarks/h200_pending.sh final   (~560 s: gpu_suite a,b,e,f,g; the 64-adapter row)
 #   bash benchmarks/h200_pending.sh lora    (~200 s: issue 21's base, 1-adapter and 8-adapter rows at 1,000 requests, one engine)
