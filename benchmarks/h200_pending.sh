@@ -25,8 +25,9 @@ case "$PART" in
 ab)
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends / array filter): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf15 200 "RADIXLM_LOOP_STATS=$OUT/jf15/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf15/f.json"
-  # issue 19 (w4f): L2 hints, SiLU epilogue, blocked codes -> runtime/models/w4_l2_prefetch.DEFAULT_PLAN, runtime/quantization/w4a16.SILU_EPILOGUE_AUTO
-  run w4f 100 "python3 benchmarks/w4_decode_step.py --check pf-all,pf-o-gu16-silu,blk --variants defaults,pf-o-gu16,pf-o,pf-all,blk,pf-o-gu16-blk,split-norm-silu,pf-o-gu16-silu,gu-c4,down-c4,pf-o-gu8,pf-o-gu32,pf-gu16,pf-o-start,pf-o-gu16-d8,pf-o-gu16-q4,pf-o-gu16-qall,gu-c4-st3,pf-o-gu16-on8,pf-o-gu16-on32 --wall-variants defaults,pf-o-gu16,pf-o-gu16-silu,pf-o-gu16-blk --rounds 2 --wall-steps 60 --budget-s 80 --out $OUT/w4f/w4_step.json"
+  # issue 19 (w4blk): the 4-bit codes blocked by row tile as the weights' only copy -> runtime/quantization/w4a16.BLOCKED_CODES
+  run w4blk 70 "python3 benchmarks/w4_decode_step.py --check blk-only,blk --variants defaults,blk-only,blk --wall-variants defaults,blk-only,blk --rounds 2 --wall-steps 60 --budget-s 45 --out $OUT/w4blk/w4_step.json"
+  run w4blk-e 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults,w4a16-defaults-blocked --out $OUT/w4blk-e/w4a.json"
   # issue 18 (spec8): batch 64 prefill overlap with NGRAM, batch-1 deepest-first / full depth -> runtime/step_order.OVERLAP_PREFILL_WITH_NGRAM, speculative/draft_payoff.DEEP_FIRST_ROWS, speculative/spec_decoder.FULL_DEPTH_ROWS
   run spec8 70 "python3 benchmarks/speculative.py --mode gpu --sets e2e,profile --topk 1 --prompt-sets repeat --batches 1,64 --repeats 2 --new-tokens 128 --no-audit --profile-small-only --deep-ab --eager-ab --prefill-ab --out $OUT/spec8/spec.json"
   # issue 22 item 3 (thru9): prefill row blocks, decode steps ahead with eviction -> runtime/dense_row_blocks.AUTO_ROWS (--gemm-row-block), runtime/step_order.AHEAD_WITH_EVICTION

@@ -113,6 +113,7 @@ def w4_gemm_table(ceil: dict, graph_time) -> list[dict]:
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         q = W4Weight([quantize_rtn(w, 128, True)], 128, "bench")
+        q.set_blocked(False)  # (the kernels below are called on the plain layout, w4a16.BLOCKED_CODES or not)
         assert q.use_triton, q.format
         args = (q.codes, q.scales, None, None, k, 128)
         for m in (1, 16, 64, 256, 1024, 4096):
@@ -159,6 +160,7 @@ def w4_small_table(ceil: dict, graph_time) -> list[dict]:
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         q = W4Weight([quantize_rtn(w, 128, True)], 128, "bench")
+        q.set_blocked(False)  # (the kernels below are called on the plain layout, w4a16.BLOCKED_CODES or not)
         ref_w = q.dequantize()
         args = (q.codes, q.scales, None, None, k, 128)
         for m in (1, 2, 4, 8, 16, 64, 256):

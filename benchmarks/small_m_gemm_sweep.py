@@ -208,6 +208,7 @@ def sweep_kind(kind: str, copy_bw: float, deadline: float, ms: tuple[int, ...] =
             configs, default, parse = FP8_CONFIGS, fp8_default, SmallMConfig.parse
         else:
             q = W4Weight([quantize_rtn(w, 128, True)], 128, "sweep")
+            q.set_blocked(False)  # (the kernels below are called on the plain layout, w4a16.BLOCKED_CODES or not)
             ref_w = q.dequantize()
             weight_bytes = n * k // 2 + n * (k // 128) * 2
             reps = copies_for(weight_bytes)
@@ -354,7 +355,13 @@ def python_literal(table: dict) -> str:
 
 
 DECODE_ARMS = ("bf16", "fp8", "w4a16", "w4a16-defaults", "fp8-pdl", "w4a16-pdl", "w4a16-silu", "w4a16-defaults-silu",
-               "w4a16-p1", "w4a16-p1b", "w4a16-defaults-splitnorm", "w4a16-defaults-nosplitnorm", "w4a16-defaults-nol2")
+               "w4a16-p1", "w4a16-p1b", "w4a16-defaults-splitnorm", "w4a16-defaults-nosplitnorm", "w4a16-defaults-nol2",
+               "w4a16-defaults-blocked", "w4a16-defaults-plain")
+# the arms' environment (the scheduler process inherits it): -nol2 no L2 hints between the 4-bit linears; -blocked /
+# -plain the tensor-core kernel's weights stored blocked by row tile / plain (runtime/quantization/w4a16.BLOCKED_CODES)
+ARM_ENV = {"w4a16-defaults-nol2": {"RADIXLM_W4_L2_PREFETCH": ""},
+           "w4a16-defaults-blocked": {"RADIXLM_W4_BLOCKED_CODES": "1"},
+           "w4a16-defaults-plain": {"RADIXLM_W4_BLOCKED_CODES": "0"}}
 # "w4a16-p1" / "-p1b": qkv / o on GEMV configs that load their first weight step before the PDL wait (p1); the table's
 # p0 ones won back to back without PDL, where that load cannot overlap the predecessor, but the engine launches them
 # with PDL after a small kernel (the norm, attention's merge). p1: the 2026-12-03 08:00 sweep's best p1 config of each
@@ -367,7 +374,8 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
     """(a) batch-1 decode of the 8B shape: bf16, fp8 and w4a16 (GPTQ) engines, the quantized ones on the
     swept table; `only` picks among DECODE_ARMS ("-defaults": on the kernels' DEFAULTS tables, what main runs;
     "-pdl": the swept table with --decode-pdl on; "-silu": with --decode-silu-epilogue on; "-splitnorm" /
-    "-nosplitnorm": --decode-split-norm on / off; "-nol2": no L2 hints between the 4-bit linears); `ab` adds fp8 / w4a16 on the older kernels."""
+    "-nosplitnorm": --decode-split-norm on / off; "-nol2" / "-blocked" / "-plain": `ARM_ENV`); `ab` adds fp8 / w4a16 on
+    the older kernels."""
     import tempfile
 
     from gpu_suite import LLAMA_8B, model_dir_for
@@ -385,7 +393,7 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
             "w4a16-defaults-silu": ("w4a16", "", {"decode_silu_epilogue": "on"}),
             "w4a16-defaults-splitnorm": ("w4a16", "", {"decode_split_norm": "on"}),
             "w4a16-defaults-nosplitnorm": ("w4a16", "", {"decode_split_norm": "off"}),
-            "w4a16-defaults-nol2": ("w4a16", "", {}),  # no L2 hints between the linears (runtime/models/w4_l2_prefetch.py)
+            **{name: ("w4a16", "", {}) for name in ARM_ENV},
             **{name: ("w4a16", str(p1_dir / f"{name}.json"), {}) for name in P1_TABLES}}
     chosen = [(name, *arms[name]) for name in only]
     if ab:
@@ -396,10 +404,9 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
         d4 = model_dir_for({**LLAMA_8B, "quantization_config": GPTQ_CONFIG}, Path(tmp), "llama8b-gptq")
         for label, config, source, extra in chosen:
             os.environ["RADIXLM_SMALL_M_TABLE"] = source
-            if label == "w4a16-defaults-nol2":  # (the scheduler process inherits it)
-                os.environ["RADIXLM_W4_L2_PREFETCH"] = ""
-            else:
-                os.environ.pop("RADIXLM_W4_L2_PREFETCH", None)
+            for key in {key for env in ARM_ENV.values() for key in env}:
+                os.environ.pop(key, None)
+            os.environ.update(ARM_ENV.get(label, {}))  # (the scheduler process inherits it)
             t = time.perf_counter()
             try:
                 out[label] = engine_items(d4 if config == "w4a16" else d, LLAMA_8B["vocab_size"],
@@ -408,8 +415,8 @@ def decode_figures(table_path: Path, ab: bool, only: tuple[str, ...] = ("bf16", 
                 out[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"(a) {label}: {out[label].get('a_decode_tok_s', out[label].get('error'))} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
-    os.environ.pop("RADIXLM_SMALL_M_TABLE", None)
-    os.environ.pop("RADIXLM_W4_L2_PREFETCH", None)
+    for key in ("RADIXLM_SMALL_M_TABLE", *{key for env in ARM_ENV.values() for key in env}):
+        os.environ.pop(key, None)
     return out
 
 
@@ -428,6 +435,8 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="no sweep: only the --decode-arms engines (arms on "
                     "the swept table then run on the DEFAULTS)")
     args = ap.parse_args()
+    if unknown := [a for a in args.decode_arms.split(",") if a not in DECODE_ARMS]:  # (before any device time)
+        ap.error(f"--decode-arms: unknown {unknown}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_suite import measure_ceilings
 

@@ -25,7 +25,9 @@ split-norm (each residual add + RMSNorm split across the 4-bit linears around it
 split-norm-silu (and gate_up's SiLU-and-mul in its kernel's last split); no-split-norm (the norms as launches of
 their own; split-norm is on by default since 2026-12-04 evening, so "split-norm" then equals "defaults"); pf-*
 (each linear hints the next one's first bytes into L2: `PF_PLANS`, runtime/models/w4_l2_prefetch.py); blk (the
-tensor-core kernel's weights in `w4a16_mma_m1.block_codes`' layout, a copy: `W4Weight.use_blocked_m1`).
+tensor-core kernel's weights in `w4_blocked.block_codes`' layout, a copy: `W4Weight.use_blocked_m1`); blk-only (those
+weights' codes stored blocked as their only copy, every kernel reading them so: `W4Weight.set_blocked`, what
+`w4a16.BLOCKED_CODES` does at load).
 
 --wall-variants: before the replays, each listed variant's graphs (full and short-context) are captured and the
 wall time per scheduler step measured on them (--wall-steps steps, interleaved --rounds times): the (a) figure
@@ -95,8 +97,10 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     # the tensor-core kernel's weights (gate_up, down) in `block_codes`' layout: a step's 64 rows x 128 B contiguous
     "blk": ({}, None),
     "pf-o-gu16-blk": ({}, None),
+    "blk-only": ({}, None),  # the same layout as the weights' only copy (w4a16.BLOCKED_CODES at load)
 }
 BLOCKED = ("blk", "pf-o-gu16-blk")
+BLOCKED_ONLY = ("blk-only",)
 # the pf-* variants: runtime/models/w4_l2_prefetch.py's plans (target:MB|all:1 before / 2 after the carrier's loop;
 # the carrier is the linear before the target: qkv -> o -> gate_up -> down -> the next qkv)
 PF_PLANS = {"pf-o": "o:all:2", "pf-o-start": "o:all:1", "pf-o-gu8": "o:all:2,gate_up:8:1",
@@ -136,6 +140,7 @@ def use_variant(name: str, folder: Path, runner=None) -> None:
         set_decode_pdl(runner.model, pdl, silu, split)
         for module in runner.model.modules():  # (outside any capture: the copies are made or dropped here)
             if isinstance(getattr(module, "quantized", None), w4a16.W4Weight):
+                module.quantized.set_blocked(name in BLOCKED_ONLY or (w4a16.BLOCKED_CODES and name not in BLOCKED))
                 module.quantized.use_blocked_m1(name in BLOCKED)
         runner.model.l2_prefetch_plan = None  # the hints' spans follow the codes the kernels read
         runner.model.ops = runner.attn_backend.ops = get_kernel_ops(True, pdl)

@@ -1,13 +1,12 @@
 """Triton kernels of the 4-bit weight-only linear (runtime/quantization/w4a16.py picks between them by M).
 
-Weight layout (`pack_codes`, built once at load from AWQ / GPTQ / compressed-tensors tensors): codes
-c in [0, 15] of a [N, K] weight, K padded to a multiple of 128 with code 8, stored as int16
-[N, Kp / 4]: in each 128-column chunk, halfword i holds columns i, 32 + i, 64 + i, 96 + i in its
-nibbles 0..3. A chunk's halfwords are one 64-byte run of a row, and nibble j of the 32 halfwords is
-the 32 consecutive columns j*32 .. j*32 + 31, so unpacking needs one shift and one mask per code and
-no shuffle. Scales (the checkpoint's fp16 / bf16 / fp32) and zero points (uint8, asymmetric only;
-symmetric means z = 8) are [G, N], one group per `group_size` columns (after act-order's
-permutation, see below).
+Weight layout (`pack_codes`, built once at load from AWQ / GPTQ / compressed-tensors tensors): codes c in [0, 15] of a
+[N, K] weight, K padded to a multiple of 128 with code 8, stored as int16 [N, Kp / 4]: in each 128-column chunk,
+halfword i holds columns i, 32 + i, 64 + i, 96 + i in its nibbles 0..3. A chunk's halfwords are one 64-byte run of a row
+(`blocked`: of each row of a tile, the tile's runs contiguous: kernels/w4_blocked.py), and nibble j of the 32 halfwords
+is the 32 consecutive columns j*32 .. j*32 + 31, so unpacking needs one shift and one mask per code and no shuffle.
+Scales (the checkpoint's fp16 / bf16 / fp32) and zero points (uint8, asymmetric only; symmetric means z = 8) are
+[G, N], one group per `group_size` columns (after act-order's permutation, see below).
 
     W[n, k] = (c[n, k] - z[g, n]) * s[g, n]  (+ o[g, n]),     g = k // group_size
     y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (c[n, k] - z[g, n])  (+ o[g, n] * sum_{k in g} x[m, k])
@@ -42,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import sm_count
+from .w4_blocked import chunk_stride, row_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def _w4a16_kernel(
     stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKED: tl.constexpr = 0, CSTRIDE: tl.constexpr = 32,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -255,7 +255,7 @@ def _w4a16_kernel(
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
     x_rows = X + rm[:, None].to(tl.int64) * stride_xm
-    c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
+    c_ptrs = Codes + row_offsets(rn, stride_cn, BLOCKED)[:, None] + ri[None, :]  # (w4_blocked.py: BLOCKED rows a block)
     # SWAP: the output tile is computed transposed, (W - z) [BLOCK_N, 32] @ x^T: the unpacked weights are
     # the MMA's first operand, which Hopper's wgmma takes from registers (no shared-memory round trip).
     if SWAP:
@@ -264,7 +264,7 @@ def _w4a16_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     z = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric: every zero point is 8
     for c in range(c_start, c_end):
-        h = tl.load(c_ptrs + c * 32, mask=n_mask[:, None], other=0)
+        h = tl.load(c_ptrs + c * CSTRIDE, mask=n_mask[:, None], other=0)
         acc, z = chunk_dot(h, c, acc, z, x_rows, m_mask, rn, n_mask, Scales, Zeros, Offsets, Perm, N, K, G, group_size,
                            HAS_ZEROS, HAS_OFFSETS, HAS_PERM, MAGIC, IEEE, ASM, SLICES_PER_GROUP, SWAP, BLOCK_M)
     if SWAP:
@@ -326,9 +326,9 @@ def _magic(dtype: torch.dtype) -> int:
 
 def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  perm: torch.Tensor | None, k: int, group_size: int, cfg: W4Config | None = None,
-                 offsets: torch.Tensor | None = None) -> torch.Tensor:
+                 offsets: torch.Tensor | None = None, blocked: int = 0) -> torch.Tensor:
     """x [M, K] (bf16 / fp16 / fp32) @ W^T -> [M, N] in x's dtype; W as described in the module docstring
-    (`offsets`: float32 [G, N] added to every weight of the group, GGUF's affine blocks)."""
+    (`offsets`: float32 [G, N] added to its group's weights, GGUF's affine blocks; `blocked`: w4_blocked.py's rows)."""
     m = x.shape[0]
     n, kp = codes.shape[0], codes.shape[1] * 4
     if x.shape[1] != k or kp != triton.cdiv(k, CHUNK) * CHUNK or group_size % SLICE:
@@ -347,13 +347,12 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         _w4a16_kernel[grid](
             x, codes, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
             perm if perm is not None else codes, out, part,
-            m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK,
-            x.stride(0), codes.stride(0), out.stride(0),
+            m, n, k, scales.shape[0], group_size, per_split, kp // CHUNK, x.stride(0), codes.stride(0), out.stride(0),
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None,
             PARTIAL=split > 1, MAGIC=magic,
             IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm,
             SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SWAP=cfg.swap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCKED=blocked, CSTRIDE=chunk_stride(blocked), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     _launch_with_asm_fallback(launch, cfg.asm and x.is_cuda and magic != 0)
@@ -366,13 +365,13 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 @triton.jit
 def _dequantize_kernel(Codes, Scales, Zeros, Offsets, Perm, Out, N, K, G, group_size, stride_cn, stride_on,
                        HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCKED: tl.constexpr = 0, CSTRIDE: tl.constexpr = 32):
     """One 128-column chunk of BLOCK_N rows per program: W in the original column order."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1)
     ri = tl.arange(0, 32)
     n_mask = rn < N
-    h = tl.load(Codes + rn[:, None].to(tl.int64) * stride_cn + c * 32 + ri[None, :], mask=n_mask[:, None], other=0)
+    h = tl.load(Codes + (row_offsets(rn, stride_cn, BLOCKED) + c * CSTRIDE)[:, None] + ri[None, :], mask=n_mask[:, None])
     for j in tl.static_range(4):
         kk = c * 128 + j * 32 + ri
         k_mask = kk < K
@@ -391,7 +390,8 @@ def _dequantize_kernel(Codes, Scales, Zeros, Offsets, Perm, Out, N, K, G, group_
 
 
 def w4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, perm: torch.Tensor | None,
-                  k: int, group_size: int, dtype: torch.dtype, offsets: torch.Tensor | None = None) -> torch.Tensor:
+                  k: int, group_size: int, dtype: torch.dtype, offsets: torch.Tensor | None = None,
+                  blocked: int = 0) -> torch.Tensor:
     """W [N, K] in `dtype`, columns in the checkpoint's order (each value rounded once from float32)."""
     n, kp = codes.shape[0], codes.shape[1] * 4
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
@@ -400,6 +400,6 @@ def w4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         codes, scales, zeros if zeros is not None else scales, offsets if offsets is not None else scales,
         perm if perm is not None else codes, out, n, k, scales.shape[0], group_size, codes.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, BLOCK_N=block_n,
-        num_warps=4,
+        BLOCKED=blocked, CSTRIDE=chunk_stride(blocked), num_warps=4,
     )
     return out

@@ -35,6 +35,7 @@ from .fp8_gemm import sm_count
 from .l2_prefetch import L2Plan, launch_args, prefetch_next
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
+from .w4_blocked import chunk_stride, row_offsets
 from .w4a16_gemm import CHUNK, SLICE
 
 MAX_M = 1  # rows this kernel takes (W4Weight sends M <= GEMV_MAX_M here)
@@ -176,11 +177,11 @@ def _x_pair(X, Perm, pidx, mask, K, XMODE: tl.constexpr, HAS_PERM: tl.constexpr,
 
 
 @triton.jit
-def _load_words(w_ptrs, c0, rw, n_mask, c_end, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+def _load_words(w_ptrs, c0, rw, n_mask, c_end, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, CSTRIDE: tl.constexpr):
     """The step's words [BLOCK_N, CHUNKS, 16]: loaded flat (threads spread along the row, each holding 4
     words of several rows, so the activations it reads serve all of them), then viewed per chunk (the
     scales broadcast over a chunk's 16 words; the view moves no data: sm_90 TTGIR has no convert)."""
-    w = tl.load(w_ptrs + c0 * 16, mask=n_mask[:, None] & (c0 * 16 + rw < c_end * 16)[None, :], other=0)
+    w = tl.load(w_ptrs + c0 * CSTRIDE, mask=n_mask[:, None] & (c0 * 16 + rw < c_end * 16)[None, :], other=0)
     return tl.reshape(w, (BLOCK_N, CHUNKS, 16))
 
 
@@ -236,7 +237,7 @@ def _gemv_kernel(
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     XMODE: tl.constexpr, PRECISE: tl.constexpr, EVEN_K: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, GROUP_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr,
+    CHUNKS: tl.constexpr, BLOCKED: tl.constexpr = 0, CSTRIDE: tl.constexpr = 16,  # (w4_blocked.py, in int32 words)
     # kernels/split_norm.py: NORM 1 (a producer) finishes its tiles as `finish_tile_add_norm` (Res, NormW, NewRes;
     # SumSq its tile sums); NORM 2 (a consumer: X is the producer's u) scales its products by rstd from SumSq's n_sum
     Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
@@ -253,11 +254,14 @@ def _gemv_kernel(
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
     rw = tl.arange(0, CHUNKS * 16)
-    w_ptrs = Words + rn[:, None].to(tl.int64) * stride_wn + rw[None, :]  # [BLOCK_N, CHUNKS * 16]: a row's step
+    if BLOCKED:  # a row's chunks CSTRIDE words apart
+        w_ptrs = Words + row_offsets(rn, stride_wn, BLOCKED, 16)[:, None] + ((rw // 16) * CSTRIDE + rw % 16)[None, :]
+    else:
+        w_ptrs = Words + rn[:, None].to(tl.int64) * stride_wn + rw[None, :]  # [BLOCK_N, CHUNKS * 16]: a row's step
     acc = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
     ONE_GROUP: tl.constexpr = SLICES_PER_GROUP == 4  # a chunk inside one group: one load of its parameters a step
     if PREFETCH:  # the next step's words are loaded before this step's math
-        w_next = _load_words(w_ptrs, c_first, rw, n_mask, c_end, BLOCK_N, CHUNKS)
+        w_next = _load_words(w_ptrs, c_first, rw, n_mask, c_end, BLOCK_N, CHUNKS, CSTRIDE)
     if PF == 1:  # the next linear's first bytes toward L2 (constants: before the PDL wait too)
         prefetch_next(PfA, pf_a, piece_a, PfB, pf_b, piece_b, pf_first, pf_issuers, PF_THREADS, PF_LANES)
     if USE_PDL:  # launched beside its predecessor: the weights (constants) are in flight, now wait for x
@@ -269,9 +273,9 @@ def _gemv_kernel(
         c_mask = cc < c_end
         if PREFETCH:
             w = w_next
-            w_next = _load_words(w_ptrs, c0 + CHUNKS, rw, n_mask, c_end, BLOCK_N, CHUNKS)
+            w_next = _load_words(w_ptrs, c0 + CHUNKS, rw, n_mask, c_end, BLOCK_N, CHUNKS, CSTRIDE)
         else:
-            w = _load_words(w_ptrs, c0, rw, n_mask, c_end, BLOCK_N, CHUNKS)
+            w = _load_words(w_ptrs, c0, rw, n_mask, c_end, BLOCK_N, CHUNKS, CSTRIDE)
         if ONE_GROUP:  # issued here, used after the math (a prefetch a step ahead was converted through
             # shared memory every step: sm_90 SASS)
             s1, z1, o1 = _group_params(Scales, Zeros, Offsets, cc, rn, n_mask, c_end, N, G, group_size, 0,
@@ -319,7 +323,8 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
                perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
                tickets: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool = False,
                silu_mul: bool = False, add_norm: AddNorm | None = None,
-               pending: PendingNorm | None = None, l2: L2Plan | None = None) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
+               pending: PendingNorm | None = None, l2: L2Plan | None = None,
+               blocked: int = 0) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemm.w4a16_matmul`'s, plus
     `tickets` (`tickets_for(N)`: zero at rest; a fresh zeroed buffer per call when None). `pdl`: launch with
     programmatic dependent launch (sm_90+): the kernel becomes resident while its predecessor runs, loads
@@ -328,7 +333,7 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
     MLP's [gate | up] and the result silu(gate) * up, [1, N / 2] (`small_m.finish_tile_silu`: ops.silu_and_mul's bits).
     `add_norm` / `pending` (kernels/split_norm.py): as the producer it returns (PendingNorm, new residual); as the
     consumer x is `pending.u` and the result the product of the normed row. `l2`: the next linear's bytes to hint
-    into L2 (kernels/l2_prefetch.py; results unchanged)."""
+    into L2 (kernels/l2_prefetch.py; results unchanged). `blocked`: the codes are `w4_blocked.block_codes(codes, blocked)`."""
     if pending is not None:
         x = pending.u
     m = x.shape[0]
@@ -377,7 +382,7 @@ def w4a16_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros
         HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
         XMODE=xmode, PRECISE=x.dtype == torch.float32, EVEN_K=k % CHUNK == 0, PREFETCH=cfg.prefetch,
         GROUP_SHIFT=group_shift, SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, SILU=silu_mul, BLOCK_N=cfg.block_n,
-        CHUNKS=cfg.chunks,
+        CHUNKS=cfg.chunks, BLOCKED=blocked, CSTRIDE=chunk_stride(blocked, 16),
         num_warps=cfg.num_warps, num_stages=1,  # Triton 3.6 does not pipeline these loads: PREFETCH does
         **({"USE_PDL": True, "launch_pdl": True} if pdl and x.is_cuda else {"USE_PDL": False}), **norm,
         **launch_args(l2, grid[0] * grid[1], cfg.num_warps * 32, x.device),

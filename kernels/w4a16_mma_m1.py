@@ -41,6 +41,7 @@ from .fp8_gemm import sm_count
 from .l2_prefetch import L2Plan, launch_args, prefetch_next
 from .small_m import Table, finish_tile, finish_tile_silu, paired_rows, register_defaults, table_in_use
 from .split_norm import AddNorm, PendingNorm, finish_tile_add_norm, norm_launch_args, rstd_of
+from .w4_blocked import chunk_stride, row_offsets
 from .w4a16_gemm import CHUNK, SLICE, _launch_with_asm_fallback, _magic
 
 MAX_M = 1  # rows this kernel takes
@@ -129,17 +130,6 @@ def step_groups(chunks: int, group_size: int) -> int:
     if group_size % cols == 0:
         return 1
     return (cols - 1) // group_size + 2
-
-
-def block_codes(codes: torch.Tensor, block_n: int) -> torch.Tensor:
-    """`pack_codes`' [N, Kp / 4] codes rearranged for row tiles of `block_n` rows: tile by tile, chunk by chunk, a
-    chunk's block_n x 64 bytes one contiguous run (a loop step of the M = 1 kernel reads CHUNKS such runs, not
-    64-byte pieces of block_n rows a row apart). Same shape and bytes; only `w4a16_mma_m1(..., blocked=block_n)`
-    reads it."""
-    n, kw = codes.shape
-    if n % block_n or kw % 32:
-        raise ValueError(f"block_codes: {n} rows of {kw} halfwords do not make tiles of {block_n} rows x 32 halfwords")
-    return codes.view(n // block_n, block_n, kw // 32, 32).permute(0, 2, 1, 3).contiguous().view(n, kw)
 
 
 @triton.jit
@@ -233,7 +223,7 @@ def _mma1_kernel(
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICE_SHIFT: tl.constexpr, USE_PDL: tl.constexpr,
     SUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, BLOCKED: tl.constexpr = False,
+    CHUNKS: tl.constexpr, SPLIT_MAJOR: tl.constexpr, BLOCKED: tl.constexpr = 0, CHUNK_STRIDE: tl.constexpr = 32,
     # the split norm (kernels/split_norm.py, as in w4a16_gemv._gemv_kernel): NORM 1 producer, 2 consumer
     Res=None, NormW=None, NewRes=None, SumSq=None, n_sum=0, eps=0.0, NORM: tl.constexpr = 0, BLOCK_T: tl.constexpr = 16,
     # kernels/l2_prefetch.py: PF 1 / 2 hints the next linear's first bytes into L2 before / after the loop
@@ -249,12 +239,10 @@ def _mma1_kernel(
     n_mask = rn < N
     c_first = pid_k * chunks_per_split
     c_end = tl.minimum(c_first + chunks_per_split, n_chunks)
-    if BLOCKED:  # `block_codes`: the tile's rows chunk by chunk, each chunk's BLOCK_N x 64 B one contiguous run
+    if BLOCKED == BLOCK_N and not SILU:  # w4_blocked.py: the tile's rows chunk by chunk, each chunk one 64 B x BLOCK_N run
         c_ptrs = Codes + pid_n.to(tl.int64) * n_chunks * (BLOCK_N * 32) + tl.arange(0, BLOCK_N)[:, None] * 32 + ri[None, :]
-        CHUNK_STRIDE: tl.constexpr = BLOCK_N * 32
-    else:
-        c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
-        CHUNK_STRIDE: tl.constexpr = 32
+    else:  # the plain layout, or blocks of another row count (the SiLU epilogue's paired rows, another table's tile)
+        c_ptrs = Codes + row_offsets(rn, stride_cn, BLOCKED)[:, None] + ri[None, :]
     g_base = _group_of(c_first, 0, G, group_size, SLICE_SHIFT)  # the split's groups: window columns 0..15
     # the group sums X_j by the MMA too: a row of ones against the same activation tiles (row 0 of xsum)
     if IEEE:
@@ -346,8 +334,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
                  blocked: int = 0) -> torch.Tensor | tuple[PendingNorm, torch.Tensor]:
     """x [1, K] @ W^T -> [1, N] in x's dtype; the arguments as `w4a16_gemv.w4a16_gemv`'s (`silu_mul`: [1, N / 2],
     silu(gate) * up of the MLP's [gate | up] weight; `add_norm` / `pending`: the split norm's producer / consumer;
-    `l2`: the next linear's bytes to hint into L2; `blocked`: `codes` is `block_codes(codes, blocked)`, for a
-    config of that row tile)."""
+    `l2`: the next linear's bytes to hint into L2; `blocked`: `codes` is `w4_blocked.block_codes(codes, blocked)`:
+    whole runs a step for a config of that row tile)."""
     if pending is not None:
         x = pending.u
     m = x.shape[0]
@@ -359,8 +347,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     slices = group_size // SLICE
     if step_groups(cfg.chunks, group_size) > cfg.window or cfg.block_n < 16 or cfg.window not in (8, 16):
         raise ValueError(f"w4a16_mma_m1: config {cfg.key()} (a step's groups must fit one window of {cfg.window})")
-    if blocked and (blocked != cfg.block_n or n % blocked or silu_mul):
-        raise ValueError(f"w4a16_mma_m1: codes blocked by {blocked} rows for {cfg.key()} (N {n}, silu_mul {silu_mul})")
+    if blocked and n % blocked:
+        raise ValueError(f"w4a16_mma_m1: codes blocked by {blocked} rows: N {n} is not whole blocks")
     if silu_mul and (n // 2) % (cfg.block_n // 2):
         raise ValueError(f"w4a16_mma_m1: silu_mul needs N / 2 a multiple of half the row tile ({n}, {cfg.key()})")
     out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
@@ -403,7 +391,8 @@ def w4a16_mma_m1(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None, PARTIAL=split > 1,
             MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm, SLICE_SHIFT=slice_shift,
             SUM_CHUNKS=sum_chunks, WIN=cfg.window, SILU=silu_mul, BLOCK_N=cfg.block_n,
-            EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, BLOCKED=bool(blocked), num_warps=cfg.num_warps,
+            EVEN=even, CHUNKS=cfg.chunks, SPLIT_MAJOR=cfg.split_major, BLOCKED=blocked, num_warps=cfg.num_warps,
+            CHUNK_STRIDE=chunk_stride(blocked),
             num_stages=cfg.num_stages,
             **({"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}), **norm,
             **launch_args(l2, grid[0] * grid[1], cfg.num_warps * 32, x.device),

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .fp8_gemm import sm_count
 from .small_m import MAX_M, SmallMConfig, Table, check_tickets, finish_tile, lookup, register_defaults, table_in_use
+from .w4_blocked import chunk_stride, row_offsets
 from .w4a16_gemm import CHUNK, SLICE, _codes_minus_zero, _launch_with_asm_fallback, _magic, chunk_dot
 
 # (N, K) -> {largest M covered: config key}; the Llama-3.1-8B layers (qkv, o, gate_up, down), measured by
@@ -98,7 +99,8 @@ def _w4_small_m_kernel(
     M, N, K, G, group_size, chunks_per_split, n_chunks, split, stride_xm, stride_cn, stride_om,
     HAS_ZEROS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr,
     MAGIC: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, BLOCKED: tl.constexpr = 0,
+    CSTRIDE: tl.constexpr = 32,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -110,7 +112,7 @@ def _w4_small_m_kernel(
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
     x_rows = X + rm[:, None].to(tl.int64) * stride_xm
-    c_ptrs = Codes + rn[:, None].to(tl.int64) * stride_cn + ri[None, :]
+    c_ptrs = Codes + row_offsets(rn, stride_cn, BLOCKED)[:, None] + ri[None, :]  # (w4_blocked.py: BLOCKED rows a block)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if SLICES_PER_GROUP == 4 and not HAS_OFFSETS:
         # groups of >= 128 columns: a chunk is inside one group, so each step's scales (and zero points) are
@@ -124,7 +126,7 @@ def _w4_small_m_kernel(
             for cc in tl.static_range(CHUNKS):
                 c = c0 + cc
                 # a chunk past this split's end (the last split's short step) reads zero codes against zero x
-                h = tl.load(c_ptrs + c * 32, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
+                h = tl.load(c_ptrs + c * CSTRIDE, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
                 s = tl.sum(tl.where(rc[:, None] == cc, s_step, 0.0), 0)
                 if HAS_ZEROS:
                     z = tl.sum(tl.where(rc[:, None] == cc, z_step, 0.0), 0)
@@ -137,7 +139,7 @@ def _w4_small_m_kernel(
         for c0 in range(c_start, c_end, CHUNKS):
             for cc in tl.static_range(CHUNKS):
                 c = c0 + cc
-                h = tl.load(c_ptrs + c * 32, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
+                h = tl.load(c_ptrs + c * CSTRIDE, mask=(n_mask & (rn * 0 + c < c_end))[:, None], other=0)
                 acc, z = chunk_dot(h, c, acc, z, x_rows, m_mask & (rm * 0 + c < c_end), rn, n_mask, Scales, Zeros,
                                    Offsets, Perm, N, K, G, group_size, HAS_ZEROS, HAS_OFFSETS, HAS_PERM, MAGIC, IEEE,
                                    ASM, SLICES_PER_GROUP, True, BLOCK_M)
@@ -147,7 +149,8 @@ def _w4_small_m_kernel(
 
 def w4a16_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                          perm: torch.Tensor | None, k: int, group_size: int, offsets: torch.Tensor | None = None,
-                         tickets: torch.Tensor | None = None, cfg: SmallMConfig | None = None) -> torch.Tensor:
+                         tickets: torch.Tensor | None = None, cfg: SmallMConfig | None = None,
+                         blocked: int = 0) -> torch.Tensor:
     """x [M <= 16, K] @ W^T -> [M, N] in x's dtype; the arguments as `w4a16_gemm.w4a16_matmul`'s, plus
     `tickets` (`small_m.tickets_for(N)`: zero at rest; a fresh zeroed buffer per call when None)."""
     m = x.shape[0]
@@ -179,7 +182,7 @@ def w4a16_small_m_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
             HAS_ZEROS=zeros is not None, HAS_OFFSETS=offsets is not None, HAS_PERM=perm is not None,
             PARTIAL=split > 1, MAGIC=magic, IEEE=x.dtype == torch.float32 or x.device.type == "cpu", ASM=asm,
             SLICES_PER_GROUP=min(group_size, CHUNK) // SLICE, BLOCK_M=16, BLOCK_N=cfg.block_n,
-            CHUNKS=cfg.block_k // CHUNK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            CHUNKS=cfg.block_k // CHUNK, BLOCKED=blocked, CSTRIDE=chunk_stride(blocked), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     _launch_with_asm_fallback(launch, x.is_cuda and magic != 0)

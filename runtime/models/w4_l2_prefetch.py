@@ -50,7 +50,8 @@ def current_plan() -> str:
 
 def plan_for(weight, mb: float, at: int) -> L2Plan:
     """The hints of `weight` (a W4Weight): its codes' first `mb` MB (whole rows; of the copy its M = 1 kernel reads,
-    `W4Weight.use_blocked_m1`'s if it has one: whole row tiles first there too) and its scales."""
+    `W4Weight.use_blocked_m1`'s if it has one; codes blocked in place (`W4Weight.blocked`) likewise: whole row tiles
+    first there) and its scales."""
     codes, scales = weight.codes if weight.codes_m1 is None else weight.codes_m1, weight.scales
     row = codes.shape[1] * codes.element_size()
     rows = codes.shape[0] if mb == float("inf") else min(codes.shape[0], int(mb * (1 << 20)) // row)

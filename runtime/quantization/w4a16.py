@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,9 +48,27 @@ SMALL_M_MAX_M = 16  # rows up to which the small-M kernel runs (kernels/w4a16_sm
 SPLIT_NORM_AUTO = True
 # --decode-silu-epilogue auto: gate_up's SiLU-and-mul in its kernel's last split (one launch a layer fewer).
 SILU_EPILOGUE_AUTO = False
+# At load on a GPU: the codes of each weight the tensor-core M = 1 kernel's table lists (N whole row tiles) stored blocked
+# by its row tile (kernels/w4_blocked.py) as their only copy, every 4-bit kernel told (`W4Weight.blocked`). A blocked
+# copy beside the weight cut the H200's 8B batch-1 decode step by 86.7 of 2,020 µs (RESULTS.md, 2026-12-05); off until
+# the H200 measures this (one copy) against the defaults. $RADIXLM_W4_BLOCKED_CODES 1 / 0 overrides it (an A/B arm's
+# scheduler process inherits it: benchmarks/small_m_gemm_sweep.py --decode-arms w4a16-defaults-blocked).
+BLOCKED_CODES = False
+BLOCKED_CODES_ENV = "RADIXLM_W4_BLOCKED_CODES"
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 _mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process
 logger = logging.getLogger(__name__)
+
+
+def triton_serves(codes: torch.Tensor) -> bool:
+    """Whether the Triton kernels take a weight whose codes are `codes` (on a GPU, with triton installed)."""
+    return codes.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def blocked_codes_enabled() -> bool:
+    """`BLOCKED_CODES`, or $RADIXLM_W4_BLOCKED_CODES where set (1: on, anything else: off)."""
+    value = os.environ.get(BLOCKED_CODES_ENV, "")
+    return BLOCKED_CODES if value == "" else value == "1"
 
 
 def split_norm_enabled(mode: str) -> bool:
@@ -124,7 +143,10 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         self.codes = pack_codes(codes if perm is None else codes[:, perm])
         self.source = source
-        self.use_triton = self.codes.is_cuda and importlib.util.find_spec("triton") is not None
+        self.use_triton = triton_serves(self.codes)
+        self.blocked = 0  # the codes' rows a block (kernels/w4_blocked.py; 0: the plain layout)
+        if blocked_codes_enabled():
+            self.set_blocked(True)
         self.tickets: torch.Tensor | None = None  # the GEMV's split-K tickets (int32, zero at rest)
         if self.use_triton:
             from radixlm.kernels.small_m import tickets_for
@@ -142,6 +164,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
         kind += " sym" if self.zeros is None else " asym"
         kind += " affine" if self.offsets is not None else ""
         kind += " act-order" if self.perm is not None else ""
+        kind += f" blocked-{self.blocked}" if self.blocked else ""
         path = "triton GEMV / split-K / tiled, dequant + cuBLAS" if self.use_triton else "reference"
         return f"w4a16[{self.source} {kind}, {path}]"
 
@@ -161,7 +184,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             from radixlm.kernels.w4a16_gemm import w4_dequantize
 
             w = w4_dequantize(self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size, x.dtype,
-                              self.offsets)
+                              self.offsets, self.blocked)
             out = torch.matmul(x2, w.t())
         elif x2.shape[0] <= GEMV_MAX_M and not _mma1_failed and self._mma1_serves():
             out = self._mma1(x2)
@@ -173,7 +196,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             from radixlm.kernels.w4a16_gemm import w4a16_matmul
 
             out = w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                               offsets=self.offsets)
+                               offsets=self.offsets, blocked=self.blocked)
         return out.reshape(*lead, self.out_features)
 
     def linear_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -188,7 +211,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
             return None
         try:
             out = kernel[0](x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                            self.offsets, self.tickets, pdl=self.pdl, silu_mul=True)
+                            self.offsets, self.tickets, pdl=self.pdl, silu_mul=True, blocked=self.blocked)
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
             if not _compile_failure(exc):
                 raise
@@ -213,11 +236,11 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         run = kernel[0]
         x2 = pending.u if pending is not None else x.reshape(-1, self.in_features)
-        codes, blocked = self._m1_codes() if run is w4a16_mma_m1 and not silu_mul else (self.codes, 0)
+        codes, blocked = self._m1_codes() if run is w4a16_mma_m1 and not silu_mul else (self.codes, self.blocked)
         try:
             return run(x2, codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
                        self.offsets, self.tickets, pdl=self.pdl, add_norm=add_norm, pending=pending, silu_mul=silu_mul,
-                       l2=self.l2_next, **({"blocked": blocked} if blocked else {}))
+                       l2=self.l2_next, blocked=blocked)
         except Exception as exc:  # noqa: BLE001 - a compile failure: the unfused launches compute the same
             if not _compile_failure(exc):
                 raise
@@ -232,9 +255,10 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         args = (x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size)
         if not small_m.enabled():
-            return w4a16_matmul(*args, offsets=self.offsets)
-        return small_m.with_fallback("w4", lambda: w4a16_small_m_matmul(*args, self.offsets, self.tickets),
-                                     lambda: w4a16_matmul(*args, offsets=self.offsets))
+            return w4a16_matmul(*args, offsets=self.offsets, blocked=self.blocked)
+        return small_m.with_fallback("w4", lambda: w4a16_small_m_matmul(*args, self.offsets, self.tickets,
+                                                                        blocked=self.blocked),
+                                     lambda: w4a16_matmul(*args, offsets=self.offsets, blocked=self.blocked))
 
     def _gemv_serves(self) -> bool:
         """Whether the GEMV takes this weight's M = 1 calls: its table lists the shape (or GEMV_UNLISTED), and
@@ -271,27 +295,45 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         return small_m.enabled() and mma1_table_config(self.out_features, self.in_features) is not None
 
-    def use_blocked_m1(self, on: bool) -> bool:
-        """Give the tensor-core M = 1 kernel a copy of the codes in `block_codes`' layout for its table's row tile (an
-        experiment: twice this weight's code bytes; benchmarks/w4_decode_step.py's blocked variants), or drop it.
-        Returns whether the copy is in use."""
-        from radixlm.kernels.w4a16_mma_m1 import block_codes, mma1_table_config
+    def _m1_tile(self) -> int:
+        """The tensor-core M = 1 kernel's row tile for this shape where N is whole tiles of it (0: no table entry)."""
+        from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
 
-        cfg = mma1_table_config(self.out_features, self.in_features) if on and self.use_triton else None
-        fits = cfg is not None and self.out_features % cfg.block_n == 0
-        self.codes_m1 = block_codes(self.codes, cfg.block_n) if fits else None
-        self.m1_blocked = cfg.block_n if fits else 0
-        return fits
+        cfg = mma1_table_config(self.out_features, self.in_features) if self.use_triton else None
+        return cfg.block_n if cfg is not None and self.out_features % cfg.block_n == 0 else 0
+
+    def set_blocked(self, on: bool) -> bool:
+        """Store the codes blocked by the tensor-core M = 1 kernel's row tile (`BLOCKED_CODES` at load; where its table
+        lists the shape) or plain again: one copy either way, read so by every kernel. Returns whether blocked."""
+        from radixlm.kernels.w4_blocked import block_codes, unblock_codes
+
+        want = self._m1_tile() if on else 0
+        if want != self.blocked:
+            plain = unblock_codes(self.codes, self.blocked)
+            self.codes = block_codes(plain, want) if want else plain
+            self.blocked = want
+        return self.blocked > 0
+
+    def use_blocked_m1(self, on: bool) -> bool:
+        """Give the tensor-core M = 1 kernel a copy of the codes in `w4_blocked.block_codes`' layout for its table's row
+        tile (an experiment: twice this weight's code bytes; benchmarks/w4_decode_step.py's blk variants), or drop it;
+        none where the codes themselves are blocked (`set_blocked`). Returns whether the kernel reads blocked codes."""
+        from radixlm.kernels.w4_blocked import block_codes
+
+        tile = self._m1_tile() if on and not self.blocked else 0
+        self.codes_m1 = block_codes(self.codes, tile) if tile else None
+        self.m1_blocked = tile
+        return tile > 0 or (on and self.blocked > 0)
 
     def _m1_codes(self) -> tuple[torch.Tensor, int]:
-        """The tensor-core kernel's codes and their row blocking (0: the weight's own layout), the blocked copy only
-        while the table's row tile is still the one it was made for."""
+        """The tensor-core kernel's codes and their row blocking (0: the plain layout): the weight's own, or the blocked
+        copy while the table's row tile is still the one it was made for."""
         from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
 
         cfg = mma1_table_config(self.out_features, self.in_features)
         if self.codes_m1 is not None and cfg is not None and cfg.block_n == self.m1_blocked:
             return self.codes_m1, self.m1_blocked
-        return self.codes, 0
+        return self.codes, self.blocked
 
     def _mma1(self, x2: torch.Tensor) -> torch.Tensor:
         """The tensor-core M = 1 kernel; if it fails to compile here, say so once and use the GEMV path from then on."""
@@ -316,7 +358,7 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
         try:
             return w4a16_gemv(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                              self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next)
+                              self.offsets, self.tickets, pdl=self.pdl, l2=self.l2_next, blocked=self.blocked)
         except Exception as exc:  # noqa: BLE001 - a compile failure of the new kernel: the MMA kernel computes the same
             if not _compile_failure(exc):
                 raise
@@ -324,13 +366,14 @@ class W4Weight(DequantizedRows, QuantizedWeight):
                            type(exc).__name__, str(exc)[:200])
             _gemv_failed.append(True)
             return w4a16_matmul(x2, self.codes, self.scales, self.zeros, self.perm, self.in_features, self.group_size,
-                                offsets=self.offsets)
+                                offsets=self.offsets, blocked=self.blocked)
 
     def _dequantize(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """Rows `rows` of W as float32: (c - z) * s (+ o), columns back in the checkpoint's order."""
+        from radixlm.kernels.w4_blocked import code_rows
         from radixlm.kernels.w4a16_gemm import unpack_codes
 
-        codes = unpack_codes(self.codes[rows], self.in_features).float()  # columns in stored (group-sorted) order
+        codes = unpack_codes(code_rows(self.codes, rows, self.blocked), self.in_features).float()  # columns in stored (group-sorted) order
         g = torch.arange(self.in_features, device=codes.device) // self.group_size
         z = 8.0 if self.zeros is None else self.zeros[:, rows].float().t()[:, g]
         w = (codes - z) * self.scales[:, rows].float().t()[:, g]

@@ -182,10 +182,9 @@ def test_mma_m1_silu_mul_epilogue_is_silu_and_mul_of_the_product(device, dtype):
 
 def test_blocked_codes_give_the_same_bits(device):
     """`block_codes`: each row tile's chunks as contiguous runs; the kernel reading them (blocked=block_n) computes the
-    same bits as on the weight's own layout, plain and as a split norm's producer / consumer; refused where the copy
-    does not fit the config (another row tile, N not whole tiles, the SiLU epilogue's paired rows)."""
+    same bits as on the weight's own layout, plain and as a split norm's producer / consumer."""
     from radixlm.kernels.split_norm import AddNorm, PendingNorm
-    from radixlm.kernels.w4a16_mma_m1 import block_codes
+    from radixlm.kernels.w4_blocked import block_codes
 
     n, k = 64, 640  # 5 chunks: the splits' ends are not whole steps for chunks=2
     w = _weight(n, k, 128, False, True, device)
@@ -210,9 +209,6 @@ def test_blocked_codes_give_the_same_bits(device):
                               for c, b in ((copy, cfg.block_n), (w.codes, 0)))
         assert torch.equal(p1.u, p2.u) and torch.equal(p1.sumsq, p2.sumsq) and torch.equal(r1, r2)
         assert not tickets.any()
-    cfg = CONFIGS[0]
-    for bad in ({"blocked": cfg.block_n * 2}, {"blocked": cfg.block_n, "silu_mul": True}):
-        with pytest.raises(ValueError, match="blocked"):
-            w4a16_mma_m1(x, block_codes(w.codes, cfg.block_n), *args, tickets=tickets, cfg=cfg, **bad)
+    # (blocks of another row count and the SiLU epilogue's paired rows: tests/kernels/test_kernels_w4_blocked.py)
     with pytest.raises(ValueError, match="tiles"):
         block_codes(codes[:40], 16)

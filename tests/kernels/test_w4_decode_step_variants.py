@@ -117,11 +117,12 @@ def test_prefetch_variants_set_their_plan(tmp_path, monkeypatch) -> None:
 
 def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeypatch) -> None:
     """blk / pf-o-gu16-blk: every weight the tensor-core M = 1 kernel serves gets `block_codes`' copy for its table's
-    row tile (and the L2 wiring is redone for it); any other variant drops the copies."""
+    row tile (and the L2 wiring is redone for it); any other variant drops the copies. blk-only: the codes blocked in
+    place (one copy), back to the plain layout under the defaults."""
     from types import SimpleNamespace
 
     from radixlm.benchmarks import w4_decode_step
-    from radixlm.kernels.w4a16_mma_m1 import block_codes
+    from radixlm.kernels.w4_blocked import block_codes
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
     from radixlm.runtime.quantization.w4a16 import W4Weight
 
@@ -143,3 +144,9 @@ def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeyp
         assert runner.model.l2_prefetch_plan is None
     use_variant("defaults", tmp_path, runner)
     assert served.codes_m1 is None and served._m1_codes() == (served.codes, 0)
+    plain, before = served.codes, served.nbytes
+    use_variant("blk-only", tmp_path, runner)  # the codes themselves blocked (w4a16.BLOCKED_CODES' layout): no copy
+    assert served.blocked == 32 and served.codes_m1 is None and torch.equal(served.codes, block_codes(plain, 32))
+    assert served._m1_codes() == (served.codes, 32) and served.nbytes == before and other.blocked == 0
+    use_variant("defaults", tmp_path, runner)
+    assert served.blocked == 0 and torch.equal(served.codes, plain)
