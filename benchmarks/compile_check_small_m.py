@@ -1,7 +1,8 @@
 """Compile every config of the small-M kernels (kernels/fp8_small_m.py, kernels/w4a16_small_m.py, the M = 1
 4-bit GEMV kernels/w4a16_gemv.py, the bf16 2..16-row kernels/bf16_small_m.py) for sm_90
 (and the M = 1 tensor-core kernel kernels/w4a16_mma_m1.py; the M = 1 kernels also with their L2 hints,
-kernels/l2_prefetch.py, and the tensor-core one on `block_codes`' layout) on a machine without a GPU, and look at
+kernels/l2_prefetch.py; `-k blk`: every 4-bit kernel on codes blocked by row tile, kernels/w4_blocked.py) on a
+machine without a GPU, and look at
 what the compiler made of the weight loads.
 
 The Triton interpreter runs kernel bodies as Python and misses code-generation errors; this runs the real
@@ -27,8 +28,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixlm.kernels import bf16_small_m, fp8_small_m, w4a16_gemv, w4a16_mma_m1, w4a16_small_m
+from radixlm.kernels import bf16_small_m, fp8_small_m, w4a16_gemm, w4a16_gemv, w4a16_mma_m1, w4a16_small_m
 from radixlm.kernels.small_m import SmallMConfig
+from radixlm.kernels.w4_blocked import chunk_stride
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from small_m_gemm_sweep import BF16M_CONFIGS, FP8_CONFIGS, GEMV_CONFIGS, MMA1_CONFIGS, W4_CONFIGS  # noqa: E402
@@ -169,7 +171,7 @@ def mma1_cases():
                         "MAGIC": {"fp32": 0, "bf16": 1, "fp16": 2}[act], "IEEE": act == "fp32", "ASM": act != "fp32",
                         "SLICE_SHIFT": shift, "USE_PDL": pdl, "SUM_CHUNKS": 16 if cfg.sums else 0,
                         "EVEN": i == 0, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
-                        "SPLIT_MAJOR": cfg.split_major, "BLOCKED": False, **NO_NORM}, launch)
+                        "SPLIT_MAJOR": cfg.split_major, **NO_NORM}, launch)
     for key in defaults:  # the split norm on the default tables, as the GEMV's
         cfg = w4a16_mma_m1.Mma1Config.parse(key)
         launch = SmallMConfig("dot", cfg.block_n, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
@@ -181,8 +183,8 @@ def mma1_cases():
                    {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": partial, "MAGIC": 1,
                     "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True, "SUM_CHUNKS": 16 if cfg.sums else 0,
                     "EVEN": True, "WIN": cfg.window, "SILU": silu, "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks,
-                    "SPLIT_MAJOR": cfg.split_major, "BLOCKED": False, **norm_constexprs(norm)}, launch)
-        for (norm, pf), blocked in itertools.product(PF_FORMS, (False, True)):  # L2 hints; codes by row tile
+                    "SPLIT_MAJOR": cfg.split_major, **norm_constexprs(norm)}, launch)
+        for (norm, pf), blocked in itertools.product(PF_FORMS, (0, cfg.block_n)):  # L2 hints; codes by row tile
             yield (f"mma1 {cfg.key()} bf16 split=True pdl=True norm={norm} hints={pf} blocked={blocked}",
                    w4a16_mma_m1._mma1_kernel,
                    {"X": "bf16", "Codes": "i16", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
@@ -191,7 +193,8 @@ def mma1_cases():
                             "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True,
                             "SUM_CHUNKS": 16 if cfg.sums else 0, "EVEN": True, "WIN": cfg.window, "SILU": False,
                             "BLOCK_N": cfg.block_n, "CHUNKS": cfg.chunks, "SPLIT_MAJOR": cfg.split_major,
-                            "BLOCKED": blocked, **norm_constexprs(norm)}, pf, cfg.num_warps), launch)
+                            "BLOCKED": blocked, "CHUNK_STRIDE": chunk_stride(blocked), **norm_constexprs(norm)}, pf,
+                           cfg.num_warps), launch)
 
 
 # (split-K, NORM, SILU): producer / consumer with and without split-K; a consumer with the SiLU epilogue
@@ -219,6 +222,51 @@ def norm_constexprs(norm: int) -> dict:
     return {"NORM": norm, "BLOCK_T": 256, **unused, **NO_PF}
 
 
+def blocked_cases():
+    """Each kernel that reads a weight the tensor-core M = 1 table lists, on its codes blocked by that table's row tile
+    (kernels/w4_blocked.py, w4a16.BLOCKED_CODES): the tensor-core kernel (its own tile: whole runs; the SiLU
+    epilogue's paired rows: the general addressing), the GEMV, the small-M kernel, the tiled one, the dequantization;
+    each also on the plain layout (blocked=0) to compare registers and loads."""
+    for ((n, k), by_m), plain in itertools.product(w4a16_mma_m1.DEFAULTS.items(), (False, True)):
+        cfg = w4a16_mma_m1.Mma1Config.parse(by_m[1])
+        bn = cfg.block_n
+        b = 0 if plain else bn
+        base = {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "PARTIAL": True}
+        ptrs = {"X": "bf16", "Codes": "i16", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16",
+                "Out": "bf16", "Part": "fp32", "Tickets": "i32"}
+        launch = SmallMConfig("dot", bn, cfg.chunks * 128, 1, cfg.num_warps, cfg.num_stages)
+        for norm, silu in ((2, False), (1, False), (0, True), (2, True)):
+            yield (f"blk mma1 {n}x{k} {cfg.key()} norm={norm} silu={silu} blocked={b}", w4a16_mma_m1._mma1_kernel,
+                   {**ptrs, **(norm_pointers(norm) if norm else {})},
+                   {**base, "MAGIC": 1, "IEEE": False, "ASM": True, "SLICE_SHIFT": 2, "USE_PDL": True,
+                    "SUM_CHUNKS": 16 if cfg.sums else 0, "EVEN": True, "WIN": cfg.window, "SILU": silu, "BLOCK_N": bn,
+                    "CHUNKS": cfg.chunks, "SPLIT_MAJOR": cfg.split_major, "BLOCKED": b, "CHUNK_STRIDE": chunk_stride(b),
+                    **(norm_constexprs(norm) if norm else NO_NORM)}, launch)
+        gemv = w4a16_gemv.gemv_default_config(n, k)
+        yield (f"blk gemv {n}x{k} {gemv.key()} norm=2 blocked={b}", w4a16_gemv._gemv_kernel,
+               {**ptrs, "Words": "i32", **norm_pointers(2)},
+               {**base, "XMODE": 1, "PRECISE": False, "EVEN_K": True, "SLICES_PER_GROUP": 4, "PREFETCH": gemv.prefetch,
+                "USE_PDL": True, "GROUP_SHIFT": 0, "SILU": False, "BLOCK_N": gemv.block_n, "CHUNKS": gemv.chunks,
+                "BLOCKED": b, "CSTRIDE": chunk_stride(b, 16), **norm_constexprs(2)},
+               SmallMConfig("dot", gemv.block_n, gemv.chunks * 128, 1, gemv.num_warps, 1))
+        small = w4a16_small_m.config_for(16, n, k, None)
+        yield (f"blk w4 {n}x{k} {small.key()} blocked={b}", w4a16_small_m._w4_small_m_kernel, ptrs,
+               {**base, "MAGIC": 1, "IEEE": False, "ASM": True, "SLICES_PER_GROUP": 4, "BLOCK_M": 16,
+                "BLOCK_N": small.block_n, "CHUNKS": small.block_k // 128, "BLOCKED": b, "CSTRIDE": chunk_stride(b)},
+               small)
+        for m in (64, 255):
+            tiled = w4a16_gemm.default_config(m)
+            yield (f"blk tiled {n}x{k} m={m} blocked={b}", w4a16_gemm._w4a16_kernel,
+                   {key: ptrs[key] for key in ("X", "Codes", "Scales", "Zeros", "Offsets", "Perm", "Out", "Part")},
+                   {**base, "MAGIC": 1, "IEEE": False, "ASM": True, "SLICES_PER_GROUP": 4, "SWAP": tiled.swap,
+                    "BLOCK_M": tiled.block_m, "BLOCK_N": tiled.block_n, "BLOCKED": b, "CSTRIDE": chunk_stride(b)},
+                   tiled)
+        yield (f"blk dequantize {n}x{k} blocked={b}", w4a16_gemm._dequantize_kernel,
+               {"Codes": "i16", "Scales": "fp16", "Zeros": "u8", "Offsets": "fp16", "Perm": "i16", "Out": "bf16"},
+               {"HAS_ZEROS": True, "HAS_OFFSETS": False, "HAS_PERM": False, "BLOCK_N": 32, "BLOCKED": b,
+                "CSTRIDE": chunk_stride(b)}, SmallMConfig("dot", 32, 128, 1, 4, 3))
+
+
 def bf16m_cases():
     defaults = [key for by_m in bf16_small_m.DEFAULTS.values() for key in by_m.values() if key != bf16_small_m.CUBLAS]
     for cfg in {SmallMConfig.parse(key) for key in BF16M_CONFIGS + defaults}:
@@ -238,13 +286,13 @@ def bf16m_cases():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv", "mma1", "bf16m"], action="append")
+    parser.add_argument("-k", dest="only", choices=["fp8", "w4", "gemv", "mma1", "bf16m", "blk"], action="append")
     parser.add_argument("--first", type=int, default=0, help="only the first N cases of each kernel (quick look)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     total = failed = 0
     for name, cases in (("fp8", fp8_cases), ("w4", w4_cases), ("gemv", gemv_cases), ("mma1", mma1_cases),
-                        ("bf16m", bf16m_cases)):
+                        ("bf16m", bf16m_cases), ("blk", blocked_cases)):
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
