@@ -40,6 +40,8 @@ _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "e4m3": "*fp8e4nv", "
 
 
 def _compile(fn, pointers: dict[str, str], constexprs: dict, cfg: SmallMConfig, target: GPUTarget):
+    # a constexpr the case leaves out takes its default, as a launch that leaves it out (BLOCKED 0: the plain layout)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
