@@ -100,6 +100,7 @@ def _disable(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     elif name == "not_closed_object":
         monkeypatch.setattr(schema_negation, "unnamed_key_present", lambda node: None)
         monkeypatch.setattr(schema_relative, "unnamed_key_present", lambda node: None)
+        monkeypatch.setattr(compiler, "_contains_retry", lambda *args: None)  # "some key fails" as Lark: another way
     elif name in ("not_const_object", "not_enum_objects"):
         def refuse(value: Any) -> Any:
             raise schema_negation.Unsupported("enum", "disabled")
