@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .schema_lark_object import Empty, live_states, object_rule
+from .schema_lark_object import MARKS, Empty, live_states, object_rule
 from .schema_negation import Unsupported
 from .schema_refs import get, subschemas
 from .schema_some_key import SOME_KEY, holds_marker
@@ -80,7 +80,7 @@ class ContainsGrammar:
     def reaches_contains(self, node: Any, seen: frozenset[str] = frozenset()) -> bool:
         if not isinstance(node, dict):
             return False
-        if "contains" in node or _MORE in node or SOME_KEY in node:
+        if "contains" in node or _MORE in node or SOME_KEY in node or MARKS in node:
             return True
         ref = node.get("$ref")
         if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
@@ -104,10 +104,11 @@ class ContainsGrammar:
             if mine and theirs and (mine | theirs) != {"properties"}:
                 # additionalProperties / patternProperties depend on the properties beside them
                 raise Unsupported("contains", "object keywords in two allOf members on the path to contains")
-            if SOME_KEY in member and SOME_KEY in out:
-                raise Unsupported("contains", "two failing keys asked of one object")
             for key, value in member.items():
-                if key == "properties" and "properties" in out:
+                if key in (SOME_KEY, MARKS) and (SOME_KEY in out or MARKS in out):  # one list of them all
+                    out[MARKS] = out.get(MARKS, []) + ([out.pop(SOME_KEY)] if SOME_KEY in out else []) + \
+                        (value if key == MARKS else [value])
+                elif key == "properties" and "properties" in out:
                     out[key] = {**out[key], **{k: {"allOf": [out[key][k], v]} if k in out[key] else v
                                                for k, v in value.items()}}
                 elif key == "required" and "required" in out:
@@ -139,14 +140,15 @@ class ContainsGrammar:
         node = self.merged(node)
         keys = {k for k in node if k in VALIDATION}
         if "anyOf" in keys:  # A ∧ (B ∨ C) = (A ∧ B) ∨ (A ∧ C)
-            rest = {k: v for k, v in node.items() if k not in ("anyOf", _MORE)}
-            common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])]
+            rest = {k: v for k, v in node.items() if k not in ("anyOf", _MORE, MARKS)}
+            common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])] + \
+                [{"type": "object", SOME_KEY: m} for m in node.get(MARKS, [])]
             branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
             alts = [r for r in (self.branch(b, depth + 1) for b in branches) if r is not None]
             if not alts:
                 raise Empty("contains", "an anyOf none of whose branches accepts a value")
             return self._new(" | ".join(alts))
-        kind = "object" if keys & _OBJECT_KEYS or SOME_KEY in node else "array"
+        kind = "object" if keys & _OBJECT_KEYS or SOME_KEY in node or MARKS in node else "array"
         allowed = _OBJECT_KEYS if kind == "object" else _ARRAY_KEYS
         if not keys <= allowed | {"type"}:
             raise Unsupported("contains", f"{sorted(keys - allowed - {'type'})} on the path to contains")

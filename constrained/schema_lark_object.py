@@ -27,6 +27,7 @@ from .schema_any_order import literal_pattern
 from .schema_negation import Unsupported, negate
 from .schema_pattern_complement import complement_pattern, pattern_matches, patterns_disjoint
 from .schema_some_key import SOME_KEY, key_in, key_schema
+from .schema_string_fold import fold_string_schema
 
 if TYPE_CHECKING:
     from .schema_contains import ContainsGrammar
@@ -38,8 +39,10 @@ class Empty(Unsupported):
 
 
 _MAX_COUNT = 8  # minProperties / maxProperties counted in grammar states
+_MAX_MARKS = 3  # failing keys asked of one object (2^k pair forms per key)
+MARKS = "$someKey*"  # schema_contains.merged() keeps every SOME_KEY of a node in this list
 _SEP = 'WS "," WS'
-State = tuple[int, int, int, int, int]  # (named index, emitted, failed, named counted, others counted)
+State = tuple[int, int, int, int, int]  # (named index, emitted, marks met, named counted, others counted)
 
 
 def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
@@ -61,15 +64,25 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
     if not isinstance(low, int) or low > _MAX_COUNT or high is not None and (not isinstance(high, int)
                                                                              or high > _MAX_COUNT):
         raise Unsupported("contains", "larger key counts than written out here")
-    mark = node.get(SOME_KEY)
+    marks = node.get(MARKS, []) + ([node[SOME_KEY]] if SOME_KEY in node else [])
+    if len(marks) > _MAX_MARKS:
+        raise Unsupported("contains", "more failing keys asked of one object than written out here")
+    full = (1 << len(marks)) - 1
 
     def pair(key_leaf: str, value: Any) -> str | None:
         """A key and its value, None where no value is allowed."""
         body = g.branch(value, depth + 1)
         return None if body is None else f'{key_leaf} WS ":" WS {body}'
 
-    def failing(key_leaf: str, value: Any) -> str | None:
-        return pair(key_leaf, {"allOf": [value, mark["value"]]})
+    def with_marks(value: Any, chosen: int) -> Any:
+        extra_values = [m["value"] for i, m in enumerate(marks) if chosen >> i & 1 and m["value"] is not True]
+        return {"allOf": [value, *extra_values]} if extra_values else value
+
+    def subsets(fits: list[bool]) -> list[int]:  # non-empty sets of marks a key may satisfy at once
+        return [t for t in range(1, full + 1) if all(fits[i] for i in range(len(marks)) if t >> i & 1)]
+
+    def last(chosen: int) -> bool:  # a key outside the named ones that must hold a failing value: the last pair
+        return any(chosen >> i & 1 and m["value"] is not True for i, m in enumerate(marks))
 
     def value_of(key: str, own: Any) -> Any:  # a named or literal key is also checked by the open patterns it matches
         hits = _matching(open_, key)
@@ -78,11 +91,13 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
     names = list(named)
     outside = [*props, *literal]
     const = {k: g._json_leaf({"const": k}) for k in [*names, *literal]}
-    plain = [pair(const[k], value_of(k, named[k])) for k in names]
-    fails = [failing(const[k], value_of(k, named[k])) if mark and key_in(mark, k) else None for k in names]
-    free = [pair(const[k], value_of(k, v)) for k, v in literal.items() if v is not False]
-    free_fails = [failing(const[k], value_of(k, v)) for k, v in literal.items()
-                  if v is not False and mark and key_in(mark, k)]
+    # per named key: its pairs by the set of marks they satisfy (0: none)
+    plain = [{t: pair(const[k], with_marks(value_of(k, named[k]), t))
+              for t in [0, *subsets([key_in(m, k) for m in marks])]} for k in names]
+    free: list[tuple[int, str | None]] = []
+    for k, v in literal.items():
+        if v is not False:
+            free += [(t, pair(const[k], with_marks(value_of(k, v), t))) for t in [0, *subsets([key_in(m, k) for m in marks])]]
     unnamed = [not_named(outside)] if outside else []
     classes = [(unnamed + [{"pattern": p}], sub) for p, sub in open_.items()]
     if extra is not False:
@@ -92,17 +107,18 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
     for parts, value in classes:
         if value is False:
             continue
-        free.append(pair(g._json_leaf(_string(parts)), value))
-        keys = key_schema(mark, parts + ([not_named(mark["out"])] if mark["out"] else [])) if mark else None
-        if keys is not None and not g.empty(keys):
-            free_fails.append(failing(g._json_leaf(keys), value))
-    free, free_fails = [p for p in free if p is not None], [p for p in free_fails if p is not None]
-    n, need = len(names), 1 if mark else 0
+        free.append((0, pair(g._json_leaf(key_leaf_schema(_string(parts))), value)))
+        for t in subsets([True] * len(marks)):
+            keys = key_schema([m for i, m in enumerate(marks) if t >> i & 1], parts)
+            keys = None if keys is None else key_leaf_schema(keys)
+            if keys is not None and not g.empty(keys):
+                free.append((t, pair(g._json_leaf(keys), with_marks(value, t))))
+    n = len(names)
     top_n = max(low, high + 1 if high is not None else 0)
     top_u = high + 1 if high is not None else (1 if low else 0)
 
     def accepting(s: State) -> bool:
-        return s[0] in (n, -1) and s[2] == need and s[3] + min(s[4], 1) >= low and (high is None or s[3] + s[4] <= high)
+        return s[0] in (n, -1) and s[2] == full and s[3] + min(s[4], 1) >= low and (high is None or s[3] + s[4] <= high)
 
     def moves(s: State) -> list[tuple[str, State]]:
         i, e, f, cn, u = s
@@ -110,18 +126,15 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
         if i < 0:  # after a failing key outside the named ones: only the end
             return []
         if i < n:
-            step = (i + 1, 1, f, min(cn + 1, top_n), u)
-            out = [(lead + plain[i], step)] if plain[i] is not None else []
-            if fails[i] is not None and not f:
-                out.append((lead + fails[i], (i + 1, 1, 1, step[3], u)))
+            step = min(cn + 1, top_n)
+            out = [(lead + text, (i + 1, 1, f | t, step, u)) for t, text in plain[i].items()
+                   if text is not None and t & f == 0]
             if names[i] not in required:
                 out.append(("", (i + 1, e, f, cn, u)))
             return out
         more = min(u + 1, top_u)
-        out = [(lead + p, (n, 1, f, cn, more)) for p in free]
-        if not f:
-            out += [(lead + p, (-1, 1, 1, cn, more)) for p in free_fails]
-        return out
+        return [(lead + text, (-1 if last(t) else n, 1, f | t, cn, more)) for t, text in free
+                if text is not None and t & f == 0]
 
     graph: dict[State, list[tuple[str, State]]] = {}
     todo: list[State] = [(0, 0, 0, 0, 0)]
@@ -196,3 +209,9 @@ def _matching(patterns: dict[str, Any], key: str) -> list[str]:
 def _string(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "string", **parts[0]} if len(parts) == 1 else {"type": "string", "allOf": parts} if parts \
         else {"type": "string"}
+
+
+def key_leaf_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A key class's string schema with its patterns folded into one where we can (llguidance
+    cannot always decide whether an intersection of search patterns is empty)."""
+    return fold_string_schema(schema) or schema if "allOf" in schema else schema

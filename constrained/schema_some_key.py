@@ -50,15 +50,20 @@ def key_in(mark: dict[str, Any], name: str) -> bool:
     return True
 
 
-def key_schema(mark: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """A string schema for the marker's keys that also satisfy `parts` (string keywords from the
-    caller: the key class of the object node); None when no such key exists."""
-    parts = list(parts) + [{"pattern": p} for p in mark["match"]]
-    for p in mark["unmatch"]:
-        other = complement_pattern(p)
-        if other is None:
-            return None  # `p` matches every key: none is unmatched
-        parts.append({"pattern": other})
+def key_schema(marks: list[dict[str, Any]], parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A string schema for the keys of every one of `marks` that also satisfy `parts` (string
+    keywords from the caller: the key class of the object node); None when no such key exists."""
+    from .schema_lark_object import not_named  # it builds on this module
+
+    parts = list(parts)
+    for mark in marks:
+        parts += [not_named(mark["out"])] if mark["out"] else []
+        parts += [{"pattern": p} for p in mark["match"]]
+        for p in mark["unmatch"]:
+            other = complement_pattern(p)
+            if other is None:
+                return None  # `p` matches every key: none is unmatched
+            parts.append({"pattern": other})
     out: dict[str, Any] = {"type": "string"}
     if len(parts) == 1:
         out.update(parts[0])

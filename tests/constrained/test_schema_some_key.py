@@ -40,6 +40,12 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "required_unlisted": ({"type": "object", "required": ["k", "a"], "additionalProperties": {"type": "integer"},
                            "properties": {"a": {"type": "array", "contains": {"const": 1}}}}, [
         {"k": 1, "a": [1]}, {"k": "x", "a": [1]}, {"a": [1]}, {"k": 1, "a": [1], "z": 2}, {"k": 1, "a": [1], "z": "s"}]),
+    # two "some key matches" (Handwritten object5's shape): keys present with any value, so either
+    # may come anywhere and repeat; one key may satisfy both
+    "two_present_keys": ({"type": "object", "allOf": [{"not": {"propertyNames": {"not": {"pattern": "a"}}}},
+                                                      {"not": {"propertyNames": {"not": {"pattern": "b"}}}}]}, [
+        {"ab": 1}, {"a": 1, "b": 2}, {"b": 1, "a": 2}, {"a": 1}, {}, {"x": 1, "ab": 2}, {"x": 1, "b": [], "y": 2},
+        {"xa": None, "q": 1, "yb": 2}]),
     # aerleon's shape: a oneOf of files, one holding terms that are a oneOf of an open and a closed
     # object; "some term fails" is `contains` of the complement, which has `additionalProperties:
     # true` (nothing fails it) and "a key besides `include`" (minProperties on the route)
@@ -78,9 +84,9 @@ def test_failing_key_last_and_duplicates(tokenizer: Any) -> None:
 
 @pytest.mark.parametrize("schema", [
     {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}, "minProperties": 9},
-    # two failing keys asked of one object
-    {"type": "object", "allOf": [{"not": {"additionalProperties": {"type": "string"}}},
-                                 {"not": {"additionalProperties": {"type": "number"}}}]},
+    # four failing keys asked of one object
+    {"type": "object", "allOf": [{"not": {"additionalProperties": {"type": t}}}
+                                 for t in ("string", "number", "null", "array")]},
 ])
 def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedSchemaError):
