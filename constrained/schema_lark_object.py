@@ -107,7 +107,10 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
     for parts, value in classes:
         if value is False:
             continue
-        free.append((0, pair(g._json_leaf(key_leaf_schema(_string(parts))), value)))
+        keys = key_leaf_schema(_string(parts))
+        if g.empty(keys):  # llguidance refuses a leaf it proves empty (every such key named, say)
+            continue
+        free.append((0, pair(g._json_leaf(keys), value)))
         for t in subsets([True] * len(marks)):
             keys = key_schema([m for i, m in enumerate(marks) if t >> i & 1], parts)
             keys = None if keys is None else key_leaf_schema(keys)
