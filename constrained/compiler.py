@@ -39,7 +39,8 @@ _MODULES = {
     "outlines": ("outlines_core", ".backends.outlines_backend"),
 }
 SpecKey = tuple[str, str, str, str, bool, int]
-_SOME_KEY_FAILS = "some key's value fails"  # schema_relative's refusal that the Lark route may write
+# schema_relative's refusals that the Lark route may write
+_LARK_WRITES = ("some key's value fails", "non-integer numbers")
 
 
 def available_backends() -> list[str]:
@@ -173,7 +174,7 @@ def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
     its Lark (schema_contains.py; None where the vetted schema keeps no `contains`). None where
     this route does not apply exactly: the caller keeps its own verdict (`refusals` gets the
     retry's own refusal, which says what of `contains` is not enforced)."""
-    if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w or _SOME_KEY_FAILS in w
+    if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w or any(x in w for x in _LARK_WRITES)
                                                      for w in why):
         return None
     try:

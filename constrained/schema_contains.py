@@ -22,7 +22,7 @@ from typing import Any
 from .schema_lark_object import MARKS, Empty, live_states, object_rule
 from .schema_negation import Unsupported
 from .schema_refs import get, subschemas
-from .schema_some_key import SOME_KEY, holds_marker
+from .schema_some_key import NOT_INTEGER, SOME_KEY, holds_marker
 from .schema_support import VALIDATION
 
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
@@ -33,6 +33,12 @@ _OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalPropert
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
 _MAX_COUNT = 8     # minItems / maxItems counted in grammar states
 _MORE = "contains*"  # merged() keeps every `contains` of a node in this list
+_FRACTION = "FRACTION"
+# Numbers that are no integer under any draft and in any reader: a fraction with a nonzero digit, no
+# exponent, at most 15 significant digits (a double recovers such a decimal exactly, so it never
+# reads as an integer). Stricter than "not an integer" (no 1.5e0), never looser.
+NOT_INTEGER_TERMINAL = "/-?(?:" + "|".join(
+    ["0\\.[0-9]{0,13}[1-9]"] + [f"[1-9][0-9]{{{k}}}\\.[0-9]{{0,{13 - k}}}[1-9]" for k in range(14)]) + ")/"
 _TYPES = ("null", "boolean", "object", "array", "number", "string")
 _OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties",
                           "minProperties", "maxProperties"})
@@ -47,10 +53,12 @@ class ContainsGrammar:
         self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
         self.rules: list[str] = []
         self.arrays = 0
+        self.fractions = False  # NOT_INTEGER_TERMINAL used
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
-        return "\n".join([f"start: {top}", f"WS: {self.ws}", *self.rules])
+        fraction = [f"{_FRACTION}: {NOT_INTEGER_TERMINAL}"] if self.fractions else []
+        return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])
 
     def _new(self, body: str) -> str:
         if len(self.rules) >= _MAX_RULES:
@@ -80,7 +88,7 @@ class ContainsGrammar:
     def reaches_contains(self, node: Any, seen: frozenset[str] = frozenset()) -> bool:
         if not isinstance(node, dict):
             return False
-        if "contains" in node or _MORE in node or SOME_KEY in node or MARKS in node:
+        if "contains" in node or _MORE in node or SOME_KEY in node or MARKS in node or NOT_INTEGER in node:
             return True
         ref = node.get("$ref")
         if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
@@ -99,7 +107,7 @@ class ContainsGrammar:
             if member is True or member == {}:
                 continue
             if not isinstance(member, dict):
-                raise Unsupported("contains", "a false allOf member")
+                raise Empty("contains", "a false allOf member")
             mine, theirs = _OBJECT_GROUP & set(out), _OBJECT_GROUP & set(member)
             if mine and theirs and (mine | theirs) != {"properties"}:
                 # additionalProperties / patternProperties depend on the properties beside them
@@ -148,6 +156,8 @@ class ContainsGrammar:
             if not alts:
                 raise Empty("contains", "an anyOf none of whose branches accepts a value")
             return self._new(" | ".join(alts))
+        if NOT_INTEGER in node:
+            return self._fraction(node)
         kind = "object" if keys & _OBJECT_KEYS or SOME_KEY in node or MARKS in node else "array"
         allowed = _OBJECT_KEYS if kind == "object" else _ARRAY_KEYS
         if not keys <= allowed | {"type"}:
@@ -164,6 +174,23 @@ class ContainsGrammar:
             node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
         body = self._array(node, depth) if kind == "array" else object_rule(self, node, depth)
         return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
+
+    def _fraction(self, node: dict[str, Any]) -> str:
+        """A node holding NOT_INTEGER (it constrains numbers only): its numbers as the terminal, its
+        other types as a leaf; any other keyword beside it is refused (no intersection with a terminal)."""
+        if any(k in VALIDATION for k in node if k != "type"):
+            raise Unsupported("type", "a non-integer number next to other keywords")
+        types = _types(node.get("type", list(_TYPES)))
+        if types is None:
+            raise Unsupported("contains", "unknown type on the path to contains")
+        others = [t for t in types if t not in ("number", "integer")]
+        alts = [self._json_leaf({"type": others})] if others else []
+        if "number" in types:
+            self.fractions = True
+            alts.append(_FRACTION)
+        if not alts:
+            raise Empty("contains", "no instance type left")
+        return self._new(" | ".join(alts))
 
     def branch(self, node: Any, depth: int) -> str | None:
         """The rule for one alternative, None where it accepts nothing (llguidance refuses an

@@ -25,7 +25,7 @@ from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, counts_disjo
 from .schema_formats import FORMAT_WITHIN, formats_disjoint
 from .schema_negation import Unsupported, negate_keyword, unnamed_key_present
 from .schema_pattern_complement import pattern_matches, patterns_disjoint
-from .schema_some_key import some_key
+from .schema_some_key import NOT_INTEGER, some_key
 
 Deref = Callable[[str], Any]
 TYPES = ("null", "boolean", "object", "array", "number", "string")
@@ -206,6 +206,11 @@ class Relative:
     def _negate_keyword_within(self, key: str, value: Any, node: dict[str, Any], ctx: list[Any],
                                depth: int) -> list[Any]:
         d = depth + 1
+        if key == "type" and self.contains and _integer_only(value):  # non-integer numbers: a Lark terminal
+            rest = [t for t in TYPES if t != "number" and t not in ([value] if isinstance(value, str) else value)]
+            return ([{"type": rest}] if rest else []) + [{"type": "number", NOT_INTEGER: True}]
+        if key == NOT_INTEGER:  # the numbers it rejects are the integers (others satisfy it vacuously)
+            return [{"type": "integer"}]
         if key == "properties":
             out = []
             for name, sub in value.items():
@@ -329,6 +334,12 @@ class Relative:
         if not out:
             return False
         return out[0] if len(out) == 1 else {"anyOf": out}
+
+
+def _integer_only(value: Any) -> bool:
+    """`type` naming integer but not number (its complement holds the non-integer numbers)."""
+    named = {value} if isinstance(value, str) else set(value) if isinstance(value, list) else set()
+    return "integer" in named and "number" not in named
 
 
 def _factor(negs: list[Any]) -> Any:

@@ -24,6 +24,10 @@ from .schema_negation import Unsupported
 from .schema_pattern_complement import complement_pattern, pattern_matches
 
 SOME_KEY = "$someKey"
+# A number with a fractional part, for "not an integer" (schema_relative with Modes.contains): the
+# Lark route writes it as a terminal (schema_contains.NOT_INTEGER_TERMINAL); no JSON-Schema keyword.
+NOT_INTEGER = "$notInteger"
+_PRIVATE = (SOME_KEY, NOT_INTEGER)
 
 
 def some_key(out: list[str], match: list[str], unmatch: list[str], value: Any) -> dict[str, Any]:
@@ -33,8 +37,9 @@ def some_key(out: list[str], match: list[str], unmatch: list[str], value: Any) -
 
 
 def holds_marker(node: Any) -> bool:
-    """True when SOME_KEY occurs anywhere in `node` (a leaf that must not go to llguidance as JSON)."""
-    return f'"{SOME_KEY}"' in json.dumps(node)
+    """True when a private keyword occurs anywhere in `node` (a leaf that must not go to llguidance as JSON)."""
+    text = json.dumps(node)
+    return any(f'"{k}"' in text for k in _PRIVATE)
 
 
 def key_in(mark: dict[str, Any], name: str) -> bool:

@@ -46,6 +46,16 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
                                                       {"not": {"propertyNames": {"not": {"pattern": "b"}}}}]}, [
         {"ab": 1}, {"a": 1, "b": 2}, {"b": 1, "a": 2}, {"a": 1}, {}, {"x": 1, "ab": 2}, {"x": 1, "b": [], "y": 2},
         {"xa": None, "q": 1, "yb": 2}]),
+    # "not an integer" (Snowplow sp_377's shape): a oneOf of two objects, one with an integer field;
+    # the other's complement holds a number with a fraction (a Lark terminal, no exponent)
+    "one_of_not_integer": ({"oneOf": [{"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}}},
+                                      {"type": "object", "required": ["a", "n"],
+                                       "properties": {"n": {"type": "integer", "minimum": 900}}}]}, [
+        {"a": "x"}, {"a": "x", "n": 1000}, {"a": "x", "n": 1.5}, {"a": "x", "n": 10}, {"a": "x", "n": "s"},
+        {"n": 1000, "a": 1}, {"a": 1, "n": 1.5}, {"a": "x", "n": -0.25}, {"n": 1000}]),
+    # the complement of that complement inside a second oneOf: the integers again
+    "not_integer_twice": ({"type": "array", "oneOf": [{"items": {"type": "integer"}}, {"items": {"type": "number"}}],
+                           "maxItems": 1}, [[], [1], [1.5], ["a"], [2.25]]),
     # aerleon's shape: a oneOf of files, one holding terms that are a oneOf of an open and a closed
     # object; "some term fails" is `contains` of the complement, which has `additionalProperties:
     # true` (nothing fails it) and "a key besides `include`" (minProperties on the route)
@@ -91,6 +101,18 @@ def test_failing_key_last_and_duplicates(tokenizer: Any) -> None:
 def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedSchemaError):
         C.compile(tokenizer, json_schema=schema, cache=None)
+
+
+def test_not_integer_terminal_is_stricter(tokenizer: Any) -> None:
+    """Non-integers are written with a fraction digit and no exponent, at most 15 significant digits
+    (a double reads such a decimal back exactly, so no reader takes it for an integer): 9.005e2 and
+    1000.00000000000001 (a double reads 1000.0) are refused; 1000.0 is an integer (both branches)."""
+    schema, _ = CASES["one_of_not_integer"]
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    for number, ok in [("1000.5", True), ("900.25", True), ("1000.0", False), ("9.005e2", False),
+                       ("1000.00000000000001", False), ("123456789012345.5", False), ("12345678901234.5", True)]:
+        text = '{"a": "x", "n": ' + number + "}"
+        assert run_tokens(grammar.matcher(), encode(tokenizer, text)) == ok, text
 
 
 def test_not_in_words_decided_without_automaton() -> None:
