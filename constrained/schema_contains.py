@@ -33,12 +33,15 @@ _OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalPropert
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
 _MAX_COUNT = 8     # minItems / maxItems counted in grammar states
 _MORE = "contains*"  # merged() keeps every `contains` of a node in this list
-_FRACTION = "FRACTION"
 # Numbers that are no integer under any draft and in any reader: a fraction with a nonzero digit, no
 # exponent, at most 15 significant digits (a double recovers such a decimal exactly, so it never
-# reads as an integer). Stricter than "not an integer" (no 1.5e0), never looser.
-NOT_INTEGER_TERMINAL = "/-?(?:" + "|".join(
-    ["0\\.[0-9]{0,13}[1-9]"] + [f"[1-9][0-9]{{{k}}}\\.[0-9]{{0,{13 - k}}}[1-9]" for k in range(14)]) + ")/"
+# reads as an integer). Stricter than "not an integer" (no 1.5e0), never looser. By sign: a bound
+# of 0 beside it (the only bounds written out) picks the negative or the positive ones.
+_UNSIGNED = "(?:" + "|".join(
+    ["0\\.[0-9]{0,13}[1-9]"] + [f"[1-9][0-9]{{{k}}}\\.[0-9]{{0,{13 - k}}}[1-9]" for k in range(14)]) + ")"
+NOT_INTEGER_TERMINALS = {"FRACTION": f"/-?{_UNSIGNED}/", "FRACTION_NEG": f"/-{_UNSIGNED}/",
+                         "FRACTION_POS": f"/{_UNSIGNED}/"}
+_BELOW_ZERO, _ABOVE_ZERO = ("maximum", "exclusiveMaximum"), ("minimum", "exclusiveMinimum")
 _TYPES = ("null", "boolean", "object", "array", "number", "string")
 _OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties",
                           "minProperties", "maxProperties"})
@@ -53,11 +56,11 @@ class ContainsGrammar:
         self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
         self.rules: list[str] = []
         self.arrays = 0
-        self.fractions = False  # NOT_INTEGER_TERMINAL used
+        self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
-        fraction = [f"{_FRACTION}: {NOT_INTEGER_TERMINAL}"] if self.fractions else []
+        fraction = [f"{name}: {NOT_INTEGER_TERMINALS[name]}" for name in sorted(self.fractions)]
         return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])
 
     def _new(self, body: str) -> str:
@@ -176,18 +179,23 @@ class ContainsGrammar:
         return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
 
     def _fraction(self, node: dict[str, Any]) -> str:
-        """A node holding NOT_INTEGER (it constrains numbers only): its numbers as the terminal, its
-        other types as a leaf; any other keyword beside it is refused (no intersection with a terminal)."""
-        if any(k in VALIDATION for k in node if k != "type"):
+        """A node holding NOT_INTEGER (it constrains numbers only): its numbers as a terminal, its
+        other types as a leaf. Beside it only bounds of 0 (they pick a sign); any other keyword is
+        refused (no intersection with a terminal)."""
+        bounds = {k: node[k] for k in (*_BELOW_ZERO, *_ABOVE_ZERO) if k in node}
+        if any(k in VALIDATION for k in node if k != "type" and k not in bounds) or \
+                any(v != 0 or isinstance(v, bool) for v in bounds.values()):
             raise Unsupported("type", "a non-integer number next to other keywords")
         types = _types(node.get("type", list(_TYPES)))
         if types is None:
             raise Unsupported("contains", "unknown type on the path to contains")
         others = [t for t in types if t not in ("number", "integer")]
-        alts = [self._json_leaf({"type": others})] if others else []
-        if "number" in types:
-            self.fractions = True
-            alts.append(_FRACTION)
+        alts = [self._json_leaf({"type": others})] if others else []  # the bounds hold for them vacuously
+        below, above = set(bounds) & set(_BELOW_ZERO), set(bounds) & set(_ABOVE_ZERO)
+        if "number" in types and not (below and above):  # both: only 0, an integer
+            name = "FRACTION_NEG" if below else "FRACTION_POS" if above else "FRACTION"
+            self.fractions.add(name)
+            alts.append(name)
         if not alts:
             raise Empty("contains", "no instance type left")
         return self._new(" | ".join(alts))

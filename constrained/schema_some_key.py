@@ -25,7 +25,7 @@ from .schema_pattern_complement import complement_pattern, pattern_matches
 
 SOME_KEY = "$someKey"
 # A number with a fractional part, for "not an integer" (schema_relative with Modes.contains): the
-# Lark route writes it as a terminal (schema_contains.NOT_INTEGER_TERMINAL); no JSON-Schema keyword.
+# Lark route writes it as a terminal (schema_contains.NOT_INTEGER_TERMINALS); no JSON-Schema keyword.
 NOT_INTEGER = "$notInteger"
 _PRIVATE = (SOME_KEY, NOT_INTEGER)
 

@@ -56,6 +56,9 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     # the complement of that complement inside a second oneOf: the integers again
     "not_integer_twice": ({"type": "array", "oneOf": [{"items": {"type": "integer"}}, {"items": {"type": "number"}}],
                            "maxItems": 1}, [[], [1], [1.5], ["a"], [2.25]]),
+    # a bound of 0 beside "not an integer" picks the sign: non-positive numbers that are no integer
+    "one_of_integer_or_non_positive": ({"oneOf": [{"type": "integer"}, {"type": "number", "maximum": 0}]}, [
+        1, -1, -1.5, 0, 0.5, -0.5, "a", 7]),
     # aerleon's shape: a oneOf of files, one holding terms that are a oneOf of an open and a closed
     # object; "some term fails" is `contains` of the complement, which has `additionalProperties:
     # true` (nothing fails it) and "a key besides `include`" (minProperties on the route)
