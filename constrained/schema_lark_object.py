@@ -40,6 +40,7 @@ class Empty(Unsupported):
 
 _MAX_COUNT = 8  # minProperties / maxProperties counted in grammar states
 _MAX_MARKS = 3  # failing keys asked of one object (2^k pair forms per key)
+_MAX_STATES = 1024  # states of one object rule (named keys × marks met × keys counted)
 MARKS = "$someKey*"  # schema_contains.merged() keeps every SOME_KEY of a node in this list
 _SEP = 'WS "," WS'
 State = tuple[int, int, int, int, int]  # (named index, emitted, marks met, named counted, others counted)
@@ -143,6 +144,8 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
     todo: list[State] = [(0, 0, 0, 0, 0)]
     while todo:
         s = todo.pop()
+        if len(graph) > _MAX_STATES:
+            raise Unsupported("contains", "an object rule with more states than written out here")
         if s not in graph:
             graph[s] = [m for m in moves(s) if high is None or m[1][3] + m[1][4] <= high]
             todo += [t for _, t in graph[s]]

@@ -97,6 +97,9 @@ def test_failing_key_last_and_duplicates(tokenizer: Any) -> None:
 
 @pytest.mark.parametrize("schema", [
     {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}, "minProperties": 9},
+    # named keys × keys counted past the object rule's state cap
+    {"type": "object", "minProperties": 8, "maxProperties": 8, "not": {"additionalProperties": {"type": "string"}},
+     "properties": {f"k{i}": {"type": "integer"} for i in range(60)}},
     # four failing keys asked of one object
     {"type": "object", "allOf": [{"not": {"additionalProperties": {"type": t}}}
                                  for t in ("string", "number", "null", "array")]},
