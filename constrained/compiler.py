@@ -39,6 +39,8 @@ _MODULES = {
     "outlines": ("outlines_core", ".backends.outlines_backend"),
 }
 SpecKey = tuple[str, str, str, str, bool, int]
+# schema_relative's refusals that the Lark route may write
+_LARK_WRITES = ("some key's value fails", "non-integer numbers")
 
 
 def available_backends() -> list[str]:
@@ -172,7 +174,8 @@ def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
     its Lark (schema_contains.py; None where the vetted schema keeps no `contains`). None where
     this route does not apply exactly: the caller keeps its own verdict (`refusals` gets the
     retry's own refusal, which says what of `contains` is not enforced)."""
-    if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w for w in why):
+    if backend != "llguidance" or lenient or not any("contains" in w or "'items'" in w or any(x in w for x in _LARK_WRITES)
+                                                     for w in why):
         return None
     try:
         checked = check_schema(spec, backend, contains=True)

@@ -24,12 +24,12 @@ from .schema_any_order import free_optional_order
 from .schema_depth import cut_deep_nesting
 from .schema_double_negation import PendingNots
 from .schema_escapes import ecma_escapes
-from .schema_finite import FiniteDecider, listed_values
+from .schema_finite import FiniteDecider
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_if_chains import split_if_chain
+from .schema_listed import ReferenceDecisions
 from .schema_logic import LogicKeywords
 from .schema_negation import Unsupported
-from .schema_numeric import split_numbers
 from .schema_property_names import property_names
 from .schema_refs import RefIndex, get, has_recursion, pointer_text
 from .schema_relative import Relative, members
@@ -75,7 +75,7 @@ def parse_schema(spec: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
     return parsed
 
 
-class _Vetter(LogicKeywords):
+class _Vetter(LogicKeywords, ReferenceDecisions):
     def __init__(self, root: Any, backend: str, lenient: bool, out: CheckedSchema, modes: Modes) -> None:
         self.root, self.backend, self.lenient, self.out = root, backend, lenient, out
         self.split_chains = modes.split_chains  # if/then chains on one tag as one case split (schema_if_chains.py)
@@ -166,36 +166,6 @@ class _Vetter(LogicKeywords):
             return None
         return split
 
-    def split_numbers(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
-        """A node refused as a whole whose numbers are a small finite set (schema_numeric.py)."""
-        if not self.same_document(ptr) or not self.finite.usable():
-            return None
-        base = self.index.base_of(ptr)
-        return split_numbers(node, lambda n: self.raw_members(n, base), self.finite.decide,
-                             lambda other: self.vet(other, ptr))
-
-    def raw_members(self, node: Any, base: str, depth: int = 0) -> list[dict[str, Any]]:
-        """`node` and what it conjoins before vetting: allOf members, `$ref` targets."""
-        if not isinstance(node, dict) or depth > 8:
-            return []
-        out = [node]
-        for m in node.get("allOf", ()) if isinstance(node.get("allOf"), list) else ():
-            out += self.raw_members(m, base, depth + 1)
-        target = self.index.resolve(node["$ref"], base) if isinstance(node.get("$ref"), str) else None
-        if target is not None:
-            out += self.raw_members(get(self.root, target), self.index.base_of(target), depth + 1)
-        return out
-
-    def resolve_raw(self, ref: str, base: str) -> tuple[Any, str] | None:
-        """A `$ref` of the original document: (target, its base URI), or None if not in it."""
-        ptr = self.index.resolve(ref, base)
-        return None if ptr is None else (get(self.root, ptr), self.index.base_of(ptr))
-
-    def same_document(self, ptr: tuple[str, ...]) -> bool:
-        """The reference validator (run from the root) reads `ptr` as the specification does."""
-        index = self.index
-        return index.base_of(ptr) == index.base_of(()) and index.draft_at(ptr) == index.draft_at(())
-
     def vet_keywords(self, node: dict[str, Any], ptr: tuple[str, ...], outer: list[Any]) -> Any:
         ref = self.ref(node["$ref"], ptr) if "$ref" in node else None
         clean: dict[str, Any] = {"$ref": ref} if "$ref" in node and ref else {}
@@ -228,19 +198,6 @@ class _Vetter(LogicKeywords):
         name = f"c{len(self.defs)}"
         self.defs[name] = value
         return {"$ref": f"#/$defs/{name}"}
-
-    def decide_listed(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
-        """A listed (enum/const) node next to other validation keywords becomes the enum of
-        the values the reference validator accepts (schema_finite.py), where that is exact."""
-        values = listed_values(node)
-        if values is None or not any(k in VALIDATION for k in node if k not in ("enum", "const", "type")):
-            return None
-        if not self.same_document(ptr) or not self.finite.usable():
-            return None
-        try:
-            return self.finite.decide(node, values)
-        except Exception:  # a schema the reference validator cannot run (bad regex...): vet as usual
-            return None
 
     def keyword(self, key: str, value: Any, node: dict[str, Any], sub: tuple[str, ...],
                 clean: dict[str, Any], extra: list[Any]) -> None:

@@ -19,9 +19,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .schema_any_order import literal_pattern
-from .schema_negation import Unsupported, negate
+from .schema_lark_object import MARKS, Empty, live_states, object_rule
+from .schema_negation import Unsupported
 from .schema_refs import get, subschemas
+from .schema_some_key import NOT_INTEGER, SOME_KEY, holds_marker
 from .schema_support import VALIDATION
 
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
@@ -32,8 +33,18 @@ _OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalPropert
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
 _MAX_COUNT = 8     # minItems / maxItems counted in grammar states
 _MORE = "contains*"  # merged() keeps every `contains` of a node in this list
+# Numbers that are no integer under any draft and in any reader: a fraction with a nonzero digit, no
+# exponent, at most 15 significant digits (a double recovers such a decimal exactly, so it never
+# reads as an integer). Stricter than "not an integer" (no 1.5e0), never looser. By sign: a bound
+# of 0 beside it (the only bounds written out) picks the negative or the positive ones.
+_UNSIGNED = "(?:" + "|".join(
+    ["0\\.[0-9]{0,13}[1-9]"] + [f"[1-9][0-9]{{{k}}}\\.[0-9]{{0,{13 - k}}}[1-9]" for k in range(14)]) + ")"
+NOT_INTEGER_TERMINALS = {"FRACTION": f"/-?{_UNSIGNED}/", "FRACTION_NEG": f"/-{_UNSIGNED}/",
+                         "FRACTION_POS": f"/{_UNSIGNED}/"}
+_BELOW_ZERO, _ABOVE_ZERO = ("maximum", "exclusiveMaximum"), ("minimum", "exclusiveMinimum")
 _TYPES = ("null", "boolean", "object", "array", "number", "string")
-_OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties"})
+_OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties",
+                          "minProperties", "maxProperties"})
 
 
 class ContainsGrammar:
@@ -45,10 +56,12 @@ class ContainsGrammar:
         self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
         self.rules: list[str] = []
         self.arrays = 0
+        self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
-        return "\n".join([f"start: {top}", f"WS: {self.ws}", *self.rules])
+        fraction = [f"{name}: {NOT_INTEGER_TERMINALS[name]}" for name in sorted(self.fractions)]
+        return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])
 
     def _new(self, body: str) -> str:
         if len(self.rules) >= _MAX_RULES:
@@ -78,7 +91,7 @@ class ContainsGrammar:
     def reaches_contains(self, node: Any, seen: frozenset[str] = frozenset()) -> bool:
         if not isinstance(node, dict):
             return False
-        if "contains" in node or _MORE in node:
+        if "contains" in node or _MORE in node or SOME_KEY in node or MARKS in node or NOT_INTEGER in node:
             return True
         ref = node.get("$ref")
         if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
@@ -97,13 +110,16 @@ class ContainsGrammar:
             if member is True or member == {}:
                 continue
             if not isinstance(member, dict):
-                raise Unsupported("contains", "a false allOf member")
+                raise Empty("contains", "a false allOf member")
             mine, theirs = _OBJECT_GROUP & set(out), _OBJECT_GROUP & set(member)
             if mine and theirs and (mine | theirs) != {"properties"}:
                 # additionalProperties / patternProperties depend on the properties beside them
                 raise Unsupported("contains", "object keywords in two allOf members on the path to contains")
             for key, value in member.items():
-                if key == "properties" and "properties" in out:
+                if key in (SOME_KEY, MARKS) and (SOME_KEY in out or MARKS in out):  # one list of them all
+                    out[MARKS] = out.get(MARKS, []) + ([out.pop(SOME_KEY)] if SOME_KEY in out else []) + \
+                        (value if key == MARKS else [value])
+                elif key == "properties" and "properties" in out:
                     out[key] = {**out[key], **{k: {"allOf": [out[key][k], v]} if k in out[key] else v
                                                for k, v in value.items()}}
                 elif key == "required" and "required" in out:
@@ -135,11 +151,17 @@ class ContainsGrammar:
         node = self.merged(node)
         keys = {k for k in node if k in VALIDATION}
         if "anyOf" in keys:  # A ∧ (B ∨ C) = (A ∧ B) ∨ (A ∧ C)
-            rest = {k: v for k, v in node.items() if k not in ("anyOf", _MORE)}
-            common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])]
+            rest = {k: v for k, v in node.items() if k not in ("anyOf", _MORE, MARKS)}
+            common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])] + \
+                [{"type": "object", SOME_KEY: m} for m in node.get(MARKS, [])]
             branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
-            return self._new(" | ".join(self.rule(b, depth + 1) for b in branches))
-        kind = "object" if keys & _OBJECT_KEYS else "array"
+            alts = [r for r in (self.branch(b, depth + 1) for b in branches) if r is not None]
+            if not alts:
+                raise Empty("contains", "an anyOf none of whose branches accepts a value")
+            return self._new(" | ".join(alts))
+        if NOT_INTEGER in node:
+            return self._fraction(node)
+        kind = "object" if keys & _OBJECT_KEYS or SOME_KEY in node or MARKS in node else "array"
         allowed = _OBJECT_KEYS if kind == "object" else _ARRAY_KEYS
         if not keys <= allowed | {"type"}:
             raise Unsupported("contains", f"{sorted(keys - allowed - {'type'})} on the path to contains")
@@ -147,51 +169,46 @@ class ContainsGrammar:
         if types is None or not set(types) <= set(_TYPES) | {"integer"}:
             raise Unsupported("contains", "unknown type on the path to contains")
         others = [t for t in types if t != kind]  # the kind's keywords leave other types alone
+        if not types:
+            raise Empty("contains", "no instance type left")
         if kind not in types:
             return self._json_leaf({"type": others})
         if "contains" in node:
             node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
-        body = self._array(node, depth) if kind == "array" else self._object(node, depth)
+        body = self._array(node, depth) if kind == "array" else object_rule(self, node, depth)
         return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
 
-    def _object(self, node: dict[str, Any], depth: int) -> str:
-        """Named keys in schema order (each once, optional ones skippable), then keys outside
-        them: llguidance's JSON order, as a chain of rules (index, something emitted)."""
-        named = {k: v for k, v in node.get("properties", {}).items() if v is not False}
-        required = node.get("required", [])
-        if any(k not in named for k in required):
-            raise Unsupported("contains", "a required key that is not a named property")
-        extra = node.get("additionalProperties", True)
-        literal = _literal_keys(node.get("patternProperties", {}))  # schema_any_order's free-order keys
-        if set(literal) & set(node.get("properties", {})):
-            raise Unsupported("contains", "a key both named and matched by a pattern")
-        self.arrays += 1
-        tag, sep = f"o{self.arrays}", 'WS "," WS'
-        names = list(named)
+    def _fraction(self, node: dict[str, Any]) -> str:
+        """A node holding NOT_INTEGER (it constrains numbers only): its numbers as a terminal, its
+        other types as a leaf. Beside it only bounds of 0 (they pick a sign); any other keyword is
+        refused (no intersection with a terminal)."""
+        bounds = {k: node[k] for k in (*_BELOW_ZERO, *_ABOVE_ZERO) if k in node}
+        if any(k in VALIDATION for k in node if k != "type" and k not in bounds) or \
+                any(v != 0 or isinstance(v, bool) for v in bounds.values()):
+            raise Unsupported("type", "a non-integer number next to other keywords")
+        types = _types(node.get("type", list(_TYPES)))
+        if types is None:
+            raise Unsupported("contains", "unknown type on the path to contains")
+        others = [t for t in types if t not in ("number", "integer")]
+        alts = [self._json_leaf({"type": others})] if others else []  # the bounds hold for them vacuously
+        below, above = set(bounds) & set(_BELOW_ZERO), set(bounds) & set(_ABOVE_ZERO)
+        if "number" in types and not (below and above):  # both: only 0, an integer
+            name = "FRACTION_NEG" if below else "FRACTION_POS" if above else "FRACTION"
+            self.fractions.add(name)
+            alts.append(name)
+        if not alts:
+            raise Empty("contains", "no instance type left")
+        return self._new(" | ".join(alts))
 
-        def pair(key_leaf: str, value: Any) -> str:
-            return f'{key_leaf} WS ":" WS {self.rule(value, depth + 1)}'
-
-        pairs = [pair(self._json_leaf({"const": k}), v) for k, v in literal.items() if v is not False]
-        if extra is not False:
-            outside = [k for k in node.get("properties", {})] + list(literal)
-            pairs.append(pair(self._json_leaf({"type": "string", **_not_named(outside)}), extra))
-        for e in (0, 1):
-            lead = f"{sep} " if e else ""
-            alts = [f"{lead}{p} {tag}_x1" for p in pairs] + ['WS "}"']
-            self.rules.append(f"{tag}_x{e}: " + " | ".join(alts))
-        for i in range(len(names), 0, -1):
-            name = names[i - 1]
-            after = f"{tag}_{i + 1}" if i < len(names) else f"{tag}_x"
-            this = pair(self._json_leaf({"const": name}), named[name])
-            for e in (0, 1):
-                lead = f"{sep} " if e else ""
-                alts = [f"{lead}{this} {after}1"]
-                if name not in required:
-                    alts.append(f"{after}{e}")
-                self.rules.append(f"{tag}_{i}{e}: " + " | ".join(alts))
-        first = f"{tag}_1" if names else f"{tag}_x"
-        return self._new(f'"{{" WS {first}0')
+    def branch(self, node: Any, depth: int) -> str | None:
+        """The rule for one alternative, None where it accepts nothing (llguidance refuses an
+        unsatisfiable leaf; a path node with no type left)."""
+        if not self.reaches_contains(node) and self.empty(self._leaf_body(node)):
+            return None
+        try:
+            return self.rule(node, depth)
+        except Empty:
+            return None
 
     def _array(self, node: dict[str, Any], depth: int) -> str:
         """A right-linear grammar over items: state (contains satisfied, items counted); each item
@@ -214,7 +231,7 @@ class ContainsGrammar:
                 parts = [items] + [c for i, c in enumerate(conds) if chosen >> i & 1]
                 whole = parts[0] if len(parts) == 1 else {"allOf": parts}
                 empty = not self.reaches_contains(whole) and self.empty(self._leaf_body(whole))
-                leaves[chosen] = None if empty else self.rule(whole, depth + 1)
+                leaves[chosen] = None if empty else self.branch(whole, depth + 1)
             return leaves[chosen]
 
         def step(state: tuple[int, int], chosen: int) -> tuple[int, int] | None:
@@ -236,12 +253,7 @@ class ContainsGrammar:
             moves[state] = [(t, nxt) for t in range(full + 1) if t & free == t and leaf(t) is not None
                             for nxt in [step(state, t)] if nxt is not None]
             todo += [nxt for _, nxt in moves[state]]
-        live = {q for q in moves if accepting(q)}
-        while True:
-            more = {q for q, out in moves.items() if q not in live and any(n in live for _, n in out)}
-            if not more:
-                break
-            live |= more
+        live = live_states(moves, accepting)
         if (0, 0) not in live:
             raise Unsupported("contains", "an array node that accepts no array")
         self.arrays += 1
@@ -275,6 +287,8 @@ class ContainsGrammar:
 
     def _json_leaf(self, node: Any) -> str:
         body = self._leaf_body(node)
+        if holds_marker(body):
+            raise Unsupported("contains", "a failing key inside a leaf")
         if body is False:
             raise Unsupported("contains", "an item schema that accepts nothing")
         body = {} if body is True else body
@@ -296,28 +310,8 @@ def contains_lark(schema: Any, empty: Callable[[Any], bool], options: dict[str, 
     if not isinstance(schema, dict):
         return None
     route = ContainsGrammar(schema, empty, options, whitespace_max)
-    return route.text() if route.reaches_contains(schema) else None
-
-
-def _not_named(names: list[str]) -> dict[str, Any]:
-    """The keywords of a string schema for keys other than `names` (a pattern: llguidance has no `not`)."""
-    if not names:
-        return {}
-    neg = negate({"type": "string", "enum": names}, lambda ref: True)
-    strings = [b for b in neg.get("anyOf", []) if isinstance(b, dict) and b.get("type") == "string"] \
-        if isinstance(neg, dict) else []
-    if len(strings) != 1 or set(strings[0]) != {"type", "pattern"}:
-        raise Unsupported("contains", "no pattern for the keys outside the named ones")
-    return {"pattern": strings[0]["pattern"]}
-
-
-def _literal_keys(patterns: dict[str, Any]) -> dict[str, Any]:
-    """patternProperties whose every pattern matches one key exactly, by key (`false` ones too:
-    they keep the key out of the others); else Unsupported."""
-    out = {}
-    for pattern, value in patterns.items():
-        key = re.sub(r"\\(.)", r"\1", pattern[1:-1]) if pattern.startswith("^") and pattern.endswith("$") else None
-        if key is None or literal_pattern(key) != pattern:
-            raise Unsupported("contains", "patternProperties on the path to contains")
-        out[key] = value
-    return out
+    if route.reaches_contains(schema):
+        return route.text()
+    if holds_marker(schema):  # a failing key the route does not reach must not go to the JSON compiler
+        raise Unsupported("contains", "a failing key off the route")
+    return None

@@ -17,7 +17,7 @@ from typing import Any
 import interegular
 from interegular.fsm import anything_else
 
-from .schema_negation import Unsupported, regex_char
+from .schema_negation import NOT_IN_WORDS, Unsupported, regex_char, words_pattern
 
 MAX_REGEX = 20_000
 MAX_PATTERN = 1_000
@@ -217,6 +217,8 @@ def complement_pattern(p: str) -> str | None:
     `p` matches in every string)."""
     if not isinstance(p, str):
         raise _refuse("not a string")
+    if p in NOT_IN_WORDS:  # "none of these words": its complement is the words
+        return words_pattern(list(NOT_IN_WORDS[p])) if NOT_IN_WORDS[p] else None
     if len(p) > MAX_PATTERN:
         raise _refuse(f"a pattern over {MAX_PATTERN} characters (its automaton takes seconds to complement)")
     if p not in _COMPLEMENTS:
@@ -250,6 +252,8 @@ def patterns_disjoint(p: str, q: str) -> bool:
 @lru_cache(maxsize=4096)
 def pattern_matches(p: str, s: str) -> bool | None:
     """Whether pattern `p` matches somewhere in `s`; None when `p` is not taken."""
+    if p in NOT_IN_WORDS:
+        return s not in NOT_IN_WORDS[p]
     if len(p) > MAX_PROOF_PATTERN:
         return None
     try:

@@ -25,6 +25,7 @@ from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, counts_disjo
 from .schema_formats import FORMAT_WITHIN, formats_disjoint
 from .schema_negation import Unsupported, negate_keyword, unnamed_key_present
 from .schema_pattern_complement import pattern_matches, patterns_disjoint
+from .schema_some_key import NOT_INTEGER, some_key
 
 Deref = Callable[[str], Any]
 TYPES = ("null", "boolean", "object", "array", "number", "string")
@@ -205,6 +206,11 @@ class Relative:
     def _negate_keyword_within(self, key: str, value: Any, node: dict[str, Any], ctx: list[Any],
                                depth: int) -> list[Any]:
         d = depth + 1
+        if key == "type" and self.contains and _integer_only(value):  # non-integer numbers: a Lark terminal
+            rest = [t for t in TYPES if t != "number" and t not in ([value] if isinstance(value, str) else value)]
+            return ([{"type": rest}] if rest else []) + [{"type": "number", NOT_INTEGER: True}]
+        if key == NOT_INTEGER:  # the numbers it rejects are the integers (others satisfy it vacuously)
+            return [{"type": "integer"}]
         if key == "properties":
             out = []
             for name, sub in value.items():
@@ -245,11 +251,28 @@ class Relative:
                            depth: int) -> list[Any]:
         """¬additionalProperties / ¬patternProperties: some such key has a failing value. Exact only
         inside a context that allows finitely many keys: then it is a choice among those keys."""
+        subs = [value] if key == "additionalProperties" else list(value.values())
+        if all(s is True for s in subs):
+            return []  # every value satisfies `true`: no key can fail
         keys = closed_keys(ctx)
         if keys is None and key == "additionalProperties" and value is False and not node.get("patternProperties"):
             counted = unnamed_key_present(node)  # "some unnamed key", by key counts
             if counted is not None:
                 return counted
+        if keys is None and self.contains:  # written as an object rule with one failing key (schema_some_key.py)
+            names = list(node.get("properties", {}))
+            if key == "additionalProperties":
+                # context members whose additionalProperties reach every such key: no patterns, fewer names
+                inside = [m["additionalProperties"] for m in ctx if isinstance(m, dict) and "additionalProperties" in m
+                          and not m.get("patternProperties") and set(m.get("properties", {})) <= set(names)]
+                tried = [([], list(node.get("patternProperties", {})), value, inside)]
+            else:  # context members with the same pattern: their schema holds for every such key
+                tried = [([p], [], sub, [m["patternProperties"][p] for m in ctx if isinstance(m, dict)
+                                         and p in m.get("patternProperties", {})]) for p, sub in value.items()]
+            return [some_key(names if key == "additionalProperties" else [], match, unmatch, failing)
+                    for match, unmatch, sub, inside in tried
+                    for failing in [self.negate_within(sub, self._value_members(inside, depth), depth)]
+                    if failing is not False]
         if keys is None:
             raise Unsupported(key, f"the complement of {key!r} (some key's value fails) outside a closed key set")
         out = []
@@ -311,6 +334,12 @@ class Relative:
         if not out:
             return False
         return out[0] if len(out) == 1 else {"anyOf": out}
+
+
+def _integer_only(value: Any) -> bool:
+    """`type` naming integer but not number (its complement holds the non-integer numbers)."""
+    named = {value} if isinstance(value, str) else set(value) if isinstance(value, list) else set()
+    return "integer" in named and "number" not in named
 
 
 def _factor(negs: list[Any]) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import combinations, permutations
-from math import perm
+from math import comb, perm
 from typing import Any
 
 from .schema_negation import Unsupported
@@ -91,10 +91,12 @@ def closed_count(node: dict[str, Any]) -> list[Any] | None:
     keys = [k for k in props if props[k] is not False]
     if low <= len(required & set(keys)) and high >= len(keys):
         return []
-    subsets = [set(c) for k in range(max(low, 0), min(high, len(keys)) + 1) for c in combinations(keys, k)]
-    subsets = [c for c in subsets if required & set(keys) <= c]
-    if len(subsets) > MAX_KEY_SUBSETS:
-        return None
+    must = [k for k in keys if k in required]
+    free = [k for k in keys if k not in required]
+    sizes = [k - len(must) for k in range(max(low, 0), min(high, len(keys)) + 1) if k >= len(must)]
+    if sum(comb(len(free), n) for n in sizes) > MAX_KEY_SUBSETS:
+        return None  # counted before listing (subsets of 60 keys would not fit in memory)
+    subsets = [set(must) | set(c) for n in sizes for c in combinations(free, n)]
     if not subsets:
         return [False]
     return [{"anyOf": [{"required": sorted(c), "properties": {k: False for k in keys if k not in c}} for c in subsets]}]
@@ -119,9 +121,12 @@ def open_count(node: dict[str, Any], hoist: Callable[[Any], Any]) -> Any:
     high = node.get("maxProperties")
     room = len(optional) if not isinstance(high, int) or isinstance(high, bool) \
         else high - len(set(required) | {k for k, v in props.items() if v is not False and k in required})
-    subsets = [list(c) for n in range(0, min(room, len(optional)) + 1) for c in combinations(optional, n)]
-    if not subsets or len(subsets) > MAX_COUNT_BRANCHES:
-        return None if subsets else False
+    sizes = range(0, min(room, len(optional)) + 1)
+    if sum(comb(len(optional), n) for n in sizes) > MAX_COUNT_BRANCHES:
+        return None  # counted before listing: 60 optional keys under maxProperties 8 are 2.9e9 sets
+    subsets = [list(c) for n in sizes for c in combinations(optional, n)]
+    if not subsets:
+        return False
     shared = {k: hoist(v) for k, v in props.items() if v is not False}
     copies = []
     for present in subsets:

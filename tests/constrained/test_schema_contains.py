@@ -116,7 +116,7 @@ def test_pretty_printed_arrays(tokenizer: Any) -> None:
     {"type": "array", "contains": {"const": 1}, "maxItems": 9},
     {"type": "array", "allOf": [{"contains": {"const": 1}}, {"contains": {"const": 2}}, {"contains": {"const": 3}}]},
     {"type": "array", "contains": {"const": 1}, "uniqueItems": True},
-    {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}, "minProperties": 1},
+    {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 1}}}, "minProperties": 9},
     {"oneOf": [{"type": "array", "contains": {"multipleOf": 3}}, {"type": "array", "contains": {"const": 2}}]},
 ])
 def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from radixlm import constrained as C
-from radixlm.constrained import schema as schema_module
+from radixlm.constrained import schema_listed
 from radixlm.constrained.schema_numeric import MAX_NUMBERS, finite_numbers, non_number_types
 
 from .conftest import encode, run_tokens
@@ -60,7 +60,7 @@ def test_matches_reference_validator(tokenizer: Any, name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_refused_without_the_rewrite(tokenizer: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(schema_module, "split_numbers", lambda *args: None)
+    monkeypatch.setattr(schema_listed, "split_numbers", lambda *args: None)
     with pytest.raises(C.UnsupportedSchemaError) as err:
         C.compile(tokenizer, json_schema=CASES[name][0], cache=None)
     assert err.value.keyword == "not"
