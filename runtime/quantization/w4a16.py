@@ -297,9 +297,11 @@ class W4Weight(DequantizedRows, QuantizedWeight):
 
     def _m1_tile(self) -> int:
         """The tensor-core M = 1 kernel's row tile for this shape where N is whole tiles of it (0: no table entry)."""
+        if not self.use_triton:  # (no Triton import off a GPU)
+            return 0
         from radixlm.kernels.w4a16_mma_m1 import mma1_table_config
 
-        cfg = mma1_table_config(self.out_features, self.in_features) if self.use_triton else None
+        cfg = mma1_table_config(self.out_features, self.in_features)
         return cfg.block_n if cfg is not None and self.out_features % cfg.block_n == 0 else 0
 
     def set_blocked(self, on: bool) -> bool:
