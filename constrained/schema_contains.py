@@ -157,7 +157,12 @@ class ContainsGrammar:
             common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])] + \
                 [{"type": "object", SOME_KEY: m} for m in node.get(MARKS, [])]
             branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
-            alts = [r for r in (self.branch(b, depth + 1) for b in branches) if r is not None]
+            before = self.numbers
+            alts = [self.branch(b, depth + 1) for b in branches]
+            if self.numbers != before:  # digit rules written: numbers of leaf branches as digit rules too
+                alts = [self.numbers_apart(b, depth + 1) if r is not None and not self.reaches_contains(b) else r
+                        for b, r in zip(branches, alts)]
+            alts = [r for r in alts if r is not None]
             if not alts:
                 raise Empty("contains", "an anyOf none of whose branches accepts a value")
             return self._new(" | ".join(alts))
@@ -179,6 +184,20 @@ class ContainsGrammar:
             node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
         body = self._array(node, depth) if kind == "array" else object_rule(self, node, depth)
         return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
+
+    def numbers_apart(self, node: Any, depth: int) -> str | None:
+        """A leaf branch beside digit rules, its numbers as digit rules too: llguidance lexes
+        greedily, so a JSON number lexeme would cut the digit rules' integers off (`28` read as one
+        number of the leaf). Where its numbers have no digit rules, the leaf as it was (stricter)."""
+        try:
+            numbers = number_rule(self, {**self.merged({"allOf": [node, {"type": "number"}]}), NOT_MULTIPLE: []})
+        except Empty:
+            numbers = None
+        except Unsupported:
+            return self.branch(node, depth)
+        rest = self.branch({"allOf": [node, {"type": [t for t in _TYPES if t != "number"]}]}, depth)
+        alts = [r for r in (numbers, rest) if r is not None]
+        return self._new(" | ".join(alts)) if alts else None
 
     def branch(self, node: Any, depth: int) -> str | None:
         """The rule for one alternative, None where it accepts nothing (llguidance refuses an

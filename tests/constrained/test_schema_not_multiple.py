@@ -24,6 +24,11 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     # a multiple of 10 that is no multiple of 20 (remainder 10 mod 20)
     "multiple_but_not": ({"type": "integer", "multipleOf": 10, "not": {"multipleOf": 20}}, [
         10, 30, -10, 20, 0, 40, 5, 110, -30, 1010, 1020, 2.5]),
+    # a leaf branch beside digit rules gets its numbers as digit rules too (llguidance lexes
+    # greedily: the leaf's number lexeme would read `28` whole and cut the digit rules' `2` `8` off)
+    "beside_a_number_leaf": ({"oneOf": [{"type": "integer", "exclusiveMaximum": 31.5},
+                                        {"type": "integer", "multipleOf": 6}]}, [
+        28, 2, 20, 29, 30, 36, 6, 42, 1.5, "s", -7, -12, 100, 0, 96]),
     # integers >= 0 that are no multiple of 3 (test_schema_numeric's "no grid" case before)
     "non_negative": ({"type": "integer", "minimum": 0, "not": {"multipleOf": 3}}, [
         1, 2, 3, 0, -1, -2, 4, 100, 99, 10 ** 21 + 1, 10 ** 21 + 2, 1.5, "1"]),
