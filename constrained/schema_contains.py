@@ -51,10 +51,18 @@ class ContainsGrammar:
         self.rules: list[str] = []
         self.arrays = self.numbers = 0  # rule-name counters
         self.max_rules = _MAX_RULES
+        self.split = False  # leaves' numbers as digit rules (numbers_apart)
         self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
+        if self.numbers and not self.split:  # digit rules written: once more, leaves' numbers as digit rules too
+            first = top, self.rules, self.arrays, self.numbers, self.fractions
+            self.rules, self.arrays, self.numbers, self.fractions, self.split = [], 0, 0, set(), True
+            try:
+                top = self.rule(self.root, 0)
+            except Unsupported:  # (over the rule cap, say) the first text: stricter, never looser
+                top, self.rules, self.arrays, self.numbers, self.fractions = first
         fraction = [f"{name}: {NOT_INTEGER_TERMINALS[name]}" for name in sorted(self.fractions)]
         return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])
 
@@ -157,12 +165,7 @@ class ContainsGrammar:
             common = rest.get("allOf", []) + [{"contains": c} for c in node.get(_MORE, [])] + \
                 [{"type": "object", SOME_KEY: m} for m in node.get(MARKS, [])]
             branches = [{**rest, "allOf": common + [m]} for m in node["anyOf"]]
-            before = self.numbers
-            alts = [self.branch(b, depth + 1) for b in branches]
-            if self.numbers != before:  # digit rules written: numbers of leaf branches as digit rules too
-                alts = [self.numbers_apart(b, depth + 1) if r is not None and not self.reaches_contains(b) else r
-                        for b, r in zip(branches, alts)]
-            alts = [r for r in alts if r is not None]
+            alts = [r for r in (self.branch(b, depth + 1) for b in branches) if r is not None]
             if not alts:
                 raise Empty("contains", "an anyOf none of whose branches accepts a value")
             return self._new(" | ".join(alts))
@@ -184,20 +187,6 @@ class ContainsGrammar:
             node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
         body = self._array(node, depth) if kind == "array" else object_rule(self, node, depth)
         return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
-
-    def numbers_apart(self, node: Any, depth: int) -> str | None:
-        """A leaf branch beside digit rules, its numbers as digit rules too: llguidance lexes
-        greedily, so a JSON number lexeme would cut the digit rules' integers off (`28` read as one
-        number of the leaf). Where its numbers have no digit rules, the leaf as it was (stricter)."""
-        try:
-            numbers = number_rule(self, {**self.merged({"allOf": [node, {"type": "number"}]}), NOT_MULTIPLE: []})
-        except Empty:
-            numbers = None
-        except Unsupported:
-            return self.branch(node, depth)
-        rest = self.branch({"allOf": [node, {"type": [t for t in _TYPES if t != "number"]}]}, depth)
-        alts = [r for r in (numbers, rest) if r is not None]
-        return self._new(" | ".join(alts)) if alts else None
 
     def branch(self, node: Any, depth: int) -> str | None:
         """The rule for one alternative, None where it accepts nothing (llguidance refuses an
@@ -284,7 +273,29 @@ class ContainsGrammar:
                 body["$defs"] = reached
         return body
 
+    def numbers_apart(self, node: Any) -> str | None:
+        """A leaf in a grammar with digit rules, its numbers as digit rules too: llguidance lexes
+        greedily, so a JSON number lexeme where digit rules may also stand (a sibling branch, a pair
+        of the same key) would read `28` whole and cut the digit rules' `2` `8` off. None where its
+        numbers have no digit rules (the leaf stays: stricter there, never looser)."""
+        try:
+            numbers = number_rule(self, {**self.merged({"allOf": [node, {"type": "number"}]}), NOT_MULTIPLE: []})
+        except Empty:
+            numbers = None
+        except Unsupported:
+            return None
+        rest = {"type": [t for t in _TYPES if t != "number"], "allOf": [node]}  # (no number: no split again)
+        alts = [numbers] if numbers is not None else []
+        alts += [] if self.empty(self._leaf_body(rest)) else [self._json_leaf(rest)]
+        if not alts:
+            raise Empty("contains", "a leaf that accepts nothing")
+        return self._new(" | ".join(alts))
+
     def _json_leaf(self, node: Any) -> str:
+        if self.split and _may_be_number(node):
+            apart = self.numbers_apart(node)
+            if apart is not None:
+                return apart
         body = self._leaf_body(node)
         if holds_marker(body):
             raise Unsupported("contains", "a failing key inside a leaf")
@@ -292,6 +303,13 @@ class ContainsGrammar:
             raise Unsupported("contains", "an item schema that accepts nothing")
         body = {} if body is True else body
         return self._new("%json " + json.dumps({**body, "x-guidance": self.options}, ensure_ascii=False))
+
+
+def _may_be_number(node: Any) -> bool:
+    if node is True or not isinstance(node, dict):
+        return node is True
+    types = _types(node.get("type", "number"))
+    return types is None or "number" in types or "integer" in types
 
 
 def _plain_number(value: Any) -> bool:
