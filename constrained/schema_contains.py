@@ -30,6 +30,7 @@ from .schema_support import VALIDATION
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
 _ARRAY_KEYS = frozenset({"items", "contains", "minItems", "maxItems"})
 _MAX_RULES = 1024
+_MAX_NESTED = 4    # array leaves turned into rules inside one another (array_apart)
 _DEF_REF = re.compile(r'"\$ref": "#/\$defs/([^"/]+)"')
 _OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalProperties"})
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
@@ -51,7 +52,9 @@ class ContainsGrammar:
         self.rules: list[str] = []
         self.arrays = self.numbers = 0  # rule-name counters
         self.max_rules = _MAX_RULES
-        self.split = False  # leaves' numbers as digit rules (numbers_apart)
+        self.split = False  # leaves' numbers as digit rules (numbers_apart), fractions too
+        self.nested = 0  # array leaves written as rules (array_apart) inside one another
+        self.fraction_rule: str | None = None  # schema_lark_numbers' fraction digit rules, written once
         self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
 
     def text(self) -> str:
@@ -59,6 +62,7 @@ class ContainsGrammar:
         if self.numbers and not self.split:  # digit rules written: once more, leaves' numbers as digit rules too
             first = top, self.rules, self.arrays, self.numbers, self.fractions
             self.rules, self.arrays, self.numbers, self.fractions, self.split = [], 0, 0, set(), True
+            self.fraction_rule = None
             try:
                 top = self.rule(self.root, 0)
             except Unsupported:  # (over the rule cap, say) the first text: stricter, never looser
@@ -291,9 +295,29 @@ class ContainsGrammar:
             raise Empty("contains", "a leaf that accepts nothing")
         return self._new(" | ".join(alts))
 
+    def array_apart(self, node: Any) -> str | None:
+        """An array leaf in a grammar with digit rules as an array rule, so its items' numbers can
+        be digit rules too (the same greedy lexing, one level down). None where it is no plain array
+        node or has no rule here (the leaf stays: stricter there, never looser)."""
+        if self.nested >= _MAX_NESTED:
+            return None
+        self.nested += 1
+        try:
+            merged = self.merged(node)
+            if not isinstance(merged, dict) or _types(merged.get("type")) != ["array"] or \
+                    not {k for k in merged if k in VALIDATION} <= _ARRAY_KEYS | {"type"}:
+                return None
+            conds = merged.get(_MORE, []) + ([merged["contains"]] if "contains" in merged else [])
+            return self._array({**merged, _MORE: conds}, 0)
+        except Unsupported:
+            return None
+        finally:
+            self.nested -= 1
+
     def _json_leaf(self, node: Any) -> str:
-        if self.split and _may_be_number(node):
-            apart = self.numbers_apart(node)
+        if self.split:
+            apart = self.numbers_apart(node) if _may_be_number(node) else None
+            apart = self.array_apart(node) if apart is None else apart
             if apart is not None:
                 return apart
         body = self._leaf_body(node)

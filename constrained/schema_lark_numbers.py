@@ -23,7 +23,7 @@ from .schema_some_key import NOT_INTEGER, NOT_MULTIPLE
 from .schema_support import VALIDATION
 
 MAX_MODULUS = 64  # remainders tracked as grammar states
-_MAX_DIGITS = 2   # bounds below 10^2: values up to that size are grammar states
+_MAX_DIGITS = 3   # bounds below 10^3: values up to that size are states (minimised)
 # Numbers that are no integer under any draft and in any reader: a fraction with a nonzero digit, no
 # exponent, at most 15 significant digits (a double recovers such a decimal exactly, so it never
 # reads as an integer). Stricter than "not an integer" (no 1.5e0), never looser. By sign: a bound
@@ -68,10 +68,6 @@ def number_rule(route: Any, node: dict[str, Any]) -> str:
     if (numbers or "integer" in types) and NOT_INTEGER not in node:
         alts += _integers(route, moduli, negative, bounds)
     if numbers and positive is None:  # a non-integer is no multiple of an integer
-        if NOT_INTEGER not in node:
-            # the fraction terminal shares its first digits with the digit rules, and llguidance
-            # lexes greedily: integers would be cut off (stricter, yet a class of values lost)
-            raise Unsupported("multipleOf", "non-multiples among all numbers (integers and fractions)")
         alts += _fractions(route, bounds)
     if not alts:
         raise Empty("contains", "no instance type left")
@@ -79,15 +75,34 @@ def number_rule(route: Any, node: dict[str, Any]) -> str:
 
 
 def _fractions(route: Any, bounds: dict[str, Any]) -> list[str]:
-    """cov18's terminal; bounds beside it only of 0 (they pick a sign)."""
+    """cov18's terminal, or (in a grammar with digit rules: route.split) the same numbers as digit
+    rules, since llguidance lexes greedily and a terminal beside them would cut integers off
+    (`12` read as the start of `12.5`). Bounds beside them only of 0 (they pick a sign)."""
     if any(v != 0 for v in bounds.values()):
         raise Unsupported("type", "a non-integer number next to a bound other than 0")
     below, above = set(bounds) & set(_BELOW), set(bounds) & set(_ABOVE)
     if below and above:  # only 0, an integer
         return []
+    if route.split:
+        signs = ['"-" '] if below else [""] if above else ["", '"-" ']
+        return [route._new(sign + _fraction_digits(route)) for sign in signs]
     name = "FRACTION_NEG" if below else "FRACTION_POS" if above else "FRACTION"
     route.fractions.add(name)
     return [name]
+
+
+def _fraction_digits(route: Any) -> str:
+    """The unsigned numbers of the fraction terminal as rules: integer digits one lexeme each (k of
+    them, k <= 14), then one lexeme for the point and at most 14 - k more digits, the last nonzero."""
+    if route.fraction_rule is None:
+        route.numbers += 1
+        names = [f"f{route.numbers}_{k}" for k in range(15)]
+        route.rules.append(f'{names[0]}: "0" /\\.[0-9]{{0,13}}[1-9]/ | /[1-9]/ {names[1]}')
+        for k in range(1, 15):
+            more = f" | /[0-9]/ {names[k + 1]}" if k < 14 else ""
+            route.rules.append(f"{names[k]}: /\\.[0-9]{{0,{14 - k}}}[1-9]/{more}")
+        route.fraction_rule = names[0]
+    return route.fraction_rule
 
 
 def _integer_range(bounds: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -156,18 +171,34 @@ def _digits(route: Any, modulus: int, digits: int, short: Any, kept: set[int], s
     first = [(d, step(("v", 0), d)) for d in range(1, 10)]
     if not any(t in live for _, t in first):
         return []
+    block = _minimal(moves, live, accepting)
     route.numbers += 1
-    names = {s: f"n{route.numbers}_{i}" for i, s in enumerate(sorted(live))}
-    if len(route.rules) + len(names) >= route.max_rules:
+    blocks = sorted(set(block.values()))
+    if len(route.rules) + len(blocks) >= route.max_rules:
         raise Unsupported("contains", "too many rules")
+    names = {b: f"n{route.numbers}_{b}" for b in blocks}
 
     def edges(pairs: list[tuple[int, tuple[str, int]]]) -> list[str]:
-        by_target: dict[tuple[str, int], list[int]] = {}
+        by_target: dict[int, list[int]] = {}
         for d, t in pairs:
             if t in live:
-                by_target.setdefault(t, []).append(d)
-        return [f"/[{''.join(str(d) for d in ds)}]/ {names[t]}" for t, ds in sorted(by_target.items())]
+                by_target.setdefault(block[t], []).append(d)
+        return [f"/[{''.join(str(d) for d in ds)}]/ {names[b]}" for b, ds in sorted(by_target.items())]
 
-    for state in sorted(live):
-        route.rules.append(f"{names[state]}: " + " | ".join(edges(moves[state]) + (['""'] if accepting(state) else [])))
+    for b in blocks:
+        state = min(s for s in live if block[s] == b)
+        route.rules.append(f"{names[b]}: " + " | ".join(edges(moves[state]) + (['""'] if accepting(state) else [])))
     return [route._new(sign + "(" + " | ".join(edges(first)) + ")")]
+
+
+def _minimal(moves: dict[Any, list[tuple[int, Any]]], live: set[Any], accepting: Any) -> dict[Any, int]:
+    """Moore's partition refinement of the live states: equivalent states share a block (so value
+    states below a bound of 1,000 cost about digits x modulus rules, not 1,000)."""
+    block = {s: int(bool(accepting(s))) for s in live}
+    while True:
+        signature = {s: (block[s], tuple(block.get(t, -1) for _, t in moves[s])) for s in live}
+        ids = {sig: i for i, sig in enumerate(sorted(set(signature.values())))}
+        refined = {s: ids[signature[s]] for s in live}
+        if len(ids) == len(set(block.values())):
+            return refined
+        block = refined

@@ -29,6 +29,19 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "beside_a_number_leaf": ({"oneOf": [{"type": "integer", "exclusiveMaximum": 31.5},
                                         {"type": "integer", "multipleOf": 6}]}, [
         28, 2, 20, 29, 30, 36, 6, 42, 1.5, "s", -7, -12, 100, 0, 96]),
+    # numbers: non-integers are no multiple of 4 (digit rules like the integers', as llguidance
+    # lexes greedily: a fraction terminal would read `12` as the start of `12.5`); a bound of 0 picks the sign
+    "one_of_number_sign": ({"oneOf": [{"type": "number", "multipleOf": 4}, {"type": "number", "minimum": 0}]}, [
+        -4, -8, 4, 0, 1, 2.5, -2.5, -3, 7, 8, -12, 123, 12.25, -0.5, 100.125, 12345678901234.5, "x"]),
+    # MaskBench oneofitemscontains1's shape: "some item fails multipleOf 4" inside `contains`, a
+    # bound of 100 beside "not a multiple of 11" (value states below 1,000, minimised)
+    "items_contains_moduli": ({"type": "array", "oneOf": [
+        {"allOf": [{"items": {"$ref": "#/$defs/i1"}}, {"contains": {"$ref": "#/$defs/i2"}}]},
+        {"allOf": [{"items": {"$ref": "#/$defs/i2"}}, {"contains": {"$ref": "#/$defs/i1"}}]}],
+        "$defs": {"i1": {"type": "array", "contains": {"type": "number", "multipleOf": 11, "minimum": 100}},
+                  "i2": {"type": "array", "items": {"type": "number", "multipleOf": 4}}}}, [
+        [[110]], [[132]], [[132], [110]], [[110], [132]], [[132], [110, 3]], [[132], [8]], [[132], [8.5]],
+        [[132], [110.5, 110]], [[132], [110, 2.5]], [[132], [121, 13]], [[4, 8]], [], [[110], [8]], [[99]]]),
     # integers >= 0 that are no multiple of 3 (test_schema_numeric's "no grid" case before)
     "non_negative": ({"type": "integer", "minimum": 0, "not": {"multipleOf": 3}}, [
         1, 2, 3, 0, -1, -2, 4, 100, 99, 10 ** 21 + 1, 10 ** 21 + 2, 1.5, "1"]),
@@ -64,9 +77,7 @@ def test_integers_written_plainly(tokenizer: Any) -> None:
     {"type": "integer", "multipleOf": 9, "not": {"multipleOf": 12}},  # lcm 36 is fine, see below
     {"type": "integer", "multipleOf": 11, "not": {"multipleOf": 7}},  # lcm 77: over 64
     {"type": "number", "minimum": 5, "not": {"multipleOf": 3}},       # non-integers beside a bound off 0
-    {"type": "integer", "minimum": 500, "not": {"multipleOf": 3}},    # a bound past the value states
-    # non-multiples among all numbers: the fraction terminal would cut integers off (greedy lexing)
-    {"oneOf": [{"type": "number", "multipleOf": 4}, {"type": "number", "minimum": 0}]},
+    {"type": "integer", "minimum": 5000, "not": {"multipleOf": 3}},   # a bound past the value states
 ])
 def test_outside_the_route(tokenizer: Any, schema: dict[str, Any]) -> None:
     if schema.get("multipleOf") == 9:  # remainders 9, 27 mod 36
