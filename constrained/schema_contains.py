@@ -53,8 +53,9 @@ class ContainsGrammar:
         self.arrays = self.numbers = 0  # rule-name counters
         self.max_rules = _MAX_RULES
         self.split = False  # leaves' numbers as digit rules (numbers_apart), fractions too
+        self.deferred = False  # numbers left out of the first text for the digit-rule pass
         self.nested = 0  # array leaves written as rules (array_apart) inside one another
-        self.fraction_rule: str | None = None  # schema_lark_numbers' fraction digit rules, written once
+        self.fraction_rules: dict[tuple[int, int | None], str] = {}  # schema_lark_numbers' fraction digit rules
         self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
 
     def text(self) -> str:
@@ -62,10 +63,12 @@ class ContainsGrammar:
         if self.numbers and not self.split:  # digit rules written: once more, leaves' numbers as digit rules too
             first = top, self.rules, self.arrays, self.numbers, self.fractions
             self.rules, self.arrays, self.numbers, self.fractions, self.split = [], 0, 0, set(), True
-            self.fraction_rule = None
+            self.fraction_rules = {}
             try:
                 top = self.rule(self.root, 0)
             except Unsupported:  # (over the rule cap, say) the first text: stricter, never looser
+                if self.deferred:  # it lacks whole classes of numbers: refused instead
+                    raise
                 top, self.rules, self.arrays, self.numbers, self.fractions = first
         fraction = [f"{name}: {NOT_INTEGER_TERMINALS[name]}" for name in sorted(self.fractions)]
         return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])

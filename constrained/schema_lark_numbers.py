@@ -75,34 +75,94 @@ def number_rule(route: Any, node: dict[str, Any]) -> str:
 
 
 def _fractions(route: Any, bounds: dict[str, Any]) -> list[str]:
-    """cov18's terminal, or (in a grammar with digit rules: route.split) the same numbers as digit
-    rules, since llguidance lexes greedily and a terminal beside them would cut integers off
-    (`12` read as the start of `12.5`). Bounds beside them only of 0 (they pick a sign)."""
-    if any(v != 0 for v in bounds.values()):
-        raise Unsupported("type", "a non-integer number next to a bound other than 0")
+    """cov18's terminal (bounds of 0 only: they pick a sign), or, in a grammar with digit rules
+    (route.split), the same numbers as digit rules, since llguidance lexes greedily and a terminal
+    beside them would cut integers off (`12` read as the start of `12.5`); there integer bounds are
+    met exactly on the integer part (a non-integer x > 0 has x >= L iff its integer part is >= L)."""
+    if route.split:
+        return _fraction_rules(route, bounds)
+    if any(v != 0 for v in bounds.values()):  # left to the digit-rule pass (refused where it fails)
+        route.numbers += 1
+        route.deferred = True
+        return []
     below, above = set(bounds) & set(_BELOW), set(bounds) & set(_ABOVE)
     if below and above:  # only 0, an integer
         return []
-    if route.split:
-        signs = ['"-" '] if below else [""] if above else ["", '"-" ']
-        return [route._new(sign + _fraction_digits(route)) for sign in signs]
     name = "FRACTION_NEG" if below else "FRACTION_POS" if above else "FRACTION"
     route.fractions.add(name)
     return [name]
 
 
-def _fraction_digits(route: Any) -> str:
-    """The unsigned numbers of the fraction terminal as rules: integer digits one lexeme each (k of
-    them, k <= 14), then one lexeme for the point and at most 14 - k more digits, the last nonzero."""
-    if route.fraction_rule is None:
-        route.numbers += 1
-        names = [f"f{route.numbers}_{k}" for k in range(15)]
-        route.rules.append(f'{names[0]}: "0" /\\.[0-9]{{0,13}}[1-9]/ | /[1-9]/ {names[1]}')
-        for k in range(1, 15):
-            more = f" | /[0-9]/ {names[k + 1]}" if k < 14 else ""
-            route.rules.append(f"{names[k]}: /\\.[0-9]{{0,{14 - k}}}[1-9]/{more}")
-        route.fraction_rule = names[0]
-    return route.fraction_rule
+def _fraction_rules(route: Any, bounds: dict[str, Any]) -> list[str]:
+    if any(not float(v).is_integer() for v in bounds.values()):
+        raise Unsupported("type", "a non-integer number next to a bound that is no integer")
+    lows = [int(v) for k, v in bounds.items() if k in _ABOVE]
+    highs = [int(v) for k, v in bounds.items() if k in _BELOW]
+    low, high = (max(lows) if lows else None), (min(highs) if highs else None)
+    alts = []
+    # integer parts allowed: positive numbers I + f, negative ones -(I + f), 0 < f < 1
+    for sign, first, last in (("", low if low is not None and low >= 1 else 0, None if high is None else high - 1),
+                              ('"-" ', -high if high is not None and high <= -1 else 0, None if low is None else -low - 1)):
+        if last is None or last >= first:
+            alts.append(route._new(sign + _fraction_digits(route, first, last)))
+    return alts
+
+
+def _fraction_digits(route: Any, first: int, last: int | None) -> str:
+    """Unsigned non-integers whose integer part lies in [first, last] (last None: no end), as
+    rules: integer digits one lexeme each (k of them, k <= 14), then one lexeme for the point and
+    at most 14 - k more digits, the last nonzero (cov18's terminal's numbers)."""
+    key = (first, last)
+    if key in route.fraction_rules:
+        return route.fraction_rules[key]
+    widest = max(first, last or 0)
+    digits = len(str(widest)) if widest else 0
+    if digits > _MAX_DIGITS:
+        raise Unsupported("minimum", f"a bound of {10 ** _MAX_DIGITS} or more beside a non-integer")
+    span = 10 ** digits
+
+    def step(state: tuple[str, int], d: int) -> tuple[str, int] | None:
+        if state[0] == "v":
+            value = state[1] * 10 + d
+            return ("v", value) if value < span else ("k", digits + 1)
+        return ("k", state[1] + 1) if state[1] < 14 else None
+
+    def label(state: tuple[str, int]) -> int | None:  # integer digits read, where the point may follow
+        if state[0] == "k":
+            return state[1] if last is None else None
+        return len(str(state[1])) if first <= state[1] and (last is None or state[1] <= last) else None
+
+    moves: dict[Any, list[tuple[int, Any]]] = {}
+    todo = [t for t in (step(("v", 0), d) for d in range(1, 10)) if t is not None]
+    while todo:
+        state = todo.pop()
+        if state not in moves:
+            moves[state] = [(d, t) for d in range(10) for t in [step(state, d)] if t is not None]
+            todo += [t for _, t in moves[state]]
+    live = live_states(moves, lambda s: label(s) is not None)
+    block = _minimal(moves, live, label)
+    route.numbers += 1
+    names = {b: f"f{route.numbers}_{b}" for b in set(block.values())}
+
+    def point(k: int) -> str:
+        return f"/\\.[0-9]{{0,{14 - k}}}[1-9]/"
+
+    def edges(pairs: list[tuple[int, Any]]) -> list[str]:
+        by_target: dict[int, list[int]] = {}
+        for d, t in pairs:
+            if t in live:
+                by_target.setdefault(block[t], []).append(d)
+        return [f"/[{''.join(str(d) for d in ds)}]/ {names[b]}" for b, ds in sorted(by_target.items())]
+
+    for b in sorted(names):
+        state = min(s for s in live if block[s] == b)
+        k = label(state)
+        route.rules.append(f"{names[b]}: " + " | ".join(edges(moves[state]) + ([point(k)] if k is not None else [])))
+    alts = ([f'"0" {point(1)}'] if first <= 0 else []) + edges([(d, step(("v", 0), d)) for d in range(1, 10)])
+    if not alts:
+        raise Empty("contains", "no non-integer in the bounds")
+    route.fraction_rules[key] = route._new(" | ".join(alts))
+    return route.fraction_rules[key]
 
 
 def _integer_range(bounds: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -191,10 +251,13 @@ def _digits(route: Any, modulus: int, digits: int, short: Any, kept: set[int], s
     return [route._new(sign + "(" + " | ".join(edges(first)) + ")")]
 
 
-def _minimal(moves: dict[Any, list[tuple[int, Any]]], live: set[Any], accepting: Any) -> dict[Any, int]:
-    """Moore's partition refinement of the live states: equivalent states share a block (so value
-    states below a bound of 1,000 cost about digits x modulus rules, not 1,000)."""
-    block = {s: int(bool(accepting(s))) for s in live}
+def _minimal(moves: dict[Any, list[tuple[int, Any]]], live: set[Any], label: Any) -> dict[Any, int]:
+    """Moore's partition refinement of the live states by their label (accepting, or what may
+    follow): equivalent states share a block (so value states below a bound of 1,000 cost about
+    digits x modulus rules, not 1,000)."""
+    first = {s: label(s) for s in live}
+    kinds = {v: i for i, v in enumerate(sorted(set(first.values()), key=repr))}
+    block = {s: kinds[first[s]] for s in live}
     while True:
         signature = {s: (block[s], tuple(block.get(t, -1) for _, t in moves[s])) for s in live}
         ids = {sig: i for i, sig in enumerate(sorted(set(signature.values())))}

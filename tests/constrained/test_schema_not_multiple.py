@@ -33,6 +33,12 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     # lexes greedily: a fraction terminal would read `12` as the start of `12.5`); a bound of 0 picks the sign
     "one_of_number_sign": ({"oneOf": [{"type": "number", "multipleOf": 4}, {"type": "number", "minimum": 0}]}, [
         -4, -8, 4, 0, 1, 2.5, -2.5, -3, 7, 8, -12, 123, 12.25, -0.5, 100.125, 12345678901234.5, "x"]),
+    # non-integers beside a bound that is an integer: met on the integer part, as digit rules
+    "fractions_bounded": ({"type": "number", "minimum": -20, "not": {"multipleOf": 5}}, [
+        -20.5, -19.5, 3.25, 5, -25, -20, -21, 7, 1000.5, -19, 0.5, -0.5, -100, 19.75, "s"]),
+    # both sides bounded (test_schema_numeric's "no grid" case with maximum 9 before)
+    "numbers_bounded": ({"type": "number", "minimum": 0, "maximum": 9, "not": {"multipleOf": 3}}, [
+        0, 1, 3, 9, 2.5, 8.75, 9.5, -1, 10, 0.5, 6, 8, -0.5]),
     # MaskBench oneofitemscontains1's shape: "some item fails multipleOf 4" inside `contains`, a
     # bound of 100 beside "not a multiple of 11" (value states below 1,000, minimised)
     "items_contains_moduli": ({"type": "array", "oneOf": [
@@ -76,7 +82,7 @@ def test_integers_written_plainly(tokenizer: Any) -> None:
     {"type": "integer", "not": {"multipleOf": 97}},          # more than 64 remainders
     {"type": "integer", "multipleOf": 9, "not": {"multipleOf": 12}},  # lcm 36 is fine, see below
     {"type": "integer", "multipleOf": 11, "not": {"multipleOf": 7}},  # lcm 77: over 64
-    {"type": "number", "minimum": 5, "not": {"multipleOf": 3}},       # non-integers beside a bound off 0
+    {"type": "number", "minimum": 5.5, "not": {"multipleOf": 3}},     # non-integers beside a bound no integer
     {"type": "integer", "minimum": 5000, "not": {"multipleOf": 3}},   # a bound past the value states
 ])
 def test_outside_the_route(tokenizer: Any, schema: dict[str, Any]) -> None:
