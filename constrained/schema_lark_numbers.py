@@ -4,12 +4,15 @@ Complements of `type: integer` and of `multipleOf` have no JSON-Schema form, so 
 (Modes.contains) writes them as private keywords (schema_some_key.NOT_INTEGER / NOT_MULTIPLE) and
 schema_contains hands a node holding one to number_rule(). For an integer modulus the integers
 with a given remainder mod M are a regular language over their decimal digits (a DFA of
-remainders), written as right-linear rules; the non-integers are cov18's fraction terminal (a
-non-integer is a multiple of no integer). Bounds beside them are met exactly: integers of at most
-D digits (10^D past every bound) are listed, longer ones follow the remainder rules on the side
-that has no bound. Integers carry no fraction, no exponent and no `-0` (stricter, never looser);
-Python's json reads them exactly, so `jsonschema` decides `multipleOf` on them exactly. Anything
-else — a decimal modulus, M over 64, a bound off 0 beside non-integers — is refused.
+remainders), written as right-linear rules with one lexeme a digit; bounds beside them are met
+exactly by value states for magnitudes below 10^D (10^D past every bound), remainder states past
+them on the side with no bound, minimised. Non-integers (a multiple of no integer) are cov18's
+fraction terminal, or the same numbers as digit rules in a grammar that holds digit rules
+(llguidance lexes greedily: a terminal beside one-digit lexemes would cut integers off), there
+with integer bounds met on the integer part. Integers carry no fraction, no exponent and no `-0`
+(stricter, never looser); Python's json reads them exactly, so `jsonschema` decides `multipleOf`
+on them exactly. Anything else (a decimal modulus, M over 64, bounds of 1,000 or more, a bound
+that is no integer beside non-integers, other keywords) is refused.
 """
 
 from __future__ import annotations
