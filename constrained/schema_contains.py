@@ -15,34 +15,29 @@ vetting refuses over `contains` / "some item fails", or whose `oneOf` llguidance
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
+from .schema_lark_numbers import NOT_INTEGER_TERMINALS, number_rule, small_modulus
 from .schema_lark_object import MARKS, Empty, live_states, object_rule
 from .schema_negation import Unsupported
 from .schema_refs import get, subschemas
-from .schema_some_key import NOT_INTEGER, SOME_KEY, holds_marker
+from .schema_some_key import NOT_INTEGER, NOT_MULTIPLE, SOME_KEY, holds_marker
 from .schema_support import VALIDATION
 
 # Keywords a `contains` or `items` node may carry besides those the rules write out.
 _ARRAY_KEYS = frozenset({"items", "contains", "minItems", "maxItems"})
 _MAX_RULES = 1024
+_MAX_NESTED = 4    # array leaves turned into rules inside one another (array_apart)
 _DEF_REF = re.compile(r'"\$ref": "#/\$defs/([^"/]+)"')
 _OBJECT_GROUP = frozenset({"properties", "patternProperties", "additionalProperties"})
 _MAX_CONTAINS = 2  # contains keywords on one array node (2^k item leaves)
 _MAX_COUNT = 8     # minItems / maxItems counted in grammar states
 _MORE = "contains*"  # merged() keeps every `contains` of a node in this list
-# Numbers that are no integer under any draft and in any reader: a fraction with a nonzero digit, no
-# exponent, at most 15 significant digits (a double recovers such a decimal exactly, so it never
-# reads as an integer). Stricter than "not an integer" (no 1.5e0), never looser. By sign: a bound
-# of 0 beside it (the only bounds written out) picks the negative or the positive ones.
-_UNSIGNED = "(?:" + "|".join(
-    ["0\\.[0-9]{0,13}[1-9]"] + [f"[1-9][0-9]{{{k}}}\\.[0-9]{{0,{13 - k}}}[1-9]" for k in range(14)]) + ")"
-NOT_INTEGER_TERMINALS = {"FRACTION": f"/-?{_UNSIGNED}/", "FRACTION_NEG": f"/-{_UNSIGNED}/",
-                         "FRACTION_POS": f"/{_UNSIGNED}/"}
-_BELOW_ZERO, _ABOVE_ZERO = ("maximum", "exclusiveMaximum"), ("minimum", "exclusiveMinimum")
 _TYPES = ("null", "boolean", "object", "array", "number", "string")
+_TIGHTEST = {"minimum": max, "exclusiveMinimum": max, "maximum": min, "exclusiveMaximum": min}
 _OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "patternProperties",
                           "minProperties", "maxProperties"})
 
@@ -55,11 +50,26 @@ class ContainsGrammar:
         self.root, self.empty, self.options = root, empty, options  # empty: the backend proves a leaf empty
         self.ws = f"/[\\x20\\x0A\\x0D\\x09]{{0,{whitespace_max}}}/"
         self.rules: list[str] = []
-        self.arrays = 0
+        self.arrays = self.numbers = 0  # rule-name counters
+        self.max_rules = _MAX_RULES
+        self.split = False  # leaves' numbers as digit rules (numbers_apart), fractions too
+        self.deferred = False  # numbers left out of the first text for the digit-rule pass
+        self.nested = 0  # array leaves written as rules (array_apart) inside one another
+        self.fraction_rules: dict[tuple[int, int | None], str] = {}  # schema_lark_numbers' fraction digit rules
         self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
+        if self.numbers and not self.split:  # digit rules written: once more, leaves' numbers as digit rules too
+            first = top, self.rules, self.arrays, self.numbers, self.fractions
+            self.rules, self.arrays, self.numbers, self.fractions, self.split = [], 0, 0, set(), True
+            self.fraction_rules = {}
+            try:
+                top = self.rule(self.root, 0)
+            except Unsupported:  # (over the rule cap, say) the first text: stricter, never looser
+                if self.deferred:  # it lacks whole classes of numbers: refused instead
+                    raise
+                top, self.rules, self.arrays, self.numbers, self.fractions = first
         fraction = [f"{name}: {NOT_INTEGER_TERMINALS[name]}" for name in sorted(self.fractions)]
         return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])
 
@@ -91,7 +101,8 @@ class ContainsGrammar:
     def reaches_contains(self, node: Any, seen: frozenset[str] = frozenset()) -> bool:
         if not isinstance(node, dict):
             return False
-        if "contains" in node or _MORE in node or SOME_KEY in node or MARKS in node or NOT_INTEGER in node:
+        if "contains" in node or _MORE in node or SOME_KEY in node or MARKS in node or NOT_INTEGER in node \
+                or NOT_MULTIPLE in node:
             return True
         ref = node.get("$ref")
         if isinstance(ref, str) and ref not in seen and self.reaches_contains(self.resolve({"$ref": ref}),
@@ -122,6 +133,12 @@ class ContainsGrammar:
                 elif key == "properties" and "properties" in out:
                     out[key] = {**out[key], **{k: {"allOf": [out[key][k], v]} if k in out[key] else v
                                                for k, v in value.items()}}
+                elif key == NOT_MULTIPLE and key in out:
+                    out[key] = sorted(set(out[key]) | set(value))
+                elif key == "multipleOf" and key in out and small_modulus(value) and small_modulus(out[key]):
+                    out[key] = math.lcm(out[key], value)  # integer moduli: a multiple of both, of their lcm
+                elif key in _TIGHTEST and key in out and _plain_number(value) and _plain_number(out[key]):
+                    out[key] = _TIGHTEST[key](out[key], value)
                 elif key == "required" and "required" in out:
                     out[key] = list(dict.fromkeys(out[key] + value))
                 elif key == "anyOf" and "anyOf" in out:  # (A ∨ B) ∧ (C ∨ D): kept as an allOf of the two
@@ -159,8 +176,8 @@ class ContainsGrammar:
             if not alts:
                 raise Empty("contains", "an anyOf none of whose branches accepts a value")
             return self._new(" | ".join(alts))
-        if NOT_INTEGER in node:
-            return self._fraction(node)
+        if NOT_INTEGER in node or NOT_MULTIPLE in node:
+            return number_rule(self, node)
         kind = "object" if keys & _OBJECT_KEYS or SOME_KEY in node or MARKS in node else "array"
         allowed = _OBJECT_KEYS if kind == "object" else _ARRAY_KEYS
         if not keys <= allowed | {"type"}:
@@ -177,28 +194,6 @@ class ContainsGrammar:
             node = {**node, _MORE: node.get(_MORE, []) + [node["contains"]]}
         body = self._array(node, depth) if kind == "array" else object_rule(self, node, depth)
         return self._new(f"{body} | {self._json_leaf({'type': others})}") if others else body
-
-    def _fraction(self, node: dict[str, Any]) -> str:
-        """A node holding NOT_INTEGER (it constrains numbers only): its numbers as a terminal, its
-        other types as a leaf. Beside it only bounds of 0 (they pick a sign); any other keyword is
-        refused (no intersection with a terminal)."""
-        bounds = {k: node[k] for k in (*_BELOW_ZERO, *_ABOVE_ZERO) if k in node}
-        if any(k in VALIDATION for k in node if k != "type" and k not in bounds) or \
-                any(v != 0 or isinstance(v, bool) for v in bounds.values()):
-            raise Unsupported("type", "a non-integer number next to other keywords")
-        types = _types(node.get("type", list(_TYPES)))
-        if types is None:
-            raise Unsupported("contains", "unknown type on the path to contains")
-        others = [t for t in types if t not in ("number", "integer")]
-        alts = [self._json_leaf({"type": others})] if others else []  # the bounds hold for them vacuously
-        below, above = set(bounds) & set(_BELOW_ZERO), set(bounds) & set(_ABOVE_ZERO)
-        if "number" in types and not (below and above):  # both: only 0, an integer
-            name = "FRACTION_NEG" if below else "FRACTION_POS" if above else "FRACTION"
-            self.fractions.add(name)
-            alts.append(name)
-        if not alts:
-            raise Empty("contains", "no instance type left")
-        return self._new(" | ".join(alts))
 
     def branch(self, node: Any, depth: int) -> str | None:
         """The rule for one alternative, None where it accepts nothing (llguidance refuses an
@@ -255,7 +250,7 @@ class ContainsGrammar:
             todo += [nxt for _, nxt in moves[state]]
         live = live_states(moves, accepting)
         if (0, 0) not in live:
-            raise Unsupported("contains", "an array node that accepts no array")
+            raise Empty("contains", "an array node that accepts no array")
         self.arrays += 1
         names = {q: f"a{self.arrays}_{i}" for i, q in enumerate(sorted(live))}
         sep = 'WS "," WS'
@@ -285,7 +280,49 @@ class ContainsGrammar:
                 body["$defs"] = reached
         return body
 
+    def numbers_apart(self, node: Any) -> str | None:
+        """A leaf in a grammar with digit rules, its numbers as digit rules too: llguidance lexes
+        greedily, so a JSON number lexeme where digit rules may also stand (a sibling branch, a pair
+        of the same key) would read `28` whole and cut the digit rules' `2` `8` off. None where its
+        numbers have no digit rules (the leaf stays: stricter there, never looser)."""
+        try:
+            numbers = number_rule(self, {**self.merged({"allOf": [node, {"type": "number"}]}), NOT_MULTIPLE: []})
+        except Empty:
+            numbers = None
+        except Unsupported:
+            return None
+        rest = {"type": [t for t in _TYPES if t != "number"], "allOf": [node]}  # (no number: no split again)
+        alts = [numbers] if numbers is not None else []
+        alts += [] if self.empty(self._leaf_body(rest)) else [self._json_leaf(rest)]
+        if not alts:
+            raise Empty("contains", "a leaf that accepts nothing")
+        return self._new(" | ".join(alts))
+
+    def array_apart(self, node: Any) -> str | None:
+        """An array leaf in a grammar with digit rules as an array rule, so its items' numbers can
+        be digit rules too (the same greedy lexing, one level down). None where it is no plain array
+        node or has no rule here (the leaf stays: stricter there, never looser)."""
+        if self.nested >= _MAX_NESTED:
+            return None
+        self.nested += 1
+        try:
+            merged = self.merged(node)
+            if not isinstance(merged, dict) or _types(merged.get("type")) != ["array"] or \
+                    not {k for k in merged if k in VALIDATION} <= _ARRAY_KEYS | {"type"}:
+                return None
+            conds = merged.get(_MORE, []) + ([merged["contains"]] if "contains" in merged else [])
+            return self._array({**merged, _MORE: conds}, 0)
+        except Unsupported:
+            return None
+        finally:
+            self.nested -= 1
+
     def _json_leaf(self, node: Any) -> str:
+        if self.split:
+            apart = self.numbers_apart(node) if _may_be_number(node) else None
+            apart = self.array_apart(node) if apart is None else apart
+            if apart is not None:
+                return apart
         body = self._leaf_body(node)
         if holds_marker(body):
             raise Unsupported("contains", "a failing key inside a leaf")
@@ -293,6 +330,17 @@ class ContainsGrammar:
             raise Unsupported("contains", "an item schema that accepts nothing")
         body = {} if body is True else body
         return self._new("%json " + json.dumps({**body, "x-guidance": self.options}, ensure_ascii=False))
+
+
+def _may_be_number(node: Any) -> bool:
+    if node is True or not isinstance(node, dict):
+        return node is True
+    types = _types(node.get("type", "number"))
+    return types is None or "number" in types or "integer" in types
+
+
+def _plain_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _types(value: Any) -> list[str] | None:

@@ -23,9 +23,10 @@ from typing import Any
 
 from .schema_disjoint import _KINDS, Memo, _canon, _kinds, _values, counts_disjoint, disjoint, rejects
 from .schema_formats import FORMAT_WITHIN, formats_disjoint
+from .schema_lark_numbers import small_modulus
 from .schema_negation import Unsupported, negate_keyword, unnamed_key_present
 from .schema_pattern_complement import pattern_matches, patterns_disjoint
-from .schema_some_key import NOT_INTEGER, some_key
+from .schema_some_key import NOT_INTEGER, NOT_MULTIPLE, some_key
 
 Deref = Callable[[str], Any]
 TYPES = ("null", "boolean", "object", "array", "number", "string")
@@ -211,6 +212,10 @@ class Relative:
             return ([{"type": rest}] if rest else []) + [{"type": "number", NOT_INTEGER: True}]
         if key == NOT_INTEGER:  # the numbers it rejects are the integers (others satisfy it vacuously)
             return [{"type": "integer"}]
+        if key == "multipleOf" and self.contains and small_modulus(value):  # remainder rules on the route
+            return [{"type": "number", NOT_MULTIPLE: [value]}]
+        if key == NOT_MULTIPLE:  # the numbers it rejects: multiples of one of its moduli
+            return [{"type": "number", "multipleOf": q} for q in value]
         if key == "properties":
             out = []
             for name, sub in value.items():

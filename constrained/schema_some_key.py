@@ -25,9 +25,12 @@ from .schema_pattern_complement import complement_pattern, pattern_matches
 
 SOME_KEY = "$someKey"
 # A number with a fractional part, for "not an integer" (schema_relative with Modes.contains): the
-# Lark route writes it as a terminal (schema_contains.NOT_INTEGER_TERMINALS); no JSON-Schema keyword.
+# Lark route writes it as a terminal (schema_lark_numbers.NOT_INTEGER_TERMINALS); no JSON-Schema keyword.
 NOT_INTEGER = "$notInteger"
-_PRIVATE = (SOME_KEY, NOT_INTEGER)
+# Numbers that are no multiple of any of the listed integers (the complement of `multipleOf`, the
+# same way; schema_lark_numbers.py writes them as remainder rules).
+NOT_MULTIPLE = "$notMultipleOf"
+_PRIVATE = (SOME_KEY, NOT_INTEGER, NOT_MULTIPLE)
 
 
 def some_key(out: list[str], match: list[str], unmatch: list[str], value: Any) -> dict[str, Any]:
