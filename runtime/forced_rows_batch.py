@@ -19,22 +19,20 @@ if TYPE_CHECKING:
 
 
 def _guess_pick_inputs(batch: ScheduledBatch, guess_idx: list[int], starts: np.ndarray) -> list[torch.Tensor]:
-    """The guess rows' inputs of the pick on the device, the rows' pairs laid end to end: their tokens'
-    places in the step, their rows in the pending step, each pair's guess row, key and run ([pairs, W]),
-    and each place's entry of the picked [G, W] runs."""
-    guesses, widths = batch.guesses, [batch.guess_widths[i] for i in guess_idx]
+    """The guess rows' inputs of the pick on the device: every (pair, token of its run) of the step's guess rows,
+    laid end to end (`GuessRuns.entries`, made once per state's runs and width): its place in the step, the
+    pending step's row whose sampled token it compares with, the pair's key and the run's token. The device
+    adds each entry's token where its key equals that sampled token: at most one pair of a row matches, so a
+    place receives the matched run's token, or stays 0 (four operations on the device, whatever the rows)."""
+    guesses, widths = batch.guesses, batch.guess_widths
     assert guesses is not None
-    picked = [guesses[i] for i in guess_idx]
-    keys = np.concatenate([g.keys for g in picked])  # type: ignore[union-attr]
-    values = np.concatenate([g.values for g in picked])  # type: ignore[union-attr]
-    owner = np.repeat(np.arange(len(picked), dtype=np.int64), [len(g.keys) for g in picked])  # type: ignore[union-attr]
-    w_np = np.asarray(widths, dtype=np.int64)
-    rank = np.arange(int(w_np.sum()), dtype=np.int64) - np.repeat(np.cumsum(w_np) - w_np, w_np)
-    dst = np.repeat(starts[guess_idx] + 1, w_np) + rank
-    rows = np.repeat(np.arange(len(guess_idx), dtype=np.int64), w_np)
-    return [torch.from_numpy(dst), torch.tensor([batch.reqs[i].uncommitted_row for i in guess_idx], dtype=torch.int64),
-            torch.from_numpy(owner), torch.from_numpy(keys), torch.from_numpy(values.reshape(-1)),
-            torch.from_numpy(rows * values.shape[1] + rank)]
+    parts = [guesses[i].entries(widths[i]) for i in guess_idx]  # type: ignore[union-attr]
+    sizes = [len(p[0]) for p in parts]
+    keys, values, rank = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    src = np.repeat(np.fromiter((batch.reqs[i].uncommitted_row for i in guess_idx), dtype=np.int64,
+                                count=len(guess_idx)), sizes)
+    dst = np.repeat(starts[guess_idx] + 1, sizes) + rank
+    return [torch.from_numpy(dst), torch.from_numpy(src), torch.from_numpy(keys), torch.from_numpy(values)]
 
 
 def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncommitted: UncommittedStep | None,
@@ -110,11 +108,9 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
     if pending:
         input_ids_t[pending_t] = uncommitted.next_ids[src_t]  # type: ignore[union-attr]
     if guess_idx:  # each guess row's tokens: the run of the pair its first token matches (else 0s)
-        dst_t, gsrc_t, owner_t, keys_t, values_t, pick_t = rest[len(extra):]
-        hit = keys_t == uncommitted.next_ids[gsrc_t][owner_t]  # type: ignore[union-attr]
-        runs = values_t.view(keys_t.shape[0], -1) * hit.unsqueeze(1).to(values_t.dtype)
-        picked = torch.zeros((len(guess_idx), runs.shape[1]), dtype=runs.dtype, device=runs.device).index_add_(0, owner_t, runs)
-        input_ids_t[dst_t] = picked.view(-1)[pick_t].to(input_ids_t.dtype)
+        dst_t, gsrc_t, keys_t, values_t = rest[len(extra):]
+        hit = keys_t == uncommitted.next_ids[gsrc_t]  # type: ignore[union-attr]
+        input_ids_t.index_put_((dst_t,), values_t * hit, accumulate=True)
     writes = SlotWrites(decode=True, rows=rows_t, positions=positions_cpu, prefix_lens=prefix, extend_lens=ext,
                         slots=slots32, device_token_rows=token_rows_t, device_positions=positions_t,
                         device_slots=slots32_t)

@@ -57,20 +57,25 @@ def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(defau
                                                                           monkeypatch) -> None:
     """The second batch of the schema finds the (state, token) moves the first took into states that force
     one token: its rows compute that token beside the sampled one (picked on the device), sample after it
-    where it was taken, and the batch needs fewer decode steps for the very same tokens. The rides' per-step
-    filter reads the last commit's table rows as an array in the usual step (no visit of each row)."""
+    where it was taken, and the batch needs fewer decode steps for the very same tokens. In the usual step the
+    forced rows' planning takes its candidates from the commit's own pass (`TableStep.forced`): no row is
+    visited, no row found by identity (`rows_after_commit`)."""
+    from radixlm.runtime import forced_rows
     from radixlm.runtime.grammar_runtime import GrammarRuntime
 
     answers: list[bool] = []
-    inner = GrammarRuntime.rows_after_commit
-    monkeypatch.setattr(GrammarRuntime, "rows_after_commit",
-                        lambda self, reqs: answers.append(inner(self, reqs) is not None) or inner(self, reqs))
+    inner = forced_rows._forced_candidates
+    monkeypatch.setattr(forced_rows, "_forced_candidates", lambda sched, reqs: answers.append(
+        sched.grammars.committed_step() is not None and sched.grammars.committed_step().reqs == reqs) or inner(sched, reqs))
+    found: list[int] = []
+    rows_of = GrammarRuntime.rows_after_commit
+    monkeypatch.setattr(GrammarRuntime, "rows_after_commit", lambda self, reqs: found.append(1) or rows_of(self, reqs))
     temp = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0}
     params = [{**temp, "seed": i, "max_new_tokens": 90, "json_schema": json.dumps(SCHEMA)} for i in range(4)]
     off, off_stats = _run(default_model_dir, False, params, repeats=2)
     assert not answers  # (off: no per-step filter at all)
     on, on_stats = _run(default_model_dir, True, params, repeats=2)
-    assert sum(answers) > 0.8 * len(answers)
+    assert answers and sum(answers) > 0.8 * len(answers) and len(found) == len(answers) - sum(answers)
     assert on == off  # token for token, every request, both batches
     assert on_stats["forced_guess_hits"] > 0 and off_stats["forced_guess_rows"] == 0
     assert on_stats["decode_steps"] < off_stats["decode_steps"]
@@ -115,15 +120,9 @@ def test_guess_rows_fill_the_graph_bucket_and_grow_it_only_where_they_pay() -> N
 
 
 def _runs(runs: dict[int, tuple[int, ...]]):
-    import numpy as np
-
     from radixlm.constrained.forced_tokens import GuessRuns
 
-    width = max(map(len, runs.values()))
-    values = np.zeros((len(runs), 4), dtype=np.int64)
-    for k, run in enumerate(runs.values()):
-        values[k, : len(run)] = run
-    return GuessRuns(len(runs), runs, np.asarray(list(runs), dtype=np.int64), values, width)
+    return GuessRuns(len(runs), runs, max(map(len, runs.values())), 4)
 
 
 def test_forced_and_guess_rows_in_one_decode_step() -> None:
