@@ -19,8 +19,8 @@ run() { local name=$1 cap=$2; shift 2
   timeout "$cap" bash -c "$*" > "$OUT/$name/log.txt" 2>&1; echo "rc=$? $name"; tail -25 "$OUT/$name/log.txt"; }
 case "$PART" in
 ab)
-  # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends / array filter): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
-  run jf15 200 "RADIXLM_LOOP_STATS=$OUT/jf15/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf15/f.json"
+  # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
+  run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"
   # issue 19 (w4f): L2 hints, SiLU epilogue, blocked codes -> runtime/models/w4_l2_prefetch.DEFAULT_PLAN, runtime/quantization/w4a16.SILU_EPILOGUE_AUTO
   run w4f 100 "python3 benchmarks/w4_decode_step.py --check pf-all,pf-o-gu16-silu,blk --variants defaults,pf-o-gu16,pf-o,pf-all,blk,pf-o-gu16-blk,split-norm-silu,pf-o-gu16-silu,gu-c4,down-c4,pf-o-gu8,pf-o-gu32,pf-gu16,pf-o-start,pf-o-gu16-d8,pf-o-gu16-q4,pf-o-gu16-qall,gu-c4-st3,pf-o-gu16-on8,pf-o-gu16-on32 --wall-variants defaults,pf-o-gu16,pf-o-gu16-silu,pf-o-gu16-blk --rounds 2 --wall-steps 60 --budget-s 80 --out $OUT/w4f/w4_step.json"
   # issue 18 (spec8): batch 64 prefill overlap with NGRAM, batch-1 deepest-first / full depth -> runtime/step_order.OVERLAP_PREFILL_WITH_NGRAM, speculative/draft_payoff.DEEP_FIRST_ROWS, speculative/spec_decoder.FULL_DEPTH_ROWS

@@ -128,8 +128,9 @@ def _runs(runs: dict[int, tuple[int, ...]]):
 def test_forced_and_guess_rows_in_one_decode_step() -> None:
     """decode_rows_forward_batch: a plain row, a row whose device token has forced tokens riding after it, a row
     whose ride was appended already (a synchronous commit), and a guess row whose forced token the device picks
-    by its sampled token: one decode row per token, KV ending at it, logits at each row's last token (a guess
-    row's: both)."""
+    by its sampled token: one decode row per token, KV ending at it; the plain step's rows first (one a request,
+    the pending step's tokens as they are), the extra tokens after them; logits at each row's last token (a
+    guess row's: its own, then each guess token's, after every request's)."""
     import torch
 
     from radixlm.runtime.forward_batch import ForwardMode
@@ -158,11 +159,13 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
     batch.extend_lens = [e + w for e, w in zip(batch.extend_lens, batch.guess_widths)]
     assert batch.extend_lens == [1, 3, 3, 3, 2]
     fb, writes = batch.to_forward_batch(torch.device("cpu"), step)
-    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 73, 44, 0]  # (the miss row: a padding token)
-    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 4, 2, 3]
+    assert fb.input_ids.tolist() == [41, 42, 3, 43, 44, 50, 51, 60, 61, 70, 73, 0]  # (the miss row: a padding token)
+    assert fb.positions.tolist() == [3, 3, 1, 2, 2, 4, 5, 2, 3, 3, 4, 3]
     assert fb.seq_lens_cpu == [p + 1 for p in fb.positions.tolist()]
-    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 2, 5, 5]
-    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10, 11]  # (a guess row: after each of its tokens)
-    assert batch.sample_rows == [0, 1, 2, 3, 6] and batch.guess_rows == [-1, -1, -1, 4, 7]
-    assert batch.guess_slots == [-1, -1, -1, 8, 11]
-    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 112))
+    assert fb.req_pool_indices_cpu == [3, 1, 7, 2, 5, 1, 1, 7, 7, 2, 2, 5]
+    assert fb.logits_indices.tolist() == [0, 6, 8, 3, 4, 9, 10, 11]  # (a guess row: after each of its tokens)
+    assert batch.sample_rows == [0, 1, 2, 3, 4] and batch.guess_rows == [-1, -1, -1, 5, 7]
+    assert batch.guess_slots == [-1, -1, -1, 8, 11]  # (among the new slots, request by request)
+    assert writes.rows.tolist() == fb.req_pool_indices_cpu
+    assert writes.slots.tolist() == [100, 101, 104, 107, 110, 102, 103, 105, 106, 108, 109, 111]
+    assert fb.out_cache_loc.tolist() == writes.slots.tolist()
