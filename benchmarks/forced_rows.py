@@ -124,6 +124,9 @@ def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prom
         for key in sched.stats:
             if isinstance(sched.stats[key], int):
                 sched.stats[key] = 0
+        import gc
+
+        gc.collect()  # (the arm before's scheduler and its cycles go now, not in a full pass inside this arm)
         spent.clear()
         rows: list[int] = []  # each decode step's rows (extra rows included)
         inner = sched._schedule_decode

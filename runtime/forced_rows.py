@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from radixlm.constrained.forced_tokens import forced_run, guess_runs
+from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs
 from radixlm.constrained.state_table import FIRST_STATE_ROW, TableMatcher
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.request import Req
@@ -233,25 +233,31 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Req
     context = sched.runner.context_len
     guessed, forced_after = table.guessed, table.forced_after
     candidates: list[tuple[float, float, int, int, int, Req]] = []  # (rate / width, rate, row, state, width, req)
-    reqs, rows_of = pending.reqs, cands.rows
+    reqs, rows_of, ends = pending.reqs, cands.rows, pending.ends
     done: set[int] = set()
+    per_state: dict[int, tuple[GuessRuns | None, float]] = {}  # (its runs as known now, its rate): once a state
     for j in cands.picks:
         state = rows_of[j] - FIRST_STATE_ROW
         r = reqs[j]
         m = r.grammar
         if (j in done or r.tokens_on_device != 1 or r.finished or m is None or m.ended or m.refused
-                or m.states[-1] != state or not rides_allowed(r) or pending.ends_row(r)):
+                or m.states[-1] != state or not rides_allowed(r) or (ends is not None and ends[j])):
             continue  # (a ride pending, or its state moved since)
         done.add(j)
         # room for its token on the device, the run and a token after it
         room = min(r.params.max_new_tokens, context - len(r.input_ids)) - len(r.output_ids) - 2
-        pairs = forced_after.get(state)
-        runs = guess_runs(table, state, pairs, MAX_PAIRS, MAX_GUESS) if room > 0 and pairs else None
-        if runs is None:  # (its runs as known now: pairs may have been learned since)
+        if room <= 0:
+            continue
+        hit = per_state.get(state)
+        if hit is None:  # (pairs may have been learned since the runs were made: grown here)
+            pairs = forced_after.get(state)
+            tried, taken = guessed.get(state, (0, 0))
+            hit = per_state[state] = (guess_runs(table, state, pairs, MAX_PAIRS, MAX_GUESS) if pairs else None,
+                                      (taken + PRIOR_HITS) / (tried + PRIOR_TRIES))
+        runs, rate = hit
+        if runs is None:
             continue
         width = min(runs.width, room)
-        tried, taken = guessed.get(state, (0, 0))
-        rate = (taken + PRIOR_HITS) / (tried + PRIOR_TRIES)
         candidates.append((rate / width, rate, j, state, width, r))
     if not candidates:
         return [], None
@@ -330,15 +336,15 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
             _count(guessed, state, min(len(runs_of[state].runs.get(ids[j], ())), width))
     if batch.guesses is None:
         return None
-    sched.stats["forced_guess_rows"] += sum(batch.guess_widths)
     chosen = list(batch.sample_rows)
     slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
     free: list[torch.Tensor] = []
-    for i, guess in enumerate(batch.guesses):
-        if guess is None:
-            continue
+    for i in batch.guess_index:
+        guess = batch.guesses[i]
+        assert guess is not None
         req = batch.reqs[i]
         width = batch.guess_widths[i]
+        sched.stats["forced_guess_rows"] += width
         run = guess.runs.get(ids[req.uncommitted_row], ())[:width] if not req.finished else ()
         if run and previous.rides is None:
             previous.rides = [_NO_RIDE] * len(previous.reqs)

@@ -83,6 +83,7 @@ def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncom
             logits[i] = k + e - 2  # (sampled after its last token)
         slot += e
     total = len(ids)
+    batch.guess_index = guess_idx
     for i, k in zip(guess_idx, guess_at):  # a guess row's logits: after each of its tokens, after every request's
         batch.guess_rows[i] = len(logits)
         logits += range(k, k + ext[i] - 1)

@@ -54,6 +54,7 @@ class ScheduledBatch:
     guess_widths: list[int] = field(default_factory=list)
     guess_rows: list[int] = field(default_factory=list)
     guess_slots: list[int] = field(default_factory=list)
+    guess_index: list[int] = field(default_factory=list)  # (set with the tensors) the requests that guess
     # candidates of a guess left out (forced_rows.GuessCandidates): what their tokens would have taken counts too
     guess_seen: Any = None
 

@@ -165,7 +165,7 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
     assert fb.req_pool_indices_cpu == [3, 1, 7, 2, 5, 1, 1, 7, 7, 2, 2, 5]
     assert fb.logits_indices.tolist() == [0, 6, 8, 3, 4, 9, 10, 11]  # (a guess row: after each of its tokens)
     assert batch.sample_rows == [0, 1, 2, 3, 4] and batch.guess_rows == [-1, -1, -1, 5, 7]
-    assert batch.guess_slots == [-1, -1, -1, 8, 11]  # (among the new slots, request by request)
+    assert batch.guess_slots == [-1, -1, -1, 8, 11] and batch.guess_index == [3, 4]  # (slots: request by request)
     assert writes.rows.tolist() == fb.req_pool_indices_cpu
     assert writes.slots.tolist() == [100, 101, 104, 107, 110, 102, 103, 105, 106, 108, 109, 111]
     assert fb.out_cache_loc.tolist() == writes.slots.tolist()
