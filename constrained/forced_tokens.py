@@ -149,18 +149,17 @@ class GuessRuns:
             values[k, : len(run)] = run
         return values
 
-    def entries(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The pick's entries for a guess of `width` tokens, pair by pair then token by token: each entry's
-        key, its run's token there (0 past the run's end) and that token's place in the guess (0..width-1);
-        made once per width."""
+    def entries(self, width: int) -> np.ndarray:
+        """The pick's entries for a guess of `width` tokens, pair by pair then token by token, as rows of one
+        [3, entries] array (one concatenation lays a step's out): each entry's key, its run's token there (0
+        past the run's end) and that token's place in the guess (0..width-1); made once per width."""
         hit = self._entries.get(width)
         if hit is None:
-            hit = self._entries[width] = (np.repeat(self.keys, width), self.values[:, :width].reshape(-1),
-                                          np.tile(np.arange(width, dtype=np.int64), len(self.runs)))
+            hit = self._entries[width] = np.stack([np.repeat(self.keys, width), self.values[:, :width].reshape(-1),
+                                                   np.tile(np.arange(width, dtype=np.int64), len(self.runs))])
         return hit
 
-    _entries: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, compare=False,
-                                                                           repr=False)
+    _entries: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
 
 def guess_runs(table: StateTable, state: int, pairs: dict[int, int], most_pairs: int, most_tokens: int) -> GuessRuns | None:

@@ -24,6 +24,13 @@ the run; the slots the run did not use go back to the pool. Guess rows fill the 
 graph the step replays anyway; a bucket grows only where the states' measured yields pay for it
 (`_worth`, priced from the H200's decode steps).
 
+Host time: the plans visit only candidate rows. The grammar commit's own pass over the batch reads a per-state
+flag (`StateTable.forced_flags`: a ride may start there, only a guess, neither) and lists the candidates; each
+state's forced run is walked once (`forced_tokens.forced_run`); a step's extra tokens follow its plain rows
+(forced_rows_batch.py). On the CPU each numpy / torch operation after the forward pass costs tens of µs (cold
+caches), so the plans use none (benchmarks/RESULTS.md, jf16). Rows of another state table than the commit's
+(several schemas in one batch) neither ride nor guess.
+
 Off by default (`--enable-forced-rows`): on the CPU it cuts item (f)'s decode steps for the same tokens
 (benchmarks/RESULTS.md), but the extra rows' cost on a GPU and the device-side pick have not been measured.
 
@@ -337,8 +344,7 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
     if batch.guesses is None:
         return None
     chosen = list(batch.sample_rows)
-    slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
-    free: list[torch.Tensor] = []
+    free: list[int] = []  # the step's new slots (by index, request by request) of guess tokens not taken
     for i in batch.guess_index:
         guess = batch.guesses[i]
         assert guess is not None
@@ -358,10 +364,11 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
             chosen[i] = batch.guess_rows[i] + taken - 1
         if taken < width:
             at = batch.guess_slots[i]
-            free.append(slots[at + taken : at + width])
+            free += range(at + taken, at + width)
             req.kv_len -= width - taken
-    if free:
-        sched.kv_pool.free(free[0] if len(free) == 1 else torch.cat(free))
+    if free:  # (one gather for all: a slice a row was an operation a row)
+        slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
+        sched.kv_pool.free(slots[free])
     return chosen  # type: ignore[return-value]
 
 

@@ -28,11 +28,13 @@ def _guess_pick_inputs(batch: ScheduledBatch, guess_idx: list[int], at: list[int
     guesses, widths = batch.guesses, batch.guess_widths
     assert guesses is not None
     parts = [guesses[i].entries(widths[i]) for i in guess_idx]  # type: ignore[union-attr]
-    sizes = [len(p[0]) for p in parts]
-    keys, values, rank = (np.concatenate([p[k] for p in parts]) for k in range(3))
-    src = np.repeat([batch.reqs[i].uncommitted_row for i in guess_idx], sizes)
-    dst = np.repeat(at, sizes) + rank
-    return [torch.from_numpy(dst), torch.from_numpy(src), torch.from_numpy(keys), torch.from_numpy(values)]
+    entries = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # key, token, place: [3, E]
+    # per entry: its place in the step (the guess row's first token's row + its place), its pending step's row
+    where = np.repeat(np.array([at, [batch.reqs[i].uncommitted_row for i in guess_idx]], dtype=np.int64),
+                      [p.shape[1] for p in parts], axis=1)
+    where[0] += entries[2]
+    return [torch.from_numpy(where[0]), torch.from_numpy(where[1]), torch.from_numpy(entries[0]),
+            torch.from_numpy(entries[1])]
 
 
 def decode_rows_forward_batch(batch: ScheduledBatch, device: torch.device, uncommitted: UncommittedStep | None,

@@ -133,6 +133,6 @@ def test_a_guess_s_pick_entries_lay_out_each_pair_s_run_token_by_token() -> None
     from radixlm.constrained.forced_tokens import GuessRuns
 
     runs = GuessRuns(2, {11: (5, 6, 7), 12: (8,)}, 3, 4)
-    keys, values, rank = runs.entries(2)
-    assert keys.tolist() == [11, 11, 12, 12] and values.tolist() == [5, 6, 8, 0] and rank.tolist() == [0, 1, 0, 1]
-    assert runs.entries(2)[0] is keys and runs.entries(3)[1].tolist() == [5, 6, 7, 8, 0, 0]
+    entries = runs.entries(2)
+    assert entries.tolist() == [[11, 11, 12, 12], [5, 6, 8, 0], [0, 1, 0, 1]]  # key, token, place
+    assert runs.entries(2) is entries and runs.entries(3)[1].tolist() == [5, 6, 7, 8, 0, 0]
