@@ -56,11 +56,13 @@ def timed(spent: dict[str, float], host: tuple[tuple[Any, str, str], ...] = ()) 
             spent["gc"] = spent.get("gc", 0.0) + time.thread_time() - started[0]
 
     gc.callbacks.append(on_gc)
-    targets = [(importlib.import_module(module), name, name) for module, name in TIMED] + list(host)
-    for owner, name, part in targets:
+    targets = [(importlib.import_module(module), name, name, None) for module, name in TIMED] + list(host)
+    for owner, name, part, only in targets:
         inner = getattr(owner, name)
 
-        def wrapper(*args, _inner=inner, _part=part, **kwargs):
+        def wrapper(*args, _inner=inner, _part=part, _only=only, **kwargs):
+            if _only is not None and not _only(*args):
+                return _inner(*args, **kwargs)
             t, paused = time.thread_time(), spent.get("gc", 0.0)
             try:
                 return _inner(*args, **kwargs)
@@ -70,14 +72,27 @@ def timed(spent: dict[str, float], host: tuple[tuple[Any, str, str], ...] = ()) 
         setattr(owner, name, wrapper)
 
 
-def host_parts() -> tuple[tuple[Any, str, str], ...]:
-    """The constrained step's other host parts: the grammar commit (advance_many, overlapped before the
-    launch), the masks taken, the commit's appends and finish checks, the decode schedule."""
+def host_parts() -> tuple[tuple[Any, str, str, Any], ...]:
+    """The constrained step's other host parts, in both arms: the grammar commit (advance_many, overlapped
+    before the launch), the masks taken, the commit's appends and finish checks, the decode schedule (with
+    the guess planning), and a decode step's forward inputs (with extra rows or the plain builder). Each is
+    (owner, method, part, None or a predicate of the call's arguments: time only those calls)."""
+    from radixlm.runtime.forward_batch import ForwardMode
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.result_processor import ResultProcessor
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+    from radixlm.runtime.scheduler import Scheduler
 
-    return ((GrammarRuntime, "advance_many", "grammar commit"), (GrammarRuntime, "bitmask", "masks taken"),
-            (ResultProcessor, "commit", "commit"))
+    return ((GrammarRuntime, "advance_many", "grammar commit", None), (GrammarRuntime, "bitmask", "masks taken", None),
+            (ResultProcessor, "commit", "commit", None),
+            (Scheduler, "_schedule_decode", "schedule decode", lambda sched, mixed=False: not mixed),
+            (ScheduledBatch, "to_forward_batch", "forward inputs", lambda batch, *_: batch.mode is ForwardMode.DECODE))
+
+
+# The host parts above that do not nest in one another: their sum is the constrained decode step's host time
+# (the forward pass and the sampling's device work apart).
+STEP_PARTS = ("schedule decode", "forward inputs", "grammar commit", "resolve_guesses", "plan_rides", "masks taken",
+              "commit")
 
 
 def modeled_h200_ms(rows: list[int], buckets: list[int]) -> float:
@@ -109,6 +124,9 @@ def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prom
         for key in sched.stats:
             if isinstance(sched.stats[key], int):
                 sched.stats[key] = 0
+        import gc
+
+        gc.collect()  # (the arm before's scheduler and its cycles go now, not in a full pass inside this arm)
         spent.clear()
         rows: list[int] = []  # each decode step's rows (extra rows included)
         inner = sched._schedule_decode
@@ -128,12 +146,14 @@ def run(model_dir: Path, batch: int, forced: bool, spent: dict[str, float], prom
         wall = time.perf_counter() - t
         assert_pool_idle(sched)
         stats = dict(sched.stats)
+        per_step = {k: 1e3 * v / max(stats["decode_steps"], 1) for k, v in spent.items()}
+        per_step["step host total"] = sum(per_step.get(k, 0.0) for k in STEP_PARTS)
         return {"outputs": {k: v["output_ids"] for k, v in out.items()}, "wall_s": wall, "table_wait_s": waited,
                 "decode_steps": stats["decode_steps"], "forward_steps": stats["forward_steps"],
                 "tokens": sum(len(v["output_ids"]) for v in out.values()),
                 "forced": {k: v for k, v in stats.items() if k.startswith("forced_")},
                 "rows_per_step": rows, "modeled_h200_decode_ms": modeled_h200_ms(rows, BUCKETS or batch_size_buckets(512)),
-                "host_cpu_ms_per_decode_step": {k: 1e3 * v / max(stats["decode_steps"], 1) for k, v in spent.items()}}
+                "host_cpu_ms_per_decode_step": per_step}
     finally:
         if sched.grammars is not None:
             sched.grammars.close()

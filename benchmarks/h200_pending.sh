@@ -23,8 +23,8 @@ run() { local name=$1 cap=$2; shift 2
   timeout "$cap" bash -c "$*" > "$OUT/$name/log.txt" 2>&1; echo "rc=$? $name"; tail -25 "$OUT/$name/log.txt"; }
 case "$PART" in
 ab)
-  # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends / array filter): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
-  run jf15 200 "RADIXLM_LOOP_STATS=$OUT/jf15/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf15/f.json"
+  # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
+  run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"
   # issue 19 (w4blk): the 4-bit codes blocked by row tile as the weights' only copy -> runtime/quantization/w4a16.BLOCKED_CODES
   run w4blk 70 "python3 benchmarks/w4_decode_step.py --check blk-only,blk --variants defaults,blk-only,blk --wall-variants defaults,blk-only,blk --rounds 2 --wall-steps 60 --budget-s 45 --out $OUT/w4blk/w4_step.json"
   run w4blk-e 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults,w4a16-defaults-blocked --out $OUT/w4blk-e/w4a.json"

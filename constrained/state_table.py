@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from .base import Grammar, Matcher
@@ -58,11 +57,12 @@ class StateTable:
         self._forces: dict[int, bool] = {}
         self.forced: dict[int, bytes] = {}  # the backend's forced bytes at a DFA state, recorded where a row stood
         self._single: dict[int, int] = {}  # per filled state: its mask's only allowed token, or -1
-        self.single_rows = np.zeros(0, dtype=np.int64)  # the same by row, -2 where not asked (forced_tokens.py)
         # per state, tokens seen taken there that lead to a state forcing one token: token -> that token
         self.forced_after: dict[int, dict[int, int]] = {}
         self.guess_runs: dict[int, Any] = {}  # per state: forced_tokens.GuessRuns, made from `forced_after`
         self.guessed: dict[int, list[int]] = {}  # per state: guesses seen there, and tokens they took (forced_rows.py)
+        self.runs_from: dict[int, tuple[tuple[int, ...], bool]] = {}  # per state: its forced run (forced_tokens.py)
+        self.forced_flags: dict[int, int] = {}  # per state: 1 where a ride or a guess may start there, else 0
         self.learn_pairs = False  # commits note `forced_after` pairs (--enable-forced-rows)
         self._grow(256)
         self.rows[ALL_ROW] = -1

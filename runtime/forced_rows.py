@@ -24,6 +24,13 @@ the run; the slots the run did not use go back to the pool. Guess rows fill the 
 graph the step replays anyway; a bucket grows only where the states' measured yields pay for it
 (`_worth`, priced from the H200's decode steps).
 
+Host time: the plans visit only candidate rows. The grammar commit's own pass over the batch reads a per-state
+flag (`StateTable.forced_flags`: a ride may start there, only a guess, neither) and lists the candidates; each
+state's forced run is walked once (`forced_tokens.forced_run`); a step's extra tokens follow its plain rows
+(forced_rows_batch.py). On the CPU each numpy / torch operation after the forward pass costs tens of µs (cold
+caches), so the plans use none (benchmarks/RESULTS.md, jf16). Rows of another state table than the commit's
+(several schemas in one batch) neither ride nor guess.
+
 Off by default (`--enable-forced-rows`): on the CPU it cuts item (f)'s decode steps for the same tokens
 (benchmarks/RESULTS.md), but the extra rows' cost on a GPU and the device-side pick have not been measured.
 
@@ -37,13 +44,13 @@ state table (llguidance's masks only) do not ride.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs, singles_at_rows
+from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs
+from radixlm.constrained.state_table import FIRST_STATE_ROW, TableMatcher
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.request import Req
 
@@ -77,150 +84,217 @@ def rides_allowed(req: Req) -> bool:
             and not p.logit_bias and len(req.output_ids) + req.tokens_on_device >= p.min_new_tokens)
 
 
-def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | None, list[bool] | None]:
+RIDE, GUESS = 2, 1  # `StateTable.forced_flags`: a ride (or an end) may start at the state, or only a guess; 0: neither
+
+
+def _starts_at(table: StateTable, state: int) -> int:
+    """RIDE where a row at `state` may take a ride (its next token starts a forced run of two tokens or more, or
+    one that ends the row), GUESS where only a guess may start (some tokens lead to a forced run: `guess_runs`),
+    else 0; kept per state (`StateTable.forced_flags`) where the answer is final (a 0 is asked again when the
+    state's pairs grow; a walk stopped at a row not filled yet is asked again)."""
+    run, ends = forced_run(table, state, MAX_RIDE + 1)
+    pairs = table.forced_after.get(state)
+    flag = (RIDE if ends or len(run) > 1 else
+            GUESS if pairs is not None and guess_runs(table, state, pairs, MAX_PAIRS, MAX_GUESS) is not None else 0)
+    if flag == RIDE or state in table.runs_from:
+        table.forced_flags[state] = flag
+    return flag
+
+
+def _forced_candidates(sched: Scheduler, reqs: list[Req]) -> tuple[StateTable, list[int], list[int], list[int]] | None:
+    """(table, rows, the indices of `reqs` whose state may start a ride or is not known yet, those where only a
+    guess may start) for a step about to sample `reqs`. The usual step samples the last commit's requests: the
+    commit's own pass listed both (`TableStep.forced`, `guessing`: the states' flags read in its loop) and kept
+    each row. Otherwise each row's table row is found (the commit's by identity, the others visited) and every
+    row's flag read."""
+    grammars = sched.grammars
+    step = grammars.committed_step()
+    if step is not None and step.reqs == reqs:
+        table, rows, guessing = step.table, step.rows, step.guessing
+        picked = sorted(set(step.forced)) if step.forced else []
+    else:
+        found = grammars.rows_after_commit(reqs)
+        if found is not None:
+            table, rows = found
+        else:
+            table = next((r.grammar.table for r in reqs if type(r.grammar) is TableMatcher), None)
+            if table is None:
+                return None
+            rows = [-1] * len(reqs)
+        for i, row in enumerate(rows):
+            m = reqs[i].grammar
+            if row < 0 and type(m) is TableMatcher and m.table is table and not m.ended and not m.refused:
+                rows[i] = m.states[-1] + FIRST_STATE_ROW
+        flags = table.forced_flags
+        seen = [(i, flags.get(row - FIRST_STATE_ROW, 3)) for i, row in enumerate(rows) if row >= FIRST_STATE_ROW]
+        picked = [i for i, f in seen if f > GUESS]
+        guessing = [i for i, f in seen if f == GUESS]
+    if table.broken:
+        return None
+    return table, rows, picked, guessing
+
+
+def plan_rides(sched: Scheduler, reqs: list[Req]) -> tuple[list[list[int]] | None, list[bool] | None, Any]:
     """For a decode step about to sample `reqs` (their grammars at their last tokens): per row the forced
     tokens to ride after its next token, and whether the row ends with them (or that token is forced to be
-    an end token): the step after leaves it out. (None,
-    None) where no row has either. The rows a step adds stay within the largest CUDA graph (a step past
-    it would run eagerly, costing more than the steps it saves)."""
-    grammars = sched.grammars
-    if grammars is None or not sched.args.enable_forced_rows:
-        return None, None
-    found = grammars.rows_after_commit(reqs)
-    if found is not None:  # the rows whose state forces a token, by one gather (rows it does not know: visited)
-        table, rows = found
-        known = rows >= 0
-        forcing = np.flatnonzero(known & (singles_at_rows(table, np.where(known, rows, 0)) >= 0)).tolist()
-        unknown = np.flatnonzero(~known).tolist()
-        if unknown:
-            forcing = sorted(forcing + [unknown[k] for k, _ in _rows_at([reqs[i] for i in unknown], _may_force)])
-    else:
-        forcing = [i for i, _ in _rows_at(reqs, _may_force)]
-    picked = [i for i in forcing if rides_allowed(reqs[i])]
+    an end token): the step after leaves it out. (None, None) where no row has either. Third: the rows that
+    may guess in the step after (`GuessCandidates`, None: none), by the states their tokens are sampled at.
+    The rows a step adds stay within the largest CUDA graph (a step past it would run eagerly, costing more
+    than the steps it saves). Only rows whose state may start a ride (or is not known yet) are visited
+    (`_forced_candidates`), each state's run walked once (`forced_tokens.forced_run`)."""
+    if sched.grammars is None or not sched.args.enable_forced_rows:
+        return None, None, None
+    found = _forced_candidates(sched, reqs)
+    if found is None:
+        return None, None, None
+    table, rows, picked, guessing = found
     if not picked:
-        return None, None
+        return None, None, (GuessCandidates(table, rows, guessing) if guessing else None)
     graphs = sched.runner.graph_runner
     spare = (graphs.max_bs - len(reqs)) if graphs is not None else MAX_RIDE * len(picked)
     context = sched.runner.context_len
-    limits = []
+    flags = table.forced_flags
+    rides: list[list[int]] | None = None
+    ends: list[bool] | None = None
+    guessing = list(guessing)
+    ride_tokens = ended = 0
     for i in picked:
-        r = reqs[i]
-        after = len(r.output_ids) + r.tokens_on_device + 1  # tokens once the next one is appended
-        room = min(r.params.max_new_tokens - after, context - len(r.input_ids) - after) - 1
-        limits.append(max(min(MAX_RIDE, room), 0))
-    runs = forced_runs([reqs[i] for i in picked], limits)
-    rides: list[list[int]] = [_NO_RIDE] * len(reqs)  # (one shared empty ride: no list a row a step)
-    ends = [False] * len(reqs)
-    any_ride = any_end = False
-    for i, (ride, end) in zip(picked, runs):
-        if ride:
-            if len(ride) > spare:  # (cut: the row no longer ends with it)
-                ride, end = ride[:spare], False
-            spare -= len(ride)
-            rides[i] = ride
-            any_ride = any_ride or bool(ride)
-        if end:
-            ends[i] = any_end = True
-    stats = sched.stats
-    stats["forced_ride_tokens"] += sum(map(len, rides)) if any_ride else 0
-    stats["forced_end_rows"] += sum(ends) if any_end else 0
-    return (rides if any_ride else None), (ends if any_end else None)
-
-
-def forced_runs(reqs: list[Req], limits: list[int]) -> list[tuple[list[int], bool]]:
-    """Per request (its grammar advanced to its last token, its next mask not yet sampled from) the
-    tokens that its next token forces after it and whether the row ends there (state_table.StateTable.
-    forced_run): the next token is the first of the run, sampled as usual; the rest ride with it.
-    At most `limits[i]` tokens after the first; rows without a healthy table: none."""
-    out: list[tuple[list[int], bool]] = []
-    none: tuple[list[int], bool] = ([], False)
-    for req, limit in zip(reqs, limits):
-        m = req.grammar
-        table = getattr(m, "table", None)
-        if m is None or req.finished or table is None or table.broken or m.ended or m.refused:
-            out.append(none)
+        row = rows[i]
+        if row < FIRST_STATE_ROW:
             continue
-        run, ends = forced_run(table, m.state, limit + 1)
-        # the first token is sampled, the ones after it ride; `ends`: the row's last token is among them
-        # (or, with no run, the end token sampled next)
-        out.append((run[1:], ends) if ends or len(run) > 1 else none)
-    return out
-
-
-def _rows_at(reqs: list[Req], lookup: Callable[[StateTable, int], Any]) -> list[tuple[int, Any]]:
-    """(row, what `lookup` says of its grammar's table and state) for each constrained row with a state
-    table where that is truthy: one dict lookup a row, the per-step filter in front of everything here."""
-    out = []
-    for i, r in enumerate(reqs):
+        state = row - FIRST_STATE_ROW
+        flag = flags.get(state)
+        if flag is None:
+            flag = _starts_at(table, state)
+        if flag != RIDE:
+            if flag == GUESS:
+                guessing.append(i)
+            continue
+        r = reqs[i]
         m = r.grammar
-        table = getattr(m, "table", None) if m is not None else None
-        if table is not None:
-            hit = lookup(table, m.states[-1])
-            if hit:
-                out.append((i, hit))
-    return out
+        if r.finished or m.ended or m.refused:
+            continue
+        run, end = _NO_RIDE, False
+        if rides_allowed(r):
+            after = len(r.output_ids) + r.tokens_on_device + 1  # tokens once the next one is appended
+            room = min(r.params.max_new_tokens - after, context - len(r.input_ids) - after) - 1
+            run, end = forced_run(table, state, max(min(MAX_RIDE, room), 0) + 1)
+        if len(run) > 1:
+            if len(run) - 1 > spare:  # (cut: the row no longer ends with it)
+                run, end = run[: max(spare, 0) + 1], False
+            spare -= len(run) - 1
+            if len(run) > 1:
+                if rides is None:
+                    rides = [_NO_RIDE] * len(reqs)  # (one shared empty ride: no list a row a step)
+                rides[i] = run[1:]
+                ride_tokens += len(run) - 1
+        if end:
+            if ends is None:
+                ends = [False] * len(reqs)
+            ends[i] = True
+            ended += 1
+        elif len(run) <= 1 and state in table.guess_runs:
+            guessing.append(i)  # (a ride not taken: its token may still lead to a forced run)
+    stats = sched.stats
+    stats["forced_ride_tokens"] += ride_tokens
+    stats["forced_end_rows"] += ended
+    return rides, ends, (GuessCandidates(table, rows, guessing) if guessing else None)
 
 
-def _may_force(table: StateTable, state: int) -> bool:
-    """The state's row allows one token, or is not known yet to allow more."""
-    return table._single.get(state, 0) >= 0
+@dataclass(frozen=True)
+class GuessCandidates:
+    """Rows of a step whose tokens are sampled at a state where some tokens lead to a forced run (`plan_rides`):
+    their indices in the step (`picks`) and every row's table row then (`rows`: state + FIRST_STATE_ROW); the
+    next step's `plan_guesses` picks from them."""
+
+    table: StateTable
+    rows: list[int]
+    picks: list[int]
 
 
-def _pairs(table: StateTable, state: int) -> dict[int, int] | None:
-    return table.forced_after.get(state)
+@dataclass(frozen=True)
+class GuessesSeen:
+    """The candidates a guess left out (`plan_guesses`): (row in the pending step, state, the tokens a guess there
+    would have computed) each, whose sampled tokens count for their states' rates (`resolve_guesses`)."""
+
+    table: StateTable
+    rows: list[tuple[int, int, int]]
 
 
-def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[GuessRuns | None] | None, list[Any] | None]:
-    """For a decode step about to run `todo` overlapped: per row whose token on the device was sampled at a
-    state where some tokens lead to a forced run (`StateTable.forced_after`, followed by `guess_runs`), those
-    runs, for the rows where a guess pays (`_worth`), else None; None where no row has one. Such a row
-    computes `guess_widths[i]` more tokens, the run its sampled token names (picked on the device), and
-    samples after the run where a pair matched. Without graphs (the CPU, where steps are not overlapped
-    unless asked) every candidate row guesses. Second: the candidates left out, (request, state, runs,
-    width) each, whose tokens `resolve_guesses` looks at too (None: none)."""
+def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Req], GuessesSeen | None]:
+    """For a decode step about to run `todo` overlapped: the rows whose token on the device was sampled at a
+    state where some tokens lead to a forced run (`GuessCandidates` of the pending step), where a guess pays
+    (`_worth`). Each such request gets `guess` (its state's `GuessRuns`), `guess_state` and `guess_width`: it
+    computes that many more tokens, the run its sampled token names (picked on the device), and samples after
+    the run where a pair matched. Without graphs (the CPU, where steps are not overlapped unless asked) every
+    candidate row guesses. Second: the candidates left out, whose tokens `resolve_guesses` looks at too
+    (None: none). Only the candidates are visited."""
     pending = sched.uncommitted
     if (sched.grammars is None or not sched.args.enable_forced_rows or pending is None or sched.spec is not None
-            or pending.prefill):
-        return None, None
+            or pending.prefill or pending.guess_candidates is None):
+        return [], None
+    cands = pending.guess_candidates
+    table = cands.table
+    if table.broken:
+        return [], None
     context = sched.runner.context_len
-    candidates: list[tuple[float, int, int, GuessRuns, int, int]] = []  # (tokens a row, row, state, runs, width, tries)
-    for i, pairs in _rows_at(todo, _pairs):
-        r = todo[i]
+    guessed, forced_after = table.guessed, table.forced_after
+    candidates: list[tuple[float, float, int, int, int, Req]] = []  # (rate / width, rate, row, state, width, req)
+    reqs, rows_of, ends = pending.reqs, cands.rows, pending.ends
+    done: set[int] = set()
+    per_state: dict[int, tuple[GuessRuns | None, float]] = {}  # (its runs as known now, its rate): once a state
+    for j in cands.picks:
+        state = rows_of[j] - FIRST_STATE_ROW
+        r = reqs[j]
         m = r.grammar
-        if r.tokens_on_device != 1 or m.table.broken or m.ended or m.refused:
-            continue
-        if not rides_allowed(r) or pending.ride_of(r) or pending.ends_row(r):
-            continue
+        if (j in done or r.tokens_on_device != 1 or r.finished or m is None or m.ended or m.refused
+                or m.states[-1] != state or not rides_allowed(r) or (ends is not None and ends[j])):
+            continue  # (a ride pending, or its state moved since)
+        done.add(j)
         # room for its token on the device, the run and a token after it
         room = min(r.params.max_new_tokens, context - len(r.input_ids)) - len(r.output_ids) - 2
-        runs = guess_runs(m.table, m.state, pairs, MAX_PAIRS, MAX_GUESS) if room > 0 else None
+        if room <= 0:
+            continue
+        hit = per_state.get(state)
+        if hit is None:  # (pairs may have been learned since the runs were made: grown here)
+            pairs = forced_after.get(state)
+            tried, taken = guessed.get(state, (0, 0))
+            hit = per_state[state] = (guess_runs(table, state, pairs, MAX_PAIRS, MAX_GUESS) if pairs else None,
+                                      (taken + PRIOR_HITS) / (tried + PRIOR_TRIES))
+        runs, rate = hit
         if runs is None:
             continue
         width = min(runs.width, room)
-        tried, taken = m.table.guessed.get(m.state, (0, 0))
-        candidates.append(((taken + PRIOR_HITS) / (tried + PRIOR_TRIES) / width, i, m.state, runs, width, tried))
+        candidates.append((rate / width, rate, j, state, width, r))
     if not candidates:
-        return None, None
+        return [], None
     candidates.sort(key=lambda c: -c[0])
     graphs = sched.runner.graph_runner
-    take = _worth([c[0] * c[4] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None,
+    take = _worth([c[1] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None,
                   [c[4] for c in candidates])
+    if not sched.results.can_defer(_decode_of(todo)):
+        return [], None  # (only an overlapped step learns its rows' tokens before sampling them)
+    # the rows left out are watched: what their tokens would have taken counts for their states' rates, so
+    # that a state whose guesses pay is found without guessing there first
+    # (until a state has WATCH_TRIES of them: its yield is known well enough by then)
+    left = [(j, state, width) for _, _, j, state, width, _ in candidates[take:]
+            if guessed.get(state, (0, 0))[0] < WATCH_TRIES]
+    seen = GuessesSeen(table, left) if left else None
+    picked = []
+    runs_of = table.guess_runs
+    for _, _, _, state, width, r in candidates[:take]:
+        r.guess, r.guess_state, r.guess_width = runs_of[state], state, width
+        picked.append(r)
+    return picked, seen
+
+
+def _decode_of(todo: list[Req]) -> ScheduledBatch:
+    """A decode batch of `todo` for `ResultProcessor.can_defer` (no per-row lists made)."""
     from radixlm.runtime.schedule_batch import ScheduledBatch
 
-    if not sched.results.can_defer(ScheduledBatch(ForwardMode.DECODE, todo, [], [])):
-        return None, None  # (only an overlapped step learns its rows' tokens before sampling them)
-    # the rows left out are watched: what their tokens would have taken counts for their states' rates, so
-    # that a state whose guesses would pay is found without guessing there first
-    # (until a state has WATCH_TRIES of them: its yield is known well enough by then)
-    seen = [(todo[i], state, runs, width) for _, i, state, runs, width, tried in candidates[take:]
-            if tried < WATCH_TRIES] or None
-    if not take:
-        return None, seen
-    out: list[GuessRuns | None] = [None] * len(todo)
-    for _, i, state, runs, width, _ in candidates[:take]:
-        out[i] = runs
-        todo[i].guess_state, todo[i].guess_width = state, width
-    return out, seen
+    batch = ScheduledBatch(ForwardMode.DECODE, [], [], [])
+    batch.reqs = todo
+    return batch
 
 
 def _worth(gains: list[float], rows: int, batch: int, buckets: list[int] | None, widths: list[int] | None = None) -> int:
@@ -262,22 +336,21 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
     Returns each request's logits row to sample: after the run where it was taken (None: the step has no
     guess rows). Each guess, and each watched row (`guess_seen`), counts for its state's rate."""
     ids = previous._host_tokens()
-    for req, state, runs, width in batch.guess_seen or ():
-        if req.grammar is not None:
-            _count(req.grammar.table.guessed, state, min(len(runs.runs.get(ids[req.uncommitted_row], ())), width))
+    seen = batch.guess_seen
+    if seen is not None:
+        runs_of, guessed = seen.table.guess_runs, seen.table.guessed
+        for j, state, width in seen.rows:
+            _count(guessed, state, min(len(runs_of[state].runs.get(ids[j], ())), width))
     if batch.guesses is None:
         return None
-    sched.stats["forced_guess_rows"] += sum(batch.guess_widths)
-    chosen: list[int] = []
-    slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
-    free: list[torch.Tensor] = []
-    for i, (req, guess) in enumerate(zip(batch.reqs, batch.guesses)):
-        row = batch.sample_rows[i]
-        assert row is not None
-        if guess is None:
-            chosen.append(row)
-            continue
+    chosen = list(batch.sample_rows)
+    free: list[int] = []  # the step's new slots (by index, request by request) of guess tokens not taken
+    for i in batch.guess_index:
+        guess = batch.guesses[i]
+        assert guess is not None
+        req = batch.reqs[i]
         width = batch.guess_widths[i]
+        sched.stats["forced_guess_rows"] += width
         run = guess.runs.get(ids[req.uncommitted_row], ())[:width] if not req.finished else ()
         if run and previous.rides is None:
             previous.rides = [_NO_RIDE] * len(previous.reqs)
@@ -288,14 +361,15 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
             req.tokens_on_device += taken
             sched.stats["forced_guess_hits"] += 1
             sched.stats["forced_guess_tokens"] += taken
+            chosen[i] = batch.guess_rows[i] + taken - 1
         if taken < width:
             at = batch.guess_slots[i]
-            free.append(slots[at + taken : at + width])
+            free += range(at + taken, at + width)
             req.kv_len -= width - taken
-        chosen.append(batch.guess_rows[i] + taken - 1 if taken else row)
-    if free:
-        sched.kv_pool.free(free[0] if len(free) == 1 else torch.cat(free))
-    return chosen
+    if free:  # (one gather for all: a slice a row was an operation a row)
+        slots = batch.new_slots[0] if len(batch.new_slots) == 1 else torch.cat(batch.new_slots)
+        sched.kv_pool.free(slots[free])
+    return chosen  # type: ignore[return-value]
 
 
 def _count(guessed: dict[int, list[int]], state: int, taken: int) -> None:

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from radixlm.constrained.forced_tokens import forced_run
-from radixlm.constrained.state_table import StateTable
+from radixlm.runtime.grammar_rides import GrammarRides
 from radixlm.runtime.grammar_tables import DeviceTables, TableStep
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
@@ -39,7 +36,7 @@ class MaskPrefetch:
     done: Future[None]
 
 
-class GrammarRuntime:
+class GrammarRuntime(GrammarRides):
     def __init__(self, args: ServerArgs, tokenizer: Any, tokenizer_path: str, vocab_size: int) -> None:
         from radixlm.constrained.service import GrammarService
 
@@ -217,7 +214,7 @@ class GrammarRuntime:
         The caller asks only where a jump could pay (small batches), so large batches pay no
         per-row forced-prefix call; only rows forcing that many bytes are tokenized.
 
-        `rides`: per request the grammar-forced tokens that follow its token (`forced_rows.forced_runs`, read when
+        `rides`: per request the grammar-forced tokens that follow its token (`forced_rows.plan_rides`, read when
         that token's mask was taken), committed right after it."""
         self._settle()
         self._step = None
@@ -259,73 +256,6 @@ class GrammarRuntime:
             self._prefetch = MaskPrefetch({id(r): (r, r.grammar, i) for i, r in enumerate(live)}, buffer,
                                           self.workers.start_fill(items, buffer))
         return due
-
-    def _ride(self, req: Req, ride: list[int], step: TableStep | None, j: int) -> tuple[bool, bool]:
-        """Commit a row's forced tokens after its sampled one; (accepted, terminated). The commit's
-        table row for it (`step`) becomes the row after them."""
-        grammar = req.grammar
-        for token in ride:
-            if not grammar.advance(token):
-                return False, True
-        done = grammar.is_terminated()
-        if step is not None:
-            row = grammar.table_row() if hasattr(grammar, "table_row") else -1
-            step.rows[j] = row
-            step.done[j] = done
-            if row < 0:
-                step.missing = []  # (the gather scans the batch and fills what is missing)
-        return True, done
-
-    def rows_after_commit(self, reqs: list[Req]) -> tuple[StateTable, np.ndarray] | None:
-        """The table rows the last commit left `reqs` at (-1 for a request it did not cover or whose row it
-        does not know), when that commit's rows share one healthy table, else None: the forced rows'
-        per-step filter reads them as an array instead of visiting each row's matcher. The usual step
-        is the commit's own requests; otherwise (rows left out, rows joined) each is found by identity."""
-        step = self._step
-        if step is None or step.table.broken:
-            return None
-        rows = np.asarray(step.rows, dtype=np.int64)
-        if step.reqs == reqs:
-            return step.table, rows
-        if not step.reqs:
-            return step.table, np.full(len(reqs), -1, dtype=np.int64)
-        where = self._row_index(step)
-        at = np.fromiter((where.get(id(r), -1) for r in reqs), dtype=np.int64, count=len(reqs))
-        return step.table, np.where(at >= 0, rows[at], -1)
-
-    def _row_index(self, step: TableStep) -> dict[int, int]:
-        """`step`'s row per request (by identity), made once a step."""
-        if self._rows_of is None or self._rows_of[0] is not step:
-            self._rows_of = (step, {id(r): k for k, r in enumerate(step.reqs)})
-        return self._rows_of[1]
-
-    def ride_after(self, req: Req, run: Sequence[int]) -> bool:
-        """After the last commit (`advance_many`), before its masks are taken: commit `run` to `req`'s
-        grammar too, if its state forces exactly those tokens one by one (False, and nothing done,
-        otherwise). A run whose last token reaches a state that ends the grammar is taken too: the row
-        ends with it when the commit appends it."""
-        m = req.grammar
-        table = getattr(m, "table", None)
-        if table is None or table.broken or m.ended or forced_run(table, m.state, len(run))[0] != list(run):
-            return False
-        step = self._step
-        j = -1
-        if step is not None:  # (no scan of the batch a ride)
-            j = self._row_index(step).get(id(req), -1)
-        if j < 0:
-            self._settle()
-            self._step = None
-            for token in run:
-                if not m.advance(token):
-                    return False
-            if self._prefetch is not None:
-                self._prefetch.rows.pop(id(req), None)
-            self._terminated[id(req)] = (req, m.is_terminated())
-            return True
-        self._settle()
-        ok, done = self._ride(req, list(run), step, j)
-        self._terminated[id(req)] = (req, done)
-        return ok
 
     def _forces(self, req: Req, min_tokens: int) -> bool:
         """The grammar forces text of at least `min_tokens` tokens (a token holds at least one byte)."""

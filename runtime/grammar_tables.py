@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +44,11 @@ class TableStep:
     done: list[bool]
     rows: list[int]
     missing: list[tuple[Any, int]]
+    # forced rows on (runtime/forced_rows.py), found in the commit's own pass by `StateTable.forced_flags`: the
+    # requests (by index) whose state after the commit may start a ride (or is not known yet), and those where
+    # only a guess may start
+    forced: list[int] = field(default_factory=list)
+    guessing: list[int] = field(default_factory=list)
 
 
 class DeviceTables:
@@ -108,11 +113,13 @@ class DeviceTables:
             return None
         table = first.table
         moves, vocab, ready, terminated, end_ids = table._next, table.vocab, table.ready, table.terminated, table.end_ids
-        single, learn = table._single, table.learn_pairs
+        single, learn, flags = table._single, table.learn_pairs, table.forced_flags
         capacity = len(ready)
         n = len(reqs)
         ok, done, rows = [True] * n, [False] * n, [-1] * n
         slow: list[int] = []
+        forced: list[int] = []
+        guessing: list[int] = []
         for j, (req, tok) in enumerate(zip(reqs, tokens)):
             m = req.grammar
             if type(m) is TableMatcher and m.table is table and not m.refused and tok not in end_ids:
@@ -126,14 +133,22 @@ class DeviceTables:
                 if nxt is not None and nxt >= 0:
                     row = nxt + FIRST_STATE_ROW
                     if row < capacity and ready[row]:
-                        if learn and single.get(nxt, 0) >= 0:  # (unknown, or forcing a token: forced_rows.py)
-                            note_move(table, states[-1], tok, nxt)
+                        if learn:  # (forced_rows.py)
+                            if single.get(nxt, 0) >= 0:  # (unknown, or forcing a token)
+                                note_move(table, states[-1], tok, nxt)
+                            flag = flags.get(nxt, 3)  # (3: not known yet; forced_rows.RIDE, GUESS)
+                            if flag == 1:
+                                guessing.append(j)
+                            elif flag:
+                                forced.append(j)
                         states.append(nxt)
                         m.lag.append(tok)
                         rows[j] = row
                         done[j] = terminated[row]
                         continue
             slow.append(j)
+        if learn:
+            forced += slow
         missing: dict[int, Any] = {}
         if slow:
             for j, good in zip(slow, workers.advance([reqs[j].grammar for j in slow], [tokens[j] for j in slow])):
@@ -153,7 +168,8 @@ class DeviceTables:
             row = rows[j] = table.row_of(m.states[-1])
             if not table.ready[row] and row not in missing:
                 missing[row] = m.inner
-        return TableStep(list(reqs), table, ok, done, rows, [(m, row) for row, m in missing.items()])
+        return TableStep(list(reqs), table, ok, done, rows, [(m, row) for row, m in missing.items()], forced,
+                         guessing)
 
     def fill_missing(self, reqs: Sequence[Req], workers: MaskWorkers) -> Callable[[], None] | None | bool:
         """A job filling the table rows of states these requests reached first; None: nothing to

@@ -54,8 +54,9 @@ class ScheduledBatch:
     guess_widths: list[int] = field(default_factory=list)
     guess_rows: list[int] = field(default_factory=list)
     guess_slots: list[int] = field(default_factory=list)
-    # candidates of a guess left out (forced_rows.plan_guesses): what their tokens would have taken counts too
-    guess_seen: list[Any] | None = None
+    guess_index: list[int] = field(default_factory=list)  # (set with the tensors) the requests that guess
+    # candidates of a guess left out (forced_rows.GuessCandidates): what their tokens would have taken counts too
+    guess_seen: Any = None
 
     def __post_init__(self) -> None:
         # A batch built with its requests (not through add / set_decode_rows) has no drafts: every

@@ -261,10 +261,10 @@ class Scheduler:
     def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep:
         """Sample on the device; the host appends these tokens a step later (`_commit_step`), with the
         grammar-forced tokens that ride after them (forced_rows.py)."""
-        rides, ends = plan_rides(self, batch.reqs) if self.grammars is not None else (None, None)
+        rides, ends, guessing = plan_rides(self, batch.reqs) if self.grammars is not None else (None, None, None)
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
                                                                      logits_needed_after=False),
-                                     rides=rides, ends=ends)
+                                     rides=rides, ends=ends, guess_candidates=guessing)
 
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor, targets: list[int] | None = None,
                         dropped: bool = False) -> None:

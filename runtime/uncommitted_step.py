@@ -3,6 +3,7 @@ pinned host copy of its tokens, the rows' forced rides, and each request's count
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,10 +28,14 @@ class UncommittedStep:
     # its sampled token is forced to be an end token (the row's last: the next step leaves it out).
     rides: list[list[int]] | None = None
     ends: list[bool] | None = None
+    # the rows whose token is sampled at a state where a guess may start (forced_rows.GuessCandidates; None:
+    # none), from which the next step's guesses are picked (forced_rows.plan_guesses)
+    guess_candidates: Any = None
 
     @classmethod
     def start(cls, reqs: list[Req], next_ids: torch.Tensor, prefill: bool = False,
-              rides: list[list[int]] | None = None, ends: list[bool] | None = None) -> "UncommittedStep":
+              rides: list[list[int]] | None = None, ends: list[bool] | None = None,
+              guess_candidates: Any = None) -> "UncommittedStep":
         for i, req in enumerate(reqs):
             req.tokens_on_device += 1
             req.uncommitted_row = i
@@ -42,8 +47,8 @@ class UncommittedStep:
             host.copy_(next_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return cls(reqs, next_ids, host, event, prefill, rides=rides, ends=ends)
-        return cls(reqs, next_ids, next_ids, None, prefill, rides=rides, ends=ends)
+            return cls(reqs, next_ids, host, event, prefill, rides=rides, ends=ends, guess_candidates=guess_candidates)
+        return cls(reqs, next_ids, next_ids, None, prefill, rides=rides, ends=ends, guess_candidates=guess_candidates)
 
     def ride_of(self, req: Req) -> list[int]:
         """The forced tokens riding after `req`'s token in this step (req must be one of its rows)."""

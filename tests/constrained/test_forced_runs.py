@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from radixlm.constrained.compiler import WHITESPACE_MAX
-from radixlm.constrained.forced_tokens import forced_run, guess_runs, note_move, single_token, singles_at_rows
+from radixlm.constrained.forced_tokens import _forced_walk, forced_run, guess_runs, note_move, single_token
 
 from .conftest import encode
 from .test_state_table import allowed, table_grammar
@@ -97,27 +97,42 @@ def test_a_guess_takes_the_whole_run_its_token_leads_to(tokenizer) -> None:
     assert guess_runs(table, state, table.forced_after[state], 64, 8) is runs  # (made once per pairs known)
 
 
-def test_singles_of_many_rows_at_once_equal_each_rows_own(tokenizer) -> None:
-    """The forced rows' per-step filter (`singles_at_rows`, one gather over the step's table rows) answers what
-    `single_token` answers row by row: the one token a filled row allows, -1 for the reserved rows, rows
-    allowing more, and rows not filled yet (asked again once filled)."""
-    import numpy as np
+def test_each_states_forced_run_is_walked_once_and_cut_to_each_limit(tokenizer) -> None:
+    """The forced rows ask a state's run once per row and step (rides), and once per learned pair (guesses):
+    `forced_run` keeps each state's run (`StateTable.runs_from`) once its walk is final and answers every limit
+    from it as a walk with that limit would; a walk that stopped at a row not filled yet is not kept."""
     import torch
 
     grammar, wrapped = table_grammar(tokenizer, json.dumps(SCHEMA))
     table = wrapped.table
     text = '{"flag": true, "name": "ab"' + " " * WHITESPACE_MAX
     ids = encode(tokenizer, text)
-    rows = []
+    states = []
     for k in range(len(ids) + 1):
         m = _walk(wrapped, ids[:k])
         m.sync()
         m.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
-        rows.append(m.state + 2)
-    unfilled = table.row_of(max(rows)) + 1
-    table.row_of(unfilled)
-    asked = np.asarray([0, 1, *rows, unfilled, rows[-1]], dtype=np.int64)
-    got = singles_at_rows(table, asked).tolist()
-    assert got[:2] == [-1, -1] and got[-2] == -1
-    assert got[2:-2] == [single_token(table, r - 2) for r in rows] and got[-1] == got[-3] >= 0
-    assert table.single_rows[unfilled] == -2  # not filled: not remembered
+        states.append(m.state)
+    brace = encode(tokenizer, "}")[0]
+    assert forced_run(table, states[-1], 4) == ([], False)  # (the brace's state not filled yet)
+    assert states[-1] not in table.runs_from
+    end = _walk(wrapped, ids + [brace])
+    end.sync()
+    end.fill_next_token_bitmask(torch.zeros((1, table.words), dtype=torch.int32), 0)
+    for state in states:
+        for limit in (0, 1, 2, 5, 40):
+            assert forced_run(table, state, limit) == tuple(_forced_walk(table, state, limit)[:2])
+    assert table.runs_from[states[-1]] == ((brace,), True)
+    table.runs_from[states[-1]] = ((7, 8, 9), False)  # (kept: answered from what is kept, cut to the limit)
+    assert forced_run(table, states[-1], 2) == ([7, 8], False) and forced_run(table, states[-1], 3) == ([7, 8, 9], False)
+
+
+def test_a_guess_s_pick_entries_lay_out_each_pair_s_run_token_by_token() -> None:
+    """`GuessRuns.entries`: pair by pair, token by token up to the guess's width (0 past a run's end), made
+    once per width; the device adds each entry's token where its key matches the sampled token."""
+    from radixlm.constrained.forced_tokens import GuessRuns
+
+    runs = GuessRuns(2, {11: (5, 6, 7), 12: (8,)}, 3, 4)
+    entries = runs.entries(2)
+    assert entries.tolist() == [[11, 11, 12, 12], [5, 6, 8, 0], [0, 1, 0, 1]]  # key, token, place
+    assert runs.entries(2) is entries and runs.entries(3)[1].tolist() == [5, 6, 7, 8, 0, 0]

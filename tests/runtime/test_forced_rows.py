@@ -57,20 +57,25 @@ def test_forced_tokens_computed_beside_sampled_ones_with_identical_outputs(defau
                                                                           monkeypatch) -> None:
     """The second batch of the schema finds the (state, token) moves the first took into states that force
     one token: its rows compute that token beside the sampled one (picked on the device), sample after it
-    where it was taken, and the batch needs fewer decode steps for the very same tokens. The rides' per-step
-    filter reads the last commit's table rows as an array in the usual step (no visit of each row)."""
+    where it was taken, and the batch needs fewer decode steps for the very same tokens. In the usual step the
+    forced rows' planning takes its candidates from the commit's own pass (`TableStep.forced`): no row is
+    visited, no row found by identity (`rows_after_commit`)."""
+    from radixlm.runtime import forced_rows
     from radixlm.runtime.grammar_runtime import GrammarRuntime
 
     answers: list[bool] = []
-    inner = GrammarRuntime.rows_after_commit
-    monkeypatch.setattr(GrammarRuntime, "rows_after_commit",
-                        lambda self, reqs: answers.append(inner(self, reqs) is not None) or inner(self, reqs))
+    inner = forced_rows._forced_candidates
+    monkeypatch.setattr(forced_rows, "_forced_candidates", lambda sched, reqs: answers.append(
+        sched.grammars.committed_step() is not None and sched.grammars.committed_step().reqs == reqs) or inner(sched, reqs))
+    found: list[int] = []
+    rows_of = GrammarRuntime.rows_after_commit
+    monkeypatch.setattr(GrammarRuntime, "rows_after_commit", lambda self, reqs: found.append(1) or rows_of(self, reqs))
     temp = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0}
     params = [{**temp, "seed": i, "max_new_tokens": 90, "json_schema": json.dumps(SCHEMA)} for i in range(4)]
     off, off_stats = _run(default_model_dir, False, params, repeats=2)
     assert not answers  # (off: no per-step filter at all)
     on, on_stats = _run(default_model_dir, True, params, repeats=2)
-    assert sum(answers) > 0.8 * len(answers)
+    assert answers and sum(answers) > 0.8 * len(answers) and len(found) == len(answers) - sum(answers)
     assert on == off  # token for token, every request, both batches
     assert on_stats["forced_guess_hits"] > 0 and off_stats["forced_guess_rows"] == 0
     assert on_stats["decode_steps"] < off_stats["decode_steps"]
@@ -115,22 +120,17 @@ def test_guess_rows_fill_the_graph_bucket_and_grow_it_only_where_they_pay() -> N
 
 
 def _runs(runs: dict[int, tuple[int, ...]]):
-    import numpy as np
-
     from radixlm.constrained.forced_tokens import GuessRuns
 
-    width = max(map(len, runs.values()))
-    values = np.zeros((len(runs), 4), dtype=np.int64)
-    for k, run in enumerate(runs.values()):
-        values[k, : len(run)] = run
-    return GuessRuns(len(runs), runs, np.asarray(list(runs), dtype=np.int64), values, width)
+    return GuessRuns(len(runs), runs, max(map(len, runs.values())), 4)
 
 
 def test_forced_and_guess_rows_in_one_decode_step() -> None:
     """decode_rows_forward_batch: a plain row, a row whose device token has forced tokens riding after it, a row
     whose ride was appended already (a synchronous commit), and a guess row whose forced token the device picks
-    by its sampled token: one decode row per token, KV ending at it, logits at each row's last token (a guess
-    row's: both)."""
+    by its sampled token: one decode row per token, KV ending at it; the plain step's rows first (one a request,
+    the pending step's tokens as they are), the extra tokens after them; logits at each row's last token (a
+    guess row's: its own, then each guess token's, after every request's)."""
     import torch
 
     from radixlm.runtime.forward_batch import ForwardMode
@@ -159,11 +159,13 @@ def test_forced_and_guess_rows_in_one_decode_step() -> None:
     batch.extend_lens = [e + w for e, w in zip(batch.extend_lens, batch.guess_widths)]
     assert batch.extend_lens == [1, 3, 3, 3, 2]
     fb, writes = batch.to_forward_batch(torch.device("cpu"), step)
-    assert fb.input_ids.tolist() == [41, 42, 50, 51, 3, 60, 61, 43, 70, 73, 44, 0]  # (the miss row: a padding token)
-    assert fb.positions.tolist() == [3, 3, 4, 5, 1, 2, 3, 2, 3, 4, 2, 3]
+    assert fb.input_ids.tolist() == [41, 42, 3, 43, 44, 50, 51, 60, 61, 70, 73, 0]  # (the miss row: a padding token)
+    assert fb.positions.tolist() == [3, 3, 1, 2, 2, 4, 5, 2, 3, 3, 4, 3]
     assert fb.seq_lens_cpu == [p + 1 for p in fb.positions.tolist()]
-    assert fb.req_pool_indices_cpu == [3, 1, 1, 1, 7, 7, 7, 2, 2, 2, 5, 5]
-    assert fb.logits_indices.tolist() == [0, 3, 6, 7, 8, 9, 10, 11]  # (a guess row: after each of its tokens)
-    assert batch.sample_rows == [0, 1, 2, 3, 6] and batch.guess_rows == [-1, -1, -1, 4, 7]
-    assert batch.guess_slots == [-1, -1, -1, 8, 11]
-    assert writes.rows.tolist() == fb.req_pool_indices_cpu and writes.slots.tolist() == list(range(100, 112))
+    assert fb.req_pool_indices_cpu == [3, 1, 7, 2, 5, 1, 1, 7, 7, 2, 2, 5]
+    assert fb.logits_indices.tolist() == [0, 6, 8, 3, 4, 9, 10, 11]  # (a guess row: after each of its tokens)
+    assert batch.sample_rows == [0, 1, 2, 3, 4] and batch.guess_rows == [-1, -1, -1, 5, 7]
+    assert batch.guess_slots == [-1, -1, -1, 8, 11] and batch.guess_index == [3, 4]  # (slots: request by request)
+    assert writes.rows.tolist() == fb.req_pool_indices_cpu
+    assert writes.slots.tolist() == [100, 101, 104, 107, 110, 102, 103, 105, 106, 108, 109, 111]
+    assert fb.out_cache_loc.tolist() == writes.slots.tolist()
