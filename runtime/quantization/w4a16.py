@@ -49,11 +49,11 @@ SPLIT_NORM_AUTO = True
 # --decode-silu-epilogue auto: gate_up's SiLU-and-mul in its kernel's last split (one launch a layer fewer).
 SILU_EPILOGUE_AUTO = False
 # At load on a GPU: the codes of each weight the tensor-core M = 1 kernel's table lists (N whole row tiles) stored blocked
-# by its row tile (kernels/w4_blocked.py) as their only copy, every 4-bit kernel told (`W4Weight.blocked`). A blocked
-# copy beside the weight cut the H200's 8B batch-1 decode step by 86.7 of 2,020 µs (RESULTS.md, 2026-12-05); off until
-# the H200 measures this (one copy) against the defaults. $RADIXLM_W4_BLOCKED_CODES 1 / 0 overrides it (an A/B arm's
-# scheduler process inherits it: benchmarks/small_m_gemm_sweep.py --decode-arms w4a16-defaults-blocked).
-BLOCKED_CODES = False
+# by its row tile (kernels/w4_blocked.py) as their only copy, every 4-bit kernel told (`W4Weight.blocked`). On since the
+# H200 A/B of 2026-12-05 (RESULTS.md): the 8B GPTQ batch-1 decode step 2,035 -> 1,944 µs a replay, the Engine's (a)
+# 445.1 -> 463.1 tok/s, the same bits, the same bytes. $RADIXLM_W4_BLOCKED_CODES 1 / 0 overrides it (an A/B arm's
+# scheduler process inherits it: benchmarks/small_m_gemm_sweep.py --decode-arms w4a16-defaults-plain).
+BLOCKED_CODES = True
 BLOCKED_CODES_ENV = "RADIXLM_W4_BLOCKED_CODES"
 _gemv_failed: list[bool] = []  # non-empty once the GEMV failed to compile in this process
 _mma1_failed: list[bool] = []  # non-empty once the tensor-core M = 1 kernel failed to compile in this process

@@ -118,7 +118,7 @@ def test_prefetch_variants_set_their_plan(tmp_path, monkeypatch) -> None:
 def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeypatch) -> None:
     """blk / pf-o-gu16-blk: every weight the tensor-core M = 1 kernel serves gets `block_codes`' copy for its table's
     row tile (and the L2 wiring is redone for it); any other variant drops the copies. blk-only: the codes blocked in
-    place (one copy), back to the plain layout under the defaults."""
+    place (one copy); the defaults follow `w4a16.BLOCKED_CODES` (plain with it off, blocked in place with it on)."""
     from types import SimpleNamespace
 
     from radixlm.benchmarks import w4_decode_step
@@ -126,8 +126,11 @@ def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeyp
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
     from radixlm.runtime.quantization.w4a16 import W4Weight
 
+    from radixlm.runtime.quantization import w4a16
+
     # a small shape in the table use_variant puts back
     monkeypatch.setitem(w4_decode_step.MMA1_DEFAULTS, (64, 256), {1: "mma1-n32-c1-w1-sa-st2-g1-j8-r1"})
+    monkeypatch.setattr(w4a16, "BLOCKED_CODES", False)  # (the defaults as before 2026-12-05's flip: plain codes)
     served = W4Weight([quantize_rtn(torch.randn(64, 256), 128, True)], 128, "test")
     other = W4Weight([quantize_rtn(torch.randn(48, 256), 128, True)], 128, "test")
     for w in (served, other):
@@ -150,3 +153,7 @@ def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeyp
     assert served._m1_codes() == (served.codes, 32) and served.nbytes == before and other.blocked == 0
     use_variant("defaults", tmp_path, runner)
     assert served.blocked == 0 and torch.equal(served.codes, plain)
+    monkeypatch.setattr(w4a16, "BLOCKED_CODES", True)  # the default since the flip: the defaults are blocked in place
+    use_variant("defaults", tmp_path, runner)
+    assert served.blocked == 32 and served.codes_m1 is None and torch.equal(served.codes, block_codes(plain, 32))
+    assert other.blocked == 0 and served.nbytes == before
