@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The H200 measurements this code is waiting for (session of 2026-12-04 21:14-00:14 had no device: see RESULTS.md).
+# The H200 measurements this code is waiting for (see RESULTS.md: the sessions of 2026-12-04 21:14 and 2026-12-05 02:32).
 # Run from the repository root on the device, one part per call (each part < 600 s), results under $OUT/<name>/.
 # Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
 # first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
-#   bash benchmarks/h200_pending.sh ab      (~560 s: the A/Bs of issues 14, 18, 19, 21, 22)
+#   bash benchmarks/h200_pending.sh ab      (~200 s: forced rows off vs on, issue 14; the A/Bs of issues 18, 19, 21, 22 ran on
+#                                            2026-12-05 and were decided: RESULTS.md)
 #   bash benchmarks/h200_pending.sh final   (~560 s: gpu_suite a,b,e,f,g; the 64-adapter row)
 #   bash benchmarks/h200_pending.sh lora    (~200 s: issue 21's base, 1-adapter and 8-adapter rows at 1,000 requests, one engine)
 # Names after the part run only those runs of it (e.g. `ab jf14 w4f`): the one call that tried `ab` whole (21:40 on
@@ -25,15 +26,6 @@ case "$PART" in
 ab)
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"
-  # issue 19 (w4blk): the 4-bit codes blocked by row tile as the weights' only copy -> runtime/quantization/w4a16.BLOCKED_CODES
-  run w4blk 70 "python3 benchmarks/w4_decode_step.py --check blk-only,blk --variants defaults,blk-only,blk --wall-variants defaults,blk-only,blk --rounds 2 --wall-steps 60 --budget-s 45 --out $OUT/w4blk/w4_step.json"
-  run w4blk-e 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults,w4a16-defaults-blocked --out $OUT/w4blk-e/w4a.json"
-  # issue 18 (spec8): batch 64 prefill overlap with NGRAM, batch-1 deepest-first / full depth -> runtime/step_order.OVERLAP_PREFILL_WITH_NGRAM, speculative/draft_payoff.DEEP_FIRST_ROWS, speculative/spec_decoder.FULL_DEPTH_ROWS
-  run spec8 70 "python3 benchmarks/speculative.py --mode gpu --sets e2e,profile --topk 1 --prompt-sets repeat --batches 1,64 --repeats 2 --new-tokens 128 --no-audit --profile-small-only --deep-ab --eager-ab --prefill-ab --out $OUT/spec8/spec.json"
-  # issue 22 item 3 (thru9): prefill row blocks, decode steps ahead with eviction -> runtime/dense_row_blocks.AUTO_ROWS (--gemm-row-block), runtime/step_order.AHEAD_WITH_EVICTION
-  run thru9 68 "python3 benchmarks/b_levers.py --items prefill,evict,gemm --arms 0,1024,2048,1024::all --row-blocks 1024,2048 --chunks 4 --evict-requests 350 --pool-tokens 250000 --out $OUT/thru9/b_levers.json"
-  # issue 21 (lora10): the expand by rows, SiLU inside it -> runtime/lora/projection.ROWS_EXPAND_MAX_TOKENS, ROWS_SILU_MUL, PREFILL_SILU_MUL
-  run lora10 90 "python3 benchmarks/lora_step.py --sizes 64,256,128,512 --no-sweep --silu-mul --reps 15 --variants engine_stacked,engine_stacked_rows,engine_stacked_rows_n64_w8,engine_stacked_rows_n16,engine_stacked_pdl,engine_stacked_rows_pdl,engine_stacked_rows_silu --profile '64:engine_stacked+engine_stacked_rows' --budget-s 80 --out $OUT/lora10/lora_step.json"
   ;;
 final)
   run suite 340 "python3 benchmarks/gpu_suite.py --skip-transformers --items a,b,e,f,g --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --out $OUT/suite/suite.json"
