@@ -123,10 +123,9 @@ def test_blocked_variants_give_the_tensor_core_kernel_its_copy(tmp_path, monkeyp
 
     from radixlm.benchmarks import w4_decode_step
     from radixlm.kernels.w4_blocked import block_codes
+    from radixlm.runtime.quantization import w4a16
     from radixlm.runtime.quantization.w4_formats import quantize_rtn
     from radixlm.runtime.quantization.w4a16 import W4Weight
-
-    from radixlm.runtime.quantization import w4a16
 
     # a small shape in the table use_variant puts back
     monkeypatch.setitem(w4_decode_step.MMA1_DEFAULTS, (64, 256), {1: "mma1-n32-c1-w1-sa-st2-g1-j8-r1"})
