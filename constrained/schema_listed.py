@@ -9,6 +9,7 @@ schema.py's vetter, which inherits it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .schema_finite import FiniteDecider, listed_values
@@ -23,9 +24,7 @@ class ReferenceDecisions:
     root: Any
     index: RefIndex
     finite: FiniteDecider
-
-    def vet(self, node: Any, ptr: tuple[str, ...]) -> Any:
-        raise NotImplementedError
+    vet: Callable[[Any, tuple[str, ...]], Any]
 
     def decide_listed(self, node: dict[str, Any], ptr: tuple[str, ...]) -> Any:
         """A listed (enum/const) node next to other validation keywords becomes the enum of

@@ -43,23 +43,18 @@ def schedule_decode(sched: Scheduler, mixed: bool = False) -> ScheduledBatch | N
     own = [r.seq_len - r.kv_len for r in todo] if forced else None
     drafts = propose_drafts(sched, todo, mixed, own)
     rows = sum(own) if own is not None else len(todo)
-    picked, seen = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else ([], None)
-    guesses = widths = None
-    if picked:  # (requests that guess carry their runs from the plan to the batch's lists)
-        guesses = [r.guess for r in todo]
-        widths = [r.guess_width if r.guess is not None else 0 for r in todo]
-        for r in picked:
-            r.guess = None
-        rows += sum(widths)
+    picked, seen = plan_guesses(sched, todo, rows) if forced and not mixed and not drafts.total else ({}, None)
+    guesses = [picked.get(id(r)) for r in todo] if picked else None
+    if guesses is not None:
+        rows += sum(g.width for g in guesses if g is not None)
     slots = sched._alloc_slots(rows + drafts.total)
     if slots is not None:  # the common case: one allocation for the whole batch
         parents = drafts.parents or [None] * len(todo)
         lanes = sched.tree_kv.take_lanes(todo, drafts.tokens, parents, slots, lanes=not mixed) if drafts.parents else None
         batch.set_decode_rows(todo, slots, drafts.tokens, drafts.masks, parents, lanes, own)
         batch.guess_seen = seen
-        if guesses is not None and widths is not None:
-            batch.guesses, batch.guess_widths = guesses, widths
-            batch.extend_lens = [e + w for e, w in zip(batch.extend_lens, widths)]
+        if guesses is not None:
+            batch.set_guesses(guesses)
         for req, ext in zip(todo, batch.extend_lens):
             req.kv_len += ext
         sched.reserve.on_decode_step()

@@ -213,6 +213,15 @@ class GuessCandidates:
 
 
 @dataclass(frozen=True)
+class Guess:
+    """A guess `plan_guesses` picked for a row: its state's runs, that state, the tokens the row computes for it."""
+
+    runs: GuessRuns
+    state: int
+    width: int
+
+
+@dataclass(frozen=True)
 class GuessesSeen:
     """The candidates a guess left out (`plan_guesses`): (row in the pending step, state, the tokens a guess there
     would have computed) each, whose sampled tokens count for their states' rates (`resolve_guesses`)."""
@@ -221,22 +230,22 @@ class GuessesSeen:
     rows: list[tuple[int, int, int]]
 
 
-def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Req], GuessesSeen | None]:
+def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[dict[int, Guess], GuessesSeen | None]:
     """For a decode step about to run `todo` overlapped: the rows whose token on the device was sampled at a
     state where some tokens lead to a forced run (`GuessCandidates` of the pending step), where a guess pays
-    (`_worth`). Each such request gets `guess` (its state's `GuessRuns`), `guess_state` and `guess_width`: it
-    computes that many more tokens, the run its sampled token names (picked on the device), and samples after
+    (`_worth`), by request identity: its `Guess` (its state's `GuessRuns`, the state, the width): it
+    computes `width` more tokens, the run its sampled token names (picked on the device), and samples after
     the run where a pair matched. Without graphs (the CPU, where steps are not overlapped unless asked) every
     candidate row guesses. Second: the candidates left out, whose tokens `resolve_guesses` looks at too
     (None: none). Only the candidates are visited."""
     pending = sched.uncommitted
     if (sched.grammars is None or not sched.args.enable_forced_rows or pending is None or sched.spec is not None
             or pending.prefill or pending.guess_candidates is None):
-        return [], None
+        return {}, None
     cands = pending.guess_candidates
     table = cands.table
     if table.broken:
-        return [], None
+        return {}, None
     context = sched.runner.context_len
     guessed, forced_after = table.guessed, table.forced_after
     candidates: list[tuple[float, float, int, int, int, Req]] = []  # (rate / width, rate, row, state, width, req)
@@ -267,25 +276,21 @@ def plan_guesses(sched: Scheduler, todo: list[Req], rows: int) -> tuple[list[Req
         width = min(runs.width, room)
         candidates.append((rate / width, rate, j, state, width, r))
     if not candidates:
-        return [], None
+        return {}, None
     candidates.sort(key=lambda c: -c[0])
     graphs = sched.runner.graph_runner
     take = _worth([c[1] for c in candidates], rows, len(todo), graphs.buckets if graphs is not None else None,
                   [c[4] for c in candidates])
     if not sched.results.can_defer(_decode_of(todo)):
-        return [], None  # (only an overlapped step learns its rows' tokens before sampling them)
+        return {}, None  # (only an overlapped step learns its rows' tokens before sampling them)
     # the rows left out are watched: what their tokens would have taken counts for their states' rates, so
     # that a state whose guesses pay is found without guessing there first
     # (until a state has WATCH_TRIES of them: its yield is known well enough by then)
     left = [(j, state, width) for _, _, j, state, width, _ in candidates[take:]
             if guessed.get(state, (0, 0))[0] < WATCH_TRIES]
     seen = GuessesSeen(table, left) if left else None
-    picked = []
     runs_of = table.guess_runs
-    for _, _, _, state, width, r in candidates[:take]:
-        r.guess, r.guess_state, r.guess_width = runs_of[state], state, width
-        picked.append(r)
-    return picked, seen
+    return {id(r): Guess(runs_of[state], state, width) for _, _, _, state, width, r in candidates[:take]}, seen
 
 
 def _decode_of(todo: list[Req]) -> ScheduledBatch:
@@ -355,7 +360,7 @@ def resolve_guesses(sched: Scheduler, batch: ScheduledBatch, previous: Uncommitt
         if run and previous.rides is None:
             previous.rides = [_NO_RIDE] * len(previous.reqs)
         taken = len(run) if run and sched.grammars.ride_after(req, run) else 0
-        _count(req.grammar.table.guessed, req.guess_state, taken)
+        _count(req.grammar.table.guessed, batch.guess_states[i], taken)
         if taken:
             previous.rides[req.uncommitted_row] = list(run)  # type: ignore[index]
             req.tokens_on_device += taken

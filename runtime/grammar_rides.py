@@ -8,7 +8,7 @@ recorded per request (`_terminated`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from radixlm.constrained.forced_tokens import forced_run
@@ -24,9 +24,7 @@ class GrammarRides:
     _rows_of: tuple[TableStep, dict[int, int]] | None
     _prefetch: Any
     _terminated: dict[int, tuple[Req, bool]]
-
-    def _settle(self) -> None:
-        raise NotImplementedError  # (GrammarRuntime's: wait for background mask work)
+    _settle: Callable[[], None]  # (GrammarRuntime's: wait for background mask work)
 
     def _ride(self, req: Req, ride: list[int], step: TableStep | None, j: int) -> tuple[bool, bool]:
         """Commit a row's forced tokens after its sampled one; (accepted, terminated). The commit's
@@ -81,8 +79,8 @@ class GrammarRides:
         j = -1
         if step is not None:  # (no scan of the batch a ride)
             j = self._row_index(step).get(id(req), -1)
+        self._settle()
         if j < 0:
-            self._settle()
             self._step = None
             for token in run:
                 if not m.advance(token):
@@ -91,7 +89,6 @@ class GrammarRides:
                 self._prefetch.rows.pop(id(req), None)
             self._terminated[id(req)] = (req, m.is_terminated())
             return True
-        self._settle()
         ok, done = self._ride(req, list(run), step, j)
         self._terminated[id(req)] = (req, done)
         return ok

@@ -39,9 +39,6 @@ class Req:
     # this request's row in the uncommitted step that sampled them (its next input token lives there).
     tokens_on_device: int = 0
     uncommitted_row: int = 0
-    guess: Any = None  # a forced-token guess's runs (forced_tokens.GuessRuns), from plan to batch (forced_rows.py)
-    guess_state: int = -1  # the grammar state a forced-token guess of this step was made at (forced_rows.py)
-    guess_width: int = 0  # and the tokens it computes for it
 
     # n > 1: followers sample from the leader's prefill and share its prompt KV.
     followers: list["Req"] = field(default_factory=list)

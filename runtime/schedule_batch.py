@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from radixlm.runtime.kv_pool import SlotWrites
 from radixlm.runtime.request import Req
 from radixlm.runtime.speculative.draft_tree import DraftTree, TreeRows
 from radixlm.runtime.uncommitted_step import UncommittedStep
+
+if TYPE_CHECKING:
+    from radixlm.runtime.forced_rows import Guess
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ScheduledBatch:
     # others follow it), and `guess_slots`: that token's index among the step's new slots.
     guesses: list[GuessRuns | None] | None = None
     guess_widths: list[int] = field(default_factory=list)
+    guess_states: list[int] = field(default_factory=list)  # the grammar state each guess was made at (-1: none)
     guess_rows: list[int] = field(default_factory=list)
     guess_slots: list[int] = field(default_factory=list)
     guess_index: list[int] = field(default_factory=list)  # (set with the tensors) the requests that guess
@@ -108,6 +112,14 @@ class ScheduledBatch:
         self.decoding = [True] * len(reqs)
         self.drafts = drafts
         self.draft_masks = masks
+
+    def set_guesses(self, guesses: list[Guess | None]) -> None:
+        """The decode rows' guesses (forced_rows.plan_guesses, None where a row has none): a guessing row computes
+        its guess's width more tokens."""
+        self.guesses = [g.runs if g is not None else None for g in guesses]
+        self.guess_widths = [g.width if g is not None else 0 for g in guesses]
+        self.guess_states = [g.state if g is not None else -1 for g in guesses]
+        self.extend_lens = [e + w for e, w in zip(self.extend_lens, self.guess_widths)]
 
     def absorb(self, decode: "ScheduledBatch") -> None:
         """Fold a decode batch into this prefill batch: one forward pass instead of two."""

@@ -4,6 +4,8 @@ bits it computes on the plain layout (the CPU interpreter), and a W4Weight loade
 bits of one loaded with it off at every row count and through the split norm and SiLU epilogue, in the same bytes."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,11 @@ from radixlm.runtime.quantization.w4_formats import quantize_rtn
 from radixlm.runtime.quantization.w4a16 import W4Part, W4Weight
 
 N, K = 64, 640  # 5 chunks: split ends that are not whole steps
+# These tests make W4Weights of CPU tensors and tell W4Weight that Triton serves them: only Triton's CPU interpreter
+# runs its kernels on CPU tensors (tests/conftest.py turns it on wherever CUDA is absent, as in CI); on a GPU the
+# kernel tests above cover the same kernels with CUDA tensors.
+interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="W4Weights of CPU tensors run their Triton kernels only in the interpreter")
 
 
 def _weight(device: str, group: int = 128, symmetric: bool = False, act_order: bool = True) -> W4Weight:
@@ -98,7 +105,7 @@ def blocked_load(monkeypatch):
     return make
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors: the interpreter")
+@interpreter_only
 def test_blocked_codes_constant_keeps_the_bits_and_the_bytes(blocked_load):
     plain, blocked = blocked_load(False), blocked_load(True)
     assert plain.blocked == 0 and blocked.blocked == 32 and "blocked-32" in blocked.format
@@ -128,7 +135,7 @@ def test_blocked_codes_constant_keeps_the_bits_and_the_bytes(blocked_load):
     assert blocked.set_blocked(True) and blocked.blocked == 32
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors: the interpreter")
+@interpreter_only
 def test_blocked_codes_constant_leaves_other_shapes_plain(blocked_load, monkeypatch):
     """Only the tensor-core kernel's table shapes are blocked; off a GPU (no Triton kernels) nothing is."""
     from radixlm.kernels import w4a16_mma_m1 as mma1
@@ -142,7 +149,7 @@ def test_blocked_codes_constant_leaves_other_shapes_plain(blocked_load, monkeypa
     assert blocked_load(True).blocked == 0
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors: the interpreter")
+@interpreter_only
 def test_blocked_codes_environment_overrides_the_constant(blocked_load, monkeypatch):
     """$RADIXLM_W4_BLOCKED_CODES (what the sweep's -blocked / -plain Engine arms set for their scheduler process)."""
     from radixlm.benchmarks.small_m_gemm_sweep import ARM_ENV, DECODE_ARMS
