@@ -5,6 +5,13 @@ be interrupted; a process can. The scheduler calls `submit` when a request arriv
 `poll` once per step (never blocks): finished grammars come back, timed-out compiles come
 back as GrammarCompileError and the worker is restarted for the rest of the queue.
 
+The whole compile runs there, the JSON-schema vetting and rewriting included (up to a second for
+real schemas, without bound for hostile ones): the caller keys a job by the spec's text alone, so
+`submit` costs a `json.dumps`, and the worker's own cache joins spellings of one canonical schema.
+The worker's memory is capped (`worker_memory_limit`): a spec whose compile would take the host's
+memory ends as a failed compile of that request and a restarted worker, not a swapping host or an
+OOM-killed scheduler.
+
 What crosses the process boundary is `Grammar.payload()`: llguidance -> its grammar text
 (rebuilding the parser in the caller takes about a millisecond, bounded by LLParserLimits),
 outlines-core -> the pickled token Index (serde; megabytes for large DFAs), xgrammar -> its
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import resource
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping
@@ -22,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import Grammar
-from .compiler import CACHE, WHITESPACE_MAX, GrammarCache, compile, default_backend, grammar_from_payload, prepare, spec_key
+from .compiler import CACHE, WHITESPACE_MAX, GrammarCache, compile, default_backend, grammar_from_payload
 from .errors import GrammarCompileError
 from .vocab import TokenizerInfo
 
@@ -35,15 +44,38 @@ def _load_tokenizer(path: str) -> Any:
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def _worker_main(conn: Any, tokenizer_path: str) -> None:
-    """Worker loop: load the tokenizer once, then compile one job at a time."""
+MAX_WORKER_MEMORY = 8 << 30  # bytes; at most a quarter of the host's memory (`worker_memory_limit`)
+MIN_WORKER_MEMORY = 2 << 30  # the tokenizer and the backend's tables need some room of their own
+
+
+def worker_memory_limit() -> int:
+    """The compile worker's cap on private memory (RLIMIT_DATA): a quarter of the host's RAM,
+    between MIN_WORKER_MEMORY and MAX_WORKER_MEMORY."""
     try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return MAX_WORKER_MEMORY
+    return max(MIN_WORKER_MEMORY, min(MAX_WORKER_MEMORY, ram // 4))
+
+
+def _worker_main(conn: Any, tokenizer_path: str, memory_limit: int | None) -> None:
+    """Worker loop: cap its memory, load the tokenizer once, then compile one job at a time."""
+    try:
+        if memory_limit is not None:
+            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            if hard != resource.RLIM_INFINITY:
+                memory_limit = min(memory_limit, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, hard))
+            except (ValueError, OSError):  # a platform without the limit: the worker runs uncapped
+                memory_limit = None
         tokenizer = _load_tokenizer(tokenizer_path)
         fingerprint = TokenizerInfo.from_tokenizer(tokenizer).fingerprint
     except Exception as exc:  # reported to the caller, which fails pending jobs
         conn.send(("dead", None, repr(exc)))
         return
-    conn.send(("ready", None, fingerprint))
+    conn.send(("ready", None, (fingerprint, resource.getrlimit(resource.RLIMIT_DATA)[0])))
+    cache = GrammarCache(64)  # one canonical schema sent in several spellings compiles once
     while True:
         try:
             job = conn.recv()
@@ -54,11 +86,19 @@ def _worker_main(conn: Any, tokenizer_path: str) -> None:
         job_id, kind, spec, backend, lenient, ws = job
         try:
             grammar = compile(tokenizer, **{kind: spec}, backend=backend, lenient=lenient,
-                              whitespace_max=ws, cache=None)
+                              whitespace_max=ws, cache=cache)
             conn.send(("ok", job_id, grammar.payload()))
+        except MemoryError:
+            cache.clear()
+            conn.send(("err", job_id, GrammarCompileError(
+                f"{kind} compilation needs more than the grammar worker's {_gib(memory_limit)} of memory")))
         except Exception as exc:
             err = exc if isinstance(exc, ValueError) else GrammarCompileError(f"{type(exc).__name__}: {exc}")
             conn.send(("err", job_id, err))
+
+
+def _gib(limit: int | None) -> str:
+    return "unlimited" if limit is None else f"{limit / (1 << 30):.1f} GiB"
 
 
 @dataclass
@@ -78,9 +118,12 @@ class GrammarService:
 
     def __init__(self, tokenizer_path: str, *, timeout_s: float = 10.0, backend: str | None = None,
                  tokenizer: Any = None, cache: GrammarCache | None = CACHE,
-                 startup_timeout_s: float = 120.0) -> None:
+                 startup_timeout_s: float = 120.0, memory_limit: int | None = -1) -> None:
         self.tokenizer_path = str(tokenizer_path)
         self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
+        # bytes of private memory the worker may take (-1: worker_memory_limit(); None: no cap)
+        self.memory_limit = worker_memory_limit() if memory_limit == -1 else memory_limit
+        self.worker_memory_limit: int | None = None  # as the running worker reports it
         self.backend = backend or default_backend()
         self.cache = cache
         self._info = TokenizerInfo.from_tokenizer(tokenizer or _load_tokenizer(self.tokenizer_path))
@@ -95,7 +138,6 @@ class GrammarService:
         self._sent_at = 0.0
         self._done: list[tuple[Hashable, Grammar | Exception]] = []
         self._next_id = 0
-        self._keys: dict[tuple[str, str, str, bool, int], Any] = {}
         self.restarts = 0
 
     # -- public API ---------------------------------------------------------------------
@@ -106,8 +148,9 @@ class GrammarService:
 
     def submit(self, key: Hashable, spec: Mapping[str, Any]) -> None:
         """Queue a compile. spec: one of regex/json_schema/ebnf/choices, plus optional
-        backend, lenient, whitespace_max. Cheap checks (bad arguments, unsupported schema
-        keywords) and cache hits are answered at the next poll without the worker."""
+        backend, lenient, whitespace_max. Bad arguments and cache hits are answered at the next
+        poll without the worker; everything that reads the spec itself (a schema's vetting and
+        rewriting, refusals naming keyword and pointer) happens in the worker."""
         try:
             kinds = [k for k in _KINDS if spec.get(k) is not None]
             if len(kinds) != 1:
@@ -134,18 +177,11 @@ class GrammarService:
         self._pump()
 
     def _cache_key(self, kind: str, spec: Any, backend: str, lenient: bool, ws: int) -> Any:
-        """The compile cache's key of a spec; vetting a schema for it costs ~0.4 ms, so the key of a
-        spec text seen before (a batch of requests with one schema) is remembered."""
+        """The compile cache's key of a spec: its text as sent (a batch of requests with one schema
+        shares it). Keys in canonical form would need the schema vetted here, in the scheduler's
+        loop; the worker's own cache joins the spellings of one canonical schema instead."""
         text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
-        memo_key = (kind, text, backend, lenient, ws)
-        key = self._keys.get(memo_key)
-        if key is None:
-            canonical, _ = prepare(kind, spec, backend, lenient, ws)
-            key = spec_key(kind, canonical, self._info, backend, lenient, ws)
-            if len(self._keys) >= 1024:
-                self._keys.clear()
-            self._keys[memo_key] = key
-        return key
+        return ("sent", kind, text, self._info.fingerprint, backend, lenient, ws)
 
     def poll(self) -> list[tuple[Hashable, Grammar | Exception]]:
         """Finished (key, Grammar or exception) pairs since the last poll; never blocks."""
@@ -184,7 +220,7 @@ class GrammarService:
     # -- worker management --------------------------------------------------------------
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.tokenizer_path),
+        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.tokenizer_path, self.memory_limit),
                                        daemon=True, name="radixlm-grammar")
         self._proc.start()
         child.close()
@@ -232,7 +268,9 @@ class GrammarService:
             while self._conn is not None and self._conn.poll(0):
                 tag, job_id, body = self._conn.recv()
                 if tag == "ready":
-                    if body != self._info.fingerprint:  # grammars would index the wrong vocabulary
+                    fingerprint, limit = body
+                    self.worker_memory_limit = None if limit == resource.RLIM_INFINITY else limit
+                    if fingerprint != self._info.fingerprint:  # grammars would index the wrong vocabulary
                         self._fail_all(f"tokenizer at {self.tokenizer_path} differs from the caller's")
                         return
                     self._ready = True
@@ -249,7 +287,9 @@ class GrammarService:
             self._kill()
             self.restarts += 1
             if job is not None:
-                self._finish(job, GrammarCompileError(f"{job.kind} compilation crashed the grammar worker"))
+                self._finish(job, GrammarCompileError(
+                    f"{job.kind} compilation crashed the grammar worker (a native error, or more than its "
+                    f"{_gib(self.memory_limit)} of memory)"))
 
     def _rebuild(self, job: _Job, payload: Any) -> Grammar | Exception:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,70 @@ def test_service_rejects_a_different_tokenizer(tokenizer: Any, tmp_path: Path) -
         svc.submit("k", {"regex": "a+"})
         (key, result), = svc.wait(timeout_s=120)
     assert key == "k" and isinstance(result, C.GrammarCompileError) and "differs" in str(result)
+
+
+def test_service_vets_schemas_in_the_worker_not_the_caller(tokenizer: Any, tokenizer_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema's vetting and rewriting (up to a second for real schemas, unbounded for hostile ones)
+    runs in the killable worker: the caller — the scheduler's loop — never reads the schema. With the
+    caller's vetting broken on purpose (the spawned worker imports its own, intact), refusals still
+    come back naming keyword and pointer, and one schema sent as an object and as indented text compiles
+    to the same grammar."""
+    from radixlm.constrained import compiler, schema
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("schema vetted in the caller's process")
+
+    monkeypatch.setattr(schema, "check_schema", broken)
+    monkeypatch.setattr(compiler, "check_schema", broken)
+    monkeypatch.setattr(compiler, "prepare", broken)
+    good = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}
+    respelled = json.dumps(good, indent=2)  # the same schema as text: another key here, one canonical form
+    bad = {"type": "object", "properties": {"xs": {"type": "array", "contains": {"const": 1}, "maxContains": 1}}}
+    with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=30, cache=C.GrammarCache()) as svc:
+        for key, spec in (("good", good), ("respelled", respelled), ("bad", bad)):
+            svc.submit(key, {"json_schema": spec})
+        results = dict(svc.wait(timeout_s=120))
+    assert isinstance(results["bad"], C.UnsupportedSchemaError)
+    assert (results["bad"].keyword, results["bad"].path) == ("contains", "/properties/xs")
+    assert run_tokens(results["good"].matcher(), encode(tokenizer, '{"n": 7}'))
+    assert not run_tokens(results["good"].matcher(), encode(tokenizer, '{"n": 10}'))
+    assert results["respelled"].payload() == results["good"].payload()
+
+
+def test_service_caps_the_worker_memory(tokenizer: Any, tokenizer_dir: Path) -> None:
+    """A compile that needs more memory than the worker's cap fails that request with a clear error
+    and leaves a working service (the next spec compiles), instead of taking the host's memory.
+    outlines-core's index of "[a-z]{0,1500}!" grows the worker by ~400 MB (measured: 288 -> 692 MB
+    of private memory); the cap leaves ~150 MB above the worker's start."""
+    with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=60, cache=C.GrammarCache(),
+                        memory_limit=None) as probe:
+        probe.submit("start", {"regex": "a+"})
+        probe.wait(timeout_s=120)
+        start = _private_bytes(probe._proc.pid)
+    limit = start + (150 << 20)
+    with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=60, cache=C.GrammarCache(),
+                        memory_limit=limit) as svc:
+        svc.submit("big", {"regex": "[a-z]{0,1500}!", "backend": "outlines"})
+        svc.submit("after", {"regex": "[0-9]+x"})
+        results = dict(svc.wait(timeout_s=120))
+        assert svc.worker_memory_limit == limit
+    assert isinstance(results["big"], C.GrammarCompileError)
+    assert "memory" in str(results["big"])
+    assert run_tokens(results["after"].matcher(), encode(tokenizer, "123x"))
+
+
+def _private_bytes(pid: int) -> int:
+    """The process's private data (what RLIMIT_DATA counts), from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no VmData line")
+
+
+def test_worker_memory_limit_is_a_quarter_of_ram_within_bounds() -> None:
+    from radixlm.constrained.service import MAX_WORKER_MEMORY, MIN_WORKER_MEMORY, worker_memory_limit
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert worker_memory_limit() == max(MIN_WORKER_MEMORY, min(MAX_WORKER_MEMORY, ram // 4))
