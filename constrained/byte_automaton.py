@@ -73,6 +73,34 @@ def utf8_char(excluded_ascii: Sequence[int]) -> Expr:
     )
 
 
+def nfa_states(expr: Expr) -> int:
+    """How many states `LazyDfa(expr)` builds its NFA with, counted on the expression (shared
+    subexpressions counted once per use, as the build visits them) without building it: the build
+    costs a few µs of Python a state, so a caller can refuse an expression whose NFA alone would
+    take seconds (bounded repetitions of bounded repetitions multiply)."""
+    memo: dict[int, int] = {}
+
+    def size(e: Expr) -> int:
+        hit = memo.get(id(e))
+        if hit is not None:
+            return hit
+        if e.op == "set":
+            n = 1
+        elif e.op == "seq":
+            n = sum(size(p) for p in e.parts)
+        elif e.op == "alt":
+            n = 1 + sum(1 + size(p) for p in e.parts)
+        elif e.op == "rep":
+            part = size(e.parts[0])
+            n = e.lo * part + (1 + part if e.hi is None else 1 + (e.hi - e.lo) * part)
+        else:
+            raise ValueError(f"unknown expression op {e.op!r}")
+        memo[id(e)] = n
+        return n
+
+    return 1 + size(expr)  # the start state
+
+
 class _Nfa:
     def __init__(self) -> None:
         self.eps: list[list[int]] = []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import Grammar, Matcher
-from .byte_automaton import DEAD, LazyDfa
+from .byte_automaton import DEAD, LazyDfa, nfa_states
 from .regular_schema import schema_expression
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 ALL_ROW, NONE_ROW = 0, 1  # reserved rows of every table: all tokens allowed / none (an ended matcher)
 FIRST_STATE_ROW = 2
 MAX_STATES = 16_384  # ~100 MB of host + device rows at a 49k vocabulary; past it: llguidance's masks
+# The NFA is built whole on the scheduler's thread when a grammar's first request arrives, a few µs a state:
+# past this many, no table. MaskBench dev's tables: 18 of 20 under 44,100 states; 200,654 and 1,065,782 took 0.6-2.3 s.
+MAX_NFA_STATES = 50_000
 MAX_PAIRS = 1 << 21  # cached (state, token) moves; past it the cache starts over (moves per byte class stay)
 
 
@@ -393,7 +396,7 @@ class TableGrammar(Grammar):
         if inner.backend != "llguidance" or inner.kind != "json_schema" or not isinstance(ll_grammar, str):
             return None
         expr = schema_expression(ll_grammar)
-        if expr is None:
+        if expr is None or nfa_states(expr) > MAX_NFA_STATES:
             return None
         return TableGrammar(inner, StateTable(LazyDfa(expr, MAX_STATES), inner))
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from radixlm import constrained as C
-from radixlm.constrained.byte_automaton import DEAD, LazyDfa, alt, byte_set, literal, rep, seq
+from radixlm.constrained.byte_automaton import DEAD, LazyDfa, alt, byte_set, literal, nfa_states, rep, seq, utf8_char
 from radixlm.constrained.mask_workers import MaskWorkers
 from radixlm.constrained.regular_schema import schema_expression
-from radixlm.constrained.state_table import NONE_ROW, StateTable, TableGrammar, TableMatcher
+from radixlm.constrained.state_table import MAX_NFA_STATES, NONE_ROW, StateTable, TableGrammar, TableMatcher
 
 from .conftest import encode
 
@@ -148,6 +148,28 @@ def test_lexical_rules_accept_what_llguidance_accepts(tokenizer: Any) -> None:
 def test_schemas_outside_the_mirrored_subset_get_no_table(tokenizer: Any, schema: Any) -> None:
     grammar = C.compile(tokenizer, json_schema=schema, backend="llguidance", cache=None)
     assert TableGrammar.wrap(grammar) is None
+
+
+def test_nfa_states_counts_what_the_build_makes() -> None:
+    char = utf8_char([0x22, 0x5C])
+    digits = byte_set(range(0x30, 0x3A))
+    for expr in (digits, literal(b"null"), alt(literal(b"true"), literal(b"false")), rep(char, 0, None),
+                 rep(char, 2, 7), seq(rep(digits, 1, 3), rep(alt(char, digits), 0, None)),
+                 rep(seq(literal(b"["), rep(char, 0, 4), literal(b"]")), 1, 5)):
+        assert nfa_states(expr) == len(LazyDfa(expr)._eps)
+
+
+def test_grammars_whose_nfa_is_too_large_get_no_table(tokenizer: Any) -> None:
+    """The NFA is built on the scheduler's thread when a grammar's first request arrives: a bounded
+    string of 3,000 characters (~195k NFA states, about a second of Python) gets no table; the
+    request keeps llguidance's own masks."""
+    small = C.compile(tokenizer, json_schema={"type": "string", "maxLength": 50}, backend="llguidance", cache=None)
+    assert TableGrammar.wrap(small) is not None
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3000}}, "required": ["a"],
+              "additionalProperties": False}
+    large = C.compile(tokenizer, json_schema=schema, backend="llguidance", cache=None)
+    assert nfa_states(schema_expression(large.ll_grammar)) > MAX_NFA_STATES
+    assert TableGrammar.wrap(large) is None
 
 
 def test_regex_grammars_and_other_options_get_no_table(tokenizer: Any) -> None:
