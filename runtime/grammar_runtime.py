@@ -46,14 +46,15 @@ class GrammarRuntime(GrammarRides):
         self.vocab_size = vocab_size
         logger.info("first constrained request: preparing the %s grammar backend's view of the tokenizer",
                     args.grammar_backend)
-        self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
-                                      timeout_s=args.grammar_compile_timeout)
-        self.pending: dict[int, Req] = {}
         from radixlm.constrained.mask_workers import GPU_DEFAULT_THREADS, MaskWorkers, default_mask_threads
 
         threads = args.grammar_mask_threads
         if threads is None:
             threads = default_mask_threads(GPU_DEFAULT_THREADS) if torch.cuda.is_available() else 0
+        # grammars reach `poll` built for every mask thread's matcher family (off the scheduler's thread)
+        self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
+                                      timeout_s=args.grammar_compile_timeout, families=max(1, threads))
+        self.pending: dict[int, Req] = {}
         self.workers = MaskWorkers(threads)
         self._families_ready = self._prepare_families(threads)
         self.width = (vocab_size + 31) // 32

@@ -154,3 +154,31 @@ def test_worker_memory_limit_is_a_quarter_of_ram_within_bounds() -> None:
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert worker_memory_limit() == max(MIN_WORKER_MEMORY, min(MAX_WORKER_MEMORY, ram // 4))
+
+
+def test_service_rebuilds_grammars_off_the_callers_thread(tokenizer: Any, tokenizer_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's side of a compile — the grammar rebuilt from its payload, with every matcher family
+    the mask threads use (llguidance: a parser build per family, up to ~0.6 s each for real schemas) —
+    runs on the service's build thread; `poll` hands over a grammar ready for `matcher(family)`."""
+    import threading
+
+    from radixlm.constrained import service as service_module
+
+    threads: list[str] = []
+    real = service_module.grammar_from_payload
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "grammar_from_payload", recorded)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=30, cache=C.GrammarCache(),
+                        families=3) as svc:
+        svc.submit("k", {"json_schema": schema})
+        (key, grammar), = svc.wait(timeout_s=120)
+    assert threads and all(name.startswith("grammar-build") for name in threads)
+    assert len(grammar._families) == 3  # built before the handover, not inside a decode step
+    for family in range(3):
+        assert run_tokens(grammar.matcher(family), encode(tokenizer, '{"n": 12}'))
