@@ -56,6 +56,14 @@ WARM_LEAD_STEPS = 32
 # since the H200 A/B of 2026-12-05 (`benchmarks/speculative.py --deep-ab`: x1.515 / 1.667 against 1.373 / 1.412 off,
 # benchmarks/RESULTS.md); 0 turns it off
 FULL_DEPTH_ROWS = 1
+# NGRAM chains with the overlap schedule, batches of up to this many rows: a request whose text ends in no n-gram of 2+
+# tokens seen before drafts after a single matching token (ngram.SHORT_LENGTHS), and with COPY_SOURCE_ROWS one with
+# no match at all goes on copying from its last chain's source (copy_source.py), rather than decode a plain step.
+# At batch 1 on the H200 ~29 of a 128-token run's ~64 steps found no match (2026-12-05): each decoded one token
+# at ~4.3 ms where a verify step of one draft costs ~4.7 ms and emits two when right. 0 (off) until measured on the
+# GPU (`benchmarks/speculative.py --short-ab`, spec9)
+SHORT_MATCH_ROWS = 0
+COPY_SOURCE_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,11 @@ class SpecDecoder:
         self.tree_nodes = args.speculative_tree_nodes
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
-        self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1)
+        # (chains on the overlap schedule only, as full_depth_rows; single tokens are indexed only where they may draft)
+        chains = not args.disable_overlap_schedule and self.topk == 1
+        self.short_match_rows = SHORT_MATCH_ROWS if chains else 0
+        self.copy_source_rows = COPY_SOURCE_ROWS if chains else 0
+        self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1, short=self.short_match_rows > 0)
         self.model: DraftModelDrafter | EagleDrafter | None = None
         self.eagle: EagleDrafter | None = None
         if draft_dir is not None and self.algorithm == "EAGLE3":
@@ -179,6 +191,8 @@ class SpecDecoder:
         self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
         self.drafter.min_depth = self.step_k if 0 < running <= self.full_depth_rows else 0
+        self.drafter.min_match = 1 if 0 < running <= self.short_match_rows else 2
+        self.drafter.follow_source = 0 < running <= self.copy_source_rows
         self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:
