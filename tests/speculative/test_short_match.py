@@ -7,11 +7,15 @@ from __future__ import annotations
 import pytest
 
 from radixlm.benchmarks.spec_ceiling import gpu_batch1_arms, overlap_steps, priced_batch1
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.speculative import spec_decoder
 from radixlm.runtime.speculative.copy_source import CopySources
 from radixlm.runtime.speculative.ngram import NGRAM_LENGTHS, SHORT_LENGTHS, NgramDrafter, NgramIndex
-from tests.runtime.helpers import make_scheduler
+from tests.runtime.helpers import make_scheduler, run_to_completion
 from tests.speculative.test_payoff_replay import block_prompts, requests, timed_run, vocab_of
+from tests.speculative.test_spec_scheduler import assert_same, copy_prompts, run_checked
+from tests.speculative.test_verify_ahead import loop_prompts
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +152,21 @@ def test_benchmark_arms_run_the_settings(tiny) -> None:
     verify = {name: sum(r["verify_steps"] for r in cell[key]) for name, key in
               (("default", "spec_runs"), ("short", "spec_runs_short"), ("shortsrc", "spec_runs_shortsrc"))}
     assert verify["shortsrc"] > verify["default"], verify  # more of the steps verify drafts
+
+
+@pytest.mark.parametrize("running", [1, 2])
+def test_kv_exact_and_tree_clean_with_both_on(tiny, monkeypatch, running) -> None:
+    """Both on, the overlap schedule (verify steps launched ahead), loop and copy prompts, greedy and seeded sampling,
+    one or two rows at a time: outputs equal speculation off, the KV pool's accounting holds after every step and
+    the radix tree only ever holds prefixes of prompt + output (run_checked)."""
+    monkeypatch.setattr(spec_decoder, "SHORT_MATCH_ROWS", 1)
+    monkeypatch.setattr(spec_decoder, "COPY_SOURCE_ROWS", 1)
+    prompts = loop_prompts(3) + copy_prompts(tiny, 2) + block_prompts(vocab_of(tiny), 1, seed=6)
+    reqs = [TokenizedGenerateReq(rid=f"q{i}", input_ids=ids, params=SamplingParams(
+        max_new_tokens=30 + 3 * i, temperature=0.0 if i % 3 else 0.5, seed=3 + i)) for i, ids in enumerate(prompts)]
+    ref = run_to_completion(make_scheduler(tiny), reqs)
+    sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
+                           max_running_requests=running, speculative_num_steps=4)
+    assert sched.spec.short_match_rows == 1 and sched.spec.copy_source_rows == 1
+    assert_same(run_checked(sched, reqs), ref)
+    assert sched.spec.verify_steps > 0 and sched.ahead is None
