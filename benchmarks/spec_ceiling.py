@@ -83,19 +83,22 @@ def ceiling(pairs: list[tuple[list[int], list[int]]], cost: list[float], kmax: i
 # prefill off and on (synchronous with NGRAM on).
 H200_BATCH1_MS = {"off_step": 4.125, "plain": 4.31, "verify": 4.6, "verify_per_draft": 0.13, "prefill_off": 20.9,
                   "prefill_on": 24.3}
-# drafter settings replayed: (min_match: 1 = a single matching token drafts, follow_source: copy_source.py)
-GPU_BATCH1_ARMS = {"default": (2, False), "short": (1, False), "source": (2, True), "short+source": (1, True)}
+# drafter settings replayed: (min_match: 1 = a single matching token drafts, follow_source: copy_source.py, deep_short:
+# matches of 1-3 tokens draft k deep) — spec_decoder's SHORT_MATCH_ROWS, COPY_SOURCE_ROWS, SHORT_DEPTH_ROWS
+GPU_BATCH1_ARMS = {"default": (2, False, False), "short": (1, False, False), "source": (2, True, False),
+                   "short+source": (1, True, False), "short+source+deep": (1, True, True)}
 
 
-def overlap_steps(prompt: list[int], output: list[int], k: int, min_match: int = 2, follow_source: bool = False
-                  ) -> list[tuple[int, int]]:
+def overlap_steps(prompt: list[int], output: list[int], k: int, min_match: int = 2, follow_source: bool = False,
+                  deep_short: bool = False) -> list[tuple[int, int]]:
     """(drafted, accepted) per decode step of one request at batch 1 as the SpecDecoder runs it with the overlap
     schedule and FULL_DEPTH_ROWS (chains k deep, the budget granting all: a row costs ~nothing there): output[0] comes
     from the prefill; a step whose lookup finds nothing decodes plainly and makes the request dry; a dry request's
     steps are overlapped plain steps, and `refresh` (after the commit of the token before the step's) lets the next
-    step draft again. `min_match` / `follow_source`: the drafter's settings (SHORT_MATCH_ROWS, COPY_SOURCE_ROWS)."""
+    step draft again. `min_match` / `follow_source` / `deep_short`: the drafter's settings (SHORT_MATCH_ROWS,
+    COPY_SOURCE_ROWS, SHORT_DEPTH_ROWS)."""
     drafter = NgramDrafter(short=min_match == 1)
-    drafter.min_depth, drafter.min_match, drafter.follow_source = k, min_match, follow_source
+    drafter.min_depth, drafter.min_match, drafter.follow_source, drafter.deep_short = k, min_match, follow_source, deep_short
     steps: list[tuple[int, int]] = []
     pos, dry, n = 1, False, len(output)
     while pos < n:
@@ -135,10 +138,10 @@ def priced_batch1(steps: list[tuple[int, int]], tokens: int, ms: dict[str, float
 
 
 def gpu_batch1_arms(pairs: list[tuple[list[int], list[int]]], k: int = 4,
-                    arms: dict[str, tuple[int, bool]] = GPU_BATCH1_ARMS) -> dict[str, dict]:
+                    arms: dict[str, tuple[int, bool, bool]] = GPU_BATCH1_ARMS) -> dict[str, dict]:
     """Per drafter arm, every (prompt, output) pair replayed at batch 1 on the H200's clock, and their mean."""
     out = {}
-    for name, (min_match, follow) in arms.items():
-        runs = [priced_batch1(overlap_steps(p, o, k, min_match, follow), len(o)) for p, o in pairs]
+    for name, settings in arms.items():
+        runs = [priced_batch1(overlap_steps(p, o, k, *settings), len(o)) for p, o in pairs]
         out[name] = {"mean": {key: round(sum(r[key] for r in runs) / len(runs), 3) for key in runs[0]}, "runs": runs}
     return out

@@ -92,7 +92,10 @@ VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requ
             "fulldepth": "chains as deep as the step's k at batch 1 (spec_decoder.FULL_DEPTH_ROWS 1)",
             "short": "a single matching token drafts at batch 1 (spec_decoder.SHORT_MATCH_ROWS 1)",
             "source": "no match resumes the last chain's copy source at batch 1 (spec_decoder.COPY_SOURCE_ROWS 1)",
-            "shortsrc": "both at batch 1 (SHORT_MATCH_ROWS 1, COPY_SOURCE_ROWS 1)"}
+            "shortsrc": "both at batch 1 (SHORT_MATCH_ROWS 1, COPY_SOURCE_ROWS 1)",
+            "shortsrcdeep": "both, and matches of 1-3 tokens drafting k deep at batch 1 (SHORT_DEPTH_ROWS 1 too)"}
+
+SHORT_ARMS = ("short", "source", "shortsrc", "shortsrcdeep")  # --short-ab's
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -246,7 +249,8 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     "deepfirst" (the payoff's first drafting arm the deepest at batch 1: DraftPayoff.deep_first_rows 1),
     "fulldepth" (chains as deep as the step's k at batch 1: SpecDecoder.full_depth_rows 1), and spec9's "short" (a
     single matching token drafts at batch 1: short_match_rows 1), "source" (a request with no match resumes its last
-    chain's copy source: copy_source_rows 1), "shortsrc" (both). Per arm the prompts'
+    chain's copy source: copy_source_rows 1), "shortsrc" (both), "shortsrcdeep" (both, and matches of 1-3 tokens
+    drafting the step's k: short_depth_rows 1). Per arm the prompts'
     share of each run (to the first decode step); per spec-on run its own tokens per verify step and x/accept;
     `trace` (default: batch 1 on a GPU) every run's step trace (spec_step_trace.py: where its time goes, by step
     kind; spec-on runs' against the best spec-off run's)."""
@@ -265,8 +269,9 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             other.payoff.deep_first_rows = 1
         if name == "fulldepth" and other.topk == 1:
             other.full_depth_rows = 1
-        if name in ("short", "source", "shortsrc") and other.full_depth_rows:  # (chains with the overlap schedule)
+        if name in SHORT_ARMS and other.full_depth_rows:  # (chains with the overlap schedule)
             other.short_match_rows, other.copy_source_rows = int(name != "source"), int(name != "short")
+            other.short_depth_rows = int(name == "shortsrcdeep")
             other.drafter = NgramDrafter(short=other.short_match_rows > 0)
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     # per spec-on arm (True: the main one, else the variant's name), each run's verify steps, tokens per verify step,
@@ -595,8 +600,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                                                   ("prefill", args.prefill_ab and b == max(args.batches)),
                                                   ("deepfirst", args.deep_ab and b == 1),
                                                   ("fulldepth", args.deep_ab and b == 1),
-                                                  *((name, args.short_ab and b == 1) for name in ("short", "source",
-                                                                                                  "shortsrc")))
+                                                  *((name, args.short_ab and b == 1) for name in SHORT_ARMS))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -721,7 +725,8 @@ def main() -> None:
         "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring the deepest arm first, and spec on "
                      "with chains as deep as the step's k (spec8's, off by default), in the same process",
         "--short-ab": "e2e cells of batch 1 also run spec on with single-token matches drafting, with copy sources "
-                      "resumed, and with both (spec9's, off by default), in the same process",
+                      "resumed, with both, and with both and short matches drafting k deep (spec9's, off by default), "
+                      "in the same process",
         "--eager-ab": "e2e cells of the largest batch also run spec on with the n-gram indexes warmed every step whether "
                       "a step may draft or not (as before spec8), in the same process",
         "--prefill-ab": "e2e cells of the largest batch also run spec on with prefill steps overlapped (spec8's, off by "

@@ -258,6 +258,8 @@ class NgramDrafter:
         # whether a request with no match goes on copying from where its last chain was copied (copy_source.py)
         self.min_match = 2
         self.follow_source = False
+        # ... and whether a match shorter than LONG_MATCH drafts as deep as a long one (not at most its length)
+        self.deep_short = False
         self.sources = CopySources()
 
     def _index(self, key: int) -> NgramIndex:
@@ -280,10 +282,13 @@ class NgramDrafter:
         start, match = self._find(key, index, [])
         if start < 0:
             return []
-        draft = index.read(start, [], draft_length(match, max(self._depth(key).depth, self.min_depth), max_tokens))
+        draft = index.read(start, [], self._length(match, max(self._depth(key).depth, self.min_depth), max_tokens))
         if self.follow_source and draft:
             self.sources.drafted(key, start, len(index.tokens), match == 0)
         return draft
+
+    def _length(self, match: int, depth: int, max_tokens: int) -> int:
+        return draft_length(LONG_MATCH if self.deep_short and match else match, depth, max_tokens)
 
     def _find(self, key: int, index: NgramIndex, extra: list[int]) -> tuple[int, int]:
         """(where the request's next tokens are copied from, the match length: 0 for a resumed copy source),
@@ -303,7 +308,7 @@ class NgramDrafter:
         index, (start, match) = self._lookup_after(key, prompt, output, drafts)
         if start < 0:
             return []
-        depth = draft_length(match, self.depth_after(key, len(drafts), len(drafts)), max_tokens - 1)
+        depth = self._length(match, self.depth_after(key, len(drafts), len(drafts)), max_tokens - 1)
         return index.read(start, drafts, 1 + depth)
 
     def propose_after(self, key: int, prompt: list[int], output: list[int], run: list[int], drafted: int,
@@ -316,7 +321,7 @@ class NgramDrafter:
         index, (start, match) = self._lookup_after(key, prompt, output, run)
         if start < 0:
             return []
-        return index.read(start, run, draft_length(match, self.depth_after(key, drafted, len(run) - 1), max_tokens))
+        return index.read(start, run, self._length(match, self.depth_after(key, drafted, len(run) - 1), max_tokens))
 
     def _lookup_after(self, key: int, prompt: list[int], output: list[int], extra: list[int]
                       ) -> tuple[NgramIndex, tuple[int, int]]:

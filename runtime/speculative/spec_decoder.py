@@ -64,6 +64,9 @@ FULL_DEPTH_ROWS = 1
 # GPU (`benchmarks/speculative.py --short-ab`, spec9)
 SHORT_MATCH_ROWS = 0
 COPY_SOURCE_ROWS = 0
+# ... and SHORT_DEPTH_ROWS: matches shorter than ngram.LONG_MATCH (1-3 tokens) draft as deep as the step's k, not at
+# most their length (a single token's latest successor was the next token ~70% of the time in random-weight text)
+SHORT_DEPTH_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class SpecDecoder:
         chains = not args.disable_overlap_schedule and self.topk == 1
         self.short_match_rows = SHORT_MATCH_ROWS if chains else 0
         self.copy_source_rows = COPY_SOURCE_ROWS if chains else 0
+        self.short_depth_rows = SHORT_DEPTH_ROWS if chains else 0
         self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1, short=self.short_match_rows > 0)
         self.model: DraftModelDrafter | EagleDrafter | None = None
         self.eagle: EagleDrafter | None = None
@@ -193,6 +197,7 @@ class SpecDecoder:
         self.drafter.min_depth = self.step_k if 0 < running <= self.full_depth_rows else 0
         self.drafter.min_match = 1 if 0 < running <= self.short_match_rows else 2
         self.drafter.follow_source = 0 < running <= self.copy_source_rows
+        self.drafter.deep_short = 0 < running <= self.short_depth_rows
         self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:

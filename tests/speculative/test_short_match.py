@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from radixlm.benchmarks.spec_ceiling import gpu_batch1_arms, overlap_steps, priced_batch1
+from radixlm.benchmarks.spec_ceiling import GPU_BATCH1_ARMS, gpu_batch1_arms, overlap_steps, priced_batch1
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.speculative import spec_decoder
@@ -40,6 +40,10 @@ def test_a_single_matching_token_drafts_only_where_allowed() -> None:
     short.min_depth = 4
     assert short.propose(1, prompt, out, 4) == [8]
     assert short.indexes[1].lengths == SHORT_LENGTHS
+    short.deep_short = True  # (SHORT_DEPTH_ROWS: a short match drafts as deep as a long one)
+    assert short.propose(1, prompt, out, 4) == [8, 9, 10, 11]
+    assert short.guess_after(1, prompt, [40], [7], 5) == [8, 9, 10, 11, 12]
+    short.deep_short = False
     # a longer match still wins, and the ahead paths (verify_ahead.py) read single tokens as propose does
     assert short.propose(2, prompt, [9, 10], 4) == [11, 12]  # (a 2-token match: two drafts)
     assert short.guess_after(1, prompt, [40], [7], 3) == [8, 9]
@@ -83,22 +87,24 @@ def test_copy_source_goes_on_after_a_substitution() -> None:
 
 def test_spec_decoder_sets_the_drafter_per_step(tiny, monkeypatch) -> None:
     """Off by default; on, only for chains with the overlap schedule and steps of up to SHORT_MATCH_ROWS /
-    COPY_SOURCE_ROWS rows."""
-    assert spec_decoder.SHORT_MATCH_ROWS == 0 and spec_decoder.COPY_SOURCE_ROWS == 0
+    COPY_SOURCE_ROWS / SHORT_DEPTH_ROWS rows."""
+    assert spec_decoder.SHORT_MATCH_ROWS == spec_decoder.COPY_SOURCE_ROWS == spec_decoder.SHORT_DEPTH_ROWS == 0
     spec = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True).spec
     spec.begin_step(0.0, 0, 1)
-    assert spec.drafter.min_match == 2 and not spec.drafter.follow_source and spec.drafter.lengths == NGRAM_LENGTHS
-    monkeypatch.setattr(spec_decoder, "SHORT_MATCH_ROWS", 1)
-    monkeypatch.setattr(spec_decoder, "COPY_SOURCE_ROWS", 1)
+    d = spec.drafter
+    assert (d.min_match, d.follow_source, d.deep_short, d.lengths) == (2, False, False, NGRAM_LENGTHS)
+    for name in ("SHORT_MATCH_ROWS", "COPY_SOURCE_ROWS", "SHORT_DEPTH_ROWS"):
+        monkeypatch.setattr(spec_decoder, name, 1)
     spec = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True).spec
     assert spec.drafter.lengths == SHORT_LENGTHS
     spec.begin_step(0.0, 0, 1)
-    assert spec.drafter.min_match == 1 and spec.drafter.follow_source
+    d = spec.drafter
+    assert (d.min_match, d.follow_source, d.deep_short) == (1, True, True)
     spec.begin_step(0.0, 0, 2)
-    assert spec.drafter.min_match == 2 and not spec.drafter.follow_source
+    assert (d.min_match, d.follow_source, d.deep_short) == (2, False, False)
     cpu = make_scheduler(tiny, speculative_algorithm="NGRAM").spec  # no overlap (the CPU): never
     cpu.begin_step(0.0, 0, 1)
-    assert cpu.drafter.min_match == 2 and not cpu.drafter.follow_source
+    assert (cpu.drafter.min_match, cpu.drafter.follow_source, cpu.drafter.deep_short) == (2, False, False)
 
 
 @pytest.mark.parametrize("rows", [(1, 0), (1, 1)])
@@ -130,8 +136,7 @@ def test_replay_accounts_for_every_token() -> None:
     arms = gpu_batch1_arms([(prompt, output)])
     for name, arm in arms.items():
         run = arm["runs"][0]
-        steps = overlap_steps(prompt, output, 4, *{"default": (2, False), "short": (1, False), "source": (2, True),
-                                                    "short+source": (1, True)}[name])
+        steps = overlap_steps(prompt, output, 4, *GPU_BATCH1_ARMS[name])
         assert run["plain_steps"] + run["verify_steps"] + run["accepted"] == len(output) - 1
         assert sum(a + 1 if d else 1 for d, a in steps) == len(output) - 1
     assert arms["short"]["runs"][0]["plain_steps"] < arms["default"]["runs"][0]["plain_steps"]
@@ -141,14 +146,13 @@ def test_replay_accounts_for_every_token() -> None:
 def test_benchmark_arms_run_the_settings(tiny) -> None:
     """speculative.py --short-ab's arms (compare's variants "short", "source", "shortsrc") each run spec on with their
     drafter settings beside the default, outputs identical to spec off."""
-    from radixlm.benchmarks.speculative import compare
+    from radixlm.benchmarks.speculative import SHORT_ARMS, compare
 
     sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
                            max_total_tokens=16384)
     sched.spec.payoff = None  # (every step may draft: the arms' drafters decide)
-    cell = compare(sched, block_prompts(vocab_of(tiny), 2, seed=6), 1, 64, True, 1,
-                   variants=("short", "source", "shortsrc"))
-    assert cell["identical"] and all(cell[f"identical_{name}"] for name in ("short", "source", "shortsrc")), cell
+    cell = compare(sched, block_prompts(vocab_of(tiny), 2, seed=6), 1, 64, True, 1, variants=SHORT_ARMS)
+    assert cell["identical"] and all(cell[f"identical_{name}"] for name in SHORT_ARMS), cell
     verify = {name: sum(r["verify_steps"] for r in cell[key]) for name, key in
               (("default", "spec_runs"), ("short", "spec_runs_short"), ("shortsrc", "spec_runs_shortsrc"))}
     assert verify["shortsrc"] > verify["default"], verify  # more of the steps verify drafts
@@ -156,17 +160,17 @@ def test_benchmark_arms_run_the_settings(tiny) -> None:
 
 @pytest.mark.parametrize("running", [1, 2])
 def test_kv_exact_and_tree_clean_with_both_on(tiny, monkeypatch, running) -> None:
-    """Both on, the overlap schedule (verify steps launched ahead), loop and copy prompts, greedy and seeded sampling,
+    """All three on, the overlap schedule (verify steps launched ahead), loop and copy prompts, greedy and seeded sampling,
     one or two rows at a time: outputs equal speculation off, the KV pool's accounting holds after every step and
     the radix tree only ever holds prefixes of prompt + output (run_checked)."""
-    monkeypatch.setattr(spec_decoder, "SHORT_MATCH_ROWS", 1)
-    monkeypatch.setattr(spec_decoder, "COPY_SOURCE_ROWS", 1)
+    for name in ("SHORT_MATCH_ROWS", "COPY_SOURCE_ROWS", "SHORT_DEPTH_ROWS"):
+        monkeypatch.setattr(spec_decoder, name, 1)
     prompts = loop_prompts(3) + copy_prompts(tiny, 2) + block_prompts(vocab_of(tiny), 1, seed=6)
     reqs = [TokenizedGenerateReq(rid=f"q{i}", input_ids=ids, params=SamplingParams(
         max_new_tokens=30 + 3 * i, temperature=0.0 if i % 3 else 0.5, seed=3 + i)) for i, ids in enumerate(prompts)]
     ref = run_to_completion(make_scheduler(tiny), reqs)
     sched = make_scheduler(tiny, speculative_algorithm="NGRAM", enable_overlap_schedule_on_cpu=True,
                            max_running_requests=running, speculative_num_steps=4)
-    assert sched.spec.short_match_rows == 1 and sched.spec.copy_source_rows == 1
+    assert sched.spec.short_match_rows == sched.spec.copy_source_rows == sched.spec.short_depth_rows == 1
     assert_same(run_checked(sched, reqs), ref)
     assert sched.spec.verify_steps > 0 and sched.ahead is None
