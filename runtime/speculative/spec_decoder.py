@@ -56,17 +56,10 @@ WARM_LEAD_STEPS = 32
 # since the H200 A/B of 2026-12-05 (`benchmarks/speculative.py --deep-ab`: x1.515 / 1.667 against 1.373 / 1.412 off,
 # benchmarks/RESULTS.md); 0 turns it off
 FULL_DEPTH_ROWS = 1
-# NGRAM chains with the overlap schedule, batches of up to this many rows: a request whose text ends in no n-gram of 2+
-# tokens seen before drafts after a single matching token (ngram.SHORT_LENGTHS), and with COPY_SOURCE_ROWS one with
-# no match at all goes on copying from its last chain's source (copy_source.py), rather than decode a plain step.
-# At batch 1 on the H200 ~29 of a 128-token run's ~64 steps found no match (2026-12-05): each decoded one token
-# at ~4.3 ms where a verify step of one draft costs ~4.7 ms and emits two when right. 0 (off) until measured on the
-# GPU (`benchmarks/speculative.py --short-ab`, spec9)
-SHORT_MATCH_ROWS = 0
-COPY_SOURCE_ROWS = 0
-# ... and SHORT_DEPTH_ROWS: matches shorter than ngram.LONG_MATCH (1-3 tokens) draft as deep as the step's k, not at
-# most their length (a single token's latest successor was the next token ~70% of the time in random-weight text)
-SHORT_DEPTH_ROWS = 0
+# ... and, off until a GPU A/B (`speculative.py --short-ab`, spec9): a single matching token drafts (SHORT_MATCH_ROWS),
+# no match resumes the last chain's copy source (COPY_SOURCE_ROWS, copy_source.py), matches of 1-3 tokens draft k deep
+# (SHORT_DEPTH_ROWS), rather than plain steps (~29 of a 128-token batch-1 run's ~64 steps on the H200, 2026-12-05)
+SHORT_MATCH_ROWS = COPY_SOURCE_ROWS = SHORT_DEPTH_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -129,11 +122,9 @@ class SpecDecoder:
         self.tree_nodes = args.speculative_tree_nodes
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
-        # (chains on the overlap schedule only, as full_depth_rows; single tokens are indexed only where they may draft)
-        chains = not args.disable_overlap_schedule and self.topk == 1
-        self.short_match_rows = SHORT_MATCH_ROWS if chains else 0
-        self.copy_source_rows = COPY_SOURCE_ROWS if chains else 0
-        self.short_depth_rows = SHORT_DEPTH_ROWS if chains else 0
+        chains = not args.disable_overlap_schedule and self.topk == 1  # (as full_depth_rows)
+        self.short_match_rows, self.copy_source_rows, self.short_depth_rows = (
+            (SHORT_MATCH_ROWS, COPY_SOURCE_ROWS, SHORT_DEPTH_ROWS) if chains else (0, 0, 0))
         self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1, short=self.short_match_rows > 0)
         self.model: DraftModelDrafter | EagleDrafter | None = None
         self.eagle: EagleDrafter | None = None
