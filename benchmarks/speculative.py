@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from radixlm.benchmarks.spec_ceiling import ceiling  # noqa: E402
+from radixlm.benchmarks.spec_ceiling import ceiling, gpu_batch1_arms  # noqa: E402
 from radixlm.benchmarks.spec_divergence import audit_lines, divergence_audit  # noqa: E402
 from radixlm.benchmarks.spec_mechanism import (  # noqa: E402
     TREE_NODES,
@@ -60,6 +60,7 @@ from radixlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from radixlm.runtime.schedule_batch import ScheduledBatch  # noqa: E402
 from radixlm.runtime.scheduler import Scheduler  # noqa: E402
 from radixlm.runtime.server_args import ServerArgs  # noqa: E402
+from radixlm.runtime.speculative.ngram import NgramDrafter  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the bridge project. \"We are three weeks behind schedule,\" said the "
            "chief engineer, Dana Whitfield. \"The steel deliveries arrived late and the river was too high to pour the "
@@ -88,7 +89,13 @@ VARIANTS = {"noahead": "without verify steps launched ahead", "nodry": "dry requ
             "eager": "n-gram indexes warmed every step, drafting or not (before spec8)",
             "prefill": "prefill steps overlapped with NGRAM on (step_order.OVERLAP_PREFILL_WITH_NGRAM)",
             "deepfirst": "the payoff measuring the deepest arm first at batch 1 (draft_payoff.DEEP_FIRST_ROWS 1)",
-            "fulldepth": "chains as deep as the step's k at batch 1 (spec_decoder.FULL_DEPTH_ROWS 1)"}
+            "fulldepth": "chains as deep as the step's k at batch 1 (spec_decoder.FULL_DEPTH_ROWS 1)",
+            "short": "a single matching token drafts at batch 1 (spec_decoder.SHORT_MATCH_ROWS 1)",
+            "source": "no match resumes the last chain's copy source at batch 1 (spec_decoder.COPY_SOURCE_ROWS 1)",
+            "shortsrc": "both at batch 1 (SHORT_MATCH_ROWS 1, COPY_SOURCE_ROWS 1)",
+            "shortsrcdeep": "both, and matches of 1-3 tokens drafting k deep at batch 1 (SHORT_DEPTH_ROWS 1 too)"}
+
+SHORT_ARMS = ("short", "source", "shortsrc", "shortsrcdeep")  # --short-ab's
 
 
 def make_scheduler(model_dir: Path, tokenizer: Any, spec: bool, **options: Any) -> Scheduler:
@@ -240,7 +247,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
     before SpecDecoder.dry_overlap), "eager" (the n-gram indexes warmed every step, drafting or not: as before
     spec8), and the settings spec8 left off until measured: "prefill" (prefill steps overlapped with NGRAM on),
     "deepfirst" (the payoff's first drafting arm the deepest at batch 1: DraftPayoff.deep_first_rows 1),
-    "fulldepth" (chains as deep as the step's k at batch 1: SpecDecoder.full_depth_rows 1). Per arm the prompts'
+    "fulldepth" (chains as deep as the step's k at batch 1: SpecDecoder.full_depth_rows 1), and spec9's "short" (a
+    single matching token drafts at batch 1: short_match_rows 1), "source" (a request with no match resumes its last
+    chain's copy source: copy_source_rows 1), "shortsrc" (both), "shortsrcdeep" (both, and matches of 1-3 tokens
+    drafting the step's k: short_depth_rows 1). Per arm the prompts'
     share of each run (to the first decode step); per spec-on run its own tokens per verify step and x/accept;
     `trace` (default: batch 1 on a GPU) every run's step trace (spec_step_trace.py: where its time goes, by step
     kind; spec-on runs' against the best spec-off run's)."""
@@ -259,6 +269,10 @@ def compare(sched: Scheduler, prompts: list[list[int]], batch: int, new_tokens: 
             other.payoff.deep_first_rows = 1
         if name == "fulldepth" and other.topk == 1:
             other.full_depth_rows = 1
+        if name in SHORT_ARMS and other.full_depth_rows:  # (chains with the overlap schedule)
+            other.short_match_rows, other.copy_source_rows = int(name != "source"), int(name != "short")
+            other.short_depth_rows = int(name == "shortsrcdeep")
+            other.drafter = NgramDrafter(short=other.short_match_rows > 0)
     prefill_s: dict = {on: [] for on in best}  # per arm and run: seconds to the first decode step
     # per spec-on arm (True: the main one, else the variant's name), each run's verify steps, tokens per verify step,
     # x/accept and (batch 1) step trace
@@ -499,6 +513,11 @@ def cpu_mode(args: argparse.Namespace) -> dict:
                 if "ceiling" in args.sets and batch == 1 and topk == args.topk[0]:  # spec off's outputs, replayed
                     pairs = [(p, outs[False][f"{g}-0"]) for g, p in enumerate(prompts)]
                     cell["ceiling"] = ceiling(pairs, report["ceiling_cost"], kmax)
+                    # the same outputs replayed as batch 1 on a GPU runs them (spec9's drafter arms, H200 step costs)
+                    cell["gpu_batch1_arms"] = {name: arm["mean"] for name, arm in gpu_batch1_arms(pairs).items()}
+                    print(f"{name:5s} replayed at batch 1 on the H200's step costs (k 4, full depth): " + "  ".join(
+                        f"{arm}: plain {m['plain_steps']} verify {m['verify_steps']} a {m['accept']} x{m['speedup']} "
+                        f"x/a {m['x_per_accept']}" for arm, m in cell["gpu_batch1_arms"].items()), flush=True)
                     print(f"{name:5s} ceiling (decode steps, measured verify cost; ngram k <= {kmax}, oracles k <= "
                         f"{len(report['ceiling_cost']) - 1}): " + "  ".join(
                         f"{d} {c['tokens_per_step']:.2f} tok/step x{c['speedup']:.2f}" for d, c in cell["ceiling"].items()),
@@ -580,7 +599,8 @@ def gpu_mode(args: argparse.Namespace) -> dict:
                                                   ("eager", args.eager_ab and b == max(args.batches)),
                                                   ("prefill", args.prefill_ab and b == max(args.batches)),
                                                   ("deepfirst", args.deep_ab and b == 1),
-                                                  ("fulldepth", args.deep_ab and b == 1))
+                                                  ("fulldepth", args.deep_ab and b == 1),
+                                                  *((name, args.short_ab and b == 1) for name in SHORT_ARMS))
                             if on) for b in args.batches}
     prompt_sets: dict[tuple[int, str], list[list[int]]] = {}  # the same prompts for every topk (chain vs tree)
     for batch, kind, topk in cells:
@@ -704,6 +724,9 @@ def main() -> None:
                       "one's results (--disable-speculative-ahead), in the same process",
         "--deep-ab": "e2e cells of batch 1 also run spec on with the payoff measuring the deepest arm first, and spec on "
                      "with chains as deep as the step's k (spec8's, off by default), in the same process",
+        "--short-ab": "e2e cells of batch 1 also run spec on with single-token matches drafting, with copy sources "
+                      "resumed, with both, and with both and short matches drafting k deep (spec9's, off by default), "
+                      "in the same process",
         "--eager-ab": "e2e cells of the largest batch also run spec on with the n-gram indexes warmed every step whether "
                       "a step may draft or not (as before spec8), in the same process",
         "--prefill-ab": "e2e cells of the largest batch also run spec on with prefill steps overlapped (spec8's, off by "

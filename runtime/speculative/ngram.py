@@ -26,11 +26,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from radixlm.runtime.speculative.copy_source import CopySources
 from radixlm.runtime.speculative.draft_tree import DraftTree
 
 # n-gram lengths indexed, tried longest first. A single-token match proposes too often and is right
 # too rarely to pay for its verify rows; a match of LONG_MATCH or more tokens means copying.
 NGRAM_LENGTHS = (16, 12, 8, 6, 4, 3, 2)
+# ... except where a verify row costs next to nothing and a step without drafts counts as a plain step (batch 1 on a
+# GPU, spec_decoder.SHORT_MATCH_ROWS): there a drafter built with `short=True` also indexes single tokens and, while
+# its `min_match` is 1, drafts after a 1-token match (SGLang's NGRAM default) rather than decode a plain step
+SHORT_LENGTHS = (*NGRAM_LENGTHS, 1)
 LONG_MATCH = 4
 START_DEPTH = 2  # draft depth of a request before any verify result
 DEPTH_STEP = 2  # depth added after a verify that accepted every draft
@@ -54,6 +59,7 @@ class NgramIndex:
     follow: dict[int, int] = field(default_factory=dict)
     older: dict[int, list[int]] = field(default_factory=dict)
     occurrences: int = 1
+    lengths: tuple[int, ...] = NGRAM_LENGTHS  # n-gram lengths indexed, longest first
 
     def sync(self, prompt: list[int], output: list[int]) -> None:
         """Index the tokens appended since the last call. Output rewritten behind our back (grammar
@@ -74,10 +80,10 @@ class NgramIndex:
         toks = self.tokens
         if total - have <= FEW_NEW:  # a decode step's few tokens: one tuple slice per key, every n at once
             # (one comprehension, not one per n: 12 vs 43 us for 3 tokens on the 2-core CPU)
-            self._add([(hash(tuple(toks[e + 1 - n : e + 1])), e + 1) for n in NGRAM_LENGTHS
+            self._add([(hash(tuple(toks[e + 1 - n : e + 1])), e + 1) for n in self.lengths
                        for e in range(max(have - 1, n - 1), total - 1)])
             return
-        for n in NGRAM_LENGTHS:
+        for n in self.lengths:
             lo = max(have - 1, n - 1)  # first end position
             if lo >= total - 1:
                 continue
@@ -122,11 +128,13 @@ class NgramIndex:
             cont = [toks[start + j % period] for j in range(max_tokens)]
         return cont
 
-    def lookup(self, max_tokens: int) -> tuple[list[int], int]:
+    def lookup(self, max_tokens: int, min_match: int = 2) -> tuple[list[int], int]:
         """(the continuation of the longest matching suffix, up to max_tokens; the match length n),
-        ([], 0) when no suffix of n >= 2 tokens occurred before."""
+        ([], 0) when no suffix of n >= min_match tokens (of the lengths indexed) occurred before."""
         toks = self.tokens
-        for n in NGRAM_LENGTHS:
+        for n in self.lengths:
+            if n < min_match:
+                break
             if len(toks) <= n:
                 continue
             start = self.follow.get(hash(tuple(toks[-n:])))
@@ -134,30 +142,46 @@ class NgramIndex:
                 return self.continuation(start, max_tokens), n
         return [], 0
 
-    def lookup_after(self, extra: list[int], max_tokens: int) -> tuple[list[int], int]:
-        """`lookup` as if `extra` were appended to the indexed tokens, without indexing them (a guess
-        at tokens not yet verified: the index stays as the verified text left it). Matches are found
-        among the indexed n-grams; the continuation reads the tokens and then `extra`, a loop going
-        on with its period as `continuation` does."""
+    def find_after(self, extra: list[int], min_match: int = 2) -> tuple[int, int]:
+        """(the position after the latest earlier occurrence of the longest suffix of n >= min_match tokens of the
+        indexed tokens + `extra`, n), (-1, 0) if none. Only indexed n-grams are found: `extra` (a guess at tokens
+        not yet verified) is not indexed."""
         toks, m = self.tokens, len(extra)
         total = len(toks) + m
-        for n in NGRAM_LENGTHS:
+        for n in self.lengths:
+            if n < min_match:
+                break
             if total <= n:
                 continue
-            start = self.follow.get(self.key(extra[m - n:] if n <= m else toks[len(toks) - (n - m):] + extra))
-            if start is None:
-                continue
-            period = total - start
-            cont = [toks[i] if i < len(toks) else extra[i - len(toks)]
-                    for i in (start + j % period for j in range(max_tokens))]
-            return cont, n
-        return [], 0
+            start = self.follow.get(hash(tuple(toks[-n:])) if not m else
+                                    self.key(extra[m - n:] if n <= m else toks[len(toks) - (n - m):] + extra))
+            if start is not None:
+                return start, n
+        return -1, 0
+
+    def read(self, start: int, extra: list[int], max_tokens: int) -> list[int]:
+        """max_tokens tokens of the indexed tokens + `extra` from `start`, a loop going on with its period where they
+        run into the end (as `continuation`)."""
+        toks = self.tokens
+        if start + max_tokens <= len(toks):
+            return toks[start : start + max_tokens]
+        period = len(toks) + len(extra) - start
+        if period <= 0:
+            return []
+        return [toks[i] if i < len(toks) else extra[i - len(toks)] for i in (start + j % period for j in range(max_tokens))]
+
+    def lookup_after(self, extra: list[int], max_tokens: int, min_match: int = 2) -> tuple[list[int], int]:
+        """`lookup` as if `extra` were appended to the indexed tokens, without indexing them (a guess
+        at tokens not yet verified: the index stays as the verified text left it). Matches are found
+        among the indexed n-grams (`find_after`); the continuation reads the tokens and then `extra` (`read`)."""
+        start, n = self.find_after(extra, min_match)
+        return (self.read(start, extra, max_tokens), n) if start >= 0 else ([], 0)
 
     def candidates(self, max_tokens: int) -> list[tuple[list[int], int]]:
         """Every distinct continuation (up to max_tokens) of the suffixes that occurred before, with its
         match length: longest match first, most recent occurrence first."""
         toks, out, seen = self.tokens, [], set()
-        for n in NGRAM_LENGTHS:
+        for n in NGRAM_LENGTHS:  # (trees: matches of 2 tokens or more)
             if len(toks) <= n:
                 continue
             key = hash(tuple(toks[-n:]))
@@ -188,8 +212,9 @@ class DraftDepth:
 
 
 def draft_length(match: int, depth: int, max_tokens: int) -> int:
-    """Tokens to draft after a match of `match` tokens: a short match drafts at most what it matched."""
-    return min(max_tokens, depth if match >= LONG_MATCH else min(depth, match))
+    """Tokens to draft after a match of `match` tokens: a short match drafts at most what it matched; a resumed copy
+    source (match 0, copy_source.py) as a long match."""
+    return min(max_tokens, depth if match >= LONG_MATCH or match == 0 else min(depth, match))
 
 
 def build_tree(candidates: list[tuple[list[int], int]], depth: int, max_depth: int, max_nodes: int,
@@ -221,18 +246,26 @@ class NgramDrafter:
     """Per-request n-gram indexes and draft depths; `propose` drafts for one request from its own
     tokens only, so a request drafts the same alone or in any batch."""
 
-    def __init__(self, occurrences: int = 1) -> None:
+    def __init__(self, occurrences: int = 1, short: bool = False) -> None:
         self.occurrences = occurrences  # earlier occurrences kept per n-gram (OCCURRENCES for trees)
+        self.lengths = SHORT_LENGTHS if short else NGRAM_LENGTHS  # short: single tokens indexed too
         self.indexes: dict[int, NgramIndex] = {}
         self.depths: dict[int, DraftDepth] = {}
         # A floor under every request's draft depth, set per step by the SpecDecoder (the step's k where a verify
         # step costs about the same at any k: batch 1 on a GPU); 0: the depths alone
         self.min_depth = 0
+        # ... and the shortest match that drafts (1: after a single matching token, for a drafter built `short`), and
+        # whether a request with no match goes on copying from where its last chain was copied (copy_source.py)
+        self.min_match = 2
+        self.follow_source = False
+        # ... and whether a match shorter than LONG_MATCH drafts as deep as a long one (not at most its length)
+        self.deep_short = False
+        self.sources = CopySources()
 
     def _index(self, key: int) -> NgramIndex:
         index = self.indexes.get(key)  # (not setdefault: it would build an index per call)
         if index is None:
-            index = self.indexes[key] = NgramIndex(occurrences=self.occurrences)
+            index = self.indexes[key] = NgramIndex(occurrences=self.occurrences, lengths=self.lengths)
         return index
 
     def _depth(self, key: int) -> DraftDepth:
@@ -246,8 +279,24 @@ class NgramDrafter:
             return []
         index = self._index(key)
         index.sync(prompt, output)
-        draft, match = index.lookup(max_tokens)
-        return draft[: draft_length(match, max(self._depth(key).depth, self.min_depth), max_tokens)]
+        start, match = self._find(key, index, [])
+        if start < 0:
+            return []
+        draft = index.read(start, [], self._length(match, max(self._depth(key).depth, self.min_depth), max_tokens))
+        if self.follow_source and draft:
+            self.sources.drafted(key, start, len(index.tokens), match == 0)
+        return draft
+
+    def _length(self, match: int, depth: int, max_tokens: int) -> int:
+        return draft_length(LONG_MATCH if self.deep_short and match else match, depth, max_tokens)
+
+    def _find(self, key: int, index: NgramIndex, extra: list[int]) -> tuple[int, int]:
+        """(where the request's next tokens are copied from, the match length: 0 for a resumed copy source),
+        (-1, 0) if nowhere."""
+        start, match = index.find_after(extra, self.min_match)
+        if start < 0 and self.follow_source:
+            start = self.sources.resume(key, len(index.tokens) + len(extra))
+        return start, match
 
     def guess_after(self, key: int, prompt: list[int], output: list[int], drafts: list[int], max_tokens: int
                     ) -> list[int]:
@@ -256,8 +305,11 @@ class NgramDrafter:
         an all-accepted verify leaves (`DraftDepth.record`). The index takes prompt + output only."""
         if max_tokens <= 1:
             return []
-        cont, match = self._lookup_after(key, prompt, output, drafts, max_tokens)
-        return cont[: 1 + draft_length(match, self.depth_after(key, len(drafts), len(drafts)), max_tokens - 1)]
+        index, (start, match) = self._lookup_after(key, prompt, output, drafts)
+        if start < 0:
+            return []
+        depth = self._length(match, self.depth_after(key, len(drafts), len(drafts)), max_tokens - 1)
+        return index.read(start, drafts, 1 + depth)
 
     def propose_after(self, key: int, prompt: list[int], output: list[int], run: list[int], drafted: int,
                       max_tokens: int) -> list[int]:
@@ -266,14 +318,16 @@ class NgramDrafter:
         that verify result leaves."""
         if max_tokens <= 0:
             return []
-        cont, match = self._lookup_after(key, prompt, output, run, max_tokens)
-        return cont[: draft_length(match, self.depth_after(key, drafted, len(run) - 1), max_tokens)]
+        index, (start, match) = self._lookup_after(key, prompt, output, run)
+        if start < 0:
+            return []
+        return index.read(start, run, self._length(match, self.depth_after(key, drafted, len(run) - 1), max_tokens))
 
-    def _lookup_after(self, key: int, prompt: list[int], output: list[int], extra: list[int], max_tokens: int
-                      ) -> tuple[list[int], int]:
+    def _lookup_after(self, key: int, prompt: list[int], output: list[int], extra: list[int]
+                      ) -> tuple[NgramIndex, tuple[int, int]]:
         index = self._index(key)
         index.sync(prompt, output)
-        return index.lookup_after(extra, max_tokens)
+        return index, self._find(key, index, extra)
 
     def depth_after(self, key: int, drafted: int, accepted: int) -> int:
         """The request's draft depth once a verify of `drafted` drafts accepted `accepted` is recorded (and the
@@ -304,7 +358,9 @@ class NgramDrafter:
 
     def on_verified(self, key: int, drafted: int, accepted: int) -> None:
         self._depth(key).record(drafted, accepted)
+        self.sources.verified(key, accepted)
 
     def forget(self, key: int) -> None:
         self.indexes.pop(key, None)
         self.depths.pop(key, None)
+        self.sources.forget(key)

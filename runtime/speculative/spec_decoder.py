@@ -56,6 +56,10 @@ WARM_LEAD_STEPS = 32
 # since the H200 A/B of 2026-12-05 (`benchmarks/speculative.py --deep-ab`: x1.515 / 1.667 against 1.373 / 1.412 off,
 # benchmarks/RESULTS.md); 0 turns it off
 FULL_DEPTH_ROWS = 1
+# ... and, off until a GPU A/B (`speculative.py --short-ab`, spec9): a single matching token drafts (SHORT_MATCH_ROWS),
+# no match resumes the last chain's copy source (COPY_SOURCE_ROWS, copy_source.py), matches of 1-3 tokens draft k deep
+# (SHORT_DEPTH_ROWS), rather than plain steps (~29 of a 128-token batch-1 run's ~64 steps on the H200, 2026-12-05)
+SHORT_MATCH_ROWS = COPY_SOURCE_ROWS = SHORT_DEPTH_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,10 @@ class SpecDecoder:
         self.tree_nodes = args.speculative_tree_nodes
         self.context_len = runner.context_len
         self.beta = BETA.get(runner.device.type, BETA["cuda"])
-        self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1)
+        chains = not args.disable_overlap_schedule and self.topk == 1  # (as full_depth_rows)
+        self.short_match_rows, self.copy_source_rows, self.short_depth_rows = (
+            (SHORT_MATCH_ROWS, COPY_SOURCE_ROWS, SHORT_DEPTH_ROWS) if chains else (0, 0, 0))
+        self.drafter = NgramDrafter(OCCURRENCES if self.topk > 1 else 1, short=self.short_match_rows > 0)
         self.model: DraftModelDrafter | EagleDrafter | None = None
         self.eagle: EagleDrafter | None = None
         if draft_dir is not None and self.algorithm == "EAGLE3":
@@ -179,6 +186,9 @@ class SpecDecoder:
         self.step_k = self.payoff.begin_step(now, generated, running) if self.payoff is not None else self.max_drafts
         self.allowed = self.step_k > 0
         self.drafter.min_depth = self.step_k if 0 < running <= self.full_depth_rows else 0
+        self.drafter.min_match = 1 if 0 < running <= self.short_match_rows else 2
+        self.drafter.follow_source = 0 < running <= self.copy_source_rows
+        self.drafter.deep_short = 0 < running <= self.short_depth_rows
         self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:
