@@ -20,7 +20,9 @@ SLOW_REGEX = "[a-z]{0,6000}!"  # outlines-core: ~6000 DFA states x 49k tokens, t
 
 @pytest.fixture(scope="module")
 def service(tokenizer: Any, tokenizer_dir: Path) -> Any:
-    svc = GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=3.0, cache=C.GrammarCache())
+    # uncapped: the timeout test's slow compile must meet its timeout, not a small CI machine's memory cap
+    svc = GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=3.0, cache=C.GrammarCache(),
+                         memory_limit=None)
     yield svc
     svc.close()
 
