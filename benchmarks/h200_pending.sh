@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The H200 measurements this code is waiting for (see RESULTS.md: the sessions of 2026-12-04 21:14 and 2026-12-05 02:32).
+# The GPU measurements this code is waiting for (see RESULTS.md: the sessions of 2026-12-04 21:14 and 2026-12-05 02:32,
+# 05:23). The issues' goals are H200 figures; the device tool now lends mostly H100s: an A/B (both arms in one process)
+# decides on either card, the suite's absolute figures only on an H200 (name the card in RESULTS.md).
 # Run from the repository root on the device, one part per call (each part < 600 s), results under $OUT/<name>/.
 # Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
 # first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
-#   bash benchmarks/h200_pending.sh ab      (~200 s: forced rows off vs on, issue 14; the A/Bs of issues 18, 19, 21, 22 ran on
-#                                            2026-12-05 and were decided: RESULTS.md)
+#   bash benchmarks/h200_pending.sh ab      (spec9 ~70 s: batch-1 NGRAM arms, issue 18; jf16 ~200 s: forced rows off vs on,
+#                                            issue 14, off since 2026-12-05's 0.844x — run only with time to spare)
 #   bash benchmarks/h200_pending.sh final   (~560 s: gpu_suite a,b,e,f,g; the 64-adapter row)
 #   bash benchmarks/h200_pending.sh lora    (~200 s: issue 21's base, 1-adapter and 8-adapter rows at 1,000 requests, one engine)
 # Names after the part run only those runs of it (e.g. `ab jf14 w4f`): the one call that tried `ab` whole (21:40 on
@@ -24,6 +26,10 @@ run() { local name=$1 cap=$2; shift 2
   timeout "$cap" bash -c "$*" > "$OUT/$name/log.txt" 2>&1; echo "rc=$? $name"; tail -25 "$OUT/$name/log.txt"; }
 case "$PART" in
 ab)
+  # issue 18 (spec9): batch-1 NGRAM with fewer plain steps, arms short / source / shortsrc / shortsrcdeep beside the default in
+  # one process -> flip the fastest arm's constants in runtime/speculative/spec_decoder.py (SHORT_MATCH_ROWS, COPY_SOURCE_ROWS,
+  # SHORT_DEPTH_ROWS) if it beats the default in the repeat cell and is within -1% in the random cell (RESULTS.md, spec9)
+  run spec9 200 "python3 benchmarks/speculative.py --mode gpu --sets e2e --topk 1 --prompt-sets repeat,random --batches 1 --repeats 3 --new-tokens 128 --no-audit --short-ab --out $OUT/spec9/spec.json"
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"
   ;;
