@@ -10,7 +10,8 @@
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
 #   bash benchmarks/h200_pending.sh ab      (spec9 ~70 s: batch-1 NGRAM arms, issue 18; jf16 ~200 s: forced rows off vs on,
 #                                            issue 14, off since 2026-12-05's 0.844x — run only with time to spare)
-#   bash benchmarks/h200_pending.sh final   (~560 s: gpu_suite a,b,e,f,g; the 64-adapter row)
+#   bash benchmarks/h200_pending.sh final   (~600 s: gpu_suite a,e,g then b,f; the 64-adapter row; w4a — or as two calls,
+#                                            `final suite_aeg suite_bf` then `final lora64 w4a`)
 #   bash benchmarks/h200_pending.sh lora    (~200 s: issue 21's base, 1-adapter and 8-adapter rows at 1,000 requests, one engine)
 # Names after the part run only those runs of it (e.g. `ab jf14 w4f`): the one call that tried `ab` whole (21:40 on
 # 2026-12-04) lost the machine with nothing returned, so a later session may prefer two shorter calls.
@@ -34,7 +35,9 @@ ab)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"
   ;;
 final)
-  run suite 340 "python3 benchmarks/gpu_suite.py --skip-transformers --items a,b,e,f,g --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --out $OUT/suite/suite.json"
+  # two suite runs (the one 340-s run of 2026-12-05 on an H100 was cut after b and f: check ~40 s, b ~70 s, f ~57 s there)
+  run suite_aeg 240 "python3 benchmarks/gpu_suite.py --skip-transformers --items a,e,g --out $OUT/suite_aeg/suite.json"
+  run suite_bf 240 "python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items b,f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --out $OUT/suite_bf/suite.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
