@@ -1,14 +1,16 @@
-"""Compile grammars off the scheduler loop, in a worker process that can be killed.
+"""Compile grammars off the scheduler loop, in worker processes that can be killed.
 
 A pathological schema or regex can spend seconds inside native code, where a thread cannot
 be interrupted; a process can. The scheduler calls `submit` when a request arrives and
 `poll` once per step (never blocks): finished grammars come back, timed-out compiles come
-back as GrammarCompileError and the worker is restarted for the rest of the queue.
+back as GrammarCompileError and their worker is restarted for the rest of the queue. Several
+workers (`workers`, 2 by default) take the queue in order, so one slow spec holds up the others
+by no more than the time a worker is busy with it, not the whole queue for the timeout.
 
 The whole compile runs there, the JSON-schema vetting and rewriting included (up to a second for
 real schemas, without bound for hostile ones): the caller keys a job by the spec's text alone, so
-`submit` costs a `json.dumps`, and the worker's own cache joins spellings of one canonical schema.
-The worker's memory is capped (`worker_memory_limit`): a spec whose compile would take the host's
+`submit` costs a `json.dumps`, and a worker's own cache joins spellings of one canonical schema.
+A worker's memory is capped (compile_worker.py): a spec whose compile would take the host's
 memory ends as a failed compile of that request and a restarted worker, not a swapping host or an
 OOM-killed scheduler.
 
@@ -16,94 +18,30 @@ The grammar a payload describes is rebuilt in the caller on a background thread 
 parser built from the grammar text, p99 ~0.1 s and up to ~0.6 s for real schemas, once per matcher
 family; the native build releases the GIL), so `poll` hands over grammars ready for matchers.
 
-What crosses the process boundary is `Grammar.payload()`: llguidance -> its grammar text
-(rebuilding the parser in the caller takes about a millisecond, bounded by LLParserLimits),
+What crosses the process boundary is `Grammar.payload()`: llguidance -> its grammar text,
 outlines-core -> the pickled token Index (serde; megabytes for large DFAs), xgrammar -> its
 serialized CompiledGrammar JSON.
 """
-
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import resource
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_messages
 from typing import Any
 
 from .base import Grammar
-from .compiler import CACHE, WHITESPACE_MAX, GrammarCache, compile, default_backend, grammar_from_payload
+from .compile_worker import CompileWorker, gib, load_tokenizer, worker_memory_limit
+from .compiler import CACHE, WHITESPACE_MAX, GrammarCache, default_backend, grammar_from_payload
 from .errors import GrammarCompileError
 from .vocab import TokenizerInfo
 
 _KINDS = ("regex", "json_schema", "ebnf", "choices")
-
-
-def _load_tokenizer(path: str) -> Any:
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path)
-
-
-MAX_WORKER_MEMORY = 8 << 30  # bytes; at most a quarter of the host's memory (`worker_memory_limit`)
-MIN_WORKER_MEMORY = 2 << 30  # the tokenizer and the backend's tables need some room of their own
-
-
-def worker_memory_limit() -> int:
-    """The compile worker's cap on private memory (RLIMIT_DATA): a quarter of the host's RAM,
-    between MIN_WORKER_MEMORY and MAX_WORKER_MEMORY."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return MAX_WORKER_MEMORY
-    return max(MIN_WORKER_MEMORY, min(MAX_WORKER_MEMORY, ram // 4))
-
-
-def _worker_main(conn: Any, tokenizer_path: str, memory_limit: int | None) -> None:
-    """Worker loop: cap its memory, load the tokenizer once, then compile one job at a time."""
-    try:
-        if memory_limit is not None:
-            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
-            if hard != resource.RLIM_INFINITY:
-                memory_limit = min(memory_limit, hard)
-            try:
-                resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, hard))
-            except (ValueError, OSError):  # a platform without the limit: the worker runs uncapped
-                memory_limit = None
-        tokenizer = _load_tokenizer(tokenizer_path)
-        fingerprint = TokenizerInfo.from_tokenizer(tokenizer).fingerprint
-    except Exception as exc:  # reported to the caller, which fails pending jobs
-        conn.send(("dead", None, repr(exc)))
-        return
-    conn.send(("ready", None, (fingerprint, resource.getrlimit(resource.RLIMIT_DATA)[0])))
-    cache = GrammarCache(64)  # one canonical schema sent in several spellings compiles once
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        job_id, kind, spec, backend, lenient, ws = job
-        try:
-            grammar = compile(tokenizer, **{kind: spec}, backend=backend, lenient=lenient,
-                              whitespace_max=ws, cache=cache)
-            conn.send(("ok", job_id, grammar.payload()))
-        except MemoryError:
-            cache.clear()
-            conn.send(("err", job_id, GrammarCompileError(
-                f"{kind} compilation needs more than the grammar worker's {_gib(memory_limit)} of memory")))
-        except Exception as exc:
-            err = exc if isinstance(exc, ValueError) else GrammarCompileError(f"{type(exc).__name__}: {exc}")
-            conn.send(("err", job_id, err))
-
-
-def _gib(limit: int | None) -> str:
-    return "unlimited" if limit is None else f"{limit / (1 << 30):.1f} GiB"
 
 
 @dataclass
@@ -119,31 +57,29 @@ class _Job:
 
 
 class GrammarService:
-    """Non-blocking grammar compilation for a scheduler loop (one worker, jobs in order)."""
+    """Non-blocking grammar compilation for a scheduler loop (`workers` processes, jobs in order)."""
 
     def __init__(self, tokenizer_path: str, *, timeout_s: float = 10.0, backend: str | None = None,
                  tokenizer: Any = None, cache: GrammarCache | None = CACHE,
-                 startup_timeout_s: float = 120.0, memory_limit: int | None = -1, families: int = 1) -> None:
+                 startup_timeout_s: float = 120.0, memory_limit: int | None = -1, families: int = 1,
+                 workers: int = 2) -> None:
         self.tokenizer_path = str(tokenizer_path)
         self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
-        # bytes of private memory the worker may take (-1: worker_memory_limit(); None: no cap)
+        # bytes of private memory a worker may take (-1: worker_memory_limit(); None: no cap)
         self.memory_limit = worker_memory_limit() if memory_limit == -1 else memory_limit
-        self.worker_memory_limit: int | None = None  # as the running worker reports it
+        self.worker_memory_limit: int | None = None  # as the running workers report it
         self.families = families  # matcher families each grammar is built for before `poll` hands it over
         self._builder: ThreadPoolExecutor | None = None
         self._building: list[tuple[_Job, Future[Grammar | Exception]]] = []
         self.backend = backend or default_backend()
         self.cache = cache
-        self._info = TokenizerInfo.from_tokenizer(tokenizer or _load_tokenizer(self.tokenizer_path))
+        self._info = TokenizerInfo.from_tokenizer(tokenizer or load_tokenizer(self.tokenizer_path))
         self._ctx = mp.get_context("spawn")  # no forked torch/tokenizer thread state
-        self._proc: Any = None
-        self._conn: Any = None
-        self._ready = False
-        self._started_at = 0.0
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._workers = [CompileWorker() for _ in range(workers)]
         self._queue: deque[_Job] = deque()
         self._by_key: dict[Any, _Job] = {}
-        self._inflight: _Job | None = None
-        self._sent_at = 0.0
         self._done: list[tuple[Hashable, Grammar | Exception]] = []
         self._next_id = 0
         self.restarts = 0
@@ -198,28 +134,24 @@ class GrammarService:
         return done
 
     def pending(self) -> int:
-        return len(self._queue) + (self._inflight is not None) + len(self._building)
+        return len(self._queue) + sum(w.job is not None for w in self._workers) + len(self._building)
 
     def wait(self, timeout_s: float = 60.0) -> list[tuple[Hashable, Grammar | Exception]]:
         """Blocking convenience for tests and offline use: poll until nothing is pending."""
         deadline = time.monotonic() + timeout_s
         out = self.poll()
         while self.pending() and time.monotonic() < deadline:
-            if self._conn is not None:
-                self._conn.poll(0.01)
+            conns = [w.conn for w in self._workers if w.conn is not None]
+            if conns:
+                wait_for_messages(conns, timeout=0.01)
             else:
                 time.sleep(0.002)  # only grammars being rebuilt are pending
             out += self.poll()
         return out
 
     def close(self) -> None:
-        if self._proc is not None:
-            try:
-                self._conn.send(None)
-            except (OSError, BrokenPipeError):
-                pass
-            self._proc.join(timeout=1.0)
-            self._kill()
+        for worker in self._workers:
+            worker.stop()
         if self._builder is not None:
             self._builder.shutdown(wait=False, cancel_futures=True)
 
@@ -230,23 +162,6 @@ class GrammarService:
         self.close()
 
     # -- worker management --------------------------------------------------------------
-    def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.tokenizer_path, self.memory_limit),
-                                       daemon=True, name="radixlm-grammar")
-        self._proc.start()
-        child.close()
-        self._conn, self._ready, self._started_at = parent, False, time.monotonic()
-
-    def _kill(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=5.0)
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
-        self._ready = False
-
     def _finish(self, job: _Job, result: Grammar | Exception) -> None:
         self._by_key.pop(job.cache_key, None)
         self._done.extend((key, result) for key in job.waiters)
@@ -254,44 +169,48 @@ class GrammarService:
     def _pump(self) -> None:
         if self._building:
             self._collect_built()
-        if self._proc is None:
-            if not self._queue:
+        for worker in self._workers:
+            if worker.proc is None:
+                # a worker starts when the queue holds more jobs than started workers can take now
+                free = sum(w.proc is not None and w.job is None for w in self._workers)
+                if len(self._queue) <= free:
+                    continue
+                worker.start(self._ctx, self.tokenizer_path, self.memory_limit)
+            if not self._drain(worker):
+                return  # every job failed (a worker that cannot start, another vocabulary)
+            if worker.proc is None:
+                continue  # it died with its job: started again at the next pump that finds the queue non-empty
+            now = time.monotonic()
+            if not worker.ready and now - worker.started_at > self.startup_timeout_s:
+                self._fail_all(f"grammar worker did not start within {self.startup_timeout_s:g} s")
                 return
-            self._start()
-        self._drain()
-        now = time.monotonic()
-        if not self._ready and now - self._started_at > self.startup_timeout_s:
-            self._fail_all(f"grammar worker did not start within {self.startup_timeout_s:g} s")
-            return
-        if self._inflight is not None and now - self._sent_at > self.timeout_s:
-            job, self._inflight = self._inflight, None
-            self._kill()
-            self.restarts += 1
-            self._finish(job, GrammarCompileError(
-                f"{job.kind} compilation timed out after {self.timeout_s:g} s (worker restarted)"))
-            if self._queue:
-                self._start()
-            return
-        if self._ready and self._inflight is None and self._queue:
-            job = self._inflight = self._queue.popleft()
-            self._sent_at = time.monotonic()
-            self._conn.send((job.job_id, job.kind, job.spec, job.backend, job.lenient, job.whitespace_max))
+            if worker.job is not None and now - worker.sent_at > self.timeout_s:
+                job = worker.job
+                worker.kill()
+                self.restarts += 1
+                self._finish(job, GrammarCompileError(
+                    f"{job.kind} compilation timed out after {self.timeout_s:g} s (worker restarted)"))
+                continue  # started again at the next pump that finds the queue non-empty
+            if worker.ready and worker.job is None and self._queue:
+                job = self._queue.popleft()
+                worker.send(job, (job.job_id, job.kind, job.spec, job.backend, job.lenient, job.whitespace_max))
 
-    def _drain(self) -> None:
+    def _drain(self, worker: CompileWorker) -> bool:
+        """Take the worker's messages; False when they failed every job."""
         try:
-            while self._conn is not None and self._conn.poll(0):
-                tag, job_id, body = self._conn.recv()
+            for tag, job_id, body in worker.messages():
                 if tag == "ready":
                     fingerprint, limit = body
                     self.worker_memory_limit = None if limit == resource.RLIM_INFINITY else limit
                     if fingerprint != self._info.fingerprint:  # grammars would index the wrong vocabulary
                         self._fail_all(f"tokenizer at {self.tokenizer_path} differs from the caller's")
-                        return
-                    self._ready = True
+                        return False
+                    worker.ready = True
                 elif tag == "dead":
                     self._fail_all(f"grammar worker failed to start: {body}")
-                elif self._inflight is not None and self._inflight.job_id == job_id:
-                    job, self._inflight = self._inflight, None
+                    return False
+                elif worker.job is not None and worker.job.job_id == job_id:
+                    job, worker.job = worker.job, None
                     if tag == "ok":
                         if self._builder is None:
                             self._builder = ThreadPoolExecutor(1, thread_name_prefix="grammar-build")
@@ -299,16 +218,17 @@ class GrammarService:
                     else:
                         self._finish(job, body)
         except (EOFError, OSError):  # worker died (OOM, native crash): fail its job, restart
-            if not self._ready:  # died while starting: restarting would only loop
+            if not worker.ready:  # died while starting: restarting would only loop
                 self._fail_all("grammar worker exited during startup")
-                return
-            job, self._inflight = self._inflight, None
-            self._kill()
+                return False
+            job = worker.job
+            worker.kill()
             self.restarts += 1
             if job is not None:
                 self._finish(job, GrammarCompileError(
                     f"{job.kind} compilation crashed the grammar worker (a native error, or more than its "
-                    f"{_gib(self.memory_limit)} of memory)"))
+                    f"{gib(self.memory_limit)} of memory)"))
+        return True
 
     def _collect_built(self) -> None:
         """Hand over (on the caller's thread) the grammars the build thread finished."""
@@ -336,9 +256,9 @@ class GrammarService:
         return grammar
 
     def _fail_all(self, message: str) -> None:
-        jobs = ([self._inflight] if self._inflight else []) + list(self._queue)
-        self._inflight = None
+        jobs = [w.job for w in self._workers if w.job is not None] + list(self._queue)
         self._queue.clear()
-        self._kill()
+        for worker in self._workers:
+            worker.kill()
         for job in jobs:
             self._finish(job, GrammarCompileError(message))

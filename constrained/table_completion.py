@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .byte_automaton import UNKNOWN
+from .compile_worker import end_process, jobs, load_tokenizer
 from .forced_tokens import PAIR_MAX_ALLOWED, ForcedPairs, allowed_tokens, file_pairs, forced_pairs
 from .state_table import FIRST_STATE_ROW, StateTable, TableGrammar
 
@@ -202,23 +203,15 @@ def file_moves(table: StateTable, moves: DfaMoves, renamed: dict[int, int],
 def _worker_main(conn: Any, tokenizer_path: str) -> None:
     """One grammar at a time: rebuild it from its payload, walk its states, send the rows in chunks."""
     from .compiler import grammar_from_payload
-    from .service import _load_tokenizer
     from .vocab import TokenizerInfo
 
     try:
-        info = TokenizerInfo.from_tokenizer(_load_tokenizer(tokenizer_path))
+        info = TokenizerInfo.from_tokenizer(load_tokenizer(tokenizer_path))
     except Exception as exc:  # noqa: BLE001 - reported; the tables then stay lazily filled
         conn.send(("dead", None, repr(exc)))
         return
     conn.send(("ready", None, info.fingerprint))
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        job_id, backend, payload, max_states, pairs = job
+    for job_id, backend, payload, max_states, pairs in jobs(conn):
         try:
             grammar = TableGrammar.wrap(grammar_from_payload(info, backend, payload))
             if grammar is not None:
@@ -335,17 +328,7 @@ class TableCompletion:
         self.close()
 
     def close(self) -> None:
-        if self._proc is not None:
-            try:
-                self._conn.send(None)
-            except (OSError, BrokenPipeError):
-                pass
-            self._proc.join(timeout=1.0)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=5.0)
-        if self._conn is not None:
-            self._conn.close()
+        end_process(self._proc, self._conn, ask_first=True)
         self._proc = self._conn = None
         self._queue.clear()
         self._inflight = self._filing = None

@@ -126,10 +126,10 @@ def test_service_caps_the_worker_memory(tokenizer: Any, tokenizer_dir: Path) -> 
     outlines-core's index of "[a-z]{0,1500}!" grows the worker by ~400 MB (measured: 288 -> 692 MB
     of private memory); the cap leaves ~150 MB above the worker's start."""
     with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=60, cache=C.GrammarCache(),
-                        memory_limit=None) as probe:
+                        memory_limit=None, workers=1) as probe:
         probe.submit("start", {"regex": "a+"})
         probe.wait(timeout_s=120)
-        start = _private_bytes(probe._proc.pid)
+        start = _private_bytes(probe._workers[0].proc.pid)
     limit = start + (150 << 20)
     with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=60, cache=C.GrammarCache(),
                         memory_limit=limit) as svc:
@@ -152,7 +152,7 @@ def _private_bytes(pid: int) -> int:
 
 
 def test_worker_memory_limit_is_a_quarter_of_ram_within_bounds() -> None:
-    from radixlm.constrained.service import MAX_WORKER_MEMORY, MIN_WORKER_MEMORY, worker_memory_limit
+    from radixlm.constrained.compile_worker import MAX_WORKER_MEMORY, MIN_WORKER_MEMORY, worker_memory_limit
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert worker_memory_limit() == max(MIN_WORKER_MEMORY, min(MAX_WORKER_MEMORY, ram // 4))
@@ -184,3 +184,25 @@ def test_service_rebuilds_grammars_off_the_callers_thread(tokenizer: Any, tokeni
     assert len(grammar._families) == 3  # built before the handover, not inside a decode step
     for family in range(3):
         assert run_tokens(grammar.matcher(family), encode(tokenizer, '{"n": 12}'))
+
+
+def test_a_slow_compile_does_not_hold_up_the_queue(tokenizer: Any, tokenizer_dir: Path) -> None:
+    """Two workers: specs sent after one that compiles until its timeout come back while it is still
+    compiling (one worker: they wait for the timeout). Results arrive in the order they finish."""
+    order: list[str] = []
+    with GrammarService(str(tokenizer_dir), tokenizer=tokenizer, timeout_s=8, cache=C.GrammarCache(),
+                        memory_limit=None, workers=2) as svc:
+        svc.submit("slow", {"regex": SLOW_REGEX, "backend": "outlines"})
+        for n in range(3):
+            svc.submit(f"fast{n}", {"regex": f"[0-9]+x{n}"})
+        results: dict[str, Any] = {}
+        deadline = time.monotonic() + 120
+        while svc.pending() and time.monotonic() < deadline:
+            for key, value in svc.poll():
+                order.append(key)
+                results[key] = value
+            time.sleep(0.01)
+    assert order[-1] == "slow" and isinstance(results["slow"], C.GrammarCompileError)
+    assert "timed out after 8 s" in str(results["slow"])
+    for n in range(3):
+        assert run_tokens(results[f"fast{n}"].matcher(), encode(tokenizer, f"12x{n}"))
