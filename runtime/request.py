@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from radixlm.runtime.io_struct import FinishReason, ReqOutput, TokenizedGenerateReq, sequence_rids
 from radixlm.runtime.sampling_params import SamplingParams
 
@@ -54,6 +56,7 @@ class Req:
     spec_accepted_tokens: int = 0
 
     finished_reason: FinishReason | None = None
+    _prompt_mask: Any = field(default=None, repr=False)
     # Logprobs not yet sent to the front process.
     input_logprobs_done: bool = False
     pending_input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
@@ -81,6 +84,15 @@ class Req:
             seq.group_rid = msg.rid if len(seqs) > 1 else None
         seqs[0].followers = seqs[1:]
         return seqs[0]
+
+    def prompt_mask(self, vocab_size: int, device: Any) -> Any:
+        """The prompt's tokens as a [vocab] bool tensor, made once: the repetition penalty reads them at
+        every step (re-sent from the prompt's list, ~7 ms a row a step at 30k prompt tokens)."""
+        if self._prompt_mask is None or self._prompt_mask.device != torch.device(device):
+            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            mask[torch.tensor(self.input_ids, dtype=torch.int64, device=device)] = True
+            self._prompt_mask = mask
+        return self._prompt_mask
 
     def take_output(self) -> ReqOutput:
         """What the front has not seen yet (tokens, logprobs), as one delta; marks it sent."""

@@ -19,7 +19,7 @@ from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjust
 from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.speculative.verify import position_rows
 from radixlm.runtime.step_logprobs import LogprobEntry, output_logprobs, record_input_logprobs, run_logprobs
-from radixlm.runtime.stop_regex import compile_stop_regexes
+from radixlm.runtime.stop_regex import StopRegexTooSlow, compile_stop_regexes
 
 if TYPE_CHECKING:
     from radixlm.runtime.grammar_runtime import GrammarRuntime
@@ -225,7 +225,9 @@ class ResultProcessor:
         if not needs_adjust and not constrained and greedy:
             return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
         sample_rows = [
-            SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b)
+            SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b,
+                      r.prompt_mask(rows_logits.shape[1], rows_logits.device) if r.params.repetition_penalty != 1.0
+                      else None)
             for r, b in zip(reqs, banned)
         ]
         bitmask = None
@@ -388,7 +390,10 @@ class ResultProcessor:
         if p.stop_regex and self.tokenizer is not None:
             regexes = compile_stop_regexes(p.stop_regex)
             ids = req.output_ids if regexes.window_tokens is None else req.output_ids[-regexes.window_tokens:]
-            matched = regexes.search(self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens))
+            try:
+                matched = regexes.search(self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens))
+            except StopRegexTooSlow as exc:  # a backtracking pattern: fail this request, not the loop
+                return FinishReason.abort(str(exc), status_code=400)
             if matched is not None:
                 return FinishReason.stop(matched, regex=True)
         if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.context_len:

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from radixlm.runtime.stop_regex import validate as validate_stop_regex
+from radixlm.runtime.stop_regex import validate_all as validate_stop_regexes
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ class SamplingParams:
     def needs_output_history(self) -> bool:
         """Sampling reads the tokens generated so far (so it cannot run ahead on the device)."""
         return self.has_penalties or bool(self.logit_bias)
+
+    def logit_bias_tensors(self, device: Any) -> tuple[Any, Any]:
+        """logit_bias as (token ids, biases) tensors on `device`, made once: the sampler adds them at every
+        step, and a whole-vocabulary bias rebuilt from its tuples took ~32 ms a row a step (49k tokens)."""
+        import torch
+
+        key = str(device)
+        cache = self.__dict__.setdefault("_bias_tensors", {})  # frozen: not a field, never compared or replaced
+        if key not in cache:
+            cache[key] = (torch.tensor([tid for tid, _ in self.logit_bias], dtype=torch.int64, device=device),
+                          torch.tensor([b for _, b in self.logit_bias], dtype=torch.float32, device=device))
+        return cache[key]
 
     @property
     def constraint(self) -> tuple[str, str] | None:
@@ -136,10 +148,9 @@ class SamplingParams:
         for s in self.stop:
             if not s:
                 bad("stop", "stop strings must be non-empty")
-        for pattern in self.stop_regex:
-            why = validate_stop_regex(pattern)
-            if why is not None:
-                bad("stop_regex", why)
+        why = validate_stop_regexes(self.stop_regex)
+        if why is not None:
+            bad("stop_regex", why)
 
 
 def _coerce(values: dict[str, Any], defaults: SamplingParams, prefix: str) -> SamplingParams:
