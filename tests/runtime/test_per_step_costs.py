@@ -47,9 +47,12 @@ def test_the_result_processor_hands_the_sampler_the_prompt_mask(monkeypatch) -> 
                         staticmethod(lambda rows, logits, *a, **k: seen.extend(rows) or torch.zeros(len(rows))))
     params = SamplingParams(repetition_penalty=1.3, temperature=0.0)
     plain = SamplingParams(temperature=0.7)
-    reqs = [Req.from_wire(TokenizedGenerateReq(rid=f"r{i}", input_ids=[3, 4, 5], params=p), seed=1)
-            for i, p in enumerate((params, plain))]
+    prompts = ([3, 4, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8], [3])  # the last is under V / 16 tokens: its ids are cheaper
+    reqs = [Req.from_wire(TokenizedGenerateReq(rid=f"r{i}", input_ids=ids, params=p), seed=1)
+            for i, (ids, p) in enumerate(zip(prompts, (params, plain, params)))]
     proc = ResultProcessor.__new__(ResultProcessor)
     proc.eos_ids = {0}
-    proc.sample(reqs, torch.zeros(2, V), None)
-    assert seen[0].prompt_mask is reqs[0].prompt_mask(V, "cpu") and seen[1].prompt_mask is None
+    proc.sample(reqs, torch.zeros(3, V), None)
+    mask = reqs[0].prompt_mask(V, "cpu")
+    assert mask is not None and seen[0].prompt_mask is mask
+    assert seen[1].prompt_mask is None and seen[2].prompt_mask is None
