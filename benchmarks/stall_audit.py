@@ -7,6 +7,7 @@ median step, next to the same requests with a benign stop_regex (`base`). A run 
 Part 2 times the sampler's per-row, per-step host work that a request's fields scale: a
 whole-vocabulary logit_bias and the repetition penalty over a long prompt, as the result processor
 hands them to apply_logit_adjustments at each step (the least of --reps, after a warm-up).
+Part 3 times the finish check of one row at one step with long stop lists.
 
     timeout 900 python benchmarks/stall_audit.py --out /tmp/stall_audit.json
 """
@@ -92,6 +93,33 @@ def sampler_rows(vocab: int, prompt_len: int) -> dict[str, SampleRow]:
     }
 
 
+def finish_check_ms(tok, reps: int) -> dict[str, float]:
+    """Part 3: ResultProcessor.check_finish for one row at one step (a 200-token output), with stop
+    lists as a 64-MB body could carry them (built directly, past the front's bounds) and at the bounds."""
+    from radixlm.runtime.result_processor import ResultProcessor
+
+    proc = ResultProcessor.__new__(ResultProcessor)
+    proc.eos_ids, proc.tokenizer, proc.context_len = frozenset({0}), tok, 1 << 20
+    cases = {
+        "stop: 100,000 strings of 6 chars": SamplingParams(stop=tuple(f"q{i:05d}" for i in range(100_000))),
+        "stop: 256 strings, 8,192 chars (the bound)": SamplingParams(stop=tuple("q" * 31 + f"{i:01d}" for i in range(256))),
+        "stop_token_ids: 1,000,000 (one id repeated)": SamplingParams(stop_token_ids=(5,) * 1_000_000),
+        "stop_token_ids: 4,096 distinct (the bound)": SamplingParams(stop_token_ids=tuple(range(1, 4097))),
+    }
+    out = {}
+    for name, params in cases.items():
+        req = Req.from_wire(TokenizedGenerateReq(rid="r", input_ids=[1, 2, 3], params=params), seed=1)
+        req.output_ids = list(range(300, 500))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            proc.check_finish(req, 7, None)
+            times.append(time.perf_counter() - t)
+        out[name] = round(min(times[2:] or times) * 1e3, 3)
+        print(name, out[name], "ms", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -99,7 +127,7 @@ def main() -> None:
     ap.add_argument("--limit-s", type=float, default=60.0)
     ap.add_argument("--prompt-len", type=int, default=30000, help="part 2's long prompt")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--sampler-only", action="store_true", help="part 2 only")
+    ap.add_argument("--sampler-only", action="store_true", help="parts 2 and 3 only")
     args = ap.parse_args()
     torch.set_num_threads(1)  # part 2: one thread (pool wake-ups on a loaded 2-core VM swamped the figures)
     model_dir = resolve_model_path(None, progress=False)
@@ -110,6 +138,7 @@ def main() -> None:
     for name, row in sampler_rows(len(tok), args.prompt_len).items():
         results["sampler_per_row_step_ms"][name] = per_row_step_ms(row, len(tok), args.reps)
         print(name, results["sampler_per_row_step_ms"][name], "ms", flush=True)
+    results["finish_check_per_row_step_ms"] = finish_check_ms(tok, 10)
     if args.sampler_only:
         return 0
     sched = Scheduler(ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=4096).resolve(), model_dir, tok)

@@ -217,7 +217,7 @@ class ResultProcessor:
         greedy = True
         for r in reqs:  # one pass: what the batch needs
             p = r.params
-            b = tuple(self.eos_ids | set(p.stop_token_ids)) if len(r.output_ids) < p.min_new_tokens else ()
+            b = tuple(self.eos_ids | p.stop_token_set) if len(r.output_ids) < p.min_new_tokens else ()
             banned.append(b)
             needs_adjust = needs_adjust or bool(b) or p.has_penalties or bool(p.logit_bias)
             constrained = constrained or r.grammar is not None
@@ -371,11 +371,11 @@ class ResultProcessor:
     def check_finish(self, req: Req, tok: int, grammars: GrammarRuntime | None) -> FinishReason | None:
         p = req.params
         out = req.output_ids
-        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_ids
+        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_set
                 and (p.ignore_eos or tok not in self.eos_ids) and len(out) < p.max_new_tokens
                 and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len):
             return None  # the usual row, in one test: none of the conditions below can hold
-        if tok in p.stop_token_ids:
+        if tok in p.stop_token_set:
             return FinishReason.stop(tok)
         if not p.ignore_eos and tok in self.eos_ids:
             return FinishReason.stop(tok)
