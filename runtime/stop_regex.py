@@ -43,14 +43,20 @@ class StopRegexes:
     window_tokens: int | None  # tail tokens to decode for a match; None: the whole output
 
     def search(self, tail: str, budget_s: float = SEARCH_BUDGET_S) -> str | None:
-        """The first pattern (as sent) found in `tail`, or None; StopRegexTooSlow past `budget_s`."""
-        deadline = time.perf_counter() + budget_s
-        for p in self.patterns:
+        """The first pattern (as sent) found in `tail`, or None; StopRegexTooSlow past `budget_s` of this
+        thread's CPU time. (The regex timeout counts wall time: a search that timed out having used
+        less than half the budget was preempted, not backtracking, and gets one more full budget.)"""
+        cpu_start = time.thread_time()
+        for attempt in range(2):
+            deadline = time.perf_counter() + budget_s
             try:
-                if p.search(tail, timeout=max(deadline - time.perf_counter(), 1e-6)):
-                    return p.pattern
+                for p in self.patterns:
+                    if p.search(tail, timeout=max(deadline - time.perf_counter(), 1e-6)):
+                        return p.pattern
+                return None
             except TimeoutError:
-                raise StopRegexTooSlow(p.pattern, budget_s) from None
+                if attempt or time.thread_time() - cpu_start >= budget_s / 2:
+                    raise StopRegexTooSlow(p.pattern, budget_s) from None
         return None
 
 

@@ -6,6 +6,7 @@ import pytest
 from radixlm.runtime.sampling_params import InvalidRequestError, SamplingParams
 from radixlm.runtime.stop_regex import (
     MAX_PATTERN_CHARS,
+    StopRegexes,
     StopRegexTooSlow,
     compile_stop_regexes,
     regex_holdback,
@@ -81,3 +82,23 @@ def test_a_backtracking_stop_regex_fails_its_request_not_the_loop(tiny_model_dir
     assert reason["type"] == "abort" and reason["status_code"] == 400 and "stop_regex" in reason["message"]
     assert len(out["good"]["output_ids"]) == 8
     assert_pool_idle(sched)
+
+
+class _Preempted:
+    """A pattern whose first search times out without using the CPU (the thread was preempted)."""
+
+    pattern = "late"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def search(self, text: str, timeout: float) -> bool:
+        self.calls += 1
+        if self.calls == 1:
+            raise TimeoutError("regex timed out")
+        return "late" in text
+
+
+def test_a_preempted_search_is_retried_not_taken_for_backtracking() -> None:
+    pattern = _Preempted()
+    assert StopRegexes((pattern,), None).search("too late") == "late" and pattern.calls == 2
