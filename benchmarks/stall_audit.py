@@ -140,6 +140,8 @@ def main() -> None:
         print(name, results["sampler_per_row_step_ms"][name], "ms", flush=True)
     results["finish_check_per_row_step_ms"] = finish_check_ms(tok, 10)
     if args.sampler_only:
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
         return 0
     sched = Scheduler(ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=4096).resolve(), model_dir, tok)
     ids = tok.encode(PROMPT)
