@@ -124,28 +124,31 @@ def _max_len(parsed: sre_parse.SubPattern) -> int | None:
 
 
 def trim_at_first_match(text: str, patterns: tuple[str, ...]) -> str:
-    """`text` up to the earliest match of any pattern (the output a stop-regex finish returns);
-    a pattern that runs past the budget (on the front's event loop) trims nothing."""
+    """`text` up to the earliest match of any pattern (the output a stop-regex finish returns). On
+    the front's event loop: the patterns share one budget; once it is spent the rest trim nothing."""
     starts = []
+    deadline = time.perf_counter() + SEARCH_BUDGET_S
     for p in compile_stop_regexes(patterns).patterns:
         try:
-            if m := p.search(text, timeout=SEARCH_BUDGET_S):
+            if m := p.search(text, timeout=max(deadline - time.perf_counter(), 1e-6)):
                 starts.append(m.start())
         except TimeoutError:
-            pass
+            break
     return text[: min(starts)] if starts else text
 
 
 def regex_holdback(text: str, patterns: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that could still grow into a match: held back while streaming
-    (a pattern that runs past the budget, on the front's event loop, holds back nothing)."""
+    """Characters at the end of `text` that could still grow into a match: held back while streaming.
+    On the front's event loop at every chunk: the patterns share one budget; once it is spent the
+    rest hold back nothing."""
     best = 0
+    deadline = time.perf_counter() + SEARCH_BUDGET_S
     for p in compile_stop_regexes(patterns).patterns:
         try:
-            for m in p.finditer(text, partial=True, timeout=SEARCH_BUDGET_S):
+            for m in p.finditer(text, partial=True, timeout=max(deadline - time.perf_counter(), 1e-6)):
                 if m.partial:
                     best = max(best, len(text) - m.start())
                     break
         except TimeoutError:
-            pass
+            break
     return best

@@ -102,3 +102,32 @@ class _Preempted:
 def test_a_preempted_search_is_retried_not_taken_for_backtracking() -> None:
     pattern = _Preempted()
     assert StopRegexes((pattern,), None).search("too late") == "late" and pattern.calls == 2
+
+
+class _Spent:
+    """A pattern whose search uses up the budget (its timeout fires)."""
+
+    pattern = "spent"
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def search(self, text: str, timeout: float) -> None:
+        self.log.append("search")
+        raise TimeoutError("regex timed out")
+
+    def finditer(self, text: str, partial: bool, timeout: float):
+        self.log.append("finditer")
+        raise TimeoutError("regex timed out")
+
+
+def test_the_fronts_trim_and_holdback_share_one_budget_across_patterns(monkeypatch) -> None:
+    """Hundreds of backtracking patterns must not take one budget each on the front's event loop."""
+    import radixlm.runtime.stop_regex as stop_regex
+
+    log: list[str] = []
+    monkeypatch.setattr(stop_regex, "compile_stop_regexes", lambda patterns: StopRegexes(
+        tuple(_Spent(log) for _ in patterns), None))
+    assert trim_at_first_match("text", ("a", "b", "c")) == "text" and log == ["search"]
+    log.clear()
+    assert regex_holdback("text", ("a", "b", "c")) == 0 and log == ["finditer"]
