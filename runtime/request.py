@@ -56,7 +56,8 @@ class Req:
     spec_accepted_tokens: int = 0
 
     finished_reason: FinishReason | None = None
-    _prompt_mask: Any = field(default=None, repr=False)
+    # (vocab size, device) -> the prompt's token mask; one dict for a request's n sequences (same prompt)
+    prompt_masks: dict[tuple[int, str], Any] = field(default_factory=dict, repr=False)
     # Logprobs not yet sent to the front process.
     input_logprobs_done: bool = False
     pending_input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
@@ -83,6 +84,8 @@ class Req:
             seq.rid = rid
             seq.group_rid = msg.rid if len(seqs) > 1 else None
         seqs[0].followers = seqs[1:]
+        for seq in seqs[1:]:
+            seq.prompt_masks = seqs[0].prompt_masks  # n=128 over a 30k-token prompt: one mask, not 128
         return seqs[0]
 
     def prompt_mask(self, vocab_size: int, device: Any) -> Any:
@@ -92,11 +95,13 @@ class Req:
         whose ids cost less than that pass."""
         if len(self.input_ids) < vocab_size // 16:
             return None
-        if self._prompt_mask is None or self._prompt_mask.device != torch.device(device):
+        key = (vocab_size, str(device))
+        mask = self.prompt_masks.get(key)
+        if mask is None:
             mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             mask[torch.tensor(self.input_ids, dtype=torch.int64, device=device)] = True
-            self._prompt_mask = mask
-        return self._prompt_mask
+            self.prompt_masks[key] = mask
+        return mask
 
     def take_output(self) -> ReqOutput:
         """What the front has not seen yet (tokens, logprobs), as one delta; marks it sent."""

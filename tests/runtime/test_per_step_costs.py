@@ -3,6 +3,8 @@ front: a whole-vocabulary logit_bias and the repetition penalty's prompt tokens 
 13 ms and 3.7 ms a row a step on the 2-core VM; x128 for n=128), stop strings and stop token ids."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,6 +48,15 @@ def test_the_repetition_penalty_reads_the_requests_prompt_mask_made_once() -> No
     with_mask = _adjust([SampleRow(params, 1, 4, output, prompt, (), mask)], logits)
     from_ids = _adjust([SampleRow(params, 1, 4, output, prompt)], logits)
     assert torch.equal(with_mask, from_ids)
+
+
+def test_a_requests_n_sequences_share_one_prompt_mask() -> None:
+    msg = TokenizedGenerateReq(rid="g", input_ids=list(range(10, 40)), params=SamplingParams(repetition_penalty=1.2, n=4))
+    leader = Req.group_from_wire(msg, [1, 2, 3, 4])
+    mask = leader.followers[2].prompt_mask(V, "cpu")
+    assert all(seq.prompt_mask(V, "cpu") is mask for seq in (leader, *leader.followers))
+    other = Req.group_from_wire(dataclasses.replace(msg, rid="h"), [1, 2, 3, 4])
+    assert other.prompt_mask(V, "cpu") is not mask
 
 
 def test_the_result_processor_hands_the_sampler_the_prompt_mask(monkeypatch) -> None:
