@@ -128,7 +128,8 @@ class ResultProcessor:
                                    and len(r.output_ids) >= r.params.min_new_tokens for r in reqs):
             return greedy_argmax(rows_logits)  # what sample_rows draws for such rows, without them
         trees = [batch.draft_tree(i) for i in indices]
-        return self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask)
+        shape = (rows_logits.shape[1], str(rows_logits.device))
+        return self.sample_rows(position_rows(reqs, trees, self.eos_ids, shape), rows_logits, bitmask)
 
     def _verify(self, batch: ScheduledBatch, indices: list[int], logits: torch.Tensor,
                 grammars: GrammarRuntime | None, num_running: int, drawn: list[int] | None = None) -> list[SeqEvent]:

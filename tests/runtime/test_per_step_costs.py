@@ -96,3 +96,14 @@ def test_repeated_stop_token_ids_are_kept_once_and_looked_up_in_a_set() -> None:
     req.output_ids = [9]
     object.__setattr__(params, "stop_token_ids", ())  # the check reads the set, made once
     assert proc.check_finish(req, 9, None).matched == 9
+
+
+def test_speculative_verify_rows_take_the_prompt_mask_too() -> None:
+    from radixlm.runtime.speculative.draft_tree import DraftTree
+    from radixlm.runtime.speculative.verify import position_rows
+
+    reqs = [Req.from_wire(TokenizedGenerateReq(rid=f"r{i}", input_ids=list(range(10, 20)), params=p), seed=1)
+            for i, p in enumerate((SamplingParams(repetition_penalty=1.3), SamplingParams()))]
+    rows = position_rows(reqs, [DraftTree.chain([3, 4]), DraftTree.chain([5])], {0}, (V, "cpu"))
+    mask = reqs[0].prompt_mask(V, "cpu")
+    assert [r.prompt_mask is mask for r in rows] == [True, True, True, False, False]
