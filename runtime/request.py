@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from radixlm.runtime.io_struct import FinishReason, ReqOutput, TokenizedGenerateReq, sequence_rids
 from radixlm.runtime.sampling_params import SamplingParams
 
@@ -54,6 +56,8 @@ class Req:
     spec_accepted_tokens: int = 0
 
     finished_reason: FinishReason | None = None
+    # (vocab size, device) -> the prompt's token mask; one dict for a request's n sequences (same prompt)
+    prompt_masks: dict[tuple[int, str], Any] = field(default_factory=dict, repr=False)
     # Logprobs not yet sent to the front process.
     input_logprobs_done: bool = False
     pending_input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
@@ -80,7 +84,24 @@ class Req:
             seq.rid = rid
             seq.group_rid = msg.rid if len(seqs) > 1 else None
         seqs[0].followers = seqs[1:]
+        for seq in seqs[1:]:
+            seq.prompt_masks = seqs[0].prompt_masks  # n=128 over a 30k-token prompt: one mask, not 128
         return seqs[0]
+
+    def prompt_mask(self, vocab_size: int, device: Any) -> Any:
+        """The prompt's tokens as a [vocab] bool tensor, made once: the repetition penalty reads them at
+        every step (re-sent from the prompt's list: 3.7 ms a row a step at 30k prompt tokens on the 2-core
+        VM, where a pass over a 49k vocabulary costs 0.34 ms). None for prompts under vocab / 16 tokens,
+        whose ids cost less than that pass."""
+        if len(self.input_ids) < vocab_size // 16:
+            return None
+        key = (vocab_size, str(device))
+        mask = self.prompt_masks.get(key)
+        if mask is None:
+            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            mask[torch.tensor(self.input_ids, dtype=torch.int64, device=device)] = True
+            self.prompt_masks[key] = mask
+        return mask
 
     def take_output(self) -> ReqOutput:
         """What the front has not seen yet (tokens, logprobs), as one delta; marks it sent."""

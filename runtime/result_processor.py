@@ -19,7 +19,7 @@ from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjust
 from radixlm.runtime.schedule_batch import ScheduledBatch
 from radixlm.runtime.speculative.verify import position_rows
 from radixlm.runtime.step_logprobs import LogprobEntry, output_logprobs, record_input_logprobs, run_logprobs
-from radixlm.runtime.stop_regex import compile_stop_regexes
+from radixlm.runtime.stop_regex import StopRegexTooSlow, compile_stop_regexes
 
 if TYPE_CHECKING:
     from radixlm.runtime.grammar_runtime import GrammarRuntime
@@ -128,7 +128,8 @@ class ResultProcessor:
                                    and len(r.output_ids) >= r.params.min_new_tokens for r in reqs):
             return greedy_argmax(rows_logits)  # what sample_rows draws for such rows, without them
         trees = [batch.draft_tree(i) for i in indices]
-        return self.sample_rows(position_rows(reqs, trees, self.eos_ids), rows_logits, bitmask)
+        shape = (rows_logits.shape[1], str(rows_logits.device))
+        return self.sample_rows(position_rows(reqs, trees, self.eos_ids, shape), rows_logits, bitmask)
 
     def _verify(self, batch: ScheduledBatch, indices: list[int], logits: torch.Tensor,
                 grammars: GrammarRuntime | None, num_running: int, drawn: list[int] | None = None) -> list[SeqEvent]:
@@ -217,7 +218,7 @@ class ResultProcessor:
         greedy = True
         for r in reqs:  # one pass: what the batch needs
             p = r.params
-            b = tuple(self.eos_ids | set(p.stop_token_ids)) if len(r.output_ids) < p.min_new_tokens else ()
+            b = tuple(self.eos_ids | p.stop_token_set) if len(r.output_ids) < p.min_new_tokens else ()
             banned.append(b)
             needs_adjust = needs_adjust or bool(b) or p.has_penalties or bool(p.logit_bias)
             constrained = constrained or r.grammar is not None
@@ -225,7 +226,9 @@ class ResultProcessor:
         if not needs_adjust and not constrained and greedy:
             return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
         sample_rows = [
-            SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b)
+            SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b,
+                      r.prompt_mask(rows_logits.shape[1], rows_logits.device) if r.params.repetition_penalty != 1.0
+                      else None)
             for r, b in zip(reqs, banned)
         ]
         bitmask = None
@@ -369,11 +372,11 @@ class ResultProcessor:
     def check_finish(self, req: Req, tok: int, grammars: GrammarRuntime | None) -> FinishReason | None:
         p = req.params
         out = req.output_ids
-        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_ids
+        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_set
                 and (p.ignore_eos or tok not in self.eos_ids) and len(out) < p.max_new_tokens
                 and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len):
             return None  # the usual row, in one test: none of the conditions below can hold
-        if tok in p.stop_token_ids:
+        if tok in p.stop_token_set:
             return FinishReason.stop(tok)
         if not p.ignore_eos and tok in self.eos_ids:
             return FinishReason.stop(tok)
@@ -388,7 +391,10 @@ class ResultProcessor:
         if p.stop_regex and self.tokenizer is not None:
             regexes = compile_stop_regexes(p.stop_regex)
             ids = req.output_ids if regexes.window_tokens is None else req.output_ids[-regexes.window_tokens:]
-            matched = regexes.search(self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens))
+            try:
+                matched = regexes.search(self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens))
+            except StopRegexTooSlow as exc:  # a backtracking pattern: fail this request, not the loop
+                return FinishReason.abort(str(exc), status_code=400)
             if matched is not None:
                 return FinishReason.stop(matched, regex=True)
         if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.context_len:

@@ -28,6 +28,7 @@ class SampleRow(NamedTuple):
     output_ids: list[int]
     prompt_ids: list[int]
     banned_ids: tuple[int, ...] = ()  # e.g. EOS while below min_new_tokens
+    prompt_mask: torch.Tensor | None = None  # [vocab] bool, the prompt's tokens (Req.prompt_mask); None: from prompt_ids
 
 
 @dataclass
@@ -137,7 +138,13 @@ def apply_logit_adjustments(logits: torch.Tensor, batch: SamplingBatch) -> torch
         p = row.params
         if p.has_penalties:
             out_ids = torch.tensor(row.output_ids, dtype=torch.int64, device=device)
-            if p.repetition_penalty != 1.0:
+            if p.repetition_penalty != 1.0 and row.prompt_mask is not None:
+                seen = row.prompt_mask.clone()  # O(vocab + output) a step, whatever the prompt's length
+                seen[out_ids] = True
+                vals = logits[i]
+                logits[i] = torch.where(seen, torch.where(vals > 0, vals / p.repetition_penalty,
+                                                          vals * p.repetition_penalty), vals)
+            elif p.repetition_penalty != 1.0:
                 seen = torch.tensor(row.prompt_ids + row.output_ids, dtype=torch.int64, device=device).unique()
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
@@ -145,8 +152,8 @@ def apply_logit_adjustments(logits: torch.Tensor, batch: SamplingBatch) -> torch
                 counts = torch.zeros(vocab, device=device).index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if p.logit_bias:
-            ids = torch.tensor([tid for tid, _ in p.logit_bias], device=device)
-            logits[i, ids] += torch.tensor([b for _, b in p.logit_bias], device=device)
+            ids, biases = p.logit_bias_tensors(device)
+            logits[i, ids] += biases
         if row.banned_ids:
             logits[i, list(row.banned_ids)] = float("-inf")
     return logits

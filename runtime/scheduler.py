@@ -112,6 +112,9 @@ class Scheduler:
         # there once: info() runs every --decode-log-interval decode steps, and gc.get_freeze_count() walks
         # the whole frozen heap (40-60 ms for ~300k objects on the 2-core CPU: a stall in the decode loop).
         self.frozen_objects = 0
+        # /load_lora_adapter's reads on a thread, replies from the loop (lora/background_load.py); set by
+        # the scheduler process. None: loads run inside handle() (in-process callers).
+        self.adapter_loads: Any = None
 
     # ---------------------------------------------------------------- messages
     def handle(self, msg: object) -> ControlResp | None:

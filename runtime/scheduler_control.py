@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
 
 
-def control(sched: Scheduler, msg: ControlReq) -> ControlResp:
+def control(sched: Scheduler, msg: ControlReq) -> ControlResp | None:
     if msg.kind == "flush_cache":
         if not sched.idle:
             return ControlResp(msg.request_id, False, {"message": "Cache not flushed: requests are running"})

@@ -70,6 +70,10 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
         runner = sched.runner
         graphs = runner.graph_runner
         sched.frozen_objects = freeze_startup_heap()
+        if runner.lora is not None:
+            from radixlm.runtime.lora.background_load import AdapterLoads
+
+            sched.adapter_loads = AdapterLoads(runner.lora)
         send.send(SchedulerReady(
             model_path=model_dir, max_total_tokens=runner.max_total_tokens,
             max_running_requests=runner.max_running_requests, context_len=runner.context_len,
@@ -89,8 +93,12 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
         loop.watch_scheduler(sched)
     try:
         while True:
+            if sched.adapter_loads is not None:
+                for resp in sched.adapter_loads.finished():
+                    send.send(resp)
             # Block only when idle; otherwise just drain what has arrived.
-            if sched.idle and not recv.poll(0.5):
+            loading = sched.adapter_loads is not None and sched.adapter_loads.pending
+            if sched.idle and not recv.poll(0.01 if loading else 0.5):
                 if os.getppid() != parent:
                     return
                 continue

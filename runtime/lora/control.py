@@ -13,12 +13,14 @@ if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
 
 
-def handle_lora_control(sched: "Scheduler", msg: ControlReq) -> ControlResp:
+def handle_lora_control(sched: "Scheduler", msg: ControlReq) -> ControlResp | None:
     lora = sched.runner.lora
     name = msg.payload.get("lora_name")
     if lora is None:
         return ControlResp(msg.request_id, False, {"message": "LoRA is not enabled on this server (--enable-lora)",
                                                    "param": "lora_name"})
+    if msg.kind == "load_lora_adapter" and sched.adapter_loads is not None:
+        return sched.adapter_loads.start(msg)  # read on a thread; replied from the loop (background_load.py)
     if msg.kind == "load_lora_adapter":
         try:
             lora.load(str(name), str(msg.payload.get("lora_path")))

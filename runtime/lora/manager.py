@@ -91,12 +91,24 @@ class LoRAManager:
         """Read, check and register an adapter (AdapterError: nothing changes)."""
         return self._register(name, path, *self._read_packed(name, path))
 
-    def _read_packed(self, name: str, path: str) -> tuple[LoRAAdapter, torch.Tensor]:
+    def check_free(self, name: str) -> None:
         if name in self.adapters:
             raise AdapterError(f"LoRA adapter {name!r} is already loaded (from {self.adapters[name].path}); "
                                "unload it first")
+
+    def read_packed(self, name: str, path: str) -> tuple[LoRAAdapter, torch.Tensor]:
+        """An adapter read and packed, not yet registered: safe on another thread (background_load.py)."""
+        return self._read_packed(name, path)
+
+    def _read_packed(self, name: str, path: str) -> tuple[LoRAAdapter, torch.Tensor]:
+        self.check_free(name)
         adapter = read_adapter(name, path, self.shape, self.options.max_lora_rank, self.dtype)  # AdapterError
         return adapter, self.pool.pack(adapter)
+
+    def register(self, name: str, path: str, adapter: LoRAAdapter, packed: torch.Tensor) -> Registered:
+        """Register an adapter `read_packed` read (AdapterError if the name was taken meanwhile)."""
+        self.check_free(name)
+        return self._register(name, path, adapter, packed)
 
     def _register(self, name: str, path: str, adapter: LoRAAdapter, packed: torch.Tensor) -> Registered:
         entry = Registered(name, str(path), f"{name}#{next(self._generation)}")

@@ -19,7 +19,7 @@ from radixlm.runtime.server.chat import normalize_messages, template_kwargs
 from radixlm.runtime.server.errors import ApiError
 from radixlm.runtime.server.generation import ServerContext
 from radixlm.runtime.server.tools import ToolSpec, parse_tool_spec
-from radixlm.runtime.stop_regex import validate as validate_stop_regex
+from radixlm.runtime.stop_regex import validate_all as validate_stop_regexes
 
 # Accepted and without effect here (OpenAI bookkeeping fields).
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
@@ -99,10 +99,9 @@ def _stop_regex(body: dict[str, Any]) -> None:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
         raise _bad("stop_regex", "must be a regular expression or a list of them")
-    for pattern in items:
-        why = validate_stop_regex(pattern)
-        if why is not None:
-            raise _bad("stop_regex", why)
+    why = validate_stop_regexes(items)
+    if why is not None:
+        raise _bad("stop_regex", why)
 
 
 def _logit_bias(body: dict[str, Any], vocab: int) -> dict[str, float] | None:

@@ -20,14 +20,18 @@ from radixlm.runtime.sampler import SampleRow
 from radixlm.runtime.speculative.draft_tree import DraftTree
 
 
-def position_rows(reqs: list[Req], trees: list[DraftTree], eos_ids: Collection[int]) -> list[SampleRow]:
+def position_rows(reqs: list[Req], trees: list[DraftTree], eos_ids: Collection[int],
+                  logits_shape: tuple[int, str] | None = None) -> list[SampleRow]:
     """One SampleRow per verified position (the root, then each draft node): a position sees its
     output plus the drafts on its path (penalties, min_new_tokens) and draws with step len(output) +
-    its depth. A chain's node j is at depth j + 1, after drafts[:j + 1]."""
+    its depth. A chain's node j is at depth j + 1, after drafts[:j + 1]. `logits_shape` (vocab, device):
+    where the repetition penalty takes the request's prompt mask (Req.prompt_mask)."""
     rows = []
     for req, tree in zip(reqs, trees):
         p = req.params
-        banned_ids = tuple(set(eos_ids) | set(p.stop_token_ids))
+        banned_ids = tuple(set(eos_ids) | p.stop_token_set)
+        mask = (req.prompt_mask(*logits_shape) if logits_shape is not None and p.repetition_penalty != 1.0
+                else None)
         n_out = len(req.output_ids)
         paths: list[list[int]] = [[]]
         for tok, parent in zip(tree.tokens, tree.parents):
@@ -36,7 +40,8 @@ def position_rows(reqs: list[Req], trees: list[DraftTree], eos_ids: Collection[i
             history = req.output_ids + path if p.needs_output_history else req.output_ids
             step = n_out + len(path)
             rows.append(SampleRow(params=p, seed=req.seed, step=step, output_ids=history,
-                                  prompt_ids=req.input_ids, banned_ids=banned_ids if step < p.min_new_tokens else ()))
+                                  prompt_ids=req.input_ids, banned_ids=banned_ids if step < p.min_new_tokens else (),
+                                  prompt_mask=mask))
     return rows
 
 

@@ -1,0 +1,161 @@
+"""Issue 14.5 / trust: how long one request's fields can hold the scheduler's loop.
+
+Part 1 runs the default model's Scheduler in-process on the CPU (as benchmarks/f_timeline.py does):
+a request with a backtracking stop_regex beside a plain one; the longest Scheduler.step and the
+median step, next to the same requests with a benign stop_regex (`base`). A run still busy after
+--limit-s is cut there (on main's code the search never ends).
+Part 2 times the sampler's per-row, per-step host work that a request's fields scale: a
+whole-vocabulary logit_bias and the repetition penalty over a long prompt, as the result processor
+hands them to apply_logit_adjustments at each step (the least of --reps, after a warm-up).
+Part 3 times the finish check of one row at one step with long stop lists.
+
+    timeout 900 python benchmarks/stall_audit.py --out /tmp/stall_audit.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from radixlm.runtime.io_struct import TokenizedGenerateReq
+from radixlm.runtime.model_source import resolve_model_path
+from radixlm.runtime.request import Req
+from radixlm.runtime.sampler import SampleRow, SamplingBatch, apply_logit_adjustments
+from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.scheduler import Scheduler
+from radixlm.runtime.server_args import ServerArgs
+
+BACKTRACKING = r"(?:[\s\S]|[\s\S]{2})+(?:\x01|\x02)"  # exponential in the output's length, in re and regex
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def run_scheduler(sched: Scheduler, reqs: list[TokenizedGenerateReq], limit_s: float) -> dict:
+    """Steps on a thread so that a step that never returns is reported, not waited for."""
+    steps: list[float] = []
+    reasons: dict[str, object] = {}
+
+    def loop() -> None:
+        for r in reqs:
+            sched.handle(r)
+        while not sched.idle:
+            t = time.perf_counter()
+            sched.step()
+            steps.append(time.perf_counter() - t)
+            for out in sched.pop_outputs():
+                if out.finished_reason is not None:
+                    reasons[out.rid] = out.finished_reason.to_json()
+
+    start = time.perf_counter()
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    worker.join(limit_s)
+    stalled = worker.is_alive()
+    longest = max(steps + ([time.perf_counter() - start - sum(steps)] if stalled else [0.0]))
+    return {"steps": len(steps), "longest_ms": round(longest * 1e3, 1), "stalled_past_limit": stalled,
+            "median_step_ms": round(statistics.median(steps) * 1e3, 2) if steps else None, "finished": reasons}
+
+
+def per_row_step_ms(row: SampleRow, vocab: int, reps: int) -> float:
+    logits = torch.randn(1, vocab)
+    times = []
+    for _ in range(5):  # warm-up (first calls allocate)
+        apply_logit_adjustments(logits.clone(), SamplingBatch.build([row], vocab, logits.device))
+    for _ in range(reps):
+        t = time.perf_counter()
+        apply_logit_adjustments(logits.clone(), SamplingBatch.build([row], vocab, logits.device))
+        times.append(time.perf_counter() - t)
+    return round(min(times) * 1e3, 3)
+
+
+def sampler_rows(vocab: int, prompt_len: int) -> dict[str, SampleRow]:
+    """Rows as ResultProcessor.sample makes them (with the request's prompt mask where the code has it)."""
+    out = list(range(5, 205))
+    bias = SamplingParams(logit_bias=tuple((t, 0.5) for t in range(vocab)))
+    one = SamplingParams(logit_bias=((7, 0.5),))
+    rep = SamplingParams(repetition_penalty=1.1)
+    prompt = [(i * 7919) % (vocab - 10) + 5 for i in range(prompt_len)]
+    req = Req.from_wire(TokenizedGenerateReq(rid="r", input_ids=prompt, params=rep), seed=1)
+    mask = req.prompt_mask(vocab, "cpu") if hasattr(req, "prompt_mask") else None
+    extra = (mask,) if mask is not None else ()
+    return {
+        "logit_bias, 1 entry": SampleRow(one, 1, 200, out, prompt[:16]),
+        f"logit_bias, whole vocabulary ({vocab})": SampleRow(bias, 1, 200, out, prompt[:16]),
+        "repetition_penalty, 16-token prompt": SampleRow(rep, 1, 200, out, prompt[:16], (), *(
+            (Req.from_wire(TokenizedGenerateReq(rid="s", input_ids=prompt[:16], params=rep), seed=1)
+             .prompt_mask(vocab, "cpu"),) if extra else ())),
+        f"repetition_penalty, {prompt_len}-token prompt": SampleRow(rep, 1, 200, out, prompt, (), *extra),
+    }
+
+
+def finish_check_ms(tok, reps: int) -> dict[str, float]:
+    """Part 3: ResultProcessor.check_finish for one row at one step (a 200-token output), with stop
+    lists as a 64-MB body could carry them (built directly, past the front's bounds) and at the bounds."""
+    from radixlm.runtime.result_processor import ResultProcessor
+
+    proc = ResultProcessor.__new__(ResultProcessor)
+    proc.eos_ids, proc.tokenizer, proc.context_len = frozenset({0}), tok, 1 << 20
+    cases = {
+        "stop: 100,000 strings of 6 chars": SamplingParams(stop=tuple(f"q{i:05d}" for i in range(100_000))),
+        "stop: 256 strings, 8,192 chars (the bound)": SamplingParams(stop=tuple("q" * 31 + f"{i:01d}" for i in range(256))),
+        "stop_token_ids: 1,000,000 (one id repeated)": SamplingParams(stop_token_ids=(5,) * 1_000_000),
+        "stop_token_ids: 4,096 distinct (the bound)": SamplingParams(stop_token_ids=tuple(range(1, 4097))),
+    }
+    out = {}
+    for name, params in cases.items():
+        req = Req.from_wire(TokenizedGenerateReq(rid="r", input_ids=[1, 2, 3], params=params), seed=1)
+        req.output_ids = list(range(300, 500))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            proc.check_finish(req, 7, None)
+            times.append(time.perf_counter() - t)
+        out[name] = round(min(times[2:] or times) * 1e3, 3)
+        print(name, out[name], "ms", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--limit-s", type=float, default=60.0)
+    ap.add_argument("--prompt-len", type=int, default=30000, help="part 2's long prompt")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sampler-only", action="store_true", help="parts 2 and 3 only")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # part 2: one thread (pool wake-ups on a loaded 2-core VM swamped the figures)
+    model_dir = resolve_model_path(None, progress=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    results: dict[str, dict] = {"sampler_per_row_step_ms": {}}
+    for name, row in sampler_rows(len(tok), args.prompt_len).items():
+        results["sampler_per_row_step_ms"][name] = per_row_step_ms(row, len(tok), args.reps)
+        print(name, results["sampler_per_row_step_ms"][name], "ms", flush=True)
+    results["finish_check_per_row_step_ms"] = finish_check_ms(tok, 10)
+    if args.sampler_only:
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0
+    sched = Scheduler(ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=4096).resolve(), model_dir, tok)
+    ids = tok.encode(PROMPT)
+    for label, pattern in (("base", r"\bzebra\b"), ("adversary", BACKTRACKING)):
+        params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new, ignore_eos=True, stop_regex=(pattern,))
+        plain = SamplingParams(temperature=0.0, max_new_tokens=args.max_new, ignore_eos=True)
+        reqs = [TokenizedGenerateReq(rid=f"{label}-stop_regex", input_ids=ids, params=params),
+                TokenizedGenerateReq(rid=f"{label}-plain", input_ids=ids[:-1], params=plain)]
+        results[f"stop_regex {label}"] = run_scheduler(sched, reqs, args.limit_s)
+        print(label, results[f"stop_regex {label}"], flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
