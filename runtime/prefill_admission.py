@@ -52,6 +52,8 @@ def schedule_prefill(sched: Scheduler) -> ScheduledBatch | None:
         sched.adapter_demand, sched.runner.lora.resident())
     if adapters is not None:  # only requests whose adapter fits this batch's device slots
         candidates = [r for r in candidates if adapters.admits(r)]
+        if sched.adapter_loads is not None:  # an adapter evicted from host memory: read back on a thread first
+            candidates = sched.adapter_loads.hold_unread(sched, candidates)
         if not candidates:
             return batch if batch.reqs else None
     ordered = order_waiting(candidates, sched.args.schedule_policy, sched._peek_prefix_len)

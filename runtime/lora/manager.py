@@ -141,6 +141,31 @@ class LoRAManager:
     def _read(self, entry: Registered) -> torch.Tensor:
         return self.pool.pack(read_adapter(entry.name, entry.path, self.shape, self.options.max_lora_rank, self.dtype))
 
+    # ---------------------------------------------------------------- evicted host copies, read back off the loop
+    def needs_read(self, name: str) -> bool:
+        """Using `name` now would read its folder (evicted from host memory by --max-loaded-loras, in no
+        device slot, not staged): the scheduler process reads it on a thread first (background_load.py)."""
+        entry = self.adapters.get(name)
+        return (entry is not None and entry.host is None and name not in self._slot_index
+                and self._staged is not entry)
+
+    def read_back(self, name: str) -> tuple[str, torch.Tensor]:
+        """`name`'s host copy read again from its folder, with the load generation it belongs to: safe on
+        another thread (nothing of the manager changes; `restore` puts it back on the loop)."""
+        entry = self.adapters[name]
+        return entry.uid, self._read(entry)
+
+    def restore(self, uid: str, packed: torch.Tensor) -> bool:
+        """Keep a host copy `read_back` made, if its adapter is still the one read (not unloaded, nor
+        reloaded under its name, meanwhile) and still out of host memory; as recently used (lru), so the
+        next read-back does not evict it before its requests take a slot."""
+        entry = next((e for e in self.adapters.values() if e.uid == uid), None)
+        if entry is None or entry.host is not None:
+            return False
+        self._keep_host(entry, packed, busy=set())
+        entry.used_at = next(self._clock)
+        return True
+
     def _keep_host(self, entry: Registered, packed: torch.Tensor, busy: set[str]) -> None:
         cap = self.options.max_loaded_loras
         held = [e for e in self.adapters.values() if e.host is not None and e is not entry]
@@ -193,7 +218,9 @@ class LoRAManager:
     # ---------------------------------------------------------------- one batch
     def slot_of(self, name: str, busy: set[str], keep: frozenset[str] = frozenset()) -> int:
         """The device slot holding `name`, swapping it in (from host memory, or its folder) if needed;
-        never into a slot of `busy` (this batch's), nor of `keep` (in flight) while another is left."""
+        never into a slot of `busy` (this batch's), nor of `keep` (in flight) while another is left. In the
+        scheduler process the folder read happened on the lora-load thread before the adapter's requests
+        were admitted (`AdapterLoads.hold_unread`); a read here is the in-process path."""
         now = next(self._clock)
         index = self._slot_index.get(name)
         if index is not None:
