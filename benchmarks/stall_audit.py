@@ -8,6 +8,10 @@ Part 2 times the sampler's per-row, per-step host work that a request's fields s
 whole-vocabulary logit_bias and the repetition penalty over a long prompt, as the result processor
 hands them to apply_logit_adjustments at each step (the least of --reps, after a warm-up).
 Part 3 times the finish check of one row at one step with long stop lists.
+Part 4 (`--lora`, alone) times the steps of a plain request while a request arrives for an adapter
+that --max-loaded-loras evicted from host memory (rank 64 on every module, ~78 MB of bfloat16):
+read inside the step (the in-process path, as before fddc018) and on the scheduler process's
+lora-load thread (AdapterLoads attached, as the scheduler process does).
 
     timeout 900 python benchmarks/stall_audit.py --out /tmp/stall_audit.json
 """
@@ -120,6 +124,51 @@ def finish_check_ms(tok, reps: int) -> dict[str, float]:
     return out
 
 
+def lora_read_back(model_dir: Path, tok, max_new: int) -> dict[str, dict]:
+    """Part 4: the plain request's steps from the adapter request's arrival on, each way."""
+    import tempfile
+
+    from lora import write_adapter  # benchmarks/lora.py: a PEFT folder as peft writes it
+
+    from radixlm.runtime.lora.background_load import AdapterLoads
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = tuple(f"a{i}={write_adapter(Path(tmp) / f'a{i}', cfg, i, rank=64, device='cpu')}" for i in range(2))
+        ids = tok.encode(PROMPT)
+        for label, threaded in (("read in the step", False), ("lora-load thread", True)):
+            args = ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=4096, enable_lora=True,
+                              lora_paths=paths, max_loaded_loras=1, max_loras_per_batch=1, max_lora_rank=64)
+            sched = Scheduler(args.resolve(), model_dir, tok)
+            if threaded:
+                sched.adapter_loads = AdapterLoads(sched.runner.lora)
+            plain = SamplingParams(temperature=0.0, max_new_tokens=max_new, ignore_eos=True)
+            sched.handle(TokenizedGenerateReq(rid="plain", input_ids=ids, params=plain))
+            steps: list[float] = []
+            after: list[float] = []
+            reasons: dict[str, object] = {}
+            while not sched.idle:
+                if len(steps) == 4:  # a0 left host memory as a1 was loaded at start-up
+                    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+                    sched.handle(TokenizedGenerateReq(rid="lora", input_ids=ids[:-1], params=params, lora_path="a0"))
+                t = time.perf_counter()
+                sched.step()
+                (after if len(steps) >= 4 else []).append(time.perf_counter() - t)
+                steps.append(time.perf_counter() - t)
+                for o in sched.pop_outputs():
+                    if o.finished_reason is not None:
+                        reasons[o.rid] = o.finished_reason.to_json()
+            out[label] = {"steps": len(steps), "longest_after_arrival_ms": round(max(after) * 1e3, 1),
+                          "after_arrival_ms": [round(x * 1e3, 1) for x in after[:8]],
+                          "median_step_ms": round(statistics.median(steps) * 1e3, 2), "finished": reasons}
+            t = time.perf_counter()
+            sched.runner.lora.read_back("a1")  # the read alone, on an idle loop
+            out[label]["read_back_alone_ms"] = round((time.perf_counter() - t) * 1e3, 1)
+            print(label, out[label], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -128,12 +177,18 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=30000, help="part 2's long prompt")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sampler-only", action="store_true", help="parts 2 and 3 only")
+    ap.add_argument("--lora", action="store_true", help="part 4 only")
     args = ap.parse_args()
     torch.set_num_threads(1)  # part 2: one thread (pool wake-ups on a loaded 2-core VM swamped the figures)
     model_dir = resolve_model_path(None, progress=False)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if args.lora:
+        results = {"lora_read_back": lora_read_back(model_dir, tok, args.max_new)}
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0
     results: dict[str, dict] = {"sampler_per_row_step_ms": {}}
     for name, row in sampler_rows(len(tok), args.prompt_len).items():
         results["sampler_per_row_step_ms"][name] = per_row_step_ms(row, len(tok), args.reps)
