@@ -12,6 +12,9 @@ Part 4 (`--lora`, alone) times the steps of a plain request while a request arri
 that --max-loaded-loras evicted from host memory (rank 64 on every module, ~78 MB of bfloat16):
 read inside the step (the in-process path, as before fddc018) and on the scheduler process's
 lora-load thread (AdapterLoads attached, as the scheduler process does).
+Part 5 (`--input-logprobs`, alone) times one 2,048-row prefill chunk's input logprobs at top 0/20/100:
+on the loop, `record_input_logprobs` and pickling the ReqOutput for the pipe; on the front, unpickling
+it and making the per-token lists (`top_rows.expand`).
 
     timeout 900 python benchmarks/stall_audit.py --out /tmp/stall_audit.json
 """
@@ -169,6 +172,74 @@ def lora_read_back(model_dir: Path, tok, max_new: int) -> dict[str, dict]:
     return out
 
 
+def top_form_ms(logits: torch.Tensor, k: int, reps: int) -> dict[str, float]:
+    """The loop's part that the two forms differ in, side by side from one chunk's top-k tensors: lists of
+    pairs (as the loop made before) or a TopRows, each made and pickled for the pipe."""
+    import pickle
+
+    from radixlm.runtime.sampler import token_logprobs
+    from radixlm.runtime.top_rows import TopRows
+
+    if k == 0:
+        return {}
+    _, vals, ids = token_logprobs(logits, torch.zeros(len(logits), dtype=torch.long), k)
+    lists, arrays = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        pickle.dumps([list(zip(v, i)) for v, i in zip(vals.tolist(), ids.tolist())])
+        t1 = time.perf_counter()
+        pickle.dumps(TopRows(vals.numpy(), ids.numpy()))
+        lists.append(t1 - t)
+        arrays.append(time.perf_counter() - t1)
+    return {"lists_and_pickle_ms": round(min(lists) * 1e3, 1), "arrays_and_pickle_ms": round(min(arrays) * 1e3, 2)}
+
+
+def input_logprobs(vocab: int, rows: int, reps: int) -> dict[str, dict[str, float]]:
+    """Part 5: the least of `reps` for each side, per top-k."""
+    import pickle
+
+    from radixlm.runtime import step_logprobs
+    from radixlm.runtime.io_struct import ReqOutput
+    from radixlm.runtime.top_rows import expand
+
+    computed: list[float] = []  # log_softmax + topk (the same both ways): timed apart from the host work after it
+    real = step_logprobs.token_logprobs
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        result = real(*a, **kw)
+        computed.append(time.perf_counter() - t)
+        return result
+
+    step_logprobs.token_logprobs = timed
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab) * 4
+    out: dict[str, dict[str, float]] = {}
+    for k in (0, 20, 100):
+        loop, host, front = [], [], []
+        for _ in range(reps):
+            params = SamplingParams(temperature=0.0, max_new_tokens=1)
+            req = Req.from_wire(TokenizedGenerateReq(rid="r", input_ids=list(range(rows + 1)), params=params,
+                                                     return_logprob=True, logprob_start_len=0, top_logprobs_num=k), seed=1)
+            t = time.perf_counter()
+            step_logprobs.record_input_logprobs(req, logits, list(range(rows)), 1)
+            wire = pickle.dumps(ReqOutput("r", [], None, rows + 1, 0, 0, input_token_logprobs=req.pending_input_logprobs,
+                                          input_top_logprobs=req.pending_input_top))
+            t1 = time.perf_counter()
+            got = pickle.loads(wire)
+            lists = expand(got.input_top_logprobs)
+            front.append(time.perf_counter() - t1)
+            loop.append(t1 - t)
+            host.append(t1 - t - computed[-1])
+            assert len(lists) == rows + 1
+        out[f"top {k}"] = {"loop_ms": round(min(loop) * 1e3, 1), "loop_after_topk_ms": round(min(host) * 1e3, 1),
+                           "front_ms": round(min(front) * 1e3, 1),
+                           "wire_mb": round(len(wire) / 1e6, 2), **top_form_ms(logits, k, reps)}
+        print(f"input logprobs, {rows} rows, top {k}", out[f"top {k}"], flush=True)
+    step_logprobs.token_logprobs = real
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -178,12 +249,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sampler-only", action="store_true", help="parts 2 and 3 only")
     ap.add_argument("--lora", action="store_true", help="part 4 only")
+    ap.add_argument("--input-logprobs", action="store_true", help="part 5 only")
     args = ap.parse_args()
     torch.set_num_threads(1)  # part 2: one thread (pool wake-ups on a loaded 2-core VM swamped the figures)
     model_dir = resolve_model_path(None, progress=False)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if args.input_logprobs:
+        results = {"input_logprobs_per_chunk": input_logprobs(len(tok), 2048, 5)}
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0
     if args.lora:
         results = {"lora_read_back": lora_read_back(model_dir, tok, args.max_new)}
         if args.out:

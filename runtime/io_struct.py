@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.top_rows import TopRows
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class ReqOutput:
     cached_tokens: int
     completion_tokens: int
     input_token_logprobs: list[tuple[float | None, int]] | None = None
-    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    # per prompt token (None, or its pairs), a prefill chunk's as one TopRows: the front expands them
+    input_top_logprobs: list[list[tuple[float, int]] | TopRows | None] | None = None
     output_token_logprobs: list[tuple[float, int]] | None = None
     output_top_logprobs: list[list[tuple[float, int]]] | None = None
     forced_tokens: int = 0

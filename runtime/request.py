@@ -8,6 +8,7 @@ import torch
 
 from radixlm.runtime.io_struct import FinishReason, ReqOutput, TokenizedGenerateReq, sequence_rids
 from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.top_rows import TopRows
 
 
 @dataclass(eq=False)
@@ -61,7 +62,7 @@ class Req:
     # Logprobs not yet sent to the front process.
     input_logprobs_done: bool = False
     pending_input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
-    pending_input_top: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    pending_input_top: list[list[tuple[float, int]] | TopRows | None] = field(default_factory=list)
     pending_output_logprobs: list[tuple[float, int]] = field(default_factory=list)
     pending_output_top: list[list[tuple[float, int]]] = field(default_factory=list)
     sent_output_len: int = 0

@@ -7,21 +7,23 @@ import torch
 
 from radixlm.runtime.request import Req
 from radixlm.runtime.sampler import token_logprobs
+from radixlm.runtime.top_rows import TopRows
 
 # (the chosen token's logprob, the top-k (logprob, token id) pairs or None)
 LogprobEntry = tuple[float, list[tuple[float, int]] | None]
 
 
 def record_input_logprobs(req: Req, logits: torch.Tensor, rows: list[int], first_pos: int) -> None:
-    """The prompt tokens' logprobs from `first_pos` on (the first token has none), onto the request."""
+    """The prompt tokens' logprobs from `first_pos` on (the first token has none), onto the request; their
+    top-k as one `TopRows` for the chunk."""
     if first_pos == 1 and req.logprob_start_len == 0 and not req.pending_input_logprobs:
         req.pending_input_logprobs.append((None, req.input_ids[0]))
         req.pending_input_top.append(None)
     targets = torch.tensor(req.input_ids[first_pos : first_pos + len(rows)], device=logits.device)
     chosen, top_vals, top_ids = token_logprobs(logits[rows], targets, req.top_logprobs_num)
     req.pending_input_logprobs.extend(zip(chosen.tolist(), targets.tolist()))
-    if top_vals is not None and top_ids is not None:
-        req.pending_input_top.extend([list(zip(v, t)) for v, t in zip(top_vals.tolist(), top_ids.tolist())])
+    if top_vals is not None and top_ids is not None:  # the front makes the lists (top_rows.py)
+        req.pending_input_top.append(TopRows(top_vals.cpu().numpy(), top_ids.cpu().numpy()))
     else:
         req.pending_input_top.extend([None] * len(rows))
 

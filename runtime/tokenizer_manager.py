@@ -26,6 +26,7 @@ from radixlm.runtime.scheduler_process import load_tokenizer
 from radixlm.runtime.sequence_output import LogprobDelta, SequenceDelta, TokenLogprob, common_prefix_len
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.stop_regex import regex_holdback, trim_at_first_match
+from radixlm.runtime.top_rows import expand
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,12 @@ class TokenizerManager:
         finished = out.finished_reason is not None
         state.detok.add(out.output_ids, final=finished)
         state.last = out
-        for name in ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs", "output_top_logprobs"):
+        for name in ("input_token_logprobs", "output_token_logprobs", "output_top_logprobs"):
             delta = getattr(out, name)
             if delta:
                 getattr(state, name).extend(delta)
+        if out.input_top_logprobs:  # a prefill chunk's top-k comes as arrays: the lists are made here, off the loop
+            state.input_top_logprobs.extend(expand(out.input_top_logprobs))
         state.finished = finished
 
     def _on_replica_death(self, replica: Replica) -> None:

@@ -9,6 +9,7 @@ from radixlm.runtime.io_struct import ReqOutput, TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.top_rows import expand
 
 
 @lru_cache(maxsize=8)
@@ -64,9 +65,10 @@ def merge(results: dict[str, dict], out: ReqOutput) -> None:
     r["prompt_tokens"] = out.prompt_tokens
     r["num_retractions"] = out.num_retractions
     r["forced_tokens"] = out.forced_tokens
-    for k in ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs", "input_top_logprobs"):
+    for k in ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs"):
         if getattr(out, k):
             r[k].extend(getattr(out, k))
+    r["input_top_logprobs"].extend(expand(out.input_top_logprobs or []))  # as the front does
 
 
 def greedy_req(rid: str, ids: list[int], max_new: int, **params) -> TokenizedGenerateReq:
