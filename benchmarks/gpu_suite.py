@@ -199,7 +199,8 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
 
 def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
            engine_mask_threads: int | None = None, state_tables: list[str] | None = None, profile: bool = True,
-           wait_tables: bool = False, warm_shapes: bool = True, forced_rows: tuple[bool, ...] = (False,)) -> dict:
+           wait_tables: bool = False, warm_shapes: bool = True, forced_rows: tuple[bool, ...] = (False,),
+           flag_arms: tuple[tuple[str, ...], ...] = ((),)) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -208,14 +209,16 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 
     out: dict = {}
     if state_tables:  # --grammar-state-table side by side: the Engine's tok/s ratios only
-        for table, rows in [(t, r) for t in state_tables for r in forced_rows]:  # one Engine per setting
+        for table, rows, flags in [(t, r, f) for t in state_tables for r in forced_rows for f in flag_arms]:  # an Engine each
             by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table, wait_tables,
-                                         warm_shapes, rows)
+                                         warm_shapes, rows, {flag: True for flag in flags})
             gc.collect()
             torch.cuda.empty_cache()
             for batch, res in by_batch.items():
-                label = f"--grammar-state-table {table}" + (" --enable-forced-rows" if rows else "")
-                out[f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "")] = res
+                label = f"--grammar-state-table {table}" + (" --enable-forced-rows" if rows else "") + "".join(
+                    f" --{flag.replace('_', '-')}" for flag in flags)
+                out[f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "") + "".join(
+                    f"_{flag}" for flag in flags)] = res
                 js = res["json_schema"]
                 print(f"(f) batch {batch} {label}: json/unconstrained {res['constrained_vs_unconstrained_tok_s']:.3f}x raw, "
                       f"{res['constrained_vs_same_lengths_tok_s']:.3f}x same lengths (json {js['tok_s']:.0f} tok/s, same-length "
@@ -302,7 +305,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...]] = (None, True, False, True, (False,))
+                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...], tuple[tuple[str, ...], ...]] = (
+                         None, True, False, True, (False,), ((),))
                      ) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
@@ -354,6 +358,10 @@ def main() -> None:
     ap.add_argument("--f-forced-rows", default="off",
                     help="(f) with --f-state-table: off, on or off,on (side by side, an Engine each): --enable-forced-rows, "
                          "grammar-forced tokens computed as extra decode rows (runtime/forced_rows.py)")
+    ap.add_argument("--f-flag-arms", default="-",
+                    help="(f) with --f-state-table: arms separated by ';', an Engine each, side by side: each arm a "
+                         "'+'-joined list of boolean server options set on (ServerArgs field names), '-' for none; e.g. "
+                         "'-;enable_overlap_constrained_prefill'")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -385,7 +393,8 @@ def main() -> None:
                       args.f_engine_mask_threads),
                      (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile,
                       args.f_wait_tables, not args.f_no_shape_warmup,
-                      tuple(v == "on" for v in args.f_forced_rows.split(","))))
+                      tuple(v == "on" for v in args.f_forced_rows.split(",")),
+                      tuple(tuple(f for f in arm.split("+") if f not in ("", "-")) for arm in args.f_flag_arms.split(";"))))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -172,7 +172,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
                    state_table: str | None = None, wait_tables: bool = False,
-                   warm_shapes: bool = True, forced_rows: bool = False) -> dict[int | str, dict]:
+                   warm_shapes: bool = True, forced_rows: bool = False,
+                   engine_flags: dict[str, Any] | None = None) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
     later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
     named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
@@ -182,7 +183,8 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
     of the masked draw run). `wait_tables`: after that warm-up the JSON run also waits until the
     schema's state table is completed in the background (a server that has served the schema for a
     few seconds); without it the first JSON run may race the completion ("table_wait_s" says how long
-    the wait was). `warm_shapes`: after the first unconstrained run, the same prompts decode once more
+    the wait was). `engine_flags`: more Engine options (an A/B's arm).
+    `warm_shapes`: after the first unconstrained run, the same prompts decode once more
     with staggered lengths (`warm_batch_sizes`), so that the JSON run is not the first to meet each
     decode batch size below the full one (the same-length run, after it, met them all warm: the H200's
     2026-12-04 mid round measured the JSON run's forward launches 51 ms longer in all at 64 rows, 120 ms
@@ -198,6 +200,7 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
         args["grammar_state_table"] = state_table
     if forced_rows:
         args["enable_forced_rows"] = True
+    args.update(engine_flags or {})
     from radixlm.runtime.loop_stats import ENV, read_last
 
     # the scheduler process's loop, per run (runtime/loop_stats.py): steps, time in them, waits
