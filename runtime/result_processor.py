@@ -99,7 +99,7 @@ class ResultProcessor:
             reqs = [r for r, _, _ in to_sample]
             rows = [row for _, row, _ in to_sample]
             rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
-            next_ids = self.sample(reqs, rows_logits, grammars)
+            next_ids = self.sample(reqs, rows_logits, grammars, any(r.return_logprob for r in reqs))  # (masks in place)
             lp_map = output_logprobs(reqs, rows_logits, next_ids)
             events += self._append(reqs, next_ids.tolist(), lp_map, [d for _, _, d in to_sample], grammars,
                                    num_running, allow_jump=True)

@@ -94,3 +94,25 @@ def test_prompt_rows_count_as_running_when_a_jump_is_judged(monkeypatch) -> None
     seen.clear()
     proc._append(reqs, [9] * 4, {}, [True] * 4, None, 10, allow_jump=True, advanced=set())
     assert seen == [10] * 4  # (decode rows: as before)
+
+
+def test_synchronous_constrained_step_masks_the_logits_in_place(default_model_dir, monkeypatch) -> None:
+    """A synchronous step (here: no overlap) reads its logits after the draw only for logprobs: without them
+    the grammar mask goes into the logits in place, no [B, V] copy; with them, into a copy."""
+    needed: list[bool] = []
+    inner = ResultProcessor.sample_rows
+    monkeypatch.setattr(ResultProcessor, "sample_rows", staticmethod(
+        lambda rows, logits, bitmask, after=True: needed.append(after) or inner(rows, logits, bitmask, after)))
+    sched = make_scheduler(default_model_dir, grammar_mask_threads=0)
+    try:
+        spec = json.dumps(SCHEMA)
+        run_to_completion(sched, [TokenizedGenerateReq(rid=f"r{i}", input_ids=[5, 6, 7 + i], params=SamplingParams(
+            temperature=0.0, max_new_tokens=3, json_schema=spec)) for i in range(2)])
+        assert needed and not any(needed)
+        needed.clear()
+        got = run_to_completion(sched, [TokenizedGenerateReq(rid="lp", input_ids=[5, 6, 9], return_logprob=True,
+                                                             params=SamplingParams(temperature=0.0, max_new_tokens=3,
+                                                                                   json_schema=spec))])
+        assert needed and all(needed) and len(got["lp"]["output_token_logprobs"]) == 3
+    finally:
+        sched.grammars.close()
