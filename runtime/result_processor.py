@@ -63,6 +63,7 @@ class ResultProcessor:
         self.context_len = context_len
         self.jump_forward_enabled = jump_forward
         self.decode_graphs = decode_graphs  # decode steps replay CUDA graphs: an extend step costs more
+        self.prompt_rows_running = False  # (--enable-overlap-constrained-prefill: see _append)
 
     # ---------------------------------------------------------------- results
     def process(self, batch: ScheduledBatch, logits: torch.Tensor, forks: dict[Req, list[Req]],
@@ -264,11 +265,11 @@ class ResultProcessor:
         `num_running` is followed through the rows as the scheduler will apply their events: the
         worth of a jump depends on how many rows decode alongside. `rides`: per row the grammar-forced
         tokens that follow its token (never with logprobs), appended after it with every finish check.
-        Rows whose prompt just completed count as running from the start: they decode in the next step,
-        whose eager extend a jump would cost them too (and a prompts-only batch's jumps are then judged
-        at one count, which step_order.constrained_prefill_overlaps reads before sampling)."""
+        With `prompt_rows_running`, rows whose prompt just completed count from the start (they decode in
+        the next step too): a prompts-only batch is judged at the count constrained_prefill_overlaps reads."""
         events = []
-        num_running += decoding.count(False)
+        if self.prompt_rows_running:
+            num_running += decoding.count(False)
         due = (self.advance_grammars(reqs, ids, grammars, num_running, allow_jump, rides) if advanced is None
                else advanced)
         for i, (req, tok, was_running) in enumerate(zip(reqs, ids, decoding)):
@@ -291,6 +292,8 @@ class ResultProcessor:
                       and self._jump_forward(req, grammars, num_running))
             if was_running and (reason is not None or jumped):
                 num_running -= 1
+            elif not was_running and reason is None and not jumped and not self.prompt_rows_running:
+                num_running += 1
             events.append(SeqEvent(req, was_running, reason, jumped, sampled=1 + sampled, unverified=unverified,
                                    jump_due=bool(due) and reason is None and id(req) in due and not req.return_logprob))
         return events
@@ -339,12 +342,10 @@ class ResultProcessor:
 
     @staticmethod
     def can_defer_prefill(batch: ScheduledBatch, grammars_ok: bool = False) -> bool:
-        """Whether this extend batch's first tokens can be sampled on the device and committed a
-        step later. Its rows' tokens are all on the host, so sampling needs nothing pending; what
-        `process` does beyond sampling must not apply: input or output logprobs (read from the
-        logits), a grammar unless `grammars_ok` (a jump right after the first token: the caller
-        knows none pays, step_order.constrained_prefill_overlaps), followers (n > 1: forks of the
-        prompt's KV), max_new_tokens 0 (finished without a token), decode or verify rows."""
+        """Whether this extend batch's first tokens can be sampled on the device and committed a step later
+        (its rows' tokens are all on the host): not with what `process` does beyond sampling: logprobs (read
+        from the logits), a grammar unless `grammars_ok` (a jump right after the first token: the caller knows
+        none pays), followers (n > 1: forks of the prompt's KV), max_new_tokens 0, decode or verify rows."""
         if batch.mode is not ForwardMode.EXTEND or batch.has_drafts or any(batch.decoding):
             return False
         return not any(r.return_logprob or (r.grammar is not None and not grammars_ok) or r.followers

@@ -79,8 +79,10 @@ def test_only_where_no_jump_can_follow_the_first_token(default_model_dir, monkey
 
 def test_prompt_rows_count_as_running_when_a_jump_is_judged(monkeypatch) -> None:
     """A jump's extend step takes every row of the next decode step off the graph path, those whose prompt
-    just completed included: every row of a prefill batch is judged at the running rows plus the batch's."""
+    just completed included: with the flag, every row of a prefill batch is judged at the running rows plus
+    the batch's (the count the overlap's gate reads); without it, as before."""
     proc = ResultProcessor(None, {0}, 4096, jump_forward=True, decode_graphs=True)
+    proc.prompt_rows_running = True  # (the scheduler sets it with --enable-overlap-constrained-prefill)
     seen: list[int] = []
     monkeypatch.setattr(proc, "_jump_forward", lambda req, grammars, n: seen.append(n) and False)
     reqs = []
@@ -94,6 +96,10 @@ def test_prompt_rows_count_as_running_when_a_jump_is_judged(monkeypatch) -> None
     seen.clear()
     proc._append(reqs, [9] * 4, {}, [True] * 4, None, 10, allow_jump=True, advanced=set())
     assert seen == [10] * 4  # (decode rows: as before)
+    seen.clear()
+    proc.prompt_rows_running = False  # (off: each prompt row judged at the rows before it, as before)
+    proc._append(reqs, [9] * 4, {}, [False] * 4, None, 10, allow_jump=True, advanced=set())
+    assert seen == [10, 11, 12, 13]
 
 
 def test_synchronous_constrained_step_masks_the_logits_in_place(default_model_dir, monkeypatch) -> None:
