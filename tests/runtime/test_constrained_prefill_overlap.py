@@ -22,7 +22,8 @@ SCHEMA = {"type": "object", "properties": {
     "active": {"type": "boolean"}}, "required": ["id", "name", "tags", "active"], "additionalProperties": False}
 
 
-def _run(model_dir, overlap: bool, params: list[dict], graphs: bool = False, **options) -> tuple[dict, dict]:
+def _run(model_dir, overlap: bool, params: list[dict], graphs: bool = False, prompts: list[list[int]] | None = None,
+         **options) -> tuple[dict, dict]:
     sched = make_scheduler(model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
                            enable_overlap_constrained_prefill=overlap, grammar_state_table="complete", **options)
     sched.results.decode_graphs = graphs  # (jump-forward's worth as beside CUDA graphs: judged by the running rows)
@@ -37,7 +38,8 @@ def _run(model_dir, overlap: bool, params: list[dict], graphs: bool = False, **o
             sched.grammars.file_completed_rows()
             time.sleep(0.05)
         sched.stats.update({k: 0 for k in sched.stats if k.endswith("_steps")})
-        reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=prompt + [100 + i], params=SamplingParams(**p))
+        reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=prompts[i] if prompts else prompt + [100 + i],
+                                     params=SamplingParams(**p))
                 for i, p in enumerate(params)]
         got = run_to_completion(sched, reqs)
         assert_pool_idle(sched)
@@ -122,3 +124,20 @@ def test_synchronous_constrained_step_masks_the_logits_in_place(default_model_di
         assert needed and all(needed) and len(got["lp"]["output_token_logprobs"]) == 3
     finally:
         sched.grammars.close()
+
+
+def test_chunked_constrained_prefill_overlapped_with_identical_outputs(default_model_dir, monkeypatch) -> None:
+    """Prompts split over several prefill steps: the first chunk's step is overlapped, the later chunks carry
+    the decode rows (mixed steps, synchronous) and take its pending first tokens with their grammar commit;
+    rows committed in different steps are sampled under their own masks, and the tokens are the synchronous
+    schedule's."""
+    monkeypatch.setattr(step_order, "OVERLAP_PREFILL_MIN_REQUESTS", 1)
+    params = [{"temperature": 1.0, "seed": i, "max_new_tokens": 40, "json_schema": json.dumps(SCHEMA)} for i in range(5)]
+    prompts = [[300 + 17 * i + j for j in range(40)] for i in range(5)]  # (nothing cached: 200 tokens in chunks of 48)
+    off, off_stats = _run(default_model_dir, False, params, prompts=prompts, disable_jump_forward=True,
+                          chunked_prefill_size=48)
+    on, on_stats = _run(default_model_dir, True, params, prompts=prompts, disable_jump_forward=True,
+                        chunked_prefill_size=48)
+    assert off_stats["prefill_steps"] + off_stats["mixed_steps"] >= 3 and off_stats["overlapped_prefill_steps"] == 0
+    assert on_stats["overlapped_prefill_steps"] >= 1 and on_stats["mixed_steps"] >= 1
+    assert on == off
