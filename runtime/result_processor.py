@@ -340,17 +340,6 @@ class ResultProcessor:
                 return False
         return True
 
-    @staticmethod
-    def can_defer_prefill(batch: ScheduledBatch, grammars_ok: bool = False) -> bool:
-        """Whether this extend batch's first tokens can be sampled on the device and committed a step later
-        (its rows' tokens are all on the host): not with what `process` does beyond sampling: logprobs (read
-        from the logits), a grammar unless `grammars_ok` (a jump right after the first token: the caller knows
-        none pays), followers (n > 1: forks of the prompt's KV), max_new_tokens 0, decode or verify rows."""
-        if batch.mode is not ForwardMode.EXTEND or batch.has_drafts or any(batch.decoding):
-            return False
-        return not any(r.return_logprob or (r.grammar is not None and not grammars_ok) or r.followers
-                       or r.params.max_new_tokens == 0 for r in batch.reqs)
-
     # ---------------------------------------------------------------- grammar-forced tokens
     def _jump_forward(self, req: Req, grammars: GrammarRuntime | None, num_running: int) -> bool:
         """Grammar-forced text is appended without decode steps (not with logprobs: they would have holes)."""

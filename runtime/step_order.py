@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.lora.admission import may_admit_any, slot_bound
 from radixlm.runtime.result_processor import JUMP_MAX_USEFUL_TOKENS
 
@@ -51,7 +52,18 @@ def overlap_prefill_allowed(sched: Scheduler) -> bool:
 def overlaps_prefill(sched: Scheduler, batch: ScheduledBatch) -> bool:
     """This extend step is overlapped with the next (`step_results.launch_prefill`)."""
     return (sched.overlap_prefill and len(batch.reqs) >= OVERLAP_PREFILL_MIN_REQUESTS
-            and sched.results.can_defer_prefill(batch, constrained_prefill_overlaps(sched, batch)))
+            and can_defer_prefill(batch, constrained_prefill_overlaps(sched, batch)))
+
+
+def can_defer_prefill(batch: ScheduledBatch, grammars_ok: bool = False) -> bool:
+    """Whether this extend batch's first tokens can be sampled on the device and committed a step later
+    (its rows' tokens are all on the host): not with what `ResultProcessor.process` does beyond sampling:
+    logprobs (read from the logits), a grammar unless `grammars_ok` (a jump right after the first token: the
+    caller knows none pays), followers (n > 1: forks of the prompt's KV), max_new_tokens 0, decode or verify rows."""
+    if batch.mode is not ForwardMode.EXTEND or batch.has_drafts or any(batch.decoding):
+        return False
+    return not any(r.return_logprob or (r.grammar is not None and not grammars_ok) or r.followers
+                   or r.params.max_new_tokens == 0 for r in batch.reqs)
 
 
 def constrained_prefill_overlaps(sched: Scheduler, batch: ScheduledBatch) -> bool:

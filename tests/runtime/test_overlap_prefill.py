@@ -14,7 +14,6 @@ from radixlm.runtime import step_order
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import AbortReq, TokenizedGenerateReq
 from radixlm.runtime.request import Req
-from radixlm.runtime.result_processor import ResultProcessor
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.schedule_batch import ScheduledBatch
 from tests.runtime.helpers import assert_pool_idle, greedy_req, make_scheduler, run_to_completion
@@ -142,7 +141,7 @@ def test_which_extend_batches_are_deferred() -> None:
         b.drafts = [[] for _ in reqs]
         return b
 
-    can = ResultProcessor.can_defer_prefill
+    can = step_order.can_defer_prefill
     assert can(batch(_req(), _req(temperature=0.7, seed=1, repetition_penalty=1.3, min_new_tokens=2)))
     assert not can(batch(_req(), _req(return_logprob=True)))
     assert not can(batch(_req(n=2)))
