@@ -8,7 +8,8 @@
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
 # first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
-#   bash benchmarks/h200_pending.sh ab      (spec9 ~70 s: batch-1 NGRAM arms, issue 18; jf16 ~200 s: forced rows off vs on,
+#   bash benchmarks/h200_pending.sh ab      (jf17 ~130 s: constrained prefill overlapped, issue 14; spec9 ~70 s: batch-1
+#                                            NGRAM arms, issue 18; jf16 ~200 s: forced rows off vs on,
 #                                            issue 14, off since 2026-12-05's 0.844x — run only with time to spare)
 #   bash benchmarks/h200_pending.sh final   (~600 s: gpu_suite a,e,g then b,f; the 64-adapter row; w4a — or as two calls,
 #                                            `final suite_aeg suite_bf` then `final lora64 w4a`)
@@ -30,6 +31,10 @@ ab)
   # issue 18 (spec9): batch-1 NGRAM with fewer plain steps, arms short / source / shortsrc / shortsrcdeep beside the default in
   # one process -> flip the fastest arm's constants in runtime/speculative/spec_decoder.py (SHORT_MATCH_ROWS, COPY_SOURCE_ROWS,
   # SHORT_DEPTH_ROWS) if it beats the default in the repeat cell and is within -1% in the random cell (RESULTS.md, spec9)
+  # issue 14 item 4 (jf17): constrained prefill steps overlapped, an Engine per arm (flag off, on) at 64 and 256 rows -> turn
+  # enable_overlap_constrained_prefill on by default (runtime/server_args.py) if the same-lengths ratio rises at both sizes
+  # with 64/64 and 256/256 valid; the JSON run's first step ("step ms ... longest json") shows the mechanism
+  run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
   run spec9 200 "python3 benchmarks/speculative.py --mode gpu --sets e2e --topk 1 --prompt-sets repeat,random --batches 1 --repeats 3 --new-tokens 128 --no-audit --short-ab --out $OUT/spec9/spec.json"
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"
