@@ -92,9 +92,9 @@ class Req:
     def prompt_mask(self, vocab_size: int, device: Any) -> Any:
         """The prompt's tokens as a [vocab] bool tensor, made once: the repetition penalty reads them at
         every step (re-sent from the prompt's list: 3.7 ms a row a step at 30k prompt tokens on the 2-core
-        VM, where a pass over a 49k vocabulary costs 0.34 ms). None for prompts under vocab / 16 tokens,
-        whose ids cost less than that pass."""
-        if len(self.input_ids) < vocab_size // 16:
+        VM, where a pass over a 49k vocabulary costs 0.34 ms). None without a repetition penalty, and for
+        prompts under vocab / 16 tokens, whose ids cost less than that pass."""
+        if self.params.repetition_penalty == 1.0 or len(self.input_ids) < vocab_size // 16:
             return None
         key = (vocab_size, str(device))
         mask = self.prompt_masks.get(key)

@@ -57,13 +57,13 @@ class SeqEvent(NamedTuple):
 
 class ResultProcessor:
     def __init__(self, tokenizer: Any, eos_ids: Collection[int], context_len: int,
-                 jump_forward: bool, decode_graphs: bool) -> None:
+                 jump_forward: bool, decode_graphs: bool, prompt_rows_running: bool = False) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.context_len = context_len
         self.jump_forward_enabled = jump_forward
         self.decode_graphs = decode_graphs  # decode steps replay CUDA graphs: an extend step costs more
-        self.prompt_rows_running = False  # (--enable-overlap-constrained-prefill: see _append)
+        self.prompt_rows_running = prompt_rows_running  # (--enable-overlap-constrained-prefill: see _append)
 
     # ---------------------------------------------------------------- results
     def process(self, batch: ScheduledBatch, logits: torch.Tensor, forks: dict[Req, list[Req]],
@@ -206,7 +206,7 @@ class ResultProcessor:
             return set()
         assert grammars is not None
         return grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
-                                     0 if allow_jump else self._jump_check_tokens(num_running),
+                                     0 if allow_jump else self.jump_check_tokens(num_running),
                                      None if rides is None else [rides[i] for i in constrained])
 
     def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None,
@@ -228,8 +228,7 @@ class ResultProcessor:
             return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
         sample_rows = [
             SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b,
-                      r.prompt_mask(rows_logits.shape[1], rows_logits.device) if r.params.repetition_penalty != 1.0
-                      else None)
+                      r.prompt_mask(rows_logits.shape[1], rows_logits.device))
             for r, b in zip(reqs, banned)
         ]
         bitmask = None
@@ -314,9 +313,9 @@ class ResultProcessor:
         out.append(ride[-1])
         return len(ride), 0
 
-    def _jump_check_tokens(self, num_running: int) -> int:
-        """Overlapped commit: the forced run (tokens) from which a row's jump would pay at this
-        batch size, or 0 when none would (no per-row check: large GPU batches)."""
+    def jump_check_tokens(self, num_running: int) -> int:
+        """The forced run (tokens) from which a row's jump would pay at this batch size, or 0 when none
+        would (no per-row check: large GPU batches; an overlapped commit, a constrained prefill overlapped)."""
         if not self.jump_forward_enabled:
             return 0
         min_tokens = self.jump_min_tokens(num_running)

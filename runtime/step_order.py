@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.lora.admission import may_admit_any, slot_bound
-from radixlm.runtime.result_processor import JUMP_MAX_USEFUL_TOKENS
 
 if TYPE_CHECKING:
     from radixlm.runtime.schedule_batch import ScheduledBatch
@@ -75,9 +74,7 @@ def constrained_prefill_overlaps(sched: Scheduler, batch: ScheduledBatch) -> boo
     first step 112 vs 57 ms at 256 rows on the H100, 2026-12-05)."""
     if not sched.args.enable_overlap_constrained_prefill:
         return False
-    results = sched.results
-    rows = len(sched.running) + len(batch.reqs)
-    return not results.jump_forward_enabled or results.jump_min_tokens(rows) > JUMP_MAX_USEFUL_TOKENS
+    return sched.results.jump_check_tokens(len(sched.running) + len(batch.reqs)) == 0
 
 
 def should_mix(sched: Scheduler, batch: ScheduledBatch) -> bool:

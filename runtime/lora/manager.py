@@ -89,7 +89,7 @@ class LoRAManager:
     # ---------------------------------------------------------------- registry
     def load(self, name: str, path: str) -> Registered:
         """Read, check and register an adapter (AdapterError: nothing changes)."""
-        return self._register(name, path, *self._read_packed(name, path))
+        return self._register(name, path, *self.read_packed(name, path))
 
     def check_free(self, name: str) -> None:
         if name in self.adapters:
@@ -98,9 +98,6 @@ class LoRAManager:
 
     def read_packed(self, name: str, path: str) -> tuple[LoRAAdapter, torch.Tensor]:
         """An adapter read and packed, not yet registered: safe on another thread (background_load.py)."""
-        return self._read_packed(name, path)
-
-    def _read_packed(self, name: str, path: str) -> tuple[LoRAAdapter, torch.Tensor]:
         self.check_free(name)
         adapter = read_adapter(name, path, self.shape, self.options.max_lora_rank, self.dtype)  # AdapterError
         return adapter, self.pool.pack(adapter)
@@ -127,7 +124,7 @@ class LoRAManager:
         with ThreadPoolExecutor(workers) as threads:
             for at in range(0, len(items), workers):  # a window at a time: at most `workers` unregistered copies
                 window = items[at:at + workers]
-                for (name, path), read in zip(window, threads.map(lambda item: self._read_packed(*item), window)):
+                for (name, path), read in zip(window, threads.map(lambda item: self.read_packed(*item), window)):
                     self._register(name, path, *read)
 
     def unload(self, name: str) -> None:

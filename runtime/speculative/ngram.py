@@ -121,26 +121,12 @@ class NgramIndex:
         they run into the end of the text, the text is copying itself with period len - start (a loop:
         random-weight and repetitive greedy outputs fall into them): the draft goes on with that period,
         as copying from the occurrence would continue into the drafted tokens themselves."""
-        toks = self.tokens
-        cont = toks[start : start + max_tokens]
-        period = len(toks) - start
-        if len(cont) < max_tokens and period > 0:
-            cont = [toks[start + j % period] for j in range(max_tokens)]
-        return cont
+        return self.read(start, [], max_tokens)
 
     def lookup(self, max_tokens: int, min_match: int = 2) -> tuple[list[int], int]:
         """(the continuation of the longest matching suffix, up to max_tokens; the match length n),
         ([], 0) when no suffix of n >= min_match tokens (of the lengths indexed) occurred before."""
-        toks = self.tokens
-        for n in self.lengths:
-            if n < min_match:
-                break
-            if len(toks) <= n:
-                continue
-            start = self.follow.get(hash(tuple(toks[-n:])))
-            if start is not None:
-                return self.continuation(start, max_tokens), n
-        return [], 0
+        return self.lookup_after([], max_tokens, min_match)
 
     def find_after(self, extra: list[int], min_match: int = 2) -> tuple[int, int]:
         """(the position after the latest earlier occurrence of the longest suffix of n >= min_match tokens of the

@@ -30,8 +30,7 @@ def position_rows(reqs: list[Req], trees: list[DraftTree], eos_ids: Collection[i
     for req, tree in zip(reqs, trees):
         p = req.params
         banned_ids = tuple(set(eos_ids) | p.stop_token_set)
-        mask = (req.prompt_mask(*logits_shape) if logits_shape is not None and p.repetition_penalty != 1.0
-                else None)
+        mask = req.prompt_mask(*logits_shape) if logits_shape is not None else None
         n_out = len(req.output_ids)
         paths: list[list[int]] = [[]]
         for tok, parent in zip(tree.tokens, tree.parents):
