@@ -2,17 +2,19 @@
 
 A grammar cannot remember which of unboundedly many items it has produced, so `uniqueItems: true`
 over strings, objects or any value is left out of the grammar and checked beside it at run time
-(unique_check.py). That is exact only if the check knows, from the path of an array alone
-(object keys and item indices from the root), whether the array must be unique: every way the
-vetted schema can validate a value at that path (every anyOf/oneOf alternative, each a
-conjunction of allOf members and `$ref` targets) that admits an array must ask for unique items,
-or none may. Then a valid instance never meets the check (the alternative that validates it asks
-for uniqueness or is not there), and a duplicate-free instance the loosened grammar accepts is
-valid (every dropped `uniqueItems` sits at a checked path). Paths are walked as a small
+(unique_check.py). The check knows only the path of an array (object keys and item indices from
+the root), so an array is checked where *any* way the vetted schema can validate a value at that
+path (an anyOf/oneOf alternative, each a conjunction of allOf members and `$ref` targets) that
+admits an array asks for unique items. Where every such alternative asks, this is exact: a valid
+instance never meets the check, and a duplicate-free instance the loosened grammar accepts is valid
+(every dropped `uniqueItems` sits at a checked path, so each subschema evaluates on it as in the
+schema). Where only some ask (an `if`/`then` on a sibling's value: which alternative holds is
+not known from the path), repeated items there are refused for the others too: stricter than the
+schema, never looser — as leap seconds and key orders are. Paths are walked as a small
 deterministic automaton: named keys, "any other key", prefix indices, "any later index".
 Subschemas that reach no such `uniqueItems` are summarized by the JSON types they admit.
-Anything else (a unique array below `not`, `contains`, `if`, pattern-keyed properties; alternatives
-that disagree; too many states) raises Unsupported naming the reason.
+Anything else (a unique array below `not`, `contains`, `if`, pattern-keyed properties; too many
+states) raises Unsupported naming the reason.
 """
 
 from __future__ import annotations
@@ -227,12 +229,11 @@ class _Analysis:
             out.update(found)
         return frozenset(out)
 
-    def decide(self, alts: frozenset[Alternative], where: str) -> bool:
-        asks = {any(self.nodes[n].get("uniqueItems") is True for n in ids) for ids, kinds in alts if "array" in kinds}
-        if len(asks) > 1:
-            raise Unsupported("uniqueItems", f"at instance path {where or '/'} some alternatives ask for unique "
-                                             "items and others do not")
-        return asks == {True}
+    def decide(self, alts: frozenset[Alternative]) -> bool:
+        """Unique where any alternative admitting an array asks for it: where others do not (an
+        `if`/`then` on a sibling's value), repeated items are refused for them too — stricter than
+        the schema there, never looser (every dropped `uniqueItems` sits at a checked path)."""
+        return any(self.nodes[n].get("uniqueItems") is True for ids, kinds in alts if "array" in kinds for n in ids)
 
 
 def _type_of(value: Any) -> str:
@@ -271,9 +272,8 @@ def unique_paths(schema: Any) -> UniquePaths:
     a = _Analysis(schema)
     index: dict[frozenset[Alternative], int] = {}
     order: list[frozenset[Alternative]] = []
-    where: list[str] = []  # an instance path to each state, for messages
 
-    def state(alts: frozenset[Alternative], path: str) -> int:
+    def state(alts: frozenset[Alternative]) -> int:
         if not any(ids for ids, _ in alts):
             return SINK
         if alts not in index:
@@ -281,10 +281,9 @@ def unique_paths(schema: Any) -> UniquePaths:
                 raise Unsupported("uniqueItems", f"more than {MAX_STATES} path states")
             index[alts] = len(order)
             order.append(alts)
-            where.append(path)
         return index[alts]
 
-    start = state(frozenset(a.alternatives(schema)), "")
+    start = state(frozenset(a.alternatives(schema)))
     enforce: list[bool] = []
     keys: list[dict[str, int]] = []
     other: list[int] = []
@@ -292,14 +291,14 @@ def unique_paths(schema: Any) -> UniquePaths:
     later: list[int] = []
     i = 0
     while i < len(order):  # breadth first; `order` grows as new states appear
-        alts, path = order[i], where[i]
-        enforce.append(a.decide(alts, path))
+        alts = order[i]
+        enforce.append(a.decide(alts))
         named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
                         for k in a.nodes[n].get("properties", {})})
-        keys.append({k: state(a.child(alts, k), f"{path}/{k}") for k in named})
-        other.append(state(a.child(alts, None), f"{path}/*"))
+        keys.append({k: state(a.child(alts, k)) for k in named})
+        other.append(state(a.child(alts, None)))
         prefix = max((len(a.nodes[n].get("prefixItems", ())) for ids, _ in alts for n in ids), default=0)
-        indices.append(tuple(state(a.child(alts, j), f"{path}/{j}") for j in range(prefix)))
-        later.append(state(a.child(alts, prefix), f"{path}/{prefix}+"))
+        indices.append(tuple(state(a.child(alts, j)) for j in range(prefix)))
+        later.append(state(a.child(alts, prefix)))
         i += 1
     return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start)

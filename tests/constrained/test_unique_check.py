@@ -103,13 +103,52 @@ def test_matches_reference_validator(tokenizer: Any, name: str) -> None:
     assert any(verdicts) and not all(verdicts)
 
 
-def test_refused_where_the_path_does_not_decide(tokenizer: Any) -> None:
-    """An array at one path that one alternative wants unique and another does not: refused
-    (whether `["a", "a"]` is valid depends on `kind`, which the path check cannot see)."""
-    schema = {"type": "object", "anyOf": [
-        {"properties": {"kind": {"const": 1}, "tags": STRINGS}}, {"properties": {"kind": {"const": 2}}}]}
-    with pytest.raises(C.UnsupportedSchemaError, match="/tags"):
-        C.compile(tokenizer, json_schema=schema, cache=None)
+# Alternatives that disagree at one path: whether `["a", "a"]` is valid depends on a sibling, which
+# the path check cannot see. Repeated items there are refused for every alternative (stricter than
+# the schema, never looser). Each was refused ("some alternatives ask for unique items and others
+# do not") before. Instances: (value, whether it is one of the valid ones refused for that reason).
+DISAGREE: dict[str, tuple[dict[str, Any], list[tuple[Any, bool]]]] = {
+    "anyOf_on_a_tag": ({"type": "object", "anyOf": [
+        {"properties": {"kind": {"const": 1}, "tags": STRINGS}}, {"properties": {"kind": {"const": 2}}}]},
+        [({"kind": 1, "tags": ["a", "b"]}, False), ({"kind": 1, "tags": ["a", "a"]}, False),
+         ({"kind": 2, "tags": ["a", "a"]}, True), ({"kind": 2, "tags": "x"}, False), ({"kind": 3}, False),
+         ({"tags": ["a", "b", "a"]}, True), ({"kind": 1, "tags": [1]}, False)]),
+    # chrome-manifest's shape: `if` a version `then` a unique list, `else` anything there
+    "if_then_else": ({"type": "object", "required": ["v"], "properties": {"v": {"enum": [2, 3]}},
+                      "if": {"properties": {"v": {"const": 3}}},
+                      "then": {"properties": {"hosts": STRINGS}}, "else": {"properties": {"old": {"type": "boolean"}}}},
+                     [({"v": 3, "hosts": ["a", "b"]}, False), ({"v": 3, "hosts": ["a", "a"]}, False),
+                      ({"v": 2, "hosts": ["a", "a"]}, True), ({"v": 2, "hosts": [1, 1]}, True),
+                      ({"v": 2, "old": True, "hosts": ["b"]}, False), ({"v": 3, "hosts": [1]}, False),
+                      ({"v": 2, "old": 1}, False)]),
+    # grunt-task's shape: a map whose values are one of two object forms, one with a unique `src`
+    "map_of_two_forms": ({"type": "object", "additionalProperties": {"anyOf": [
+        {"properties": {"files": {"type": "array", "items": {"type": "string"}}}},
+        {"type": "object", "required": ["src"], "properties": {"src": {**STRINGS, "minItems": 1}}}]}},
+        [({"t": {"src": ["a", "b"]}}, False), ({"t": {"src": ["a", "a"]}}, True),
+         ({"t": {"src": ["a", "a"], "files": 1}}, False), ({"t": {"src": [], "files": 1}}, False),
+         ({"t": {"files": ["x", "x"]}, "u": {"src": ["q"]}}, False), ({"t": 5}, False)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISAGREE))
+def test_stricter_where_alternatives_disagree(tokenizer: Any, name: str) -> None:
+    """Every accepted instance is valid (`jsonschema`); every valid one is accepted but those with
+    repeated items at the path where only some alternatives ask for unique ones."""
+    schema, cases = DISAGREE[name]
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert isinstance(grammar, UniqueGrammar)
+    verdicts = set()
+    for value, refused_valid in cases:
+        want = _valid(schema, value)
+        verdicts.add(want)
+        assert refused_valid <= want, value  # the list says which valid ones are refused
+        got = run_tokens(grammar.matcher(), encode(tokenizer, json.dumps(value)))
+        assert got == (want and not refused_valid), value
+    assert verdicts == {True, False}
+
+
+def test_refused_under_not(tokenizer: Any) -> None:
     with pytest.raises(C.UnsupportedSchemaError):  # its complement has no form
         C.compile(tokenizer, json_schema={"type": "array", "not": STRINGS}, cache=None)
 
