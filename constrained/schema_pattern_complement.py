@@ -238,15 +238,26 @@ def complement_pattern(p: str) -> str | None:
 MAX_PROOF_PATTERN = 200  # longer patterns are not intersected for proofs (automata grow fast)
 
 
-@lru_cache(maxsize=4096)
-def patterns_disjoint(p: str, q: str) -> bool:
-    """True only when no string matches both patterns (False when either is not taken)."""
+def _proved_empty(p: str, q: str, combine: str) -> bool:
+    """Whether `combine` ("intersection" / "difference") of the two patterns' automata is empty:
+    False where it is not proved (a pattern too long or not taken)."""
     if len(p) > MAX_PROOF_PATTERN or len(q) > MAX_PROOF_PATTERN:
         return False
     try:
-        return bool(_fsm(p).intersection(_fsm(q)).empty())
+        return bool(getattr(_fsm(p), combine)(_fsm(q)).empty())
     except Unsupported:
         return False
+
+
+@lru_cache(maxsize=4096)
+def patterns_disjoint(p: str, q: str) -> bool:
+    """True only when no string matches both patterns (False when either is not taken)."""
+    return _proved_empty(p, q, "intersection")
+
+
+def pattern_within(p: str, q: str) -> bool:
+    """True only when every string `p` matches, `q` matches too (False when either is not taken)."""
+    return _proved_empty(p, q, "difference")
 
 
 @lru_cache(maxsize=4096)

@@ -26,7 +26,7 @@ from typing import Any
 from .schema_key_conditions import distribute_key_conditions
 from .schema_meet import meet
 from .schema_negation import Unsupported
-from .schema_pattern_complement import pattern_parts, pattern_without, patterns_disjoint
+from .schema_pattern_complement import pattern_parts, pattern_within, pattern_without, patterns_disjoint
 
 _ANY = frozenset({"null", "boolean", "object", "array", "number", "integer", "string"})
 _BRANCHES = ("anyOf", "oneOf")
@@ -279,6 +279,30 @@ def merge_all_of(schema: Any) -> int:
     return changed
 
 
+MAX_COVER_PATTERNS = 8
+
+
+def drop_covered_patterns(schema: Any) -> int:
+    """A `patternProperties` entry whose every key another entry with the same schema (same vetted
+    JSON) matches too is removed: such a key is checked by that entry all the same (S and S is S),
+    and stays non-additional. llguidance wants the patterns disjoint; chrome-manifest's `commands`
+    names `.*` and two literal keys, all three with one `$ref`."""
+    changed = 0
+    for node in _walk(schema):
+        patterns = node.get("patternProperties")
+        if not isinstance(patterns, dict) or not 1 < len(patterns) <= MAX_COVER_PATTERNS:
+            continue
+        texts = {p: json.dumps(v, sort_keys=True) for p, v in patterns.items()}
+        kept = list(patterns)
+        for q in list(kept):
+            if any(p != q and texts[p] == texts[q] and pattern_within(q, p) for p in kept):
+                kept.remove(q)
+        if len(kept) < len(patterns):
+            node["patternProperties"] = {p: patterns[p] for p in kept}
+            changed += 1
+    return changed
+
+
 MAX_SPLIT_PATTERNS = 4
 
 
@@ -325,7 +349,7 @@ def simplify(schema: Any) -> int:
     from patterns again after allOf merges, which bring names and patterns into one node (hayson:
     `gridMeta` is `allOf: [dict]` plus a `ver` key that dict's pattern, a recursive value, matches)."""
     changed = drop_shadowed_properties(schema) + separate_named_from_patterns(schema) + drop_implied_types(schema) \
-        + push_type_into_branches(schema) + disjoin_patterns(schema)
+        + push_type_into_branches(schema) + drop_covered_patterns(schema) + disjoin_patterns(schema)
     merged = merge_all_of(schema)
     if merged:
         changed += merged + separate_named_from_patterns(schema)

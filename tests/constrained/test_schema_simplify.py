@@ -79,6 +79,13 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "overlapping_patterns": ({"type": "object", "additionalProperties": False, "patternProperties": {
         "^\\w[-\\w_]*$": {}, "^(relationships|links)$": {"not": {}}}},
         [{"a": 1, "b-c": [2]}, {"links": 1}, {"-x": 1}, {"relationships": {}}, {"linksx": 1}]),
+    # chrome-manifest's `commands`: `.*` and two literal keys, all three with one schema (three
+    # overlapping pairs: llguidance refuses them, disjoin_patterns takes one pair only)
+    "covered_patterns": ({"type": "object", "patternProperties": {
+        ".*": {"$ref": "#/$defs/cmd"}, "^_run$": {"$ref": "#/$defs/cmd"}, "^_page$": {"$ref": "#/$defs/cmd"}},
+        "$defs": {"cmd": {"type": "object", "properties": {"key": STR}, "additionalProperties": False}}},
+        [{"_run": {"key": "a"}, "x": {}}, {"_page": {"key": 1}}, {"_run": {"k": "a"}}, {"y": {"key": "b"}, "_page": {}},
+         {"z": 1}, {}]),
     # hayson's shape: `meta` is allOf [dict] plus a `ver` key that dict's recursive pattern matches
     "named_after_all_of_merge": (_HAYSON, [
         {"_kind": "grid", "meta": {"_kind": "dict", "ver": "3.0"}}, {"_kind": "grid", "meta": {"ver": "2.0"}},
@@ -87,7 +94,8 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
 }
 # instance index of a valid instance that the case's rewrite is needed for (None: needed to compile)
 NEEDS = {"named_after_all_of_merge": None, "named_under_recursive_pattern": None, "implied_type": None, "shadowed_by_equal_pattern": None,
-         "dependencies_any_order": 4, "required_listing_order": 0, "all_of_met": 0, "overlapping_patterns": None}
+         "dependencies_any_order": 4, "required_listing_order": 0, "all_of_met": 0, "overlapping_patterns": None,
+         "covered_patterns": None}
 
 
 def _valid(schema: Any, instance: Any) -> bool:
@@ -132,6 +140,18 @@ def test_names_separated_again_after_all_of_merges(tokenizer: Any, monkeypatch: 
     monkeypatch.setattr(schema_module, "simplify", one_pass)
     with pytest.raises(C.UnsupportedSchemaError, match="circular"):
         C.compile(tokenizer, json_schema=_HAYSON, cache=None)
+
+
+def test_covered_patterns_dropped_only_under_an_equal_schema(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The covered_patterns case is refused with every other simplification kept; a literal key
+    whose schema differs from the `.*` one that covers it is kept (its key must meet both)."""
+    monkeypatch.setattr(schema_simplify, "drop_covered_patterns", lambda s: 0)
+    with pytest.raises((GrammarCompileError, C.UnsupportedSchemaError)):
+        C.compile(tokenizer, json_schema=CASES["covered_patterns"][0], cache=None)
+    node = {"patternProperties": {".*": INT, "^a$": {"minimum": 3}, "^b$": INT, "^c": STR}}
+    monkeypatch.undo()
+    assert schema_simplify.drop_covered_patterns(node) == 1
+    assert list(node["patternProperties"]) == [".*", "^a$", "^c"]
 
 
 def _deref(defs: dict[str, Any]) -> Any:
