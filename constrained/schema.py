@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .schema_anchors import without_inner_anchors
-from .schema_any_order import free_optional_order
+from .schema_any_order import free_optional_order, lead_with_schema_key
 from .schema_depth import cut_deep_nesting
 from .schema_double_negation import PendingNots
 from .schema_escapes import ecma_escapes
@@ -359,6 +359,7 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
                 vetter.refuse("uniqueItems", (), exc.reason)
             strip_unique(schema)
         free_optional_order(schema)
+        lead_with_schema_key(schema)
         cut_deep_nesting(schema)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)

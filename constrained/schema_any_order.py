@@ -170,6 +170,57 @@ def free_optional_order(schema: Any, max_permuted: int = MAX_PERMUTED, max_patte
     return changed
 
 
+SCHEMA_KEY = "$schema"
+# Keywords next to which a node gets no leading-$schema copy: llguidance intersects the node with
+# them, or they depend on which keys are named / counted.
+_LEADING_BLOCKERS = frozenset({"allOf", "anyOf", "oneOf", "$ref", "not", "if", "then", "else", "minProperties",
+                               "maxProperties", "propertyNames", "unevaluatedProperties", "dependentSchemas",
+                               "dependentRequired", "dependencies"})
+
+
+def lead_with_schema_key(root: Any) -> int:
+    """Documents often open with `"$schema": ...` (JsonSchemaStore files). Where the root names
+    required keys but not `$schema`, that key is additional, and llguidance takes it only after the
+    named ones. Runs after free_optional_order: the root (or, where the root is a bare `anyOf`, its
+    first such branch — free_optional_order's schema-order form) gets a copy beside it that
+    requires `$schema` first, with the schema an additional key has (`additionalProperties`, else
+    anything). The copy is the node's language where `$schema` is present (a named key is checked
+    by the schema that checked it as an additional key, and no pattern matches it), so the union
+    is the node's; only the orders grow, by one object form. Required, the key is all the copy
+    adds to the first key's choices (the mask there), and the copy ends the plain form's run at
+    once."""
+    if not isinstance(root, dict):
+        return 0
+    branches = root.get("anyOf") if set(root) <= {"anyOf", "$defs"} else [root]
+    node = next((b for b in branches or () if _leads(b)), None) if isinstance(branches, list) else None
+    if node is None:
+        return 0
+    defs = root.setdefault("$defs", {})
+    extra = node["additionalProperties"] = hoist(node.get("additionalProperties", True), defs)
+    leading = {**node, "properties": {SCHEMA_KEY: extra, **node["properties"]}, "required": [SCHEMA_KEY, *node["required"]]}
+    if "patternProperties" in node:
+        leading["patternProperties"] = dict(node["patternProperties"])
+    if node is root:
+        plain = {k: v for k, v in root.items() if k != "$defs"}
+        root.clear()
+        root.update(anyOf=[plain, leading], **({"$defs": defs} if defs else {}))
+    else:
+        branches.append(leading)
+        if not defs:
+            del root["$defs"]
+    return 1
+
+
+def _leads(node: Any) -> bool:
+    """An object node naming a required key, where an additional `$schema` key may occur but not first."""
+    if not isinstance(node, dict) or _LEADING_BLOCKERS & set(node) or node.get("type", "object") != "object":
+        return False
+    props, required = node.get("properties"), node.get("required")
+    return isinstance(props, dict) and SCHEMA_KEY not in props and isinstance(required, list) \
+        and any(k in props for k in required) and node.get("additionalProperties", True) is not False \
+        and _unmatched(SCHEMA_KEY, node.get("patternProperties", {}))
+
+
 def alphabetical_order(names: list[str]) -> list[str] | None:
     """The names sorted, where that is another order: instances written with sorted keys
     (json.dumps(sort_keys=True)) interleave optional and required keys that way."""

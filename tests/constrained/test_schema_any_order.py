@@ -12,9 +12,10 @@ import jsonschema
 import pytest
 
 from radixlm import constrained as C
+from radixlm.constrained import schema as schema_module
 from radixlm.constrained import schema_any_order, schema_simplify
 from radixlm.constrained.schema import check_schema
-from radixlm.constrained.schema_any_order import free_optional_order
+from radixlm.constrained.schema_any_order import free_optional_order, lead_with_schema_key
 
 from .conftest import encode, run_tokens
 
@@ -67,6 +68,13 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
          "properties": {"date": STR, "ns": {"type": "object"}, "version": {"enum": ["2"]}}}]},
         [{"version": "1", "date": "d"}, {"date": "d", "ns": {}, "version": "2"}, {"ns": {}, "version": "2"},
          {"version": "2"}, {"version": "1", "ns": {}}, "s", {"date": "d", "version": "3"}]),
+    # JsonSchemaStore files open with "$schema", an additional key at roots with required keys
+    "leading_schema_key": ({"type": "object", "required": ["name", "version"], "additionalProperties": STR,
+                            "properties": {"lib": {"type": "array"}, "name": STR, "version": INT, "opt": INT}},
+                           [{"$schema": "s", "name": "n", "version": 1}, {"$schema": "s", "lib": [], "name": "n", "version": 1},
+                            {"name": "n", "version": 1, "$schema": "s", "opt": 2}, {"name": "n", "version": "1", "$schema": "s"},
+                            {"$schema": 1, "name": "n", "version": 1}, {"$schema": "s", "name": "n"},
+                            {"$schema": "s", "name": "n", "version": 1, "x": 2}, {"$schema": "s", "name": "n", "version": 1, "x": "y"}]),
     # intersected nodes keep schema order (llguidance merges them): still exact
     "merged_node_kept": ({"type": "object", "allOf": [{"properties": {"a": INT, "b": STR}}, {"required": ["a"]}]},
                          [{"a": 1, "b": "x"}, {"b": "x"}, {"a": "s"}]),
@@ -115,6 +123,25 @@ def test_other_orders_need_their_rewrite(tokenizer: Any, name: str, index: int, 
     assert _valid(schema, instances[index])
     grammar = C.compile(tokenizer, json_schema=schema, cache=None)
     assert not run_tokens(grammar.matcher(), encode(tokenizer, json.dumps(instances[index])))
+
+
+def test_leading_schema_key_needs_its_copy(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the copy naming `$schema` first, a document opening with it is rejected (valid);
+    roots that name it, forbid other keys, count keys or are intersected get no copy."""
+    schema, instances = CASES["leading_schema_key"]
+    monkeypatch.setattr(schema_module, "lead_with_schema_key", lambda s: 0)
+    assert _valid(schema, instances[0])
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert not run_tokens(grammar.matcher(), encode(tokenizer, json.dumps(instances[0])))
+    base = {"type": "object", "required": ["a"], "properties": {"a": INT}}
+    for blocked in ({"additionalProperties": False}, {"maxProperties": 3}, {"allOf": [{"required": ["b"]}]},
+                    {"properties": {"a": INT, "$schema": STR}}, {"required": []}, {"patternProperties": {"^.schema": INT}}):
+        node = {**base, **blocked}
+        assert lead_with_schema_key(node) == 0, blocked
+    node = dict(base)
+    assert lead_with_schema_key(node) == 1 and [list(b["properties"]) for b in node["anyOf"]] == [["a"], ["$schema", "a"]]
+    node = {"anyOf": [{"type": "string"}, {**base, "patternProperties": {"^x$": STR}}]}  # free_optional_order's forms
+    assert lead_with_schema_key(node) == 1 and len(node["anyOf"]) == 3 and list(node["anyOf"][2]["properties"]) == ["$schema", "a"]
 
 
 def test_duplicate_keys_only_where_every_occurrence_is_valid(tokenizer: Any) -> None:
