@@ -22,6 +22,7 @@ from typing import Any
 
 from .schema_lark_numbers import NOT_INTEGER_TERMINALS, number_rule, small_modulus
 from .schema_lark_object import MARKS, Empty, live_states, object_rule
+from .schema_meet import meet_object_fields
 from .schema_negation import Unsupported
 from .schema_refs import get, subschemas
 from .schema_some_key import NOT_INTEGER, NOT_MULTIPLE, SOME_KEY, holds_marker
@@ -125,7 +126,11 @@ class ContainsGrammar:
             mine, theirs = _OBJECT_GROUP & set(out), _OBJECT_GROUP & set(member)
             if mine and theirs and (mine | theirs) != {"properties"}:
                 # additionalProperties / patternProperties depend on the properties beside them
-                raise Unsupported("contains", "object keywords in two allOf members on the path to contains")
+                fields = meet_object_fields(out, member, lambda ref: self.resolve({"$ref": ref}))
+                if fields is None:
+                    raise Unsupported("contains", "object keywords in two allOf members on the path to contains")
+                out = {**{k: v for k, v in out.items() if k not in _OBJECT_GROUP}, **fields}
+                member = {k: v for k, v in member.items() if k not in _OBJECT_GROUP}
             for key, value in member.items():
                 if key in (SOME_KEY, MARKS) and (SOME_KEY in out or MARKS in out):  # one list of them all
                     out[MARKS] = out.get(MARKS, []) + ([out.pop(SOME_KEY)] if SOME_KEY in out else []) + \

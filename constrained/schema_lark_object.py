@@ -39,7 +39,7 @@ class Empty(Unsupported):
 
 
 _MAX_COUNT = 8  # minProperties / maxProperties counted in grammar states
-_MAX_MARKS = 3  # failing keys asked of one object (2^k pair forms per key)
+_MAX_MARKS = 4  # failing keys asked of one object (2^k pair forms per key)
 _MAX_STATES = 1024  # states of one object rule (named keys × marks met × keys counted)
 MARKS = "$someKey*"  # schema_contains.merged() keeps every SOME_KEY of a node in this list
 _SEP = 'WS "," WS'
@@ -53,10 +53,10 @@ def object_rule(g: ContainsGrammar, node: dict[str, Any], depth: int) -> str:
     if set(literal) & set(node.get("properties", {})):
         raise Unsupported("contains", "a key both named and matched by a pattern")
     required = list(dict.fromkeys(node.get("required", [])))
-    # required keys that are not named come first, in listing order (llguidance's order), each once
-    unlisted = {k: literal.pop(k) if k in literal else extra for k in required if k not in node.get("properties", {})}
-    if any(_matching(open_, k) for k in unlisted):
-        raise Unsupported("contains", "a required key that only a pattern names")
+    # required keys that are not named come first, in listing order (llguidance's order), each once;
+    # one an open pattern matches is checked by those patterns (value_of), not additionalProperties
+    unlisted = {k: literal.pop(k) if k in literal else True if _matching(open_, k) else extra
+                for k in required if k not in node.get("properties", {})}
     props = {**unlisted, **node.get("properties", {})}
     named = {k: v for k, v in props.items() if v is not False}
     if any(k not in named for k in required):

@@ -18,7 +18,7 @@ from typing import Any
 
 from .schema_disjoint import disjoint
 from .schema_negation import Unsupported
-from .schema_pattern_complement import complement_pattern, pattern_matches
+from .schema_pattern_complement import complement_pattern, pattern_matches, pattern_parts
 
 Deref = Callable[[str], Any]
 _MAX_DEPTH = 12
@@ -158,7 +158,9 @@ def _merge_fields(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int
             (pattern, sub), = x["patternProperties"].items()
             if _universal(pattern):  # every key is x's pattern key: keys matching `names` only
                 return {"patternProperties": {names: sub}, "additionalProperties": False}
-    if pa and pb or pa and b.get("additionalProperties", True) is not True \
+    if pa and pb:
+        return _meet_patterns(a, b, deref, depth)
+    if pa and b.get("additionalProperties", True) is not True \
             or pb and a.get("additionalProperties", True) is not True:
         return None
     out: dict[str, Any] = {"properties": {}}
@@ -173,6 +175,47 @@ def _merge_fields(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int
     if extra is not True:
         out["additionalProperties"] = extra
     return out
+
+
+_MAX_MET_PATTERNS = 8  # pattern pairs of two sides met into disjoint classes
+
+
+def _meet_patterns(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: int) -> dict[str, Any] | None:
+    """Patterns on both sides, no named properties: a key matching p of a and q of b gets both
+    schemas; p and none of b's, p's schema and b's additional one; q and none of a's, a's
+    additional schema and q's; neither, both additional schemas. Those classes (our automata; the
+    empty ones left out) become the patterns, the last `additionalProperties`. Keys matching
+    several patterns of one side fall in several classes, whose schemas then all apply, as theirs
+    did."""
+    pa, pb = a["patternProperties"], b["patternProperties"]
+    if len(pa) * len(pb) > _MAX_MET_PATTERNS or a.get("properties") or b.get("properties"):
+        return None
+    ea, eb = a.get("additionalProperties", True), b.get("additionalProperties", True)
+    union_a, union_b = ("|".join(side) for side in (pa, pb))  # `|` binds loosest: the union of whole patterns
+    classes: list[tuple[str | None, Any, Any]] = []
+    try:
+        for p, s in pa.items():
+            classes += [(pattern_parts(p, q)[1], s, t) for q, t in pb.items()]
+            classes.append((pattern_parts(p, union_b)[0], s, eb))
+        classes += [(pattern_parts(union_a, q)[2], ea, t) for q, t in pb.items()]
+    except Unsupported:
+        return None
+    patterns: dict[str, Any] = {}
+    for regex, x, y in classes:
+        if regex is not None:
+            met = meet(x, y, deref, depth + 1)
+            patterns[regex] = meet(patterns[regex], met, deref, depth + 1) if regex in patterns else met
+    out: dict[str, Any] = {"patternProperties": patterns} if patterns else {}
+    extra = meet(ea, eb, deref, depth + 1)
+    if extra is not True:
+        out["additionalProperties"] = extra
+    return out
+
+
+def meet_object_fields(a: dict[str, Any], b: dict[str, Any], deref: Deref) -> dict[str, Any] | None:
+    """properties / patternProperties / additionalProperties of two allOf members as one group
+    (the keywords of both sides' group, met), None where that is not exact."""
+    return _merge_fields(a, b, deref, 0)
 
 
 def _names_only(node: dict[str, Any]) -> str | None:

@@ -166,12 +166,17 @@ MEET_PAIRS = [
      {"type": "object", "properties": {"b": STR}, "required": ["a"]}),
     ({"type": "object", "patternProperties": {"^x": INT}}, {"properties": {"xa": {"minimum": 2}, "y": STR}}),
     ({"anyOf": [INT, STR, {"type": "null"}]}, {"type": ["string", "null"], "minLength": 1}),
+    # patterns on both sides: key classes (^x only, both, a$ only) and the rest
+    ({"type": "object", "patternProperties": {"^x": INT}, "additionalProperties": STR},
+     {"patternProperties": {"a$": {"minimum": 2}}, "additionalProperties": {"type": ["integer", "string"]}}),
+    ({"patternProperties": {"^x": INT, "^y": STR}}, {"patternProperties": {"a": {"minimum": 3}}, "additionalProperties": False}),
     ({"type": "array", "items": {"anyOf": [INT, STR]}, "maxItems": 2}, {"type": "array", "items": STR, "minItems": 1}),
     ({"$ref": "#/$defs/s"}, {"pattern": "b", "maxLength": 4}),
 ]
 SAMPLES = [None, True, 0, 1, 2.5, 3, 7, "", "a", "ab", "abc", "abcd", "bbbbb", [], ["a"], ["a", 1], ["a", "b", "c"], [1],
            {}, {"a": 1}, {"a": "x"}, {"b": "s"}, {"a": 1, "b": "s"}, {"a": 1, "c": 2}, {"xa": 1}, {"xa": 3},
-           {"xa": 3, "y": "s"}, {"y": 1}, {"xb": "s"}]
+           {"xa": 3, "y": "s"}, {"y": 1}, {"xb": "s"}, {"a": "s"}, {"a": 3}, {"ya": 4}, {"ya": "s"}, {"xb": 1, "q": "s"},
+           {"xb": 1, "q": 2}, {"b": None}]
 
 
 @pytest.mark.parametrize("pair", range(len(MEET_PAIRS)))
@@ -180,6 +185,8 @@ def test_meet_is_the_intersection(pair: int) -> None:
     defs = {"s": {"type": "string", "pattern": "^a"}}
     a, b = MEET_PAIRS[pair]
     met = meet(a, b, _deref(defs))
+    if "patternProperties" in a and "patternProperties" in b:
+        assert "allOf" not in met and "patternProperties" in met, met
     for value in SAMPLES:
         both = _valid({"allOf": [a, b], "$defs": defs}, value)
         assert _valid({"allOf": [met], "$defs": defs}, value) == both, (a, b, met, value)

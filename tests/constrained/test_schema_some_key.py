@@ -73,6 +73,22 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         {"terms": [{"name": "a"}]}, {"terms": [{"name": "a"}], "filters": 1}, {"filters": 1},
         {"terms": [{"include": "x"}, {"name": "b", "z": 1}]}, {"terms": [{"name": "a", "include": "x"}]},
         {"terms": [{"include": 1}]}, {"terms": [], "filters": 2}, {}, {"terms": [{"include": "x", "z": 1}]}]),
+    # two allOf members with pattern keys (Handwritten object9's shape): met as disjoint key classes
+    # (a only, both, ^.b only; the rest additional) on the route
+    "patterns_in_two_members": ({"type": "object", "allOf": [
+        {"patternProperties": {"a": {"type": "integer"}}},
+        {"patternProperties": {"^.b": {"minimum": 3}}, "additionalProperties": {"type": "string"}},
+        {"not": {"propertyNames": {"not": {"pattern": "c"}}}}]}, [
+        {"ab": 3, "c": "s"}, {"ab": 2, "c": "x"}, {"xc": 1}, {"ac": 5}, {"ca": 5, "cb": 4}, {"ca": "s"}, {"cb": "s"},
+        {"xb": 7, "ac": 1}, {"ab": 3}]),
+    # a required key only a pattern names (Handwritten object7's shape): checked by that pattern
+    "required_by_pattern": ({"type": "object", "required": ["da"], "patternProperties": {"^d": {"type": "integer"}},
+                             "additionalProperties": False, "not": {"propertyNames": {"not": {"pattern": "b"}}}}, [
+        {"da": 1, "db": 2}, {"da": 1}, {"da": "x", "db": 1}, {"db": 1}, {"da": 1, "xb": 1}, {"dab": 3}]),
+    # four "some key matches" in one object (object7 asks a, b, c and d of two keys)
+    "four_present_keys": ({"type": "object", "maxProperties": 2, "allOf": [
+        {"not": {"propertyNames": {"not": {"pattern": c}}}} for c in "abcd"]}, [
+        {"ab": 1, "cd": 2}, {"abcd": 1}, {"ab": 1}, {"ab": 1, "cd": 2, "x": 3}, {"ac": 1, "bd": 1}, {"ad": 1, "c": 2}]),
 }
 
 
@@ -100,9 +116,9 @@ def test_failing_key_last_and_duplicates(tokenizer: Any) -> None:
     # named keys × keys counted past the object rule's state cap
     {"type": "object", "minProperties": 8, "maxProperties": 8, "not": {"additionalProperties": {"type": "string"}},
      "properties": {f"k{i}": {"type": "integer"} for i in range(60)}},
-    # four failing keys asked of one object
+    # five failing keys asked of one object
     {"type": "object", "allOf": [{"not": {"additionalProperties": {"type": t}}}
-                                 for t in ("string", "number", "null", "array")]},
+                                 for t in ("string", "number", "null", "array", "boolean")]},
 ])
 def test_outside_the_route_still_refused(tokenizer: Any, schema: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedSchemaError):
