@@ -18,7 +18,7 @@ from typing import Any
 
 from .schema_disjoint import disjoint
 from .schema_negation import Unsupported
-from .schema_pattern_complement import complement_pattern, pattern_matches, pattern_parts
+from .schema_pattern_complement import complement_pattern, pattern_cells, pattern_matches
 
 Deref = Callable[[str], Any]
 _MAX_DEPTH = 12
@@ -191,15 +191,13 @@ def _meet_patterns(a: dict[str, Any], b: dict[str, Any], deref: Deref, depth: in
     if len(pa) * len(pb) > _MAX_MET_PATTERNS or a.get("properties") or b.get("properties"):
         return None
     ea, eb = a.get("additionalProperties", True), b.get("additionalProperties", True)
-    union_a, union_b = ("|".join(side) for side in (pa, pb))  # `|` binds loosest: the union of whole patterns
-    classes: list[tuple[str | None, Any, Any]] = []
     try:
-        for p, s in pa.items():
-            classes += [(pattern_parts(p, q)[1], s, t) for q, t in pb.items()]
-            classes.append((pattern_parts(p, union_b)[0], s, eb))
-        classes += [(pattern_parts(union_a, q)[2], ea, t) for q, t in pb.items()]
+        both, only_a, only_b = pattern_cells(list(pa), list(pb))
     except Unsupported:
         return None
+    sa, sb = list(pa.values()), list(pb.values())
+    classes = [(both[i][j], sa[i], sb[j]) for i in range(len(sa)) for j in range(len(sb))]
+    classes += [(only_a[i], sa[i], eb) for i in range(len(sa))] + [(only_b[j], ea, sb[j]) for j in range(len(sb))]
     patterns: dict[str, Any] = {}
     for regex, x, y in classes:
         if regex is not None:

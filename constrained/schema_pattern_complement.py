@@ -144,6 +144,8 @@ def _unwrap(p: str) -> str:
 @lru_cache(maxsize=1024)
 def _fsm(p: str) -> Any:
     """The automaton of the strings in which `p` matches somewhere (ECMA search semantics)."""
+    if p in _DERIVED:
+        return _DERIVED[p]
     anywhere = interegular.parse_pattern("[\\s\\S]*").to_fsm()
     total = None
     for start, body, end in _translate(_unwrap(p)):
@@ -236,12 +238,31 @@ def complement_pattern(p: str) -> str | None:
 
 
 MAX_PROOF_PATTERN = 200  # longer patterns are not intersected for proofs (automata grow fast)
+# Regexes pattern_parts wrote from automata, with those automata: proofs over them need no parse
+# (what schema_meet's key classes are, met again with a third allOf member), whatever their length.
+_DERIVED: dict[str, Any] = {}
+_MAX_DERIVED = 256
+
+
+def _too_long(p: str) -> bool:
+    return len(p) > MAX_PROOF_PATTERN and p not in _DERIVED
+
+
+def _written(fsm: Any) -> str | None:
+    """The anchored regex of an automaton's strings (None: no string), remembered with it."""
+    body = _to_regex(fsm)
+    if body is None:
+        return None
+    if len(_DERIVED) >= _MAX_DERIVED:
+        _DERIVED.clear()
+    _DERIVED[f"^{body}$"] = fsm
+    return f"^{body}$"
 
 
 def _proved_empty(p: str, q: str, combine: str) -> bool:
     """Whether `combine` ("intersection" / "difference") of the two patterns' automata is empty:
     False where it is not proved (a pattern too long or not taken)."""
-    if len(p) > MAX_PROOF_PATTERN or len(q) > MAX_PROOF_PATTERN:
+    if _too_long(p) or _too_long(q):
         return False
     try:
         return bool(getattr(_fsm(p), combine)(_fsm(q)).empty())
@@ -265,7 +286,7 @@ def pattern_matches(p: str, s: str) -> bool | None:
     """Whether pattern `p` matches somewhere in `s`; None when `p` is not taken."""
     if p in NOT_IN_WORDS:
         return s not in NOT_IN_WORDS[p]
-    if len(p) > MAX_PROOF_PATTERN:
+    if _too_long(p):
         return None
     try:
         return bool(_fsm(p).accepts(s))
@@ -291,11 +312,21 @@ def pattern_parts(p: str, q: str) -> tuple[str | None, str | None, str | None]:
     """Anchored regexes for the strings matched by `p` only, by both, and by `q` only (None where
     no string is); how two overlapping patternProperties become disjoint ones."""
     for x in (p, q):
-        if len(x) > MAX_PROOF_PATTERN:
+        if _too_long(x):
             raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
     fp, fq = _fsm(p), _fsm(q)
-    parts = [_to_regex(fp.difference(fq)), _to_regex(fp.intersection(fq)), _to_regex(fq.difference(fp))]
-    return tuple(None if body is None else f"^{body}$" for body in parts)  # type: ignore[return-value]
+    return _written(fp.difference(fq)), _written(fp.intersection(fq)), _written(fq.difference(fp))
+
+
+def pattern_cells(ps: list[str], qs: list[str]) -> tuple[list[list[str | None]], list[str | None], list[str | None]]:
+    """Anchored regexes (None: no string) for the keys two pattern lists split into: p_i and q_j,
+    p_i and no q, q_j and no p (the unions taken on the automata, not on the text)."""
+    if any(_too_long(x) for x in (*ps, *qs)):
+        raise _refuse(f"a pattern over {MAX_PROOF_PATTERN} characters")
+    fps, fqs = [_fsm(p) for p in ps], [_fsm(q) for q in qs]
+    any_p, any_q = fps[0].union(*fps[1:]), fqs[0].union(*fqs[1:])
+    return ([[_written(fp.intersection(fq)) for fq in fqs] for fp in fps], [_written(fp.difference(any_q)) for fp in fps],
+            [_written(fq.difference(any_p)) for fq in fqs])
 
 
 def pattern_words(p: str, limit: int = 64) -> list[str]:

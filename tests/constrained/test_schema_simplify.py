@@ -170,13 +170,16 @@ MEET_PAIRS = [
     ({"type": "object", "patternProperties": {"^x": INT}, "additionalProperties": STR},
      {"patternProperties": {"a$": {"minimum": 2}}, "additionalProperties": {"type": ["integer", "string"]}}),
     ({"patternProperties": {"^x": INT, "^y": STR}}, {"patternProperties": {"a": {"minimum": 3}}, "additionalProperties": False}),
+    # overlapping patterns on each side: a key may fall in two classes, whose schemas then all apply
+    ({"patternProperties": {"^x": {"type": ["integer", "string"]}, "b$": True}},
+     {"patternProperties": {"c": False, "^.b": {"minimum": 3}}, "additionalProperties": False}),
     ({"type": "array", "items": {"anyOf": [INT, STR]}, "maxItems": 2}, {"type": "array", "items": STR, "minItems": 1}),
     ({"$ref": "#/$defs/s"}, {"pattern": "b", "maxLength": 4}),
 ]
 SAMPLES = [None, True, 0, 1, 2.5, 3, 7, "", "a", "ab", "abc", "abcd", "bbbbb", [], ["a"], ["a", 1], ["a", "b", "c"], [1],
            {}, {"a": 1}, {"a": "x"}, {"b": "s"}, {"a": 1, "b": "s"}, {"a": 1, "c": 2}, {"xa": 1}, {"xa": 3},
            {"xa": 3, "y": "s"}, {"y": 1}, {"xb": "s"}, {"a": "s"}, {"a": 3}, {"ya": 4}, {"ya": "s"}, {"xb": 1, "q": "s"},
-           {"xb": 1, "q": 2}, {"b": None}]
+           {"xb": 1, "q": 2}, {"b": None}, {"abc": 5}, {"cb": "long"}, {"xb": 2}, {"ab": 4}, {"xbc": 1}]
 
 
 @pytest.mark.parametrize("pair", range(len(MEET_PAIRS)))

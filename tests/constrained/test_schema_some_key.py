@@ -81,6 +81,13 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
         {"not": {"propertyNames": {"not": {"pattern": "c"}}}}]}, [
         {"ab": 3, "c": "s"}, {"ab": 2, "c": "x"}, {"xc": 1}, {"ac": 5}, {"ca": 5, "cb": 4}, {"ca": "s"}, {"cb": "s"},
         {"xb": 7, "ac": 1}, {"ab": 3}]),
+    # three members (Handwritten allOfPProp4's shape): the first two's key classes, regexes of hundreds of
+    # characters written from automata, are met with the third through those automata
+    "patterns_in_three_members": ({"type": "object", "maxProperties": 1, "allOf": [
+        {"patternProperties": {"^.{1,3}$": False}}, {"patternProperties": {"a": True}, "additionalProperties": False},
+        {"patternProperties": {"b": True}, "additionalProperties": False},
+        {"not": {"patternProperties": {"c": False}}}]}, [
+        {"abcx": 1}, {"abc": 1}, {"abxx": 1}, {"xbca": "s"}, {"abcd": 1, "q": 2}, {"bcde": 1}, {}, {"cab\nx": 1}]),
     # a required key only a pattern names (Handwritten object7's shape): checked by that pattern
     "required_by_pattern": ({"type": "object", "required": ["da"], "patternProperties": {"^d": {"type": "integer"}},
                              "additionalProperties": False, "not": {"propertyNames": {"not": {"pattern": "b"}}}}, [
@@ -96,6 +103,16 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
 def test_some_key_matches_reference(tokenizer: Any, name: str) -> None:
     schema, instances = CASES[name]
     assert_matches_reference(tokenizer, C.compile(tokenizer, json_schema=schema, cache=None), schema, instances)
+
+
+def test_met_classes_proved_without_a_parse(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the automata kept for the regexes written from them, the third member's meet sees
+    patterns past the proof cap and the schema is refused."""
+    from radixlm.constrained import schema_pattern_complement as spc
+
+    monkeypatch.setattr(spc, "_too_long", lambda p: len(p) > spc.MAX_PROOF_PATTERN)
+    with pytest.raises(UnsupportedSchemaError):
+        C.compile(tokenizer, json_schema=CASES["patterns_in_three_members"][0], cache=None)
 
 
 def test_failing_key_last_and_duplicates(tokenizer: Any) -> None:
