@@ -157,24 +157,38 @@ class TableMatcher(Matcher):
     own state is needed: a state first reached (its row is filled from it), an end token, forced
     text where the DFA says a byte is forced, acceptance, rollback past the lag, copies, a table
     turned off. A lagging token the
-    backend refuses (a DFA that disagrees) turns the table off and fails the next commit."""
+    backend refuses (a DFA that disagrees) turns the table off and fails the next commit.
 
-    __slots__ = ("grammar", "table", "_inner", "states", "lag", "refused")
+    The backend matcher itself is made on first need (`_inner` None until then: a fresh one plus the
+    lag is the same state): a batch of 256 new requests whose rows all walk a filled table made 256
+    llguidance matchers (~18 µs each on a GPU host) in the first step's grammar poll, before its
+    prefill launched, and item (f)'s rows almost never need theirs."""
 
-    def __init__(self, grammar: TableGrammar, inner: Matcher, states: list[int]) -> None:
+    __slots__ = ("grammar", "table", "_inner", "states", "lag", "refused", "family")
+
+    def __init__(self, grammar: TableGrammar, inner: Matcher | None, states: list[int], family: int = 0,
+                 lag: list[int] | None = None) -> None:
         self.grammar, self.table, self._inner, self.states = grammar, grammar.table, inner, states
-        self.lag: list[int] = []  # tokens the DFA took that the backend has not yet
+        self.family = family  # the backend matcher's family, when it is made
+        self.lag: list[int] = [] if lag is None else lag  # tokens the DFA took that the backend has not yet
         self.refused = False  # the backend refused a lagging token: the next commit fails
 
     @property
     def inner(self) -> Matcher:
-        """The backend matcher, brought up to date."""
-        if self.lag:
+        """The backend matcher (made now if not yet), brought up to date."""
+        if self.lag or self._inner is None:
             self.sync()
-        return self._inner
+        return self._inner  # type: ignore[return-value]
+
+    @property
+    def behind(self) -> bool:
+        """The backend matcher is not at this matcher's state (lagging tokens, or not made yet)."""
+        return bool(self.lag) or self._inner is None
 
     def sync(self) -> None:
-        """Give the backend the lagging tokens (one call per token, as a commit would)."""
+        """Give the backend the lagging tokens (one call per token, as a commit would); made first if not yet."""
+        if self._inner is None:
+            self._inner = self.grammar.inner.matcher(self.family)
         lag, self.lag = self.lag, []
         for j, tok in enumerate(lag):
             if not self._inner.advance(tok):
@@ -189,12 +203,12 @@ class TableMatcher(Matcher):
 
     @property
     def ended(self) -> bool:
-        """An end token was consumed (its mask: nothing). End tokens never lag."""
+        """An end token was consumed (its mask: nothing). End tokens never lag (nor does a matcher not made)."""
         return bool(getattr(self._inner, "_ended", False))
 
     @property
     def num_tokens(self) -> int:
-        return self._inner.num_tokens + len(self.lag)
+        return (0 if self._inner is None else self._inner.num_tokens) + len(self.lag)
 
     def table_row(self) -> int:
         """This matcher's row of the table (NONE_ROW once an end token was consumed), or -1 while that
@@ -268,7 +282,8 @@ class TableMatcher(Matcher):
         lagging = min(n_tokens, len(self.lag))
         if lagging:
             del self.lag[-lagging:]
-        self._inner.rollback(n_tokens - lagging)
+        if self._inner is not None:  # (not made: every token it counts lags)
+            self._inner.rollback(n_tokens - lagging)
         if n_tokens:
             del self.states[-n_tokens:]
 
@@ -276,8 +291,10 @@ class TableMatcher(Matcher):
         return self.inner.is_accepting()
 
     def is_terminated(self) -> bool:
-        if self.lag and not self.table.broken:
-            return self.table.terminated[self.states[-1] + FIRST_STATE_ROW]
+        if self.behind and not self.table.broken:
+            row = self.states[-1] + FIRST_STATE_ROW  # (a lagging row's is filled; a start state's may not be)
+            if row < len(self.table.ready) and self.table.ready[row]:
+                return self.table.terminated[row]
         return self.inner.is_terminated()
 
     def forced_bytes(self) -> bytes:
@@ -285,7 +302,7 @@ class TableMatcher(Matcher):
         row asks without a catch-up. Only the scheduler's jump pre-check reads it (each live row, each
         step, once few rows run); the jump itself takes the backend's own `forced_prefix`."""
         table = self.table
-        if self.lag and not table.broken:
+        if self.behind and not table.broken:
             if not table.may_force(self.states[-1]):
                 return b""  # nothing forced: no catch-up needed to say so
             hit = table.forced.get(self.states[-1])
@@ -297,12 +314,14 @@ class TableMatcher(Matcher):
         return out
 
     def forced_prefix(self) -> str:
-        if self.lag and not self.table.broken and not self.table.may_force(self.states[-1]):
+        if self.behind and not self.table.broken and not self.table.may_force(self.states[-1]):
             return ""
         return self.inner.forced_prefix()
 
     def copy(self) -> TableMatcher:
-        return TableMatcher(self.grammar, self.inner.copy(), list(self.states))
+        if self._inner is None:  # still not made: the copy's is made on its own first need
+            return TableMatcher(self.grammar, None, list(self.states), self.family, list(self.lag))
+        return TableMatcher(self.grammar, self.inner.copy(), list(self.states), self.family)
 
     @classmethod
     def prepare_fill(cls, items: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor,
@@ -401,7 +420,7 @@ class TableGrammar(Grammar):
         return TableGrammar(inner, StateTable(LazyDfa(expr, MAX_STATES), inner))
 
     def matcher(self, family: int = 0) -> TableMatcher:
-        return TableMatcher(self, self.inner.matcher(family), [0])
+        return TableMatcher(self, None, [0], family)  # the backend's matcher: on first need
 
     def prepare_families(self, count: int) -> None:
         self.inner.prepare_families(count)

@@ -272,8 +272,9 @@ def test_lazy_commits_skip_llguidance_and_stay_exact(tokenizer: Any) -> None:
         assert TableMatcher.advance_rows([mine], [tid], MaskWorkers(0)) == [True] and ref.advance(tid)
         assert len(mine.lag) == step + 1 and mine.num_tokens == ref.num_tokens  # llguidance not called
     assert mine.is_terminated() == ref.is_terminated() and mine.table_row() >= 0
-    twin = mine.copy()  # a copy brings llguidance up to date first
-    assert not mine.lag and mine._inner.num_tokens == len(doc) and mine.is_accepting() == ref.is_accepting()
+    twin = mine.copy()  # llguidance's matcher not made yet: the copy's is made on its own first need too
+    assert mine._inner is None and twin._inner is None and twin.lag == mine.lag and twin.states == mine.states
+    assert mine.is_accepting() == ref.is_accepting() and not mine.lag and mine._inner.num_tokens == len(doc)
     assert twin.advance(tokenizer.eos_token_id) and twin.table_row() == NONE_ROW
     lazy = table.matcher()
     for tid in doc[:6]:
@@ -340,3 +341,46 @@ def test_forced_text_of_lazy_rows_equals_llguidance(tokenizer: Any) -> None:
             assert mine.forced_bytes() == ref.forced_bytes() and mine.forced_prefix() == ref.forced_prefix()
             answered_lazily += lagging and bool(mine.lag)
     assert answered_lazily > 20
+
+
+def test_backend_matchers_are_made_on_first_need(tokenizer: Any) -> None:
+    """A table grammar's matchers make their llguidance matcher only when a row needs the backend's own
+    state (here: acceptance), in their family: rows walking filled states (item (f)'s rows once the table
+    is complete) make none, and their masks and termination still equal llguidance's at every step."""
+    grammar, table = table_grammar(tokenizer, ITEM_F)
+    made: list[int] = []
+    plain = grammar.matcher
+    grammar.prepare_families(2)
+
+    def counting(family: int = 0) -> Any:
+        made.append(family)
+        return plain(family)
+
+    grammar.matcher = counting  # type: ignore[method-assign]
+    doc = encode(tokenizer, '{"id": 42, "name": "Ada", "tags": ["x", "y"], "active": true}')
+    bitmask = C.allocate_token_bitmask(1, grammar.info.vocab_size)
+    first = table.matcher()
+    for tid in doc:  # fills every row along the document
+        first.fill_next_token_bitmask(bitmask, 0)
+        assert first.advance(tid)
+    first.fill_next_token_bitmask(bitmask, 0)
+    assert made == [0]
+    rows = [table.matcher(i % 2) for i in range(6)]
+    assert made == [0] and all(m._inner is None and m.num_tokens == 0 for m in rows)
+    vocab = grammar.info.vocab_size
+    got, want = C.allocate_token_bitmask(6, vocab), C.allocate_token_bitmask(1, vocab)
+    ref = grammar.matcher()
+    del made[:]
+    for tid in doc:
+        TableMatcher.prepare_fill([(m, i) for i, m in enumerate(rows)], got, MaskWorkers(0))()
+        ref.fill_next_token_bitmask(want, 0)  # llguidance's own mask at the same path
+        assert all(torch.equal(got[i], want[0]) for i in range(6))
+        assert all(m.is_terminated() == ref.is_terminated() and m.forced_bytes() == ref.forced_bytes() for m in rows)
+        assert TableMatcher.advance_rows(rows, [tid] * 6, MaskWorkers(0)) == [True] * 6 and ref.advance(tid)
+    twin = rows[1].copy()
+    assert made == [] and twin._inner is None and twin.family == 1
+    assert rows[1].is_accepting() == ref.is_accepting() and made == [1]  # made now, in its family, caught up
+    assert rows[1]._inner.family == 1 and rows[1]._inner.num_tokens == len(doc) and not rows[1].lag
+    assert twin.advance(tokenizer.eos_token_id) and made == [1, 1] and twin.table_row() == NONE_ROW
+    rows[2].rollback(len(doc))  # all lagging: back to the start, still without a backend matcher
+    assert rows[2]._inner is None and rows[2].states == [0] and made == [1, 1]
