@@ -222,8 +222,11 @@ class TokenizerManager:
         Returns the number of unfinished sequences targeted."""
         targets = [s for s in self.states.values() if not s.finished and not s.error
                    and (rid is None or rid in (s.rid, s.item.rid))]
-        for target, replica in {(rid if rid is not None else s.item.rid, s.replica) for s in targets}:
-            self.replicas.send(AbortReq(target, message), self.replicas[replica])
+        per_replica: dict[int, dict[str, None]] = {}  # (abort_all: one message a replica, its aborts in one list)
+        for s in targets:
+            per_replica.setdefault(s.replica, {})[rid if rid is not None else s.item.rid] = None
+        for replica, rids in per_replica.items():
+            self.replicas.send([AbortReq(r, message) for r in rids], self.replicas[replica])
         return len(targets)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[SequenceDelta]]:

@@ -58,3 +58,34 @@ def test_aborts_keep_their_order_among_other_messages(tiny_model_dir) -> None:
     assert calls == [["a"], ["b", "c"]]
     assert [r.rid for r in sched.waiting] == ["a"]
     assert run_to_completion(sched, [])["a"]["output_ids"]
+
+
+def test_the_front_sends_abort_all_as_one_message_a_replica() -> None:
+    """TokenizerManager.abort_request(None): one list of aborts per replica (the scheduler takes it in one pass),
+    not a message a request."""
+    from types import SimpleNamespace
+
+    from radixlm.runtime.tokenizer_manager import TokenizerManager
+
+    sent: list[tuple[object, int]] = []
+    replicas = [SimpleNamespace(index=0), SimpleNamespace(index=1)]
+
+    class Replicas:
+        def send(self, msg, replica):
+            sent.append((msg, replica.index))
+
+        def __getitem__(self, i):
+            return replicas[i]
+
+    tm = object.__new__(TokenizerManager)
+    tm.replicas = Replicas()
+    tm.states = {f"r{i}-{k}": SimpleNamespace(rid=f"r{i}-{k}", item=SimpleNamespace(rid=f"r{i}"), replica=i % 2,
+                                              finished=False, error=None)
+                 for i in range(6) for k in range(2)}  # 6 requests of n = 2
+    assert tm.abort_request(None, "stop") == 12
+    assert len(sent) == 2
+    by_replica = {index: msg for msg, index in sent}
+    assert [a.rid for a in by_replica[0]] == ["r0", "r2", "r4"] and [a.rid for a in by_replica[1]] == ["r1", "r3", "r5"]
+    assert all(isinstance(a, AbortReq) and a.message == "stop" for msg, _ in sent for a in msg)
+    sent.clear()
+    assert tm.abort_request("r3-1", "one") == 1 and [[a.rid for a in m] for m, _ in sent] == [["r3-1"]]
