@@ -15,6 +15,10 @@ lora-load thread (AdapterLoads attached, as the scheduler process does).
 Part 5 (`--input-logprobs`, alone) times one 2,048-row prefill chunk's input logprobs at top 0/20/100:
 on the loop, `record_input_logprobs` and pickling the ReqOutput for the pipe; on the front, unpickling
 it and making the per-token lists (`top_rows.expand`).
+Part 6 (`--ngram`, alone) times the NGRAM index's host work per scheduler step: a drafter alone on a
+--prompt-len prompt (each step's `propose`, the SpecDecoder's per-step budget set), and the default model's
+Scheduler (`--speculative-algorithm NGRAM`, chunked prefill) on a prompt near its context, the index
+syncs of each step summed.
 
     timeout 900 python benchmarks/stall_audit.py --out /tmp/stall_audit.json
 """
@@ -240,6 +244,55 @@ def input_logprobs(vocab: int, rows: int, reps: int) -> dict[str, dict[str, floa
     return out
 
 
+def ngram_steps(model_dir: Path, tok, prompt_len: int, max_new: int) -> dict[str, dict]:
+    from radixlm.runtime.speculative import ngram
+
+    text = tok.encode(PROMPT * (prompt_len // 10))
+    prompt = (text * (prompt_len // len(text) + 1))[:prompt_len]
+    drafter, per_step, first = ngram.NgramDrafter(), [], None
+    for step in range(200):
+        drafter.step_tokens = getattr(ngram, "STEP_TOKENS", None)  # (the SpecDecoder's begin_step; None before)
+        t = time.perf_counter()
+        draft = drafter.propose(1, prompt, prompt[:8], 6)
+        per_step.append((time.perf_counter() - t) * 1e3)
+        if draft:
+            first = step
+            break
+    out = {"drafter alone": {"prompt_tokens": prompt_len, "max_step_ms": max(per_step), "total_ms": sum(per_step),
+                             "first_drafting_step": first}}
+    spent: dict[int, float] = {}
+    real, step_no = ngram.NgramIndex.sync, [0]
+
+    def timed_sync(self, *a):
+        t = time.perf_counter()
+        try:
+            return real(self, *a)
+        finally:
+            spent[step_no[0]] = spent.get(step_no[0], 0.0) + time.perf_counter() - t
+
+    ngram.NgramIndex.sync = timed_sync
+    sched = Scheduler(ServerArgs(model_path=str(model_dir), device="cpu", max_total_tokens=16384,
+                                 speculative_algorithm="NGRAM", chunked_prefill_size=2048).resolve(), model_dir, tok)
+    if sched.spec is not None:
+        sched.spec.payoff = None  # (drafting not left to the measured payoff)
+    long_prompt = prompt[: sched.runner.context_len - max_new - 1]
+    sched.handle(TokenizedGenerateReq(rid="long", input_ids=long_prompt,
+                                      params=SamplingParams(temperature=0.0, max_new_tokens=max_new, ignore_eos=True)))
+    steps = []
+    while not sched.idle:
+        t = time.perf_counter()
+        sched.step()
+        steps.append(time.perf_counter() - t)
+        step_no[0] += 1
+        sched.pop_outputs()
+    ngram.NgramIndex.sync = real
+    ms = [spent.get(i, 0.0) * 1e3 for i in range(len(steps))]
+    out["scheduler"] = {"prompt_tokens": len(long_prompt), "steps": len(steps), "max_step_index_ms": max(ms),
+                        "index_ms_per_step": [round(m, 2) for m in ms], "max_step_ms": max(steps) * 1e3,
+                        "median_step_ms": statistics.median(steps) * 1e3}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -250,6 +303,7 @@ def main() -> None:
     ap.add_argument("--sampler-only", action="store_true", help="parts 2 and 3 only")
     ap.add_argument("--lora", action="store_true", help="part 4 only")
     ap.add_argument("--input-logprobs", action="store_true", help="part 5 only")
+    ap.add_argument("--ngram", action="store_true", help="part 6 only")
     args = ap.parse_args()
     torch.set_num_threads(1)  # part 2: one thread (pool wake-ups on a loaded 2-core VM swamped the figures)
     model_dir = resolve_model_path(None, progress=False)
@@ -258,6 +312,13 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if args.input_logprobs:
         results = {"input_logprobs_per_chunk": input_logprobs(len(tok), 2048, 5)}
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0
+    if args.ngram:
+        results = {"ngram_index": ngram_steps(model_dir, tok, args.prompt_len, args.max_new)}
+        print(json.dumps({k: {a: b for a, b in v.items() if a != "index_ms_per_step"}
+                          for k, v in results["ngram_index"].items()}), flush=True)
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
         return 0

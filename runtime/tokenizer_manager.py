@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixlm.runtime.detokenizer import IncrementalDetokenizer, stop_holdback, trim_at_stop
+from radixlm.runtime.front_work import FrontWork
 from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
 from radixlm.runtime.io_struct import AbortReq, ControlResp, ReqOutput, SchedulerReady, TokenizedGenerateReq, sequence_rids
 from radixlm.runtime.parallel.launch import Replica
@@ -71,6 +72,7 @@ class TokenizerManager:
         self.request_log = RequestLog(args.log_requests_level) if args.log_requests else None
         # LoRA adapters requests may name -> their folder (--lora-paths, then /load_lora_adapter)
         self.lora_adapters: dict[str, str] = args.lora_adapters() if args.enable_lora else {}
+        self.work = FrontWork()  # a large request's tokenization and parsing, off the event loop
 
     @property
     def info(self) -> SchedulerReady:
@@ -154,14 +156,21 @@ class TokenizerManager:
             raise InvalidRequestError(item.prompt_field,
                                       f"the prompt needs {need} KV slots; the pool has {self.info.max_total_tokens}")
 
-    def submit(self, req: GenerateRequest) -> list[ReqState]:
-        """Tokenize and send every item; returns one state per output (n per item)."""
+    def prepare(self, req: GenerateRequest) -> list[tuple[GenerateItem, list[int]]]:
+        """Every item tokenized and checked (400s); reads only, so it may run on a worker thread."""
         prepared = []
         for item in req.items:
             self.check_adapter(item.lora_path, item.lora_field)
             ids = self.nonempty_prompt(self.tokenize(item), item)
             self.validate_length(ids, item)
             prepared.append((item, ids))
+        return prepared
+
+    def submit(self, req: GenerateRequest, prepared: list[tuple[GenerateItem, list[int]]] | None = None
+               ) -> list[ReqState]:
+        """Send every item (tokenized here unless `prepared`); returns one state per output (n per item)."""
+        if prepared is None:
+            prepared = self.prepare(req)
         states: list[ReqState] = []
         try:
             self._register_and_send(req, prepared, states)
@@ -213,13 +222,18 @@ class TokenizerManager:
         Returns the number of unfinished sequences targeted."""
         targets = [s for s in self.states.values() if not s.finished and not s.error
                    and (rid is None or rid in (s.rid, s.item.rid))]
-        for target, replica in {(rid if rid is not None else s.item.rid, s.replica) for s in targets}:
-            self.replicas.send(AbortReq(target, message), self.replicas[replica])
+        per_replica: dict[int, dict[str, None]] = {}  # (abort_all: one message a replica, its aborts in one list)
+        for s in targets:
+            per_replica.setdefault(s.replica, {})[rid if rid is not None else s.item.rid] = None
+        for replica, rids in per_replica.items():
+            self.replicas.send([AbortReq(r, message) for r in rids], self.replicas[replica])
         return len(targets)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[SequenceDelta]]:
-        """Yields, per update, a delta of each sequence that changed (streaming) or, once, of all."""
-        states = self.submit(req)
+        """Yields, per update, a delta of each sequence that changed (streaming) or, once, of all. A long
+        prompt is tokenized on a worker thread (front_work.py), the loop serving other clients meanwhile."""
+        size = sum(len(item.text or "") + len(item.input_ids or ()) for item in req.items)
+        states = self.submit(req, await self.work.run(size, self.prepare, req))
         try:
             if not req.stream:
                 for s in states:
@@ -346,4 +360,5 @@ class TokenizerManager:
         return resp
 
     def shutdown(self) -> None:
+        self.work.shutdown()
         self.replicas.shutdown()

@@ -45,6 +45,9 @@ def make_context(args: ServerArgs, tm: object, chat_template: str | None = None)
         model_name=served_model_name(args.model_path, args.served_model_name),
         admission=Admission(int(limit)),
     )
+    work = getattr(tm, "work", None)
+    if work is not None:  # (the TokenizerManager's worker threads serve the handlers' parsing too)
+        ctx.work = work
     ctx.chat = ChatTemplate(tm.tokenizer, chat_template)  # type: ignore[attr-defined]
     if args.enable_metrics:
         ctx.metrics = ServerMetrics(ctx.model_name)

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from radixlm.runtime.front_work import FrontWork
 from radixlm.runtime.generate_request import GenerateRequest
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult
@@ -58,6 +59,7 @@ class ServerContext:
     admission: Admission
     metrics: ServerMetrics | None = None
     chat: Any = None  # chat.ChatTemplate
+    work: FrontWork = field(default_factory=FrontWork)  # a large request's parsing, off the event loop
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
 

@@ -24,6 +24,7 @@ from radixlm.runtime.server.sse import EventStream
 logger = logging.getLogger(__name__)
 
 CTX = web.AppKey("radixlm_ctx", ServerContext)
+BODY_BYTES = web.RequestKey("radixlm_body_bytes", int)
 HEALTH_TIMEOUT_S = 20.0
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. "
            "(When there are running or waiting requests, the operation will not be performed.)\n")
@@ -52,6 +53,16 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"the request body is larger than the limit of {limit} bytes", "body") from None
+    request[BODY_BYTES] = len(raw)
+    return await request.app[CTX].work.run(len(raw), _parse_body, raw, allow_empty)
+
+
+def body_bytes(request: web.Request) -> int:
+    """The size of the body `read_json` read: a large one is parsed on a worker thread (front_work.py)."""
+    return request.get(BODY_BYTES, 0)
+
+
+def _parse_body(raw: bytes, allow_empty: bool) -> dict[str, Any]:
     if not raw.strip():
         if allow_empty:
             return {}
@@ -77,7 +88,7 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
     try:
-        req = parse_generate_request(body, ctx.vocab_size)
+        req = await ctx.work.run(body_bytes(request), parse_generate_request, body, ctx.vocab_size)
     except InvalidRequestError as exc:
         raise ApiError.from_invalid(exc) from None
     many = req.is_batch or sum(item.params.n for item in req.items) > 1

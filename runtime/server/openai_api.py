@@ -11,7 +11,7 @@ from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult, Token
 from radixlm.runtime.served_name import DEFAULT_MODEL_ID
 from radixlm.runtime.server.errors import ApiError, json_response
 from radixlm.runtime.server.generation import ServerContext, collect, stream_sse
-from radixlm.runtime.server.native_api import CTX, read_json
+from radixlm.runtime.server.native_api import CTX, body_bytes, read_json
 from radixlm.runtime.server.openai_protocol import OpenAIRequest, parse_chat, parse_completion
 from radixlm.runtime.server.sse import EventStream
 from radixlm.runtime.server.tools import could_be_call, openai_tool_calls, parse_calls
@@ -126,13 +126,13 @@ def _logprob_delta(req: OpenAIRequest, st: _Choice, out: SequenceResult) -> dict
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
-    return await _serve(request, ctx, parse_completion(ctx, body))
+    return await _serve(request, ctx, await ctx.work.run(body_bytes(request), parse_completion, ctx, body))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
-    body = await read_json(request)
-    return await _serve(request, ctx, parse_chat(ctx, body))
+    body = await read_json(request)  # a large one's template and tokenization run on a worker thread
+    return await _serve(request, ctx, await ctx.work.run(body_bytes(request), parse_chat, ctx, body))
 
 
 async def _serve(request: web.Request, ctx: ServerContext, req: OpenAIRequest) -> web.StreamResponse:

@@ -5,6 +5,7 @@ here, so length errors name `prompt` / `messages` / `max_tokens` rather than the
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -149,7 +150,16 @@ def _response_format(body: dict[str, Any]) -> str | None:
 
 
 def _check_schema(schema: Any, param: str) -> None:
-    """A 400 unless `schema` is valid against its draft's metaschema. jsonschema is a core dependency:
+    """A 400 unless `schema` is valid against its draft's metaschema (`_schema_problem`, remembered per schema
+    text: a client sends the same tools with every request, and a check costs ~8 ms of pure Python)."""
+    problem = _schema_problem(json.dumps(schema, sort_keys=True, ensure_ascii=False))
+    if problem is not None:
+        raise _bad(param, f"not a valid JSON schema: {problem}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(text: str) -> str | None:
+    """Why the schema (as JSON text) is invalid against its draft's metaschema, or None. jsonschema is a core dependency:
     a check that ran only where a test extra happened to be installed let `{"type": [[{}]]}` in a
     tool's parameters through on the H200 (benchmarks/soak.py). Imported at the first schema to check, not
     at server start: with jsonschema's format checkers installed (the test extra's [format-nongpl]), its
@@ -158,10 +168,12 @@ def _check_schema(schema: Any, param: str) -> None:
     from jsonschema.exceptions import SchemaError
     from jsonschema.validators import validator_for
 
+    schema = json.loads(text)
     try:  # against the metaschema of the draft the schema declares ($schema), else 2020-12
         validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except SchemaError as exc:
-        raise _bad(param, f"not a valid JSON schema: {exc.message}") from None
+        return exc.message
+    return None
 
 
 def _sampling(body: dict[str, Any], vocab: int) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.server.chat import normalize_messages, template_kwargs
-from radixlm.runtime.server.errors import ApiError, json_response
-from radixlm.runtime.server.native_api import CTX, radixlm_version, read_json
+from radixlm.runtime.server.errors import ApiError, dumps, json_response
+from radixlm.runtime.server.native_api import CTX, body_bytes, radixlm_version, read_json
 
 logger = logging.getLogger(__name__)
 _TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
@@ -47,6 +47,12 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await read_json(request)
     _warn_unknown(request.path, body, _TOKENIZE_FIELDS)
     tokenizer = _tokenizer(request)
+    # a long prompt or chat is rendered and tokenized on a worker thread (front_work.py), its answer made there too
+    text = await ctx.work.run(body_bytes(request), lambda: dumps(_tokenized(ctx, tokenizer, body)))
+    return web.Response(text=text, content_type="application/json")
+
+
+def _tokenized(ctx: Any, tokenizer: Any, body: dict[str, Any]) -> dict[str, Any]:
     strs = _bool(body, "return_token_strs", False)
     if "messages" in body:
         if "prompt" in body:
@@ -63,18 +69,17 @@ async def tokenize(request: web.Request) -> web.Response:
             text = ctx.chat.render(messages, template_kwargs={**kwargs, "add_generation_prompt": False})
         # The rendered template already holds the special tokens it wants (vLLM's default is False here).
         ids = tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
-        return json_response(_answer(tokenizer, ids, ctx.context_len, strs))
+        return _answer(tokenizer, ids, ctx.context_len, strs)
     prompt = body.get("prompt")
     special = _bool(body, "add_special_tokens", True)
     if isinstance(prompt, str):
-        return json_response(_answer(tokenizer, tokenizer.encode(prompt, add_special_tokens=special),
-                                     ctx.context_len, strs))
+        return _answer(tokenizer, tokenizer.encode(prompt, add_special_tokens=special), ctx.context_len, strs)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         ids = [tokenizer.encode(p, add_special_tokens=special) for p in prompt]
         out: dict[str, Any] = {"tokens": ids, "count": [len(x) for x in ids], "max_model_len": ctx.context_len}
         if strs:
             out["token_strs"] = [tokenizer.convert_ids_to_tokens(x) for x in ids]
-        return json_response(out)
+        return out
     raise ApiError.bad_request("prompt", "must be a string or a non-empty list of strings (or send messages)")
 
 
@@ -90,14 +95,18 @@ async def detokenize(request: web.Request) -> web.Response:
     body = await read_json(request)
     _warn_unknown(request.path, body, _DETOKENIZE_FIELDS)
     tokenizer = _tokenizer(request)
-    tokens = body.get("tokens")
+    text = await ctx.work.run(body_bytes(request), _detokenized, tokenizer, body.get("tokens"), ctx.vocab_size,
+                              _bool(body, "skip_special_tokens", False))
+    return json_response({"text": text, "prompt": text})
+
+
+def _detokenized(tokenizer: Any, tokens: Any, vocab_size: int, skip_special: bool) -> str:
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise ApiError.bad_request("tokens", "must be a list of token ids (integers)")
-    bad = next((i for i, t in enumerate(tokens) if not 0 <= t < ctx.vocab_size), None)
+    bad = next((i for i, t in enumerate(tokens) if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise ApiError.bad_request(f"tokens[{bad}]", f"{tokens[bad]} is outside the vocabulary [0, {ctx.vocab_size})")
-    text = tokenizer.decode(tokens, skip_special_tokens=_bool(body, "skip_special_tokens", False))
-    return json_response({"text": text, "prompt": text})
+        raise ApiError.bad_request(f"tokens[{bad}]", f"{tokens[bad]} is outside the vocabulary [0, {vocab_size})")
+    return tokenizer.decode(tokens, skip_special_tokens=skip_special)
 
 
 async def version(request: web.Request) -> web.Response:

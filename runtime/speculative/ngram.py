@@ -42,6 +42,12 @@ DEPTH_STEP = 2  # depth added after a verify that accepted every draft
 MAX_DEPTH = 16
 OCCURRENCES = 4  # latest occurrences kept per n-gram (tree candidates)
 FEW_NEW = 8  # up to this many new tokens, keys are sliced one by one (the zip of n shifted slices pays above)
+# A backlog (a prompt; output decoded while drafting was off; a rebuild) is indexed at most this many tokens a step
+# in all (`NgramDrafter.step_tokens`, set per step by the SpecDecoder; ~2.2 us a token here: ~5 ms of the 2-core CPU);
+# a request drafts once its index has caught up. A 30,000-token prompt's index built in one step held the scheduler's
+# loop 65 ms (stall1, 2026-12-05). Up to SMALL_SYNC new tokens (a verify step's run) are indexed whatever is left.
+STEP_TOKENS = 2048
+SMALL_SYNC = 64
 
 
 @dataclass
@@ -61,19 +67,23 @@ class NgramIndex:
     occurrences: int = 1
     lengths: tuple[int, ...] = NGRAM_LENGTHS  # n-gram lengths indexed, longest first
 
-    def sync(self, prompt: list[int], output: list[int]) -> None:
-        """Index the tokens appended since the last call. Output rewritten behind our back (grammar
-        jump-forward re-tokenizes its last token) means a rebuild: a stale index only proposes bad
-        drafts, which verification rejects, but a fresh one proposes good ones."""
+    def sync(self, prompt: list[int], output: list[int], limit: int | None = None) -> int:
+        """Index the tokens appended since the last call, at most `limit` of them (the next call goes on
+        where this one stopped: the index built in pieces equals the one built at once); returns how many.
+        Output rewritten behind our back (grammar jump-forward re-tokenizes its last token) means a
+        rebuild: a stale index only proposes bad drafts, which verification rejects, but a fresh one
+        proposes good ones."""
         have = len(self.tokens)
         total = len(prompt) + len(output)
         if have > total or (have and self._token_at(prompt, output, have - 1) != self.tokens[-1]):
             self.tokens, self.follow, self.older, have = [], {}, {}, 0
+        if limit is not None and total - have > limit:
+            total = have + max(limit, 0)
         if have < len(prompt):
-            self.tokens.extend(prompt[have:])
-            self.tokens.extend(output)
+            self.tokens.extend(prompt[have:total])
+            self.tokens.extend(output[: max(total - len(prompt), 0)])
         else:
-            self.tokens.extend(output[have - len(prompt):])
+            self.tokens.extend(output[have - len(prompt) : total - len(prompt)])
         # n-grams ending at positions [have - 1, total - 2]: each now has a known next token. Keys are
         # built by zip over shifted slices and stored by dict.update (a 512-token prompt's first sync
         # is ~1.5 ms, not ~5 ms of per-key Python): in order, so a repeated n-gram keeps its latest.
@@ -82,13 +92,14 @@ class NgramIndex:
             # (one comprehension, not one per n: 12 vs 43 us for 3 tokens on the 2-core CPU)
             self._add([(hash(tuple(toks[e + 1 - n : e + 1])), e + 1) for n in self.lengths
                        for e in range(max(have - 1, n - 1), total - 1)])
-            return
+            return total - have
         for n in self.lengths:
             lo = max(have - 1, n - 1)  # first end position
             if lo >= total - 1:
                 continue
             seg = toks[lo + 1 - n : total - 1]
             self._add(zip(map(hash, zip(*(seg[j : len(seg) - n + 1 + j] for j in range(n)))), range(lo + 1, total)))
+        return total - have
 
     @staticmethod
     def key(ngram: list[int] | tuple[int, ...]) -> int:
@@ -237,6 +248,8 @@ class NgramDrafter:
         self.lengths = SHORT_LENGTHS if short else NGRAM_LENGTHS  # short: single tokens indexed too
         self.indexes: dict[int, NgramIndex] = {}
         self.depths: dict[int, DraftDepth] = {}
+        # backlog tokens this step may still index (STEP_TOKENS; reset by the SpecDecoder each step); None: no bound
+        self.step_tokens: int | None = None
         # A floor under every request's draft depth, set per step by the SpecDecoder (the step's k where a verify
         # step costs about the same at any k: batch 1 on a GPU); 0: the depths alone
         self.min_depth = 0
@@ -254,6 +267,21 @@ class NgramDrafter:
             index = self.indexes[key] = NgramIndex(occurrences=self.occurrences, lengths=self.lengths)
         return index
 
+    def _synced(self, key: int, prompt: list[int], output: list[int]) -> NgramIndex | None:
+        """The request's index with prompt + output indexed, within the step's `step_tokens`; None while it
+        lags behind (the request drafts nothing this step: a partial index would find other matches)."""
+        index = self._index(key)
+        if self.step_tokens is None:
+            index.sync(prompt, output)
+            return index
+        self.step_tokens = max(self.step_tokens - index.sync(prompt, output, max(self.step_tokens, SMALL_SYNC)), 0)
+        return index if len(index.tokens) == len(prompt) + len(output) else None
+
+    def index_upto(self, key: int, prompt: list[int], end: int, limit: int) -> int:
+        """A prefill chunk's tokens (the prompt up to `end`) indexed, at most `limit`; returns how many."""
+        index = self._index(key)
+        return index.sync(prompt[:end], [], limit) if len(index.tokens) < end else 0
+
     def _depth(self, key: int) -> DraftDepth:
         depth = self.depths.get(key)
         if depth is None:
@@ -263,8 +291,9 @@ class NgramDrafter:
     def propose(self, key: int, prompt: list[int], output: list[int], max_tokens: int) -> list[int]:
         if max_tokens <= 0:
             return []
-        index = self._index(key)
-        index.sync(prompt, output)
+        index = self._synced(key, prompt, output)
+        if index is None:
+            return []
         start, match = self._find(key, index, [])
         if start < 0:
             return []
@@ -292,7 +321,7 @@ class NgramDrafter:
         if max_tokens <= 1:
             return []
         index, (start, match) = self._lookup_after(key, prompt, output, drafts)
-        if start < 0:
+        if index is None or start < 0:
             return []
         depth = self._length(match, self.depth_after(key, len(drafts), len(drafts)), max_tokens - 1)
         return index.read(start, drafts, 1 + depth)
@@ -305,15 +334,14 @@ class NgramDrafter:
         if max_tokens <= 0:
             return []
         index, (start, match) = self._lookup_after(key, prompt, output, run)
-        if start < 0:
+        if index is None or start < 0:
             return []
         return index.read(start, run, self._length(match, self.depth_after(key, drafted, len(run) - 1), max_tokens))
 
     def _lookup_after(self, key: int, prompt: list[int], output: list[int], extra: list[int]
-                      ) -> tuple[NgramIndex, tuple[int, int]]:
-        index = self._index(key)
-        index.sync(prompt, output)
-        return index, self._find(key, index, extra)
+                      ) -> tuple[NgramIndex | None, tuple[int, int]]:
+        index = self._synced(key, prompt, output)
+        return index, (self._find(key, index, extra) if index is not None else (-1, 0))
 
     def depth_after(self, key: int, drafted: int, accepted: int) -> int:
         """The request's draft depth once a verify of `drafted` drafts accepted `accepted` is recorded (and the
@@ -327,20 +355,21 @@ class NgramDrafter:
         """A token tree of at most max_nodes nodes and depth max_depth (topk = 1: `propose`'s chain)."""
         if max_depth <= 0 or max_nodes <= 0:
             return DraftTree([], [])
-        index = self._index(key)
-        index.sync(prompt, output)
+        index = self._synced(key, prompt, output)
+        if index is None:
+            return DraftTree([], [])
         depth = self._depth(key).depth
         return build_tree(index.candidates(max_depth), depth, max_depth, max_nodes, topk)
 
-    def warm(self, key: int, prompt: list[int], output: list[int], min_behind: int = FEW_NEW) -> int:
-        """Index what the request's index lacks, if more than `min_behind` tokens (a decode step's few are
-        cheap at `propose`); returns the tokens indexed."""
+    def warm(self, key: int, prompt: list[int], output: list[int], min_behind: int = FEW_NEW,
+             limit: int | None = None) -> int:
+        """Index what the request's index lacks (at most `limit` tokens), if more than `min_behind` tokens (a
+        decode step's few are cheap at `propose`); returns the tokens indexed."""
         index = self._index(key)
         behind = len(prompt) + len(output) - len(index.tokens)
         if behind <= min_behind:
             return 0
-        index.sync(prompt, output)
-        return behind
+        return index.sync(prompt, output, limit)
 
     def on_verified(self, key: int, drafted: int, accepted: int) -> None:
         self._depth(key).record(drafted, accepted)

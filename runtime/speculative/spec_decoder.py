@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, grant_tree_nodes, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
 from radixlm.runtime.speculative.draft_tree import DraftTree
-from radixlm.runtime.speculative.ngram import OCCURRENCES, NgramDrafter
+from radixlm.runtime.speculative.ngram import OCCURRENCES, STEP_TOKENS, NgramDrafter
 from radixlm.runtime.speculative.row_cost import RowCost
 from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
 
@@ -189,6 +190,7 @@ class SpecDecoder:
         self.drafter.min_match = 1 if 0 < running <= self.short_match_rows else 2
         self.drafter.follow_source = 0 < running <= self.copy_source_rows
         self.drafter.deep_short = 0 < running <= self.short_depth_rows
+        self.drafter.step_tokens = STEP_TOKENS
         self._step_drafts = 0
 
     def scheduled(self, plain_decode: bool, drafted: bool, reqs: list[Req] | None = None) -> None:
@@ -213,25 +215,38 @@ class SpecDecoder:
         drafting step then does not pay its prompt's indexing (64 prompts of 512 tokens: tens of ms of
         host time in one step, which the payoff would charge to its first drafting run). Only within
         WARM_LEAD_STEPS (or a step per running request) of a step the payoff may let draft."""
-        if self.model is not None:
-            return
-        if (self.lazy_warm and self.payoff is not None
-                and self.payoff.steps_to_draft() > max(WARM_LEAD_STEPS, len(running))):
-            return  # drafting is off for a while: nothing to index for yet
-        # host memory: ~1.2 KB an indexed token; while drafting is off (a large batch) warming stops here
-        if sum(len(index.tokens) for index in self.drafter.indexes.values()) >= WARM_MAX_INDEXED:
+        if not self._may_index(len(running)):
             return
         spent, deadline = 0, time.perf_counter() + WARM_S
         for req in running:
             if spent >= WARM_TOKENS or (spent and time.perf_counter() > deadline):
                 break
             if not req.finished:
-                spent += self.drafter.warm(id(req), req.input_ids, req.output_ids, WARM_MIN_BEHIND)
+                spent += self.drafter.warm(id(req), req.input_ids, req.output_ids, WARM_MIN_BEHIND, WARM_TOKENS - spent)
+
+    def _may_index(self, rows: int) -> bool:
+        """NGRAM indexes may be built ahead of drafting: not while the payoff keeps drafting off for a while
+        (nothing to index for yet), nor past WARM_MAX_INDEXED tokens (host memory: ~1.2 KB an indexed token;
+        drafting off at a large batch stops it here)."""
+        if self.model is not None:
+            return False
+        if self.lazy_warm and self.payoff is not None and self.payoff.steps_to_draft() > max(WARM_LEAD_STEPS, rows):
+            return False
+        return sum(len(index.tokens) for index in self.drafter.indexes.values()) < WARM_MAX_INDEXED
 
     def after_forward(self, batch: ScheduledBatch) -> None:
-        """EAGLE3: right after the target's forward, keep its hidden states of the batch's tokens."""
+        """Right after the target's forward (launched), EAGLE3 keeps its hidden states of the batch's tokens;
+        NGRAM indexes each prefill chunk's prompt tokens, so a request drafts from its first decode step
+        without its whole prompt indexed in one step: at most the chunk's tokens, or STEP_TOKENS where a
+        cached prefix makes the chunk short."""
         if self.eagle is not None and self.aux_source.aux_hidden is not None:
             self.eagle.stash(batch.reqs, batch.prefix_lens, batch.extend_lens, self.aux_source.aux_hidden)
+        if batch.mode is ForwardMode.DECODE or not self._may_index(len(batch.reqs)):
+            return
+        for req, prefix, extend in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+            end = prefix + extend
+            if not req.output_ids and end <= len(req.input_ids) and not req.finished:  # a prefill chunk
+                self.drafter.index_upto(id(req), req.input_ids, end, max(extend, STEP_TOKENS))
 
     def may_draft(self, running: list[Req]) -> bool:
         """Whether the next decode step may carry drafts: then the scheduler needs every running
