@@ -29,7 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 ENV = "RADIXLM_LOOP_STATS"
-COUNTERS = ("forward_steps", "decode_steps", "overlapped_steps", "prefill_steps", "mixed_steps", "generated_tokens")
+COUNTERS = ("forward_steps", "decode_steps", "overlapped_steps", "prefill_steps", "mixed_steps", "generated_tokens",
+            "prefill_as_decode_steps")
 
 
 class LoopStats:
