@@ -102,7 +102,7 @@ class LoopStats:
         # inside the above: the draw's parts, the masks' gather and uploads; the schedule and the batch's inputs
         import radixlm.constrained as constrained
         import radixlm.constrained.base as constrained_base
-        from radixlm.constrained.state_table import TableMatcher
+        from radixlm.constrained.table_grammar import TableMatcher
         from radixlm.runtime import result_processor
         from radixlm.runtime.grammar_tables import DeviceTables
         from radixlm.runtime.sampler import SamplingBatch
