@@ -82,9 +82,9 @@ def _same(got: dict, want: dict) -> None:
         assert got[rid]["output_ids"] == res["output_ids"], rid
         assert got[rid]["finished_reason"] == res["finished_reason"], rid
         assert got[rid]["cached_tokens"] == res["cached_tokens"], rid
-        for key in ("output_token_logprobs", "output_top_logprobs"):  # (other kernels: other summation orders)
+        for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs", "input_top_logprobs"):
             assert len(got[rid][key]) == len(res[key]), (rid, key)
-        for (a, ta), (b, tb) in zip(got[rid]["output_token_logprobs"], res["output_token_logprobs"]):
+        for (a, ta), (b, tb) in zip(got[rid]["output_token_logprobs"], res["output_token_logprobs"]):  # (other kernels)
             assert ta == tb and a == pytest.approx(b, abs=1e-4), rid
 
 
