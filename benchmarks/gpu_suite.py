@@ -211,12 +211,12 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
     if state_tables:  # --grammar-state-table side by side: the Engine's tok/s ratios only
         for table, rows, flags in [(t, r, f) for t in state_tables for r in forced_rows for f in flag_arms]:  # an Engine each
             by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table, wait_tables,
-                                         warm_shapes, rows, {flag: True for flag in flags})
+                                         warm_shapes, rows, dict(f.split("=", 1) if "=" in f else (f, True) for f in flags))
             gc.collect()
             torch.cuda.empty_cache()
             for batch, res in by_batch.items():
                 label = f"--grammar-state-table {table}" + (" --enable-forced-rows" if rows else "") + "".join(
-                    f" --{flag.replace('_', '-')}" for flag in flags)
+                    f" {flag}" if "=" in flag else f" --{flag.replace('_', '-')}" for flag in flags)
                 out[f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "") + "".join(
                     f"_{flag}" for flag in flags)] = res
                 js = res["json_schema"]
@@ -237,7 +237,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                         f"({a['turns_without_a_step']}/{b['turns_without_a_step']} without a step), full gc "
                         f"{a['gc_full_collections']}/{b['gc_full_collections']}; decode steps "
                         f"{a['decode_steps']}/{b['decode_steps']} (overlapped {a['overlapped_steps']}/{b['overlapped_steps']}), "
-                        f"prefill {a['prefill_steps']}/{b['prefill_steps']}, mixed {a['mixed_steps']}/{b['mixed_steps']}", flush=True)
+                        f"prefill {a['prefill_steps']}/{b['prefill_steps']} (as decode {a.get('prefill_as_decode_steps', 0)}/"
+                        f"{b.get('prefill_as_decode_steps', 0)}), mixed {a['mixed_steps']}/{b['mixed_steps']}", flush=True)
                     parts = sorted(set(a.get("parts", {})) | set(b.get("parts", {})))
                     if parts:  # inside "step": where the host waits for the device, and what it does
                         print("    step parts json/same: " + ", ".join(
@@ -360,8 +361,9 @@ def main() -> None:
                          "grammar-forced tokens computed as extra decode rows (runtime/forced_rows.py)")
     ap.add_argument("--f-flag-arms", default="-",
                     help="(f) with --f-state-table: arms separated by ';', an Engine each, side by side: each arm a "
-                         "'+'-joined list of boolean server options set on (ServerArgs field names), '-' for none; e.g. "
-                         "'-;enable_overlap_constrained_prefill'")
+                         "'+'-joined list of boolean server options set on (ServerArgs field names) or RADIXLM_X=V "
+                         "environment variables of the Engine's processes, '-' for none; e.g. "
+                         "'-;enable_overlap_constrained_prefill' or '-;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1'")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

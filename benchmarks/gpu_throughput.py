@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +190,9 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
     with staggered lengths (`warm_batch_sizes`), so that the JSON run is not the first to meet each
     decode batch size below the full one (the same-length run, after it, met them all warm: the H200's
     2026-12-04 mid round measured the JSON run's forward launches 51 ms longer in all at 64 rows, 120 ms
-    at 256, the LM head's first calls at each new row count). `forced_rows`: --enable-forced-rows."""
+    at 256, the LM head's first calls at each new row count). `forced_rows`: --enable-forced-rows.
+    `engine_flags` named RADIXLM_... are environment variables the Engine's processes start with (module
+    constants read at import, e.g. runtime/prefill_as_decode.py's), not Engine options."""
     import jsonschema
 
     import radixlm
@@ -200,13 +204,14 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
         args["grammar_state_table"] = state_table
     if forced_rows:
         args["enable_forced_rows"] = True
-    args.update(engine_flags or {})
+    env = {k: str(v) for k, v in (engine_flags or {}).items() if k.startswith("RADIXLM_")}
+    args.update({k: v for k, v in (engine_flags or {}).items() if k not in env})
     from radixlm.runtime.loop_stats import ENV, read_last
 
     # the scheduler process's loop, per run (runtime/loop_stats.py): steps, time in them, waits
     loop_file = os.environ.setdefault(ENV, tempfile.mktemp(prefix="radixlm-loop-", suffix=".jsonl"))
     results: dict[int | str, dict] = {}
-    with radixlm.Engine(str(model_dir), mem_fraction_static=0.5, **args) as eng:
+    with environ(env), radixlm.Engine(str(model_dir), mem_fraction_static=0.5, **args) as eng:
         for k, batch in enumerate(batches):
             rng = random.Random(7)
             prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(batch)]
@@ -255,6 +260,21 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
             out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
             out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
     return results
+
+
+@contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """`env` set in os.environ while the block runs (processes spawned in it inherit it), then restored."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def warm_batch_sizes(eng: Any, prompts: list[list[int]]) -> float:

@@ -144,8 +144,8 @@ def run_runtime(tok: Any, tok_path: str, grammar: Any, paths: list[list[int]], s
 
 def _complete(grammar: Any, with_moves: bool) -> None:
     """What the scheduler's table holds once the background completion is filed (rows, then moves)."""
-    from radixlm.constrained.state_table import TableGrammar
     from radixlm.constrained.table_completion import DfaMoves, file_moves, file_rows, walk_states
+    from radixlm.constrained.table_grammar import TableGrammar
 
     renamed: dict[int, int] = {}
     for chunk in walk_states(TableGrammar.wrap(grammar.inner), pairs=False):  # the worker's own DFA

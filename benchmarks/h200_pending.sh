@@ -9,7 +9,8 @@
 # first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
 #   bash benchmarks/h200_pending.sh ab      (jf17 ~130 s: constrained prefill overlapped, issue 14; jf18 ~90 s: (f)'s decode
-#                                            step op by op, issue 14; spec9 ~70 s: batch-1
+#                                            step op by op, issue 14; jf18b ~150 s: one-token prefills as decode
+#                                            steps, issue 14; spec9 ~70 s: batch-1
 #                                            NGRAM arms, issue 18; jf16 ~200 s: forced rows off vs on,
 #                                            issue 14, off since 2026-12-05's 0.844x — run only with time to spare)
 #   bash benchmarks/h200_pending.sh final   (~600 s: gpu_suite a,e,g then b,f; the 64-adapter row; w4a — or as two calls,
@@ -40,6 +41,13 @@ ab)
   # decode step at 256 rows op by op outside the forward, JSON vs plain, kernels and copies with device us -> says which of
   # the JSON step's ops (index copy, table gather, bitmask kernel, ...) make its +0.26 ms a step (RESULTS.md, jf18)
   run jf18 150 "python3 benchmarks/f_step_ops.py --batch 256 --out $OUT/jf18/ops.json"
+  # issue 14 item 4 (jf18b): a prefill step of one sampled token a row (the JSON and same-lengths runs' first step: 127 of
+  # each 128-token prompt cached) run as a decode step, an Engine per arm (constant off, on) at 64 and 256 rows -> set
+  # ONE_TOKEN_PREFILL_AS_DECODE = True (runtime/prefill_as_decode.py) if the JSON run's tok/s rises at both sizes with 64/64
+  # and 256/256 valid and the same-lengths run's does not fall; "prefill N/N (as decode 1/1)" in the on arm's loop line
+  # shows the mechanism, "step ms ... longest json/same" and the "forward launch" longest call its first steps (H100
+  # 2026-12-05 off: 54.7/44.8 ms at 64 rows, 112.1/57.4 ms at 256)
+  run jf18b 200 "RADIXLM_LOOP_STATS=$OUT/jf18b/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1' --out $OUT/jf18b/f.json"
   run spec9 200 "python3 benchmarks/speculative.py --mode gpu --sets e2e --topk 1 --prompt-sets repeat,random --batches 1 --repeats 3 --new-tokens 128 --no-audit --short-ab --out $OUT/spec9/spec.json"
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"

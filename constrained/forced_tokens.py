@@ -19,7 +19,7 @@ import numpy as np
 from .state_table import FIRST_STATE_ROW, StateTable
 
 if TYPE_CHECKING:
-    from .state_table import TableGrammar
+    from .table_grammar import TableGrammar
 
 # A state's forced run is walked once, this many tokens at most, and kept (`StateTable.runs_from`): rides take up to
 # runtime/forced_rows.MAX_RIDE + 1, guesses MAX_GUESS; item (f) follows ~20 new pairs' runs a step at 64 rows.

@@ -37,7 +37,8 @@ import torch
 from .byte_automaton import UNKNOWN
 from .compile_worker import end_process, jobs, load_tokenizer
 from .forced_tokens import PAIR_MAX_ALLOWED, ForcedPairs, allowed_tokens, file_pairs, forced_pairs
-from .state_table import FIRST_STATE_ROW, StateTable, TableGrammar
+from .state_table import FIRST_STATE_ROW, StateTable
+from .table_grammar import TableGrammar
 
 logger = logging.getLogger(__name__)
 

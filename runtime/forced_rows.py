@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from radixlm.constrained.forced_tokens import GuessRuns, forced_run, guess_runs
-from radixlm.constrained.state_table import FIRST_STATE_ROW, TableMatcher
+from radixlm.constrained.state_table import FIRST_STATE_ROW
+from radixlm.constrained.table_grammar import TableMatcher
 from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.request import Req
 

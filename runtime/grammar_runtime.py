@@ -162,7 +162,7 @@ class GrammarRuntime(GrammarRides):
         compiled grammar, shared by all its requests), else the grammar itself."""
         if not self.state_tables:
             return grammar
-        from radixlm.constrained.state_table import TableGrammar
+        from radixlm.constrained.table_grammar import TableGrammar
 
         def wrap() -> Any:
             wrapped = TableGrammar.wrap(grammar)

@@ -5,7 +5,7 @@ the rows' table indices (one int each) go to the device and select rows of the d
 which receives only the rows filled since the last step. No per-row mask fill or copy on the host.
 
 The usual commit of such rows (`commit`) is one pass over them: each sampled token's DFA move is
-looked up, recorded (lazy: the backend takes it later, see state_table.TableMatcher), and the
+looked up, recorded (lazy: the backend takes it later, see table_grammar.TableMatcher), and the
 state's row and termination read from the table; the next gather reuses those rows instead of
 scanning the batch again (`TableStep`). On item (f)'s host that pass replaced three (the matchers'
 commit, the finish flags, the scan for missing rows) and the gather's own scan.
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from radixlm.constrained.forced_tokens import note_move
-from radixlm.constrained.state_table import ALL_ROW, FIRST_STATE_ROW, NONE_ROW, StateTable, TableMatcher
+from radixlm.constrained.state_table import ALL_ROW, FIRST_STATE_ROW, NONE_ROW, StateTable
+from radixlm.constrained.table_grammar import TableMatcher
 
 if TYPE_CHECKING:
     from radixlm.constrained.mask_workers import MaskWorkers

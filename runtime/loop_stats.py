@@ -29,7 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 ENV = "RADIXLM_LOOP_STATS"
-COUNTERS = ("forward_steps", "decode_steps", "overlapped_steps", "prefill_steps", "mixed_steps", "generated_tokens")
+COUNTERS = ("forward_steps", "decode_steps", "overlapped_steps", "prefill_steps", "mixed_steps", "generated_tokens",
+            "prefill_as_decode_steps")
 
 
 class LoopStats:
@@ -101,7 +102,7 @@ class LoopStats:
         # inside the above: the draw's parts, the masks' gather and uploads; the schedule and the batch's inputs
         import radixlm.constrained as constrained
         import radixlm.constrained.base as constrained_base
-        from radixlm.constrained.state_table import TableMatcher
+        from radixlm.constrained.table_grammar import TableMatcher
         from radixlm.runtime import result_processor
         from radixlm.runtime.grammar_tables import DeviceTables
         from radixlm.runtime.sampler import SamplingBatch

@@ -144,10 +144,13 @@ class ScheduledBatch:
         return [r.lora_name for r, ext in zip(self.reqs, self.extend_lens) for _ in range(ext)]
 
     def to_forward_batch(self, device: torch.device, uncommitted: UncommittedStep | None = None,
-                         cascade: CascadePlanner | None = None) -> tuple[ForwardBatch, SlotWrites]:
+                         cascade: CascadePlanner | None = None, as_decode: bool = False) -> tuple[ForwardBatch, SlotWrites]:
         """The step's tensors on `device` (one packed copy), and the slot writes that the scheduler
         commits to req_to_token before running it. A decode step asks `cascade` whether its rows'
-        shared radix-tree prefixes are worth attending once per group."""
+        shared radix-tree prefixes are worth attending once per group. `as_decode`: an extend batch of
+        one sampled token a row, run as a decode step (runtime/prefill_as_decode.py)."""
+        if as_decode:
+            return self._plain_decode_forward_batch(device, uncommitted, cascade)
         if self.mode is ForwardMode.DECODE and not self.has_drafts:
             if sum(self.extend_lens) == len(self.reqs):
                 return self._plain_decode_forward_batch(device, uncommitted, cascade)
@@ -344,7 +347,7 @@ class ScheduledBatch:
                             extend_lens=self.extend_lens, slots=slots32, device_token_rows=rows_t,
                             device_positions=positions_t, device_slots=slots32_t)
         fb = ForwardBatch(
-            mode=self.mode, input_ids=input_ids_t, positions=positions_t, out_cache_loc=out_cache_loc,
+            mode=ForwardMode.DECODE, input_ids=input_ids_t, positions=positions_t, out_cache_loc=out_cache_loc,
             req_pool_indices=rows_t, seq_lens=seq_lens_t, req_pool_indices_cpu=rows_cpu,  # type: ignore[arg-type]
             seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1] * n, extend_seq_lens=ext_t,
             extend_start_loc=index32_t, logits_indices=index_t, lora_names=self._lora_names(n),

@@ -24,6 +24,7 @@ from radixlm.runtime.io_struct import AbortReq, ControlReq, ControlResp, FinishR
 from radixlm.runtime.lora.admission import AdapterDemand, WaitingQueue
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.prefill_admission import schedule_prefill
+from radixlm.runtime.prefill_as_decode import runs_as_decode
 from radixlm.runtime.prefix_cache import NoPrefixCache, PrefixCache, RadixPrefixCache
 from radixlm.runtime.request import Req
 from radixlm.runtime.request_intake import add_request
@@ -99,6 +100,8 @@ class Scheduler:
                       "prefill_steps": 0, "mixed_steps": 0, "decode_steps": 0, "overlapped_steps": 0,
                       # prefill steps whose first tokens were committed a step later
                       "overlapped_prefill_steps": 0,
+                      # prefill (or mixed) steps of one sampled token a row run as decode steps (prefill_as_decode.py)
+                      "prefill_as_decode_steps": 0,
                       # verify steps launched before the previous verify step's results were processed (of
                       # them, built after a wrong guess at those results)
                       "ahead_steps": 0, "ahead_rebuilt_steps": 0,
@@ -223,7 +226,8 @@ class Scheduler:
         self.decode_log.on_step(batch.mode, self.info)
         if self.spec is not None:
             self.spec.scheduled(batch.mode == ForwardMode.DECODE, batch.has_drafts, batch.reqs)
-        fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade)
+        as_decode = runs_as_decode(self, batch)  # one sampled token a row: the decode step's shape
+        fb, slot_writes = batch.to_forward_batch(self.device, self.uncommitted, self.runner.cascade, as_decode)
         if self.runner.lora is not None and batch.mode is ForwardMode.EXTEND and fb.lora_names is not None:
             # a prefill without (some of) the decode rows: their adapters keep their slots
             fb.lora_keep = frozenset(r.lora_name for r in (*self.running, *self.partial) if r.lora_name is not None)
@@ -235,6 +239,7 @@ class Scheduler:
             self.spec.after_forward(batch)  # EAGLE3 keeps the target's hidden states of these tokens
         self.stats["forward_steps"] += 1
         self.stats["cascade_decode_steps"] += fb.cascade is not None
+        self.stats["prefill_as_decode_steps"] += as_decode
         kind = "decode_steps" if batch.mode == ForwardMode.DECODE else "mixed_steps" if any(batch.decoding) else "prefill_steps"
         self.stats[kind] += 1
         if self.overlap and self.results.can_defer(batch):

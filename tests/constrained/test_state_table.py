@@ -18,7 +18,8 @@ from radixlm import constrained as C
 from radixlm.constrained.byte_automaton import DEAD, LazyDfa, alt, byte_set, literal, nfa_states, rep, seq, utf8_char
 from radixlm.constrained.mask_workers import MaskWorkers
 from radixlm.constrained.regular_schema import schema_expression
-from radixlm.constrained.state_table import MAX_NFA_STATES, NONE_ROW, StateTable, TableGrammar, TableMatcher
+from radixlm.constrained.state_table import MAX_NFA_STATES, NONE_ROW, StateTable
+from radixlm.constrained.table_grammar import TableGrammar, TableMatcher
 
 from .conftest import encode
 

@@ -29,7 +29,7 @@ FORCED_AFTER = {"small": '{"a": "x", "', "refs": "[true"}  # (small: the next ke
 
 def fresh_dfa(grammar: C.Grammar) -> Any:
     """A fresh lazy DFA of `grammar`'s table expression."""
-    from radixlm.constrained.state_table import TableGrammar
+    from radixlm.constrained.table_grammar import TableGrammar
 
     wrapped = TableGrammar.wrap(grammar)
     assert wrapped is not None

@@ -15,7 +15,7 @@ import torch
 
 from radixlm import constrained as C
 from radixlm.constrained.mask_workers import MaskWorkers
-from radixlm.constrained.state_table import TableGrammar
+from radixlm.constrained.table_grammar import TableGrammar
 from radixlm.runtime.grammar_tables import DeviceTables
 from radixlm.runtime.io_struct import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams

@@ -49,7 +49,7 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
 
     import radixlm.constrained as constrained
     import radixlm.constrained.base as constrained_base
-    from radixlm.constrained.state_table import TableMatcher
+    from radixlm.constrained.table_grammar import TableMatcher
     from radixlm.runtime import result_processor
     from radixlm.runtime.grammar_runtime import GrammarRuntime
     from radixlm.runtime.grammar_tables import DeviceTables

@@ -137,7 +137,7 @@ def test_moves_not_cached_are_walked_and_rows_not_filled_go_to_the_matcher(tok, 
 def test_filed_rows_reach_the_device_copy_when_filed(tok) -> None:
     """`refresh` (after a completion's rows are filed) brings each device copy up to date, grown
     tables included, so that the next gather has nothing to upload."""
-    from radixlm.constrained.state_table import TableGrammar
+    from radixlm.constrained.table_grammar import TableGrammar
 
     table = TableGrammar.wrap(C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)).table
     tables = DeviceTables()
@@ -159,7 +159,7 @@ def test_forced_bytes_are_recorded_per_state_without_a_catch_up(tok) -> None:
     lagging row at a DFA state whose row was filled, or where a row was caught up before, is answered
     from the record (no catch-up of its lag), equal to llguidance's; the jump's text still comes from
     llguidance."""
-    from radixlm.constrained.state_table import TableGrammar
+    from radixlm.constrained.table_grammar import TableGrammar
 
     grammar = C.compile(tok, json_schema=ITEM_F, backend="llguidance", cache=None)
     table_grammar = TableGrammar.wrap(grammar)
