@@ -43,7 +43,7 @@ ab)
   run jf18 150 "python3 benchmarks/f_step_ops.py --batch 256 --out $OUT/jf18/ops.json"
   # issue 14 item 4 (jf18b): a prefill step of one sampled token a row (the JSON and same-lengths runs' first step: 127 of
   # each 128-token prompt cached) run as a decode step, an Engine per arm (constant off, on) at 64 and 256 rows -> set
-  # ONE_TOKEN_PREFILL_AS_DECODE = True (runtime/prefill_as_decode.py) if the JSON run's tok/s rises at both sizes with 64/64
+  # ONE_TOKEN_PREFILL_AS_DECODE = True (runtime/prefill_as_decode.py; now None: on for the CPU only) if the JSON run's tok/s rises at both sizes with 64/64
   # and 256/256 valid and the same-lengths run's does not fall; "prefill N/N (as decode 1/1)" in the on arm's loop line
   # shows the mechanism, "step ms ... longest json/same" and the "forward launch" longest call its first steps (H100
   # 2026-12-05 off: 54.7/44.8 ms at 64 rows, 112.1/57.4 ms at 256)

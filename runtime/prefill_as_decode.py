@@ -8,9 +8,11 @@ plain run's 57 ms, the eager forward's launch alone 24.1 / 13.9 ms, where a deco
 rows replays a CUDA graph in ~11 ms. With ONE_TOKEN_PREFILL_AS_DECODE such a step's forward runs as a
 decode step (`ForwardMode.DECODE`: decode kernels, the decode graph of its batch size where there is
 one); the scheduler still treats the batch as the prefill it is (prefix cache, forks, first-token
-commit, overlap). Off until a GPU A/B decides it (benchmarks/h200_pending.sh, part jf18b);
-`$RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1` turns it on in a process started with it (an Engine's scheduler
-process inherits it: the A/B's arms).
+commit, overlap). By default (None) on where the model runs on the CPU — measured there (2026-12-05, 256
+rows of item (f)'s cached prompts: the first step's forward 1,832 -> 749 ms, outputs identical) — and off
+on CUDA until a GPU A/B decides it (benchmarks/h200_pending.sh, part jf18b);
+`$RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1` / `=0` turns it on / off on every device in a process started
+with it (an Engine's scheduler process inherits it: the A/B's arms).
 
 A row qualifies when it computes exactly one token and its logits are sampled (its prompt, or its
 forced tokens, end there: a chunk's row ending short of its prompt samples nothing, and stays on the
@@ -36,12 +38,16 @@ if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
 
 ENV = "RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE"
-ONE_TOKEN_PREFILL_AS_DECODE = os.environ.get(ENV, "0") == "1"
+# True / False: on / off on every device; None: on where the model runs on the CPU (see the docstring)
+ONE_TOKEN_PREFILL_AS_DECODE: bool | None = {"1": True, "0": False}.get(os.environ.get(ENV, ""))
 
 
 def runs_as_decode(sched: Scheduler, batch: ScheduledBatch) -> bool:
     """This extend batch's forward runs as a decode step (see the module's docstring)."""
-    if not ONE_TOKEN_PREFILL_AS_DECODE or batch.mode is not ForwardMode.EXTEND:
+    enabled = ONE_TOKEN_PREFILL_AS_DECODE
+    if enabled is None:
+        enabled = getattr(sched, "device", None) is not None and sched.device.type == "cpu"
+    if not enabled or batch.mode is not ForwardMode.EXTEND:
         return False
     if batch.has_drafts or batch.guesses is not None:
         return False
