@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 # ~5.5 ms, i.e. about two extra decode steps (benchmarks/profile_steps.py, item f).
 JUMP_EAGER_EXTRA_STEPS = 2.0
 JUMP_MAX_USEFUL_TOKENS = 64
+# A row whose mask allowed no token (a dead end, e.g. uniqueItems with every allowed item used) draws a token the
+# grammar refuses: the request fails with this, never ends as a normal stop with an incomplete document.
+GRAMMAR_DEAD_END = ("constrained decoding reached a state where the grammar allows no token (a dead end of the "
+                    "json_schema / regex / ebnf constraint); the output so far is incomplete")
 
 
 class SeqEvent(NamedTuple):
@@ -373,6 +377,8 @@ class ResultProcessor:
         if not p.ignore_eos and tok in self.eos_ids:
             return FinishReason.stop(tok)
         if req.grammar is not None and grammars is not None and grammars.is_terminated(req):
+            if getattr(req, "grammar_failed", False):  # no token satisfied the constraint: never a normal stop
+                return FinishReason.abort(GRAMMAR_DEAD_END, status_code=500)
             return FinishReason.stop(None)
         if p.stop and self.tokenizer is not None:
             window = max(len(s) for s in p.stop) + 3

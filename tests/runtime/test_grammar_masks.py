@@ -92,3 +92,38 @@ def test_mask_threads_option() -> None:
     assert parse_server_args(parser, []).grammar_mask_threads is None  # 8 beside a GPU, else inline
     with pytest.raises(ValueError, match="grammar_mask_threads"):
         ServerArgs(grammar_mask_threads=-1)
+
+
+def test_a_grammar_dead_end_fails_the_request_instead_of_a_normal_stop(tokenizer, default_model_dir) -> None:
+    """At a dead end (no token fits: uniqueItems with every allowed item used) the draw yields a token the grammar
+    refuses — here one is fed directly. The request must fail (500 with the reason), not end as a `stop` whose
+    document is incomplete."""
+    from radixlm.runtime.io_struct import TokenizedGenerateReq
+    from radixlm.runtime.request import Req
+    from radixlm.runtime.result_processor import GRAMMAR_DEAD_END, ResultProcessor
+    from radixlm.runtime.sampling_params import SamplingParams
+
+    runtime = GrammarRuntime(ServerArgs(), tokenizer, str(default_model_dir), len(tokenizer))
+    proc = ResultProcessor.__new__(ResultProcessor)
+    proc.eos_ids, proc.tokenizer, proc.context_len = frozenset({0}), tokenizer, 8192
+    schema = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    try:
+        grammar = C.compile(tokenizer, json_schema=json.dumps(schema))
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        reqs = []
+        for rid, text in (("dead", '["a", "b", "a'), ("fine", '["a", "b"')):
+            req = Req.from_wire(TokenizedGenerateReq(rid=rid, input_ids=[1, 2], params=SamplingParams()), seed=1)
+            req.grammar = grammar.matcher()
+            req.output_ids = enc(text)
+            assert all(req.grammar.advance(t) for t in req.output_ids)
+            reqs.append(req)
+        last = [enc('"')[0], enc("]")[0]]  # '"' repeats "a" (refused); ']' ends the document
+        runtime.advance_many(reqs, last)
+        for req, tok in zip(reqs, last):
+            req.output_ids.append(tok)
+        dead = proc.check_finish(reqs[0], last[0], runtime)
+        assert dead.kind == "abort" and dead.status_code == 500 and dead.message == GRAMMAR_DEAD_END
+        fine = proc.check_finish(reqs[1], last[1], runtime)
+        assert fine.kind == "stop" and fine.status_code is None
+    finally:
+        runtime.close()
