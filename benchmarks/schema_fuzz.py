@@ -13,8 +13,12 @@ UnsupportedSchemaError or GrammarCompileError (grouped by keyword), anything els
 compiled one, (a) seeded random walks over the token masks until an end token is allowed: every
 finished text must parse and be valid (a soundness bug otherwise); (b) candidate instances, made to
 be valid and mutated from those and from the walks, labelled by jsonschema and run token by token:
-an invalid one accepted is a soundness bug; a valid one rejected is counted against every keyword
-of the schema (stricter output is documented policy: this gives its rates).
+an invalid one accepted is a soundness bug; a valid one rejected is stricter output (documented
+policy: this gives its rates): those accepted once integral floats are written as integers (`1.0`:
+we write `1`) are counted apart, the rest against every keyword the schema uses. multipleOf is
+judged on decimal texts (jsonschema divides binary floats: -0.7 is no multiple of 0.1 there); the
+run counts where the two verdicts differ. Walks that reach a mask with no token allowed (dead ends,
+a liveness bug, not a soundness one) are counted apart.
 """
 
 from __future__ import annotations
@@ -130,6 +134,22 @@ def _dup_keys(text: str) -> bool:
     return any(seen)
 
 
+def _accepts(grammar: Any, tok: Any, text: str) -> bool:
+    m = grammar.matcher()
+    return all(m.advance(t) for t in _cov.encode(tok, text)) and m.is_accepting()
+
+
+def _no_point_zero(doc: Any) -> Any:
+    """The document with integral floats written as integers (1.0 -> 1): what our output does."""
+    if isinstance(doc, float) and doc.is_integer() and abs(doc) < 1e15:
+        return int(doc)
+    if isinstance(doc, list):
+        return [_no_point_zero(x) for x in doc]
+    if isinstance(doc, dict):
+        return {k: _no_point_zero(v) for k, v in doc.items()}
+    return doc
+
+
 def check(info: Any, tok: Any, name: str, walks: int = 6, candidates: int = 24) -> dict[str, Any]:
     """Compile one generated schema and check walks and candidates against jsonschema."""
     from radixlm import constrained as C
@@ -147,7 +167,8 @@ def check(info: Any, tok: Any, name: str, walks: int = 6, candidates: int = 24) 
     except Exception:  # noqa: BLE001 -- any other exception is the bug this looks for
         return {**row, "status": "crash", "schema": schema, "error": traceback.format_exc(limit=4)[-1500:]}
     row.update(status="compiled", compile_s=time.perf_counter() - t0, walks=0, unfinished=0, walk_invalid=[],
-               valid=0, invalid=0, invalid_accepted=[], valid_rejected=[], dead_ends=[], float_disagree=0)
+               valid=0, invalid=0, invalid_accepted=[], valid_rejected=[], dead_ends=[], float_disagree=0,
+               point_zero=0)
     check_doc, binary, texts = validator(schema), validator(schema, decimal=False), []
     try:
         weights = _STATE.get("weights")
@@ -184,13 +205,13 @@ def check(info: Any, tok: Any, name: str, walks: int = 6, candidates: int = 24) 
                 continue
             ok = check_doc.is_valid(doc)
             row["float_disagree"] += ok != binary.is_valid(doc)  # jsonschema's float multipleOf
-            m = grammar.matcher()
-            accepted = all(m.advance(t) for t in _cov.encode(tok, text)) and m.is_accepting()
+            accepted = _accepts(grammar, tok, text)
             row["valid" if ok else "invalid"] += 1
             if accepted and not ok:
                 row["invalid_accepted"].append(text)
             elif ok and not accepted:
-                row["valid_rejected"].append(text)
+                row["valid_rejected"].append(text)  # documented: integers are written without ".0"
+                row["point_zero"] += _accepts(grammar, tok, json.dumps(_no_point_zero(doc), ensure_ascii=False))
     except Exception:  # noqa: BLE001 -- a matcher exception is a crash, with the schema to repeat it
         row.update(status="crash", error=traceback.format_exc(limit=4)[-1500:])
     if row["status"] == "crash" or row["walk_invalid"] or row["invalid_accepted"]:
@@ -225,7 +246,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in compiled:
         for kw in r["keywords"]:
             per_kw[kw][0] += r["valid"]
-            per_kw[kw][1] += len(r["valid_rejected"])
+            per_kw[kw][1] += len(r["valid_rejected"]) - r["point_zero"]
     valid = sum(r["valid"] for r in compiled)
     rejected = sum(len(r["valid_rejected"]) for r in compiled)
     return {
@@ -239,6 +260,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "instances_valid": valid, "instances_invalid": sum(r["invalid"] for r in compiled),
         "invalid_accepted": sum(len(r["invalid_accepted"]) for r in compiled),
         "valid_rejected": rejected, "valid_rejected_rate": round(rejected / max(valid, 1), 4),
+        "valid_rejected_point_zero": sum(r["point_zero"] for r in compiled),
         "valid_rejected_by_keyword": {k: {"valid": v, "rejected": n, "rate": round(n / max(v, 1), 3)}
                                       for k, (v, n) in sorted(per_kw.items(), key=lambda x: -x[1][1] / max(x[1][0], 1))},
         "compile_p50_ms": round(_cov.pct([r["compile_s"] for r in compiled], 0.5) * 1e3, 1),
