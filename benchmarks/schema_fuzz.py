@@ -150,6 +150,16 @@ def _no_point_zero(doc: Any) -> Any:
     return doc
 
 
+def _satisfiable(schema: Any, rng: random.Random, tries: int = 12) -> bool:
+    """Whether a generated instance is valid: a refusal of a schema some document satisfies is a
+    coverage gap (the backend's "Unsatisfiable schema" ones should have none)."""
+    made, judge = Instances(schema, rng), validator(schema)
+    try:
+        return any(judge.is_valid(made.make(schema)) for _ in range(tries))
+    except RecursionError:  # a reference cycle on the same instance: jsonschema never ends either
+        return False
+
+
 def check(info: Any, tok: Any, name: str, walks: int = 6, candidates: int = 24) -> dict[str, Any]:
     """Compile one generated schema and check walks and candidates against jsonschema."""
     from radixlm import constrained as C
@@ -161,9 +171,11 @@ def check(info: Any, tok: Any, name: str, walks: int = 6, candidates: int = 24) 
     try:
         grammar = C.compile(info, json_schema=schema, cache=None)
     except C.UnsupportedSchemaError as exc:
-        return {**row, "status": "refused", "reason": exc.keyword, "path": exc.path}
+        return {**row, "status": "refused", "reason": exc.keyword, "path": exc.path,
+                "satisfiable": _satisfiable(schema, rng)}
     except C.GrammarCompileError as exc:
-        return {**row, "status": "refused", "reason": _cov._reason(exc), "path": "#"}
+        return {**row, "status": "refused", "reason": _cov._reason(exc), "path": "#",
+                "satisfiable": _satisfiable(schema, rng)}
     except Exception:  # noqa: BLE001 -- any other exception is the bug this looks for
         return {**row, "status": "crash", "schema": schema, "error": traceback.format_exc(limit=4)[-1500:]}
     row.update(status="compiled", compile_s=time.perf_counter() - t0, walks=0, unfinished=0, walk_invalid=[],
@@ -242,6 +254,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     status = collections.Counter(r["status"] for r in rows)
     compiled = [r for r in rows if r["status"] == "compiled"]
     refused = collections.Counter(r["reason"] for r in rows if r["status"] == "refused")
+    sat = collections.Counter(r["reason"] for r in rows if r["status"] == "refused" and r.get("satisfiable"))
     per_kw: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for r in compiled:
         for kw in r["keywords"]:
@@ -252,6 +265,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "schemas": len(rows), "compiled": status["compiled"], "refused": status["refused"],
         "timeouts": status["timeout"], "crashes": status["crash"], "refused_by_keyword": dict(refused.most_common()),
+        "refused_satisfiable_by_keyword": dict(sat.most_common()),
         "walks_finished": sum(r["walks"] for r in compiled), "walks_unfinished": sum(r["unfinished"] for r in compiled),
         "walks_invalid": sum(len(r["walk_invalid"]) for r in compiled),
         "walks_dead_end": sum(len(r["dead_ends"]) for r in compiled),

@@ -21,6 +21,13 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _numeric(node: Any) -> bool:
+    """Whether the node's own `type` lets a number through (bounds on other types are vacuous)."""
+    types = node.get("type") if isinstance(node, dict) else None
+    types = [types] if isinstance(types, str) else types
+    return not isinstance(types, list) or "number" in types or "integer" in types
+
+
 def _tighter(a: Bound | None, b: Bound | None, lower: bool) -> Bound | None:
     if a is None or b is None:
         return a or b
@@ -76,8 +83,9 @@ def refuse_integer_gaps(schema: Any, refuse: Callable[[str, tuple[str, ...], str
         if not isinstance(node, dict):
             return
         lo, hi = _range(node, defs)
-        branches = [b for k in ("anyOf", "oneOf") if isinstance(node.get(k), list) for b in node[k]]
-        for blo, bhi in [(None, None)] + [_range(b, defs) for b in branches]:
+        branches = [b for k in ("anyOf", "oneOf") if isinstance(node.get(k), list) for b in node[k]
+                    if _numeric(b)]
+        for blo, bhi in [(None, None)] + [_range(b, defs) for b in branches] if _numeric(node) else []:
             keyword = gap_bound(_tighter(lo, blo, True), _tighter(hi, bhi, False))
             if keyword:
                 refuse(keyword, ptr, "an exclusive integer bound on a range with no integer inside "

@@ -67,10 +67,13 @@ def test_exclusive_integer_bound_without_integer_inside_refused(tokenizer: Any, 
 @pytest.mark.parametrize("schema", [{"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
                                     {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                                     {"type": "number", "minimum": -0.5, "exclusiveMaximum": 0},
-                                    {"type": "number", "exclusiveMinimum": -1, "maximum": -0.5}])
+                                    {"type": "number", "exclusiveMinimum": -1, "maximum": -0.5},
+                                    {"type": ["boolean", "null"], "exclusiveMinimum": 0, "maximum": 0.5}])
 def test_exclusive_integer_bounds_llguidance_gets_right_stay(tokenizer: Any, schema: Any) -> None:
+    """Ranges with an integer inside, bounds toward zero, and bounds on a node that takes no number
+    (vacuous: the fuzzer's `{"type": ["boolean", "null"], "exclusiveMinimum": 100, ...}`) compile."""
     grammar = C.compile(tokenizer, json_schema=schema, cache=None)
-    assert_matches_reference(tokenizer, grammar, schema, [0, 1, -1, 0.5, -0.5, 0.75, -0.75, 2])
+    assert_matches_reference(tokenizer, grammar, schema, [0, 1, -1, 0.5, -0.5, 0.75, -0.75, 2, True, None])
 
 
 def test_closed_key_set_with_unmeetable_count_rejects_objects_only(tokenizer: Any) -> None:
