@@ -31,7 +31,7 @@ import random
 import sys
 import time
 import traceback
-from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,11 @@ def token_weights(info: Any) -> Any:
 
 
 def _decimal_multiple_of(validator: Any, step: Any, instance: Any, schema: Any) -> Any:
-    """multipleOf on the decimal texts (the specification's arithmetic): jsonschema divides binary
+    """multipleOf on the decimal texts, exactly (the specification's arithmetic): jsonschema divides binary
     floats, so -0.7 is no multiple of 0.1 there (-6.999999999999999)."""
     import jsonschema
 
-    if validator.is_type(instance, "number") and Decimal(repr(instance)) % Decimal(repr(step)) != 0:
+    if validator.is_type(instance, "number") and Fraction(repr(instance)) % Fraction(repr(step)) != 0:
         yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {step!r}")
 
 
