@@ -179,13 +179,14 @@ class _Pool:
     """Worker processes, each killed and replaced when a job runs past the limit. A replacement
     starts in the background (loading the tokenizer takes seconds): the other workers keep going."""
 
-    def __init__(self, n: int, timeout: float, whitespace_max: int) -> None:
+    def __init__(self, n: int, timeout: float, whitespace_max: int, target: Any = None) -> None:
         self.ctx, self.timeout, self.whitespace_max = mp.get_context("spawn"), timeout, whitespace_max
+        self.target = target or _worker  # a worker loop: ("ready", then one reply per job)
         self.slots = [self._start() for _ in range(n)]
 
     def _start(self) -> list[Any]:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child, self.whitespace_max), daemon=True)
+        proc = self.ctx.Process(target=self.target, args=(child, self.whitespace_max), daemon=True)
         proc.start()
         return [proc, parent, None, 0.0, False]  # process, pipe, job, started, ready
 

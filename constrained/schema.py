@@ -27,11 +27,12 @@ from .schema_escapes import ecma_escapes
 from .schema_finite import FiniteDecider
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_if_chains import split_if_chain
+from .schema_integer_gap import refuse_integer_gaps
 from .schema_listed import ReferenceDecisions
 from .schema_logic import LogicKeywords
 from .schema_negation import Unsupported
 from .schema_property_names import property_names
-from .schema_refs import RefIndex, get, has_recursion, pointer_text
+from .schema_refs import RefIndex, get, has_recursion, pointer_text, same_instance_cycle
 from .schema_relative import Relative, members
 from .schema_simplify import simplify
 from .schema_support import REWRITTEN, SUPPORT, TYPES, VALIDATION
@@ -361,8 +362,13 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
         free_optional_order(schema)
         lead_with_schema_key(schema)
         cut_deep_nesting(schema)
+        refuse_integer_gaps(schema, vetter.refuse)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)
+    looping = same_instance_cycle(vetter.defs) if out.recursive else None
+    if looping is not None:
+        vetter.refuse("$ref", ("$defs", looping), "a reference cycle back to the same instance "
+                                                  "(no property or item in between): validation never ends")
     if out.recursive and not SUPPORT[backend].recursion:
         vetter.refuse("$ref", (), "recursive references need a context-free backend")
     return out

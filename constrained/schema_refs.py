@@ -178,3 +178,51 @@ def has_recursion(defs: dict[str, Any]) -> bool:
         return False
 
     return any(cyclic(n) for n in edges)
+
+
+# Applicators whose subschemas apply to the instance itself (not to a property value or an item).
+_SAME_INSTANCE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "$defs")
+
+
+def same_instance_cycle(defs: dict[str, Any]) -> str | None:
+    """A `#/$defs/rN` that reaches itself through references and in-place applicators only (no
+    property or item in between), or None: `{"$ref": "#/$defs/a"}` as `a`, or `a` in its own
+    `anyOf`. Validating such a schema never ends (jsonschema recurses until Python's limit), so
+    it has no meaning to enforce."""
+    edges: dict[str, set[str]] = {}
+
+    def collect(node: Any, acc: set[str]) -> None:
+        if isinstance(node, list):
+            for v in node:
+                collect(v, acc)
+        elif isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                acc.add(ref.rsplit("/", 1)[-1])
+            for k in _SAME_INSTANCE:
+                if k == "dependentSchemas" and isinstance(node.get(k), dict):
+                    collect(list(node[k].values()), acc)
+                elif k != "$defs":
+                    collect(node.get(k), acc)
+
+    for name, target in defs.items():
+        edges[name] = set()
+        collect(target, edges[name])
+    done: set[str] = set()
+
+    def reaches(start: str) -> bool:
+        stack, seen = list(edges.get(start, ())), set()
+        while stack:
+            name = stack.pop()
+            if name == start:
+                return True
+            if name not in seen and name not in done:
+                seen.add(name)
+                stack.extend(edges.get(name, ()))
+        return False
+
+    for name in edges:
+        if reaches(name):
+            return name
+        done.add(name)
+    return None

@@ -97,8 +97,8 @@ def closed_count(node: dict[str, Any]) -> list[Any] | None:
     if sum(comb(len(free), n) for n in sizes) > MAX_KEY_SUBSETS:
         return None  # counted before listing (subsets of 60 keys would not fit in memory)
     subsets = [set(must) | set(c) for n in sizes for c in combinations(free, n)]
-    if not subsets:
-        return [False]
+    if not subsets:  # no object fits; the counts say nothing about other instances
+        return [{"type": ["null", "boolean", "number", "string", "array"]}]
     return [{"anyOf": [{"required": sorted(c), "properties": {k: False for k in keys if k not in c}} for c in subsets]}]
 
 
