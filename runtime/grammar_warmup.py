@@ -1,8 +1,8 @@
 """The grammar side's per-tokenizer costs, paid while the scheduler process starts, not beside its loop.
 
 The first constrained request of a server used to build them during the loop's turns: on the
-grammar-build thread, llguidance's token trie (`LLTokenizer`: ~1.7 s on the 2-core VM, ~1.3 s of
-it native code that holds the GIL in one stretch, so the loop's next step waited that long), and on
+grammar-build thread, llguidance's token trie (`LLTokenizer`: 0.6-1.7 s on the 2-core VM by load, in
+native code that holds the GIL: the loop's steps beside it took ~0.4 s rather than 20 ms), and on
 the loop itself the tokenizer's byte view (`TokenizerInfo`: 0.12-0.27 s of Python). Both are cached
 per tokenizer (`TokenizerInfo.from_tokenizer` per object, the trie per fingerprint), so building
 them once here, on a thread beside the model's load, leaves a first constrained request only its

@@ -58,7 +58,7 @@ def _lltokenizer(info: TokenizerInfo, family: int = 0) -> Any:
 
 
 def prepare_tokenizer(info: TokenizerInfo) -> None:
-    """Family 0's token trie (~1.7 s on the 2-core VM, ~1.3 s of it native code holding the GIL): built at the
+    """Family 0's token trie (0.6-1.7 s on the 2-core VM, native code holding the GIL): built at the
     scheduler's start-up (runtime/grammar_warmup.py), not by the first grammar beside the loop."""
     _lltokenizer(info, 0)
 

@@ -1,6 +1,6 @@
 """The grammar side's per-tokenizer work (the tokenizer's byte view, llguidance's token trie) is done while
 the scheduler process starts, on its own thread, never on the loop nor beside it when the first constrained
-request comes (runtime/grammar_warmup.py): the trie's build holds the GIL ~1.3 s in one stretch and the byte
+request comes (runtime/grammar_warmup.py): the trie's build holds the GIL (0.6-1.7 s) and the byte
 view is 0.1-0.3 s of Python on the loop, so a first json_schema request stopped every other stream for both."""
 from __future__ import annotations
 
