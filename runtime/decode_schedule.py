@@ -14,7 +14,7 @@ from radixlm.runtime.forward_batch import ForwardMode
 from radixlm.runtime.io_struct import FinishReason
 from radixlm.runtime.request import Req
 from radixlm.runtime.schedule_batch import ScheduledBatch
-from radixlm.runtime.speculative.spec_decoder import Drafts
+from radixlm.runtime.speculative.drafts import Drafts
 
 if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from radixlm.runtime.fault_isolation import SchedulerFatalError, reject_message
+from radixlm.runtime.grammar_warmup import start as start_grammar_warmup
 from radixlm.runtime.io_struct import AbortReq, ControlReq, SchedulerFailed, SchedulerReady
 from radixlm.runtime.log_setup import configure_logging
 from radixlm.runtime.parallel.state import RankInfo
@@ -102,7 +103,10 @@ def run_scheduler_process(args: ServerArgs, model_dir: str, recv: Connection, se
 
             torch.cuda.set_device(args.device)  # e.g. one GPU per data-parallel replica
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or model_dir)
+        grammar_warmup = start_grammar_warmup(args, tokenizer)  # beside the model's load
         sched = Scheduler(args, Path(model_dir), tokenizer)
+        if grammar_warmup is not None:
+            grammar_warmup.join()  # the loop never builds the tokenizer's grammar side (grammar_warmup.py)
         runner = sched.runner
         graphs = runner.graph_runner
         sched.frozen_objects = freeze_startup_heap()

@@ -57,6 +57,12 @@ def _lltokenizer(info: TokenizerInfo, family: int = 0) -> Any:
         return tok
 
 
+def prepare_tokenizer(info: TokenizerInfo) -> None:
+    """Family 0's token trie (0.6-1.7 s on the 2-core VM, native code holding the GIL): built at the
+    scheduler's start-up (runtime/grammar_warmup.py), not by the first grammar beside the loop."""
+    _lltokenizer(info, 0)
+
+
 def prepare_families(info: TokenizerInfo, count: int) -> None:
     """The tokenizer copies of matcher families 1..count-1 (~0.2-0.4 s each, the GIL released):
     GrammarRuntime builds them in the background while the first grammar compiles."""

@@ -12,7 +12,6 @@ can change an output, only how many steps it takes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.speculative.draft_budget import BETA, Acceptance, grant, grant_tree_nodes, worth_drafting
 from radixlm.runtime.speculative.draft_payoff import DraftPayoff
-from radixlm.runtime.speculative.draft_tree import DraftTree
+from radixlm.runtime.speculative.drafts import Drafts
 from radixlm.runtime.speculative.ngram import OCCURRENCES, STEP_TOKENS, NgramDrafter
 from radixlm.runtime.speculative.row_cost import RowCost
 from radixlm.runtime.speculative.row_regimes import kernel_thresholds, max_step_rows
@@ -61,40 +60,6 @@ FULL_DEPTH_ROWS = 1
 # no match resumes the last chain's copy source (COPY_SOURCE_ROWS, copy_source.py), matches of 1-3 tokens draft k deep
 # (SHORT_DEPTH_ROWS), rather than plain steps (~29 of a 128-token batch-1 run's ~64 steps on the H200, 2026-12-05)
 SHORT_MATCH_ROWS = COPY_SOURCE_ROWS = SHORT_DEPTH_ROWS = 0
-
-
-@dataclass(frozen=True)
-class Drafts:
-    """One step's drafts, aligned with the requests it was asked about (empty: plain decode).
-    `parents`: per request None for a chain, else each token's parent node (draft_tree.py)."""
-
-    tokens: list[list[int]]
-    masks: list[torch.Tensor | None]  # constrained rows: [len(tokens) + 1, W] masks to verify with
-    parents: list[list[int] | None] | None = None
-
-    def parents_of(self, i: int) -> list[int] | None:
-        return self.parents[i] if self.parents is not None else None
-
-    def within_lanes(self, rows: int) -> "Drafts":
-        """Trees kept, in row order, while their extra lanes fit in `rows` free request rows; the
-        others cut to their first chain (lane 0)."""
-        if self.parents is None:
-            return self
-        tokens, parents = list(self.tokens), list(self.parents)
-        for i, p in enumerate(parents):
-            if p is None:
-                continue
-            tree = DraftTree(tokens[i], p)
-            need = len(tree.lanes()[1])
-            if need <= rows:
-                rows -= need
-            else:
-                tokens[i], parents[i] = tree.first_chain(), None
-        return Drafts(tokens, self.masks, parents if any(p is not None for p in parents) else None)
-
-    @property
-    def total(self) -> int:
-        return sum(len(t) for t in self.tokens)
 
 
 def prepare_draft_model(args: ServerArgs) -> tuple[Path | None, tuple[int, int]]:

@@ -321,7 +321,7 @@ def test_branches_accepted_off_lane_zero_keep_outputs_identical(tiny) -> None:
 
 
 def test_trees_beyond_the_free_request_rows_verify_their_first_chain() -> None:
-    from radixlm.runtime.speculative.spec_decoder import Drafts
+    from radixlm.runtime.speculative.drafts import Drafts
 
     tree = DraftTree([5, 7, 8, 6, 9], [-1, 0, 0, -1, 3])  # two extra lanes
     drafts = Drafts([tree.tokens, [1, 2], tree.tokens], [None] * 3, [tree.parents, None, tree.parents])
