@@ -27,7 +27,7 @@ from .schema_escapes import ecma_escapes
 from .schema_finite import FiniteDecider
 from .schema_formats import FORMAT_PATTERNS, STANDARD_FORMATS
 from .schema_if_chains import split_if_chain
-from .schema_integer_gap import refuse_integer_gaps
+from .schema_integer_gap import mark_integer_gaps
 from .schema_listed import ReferenceDecisions
 from .schema_logic import LogicKeywords
 from .schema_negation import Unsupported
@@ -362,7 +362,7 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
         free_optional_order(schema)
         lead_with_schema_key(schema)
         cut_deep_nesting(schema)
-        refuse_integer_gaps(schema, vetter.refuse)
+        mark_integer_gaps(schema, vetter.refuse, modes.contains)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)
     looping = same_instance_cycle(vetter.defs) if out.recursive else None

@@ -58,20 +58,23 @@ class ContainsGrammar:
         self.nested = 0  # array leaves written as rules (array_apart) inside one another
         self.fraction_rules: dict[tuple[int, int | None], str] = {}  # schema_lark_numbers' fraction digit rules
         self.fractions: set[str] = set()  # NOT_INTEGER_TERMINALS used
+        self.gap_terminals: dict[str, str] = {}  # schema_number_gap's terminals: regex -> name
 
     def text(self) -> str:
         top = self.rule(self.root, 0)
         if self.numbers and not self.split:  # digit rules written: once more, leaves' numbers as digit rules too
             first = top, self.rules, self.arrays, self.numbers, self.fractions
             self.rules, self.arrays, self.numbers, self.fractions, self.split = [], 0, 0, set(), True
-            self.fraction_rules = {}
+            self.fraction_rules, gaps, self.gap_terminals = {}, self.gap_terminals, {}
             try:
                 top = self.rule(self.root, 0)
             except Unsupported:  # (over the rule cap, say) the first text: stricter, never looser
                 if self.deferred:  # it lacks whole classes of numbers: refused instead
                     raise
                 top, self.rules, self.arrays, self.numbers, self.fractions = first
+                self.gap_terminals = gaps
         fraction = [f"{name}: {NOT_INTEGER_TERMINALS[name]}" for name in sorted(self.fractions)]
+        fraction += [f"{name}: {regex}" for regex, name in self.gap_terminals.items()]
         return "\n".join([f"start: {top}", f"WS: {self.ws}", *fraction, *self.rules])
 
     def _new(self, body: str) -> str:

@@ -1,17 +1,19 @@
-"""Number ranges llguidance gets wrong, refused before it sees them.
+"""Number ranges llguidance gets wrong, sent to the Lark route before it sees them.
 
 llguidance 1.9's number ranges take the excluded integer of an exclusive bound when no integer lies
 inside the range next to it: `{"exclusiveMinimum": 0, "maximum": 0.5}` accepts `0`, `{"minimum":
 -1.5, "exclusiveMaximum": -1}` accepts `-1` (benchmarks/schema_fuzz.py found it). Ranges with an
 integer inside, and the bounds toward zero (`exclusiveMinimum: -1`, `exclusiveMaximum: 0`), are
-exact. Such a range is made of non-integers only, which no exact rewrite of ours expresses beside
-other keywords, so the node is refused naming the bound. llguidance intersects a node with its
+exact. Such a range is made of non-integers only, so the node is marked NOT_INTEGER (exact), which
+the Lark route writes as one terminal (schema_number_gap.py) or refuses. llguidance intersects a node with its
 `allOf` members (through `$ref`) and with each `anyOf`/`oneOf` branch, so their bounds are met first.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
+
+from .schema_some_key import NOT_INTEGER
 
 Bound = tuple[float, bool]  # value, exclusive
 _LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
@@ -71,8 +73,13 @@ def gap_bound(lo: Bound | None, hi: Bound | None) -> str | None:
     return None
 
 
-def refuse_integer_gaps(schema: Any, refuse: Callable[[str, tuple[str, ...], str], None]) -> None:
-    """Walk the schema handed to llguidance; `refuse(keyword, pointer, reason)` each such range."""
+REASON = "an exclusive integer bound on a range with no integer inside (llguidance takes the excluded integer)"
+
+
+def mark_integer_gaps(schema: Any, refuse: Callable[[str, tuple[str, ...], str], None], mark: bool) -> None:
+    """Walk the schema handed to llguidance; `refuse(keyword, pointer, REASON)` each such range,
+    or with `mark` (the Lark retry, compiler._contains_retry) mark it NOT_INTEGER, exact as it
+    holds no integer: the route writes it as schema_number_gap's terminal (or refuses it)."""
     defs = schema.get("$defs", {}) if isinstance(schema, dict) else {}
 
     def visit(node: Any, ptr: tuple[str, ...]) -> None:
@@ -83,13 +90,20 @@ def refuse_integer_gaps(schema: Any, refuse: Callable[[str, tuple[str, ...], str
         if not isinstance(node, dict):
             return
         lo, hi = _range(node, defs)
-        branches = [b for k in ("anyOf", "oneOf") if isinstance(node.get(k), list) for b in node[k]
-                    if _numeric(b)]
-        for blo, bhi in [(None, None)] + [_range(b, defs) for b in branches] if _numeric(node) else []:
-            keyword = gap_bound(_tighter(lo, blo, True), _tighter(hi, bhi, False))
-            if keyword:
-                refuse(keyword, ptr, "an exclusive integer bound on a range with no integer inside "
-                                     "(llguidance takes the excluded integer)")
+        keyword = _numeric(node) and gap_bound(lo, hi)
+        if keyword and mark:
+            node[NOT_INTEGER] = True
+        elif keyword:
+            refuse(keyword, ptr, REASON)
+        for k in ("anyOf", "oneOf"):
+            branches = node.get(k) if _numeric(node) and not keyword else None
+            for i, b in enumerate(branches if isinstance(branches, list) else []):
+                blo, bhi = _range(b, defs)
+                keyword = _numeric(b) and gap_bound(_tighter(lo, blo, True), _tighter(hi, bhi, False))
+                if keyword and mark and isinstance(b, dict):  # a copy: the branch's meaning here only
+                    branches[i] = {**b, NOT_INTEGER: True}
+                elif keyword:
+                    refuse(keyword, ptr, REASON)
         for key, sub in node.items():
             if key not in ("enum", "const") and isinstance(sub, (dict, list)):
                 visit(sub, ptr + (key,))

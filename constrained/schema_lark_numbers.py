@@ -22,6 +22,7 @@ from typing import Any
 
 from .schema_lark_object import Empty, live_states
 from .schema_negation import Unsupported
+from .schema_number_gap import gap_terminal
 from .schema_some_key import NOT_INTEGER, NOT_MULTIPLE
 from .schema_support import VALIDATION
 
@@ -82,6 +83,14 @@ def _fractions(route: Any, bounds: dict[str, Any]) -> list[str]:
     (route.split), the same numbers as digit rules, since llguidance lexes greedily and a terminal
     beside them would cut integers off (`12` read as the start of `12.5`); there integer bounds are
     met exactly on the integer part (a non-integer x > 0 has x >= L iff its integer part is >= L)."""
+    gap = gap_terminal(bounds)  # bounds that are no integer, within one [n, n + 1]
+    if gap is not None:
+        if route.split:  # a terminal beside one-digit lexemes would cut integers off
+            raise Unsupported("type", "a non-integer number next to a bound that is no integer")
+        if not gap:
+            return []
+        name = route.gap_terminals.setdefault(gap, f"GAP{len(route.gap_terminals)}")
+        return [name]
     if route.split:
         return _fraction_rules(route, bounds)
     if any(v != 0 for v in bounds.values()):  # left to the digit-rule pass (refused where it fails)

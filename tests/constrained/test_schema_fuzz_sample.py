@@ -56,12 +56,32 @@ GAPS = [{"type": "number", "exclusiveMinimum": 0, "maximum": 0.5},
         {"oneOf": [{"type": "number"}, {"type": "number", "minimum": 0.5}, {"type": "number", "maximum": 0}]}]
 
 
-@pytest.mark.parametrize("schema", GAPS)
-def test_exclusive_integer_bound_without_integer_inside_refused(tokenizer: Any, schema: Any) -> None:
-    """llguidance accepted `0` for (0, 0.5] and `-1` for [-1.5, -1): refused, naming the bound."""
-    with pytest.raises(C.UnsupportedSchemaError) as exc:
-        C.compile(tokenizer, json_schema=schema, cache=None)
-    assert exc.value.keyword in ("exclusiveMinimum", "exclusiveMaximum")
+GAP_PROBES = [0, 1, -1, 3, -2, 0.5, -0.5, 0.25, 0.49, 0.51, 0.0001, 3.1, 3.25, 3.2499, -1.5, -1.25, -1.51, -0.9,
+              0.5000000000001, 0.000123, "0.3", None]
+
+
+@pytest.mark.parametrize("schema", GAPS + [
+    {"type": ["number", "string"], "exclusiveMinimum": 0, "maximum": 0.5},
+    {"type": "object", "properties": {"p": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.5}},
+     "required": ["p"]},
+    {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 0.25}, {"type": "integer", "minimum": 3}]}])
+def test_exclusive_integer_bound_without_integer_inside_exact(tokenizer: Any, schema: Any) -> None:
+    """llguidance accepted `0` for (0, 0.5] and `-1` for [-1.5, -1): such ranges now compile to
+    schema_number_gap's terminal and accept exactly jsonschema's numbers (at most 15 significant digits)."""
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    probes = GAP_PROBES + [{"p": x} for x in GAP_PROBES[:12]] if "properties" in schema else GAP_PROBES
+    assert_matches_reference(tokenizer, grammar, schema, probes)
+
+
+def test_integer_gap_on_integers_only_refused_or_empty(tokenizer: Any) -> None:
+    """`type: integer` on (0, 0.5] holds nothing: never compiled into a grammar that takes `0`."""
+    schema = {"type": "integer", "exclusiveMinimum": 0, "maximum": 0.5}
+    try:  # beside null, so the grammar has something to accept
+        schema = {"anyOf": [schema, {"type": "null"}]}
+        grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    except (C.UnsupportedSchemaError, C.GrammarCompileError):
+        return
+    assert_matches_reference(tokenizer, grammar, schema, [0, 1, 0.5, None])
 
 
 @pytest.mark.parametrize("schema", [{"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
