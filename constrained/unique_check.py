@@ -8,7 +8,9 @@ other instance the grammar accepts still is. The mask is the backend's, minus ev
 `advance` would refuse: only tokens that can complete an item in the current lexical mode are
 tried (tokens with a quote inside a string, ~160 of 49k; structural ones elsewhere), and inside
 a string item a token whose closing quote ends the item is looked up by the item's text, not
-scanned. While a unique array is open there is no jump-forward (`forced_bytes` is empty).
+scanned. Where at most LOOKAHEAD tokens other than whitespace are left, each is tried one step on
+and cleared if no token would follow it (a dead end the runtime would fail with a 500); deeper dead
+ends are left. While a unique array is open there is no jump-forward (`forced_bytes` is empty).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from .mask_workers import MaskWorkers
 
 PAYLOAD_TAG = "unique-items"
+LOOKAHEAD = 8  # tokens other than whitespace left in a row, at most, for the dead-end lookahead
 
 
 def _json_bytes(data: bytes, in_string: bool = False) -> Iterator[tuple[int, int, bool]]:
@@ -118,6 +121,7 @@ class TokenTables:
     deep_closings: np.ndarray    # per quoted token: _closings of what follows its closing quote
     literal: np.ndarray          # ids that may start a literal
     number_end: np.ndarray       # bool per id: its first byte ends a number
+    blank: np.ndarray            # bool per id: no bytes, or whitespace only (never enters a dead end alone)
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -131,11 +135,13 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
             return hit
         size = info.vocab_size
         number_end = np.zeros(size, dtype=bool)
+        blank = np.ones(size, dtype=bool)
         structural, literal, quoted, closes, deep, closings, deep_closings = [], [], [], [], [], [], []
         by_before: dict[str, list[int]] = {}
         for tid, data in enumerate(info.token_bytes):
             if not data:
                 continue
+            blank[tid] = not data.strip(b" \t\n\r")
             if _ends_outside(data):
                 structural.append(tid)
                 closings.append(_closings(data))
@@ -158,7 +164,8 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
                 deep.append(at >= 0 and (text is None or _ends_outside(data[at + 1:]) or _literal_start(data[at + 1:])))
         ids = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
         tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
-                             by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end)
+                             by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
+                             blank)
         _TABLES[info.fingerprint] = tables
         return tables
 
@@ -166,6 +173,14 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
 def _bits(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Mask bits of `ids` (int32 ids: the shift stays in int32)."""
     return (words[ids >> 5] >> (ids & 31)) & 1 != 0
+
+
+def _clear(words: np.ndarray, bad: list[int]) -> None:
+    """Clear the bits of `bad` in a mask row, in place."""
+    ids = np.array(bad, dtype=np.int64)
+    clear = np.zeros(words.shape[0], dtype=np.int64)
+    np.bitwise_or.at(clear, ids >> 5, np.left_shift(1, ids & 31))
+    words &= ~clear.astype(np.uint32).view(np.int32)
 
 
 def _allowed(words: np.ndarray, vocab: int) -> np.ndarray:
@@ -256,7 +271,38 @@ class UniqueMatcher(Matcher):
         return fill
 
     def remove_repeats(self, row: torch.Tensor) -> None:
-        """Clear the bits of tokens that `advance` would refuse for completing a repeated item."""
+        """Clear the bits of tokens that `advance` would refuse for completing a repeated item, then
+        of tokens after which no token is left (a dead end one step on), where few are left."""
+        self._remove_repeats(row)
+        if self.scan.watching() and not self.inner.is_terminated():
+            self._remove_dead_ends(row)
+
+    def _remove_dead_ends(self, row: torch.Tensor) -> None:
+        """A token whose next row, repeats removed, is empty while the text is not accepted leads
+        only to a dead end (`["0","0` with items "0" and "" used: its one continuation `"` repeats
+        an item), so clearing it loses no document. Tried only where at most LOOKAHEAD tokens other
+        than whitespace are left (item sets of a few values): a next row costs one backend fill."""
+        t = self.grammar.tables
+        words = row[: t.words].numpy()
+        allowed = _allowed(words, self.grammar.info.vocab_size)
+        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]])
+        if not 0 < candidates.shape[0] <= LOOKAHEAD:
+            return
+        scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
+        dead = []
+        for tid in candidates.tolist():
+            probe = self.copy()
+            if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
+                continue
+            scratch.zero_()
+            probe.inner.fill_next_token_bitmask(scratch, 0)
+            probe._remove_repeats(scratch[0])
+            if not scratch[0, : t.words].any():
+                dead.append(tid)
+        if dead:
+            _clear(words, dead)
+
+    def _remove_repeats(self, row: torch.Tensor) -> None:
         scan = self.scan
         if not scan.watching() or self.inner.is_terminated():
             return
@@ -299,10 +345,7 @@ class UniqueMatcher(Matcher):
                     candidates = np.setdiff1d(candidates, bad)
             bad += [tid for tid in candidates.tolist() if not self._fits(tid)]
         if bad:
-            ids = np.array(bad, dtype=np.int64)
-            clear = np.zeros(words.shape[0], dtype=np.int64)
-            np.bitwise_or.at(clear, ids >> 5, np.left_shift(1, ids & 31))
-            words &= ~clear.astype(np.uint32).view(np.int32)
+            _clear(words, bad)
 
     def _fits(self, tid: int) -> bool:
         data = self.grammar.info.token_bytes[tid]

@@ -253,3 +253,27 @@ def test_through_the_grammar_runtime(tokenizer: Any, default_model_dir: Any) -> 
         assert runtime.is_terminated(last) and last.grammar_failed
     finally:
         runtime.close()
+
+
+DEAD_END = {"type": "array", "items": {"anyOf": [{"enum": [{"b": False}, {"b": {}}, "0", None]}, {"const": "a"}]},
+            "minItems": 1, "maxItems": 4, "uniqueItems": True}  # benchmarks/schema_fuzz.py's 1:1275
+
+
+def _allowed_texts(tokenizer: Any, matcher: Any) -> list[str]:
+    import torch
+
+    row = torch.zeros((1, (len(tokenizer) + 31) // 32 + 8), dtype=torch.int32)
+    matcher.fill_next_token_bitmask(row, 0)
+    return [tokenizer.decode([i]) for i in range(len(tokenizer)) if (int(row[0, i >> 5]) >> (i & 31)) & 1]
+
+
+def test_token_entering_a_dead_end_masked(tokenizer: Any) -> None:
+    """After `["0","` the token `0` leaves `"` alone, which repeats "0": a dead end (no token
+    allowed) one step on. The lookahead masks it; `a` stays, and the documents stay valid."""
+    grammar = C.compile(tokenizer, json_schema=DEAD_END, cache=None)
+    assert isinstance(grammar, UniqueGrammar)
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, '["0","'))
+    allowed = _allowed_texts(tokenizer, matcher)
+    assert "a" in allowed and "0" not in allowed, allowed
+    assert_matches_reference(tokenizer, grammar, DEAD_END, [["0", "a"], ["0", "0"], ["a", None, "0"], []])
