@@ -8,9 +8,10 @@ other instance the grammar accepts still is. The mask is the backend's, minus ev
 `advance` would refuse: only tokens that can complete an item in the current lexical mode are
 tried (tokens with a quote inside a string, ~160 of 49k; structural ones elsewhere), and inside
 a string item a token whose closing quote ends the item is looked up by the item's text, not
-scanned. Where at most LOOKAHEAD tokens other than whitespace are left, each is tried one step on
-and cleared if no token would follow it (a dead end the runtime would fail with a 500); deeper dead
-ends are left. While a unique array is open there is no jump-forward (`forced_bytes` is empty).
+scanned. Where at most LOOKAHEAD tokens other than whitespace are left, each is tried up to
+LOOKAHEAD_DEPTH steps on and cleared if it leads only to rows with no token (a dead end the runtime
+would fail with a 500); deeper dead ends, and those entered through whitespace, are left. While a
+unique array is open there is no jump-forward (`forced_bytes` is empty).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 PAYLOAD_TAG = "unique-items"
 LOOKAHEAD = 8  # tokens other than whitespace left in a row, at most, for the dead-end lookahead
+LOOKAHEAD_DEPTH = 2  # steps on: a string item's opening quote, then its one-character items
+LOOKAHEAD_PROBES = 24  # next rows (backend fills) per mask row, at most
 
 
 def _json_bytes(data: bytes, in_string: bool = False) -> Iterator[tuple[int, int, bool]]:
@@ -122,6 +125,7 @@ class TokenTables:
     literal: np.ndarray          # ids that may start a literal
     number_end: np.ndarray       # bool per id: its first byte ends a number
     blank: np.ndarray            # bool per id: no bytes, or whitespace only (never enters a dead end alone)
+    spaced: np.ndarray           # bool per id: whitespace, then more (the same step as the rest, after a gap)
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -136,12 +140,14 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
         size = info.vocab_size
         number_end = np.zeros(size, dtype=bool)
         blank = np.ones(size, dtype=bool)
+        spaced = np.zeros(size, dtype=bool)
         structural, literal, quoted, closes, deep, closings, deep_closings = [], [], [], [], [], [], []
         by_before: dict[str, list[int]] = {}
         for tid, data in enumerate(info.token_bytes):
             if not data:
                 continue
             blank[tid] = not data.strip(b" \t\n\r")
+            spaced[tid] = not blank[tid] and data[0] in b" \t\n\r"
             if _ends_outside(data):
                 structural.append(tid)
                 closings.append(_closings(data))
@@ -165,7 +171,7 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
         ids = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
         tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
                              by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
-                             blank)
+                             blank, spaced)
         _TABLES[info.fingerprint] = tables
         return tables
 
@@ -272,35 +278,43 @@ class UniqueMatcher(Matcher):
 
     def remove_repeats(self, row: torch.Tensor) -> None:
         """Clear the bits of tokens that `advance` would refuse for completing a repeated item, then
-        of tokens after which no token is left (a dead end one step on), where few are left."""
+        of tokens that lead only to a dead end within LOOKAHEAD_DEPTH steps, where few are left."""
         self._remove_repeats(row)
-        if self.scan.watching() and not self.inner.is_terminated():
-            self._remove_dead_ends(row)
+        self._remove_dead_ends(row, LOOKAHEAD_DEPTH, [LOOKAHEAD_PROBES])
 
-    def _remove_dead_ends(self, row: torch.Tensor) -> None:
-        """A token whose next row, repeats removed, is empty while the text is not accepted leads
-        only to a dead end (`["0","0` with items "0" and "" used: its one continuation `"` repeats
-        an item), so clearing it loses no document. Tried only where at most LOOKAHEAD tokens other
-        than whitespace are left (item sets of a few values): a next row costs one backend fill."""
+    def _remove_dead_ends(self, row: torch.Tensor, depth: int, budget: list[int]) -> None:
+        """A token whose next row, repeats and (depth - 1 steps on) dead ends removed, is empty
+        while the text is not accepted leads only to a dead end (`["0","0` with items "0" and ""
+        used: its one continuation `"` repeats an item), so clearing it loses no document. Tried
+        only where at most LOOKAHEAD tokens are left that start with no whitespace (item sets of a
+        few values), at most `budget` next rows in all (each one backend fill); past it, kept."""
+        if depth <= 0 or not self.scan.watching() or self.inner.is_terminated():
+            return
         t = self.grammar.tables
         words = row[: t.words].numpy()
         allowed = _allowed(words, self.grammar.info.vocab_size)
-        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]])
+        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]] & ~t.spaced[: allowed.shape[0]])
         if not 0 < candidates.shape[0] <= LOOKAHEAD:
             return
-        scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
         dead = []
         for tid in candidates.tolist():
+            if budget[0] <= 0:
+                break
+            budget[0] -= 1
             probe = self.copy()
             if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
                 continue
-            scratch.zero_()
+            scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
             probe.inner.fill_next_token_bitmask(scratch, 0)
             probe._remove_repeats(scratch[0])
+            probe._remove_dead_ends(scratch[0], depth - 1, budget)
             if not scratch[0, : t.words].any():
                 dead.append(tid)
-        if dead:
-            _clear(words, dead)
+        if dead:  # whitespace and then a dead token: the same step after a gap, dead too
+            data = self.grammar.info.token_bytes
+            ends = {data[tid] for tid in dead}
+            spaced = np.flatnonzero(allowed & t.spaced[: allowed.shape[0]]).tolist()
+            _clear(words, dead + [tid for tid in spaced if data[tid].lstrip(b" \t\n\r") in ends])
 
     def _remove_repeats(self, row: torch.Tensor) -> None:
         scan = self.scan

@@ -277,3 +277,14 @@ def test_token_entering_a_dead_end_masked(tokenizer: Any) -> None:
     allowed = _allowed_texts(tokenizer, matcher)
     assert "a" in allowed and "0" not in allowed, allowed
     assert_matches_reference(tokenizer, grammar, DEAD_END, [["0", "a"], ["0", "0"], ["a", None, "0"], []])
+
+
+def test_string_opening_into_a_dead_end_masked(tokenizer: Any) -> None:
+    """After `["0","a",null,` both strings are used: `"` (alone or after whitespace) leads two steps
+    on to a dead end (`0` / `a`, then only a repeating `"`), so it is masked; `{` stays."""
+    grammar = C.compile(tokenizer, json_schema=DEAD_END, cache=None)
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, '["0","a",null,'))
+    allowed = _allowed_texts(tokenizer, matcher)
+    assert "{" in allowed and not any(x.strip() == '"' for x in allowed), allowed
+    assert all(matcher.advance(t) for t in encode(tokenizer, '{"b":{}}]')) and matcher.is_accepting()
