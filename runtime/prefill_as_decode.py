@@ -56,6 +56,8 @@ def runs_as_decode(sched: Scheduler, batch: ScheduledBatch) -> bool:
     for req, prefix, ext in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
         if ext != 1 or prefix + 1 != req.seq_len or req.tokens_on_device or req.lora_name is not None:
             return False
-        if req.wants_input_logprobs and max(req.logprob_start_len - 1, prefix) < min(prefix + 1, len(req.input_ids) - 1):
-            return False
+        if req.wants_input_logprobs:
+            lo, hi = req.input_logprob_range(prefix, prefix + 1)
+            if lo < hi:
+                return False
     return bool(batch.reqs)

@@ -162,6 +162,11 @@ class Req:
     def wants_input_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_done
 
+    def input_logprob_range(self, prefix: int, end: int) -> tuple[int, int]:
+        """Prompt positions [lo, hi) of a chunk [prefix, end) whose logits give input logprobs: row p
+        predicts prompt token p + 1, and positions >= logprob_start_len get an entry (empty: hi <= lo)."""
+        return max(self.logprob_start_len - 1, prefix), min(end, len(self.input_ids) - 1)
+
     @property
     def max_prefix_len(self) -> int:
         """How much of fill_ids may come from the cache: the last token is always computed (its

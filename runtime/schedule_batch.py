@@ -207,9 +207,7 @@ class ScheduledBatch:
             rows: list[int] = []
             first_pos = 0
             if self.mode is ForwardMode.EXTEND and req.wants_input_logprobs:
-                # Row p predicts prompt token p+1; positions >= logprob_start_len get an entry.
-                lo = max(req.logprob_start_len - 1, prefix)
-                hi = min(prefix + ext, len(req.input_ids) - 1)
+                lo, hi = req.input_logprob_range(prefix, prefix + ext)
                 rows = [len(logits_indices) + i for i in range(max(hi - lo, 0))]
                 logits_indices.extend(offset + (p - prefix) for p in range(lo, hi))
                 first_pos = lo + 1

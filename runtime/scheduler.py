@@ -165,12 +165,8 @@ class Scheduler:
             hit = [r for r in queue if r.rid in messages or r.group_rid in messages]
             if not hit:
                 continue
-            if len(hit) <= 8:  # (a request's n sequences: list.remove beats rebuilding the queue)
-                for req in hit:
-                    queue.remove(req)
-            else:
-                gone = set(map(id, hit))
-                queue[:] = [r for r in queue if id(r) not in gone]
+            gone = set(map(id, hit))
+            queue[:] = [r for r in queue if id(r) not in gone]
             for req in hit:
                 if self.grammars is not None:
                     self.grammars.forget(req)

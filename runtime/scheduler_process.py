@@ -35,7 +35,8 @@ def take_messages(sched: Scheduler, msgs: list[object], send: Connection) -> boo
             aborts.append(msg)
             continue
         if aborts:
-            aborts = _abort(sched, aborts)
+            _abort(sched, aborts)
+            aborts = []
         if isinstance(msg, ControlReq) and msg.kind == "shutdown":
             return False
         try:
@@ -49,13 +50,12 @@ def take_messages(sched: Scheduler, msgs: list[object], send: Connection) -> boo
     return True
 
 
-def _abort(sched: Scheduler, aborts: list[AbortReq]) -> list[AbortReq]:
-    """A run of consecutive aborts taken in one pass (abort_all sends one per request); returns an empty run."""
+def _abort(sched: Scheduler, aborts: list[AbortReq]) -> None:
+    """A run of consecutive aborts taken in one pass (abort_all sends one per request)."""
     try:
         sched.abort_many(aborts)
     except Exception as exc:  # noqa: BLE001 - as any message the scheduler fails to take in
         reject_message(sched, aborts[-1], exc)
-    return []
 
 
 def load_tokenizer(path: str | Path) -> object:
