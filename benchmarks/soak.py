@@ -3,7 +3,11 @@
 The mix (weights in MIX): plain /generate, streaming /generate, n > 1, logprobs (with input
 logprobs), regex and json_schema, /v1/completions, /v1/chat/completions (plain and streaming),
 10% streams the client drops after the first event, 5% hostile bodies (malformed JSON, lone
-surrogates, huge / non-finite numbers, wrong types, empty prompts, nested junk, unknown fields).
+surrogates, huge / non-finite numbers, wrong types, empty prompts, nested junk, unknown fields, and
+soak_hostile.py's catalogue: tools, odd schemas, logprob / stop / max_tokens extremes, unknown adapters,
+stream_options, huge `messages`, deep nesting, a wrong type in every field). After the warm-up every
+hostile case is sent once (--no-catalogue: not), each checked against its contract (a 4xx naming its field,
+or a 2xx for a valid extreme request).
 Pass criteria: every status < 500 (hostile ones 4xx or, for ignored unknown fields, 200), after
 the run nothing runs or is locked, and after /flush_cache every KV slot is free (0 leaked).
 It reports the resident memory of the front (HTTP) process and of the scheduler process after the
@@ -36,6 +40,9 @@ from typing import Any
 import aiohttp
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak_hostile import Case, hostile_cases  # noqa: E402
+
 MIX = {"plain": 18, "stream": 12, "n": 8, "logprobs": 8, "regex": 5, "json_schema": 5, "completion": 10,
        "chat": 10, "chat_stream": 9, "disconnect": 10, "hostile": 5}
 WORDS = ("the cat sat on a mat while seven blue birds sang about rivers and the old city of Paris in "
@@ -50,8 +57,9 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "max_position_embeddings": 8192, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 
 
-def hostile_bodies() -> list[tuple[str, bytes]]:
-    """(path, raw body): each must get a 4xx (or a 200 where only unknown fields are wrong)."""
+def hostile_bodies() -> list[Case]:
+    """The first mix's hostile bodies (each must get a 4xx, or a 200 where only unknown fields are wrong)
+    and soak_hostile's catalogue of the request kinds added since."""
     msg = [{"role": "user", "content": "hi"}]
     cases: list[tuple[str, Any]] = [
         ("/generate", b"{not json"), ("/generate", b"[1, 2]"), ("/generate", b""), ("/generate", b'{"text": NaN}'),
@@ -75,10 +83,9 @@ def hostile_bodies() -> list[tuple[str, bytes]]:
         ("/v1/completions", {"prompt": [[1, 2], "x"]}), ("/v1/completions", {"prompt": ""}),
         ("/v1/completions", {"prompt": "x", "n": 10**30}), ("/v1/completions", {"prompt": "x", "stop": [None]}),
     ]
-    out = []
-    for path, body in cases:
-        out.append((path, body if isinstance(body, bytes) else json.dumps(body).encode()))
-    return out
+    out = [Case(path, body if isinstance(body, bytes) else json.dumps(body).encode(),
+                "2xx" if isinstance(body, dict) and "unknown_field" in body else "4xx") for path, body in cases]
+    return out + hostile_cases()
 
 
 def prompt(rng: random.Random) -> str:
@@ -123,11 +130,10 @@ class Soak:
     async def one(self, session: aiohttp.ClientSession, i: int, rng: random.Random) -> None:
         kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         if kind == "hostile":
-            path, raw = rng.choice(self.hostile)
-            stream = False
-        else:
-            path, body, stream = make_request(kind, rng, self.args.max_new_tokens)
-            raw = json.dumps(body).encode()
+            await self.send_case(session, rng.choice(self.hostile), kind)
+            return
+        path, body, stream = make_request(kind, rng, self.args.max_new_tokens)
+        raw = json.dumps(body).encode()
         try:
             async with session.post(self.url + path, data=raw, headers=self.headers) as r:
                 if kind == "disconnect" and r.status == 200:
@@ -146,11 +152,34 @@ class Soak:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status = 599
             self._server_error(kind, path, raw, f"client error {type(exc).__name__}: {exc}")
-        ok_hostile = kind != "hostile" or 400 <= status < 500 or (status == 200 and b"unknown_field" in raw)
-        if not ok_hostile:
-            self._server_error(kind, path, raw, f"hostile body answered {status}")
         self.statuses[f"{kind}:{status}"] += 1
         self.done += 1
+
+    async def send_case(self, session: aiohttp.ClientSession, case: Case, kind: str) -> None:
+        """A hostile request: its status must keep the case's contract (soak_hostile.Case.check)."""
+        try:
+            async with session.post(self.url + case.path, data=case.raw, headers=self.headers) as r:
+                status, text = r.status, await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status, text = 599, f"client error {type(exc).__name__}: {exc}"
+        why = case.check(status, text)
+        if why is not None:
+            self._server_error(kind, case.path, case.raw, why)
+        self.statuses[f"{kind}:{status}"] += 1
+        self.done += 1
+
+    async def catalogue(self, concurrency: int = 4) -> float:
+        """Every hostile case once, `concurrency` at a time."""
+        t0 = time.monotonic()
+        cases = iter(self.hostile)
+        conn = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=self.args.request_timeout)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+            async def worker() -> None:
+                for case in cases:
+                    await self.send_case(session, case, "catalogue")
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.monotonic() - t0
 
     def _server_error(self, kind: str, path: str, raw: bytes, what: str) -> None:
         if len(self.server_errors) < 50:
@@ -264,6 +293,8 @@ def main() -> int:
                     help="with --shape: a folder with the default model's tokenizer and config.json")
     ap.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--catalogue", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the warm-up, send every hostile case once (benchmarks/soak_hostile.py), 4 at a time")
     ap.add_argument("server_args", nargs="*", help="extra server flags after --, e.g. -- --cpu-threads 1")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server too (the finally below)
@@ -276,6 +307,7 @@ def main() -> int:
         sched_pid = max(sched, key=lambda p: p.memory_info().rss).pid if sched else None
         soak = Soak(url, args)
         asyncio.run(soak.run(args.warmup, args.seed + 1))
+        catalogue_s = asyncio.run(soak.catalogue()) if args.catalogue else None
         rss0 = (rss_mb(proc.pid), rss_mb(sched_pid) if sched_pid else None)
         seconds = asyncio.run(soak.run(args.requests, args.seed))
         kv = asyncio.run(soak.kv_after())
@@ -294,7 +326,8 @@ def main() -> int:
     five = sum(v for k, v in soak.statuses.items() if int(k.split(":")[1]) >= 500)
     summary = {
         "requests_asked": args.requests, "requests_run": soak.done, "warmup": args.warmup,
-        "concurrency": args.concurrency, "seconds": round(seconds, 1),
+        "concurrency": args.concurrency, "seconds": round(seconds, 1), "hostile_cases": len(soak.hostile),
+        "catalogue_seconds": None if catalogue_s is None else round(catalogue_s, 1),
         "requests_per_s": round((soak.done - args.warmup) / seconds, 2), "by_kind": dict(kinds),
         "statuses": dict(sorted(soak.statuses.items())), "5xx": five, "failures": soak.server_errors,
         "kv": kv, "server_tracebacks_in_log": tracebacks, "server_error_lines_in_log": log_errors, "server_exit_code": code,

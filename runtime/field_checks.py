@@ -14,6 +14,11 @@ logger = logging.getLogger("radixlm.request")
 
 # The largest integer any count or id may take: beyond int64 nothing downstream can hold it.
 MAX_INT = 2**63 - 1
+# The deepest nesting of objects and arrays a request may have. Python's JSON parser gives up near 1,000
+# levels with a RecursionError, and what reads a request after it recurses too: a tool's or
+# response_format's schema ~100 object levels deep exhausted the stack of the metaschema check (a 500).
+# 128 leaves a schema ~60 object levels, several times any real one.
+MAX_DEPTH = 128
 
 
 def field_path(parent: str, key: str | int) -> str:
@@ -54,6 +59,33 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def find_too_deep(value: Any, path: str = "", limit: int = MAX_DEPTH) -> str | None:
+    """The path of the first object or array nested more than `limit` levels deep, or None. Iterative:
+    a value too deep for the recursive readers after it must not exhaust the stack here."""
+    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.items()
+        elif isinstance(item, list) and not _SCALAR_TYPES.issuperset(map(type, item)):
+            children = enumerate(item)
+        elif isinstance(item, list):  # (numbers only: one level, checked at C speed)
+            children = ()
+        else:
+            continue
+        if depth + 1 > limit:
+            return where or "body"
+        stack.extend((v, field_path(where, k if isinstance(k, int) else str(k)), depth + 1) for k, v in children)
+    return None
+
+
+def check_depth(value: Any, path: str = "", limit: int = MAX_DEPTH) -> None:
+    where = find_too_deep(value, path, limit)
+    if where is not None:
+        where = where if len(where) <= 120 else where[:117] + "..."
+        raise InvalidRequestError(where, f"is nested more than {limit} levels deep (objects and arrays)")
 
 
 def check_encodable(value: Any, path: str = "") -> None:

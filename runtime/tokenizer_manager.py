@@ -148,7 +148,7 @@ class TokenizerManager:
             raise InvalidRequestError(item.prompt_field,
                                       f"the prompt has {len(prompt_ids)} tokens; this model's context is {ctx}")
         if item.max_new_tokens_given and len(prompt_ids) + item.params.max_new_tokens > ctx:
-            raise InvalidRequestError("max_new_tokens",
+            raise InvalidRequestError(item.error_field("max_new_tokens"),
                                       f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({item.params.max_new_tokens}) "
                                       f"exceeds the context length {ctx}")
         need = (len(prompt_ids) + 1) * (1 if self.args.disable_radix_cache is False else item.params.n)

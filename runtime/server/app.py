@@ -23,7 +23,7 @@ from radixlm.runtime.server.chat import ChatTemplate, load_chat_template
 from radixlm.runtime.server.errors import ApiError, error_response
 from radixlm.runtime.server.generation import Admission, ServerContext
 from radixlm.runtime.server.metrics import ServerMetrics
-from radixlm.runtime.server.native_api import CTX
+from radixlm.runtime.server.native_api import CTX, too_large
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.server")
@@ -68,7 +68,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except InvalidRequestError as exc:
         response = error_response(400, str(exc), exc.field)
     except web.HTTPRequestEntityTooLarge:
-        response = error_response(413, f"the request body is larger than {ctx.args.max_request_body_bytes} bytes",
+        response = error_response(413, f"body: the request body is too large; {too_large(ctx.args.max_request_body_bytes)}",
                                   "body")
     except web.HTTPException as exc:
         if exc.status < 400:

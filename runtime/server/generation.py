@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from radixlm.runtime.front_work import FrontWork
-from radixlm.runtime.generate_request import GenerateRequest
+from radixlm.runtime.generate_request import GenerateItem, GenerateRequest
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.sequence_output import SequenceDelta, SequenceResult
 from radixlm.runtime.server.errors import ApiError
@@ -117,10 +117,35 @@ async def generate(ctx: ServerContext, req: GenerateRequest, *, admit: bool = Tr
             ctx.admission.release(k)
 
 
-def raise_for_error(d: SequenceDelta | SequenceResult) -> None:
+# The fields the scheduler's 400s begin with: a grammar that does not compile, a backtracking stop_regex,
+# an adapter unloaded since the front checked it.
+_RUNTIME_FIELDS = ("regex", "json_schema", "ebnf", "stop_regex", "lora_path")
+
+
+def sequence_items(req: GenerateRequest) -> list[GenerateItem]:
+    """The item of each sequence, by its index (prompt-major, then n)."""
+    return [item for item in req.items for _ in range(item.params.n)]
+
+
+def scheduler_error(item: GenerateItem | None, status: int, message: str) -> ApiError:
+    """A sequence the scheduler failed with `status`, as an error naming the field the client sent: the
+    message's leading field (`json_schema: ...`) or, for a grammar's own message, the item's constraint."""
+    if status >= 500 or item is None:
+        return ApiError(status, message)
+    name, sep, rest = message.partition(": ")
+    if sep and name in _RUNTIME_FIELDS:
+        param = item.error_field(name)
+    elif item.params.constraint is not None:
+        param, rest = item.error_field(item.params.constraint[0]), message
+    else:
+        return ApiError(status, message)
+    return ApiError(status, f"{param}: {rest}", param)
+
+
+def raise_for_error(d: SequenceDelta | SequenceResult, item: GenerateItem | None = None) -> None:
     """A sequence the scheduler failed with a status (e.g. 400: a grammar that does not compile)."""
     if d.finish is not None and d.finish.status_code:
-        raise ApiError(d.finish.status_code, d.finish.message or "request failed")
+        raise scheduler_error(item, d.finish.status_code, d.finish.message or "request failed")
 
 
 async def collect(ctx: ServerContext, req: GenerateRequest, **kw: Any) -> list[SequenceResult]:
@@ -131,8 +156,9 @@ async def collect(ctx: ServerContext, req: GenerateRequest, **kw: Any) -> list[S
             for delta in update:
                 results.setdefault(delta.index, SequenceResult(delta.index)).add(delta)
     outs = [results[i] for i in sorted(results)]
+    items = sequence_items(req)
     for out in outs:
-        raise_for_error(out)
+        raise_for_error(out, items[out.index])
     return outs
 
 
@@ -147,16 +173,18 @@ async def stream_sse(request: web.Request, ctx: ServerContext, req: GenerateRequ
     hears of it), and a client that goes away ends the loop: leaving `aclosing` aborts the
     requests and frees their KV. `on_end` writes whatever closes a complete stream (usage)."""
     sse = EventStream(request)
+    items = sequence_items(req)
     async with aclosing(generate(ctx, req)) as updates:
         first = await anext(updates, [])
         for delta in first:
-            raise_for_error(delta)
+            raise_for_error(delta, items[delta.index])
         try:
             update: Update | None = first
             while update is not None:
                 for delta in update:
                     if delta.failed_status is not None:
-                        await sse.send_error(delta.failed_status, str(delta.finish.message))
+                        err = scheduler_error(items[delta.index], delta.failed_status, str(delta.finish.message))
+                        await sse.send_error(err.status, err.message, err.param)
                         if on_failed is not None:
                             on_failed(delta.index)
                         continue

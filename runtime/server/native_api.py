@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from importlib.metadata import PackageNotFoundError, version
@@ -11,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from radixlm.runtime.field_checks import find_unencodable, ignore_unknown
+from radixlm.runtime.field_checks import ignore_unknown
 from radixlm.runtime.generate_request import GenerateRequest, build_generate_request, parse_generate_request
 from radixlm.runtime.native_output import native_output
 from radixlm.runtime.sampling_params import InvalidRequestError
@@ -48,13 +47,17 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[
     """The body as a JSON object, or a 400/413 naming what is wrong."""
     limit = request.app[CTX].args.max_request_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"the request body has {request.content_length} bytes; the limit is {limit}", "body")
+        raise ApiError(413, f"body: the request body has {request.content_length} bytes; {too_large(limit)}", "body")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"the request body is larger than the limit of {limit} bytes", "body") from None
+        raise ApiError(413, f"body: the request body is too large; {too_large(limit)}", "body") from None
     request[BODY_BYTES] = len(raw)
-    return await request.app[CTX].work.run(len(raw), _parse_body, raw, allow_empty)
+    return await request.app[CTX].work.parse(raw, allow_empty)
+
+
+def too_large(limit: int) -> str:
+    return f"the limit is {limit} bytes (the server's --max-request-body-bytes)"
 
 
 def body_bytes(request: web.Request) -> int:
@@ -62,33 +65,13 @@ def body_bytes(request: web.Request) -> int:
     return request.get(BODY_BYTES, 0)
 
 
-def _parse_body(raw: bytes, allow_empty: bool) -> dict[str, Any]:
-    if not raw.strip():
-        if allow_empty:
-            return {}
-        raise ApiError(400, "body: empty; expected a JSON object", "body")
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"body: malformed JSON ({exc})", "body") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body: must be a JSON object", "body")
-    where = find_unencodable(body)
-    if where is not None:  # e.g. "\ud800" in a message: no tokenizer or response can carry it
-        raise ApiError.bad_request(where, "contains a lone surrogate (invalid Unicode); send valid UTF-8 text")
-    return body
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 # ------------------------------------------------------------------------------------ /generate
 async def generate_handler(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
     try:
-        req = await ctx.work.run(body_bytes(request), parse_generate_request, body, ctx.vocab_size)
+        req = await ctx.work.run(body_bytes(request), parse_generate_request, body, ctx.vocab_size,
+                                 ctx.context_len)
     except InvalidRequestError as exc:
         raise ApiError.from_invalid(exc) from None
     many = req.is_batch or sum(item.params.n for item in req.items) > 1

@@ -5,6 +5,7 @@ here, so length errors name `prompt` / `messages` / `max_tokens` rather than the
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixlm.constrained.schema import ANY_JSON
-from radixlm.runtime.field_checks import MAX_INT, ignore_unknown, require_bool, require_int, require_number, require_str
+from radixlm.runtime.field_checks import MAX_INT, check_depth, ignore_unknown, require_bool, require_int, require_number, require_str
 from radixlm.runtime.generate_request import GenerateRequest, build_generate_request
 from radixlm.runtime.sampling_params import InvalidRequestError
 from radixlm.runtime.server.chat import normalize_messages, template_kwargs
@@ -197,12 +198,19 @@ def _sampling(body: dict[str, Any], vocab: int) -> dict[str, Any]:
             re.compile(body["regex"])
         except re.error as exc:
             raise _bad("regex", f"not a valid regular expression: {exc}") from None
+        except (RecursionError, OverflowError):  # (thousands of nested groups)
+            raise _bad("regex", "nested too deeply to compile") from None
     sp: dict[str, Any] = {wire: body[name] for name, wire in _PASS.items() if body.get(name) is not None}
     if isinstance(sp.get("json_schema"), str) and sp["json_schema"] != ANY_JSON:
         try:
-            _check_schema(json.loads(sp["json_schema"]), "json_schema")
-        except ValueError:
+            schema = json.loads(sp["json_schema"])
+        except (ValueError, RecursionError):
             raise _bad("json_schema", "must be a JSON schema (an object, or a string holding one)") from None
+        try:
+            check_depth(schema, "json_schema")  # (a string escapes the body's own depth check)
+        except InvalidRequestError as exc:
+            raise ApiError.from_invalid(exc) from None
+        _check_schema(schema, "json_schema")
     elif isinstance(sp.get("json_schema"), dict):
         _check_schema(sp["json_schema"], "json_schema")
     fmt_schema = _response_format(body)
@@ -232,8 +240,9 @@ def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
     if not isinstance(opts, dict):
         raise _bad("stream_options", "must be an object")
     ignore_unknown("stream_options", opts, ("include_usage", "continuous_usage_stats"))
-    inc = _typed(opts, "include_usage", "bool") or False
-    cont = _typed(opts, "continuous_usage_stats", "bool") or False
+    named = {f"stream_options.{k}": v for k, v in opts.items()}  # (errors name stream_options.include_usage)
+    inc = _typed(named, "stream_options.include_usage", "bool") or False
+    cont = _typed(named, "stream_options.continuous_usage_stats", "bool") or False
     return inc, cont
 
 
@@ -284,12 +293,23 @@ def _check_length(ctx: ServerContext, ids: list[int], max_tokens: int, prompt_pa
                               f"context length {limit}")
 
 
-def _build(ctx: ServerContext, rename: dict[str, str], **fields: Any) -> GenerateRequest:
-    """The native request builder on the translated fields; its errors name the OpenAI fields (`rename`)."""
+def _build(ctx: ServerContext, rename: dict[str, str], constraint_field: str | None, **fields: Any) -> GenerateRequest:
+    """The native request builder on the translated fields; its errors name the OpenAI fields (`rename`), and so
+    do the scheduler's later ones (the sampling fields are top-level here; a schema may come from `constraint_field`)."""
     try:
-        return build_generate_request(ctx.vocab_size, False, **fields)  # (read_json checked the body's strings)
+        req = build_generate_request(ctx.vocab_size, False, **fields)  # (read_json checked the body's strings)
     except InvalidRequestError as exc:
         raise ApiError.from_invalid(exc, rename) from None
+    items = [dataclasses.replace(item, params_field="", constraint_field=constraint_field) for item in req.items]
+    return dataclasses.replace(req, items=items)
+
+
+def _constraint_field(body: dict[str, Any], tools: ToolSpec | None = None) -> str | None:
+    """The OpenAI field a request's constraint came from when it is not json_schema / regex / ebnf."""
+    if tools is not None and tools.constrained:
+        return "tool_choice"
+    fmt = body.get("response_format")
+    return "response_format" if isinstance(fmt, dict) and fmt.get("type") != "text" else None
 
 
 def parse_completion(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
@@ -322,14 +342,14 @@ def parse_completion(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
     else:
         raise _bad("prompt", "must be a string, a list of strings, a list of token ids or a list of such lists")
     for p in ids:
+        _check_length(ctx, p, max_tokens, "prompt", "max_tokens")  # (first: a million ids take ~0.1 s to check)
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < ctx.vocab_size for t in p):
             raise _bad("prompt", f"token ids must be integers in [0, {ctx.vocab_size})")
-        _check_length(ctx, p, max_tokens, "prompt", "max_tokens")
     if not texts:
         texts = [tok.decode(p) for p in ids] if echo else [""] * len(ids)
     rid = rid or f"cmpl-{uuid.uuid4().hex}"
     req = _build(ctx, {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
-                       "top_logprobs_num": "logprobs"},
+                       "top_logprobs_num": "logprobs"}, _constraint_field(body),
                  input_ids=ids if batch else ids[0], rid=rid, stream=stream, lora_path=adapter_of(ctx, body, model),
                  sampling_params={**sp, "max_new_tokens": max_tokens},
                  return_logprob=top is not None, top_logprobs_num=top or 0,
@@ -371,7 +391,7 @@ def parse_chat(ctx: ServerContext, body: dict[str, Any]) -> OpenAIRequest:
     _check_length(ctx, ids, max_tokens, "messages", max_param)
     rid = rid or f"chatcmpl-{uuid.uuid4().hex}"
     req = _build(ctx, {"max_new_tokens": max_param, "min_new_tokens": "min_tokens", "input_ids": "messages",
-                       "top_logprobs_num": "top_logprobs"},
+                       "top_logprobs_num": "top_logprobs"}, _constraint_field(body, tools),
                  input_ids=ids, rid=rid, stream=stream, lora_path=adapter_of(ctx, body, model),
                  sampling_params={**sp, "max_new_tokens": max_tokens},
                  return_logprob=want_lp, top_logprobs_num=top or 0, return_text_in_logprobs=True)

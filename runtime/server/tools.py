@@ -218,7 +218,7 @@ def arguments_value(arguments: str) -> Any:
     """OpenAI's arguments string -> the object chat templates expect (the string itself if it is not one)."""
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # (text, or nesting past the parser's ~1,000 levels)
         return arguments
     return value if isinstance(value, dict) else arguments
 
@@ -275,7 +275,7 @@ def _objects(s: str) -> list[str] | None:
             continue
         try:
             _, end = decoder.raw_decode(s, pos)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         bodies.append(s[pos:end])
         pos = end
@@ -285,7 +285,7 @@ def _objects(s: str) -> list[str] | None:
 def _one_call(body: str, names: list[str]) -> dict[str, Any] | None:
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a model's output nested past the parser's ~1,000 levels: no call)
         return None
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None

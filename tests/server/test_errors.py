@@ -65,7 +65,7 @@ CASES = [
     ("/generate", {"text": ["x", "y"], "sampling_params": [{}, {"top_p": 2}]}, 400, "sampling_params[1].top_p"),
     ("/generate", {"text": "x", "return_logprob": "yes"}, 400, "return_logprob"),
     ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2**63}}, 400, "sampling_params.max_new_tokens"),
-    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 9000}}, 400, "max_new_tokens"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 9000}}, 400, "sampling_params.max_new_tokens"),
     ("/generate", {"text": "x", "sampling_params": {"stop_token_ids": {"1": 2}}}, 400, "sampling_params.stop_token_ids"),
     ("/generate", {"input_ids": [1, [2]]}, 400, "input_ids"),
     ("/generate", {"input_ids": [[1], [2**63]]}, 400, "input_ids[1]"),
@@ -112,6 +112,8 @@ def test_body_too_large(server):
     st, out = server.run(server.post("/generate", None, raw=b"x" * (MAX_BODY + 10), headers=server.headers))
     assert st == 413
     _check_shape(out, 413, "body")
+    # the message names the limit and the flag that raises it
+    assert f"the limit is {MAX_BODY} bytes (the server's --max-request-body-bytes)" in out["error"]["message"], out
 
 
 def test_auth(server):
