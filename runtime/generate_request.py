@@ -123,11 +123,14 @@ def _prompts(text: Any, input_ids: Any, vocab_size: int | None,
     if not isinstance(input_ids, list):
         raise InvalidRequestError("input_ids", "must be a list of token ids or a list of such lists")
     is_batch = bool(input_ids) and all(isinstance(t, list) for t in input_ids)
-    ids_list = [list(x) for x in input_ids] if is_batch else [list(input_ids)]
+    rows = input_ids if is_batch else [input_ids]
+    for i, ids in enumerate(rows):  # (an over-context prompt is refused before its ids are copied or walked)
+        if context_len is not None and len(ids) >= context_len:
+            where = field_path("input_ids", i) if is_batch else "input_ids"
+            raise InvalidRequestError(where, f"the prompt has {len(ids)} tokens; this model's context is {context_len}")
+    ids_list = [list(x) for x in rows]
     for i, ids in enumerate(ids_list):
         where = field_path("input_ids", i) if is_batch else "input_ids"
-        if context_len is not None and len(ids) >= context_len:  # (refused before its ids are walked)
-            raise InvalidRequestError(where, f"the prompt has {len(ids)} tokens; this model's context is {context_len}")
         if _plain_ids_in_range(ids, vocab_size):
             continue
         for j, t in enumerate(ids):  # (the prompt is named, the position said: `input_ids: ...`)
@@ -138,11 +141,14 @@ def _prompts(text: Any, input_ids: Any, vocab_size: int | None,
     return [None] * len(ids_list), ids_list, is_batch
 
 
-def parse_generate_request(body: Any, vocab_size: int | None = None, context_len: int | None = None) -> GenerateRequest:
-    """A /generate JSON body: its fields are the keyword arguments of `build_generate_request`."""
+def parse_generate_request(body: Any, vocab_size: int | None = None, context_len: int | None = None,
+                           strings_checked: bool = False) -> GenerateRequest:
+    """A /generate JSON body: its fields are the keyword arguments of `build_generate_request`. `strings_checked`:
+    the caller looked for lone surrogates in the whole body already (the server's request_body.parse_body)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
-    check_encodable(body)  # the whole body, unknown fields too
+    if not strings_checked:
+        check_encodable(body)  # the whole body, unknown fields too
     return build_generate_request(vocab_size, False, context_len, **body)
 
 

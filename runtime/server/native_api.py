@@ -71,7 +71,7 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     try:
         req = await ctx.work.run(body_bytes(request), parse_generate_request, body, ctx.vocab_size,
-                                 ctx.context_len)
+                                 ctx.context_len, True)  # (read_json walked the body's strings)
     except InvalidRequestError as exc:
         raise ApiError.from_invalid(exc) from None
     many = req.is_batch or sum(item.params.n for item in req.items) > 1
