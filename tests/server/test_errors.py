@@ -47,7 +47,7 @@ CASES = [
     ("/v1/completions", {"prompt": "x", "min_tokens": 50, "max_tokens": 10}, 400, "min_tokens"),
     ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}, 400, "sampling_params.temperature"),
     ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": -1}}, 400, "sampling_params.max_new_tokens"),
-    ("/generate", {"text": "x", "input_ids": [1]}, 400, "text"),
+    ("/generate", {"text": "x", "input_ids": [1]}, 400, "input_ids"),  # (both given: the second is named)
     ("/generate", {"input_ids": [10**9]}, 400, "input_ids"),
     ("/generate", {"text": LONG}, 400, "text"),
     ("/generate", {"text": "x", "stream": "yes"}, 400, "stream"),
