@@ -41,7 +41,7 @@ class FrontWork:
 
     def __init__(self, threads: int = THREADS) -> None:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="front-work")
-        self.child: ProcessPoolExecutor | None = None  # started at the first body over PROCESS_BYTES
+        self.child: ProcessPoolExecutor | None = None  # started by `warm`, or at the first body over PROCESS_BYTES
 
     async def parse(self, raw: bytes, allow_empty: bool = False) -> dict[str, Any]:
         """A request body as a JSON object (400s raised as ApiError): inline, on a worker thread, or over
@@ -64,6 +64,13 @@ class FrontWork:
             self._drop(child)
             raise request_body.ApiError(500, "internal error: the request body's parser process died") from None
         return request_body.from_child(result)
+
+    def warm(self) -> None:
+        """Start the child now (the server does at start-up): spawning it and its imports took 1-3.5 s of the
+        first large body's time on the 2-core CPU."""
+        from radixlm.runtime.server import request_body
+
+        self._child().submit(request_body.parse_in_child, b"{}", True)
 
     def _child(self) -> ProcessPoolExecutor:
         if self.child is None:  # spawned: a fork would copy the front's threads' locks mid-use

@@ -152,6 +152,7 @@ async def _serve(ctx: ServerContext, sock: socket.socket) -> int:
     args, tm = ctx.args, ctx.tm
     loop = asyncio.get_running_loop()
     tm.start(loop)
+    ctx.work.warm()  # the large-body parser process, started while the server comes up
     runner = web.AppRunner(build_app(ctx), handler_cancellation=True, shutdown_timeout=3.0,
                            access_log=logging.getLogger("aiohttp.access"))
     await runner.setup()

@@ -244,6 +244,8 @@ def test_a_large_body_is_parsed_in_the_child_process():
             return exc.status, exc.param
 
     try:
+        work.warm()  # (the server starts it at start-up)
+        assert work.child is not None
         assert asyncio.run(parse(raw)) == {"input_ids": ids, "x": "é"}
         pids = list(work.child._processes)
         assert len(pids) == 1 and pids[0] != os.getpid()
