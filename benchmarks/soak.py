@@ -309,6 +309,7 @@ def main() -> int:
         asyncio.run(soak.run(args.warmup, args.seed + 1))
         catalogue_s = asyncio.run(soak.catalogue()) if args.catalogue else None
         rss0 = (rss_mb(proc.pid), rss_mb(sched_pid) if sched_pid else None)
+        mixed0 = soak.done  # (the warm-up and the catalogue before it)
         seconds = asyncio.run(soak.run(args.requests, args.seed))
         kv = asyncio.run(soak.kv_after())
         rss1 = (rss_mb(proc.pid), rss_mb(sched_pid) if sched_pid else None)
@@ -328,7 +329,8 @@ def main() -> int:
         "requests_asked": args.requests, "requests_run": soak.done, "warmup": args.warmup,
         "concurrency": args.concurrency, "seconds": round(seconds, 1), "hostile_cases": len(soak.hostile),
         "catalogue_seconds": None if catalogue_s is None else round(catalogue_s, 1),
-        "requests_per_s": round((soak.done - args.warmup) / seconds, 2), "by_kind": dict(kinds),
+        "mixed_requests": soak.done - mixed0, "requests_per_s": round((soak.done - mixed0) / seconds, 2),
+        "by_kind": dict(kinds),
         "statuses": dict(sorted(soak.statuses.items())), "5xx": five, "failures": soak.server_errors,
         "kv": kv, "server_tracebacks_in_log": tracebacks, "server_error_lines_in_log": log_errors, "server_exit_code": code,
         "rss_mb": {"front": [round(rss0[0], 1), round(rss1[0], 1)],
