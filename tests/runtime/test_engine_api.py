@@ -126,7 +126,7 @@ def test_bad_input_names_field_and_pool_returns_to_free(engine, prompt) -> None:
         engine.generate(prompt, {"temperature": -1})
     with pytest.raises(InvalidRequestError, match="^text: the prompt has"):
         engine.generate("hi " * 9000, {"max_new_tokens": 10})
-    with pytest.raises(InvalidRequestError, match="^max_new_tokens"):
+    with pytest.raises(InvalidRequestError, match="^sampling_params.max_new_tokens"):
         engine.generate(prompt, {"max_new_tokens": 8190})
     info = engine.get_server_info()
     assert info["kv_locked_tokens"] == 0 and info["num_running_reqs"] == 0
