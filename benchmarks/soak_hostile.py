@@ -250,6 +250,8 @@ def targeted_cases() -> list[Case]:
         _case(gen, {"input_ids": [[1, 2], []], "sampling_params": sp2}, "4xx", "input_ids"),
         _case(gen, {"input_ids": [10**30], "sampling_params": sp2}, "4xx", "input_ids"),
         _case(gen, {"text": "hi", "rid": "x" * 100_000, "sampling_params": sp2}, "<500", "rid"),
+        _case(gen, {"text": ["a", "b"], "rid": ["same-rid-in-a-batch", "same-rid-in-a-batch"], "sampling_params": sp2},
+              "4xx", "rid["),  # (rid[1]; rid[0] where a concurrent copy holds it)
         _case("/tokenize", {"prompt": "hi", "messages": MSG}, "<500", None),
         _case("/detokenize", {"tokens": [[1, 2], 3]}, "4xx", "tokens"),
         _case("/detokenize", {"tokens": [-1, 10**30]}, "4xx", "tokens"),

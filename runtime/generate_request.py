@@ -43,6 +43,7 @@ class GenerateItem:
     extra_key: str | None
     lora_path: str | None = None  # the LoRA adapter's name (None: the base model); checked by the TokenizerManager
     lora_field: str = "lora_path"  # where it came from, for errors: lora_path, lora_path[2]
+    rid_field: str = "rid"  # where the rid came from, for errors: rid, rid[1]
     prompt_field: str = "text"  # where the prompt came from, for errors: text, text[1], input_ids[0], ...
     # max_new_tokens was given (else the default, which the scheduler trims to what the context leaves)
     max_new_tokens_given: bool = True
@@ -226,7 +227,7 @@ def build_generate_request(
             top_logprobs_num=0 if top is None else require_int(top, top_name, 0, 100),
             return_text_in_logprobs=bool(return_text_in_logprobs),
             extra_key=None if key in (None, "") else require_str(key, key_name),
-            lora_path=None if lora in (None, "") else require_str(lora, lora_name), lora_field=lora_name,
+            lora_path=None if lora in (None, "") else require_str(lora, lora_name), lora_field=lora_name, rid_field=r_name,
             prompt_field=field_path("text" if texts[i] is not None else "input_ids", i) if is_batch else
             ("text" if texts[i] is not None else "input_ids"),
             max_new_tokens_given=isinstance(sp, dict) and sp.get("max_new_tokens") is not None,

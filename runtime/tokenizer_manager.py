@@ -187,7 +187,7 @@ class TokenizerManager:
             rids = sequence_rids(item.rid, n)
             for rid in rids:
                 if rid in self.states:
-                    raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+                    raise InvalidRequestError(item.rid_field, f"request id {rid!r} is already in use")
             replica = self.replicas.route(ids, item.extra_key if item.lora_path is None else
                                           f"lora:{item.lora_path}\x00{item.extra_key or ''}")
             for rid in rids:
