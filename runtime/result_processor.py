@@ -201,25 +201,24 @@ class ResultProcessor:
 
     def advance_grammars(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
                          allow_jump: bool, rides: list[list[int]] | None = None) -> set[int]:
-        """Commit each constrained row's token (and the forced tokens riding after it) to its matcher (all
-        at once; their next masks start in the background). Returns the ids of rows whose grammar now
-        forces a run worth a jump (see `_append`)."""
+        """Commit each constrained row's token (and its riding forced tokens) to its matcher, all at once; the ids
+        of rows whose grammar now forces a run worth a jump (see `_append`)."""
         constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not constrained:
             return set()
         assert grammars is not None
-        return grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
-                                     0 if allow_jump else self.jump_check_tokens(num_running),
-                                     None if rides is None else [rides[i] for i in constrained])
+        if len(constrained) < len(reqs):  # (item (f): every row constrained, the lists as they are)
+            reqs, ids = [reqs[i] for i in constrained], [ids[i] for i in constrained]
+            rides = None if rides is None else [rides[i] for i in constrained]
+        return grammars.advance_many(reqs, ids, 0 if allow_jump else self.jump_check_tokens(num_running), rides)
 
     def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None,
                logits_needed_after: bool = True, prepared: SamplingBatch | None = None) -> torch.Tensor:
         """Next token per row, on the device. `logits_needed_after=False` (an overlapped step) masks
         `rows_logits` in place, without a [B, V] copy. `prepared`: these rows' `prepare_sampling`."""
+        prepared = prepared or self.prepare_sampling(reqs, rows_logits.shape[1], rows_logits.device)
         if prepared is None:
-            prepared = self.prepare_sampling(reqs, rows_logits.shape[1], rows_logits.device)
-            if prepared is None:
-                return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
+            return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
         constrained = grammars is not None and any(r.grammar is not None for r in reqs)
         bitmask = grammars.bitmask(reqs, rows_logits.device) if constrained else None  # type: ignore[union-attr]
         return self.sample_rows(prepared.rows, rows_logits, bitmask, logits_needed_after, prepared)
@@ -247,8 +246,7 @@ class ResultProcessor:
     @staticmethod
     def sample_rows(rows: list[SampleRow], rows_logits: torch.Tensor, bitmask: torch.Tensor | None,
                     logits_needed_after: bool = True, sbatch: SamplingBatch | None = None) -> torch.Tensor:
-        """One token per logits row: adjustments (penalties, bias, bans), the grammar bitmask, then
-        the seeded draw (argmax for greedy rows). `sbatch`: the rows' SamplingBatch, built already."""
+        """One token per row: adjustments (penalties, bias, bans), the bitmask, the seeded draw; `sbatch`: built."""
         needs_adjust = any(r.params.needs_output_history or r.banned_ids for r in rows)
         if not needs_adjust and bitmask is None and all(r.params.is_greedy for r in rows):
             return greedy_argmax(rows_logits)
@@ -369,10 +367,11 @@ class ResultProcessor:
     def check_finish(self, req: Req, tok: int, grammars: GrammarRuntime | None) -> FinishReason | None:
         p = req.params
         out = req.output_ids
-        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_set
+        if (not p.stop and not p.stop_regex and tok not in p.stop_token_set
                 and (p.ignore_eos or tok not in self.eos_ids) and len(out) < p.max_new_tokens
-                and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len):
-            return None  # the usual row, in one test: none of the conditions below can hold
+                and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len
+                and (req.grammar is None or grammars is None or not grammars.is_terminated(req))):
+            return None  # the usual row (a JSON row's too) in one test: none of the checks below can hold
         if tok in p.stop_token_set:
             return FinishReason.stop(tok)
         if not p.ignore_eos and tok in self.eos_ids:
