@@ -140,8 +140,8 @@ def bench_service(tok: Any, path: str, corpus: list[Any], backend: str) -> dict[
         lat = []
         for i, (_, schema, _, _) in enumerate(corpus[:30]):
             t1 = time.perf_counter()
-            svc.submit(i, {"json_schema": schema})
-            res = svc.wait(60)
+            hit = svc.submit(i, {"json_schema": schema})  # (a schema met before: answered at once)
+            res = [(i, hit)] if hit is not None else svc.wait(60)
             if res and not isinstance(res[0][1], Exception):
                 lat.append((time.perf_counter() - t1) * 1e3)
     finally:

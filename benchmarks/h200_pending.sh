@@ -10,7 +10,8 @@
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
 #   bash benchmarks/h200_pending.sh ab      (jf17 ~130 s: constrained prefill overlapped, issue 14; jf18 ~90 s: (f)'s decode
 #                                            step op by op, issue 14; jf18b ~150 s: one-token prefills as decode
-#                                            steps, issue 14; spec9 ~70 s: batch-1
+#                                            steps, issue 14; jf20 ~130 s: sampling values before the
+#                                            tokens' wait, issue 14; spec9 ~70 s: batch-1
 #                                            NGRAM arms, issue 18; jf16 ~200 s: forced rows off vs on,
 #                                            issue 14, off since 2026-12-05's 0.844x — run only with time to spare)
 #   bash benchmarks/h200_pending.sh final   (~600 s: gpu_suite a,e,g then b,f; the 64-adapter row; w4a — or as two calls,
@@ -51,6 +52,12 @@ ab)
   # shows the mechanism, "step ms ... longest json/same" and the "forward launch" longest call its first steps (H100
   # 2026-12-05 off: 54.7/44.8 ms at 64 rows, 112.1/57.4 ms at 256)
   run jf18b 200 "RADIXLM_LOOP_STATS=$OUT/jf18b/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1' --out $OUT/jf18b/f.json"
+  # issue 14 item 4 (jf20): an overlapped constrained decode step builds its sampling values before it waits for the
+  # previous step's tokens (step_order.SAMPLING_BEFORE_TOKENS, on by default; outputs identical), arms default / off
+  # (RADIXLM_SAMPLING_BEFORE_TOKENS=0) in one process at 64 and 256 rows -> set SAMPLING_BEFORE_TOKENS = False only if
+  # the off arm's (f) same-lengths ratio is higher at both sizes; the JSON loop's "device waits" (longer where the host
+  # has less work after the tokens) and "sampling tensors" show the mechanism
+  run jf20 150 "RADIXLM_LOOP_STATS=$OUT/jf20/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf20/f.json"
   run spec9 200 "python3 benchmarks/speculative.py --mode gpu --sets e2e --topk 1 --prompt-sets repeat,random --batches 1 --repeats 3 --new-tokens 128 --no-audit --short-ab --out $OUT/spec9/spec.json"
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"

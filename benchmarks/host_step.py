@@ -7,7 +7,10 @@ left is the per-step and per-row work a GPU run pays on the host. Each part is t
 (a part's nested parts are not counted in it). Tensor math that runs on the device on a GPU (the
 forward, the sampler's draw over [B, V], applying the bitmask) is timed apart as "device math" and
 left out of the host total: there it is launched asynchronously. Medians over the steps whose batch
-is full, in µs.
+is full, in µs. "host after the tokens": the host's work in a step once it has read the previous step's
+sampled tokens (on a GPU, after its wait for them: what delays the next forward's launch when the host is
+late); "host from the tokens to the draw": of it, the part before the draw's launch (a constrained step:
+grammar commit, masks, sampling values; `RADIXLM_SAMPLING_BEFORE_TOKENS=0` for the old order).
 
     python benchmarks/host_step.py --batch 64,256 --steps 40 [--modes plain,sampled,json]
 
@@ -53,12 +56,28 @@ DEVICE = "device math"
 
 
 class PartTimer:
-    """Exclusive wall time per labelled call: a call's time minus the labelled calls inside it."""
+    """Exclusive wall time per labelled call: a call's time minus the labelled calls inside it. `marks`:
+    when (and after how much device math) a step first read the previous step's sampled tokens
+    ("tokens": the wait on a GPU) and first launched its draw ("draw")."""
 
     def __init__(self) -> None:
         self.spent: dict[str, float] = defaultdict(float)
         self._stack: list[list[float]] = []  # per open call: [children's inclusive time]
         self.enabled = False
+        self.marks: dict[str, tuple[float, float]] = {}
+
+    def mark(self, name: str) -> None:
+        if self.enabled and name not in self.marks:
+            self.marks[name] = (time.perf_counter(), self.spent.get(DEVICE, 0.0))
+
+    def mark_before(self, owner: Any, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            self.mark(label)
+            return fn(*args, **kwargs)
+
+        setattr(owner, name, marked)
 
     def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         spent, stack = self.spent, self._stack
@@ -104,6 +123,15 @@ def instrument(sched: Scheduler, timer: PartTimer) -> None:
     timer.patch(sched.results, "commit", "results commit (append, stops)")
     timer.patch(sched, "_apply", "apply events")
     timer.patch(sched.decode_log, "on_step", "decode log")
+    tokens = UncommittedStep._host_tokens
+
+    def marked_tokens(step: UncommittedStep) -> list[int]:
+        ids = tokens(step)
+        timer.mark("tokens")  # (the wait for the device's tokens returned: the host's critical chain starts)
+        return ids
+
+    UncommittedStep._host_tokens = marked_tokens  # type: ignore[method-assign]
+    timer.mark_before(result_processor, "sample", "draw")  # (outside its DEVICE wrapper: before the draw starts)
 
 
 def instrument_grammars(sched: Scheduler, timer: PartTimer) -> None:
@@ -179,11 +207,19 @@ def run_mode(sched: Scheduler, timer: PartTimer, mode: str, batch: int, steps: i
         if not sched.running:
             break
         timer.spent.clear()
+        timer.marks.clear()
         occupancy = len(sched.running)
         start = time.perf_counter()
         sched.step()
-        wall = time.perf_counter() - start
+        end = time.perf_counter()
+        wall = end - start
         host = wall - timer.spent.get(DEVICE, 0.0)
+        if "tokens" in timer.marks:  # host work once the previous tokens are known (device math left out)
+            at, device_then = timer.marks["tokens"]
+            rows["host after the tokens"].append((end - at - (timer.spent.get(DEVICE, 0.0) - device_then)) * 1e6)
+            if "draw" in timer.marks and timer.marks["draw"][0] >= at:
+                drawn, device_drawn = timer.marks["draw"]
+                rows["host from the tokens to the draw"].append((drawn - at - (device_drawn - device_then)) * 1e6)
         rows["rows"].append(occupancy)
         rows["step wall"].append(wall * 1e6)
         rows["host total"].append(host * 1e6)
@@ -270,7 +306,8 @@ def main() -> None:
                                                                                args.complete_table, schema))
     results = {name: {k: statistics.median([r.get(k, 0.0) for r in runs]) for k in {k for r in runs for k in r}}
                for name, runs in results.items()}
-    fixed = ("host total", "host µs per row", "step wall", DEVICE, "rows", "steps")
+    fixed = ("host total", "host after the tokens", "host from the tokens to the draw", "host µs per row", "step wall",
+             DEVICE, "rows", "steps")
     parts = sorted({k for r in results.values() for k in r} - set(fixed))
     load = os.getloadavg()
     print(f"\nhost µs per decode step, by part (median over {args.steps} steps, median of {args.repeat} runs; "

@@ -1,9 +1,10 @@
 """Compile grammars off the scheduler loop, in worker processes that can be killed.
 
 A pathological schema or regex can spend seconds inside native code, where a thread cannot
-be interrupted; a process can. The scheduler calls `submit` when a request arrives and
-`poll` once per step (never blocks): finished grammars come back, timed-out compiles come
-back as GrammarCompileError and their worker is restarted for the rest of the queue. Several
+be interrupted; a process can. The scheduler calls `submit` when a request arrives (a spec in
+the cache is answered there and then) and `poll` once per step (never blocks): finished grammars
+come back, timed-out compiles come back as GrammarCompileError and their worker is restarted for
+the rest of the queue. Several
 workers (`workers`, 2 by default) take the queue in order, so one slow spec holds up the others
 by no more than the time a worker is busy with it, not the whole queue for the timeout.
 
@@ -90,10 +91,12 @@ class GrammarService:
         """The tokenizer every grammar of this service is compiled for."""
         return self._info
 
-    def submit(self, key: Hashable, spec: Mapping[str, Any]) -> None:
-        """Queue a compile. spec: one of regex/json_schema/ebnf/choices, plus optional
-        backend, lenient, whitespace_max. Bad arguments and cache hits are answered at the next
-        poll without the worker; everything that reads the spec itself (a schema's vetting and
+    def submit(self, key: Hashable, spec: Mapping[str, Any]) -> Grammar | None:
+        """Queue a compile, or answer it now: a spec whose grammar is in the cache gets it back at
+        once (nothing queued, nothing for `poll`: a scheduler attaches matchers to a request of a
+        served schema when it is received). spec: one of regex/json_schema/ebnf/choices, plus
+        optional backend, lenient, whitespace_max. Bad arguments are answered at the next poll
+        without the worker; everything that reads the spec itself (a schema's vetting and
         rewriting, refusals naming keyword and pointer) happens in the worker."""
         try:
             kinds = [k for k in _KINDS if spec.get(k) is not None]
@@ -106,11 +109,10 @@ class GrammarService:
             cache_key = self._cache_key(kind, spec[kind], backend, lenient, ws)
         except ValueError as exc:
             self._done.append((key, exc))
-            return
+            return None
         hit = self.cache.get(cache_key) if self.cache is not None else None
         if hit is not None:
-            self._done.append((key, hit))
-            return
+            return hit
         job = self._by_key.get(cache_key)
         if job is None:
             job = _Job(self._next_id, kind, spec[kind], backend, lenient, ws, cache_key)
@@ -119,6 +121,7 @@ class GrammarService:
             self._queue.append(job)
         job.waiters.append(key)
         self._pump()
+        return None
 
     def _cache_key(self, kind: str, spec: Any, backend: str, lenient: bool, ws: int) -> Any:
         """The compile cache's key of a spec: its text as sent (a batch of requests with one schema

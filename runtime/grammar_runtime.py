@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +25,6 @@ from radixlm.runtime.request import Req
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-MAX_READY = 64  # specs whose compiled grammar `submit` hands out at once (least recently submitted dropped first)
 
 
 @dataclass
@@ -58,7 +55,6 @@ class GrammarRuntime(GrammarRides):
         self.service = GrammarService(tokenizer_path, tokenizer=tokenizer, backend=args.grammar_backend,
                                       timeout_s=args.grammar_compile_timeout, families=max(1, threads))
         self.pending: dict[int, Req] = {}
-        self._ready: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (kind, spec text) -> its compiled grammar
         self.workers = MaskWorkers(threads)
         self._families_ready = self._prepare_families(threads)
         self.width = (vocab_size + 31) // 32
@@ -93,20 +89,18 @@ class GrammarRuntime(GrammarRides):
         return thread
 
     def submit(self, req: Req) -> None:
-        """Queue the request's grammar; a spec served before gets its matchers now, nothing queued or
-        polled: per request a lookup by the spec's text, where the service's submit and the next poll
-        cost ~6 µs a request on the scheduler's loop (item (f)'s 256 requests, one schema)."""
+        """Queue the request's grammar; a spec in the compile service's cache (served before) gets its
+        matchers now, nothing queued or polled: no round trip through the next poll for item (f)'s
+        256 requests of one schema."""
         constraint = req.params.constraint
         assert constraint is not None
         kind, spec = constraint
-        compiled = self._ready.get(constraint) if isinstance(spec, str) else None
+        compiled = self.service.submit(id(req), {kind: spec})
         if compiled is not None:
-            self._ready.move_to_end(constraint)
-            self._attach(req, self._with_table(compiled))
+            self._attach(req, self._prepared(compiled, {}))
             return
         req.grammar_pending = True
         self.pending[id(req)] = req
-        self.service.submit(id(req), {kind: spec})
 
     def file_completed_rows(self) -> None:
         """File what a table's background completion sent since (rows, then its DFA moves a slice at a
@@ -131,31 +125,27 @@ class GrammarRuntime(GrammarRides):
             if isinstance(result, Exception):
                 done.append((req, result))
                 continue
-            grammar = ready.get(id(result))
-            if grammar is None:
-                if self._families_ready is not None:
-                    self._families_ready.join()
-                    self._families_ready = None
-                grammar = ready[id(result)] = self._with_table(result)
-                grammar.prepare_families(max(1, self.workers.threads))  # once per grammar (and tokenizer)
-                self._remember(req.params.constraint, result)
-            self._attach(req, grammar)
+            self._attach(req, self._prepared(result, ready))
             done.append((req, None))
         return done
+
+    def _prepared(self, compiled: Any, seen: dict[int, Any]) -> Any:
+        """`compiled` with its table and every mask thread's matcher family, made once per grammar (and
+        tokenizer); `seen`: the grammars readied since the caller's start, by id (a poll's)."""
+        grammar = seen.get(id(compiled))
+        if grammar is None:
+            if self._families_ready is not None:
+                self._families_ready.join()
+                self._families_ready = None
+            grammar = seen[id(compiled)] = self._with_table(compiled)
+            grammar.prepare_families(max(1, self.workers.threads))  # (a no-op once built)
+        return grammar
 
     def _attach(self, req: Req, grammar: Any) -> None:
         """The request's matchers (its followers' too), one family after another."""
         req.grammar = grammar.matcher(self._family())
         for follower in req.followers:
             follower.grammar = grammar.matcher(self._family())
-
-    def _remember(self, constraint: tuple[str, str] | None, compiled: Any) -> None:
-        if constraint is None or not isinstance(constraint[1], str):
-            return
-        self._ready[constraint] = compiled
-        self._ready.move_to_end(constraint)
-        if len(self._ready) > MAX_READY:
-            self._ready.popitem(last=False)
 
     def _with_table(self, grammar: Any) -> Any:
         """The grammar with a per-state mask table where its language allows one (one table per

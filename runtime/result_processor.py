@@ -194,30 +194,39 @@ class ResultProcessor:
     def commit(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
                allow_jump: bool = True, advanced: set[int] | None = None,
                rides: list[list[int]] | None = None) -> list[SeqEvent]:
-        """The tokens of an uncommitted step (overlap), sampled on the device a step ago.
-        `allow_jump=False` while a step that consumes these tokens is already launched. `advanced`: the
-        grammars took these tokens already (`advance_grammars`, whose result it is). `rides`: per row the
-        grammar-forced tokens appended after its token (forced_rows.py)."""
+        """The tokens of an uncommitted step (overlap), sampled on the device a step ago. `allow_jump=False`
+        while a step that consumes them is launched; `advanced`: `advance_grammars`' result (the grammars took
+        them already). `rides`: per row the grammar-forced tokens appended after its token (forced_rows.py)."""
         return self._append(reqs, ids, {}, [True] * len(reqs), grammars, num_running, allow_jump, advanced, rides)
 
     def advance_grammars(self, reqs: list[Req], ids: list[int], grammars: GrammarRuntime | None, num_running: int,
                          allow_jump: bool, rides: list[list[int]] | None = None) -> set[int]:
-        """Commit each constrained row's token (and the forced tokens riding after it) to its matcher (all
-        at once; their next masks start in the background). Returns the ids of rows whose grammar now
-        forces a run worth a jump (see `_append`)."""
+        """Commit each constrained row's token (and its riding forced tokens) to its matcher, all at once; the ids
+        of rows whose grammar now forces a run worth a jump (see `_append`)."""
         constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not constrained:
             return set()
         assert grammars is not None
-        return grammars.advance_many([reqs[i] for i in constrained], [ids[i] for i in constrained],
-                                     0 if allow_jump else self.jump_check_tokens(num_running),
-                                     None if rides is None else [rides[i] for i in constrained])
+        if len(constrained) < len(reqs):  # (item (f): every row constrained, the lists as they are)
+            reqs, ids = [reqs[i] for i in constrained], [ids[i] for i in constrained]
+            rides = None if rides is None else [rides[i] for i in constrained]
+        return grammars.advance_many(reqs, ids, 0 if allow_jump else self.jump_check_tokens(num_running), rides)
 
     def sample(self, reqs: list[Req], rows_logits: torch.Tensor, grammars: GrammarRuntime | None,
-               logits_needed_after: bool = True) -> torch.Tensor:
-        """Next token per row, on the device. `step` counts tokens still on the device (overlap).
-        `logits_needed_after=False` (an overlapped step: nothing reads them later) lets the grammar
-        mask go into `rows_logits` in place, without a copy of the whole [B, V] matrix."""
+               logits_needed_after: bool = True, prepared: SamplingBatch | None = None) -> torch.Tensor:
+        """Next token per row, on the device. `logits_needed_after=False` (an overlapped step) masks
+        `rows_logits` in place, without a [B, V] copy. `prepared`: these rows' `prepare_sampling`."""
+        prepared = prepared or self.prepare_sampling(reqs, rows_logits.shape[1], rows_logits.device)
+        if prepared is None:
+            return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
+        constrained = grammars is not None and any(r.grammar is not None for r in reqs)
+        bitmask = grammars.bitmask(reqs, rows_logits.device) if constrained else None  # type: ignore[union-attr]
+        return self.sample_rows(prepared.rows, rows_logits, bitmask, logits_needed_after, prepared)
+
+    def prepare_sampling(self, reqs: list[Req], vocab: int, device: torch.device) -> SamplingBatch | None:
+        """What a draw reads but the masks: each row's sampling values (on the device) and bans; None for a
+        plain argmax. Nothing here reads the tokens still on the device (a row's step counts them): an
+        overlapped constrained step builds it before it waits for them (step_order.SAMPLING_BEFORE_TOKENS)."""
         banned: list[tuple[int, ...]] = []
         needs_adjust = constrained = False
         greedy = True
@@ -229,27 +238,19 @@ class ResultProcessor:
             constrained = constrained or r.grammar is not None
             greedy = greedy and p.is_greedy
         if not needs_adjust and not constrained and greedy:
-            return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
-        sample_rows = [
-            SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b,
-                      r.prompt_mask(rows_logits.shape[1], rows_logits.device))
-            for r, b in zip(reqs, banned)
-        ]
-        bitmask = None
-        if constrained:
-            assert grammars is not None
-            bitmask = grammars.bitmask(reqs, rows_logits.device)
-        return self.sample_rows(sample_rows, rows_logits, bitmask, logits_needed_after)
+            return None
+        rows = [SampleRow(r.params, r.seed, len(r.output_ids) + r.tokens_on_device, r.output_ids, r.input_ids, b,
+                          r.prompt_mask(vocab, device)) for r, b in zip(reqs, banned)]
+        return SamplingBatch.build(rows, vocab, device)
 
     @staticmethod
     def sample_rows(rows: list[SampleRow], rows_logits: torch.Tensor, bitmask: torch.Tensor | None,
-                    logits_needed_after: bool = True) -> torch.Tensor:
-        """One token per logits row: adjustments (penalties, bias, bans), the grammar bitmask, then
-        the seeded draw (argmax for greedy rows)."""
+                    logits_needed_after: bool = True, sbatch: SamplingBatch | None = None) -> torch.Tensor:
+        """One token per row: adjustments (penalties, bias, bans), the bitmask, the seeded draw; `sbatch`: built."""
         needs_adjust = any(r.params.needs_output_history or r.banned_ids for r in rows)
         if not needs_adjust and bitmask is None and all(r.params.is_greedy for r in rows):
             return greedy_argmax(rows_logits)
-        sbatch = SamplingBatch.build(rows, rows_logits.shape[1], rows_logits.device)
+        sbatch = sbatch or SamplingBatch.build(rows, rows_logits.shape[1], rows_logits.device)
         adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
         if bitmask is not None:
             from radixlm.constrained import apply_token_bitmask_
@@ -264,12 +265,10 @@ class ResultProcessor:
     def _append(self, reqs: list[Req], ids: list[int], lp_map: dict[int, LogprobEntry], decoding: list[bool],
                 grammars: GrammarRuntime | None, num_running: int, allow_jump: bool,
                 advanced: set[int] | None = None, rides: list[list[int]] | None = None) -> list[SeqEvent]:
-        """Append sampled tokens on the host, then check for a finish or a jump forward.
-        `num_running` is followed through the rows as the scheduler will apply their events: the
-        worth of a jump depends on how many rows decode alongside. `rides`: per row the grammar-forced
-        tokens that follow its token (never with logprobs), appended after it with every finish check.
-        With `prompt_rows_running`, rows whose prompt just completed count from the start (they decode in
-        the next step too): a prompts-only batch is judged at the count constrained_prefill_overlaps reads."""
+        """Append sampled tokens on the host, then check for a finish or a jump forward. `num_running` is
+        followed through the rows as the scheduler will apply their events (a jump's worth depends on it;
+        with `prompt_rows_running` rows whose prompt just completed count from the start, as
+        constrained_prefill_overlaps reads it). `rides`: per row the forced tokens after its token."""
         events = []
         if self.prompt_rows_running:
             num_running += decoding.count(False)
@@ -368,10 +367,11 @@ class ResultProcessor:
     def check_finish(self, req: Req, tok: int, grammars: GrammarRuntime | None) -> FinishReason | None:
         p = req.params
         out = req.output_ids
-        if (req.grammar is None and not p.stop and not p.stop_regex and tok not in p.stop_token_set
+        if (not p.stop and not p.stop_regex and tok not in p.stop_token_set
                 and (p.ignore_eos or tok not in self.eos_ids) and len(out) < p.max_new_tokens
-                and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len):
-            return None  # the usual row, in one test: none of the conditions below can hold
+                and len(req.input_ids) + len(out) + req.tokens_on_device < self.context_len
+                and (req.grammar is None or grammars is None or not grammars.is_terminated(req))):
+            return None  # the usual row (a JSON row's too) in one test: none of the checks below can hold
         if tok in p.stop_token_set:
             return FinishReason.stop(tok)
         if not p.ignore_eos and tok in self.eos_ids:

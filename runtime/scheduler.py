@@ -241,19 +241,22 @@ class Scheduler:
         if self.overlap and self.results.can_defer(batch):
             self.stats["overlapped_steps"] += 1
             previous, self.uncommitted = self.uncommitted, None
-            advanced = None
+            advanced = prepared = None
             if previous is not None and any(r.grammar is not None for r in batch.reqs):
                 # Grammar masks need step k's tokens in the matchers: the matchers take them now, while
                 # this step's forward pass runs, and the masks are applied as this step is sampled; the
                 # rest of step k's commit (appends, finish checks, outputs) runs after the launch, as for
-                # unconstrained rows (the tokens still count as on the device until then).
+                # unconstrained rows (the tokens still count as on the device until then). What the draw
+                # reads but the masks is built first, while the host would wait for those tokens.
+                if step_order.sampling_before_tokens(self, batch):
+                    prepared = self.results.prepare_sampling(batch.reqs, logits.shape[1], logits.device)
                 reqs, ids = previous.peek_tokens()
                 advanced = self.results.advance_grammars(reqs, ids, self.grammars, len(self.running), allow_jump=False,
                                                          rides=previous.live_rides())
             rows = resolve_guesses(self, batch, previous) if batch.guesses is not None or batch.guess_seen else None
             if rows is not None:  # rows whose token just committed forces a run: sampled after what they took
                 logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
-            self.uncommitted = self._launch(batch, logits)
+            self.uncommitted = self._launch(batch, logits, prepared)
             if self.spec is not None:
                 self.spec.warm(self.running)  # n-gram indexes, while the device runs this step
             if previous is not None:
@@ -279,12 +282,13 @@ class Scheduler:
         self.process_results(batch, logits)
         return True
 
-    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> UncommittedStep:
+    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor, prepared: Any = None) -> UncommittedStep:
         """Sample on the device; the host appends these tokens a step later (`_commit_step`), with the
-        grammar-forced tokens that ride after them (forced_rows.py)."""
+        grammar-forced tokens that ride after them (forced_rows.py). `prepared`: the rows' sampling values,
+        built earlier in the step (`ResultProcessor.prepare_sampling`)."""
         rides, ends, guessing = plan_rides(self, batch.reqs) if self.grammars is not None else (None, None, None)
         return UncommittedStep.start(batch.reqs, self.results.sample(batch.reqs, logits, self.grammars,
-                                                                     logits_needed_after=False),
+                                                                     logits_needed_after=False, prepared=prepared),
                                      rides=rides, ends=ends, guess_candidates=guessing)
 
     def process_results(self, batch: ScheduledBatch, logits: torch.Tensor, targets: list[int] | None = None,

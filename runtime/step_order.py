@@ -3,6 +3,7 @@ step scheduled ahead of the pending commit. The rules and their measured constan
 reads them each step (tests and benchmarks set the constants on this module)."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from radixlm.runtime.forward_batch import ForwardMode
@@ -34,6 +35,12 @@ AHEAD_WITH_EVICTION = True
 # e2e cell is half prefill and spec on ran every chunk synchronously. Off until measured on the H200
 # (`benchmarks/speculative.py --prefill-ab`, spec8); a draft model or head always keeps prefill synchronous.
 OVERLAP_PREFILL_WITH_NGRAM = False
+# An overlapped constrained decode step builds its rows' sampling values (`ResultProcessor.prepare_sampling`:
+# SamplingBatch.build and its copy, ~0.65 ms at 256 rows on the H100's host) before it waits for the previous
+# step's tokens, not between those tokens and the draw's launch, where the host's work after the wait delays
+# the next forward's launch (item (f): the JSON step's host did ~2.6 ms more there than the unconstrained
+# step's). Outputs are the same either way. `$RADIXLM_SAMPLING_BEFORE_TOKENS=0` turns it off (the GPU A/B, jf20).
+SAMPLING_BEFORE_TOKENS = os.environ.get("RADIXLM_SAMPLING_BEFORE_TOKENS", "1") != "0"
 
 
 def overlap_prefill_allowed(sched: Scheduler) -> bool:
@@ -75,6 +82,13 @@ def constrained_prefill_overlaps(sched: Scheduler, batch: ScheduledBatch) -> boo
     if not sched.args.enable_overlap_constrained_prefill:
         return False
     return sched.results.jump_check_tokens(len(sched.running) + len(batch.reqs)) == 0
+
+
+def sampling_before_tokens(sched: Scheduler, batch: ScheduledBatch) -> bool:
+    """An overlapped constrained step's sampling values are built before the previous tokens are waited
+    for (SAMPLING_BEFORE_TOKENS): not with forced rows (their rides and guesses are planned from those
+    tokens' commit)."""
+    return SAMPLING_BEFORE_TOKENS and not sched.args.enable_forced_rows
 
 
 def should_mix(sched: Scheduler, batch: ScheduledBatch) -> bool:

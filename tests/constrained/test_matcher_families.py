@@ -31,6 +31,14 @@ def test_families_allow_the_same_tokens(tokenizer: Any) -> None:
     matchers = [grammar.matcher(f) for f in (0, 1, 2, 5)]
     assert [m.family for m in matchers] == [0, 1, 2, 5]
     assert len(grammar._families) == 6  # templates are built on first use
+    assert grammar._warmed == 6  # ... each with its start mask computed (copies inherit its caches)
+    import llguidance
+
+    from radixlm.constrained.backends.llguidance_backend import LLGuidanceMatcher, _lltokenizer, parser_limits
+
+    apart = LLGuidanceMatcher(grammar, llguidance.LLMatcher(_lltokenizer(grammar.info), grammar.ll_grammar,
+                                                            log_level=0, limits=parser_limits()), 0, False)
+    assert matchers[0].allowed_token_ids() == apart.allowed_token_ids()  # (a template that computed no mask)
     for tid in doc:
         expected = matchers[0].allowed_token_ids()
         for m in matchers[1:]:

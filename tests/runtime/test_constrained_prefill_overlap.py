@@ -110,7 +110,8 @@ def test_synchronous_constrained_step_masks_the_logits_in_place(default_model_di
     needed: list[bool] = []
     inner = ResultProcessor.sample_rows
     monkeypatch.setattr(ResultProcessor, "sample_rows", staticmethod(
-        lambda rows, logits, bitmask, after=True: needed.append(after) or inner(rows, logits, bitmask, after)))
+        lambda rows, logits, bitmask, after=True, sbatch=None: needed.append(after) or inner(rows, logits, bitmask, after,
+                                                                                        sbatch)))
     sched = make_scheduler(default_model_dir, grammar_mask_threads=0)
     try:
         spec = json.dumps(SCHEMA)

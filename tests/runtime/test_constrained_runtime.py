@@ -108,9 +108,9 @@ def _count_deferred(sched) -> dict[str, int]:
     counts = {"deferred_constrained": 0}
     launch = sched._launch
 
-    def counting_launch(batch, logits):
+    def counting_launch(batch, logits, *args):
         counts["deferred_constrained"] += any(r.grammar is not None for r in batch.reqs)
-        return launch(batch, logits)
+        return launch(batch, logits, *args)
 
     sched._launch = counting_launch
     return counts
