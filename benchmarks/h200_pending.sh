@@ -37,9 +37,10 @@ ab)
   # issue 14 item 4 (jf17): constrained prefill steps overlapped, an Engine per arm (flag off, on) at 64 and 256 rows -> turn
   # enable_overlap_constrained_prefill on by default (runtime/server_args.py) if the same-lengths ratio rises at both sizes
   # with 64/64 and 256/256 valid; the JSON run's first step ("step ms ... longest json") shows the mechanism
-  # issue 14 item 4 (jf19 = jf17 + jf18b in one process, one baseline): arms off / constrained prefill overlapped / one-token
-  # prefills as decode / both, at 64 and 256 rows -> flip each lever whose arm raises the (f) ratio at both sizes (valid 64/64, 256/256)
-  run jf19 330 "RADIXLM_LOOP_STATS=$OUT/jf19/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;enable_overlap_constrained_prefill;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1;enable_overlap_constrained_prefill+RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1' --out $OUT/jf19/f.json"
+  # issue 14 item 4 (jf19 = jf17 + jf18b + jf20 in one process, one baseline): arms defaults / constrained prefill overlapped /
+  # one-token prefills as decode / jf20's sampling values before the tokens turned off, at 64 and 256 rows -> flip each lever
+  # whose arm raises the (f) ratio at both sizes (valid 64/64, 256/256); SAMPLING_BEFORE_TOKENS off only if its arm wins both
+  run jf19 330 "RADIXLM_LOOP_STATS=$OUT/jf19/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;enable_overlap_constrained_prefill;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf19/f.json"
   run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
   # issue 14 item 4 (jf18): no A/B (its host changes are on, outputs unchanged; jf17's run above measures them): item (f)'s
   # decode step at 256 rows op by op outside the forward, JSON vs plain, kernels and copies with device us -> says which of
