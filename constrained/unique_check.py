@@ -10,8 +10,9 @@ tried (tokens with a quote inside a string, ~160 of 49k; structural ones elsewhe
 a string item a token whose closing quote ends the item is looked up by the item's text, not
 scanned. Where at most LOOKAHEAD tokens other than whitespace are left, each is tried up to
 LOOKAHEAD_DEPTH steps on and cleared if it leads only to rows with no token (a dead end the runtime
-would fail with a 500); deeper dead ends, and those entered through whitespace, are left. While a
-unique array is open there is no jump-forward (`forced_bytes` is empty).
+would fail with a 500). Between JSON tokens a row left with whitespace only is cleared too: that
+whitespace only postpones the dead end (`_blank_only`), and the lookahead then sees it. Deeper
+dead ends are left. While a unique array is open there is no jump-forward (`forced_bytes` is empty).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from .base import Grammar, Matcher
 from .unique_paths import UniquePaths
-from .unique_scan import LIT, NUM, NUMBER_BYTES, STR, UniqueScan
+from .unique_scan import AFTER, COLON, KEY, LIT, NUM, NUMBER_BYTES, STR, VALUE, UniqueScan
 from .vocab import TokenizerInfo
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ PAYLOAD_TAG = "unique-items"
 LOOKAHEAD = 8  # tokens other than whitespace left in a row, at most, for the dead-end lookahead
 LOOKAHEAD_DEPTH = 2  # steps on: a string item's opening quote, then its one-character items
 LOOKAHEAD_PROBES = 24  # next rows (backend fills) per mask row, at most
+_BETWEEN = (VALUE, KEY, AFTER, COLON)  # scan modes between JSON tokens: whitespace there is insignificant
 
 
 def _json_bytes(data: bytes, in_string: bool = False) -> Iterator[tuple[int, int, bool]]:
@@ -126,6 +128,7 @@ class TokenTables:
     number_end: np.ndarray       # bool per id: its first byte ends a number
     blank: np.ndarray            # bool per id: no bytes, or whitespace only (never enters a dead end alone)
     spaced: np.ndarray           # bool per id: whitespace, then more (the same step as the rest, after a gap)
+    token_starts: bool           # each byte a JSON token starts with is a token alone (`_blank_only`)
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -169,9 +172,11 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
                 deep_closings.append(_closings(data[at + 1:]) if at >= 0 else 0)
                 deep.append(at >= 0 and (text is None or _ends_outside(data[at + 1:]) or _literal_start(data[at + 1:])))
         ids = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
+        singles = {data for data in info.token_bytes if data and len(data) == 1}
+        token_starts = all(bytes([b]) in singles for b in b'"{}[],:-0123456789tfn')
         tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
                              by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
-                             blank, spaced)
+                             blank, spaced, token_starts)
         _TABLES[info.fingerprint] = tables
         return tables
 
@@ -287,34 +292,47 @@ class UniqueMatcher(Matcher):
         while the text is not accepted leads only to a dead end (`["0","0` with items "0" and ""
         used: its one continuation `"` repeats an item), so clearing it loses no document. Tried
         only where at most LOOKAHEAD tokens are left that start with no whitespace (item sets of a
-        few values), at most `budget` next rows in all (each one backend fill); past it, kept."""
-        if depth <= 0 or not self.scan.watching() or self.inner.is_terminated():
+        few values), at most `budget` next rows in all (each one backend fill); past it, kept.
+        Then, between JSON tokens, a row left with whitespace only is cleared (`_blank_only`)."""
+        if not self.scan.watching() or self.inner.is_terminated():
             return
         t = self.grammar.tables
         words = row[: t.words].numpy()
         allowed = _allowed(words, self.grammar.info.vocab_size)
-        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]] & ~t.spaced[: allowed.shape[0]])
-        if not 0 < candidates.shape[0] <= LOOKAHEAD:
-            return
-        dead = []
-        for tid in candidates.tolist():
-            if budget[0] <= 0:
-                break
-            budget[0] -= 1
-            probe = self.copy()
-            if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
-                continue
-            scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
-            probe.inner.fill_next_token_bitmask(scratch, 0)
-            probe._remove_repeats(scratch[0])
-            probe._remove_dead_ends(scratch[0], depth - 1, budget)
-            if not scratch[0, : t.words].any():
-                dead.append(tid)
-        if dead:  # whitespace and then a dead token: the same step after a gap, dead too
-            data = self.grammar.info.token_bytes
-            ends = {data[tid] for tid in dead}
-            spaced = np.flatnonzero(allowed & t.spaced[: allowed.shape[0]]).tolist()
-            _clear(words, dead + [tid for tid in spaced if data[tid].lstrip(b" \t\n\r") in ends])
+        spaced = allowed & t.spaced[: allowed.shape[0]]
+        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]] & ~spaced)
+        left = candidates.shape[0]
+        if depth > 0 and 0 < left <= LOOKAHEAD:
+            dead = []
+            for tid in candidates.tolist():
+                if budget[0] <= 0:
+                    break
+                budget[0] -= 1
+                probe = self.copy()
+                if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
+                    continue
+                scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
+                probe.inner.fill_next_token_bitmask(scratch, 0)
+                probe._remove_repeats(scratch[0])
+                probe._remove_dead_ends(scratch[0], depth - 1, budget)
+                if not scratch[0, : t.words].any():
+                    dead.append(tid)
+            if dead:  # whitespace and then a dead token: the same step after a gap, dead too
+                data = self.grammar.info.token_bytes
+                ends = {data[tid] for tid in dead}
+                _clear(words, dead + [tid for tid in np.flatnonzero(spaced).tolist()
+                                      if data[tid].lstrip(b" \t\n\r") in ends])
+                left -= len(dead)
+        if not left and self._blank_only():
+            words[:] = 0
+
+    def _blank_only(self) -> bool:
+        """With no token left that starts with no whitespace, is every whitespace token a dead end?
+        Yes between JSON tokens (not in a string, number or literal) short of acceptance: there
+        whitespace changes no state but the run's length, so a text that goes on after it goes on
+        without it, and its first byte's token would be left in this row (a byte-level vocabulary;
+        our removals are exact); none is, so none goes on, and the text cannot end here."""
+        return self.grammar.tables.token_starts and self.scan.mode in _BETWEEN and not self.inner.is_accepting()
 
     def _remove_repeats(self, row: torch.Tensor) -> None:
         scan = self.scan
