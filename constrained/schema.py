@@ -38,7 +38,7 @@ from .schema_simplify import simplify
 from .schema_support import REWRITTEN, SUPPORT, TYPES, VALIDATION
 from .schema_unevaluated import unevaluated_properties
 from .schema_unique import closed_count, open_count, unique_items
-from .unique_paths import UniquePaths, has_unique, strip_unique, unique_paths
+from .unique_paths import NO_UNIQUE_ARRAYS, UniquePaths, counts_keys, has_unique, strip_unique, unique_paths
 
 
 @dataclass
@@ -363,6 +363,8 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
         lead_with_schema_key(schema)
         cut_deep_nesting(schema)
         mark_integer_gaps(schema, vetter.refuse, modes.contains)
+        if not modes.contains and counts_keys(schema):  # the Lark route counts repeated keys once
+            out.unique = dataclasses.replace(out.unique or NO_UNIQUE_ARRAYS, distinct_keys=True)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)
     looping = same_instance_cycle(vetter.defs) if out.recursive else None

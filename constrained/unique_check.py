@@ -343,17 +343,18 @@ class UniqueMatcher(Matcher):
         if scan.mode == STR:
             on = _bits(words, t.quoted)
             item = scan.top_enforced() is not None and not scan.aux[0]
-            prefix = scan.item_prefix() if item else None
-            if scan.aux[2] or (item and prefix is None):  # an escape or a character pending: try every quote
+            keyed = scan.aux[0] and scan.paths.distinct_keys and bool(scan.keys_seen())
+            prefix = scan.item_prefix() if item else scan.key_prefix() if keyed else None
+            if scan.aux[2] or ((item or keyed) and prefix is None):  # an escape or a character pending: try every quote
                 bad = [tid for tid in t.quoted[on].tolist() if not self._fits(tid)]
             else:
                 closing = on & t.closes
                 found: set[int] = set()
-                if prefix is not None:  # the closing quote ends an item: look its text up
+                if prefix is not None:  # the closing quote ends an item or a key: look its text up
                     cut = len(prefix)
-                    for item in scan.top_enforced()[4]:  # type: ignore[index]
-                        if type(item) is str and item.startswith(prefix):
-                            found.update(j for j in t.by_before.get(item[cut:], ()) if closing[j])
+                    for used in scan.top_enforced()[4] if item else scan.keys_seen():  # type: ignore[index]
+                        if type(used) is str and used.startswith(prefix):
+                            found.update(j for j in t.by_before.get(used[cut:], ()) if closing[j])
                 bad = [int(t.quoted[j]) for j in found]
                 gap = scan.enforced_gap()
                 deep = closing & t.deep & (t.deep_closings >= (99 if gap is None else gap))

@@ -50,6 +50,7 @@ class UniquePaths:
     indices: tuple[tuple[int, ...], ...]  # item 0, 1, ... (prefixItems)
     later_index: tuple[int, ...]          # any later item
     start: int
+    distinct_keys: bool = False           # no object may repeat a key (`counts_keys`)
 
     def key_step(self, state: int, key: str) -> int:
         return SINK if state == SINK else self.keys[state].get(key, self.other_key[state])
@@ -61,13 +62,26 @@ class UniquePaths:
         return fixed[index] if index < len(fixed) else self.later_index[state]
 
     def payload(self) -> Any:
-        return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start)
+        return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start,
+                self.distinct_keys)
 
     @staticmethod
     def from_payload(data: Any) -> UniquePaths:
-        enforce, keys, other, indices, later, start = data
+        enforce, keys, other, indices, later, start, distinct = data
         return UniquePaths(tuple(enforce), tuple(dict(k) for k in keys), tuple(other),
-                           tuple(tuple(i) for i in indices), tuple(later), start)
+                           tuple(tuple(i) for i in indices), tuple(later), start, distinct)
+
+
+NO_UNIQUE_ARRAYS = UniquePaths((), (), (), (), (), SINK)
+
+
+def counts_keys(schema: Any) -> bool:
+    """Does the backend's grammar count keys toward a `minProperties` of 2 or more? It lets a key
+    outside `properties` repeat (a grammar cannot remember every key), so `{"x": 1, "x": 2}` would
+    meet `minProperties: 2` while the parsed object (last key wins) holds one: such a schema needs
+    distinct keys checked beside the grammar (unique_check.py)."""
+    return any(isinstance(n.get("minProperties"), (int, float)) and not isinstance(n["minProperties"], bool)
+               and n["minProperties"] >= 2 for n in _schema_nodes(schema))
 
 
 def subschemas(node: dict[str, Any]) -> list[tuple[str, Any]]:
