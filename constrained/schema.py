@@ -363,7 +363,7 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
         lead_with_schema_key(schema)
         cut_deep_nesting(schema)
         mark_integer_gaps(schema, vetter.refuse, modes.contains)
-        if not modes.contains and counts_keys(schema):  # the Lark route counts repeated keys once
+        if counts_keys(schema):  # the Lark route's own object rules count them once, its `%json` leaves do not
             out.unique = dataclasses.replace(out.unique or NO_UNIQUE_ARRAYS, distinct_keys=True)
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)

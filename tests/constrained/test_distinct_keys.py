@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from radixlm import constrained as C
+from radixlm.constrained.compiler import grammar_from_payload
 from radixlm.constrained.unique_check import UniqueGrammar
 from radixlm.constrained.unique_paths import UniquePaths, counts_keys
 
@@ -19,6 +20,8 @@ from .conftest import encode, reference_valid, run_tokens
 
 NAMES = {"type": "object", "propertyNames": {"enum": ["a", "b", "x1"]}, "minProperties": 2}  # 4:1122
 OPTIONS = {"type": "object", "properties": {"options": {"type": "object", "minProperties": 2}}}  # o84199's shape
+CONTAINS = {"type": "array", "contains": {"const": 1},  # the Lark route: `%json` leaves count repeated keys too
+            "items": {"anyOf": [{"type": "integer"}, {"type": "object", "minProperties": 2}]}}
 ITEMS = {"type": "array", "uniqueItems": True, "items": {"type": "object", "minProperties": 2,
                                                         "additionalProperties": {"type": "integer"}}}
 
@@ -34,6 +37,8 @@ def _pairs_unique(text: str) -> bool:
              '{"a": 1, "c": 2}', '{"a": 1, "b": 2, "a": 3}', '{"b": 0, "a\\u0062": 1}']),
     (OPTIONS, ['{"options": {"k": 1, "k": 2}}', '{"options": {"k": 1, "kk": 2}}', '{"options": {"k": 1}}',
                '{"options": {"a\\u0062": 1, "ab": 2}}', '{"options": {"\\"": 1, "\\u0022": 2}}', "{}"]),
+    (CONTAINS, ['[1, {"a": 1, "a": 2}]', '[1, {"a": 1, "b": 2}]', '[{"a": 1, "b": 2}, 1]', '[{"a": 1, "b": 2}]',
+                '[1, {"a": {"x": 1, "x": 1}, "b": 2}]']),
     (ITEMS, ['[{"a": 1, "a": 1}]', '[{"a": 1, "b": 1}, {"b": 1, "a": 1}]', '[{"a": 1, "b": 1}]',
              '[{"a": 1, "b": 2}, {"a": 1, "c": 2}]', '[{"a": 1, "b": "x"}]']),
 ])
@@ -82,7 +87,12 @@ def test_only_where_keys_are_counted(tokenizer: Any) -> None:
     assert counts_keys({"$defs": {"d": {"minProperties": 2}}, "$ref": "#/$defs/d"})
 
 
-def test_payload_keeps_the_flag(tokenizer: Any) -> None:
-    grammar = C.compile(tokenizer, json_schema=OPTIONS, cache=None)
-    paths = UniquePaths.from_payload(grammar.paths.payload())
-    assert paths == grammar.paths and paths.distinct_keys
+@pytest.mark.parametrize("schema", [OPTIONS, CONTAINS])
+def test_payload_keeps_the_check(tokenizer: Any, schema: dict[str, Any]) -> None:
+    """The service's caller rebuilds the grammar from its payload: the check comes with it."""
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert UniquePaths.from_payload(grammar.paths.payload()) == grammar.paths
+    again = grammar_from_payload(grammar.info, "llguidance", grammar.payload())
+    assert isinstance(again, UniqueGrammar) and again.paths.distinct_keys
+    text = '{"options": {"k": 1, "k": 2}}' if schema is OPTIONS else '[1, {"a": 1, "a": 2}]'
+    assert not run_tokens(again.matcher(), encode(tokenizer, text))
