@@ -19,10 +19,12 @@ states) raises Unsupported naming the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
+from .schema_finite import listed_values
 from .schema_negation import Unsupported
 
 ALL_TYPES = frozenset(("null", "boolean", "object", "array", "number", "string"))
@@ -51,6 +53,9 @@ class UniquePaths:
     later_index: tuple[int, ...]          # any later item
     start: int
     distinct_keys: bool = False           # no object may repeat a key (`counts_keys`)
+    item_values: tuple[tuple[tuple[Any, Any], ...] | None, ...] = ()  # per state: listed items (value,
+                                          # canonical form) of a unique array there, or None
+    alive: dict[Any, bool] = field(default_factory=dict, compare=False, repr=False)  # unique_items_left's memo
 
     def key_step(self, state: int, key: str) -> int:
         return SINK if state == SINK else self.keys[state].get(key, self.other_key[state])
@@ -63,13 +68,23 @@ class UniquePaths:
 
     def payload(self) -> Any:
         return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start,
-                self.distinct_keys)
+                self.distinct_keys, [None if v is None else [x for x, _ in v] for v in self.item_values])
 
     @staticmethod
     def from_payload(data: Any) -> UniquePaths:
-        enforce, keys, other, indices, later, start, distinct = data
+        enforce, keys, other, indices, later, start, distinct, values = data
         return UniquePaths(tuple(enforce), tuple(dict(k) for k in keys), tuple(other),
-                           tuple(tuple(i) for i in indices), tuple(later), start, distinct)
+                           tuple(tuple(i) for i in indices), tuple(later), start, distinct,
+                           tuple(_with_canonical(v) for v in values))
+
+
+MAX_LISTED_ITEMS = 64  # listed items of a unique array looked at for dead ends (unique_items_left.py)
+
+
+def _with_canonical(values: list[Any] | None) -> tuple[tuple[Any, Any], ...] | None:
+    from .unique_scan import parse_item
+
+    return None if values is None else tuple((v, parse_item(json.dumps(v).encode())) for v in values)
 
 
 NO_UNIQUE_ARRAYS = UniquePaths((), (), (), (), (), SINK)
@@ -243,6 +258,45 @@ class _Analysis:
             out.update(found)
         return frozenset(out)
 
+    def item_values(self, alts: frozenset[Alternative]) -> list[Any] | None:
+        """The values an item of a unique array here can take at most (the listed items of each
+        alternative's array node, any index), or None where some alternative does not list them."""
+        out: list[Any] = []
+        for ids, kinds in alts:
+            if "array" not in kinds:
+                continue
+            bound: list[Any] | None = None
+            for nid in ids:
+                node = self.nodes[nid]
+                subs = [node.get("items", True), *node.get("prefixItems", ())]
+                lists = [self._listed(sub) for sub in subs]
+                if all(x is not None for x in lists):
+                    found = [v for x in lists for v in x]  # type: ignore[union-attr]
+                    bound = found if bound is None or len(found) < len(bound) else bound
+            if bound is None:
+                return None
+            out += bound  # repeats kept: 1 == True in Python, not in JSON Schema
+        return out if len(out) <= MAX_LISTED_ITEMS else None
+
+    def _listed(self, sub: Any, depth: int = 0) -> list[Any] | None:
+        """Values `sub` accepts at most: its enum/const, else its `$ref`'s, else the union of its
+        anyOf/oneOf branches' where each is listed (a superset is enough: see item_values)."""
+        if not isinstance(sub, dict) or depth > 8:
+            return None
+        found = listed_values(sub)
+        if found is None and isinstance(sub.get("$ref"), str):
+            try:
+                found = self._listed(self.deref(sub["$ref"]), depth + 1)
+            except Unsupported:
+                return None
+        for key in ("anyOf", "oneOf"):
+            branches = sub.get(key)
+            if found is None and isinstance(branches, list) and branches:
+                lists = [self._listed(b, depth + 1) for b in branches]
+                if all(x is not None for x in lists):
+                    found = [v for x in lists for v in x]  # type: ignore[union-attr]
+        return found
+
     def decide(self, alts: frozenset[Alternative]) -> bool:
         """Unique where any alternative admitting an array asks for it: where others do not (an
         `if`/`then` on a sibling's value), repeated items are refused for them too — stricter than
@@ -303,10 +357,12 @@ def unique_paths(schema: Any) -> UniquePaths:
     other: list[int] = []
     indices: list[tuple[int, ...]] = []
     later: list[int] = []
+    values: list[Any] = []
     i = 0
     while i < len(order):  # breadth first; `order` grows as new states appear
         alts = order[i]
         enforce.append(a.decide(alts))
+        values.append(a.item_values(alts) if enforce[-1] else None)
         named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
                         for k in a.nodes[n].get("properties", {})})
         keys.append({k: state(a.child(alts, k)) for k in named})
@@ -315,4 +371,5 @@ def unique_paths(schema: Any) -> UniquePaths:
         indices.append(tuple(state(a.child(alts, j)) for j in range(prefix)))
         later.append(state(a.child(alts, prefix)))
         i += 1
-    return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start)
+    return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start,
+                       item_values=tuple(_with_canonical(v) for v in values))
