@@ -26,7 +26,6 @@ from .schema_refs import subschemas
 from .schema_string_fold import fold_string_schema
 from .unique_check import PAYLOAD_TAG, UniqueGrammar
 from .unique_check import from_payload as unique_from_payload
-from .unique_paths import SINK
 from .vocab import TokenizerInfo
 
 # Measured on our corpus (see README.md): llguidance compiles ~100x faster than the
@@ -182,7 +181,7 @@ def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
         return None
     try:
         checked = check_schema(spec, backend, contains=True)
-        if checked.unproven_one_of or checked.unique is not None and checked.unique.start != SINK:
+        if checked.unproven_one_of or checked.unique is not None and any(checked.unique.enforce):
             return None  # unique arrays are not on the route (distinct keys alone are: `_with_unique`)
         mod = backend_module(backend)
         return checked, contains_lark(checked.schema, mod.json_schema_empty, mod.json_options(whitespace_max),

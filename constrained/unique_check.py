@@ -222,7 +222,7 @@ class UniqueMatcher(Matcher):
         if scan.mode == STR:
             on = row_bits(words, t.quoted)
             item = scan.top_enforced() is not None and not scan.aux[0]
-            keyed = scan.aux[0] and scan.paths.distinct_keys and bool(scan.keys_seen())
+            keyed = scan.aux[0] and bool(scan.keys_seen())
             prefix = scan.item_prefix() if item else scan.key_prefix() if keyed else None
             if scan.aux[2] or ((item or keyed) and prefix is None):  # an escape or a character pending: try every quote
                 bad = [tid for tid in t.quoted[on].tolist() if not self._fits(tid)]

@@ -52,7 +52,8 @@ class UniquePaths:
     indices: tuple[tuple[int, ...], ...]  # item 0, 1, ... (prefixItems)
     later_index: tuple[int, ...]          # any later item
     start: int
-    distinct_keys: bool = False           # no object may repeat a key (`counts_keys`)
+    distinct_keys: bool = False           # objects may not repeat a key (`counts_keys`): all of them, or
+    distinct_at: tuple[bool, ...] = ()    # where given, those at states marked here only
     item_values: tuple[tuple[tuple[Any, Any], ...] | None, ...] = ()  # per state: listed items (value,
                                           # canonical form) of a unique array there, or None
     alive: dict[Any, bool] = field(default_factory=dict, compare=False, repr=False)  # unique_items_left's memo
@@ -68,14 +69,21 @@ class UniquePaths:
 
     def payload(self) -> Any:
         return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start,
-                self.distinct_keys, [None if v is None else [x for x, _ in v] for v in self.item_values])
+                self.distinct_keys, self.distinct_at,
+                [None if v is None else [x for x, _ in v] for v in self.item_values])
 
     @staticmethod
     def from_payload(data: Any) -> UniquePaths:
-        enforce, keys, other, indices, later, start, distinct, values = data
+        enforce, keys, other, indices, later, start, distinct, distinct_at, values = data
         return UniquePaths(tuple(enforce), tuple(dict(k) for k in keys), tuple(other),
-                           tuple(tuple(i) for i in indices), tuple(later), start, distinct,
+                           tuple(tuple(i) for i in indices), tuple(later), start, distinct, tuple(distinct_at),
                            tuple(_with_canonical(v) for v in values))
+
+    def keys_checked(self, state: int) -> bool:
+        """Must an object at this path state repeat no key?"""
+        if not self.distinct_keys:
+            return False
+        return not self.distinct_at or state != SINK and self.distinct_at[state]
 
 
 MAX_LISTED_ITEMS = 64  # listed items of a unique array looked at for dead ends (unique_items_left.py)
@@ -90,13 +98,9 @@ def _with_canonical(values: list[Any] | None) -> tuple[tuple[Any, Any], ...] | N
 NO_UNIQUE_ARRAYS = UniquePaths((), (), (), (), (), SINK)
 
 
-def counts_keys(schema: Any) -> bool:
-    """Does the backend's grammar count keys toward a `minProperties` of 2 or more? It lets a key
-    outside `properties` repeat (a grammar cannot remember every key), so `{"x": 1, "x": 2}` would
-    meet `minProperties: 2` while the parsed object (last key wins) holds one: such a schema needs
-    distinct keys checked beside the grammar (unique_check.py)."""
-    return any(isinstance(n.get("minProperties"), (int, float)) and not isinstance(n["minProperties"], bool)
-               and n["minProperties"] >= 2 for n in _schema_nodes(schema))
+def counted(node: dict[str, Any]) -> bool:
+    low = node.get("minProperties")
+    return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 2
 
 
 def subschemas(node: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -112,7 +116,7 @@ def subschemas(node: dict[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
-def _schema_nodes(schema: Any) -> list[dict[str, Any]]:
+def schema_nodes(schema: Any) -> list[dict[str, Any]]:
     seen: dict[int, dict[str, Any]] = {}
     stack = [schema]
     while stack:
@@ -125,18 +129,18 @@ def _schema_nodes(schema: Any) -> list[dict[str, Any]]:
 
 def has_unique(schema: Any) -> bool:
     """Some `uniqueItems: true` is left in the vetted schema (open item sets)."""
-    return any(n.get("uniqueItems") is True for n in _schema_nodes(schema))
+    return any(n.get("uniqueItems") is True for n in schema_nodes(schema))
 
 
 def strip_unique(schema: Any) -> None:
     """Drop every `uniqueItems` in place (the run-time check enforces them)."""
-    for node in _schema_nodes(schema):
+    for node in schema_nodes(schema):
         node.pop("uniqueItems", None)
 
 
 class _Analysis:
-    def __init__(self, root: dict[str, Any]) -> None:
-        self.root = root
+    def __init__(self, root: dict[str, Any], counted: bool = False) -> None:
+        self.root, self.counted = root, counted
         self.defs = root.get("$defs", {}) if isinstance(root, dict) else {}
         self.nodes: dict[int, dict[str, Any]] = {}
         self.reach = self._reaching()
@@ -165,7 +169,7 @@ class _Analysis:
             if not isinstance(node, dict) or id(node) in self.nodes:
                 continue
             self.nodes[id(node)] = node
-            if node.get("uniqueItems") is True:
+            if node.get("uniqueItems") is True or self.counted and counted(node):
                 marked.add(id(node))
             kids = [v for key, v in self._children(node) if key not in ("$defs", "definitions")]
             edges[id(node)] = [id(v) for v in kids if isinstance(v, dict)]
@@ -297,6 +301,10 @@ class _Analysis:
                     found = [v for x in lists for v in x]  # type: ignore[union-attr]
         return found
 
+    def decide_keys(self, alts: frozenset[Alternative]) -> bool:
+        """Keys distinct where any alternative admitting an object counts them (minProperties >= 2)."""
+        return any(counted(self.nodes[n]) for ids, kinds in alts if "object" in kinds for n in ids)
+
     def decide(self, alts: frozenset[Alternative]) -> bool:
         """Unique where any alternative admitting an array asks for it: where others do not (an
         `if`/`then` on a sibling's value), repeated items are refused for them too — stricter than
@@ -333,11 +341,12 @@ def _child_schema(node: dict[str, Any], step: Any) -> Any:
     return node.get("items", True)
 
 
-def unique_paths(schema: Any) -> UniquePaths:
-    """The automaton for a vetted schema with `uniqueItems: true` left in it (or Unsupported)."""
+def unique_paths(schema: Any, counted: bool = False) -> UniquePaths:
+    """The automaton for a vetted schema with `uniqueItems: true` left in it (or Unsupported);
+    `counted`: also where objects must repeat no key (`counts_keys`)."""
     if not isinstance(schema, dict):
         raise Unsupported("uniqueItems", "not a schema object")
-    a = _Analysis(schema)
+    a = _Analysis(schema, counted)
     index: dict[frozenset[Alternative], int] = {}
     order: list[frozenset[Alternative]] = []
 
@@ -358,11 +367,13 @@ def unique_paths(schema: Any) -> UniquePaths:
     indices: list[tuple[int, ...]] = []
     later: list[int] = []
     values: list[Any] = []
+    distinct: list[bool] = []
     i = 0
     while i < len(order):  # breadth first; `order` grows as new states appear
         alts = order[i]
         enforce.append(a.decide(alts))
         values.append(a.item_values(alts) if enforce[-1] else None)
+        distinct.append(counted and a.decide_keys(alts))
         named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
                         for k in a.nodes[n].get("properties", {})})
         keys.append({k: state(a.child(alts, k)) for k in named})
@@ -372,4 +383,5 @@ def unique_paths(schema: Any) -> UniquePaths:
         later.append(state(a.child(alts, prefix)))
         i += 1
     return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start,
+                       distinct_keys=counted, distinct_at=tuple(distinct) if counted else (),
                        item_values=tuple(_with_canonical(v) for v in values))

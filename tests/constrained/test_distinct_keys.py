@@ -14,7 +14,8 @@ import pytest
 from radixlm import constrained as C
 from radixlm.constrained.compiler import grammar_from_payload
 from radixlm.constrained.unique_check import UniqueGrammar
-from radixlm.constrained.unique_paths import UniquePaths, counts_keys
+from radixlm.constrained.unique_keys import counts_keys
+from radixlm.constrained.unique_paths import UniquePaths
 
 from .conftest import encode, reference_valid, run_tokens
 
@@ -38,7 +39,7 @@ def _pairs_unique(text: str) -> bool:
     (OPTIONS, ['{"options": {"k": 1, "k": 2}}', '{"options": {"k": 1, "kk": 2}}', '{"options": {"k": 1}}',
                '{"options": {"a\\u0062": 1, "ab": 2}}', '{"options": {"\\"": 1, "\\u0022": 2}}', "{}"]),
     (CONTAINS, ['[1, {"a": 1, "a": 2}]', '[1, {"a": 1, "b": 2}]', '[{"a": 1, "b": 2}, 1]', '[{"a": 1, "b": 2}]',
-                '[1, {"a": {"x": 1, "x": 1}, "b": 2}]']),
+                '[1, {"a": {"x": 1}, "b": 2}]', '[{"a": 1, "b": 2}, {"a": 1, "a": 2}, 1]']),
     (ITEMS, ['[{"a": 1, "a": 1}]', '[{"a": 1, "b": 1}, {"b": 1, "a": 1}]', '[{"a": 1, "b": 1}]',
              '[{"a": 1, "b": 2}, {"a": 1, "c": 2}]', '[{"a": 1, "b": "x"}]']),
 ])
@@ -96,3 +97,31 @@ def test_payload_keeps_the_check(tokenizer: Any, schema: dict[str, Any]) -> None
     assert isinstance(again, UniqueGrammar) and again.paths.distinct_keys
     text = '{"options": {"k": 1, "k": 2}}' if schema is OPTIONS else '[1, {"a": 1, "a": 2}]'
     assert not run_tokens(again.matcher(), encode(tokenizer, text))
+
+
+def test_only_the_counted_objects(tokenizer: Any) -> None:
+    """Keys are kept distinct at the paths where `minProperties` counts them: elsewhere a repeated
+    key (the parsed object keeps the last; per-key schemas hold for each) stays allowed, so an
+    object whose listed names are all used does not become a dead end (the fuzzer's 6:2699 did,
+    with every object checked: `{"a": .., "b": .., "x1": .., ` then only used names)."""
+    schema = {"type": "object", "propertyNames": {"enum": ["a", "b"]},
+              "properties": {"b": {"type": "object", "minProperties": 2}}}
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert isinstance(grammar, UniqueGrammar) and grammar.paths.distinct_at
+    for text, want in (('{"a": 1, "a": 2}', True), ('{"b": {"x": 1, "x": 2}}', False),
+                       ('{"b": {"x": 1, "y": 2}, "a": 1, "a": 2}', True), ('{"b": {"x": 1}}', False),
+                       ('{"a": {"x": 1, "x": 2}}', True)):
+        assert run_tokens(grammar.matcher(), encode(tokenizer, text)) == want, text
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, '{"b": {"x": 1, "y": 2}, "a": 1, "'))
+    assert "a" in _allowed(tokenizer, matcher)
+
+
+def test_every_object_where_paths_cannot_be_followed(tokenizer: Any) -> None:
+    """A counted object under a pattern key: the path automaton does not follow pattern keys, so
+    every object of the document keeps its keys distinct (stricter, never looser)."""
+    schema = {"type": "object", "patternProperties": {"^p": {"type": "object", "minProperties": 2}}}
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    assert isinstance(grammar, UniqueGrammar) and grammar.paths.distinct_keys and not grammar.paths.distinct_at
+    assert not run_tokens(grammar.matcher(), encode(tokenizer, '{"p1": {"x": 1, "x": 2}}'))
+    assert run_tokens(grammar.matcher(), encode(tokenizer, '{"p1": {"x": 1, "y": 2}, "q": 1}'))
