@@ -32,7 +32,7 @@ from .base import Grammar, Matcher
 from .unique_items_left import fewest_left, items_left
 from .unique_paths import UniquePaths
 from .unique_scan import AFTER, COLON, KEY, LIT, NUM, STR, VALUE, UniqueScan
-from .unique_tokens import allowed_mask, clear_bits, row_bits, token_tables
+from .unique_tokens import allowed_mask, clear_bits, ids_of, row_bits, token_tables
 from .vocab import TokenizerInfo
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class UniqueGrammar(Grammar):
         self.inner, self.paths = inner, paths
         self.info, self.kind, self.spec, self.backend = inner.info, inner.kind, inner.spec, inner.backend
         self.tables = token_tables(inner.info)
+        self.listed = any(v is not None for v in paths.item_values)  # some unique array's items are listed
 
     def matcher(self, family: int = 0) -> UniqueMatcher:
         return UniqueMatcher(self, self.inner.matcher(family), UniqueScan(self.paths), [])
@@ -150,16 +151,16 @@ class UniqueMatcher(Matcher):
         if not items_left(self.scan):  # no listed item is left to write on into
             words[:] = 0
             return
-        allowed = allowed_mask(words, self.grammar.info.vocab_size)
         few = fewest_left(self.scan)
         if few is not None and few <= LISTED_LEFT:
-            allowed = self._remove_listed_dead_ends(words, allowed)
-        spaced = allowed & t.spaced[: allowed.shape[0]]
-        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]] & ~spaced)
-        left = candidates.shape[0]
+            self._remove_listed_dead_ends(words)
+        solid = words & t.solid_words  # on the packed words: no pass over the vocabulary
+        left = int(np.bitwise_count(solid.view(np.uint32)).sum())
         if depth > 0 and 0 < left <= LOOKAHEAD:
-            dead = []
+            candidates, dead = ids_of(solid), []
             for tid in candidates.tolist():
+                if budget[0] <= 0 and not self.grammar.listed:
+                    break
                 probe = self.copy()
                 if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
                     continue
@@ -178,19 +179,20 @@ class UniqueMatcher(Matcher):
             if dead:  # whitespace and then a dead token: the same step after a gap, dead too
                 data = self.grammar.info.token_bytes
                 ends = {data[tid] for tid in dead}
-                clear_bits(words, dead + [tid for tid in np.flatnonzero(spaced).tolist()
-                                      if data[tid].lstrip(b" \t\n\r") in ends])
+                clear_bits(words, dead + [tid for tid in ids_of(words & t.spaced_words).tolist()
+                                          if data[tid].lstrip(b" \t\n\r") in ends])
                 left -= len(dead)
         if not left and self._blank_only():
             words[:] = 0
 
-    def _remove_listed_dead_ends(self, words: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    def _remove_listed_dead_ends(self, words: np.ndarray) -> None:
         """Clear the tokens (at most LISTED_TRIES, whitespace first or not) after which an open
         unique array's item can become no listed value left (`items_left`): read on the scan alone,
-        no backend fill. Returns the allowed tokens left."""
-        ids = np.flatnonzero(allowed & ~self.grammar.tables.blank[: allowed.shape[0]])
+        no backend fill."""
+        t = self.grammar.tables
+        ids = ids_of(words & t.nonblank_words)
         if not 0 < ids.shape[0] <= LISTED_TRIES:
-            return allowed
+            return
         data, scan, dead = self.grammar.info.token_bytes, self.scan, []
         for tid in ids.tolist():
             snap = scan.snapshot()
@@ -201,9 +203,6 @@ class UniqueMatcher(Matcher):
                 scan.restore(snap)
         if dead:
             clear_bits(words, dead)
-            allowed = allowed.copy()
-            allowed[dead] = False
-        return allowed
 
     def _blank_only(self) -> bool:
         """With no token left that starts with no whitespace, is every whitespace token a dead end?

@@ -107,6 +107,9 @@ class TokenTables:
     blank: np.ndarray            # bool per id: no bytes, or whitespace only (never enters a dead end alone)
     spaced: np.ndarray           # bool per id: whitespace, then more (the same step as the rest, after a gap)
     token_starts: bool           # each byte a JSON token starts with is a token alone (`_blank_only`)
+    solid_words: np.ndarray      # as mask words: neither blank nor spaced (what a row's lookahead tries)
+    spaced_words: np.ndarray     # as mask words: spaced
+    nonblank_words: np.ndarray   # as mask words: not blank
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -154,9 +157,24 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
         token_starts = all(bytes([b]) in singles for b in b'"{}[],:-0123456789tfn')
         tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
                              by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
-                             blank, spaced, token_starts)
+                             blank, spaced, token_starts, _as_words(~blank & ~spaced, size), _as_words(spaced, size),
+                             _as_words(~blank, size))
         _TABLES[info.fingerprint] = tables
         return tables
+
+
+def _as_words(bits: np.ndarray, size: int) -> np.ndarray:
+    padded = np.zeros(((size + 31) // 32) * 32, dtype=bool)
+    padded[:size] = bits
+    return np.packbits(padded, bitorder="little").view(np.int32)
+
+
+def ids_of(words: np.ndarray) -> np.ndarray:
+    """The token ids whose bits are set in mask words (only the nonzero words unpacked)."""
+    nz = np.flatnonzero(words)
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 32)
+    row, col = np.nonzero(bits)
+    return nz[row] * 32 + col
 
 
 def row_bits(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
