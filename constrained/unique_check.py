@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .base import Grammar, Matcher
-from .unique_items_left import fewest_left, items_left
+from .unique_items_left import dead_here, fewest_left
 from .unique_paths import UniquePaths
 from .unique_scan import AFTER, COLON, KEY, LIT, NUM, STR, VALUE, UniqueScan
 from .unique_tokens import allowed_mask, clear_bits, ids_of, row_bits, token_tables
@@ -52,7 +52,7 @@ class UniqueGrammar(Grammar):
         self.inner, self.paths = inner, paths
         self.info, self.kind, self.spec, self.backend = inner.info, inner.kind, inner.spec, inner.backend
         self.tables = token_tables(inner.info)
-        self.listed = any(v is not None for v in paths.item_values)  # some unique array's items are listed
+        self.listed = any(v is not None for v in paths.item_values + paths.key_names)  # items or names listed
 
     def matcher(self, family: int = 0) -> UniqueMatcher:
         return UniqueMatcher(self, self.inner.matcher(family), UniqueScan(self.paths), [])
@@ -148,7 +148,7 @@ class UniqueMatcher(Matcher):
             return
         t = self.grammar.tables
         words = row[: t.words].numpy()
-        if not items_left(self.scan):  # no listed item is left to write on into
+        if dead_here(self.scan):  # no listed item (or name) is left to write on into
             words[:] = 0
             return
         few = fewest_left(self.scan)
@@ -164,7 +164,7 @@ class UniqueMatcher(Matcher):
                 probe = self.copy()
                 if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
                     continue
-                if not items_left(probe.scan):  # no backend fill needed
+                if dead_here(probe.scan):  # no backend fill needed
                     dead.append(tid)
                     continue
                 if budget[0] <= 0:
@@ -191,13 +191,15 @@ class UniqueMatcher(Matcher):
         no backend fill."""
         t = self.grammar.tables
         ids = ids_of(words & t.nonblank_words)
+        if ids.shape[0] > LISTED_TRIES and self.scan.mode == STR:  # in a free string only a closing quote
+            ids = ids_of(words & t.closing_words)                   # can end in such a state
         if not 0 < ids.shape[0] <= LISTED_TRIES:
             return
         data, scan, dead = self.grammar.info.token_bytes, self.scan, []
         for tid in ids.tolist():
             snap = scan.snapshot()
             try:
-                if scan.feed(data[tid]) and not items_left(scan):
+                if scan.feed(data[tid]) and dead_here(scan):
                     dead.append(tid)
             finally:
                 scan.restore(snap)

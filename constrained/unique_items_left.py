@@ -187,10 +187,41 @@ def items_left(scan: UniqueScan) -> bool:
     return True
 
 
+def keys_left(scan: UniqueScan) -> bool:
+    """False when the innermost object keeps its keys distinct, its names are listed
+    (unique_keys.key_names), and the key it must take (after a `,`) or is writing can be none
+    of those not used yet."""
+    from .unique_scan import KEY, STR
+
+    names = scan.paths.key_names
+    top = scan.stack[-1] if names and scan.stack else None
+    if top is None or top[0] != "o" or not top[3] or top[1] < 0 or names[top[1]] is None:
+        return True
+    unused = [k for k in names[top[1]] if k not in top[3]]
+    if scan.mode == KEY:
+        return bool(unused)
+    if scan.mode == STR and scan.aux[0] and not scan.aux[2]:
+        try:
+            prefix = json.loads(bytes(scan.buf[scan.aux[1]:]) + b'"')
+        except ValueError:  # a character split between tokens
+            return True
+        return any(k.startswith(prefix) for k in unused)
+    return True
+
+
 def fewest_left(scan: UniqueScan) -> int | None:
-    """The fewest listed values not used yet over the open unique arrays with listed items (None
-    where none is open): dead ends come where few are left, so only there is each token tried."""
-    listed = scan.paths.item_values
+    """The fewest listed values (or names) not used yet over the open unique arrays with listed
+    items and the innermost object with listed names (None where none is open): dead ends come
+    where few are left, so only there is each token tried."""
+    listed, names = scan.paths.item_values, scan.paths.key_names
     counts = [sum(key not in f[4] for _, key in listed[f[1]]) for f in scan.stack
               if f[0] == "a" and f[3] and listed and listed[f[1]] is not None]
+    top = scan.stack[-1] if names and scan.stack else None
+    if top is not None and top[0] == "o" and top[3] is not None and top[1] >= 0 and names[top[1]] is not None:
+        counts.append(sum(k not in top[3] for k in names[top[1]]))
     return min(counts) if counts else None
+
+
+def dead_here(scan: UniqueScan) -> bool:
+    """No document goes on from this state: no listed item, or no listed name, is left for it."""
+    return not items_left(scan) or not keys_left(scan)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .unique_paths import NO_UNIQUE_ARRAYS, UniquePaths, Unsupported, counted, schema_nodes, unique_paths
+from .schema_pattern_complement import pattern_words
+from .unique_paths import NO_UNIQUE_ARRAYS, Alternative, UniquePaths, Unsupported, counted, schema_nodes, unique_paths
+
+MAX_NAMES = 64  # names of a counted object looked at for dead ends
 
 
 def counts_keys(schema: Any) -> bool:
@@ -38,3 +41,30 @@ def check_paths(schema: Any, unique: bool, keys: bool) -> UniquePaths | None:
     if keys:
         paths = dataclasses.replace(paths or NO_UNIQUE_ARRAYS, distinct_keys=True, distinct_at=())
     return paths
+
+
+def key_names(analysis: Any, alts: frozenset[Alternative]) -> tuple[str, ...] | None:
+    """Every key an object at this path can have, where each alternative admitting an object has a
+    node that closes its keys (`additionalProperties: false`: its named keys and the words of its
+    patterns, `pattern_words`); None where some does not. With the keys kept distinct, an object
+    that has used them all and must take one more is a dead end (unique_items_left.keys_left)."""
+    out: set[str] = set()
+    for ids, kinds in alts:
+        if "object" not in kinds:
+            continue
+        bound: set[str] | None = None
+        for nid in ids:
+            node = analysis.nodes[nid]
+            if node.get("additionalProperties") is not False:
+                continue
+            try:
+                found = set(node.get("properties", {})).union(
+                    *(pattern_words(p, MAX_NAMES) for p, sub in node.get("patternProperties", {}).items()
+                      if sub is not False))  # a key a `false` pattern matches is no name it can have
+            except Unsupported:
+                continue
+            bound = found if bound is None or len(found) < len(bound) else bound
+        if bound is None:
+            return None
+        out |= bound
+    return tuple(sorted(out)) if len(out) <= MAX_NAMES else None

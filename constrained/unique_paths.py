@@ -56,6 +56,8 @@ class UniquePaths:
     distinct_at: tuple[bool, ...] = ()    # where given, those at states marked here only
     item_values: tuple[tuple[tuple[Any, Any], ...] | None, ...] = ()  # per state: listed items (value,
                                           # canonical form) of a unique array there, or None
+    key_names: tuple[tuple[str, ...] | None, ...] = ()  # per state where keys are checked: every name an
+                                          # object there can have, or None (unique_keys.key_names)
     alive: dict[Any, bool] = field(default_factory=dict, compare=False, repr=False)  # unique_items_left's memo
 
     def key_step(self, state: int, key: str) -> int:
@@ -70,14 +72,14 @@ class UniquePaths:
     def payload(self) -> Any:
         return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start,
                 self.distinct_keys, self.distinct_at,
-                [None if v is None else [x for x, _ in v] for v in self.item_values])
+                [None if v is None else [x for x, _ in v] for v in self.item_values], self.key_names)
 
     @staticmethod
     def from_payload(data: Any) -> UniquePaths:
-        enforce, keys, other, indices, later, start, distinct, distinct_at, values = data
+        enforce, keys, other, indices, later, start, distinct, distinct_at, values, names = data
         return UniquePaths(tuple(enforce), tuple(dict(k) for k in keys), tuple(other),
                            tuple(tuple(i) for i in indices), tuple(later), start, distinct, tuple(distinct_at),
-                           tuple(_with_canonical(v) for v in values))
+                           tuple(_with_canonical(v) for v in values), tuple(names))
 
     def keys_checked(self, state: int) -> bool:
         """Must an object at this path state repeat no key?"""
@@ -346,6 +348,8 @@ def unique_paths(schema: Any, counted: bool = False) -> UniquePaths:
     `counted`: also where objects must repeat no key (`counts_keys`)."""
     if not isinstance(schema, dict):
         raise Unsupported("uniqueItems", "not a schema object")
+    from .unique_keys import key_names  # it builds on this module
+
     a = _Analysis(schema, counted)
     index: dict[frozenset[Alternative], int] = {}
     order: list[frozenset[Alternative]] = []
@@ -368,12 +372,14 @@ def unique_paths(schema: Any, counted: bool = False) -> UniquePaths:
     later: list[int] = []
     values: list[Any] = []
     distinct: list[bool] = []
+    names: list[tuple[str, ...] | None] = []
     i = 0
     while i < len(order):  # breadth first; `order` grows as new states appear
         alts = order[i]
         enforce.append(a.decide(alts))
         values.append(a.item_values(alts) if enforce[-1] else None)
         distinct.append(counted and a.decide_keys(alts))
+        names.append(key_names(a, alts) if distinct[-1] else None)
         named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
                         for k in a.nodes[n].get("properties", {})})
         keys.append({k: state(a.child(alts, k)) for k in named})
@@ -384,4 +390,4 @@ def unique_paths(schema: Any, counted: bool = False) -> UniquePaths:
         i += 1
     return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start,
                        distinct_keys=counted, distinct_at=tuple(distinct) if counted else (),
-                       item_values=tuple(_with_canonical(v) for v in values))
+                       item_values=tuple(_with_canonical(v) for v in values), key_names=tuple(names))

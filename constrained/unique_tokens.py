@@ -110,6 +110,7 @@ class TokenTables:
     solid_words: np.ndarray      # as mask words: neither blank nor spaced (what a row's lookahead tries)
     spaced_words: np.ndarray     # as mask words: spaced
     nonblank_words: np.ndarray   # as mask words: not blank
+    closing_words: np.ndarray    # as mask words: an unescaped quote when read inside a string
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -158,9 +159,15 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
         tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
                              by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
                              blank, spaced, token_starts, _as_words(~blank & ~spaced, size), _as_words(spaced, size),
-                             _as_words(~blank, size))
+                             _as_words(~blank, size), _as_words(_marked(size, ids(quoted)[np.array(closes, dtype=bool)]), size))
         _TABLES[info.fingerprint] = tables
         return tables
+
+
+def _marked(size: int, ids: np.ndarray) -> np.ndarray:
+    bits = np.zeros(size, dtype=bool)
+    bits[ids] = True
+    return bits
 
 
 def _as_words(bits: np.ndarray, size: int) -> np.ndarray:

@@ -125,3 +125,22 @@ def test_every_object_where_paths_cannot_be_followed(tokenizer: Any) -> None:
     assert isinstance(grammar, UniqueGrammar) and grammar.paths.distinct_keys and not grammar.paths.distinct_at
     assert not run_tokens(grammar.matcher(), encode(tokenizer, '{"p1": {"x": 1, "x": 2}}'))
     assert run_tokens(grammar.matcher(), encode(tokenizer, '{"p1": {"x": 1, "y": 2}, "q": 1}'))
+
+
+def test_no_dead_end_when_the_names_run_out(tokenizer: Any) -> None:
+    """4:1122 again: with its three names used, a `,` (alone or closing a string value: `",`)
+    would ask for a fourth key that can only repeat one — a dead end (8 of 40 fuzzer walks before
+    the names were listed, unique_keys.key_names); masked, while `}` and the valid objects stay."""
+    grammar = C.compile(tokenizer, json_schema=NAMES, cache=None)
+    assert grammar.paths.key_names == (("a", "b", "x1"),)
+    for prefix, kept, ends in (('{"x1": 1, "b": 2, "a": 3', "}", ","), ('{"x1": 1, "b": 2, "a": "text', '"', '",')):
+        matcher = grammar.matcher()
+        assert all(matcher.advance(t) for t in encode(tokenizer, prefix))
+        allowed = _allowed(tokenizer, matcher)
+        assert kept in allowed and not any(x.strip().startswith(ends) for x in allowed), (prefix, sorted(allowed)[:30])
+        assert "," in allowed or ends == ","  # a comma inside the string stays
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, '{"x1": 1, "b": 2, "'))
+    assert _allowed(tokenizer, matcher) == {"a"}
+    for text in ('{"x1": 1, "b": 2, "a": "t,"}', '{"a": [1, 2], "b": {"x1": 1, "x1": 2}}'):
+        assert run_tokens(grammar.matcher(), encode(tokenizer, text)), text
