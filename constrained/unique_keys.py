@@ -48,23 +48,14 @@ def key_names(analysis: Any, alts: frozenset[Alternative]) -> tuple[str, ...] | 
     node that closes its keys (`additionalProperties: false`: its named keys and the words of its
     patterns, `pattern_words`); None where some does not. With the keys kept distinct, an object
     that has used them all and must take one more is a dead end (unique_items_left.keys_left)."""
-    out: set[str] = set()
-    for ids, kinds in alts:
-        if "object" not in kinds:
-            continue
-        bound: set[str] | None = None
-        for nid in ids:
-            node = analysis.nodes[nid]
-            if node.get("additionalProperties") is not False:
-                continue
-            try:
-                found = set(node.get("properties", {})).union(
-                    *(pattern_words(p, MAX_NAMES) for p, sub in node.get("patternProperties", {}).items()
-                      if sub is not False))  # a key a `false` pattern matches is no name it can have
-            except Unsupported:
-                continue
-            bound = found if bound is None or len(found) < len(bound) else bound
-        if bound is None:
+    def names(node: dict[str, Any]) -> list[str] | None:
+        if node.get("additionalProperties") is not False:
             return None
-        out |= bound
-    return tuple(sorted(out)) if len(out) <= MAX_NAMES else None
+        try:  # a key a `false` pattern matches is no name it can have
+            return sorted(set(node.get("properties", {})).union(
+                *(pattern_words(p, MAX_NAMES) for p, sub in node.get("patternProperties", {}).items() if sub is not False)))
+        except Unsupported:
+            return None
+
+    out = analysis.bounded(alts, "object", names)
+    return None if out is None or len(set(out)) > MAX_NAMES else tuple(sorted(set(out)))

@@ -20,6 +20,7 @@ states) raises Unsupported naming the reason.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
@@ -264,25 +265,32 @@ class _Analysis:
             out.update(found)
         return frozenset(out)
 
-    def item_values(self, alts: frozenset[Alternative]) -> list[Any] | None:
-        """The values an item of a unique array here can take at most (the listed items of each
-        alternative's array node, any index), or None where some alternative does not list them."""
+    def bounded(self, alts: frozenset[Alternative], kind: str,
+                bound_of: Callable[[dict[str, Any]], list[Any] | None]) -> list[Any] | None:
+        """Over the alternatives admitting `kind`: the union of each one's smallest bound (a node's
+        `bound_of`: every value it allows at most), or None where some alternative has none."""
         out: list[Any] = []
         for ids, kinds in alts:
-            if "array" not in kinds:
+            if kind not in kinds:
                 continue
             bound: list[Any] | None = None
             for nid in ids:
-                node = self.nodes[nid]
-                subs = [node.get("items", True), *node.get("prefixItems", ())]
-                lists = [self._listed(sub) for sub in subs]
-                if all(x is not None for x in lists):
-                    found = [v for x in lists for v in x]  # type: ignore[union-attr]
-                    bound = found if bound is None or len(found) < len(bound) else bound
+                found = bound_of(self.nodes[nid])
+                if found is not None and (bound is None or len(found) < len(bound)):
+                    bound = found
             if bound is None:
                 return None
             out += bound  # repeats kept: 1 == True in Python, not in JSON Schema
-        return out if len(out) <= MAX_LISTED_ITEMS else None
+        return out
+
+    def item_values(self, alts: frozenset[Alternative]) -> list[Any] | None:
+        """The values an item of a unique array here can take at most (listed items, any index)."""
+        def items(node: dict[str, Any]) -> list[Any] | None:
+            lists = [self._listed(sub) for sub in (node.get("items", True), *node.get("prefixItems", ()))]
+            return None if any(x is None for x in lists) else [v for x in lists for v in x]  # type: ignore[union-attr]
+
+        out = self.bounded(alts, "array", items)
+        return out if out is not None and len(out) <= MAX_LISTED_ITEMS else None
 
     def _listed(self, sub: Any, depth: int = 0) -> list[Any] | None:
         """Values `sub` accepts at most: its enum/const, else its `$ref`'s, else the union of its
