@@ -161,20 +161,7 @@ class UniqueMatcher(Matcher):
             for tid in candidates.tolist():
                 if budget[0] <= 0 and not self.grammar.listed:
                     break
-                probe = self.copy()
-                if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
-                    continue
-                if dead_here(probe.scan):  # no backend fill needed
-                    dead.append(tid)
-                    continue
-                if budget[0] <= 0:
-                    continue
-                budget[0] -= 1
-                scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
-                probe.inner.fill_next_token_bitmask(scratch, 0)
-                probe._remove_repeats(scratch[0])
-                probe._remove_dead_ends(scratch[0], depth - 1, budget)
-                if not scratch[0, : t.words].any():
+                if self._probe_dead(tid, row, depth, budget):
                     dead.append(tid)
             if dead:  # whitespace and then a dead token: the same step after a gap, dead too
                 data = self.grammar.info.token_bytes
@@ -182,8 +169,28 @@ class UniqueMatcher(Matcher):
                 clear_bits(words, dead + [tid for tid in ids_of(words & t.spaced_words).tolist()
                                           if data[tid].lstrip(b" \t\n\r") in ends])
                 left -= len(dead)
+        if depth > 0 and self.scan.mode == NUM and t.space >= 0 and row_bits(words, t.space_id)[0] \
+                and self._probe_dead(t.space, row, depth, budget):
+            clear_bits(words, ids_of(words & (t.ws_words | t.spaced_words)).tolist())  # any gap ends the number alike
         if not left and self._blank_only():
             words[:] = 0
+
+    def _probe_dead(self, tid: int, row: torch.Tensor, depth: int, budget: list[int]) -> bool:
+        """Does `tid` lead only to a dead end: to no listed item or name, or (one backend fill from
+        `budget`) to a row that is empty once repeats and dead ends depth - 1 steps on are removed?"""
+        probe = self.copy()
+        if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
+            return False
+        if dead_here(probe.scan):  # no backend fill needed
+            return True
+        if budget[0] <= 0:
+            return False
+        budget[0] -= 1
+        scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
+        probe.inner.fill_next_token_bitmask(scratch, 0)
+        probe._remove_repeats(scratch[0])
+        probe._remove_dead_ends(scratch[0], depth - 1, budget)
+        return not scratch[0, : self.grammar.tables.words].any()
 
     def _remove_listed_dead_ends(self, words: np.ndarray) -> None:
         """Clear the tokens (at most LISTED_TRIES, whitespace first or not) after which an open

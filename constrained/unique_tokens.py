@@ -111,6 +111,9 @@ class TokenTables:
     spaced_words: np.ndarray     # as mask words: spaced
     nonblank_words: np.ndarray   # as mask words: not blank
     closing_words: np.ndarray    # as mask words: an unescaped quote when read inside a string
+    ws_words: np.ndarray         # as mask words: whitespace only (not empty)
+    space: int                   # the token " " alone (-1: none): the gap that ends a number, probed
+    space_id: np.ndarray         # [space] as an id array, for row_bits
 
 
 _TABLES: dict[str, TokenTables] = {}
@@ -155,11 +158,15 @@ def token_tables(info: TokenizerInfo) -> TokenTables:
                 deep.append(at >= 0 and (text is None or _ends_outside(data[at + 1:]) or _literal_start(data[at + 1:])))
         ids = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
         singles = {data for data in info.token_bytes if data and len(data) == 1}
+        has_bytes = np.array([bool(data) for data in info.token_bytes[:size]] + [False] * (size - len(info.token_bytes)),
+                             dtype=bool)[:size]
+        space = next((tid for tid, data in enumerate(info.token_bytes[:size]) if data == b" "), -1)
         token_starts = all(bytes([b]) in singles for b in b'"{}[],:-0123456789tfn')
         tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
                              by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
                              blank, spaced, token_starts, _as_words(~blank & ~spaced, size), _as_words(spaced, size),
-                             _as_words(~blank, size), _as_words(_marked(size, ids(quoted)[np.array(closes, dtype=bool)]), size))
+                             _as_words(~blank, size), _as_words(_marked(size, ids(quoted)[np.array(closes, dtype=bool)]), size),
+                             _as_words(blank & has_bytes, size), space, ids([max(space, 0)]))
         _TABLES[info.fingerprint] = tables
         return tables
 

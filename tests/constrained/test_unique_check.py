@@ -321,3 +321,22 @@ def test_whitespace_inside_an_item_stays(tokenizer: Any) -> None:
         matcher = grammar.matcher()
         assert all(matcher.advance(t) for t in encode(tokenizer, prefix))
         assert expect in _allowed_texts(tokenizer, matcher), prefix
+
+
+NUMBER_ITEMS = {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"oneOf": [  # the fuzzer's 4:2511
+    {"type": "array", "items": {"type": "number", "exclusiveMaximum": -2.5}, "maxItems": 1, "uniqueItems": True},
+    {"allOf": [{"enum": [7]}]}]}}
+
+
+def test_whitespace_that_ends_a_number_into_a_dead_end(tokenizer: Any) -> None:
+    """After `[[-9], [-9` a gap ends the number, and then only `]` (repeating `[-9]`) could go on:
+    every whitespace token is masked (one probe, `" "`, stands for all), the digits stay."""
+    grammar = C.compile(tokenizer, json_schema=NUMBER_ITEMS, cache=None)
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[-9], [-9"))
+    allowed = _allowed_texts(tokenizer, matcher)
+    assert "5" in allowed and "." in allowed and not any(x[:1].isspace() for x in allowed), allowed
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[-9], [-8"))
+    assert " " in _allowed_texts(tokenizer, matcher)
+    assert_matches_reference(tokenizer, grammar, NUMBER_ITEMS, [[[-9], [-9.5]], [[-9], [-9]], [7, [-3]], [[-9 ], 7]])
