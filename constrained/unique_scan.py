@@ -8,7 +8,7 @@ the moment a token completes an item equal to an earlier one of its array, or st
 (`true` / `false` / `null`) that can only complete as such an item. State is a tuple of
 immutable parts, so a snapshot per token makes rollback and trial scans cheap. Where
 `paths.distinct_keys`, each open object's keys are kept too and a repeated key is refused the
-same way (unique_paths.counts_keys says why).
+same way (unique_keys.py says why).
 """
 
 from __future__ import annotations
