@@ -15,7 +15,7 @@ whitespace only postpones the dead end (`_blank_only`), and the lookahead then s
 items are listed (enum/const), a state whose item can become no unused listed value is a dead end
 however deep (unique_items_left.py): such a row is cleared, and where few values are left each
 token is read on the scan alone and cleared if it leads there. Other deeper dead ends are left.
-The same check refuses repeated keys where the schema counts keys (unique_paths.counts_keys).
+The same check refuses repeated keys where the schema counts keys (unique_keys.py).
 Token classes per tokenizer: unique_tokens.py. While a unique array is open there is no
 jump-forward (`forced_bytes` is empty).
 """
