@@ -170,10 +170,21 @@ class UniqueMatcher(Matcher):
                                           if data[tid].lstrip(b" \t\n\r") in ends])
                 left -= len(dead)
         if depth > 0 and self.scan.mode == NUM and t.space >= 0 and row_bits(words, t.space_id)[0] \
-                and self._probe_dead(t.space, row, depth, budget):
+                and not self._closes_after_gap() and self._probe_dead(t.space, row, depth, budget):
             clear_bits(words, ids_of(words & (t.ws_words | t.spaced_words)).tolist())  # any gap ends the number alike
         if not left and self._blank_only():
             words[:] = 0
+
+    def _closes_after_gap(self) -> bool:
+        """Read on the scan alone: may the container around this number close after a gap (no
+        repeated item)? Then the gap is no dead end for that reason, and the probe is skipped."""
+        if not self.scan.stack:  # a number at the top: nothing to close
+            return True
+        snap = self.scan.snapshot()
+        try:
+            return self.scan.feed(b" ]" if self.scan.stack[-1][0] == "a" else b" }")
+        finally:
+            self.scan.restore(snap)
 
     def _probe_dead(self, tid: int, row: torch.Tensor, depth: int, budget: list[int]) -> bool:
         """Does `tid` lead only to a dead end: to no listed item or name, or (one backend fill from
