@@ -132,7 +132,8 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
             checked, lark = retried
         if lark is not None:
             text, canonical = lark, checked.canonical
-            return canonical, lambda info: _map_errors(lambda: mod.compile_lark(info, text, canonical), checked)
+            return canonical, lambda info: _map_errors(lambda: _with_unique(mod.compile_lark(info, text, canonical),
+                                                                            checked), checked)
         if backend == "outlines":
             return checked.canonical, lambda info: mod.compile_json_schema(info, checked, whitespace_max)
         def build_json(info: TokenizerInfo) -> Grammar:
@@ -147,7 +148,7 @@ def prepare(kind: str, spec: Any, backend: str, lenient: bool = False,
                                                                        [w for _, w in checked.unproven_one_of])
                 if not fallback or fallback[1] is None:
                     raise
-                return mod.compile_lark(info, fallback[1], checked.canonical)
+                return _with_unique(mod.compile_lark(info, fallback[1], checked.canonical), fallback[0])
 
         return checked.canonical, build_json
     if kind == "regex":
@@ -180,8 +181,8 @@ def _contains_retry(spec: Any, backend: str, lenient: bool, whitespace_max: int,
         return None
     try:
         checked = check_schema(spec, backend, contains=True)
-        if checked.unproven_one_of or checked.unique is not None:
-            return None
+        if checked.unproven_one_of or checked.unique is not None and any(checked.unique.enforce):
+            return None  # unique arrays are not on the route (distinct keys alone are: `_with_unique`)
         mod = backend_module(backend)
         return checked, contains_lark(checked.schema, mod.json_schema_empty, mod.json_options(whitespace_max),
                                       whitespace_max)

@@ -38,7 +38,8 @@ from .schema_simplify import simplify
 from .schema_support import REWRITTEN, SUPPORT, TYPES, VALIDATION
 from .schema_unevaluated import unevaluated_properties
 from .schema_unique import closed_count, open_count, unique_items
-from .unique_paths import UniquePaths, has_unique, strip_unique, unique_paths
+from .unique_keys import check_paths, counts_keys
+from .unique_paths import NO_UNIQUE_ARRAYS, UniquePaths, has_unique, strip_unique
 
 
 @dataclass
@@ -353,9 +354,10 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
         schema["$defs"] = vetter.defs
     if backend == "llguidance":  # it keeps named properties in schema order
         simplify(schema)
-        if has_unique(schema):  # before the reordering below: it makes properties patterns
+        unique, counted = has_unique(schema), counts_keys(schema)
+        if unique or counted:  # before the reordering below: it makes properties patterns
             try:
-                out.unique = unique_paths(schema)
+                out.unique = check_paths(schema, unique, counted)
             except Unsupported as exc:
                 vetter.refuse("uniqueItems", (), exc.reason)
             strip_unique(schema)
@@ -363,6 +365,8 @@ def _checked(root: dict[str, Any] | bool, backend: str, lenient: bool, modes: Mo
         lead_with_schema_key(schema)
         cut_deep_nesting(schema)
         mark_integer_gaps(schema, vetter.refuse, modes.contains)
+        if counts_keys(schema) and not counted:  # a count the rewrites above made: every object, to be safe
+            out.unique = dataclasses.replace(out.unique or NO_UNIQUE_ARRAYS, distinct_keys=True, distinct_at=())
     out.schema = schema
     out.recursive = has_recursion(vetter.defs)
     looping = same_instance_cycle(vetter.defs) if out.recursive else None

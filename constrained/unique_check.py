@@ -10,24 +10,29 @@ tried (tokens with a quote inside a string, ~160 of 49k; structural ones elsewhe
 a string item a token whose closing quote ends the item is looked up by the item's text, not
 scanned. Where at most LOOKAHEAD tokens other than whitespace are left, each is tried up to
 LOOKAHEAD_DEPTH steps on and cleared if it leads only to rows with no token (a dead end the runtime
-would fail with a 500); deeper dead ends, and those entered through whitespace, are left. While a
-unique array is open there is no jump-forward (`forced_bytes` is empty).
+would fail with a 500). Between JSON tokens a row left with whitespace only is cleared too: that
+whitespace only postpones the dead end (`_blank_only`), and the lookahead then sees it. Where the
+items are listed (enum/const), a state whose item can become no unused listed value is a dead end
+however deep (unique_items_left.py): such a row is cleared, and where few values are left each
+token is read on the scan alone and cleared if it leads there. Other deeper dead ends are left.
+The same check refuses repeated keys where the schema counts keys (unique_keys.py).
+Token classes per tokenizer: unique_tokens.py. While a unique array is open there is no
+jump-forward (`forced_bytes` is empty).
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .base import Grammar, Matcher
+from .unique_items_left import dead_here, fewest_left
 from .unique_paths import UniquePaths
-from .unique_scan import LIT, NUM, NUMBER_BYTES, STR, UniqueScan
+from .unique_scan import AFTER, COLON, KEY, LIT, NUM, STR, VALUE, UniqueScan
+from .unique_tokens import allowed_mask, clear_bits, ids_of, row_bits, token_tables
 from .vocab import TokenizerInfo
 
 if TYPE_CHECKING:
@@ -37,160 +42,9 @@ PAYLOAD_TAG = "unique-items"
 LOOKAHEAD = 8  # tokens other than whitespace left in a row, at most, for the dead-end lookahead
 LOOKAHEAD_DEPTH = 2  # steps on: a string item's opening quote, then its one-character items
 LOOKAHEAD_PROBES = 24  # next rows (backend fills) per mask row, at most
-
-
-def _json_bytes(data: bytes, in_string: bool = False) -> Iterator[tuple[int, int, bool]]:
-    """(index, byte, closes) for each byte of `data` read outside a string (an opening quote
-    included), and for each unescaped quote that closes a string (closes=True); the strings'
-    bodies, escapes included, are skipped. `in_string`: `data` begins inside a string."""
-    esc = False
-    for i, b in enumerate(data):
-        if in_string:
-            if esc:
-                esc = False
-            elif b == 0x5C:
-                esc = True
-            elif b == 0x22:
-                in_string = False
-                yield i, b, True
-            continue
-        if b == 0x22:
-            in_string = True
-        yield i, b, False
-
-
-def _closing_quote(data: bytes) -> int:
-    """Index of the first unescaped quote of `data` read inside a string, or -1."""
-    return next((i for i, _, closes in _json_bytes(data, in_string=True) if closes), -1)
-
-
-def _ends_outside(data: bytes) -> bool:
-    """Read outside a string, can `data` end a value: close a string it opens, close a
-    container, end a number it starts (or one before it: `number_end`), or hold a whole
-    literal? A superset (the scan decides); literal starts are `_literal_start`."""
-    in_num = False
-    for i, b, closes in _json_bytes(data):
-        if closes or (in_num and b not in NUMBER_BYTES):
-            return True
-        if b != 0x22 and (b in b"]}" or data.startswith((b"true", b"false", b"null"), i)):
-            return True
-        in_num = in_num and b in NUMBER_BYTES or (b in b"-0123456789")
-    return False
-
-
-def _closings(data: bytes) -> int:
-    """Read outside a string: how many containers open before `data` it closes at most (an
-    item of the array that many levels up can end), or 99 when it opens one and may end two of
-    its items (a `,` after the `[` or `{`)."""
-    opened = False
-    depth = low = 0
-    for _, b, closes in _json_bytes(data):
-        if closes or b == 0x22:
-            continue
-        if b in b"[{":
-            depth, opened = depth + 1, True
-        elif b in b"]}":
-            depth -= 1
-            low = min(low, depth)
-        elif b == 0x2C and opened:
-            return 99
-    return -low
-
-
-def _literal_start(data: bytes) -> bool:
-    """Can `data`, read outside a string, start a literal (t / f / n at a value's place)?"""
-    at_value = True
-    for b in data:
-        if b in b" \t\n\r":
-            continue
-        if at_value and b in b"tfn":
-            return True
-        at_value = b in b"[,:"
-    return False
-
-
-@dataclass(frozen=True)
-class TokenTables:
-    """Per tokenizer: which tokens can end an item in each lexical mode."""
-
-    words: int                   # int32 words of a mask row
-    quoted: np.ndarray           # ids of tokens with a quote
-    closes: np.ndarray           # per quoted token: it has an unescaped quote (read inside a string)
-    deep: np.ndarray             # per quoted token: it closes and more may end after that quote, or the
-                                 # text before the quote does not decode alone
-    by_before: dict[str, list[int]]  # the text before that quote -> positions in `quoted`
-    structural: np.ndarray       # ids that may end a value read outside a string
-    closings: np.ndarray         # per structural token: _closings
-    deep_closings: np.ndarray    # per quoted token: _closings of what follows its closing quote
-    literal: np.ndarray          # ids that may start a literal
-    number_end: np.ndarray       # bool per id: its first byte ends a number
-    blank: np.ndarray            # bool per id: no bytes, or whitespace only (never enters a dead end alone)
-    spaced: np.ndarray           # bool per id: whitespace, then more (the same step as the rest, after a gap)
-
-
-_TABLES: dict[str, TokenTables] = {}
-_LOCK = threading.Lock()
-
-
-def token_tables(info: TokenizerInfo) -> TokenTables:
-    with _LOCK:
-        hit = _TABLES.get(info.fingerprint)
-        if hit is not None:
-            return hit
-        size = info.vocab_size
-        number_end = np.zeros(size, dtype=bool)
-        blank = np.ones(size, dtype=bool)
-        spaced = np.zeros(size, dtype=bool)
-        structural, literal, quoted, closes, deep, closings, deep_closings = [], [], [], [], [], [], []
-        by_before: dict[str, list[int]] = {}
-        for tid, data in enumerate(info.token_bytes):
-            if not data:
-                continue
-            blank[tid] = not data.strip(b" \t\n\r")
-            spaced[tid] = not blank[tid] and data[0] in b" \t\n\r"
-            if _ends_outside(data):
-                structural.append(tid)
-                closings.append(_closings(data))
-            if _literal_start(data):
-                literal.append(tid)
-            number_end[tid] = data[0] not in NUMBER_BYTES
-            if b'"' in data:
-                at = _closing_quote(data)
-                text: str | None = None
-                if at >= 0:
-                    try:
-                        text = json.loads(b'"' + data[:at] + b'"')
-                    except ValueError:
-                        text = None
-                if text is not None:
-                    by_before.setdefault(text, []).append(len(quoted))
-                quoted.append(tid)
-                closes.append(at >= 0)
-                deep_closings.append(_closings(data[at + 1:]) if at >= 0 else 0)
-                deep.append(at >= 0 and (text is None or _ends_outside(data[at + 1:]) or _literal_start(data[at + 1:])))
-        ids = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
-        tables = TokenTables((size + 31) // 32, ids(quoted), np.array(closes, dtype=bool), np.array(deep, dtype=bool),
-                             by_before, ids(structural), ids(closings), ids(deep_closings), ids(literal), number_end,
-                             blank, spaced)
-        _TABLES[info.fingerprint] = tables
-        return tables
-
-
-def _bits(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Mask bits of `ids` (int32 ids: the shift stays in int32)."""
-    return (words[ids >> 5] >> (ids & 31)) & 1 != 0
-
-
-def _clear(words: np.ndarray, bad: list[int]) -> None:
-    """Clear the bits of `bad` in a mask row, in place."""
-    ids = np.array(bad, dtype=np.int64)
-    clear = np.zeros(words.shape[0], dtype=np.int64)
-    np.bitwise_or.at(clear, ids >> 5, np.left_shift(1, ids & 31))
-    words &= ~clear.astype(np.uint32).view(np.int32)
-
-
-def _allowed(words: np.ndarray, vocab: int) -> np.ndarray:
-    return np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+LISTED_TRIES = 256  # tokens read on the scan alone for listed items' dead ends, at most
+LISTED_LEFT = 8  # ... where an open unique array has at most this many listed values left unused
+_BETWEEN = (VALUE, KEY, AFTER, COLON)  # scan modes between JSON tokens: whitespace there is insignificant
 
 
 class UniqueGrammar(Grammar):
@@ -198,6 +52,7 @@ class UniqueGrammar(Grammar):
         self.inner, self.paths = inner, paths
         self.info, self.kind, self.spec, self.backend = inner.info, inner.kind, inner.spec, inner.backend
         self.tables = token_tables(inner.info)
+        self.listed = any(v is not None for v in paths.item_values + paths.key_names)  # items or names listed
 
     def matcher(self, family: int = 0) -> UniqueMatcher:
         return UniqueMatcher(self, self.inner.matcher(family), UniqueScan(self.paths), [])
@@ -287,34 +142,95 @@ class UniqueMatcher(Matcher):
         while the text is not accepted leads only to a dead end (`["0","0` with items "0" and ""
         used: its one continuation `"` repeats an item), so clearing it loses no document. Tried
         only where at most LOOKAHEAD tokens are left that start with no whitespace (item sets of a
-        few values), at most `budget` next rows in all (each one backend fill); past it, kept."""
-        if depth <= 0 or not self.scan.watching() or self.inner.is_terminated():
+        few values), at most `budget` next rows in all (each one backend fill); past it, kept.
+        Then, between JSON tokens, a row left with whitespace only is cleared (`_blank_only`)."""
+        if not self.scan.watching() or self.inner.is_terminated():
             return
         t = self.grammar.tables
         words = row[: t.words].numpy()
-        allowed = _allowed(words, self.grammar.info.vocab_size)
-        candidates = np.flatnonzero(allowed & ~t.blank[: allowed.shape[0]] & ~t.spaced[: allowed.shape[0]])
-        if not 0 < candidates.shape[0] <= LOOKAHEAD:
+        if dead_here(self.scan):  # no listed item (or name) is left to write on into
+            words[:] = 0
             return
-        dead = []
-        for tid in candidates.tolist():
-            if budget[0] <= 0:
-                break
-            budget[0] -= 1
-            probe = self.copy()
-            if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
-                continue
-            scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
-            probe.inner.fill_next_token_bitmask(scratch, 0)
-            probe._remove_repeats(scratch[0])
-            probe._remove_dead_ends(scratch[0], depth - 1, budget)
-            if not scratch[0, : t.words].any():
-                dead.append(tid)
-        if dead:  # whitespace and then a dead token: the same step after a gap, dead too
-            data = self.grammar.info.token_bytes
-            ends = {data[tid] for tid in dead}
-            spaced = np.flatnonzero(allowed & t.spaced[: allowed.shape[0]]).tolist()
-            _clear(words, dead + [tid for tid in spaced if data[tid].lstrip(b" \t\n\r") in ends])
+        few = fewest_left(self.scan)
+        if few is not None and few <= LISTED_LEFT:
+            self._remove_listed_dead_ends(words)
+        solid = words & t.solid_words  # on the packed words: no pass over the vocabulary
+        left = int(np.bitwise_count(solid.view(np.uint32)).sum())
+        if depth > 0 and 0 < left <= LOOKAHEAD:
+            candidates, dead = ids_of(solid), []
+            for tid in candidates.tolist():
+                if budget[0] <= 0 and not self.grammar.listed:
+                    break
+                if self._probe_dead(tid, row, depth, budget):
+                    dead.append(tid)
+            if dead:  # whitespace and then a dead token: the same step after a gap, dead too
+                data = self.grammar.info.token_bytes
+                ends = {data[tid] for tid in dead}
+                clear_bits(words, dead + [tid for tid in ids_of(words & t.spaced_words).tolist()
+                                          if data[tid].lstrip(b" \t\n\r") in ends])
+                left -= len(dead)
+        if depth > 0 and self.scan.mode == NUM and t.space >= 0 and row_bits(words, t.space_id)[0] \
+                and not self._closes_after_gap() and self._probe_dead(t.space, row, depth, budget):
+            clear_bits(words, ids_of(words & (t.ws_words | t.spaced_words)).tolist())  # any gap ends the number alike
+        if not left and self._blank_only():
+            words[:] = 0
+
+    def _closes_after_gap(self) -> bool:
+        """Read on the scan alone: may the container around this number close after a gap (no
+        repeated item)? Then the gap is no dead end for that reason, and the probe is skipped."""
+        if not self.scan.stack:  # a number at the top: nothing to close
+            return True
+        snap = self.scan.snapshot()
+        try:
+            return self.scan.feed(b" ]" if self.scan.stack[-1][0] == "a" else b" }")
+        finally:
+            self.scan.restore(snap)
+
+    def _probe_dead(self, tid: int, row: torch.Tensor, depth: int, budget: list[int]) -> bool:
+        """Does `tid` lead only to a dead end: to no listed item or name, or (one backend fill from
+        `budget`) to a row that is empty once repeats and dead ends depth - 1 steps on are removed?"""
+        probe = self.copy()
+        if not probe.advance(tid) or probe.is_accepting() or probe.inner.is_terminated():
+            return False
+        if dead_here(probe.scan):  # no backend fill needed
+            return True
+        if budget[0] <= 0:
+            return False
+        budget[0] -= 1
+        scratch = torch.zeros((1, row.shape[0]), dtype=row.dtype)
+        probe.inner.fill_next_token_bitmask(scratch, 0)
+        probe._remove_repeats(scratch[0])
+        probe._remove_dead_ends(scratch[0], depth - 1, budget)
+        return not scratch[0, : self.grammar.tables.words].any()
+
+    def _remove_listed_dead_ends(self, words: np.ndarray) -> None:
+        """Clear the tokens (at most LISTED_TRIES, whitespace first or not) after which an open
+        unique array's item can become no listed value left (`items_left`): read on the scan alone,
+        no backend fill."""
+        t = self.grammar.tables
+        ids = ids_of(words & t.nonblank_words)
+        if ids.shape[0] > LISTED_TRIES and self.scan.mode == STR:  # in a free string only a closing quote
+            ids = ids_of(words & t.closing_words)                   # can end in such a state
+        if not 0 < ids.shape[0] <= LISTED_TRIES:
+            return
+        data, scan, dead = self.grammar.info.token_bytes, self.scan, []
+        for tid in ids.tolist():
+            snap = scan.snapshot()
+            try:
+                if scan.feed(data[tid]) and dead_here(scan):
+                    dead.append(tid)
+            finally:
+                scan.restore(snap)
+        if dead:
+            clear_bits(words, dead)
+
+    def _blank_only(self) -> bool:
+        """With no token left that starts with no whitespace, is every whitespace token a dead end?
+        Yes between JSON tokens (not in a string, number or literal) short of acceptance: there
+        whitespace changes no state but the run's length, so a text that goes on after it goes on
+        without it, and its first byte's token would be left in this row (a byte-level vocabulary;
+        our removals are exact); none is, so none goes on, and the text cannot end here."""
+        return self.grammar.tables.token_starts and self.scan.mode in _BETWEEN and not self.inner.is_accepting()
 
     def _remove_repeats(self, row: torch.Tensor) -> None:
         scan = self.scan
@@ -323,43 +239,44 @@ class UniqueMatcher(Matcher):
         t = self.grammar.tables
         words = row[: t.words].numpy()
         if scan.mode == STR:
-            on = _bits(words, t.quoted)
+            on = row_bits(words, t.quoted)
             item = scan.top_enforced() is not None and not scan.aux[0]
-            prefix = scan.item_prefix() if item else None
-            if scan.aux[2] or (item and prefix is None):  # an escape or a character pending: try every quote
+            keyed = scan.aux[0] and bool(scan.keys_seen())
+            prefix = scan.item_prefix() if item else scan.key_prefix() if keyed else None
+            if scan.aux[2] or ((item or keyed) and prefix is None):  # an escape or a character pending: try every quote
                 bad = [tid for tid in t.quoted[on].tolist() if not self._fits(tid)]
             else:
                 closing = on & t.closes
                 found: set[int] = set()
-                if prefix is not None:  # the closing quote ends an item: look its text up
+                if prefix is not None:  # the closing quote ends an item or a key: look its text up
                     cut = len(prefix)
-                    for item in scan.top_enforced()[4]:  # type: ignore[index]
-                        if type(item) is str and item.startswith(prefix):
-                            found.update(j for j in t.by_before.get(item[cut:], ()) if closing[j])
+                    for used in scan.top_enforced()[4] if item else scan.keys_seen():  # type: ignore[index]
+                        if type(used) is str and used.startswith(prefix):
+                            found.update(j for j in t.by_before.get(used[cut:], ()) if closing[j])
                 bad = [int(t.quoted[j]) for j in found]
                 gap = scan.enforced_gap()
                 deep = closing & t.deep & (t.deep_closings >= (99 if gap is None else gap))
                 bad += [tid for j, tid in zip(np.flatnonzero(deep).tolist(), t.quoted[deep].tolist())
                         if j not in found and not self._fits(tid)]
         elif scan.mode == LIT:  # the few tokens that go on with a literal
-            candidates = np.flatnonzero(_allowed(words, self.grammar.info.vocab_size))
+            candidates = np.flatnonzero(allowed_mask(words, self.grammar.info.vocab_size))
             bad = [tid for tid in candidates.tolist() if not self._fits(tid)]
         else:
             gap = scan.enforced_gap()  # an item ends at the enforced array only closing this many levels
-            on = _bits(words, t.structural) & (t.closings >= (99 if gap is None else gap))
+            on = row_bits(words, t.structural) & (t.closings >= (99 if gap is None else gap))
             candidates = t.structural[on]
             top = scan.top_enforced()
             if top is not None and any(type(x) is tuple and x[0] == "b" or x is None for x in top[4]):
-                candidates = np.union1d(candidates, t.literal[_bits(words, t.literal)])
+                candidates = np.union1d(candidates, t.literal[row_bits(words, t.literal)])
             bad = []
             if scan.mode == NUM and top is not None:  # a byte that ends the number ends the item
                 if not scan.number_fits():
-                    ends = _allowed(words, self.grammar.info.vocab_size) & t.number_end
+                    ends = allowed_mask(words, self.grammar.info.vocab_size) & t.number_end
                     bad = np.flatnonzero(ends).tolist()
                     candidates = np.setdiff1d(candidates, bad)
             bad += [tid for tid in candidates.tolist() if not self._fits(tid)]
         if bad:
-            _clear(words, bad)
+            clear_bits(words, bad)
 
     def _fits(self, tid: int) -> bool:
         data = self.grammar.info.token_bytes[tid]

@@ -19,10 +19,13 @@ states) raises Unsupported naming the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
+from .schema_finite import listed_values
 from .schema_negation import Unsupported
 
 ALL_TYPES = frozenset(("null", "boolean", "object", "array", "number", "string"))
@@ -50,6 +53,13 @@ class UniquePaths:
     indices: tuple[tuple[int, ...], ...]  # item 0, 1, ... (prefixItems)
     later_index: tuple[int, ...]          # any later item
     start: int
+    distinct_keys: bool = False           # objects may not repeat a key (`counts_keys`): all of them, or
+    distinct_at: tuple[bool, ...] = ()    # where given, those at states marked here only
+    item_values: tuple[tuple[tuple[Any, Any], ...] | None, ...] = ()  # per state: listed items (value,
+                                          # canonical form) of a unique array there, or None
+    key_names: tuple[tuple[str, ...] | None, ...] = ()  # per state where keys are checked: every name an
+                                          # object there can have, or None (unique_keys.key_names)
+    alive: dict[Any, bool] = field(default_factory=dict, compare=False, repr=False)  # unique_items_left's memo
 
     def key_step(self, state: int, key: str) -> int:
         return SINK if state == SINK else self.keys[state].get(key, self.other_key[state])
@@ -61,13 +71,39 @@ class UniquePaths:
         return fixed[index] if index < len(fixed) else self.later_index[state]
 
     def payload(self) -> Any:
-        return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start)
+        return (self.enforce, self.keys, self.other_key, self.indices, self.later_index, self.start,
+                self.distinct_keys, self.distinct_at,
+                [None if v is None else [x for x, _ in v] for v in self.item_values], self.key_names)
 
     @staticmethod
     def from_payload(data: Any) -> UniquePaths:
-        enforce, keys, other, indices, later, start = data
+        enforce, keys, other, indices, later, start, distinct, distinct_at, values, names = data
         return UniquePaths(tuple(enforce), tuple(dict(k) for k in keys), tuple(other),
-                           tuple(tuple(i) for i in indices), tuple(later), start)
+                           tuple(tuple(i) for i in indices), tuple(later), start, distinct, tuple(distinct_at),
+                           tuple(_with_canonical(v) for v in values), tuple(names))
+
+    def keys_checked(self, state: int) -> bool:
+        """Must an object at this path state repeat no key?"""
+        if not self.distinct_keys:
+            return False
+        return not self.distinct_at or state != SINK and self.distinct_at[state]
+
+
+MAX_LISTED_ITEMS = 64  # listed items of a unique array looked at for dead ends (unique_items_left.py)
+
+
+def _with_canonical(values: list[Any] | None) -> tuple[tuple[Any, Any], ...] | None:
+    from .unique_scan import parse_item
+
+    return None if values is None else tuple((v, parse_item(json.dumps(v).encode())) for v in values)
+
+
+NO_UNIQUE_ARRAYS = UniquePaths((), (), (), (), (), SINK)
+
+
+def counted(node: dict[str, Any]) -> bool:
+    low = node.get("minProperties")
+    return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 2
 
 
 def subschemas(node: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -83,7 +119,7 @@ def subschemas(node: dict[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
-def _schema_nodes(schema: Any) -> list[dict[str, Any]]:
+def schema_nodes(schema: Any) -> list[dict[str, Any]]:
     seen: dict[int, dict[str, Any]] = {}
     stack = [schema]
     while stack:
@@ -96,18 +132,18 @@ def _schema_nodes(schema: Any) -> list[dict[str, Any]]:
 
 def has_unique(schema: Any) -> bool:
     """Some `uniqueItems: true` is left in the vetted schema (open item sets)."""
-    return any(n.get("uniqueItems") is True for n in _schema_nodes(schema))
+    return any(n.get("uniqueItems") is True for n in schema_nodes(schema))
 
 
 def strip_unique(schema: Any) -> None:
     """Drop every `uniqueItems` in place (the run-time check enforces them)."""
-    for node in _schema_nodes(schema):
+    for node in schema_nodes(schema):
         node.pop("uniqueItems", None)
 
 
 class _Analysis:
-    def __init__(self, root: dict[str, Any]) -> None:
-        self.root = root
+    def __init__(self, root: dict[str, Any], counted: bool = False) -> None:
+        self.root, self.counted = root, counted
         self.defs = root.get("$defs", {}) if isinstance(root, dict) else {}
         self.nodes: dict[int, dict[str, Any]] = {}
         self.reach = self._reaching()
@@ -136,7 +172,7 @@ class _Analysis:
             if not isinstance(node, dict) or id(node) in self.nodes:
                 continue
             self.nodes[id(node)] = node
-            if node.get("uniqueItems") is True:
+            if node.get("uniqueItems") is True or self.counted and counted(node):
                 marked.add(id(node))
             kids = [v for key, v in self._children(node) if key not in ("$defs", "definitions")]
             edges[id(node)] = [id(v) for v in kids if isinstance(v, dict)]
@@ -229,6 +265,56 @@ class _Analysis:
             out.update(found)
         return frozenset(out)
 
+    def bounded(self, alts: frozenset[Alternative], kind: str,
+                bound_of: Callable[[dict[str, Any]], list[Any] | None]) -> list[Any] | None:
+        """Over the alternatives admitting `kind`: the union of each one's smallest bound (a node's
+        `bound_of`: every value it allows at most), or None where some alternative has none."""
+        out: list[Any] = []
+        for ids, kinds in alts:
+            if kind not in kinds:
+                continue
+            bound: list[Any] | None = None
+            for nid in ids:
+                found = bound_of(self.nodes[nid])
+                if found is not None and (bound is None or len(found) < len(bound)):
+                    bound = found
+            if bound is None:
+                return None
+            out += bound  # repeats kept: 1 == True in Python, not in JSON Schema
+        return out
+
+    def item_values(self, alts: frozenset[Alternative]) -> list[Any] | None:
+        """The values an item of a unique array here can take at most (listed items, any index)."""
+        def items(node: dict[str, Any]) -> list[Any] | None:
+            lists = [self._listed(sub) for sub in (node.get("items", True), *node.get("prefixItems", ()))]
+            return None if any(x is None for x in lists) else [v for x in lists for v in x]  # type: ignore[union-attr]
+
+        out = self.bounded(alts, "array", items)
+        return out if out is not None and len(out) <= MAX_LISTED_ITEMS else None
+
+    def _listed(self, sub: Any, depth: int = 0) -> list[Any] | None:
+        """Values `sub` accepts at most: its enum/const, else its `$ref`'s, else the union of its
+        anyOf/oneOf branches' where each is listed (a superset is enough: see item_values)."""
+        if not isinstance(sub, dict) or depth > 8:
+            return None
+        found = listed_values(sub)
+        if found is None and isinstance(sub.get("$ref"), str):
+            try:
+                found = self._listed(self.deref(sub["$ref"]), depth + 1)
+            except Unsupported:
+                return None
+        for key in ("anyOf", "oneOf"):
+            branches = sub.get(key)
+            if found is None and isinstance(branches, list) and branches:
+                lists = [self._listed(b, depth + 1) for b in branches]
+                if all(x is not None for x in lists):
+                    found = [v for x in lists for v in x]  # type: ignore[union-attr]
+        return found
+
+    def decide_keys(self, alts: frozenset[Alternative]) -> bool:
+        """Keys distinct where any alternative admitting an object counts them (minProperties >= 2)."""
+        return any(counted(self.nodes[n]) for ids, kinds in alts if "object" in kinds for n in ids)
+
     def decide(self, alts: frozenset[Alternative]) -> bool:
         """Unique where any alternative admitting an array asks for it: where others do not (an
         `if`/`then` on a sibling's value), repeated items are refused for them too — stricter than
@@ -265,11 +351,14 @@ def _child_schema(node: dict[str, Any], step: Any) -> Any:
     return node.get("items", True)
 
 
-def unique_paths(schema: Any) -> UniquePaths:
-    """The automaton for a vetted schema with `uniqueItems: true` left in it (or Unsupported)."""
+def unique_paths(schema: Any, counted: bool = False) -> UniquePaths:
+    """The automaton for a vetted schema with `uniqueItems: true` left in it (or Unsupported);
+    `counted`: also where objects must repeat no key (`counts_keys`)."""
     if not isinstance(schema, dict):
         raise Unsupported("uniqueItems", "not a schema object")
-    a = _Analysis(schema)
+    from .unique_keys import key_names  # it builds on this module
+
+    a = _Analysis(schema, counted)
     index: dict[frozenset[Alternative], int] = {}
     order: list[frozenset[Alternative]] = []
 
@@ -289,10 +378,16 @@ def unique_paths(schema: Any) -> UniquePaths:
     other: list[int] = []
     indices: list[tuple[int, ...]] = []
     later: list[int] = []
+    values: list[Any] = []
+    distinct: list[bool] = []
+    names: list[tuple[str, ...] | None] = []
     i = 0
     while i < len(order):  # breadth first; `order` grows as new states appear
         alts = order[i]
         enforce.append(a.decide(alts))
+        values.append(a.item_values(alts) if enforce[-1] else None)
+        distinct.append(counted and a.decide_keys(alts))
+        names.append(key_names(a, alts) if distinct[-1] else None)
         named = sorted({k for ids, kinds in alts if "object" in kinds for n in ids
                         for k in a.nodes[n].get("properties", {})})
         keys.append({k: state(a.child(alts, k)) for k in named})
@@ -301,4 +396,6 @@ def unique_paths(schema: Any) -> UniquePaths:
         indices.append(tuple(state(a.child(alts, j)) for j in range(prefix)))
         later.append(state(a.child(alts, prefix)))
         i += 1
-    return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start)
+    return UniquePaths(tuple(enforce), tuple(keys), tuple(other), tuple(indices), tuple(later), start,
+                       distinct_keys=counted, distinct_at=tuple(distinct) if counted else (),
+                       item_values=tuple(_with_canonical(v) for v in values), key_names=tuple(names))

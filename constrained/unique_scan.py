@@ -6,7 +6,9 @@ for each open array that must be unique, the items completed so far as canonical
 (JSON Schema equality: 1 == 1.0, true != 1, objects compared key by key). `feed` answers False
 the moment a token completes an item equal to an earlier one of its array, or starts a literal
 (`true` / `false` / `null`) that can only complete as such an item. State is a tuple of
-immutable parts, so a snapshot per token makes rollback and trial scans cheap.
+immutable parts, so a snapshot per token makes rollback and trial scans cheap. Where
+`paths.distinct_keys`, each open object's keys are kept too and a repeated key is refused the
+same way (unique_keys.py says why).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ VALUE, KEY, STR, NUM, LIT, AFTER, COLON = range(7)
 _WS = frozenset(b" \t\n\r")
 NUMBER_BYTES = frozenset(b"0123456789+-.eE")
 _LITERALS = {ord("t"): (True, 3), ord("f"): (False, 4), ord("n"): (None, 3)}  # value, letters after the first
-# frames: ("o", state, key) / ("a", state, index, enforce, seen, item_start)
+# frames: ("o", state, key, keys seen) / ("a", state, index, enforce, seen, item_start); an object's
+# keys are kept only where it must repeat none (`paths.keys_checked`; else None)
 
 
 def canonical(value: Any) -> Any:
@@ -71,9 +74,11 @@ class UniqueScan:
     def watching(self) -> bool:
         """Some open array must stay unique, or one may open below the current container."""
         stack = self.stack
+        if self.paths.distinct_keys and not self.paths.distinct_at:
+            return True
         if not stack:
             return self.paths.start != SINK
-        return stack[-1][1] != SINK or any(f[0] == "a" and f[3] for f in stack)
+        return stack[-1][1] != SINK or any(f[0] == "a" and f[3] or f[0] == "o" and f[3] is not None for f in stack)
 
     def top_enforced(self) -> tuple[Any, ...] | None:
         top = self.stack[-1] if self.stack else None
@@ -103,6 +108,21 @@ class UniqueScan:
             return json.loads(bytes(self.buf[self.aux[1]:]) + b'"')
         except ValueError:  # a character split between tokens
             return None
+
+    def key_prefix(self) -> str | None:
+        """Inside a key whose object must not repeat one, with no escape pending and whole
+        characters so far: the key's text so far (else None)."""
+        if self.mode != STR or not self.aux[0] or self.aux[2] or not self.keys_seen():
+            return None
+        try:
+            return json.loads(bytes(self.buf[self.aux[1]:]) + b'"')
+        except ValueError:  # a character split between tokens
+            return None
+
+    def keys_seen(self) -> frozenset[str] | None:
+        """The keys of the innermost open object so far, where it must repeat none (else None)."""
+        top = self.stack[-1] if self.stack else None
+        return top[3] if top is not None and top[0] == "o" else None
 
     def _child_state(self) -> int:
         if not self.stack:
@@ -151,8 +171,14 @@ class UniqueScan:
                 elif b == 0x22:
                     if is_key:
                         top = self.stack[-1]
-                        key = json.loads(bytes(buf[start:i + 1]).decode("utf-8", "replace")) if top[1] != SINK else ""
-                        self.stack = self.stack[:-1] + (("o", top[1], key),)
+                        seen = top[3]
+                        key = json.loads(bytes(buf[start:i + 1]).decode("utf-8", "replace")) \
+                            if top[1] != SINK or seen is not None else ""
+                        if seen is not None:
+                            if key in seen:
+                                return False  # a repeated key: the parsed object would hold one
+                            seen = seen | {key}
+                        self.stack = self.stack[:-1] + (("o", top[1], key, seen),)
                         self.mode = COLON
                     else:
                         self.mode = AFTER
@@ -190,7 +216,7 @@ class UniqueScan:
                     self._start_value(i)
                     state = self._child_state()
                     if b == 0x7B:
-                        self.stack += (("o", state, None),)
+                        self.stack += (("o", state, None, frozenset() if self.paths.keys_checked(state) else None),)
                         self.mode = KEY
                     else:
                         self.stack += (("a", state, 0, state != SINK and self.paths.enforce[state], frozenset(), i),)

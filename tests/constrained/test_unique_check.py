@@ -288,3 +288,55 @@ def test_string_opening_into_a_dead_end_masked(tokenizer: Any) -> None:
     allowed = _allowed_texts(tokenizer, matcher)
     assert "{" in allowed and not any(x.strip() == '"' for x in allowed), allowed
     assert all(matcher.advance(t) for t in encode(tokenizer, '{"b":{}}]')) and matcher.is_accepting()
+
+
+LAST_EMPTY = {"type": "array", "items": {"const": []}, "maxItems": 2, "uniqueItems": True}  # the fuzzer's 1:2730
+
+
+def test_whitespace_only_row_is_a_dead_end(tokenizer: Any) -> None:
+    """After `[[],[` the only way on, `]`, repeats `[]`: whitespace alone is left, which only
+    postpones the dead end, so the row is empty; one step back `[` (alone or after a gap) is
+    masked, and two steps back the `,` that leads there, so no walk enters it (20 of 40 of the
+    fuzzer's walks did, through whitespace)."""
+    grammar = C.compile(tokenizer, json_schema=LAST_EMPTY, cache=None)
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[], ["))
+    assert _allowed_texts(tokenizer, matcher) == []
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[],"))
+    assert not any(x.strip() for x in _allowed_texts(tokenizer, matcher))
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[]"))
+    allowed = _allowed_texts(tokenizer, matcher)
+    assert "]" in allowed and not any("," in x for x in allowed), allowed
+    assert_matches_reference(tokenizer, grammar, LAST_EMPTY, [[[]], [], [[], []], [[1]]])
+
+
+def test_whitespace_inside_an_item_stays(tokenizer: Any) -> None:
+    """Only between JSON tokens: inside a string item whitespace is text, and after a number it
+    ends the item (kept where the number is new)."""
+    schema = {"type": "array", "items": {"type": ["string", "integer"]}, "uniqueItems": True}
+    grammar = C.compile(tokenizer, json_schema=schema, cache=None)
+    for prefix, expect in (('["a", "', " "), ("[1, 2", " ")):
+        matcher = grammar.matcher()
+        assert all(matcher.advance(t) for t in encode(tokenizer, prefix))
+        assert expect in _allowed_texts(tokenizer, matcher), prefix
+
+
+NUMBER_ITEMS = {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"oneOf": [  # the fuzzer's 4:2511
+    {"type": "array", "items": {"type": "number", "exclusiveMaximum": -2.5}, "maxItems": 1, "uniqueItems": True},
+    {"allOf": [{"enum": [7]}]}]}}
+
+
+def test_whitespace_that_ends_a_number_into_a_dead_end(tokenizer: Any) -> None:
+    """After `[[-9], [-9` a gap ends the number, and then only `]` (repeating `[-9]`) could go on:
+    every whitespace token is masked (one probe, `" "`, stands for all), the digits stay."""
+    grammar = C.compile(tokenizer, json_schema=NUMBER_ITEMS, cache=None)
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[-9], [-9"))
+    allowed = _allowed_texts(tokenizer, matcher)
+    assert "5" in allowed and "." in allowed and not any(x[:1].isspace() for x in allowed), allowed
+    matcher = grammar.matcher()
+    assert all(matcher.advance(t) for t in encode(tokenizer, "[[-9], [-8"))
+    assert " " in _allowed_texts(tokenizer, matcher)
+    assert_matches_reference(tokenizer, grammar, NUMBER_ITEMS, [[[-9], [-9.5]], [[-9], [-9]], [7, [-3]], [[-9 ], 7]])
