@@ -40,8 +40,11 @@ ab)
   # issue 14 item 4 (jf19 = jf17 + jf18b + jf20 in one process, one baseline): arms defaults / constrained prefill overlapped /
   # one-token prefills as decode / jf20's sampling values before the tokens turned off, at 64 and 256 rows -> flip each lever
   # whose arm raises the (f) ratio at both sizes (valid 64/64, 256/256); SAMPLING_BEFORE_TOKENS off only if its arm wins both
-  run jf19 330 "RADIXLM_LOOP_STATS=$OUT/jf19/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;enable_overlap_constrained_prefill;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf19/f.json"
-  run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
+  run jf19 330 "RADIXLM_LOOP_STATS=$OUT/jf19/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf19/f.json"
+  # jf19's repeat on the flipped defaults (one-token prefills as decode on), the arms in another order (Engine order moved
+  # absolute rates in jf19): SAMPLING_BEFORE_TOKENS off / constrained prefill overlapped / defaults
+  run jf19r 260 "RADIXLM_LOOP_STATS=$OUT/jf19r/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='RADIXLM_SAMPLING_BEFORE_TOKENS=0;enable_overlap_constrained_prefill;-' --out $OUT/jf19r/f.json"
+  run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
   # issue 14 item 4 (jf18): no A/B (its host changes are on, outputs unchanged; jf17's run above measures them): item (f)'s
   # decode step at 256 rows op by op outside the forward, JSON vs plain, kernels and copies with device us -> says which of
   # the JSON step's ops (index copy, table gather, bitmask kernel, ...) make its +0.26 ms a step (RESULTS.md, jf18)
@@ -52,13 +55,13 @@ ab)
   # and 256/256 valid and the same-lengths run's does not fall; "prefill N/N (as decode 1/1)" in the on arm's loop line
   # shows the mechanism, "step ms ... longest json/same" and the "forward launch" longest call its first steps (H100
   # 2026-12-05 off: 54.7/44.8 ms at 64 rows, 112.1/57.4 ms at 256)
-  run jf18b 200 "RADIXLM_LOOP_STATS=$OUT/jf18b/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1' --out $OUT/jf18b/f.json"
+  run jf18b 200 "RADIXLM_LOOP_STATS=$OUT/jf18b/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1' --out $OUT/jf18b/f.json"
   # issue 14 item 4 (jf20): an overlapped constrained decode step builds its sampling values before it waits for the
   # previous step's tokens (step_order.SAMPLING_BEFORE_TOKENS, on by default; outputs identical), arms default / off
   # (RADIXLM_SAMPLING_BEFORE_TOKENS=0) in one process at 64 and 256 rows -> set SAMPLING_BEFORE_TOKENS = False only if
   # the off arm's (f) same-lengths ratio is higher at both sizes; the JSON loop's "device waits" (longer where the host
   # has less work after the tokens) and "sampling tensors" show the mechanism
-  run jf20 150 "RADIXLM_LOOP_STATS=$OUT/jf20/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms '-;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf20/f.json"
+  run jf20 150 "RADIXLM_LOOP_STATS=$OUT/jf20/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf20/f.json"
   run spec9 200 "python3 benchmarks/speculative.py --mode gpu --sets e2e --topk 1 --prompt-sets repeat,random --batches 1 --repeats 3 --new-tokens 128 --no-audit --short-ab --out $OUT/spec9/spec.json"
   # issue 14 item 4 (jf14, jf15's guess runs / closing-brace ends; jf16's candidate-only planning, cached runs, plain-first step inputs): forced rows off vs on, (f) at 64 and 256 rows -> the default of --enable-forced-rows (runtime/server_args.py)
   run jf16 200 "RADIXLM_LOOP_STATS=$OUT/jf16/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-forced-rows off,on --out $OUT/jf16/f.json"

@@ -8,10 +8,11 @@ plain run's 57 ms, the eager forward's launch alone 24.1 / 13.9 ms, where a deco
 rows replays a CUDA graph in ~11 ms. With ONE_TOKEN_PREFILL_AS_DECODE such a step's forward runs as a
 decode step (`ForwardMode.DECODE`: decode kernels, the decode graph of its batch size where there is
 one); the scheduler still treats the batch as the prefill it is (prefix cache, forks, first-token
-commit, overlap). By default (None) on where the model runs on the CPU — measured there (2026-12-05, 256
-rows of item (f)'s cached prompts: the first step's forward 1,832 -> 749 ms, outputs identical) — and off
-on CUDA until a GPU A/B decides it (benchmarks/h200_pending.sh, part jf18b);
-`$RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1` / `=0` turns it on / off on every device in a process started
+commit, overlap). On by default on every device: measured on the CPU (2026-12-05, 256 rows of item (f)'s
+cached prompts: the first step's forward 1,832 -> 749 ms, outputs identical) and on an H100 (2026-12-05, the
+jf19 A/B, one process: that step's launch 15-31 ms -> 0.4-0.7 ms, item (f)'s JSON run 0.761 -> 0.719 s at 64
+rows and 1.207 -> 1.162 s at 256, its same-lengths run 0.736 -> 0.708 / 1.182 -> 1.114 s, 64/64 and 256/256
+valid; RESULTS.md); `$RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=0` turns it off in a process started
 with it (an Engine's scheduler process inherits it: the A/B's arms).
 
 A row qualifies when it computes exactly one token and its logits are sampled (its prompt, or its
@@ -38,16 +39,12 @@ if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
 
 ENV = "RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE"
-# True / False: on / off on every device; None: on where the model runs on the CPU (see the docstring)
-ONE_TOKEN_PREFILL_AS_DECODE: bool | None = {"1": True, "0": False}.get(os.environ.get(ENV, ""))
+ONE_TOKEN_PREFILL_AS_DECODE: bool = os.environ.get(ENV, "1") != "0"
 
 
 def runs_as_decode(sched: Scheduler, batch: ScheduledBatch) -> bool:
     """This extend batch's forward runs as a decode step (see the module's docstring)."""
-    enabled = ONE_TOKEN_PREFILL_AS_DECODE
-    if enabled is None:
-        enabled = getattr(sched, "device", None) is not None and sched.device.type == "cpu"
-    if not enabled or batch.mode is not ForwardMode.EXTEND:
+    if not ONE_TOKEN_PREFILL_AS_DECODE or batch.mode is not ForwardMode.EXTEND:
         return False
     if batch.has_drafts or batch.guesses is not None:
         return False

@@ -238,17 +238,12 @@ def test_each_disqualifier(monkeypatch) -> None:
     assert not runs(_Sched(), ScheduledBatch(ForwardMode.DECODE, [], [], []))
     monkeypatch.setattr(prefill_as_decode, "ONE_TOKEN_PREFILL_AS_DECODE", False)
     assert not runs(_Sched(), ok)
-    # the default (None): on for a model on the CPU, off on CUDA until a GPU A/B decides it
-    monkeypatch.setattr(prefill_as_decode, "ONE_TOKEN_PREFILL_AS_DECODE", None)
-    on_cpu, on_cuda = _Sched(), _Sched()
-    on_cpu.device, on_cuda.device = torch.device("cpu"), torch.device("cuda")
-    assert runs(on_cpu, ok) and not runs(on_cuda, ok)
 
 
 def test_the_environment_turns_it_on_in_a_new_process() -> None:
-    """An Engine's scheduler process starts with the front's environment: the A/B's arms set the variable."""
+    """On by default; an Engine's scheduler process starts with the front's environment: `=0` turns it off."""
     code = "from radixlm.runtime import prefill_as_decode as m; print(m.ONE_TOKEN_PREFILL_AS_DECODE)"
-    for value, want in (("1", "True"), ("0", "False"), ("", "None")):
+    for value, want in (("1", "True"), ("0", "False"), ("", "True")):
         env = {**os.environ, prefill_as_decode.ENV: value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.stdout.strip() == want, out.stderr
