@@ -200,7 +200,7 @@ def transformers_decode(cfg: dict, vocab: int) -> dict:
 def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: list[int] | None = None,
            engine_mask_threads: int | None = None, state_tables: list[str] | None = None, profile: bool = True,
            wait_tables: bool = False, warm_shapes: bool = True, forced_rows: tuple[bool, ...] = (False,),
-           flag_arms: tuple[tuple[str, ...], ...] = ((),)) -> dict:
+           flag_arms: tuple[tuple[str, ...], ...] = ((),), repeats: int = 1) -> dict:
     """Per batch size: the Engine's constrained/unconstrained tok/s ratio (the target), then the
     same workload in-process with every decode step timed (host wall vs device), for where the
     time goes."""
@@ -211,7 +211,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
     if state_tables:  # --grammar-state-table side by side: the Engine's tok/s ratios only
         for table, rows, flags in [(t, r, f) for t in state_tables for r in forced_rows for f in flag_arms]:  # an Engine each
             by_batch = tp.item_f_batches(model_dir, tokenizer_dir, batches, engine_mask_threads, table, wait_tables,
-                                         warm_shapes, rows, dict(f.split("=", 1) if "=" in f else (f, True) for f in flags))
+                                         warm_shapes, rows, dict(f.split("=", 1) if "=" in f else (f, True) for f in flags),
+                                         repeats)
             gc.collect()
             torch.cuda.empty_cache()
             for batch, res in by_batch.items():
@@ -226,6 +227,14 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                       f"{js['valid_schema']}/{batch} validate, {js['mean_tokens']:.1f} tokens mean, {js['forced_tokens']} forced, "
                       f"aborts {js['abort_messages']}; waited {js.get('table_wait_s', 0.0):.1f} s for the table; batch sizes warmed in "
                       f"{res.get('shape_warmup_s', 0.0):.1f} s", flush=True)
+                if "repeats" in res:  # the figure to compare (one pair's ratio moves with its first steps)
+                    rep = res["repeats"]
+                    print(f"    repeats: {rep['constrained_vs_same_lengths_tok_s_medians']:.3f}x median JSON / median same-lengths "
+                          f"tok/s over {len(rep['pair_ratios'])} pairs (pair ratios {[round(x, 3) for x in rep['pair_ratios']]}, "
+                          f"median {rep['median_pair_ratio']:.3f}); json {[round(x) for x in rep['tok_s']['json_schema']]}, "
+                          f"same {[round(x) for x in rep['tok_s']['unconstrained_same_lengths']]}; repeated JSON runs "
+                          f"{rep['valid_schema_min']}/{batch} valid at least, {rep['json_runs_of_other_lengths']} of other lengths",
+                          flush=True)
                 if js.get("forced_rows_so_far"):
                     print(f"    forced-token rows so far (runtime/forced_rows.py): {js['forced_rows_so_far']}", flush=True)
                 loops = [res[k].get("scheduler_loop") for k in ("json_schema", "unconstrained_same_lengths")]
@@ -306,8 +315,8 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
 def throughput_items(items: set[str], report: dict, cfg: dict, d: Path, root: Path, v: int,
                      flops_per_token: float, ceil: dict, tokenizer_dir: str, f_batches: list[int],
                      f_threads: tuple[list[int] | None, int | None] = (None, None),
-                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...], tuple[tuple[str, ...], ...]] = (
-                         None, True, False, True, (False,), ((),))
+                     f_tables: tuple[list[str] | None, bool, bool, bool, tuple[bool, ...], tuple[tuple[str, ...], ...], int] = (
+                         None, True, False, True, (False,), ((),), 1)
                      ) -> None:
     """Issue 8's items; each runs on its own and a failure is recorded, not fatal."""
     import gpu_throughput as tp
@@ -364,6 +373,10 @@ def main() -> None:
                          "'+'-joined list of boolean server options set on (ServerArgs field names) or RADIXLM_X=V "
                          "environment variables of the Engine's processes, '-' for none; e.g. "
                          "'-;enable_overlap_constrained_prefill' or '-;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1'")
+    ap.add_argument("--f-repeats", type=int, default=1,
+                    help="(f) with --f-state-table: the JSON and same-lengths runs N times each, in pairs of alternating "
+                         "order on the warm Engine; the median JSON rate over the median same-lengths rate is the figure "
+                         "(one run's ratio moves with its first steps)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radixlm-gpu-"))
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -396,7 +409,8 @@ def main() -> None:
                      (args.f_state_table.split(",") if args.f_state_table else None, not args.f_skip_profile,
                       args.f_wait_tables, not args.f_no_shape_warmup,
                       tuple(v == "on" for v in args.f_forced_rows.split(",")),
-                      tuple(tuple(f for f in arm.split("+") if f not in ("", "-")) for arm in args.f_flag_arms.split(";"))))
+                      tuple(tuple(f for f in arm.split("+") if f not in ("", "-")) for arm in args.f_flag_arms.split(";")),
+                      args.f_repeats))
     if not items & {"a", "c", "d"}:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

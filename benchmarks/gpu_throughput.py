@@ -15,6 +15,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,7 +176,7 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batch: int = 64, mask_threads: 
 def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_threads: int | None = None,
                    state_table: str | None = None, wait_tables: bool = False,
                    warm_shapes: bool = True, forced_rows: bool = False,
-                   engine_flags: dict[str, Any] | None = None) -> dict[int | str, dict]:
+                   engine_flags: dict[str, Any] | None = None, repeats: int = 1) -> dict[int | str, dict]:
     """Item (f) at each batch size in turn, on one Engine (one start-up). With state tables on, a
     later batch finds the tables its schema's earlier runs filled (as a server would); a batch size
     named again (key "256#2") replays its earlier walks (same prompts and seeds): every state it
@@ -192,9 +193,10 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
     2026-12-04 mid round measured the JSON run's forward launches 51 ms longer in all at 64 rows, 120 ms
     at 256, the LM head's first calls at each new row count). `forced_rows`: --enable-forced-rows.
     `engine_flags` named RADIXLM_... are environment variables the Engine's processes start with (module
-    constants read at import, e.g. runtime/prefill_as_decode.py's), not Engine options."""
-    import jsonschema
-
+    constants read at import, e.g. runtime/prefill_as_decode.py's), not Engine options.
+    `repeats` > 1: after the three runs, the JSON and same-lengths runs again in pairs, alternating which
+    goes first (`repeat_pairs`): one run's ratio moves with its first steps, which vary 2-4x between
+    Engines and runs (RESULTS.md, jf19), so the medians over repeats are the figure to compare."""
     import radixlm
 
     args = {**ENGINE_ARGS, "skip_tokenizer_init": False, "tokenizer_path": str(tokenizer_dir)}
@@ -206,7 +208,7 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
         args["enable_forced_rows"] = True
     env = {k: str(v) for k, v in (engine_flags or {}).items() if k.startswith("RADIXLM_")}
     args.update({k: v for k, v in (engine_flags or {}).items() if k not in env})
-    from radixlm.runtime.loop_stats import ENV, read_last
+    from radixlm.runtime.loop_stats import ENV
 
     # the scheduler process's loop, per run (runtime/loop_stats.py): steps, time in them, waits
     loop_file = os.environ.setdefault(ENV, tempfile.mktemp(prefix="radixlm-loop-", suffix=".jsonl"))
@@ -221,45 +223,88 @@ def item_f_batches(model_dir: Path, tokenizer_dir: Path, batches: list[int], mas
             # The third run decodes unconstrained to exactly the constrained outputs' lengths: the same
             # steps and batch occupancy (the JSON ends early and unevenly, the first run decodes 128
             # tokens per request), so its ratio is the cost of the constraint alone.
-            for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": json.dumps(SCHEMA)}),
-                                 ("unconstrained_same_lengths", {})):
-                sp = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "ignore_eos": not extra, **extra} for i in range(len(prompts))]
-                if lengths:
-                    sp = [{**p, "max_new_tokens": n} for p, n in zip(sp, lengths)]
+            runs = {"unconstrained": {}, "json_schema": {"json_schema": json.dumps(SCHEMA)}, "unconstrained_same_lengths": {}}
+            for label, extra in runs.items():
+                sp = run_params(len(prompts), extra, lengths)
                 eng.generate(input_ids=prompts[:2], sampling_params=sp[:2])  # compiles the grammar, warms up
                 waited = wait_for_tables(eng) if extra and wait_tables else 0.0
-                t = time.perf_counter()
-                res = eng.generate(input_ids=prompts, sampling_params=sp)
-                dt = time.perf_counter() - t
-                time.sleep(0.05)  # the scheduler's loop writes its busy period's line once idle
-                counts = [r["meta_info"]["completion_tokens"] for r in res]
-                forced = sum(r["meta_info"].get("forced_tokens", 0) for r in res)
-                stops = sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res)
-                valid = valid_schema = 0
-                for r in res:
-                    try:
-                        doc = json.loads(r["text"])
-                    except ValueError:
-                        continue
-                    valid += 1
-                    valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
-                aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
-                          if r["meta_info"]["finish_reason"]["type"] == "abort"}
-                info = eng.get_server_info()  # grammar-forced tokens as extra decode rows (runtime/forced_rows.py), so far
-                forced_rows = {k: info.get(k, 0) for k in ("forced_ride_tokens", "forced_guess_rows", "forced_guess_hits",
-                                                           "forced_guess_tokens", "forced_end_rows")}
-                out[label] = {"scheduler_loop": read_last(loop_file), "forced_rows_so_far": forced_rows,
-                              "seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
-                              "mean_tokens": sum(counts) / len(counts), "forced_tokens": forced,
-                              "finished_by_stop": stops, "valid_json": valid, "valid_schema": valid_schema,
-                              "abort_messages": sorted(map(str, aborts)), "table_wait_s": waited}
+                out[label] = {**timed_run(eng, prompts, sp, loop_file), "table_wait_s": waited}
+                counts = out[label].pop("counts")
                 if extra:
                     lengths = counts
                 elif warm_shapes and not again and not lengths:
                     out["shape_warmup_s"] = warm_batch_sizes(eng, prompts)
             out["constrained_vs_unconstrained_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained"]["tok_s"]
             out["constrained_vs_same_lengths_tok_s"] = out["json_schema"]["tok_s"] / out["unconstrained_same_lengths"]["tok_s"]
+            if repeats > 1:
+                out["repeats"] = repeat_pairs(eng, prompts, runs["json_schema"], lengths, loop_file, repeats,
+                                              out["json_schema"]["tok_s"], out["unconstrained_same_lengths"]["tok_s"])
     return results
+
+
+def run_params(n: int, extra: dict, lengths: list[int]) -> list[dict]:
+    """Item (f)'s sampling params for `n` rows: seeded, 128 new tokens, or request i's `lengths[i]` where given
+    (the same-lengths run); unconstrained rows ignore EOS."""
+    sp = [{"temperature": 1.0, "seed": i, "max_new_tokens": 128, "ignore_eos": not extra, **extra} for i in range(n)]
+    return [{**p, "max_new_tokens": m} for p, m in zip(sp, lengths)] if lengths else sp
+
+
+def timed_run(eng: Any, prompts: list[list[int]], sp: list[dict], loop_file: str) -> dict:
+    """One timed generate of `prompts`: rate, lengths ("counts"), validity against SCHEMA, the scheduler's loop."""
+    import jsonschema
+
+    from radixlm.runtime.loop_stats import read_last
+
+    t = time.perf_counter()
+    res = eng.generate(input_ids=prompts, sampling_params=sp)
+    dt = time.perf_counter() - t
+    time.sleep(0.05)  # the scheduler's loop writes its busy period's line once idle
+    counts = [r["meta_info"]["completion_tokens"] for r in res]
+    valid = valid_schema = 0
+    for r in res:
+        try:
+            doc = json.loads(r["text"])
+        except ValueError:
+            continue
+        valid += 1
+        valid_schema += jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
+    aborts = {r["meta_info"]["finish_reason"].get("message") for r in res
+              if r["meta_info"]["finish_reason"]["type"] == "abort"}
+    info = eng.get_server_info()  # grammar-forced tokens as extra decode rows (runtime/forced_rows.py), so far
+    forced_rows = {k: info.get(k, 0) for k in ("forced_ride_tokens", "forced_guess_rows", "forced_guess_hits",
+                                               "forced_guess_tokens", "forced_end_rows")}
+    return {"scheduler_loop": read_last(loop_file), "forced_rows_so_far": forced_rows, "counts": counts,
+            "seconds": dt, "tokens": sum(counts), "tok_s": sum(counts) / dt, "max_tokens": max(counts),
+            "mean_tokens": sum(counts) / len(counts), "forced_tokens": sum(r["meta_info"].get("forced_tokens", 0) for r in res),
+            "finished_by_stop": sum(r["meta_info"]["finish_reason"]["type"] == "stop" for r in res),
+            "valid_json": valid, "valid_schema": valid_schema, "abort_messages": sorted(map(str, aborts))}
+
+
+def repeat_pairs(eng: Any, prompts: list[list[int]], json_extra: dict, lengths: list[int], loop_file: str,
+                 repeats: int, first_json_tok_s: float, first_same_tok_s: float) -> dict:
+    """The JSON run and the same-lengths run `repeats - 1` more times on the warm Engine, in pairs whose order
+    alternates (same first, then JSON first, ...: the first pair of item (f) ran JSON first), the same prompts
+    and seeds (the same outputs). Returns every run's tok/s with the first pair's included, each pair's ratio,
+    and the figure to compare: the median JSON rate over the median same-lengths rate."""
+    json_sp, same_sp = run_params(len(prompts), json_extra, []), run_params(len(prompts), {}, lengths)
+    rates: dict[str, list[float]] = {"json_schema": [first_json_tok_s], "unconstrained_same_lengths": [first_same_tok_s]}
+    runs: list[dict] = []
+    differ = 0
+    for r in range(1, repeats):
+        order = ("unconstrained_same_lengths", "json_schema") if r % 2 else ("json_schema", "unconstrained_same_lengths")
+        for label in order:
+            run = timed_run(eng, prompts, json_sp if label == "json_schema" else same_sp, loop_file)
+            # seeded outputs repeat; a JSON run of other lengths is counted (its pair then compares other work)
+            differ += label == "json_schema" and run.pop("counts") != lengths
+            loop = run.pop("scheduler_loop") or {}
+            runs.append({"pair": r, "label": label, "step_ms": loop.get("step_ms"), **run})
+            rates[label].append(run["tok_s"])
+    pair_ratios = [j / s for j, s in zip(rates["json_schema"], rates["unconstrained_same_lengths"])]
+    return {"tok_s": rates, "pair_ratios": pair_ratios, "runs": runs, "json_runs_of_other_lengths": differ,
+            "valid_schema_min": min([run["valid_schema"] for run in runs if run["label"] == "json_schema"]),
+            "median_pair_ratio": statistics.median(pair_ratios),
+            "constrained_vs_same_lengths_tok_s_medians": statistics.median(rates["json_schema"])
+            / statistics.median(rates["unconstrained_same_lengths"])}
 
 
 @contextlib.contextmanager

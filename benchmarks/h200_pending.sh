@@ -44,7 +44,9 @@ ab)
   run jf19 330 "RADIXLM_LOOP_STATS=$OUT/jf19/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf19/f.json"
   # jf19's repeat on the flipped defaults (one-token prefills as decode on), the arms in another order (Engine order moved
   # absolute rates in jf19): SAMPLING_BEFORE_TOKENS off / constrained prefill overlapped / defaults
-  run jf19r 260 "RADIXLM_LOOP_STATS=$OUT/jf19r/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='RADIXLM_SAMPLING_BEFORE_TOKENS=0;enable_overlap_constrained_prefill;-' --out $OUT/jf19r/f.json"
+  # (2026-12-05 evening: each arm's JSON and same-lengths runs 4 times in pairs of alternating order, --f-repeats; compare
+  # the "repeats:" line's median ratio, not the first pair's)
+  run jf19r 400 "RADIXLM_LOOP_STATS=$OUT/jf19r/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 4 --f-flag-arms='RADIXLM_SAMPLING_BEFORE_TOKENS=0;enable_overlap_constrained_prefill;-' --out $OUT/jf19r/f.json"
   run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
   # issue 14 item 4 (jf18): no A/B (its host changes are on, outputs unchanged; jf17's run above measures them): item (f)'s
   # decode step at 256 rows op by op outside the forward, JSON vs plain, kernels and copies with device us -> says which of
@@ -70,7 +72,9 @@ ab)
 final)
   # two suite runs (the one 340-s run of 2026-12-05 on an H100 was cut after b and f: check ~40 s, b ~70 s, f ~57 s there)
   run suite_aeg 240 "python3 benchmarks/gpu_suite.py --skip-transformers --items a,e,g --out $OUT/suite_aeg/suite.json"
-  run suite_bf 240 "python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items b,f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --out $OUT/suite_bf/suite.json"
+  run suite_bf 300 "python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items b,f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 5 --out $OUT/suite_bf/suite.json"
+  # issue 14's (f) alone on the defaults: one Engine, the first pair and 4 more in alternating order (~150 s)
+  run f5 280 "RADIXLM_LOOP_STATS=$OUT/f5/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 5 --out $OUT/f5/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
