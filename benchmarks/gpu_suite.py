@@ -257,6 +257,11 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
                             f"{k} {1e3 * a.get('parts_max', {}).get(k, 0.0):.2f}/{1e3 * b.get('parts_max', {}).get(k, 0.0):.2f} ms "
                             f"({a.get('parts_calls', {}).get(k, 0)}/{b.get('parts_calls', {}).get(k, 0)})"
                             for k in parts), flush=True)
+                    first = sorted(set(a.get("first_step_parts", {})) | set(b.get("first_step_parts", {})))
+                    if first:  # the first step: a batch's admission and first forward, where the runs differed most
+                        print("    first step's parts json/same: " + ", ".join(
+                            f"{k} {1e3 * a.get('first_step_parts', {}).get(k, 0.0):.2f}/"
+                            f"{1e3 * b.get('first_step_parts', {}).get(k, 0.0):.2f} ms" for k in first), flush=True)
                     if a.get("step_ms") and b.get("step_ms"):  # every step alike, or a few stalls?
                         print("    step ms json/same: " + ", ".join(
                             f"{k} {a['step_ms'][k]:.2f}/{b['step_ms'][k]:.2f}" for k in ("median", "p90", "max"))

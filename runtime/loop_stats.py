@@ -11,7 +11,8 @@ Item (f) reads them to compare a constrained run with unconstrained decoding ins
 `watch` adds parts of a step (inclusive seconds, nested in "step"): waiting for the device's sampled
 tokens, the forward's launch, commits and sampling, the grammar's commit and masks. Where the host
 waits for the device, the device is the bound; where it does not, the host's parts say what it is.
-Each part's longest single call (`parts_max`) and the distribution of the steps' own times
+Each part's longest single call (`parts_max`), the parts of the period's first step (`first_step_parts`:
+a batch's admission, its first forward) and the distribution of the steps' own times
 (`step_ms`: median, p90, max, the five longest) tell a cost paid on every step from a few stalls
 (item (f): a table's rows sent to the device on one step, a cold walk).
 """
@@ -61,6 +62,7 @@ class LoopStats:
         self.parts: dict[str, float] = {}
         self.parts_max: dict[str, float] = {}
         self.parts_calls: dict[str, int] = {}
+        self.first_parts: dict[str, float] = {}  # the parts until the period's first step ended (a batch's admission)
         self.steps: list[float] = []  # each turn's seconds in `Scheduler.step`, turns that ran a step
 
     def watch(self, owner: Any, name: str, part: str) -> None:
@@ -78,6 +80,8 @@ class LoopStats:
                 took = time.perf_counter() - start
                 self.parts[part] = self.parts.get(part, 0.0) + took
                 self.parts_calls[part] = self.parts_calls.get(part, 0) + 1
+                if not self.steps:
+                    self.first_parts[part] = self.first_parts.get(part, 0.0) + took
                 if took > self.parts_max.get(part, 0.0):
                     self.parts_max[part] = took
 
@@ -94,6 +98,8 @@ class LoopStats:
             self.watch(torch.cuda.Event, "synchronize", "device waits (sampled tokens)")
             self.watch(torch.cuda.CUDAGraph, "replay", "graph replay")  # (inside the forward's launch)
         self.watch(sched.runner, "forward", "forward launch")
+        self.watch(sched, "_schedule_prefill", "schedule prefill")  # admission: prefix match, KV, grammar matchers
+        self.watch(sched, "process_results", "synchronous results")  # a step not overlapped: waits, draw, commit
         self.watch(sched.results, "commit", "commit")  # (an overlapped step's grammar commit runs before it)
         self.watch(sched.results, "sample", "sample launch (incl. masks taken)")
         for name, part in (("advance_many", "grammar commit"), ("bitmask", "masks taken"), ("poll", "grammar poll"),
@@ -151,7 +157,8 @@ class LoopStats:
             return
         self.busy = False
         line = {"wall_s": time.perf_counter() - self.start, "seconds": self.seconds, "parts": self.parts,
-                "parts_max": self.parts_max, "parts_calls": self.parts_calls, "step_ms": self._step_ms(),
+                "parts_max": self.parts_max, "parts_calls": self.parts_calls, "first_step_parts": self.first_parts,
+                "step_ms": self._step_ms(),
                 "turns": self.turns,
                 "turns_without_a_step": self.idle_turns, "gc_full_collections": self.gc_full,
                 **{k: int(stats.get(k, 0)) - v for k, v in self.counters.items()}}

@@ -77,6 +77,14 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     run_to_completion(sched, reqs[:1])  # not busy: nothing counted
     assert loop.parts == {}
     loop.begin(sched.stats)
+    step = sched.step
+
+    def turn() -> bool:  # as the scheduler process's loop counts its turns
+        ran = step()
+        loop.turn(ran)
+        return ran
+
+    sched.step = turn
     t = time.perf_counter()
     run_to_completion(sched, reqs[1:])
     took = time.perf_counter() - t
@@ -94,5 +102,9 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     for part, longest in line["parts_max"].items():  # the longest single call of each part, and the calls
         assert 0 < longest <= parts[part] and line["parts_calls"][part] >= 1, part
     assert line["parts_calls"]["grammar commit"] == line["parts_calls"]["table commit"]
+    first = line["first_step_parts"]  # the turns up to the first that ran a step: the admission, the first forward
+    assert first["schedule prefill"] > 0 and first["forward launch"] > 0
+    assert line["parts_calls"]["forward launch"] > 1 and first["forward launch"] < parts["forward launch"]
+    assert all(first[k] <= parts[k] for k in first)
     sched.grammars.close()
     gc.callbacks.remove(loop._on_gc)
