@@ -73,8 +73,8 @@ final)
   # two suite runs (the one 340-s run of 2026-12-05 on an H100 was cut after b and f: check ~40 s, b ~70 s, f ~57 s there)
   run suite_aeg 240 "python3 benchmarks/gpu_suite.py --skip-transformers --items a,e,g --out $OUT/suite_aeg/suite.json"
   run suite_bf 300 "python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items b,f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 5 --out $OUT/suite_bf/suite.json"
-  # issue 14's (f) alone on the defaults: one Engine, the first pair and 4 more in alternating order (~150 s)
-  run f5 280 "RADIXLM_LOOP_STATS=$OUT/f5/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 5 --out $OUT/f5/f.json"
+  # issue 14's (f) alone on the defaults: one Engine, the first pair and 7 more in alternating order (~150 s)
+  run f5 280 "RADIXLM_LOOP_STATS=$OUT/f5/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 8 --out $OUT/f5/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
