@@ -295,7 +295,8 @@ def repeat_pairs(eng: Any, prompts: list[list[int]], json_extra: dict, lengths: 
         for label in order:
             run = timed_run(eng, prompts, json_sp if label == "json_schema" else same_sp, loop_file)
             # seeded outputs repeat; a JSON run of other lengths is counted (its pair then compares other work)
-            differ += label == "json_schema" and run.pop("counts") != lengths
+            counts = run.pop("counts")
+            differ += label == "json_schema" and counts != lengths
             loop = run.pop("scheduler_loop") or {}
             runs.append({"pair": r, "label": label, "step_ms": loop.get("step_ms"), **run})
             rates[label].append(run["tok_s"])
