@@ -218,8 +218,10 @@ def item_f(model_dir: Path, tokenizer_dir: Path, batches: list[int], mask_thread
             for batch, res in by_batch.items():
                 label = f"--grammar-state-table {table}" + (" --enable-forced-rows" if rows else "") + "".join(
                     f" {flag}" if "=" in flag else f" --{flag.replace('_', '-')}" for flag in flags)
-                out[f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "") + "".join(
-                    f"_{flag}" for flag in flags)] = res
+                key = f"batch_{batch}_state_table_{table}" + ("_forced_rows" if rows else "") + "".join(
+                    f"_{flag}" for flag in flags)
+                again = sum(k == key or k.startswith(key + "#") for k in out)  # an arm named twice: an Engine each
+                out[key + (f"#{again + 1}" if again else "")] = res
                 js = res["json_schema"]
                 print(f"(f) batch {batch} {label}: json/unconstrained {res['constrained_vs_unconstrained_tok_s']:.3f}x raw, "
                       f"{res['constrained_vs_same_lengths_tok_s']:.3f}x same lengths (json {js['tok_s']:.0f} tok/s, same-length "

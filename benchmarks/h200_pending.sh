@@ -47,6 +47,10 @@ ab)
   # (2026-12-05 evening: each arm's JSON and same-lengths runs 4 times in pairs of alternating order, --f-repeats; compare
   # the "repeats:" line's median ratio, not the first pair's)
   run jf19r 400 "RADIXLM_LOOP_STATS=$OUT/jf19r/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 4 --f-flag-arms='RADIXLM_SAMPLING_BEFORE_TOKENS=0;enable_overlap_constrained_prefill;-' --out $OUT/jf19r/f.json"
+  # jf19r's flag again, each arm in two Engines in turn (off, on, off, on: Engines of one configuration differed 2.5% in
+  # rate), 6 pairs each -> turn enable_overlap_constrained_prefill on by default (with a --disable- flag) only if its
+  # median ratio is above the defaults' in both of its Engines at both sizes
+  run jf21 560 "RADIXLM_LOOP_STATS=$OUT/jf21/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;enable_overlap_constrained_prefill;-;enable_overlap_constrained_prefill' --out $OUT/jf21/f.json"
   run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
   # issue 14 item 4 (jf18): no A/B (its host changes are on, outputs unchanged; jf17's run above measures them): item (f)'s
   # decode step at 256 rows op by op outside the forward, JSON vs plain, kernels and copies with device us -> says which of
