@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="each request constrained by item (f)'s schema")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokenizer", default=".gpu_assets/smollm_tok")
+    ap.add_argument("--sort", default="tottime", help="cProfile's order (tottime, cumulative, ...)")
+    ap.add_argument("--rows", type=int, default=18, help="cProfile rows printed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = Path(tempfile.mkdtemp(prefix="radixlm-admission-"))
@@ -113,7 +115,7 @@ def main() -> None:
           f"{[round(x, 2) for x in ms]} ms (median of the unprofiled {statistics.median(ms[:-1] or ms):.2f}; "
           f"the last one profiled); {len(aborts)} requests aborted {sorted(set(aborts))[:2]}")
     text = io.StringIO()
-    pstats.Stats(profiler["py"], stream=text).sort_stats("tottime").print_stats(18)
+    pstats.Stats(profiler["py"], stream=text).sort_stats(args.sort).print_stats(args.rows)
     print(text.getvalue())
     report: dict = {"batch": args.batch, "json": args.json, "device": args.device, "wall_ms": ms, "aborts": len(aborts)}
     if profiler["torch"] is not None:
