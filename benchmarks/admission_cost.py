@@ -78,24 +78,27 @@ def main() -> None:
     aborts: list[str] = []
     inner = sched._schedule_prefill
     walls: list[float] = []
-    profiler = {"py": None, "torch": None}
+    profiler: dict = {"py": cProfile.Profile(), "torch": None}
+    armed = {"on": False}
 
     def timed():  # the burst's admission: the step whose batch takes the waiting requests
         if any(r.grammar_pending for r in sched.waiting):
             return inner()  # a grammar still compiling (the first JSON burst): not an admission to time
+        profiled = armed["on"] and len(sched.waiting) == args.batch  # the profiled round's admission, once
+        armed["on"] = armed["on"] and not profiled
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        for p in (profiler["py"], profiler["torch"]):
-            if p is not None:
-                p.__enter__() if p is profiler["torch"] else p.enable()
+        if profiled:
+            profiler["py"].enable()
+            if profiler["torch"] is not None:
+                profiler["torch"].__enter__()
         batch = inner()
-        if profiler["py"] is not None:
+        if profiled:
             profiler["py"].disable()
-        if profiler["torch"] is not None:
-            if args.device.startswith("cuda"):
+            if profiler["torch"] is not None:
                 torch.cuda.synchronize()
-            profiler["torch"].__exit__(None, None, None)
+                profiler["torch"].__exit__(None, None, None)
         if batch is not None and len(batch.reqs) == args.batch:
             walls.append(time.perf_counter() - t)
         return batch
@@ -105,7 +108,7 @@ def main() -> None:
     burst("warm-", extra, 2)  # the schema compiled
     for r in range(args.rounds):
         if r == args.rounds - 1:
-            profiler["py"] = cProfile.Profile()
+            armed["on"] = True
             if args.device.startswith("cuda"):
                 from torch.profiler import ProfilerActivity, profile
                 profiler["torch"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
