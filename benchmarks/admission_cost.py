@@ -38,6 +38,7 @@ def main() -> None:
     from gpu_throughput import SCHEMA
     from transformers import AutoTokenizer
 
+    from radixlm.runtime import prefill_admission
     from radixlm.runtime.io_struct import TokenizedGenerateReq
     from radixlm.runtime.sampling_params import SamplingParams
     from radixlm.runtime.scheduler import Scheduler
@@ -76,6 +77,7 @@ def main() -> None:
                     aborts.append(o.finished_reason.message)  # (a grammar worker that failed: nothing measured)
 
     aborts: list[str] = []
+    mismatched: list[int] = []  # per timed admission: rows whose device table differs from the host mirror
     inner = sched._schedule_prefill
     walls: list[float] = []
     profiler: dict = {"py": cProfile.Profile(), "torch": None}
@@ -101,6 +103,9 @@ def main() -> None:
                 profiler["torch"].__exit__(None, None, None)
         if batch is not None and len(batch.reqs) == args.batch:
             walls.append(time.perf_counter() - t)
+            pool = sched.req_to_token_pool  # every admitted prefix on the device as on the host (after the timing)
+            rows = torch.tensor([r.req_pool_idx for r in batch.reqs])
+            mismatched.append(int((pool.req_to_token[rows.to(pool.req_to_token.device)].cpu() != pool.host[rows]).any(1).sum()))
         return batch
 
     sched._schedule_prefill = timed
@@ -116,11 +121,13 @@ def main() -> None:
     ms = [1e3 * w for w in walls]
     print(f"admission of {args.batch} {'JSON ' if args.json else ''}requests on {args.device}: "
           f"{[round(x, 2) for x in ms]} ms (median of the unprofiled {statistics.median(ms[:-1] or ms):.2f}; "
-          f"the last one profiled); {len(aborts)} requests aborted {sorted(set(aborts))[:2]}")
+          f"the last one profiled); {len(aborts)} requests aborted {sorted(set(aborts))[:2]}; prefixes deferred "
+          f"{prefill_admission.DEFER_ADMISSION_WRITES}; rows whose device table differs from the host's {mismatched}")
     text = io.StringIO()
     pstats.Stats(profiler["py"], stream=text).sort_stats(args.sort).print_stats(args.rows)
     print(text.getvalue())
-    report: dict = {"batch": args.batch, "json": args.json, "device": args.device, "wall_ms": ms, "aborts": len(aborts)}
+    report: dict = {"batch": args.batch, "json": args.json, "device": args.device, "wall_ms": ms, "aborts": len(aborts),
+                    "deferred": prefill_admission.DEFER_ADMISSION_WRITES, "rows_mismatched": mismatched}
     if profiler["torch"] is not None:
         events = [e for e in profiler["torch"].key_averages() if e.key.startswith(("aten::", "cuda", "Memcpy", "Memset"))]
         events.sort(key=lambda e: -e.cpu_time_total)

@@ -81,7 +81,10 @@ final)
   run f5 280 "RADIXLM_LOOP_STATS=$OUT/f5/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 8 --out $OUT/f5/f.json"
   # the scheduler's admission of a 256-request burst in-process (item (f)'s first step spends it: "schedule prefill" 22-43
   # ms on the H100's host vs ~9 ms on the 2-core VM): its Python functions and the device ops it launches, plain and JSON
-  run adm 90 "python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain.json && python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json.json"
+  # (2026-12-05 14:30 on the H200: 35 ms plain / 21 ms JSON, 10 ms uncached; kv_pool.write most of it) -> then with the
+  # prefixes' device writes deferred to one scatter: set prefill_admission.DEFER_ADMISSION_WRITES on if "rows whose device
+  # table differs" is all 0 and the admission is faster, then check (f) / (e) on that commit
+  run adm 150 "python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain.json && python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json.json && RADIXLM_DEFER_ADMISSION_WRITES=1 python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain_deferred.json && RADIXLM_DEFER_ADMISSION_WRITES=1 python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json_deferred.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;

@@ -6,6 +6,8 @@ KV slots) before anything is committed; the Scheduler stays the owner of the que
 """
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from radixlm.runtime import step_order
@@ -17,6 +19,13 @@ from radixlm.runtime.schedule_policy import InBatchPrefixes, order_waiting
 
 if TYPE_CHECKING:
     from radixlm.runtime.scheduler import Scheduler
+
+# The admitted requests' cached prefixes reach the device's req_to_token as one copy and one scatter after
+# the loop (ReqToTokenPool.deferred_writes), not a pinned copy and a slice store each: on the H200's host a
+# 256-request burst of cached prompts took 35 ms to admit against 10 ms uncached (2026-12-05,
+# benchmarks/admission_cost.py). Off until a GPU run checks it (`$RADIXLM_DEFER_ADMISSION_WRITES=1` on);
+# nothing changes on the CPU, where the table is its own host mirror.
+DEFER_ADMISSION_WRITES = os.environ.get("RADIXLM_DEFER_ADMISSION_WRITES", "0") == "1"
 
 
 def schedule_prefill(sched: Scheduler) -> ScheduledBatch | None:
@@ -60,6 +69,14 @@ def schedule_prefill(sched: Scheduler) -> ScheduledBatch | None:
     if adapters is not None and adapters.bound:
         ordered = longest_first(ordered, lora_remaining([*sched.running, *sched.partial, *batch.reqs]))
     in_batch = None if sched.args.disable_radix_cache else InBatchPrefixes()
+    with sched.req_to_token_pool.deferred_writes() if DEFER_ADMISSION_WRITES else nullcontext():
+        admit_waiting(sched, batch, ordered, in_batch, adapters, budget, free)
+    return batch if batch.reqs else None
+
+
+def admit_waiting(sched: Scheduler, batch: ScheduledBatch, ordered: list[Req], in_batch: InBatchPrefixes | None,
+                  adapters: SlotBudget | None, budget: int, free: int) -> None:
+    """Waiting requests into `batch` in `ordered` order while rows, the token budget and KV slots last."""
     for req in ordered:
         # Check: room for the request's rows, its token budget, its KV slots.
         seqs = 1 + len(req.followers)
@@ -92,7 +109,6 @@ def schedule_prefill(sched: Scheduler) -> ScheduledBatch | None:
         if req.kv_len < req.fill_len:
             sched.partial.append(req)
             break
-    return batch if batch.reqs else None
 
 
 def lora_remaining(in_flight: list[Req]) -> dict[str, int]:
