@@ -4,6 +4,8 @@
 # decides on either card, the suite's absolute figures only on an H200 (name the card in RESULTS.md).
 # Run from the repository root on the device, one part per call (each part < 600 s), results under $OUT/<name>/.
 # (2026-12-05 12:45, H100: jf19 ran — one-token prefills as decode flipped on; jf19r repeats the rest.)
+# (2026-12-05 13:50-14:33: jf19r and f5 on an H100, f5, adm's first two runs and jf21 on an H200 — RESULTS.md, section
+# "(f) measured as repeated pairs"; left: adm's deferred arms, then suite_aeg, suite_bf, lora64, w4a.)
 # Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
