@@ -37,7 +37,7 @@ class ReqToTokenPool:
         cpu = self.req_to_token.device.type == "cpu"
         self.host = self.req_to_token if cpu and not mirror else torch.zeros((max_reqs, max_context_len), dtype=torch.int32)
         self._free_rows: list[int] = list(range(max_reqs - 1, 0, -1))
-        self._deferred: list[tuple[int, int, torch.Tensor]] | None = None  # writes batched by `deferred_writes`
+        self._deferred: list[tuple[int, int, int]] | None = None  # (row, start, end) written inside `deferred_writes`
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         """req_to_token[row, start:start+len(slots)] = slots (host tensor), mirror included (inside
@@ -48,7 +48,7 @@ class ReqToTokenPool:
         if self.host is self.req_to_token:
             return
         if self._deferred is not None:
-            self._deferred.append((row, start, vals))
+            self._deferred.append((row, start, end))  # sent from the mirror at the block's end: its latest values
         else:
             self.req_to_token[row, start:end] = to_device(vals, self.req_to_token.device)
 
@@ -68,20 +68,21 @@ class ReqToTokenPool:
             pending, self._deferred = self._deferred, None
             self._flush(pending)
 
-    def _flush(self, pending: list[tuple[int, int, torch.Tensor]]) -> None:
+    def _flush(self, pending: list[tuple[int, int, int]]) -> None:
+        """The device table's spans `pending` (row, start, end) set from the mirror: one packed copy, one scatter."""
         if not pending:
             return
         if len(pending) == 1:
-            row, start, vals = pending[0]
-            self.req_to_token[row, start : start + int(vals.numel())] = to_device(vals, self.req_to_token.device)
+            row, start, end = pending[0]
+            self.req_to_token[row, start:end] = to_device(self.host[row, start:end], self.req_to_token.device)
             return
-        lens = torch.tensor([int(v.numel()) for _, _, v in pending], dtype=torch.int64)
+        lens = torch.tensor([e - s for _, s, e in pending], dtype=torch.int64)
         rows = torch.repeat_interleave(torch.tensor([r for r, _, _ in pending], dtype=torch.int64), lens)
-        # each write's positions: start .. start + len - 1, from one arange less each write's offset
+        # each span's positions: start .. end - 1, from one arange less each span's offset in it
         offsets = torch.cumsum(lens, 0) - lens
         starts = torch.tensor([s for _, s, _ in pending], dtype=torch.int64)
         cols = torch.arange(int(lens.sum()), dtype=torch.int64) + torch.repeat_interleave(starts - offsets, lens)
-        rows_d, cols_d, vals_d = pack_on([rows, cols], self.req_to_token.device, int32=[torch.cat([v for _, _, v in pending])])
+        rows_d, cols_d, vals_d = pack_on([rows, cols], self.req_to_token.device, int32=[self.host[rows, cols]])
         self.req_to_token[rows_d, cols_d] = vals_d
 
     def slots(self, row: int, start: int, end: int) -> torch.Tensor:
