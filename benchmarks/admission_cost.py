@@ -27,15 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 16, "vocab_size": 49152, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
-
 
 def main() -> None:
     import torch
     from gpu_throughput import SCHEMA
+    from host_step import make_model_dir
     from transformers import AutoTokenizer
 
     from radixlm.runtime import prefill_admission
@@ -54,8 +50,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=18, help="cProfile rows printed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    model = Path(tempfile.mkdtemp(prefix="radixlm-admission-"))
-    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    model = make_model_dir(Path(tempfile.mkdtemp(prefix="radixlm-admission-")), Path(args.tokenizer), 49152)
     sched = Scheduler(ServerArgs(model_path=str(model), tokenizer_path=args.tokenizer, load_format="dummy", device=args.device,
                                  max_total_tokens=200_000,
                                  max_running_requests=1024, chunked_prefill_size=65536, max_prefill_tokens=65536,

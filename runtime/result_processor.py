@@ -216,7 +216,8 @@ class ResultProcessor:
                logits_needed_after: bool = True, prepared: SamplingBatch | None = None) -> torch.Tensor:
         """Next token per row, on the device. `logits_needed_after=False` (an overlapped step) masks
         `rows_logits` in place, without a [B, V] copy. `prepared`: these rows' `prepare_sampling`."""
-        prepared = prepared or self.prepare_sampling(reqs, rows_logits.shape[1], rows_logits.device)
+        if prepared is None:
+            prepared = self.prepare_sampling(reqs, rows_logits.shape[1], rows_logits.device)
         if prepared is None:
             return greedy_argmax(rows_logits)  # the common greedy case: no per-row tensors to build
         constrained = grammars is not None and any(r.grammar is not None for r in reqs)
@@ -248,9 +249,11 @@ class ResultProcessor:
                     logits_needed_after: bool = True, sbatch: SamplingBatch | None = None) -> torch.Tensor:
         """One token per row: adjustments (penalties, bias, bans), the bitmask, the seeded draw; `sbatch`: built."""
         needs_adjust = any(r.params.needs_output_history or r.banned_ids for r in rows)
-        if not needs_adjust and bitmask is None and all(r.params.is_greedy for r in rows):
+        all_greedy = sbatch.all_greedy if sbatch is not None else all(r.params.is_greedy for r in rows)
+        if not needs_adjust and bitmask is None and all_greedy:
             return greedy_argmax(rows_logits)
-        sbatch = sbatch or SamplingBatch.build(rows, rows_logits.shape[1], rows_logits.device)
+        if sbatch is None:
+            sbatch = SamplingBatch.build(rows, rows_logits.shape[1], rows_logits.device)
         adjusted = apply_logit_adjustments(rows_logits.clone(), sbatch) if needs_adjust else rows_logits
         if bitmask is not None:
             from radixlm.constrained import apply_token_bitmask_
