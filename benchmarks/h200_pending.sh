@@ -87,6 +87,10 @@ final)
   # prefixes' device writes deferred to one scatter: set prefill_admission.DEFER_ADMISSION_WRITES on if "rows whose device
   # table differs" is all 0 and the admission is faster, then check (f) / (e) on that commit
   run adm 150 "python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain.json && python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json.json && RADIXLM_DEFER_ADMISSION_WRITES=1 python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain_deferred.json && RADIXLM_DEFER_ADMISSION_WRITES=1 python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json_deferred.json"
+  # the deferred writes in item (f) itself (2026-12-05 22:10): an Engine per arm (defaults, deferred), 6 pairs each at 64
+  # and 256 rows -> with adm's tables all matching, keep DEFER_ADMISSION_WRITES on if the deferred arm's median ratio and
+  # first step are no worse at both sizes (valid 64/64, 256/256)
+  run adm_f 330 "RADIXLM_LOOP_STATS=$OUT/adm_f/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;RADIXLM_DEFER_ADMISSION_WRITES=1' --out $OUT/adm_f/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
