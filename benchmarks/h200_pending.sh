@@ -91,9 +91,10 @@ final)
   # and 256 rows -> with adm's tables all matching, keep DEFER_ADMISSION_WRITES on if the deferred arm's median ratio and
   # first step are no worse at both sizes (valid 64/64, 256/256)
   run adm_f 330 "RADIXLM_LOOP_STATS=$OUT/adm_f/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;RADIXLM_DEFER_ADMISSION_WRITES=1' --out $OUT/adm_f/f.json"
-  # jf21 again with 8 pairs an Engine (2026-12-05 22:15): defaults / constrained prefill overlapped, two Engines each in
-  # turn -> the overlap flag's effect on (f) pooled over its Engines (jf21's 6 pairs left it inside the spread)
-  run jf22 560 "RADIXLM_LOOP_STATS=$OUT/jf22/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 8 --f-flag-arms='-;enable_overlap_constrained_prefill;-;enable_overlap_constrained_prefill' --out $OUT/jf22/f.json"
+  # jf21 again (2026-12-05 22:15), 6 pairs an Engine: defaults (constrained prefill synchronous) / overlapped, two Engines
+  # each in turn -> turn the overlap on by default (as --disable-overlap-constrained-prefill) if its (f) ratio pooled over
+  # jf21's and jf22's Engines (four an arm) is above the defaults' at both sizes (jf21 alone left it inside the spread)
+  run jf22 560 "RADIXLM_LOOP_STATS=$OUT/jf22/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;enable_overlap_constrained_prefill;-;enable_overlap_constrained_prefill' --out $OUT/jf22/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
