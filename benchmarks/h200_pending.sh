@@ -95,6 +95,8 @@ final)
   # each in turn -> turn the overlap on by default (as --disable-overlap-constrained-prefill) if its (f) ratio pooled over
   # jf21's and jf22's Engines (four an arm) is above the defaults' at both sizes (jf21 alone left it inside the spread)
   run jf22 560 "RADIXLM_LOOP_STATS=$OUT/jf22/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;enable_overlap_constrained_prefill;-;enable_overlap_constrained_prefill' --out $OUT/jf22/f.json"
+  # jf22 cut to one Engine an arm (the device time left after failed starts, 2026-12-05 23:30); pooled the same way
+  run jf22s 300 "RADIXLM_LOOP_STATS=$OUT/jf22s/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='enable_overlap_constrained_prefill;-' --out $OUT/jf22s/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
