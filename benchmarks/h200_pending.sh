@@ -6,6 +6,8 @@
 # (2026-12-05 12:45, H100: jf19 ran — one-token prefills as decode flipped on; jf19r repeats the rest.)
 # (2026-12-05 13:50-14:33: jf19r and f5 on an H100, f5, adm's first two runs and jf21 on an H200 — RESULTS.md, section
 # "(f) measured as repeated pairs"; left: adm's deferred arms, then suite_aeg, suite_bf, lora64, w4a.)
+# (2026-12-05 22:04-23:38: no machine in 23 calls. Left, in this order: `final adm jf22` (~450 s; or `final jf22s` where
+# less time is left), `final adm_f`, then `final suite_aeg suite_bf lora64 w4a`; judge jf22 with benchmarks/f_pooled.py.)
 # Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
