@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from f_pooled import arm_of, pooled  # noqa: E402
 
 
 def _run(batch: int, json_tok_s: list[float], same_tok_s: list[float]) -> dict:
-    return {"batch": batch, "repeats": {"tok_s": {"json_schema": json_tok_s, "unconstrained_same_lengths": same_tok_s},
-                                        "pair_ratios": [j / s for j, s in zip(json_tok_s, same_tok_s)]}}
+    """One Engine's (f) result as gpu_throughput.repeat_pairs reports it."""
+    return {"batch": batch, "repeats": {
+        "tok_s": {"json_schema": json_tok_s, "unconstrained_same_lengths": same_tok_s},
+        "pair_ratios": [j / s for j, s in zip(json_tok_s, same_tok_s)],
+        "constrained_vs_same_lengths_tok_s_medians": statistics.median(json_tok_s) / statistics.median(same_tok_s)}}
 
 
 def test_arms_named_from_result_keys() -> None:
