@@ -102,10 +102,10 @@ final)
   # forced rows as repeated pairs (2026-12-06): jf16's one pair (0.844x at 256 rows, 2026-12-05) lost ~180 ms in its
   # first three steps (forward inputs' longest call 181 ms, steps of 188 / 71 / 22 ms) while its steady state took 101
   # decode steps for the same-lengths run's 106 at a median 9.37 ms against 9.65; the repeats tell a first-run cost
-  # from a per-run one. Engines in turn: forced rows, defaults, overlapped prefill, forced rows, overlapped prefill
-  # (the last two pooled with jf21 for jf22's question) -> turn --enable-forced-rows on by default only if its pooled
-  # median ratio is above the defaults' (pooled with jf21 / f5) at both sizes, outputs valid
-  run jf23 590 "RADIXLM_LOOP_STATS=$OUT/jf23/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='enable_forced_rows;-;enable_overlap_constrained_prefill;enable_forced_rows;enable_overlap_constrained_prefill' --out $OUT/jf23/f.json"
+  # from a per-run one. Engines in turn: forced rows, defaults, forced rows (~230 s; jf22s after it on the same machine)
+  # -> turn --enable-forced-rows on by default only if its pooled median ratio is above the defaults' (pooled with
+  # jf21 / f5) at both sizes, outputs valid
+  run jf23 400 "RADIXLM_LOOP_STATS=$OUT/jf23/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='enable_forced_rows;-;enable_forced_rows' --out $OUT/jf23/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"
   ;;
