@@ -1,4 +1,4 @@
-"""Item (f)'s JSON prefill step on the CPU, synchronous vs overlapped (--enable-overlap-constrained-prefill).
+"""Item (f)'s JSON prefill step on the CPU, synchronous vs overlapped (--disable-overlap-constrained-prefill off / on).
 
 Synchronously, a prefill step of constrained requests samples its first tokens under their masks, waits
 for them, commits them to the grammars and checks each row's finish before the next step is scheduled:
@@ -38,7 +38,7 @@ def run(model_dir: Path, batch: int, overlap: bool, tokens: int, prompt_len: int
 
     sched = make_scheduler(model_dir, max_total_tokens=batch * (prompt_len + 160) + 4096, load_format="dummy",
                            enable_overlap_schedule_on_cpu=True, grammar_state_table="complete",
-                           enable_overlap_constrained_prefill=overlap)
+                           disable_overlap_constrained_prefill=not overlap)
     try:
         spec = json.dumps(SCHEMA)
         run_to_completion(sched, [TokenizedGenerateReq(rid="warm", input_ids=[5, 6, 7], params=SamplingParams(

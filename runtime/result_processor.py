@@ -67,7 +67,7 @@ class ResultProcessor:
         self.context_len = context_len
         self.jump_forward_enabled = jump_forward
         self.decode_graphs = decode_graphs  # decode steps replay CUDA graphs: an extend step costs more
-        self.prompt_rows_running = prompt_rows_running  # (--enable-overlap-constrained-prefill: see _append)
+        self.prompt_rows_running = prompt_rows_running  # (overlapped constrained prefill: see _append)
 
     # ---------------------------------------------------------------- results
     def process(self, batch: ScheduledBatch, logits: torch.Tensor, forks: dict[Req, list[Req]],

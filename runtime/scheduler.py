@@ -66,7 +66,7 @@ class Scheduler:
         self.results = ResultProcessor(tokenizer, eos, self.runner.context_len,
                                        jump_forward=not args.disable_jump_forward,
                                        decode_graphs=self.runner.graph_runner is not None,
-                                       prompt_rows_running=args.enable_overlap_constrained_prefill)  # (step_order)
+                                       prompt_rows_running=not args.disable_overlap_constrained_prefill)  # (step_order)
         self.grammars: Any = None  # GrammarRuntime, created on the first constrained request
         self.spec: SpecDecoder | None = None
         if args.speculative_algorithm is not None:

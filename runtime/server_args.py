@@ -109,9 +109,10 @@ class ServerArgs(SpeculativeArgs, LoRAArgs):
                                           "a chunk of ~600-token prompts or of short questions on a cached prefix, "
                                           "the next prefill chunk is scheduled and launched while it runs; with the "
                                           "overlap schedule only)", bool)
-    enable_overlap_constrained_prefill: bool = _flag(False, "scheduling", "overlap prefill steps of constrained "
-                                                     "requests too where no jump-forward can follow their first token "
-                                                     "(not yet decided on a GPU: off by default)", bool)
+    disable_overlap_constrained_prefill: bool = _flag(False, "scheduling", "commit a prefill step of constrained "
+                                                      "requests before scheduling the next one (default: overlapped "
+                                                      "as other prefill steps are, where no jump-forward can follow "
+                                                      "their first token)", bool)
     enable_overlap_schedule_on_cpu: bool = _flag(False, "scheduling", "use the overlap schedule on a CPU too "
                                                  "(on by default only on CUDA, where it pays)", bool)
     stream_interval: int = _flag(1, "scheduling", "send streamed tokens every this many steps", int, minimum=1)

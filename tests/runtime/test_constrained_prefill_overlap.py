@@ -1,4 +1,4 @@
-"""--enable-overlap-constrained-prefill: a prompts-only prefill step of constrained requests is overlapped
+"""The overlapped constrained prefill (on unless --disable-overlap-constrained-prefill): a prompts-only prefill step of constrained requests is overlapped
 with the next step (step_order.constrained_prefill_overlaps) where no jump-forward can follow the first
 token; outputs equal the synchronous step's (greedy and seeded), the KV pool is exact afterwards."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ SCHEMA = {"type": "object", "properties": {
 def _run(model_dir, overlap: bool, params: list[dict], graphs: bool = False, prompts: list[list[int]] | None = None,
          **options) -> tuple[dict, dict]:
     sched = make_scheduler(model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
-                           enable_overlap_constrained_prefill=overlap, grammar_state_table="complete", **options)
+                           disable_overlap_constrained_prefill=not overlap, grammar_state_table="complete", **options)
     sched.results.decode_graphs = graphs  # (jump-forward's worth as beside CUDA graphs: judged by the running rows)
     try:
         tok = sched.tokenizer
@@ -81,10 +81,10 @@ def test_only_where_no_jump_can_follow_the_first_token(default_model_dir, monkey
 
 def test_prompt_rows_count_as_running_when_a_jump_is_judged(monkeypatch) -> None:
     """A jump's extend step takes every row of the next decode step off the graph path, those whose prompt
-    just completed included: with the flag, every row of a prefill batch is judged at the running rows plus
+    just completed included: with the overlap (the default), every row of a prefill batch is judged at the running rows plus
     the batch's (the count the overlap's gate reads); without it, as before."""
     proc = ResultProcessor(None, {0}, 4096, jump_forward=True, decode_graphs=True)
-    proc.prompt_rows_running = True  # (the scheduler sets it with --enable-overlap-constrained-prefill)
+    proc.prompt_rows_running = True  # (the scheduler sets it unless --disable-overlap-constrained-prefill)
     seen: list[int] = []
     monkeypatch.setattr(proc, "_jump_forward", lambda req, grammars, n: seen.append(n) and False)
     reqs = []
