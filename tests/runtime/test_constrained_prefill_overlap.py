@@ -1,6 +1,7 @@
-"""The overlapped constrained prefill (on unless --disable-overlap-constrained-prefill): a prompts-only prefill step of constrained requests is overlapped
-with the next step (step_order.constrained_prefill_overlaps) where no jump-forward can follow the first
-token; outputs equal the synchronous step's (greedy and seeded), the KV pool is exact afterwards."""
+"""The overlapped constrained prefill (on unless --disable-overlap-constrained-prefill): a prompts-only prefill
+step of constrained requests is overlapped with the next step (step_order.constrained_prefill_overlaps) where no
+jump-forward can follow the first token; outputs equal the synchronous step's (greedy and seeded), the KV pool is
+exact afterwards."""
 from __future__ import annotations
 
 import json
