@@ -4,7 +4,10 @@ One Engine's median ratio moves ~1.5% with the Engine (jf21: three default Engin
 0.982 and 0.986 at 256 rows), as much as the levers left to decide: an arm is judged over every Engine
 that ran it, in any `gpu_suite.py --items f --f-repeats N` output given. Prints, per (card, rows, arm),
 each Engine's median ratio (median JSON tok/s over median same-lengths tok/s), their mean, and the median
-of all their pair ratios.
+of all their pair ratios. An arm is named by the flags its Engine set, so "defaults" are the defaults of the commit
+that ran it: before c52066f (2026-12-06) the constrained prefill step ran synchronously by default and
+`enable_overlap_constrained_prefill` overlapped it; since then the overlap is the default and
+`disable_overlap_constrained_prefill` is the synchronous arm. Pool outputs of one side of that commit at a time.
 
     python benchmarks/f_pooled.py benchmarks/results/gpu_suite_f-jf21-h200-20261205.json $OUT/jf22/f.json
 """

@@ -6,14 +6,15 @@
 # (2026-12-05 12:45, H100: jf19 ran — one-token prefills as decode flipped on; jf19r repeats the rest.)
 # (2026-12-05 13:50-14:33: jf19r and f5 on an H100, f5, adm's first two runs and jf21 on an H200 — RESULTS.md, section
 # "(f) measured as repeated pairs"; left: adm's deferred arms, then suite_aeg, suite_bf, lora64, w4a.)
-# (2026-12-05 22:04-23:38: no machine in 23 calls. Left, in this order: `final adm jf22` (~450 s; or `final jf22s` where
-# less time is left), `final adm_f`, then `final suite_aeg suite_bf lora64 w4a`; judge jf22 with benchmarks/f_pooled.py.)
+# (2026-12-06 01:29-01:41, one H200 after five failed starts: jf23, jf22s twice and adm ran — RESULTS.md, section "(f): the
+# overlapped constrained prefill decided, forced rows as repeated pairs"; jf17/19/19r/21/22 and adm_f, decided, are gone
+# from this script, their commands in RESULTS.md. Left: `final suite_aeg suite_bf lora64 w4a`.)
 # Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
 # first, as the device tool's README says (llguidance: --platform manylinux_2_31_x86_64).
 # Carry `.whl` and `.gpu_assets` (the tokenizer folder item f reads; ignored by git, so it travels only when named).
-#   bash benchmarks/h200_pending.sh ab      (jf17 ~130 s: constrained prefill overlapped, issue 14; jf18 ~90 s: (f)'s decode
+#   bash benchmarks/h200_pending.sh ab      (jf18 ~90 s: (f)'s decode
 #                                            step op by op, issue 14; jf18b ~150 s: one-token prefills as decode
 #                                            steps, issue 14; jf20 ~130 s: sampling values before the
 #                                            tokens' wait, issue 14; spec9 ~70 s: batch-1
@@ -39,24 +40,7 @@ ab)
   # issue 18 (spec9): batch-1 NGRAM with fewer plain steps, arms short / source / shortsrc / shortsrcdeep beside the default in
   # one process -> flip the fastest arm's constants in runtime/speculative/spec_decoder.py (SHORT_MATCH_ROWS, COPY_SOURCE_ROWS,
   # SHORT_DEPTH_ROWS) if it beats the default in the repeat cell and is within -1% in the random cell (RESULTS.md, spec9)
-  # issue 14 item 4 (jf17): constrained prefill steps overlapped, an Engine per arm (flag off, on) at 64 and 256 rows -> turn
-  # enable_overlap_constrained_prefill on by default (runtime/server_args.py) if the same-lengths ratio rises at both sizes
-  # with 64/64 and 256/256 valid; the JSON run's first step ("step ms ... longest json") shows the mechanism
-  # issue 14 item 4 (jf19 = jf17 + jf18b + jf20 in one process, one baseline): arms defaults / constrained prefill overlapped /
-  # one-token prefills as decode / jf20's sampling values before the tokens turned off, at 64 and 256 rows -> flip each lever
-  # whose arm raises the (f) ratio at both sizes (valid 64/64, 256/256); SAMPLING_BEFORE_TOKENS off only if its arm wins both
-  run jf19 330 "RADIXLM_LOOP_STATS=$OUT/jf19/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill;RADIXLM_ONE_TOKEN_PREFILL_AS_DECODE=1;RADIXLM_SAMPLING_BEFORE_TOKENS=0' --out $OUT/jf19/f.json"
-  # jf19's repeat on the flipped defaults (one-token prefills as decode on), the arms in another order (Engine order moved
-  # absolute rates in jf19): SAMPLING_BEFORE_TOKENS off / constrained prefill overlapped / defaults
-  # (2026-12-05 evening: each arm's JSON and same-lengths runs 4 times in pairs of alternating order, --f-repeats; compare
-  # the "repeats:" line's median ratio, not the first pair's)
-  run jf19r 400 "RADIXLM_LOOP_STATS=$OUT/jf19r/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 4 --f-flag-arms='RADIXLM_SAMPLING_BEFORE_TOKENS=0;enable_overlap_constrained_prefill;-' --out $OUT/jf19r/f.json"
-  # jf19r's flag again, each arm in two Engines in turn (off, on, off, on: Engines of one configuration differed 2.5% in
-  # rate), 6 pairs each -> turn enable_overlap_constrained_prefill on by default (with a --disable- flag) only if its
-  # median ratio is above the defaults' in both of its Engines at both sizes
-  run jf21 560 "RADIXLM_LOOP_STATS=$OUT/jf21/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;enable_overlap_constrained_prefill;-;enable_overlap_constrained_prefill' --out $OUT/jf21/f.json"
-  run jf17 170 "RADIXLM_LOOP_STATS=$OUT/jf17/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-flag-arms='-;enable_overlap_constrained_prefill' --out $OUT/jf17/f.json"
-  # issue 14 item 4 (jf18): no A/B (its host changes are on, outputs unchanged; jf17's run above measures them): item (f)'s
+  # issue 14 item 4 (jf18): no A/B (its host changes are on, outputs unchanged): item (f)'s
   # decode step at 256 rows op by op outside the forward, JSON vs plain, kernels and copies with device us -> says which of
   # the JSON step's ops (index copy, table gather, bitmask kernel, ...) make its +0.26 ms a step (RESULTS.md, jf18)
   run jf18 150 "python3 benchmarks/f_step_ops.py --batch 256 --out $OUT/jf18/ops.json"
@@ -89,16 +73,10 @@ final)
   # prefixes' device writes deferred to one scatter: set prefill_admission.DEFER_ADMISSION_WRITES on if "rows whose device
   # table differs" is all 0 and the admission is faster, then check (f) / (e) on that commit
   run adm 150 "python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain.json && python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json.json && RADIXLM_DEFER_ADMISSION_WRITES=1 python3 benchmarks/admission_cost.py --batch 256 --out $OUT/adm/plain_deferred.json && RADIXLM_DEFER_ADMISSION_WRITES=1 python3 benchmarks/admission_cost.py --batch 256 --json --out $OUT/adm/json_deferred.json"
-  # the deferred writes in item (f) itself (2026-12-05 22:10): an Engine per arm (defaults, deferred), 6 pairs each at 64
-  # and 256 rows -> with adm's tables all matching, keep DEFER_ADMISSION_WRITES on if the deferred arm's median ratio and
-  # first step are no worse at both sizes (valid 64/64, 256/256)
-  run adm_f 330 "RADIXLM_LOOP_STATS=$OUT/adm_f/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;RADIXLM_DEFER_ADMISSION_WRITES=1' --out $OUT/adm_f/f.json"
-  # jf21 again (2026-12-05 22:15), 6 pairs an Engine: defaults (constrained prefill synchronous) / overlapped, two Engines
-  # each in turn -> turn the overlap on by default (as --disable-overlap-constrained-prefill) if its (f) ratio pooled over
-  # jf21's and jf22's Engines (four an arm) is above the defaults' at both sizes (jf21 alone left it inside the spread)
-  run jf22 560 "RADIXLM_LOOP_STATS=$OUT/jf22/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;enable_overlap_constrained_prefill;-;enable_overlap_constrained_prefill' --out $OUT/jf22/f.json"
-  # jf22 cut to one Engine an arm (the device time left after failed starts, 2026-12-05 23:30); pooled the same way
-  run jf22s 300 "RADIXLM_LOOP_STATS=$OUT/jf22s/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='enable_overlap_constrained_prefill;-' --out $OUT/jf22s/f.json"
+  # the overlapped constrained prefill against the synchronous one, an Engine each, 6 pairs (ran twice on 2026-12-06 with
+  # the flag's earlier spelling; since c52066f the overlap is the default and the synchronous arm is the flag): pool
+  # with benchmarks/f_pooled.py, minding that outputs before c52066f call the synchronous arm "defaults"
+  run jf22s 300 "RADIXLM_LOOP_STATS=$OUT/jf22s/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='-;disable_overlap_constrained_prefill' --out $OUT/jf22s/f.json"
   # forced rows as repeated pairs (2026-12-06): jf16's one pair (0.844x at 256 rows, 2026-12-05) lost ~180 ms in its
   # first three steps (forward inputs' longest call 181 ms, steps of 188 / 71 / 22 ms) while its steady state took 101
   # decode steps for the same-lengths run's 106 at a median 9.37 ms against 9.65; the repeats tell a first-run cost
