@@ -8,7 +8,8 @@
 # "(f) measured as repeated pairs"; left: adm's deferred arms, then suite_aeg, suite_bf, lora64, w4a.)
 # (2026-12-06 01:29-01:41, one H200 after five failed starts: jf23, jf22s twice and adm ran — RESULTS.md, section "(f): the
 # overlapped constrained prefill decided, forced rows as repeated pairs"; jf17/19/19r/21/22 and adm_f, decided, are gone
-# from this script, their commands in RESULTS.md. Left: `final suite_aeg suite_bf lora64 w4a`.)
+# from this script, their commands in RESULTS.md. Left: `final suite_aeg suite_bf lora64 w4a`; `final jf23` again for
+# where forced rows' first extra-rows step spends its 130-157 ms.)
 # Every new GPU path below is off by default; flip the constant / flag named in each comment only where its A/B wins,
 # then run part "final" (the suite and the rows of the issues) on that commit.
 # Needs the wheels the device lacks (llguidance, gguf, outlines-core, interegular, jsonschema and its deps) installed
@@ -82,7 +83,10 @@ final)
   # decode steps for the same-lengths run's 106 at a median 9.37 ms against 9.65; the repeats tell a first-run cost
   # from a per-run one. Engines in turn: forced rows, defaults, forced rows (~230 s; jf22s after it on the same machine)
   # -> turn --enable-forced-rows on by default only if its pooled median ratio is above the defaults' (pooled with
-  # jf21 / f5) at both sizes, outputs valid
+  # jf21 / f5) at both sizes, outputs valid. (Ran 2026-12-06: off stays; each Engine's first forced-rows JSON run spent
+  # 130-157 ms in one "forward inputs" call. Since then the step parts also split out "plan guesses", "resolve guesses",
+  # "plan rides", and inside "forward inputs" "guess pick inputs" and "extra-rows inputs' copy": run it again to see
+  # which holds that first call, the rest being the device operations after the copy.)
   run jf23 400 "RADIXLM_LOOP_STATS=$OUT/jf23/loop.jsonl python3 benchmarks/gpu_suite.py --skip-check --skip-transformers --items f --f-batch 64,256 --f-state-table auto --f-skip-profile --f-wait-tables --f-repeats 6 --f-flag-arms='enable_forced_rows;-;enable_forced_rows' --out $OUT/jf23/f.json"
   run lora64 118 "python3 benchmarks/lora_issue.py --requests 1000 --rows 64 --skip base_engine,decode,check --cuda-graph-max-bs 256 --progress-s 5 --loop-stats --budget-s 112 --out $OUT/lora64/lora64.json"
   run w4a 60 "python3 benchmarks/small_m_gemm_sweep.py --decode-only --decode-arms w4a16-defaults --out $OUT/w4a/w4a.json"

@@ -109,7 +109,8 @@ class LoopStats:
         import radixlm.constrained as constrained
         import radixlm.constrained.base as constrained_base
         from radixlm.constrained.table_grammar import TableMatcher
-        from radixlm.runtime import result_processor
+        from radixlm.runtime import decode_schedule, forced_rows_batch, result_processor
+        from radixlm.runtime import scheduler as scheduler_module
         from radixlm.runtime.grammar_tables import DeviceTables
         from radixlm.runtime.sampler import SamplingBatch
         from radixlm.runtime.schedule_batch import ScheduledBatch
@@ -124,7 +125,15 @@ class LoopStats:
                                   # llguidance inside the grammar's parts: masks of states first reached (may run on
                                   # a mask thread), lagging tokens taken by the backend
                                   (constrained_base, "fill_next_token_bitmasks", "backend mask fills"),
-                                  (TableMatcher, "sync", "backend catch-ups")):
+                                  (TableMatcher, "sync", "backend catch-ups"),
+                                  # --enable-forced-rows' host parts; inside "forward inputs", the extra-rows step's
+                                  # guess entries and its packed copy (the first such step of an Engine spent 130-157 ms
+                                  # in "forward inputs" on the H200, 2026-12-06: these tell where)
+                                  (decode_schedule, "plan_guesses", "plan guesses"),
+                                  (scheduler_module, "resolve_guesses", "resolve guesses"),
+                                  (scheduler_module, "plan_rides", "plan rides"),
+                                  (forced_rows_batch, "_guess_pick_inputs", "guess pick inputs"),
+                                  (forced_rows_batch, "pack_on", "extra-rows inputs' copy")):
             self.watch(owner, name, part)
 
     def begin(self, stats: dict[str, Any]) -> None:

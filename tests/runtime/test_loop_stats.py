@@ -67,6 +67,7 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
                          (result_processor, ("sample",)), (constrained, ("apply_token_bitmask_",))):
         for name in names:  # watch patches classes and modules: restored after
             monkeypatch.setattr(owner, name, inspect.getattr_static(owner, name))
+    _restore_forced_row_parts(monkeypatch)
     sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
                            grammar_mask_threads=0)
     loop = LoopStats(str(tmp_path / "loop.jsonl"))
@@ -106,5 +107,61 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     assert first["schedule prefill"] > 0 and first["forward launch"] > 0
     assert line["parts_calls"]["forward launch"] > 1 and first["forward launch"] < parts["forward launch"]
     assert all(first[k] <= parts[k] for k in first)
+    sched.grammars.close()
+    gc.callbacks.remove(loop._on_gc)
+
+
+def _restore_forced_row_parts(monkeypatch) -> None:
+    """The module functions `watch_scheduler` wraps for --enable-forced-rows' parts, restored after a test."""
+    from radixlm.runtime import decode_schedule, forced_rows_batch
+    from radixlm.runtime import scheduler as scheduler_module
+
+    for owner, names in ((decode_schedule, ("plan_guesses",)), (scheduler_module, ("resolve_guesses", "plan_rides")),
+                         (forced_rows_batch, ("_guess_pick_inputs", "pack_on"))):
+        for name in names:
+            monkeypatch.setattr(owner, name, getattr(owner, name))
+
+
+def test_forced_rows_parts(tmp_path, default_model_dir, monkeypatch) -> None:
+    """With --enable-forced-rows the line also splits out its host parts: the guess and ride plans, the guesses'
+    resolution, and inside "forward inputs" the extra-rows step's guess entries and its packed copy."""
+    import json
+
+    from radixlm.runtime.io_struct import TokenizedGenerateReq
+    from radixlm.runtime.sampling_params import SamplingParams
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+    from tests.runtime.helpers import make_scheduler, run_to_completion
+
+    monkeypatch.setattr(ScheduledBatch, "to_forward_batch", inspect.getattr_static(ScheduledBatch, "to_forward_batch"))
+    _restore_forced_row_parts(monkeypatch)
+    sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
+                           disable_jump_forward=True, enable_forced_rows=True, grammar_state_table="complete",
+                           grammar_mask_threads=0)
+    loop = LoopStats(str(tmp_path / "loop.jsonl"))
+    loop.watch_scheduler(sched)
+    schema = json.dumps({"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string",
+                        "maxLength": 12}, "active": {"type": "boolean"}}, "required": ["id", "name", "active"],
+                         "additionalProperties": False})
+    params = dict(temperature=1.0, max_new_tokens=48, json_schema=schema)
+    run_to_completion(sched, [TokenizedGenerateReq(rid="warm", input_ids=[5, 6, 7], params=SamplingParams(**params))])
+    deadline = time.monotonic() + 120
+    while sched.grammars.info()["grammar_tables_completing"] and time.monotonic() < deadline:
+        sched.grammars.file_completed_rows()
+        time.sleep(0.05)
+    for key in ("forced_guess_rows", "forced_ride_tokens"):
+        sched.stats[key] = 0
+    loop.begin(sched.stats)
+    reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=[100 + i, 7, 9], params=SamplingParams(seed=i, **params))
+            for i in range(8)]
+    for _ in range(2):  # the first run teaches the table which tokens lead into forced runs; the second guesses
+        run_to_completion(sched, reqs)
+        reqs = [TokenizedGenerateReq(rid=r.rid + "b", input_ids=r.input_ids, params=r.params) for r in reqs]
+    loop.end(sched.stats)
+    assert sched.stats["forced_guess_rows"] > 0
+    line = read_last(str(tmp_path / "loop.jsonl"))
+    parts = line["parts"]
+    for part in ("plan guesses", "resolve guesses", "plan rides", "guess pick inputs", "extra-rows inputs' copy"):
+        assert 0 < parts[part], part
+    assert parts["guess pick inputs"] + parts["extra-rows inputs' copy"] < parts["forward inputs"]
     sched.grammars.close()
     gc.callbacks.remove(loop._on_gc)
