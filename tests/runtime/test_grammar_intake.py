@@ -122,7 +122,9 @@ def test_a_spec_the_cache_dropped_is_compiled_again(default_model_dir) -> None:
     sched = make_scheduler(default_model_dir, max_total_tokens=8192, grammar_state_table="auto")
     try:
         sched._grammar_runtime().service.cache = GrammarCache(1)
-        first = run_to_completion(sched, _batch("a", 1, ITEM_F, tokens=2) + _batch("b", 1, OTHER, tokens=2))
+        # one after the other: two compile workers finish a batch's specs in either order, and the cache keeps one
+        first = run_to_completion(sched, _batch("a", 1, ITEM_F, tokens=2))
+        first |= run_to_completion(sched, _batch("b", 1, OTHER, tokens=2))
         sched.handle(_batch("c", 1, ITEM_F, tokens=2)[0])
         assert sched.waiting[-1].grammar_pending  # dropped for OTHER: queued again (the worker's cache answers)
         sched.handle(_batch("d", 1, OTHER, tokens=2)[0])

@@ -47,27 +47,11 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     nothing is counted."""
     import json
 
-    import radixlm.constrained as constrained
-    import radixlm.constrained.base as constrained_base
-    from radixlm.constrained.table_grammar import TableMatcher
-    from radixlm.runtime import result_processor
-    from radixlm.runtime.grammar_runtime import GrammarRuntime
-    from radixlm.runtime.grammar_tables import DeviceTables
     from radixlm.runtime.io_struct import TokenizedGenerateReq
-    from radixlm.runtime.sampler import SamplingBatch
     from radixlm.runtime.sampling_params import SamplingParams
-    from radixlm.runtime.schedule_batch import ScheduledBatch
-    from radixlm.runtime.uncommitted_step import UncommittedStep
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
-    for owner, names in ((GrammarRuntime, ("advance_many", "bitmask", "poll", "file_completed_rows")),
-                         (DeviceTables, ("gather", "_synced", "commit")), (SamplingBatch, ("build",)),
-                         (constrained_base, ("fill_next_token_bitmasks",)), (TableMatcher, ("sync",)),
-                         (ScheduledBatch, ("to_forward_batch",)), (UncommittedStep, ("start",)),
-                         (result_processor, ("sample",)), (constrained, ("apply_token_bitmask_",))):
-        for name in names:  # watch patches classes and modules: restored after
-            monkeypatch.setattr(owner, name, inspect.getattr_static(owner, name))
-    _restore_forced_row_parts(monkeypatch)
+    _restore_watched(monkeypatch)
     sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
                            grammar_mask_threads=0)
     loop = LoopStats(str(tmp_path / "loop.jsonl"))
@@ -111,15 +95,29 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     gc.callbacks.remove(loop._on_gc)
 
 
-def _restore_forced_row_parts(monkeypatch) -> None:
-    """The module functions `watch_scheduler` wraps for --enable-forced-rows' parts, restored after a test."""
-    from radixlm.runtime import decode_schedule, forced_rows_batch
+def _restore_watched(monkeypatch) -> None:
+    """Everything `watch_scheduler` wraps on classes and modules (every instance, the whole process), restored after
+    a test: a wrapper left behind would outlive it (a classmethod left a plain function, for one)."""
+    import radixlm.constrained as constrained
+    import radixlm.constrained.base as constrained_base
+    from radixlm.constrained.table_grammar import TableMatcher
+    from radixlm.runtime import decode_schedule, forced_rows_batch, result_processor
     from radixlm.runtime import scheduler as scheduler_module
+    from radixlm.runtime.grammar_runtime import GrammarRuntime
+    from radixlm.runtime.grammar_tables import DeviceTables
+    from radixlm.runtime.sampler import SamplingBatch
+    from radixlm.runtime.schedule_batch import ScheduledBatch
+    from radixlm.runtime.uncommitted_step import UncommittedStep
 
-    for owner, names in ((decode_schedule, ("plan_guesses",)), (scheduler_module, ("resolve_guesses", "plan_rides")),
+    for owner, names in ((GrammarRuntime, ("advance_many", "bitmask", "poll", "file_completed_rows")),
+                         (DeviceTables, ("gather", "_synced", "commit")), (SamplingBatch, ("build",)),
+                         (constrained_base, ("fill_next_token_bitmasks",)), (TableMatcher, ("sync",)),
+                         (ScheduledBatch, ("to_forward_batch",)), (UncommittedStep, ("start",)),
+                         (result_processor, ("sample",)), (constrained, ("apply_token_bitmask_",)),
+                         (decode_schedule, ("plan_guesses",)), (scheduler_module, ("resolve_guesses", "plan_rides")),
                          (forced_rows_batch, ("_guess_pick_inputs", "pack_on"))):
         for name in names:
-            monkeypatch.setattr(owner, name, getattr(owner, name))
+            monkeypatch.setattr(owner, name, inspect.getattr_static(owner, name))
 
 
 def test_forced_rows_parts(tmp_path, default_model_dir, monkeypatch) -> None:
@@ -129,11 +127,9 @@ def test_forced_rows_parts(tmp_path, default_model_dir, monkeypatch) -> None:
 
     from radixlm.runtime.io_struct import TokenizedGenerateReq
     from radixlm.runtime.sampling_params import SamplingParams
-    from radixlm.runtime.schedule_batch import ScheduledBatch
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
-    monkeypatch.setattr(ScheduledBatch, "to_forward_batch", inspect.getattr_static(ScheduledBatch, "to_forward_batch"))
-    _restore_forced_row_parts(monkeypatch)
+    _restore_watched(monkeypatch)
     sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
                            disable_jump_forward=True, enable_forced_rows=True, grammar_state_table="complete",
                            grammar_mask_threads=0)
