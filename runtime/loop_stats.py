@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 ENV = "RADIXLM_LOOP_STATS"
+_ABSENT = object()  # `watch`: the owner had no attribute of its own by that name
 COUNTERS = ("forward_steps", "decode_steps", "overlapped_steps", "prefill_steps", "mixed_steps", "generated_tokens",
             "prefill_as_decode_steps")
 
@@ -40,6 +41,7 @@ class LoopStats:
         self.busy = False
         self._reset()
         self._gc_started = 0.0
+        self._patched: list[tuple[Any, str, Any]] = []  # (owner, name, its own attribute before, or _ABSENT)
         gc.callbacks.append(self._on_gc)  # the cyclic collector's pauses, wherever they land
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -86,7 +88,20 @@ class LoopStats:
                     self.parts_max[part] = took
 
         static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+        self._patched.append((owner, name, vars(owner).get(name, _ABSENT)))
         setattr(owner, name, staticmethod(timed) if static else timed)
+
+    def close(self) -> None:
+        """Undo every `watch` (classes and modules are patched for the whole process) and stop timing the
+        collector: for a scheduler that runs in-process beside others (tests, benchmarks)."""
+        for owner, name, before in reversed(self._patched):
+            if before is _ABSENT:
+                delattr(owner, name)  # (it was the class's, or a base's: the lookup finds it again)
+            else:
+                setattr(owner, name, before)
+        self._patched.clear()
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def watch_scheduler(self, sched: Any) -> None:
         """The step's parts that tell a host-bound loop from a device-bound one."""

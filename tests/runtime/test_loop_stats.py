@@ -3,10 +3,20 @@ loop, its seconds by part and the scheduler's step counters over that period onl
 from __future__ import annotations
 
 import gc
-import inspect
 import time
 
+import pytest
+
 from radixlm.runtime.loop_stats import LoopStats, read_last
+
+
+@pytest.fixture
+def loop_stats(tmp_path):
+    """A LoopStats writing under tmp_path, closed after the test: `watch_scheduler` patches classes and modules for
+    the whole process, and a wrapper left behind would outlive the test."""
+    stats = LoopStats(str(tmp_path / "loop.jsonl"))
+    yield stats
+    stats.close()
 
 
 def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
@@ -41,7 +51,7 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
     gc.callbacks.remove(loop._on_gc)
 
 
-def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatch) -> None:
+def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, loop_stats) -> None:
     """`watch_scheduler`: a busy period's line splits the step into the forward's launch, commits,
     sampling, and the grammar's commit and masks (each within "step"; masks within sampling); idle,
     nothing is counted."""
@@ -51,10 +61,9 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     from radixlm.runtime.sampling_params import SamplingParams
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
-    _restore_watched(monkeypatch)
     sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
                            grammar_mask_threads=0)
-    loop = LoopStats(str(tmp_path / "loop.jsonl"))
+    loop = loop_stats
     loop.watch_scheduler(sched)
     schema = json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]})
     reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=[1, 2, 3], params=SamplingParams(
@@ -92,35 +101,9 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, monkeypatc
     assert line["parts_calls"]["forward launch"] > 1 and first["forward launch"] < parts["forward launch"]
     assert all(first[k] <= parts[k] for k in first)
     sched.grammars.close()
-    gc.callbacks.remove(loop._on_gc)
 
 
-def _restore_watched(monkeypatch) -> None:
-    """Everything `watch_scheduler` wraps on classes and modules (every instance, the whole process), restored after
-    a test: a wrapper left behind would outlive it (a classmethod left a plain function, for one)."""
-    import radixlm.constrained as constrained
-    import radixlm.constrained.base as constrained_base
-    from radixlm.constrained.table_grammar import TableMatcher
-    from radixlm.runtime import decode_schedule, forced_rows_batch, result_processor
-    from radixlm.runtime import scheduler as scheduler_module
-    from radixlm.runtime.grammar_runtime import GrammarRuntime
-    from radixlm.runtime.grammar_tables import DeviceTables
-    from radixlm.runtime.sampler import SamplingBatch
-    from radixlm.runtime.schedule_batch import ScheduledBatch
-    from radixlm.runtime.uncommitted_step import UncommittedStep
-
-    for owner, names in ((GrammarRuntime, ("advance_many", "bitmask", "poll", "file_completed_rows")),
-                         (DeviceTables, ("gather", "_synced", "commit")), (SamplingBatch, ("build",)),
-                         (constrained_base, ("fill_next_token_bitmasks",)), (TableMatcher, ("sync",)),
-                         (ScheduledBatch, ("to_forward_batch",)), (UncommittedStep, ("start",)),
-                         (result_processor, ("sample",)), (constrained, ("apply_token_bitmask_",)),
-                         (decode_schedule, ("plan_guesses",)), (scheduler_module, ("resolve_guesses", "plan_rides")),
-                         (forced_rows_batch, ("_guess_pick_inputs", "pack_on"))):
-        for name in names:
-            monkeypatch.setattr(owner, name, inspect.getattr_static(owner, name))
-
-
-def test_forced_rows_parts(tmp_path, default_model_dir, monkeypatch) -> None:
+def test_forced_rows_parts(tmp_path, default_model_dir, loop_stats) -> None:
     """With --enable-forced-rows the line also splits out its host parts: the guess and ride plans, the guesses'
     resolution, and inside "forward inputs" the extra-rows step's guess entries and its packed copy."""
     import json
@@ -129,11 +112,10 @@ def test_forced_rows_parts(tmp_path, default_model_dir, monkeypatch) -> None:
     from radixlm.runtime.sampling_params import SamplingParams
     from tests.runtime.helpers import make_scheduler, run_to_completion
 
-    _restore_watched(monkeypatch)
     sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
                            disable_jump_forward=True, enable_forced_rows=True, grammar_state_table="complete",
                            grammar_mask_threads=0)
-    loop = LoopStats(str(tmp_path / "loop.jsonl"))
+    loop = loop_stats
     loop.watch_scheduler(sched)
     schema = json.dumps({"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string",
                         "maxLength": 12}, "active": {"type": "boolean"}}, "required": ["id", "name", "active"],
@@ -160,4 +142,28 @@ def test_forced_rows_parts(tmp_path, default_model_dir, monkeypatch) -> None:
         assert 0 < parts[part], part
     assert parts["guess pick inputs"] + parts["extra-rows inputs' copy"] < parts["forward inputs"]
     sched.grammars.close()
-    gc.callbacks.remove(loop._on_gc)
+
+
+def test_close_undoes_every_watch(tmp_path) -> None:
+    """`close` puts back what `watch` replaced on classes, modules and objects (a classmethod stays one; an
+    attribute the object did not have of its own is removed again) and stops timing the collector."""
+    import inspect
+
+    from radixlm.runtime import forced_rows_batch
+    from radixlm.runtime.sampler import SamplingBatch
+
+    class Owner:
+        def method(self) -> int:
+            return 1
+
+    obj = Owner()
+    before = (inspect.getattr_static(SamplingBatch, "build"), forced_rows_batch.pack_on)
+    loop = LoopStats(str(tmp_path / "loop.jsonl"))
+    loop.watch(SamplingBatch, "build", "a")
+    loop.watch(forced_rows_batch, "pack_on", "b")
+    loop.watch(obj, "method", "c")
+    assert "method" in vars(obj) and forced_rows_batch.pack_on is not before[1]
+    loop.close()
+    assert (inspect.getattr_static(SamplingBatch, "build"), forced_rows_batch.pack_on) == before
+    assert "method" not in vars(obj) and obj.method() == 1
+    assert loop._on_gc not in gc.callbacks
