@@ -11,7 +11,7 @@ from radixlm.runtime.loop_stats import LoopStats, read_last
 
 
 @pytest.fixture
-def loop_stats(tmp_path):
+def loop(tmp_path):
     """A LoopStats writing under tmp_path, closed after the test: `watch_scheduler` patches classes and modules for
     the whole process, and a wrapper left behind would outlive the test."""
     stats = LoopStats(str(tmp_path / "loop.jsonl"))
@@ -19,10 +19,9 @@ def loop_stats(tmp_path):
     stats.close()
 
 
-def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
+def test_one_line_per_busy_period_with_counter_deltas(tmp_path, loop) -> None:
     path = tmp_path / "loop.jsonl"
     assert read_last(str(path)) is None
-    loop = LoopStats(str(path))
     stats = {"forward_steps": 10, "decode_steps": 7, "overlapped_steps": 5, "prefill_steps": 3, "mixed_steps": 0,
              "generated_tokens": 100}
     loop.end(stats)  # idle without a busy period: nothing written
@@ -48,10 +47,9 @@ def test_one_line_per_busy_period_with_counter_deltas(tmp_path) -> None:
     loop.end(stats)
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and read_last(str(path))["turns"] == 1 and read_last(str(path))["seconds"]["step"] == 0.0
-    gc.callbacks.remove(loop._on_gc)
 
 
-def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, loop_stats) -> None:
+def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, loop) -> None:
     """`watch_scheduler`: a busy period's line splits the step into the forward's launch, commits,
     sampling, and the grammar's commit and masks (each within "step"; masks within sampling); idle,
     nothing is counted."""
@@ -63,7 +61,6 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, loop_stats
 
     sched = make_scheduler(default_model_dir, enable_overlap_schedule_on_cpu=True, disable_jump_forward=True,
                            grammar_mask_threads=0)
-    loop = loop_stats
     loop.watch_scheduler(sched)
     schema = json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]})
     reqs = [TokenizedGenerateReq(rid=f"r{i}", input_ids=[1, 2, 3], params=SamplingParams(
@@ -103,7 +100,7 @@ def test_step_parts_of_a_constrained_run(tmp_path, default_model_dir, loop_stats
     sched.grammars.close()
 
 
-def test_forced_rows_parts(tmp_path, default_model_dir, loop_stats) -> None:
+def test_forced_rows_parts(tmp_path, default_model_dir, loop) -> None:
     """With --enable-forced-rows the line also splits out its host parts: the guess and ride plans, the guesses'
     resolution, and inside "forward inputs" the extra-rows step's guess entries and its packed copy."""
     import json
@@ -115,7 +112,6 @@ def test_forced_rows_parts(tmp_path, default_model_dir, loop_stats) -> None:
     sched = make_scheduler(default_model_dir, max_total_tokens=8192, enable_overlap_schedule_on_cpu=True,
                            disable_jump_forward=True, enable_forced_rows=True, grammar_state_table="complete",
                            grammar_mask_threads=0)
-    loop = loop_stats
     loop.watch_scheduler(sched)
     schema = json.dumps({"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string",
                         "maxLength": 12}, "active": {"type": "boolean"}}, "required": ["id", "name", "active"],
